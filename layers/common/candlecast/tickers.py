@@ -1,0 +1,39 @@
+"""Ticker normalisation: `X:BTCUSD`, `BTCUSD`, `BTC-USD`, `btc/usd` all name the symbol `X:BTCUSD`."""
+
+import re
+
+from candlecast.errors import BadRequest
+
+MAX_TICKER_LENGTH = 32
+_PAIR = re.compile(r"^[A-Z0-9]{2,24}$")
+# Longest first, so that BTCUSDT splits as BTC/USDT, not BTCUSD/T.
+KNOWN_QUOTES = ("USDT", "USDC", "BUSD", "TUSD", "USD", "EUR", "GBP", "JPY", "BTC", "ETH", "BNB")
+
+
+def normalize_ticker(raw: str) -> str:
+    """The canonical ticker (Polygon's `X:` form), or BadRequest naming what is wrong."""
+    if len(raw) > MAX_TICKER_LENGTH:
+        raise BadRequest(f"ticker is longer than {MAX_TICKER_LENGTH} characters", code="invalid_ticker")
+    pair = raw.strip().upper()
+    if pair.startswith("X:"):
+        pair = pair[2:]
+    pair = pair.replace("-", "").replace("/", "").replace("_", "")
+    if not _PAIR.match(pair):
+        raise BadRequest(
+            "ticker must look like X:BTCUSD, BTCUSD or BTC-USD (letters and digits only)", code="invalid_ticker"
+        )
+    return f"X:{pair}"
+
+
+def split_pair(ticker: str) -> tuple[str, str]:
+    """(base, quote) of a canonical ticker, e.g. X:ETHUSDT -> (ETH, USDT)."""
+    pair = ticker.removeprefix("X:")
+    for quote in KNOWN_QUOTES:
+        if pair.endswith(quote) and len(pair) > len(quote):
+            return pair[: -len(quote)], quote
+    return pair[:-3], pair[-3:]
+
+
+def storage_name(ticker: str) -> str:
+    """The symbol's folder name in the bucket and under data/: `X:BTCUSD` -> `BTCUSD`."""
+    return ticker.removeprefix("X:")

@@ -1,0 +1,49 @@
+"""The five timeframes and their calendar arithmetic (UTC; weeks start Monday; `1m` is a calendar month)."""
+
+from datetime import UTC, datetime, timedelta
+from typing import Literal, get_args
+
+Timeframe = Literal["1h", "4h", "1d", "1w", "1m"]
+TIMEFRAMES: tuple[Timeframe, ...] = get_args(Timeframe)
+FORECAST_STEPS = 30
+
+_FIXED_STEP = {"1h": timedelta(hours=1), "4h": timedelta(hours=4), "1d": timedelta(days=1), "1w": timedelta(weeks=1)}
+
+
+def is_timeframe(value: object) -> bool:
+    return value in TIMEFRAMES
+
+
+def bucket_start(ts: datetime, timeframe: Timeframe) -> datetime:
+    """The open time of the candle of `timeframe` that contains `ts`."""
+    ts = ts.astimezone(UTC)
+    if timeframe == "1h":
+        return ts.replace(minute=0, second=0, microsecond=0)
+    if timeframe == "4h":
+        return ts.replace(hour=ts.hour - ts.hour % 4, minute=0, second=0, microsecond=0)
+    day = ts.replace(hour=0, minute=0, second=0, microsecond=0)
+    if timeframe == "1d":
+        return day
+    if timeframe == "1w":
+        return day - timedelta(days=day.weekday())
+    return day.replace(day=1)
+
+
+def add_steps(ts: datetime, timeframe: Timeframe, steps: int) -> datetime:
+    """`ts` moved forward by `steps` candles of `timeframe`."""
+    if timeframe != "1m":
+        return ts + steps * _FIXED_STEP[timeframe]
+    months = ts.month - 1 + steps
+    return ts.replace(year=ts.year + months // 12, month=months % 12 + 1)
+
+
+def next_open_times(last_open: datetime, timeframe: Timeframe, count: int = FORECAST_STEPS) -> list[datetime]:
+    """Open times of the `count` candles that follow the candle opened at `last_open`."""
+    return [add_steps(last_open, timeframe, step) for step in range(1, count + 1)]
+
+
+def nominal_seconds(timeframe: Timeframe) -> int:
+    """Typical length of one candle in seconds (a month counts 30.44 days)."""
+    if timeframe == "1m":
+        return int(30.436875 * 86400)
+    return int(_FIXED_STEP[timeframe].total_seconds())
