@@ -1,0 +1,33 @@
+"""Symbol routes: search, top by volume, one symbol."""
+
+from typing import Annotated
+
+from aws_lambda_powertools.event_handler.openapi.params import Path, Query
+
+from candlecast.api import create_resolver, json_response, lambda_handler_for
+from candlecast.services import symbols
+
+app = create_resolver()
+
+Limit = Annotated[int, Query(ge=1, le=100, description="1..100")]
+
+
+@app.get("/symbols", summary="Search symbols by ticker prefix or name")
+def search_symbols(
+    q: Annotated[str, Query(max_length=64, description="ticker prefix or name, at most 64 characters")] = "",
+    limit: Limit = 20,
+):
+    return json_response(symbols.search(q, limit))
+
+
+@app.get("/symbols/top", summary="Symbols ranked by 24 h volume")
+def top_symbols(limit: Limit = 20):
+    return json_response(symbols.top(limit))
+
+
+@app.get("/symbols/<ticker>", summary="One symbol; accepts X:BTCUSD, BTCUSD, BTC-USD or btc-usd")
+def get_symbol(ticker: Annotated[str, Path(max_length=32)]):
+    return json_response(symbols.get(ticker))
+
+
+lambda_handler = lambda_handler_for(app)

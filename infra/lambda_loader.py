@@ -1,0 +1,42 @@
+"""Load a function's `app.py` the way Lambda does: the layer on sys.path, the module imported from its folder.
+
+Every function's module is named `app`, so each is imported under a unique name by file path.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER_PATH = ROOT / "layers" / "common"
+
+
+def load_function_module(function_dir: Path | str, handler: str = "app.lambda_handler") -> ModuleType:
+    function_dir = (ROOT / function_dir).resolve()
+    if str(LAYER_PATH) not in sys.path:
+        sys.path.insert(0, str(LAYER_PATH))
+    module_file, _ = handler.rsplit(".", 1)
+    unique_name = f"candlecast_function_{function_dir.name}_{module_file}"
+    if unique_name in sys.modules:
+        return sys.modules[unique_name]
+    spec = importlib.util.spec_from_file_location(unique_name, function_dir / f"{module_file}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[unique_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[unique_name]
+        raise
+    return module
+
+
+def load_handler(function_dir: Path | str, handler: str = "app.lambda_handler"):
+    module = load_function_module(function_dir, handler)
+    return getattr(module, handler.rsplit(".", 1)[1])
+
+
+def forget_functions() -> None:
+    """Drop loaded function modules, so the next load is a cold start."""
+    for name in [name for name in sys.modules if name.startswith("candlecast_function_")]:
+        del sys.modules[name]

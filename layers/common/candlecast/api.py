@@ -1,0 +1,99 @@
+"""What every HTTP function shares: the resolver, one error mapping, logging and metrics."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from candlecast.config import get_settings
+from candlecast.errors import CandlecastError, error_body
+
+logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "candlecast"))
+metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Candlecast"))
+
+# API Gateway accepts up to 10 MB; no request of ours needs more than a few hundred bytes.
+MAX_BODY_BYTES = 16 * 1024
+API_DESCRIPTION = (
+    "Crypto price forecasts: 30 expected candles with calibrated intervals. "
+    "Timeframes: 1h, 4h, 1d, 1w and 1m, where 1m is one calendar month."
+)
+
+
+def json_response(body: bytes | str, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response from already-serialised bytes (cached bytes are returned as they are)."""
+    return Response(
+        status_code=status_code,
+        content_type=content_types.APPLICATION_JSON,
+        body=body.decode() if isinstance(body, bytes) else body,
+        headers=headers,
+    )
+
+
+def error_response(status_code: int, code: str, message: str) -> Response:
+    import json
+
+    return json_response(json.dumps(error_body(code, message)), status_code)
+
+
+def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
+    """400 for bad query/path parameters and malformed bodies, 422 for well-formed bodies with bad fields."""
+    problems, status = [], 400
+    for error in errors:
+        location = [str(part) for part in error.get("loc", ())]
+        if location and location[0] == "body" and error.get("type") != "json_invalid":
+            status = 422
+        where = ".".join(location[1:] if len(location) > 1 else location) or "request"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return status, "; ".join(problems)[:1000]
+
+
+def create_resolver() -> APIGatewayHttpResolver:
+    get_settings()  # configuration is validated at cold start; a bad variable stops start-up, named
+    app = APIGatewayHttpResolver(enable_validation=True)
+
+    @app.exception_handler(CandlecastError)
+    def _domain_error(error: CandlecastError) -> Response:
+        if error.status >= 500:
+            logger.warning("request failed", extra={"code": error.code, "error": error.message})
+        return error_response(error.status, error.code, error.message)
+
+    @app.exception_handler(RequestValidationError)
+    def _validation_error(error: RequestValidationError) -> Response:
+        status, message = _describe_validation(error.errors())
+        return error_response(status, "invalid_request" if status == 400 else "validation_error", message)
+
+    @app.not_found
+    def _not_found(_error: Exception) -> Response:
+        return error_response(404, "route_not_found", f"no route for {app.current_event.http_method} "
+                                                      f"{app.current_event.path}")
+
+    @app.exception_handler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        logger.exception("unhandled error")
+        return error_response(500, "internal_error", "an unexpected error occurred")
+
+    return app
+
+
+def check_body_size(app: APIGatewayHttpResolver) -> None:
+    body = app.current_event.body or ""
+    if len(body) > MAX_BODY_BYTES:
+        from candlecast.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+
+
+def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaContext], dict]:
+    @logger.inject_lambda_context(clear_state=True)
+    @metrics.log_metrics(capture_cold_start_metric=True)
+    def lambda_handler(event: dict, context: LambdaContext) -> dict:
+        response = app.resolve(event, context)
+        metrics.add_metric(name=f"Responses{response['statusCode'] // 100}xx", unit=MetricUnit.Count, value=1)
+        return response
+
+    return lambda_handler

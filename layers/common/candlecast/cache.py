@@ -1,0 +1,223 @@
+"""Redis cache: key generators, operations and domain helpers with per-kind TTLs.
+
+A cache outage costs latency, never a request: reads miss, writes are skipped, and one warning is
+logged per outage (not one per request).
+"""
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from aws_lambda_powertools import Logger
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from candlecast.config import get_settings
+
+logger = Logger(child=True)
+
+TTL_SECONDS = {
+    "candles": 60 * 60,
+    "prediction": 15 * 60,
+    "symbol": 24 * 60 * 60,
+    "top_symbols": 60 * 60,
+    "search": 5 * 60,
+}
+# After an error, skip Redis for this long so a down cache does not cost a timeout on every call.
+OUTAGE_BACKOFF_SECONDS = 5.0
+NAMESPACE = "cc:v1"
+
+
+class keys:
+    @staticmethod
+    def candles(ticker: str, timeframe: str) -> str:
+        return f"{NAMESPACE}:candles:{ticker}:{timeframe}"
+
+    @staticmethod
+    def prediction(prediction_id: str) -> str:
+        return f"{NAMESPACE}:prediction:{prediction_id}"
+
+    @staticmethod
+    def prediction_request(ticker: str, timeframe: str, last_candle_epoch: int) -> str:
+        return f"{NAMESPACE}:prediction-request:{ticker}:{timeframe}:{last_candle_epoch}"
+
+    @staticmethod
+    def symbol(ticker: str) -> str:
+        return f"{NAMESPACE}:symbol:{ticker}"
+
+    @staticmethod
+    def top_symbols(limit: int) -> str:
+        return f"{NAMESPACE}:top-symbols:{limit}"
+
+    @staticmethod
+    def search(query: str, limit: int) -> str:
+        return f"{NAMESPACE}:search:{limit}:{query}"
+
+    @staticmethod
+    def all_symbol_keys() -> str:
+        return f"{NAMESPACE}:symbol:*"
+
+
+_client: redis.Redis | None = None
+_client_lock = threading.Lock()
+_down_until = 0.0
+_outage_logged = False
+
+
+def get_client() -> redis.Redis:
+    global _client
+    if _client is None:
+        with _client_lock:
+            if _client is None:
+                settings = get_settings()
+                _client = redis.Redis.from_url(
+                    settings.redis_url,
+                    socket_timeout=settings.redis_socket_timeout,
+                    socket_connect_timeout=settings.redis_socket_timeout,
+                    retry=Retry(NoBackoff(), retries=1),
+                    retry_on_timeout=False,
+                    health_check_interval=30,
+                )
+    return _client
+
+
+def reset_client() -> None:
+    global _client, _down_until, _outage_logged
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+        _client = None
+        _down_until = 0.0
+        _outage_logged = False
+
+
+def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None) -> Any:
+    global _down_until, _outage_logged
+    if time.monotonic() < _down_until:
+        return default
+    try:
+        result = operation(get_client())
+    except redis.RedisError as error:
+        _down_until = time.monotonic() + OUTAGE_BACKOFF_SECONDS
+        if not _outage_logged:
+            logger.warning("cache unavailable; serving without it", extra={"error": str(error)})
+            _outage_logged = True
+        return default
+    if _outage_logged:
+        logger.info("cache available again")
+        _outage_logged = False
+    return result
+
+
+def ping() -> bool:
+    """Checked directly (no outage back-off): health must see the real state."""
+    try:
+        return bool(get_client().ping())
+    except redis.RedisError:
+        return False
+
+
+def get(key: str) -> bytes | None:
+    return _guarded(lambda client: client.get(key))
+
+
+def set(key: str, value: bytes | str, ttl_seconds: int) -> bool:
+    return bool(_guarded(lambda client: client.set(key, value, ex=ttl_seconds), default=False))
+
+
+def set_if_absent(key: str, value: bytes | str, ttl_seconds: int) -> bool:
+    return bool(_guarded(lambda client: client.set(key, value, ex=ttl_seconds, nx=True), default=False))
+
+
+def delete(*keys_to_delete: str) -> int:
+    return int(_guarded(lambda client: client.delete(*keys_to_delete), default=0) or 0)
+
+
+def delete_pattern(pattern: str, batch_size: int = 500) -> int:
+    """Delete every key matching `pattern` using SCAN (never KEYS, which blocks Redis)."""
+
+    def scan_and_delete(client: redis.Redis) -> int:
+        deleted, batch = 0, []
+        for key in client.scan_iter(match=pattern, count=batch_size):
+            batch.append(key)
+            if len(batch) >= batch_size:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+        return deleted
+
+    return int(_guarded(scan_and_delete, default=0) or 0)
+
+
+def get_json(key: str) -> Any | None:
+    raw = get(key)
+    return None if raw is None else json.loads(raw)
+
+
+def set_json(key: str, value: Any, ttl_seconds: int) -> bool:
+    return set(key, json.dumps(value, separators=(",", ":"), default=str), ttl_seconds)
+
+
+# Domain helpers: one place that knows each kind's key and TTL.
+
+
+def get_candles(ticker: str, timeframe: str) -> dict | None:
+    return get_json(keys.candles(ticker, timeframe))
+
+
+def set_candles(ticker: str, timeframe: str, columns: dict) -> bool:
+    return set_json(keys.candles(ticker, timeframe), columns, TTL_SECONDS["candles"])
+
+
+def get_prediction_bytes(prediction_id: str) -> bytes | None:
+    return get(keys.prediction(prediction_id))
+
+
+def set_prediction_bytes(prediction_id: str, body: bytes) -> bool:
+    return set(keys.prediction(prediction_id), body, TTL_SECONDS["prediction"])
+
+
+def get_prediction_for_request(ticker: str, timeframe: str, last_candle_epoch: int) -> str | None:
+    raw = get(keys.prediction_request(ticker, timeframe, last_candle_epoch))
+    return None if raw is None else raw.decode()
+
+
+def set_prediction_for_request(ticker: str, timeframe: str, last_candle_epoch: int, prediction_id: str) -> bool:
+    key = keys.prediction_request(ticker, timeframe, last_candle_epoch)
+    return set(key, prediction_id, TTL_SECONDS["prediction"])
+
+
+def get_symbol_bytes(ticker: str) -> bytes | None:
+    return get(keys.symbol(ticker))
+
+
+def set_symbol_bytes(ticker: str, body: bytes) -> bool:
+    return set(keys.symbol(ticker), body, TTL_SECONDS["symbol"])
+
+
+def get_top_symbols_bytes(limit: int) -> bytes | None:
+    return get(keys.top_symbols(limit))
+
+
+def set_top_symbols_bytes(limit: int, body: bytes) -> bool:
+    return set(keys.top_symbols(limit), body, TTL_SECONDS["top_symbols"])
+
+
+def get_search_bytes(query: str, limit: int) -> bytes | None:
+    return get(keys.search(query, limit))
+
+
+def set_search_bytes(query: str, limit: int, body: bytes) -> bool:
+    return set(keys.search(query, limit), body, TTL_SECONDS["search"])
+
+
+def invalidate_symbols() -> int:
+    """After symbols change (seed, refresh): drop cached symbol entries, top lists and searches."""
+    return sum(
+        delete_pattern(pattern)
+        for pattern in (keys.all_symbol_keys(), f"{NAMESPACE}:top-symbols:*", f"{NAMESPACE}:search:*")
+    )

@@ -1,0 +1,70 @@
+"""Queries on the models table: registration and the one active model per timeframe."""
+
+import uuid
+from datetime import datetime
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+MODEL_COLUMNS = (
+    "id, timeframe, name, version, kind, s3_key, sha256, accuracy, metrics, features, "
+    "train_start, train_end, is_active, created_at"
+)
+
+
+def register_model(
+    conn: psycopg.Connection,
+    *,
+    timeframe: str,
+    name: str,
+    version: str,
+    kind: str,
+    s3_key: str,
+    sha256: str,
+    accuracy: float | None,
+    metrics: dict,
+    features: list[str],
+    train_start: datetime | None,
+    train_end: datetime | None,
+    activate: bool = True,
+) -> uuid.UUID:
+    """Insert (or refresh, by name+version) a model; when `activate`, it becomes its timeframe's only active one."""
+    with conn.transaction():
+        if activate:
+            conn.execute(
+                "UPDATE models SET is_active = false WHERE timeframe = %s AND is_active "
+                "AND NOT (name = %s AND version = %s)",
+                (timeframe, name, version),
+            )
+        row = conn.execute(
+            """
+            INSERT INTO models (timeframe, name, version, kind, s3_key, sha256, accuracy, metrics, features,
+                                train_start, train_end, is_active, activated_at)
+            VALUES (%(timeframe)s, %(name)s, %(version)s, %(kind)s, %(s3_key)s, %(sha256)s, %(accuracy)s,
+                    %(metrics)s, %(features)s, %(train_start)s, %(train_end)s, %(activate)s,
+                    CASE WHEN %(activate)s THEN now() END)
+            ON CONFLICT (name, version) DO UPDATE SET
+                timeframe = EXCLUDED.timeframe, kind = EXCLUDED.kind, s3_key = EXCLUDED.s3_key,
+                sha256 = EXCLUDED.sha256, accuracy = EXCLUDED.accuracy, metrics = EXCLUDED.metrics,
+                features = EXCLUDED.features, train_start = EXCLUDED.train_start, train_end = EXCLUDED.train_end,
+                is_active = models.is_active OR EXCLUDED.is_active,
+                activated_at = COALESCE(EXCLUDED.activated_at, models.activated_at)
+            RETURNING id
+            """,
+            {
+                "timeframe": timeframe, "name": name, "version": version, "kind": kind, "s3_key": s3_key,
+                "sha256": sha256, "accuracy": accuracy, "metrics": Jsonb(metrics), "features": Jsonb(features),
+                "train_start": train_start, "train_end": train_end, "activate": activate,
+            },
+        ).fetchone()
+    return row["id"]
+
+
+def get_active_model_by_timeframe(conn: psycopg.Connection, timeframe: str) -> dict | None:
+    return conn.execute(
+        f"SELECT {MODEL_COLUMNS} FROM models WHERE timeframe = %s AND is_active", (timeframe,)
+    ).fetchone()
+
+
+def get_all_active_models(conn: psycopg.Connection) -> list[dict]:
+    return conn.execute(f"SELECT {MODEL_COLUMNS} FROM models WHERE is_active ORDER BY timeframe").fetchall()

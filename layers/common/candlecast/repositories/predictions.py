@@ -1,0 +1,93 @@
+"""Queries on predictions and prediction_steps."""
+
+import uuid
+
+import psycopg
+
+from candlecast.schemas import PredictionCreate
+
+STEP_FIELDS = ("step", "ts", "open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95",
+               "confidence")
+STEP_TYPES = ("smallint", "timestamptz", *["double precision"] * 9)
+REPEAT_WINDOW = "15 minutes"
+
+_PREDICTION_COLUMNS = """p.id, p.ticker, p.timeframe, p.model_id, m.name AS model_name, m.version AS model_version,
+       p.last_candle_at, p.last_close, p.horizon, p.created_at, p.request_hash, p.idempotency_key"""
+
+_CREATE = f"""
+WITH existing AS (
+    SELECT id, request_hash FROM predictions
+    WHERE CASE WHEN %(idempotency_key)s::text IS NOT NULL THEN idempotency_key = %(idempotency_key)s
+               ELSE request_hash = %(request_hash)s AND created_at > now() - interval '{REPEAT_WINDOW}' END
+    ORDER BY created_at DESC
+    LIMIT 1
+), inserted AS (
+    INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close, horizon,
+                             idempotency_key, user_id, request_hash)
+    SELECT %(symbol_id)s, %(ticker)s, %(timeframe)s, %(model_id)s, %(last_candle_at)s, %(last_close)s,
+           %(horizon)s, %(idempotency_key)s, %(user_id)s, %(request_hash)s
+    WHERE NOT EXISTS (SELECT 1 FROM existing)
+    RETURNING id
+), steps AS (
+    INSERT INTO prediction_steps (prediction_id, {", ".join(STEP_FIELDS)})
+    SELECT inserted.id, s.* FROM inserted,
+           unnest({", ".join(f"%({name})s::{kind}[]" for name, kind in zip(STEP_FIELDS, STEP_TYPES, strict=True))})
+           AS s({", ".join(STEP_FIELDS)})
+)
+SELECT id, true AS created, %(request_hash)s AS request_hash FROM inserted
+UNION ALL
+SELECT id, false AS created, request_hash FROM existing
+"""
+
+
+def create_prediction(conn: psycopg.Connection, prediction: PredictionCreate, request_hash: str) -> tuple[uuid.UUID, bool]:
+    """Store a prediction and its steps atomically, unless an equivalent one exists.
+
+    Equivalent means the same Idempotency-Key, or (without a key) the same request hash within 15 minutes.
+    A transaction-scoped advisory lock serialises concurrent identical requests, so exactly one row is
+    stored whatever the cache does. Returns (id, created); raises Conflict when a key is reused for a
+    different request.
+    """
+    from candlecast.errors import Conflict
+
+    lock_name = f"idempotency:{prediction.idempotency_key}" if prediction.idempotency_key else request_hash
+    params = {
+        **prediction.model_dump(exclude={"steps"}),
+        "horizon": len(prediction.steps),
+        "request_hash": request_hash,
+        **{name: [getattr(step, name) for step in prediction.steps] for name in STEP_FIELDS},
+    }
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
+        row = conn.execute(_CREATE, params).fetchone()
+    if row["request_hash"] != request_hash:
+        raise Conflict("Idempotency-Key was already used for a different request", code="idempotency_key_reused")
+    return row["id"], row["created"]
+
+
+def get_prediction_by_id(conn: psycopg.Connection, prediction_id: uuid.UUID) -> dict | None:
+    prediction = conn.execute(
+        f"SELECT {_PREDICTION_COLUMNS} FROM predictions p JOIN models m ON m.id = p.model_id WHERE p.id = %s",
+        (prediction_id,),
+    ).fetchone()
+    if prediction is None:
+        return None
+    prediction["steps"] = conn.execute(
+        f"SELECT {', '.join(STEP_FIELDS)} FROM prediction_steps WHERE prediction_id = %s ORDER BY step",
+        (prediction_id,),
+    ).fetchall()
+    return prediction
+
+
+def get_recent_predictions_by_symbol(
+    conn: psycopg.Connection, ticker: str, timeframe: str | None, limit: int
+) -> list[dict]:
+    return conn.execute(
+        f"""
+        SELECT {_PREDICTION_COLUMNS} FROM predictions p JOIN models m ON m.id = p.model_id
+        WHERE p.ticker = %(ticker)s AND (%(timeframe)s::text IS NULL OR p.timeframe = %(timeframe)s)
+        ORDER BY p.created_at DESC
+        LIMIT %(limit)s
+        """,
+        {"ticker": ticker, "timeframe": timeframe, "limit": limit},
+    ).fetchall()

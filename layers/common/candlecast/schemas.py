@@ -1,0 +1,177 @@
+"""pydantic v2 models: what the API accepts and returns, and what repositories take."""
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from candlecast.tickers import normalize_ticker
+from candlecast.timeframes import Timeframe
+
+__all__ = [
+    "Model",
+    "ModelCreate",
+    "Prediction",
+    "PredictionCreate",
+    "PredictionRequest",
+    "PredictionStep",
+    "PredictionStepCreate",
+    "PredictionWithSteps",
+    "Symbol",
+    "SymbolCreate",
+    "SymbolUpdate",
+    "Timeframe",
+]
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveNumber = Annotated[float, Field(gt=0)]
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class SymbolCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ticker: str = Field(..., max_length=32)
+    name: str = Field(..., min_length=1, max_length=200)
+    base_currency: str = Field(..., min_length=1, max_length=16)
+    quote_currency: str = Field(..., min_length=1, max_length=16)
+    market: str = "crypto"
+    volume_24h: Decimal | None = Field(None, ge=0)
+    volume_rank: int | None = Field(None, ge=1)
+    is_active: bool = True
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("ticker")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        return normalize_ticker(value)
+
+
+class SymbolUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    volume_24h: Decimal | None = Field(None, ge=0)
+    volume_rank: int | None = Field(None, ge=1)
+    is_active: bool | None = None
+
+
+class Symbol(_Read):
+    ticker: str
+    name: str
+    base_currency: str
+    quote_currency: str
+    market: str
+    volume_24h: float | None
+    volume_rank: int | None
+    is_active: bool
+    updated_at: datetime
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    timeframe: Timeframe
+    name: str = Field(..., max_length=100)
+    version: str = Field(..., max_length=64)
+    kind: Literal["baseline", "learned"]
+    s3_key: str = Field(..., max_length=512)
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    accuracy: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    features: list[str] = Field(default_factory=list)
+    train_start: datetime | None = None
+    train_end: datetime | None = None
+
+
+class Model(_Read):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+    id: UUID
+    timeframe: Timeframe
+    name: str
+    version: str
+    kind: str
+    s3_key: str
+    sha256: str
+    accuracy: float | None
+    is_active: bool
+    created_at: datetime
+
+
+class PredictionRequest(BaseModel):
+    """The body of POST /predictions."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    symbol: str = Field(..., min_length=1, max_length=32, description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd")
+    timeframe: Timeframe = Field(..., description="1h, 4h, 1d, 1w or 1m (1m = one calendar month)")
+
+    @field_validator("symbol")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        return normalize_ticker(value)
+
+
+class PredictionStepCreate(BaseModel):
+    step: int = Field(..., ge=1, le=30)
+    ts: datetime
+    open: PositiveNumber
+    high: PositiveNumber
+    low: PositiveNumber
+    close: PositiveNumber
+    lower_80: PositiveNumber
+    upper_80: PositiveNumber
+    lower_95: PositiveNumber
+    upper_95: PositiveNumber
+    confidence: Probability
+
+    @model_validator(mode="after")
+    def _candle_is_consistent(self) -> "PredictionStepCreate":
+        if not (self.low <= min(self.open, self.close) and self.high >= max(self.open, self.close)):
+            raise ValueError("step candle must satisfy low <= min(open, close) and high >= max(open, close)")
+        if not (self.lower_95 <= self.lower_80 <= self.upper_80 <= self.upper_95):
+            raise ValueError("interval bounds must be nested: lower_95 <= lower_80 <= upper_80 <= upper_95")
+        return self
+
+
+class PredictionStep(PredictionStepCreate, _Read):
+    pass
+
+
+class PredictionCreate(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    symbol_id: int
+    ticker: str
+    timeframe: Timeframe
+    model_id: UUID
+    last_candle_at: datetime
+    last_close: PositiveNumber
+    idempotency_key: str | None = Field(None, max_length=255)
+    user_id: UUID | None = None
+    steps: list[PredictionStepCreate] = Field(..., min_length=30, max_length=30)
+
+
+class Prediction(_Read):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+    id: UUID
+    ticker: str
+    timeframe: Timeframe
+    model_id: UUID
+    model_name: str | None = None
+    model_version: str | None = None
+    last_candle_at: datetime
+    last_close: float
+    horizon: int
+    created_at: datetime
+
+
+class PredictionWithSteps(Prediction):
+    steps: list[PredictionStep]

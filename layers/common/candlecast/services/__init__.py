@@ -1,0 +1,1 @@
+"""Use cases. Handlers call exactly one service function; services own caching and transactions."""

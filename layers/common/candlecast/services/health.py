@@ -1,0 +1,62 @@
+"""Health: the database, the cache and storage, each with its latency; model status per timeframe."""
+
+import time
+from collections.abc import Callable
+
+from candlecast import cache, db
+from candlecast.errors import CandlecastError
+from candlecast.repositories import models as model_repository
+from candlecast.repositories import stats as stats_repository
+from candlecast.timeframes import TIMEFRAMES
+
+
+def _timed(check: Callable[[], object]) -> dict:
+    started = time.perf_counter()
+    try:
+        detail = check()
+        ok = detail is not False
+    except CandlecastError as error:
+        ok, detail = False, error.message
+    except Exception as error:  # a health check reports every failure instead of raising
+        ok, detail = False, f"{type(error).__name__}: {error}"
+    result = {"status": "up" if ok else "down", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+    if not ok and detail is not None:
+        result["error"] = str(detail)[:300]
+    return result
+
+
+def _database() -> dict:
+    with db.connection() as conn:
+        stats_repository.test_connection(conn)
+        return {row["timeframe"]: row for row in model_repository.get_all_active_models(conn)}
+
+
+def _storage() -> bool:
+    from candlecast import storage
+
+    return storage.check_bucket()
+
+
+def check() -> tuple[int, dict]:
+    """(HTTP status, body): 200 "ok", 200 "degraded" when cache or storage is down, 503 when the database is."""
+    active_models: dict = {}
+
+    def database() -> bool:
+        active_models.update(_database())
+        return True
+
+    checks = {"database": _timed(database), "cache": _timed(cache.ping), "storage": _timed(_storage)}
+    if checks["database"]["status"] == "down":
+        status, code = "down", 503
+    elif any(item["status"] == "down" for item in checks.values()):
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
+    models = {
+        timeframe: (
+            {"status": "active", "name": row["name"], "version": row["version"], "kind": row["kind"]}
+            if (row := active_models.get(timeframe)) else {"status": "missing"}
+        )
+        for timeframe in TIMEFRAMES
+    }
+    return code, {"status": status, "checks": checks, "models": models}

@@ -1,0 +1,63 @@
+"""Symbol search, top-by-volume and lookup, cached in Redis as serialised JSON."""
+
+import unicodedata
+
+from pydantic import TypeAdapter
+
+from candlecast import cache, db
+from candlecast.errors import BadRequest, NotFound
+from candlecast.repositories import symbols as symbol_repository
+from candlecast.schemas import Symbol
+from candlecast.tickers import normalize_ticker
+
+MAX_QUERY_LENGTH = 64
+_symbol_list = TypeAdapter(list[Symbol])
+
+
+def validate_query(query: str) -> str:
+    if len(query) > MAX_QUERY_LENGTH:
+        raise BadRequest(f"q is longer than {MAX_QUERY_LENGTH} characters", code="invalid_query")
+    if any(unicodedata.category(char) in ("Cc", "Cf", "Cs") for char in query):
+        raise BadRequest("q contains control characters", code="invalid_query")
+    return query.strip()
+
+
+def search(query: str, limit: int) -> bytes:
+    """Symbols matching `query` as a JSON list; an empty query lists the top symbols."""
+    query = validate_query(query)
+    if not query:
+        return top(limit)
+    normalised = query.upper().removeprefix("X:").replace("-", "").replace("/", "")
+    cached = cache.get_search_bytes(normalised.lower(), limit)
+    if cached is not None:
+        return cached
+    with db.connection() as conn:
+        rows = symbol_repository.search_symbols(conn, normalised if normalised.isalnum() else query, limit)
+    body = _symbol_list.dump_json(_symbol_list.validate_python(rows))
+    cache.set_search_bytes(normalised.lower(), limit, body)
+    return body
+
+
+def top(limit: int) -> bytes:
+    cached = cache.get_top_symbols_bytes(limit)
+    if cached is not None:
+        return cached
+    with db.connection() as conn:
+        rows = symbol_repository.get_top_symbols_by_volume(conn, limit)
+    body = _symbol_list.dump_json(_symbol_list.validate_python(rows))
+    cache.set_top_symbols_bytes(limit, body)
+    return body
+
+
+def get(raw_ticker: str) -> bytes:
+    ticker = normalize_ticker(raw_ticker)
+    cached = cache.get_symbol_bytes(ticker)
+    if cached is not None:
+        return cached
+    with db.connection() as conn:
+        row = symbol_repository.get_symbol_by_ticker(conn, ticker)
+    if row is None:
+        raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+    body = Symbol.model_validate(row).model_dump_json().encode()
+    cache.set_symbol_bytes(ticker, body)
+    return body

@@ -1,0 +1,2 @@
+DROP TABLE prediction_steps;
+DROP TABLE predictions;

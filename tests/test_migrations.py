@@ -1,0 +1,100 @@
+"""Migrations: apply -> rollback -> apply, concurrent runs under yoyo's lock, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import psycopg
+import pytest
+
+from candlecast import migrate
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def scratch_database(stack):
+    """A database of its own, so rolling back does not disturb the other tests."""
+    name = "migrations_test"
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    params = psycopg.conninfo.conninfo_to_dict(stack.database_url)
+    params["dbname"] = name
+    yield psycopg.conninfo.make_conninfo(**params)
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def tables(conninfo: str) -> set[str]:
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
+    return {row[0] for row in rows} - {"_yoyo_log", "_yoyo_migration", "_yoyo_version", "yoyo_lock"}
+
+
+def test_apply_rollback_apply(scratch_database):
+    assert migrate.apply(scratch_database) == ["0001_symbols", "0002_models", "0003_predictions"]
+    assert tables(scratch_database) == {"symbols", "models", "predictions", "prediction_steps"}
+    assert migrate.rollback(scratch_database, count=3) == ["0003_predictions", "0002_models", "0001_symbols"]
+    assert tables(scratch_database) == set()
+    assert migrate.status(scratch_database).pending == ["0001_symbols", "0002_models", "0003_predictions"]
+    assert migrate.apply(scratch_database) == ["0001_symbols", "0002_models", "0003_predictions"]
+    assert migrate.status(scratch_database).pending == []
+
+
+def test_two_concurrent_runs_apply_once_without_error(scratch_database):
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def run():
+        barrier.wait()
+        try:
+            results.append(migrate.apply(scratch_database))
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sorted(map(len, results)) == [0, 3]
+
+
+def test_schema_enforces_one_active_model_per_timeframe_and_step_checks(scratch_database):
+    migrate.apply(scratch_database)
+    insert_model = (
+        "INSERT INTO models (timeframe, name, version, kind, s3_key, sha256, is_active) "
+        "VALUES ('1h', 'm', %s, 'baseline', 'models/1h.pkl', repeat('a', 64), true)"
+    )
+    with psycopg.connect(scratch_database) as conn:
+        conn.execute(insert_model, ("1",))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert_model, ("2",))
+    with psycopg.connect(scratch_database) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO symbols (ticker, name, base_currency, quote_currency) "
+                     "VALUES ('btc usd; --', 'x', 'BTC', 'USD')")
+
+
+def test_cli_migrate_and_status(scratch_database):
+    env = {**os.environ, "DATABASE_URL": scratch_database, "REDIS_URL": "redis://127.0.0.1:1/0",
+           "DATA_BUCKET": "unused-bucket"}
+    command = [sys.executable, "-m", "candlecast.cli"]
+    applied = subprocess.run([*command, "migrate"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(applied.stdout)["applied"] == ["0001_symbols", "0002_models", "0003_predictions"]
+    status = subprocess.run([*command, "migrate", "--status"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout) == {
+        "applied": ["0001_symbols", "0002_models", "0003_predictions"], "pending": []}
+
+
+def test_cli_reports_missing_configuration_by_name():
+    env = {key: value for key, value in os.environ.items()
+           if key not in {"DATABASE_URL", "DB_SECRET_ARN", "REDIS_URL", "DATA_BUCKET"}}
+    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "REDIS_URL" in result.stderr
+    assert "DATA_BUCKET" in result.stderr

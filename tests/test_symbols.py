@@ -1,0 +1,177 @@
+"""Symbol routes through real v2 events against real PostgreSQL and Redis."""
+
+import time
+
+import psycopg
+import pytest
+
+from candlecast import db
+from candlecast.repositories import symbols as symbol_repository
+from candlecast.schemas import SymbolCreate
+from tests.conftest import invoke, load_event
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = [
+    ("X:BTCUSDT", "Bitcoin", "BTC", "USDT", 9_000_000_000, 1),
+    ("X:ETHUSDT", "Ethereum", "ETH", "USDT", 5_000_000_000, 2),
+    ("X:BTCUSD", "Bitcoin", "BTC", "USD", 1_000_000_000, 3),
+    ("X:BNBUSDT", "Binance Coin", "BNB", "USDT", 700_000_000, 4),
+    ("X:BATUSDT", "Basic Attention Token", "BAT", "USDT", 20_000_000, 5),
+]
+
+
+@pytest.fixture
+def symbols(clean_db):
+    with db.connection() as conn:
+        symbol_repository.upsert_symbols(conn, [
+            SymbolCreate(ticker=t, name=n, base_currency=b, quote_currency=q, volume_24h=v, volume_rank=r)
+            for t, n, b, q, v, r in SAMPLE
+        ])
+    return SAMPLE
+
+
+def search(query: str | None = None, limit: str | None = None):
+    params = {key: value for key, value in (("q", query), ("limit", limit)) if value is not None}
+    event = load_event("symbols_search.json", queryStringParameters=params,
+                       rawQueryString="&".join(f"{k}={v}" for k, v in params.items()))
+    if not params:
+        event.pop("queryStringParameters")
+    return invoke("symbols", event)
+
+
+def test_search_ranks_exact_base_then_volume(symbols):
+    status, headers, body = search("btc", "10")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert [item["ticker"] for item in body] == ["X:BTCUSDT", "X:BTCUSD"]
+
+
+def test_search_matches_name_prefix_case_insensitively(symbols):
+    status, _, body = search("basic att")
+    assert status == 200
+    assert [item["ticker"] for item in body] == ["X:BATUSDT"]
+
+
+def test_search_accepts_ticker_forms(symbols):
+    for form in ("X:ETHUSDT", "eth-usdt", "ETHUSDT", "eth/usdt"):
+        status, _, body = search(form)
+        assert status == 200, form
+        assert [item["ticker"] for item in body] == ["X:ETHUSDT"], form
+
+
+def test_search_limit_is_applied(symbols):
+    status, _, body = search("b", "2")
+    assert status == 200
+    assert len(body) == 2
+
+
+def test_empty_query_lists_top_symbols(symbols):
+    status, _, body = search(None, "3")
+    assert status == 200
+    assert [item["ticker"] for item in body] == ["X:BTCUSDT", "X:ETHUSDT", "X:BTCUSD"]
+
+
+def test_top_ranked_by_volume_and_cached(symbols, clean_db):
+    event = load_event("symbols_top.json", queryStringParameters={"limit": "2"}, rawQueryString="limit=2")
+    status, _, body = invoke("symbols", event)
+    assert status == 200
+    assert [item["ticker"] for item in body] == ["X:BTCUSDT", "X:ETHUSDT"]
+    # The cached list is served as stored, even after the table changes (TTL 1 h).
+    with psycopg.connect(clean_db.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE symbols SET volume_24h = 1 WHERE ticker = 'X:BTCUSDT'")
+    assert [item["ticker"] for item in invoke("symbols", event)[2]] == ["X:BTCUSDT", "X:ETHUSDT"]
+
+
+@pytest.mark.parametrize("form", ["X:BTCUSD", "BTCUSD", "BTC-USD", "btc-usd"])
+def test_get_symbol_normalises_ticker(symbols, form):
+    event = load_event("symbol_get.json", pathParameters={"ticker": form}, rawPath=f"/symbols/{form}")
+    status, _, body = invoke("symbols", event)
+    assert status == 200
+    assert body["ticker"] == "X:BTCUSD"
+    assert body["base_currency"] == "BTC"
+
+
+def test_unknown_ticker_is_404(symbols):
+    event = load_event("symbol_get.json", pathParameters={"ticker": "NOPEUSD"}, rawPath="/symbols/NOPEUSD")
+    status, _, body = invoke("symbols", event)
+    assert status == 404
+    assert body["error"]["code"] == "symbol_not_found"
+    assert "X:NOPEUSD" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("query", "limit", "names"),
+    [
+        ("x" * 65, None, "q"),
+        ("btc\x00", None, "control"),
+        ("btc\x1b[31m", None, "control"),
+        ("btc", "0", "limit"),
+        ("btc", "101", "limit"),
+        ("btc", "ten", "limit"),
+        ("btc", "1e9", "limit"),
+        ("btc", "-5", "limit"),
+    ],
+)
+def test_bad_search_input_is_400_naming_the_problem(symbols, query, limit, names):
+    status, _, body = search(query, limit)
+    assert status == 400
+    assert names in body["error"]["message"]
+
+
+@pytest.mark.parametrize("ticker", ["A" * 5000, "BTC'; DROP TABLE symbols;--", "BTC\x00USD", "ÆØÅ", "%25"])
+def test_bad_tickers_are_400(symbols, ticker):
+    event = load_event("symbol_get.json", pathParameters={"ticker": ticker}, rawPath="/symbols/x")
+    status, _, body = invoke("symbols", event)
+    assert status == 400
+    assert body["error"]["message"]
+
+
+@pytest.mark.parametrize("query", ["'; DROP TABLE symbols; --", "' OR '1'='1", "%", "_", "\\", "b%", "b_c"])
+def test_sql_looking_text_matches_nothing_and_changes_nothing(symbols, clean_db, query):
+    status, _, body = search(query)
+    assert status == 200
+    assert body == []
+    with psycopg.connect(clean_db.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM symbols").fetchone()[0] == len(SAMPLE)
+
+
+def test_unknown_route_is_404_json(symbols):
+    event = load_event("symbol_get.json", rawPath="/nope", routeKey="GET /nope")
+    event["requestContext"]["http"]["path"] = "/nope"
+    status, _, body = invoke("symbols", event)
+    assert status == 404
+    assert body["error"]["code"] == "route_not_found"
+
+
+def test_search_survives_redis_outage(symbols, needs_embedded_redis):
+    assert search("eth")[0] == 200
+    needs_embedded_redis.stop()
+    try:
+        started = time.perf_counter()
+        for _ in range(5):
+            status, _, body = search("bnb")
+            assert status == 200
+            assert [item["ticker"] for item in body] == ["X:BNBUSDT"]
+        assert time.perf_counter() - started < 5
+    finally:
+        needs_embedded_redis.start()
+
+
+def test_search_is_503_not_500_when_database_is_down(symbols, needs_embedded_postgres):
+    needs_embedded_postgres.stop()
+    try:
+        status, _, body = search("uncached-query")
+        assert status == 503
+        assert body["error"]["code"] == "database_unavailable"
+    finally:
+        needs_embedded_postgres.start()
+    # The pool recovers by itself once the database is back.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        status, _, body = search("eth")
+        if status == 200:
+            break
+        time.sleep(0.2)
+    assert status == 200
+    assert [item["ticker"] for item in body] == ["X:ETHUSDT"]
