@@ -5,6 +5,8 @@ Every function's module is named `app`, so each is imported under a unique name 
 
 import importlib.util
 import sys
+import time
+import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -40,3 +42,23 @@ def forget_functions() -> None:
     """Drop loaded function modules, so the next load is a cold start."""
     for name in [name for name in sys.modules if name.startswith("candlecast_function_")]:
         del sys.modules[name]
+
+
+class LambdaContext:
+    """The context object Lambda passes to a handler, with a 29 s budget like the API functions."""
+
+    function_name = "candlecast-local"
+    function_version = "$LATEST"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:candlecast-local"
+    log_group_name = "/aws/lambda/candlecast-local"
+    log_stream_name = "local"
+
+    def __init__(self, timeout_seconds: float = 29.0, function_name: str | None = None):
+        self.aws_request_id = str(uuid.uuid4())
+        self._deadline = time.monotonic() + timeout_seconds
+        if function_name:
+            self.function_name = function_name
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))

@@ -6,33 +6,16 @@ TEST_DATABASE_URL / TEST_REDIS_URL point the tests at external servers instead.
 import copy
 import json
 import os
-import uuid
 from pathlib import Path
 
 import pytest
 
-from infra.lambda_loader import load_handler
+from infra.lambda_loader import LambdaContext, load_handler
 from infra.local_stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = Path(__file__).resolve().parent / "events"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-class LambdaContext:
-    function_name = "candlecast-test"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:candlecast-test"
-    log_group_name = "/aws/lambda/candlecast-test"
-    log_stream_name = "test"
-
-    def __init__(self):
-        self.aws_request_id = str(uuid.uuid4())
-
-    @staticmethod
-    def get_remaining_time_in_millis() -> int:
-        return 29_000
 
 
 def reset_clients() -> None:
@@ -43,12 +26,9 @@ def reset_clients() -> None:
     get_settings.cache_clear()
     db.close_pool()
     cache.reset_client()
-    try:
-        from candlecast import storage
-    except ImportError:
-        return
-    if hasattr(storage, "reset"):
-        storage.reset()
+    from candlecast import storage
+
+    storage.reset_clients()
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +102,18 @@ def load_event(name: str, **changes) -> dict:
     """An API Gateway HTTP API v2 event from tests/events (the same files `sam local invoke -e` takes)."""
     event = copy.deepcopy(json.loads((EVENTS / name).read_text()))
     event.update(changes)
+    return event
+
+
+def path_event(name: str, path: str, **path_parameters: str) -> dict:
+    """A v2 event from tests/events for another path: rawPath is percent-encoded as API Gateway sends it."""
+    from urllib.parse import quote
+
+    event = load_event(name)
+    event["rawPath"] = quote(path, safe="/:")
+    event["requestContext"]["http"]["path"] = event["rawPath"]
+    if path_parameters:
+        event["pathParameters"] = path_parameters
     return event
 
 

@@ -8,7 +8,7 @@ import pytest
 from candlecast import db
 from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import SymbolCreate
-from tests.conftest import invoke, load_event
+from tests.conftest import invoke, load_event, path_event
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def test_top_ranked_by_volume_and_cached(symbols, clean_db):
 
 @pytest.mark.parametrize("form", ["X:BTCUSD", "BTCUSD", "BTC-USD", "btc-usd"])
 def test_get_symbol_normalises_ticker(symbols, form):
-    event = load_event("symbol_get.json", pathParameters={"ticker": form}, rawPath=f"/symbols/{form}")
+    event = path_event("symbol_get.json", f"/symbols/{form}", ticker=form)
     status, _, body = invoke("symbols", event)
     assert status == 200
     assert body["ticker"] == "X:BTCUSD"
@@ -93,7 +93,7 @@ def test_get_symbol_normalises_ticker(symbols, form):
 
 
 def test_unknown_ticker_is_404(symbols):
-    event = load_event("symbol_get.json", pathParameters={"ticker": "NOPEUSD"}, rawPath="/symbols/NOPEUSD")
+    event = path_event("symbol_get.json", "/symbols/NOPEUSD", ticker="NOPEUSD")
     status, _, body = invoke("symbols", event)
     assert status == 404
     assert body["error"]["code"] == "symbol_not_found"
@@ -119,12 +119,15 @@ def test_bad_search_input_is_400_naming_the_problem(symbols, query, limit, names
     assert names in body["error"]["message"]
 
 
-@pytest.mark.parametrize("ticker", ["A" * 5000, "BTC'; DROP TABLE symbols;--", "BTC\x00USD", "ÆØÅ", "%25"])
-def test_bad_tickers_are_400(symbols, ticker):
-    event = load_event("symbol_get.json", pathParameters={"ticker": ticker}, rawPath="/symbols/x")
-    status, _, body = invoke("symbols", event)
+@pytest.mark.parametrize(
+    ("ticker", "problem"),
+    [("A" * 5000, "32 characters"), ("BTC'; DROP TABLE symbols;--", "letters and digits"),
+     ("BTC\x00USD", "letters and digits"), ("ÆØÅ", "letters and digits"), ("%25", "letters and digits")],
+)
+def test_bad_tickers_are_400(symbols, ticker, problem):
+    status, _, body = invoke("symbols", path_event("symbol_get.json", f"/symbols/{ticker}", ticker=ticker))
     assert status == 400
-    assert body["error"]["message"]
+    assert problem in body["error"]["message"]
 
 
 @pytest.mark.parametrize("query", ["'; DROP TABLE symbols; --", "' OR '1'='1", "%", "_", "\\", "b%", "b_c"])
@@ -137,9 +140,7 @@ def test_sql_looking_text_matches_nothing_and_changes_nothing(symbols, clean_db,
 
 
 def test_unknown_route_is_404_json(symbols):
-    event = load_event("symbol_get.json", rawPath="/nope", routeKey="GET /nope")
-    event["requestContext"]["http"]["path"] = "/nope"
-    status, _, body = invoke("symbols", event)
+    status, _, body = invoke("symbols", path_event("symbol_get.json", "/nope"))
     assert status == 404
     assert body["error"]["code"] == "route_not_found"
 

@@ -4,8 +4,9 @@ from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 
-from candlecast.api import create_resolver, json_response, lambda_handler_for
-from candlecast.services import symbols
+from candlecast.api import create_resolver, json_response, lambda_handler_for, path_parameter
+from candlecast.services import predictions, symbols
+from candlecast.timeframes import Timeframe
 
 app = create_resolver()
 
@@ -26,8 +27,17 @@ def top_symbols(limit: Limit = 20):
 
 
 @app.get("/symbols/<ticker>", summary="One symbol; accepts X:BTCUSD, BTCUSD, BTC-USD or btc-usd")
-def get_symbol(ticker: Annotated[str, Path(max_length=32)]):
-    return json_response(symbols.get(ticker))
+def get_symbol(ticker: Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd")]):
+    return json_response(symbols.get(path_parameter(ticker)))
+
+
+@app.get("/symbols/<ticker>/predictions", summary="Recent predictions for a symbol, newest first")
+def symbol_predictions(
+    ticker: Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd")],
+    timeframe: Annotated[Timeframe | None, Query(description="1h, 4h, 1d, 1w or 1m (calendar month)")] = None,
+    limit: Limit = 20,
+):
+    return json_response(predictions.recent_for_symbol(path_parameter(ticker), timeframe, limit))
 
 
 lambda_handler = lambda_handler_for(app)

@@ -1,8 +1,10 @@
 """What every HTTP function shares: the resolver, one error mapping, logging and metrics."""
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
@@ -11,7 +13,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from candlecast.config import get_settings
-from candlecast.errors import CandlecastError, error_body
+from candlecast.errors import CandlecastError, PayloadTooLarge, error_body
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "candlecast"))
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Candlecast"))
@@ -34,9 +36,12 @@ def json_response(body: bytes | str, status_code: int = 200, headers: dict[str, 
     )
 
 
-def error_response(status_code: int, code: str, message: str) -> Response:
-    import json
+def path_parameter(raw: str) -> str:
+    """A path parameter as the client meant it: the resolver hands it over still percent-encoded."""
+    return unquote(raw)
 
+
+def error_response(status_code: int, code: str, message: str) -> Response:
     return json_response(json.dumps(error_body(code, message)), status_code)
 
 
@@ -44,8 +49,11 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
     """400 for bad query/path parameters and malformed bodies, 422 for well-formed bodies with bad fields."""
     problems, status = [], 400
     for error in errors:
+        if error.get("type") == "json_invalid":
+            problems.append("body: not valid JSON")
+            continue
         location = [str(part) for part in error.get("loc", ())]
-        if location and location[0] == "body" and error.get("type") != "json_invalid":
+        if location and location[0] == "body":
             status = 422
         where = ".".join(location[1:] if len(location) > 1 else location) or "request"
         problems.append(f"{where}: {error.get('msg', 'invalid')}")
@@ -80,19 +88,23 @@ def create_resolver() -> APIGatewayHttpResolver:
     return app
 
 
-def check_body_size(app: APIGatewayHttpResolver) -> None:
-    body = app.current_event.body or ""
-    if len(body) > MAX_BODY_BYTES:
-        from candlecast.errors import PayloadTooLarge
-
-        raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+def _too_large(body_size: int) -> dict:
+    error = PayloadTooLarge(f"request body is {body_size} bytes; the limit is {MAX_BODY_BYTES}")
+    return {
+        "statusCode": error.status,
+        "headers": {"Content-Type": content_types.APPLICATION_JSON},
+        "body": json.dumps(error_body(error.code, error.message)),
+        "isBase64Encoded": False,
+    }
 
 
 def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaContext], dict]:
     @logger.inject_lambda_context(clear_state=True)
     @metrics.log_metrics(capture_cold_start_metric=True)
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
-        response = app.resolve(event, context)
+        body_size = len(event.get("body") or "")
+        # An oversized body is refused before anything parses or validates it.
+        response = _too_large(body_size) if body_size > MAX_BODY_BYTES else app.resolve(event, context)
         metrics.add_metric(name=f"Responses{response['statusCode'] // 100}xx", unit=MetricUnit.Count, value=1)
         return response
 

@@ -1,0 +1,36 @@
+"""POST /predictions — 30 expected candles with calibrated intervals for a symbol and timeframe."""
+
+from typing import Annotated
+
+from aws_lambda_powertools.event_handler.openapi.params import Body, Header
+
+from candlecast.api import create_resolver, json_response, lambda_handler_for
+from candlecast.schemas import PredictionRequest
+from candlecast.services import forecasting
+
+app = create_resolver()
+
+
+@app.post(
+    "/predictions",
+    summary="Create a forecast",
+    description=(
+        "Returns 30 expected candles (open/high/low/close built from the median path), the 80% and 95% "
+        "intervals of each close, and a calibrated per-step confidence. 201 for a new prediction; 200 with "
+        "X-Cache: HIT for a repeat of the same symbol, timeframe and last candle within 15 minutes, or a "
+        "repeated Idempotency-Key."
+    ),
+)
+def create_prediction(
+    request: Annotated[PredictionRequest, Body()],
+    idempotency_key: Annotated[
+        str | None, Header(alias="idempotency-key", max_length=255, pattern=r"^[\x21-\x7e]+$")
+    ] = None,
+):
+    result = forecasting.create(request, idempotency_key)
+    if result.created:
+        return json_response(result.body, 201)
+    return json_response(result.body, 200, {"X-Cache": "HIT"})
+
+
+lambda_handler = lambda_handler_for(app)

@@ -1,0 +1,172 @@
+"""`make bench`: speed and memory figures against the real local stack. Prints figures; asserts nothing.
+
+Targets (from the issues) are printed beside each figure so a reader can compare.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from infra.lambda_loader import LambdaContext, load_handler
+from infra.local_stack import LocalStack
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = ROOT / "tests" / "events"
+COLD_RUNS = 5
+
+_COLD_SCRIPT = """
+import json, sys, time
+started = time.perf_counter()
+sys.path.insert(0, {layer!r}); sys.path.insert(0, {root!r})
+from infra.lambda_loader import LambdaContext, load_handler
+handler = load_handler({function!r})
+response = handler(json.loads({event!r}), LambdaContext())
+elapsed = (time.perf_counter() - started) * 1000
+print(json.dumps({{"ms": elapsed, "status": response["statusCode"]}}))
+"""
+
+
+def event(name: str, **changes) -> dict:
+    loaded = json.loads((EVENTS / name).read_text())
+    loaded.update(changes)
+    return loaded
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def cold_init(function: str, request: dict, env: dict) -> tuple[float, int]:
+    """Median ms of import + first request in a fresh interpreter."""
+    script = _COLD_SCRIPT.format(layer=str(ROOT / "layers" / "common"), root=str(ROOT), function=function,
+                                 event=json.dumps(request))
+    samples, status = [], 0
+    for _ in range(COLD_RUNS):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        samples.append(measured["ms"])
+        status = measured["status"]
+    return statistics.median(samples), status
+
+
+def warm(function: str, request: dict | None, runs: int, make_request=None) -> dict:
+    handler = load_handler(ROOT / "functions" / function)
+    context = LambdaContext()
+    samples = []
+    for index in range(runs):
+        payload = make_request(index) if make_request else request
+        started = time.perf_counter()
+        response = handler(payload, context)
+        samples.append((time.perf_counter() - started) * 1000)
+        assert response["statusCode"] < 500, response
+    return {"p50_ms": round(percentile(samples, 0.5), 3), "p99_ms": round(percentile(samples, 0.99), 3),
+            "runs": runs}
+
+
+def report(name: str, value, target: str = "") -> None:
+    print(f"  {name:<58} {value!s:>14}  {target}")
+
+
+def main() -> int:
+    stack = LocalStack.start(bucket="candlecast-bench")
+    try:
+        env = {**os.environ, **stack.environment(), "POWERTOOLS_METRICS_DISABLED": "true",
+               "POWERTOOLS_LOG_LEVEL": "WARNING"}
+        os.environ.update(env)
+        from candlecast import migrate, seed
+
+        migrate.apply(stack.database_url)
+        seed.seed(progress=False)
+        # Quiet the per-invocation metric lines while measuring.
+        print("\ncandlecast benchmark (real embedded PostgreSQL and Redis, moto S3; 2-core machine)\n")
+
+        print("cold init: import + first request, fresh process, median of", COLD_RUNS)
+        for function, name, target in [
+            ("health", "health.json", "target <= 300 ms"),
+            ("symbols", "symbols_search.json", ""),
+            ("predictions_get", "prediction_get.json", ""),
+            ("predictions_create", "predictions_create.json", "target <= 800 ms"),
+        ]:
+            ms, status = cold_init(f"functions/{function}", event(name), env)
+            report(f"{function} (status {status})", f"{ms:.0f} ms", target)
+
+        print("\nwarm, in process")
+        report("health p50 / p99", _pair(warm("health", event("health.json"), 300)))
+        search = event("symbols_search.json", queryStringParameters={"q": "eth", "limit": "5"})
+        warm("symbols", search, 1)
+        report("cached search p50 / p99", _pair(warm("symbols", search, 2000)), "target p50 <= 0.5 ms")
+
+        from candlecast import cache
+
+        def uncached(index: int) -> dict:
+            cache.delete_pattern("cc:v1:search:*")
+            return search
+
+        report("uncached search p50 / p99 (cache cleared each time)", _pair(warm("symbols", None, 300, uncached)))
+
+        create_event = event("predictions_create.json", body=json.dumps({"symbol": "BTCUSDT", "timeframe": "1h"}))
+        warm("predictions_create", create_event, 1)
+
+        def new_create(index: int) -> dict:
+            fresh = dict(create_event)
+            fresh["headers"] = {**create_event["headers"], "idempotency-key": str(uuid.uuid4())}
+            return fresh
+
+        report("create p50 / p99 (new prediction stored, candles cached)",
+               _pair(warm("predictions_create", None, 300, new_create)), "target p50 <= 5 ms")
+        report("repeat create p50 / p99 (X-Cache: HIT)", _pair(warm("predictions_create", create_event, 1000)))
+        created = json.loads(load_handler(ROOT / "functions/predictions_create")(create_event, None)["body"])
+        prediction_get = event("prediction_get.json", rawPath=f"/predictions/{created['id']}",
+                               pathParameters={"id": created["id"]})
+        prediction_get["requestContext"] = {**prediction_get["requestContext"],
+                                            "http": {**prediction_get["requestContext"]["http"],
+                                                     "path": f"/predictions/{created['id']}"}}
+        report("GET cached prediction p50 / p99", _pair(warm("predictions_get", prediction_get, 2000)),
+               "target p50 <= 0.3 ms")
+
+        _optional_figures()
+    finally:
+        stack.close()
+    return 0
+
+
+def _pair(figures: dict) -> str:
+    return f"{figures['p50_ms']:.3f} / {figures['p99_ms']:.3f} ms"
+
+
+def _optional_figures() -> None:
+    """Figures owned by other areas: inference alone, layer sizes, ingest."""
+    try:
+        from candlecast.forecast.bench import bench_forecast
+    except ImportError:
+        bench_forecast = None
+    if bench_forecast is not None:
+        print("\nforecast")
+        for name, value in bench_forecast().items():
+            report(name, value, "target <= 2 ms" if "inference" in name else "")
+    try:
+        from infra.template_checks import function_sizes
+    except ImportError:
+        function_sizes = None
+    if function_sizes is not None:
+        print("\nbuilt sizes (unzipped, function + its layers; needs `make check-template` first)")
+        for name, megabytes in function_sizes().items():
+            report(name, f"{megabytes:.1f} MB", "limit 250 MB; prediction target <= 200 MB")
+    try:
+        from infra.bench_ingest import bench_ingest
+    except ImportError:
+        bench_ingest = None
+    if bench_ingest is not None:
+        print("\ningest (fake Polygon server)")
+        for name, value in bench_ingest().items():
+            report(name, value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Reading stored predictions (no numpy: the symbols and get functions import this)."""
+
+import uuid
+
+from pydantic import TypeAdapter
+
+from candlecast import cache, db
+from candlecast.errors import BadRequest, NotFound
+from candlecast.repositories import predictions as prediction_repository
+from candlecast.schemas import Prediction, PredictionWithSteps
+from candlecast.tickers import normalize_ticker
+
+_prediction_list = TypeAdapter(list[Prediction])
+
+
+def parse_prediction_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except (ValueError, TypeError, AttributeError):
+        raise BadRequest("prediction id must be a UUID", code="invalid_prediction_id") from None
+
+
+def serialise(row: dict) -> bytes:
+    return PredictionWithSteps.model_validate(row).model_dump_json().encode()
+
+
+def load_and_cache(prediction_id: uuid.UUID) -> bytes | None:
+    """The stored prediction's JSON from the database, put in the 15-minute cache."""
+    with db.connection() as conn:
+        row = prediction_repository.get_prediction_by_id(conn, prediction_id)
+    if row is None:
+        return None
+    body = serialise(row)
+    cache.set_prediction_bytes(str(prediction_id), body)
+    return body
+
+
+def get(raw_id: str) -> tuple[bytes, bool]:
+    """(JSON body, served from cache) of one prediction with its steps."""
+    prediction_id = parse_prediction_id(raw_id)
+    cached = cache.get_prediction_bytes(str(prediction_id))
+    if cached is not None:
+        return cached, True
+    body = load_and_cache(prediction_id)
+    if body is None:
+        raise NotFound(f"no prediction with id {prediction_id}", code="prediction_not_found")
+    return body, False
+
+
+def recent_for_symbol(raw_ticker: str, timeframe: str | None, limit: int) -> bytes:
+    ticker = normalize_ticker(raw_ticker)
+    from candlecast.repositories import symbols as symbol_repository
+
+    with db.connection() as conn:
+        if symbol_repository.get_symbol_by_ticker(conn, ticker) is None:
+            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+        rows = prediction_repository.get_recent_predictions_by_symbol(conn, ticker, timeframe, limit)
+    return _prediction_list.dump_json(_prediction_list.validate_python(rows))

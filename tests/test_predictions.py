@@ -1,0 +1,261 @@
+"""Prediction create/get through real v2 events, with the committed sample data and models seeded."""
+
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from candlecast import storage
+from candlecast.timeframes import add_steps
+from tests.conftest import ROOT, invoke, load_event, path_event
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+SAMPLE_TICKER = "X:BTCUSDT"
+
+
+def sample_timeframes() -> list[str]:
+    folder = ROOT / "data" / storage.candles_key(SAMPLE_TICKER, "1h").split("/")[1]
+    return sorted(path.stem for path in folder.glob("*.parquet"))
+
+
+@pytest.fixture
+def seeded(clean_db):
+    from candlecast import seed
+    from candlecast.services import forecasting
+
+    forecasting.forget_models()
+    seed.seed(progress=False)
+    return clean_db
+
+
+def create(body, headers: dict | None = None):
+    event = load_event("predictions_create.json", body=body if isinstance(body, str) else json.dumps(body))
+    event["headers"].update(headers or {})
+    return invoke("predictions_create", event)
+
+
+def get(prediction_id: str):
+    return invoke("predictions_get", path_event("prediction_get.json", f"/predictions/{prediction_id}",
+                                                id=prediction_id))
+
+
+def stored_predictions(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "4h", "1d", "1w", "1m"])
+def test_create_returns_thirty_consistent_steps_continuing_the_last_candle(seeded, timeframe):
+    if timeframe not in sample_timeframes():
+        pytest.skip(f"no {timeframe} sample for {SAMPLE_TICKER}")
+    status, _, body = create({"symbol": "btc-usdt", "timeframe": timeframe})
+    assert status == 201, body
+    assert body["ticker"] == SAMPLE_TICKER
+    assert body["timeframe"] == timeframe
+    steps = body["steps"]
+    assert [step["step"] for step in steps] == list(range(1, 31))
+    last_open = datetime.fromtimestamp(int(storage.read_all_candles(SAMPLE_TICKER, timeframe).open_time[-1]), UTC)
+    assert datetime.fromisoformat(body["last_candle_at"]) == last_open
+    for step in steps:
+        assert datetime.fromisoformat(step["ts"]) == add_steps(last_open, timeframe, step["step"])
+        assert step["low"] <= min(step["open"], step["close"])
+        assert step["high"] >= max(step["open"], step["close"])
+        assert step["lower_95"] <= step["lower_80"] <= step["upper_80"] <= step["upper_95"]
+        assert 0.0 <= step["confidence"] <= 1.0
+    assert steps[0]["open"] == pytest.approx(body["last_close"])
+    # Uncertainty grows with the horizon.
+    assert steps[-1]["upper_80"] - steps[-1]["lower_80"] > steps[0]["upper_80"] - steps[0]["lower_80"]
+
+
+def test_repeat_within_fifteen_minutes_returns_the_stored_prediction(seeded):
+    first = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    second = create({"symbol": "X:BTCUSDT", "timeframe": "1h"})
+    assert first[0] == 201
+    assert second[0] == 200
+    assert second[1]["X-Cache"] == "HIT"
+    assert second[2]["id"] == first[2]["id"]
+    assert stored_predictions(seeded.database_url) == 1
+
+
+def test_get_returns_the_stored_prediction_then_from_cache(seeded):
+    _, _, created = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    from candlecast import cache
+
+    cache.delete(cache.keys.prediction(created["id"]))
+    status, headers, body = get(created["id"])
+    assert status == 200
+    assert headers["X-Cache"] == "MISS"
+    assert body == created
+    status, headers, body = get(created["id"])
+    assert (status, headers["X-Cache"]) == (200, "HIT")
+    assert body == created
+
+
+def test_recent_predictions_for_a_symbol(seeded):
+    _, _, first = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    _, _, second = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    event = path_event("symbol_predictions.json", "/symbols/BTC-USDT/predictions", ticker="BTC-USDT")
+    status, _, body = invoke("symbols", event | {"queryStringParameters": {"limit": "10"}})
+    assert status == 200
+    assert [item["id"] for item in body] == [second["id"], first["id"]]
+    status, _, body = invoke("symbols", event | {"queryStringParameters": {"timeframe": "1d"}})
+    assert [item["id"] for item in body] == [second["id"]]
+    status, _, body = invoke("symbols", event | {"queryStringParameters": {"timeframe": "2d"}})
+    assert status == 400
+
+
+def test_idempotency_key_returns_the_same_prediction_even_without_redis(seeded, needs_embedded_redis):
+    key = {"idempotency-key": f"client-{uuid.uuid4()}"}
+    first = create({"symbol": "BTCUSDT", "timeframe": "4h"}, key)
+    needs_embedded_redis.stop()
+    try:
+        again = create({"symbol": "BTCUSDT", "timeframe": "4h"}, key)
+    finally:
+        needs_embedded_redis.start()
+    assert first[0] == 201
+    assert again[0] == 200
+    assert again[2]["id"] == first[2]["id"]
+    reused = create({"symbol": "BTCUSDT", "timeframe": "1d"}, key)
+    assert reused[0] == 409
+    assert reused[2]["error"]["code"] == "idempotency_key_reused"
+    assert stored_predictions(seeded.database_url) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("redis_up", [True, False], ids=["redis-up", "redis-down"])
+def test_thirty_two_concurrent_identical_creates_store_exactly_one(seeded, needs_embedded_redis, redis_up):
+    create({"symbol": "ETHUSDT", "timeframe": "1h"})  # warm the model and candle caches
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE predictions CASCADE")
+    from candlecast import cache
+
+    cache.delete_pattern("cc:v1:prediction*")
+    if not redis_up:
+        needs_embedded_redis.stop()
+    barrier = threading.Barrier(32)
+
+    def one(_):
+        barrier.wait()
+        return create({"symbol": "ETHUSDT", "timeframe": "1h"})
+
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            results = list(pool.map(one, range(32)))
+    finally:
+        if not redis_up:
+            needs_embedded_redis.start()
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200] * 31 + [201]
+    assert len({body["id"] for _, _, body in results}) == 1
+    assert stored_predictions(seeded.database_url) == 1
+
+
+def test_unknown_symbol_is_404(seeded):
+    status, _, body = create({"symbol": "NOPE-USD", "timeframe": "1h"})
+    assert status == 404
+    assert body["error"]["code"] == "symbol_not_found"
+
+
+def test_symbol_without_candles_for_timeframe_is_404_saying_so(seeded, monkeypatch):
+    monkeypatch.delenv("POLYGON_API_KEY", raising=False)
+    with psycopg.connect(seeded.database_url) as conn:
+        ticker = conn.execute(
+            "SELECT ticker FROM symbols WHERE ticker <> ALL(%s) ORDER BY ticker LIMIT 1",
+            ([f"X:{path.name}" for path in (ROOT / "data").iterdir() if path.is_dir()],),
+        ).fetchone()[0]
+    status, _, body = create({"symbol": ticker, "timeframe": "1h"})
+    assert status == 404
+    assert "candles" in body["error"]["message"]
+
+
+def test_no_active_model_is_503(seeded):
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE models SET is_active = false WHERE timeframe = '1h'")
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert status == 503
+    assert "1h" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("tamper", ["flip-byte", "drop-signature", "wrong-sha-row"])
+def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tamper):
+    key = storage.active_model_key("1h")
+    if tamper == "flip-byte":
+        data = bytearray(storage.get_bytes(key))
+        data[len(data) // 2] ^= 0xFF
+        storage.put_bytes(key, bytes(data))
+    elif tamper == "drop-signature":
+        storage.s3_client().delete_object(Bucket=seeded.bucket, Key=storage.signature_key(key))
+    else:
+        with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+            conn.execute("UPDATE models SET sha256 = repeat('0', 64) WHERE timeframe = '1h'")
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert status == 503
+    assert body["error"]["code"] == "model_integrity"
+    assert stored_predictions(seeded.database_url) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "mentions"),
+    [
+        ({"symbol": "BTCUSDT", "timeframe": "2h"}, 422, "timeframe"),
+        ({"symbol": "BTCUSDT", "timeframe": "1h", "extra": 1}, 422, "extra"),
+        ({"symbol": "BTCUSDT"}, 422, "timeframe"),
+        ({"symbol": 42, "timeframe": "1h"}, 422, "symbol"),
+        ({"symbol": ["BTC"], "timeframe": "1h"}, 422, "symbol"),
+        ({"symbol": "BTC\x00USDT", "timeframe": "1h"}, 400, "ticker"),
+        ({"symbol": "'; DROP TABLE predictions; --", "timeframe": "1h"}, 400, "ticker"),
+        ({"symbol": "B" * 10_000, "timeframe": "1h"}, 422, "symbol"),
+        ("not json", 400, "JSON"),
+        ("[]", 422, "body"),
+        ("", 422, "body"),
+        ("x" * 100_000, 413, "limit"),
+    ],
+)
+def test_bad_create_input_is_4xx_naming_the_problem(seeded, body, status, mentions):
+    got_status, _, got = create(body)
+    assert got_status == status
+    assert mentions in got["error"]["message"]
+    assert stored_predictions(seeded.database_url) == 0
+
+
+@pytest.mark.parametrize("header", ["has space", "x" * 300, "tab\there"])
+def test_bad_idempotency_key_is_400(seeded, header):
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"idempotency-key": header})
+    assert status == 400
+    assert "idempotency-key" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("bad_id", ["nope", "1234", "'; DROP TABLE predictions; --", "%00", "a" * 5000])
+def test_get_with_non_uuid_id_is_400(seeded, bad_id):
+    status, _, body = get(bad_id)
+    assert status == 400
+    assert body["error"]["code"] == "invalid_prediction_id"
+
+
+def test_get_unknown_id_is_404(seeded):
+    status, _, body = get(str(uuid.uuid4()))
+    assert status == 404
+    assert body["error"]["code"] == "prediction_not_found"
+
+
+def test_created_prediction_is_still_served_when_database_recovers(seeded, needs_embedded_postgres):
+    _, _, created = create({"symbol": "BTCUSDT", "timeframe": "1w"})
+    needs_embedded_postgres.stop()
+    try:
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+        assert status == 503
+        assert body["error"]["code"] == "database_unavailable"
+        # A cached prediction is still served while the database is down.
+        assert get(created["id"])[0] == 200
+    finally:
+        needs_embedded_postgres.start()
+    deadline = time.monotonic() + 15
+    while (status := create({"symbol": "BTCUSDT", "timeframe": "1d"})[0]) != 201 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 201
