@@ -39,17 +39,31 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
     stage: str = "local"
 
-    @model_validator(mode="after")
-    def _database_is_named(self) -> "Settings":
-        if self.database_url is None and self.db_secret_arn is None:
-            raise ValueError("set DATABASE_URL or DB_SECRET_ARN")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _database_is_named(cls, data, handler):
+        """Name the missing database alongside any other problem, not only when all else is valid."""
+        try:
+            settings = handler(data)
+        except ValidationError as error:
+            if isinstance(data, dict) and not (data.get("database_url") or data.get("db_secret_arn")):
+                raise ValidationError.from_exception_data(
+                    error.title, [*error.errors(), _missing_database_error()]
+                ) from None
+            raise
+        if settings.database_url is None and settings.db_secret_arn is None:
+            raise ValidationError.from_exception_data(cls.__name__, [_missing_database_error()])
+        return settings
+
+
+def _missing_database_error() -> dict:
+    return {"type": "missing", "loc": ("DATABASE_URL or DB_SECRET_ARN",), "input": None}
 
 
 def _describe(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
-        variable = "_".join(str(part) for part in item["loc"]).upper() or "configuration"
+        variable = "_".join(str(part) for part in item["loc"]).upper().replace(" OR ", " or ") or "configuration"
         problems.append(f"{variable}: {item['msg']}")
     return "invalid configuration: " + "; ".join(problems)
 
