@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: install run test lint bench requirements clean
+.PHONY: install run test lint bench requirements clean tools check-template migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python infra/layer_requirements.py --check
 
-test: lint
+test: lint check-template
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -35,3 +35,30 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .aws-sam .local .pytest_cache .ruff_cache
+
+## Template checks (template.yaml): cfn-lint, sam validate --lint, checkov on the translated template,
+## sam build for arm64 without Docker, native-code and 250 MB size checks. SAM CLI and checkov pin
+## boto3 and friends, so each gets its own venv under .local/, from the `sam` / `checkov` extras.
+PY312_BIN := $(shell for p in "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
+	"$$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$$(command -v python3.12)"; do \
+	"$$p" -c '' 2>/dev/null && { dirname "$$p"; break; }; done)
+SAM_VENV := .local/sam-venv
+CHECKOV_VENV := .local/checkov-venv
+EXTRA = $$($(BIN)/python -c 'import sys, tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' $(1))
+
+$(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed: .local/%/.installed: pyproject.toml $(STAMP)
+	@test -n "$(PY312_BIN)" || { echo "python3.12 not found (pyenv install 3.12)"; exit 1; }
+	test -x .local/$*/bin/python || $(PY312_BIN)/python3.12 -m venv .local/$*
+	.local/$*/bin/python -m pip install --quiet $(call EXTRA,$(subst -venv,,$*))
+	touch $@
+
+tools: $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed
+
+check-template: $(STAMP) tools
+	PATH="$(PY312_BIN):$$PATH" $(BIN)/python infra/template_checks.py all
+
+migrations-hash: $(STAMP)
+	$(BIN)/python infra/template_checks.py migrations-hash --write
+
+openapi: $(STAMP)
+	$(BIN)/python infra/openapi.py --write

@@ -14,7 +14,8 @@ class ConfigurationError(RuntimeError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True,
+                                      env_parse_none_str="none")
 
     database_url: SecretStr | None = Field(None, description="PostgreSQL URL (local runs and tests)")
     db_secret_arn: str | None = Field(None, description="Secrets Manager secret with the DB credentials")

@@ -1,0 +1,101 @@
+"""The API's OpenAPI document, generated from the functions' Powertools resolvers (one per function).
+
+    python infra/openapi.py --write    # regenerate infra/openapi.json (`make openapi`)
+    python infra/openapi.py --check    # fail if the committed document is out of date
+
+Every function with HttpApi events in template.yaml is imported as Lambda would (infra.lambda_loader);
+its resolver's `get_openapi_schema()` gives its paths, and the documents are merged into one. The local
+API serves the result at /openapi.json with a /docs page.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from infra.lambda_loader import load_function_module  # noqa: E402
+from infra.local_api import load_template, parse_functions, parse_routes  # noqa: E402
+
+DOCUMENT = ROOT / "infra/openapi.json"
+TITLE = "candlecast"
+VERSION = "1.0.0"
+# Importing a handler validates configuration; these stand-ins let generation run without the stack.
+STAND_IN_ENVIRONMENT = {
+    "DATABASE_URL": "postgresql://candlecast@127.0.0.1:9/candlecast",
+    "REDIS_URL": "redis://127.0.0.1:9/0",
+    "DATA_BUCKET": "candlecast-openapi",
+}
+
+
+class OpenApiConflict(ValueError):
+    pass
+
+
+def _merge_into(target: dict[str, Any], items: dict[str, Any], what: str) -> None:
+    for name, value in items.items():
+        if name in target and target[name] != value:
+            raise OpenApiConflict(f"two functions define {what} {name!r} differently")
+        target[name] = value
+
+
+def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[str, Any]:
+    """One OpenAPI 3.1 document from the resolvers of every function that has HttpApi routes."""
+    from candlecast.api import API_DESCRIPTION
+
+    template = load_template(template_path)
+    routed = sorted({route.function_id for route in parse_routes(template)})
+    specs = parse_functions(template, Path(template_path).resolve().parent)
+    paths: dict[str, dict] = {}
+    schemas: dict[str, Any] = {}
+    openapi_version = "3.1.0"
+    for logical_id in routed:
+        spec = specs[logical_id]
+        module = load_function_module(spec.code_dir, spec.handler)
+        document = module.app.get_openapi_schema(title=TITLE, version=VERSION).model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
+        openapi_version = document.get("openapi", openapi_version)
+        for path, operations in document.get("paths", {}).items():
+            _merge_into(paths.setdefault(path, {}), operations, f"operation on {path}")
+        _merge_into(schemas, document.get("components", {}).get("schemas", {}), "schema")
+    merged: dict[str, Any] = {
+        "openapi": openapi_version,
+        "info": {"title": TITLE, "version": VERSION, "description": API_DESCRIPTION},
+        "paths": {path: dict(sorted(paths[path].items())) for path in sorted(paths)},
+    }
+    if schemas:
+        merged["components"] = {"schemas": dict(sorted(schemas.items()))}
+    return merged
+
+
+def render(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true")
+    mode.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    for name, value in STAND_IN_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    wanted = render(build_openapi())
+    if args.write:
+        DOCUMENT.write_text(wanted)
+        print(f"wrote {DOCUMENT.relative_to(ROOT)}")
+        return 0
+    if not DOCUMENT.exists() or DOCUMENT.read_text() != wanted:
+        print(f"{DOCUMENT.relative_to(ROOT)} is out of date: run `make openapi`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

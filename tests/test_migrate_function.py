@@ -1,0 +1,253 @@
+"""functions/migrate: the Custom::DbMigration resource and direct invokes, on a real PostgreSQL.
+
+CloudFormation's pre-signed response URL is a local HTTP server that records each PUT.
+"""
+
+import json
+import socket
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from infra.lambda_loader import load_function_module
+from tests.conftest import LambdaContext, load_event
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATION_IDS = sorted(
+    path.name.removesuffix(".sql") for path in (ROOT / "migrations").glob("*.sql") if ".rollback." not in path.name
+)
+
+
+class ResponseRecorder:
+    """A local stand-in for CloudFormation's pre-signed S3 URL: records PUTs, can fail the first few."""
+
+    def __init__(self, failures: int = 0):
+        self.requests: list[dict] = []
+        self.failures = failures
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status = 500 if recorder.failures > 0 else 200
+                recorder.failures -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stack-response?X-Amz-Signature=abc"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def responses(self) -> list[dict]:
+        return [json.loads(request["body"]) for request in self.requests]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a database that hangs."""
+
+    def __init__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+
+    def close(self):
+        self.socket.close()
+
+
+class Context(LambdaContext):
+    def __init__(self, remaining_ms: int = 300_000):
+        super().__init__()
+        self.deadline = time.monotonic() + remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.deadline - time.monotonic()) * 1000)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def recorder():
+    server = ResponseRecorder()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def migrate_app():
+    return load_function_module(ROOT / "functions/migrate")
+
+
+@pytest.fixture
+def use_database(app_env, monkeypatch):
+    """Point the function at a database URL for one test (fresh settings, as in a new container)."""
+    from candlecast.config import get_settings
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("DATABASE_URL", url)
+        get_settings.cache_clear()
+
+    yield use
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def fresh_database(stack, use_database):
+    """An empty database of its own, so Create has every migration to apply."""
+    name = f"migrate_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(stack.database_url, dbname=name)
+    use_database(url)
+    yield url
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def cfn_event(request_type: str, response_url: str, **changes) -> dict:
+    event = load_event("migrate_create.json", RequestType=request_type, ResponseURL=response_url)
+    event.update(changes)
+    return event
+
+
+def unreachable_database_url() -> str:
+    return f"postgresql://nobody:secret@127.0.0.1:{closed_port()}/candlecast?connect_timeout=2"
+
+
+def test_create_applies_every_migration_and_answers_success(migrate_app, recorder, fresh_database):
+    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+
+    assert result["Status"] == "SUCCESS"
+    (request,) = recorder.requests
+    assert request["path"].startswith("/stack-response?X-Amz-Signature=")
+    assert request["headers"].get("Content-Type") == ""  # the pre-signed URL was signed without one
+    response = json.loads(request["body"])
+    event = load_event("migrate_create.json")
+    assert response["Status"] == "SUCCESS"
+    for key in ("StackId", "RequestId", "LogicalResourceId"):
+        assert response[key] == event[key]
+    assert response["PhysicalResourceId"] == "DbMigration-schema"
+    assert response["Data"]["AppliedCount"] == str(len(MIGRATION_IDS))
+    assert response["Data"]["Applied"].split(",") == MIGRATION_IDS
+    assert len(request["body"]) < 4096
+    with psycopg.connect(fresh_database) as conn:
+        tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"symbols", "models", "predictions", "prediction_steps"} <= tables
+
+
+def test_update_applies_nothing_new_and_keeps_the_physical_id(migrate_app, recorder, fresh_database):
+    migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+    update = cfn_event("Update", recorder.url, PhysicalResourceId="DbMigration-schema",
+                       OldResourceProperties={"MigrationsHash": "0" * 64})
+
+    result = migrate_app.lambda_handler(update, Context())
+
+    assert result["Status"] == "SUCCESS"
+    response = recorder.responses[-1]
+    assert response["PhysicalResourceId"] == "DbMigration-schema"
+    assert response["Data"]["AppliedCount"] == "0"
+
+
+def test_a_failing_apply_answers_failed_with_the_reason(migrate_app, recorder, use_database):
+    use_database(unreachable_database_url())
+
+    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+
+    assert result["Status"] == "FAILED"
+    (response,) = recorder.responses
+    assert response["Status"] == "FAILED"
+    assert "OperationalError" in response["Reason"] or "connection" in response["Reason"].lower()
+    assert "secret" not in response["Reason"]  # the password never reaches the stack events
+
+
+def test_a_hanging_database_answers_failed_before_the_function_times_out(migrate_app, recorder, use_database):
+    silent = SilentServer()
+    try:
+        use_database(f"postgresql://nobody:secret@127.0.0.1:{silent.port}/candlecast?connect_timeout=4")
+        remaining_ms = int((migrate_app.RESPONSE_MARGIN_SECONDS + 1.5) * 1000)
+        started = time.monotonic()
+
+        result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context(remaining_ms))
+
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    assert result["Status"] == "FAILED"
+    assert "still running" in recorder.responses[0]["Reason"]
+    assert elapsed < remaining_ms / 1000  # answered while the function still had time
+
+
+def test_delete_is_a_no_op_that_answers_success(migrate_app, recorder, use_database):
+    use_database(unreachable_database_url())  # Delete must not even try the database
+    delete = cfn_event("Delete", recorder.url, PhysicalResourceId="DbMigration-schema")
+
+    result = migrate_app.lambda_handler(delete, Context())
+
+    assert result["Status"] == "SUCCESS"
+    (response,) = recorder.responses
+    assert response["Status"] == "SUCCESS" and response["PhysicalResourceId"] == "DbMigration-schema"
+
+
+def test_the_response_put_is_retried(migrate_app, use_database, monkeypatch):
+    monkeypatch.setattr(migrate_app.time, "sleep", lambda seconds: None)
+    use_database(unreachable_database_url())
+    flaky = ResponseRecorder(failures=1)
+    try:
+        migrate_app.lambda_handler(cfn_event("Delete", flaky.url, PhysicalResourceId="x"), Context())
+    finally:
+        flaky.close()
+    assert [response["Status"] for response in flaky.responses] == ["SUCCESS", "SUCCESS"]
+
+
+def test_an_undeliverable_response_raises_so_lambda_retries_the_event(migrate_app, use_database, monkeypatch):
+    monkeypatch.setattr(migrate_app.time, "sleep", lambda seconds: None)
+    use_database(unreachable_database_url())
+    url = f"http://127.0.0.1:{closed_port()}/stack-response"
+    with pytest.raises(ConnectionError):
+        migrate_app.lambda_handler(cfn_event("Delete", url, PhysicalResourceId="x"), Context())
+
+
+def test_direct_invoke_status_then_apply(migrate_app, fresh_database):
+    status = migrate_app.lambda_handler(load_event("migrate_status.json"), Context())
+    assert status == {"applied": [], "pending": MIGRATION_IDS}
+
+    applied = migrate_app.lambda_handler(load_event("migrate_apply.json"), Context())
+    assert applied == {"applied": MIGRATION_IDS}
+
+    assert migrate_app.lambda_handler(load_event("migrate_status.json"), Context()) == {
+        "applied": MIGRATION_IDS,
+        "pending": [],
+    }
+    assert migrate_app.lambda_handler(load_event("migrate_apply.json"), Context()) == {"applied": []}
+
+
+def test_direct_invoke_with_an_unknown_action_raises(migrate_app, app_env):
+    with pytest.raises(ValueError, match="unknown action"):
+        migrate_app.lambda_handler({"action": "drop"}, Context())
+
+
+def test_direct_invoke_failure_raises_for_the_caller(migrate_app, use_database):
+    use_database(unreachable_database_url())
+    with pytest.raises(psycopg.OperationalError):
+        migrate_app.lambda_handler(load_event("migrate_apply.json"), Context())

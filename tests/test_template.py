@@ -1,0 +1,392 @@
+"""Offline checks of template.yaml against the code it deploys (no AWS, no sam build needed).
+
+`make check-template` adds what needs the tools: cfn-lint, sam validate --lint, checkov on the translated
+template, sam build for arm64 and the 250 MB size report.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from infra import template_checks
+from infra.lambda_loader import load_function_module
+
+pytestmark = pytest.mark.template
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The agreed route list (contract): function logical id -> routes it serves.
+ROUTES = {
+    "HealthFunction": {("GET", "/health")},
+    "SymbolsFunction": {
+        ("GET", "/symbols"),
+        ("GET", "/symbols/top"),
+        ("GET", "/symbols/{ticker}"),
+        ("GET", "/symbols/{ticker}/predictions"),
+    },
+    "PredictionCreateFunction": {("POST", "/predictions")},
+    "PredictionGetFunction": {("GET", "/predictions/{id}")},
+    "MigrateFunction": set(),
+    "RefreshFunction": set(),
+}
+API_FUNCTIONS = [name for name, routes in ROUTES.items() if routes]
+SCIENCE_FUNCTIONS = {"PredictionCreateFunction", "PredictionGetFunction", "RefreshFunction"}
+# Stand-ins so a handler module can be imported without the local stack (nothing connects at import).
+IMPORT_ENVIRONMENT = {
+    "DATABASE_URL": "postgresql://candlecast@127.0.0.1:9/candlecast",
+    "REDIS_URL": "redis://127.0.0.1:9/0",
+    "DATA_BUCKET": "candlecast-template-test",
+}
+
+
+@pytest.fixture(scope="module")
+def template() -> dict:
+    return template_checks.load_template()
+
+
+@pytest.fixture(scope="module")
+def resources(template) -> dict:
+    return template["Resources"]
+
+
+def functions(resources: dict) -> dict[str, dict]:
+    return {
+        name: resource["Properties"]
+        for name, resource in resources.items()
+        if resource["Type"] == "AWS::Serverless::Function"
+    }
+
+
+def template_routes(properties: dict) -> set[tuple[str, str]]:
+    return {
+        (event["Properties"]["Method"].upper(), event["Properties"]["Path"])
+        for event in (properties.get("Events") or {}).values()
+        if event["Type"] == "HttpApi"
+    }
+
+
+@pytest.fixture
+def importable(monkeypatch):
+    """Variables a function needs at cold start; the session's real ones win when the stack is up."""
+    from candlecast.config import get_settings
+
+    for name, value in IMPORT_ENVIRONMENT.items():
+        if not os.environ.get(name):
+            monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()  # do not leave stand-in settings behind for later tests
+
+
+def load_function(properties: dict):
+    module_name, attribute = properties.get("Handler", "app.lambda_handler").rsplit(".", 1)
+    return load_function_module(properties["CodeUri"], f"{module_name}.{attribute}"), attribute
+
+
+def resolver_routes(module) -> set[tuple[str, str]]:
+    """The routes a Powertools resolver registered, with <param> written as API Gateway's {param}."""
+    app = module.app
+    return {
+        (route.method.upper(), re.sub(r"<(\w+)>", r"{\1}", route.path))
+        for route in [*app._static_routes, *app._dynamic_routes]
+    }
+
+
+def test_template_has_the_agreed_functions(resources):
+    assert set(functions(resources)) == set(ROUTES)
+
+
+def test_template_routes_are_the_agreed_ones(resources):
+    for name, properties in functions(resources).items():
+        assert template_routes(properties) == ROUTES[name], name
+
+
+@pytest.mark.parametrize("function", sorted(ROUTES))
+def test_handler_resolves_to_an_importable_lambda_handler(function, resources, importable):
+    properties = functions(resources)[function]
+    assert (ROOT / properties["CodeUri"]).is_dir(), f"{function}: CodeUri {properties['CodeUri']} missing"
+    module, attribute = load_function(properties)
+    assert callable(getattr(module, attribute, None)), f"{function}: {properties['Handler']} is not callable"
+
+
+@pytest.mark.parametrize("function", API_FUNCTIONS)
+def test_http_routes_are_served_by_the_functions_resolver_and_the_reverse(function, resources, importable):
+    properties = functions(resources)[function]
+    module, _ = load_function(properties)
+    assert resolver_routes(module) == template_routes(properties)
+
+
+def test_every_http_api_event_uses_the_one_api(resources):
+    apis = [name for name, resource in resources.items() if resource["Type"] == "AWS::Serverless::HttpApi"]
+    assert apis == ["HttpApi"]
+    for name, properties in functions(resources).items():
+        for event in (properties.get("Events") or {}).values():
+            if event["Type"] == "HttpApi":
+                assert event["Properties"]["ApiId"] == {"Ref": "HttpApi"}, name
+
+
+def test_migrate_has_no_api_event_and_runs_as_the_custom_resource(resources):
+    migrate = functions(resources)["MigrateFunction"]
+    assert not migrate.get("Events")
+    migration = resources["DbMigration"]
+    assert migration["Type"] == "Custom::DbMigration"
+    assert migration["Properties"]["ServiceToken"] == {"Fn::GetAtt": ["MigrateFunction", "Arn"]}
+    # CloudFormation gives up before the function's own timeout would leave it waiting an hour.
+    assert migrate["Timeout"] < migration["Properties"]["ServiceTimeout"] <= 3600
+
+
+def test_new_code_goes_live_only_after_the_migrations(resources):
+    for name in set(ROUTES) - {"MigrateFunction"}:
+        assert resources[name]["DependsOn"] == "DbMigration", name
+
+
+def test_migrations_hash_in_the_template_matches_migrations_dir():
+    assert template_checks.template_migrations_hash() == template_checks.migrations_hash(), (
+        "run `make migrations-hash` after changing migrations/"
+    )
+
+
+def test_migrations_hash_changes_with_any_migration_file(tmp_path):
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id int);")
+    first = template_checks.migrations_hash(tmp_path)
+    (tmp_path / "0001_a.rollback.sql").write_text("DROP TABLE a;")
+    second = template_checks.migrations_hash(tmp_path)
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id bigint);")
+    assert len({first, second, template_checks.migrations_hash(tmp_path)}) == 3
+
+
+def test_migrate_function_ships_the_migrations(resources):
+    """functions/migrate/migrations links to migrations/ (sam build copies the files); MIGRATIONS_DIR finds it."""
+    shipped = ROOT / "functions/migrate/migrations"
+    assert shipped.resolve() == (ROOT / "migrations").resolve()
+    variables = functions(resources)["MigrateFunction"]["Environment"]["Variables"]
+    assert variables["MIGRATIONS_DIR"] == "/var/task/migrations"
+
+
+def test_no_policy_allows_wildcard_actions_or_resources(resources):
+    statements = [
+        (name, statement)
+        for name, properties in functions(resources).items()
+        for policy in properties.get("Policies", [])
+        for statement in policy["Statement"]
+    ]
+    assert statements
+    for name, statement in statements:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert all("*" not in action for action in actions), (name, actions)
+        resources_ = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        assert "*" not in resources_, (name, statement)
+    # The only `*` action anywhere is the bucket policy's TLS-only Deny.
+    for statement in resources["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]:
+        assert statement["Effect"] == "Deny"
+
+
+def granted(properties: dict, action: str) -> list:
+    found = []
+    for policy in properties.get("Policies", []):
+        for statement in policy["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            if action in actions and statement["Effect"] == "Allow":
+                resource = statement["Resource"]
+                found.extend(resource if isinstance(resource, list) else [resource])
+    return found
+
+
+def test_each_function_reads_only_its_own_secrets(resources):
+    db, signing, polygon = ({"Ref": name} for name in ("DbSecretArn", "ModelSigningKeySecretArn",
+                                                       "PolygonApiKeySecretArn"))
+    expected = {
+        "HealthFunction": [db],
+        "SymbolsFunction": [db],
+        "PredictionCreateFunction": [db, signing],
+        "PredictionGetFunction": [db],
+        "MigrateFunction": [db],
+        "RefreshFunction": [db, polygon],
+    }
+    for name, properties in functions(resources).items():
+        assert granted(properties, "secretsmanager:GetSecretValue") == expected[name], name
+
+
+def test_bucket_access_is_limited_to_the_prefixes_each_function_needs(resources):
+    def prefixes(properties: dict, action: str) -> set[str]:
+        return {resource["Fn::Sub"] for resource in granted(properties, action)}
+
+    fns = functions(resources)
+    assert prefixes(fns["PredictionCreateFunction"], "s3:GetObject") == {
+        "${DataBucket.Arn}/data/*", "${DataBucket.Arn}/models/*"
+    }
+    assert prefixes(fns["RefreshFunction"], "s3:PutObject") == {"${DataBucket.Arn}/data/*"}
+    for name in ("SymbolsFunction", "PredictionGetFunction", "MigrateFunction", "HealthFunction"):
+        assert not granted(fns[name], "s3:GetObject") and not granted(fns[name], "s3:PutObject"), name
+    # Readers may list key names, so a missing candle file or model is a 404 (None), not AccessDenied.
+    for name in ("PredictionCreateFunction", "RefreshFunction", "HealthFunction"):
+        assert granted(fns[name], "s3:ListBucket") == [{"Fn::GetAtt": ["DataBucket", "Arn"]}], name
+
+
+def test_refresh_may_invoke_only_itself(resources):
+    refresh = functions(resources)["RefreshFunction"]
+    (target,) = granted(refresh, "lambda:InvokeFunction")
+    assert target["Fn::Sub"].endswith(":function:" + refresh["FunctionName"]["Fn::Sub"])
+    for name, properties in functions(resources).items():
+        if name != "RefreshFunction":
+            assert not granted(properties, "lambda:InvokeFunction"), name
+
+
+def test_api_functions_time_out_within_api_gateway_limit(template, resources):
+    default = template["Globals"]["Function"]["Timeout"]
+    fns = functions(resources)
+    for name in API_FUNCTIONS:
+        assert fns[name].get("Timeout", default) <= 29, name
+    assert fns["RefreshFunction"]["Timeout"] == 900
+
+
+def test_globals_runtime_architecture_and_powertools(template):
+    function = template["Globals"]["Function"]
+    assert function["Runtime"] == "python3.12"
+    assert function["Architectures"] == ["arm64"]
+    variables = function["Environment"]["Variables"]
+    for name in ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_LOG_LEVEL", "POWERTOOLS_METRICS_NAMESPACE",
+                 "DATA_BUCKET", "REDIS_URL", "DB_SECRET_ARN", "MODEL_SIGNING_KEY_SECRET_ARN", "STAGE"):
+        assert name in variables, name
+    assert function["Tracing"] == {"Fn::If": ["TracingOn", "Active", "PassThrough"]}
+
+
+def test_every_function_logs_to_its_own_log_group_with_retention(resources):
+    groups = []
+    for name, properties in functions(resources).items():
+        group = properties["LoggingConfig"]["LogGroup"]["Ref"]
+        assert resources[group]["Type"] == "AWS::Logs::LogGroup", name
+        assert resources[group]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}, name
+        groups.append(group)
+    assert len(set(groups)) == len(groups)
+
+
+def test_http_api_cors_throttling_and_access_logs(resources):
+    api = resources["HttpApi"]["Properties"]
+    assert api["CorsConfiguration"]["AllowOrigins"] == {"Ref": "CorsAllowedOrigins"}
+    assert api["DefaultRouteSettings"]["ThrottlingRateLimit"] == {"Ref": "ThrottlingRateLimit"}
+    assert api["DefaultRouteSettings"]["ThrottlingBurstLimit"] == {"Ref": "ThrottlingBurstLimit"}
+    log_group = api["AccessLogSettings"]["DestinationArn"]["Fn::GetAtt"][0]
+    assert resources[log_group]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+    assert json.loads(api["AccessLogSettings"]["Format"])["status"] == "$context.status"
+
+
+def test_prediction_create_has_reserved_concurrency(resources):
+    reserved = functions(resources)["PredictionCreateFunction"]["ReservedConcurrentExecutions"]
+    assert reserved["Fn::If"][1] == {"Ref": "PredictionCreateReservedConcurrency"}
+
+
+def test_science_layer_only_where_needed_and_both_layers_build_for_arm64(template, resources):
+    layers = template_checks.function_layers(template)
+    for name, layer_ids in layers.items():
+        assert layer_ids[0] == "CommonLayer", name
+        assert ("ScienceLayer" in layer_ids) == (name in SCIENCE_FUNCTIONS), name
+    common, science = resources["CommonLayer"], resources["ScienceLayer"]
+    assert common["Metadata"] == {"BuildMethod": "python3.12", "BuildArchitecture": "arm64"}
+    assert science["Metadata"] == {"BuildMethod": "makefile", "BuildArchitecture": "arm64"}
+    for layer in (common, science):
+        assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
+        assert (ROOT / layer["Properties"]["ContentUri"] / "requirements.txt").is_file()
+    makefile = (ROOT / science["Properties"]["ContentUri"] / "Makefile").read_text()
+    assert "build-ScienceLayer:" in makefile and "--only-binary=:all:" in makefile
+    assert "manylinux2014_aarch64" in makefile
+
+
+def test_bucket_is_encrypted_private_versioned_and_tls_only(resources):
+    bucket = resources["DataBucket"]["Properties"]
+    encryption = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+    assert encryption["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms")
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    assert len(bucket["PublicAccessBlockConfiguration"]) == 4
+    assert bucket["VersioningConfiguration"]["Status"] == "Enabled"
+    (statement,) = resources["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert statement["Effect"] == "Deny"
+    assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_outputs_name_the_api_bucket_and_every_function(template, resources):
+    outputs = template["Outputs"]
+    assert "ApiUrl" in outputs and outputs["DataBucketName"]["Value"] == {"Ref": "DataBucket"}
+    named = {output["Value"].get("Ref") for output in outputs.values() if isinstance(output["Value"], dict)}
+    assert set(functions(resources)) <= named
+
+
+def test_env_json_sets_only_variables_the_template_declares(template, resources):
+    """sam local ignores variables a function does not declare, so env.json must not rely on others."""
+    env = json.loads((ROOT / "infra/env.json").read_text())
+    globals_ = set(template["Globals"]["Function"]["Environment"]["Variables"])
+    fns = functions(resources)
+    for section, variables in env.items():
+        declared = set(globals_)
+        if section != "Parameters":
+            assert section in fns, section
+            declared |= set((fns[section].get("Environment") or {}).get("Variables") or {})
+        assert set(variables) <= declared, (section, set(variables) - declared)
+
+
+def test_checkov_skips_are_reviewed_with_reasons():
+    skips = template_checks.load_skips()
+    for check, skip in skips.items():
+        assert re.fullmatch(r"CKV2?_AWS_\d+", check)
+        assert len(skip["reason"]) >= 40, check
+
+
+def test_settings_built_from_the_deployed_environment_use_the_secret(template, monkeypatch):
+    """The variables the template sets in AWS (empty DATABASE_URL included) configure the secret path."""
+    from candlecast.config import Settings
+
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:candlecast-db-AbCdEf"
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    for name in list(os.environ):
+        if name in variables or name in ("DATABASE_URL", "S3_ENDPOINT_URL"):
+            monkeypatch.delenv(name)
+    aws_values = {
+        "POWERTOOLS_LOG_LEVEL": "INFO", "STAGE": "dev", "DATA_BUCKET": "candlecast-dev-databucket-1a2b3c",
+        "REDIS_URL": "rediss://candlecast.abc123.use1.cache.amazonaws.com:6379/0", "DB_SECRET_ARN": arn,
+        "MODEL_SIGNING_KEY_SECRET_ARN": arn, "DB_PREPARE_THRESHOLD": "5",
+    }
+    for name, value in variables.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    for name, value in aws_values.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.database_url is None and settings.db_secret_arn == arn
+    assert settings.s3_endpoint_url is None
+    assert settings.db_prepare_threshold == 5
+    rds_proxy = template["Globals"]["Function"]["Environment"]["Variables"]["DB_PREPARE_THRESHOLD"]
+    monkeypatch.setenv("DB_PREPARE_THRESHOLD", rds_proxy["Fn::If"][1])
+    assert Settings().db_prepare_threshold is None
+
+
+def fake_build(build_dir: Path, artifact_mb: dict[str, int]) -> Path:
+    """A .aws-sam/build look-alike: one sparse file of the given size per artifact (no disk used)."""
+    for name, megabytes in artifact_mb.items():
+        (build_dir / name).mkdir(parents=True)
+        with (build_dir / name / "payload.bin").open("wb") as handle:
+            handle.truncate(megabytes * 1024 * 1024)
+    return build_dir
+
+
+def test_size_report_counts_layers_and_fails_over_250_mb(tmp_path, template):
+    functions_ = template_checks.function_layers(template)
+    sizes = dict.fromkeys(functions_, 1) | {"CommonLayer": 30, "ScienceLayer": 200}
+    report = template_checks.size_report(fake_build(tmp_path / "ok", sizes))
+    assert report["PredictionCreateFunction"]["total"] == 231 * 1024 * 1024
+    assert report["HealthFunction"]["total"] == 31 * 1024 * 1024
+
+    with pytest.raises(template_checks.CheckFailed, match="PredictionCreateFunction"):
+        template_checks.size_report(fake_build(tmp_path / "big", sizes | {"ScienceLayer": 220}))
+
+
+def test_native_code_check_refuses_x86_64_libraries(tmp_path):
+    elf_header = bytearray(b"\x7fELF\x02\x01\x01" + bytes(13))
+    elf_header[18:20] = (62).to_bytes(2, "little")  # EM_X86_64
+    (tmp_path / "CommonLayer").mkdir()
+    (tmp_path / "CommonLayer/_psycopg.so").write_bytes(bytes(elf_header))
+    assert template_checks.elf_machine(tmp_path / "CommonLayer/_psycopg.so") == 62
+    with pytest.raises(template_checks.CheckFailed, match="not arm64"):
+        template_checks.check_native_code(tmp_path)
