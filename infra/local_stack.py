@@ -3,6 +3,7 @@
 Each server is started only when its URL is not already given; all stop cleanly on exit.
 """
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -129,6 +130,7 @@ class LocalStack:
               s3_endpoint_url: str | None = None, bucket: str = "candlecast-local") -> "LocalStack":
         stack = cls(bucket=bucket)
         stack._work_dir = Path(tempfile.mkdtemp(prefix="candlecast-"))
+        atexit.register(stack.close)  # also on an exception that skips the caller's clean-up
         try:
             if database_url:
                 stack.database_url = database_url
@@ -164,8 +166,11 @@ class LocalStack:
         }
 
     def close(self) -> None:
+        """Stop every embedded server; safe to call twice."""
         for server in (self.s3, self.redis, self.postgres):
             if server is not None:
                 server.close()
+        self.s3 = self.redis = self.postgres = None
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
+            self._work_dir = None

@@ -38,9 +38,13 @@ def stack():
         redis_url=os.environ.get("TEST_REDIS_URL"),
         bucket="candlecast-test",
     )
-    yield local
-    reset_clients()
-    local.close()
+    try:
+        yield local
+    finally:
+        try:
+            reset_clients()
+        finally:
+            local.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,421 @@
+"""Polygon ingestion: the symbol universe ranked by 24 h quote volume, and candles for the top N in S3.
+
+- Symbols: every active crypto reference ticker is upserted with volume_24h (quote currency, v * vw
+  from the grouped daily bars) and volume_rank (1 = largest); tickers that disappear are marked inactive.
+- Candles: 1h and 1d bars from Polygon; 4h, 1w and 1m resampled from them with the sample data's
+  resampler (candlecast.forecast.dataset.resample). Later runs fetch only bars after the last stored
+  one; each file is merged (dedup by open_time) and replaced by one PUT, so a failed or killed run
+  leaves every file either as it was or complete.
+- Any symbol: fetch_recent_candles() serves predictions for symbols without a Parquet file.
+
+numpy is imported lazily: `candlecast --help` and the CLI registration stay light.
+"""
+
+import argparse
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from aws_lambda_powertools import Logger
+
+from candlecast.errors import NotFound
+from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient
+from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
+
+if TYPE_CHECKING:
+    from candlecast.candles import Candles
+    from candlecast.schemas import SymbolCreate
+
+logger = Logger(child=True)
+
+DEFAULT_TOP_SYMBOLS = 500
+DEFAULT_CONCURRENCY = 8
+# The Polygon bars each timeframe is built from, and how far back a first run reaches.
+SOURCE_OF: dict[str, Timeframe] = {"1h": "1h", "4h": "1h", "1d": "1d", "1w": "1d", "1m": "1d"}
+POLYGON_SPAN = {"1h": (1, "hour"), "1d": (1, "day")}
+DEFAULT_HISTORY_DAYS = {"1h": 730, "1d": 3650}
+
+
+@dataclass
+class IngestSummary:
+    symbols_upserted: int = 0
+    symbols_inactivated: int = 0
+    files_written: int = 0
+    candles_added: int = 0
+    symbols_done: int = 0
+    remaining: list[str] = field(default_factory=list)  # not started: the time budget ran out
+    failed: list[str] = field(default_factory=list)  # started and failed; their files are unchanged
+    errors: list[str] = field(default_factory=list)
+    requests: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- symbols ------------------------------------------------------------------------------------
+
+
+def quote_volume(bar: dict) -> float:
+    """A bar's traded value in the quote currency: base volume times the volume-weighted price."""
+    price = bar.get("vw") or bar.get("c") or 0.0
+    return float(bar.get("v") or 0.0) * float(price)
+
+
+def rank_symbols(
+    reference_rows: Iterable[dict], grouped_rows: Iterable[dict]
+) -> tuple[list["SymbolCreate"], list[str]]:
+    """SymbolCreate for every reference row, ranked by 24 h quote volume (rank 1 = largest; ties by
+    ticker). Returns (symbols, problems) where problems name rows that could not be used."""
+    from pydantic import ValidationError
+
+    from candlecast.schemas import SymbolCreate
+    from candlecast.tickers import split_pair
+
+    volumes = {row["T"]: quote_volume(row) for row in grouped_rows if row.get("T")}
+    candidates, problems = [], []
+    for row in reference_rows:
+        ticker = row.get("ticker", "")
+        try:
+            base, quote = split_pair(ticker)
+            symbol = SymbolCreate(
+                ticker=ticker,
+                name=(row.get("name") or ticker)[:200],
+                base_currency=(row.get("base_currency_symbol") or base).upper()[:16],
+                quote_currency=(row.get("currency_symbol") or quote).upper()[:16],
+                volume_24h=Decimal(str(round(volumes.get(ticker, 0.0), 8))),
+                is_active=True,
+                metadata={"source": "polygon"},
+            )
+        except (ValidationError, ValueError) as error:
+            problems.append(f"{ticker or row!r}: {str(error).splitlines()[0]}")
+            continue
+        candidates.append(symbol)
+    candidates.sort(key=lambda symbol: (-symbol.volume_24h, symbol.ticker))
+    unique: dict[str, SymbolCreate] = {}
+    for symbol in candidates:
+        unique.setdefault(symbol.ticker, symbol)
+    ranked = [symbol.model_copy(update={"volume_rank": rank}) for rank, symbol in enumerate(unique.values(), 1)]
+    return ranked, problems
+
+
+def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tuple[int, int, list[str]]:
+    """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive.
+    Returns (upserted, inactivated, problems)."""
+    from candlecast import cache, db
+    from candlecast.repositories import symbols as symbol_repository
+
+    reference = client.crypto_tickers()
+    if not reference:
+        # An empty listing is an upstream fault: never let it mark the whole universe inactive.
+        raise PolygonBadResponse("Polygon listed no active crypto tickers; symbols left unchanged")
+    now = now or datetime.now(UTC)
+    grouped: list[dict] = []
+    for days_back in (1, 2, 3):  # the last complete UTC day that has bars
+        grouped = client.grouped_daily((now - timedelta(days=days_back)).strftime("%Y-%m-%d"))
+        if grouped:
+            break
+    symbols, problems = rank_symbols(reference, grouped)
+    with db.connection() as conn:
+        upserted = symbol_repository.upsert_symbols(conn, symbols)
+        inactivated = symbol_repository.mark_inactive_except(conn, [symbol.ticker for symbol in symbols])
+    cache.invalidate_symbols()
+    return upserted, inactivated, problems
+
+
+def top_tickers(limit: int) -> list[str]:
+    from candlecast import db
+    from candlecast.repositories import symbols as symbol_repository
+
+    with db.connection() as conn:
+        return [row["ticker"] for row in symbol_repository.get_top_symbols_by_volume(conn, limit)]
+
+
+# --- candles ------------------------------------------------------------------------------------
+
+
+def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> "Candles":
+    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`."""
+    import numpy as np
+
+    from candlecast.candles import Candles
+    from candlecast.storage import normalize_candles
+
+    times = np.fromiter((bar["t"] // 1000 for bar in bars), dtype=np.int64, count=len(bars))
+    if step == 86400:
+        times -= times % step  # older daily bars were stamped 04:00Z (US/Eastern midnight): label by UTC day
+    columns = {name: np.fromiter((bar[key] for bar in bars), dtype=np.float64, count=len(bars))
+               for name, key in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("volume", "v"))}
+    closed = times + step <= now
+    candles = Candles(open_time=times[closed], **{name: values[closed] for name, values in columns.items()})
+    return normalize_candles(candles)
+
+
+def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int) -> "Candles":
+    """Closed `source` bars of `ticker` opening at or after `start` (epoch seconds)."""
+    multiplier, timespan = POLYGON_SPAN[source]
+    step = nominal_seconds(source)
+    bars = client.aggregates(ticker, multiplier, timespan, start * 1000, (now - step) * 1000)
+    return bars_to_candles(bars, step, now)
+
+
+def ingest_symbol(
+    client: PolygonClient,
+    ticker: str,
+    timeframes: Sequence[Timeframe],
+    *,
+    now: int,
+    history_days: dict[str, int] | None = None,
+) -> tuple[int, int]:
+    """Bring one symbol's files up to date. Returns (files written, candles added).
+
+    All pages of a source timeframe are fetched before its files are written, so a failure leaves
+    them as they were.
+    The source file is written before the files derived from it, and derived files are recomputed
+    from the whole source, so a run killed between the two is completed by the next one.
+    """
+    from candlecast import storage
+    from candlecast.forecast.dataset import resample
+
+    history_days = {**DEFAULT_HISTORY_DAYS, **(history_days or {})}
+    files = added = 0
+    for source in ("1h", "1d"):
+        targets = [tf for tf in timeframes if SOURCE_OF[tf] == source]
+        if not targets:
+            continue
+        step = nominal_seconds(source)
+        existing = storage.read_all_candles(ticker, source)
+        if existing is not None and len(existing):
+            start = int(existing.open_time[-1]) + step
+        else:
+            start = now - history_days[source] * 86400
+            start -= start % step
+        new = fetch_candles(client, ticker, source, start, now) if start + step <= now else None
+        if new is None or len(new) == 0:
+            if existing is None:
+                continue
+            merged = existing
+        else:
+            merged = storage.merge_candles(existing, new)
+        before = 0 if existing is None else len(existing)
+        if len(merged) > before:
+            storage.write_candles(ticker, source, merged)
+            files += 1
+            added += len(merged) - before
+        for target in targets:
+            if target == source:
+                continue
+            derived = resample(merged, source, target)
+            current = storage.read_all_candles(ticker, target)
+            if current is None and len(derived) == 0:
+                continue
+            combined = storage.merge_candles(current, derived)
+            if current is not None and _same(current, combined):
+                continue
+            storage.write_candles(ticker, target, combined)
+            files += 1
+            added += len(combined) - (0 if current is None else len(current))
+    return files, added
+
+
+def _same(left: "Candles", right: "Candles") -> bool:
+    import numpy as np
+
+    from candlecast.candles import COLUMNS
+
+    return len(left) == len(right) and all(np.array_equal(getattr(left, c), getattr(right, c)) for c in COLUMNS)
+
+
+def run_ingest(
+    client: PolygonClient,
+    *,
+    symbols: int = DEFAULT_TOP_SYMBOLS,
+    timeframes: Sequence[Timeframe] = TIMEFRAMES,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    refresh: bool = True,
+    tickers: Sequence[str] | None = None,
+    deadline: float | None = None,
+    now: int | None = None,
+    history_days: dict[str, int] | None = None,
+    on_symbol: Callable[[str], None] | None = None,
+) -> IngestSummary:
+    """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
+    `symbols` by volume. Stops starting new symbols at `deadline` (time.monotonic()) and lists them
+    in `remaining`. Errors are per symbol (listed in `failed`): one bad symbol never stops the run;
+    only an authentication error, which every symbol would hit, does."""
+    started = time.monotonic()
+    summary = IngestSummary()
+    requests_before = client.requests_made
+    now = now if now is not None else int(time.time())
+    if refresh:
+        summary.symbols_upserted, summary.symbols_inactivated, problems = refresh_symbols(
+            client, now=datetime.fromtimestamp(now, UTC)
+        )
+        summary.errors += [f"symbol {problem}" for problem in problems]
+    todo = list(tickers) if tickers is not None else top_tickers(symbols)
+
+    def work(ticker: str) -> tuple[str, int, int] | None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        files, added = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
+        return ticker, files, added
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
+        futures = {pool.submit(work, ticker): ticker for ticker in todo}
+        try:
+            for future in as_completed(futures):
+                ticker = futures[future]
+                try:
+                    result = future.result()
+                except PolygonAuthError:
+                    raise  # every symbol would fail the same way
+                except Exception as error:  # one bad symbol never stops the others
+                    summary.errors.append(f"{ticker}: {error}")
+                    logger.warning("ingest failed for symbol", extra={"ticker": ticker, "error": str(error)})
+                    summary.failed.append(ticker)
+                else:
+                    if result is None:
+                        summary.remaining.append(ticker)
+                    else:
+                        summary.symbols_done += 1
+                        summary.files_written += result[1]
+                        summary.candles_added += result[2]
+                if on_symbol is not None:
+                    on_symbol(ticker)
+        except BaseException:
+            for pending in futures:  # stop queued symbols; running ones finish their atomic writes
+                pending.cancel()
+            raise
+    order = {ticker: index for index, ticker in enumerate(todo)}
+    summary.remaining.sort(key=order.__getitem__)
+    summary.failed.sort(key=order.__getitem__)
+    summary.requests = client.requests_made - requests_before
+    summary.seconds = round(time.monotonic() - started, 3)
+    return summary
+
+
+def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
+    """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
+
+    event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "refresh_symbols": bool}.
+    The first call refreshes the symbol table and takes the top N; a continuation passes the
+    `remaining` tickers of the previous chunk (and refresh_symbols false).
+    """
+    from candlecast import polygon
+
+    client = polygon.get_client()
+    if client is None:
+        raise PolygonAuthError("no Polygon API key is configured (set POLYGON_API_KEY or its secret ARN)")
+    timeframes = [tf for tf in event.get("timeframes") or TIMEFRAMES if tf in TIMEFRAMES]
+    summary = run_ingest(
+        client,
+        symbols=int(event.get("symbols", DEFAULT_TOP_SYMBOLS)),
+        timeframes=timeframes,
+        concurrency=int(event.get("concurrency", DEFAULT_CONCURRENCY)),
+        refresh=bool(event.get("refresh_symbols", "tickers" not in event)),
+        tickers=event.get("tickers"),
+        deadline=time.monotonic() + max(0.0, budget_seconds),
+    )
+    report = summary.as_dict()
+    report["continuation"] = (
+        {"tickers": summary.remaining, "timeframes": timeframes, "refresh_symbols": False}
+        if summary.remaining else None
+    )
+    return report
+
+
+# --- any symbol ---------------------------------------------------------------------------------
+
+
+def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now: int | None = None) -> "Candles":
+    """The last `last_n` closed candles of any symbol, straight from Polygon, for symbols with no
+    Parquet file. Cached in Redis for 1 h (the fresh-candles cache).
+
+    Raises NotFound when no API key is configured or Polygon has no bars, and PolygonError (503)
+    when Polygon fails.
+    """
+    from candlecast import polygon, storage
+    from candlecast.forecast.dataset import resample
+
+    cached = storage.cached_candles(ticker, timeframe, last_n)
+    if cached is not None:
+        return cached
+    client = polygon.get_client()
+    if client is None:
+        raise NotFound(
+            f"candles for {ticker} at {timeframe} are unavailable: the symbol has no stored candles and no "
+            "Polygon API key is configured to fetch them (set POLYGON_API_KEY)",
+            code="candles_unavailable",
+        )
+    now = now if now is not None else int(time.time())
+    source = SOURCE_OF[timeframe]
+    # Enough source bars for last_n target candles, plus one partial bucket at each end.
+    span = (last_n + 2) * nominal_seconds(timeframe)
+    candles = fetch_candles(client, ticker, source, now - span - (now - span) % 86400, now)
+    candles = resample(candles, source, timeframe).tail(last_n) if len(candles) else candles
+    if len(candles) == 0:
+        raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
+    storage.cache_candles(ticker, timeframe, candles, last_n)
+    return candles
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def _timeframes(value: str) -> list[Timeframe]:
+    chosen = [item.strip() for item in value.replace(",", " ").split() if item.strip()]
+    unknown = [item for item in chosen if item not in TIMEFRAMES]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"timeframes must be among {', '.join(TIMEFRAMES)}")
+    return chosen  # type: ignore[return-value]
+
+
+def _command(args: argparse.Namespace) -> int:
+    import json
+
+    from candlecast import polygon
+    from candlecast.config import get_settings, polygon_api_key
+
+    settings = get_settings()
+    api_key = polygon_api_key(settings)
+    if not api_key:
+        print("candlecast ingest: no Polygon API key is configured (set POLYGON_API_KEY)")
+        return 2
+    client = polygon.PolygonClient(api_key, settings.polygon_base_url, max_rps=args.max_rps or polygon.DEFAULT_MAX_RPS)
+    timeframes = [tf for group in args.timeframes for tf in group] if args.timeframes else list(TIMEFRAMES)
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.symbols if not args.skip_symbols else None, desc="ingest", unit="symbol")
+    try:
+        summary = run_ingest(
+            client,
+            symbols=args.symbols,
+            timeframes=timeframes,
+            concurrency=args.concurrency,
+            refresh=not args.skip_symbols,
+            on_symbol=lambda _ticker: bar.update(1),
+        )
+    finally:
+        bar.close()
+        client.close()
+    report = summary.as_dict()
+    report["remaining"] = len(summary.remaining)
+    if len(summary.errors) > 50:
+        report["errors"] = [*summary.errors[:50], f"... {len(summary.errors) - 50} more"]
+    print(json.dumps(report, indent=2))
+    return 1 if summary.errors else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ingest", help="refresh symbols and candles from Polygon (Massive)")
+    parser.add_argument("--symbols", type=int, default=DEFAULT_TOP_SYMBOLS, help="how many top symbols by volume")
+    parser.add_argument("--timeframes", type=_timeframes, nargs="+", help="e.g. 1h 1d (default: all five)")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="parallel symbols")
+    parser.add_argument("--max-rps", type=float, default=None,
+                        help="request rate cap (free tier: 0.083; paid: under 100; default POLYGON_MAX_RPS or 50)")
+    parser.add_argument("--skip-symbols", action="store_true", help="keep the symbol table; only fetch candles")
+    parser.set_defaults(func=_command)

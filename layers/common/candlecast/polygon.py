@@ -1,0 +1,237 @@
+"""A small Polygon.io (Massive) REST client: bearer auth, next_url pagination, retries within a time budget.
+
+Why not the official `massive` package: it decodes a malformed body as an empty result (a silent data
+gap), retries without a total time budget, and reports 401/403 as a generic BadResponse. This client
+needs only urllib3 and raises a distinct error for each of those cases.
+
+The API key travels only in the Authorization header (never in a URL), and next_url is always
+re-based onto the configured host, so the key is never sent elsewhere and never appears in logs.
+"""
+
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlencode, urlsplit
+
+from aws_lambda_powertools import Logger
+
+from candlecast.errors import NotFound, ServiceUnavailable
+
+logger = Logger(child=True)
+
+DEFAULT_BASE_URL = "https://api.polygon.io"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Requests per second across all threads. Free tier: 5/min (0.083/s); paid: stay under ~100/s.
+DEFAULT_MAX_RPS = float(os.environ.get("POLYGON_MAX_RPS", "50"))
+
+
+class PolygonError(ServiceUnavailable):
+    code = "polygon_unavailable"
+
+
+class PolygonAuthError(PolygonError):
+    """401/403: the key is missing, wrong, or its plan does not cover the request."""
+
+    code = "polygon_auth"
+
+
+class PolygonBadResponse(PolygonError):
+    """A body that is not the JSON object the endpoint documents."""
+
+    code = "polygon_bad_response"
+
+
+class PolygonNotFound(NotFound):
+    """404 from Polygon: the ticker or route does not exist there."""
+
+    code = "polygon_not_found"
+
+
+class RateLimiter:
+    """Spaces requests at least 1/rate seconds apart, across threads."""
+
+    def __init__(self, per_second: float | None):
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+class PolygonClient:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 20.0,
+        time_budget: float = 90.0,
+        max_attempts: int = 6,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_rps: float | None = DEFAULT_MAX_RPS,
+        pool_size: int = 16,
+    ):
+        if not api_key:
+            raise PolygonAuthError("no Polygon API key is configured (set POLYGON_API_KEY)")
+        import urllib3  # ~50 ms: only code that really talks to Polygon pays for it
+        parts = urlsplit(base_url.rstrip("/"))
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.time_budget = time_budget
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.limiter = RateLimiter(max_rps)
+        self.requests_made = 0
+        self._http = urllib3.PoolManager(
+            maxsize=pool_size,
+            block=True,
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json",
+                     "Accept-Encoding": "gzip", "User-Agent": "candlecast-ingest"},
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            retries=False,
+        )
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"PolygonClient({self.origin})"
+
+    def close(self) -> None:
+        self._http.clear()
+
+    def _url(self, path_or_url: str, params: dict | None) -> str:
+        parts = urlsplit(path_or_url)
+        # next_url carries Polygon's own host: keep only path and query so the key goes to our origin only.
+        url = self.origin + parts.path + (f"?{parts.query}" if parts.query else "")
+        if params:
+            url += ("&" if parts.query else "?") + urlencode(params)
+        return url
+
+    def get_json(self, path_or_url: str, params: dict | None = None) -> dict:
+        """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
+        (honouring Retry-After) until max_attempts or the time budget runs out."""
+        from urllib3.exceptions import HTTPError
+
+        url = self._url(path_or_url, params)
+        where = urlsplit(url).path
+        started = time.monotonic()
+        problem = ""
+        for attempt in range(1, self.max_attempts + 1):
+            self.limiter.wait()
+            self.requests_made += 1
+            try:
+                response = self._http.request("GET", url, preload_content=True)
+            except HTTPError as error:
+                status, problem, retry_after = None, f"connection error: {type(error).__name__}", None
+            else:
+                status = response.status
+                if status == 200:
+                    return _decode(response.data, where)
+                if status in (401, 403):
+                    raise PolygonAuthError(
+                        f"Polygon refused the API key with HTTP {status} on {where}: "
+                        f"{_error_text(response.data)} (check POLYGON_API_KEY and the plan's entitlements)"
+                    )
+                if status == 404:
+                    raise PolygonNotFound(f"Polygon has nothing at {where}: {_error_text(response.data)}")
+                if status not in RETRY_STATUSES:
+                    raise PolygonError(f"Polygon answered HTTP {status} on {where}: {_error_text(response.data)}")
+                problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
+            delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if retry_after and retry_after.isdigit():
+                delay = max(delay, float(retry_after))
+            elapsed = time.monotonic() - started
+            if attempt == self.max_attempts or elapsed + delay > self.time_budget:
+                break
+            logger.info("polygon retry", extra={"path": where, "problem": problem, "attempt": attempt,
+                                                "delay_s": round(delay, 2)})
+            time.sleep(delay)
+        raise PolygonError(
+            f"Polygon kept failing on {where} ({problem}) after {attempt} attempts in "
+            f"{time.monotonic() - started:.1f}s"
+        )
+
+    def pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
+        """Every page of a list endpoint, following next_url (auth is re-added by the header)."""
+        page = self.get_json(path, params)
+        yield page
+        while page.get("next_url"):
+            page = self.get_json(page["next_url"])
+            yield page
+
+    # --- endpoints ------------------------------------------------------------------------------
+
+    def crypto_tickers(self, *, page_size: int = 1000) -> list[dict]:
+        """Reference rows of every active crypto ticker."""
+        params = {"market": "crypto", "active": "true", "limit": page_size, "order": "asc", "sort": "ticker"}
+        return [row for page in self.pages("/v3/reference/tickers", params) for row in page.get("results") or []]
+
+    def grouped_daily(self, day: str) -> list[dict]:
+        """The day's bar of every crypto ticker (`T` is the ticker)."""
+        page = self.get_json(f"/v2/aggs/grouped/locale/global/market/crypto/{day}", {"adjusted": "true"})
+        return page.get("results") or []
+
+    def aggregates(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int) -> list[dict]:
+        """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page."""
+        path = f"/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start_ms}/{end_ms}"
+        params = {"adjusted": "true", "sort": "asc", "limit": 50000}
+        return [row for page in self.pages(path, params) for row in page.get("results") or []]
+
+
+def _decode(data: bytes, where: str) -> dict:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise PolygonBadResponse(f"Polygon sent a body that is not JSON on {where}") from None
+    if not isinstance(body, dict):
+        raise PolygonBadResponse(f"Polygon sent JSON that is not an object on {where}")
+    if body.get("status") == "ERROR":
+        raise PolygonError(f"Polygon reported an error on {where}: {_error_text(data)}")
+    return body
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        body = json.loads(data)
+        return str(body.get("error") or body.get("message") or body.get("status") or "no detail")[:300]
+    except (ValueError, AttributeError):
+        return data[:200].decode("utf-8", "replace") or "empty body"
+
+
+_client: PolygonClient | None = None
+_client_lock = threading.Lock()
+
+
+def get_client() -> PolygonClient | None:
+    """The container's client, or None when no API key is configured."""
+    global _client
+    if _client is None:
+        from candlecast.config import get_settings, polygon_api_key
+
+        with _client_lock:
+            if _client is None:
+                settings = get_settings()
+                api_key = polygon_api_key(settings)
+                if not api_key:
+                    return None
+                _client = PolygonClient(api_key, settings.polygon_base_url)
+    return _client
+
+
+def reset_client() -> None:
+    global _client
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+        _client = None

@@ -1,0 +1,416 @@
+"""The bucket: S3 keys (only here), candle Parquet files and model files.
+
+Layout: data/{STORAGE_NAME}/{tf}.parquet, models/{tf}.pkl (active), models/{tf}/{version}.pkl, key + ".sig".
+
+Clients are created lazily once per container. numpy and pyarrow are imported inside functions, so
+importing this module stays cheap for health and search.
+"""
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from aws_lambda_powertools import Logger
+
+from candlecast import cache
+from candlecast.config import get_settings
+from candlecast.tickers import storage_name
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from candlecast.candles import Candles
+
+logger = Logger(child=True)
+
+ROW_GROUP_SIZE = 1024
+# Warm containers keep this many candle tails in memory (each is at most a few hundred KB).
+MEMORY_CACHE_ENTRIES = 64
+
+_lock = threading.Lock()
+_clients: dict[str, Any] = {}
+# key -> (ETag, candles, rows asked for): a file shorter than asked for is still a complete answer.
+_memory: "OrderedDict[str, tuple[str, Candles, int]]" = OrderedDict()
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def candles_key(ticker: str, timeframe: str) -> str:
+    return f"data/{storage_name(ticker)}/{timeframe}.parquet"
+
+
+def active_model_key(timeframe: str) -> str:
+    return f"models/{timeframe}.pkl"
+
+
+def versioned_model_key(timeframe: str, version: str) -> str:
+    return f"models/{timeframe}/{version}.pkl"
+
+
+def signature_key(model_key: str) -> str:
+    return model_key + ".sig"
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+def _client(name: str, factory: Callable[[], Any]) -> Any:
+    client = _clients.get(name)
+    if client is None:
+        with _lock:
+            client = _clients.get(name)
+            if client is None:
+                client = _clients[name] = factory()
+    return client
+
+
+def _make_boto3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    settings = get_settings()
+    config = Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region, config=config
+    )
+
+
+def _make_filesystem() -> Any:
+    from pyarrow import fs
+
+    settings = get_settings()
+    options: dict[str, Any] = {"region": settings.aws_region, "connect_timeout": 2, "request_timeout": 10}
+    if settings.s3_endpoint_url:
+        # pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be given explicitly, without its scheme.
+        endpoint = urlparse(settings.s3_endpoint_url)
+        options["endpoint_override"] = endpoint.netloc or endpoint.path
+        options["scheme"] = endpoint.scheme or "https"
+    return fs.S3FileSystem(**options)
+
+
+def s3_client() -> Any:
+    return _client("s3", _make_boto3_client)
+
+
+def filesystem() -> Any:
+    return _client("pyarrow", _make_filesystem)
+
+
+def reset_clients() -> None:
+    """Forget clients and the in-memory candle cache (tests, or after settings change)."""
+    with _lock:
+        _clients.clear()
+        _memory.clear()
+
+
+def _bucket() -> str:
+    return get_settings().data_bucket
+
+
+def _is_missing(error: Exception) -> bool:
+    response = getattr(error, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in {"404", "NoSuchKey", "NotFound"}
+
+
+# --- plain objects ------------------------------------------------------------------------------
+
+
+def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+    """One PUT of the whole object (atomic for readers). Returns the new ETag."""
+    response = s3_client().put_object(Bucket=_bucket(), Key=key, Body=data, ContentType=content_type)
+    return response["ETag"]
+
+
+def get_bytes(key: str) -> bytes | None:
+    """The object's bytes, or None when there is no such key."""
+    from botocore.exceptions import ClientError
+
+    try:
+        response = s3_client().get_object(Bucket=_bucket(), Key=key)
+    except ClientError as error:
+        if _is_missing(error):
+            return None
+        raise
+    return response["Body"].read()
+
+
+def head_etag(key: str) -> str | None:
+    """The object's ETag, or None when there is no such key (pyarrow's FileInfo does not expose it)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return s3_client().head_object(Bucket=_bucket(), Key=key)["ETag"]
+    except ClientError as error:
+        if _is_missing(error):
+            return None
+        raise
+
+
+def exists(key: str) -> bool:
+    return head_etag(key) is not None
+
+
+def list_keys(prefix: str) -> list[str]:
+    paginator = s3_client().get_paginator("list_objects_v2")
+    pages = paginator.paginate(Bucket=_bucket(), Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool = True) -> int:
+    """Upload every file under `local_dir` to `prefix/<relative path>`; returns the number of files."""
+    root = Path(local_dir)
+    files = sorted(path for path in root.rglob("*") if path.is_file() and not path.name.startswith("."))
+    items: Iterable[Path] = files
+    if progress:
+        from tqdm import tqdm  # CLI only (train extra); never called inside a Lambda
+
+        items = tqdm(files, desc=f"upload {root.name}", unit="file")
+    client, bucket = s3_client(), _bucket()
+    for path in items:
+        key = "/".join(part for part in (prefix.strip("/"), path.relative_to(root).as_posix()) if part)
+        client.upload_file(str(path), bucket, key)
+    return len(files)
+
+
+# --- candles ------------------------------------------------------------------------------------
+
+
+def _schema() -> "pa.Schema":
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("open_time", pa.int64()),  # epoch seconds UTC, as in Candles and the committed sample
+            ("open", pa.float64()),
+            ("high", pa.float64()),
+            ("low", pa.float64()),
+            ("close", pa.float64()),
+            ("volume", pa.float64()),
+        ]
+    )
+
+
+def _as_candles(data: Any) -> "Candles":
+    """Candles from Candles, a pyarrow Table or a mapping of columns."""
+    from candlecast.candles import Candles
+
+    if isinstance(data, Candles):
+        return data
+    if hasattr(data, "column_names"):  # pyarrow Table
+        return _table_to_candles(data)
+    return Candles.from_dict(data)
+
+
+def _table_to_candles(table: "pa.Table") -> "Candles":
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from candlecast.candles import COLUMNS, Candles
+
+    name = "open_time" if "open_time" in table.column_names else "timestamp"
+    times = table.column(name)
+    if pa.types.is_timestamp(times.type):
+        times = pc.cast(times, pa.timestamp("s", tz="UTC")).cast(pa.int64())
+    columns = {"open_time": np.asarray(times.to_numpy(), dtype=np.int64)}
+    for column in COLUMNS[1:]:
+        columns[column] = np.asarray(table.column(column).to_numpy(), dtype=np.float64)
+    return Candles(**columns)
+
+
+def _candles_to_table(candles: "Candles") -> "pa.Table":
+    import pyarrow as pa
+
+    from candlecast.candles import COLUMNS
+
+    schema = _schema()
+    arrays = [pa.array(candles.open_time, type=pa.int64())]
+    arrays += [pa.array(getattr(candles, column), type=pa.float64()) for column in COLUMNS[1:]]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def normalize_candles(data: Any) -> "Candles":
+    """Sorted by open_time, one row per open_time (the last occurrence wins)."""
+    import numpy as np
+
+    from candlecast.candles import COLUMNS, Candles
+
+    candles = _as_candles(data)
+    times = candles.open_time
+    if len(times) and bool(np.all(times[1:] > times[:-1])):
+        return candles
+    # Stable sort, then keep the last row of each run of equal times: later rows are newer data.
+    order = np.argsort(times, kind="stable")
+    sorted_times = times[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[:-1] = sorted_times[:-1] != sorted_times[1:]
+    picked = order[keep]
+    return Candles(**{column: getattr(candles, column)[picked] for column in COLUMNS})
+
+
+def merge_candles(existing: Any | None, new: Any) -> "Candles":
+    """Existing rows plus new ones, sorted and deduplicated by open_time; new rows replace old ones."""
+    import numpy as np
+
+    from candlecast.candles import COLUMNS, Candles
+
+    new = _as_candles(new)
+    if existing is None or len(existing) == 0:
+        return normalize_candles(new)
+    existing = _as_candles(existing)
+    joined = Candles(
+        **{column: np.concatenate([getattr(existing, column), getattr(new, column)]) for column in COLUMNS}
+    )
+    return normalize_candles(joined)
+
+
+def candles_to_parquet(data: Any) -> bytes:
+    """Parquet bytes with row groups of ROW_GROUP_SIZE rows, so the tail is cheap to read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = _candles_to_table(normalize_candles(data))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def parquet_to_candles(data: bytes) -> "Candles":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return _table_to_candles(pq.read_table(pa.BufferReader(data)))
+
+
+def write_candles(ticker: str, timeframe: str, data: Any) -> int:
+    """Replace the symbol's file with `data` (sorted, deduplicated) in one PUT: readers see the old
+    object or the new one, never a partial one. Returns the number of rows written."""
+    candles = normalize_candles(data)
+    key = candles_key(ticker, timeframe)
+    put_bytes(key, candles_to_parquet(candles), content_type="application/vnd.apache.parquet")
+    cache.delete(cache.keys.candles(ticker, timeframe))
+    return len(candles)
+
+
+def _read_tail(handle: Any, last_n: int | None) -> "Candles":
+    """Only the row groups that hold the last `last_n` rows (all of them when last_n is None)."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(handle)
+    metadata = parquet.metadata
+    groups: list[int] = []
+    rows = 0
+    for index in range(metadata.num_row_groups - 1, -1, -1):
+        if last_n is not None and rows >= last_n:
+            break
+        groups.append(index)
+        rows += metadata.row_group(index).num_rows
+    groups.reverse()
+    table = parquet.read_row_groups(groups) if groups else _schema().empty_table()
+    candles = _table_to_candles(table)
+    return candles if last_n is None else candles.tail(last_n)
+
+
+def _remember(key: str, etag: str, candles: "Candles", requested: int) -> None:
+    with _lock:
+        _memory[key] = (etag, candles, requested)
+        _memory.move_to_end(key)
+        while len(_memory) > MEMORY_CACHE_ENTRIES:
+            _memory.popitem(last=False)
+
+
+def _recalled(key: str, etag: str, last_n: int) -> "Candles | None":
+    with _lock:
+        entry = _memory.get(key)
+    if entry is None or entry[0] != etag or entry[2] < last_n:
+        return None
+    return entry[1].tail(last_n)
+
+
+def cached_candles(ticker: str, timeframe: str, last_n: int) -> "Candles | None":
+    """The last `last_n` candles from the Redis fresh-candles cache, if it holds an answer that long."""
+    from candlecast.candles import Candles
+
+    payload = cache.get_candles(ticker, timeframe)
+    if payload is None or payload.get("requested", len(payload.get("open_time", ()))) < last_n:
+        return None
+    return Candles.from_dict(payload).tail(last_n)
+
+
+def cache_candles(ticker: str, timeframe: str, candles: "Candles", requested: int) -> None:
+    """Fill the fresh-candles cache (1 h). `requested` is how many rows were asked for: a shorter
+    history is the whole answer for any request up to that many."""
+    cache.set_candles(ticker, timeframe, {**candles.to_dict(), "requested": requested})
+
+
+def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = True) -> "Candles | None":
+    """The last `last_n` candles of a symbol from the bucket, or None when it has no file.
+
+    Order: Redis fresh-candles cache (1 h) -> in-memory cache keyed by (key, ETag) -> the file's tail
+    row groups. A fetch from S3 fills both caches.
+    """
+    if last_n < 1:
+        raise ValueError("last_n must be at least 1")
+    if use_cache:
+        cached = cached_candles(ticker, timeframe, last_n)
+        if cached is not None:
+            return cached
+    key = candles_key(ticker, timeframe)
+    try:
+        # Opening issues the one HEAD; its ETag (pyarrow's FileInfo lacks it) is in the stream metadata.
+        handle = filesystem().open_input_file(f"{_bucket()}/{key}")
+    except FileNotFoundError:
+        return None
+    with handle:
+        etag = handle.metadata().get("ETag", b"").decode()
+        candles = _recalled(key, etag, last_n) if use_cache and etag else None
+        if candles is None:
+            started = time.perf_counter()
+            candles = _read_tail(handle, last_n)
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+            logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
+            if use_cache and etag:
+                _remember(key, etag, candles, last_n)
+    if use_cache and len(candles):
+        cache_candles(ticker, timeframe, candles, last_n)
+    return candles
+
+
+def read_all_candles(ticker: str, timeframe: str) -> "Candles | None":
+    """Every candle in the symbol's file (ingest merges into it), bypassing the caches."""
+    key = candles_key(ticker, timeframe)
+    data = get_bytes(key)
+    return None if data is None else parquet_to_candles(data)
+
+
+def bucket_url() -> str:
+    settings = get_settings()
+    if settings.s3_endpoint_url:
+        return f"{settings.s3_endpoint_url.rstrip('/')}/{settings.data_bucket}"
+    return f"https://{settings.data_bucket}.s3.{settings.aws_region}.amazonaws.com/"
+
+
+def check_bucket(timeout: float = 1.0) -> bool:
+    """The bucket answers: an unsigned HEAD, so health needs neither boto3 (~250 ms of cold start) nor pyarrow.
+
+    200 or 403 (private, as it should be) mean S3 is reachable and the bucket exists; 404 means it does not.
+    Permissions are fixed by the template's policies, which the template tests check.
+    """
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(bucket_url(), method="HEAD")  # noqa: S310 - our own bucket URL
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - our own bucket URL
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    if status in (200, 301, 307, 403):
+        return True
+    raise RuntimeError(f"bucket {get_settings().data_bucket} answered HTTP {status}")

@@ -1,0 +1,405 @@
+"""Polygon client and ingestion against the local fake Polygon server, real PostgreSQL, Redis and S3."""
+
+import json
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from candlecast import cache, ingest, polygon, storage
+from candlecast.config import get_settings
+from candlecast.errors import NotFound
+from candlecast.forecast.dataset import resample
+from candlecast.polygon import PolygonAuthError, PolygonClient, PolygonError
+from tests.fake_polygon import DAY, HOUR, FakeMarket, FakePolygon, FakeSymbol, load_fixture, make_market
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+NOW = int(datetime(2026, 11, 20, 12, 30, tzinfo=UTC).timestamp())
+HISTORY = {"1h": 20, "1d": 120}  # days a first run reaches back
+
+
+@pytest.fixture
+def env(clean_db, monkeypatch):
+    """Clean database, cache and bucket; the Polygon settings point at whatever the test starts."""
+    for key in storage.list_keys(""):
+        storage.s3_client().delete_object(Bucket=clean_db.bucket, Key=key)
+    storage.reset_clients()
+    polygon.reset_client()
+    yield monkeypatch
+    polygon.reset_client()
+    get_settings.cache_clear()
+
+
+def client_for(fake: FakePolygon, key: str = "test-key", **kwargs) -> PolygonClient:
+    options = {"backoff": 0.01, "max_rps": None, "time_budget": 5.0} | kwargs
+    return PolygonClient(key, fake.url, **options)
+
+
+def point_settings_at(env, fake: FakePolygon | None, key: str | None = "test-key") -> None:
+    if key is None:
+        env.delenv("POLYGON_API_KEY", raising=False)
+    else:
+        env.setenv("POLYGON_API_KEY", key)
+    if fake is not None:
+        env.setenv("POLYGON_BASE_URL", fake.url)
+    get_settings.cache_clear()
+    polygon.reset_client()
+
+
+def bucket_snapshot() -> dict[str, bytes]:
+    return {key: storage.get_bytes(key) for key in storage.list_keys("data/")}
+
+
+# --- client -------------------------------------------------------------------------------------
+
+
+def test_pagination_replays_the_real_two_page_listing():
+    with FakePolygon() as fake:
+        fake.serve_file("/v3/reference/tickers", "reference_tickers_page1.json")
+        page2 = load_fixture("reference_tickers_page1.json")["next_url"]
+        fake.serve_file(page2.removeprefix("https://api.massive.com"), "reference_tickers_page2.json")
+        rows = client_for(fake).crypto_tickers()
+    assert [row["ticker"] for row in rows] == ["A", "AA", "AAA", "AAAU"]
+    assert len(fake.requests) == 2 and not fake.bad_auth  # next_url re-based to our host, auth re-added
+    assert all("apiKey" not in request for request in fake.requests)
+
+
+def test_aggregates_follow_next_url_over_several_pages():
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 50
+    with FakePolygon(market) as fake:
+        start = NOW - NOW % HOUR - 200 * HOUR
+        bars = client_for(fake).aggregates("X:C000USD", 1, "hour", start * 1000, NOW * 1000)
+    assert fake.count("/v2/aggs/ticker/X:C000USD") == 5  # 201 bars: 4 full pages and one of 1
+    times = [bar["t"] // 1000 for bar in bars]
+    assert times == sorted(set(times)) and len(times) == 201
+    assert np.all(np.diff(times) == HOUR)
+
+
+def test_429_and_5xx_and_dropped_connections_are_retried():
+    with FakePolygon(make_market(1, now=NOW)) as fake:
+        fake.add_fault("/v2/aggs/grouped", status=429, times=1)
+        fake.add_fault("/v2/aggs/grouped", status=502, times=1)
+        fake.add_fault("/v2/aggs/grouped", kind="drop", times=1)
+        rows = client_for(fake).grouped_daily("2026-11-19")
+    assert [row["T"] for row in rows] == ["X:C000USD"]
+    assert fake.count("/v2/aggs/grouped") == 4
+
+
+def test_retries_stop_within_the_time_budget():
+    with FakePolygon() as fake:
+        fake.add_fault("/v2/aggs/grouped", status=503, times=1000)
+        client = client_for(fake, backoff=0.1, max_attempts=100, time_budget=0.6)
+        started = time.monotonic()
+        with pytest.raises(PolygonError, match="HTTP 503") as raised:
+            client.grouped_daily("2026-11-19")
+    assert time.monotonic() - started < 1.5
+    assert raised.value.status == 503
+
+
+def test_401_names_the_problem_and_never_the_key():
+    with FakePolygon() as fake, pytest.raises(PolygonAuthError) as raised:
+        client_for(fake, key="wrong-secret-key").crypto_tickers()
+    message = str(raised.value)
+    assert "401" in message and "POLYGON_API_KEY" in message and "Unknown API Key" in message
+    assert "wrong-secret-key" not in message and "wrong-secret-key" not in repr(client_for(fake, key="x" * 9))
+    assert fake.count("/v3/reference/tickers") == 1  # never retried
+
+
+def test_404_is_not_found_and_not_retried():
+    with FakePolygon() as fake, pytest.raises(NotFound, match="Route not found"):
+        client_for(fake).get_json("/v9/nothing")
+    assert len(fake.requests) == 1
+
+
+def test_a_missing_key_is_refused_before_any_request():
+    with pytest.raises(PolygonAuthError, match="POLYGON_API_KEY"):
+        PolygonClient("", "http://127.0.0.1:9")
+
+
+# --- symbols ------------------------------------------------------------------------------------
+
+
+def test_volume_ranking_uses_quote_volume_from_the_real_grouped_response(env):
+    from candlecast import db
+    from candlecast.repositories import symbols as repo
+    from candlecast.schemas import SymbolCreate
+
+    with db.connection() as conn:
+        repo.upsert_symbol(conn, SymbolCreate(ticker="X:GONEUSD", name="Gone", base_currency="GONE",
+                                              quote_currency="USD"))
+    day_after = int(datetime(2020, 10, 15, 6, tzinfo=UTC).timestamp())
+    market = FakeMarket(now=day_after, tickers_per_page=2, symbols=[
+        FakeSymbol("X:ARDRUSD", "ARDR", "USD", "Ardor"), FakeSymbol("X:NGCUSD", "NGC", "USD", "NAGA"),
+        FakeSymbol("X:ZSCUSD", "ZSC", "USD", "Zeusshield"), FakeSymbol("X:NEWUSD", "NEW", "USD", "No trades yet"),
+    ])
+    with FakePolygon(market) as fake:
+        fake.serve_file("/v2/aggs/grouped/locale/global/market/crypto/2020-10-14", "grouped_crypto_2020-10-14.json")
+        upserted, inactivated, problems = ingest.refresh_symbols(client_for(fake),
+                                                                 now=datetime.fromtimestamp(day_after, UTC))
+    assert (upserted, inactivated, problems) == (4, 1, [])
+    assert fake.count("/v3/reference/tickers") == 2  # two pages of two
+    with db.connection() as conn:
+        rows = {row["ticker"]: row for row in conn.execute("SELECT * FROM symbols").fetchall()}
+    # v * vw from the file: NGC 4734*0.0273, ZSC 390*0.0003, ARDR 2*0.0551, NEW none.
+    ranked = sorted((row["volume_rank"], ticker) for ticker, row in rows.items() if row["is_active"])
+    assert ranked == [(1, "X:NGCUSD"), (2, "X:ZSCUSD"), (3, "X:ARDRUSD"), (4, "X:NEWUSD")]
+    assert float(rows["X:NGCUSD"]["volume_24h"]) == pytest.approx(4734 * 0.0273)
+    assert float(rows["X:NEWUSD"]["volume_24h"]) == 0
+    assert rows["X:GONEUSD"]["is_active"] is False  # vanished: kept, marked inactive
+    assert rows["X:NGCUSD"]["base_currency"] == "NGC" and rows["X:NGCUSD"]["quote_currency"] == "USD"
+
+
+def test_rank_is_by_quote_value_not_base_units():
+    reference = [{"ticker": "X:CHEAPUSD", "name": "Cheap"}, {"ticker": "X:DEARUSD", "name": "Dear"}]
+    grouped = [{"T": "X:CHEAPUSD", "v": 1000.0, "vw": 1.0}, {"T": "X:DEARUSD", "v": 10.0, "vw": 500.0}]
+    symbols, problems = ingest.rank_symbols(reference, grouped)
+    assert [(s.ticker, s.volume_rank) for s in symbols] == [("X:DEARUSD", 1), ("X:CHEAPUSD", 2)]
+    assert problems == []
+
+
+def test_an_empty_listing_never_deactivates_the_universe(env):
+    with FakePolygon(FakeMarket(now=NOW)) as fake, pytest.raises(PolygonError, match="no active crypto"):
+        ingest.refresh_symbols(client_for(fake))
+
+
+# --- candles ------------------------------------------------------------------------------------
+
+
+def expected_hours(symbol: FakeSymbol, first_run: int, now: int, history_days: int) -> np.ndarray:
+    """Every closed hour from the first run's history start to `now`: each exactly once."""
+    first = first_run - history_days * DAY
+    first = max(symbol.listed_at, first - first % HOUR)
+    first += -first % HOUR
+    return np.arange(first, now - now % HOUR, HOUR)
+
+
+def assert_complete(ticker: str, market: FakeMarket, first_run: int = NOW, history_days: int = HISTORY["1h"]) -> None:
+    symbol = market.by_ticker()[ticker]
+    hourly = storage.read_all_candles(ticker, "1h")
+    assert hourly.open_time.tolist() == expected_hours(symbol, first_run, market.now, history_days).tolist()
+    assert hourly.close.tolist() == [market.bar(symbol, int(t), HOUR)["c"] for t in hourly.open_time]
+    daily = storage.read_all_candles(ticker, "1d")
+    assert np.all(np.diff(daily.open_time) == DAY) and daily.open_time[-1] + DAY <= market.now
+    for target, source in (("4h", hourly), ("1w", daily), ("1m", daily)):
+        stored = storage.read_all_candles(ticker, target)
+        rebuilt = resample(source, "1h" if target == "4h" else "1d", target)
+        assert stored.open_time.tolist() == rebuilt.open_time.tolist(), target
+        assert np.allclose(stored.close, rebuilt.close) and np.allclose(stored.volume, rebuilt.volume)
+
+
+def test_ingest_builds_every_timeframe_then_fetches_only_new_bars(env):
+    market = make_market(3, now=NOW, history_days=200)
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        first = ingest.run_ingest(client, symbols=2, now=NOW, history_days=HISTORY, concurrency=2)
+        assert first.errors == [] and first.symbols_upserted == 3 and first.symbols_done == 2
+        assert first.files_written == 10 and first.remaining == []
+        top = ingest.top_tickers(2)
+        for ticker in top:
+            assert_complete(ticker, market)
+        assert storage.read_all_candles("X:C002USD", "1h") is None or "X:C002USD" in top
+
+        market.now = NOW + 3 * DAY
+        fake.requests.clear()
+        second = ingest.run_ingest(client, symbols=2, now=market.now, history_days=HISTORY, refresh=False)
+    assert second.errors == [] and second.candles_added > 0
+    for ticker in top:
+        assert_complete(ticker, market)
+    # Only bars after the stored ones were asked for: the 1h request starts right after the last stored hour.
+    hour_requests = [r for r in fake.requests if "/range/1/hour/" in r]
+    starts = {int(r.split("/range/1/hour/")[1].split("/")[0]) // 1000 for r in hour_requests}
+    assert starts == {NOW - NOW % HOUR}
+
+
+def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
+    market = make_market(1, now=NOW, history_days=200)
+    market.bars_per_page = 24
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        ingest.run_ingest(client, symbols=1, now=NOW, history_days=HISTORY)
+        before = bucket_snapshot()
+        assert len(before) == 5
+
+        market.now = NOW + 4 * DAY
+        fake.add_fault("cursor=48", kind="malformed")  # the third page of the new hourly bars
+        failed = ingest.run_ingest(client, symbols=1, now=market.now, history_days=HISTORY, refresh=False)
+        assert len(failed.errors) == 1 and "not JSON" in failed.errors[0]
+        assert failed.failed == ["X:C000USD"] and failed.remaining == []
+        assert bucket_snapshot() == before  # byte for byte
+
+        retried = ingest.run_ingest(client, symbols=1, now=market.now, history_days=HISTORY, refresh=False)
+    assert retried.errors == []
+    assert_complete("X:C000USD", market)
+
+
+def test_a_run_killed_halfway_is_completed_by_the_next_with_nothing_lost_or_doubled(env, monkeypatch):
+    market = make_market(4, now=NOW, history_days=200)
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        ingest.run_ingest(client, symbols=4, now=NOW - 2 * DAY, history_days=HISTORY, concurrency=1)
+
+        # Kill the next run at its 5th file: the second symbol has its new 1h file but not its 4h one.
+        writes = []
+        real_write = storage.write_candles
+
+        def dying_write(*args):
+            if len(writes) == 4:
+                raise KeyboardInterrupt("killed")
+            writes.append(args[:2])
+            return real_write(*args)
+
+        monkeypatch.setattr(storage, "write_candles", dying_write)
+        with pytest.raises(KeyboardInterrupt):
+            ingest.run_ingest(client, symbols=4, now=NOW, history_days=HISTORY, concurrency=1, refresh=False)
+        monkeypatch.setattr(storage, "write_candles", real_write)
+        assert [key[1] for key in writes] == ["1h", "4h", "1d", "1h"]  # 1w and 1m had nothing new
+
+        summary = ingest.run_ingest(client, symbols=4, now=NOW, history_days=HISTORY, concurrency=3,
+                                    refresh=False)
+    assert summary.errors == [] and summary.symbols_done == 4
+    for ticker in ingest.top_tickers(4):
+        assert_complete(ticker, market, first_run=NOW - 2 * DAY)
+
+
+@pytest.mark.slow
+def test_a_cli_run_killed_with_sigkill_is_completed_by_the_next(env):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    market = make_market(6, now=int(time.time()), history_days=70)  # holds a whole month
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        fake.delay = 0.05
+        child = subprocess.Popen(
+            [sys.executable, "-c", "from candlecast.cli import main; raise SystemExit(main())",
+             "ingest", "--symbols", "6", "--concurrency", "2"],
+            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while fake.count("/range/") < 5 and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.wait(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        written = [key for key in storage.list_keys("data/") if key.endswith(".parquet")]
+        assert 0 < len(written) < 30  # killed halfway
+
+        fake.delay = 0.0
+        summary = ingest.run_ingest(client_for(fake), symbols=6, now=int(time.time()), concurrency=3)
+    assert summary.errors == [] and summary.symbols_done == 6
+    for ticker in ingest.top_tickers(6):
+        assert_complete(ticker, market, first_run=market.now, history_days=ingest.DEFAULT_HISTORY_DAYS["1h"])
+
+
+def test_deadline_reports_what_is_left(env):
+    market = make_market(3, now=NOW, history_days=100)
+    with FakePolygon(market) as fake:
+        summary = ingest.run_ingest(client_for(fake), symbols=3, now=NOW, history_days=HISTORY,
+                                    deadline=time.monotonic() - 1)
+    assert summary.symbols_done == 0 and summary.remaining == ingest.top_tickers(3)
+
+
+def test_a_bad_key_stops_the_run_with_a_clear_error(env):
+    with FakePolygon(make_market(2, now=NOW)) as fake, pytest.raises(PolygonAuthError, match="HTTP 401"):
+        ingest.run_ingest(client_for(fake, key="nope"), symbols=2, now=NOW)
+
+
+def test_cli_prints_a_summary(env, capsys):
+    from candlecast import cli
+
+    market = make_market(3, now=int(time.time()), history_days=30)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        code = cli.main(["ingest", "--symbols", "2", "--timeframes", "1h", "4h", "--concurrency", "2"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert summary["symbols_upserted"] == 3 and summary["files_written"] == 4
+    assert summary["candles_added"] > 0 and summary["errors"] == [] and summary["remaining"] == 0
+    assert storage.read_all_candles("X:C000USD", "1d") is None  # only the timeframes asked for
+
+
+# --- any symbol ---------------------------------------------------------------------------------
+
+
+def test_any_symbol_is_fetched_from_polygon_and_cached_for_an_hour(env):
+    market = make_market(1, now=NOW, history_days=400)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        candles = ingest.fetch_recent_candles("X:C000USD", "4h", 60, now=NOW)
+        assert len(candles) == 60
+        assert candles.open_time[-1] == NOW - NOW % (4 * HOUR) - 4 * HOUR  # the last closed 4h candle
+        assert np.all(np.diff(candles.open_time) == 4 * HOUR)
+        assert fake.count("/range/1/hour/") == 1
+
+        again = ingest.fetch_recent_candles("X:C000USD", "4h", 60, now=NOW)
+        assert fake.count("/range/1/hour/") == 1  # served from Redis
+        assert again.open_time.tolist() == candles.open_time.tolist()
+        ttl = cache.get_client().ttl(cache.keys.candles("X:C000USD", "4h"))
+        assert 3500 < ttl <= 3600
+
+        monthly = ingest.fetch_recent_candles("X:C000USD", "1m", 6, now=NOW)
+        assert len(monthly) == 6 and fake.count("/range/1/day/") == 1
+
+        with pytest.raises(NotFound, match="no recent 1h candles"):
+            ingest.fetch_recent_candles("X:UNKNOWNUSD", "1h", 10, now=NOW)
+
+
+def test_any_symbol_without_an_api_key_is_a_404_saying_so(env):
+    point_settings_at(env, None, key=None)
+    with pytest.raises(NotFound) as raised:
+        ingest.fetch_recent_candles("X:C000USD", "1h", 10)
+    assert raised.value.status == 404
+    assert "no Polygon API key is configured" in raised.value.message
+
+
+# --- refresh function ---------------------------------------------------------------------------
+
+
+class RefreshContext:
+    function_name = "candlecast-refresh"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:candlecast-refresh"
+    aws_request_id = "test"
+    memory_limit_in_mb = 1024
+
+    def __init__(self, remaining_seconds: float):
+        self.remaining_ms = int(remaining_seconds * 1000)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    market = make_market(3, now=int(time.time()), history_days=70)  # holds a whole month
+    env.setenv("REFRESH_CHAIN", "false")
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        scheduled = {"detail-type": "Scheduled Event", "source": "aws.events", "detail": {}}
+        # No time left beyond the margin: symbols are refreshed, no candles fetched, all three handed on.
+        first = handler(scheduled, RefreshContext(remaining_seconds=60))
+        assert first["symbols_upserted"] == 3 and first["symbols_done"] == 0
+        assert first["continuation"]["tickers"] == ingest.top_tickers(3)  # in rank order
+        assert first["chained"] is False
+
+        second = handler(first["continuation"], RefreshContext(remaining_seconds=900))
+    assert second["symbols_upserted"] == 0 and second["symbols_done"] == 3
+    assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
+
+
+def test_rate_limiter_spaces_requests_across_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    limiter = polygon.RateLimiter(per_second=50)
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: limiter.wait(), range(11)))
+    assert time.monotonic() - started >= 10 / 50 * 0.95  # 11 requests need 10 gaps of 20 ms

@@ -1,0 +1,178 @@
+"""Storage against moto's S3 server and a real Redis: keys, Parquet tails, caches, model bytes."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from candlecast import cache, storage
+from candlecast.candles import COLUMNS, Candles
+
+pytestmark = [pytest.mark.s3, pytest.mark.integration]
+
+HOUR = 3600
+
+
+def make_candles(count: int, start: int = 1_600_000_000 - 1_600_000_000 % HOUR, step: int = HOUR) -> Candles:
+    times = start + step * np.arange(count, dtype=np.int64)
+    close = 100.0 + np.arange(count, dtype=np.float64)
+    return Candles(open_time=times, open=close - 0.5, high=close + 1, low=close - 1, close=close,
+                   volume=np.full(count, 2.0))
+
+
+@pytest.fixture
+def bucket(app_env, stack):
+    storage.reset_clients()
+    for key in storage.list_keys(""):
+        storage.s3_client().delete_object(Bucket=stack.bucket, Key=key)
+    cache.delete_pattern(f"{cache.NAMESPACE}:candles:*")
+    yield stack.bucket
+    storage.reset_clients()
+
+
+def test_keys_follow_the_bucket_layout():
+    assert storage.candles_key("X:BTCUSD", "1h") == "data/BTCUSD/1h.parquet"
+    assert storage.candles_key("ETHUSDT", "1m") == "data/ETHUSDT/1m.parquet"
+    assert storage.active_model_key("4h") == "models/4h.pkl"
+    assert storage.versioned_model_key("1d", "2026.11.25") == "models/1d/2026.11.25.pkl"
+    assert storage.signature_key("models/1d.pkl") == "models/1d.pkl.sig"
+
+
+def test_merge_sorts_deduplicates_and_new_rows_win():
+    old = make_candles(5)
+    newer = make_candles(4, start=int(old.open_time[3]))  # overlaps the last two rows
+    newer = Candles(newer.open_time, newer.open, newer.high, newer.low, newer.close + 1000, newer.volume)
+    merged = storage.merge_candles(old, newer)
+    assert merged.open_time.tolist() == sorted(set(old.open_time.tolist()) | set(newer.open_time.tolist()))
+    assert len(merged) == 7
+    assert merged.close[3] == newer.close[0]  # the overlapping row takes the new value
+    assert merged.close[:3].tolist() == old.close[:3].tolist()
+
+
+def test_write_then_read_tail_round_trips(bucket):
+    candles = make_candles(3000)
+    shuffled = np.random.default_rng(1).permutation(3000)
+    duplicated = np.concatenate([shuffled, shuffled[:10]])
+    messy = Candles(**{name: getattr(candles, name)[duplicated] for name in COLUMNS})
+    assert storage.write_candles("X:BTCUSD", "1h", messy) == 3000
+
+    tail = storage.read_candles("X:BTCUSD", "1h", 100, use_cache=False)
+    assert tail.open_time.tolist() == candles.open_time[-100:].tolist()
+    assert tail.close.tolist() == candles.close[-100:].tolist()
+    everything = storage.read_all_candles("X:BTCUSD", "1h")
+    assert everything.open_time.tolist() == candles.open_time.tolist()
+
+
+def test_files_have_small_row_groups_and_only_the_tail_is_read(bucket, monkeypatch):
+    storage.write_candles("X:ETHUSD", "1h", make_candles(5000))
+    parquet = pq.ParquetFile(storage.filesystem().open_input_file(f"{bucket}/data/ETHUSD/1h.parquet"))
+    assert parquet.metadata.num_row_groups == 5
+    assert parquet.metadata.row_group(0).num_rows == storage.ROW_GROUP_SIZE
+
+    groups_read = []
+    original = pq.ParquetFile.read_row_groups
+
+    def recording(self, row_groups, *args, **kwargs):
+        groups_read.append(list(row_groups))
+        return original(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", recording)
+    tail = storage.read_candles("X:ETHUSD", "1h", 1500, use_cache=False)
+    assert len(tail) == 1500
+    # 5000 rows = 4 full groups + 904: the last 1500 rows live in the last two groups only.
+    assert groups_read == [[3, 4]]
+
+
+def test_read_uses_memory_cache_until_the_etag_changes(bucket, monkeypatch):
+    storage.write_candles("X:SOLUSD", "1d", make_candles(50, step=86400))
+    reads = []
+    original = storage._read_tail
+    monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1) or original(*args))
+    monkeypatch.setattr(cache, "get_candles", lambda *_: None)  # look past Redis at the memory layer
+
+    first = storage.read_candles("X:SOLUSD", "1d", 20)
+    second = storage.read_candles("X:SOLUSD", "1d", 20)
+    assert len(reads) == 1
+    assert second.open_time.tolist() == first.open_time.tolist()
+
+    storage.write_candles("X:SOLUSD", "1d", make_candles(60, step=86400))  # new object, new ETag
+    third = storage.read_candles("X:SOLUSD", "1d", 20)
+    assert len(reads) == 2
+    assert third.open_time[-1] == first.open_time[-1] + 10 * 86400
+
+
+def test_read_fills_redis_and_a_rewrite_invalidates_it(bucket):
+    storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
+    assert cache.get_candles("X:ADAUSD", "4h") is None
+    storage.read_candles("X:ADAUSD", "4h", 30)
+    cached = cache.get_candles("X:ADAUSD", "4h")
+    assert len(cached["open_time"]) == 30
+
+    # Served from Redis while it is fresh, even with the object gone.
+    storage.s3_client().delete_object(Bucket=bucket, Key=storage.candles_key("X:ADAUSD", "4h"))
+    assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 30
+    # A longer history than cached goes to S3, which now has nothing.
+    assert storage.read_candles("X:ADAUSD", "4h", 31) is None
+
+    storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR))
+    assert cache.get_candles("X:ADAUSD", "4h") is None
+
+
+def test_missing_file_reads_as_none(bucket):
+    assert storage.read_candles("X:NOPEUSD", "1h", 10) is None
+    assert storage.read_all_candles("X:NOPEUSD", "1h") is None
+    with pytest.raises(ValueError):
+        storage.read_candles("X:NOPEUSD", "1h", 0)
+
+
+def test_bytes_and_directory_upload(bucket, tmp_path):
+    key = storage.active_model_key("1h")
+    assert storage.get_bytes(key) is None
+    storage.put_bytes(key, b"model")
+    storage.put_bytes(storage.signature_key(key), b"abcd")
+    assert storage.get_bytes(key) == b"model"
+    assert storage.head_etag(key) is not None
+
+    (tmp_path / "BTCUSD").mkdir()
+    (tmp_path / "BTCUSD" / "1h.parquet").write_bytes(storage.candles_to_parquet(make_candles(3)))
+    (tmp_path / "symbols.csv").write_text("ticker\nX:BTCUSD\n")
+    (tmp_path / ".DS_Store").write_text("skip me")
+    assert storage.upload_directory(tmp_path, "data", progress=False) == 2
+    assert sorted(storage.list_keys("data/")) == ["data/BTCUSD/1h.parquet", "data/symbols.csv"]
+    assert len(storage.read_candles("BTCUSD", "1h", 3, use_cache=False)) == 3
+
+
+def test_filesystem_uses_the_configured_http_endpoint(bucket, stack):
+    from pyarrow import fs
+
+    info = storage.filesystem().get_file_info(fs.FileSelector(bucket, allow_not_found=True))
+    assert isinstance(info, list)
+    assert stack.s3_endpoint_url.startswith("http://")
+
+
+def test_a_history_shorter_than_asked_for_is_still_served_from_the_caches(bucket, monkeypatch):
+    storage.write_candles("X:NEWUSD", "1d", make_candles(5, step=86400))
+    assert len(storage.read_candles("X:NEWUSD", "1d", 30)) == 5
+    assert cache.get_candles("X:NEWUSD", "1d")["requested"] == 30
+    reads = []
+    monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1))
+    assert len(storage.read_candles("X:NEWUSD", "1d", 30)) == 5  # Redis
+    cache.delete(cache.keys.candles("X:NEWUSD", "1d"))
+    assert len(storage.read_candles("X:NEWUSD", "1d", 20)) == 5  # memory, same ETag
+    assert reads == []
+
+
+def test_the_committed_sample_reads_the_same_as_files_written_here(bucket):
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parent.parent / "data" / "BTCUSDT" / "1h.parquet"
+    if not sample.is_file():
+        pytest.skip("no committed sample yet")
+    storage.put_bytes(storage.candles_key("X:BTCUSDT", "1h"), sample.read_bytes())
+    tail = storage.read_candles("X:BTCUSDT", "1h", 50, use_cache=False)
+    everything = storage.read_all_candles("X:BTCUSDT", "1h")
+    assert tail.open_time.tolist() == everything.open_time[-50:].tolist()
+    rewritten = storage.parquet_to_candles(storage.candles_to_parquet(everything))
+    assert rewritten.open_time.tolist() == everything.open_time.tolist()
+    assert pq.read_schema(io.BytesIO(storage.candles_to_parquet(everything))) == pq.read_schema(sample)
