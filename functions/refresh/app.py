@@ -7,11 +7,11 @@ symbols always finish within Lambda's 15-minute limit per invocation.
 """
 
 import json
-import os
 
 from aws_lambda_powertools import Logger
 
 from candlecast import ingest
+from candlecast.config import get_settings
 
 logger = Logger()
 
@@ -20,7 +20,7 @@ LOCAL_BUDGET_SECONDS = 600.0
 
 
 def _continue(context, event: dict) -> bool:
-    if context is None or os.environ.get("REFRESH_CHAIN", "true").lower() == "false":
+    if context is None or not get_settings().refresh_chain:
         return False
     import boto3
 

@@ -385,7 +385,7 @@ def _command(args: argparse.Namespace) -> int:
     if not api_key:
         print("candlecast ingest: no Polygon API key is configured (set POLYGON_API_KEY)")
         return 2
-    client = polygon.PolygonClient(api_key, settings.polygon_base_url, max_rps=args.max_rps or polygon.DEFAULT_MAX_RPS)
+    client = polygon.PolygonClient(api_key, settings.polygon_base_url, max_rps=args.max_rps or settings.polygon_max_rps)
     timeframes = [tf for group in args.timeframes for tf in group] if args.timeframes else list(TIMEFRAMES)
     from tqdm import tqdm
 

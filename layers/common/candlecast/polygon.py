@@ -9,7 +9,6 @@ re-based onto the configured host, so the key is never sent elsewhere and never 
 """
 
 import json
-import os
 import random
 import threading
 import time
@@ -24,8 +23,6 @@ logger = Logger(child=True)
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-# Requests per second across all threads. Free tier: 5/min (0.083/s); paid: stay under ~100/s.
-DEFAULT_MAX_RPS = float(os.environ.get("POLYGON_MAX_RPS", "50"))
 
 
 class PolygonError(ServiceUnavailable):
@@ -81,7 +78,7 @@ class PolygonClient:
         max_attempts: int = 6,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
-        max_rps: float | None = DEFAULT_MAX_RPS,
+        max_rps: float | None = None,
         pool_size: int = 16,
     ):
         if not api_key:
@@ -225,7 +222,7 @@ def get_client() -> PolygonClient | None:
                 api_key = polygon_api_key(settings)
                 if not api_key:
                     return None
-                _client = PolygonClient(api_key, settings.polygon_base_url)
+                _client = PolygonClient(api_key, settings.polygon_base_url, max_rps=settings.polygon_max_rps)
     return _client
 
 
