@@ -33,7 +33,7 @@ ROUTES = {
     "RefreshFunction": set(),
 }
 API_FUNCTIONS = [name for name, routes in ROUTES.items() if routes]
-SCIENCE_FUNCTIONS = {"PredictionCreateFunction", "PredictionGetFunction", "RefreshFunction"}
+SCIENCE_FUNCTIONS = {"PredictionCreateFunction", "RefreshFunction"}
 # Stand-ins so a handler module can be imported without the local stack (nothing connects at import).
 IMPORT_ENVIRONMENT = {
     "DATABASE_URL": "postgresql://candlecast@127.0.0.1:9/candlecast",
