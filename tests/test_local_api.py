@@ -1,0 +1,479 @@
+"""The Docker-free local API: template parsing, the v2 events it builds, HTTP round trips, and `make run`."""
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.local_api import (
+    HttpRequest,
+    LambdaContext,
+    LocalApi,
+    Route,
+    build_event,
+    find_route,
+    load_template,
+    parse_functions,
+    parse_routes,
+    serve_in_thread,
+    to_http_response,
+)
+from infra.local_stack import free_port
+from tests.conftest import EVENTS, ROOT
+
+TEMPLATE = ROOT / "template.yaml"
+SAMPLE_EVENTS = sorted(  # the HTTP API events (migrate_*.json are direct invokes and custom-resource events)
+    path for path in EVENTS.glob("*.json") if json.loads(path.read_text()).get("version") == "2.0")
+
+
+# --------------------------------------------------------------------------------- the real template
+
+
+@pytest.fixture(scope="module")
+def template():
+    return load_template(TEMPLATE)
+
+
+def test_short_tags_load_as_long_form_intrinsics(template):
+    layers = template["Globals"]["Function"]["Layers"]
+    assert layers == [{"Ref": "CommonLayer"}]
+    policy = template["Resources"]["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"][0]
+    assert policy["Resource"][0] == {"Fn::GetAtt": ["DataBucket", "Arn"]}
+    assert policy["Resource"][1] == {"Fn::Sub": "${DataBucket.Arn}/*"}
+
+
+def test_every_http_api_event_becomes_a_route(template):
+    routes = {(route.route_key, route.function_id) for route in parse_routes(template)}
+    expected = set()
+    for logical_id, resource in template["Resources"].items():
+        for event in (resource.get("Properties") or {}).get("Events", {}).values():
+            if event["Type"] == "HttpApi":
+                expected.add((f"{event['Properties']['Method']} {event['Properties']['Path']}", logical_id))
+    assert routes == expected
+    assert ("GET /health", "HealthFunction") in routes
+    assert ("GET /symbols/{ticker}", "SymbolsFunction") in routes
+
+
+def test_functions_get_code_layers_and_a_locally_resolvable_environment(template):
+    functions = parse_functions(template, ROOT)
+    health = functions["HealthFunction"]
+    assert health.code_dir == ROOT / "functions" / "health"
+    assert health.module_file == ROOT / "functions" / "health" / "app.py"
+    assert health.handler_name == "lambda_handler"
+    assert health.layer_dirs == (ROOT / "layers" / "common",)  # Globals' layer
+    assert (health.memory_mb, health.timeout_s) == (256, 5)
+    create = functions["PredictionCreateFunction"]
+    assert create.layer_dirs == (ROOT / "layers" / "common", ROOT / "layers" / "science")  # Globals first
+    env = health.environment
+    assert env["POWERTOOLS_SERVICE_NAME"] == "candlecast"
+    assert env["POWERTOOLS_TRACE_DISABLED"] == "true"  # !If [TracingOn, ...] with TracingEnabled's default
+    assert env["STAGE"] == "dev"  # !Ref Stage's default
+    # Only AWS knows these (a resource's Ref, parameters without defaults): left unset, as by sam local.
+    for name in ("DATA_BUCKET", "REDIS_URL", "DB_SECRET_ARN", "MODEL_SIGNING_KEY_SECRET_ARN"):
+        assert name not in env
+
+
+def test_route_matching_prefers_literals_and_decodes_parameters(template):
+    routes = parse_routes(template)
+    route, params = find_route(routes, "GET", "/symbols/top")
+    assert (route.path, params) == ("/symbols/top", {})
+    route, params = find_route(routes, "GET", "/symbols/X%3ABTCUSD")
+    assert (route.path, params) == ("/symbols/{ticker}", {"ticker": "X:BTCUSD"})
+    assert find_route(routes, "POST", "/symbols") is None  # wrong method
+    assert find_route(routes, "GET", "/symbols/BTCUSD/extra/more") is None
+    assert find_route(routes, "GET", "/nope") is None
+
+
+def test_greedy_and_any_routes_come_after_specific_ones():
+    routes = sorted([Route.create("ANY", "/files/{proxy+}", "Any"), Route.create("GET", "/files/{name}", "Get"),
+                     Route.create("ANY", "/files/readme", "AnyReadme"),
+                     Route.create("GET", "/files/readme", "Readme")], key=lambda r: r.priority)
+    assert find_route(routes, "GET", "/files/readme")[0].function_id == "Readme"
+    assert find_route(routes, "DELETE", "/files/readme")[0].function_id == "AnyReadme"
+    assert find_route(routes, "GET", "/files/a.txt") == (routes[2], {"name": "a.txt"})
+    route, params = find_route(routes, "PUT", "/files/a/b/c.txt")
+    assert (route.function_id, params) == ("Any", {"proxy": "a/b/c.txt"})
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+def _request_from_sample(sample: dict) -> HttpRequest:
+    """The HTTP request a client sent to produce `sample` (what API Gateway received)."""
+    target = sample["rawPath"] + (f"?{sample['rawQueryString']}" if sample["rawQueryString"] else "")
+    headers = list(sample["headers"].items())
+    if sample.get("cookies"):
+        headers.append(("Cookie", "; ".join(sample["cookies"])))
+    body = sample.get("body", "")
+    body = base64.b64decode(body) if sample["isBase64Encoded"] else body.encode()
+    http = sample["requestContext"]["http"]
+    return HttpRequest(http["method"], target, headers, body, http["sourceIp"], http["protocol"])
+
+
+@pytest.mark.parametrize("sample_file", SAMPLE_EVENTS, ids=lambda path: path.stem)
+def test_built_event_equals_the_sample_event(template, sample_file):
+    """From the request a sample describes, the builder rebuilds the sample exactly (same keys, same values)."""
+    sample = json.loads(sample_file.read_text())
+    request = _request_from_sample(sample)
+    route, params = find_route(parse_routes(template), request.method, sample["rawPath"])
+    assert route.route_key == sample["routeKey"]
+    context = sample["requestContext"]
+    built = build_event(request, route, params, request_id=context["requestId"], epoch_ms=context["timeEpoch"],
+                        api_id=context["apiId"], account_id=context["accountId"])
+    if "x-amzn-trace-id" not in sample["headers"]:
+        built["headers"].pop("x-amzn-trace-id")  # API Gateway always adds one; a hand-written sample may not
+    if "host" not in sample["headers"]:
+        built["requestContext"]["domainName"] = context["domainName"]
+        built["requestContext"]["domainPrefix"] = context["domainPrefix"]
+    assert built == sample
+
+
+def test_event_joins_repeats_moves_cookies_and_encodes_binary_bodies():
+    request = HttpRequest(
+        "POST",
+        "/files/a%20b/c?tag=x&tag=y&empty=&q=caf%C3%A9",
+        [("Host", "127.0.0.1:3000"), ("X-Multi", "one"), ("x-multi", "two"), ("Cookie", "a=1; b=2"),
+         ("Content-Type", "application/octet-stream"), ("User-Agent", "pytest")],
+        b"\x00\xffbinary",
+        "10.1.2.3",
+    )
+    route = Route.create("ANY", "/files/{proxy+}", "Files")
+    event = build_event(request, route, {"proxy": "a b/c"}, epoch_ms=1_764_084_000_123)
+    assert event["version"] == "2.0"
+    assert event["routeKey"] == event["requestContext"]["routeKey"] == "ANY /files/{proxy+}"
+    assert event["rawPath"] == "/files/a%20b/c"  # raw, as sent
+    assert event["rawQueryString"] == "tag=x&tag=y&empty=&q=caf%C3%A9"
+    assert event["queryStringParameters"] == {"tag": "x,y", "empty": "", "q": "café"}
+    assert event["pathParameters"] == {"proxy": "a b/c"}
+    assert event["cookies"] == ["a=1", "b=2"]
+    assert "cookie" not in event["headers"]
+    assert event["headers"]["x-multi"] == "one,two"
+    assert all(name == name.lower() for name in event["headers"])
+    assert event["headers"]["x-forwarded-for"] == "10.1.2.3"
+    assert event["headers"]["x-forwarded-port"] == "3000"
+    assert event["headers"]["content-length"] == "8"
+    assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24}", event["headers"]["x-amzn-trace-id"])
+    assert event["isBase64Encoded"] is True
+    assert base64.b64decode(event["body"]) == b"\x00\xffbinary"
+    context = event["requestContext"]
+    assert context["http"] == {"method": "POST", "path": "/files/a%20b/c", "protocol": "HTTP/1.1",
+                               "sourceIp": "10.1.2.3", "userAgent": "pytest"}
+    assert context["stage"] == "$default"
+    assert context["time"] == "25/Nov/2025:15:20:00 +0000"
+    assert context["timeEpoch"] == 1_764_084_000_123
+    assert context["domainName"] == "127.0.0.1"
+
+
+def test_event_without_query_body_or_params_omits_those_keys():
+    event = build_event(HttpRequest("GET", "/health", [("Host", "localhost:3000")]), Route.create(
+        "GET", "/health", "Health"))
+    assert event["rawQueryString"] == ""
+    for key in ("queryStringParameters", "pathParameters", "body", "cookies"):
+        assert key not in event
+    assert event["isBase64Encoded"] is False
+
+
+def test_json_bodies_pass_as_text():
+    request = HttpRequest("POST", "/p", [("Content-Type", "application/json; charset=utf-8")], b'{"a": "\xc3\xa9"}')
+    event = build_event(request, Route.create("POST", "/p", "P"))
+    assert (event["body"], event["isBase64Encoded"]) == ('{"a": "é"}', False)
+
+
+def test_responses_translate_like_api_gateway():
+    response = to_http_response({"statusCode": 201, "headers": {"Content-Type": "application/json", "X-A": "1"},
+                                 "cookies": ["s=1; Path=/", "t=2"], "body": '{"ok": true}',
+                                 "isBase64Encoded": False})
+    assert response.status == 201
+    assert ("content-type", "application/json") in response.headers
+    assert [value for name, value in response.headers if name == "set-cookie"] == ["s=1; Path=/", "t=2"]
+    assert response.body == b'{"ok": true}'
+    binary = to_http_response({"statusCode": 200, "body": base64.b64encode(b"\x00\x01").decode(),
+                               "isBase64Encoded": True})
+    assert binary.body == b"\x00\x01"
+    bare = to_http_response({"hello": "world"})  # no statusCode: 200 with the result as JSON
+    assert (bare.status, json.loads(bare.body)) == (200, {"hello": "world"})
+
+
+def test_cors_preflight_is_answered_from_the_template_configuration():
+    api = LocalApi(TEMPLATE)  # nothing is imported until a function is invoked
+    preflight = api.handle(HttpRequest("OPTIONS", "/symbols", [
+        ("Origin", "https://app.example.com"), ("Access-Control-Request-Method", "GET")]))
+    headers = dict(preflight.headers)
+    assert preflight.status == 204
+    assert headers["access-control-allow-origin"] == "*"  # CorsAllowedOrigins' default
+    assert headers["access-control-allow-methods"] == "GET,POST,OPTIONS"
+    assert "idempotency-key" in headers["access-control-allow-headers"]
+    assert headers["access-control-max-age"] == "600"
+    missing = api.handle(HttpRequest("GET", "/nope", [("Origin", "https://app.example.com")]))
+    assert (missing.status, dict(missing.headers)["access-control-allow-origin"]) == (404, "*")
+
+
+# ------------------------------------------------------------ a synthetic bundle, served over HTTP
+
+ECHO_APP = '''
+import json, os
+import echo_layer_lib  # from the layer (/opt/python in Lambda)
+import echo_sibling  # from the function's own folder (/var/task)
+
+def lambda_handler(event, context):
+    if event["rawPath"] == "/boom":
+        raise RuntimeError("boom")
+    return {
+        "statusCode": 200,
+        "headers": {"Content-Type": "application/json", "X-Function": context.function_name},
+        "cookies": ["seen=1"],
+        "body": json.dumps({
+            "event": event,
+            "lib": echo_layer_lib.NAME, "sibling": echo_sibling.NAME,
+            "env": {k: os.environ.get(k) for k in ("CC_T_GREETING", "CC_T_SHADOWED", "CC_T_ONLY_AWS")},
+            "context": {"memory": context.memory_limit_in_mb, "arn": context.invoked_function_arn,
+                        "remaining": context.get_remaining_time_in_millis(),
+                        "request_id": context.aws_request_id},
+        }),
+    }
+'''
+
+ECHO_TEMPLATE = '''
+AWSTemplateFormatVersion: "2010-09-09"
+Transform: AWS::Serverless-2016-10-31
+Parameters:
+  Stage: {Type: String, Default: dev}
+  NoDefault: {Type: String}
+Globals:
+  Function:
+    Handler: app.lambda_handler
+    Timeout: 7
+    Layers: [!Ref EchoLib]
+    Environment:
+      Variables:
+        CC_T_GREETING: !Sub "hello-${Stage}"
+        CC_T_SHADOWED: from-template
+        CC_T_ONLY_AWS: !Ref NoDefault
+Resources:
+  EchoLib:
+    Type: AWS::Serverless::LayerVersion
+    Properties: {ContentUri: echo_layer}
+  EchoFunction:
+    Type: AWS::Serverless::Function
+    Properties:
+      CodeUri: functions/echo_fn
+      MemorySize: 256
+      Events:
+        Item: {Type: HttpApi, Properties: {Method: GET, Path: "/items/{id}"}}
+        Files: {Type: HttpApi, Properties: {Method: ANY, Path: "/files/{proxy+}"}}
+        Boom: {Type: HttpApi, Properties: {Method: GET, Path: /boom}}
+'''
+
+
+@pytest.fixture(scope="module")
+def echo_api(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    (root / "template.yaml").write_text(textwrap.dedent(ECHO_TEMPLATE))
+    (root / "echo_layer").mkdir()
+    (root / "echo_layer" / "echo_layer_lib.py").write_text('NAME = "layer"\n')
+    (root / "functions" / "echo_fn").mkdir(parents=True)
+    (root / "functions" / "echo_fn" / "app.py").write_text(ECHO_APP)
+    (root / "functions" / "echo_fn" / "echo_sibling.py").write_text('NAME = "sibling"\n')
+    api = LocalApi(root / "template.yaml", environment={"CC_T_SHADOWED": "local"})
+    touched = set(api.runtimes["EchoFunction"].environment)
+    saved_env = {name: os.environ.get(name) for name in touched}
+    server, url = serve_in_thread(api)
+    yield url
+    server.shutdown()
+    server.server_close()
+    # Undo only what this bundle did: session fixtures may have set other variables since.
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    layer = str(root / "echo_layer")
+    while layer in sys.path:
+        sys.path.remove(layer)
+    sys.modules.pop("candlecast_function_echo_fn_app", None)
+
+
+def test_request_reaches_the_handler_as_a_v2_event(echo_api):
+    response = httpx.get(f"{echo_api}/items/a%2Fb?x=1&x=2", headers={"X-Test": "yes"},
+                         cookies={"c1": "v1"})
+    assert response.status_code == 200
+    assert response.headers["x-function"] == "EchoFunction"
+    assert response.headers["set-cookie"] == "seen=1"
+    payload = response.json()
+    event = payload["event"]
+    assert event["routeKey"] == "GET /items/{id}"
+    assert event["rawPath"] == "/items/a%2Fb"
+    assert event["pathParameters"] == {"id": "a/b"}
+    assert event["queryStringParameters"] == {"x": "1,2"}
+    assert event["rawQueryString"] == "x=1&x=2"
+    assert event["cookies"] == ["c1=v1"]
+    assert event["headers"]["x-test"] == "yes"
+    assert event["requestContext"]["http"]["method"] == "GET"
+    assert event["requestContext"]["http"]["sourceIp"] == "127.0.0.1"
+    assert (payload["lib"], payload["sibling"]) == ("layer", "sibling")  # layer and function folder on the path
+    assert payload["env"] == {"CC_T_GREETING": "hello-dev", "CC_T_SHADOWED": "local", "CC_T_ONLY_AWS": None}
+    context = payload["context"]
+    assert context["memory"] == 256
+    assert context["arn"].endswith(":function:EchoFunction")
+    assert 0 < context["remaining"] <= 7000
+
+
+def test_greedy_route_with_a_body(echo_api):
+    response = httpx.put(f"{echo_api}/files/a/b.txt", content=b'{"k": 1}',
+                         headers={"content-type": "application/json"})
+    event = response.json()["event"]
+    assert event["routeKey"] == "ANY /files/{proxy+}"
+    assert event["pathParameters"] == {"proxy": "a/b.txt"}
+    assert (event["body"], event["isBase64Encoded"]) == ('{"k": 1}', False)
+
+
+def test_unknown_route_is_a_json_404(echo_api):
+    response = httpx.get(f"{echo_api}/nowhere")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert httpx.post(f"{echo_api}/items/1").status_code == 404  # the route is GET only
+
+
+def test_handler_exception_is_a_json_500(echo_api):
+    response = httpx.get(f"{echo_api}/boom")
+    assert response.status_code == 500
+    assert response.json() == {"error": {"code": "internal_error", "message": "Internal Server Error"}}
+
+
+def test_body_over_ten_megabytes_is_413(echo_api):
+    response = httpx.put(f"{echo_api}/files/big", content=b"x" * (10 * 1024 * 1024 + 1))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_context_counts_down():
+    spec = parse_functions(load_template(TEMPLATE), ROOT)["HealthFunction"]
+    context = LambdaContext(spec)
+    assert context.function_name == "HealthFunction"
+    assert context.memory_limit_in_mb == 256
+    first = context.get_remaining_time_in_millis()
+    time.sleep(0.02)
+    assert 0 < context.get_remaining_time_in_millis() < first <= 5000
+
+
+# ------------------------------------------------------------------ the real bundle, real stack
+
+
+@pytest.fixture
+def local_api(clean_db):
+    api = LocalApi(TEMPLATE, environment=clean_db.environment())
+    server, url = serve_in_thread(api)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.integration
+def test_health_round_trip(local_api):
+    response = httpx.get(f"{local_api}/health", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["status"] in ("ok", "degraded")
+
+
+@pytest.mark.integration
+def test_symbol_search_through_the_local_api(local_api):
+    from candlecast import db
+    from candlecast.repositories.symbols import upsert_symbols
+    from candlecast.schemas import SymbolCreate
+
+    with db.connection() as conn:
+        upsert_symbols(conn, [SymbolCreate(ticker="BTC-USDT", name="Bitcoin", base_currency="BTC",
+                                           quote_currency="USDT", volume_24h=10, volume_rank=1)])
+    response = httpx.get(f"{local_api}/symbols", params={"q": "btc", "limit": "5"}, timeout=10)
+    assert response.status_code == 200, response.text
+    assert "X:BTCUSDT" in json.dumps(response.json())
+    one = httpx.get(f"{local_api}/symbols/btc-usdt", timeout=10)
+    assert one.status_code == 200
+    assert httpx.get(f"{local_api}/symbols/NOPEUSD", timeout=10).status_code == 404
+    assert httpx.get(f"{local_api}/symbols", params={"limit": "0"}, timeout=10).status_code == 400
+
+
+@pytest.mark.integration
+def test_openapi_and_docs_are_served(local_api):
+    document = httpx.get(f"{local_api}/openapi.json", timeout=30).json()
+    assert document["openapi"].startswith("3.")
+    assert {"/health", "/symbols", "/symbols/{ticker}"} <= set(document["paths"])
+    docs = httpx.get(f"{local_api}/docs", timeout=10)
+    assert docs.status_code == 200
+    assert "/openapi.json" in docs.text
+    assert "https://" not in docs.text  # no CDN: the page works offline
+
+
+# ----------------------------------------------------------------------------- `make run`
+
+
+def _processes_mentioning(*needles: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(needle in text for needle in needles):
+            found.append(f"{cmdline.parent.name}: {text.strip()}")
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REDIS_URL", "S3_ENDPOINT_URL", "DATA_BUCKET")}
+    log_path = tmp_path / "run_local.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "infra.run_local", "--port", str(port)],
+                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        search = httpx.get(f"{base}/symbols", params={"q": "btc", "limit": "5"}, timeout=10)
+        assert search.status_code == 200
+        if (ROOT / "data" / "symbols.csv").is_file():
+            assert search.json(), "the seeded sample should match 'btc'"
+        output = log_path.read_text()
+        assert f"curl -s {base}/health" in output
+        pg_dir = re.search(r"postgres\s+embedded \(data dir (\S+)\)", output).group(1)
+        redis_url = re.search(r"redis\s+embedded (\S+)", output).group(1)
+        redis_port = redis_url.rsplit(":", 1)[1].split("/")[0]
+        assert _processes_mentioning(pg_dir), "the embedded PostgreSQL should be running"
+    finally:
+        process.send_signal(stop_signal)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    output = log_path.read_text()
+    assert code == 0, output
+    assert "stopped" in output
+    deadline = time.monotonic() + 10
+    while (left := _processes_mentioning(pg_dir, f"127.0.0.1:{redis_port}")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left behind: {left}"
+    assert not Path(pg_dir).exists()

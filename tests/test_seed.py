@@ -1,0 +1,114 @@
+"""`candlecast seed`: symbols upserted, data/ and models/ uploaded, models registered; twice is the same as once."""
+
+import argparse
+import hashlib
+import json
+import uuid
+
+import pytest
+
+from infra.local_stack import create_bucket
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+SYMBOLS_CSV = """ticker,name,base_currency,quote_currency,volume_24h,volume_rank,source
+X:ZZSEEDUSDT,Zz Seed Coin,ZZSEED,USDT,12345.5,1,test
+ZZOTHER-USD,Zz Other Coin,ZZOTHER,USD,,,test
+"""
+
+
+@pytest.fixture
+def seed_bucket(clean_db, monkeypatch):
+    """A bucket of its own, chosen the way the CLI's --bucket does (DATA_BUCKET), so no other test sees it."""
+    from candlecast.config import get_settings
+
+    bucket = f"candlecast-seed-{uuid.uuid4().hex[:12]}"
+    create_bucket(clean_db.s3_endpoint_url, bucket)
+    monkeypatch.setenv("DATA_BUCKET", bucket)
+    get_settings.cache_clear()
+    yield bucket
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def sample(tmp_path):
+    data, models = tmp_path / "data", tmp_path / "models"
+    (data / "ZZSEEDUSDT").mkdir(parents=True)
+    (data / "symbols.csv").write_text(SYMBOLS_CSV)
+    (data / "ZZSEEDUSDT" / "1h.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    models.mkdir()
+    model = b"model bytes v1"
+    (models / "1h.pkl").write_bytes(model)
+    (models / "1h.pkl.sig").write_text("ab" * 32)
+    manifest = {"1h": {"name": "seed-test-1h", "version": "20260101T000000", "kind": "learned",
+                       "sha256": hashlib.sha256(model).hexdigest(), "accuracy": 0.61,
+                       "metrics": {"coverage_80": 0.8}, "features": ["r1", "r2"],
+                       "train_start": "2020-01-01T00:00:00Z", "train_end": "2025-01-01T00:00:00Z"}}
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    return data, models
+
+
+def _cli(*argv: str) -> int:
+    from candlecast import seed
+
+    parser = argparse.ArgumentParser()
+    seed.register(parser.add_subparsers())
+    args = parser.parse_args(["seed", *argv])
+    return args.func(args)
+
+
+def _state() -> dict:
+    from candlecast import db, storage
+
+    with db.connection() as conn:
+        symbols = conn.execute("SELECT ticker, name, volume_24h, volume_rank, metadata FROM symbols "
+                               "WHERE ticker LIKE 'X:ZZ%' ORDER BY ticker").fetchall()
+        models = conn.execute("SELECT timeframe, name, version, kind, s3_key, sha256, accuracy, metrics, features, "
+                              "train_start, is_active FROM models ORDER BY name").fetchall()
+    return {"symbols": symbols, "models": models, "keys": sorted(storage.list_keys(""))}
+
+
+def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
+    data, models = sample
+    assert _cli("--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet") == 0
+    first = _state()
+
+    assert [row["ticker"] for row in first["symbols"]] == ["X:ZZOTHERUSD", "X:ZZSEEDUSDT"]
+    seeded = first["symbols"][1]
+    assert (seeded["name"], float(seeded["volume_24h"]), seeded["volume_rank"]) == ("Zz Seed Coin", 12345.5, 1)
+    assert seeded["metadata"] == {"source": "test"}
+    assert first["symbols"][0]["volume_24h"] is None
+
+    assert first["keys"] == [
+        "data/ZZSEEDUSDT/1h.parquet", "data/symbols.csv",
+        "models/1h.pkl", "models/1h.pkl.sig",
+        "models/1h/20260101T000000.pkl", "models/1h/20260101T000000.pkl.sig",
+        "models/manifest.json",
+    ]
+    from candlecast import storage
+
+    assert storage.get_bytes("models/1h.pkl") == b"model bytes v1"
+    assert storage.get_bytes("models/1h/20260101T000000.pkl") == b"model bytes v1"
+
+    [model] = first["models"]
+    assert model["s3_key"] == storage.active_model_key("1h")
+    assert model["sha256"] == hashlib.sha256(b"model bytes v1").hexdigest()
+    assert (model["name"], model["version"], model["kind"], model["is_active"]) == (
+        "seed-test-1h", "20260101T000000", "learned", True)
+    assert model["features"] == ["r1", "r2"] and model["metrics"] == {"coverage_80": 0.8}
+    assert model["train_start"].year == 2020
+
+    _cli("--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet")
+    assert _state() == first
+
+
+def test_a_model_file_that_does_not_match_its_manifest_is_refused(seed_bucket, sample):
+    from candlecast.seed import seed
+
+    data, models = sample
+    (models / "1h.pkl").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        seed(data, models, progress=False)
+    state = _state()
+    assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])  # refused before any change
