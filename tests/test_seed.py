@@ -7,6 +7,8 @@ import uuid
 
 import pytest
 
+from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+from candlecast.forecast.artifact import sign
 from infra.local_stack import create_bucket
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -40,7 +42,7 @@ def sample(tmp_path):
     models.mkdir()
     model = b"model bytes v1"
     (models / "1h.pkl").write_bytes(model)
-    (models / "1h.pkl.sig").write_text("ab" * 32)
+    (models / "1h.pkl.sig").write_text(sign(model, LOCAL_MODEL_SIGNING_KEY.encode()))
     manifest = {"1h": {"name": "seed-test-1h", "version": "20260101T000000", "kind": "learned",
                        "sha256": hashlib.sha256(model).hexdigest(), "accuracy": 0.61,
                        "metrics": {"coverage_80": 0.8}, "features": ["r1", "r2"],
@@ -84,7 +86,6 @@ def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
         "data/ZZSEEDUSDT/1h.parquet", "data/symbols.csv",
         "models/1h.pkl", "models/1h.pkl.sig",
         "models/1h/20260101T000000.pkl", "models/1h/20260101T000000.pkl.sig",
-        "models/manifest.json",
     ]
     from candlecast import storage
 
@@ -112,3 +113,23 @@ def test_a_model_file_that_does_not_match_its_manifest_is_refused(seed_bucket, s
         seed(data, models, progress=False)
     state = _state()
     assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])  # refused before any change
+
+
+def test_a_deployment_key_needs_resign_which_signs_with_that_key(seed_bucket, sample, monkeypatch):
+    from candlecast import storage
+    from candlecast.config import get_settings
+    from candlecast.errors import ModelIntegrityError
+    from candlecast.seed import seed
+
+    data, models = sample
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "the-deployment-key")
+    get_settings.cache_clear()
+    with pytest.raises(ModelIntegrityError, match="--resign"):
+        seed(data, models, progress=False)
+    assert _state()["keys"] == []  # refused before any change
+
+    seed(data, models, progress=False, resign=True)
+    for key in ("models/1h.pkl", "models/1h/20260101T000000.pkl"):
+        uploaded = storage.get_bytes(storage.signature_key(key)).decode()
+        assert uploaded == sign(b"model bytes v1", b"the-deployment-key")
+    assert (models / "1h.pkl.sig").read_text() == sign(b"model bytes v1", LOCAL_MODEL_SIGNING_KEY.encode())

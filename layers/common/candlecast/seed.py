@@ -106,9 +106,33 @@ def seed_symbols(data_dir: Path) -> int:
     return count
 
 
-def checked_models(models_dir: Path) -> list[tuple[str, dict[str, Any], Path, str]]:
-    """(timeframe, manifest entry, file, sha256) for every manifest model; raises before anything is
-    uploaded when a file is missing or its sha256 differs from the manifest's."""
+def _signature(model_file: Path, resign: bool) -> str:
+    """The file's signature under the configured key: the committed .sig when it verifies, or (with
+    --resign, for a deployment whose key differs from the one the models were trained with) a new one."""
+    from candlecast.config import get_settings, model_signing_key
+    from candlecast.errors import ModelIntegrityError
+    from candlecast.forecast import artifact
+
+    key = model_signing_key(get_settings())
+    data = model_file.read_bytes()
+    signature_file = model_file.with_name(model_file.name + ".sig")
+    committed = signature_file.read_text().strip() if signature_file.is_file() else None
+    try:
+        artifact.verify(data, committed, key)
+        return committed
+    except ModelIntegrityError as error:
+        if resign:
+            return artifact.sign(data, key)
+        raise ModelIntegrityError(
+            f"{model_file}: {error.message}; its sha256 matches models/manifest.json, so run "
+            "`candlecast seed --resign` to sign it with the configured key"
+        ) from None
+
+
+def checked_models(models_dir: Path, resign: bool = False) -> list[tuple[str, dict[str, Any], Path, str, str]]:
+    """(timeframe, manifest entry, file, sha256, signature) for every manifest model; raises before anything
+    is uploaded when a file is missing, its sha256 differs from the manifest's, or its signature does not
+    verify under the configured key (unless `resign`)."""
     checked = []
     for timeframe, entry in read_manifest(models_dir).items():
         model_file = models_dir / str(entry.get("file") or f"{timeframe}.pkl")
@@ -117,11 +141,11 @@ def checked_models(models_dir: Path) -> list[tuple[str, dict[str, Any], Path, st
         sha256 = _sha256(model_file)
         if entry.get("sha256") and entry["sha256"] != sha256:
             raise ValueError(f"{model_file}: sha256 {sha256} does not match the manifest's {entry['sha256']}")
-        checked.append((timeframe, entry, model_file, sha256))
+        checked.append((timeframe, entry, model_file, sha256, _signature(model_file, resign)))
     return checked
 
 
-def register_models(models: list[tuple[str, dict[str, Any], Path, str]], progress: bool = True) -> dict[str, str]:
+def register_models(models: list[tuple[str, dict[str, Any], Path, str, str]], progress: bool = True) -> dict[str, str]:
     """Register each checked model with its active key; upload its versioned copy (and signature) too,
     so an older version can be re-activated later."""
     from candlecast import db, storage
@@ -133,18 +157,11 @@ def register_models(models: list[tuple[str, dict[str, Any], Path, str]], progres
         from tqdm import tqdm
 
         items = tqdm(models, desc="register models", unit="model")
-    for timeframe, entry, model_file, sha256 in items:
+    for timeframe, entry, model_file, sha256, signature in items:
         version = str(entry["version"])
-        keys = [storage.versioned_model_key(timeframe, version)]
-        if model_file.name != f"{timeframe}.pkl":  # upload_directory put it elsewhere
-            keys.append(storage.active_model_key(timeframe))
-        signature = model_file.with_name(model_file.name + ".sig")
-        if not signature.is_file():
-            print(f"warning: {signature} is missing; the API will refuse this model")
-        for key in keys:
+        for key in (storage.versioned_model_key(timeframe, version), storage.active_model_key(timeframe)):
             storage.put_bytes(key, model_file.read_bytes())
-            if signature.is_file():
-                storage.put_bytes(storage.signature_key(key), signature.read_bytes(), "text/plain")
+            storage.put_bytes(storage.signature_key(key), signature.encode(), "text/plain")
         name = str(entry.get("name") or f"{timeframe}-model")
         with db.connection() as conn:
             register_model(
@@ -167,20 +184,20 @@ def register_models(models: list[tuple[str, dict[str, Any], Path, str]], progres
 
 
 def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DIR, *,
-         progress: bool = True) -> SeedReport:
+         progress: bool = True, resign: bool = False) -> SeedReport:
     """Symbols into the database, data/ and models/ into the bucket, models registered. Idempotent."""
     from candlecast import storage
 
     report = SeedReport()
-    models = checked_models(models_dir) if models_dir.is_dir() else []
+    models = checked_models(models_dir, resign) if models_dir.is_dir() else []
     report.symbols = seed_symbols(data_dir)
     if data_dir.is_dir():
         report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
     if models_dir.is_dir():
-        # The files land on their active keys (models/{tf}.pkl + .sig) before the rows that name them.
-        report.model_files = storage.upload_directory(models_dir, "models", progress=progress)
         if not models:
             print(f"no models in {models_dir / MANIFEST_FILE}; none registered")
+        # Each file and its signature land on their keys before the row that names them.
+        report.model_files = 2 * len(models)
         report.models = register_models(models, progress=progress)
     return report
 
@@ -191,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
 
         os.environ["DATA_BUCKET"] = args.bucket  # storage reads the bucket from the settings
         get_settings.cache_clear()
-    report = seed(Path(args.data), Path(args.models), progress=not args.quiet)
+    report = seed(Path(args.data), Path(args.models), progress=not args.quiet, resign=args.resign)
     print(report.summary())
     return 0
 
@@ -203,4 +220,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="local data directory (default: data/)")
     parser.add_argument("--models", default=str(DEFAULT_MODELS_DIR), help="local models directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--resign", action="store_true",
+                        help="sign the model files with the configured key (MODEL_SIGNING_KEY[_SECRET_ARN]) after "
+                             "checking each against models/manifest.json")
     parser.set_defaults(func=_run)

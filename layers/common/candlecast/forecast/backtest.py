@@ -1,0 +1,47 @@
+"""`candlecast backtest`: a fixed (shipped or given) model evaluated at rolling origins of every file in a folder."""
+
+from pathlib import Path
+
+import numpy as np
+
+from candlecast.forecast.dataset import load_timeframe
+from candlecast.forecast.evaluate import build_origins, evaluate_model
+from candlecast.forecast.model import ForecastModel
+from candlecast.timeframes import Timeframe
+
+MAX_ORIGINS = 20_000  # origins are thinned evenly beyond this
+
+
+def load_signed_model(path: Path, key: bytes) -> ForecastModel:
+    """The model in `path`, verified against its `.sig` sidecar before it is unpickled."""
+    from candlecast.forecast import artifact
+
+    data = Path(path).read_bytes()
+    signature_path = Path(f"{path}.sig")
+    signature = signature_path.read_text().strip() if signature_path.exists() else None
+    return artifact.verify_and_load(data, signature, key)
+
+
+def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progress: bool = False) -> dict:
+    """forecasting.md metrics of `model` on every series of `timeframe` in `data_dir` (CSV or Parquet)."""
+    if model.timeframe != timeframe:
+        raise ValueError(f"the model is for {model.timeframe}, not {timeframe}")
+    loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
+    if not loaded:
+        raise ValueError(f"no OHLCV files that give {timeframe} under {data_dir}")
+    origins = build_origins(loaded, model.config)
+    origins = origins.take(np.isfinite(origins.log_return).any(axis=1))
+    if len(origins) == 0:
+        raise ValueError(f"the {timeframe} series under {data_dir} are too short for a backtest")
+    if len(origins) > MAX_ORIGINS:
+        origins = origins.take(np.linspace(0, len(origins) - 1, MAX_ORIGINS).astype(int))
+    result = evaluate_model(model, origins)
+    return {
+        "model": model.name,
+        "version": model.version,
+        "kind": model.kind,
+        "timeframe": timeframe,
+        "symbols": sorted({series.pair for series, _ in loaded}),
+        "pinball_reference": "the model file's baseline (random walk, EWMA σ·√h, empirical quantiles)",
+        **result,
+    }

@@ -1,0 +1,84 @@
+"""Subcommands build-sample, train and backtest; `candlecast.cli` calls `register(subparsers)`."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from candlecast.timeframes import TIMEFRAMES
+
+DEFAULT_SOURCE = "../shared/data/ohlcv"
+
+
+def register(subparsers) -> None:
+    sample = subparsers.add_parser("build-sample", help="rebuild data/ (sample Parquet + symbols.csv) from CSVs")
+    sample.add_argument("--source", default=DEFAULT_SOURCE, help="folder of <BASE>-<QUOTE>_<tf>.csv files")
+    sample.add_argument("--out", default="data", help="output folder (bucket layout)")
+    sample.set_defaults(func=build_sample_command)
+
+    train = subparsers.add_parser("train", help="walk-forward backtest, fit and sign a model for a timeframe")
+    train.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
+    train.add_argument("--data", default=DEFAULT_SOURCE, help="folder of OHLCV files (CSV or Parquet)")
+    train.add_argument("--out", default="models", help="folder for {tf}.pkl, {tf}.pkl.sig and manifest.json")
+    train.add_argument("--reports", default="reports", help="folder for the PNG report")
+    train.add_argument("--folds", type=int, default=2, help="walk-forward test folds")
+    train.add_argument("--register", action="store_true", help="record the model in the models table")
+    train.set_defaults(func=train_command)
+
+    backtest = subparsers.add_parser("backtest", help="evaluate a model on every OHLCV file in a folder (JSON)")
+    backtest.add_argument("--data", required=True, help="folder of OHLCV files (CSV or Parquet)")
+    backtest.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
+    backtest.add_argument("--model", help="model file (default models/{tf}.pkl); its .sig is verified")
+    backtest.set_defaults(func=backtest_command)
+
+
+def build_sample_command(args: argparse.Namespace) -> int:
+    from candlecast.forecast.sample import build_sample
+
+    result = build_sample(Path(args.source), Path(args.out))
+    print(f"wrote {len(result['files'])} Parquet files and {result['symbols']} symbols to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from candlecast.forecast.train import register, train_timeframe
+
+    entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds)
+    keys = ("coverage_80", "coverage_95", "ece", "rel_mae", "directional_accuracy", "pinball_skill", "n_origins")
+    candidates = {
+        name: {key: result[key] for key in keys} for name, result in entry["metrics"]["candidates"].items()
+    }
+    print(json.dumps({"timeframe": args.timeframe, "shipped": entry["kind"], "version": entry["version"],
+                      "reason": entry["metrics"]["reason"], "accuracy": entry["accuracy"],
+                      "held_out_symbols": entry["metrics"]["held_out_symbols"], "candidates": candidates,
+                      "report": entry.get("report")}, indent=2))
+    if args.register:
+        if not os.environ.get("DATABASE_URL"):
+            print("--register needs DATABASE_URL", file=sys.stderr)
+            return 2
+        print(f"registered model {register(entry, Path(args.out))}", file=sys.stderr)
+    return 0
+
+
+def backtest_command(args: argparse.Namespace) -> int:
+    from candlecast.forecast.backtest import backtest, load_signed_model
+    from candlecast.forecast.train import signing_key
+
+    path = Path(args.model or f"models/{args.timeframe}.pkl")
+    model = load_signed_model(path, signing_key())
+    print(json.dumps(backtest(model, Path(args.data), args.timeframe, progress=True)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m candlecast.forecast.cli ...`); `candlecast` wires the same commands."""
+    parser = argparse.ArgumentParser(prog="candlecast-forecast")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Reading OHLCV files (CSV or Parquet) into Candles and resampling them to coarser timeframes (numpy only)."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from candlecast.candles import COLUMNS, Candles
+from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
+
+_CSV_NAME = re.compile(r"^(?P<base>[A-Z0-9]+)-(?P<quote>[A-Z0-9]+)_(?P<tf>1h|4h|1d|1w|1m)$", re.IGNORECASE)
+_DAY = 86400
+# 1970-01-01 was a Thursday: shifting by 3 days puts Monday at the start of each 7-day block.
+_MONDAY_SHIFT_DAYS = 3
+
+
+@dataclass(frozen=True)
+class Series:
+    """One OHLCV file: `pair` is the storage name (e.g. BTCUSDT), `base` the coin (BTC)."""
+
+    pair: str
+    base: str
+    quote: str
+    timeframe: Timeframe
+    path: Path
+    source: str  # "csv" or "parquet"
+
+
+def describe_file(path: Path) -> Series | None:
+    """Series metadata from a file name: `BTC-USDT_1h.csv`, or the bucket layout `BTCUSDT/1h.parquet`."""
+    from candlecast.tickers import split_pair
+
+    stem, suffix = path.stem, path.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        return None
+    match = _CSV_NAME.match(stem)
+    if match:
+        base, quote, tf = match["base"].upper(), match["quote"].upper(), match["tf"].lower()
+        pair = base + quote
+    elif stem in TIMEFRAMES:
+        pair, tf = path.parent.name.upper(), stem
+        base, quote = split_pair(pair)
+    else:
+        return None
+    return Series(pair, base, quote, tf, path, suffix[1:])
+
+
+def list_series(directory: Path) -> list[Series]:
+    """Every OHLCV file under `directory` (recursively), sorted by path."""
+    found = (describe_file(path) for path in sorted(Path(directory).rglob("*")) if path.is_file())
+    return [series for series in found if series is not None]
+
+
+def read_ohlcv(path: Path) -> Candles:
+    """Candles from a CSV (timestamp,open,high,low,close,volume) or Parquet (open_time,...) file, sorted."""
+    import pyarrow as pa
+
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=list(COLUMNS))
+        open_time = table["open_time"]
+        if pa.types.is_timestamp(open_time.type):
+            open_time = open_time.cast(pa.timestamp("s", tz="UTC")).cast(pa.int64())
+        times = np.asarray(open_time.to_numpy(), dtype=np.int64)
+    else:
+        from pyarrow import csv
+
+        types = {"timestamp": pa.timestamp("s", tz="UTC")} | {name: pa.float64() for name in COLUMNS[1:]}
+        table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types=types))
+        times = table["timestamp"].cast(pa.int64()).to_numpy()
+    columns = {name: table[name].to_numpy().astype(np.float64) for name in COLUMNS[1:]}
+    order = np.argsort(times, kind="stable")
+    keep = np.r_[True, np.diff(times[order]) != 0]  # dedup on open_time
+    order = order[keep]
+    return Candles(open_time=times[order], **{name: values[order] for name, values in columns.items()})
+
+
+def bucket_starts(open_time: np.ndarray, timeframe: Timeframe) -> np.ndarray:
+    """Vectorised `candlecast.timeframes.bucket_start` for epoch seconds (UTC, Monday weeks, calendar months)."""
+    t = np.asarray(open_time, dtype=np.int64)
+    if timeframe in ("1h", "4h", "1d"):
+        step = nominal_seconds(timeframe)
+        return t - t % step
+    if timeframe == "1w":
+        days = t // _DAY
+        return (days - (days + _MONDAY_SHIFT_DAYS) % 7) * _DAY
+    return t.astype("datetime64[s]").astype("datetime64[M]").astype("datetime64[s]").astype(np.int64)
+
+
+def bucket_ends(starts: np.ndarray, timeframe: Timeframe) -> np.ndarray:
+    if timeframe != "1m":
+        return starts + nominal_seconds(timeframe)
+    months = starts.astype("datetime64[s]").astype("datetime64[M]") + 1
+    return months.astype("datetime64[s]").astype(np.int64)
+
+
+def resample(candles: Candles, source: Timeframe, target: Timeframe) -> Candles:
+    """Aggregate `candles` of timeframe `source` into `target` buckets; the last bucket is dropped unless complete.
+
+    Buckets with missing source candles (exchange gaps) are kept, built from the candles present.
+    """
+    if source == target:
+        return candles
+    if len(candles) == 0:
+        return candles
+    starts = bucket_starts(candles.open_time, target)
+    first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
+    last = np.r_[first[1:], len(starts)] - 1
+    result = Candles(
+        open_time=starts[first],
+        open=candles.open[first],
+        high=np.maximum.reduceat(candles.high, first),
+        low=np.minimum.reduceat(candles.low, first),
+        close=candles.close[last],
+        volume=np.add.reduceat(candles.volume, first),
+    )
+    data_end = candles.open_time[-1] + nominal_seconds(source)
+    if bucket_ends(result.open_time[-1:], target)[0] > data_end:
+        result = Candles(*(getattr(result, name)[:-1] for name in COLUMNS))
+    return result
+
+
+def drop_flat_zero_volume(candles: Candles) -> Candles:
+    """Remove O=H=L=C, volume 0 rows: exchange outages filled with the last price, not real trading."""
+    flat = (
+        (candles.volume == 0)
+        & (candles.open == candles.close)
+        & (candles.high == candles.low)
+        & (candles.open == candles.high)
+    )
+    if not flat.any():
+        return candles
+    return Candles(*(getattr(candles, name)[~flat] for name in COLUMNS))
+
+
+def sources_for(series: list[Series], timeframe: Timeframe) -> list[Series]:
+    """One file per pair that can give `timeframe`: the file of that timeframe, else the coarsest finer one."""
+    rank = {tf: i for i, tf in enumerate(TIMEFRAMES)}
+    best: dict[str, Series] = {}
+    for item in series:
+        if rank[item.timeframe] > rank[timeframe]:
+            continue
+        current = best.get(item.pair)
+        if current is None or rank[item.timeframe] > rank[current.timeframe]:
+            best[item.pair] = item
+    return sorted(best.values(), key=lambda item: item.pair)
+
+
+def load_timeframe(directory: Path, timeframe: Timeframe, *, clean: bool = True, progress: bool = False):
+    """[(Series, Candles)] for every file in `directory` that gives `timeframe` (resampled when finer)."""
+    items = sources_for(list_series(directory), timeframe)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"reading {timeframe}", unit="file", leave=False)
+    loaded = []
+    for series in items:
+        candles = read_ohlcv(series.path)
+        if clean:
+            candles = drop_flat_zero_volume(candles)
+        candles = resample(candles, series.timeframe, timeframe)
+        if len(candles):
+            loaded.append((series, candles))
+    return loaded

@@ -1,0 +1,166 @@
+"""Walk-forward origins and the forecast metrics of forecasting.md (training/backtest side; numpy only)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from candlecast.candles import Candles
+from candlecast.forecast.features import MEDIAN, QUANTILES, TimeframeConfig, origin_features
+from candlecast.forecast.model import HORIZONS, ForecastModel, raw_confidence
+
+_NO_LABEL = np.iinfo(np.int64).max
+_BINS = 10
+
+
+@dataclass
+class Origins:
+    """Forecast origins of many series: features at the origin and the 30 realised log returns (NaN if unknown)."""
+
+    series: np.ndarray  # (n,) index into the list of series
+    time: np.ndarray  # (n,) origin candle open time
+    features: np.ndarray  # (n, len(ORIGIN_FEATURES))
+    sigma: np.ndarray  # (n,)
+    close: np.ndarray  # (n,)
+    log_return: np.ndarray  # (n, 30) ln C(t+h) − ln C(t)
+    label_time: np.ndarray  # (n, 30) open time of candle t+h (int64 max when absent)
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    def take(self, mask_or_index) -> "Origins":
+        return Origins(*(getattr(self, name)[mask_or_index] for name in self.__dataclass_fields__))
+
+    @property
+    def z(self) -> np.ndarray:
+        return self.log_return / (self.sigma[:, None] * np.sqrt(HORIZONS)[None, :])
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self.sigma[:, None] * np.sqrt(HORIZONS)[None, :]
+
+
+def series_origins(index: int, candles: Candles, config: TimeframeConfig) -> Origins:
+    """Every origin of one series after the σ warm-up."""
+    features, sigma = origin_features(candles, config)
+    n = len(candles)
+    start = min(config.min_history, n)
+    origin = np.arange(start, n)
+    target = origin[:, None] + HORIZONS[None, :]
+    present = target < n
+    target = np.minimum(target, n - 1)
+    log_close = np.log(candles.close)
+    log_return = np.where(present, log_close[target] - log_close[origin][:, None], np.nan)
+    label_time = np.where(present, candles.open_time[target], _NO_LABEL)
+    return Origins(
+        series=np.full(len(origin), index),
+        time=candles.open_time[origin],
+        features=features[origin],
+        sigma=sigma[origin],
+        close=candles.close[origin],
+        log_return=log_return,
+        label_time=label_time,
+    )
+
+
+def build_origins(loaded: list, config: TimeframeConfig) -> Origins:
+    parts = [series_origins(i, candles, config) for i, (_, candles) in enumerate(loaded)]
+    return Origins(*(np.concatenate([getattr(p, name) for p in parts]) for name in Origins.__dataclass_fields__))
+
+
+def _pinball(log_return: np.ndarray, quantile_prices: np.ndarray) -> np.ndarray:
+    """Mean pinball loss over the 7 quantiles, per (origin, h); inputs in log-price units."""
+    error = log_return[..., None] - quantile_prices
+    return np.mean(np.maximum(QUANTILES * error, (QUANTILES - 1) * error), axis=-1)
+
+
+def _ece(confidence: np.ndarray, hit: np.ndarray) -> float:
+    if len(confidence) == 0:
+        return float("nan")
+    bins = np.minimum((confidence * _BINS).astype(int), _BINS - 1)
+    total = 0.0
+    for b in range(_BINS):
+        inside = bins == b
+        if inside.any():
+            total += inside.sum() * abs(confidence[inside].mean() - hit[inside].mean())
+    return float(total / len(confidence))
+
+
+def reliability(confidence: np.ndarray, hit: np.ndarray) -> list[tuple[float, float, int]]:
+    """(mean confidence, observed frequency, count) per confidence bin."""
+    bins = np.minimum((confidence * _BINS).astype(int), _BINS - 1)
+    return [
+        (float(confidence[bins == b].mean()), float(hit[bins == b].mean()), int((bins == b).sum()))
+        for b in range(_BINS)
+        if (bins == b).any()
+    ]
+
+
+_SUMMARY_KEYS = ("coverage_80", "coverage_95", "ece", "rel_mae", "directional_accuracy",
+                 "directional_accuracy_ci95", "pinball_skill", "mean_confidence", "hit_rate")
+
+
+def _summary(y, scale, q, base_q, confidence, tolerance, n_origins) -> dict:
+    """Metrics over flat arrays of (origin, h) pairs with known outcome (None when there are none)."""
+    if len(y) == 0:
+        return dict.fromkeys(_SUMMARY_KEYS) | {"n_pairs": 0}
+    prices = scale[:, None] * q
+    base_prices = scale[:, None] * base_q
+    median = prices[:, MEDIAN]
+    moved = y != 0
+    predicted = np.sign(median)
+    correct = np.where(predicted == 0, 0.5, (predicted == np.sign(y)).astype(float))[moved]
+    direction = float(correct.mean()) if len(correct) else float("nan")
+    half_width = 1.96 * np.sqrt(max(direction * (1 - direction), 0) / max(n_origins, 1))
+    hit = (np.abs(np.expm1(y - median)) <= tolerance).astype(float)
+    loss, base_loss = _pinball(y, prices).sum(), _pinball(y, base_prices).sum()
+    rw_error = np.abs(y).sum()
+    return {
+        "coverage_80": float(np.mean((prices[:, 1] <= y) & (y <= prices[:, 5]))),
+        "coverage_95": float(np.mean((prices[:, 0] <= y) & (y <= prices[:, 6]))),
+        "ece": _ece(confidence, hit),
+        "rel_mae": float(np.abs(y - median).sum() / rw_error) if rw_error else float("nan"),
+        "directional_accuracy": direction,
+        "directional_accuracy_ci95": [direction - half_width, direction + half_width],
+        "pinball_skill": float(1 - loss / base_loss) if base_loss else 0.0,
+        "mean_confidence": float(confidence.mean()),
+        "hit_rate": float(hit.mean()),
+        "n_pairs": len(y),
+    }
+
+
+def metrics(origins: Origins, q: np.ndarray, base_q: np.ndarray, confidence: np.ndarray, tolerance: float) -> dict:
+    """forecasting.md metrics of z-quantiles `q` (n, 30, 7) against `base_q` at the same origins.
+
+    rel_mae and accuracy compare the median with the random walk on log price; pinball skill is
+    1 − loss/loss(base_q); the directional-accuracy CI uses the number of origins as the sample size
+    (pairs of one origin overlap). Confidence ECE uses 10 equal-width bins.
+    """
+    y, scale = origins.log_return, origins.scale
+    known = np.isfinite(y)
+    per_horizon = []
+    for i, h in enumerate(HORIZONS):
+        rows = known[:, i]
+        item = _summary(y[rows, i], scale[rows, i], q[rows, i], base_q[rows, i], confidence[rows, i],
+                        tolerance, int(rows.sum()))
+        per_horizon.append({"h": int(h), **item})
+    overall = _summary(y[known], scale[known], q[known], base_q[known], confidence[known], tolerance,
+                       int(known.any(axis=1).sum()))
+    overall["accuracy"] = 1 - overall["rel_mae"]
+    overall["n_origins"] = int(known.any(axis=1).sum())
+    overall["per_horizon"] = per_horizon
+    return overall
+
+
+def model_outputs(model: ForecastModel, origins: Origins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z-quantiles, baseline z-quantiles, confidence) of a model at `origins`."""
+    q = model.z_quantiles(origins.features)
+    base_q = np.broadcast_to(model.baseline_q, q.shape)
+    return q, base_q, model.confidence(q, origins.sigma)
+
+
+def evaluate_model(model: ForecastModel, origins: Origins) -> dict:
+    q, base_q, confidence = model_outputs(model, origins)
+    return metrics(origins, q, base_q, confidence, model.config.tolerance)
+
+
+__all__ = ["Origins", "build_origins", "evaluate_model", "metrics", "raw_confidence", "reliability"]

@@ -1,0 +1,116 @@
+"""Causal, scale-free features of a candle series (numpy only; shared by training, backtests and inference).
+
+Every value at index t uses candles 0..t only. The target is z(t,h) = (ln C(t+h) − ln C(t)) / (σ(t)·√h),
+σ = EWMA of one-bar log-return volatility (truncated exponential weights, so the tail of a series gives
+exactly the values of the whole series).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from candlecast.candles import Candles
+
+# Features of the origin candle; the model adds the horizon `h` in front of them.
+ORIGIN_FEATURES = (
+    "ret1", "ret2", "mom5", "mom20", "vr5", "vr20", "vwin", "park10", "volz", "log_sigma", "hour", "weekday",
+)
+FEATURES = ("h", *ORIGIN_FEATURES)
+QUANTILES = np.array([0.025, 0.1, 0.25, 0.5, 0.75, 0.9, 0.975])
+MEDIAN = 3  # index of 0.5 in QUANTILES
+# (lower, upper) quantile indices of the 95%, 80% and 50% intervals.
+INTERVALS = ((0, 6), (1, 5), (2, 4))
+INTERVAL_ALPHAS = (0.05, 0.2, 0.5)
+_VOLUME_WINDOW = 50
+_SIGMA_FLOOR = 1e-5
+
+
+@dataclass(frozen=True)
+class TimeframeConfig:
+    halflife: float  # EWMA half-life of σ in bars
+    window: int  # bars of returns in the EWMA (weights beyond are dropped)
+    tolerance: float  # τ_tf of the confidence: P(|C/Ĉ − 1| ≤ tolerance)
+    min_history: int  # bars before an origin counts (σ warm-up)
+
+    @property
+    def lookback(self) -> int:
+        return max(self.window, _VOLUME_WINDOW) + 1
+
+
+CONFIGS = {
+    "1h": TimeframeConfig(halflife=24, window=192, tolerance=0.005, min_history=48),
+    "4h": TimeframeConfig(halflife=16, window=128, tolerance=0.01, min_history=32),
+    "1d": TimeframeConfig(halflife=12, window=96, tolerance=0.02, min_history=24),
+    "1w": TimeframeConfig(halflife=8, window=52, tolerance=0.05, min_history=12),
+    "1m": TimeframeConfig(halflife=6, window=36, tolerance=0.10, min_history=6),
+}
+
+
+def _rolling_mean(values: np.ndarray, size: int) -> np.ndarray:
+    """Mean of the last `size` values at each index (fewer at the start)."""
+    total = np.cumsum(values)
+    shifted = np.concatenate([np.zeros(size), total[:-size]]) if len(values) > size else np.zeros(len(values))
+    counts = np.minimum(np.arange(1, len(values) + 1), size)
+    return (total - shifted[: len(values)]) / counts
+
+
+def ewma_sigma(log_returns: np.ndarray, halflife: float, window: int) -> np.ndarray:
+    """σ(t) from returns r(1..t); `log_returns[0]` is ignored (no previous close)."""
+    weights = 0.5 ** (np.arange(window) / halflife)
+    squared = np.square(log_returns)
+    squared[0] = 0.0
+    present = np.ones(len(log_returns))
+    present[0] = 0.0
+    numerator = np.convolve(squared, weights)[: len(squared)]
+    denominator = np.convolve(present, weights)[: len(squared)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma = np.sqrt(numerator / denominator)
+    sigma[0] = np.nan
+    return np.fmax(sigma, _SIGMA_FLOOR)
+
+
+def origin_features(candles: Candles, config: TimeframeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, len(ORIGIN_FEATURES)), σ (n,)) for every candle of the series."""
+    log_close = np.log(candles.close)
+    returns = np.diff(log_close, prepend=log_close[0])
+    sigma = ewma_sigma(returns, config.halflife, config.window)
+    squared = np.square(returns)
+
+    def lagged(values: np.ndarray, lag: int) -> np.ndarray:
+        return np.concatenate([np.full(lag, values[0]), values[:-lag]]) if len(values) > lag else values * 0
+
+    momentum5 = (log_close - lagged(log_close, 5)) / (sigma * np.sqrt(5))
+    momentum20 = (log_close - lagged(log_close, 20)) / (sigma * np.sqrt(20))
+    parkinson = np.square(np.log(candles.high / candles.low)) / (4 * np.log(2))
+    log_volume = np.log1p(np.maximum(candles.volume, 0))
+    volume_mean = _rolling_mean(log_volume, _VOLUME_WINDOW)
+    volume_var = np.maximum(_rolling_mean(np.square(log_volume), _VOLUME_WINDOW) - np.square(volume_mean), 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        volume_z = np.where(volume_var > 1e-12, (log_volume - volume_mean) / np.sqrt(volume_var), 0.0)
+    columns = [
+        returns / sigma,
+        lagged(returns, 1) / sigma,
+        momentum5,
+        momentum20,
+        np.sqrt(_rolling_mean(squared, 5)) / sigma,
+        np.sqrt(_rolling_mean(squared, 20)) / sigma,
+        np.sqrt(_rolling_mean(squared, config.window)) / sigma,
+        np.sqrt(_rolling_mean(parkinson, 10)) / sigma,
+        np.clip(volume_z, -5, 5),
+        np.log(sigma),
+        # calendar of the origin candle (UTC): volatility has strong intraday and weekly seasonality
+        (candles.open_time // 3600) % 24,
+        (candles.open_time // 86400 + 3) % 7,
+    ]
+    features = np.clip(np.nan_to_num(np.column_stack(columns), nan=0.0, posinf=0.0, neginf=0.0), -50, 50)
+    return features, sigma
+
+
+def wick_ratios(candles: Candles, sigma: np.ndarray) -> tuple[float, float]:
+    """(Σ mean wick in log units, Σ σ of the previous bar): the wick coefficient is their ratio."""
+    upper = np.log(candles.high / np.maximum(candles.open, candles.close))
+    lower = np.log(np.minimum(candles.open, candles.close) / candles.low)
+    wick = 0.5 * (upper[1:] + lower[1:])
+    previous_sigma = sigma[:-1]
+    valid = np.isfinite(wick) & np.isfinite(previous_sigma) & (wick >= 0)
+    return float(wick[valid].sum()), float(previous_sigma[valid].sum())

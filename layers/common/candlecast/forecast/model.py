@@ -1,0 +1,202 @@
+"""The forecast model at inference: a plain dict of numpy arrays turned into 30 expected candles (numpy only).
+
+Model dict (format 1), written by candlecast.forecast.train and signed by candlecast.forecast.artifact:
+  timeframe, name, version, kind ('baseline'|'learned'), features, config (TimeframeConfig fields),
+  quantiles (7,), baseline_q (30, 7) calibrated z-quantiles of the baseline,
+  trees (None or dict of flat tree arrays, see `evaluate_trees`), conformal (30, 3) widening of the
+  95/80/50% intervals for the trees, wick (float), confidence_x / confidence_y (isotonic map knots).
+"""
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from candlecast.candles import COLUMNS, Candles
+from candlecast.forecast.features import (
+    FEATURES,
+    INTERVALS,
+    MEDIAN,
+    ORIGIN_FEATURES,
+    QUANTILES,
+    TimeframeConfig,
+    origin_features,
+)
+from candlecast.timeframes import FORECAST_STEPS
+
+FORMAT = 1
+HORIZONS = np.arange(1, FORECAST_STEPS + 1)
+_ROW_TREE_BUDGET = 4_000_000  # rows × trees evaluated at once (memory bound)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Arrays of length 30: the expected candles, close-price intervals and per-step confidence."""
+
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    lower_80: np.ndarray
+    upper_80: np.ndarray
+    lower_95: np.ndarray
+    upper_95: np.ndarray
+    confidence: np.ndarray
+
+
+def evaluate_trees(trees: dict, rows: np.ndarray) -> np.ndarray:
+    """Sum of leaf values per quantile for `rows` (m, features) -> (m, n_quantiles).
+
+    `trees` holds every node of every tree in flat arrays: feature, threshold, left, right (node
+    indices; a leaf points to itself), value; `roots` (n_trees,), `tree_quantile` (n_trees,) sorted,
+    `depth` (max path length).
+    """
+    feature, threshold = trees["feature"], trees["threshold"]
+    left, right, value = trees["left"], trees["right"], trees["value"]
+    roots, groups = trees["roots"], trees["group_starts"]
+    chunk = max(1, _ROW_TREE_BUDGET // len(roots))
+    out = np.empty((len(rows), len(groups)))
+    for start in range(0, len(rows), chunk):
+        block = rows[start : start + chunk]
+        node = np.broadcast_to(roots, (len(block), len(roots))).copy()
+        row_index = np.arange(len(block))[:, None]
+        for _ in range(int(trees["depth"])):
+            go_left = block[row_index, feature[node]] <= threshold[node]
+            node = np.where(go_left, left[node], right[node])
+        out[start : start + chunk] = np.add.reduceat(value[node], groups, axis=1)
+    return out
+
+
+def piecewise_cdf(knots: np.ndarray, levels: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """CDF at `points` (m,) of rows whose quantile knots are `knots` (m, k) at `levels` (k,), linear between."""
+    above = (knots <= points[:, None]).sum(axis=1)
+    upper = np.clip(above, 1, knots.shape[1] - 1)
+    x0 = np.take_along_axis(knots, (upper - 1)[:, None], 1)[:, 0]
+    x1 = np.take_along_axis(knots, upper[:, None], 1)[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = np.where(x1 > x0, (points - x0) / (x1 - x0), 1.0)
+    cdf = levels[upper - 1] + np.clip(fraction, 0, 1) * (levels[upper] - levels[upper - 1])
+    return np.where(above == 0, 0.0, np.where(above == knots.shape[1], 1.0, cdf))
+
+
+def raw_confidence(z_quantiles: np.ndarray, scale: np.ndarray, tolerance: float) -> np.ndarray:
+    """P(|C/Ĉ − 1| ≤ tolerance) read off the quantile curve; `scale` = σ·√h, same leading shape."""
+    shape = z_quantiles.shape[:-1]
+    q = z_quantiles.reshape(-1, len(QUANTILES))
+    s = np.broadcast_to(scale, shape).reshape(-1)
+    # Tails: zero/one probability 1.5 inter-quantile gaps beyond the outer quantiles.
+    knots = np.column_stack([q[:, 0] - 1.5 * (q[:, 1] - q[:, 0]), q, q[:, -1] + 1.5 * (q[:, -1] - q[:, -2])])
+    levels = np.concatenate([[0.0], QUANTILES, [1.0]])
+    knots = np.maximum.accumulate(knots, axis=1)
+    median = q[:, MEDIAN]
+    low = piecewise_cdf(knots, levels, median + np.log1p(-tolerance) / s)
+    high = piecewise_cdf(knots, levels, median + np.log1p(tolerance) / s)
+    return np.clip(high - low, 0.0, 1.0).reshape(shape)
+
+
+class ForecastModel:
+    """A loaded model; build it from the plain dict with `ForecastModel(payload_dict)`."""
+
+    def __init__(self, payload: dict):
+        if payload.get("format") != FORMAT:
+            raise ValueError(f"unsupported model format {payload.get('format')!r}")
+        self.payload = payload
+        self.timeframe = payload["timeframe"]
+        self.name = payload["name"]
+        self.version = payload["version"]
+        self.kind = payload["kind"]
+        self.features = list(payload["features"])
+        self.config = TimeframeConfig(**payload["config"])
+        self.lookback = self.config.lookback
+        self.baseline_q = np.asarray(payload["baseline_q"], dtype=np.float64)
+        self.trees = payload.get("trees")
+        self.conformal = np.asarray(payload["conformal"], dtype=np.float64)
+        self.wick = float(payload["wick"])
+        self.confidence_x = np.asarray(payload["confidence_x"], dtype=np.float64)
+        self.confidence_y = np.asarray(payload["confidence_y"], dtype=np.float64)
+        if list(self.features) != list(FEATURES):
+            raise ValueError("model features do not match this code's feature set")
+
+    # -- z-quantiles -----------------------------------------------------------------------------------
+    def z_quantiles(self, origin_rows: np.ndarray) -> np.ndarray:
+        """Calibrated z-quantiles (n, 30, 7) for origin feature rows (n, len(ORIGIN_FEATURES))."""
+        n = len(origin_rows)
+        if self.trees is None:
+            return np.broadcast_to(self.baseline_q, (n, *self.baseline_q.shape)).copy()
+        rows = np.empty((n, len(HORIZONS), len(FEATURES)))
+        rows[:, :, 0] = HORIZONS
+        rows[:, :, 1:] = origin_rows[:, None, :]
+        q = evaluate_trees(self.trees, rows.reshape(-1, len(FEATURES))).reshape(n, len(HORIZONS), -1)
+        q.sort(axis=-1)
+        # The median stays the random walk: the trees shape the spread (volatility), not the direction.
+        q -= q[..., MEDIAN : MEDIAN + 1]
+        return widen(q, self.conformal)
+
+    def confidence(self, z_quantiles: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        """Calibrated per-step confidence (n, 30) for z-quantiles (n, 30, 7) and origin σ (n,)."""
+        scale = sigma[:, None] * np.sqrt(HORIZONS)[None, :]
+        raw = raw_confidence(z_quantiles, scale, self.config.tolerance)
+        return np.clip(np.interp(raw, self.confidence_x, self.confidence_y), 0.0, 1.0)
+
+    # -- one forecast ----------------------------------------------------------------------------------
+    def predict(self, candles: Candles) -> Forecast:
+        """30 expected candles after the last of `candles` (oldest first; at least 3 candles)."""
+        recent = usable_candles(candles.tail(self.lookback))
+        if len(recent) < 3:
+            raise ValueError("at least 3 candles with positive prices are needed for a forecast")
+        rows, sigma = origin_features(recent, self.config)
+        origin, sigma_now = rows[-1:], sigma[-1:]
+        q = self.z_quantiles(origin)
+        confidence = self.confidence(q, sigma_now)[0]
+        last_close = float(recent.close[-1])
+        scale = sigma_now[0] * np.sqrt(HORIZONS)
+        prices = last_close * np.exp(scale[:, None] * q[0])
+        close = prices[:, MEDIAN]
+        open_ = np.concatenate([[last_close], close[:-1]])
+        spread = np.exp(self.wick * sigma_now[0])
+        return Forecast(
+            open=open_,
+            high=np.maximum(open_, close) * spread,
+            low=np.minimum(open_, close) / spread,
+            close=close,
+            lower_80=prices[:, 1],
+            upper_80=prices[:, 5],
+            lower_95=prices[:, 0],
+            upper_95=prices[:, 6],
+            confidence=confidence,
+        )
+
+
+def usable_candles(candles: Candles) -> Candles:
+    """Drop rows with missing or non-positive prices, and flat zero-volume rows (outage fills), as training does.
+
+    Flat rows are kept when too few others are left (a very illiquid symbol).
+    """
+    prices = np.vstack([candles.open, candles.high, candles.low, candles.close])
+    valid = np.isfinite(prices).all(axis=0) & (prices > 0).all(axis=0)
+    flat = (candles.volume == 0) & (candles.high == candles.low)
+    keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
+    if keep.all():
+        return candles
+    return Candles(*(getattr(candles, name)[keep] for name in COLUMNS))
+
+
+def widen(z_quantiles: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Conformal widening: interval i's bounds move out by offsets[h, i] (never across the median), re-sorted."""
+    q = z_quantiles.copy()
+    median = q[..., MEDIAN]
+    for i, (lower, upper) in enumerate(INTERVALS):
+        q[..., lower] = np.minimum(q[..., lower] - offsets[:, i], median)
+        q[..., upper] = np.maximum(q[..., upper] + offsets[:, i], median)
+    q.sort(axis=-1)
+    return q
+
+
+def load_model(payload: bytes) -> ForecastModel:
+    """Unpickle a model file. NOT a trust boundary: use candlecast.forecast.artifact.verify_and_load."""
+    import joblib
+
+    return ForecastModel(joblib.load(io.BytesIO(payload)))
+
+
+__all__ = ["FEATURES", "ORIGIN_FEATURES", "Forecast", "ForecastModel", "load_model"]

@@ -1,0 +1,428 @@
+"""`candlecast train`: walk-forward backtest on held-out symbols, then fit, calibrate, sign and write the model.
+
+Each fold (expanding window, calendar time pooled over symbols):
+    train | embargo (32 bars) | calibration | embargo | test
+Training pairs whose label candle reaches the calibration block are purged, calibration pairs whose label
+reaches the test block too. Test metrics use only symbols (coins) that are never trained or calibrated on.
+"""
+
+import itertools
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from candlecast.forecast import artifact
+from candlecast.forecast.dataset import load_timeframe
+from candlecast.forecast.evaluate import Origins, build_origins, metrics, model_outputs
+from candlecast.forecast.features import (
+    CONFIGS,
+    FEATURES,
+    INTERVAL_ALPHAS,
+    INTERVALS,
+    MEDIAN,
+    QUANTILES,
+    origin_features,
+    wick_ratios,
+)
+from candlecast.forecast.model import FORMAT, HORIZONS, ForecastModel, raw_confidence, widen
+from candlecast.timeframes import Timeframe, nominal_seconds
+
+EMBARGO_BARS = 32
+# Coins never trained or calibrated on in the walk-forward test: every third coin of the shared data,
+# alphabetically, which mixes long (LTC, NEO, XMR) and short (UNI) histories.
+HELD_OUT_COINS = frozenset({"BAT", "BTT", "DASH", "ETC", "LTC", "NEO", "QTUM", "UNI", "XMR"})
+TARGETS = {"coverage_80": (0.77, 0.83), "coverage_95": (0.93, 0.97), "ece": (0.0, 0.03), "rel_mae": (0.0, 1.0)}
+BASELINE_NAME = "random-walk, EWMA σ·√h, empirical z-quantiles, conformal per horizon"
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    learned: bool  # fit the LightGBM quantile model (else the baseline is the only candidate)
+    train_stride: int  # every n-th origin becomes training pairs
+    horizons_per_origin: int  # random horizons per training origin
+    eval_stride: int  # every n-th origin in calibration and test blocks
+    min_leaf: int = 200
+    rounds: int = 60
+
+
+PLANS = {
+    "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3),
+    "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1),
+    "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=6, eval_stride=1, min_leaf=100),
+    "1w": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1),
+    "1m": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1),
+}
+
+
+@dataclass(frozen=True)
+class Fold:
+    train_end: float  # origins before this train
+    cal_start: float
+    cal_end: float
+    test_start: float
+    test_end: float
+
+
+def is_held_out(base: str) -> bool:
+    return base.upper() in HELD_OUT_COINS
+
+
+def walk_forward_folds(times: np.ndarray, timeframe: Timeframe, folds: int, test_fraction: float = 0.3,
+                       cal_fraction: float = 0.2) -> list[Fold]:
+    embargo = EMBARGO_BARS * nominal_seconds(timeframe)
+    edges = np.quantile(times, np.linspace(1 - test_fraction, 1, folds + 1))
+    edges[-1] += 1
+    result = []
+    for start, end in itertools.pairwise(edges):
+        cal_end = start - embargo
+        cal_start = float(np.quantile(times[times < cal_end], 1 - cal_fraction))
+        result.append(Fold(cal_start - embargo, cal_start, cal_end, float(start), float(end)))
+    return result
+
+
+def final_fold(times: np.ndarray, timeframe: Timeframe, cal_fraction: float = 0.15) -> Fold:
+    """Train on everything but the most recent block, which calibrates."""
+    embargo = EMBARGO_BARS * nominal_seconds(timeframe)
+    cal_start = float(np.quantile(times, 1 - cal_fraction))
+    end = float(times.max()) + 1
+    return Fold(cal_start - embargo, cal_start, end, end, end)
+
+
+def purged(origins: Origins, limit: float) -> Origins:
+    """Forget outcomes whose candle opens at or after `limit`."""
+    result = origins.take(slice(None))
+    result.log_return = np.where(origins.label_time < limit, origins.log_return, np.nan)
+    return result
+
+
+# -- fitting -----------------------------------------------------------------------------------------------
+MIN_PAIRS_PER_HORIZON = 20  # below this, a horizon reuses the previous horizon's estimate
+
+
+def empirical_quantiles(z: np.ndarray) -> np.ndarray:
+    """(30, 7) quantiles of z per horizon, median pinned to 0 (random walk)."""
+    table = np.full((len(HORIZONS), len(QUANTILES)), np.nan)
+    for i in range(len(HORIZONS)):
+        column = z[:, i][np.isfinite(z[:, i])]
+        if len(column) >= MIN_PAIRS_PER_HORIZON:
+            table[i] = np.quantile(column, QUANTILES)
+        elif i:
+            table[i] = table[i - 1]
+    if np.isnan(table).any():  # no data at all: a unit normal
+        table = np.where(np.isnan(table), np.array([-1.96, -1.2816, -0.6745, 0, 0.6745, 1.2816, 1.96]), table)
+    table[:, MEDIAN] = 0.0
+    table.sort(axis=-1)
+    return table
+
+
+def conformal_offsets(q: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """(30, 3) CQR widening per horizon of the 95/80/50% intervals (Romano et al. 2019)."""
+    offsets = np.zeros((len(HORIZONS), len(INTERVALS)))
+    for i in range(len(HORIZONS)):
+        known = np.isfinite(z[:, i])
+        n = int(known.sum())
+        for j, ((lower, upper), alpha) in enumerate(zip(INTERVALS, INTERVAL_ALPHAS, strict=True)):
+            if n < MIN_PAIRS_PER_HORIZON:
+                offsets[i, j] = offsets[i - 1, j] if i else 0.0
+                continue
+            score = np.maximum(q[known, i, lower] - z[known, i], z[known, i] - q[known, i, upper])
+            level = min(math.ceil((n + 1) * (1 - alpha)) / n, 1.0)
+            offsets[i, j] = np.quantile(score, level, method="higher")
+    return offsets
+
+
+def isotonic_map(raw: np.ndarray, hit: np.ndarray, bins: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Knots (x, y) of an increasing map raw confidence -> observed frequency (pool-adjacent-violators)."""
+    order = np.argsort(raw, kind="stable")
+    groups = np.array_split(order, min(bins, len(order)))
+    xs = [float(raw[g].mean()) for g in groups if len(g)]
+    values = [float(hit[g].mean()) for g in groups if len(g)]
+    weights = [len(g) for g in groups if len(g)]
+    blocks: list[list[float]] = []  # [sum x·w, sum y·w, weight]
+    for x, y, w in zip(xs, values, weights, strict=True):
+        blocks.append([x * w, y * w, w])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] >= blocks[-1][1] / blocks[-1][2]:
+            x2, y2, w2 = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + x2, blocks[-1][1] + y2, blocks[-1][2] + w2]
+    knots_x = np.array([b[0] / b[2] for b in blocks])
+    knots_y = np.array([b[1] / b[2] for b in blocks])
+    return np.concatenate([[0.0], knots_x, [1.0]]), np.concatenate([[knots_y[0]], knots_y, [knots_y[-1]]])
+
+
+def fit_boosters(train: Origins, plan: TrainPlan, rng: np.random.Generator, progress: bool) -> dict:
+    import lightgbm as lgb
+
+    from candlecast.forecast.trees import export_boosters
+
+    chosen = train.take(slice(None, None, plan.train_stride))
+    z = chosen.z
+    picks = np.argsort(rng.random(z.shape), axis=1)[:, : plan.horizons_per_origin]
+    rows = np.repeat(np.arange(len(chosen)), picks.shape[1])
+    horizon_index = picks.reshape(-1)
+    target = z[rows, horizon_index]
+    keep = np.isfinite(target)
+    features = np.column_stack([HORIZONS[horizon_index[keep]], chosen.features[rows[keep]]])
+    target = np.clip(target[keep], -50, 50)
+    params = {
+        "objective": "quantile", "num_leaves": 8, "max_depth": 3, "learning_rate": 0.08,
+        "min_data_in_leaf": plan.min_leaf, "feature_fraction": 0.9, "bagging_fraction": 0.8,
+        "bagging_freq": 1, "lambda_l2": 1.0, "num_threads": 2, "verbose": -1, "seed": 7,
+    }
+    data = lgb.Dataset(features, target, feature_name=list(FEATURES), free_raw_data=False)
+    levels = QUANTILES
+    if progress:
+        from tqdm import tqdm
+
+        levels = tqdm(levels, desc=f"LightGBM quantiles ({len(target):,} pairs)", leave=False)
+    boosters = [lgb.train(params | {"alpha": float(level)}, data, num_boost_round=plan.rounds) for level in levels]
+    return export_boosters(boosters)
+
+
+def payload(timeframe, kind, *, baseline_q, trees=None, conformal=None, wick=0.23, confidence=None,
+            version="untrained") -> dict:
+    x, y = confidence if confidence is not None else (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    return {
+        "format": FORMAT,
+        "timeframe": timeframe,
+        "name": f"candlecast-{timeframe}-{kind}",
+        "version": version,
+        "kind": kind,
+        "features": list(FEATURES),
+        "config": asdict(CONFIGS[timeframe]),
+        "quantiles": QUANTILES.copy(),
+        "baseline_q": baseline_q,
+        "trees": trees,
+        "conformal": conformal if conformal is not None else np.zeros((len(HORIZONS), len(INTERVALS))),
+        "wick": float(wick),
+        "confidence_x": x,
+        "confidence_y": y,
+    }
+
+
+def calibrate_confidence(model: ForecastModel, cal: Origins, q: np.ndarray | None = None):
+    """Isotonic-map knots (x, y) from raw to observed confidence on the calibration block."""
+    q = model.z_quantiles(cal.features) if q is None else q
+    raw = raw_confidence(q, cal.scale, model.config.tolerance)
+    median = cal.scale * q[..., MEDIAN]
+    known = np.isfinite(cal.log_return)
+    hit = np.abs(np.expm1(cal.log_return[known] - median[known])) <= model.config.tolerance
+    return isotonic_map(raw[known], hit.astype(float))
+
+
+def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, plan: TrainPlan,
+               rng: np.random.Generator, progress: bool, version: str = "untrained") -> dict[str, ForecastModel]:
+    """{'baseline': model, 'learned': model (when the plan fits one)}, calibrated on `cal`."""
+    raw_table = empirical_quantiles(train.z)
+    z_cal = cal.z
+    table_at_cal = np.broadcast_to(raw_table, (len(cal), *raw_table.shape))
+    baseline_q = widen(raw_table, conformal_offsets(table_at_cal, z_cal))
+    models = {}
+    baseline = ForecastModel(payload(timeframe, "baseline", baseline_q=baseline_q, wick=wick, version=version))
+    baseline.payload["confidence_x"], baseline.payload["confidence_y"] = calibrate_confidence(baseline, cal)
+    models["baseline"] = ForecastModel(baseline.payload)
+    if plan.learned:
+        trees = fit_boosters(train, plan, rng, progress)
+        learned = ForecastModel(payload(timeframe, "learned", baseline_q=baseline_q, trees=trees, wick=wick,
+                                        version=version))
+        raw_q = learned.z_quantiles(cal.features)  # conformal offsets are still zero here
+        offsets = conformal_offsets(raw_q, z_cal)
+        learned.payload["conformal"] = offsets
+        learned = ForecastModel(learned.payload)
+        knots = calibrate_confidence(learned, cal, widen(raw_q, offsets))
+        learned.payload["confidence_x"], learned.payload["confidence_y"] = knots
+        models["learned"] = ForecastModel(learned.payload)
+    return models
+
+
+def fitted_wick(loaded: list, symbols: np.ndarray, timeframe: Timeframe) -> float:
+    wick_sum = sigma_sum = 0.0
+    for index in symbols:
+        candles = loaded[index][1]
+        _, sigma = origin_features(candles, CONFIGS[timeframe])
+        wick, sig = wick_ratios(candles, sigma)
+        wick_sum, sigma_sum = wick_sum + wick, sigma_sum + sig
+    return wick_sum / sigma_sum if sigma_sum else 0.23
+
+
+def _headline(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key != "per_horizon"}
+
+
+def meets_targets(result: dict) -> bool:
+    return all(low <= result[name] <= high for name, (low, high) in TARGETS.items())
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+@dataclass
+class WalkForward:
+    """Pooled held-out test results of every fold, per candidate model."""
+
+    results: dict  # kind -> metrics over all test folds
+    folds: list  # per-fold dates, sizes and headline metrics
+    test: Origins  # all test origins, fold after fold
+    outputs: dict  # kind -> (q, base_q, confidence) at `test`
+    last_models: dict  # models of the last fold (for the fan chart)
+
+
+def walk_forward(timeframe: Timeframe, origins: Origins, held: np.ndarray, wick: float, folds: int,
+                 rng: np.random.Generator, progress: bool) -> WalkForward:
+    plan, config = PLANS[timeframe], CONFIGS[timeframe]
+    pooled: dict[str, list] = {"origins": [], "baseline": [], "learned": []}
+    fold_reports, last_models = [], {}
+    steps = walk_forward_folds(origins.time, timeframe, folds)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"walk-forward {timeframe}", unit="fold")
+    for fold in steps:
+        train = purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+        cal_mask = ~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)
+        cal = purged(origins.take(np.flatnonzero(cal_mask)[:: plan.eval_stride]), fold.test_start)
+        test_mask = held & (origins.time >= fold.test_start) & (origins.time < fold.test_end)
+        test = origins.take(np.flatnonzero(test_mask)[:: plan.eval_stride])
+        if len(train) == 0 or len(cal) == 0 or len(test) == 0:
+            continue
+        models = fit_models(timeframe, train, cal, wick, plan, rng, progress)
+        pooled["origins"].append(test)
+        report = {"train_end": _iso(fold.train_end), "calibration": [_iso(fold.cal_start), _iso(fold.cal_end)],
+                  "test": [_iso(fold.test_start), _iso(min(fold.test_end, origins.time.max()))],
+                  "n_train_origins": len(train), "n_calibration_origins": len(cal)}
+        for kind, model in models.items():
+            outputs = model_outputs(model, test)
+            pooled[kind].append(outputs)
+            report[kind] = _headline(metrics(test, *outputs, config.tolerance))
+        fold_reports.append(report)
+        last_models = models
+    if not pooled["origins"]:
+        raise SystemExit(f"not enough data for a walk-forward test of {timeframe}")
+    test_all = Origins(*(np.concatenate([getattr(o, name) for o in pooled["origins"]])
+                         for name in Origins.__dataclass_fields__))
+    outputs = {kind: tuple(np.concatenate(parts) for parts in zip(*pooled[kind], strict=True))
+               for kind in ("baseline", "learned") if pooled[kind]}
+    results = {kind: metrics(test_all, *output, config.tolerance) for kind, output in outputs.items()}
+    return WalkForward(results, fold_reports, test_all, outputs, last_models)
+
+
+def choose(results: dict) -> tuple[str, str]:
+    """(kind, reason): the learned model ships only if it meets the targets and beats the baseline."""
+    learned = results.get("learned")
+    if learned is None:
+        return "baseline", "baseline: no learned model for this timeframe"
+    if meets_targets(learned) and learned["pinball_skill"] > 0 and learned["rel_mae"] <= 1.0:
+        return "learned", "learned model meets the targets and beats the baseline's pinball loss on held-out symbols"
+    return "baseline", "baseline: the learned model does not beat it on held-out symbols within the targets"
+
+
+def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports_dir: Path | None,
+                    folds: int = 2, progress: bool = True, seed: int = 7) -> dict:
+    """Walk-forward backtest, final fit, signed model file and manifest entry. Returns the manifest entry."""
+    plan, config = PLANS[timeframe], CONFIGS[timeframe]
+    rng = np.random.default_rng(seed)
+    loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
+    if not loaded:
+        raise SystemExit(f"no OHLCV files for {timeframe} under {data_dir}")
+    origins = build_origins(loaded, config)
+    held_out_series = np.array([is_held_out(series.base) for series, _ in loaded])
+    wick = fitted_wick(loaded, np.flatnonzero(~held_out_series), timeframe)
+    result = walk_forward(timeframe, origins, held_out_series[origins.series], wick, folds, rng, progress)
+    kind, reason = choose(result.results)
+
+    # Final model: all symbols; the most recent block calibrates.
+    version = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    final = final_fold(origins.time, timeframe)
+    train = purged(origins.take(origins.time < final.train_end), final.cal_start)
+    cal = origins.take(np.flatnonzero(origins.time >= final.cal_start)[:: plan.eval_stride])
+    final_plan = plan if kind == "learned" else TrainPlan(False, plan.train_stride, plan.horizons_per_origin,
+                                                          plan.eval_stride)
+    final_wick = fitted_wick(loaded, np.arange(len(loaded)), timeframe)
+    shipped = fit_models(timeframe, train, cal, final_wick, final_plan, rng, progress, version=version)[kind]
+    data = artifact.dump(shipped.payload)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{timeframe}.pkl").write_bytes(data)
+    (out_dir / f"{timeframe}.pkl.sig").write_text(artifact.sign(data, signing_key()) + "\n")
+
+    chosen = result.results[kind]
+    entry = {
+        "timeframe": timeframe,
+        "name": shipped.name,
+        "version": version,
+        "kind": kind,
+        "file": f"{timeframe}.pkl",
+        "sha256": artifact.sha256_hex(data),
+        "bytes": len(data),
+        "accuracy": chosen["accuracy"],
+        "features": list(FEATURES),
+        "train_start": _iso(float(train.time.min())),
+        "train_end": _iso(float(cal.label_time[np.isfinite(cal.log_return)].max())),
+        "n_origins": chosen["n_origins"],
+        "metrics": {
+            "shipped": kind,
+            "reason": reason,
+            "baseline_name": BASELINE_NAME,
+            "held_out_symbols": sorted({s.pair for s, _ in loaded if is_held_out(s.base)}),
+            "confidence_tolerance": config.tolerance,
+            "wick_coefficient": shipped.wick,
+            "targets": TARGETS,
+            "folds": result.folds,
+            "test": chosen,
+            "candidates": {name: _headline(summary) for name, summary in result.results.items()},
+        },
+    }
+    update_manifest(out_dir / "manifest.json", entry)
+    if reports_dir is not None:
+        from candlecast.forecast.report import write_report
+
+        entry["report"] = str(write_report(Path(reports_dir) / timeframe, timeframe, loaded, result.test,
+                                           result.results, result.last_models[kind], result.outputs[kind], kind))
+    return entry
+
+
+def signing_key() -> bytes:
+    from candlecast import config
+
+    try:
+        return config.model_signing_key(config.get_settings())
+    except config.ConfigurationError as error:
+        print(f"warning: settings unavailable ({error}); using config.LOCAL_MODEL_SIGNING_KEY", file=sys.stderr)
+        return config.LOCAL_MODEL_SIGNING_KEY.encode()
+
+
+def update_manifest(path: Path, entry: dict) -> None:
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest[entry["timeframe"]] = entry
+    manifest = json.loads(json.dumps(manifest, default=_json_default), parse_float=lambda text: round(float(text), 6))
+    path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def register(entry: dict, out_dir: Path) -> str:
+    """Upload the model file and signature to the active key and register it (as `candlecast seed` does).
+
+    Needs DATABASE_URL and DATA_BUCKET; the versioned copy is uploaded by candlecast.seed.register_models.
+    """
+    from candlecast import seed, storage
+
+    timeframe = entry["timeframe"]
+    model_file = Path(out_dir) / entry["file"]
+    storage.put_bytes(storage.active_model_key(timeframe), model_file.read_bytes())
+    signature = Path(f"{model_file}.sig").read_bytes()
+    storage.put_bytes(storage.signature_key(storage.active_model_key(timeframe)), signature, "text/plain")
+    models = [item for item in seed.checked_models(Path(out_dir)) if item[0] == timeframe]
+    return seed.register_models(models, progress=False)[timeframe]

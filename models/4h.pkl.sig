@@ -1,0 +1,1 @@
+da6a5d29d2eebac7f7b31e588eb2702bccdecf9363f259c33e3e2c2bd4f770df

@@ -1,0 +1,70 @@
+"""`backtest` on the committed sample and on hourly CSV resampled to 4h; `build-sample` on ../shared."""
+
+import csv
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from candlecast.forecast.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data" / "ohlcv"
+KEYS = {"coverage_80", "coverage_95", "ece", "rel_mae", "directional_accuracy", "pinball_skill", "n_origins",
+        "per_horizon"}
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "1d"])
+def test_backtest_prints_one_json_object(timeframe, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["backtest", "--data", "data", "--timeframe", timeframe]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= KEYS
+    assert result["n_origins"] > 100
+    assert len(result["per_horizon"]) == 30
+    assert 0 <= result["coverage_80"] <= result["coverage_95"] <= 1
+    assert 0 <= result["ece"] <= 1
+    low, high = result["directional_accuracy_ci95"]
+    assert low <= result["directional_accuracy"] <= high
+
+
+def test_backtest_resamples_hourly_csv_and_refuses_an_unsigned_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    from candlecast.forecast.backtest import load_signed_model
+    from candlecast.forecast.dataset import read_ohlcv
+
+    hourly = read_ohlcv(ROOT / "data" / "ETHUSDT" / "1h.parquet")
+    lines = ["timestamp,open,high,low,close,volume"]
+    for row in zip(*(getattr(hourly, name).tolist() for name in ("open_time", "open", "high", "low", "close",
+                                                               "volume")), strict=True):
+        stamp = datetime.fromtimestamp(row[0], UTC)
+        lines.append(stamp.strftime("%Y-%m-%dT%H:%M:%SZ") + "," + ",".join(str(v) for v in row[1:]))
+    (tmp_path / "ETH-USDT_1h.csv").write_text("\n".join(lines) + "\n")
+    assert main(["backtest", "--data", str(tmp_path), "--timeframe", "4h"]) == 0
+    assert json.loads(capsys.readouterr().out)["symbols"] == ["ETHUSDT"]
+
+    copy = tmp_path / "model.pkl"
+    copy.write_bytes((ROOT / "models" / "4h.pkl").read_bytes())
+    from candlecast.errors import ModelIntegrityError
+
+    with pytest.raises(ModelIntegrityError, match="unsigned"):
+        load_signed_model(copy, b"key")
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared is absent")
+def test_build_sample_lists_every_coin_file(tmp_path):
+    assert main(["build-sample", "--source", str(SHARED), "--out", str(tmp_path)]) == 0
+    with (tmp_path / "symbols.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    pairs = {path.stem.split("_")[0].replace("-", "") for path in SHARED.glob("*.csv")}
+    assert {row["ticker"] for row in rows} == {f"X:{pair}" for pair in pairs}
+    assert [int(row["volume_rank"]) for row in rows] == list(range(1, len(rows) + 1))
+    volumes = [float(row["volume_24h"]) for row in rows]
+    assert volumes == sorted(volumes, reverse=True)
+    btc = next(row for row in rows if row["ticker"] == "X:BTCUSDT")
+    assert btc["name"] == "Bitcoin" and btc["base_currency"] == "BTC" and btc["quote_currency"] == "USDT"
+    total = sum(path.stat().st_size for path in tmp_path.rglob("*.parquet"))
+    assert total < 2_000_000
+    assert (tmp_path / "XMRUSD" / "1d.parquet").exists() and not (tmp_path / "XMRUSD" / "1h.parquet").exists()

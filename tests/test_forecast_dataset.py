@@ -1,0 +1,88 @@
+"""Reading and resampling OHLCV candles: UTC buckets, Monday weeks, calendar months, incomplete buckets."""
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from candlecast.candles import Candles
+from candlecast.forecast.dataset import bucket_starts, describe_file, read_ohlcv, resample
+from candlecast.forecast.sample import write_parquet
+from candlecast.timeframes import bucket_start
+
+
+def hourly(start: str, hours: int) -> Candles:
+    first = int(datetime.fromisoformat(start).replace(tzinfo=UTC).timestamp())
+    close = 100 + np.arange(hours, dtype=float)
+    return Candles(
+        open_time=first + 3600 * np.arange(hours, dtype=np.int64),
+        open=close - 0.5, high=close + 1, low=close - 1, close=close, volume=np.ones(hours),
+    )
+
+
+def epoch(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "4h", "1d", "1w", "1m"])
+def test_bucket_starts_match_timeframes_bucket_start(timeframe):
+    rng = np.random.default_rng(3)
+    times = rng.integers(epoch("2015-01-01T00:00:00"), epoch("2026-12-31T00:00:00"), 2000)
+    expected = [int(bucket_start(datetime.fromtimestamp(t, UTC), timeframe).timestamp()) for t in times]
+    assert bucket_starts(times, timeframe).tolist() == expected
+
+
+def test_weeks_start_on_monday_and_the_incomplete_last_week_is_dropped():
+    # 2024-01-03 is a Wednesday: the first (partial, data-starts-late) bucket opens Monday 2024-01-01.
+    weekly = resample(hourly("2024-01-03T00:00:00", 24 * 16), "1h", "1w")
+    opens = [datetime.fromtimestamp(t, UTC) for t in weekly.open_time]
+    assert [t.weekday() for t in opens] == [0, 0]
+    assert opens[0] == datetime(2024, 1, 1, tzinfo=UTC)
+    # data ends Thursday 2024-01-18 23:00, so the week of Monday 2024-01-15 is incomplete and dropped
+    assert opens[-1] == datetime(2024, 1, 8, tzinfo=UTC)
+    second = hourly("2024-01-03T00:00:00", 24 * 16)
+    inside = (second.open_time >= epoch("2024-01-08T00:00:00")) & (second.open_time < epoch("2024-01-15T00:00:00"))
+    assert weekly.open[1] == second.open[inside][0]
+    assert weekly.close[1] == second.close[inside][-1]
+    assert weekly.high[1] == second.high[inside].max()
+    assert weekly.low[1] == second.low[inside].min()
+    assert weekly.volume[1] == inside.sum()
+
+
+def test_calendar_months_and_a_complete_last_month_is_kept():
+    # 2024-01-01 .. 2024-03-31 23:00 (leap February): three complete months.
+    hours = (epoch("2024-04-01T00:00:00") - epoch("2024-01-01T00:00:00")) // 3600
+    monthly = resample(hourly("2024-01-01T00:00:00", hours), "1h", "1m")
+    assert [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d") for t in monthly.open_time] == [
+        "2024-01-01", "2024-02-01", "2024-03-01"]
+    assert monthly.volume.tolist() == [31 * 24, 29 * 24, 31 * 24]
+    # one hour short of the end of March: March is dropped
+    assert len(resample(hourly("2024-01-01T00:00:00", hours - 1), "1h", "1m")) == 2
+
+
+def test_daily_to_weekly_and_4h_with_a_gap():
+    candles = hourly("2024-01-01T00:00:00", 12)
+    keep = np.ones(12, bool)
+    keep[5] = False  # a missing hour (exchange maintenance) leaves a partial bucket, which is kept
+    gapped = Candles(*(getattr(candles, name)[keep] for name in ("open_time", "open", "high", "low", "close",
+                                                                 "volume")))
+    four = resample(gapped, "1h", "4h")
+    assert len(four) == 3
+    assert four.volume.tolist() == [4, 3, 4]
+
+
+def test_csv_and_parquet_read_the_same_candles(tmp_path):
+    csv_path = tmp_path / "BTC-USDT_1h.csv"
+    csv_path.write_text(
+        "timestamp,open,high,low,close,volume\n"
+        "2024-01-01T01:00:00Z,2,3,1,2.5,10\n"
+        "2024-01-01T00:00:00Z,1,2,0.5,1.5,5\n"
+    )
+    from_csv = read_ohlcv(csv_path)
+    assert from_csv.open_time.tolist() == [epoch("2024-01-01T00:00:00"), epoch("2024-01-01T01:00:00")]
+    parquet_path = tmp_path / "BTCUSDT" / "1h.parquet"
+    write_parquet(from_csv, parquet_path)
+    from_parquet = read_ohlcv(parquet_path)
+    assert from_parquet.to_dict() == from_csv.to_dict()
+    assert describe_file(csv_path).pair == describe_file(parquet_path).pair == "BTCUSDT"
+    assert describe_file(parquet_path).quote == "USDT"

@@ -1,0 +1,74 @@
+"""Leakage test: on a pure random walk nothing is predictable, so the learned model must show ≈ 0 skill."""
+
+import numpy as np
+import pytest
+
+from candlecast.candles import Candles
+from candlecast.forecast.evaluate import build_origins, metrics, model_outputs
+from candlecast.forecast.features import CONFIGS, FEATURES, MEDIAN
+from candlecast.forecast.model import HORIZONS, evaluate_trees
+from candlecast.forecast.train import TrainPlan, fit_models, purged, walk_forward_folds
+
+pytest.importorskip("lightgbm")
+
+
+def random_walk(seed: int, count: int = 2500) -> Candles:
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, count)))
+    open_ = np.concatenate([[100.0], close[:-1]])
+    wick = np.exp(np.abs(rng.normal(0, 0.004, (2, count))))
+    return Candles(
+        open_time=1_600_000_000 // 3600 * 3600 + 3600 * np.arange(count, dtype=np.int64),
+        open=open_, high=np.maximum(open_, close) * wick[0], low=np.minimum(open_, close) / wick[1],
+        close=close, volume=rng.lognormal(5, 1, count),
+    )
+
+
+def test_learned_model_has_no_skill_on_a_random_walk():
+    config = CONFIGS["1h"]
+    loaded = [(None, random_walk(seed)) for seed in range(12)]
+    origins = build_origins(loaded, config)
+    held = origins.series >= 8  # 4 symbols never trained on
+    (fold,) = walk_forward_folds(origins.time, "1h", folds=1, test_fraction=0.3)
+    train = purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+    cal = purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
+                 fold.test_start)
+    test = origins.take(held & (origins.time >= fold.test_start))
+    assert train.label_time[np.isfinite(train.log_return)].max() < fold.cal_start  # purged
+    plan = TrainPlan(learned=True, train_stride=2, horizons_per_origin=4, eval_stride=1, min_leaf=100, rounds=30)
+    models = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), progress=False)
+
+    learned = metrics(test, *model_outputs(models["learned"], test), config.tolerance)
+    assert abs(learned["pinball_skill"]) < 0.02  # no better (and not much worse) than the baseline
+    assert 0.75 <= learned["coverage_80"] <= 0.85
+    assert 0.92 <= learned["coverage_95"] <= 0.98
+    assert learned["ece"] <= 0.05
+
+    # The trees' own (unpinned) median must not predict direction either.
+    rows = np.concatenate([np.repeat(HORIZONS, len(test))[:, None],
+                           np.tile(test.features, (len(HORIZONS), 1))], axis=1)
+    assert rows.shape[1] == len(FEATURES)
+    median = evaluate_trees(models["learned"].trees, rows)[:, MEDIAN].reshape(len(HORIZONS), -1).T
+    outcome = test.z
+    known = np.isfinite(outcome) & (outcome != 0)
+    hits = np.sign(median[known]) == np.sign(outcome[known])
+    assert 0.45 <= hits.mean() <= 0.55
+    raw_error = np.abs(outcome[known] - median[known]).sum() / np.abs(outcome[known]).sum()
+    assert raw_error >= 0.98
+
+
+def test_walk_forward_blocks_are_ordered_with_embargoes():
+    from candlecast.forecast.train import EMBARGO_BARS
+    from candlecast.timeframes import nominal_seconds
+
+    times = np.arange(0, 5000 * 3600, 3600)
+    folds = walk_forward_folds(times, "1h", folds=3)
+    embargo = EMBARGO_BARS * nominal_seconds("1h")
+    assert EMBARGO_BARS >= 30
+    previous_test_end = None
+    for fold in folds:
+        assert fold.train_end + embargo <= fold.cal_start < fold.cal_end
+        assert fold.cal_end + embargo <= fold.test_start < fold.test_end
+        if previous_test_end is not None:
+            assert fold.test_start == previous_test_end  # expanding window: each fold tests the next block
+        previous_test_end = fold.test_end

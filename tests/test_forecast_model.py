@@ -1,0 +1,156 @@
+"""Forecast invariants, signed model files, the numpy tree evaluator and numpy-only inference."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+from candlecast.errors import ModelIntegrityError
+from candlecast.forecast import artifact
+from candlecast.forecast.bench import synthetic_candles
+from candlecast.forecast.dataset import read_ohlcv
+from candlecast.forecast.model import ForecastModel, evaluate_trees
+from candlecast.timeframes import TIMEFRAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = LOCAL_MODEL_SIGNING_KEY.encode()
+
+
+def shipped(timeframe: str) -> tuple[bytes, str]:
+    path = ROOT / "models" / f"{timeframe}.pkl"
+    return path.read_bytes(), Path(f"{path}.sig").read_text().strip()
+
+
+@pytest.mark.parametrize("timeframe", TIMEFRAMES)
+def test_shipped_models_give_30_ordered_candles(timeframe):
+    model = artifact.verify_and_load(*shipped(timeframe), KEY)
+    assert model.timeframe == timeframe and model.kind in ("baseline", "learned")
+    samples = [synthetic_candles(model.lookback + 20, seed) for seed in range(3)]
+    for path in sorted((ROOT / "data").glob(f"*/{timeframe}.parquet")):
+        samples.append(read_ohlcv(path))
+    samples.append(synthetic_candles(3))  # a symbol with very little history still gets a forecast
+    for candles in samples:
+        forecast = model.predict(candles)
+        for name in ("open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95", "confidence"):
+            values = getattr(forecast, name)
+            assert values.shape == (30,) and np.isfinite(values).all(), name
+        assert forecast.open[0] == candles.close[-1]
+        assert np.array_equal(forecast.open[1:], forecast.close[:-1])
+        assert (forecast.low <= np.minimum(forecast.open, forecast.close)).all()
+        assert (forecast.high >= np.maximum(forecast.open, forecast.close)).all()
+        assert (forecast.low > 0).all()
+        assert ((forecast.confidence >= 0) & (forecast.confidence <= 1)).all()
+        assert (forecast.lower_95 <= forecast.lower_80).all() and (forecast.lower_80 <= forecast.close).all()
+        assert (forecast.close <= forecast.upper_80).all() and (forecast.upper_80 <= forecast.upper_95).all()
+        # uncertainty grows with the horizon
+        width = np.log(forecast.upper_80 / forecast.lower_80)
+        assert width[-1] > width[0]
+
+
+def test_tampered_unsigned_and_mismatched_files_are_refused():
+    data, signature = shipped("1d")
+    assert artifact.verify_and_load(data, signature, KEY, artifact.sha256_hex(data)).timeframe == "1d"
+    tampered = bytearray(data)
+    tampered[len(tampered) // 2] ^= 0x01
+    with pytest.raises(ModelIntegrityError, match="signature does not match"):
+        artifact.verify_and_load(bytes(tampered), signature, KEY)
+    with pytest.raises(ModelIntegrityError, match="unsigned"):
+        artifact.verify_and_load(data, None, KEY)
+    with pytest.raises(ModelIntegrityError, match="unsigned"):
+        artifact.verify_and_load(data, "", KEY)
+    with pytest.raises(ModelIntegrityError, match="signature does not match"):
+        artifact.verify_and_load(data, signature, b"another key")
+    with pytest.raises(ModelIntegrityError, match="signature does not match"):
+        artifact.verify_and_load(data, "é" * 64, KEY)
+    with pytest.raises(ModelIntegrityError, match="sha256 does not match"):
+        artifact.verify_and_load(data, signature, KEY, "0" * 64)
+    with pytest.raises(ModelIntegrityError, match="no model signing key"):
+        artifact.verify_and_load(data, signature, b"")
+
+
+def test_a_malicious_pickle_is_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    with pytest.raises(ModelIntegrityError):
+        artifact.verify_and_load(evil, artifact.sign(evil, b"attacker key"), KEY)
+    assert not marker.exists()
+
+
+def test_numpy_trees_match_lightgbm():
+    lgb = pytest.importorskip("lightgbm")
+    from candlecast.forecast.trees import export_boosters
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 4))
+    y = x[:, 0] + rng.standard_t(3, size=3000)
+    boosters = [
+        lgb.train({"objective": "quantile", "alpha": a, "num_leaves": 8, "max_depth": 3, "verbose": -1},
+                  lgb.Dataset(x, y), num_boost_round=20)
+        for a in (0.1, 0.5, 0.9)
+    ]
+    test = rng.normal(size=(500, 4))
+    expected = np.column_stack([booster.predict(test) for booster in boosters])
+    assert np.allclose(evaluate_trees(export_boosters(boosters), test), expected, atol=1e-12)
+
+
+def test_inference_imports_only_numpy_and_joblib():
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from candlecast.forecast import artifact\n"
+        "from candlecast.candles import Candles\n"
+        "import numpy as np\n"
+        f"path = Path({str(ROOT / 'models' / '1h.pkl')!r})\n"
+        "model = artifact.verify_and_load(path.read_bytes(), Path(str(path) + '.sig').read_text(),"
+        f" {KEY!r})\n"
+        "c = np.linspace(100, 120, 300)\n"
+        "model.predict(Candles(np.arange(300, dtype=np.int64) * 3600, c, c * 1.01, c * 0.99, c, np.ones(300)))\n"
+        "heavy = {'pandas', 'scipy', 'sklearn', 'lightgbm', 'pyarrow', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_model_dict_is_plain_data():
+    model = artifact.verify_and_load(*shipped("1h"), KEY)
+    allowed = (str, int, float, bool, type(None), np.ndarray, np.generic)
+
+    def check(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                check(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                check(item)
+        else:
+            assert isinstance(value, allowed), type(value)
+
+    check(model.payload)
+    assert isinstance(ForecastModel(model.payload), ForecastModel)
+
+
+def test_features_of_the_lookback_tail_equal_those_of_the_whole_series():
+    from candlecast.forecast.features import CONFIGS, origin_features
+
+    candles = synthetic_candles(1500, seed=4)
+    for timeframe, config in CONFIGS.items():
+        whole, whole_sigma = origin_features(candles, config)
+        tail, tail_sigma = origin_features(candles.tail(config.lookback), config)
+        assert np.allclose(tail[-1], whole[-1], rtol=1e-7, atol=1e-9), timeframe
+        assert np.isclose(tail_sigma[-1], whole_sigma[-1], rtol=1e-10)
+
+
+def test_bad_rows_are_skipped_and_too_little_history_is_refused():
+    model = artifact.verify_and_load(*shipped("1h"), KEY)
+    candles = synthetic_candles(300, seed=5)
+    broken = candles.close.copy()
+    broken[-10] = np.nan
+    broken[-20] = 0.0
+    damaged = type(candles)(candles.open_time, candles.open, candles.high, candles.low, broken, candles.volume)
+    forecast = model.predict(damaged)
+    assert np.isfinite(forecast.close).all() and np.isfinite(forecast.confidence).all()
+    with pytest.raises(ValueError, match="at least 3 candles"):
+        model.predict(synthetic_candles(2))

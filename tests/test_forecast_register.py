@@ -1,0 +1,28 @@
+"""`train --register`: the shipped model file lands in the bucket and becomes its timeframe's active row."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.integration
+@pytest.mark.s3
+def test_register_uploads_and_activates_the_model(clean_db, tmp_path):
+    import json
+
+    from candlecast import db, storage
+    from candlecast.forecast.train import register
+    from candlecast.repositories.models import get_active_model_by_timeframe
+
+    for name in ("1d.pkl", "1d.pkl.sig"):
+        shutil.copy(ROOT / "models" / name, tmp_path / name)
+    entry = json.loads((ROOT / "models" / "manifest.json").read_text())["1d"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"1d": entry}))
+    assert register(entry, tmp_path) == f"{entry['name']} {entry['version']}"
+    with db.connection() as conn:
+        row = get_active_model_by_timeframe(conn, "1d")
+    assert row["sha256"] == entry["sha256"] and row["kind"] == entry["kind"]
+    assert storage.get_bytes(storage.active_model_key("1d")) == (tmp_path / "1d.pkl").read_bytes()
