@@ -131,7 +131,7 @@ def main() -> int:
         report("GET cached prediction p50 / p99", _pair(warm("predictions_get", prediction_get, 2000)),
                "target p50 <= 0.3 ms")
 
-        _optional_figures()
+        _other_figures(stack)
     finally:
         stack.close()
     return 0
@@ -141,32 +141,24 @@ def _pair(figures: dict) -> str:
     return f"{figures['p50_ms']:.3f} / {figures['p99_ms']:.3f} ms"
 
 
-def _optional_figures() -> None:
-    """Figures owned by other areas: inference alone, layer sizes, ingest."""
-    try:
-        from candlecast.forecast.bench import bench_forecast
-    except ImportError:
-        bench_forecast = None
-    if bench_forecast is not None:
-        print("\nforecast")
-        for name, value in bench_forecast().items():
-            report(name, value, "target <= 2 ms" if "inference" in name else "")
-    try:
-        from infra.template_checks import function_sizes
-    except ImportError:
-        function_sizes = None
-    if function_sizes is not None:
-        print("\nbuilt sizes (unzipped, function + its layers; needs `make check-template` first)")
-        for name, megabytes in function_sizes().items():
-            report(name, f"{megabytes:.1f} MB", "limit 250 MB; prediction target <= 200 MB")
-    try:
-        from infra.bench_ingest import bench_ingest
-    except ImportError:
-        bench_ingest = None
-    if bench_ingest is not None:
-        print("\ningest (fake Polygon server)")
-        for name, value in bench_ingest().items():
-            report(name, value)
+def _other_figures(stack: LocalStack) -> None:
+    """Inference alone, built sizes and ingest: measured by their own areas' benchmark functions."""
+    from candlecast.forecast.bench import bench_forecast
+    from infra.bench_ingest import bench_ingest
+    from infra.template_checks import BUILD_DIR, size_report
+
+    print("\nforecast (model alone)")
+    for name, value in bench_forecast().items():
+        report(name, value, "target <= 2 ms" if "inference" in name else "")
+    print("\nbuilt sizes, function + its layers, unzipped")
+    if BUILD_DIR.is_dir():
+        for function, sizes in size_report().items():
+            report(function, f"{sizes['total'] / 2**20:.1f} MB", "limit 250 MB; prediction target <= 200 MB")
+    else:
+        print("  (no .aws-sam/build: run `make check-template` first)")
+    print("\ningest against the fake Polygon server (500 symbols x 1000 candles)")
+    for name, value in bench_ingest(stack).items():
+        report(name, value)
 
 
 if __name__ == "__main__":

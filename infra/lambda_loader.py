@@ -45,20 +45,20 @@ def forget_functions() -> None:
 
 
 class LambdaContext:
-    """The context object Lambda passes to a handler, with a 29 s budget like the API functions."""
+    """The attributes and method of Lambda's Python context object that handlers and Powertools use."""
 
-    function_name = "candlecast-local"
-    function_version = "$LATEST"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:candlecast-local"
-    log_group_name = "/aws/lambda/candlecast-local"
-    log_stream_name = "local"
-
-    def __init__(self, timeout_seconds: float = 29.0, function_name: str | None = None):
-        self.aws_request_id = str(uuid.uuid4())
+    def __init__(self, function_name: str = "candlecast-local", *, memory_mb: int = 512,
+                 timeout_seconds: float = 29.0, request_id: str | None = None):
+        self.function_name = function_name
+        self.function_version = "$LATEST"
+        self.memory_limit_in_mb = memory_mb
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
+        self.aws_request_id = request_id or str(uuid.uuid4())
+        self.log_group_name = f"/aws/lambda/{function_name}"
+        self.log_stream_name = time.strftime("%Y/%m/%d/[$LATEST]") + uuid.uuid4().hex
+        self.identity = None
+        self.client_context = None
         self._deadline = time.monotonic() + timeout_seconds
-        if function_name:
-            self.function_name = function_name
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
 
-from infra.lambda_loader import load_function_module
+from infra.lambda_loader import LambdaContext, load_function_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATE = ROOT / "template.yaml"
@@ -469,26 +469,6 @@ def to_http_response(result: Any) -> HttpResponse:
 # --------------------------------------------------------------------------------------------- runtime
 
 
-class LambdaContext:
-    """The attributes and method of the Lambda Python context object that handlers and Powertools use."""
-
-    def __init__(self, spec: FunctionSpec, request_id: str | None = None):
-        self.function_name = spec.logical_id
-        self.function_version = "$LATEST"
-        self.memory_limit_in_mb = spec.memory_mb
-        self.invoked_function_arn = (
-            f"arn:aws:lambda:{LOCAL_REGION}:{LOCAL_ACCOUNT_ID}:function:{spec.logical_id}")
-        self.aws_request_id = request_id or str(uuid.uuid4())
-        self.log_group_name = f"/aws/lambda/{spec.logical_id}"
-        self.log_stream_name = time.strftime("%Y/%m/%d/[$LATEST]") + secrets.token_hex(16)
-        self.identity = None
-        self.client_context = None
-        self._deadline = time.monotonic() + spec.timeout_s
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
-
-
 class FunctionRuntime:
     """One function 'container': its module is imported once, on first use (cold start), then reused."""
 
@@ -531,9 +511,13 @@ class FunctionRuntime:
     def handler(self):
         return getattr(self.module, self.spec.handler_name)
 
+    def new_context(self, request_id: str | None = None) -> LambdaContext:
+        return LambdaContext(self.spec.logical_id, memory_mb=self.spec.memory_mb,
+                             timeout_seconds=self.spec.timeout_s, request_id=request_id)
+
     def invoke(self, event: Mapping, request_id: str | None = None) -> Any:
         handler = self.handler
-        context = LambdaContext(self.spec, request_id)
+        context = self.new_context(request_id)
         started = time.monotonic()
         result = handler(event, context)
         elapsed = time.monotonic() - started

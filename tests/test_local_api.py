@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from infra.local_api import (
+    FunctionRuntime,
     HttpRequest,
-    LambdaContext,
     LocalApi,
     Route,
     build_event,
@@ -357,7 +357,7 @@ def test_body_over_ten_megabytes_is_413(echo_api):
 
 def test_context_counts_down():
     spec = parse_functions(load_template(TEMPLATE), ROOT)["HealthFunction"]
-    context = LambdaContext(spec)
+    context = FunctionRuntime(spec, {}).new_context()
     assert context.function_name == "HealthFunction"
     assert context.memory_limit_in_mb == 256
     first = context.get_remaining_time_in_millis()
