@@ -3,20 +3,22 @@
 import uuid
 
 import psycopg
+from pydantic import TypeAdapter
 
-from candlecast.schemas import PredictionCreate
+from candlecast.schemas import PredictionCreate, PredictionStepCreate
 
 STEP_FIELDS = ("step", "ts", "open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95",
                "confidence")
 STEP_TYPES = ("smallint", "timestamptz", *["double precision"] * 9)
 REPEAT_WINDOW = "15 minutes"
+_steps_json = TypeAdapter(list[PredictionStepCreate])
 
 _PREDICTION_COLUMNS = """p.id, p.ticker, p.timeframe, p.model_id, m.name AS model_name, m.version AS model_version,
        p.last_candle_at, p.last_close, p.horizon, p.created_at, p.request_hash, p.idempotency_key"""
 
 _CREATE = f"""
 WITH existing AS (
-    SELECT id, request_hash FROM predictions
+    SELECT id, request_hash, created_at FROM predictions
     WHERE CASE WHEN %(idempotency_key)s::text IS NOT NULL THEN idempotency_key = %(idempotency_key)s
                ELSE request_hash = %(request_hash)s AND created_at > now() - interval '{REPEAT_WINDOW}' END
     ORDER BY created_at DESC
@@ -27,28 +29,28 @@ WITH existing AS (
     SELECT %(symbol_id)s, %(ticker)s, %(timeframe)s, %(model_id)s, %(last_candle_at)s, %(last_close)s,
            %(horizon)s, %(idempotency_key)s, %(user_id)s, %(request_hash)s
     WHERE NOT EXISTS (SELECT 1 FROM existing)
-    RETURNING id
+    RETURNING id, created_at
 ), steps AS (
     INSERT INTO prediction_steps (prediction_id, {", ".join(STEP_FIELDS)})
     SELECT inserted.id, s.* FROM inserted,
-           unnest({", ".join(f"%({name})s::{kind}[]" for name, kind in zip(STEP_FIELDS, STEP_TYPES, strict=True))})
-           AS s({", ".join(STEP_FIELDS)})
+           jsonb_to_recordset(%(steps)s::jsonb)
+           AS s({", ".join(f"{name} {kind}" for name, kind in zip(STEP_FIELDS, STEP_TYPES, strict=True))})
 )
-SELECT id, true AS created, %(request_hash)s AS request_hash FROM inserted
+SELECT id, created_at, true AS created, %(request_hash)s AS request_hash FROM inserted
 UNION ALL
-SELECT id, false AS created, request_hash FROM existing
+SELECT id, created_at, false AS created, request_hash FROM existing
 """
 
 
 def create_prediction(
     conn: psycopg.Connection, prediction: PredictionCreate, request_hash: str
-) -> tuple[uuid.UUID, bool]:
+) -> dict:
     """Store a prediction and its steps atomically, unless an equivalent one exists.
 
     Equivalent means the same Idempotency-Key, or (without a key) the same request hash within 15 minutes.
     A transaction-scoped advisory lock serialises concurrent identical requests, so exactly one row is
-    stored whatever the cache does. Returns (id, created); raises Conflict when a key is reused for a
-    different request.
+    stored whatever the cache does. Returns {id, created_at, created}; raises Conflict when a key is
+    reused for a different request.
     """
     from candlecast.errors import Conflict
 
@@ -57,14 +59,20 @@ def create_prediction(
         **prediction.model_dump(exclude={"steps"}),
         "horizon": len(prediction.steps),
         "request_hash": request_hash,
-        **{name: [getattr(step, name) for step in prediction.steps] for name in STEP_FIELDS},
+        # One JSON document for the 30 steps: cheaper to send than eleven arrays.
+        "steps": _steps_json.dump_json(prediction.steps).decode(),
     }
-    with conn.transaction():
+    # Pipelined: BEGIN, the lock and the insert go in one round trip. The insert's snapshot is still taken
+    # after the lock is granted, so it sees a concurrent twin that committed first.
+    with conn.pipeline(), conn.transaction():
+        # A prediction is derived data: the commit need not wait for the WAL flush (a crash may lose the
+        # last moments of predictions, never corrupt them).
+        conn.execute("SET LOCAL synchronous_commit = off")
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
         row = conn.execute(_CREATE, params).fetchone()
     if row["request_hash"] != request_hash:
         raise Conflict("Idempotency-Key was already used for a different request", code="idempotency_key_reused")
-    return row["id"], row["created"]
+    return row
 
 
 def get_prediction_by_id(conn: psycopg.Connection, prediction_id: uuid.UUID) -> dict | None:

@@ -17,7 +17,7 @@ from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
 from candlecast.repositories import symbols as symbol_repository
-from candlecast.schemas import PredictionCreate, PredictionRequest, PredictionStepCreate
+from candlecast.schemas import PredictionCreate, PredictionRequest, PredictionStep, PredictionWithSteps
 from candlecast.services import predictions as prediction_reads
 from candlecast.timeframes import FORECAST_STEPS, next_open_times
 
@@ -75,29 +75,12 @@ def _request_hash(ticker: str, timeframe: str, model_id, last_open: int) -> str:
     return hashlib.sha256(f"{ticker}|{timeframe}|{model_id}|{last_open}".encode()).hexdigest()
 
 
-def create(request: PredictionRequest, idempotency_key: str | None = None) -> CreateResult:
-    ticker, timeframe = request.symbol, request.timeframe
-    with db.connection() as conn:
-        symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
-        if symbol is None:
-            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-        model_row = model_repository.get_active_model_by_timeframe(conn, timeframe)
-    if model_row is None:
-        raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
-    model = _verified_model(model_row)
-    candles = _recent_candles(ticker, timeframe, model.lookback)
-    last_open = int(candles.open_time[-1])
-
-    if idempotency_key is None:
-        repeat_id = cache.get_prediction_for_request(ticker, timeframe, last_open)
-        if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
-            return CreateResult(body, created=False)
-
+def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
+    """The 30 expected candles after the last of `candles`, at the timeframe's calendar steps."""
     forecast = model.predict(candles)
-    last_open_at = datetime.fromtimestamp(last_open, UTC)
-    step_times = next_open_times(last_open_at, timeframe, FORECAST_STEPS)
-    steps = [
-        PredictionStepCreate(
+    step_times = next_open_times(datetime.fromtimestamp(int(candles.open_time[-1]), UTC), timeframe, FORECAST_STEPS)
+    return [
+        PredictionStep(
             step=index + 1, ts=step_times[index],
             open=forecast.open[index], high=forecast.high[index], low=forecast.low[index],
             close=forecast.close[index], lower_80=forecast.lower_80[index], upper_80=forecast.upper_80[index],
@@ -106,16 +89,47 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
         )
         for index in range(FORECAST_STEPS)
     ]
-    prediction = PredictionCreate(
-        symbol_id=symbol["id"], ticker=ticker, timeframe=timeframe, model_id=model_row["id"],
-        last_candle_at=last_open_at, last_close=float(candles.close[-1]), idempotency_key=idempotency_key,
-        steps=steps,
-    )
+
+
+def create(request: PredictionRequest, idempotency_key: str | None = None) -> CreateResult:
+    ticker, timeframe = request.symbol, request.timeframe
+    # One pooled connection for the whole request (a Lambda container serves one request at a time).
     with db.connection() as conn:
-        prediction_id, created = prediction_repository.create_prediction(
+        symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
+        if symbol is None:
+            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+        model_row = model_repository.get_active_model_by_timeframe(conn, timeframe)
+        if model_row is None:
+            raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
+        model = _verified_model(model_row)
+        candles = _recent_candles(ticker, timeframe, model.lookback)
+        last_open = int(candles.open_time[-1])
+
+        if idempotency_key is None:
+            repeat_id = cache.get_prediction_for_request(ticker, timeframe, last_open)
+            if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
+                return CreateResult(body, created=False)
+
+        steps = _steps(model, candles, timeframe)
+        prediction = PredictionCreate(
+            symbol_id=symbol["id"], ticker=ticker, timeframe=timeframe, model_id=model_row["id"],
+            last_candle_at=datetime.fromtimestamp(last_open, UTC), last_close=float(candles.close[-1]),
+            idempotency_key=idempotency_key, steps=steps,
+        )
+        stored = prediction_repository.create_prediction(
             conn, prediction, _request_hash(ticker, timeframe, model_row["id"], last_open)
         )
-    body = prediction_reads.load_and_cache(prediction_id)
+    if stored["created"]:
+        # What was just validated and stored is the response; it is not read back.
+        body = PredictionWithSteps.model_construct(
+            id=stored["id"], created_at=stored["created_at"], horizon=FORECAST_STEPS,
+            model_name=model_row["name"], model_version=model_row["version"],
+            **prediction.model_dump(include={"ticker", "timeframe", "model_id", "last_candle_at", "last_close"}),
+            steps=steps,
+        ).model_dump_json().encode()
+        cache.set_prediction_bytes(str(stored["id"]), body)
+    else:
+        body = prediction_reads.get(str(stored["id"]))[0]
     if idempotency_key is None:
-        cache.set_prediction_for_request(ticker, timeframe, last_open, str(prediction_id))
-    return CreateResult(body, created=created)
+        cache.set_prediction_for_request(ticker, timeframe, last_open, str(stored["id"]))
+    return CreateResult(body, created=stored["created"])
