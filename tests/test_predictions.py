@@ -261,3 +261,16 @@ def test_created_prediction_is_still_served_when_database_recovers(seeded, needs
     while (status := create({"symbol": "BTCUSDT", "timeframe": "1d"})[0]) != 201 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert status == 201
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
+def test_body_that_is_not_json_by_content_type_is_415(seeded, content_type):
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"content-type": content_type})
+    assert status == 415
+    assert "application/json" in body["error"]["message"]
+    assert stored_predictions(seeded.database_url) == 0
+
+
+def test_json_with_charset_is_accepted(seeded):
+    status, _, _ = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"content-type": "application/json; charset=utf-8"})
+    assert status == 201

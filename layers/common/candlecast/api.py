@@ -13,7 +13,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from candlecast.config import get_settings
-from candlecast.errors import CandlecastError, PayloadTooLarge, error_body
+from candlecast.errors import CandlecastError, PayloadTooLarge, UnsupportedMediaType, error_body
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "candlecast"))
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Candlecast"))
@@ -88,8 +88,19 @@ def create_resolver() -> APIGatewayHttpResolver:
     return app
 
 
-def _too_large(body_size: int) -> dict:
-    error = PayloadTooLarge(f"request body is {body_size} bytes; the limit is {MAX_BODY_BYTES}")
+def _refused_body(event: dict) -> CandlecastError | None:
+    """A body we refuse before anything parses or validates it: too large, or not JSON."""
+    body = event.get("body") or ""
+    if len(body) > MAX_BODY_BYTES:
+        return PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
+    content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if body and content_type != "application/json" and not content_type.endswith("+json"):
+        return UnsupportedMediaType(f"Content-Type must be application/json, not {content_type[:100]}")
+    return None
+
+
+def _error_result(error: CandlecastError) -> dict:
     return {
         "statusCode": error.status,
         "headers": {"Content-Type": content_types.APPLICATION_JSON},
@@ -102,9 +113,8 @@ def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaCon
     @logger.inject_lambda_context(clear_state=True)
     @metrics.log_metrics(capture_cold_start_metric=True)
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
-        body_size = len(event.get("body") or "")
-        # An oversized body is refused before anything parses or validates it.
-        response = _too_large(body_size) if body_size > MAX_BODY_BYTES else app.resolve(event, context)
+        refused = _refused_body(event)
+        response = _error_result(refused) if refused else app.resolve(event, context)
         metrics.add_metric(name=f"Responses{response['statusCode'] // 100}xx", unit=MetricUnit.Count, value=1)
         return response
 

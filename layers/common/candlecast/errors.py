@@ -32,6 +32,11 @@ class PayloadTooLarge(CandlecastError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(CandlecastError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class ServiceUnavailable(CandlecastError):
     status = 503
     code = "service_unavailable"
