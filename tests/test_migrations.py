@@ -98,3 +98,21 @@ def test_cli_reports_missing_configuration_by_name():
     assert result.returncode == 2
     assert "REDIS_URL" in result.stderr
     assert "DATA_BUCKET" in result.stderr
+
+
+def test_cli_db_check_reports_database_and_cache(migrated_db):
+    env = {**os.environ, **migrated_db.environment()}
+    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "db-check"], env=env,
+                            capture_output=True, text=True)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0
+    assert report["database"]["status"] == "up"
+    assert report["database"]["active_models"] >= 0
+    assert report["cache"] == {"status": "up"}
+    down = subprocess.run([sys.executable, "-m", "candlecast.cli", "db-check"],
+                          env={**env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+                               "REDIS_URL": "redis://127.0.0.1:1/0"},
+                          capture_output=True, text=True)
+    assert down.returncode == 1
+    assert json.loads(down.stdout)["database"]["status"] == "down"
+    assert json.loads(down.stdout)["cache"] == {"status": "down"}
