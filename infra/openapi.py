@@ -44,6 +44,22 @@ def _merge_into(target: dict[str, Any], items: dict[str, Any], what: str) -> Non
         target[name] = value
 
 
+_DEFAULT_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def _drop_default_validation_responses(paths: dict[str, dict], schemas: dict[str, Any]) -> None:
+    """Powertools documents a 422 HTTPValidationError on every route with parameters; ours answer bad
+    parameters with 400 and the one error body the routes declare, so that default is removed."""
+    for operations in paths.values():
+        for operation in operations.values():
+            response = operation.get("responses", {}).get("422", {})
+            if "HTTPValidationError" in json.dumps(response):
+                del operation["responses"]["422"]
+    if "HTTPValidationError" not in json.dumps(paths):
+        for name in _DEFAULT_VALIDATION_SCHEMAS:
+            schemas.pop(name, None)
+
+
 def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[str, Any]:
     """One OpenAPI 3.1 document from the resolvers of every function that has HttpApi routes."""
     from candlecast.api import API_DESCRIPTION
@@ -64,6 +80,7 @@ def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[st
         for path, operations in document.get("paths", {}).items():
             _merge_into(paths.setdefault(path, {}), operations, f"operation on {path}")
         _merge_into(schemas, document.get("components", {}).get("schemas", {}), "schema")
+    _drop_default_validation_responses(paths, schemas)
     merged: dict[str, Any] = {
         "openapi": openapi_version,
         "info": {"title": TITLE, "version": VERSION, "description": API_DESCRIPTION},

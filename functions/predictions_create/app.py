@@ -4,8 +4,8 @@ from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header
 
-from candlecast.api import create_resolver, json_response, lambda_handler_for
-from candlecast.schemas import PredictionRequest
+from candlecast.api import create_resolver, documented, json_response, lambda_handler_for
+from candlecast.schemas import PredictionRequest, PredictionWithSteps
 from candlecast.services import forecasting
 
 app = create_resolver()
@@ -20,6 +20,8 @@ app = create_resolver()
         "X-Cache: HIT for a repeat of the same symbol, timeframe and last candle within 15 minutes, or a "
         "repeated Idempotency-Key."
     ),
+    responses=documented(PredictionWithSteps, 400, 404, 409, 413, 415, 422, 503, status=201)
+    | {200: {"description": "the stored prediction (X-Cache: HIT)"}},
 )
 def create_prediction(
     request: Annotated[PredictionRequest, Body()],

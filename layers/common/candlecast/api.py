@@ -26,6 +26,28 @@ API_DESCRIPTION = (
 )
 
 
+_ERROR_MEANINGS = {
+    400: "bad query, path, header or malformed JSON",
+    404: "not found",
+    409: "Idempotency-Key reused for a different request",
+    413: "body larger than 16 KiB",
+    415: "body is not application/json",
+    422: "body fields invalid",
+    503: "a dependency is unavailable",
+}
+
+
+def documented(model: Any, *error_statuses: int, status: int = 200) -> dict[int, dict]:
+    """OpenAPI `responses` for a route: its success model and our error body for each error status."""
+    from candlecast.schemas import ErrorResponse
+
+    responses = {status: {"description": "success", "content": {"application/json": {"model": model}}}}
+    for code in error_statuses:
+        responses[code] = {"description": _ERROR_MEANINGS[code],
+                           "content": {"application/json": {"model": ErrorResponse}}}
+    return responses
+
+
 def json_response(body: bytes | str, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response from already-serialised bytes (cached bytes are returned as they are)."""
     return Response(

@@ -175,3 +175,14 @@ class Prediction(_Read):
 
 class PredictionWithSteps(Prediction):
     steps: list[PredictionStep]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., examples=["symbol_not_found"])
+    message: str = Field(..., examples=["unknown symbol X:NOPEUSD"])
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every error body."""
+
+    error: ErrorDetail
