@@ -72,3 +72,24 @@ def test_walk_forward_blocks_are_ordered_with_embargoes():
         if previous_test_end is not None:
             assert fold.test_start == previous_test_end  # expanding window: each fold tests the next block
         previous_test_end = fold.test_end
+
+
+def test_calibrating_on_history_is_not_fooled_by_one_calm_block():
+    """1w/1m calibrate the baseline on every past pair: one calm calibration block must not narrow the intervals."""
+    config = CONFIGS["1h"]
+    origins = build_origins([(None, random_walk(seed)) for seed in range(12)], config)
+    held = origins.series >= 8
+    (fold,) = walk_forward_folds(origins.time, "1h", folds=1, test_fraction=0.3)
+    train = purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+    cal = purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
+                 fold.test_start)
+    cal.log_return = cal.log_return * 0.2  # a calm regime, unlike the training block and the test block
+    test = origins.take(held & (origins.time >= fold.test_start))
+    coverage = {}
+    for on_history in (False, True):
+        plan = TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1,
+                         calibrate_on_history=on_history)
+        baseline = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), progress=False)["baseline"]
+        coverage[on_history] = metrics(test, *model_outputs(baseline, test), config.tolerance)["coverage_95"]
+    assert coverage[False] < 0.8  # the calm block alone makes the intervals far too narrow
+    assert 0.90 <= coverage[True] <= 0.99  # the calm block is a fifth of the pairs: slightly narrow
