@@ -1,5 +1,6 @@
 """Prediction create/get through real v2 events, with the committed sample data and models seeded."""
 
+import base64
 import json
 import threading
 import time
@@ -274,3 +275,23 @@ def test_body_that_is_not_json_by_content_type_is_415(seeded, content_type):
 def test_json_with_charset_is_accepted(seeded):
     status, _, _ = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"content-type": "application/json; charset=utf-8"})
     assert status == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "base64_encoded", "status", "mentions"),
+    [
+        ("[" * 5000 + "]" * 5000, False, 400, "JSON"),
+        ('{"a":' * 2000 + "1" + "}" * 2000, False, 400, "JSON"),
+        ("not base64 at all!", True, 400, "base64"),
+        (base64.b64encode(b"\xff\xfe{").decode(), True, 400, "UTF-8"),
+        (base64.b64encode(b"x" * 20_000).decode(), True, 413, "limit"),
+        ("é" * 9000, False, 413, "limit"),  # 18,000 bytes in 9,000 characters
+    ],
+    ids=["deep-array", "deep-object", "bad-base64", "not-utf8", "big-base64", "multibyte"],
+)
+def test_bodies_that_cannot_be_read_are_4xx(seeded, body, base64_encoded, status, mentions):
+    event = load_event("predictions_create.json", body=body, isBase64Encoded=base64_encoded)
+    got_status, _, got = invoke("predictions_create", event)
+    assert got_status == status
+    assert mentions in got["error"]["message"]
+    assert stored_predictions(seeded.database_url) == 0

@@ -1,5 +1,7 @@
 """What every HTTP function shares: the resolver, one error mapping, logging and metrics."""
 
+import base64
+import binascii
 import json
 import os
 from collections.abc import Callable
@@ -13,7 +15,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from candlecast.config import get_settings
-from candlecast.errors import CandlecastError, PayloadTooLarge, UnsupportedMediaType, error_body
+from candlecast.errors import BadRequest, CandlecastError, PayloadTooLarge, UnsupportedMediaType, error_body
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "candlecast"))
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Candlecast"))
@@ -84,7 +86,7 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
 
 def create_resolver() -> APIGatewayHttpResolver:
     get_settings()  # configuration is validated at cold start; a bad variable stops start-up, named
-    app = APIGatewayHttpResolver(enable_validation=True)
+    app = APIGatewayHttpResolver(enable_validation=True, json_body_deserializer=_json_loads)
 
     @app.exception_handler(CandlecastError)
     def _domain_error(error: CandlecastError) -> Response:
@@ -111,15 +113,35 @@ def create_resolver() -> APIGatewayHttpResolver:
 
 
 def _refused_body(event: dict) -> CandlecastError | None:
-    """A body we refuse before anything parses or validates it: too large, or not JSON."""
+    """A body we refuse before anything parses or validates it: too large, not UTF-8, or not JSON."""
     body = event.get("body") or ""
-    if len(body) > MAX_BODY_BYTES:
-        return PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
-    headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
-    content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if len(body) > MAX_BODY_BYTES * 4 // 3 + 4:  # too large even as base64: do not decode it
+        return PayloadTooLarge(f"request body is over {MAX_BODY_BYTES} bytes, the limit")
+    raw = body.encode("utf-8", "surrogatepass")
+    if event.get("isBase64Encoded") and body:
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except binascii.Error:
+            return BadRequest("request body is marked base64 but is not valid base64", code="invalid_body")
+    if len(raw) > MAX_BODY_BYTES:
+        return PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadRequest("request body is not UTF-8 text", code="invalid_body")
+    headers = {str(name).lower(): value for name, value in (event.get("headers") or {}).items()}
+    content_type = str(headers.get("content-type", "application/json")).split(";")[0].strip().lower()
     if body and content_type != "application/json" and not content_type.endswith("+json"):
         return UnsupportedMediaType(f"Content-Type must be application/json, not {content_type[:100]}")
     return None
+
+
+def _json_loads(text: str | bytes) -> Any:
+    """json.loads for request bodies: absurd nesting is invalid JSON (a 400), not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", str(text)[:20], 0) from None
 
 
 def _error_result(error: CandlecastError) -> dict:
