@@ -54,10 +54,17 @@ def test_search_matches_name_prefix_case_insensitively(symbols):
 
 
 def test_search_accepts_ticker_forms(symbols):
-    for form in ("X:ETHUSDT", "eth-usdt", "ETHUSDT", "eth/usdt"):
+    for form in ("X:ETHUSDT", "eth-usdt", "ETHUSDT", "eth/usdt", "eth_usdt"):
         status, _, body = search(form)
         assert status == 200, form
         assert [item["ticker"] for item in body] == ["X:ETHUSDT"], form
+
+
+def test_a_name_query_and_a_ticker_query_never_share_a_cache_entry(symbols):
+    assert search("x:Basic Attention")[2] == []  # "X:" plus a name matches no ticker and no name
+    status, _, body = search("Basic Attention")
+    assert status == 200
+    assert [item["ticker"] for item in body] == ["X:BATUSDT"]
 
 
 def test_search_limit_is_applied(symbols):

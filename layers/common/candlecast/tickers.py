@@ -10,14 +10,16 @@ _PAIR = re.compile(r"^[A-Z0-9]{2,24}$")
 KNOWN_QUOTES = ("USDT", "USDC", "BUSD", "TUSD", "USD", "EUR", "GBP", "JPY", "BTC", "ETH", "BNB")
 
 
+def compact_pair(raw: str) -> str:
+    """`x:btc-usd`, `BTC/USD`, `btc_usd` -> `BTCUSD`: upper case, no `X:` prefix, no separators."""
+    return raw.strip().upper().removeprefix("X:").replace("-", "").replace("/", "").replace("_", "")
+
+
 def normalize_ticker(raw: str) -> str:
     """The canonical ticker (Polygon's `X:` form), or BadRequest naming what is wrong."""
     if len(raw) > MAX_TICKER_LENGTH:
         raise BadRequest(f"ticker is longer than {MAX_TICKER_LENGTH} characters", code="invalid_ticker")
-    pair = raw.strip().upper()
-    if pair.startswith("X:"):
-        pair = pair[2:]
-    pair = pair.replace("-", "").replace("/", "").replace("_", "")
+    pair = compact_pair(raw)
     if not _PAIR.match(pair):
         raise BadRequest(
             "ticker must look like X:BTCUSD, BTCUSD or BTC-USD (letters and digits only)", code="invalid_ticker"

@@ -35,7 +35,7 @@ def get_symbol_by_ticker(conn: psycopg.Connection, ticker: str) -> dict | None:
 
 
 def search_symbols(conn: psycopg.Connection, query: str, limit: int) -> list[dict]:
-    """Active symbols whose ticker (with or without `X:`) or name starts with `query`, case-insensitively.
+    """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively.
 
     Ranked by exactness (exact ticker or base, then ticker prefix, then name prefix), then by volume.
     LIKE wildcards in the query are escaped, so they match themselves.
@@ -51,7 +51,6 @@ def search_symbols(conn: psycopg.Connection, query: str, limit: int) -> list[dic
         FROM symbols
         WHERE is_active
           AND (ticker LIKE 'X:' || %(pattern)s || '%%'
-               OR ticker LIKE %(pattern)s || '%%'
                OR lower(name) LIKE %(name_pattern)s || '%%')
         ORDER BY exactness, volume_24h DESC NULLS LAST, ticker
         LIMIT %(limit)s

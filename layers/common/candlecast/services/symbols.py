@@ -8,7 +8,7 @@ from candlecast import cache, db
 from candlecast.errors import BadRequest, NotFound
 from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import Symbol
-from candlecast.tickers import normalize_ticker
+from candlecast.tickers import compact_pair, normalize_ticker
 
 MAX_QUERY_LENGTH = 64
 _symbol_list = TypeAdapter(list[Symbol])
@@ -27,14 +27,17 @@ def search(query: str, limit: int) -> bytes:
     query = validate_query(query)
     if not query:
         return top(limit)
-    normalised = query.upper().removeprefix("X:").replace("-", "").replace("/", "")
-    cached = cache.get_search_bytes(normalised.lower(), limit)
+    pair = compact_pair(query)
+    # A ticker-like query searches as its compact pair; anything else (a name) as typed. The search is
+    # case-insensitive, so the cache key is the searched term in lower case.
+    term = pair if pair.isalnum() else query
+    cached = cache.get_search_bytes(term.lower(), limit)
     if cached is not None:
         return cached
     with db.connection() as conn:
-        rows = symbol_repository.search_symbols(conn, normalised if normalised.isalnum() else query, limit)
+        rows = symbol_repository.search_symbols(conn, term, limit)
     body = _symbol_list.dump_json(_symbol_list.validate_python(rows))
-    cache.set_search_bytes(normalised.lower(), limit, body)
+    cache.set_search_bytes(term.lower(), limit, body)
     return body
 
 
