@@ -295,3 +295,27 @@ def test_bodies_that_cannot_be_read_are_4xx(seeded, body, base64_encoded, status
     assert got_status == status
     assert mentions in got["error"]["message"]
     assert stored_predictions(seeded.database_url) == 0
+
+
+@pytest.mark.parametrize("model_loaded", [False, True], ids=["model-not-loaded", "model-loaded"])
+def test_storage_outage_is_503_not_500(seeded, monkeypatch, model_loaded):
+    from candlecast import cache
+    from candlecast.config import get_settings
+    from candlecast.services import forecasting
+
+    if model_loaded:
+        assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 201
+    cache.delete_pattern("cc:v1:*")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    get_settings.cache_clear()
+    storage.reset_clients()
+    if not model_loaded:
+        forecasting.forget_models()
+    try:
+        status, _, body = create({"symbol": "ETHUSDT", "timeframe": "1h"})
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        storage.reset_clients()
+    assert status == 503
+    assert body["error"]["code"] == "storage_unavailable"

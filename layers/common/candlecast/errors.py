@@ -46,6 +46,10 @@ class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
 
 
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+
+
 class ModelUnavailable(ServiceUnavailable):
     code = "model_unavailable"
 

@@ -9,7 +9,8 @@ importing this module stays cheap for health and search.
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -18,6 +19,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache
 from candlecast.config import get_settings
+from candlecast.errors import StorageUnavailable
 from candlecast.tickers import storage_name
 
 if TYPE_CHECKING:
@@ -118,6 +120,25 @@ def _is_missing(error: Exception) -> bool:
     return code in {"404", "NoSuchKey", "NotFound"}
 
 
+@contextmanager
+def _unavailable_as_503(key: str) -> Iterator[None]:
+    """An unreachable or failing S3 becomes StorageUnavailable (503); a missing key is the caller's to handle."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except ClientError as error:
+        if _is_missing(error):
+            raise
+        logger.warning("storage request failed", extra={"key": key, "error": str(error)})
+        raise StorageUnavailable("storage is unavailable; try again shortly") from error
+    except (BotoCoreError, OSError) as error:
+        logger.warning("storage unreachable", extra={"key": key, "error": str(error)})
+        raise StorageUnavailable("storage is unavailable; try again shortly") from error
+
+
 # --- plain objects ------------------------------------------------------------------------------
 
 
@@ -132,12 +153,13 @@ def get_bytes(key: str) -> bytes | None:
     from botocore.exceptions import ClientError
 
     try:
-        response = s3_client().get_object(Bucket=_bucket(), Key=key)
+        with _unavailable_as_503(key):
+            response = s3_client().get_object(Bucket=_bucket(), Key=key)
+            return response["Body"].read()
     except ClientError as error:
         if _is_missing(error):
             return None
         raise
-    return response["Body"].read()
 
 
 def head_etag(key: str) -> str | None:
@@ -363,11 +385,12 @@ def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = 
             return cached
     key = candles_key(ticker, timeframe)
     try:
-        # Opening issues the one HEAD; its ETag (pyarrow's FileInfo lacks it) is in the stream metadata.
-        handle = filesystem().open_input_file(f"{_bucket()}/{key}")
+        with _unavailable_as_503(key):
+            # Opening issues the one HEAD; its ETag (pyarrow's FileInfo lacks it) is in the stream metadata.
+            handle = filesystem().open_input_file(f"{_bucket()}/{key}")
     except FileNotFoundError:
         return None
-    with handle:
+    with handle, _unavailable_as_503(key):
         etag = handle.metadata().get("ETag", b"").decode()
         candles = _recalled(key, etag, last_n) if use_cache and etag else None
         if candles is None:
