@@ -319,3 +319,31 @@ def test_storage_outage_is_503_not_500(seeded, monkeypatch, model_loaded):
         storage.reset_clients()
     assert status == 503
     assert body["error"]["code"] == "storage_unavailable"
+
+
+def _write_candles(ticker: str, closes: list[float], start: int = 1_600_000_000):
+    import numpy as np
+
+    from candlecast.candles import Candles
+
+    close = np.asarray(closes, dtype=float)
+    storage.write_candles(ticker, "1h", Candles(
+        open_time=np.arange(len(close), dtype=np.int64) * 3600 + start, open=close, high=close * 1.01,
+        low=close * 0.99, close=close, volume=np.ones(len(close))))
+    return start
+
+
+def test_candles_with_too_few_usable_rows_are_404(seeded):
+    _write_candles("X:ADAUSDT", [0.0] * 197 + [1.2, 1.3])
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 404
+    assert "usable" in body["error"]["message"]
+
+
+def test_a_bad_last_candle_is_skipped_and_the_forecast_continues_the_last_good_one(seeded):
+    closes = [1.0 + 0.01 * (index % 7) for index in range(300)] + [float("nan")]
+    start = _write_candles("X:ADAUSDT", closes)
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    assert body["last_close"] == pytest.approx(closes[-2])
+    assert datetime.fromisoformat(body["last_candle_at"]) == datetime.fromtimestamp(start + 299 * 3600, UTC)

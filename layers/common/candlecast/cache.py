@@ -41,8 +41,9 @@ class keys:
         return f"{NAMESPACE}:prediction:{prediction_id}"
 
     @staticmethod
-    def prediction_request(ticker: str, timeframe: str, last_candle_epoch: int) -> str:
-        return f"{NAMESPACE}:prediction-request:{ticker}:{timeframe}:{last_candle_epoch}"
+    def prediction_request(request_hash: str) -> str:
+        """A create request's identity: symbol, timeframe, model and last candle, hashed by the service."""
+        return f"{NAMESPACE}:prediction-request:{request_hash}"
 
     @staticmethod
     def symbol(ticker: str) -> str:
@@ -181,14 +182,13 @@ def set_prediction_bytes(prediction_id: str, body: bytes) -> bool:
     return set(keys.prediction(prediction_id), body, TTL_SECONDS["prediction"])
 
 
-def get_prediction_for_request(ticker: str, timeframe: str, last_candle_epoch: int) -> str | None:
-    raw = get(keys.prediction_request(ticker, timeframe, last_candle_epoch))
+def get_prediction_for_request(request_hash: str) -> str | None:
+    raw = get(keys.prediction_request(request_hash))
     return None if raw is None else raw.decode()
 
 
-def set_prediction_for_request(ticker: str, timeframe: str, last_candle_epoch: int, prediction_id: str) -> bool:
-    key = keys.prediction_request(ticker, timeframe, last_candle_epoch)
-    return set(key, prediction_id, TTL_SECONDS["prediction"])
+def set_prediction_for_request(request_hash: str, prediction_id: str) -> bool:
+    return set(keys.prediction_request(request_hash), prediction_id, TTL_SECONDS["prediction"])
 
 
 def get_symbol_bytes(ticker: str) -> bytes | None:

@@ -344,7 +344,7 @@ def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now:
     cached = storage.cached_candles(ticker, timeframe, last_n)
     if cached is not None:
         return cached
-    client = polygon.get_client()
+    client = polygon.get_client(interactive=True)
     if client is None:
         raise NotFound(
             f"candles for {ticker} at {timeframe} are unavailable: the symbol has no stored candles and no "

@@ -206,29 +206,34 @@ def _error_text(data: bytes) -> str:
         return data[:200].decode("utf-8", "replace") or "empty body"
 
 
-_client: PolygonClient | None = None
+# Inside an API request (29 s Lambda timeout) Polygon gets a few seconds; the weekly refresh gets minutes.
+INTERACTIVE_LIMITS = {"connect_timeout": 2.0, "read_timeout": 4.0, "time_budget": 6.0, "max_attempts": 2}
+_clients: dict[bool, PolygonClient] = {}
 _client_lock = threading.Lock()
 
 
-def get_client() -> PolygonClient | None:
-    """The container's client, or None when no API key is configured."""
-    global _client
-    if _client is None:
+def get_client(*, interactive: bool = False) -> PolygonClient | None:
+    """The container's client (one for API requests, one for batch work), or None when no key is configured."""
+    client = _clients.get(interactive)
+    if client is None:
         from candlecast.config import get_settings, polygon_api_key
 
         with _client_lock:
-            if _client is None:
+            client = _clients.get(interactive)
+            if client is None:
                 settings = get_settings()
                 api_key = polygon_api_key(settings)
                 if not api_key:
                     return None
-                _client = PolygonClient(api_key, settings.polygon_base_url, max_rps=settings.polygon_max_rps)
-    return _client
+                limits = INTERACTIVE_LIMITS if interactive else {}
+                client = _clients[interactive] = PolygonClient(
+                    api_key, settings.polygon_base_url, max_rps=settings.polygon_max_rps, **limits
+                )
+    return client
 
 
 def reset_client() -> None:
-    global _client
     with _client_lock:
-        if _client is not None:
-            _client.close()
-        _client = None
+        for client in _clients.values():
+            client.close()
+        _clients.clear()

@@ -65,9 +65,10 @@ def create_prediction(
     # Pipelined: BEGIN, the lock and the insert go in one round trip. The insert's snapshot is still taken
     # after the lock is granted, so it sees a concurrent twin that committed first.
     with conn.pipeline(), conn.transaction():
-        # A prediction is derived data: the commit need not wait for the WAL flush (a crash may lose the
-        # last moments of predictions, never corrupt them).
-        conn.execute("SET LOCAL synchronous_commit = off")
+        if prediction.idempotency_key is None:
+            # Without a key a prediction is recomputable derived data: its commit need not wait for the WAL
+            # flush (a crash may lose the last moments of them, never corrupt them). A keyed one is a promise.
+            conn.execute("SET LOCAL synchronous_commit = off")
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
         row = conn.execute(_CREATE, params).fetchone()
     if row["request_hash"] != request_hash:

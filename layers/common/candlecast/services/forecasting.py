@@ -61,13 +61,17 @@ def forget_models() -> None:
 
 
 def _recent_candles(ticker: str, timeframe: str, count: int):
+    """The symbol's last usable candles: from the bucket, else from Polygon (any symbol)."""
+    from candlecast.forecast.model import usable_candles
+
     candles = storage.read_candles(ticker, timeframe, count)
     if candles is None or len(candles) == 0:
         from candlecast import ingest
 
         candles = ingest.fetch_recent_candles(ticker, timeframe, count)
+    candles = usable_candles(candles) if candles is not None else None
     if candles is None or len(candles) < 3:
-        raise NotFound(f"{ticker} has no {timeframe} candles to forecast from", code="candles_not_found")
+        raise NotFound(f"{ticker} has too few usable {timeframe} candles to forecast from", code="candles_not_found")
     return candles
 
 
@@ -93,32 +97,32 @@ def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
 
 def create(request: PredictionRequest, idempotency_key: str | None = None) -> CreateResult:
     ticker, timeframe = request.symbol, request.timeframe
-    # One pooled connection for the whole request (a Lambda container serves one request at a time).
     with db.connection() as conn:
         symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
-        if symbol is None:
-            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-        model_row = model_repository.get_active_model_by_timeframe(conn, timeframe)
-        if model_row is None:
-            raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
-        model = _verified_model(model_row)
-        candles = _recent_candles(ticker, timeframe, model.lookback)
-        last_open = int(candles.open_time[-1])
+        model_row = model_repository.get_active_model_by_timeframe(conn, timeframe) if symbol else None
+    if symbol is None:
+        raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+    if model_row is None:
+        raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
+    # Storage and Polygon are reached without holding a database connection.
+    model = _verified_model(model_row)
+    candles = _recent_candles(ticker, timeframe, model.lookback)
+    last_open = int(candles.open_time[-1])
+    request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
 
-        if idempotency_key is None:
-            repeat_id = cache.get_prediction_for_request(ticker, timeframe, last_open)
-            if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
-                return CreateResult(body, created=False)
+    if idempotency_key is None:
+        repeat_id = cache.get_prediction_for_request(request_hash)
+        if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
+            return CreateResult(body, created=False)
 
-        steps = _steps(model, candles, timeframe)
-        prediction = PredictionCreate(
-            symbol_id=symbol["id"], ticker=ticker, timeframe=timeframe, model_id=model_row["id"],
-            last_candle_at=datetime.fromtimestamp(last_open, UTC), last_close=float(candles.close[-1]),
-            idempotency_key=idempotency_key, steps=steps,
-        )
-        stored = prediction_repository.create_prediction(
-            conn, prediction, _request_hash(ticker, timeframe, model_row["id"], last_open)
-        )
+    steps = _steps(model, candles, timeframe)
+    prediction = PredictionCreate(
+        symbol_id=symbol["id"], ticker=ticker, timeframe=timeframe, model_id=model_row["id"],
+        last_candle_at=datetime.fromtimestamp(last_open, UTC), last_close=float(candles.close[-1]),
+        idempotency_key=idempotency_key, steps=steps,
+    )
+    with db.connection() as conn:
+        stored = prediction_repository.create_prediction(conn, prediction, request_hash)
     if stored["created"]:
         # What was just validated and stored is the response; it is not read back.
         body = PredictionWithSteps.model_construct(
@@ -131,5 +135,5 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     else:
         body = prediction_reads.get(str(stored["id"]))[0]
     if idempotency_key is None:
-        cache.set_prediction_for_request(ticker, timeframe, last_open, str(stored["id"]))
+        cache.set_prediction_for_request(request_hash, str(stored["id"]))
     return CreateResult(body, created=stored["created"])
