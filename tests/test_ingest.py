@@ -160,6 +160,14 @@ def test_rank_is_by_quote_value_not_base_units():
     assert problems == []
 
 
+def test_an_unusable_ticker_is_a_problem_not_a_failure():
+    reference = [{"ticker": "X:SOME.WEIRD", "name": "Odd"}, {"ticker": "X:GOODUSD", "name": "Good"}]
+    symbols, problems = ingest.rank_symbols(reference, [{"T": "X:GOODUSD", "v": 1.0, "vw": 2.0}])
+    assert [symbol.ticker for symbol in symbols] == ["X:GOODUSD"]
+    assert len(problems) == 1
+    assert "X:SOME.WEIRD" in problems[0]
+
+
 def test_an_empty_listing_never_deactivates_the_universe(env):
     with FakePolygon(FakeMarket(now=NOW)) as fake, pytest.raises(PolygonError, match="no active crypto"):
         ingest.refresh_symbols(client_for(fake))

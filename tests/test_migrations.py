@@ -107,7 +107,8 @@ def test_cli_db_check_reports_database_and_cache(migrated_db):
     report = json.loads(result.stdout)
     assert result.returncode == 0
     assert report["database"]["status"] == "up"
-    assert report["database"]["active_models"] >= 0
+    with psycopg.connect(migrated_db.database_url) as conn:
+        assert report["database"]["symbols"] == conn.execute("SELECT count(*) FROM symbols").fetchone()[0]
     assert report["cache"] == {"status": "up"}
     down = subprocess.run([sys.executable, "-m", "candlecast.cli", "db-check"],
                           env={**env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
@@ -116,3 +117,15 @@ def test_cli_db_check_reports_database_and_cache(migrated_db):
     assert down.returncode == 1
     assert json.loads(down.stdout)["database"]["status"] == "down"
     assert json.loads(down.stdout)["cache"] == {"status": "down"}
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "two"])
+def test_cli_rollback_count_must_be_positive(scratch_database, count):
+    env = {**os.environ, "DATABASE_URL": scratch_database, "REDIS_URL": "redis://127.0.0.1:1/0",
+           "DATA_BUCKET": "unused-bucket"}
+    migrate.apply(scratch_database)
+    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--rollback", count],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "at least 1" in result.stderr
+    assert tables(scratch_database) == {"symbols", "models", "predictions", "prediction_steps"}

@@ -14,6 +14,12 @@ COMMAND_MODULES = (
 )
 
 
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from candlecast import migrate
     from candlecast.config import database_conninfo, get_settings
@@ -21,7 +27,7 @@ def _migrate(args: argparse.Namespace) -> int:
     conninfo = database_conninfo(get_settings())
     if args.status:
         print(json.dumps(migrate.status(conninfo).as_dict(), indent=2))
-    elif args.rollback:
+    elif args.rollback is not None:
         print(json.dumps({"rolled_back": migrate.rollback(conninfo, args.rollback)}))
     else:
         print(json.dumps({"applied": migrate.apply(conninfo)}))
@@ -47,7 +53,7 @@ def _db_check(_args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     migrate = subparsers.add_parser("migrate", help="apply database migrations under yoyo's lock")
     migrate.add_argument("--status", action="store_true", help="list applied and pending migrations")
-    migrate.add_argument("--rollback", type=int, metavar="N", help="roll back the last N migrations")
+    migrate.add_argument("--rollback", type=_positive_int, metavar="N", help="roll back the last N migrations")
     migrate.set_defaults(func=_migrate)
     check = subparsers.add_parser("db-check", help="connect to the database and Redis and report each")
     check.set_defaults(func=_db_check)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from aws_lambda_powertools import Logger
 
-from candlecast.errors import NotFound
+from candlecast.errors import CandlecastError, NotFound
 from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
@@ -91,7 +91,7 @@ def rank_symbols(
                 is_active=True,
                 metadata={"source": "polygon"},
             )
-        except (ValidationError, ValueError) as error:
+        except (ValidationError, ValueError, CandlecastError) as error:  # normalize_ticker raises BadRequest
             problems.append(f"{ticker or row!r}: {str(error).splitlines()[0]}")
             continue
         candidates.append(symbol)
@@ -120,6 +120,8 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tu
         if grouped:
             break
     symbols, problems = rank_symbols(reference, grouped)
+    if not symbols:
+        raise PolygonBadResponse(f"none of Polygon's {len(reference)} tickers was usable; symbols left unchanged")
     with db.connection() as conn:
         upserted = symbol_repository.upsert_symbols(conn, symbols)
         inactivated = symbol_repository.mark_inactive_except(conn, [symbol.ticker for symbol in symbols])

@@ -71,6 +71,8 @@ def apply(conninfo: str, directory: Path | None = None) -> list[str]:
 
 def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> list[str]:
     """Roll back the last `count` applied migrations."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
     backend, migrations = _backend_and_migrations(conninfo, directory)
     try:
         with backend.lock(timeout=LOCK_TIMEOUT_SECONDS):
