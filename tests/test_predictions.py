@@ -187,7 +187,8 @@ def test_no_active_model_is_503(seeded):
 
 @pytest.mark.parametrize("tamper", ["flip-byte", "drop-signature", "wrong-sha-row"])
 def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tamper):
-    key = storage.active_model_key("1h")
+    with psycopg.connect(seeded.database_url) as conn:
+        key = conn.execute("SELECT s3_key FROM models WHERE timeframe = '1h' AND is_active").fetchone()[0]
     if tamper == "flip-byte":
         data = bytearray(storage.get_bytes(key))
         data[len(data) // 2] ^= 0xFF

@@ -93,7 +93,7 @@ def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
     assert storage.get_bytes("models/1h/20260101T000000.pkl") == b"model bytes v1"
 
     [model] = first["models"]
-    assert model["s3_key"] == storage.active_model_key("1h")
+    assert model["s3_key"] == storage.versioned_model_key("1h", "20260101T000000")
     assert model["sha256"] == hashlib.sha256(b"model bytes v1").hexdigest()
     assert (model["name"], model["version"], model["kind"], model["is_active"]) == (
         "seed-test-1h", "20260101T000000", "learned", True)

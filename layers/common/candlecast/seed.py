@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from candlecast.forecast.artifact import sha256_hex
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA_DIR = ROOT / "data"
@@ -83,16 +84,8 @@ def _timestamp(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def seed_symbols(data_dir: Path) -> int:
-    from candlecast import db
+    from candlecast import cache, db
     from candlecast.repositories.symbols import upsert_symbols
 
     path = data_dir / SYMBOLS_FILE
@@ -102,6 +95,7 @@ def seed_symbols(data_dir: Path) -> int:
     symbols = read_symbols(path)
     with db.connection() as conn:
         count = upsert_symbols(conn, symbols)
+    cache.invalidate_symbols()
     print(f"symbols: {count} upserted from {path}")
     return count
 
@@ -138,7 +132,7 @@ def checked_models(models_dir: Path, resign: bool = False) -> list[tuple[str, di
         model_file = models_dir / str(entry.get("file") or f"{timeframe}.pkl")
         if not model_file.is_file():
             raise FileNotFoundError(f"manifest lists {timeframe} but {model_file} does not exist")
-        sha256 = _sha256(model_file)
+        sha256 = sha256_hex(model_file.read_bytes())
         if entry.get("sha256") and entry["sha256"] != sha256:
             raise ValueError(f"{model_file}: sha256 {sha256} does not match the manifest's {entry['sha256']}")
         checked.append((timeframe, entry, model_file, sha256, _signature(model_file, resign)))
@@ -146,10 +140,11 @@ def checked_models(models_dir: Path, resign: bool = False) -> list[tuple[str, di
 
 
 def register_models(models: list[tuple[str, dict[str, Any], Path, str, str]], progress: bool = True) -> dict[str, str]:
-    """Register each checked model with its active key; upload its versioned copy (and signature) too,
-    so an older version can be re-activated later."""
+    """Upload each checked model to its versioned key, register the row that names that immutable key,
+    then refresh the timeframe's `models/{tf}.pkl` copy. A reader never sees a row whose file is not there."""
     from candlecast import db, storage
     from candlecast.repositories.models import register_model
+    from candlecast.schemas import ModelCreate
 
     registered = {}
     items: Any = models
@@ -159,28 +154,34 @@ def register_models(models: list[tuple[str, dict[str, Any], Path, str, str]], pr
         items = tqdm(models, desc="register models", unit="model")
     for timeframe, entry, model_file, sha256, signature in items:
         version = str(entry["version"])
-        for key in (storage.versioned_model_key(timeframe, version), storage.active_model_key(timeframe)):
-            storage.put_bytes(key, model_file.read_bytes())
-            storage.put_bytes(storage.signature_key(key), signature.encode(), "text/plain")
         name = str(entry.get("name") or f"{timeframe}-model")
+        versioned_key = storage.versioned_model_key(timeframe, version)
+        model = ModelCreate(
+            timeframe=timeframe,
+            name=name,
+            version=version,
+            kind=entry.get("kind") or ("baseline" if "baseline" in name.lower() else "learned"),
+            s3_key=versioned_key,
+            sha256=sha256,
+            accuracy=entry.get("accuracy"),
+            metrics=entry.get("metrics") or {},
+            features=list(entry.get("features") or []),
+            train_start=_timestamp(entry.get("train_start")),
+            train_end=_timestamp(entry.get("train_end")),
+        )
+        _put_model(versioned_key, model_file, signature)
         with db.connection() as conn:
-            register_model(
-                conn,
-                timeframe=timeframe,
-                name=name,
-                version=version,
-                kind=entry.get("kind") or ("baseline" if "baseline" in name.lower() else "learned"),
-                s3_key=storage.active_model_key(timeframe),
-                sha256=sha256,
-                accuracy=entry.get("accuracy"),
-                metrics=entry.get("metrics") or {},
-                features=list(entry.get("features") or []),
-                train_start=_timestamp(entry.get("train_start")),
-                train_end=_timestamp(entry.get("train_end")),
-                activate=True,
-            )
+            register_model(conn, model, activate=True)
+        _put_model(storage.active_model_key(timeframe), model_file, signature)
         registered[timeframe] = f"{name} {version}"
     return registered
+
+
+def _put_model(key: str, model_file: Path, signature: str) -> None:
+    from candlecast import storage
+
+    storage.put_bytes(key, model_file.read_bytes())
+    storage.put_bytes(storage.signature_key(key), signature.encode(), "text/plain")
 
 
 def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DIR, *,

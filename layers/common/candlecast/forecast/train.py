@@ -425,16 +425,12 @@ def _json_default(value):
 
 
 def register(entry: dict, out_dir: Path) -> str:
-    """Upload the model file and signature to the active key and register it (as `candlecast seed` does).
+    """Upload the model file and signature and register it, exactly as `candlecast seed` does.
 
-    Needs DATABASE_URL and DATA_BUCKET; the versioned copy is uploaded by candlecast.seed.register_models.
+    Needs DATABASE_URL and DATA_BUCKET.
     """
-    from candlecast import seed, storage
+    from candlecast import seed
 
     timeframe = entry["timeframe"]
-    model_file = Path(out_dir) / entry["file"]
-    storage.put_bytes(storage.active_model_key(timeframe), model_file.read_bytes())
-    signature = Path(f"{model_file}.sig").read_bytes()
-    storage.put_bytes(storage.signature_key(storage.active_model_key(timeframe)), signature, "text/plain")
     models = [item for item in seed.checked_models(Path(out_dir)) if item[0] == timeframe]
     return seed.register_models(models, progress=False)[timeframe]

@@ -1,10 +1,11 @@
 """Queries on the models table: registration and the one active model per timeframe."""
 
 import uuid
-from datetime import datetime
 
 import psycopg
 from psycopg.types.json import Jsonb
+
+from candlecast.schemas import ModelCreate
 
 MODEL_COLUMNS = (
     "id, timeframe, name, version, kind, s3_key, sha256, accuracy, metrics, features, "
@@ -12,29 +13,14 @@ MODEL_COLUMNS = (
 )
 
 
-def register_model(
-    conn: psycopg.Connection,
-    *,
-    timeframe: str,
-    name: str,
-    version: str,
-    kind: str,
-    s3_key: str,
-    sha256: str,
-    accuracy: float | None,
-    metrics: dict,
-    features: list[str],
-    train_start: datetime | None,
-    train_end: datetime | None,
-    activate: bool = True,
-) -> uuid.UUID:
+def register_model(conn: psycopg.Connection, model: ModelCreate, *, activate: bool = True) -> uuid.UUID:
     """Insert (or refresh, by name+version) a model; when `activate`, it becomes its timeframe's only active one."""
     with conn.transaction():
         if activate:
             conn.execute(
                 "UPDATE models SET is_active = false WHERE timeframe = %s AND is_active "
                 "AND NOT (name = %s AND version = %s)",
-                (timeframe, name, version),
+                (model.timeframe, model.name, model.version),
             )
         row = conn.execute(
             """
@@ -51,11 +37,8 @@ def register_model(
                 activated_at = COALESCE(EXCLUDED.activated_at, models.activated_at)
             RETURNING id
             """,
-            {
-                "timeframe": timeframe, "name": name, "version": version, "kind": kind, "s3_key": s3_key,
-                "sha256": sha256, "accuracy": accuracy, "metrics": Jsonb(metrics), "features": Jsonb(features),
-                "train_start": train_start, "train_end": train_end, "activate": activate,
-            },
+            {**model.model_dump(), "metrics": Jsonb(model.metrics), "features": Jsonb(model.features),
+             "activate": activate},
         ).fetchone()
     return row["id"]
 
