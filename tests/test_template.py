@@ -201,7 +201,7 @@ def test_each_function_reads_only_its_own_secrets(resources):
     expected = {
         "HealthFunction": [db],
         "SymbolsFunction": [db],
-        "PredictionCreateFunction": [db, signing],
+        "PredictionCreateFunction": [db, signing, polygon],  # polygon: the any-symbol path
         "PredictionGetFunction": [db],
         "MigrateFunction": [db],
         "RefreshFunction": [db, polygon],
@@ -222,8 +222,11 @@ def test_bucket_access_is_limited_to_the_prefixes_each_function_needs(resources)
     for name in ("SymbolsFunction", "PredictionGetFunction", "MigrateFunction", "HealthFunction"):
         assert not granted(fns[name], "s3:GetObject") and not granted(fns[name], "s3:PutObject"), name
     # Readers may list key names, so a missing candle file or model is a 404 (None), not AccessDenied.
-    for name in ("PredictionCreateFunction", "RefreshFunction", "HealthFunction"):
+    for name in ("PredictionCreateFunction", "RefreshFunction"):
         assert granted(fns[name], "s3:ListBucket") == [{"Fn::GetAtt": ["DataBucket", "Arn"]}], name
+    # Health's storage check is an unsigned HEAD: it needs no S3 permission at all.
+    for name in ("SymbolsFunction", "PredictionGetFunction", "MigrateFunction", "HealthFunction"):
+        assert not granted(fns[name], "s3:ListBucket"), name
 
 
 def test_refresh_may_invoke_only_itself(resources):
