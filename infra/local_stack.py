@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -163,6 +165,7 @@ class LocalStack:
             "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
             "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
             "STAGE": "local",
+            "MODEL_SIGNING_KEY": LOCAL_MODEL_SIGNING_KEY,  # the committed models are signed with it
         }
 
     def close(self) -> None:

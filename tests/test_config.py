@@ -38,12 +38,14 @@ def test_bad_value_is_named(fresh_settings):
         get_settings()
 
 
-def test_signing_key_is_required_outside_local_runs(fresh_settings):
-    settings = Settings(database_url="postgresql://h/d", redis_url="redis://h", data_bucket="bucket", stage="prod")
-    with pytest.raises(ConfigurationError, match="MODEL_SIGNING_KEY"):
-        config.model_signing_key(settings)
-    local = Settings(database_url="postgresql://h/d", redis_url="redis://h", data_bucket="bucket")
-    assert config.model_signing_key(local) == config.LOCAL_MODEL_SIGNING_KEY.encode()
+def test_signing_key_is_required_with_no_fallback(fresh_settings):
+    for stage in ("prod", "local"):
+        settings = Settings(database_url="postgresql://h/d", redis_url="redis://h", data_bucket="bucket", stage=stage)
+        with pytest.raises(ConfigurationError, match="MODEL_SIGNING_KEY"):
+            config.model_signing_key(settings)
+    keyed = Settings(database_url="postgresql://h/d", redis_url="redis://h", data_bucket="bucket",
+                     model_signing_key="k1")
+    assert config.model_signing_key(keyed) == b"k1"
 
 
 @pytest.mark.s3

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The committed models are signed with this; the local stack sets it explicitly as MODEL_SIGNING_KEY.
 LOCAL_MODEL_SIGNING_KEY = "candlecast-local-development-key"
 
 
@@ -30,7 +31,7 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for local runs (moto server)")
     aws_region: str = Field("us-east-1")
 
-    model_signing_key: SecretStr | None = Field(None, description="HMAC key for model files (local runs)")
+    model_signing_key: SecretStr | None = Field(None, description="HMAC key that model files are signed with")
     model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key")
 
     polygon_api_key: SecretStr | None = None
@@ -108,9 +109,8 @@ def model_signing_key(settings: Settings) -> bytes:
         return settings.model_signing_key.get_secret_value().encode()
     if settings.model_signing_key_secret_arn:
         return _secret(settings.model_signing_key_secret_arn).encode()
-    if settings.stage == "local":
-        return LOCAL_MODEL_SIGNING_KEY.encode()
-    raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set outside local runs")
+    # No silent fallback: a forgotten key must not turn into the public development key.
+    raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set")
 
 
 def polygon_api_key(settings: Settings) -> str | None:
