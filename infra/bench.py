@@ -107,7 +107,7 @@ def main() -> int:
         from candlecast import cache
 
         def uncached(index: int) -> dict:
-            cache.delete_pattern("cc:v1:search:*")
+            cache.delete_pattern(cache.keys.all_search_keys())
             return search
 
         report("uncached search p50 / p99 (cache cleared each time)", _pair(warm("symbols", None, 300, uncached)))

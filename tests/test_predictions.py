@@ -132,7 +132,13 @@ def test_idempotency_key_returns_the_same_prediction_even_without_redis(seeded, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("redis_up", [True, False], ids=["redis-up", "redis-down"])
-def test_thirty_two_concurrent_identical_creates_store_exactly_one(seeded, needs_embedded_redis, redis_up):
+def test_thirty_two_concurrent_identical_creates_store_exactly_one(seeded, needs_embedded_redis, redis_up,
+                                                                   monkeypatch):
+    from tests.conftest import reset_clients
+
+    # 32 connections, so 32 transactions really race (as 32 Lambda containers would).
+    monkeypatch.setenv("DB_POOL_MAX_SIZE", "32")
+    reset_clients()
     create({"symbol": "ETHUSDT", "timeframe": "1h"})  # warm the model and candle caches
     with psycopg.connect(seeded.database_url, autocommit=True) as conn:
         conn.execute("TRUNCATE predictions CASCADE")
@@ -153,6 +159,8 @@ def test_thirty_two_concurrent_identical_creates_store_exactly_one(seeded, needs
     finally:
         if not redis_up:
             needs_embedded_redis.start()
+    monkeypatch.undo()
+    reset_clients()
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [200] * 31 + [201]
     assert len({body["id"] for _, _, body in results}) == 1

@@ -61,6 +61,14 @@ class keys:
     def all_symbol_keys() -> str:
         return f"{NAMESPACE}:symbol:*"
 
+    @staticmethod
+    def all_top_symbols_keys() -> str:
+        return f"{NAMESPACE}:top-symbols:*"
+
+    @staticmethod
+    def all_search_keys() -> str:
+        return f"{NAMESPACE}:search:*"
+
 
 _client: redis.Redis | None = None
 _client_lock = threading.Lock()
@@ -127,10 +135,6 @@ def get(key: str) -> bytes | None:
 
 def set(key: str, value: bytes | str, ttl_seconds: int) -> bool:
     return bool(_guarded(lambda client: client.set(key, value, ex=ttl_seconds), default=False))
-
-
-def set_if_absent(key: str, value: bytes | str, ttl_seconds: int) -> bool:
-    return bool(_guarded(lambda client: client.set(key, value, ex=ttl_seconds, nx=True), default=False))
 
 
 def delete(*keys_to_delete: str) -> int:
@@ -219,5 +223,5 @@ def invalidate_symbols() -> int:
     """After symbols change (seed, refresh): drop cached symbol entries, top lists and searches."""
     return sum(
         delete_pattern(pattern)
-        for pattern in (keys.all_symbol_keys(), f"{NAMESPACE}:top-symbols:*", f"{NAMESPACE}:search:*")
+        for pattern in (keys.all_symbol_keys(), keys.all_top_symbols_keys(), keys.all_search_keys())
     )

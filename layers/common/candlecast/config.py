@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = Field(None, description="PostgreSQL URL (local runs and tests)")
     db_secret_arn: str | None = Field(None, description="Secrets Manager secret with the DB credentials")
     db_prepare_threshold: int | None = Field(5, description="psycopg prepare_threshold; empty/None for RDS Proxy")
-    db_pool_max_size: int = Field(2, ge=1, le=20)
+    db_pool_max_size: int = Field(2, ge=1, le=64)
     db_pool_timeout: float = Field(1.5, gt=0, le=10, description="seconds to wait for a pooled connection")
 
     redis_url: str = Field(..., description="Redis URL, redis://, rediss:// or unix://")

@@ -21,7 +21,6 @@ __all__ = [
     "PredictionWithSteps",
     "Symbol",
     "SymbolCreate",
-    "SymbolUpdate",
     "Timeframe",
 ]
 
@@ -50,15 +49,6 @@ class SymbolCreate(BaseModel):
     @classmethod
     def _canonical(cls, value: str) -> str:
         return normalize_ticker(value)
-
-
-class SymbolUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(None, min_length=1, max_length=200)
-    volume_24h: Decimal | None = Field(None, ge=0)
-    volume_rank: int | None = Field(None, ge=1)
-    is_active: bool | None = None
 
 
 class Symbol(_Read):

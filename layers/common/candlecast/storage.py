@@ -174,10 +174,6 @@ def head_etag(key: str) -> str | None:
         raise
 
 
-def exists(key: str) -> bool:
-    return head_etag(key) is not None
-
-
 def list_keys(prefix: str) -> list[str]:
     paginator = s3_client().get_paginator("list_objects_v2")
     pages = paginator.paginate(Bucket=_bucket(), Prefix=prefix)

@@ -10,10 +10,6 @@ FORECAST_STEPS = 30
 _FIXED_STEP = {"1h": timedelta(hours=1), "4h": timedelta(hours=4), "1d": timedelta(days=1), "1w": timedelta(weeks=1)}
 
 
-def is_timeframe(value: object) -> bool:
-    return value in TIMEFRAMES
-
-
 def bucket_start(ts: datetime, timeframe: Timeframe) -> datetime:
     """The open time of the candle of `timeframe` that contains `ts`."""
     ts = ts.astimezone(UTC)

@@ -52,7 +52,8 @@ def recent_for_symbol(raw_ticker: str, timeframe: str | None, limit: int) -> byt
     from candlecast.repositories import symbols as symbol_repository
 
     with db.connection() as conn:
-        if symbol_repository.get_symbol_by_ticker(conn, ticker) is None:
+        symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
+        if symbol is None:
             raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-        rows = prediction_repository.get_recent_predictions_by_symbol(conn, ticker, timeframe, limit)
+        rows = prediction_repository.get_recent_predictions_by_symbol(conn, symbol["id"], timeframe, limit)
     return _prediction_list.dump_json(_prediction_list.validate_python(rows))
