@@ -19,6 +19,8 @@ _pool_lock = threading.Lock()
 
 def _configure(conn: psycopg.Connection) -> None:
     conn.prepare_threshold = get_settings().db_prepare_threshold
+    # Reads need no BEGIN/COMMIT round trips; writes that span statements use conn.transaction().
+    conn.autocommit = True
 
 
 def get_pool() -> ConnectionPool:
@@ -52,7 +54,7 @@ def close_pool() -> None:
 
 @contextmanager
 def connection() -> Iterator[psycopg.Connection]:
-    """A pooled connection inside a transaction; an unreachable database becomes DatabaseUnavailable."""
+    """A pooled autocommit connection; an unreachable database becomes DatabaseUnavailable."""
     try:
         with get_pool().connection() as conn:
             yield conn

@@ -122,7 +122,7 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tu
     symbols, problems = rank_symbols(reference, grouped)
     if not symbols:
         raise PolygonBadResponse(f"none of Polygon's {len(reference)} tickers was usable; symbols left unchanged")
-    with db.connection() as conn:
+    with db.connection() as conn, conn.transaction():
         upserted = symbol_repository.upsert_symbols(conn, symbols)
         inactivated = symbol_repository.mark_inactive_except(conn, [symbol.ticker for symbol in symbols])
     cache.invalidate_symbols()

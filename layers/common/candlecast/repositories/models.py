@@ -43,10 +43,23 @@ def register_model(conn: psycopg.Connection, model: ModelCreate, *, activate: bo
     return row["id"]
 
 
+ACTIVE_MODEL_BY_TIMEFRAME = f"SELECT {MODEL_COLUMNS} FROM models WHERE timeframe = %s AND is_active"
+
+
 def get_active_model_by_timeframe(conn: psycopg.Connection, timeframe: str) -> dict | None:
-    return conn.execute(
-        f"SELECT {MODEL_COLUMNS} FROM models WHERE timeframe = %s AND is_active", (timeframe,)
-    ).fetchone()
+    return conn.execute(ACTIVE_MODEL_BY_TIMEFRAME, (timeframe,)).fetchone()
+
+
+def get_symbol_and_active_model(
+    conn: psycopg.Connection, ticker: str, timeframe: str
+) -> tuple[dict | None, dict | None]:
+    """What a forecast starts from, both queries in one round trip (pipelined)."""
+    from candlecast.repositories.symbols import SYMBOL_BY_TICKER
+
+    with conn.pipeline():
+        symbol = conn.execute(SYMBOL_BY_TICKER, (ticker,))
+        model = conn.execute(ACTIVE_MODEL_BY_TIMEFRAME, (timeframe,))
+    return symbol.fetchone(), model.fetchone()
 
 
 def get_all_active_models(conn: psycopg.Connection) -> list[dict]:

@@ -30,8 +30,11 @@ def _params(symbol: SymbolCreate) -> dict:
     return {**symbol.model_dump(), "metadata": Jsonb(symbol.metadata)}
 
 
+SYMBOL_BY_TICKER = f"SELECT id, {SYMBOL_COLUMNS} FROM symbols WHERE ticker = %s"
+
+
 def get_symbol_by_ticker(conn: psycopg.Connection, ticker: str) -> dict | None:
-    return conn.execute(f"SELECT id, {SYMBOL_COLUMNS} FROM symbols WHERE ticker = %s", (ticker,)).fetchone()
+    return conn.execute(SYMBOL_BY_TICKER, (ticker,)).fetchone()
 
 
 def search_symbols(conn: psycopg.Connection, query: str, limit: int) -> list[dict]:
@@ -67,7 +70,7 @@ def upsert_symbols(conn: psycopg.Connection, symbols: Iterable[SymbolCreate]) ->
     """Batch upsert in one round trip per batch (executemany pipelines the statements)."""
     rows = [_params(symbol) for symbol in symbols]
     if rows:
-        with conn.cursor() as cursor:
+        with conn.transaction(), conn.cursor() as cursor:
             cursor.executemany(_UPSERT, rows)
     return len(rows)
 

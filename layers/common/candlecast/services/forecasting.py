@@ -16,13 +16,13 @@ from candlecast.errors import ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
-from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import PredictionCreate, PredictionRequest, PredictionStep, PredictionWithSteps
 from candlecast.services import predictions as prediction_reads
 from candlecast.timeframes import FORECAST_STEPS, next_open_times
 
 logger = Logger(child=True)
 
+_STEP_ARRAYS = ("open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95", "confidence")
 _models: dict[str, tuple[str, object]] = {}  # timeframe -> (sha256, ForecastModel), kept across warm invocations
 _models_lock = threading.Lock()
 
@@ -80,51 +80,63 @@ def _request_hash(ticker: str, timeframe: str, model_id, last_open: int) -> str:
 
 
 def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
-    """The 30 expected candles after the last of `candles`, at the timeframe's calendar steps."""
+    """The 30 expected candles after the last of `candles`, at the timeframe's calendar steps.
+
+    Checked once as arrays (the database's CHECK constraints say the same), then built without
+    per-step validation.
+    """
+    import numpy as np
+
     forecast = model.predict(candles)
+    columns = {name: np.asarray(getattr(forecast, name), dtype=float) for name in _STEP_ARRAYS}
+    consistent = (
+        all(np.isfinite(values).all() and len(values) == FORECAST_STEPS for values in columns.values())
+        and (columns["low"] > 0).all()
+        and (columns["low"] <= np.minimum(columns["open"], columns["close"])).all()
+        and (columns["high"] >= np.maximum(columns["open"], columns["close"])).all()
+        and (columns["lower_95"] <= columns["lower_80"]).all() and (columns["lower_80"] <= columns["upper_80"]).all()
+        and (columns["upper_80"] <= columns["upper_95"]).all() and (columns["lower_95"] > 0).all()
+        and ((columns["confidence"] >= 0) & (columns["confidence"] <= 1)).all()
+    )
+    if not consistent:
+        raise ModelUnavailable(f"the {timeframe} model produced an inconsistent forecast", code="model_output_invalid")
     step_times = next_open_times(datetime.fromtimestamp(int(candles.open_time[-1]), UTC), timeframe, FORECAST_STEPS)
+    rows = zip(*(columns[name].tolist() for name in _STEP_ARRAYS), strict=True)
     return [
-        PredictionStep(
-            step=index + 1, ts=step_times[index],
-            open=forecast.open[index], high=forecast.high[index], low=forecast.low[index],
-            close=forecast.close[index], lower_80=forecast.lower_80[index], upper_80=forecast.upper_80[index],
-            lower_95=forecast.lower_95[index], upper_95=forecast.upper_95[index],
-            confidence=forecast.confidence[index],
-        )
-        for index in range(FORECAST_STEPS)
+        PredictionStep.model_construct(step=step, ts=ts, **dict(zip(_STEP_ARRAYS, row, strict=True)))
+        for step, ts, row in zip(range(1, FORECAST_STEPS + 1), step_times, rows, strict=True)
     ]
 
 
 def create(request: PredictionRequest, idempotency_key: str | None = None) -> CreateResult:
     ticker, timeframe = request.symbol, request.timeframe
+    # One pooled connection for the request (a Lambda container serves one at a time). It is in
+    # autocommit, so no transaction stays open while storage or Polygon is reached.
     with db.connection() as conn:
-        symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
-        model_row = model_repository.get_active_model_by_timeframe(conn, timeframe) if symbol else None
-    if symbol is None:
-        raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-    if model_row is None:
-        raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
-    # Storage and Polygon are reached without holding a database connection.
-    model = _verified_model(model_row)
-    candles = _recent_candles(ticker, timeframe, model.lookback)
-    last_open = int(candles.open_time[-1])
-    request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
+        symbol, model_row = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
+        if symbol is None:
+            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+        if model_row is None:
+            raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
+        model = _verified_model(model_row)
+        candles = _recent_candles(ticker, timeframe, model.lookback)
+        last_open = int(candles.open_time[-1])
+        request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
 
-    if idempotency_key is None:
-        repeat_id = cache.get_prediction_for_request(request_hash)
-        if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
-            return CreateResult(body, created=False)
+        if idempotency_key is None:
+            repeat_id = cache.get_prediction_for_request(request_hash)
+            if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
+                return CreateResult(body, created=False)
 
-    steps = _steps(model, candles, timeframe)
-    prediction = PredictionCreate(
-        symbol_id=symbol["id"], ticker=ticker, timeframe=timeframe, model_id=model_row["id"],
-        last_candle_at=datetime.fromtimestamp(last_open, UTC), last_close=float(candles.close[-1]),
-        idempotency_key=idempotency_key, steps=steps,
-    )
-    with db.connection() as conn:
+        steps = _steps(model, candles, timeframe)
+        prediction = PredictionCreate(
+            symbol_id=symbol["id"], ticker=ticker, timeframe=timeframe, model_id=model_row["id"],
+            last_candle_at=datetime.fromtimestamp(last_open, UTC), last_close=float(candles.close[-1]),
+            idempotency_key=idempotency_key, steps=steps,
+        )
         stored = prediction_repository.create_prediction(conn, prediction, request_hash)
     if stored["created"]:
-        # What was just validated and stored is the response; it is not read back.
+        # What was just checked and stored is the response; it is not read back.
         body = PredictionWithSteps.model_construct(
             id=stored["id"], created_at=stored["created_at"], horizon=FORECAST_STEPS,
             model_name=model_row["name"], model_version=model_row["version"],
