@@ -19,7 +19,7 @@ def server(clean_db):
 @pytest.mark.parametrize(
     ("store", "key", "ttl"),
     [
-        (lambda: cache.set_candles("X:BTCUSD", "1h", {"close": [1.0]}), cache.keys.candles("X:BTCUSD", "1h"), 3600),
+        (lambda: cache.set_candles("X:BTCUSD", "1h", b"packed"), cache.keys.candles("X:BTCUSD", "1h"), 3600),
         (lambda: cache.set_prediction_bytes("p1", b"{}"), cache.keys.prediction("p1"), 900),
         (lambda: cache.set_symbol_bytes("X:BTCUSD", b"{}"), cache.keys.symbol("X:BTCUSD"), 86400),
         (lambda: cache.set_top_symbols_bytes(10, b"[]"), cache.keys.top_symbols(10), 3600),

@@ -106,8 +106,8 @@ def test_read_fills_redis_and_a_rewrite_invalidates_it(bucket):
     storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
     assert cache.get_candles("X:ADAUSD", "4h") is None
     storage.read_candles("X:ADAUSD", "4h", 30)
-    cached = cache.get_candles("X:ADAUSD", "4h")
-    assert len(cached["open_time"]) == 30
+    cached, requested = Candles.unpack(cache.get_candles("X:ADAUSD", "4h"))
+    assert (len(cached), requested) == (30, 30)
 
     # Served from Redis while it is fresh, even with the object gone.
     storage.s3_client().delete_object(Bucket=bucket, Key=storage.candles_key("X:ADAUSD", "4h"))
@@ -154,7 +154,7 @@ def test_filesystem_uses_the_configured_http_endpoint(bucket, stack):
 def test_a_history_shorter_than_asked_for_is_still_served_from_the_caches(bucket, monkeypatch):
     storage.write_candles("X:NEWUSD", "1d", make_candles(5, step=86400))
     assert len(storage.read_candles("X:NEWUSD", "1d", 30)) == 5
-    assert cache.get_candles("X:NEWUSD", "1d")["requested"] == 30
+    assert Candles.unpack(cache.get_candles("X:NEWUSD", "1d"))[1] == 30
     reads = []
     monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1))
     assert len(storage.read_candles("X:NEWUSD", "1d", 30)) == 5  # Redis
@@ -176,3 +176,19 @@ def test_the_committed_sample_reads_the_same_as_files_written_here(bucket):
     rewritten = storage.parquet_to_candles(storage.candles_to_parquet(everything))
     assert rewritten.open_time.tolist() == everything.open_time.tolist()
     assert pq.read_schema(io.BytesIO(storage.candles_to_parquet(everything))) == pq.read_schema(sample)
+
+
+def test_packed_candles_round_trip_and_refuse_foreign_bytes():
+    candles = make_candles(7)
+    unpacked, requested = Candles.unpack(candles.pack(requested=20))
+    assert requested == 20
+    for name in COLUMNS:
+        assert getattr(unpacked, name).tolist() == getattr(candles, name).tolist()
+    assert Candles.unpack(b'{"open_time": [1]}') is None
+    assert Candles.unpack(candles.pack(20)[:-8]) is None
+
+
+def test_a_foreign_cache_entry_is_ignored_and_read_from_s3(bucket):
+    storage.write_candles("X:DOTUSD", "1h", make_candles(12))
+    cache.set_candles("X:DOTUSD", "1h", b'{"open_time": [1, 2, 3]}')  # an older JSON entry
+    assert len(storage.read_candles("X:DOTUSD", "1h", 10)) == 10

@@ -170,12 +170,13 @@ def set_json(key: str, value: Any, ttl_seconds: int) -> bool:
 # Domain helpers: one place that knows each kind's key and TTL.
 
 
-def get_candles(ticker: str, timeframe: str) -> dict | None:
-    return get_json(keys.candles(ticker, timeframe))
+def get_candles(ticker: str, timeframe: str) -> bytes | None:
+    return get(keys.candles(ticker, timeframe))
 
 
-def set_candles(ticker: str, timeframe: str, columns: dict) -> bool:
-    return set_json(keys.candles(ticker, timeframe), columns, TTL_SECONDS["candles"])
+def set_candles(ticker: str, timeframe: str, packed: bytes) -> bool:
+    """`packed` is Candles.pack's bytes (storage owns the format; this module stays free of numpy)."""
+    return set(keys.candles(ticker, timeframe), packed, TTL_SECONDS["candles"])
 
 
 def get_prediction_bytes(prediction_id: str) -> bytes | None:

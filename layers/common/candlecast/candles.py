@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
+_PACKED_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,24 @@ class Candles:
             open_time=np.asarray(columns["open_time"], dtype=np.int64),
             **{name: np.asarray(columns[name], dtype=np.float64) for name in COLUMNS[1:]},
         )
+
+    def pack(self, requested: int) -> bytes:
+        """Compact bytes for the fresh-candles cache: a header (format, `requested`, rows), then the columns.
+
+        Decoding is a view over the buffer, about a hundred times cheaper than JSON for a model's lookback.
+        """
+        header = np.array([_PACKED_FORMAT, requested, len(self)], dtype=np.int64)
+        prices = np.vstack([getattr(self, name).astype(np.float64) for name in COLUMNS[1:]])
+        return header.tobytes() + self.open_time.astype(np.int64).tobytes() + prices.tobytes()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> tuple["Candles", int] | None:
+        """(candles, requested) from `pack`'s bytes; None for anything else (an older format)."""
+        if len(data) < 24:
+            return None
+        packed_format, requested, rows = np.frombuffer(data, dtype=np.int64, count=3)
+        if packed_format != _PACKED_FORMAT or len(data) != 24 + 8 * rows * len(COLUMNS):
+            return None
+        open_time = np.frombuffer(data, dtype=np.int64, count=rows, offset=24)
+        prices = np.frombuffer(data, dtype=np.float64, offset=24 + 8 * rows).reshape(len(COLUMNS) - 1, rows)
+        return cls(open_time, *prices), int(requested)

@@ -355,16 +355,17 @@ def cached_candles(ticker: str, timeframe: str, last_n: int) -> "Candles | None"
     """The last `last_n` candles from the Redis fresh-candles cache, if it holds an answer that long."""
     from candlecast.candles import Candles
 
-    payload = cache.get_candles(ticker, timeframe)
-    if payload is None or payload.get("requested", len(payload.get("open_time", ()))) < last_n:
+    packed = cache.get_candles(ticker, timeframe)
+    unpacked = Candles.unpack(packed) if packed is not None else None
+    if unpacked is None or max(unpacked[1], len(unpacked[0])) < last_n:
         return None
-    return Candles.from_dict(payload).tail(last_n)
+    return unpacked[0].tail(last_n)
 
 
 def cache_candles(ticker: str, timeframe: str, candles: "Candles", requested: int) -> None:
     """Fill the fresh-candles cache (1 h). `requested` is how many rows were asked for: a shorter
     history is the whole answer for any request up to that many."""
-    cache.set_candles(ticker, timeframe, {**candles.to_dict(), "requested": requested})
+    cache.set_candles(ticker, timeframe, candles.pack(requested))
 
 
 def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = True) -> "Candles | None":
