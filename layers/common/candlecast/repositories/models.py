@@ -1,11 +1,13 @@
 """Queries on the models table: registration and the one active model per timeframe."""
 
 import uuid
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from candlecast.schemas import ModelCreate
+if TYPE_CHECKING:  # health imports this module and needs no pydantic models
+    from candlecast.schemas import ModelCreate
 
 MODEL_COLUMNS = (
     "id, timeframe, name, version, kind, s3_key, sha256, accuracy, metrics, features, "
@@ -13,7 +15,7 @@ MODEL_COLUMNS = (
 )
 
 
-def register_model(conn: psycopg.Connection, model: ModelCreate, *, activate: bool = True) -> uuid.UUID:
+def register_model(conn: psycopg.Connection, model: "ModelCreate", *, activate: bool = True) -> uuid.UUID:
     """Insert (or refresh, by name+version) a model; when `activate`, it becomes its timeframe's only active one."""
     with conn.transaction():
         if activate:
