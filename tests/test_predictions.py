@@ -193,7 +193,7 @@ def test_no_active_model_is_503(seeded):
     assert "1h" in body["error"]["message"]
 
 
-@pytest.mark.parametrize("tamper", ["flip-byte", "drop-signature", "wrong-sha-row"])
+@pytest.mark.parametrize("tamper", ["flip-byte", "drop-signature", "garbled-signature", "wrong-sha-row"])
 def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tamper):
     with psycopg.connect(seeded.database_url) as conn:
         key = conn.execute("SELECT s3_key FROM models WHERE timeframe = '1h' AND is_active").fetchone()[0]
@@ -203,6 +203,8 @@ def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tam
         storage.put_bytes(key, bytes(data))
     elif tamper == "drop-signature":
         storage.s3_client().delete_object(Bucket=seeded.bucket, Key=storage.signature_key(key))
+    elif tamper == "garbled-signature":
+        storage.put_bytes(storage.signature_key(key), b"\xff\xfe not hex")
     else:
         with psycopg.connect(seeded.database_url, autocommit=True) as conn:
             conn.execute("UPDATE models SET sha256 = repeat('0', 64) WHERE timeframe = '1h'")
@@ -356,3 +358,30 @@ def test_a_bad_last_candle_is_skipped_and_the_forecast_continues_the_last_good_o
     assert status == 201, body
     assert body["last_close"] == pytest.approx(closes[-2])
     assert datetime.fromisoformat(body["last_candle_at"]) == datetime.fromtimestamp(start + 299 * 3600, UTC)
+
+
+def test_an_unreadable_candle_file_is_503(seeded):
+    from candlecast import cache
+
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), b"PAR1 this is not parquet PAR1")
+    cache.delete(cache.keys.candles("X:ADAUSDT", "1h"))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 503
+    assert body["error"]["code"] == "storage_unavailable"
+    assert "unreadable" in body["error"]["message"]
+
+
+def test_a_missing_signing_key_is_503_naming_it(seeded, monkeypatch):
+    from candlecast.config import get_settings
+    from candlecast.services import forecasting
+
+    monkeypatch.delenv("MODEL_SIGNING_KEY")
+    get_settings.cache_clear()
+    forecasting.forget_models()
+    try:
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert status == 503
+    assert "MODEL_SIGNING_KEY" in body["error"]["message"]

@@ -8,10 +8,8 @@ app = create_resolver()
 
 @app.get("/health", summary="Service health", description="200 ok or degraded; 503 when the database is down.")
 def get_health():
-    import json
-
     status_code, body = health.check()
-    return json_response(json.dumps(body), status_code)
+    return json_response(body, status_code)
 
 
 lambda_handler = lambda_handler_for(app)

@@ -392,7 +392,11 @@ def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = 
         candles = _recalled(key, etag, last_n) if use_cache and etag else None
         if candles is None:
             started = time.perf_counter()
-            candles = _read_tail(handle, last_n)
+            try:
+                candles = _read_tail(handle, last_n)
+            except ValueError as error:  # pyarrow's ArrowInvalid: a file that is not readable Parquet
+                logger.error("unreadable candle file", extra={"key": key, "error": str(error)})
+                raise StorageUnavailable(f"the {timeframe} candle file of {ticker} is unreadable") from error
             elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
             logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
             if use_cache and etag:

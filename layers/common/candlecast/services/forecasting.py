@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
-from candlecast.config import get_settings, model_signing_key
+from candlecast.config import ConfigurationError, get_settings, model_signing_key
 from candlecast.errors import ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
@@ -47,9 +47,12 @@ def _verified_model(row: dict):
         signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
         if data is None:
             raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
-        model = artifact.verify_and_load(
-            data, signature.decode() if signature else None, model_signing_key(get_settings()), sha256
-        )
+        try:
+            key = model_signing_key(get_settings())
+        except ConfigurationError as error:
+            raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
+        # A garbled signature decodes to something that cannot match, and is refused as tampered.
+        model = artifact.verify_and_load(data, signature.decode("ascii", "replace") if signature else None, key, sha256)
         _models[timeframe] = (sha256, model)
         logger.info("model loaded", extra={"timeframe": timeframe, "model": row["name"], "version": row["version"]})
         return model
@@ -69,8 +72,8 @@ def _recent_candles(ticker: str, timeframe: str, count: int):
         from candlecast import ingest
 
         candles = ingest.fetch_recent_candles(ticker, timeframe, count)
-    candles = usable_candles(candles) if candles is not None else None
-    if candles is None or len(candles) < 3:
+    candles = usable_candles(candles)
+    if len(candles) < 3:
         raise NotFound(f"{ticker} has too few usable {timeframe} candles to forecast from", code="candles_not_found")
     return candles
 

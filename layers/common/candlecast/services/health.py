@@ -1,5 +1,6 @@
 """Health: the database, the cache and storage, each with its latency; model status per timeframe."""
 
+import json
 import time
 from collections.abc import Callable
 
@@ -38,8 +39,9 @@ def _storage() -> bool:
     return storage.check_bucket()
 
 
-def check() -> tuple[int, dict]:
-    """(HTTP status, body): 200 "ok", 200 "degraded" when cache or storage is down, 503 when the database is."""
+def check() -> tuple[int, bytes]:
+    """(HTTP status, JSON body): 200 "ok", 200 "degraded" when cache or storage is down, 503 when the
+    database is."""
     active_models: dict = {}
 
     def database() -> bool:
@@ -60,4 +62,4 @@ def check() -> tuple[int, dict]:
         )
         for timeframe in TIMEFRAMES
     }
-    return code, {"status": status, "checks": checks, "models": models}
+    return code, json.dumps({"status": status, "checks": checks, "models": models}).encode()
