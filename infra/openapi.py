@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from infra.lambda_loader import load_function_module  # noqa: E402
-from infra.local_api import load_template, parse_functions, parse_routes  # noqa: E402
+from infra.sam_template import load_template, parse_functions, parse_routes  # noqa: E402
 
 DOCUMENT = ROOT / "infra/openapi.json"
 TITLE = "candlecast"

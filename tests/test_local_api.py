@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,20 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.local_api import (
-    FunctionRuntime,
-    HttpRequest,
-    LocalApi,
-    Route,
-    build_event,
-    find_route,
-    load_template,
-    parse_functions,
-    parse_routes,
-    serve_in_thread,
-    to_http_response,
-)
+from infra.apigateway import HttpRequest, build_event, to_http_response
+from infra.lambda_runtime import FunctionRuntime
+from infra.local_api import LocalApi, serve_in_thread
 from infra.local_stack import free_port
+from infra.sam_template import Route, find_route, load_template, parse_functions, parse_routes
 from tests.conftest import EVENTS, ROOT
 
 TEMPLATE = ROOT / "template.yaml"
@@ -353,6 +345,72 @@ def test_body_over_ten_megabytes_is_413(echo_api):
     response = httpx.put(f"{echo_api}/files/big", content=b"x" * (10 * 1024 * 1024 + 1))
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_oversize_body_is_refused_from_its_content_length_before_it_is_read(echo_api):
+    host, port = echo_api.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        # Only the head is sent: a server that waited for the 10 MB body would time out here.
+        conn.sendall(b"PUT /files/big HTTP/1.1\r\nHost: x\r\nContent-Length: 10485761\r\n\r\n")
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413 ")
+    assert "connection: close" in reply.lower()
+    assert '"payload_too_large"' in reply
+
+
+def test_a_burst_of_simultaneous_connects_is_all_served(echo_api):
+    host, port = echo_api.removeprefix("http://").split(":")
+    # 64 connects at once: with a listen backlog of 5 the kernel drops the SYNs that overflow it, and
+    # those connects only complete on the client's retry a second later (or are reset).
+    sockets = [socket.create_connection((host, int(port)), timeout=0.9) for _ in range(64)]
+    try:
+        for conn in sockets:
+            conn.settimeout(10)
+            conn.sendall(b"GET /items/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        statuses = [conn.makefile("rb").readline().split()[1] for conn in sockets]
+    finally:
+        for conn in sockets:
+            conn.close()
+    assert statuses == [b"200"] * 64
+
+
+def test_the_response_head_and_body_leave_in_one_write(echo_api, monkeypatch):
+    from infra import http_server
+
+    writes = []
+    original = http_server._RequestHandler._send
+
+    def recording_send(handler, response):
+        real_write = handler.wfile.write
+        handler.wfile.write = lambda data: (writes.append(bytes(data)), real_write(data))[1]
+        original(handler, response)
+
+    monkeypatch.setattr(http_server._RequestHandler, "_send", recording_send)
+    with httpx.Client() as client:
+        assert client.get(f"{echo_api}/items/1").status_code == 200
+    assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 ") and writes[0].endswith(b"}")
+    assert http_server._RequestHandler.disable_nagle_algorithm  # TCP_NODELAY on every connection
+
+
+def test_local_routes_and_static_folders_come_before_the_template(echo_api, tmp_path):
+    from infra.static_files import static_file, static_folder
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "index.html").write_text("<h1>page</h1>")
+    (tmp_path / "web" / "app.js").write_text("console.log(1)")
+    (tmp_path / "secret.txt").write_text("no")
+    api = LocalApi(TEMPLATE)
+    api.add_local_route("GET", "/", static_file(tmp_path / "web" / "index.html"))
+    api.add_local_route("GET", "/assets/{path+}", static_folder(tmp_path / "web"))
+    page = api.handle(HttpRequest("GET", "/"))
+    assert (page.status, page.body) == (200, b"<h1>page</h1>")
+    assert dict(page.headers)["content-type"] == "text/html; charset=utf-8"
+    script = api.handle(HttpRequest("GET", "/assets/app.js"))
+    assert script.status == 200 and "javascript" in dict(script.headers)["content-type"]
+    assert api.handle(HttpRequest("GET", "/assets/../secret.txt")).status == 404
+    assert api.handle(HttpRequest("GET", "/assets/%2e%2e/secret.txt")).status == 404
+    assert api.handle(HttpRequest("GET", "/assets/missing.js")).status == 404
+    assert api.handle(HttpRequest("POST", "/")).status == 404  # GET only, and no template route either
 
 
 def test_context_counts_down():

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from infra import openapi
-from infra.local_api import load_template, parse_routes
+from infra.sam_template import load_template, parse_routes
 
 pytestmark = pytest.mark.template
 
