@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.forecast.dataset import load_timeframe
-from candlecast.forecast.evaluate import build_origins, evaluate_model
-from candlecast.forecast.model import ForecastModel
+from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
+from candlecast.forecast.model import ForecastModel, raw_confidence
 from candlecast.timeframes import Timeframe
 
 MAX_ORIGINS = 20_000  # origins are thinned evenly beyond this
@@ -22,8 +22,10 @@ def load_signed_model(path: Path, key: bytes) -> ForecastModel:
     return artifact.verify_and_load(data, signature, key)
 
 
-def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progress: bool = False) -> dict:
-    """forecasting.md metrics of `model` on every series of `timeframe` in `data_dir` (CSV or Parquet)."""
+def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progress: bool = False,
+             peers: bool = True) -> dict:
+    """forecasting.md metrics of `model` on every series of `timeframe` in `data_dir` (CSV or Parquet); with
+    `peers`, also the model's own baseline, GARCH(1,1)-t and a Gaussian random walk on the same origins."""
     if model.timeframe != timeframe:
         raise ValueError(f"the model is for {model.timeframe}, not {timeframe}")
     loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
@@ -36,6 +38,17 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
     if len(origins) > MAX_ORIGINS:
         origins = origins.take(np.linspace(0, len(origins) - 1, MAX_ORIGINS).astype(int))
     result = evaluate_model(model, origins)
+    if peers:
+        from candlecast.forecast.peers import compare_with_peers
+
+        q, base_q, confidence = model_outputs(model, origins)
+        candidates = {"candlecast": (origins.scale[..., None] * q, confidence)}
+        if model.kind != "baseline":  # the file's own baseline; its confidence map is not stored: raw confidence
+            base_log_q = origins.scale[..., None] * base_q
+            candidates["baseline"] = (base_log_q, raw_confidence(base_log_q, np.ones(q.shape[:-1]),
+                                                                 model.config.tolerance))
+        result["comparison"] = compare_with_peers(loaded, origins, timeframe, candidates, "candlecast",
+                                                  model.config.tolerance, progress)
     return {
         "model": model.name,
         "version": model.version,

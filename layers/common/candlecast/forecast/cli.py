@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     backtest.add_argument("--data", required=True, help="folder of OHLCV files (CSV or Parquet)")
     backtest.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
     backtest.add_argument("--model", help="model file (default models/{tf}.pkl); its .sig is verified")
+    backtest.add_argument("--no-peers", action="store_true", help="skip the GARCH-t and Gaussian random-walk peers")
     backtest.set_defaults(func=backtest_command)
 
 
@@ -43,17 +44,16 @@ def build_sample_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from candlecast.forecast.report import comparison_text
     from candlecast.forecast.train import register, train_timeframe
 
     entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds)
-    keys = ("coverage_80", "coverage_95", "ece", "rel_mae", "directional_accuracy", "pinball_skill", "n_origins")
-    candidates = {
-        name: {key: result[key] for key in keys} for name, result in entry["metrics"]["candidates"].items()
-    }
+    comparison = entry["metrics"]["comparison"]
+    print(comparison_text(args.timeframe, comparison), file=sys.stderr)
     print(json.dumps({"timeframe": args.timeframe, "shipped": entry["kind"], "version": entry["version"],
-                      "reason": entry["metrics"]["reason"], "accuracy": entry["accuracy"],
-                      "held_out_symbols": entry["metrics"]["held_out_symbols"], "candidates": candidates,
-                      "report": entry.get("report")}, indent=2))
+                      "reason": entry["metrics"]["reason"],
+                      "held_out_symbols": entry["metrics"]["held_out_symbols"],
+                      "methods": headline_scores(comparison), "report": entry.get("report")}, indent=2))
     if args.register:
         if not os.environ.get("DATABASE_URL"):
             print("--register needs DATABASE_URL", file=sys.stderr)
@@ -62,13 +62,25 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def headline_scores(comparison: dict) -> dict:
+    """Per method: pin5, Δ against the reference with its interval, coverage, width, ECE (no per-horizon lists)."""
+    keys = ("pin5", "coverage_80", "coverage_95", "width_80", "width_95", "ece", "n_origins")
+    reference = "vs_" + comparison["reference"]
+    return {name: {key: scores[key] for key in keys} | ({reference: scores[reference]} if reference in scores else {})
+            for name, scores in comparison["methods"].items()}
+
+
 def backtest_command(args: argparse.Namespace) -> int:
     from candlecast.forecast.backtest import backtest, load_signed_model
+    from candlecast.forecast.report import comparison_text
     from candlecast.forecast.train import signing_key
 
     path = Path(args.model or f"models/{args.timeframe}.pkl")
     model = load_signed_model(path, signing_key())
-    print(json.dumps(backtest(model, Path(args.data), args.timeframe, progress=True)))
+    result = backtest(model, Path(args.data), args.timeframe, progress=True, peers=not args.no_peers)
+    if "comparison" in result:
+        print(comparison_text(args.timeframe, result["comparison"]), file=sys.stderr)
+    print(json.dumps(result))
     return 0
 
 

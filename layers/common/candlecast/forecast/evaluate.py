@@ -163,4 +163,114 @@ def evaluate_model(model: ForecastModel, origins: Origins) -> dict:
     return metrics(origins, q, base_q, confidence, model.config.tolerance)
 
 
-__all__ = ["Origins", "build_origins", "evaluate_model", "metrics", "raw_confidence", "reliability"]
+# -- methods side by side (the model and its peers on the same origins) -----------------------------------------
+PIN5_LEVELS = (0.025, 0.1, 0.5, 0.9, 0.975)
+_PIN5 = np.array([int(np.flatnonzero(np.isclose(QUANTILES, level))[0]) for level in PIN5_LEVELS])
+# (name, first year, first year after); an era is reported when it holds test origins.
+ERAS = (("2013-16", 2013, 2017), ("2017-18", 2017, 2019), ("2019-21", 2019, 2022), ("2022-", 2022, 10_000))
+_YEAR_SECONDS = 365.2425 * 86400
+
+
+def pin5_loss(log_return: np.ndarray, log_quantiles: np.ndarray) -> np.ndarray:
+    """Mean pinball loss over PIN5_LEVELS in % log return, per (origin, h): NaN where the outcome is unknown."""
+    error = 100 * (log_return[..., None] - log_quantiles[..., _PIN5])
+    levels = np.asarray(PIN5_LEVELS)
+    return np.mean(np.maximum(levels * error, (levels - 1) * error), axis=-1)
+
+
+def _year(times: np.ndarray) -> np.ndarray:
+    return 1970 + np.asarray(times, dtype=np.float64) / _YEAR_SECONDS
+
+
+def method_scores(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np.ndarray, tolerance: float,
+                  times: np.ndarray) -> dict:
+    """pin5, coverage and mean log width (80/95 %) overall, per horizon and per era; confidence ECE + reliability.
+
+    `log_return` (n, 30) realised ln C(t+h) − ln C(t) (NaN unknown); `log_quantiles` (n, 30, 7) at QUANTILES;
+    `confidence` (n, 30) the per-step confidence; `times` (n,) origin open times (epoch seconds).
+    """
+    known = np.isfinite(log_return)
+    y = np.where(known, log_return, 0.0)
+    inside_80 = (log_quantiles[..., 1] <= y) & (y <= log_quantiles[..., 5])
+    inside_95 = (log_quantiles[..., 0] <= y) & (y <= log_quantiles[..., 6])
+    width_80 = log_quantiles[..., 5] - log_quantiles[..., 1]
+    width_95 = log_quantiles[..., 6] - log_quantiles[..., 0]
+    loss = pin5_loss(y, log_quantiles)
+    median = log_quantiles[..., len(QUANTILES) // 2]
+    hit = (np.abs(np.expm1(y - median)) <= tolerance).astype(float)
+
+    def mean(values: np.ndarray, mask: np.ndarray, axis=None):
+        count = mask.sum(axis=axis)
+        return np.where(count > 0, np.where(mask, values, 0.0).sum(axis=axis) / np.maximum(count, 1), np.nan)
+
+    per_horizon = {
+        "coverage_80": mean(inside_80, known, 0), "coverage_95": mean(inside_95, known, 0),
+        "width_80": mean(width_80, known, 0), "width_95": mean(width_95, known, 0),
+        "pin5": mean(loss, known, 0), "ece": [_ece(confidence[known[:, i], i], hit[known[:, i], i])
+                                             for i in range(known.shape[1])],
+    }
+    year = _year(times)[:, None] + np.zeros(known.shape)
+    eras = {}
+    for name, first, after in ERAS:
+        mask = known & (year >= first) & (year < after)
+        if mask.any():
+            eras[name] = {"coverage_80": float(mean(inside_80, mask)), "coverage_95": float(mean(inside_95, mask)),
+                          "pin5": float(mean(loss, mask)), "n_pairs": int(mask.sum())}
+    return {
+        "pin5": float(mean(loss, known)),
+        "coverage_80": float(mean(inside_80, known)),
+        "coverage_95": float(mean(inside_95, known)),
+        "width_80": float(mean(width_80, known)),
+        "width_95": float(mean(width_95, known)),
+        "ece": _ece(confidence[known], hit[known]),
+        "reliability": [{"confidence": c, "observed": o, "count": n} for c, o, n in
+                        reliability(confidence[known], hit[known])],
+        "n_origins": int(known.any(axis=1).sum()),
+        "n_pairs": int(known.sum()),
+        "per_horizon": {key: [float(v) for v in values] for key, values in per_horizon.items()},
+        "eras": eras,
+    }
+
+
+def block_bootstrap_delta(loss_model: np.ndarray, loss_peer: np.ndarray, blocks: np.ndarray, reps: int = 2000,
+                          seed: int = 11) -> dict:
+    """Δ = pin5(peer) / pin5(model) − 1 with a 95 % block-bootstrap interval (> 0: the model is ahead).
+
+    `loss_*` (n, 30) per-pair losses (NaN unknown); `blocks` (n,) the time block of each origin. Whole blocks
+    are resampled, so overlapping labels and coins moving together in one period stay together.
+    """
+    known = np.isfinite(loss_model) & np.isfinite(loss_peer)
+    ids, block_index = np.unique(blocks, return_inverse=True)
+    model_sum = np.bincount(block_index, np.where(known, loss_model, 0).sum(axis=1), len(ids))
+    peer_sum = np.bincount(block_index, np.where(known, loss_peer, 0).sum(axis=1), len(ids))
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=reps)
+    ratio = (weights @ peer_sum) / np.maximum(weights @ model_sum, 1e-300) - 1
+    return {"delta": float(peer_sum.sum() / model_sum.sum() - 1),
+            "ci95": [float(np.quantile(ratio, 0.025)), float(np.quantile(ratio, 0.975))], "blocks": len(ids)}
+
+
+def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, tolerance: float, bar_seconds: float,
+                    reference: str) -> dict:
+    """Scores of every method at the same origins, and each one's Δ against `reference` (the model).
+
+    `methods`: name -> (log_quantiles (n, 30, 7), confidence (n, 30)). Bootstrap blocks are 30 bars of calendar
+    time (the longest label), shortened when that would leave fewer than 20 blocks in the test span.
+    """
+    span = float(times.max() - times.min()) if len(times) else 0.0
+    block = max(bar_seconds, min(30 * bar_seconds, span / 20))
+    blocks = (np.asarray(times, dtype=np.float64) // block).astype(np.int64)
+    y = np.where(np.isfinite(log_return), log_return, 0.0)
+    losses = {name: np.where(np.isfinite(log_return), pin5_loss(y, q), np.nan) for name, (q, _) in methods.items()}
+    result = {name: method_scores(log_return, q, confidence, tolerance, times)
+              for name, (q, confidence) in methods.items()}
+    for name in methods:
+        if name != reference:
+            result[name]["vs_" + reference] = block_bootstrap_delta(losses[reference], losses[name], blocks)
+    peers = [name for name in methods if name != reference]
+    best = min(peers, key=lambda name: result[name]["pin5"]) if peers else None
+    return {"reference": reference, "best_peer": best, "block_seconds": block, "methods": result}
+
+
+__all__ = ["Origins", "build_origins", "compare_methods", "evaluate_model", "metrics", "pin5_loss", "raw_confidence",
+           "reliability"]

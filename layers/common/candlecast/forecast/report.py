@@ -1,4 +1,5 @@
-"""PNG report of a walk-forward test: reliability diagram, coverage by horizon, one fan chart (matplotlib, Agg)."""
+"""Walk-forward report: a PNG (reliability, coverage by horizon, fan chart, every method's per-horizon coverage and
+width) and the text table of the model against its peers."""
 
 from pathlib import Path
 
@@ -11,15 +12,20 @@ from candlecast.forecast.model import HORIZONS, ForecastModel
 
 
 def write_report(directory: Path, timeframe: str, loaded: list, test: Origins, results: dict,
-                 model: ForecastModel, outputs: tuple, kind: str) -> Path:
-    """One PNG for the shipped `kind`: `outputs` = its (z-quantiles, baseline z-quantiles, confidence) at `test`."""
+                 model: ForecastModel, outputs: tuple, kind: str, comparison: dict | None = None) -> Path:
+    """One PNG for the shipped `kind`: `outputs` = its (z-quantiles, baseline z-quantiles, confidence) at `test`;
+    `comparison` (`evaluate.compare_methods`) adds a row of every method's coverage and width by horizon."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    figure, (ax_rel, ax_cov, ax_fan) = plt.subplots(1, 3, figsize=(18, 5.5))
+    rows = 2 if comparison else 1
+    figure, axes = plt.subplots(rows, 3, figsize=(18, 5.5 * rows), squeeze=False)
+    ax_rel, ax_cov, ax_fan = axes[0]
+    if comparison:
+        _methods_by_horizon(axes[1], timeframe, comparison)
 
     q, _, confidence = outputs
     known = np.isfinite(test.log_return)
@@ -50,6 +56,53 @@ def write_report(directory: Path, timeframe: str, loaded: list, test: Origins, r
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
+
+
+def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
+    ax80, ax95, ax_width = axes
+    for i, (name, scores) in enumerate(comparison["methods"].items()):
+        per = scores["per_horizon"]
+        style = "-" if name == comparison["reference"] else "--"
+        label = f"{name} (pin5 {scores['pin5']:.3f})"
+        ax80.plot(HORIZONS, per["coverage_80"], style, color=f"C{i}", label=label)
+        ax95.plot(HORIZONS, per["coverage_95"], style, color=f"C{i}", label=label)
+        ax_width.plot(HORIZONS, per["width_80"], style, color=f"C{i}", label=f"{name} 80%")
+        ax_width.plot(HORIZONS, per["width_95"], ":", color=f"C{i}", label=f"{name} 95%")
+    ax80.axhspan(0.77, 0.83, color="grey", alpha=0.15)
+    ax95.axhspan(0.93, 0.97, color="grey", alpha=0.15)
+    ax80.set(xlabel="horizon (bars)", ylabel="coverage", title=f"{timeframe} 80% coverage by horizon, every method")
+    ax95.set(xlabel="horizon (bars)", ylabel="coverage", title=f"{timeframe} 95% coverage by horizon, every method")
+    ax_width.set(xlabel="horizon (bars)", ylabel="mean ln(upper/lower)", title=f"{timeframe} interval width")
+    for ax in axes:
+        ax.legend(fontsize=7)
+
+
+def comparison_text(timeframe: str, comparison: dict) -> str:
+    """Markdown: per method pin5 and Δ against the reference (95 % block-bootstrap interval), coverage overall and
+    its range over horizons, width, ECE and the worst reliability bin; then coverage per era."""
+    reference = comparison["reference"]
+    lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}", "",
+             f"| method | pin5 (%) | Δ peer vs {reference} [95% CI] | cov80 / cov95 | cov80 range over h "
+             "| cov95 range over h | width 80/95 | ECE | worst bin gap | origins |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in comparison["methods"].items():
+        delta = m.get("vs_" + reference)
+        delta_text = "—" if delta is None else (
+            f"{100 * delta['delta']:+.1f} % [{100 * delta['ci95'][0]:+.1f}, {100 * delta['ci95'][1]:+.1f}]")
+        per = m["per_horizon"]
+        gap = max((abs(b["confidence"] - b["observed"]) for b in m["reliability"]), default=float("nan"))
+        lines.append(
+            f"| {name} | {m['pin5']:.4f} | {delta_text} | {m['coverage_80']:.3f} / {m['coverage_95']:.3f} "
+            f"| {min(per['coverage_80']):.3f}–{max(per['coverage_80']):.3f} "
+            f"| {min(per['coverage_95']):.3f}–{max(per['coverage_95']):.3f} "
+            f"| {m['width_80']:.3f} / {m['width_95']:.3f} | {m['ece']:.3f} | {gap:.3f} | {m['n_origins']:,} |")
+    lines += ["", "| method | " + " | ".join(f"era {era} cov80 / cov95 (pairs)" for era in
+                                           next(iter(comparison["methods"].values()))["eras"]) + " |"]
+    lines.append("|---|" + "---|" * len(next(iter(comparison["methods"].values()))["eras"]))
+    for name, m in comparison["methods"].items():
+        cells = [f"{e['coverage_80']:.3f} / {e['coverage_95']:.3f} ({e['n_pairs']:,})" for e in m["eras"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fan_chart(ax, timeframe: str, loaded: list, test: Origins, model: ForecastModel) -> None:

@@ -335,6 +335,16 @@ def choose(results: dict) -> tuple[str, str]:
     return "baseline", "baseline: the learned model does not beat it on held-out symbols within the targets"
 
 
+def compare_candidates(loaded: list, result: WalkForward, timeframe: Timeframe, kind: str, progress: bool) -> dict:
+    """Every candidate and every peer (GARCH-t, Gaussian random walk) on the same held-out test origins."""
+    from candlecast.forecast.peers import compare_with_peers
+
+    candidates = {name: (result.test.scale[..., None] * q, confidence)
+                  for name, (q, _, confidence) in result.outputs.items()}
+    return compare_with_peers(loaded, result.test, timeframe, candidates, kind, CONFIGS[timeframe].tolerance,
+                              progress)
+
+
 def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports_dir: Path | None,
                     folds: int = 2, progress: bool = True, seed: int = 7) -> dict:
     """Walk-forward backtest, final fit, signed model file and manifest entry. Returns the manifest entry."""
@@ -348,6 +358,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     wick = fitted_wick(loaded, np.flatnonzero(~held_out_series), timeframe)
     result = walk_forward(timeframe, origins, held_out_series[origins.series], wick, folds, rng, progress)
     kind, reason = choose(result.results)
+    comparison = compare_candidates(loaded, result, timeframe, kind, progress)
 
     # Final model: all symbols; the most recent block calibrates.
     version = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
@@ -388,6 +399,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
             "folds": result.folds,
             "test": chosen,
             "candidates": {name: _headline(summary) for name, summary in result.results.items()},
+            "comparison": comparison,
         },
     }
     update_manifest(out_dir / "manifest.json", entry)
@@ -395,7 +407,8 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
         from candlecast.forecast.report import write_report
 
         entry["report"] = str(write_report(Path(reports_dir) / timeframe, timeframe, loaded, result.test,
-                                           result.results, result.last_models[kind], result.outputs[kind], kind))
+                                           result.results, result.last_models[kind], result.outputs[kind], kind,
+                                           comparison))
     return entry
 
 

@@ -1,0 +1,173 @@
+"""Peers scored beside the model on the same origins (training/backtest side only; GARCH needs `arch` and scipy).
+
+Every peer gives log-return quantiles (n, 30, 7) at the levels of `features.QUANTILES`, median 0 (random walk):
+- `gaussian-rw`: N(0, s²·h), s = sample sd of the last 30 one-bar log returns up to the origin.
+- `garch-t`: GARCH(1,1), zero mean, Student-t innovations, fitted with `arch` on a rolling window of returns
+  ending at the origin, refitted every `refit_every` bars (warm-started); between refits the variance recursion
+  runs over new returns with the last parameters. The h-step quantile is the standardised t quantile times
+  √(Σ expected one-bar variances). With too few returns for a fit, a t(5) on their sample variance.
+Nothing at an origin reads a candle after it (tests/test_forecast_peers.py).
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from candlecast.forecast.features import QUANTILES
+from candlecast.forecast.model import HORIZONS
+from candlecast.timeframes import Timeframe
+
+RW_WINDOW = 30
+_PERCENT = 100.0  # arch fits returns in percent (better conditioned)
+
+
+@dataclass(frozen=True)
+class GarchPlan:
+    window: int  # returns in each fit
+    refit_every: int  # bars between refits of one series
+    min_returns: int  # fewer returns than this: no fit, a t(5) on the sample variance
+
+
+GARCH_PLANS = {
+    "1h": GarchPlan(window=1500, refit_every=240, min_returns=300),
+    "4h": GarchPlan(window=1000, refit_every=90, min_returns=200),
+    "1d": GarchPlan(window=1000, refit_every=30, min_returns=150),
+    "1w": GarchPlan(window=260, refit_every=4, min_returns=60),
+    "1m": GarchPlan(window=120, refit_every=1, min_returns=36),
+}
+
+
+def _t_quantiles(nu: np.ndarray) -> np.ndarray:
+    """(n, 7) quantiles of unit-variance Student-t with `nu` (n,) degrees of freedom."""
+    from scipy import stats
+
+    nu = np.clip(nu, 2.05, 500.0)
+    return stats.t.ppf(QUANTILES[None, :], nu[:, None]) * np.sqrt((nu - 2) / nu)[:, None]
+
+
+def log_returns(close: np.ndarray) -> np.ndarray:
+    """r[i] = ln C[i] − ln C[i−1]; r[0] = NaN."""
+    log_close = np.log(close)
+    return np.concatenate([[np.nan], np.diff(log_close)])
+
+
+def gaussian_rw(close: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(n, 30, 7) quantiles of the Gaussian random walk at origin indices `positions`."""
+    from scipy import stats
+
+    returns = log_returns(close)
+    sd = np.empty(len(positions))
+    for i, p in enumerate(positions):
+        window = returns[max(1, p - RW_WINDOW + 1) : p + 1]
+        sd[i] = np.std(window, ddof=1) if len(window) >= 2 else np.nan
+    fallback = np.nanmedian(sd) if np.isfinite(sd).any() else 0.01
+    sd = np.where(np.isfinite(sd) & (sd > 0), sd, fallback)
+    z = stats.norm.ppf(QUANTILES)
+    return sd[:, None, None] * np.sqrt(HORIZONS)[None, :, None] * z[None, None, :]
+
+
+def _garch_fit(returns_pct: np.ndarray, start: np.ndarray | None) -> np.ndarray | None:
+    """(ω, α, β, ν) of a zero-mean GARCH(1,1)-t on `returns_pct`, or None when the fit fails."""
+    from arch import arch_model
+
+    model = arch_model(returns_pct, mean="Zero", vol="GARCH", p=1, q=1, dist="t", rescale=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = model.fit(disp="off", show_warning=False, starting_values=start, options={"maxiter": 200})
+        except (ValueError, np.linalg.LinAlgError):
+            return None
+    params = np.asarray(result.params, dtype=np.float64)
+    return params if np.isfinite(params).all() else None
+
+
+def _variance_path(returns_pct: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """s²[i] = conditional variance of r[i+1] given r[..i] (length of `returns_pct`), backcast-started."""
+    from scipy.signal import lfilter
+
+    omega, alpha, beta = params[:3]
+    backcast = float(np.mean(np.square(returns_pct[: min(len(returns_pct), 75)])))
+    drive = omega + alpha * np.square(returns_pct)
+    # s²[i] = drive[i] + β·s²[i−1], with s²[−1] = backcast.
+    path, _ = lfilter([1.0], [1.0, -beta], drive, zi=[beta * backcast])
+    return path
+
+
+def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan) -> np.ndarray:
+    """(n, 30, 7) GARCH(1,1)-t quantiles at sorted origin indices `positions` of one series."""
+    returns = log_returns(close) * _PERCENT
+    cumulative = np.empty((len(positions), len(HORIZONS)))
+    nu = np.empty(len(positions))
+    params, fitted_at, start = None, -(10**12), None
+    for i, p in enumerate(positions):
+        lo = max(1, p - plan.window + 1)
+        window = returns[lo : p + 1]
+        if len(window) < plan.min_returns:
+            variance = float(np.mean(np.square(window))) if len(window) else np.nan
+            cumulative[i] = variance * HORIZONS
+            nu[i] = 5.0
+            continue
+        if params is None or p - fitted_at >= plan.refit_every:
+            fit = _garch_fit(window, start)
+            if fit is not None:
+                params, start = fit, fit
+            fitted_at = p
+        if params is None:
+            cumulative[i] = float(np.mean(np.square(window))) * HORIZONS
+            nu[i] = 5.0
+            continue
+        omega, alpha, beta, shape = params
+        next_variance = _variance_path(window, params)[-1]
+        persistence = alpha + beta
+        steps = np.empty(len(HORIZONS))
+        steps[0] = next_variance
+        for k in range(1, len(HORIZONS)):
+            steps[k] = omega + persistence * steps[k - 1]
+        cumulative[i] = np.cumsum(steps)
+        nu[i] = shape
+    bad = ~np.isfinite(cumulative).all(axis=1)
+    if bad.any():
+        cumulative[bad] = np.nanmedian(cumulative[~bad], axis=0) if (~bad).any() else 1.0
+    scale = np.sqrt(np.maximum(cumulative, 0.0)) / _PERCENT
+    return scale[:, :, None] * _t_quantiles(nu)[:, None, :]
+
+
+PEERS = ("garch-t", "gaussian-rw")
+
+
+def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timeframe: Timeframe,
+                   progress: bool = False) -> dict[str, np.ndarray]:
+    """{peer: (n, 30, 7) log-return quantiles} at the origins (`series` index into `loaded`, candle open `times`)."""
+    out = {name: np.full((len(times), len(HORIZONS), len(QUANTILES)), np.nan) for name in PEERS}
+    plan = GARCH_PLANS[timeframe]
+    indices = np.unique(series)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=f"peers {timeframe} (GARCH-t refits)", unit="series", leave=False)
+    for index in indices:
+        candles = loaded[int(index)][1]
+        rows = np.flatnonzero(series == index)
+        rows = rows[np.argsort(times[rows], kind="stable")]
+        positions = np.searchsorted(candles.open_time, times[rows])
+        if not np.array_equal(candles.open_time[np.minimum(positions, len(candles) - 1)], times[rows]):
+            raise ValueError("origin times must be candle open times of their series")
+        out["gaussian-rw"][rows] = gaussian_rw(candles.close, positions)
+        out["garch-t"][rows] = garch_t(candles.close, positions, plan)
+    return out
+
+
+def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: dict, reference: str,
+                       tolerance: float, progress: bool = False) -> dict:
+    """`evaluate.compare_methods` of the model's `candidates` (name -> (log-return quantiles, confidence) at
+    `origins`) and every peer at the same origins; the peers' confidence is read off their quantile curve."""
+    from candlecast.forecast.evaluate import compare_methods
+    from candlecast.forecast.model import raw_confidence
+    from candlecast.timeframes import nominal_seconds
+
+    methods = dict(candidates)
+    for name, quantiles in peer_quantiles(loaded, origins.series, origins.time, timeframe, progress).items():
+        methods[name] = (quantiles, raw_confidence(quantiles, np.ones(quantiles.shape[:-1]), tolerance))
+    return compare_methods(origins.log_return, origins.time, methods, tolerance, nominal_seconds(timeframe),
+                           reference)

@@ -1,0 +1,109 @@
+"""Peers (GARCH(1,1)-t, Gaussian random walk) and the side-by-side metrics: no peer sees the future; the
+pin5 loss, the block bootstrap and the method table compute what they say."""
+
+import numpy as np
+import pytest
+
+from candlecast.candles import COLUMNS, Candles
+from candlecast.forecast.bench import synthetic_candles
+from candlecast.forecast.evaluate import block_bootstrap_delta, compare_methods, method_scores, pin5_loss
+from candlecast.forecast.features import QUANTILES
+
+pytest.importorskip("arch")
+from candlecast.forecast.peers import GarchPlan, garch_t, gaussian_rw, peer_quantiles
+
+PLAN = GarchPlan(window=400, refit_every=50, min_returns=100)
+
+
+def garch_candles(count: int, seed: int = 3) -> Candles:
+    """A GARCH(1,1) price path with t(5) shocks, so the peer has clustering to find."""
+    rng = np.random.default_rng(seed)
+    omega, alpha, beta = 2e-6, 0.08, 0.9
+    variance, returns = omega / (1 - alpha - beta), np.empty(count)
+    for i in range(count):
+        returns[i] = np.sqrt(variance) * rng.standard_t(5) * np.sqrt(3 / 5)
+        variance = omega + alpha * returns[i] ** 2 + beta * variance
+    close = 100 * np.exp(np.cumsum(returns))
+    base = synthetic_candles(count, seed)
+    return Candles(base.open_time, close, close * 1.001, close / 1.001, close, base.volume)
+
+
+def head(candles: Candles, end: int) -> Candles:
+    return Candles(*(getattr(candles, name)[:end] for name in COLUMNS))
+
+
+def test_no_peer_sees_the_future():
+    candles = garch_candles(1500)
+    cut = 1100
+    origins = np.arange(40, cut + 1, 7)
+    full = peer_quantiles([(None, candles)], np.zeros(len(origins), int), candles.open_time[origins], "1h")
+    truncated = head(candles, cut + 1)
+    alone = peer_quantiles([(None, truncated)], np.zeros(len(origins), int), truncated.open_time[origins], "1h")
+    crashed = Candles(*(getattr(candles, name).copy() for name in COLUMNS))
+    crashed.close[cut + 1 :] *= 0.01  # a crash right after the last origin
+    after = peer_quantiles([(None, crashed)], np.zeros(len(origins), int), crashed.open_time[origins], "1h")
+    for name in full:
+        assert np.isfinite(full[name]).all()
+        np.testing.assert_array_equal(full[name], alone[name], err_msg=name)
+        np.testing.assert_array_equal(full[name], after[name], err_msg=name)
+
+
+def test_garch_peer_is_calibrated_on_garch_data_and_sharper_than_the_random_walk_early():
+    candles = garch_candles(3000, seed=5)
+    positions = np.arange(600, 2960, 2)
+    log_close = np.log(candles.close)
+    target = np.minimum(positions[:, None] + np.arange(1, 31), len(candles) - 1)
+    y = np.where(positions[:, None] + np.arange(1, 31) < len(candles), log_close[target] - log_close[positions, None],
+                 np.nan)
+    garch, walk = garch_t(candles.close, positions, PLAN), gaussian_rw(candles.close, positions)
+    times = candles.open_time[positions]
+    garch_scores = method_scores(y, garch, np.full(y.shape, 0.5), 0.005, times)
+    walk_scores = method_scores(y, walk, np.full(y.shape, 0.5), 0.005, times)
+    assert 0.74 <= garch_scores["coverage_80"] <= 0.86
+    assert 0.91 <= garch_scores["coverage_95"] <= 0.98
+    # Volatility clusters: GARCH is sharper than the 30-bar random walk at the short horizons.
+    assert sum(garch_scores["per_horizon"]["pin5"][:5]) < sum(walk_scores["per_horizon"]["pin5"][:5])
+    assert (np.diff(garch[..., 3], axis=1) == 0).all() and (garch[..., 3] == 0).all()  # median: random walk
+
+
+def test_pin5_is_the_mean_pinball_loss_in_percent():
+    q = np.zeros((1, 1, len(QUANTILES)))
+    q[0, 0] = [-0.02, -0.01, -0.005, 0.0, 0.005, 0.01, 0.02]
+    y = np.array([[0.015]])
+    levels = np.array([0.025, 0.1, 0.5, 0.9, 0.975])
+    bounds = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])  # in %
+    error = 1.5 - bounds
+    expected = np.mean(np.maximum(levels * error, (levels - 1) * error))
+    assert pin5_loss(y, q)[0, 0] == pytest.approx(expected)
+
+
+def test_block_bootstrap_of_a_method_against_itself_and_a_worse_one():
+    rng = np.random.default_rng(0)
+    loss = rng.exponential(1.0, (400, 30))
+    blocks = np.arange(400) // 20
+    same = block_bootstrap_delta(loss, loss, blocks)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]
+    worse = block_bootstrap_delta(loss, loss * 1.1, blocks)
+    assert worse["delta"] == pytest.approx(0.1) and worse["ci95"][0] == pytest.approx(0.1)
+    noisy = block_bootstrap_delta(loss, rng.exponential(1.0, (400, 30)), blocks)
+    assert noisy["ci95"][0] < noisy["delta"] < noisy["ci95"][1]
+
+
+def test_compare_methods_scores_every_method_on_the_same_pairs():
+    rng = np.random.default_rng(1)
+    n = 300
+    y = rng.normal(0, 0.01, (n, 30)) * np.sqrt(np.arange(1, 31))
+    y[-5:, 20:] = np.nan  # unknown outcomes at the end of the data
+    z = np.array([-1.96, -1.2816, -0.6745, 0, 0.6745, 1.2816, 1.96])
+    right = 0.01 * np.sqrt(np.arange(1, 31))[None, :, None] * z + np.zeros((n, 1, 1))
+    narrow = right * 0.5
+    times = 1_530_000_000 + 86400 * np.arange(n)  # 2018-06 to 2019-04: two eras
+    conf = np.full((n, 30), 0.3)
+    result = compare_methods(y, times, {"model": (right, conf), "narrow": (narrow, conf)}, 0.01, 86400, "model")
+    model, other = result["methods"]["model"], result["methods"]["narrow"]
+    assert result["best_peer"] == "narrow" and model["n_pairs"] == other["n_pairs"] == n * 30 - 50
+    assert 0.76 <= model["coverage_80"] <= 0.84 and other["coverage_80"] < 0.6
+    assert other["vs_model"]["ci95"][0] > 0  # the narrow peer is clearly worse
+    assert set(model["eras"]) == {"2017-18", "2019-21"}
+    assert len(model["per_horizon"]["coverage_95"]) == 30
+    assert model["width_95"] == pytest.approx(2 * 1.96 * 0.01 * np.sqrt(np.arange(1, 31)).mean(), rel=0.01)
