@@ -11,6 +11,7 @@ API serves the result at /openapi.json with a /docs page.
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,23 @@ def _drop_default_validation_responses(paths: dict[str, dict], schemas: dict[str
             schemas.pop(name, None)
 
 
+def _referenced(paths: dict[str, dict], schemas: dict[str, Any]) -> dict[str, Any]:
+    """The schemas that the paths reach, directly or through other schemas (Powertools adds some that
+    nothing uses, such as ResponseValidationError, whose own reference we dropped above)."""
+    prefix = "#/components/schemas/"
+    reached: dict[str, Any] = {}
+    pending = [paths]
+    while pending:
+        for ref in re.findall(r'"\$ref": "([^"]+)"', json.dumps(pending.pop())):
+            name = ref.removeprefix(prefix)
+            if not ref.startswith(prefix) or name not in schemas:
+                raise OpenApiConflict(f"{ref} refers to no schema")
+            if name not in reached:
+                reached[name] = schemas[name]
+                pending.append(schemas[name])
+    return reached
+
+
 def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[str, Any]:
     """One OpenAPI 3.1 document from the resolvers of every function that has HttpApi routes."""
     from candlecast.api import API_DESCRIPTION
@@ -81,6 +99,7 @@ def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[st
             _merge_into(paths.setdefault(path, {}), operations, f"operation on {path}")
         _merge_into(schemas, document.get("components", {}).get("schemas", {}), "schema")
     _drop_default_validation_responses(paths, schemas)
+    schemas = _referenced(paths, schemas)
     merged: dict[str, Any] = {
         "openapi": openapi_version,
         "info": {"title": TITLE, "version": VERSION, "description": API_DESCRIPTION},

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -49,3 +50,65 @@ def test_conflicting_definitions_are_refused():
     with pytest.raises(openapi.OpenApiConflict):
         openapi._merge_into(target, {"Candle": {"type": "array"}}, "schema")
     openapi._merge_into(target, {"Candle": {"type": "object"}}, "schema")  # the same definition is fine
+
+
+def test_document_is_valid_openapi():
+    from openapi_spec_validator import validate
+
+    validate(json.loads(openapi.DOCUMENT.read_text()))  # raises, naming the first problem
+
+
+def test_every_reference_resolves_and_every_schema_is_used():
+    document = json.loads(openapi.DOCUMENT.read_text())
+    schemas = document["components"]["schemas"]
+    text = json.dumps(document)
+    for name in schemas:
+        assert f'"#/components/schemas/{name}"' in text, f"{name} is never used"
+    for ref in set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text)):
+        assert ref in schemas, f"dangling reference to {ref}"
+    with pytest.raises(openapi.OpenApiConflict, match="refers to no schema"):
+        openapi._referenced({"/x": {"$ref": "#/components/schemas/Gone"}}, {})
+
+
+def _operation(document: dict, method: str, path: str) -> dict:
+    return document["paths"][path][method]
+
+
+def test_what_the_code_does_is_documented():
+    document = json.loads(openapi.DOCUMENT.read_text())
+    schema_of = lambda response: response["content"]["application/json"]["schema"]  # noqa: E731
+    health = _operation(document, "get", "/health")["responses"]
+    assert schema_of(health["200"]) == schema_of(health["503"]) == {"$ref": "#/components/schemas/HealthReport"}
+    create = _operation(document, "post", "/predictions")["responses"]
+    assert schema_of(create["200"]) == schema_of(create["201"])
+    assert "X-Cache" in create["200"]["headers"]
+    (prediction_id,) = _operation(document, "get", "/predictions/{id}")["parameters"]
+    assert prediction_id["schema"]["format"] == "uuid"
+    assert document["components"]["schemas"]["Prediction"]["properties"]["id"]["format"] == "uuid"
+    from candlecast.tickers import TICKER_PATTERN
+
+    for path in ("/symbols/{ticker}", "/symbols/{ticker}/predictions"):
+        ticker = next(p for p in _operation(document, "get", path)["parameters"] if p["name"] == "ticker")
+        assert ticker["schema"]["pattern"] == TICKER_PATTERN
+    assert document["components"]["schemas"]["PredictionRequest"]["properties"]["symbol"]["pattern"] == TICKER_PATTERN
+    for path in ("/symbols", "/symbols/top", "/symbols/{ticker}/predictions"):
+        operation = _operation(document, "get", path)
+        assert "cursor" in {p["name"] for p in operation["parameters"]}, path
+        assert "X-Next-Cursor" in operation["responses"]["200"]["headers"], path
+
+
+@pytest.mark.parametrize("ticker", ["BTCUSD", "X:BTCUSD", "x:btcusd", "btc-usd", "BTC/USD", "eth_usdt", "1INCH-USDT",
+                                    "ab"])
+def test_tickers_the_document_allows_are_accepted(ticker):
+    from candlecast.tickers import TICKER_PATTERN, normalize_ticker
+
+    assert re.fullmatch(TICKER_PATTERN, ticker)
+    assert normalize_ticker(ticker) == "X:" + re.sub(r"[-/_]", "", ticker.upper().removeprefix("X:"))
+
+
+@pytest.mark.parametrize("ticker", ["BTC USD", "-BTC", "BTC-", "BTC--USD", "X:", "BTC.USD", "BTCUSD\n", "ETHUſD",
+                                    "BTC%USD", ""])
+def test_tickers_the_document_refuses(ticker):
+    from candlecast.tickers import TICKER_PATTERN
+
+    assert not re.fullmatch(TICKER_PATTERN, ticker)

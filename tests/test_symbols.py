@@ -1,5 +1,6 @@
 """Symbol routes through real v2 events against real PostgreSQL and Redis."""
 
+import base64
 import time
 
 import psycopg
@@ -183,3 +184,54 @@ def test_search_is_503_not_500_when_database_is_down(symbols, needs_embedded_pos
         time.sleep(0.2)
     assert status == 200
     assert [item["ticker"] for item in body] == ["X:ETHUSDT"]
+
+
+def _list(function: str, event_name: str, **query: str):
+    event = load_event(event_name, queryStringParameters=query,
+                       rawQueryString="&".join(f"{k}={v}" for k, v in query.items()))
+    return invoke(function, event)
+
+
+@pytest.mark.parametrize("route", ["top", "search"])
+def test_a_cursor_walks_every_symbol_beyond_one_hundred(clean_db, route):
+    count = 230
+    with db.connection() as conn:
+        symbol_repository.upsert_symbols(conn, [
+            SymbolCreate(ticker=f"X:C{index:03d}USD", name=f"Coin {index}", base_currency=f"C{index:03d}",
+                         quote_currency="USD", volume_24h=1_000_000 - index, volume_rank=index + 1)
+            for index in range(count)
+        ])
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": "100", **({"cursor": cursor} if cursor else {})}
+        if route == "search":
+            query["q"] = "coin"
+        status, headers, body = _list("symbols", "symbols_search.json" if route == "search" else "symbols_top.json",
+                                      **query)
+        assert status == 200, body
+        seen.extend(item["ticker"] for item in body)
+        pages += 1
+        cursor = headers.get("X-Next-Cursor")
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == [f"X:C{index:03d}USD" for index in range(count)]  # each once, in volume order
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", ["nope", _b64("o:-1"), _b64("o:1e3"), _b64("o:١٢"), _b64("o:100001"),
+                                    _b64("x:20"), _b64("o:" + "9" * 20), "x" * 33, "a+b"])
+def test_a_cursor_the_api_did_not_give_out_is_400(symbols, cursor):
+    status, _, body = _list("symbols", "symbols_top.json", cursor=cursor)
+    assert status == 400
+    assert body["error"]["code"] in ("invalid_cursor", "invalid_request")
+    assert "cursor" in body["error"]["message"]
+
+
+def test_a_short_page_is_the_last(symbols):
+    status, headers, body = _list("symbols", "symbols_top.json", limit="10")
+    assert (status, len(body)) == (200, len(SAMPLE))
+    assert "X-Next-Cursor" not in headers

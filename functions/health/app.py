@@ -1,12 +1,15 @@
 """GET /health — the database, cache and storage, each with its latency."""
 
-from candlecast.api import create_resolver, json_response, lambda_handler_for
+from candlecast.api import create_resolver, described, json_response, lambda_handler_for
+from candlecast.schemas import HealthReport
 from candlecast.services import health
 
 app = create_resolver()
 
 
-@app.get("/health", summary="Service health", description="200 ok or degraded; 503 when the database is down.")
+@app.get("/health", summary="Service health", description="200 ok or degraded; 503 when the database is down.",
+         responses={200: described(HealthReport, "ok, or degraded when the cache or storage is down"),
+                    503: described(HealthReport, "down: the database is unavailable")})
 def get_health():
     status_code, body = health.check()
     return json_response(body, status_code)

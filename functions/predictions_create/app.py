@@ -4,7 +4,7 @@ from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header
 
-from candlecast.api import create_resolver, documented, json_response, lambda_handler_for
+from candlecast.api import X_CACHE, create_resolver, described, documented, json_response, lambda_handler_for
 from candlecast.schemas import PredictionRequest, PredictionWithSteps
 from candlecast.services import forecasting
 
@@ -21,7 +21,7 @@ app = create_resolver()
         "repeated Idempotency-Key."
     ),
     responses=documented(PredictionWithSteps, 400, 404, 409, 413, 415, 422, 503, status=201)
-    | {200: {"description": "the stored prediction (X-Cache: HIT)"}},
+    | {200: described(PredictionWithSteps, "a repeat: the stored prediction", X_CACHE)},
 )
 def create_prediction(
     request: Annotated[PredictionRequest, Body()],

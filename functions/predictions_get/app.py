@@ -4,7 +4,7 @@ from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Path
 
-from candlecast.api import create_resolver, documented, json_response, lambda_handler_for, path_parameter
+from candlecast.api import X_CACHE, create_resolver, documented, json_response, lambda_handler_for, path_parameter
 from candlecast.schemas import PredictionWithSteps
 from candlecast.services import predictions
 
@@ -12,8 +12,8 @@ app = create_resolver()
 
 
 @app.get("/predictions/<id>", summary="A stored prediction with its 30 steps",
-         responses=documented(PredictionWithSteps, 400, 404, 503))
-def get_prediction(id: Annotated[str, Path(description="the prediction's UUID")]):
+         responses=documented(PredictionWithSteps, 400, 404, 503, headers=X_CACHE))
+def get_prediction(id: Annotated[str, Path(description="the prediction's UUID", json_schema_extra={"format": "uuid"})]):
     body, from_cache = predictions.get(path_parameter(id))
     return json_response(body, 200, {"X-Cache": "HIT" if from_cache else "MISS"})
 

@@ -16,6 +16,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from candlecast.config import get_settings
 from candlecast.errors import BadRequest, CandlecastError, PayloadTooLarge, UnsupportedMediaType, error_body
+from candlecast.pagination import Page
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "candlecast"))
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Candlecast"))
@@ -28,6 +29,9 @@ API_DESCRIPTION = (
 )
 
 
+X_CACHE = {"X-Cache": {"description": "HIT when served from the cache", "schema": {"type": "string",
+                                                                                 "enum": ["HIT", "MISS"]}}}
+
 _ERROR_MEANINGS = {
     400: "bad query, path, header or malformed JSON",
     404: "not found",
@@ -39,11 +43,20 @@ _ERROR_MEANINGS = {
 }
 
 
-def documented(model: Any, *error_statuses: int, status: int = 200) -> dict[int, dict]:
+def described(model: Any, description: str, headers: dict[str, dict] | None = None) -> dict:
+    """One OpenAPI response: a JSON body of `model`, and the headers it carries."""
+    response: dict[str, Any] = {"description": description, "content": {"application/json": {"model": model}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def documented(model: Any, *error_statuses: int, status: int = 200,
+               headers: dict[str, dict] | None = None) -> dict[int, dict]:
     """OpenAPI `responses` for a route: its success model and our error body for each error status."""
     from candlecast.schemas import ErrorResponse
 
-    responses = {status: {"description": "success", "content": {"application/json": {"model": model}}}}
+    responses = {status: described(model, "success", headers)}
     for code in error_statuses:
         responses[code] = {"description": _ERROR_MEANINGS[code],
                            "content": {"application/json": {"model": ErrorResponse}}}
@@ -58,6 +71,10 @@ def json_response(body: bytes | str, status_code: int = 200, headers: dict[str, 
         body=body.decode() if isinstance(body, bytes) else body,
         headers=headers,
     )
+
+
+def page_response(page: Page) -> Response:
+    return json_response(page.body, 200, page.headers)
 
 
 def path_parameter(raw: str) -> str:

@@ -7,10 +7,11 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from candlecast.tickers import normalize_ticker
+from candlecast.tickers import MAX_TICKER_LENGTH, TICKER_PATTERN, normalize_ticker
 from candlecast.timeframes import Timeframe
 
 __all__ = [
+    "HealthReport",
     "Model",
     "ModelCreate",
     "Prediction",
@@ -99,7 +100,8 @@ class PredictionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    symbol: str = Field(..., min_length=1, max_length=32, description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd")
+    symbol: str = Field(..., min_length=1, max_length=MAX_TICKER_LENGTH, json_schema_extra={"pattern": TICKER_PATTERN},
+                        description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd")
     timeframe: Timeframe = Field(..., description="1h, 4h, 1d, 1w or 1m (1m = one calendar month)")
 
     @field_validator("symbol")
@@ -165,6 +167,35 @@ class Prediction(_Read):
 
 class PredictionWithSteps(Prediction):
     steps: list[PredictionStep]
+
+
+class DependencyCheck(BaseModel):
+    status: Literal["up", "down"]
+    latency_ms: float
+    error: str | None = Field(None, description="why it is down (the error's class or our message)")
+
+
+class HealthChecks(BaseModel):
+    database: DependencyCheck
+    cache: DependencyCheck
+    storage: DependencyCheck
+
+
+class ModelStatus(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    status: Literal["active", "missing"]
+    name: str | None = None
+    version: str | None = None
+    kind: str | None = None
+
+
+class HealthReport(BaseModel):
+    """GET /health: 200 "ok" or "degraded" (cache or storage down), 503 "down" (the database is)."""
+
+    status: Literal["ok", "degraded", "down"]
+    checks: HealthChecks
+    models: dict[Timeframe, ModelStatus] = Field(..., description="the active model of each timeframe")
 
 
 class ErrorDetail(BaseModel):

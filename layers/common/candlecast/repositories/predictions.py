@@ -91,14 +91,14 @@ def get_prediction_by_id(conn: psycopg.Connection, prediction_id: uuid.UUID) -> 
 
 
 def get_recent_predictions_by_symbol(
-    conn: psycopg.Connection, symbol_id: int, timeframe: str | None, limit: int
+    conn: psycopg.Connection, symbol_id: int, timeframe: str | None, limit: int, offset: int = 0
 ) -> list[dict]:
     return conn.execute(
         f"""
         SELECT {_PREDICTION_COLUMNS} FROM predictions p JOIN models m ON m.id = p.model_id
         WHERE p.symbol_id = %(symbol_id)s AND (%(timeframe)s::text IS NULL OR p.timeframe = %(timeframe)s)
-        ORDER BY p.created_at DESC
-        LIMIT %(limit)s
+        ORDER BY p.created_at DESC, p.id DESC
+        LIMIT %(limit)s OFFSET %(offset)s
         """,
-        {"symbol_id": symbol_id, "timeframe": timeframe, "limit": limit},
+        {"symbol_id": symbol_id, "timeframe": timeframe, "limit": limit, "offset": offset},
     ).fetchall()

@@ -37,7 +37,7 @@ def get_symbol_by_ticker(conn: psycopg.Connection, ticker: str) -> dict | None:
     return conn.execute(SYMBOL_BY_TICKER, (ticker,)).fetchone()
 
 
-def search_symbols(conn: psycopg.Connection, query: str, limit: int) -> list[dict]:
+def search_symbols(conn: psycopg.Connection, query: str, limit: int, offset: int = 0) -> list[dict]:
     """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively.
 
     Ranked by exactness (exact ticker or base, then ticker prefix, then name prefix), then by volume.
@@ -56,9 +56,10 @@ def search_symbols(conn: psycopg.Connection, query: str, limit: int) -> list[dic
           AND (ticker LIKE 'X:' || %(pattern)s || '%%'
                OR lower(name) LIKE %(name_pattern)s || '%%')
         ORDER BY exactness, volume_24h DESC NULLS LAST, ticker
-        LIMIT %(limit)s
+        LIMIT %(limit)s OFFSET %(offset)s
         """,
-        {"upper": query.upper(), "pattern": pattern, "name_pattern": name_pattern, "limit": limit},
+        {"upper": query.upper(), "pattern": pattern, "name_pattern": name_pattern, "limit": limit,
+         "offset": offset},
     ).fetchall()
 
 
@@ -84,9 +85,9 @@ def mark_inactive_except(conn: psycopg.Connection, tickers: Iterable[str]) -> in
     return cursor.rowcount
 
 
-def get_top_symbols_by_volume(conn: psycopg.Connection, limit: int) -> list[dict]:
+def get_top_symbols_by_volume(conn: psycopg.Connection, limit: int, offset: int = 0) -> list[dict]:
     return conn.execute(
         f"SELECT {SYMBOL_COLUMNS} FROM symbols WHERE is_active "
-        "ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %s",
-        (limit,),
+        "ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %s OFFSET %s",
+        (limit, offset),
     ).fetchall()

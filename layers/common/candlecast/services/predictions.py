@@ -6,6 +6,7 @@ from pydantic import TypeAdapter
 
 from candlecast import cache, db
 from candlecast.errors import BadRequest, NotFound
+from candlecast.pagination import Page, decode_cursor
 from candlecast.repositories import predictions as prediction_repository
 from candlecast.schemas import Prediction, PredictionWithSteps
 from candlecast.tickers import normalize_ticker
@@ -47,13 +48,14 @@ def get(raw_id: str) -> tuple[bytes, bool]:
     return body, False
 
 
-def recent_for_symbol(raw_ticker: str, timeframe: str | None, limit: int) -> bytes:
+def recent_for_symbol(raw_ticker: str, timeframe: str | None, limit: int, cursor: str | None = None) -> Page:
     ticker = normalize_ticker(raw_ticker)
+    offset = decode_cursor(cursor)
     from candlecast.repositories import symbols as symbol_repository
 
     with db.connection() as conn:
         symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
         if symbol is None:
             raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-        rows = prediction_repository.get_recent_predictions_by_symbol(conn, symbol["id"], timeframe, limit)
-    return _prediction_list.dump_json(_prediction_list.validate_python(rows))
+        rows = prediction_repository.get_recent_predictions_by_symbol(conn, symbol["id"], timeframe, limit, offset)
+    return Page.of(_prediction_list.dump_json(_prediction_list.validate_python(rows)), offset, limit, len(rows))

@@ -6,6 +6,7 @@ from pydantic import TypeAdapter
 
 from candlecast import cache, db
 from candlecast.errors import BadRequest, NotFound
+from candlecast.pagination import Page, decode_cursor
 from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import Symbol
 from candlecast.tickers import compact_pair, normalize_ticker
@@ -22,34 +23,39 @@ def validate_query(query: str) -> str:
     return query.strip()
 
 
-def search(query: str, limit: int) -> bytes:
-    """Symbols matching `query` as a JSON list; an empty query lists the top symbols."""
+def search(query: str, limit: int, cursor: str | None = None) -> Page:
+    """Symbols matching `query` as a JSON list; an empty query lists the top symbols. Only first pages
+    are cached."""
     query = validate_query(query)
     if not query:
-        return top(limit)
+        return top(limit, cursor)
+    offset = decode_cursor(cursor)
     pair = compact_pair(query)
     # A ticker-like query searches as its compact pair; anything else (a name) as typed. The search is
     # case-insensitive, so the cache key is the searched term in lower case.
     term = pair if pair.isalnum() else query
-    cached = cache.get_search_bytes(term.lower(), limit)
+    cached = cache.get_search_bytes(term.lower(), limit) if offset == 0 else None
     if cached is not None:
-        return cached
+        return Page.of(cached, offset, limit)
     with db.connection() as conn:
-        rows = symbol_repository.search_symbols(conn, term, limit)
+        rows = symbol_repository.search_symbols(conn, term, limit, offset)
     body = _symbol_list.dump_json(_symbol_list.validate_python(rows))
-    cache.set_search_bytes(term.lower(), limit, body)
-    return body
+    if offset == 0:
+        cache.set_search_bytes(term.lower(), limit, body)
+    return Page.of(body, offset, limit, len(rows))
 
 
-def top(limit: int) -> bytes:
-    cached = cache.get_top_symbols_bytes(limit)
+def top(limit: int, cursor: str | None = None) -> Page:
+    offset = decode_cursor(cursor)
+    cached = cache.get_top_symbols_bytes(limit) if offset == 0 else None
     if cached is not None:
-        return cached
+        return Page.of(cached, offset, limit)
     with db.connection() as conn:
-        rows = symbol_repository.get_top_symbols_by_volume(conn, limit)
+        rows = symbol_repository.get_top_symbols_by_volume(conn, limit, offset)
     body = _symbol_list.dump_json(_symbol_list.validate_python(rows))
-    cache.set_top_symbols_bytes(limit, body)
-    return body
+    if offset == 0:
+        cache.set_top_symbols_bytes(limit, body)
+    return Page.of(body, offset, limit, len(rows))
 
 
 def get(raw_ticker: str) -> bytes:

@@ -1,0 +1,61 @@
+"""Opaque page cursors for the list routes: `cursor` in the query, the next one in `X-Next-Cursor` and `Link`.
+
+A cursor holds the offset of the next page. A full page carries a next cursor (the page after the last
+full one may be empty); a shorter page is the last. Rows added between calls can shift later pages.
+"""
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from candlecast.errors import BadRequest
+
+MAX_OFFSET = 100_000
+_PREFIX = "o:"
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+NEXT_CURSOR_HEADER = {"X-Next-Cursor": {"description": "pass it as `cursor` for the next page; absent on the last",
+                                        "schema": {"type": "string", "pattern": CURSOR_PATTERN}}}
+
+
+@dataclass(frozen=True)
+class Page:
+    """A JSON list and the cursor of the page after it."""
+
+    body: bytes
+    next_cursor: str | None
+
+    @classmethod
+    def of(cls, body: bytes, offset: int, limit: int, length: int | None = None) -> "Page":
+        length = len(json.loads(body)) if length is None else length
+        return cls(body, next_cursor(offset, limit, length))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Next-Cursor": self.next_cursor} if self.next_cursor else {}
+
+
+def encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"{_PREFIX}{offset}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    """The offset a cursor stands for (0 without one), or BadRequest `invalid_cursor`."""
+    if not cursor:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        text = ""
+    digits = text.removeprefix(_PREFIX)
+    if (not text.startswith(_PREFIX) or not digits.isascii() or not digits.isdigit() or len(digits) > 6
+            or int(digits) > MAX_OFFSET):
+        raise BadRequest("cursor is not one this API gave out: pass X-Next-Cursor as it is", code="invalid_cursor")
+    return int(digits)
+
+
+def next_cursor(offset: int, limit: int, page_length: int) -> str | None:
+    """The cursor of the page after a full one; None after a short (last) page."""
+    if page_length < limit or offset + limit > MAX_OFFSET:
+        return None
+    return encode_cursor(offset + limit)
