@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: install run test lint bench requirements clean tools check-template migrations-hash openapi
+.PHONY: install run test lint bench bench-scale requirements clean tools check-template migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: lint check-template
 
 bench: $(STAMP)
 	$(BIN)/python -m infra.bench
+
+## 1M predictions x 30 steps in an embedded PostgreSQL under BENCH_SCALE_TMP (a few GB); not part of `make test`.
+BENCH_SCALE_TMP ?= $(CURDIR)/.local/bench-scale
+bench-scale: $(STAMP)
+	mkdir -p $(BENCH_SCALE_TMP)
+	TMPDIR=$(BENCH_SCALE_TMP) nice $(BIN)/python -m infra.bench_scale
 
 clean:
 	rm -rf $(VENV) .aws-sam .local .pytest_cache .ruff_cache

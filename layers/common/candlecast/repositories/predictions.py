@@ -6,6 +6,7 @@ import psycopg
 from pydantic import TypeAdapter
 
 from candlecast.schemas import PredictionCreate, PredictionStepCreate
+from candlecast.timeframes import TIMEFRAMES
 
 STEP_FIELDS = ("step", "ts", "open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95",
                "confidence")
@@ -16,13 +17,20 @@ _steps_json = TypeAdapter(list[PredictionStepCreate])
 _PREDICTION_COLUMNS = """p.id, p.ticker, p.timeframe, p.model_id, m.name AS model_name, m.version AS model_version,
        p.last_candle_at, p.last_close, p.horizon, p.created_at, p.request_hash, p.idempotency_key"""
 
-_CREATE = f"""
-WITH existing AS (
-    SELECT id, request_hash, created_at FROM predictions
-    WHERE CASE WHEN %(idempotency_key)s::text IS NOT NULL THEN idempotency_key = %(idempotency_key)s
-               ELSE request_hash = %(request_hash)s AND created_at > now() - interval '{REPEAT_WINDOW}' END
+# The twin a create looks for. Keyed and unkeyed creates are separate statements: a prepared statement
+# soon runs a generic plan (parameters unknown), and only a condition without `$1 IS NULL` branches
+# keeps an index there (predictions_idempotency_key_unique; predictions_request_hash_created_idx).
+_KEYED_TWIN = "SELECT id, request_hash, created_at FROM predictions WHERE idempotency_key = %(idempotency_key)s"
+_UNKEYED_TWIN = f"""SELECT id, request_hash, created_at FROM predictions
+    WHERE request_hash = %(request_hash)s AND created_at > now() - interval '{REPEAT_WINDOW}'
     ORDER BY created_at DESC
-    LIMIT 1
+    LIMIT 1"""
+
+
+def _create_statement(twin: str) -> str:
+    return f"""
+WITH existing AS (
+    {twin}
 ), inserted AS (
     INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close, horizon,
                              idempotency_key, user_id, request_hash)
@@ -40,6 +48,10 @@ SELECT id, created_at, true AS created, %(request_hash)s AS request_hash FROM in
 UNION ALL
 SELECT id, created_at, false AS created, request_hash FROM existing
 """
+
+
+CREATE_KEYED = _create_statement(_KEYED_TWIN)
+CREATE_UNKEYED = _create_statement(_UNKEYED_TWIN)
 
 
 def create_prediction(
@@ -70,7 +82,8 @@ def create_prediction(
             # flush (a crash may lose the last moments of them, never corrupt them). A keyed one is a promise.
             conn.execute("SET LOCAL synchronous_commit = off")
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
-        row = conn.execute(_CREATE, params).fetchone()
+        statement = CREATE_UNKEYED if prediction.idempotency_key is None else CREATE_KEYED
+        row = conn.execute(statement, params).fetchone()
     if row["request_hash"] != request_hash:
         raise Conflict("Idempotency-Key was already used for a different request", code="idempotency_key_reused")
     return row
@@ -90,15 +103,25 @@ def get_prediction_by_id(conn: psycopg.Connection, prediction_id: uuid.UUID) -> 
     return prediction
 
 
+_RECENT_FOR_TIMEFRAME = f"""
+SELECT {_PREDICTION_COLUMNS} FROM predictions p JOIN models m ON m.id = p.model_id
+WHERE p.symbol_id = %(symbol_id)s AND p.timeframe = %(timeframe)s
+ORDER BY p.created_at DESC, p.id DESC
+LIMIT %(limit)s OFFSET %(offset)s"""
+# Without a timeframe: each timeframe's newest from predictions_symbol_timeframe_created_idx, merged, so the
+# cost follows the page's end (offset + limit), not the symbol's number of predictions (and no second index slows every create).
+_RECENT_ANY_TIMEFRAME = f"""
+SELECT {_PREDICTION_COLUMNS} FROM ({" UNION ALL ".join(
+    f"(SELECT * FROM predictions WHERE symbol_id = %(symbol_id)s AND timeframe = '{timeframe}' "
+    "ORDER BY created_at DESC, id DESC LIMIT %(window)s)" for timeframe in TIMEFRAMES)}) p
+JOIN models m ON m.id = p.model_id
+ORDER BY p.created_at DESC, p.id DESC
+LIMIT %(limit)s OFFSET %(offset)s"""
+
+
 def get_recent_predictions_by_symbol(
     conn: psycopg.Connection, symbol_id: int, timeframe: str | None, limit: int, offset: int = 0
 ) -> list[dict]:
-    return conn.execute(
-        f"""
-        SELECT {_PREDICTION_COLUMNS} FROM predictions p JOIN models m ON m.id = p.model_id
-        WHERE p.symbol_id = %(symbol_id)s AND (%(timeframe)s::text IS NULL OR p.timeframe = %(timeframe)s)
-        ORDER BY p.created_at DESC, p.id DESC
-        LIMIT %(limit)s OFFSET %(offset)s
-        """,
-        {"symbol_id": symbol_id, "timeframe": timeframe, "limit": limit, "offset": offset},
-    ).fetchall()
+    statement = _RECENT_ANY_TIMEFRAME if timeframe is None else _RECENT_FOR_TIMEFRAME
+    return conn.execute(statement, {"symbol_id": symbol_id, "timeframe": timeframe, "limit": limit, "offset": offset,
+                                    "window": limit + offset}).fetchall()

@@ -37,30 +37,52 @@ def get_symbol_by_ticker(conn: psycopg.Connection, ticker: str) -> dict | None:
     return conn.execute(SYMBOL_BY_TICKER, (ticker,)).fetchone()
 
 
+# Three bounded lookups, each reading at most offset + limit rows in index order, merged: exact ticker or base
+# (few rows, by volume), then ticker prefix in ticker order, then name prefix in name order. Prefixes are
+# byte ranges (~>=~ ~<~, the text_pattern_ops indexes' operators), which a generic plan can still use.
+_SEARCH = f"""
+WITH exact AS (
+    SELECT *, 0 AS exactness, row_number() OVER (ORDER BY volume_24h DESC NULLS LAST, ticker) AS position
+    FROM (SELECT * FROM symbols WHERE is_active AND (ticker = %(ticker)s OR base_currency = %(base)s)
+          ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(window)s) e
+), by_ticker AS (
+    SELECT *, 1 AS exactness, row_number() OVER () AS position
+    FROM (SELECT * FROM symbols WHERE is_active AND ticker ~>=~ %(ticker)s AND ticker ~<~ %(ticker_end)s
+          ORDER BY ticker USING ~<~ LIMIT %(window)s) t
+), by_name AS (
+    SELECT *, 2 AS exactness, row_number() OVER () AS position
+    FROM (SELECT * FROM symbols WHERE is_active AND lower(name) ~>=~ %(name)s AND lower(name) ~<~ %(name_end)s
+          ORDER BY lower(name) USING ~<~ LIMIT %(window)s) n
+)
+SELECT {SYMBOL_COLUMNS} FROM (
+    SELECT DISTINCT ON (ticker) * FROM (
+        SELECT * FROM exact UNION ALL SELECT * FROM by_ticker UNION ALL SELECT * FROM by_name) found
+    ORDER BY ticker, exactness, position
+) first_match
+ORDER BY exactness, position
+LIMIT %(limit)s OFFSET %(offset)s
+"""
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """[prefix, end): exactly the strings that start with `prefix`, in code-point (byte) order."""
+    following = ord(prefix[-1]) + 1
+    if 0xD800 <= following <= 0xDFFF:  # surrogates are not characters: skip to the next one
+        following = 0xE000
+    return prefix, prefix[:-1] + chr(min(following, 0x10FFFF))
+
+
 def search_symbols(conn: psycopg.Connection, query: str, limit: int, offset: int = 0) -> list[dict]:
     """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively.
 
-    Ranked by exactness (exact ticker or base, then ticker prefix, then name prefix), then by volume.
-    LIKE wildcards in the query are escaped, so they match themselves.
+    Exact ticker or base currency first (by volume), then ticker prefix (in ticker order), then name prefix
+    (in name order). Each part reads at most offset + limit rows, so the cost follows the page, not the matches.
     """
-    pattern = query.upper().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    name_pattern = query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return conn.execute(
-        f"""
-        SELECT {SYMBOL_COLUMNS},
-               CASE WHEN ticker = 'X:' || %(upper)s OR base_currency = %(upper)s THEN 0
-                    WHEN ticker LIKE 'X:' || %(pattern)s || '%%' THEN 1
-                    ELSE 2 END AS exactness
-        FROM symbols
-        WHERE is_active
-          AND (ticker LIKE 'X:' || %(pattern)s || '%%'
-               OR lower(name) LIKE %(name_pattern)s || '%%')
-        ORDER BY exactness, volume_24h DESC NULLS LAST, ticker
-        LIMIT %(limit)s OFFSET %(offset)s
-        """,
-        {"upper": query.upper(), "pattern": pattern, "name_pattern": name_pattern, "limit": limit,
-         "offset": offset},
-    ).fetchall()
+    ticker, ticker_end = prefix_range("X:" + query.upper())
+    name, name_end = prefix_range(query.lower())
+    return conn.execute(_SEARCH, {"ticker": ticker, "ticker_end": ticker_end, "base": query.upper(), "name": name,
+                                  "name_end": name_end, "limit": limit, "offset": offset,
+                                  "window": limit + offset}).fetchall()
 
 
 def upsert_symbol(conn: psycopg.Connection, symbol: SymbolCreate) -> None:
