@@ -109,7 +109,8 @@ WHERE p.symbol_id = %(symbol_id)s AND p.timeframe = %(timeframe)s
 ORDER BY p.created_at DESC, p.id DESC
 LIMIT %(limit)s OFFSET %(offset)s"""
 # Without a timeframe: each timeframe's newest from predictions_symbol_timeframe_created_idx, merged, so the
-# cost follows the page's end (offset + limit), not the symbol's number of predictions (and no second index slows every create).
+# cost follows the page's end (offset + limit), not the symbol's number of predictions (and no second index
+# slows every create).
 _RECENT_ANY_TIMEFRAME = f"""
 SELECT {_PREDICTION_COLUMNS} FROM ({" UNION ALL ".join(
     f"(SELECT * FROM predictions WHERE symbol_id = %(symbol_id)s AND timeframe = '{timeframe}' "
