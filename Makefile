@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale requirements clean tools check-template migrations-hash openapi
+.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools check-template migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python infra/layer_requirements.py --check
 
-test: lint check-template
+test: lint check-template qa-tools
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -50,15 +50,18 @@ PY312_BIN := $(shell for p in "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/py
 	"$$p" -c '' 2>/dev/null && { dirname "$$p"; break; }; done)
 SAM_VENV := .local/sam-venv
 CHECKOV_VENV := .local/checkov-venv
+QA_VENV := .local/qa-venv
 EXTRA = $$($(BIN)/python -c 'import sys, tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' $(1))
 
-$(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed: .local/%/.installed: pyproject.toml $(STAMP)
+$(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed $(QA_VENV)/.installed: .local/%/.installed: pyproject.toml $(STAMP)
 	@test -n "$(PY312_BIN)" || { echo "python3.12 not found (pyenv install 3.12)"; exit 1; }
 	test -x .local/$*/bin/python || $(PY312_BIN)/python3.12 -m venv .local/$*
 	.local/$*/bin/python -m pip install --quiet $(call EXTRA,$(subst -venv,,$*))
 	touch $@
 
 tools: $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed
+
+qa-tools: $(QA_VENV)/.installed
 
 check-template: $(STAMP) tools
 	PATH="$(PY312_BIN):$$PATH" $(BIN)/python infra/template_checks.py all

@@ -335,6 +335,12 @@ def test_unknown_route_is_a_json_404(echo_api):
     assert httpx.post(f"{echo_api}/items/1").status_code == 404  # the route is GET only
 
 
+def test_any_method_reaches_the_routes_as_at_api_gateway(echo_api):
+    response = httpx.request("TRACE", f"{echo_api}/items/1")
+    assert response.status_code == 404  # the route is GET only: API Gateway's JSON 404, not a 501 page
+    assert response.json()["error"]["code"] == "not_found"
+
+
 def test_handler_exception_is_a_json_500(echo_api):
     response = httpx.get(f"{echo_api}/boom")
     assert response.status_code == 500

@@ -98,7 +98,7 @@ def test_what_the_code_does_is_documented():
 
 
 @pytest.mark.parametrize("ticker", ["BTCUSD", "X:BTCUSD", "x:btcusd", "btc-usd", "BTC/USD", "eth_usdt", "1INCH-USDT",
-                                    "ab"])
+                                    "ab", "A" * 24, "X:" + "A" * 12 + "-" + "B" * 12])
 def test_tickers_the_document_allows_are_accepted(ticker):
     from candlecast.tickers import TICKER_PATTERN, normalize_ticker
 
@@ -107,8 +107,22 @@ def test_tickers_the_document_allows_are_accepted(ticker):
 
 
 @pytest.mark.parametrize("ticker", ["BTC USD", "-BTC", "BTC-", "BTC--USD", "X:", "BTC.USD", "BTCUSD\n", "ETHUſD",
-                                    "BTC%USD", ""])
+                                    "BTC%USD", "", "A", "A" * 25, "A-B-C"])
 def test_tickers_the_document_refuses(ticker):
     from candlecast.tickers import TICKER_PATTERN
 
     assert not re.fullmatch(TICKER_PATTERN, ticker)
+
+
+def test_the_documented_query_pattern_is_what_search_refuses():
+    import unicodedata
+
+    from candlecast.services.symbols import QUERY_PATTERN
+
+    refused = re.compile(QUERY_PATTERN)
+    for code in range(0x10000):
+        char = chr(code)
+        if unicodedata.category(char) == "Cs":
+            continue
+        control_or_format = unicodedata.category(char) in ("Cc", "Cf")
+        assert (refused.fullmatch(char) is None) == control_or_format, f"U+{code:04X}"

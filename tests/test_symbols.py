@@ -1,6 +1,5 @@
 """Symbol routes through real v2 events against real PostgreSQL and Redis."""
 
-import base64
 import time
 
 import psycopg
@@ -221,12 +220,7 @@ def test_a_cursor_walks_every_symbol_beyond_one_hundred(clean_db, route):
     assert seen == expected  # each once
 
 
-def _b64(text: str) -> str:
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-@pytest.mark.parametrize("cursor", ["nope", _b64("o:-1"), _b64("o:1e3"), _b64("o:١٢"), _b64("o:100001"),
-                                    _b64("x:20"), _b64("o:" + "9" * 20), "x" * 33, "a+b"])
+@pytest.mark.parametrize("cursor", ["nope", "o-1", "o1e3", "o١٢", "o1234567", "x20", "o", "o 1", "o1\n", "0"])
 def test_a_cursor_the_api_did_not_give_out_is_400(symbols, cursor):
     status, _, body = _list("symbols", "symbols_top.json", cursor=cursor)
     assert status == 400

@@ -7,7 +7,8 @@ from candlecast.services import health
 app = create_resolver()
 
 
-@app.get("/health", summary="Service health", description="200 ok or degraded; 503 when the database is down.",
+@app.get("/health", operation_id="get_health", summary="Service health",
+         description="200 ok or degraded; 503 when the database is down.",
          responses={200: described(HealthReport, "ok, or degraded when the cache or storage is down"),
                     503: described(HealthReport, "down: the database is unavailable")})
 def get_health():

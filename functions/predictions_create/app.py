@@ -9,10 +9,13 @@ from candlecast.schemas import PredictionRequest, PredictionWithSteps
 from candlecast.services import forecasting
 
 app = create_resolver()
+READ_BACK = {"GetPrediction": {"operationId": "get_prediction",
+                               "parameters": {"id": "$response.body#/id"}}}
 
 
 @app.post(
     "/predictions",
+    operation_id="create_prediction",
     summary="Create a forecast",
     description=(
         "Returns 30 expected candles (open/high/low/close built from the median path), the 80% and 95% "
@@ -20,8 +23,8 @@ app = create_resolver()
         "X-Cache: HIT for a repeat of the same symbol, timeframe and last candle within 15 minutes, or a "
         "repeated Idempotency-Key."
     ),
-    responses=documented(PredictionWithSteps, 400, 404, 409, 413, 415, 422, 503, status=201)
-    | {200: described(PredictionWithSteps, "a repeat: the stored prediction", X_CACHE)},
+    responses=documented(PredictionWithSteps, 400, 404, 409, 413, 415, 422, 503, status=201, links=READ_BACK)
+    | {200: described(PredictionWithSteps, "a repeat: the stored prediction", X_CACHE, READ_BACK)},
 )
 def create_prediction(
     request: Annotated[PredictionRequest, Body()],

@@ -11,7 +11,7 @@ from candlecast.services import predictions
 app = create_resolver()
 
 
-@app.get("/predictions/<id>", summary="A stored prediction with its 30 steps",
+@app.get("/predictions/<id>", operation_id="get_prediction", summary="A stored prediction with its 30 steps",
          responses=documented(PredictionWithSteps, 400, 404, 503, headers=X_CACHE))
 def get_prediction(id: Annotated[str, Path(description="the prediction's UUID", json_schema_extra={"format": "uuid"})]):
     body, from_cache = predictions.get(path_parameter(id))

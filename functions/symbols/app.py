@@ -19,37 +19,44 @@ from candlecast.tickers import MAX_TICKER_LENGTH, TICKER_PATTERN
 from candlecast.timeframes import Timeframe
 
 app = create_resolver()
+# The first symbol of a list leads on to its own routes (OpenAPI links: clients and schemathesis follow them).
+FIRST_SYMBOL = {"GetSymbol": {"operationId": "get_symbol", "parameters": {"ticker": "$response.body#/0/ticker"}},
+                "SymbolPredictions": {"operationId": "symbol_predictions",
+                                      "parameters": {"ticker": "$response.body#/0/ticker"}}}
 
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
-Cursor = Annotated[str | None, Query(max_length=32, pattern=CURSOR_PATTERN,
+Cursor = Annotated[str | None, Query(pattern=CURSOR_PATTERN,
                                      description="X-Next-Cursor of the previous page")]
 Ticker = Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd", json_schema_extra={
     "pattern": TICKER_PATTERN, "minLength": 2, "maxLength": MAX_TICKER_LENGTH})]
 
 
-@app.get("/symbols", summary="Search symbols by ticker prefix or name",
-         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER))
+@app.get("/symbols", operation_id="search_symbols", summary="Search symbols by ticker prefix or name",
+         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER, links=FIRST_SYMBOL))
 def search_symbols(
-    q: Annotated[str, Query(max_length=64, description="ticker prefix or name, at most 64 characters")] = "",
+    q: Annotated[str, Query(max_length=64, description="ticker prefix or name, at most 64 characters",
+                            json_schema_extra={"pattern": symbols.QUERY_PATTERN})] = "",
     limit: Limit = 20,
     cursor: Cursor = None,
 ):
     return page_response(symbols.search(q, limit, cursor))
 
 
-@app.get("/symbols/top", summary="Symbols ranked by 24 h volume",
-         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER))
+@app.get("/symbols/top", operation_id="top_symbols", summary="Symbols ranked by 24 h volume",
+         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER, links=FIRST_SYMBOL))
 def top_symbols(limit: Limit = 20, cursor: Cursor = None):
     return page_response(symbols.top(limit, cursor))
 
 
-@app.get("/symbols/<ticker>", summary="One symbol; accepts X:BTCUSD, BTCUSD, BTC-USD or btc-usd",
+@app.get("/symbols/<ticker>", operation_id="get_symbol",
+         summary="One symbol; accepts X:BTCUSD, BTCUSD, BTC-USD or btc-usd",
          responses=documented(Symbol, 400, 404, 503))
 def get_symbol(ticker: Ticker):
     return json_response(symbols.get(path_parameter(ticker)))
 
 
-@app.get("/symbols/<ticker>/predictions", summary="Recent predictions for a symbol, newest first",
+@app.get("/symbols/<ticker>/predictions", operation_id="symbol_predictions",
+         summary="Recent predictions for a symbol, newest first",
          responses=documented(list[Prediction], 400, 404, 503, headers=NEXT_CURSOR_HEADER))
 def symbol_predictions(
     ticker: Ticker,

@@ -43,20 +43,23 @@ _ERROR_MEANINGS = {
 }
 
 
-def described(model: Any, description: str, headers: dict[str, dict] | None = None) -> dict:
-    """One OpenAPI response: a JSON body of `model`, and the headers it carries."""
+def described(model: Any, description: str, headers: dict[str, dict] | None = None,
+              links: dict[str, dict] | None = None) -> dict:
+    """One OpenAPI response: a JSON body of `model`, the headers it carries and the operations it links to."""
     response: dict[str, Any] = {"description": description, "content": {"application/json": {"model": model}}}
     if headers:
         response["headers"] = headers
+    if links:
+        response["links"] = links
     return response
 
 
-def documented(model: Any, *error_statuses: int, status: int = 200,
-               headers: dict[str, dict] | None = None) -> dict[int, dict]:
+def documented(model: Any, *error_statuses: int, status: int = 200, headers: dict[str, dict] | None = None,
+               links: dict[str, dict] | None = None) -> dict[int, dict]:
     """OpenAPI `responses` for a route: its success model and our error body for each error status."""
     from candlecast.schemas import ErrorResponse
 
-    responses = {status: described(model, "success", headers)}
+    responses = {status: described(model, "success", headers, links)}
     for code in error_statuses:
         responses[code] = {"description": _ERROR_MEANINGS[code],
                            "content": {"application/json": {"model": ErrorResponse}}}

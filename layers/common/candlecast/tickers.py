@@ -5,9 +5,10 @@ import re
 from candlecast.errors import BadRequest
 
 MAX_TICKER_LENGTH = 32
-# What the API documents as a ticker (`pattern` in OpenAPI); normalize_ticker also takes separators in any
-# place and surrounding blanks, and requires 2 to 24 letters and digits in all.
-TICKER_PATTERN = r"^(?:[Xx]:)?[A-Za-z0-9]+(?:[-/_][A-Za-z0-9]+)*$"
+# What the API documents as a ticker (`pattern` in OpenAPI): base and quote, at most one separator, 2 to 24
+# letters and digits. normalize_ticker accepts every such string (and a few more: surrounding blanks, more
+# separators).
+TICKER_PATTERN = r"^(?:[Xx]:)?[A-Za-z0-9]{1,12}[-/_]?[A-Za-z0-9]{1,12}$"
 _PAIR = re.compile(r"^[A-Z0-9]{2,24}$")
 # Longest first, so that BTCUSDT splits as BTC/USDT, not BTCUSD/T.
 KNOWN_QUOTES = ("USDT", "USDC", "BUSD", "TUSD", "USD", "EUR", "GBP", "JPY", "BTC", "ETH", "BNB")

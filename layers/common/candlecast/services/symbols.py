@@ -1,6 +1,6 @@
 """Symbol search, top-by-volume and lookup, cached in Redis as serialised JSON."""
 
-import unicodedata
+import re
 
 from pydantic import TypeAdapter
 
@@ -12,13 +12,18 @@ from candlecast.schemas import Symbol
 from candlecast.tickers import compact_pair, normalize_ticker
 
 MAX_QUERY_LENGTH = 64
+# No control or format characters (Unicode Cc and Cf in the Basic Multilingual Plane): the OpenAPI `pattern`
+# of `q`, and what validate_query checks.
+QUERY_PATTERN = (r"^[^\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
+                 r"\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*$")
+_QUERY = re.compile(QUERY_PATTERN)
 _symbol_list = TypeAdapter(list[Symbol])
 
 
 def validate_query(query: str) -> str:
     if len(query) > MAX_QUERY_LENGTH:
         raise BadRequest(f"q is longer than {MAX_QUERY_LENGTH} characters", code="invalid_query")
-    if any(unicodedata.category(char) in ("Cc", "Cf", "Cs") for char in query):
+    if not _QUERY.fullmatch(query) or any("\ud800" <= char <= "\udfff" for char in query):
         raise BadRequest("q contains control characters", code="invalid_query")
     return query.strip()
 
