@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_seed:
             from candlecast.seed import seed
 
-            print(seed(Path(args.data), Path(args.models), progress=sys.stderr.isatty()).summary(), flush=True)
+            print(seed(Path(args.data), Path(args.models), progress=sys.stderr.isatty(),
+                       track_record=True).summary(), flush=True)
 
         shared, per_function = load_env_file(args.env_vars)
         api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function)

@@ -26,7 +26,8 @@ print(json.dumps({{"status": response["statusCode"], "heavy": heavy}}))
 @pytest.mark.parametrize(
     ("function", "event", "status"),
     [("health", "health.json", 200), ("symbols", "symbols_search.json", 200), ("symbols", "symbol_get.json", 404),
-     ("predictions_get", "prediction_get.json", 404)],
+     ("predictions_get", "prediction_get.json", 404), ("symbols", "models_list.json", 200),
+     ("symbols", "model_get.json", 404)],
 )
 def test_light_functions_import_no_heavy_modules(clean_db, function, event, status):
     script = SCRIPT.format(root=str(ROOT), function=f"functions/{function}",
@@ -34,5 +35,5 @@ def test_light_functions_import_no_heavy_modules(clean_db, function, event, stat
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                             env={**clean_db.environment(), "PATH": "/usr/bin:/bin"})
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    assert measured["status"] == status  # an empty database: no such symbol or prediction
+    assert measured["status"] == status  # an empty database: no such symbol, prediction or active model
     assert measured["heavy"] == []

@@ -10,8 +10,13 @@ import psycopg
 import pytest
 
 from candlecast import migrate
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
+
+MIGRATIONS = sorted(path.name.removesuffix(".sql") for path in (ROOT / "migrations").glob("*.sql")
+                    if not path.name.endswith(".rollback.sql"))
+TABLES = {"symbols", "models", "predictions", "prediction_steps", "prediction_scores", "model_live_stats"}
 
 
 @pytest.fixture
@@ -35,13 +40,20 @@ def tables(conninfo: str) -> set[str]:
 
 
 def test_apply_rollback_apply(scratch_database):
-    assert migrate.apply(scratch_database) == ["0001_symbols", "0002_models", "0003_predictions"]
-    assert tables(scratch_database) == {"symbols", "models", "predictions", "prediction_steps"}
-    assert migrate.rollback(scratch_database, count=3) == ["0003_predictions", "0002_models", "0001_symbols"]
+    assert migrate.apply(scratch_database) == MIGRATIONS
+    assert tables(scratch_database) == TABLES
+    assert migrate.rollback(scratch_database, count=len(MIGRATIONS)) == MIGRATIONS[::-1]
     assert tables(scratch_database) == set()
-    assert migrate.status(scratch_database).pending == ["0001_symbols", "0002_models", "0003_predictions"]
-    assert migrate.apply(scratch_database) == ["0001_symbols", "0002_models", "0003_predictions"]
+    assert migrate.status(scratch_database).pending == MIGRATIONS
+    assert migrate.apply(scratch_database) == MIGRATIONS
     assert migrate.status(scratch_database).pending == []
+
+
+def test_the_track_record_migration_rolls_back_alone(scratch_database):
+    migrate.apply(scratch_database)
+    assert migrate.rollback(scratch_database, count=1) == ["0005_prediction_scores"]
+    assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats"}
+    assert migrate.apply(scratch_database) == ["0005_prediction_scores"]
 
 
 def test_two_concurrent_runs_apply_once_without_error(scratch_database):
@@ -61,7 +73,7 @@ def test_two_concurrent_runs_apply_once_without_error(scratch_database):
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
-    assert sorted(map(len, results)) == [0, 3]
+    assert sorted(map(len, results)) == [0, len(MIGRATIONS)]
 
 
 def test_schema_enforces_one_active_model_per_timeframe_and_step_checks(scratch_database):
@@ -84,10 +96,9 @@ def test_cli_migrate_and_status(scratch_database):
            "DATA_BUCKET": "unused-bucket"}
     command = [sys.executable, "-m", "candlecast.cli"]
     applied = subprocess.run([*command, "migrate"], env=env, capture_output=True, text=True, check=True)
-    assert json.loads(applied.stdout)["applied"] == ["0001_symbols", "0002_models", "0003_predictions"]
+    assert json.loads(applied.stdout)["applied"] == MIGRATIONS
     status = subprocess.run([*command, "migrate", "--status"], env=env, capture_output=True, text=True, check=True)
-    assert json.loads(status.stdout) == {
-        "applied": ["0001_symbols", "0002_models", "0003_predictions"], "pending": []}
+    assert json.loads(status.stdout) == {"applied": MIGRATIONS, "pending": []}
 
 
 def test_cli_reports_missing_configuration_by_name():
@@ -128,4 +139,4 @@ def test_cli_rollback_count_must_be_positive(scratch_database, count):
                             env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "at least 1" in result.stderr
-    assert tables(scratch_database) == {"symbols", "models", "predictions", "prediction_steps"}
+    assert tables(scratch_database) == TABLES

@@ -73,7 +73,8 @@ def _state() -> dict:
 
 def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
     data, models = sample
-    assert _cli("--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet") == 0
+    assert _cli("--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet",
+                "--no-track-record") == 0
     first = _state()
 
     assert [row["ticker"] for row in first["symbols"]] == ["X:ZZOTHERUSD", "X:ZZSEEDUSDT"]
@@ -100,7 +101,7 @@ def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
     assert model["features"] == ["r1", "r2"] and model["metrics"] == {"coverage_80": 0.8}
     assert model["train_start"].year == 2020
 
-    _cli("--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet")
+    _cli("--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet", "--no-track-record")
     assert _state() == first
 
 

@@ -26,14 +26,17 @@ ROUTES = {
         ("GET", "/symbols/top"),
         ("GET", "/symbols/{ticker}"),
         ("GET", "/symbols/{ticker}/predictions"),
+        ("GET", "/models"),
+        ("GET", "/models/{timeframe}"),
     },
     "PredictionCreateFunction": {("POST", "/predictions")},
     "PredictionGetFunction": {("GET", "/predictions/{id}")},
     "MigrateFunction": set(),
     "RefreshFunction": set(),
+    "ScoreFunction": set(),
 }
 API_FUNCTIONS = [name for name, routes in ROUTES.items() if routes]
-SCIENCE_FUNCTIONS = {"PredictionCreateFunction", "RefreshFunction"}
+SCIENCE_FUNCTIONS = {"PredictionCreateFunction", "RefreshFunction", "ScoreFunction"}
 # Stand-ins so a handler module can be imported without the local stack (nothing connects at import).
 IMPORT_ENVIRONMENT = {
     "DATABASE_URL": "postgresql://candlecast@127.0.0.1:9/candlecast",
@@ -205,6 +208,7 @@ def test_each_function_reads_only_its_own_secrets(resources):
         "PredictionGetFunction": [db],
         "MigrateFunction": [db],
         "RefreshFunction": [db, polygon],
+        "ScoreFunction": [db, signing],  # signing: the model's own baseline, from its verified file
     }
     for name, properties in functions(resources).items():
         assert granted(properties, "secretsmanager:GetSecretValue") == expected[name], name
@@ -219,23 +223,37 @@ def test_bucket_access_is_limited_to_the_prefixes_each_function_needs(resources)
         "${DataBucket.Arn}/data/*", "${DataBucket.Arn}/models/*"
     }
     assert prefixes(fns["RefreshFunction"], "s3:PutObject") == {"${DataBucket.Arn}/data/*"}
+    assert prefixes(fns["ScoreFunction"], "s3:GetObject") == prefixes(fns["PredictionCreateFunction"], "s3:GetObject")
+    assert not granted(fns["ScoreFunction"], "s3:PutObject")
     for name in ("SymbolsFunction", "PredictionGetFunction", "MigrateFunction", "HealthFunction"):
         assert not granted(fns[name], "s3:GetObject") and not granted(fns[name], "s3:PutObject"), name
     # Readers may list key names, so a missing candle file or model is a 404 (None), not AccessDenied.
-    for name in ("PredictionCreateFunction", "RefreshFunction"):
+    for name in ("PredictionCreateFunction", "RefreshFunction", "ScoreFunction"):
         assert granted(fns[name], "s3:ListBucket") == [{"Fn::GetAtt": ["DataBucket", "Arn"]}], name
     # Health's storage check is an unsigned HEAD: it needs no S3 permission at all.
     for name in ("SymbolsFunction", "PredictionGetFunction", "MigrateFunction", "HealthFunction"):
         assert not granted(fns[name], "s3:ListBucket"), name
 
 
-def test_refresh_may_invoke_only_itself(resources):
-    refresh = functions(resources)["RefreshFunction"]
-    (target,) = granted(refresh, "lambda:InvokeFunction")
-    assert target["Fn::Sub"].endswith(":function:" + refresh["FunctionName"]["Fn::Sub"])
-    for name, properties in functions(resources).items():
-        if name != "RefreshFunction":
+def test_refresh_may_invoke_itself_and_score_and_score_only_itself(resources):
+    fns = functions(resources)
+    refresh, score = fns["RefreshFunction"], fns["ScoreFunction"]
+    own_arn = {name: fns[name]["FunctionName"]["Fn::Sub"] for name in ("RefreshFunction", "ScoreFunction")}
+    targets = [target["Fn::Sub"] for target in granted(refresh, "lambda:InvokeFunction")]
+    assert [target.rsplit(":function:", 1)[1] for target in targets] == [own_arn["RefreshFunction"],
+                                                                         own_arn["ScoreFunction"]]
+    assert refresh["Environment"]["Variables"]["SCORE_FUNCTION_NAME"] == score["FunctionName"]
+    (target,) = granted(score, "lambda:InvokeFunction")
+    assert target["Fn::Sub"].endswith(":function:" + own_arn["ScoreFunction"])
+    for name, properties in fns.items():
+        if name not in ("RefreshFunction", "ScoreFunction"):
             assert not granted(properties, "lambda:InvokeFunction"), name
+
+
+def test_score_runs_hourly(template, resources):
+    (event,) = functions(resources)["ScoreFunction"]["Events"].values()
+    assert event["Type"] == "Schedule" and event["Properties"]["Schedule"] == {"Ref": "ScoreSchedule"}
+    assert template["Parameters"]["ScoreSchedule"]["Default"] == "rate(1 hour)"
 
 
 def test_api_functions_time_out_within_api_gateway_limit(template, resources):

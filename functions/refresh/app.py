@@ -4,14 +4,17 @@ Each invocation works until its remaining time minus a margin, then stops starti
 (those in flight finish their atomic writes). What is left is returned as `continuation` and, when
 REFRESH_CHAIN is not "false", handed to a new asynchronous invocation of this function, so 500
 symbols always finish within Lambda's 15-minute limit per invocation.
-"""
 
-import json
+A chunk that added candles starts the Score function (SCORE_FUNCTION_NAME, set by the template), which scores
+the prediction steps those candles matured; where no Score function is named (a local run), it scores in this
+process instead.
+"""
 
 from aws_lambda_powertools import Logger
 
 from candlecast import ingest
 from candlecast.config import get_settings
+from candlecast.invoke import continue_in_new_invocation, invoke_async
 
 logger = Logger()
 
@@ -19,15 +22,16 @@ MARGIN_SECONDS = 90.0  # one symbol in flight, plus the report
 LOCAL_BUDGET_SECONDS = 600.0
 
 
-def _continue(context, event: dict) -> bool:
-    if context is None or not get_settings().refresh_chain:
-        return False
-    import boto3
+def _score() -> str:
+    """Start scoring what the new candles matured: 'invoked' (the Score function) or 'inline' (a local run)."""
+    function_name = get_settings().score_function_name
+    if function_name:
+        invoke_async(function_name, {})
+        return "invoked"
+    from candlecast.services import scoring
 
-    boto3.client("lambda").invoke(
-        FunctionName=context.invoked_function_arn, InvocationType="Event", Payload=json.dumps(event).encode()
-    )
-    return True
+    scoring.run(LOCAL_BUDGET_SECONDS)
+    return "inline"
 
 
 @logger.inject_lambda_context(clear_state=True)
@@ -36,6 +40,7 @@ def lambda_handler(event, context):
     remaining_ms = context.get_remaining_time_in_millis() if context is not None else LOCAL_BUDGET_SECONDS * 1000
     report = ingest.scheduled_refresh(event, remaining_ms / 1000 - MARGIN_SECONDS)
     continuation = report.get("continuation")
-    report["chained"] = bool(continuation) and _continue(context, continuation)
+    report["chained"] = bool(continuation) and continue_in_new_invocation(context, continuation)
+    report["scoring"] = _score() if report.get("candles_added") else "off"
     logger.info("refresh chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report

@@ -1,4 +1,4 @@
-"""Symbol routes: search, top by volume, one symbol."""
+"""Symbol routes: search, top by volume, one symbol; the models' track record."""
 
 from typing import Annotated
 
@@ -13,8 +13,8 @@ from candlecast.api import (
     path_parameter,
 )
 from candlecast.pagination import CURSOR_PATTERN, NEXT_CURSOR_HEADER
-from candlecast.schemas import Prediction, Symbol
-from candlecast.services import predictions, symbols
+from candlecast.schemas import ModelTrackRecord, Prediction, Symbol
+from candlecast.services import predictions, symbols, track_record
 from candlecast.tickers import MAX_TICKER_LENGTH, TICKER_PATTERN
 from candlecast.timeframes import Timeframe
 
@@ -65,6 +65,20 @@ def symbol_predictions(
     cursor: Cursor = None,
 ):
     return page_response(predictions.recent_for_symbol(path_parameter(ticker), timeframe, limit, cursor))
+
+
+@app.get("/models", summary="Each timeframe's active model: backtest and live track record",
+         description="Live figures score every served prediction against the candles that followed. "
+                     "models.accuracy is the live 80 % coverage.",
+         responses=documented(list[ModelTrackRecord], 503))
+def list_models():
+    return json_response(track_record.all_models())
+
+
+@app.get("/models/<timeframe>", summary="One timeframe's model, with coverage by horizon and reliability bins",
+         responses=documented(ModelTrackRecord, 400, 404, 503))
+def get_model(timeframe: Annotated[Timeframe, Path(description="1h, 4h, 1d, 1w or 1m (calendar month)")]):
+    return json_response(track_record.one_timeframe(timeframe))
 
 
 lambda_handler = lambda_handler_for(app)

@@ -25,6 +25,7 @@ TTL_SECONDS = {
     "symbol": 24 * 60 * 60,
     "top_symbols": 60 * 60,
     "search": 5 * 60,
+    "track_record": 10 * 60,  # dropped whenever a scoring run records new scores
 }
 # After an error, skip Redis for this long so a down cache does not cost a timeout on every call.
 OUTAGE_BACKOFF_SECONDS = 5.0
@@ -56,6 +57,15 @@ class keys:
     @staticmethod
     def search(query: str, limit: int) -> str:
         return f"{NAMESPACE}:search:{limit}:{query}"
+
+    @staticmethod
+    def track_record(timeframe: str | None) -> str:
+        """GET /models (timeframe None) or GET /models/{timeframe}."""
+        return f"{NAMESPACE}:track-record:{timeframe or 'all'}"
+
+    @staticmethod
+    def all_track_record_keys() -> str:
+        return f"{NAMESPACE}:track-record:*"
 
     @staticmethod
     def all_symbol_keys() -> str:
@@ -226,3 +236,16 @@ def invalidate_symbols() -> int:
         delete_pattern(pattern)
         for pattern in (keys.all_symbol_keys(), keys.all_top_symbols_keys(), keys.all_search_keys())
     )
+
+
+def get_track_record_bytes(timeframe: str | None) -> bytes | None:
+    return get(keys.track_record(timeframe))
+
+
+def set_track_record_bytes(timeframe: str | None, body: bytes) -> bool:
+    return set(keys.track_record(timeframe), body, TTL_SECONDS["track_record"])
+
+
+def invalidate_track_record() -> int:
+    """After new scores or a new active model: drop the cached /models answers."""
+    return delete_pattern(keys.all_track_record_keys())

@@ -23,6 +23,10 @@ class Candles:
     def tail(self, count: int) -> "Candles":
         return Candles(*(getattr(self, name)[-count:] for name in COLUMNS))
 
+    def head(self, count: int) -> "Candles":
+        """The first `count` candles: what was known at the origin that ends them."""
+        return Candles(*(getattr(self, name)[:count] for name in COLUMNS))
+
     def to_dict(self) -> dict[str, list]:
         return {name: getattr(self, name).tolist() for name in COLUMNS}
 

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     polygon_api_key_secret_arn: str | None = None
     polygon_base_url: str = "https://api.polygon.io"
     polygon_max_rps: float = Field(50.0, gt=0, le=100, description="free tier: 0.083 (5/min); paid: under 100")
-    refresh_chain: bool = Field(True, description="the refresh function hands what is left to a new invocation")
+    refresh_chain: bool = Field(True, description="refresh and score hand what is left to a new invocation")
+    score_function_name: str | None = Field(None, description="the refresh starts it after adding candles")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
     stage: str = "local"

@@ -12,8 +12,10 @@ from candlecast.timeframes import Timeframe
 
 __all__ = [
     "HealthReport",
+    "LiveFigures",
     "Model",
     "ModelCreate",
+    "ModelTrackRecord",
     "Prediction",
     "PredictionCreate",
     "PredictionRequest",
@@ -188,6 +190,12 @@ class ModelStatus(BaseModel):
     name: str | None = None
     version: str | None = None
     kind: str | None = None
+    drift: bool | None = Field(None, description="true when this model's live coverage has drifted")
+
+
+class Drift(BaseModel):
+    live_coverage_80: float
+    matured_steps: int
 
 
 class HealthReport(BaseModel):
@@ -196,6 +204,81 @@ class HealthReport(BaseModel):
     status: Literal["ok", "degraded", "down"]
     checks: HealthChecks
     models: dict[Timeframe, ModelStatus] = Field(..., description="the active model of each timeframe")
+    drift: dict[Timeframe, Drift] = Field(
+        default_factory=dict, description="timeframes whose live 80 % coverage left [0.72, 0.88] over >= 500 steps")
+
+
+class HorizonCoverage(BaseModel):
+    h: int = Field(..., ge=1, le=30)
+    n: int | None = None
+    coverage_80: float | None
+    coverage_95: float | None
+
+
+class ReliabilityBin(BaseModel):
+    """One of 10 equal-width confidence bins: mean stated confidence against how often the event happened."""
+
+    mean_confidence: float
+    observed: float
+    n: int
+
+
+class LiveFigures(BaseModel):
+    """Scored steps of a model. `in_sample` figures come from origins inside its training window (a replay)."""
+
+    in_sample: bool
+    n_scored: int
+    period_start: datetime | None = Field(None, description="ts of the first scored step")
+    period_end: datetime | None = Field(None, description="ts of the last scored step")
+    coverage_80: float | None
+    coverage_95: float | None
+    ece: float | None = Field(None, description="confidence ECE, 10 equal-width bins")
+    pinball: float | None = Field(None, description="mean pin5 loss, % log return")
+    baseline_pinball: float | None = Field(None, description="the same for the model's own baseline")
+    pinball_skill: float | None = Field(None, description="1 − pinball / baseline_pinball")
+    mean_confidence: float | None
+    hit_rate: float | None = Field(None, description="how often |C/Ĉ − 1| ≤ τ happened")
+    coverage_by_horizon: list[HorizonCoverage] | None = None
+    reliability: list[ReliabilityBin] | None = None
+
+
+class BacktestFigures(BaseModel):
+    """The walk-forward test figures registered with the model."""
+
+    coverage_80: float | None = None
+    coverage_95: float | None = None
+    ece: float | None = None
+    pinball_skill: float | None = None
+    n_pairs: int | None = None
+    n_origins: int | None = None
+    coverage_by_horizon: list[HorizonCoverage] | None = None
+    reliability: list[ReliabilityBin] | None = Field(
+        None, description="per-horizon (mean confidence, hit rate) when the backtest kept no bins")
+
+
+class ModelSummary(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: UUID
+    name: str
+    version: str
+    kind: str
+    accuracy: float | None = Field(None, description="live 80 % coverage (out-of-sample); null before any score")
+    train_start: datetime | None
+    train_end: datetime | None
+
+
+class ModelTrackRecord(BaseModel):
+    """A timeframe's active model with its backtest and live figures."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    timeframe: Timeframe
+    model: ModelSummary
+    backtest: BacktestFigures
+    live: LiveFigures
+    replay: LiveFigures | None = Field(None, description="in-sample replay (origins inside the training window)")
+    drift: bool = Field(..., description="live 80 % coverage outside [0.72, 0.88] over at least 500 steps")
 
 
 class ErrorDetail(BaseModel):

@@ -2,7 +2,9 @@
 
 Upserts every symbol of data/symbols.csv, uploads data/ and models/ to the bucket (laid out as the bucket is),
 and registers each model of models/manifest.json as its timeframe's active model (with a versioned copy).
-Running it twice changes nothing the second time.
+Then it builds a track record: predictions at past origins of every sample series, made by the forecasting
+service as a request would make them, scored against the stored candles that followed. `--as-of` (operator
+only; never an API parameter) sets the first origin. Running it twice changes nothing the second time.
 """
 
 from __future__ import annotations
@@ -26,17 +28,24 @@ SYMBOLS_FILE = "symbols.csv"
 MANIFEST_FILE = "manifest.json"
 
 
+TRACK_RECORD_ORIGINS = 15  # origins per series when no --as-of is given
+TRACK_RECORD_STRIDE = 4  # candles between two origins
+
+
 @dataclass
 class SeedReport:
     symbols: int = 0
     data_files: int = 0
     model_files: int = 0
     models: dict[str, str] = field(default_factory=dict)  # timeframe -> "name version"
+    past_predictions: int = 0
+    scored_steps: int = 0
 
     def summary(self) -> str:
         models = ", ".join(f"{tf}: {name}" for tf, name in self.models.items()) or "none"
         return (f"seeded {self.symbols} symbols, uploaded {self.data_files} data and "
-                f"{self.model_files} model files, active models: {models}")
+                f"{self.model_files} model files, active models: {models}; track record: "
+                f"{self.past_predictions} predictions at past origins, {self.scored_steps} steps scored")
 
 
 def read_symbols(path: Path) -> list:
@@ -163,7 +172,7 @@ def register_models(models: list[tuple[str, dict[str, Any], Path, str, str]], pr
             kind=entry.get("kind") or ("baseline" if "baseline" in name.lower() else "learned"),
             s3_key=versioned_key,
             sha256=sha256,
-            accuracy=entry.get("accuracy"),
+            accuracy=None,  # the live 80 % coverage, set by scoring (the backtest's figures stay in metrics)
             metrics=entry.get("metrics") or {},
             features=list(entry.get("features") or []),
             train_start=_timestamp(entry.get("train_start")),
@@ -184,10 +193,52 @@ def _put_model(key: str, model_file: Path, signature: str) -> None:
     storage.put_bytes(storage.signature_key(key), signature.encode(), "text/plain")
 
 
+def past_origins(open_times, as_of: datetime | None, stride: int = TRACK_RECORD_STRIDE) -> list[int]:
+    """Indices of the origin candles: from the first candle at or after `as_of` (default: the last
+    TRACK_RECORD_ORIGINS origins), every `stride` candles, leaving at least one candle after each to score."""
+    count = len(open_times)
+    if as_of is None:
+        first = max(2, count - 1 - stride * TRACK_RECORD_ORIGINS)
+    else:
+        first = next((i for i, ts in enumerate(open_times) if ts >= as_of.timestamp()), count)
+    return list(range(max(first, 2), count - 1, stride))
+
+
+def build_track_record(data_dir: Path, as_of: datetime | None = None, progress: bool = True) -> tuple[int, int]:
+    """Predictions at past origins of every sample series with an active model, then scored.
+
+    Returns (new predictions, newly scored steps). Each prediction sees only the candles up to its origin.
+    """
+    from candlecast import db, storage
+    from candlecast.repositories.models import get_all_active_models
+    from candlecast.services import forecasting, scoring
+    from candlecast.tickers import normalize_ticker
+
+    with db.connection() as conn:
+        timeframes = [row["timeframe"] for row in get_all_active_models(conn)]
+    series = sorted((path.parent.name, path.stem) for path in data_dir.glob("*/*.parquet") if path.stem in timeframes)
+    work = []
+    for name, timeframe in series:
+        ticker = normalize_ticker(name)
+        candles = storage.read_all_candles(ticker, timeframe)
+        if candles is not None:
+            work += [(ticker, timeframe, candles, index) for index in past_origins(candles.open_time, as_of)]
+    items: Any = work
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(work, desc="past forecasts", unit="forecast")
+    created = sum(forecasting.create_as_of(ticker, tf, candles.head(index + 1)) for ticker, tf, candles, index in items)
+    report = scoring.run(float("inf"), since=scoring.EVERYTHING_SINCE)
+    return created, report.scored
+
+
 def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DIR, *,
-         progress: bool = True, resign: bool = False) -> SeedReport:
-    """Symbols into the database, data/ and models/ into the bucket, models registered. Idempotent."""
-    from candlecast import storage
+         progress: bool = True, resign: bool = False, track_record: bool = False,
+         as_of: datetime | None = None) -> SeedReport:
+    """Symbols into the database, data/ and models/ into the bucket, models registered, and (with
+    `track_record`, as the CLI and `make run` do) a track record from past origins. Idempotent."""
+    from candlecast import cache, storage
 
     report = SeedReport()
     models = checked_models(models_dir, resign) if models_dir.is_dir() else []
@@ -200,6 +251,9 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
         # Each file and its signature land on their keys before the row that names them.
         report.model_files = 2 * len(models)
         report.models = register_models(models, progress=progress)
+        cache.invalidate_track_record()
+    if track_record and data_dir.is_dir() and report.models:
+        report.past_predictions, report.scored_steps = build_track_record(data_dir, as_of, progress)
     return report
 
 
@@ -209,7 +263,8 @@ def _run(args: argparse.Namespace) -> int:
 
         os.environ["DATA_BUCKET"] = args.bucket  # storage reads the bucket from the settings
         get_settings.cache_clear()
-    report = seed(Path(args.data), Path(args.models), progress=not args.quiet, resign=args.resign)
+    report = seed(Path(args.data), Path(args.models), progress=not args.quiet, resign=args.resign,
+                  track_record=not args.no_track_record, as_of=args.as_of)
     print(report.summary())
     return 0
 
@@ -224,4 +279,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resign", action="store_true",
                         help="sign the model files with the configured key (MODEL_SIGNING_KEY[_SECRET_ARN]) after "
                              "checking each against models/manifest.json")
+    parser.add_argument("--as-of", type=_as_of, metavar="ISO_TIME",
+                        help="operator only: the first past origin of the track record's predictions, e.g. "
+                             f"2021-11-01T00:00Z (default: the last {TRACK_RECORD_ORIGINS} origins of each series, "
+                             f"{TRACK_RECORD_STRIDE} candles apart)")
+    parser.add_argument("--no-track-record", action="store_true", help="no predictions at past origins")
     parser.set_defaults(func=_run)
+
+
+def _as_of(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {value!r} (e.g. 2021-11-01T00:00Z)") from None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if moment > datetime.now(UTC):
+        raise argparse.ArgumentTypeError(f"{value} is in the future: the track record starts at a past origin")
+    return moment

@@ -33,7 +33,7 @@ class CreateResult:
     created: bool
 
 
-def _verified_model(row: dict):
+def verified_model(row: dict):
     """The active model, loaded once per container; the file is verified before it is unpickled."""
     timeframe, sha256 = row["timeframe"], row["sha256"]
     loaded = _models.get(timeframe)
@@ -111,6 +111,36 @@ def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
     ]
 
 
+def _prediction(symbol: dict, model_row: dict, model, candles, idempotency_key: str | None) -> PredictionCreate:
+    return PredictionCreate(
+        symbol_id=symbol["id"], ticker=symbol["ticker"], timeframe=model_row["timeframe"], model_id=model_row["id"],
+        last_candle_at=datetime.fromtimestamp(int(candles.open_time[-1]), UTC), last_close=float(candles.close[-1]),
+        idempotency_key=idempotency_key, steps=_steps(model, candles, model_row["timeframe"]),
+    )
+
+
+def create_as_of(ticker: str, timeframe: str, candles) -> bool:
+    """A prediction made from `candles` (a past origin: the series up to it), stored like any other; the
+    operator's `candlecast seed --as-of` builds a track record with it. Returns whether it was new.
+
+    The Idempotency-Key names the model and the origin, so a second seed stores nothing twice.
+    """
+    from candlecast.forecast.model import usable_candles
+
+    with db.connection() as conn:
+        symbol, model_row = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
+        if symbol is None or model_row is None:
+            raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
+        model = verified_model(model_row)
+        candles = usable_candles(candles.tail(model.lookback))
+        last_open = int(candles.open_time[-1])
+        key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
+        prediction = _prediction(symbol, model_row, model, candles, key)
+        stored = prediction_repository.create_prediction(
+            conn, prediction, _request_hash(ticker, timeframe, model_row["id"], last_open))
+    return bool(stored["created"])
+
+
 def create(request: PredictionRequest, idempotency_key: str | None = None) -> CreateResult:
     ticker, timeframe = request.symbol, request.timeframe
     # One pooled connection for the request (a Lambda container serves one at a time). It is in
@@ -121,7 +151,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
             raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
         if model_row is None:
             raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
-        model = _verified_model(model_row)
+        model = verified_model(model_row)
         candles = _recent_candles(ticker, timeframe, model.lookback)
         last_open = int(candles.open_time[-1])
         request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
@@ -131,12 +161,8 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
             if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
                 return CreateResult(body, created=False)
 
-        steps = _steps(model, candles, timeframe)
-        prediction = PredictionCreate(
-            symbol_id=symbol["id"], ticker=ticker, timeframe=timeframe, model_id=model_row["id"],
-            last_candle_at=datetime.fromtimestamp(last_open, UTC), last_close=float(candles.close[-1]),
-            idempotency_key=idempotency_key, steps=steps,
-        )
+        prediction = _prediction(symbol, model_row, model, candles, idempotency_key)
+        steps = prediction.steps
         stored = prediction_repository.create_prediction(conn, prediction, request_hash)
     if stored["created"]:
         # What was just checked and stored is the response; it is not read back.

@@ -5,8 +5,10 @@ import time
 from collections.abc import Callable
 
 from candlecast import cache, db
+from candlecast.drift import is_drifting
 from candlecast.errors import CandlecastError
 from candlecast.repositories import models as model_repository
+from candlecast.repositories import scores as score_repository
 from candlecast.repositories import stats as stats_repository
 from candlecast.timeframes import TIMEFRAMES
 
@@ -30,7 +32,11 @@ def _timed(check: Callable[[], object]) -> dict:
 def _database() -> dict:
     with db.connection() as conn:
         stats_repository.test_connection(conn)
-        return {row["timeframe"]: row for row in model_repository.get_all_active_models(conn)}
+        active = {row["timeframe"]: row for row in model_repository.get_all_active_models(conn)}
+        for row in score_repository.get_active_live_coverage(conn):
+            if row["timeframe"] in active:
+                active[row["timeframe"]]["live"] = (int(row["n"]), int(row["inside_80"]))
+        return active
 
 
 def _storage() -> bool:
@@ -62,4 +68,10 @@ def check() -> tuple[int, bytes]:
         )
         for timeframe in TIMEFRAMES
     }
-    return code, json.dumps({"status": status, "checks": checks, "models": models}).encode()
+    drift = {}
+    for timeframe, row in active_models.items():
+        n, inside_80 = row.get("live", (0, 0))
+        if is_drifting(n, inside_80 / n if n else None):
+            drift[timeframe] = {"live_coverage_80": round(inside_80 / n, 4), "matured_steps": n}
+            models[timeframe]["drift"] = True
+    return code, json.dumps({"status": status, "checks": checks, "models": models, "drift": drift}).encode()

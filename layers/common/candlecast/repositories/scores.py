@@ -1,0 +1,158 @@
+"""Queries on the live track record: prediction_scores (one row per matured step) and model_live_stats (sums).
+
+A step is scored once: the insert skips steps already scored, and only the rows it inserted are folded into
+model_live_stats, in the same statement (so in the same transaction). Scored therefore always means aggregated.
+"""
+
+import json
+import uuid
+from datetime import datetime
+
+import psycopg
+
+# A step is looked for while its ts is this recent: long enough for a calendar month to close and a weekly
+# refresh (with its chained chunks) to store it. Older steps that never found their candle stay unscored.
+SCORING_WINDOW = "45 days"
+CONFIDENCE_BINS = 10
+ACCURACY_METRIC = "live_coverage_80"
+
+SCORE_FIELDS = (
+    ("prediction_id", "uuid"), ("step", "smallint"), ("model_id", "uuid"), ("ts", "timestamptz"),
+    ("realised_close", "double precision"), ("inside_80", "boolean"), ("inside_95", "boolean"),
+    ("confidence", "double precision"), ("event", "boolean"), ("pinball", "double precision"),
+    ("baseline_pinball", "double precision"), ("in_sample", "boolean"),
+)
+_NAMES = ", ".join(name for name, _ in SCORE_FIELDS)
+
+# Retention (issue 9) may delete a prediction only when this holds for it (alias `p`): every step is scored
+# (and so aggregated), or was given up because its ts left the scoring window without a stored candle.
+SETTLED_PREDICTION = f"""NOT EXISTS (
+    SELECT 1 FROM prediction_steps unsettled
+    WHERE unsettled.prediction_id = p.id
+      AND unsettled.ts > now() - interval '{SCORING_WINDOW}'
+      AND NOT EXISTS (SELECT 1 FROM prediction_scores settled
+                      WHERE settled.prediction_id = unsettled.prediction_id AND settled.step = unsettled.step))"""
+
+_DUE = """
+WITH due AS (
+    SELECT DISTINCT ps.prediction_id
+    FROM prediction_steps ps
+    WHERE ps.ts > %(since)s AND ps.ts <= %(now)s
+      AND ps.prediction_id > %(after)s
+      AND NOT EXISTS (SELECT 1 FROM prediction_scores s WHERE s.prediction_id = ps.prediction_id AND s.step = ps.step)
+    ORDER BY ps.prediction_id
+    LIMIT %(limit)s
+)
+SELECT p.id, p.ticker, p.timeframe, p.model_id, p.last_candle_at, p.last_close,
+       m.name AS model_name, m.version AS model_version, m.timeframe AS model_timeframe, m.s3_key, m.sha256,
+       m.train_end,
+       (SELECT json_agg(json_build_object('step', ps.step, 'ts', ps.ts, 'close', ps.close,
+                                          'lower_80', ps.lower_80, 'upper_80', ps.upper_80,
+                                          'lower_95', ps.lower_95, 'upper_95', ps.upper_95,
+                                          'confidence', ps.confidence) ORDER BY ps.step)
+        FROM prediction_steps ps
+        WHERE ps.prediction_id = p.id AND ps.ts <= %(now)s
+          AND NOT EXISTS (SELECT 1 FROM prediction_scores s WHERE s.prediction_id = ps.prediction_id
+                                                              AND s.step = ps.step)) AS steps
+FROM due JOIN predictions p ON p.id = due.prediction_id JOIN models m ON m.id = p.model_id
+ORDER BY p.id
+"""
+
+_RECORD = f"""
+WITH scored AS (
+    INSERT INTO prediction_scores ({_NAMES})
+    SELECT {_NAMES} FROM jsonb_to_recordset(%(rows)s::jsonb)
+        AS r({", ".join(f"{name} {kind}" for name, kind in SCORE_FIELDS)})
+    ON CONFLICT (prediction_id, step) DO NOTHING
+    RETURNING {_NAMES}
+), folded AS (
+    INSERT INTO model_live_stats (model_id, in_sample, horizon, confidence_bin, n, inside_80, inside_95, events,
+                                  confidence_sum, pinball_sum, baseline_pinball_sum, first_ts, last_ts)
+    SELECT model_id, in_sample, step, LEAST(floor(confidence * {CONFIDENCE_BINS})::int, {CONFIDENCE_BINS - 1}),
+           count(*), count(*) FILTER (WHERE inside_80), count(*) FILTER (WHERE inside_95),
+           count(*) FILTER (WHERE event), sum(confidence), sum(pinball), sum(baseline_pinball), min(ts), max(ts)
+    FROM scored
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 3, 4  -- one lock order for concurrent runs
+    ON CONFLICT (model_id, in_sample, horizon, confidence_bin) DO UPDATE SET
+        n = model_live_stats.n + EXCLUDED.n,
+        inside_80 = model_live_stats.inside_80 + EXCLUDED.inside_80,
+        inside_95 = model_live_stats.inside_95 + EXCLUDED.inside_95,
+        events = model_live_stats.events + EXCLUDED.events,
+        confidence_sum = model_live_stats.confidence_sum + EXCLUDED.confidence_sum,
+        pinball_sum = model_live_stats.pinball_sum + EXCLUDED.pinball_sum,
+        baseline_pinball_sum = model_live_stats.baseline_pinball_sum + EXCLUDED.baseline_pinball_sum,
+        first_ts = LEAST(model_live_stats.first_ts, EXCLUDED.first_ts),
+        last_ts = GREATEST(model_live_stats.last_ts, EXCLUDED.last_ts),
+        updated_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM scored) AS scored, (SELECT count(*) FROM folded) AS cells
+"""
+
+# models.accuracy is the live 80 % coverage on out-of-sample steps (README: "Live track record").
+_REFRESH_ACCURACY = """
+UPDATE models m SET accuracy = live.inside_80::double precision / live.n
+FROM (SELECT model_id, sum(n) AS n, sum(inside_80) AS inside_80 FROM model_live_stats
+      WHERE NOT in_sample GROUP BY model_id) live
+WHERE m.id = live.model_id AND m.accuracy IS DISTINCT FROM live.inside_80::double precision / live.n
+"""
+
+_STATS_OF_ACTIVE = """
+SELECT m.timeframe, s.in_sample, s.horizon, s.confidence_bin, s.n, s.inside_80, s.inside_95, s.events,
+       s.confidence_sum, s.pinball_sum, s.baseline_pinball_sum, s.first_ts, s.last_ts
+FROM models m JOIN model_live_stats s ON s.model_id = m.id
+WHERE m.is_active AND (%(timeframe)s::text IS NULL OR m.timeframe = %(timeframe)s)
+ORDER BY m.timeframe, s.in_sample, s.horizon, s.confidence_bin
+"""
+
+_LIVE_COVERAGE_OF_ACTIVE = """
+SELECT m.timeframe, sum(s.n) AS n, sum(s.inside_80) AS inside_80
+FROM models m JOIN model_live_stats s ON s.model_id = m.id AND NOT s.in_sample
+WHERE m.is_active
+GROUP BY m.timeframe
+"""
+
+NO_PREDICTION = uuid.UUID(int=0)
+
+
+def get_due_predictions(
+    conn: psycopg.Connection, now: datetime, since: datetime, after: uuid.UUID, limit: int
+) -> list[dict]:
+    """Predictions (id > `after`, in id order) with unscored steps whose ts is in (since, now], each with its
+    model and its unscored steps up to `now` (ts ascending)."""
+    return conn.execute(_DUE, {"now": now, "since": since, "after": after, "limit": limit}).fetchall()
+
+
+def record_scores(conn: psycopg.Connection, rows: list[dict]) -> int:
+    """Insert the scores of matured steps and fold the new ones into model_live_stats; returns how many were new.
+
+    Steps already scored (by an earlier or a concurrent run) are skipped and not counted again.
+    """
+    if not rows:
+        return 0
+    with conn.transaction():
+        result = conn.execute(_RECORD, {"rows": json.dumps(rows, default=str)}).fetchone()
+    return int(result["scored"])
+
+
+def refresh_accuracy(conn: psycopg.Connection) -> int:
+    """Set models.accuracy to the live 80 % coverage of each model that has out-of-sample scores."""
+    return conn.execute(_REFRESH_ACCURACY).rowcount
+
+
+def get_active_model_stats(conn: psycopg.Connection, timeframe: str | None = None) -> list[dict]:
+    """Every model_live_stats cell of the active models (of one timeframe, or all)."""
+    return conn.execute(_STATS_OF_ACTIVE, {"timeframe": timeframe}).fetchall()
+
+
+def get_active_live_coverage(conn: psycopg.Connection) -> list[dict]:
+    """Per timeframe: out-of-sample steps scored for its active model, and how many fell inside the 80 % band."""
+    return conn.execute(_LIVE_COVERAGE_OF_ACTIVE).fetchall()
+
+
+def get_settled_prediction_ids(conn: psycopg.Connection, ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Which of `ids` retention may delete (SETTLED_PREDICTION holds)."""
+    rows = conn.execute(f"SELECT p.id FROM predictions p WHERE p.id = ANY(%s) AND {SETTLED_PREDICTION}",
+                        (ids,)).fetchall()
+    return [row["id"] for row in rows]

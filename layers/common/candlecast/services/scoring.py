@@ -1,0 +1,192 @@
+"""Scoring matured prediction steps against the stored candles (the Score function and the seed; numpy).
+
+A step has matured when the candle that opens at its ts is stored (ingest stores closed candles only). For each
+one it records the realised close, whether it fell inside the 80 % and 95 % intervals, whether the confidence
+event |C/Ĉ − 1| ≤ τ happened, and the pin5 loss (mean pinball loss over the quantiles 0.025, 0.1, 0.5, 0.9 and
+0.975, in % log return) of the step's stored quantiles and of the model's own baseline at the same origin.
+
+Work goes in batches of predictions in id order; a run stops at its time budget and returns a continuation
+(the last prediction id done), which the Score function hands to a new invocation of itself.
+"""
+
+import math
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from aws_lambda_powertools import Logger
+
+from candlecast import cache, db, storage
+from candlecast.errors import CandlecastError
+from candlecast.forecast.features import QUANTILES, origin_features
+from candlecast.forecast.model import usable_candles
+from candlecast.repositories import scores as score_repository
+from candlecast.services.forecasting import verified_model
+
+logger = Logger(child=True)
+
+BATCH_PREDICTIONS = 200
+SCORING_WINDOW = timedelta(days=45)  # the SQL of repositories/scores.py says the same
+PIN5_LEVELS = np.array([0.025, 0.1, 0.5, 0.9, 0.975])
+# The stored quantiles of a step, in PIN5_LEVELS order, and the same levels' columns of the model's quantiles.
+STEP_QUANTILES = ("lower_95", "lower_80", "close", "upper_80", "upper_95")
+_PIN5_COLUMNS = np.array([int(np.flatnonzero(np.isclose(QUANTILES, level))[0]) for level in PIN5_LEVELS])
+_CANDLE_FILES_KEPT = 32
+EVERYTHING_SINCE = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class ScoreReport:
+    predictions: int = 0
+    scored: int = 0  # steps newly scored by this run
+    unmatured: int = 0  # steps whose candle is not stored yet
+    failed: list[str] = field(default_factory=list)
+    batches: int = 0
+    seconds: float = 0.0
+    continuation: dict | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pin5(log_outcome: np.ndarray, log_quantiles: np.ndarray) -> np.ndarray:
+    """Mean pinball loss over PIN5_LEVELS in % log return: outcomes (n,), quantiles (n, 5) -> (n,)."""
+    error = 100 * (log_outcome[:, None] - log_quantiles)
+    return np.mean(np.maximum(PIN5_LEVELS * error, (PIN5_LEVELS - 1) * error), axis=1)
+
+
+def baseline_log_quantiles(model, candles, last_close: float, horizons: np.ndarray) -> np.ndarray:
+    """The model's own baseline at the origin that ends `candles`: log prices (len(horizons), 5) of PIN5_LEVELS.
+
+    σ at the origin is computed as the model's predict() computes it, from the same lookback.
+    """
+    recent = usable_candles(candles.tail(model.lookback))
+    _, sigma = origin_features(recent, model.config)
+    scale = sigma[-1] * np.sqrt(horizons)
+    return math.log(last_close) + scale[:, None] * model.baseline_q[horizons - 1][:, _PIN5_COLUMNS]
+
+
+def _epoch(value) -> int:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return int(value.timestamp())
+
+
+def score_prediction(prediction: dict, candles, model) -> tuple[list[dict], int]:
+    """(score rows of the steps whose candle is stored, number of steps still waiting for theirs)."""
+    steps = prediction["steps"] or []
+    times = candles.open_time if candles is not None else np.empty(0, dtype=np.int64)
+    step_times = np.array([_epoch(step["ts"]) for step in steps], dtype=np.int64)
+    position = np.minimum(np.searchsorted(times, step_times), max(len(times) - 1, 0))
+    stored = (len(times) > 0) & (times[position] == step_times) if len(times) else np.zeros(len(steps), bool)
+    if not stored.any():
+        return [], len(steps)
+    origin = _epoch(prediction["last_candle_at"])
+    history = candles.head(int(np.searchsorted(times, origin, side="right")))
+    chosen = [step for step, ok in zip(steps, stored, strict=True) if ok]
+    realised = candles.close[position[stored]]
+    horizons = np.array([step["step"] for step in chosen])
+    quantiles = np.array([[step[name] for name in STEP_QUANTILES] for step in chosen], dtype=np.float64)
+    log_realised = np.log(realised)
+    loss = pin5(log_realised, np.log(quantiles))
+    base_loss = pin5(log_realised, baseline_log_quantiles(model, history, prediction["last_close"], horizons))
+    expected = quantiles[:, 2]
+    event = np.abs(realised / expected - 1) <= model.config.tolerance
+    train_end = prediction["train_end"]
+    in_sample = train_end is not None and prediction["last_candle_at"] <= train_end
+    rows = [
+        {
+            "prediction_id": str(prediction["id"]), "step": step["step"], "model_id": str(prediction["model_id"]),
+            "ts": step["ts"], "realised_close": float(close),
+            "inside_80": bool(step["lower_80"] <= close <= step["upper_80"]),
+            "inside_95": bool(step["lower_95"] <= close <= step["upper_95"]),
+            "confidence": float(step["confidence"]), "event": bool(hit), "pinball": float(own),
+            "baseline_pinball": float(base), "in_sample": in_sample,
+        }
+        for step, close, hit, own, base in zip(chosen, realised, event, loss, base_loss, strict=True)
+        if math.isfinite(close) and close > 0
+    ]
+    return rows, len(steps) - len(rows)
+
+
+class _CandleFiles:
+    """Each (ticker, timeframe) file read once per run (a few dozen kept)."""
+
+    def __init__(self) -> None:
+        self._files: OrderedDict[tuple[str, str], object] = OrderedDict()
+
+    def get(self, ticker: str, timeframe: str):
+        key = (ticker, timeframe)
+        if key not in self._files:
+            self._files[key] = storage.read_all_candles(ticker, timeframe)
+            while len(self._files) > _CANDLE_FILES_KEPT:
+                self._files.popitem(last=False)
+        self._files.move_to_end(key)
+        return self._files[key]
+
+
+def _model_row(prediction: dict) -> dict:
+    return {"id": prediction["model_id"], "timeframe": prediction["model_timeframe"], "s3_key": prediction["s3_key"],
+            "sha256": prediction["sha256"], "name": prediction["model_name"], "version": prediction["model_version"]}
+
+
+def run(budget_seconds: float, *, now: datetime | None = None, since: datetime | None = None,
+        after: uuid.UUID = score_repository.NO_PREDICTION, batch: int = BATCH_PREDICTIONS,
+        on_batch: Callable[[ScoreReport], None] | None = None) -> ScoreReport:
+    """Score every matured, unscored step with ts in [since, now] (default: the scoring window up to now)."""
+    started = time.monotonic()
+    deadline = started + max(0.0, budget_seconds)
+    now = now or datetime.now(UTC)
+    since = since or now - SCORING_WINDOW
+    report = ScoreReport()
+    files = _CandleFiles()
+    while True:
+        if time.monotonic() >= deadline:
+            report.continuation = {"after": str(after), "now": now.isoformat(), "since": since.isoformat()}
+            break
+        with db.connection() as conn:
+            due = score_repository.get_due_predictions(conn, now, since, after, batch)
+        if not due:
+            break
+        rows: list[dict] = []
+        for prediction in due:
+            try:
+                candles = files.get(prediction["ticker"], prediction["timeframe"])
+                model = verified_model(_model_row(prediction)) if candles is not None else None
+                found, waiting = score_prediction(prediction, candles, model)
+            except CandlecastError as error:  # one unreadable file or model never stops the others
+                report.failed.append(f"{prediction['id']}: {error.message}")
+                logger.warning("scoring failed", extra={"prediction": str(prediction["id"]), "error": error.message})
+                continue
+            rows.extend(found)
+            report.unmatured += waiting
+        with db.connection() as conn:
+            report.scored += score_repository.record_scores(conn, rows)
+        report.predictions += len(due)
+        report.batches += 1
+        after = due[-1]["id"]
+        if on_batch is not None:
+            on_batch(report)
+        if len(due) < batch:
+            break
+    with db.connection() as conn:  # also after a re-registration reset it
+        accuracy_changed = score_repository.refresh_accuracy(conn)
+    if report.scored or accuracy_changed:
+        cache.invalidate_track_record()
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def scheduled_run(event: dict, budget_seconds: float) -> dict:
+    """One chunk of the hourly (or refresh-triggered) run; `event` may hold a continuation."""
+    report = run(
+        budget_seconds,
+        now=datetime.fromisoformat(event["now"]) if event.get("now") else None,
+        since=datetime.fromisoformat(event["since"]) if event.get("since") else None,
+        after=uuid.UUID(event["after"]) if event.get("after") else score_repository.NO_PREDICTION,
+    )
+    return report.as_dict()

@@ -1,0 +1,2 @@
+DROP TABLE model_live_stats;
+DROP TABLE prediction_scores;

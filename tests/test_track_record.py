@@ -1,0 +1,359 @@
+"""The live track record: scoring matured steps, the live metrics per model, /models and health's drift.
+
+Real PostgreSQL, Redis and S3 (moto server); later candles come through the fake Polygon and the refresh.
+"""
+
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import psycopg
+import pytest
+
+from candlecast import cache, db, storage
+from candlecast.candles import Candles
+from candlecast.repositories import scores as score_repository
+from candlecast.services import scoring
+from candlecast.timeframes import add_steps
+from tests.conftest import invoke, load_event, path_event
+from tests.fake_polygon import HOUR, FakePolygon, make_market
+from tests.test_ingest import RefreshContext, point_settings_at
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+
+@pytest.fixture
+def track(clean_db, monkeypatch):
+    """The committed models registered (no sample track record), an empty bucket besides them."""
+    from candlecast import polygon, seed
+    from candlecast.config import get_settings
+    from candlecast.services import forecasting
+
+    for key in storage.list_keys(""):
+        storage.s3_client().delete_object(Bucket=clean_db.bucket, Key=key)
+    storage.reset_clients()
+    forecasting.forget_models()
+    seed.seed(progress=False)
+    yield monkeypatch
+    polygon.reset_client()
+    get_settings.cache_clear()
+
+
+def url() -> str:
+    return os.environ["DATABASE_URL"]
+
+
+def rows(database_url: str, query: str, *params) -> list[tuple]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def create(symbol: str, timeframe: str = "1h") -> dict:
+    event = load_event("predictions_create.json", body=json.dumps({"symbol": symbol, "timeframe": timeframe}))
+    event["headers"].pop("idempotency-key", None)
+    status, _, body = invoke("predictions_create", event)
+    assert status == 201, body
+    return body
+
+
+def get_model(timeframe: str) -> tuple[int, dict]:
+    status, _, body = invoke("symbols", path_event("model_get.json", f"/models/{timeframe}", timeframe=timeframe))
+    return status, body
+
+
+def health() -> dict:
+    return invoke("health", load_event("health.json"))[2]
+
+
+def active_model_id(database_url: str, timeframe: str = "1h") -> uuid.UUID:
+    return rows(database_url, "SELECT id FROM models WHERE timeframe = %s AND is_active", timeframe)[0][0]
+
+
+# --- scoring through the refresh ------------------------------------------------------------------
+
+
+def test_steps_are_scored_when_their_candles_arrive_through_the_refresh(track):
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    now = int(time.time())
+    market = make_market(1, now=now - now % HOUR - 12 * HOUR, history_days=20)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        point_settings_at(track, fake)
+        first = handler({"symbols": 1, "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+        assert first["candles_added"] > 0 and first["scoring"] == "inline"
+        prediction = create(ticker)
+        market.now += 12 * HOUR  # twelve more hourly candles close
+        second = handler({"tickers": [ticker], "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+    assert second["candles_added"] >= 11 and second["scoring"] == "inline"
+
+    stored = storage.read_all_candles(ticker, "1h")
+    close_at = dict(zip(stored.open_time.tolist(), stored.close.tolist(), strict=True))
+    scored = rows(url(), "SELECT step, ts, realised_close, inside_80, inside_95, in_sample FROM prediction_scores "
+                       "WHERE prediction_id = %s ORDER BY step", uuid.UUID(prediction["id"]))
+    steps = {step["step"]: step for step in prediction["steps"]}
+    matured = [step for step in prediction["steps"]
+               if int(datetime.fromisoformat(step["ts"]).timestamp()) in close_at]
+    assert len(matured) >= 11 and [row[0] for row in scored] == [step["step"] for step in matured]
+    for step, ts, realised, inside_80, inside_95, in_sample in scored:
+        assert realised == close_at[int(ts.timestamp())]
+        assert inside_80 == (steps[step]["lower_80"] <= realised <= steps[step]["upper_80"])
+        assert inside_95 == (steps[step]["lower_95"] <= realised <= steps[step]["upper_95"])
+        assert in_sample is False  # made long after the model's training window
+
+    status, body = get_model("1h")
+    assert status == 200 and body["live"]["n_scored"] == len(scored)
+    assert sum(item["n"] for item in body["live"]["coverage_by_horizon"]) == len(scored)
+    assert body["model"]["accuracy"] == pytest.approx(sum(row[3] for row in scored) / len(scored))
+
+
+# --- idempotence, missing candles, retention's predicate ---------------------------------------------
+
+
+def hourly_candles(start: int, closes: list[float]) -> Candles:
+    times = start + HOUR * np.arange(len(closes))
+    close = np.asarray(closes, dtype=float)
+    return Candles(open_time=times, open=close, high=close * 1.001, low=close * 0.999, close=close,
+                   volume=np.full(len(closes), 10.0))
+
+
+def wavy_history(count: int, start: int) -> Candles:
+    return hourly_candles(start, (100 * np.exp(0.01 * np.sin(np.arange(count) / 3.0))).tolist())
+
+
+def with_later(history: Candles, closes: list[float]) -> Candles:
+    later = hourly_candles(int(history.open_time[-1]) + HOUR, closes)
+    return storage.merge_candles(history, later)
+
+
+SYMBOL = "X:ETHUSD"  # in data/symbols.csv; the sample has no candle file for it
+
+
+def recent_start(count: int) -> int:
+    now = int(time.time())
+    return now - now % HOUR - (count + 40) * HOUR
+
+
+def test_a_step_is_counted_once_however_often_it_is_scored(track):
+    start = recent_start(200)
+    storage.write_candles(SYMBOL, "1h", wavy_history(200, start))
+    prediction = create(SYMBOL)
+    storage.write_candles(SYMBOL, "1h", with_later(storage.read_all_candles(SYMBOL, "1h"), [100.0] * 5))
+
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(scoring.run(60).scored)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) in ([0, 5], [1, 4], [2, 3])  # concurrent runs split the steps, never repeat one
+    assert scoring.run(60).scored == 0  # and a third run finds nothing new
+
+    assert rows(url(), "SELECT count(*) FROM prediction_scores")[0][0] == 5
+    assert rows(url(), "SELECT sum(n) FROM model_live_stats")[0][0] == 5
+    # Replaying the very rows (an older invocation retried) inserts and counts nothing.
+    with db.connection() as conn:
+        again = conn.execute("SELECT * FROM prediction_scores").fetchall()
+        assert score_repository.record_scores(conn, [{**row, "ts": row["ts"].isoformat()} for row in again]) == 0
+    assert rows(url(), "SELECT sum(n) FROM model_live_stats")[0][0] == 5
+    assert get_model("1h")[1]["live"]["n_scored"] == 5
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {
+        uuid.UUID(prediction["id"])}
+
+
+def test_a_step_whose_candle_is_missing_stays_unscored_and_keeps_its_prediction(track):
+    start = recent_start(200)
+    history = wavy_history(200, start)
+    storage.write_candles(SYMBOL, "1h", history)
+    prediction = create(SYMBOL)
+    later = with_later(history, [101.0, 102.0, 103.0, 104.0])
+    gap = int(history.open_time[-1]) + 2 * HOUR  # step 2's candle never came
+    keep = later.open_time != gap
+    storage.write_candles(SYMBOL, "1h", Candles(*(getattr(later, name)[keep] for name in
+                                                  ("open_time", "open", "high", "low", "close", "volume"))))
+    assert scoring.run(60).scored == 3
+
+    prediction_id = uuid.UUID(prediction["id"])
+    scored = [row[0] for row in rows(url(), "SELECT step FROM prediction_scores WHERE prediction_id = %s "
+                                          "ORDER BY step", prediction_id)]
+    assert scored == [1, 3, 4]
+    with db.connection() as conn:
+        assert score_repository.get_settled_prediction_ids(conn, [prediction_id]) == []
+
+    storage.write_candles(SYMBOL, "1h", later)  # the missing candle arrives late
+    assert scoring.run(60).scored == 1
+    assert rows(url(), "SELECT count(*) FROM prediction_scores WHERE prediction_id = %s", prediction_id)[0][0] == 4
+
+
+def test_retention_may_delete_only_what_is_scored_or_past_the_scoring_window(track):
+    start = recent_start(200)
+    history = wavy_history(200, start)
+    storage.write_candles(SYMBOL, "1h", history)
+    prediction_id = uuid.UUID(create(SYMBOL)["id"])
+
+    def settled() -> bool:
+        with db.connection() as conn:
+            return score_repository.get_settled_prediction_ids(conn, [prediction_id]) == [prediction_id]
+
+    assert not settled()  # nothing matured yet
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0] * 30))
+    assert scoring.run(60).scored == 30
+    assert settled()  # every step scored, so aggregated
+    with psycopg.connect(url(), autocommit=True) as conn:
+        conn.execute("DELETE FROM prediction_scores")
+    assert not settled()  # unscored steps inside the window
+    with psycopg.connect(url(), autocommit=True) as conn:
+        conn.execute("UPDATE prediction_steps SET ts = ts - interval '90 days'")
+    assert settled()  # given up: their candles never came within the scoring window
+
+
+# --- live metrics against a hand computation ------------------------------------------------------
+
+
+def pin5_by_hand(outcome: float, quantiles: list[float]) -> float:
+    levels = (0.025, 0.1, 0.5, 0.9, 0.975)
+    losses = []
+    for level, quantile in zip(levels, quantiles, strict=True):
+        error = 100 * (math.log(outcome) - math.log(quantile))
+        losses.append(max(level * error, (level - 1) * error))
+    return sum(losses) / len(losses)
+
+
+def test_live_metrics_match_a_hand_computation(track):
+    from candlecast.forecast.evaluate import _ece, series_origins
+    from candlecast.services.forecasting import verified_model
+
+    start = recent_start(200)
+    history = wavy_history(200, start)
+    storage.write_candles(SYMBOL, "1h", history)
+    prediction = create(SYMBOL)
+    realised = [101.0, 99.0, 100.2, 97.0]
+    storage.write_candles(SYMBOL, "1h", with_later(history, realised))
+    assert scoring.run(60).scored == 4
+
+    with db.connection() as conn:
+        model_row = conn.execute("SELECT * FROM models WHERE timeframe = '1h' AND is_active").fetchone()
+    model = verified_model(model_row)
+    tolerance = model.config.tolerance
+    steps = prediction["steps"][:4]
+    inside_80 = [s["lower_80"] <= c <= s["upper_80"] for s, c in zip(steps, realised, strict=True)]
+    inside_95 = [s["lower_95"] <= c <= s["upper_95"] for s, c in zip(steps, realised, strict=True)]
+    events = [abs(c / s["close"] - 1) <= tolerance for s, c in zip(steps, realised, strict=True)]
+    confidence = [s["confidence"] for s in steps]
+    own = [pin5_by_hand(c, [s["lower_95"], s["lower_80"], s["close"], s["upper_80"], s["upper_95"]])
+           for s, c in zip(steps, realised, strict=True)]
+    # The baseline at the same origin, from the backtest's own origin code (σ of the whole series).
+    origins = series_origins(0, history, model.config)
+    sigma = float(origins.sigma[-1])
+    last_close = prediction["last_close"]
+    base = []
+    for h, close in enumerate(realised, start=1):
+        z = model.baseline_q[h - 1][[0, 1, 3, 5, 6]]
+        base.append(pin5_by_hand(close, [last_close * math.exp(sigma * math.sqrt(h) * q) for q in z]))
+
+    status, body = get_model("1h")
+    live = body["live"]
+    assert status == 200 and live["n_scored"] == 4 and live["in_sample"] is False
+    assert live["coverage_80"] == pytest.approx(sum(inside_80) / 4)
+    assert live["coverage_95"] == pytest.approx(sum(inside_95) / 4)
+    assert live["hit_rate"] == pytest.approx(sum(events) / 4)
+    assert live["mean_confidence"] == pytest.approx(sum(confidence) / 4)
+    assert live["ece"] == pytest.approx(_ece(np.array(confidence), np.array(events, dtype=float)))
+    assert live["pinball"] == pytest.approx(sum(own) / 4)
+    assert live["baseline_pinball"] == pytest.approx(sum(base) / 4, rel=1e-6)
+    assert live["pinball_skill"] == pytest.approx(1 - sum(own) / sum(base), rel=1e-6)
+    assert [item["h"] for item in live["coverage_by_horizon"]] == [1, 2, 3, 4]
+    assert sum(item["n"] for item in live["reliability"]) == 4
+    first_ts = datetime.fromtimestamp(int(history.open_time[-1]) + HOUR, UTC)
+    assert datetime.fromisoformat(live["period_start"]) == first_ts
+    assert datetime.fromisoformat(live["period_end"]) == first_ts + timedelta(hours=3)
+    assert body["model"]["accuracy"] == pytest.approx(sum(inside_80) / 4)
+    assert body["backtest"]["coverage_80"] == model_row["metrics"]["test"]["coverage_80"]
+    assert body["replay"] is None
+
+
+def test_models_routes_are_cached_until_new_scores_and_refuse_a_bad_timeframe(track):
+    status, body = get_model("1h")
+    assert status == 200 and body["live"]["n_scored"] == 0
+    assert cache.get_track_record_bytes("1h") is not None
+    status, listing = invoke("symbols", load_event("models_list.json"))[0:3:2]
+    assert status == 200 and [item["timeframe"] for item in listing] == ["1h", "4h", "1d", "1w", "1m"]
+    assert cache.get_track_record_bytes(None) is not None
+
+    start = recent_start(200)
+    history = wavy_history(200, start)
+    storage.write_candles(SYMBOL, "1h", history)
+    create(SYMBOL)
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5]))
+    assert scoring.run(60).scored == 2
+    assert cache.get_track_record_bytes("1h") is None and cache.get_track_record_bytes(None) is None
+    assert get_model("1h")[1]["live"]["n_scored"] == 2
+
+    status, body = get_model("2h")
+    assert status == 400 and "timeframe" in body["error"]["message"]
+
+
+# --- drift -------------------------------------------------------------------------------------------
+
+
+def steps_for(origin: datetime) -> list[dict]:
+    return [{"step": step, "ts": add_steps(origin, "1h", step), "open": 100.0, "high": 101.0, "low": 99.0,
+             "close": 100.0, "lower_80": 98.0, "upper_80": 102.0, "lower_95": 96.0, "upper_95": 104.0,
+             "confidence": 0.3} for step in range(1, 31)]
+
+
+def score_predictions(count: int, inside_every: int, origin: datetime) -> None:
+    """`count` stored predictions of the active 1h model, every step scored; 1 in `inside_every` inside 80 %."""
+    from candlecast.repositories.predictions import create_prediction
+    from candlecast.schemas import PredictionCreate
+
+    with db.connection() as conn:
+        symbol_id = conn.execute("SELECT id FROM symbols WHERE ticker = %s", (SYMBOL,)).fetchone()["id"]
+        model_id = conn.execute("SELECT id FROM models WHERE timeframe = '1h' AND is_active").fetchone()["id"]
+        for index in range(count):
+            at = origin + timedelta(hours=index)
+            prediction = PredictionCreate(symbol_id=symbol_id, ticker=SYMBOL, timeframe="1h", model_id=model_id,
+                                          last_candle_at=at, last_close=100.0, steps=steps_for(at))
+            stored = create_prediction(conn, prediction, uuid.uuid4().hex)
+            score_repository.record_scores(conn, [
+                {"prediction_id": str(stored["id"]), "step": step["step"], "model_id": str(model_id),
+                 "ts": step["ts"].isoformat(), "realised_close": 100.0, "inside_80": step["step"] % inside_every == 0,
+                 "inside_95": True, "confidence": 0.3, "event": False, "pinball": 1.0, "baseline_pinball": 1.0,
+                 "in_sample": False}
+                for step in prediction.model_dump()["steps"]
+            ])
+    cache.invalidate_track_record()
+
+
+def test_drift_appears_past_500_steps_outside_the_band_and_clears(track):
+    origin = datetime(2026, 1, 1, tzinfo=UTC)
+    score_predictions(16, inside_every=2, origin=origin)  # 480 steps at 50 %: too few to call it
+    assert health()["drift"] == {} and get_model("1h")[1]["drift"] is False
+    score_predictions(1, inside_every=2, origin=origin + timedelta(days=1))  # 510 steps at 50 %
+    report = health()
+    assert report["drift"] == {"1h": {"live_coverage_80": 0.5, "matured_steps": 510}}
+    assert report["models"]["1h"]["drift"] is True and get_model("1h")[1]["drift"] is True
+    score_predictions(17, inside_every=1, origin=origin + timedelta(days=2))  # +510 inside: 75 %
+    report = health()
+    assert report["drift"] == {} and "drift" not in report["models"]["1h"]
+    assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(0.75)
+
+
+def test_in_sample_replays_are_reported_apart_and_never_drift(track):
+    with db.connection() as conn:
+        conn.execute("UPDATE models SET train_end = now() + interval '1 day' WHERE timeframe = '1h'")
+    start = recent_start(200)
+    history = wavy_history(200, start)
+    storage.write_candles(SYMBOL, "1h", history)
+    create(SYMBOL)
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5, 99.0]))
+    assert scoring.run(60).scored == 3
+    body = get_model("1h")[1]
+    assert body["live"]["n_scored"] == 0 and body["replay"]["n_scored"] == 3 and body["replay"]["in_sample"]
+    assert body["model"]["accuracy"] is None  # the live accuracy counts out-of-sample steps only
