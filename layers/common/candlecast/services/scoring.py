@@ -22,6 +22,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
 from candlecast.errors import CandlecastError
+from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
 from candlecast.forecast.model import usable_candles
 from candlecast.repositories import scores as score_repository
@@ -31,7 +32,6 @@ logger = Logger(child=True)
 
 BATCH_PREDICTIONS = 200
 SCORING_WINDOW = timedelta(days=45)  # the SQL of repositories/scores.py says the same
-PIN5_LEVELS = np.array([0.025, 0.1, 0.5, 0.9, 0.975])
 # The stored quantiles of a step, in PIN5_LEVELS order, and the same levels' columns of the model's quantiles.
 STEP_QUANTILES = ("lower_95", "lower_80", "close", "upper_80", "upper_95")
 _PIN5_COLUMNS = np.array([int(np.flatnonzero(np.isclose(QUANTILES, level))[0]) for level in PIN5_LEVELS])
@@ -53,10 +53,11 @@ class ScoreReport:
         return asdict(self)
 
 
-def pin5(log_outcome: np.ndarray, log_quantiles: np.ndarray) -> np.ndarray:
-    """Mean pinball loss over PIN5_LEVELS in % log return: outcomes (n,), quantiles (n, 5) -> (n,)."""
-    error = 100 * (log_outcome[:, None] - log_quantiles)
-    return np.mean(np.maximum(PIN5_LEVELS * error, (PIN5_LEVELS - 1) * error), axis=1)
+def pin5(log_outcome: np.ndarray, log_pin5_quantiles: np.ndarray) -> np.ndarray:
+    """The backtest's pin5 (forecast.evaluate) of outcomes (n,) against quantiles (n, 5) at PIN5_LEVELS."""
+    log_quantiles = np.full((len(log_outcome), len(QUANTILES)), np.nan)
+    log_quantiles[:, _PIN5_COLUMNS] = log_pin5_quantiles
+    return pin5_loss(log_outcome, log_quantiles)
 
 
 def baseline_log_quantiles(model, candles, last_close: float, horizons: np.ndarray) -> np.ndarray:
