@@ -20,7 +20,7 @@ from candlecast.candles import Candles
 from candlecast.repositories import scores as score_repository
 from candlecast.services import scoring
 from candlecast.timeframes import add_steps
-from tests.conftest import invoke, load_event, path_event
+from tests.conftest import EVENTS, invoke, load_event, path_event
 from tests.fake_polygon import HOUR, FakePolygon, make_market
 from tests.test_ingest import RefreshContext, point_settings_at
 
@@ -357,3 +357,25 @@ def test_in_sample_replays_are_reported_apart_and_never_drift(track):
     body = get_model("1h")[1]
     assert body["live"]["n_scored"] == 0 and body["replay"]["n_scored"] == 3 and body["replay"]["in_sample"]
     assert body["model"]["accuracy"] is None  # the live accuracy counts out-of-sample steps only
+
+
+def test_score_function_hands_what_is_left_to_a_new_invocation(track):
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/score")
+    start = recent_start(200)
+    history = wavy_history(200, start)
+    storage.write_candles(SYMBOL, "1h", history)
+    create(SYMBOL)
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5, 99.0]))
+    track.setenv("REFRESH_CHAIN", "false")
+    from candlecast.config import get_settings
+
+    get_settings.cache_clear()
+    scheduled = json.loads((EVENTS / "score_scheduled.json").read_text())
+    first = handler(scheduled, RefreshContext(remaining_seconds=30))  # nothing left beyond the margin
+    assert first["scored"] == 0 and first["continuation"]["after"] == str(score_repository.NO_PREDICTION)
+    assert first["chained"] is False  # REFRESH_CHAIN=false: returned, not invoked
+    second = handler(first["continuation"], RefreshContext(remaining_seconds=300))
+    assert second["scored"] == 3 and second["continuation"] is None
+    assert handler(scheduled, RefreshContext(remaining_seconds=300))["scored"] == 0

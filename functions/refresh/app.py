@@ -14,7 +14,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import ingest
 from candlecast.config import get_settings
-from candlecast.invoke import continue_in_new_invocation, invoke_async
+from candlecast.invoke import invoke_async, run_chunk
 
 logger = Logger()
 
@@ -36,11 +36,7 @@ def _score() -> str:
 
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event, context):
-    event = event if isinstance(event, dict) and "detail-type" not in event else {}  # schedule: defaults
-    remaining_ms = context.get_remaining_time_in_millis() if context is not None else LOCAL_BUDGET_SECONDS * 1000
-    report = ingest.scheduled_refresh(event, remaining_ms / 1000 - MARGIN_SECONDS)
-    continuation = report.get("continuation")
-    report["chained"] = bool(continuation) and continue_in_new_invocation(context, continuation)
+    report = run_chunk(event, context, ingest.scheduled_refresh, MARGIN_SECONDS, LOCAL_BUDGET_SECONDS)
     report["scoring"] = _score() if report.get("candles_added") else "off"
     logger.info("refresh chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report

@@ -7,7 +7,7 @@ function, as the refresh does. Scoring is idempotent: a step scored twice counts
 
 from aws_lambda_powertools import Logger
 
-from candlecast.invoke import continue_in_new_invocation
+from candlecast.invoke import run_chunk
 from candlecast.services import scoring
 
 logger = Logger()
@@ -18,10 +18,6 @@ LOCAL_BUDGET_SECONDS = 600.0
 
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event, context):
-    event = event if isinstance(event, dict) and "detail-type" not in event else {}  # schedule: defaults
-    remaining_ms = context.get_remaining_time_in_millis() if context is not None else LOCAL_BUDGET_SECONDS * 1000
-    report = scoring.scheduled_run(event, remaining_ms / 1000 - MARGIN_SECONDS)
-    continuation = report.get("continuation")
-    report["chained"] = bool(continuation) and continue_in_new_invocation(context, continuation)
+    report = run_chunk(event, context, scoring.scheduled_run, MARGIN_SECONDS, LOCAL_BUDGET_SECONDS)
     logger.info("score chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report

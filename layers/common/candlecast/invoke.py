@@ -1,6 +1,7 @@
 """Asynchronous Lambda invocations: a function handing the rest of a long run to itself, or starting another."""
 
 import json
+from collections.abc import Callable
 
 from candlecast.config import get_settings
 
@@ -18,3 +19,15 @@ def continue_in_new_invocation(context, event: dict) -> bool:
         return False
     invoke_async(context.invoked_function_arn, event)
     return True
+
+
+def run_chunk(event, context, work: Callable[[dict, float], dict], margin_seconds: float,
+              local_budget_seconds: float) -> dict:
+    """One chunk of a long scheduled run: `work(event, budget_seconds)` returns a report whose `continuation`
+    (if any) is handed to a new invocation. A schedule's own event means a run with the defaults."""
+    event = event if isinstance(event, dict) and "detail-type" not in event else {}
+    remaining_ms = context.get_remaining_time_in_millis() if context is not None else local_budget_seconds * 1000
+    report = work(event, remaining_ms / 1000 - margin_seconds)
+    continuation = report.get("continuation")
+    report["chained"] = bool(continuation) and continue_in_new_invocation(context, continuation)
+    return report
