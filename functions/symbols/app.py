@@ -67,7 +67,7 @@ def symbol_predictions(
     return page_response(predictions.recent_for_symbol(path_parameter(ticker), timeframe, limit, cursor))
 
 
-@app.get("/models", summary="Each timeframe's active model: backtest and live track record",
+@app.get("/models", operation_id="list_models", summary="Each timeframe's active model: backtest and live track record",
          description="Live figures score every served prediction against the candles that followed. "
                      "models.accuracy is the live 80 % coverage.",
          responses=documented(list[ModelTrackRecord], 503))
@@ -75,7 +75,8 @@ def list_models():
     return json_response(track_record.all_models())
 
 
-@app.get("/models/<timeframe>", summary="One timeframe's model, with coverage by horizon and reliability bins",
+@app.get("/models/<timeframe>", operation_id="get_model",
+         summary="One timeframe's model, with coverage by horizon and reliability bins",
          responses=documented(ModelTrackRecord, 400, 404, 503))
 def get_model(timeframe: Annotated[Timeframe, Path(description="1h, 4h, 1d, 1w or 1m (calendar month)")]):
     return json_response(track_record.one_timeframe(timeframe))
