@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools check-template migrations-hash openapi
+.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools check-template check-artifacts migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python infra/layer_requirements.py --check
 
-test: lint check-template qa-tools
+test: lint check-template check-artifacts qa-tools
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -65,6 +65,17 @@ qa-tools: $(QA_VENV)/.installed
 
 check-template: $(STAMP) tools
 	PATH="$(PY312_BIN):$$PATH" $(BIN)/python infra/template_checks.py all
+
+## Every function run from an x86_64 twin of `sam build`, as Lambda runs it (infra/artifacts.py).
+LAMBDA_RUNTIME := .local/lambda-runtime
+$(LAMBDA_RUNTIME)/.installed: pyproject.toml $(STAMP)
+	rm -rf $(LAMBDA_RUNTIME)
+	$(PY312_BIN)/python3.12 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+		--target $(LAMBDA_RUNTIME) $(call EXTRA,lambda-runtime)
+	touch $@
+
+check-artifacts: $(STAMP) tools $(LAMBDA_RUNTIME)/.installed
+	PATH="$(PY312_BIN):$$PATH" nice $(BIN)/python -m infra.artifacts check
 
 migrations-hash: $(STAMP)
 	$(BIN)/python infra/template_checks.py migrations-hash --write

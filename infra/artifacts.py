@@ -1,0 +1,694 @@
+"""Every function run from its built artifact, the way Lambda runs it (`make check-artifacts`).
+
+    python -m infra.artifacts build            # the x86_64 twin of `sam build` into .local/twin/build
+    python -m infra.artifacts check            # build, then run every function from it (fails on any problem)
+    python -m infra.artifacts bench [--baseline REF] [--runs 5] [--importtime]
+                                               # cold init from the artifact beside the dev venv
+
+The twin is derived, never kept by hand: template.yaml with this machine's architecture in place of
+arm64 and absolute code paths, built by the same SAM CLI and the same layer Makefiles (PLATFORMS set
+to this machine's wheels). Each function then runs in a fresh `python3.12 -I` (infra/lambda_bootstrap.py):
+sys.path = function folder, its layers' python folders in template order, then a folder with only the
+runtime's boto3 and botocore (.local/lambda-runtime); code folders read-only; an unprivileged user, or
+root without capabilities where the interpreter is not reachable by one; no HOME;
+PYTHONDONTWRITEBYTECODE=1; the template's environment with the deployed secrets as Secrets Manager ARNs
+(moto) against the local stack. Events: tests/events/*.json whose routeKey is one of the function's
+HttpApi routes, else files named after the function's folder (`migrate_*.json`); a CloudFormation event
+gets a local ResponseURL that captures the PUT. Fails on an import error, a write outside /tmp, an
+event that errors, or a status that differs from the same events run from the dev tree.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TWIN_DIR = ROOT / ".local/twin"
+RUNTIME_DIR = ROOT / ".local/lambda-runtime"
+BOOTSTRAP = ROOT / "infra/lambda_bootstrap.py"
+EVENTS = ROOT / "tests/events"
+SAM = ROOT / ".local/sam-venv/bin/sam"
+MARKER = "@@lambda-bootstrap@@"
+
+# Functions invoked by no tests/events file: imported from the artifact only, and why.
+NOT_INVOKED = {
+    "RefreshFunction": "calls Polygon.io and chains itself; tests/test_ingest.py drives it against the fake "
+                       "Polygon server. Here its import from the artifact is checked.",
+}
+ARCH_KEYS = re.compile(r"^(\s*(?:Architectures|CompatibleArchitectures):\s*\[\s*)arm64(\s*\])", re.MULTILINE)
+BUILD_ARCH = re.compile(r"^(\s*BuildArchitecture:\s*)arm64\s*$", re.MULTILINE)
+CODE_PATHS = re.compile(r"^(\s*(?:CodeUri|ContentUri):\s*)([^\s#]+)", re.MULTILINE)
+
+
+class ArtifactCheckFailed(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- the twin build
+def machine() -> tuple[str, str]:
+    """(SAM architecture, wheel platform machine) of this machine."""
+    arch = platform.machine()
+    return ("arm64", "aarch64") if arch in ("aarch64", "arm64") else ("x86_64", "x86_64")
+
+
+def twin_template(text: str, source_root: Path) -> str:
+    """template.yaml for this machine: arm64 -> this architecture, code paths absolute."""
+    sam_arch, _ = machine()
+    text = ARCH_KEYS.sub(lambda m: m.group(1) + sam_arch + m.group(2), text)
+    text = BUILD_ARCH.sub(lambda m: m.group(1) + sam_arch, text)
+    text = CODE_PATHS.sub(lambda m: m.group(1) + str((source_root / m.group(2)).resolve()), text)
+    if re.search(r"^\s*(?:Architectures|CompatibleArchitectures|BuildArchitecture):.*arm64", text, re.MULTILINE):
+        raise ArtifactCheckFailed("template.yaml names arm64 in a form the twin does not rewrite")
+    return text
+
+
+def _tree_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for base in paths:
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for path in files:
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _writable(path: Path) -> None:
+    for entry in [path, *path.rglob("*")] if path.exists() else []:
+        if not entry.is_symlink():
+            entry.chmod(entry.stat().st_mode | 0o200)
+
+
+def _read_only(path: Path) -> None:
+    for entry in [*path.rglob("*"), path]:
+        if not entry.is_symlink():
+            entry.chmod(entry.stat().st_mode & ~0o222)
+
+
+def build_twin(source_root: Path = ROOT, target: Path = TWIN_DIR) -> Path:
+    """sam build of the twin template into target/build (skipped when its inputs are unchanged)."""
+    text = twin_template((source_root / "template.yaml").read_text(), source_root)
+    code_dirs = sorted({Path(m.group(2)) for m in CODE_PATHS.finditer(text)})
+    inputs = [*code_dirs, source_root / "migrations", source_root / "models", source_root / "layers"]
+    stamp = _tree_digest([p for p in inputs if p.exists()]) + hashlib.sha256(text.encode()).hexdigest()
+    build_dir, stamp_file = target / "build", target / "stamp"
+    if build_dir.is_dir() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        print(f"twin build up to date: {build_dir}")
+        return build_dir
+    _writable(target)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    (target / "template.yaml").write_text(text)
+    _, wheel_machine = machine()
+    platforms = " ".join(f"--platform {tag}_{wheel_machine}" for tag in ("manylinux_2_28", "manylinux_2_17",
+                                                                           "manylinux2014"))
+    python312 = shutil.which("python3.12")
+    if python312 is None:
+        raise ArtifactCheckFailed("python3.12 is not on PATH (the Makefile adds pyenv's 3.12)")
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0", "AWS_DEFAULT_REGION": "us-east-1", "PLATFORMS": platforms,
+           "PYTHON": python312}
+    command = [str(SAM), "build", "--template-file", str(target / "template.yaml"), "--build-dir", str(build_dir),
+               "--parallel", "--no-cached"]
+    print("$", " ".join(command), flush=True)
+    result = subprocess.run(command, env=env, cwd=target, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ArtifactCheckFailed(f"the twin sam build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    _read_only(build_dir)
+    stamp_file.write_text(stamp)
+    return build_dir
+
+
+def runtime_dir() -> Path:
+    if not (RUNTIME_DIR / "boto3").is_dir():
+        raise ArtifactCheckFailed(f"{RUNTIME_DIR.relative_to(ROOT)} is missing: run `make check-artifacts`")
+    return RUNTIME_DIR
+
+
+# ---------------------------------------------------------------- the template's functions
+@dataclass
+class Function:
+    logical_id: str
+    folder: str  # CodeUri's last part: functions/<folder>
+    handler: str
+    layers: list[str]
+    memory_mb: int
+    timeout_s: int
+    environment: dict[str, Any]
+    routes: set[str] = field(default_factory=set)  # "GET /health"
+
+
+def template_functions(template: dict) -> list[Function]:
+    from infra.template_checks import function_layers
+
+    globals_ = template.get("Globals", {}).get("Function", {})
+    layers = function_layers(template)
+    functions = []
+    for logical_id, resource in template["Resources"].items():
+        if resource["Type"] != "AWS::Serverless::Function":
+            continue
+        props = resource["Properties"]
+        environment = {**globals_.get("Environment", {}).get("Variables", {}),
+                       **props.get("Environment", {}).get("Variables", {})}
+        routes = {f"{event['Properties']['Method'].upper()} {event['Properties']['Path']}"
+                  for event in props.get("Events", {}).values() if event["Type"] == "HttpApi"}
+        functions.append(Function(
+            logical_id=logical_id, folder=Path(props["CodeUri"]).name,
+            handler=props.get("Handler", globals_.get("Handler")), layers=layers[logical_id],
+            memory_mb=int(props.get("MemorySize", globals_.get("MemorySize", 128))),
+            timeout_s=int(props.get("Timeout", globals_.get("Timeout", 3))),
+            environment=environment, routes=routes,
+        ))
+    return functions
+
+
+def function_events(function: Function) -> list[tuple[str, dict]]:
+    """(file name, event) for the function: HTTP events by route, others by the folder's name; CFN first."""
+    found = []
+    for path in sorted(EVENTS.glob("*.json")):
+        event = json.loads(path.read_text())
+        route = event.get("routeKey") if isinstance(event, dict) else None
+        if (route and route in function.routes) or (not route and path.stem.startswith(function.folder)):
+            found.append((path.name, event))
+    return sorted(found, key=lambda item: "RequestType" not in item[1])
+
+
+class Resolver:
+    """Evaluates the intrinsics a template's environment uses: Ref, Fn::If, Fn::Sub, conditions."""
+
+    def __init__(self, template: dict, parameters: dict[str, str], resources: dict[str, str]):
+        self.template = template
+        self.values = {name: str(spec.get("Default", "")) for name, spec in template.get("Parameters", {}).items()}
+        self.values.update(parameters)
+        self.values.update(resources)
+        self.values.update({"AWS::Region": "us-east-1", "AWS::AccountId": "123456789012", "AWS::Partition": "aws",
+                            "AWS::URLSuffix": "amazonaws.com", "AWS::StackName": "candlecast-local"})
+
+    def condition(self, name: str) -> bool:
+        return bool(self.value(self.template["Conditions"][name]))
+
+    def value(self, node: Any) -> Any:
+        if isinstance(node, list):
+            return [self.value(item) for item in node]
+        if not isinstance(node, dict) or len(node) != 1:
+            return node
+        (key, argument), = node.items()
+        if key == "Ref":
+            return self.values.get(argument, f"local-{argument}")
+        if key == "Fn::If":
+            name, when_true, when_false = argument
+            return self.value(when_true if self.condition(name) else when_false)
+        if key == "Fn::Equals":
+            left, right = (self.value(item) for item in argument)
+            return str(left) == str(right)
+        if key == "Fn::Not":
+            return not self.value(argument[0])
+        if key == "Fn::And":
+            return all(self.value(item) for item in argument)
+        if key == "Fn::Or":
+            return any(self.value(item) for item in argument)
+        if key == "Condition":
+            return self.condition(argument)
+        if key == "Fn::Sub":
+            text, variables = (argument, {}) if isinstance(argument, str) else argument
+            scope = {**self.values, **{name: self.value(item) for name, item in variables.items()}}
+            return re.sub(r"\$\{([^}]+)\}", lambda m: str(scope.get(m.group(1), f"local-{m.group(1)}")), text)
+        if key == "Fn::GetAtt":
+            return f"local-{argument if isinstance(argument, str) else '.'.join(argument)}"
+        return node
+
+
+# ---------------------------------------------------------------- the deployed configuration, locally
+class ResponseCapture:
+    """A local stand-in for CloudFormation's pre-signed ResponseURL: keeps every PUT body."""
+
+    def __init__(self):
+        captured = self.captured = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                captured.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cfn-response"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TcpToUnixSocket:
+    """127.0.0.1:port forwarded to the embedded PostgreSQL's unix socket: the artifact reaches the database
+    over TCP, as a Lambda reaches RDS, and needs no access to the server's private socket folder."""
+
+    def __init__(self, socket_path: str):
+        import socket
+
+        self.socket_path = socket_path
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.socket_path)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(1)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@dataclass
+class Deployment:
+    """The local stack dressed as the deployed configuration: secrets in moto's Secrets Manager."""
+
+    stack: Any
+    secret_arns: dict[str, str]
+    response: ResponseCapture
+    database_proxy: TcpToUnixSocket | None = None
+
+    @classmethod
+    def create(cls, stack) -> "Deployment":
+        import boto3
+        from psycopg.conninfo import conninfo_to_dict
+
+        from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+
+        client = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
+        db = conninfo_to_dict(stack.database_url)
+        proxy = None
+        if str(db.get("host", "")).startswith("/"):
+            proxy = TcpToUnixSocket(f"{db['host']}/.s.PGSQL.{db.get('port') or 5432}")
+            db.update(host="127.0.0.1", port=proxy.port)
+        secrets = {
+            "DbSecretArn": json.dumps({"host": db.get("host", "127.0.0.1"), "port": int(db.get("port") or 5432),
+                                       "dbname": db.get("dbname"), "username": db.get("user"),
+                                       "password": db.get("password") or "", "sslmode": "disable"}),
+            "ModelSigningKeySecretArn": LOCAL_MODEL_SIGNING_KEY,
+            "PolygonApiKeySecretArn": "local-polygon-key",
+        }
+        arns = {}
+        for name, value in secrets.items():
+            secret_name = f"candlecast-artifacts-{name}-{os.getpid()}"
+            with contextlib.suppress(client.exceptions.ResourceExistsException):
+                client.create_secret(Name=secret_name, SecretString=value)
+            arns[name] = client.describe_secret(SecretId=secret_name)["ARN"]
+        return cls(stack=stack, secret_arns=arns, response=ResponseCapture(), database_proxy=proxy)
+
+    def artifact_environment(self, template: dict, function: Function, task_root: Path) -> dict[str, str]:
+        redis = re.match(r"redis://([^/]+)/", self.stack.redis_url)
+        parameters = {**self.secret_arns, "RedisEndpoint": redis.group(1), "RedisTls": "false", "Stage": "local"}
+        resolver = Resolver(template, parameters, {"DataBucket": self.stack.bucket})
+        env = {name: str(resolver.value(value)) for name, value in function.environment.items()}
+        env = {name: value.replace("/var/task", str(task_root)) for name, value in env.items()}
+        env["S3_ENDPOINT_URL"] = self.stack.s3_endpoint_url  # declared "" in the template for sam local
+        return {
+            **env,
+            "AWS_ENDPOINT_URL_SECRETS_MANAGER": self.stack.s3_endpoint_url,  # moto serves both
+            "AWS_LAMBDA_FUNCTION_NAME": f"candlecast-local-{function.folder}",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.memory_mb),
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_EXECUTION_ENV": "AWS_Lambda_python3.12",
+            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+            "LAMBDA_TASK_ROOT": str(task_root),
+            "LANG": "en_US.UTF-8", "TZ": ":UTC", "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+
+    def dev_environment(self) -> dict[str, str]:
+        return {**self.stack.environment(), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "POWERTOOLS_SERVICE_NAME": "candlecast", "HOME": os.environ.get("HOME", "/tmp")}  # noqa: S108
+
+    def prepared_events(self, events: list[tuple[str, dict]]) -> list[dict]:
+        prepared = []
+        for _, event in events:
+            if isinstance(event, dict) and "ResponseURL" in event:
+                event = {**event, "ResponseURL": self.response.url}
+            prepared.append(event)
+        return prepared
+
+    def close(self) -> None:
+        self.response.close()
+        if self.database_proxy is not None:
+            self.database_proxy.close()
+
+
+# ---------------------------------------------------------------- running one function
+def _unprivileged_prefix(python: str) -> tuple[list[str], str]:
+    """How to drop privileges: nobody when it can run the interpreter, else root without capabilities."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return [], "the current user" if os.geteuid() != 0 else "root (setpriv missing)"
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--no-new-privs"]
+    probe = subprocess.run([*nobody, python, "-I", "-c", "import os; os.stat(" + repr(str(TWIN_DIR)) + ")"],
+                           capture_output=True, env={"PATH": "/usr/bin:/bin"})
+    if probe.returncode == 0:
+        return nobody, "nobody"
+    return (["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"],
+            "root without capabilities (the interpreter is not readable by nobody)")
+
+
+def run_bootstrap(python: str, spec: dict, env: dict[str, str], prefix: list[str] = (),
+                  flags: list[str] = ("-I",)) -> tuple[dict, str]:
+    """One fresh interpreter running the spec's events; returns (report, stderr)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="lambda-spec-", delete=False) as handle:
+        json.dump(spec, handle)
+    os.chmod(handle.name, 0o644)
+    try:
+        result = subprocess.run([*prefix, python, *flags, str(BOOTSTRAP), handle.name], env=env,
+                                capture_output=True, text=True, timeout=spec["timeout_s"] + 60, cwd="/tmp")  # noqa: S108
+    finally:
+        os.unlink(handle.name)
+    if MARKER not in result.stdout:
+        raise ArtifactCheckFailed(f"{spec['function_name']} crashed (exit {result.returncode}):\n"
+                                  f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.rsplit(MARKER, 1)[1]), result.stderr
+
+
+def artifact_spec(build_dir: Path, function: Function, events: list[dict]) -> dict:
+    return {"task_root": str(build_dir / function.logical_id),
+            "layers": [str(build_dir / layer / "python") for layer in function.layers],
+            "runtime": [str(runtime_dir())], "handler": function.handler, "events": events,
+            "function_name": function.folder, "memory_mb": function.memory_mb, "timeout_s": function.timeout_s}
+
+
+def dev_spec(source_root: Path, function: Function, events: list[dict]) -> dict:
+    import site
+
+    return {"task_root": str(source_root / "functions" / function.folder),
+            "layers": [str(source_root / "layers/common"), str(source_root)],
+            "runtime": site.getsitepackages(), "handler": function.handler, "events": events,
+            "function_name": function.folder, "memory_mb": function.memory_mb, "timeout_s": function.timeout_s}
+
+
+def outcome(result: dict, deployment: Deployment, captured_before: int) -> str:
+    """A comparable status: the HTTP status, the CloudFormation answer, or ok/error of a direct invoke."""
+    if not result["ok"]:
+        return "error: " + result["error"].split(":", 1)[0]
+    value = result["result"]
+    if isinstance(value, dict) and "statusCode" in value:
+        return str(value["statusCode"])
+    if isinstance(value, dict) and "Status" in value and "PhysicalResourceId" in value:
+        answers = deployment.response.captured[captured_before:]
+        return "cfn " + (answers[-1]["Status"] if answers else "no answer")
+    return "ok"
+
+
+# ---------------------------------------------------------------- the check
+def load_template(path: Path) -> dict:
+    from infra.template_checks import load_template as load
+
+    return load(path)
+
+
+def reset_state(stack) -> None:
+    """Forget predictions and their cache entries; symbols, models and cached candles stay (a warm world)."""
+    import psycopg
+
+    from candlecast import cache
+
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('predictions')").fetchone()[0]:
+            conn.execute("DELETE FROM predictions")
+    cache.delete_pattern("cc:v1:prediction*")
+
+
+def check(build_dir: Path) -> int:
+    import logging
+
+    from infra.local_stack import LocalStack
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    template = load_template(ROOT / "template.yaml")
+    functions = template_functions(template)
+    python = shutil.which("python3.12")
+    prefix, who = _unprivileged_prefix(python)
+    stack = LocalStack.start(bucket="candlecast-artifacts")
+    deployment = None
+    problems: list[str] = []
+    try:
+        os.environ.update(stack.environment())
+        deployment = Deployment.create(stack)
+        print(f"\nrunning {len(functions)} functions from {build_dir.relative_to(ROOT)} as {who}, "
+              f"python3.12 -I, no HOME, secrets by ARN (moto Secrets Manager)\n")
+        print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms")
+        ordered = sorted(functions, key=lambda f: f.folder != "migrate")  # the artifact migrates the empty database
+        seeded = False
+        for function in ordered:
+            events = function_events(function)
+            if not events and function.logical_id not in NOT_INVOKED:
+                problems.append(f"{function.logical_id}: no tests/events file matches its routes or folder "
+                                f"name; add one (or a reason to NOT_INVOKED in infra/artifacts.py)")
+            if function.folder != "migrate" and not seeded:
+                from candlecast import seed
+
+                seed.seed(progress=False)
+                seeded = True
+            prepared = deployment.prepared_events(events)
+            task_root = build_dir / function.logical_id
+            if not task_root.is_dir():
+                problems.append(f"{function.logical_id}: not in the build output")
+                continue
+            runs = {}
+            order = ("artifact", "dev") if function.folder == "migrate" else ("dev", "artifact")
+            for kind in order:
+                reset_state(stack) if seeded else None
+                captured_before = len(deployment.response.captured)
+                if kind == "artifact":
+                    report, stderr = run_bootstrap(python, artifact_spec(build_dir, function, prepared),
+                                                   deployment.artifact_environment(template, function, task_root),
+                                                   prefix)
+                else:
+                    report, stderr = run_bootstrap(sys.executable, dev_spec(ROOT, function, prepared),
+                                                   deployment.dev_environment(), flags=[])
+                statuses = []
+                for result in report["results"]:
+                    statuses.append(outcome(result, deployment, captured_before))
+                    captured_before = len(deployment.response.captured)
+                runs[kind] = (report, statuses, stderr)
+            artifact, dev = runs["artifact"][0], runs["dev"][0]
+            if "init_error" in artifact:
+                problems.append(f"{function.logical_id}: does not import from the artifact: {artifact['init_error']}"
+                                f"\n{artifact.get('traceback', '')}")
+            if artifact["writes"]:
+                problems.append(f"{function.logical_id}: writes outside /tmp: {artifact['writes'][:5]}")
+            if not events:
+                print(f"  {function.logical_id:<28}{'(import only)':<28}{'':>14}{'imported':>14}  "
+                      f"{artifact.get('init_ms', 0):.0f}   {NOT_INVOKED.get(function.logical_id, '')[:60]}")
+            for index, (name, _) in enumerate(events):
+                dev_status = runs["dev"][1][index] if index < len(runs["dev"][1]) else "none"
+                artifact_status = runs["artifact"][1][index] if index < len(runs["artifact"][1]) else "none"
+                cold = f"{artifact['cold_ms']:.0f}" if index == 0 and "cold_ms" in artifact else ""
+                print(f"  {function.logical_id:<28}{name:<28}{dev_status:>14}{artifact_status:>14}  {cold}")
+                if artifact_status != dev_status:
+                    detail = artifact["results"][index] if index < len(artifact["results"]) else {}
+                    problems.append(f"{function.logical_id} {name}: artifact {artifact_status} != dev {dev_status}\n"
+                                    f"{json.dumps(detail, default=str)[:2000]}\n{runs['artifact'][2][-2000:]}")
+                if artifact_status.startswith(("error", "cfn FAILED", "cfn no")):
+                    problems.append(f"{function.logical_id} {name}: {artifact_status}")
+            if "dev" in runs and "init_error" in dev:
+                problems.append(f"{function.logical_id}: the dev tree does not import: {dev['init_error']}")
+            if function.folder == "migrate":
+                problems.extend(_migrated_everything(stack))
+    finally:
+        if deployment is not None:
+            deployment.close()
+        stack.close()
+    for problem in problems:
+        print(f"FAILED {problem}", file=sys.stderr)
+    print(f"\ncheck-artifacts: {len(functions)} functions, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _migrated_everything(stack) -> list[str]:
+    """The artifact's migrations reached the empty database: every migration in migrations/ is applied."""
+    from candlecast import migrate
+
+    state = migrate.status(stack.database_url, ROOT / "migrations")
+    if state.pending or not state.applied:
+        return [f"after the artifact's Migrate, applied {state.applied}, pending {state.pending}"]
+    return []
+
+
+# ---------------------------------------------------------------- cold starts for `make bench`
+@dataclass
+class Variant:
+    """One way of running the functions: a twin build (this tree or a baseline) or the dev tree."""
+
+    label: str
+    source_root: Path
+    build_dir: Path | None  # None: the dev tree
+    functions: list[Function]
+    template: dict
+
+
+def baseline_variant(ref: str) -> Variant:
+    """`git archive REF` unpacked under .local/baseline, and its own twin build, derived from its template."""
+    target = ROOT / ".local/baseline" / re.sub(r"[^A-Za-z0-9._-]", "_", ref)
+    source = target / "src"
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    if not (source / ".commit").exists() or (source / ".commit").read_text() != commit:
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        (source / ".commit").write_text(commit)
+    template = load_template(source / "template.yaml")
+    return Variant(f"artifact {ref} ({commit[:7]})", source, build_twin(source, target / "twin"),
+                   template_functions(template), template)
+
+
+def _spec_and_env(variant: Variant, function: Function, deployment: Deployment, events: list[dict]):
+    if variant.build_dir is None:
+        return sys.executable, dev_spec(variant.source_root, function, events), deployment.dev_environment(), []
+    return (shutil.which("python3.12"), artifact_spec(variant.build_dir, function, events),
+            deployment.artifact_environment(variant.template, function, variant.build_dir / function.logical_id),
+            ["-I"])
+
+
+def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importtime: bool = True) -> None:
+    """Import + first invoke in fresh processes, median of `runs`, for every variant side by side."""
+    template = load_template(ROOT / "template.yaml")
+    functions = template_functions(template)
+    variants = [] if not baseline else [baseline_variant(baseline)]
+    variants.append(Variant("artifact (this tree)", ROOT, build_twin(), functions, template))
+    variants.append(Variant("dev venv", ROOT, None, functions, template))
+    prefix, who = _unprivileged_prefix(shutil.which("python3.12"))
+    deployment = Deployment.create(stack)
+    try:
+        print(f"cold init: import + first invoke, fresh process, median of {runs} (artifact runs as {who})")
+        header = "".join(f"{variant.label[:30]:>32}" for variant in variants)
+        print(f"  {'function (first event)':<46}{header}   target")
+        for function in functions:
+            events = function_events(function)[:1]
+            if not events:
+                continue
+            samples: dict[str, list[float]] = {variant.label: [] for variant in variants}
+            statuses: dict[str, str] = {}
+            for _ in range(runs):
+                for variant in variants:  # interleaved, so the machine's noise falls on every variant alike
+                    same = next((f for f in variant.functions if f.logical_id == function.logical_id), None)
+                    if same is None:
+                        continue
+                    reset_state(stack)
+                    python, spec, env, flags = _spec_and_env(variant, same, deployment,
+                                                             deployment.prepared_events(events))
+                    report, stderr = run_bootstrap(python, spec, env, prefix if variant.build_dir else [], flags)
+                    if "cold_ms" not in report:
+                        raise ArtifactCheckFailed(f"{variant.label} {function.logical_id}: "
+                                                  f"{report.get('init_error')}\n{stderr[-2000:]}")
+                    samples[variant.label].append(report["cold_ms"])
+                    statuses[variant.label] = outcome(report["results"][0], deployment, 0)
+            cells = "".join(
+                f"{statistics.median(samples[v.label]):>20.0f} ms ({statuses.get(v.label, '-')[:6]:>4})"
+                if samples[v.label] else f"{'-':>32}" for v in variants)
+            name = f"{function.logical_id} ({events[0][0]})"
+            print(f"  {name:<46}{cells}   {COLD_TARGETS.get(function.folder, '')}")
+        if importtime:
+            importtime_account(variants[-2], functions, deployment, prefix)
+    finally:
+        deployment.close()
+
+
+COLD_TARGETS = {"health": "<= 300 ms", "symbols": "<= 300 ms", "predictions_get": "<= 300 ms",
+                "predictions_create": "<= 600 ms incl. model load", "migrate": "<= 300 ms"}
+
+
+def importtime_account(variant: Variant, functions: list[Function], deployment: Deployment, prefix: list[str],
+                       top: int = 8) -> None:
+    """Where a cold start goes: -X importtime self time summed by top-level package, then the first invoke."""
+    print(f"\nwhere the cold start goes ({variant.label}; python -X importtime, self time by top-level package)")
+    for function in functions:
+        events = function_events(function)[:1]
+        python, spec, env, flags = _spec_and_env(variant, function, deployment, deployment.prepared_events(events))
+        reset_state(deployment.stack)
+        report, stderr = run_bootstrap(python, spec, env, prefix, [*flags, "-X", "importtime"])
+        by_package: dict[str, int] = {}
+        for line in stderr.splitlines():
+            match = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s+(\S+)", line)
+            if match:
+                package = match.group(2).split(".")[0]
+                by_package[package] = by_package.get(package, 0) + int(match.group(1))
+        ranked = sorted(by_package.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{name} {us / 1000:.0f}" for name, us in ranked[:top])
+        rest = sum(us for _, us in ranked[top:]) / 1000
+        invoke = f"first invoke {report.get('first_invoke_ms', 0):.0f} ms" if events else "not invoked"
+        print(f"  {function.logical_id:<26} imports {sum(by_package.values()) / 1000:.0f} ms: {shown}, "
+              f"other {rest:.0f}; {invoke}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["build", "check", "bench"])
+    parser.add_argument("--baseline", help="a git ref whose own twin build is measured beside this tree's")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args(argv)
+    try:
+        build_dir = build_twin()
+        if args.command == "check":
+            return check(build_dir)
+        if args.command == "bench":
+            return bench(args.runs, args.baseline)
+    except ArtifactCheckFailed as error:
+        print(f"check-artifacts: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def bench(runs: int, baseline: str | None) -> int:
+    """The cold-start table on its own stack (migrated and seeded), as `make bench` prints it."""
+    import logging
+
+    from candlecast import migrate, seed
+    from infra.local_stack import LocalStack
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    stack = LocalStack.start(bucket="candlecast-cold-bench")
+    try:
+        os.environ.update({**stack.environment(), "POWERTOOLS_LOG_LEVEL": "WARNING"})
+        migrate.apply(stack.database_url)
+        seed.seed(progress=False)
+        cold_start_table(stack, runs, baseline)
+    finally:
+        stack.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

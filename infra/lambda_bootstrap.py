@@ -1,0 +1,98 @@
+"""Run one function from its built artifact the way Lambda's python3.12 runtime does; stdlib only.
+
+    python3.12 -I infra/lambda_bootstrap.py SPEC.json
+
+SPEC: {"task_root", "layers": [python folders in template order], "runtime": [the folder holding only boto3
+and botocore], "handler": "app.lambda_handler", "events": [...], "function_name", "memory_mb", "timeout_s",
+"importtime": false}. sys.path becomes exactly task root, layers, runtime, then the standard library
+(no site-packages, no script folder). An audit hook records every write outside /tmp. Prints one JSON
+line: init and first-invoke milliseconds, each event's result, the writes and any error.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+ALLOWED_WRITE_PREFIXES = ("/tmp/", "/dev/")  # noqa: S108 (Lambda's only writable folder)
+writes: list[str] = []
+
+
+def _is_allowed(path) -> bool:
+    if isinstance(path, int):
+        return True  # an already-open descriptor
+    text = os.fsdecode(path) if isinstance(path, bytes | os.PathLike) else str(path)
+    return os.path.abspath(text).startswith(ALLOWED_WRITE_PREFIXES) or text == "/tmp"  # noqa: S108
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open":
+        path, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
+        if writing and path is not None and not _is_allowed(path):
+            writes.append(f"open {path} {mode or flags}")
+    elif event in ("os.mkdir", "os.remove", "os.rmdir", "os.rename", "os.replace", "os.symlink", "os.link",
+                   "os.chmod", "os.truncate", "os.utime", "shutil.rmtree"):
+        targets = [arg for arg in args if isinstance(arg, str | bytes | os.PathLike)]
+        if any(not _is_allowed(target) for target in targets):
+            writes.append(f"{event} {targets}")
+
+
+class LambdaContext:
+    def __init__(self, spec: dict, request_id: str):
+        name = spec["function_name"]
+        self.function_name = name
+        self.function_version = "$LATEST"
+        self.memory_limit_in_mb = spec["memory_mb"]
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{name}"
+        self.aws_request_id = request_id
+        self.log_group_name = f"/aws/lambda/{name}"
+        self.log_stream_name = "2026/01/01/[$LATEST]0123456789abcdef"
+        self.identity = None
+        self.client_context = None
+        self._deadline = time.monotonic() + spec["timeout_s"]
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def main() -> int:
+    with open(sys.argv[1]) as handle:
+        spec = json.load(handle)
+    standard_library = [path for path in sys.path[1:] if "site-packages" not in path and "dist-packages" not in path]
+    sys.path[:] = [spec["task_root"], *spec["layers"], *spec["runtime"], *standard_library]
+    # -I ignores PYTHON* variables; Lambda's runtime honours them, PYTHONDONTWRITEBYTECODE included.
+    sys.dont_write_bytecode = os.environ.get("PYTHONDONTWRITEBYTECODE", "") not in ("", "0")
+    sys.addaudithook(_audit)
+    os.chdir(spec["task_root"])  # Lambda's working directory is /var/task
+    report: dict = {"results": [], "writes": writes}
+    module_name, function_name = spec["handler"].rsplit(".", 1)
+    started = time.perf_counter()
+    try:
+        import importlib
+
+        handler = getattr(importlib.import_module(module_name), function_name)
+        report["init_ms"] = (time.perf_counter() - started) * 1000
+        for index, event in enumerate(spec["events"]):
+            invoked = time.perf_counter()
+            try:
+                result = handler(event, LambdaContext(spec, f"00000000-0000-4000-8000-{index:012d}"))
+                report["results"].append({"ok": True, "result": result})
+            except Exception as error:  # Lambda reports an unhandled error as a FunctionError
+                report["results"].append({"ok": False, "error": f"{type(error).__name__}: {error}",
+                                          "traceback": traceback.format_exc()[-3000:]})
+            if index == 0:
+                report["first_invoke_ms"] = (time.perf_counter() - invoked) * 1000
+                report["cold_ms"] = (time.perf_counter() - started) * 1000
+    except BaseException as error:  # an import error: the function cannot start
+        report["init_error"] = f"{type(error).__name__}: {error}"
+        report["traceback"] = traceback.format_exc()[-3000:]
+    sys.stdout.flush()
+    print("\n@@lambda-bootstrap@@" + json.dumps(report, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
