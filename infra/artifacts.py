@@ -429,6 +429,34 @@ def outcome(result: dict, deployment: Deployment, captured_before: int) -> str:
     return "ok"
 
 
+# ---------------------------------------------------------------- what the layers ship
+OFFLINE_LIBRARIES = {"lightgbm", "matplotlib", "arch", "pandas", "scipy", "sklearn"}  # training and reports only
+
+
+def offline_imports(build_dir: Path) -> list[str]:
+    """Shipped candlecast modules that import a training-only library (they belong in the layer's OFFLINE_ONLY)."""
+    import ast
+
+    found = []
+    for path in sorted(build_dir.glob("*/python/candlecast/**/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            hits = sorted({name.split(".")[0] for name in names} & OFFLINE_LIBRARIES)
+            if hits:
+                found.append(f"{path.relative_to(build_dir)} imports {', '.join(hits)}")
+    return found
+
+
+def layer_report(build_dir: Path) -> None:
+    from infra.template_checks import directory_size
+
+    for layer in sorted(p for p in build_dir.iterdir() if p.is_dir() and (p / "python").is_dir()):
+        py = sum(1 for _ in layer.rglob("*.py"))
+        pyc = sum(1 for _ in layer.rglob("*.pyc"))
+        print(f"  {layer.name:<16} {directory_size(layer) / 1024 / 1024:6.1f} MB unzipped, {py} .py, {pyc} .pyc")
+
+
 # ---------------------------------------------------------------- the check
 def load_template(path: Path) -> dict:
     from infra.template_checks import load_template as load
@@ -464,6 +492,9 @@ def check(build_dir: Path) -> int:
     try:
         os.environ.update(stack.environment())
         deployment = Deployment.create(stack)
+        print("layers as built for this machine:")
+        layer_report(build_dir)
+        problems.extend(f"offline-only code in a layer: {hit}" for hit in offline_imports(build_dir))
         print(f"\nrunning {len(functions)} functions from {build_dir.relative_to(ROOT)} as {who}, "
               f"python3.12 -I, no HOME, secrets by ARN (moto Secrets Manager)\n")
         print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms")

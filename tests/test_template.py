@@ -162,9 +162,11 @@ def test_migrations_hash_changes_with_any_migration_file(tmp_path):
 
 
 def test_migrate_function_ships_the_migrations(resources):
-    """functions/migrate/migrations links to migrations/ (sam build copies the files); MIGRATIONS_DIR finds it."""
-    shipped = ROOT / "functions/migrate/migrations"
-    assert shipped.resolve() == (ROOT / "migrations").resolve()
+    """Its Makefile copies migrations/ into the function (no symlink, so a checkout without symlinks
+    builds the same; check-artifacts runs the result); MIGRATIONS_DIR finds it."""
+    assert not (ROOT / "functions/migrate/migrations").exists()
+    assert resources["MigrateFunction"]["Metadata"]["BuildMethod"] == "makefile"
+    assert "build-MigrateFunction:" in (ROOT / "functions/migrate/Makefile").read_text()
     variables = functions(resources)["MigrateFunction"]["Environment"]["Variables"]
     assert variables["MIGRATIONS_DIR"] == "/var/task/migrations"
 
@@ -306,14 +308,17 @@ def test_science_layer_only_where_needed_and_both_layers_build_for_arm64(templat
         assert layer_ids[0] == "CommonLayer", name
         assert ("ScienceLayer" in layer_ids) == (name in SCIENCE_FUNCTIONS), name
     common, science = resources["CommonLayer"], resources["ScienceLayer"]
-    assert common["Metadata"] == {"BuildMethod": "python3.12", "BuildArchitecture": "arm64"}
+    assert common["Metadata"] == {"BuildMethod": "makefile", "BuildArchitecture": "arm64"}
     assert science["Metadata"] == {"BuildMethod": "makefile", "BuildArchitecture": "arm64"}
     for layer in (common, science):
         assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
         assert (ROOT / layer["Properties"]["ContentUri"] / "requirements.txt").is_file()
-    makefile = (ROOT / science["Properties"]["ContentUri"] / "Makefile").read_text()
-    assert "build-ScienceLayer:" in makefile and "--only-binary=:all:" in makefile
-    assert "manylinux2014_aarch64" in makefile
+    for name, layer in (("CommonLayer", common), ("ScienceLayer", science)):
+        makefile = (ROOT / layer["Properties"]["ContentUri"] / "Makefile").read_text()
+        assert f"build-{name}:" in makefile and "include $(HERE)../platforms.mk" in makefile
+    platforms = (ROOT / "layers/platforms.mk").read_text()
+    assert "--only-binary=:all:" in platforms and "manylinux2014_aarch64" in platforms
+    assert "--invalidation-mode unchecked-hash" in platforms
 
 
 def test_bucket_is_encrypted_private_versioned_and_tls_only(resources):
