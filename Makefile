@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
 .PHONY: install run test lint bench bench-scale requirements clean tools qa-tools check-template check-artifacts migrations-hash openapi
@@ -30,8 +31,8 @@ lint: $(STAMP)
 test: lint check-template check-artifacts qa-tools
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
-	$(BIN)/python -m infra.bench
+bench: $(STAMP) tools $(LAMBDA_RUNTIME)/.installed
+	PATH="$(PY312_BIN):$$PATH" $(BIN)/python -m infra.bench
 
 ## 1M predictions x 30 steps in an embedded PostgreSQL under BENCH_SCALE_TMP (a few GB); not part of `make test`.
 BENCH_SCALE_TMP ?= $(CURDIR)/.local/bench-scale
@@ -67,7 +68,6 @@ check-template: $(STAMP) tools
 	PATH="$(PY312_BIN):$$PATH" $(BIN)/python infra/template_checks.py all
 
 ## Every function run from an x86_64 twin of `sam build`, as Lambda runs it (infra/artifacts.py).
-LAMBDA_RUNTIME := .local/lambda-runtime
 $(LAMBDA_RUNTIME)/.installed: pyproject.toml $(STAMP)
 	rm -rf $(LAMBDA_RUNTIME)
 	$(PY312_BIN)/python3.12 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \

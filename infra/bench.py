@@ -6,8 +6,6 @@ Targets (from the issues) are printed beside each figure so a reader can compare
 import contextlib
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -15,25 +13,13 @@ from pathlib import Path
 
 import psycopg
 
+from infra.artifacts import cold_start_table
 from infra.lambda_loader import LambdaContext, load_handler
 from infra.local_stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "tests" / "events"
 COLD_RUNS = 5
-
-# The clock starts where Lambda's init phase would: at the import of the function's module.
-_COLD_SCRIPT = """
-import json, sys, time
-sys.path.insert(0, {layer!r}); sys.path.insert(0, {root!r})
-from infra.lambda_loader import LambdaContext, load_handler
-started = time.perf_counter()
-handler = load_handler({function!r})
-response = handler(json.loads({event!r}), LambdaContext())
-elapsed = (time.perf_counter() - started) * 1000
-print(json.dumps({{"ms": elapsed, "status": response["statusCode"]}}))
-"""
-
 
 def event(name: str, **changes) -> dict:
     loaded = json.loads((EVENTS / name).read_text())
@@ -44,19 +30,6 @@ def event(name: str, **changes) -> dict:
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def cold_init(function: str, request: dict, env: dict) -> tuple[float, int]:
-    """Median ms of import + first request in a fresh interpreter."""
-    script = _COLD_SCRIPT.format(layer=str(ROOT / "layers" / "common"), root=str(ROOT), function=function,
-                                 event=json.dumps(request))
-    samples, status = [], 0
-    for _ in range(COLD_RUNS):
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        measured = json.loads(result.stdout.strip().splitlines()[-1])
-        samples.append(measured["ms"])
-        status = measured["status"]
-    return statistics.median(samples), status
 
 
 def warm(function: str, request: dict | None, runs: int, make_request=None) -> dict:
@@ -90,15 +63,9 @@ def main() -> int:
         seed.seed(progress=False)
         print("\ncandlecast benchmark (real embedded PostgreSQL and Redis, moto S3; 2-core machine)\n")
 
-        print("cold init: import + first request, fresh process, median of", COLD_RUNS)
-        for function, name, target in [
-            ("health", "health.json", "target <= 300 ms"),
-            ("symbols", "symbols_search.json", ""),
-            ("predictions_get", "prediction_get.json", ""),
-            ("predictions_create", "predictions_create.json", "target <= 800 ms"),
-        ]:
-            ms, status = cold_init(f"functions/{function}", event(name), env)
-            report(f"{function} (status {status})", f"{ms:.0f} ms", target)
+        # From the x86_64 twin of `sam build`, run as Lambda runs it, beside the dev tree (infra/artifacts.py);
+        # BENCH_BASELINE=<git ref> adds that ref's own twin build, measured in the same run.
+        cold_start_table(stack, COLD_RUNS, os.environ.get("BENCH_BASELINE") or None)
 
         print("\nwarm, in process")
         report("health p50 / p99", _pair(warm("health", event("health.json"), 300)))
