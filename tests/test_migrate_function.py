@@ -251,3 +251,31 @@ def test_direct_invoke_failure_raises_for_the_caller(migrate_app, use_database):
     use_database(unreachable_database_url())
     with pytest.raises(psycopg.OperationalError):
         migrate_app.lambda_handler(load_event("migrate_apply.json"), Context())
+
+
+def test_a_lock_older_than_the_function_timeout_is_broken_and_logged(migrate_app, recorder, fresh_database, caplog):
+    from candlecast import migrate
+
+    migrate.apply(fresh_database)
+    with psycopg.connect(fresh_database, autocommit=True) as conn:  # a run killed 10 minutes ago
+        conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) "
+                     "VALUES (1, (now() AT TIME ZONE 'UTC') - interval '10 minutes', 4242)")
+    migrate_app.lambda_handler(cfn_event("Update", recorder.url), Context(remaining_ms=300_000))
+    assert recorder.responses[-1]["Status"] == "SUCCESS"
+    warning = next(record for record in caplog.records if record.getMessage() == "broke a stale migration lock")
+    assert warning.levelname == "WARNING"
+    assert warning.lock["pid"] == 4242 and warning.older_than_s == pytest.approx(300, abs=2)
+    assert migrate.lock_holder(fresh_database) is None
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty"])
+def test_no_migrations_answers_failed_naming_the_folder(migrate_app, recorder, fresh_database, monkeypatch, tmp_path,
+                                                        layout):
+    folder = tmp_path / "migrations"
+    if layout == "empty":
+        folder.mkdir()
+    monkeypatch.setenv("MIGRATIONS_DIR", str(folder))
+    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+    answer = recorder.responses[-1]
+    assert answer["Status"] == result["Status"] == "FAILED"
+    assert str(folder) in answer["Reason"] and "MigrationError" in answer["Reason"]

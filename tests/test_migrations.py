@@ -107,8 +107,73 @@ def test_cli_reports_missing_configuration_by_name():
     result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate"], env=env,
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "REDIS_URL" in result.stderr
-    assert "DATA_BUCKET" in result.stderr
+    assert "DATABASE_URL or DB_SECRET_ARN" in result.stderr
+    assert "REDIS_URL" not in result.stderr and "DATA_BUCKET" not in result.stderr  # migrations need neither
+
+
+def only_database(url: str) -> dict[str, str]:
+    unrelated = {"DATABASE_URL", "DB_SECRET_ARN", "REDIS_URL", "DATA_BUCKET", "S3_ENDPOINT_URL", "MODEL_SIGNING_KEY"}
+    return {**{key: value for key, value in os.environ.items() if key not in unrelated}, "DATABASE_URL": url}
+
+
+def test_cli_migrate_status_and_rollback_need_only_database_url(scratch_database):
+    command = [sys.executable, "-m", "candlecast.cli", "migrate"]
+    env = only_database(scratch_database)
+    applied = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(applied.stdout)["applied"] == ["0001_symbols", "0002_models", "0003_predictions"]
+    status = subprocess.run([*command, "--status"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["pending"] == []
+    rolled = subprocess.run([*command, "--rollback", "1"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(rolled.stdout) == {"rolled_back": ["0003_predictions"]}
+    assert tables(scratch_database) == {"symbols", "models"}
+
+
+def test_a_missing_or_empty_folder_is_an_error_that_names_it(scratch_database, tmp_path):
+    missing, empty, checkout_without_symlinks = tmp_path / "nowhere", tmp_path / "empty", tmp_path / "migrations"
+    empty.mkdir()
+    checkout_without_symlinks.write_text("../../migrations")  # what git leaves for a symlink with symlinks off
+    for folder, reason in ((missing, "does not exist"), (empty, "holds no migrations"),
+                           (checkout_without_symlinks, "is not a folder")):
+        with pytest.raises(migrate.MigrationError, match=f"{folder} {reason}"):
+            migrate.apply(scratch_database, folder)
+        with pytest.raises(migrate.MigrationError, match=str(folder)):
+            migrate.status(scratch_database, folder)
+    assert tables(scratch_database) == set()
+
+
+def test_a_half_applied_schema_names_the_migration_without_a_traceback(scratch_database):
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE symbols (id int)")  # left by a hand-run or interrupted script, unrecorded
+    with pytest.raises(migrate.MigrationError, match=r"migration 0001_symbols failed: DuplicateTable"):
+        migrate.apply(scratch_database)
+    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate"], env=only_database(scratch_database),
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "0001_symbols" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert migrate.status(scratch_database).applied == []
+
+
+def hold_lock(conninfo: str, pid: int, age_seconds: float) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) "
+                     "VALUES (1, (now() AT TIME ZONE 'UTC') - make_interval(secs => %s), %s)", (age_seconds, pid))
+
+
+def test_a_stale_lock_is_named_and_broken_by_the_cli(scratch_database, monkeypatch):
+    migrate.apply(scratch_database)
+    hold_lock(scratch_database, pid=4242, age_seconds=3600)  # a run killed an hour ago
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 1)
+    with pytest.raises(migrate.MigrationError, match=r"4242.*candlecast migrate --break-lock"):
+        migrate.apply(scratch_database)
+    assert migrate.break_lock(scratch_database, older_than_seconds=7200) is None  # not that old: kept
+    assert migrate.lock_holder(scratch_database)["pid"] == 4242
+    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--break-lock"],
+                            env=only_database(scratch_database), capture_output=True, text=True, check=True)
+    broken = json.loads(result.stdout)["broken_lock"]
+    assert broken["pid"] == 4242 and broken["age_seconds"] >= 3600
+    assert migrate.lock_holder(scratch_database) is None
+    assert migrate.apply(scratch_database) == []
 
 
 def test_cli_db_check_reports_database_and_cache(migrated_db):

@@ -31,15 +31,19 @@ MAX_REASON_CHARS = 1000  # the whole response must stay under CloudFormation's 4
 
 
 def _conninfo() -> str:
-    from candlecast.config import database_conninfo, get_settings
+    from candlecast.config import database_conninfo, get_database_settings
 
-    return database_conninfo(get_settings())
+    return database_conninfo(get_database_settings())
 
 
-def apply_migrations() -> dict[str, Any]:
+def apply_migrations(stale_lock_seconds: float = DEFAULT_BUDGET_SECONDS + RESPONSE_MARGIN_SECONDS) -> dict[str, Any]:
+    """Apply under yoyo's lock; a lock older than this function's timeout was left by a killed run: break it."""
     from candlecast import migrate
 
-    return {"applied": migrate.apply(_conninfo())}
+    conninfo = _conninfo()
+    if broken := migrate.break_lock(conninfo, older_than_seconds=stale_lock_seconds):
+        logger.warning("broke a stale migration lock", extra={"lock": broken, "older_than_s": stale_lock_seconds})
+    return {"applied": migrate.apply(conninfo)}
 
 
 def migration_status() -> dict[str, Any]:
@@ -72,10 +76,13 @@ def _run_with_deadline(work: Callable[[], dict[str, Any]], budget_seconds: float
 
 
 def _budget_seconds(context: Any) -> float:
+    return _timeout_seconds(context) - RESPONSE_MARGIN_SECONDS
+
+
+def _timeout_seconds(context: Any) -> float:
+    """The function's timeout, as its remaining time at the start of the invocation."""
     remaining = getattr(context, "get_remaining_time_in_millis", None)
-    if remaining is None:
-        return DEFAULT_BUDGET_SECONDS
-    return remaining() / 1000 - RESPONSE_MARGIN_SECONDS
+    return remaining() / 1000 if remaining is not None else DEFAULT_BUDGET_SECONDS + RESPONSE_MARGIN_SECONDS
 
 
 def send_response(event: dict, status: str, reason: str, physical_id: str, data: dict[str, str]) -> None:
@@ -116,7 +123,8 @@ def handle_custom_resource(event: dict, context: Any) -> dict[str, str]:
         if request_type == "Delete":
             status, reason = SUCCESS, "Delete is a no-op: the schema and its data outlive the stack"
         elif request_type in ("Create", "Update"):
-            applied = _run_with_deadline(apply_migrations, _budget_seconds(context))["applied"]
+            timeout = _timeout_seconds(context)
+            applied = _run_with_deadline(lambda: apply_migrations(timeout), _budget_seconds(context))["applied"]
             data = {"AppliedCount": str(len(applied)), "Applied": ",".join(applied)[:500]}
             status, reason = SUCCESS, f"applied {len(applied)} migration(s)"
         else:
@@ -135,6 +143,6 @@ def lambda_handler(event: dict, context: Any) -> dict[str, Any]:
     action = event.get("action") if isinstance(event, dict) else None
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}: invoke with {{\"action\": \"apply\" | \"status\"}}")
-    result = ACTIONS[action]()
+    result = apply_migrations(_timeout_seconds(context)) if action == "apply" else ACTIONS[action]()
     logger.info("migrations", extra={"action": action, **result})
     return result

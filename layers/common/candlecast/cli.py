@@ -22,10 +22,21 @@ def _positive_int(value: str) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from candlecast import migrate
-    from candlecast.config import database_conninfo, get_settings
+    from candlecast.config import database_conninfo, get_database_settings
 
-    conninfo = database_conninfo(get_settings())
-    if args.status:
+    conninfo = database_conninfo(get_database_settings())  # DATABASE_URL (or DB_SECRET_ARN) is all it needs
+    try:
+        return _migrate_action(migrate, conninfo, args)
+    except migrate.MigrationError as error:
+        print(f"candlecast migrate: {error}", file=sys.stderr)
+        return 1
+
+
+def _migrate_action(migrate, conninfo: str, args: argparse.Namespace) -> int:
+    if args.break_lock:
+        broken = migrate.break_lock(conninfo)
+        print(json.dumps({"broken_lock": broken}))
+    elif args.status:
         print(json.dumps(migrate.status(conninfo).as_dict(), indent=2))
     elif args.rollback is not None:
         print(json.dumps({"rolled_back": migrate.rollback(conninfo, args.rollback)}))
@@ -54,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     migrate = subparsers.add_parser("migrate", help="apply database migrations under yoyo's lock")
     migrate.add_argument("--status", action="store_true", help="list applied and pending migrations")
     migrate.add_argument("--rollback", type=_positive_int, metavar="N", help="roll back the last N migrations")
+    migrate.add_argument("--break-lock", action="store_true",
+                         help="remove the migration lock left by a run that was killed (check none is running)")
     migrate.set_defaults(func=_migrate)
     check = subparsers.add_parser("db-check", help="connect to the database and Redis and report each")
     check.set_defaults(func=_db_check)

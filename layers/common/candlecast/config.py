@@ -14,7 +14,9 @@ class ConfigurationError(RuntimeError):
     """Start-up stops with this; the message names each bad variable."""
 
 
-class Settings(BaseSettings):
+class DatabaseSettings(BaseSettings):
+    """What reaching the database needs, and nothing else (migrations run with only this)."""
+
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True,
                                       env_parse_none_str="none")
 
@@ -23,26 +25,7 @@ class Settings(BaseSettings):
     db_prepare_threshold: int | None = Field(5, description="psycopg prepare_threshold; empty/None for RDS Proxy")
     db_pool_max_size: int = Field(2, ge=1, le=64)
     db_pool_timeout: float = Field(1.5, gt=0, le=10, description="seconds to wait for a pooled connection")
-
-    redis_url: str = Field(..., description="Redis URL, redis://, rediss:// or unix://")
-    redis_socket_timeout: float = Field(0.25, gt=0, le=5)
-
-    data_bucket: str = Field(..., min_length=3, max_length=63)
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for local runs (moto server)")
     aws_region: str = Field("us-east-1")
-
-    model_signing_key: SecretStr | None = Field(None, description="HMAC key that model files are signed with")
-    model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key")
-
-    polygon_api_key: SecretStr | None = None
-    polygon_api_key_secret_arn: str | None = None
-    polygon_base_url: str = "https://api.polygon.io"
-    polygon_max_rps: float = Field(50.0, gt=0, le=100, description="free tier: 0.083 (5/min); paid: under 100")
-    refresh_chain: bool = Field(True, description="refresh and score hand what is left to a new invocation")
-    score_function_name: str | None = Field(None, description="the refresh starts it after adding candles")
-
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
-    stage: str = "local"
 
     @model_validator(mode="wrap")
     @classmethod
@@ -59,6 +42,27 @@ class Settings(BaseSettings):
         if settings.database_url is None and settings.db_secret_arn is None:
             raise ValidationError.from_exception_data(cls.__name__, [_missing_database_error()])
         return settings
+
+
+class Settings(DatabaseSettings):
+    redis_url: str = Field(..., description="Redis URL, redis://, rediss:// or unix://")
+    redis_socket_timeout: float = Field(0.25, gt=0, le=5)
+
+    data_bucket: str = Field(..., min_length=3, max_length=63)
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for local runs (moto server)")
+
+    model_signing_key: SecretStr | None = Field(None, description="HMAC key that model files are signed with")
+    model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key")
+
+    polygon_api_key: SecretStr | None = None
+    polygon_api_key_secret_arn: str | None = None
+    polygon_base_url: str = "https://api.polygon.io"
+    polygon_max_rps: float = Field(50.0, gt=0, le=100, description="free tier: 0.083 (5/min); paid: under 100")
+    refresh_chain: bool = Field(True, description="refresh and score hand what is left to a new invocation")
+    score_function_name: str | None = Field(None, description="the refresh starts it after adding candles")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
+    stage: str = "local"
 
 
 def _missing_database_error() -> dict:
@@ -81,13 +85,21 @@ def get_settings() -> Settings:
         raise ConfigurationError(_describe(error)) from None
 
 
+def get_database_settings() -> DatabaseSettings:
+    """The database part alone: migrations need no Redis nor bucket."""
+    try:
+        return DatabaseSettings()
+    except ValidationError as error:
+        raise ConfigurationError(_describe(error)) from None
+
+
 def _secret(arn: str) -> str:
     from aws_lambda_powertools.utilities import parameters
 
     return parameters.get_secret(arn, max_age=300)
 
 
-def database_conninfo(settings: Settings) -> str:
+def database_conninfo(settings: DatabaseSettings) -> str:
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
     import json

@@ -1,7 +1,13 @@
-"""Apply yoyo migrations under yoyo's lock, so concurrent runs serialise and the loser applies nothing."""
+"""Apply yoyo migrations under yoyo's lock, so concurrent runs serialise and the loser applies nothing.
+
+Nothing fails silently: a missing or empty migrations folder, a migration that cannot be applied (named)
+and a lock still held after LOCK_TIMEOUT_SECONDS each raise MigrationError with a one-line reason.
+"""
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -10,15 +16,20 @@ from psycopg.conninfo import conninfo_to_dict
 LOCK_TIMEOUT_SECONDS = 60
 
 
+class MigrationError(RuntimeError):
+    """A migration run that must not count as done; the message names the folder or the migration."""
+
+
 def migrations_dir() -> Path:
     """MIGRATIONS_DIR, else migrations/ beside the running function (Lambda), else the repository's."""
     if configured := os.environ.get("MIGRATIONS_DIR"):
         return Path(configured)
-    for candidate in (Path(os.environ.get("LAMBDA_TASK_ROOT", "/nonexistent")) / "migrations",
-                      Path(__file__).resolve().parents[3] / "migrations"):
+    candidates = (Path(os.environ.get("LAMBDA_TASK_ROOT", "/nonexistent")) / "migrations",
+                  Path(__file__).resolve().parents[3] / "migrations")
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError("no migrations directory found; set MIGRATIONS_DIR")
+    raise MigrationError(f"no migrations folder at {' or '.join(map(str, candidates))}; set MIGRATIONS_DIR")
 
 
 def yoyo_url(conninfo: str) -> str:
@@ -50,23 +61,102 @@ class MigrationStatus:
         return {"applied": self.applied, "pending": self.pending}
 
 
-def _backend_and_migrations(conninfo: str, directory: Path | None):
-    from yoyo import get_backend, read_migrations
+def read(directory: Path | None = None):
+    """The migrations in the folder; a missing or empty folder is an error that names it."""
+    from yoyo import read_migrations
 
-    backend = get_backend(yoyo_url(conninfo))
-    return backend, read_migrations(str(directory or migrations_dir()))
+    directory = Path(directory or migrations_dir())
+    if not directory.is_dir():
+        kind = "is not a folder" if directory.exists() else "does not exist"
+        raise MigrationError(f"the migrations folder {directory} {kind} (a checkout without symlinks?)")
+    migrations = read_migrations(str(directory))
+    if len(migrations) == 0:
+        raise MigrationError(f"the migrations folder {directory} holds no migrations")
+    return migrations
+
+
+def _backend_and_migrations(conninfo: str, directory: Path | None):
+    from yoyo import get_backend
+
+    migrations = read(directory)  # before connecting: a missing folder is the first thing to hear about
+    return get_backend(yoyo_url(conninfo)), migrations
+
+
+def _apply_each(backend, pending) -> list[str]:
+    """Apply one by one, so a failure names its migration (yoyo runs each in its own transaction)."""
+    applied = []
+    for migration in pending:
+        try:
+            backend.apply_one(migration)
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise MigrationError(
+                f"migration {migration.id} failed: {type(error).__name__}: {reason} "
+                f"(applied before it in this run: {applied or 'none'}; it was rolled back)"
+            ) from error
+        applied.append(migration.id)
+    if pending:
+        backend.run_post_apply(pending)
+    return applied
+
+
+@contextmanager
+def _lock(backend):
+    """yoyo's lock, its LockTimeout as a MigrationError that says how to clear a stale one."""
+    from yoyo.exceptions import LockTimeout
+
+    lock = backend.lock(timeout=LOCK_TIMEOUT_SECONDS)
+    try:
+        lock.__enter__()
+    except LockTimeout as error:
+        raise MigrationError(f"{error}; if no migration is running: candlecast migrate --break-lock") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def apply(conninfo: str, directory: Path | None = None) -> list[str]:
     """Apply pending migrations; returns the ids applied by this call (empty if another run did them)."""
     backend, migrations = _backend_and_migrations(conninfo, directory)
     try:
-        with backend.lock(timeout=LOCK_TIMEOUT_SECONDS):
-            pending = backend.to_apply(migrations)
-            backend.apply_migrations(pending)
-            return [migration.id for migration in pending]
+        with _lock(backend):
+            return _apply_each(backend, backend.to_apply(migrations))
     finally:
         backend.connection.close()
+
+
+def lock_holder(conninfo: str) -> dict | None:
+    """The migration lock's row (pid, age in seconds), or None when nobody holds it."""
+    from yoyo import get_backend
+
+    backend = get_backend(yoyo_url(conninfo))
+    try:
+        exists = backend.execute("SELECT to_regclass(:name)", {"name": backend.lock_table}).fetchone()[0]
+        row = backend.execute(f"SELECT pid, ctime FROM {backend.lock_table_quoted}").fetchone() if exists else None
+    finally:
+        backend.connection.close()
+    if row is None:
+        return None
+    age = (datetime.now(UTC).replace(tzinfo=None) - row[1]).total_seconds() if row[1] else None
+    return {"pid": row[0], "age_seconds": round(age, 1) if age is not None else None}
+
+
+def break_lock(conninfo: str, older_than_seconds: float | None = None) -> dict | None:
+    """Remove the migration lock (only if older than the given age); returns what was removed, or None."""
+    from yoyo import get_backend
+
+    holder = lock_holder(conninfo)
+    if holder is None:
+        return None
+    if older_than_seconds is not None and (holder["age_seconds"] or 0) <= older_than_seconds:
+        return None
+    backend = get_backend(yoyo_url(conninfo))
+    try:
+        backend.break_lock()
+    finally:
+        backend.connection.close()
+    return holder
 
 
 def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> list[str]:
@@ -75,7 +165,7 @@ def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> li
         raise ValueError("count must be at least 1")
     backend, migrations = _backend_and_migrations(conninfo, directory)
     try:
-        with backend.lock(timeout=LOCK_TIMEOUT_SECONDS):
+        with _lock(backend):
             to_rollback = backend.to_rollback(migrations)[:count]
             backend.rollback_migrations(to_rollback)
             return [migration.id for migration in to_rollback]
