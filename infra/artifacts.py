@@ -116,11 +116,9 @@ def build_twin(source_root: Path = ROOT, target: Path = TWIN_DIR) -> Path:
     _, wheel_machine = machine()
     platforms = " ".join(f"--platform {tag}_{wheel_machine}" for tag in ("manylinux_2_28", "manylinux_2_17",
                                                                            "manylinux2014"))
-    python312 = shutil.which("python3.12")
-    if python312 is None:
-        raise ArtifactCheckFailed("python3.12 is not on PATH (the Makefile adds pyenv's 3.12)")
-    env = {**os.environ, "SAM_CLI_TELEMETRY": "0", "AWS_DEFAULT_REGION": "us-east-1", "PLATFORMS": platforms,
-           "PYTHON": python312}
+    python = python312()
+    env = {**os.environ, "PATH": f"{Path(python).parent}:{os.environ.get('PATH', '')}", "SAM_CLI_TELEMETRY": "0",
+           "AWS_DEFAULT_REGION": "us-east-1", "PLATFORMS": platforms, "PYTHON": python}
     command = [str(SAM), "build", "--template-file", str(target / "template.yaml"), "--build-dir", str(build_dir),
                "--parallel", "--no-cached"]
     print("$", " ".join(command), flush=True)
@@ -130,6 +128,18 @@ def build_twin(source_root: Path = ROOT, target: Path = TWIN_DIR) -> Path:
     _read_only(build_dir)
     stamp_file.write_text(stamp)
     return build_dir
+
+
+def python312() -> str:
+    """An interpreter like Lambda's: python3.12 on PATH (the Makefile puts pyenv's first), else pyenv's."""
+    import glob
+
+    pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates = [shutil.which("python3.12"), *sorted(glob.glob(f"{pyenv_root}/versions/3.12*/bin/python3.12"))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", ""], capture_output=True).returncode == 0:
+            return str(Path(candidate).resolve())
+    raise ArtifactCheckFailed("python3.12 not found (pyenv install 3.12)")
 
 
 def runtime_dir() -> Path:
@@ -439,12 +449,14 @@ def offline_imports(build_dir: Path) -> list[str]:
 
     found = []
     for path in sorted(build_dir.glob("*/python/candlecast/**/*.py")):
+        imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            hits = sorted({name.split(".")[0] for name in names} & OFFLINE_LIBRARIES)
-            if hits:
-                found.append(f"{path.relative_to(build_dir)} imports {', '.join(hits)}")
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                imported.add((node.module or "").split(".")[0])
+        if hits := sorted(imported & OFFLINE_LIBRARIES):
+            found.append(f"{path.relative_to(build_dir)} imports {', '.join(hits)}")
     return found
 
 
@@ -484,7 +496,7 @@ def check(build_dir: Path) -> int:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     template = load_template(ROOT / "template.yaml")
     functions = template_functions(template)
-    python = shutil.which("python3.12")
+    python = python312()
     prefix, who = _unprivileged_prefix(python)
     stack = LocalStack.start(bucket="candlecast-artifacts")
     deployment = None
@@ -608,7 +620,7 @@ def baseline_variant(ref: str) -> Variant:
 def _spec_and_env(variant: Variant, function: Function, deployment: Deployment, events: list[dict]):
     if variant.build_dir is None:
         return sys.executable, dev_spec(variant.source_root, function, events), deployment.dev_environment(), []
-    return (shutil.which("python3.12"), artifact_spec(variant.build_dir, function, events),
+    return (python312(), artifact_spec(variant.build_dir, function, events),
             deployment.artifact_environment(variant.template, function, variant.build_dir / function.logical_id),
             ["-I"])
 
@@ -620,7 +632,7 @@ def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importti
     variants = [] if not baseline else [baseline_variant(baseline)]
     variants.append(Variant("artifact (this tree)", ROOT, build_twin(), functions, template))
     variants.append(Variant("dev venv", ROOT, None, functions, template))
-    prefix, who = _unprivileged_prefix(shutil.which("python3.12"))
+    prefix, who = _unprivileged_prefix(python312())
     deployment = Deployment.create(stack)
     try:
         print(f"cold init: import + first invoke, fresh process, median of {runs} (artifact runs as {who})")

@@ -1,0 +1,112 @@
+"""infra/artifacts.py and infra/lambda_bootstrap.py: the twin is derived from the template, every function
+is covered, and the bootstrap reports what check-artifacts fails on (import errors, writes outside /tmp)."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infra import artifacts
+from infra.template_checks import load_template
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_twin_template_is_this_machines_architecture_with_absolute_code_paths():
+    twin = artifacts.twin_template((ROOT / "template.yaml").read_text(), ROOT)
+    sam_arch, _ = artifacts.machine()
+    assert f"Architectures: [{sam_arch}]" in twin
+    assert f"BuildArchitecture: {sam_arch}" in twin
+    assert f"CodeUri: {ROOT}/functions/health" in twin
+    assert f"ContentUri: {ROOT}/layers/common" in twin
+    if sam_arch != "arm64":
+        assert not [line for line in twin.splitlines() if "Architecture" in line and "arm64" in line]
+
+
+def test_an_architecture_the_twin_cannot_rewrite_is_refused():
+    text = "Globals:\n  Function:\n    Architectures:\n      - arm64\n"
+    with pytest.raises(artifacts.ArtifactCheckFailed, match="arm64"):
+        artifacts.twin_template(text.replace("Architectures:\n      - arm64", "Architectures: [ 'arm64' ]"), ROOT)
+
+
+def test_every_function_has_events_or_a_reason():
+    functions = artifacts.template_functions(load_template(ROOT / "template.yaml"))
+    assert {f.logical_id for f in functions} >= {"HealthFunction", "MigrateFunction", "PredictionCreateFunction"}
+    for function in functions:
+        events = artifacts.function_events(function)
+        assert events or function.logical_id in artifacts.NOT_INVOKED, function.logical_id
+        for _, event in events:  # an HTTP event belongs to one of the function's own routes
+            assert "routeKey" not in event or event["routeKey"] in function.routes
+    migrate = next(f for f in functions if f.folder == "migrate")
+    assert "RequestType" in artifacts.function_events(migrate)[0][1]  # CloudFormation's Create comes first
+
+
+def test_the_environment_resolver_evaluates_the_templates_intrinsics():
+    template = load_template(ROOT / "template.yaml")
+    health = next(f for f in artifacts.template_functions(template) if f.logical_id == "HealthFunction")
+    resolver = artifacts.Resolver(template, {"DbSecretArn": "arn:secret", "RedisEndpoint": "127.0.0.1:7",
+                                             "RedisTls": "false"}, {"DataBucket": "bucket"})
+    env = {name: resolver.value(value) for name, value in health.environment.items()}
+    assert env["REDIS_URL"] == "redis://127.0.0.1:7/0"
+    assert env["DB_SECRET_ARN"] == "arn:secret"
+    assert env["DATA_BUCKET"] == "bucket"
+    assert env["POWERTOOLS_TRACE_DISABLED"] == "true"
+
+
+def test_a_shipped_module_importing_a_training_library_is_found(tmp_path):
+    module = tmp_path / "CommonLayer/python/candlecast/forecast/fit.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("def fit():\n    import lightgbm\n    from arch import arch_model\n")
+    (module.parent / "model.py").write_text("import numpy as np\n")
+    found = artifacts.offline_imports(tmp_path)
+    assert found == ["CommonLayer/python/candlecast/forecast/fit.py imports arch, lightgbm"]
+
+
+def _bootstrap(tmp_path: Path, source: str, events: list[dict]) -> dict:
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "app.py").write_text(source)
+    spec = {"task_root": str(task), "layers": [], "runtime": [], "handler": "app.lambda_handler", "events": events,
+            "function_name": "probe", "memory_mb": 128, "timeout_s": 10}
+    environment = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    report, _ = artifacts.run_bootstrap(artifacts.python312(), spec, environment)
+    return report
+
+
+def test_the_bootstrap_reports_writes_outside_tmp_and_allows_tmp(tmp_path):
+    outside = ROOT / ".local" / f"written-by-the-function-{tmp_path.name}.txt"  # pytest's tmp_path is under /tmp
+    outside.parent.mkdir(exist_ok=True)
+    report = _bootstrap(tmp_path, f"""
+def lambda_handler(event, context):
+    open("/tmp/allowed-by-lambda", "w").close()
+    open({str(outside)!r}, "w").close()
+    return {{"statusCode": 200}}
+""", [{}])
+    assert report["results"][0]["result"] == {"statusCode": 200}
+    outside.unlink()
+    assert len(report["writes"]) == 1 and str(outside) in report["writes"][0]
+    assert not (tmp_path / "task/__pycache__").exists()  # PYTHONDONTWRITEBYTECODE is honoured under -I
+
+
+def test_the_bootstrap_reports_a_module_missing_from_the_artifact(tmp_path):
+    report = _bootstrap(tmp_path, "import pydantic\ndef lambda_handler(event, context):\n    return 1\n", [{}])
+    assert report["init_error"].startswith("ModuleNotFoundError")  # site-packages are not on the path
+    assert report["results"] == []
+
+
+def test_the_bootstrap_path_is_task_layers_runtime_then_the_standard_library(tmp_path):
+    report = _bootstrap(tmp_path, "import sys\ndef lambda_handler(event, context):\n    return sys.path\n", [{}])
+    path = report["results"][0]["result"]
+    assert path[0] == str(tmp_path / "task")
+    assert not any("site-packages" in entry for entry in path)
+
+
+def test_no_tracked_symlinks_so_a_checkout_without_symlinks_builds_the_same():
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert [line for line in listing.splitlines() if line.startswith("120000")] == []
+
+
+def test_bench_prints_a_cold_target_for_every_function_with_events():
+    functions = artifacts.template_functions(load_template(ROOT / "template.yaml"))
+    assert {"health", "symbols", "predictions_get", "predictions_create", "migrate"} <= set(artifacts.COLD_TARGETS)
+    assert all(f.folder in artifacts.COLD_TARGETS for f in functions if f.folder != "refresh")
