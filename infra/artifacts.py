@@ -43,6 +43,9 @@ BOOTSTRAP = ROOT / "infra/lambda_bootstrap.py"
 EVENTS = ROOT / "tests/events"
 SAM = ROOT / ".local/sam-venv/bin/sam"
 MARKER = "@@lambda-bootstrap@@"
+SESSION_TOKEN = "local-session-token"  # noqa: S105 (a placeholder the extension stand-in checks)
+# The deployed configuration uses the secrets extension when this parameter names its layer.
+LOCAL_EXTENSION_ARN = "arn:aws:lambda:us-east-1:123456789012:layer:local-secrets-extension:1"
 
 # Functions invoked by no tests/events file: imported from the artifact only, and why.
 NOT_INVOKED = {
@@ -266,6 +269,49 @@ class ResponseCapture:
         self.server.server_close()
 
 
+class SecretsExtension:
+    """A local stand-in for the AWS Parameters and Secrets Lambda Extension's HTTP endpoint
+    (GET /secretsmanager/get?secretId=..., X-Aws-Parameters-Secrets-Token = the session token), answering
+    from moto's Secrets Manager. Counts what it served, so the check shows the extension path was taken."""
+
+    def __init__(self, endpoint_url: str, session_token: str):
+        import boto3
+
+        client = boto3.client("secretsmanager", endpoint_url=endpoint_url, region_name="us-east-1")
+        served = self.served = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                from urllib.parse import parse_qs, urlsplit
+
+                url = urlsplit(self.path)
+                if self.headers.get("X-Aws-Parameters-Secrets-Token") != session_token:
+                    return self._answer(403, {"error": "missing or wrong X-Aws-Parameters-Secrets-Token"})
+                if url.path != "/secretsmanager/get":
+                    return self._answer(404, {"error": url.path})
+                secret = client.get_secret_value(SecretId=parse_qs(url.query)["secretId"][0])
+                served.append(secret["ARN"])
+                return self._answer(200, {key: secret[key] for key in ("ARN", "Name", "SecretString", "VersionId")})
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class TcpToUnixSocket:
     """127.0.0.1:port forwarded to the embedded PostgreSQL's unix socket: the artifact reaches the database
     over TCP, as a Lambda reaches RDS, and needs no access to the server's private socket folder."""
@@ -311,6 +357,7 @@ class Deployment:
     secret_arns: dict[str, str]
     response: ResponseCapture
     database_proxy: TcpToUnixSocket | None = None
+    extension: SecretsExtension | None = None
 
     @classmethod
     def create(cls, stack) -> "Deployment":
@@ -338,15 +385,20 @@ class Deployment:
             with contextlib.suppress(client.exceptions.ResourceExistsException):
                 client.create_secret(Name=secret_name, SecretString=value)
             arns[name] = client.describe_secret(SecretId=secret_name)["ARN"]
-        return cls(stack=stack, secret_arns=arns, response=ResponseCapture(), database_proxy=proxy)
+        extension = SecretsExtension(stack.s3_endpoint_url, SESSION_TOKEN)
+        return cls(stack=stack, secret_arns=arns, response=ResponseCapture(), database_proxy=proxy,
+                   extension=extension)
 
     def artifact_environment(self, template: dict, function: Function, task_root: Path) -> dict[str, str]:
         redis = re.match(r"redis://([^/]+)/", self.stack.redis_url)
-        parameters = {**self.secret_arns, "RedisEndpoint": redis.group(1), "RedisTls": "false", "Stage": "local"}
+        parameters = {**self.secret_arns, "RedisEndpoint": redis.group(1), "RedisTls": "false", "Stage": "local",
+                      "SecretsExtensionLayerArn": LOCAL_EXTENSION_ARN}
         resolver = Resolver(template, parameters, {"DataBucket": self.stack.bucket})
         env = {name: str(resolver.value(value)) for name, value in function.environment.items()}
         env = {name: value.replace("/var/task", str(task_root)) for name, value in env.items()}
         env["S3_ENDPOINT_URL"] = self.stack.s3_endpoint_url  # declared "" in the template for sam local
+        if env.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT") and self.extension is not None:
+            env["PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"] = str(self.extension.port)  # its stand-in, on a free port
         return {
             **env,
             "AWS_ENDPOINT_URL_SECRETS_MANAGER": self.stack.s3_endpoint_url,  # moto serves both
@@ -355,7 +407,7 @@ class Deployment:
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
             "AWS_EXECUTION_ENV": "AWS_Lambda_python3.12",
             "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": SESSION_TOKEN,
             "LAMBDA_TASK_ROOT": str(task_root),
             "LANG": "en_US.UTF-8", "TZ": ":UTC", "PATH": "/usr/local/bin:/usr/bin:/bin",
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -375,8 +427,9 @@ class Deployment:
 
     def close(self) -> None:
         self.response.close()
-        if self.database_proxy is not None:
-            self.database_proxy.close()
+        for server in (self.database_proxy, self.extension):
+            if server is not None:
+                server.close()
 
 
 # ---------------------------------------------------------------- running one function
@@ -509,7 +562,7 @@ def check(build_dir: Path) -> int:
         problems.extend(f"offline-only code in a layer: {hit}" for hit in offline_imports(build_dir))
         print(f"\nrunning {len(functions)} functions from {build_dir.relative_to(ROOT)} as {who}, "
               f"python3.12 -I, no HOME, secrets by ARN (moto Secrets Manager)\n")
-        print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms")
+        print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms  boto3 on cold path")
         ordered = sorted(functions, key=lambda f: f.folder != "migrate")  # the artifact migrates the empty database
         seeded = False
         for function in ordered:
@@ -556,7 +609,8 @@ def check(build_dir: Path) -> int:
             for index, (name, _) in enumerate(events):
                 dev_status = runs["dev"][1][index] if index < len(runs["dev"][1]) else "none"
                 artifact_status = runs["artifact"][1][index] if index < len(runs["artifact"][1]) else "none"
-                cold = f"{artifact['cold_ms']:.0f}" if index == 0 and "cold_ms" in artifact else ""
+                cold = (f"{artifact['cold_ms']:>7.0f}  {'yes' if artifact['cold_boto3'] else 'no'}"
+                        if index == 0 and "cold_ms" in artifact else "")
                 print(f"  {function.logical_id:<28}{name:<28}{dev_status:>14}{artifact_status:>14}  {cold}")
                 if artifact_status != dev_status:
                     detail = artifact["results"][index] if index < len(artifact["results"]) else {}
@@ -574,7 +628,9 @@ def check(build_dir: Path) -> int:
         stack.close()
     for problem in problems:
         print(f"FAILED {problem}", file=sys.stderr)
-    print(f"\ncheck-artifacts: {len(functions)} functions, {len(problems)} problem(s)")
+    served = len(deployment.extension.served) if deployment and deployment.extension else 0
+    print(f"\nsecrets served by the extension stand-in: {served}")
+    print(f"check-artifacts: {len(functions)} functions, {len(problems)} problem(s)")
     return 1 if problems else 0
 
 

@@ -86,6 +86,7 @@ def main() -> int:
             if index == 0:
                 report["first_invoke_ms"] = (time.perf_counter() - invoked) * 1000
                 report["cold_ms"] = (time.perf_counter() - started) * 1000
+                report["cold_boto3"] = "boto3" in sys.modules
     except BaseException as error:  # an import error: the function cannot start
         report["init_error"] = f"{type(error).__name__}: {error}"
         report["traceback"] = traceback.format_exc()[-3000:]

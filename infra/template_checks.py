@@ -143,7 +143,8 @@ def function_layers(template: dict) -> dict[str, list[str]]:
     for name, resource in template["Resources"].items():
         if resource["Type"] == "AWS::Serverless::Function":
             refs = global_layers + resource["Properties"].get("Layers", [])
-            layers[name] = [ref["Ref"] for ref in refs]
+            # Layers built from this template; an external ARN (the secrets extension, by !If) is not built here.
+            layers[name] = [ref["Ref"] for ref in refs if isinstance(ref, dict) and "Ref" in ref]
     return layers
 
 

@@ -1,6 +1,8 @@
 """Configuration: validated at cold start, bad variables named, secrets read from Secrets Manager (moto)."""
 
 import json
+import socket
+import uuid
 
 import boto3
 import pytest
@@ -64,3 +66,41 @@ def test_database_credentials_come_from_secrets_manager(fresh_settings, stack):
     params = conninfo_to_dict(config.database_conninfo(settings))
     assert params == {"host": "db.internal", "port": "5432", "dbname": "candlecast", "user": "app",
                       "password": "p@ss word", "sslmode": "require"}
+
+
+def _secret_in_moto(stack, monkeypatch, name: str, value: str) -> str:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", stack.s3_endpoint_url)
+    for key, setting in stack.environment().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, setting)
+    secrets = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
+    return secrets.create_secret(Name=f"{name}-{uuid.uuid4().hex[:8]}", SecretString=value)["ARN"]
+
+
+def test_secrets_come_from_the_extension_endpoint_with_the_session_token(fresh_settings, stack):
+    from infra.artifacts import SecretsExtension
+
+    arn = _secret_in_moto(stack, fresh_settings, "candlecast/test-key", "from-the-extension")
+    extension = SecretsExtension(stack.s3_endpoint_url, session_token="the-session-token")
+    try:
+        fresh_settings.setenv("AWS_SESSION_TOKEN", "the-session-token")
+        fresh_settings.setenv("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", str(extension.port))
+        settings = Settings(model_signing_key_secret_arn=arn, database_url="postgresql://x", redis_url="redis://h",
+                            data_bucket="bucket")
+        assert config.model_signing_key(settings) == b"from-the-extension"
+        assert extension.served == [arn]
+    finally:
+        extension.close()
+
+
+def test_an_unreachable_extension_falls_back_to_the_secrets_manager_api(fresh_settings, stack, caplog):
+    arn = _secret_in_moto(stack, fresh_settings, "candlecast/test-fallback", "from-the-api")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    fresh_settings.setenv("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", str(closed))
+    settings = Settings(model_signing_key_secret_arn=arn, database_url="postgresql://x", redis_url="redis://h",
+                        data_bucket="bucket")
+    assert config.model_signing_key(settings) == b"from-the-api"
+    warning = next(r for r in caplog.records if r.getMessage().startswith("secrets extension unavailable"))
+    assert "from-the-api" not in str(warning.__dict__)  # the secret is never logged

@@ -192,3 +192,19 @@ def test_a_foreign_cache_entry_is_ignored_and_read_from_s3(bucket):
     storage.write_candles("X:DOTUSD", "1h", make_candles(12))
     cache.set_candles("X:DOTUSD", "1h", b'{"open_time": [1, 2, 3]}')  # an older JSON entry
     assert len(storage.read_candles("X:DOTUSD", "1h", 10)) == 10
+
+
+def test_a_bundled_model_is_used_only_when_it_is_the_registered_file(tmp_path, monkeypatch):
+    import hashlib
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "1h.pkl").write_bytes(b"model bytes")
+    (models / "1h.pkl.sig").write_bytes(b"signature")
+    sha256 = hashlib.sha256(b"model bytes").hexdigest()
+    monkeypatch.delenv("LAMBDA_TASK_ROOT", raising=False)
+    assert storage.bundled_model("1h", sha256) is None  # outside Lambda: the bucket
+    monkeypatch.setenv("LAMBDA_TASK_ROOT", str(tmp_path))
+    assert storage.bundled_model("1h", sha256) == (b"model bytes", b"signature")
+    assert storage.bundled_model("1h", "0" * 64) is None  # another model is registered: the bucket
+    assert storage.bundled_model("4h", sha256) is None  # not shipped

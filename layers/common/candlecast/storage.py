@@ -61,6 +61,24 @@ def signature_key(model_key: str) -> str:
 # --- clients ------------------------------------------------------------------------------------
 
 
+def bundled_model(timeframe: str, sha256: str) -> tuple[bytes, bytes | None] | None:
+    """The active model file shipped in the function (models/{tf}.pkl beside app.py) and its signature, when its
+    sha256 is the registered one; None sends the caller to the bucket. The caller still verifies both."""
+    import hashlib
+    import os
+
+    task_root = os.environ.get("LAMBDA_TASK_ROOT")
+    path = Path(task_root or "/nonexistent") / "models" / f"{timeframe}.pkl"
+    if not task_root or not path.is_file():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        logger.info("bundled model is not the registered one; reading the bucket", extra={"timeframe": timeframe})
+        return None
+    signature = Path(f"{path}.sig")
+    return data, signature.read_bytes() if signature.is_file() else None
+
+
 def _client(name: str, factory: Callable[[], Any]) -> Any:
     client = _clients.get(name)
     if client is None:

@@ -43,8 +43,13 @@ def verified_model(row: dict):
         loaded = _models.get(timeframe)
         if loaded is not None and loaded[0] == sha256:
             return loaded[1]
-        data = storage.get_bytes(row["s3_key"])
-        signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
+        # Shipped in the artifact when it is the registered file (no S3 client on the cold path), else the bucket.
+        bundled = storage.bundled_model(timeframe, sha256)
+        if bundled is not None:
+            data, signature = bundled
+        else:
+            data = storage.get_bytes(row["s3_key"])
+            signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
         if data is None:
             raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
         try:
