@@ -38,7 +38,8 @@ def template():
 
 def test_short_tags_load_as_long_form_intrinsics(template):
     layers = template["Globals"]["Function"]["Layers"]
-    assert layers == [{"Ref": "CommonLayer"}]
+    assert layers == [{"Ref": "CommonLayer"},
+                      {"Fn::If": ["SecretsExtensionOn", {"Ref": "SecretsExtensionLayerArn"}, {"Ref": "AWS::NoValue"}]}]
     policy = template["Resources"]["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"][0]
     assert policy["Resource"][0] == {"Fn::GetAtt": ["DataBucket", "Arn"]}
     assert policy["Resource"][1] == {"Fn::Sub": "${DataBucket.Arn}/*"}
