@@ -416,3 +416,26 @@ def test_native_code_check_refuses_x86_64_libraries(tmp_path):
     assert template_checks.elf_machine(tmp_path / "CommonLayer/_psycopg.so") == 62
     with pytest.raises(template_checks.CheckFailed, match="not arm64"):
         template_checks.check_native_code(tmp_path)
+
+
+def test_snapstart_is_an_option_off_by_default_behind_a_published_alias(template, resources):
+    assert template["Parameters"]["SnapStart"]["Default"] == "false"
+    assert template["Conditions"]["SnapStartOn"] == {"Fn::Equals": [{"Ref": "SnapStart"}, "true"]}
+    assert template["Globals"]["Function"]["AutoPublishAlias"] == "live"
+    api_functions = {name for name, props in functions(resources).items()
+                     if any(event["Type"] == "HttpApi" for event in props.get("Events", {}).values())}
+    assert api_functions >= {"HealthFunction", "SymbolsFunction", "PredictionCreateFunction", "PredictionGetFunction"}
+    for name in api_functions:
+        assert functions(resources)[name]["SnapStart"] == {
+            "ApplyOn": {"Fn::If": ["SnapStartOn", "PublishedVersions", "None"]}}, name
+        assert functions(resources)[name].get("EphemeralStorage", {"Size": 512})["Size"] <= 512
+        assert "ProvisionedConcurrencyConfig" not in functions(resources)[name]
+
+
+def test_the_secrets_extension_is_an_optional_layer_with_its_port(template):
+    parameter = template["Parameters"]["SecretsExtensionLayerArn"]
+    assert parameter["Default"] == ""
+    assert {"Fn::If": ["SecretsExtensionOn", {"Ref": "SecretsExtensionLayerArn"}, {"Ref": "AWS::NoValue"}]} in \
+        template["Globals"]["Function"]["Layers"]
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert variables["PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"] == {"Fn::If": ["SecretsExtensionOn", "2773", ""]}

@@ -14,6 +14,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValida
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from candlecast import snapstart
 from candlecast.config import get_settings
 from candlecast.errors import BadRequest, CandlecastError, PayloadTooLarge, UnsupportedMediaType, error_body
 from candlecast.pagination import Page
@@ -174,6 +175,7 @@ def _error_result(error: CandlecastError) -> dict:
 
 
 def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaContext], dict]:
+    snapstart.register()  # SnapStart hooks; never called unless the SnapStart parameter is on
     @logger.inject_lambda_context(clear_state=True)
     @metrics.log_metrics(capture_cold_start_metric=True)
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
