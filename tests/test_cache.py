@@ -68,3 +68,94 @@ def test_outage_misses_skips_writes_and_warns_once(server, needs_embedded_redis,
     assert elapsed < 2.0  # the outage back-off skips Redis instead of timing out forty times
     cache.reset_client()
     assert cache.ping() is True
+
+
+def test_every_parameter_is_part_of_its_key(server):
+    """A list cached for one limit (or query, ticker, timeframe) is never served for another."""
+    cache.set_top_symbols_bytes(10, b"[ten]")
+    cache.set_search_bytes("btc", 10, b"[btc ten]")
+    cache.set_candles("X:BTCUSD", "1h", b"hourly")
+    cache.set_symbol_bytes("X:BTCUSD", b"{btc}")
+    cache.set_prediction_bytes("p1", b"{p1}")
+    cache.set_prediction_for_request("hash-1", "p1")
+    cache.set_track_record_bytes("1h", b"{1h}")
+    cache.set_track_record_bytes(None, b"{all}")
+    assert cache.get_top_symbols_bytes(10) == b"[ten]"
+    assert cache.get_top_symbols_bytes(11) is None
+    assert cache.get_search_bytes("btc", 10) == b"[btc ten]"
+    assert cache.get_search_bytes("btc", 20) is None
+    assert cache.get_search_bytes("eth", 10) is None
+    assert cache.get_candles("X:BTCUSD", "1h") == b"hourly"
+    assert cache.get_candles("X:BTCUSD", "4h") is None
+    assert cache.get_candles("X:ETHUSD", "1h") is None
+    assert cache.get_symbol_bytes("X:BTCUSD") == b"{btc}" and cache.get_symbol_bytes("X:ETHUSD") is None
+    assert cache.get_prediction_bytes("p1") == b"{p1}" and cache.get_prediction_bytes("p2") is None
+    assert cache.get_prediction_for_request("hash-1") == "p1" and cache.get_prediction_for_request("hash-2") is None
+    assert cache.get_track_record_bytes("1h") == b"{1h}" and cache.get_track_record_bytes("4h") is None
+    assert cache.get_track_record_bytes(None) == b"{all}"
+    assert len({cache.keys.search("a", 1), cache.keys.search("a", 2), cache.keys.search("b", 1),
+                cache.keys.top_symbols(1), cache.keys.symbol("a"), cache.keys.prediction("a")}) == 6
+
+
+@pytest.mark.parametrize(
+    ("store", "key", "ttl"),
+    [
+        (lambda: cache.set_search_bytes("btc", 5, b"[]"), cache.keys.search("btc", 5), 300),
+        (lambda: cache.set_prediction_for_request("h", "p"), cache.keys.prediction_request("h"), 900),
+        (lambda: cache.set_track_record_bytes("1d", b"{}"), cache.keys.track_record("1d"), 600),
+        (lambda: cache.set_json("cc:v1:test:ttl", [1], 42), "cc:v1:test:ttl", 42),
+    ],
+    ids=["search-5m", "request-15m", "track-record-10m", "json-as-given"],
+)
+def test_the_other_kinds_ttls(server, store, key, ttl):
+    assert store() is True
+    assert ttl - 5 <= server.ttl(key) <= ttl
+
+
+def test_invalidate_symbols_drops_symbols_lists_and_searches_only(server):
+    cache.set_symbol_bytes("X:BTCUSD", b"{}")
+    cache.set_top_symbols_bytes(20, b"[]")
+    cache.set_search_bytes("btc", 20, b"[]")
+    cache.set_prediction_bytes("p1", b"{}")
+    cache.set_track_record_bytes(None, b"{}")
+    assert cache.invalidate_symbols() == 3
+    assert cache.get_symbol_bytes("X:BTCUSD") is None
+    assert cache.get_top_symbols_bytes(20) is None
+    assert cache.get_search_bytes("btc", 20) is None
+    assert cache.get_prediction_bytes("p1") == b"{}"  # other kinds stay
+    assert cache.invalidate_track_record() == 1
+    assert cache.get_track_record_bytes(None) is None
+
+
+def test_pattern_delete_in_small_batches_deletes_everything(server):
+    for index in range(7):
+        server.set(f"cc:v1:search:20:q{index}", b"1")
+    assert cache.delete_pattern(cache.keys.all_search_keys(), batch_size=3) == 7
+    assert server.keys("cc:v1:search:*") == []
+
+
+def test_after_a_refused_connection_redis_is_left_alone_for_the_back_off(monkeypatch):
+    """Within OUTAGE_BACKOFF_SECONDS of a failure no call reaches Redis; after it, the next one does."""
+    clock = [1000.0]
+    monkeypatch.setattr(cache.time, "monotonic", lambda: clock[0])
+    attempts = []
+
+    class Refusing:
+        def get(self, key):
+            attempts.append(key)
+            raise redis.ConnectionError("refused")
+
+    cache.reset_client()
+    monkeypatch.setattr(cache, "get_client", lambda: Refusing())
+    try:
+        assert cache.get("cc:v1:k") is None
+        assert attempts == ["cc:v1:k"]
+        clock[0] += cache.OUTAGE_BACKOFF_SECONDS - 0.5
+        assert cache.get("cc:v1:k") is None
+        assert len(attempts) == 1  # skipped: still in the back-off
+        clock[0] += 1.0
+        assert cache.get("cc:v1:k") is None
+        assert len(attempts) == 2  # the back-off is over: Redis is tried again
+        assert cache.OUTAGE_BACKOFF_SECONDS == 5.0
+    finally:
+        cache.reset_client()

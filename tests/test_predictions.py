@@ -10,14 +10,17 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from dateutil.relativedelta import relativedelta
 
 from candlecast import storage
-from candlecast.timeframes import add_steps
 from tests.conftest import ROOT, invoke, load_event, path_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 
 SAMPLE_TICKER = "X:BTCUSDT"
+# An oracle independent of candlecast.timeframes: the calendar step of each timeframe.
+CALENDAR_STEP = {"1h": relativedelta(hours=1), "4h": relativedelta(hours=4), "1d": relativedelta(days=1),
+                 "1w": relativedelta(weeks=1), "1m": relativedelta(months=1)}
 
 
 def sample_timeframes() -> list[str]:
@@ -65,7 +68,7 @@ def test_create_returns_thirty_consistent_steps_continuing_the_last_candle(seede
     last_open = datetime.fromtimestamp(int(storage.read_all_candles(SAMPLE_TICKER, timeframe).open_time[-1]), UTC)
     assert datetime.fromisoformat(body["last_candle_at"]) == last_open
     for step in steps:
-        assert datetime.fromisoformat(step["ts"]) == add_steps(last_open, timeframe, step["step"])
+        assert datetime.fromisoformat(step["ts"]) == last_open + step["step"] * CALENDAR_STEP[timeframe]
         assert step["low"] <= min(step["open"], step["close"])
         assert step["high"] >= max(step["open"], step["close"])
         assert step["lower_95"] <= step["lower_80"] <= step["upper_80"] <= step["upper_95"]

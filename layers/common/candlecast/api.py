@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
-from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestUnsupportedContentType, RequestValidationError
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -120,6 +120,10 @@ def create_resolver() -> APIGatewayHttpResolver:
         status, message = _describe_validation(error.errors())
         return error_response(status, "invalid_request" if status == 400 else "validation_error", message)
 
+    @app.exception_handler(RequestUnsupportedContentType)
+    def _unsupported_content_type(_error: RequestUnsupportedContentType) -> Response:
+        return error_response(415, "unsupported_media_type", "Content-Type must be application/json")
+
     @app.not_found
     def _not_found(_error: Exception) -> Response:
         return error_response(404, "route_not_found", f"no route for {app.current_event.http_method} "
@@ -154,6 +158,11 @@ def _refused_body(event: dict) -> CandlecastError | None:
     content_type = str(headers.get("content-type", "application/json")).split(";")[0].strip().lower()
     if body and content_type != "application/json" and not content_type.endswith("+json"):
         return UnsupportedMediaType(f"Content-Type must be application/json, not {content_type[:100]}")
+    if "content-type" in headers:
+        # Powertools parses only a literal `application/json`; +json types and other casings are JSON too
+        # (and without a body the type does not matter).
+        event["headers"] = {name: value for name, value in event["headers"].items() if name.lower() != "content-type"}
+        event["headers"]["content-type"] = "application/json"
     return None
 
 

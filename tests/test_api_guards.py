@@ -1,0 +1,93 @@
+"""The body guards every function applies before parsing (candlecast.api): size, encoding, content type.
+
+A body the guards let through reaches validation: a well-formed body with an unknown field is a 422
+`validation_error`, which is how these tests tell "passed the guard" from "refused by it".
+"""
+
+import base64
+import json
+
+import pytest
+
+from candlecast.api import MAX_BODY_BYTES
+from tests.conftest import invoke, load_event
+
+pytestmark = pytest.mark.integration
+
+
+def post(body: str | bytes, content_type: str | None = "application/json", *, as_base64: bool = False):
+    raw = body.encode() if isinstance(body, str) else body
+    event = load_event("predictions_create.json", body=base64.b64encode(raw).decode() if as_base64 else raw.decode(),
+                       isBase64Encoded=as_base64)
+    event["headers"].pop("idempotency-key", None)
+    event["headers"].pop("content-type", None)
+    if content_type is not None:
+        event["headers"]["content-type"] = content_type
+    return invoke("predictions_create", event)
+
+
+def padded(size: int) -> str:
+    """A JSON object of exactly `size` bytes that no request accepts (an unknown field)."""
+    head = '{"symbol": "BTC-USD", "timeframe": "1h", "pad": "'
+    return head + "x" * (size - len(head) - 2) + '"}'
+
+
+def assert_error(response, status: int, code: str):
+    got_status, _, body = response
+    assert (got_status, body["error"]["code"]) == (status, code), body
+
+
+@pytest.fixture(autouse=True)
+def _env(app_env):
+    return app_env
+
+
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413():
+    assert len(padded(MAX_BODY_BYTES).encode()) == MAX_BODY_BYTES == 16 * 1024
+    assert_error(post(padded(MAX_BODY_BYTES)), 422, "validation_error")
+    too_large = post(padded(MAX_BODY_BYTES + 1))
+    assert_error(too_large, 413, "payload_too_large")
+    assert str(MAX_BODY_BYTES) in too_large[2]["error"]["message"]
+
+
+def test_the_limit_counts_decoded_bytes_of_a_base64_body():
+    assert_error(post(padded(MAX_BODY_BYTES), as_base64=True), 422, "validation_error")
+    assert_error(post(padded(MAX_BODY_BYTES + 1), as_base64=True), 413, "payload_too_large")
+    assert_error(post("x" * (MAX_BODY_BYTES * 2), as_base64=True), 413, "payload_too_large")  # not decoded
+
+
+def test_multibyte_text_is_measured_in_bytes_not_characters():
+    text = padded(MAX_BODY_BYTES - 200) .replace('"}', "é" * 101 + '"}')  # 202 bytes, 101 characters
+    assert len(text) <= MAX_BODY_BYTES < len(text.encode())
+    assert_error(post(text), 413, "payload_too_large")
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "application/problem+json",
+    "application/vnd.candlecast+json; charset=utf-8", None,
+])
+def test_json_content_types_are_accepted(content_type):
+    assert_error(post('{"symbol": "BTC-USD", "timeframe": "2h"}', content_type), 422, "validation_error")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/jsonx",
+                                          "application/json+xml", "multipart/form-data; boundary=x"])
+def test_other_content_types_are_415(content_type):
+    response = post('{"symbol": "BTC-USD", "timeframe": "1h"}', content_type)
+    assert_error(response, 415, "unsupported_media_type")
+    assert content_type.split(";")[0] in response[2]["error"]["message"]
+
+
+def test_bodies_that_are_not_utf8_json_are_400_naming_the_problem():
+    assert_error(post(b'{"symbol": "\xff"}', as_base64=True), 400, "invalid_body")
+    not_base64 = load_event("predictions_create.json", body="%%%not base64%%%", isBase64Encoded=True)
+    status, _, body = invoke("predictions_create", not_base64)
+    assert (status, body["error"]["code"]) == (400, "invalid_body") and "base64" in body["error"]["message"]
+    status, _, body = post("{not json")
+    assert (status, body["error"]["code"]) == (400, "invalid_request") and "JSON" in body["error"]["message"]
+
+
+def test_an_empty_body_is_a_validation_error_not_a_guard_refusal():
+    status, _, body = post("", "text/plain")  # no body: the content type does not matter
+    assert status in (400, 422) and body["error"]["code"] in ("invalid_request", "validation_error")
+    assert json.dumps(body).count("payload_too_large") == 0

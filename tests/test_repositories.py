@@ -1,0 +1,190 @@
+"""The repositories against real PostgreSQL: each query's rows, order and limits, and the create race made
+visible (a trigger holds every insert open long enough for unserialised twins to collide)."""
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from candlecast.errors import Conflict
+from candlecast.repositories import models as model_repository
+from candlecast.repositories import predictions as prediction_repository
+from candlecast.repositories import symbols as symbol_repository
+from candlecast.schemas import ModelCreate, PredictionCreate, SymbolCreate
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def conn(clean_db):
+    with psycopg.connect(clean_db.database_url, autocommit=True, row_factory=dict_row) as connection:
+        yield connection
+
+
+def add_symbols(conn, *rows):
+    symbol_repository.upsert_symbols(conn, [
+        SymbolCreate(ticker=ticker, name=name, base_currency=ticker[2:5], quote_currency="USD", volume_24h=volume,
+                     volume_rank=None) for ticker, name, volume in rows])
+
+
+def add_model(conn, timeframe="1d", version="1", activate=True):
+    return model_repository.register_model(conn, ModelCreate(
+        timeframe=timeframe, name=f"m-{timeframe}", version=version, kind="baseline",
+        s3_key=f"models/{timeframe}/{version}.pkl", sha256="a" * 64), activate=activate)
+
+
+def steps(start: datetime):
+    return [{"step": n, "ts": start + timedelta(days=n), "open": 100.0, "high": 140.0, "low": 90.0, "close": 100.0 + n,
+             "lower_80": 95.0, "upper_80": 105.0 + n, "lower_95": 90.0, "upper_95": 111.0 + n, "confidence": 0.5}
+            for n in range(1, 31)]
+
+
+def prediction(conn, key: str | None = None, *, ticker="X:BTCUSD", model_id=None,
+               last=datetime(2024, 1, 1, tzinfo=UTC)):
+    symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
+    return PredictionCreate(symbol_id=symbol["id"], ticker=ticker, timeframe="1d", model_id=model_id,
+                            last_candle_at=last, last_close=100.0, idempotency_key=key, steps=steps(last))
+
+
+# ---------------------------------------------------------------------------------------- symbols
+
+
+def test_upsert_updates_in_place_and_lookup_by_ticker(conn):
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin", 10))
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin Renamed", 20))
+    row = symbol_repository.get_symbol_by_ticker(conn, "X:BTCUSD")
+    assert (row["name"], float(row["volume_24h"]), row["is_active"]) == ("Bitcoin Renamed", 20.0, True)
+    assert conn.execute("SELECT count(*) AS n FROM symbols").fetchone()["n"] == 1
+    assert symbol_repository.get_symbol_by_ticker(conn, "X:NOPEUSD") is None
+    symbol_repository.upsert_symbol(conn, SymbolCreate(ticker="X:ETHUSD", name="Ethereum", base_currency="ETH",
+                                                       quote_currency="USD"))
+    assert symbol_repository.get_symbol_by_ticker(conn, "X:ETHUSD")["name"] == "Ethereum"
+    assert symbol_repository.upsert_symbols(conn, []) == 0
+
+
+def test_top_by_volume_orders_limits_pages_and_skips_inactive(conn):
+    add_symbols(conn, ("X:AAAUSD", "A", 30), ("X:BBBUSD", "B", 20), ("X:CCCUSD", "C", 10), ("X:DDDUSD", "D", None))
+    tickers = lambda rows: [row["ticker"] for row in rows]  # noqa: E731
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 10)) == ["X:AAAUSD", "X:BBBUSD", "X:CCCUSD",
+                                                                              "X:DDDUSD"]
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2)) == ["X:AAAUSD", "X:BBBUSD"]
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, 2)) == ["X:CCCUSD", "X:DDDUSD"]
+    assert symbol_repository.mark_inactive_except(conn, ["X:AAAUSD", "X:CCCUSD"]) == 2
+    assert symbol_repository.mark_inactive_except(conn, ["X:AAAUSD", "X:CCCUSD"]) == 0  # already inactive
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 10)) == ["X:AAAUSD", "X:CCCUSD"]
+    assert tickers(symbol_repository.search_symbols(conn, "BBB", 10)) == []  # inactive: not found
+
+
+def test_search_ranks_exact_then_prefix_then_name_and_pages(conn):
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin", 5), ("X:BTCUSDT", "Bitcoin Tether", 50),
+                ("X:BTTUSD", "BitTorrent", 500), ("X:WBTCUSD", "Wrapped Bitcoin", 900), ("X:ETHUSD", "Ether", 1))
+    tickers = lambda rows: [row["ticker"] for row in rows]  # noqa: E731
+    found = tickers(symbol_repository.search_symbols(conn, "BTCUSD", 10))
+    assert found[0] == "X:BTCUSD"  # exact ticker first, although its volume is the smallest
+    assert "X:BTCUSDT" in found and "X:ETHUSD" not in found
+    by_name = tickers(symbol_repository.search_symbols(conn, "bit", 10))
+    assert set(by_name) == {"X:BTCUSD", "X:BTCUSDT", "X:BTTUSD"}  # name prefix, case-insensitive
+    assert "X:WBTCUSD" not in tickers(symbol_repository.search_symbols(conn, "BTC", 10))  # a prefix, not a substring
+    first, second = (tickers(symbol_repository.search_symbols(conn, "bit", 2, offset)) for offset in (0, 2))
+    assert len(first) == 2 and len(second) == 1 and set(first + second) == set(by_name)
+    assert symbol_repository.search_symbols(conn, "%", 10) == []  # LIKE wildcards match themselves
+    assert symbol_repository.search_symbols(conn, "_TC", 10) == []
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def test_only_one_active_model_per_timeframe(conn):
+    first = add_model(conn, "1d", "1")
+    assert model_repository.get_active_model_by_timeframe(conn, "1d")["id"] == first
+    second = add_model(conn, "1d", "2")
+    assert model_repository.get_active_model_by_timeframe(conn, "1d")["id"] == second
+    add_model(conn, "1h", "1")
+    add_model(conn, "1d", "3", activate=False)
+    assert model_repository.get_active_model_by_timeframe(conn, "1d")["id"] == second
+    active = {row["timeframe"]: row["version"] for row in model_repository.get_all_active_models(conn)}
+    assert active == {"1d": "2", "1h": "1"}
+    assert model_repository.get_active_model_by_timeframe(conn, "1w") is None
+
+
+# ---------------------------------------------------------------------------------------- predictions
+
+
+def test_create_read_back_repeat_and_key_reuse(conn):
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1))
+    model_id = add_model(conn)
+    created = prediction_repository.create_prediction(conn, prediction(conn, model_id=model_id), "hash-a")
+    assert created["created"] is True
+    stored = prediction_repository.get_prediction_by_id(conn, created["id"])
+    assert [step["step"] for step in stored["steps"]] == list(range(1, 31))
+    assert stored["steps"][4]["close"] == 105.0 and stored["ticker"] == "X:BTCUSD"
+    repeat = prediction_repository.create_prediction(conn, prediction(conn, model_id=model_id), "hash-a")
+    assert (repeat["id"], repeat["created"]) == (created["id"], False)
+    other = prediction_repository.create_prediction(conn, prediction(conn, model_id=model_id), "hash-b")
+    assert other["created"] is True and other["id"] != created["id"]
+    keyed = prediction_repository.create_prediction(conn, prediction(conn, "key-1", model_id=model_id), "hash-a")
+    assert keyed["created"] is True  # a key is its own identity
+    with pytest.raises(Conflict) as reused:
+        prediction_repository.create_prediction(conn, prediction(conn, "key-1", model_id=model_id), "hash-c")
+    assert reused.value.code == "idempotency_key_reused"
+    assert prediction_repository.get_prediction_by_id(conn, uuid.uuid4()) is None
+
+
+def test_recent_by_symbol_newest_first_filtered_and_paged(conn):
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1), ("X:ETHUSD", "Ether", 1))
+    model_id = add_model(conn)
+    ids = [prediction_repository.create_prediction(conn, prediction(conn, model_id=model_id), f"h{n}")["id"]
+           for n in range(3)]
+    prediction_repository.create_prediction(conn, prediction(conn, ticker="X:ETHUSD", model_id=model_id), "e")
+    btc = symbol_repository.get_symbol_by_ticker(conn, "X:BTCUSD")["id"]
+    recent = prediction_repository.get_recent_predictions_by_symbol(conn, btc, None, 10)
+    assert [row["id"] for row in recent] == ids[::-1]
+    assert [row["id"] for row in prediction_repository.get_recent_predictions_by_symbol(conn, btc, None, 2, 1)] \
+        == ids[::-1][1:]
+    assert prediction_repository.get_recent_predictions_by_symbol(conn, btc, "1h", 10) == []
+    assert len(prediction_repository.get_recent_predictions_by_symbol(conn, btc, "1d", 10)) == 3
+
+
+@pytest.fixture
+def slow_inserts(clean_db):
+    """Every insert into predictions waits 0.3 s after its statement took its snapshot: without the
+    advisory lock and its transaction, identical creates all see no twin and all insert."""
+    with psycopg.connect(clean_db.database_url, autocommit=True) as admin:
+        admin.execute("CREATE FUNCTION test_slow_insert() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$")
+        admin.execute("CREATE TRIGGER test_slow_insert BEFORE INSERT ON predictions "
+                      "FOR EACH ROW EXECUTE FUNCTION test_slow_insert()")
+        try:
+            yield
+        finally:
+            admin.execute("DROP TRIGGER test_slow_insert ON predictions")
+            admin.execute("DROP FUNCTION test_slow_insert()")
+
+
+@pytest.mark.parametrize("key", [None, "race-key"], ids=["unkeyed", "keyed"])
+def test_identical_creates_racing_store_exactly_one(conn, clean_db, slow_inserts, key):
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1))
+    request = prediction(conn, key, model_id=add_model(conn))
+    racers = 8
+    barrier, results, errors = threading.Barrier(racers), [], []
+
+    def race():
+        try:
+            with psycopg.connect(clean_db.database_url, autocommit=True, row_factory=dict_row) as own:
+                barrier.wait()
+                results.append(prediction_repository.create_prediction(own, request, "same-hash"))
+        except Exception as error:  # collected: a unique violation is a failure of the lock too
+            errors.append(error)
+
+    threads = [threading.Thread(target=race) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert conn.execute("SELECT count(*) AS n FROM predictions").fetchone()["n"] == 1
+    assert sorted(result["created"] for result in results) == [False] * (racers - 1) + [True]
+    assert len({result["id"] for result in results}) == 1

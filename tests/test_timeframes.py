@@ -1,0 +1,82 @@
+"""Calendar arithmetic of the timeframes, checked against an independent oracle (dateutil's relativedelta
+and hand-written dates), never against the code under test."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from dateutil.relativedelta import relativedelta
+
+from candlecast.timeframes import FORECAST_STEPS, TIMEFRAMES, add_steps, bucket_start, next_open_times, nominal_seconds
+
+ORACLE_STEP = {"1h": relativedelta(hours=1), "4h": relativedelta(hours=4), "1d": relativedelta(days=1),
+               "1w": relativedelta(weeks=1), "1m": relativedelta(months=1)}
+
+
+def at(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("timeframe", TIMEFRAMES)
+@pytest.mark.parametrize("start", [at(2023, 1, 1), at(2023, 11, 1), at(2024, 2, 1), at(2019, 12, 1)])
+def test_add_steps_moves_forward_as_the_calendar_does(timeframe, start):
+    for steps in (0, 1, 2, 11, 12, 13, 25, FORECAST_STEPS):
+        assert add_steps(start, timeframe, steps) == start + steps * ORACLE_STEP[timeframe], (timeframe, steps)
+
+
+@pytest.mark.parametrize(("start", "steps", "expected"), [
+    (at(2023, 12, 1), 1, at(2024, 1, 1)),  # over a year end
+    (at(2023, 11, 1), 2, at(2024, 1, 1)),
+    (at(2023, 1, 1), 12, at(2024, 1, 1)),
+    (at(2023, 1, 1), 11, at(2023, 12, 1)),  # December is month 12, not 0
+    (at(2022, 7, 1), 30, at(2025, 1, 1)),
+    (at(2024, 1, 1), 1, at(2024, 2, 1)),
+])
+def test_calendar_months_by_hand(start, steps, expected):
+    assert add_steps(start, "1m", steps) == expected
+
+
+def test_hand_written_fixed_steps():
+    start = at(2024, 2, 28, 20)
+    assert add_steps(start, "1h", 5) == at(2024, 2, 29, 1)  # leap day
+    assert add_steps(start, "4h", 2) == at(2024, 2, 29, 4)
+    assert add_steps(start, "1d", 2) == at(2024, 3, 1, 20)
+    assert add_steps(start, "1w", 1) == at(2024, 3, 6, 20)
+
+
+@pytest.mark.parametrize("timeframe", TIMEFRAMES)
+def test_next_open_times_are_the_thirty_following_candles_in_order(timeframe):
+    last = at(2023, 10, 1)
+    times = next_open_times(last, timeframe)
+    assert times == [last + step * ORACLE_STEP[timeframe] for step in range(1, FORECAST_STEPS + 1)]
+    assert all(earlier < later for earlier, later in zip([last, *times], times, strict=False))
+    assert len(next_open_times(last, timeframe, 3)) == 3
+
+
+@pytest.mark.parametrize(("timeframe", "ts", "expected"), [
+    ("1h", at(2024, 3, 5, 13, 59, 59), at(2024, 3, 5, 13)),
+    ("4h", at(2024, 3, 5, 13, 10), at(2024, 3, 5, 12)),
+    ("4h", at(2024, 3, 5, 3, 59), at(2024, 3, 5, 0)),
+    ("4h", at(2024, 3, 5, 23, 0), at(2024, 3, 5, 20)),
+    ("1d", at(2024, 3, 5, 23, 59), at(2024, 3, 5)),
+    ("1w", at(2024, 3, 7, 8), at(2024, 3, 4)),  # weeks start Monday
+    ("1w", at(2024, 3, 4, 0), at(2024, 3, 4)),
+    ("1w", at(2024, 3, 10, 23), at(2024, 3, 4)),  # Sunday belongs to the week before
+    ("1m", at(2024, 3, 31, 23), at(2024, 3, 1)),
+    ("1m", at(2024, 3, 1), at(2024, 3, 1)),
+])
+def test_bucket_start(timeframe, ts, expected):
+    assert bucket_start(ts, timeframe) == expected
+
+
+def test_bucket_start_converts_to_utc_first():
+    from zoneinfo import ZoneInfo
+
+    local = datetime(2024, 3, 1, 0, 30, tzinfo=ZoneInfo("Europe/Berlin"))  # 2024-02-29 23:30 UTC
+    assert bucket_start(local, "1d") == at(2024, 2, 29)
+    assert bucket_start(local, "1m") == at(2024, 2, 1)
+
+
+def test_nominal_seconds():
+    assert [nominal_seconds(tf) for tf in ("1h", "4h", "1d", "1w")] == [3600, 14400, 86400, 604800]
+    assert nominal_seconds("1m") == 2629746  # 30.436875 days, the Gregorian mean month
+    assert nominal_seconds("1m") == pytest.approx(timedelta(days=365.2425 / 12).total_seconds(), abs=1)
