@@ -35,7 +35,8 @@ def test_learned_model_has_no_skill_on_a_random_walk():
                  fold.test_start)
     test = origins.take(held & (origins.time >= fold.test_start))
     assert train.label_time[np.isfinite(train.log_return)].max() < fold.cal_start  # purged
-    plan = TrainPlan(learned=True, train_stride=2, horizons_per_origin=4, eval_stride=1, min_leaf=100, rounds=30)
+    plan = TrainPlan(learned=True, train_stride=2, horizons_per_origin=4, eval_stride=1, min_leaf=100, rounds=30,
+                     volatility_origins=3000)
     models = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), progress=False)
 
     learned = metrics(test, *model_outputs(models["learned"], test), config.tolerance)
@@ -88,8 +89,20 @@ def test_calibrating_on_history_is_not_fooled_by_one_calm_block():
     coverage = {}
     for on_history in (False, True):
         plan = TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1,
-                         calibrate_on_history=on_history)
+                         calibrate_on_history=on_history, volatility_origins=3000)
         baseline = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), progress=False)["baseline"]
         coverage[on_history] = metrics(test, *model_outputs(baseline, test), config.tolerance)["coverage_95"]
     assert coverage[False] < 0.8  # the calm block alone makes the intervals far too narrow
     assert 0.90 <= coverage[True] <= 0.99  # the calm block is a fifth of the pairs: slightly narrow
+
+
+def test_volatility_term_structure_finds_nothing_in_a_random_walk():
+    """The GARCH-style scale is fitted on training pairs; on an i.i.d. walk it must stay ≈ σ·√h."""
+    from candlecast.forecast.model import volatility_factor
+    from candlecast.forecast.train import fit_volatility
+
+    origins = build_origins([(None, random_walk(seed)) for seed in range(6)], CONFIGS["1h"])
+    volatility = fit_volatility(origins, np.random.default_rng(0), max_origins=4000)
+    factor = volatility_factor(origins.features, volatility)
+    assert 0.9 <= np.median(factor) <= 1.1
+    assert np.percentile(factor, 95) / np.percentile(factor, 5) < 1.5

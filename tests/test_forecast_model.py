@@ -154,3 +154,38 @@ def test_bad_rows_are_skipped_and_too_little_history_is_refused():
     assert np.isfinite(forecast.close).all() and np.isfinite(forecast.confidence).all()
     with pytest.raises(ValueError, match="at least 3 candles"):
         model.predict(synthetic_candles(2))
+
+
+def test_volatility_factor_is_the_garch_term_structure_in_closed_form():
+    from candlecast.forecast.features import ORIGIN_FEATURES
+    from candlecast.forecast.model import HORIZONS, volatility_factor
+
+    rows = np.zeros((2, len(ORIGIN_FEATURES)))
+    rows[:, ORIGIN_FEATURES.index("vlong")] = [2.0, 0.5]  # long-run σ relative to the EWMA σ
+    rows[:, ORIGIN_FEATURES.index("park10")] = [1.5, 0.8]
+    volatility = {"ewma": 0.5, "range": 0.2, "persistence": 0.9}
+    factor = volatility_factor(rows, volatility)
+    for row, f in zip(rows, factor, strict=True):
+        long_run = row[ORIGIN_FEATURES.index("vlong")] ** 2
+        variance = 0.5 + 0.2 * row[ORIGIN_FEATURES.index("park10")] ** 2 + 0.3 * long_run
+        path = []
+        for _ in HORIZONS:  # bar by bar: E[s²(k+1)] = L + φ·(E[s²(k)] − L)
+            path.append(variance)
+            variance = long_run + 0.9 * (variance - long_run)
+        np.testing.assert_allclose(f, np.sqrt(np.cumsum(path) / HORIZONS))
+    assert factor[0, -1] > factor[0, 0] and factor[1, -1] < factor[1, 0]  # reverts toward the long-run level
+    assert (volatility_factor(rows, None) == 1).all()
+    assert np.allclose(volatility_factor(rows, {"ewma": 1.0, "range": 0.0, "persistence": 1.0}), 1.0)
+
+
+def test_confidence_map_is_increasing_and_not_flat_at_the_top():
+    from candlecast.forecast.train import logistic_map
+
+    rng = np.random.default_rng(0)
+    raw = rng.beta(1.2, 6, 20000)  # most forecasts are unconfident, few are confident
+    hit = (rng.random(len(raw)) < np.clip(raw * 0.9, 0, 1)).astype(float)
+    x, y = logistic_map(raw, hit)
+    assert (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
+    for level in (0.1, 0.3, 0.6):
+        assert abs(np.interp(level, x, y) - 0.9 * level) < 0.03
+    assert np.interp(0.8, x, y) > np.interp(0.6, x, y) + 0.1  # still rising where data are sparse

@@ -22,9 +22,14 @@ def register(subparsers) -> None:
     train.add_argument("--data", default=DEFAULT_SOURCE, help="folder of OHLCV files (CSV or Parquet)")
     train.add_argument("--out", default="models", help="folder for {tf}.pkl, {tf}.pkl.sig and manifest.json")
     train.add_argument("--reports", default="reports", help="folder for the PNG report")
-    train.add_argument("--folds", type=int, default=2, help="walk-forward test folds")
+    train.add_argument("--folds", type=int, help="walk-forward test folds (default: the timeframe's plan)")
     train.add_argument("--register", action="store_true", help="record the model in the models table")
     train.set_defaults(func=train_command)
+
+    scorecard = subparsers.add_parser("scorecard", help="print the shipped models' walk-forward tables against the "
+                                      "peers (from the manifest written by train)")
+    scorecard.add_argument("--manifest", default="models/manifest.json")
+    scorecard.set_defaults(func=scorecard_command)
 
     backtest = subparsers.add_parser("backtest", help="evaluate a model on every OHLCV file in a folder (JSON)")
     backtest.add_argument("--data", required=True, help="folder of OHLCV files (CSV or Parquet)")
@@ -59,6 +64,20 @@ def train_command(args: argparse.Namespace) -> int:
             print("--register needs DATABASE_URL", file=sys.stderr)
             return 2
         print(f"registered model {register(entry, Path(args.out))}", file=sys.stderr)
+    return 0
+
+
+def scorecard_command(args: argparse.Namespace) -> int:
+    from candlecast.forecast.report import comparison_text
+
+    manifest = json.loads(Path(args.manifest).read_text())
+    for timeframe in TIMEFRAMES:
+        metrics = manifest.get(timeframe, {}).get("metrics", {})
+        if "comparison" not in metrics:
+            print(f"### {timeframe}: no walk-forward comparison in {args.manifest} (retrain it)\n")
+            continue
+        print(f"shipped: {metrics['shipped']} ({metrics['reason']})")
+        print(comparison_text(timeframe, metrics["comparison"]) + "\n")
     return 0
 
 

@@ -154,7 +154,7 @@ def metrics(origins: Origins, q: np.ndarray, base_q: np.ndarray, confidence: np.
 def model_outputs(model: ForecastModel, origins: Origins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z-quantiles, baseline z-quantiles, confidence) of a model at `origins`."""
     q = model.z_quantiles(origins.features)
-    base_q = np.broadcast_to(model.baseline_q, q.shape)
+    base_q = model.baseline_z_quantiles(origins.features)
     return q, base_q, model.confidence(q, origins.sigma)
 
 
@@ -230,6 +230,17 @@ def method_scores(log_return: np.ndarray, log_quantiles: np.ndarray, confidence:
         "per_horizon": {key: [float(v) for v in values] for key, values in per_horizon.items()},
         "eras": eras,
     }
+
+
+RELIABILITY_MIN_SHARE = 0.005  # bins holding fewer pairs are too noisy to judge one by one
+
+
+def worst_reliability_gap(table: list[dict]) -> float:
+    """Largest |confidence − observed| over the reliability bins holding ≥ RELIABILITY_MIN_SHARE of the pairs."""
+    total = sum(item["count"] for item in table)
+    gaps = [abs(item["confidence"] - item["observed"]) for item in table
+            if item["count"] >= RELIABILITY_MIN_SHARE * total]
+    return max(gaps, default=float("nan"))
 
 
 def block_bootstrap_delta(loss_model: np.ndarray, loss_peer: np.ndarray, blocks: np.ndarray, reps: int = 2000,

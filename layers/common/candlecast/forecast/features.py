@@ -13,7 +13,7 @@ from candlecast.candles import Candles
 
 # Features of the origin candle; the model adds the horizon `h` in front of them.
 ORIGIN_FEATURES = (
-    "ret1", "ret2", "mom5", "mom20", "vr5", "vr20", "vwin", "park10", "volz", "log_sigma", "hour", "weekday",
+    "ret1", "ret2", "mom5", "mom20", "vr5", "vr20", "vwin", "park10", "volz", "log_sigma", "hour", "weekday", "vlong",
 )
 FEATURES = ("h", *ORIGIN_FEATURES)
 QUANTILES = np.array([0.025, 0.1, 0.25, 0.5, 0.75, 0.9, 0.975])
@@ -31,18 +31,19 @@ class TimeframeConfig:
     window: int  # bars of returns in the EWMA (weights beyond are dropped)
     tolerance: float  # τ_tf of the confidence: P(|C/Ĉ − 1| ≤ tolerance)
     min_history: int  # bars before an origin counts (σ warm-up)
+    long_window: int = 0  # bars of the long-run variance (`vlong`, GARCH-style variance target); 0 = `window`
 
     @property
     def lookback(self) -> int:
-        return max(self.window, _VOLUME_WINDOW) + 1
+        return max(self.window, self.long_window, _VOLUME_WINDOW) + 1
 
 
 CONFIGS = {
-    "1h": TimeframeConfig(halflife=24, window=192, tolerance=0.005, min_history=48),
-    "4h": TimeframeConfig(halflife=16, window=128, tolerance=0.01, min_history=32),
-    "1d": TimeframeConfig(halflife=12, window=96, tolerance=0.02, min_history=24),
-    "1w": TimeframeConfig(halflife=8, window=52, tolerance=0.05, min_history=12),
-    "1m": TimeframeConfig(halflife=6, window=36, tolerance=0.10, min_history=6),
+    "1h": TimeframeConfig(halflife=24, window=192, tolerance=0.005, min_history=48, long_window=720),
+    "4h": TimeframeConfig(halflife=16, window=128, tolerance=0.01, min_history=32, long_window=540),
+    "1d": TimeframeConfig(halflife=12, window=96, tolerance=0.02, min_history=24, long_window=365),
+    "1w": TimeframeConfig(halflife=8, window=52, tolerance=0.05, min_history=12, long_window=104),
+    "1m": TimeframeConfig(halflife=6, window=36, tolerance=0.10, min_history=6, long_window=48),
 }
 
 
@@ -101,6 +102,7 @@ def origin_features(candles: Candles, config: TimeframeConfig) -> tuple[np.ndarr
         # calendar of the origin candle (UTC): volatility has strong intraday and weekly seasonality
         (candles.open_time // 3600) % 24,
         (candles.open_time // 86400 + 3) % 7,
+        np.sqrt(_rolling_mean(squared, config.long_window or config.window)) / sigma,
     ]
     features = np.clip(np.nan_to_num(np.column_stack(columns), nan=0.0, posinf=0.0, neginf=0.0), -50, 50)
     return features, sigma

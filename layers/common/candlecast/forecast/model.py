@@ -4,7 +4,8 @@ Model dict (format 1), written by candlecast.forecast.train and signed by candle
   timeframe, name, version, kind ('baseline'|'learned'), features, config (TimeframeConfig fields),
   quantiles (7,), baseline_q (30, 7) calibrated z-quantiles of the baseline,
   trees (None or dict of flat tree arrays, see `evaluate_trees`), conformal (30, 3) widening of the
-  95/80/50% intervals for the trees, wick (float), confidence_x / confidence_y (isotonic map knots).
+  95/80/50% intervals for the trees, wick (float), confidence_x / confidence_y (isotonic map knots),
+  volatility (None, or GARCH-style weights: see `volatility_factor`).
 """
 
 import io
@@ -67,6 +68,29 @@ def evaluate_trees(trees: dict, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+_LONG, _PARK = ORIGIN_FEATURES.index("vlong"), ORIGIN_FEATURES.index("park10")
+
+
+def volatility_factor(origin_rows: np.ndarray, volatility: dict | None) -> np.ndarray:
+    """(n, 30) factor f with GARCH-style scale(h) = σ·√h·f(h); ones without `volatility`.
+
+    GARCH(1,1) with variance targeting in closed form, from features of the origin (all relative to σ², the
+    EWMA variance): the next bar's variance s1 = w_ewma·1 + w_range·park10² + (1 − w_ewma − w_range)·L, with
+    L = vlong² the mean squared return over the long window as the long-run level (variance targeting), and the
+    expected variance of bar k is L + φ^(k−1)·(s1 − L). f(h)² = Σ_{k≤h} of those / h.
+    """
+    if not volatility:
+        return np.ones((len(origin_rows), len(HORIZONS)))
+    w_ewma, w_range, persistence = (float(volatility[key]) for key in ("ewma", "range", "persistence"))
+    vlong = origin_rows[:, _LONG]
+    long_run = np.where(vlong > 0, np.square(vlong), 1.0)
+    next_bar = w_ewma + w_range * np.square(origin_rows[:, _PARK]) + (1 - w_ewma - w_range) * long_run
+    decay = persistence ** (HORIZONS - 1)
+    cumulative = np.cumsum(decay)  # Σ_{k≤h} φ^(k−1)
+    total = HORIZONS[None, :] * long_run[:, None] + cumulative[None, :] * (next_bar - long_run)[:, None]
+    return np.sqrt(np.maximum(total / HORIZONS[None, :], 1e-4))
+
+
 def piecewise_cdf(knots: np.ndarray, levels: np.ndarray, points: np.ndarray) -> np.ndarray:
     """CDF at `points` (m,) of rows whose quantile knots are `knots` (m, k) at `levels` (k,), linear between."""
     above = (knots <= points[:, None]).sum(axis=1)
@@ -114,15 +138,26 @@ class ForecastModel:
         self.wick = float(payload["wick"])
         self.confidence_x = np.asarray(payload["confidence_x"], dtype=np.float64)
         self.confidence_y = np.asarray(payload["confidence_y"], dtype=np.float64)
-        if list(self.features) != list(FEATURES):
+        self.volatility = payload.get("volatility")
+        # Features are only ever appended, so a file trained on a prefix of today's set reads the same columns.
+        if list(FEATURES[: len(self.features)]) != self.features:
             raise ValueError("model features do not match this code's feature set")
 
     # -- z-quantiles -----------------------------------------------------------------------------------
     def z_quantiles(self, origin_rows: np.ndarray) -> np.ndarray:
-        """Calibrated z-quantiles (n, 30, 7) for origin feature rows (n, len(ORIGIN_FEATURES))."""
-        n = len(origin_rows)
+        """Calibrated z-quantiles (n, 30, 7) in units of σ·√h for origin feature rows (n, len(ORIGIN_FEATURES))."""
+        factor = volatility_factor(origin_rows, self.volatility)[..., None]
         if self.trees is None:
-            return np.broadcast_to(self.baseline_q, (n, *self.baseline_q.shape)).copy()
+            return self.baseline_q[None] * factor
+        return self.shape_quantiles(origin_rows) * factor
+
+    def baseline_z_quantiles(self, origin_rows: np.ndarray) -> np.ndarray:
+        """The file's baseline (its empirical z-quantiles on the same volatility scale), (n, 30, 7)."""
+        return self.baseline_q[None] * volatility_factor(origin_rows, self.volatility)[..., None]
+
+    def shape_quantiles(self, origin_rows: np.ndarray, conformal: bool = True) -> np.ndarray:
+        """The trees' quantiles (n, 30, 7) in units of the volatility scale, widened by the conformal offsets."""
+        n = len(origin_rows)
         rows = np.empty((n, len(HORIZONS), len(FEATURES)))
         rows[:, :, 0] = HORIZONS
         rows[:, :, 1:] = origin_rows[:, None, :]
@@ -130,7 +165,7 @@ class ForecastModel:
         q.sort(axis=-1)
         # The median stays the random walk: the trees shape the spread (volatility), not the direction.
         q -= q[..., MEDIAN : MEDIAN + 1]
-        return widen(q, self.conformal)
+        return widen(q, self.conformal) if conformal else q
 
     def confidence(self, z_quantiles: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         """Calibrated per-step confidence (n, 30) for z-quantiles (n, 30, 7) and origin σ (n,)."""

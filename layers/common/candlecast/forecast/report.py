@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.candles import COLUMNS, Candles
-from candlecast.forecast.evaluate import Origins, reliability
+from candlecast.forecast.evaluate import Origins, reliability, worst_reliability_gap
 from candlecast.forecast.features import MEDIAN
 from candlecast.forecast.model import HORIZONS, ForecastModel
 
@@ -79,7 +79,8 @@ def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
 
 def comparison_text(timeframe: str, comparison: dict) -> str:
     """Markdown: per method pin5 and Δ against the reference (95 % block-bootstrap interval), coverage overall and
-    its range over horizons, width, ECE and the worst reliability bin; then coverage per era."""
+    its range over horizons, width, ECE and the worst reliability bin (of those holding ≥ 0.5 % of the pairs);
+    then coverage per era."""
     reference = comparison["reference"]
     lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}", "",
              f"| method | pin5 (%) | Δ peer vs {reference} [95% CI] | cov80 / cov95 | cov80 range over h "
@@ -90,7 +91,7 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
         delta_text = "—" if delta is None else (
             f"{100 * delta['delta']:+.1f} % [{100 * delta['ci95'][0]:+.1f}, {100 * delta['ci95'][1]:+.1f}]")
         per = m["per_horizon"]
-        gap = max((abs(b["confidence"] - b["observed"]) for b in m["reliability"]), default=float("nan"))
+        gap = worst_reliability_gap(m["reliability"])
         lines.append(
             f"| {name} | {m['pin5']:.4f} | {delta_text} | {m['coverage_80']:.3f} / {m['coverage_95']:.3f} "
             f"| {min(per['coverage_80']):.3f}–{max(per['coverage_80']):.3f} "
