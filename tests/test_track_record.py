@@ -254,7 +254,7 @@ def test_live_metrics_match_a_hand_computation(track):
     last_close = prediction["last_close"]
     base = []
     for h, close in enumerate(realised, start=1):
-        z = model.baseline_q[h - 1][[0, 1, 3, 5, 6]]
+        z = model.baseline_z_quantiles(origins.features[-1:])[0, h - 1][[0, 1, 3, 5, 6]]
         base.append(pin5_by_hand(close, [last_close * math.exp(sigma * math.sqrt(h) * q) for q in z]))
 
     status, body = get_model("1h")

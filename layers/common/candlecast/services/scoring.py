@@ -66,9 +66,10 @@ def baseline_log_quantiles(model, candles, last_close: float, horizons: np.ndarr
     σ at the origin is computed as the model's predict() computes it, from the same lookback.
     """
     recent = usable_candles(candles.tail(model.lookback))
-    _, sigma = origin_features(recent, model.config)
+    rows, sigma = origin_features(recent, model.config)
     scale = sigma[-1] * np.sqrt(horizons)
-    return math.log(last_close) + scale[:, None] * model.baseline_q[horizons - 1][:, _PIN5_COLUMNS]
+    baseline = model.baseline_z_quantiles(rows[-1:])[0]  # on the model's volatility scale, as predict() uses
+    return math.log(last_close) + scale[:, None] * baseline[horizons - 1][:, _PIN5_COLUMNS]
 
 
 def _epoch(value) -> int:
