@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools check-template check-artifacts migrations-hash openapi
+.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools mutation check-template check-artifacts migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed $(QA_VENV)/.installed: .local/
 tools: $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed
 
 qa-tools: $(QA_VENV)/.installed
+
+## Mutation testing (not in CI): kill rate per core module; `make mutation MODULES="tickers cache"` for some.
+mutation: $(STAMP) $(QA_VENV)/.installed
+	nice $(BIN)/python -m infra.mutation $(MODULES)
 
 check-template: $(STAMP) tools
 	PATH="$(PY312_BIN):$$PATH" $(BIN)/python infra/template_checks.py all

@@ -41,16 +41,19 @@ def test_normalize_ticker(raw, expected):
     assert normalize_ticker(raw) == expected
 
 
-@pytest.mark.parametrize(("raw", "problem"), [
-    ("A", "look like"), ("A" * 25, "look like"), ("BTC.USD", "look like"), ("BTC USD", "look like"),
-    ("", "look like"), ("X:", "look like"), ("B" * (MAX_TICKER_LENGTH + 1), "longer than 32"),
+SHAPE = "ticker must look like X:BTCUSD, BTCUSD or BTC-USD (letters and digits only)"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("A", SHAPE), ("A" * 25, SHAPE), ("BTC.USD", SHAPE), ("BTC USD", SHAPE), ("", SHAPE), ("X:", SHAPE),
+    ("B" * (MAX_TICKER_LENGTH + 1), "ticker is longer than 32 characters"),
 ])
-def test_bad_tickers_are_refused_naming_the_problem(raw, problem):
+def test_bad_tickers_are_refused_naming_the_problem(raw, message):
     with pytest.raises(BadRequest) as refused:
         normalize_ticker(raw)
     assert refused.value.code == "invalid_ticker"
     assert refused.value.status == 400
-    assert problem in refused.value.message
+    assert refused.value.message == message
 
 
 def test_a_ticker_of_exactly_the_maximum_length_is_measured_not_refused():

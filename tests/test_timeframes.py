@@ -80,3 +80,8 @@ def test_nominal_seconds():
     assert [nominal_seconds(tf) for tf in ("1h", "4h", "1d", "1w")] == [3600, 14400, 86400, 604800]
     assert nominal_seconds("1m") == 2629746  # 30.436875 days, the Gregorian mean month
     assert nominal_seconds("1m") == pytest.approx(timedelta(days=365.2425 / 12).total_seconds(), abs=1)
+
+
+def test_the_five_timeframes_in_order():
+    assert TIMEFRAMES == ("1h", "4h", "1d", "1w", "1m")
+    assert FORECAST_STEPS == 30
