@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools mutation check-template check-artifacts migrations-hash openapi
+.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python infra/layer_requirements.py --check
 
-test: lint check-template check-artifacts qa-tools
+test: lint check-template check-artifacts qa-tools browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP) tools $(LAMBDA_RUNTIME)/.installed
@@ -67,6 +67,13 @@ qa-tools: $(QA_VENV)/.installed
 ## Mutation testing (not in CI): kill rate per core module; `make mutation MODULES="tickers cache"` for some.
 mutation: $(STAMP) $(QA_VENV)/.installed
 	nice $(BIN)/python -m infra.mutation $(MODULES)
+
+## Debian's chromium for the browser test (tests/test_page.py drives it headless with playwright, which
+## never downloads a browser). Installed only when missing, and only where apt-get can run (root, as in CI).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] \
+		&& { apt-get update -qq && apt-get install -y --no-install-recommends chromium; } \
+		|| echo "chromium missing: run 'sudo apt-get install chromium' (the browser test skips without it)"; }
 
 check-template: $(STAMP) tools
 	PATH="$(PY312_BIN):$$PATH" $(BIN)/python infra/template_checks.py all

@@ -3,7 +3,8 @@
 For each HTTP request it builds the API Gateway HTTP API payload format 2.0 event (infra.apigateway) for the
 route template.yaml gives (infra.sam_template), runs that function's handler (infra.lambda_runtime), and
 turns the result back into HTTP as API Gateway does; infra.http_server speaks HTTP. Routes the template does
-not have are local extras: /openapi.json, /docs, and whatever `add_local_route` adds (infra.static_files).
+not have are local extras: /openapi.json, /docs (Powertools' Swagger UI, infra.swagger_docs), the forecast page
+at / (infra.forecast_page), and whatever `add_local_route` adds (infra.static_files).
 
     python -m infra.local_api --port 3000      # needs DATABASE_URL, REDIS_URL, DATA_BUCKET, ... set
     python -m infra.run_local --port 3000      # starts the local stack first (that is `make run`)
@@ -31,6 +32,7 @@ from infra.apigateway import (
     to_http_response,
     too_large,
 )
+from infra.forecast_page import add_page_routes
 from infra.http_server import LocalHttpServer, make_server
 from infra.http_server import serve_in_thread as serve_on_thread
 from infra.lambda_runtime import FunctionRuntime
@@ -44,9 +46,8 @@ from infra.sam_template import (
     parse_functions,
     parse_routes,
 )
-from infra.static_files import LocalHandler, static_file
-
-DOCS_PAGE = Path(__file__).with_name("docs.html")  # renders /openapi.json offline
+from infra.static_files import LocalHandler
+from infra.swagger_docs import swagger_ui
 
 log = logging.getLogger("local_api")
 
@@ -81,7 +82,8 @@ class LocalApi:
         self.cors = Cors.from_template(self.template, parameters)
         self.local_routes: list[tuple[Route, LocalHandler]] = []
         self.add_local_route("GET", "/openapi.json", lambda _request, _params: self._openapi_response())
-        self.add_local_route("GET", "/docs", static_file(DOCS_PAGE))
+        self.add_local_route("GET", "/docs", swagger_ui(self.openapi))
+        add_page_routes(self)
 
     def add_local_route(self, method: str, path: str, handler: LocalHandler) -> None:
         """Serve `METHOD /path/{param}/{rest+}` from this process, ahead of the template's routes."""

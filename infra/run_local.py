@@ -49,6 +49,7 @@ def print_examples(base_url: str, data_dir: Path) -> None:
              f"-d '{{\"symbol\": \"{ticker}\", \"timeframe\": \"1h\"}}'"
     print(f"""
 candlecast is running on {base_url}   (docs: {base_url}/docs, OpenAPI: {base_url}/openapi.json)
+The forecast page: {base_url}/
 
   curl -s {base_url}/health
   curl -s '{base_url}/symbols?q={prefix}&limit=5'
