@@ -86,8 +86,12 @@ class LocalApi:
         add_page_routes(self)
 
     def add_local_route(self, method: str, path: str, handler: LocalHandler) -> None:
-        """Serve `METHOD /path/{param}/{rest+}` from this process, ahead of the template's routes."""
-        self.local_routes.append((Route.create(method, path, "local"), handler))
+        """Serve `METHOD /path/{param}/{rest+}` from this process, ahead of the template's routes; a second
+        handler for the same route replaces the first (the built-in page and docs can be swapped)."""
+        route = Route.create(method, path, "local")
+        self.local_routes = [item for item in self.local_routes
+                             if (item[0].method, item[0].path) != (route.method, route.path)]
+        self.local_routes.append((route, handler))
         self.local_routes.sort(key=lambda item: item[0].priority)
 
     @property
