@@ -108,10 +108,11 @@ async function forecast(event) {
   status.textContent = "forecasting…";
   state.drawn = false;
   try {
-    const [prediction, candles, record] = await Promise.all([
-      api("/predictions", { method: "POST", headers: { "content-type": "application/json" },
-                            body: JSON.stringify({ symbol, timeframe }) }),
-      api(`/local/candles?symbol=${encodeURIComponent(symbol)}&timeframe=${timeframe}&limit=120`),
+    const prediction = await api("/predictions", {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ symbol, timeframe }),
+    });
+    const [candles, record] = await Promise.all([
+      api(`/local/candles?symbol=${encodeURIComponent(prediction.ticker)}&timeframe=${timeframe}&limit=120`),
       api(`/models/${timeframe}`),
     ]);
     recentSeries.setData(candles.candles);
