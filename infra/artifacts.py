@@ -695,7 +695,7 @@ def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importti
         header = "".join(f"{variant.label[:30]:>32}" for variant in variants)
         print(f"  {'function (first event)':<46}{header}   target")
         for function in functions:
-            events = function_events(function)[:1]
+            events = _shared_first_event(function, variants)
             if not events:
                 continue
             samples: dict[str, list[float]] = {variant.label: [] for variant in variants}
@@ -723,6 +723,17 @@ def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importti
             importtime_account(variants[-2], functions, deployment, prefix)
     finally:
         deployment.close()
+
+
+def _shared_first_event(function: Function, variants: list[Variant]) -> list[tuple[str, dict]]:
+    """The function's first event that every variant serving the function routes (a baseline may lack newer
+    routes), so each column measures the same request."""
+    for name, event in function_events(function):
+        route = event.get("routeKey")
+        same = [next((f for f in v.functions if f.logical_id == function.logical_id), None) for v in variants]
+        if all(f is None or not route or route in f.routes for f in same):
+            return [(name, event)]
+    return []
 
 
 COLD_TARGETS = {"health": "<= 300 ms", "symbols": "<= 300 ms", "predictions_get": "<= 300 ms",
