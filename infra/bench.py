@@ -125,8 +125,12 @@ def _other_figures(stack: LocalStack) -> None:
     """Inference alone, built sizes and ingest: measured by their own areas' benchmark functions."""
     from candlecast.forecast.bench import bench_forecast
     from infra.bench_ingest import bench_ingest
+    from infra.bench_pool import bench_pool
     from infra.template_checks import BUILD_DIR, size_report
 
+    print("\npool checkout policies, side by side (one indexed read per request)")
+    for name, value in bench_pool(stack.database_url).items():
+        report(name, value)
     print("\nforecast (model alone)")
     for name, value in bench_forecast().items():
         report(name, value, "target <= 2 ms" if "inference" in name else "")

@@ -72,7 +72,7 @@ FROM new, generate_series(1, 30) n
 """
 
 
-def report(name: str, value, note: str = "") -> None:
+def report_line(name: str, value, note: str = "") -> None:
     print(f"  {name:<52} {value!s:>22}  {note}", flush=True)
 
 
@@ -340,38 +340,35 @@ def show_plans(paths: HotPaths) -> None:
 
 
 def retention_figures(loader: Loader, symbol_ids: tuple[int, int, int]) -> None:
-    conn = loader.conn
+    """The scheduled function's service at the largest stage: delete rate, then what the space does."""
+    from candlecast.config import get_settings
+
     try:
-        from candlecast.repositories import retention
+        from candlecast.services import retention
     except ImportError:
         print("  (no retention in this version)")
         return
-    from candlecast import db
-
+    conn = loader.conn
     before = sizes(conn)
-    count = conn.execute(
-        "SELECT count(*) FROM predictions WHERE created_at < now() - interval '330 days'").fetchone()[0]
     started = time.perf_counter()
-    deleted = batches = 0
-    with db.connection() as pooled:
-        while True:
-            batch = retention.delete_expired_batch(pooled, timedelta(days=330), retention.DEFAULT_BATCH_SIZE)
-            if batch == 0:
-                break
-            deleted += batch
-            batches += 1
+    report = retention.run(budget_seconds=3600, retention_days=330)
     elapsed = time.perf_counter() - started
-    report(f"deleted {deleted:,} predictions (+{deleted * 30:,} steps)", f"{elapsed:.1f} s",
-           f"{deleted / elapsed:,.0f} predictions/s in {batches} batches of {retention.DEFAULT_BATCH_SIZE}"
-           f" ({count:,} older than 330 days)")
+    deleted = report["deleted"]
+    report_line(f"deleted {deleted:,} predictions (+{deleted * 30:,} steps)", f"{elapsed:.1f} s",
+                f"{deleted / elapsed:,.0f} predictions/s, {report['batches']} transactions of at most "
+                f"{get_settings().retention_batch_size:,}")
     after_delete = sizes(conn)
+    started = time.perf_counter()
     conn.execute("VACUUM predictions, prediction_steps")
+    vacuum_seconds = time.perf_counter() - started
     after_vacuum = sizes(conn)
     loader.grow(loader.loaded + deleted, *symbol_ids)
     after_refill = sizes(conn)
-    print(f"  relation sizes: before delete -> after delete -> after VACUUM -> after {deleted:,} new predictions")
+    print(f"  relation sizes: before delete -> after delete -> after VACUUM ({vacuum_seconds:.0f} s) -> "
+          f"after {deleted:,} new predictions")
     for name in before:
-        report(name, " -> ".join(megabytes(size[name]) for size in (before, after_delete, after_vacuum, after_refill)))
+        report_line(name, " -> ".join(megabytes(size[name]) for size in (before, after_delete, after_vacuum,
+                                                                           after_refill)))
 
 
 def main() -> int:

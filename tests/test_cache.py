@@ -31,6 +31,21 @@ def test_domain_helpers_use_each_kinds_ttl(server, store, key, ttl):
     assert ttl - 5 <= server.ttl(key) <= ttl
 
 
+@pytest.mark.parametrize("request_hash", ["abc123", None], ids=["unkeyed", "keyed"])
+def test_a_created_prediction_and_its_request_pointer_are_cached_together(server, request_hash):
+    server.config_resetstat()
+    assert cache.set_created_prediction("p2", b'{"id": "p2"}', request_hash) is True
+    assert server.get(cache.keys.prediction("p2")) == b'{"id": "p2"}'
+    assert 895 <= server.ttl(cache.keys.prediction("p2")) <= 900
+    if request_hash is None:
+        assert server.keys(cache.keys.prediction_request("*")) == []
+    else:
+        assert cache.get_prediction_for_request(request_hash) == "p2"
+        assert 895 <= server.ttl(cache.keys.prediction_request(request_hash)) <= 900
+    commands = server.info("commandstats")
+    assert commands["cmdstat_set"]["calls"] == (1 if request_hash is None else 2)
+
+
 def test_json_round_trip_and_delete(server):
     cache.set_json("cc:v1:test:one", {"a": [1, 2]}, 60)
     assert cache.get_json("cc:v1:test:one") == {"a": [1, 2]}

@@ -34,6 +34,7 @@ ROUTES = {
     "MigrateFunction": set(),
     "RefreshFunction": set(),
     "ScoreFunction": set(),
+    "RetentionFunction": set(),
 }
 API_FUNCTIONS = [name for name, routes in ROUTES.items() if routes]
 SCIENCE_FUNCTIONS = {"PredictionCreateFunction", "RefreshFunction", "ScoreFunction"}
@@ -211,6 +212,7 @@ def test_each_function_reads_only_its_own_secrets(resources):
         "MigrateFunction": [db],
         "RefreshFunction": [db, polygon],
         "ScoreFunction": [db, signing],  # signing: the model's own baseline, from its verified file
+        "RetentionFunction": [db],
     }
     for name, properties in functions(resources).items():
         assert granted(properties, "secretsmanager:GetSecretValue") == expected[name], name

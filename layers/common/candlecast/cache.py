@@ -206,6 +206,20 @@ def set_prediction_for_request(request_hash: str, prediction_id: str) -> bool:
     return set(keys.prediction_request(request_hash), prediction_id, TTL_SECONDS["prediction"])
 
 
+def set_created_prediction(prediction_id: str, body: bytes, request_hash: str | None) -> bool:
+    """A new prediction's body and (for a request without Idempotency-Key) the pointer from its request to it,
+    in one round trip."""
+
+    def write(client: redis.Redis) -> bool:
+        pipeline = client.pipeline(transaction=False)
+        pipeline.set(keys.prediction(prediction_id), body, ex=TTL_SECONDS["prediction"])
+        if request_hash is not None:
+            pipeline.set(keys.prediction_request(request_hash), prediction_id, ex=TTL_SECONDS["prediction"])
+        return all(pipeline.execute())
+
+    return bool(_guarded(write, default=False))
+
+
 def get_symbol_bytes(ticker: str) -> bytes | None:
     return get(keys.symbol(ticker))
 

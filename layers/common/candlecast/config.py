@@ -61,6 +61,8 @@ class Settings(DatabaseSettings):
     polygon_max_rps: float = Field(50.0, gt=0, le=100, description="free tier: 0.083 (5/min); paid: under 100")
     refresh_chain: bool = Field(True, description="refresh and score hand what is left to a new invocation")
     score_function_name: str | None = Field(None, description="the refresh starts it after adding candles")
+    prediction_retention_days: int | None = Field(365, ge=1, description="keep predictions this long; none: forever")
+    retention_batch_size: int = Field(1000, ge=1, le=50_000, description="predictions deleted per transaction")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
     stage: str = "local"

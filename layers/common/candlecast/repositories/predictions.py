@@ -18,13 +18,15 @@ _PREDICTION_COLUMNS = """p.id, p.ticker, p.timeframe, p.model_id, m.name AS mode
        p.last_candle_at, p.last_close, p.horizon, p.created_at, p.request_hash, p.idempotency_key"""
 
 # The twin a create looks for. Keyed and unkeyed creates are separate statements: a prepared statement
-# soon runs a generic plan (parameters unknown), and only a condition without `$1 IS NULL` branches
-# keeps an index there (predictions_idempotency_key_unique; predictions_request_hash_created_idx).
+# soon runs a generic plan (parameters unknown), and only a condition without `$1 IS NULL` branches keeps
+# an index there. The unkeyed one takes the request's newest row by predictions_request_hash_created_idx and
+# only then checks its age: a window condition inside would let the planner prefer walking
+# predictions_created_idx through every recent row, which stale statistics make look cheap.
 _KEYED_TWIN = "SELECT id, request_hash, created_at FROM predictions WHERE idempotency_key = %(idempotency_key)s"
-_UNKEYED_TWIN = f"""SELECT id, request_hash, created_at FROM predictions
-    WHERE request_hash = %(request_hash)s AND created_at > now() - interval '{REPEAT_WINDOW}'
-    ORDER BY created_at DESC
-    LIMIT 1"""
+_UNKEYED_TWIN = f"""SELECT * FROM (
+        SELECT id, request_hash, created_at FROM predictions WHERE request_hash = %(request_hash)s
+        ORDER BY created_at DESC LIMIT 1) newest
+    WHERE created_at > now() - interval '{REPEAT_WINDOW}'"""
 
 
 def _create_statement(twin: str) -> str:

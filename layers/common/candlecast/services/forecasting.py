@@ -177,9 +177,9 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
             **prediction.model_dump(include={"ticker", "timeframe", "model_id", "last_candle_at", "last_close"}),
             steps=steps,
         ).model_dump_json().encode()
-        cache.set_prediction_bytes(str(stored["id"]), body)
+        cache.set_created_prediction(str(stored["id"]), body, None if idempotency_key else request_hash)
     else:
         body = prediction_reads.get(str(stored["id"]))[0]
-    if idempotency_key is None:
-        cache.set_prediction_for_request(request_hash, str(stored["id"]))
+        if idempotency_key is None:
+            cache.set_prediction_for_request(request_hash, str(stored["id"]))
     return CreateResult(body, created=stored["created"])

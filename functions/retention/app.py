@@ -1,0 +1,18 @@
+"""Daily retention (EventBridge schedule): delete expired predictions in batches, within the time limit."""
+
+from aws_lambda_powertools import Logger
+
+from candlecast.services import retention
+
+logger = Logger()
+
+MARGIN_SECONDS = 30.0  # one batch in flight, plus the report
+LOCAL_BUDGET_SECONDS = 600.0
+
+
+@logger.inject_lambda_context(clear_state=True)
+def lambda_handler(event, context):
+    remaining_ms = context.get_remaining_time_in_millis() if context is not None else LOCAL_BUDGET_SECONDS * 1000
+    report = retention.run(remaining_ms / 1000 - MARGIN_SECONDS)
+    logger.info("retention done", extra=report)
+    return report

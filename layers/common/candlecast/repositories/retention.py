@@ -1,0 +1,44 @@
+"""Which stored predictions retention may delete, and the batched delete itself."""
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+# Until its last step has happened a prediction is still a forecast someone may check: it stays.
+_EVERY_STEP_HAPPENED = """NOT EXISTS (
+    SELECT 1 FROM prediction_steps pending WHERE pending.prediction_id = p.id AND pending.ts > now())"""
+
+
+def may_delete() -> str:
+    """The SQL condition on a prediction `p`, besides its age, under which retention may delete it (its steps
+    cascade). The one place that says so: the track record (issue 12) adds here that every step has been
+    scored and aggregated first."""
+    return _EVERY_STEP_HAPPENED
+
+
+@dataclass(frozen=True)
+class Batch:
+    examined: int
+    deleted: int
+    last_created_at: datetime | None  # the next batch starts after it
+
+
+def delete_expired_batch(conn: psycopg.Connection, cutoff: datetime, after: datetime | None, size: int) -> Batch:
+    """One transaction: look at the next `size` predictions created before `cutoff` (oldest first, after
+    `after`) and delete those that may go. Rows kept are not looked at again in the same run."""
+    row = conn.execute(f"""
+        WITH examined AS (
+            SELECT id, created_at FROM predictions
+            WHERE created_at < %(cutoff)s AND created_at > %(after)s
+            ORDER BY created_at
+            LIMIT %(size)s
+        ), deleted AS (
+            DELETE FROM predictions WHERE id IN (
+                SELECT p.id FROM predictions p JOIN examined USING (id) WHERE {may_delete()})
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM examined) AS examined, (SELECT count(*) FROM deleted) AS deleted,
+               (SELECT max(created_at) FROM examined) AS last_created_at
+    """, {"cutoff": cutoff, "after": after or datetime.min.replace(tzinfo=cutoff.tzinfo), "size": size}).fetchone()
+    return Batch(row["examined"], row["deleted"], row["last_created_at"])

@@ -1,0 +1,83 @@
+"""Retention through the scheduled function's handler against real PostgreSQL."""
+
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def aged(clean_db):
+    """Predictions of four kinds (10 each, steps included): old and over; old, but a step still to come
+    (a monthly forecast); young; and old and over again, created after the others."""
+    with psycopg.connect(clean_db.database_url, autocommit=True) as conn:
+        symbol_id = conn.execute("""INSERT INTO symbols (ticker, name, base_currency, quote_currency)
+                                    VALUES ('X:BTCUSD', 'Bitcoin', 'BTC', 'USD') RETURNING id""").fetchone()[0]
+        model_id = conn.execute("""
+            INSERT INTO models (timeframe, name, version, kind, s3_key, sha256, is_active)
+            VALUES ('1h', 'retention-test', '1', 'baseline', 'models/1h.pkl', repeat('0', 64), true) RETURNING id
+        """).fetchone()[0]
+        for kind, created_days_ago, last_step_days_ahead in (("over", 400, -399), ("pending", 401, 30),
+                                                             ("young", 10, -9), ("over-later", 390, -389)):
+            conn.execute("""
+                WITH new AS (
+                    INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close,
+                                             request_hash, created_at)
+                    SELECT %(symbol)s, 'X:BTCUSD', '1h', %(model)s, now() - %(created)s, 100, %(kind)s || i,
+                           now() - %(created)s + i * interval '1 second'
+                    FROM generate_series(1, 10) i
+                    RETURNING id, created_at
+                )
+                INSERT INTO prediction_steps (prediction_id, step, ts, open, high, low, close, lower_80, upper_80,
+                                              lower_95, upper_95, confidence)
+                SELECT new.id, n, now() + %(last_step)s - (30 - n) * interval '1 hour', 100, 101, 99, 100, 98, 102,
+                       97, 103, 0.5
+                FROM new, generate_series(1, 30) n
+            """, {"symbol": symbol_id, "model": model_id, "kind": kind, "created": timedelta(days=created_days_ago),
+                  "last_step": timedelta(days=last_step_days_ahead)})
+    return clean_db
+
+
+def remaining(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("""SELECT rtrim(request_hash, '0123456789'), count(*) FROM predictions GROUP BY 1""")
+        counts = dict(rows.fetchall())
+        counts["steps"] = conn.execute("SELECT count(*) FROM prediction_steps").fetchone()[0]
+    return counts
+
+
+def run_retention(monkeypatch, days: str, batch_size: str) -> dict:
+    from infra.lambda_loader import LambdaContext, load_handler
+    from tests.conftest import reset_clients
+
+    monkeypatch.setenv("PREDICTION_RETENTION_DAYS", days)
+    monkeypatch.setenv("RETENTION_BATCH_SIZE", batch_size)
+    reset_clients()
+    handler = load_handler(ROOT / "functions/retention")
+    return handler({"detail-type": "Scheduled Event"}, LambdaContext(timeout_seconds=300))
+
+
+def test_retention_deletes_expired_predictions_in_batches_and_keeps_the_rest(aged, monkeypatch):
+    report = run_retention(monkeypatch, "365", "4")
+    # 30 predictions are older than 365 days: 20 are over, 10 have a step still to come.
+    assert report["deleted"] == 20 and report["examined"] == 30 and report["complete"]
+    assert report["batches"] == 8  # 4 at a time (the last batch finds nothing more), never all at once
+    assert remaining(aged.database_url) == {"pending": 10, "young": 10, "steps": 20 * 30}
+
+
+def test_retention_run_twice_changes_nothing_the_second_time(aged, monkeypatch):
+    run_retention(monkeypatch, "365", "1000")
+    before = remaining(aged.database_url)
+    report = run_retention(monkeypatch, "365", "1000")
+    assert report["deleted"] == 0 and report["batches"] == 1
+    assert remaining(aged.database_url) == before
+
+
+def test_retention_can_be_turned_off(aged, monkeypatch):
+    report = run_retention(monkeypatch, "none", "1000")
+    assert report == {"enabled": False}
+    assert remaining(aged.database_url)["steps"] == 40 * 30
