@@ -12,8 +12,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def aged(clean_db):
-    """Predictions of four kinds (10 each, steps included): old and over; old, but a step still to come
-    (a monthly forecast); young; and old and over again, created after the others."""
+    """Predictions of five kinds (10 each, steps included): old and over; old, but a step still to come
+    (a monthly forecast); young; old and over again, created after the others; old, over only 10 days ago
+    and not yet scored by the track record."""
     with psycopg.connect(clean_db.database_url, autocommit=True) as conn:
         symbol_id = conn.execute("""INSERT INTO symbols (ticker, name, base_currency, quote_currency)
                                     VALUES ('X:BTCUSD', 'Bitcoin', 'BTC', 'USD') RETURNING id""").fetchone()[0]
@@ -22,7 +23,8 @@ def aged(clean_db):
             VALUES ('1h', 'retention-test', '1', 'baseline', 'models/1h.pkl', repeat('0', 64), true) RETURNING id
         """).fetchone()[0]
         for kind, created_days_ago, last_step_days_ahead in (("over", 400, -399), ("pending", 401, 30),
-                                                             ("young", 10, -9), ("over-later", 390, -389)):
+                                                             ("young", 10, -9), ("over-later", 390, -389),
+                                                             ("unscored", 380, -10)):
             conn.execute("""
                 WITH new AS (
                     INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close,
@@ -63,10 +65,27 @@ def run_retention(monkeypatch, days: str, batch_size: str) -> dict:
 
 def test_retention_deletes_expired_predictions_in_batches_and_keeps_the_rest(aged, monkeypatch):
     report = run_retention(monkeypatch, "365", "4")
-    # 30 predictions are older than 365 days: 20 are over, 10 have a step still to come.
-    assert report["deleted"] == 20 and report["examined"] == 30 and report["complete"]
-    assert report["batches"] == 8  # 4 at a time (the last batch finds nothing more), never all at once
-    assert remaining(aged.database_url) == {"pending": 10, "young": 10, "steps": 20 * 30}
+    # 40 predictions are older than 365 days: 20 are over and scored or past the scoring window, 10 have a
+    # step still to come, 10 have steps the track record has yet to score.
+    assert report["deleted"] == 20 and report["examined"] == 40 and report["complete"]
+    assert report["batches"] == 11  # 4 at a time (the last batch finds nothing more), never all at once
+    assert remaining(aged.database_url) == {"pending": 10, "young": 10, "unscored": 10, "steps": 30 * 30}
+
+
+def test_retention_waits_for_the_track_record_to_score_recent_steps(aged, monkeypatch):
+    run_retention(monkeypatch, "365", "1000")
+    assert remaining(aged.database_url)["unscored"] == 10
+    with psycopg.connect(aged.database_url, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO prediction_scores (prediction_id, step, model_id, ts, realised_close, inside_80, inside_95,
+                                           confidence, event, pinball, baseline_pinball, in_sample)
+            SELECT s.prediction_id, s.step, p.model_id, s.ts, 100, true, true, 0.5, true, 0.1, 0.1, false
+            FROM prediction_steps s JOIN predictions p ON p.id = s.prediction_id
+            WHERE p.request_hash LIKE 'unscored%%'
+        """)
+    report = run_retention(monkeypatch, "365", "1000")
+    assert report["deleted"] == 10
+    assert "unscored" not in remaining(aged.database_url)
 
 
 def test_retention_run_twice_changes_nothing_the_second_time(aged, monkeypatch):
@@ -80,4 +99,4 @@ def test_retention_run_twice_changes_nothing_the_second_time(aged, monkeypatch):
 def test_retention_can_be_turned_off(aged, monkeypatch):
     report = run_retention(monkeypatch, "none", "1000")
     assert report == {"enabled": False}
-    assert remaining(aged.database_url)["steps"] == 40 * 30
+    assert remaining(aged.database_url)["steps"] == 50 * 30

@@ -5,16 +5,15 @@ from datetime import datetime
 
 import psycopg
 
-# Until its last step has happened a prediction is still a forecast someone may check: it stays.
-_EVERY_STEP_HAPPENED = """NOT EXISTS (
-    SELECT 1 FROM prediction_steps pending WHERE pending.prediction_id = p.id AND pending.ts > now())"""
+from candlecast.repositories.scores import SETTLED_PREDICTION
 
 
 def may_delete() -> str:
     """The SQL condition on a prediction `p`, besides its age, under which retention may delete it (its steps
-    cascade). The one place that says so: the track record (issue 12) adds here that every step has been
-    scored and aggregated first."""
-    return _EVERY_STEP_HAPPENED
+    and their scores cascade). The one place that says so, and what the track record needs: every step
+    scored, and so folded into model_live_stats, or given up once its ts left the scoring window without a
+    candle. A step still to come is neither, so a prediction is never deleted before its last step."""
+    return SETTLED_PREDICTION
 
 
 @dataclass(frozen=True)
