@@ -149,23 +149,29 @@ class Loader:
         return elapsed
 
     def _drop_step_indexes(self) -> list[str]:
-        """A bulk load builds the secondary indexes once (a sort) instead of 27M random inserts."""
+        """A bulk load builds the secondary indexes once (a sort) instead of 27M random inserts. Foreign keys
+        that lean on them (prediction_scores) go first and come back last."""
         rows = self.conn.execute("""
-            SELECT c.conname, pg_get_constraintdef(c.oid), NULL FROM pg_constraint c
+            SELECT 0, c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid), NULL FROM pg_constraint c
+            WHERE c.confrelid = 'prediction_steps'::regclass AND c.contype = 'f'
+            UNION ALL
+            SELECT 1, 'prediction_steps', c.conname, pg_get_constraintdef(c.oid), NULL FROM pg_constraint c
             WHERE c.conrelid = 'prediction_steps'::regclass AND c.contype = 'u'
             UNION ALL
-            SELECT i.indexrelid::regclass::text, NULL, pg_get_indexdef(i.indexrelid) FROM pg_index i
+            SELECT 2, 'prediction_steps', i.indexrelid::regclass::text, NULL, pg_get_indexdef(i.indexrelid)
+            FROM pg_index i
             WHERE i.indrelid = 'prediction_steps'::regclass AND NOT i.indisprimary
               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+            ORDER BY 1
         """).fetchall()
         restore = []
-        for name, constraint, index in rows:
+        for _, table, name, constraint, index in rows:
             if constraint is not None:
-                self.conn.execute(f'ALTER TABLE prediction_steps DROP CONSTRAINT "{name}"')
-                restore.append(f'ALTER TABLE prediction_steps ADD CONSTRAINT "{name}" {constraint}')
+                self.conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+                restore.insert(0, f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {constraint}')
             else:
                 self.conn.execute(f"DROP INDEX {name}")
-                restore.append(index)
+                restore.insert(0, index)
         return restore
 
     def _restore(self, statements: list[str]) -> None:
