@@ -5,7 +5,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_event
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def run_retention(monkeypatch, days: str, batch_size: str) -> dict:
     monkeypatch.setenv("RETENTION_BATCH_SIZE", batch_size)
     reset_clients()
     handler = load_handler(ROOT / "functions/retention")
-    return handler({"detail-type": "Scheduled Event"}, LambdaContext(timeout_seconds=300))
+    return handler(load_event("retention_scheduled.json"), LambdaContext(timeout_seconds=300))
 
 
 def test_retention_deletes_expired_predictions_in_batches_and_keeps_the_rest(aged, monkeypatch):
