@@ -91,3 +91,29 @@ def test_an_empty_body_is_a_validation_error_not_a_guard_refusal():
     status, _, body = post("", "text/plain")  # no body: the content type does not matter
     assert status in (400, 422) and body["error"]["code"] in ("invalid_request", "validation_error")
     assert json.dumps(body).count("payload_too_large") == 0
+
+
+def raw_event(body: str, *, as_base64: bool):
+    event = load_event("predictions_create.json", body=body, isBase64Encoded=as_base64)
+    event["headers"].pop("idempotency-key", None)
+    return invoke("predictions_create", event)
+
+
+def test_a_base64_body_too_long_to_be_under_the_limit_is_refused_before_decoding():
+    shortcut = MAX_BODY_BYTES * 4 // 3 + 4  # 21849 characters: the longest that may still decode to 16 KiB
+    status, _, body = raw_event("A" * (shortcut + 1), as_base64=True)
+    assert (status, body["error"]) == (413, {"code": "payload_too_large",
+                                             "message": "request body is over 16384 bytes, the limit"})
+    status, _, body = raw_event("A" * shortcut, as_base64=True)  # decoded, and 21849 is not base64's length
+    assert (status, body["error"]) == (400, {"code": "invalid_body",
+                                             "message": "request body is marked base64 but is not valid base64"})
+    status, _, body = raw_event(base64.b64encode(b"x" * (MAX_BODY_BYTES + 2)).decode(), as_base64=True)
+    assert (status, body["error"]) == (413, {"code": "payload_too_large",
+                                             "message": "request body is 16386 bytes; the limit is 16384"})
+
+
+def test_base64_is_strict_and_text_must_be_utf8():
+    status, _, body = raw_event("e3!0=", as_base64=True)  # "{}" once the stray "!" were dropped
+    assert (status, body["error"]["code"]) == (400, "invalid_body")
+    status, _, body = raw_event('{"symbol": "\ud800"}', as_base64=False)  # a lone surrogate is no UTF-8
+    assert (status, body["error"]) == (400, {"code": "invalid_body", "message": "request body is not UTF-8 text"})

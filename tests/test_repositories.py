@@ -94,6 +94,19 @@ def test_search_ranks_exact_then_prefix_then_name_and_pages(conn):
     assert symbol_repository.search_symbols(conn, "_TC", 10) == []
 
 
+@pytest.mark.parametrize(("prefix", "end"), [
+    ("BTC", "BTD"), ("bitcoin ", "bitcoin!"), ("x\ud7ff", "x\ue000"),  # over the surrogates
+    ("x\udffe", "x\ue000"),
+])
+def test_prefix_range_is_the_next_string_after_every_match(prefix, end):
+    assert symbol_repository.prefix_range(prefix) == (prefix, end)
+
+
+def test_prefix_range_of_the_last_code_point_is_a_string_not_an_error():
+    start, end = symbol_repository.prefix_range("x\U0010ffff")  # there is no next code point
+    assert start == "x\U0010ffff" and end.startswith("x") and len(end) == 2
+
+
 # ---------------------------------------------------------------------------------------- models
 
 
