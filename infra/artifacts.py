@@ -47,11 +47,9 @@ SESSION_TOKEN = "local-session-token"  # noqa: S105 (a placeholder the extension
 # The deployed configuration uses the secrets extension when this parameter names its layer.
 LOCAL_EXTENSION_ARN = "arn:aws:lambda:us-east-1:123456789012:layer:local-secrets-extension:1"
 
-# Functions invoked by no tests/events file: imported from the artifact only, and why.
-NOT_INVOKED = {
-    "RefreshFunction": "calls Polygon.io and chains itself; tests/test_ingest.py drives it against the fake "
-                       "Polygon server. Here its import from the artifact is checked.",
-}
+# Functions invoked by no tests/events file (imported from the artifact only), each with why; none today.
+NOT_INVOKED: dict[str, str] = {}
+POLYGON_KEY = "local-polygon-key"  # the fake Polygon server's key, stored as the secret
 ARCH_KEYS = re.compile(r"^(\s*(?:Architectures|CompatibleArchitectures):\s*\[\s*)arm64(\s*\])", re.MULTILINE)
 BUILD_ARCH = re.compile(r"^(\s*BuildArchitecture:\s*)arm64\s*$", re.MULTILINE)
 CODE_PATHS = re.compile(r"^(\s*(?:CodeUri|ContentUri):\s*)([^\s#]+)", re.MULTILINE)
@@ -358,6 +356,7 @@ class Deployment:
     response: ResponseCapture
     database_proxy: TcpToUnixSocket | None = None
     extension: SecretsExtension | None = None
+    polygon_url: str | None = None  # a fake Polygon server, for the refresh
 
     @classmethod
     def create(cls, stack) -> "Deployment":
@@ -377,7 +376,7 @@ class Deployment:
                                        "dbname": db.get("dbname"), "username": db.get("user"),
                                        "password": db.get("password") or "", "sslmode": "disable"}),
             "ModelSigningKeySecretArn": LOCAL_MODEL_SIGNING_KEY,
-            "PolygonApiKeySecretArn": "local-polygon-key",
+            "PolygonApiKeySecretArn": POLYGON_KEY,
         }
         arns = {}
         for name, value in secrets.items():
@@ -397,6 +396,8 @@ class Deployment:
         env = {name: str(resolver.value(value)) for name, value in function.environment.items()}
         env = {name: value.replace("/var/task", str(task_root)) for name, value in env.items()}
         env["S3_ENDPOINT_URL"] = self.stack.s3_endpoint_url  # declared "" in the template for sam local
+        if self.polygon_url:
+            env["POLYGON_BASE_URL"] = self.polygon_url
         if env.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT") and self.extension is not None:
             env["PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"] = str(self.extension.port)  # its stand-in, on a free port
         return {
@@ -414,7 +415,8 @@ class Deployment:
         }
 
     def dev_environment(self) -> dict[str, str]:
-        return {**self.stack.environment(), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        polygon = {"POLYGON_BASE_URL": self.polygon_url, "POLYGON_API_KEY": POLYGON_KEY} if self.polygon_url else {}
+        return {**self.stack.environment(), **polygon, "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                 "POWERTOOLS_SERVICE_NAME": "candlecast", "HOME": os.environ.get("HOME", "/tmp")}  # noqa: S108
 
     def prepared_events(self, events: list[tuple[str, dict]]) -> list[dict]:
@@ -554,16 +556,19 @@ def check(build_dir: Path) -> int:
     stack = LocalStack.start(bucket="candlecast-artifacts")
     deployment = None
     problems: list[str] = []
+    polygon = _fake_polygon()
     try:
         os.environ.update(stack.environment())
         deployment = Deployment.create(stack)
+        deployment.polygon_url = polygon.url
         print("layers as built for this machine:")
         layer_report(build_dir)
         problems.extend(f"offline-only code in a layer: {hit}" for hit in offline_imports(build_dir))
         print(f"\nrunning {len(functions)} functions from {build_dir.relative_to(ROOT)} as {who}, "
               f"python3.12 -I, no HOME, secrets by ARN (moto Secrets Manager)\n")
         print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms  boto3 on cold path")
-        ordered = sorted(functions, key=lambda f: f.folder != "migrate")  # the artifact migrates the empty database
+        # The artifact migrates the empty database first; the refresh, which rewrites the symbol table, goes last.
+        ordered = sorted(functions, key=lambda f: (f.folder != "migrate", f.folder == "refresh"))
         seeded = False
         for function in ordered:
             events = function_events(function)
@@ -623,6 +628,7 @@ def check(build_dir: Path) -> int:
             if function.folder == "migrate":
                 problems.extend(_migrated_everything(stack))
     finally:
+        polygon.__exit__(None, None, None)
         if deployment is not None:
             deployment.close()
         stack.close()
@@ -632,6 +638,16 @@ def check(build_dir: Path) -> int:
     print(f"\nsecrets served by the extension stand-in: {served}")
     print(f"check-artifacts: {len(functions)} functions, {len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def _fake_polygon():
+    """tests/fake_polygon.py's server with three symbols and 70 days of bars, for the refresh function."""
+    import time
+
+    sys.path.insert(0, str(ROOT))
+    from tests.fake_polygon import FakePolygon, make_market
+
+    return FakePolygon(make_market(3, now=int(time.time()), history_days=70), api_key=POLYGON_KEY).__enter__()
 
 
 def _migrated_everything(stack) -> list[str]:
