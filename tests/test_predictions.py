@@ -388,3 +388,44 @@ def test_a_missing_signing_key_is_503_naming_it(seeded, monkeypatch):
         get_settings.cache_clear()
     assert status == 503
     assert "MODEL_SIGNING_KEY" in body["error"]["message"]
+
+
+@pytest.fixture
+def shipped_models(tmp_path, monkeypatch):
+    """A function folder holding the committed models, as functions/predictions_create/Makefile ships them."""
+    from candlecast.services import forecasting
+
+    (tmp_path / "models").mkdir()
+    for model in (ROOT / "models").glob("*.pkl"):
+        for path in (model, model.with_name(model.name + ".sig")):
+            (tmp_path / "models" / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setenv("LAMBDA_TASK_ROOT", str(tmp_path))
+    forecasting.forget_models()
+    yield tmp_path / "models"
+    forecasting.forget_models()
+
+
+def _active_1h_key(database_url: str) -> str:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT s3_key FROM models WHERE timeframe = '1h' AND is_active").fetchone()[0]
+
+
+def test_the_shipped_model_is_used_without_the_bucket_when_it_is_the_registered_one(seeded, shipped_models):
+    key = _active_1h_key(seeded.database_url)
+    storage.s3_client().delete_object(Bucket=seeded.bucket, Key=key)  # only the shipped copy is left
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert status == 201, body
+
+
+def test_a_shipped_model_that_is_not_the_registered_one_is_ignored_for_the_bucket(seeded, shipped_models):
+    shipped = shipped_models / "1h.pkl"
+    shipped.write_bytes(shipped.read_bytes() + b"stale")  # another file than the registered one
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert status == 201, body  # read and verified from the bucket
+
+
+def test_a_shipped_model_with_a_bad_signature_is_refused_as_a_tampered_one(seeded, shipped_models):
+    (shipped_models / "1h.pkl.sig").write_bytes(b"0" * 64)  # the file is the registered one, its signature not
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert status == 503 and body["error"]["code"] == "model_integrity"
+    assert stored_predictions(seeded.database_url) == 0
