@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                        track_record=True).summary(), flush=True)
 
         shared, per_function = load_env_file(args.env_vars)
-        api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function)
+        from candlecast.api import MAX_BODY_BYTES
+
+        # The functions refuse bodies over 16 KiB: refused from their Content-Length, they are never read.
+        api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function,
+                       body_limit=MAX_BODY_BYTES)
         api.warm_up()
         server = api.server(args.host, args.port)
         base_url = f"http://{args.host}:{server.server_address[1]}"

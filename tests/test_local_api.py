@@ -596,6 +596,10 @@ def test_make_run_keeps_state_a_users_key_and_its_warnings(tmp_path):
                       "--state", state) as first:
             created = httpx.post(f"{first.base}/predictions", json=body, timeout=60)
             assert created.status_code == 201, created.text  # models re-signed with the user's key, checked with it
+            port = int(first.base.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:  # a 10 MB body, never sent
+                conn.sendall(b"POST /predictions HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n\r\n")
+                assert conn.recv(65536).startswith(b"HTTP/1.1 413 ")  # answered without waiting for it
             redis_server.stop()  # the cache goes away while the API serves
             assert httpx.get(f"{first.base}/symbols", params={"q": "eth"}, timeout=10).status_code == 200
             assert httpx.get(f"{first.base}/health", timeout=10).json()["status"] == "degraded"
