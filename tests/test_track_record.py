@@ -379,3 +379,21 @@ def test_score_function_hands_what_is_left_to_a_new_invocation(track):
     second = handler(first["continuation"], RefreshContext(remaining_seconds=300))
     assert second["scored"] == 3 and second["continuation"] is None
     assert handler(scheduled, RefreshContext(remaining_seconds=300))["scored"] == 0
+
+
+def test_backtest_figures_read_the_peer_comparison_of_newer_manifests():
+    from candlecast.services.track_record import backtest_figures
+
+    per_horizon = {"coverage_80": [0.79, 0.81], "coverage_95": [0.95, 0.96], "pin5": [0.5, 0.6]}
+    comparison = {"reference": "learned", "methods": {
+        "learned": {"pin5": 0.9, "coverage_80": 0.8, "coverage_95": 0.955, "ece": 0.01, "n_pairs": 60,
+                    "n_origins": 30, "per_horizon": per_horizon,
+                    "reliability": [{"confidence": 0.15, "observed": 0.14, "count": 40},
+                                    {"confidence": 0.45, "observed": 0.5, "count": 20}]},
+        "baseline": {"pin5": 1.0}, "garch-t": {"pin5": 0.95}}}
+    figures = backtest_figures({"comparison": comparison}, detail=True)
+    assert (figures.coverage_80, figures.coverage_95, figures.ece, figures.n_pairs) == (0.8, 0.955, 0.01, 60)
+    assert figures.pinball_skill == pytest.approx(0.1)  # against its own baseline, as the live figure
+    assert [(c.h, c.coverage_80, c.coverage_95) for c in figures.coverage_by_horizon] == [(1, 0.79, 0.95),
+                                                                                        (2, 0.81, 0.96)]
+    assert [(b.mean_confidence, b.observed, b.n) for b in figures.reliability] == [(0.15, 0.14, 40), (0.45, 0.5, 20)]

@@ -253,7 +253,7 @@ class BacktestFigures(BaseModel):
     n_origins: int | None = None
     coverage_by_horizon: list[HorizonCoverage] | None = None
     reliability: list[ReliabilityBin] | None = Field(
-        None, description="per-horizon (mean confidence, hit rate) when the backtest kept no bins")
+        None, description="10 confidence bins; per-horizon (mean confidence, hit rate) for older manifests")
 
 
 class ModelSummary(BaseModel):

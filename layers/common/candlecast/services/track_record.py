@@ -78,7 +78,29 @@ def live_figures(cells: Iterable[dict], *, in_sample: bool, detail: bool) -> Liv
 
 
 def backtest_figures(metrics: dict, *, detail: bool) -> BacktestFigures:
-    """The registered walk-forward test figures (models.metrics["test"])."""
+    """The walk-forward figures registered with the model: `metrics["comparison"]` (the shipped model among its
+    peers, evaluate.compare_methods) or, in manifests written before it, `metrics["test"]`."""
+    comparison = metrics.get("comparison")
+    if comparison:
+        methods = comparison["methods"]
+        model = methods[comparison["reference"]]
+        baseline = methods.get("baseline")
+        figures = BacktestFigures(
+            coverage_80=model.get("coverage_80"), coverage_95=model.get("coverage_95"), ece=model.get("ece"),
+            pinball_skill=1 - model["pin5"] / baseline["pin5"] if baseline and baseline.get("pin5") else None,
+            n_pairs=model.get("n_pairs"), n_origins=model.get("n_origins"))
+        if detail:
+            per = model.get("per_horizon") or {}
+            figures.coverage_by_horizon = [
+                HorizonCoverage(h=h, coverage_80=cov_80, coverage_95=cov_95)
+                for h, (cov_80, cov_95) in enumerate(zip(per.get("coverage_80", []), per.get("coverage_95", []),
+                                                         strict=True), start=1)
+            ]
+            figures.reliability = [
+                ReliabilityBin(mean_confidence=item["confidence"], observed=item["observed"], n=item["count"])
+                for item in model.get("reliability") or []
+            ]
+        return figures
     test = metrics.get("test") or {}
     figures = BacktestFigures(**{key: test.get(key) for key in (
         "coverage_80", "coverage_95", "ece", "pinball_skill", "n_pairs", "n_origins")})
