@@ -186,6 +186,12 @@ def template_functions(template: dict) -> list[Function]:
     return functions
 
 
+def run_order(functions: list[Function]) -> list[Function]:
+    """Migrate first (the artifact migrates the empty database); the refresh, which rewrites the symbol
+    table from Polygon, last."""
+    return sorted(functions, key=lambda f: (f.folder != "migrate", f.folder == "refresh"))
+
+
 def function_events(function: Function) -> list[tuple[str, dict]]:
     """(file name, event) for the function: HTTP events by route, others by the folder's name; CFN first."""
     found = []
@@ -356,7 +362,11 @@ class Deployment:
     response: ResponseCapture
     database_proxy: TcpToUnixSocket | None = None
     extension: SecretsExtension | None = None
-    polygon_url: str | None = None  # a fake Polygon server, for the refresh
+    polygon: Any = None  # a fake Polygon server, for the refresh
+
+    @property
+    def polygon_url(self) -> str | None:
+        return self.polygon.url if self.polygon is not None else None
 
     @classmethod
     def create(cls, stack) -> "Deployment":
@@ -386,7 +396,7 @@ class Deployment:
             arns[name] = client.describe_secret(SecretId=secret_name)["ARN"]
         extension = SecretsExtension(stack.s3_endpoint_url, SESSION_TOKEN)
         return cls(stack=stack, secret_arns=arns, response=ResponseCapture(), database_proxy=proxy,
-                   extension=extension)
+                   extension=extension, polygon=_fake_polygon())
 
     def artifact_environment(self, template: dict, function: Function, task_root: Path) -> dict[str, str]:
         redis = re.match(r"redis://([^/]+)/", self.stack.redis_url)
@@ -432,6 +442,8 @@ class Deployment:
         for server in (self.database_proxy, self.extension):
             if server is not None:
                 server.close()
+        if self.polygon is not None:
+            self.polygon.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------- running one function
@@ -556,19 +568,16 @@ def check(build_dir: Path) -> int:
     stack = LocalStack.start(bucket="candlecast-artifacts")
     deployment = None
     problems: list[str] = []
-    polygon = _fake_polygon()
     try:
         os.environ.update(stack.environment())
         deployment = Deployment.create(stack)
-        deployment.polygon_url = polygon.url
         print("layers as built for this machine:")
         layer_report(build_dir)
         problems.extend(f"offline-only code in a layer: {hit}" for hit in offline_imports(build_dir))
         print(f"\nrunning {len(functions)} functions from {build_dir.relative_to(ROOT)} as {who}, "
               f"python3.12 -I, no HOME, secrets by ARN (moto Secrets Manager)\n")
         print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms  boto3 on cold path")
-        # The artifact migrates the empty database first; the refresh, which rewrites the symbol table, goes last.
-        ordered = sorted(functions, key=lambda f: (f.folder != "migrate", f.folder == "refresh"))
+        ordered = run_order(functions)
         seeded = False
         for function in ordered:
             events = function_events(function)
@@ -628,7 +637,6 @@ def check(build_dir: Path) -> int:
             if function.folder == "migrate":
                 problems.extend(_migrated_everything(stack))
     finally:
-        polygon.__exit__(None, None, None)
         if deployment is not None:
             deployment.close()
         stack.close()
@@ -710,7 +718,7 @@ def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importti
         print(f"cold init: import + first invoke, fresh process, median of {runs} (artifact runs as {who})")
         header = "".join(f"{variant.label[:30]:>32}" for variant in variants)
         print(f"  {'function (first event)':<46}{header}   target")
-        for function in functions:
+        for function in run_order(functions):
             events = _shared_first_event(function, variants)
             if not events:
                 continue
