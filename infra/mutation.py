@@ -1,7 +1,7 @@
 """`make mutation`: mutmut over the core modules, each against its own tests; prints the kill rate per module.
 
     python -m infra.mutation                  # every module (tens of minutes on two cores)
-    python -m infra.mutation tickers cache    # some of them
+    python -m infra.mutation tickers cache    # some of them (an interrupted run resumes where it stopped)
 
 Each module works on its own copy of the tracked files (.local/mutation/<module>/tree), so the checkout is
 never left mutated and runs for different modules may go side by side, and one PostgreSQL and Redis serve
@@ -50,8 +50,8 @@ KILLED = {"ok_killed", "bad_timeout", "ok_suspicious"}  # a timeout or a slowdow
 
 
 def copy_tree(target: Path) -> None:
-    """The tracked and new (not ignored) files, as a clean clone would have them."""
-    shutil.rmtree(target, ignore_errors=True)
+    """The tracked and new (not ignored) files, as a clean clone would have them. Copied over an earlier
+    copy, mutmut's cache stays: an interrupted run resumes, and survivors are tried again on changed tests."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, listed):
