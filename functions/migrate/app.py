@@ -40,10 +40,11 @@ def apply_migrations(stale_lock_seconds: float = DEFAULT_BUDGET_SECONDS + RESPON
     """Apply under yoyo's lock; a lock older than this function's timeout was left by a killed run: break it."""
     from candlecast import migrate
 
-    conninfo = _conninfo()
-    if broken := migrate.break_lock(conninfo, older_than_seconds=stale_lock_seconds):
-        logger.warning("broke a stale migration lock", extra={"lock": broken, "older_than_s": stale_lock_seconds})
-    return {"applied": migrate.apply(conninfo)}
+    def log_broken(lock: dict) -> None:
+        logger.warning("broke a stale migration lock", extra={"lock": lock, "older_than_s": stale_lock_seconds})
+
+    return {"applied": migrate.apply(_conninfo(), break_locks_older_than=stale_lock_seconds,
+                                     on_broken_lock=log_broken)}
 
 
 def migration_status() -> dict[str, Any]:

@@ -5,6 +5,7 @@ and a lock still held after LOCK_TIMEOUT_SECONDS each raise MigrationError with 
 """
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -116,47 +117,65 @@ def _lock(backend):
         lock.__exit__(None, None, None)
 
 
-def apply(conninfo: str, directory: Path | None = None) -> list[str]:
-    """Apply pending migrations; returns the ids applied by this call (empty if another run did them)."""
+def apply(conninfo: str, directory: Path | None = None, *, break_locks_older_than: float | None = None,
+          on_broken_lock: Callable[[dict], None] | None = None) -> list[str]:
+    """Apply pending migrations; returns the ids applied by this call (empty if another run did them).
+
+    With break_locks_older_than, a lock older than that many seconds (left by a killed run) is removed
+    first, on the same connection, and reported to on_broken_lock.
+    """
     backend, migrations = _backend_and_migrations(conninfo, directory)
     try:
+        if break_locks_older_than is not None:
+            broken = _break_lock(backend, break_locks_older_than)
+            if broken and on_broken_lock:
+                on_broken_lock(broken)
         with _lock(backend):
             return _apply_each(backend, backend.to_apply(migrations))
     finally:
         backend.connection.close()
 
 
-def lock_holder(conninfo: str) -> dict | None:
-    """The migration lock's row (pid, age in seconds), or None when nobody holds it."""
+@contextmanager
+def _backend(conninfo: str):
     from yoyo import get_backend
 
     backend = get_backend(yoyo_url(conninfo))
     try:
-        exists = backend.execute("SELECT to_regclass(:name)", {"name": backend.lock_table}).fetchone()[0]
-        row = backend.execute(f"SELECT pid, ctime FROM {backend.lock_table_quoted}").fetchone() if exists else None
+        yield backend
     finally:
         backend.connection.close()
+
+
+def _holder(backend) -> dict | None:
+    exists = backend.execute("SELECT to_regclass(:name)", {"name": backend.lock_table}).fetchone()[0]
+    row = backend.execute(f"SELECT pid, ctime FROM {backend.lock_table_quoted}").fetchone() if exists else None
     if row is None:
         return None
     age = (datetime.now(UTC).replace(tzinfo=None) - row[1]).total_seconds() if row[1] else None
     return {"pid": row[0], "age_seconds": round(age, 1) if age is not None else None}
 
 
-def break_lock(conninfo: str, older_than_seconds: float | None = None) -> dict | None:
-    """Remove the migration lock (only if older than the given age); returns what was removed, or None."""
-    from yoyo import get_backend
-
-    holder = lock_holder(conninfo)
+def _break_lock(backend, older_than_seconds: float | None) -> dict | None:
+    holder = _holder(backend)
     if holder is None:
         return None
     if older_than_seconds is not None and (holder["age_seconds"] or 0) <= older_than_seconds:
         return None
-    backend = get_backend(yoyo_url(conninfo))
-    try:
-        backend.break_lock()
-    finally:
-        backend.connection.close()
+    backend.break_lock()
     return holder
+
+
+def lock_holder(conninfo: str) -> dict | None:
+    """The migration lock's row (pid, age in seconds), or None when nobody holds it."""
+    with _backend(conninfo) as backend:
+        return _holder(backend)
+
+
+def break_lock(conninfo: str, older_than_seconds: float | None = None) -> dict | None:
+    """Remove the migration lock (only if older than the given age); returns what was removed, or None."""
+    with _backend(conninfo) as backend:
+        return _break_lock(backend, older_than_seconds)
 
 
 def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> list[str]:
