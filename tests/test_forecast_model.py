@@ -189,3 +189,16 @@ def test_confidence_map_is_increasing_and_not_flat_at_the_top():
     for level in (0.1, 0.3, 0.6):
         assert abs(np.interp(level, x, y) - 0.9 * level) < 0.03
     assert np.interp(0.8, x, y) > np.interp(0.6, x, y) + 0.1  # still rising where data are sparse
+
+
+def test_baseline_spread_never_shrinks_with_the_horizon():
+    from candlecast.forecast.model import HORIZONS
+    from candlecast.forecast.train import monotone_spread
+
+    table = np.tile(np.array([-2.0, -1.3, -0.7, 0.0, 0.7, 1.3, 2.0]), (30, 1))
+    table[20:] *= 0.5  # a regime or a handful of pairs made the long horizons narrow
+    fixed = monotone_spread(table)
+    in_log_returns = fixed * np.sqrt(HORIZONS)[:, None]
+    assert (np.diff(in_log_returns[:, 4:], axis=0) >= -1e-12).all()
+    assert (np.diff(in_log_returns[:, :3], axis=0) <= 1e-12).all()
+    np.testing.assert_allclose(fixed[:20], table[:20])  # already monotone: unchanged

@@ -1,6 +1,8 @@
 """Peers (GARCH(1,1)-t, Gaussian random walk) and the side-by-side metrics: no peer sees the future; the
 pin5 loss, the block bootstrap and the method table compute what they say."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,30 @@ def test_compare_methods_scores_every_method_on_the_same_pairs():
     assert set(model["eras"]) == {"2017-18", "2019-21"}
     assert len(model["per_horizon"]["coverage_95"]) == 30
     assert model["width_95"] == pytest.approx(2 * 1.96 * 0.01 * np.sqrt(np.arange(1, 31)).mean(), rel=0.01)
+
+
+def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
+    from candlecast.forecast.cli import main
+    from candlecast.forecast.train import headline
+
+    rng = np.random.default_rng(2)
+    n = 200
+    y = rng.normal(0, 0.01, (n, 30)) * np.sqrt(np.arange(1, 31))
+    z = np.array([-1.96, -1.2816, -0.6745, 0, 0.6745, 1.2816, 1.96])
+    right = 0.01 * np.sqrt(np.arange(1, 31))[None, :, None] * z + np.zeros((n, 1, 1))
+    conf = np.full((n, 30), 0.3)
+    times = 1_600_000_000 + 86400 * np.arange(n)
+    comparison = compare_methods(y, times, {"learned": (right, conf), "garch-t": (right * 1.3, conf),
+                                            "gaussian-rw": (right * 0.7, conf), "baseline": (right * 1.1, conf)},
+                                 0.02, 86400, "learned")
+    metrics = {"shipped": "learned", "reason": "test", "comparison": comparison, "headline": headline(comparison)}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"1d": {"metrics": metrics}}))
+    assert main(["scorecard", "--manifest", str(manifest), "--summary"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    garch = comparison["methods"]["garch-t"]
+    assert row.startswith("| 1d | learned |")
+    assert f"{garch['pin5']:.3f}, {100 * garch['vs_learned']['delta']:+.1f} %" in row
+    assert main(["scorecard", "--manifest", str(manifest)]) == 0
+    text = capsys.readouterr().out
+    assert "### 1d: reference learned, best peer baseline" in text and "no walk-forward comparison" in text

@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     scorecard = subparsers.add_parser("scorecard", help="print the shipped models' walk-forward tables against the "
                                       "peers (from the manifest written by train)")
     scorecard.add_argument("--manifest", default="models/manifest.json")
+    scorecard.add_argument("--summary", action="store_true", help="one row per timeframe (the README table)")
     scorecard.set_defaults(func=scorecard_command)
 
     backtest = subparsers.add_parser("backtest", help="evaluate a model on every OHLCV file in a folder (JSON)")
@@ -71,6 +72,9 @@ def scorecard_command(args: argparse.Namespace) -> int:
     from candlecast.forecast.report import comparison_text
 
     manifest = json.loads(Path(args.manifest).read_text())
+    if args.summary:
+        print(summary_table(manifest))
+        return 0
     for timeframe in TIMEFRAMES:
         metrics = manifest.get(timeframe, {}).get("metrics", {})
         if "comparison" not in metrics:
@@ -79,6 +83,36 @@ def scorecard_command(args: argparse.Namespace) -> int:
         print(f"shipped: {metrics['shipped']} ({metrics['reason']})")
         print(comparison_text(timeframe, metrics["comparison"]) + "\n")
     return 0
+
+
+def summary_table(manifest: dict) -> str:
+    """Markdown, one row per timeframe: the shipped model's pin5 and coverage beside each peer's pin5 and Δ."""
+
+    def delta(item: dict | None) -> str:
+        if item is None:
+            return "—"
+        low, high = item["ci95"]
+        return f"{100 * item['delta']:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+    lines = ["| tf | shipped | pin5 | GARCH-t pin5, Δ [95 % CI] | Gaussian RW pin5, Δ | own baseline pin5, Δ "
+             "| cov80 / cov95 (range over h) | ECE (worst bin) | origins |", "|---|---|---|---|---|---|---|---|---|"]
+    for timeframe in TIMEFRAMES:
+        metrics = manifest.get(timeframe, {}).get("metrics", {})
+        if "comparison" not in metrics:
+            continue
+        methods, kind = metrics["comparison"]["methods"], metrics["shipped"]
+        model, head = methods[kind], metrics["headline"]
+        cells = []
+        for peer in ("garch-t", "gaussian-rw", "baseline"):
+            scores = methods.get(peer) if peer != kind else None
+            cells.append("—" if scores is None else f"{scores['pin5']:.3f}, {delta(scores.get('vs_' + kind))}")
+        low80, high80 = head["coverage_80_over_horizons"]
+        low95, high95 = head["coverage_95_over_horizons"]
+        lines.append(f"| {timeframe} | {kind} | {model['pin5']:.3f} | " + " | ".join(cells)
+                     + f" | {model['coverage_80']:.3f} ({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} "
+                     f"({low95:.2f}–{high95:.2f}) | {model['ece']:.3f} ({head['worst_reliability_gap']:.3f}) "
+                     f"| {model['n_origins']:,} |")
+    return "\n".join(lines)
 
 
 def headline_scores(comparison: dict) -> dict:

@@ -133,7 +133,7 @@ def purged(origins: Origins, limit: float) -> Origins:
 
 
 # -- fitting -----------------------------------------------------------------------------------------------
-MIN_PAIRS_PER_HORIZON = 20  # below this, a horizon reuses the previous horizon's estimate
+MIN_PAIRS_PER_HORIZON = 100  # below this, a horizon reuses the previous horizon's estimate
 
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -164,6 +164,19 @@ def empirical_quantiles(z: np.ndarray, weights: np.ndarray | None = None) -> np.
     table[:, MEDIAN] = 0.0
     table.sort(axis=-1)
     return table
+
+
+def monotone_spread(table: np.ndarray) -> np.ndarray:
+    """(30, 7) z-quantiles whose log-return quantiles (z·√h) never move toward the median as h grows.
+
+    The spread of a cumulative return does not shrink with the horizon; with few long-horizon pairs (1m, 1w)
+    sampling noise and one regime made it shrink, so each level keeps the widest value of the shorter horizons.
+    """
+    root = np.sqrt(HORIZONS)[:, None]
+    scaled = table * root
+    scaled[:, :MEDIAN] = np.minimum.accumulate(scaled[:, :MEDIAN], axis=0)
+    scaled[:, MEDIAN + 1 :] = np.maximum.accumulate(scaled[:, MEDIAN + 1 :], axis=0)
+    return scaled / root
 
 
 def conformal_offsets(q: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -352,7 +365,7 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     baseline_cal = concat([train, cal]) if plan.calibrate_on_history else cal
     table_at_cal = np.broadcast_to(raw_table, (len(baseline_cal), *raw_table.shape))
     baseline_z = np.concatenate([z_train, z_cal]) if plan.calibrate_on_history else z_cal
-    baseline_q = widen(raw_table, conformal_offsets(table_at_cal, baseline_z))
+    baseline_q = monotone_spread(widen(raw_table, conformal_offsets(table_at_cal, baseline_z)))
     models = {}
     baseline = ForecastModel(payload(timeframe, "baseline", baseline_q=baseline_q, wick=wick, version=version,
                                      volatility=volatility))
