@@ -400,6 +400,12 @@ def _headline(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "per_horizon" and key not in CONSTANT_METRICS}
 
 
+def _without_constants(result: dict) -> dict:
+    trimmed = _headline(result)
+    trimmed["per_horizon"] = [_headline(item) for item in result.get("per_horizon", [])]
+    return trimmed
+
+
 def meets_coverage(result: dict) -> bool:
     return all(low <= result[name] <= high for name, (low, high) in TARGETS.items() if name.startswith("coverage"))
 
@@ -558,6 +564,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
             "targets": TARGETS,
             "volatility": shipped.volatility,
             "folds": result.folds,
+            "test": _without_constants(chosen),  # the shipped kind's metrics (the track record reads them)
             "comparison": comparison,
         },
     }
