@@ -31,6 +31,11 @@ lint: $(STAMP)
 test: lint check-template check-artifacts qa-tools browser
 	$(BIN)/python -m pytest
 
+## The fault suite (issue 10): Redis, PostgreSQL and S3 frozen and killed under load; prints a table.
+.PHONY: faults
+faults: $(STAMP)
+	$(BIN)/python -m infra.faults
+
 bench: $(STAMP) tools $(LAMBDA_RUNTIME)/.installed
 	PATH="$(PY312_BIN):$$PATH" $(BIN)/python -m infra.bench
 

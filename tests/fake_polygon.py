@@ -93,6 +93,9 @@ class FakePolygon:
         self.requests: list[str] = []
         self.bad_auth: list[str] = []
         self.delay = 0.0  # seconds before each answer, to slow a run down
+        # Echo what each request sent (headers, the key among them) in every answer, as a hostile or
+        # careless upstream might: nothing of it may reach our clients or logs.
+        self.echo = False
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -132,6 +135,22 @@ class FakePolygon:
         return None
 
     # --- routes ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def echoed(body: bytes, target: str, headers: dict[str, str]) -> bytes:
+        """The answer with what was sent folded in: in `error`/`message` text and as an `echo` field."""
+        sent = f"you sent {target} with Authorization: {headers.get('Authorization')}"
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return body + sent.encode()
+        if isinstance(document, dict):
+            document["echo"] = {"path": target, "headers": headers}
+            document["request_id"] = sent
+            if document.get("status") != "OK":
+                document["error"] = f"{document.get('error') or document.get('message') or 'refused'}: {sent}"
+                document["message"] = document["error"]
+        return json.dumps(document).encode()
 
     def route(self, path: str, query: dict[str, list[str]]) -> tuple[int, dict]:
         parts = path.strip("/").split("/")
@@ -196,6 +215,8 @@ class FakePolygon:
                 pass
 
             def _send(self, status: int, body: bytes) -> None:
+                if fake.echo:
+                    body = fake.echoed(body, self.path, dict(self.headers))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -1,6 +1,7 @@
 """The Redis cache against a real server: TTLs per kind, SCAN-based pattern delete, and outage behaviour."""
 
 import logging
+import threading
 import time
 
 import pytest
@@ -149,28 +150,38 @@ def test_pattern_delete_in_small_batches_deletes_everything(server):
     assert server.keys("cc:v1:search:*") == []
 
 
-def test_after_a_refused_connection_redis_is_left_alone_for_the_back_off(monkeypatch):
-    """Within OUTAGE_BACKOFF_SECONDS of a failure no call reaches Redis; after it, the next one does."""
-    clock = [1000.0]
-    monkeypatch.setattr(cache.time, "monotonic", lambda: clock[0])
-    attempts = []
+def test_after_a_failure_requests_leave_redis_alone_until_the_probe_sees_it_answer(monkeypatch):
+    """No request reaches Redis after a failure until a background ping succeeds: no timeout every time a
+    back-off runs out (a Redis frozen by SIGSTOP costs each caller a socket timeout)."""
+    attempts, answering = [], threading.Event()
 
-    class Refusing:
+    class Flaky:
         def get(self, key):
             attempts.append(key)
             raise redis.ConnectionError("refused")
 
+        def ping(self):
+            if not answering.is_set():
+                raise redis.ConnectionError("refused")
+            return True
+
     cache.reset_client()
-    monkeypatch.setattr(cache, "get_client", lambda: Refusing())
+    monkeypatch.setattr(cache, "PROBE_INTERVAL_SECONDS", 0.01)
+    monkeypatch.setattr(cache, "get_client", lambda: Flaky())
     try:
         assert cache.get("cc:v1:k") is None
+        assert attempts == ["cc:v1:k"] and cache.is_down()
+        for _ in range(20):  # many probe intervals: the probe fails, requests never try
+            assert cache.get("cc:v1:k") is None
+            time.sleep(0.005)
         assert attempts == ["cc:v1:k"]
-        clock[0] += cache.OUTAGE_BACKOFF_SECONDS - 0.5
+        answering.set()
+        deadline = time.monotonic() + 5
+        while cache.is_down() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not cache.is_down()
         assert cache.get("cc:v1:k") is None
-        assert len(attempts) == 1  # skipped: still in the back-off
-        clock[0] += 1.0
-        assert cache.get("cc:v1:k") is None
-        assert len(attempts) == 2  # the back-off is over: Redis is tried again
-        assert cache.OUTAGE_BACKOFF_SECONDS == 5.0
+        assert len(attempts) == 2  # Redis answered the probe: requests use it again
     finally:
         cache.reset_client()
+

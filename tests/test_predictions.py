@@ -178,13 +178,14 @@ def test_unknown_symbol_is_404(seeded):
 
 def test_symbol_without_candles_for_timeframe_is_404_saying_so(seeded, monkeypatch):
     monkeypatch.delenv("POLYGON_API_KEY", raising=False)
-    with psycopg.connect(seeded.database_url) as conn:
-        ticker = conn.execute(
-            "SELECT ticker FROM symbols WHERE ticker <> ALL(%s) ORDER BY ticker LIMIT 1",
-            ([f"X:{path.name}" for path in (ROOT / "data").iterdir() if path.is_dir()],),
-        ).fetchone()[0]
+    # Every listed symbol has some candles; a daily-only one has no 1h candles, and says so.
+    daily_only = sorted(path.name for path in (ROOT / "data").iterdir()
+                        if path.is_dir() and not (path / "1h.parquet").exists())
+    ticker = f"X:{daily_only[0]}"
+    _, _, symbol = invoke("symbols", path_event("symbol_get.json", f"/symbols/{ticker}", ticker=ticker))
+    assert "1h" not in symbol["candle_timeframes"] and symbol["fetchable"] is False
     status, _, body = create({"symbol": ticker, "timeframe": "1h"})
-    assert status == 404
+    assert (status, body["error"]["code"]) == (404, "candles_unavailable")
     assert "candles" in body["error"]["message"]
 
 

@@ -80,7 +80,7 @@ def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
     assert [row["ticker"] for row in first["symbols"]] == ["X:ZZOTHERUSD", "X:ZZSEEDUSDT"]
     seeded = first["symbols"][1]
     assert (seeded["name"], float(seeded["volume_24h"]), seeded["volume_rank"]) == ("Zz Seed Coin", 12345.5, 1)
-    assert seeded["metadata"] == {"source": "test"}
+    assert seeded["metadata"] == {"source": "test", "candle_timeframes": ["1h"]}  # what data/ holds for it
     assert first["symbols"][0]["volume_24h"] is None
 
     assert first["keys"] == [

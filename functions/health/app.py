@@ -13,7 +13,7 @@ app = create_resolver()
                     503: described(HealthReport, "down: the database is unavailable")})
 def get_health():
     status_code, body = health.check()
-    return json_response(body, status_code)
+    return json_response(body, status_code, {"Retry-After": "1"} if status_code == 503 else None)
 
 
 lambda_handler = lambda_handler_for(app)

@@ -12,11 +12,12 @@ process instead.
 
 from aws_lambda_powertools import Logger
 
-from candlecast import ingest
+from candlecast import ingest, redaction
 from candlecast.config import get_settings
 from candlecast.invoke import invoke_async, run_chunk
 
 logger = Logger()
+redaction.install(logger)
 
 MARGIN_SECONDS = 90.0  # one symbol in flight, plus the report
 LOCAL_BUDGET_SECONDS = 600.0

@@ -14,12 +14,21 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import RequestUnsupp
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from candlecast import snapstart
+from candlecast import redaction, snapstart, strictjson
 from candlecast.config import get_settings
-from candlecast.errors import BadRequest, CandlecastError, PayloadTooLarge, UnsupportedMediaType, error_body
+from candlecast.errors import (
+    BadRequest,
+    CandlecastError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    error_body,
+    retry_after,
+)
 from candlecast.pagination import Page
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "candlecast"))
+redaction.install(logger)
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Candlecast"))
 
 # API Gateway accepts up to 10 MB; no request of ours needs more than a few hundred bytes.
@@ -86,8 +95,12 @@ def path_parameter(raw: str) -> str:
     return unquote(raw)
 
 
-def error_response(status_code: int, code: str, message: str) -> Response:
-    return json_response(json.dumps(error_body(code, message)), status_code)
+def error_response(status_code: int, code: str, message: str, retry_after: int | None = None) -> Response:
+    """Our one error shape; every 503 says when to retry."""
+    if status_code == 503 and retry_after is None:
+        retry_after = ServiceUnavailable.retry_after
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return json_response(json.dumps(error_body(code, message)), status_code, headers)
 
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
@@ -95,7 +108,8 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
     problems, status = [], 400
     for error in errors:
         if error.get("type") == "json_invalid":
-            problems.append("body: not valid JSON")
+            detail = str((error.get("ctx") or {}).get("error") or "").strip()
+            problems.append(f"body: not valid JSON ({detail})" if detail else "body: not valid JSON")
             continue
         location = [str(part) for part in error.get("loc", ())]
         if location and location[0] == "body":
@@ -107,13 +121,13 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
 
 def create_resolver() -> APIGatewayHttpResolver:
     get_settings()  # configuration is validated at cold start; a bad variable stops start-up, named
-    app = APIGatewayHttpResolver(enable_validation=True, json_body_deserializer=_json_loads)
+    app = APIGatewayHttpResolver(enable_validation=True, json_body_deserializer=strictjson.loads)
 
     @app.exception_handler(CandlecastError)
     def _domain_error(error: CandlecastError) -> Response:
         if error.status >= 500:
             logger.warning("request failed", extra={"code": error.code, "error": error.message})
-        return error_response(error.status, error.code, error.message)
+        return error_response(error.status, error.code, error.message, retry_after(error))
 
     @app.exception_handler(RequestValidationError)
     def _validation_error(error: RequestValidationError) -> Response:
@@ -164,14 +178,6 @@ def _refused_body(event: dict) -> CandlecastError | None:
         event["headers"] = {name: value for name, value in event["headers"].items() if name.lower() != "content-type"}
         event["headers"]["content-type"] = "application/json"
     return None
-
-
-def _json_loads(text: str | bytes) -> Any:
-    """json.loads for request bodies: absurd nesting is invalid JSON (a 400), not a RecursionError."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", str(text)[:20], 0) from None
 
 
 def _error_result(error: CandlecastError) -> dict:

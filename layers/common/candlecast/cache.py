@@ -1,7 +1,9 @@
 """Redis cache: key generators, operations and domain helpers with per-kind TTLs.
 
 A cache outage costs latency, never a request: reads miss, writes are skipped, and one warning is
-logged per outage (not one per request).
+logged per outage (not one per request). Only the requests in flight when Redis stops answering wait
+(at most the socket timeout, once); after that no request touches Redis until a background probe sees
+it answer again, so there is no spike of timeouts each time a back-off expires.
 """
 
 import json
@@ -26,9 +28,10 @@ TTL_SECONDS = {
     "top_symbols": 60 * 60,
     "search": 5 * 60,
     "track_record": 10 * 60,  # dropped whenever a scoring run records new scores
+    "upstream_failure": 30,  # a failing upstream is asked again at most this often per symbol and timeframe
 }
-# After an error, skip Redis for this long so a down cache does not cost a timeout on every call.
-OUTAGE_BACKOFF_SECONDS = 5.0
+# While Redis is down, a background probe pings it this often; requests skip it until a ping succeeds.
+PROBE_INTERVAL_SECONDS = 0.5
 NAMESPACE = "cc:v1"
 
 
@@ -45,6 +48,10 @@ class keys:
     def prediction_request(request_hash: str) -> str:
         """A create request's identity: symbol, timeframe, model and last candle, hashed by the service."""
         return f"{NAMESPACE}:prediction-request:{request_hash}"
+
+    @staticmethod
+    def upstream_failure(ticker: str, timeframe: str) -> str:
+        return f"{NAMESPACE}:upstream-failure:{ticker}:{timeframe}"
 
     @staticmethod
     def symbol(ticker: str) -> str:
@@ -82,8 +89,8 @@ class keys:
 
 _client: redis.Redis | None = None
 _client_lock = threading.Lock()
-_down_until = 0.0
-_outage_logged = False
+_down = False
+_generation = 0  # reset_client starts a new one; a probe of an older one stops
 
 
 def get_client() -> redis.Redis:
@@ -96,7 +103,8 @@ def get_client() -> redis.Redis:
                     settings.redis_url,
                     socket_timeout=settings.redis_socket_timeout,
                     socket_connect_timeout=settings.redis_socket_timeout,
-                    retry=Retry(NoBackoff(), retries=1),
+                    # No retry: a request waits at most one socket timeout for a cache.
+                    retry=Retry(NoBackoff(), retries=0),
                     retry_on_timeout=False,
                     health_check_interval=30,
                 )
@@ -104,31 +112,54 @@ def get_client() -> redis.Redis:
 
 
 def reset_client() -> None:
-    global _client, _down_until, _outage_logged
+    global _client, _down, _generation
     with _client_lock:
         if _client is not None:
             _client.close()
         _client = None
-        _down_until = 0.0
-        _outage_logged = False
+        _down = False
+        _generation += 1
+
+
+def is_down() -> bool:
+    return _down
+
+
+def _mark_down(error: redis.RedisError) -> None:
+    global _down
+    with _client_lock:
+        if _down:
+            return
+        _down = True
+        generation = _generation
+    logger.warning("cache unavailable; serving without it", extra={"error": type(error).__name__})
+    threading.Thread(target=_probe, args=(generation,), name="cache-probe", daemon=True).start()
+
+
+def _probe(generation: int) -> None:
+    """Ping until Redis answers, then let requests use it again (only this thread waits on a dead cache)."""
+    global _down
+    while generation == _generation:
+        time.sleep(PROBE_INTERVAL_SECONDS)
+        try:
+            get_client().ping()
+        except redis.RedisError:
+            continue
+        with _client_lock:
+            if generation == _generation:
+                _down = False
+        logger.info("cache available again")
+        return
 
 
 def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None) -> Any:
-    global _down_until, _outage_logged
-    if time.monotonic() < _down_until:
+    if _down:
         return default
     try:
-        result = operation(get_client())
+        return operation(get_client())
     except redis.RedisError as error:
-        _down_until = time.monotonic() + OUTAGE_BACKOFF_SECONDS
-        if not _outage_logged:
-            logger.warning("cache unavailable; serving without it", extra={"error": str(error)})
-            _outage_logged = True
+        _mark_down(error)
         return default
-    if _outage_logged:
-        logger.info("cache available again")
-        _outage_logged = False
-    return result
 
 
 def ping() -> bool:
@@ -218,6 +249,20 @@ def set_created_prediction(prediction_id: str, body: bytes, request_hash: str | 
         return all(pipeline.execute())
 
     return bool(_guarded(write, default=False))
+
+
+def get_upstream_failure(ticker: str, timeframe: str) -> dict | None:
+    """The failure remembered for this symbol and timeframe ({status, code, message, until}), if any."""
+    failure = get_json(keys.upstream_failure(ticker, timeframe))
+    return failure if isinstance(failure, dict) else None
+
+
+def set_upstream_failure(ticker: str, timeframe: str, status: int, code: str, message: str) -> int:
+    """Remember a failed upstream fetch briefly; returns the seconds it is remembered for."""
+    ttl = TTL_SECONDS["upstream_failure"]
+    failure = {"status": status, "code": code, "message": message, "until": time.time() + ttl}
+    set_json(keys.upstream_failure(ticker, timeframe), failure, ttl)
+    return ttl
 
 
 def get_symbol_bytes(ticker: str) -> bytes | None:

@@ -15,6 +15,10 @@ class ConfigurationError(RuntimeError):
     """Start-up stops with this; the message names each bad variable."""
 
 
+class PublicSigningKeyError(ConfigurationError):
+    """The development signing key, which anyone can read, outside a local stage."""
+
+
 class DatabaseSettings(BaseSettings):
     """What reaching the database needs, and nothing else (migrations run with only this)."""
 
@@ -25,7 +29,9 @@ class DatabaseSettings(BaseSettings):
     db_secret_arn: str | None = Field(None, description="Secrets Manager secret with the DB credentials")
     db_prepare_threshold: int | None = Field(5, description="psycopg prepare_threshold; empty/None for RDS Proxy")
     db_pool_max_size: int = Field(2, ge=1, le=64)
-    db_pool_timeout: float = Field(1.5, gt=0, le=10, description="seconds to wait for a pooled connection")
+    db_pool_timeout: float = Field(1.0, gt=0, le=10, description="seconds to wait for a pooled connection")
+    db_statement_timeout: float = Field(1.0, gt=0, le=120, description="seconds one statement of a request may "
+                                        "take (statement_timeout; lock_timeout is half); batch functions set more")
     aws_region: str = Field("us-east-1")
 
     @model_validator(mode="wrap")
@@ -97,6 +103,24 @@ def get_database_settings() -> DatabaseSettings:
 
 
 def _secret(arn: str) -> str:
+    """The secret's value, which the log filter then redacts wherever it appears (and, for a JSON secret such
+    as the database's, each of its longer string values)."""
+    from candlecast import redaction
+
+    value = _fetch_secret(arn)
+    redaction.register(value)
+    try:
+        import json
+
+        document = json.loads(value)
+        if isinstance(document, dict):
+            redaction.register(*(item for item in document.values() if isinstance(item, str) and len(item) >= 8))
+    except ValueError:
+        pass
+    return value
+
+
+def _fetch_secret(arn: str) -> str:
     """From the Parameters and Secrets Lambda Extension when it is attached (no boto3 on the cold path),
     else, or when it fails, from the Secrets Manager API through Powertools (boto3, cached 5 minutes)."""
     if port := os.environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"):
@@ -151,11 +175,24 @@ def database_conninfo(settings: DatabaseSettings) -> str:
 
 def model_signing_key(settings: Settings) -> bytes:
     if settings.model_signing_key is not None:
-        return settings.model_signing_key.get_secret_value().encode()
-    if settings.model_signing_key_secret_arn:
-        return _secret(settings.model_signing_key_secret_arn).encode()
-    # No silent fallback: a forgotten key must not turn into the public development key.
-    raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set")
+        key = settings.model_signing_key.get_secret_value()
+    elif settings.model_signing_key_secret_arn:
+        key = _secret(settings.model_signing_key_secret_arn)
+    else:
+        # No silent fallback: a forgotten key must not turn into the public development key.
+        raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set")
+    # The development key is in this repository: anyone can sign a pickle with it. Only a stage that says
+    # it is local (STAGE=local, explicitly) may use it.
+    if key.strip() == LOCAL_MODEL_SIGNING_KEY and not _explicitly_local(settings):
+        raise PublicSigningKeyError(
+            f"the model signing key is the public development key, refused for STAGE={settings.stage}; "
+            "set a secret key of this stage's own"
+        )
+    return key.encode()
+
+
+def _explicitly_local(settings: Settings) -> bool:
+    return settings.stage == "local" and "stage" in settings.model_fields_set
 
 
 def polygon_api_key(settings: Settings) -> str | None:

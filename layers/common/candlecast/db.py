@@ -1,9 +1,19 @@
-"""One psycopg_pool.ConnectionPool per container, opened lazily and reused across invocations."""
+"""One psycopg_pool.ConnectionPool per container, opened lazily and reused across invocations.
 
+Every use of a connection is bounded: PostgreSQL's statement_timeout and lock_timeout end slow work on
+the server, and a client-side watchdog shuts the socket of a connection whose server stops answering
+(a frozen server enforces no timeout of its own). After a failure the database is skipped for a moment,
+so requests fail fast with 503 instead of each waiting out the pool timeout.
+"""
+
+import contextlib
 import select
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import psycopg
 from aws_lambda_powertools import Logger
@@ -16,27 +26,57 @@ from candlecast.errors import DatabaseUnavailable
 logger = Logger(child=True)
 _pool: ConnectionPool | None = None
 _pool_lock = threading.Lock()
+_down_until = 0.0
+# After a failure, requests skip the database this long, then try again (recovery is this quick).
+FAIL_FAST_SECONDS = 0.5
+# A slot whose connection attempts keep failing is given back this soon, so the next request tries afresh
+# instead of waiting out the pool's growing back-off (30 s by default) after the server returns.
+RECONNECT_SECONDS = 1.0
+
+
+class _WatchedCursor(psycopg.Cursor):
+    """Each statement restarts its connection's watchdog: a long block of quick statements is fine, one
+    statement (or pipeline) the server stops answering is not."""
+
+    def execute(self, *args, **kwargs):
+        _watchdog.rearm(self.connection)
+        return super().execute(*args, **kwargs)
+
+    def executemany(self, *args, **kwargs):
+        _watchdog.rearm(self.connection)
+        return super().executemany(*args, **kwargs)
 
 
 def _configure(conn: psycopg.Connection) -> None:
+    conn.cursor_factory = _WatchedCursor
     conn.prepare_threshold = get_settings().db_prepare_threshold
     # Reads need no BEGIN/COMMIT round trips; writes that span statements use conn.transaction().
     conn.autocommit = True
+
+
+def _server_options() -> str:
+    settings = get_settings()
+    statement_ms = int(settings.db_statement_timeout * 1000)
+    return f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms // 2}"
+
+
+CHECK_SECONDS = 0.5  # an empty query answers in a millisecond when the server is there at all
 
 
 def check_connection(conn: psycopg.Connection) -> None:
     """The pool's check before it lends a connection, without a round trip in the usual case.
 
     An idle connection receives nothing unless the server ends it (a restart, a failover, an idle timeout,
-    pg_terminate_backend): then its socket is readable, and only then is a real round trip made, which
-    raises and makes the pool open a new connection. `make bench` measures this against a round trip on
-    every checkout and against retrying once on a broken connection.
+    pg_terminate_backend): then its socket is readable, and only then is a real round trip made (bounded
+    by the watchdog), which raises and makes the pool open a new connection. `make bench` measures this
+    against a round trip on every checkout and against retrying once on a broken connection.
     """
     if conn.closed or conn.broken:
         raise psycopg.OperationalError("the connection is closed")
     readable, _, _ = select.select([conn.fileno()], [], [], 0)
     if readable:
-        ConnectionPool.check_connection(conn)
+        with _deadline(conn, CHECK_SECONDS):
+            ConnectionPool.check_connection(conn)
 
 
 def get_pool() -> ConnectionPool:
@@ -50,10 +90,11 @@ def get_pool() -> ConnectionPool:
                     min_size=0,
                     max_size=settings.db_pool_max_size,
                     timeout=settings.db_pool_timeout,
-                    reconnect_timeout=30,
+                    reconnect_timeout=RECONNECT_SECONDS,
                     check=check_connection,
                     configure=_configure,
-                    kwargs={"row_factory": dict_row, "connect_timeout": 2, "application_name": "candlecast"},
+                    kwargs={"row_factory": dict_row, "connect_timeout": 2, "application_name": "candlecast",
+                            "options": _server_options()},
                     name="candlecast",
                     open=True,
                 )
@@ -61,22 +102,127 @@ def get_pool() -> ConnectionPool:
 
 
 def close_pool() -> None:
-    global _pool
+    global _pool, _down_until
     with _pool_lock:
         if _pool is not None:
             _pool.close()
             _pool = None
+        _down_until = 0.0
+
+
+def _shut_socket(conn: psycopg.Connection) -> None:
+    """Unblock whoever waits on this connection: its socket reads end-of-file, psycopg raises
+    OperationalError, and the pool discards the connection."""
+    with contextlib.suppress(Exception):
+        sock = socket.socket(fileno=conn.fileno())
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.detach()  # the descriptor stays psycopg's
+
+
+class _Watchdog:
+    """One daemon thread that shuts the sockets of connections held past their deadline (a thread per
+    use would cost ~0.3 ms; arming this costs a lock and a dict entry)."""
+
+    def __init__(self) -> None:
+        self._deadlines: dict[int, tuple[float, float, psycopg.Connection]] = {}  # deadline, limit, conn
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, conn: psycopg.Connection, seconds: float) -> int:
+        with self._wake:
+            token = id(conn)
+            self._deadlines[token] = (time.monotonic() + seconds, seconds, conn)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="db-watchdog", daemon=True)
+                self._thread.start()
+            return token
+
+    def rearm(self, conn: psycopg.Connection) -> None:
+        with self._wake:
+            entry = self._deadlines.get(id(conn))
+            if entry is not None:
+                self._deadlines[id(conn)] = (time.monotonic() + entry[1], entry[1], conn)
+
+    def disarm(self, token: int) -> None:
+        with self._wake:
+            self._deadlines.pop(token, None)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, _, conn) in list(self._deadlines.items()):
+                    if deadline <= now:
+                        del self._deadlines[token]
+                        _shut_socket(conn)
+                soonest = min((deadline for deadline, _, _ in self._deadlines.values()), default=now + 1.0)
+                self._wake.wait(min(0.25, max(0.01, soonest - now)))
+
+
+_watchdog = _Watchdog()
 
 
 @contextmanager
-def connection() -> Iterator[psycopg.Connection]:
-    """A pooled autocommit connection; an unreachable database becomes DatabaseUnavailable."""
+def _deadline(conn: psycopg.Connection, seconds: float | None = None) -> Iterator[None]:
+    """Shut the connection's socket if, `seconds` after the block or its latest statement started, it is still
+    running: a server that has stopped answering (frozen, or its host gone) would otherwise hold the request
+    until Lambda's timeout."""
+    token = _watchdog.arm(conn, seconds if seconds is not None else get_settings().db_statement_timeout + 0.1)
     try:
-        with get_pool().connection() as conn:
-            yield conn
+        yield
+    finally:
+        _watchdog.disarm(token)
+
+
+def _unavailable(error: Exception, what: str) -> DatabaseUnavailable:
+    global _down_until
+    _down_until = time.monotonic() + FAIL_FAST_SECONDS
+    logger.warning(what, extra={"error": type(error).__name__})
+    return DatabaseUnavailable("the database is unavailable; try again shortly")
+
+
+_batch_budget: ContextVar[float | None] = ContextVar("db_batch_budget", default=None)
+
+
+@contextmanager
+def batch(seconds: float) -> Iterator[None]:
+    """Within this block every `connection()` is batch work: `seconds` per statement and to get a connection
+    (seeding, scoring a backlog), not a request's DB_STATEMENT_TIMEOUT."""
+    token = _batch_budget.set(seconds)
+    try:
+        yield
+    finally:
+        _batch_budget.reset(token)
+
+
+@contextmanager
+def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
+    """A pooled autocommit connection for one short piece of database work (never hold it across a call
+    to storage or an upstream). An unreachable or stalled database becomes DatabaseUnavailable (503).
+
+    The block gets DB_STATEMENT_TIMEOUT seconds; batch work (seed, ingest) passes a larger `budget`,
+    which also raises the server's statement_timeout for the block.
+    """
+    budget = budget if budget is not None else _batch_budget.get()
+    if budget is None and time.monotonic() < _down_until:
+        raise DatabaseUnavailable("the database is unavailable; try again shortly")
+    try:
+        with get_pool().connection(timeout=budget) as conn, _deadline(conn, budget):
+            if budget is None:
+                yield conn
+                return
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(budget * 1000)}ms",))
+            try:
+                yield conn
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("RESET statement_timeout")
     except PoolTimeout as error:
-        logger.warning("database pool timeout", extra={"error": str(error)})
-        raise DatabaseUnavailable("the database is unavailable; try again shortly") from error
+        raise _unavailable(error, "database pool timeout") from error
+    except psycopg.errors.QueryCanceled as error:  # statement_timeout or lock_timeout: the server answers
+        logger.warning("database statement timed out")
+        raise DatabaseUnavailable("the database did not answer in time; try again shortly") from error
     except psycopg.OperationalError as error:
-        logger.warning("database operational error", extra={"error": str(error)})
-        raise DatabaseUnavailable("the database is unavailable; try again shortly") from error
+        raise _unavailable(error, "database operational error") from error

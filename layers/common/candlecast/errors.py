@@ -38,12 +38,21 @@ class UnsupportedMediaType(CandlecastError):
 
 
 class ServiceUnavailable(CandlecastError):
+    """A dependency failed; the answer carries Retry-After (seconds)."""
+
     status = 503
     code = "service_unavailable"
+    retry_after = 2
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
+        super().__init__(message, code=code)
+        if retry_after is not None:
+            self.retry_after = max(1, int(retry_after))
 
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
+    retry_after = 1
 
 
 class StorageUnavailable(ServiceUnavailable):
@@ -52,6 +61,7 @@ class StorageUnavailable(ServiceUnavailable):
 
 class ModelUnavailable(ServiceUnavailable):
     code = "model_unavailable"
+    retry_after = 30
 
 
 class ModelIntegrityError(CandlecastError):
@@ -59,6 +69,14 @@ class ModelIntegrityError(CandlecastError):
 
     status = 503
     code = "model_integrity"
+    retry_after = 60
+
+
+def retry_after(error: CandlecastError) -> int | None:
+    """Seconds a client should wait before retrying, for every 503."""
+    if error.status != 503:
+        return None
+    return getattr(error, "retry_after", ServiceUnavailable.retry_after)
 
 
 def error_body(code: str, message: str) -> dict:

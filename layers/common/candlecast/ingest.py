@@ -12,6 +12,7 @@ numpy is imported lazily: `candlecast --help` and the CLI registration stay ligh
 """
 
 import argparse
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from aws_lambda_powertools import Logger
 
-from candlecast.errors import CandlecastError, NotFound
+from candlecast import cache
+from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
 from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
@@ -34,6 +36,7 @@ logger = Logger(child=True)
 
 DEFAULT_TOP_SYMBOLS = 500
 DEFAULT_CONCURRENCY = 8
+BATCH_DB_SECONDS = 60  # the symbol refresh upserts thousands of rows in one transaction
 # The Polygon bars each timeframe is built from, and how far back a first run reaches.
 SOURCE_OF: dict[str, Timeframe] = {"1h": "1h", "4h": "1h", "1d": "1d", "1w": "1d", "1m": "1d"}
 POLYGON_SPAN = {"1h": (1, "hour"), "1d": (1, "day")}
@@ -106,7 +109,7 @@ def rank_symbols(
 def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tuple[int, int, list[str]]:
     """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive.
     Returns (upserted, inactivated, problems)."""
-    from candlecast import cache, db
+    from candlecast import db
     from candlecast.repositories import symbols as symbol_repository
 
     reference = client.crypto_tickers()
@@ -122,7 +125,7 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tu
     symbols, problems = rank_symbols(reference, grouped)
     if not symbols:
         raise PolygonBadResponse(f"none of Polygon's {len(reference)} tickers was usable; symbols left unchanged")
-    with db.connection() as conn, conn.transaction():
+    with db.connection(budget=BATCH_DB_SECONDS) as conn, conn.transaction():
         upserted = symbol_repository.upsert_symbols(conn, symbols)
         inactivated = symbol_repository.mark_inactive_except(conn, [symbol.ticker for symbol in symbols])
     cache.invalidate_symbols()
@@ -224,6 +227,17 @@ def ingest_symbol(
     return files, added
 
 
+def record_candle_timeframes(ticker: str) -> None:
+    """Tell clients which timeframes of `ticker` can be forecast from stored candles (Symbol.candle_timeframes)."""
+    from candlecast import db, storage
+    from candlecast.repositories import symbols as symbol_repository
+
+    timeframes = storage.stored_timeframes(ticker)
+    with db.connection() as conn:
+        symbol_repository.set_candle_timeframes(conn, ticker, timeframes)
+    cache.delete(cache.keys.symbol(ticker))
+
+
 def _same(left: "Candles", right: "Candles") -> bool:
     import numpy as np
 
@@ -264,6 +278,7 @@ def run_ingest(
         if deadline is not None and time.monotonic() >= deadline:
             return None
         files, added = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
+        record_candle_timeframes(ticker)
         return ticker, files, added
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
@@ -353,16 +368,38 @@ def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now:
             "Polygon API key is configured to fetch them (set POLYGON_API_KEY)",
             code="candles_unavailable",
         )
+    remembered = cache.get_upstream_failure(ticker, timeframe)
+    if remembered is not None:
+        raise _failure_error(remembered)
     now = now if now is not None else int(time.time())
     source = SOURCE_OF[timeframe]
     # Enough source bars for last_n target candles, plus one partial bucket at each end.
     span = (last_n + 2) * nominal_seconds(timeframe)
-    candles = fetch_candles(client, ticker, source, now - span - (now - span) % 86400, now)
-    candles = resample(candles, source, timeframe).tail(last_n) if len(candles) else candles
-    if len(candles) == 0:
-        raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
+    try:
+        candles = fetch_candles(client, ticker, source, now - span - (now - span) % 86400, now)
+        candles = resample(candles, source, timeframe).tail(last_n) if len(candles) else candles
+        if len(candles) == 0:
+            raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
+    except CandlecastError as error:
+        # Remembered briefly, so anonymous clients cannot turn one failing symbol into a stream of calls.
+        logger.warning("upstream fetch failed", extra={"ticker": ticker, "timeframe": timeframe,
+                                                        "code": error.code, "error": error.message})
+        message = (f"Polygon has no recent {timeframe} candles for {ticker}" if error.status == 404 else
+                   f"{timeframe} candles for {ticker} could not be fetched from Polygon; try again later")
+        ttl = cache.set_upstream_failure(ticker, timeframe, error.status, error.code, message)
+        raise _failure_error({"status": error.status, "code": error.code, "message": message,
+                              "until": time.time() + ttl}) from None
     storage.cache_candles(ticker, timeframe, candles, last_n)
     return candles
+
+
+def _failure_error(failure: dict) -> CandlecastError:
+    """The client's error for a remembered upstream failure: our words, never the upstream's."""
+    code, message = str(failure.get("code", "polygon_unavailable")), str(failure.get("message", ""))
+    if failure.get("status") == 404:
+        return NotFound(message, code=code)
+    seconds = float(failure.get("until", 0)) - time.time()
+    return ServiceUnavailable(message, code=code, retry_after=max(1, math.ceil(seconds)))
 
 
 # --- CLI ----------------------------------------------------------------------------------------

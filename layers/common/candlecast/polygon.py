@@ -8,7 +8,6 @@ The API key travels only in the Authorization header (never in a URL), and next_
 re-based onto the configured host, so the key is never sent elsewhere and never appears in logs.
 """
 
-import json
 import random
 import threading
 import time
@@ -17,6 +16,7 @@ from urllib.parse import urlencode, urlsplit
 
 from aws_lambda_powertools import Logger
 
+from candlecast import strictjson
 from candlecast.errors import NotFound, ServiceUnavailable
 
 logger = Logger(child=True)
@@ -135,15 +135,16 @@ class PolygonClient:
                 status = response.status
                 if status == 200:
                     return _decode(response.data, where)
+                # Polygon's own text is never passed on: it can echo what it was sent, the key included.
                 if status in (401, 403):
                     raise PolygonAuthError(
-                        f"Polygon refused the API key with HTTP {status} on {where}: "
-                        f"{_error_text(response.data)} (check POLYGON_API_KEY and the plan's entitlements)"
+                        f"Polygon refused the API key with HTTP {status} on {where} "
+                        "(check POLYGON_API_KEY and the plan's entitlements)"
                     )
                 if status == 404:
-                    raise PolygonNotFound(f"Polygon has nothing at {where}: {_error_text(response.data)}")
+                    raise PolygonNotFound(f"Polygon has nothing at {where}")
                 if status not in RETRY_STATUSES:
-                    raise PolygonError(f"Polygon answered HTTP {status} on {where}: {_error_text(response.data)}")
+                    raise PolygonError(f"Polygon answered HTTP {status} on {where}")
                 problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             if retry_after and retry_after.isdigit():
@@ -188,22 +189,14 @@ class PolygonClient:
 
 def _decode(data: bytes, where: str) -> dict:
     try:
-        body = json.loads(data)
+        body = strictjson.loads(data)
     except ValueError:
         raise PolygonBadResponse(f"Polygon sent a body that is not JSON on {where}") from None
     if not isinstance(body, dict):
         raise PolygonBadResponse(f"Polygon sent JSON that is not an object on {where}")
     if body.get("status") == "ERROR":
-        raise PolygonError(f"Polygon reported an error on {where}: {_error_text(data)}")
+        raise PolygonError(f"Polygon reported an error on {where}")
     return body
-
-
-def _error_text(data: bytes) -> str:
-    try:
-        body = json.loads(data)
-        return str(body.get("error") or body.get("message") or body.get("status") or "no detail")[:300]
-    except (ValueError, AttributeError):
-        return data[:200].decode("utf-8", "replace") or "empty body"
 
 
 # Inside an API request (29 s Lambda timeout) Polygon gets a few seconds; the weekly refresh gets minutes.

@@ -64,6 +64,10 @@ class Symbol(_Read):
     volume_rank: int | None
     is_active: bool
     updated_at: datetime
+    candle_timeframes: list[Timeframe] = Field(
+        default_factory=list, description="timeframes with stored candles: these can be forecast now")
+    fetchable: bool = Field(
+        False, description="other timeframes are fetched from Polygon on demand (this deployment has a key)")
 
 
 class ModelCreate(BaseModel):

@@ -30,6 +30,7 @@ MANIFEST_FILE = "manifest.json"
 
 TRACK_RECORD_ORIGINS = 15  # origins per series when no --as-of is given
 TRACK_RECORD_STRIDE = 4  # candles between two origins
+BATCH_DB_SECONDS = 60  # per statement and per connection wait while seeding
 
 
 @dataclass
@@ -64,10 +65,20 @@ def read_symbols(path: Path) -> list:
                 quote_currency=row["quote_currency"],
                 volume_24h=Decimal(row["volume_24h"]) if row.get("volume_24h") else None,
                 volume_rank=int(row["volume_rank"]) if row.get("volume_rank") else None,
-                metadata={"source": row["source"]} if row.get("source") else {},
+                metadata={**({"source": row["source"]} if row.get("source") else {}),
+                          "candle_timeframes": stored_timeframes(path.parent, row["ticker"])},
             )
             for row in csv.DictReader(handle)
         ]
+
+
+def stored_timeframes(data_dir: Path, ticker: str) -> list[str]:
+    """The timeframes data/ holds candles for (the bucket gets the same files)."""
+    from candlecast.tickers import normalize_ticker, storage_name
+    from candlecast.timeframes import TIMEFRAMES
+
+    folder = data_dir / storage_name(normalize_ticker(ticker))
+    return [timeframe for timeframe in TIMEFRAMES if (folder / f"{timeframe}.parquet").is_file()]
 
 
 def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
@@ -238,22 +249,23 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
          as_of: datetime | None = None) -> SeedReport:
     """Symbols into the database, data/ and models/ into the bucket, models registered, and (with
     `track_record`, as the CLI and `make run` do) a track record from past origins. Idempotent."""
-    from candlecast import cache, storage
+    from candlecast import cache, db, storage
 
     report = SeedReport()
     models = checked_models(models_dir, resign) if models_dir.is_dir() else []
-    report.symbols = seed_symbols(data_dir)
-    if data_dir.is_dir():
-        report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
-    if models_dir.is_dir():
-        if not models:
-            print(f"no models in {models_dir / MANIFEST_FILE}; none registered")
-        # Each file and its signature land on their keys before the row that names them.
-        report.model_files = 2 * len(models)
-        report.models = register_models(models, progress=progress)
-        cache.invalidate_track_record()
-    if track_record and data_dir.is_dir() and report.models:
-        report.past_predictions, report.scored_steps = build_track_record(data_dir, as_of, progress)
+    with db.batch(BATCH_DB_SECONDS):  # batch work: not a request's 1 s bound
+        report.symbols = seed_symbols(data_dir)
+        if data_dir.is_dir():
+            report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
+        if models_dir.is_dir():
+            if not models:
+                print(f"no models in {models_dir / MANIFEST_FILE}; none registered")
+            # Each file and its signature land on their keys before the row that names them.
+            report.model_files = 2 * len(models)
+            report.models = register_models(models, progress=progress)
+            cache.invalidate_track_record()
+        if track_record and data_dir.is_dir() and report.models:
+            report.past_predictions, report.scored_steps = build_track_record(data_dir, as_of, progress)
     return report
 
 

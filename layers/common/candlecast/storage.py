@@ -94,7 +94,8 @@ def _make_boto3_client() -> Any:
     from botocore.config import Config
 
     settings = get_settings()
-    config = Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
+    # A stalled S3 must fail a request well inside its Lambda timeout, as storage_unavailable.
+    config = Config(connect_timeout=1, read_timeout=2, retries={"total_max_attempts": 2, "mode": "standard"})
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region, config=config
     )
@@ -104,7 +105,10 @@ def _make_filesystem() -> Any:
     from pyarrow import fs
 
     settings = get_settings()
-    options: dict[str, Any] = {"region": settings.aws_region, "connect_timeout": 2, "request_timeout": 10}
+    # Candle tails are small: a request that takes longer than this is a stalled S3, answered at once as
+    # storage_unavailable with Retry-After (a retry would double the wait; most reads hit the Redis copy).
+    options: dict[str, Any] = {"region": settings.aws_region, "connect_timeout": 1, "request_timeout": 0.8,
+                               "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=1)}
     if settings.s3_endpoint_url:
         # pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be given explicitly, without its scheme.
         endpoint = urlparse(settings.s3_endpoint_url)
@@ -150,10 +154,12 @@ def _unavailable_as_503(key: str) -> Iterator[None]:
     except ClientError as error:
         if _is_missing(error):
             raise
-        logger.warning("storage request failed", extra={"key": key, "error": str(error)})
+        # The error's code, not S3's text: an upstream's words stay out of logs and answers.
+        code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", "unknown"))
+        logger.warning("storage request failed", extra={"key": key, "error": code})
         raise StorageUnavailable("storage is unavailable; try again shortly") from error
     except (BotoCoreError, OSError) as error:
-        logger.warning("storage unreachable", extra={"key": key, "error": str(error)})
+        logger.warning("storage unreachable", extra={"key": key, "error": type(error).__name__})
         raise StorageUnavailable("storage is unavailable; try again shortly") from error
 
 
@@ -422,6 +428,14 @@ def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = 
     if use_cache and len(candles):
         cache_candles(ticker, timeframe, candles, last_n)
     return candles
+
+
+def stored_timeframes(ticker: str) -> list[str]:
+    """The timeframes the bucket holds a candle file of `ticker` for, in TIMEFRAMES order."""
+    from candlecast.timeframes import TIMEFRAMES
+
+    keys = set(list_keys(candles_key(ticker, "").rsplit("/", 1)[0] + "/"))
+    return [timeframe for timeframe in TIMEFRAMES if candles_key(ticker, timeframe) in keys]
 
 
 def read_all_candles(ticker: str, timeframe: str) -> "Candles | None":

@@ -9,14 +9,24 @@ MAX_TICKER_LENGTH = 32
 # letters and digits. normalize_ticker accepts every such string (and a few more: surrounding blanks, more
 # separators).
 TICKER_PATTERN = r"^(?:[Xx]:)?[A-Za-z0-9]{1,12}[-/_]?[A-Za-z0-9]{1,12}$"
-_PAIR = re.compile(r"^[A-Z0-9]{2,24}$")
+_PAIR = re.compile(r"[A-Z0-9]{2,24}")  # always fullmatch: `$` would accept a trailing newline
 # Longest first, so that BTCUSDT splits as BTC/USDT, not BTCUSD/T.
 KNOWN_QUOTES = ("USDT", "USDC", "BUSD", "TUSD", "USD", "EUR", "GBP", "JPY", "BTC", "ETH", "BNB")
 
 
 def compact_pair(raw: str) -> str:
-    """`x:btc-usd`, `BTC/USD`, `btc_usd` -> `BTCUSD`: upper case, no `X:` prefix, no separators."""
-    return raw.strip().upper().removeprefix("X:").replace("-", "").replace("/", "").replace("_", "")
+    """`x:btc-usd`, `BTC/USD`, `btc_usd` -> `BTCUSD`: upper case, no `X:` prefix, no separators.
+
+    Only ASCII is folded: `str.upper` would turn `ſ` into `S` and `ﬀ` into `FF`, naming another symbol.
+    """
+    if not raw.isascii():
+        return raw
+    return raw.strip(" ").upper().removeprefix("X:").replace("-", "").replace("/", "").replace("_", "")
+
+
+def is_ticker_like(text: str) -> bool:
+    """ASCII letters and digits only (str.isalnum also accepts other scripts' letters and digits)."""
+    return text.isascii() and text.isalnum()
 
 
 def normalize_ticker(raw: str) -> str:
@@ -24,9 +34,9 @@ def normalize_ticker(raw: str) -> str:
     if len(raw) > MAX_TICKER_LENGTH:
         raise BadRequest(f"ticker is longer than {MAX_TICKER_LENGTH} characters", code="invalid_ticker")
     pair = compact_pair(raw)
-    if not _PAIR.match(pair):
+    if not raw.isascii() or not _PAIR.fullmatch(pair):
         raise BadRequest(
-            "ticker must look like X:BTCUSD, BTCUSD or BTC-USD (letters and digits only)", code="invalid_ticker"
+            "ticker must look like X:BTCUSD, BTCUSD or BTC-USD (ASCII letters and digits only)", code="invalid_ticker"
         )
     return f"X:{pair}"
 

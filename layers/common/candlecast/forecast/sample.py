@@ -12,7 +12,10 @@ from candlecast.tickers import normalize_ticker, storage_name
 from candlecast.timeframes import TIMEFRAMES
 
 SAMPLE_PAIRS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XMRUSD")  # three hourly Binance pairs, one daily-only pair
-SAMPLE_CANDLES = 600  # newest candles kept per timeframe
+SAMPLE_CANDLES = 600  # newest candles kept per timeframe for SAMPLE_PAIRS
+# Every other listed pair gets a short tail, enough for any model's lookback (at most 193), so each
+# symbol the sample lists can be forecast at each timeframe its data gives.
+LISTED_CANDLES = 220
 ROW_GROUP_SIZE = 1024
 SYMBOL_COLUMNS = ("ticker", "name", "base_currency", "quote_currency", "volume_24h", "volume_rank", "source")
 COIN_NAMES = {
@@ -56,7 +59,7 @@ def _sources(source_dir: Path) -> dict[str, str]:
 
 
 def build_sample(source_dir: Path, out_dir: Path, pairs=SAMPLE_PAIRS, keep: int = SAMPLE_CANDLES,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, keep_listed: int = LISTED_CANDLES) -> dict:
     """Write the sample Parquet files and symbols.csv; returns {'files': [...], 'symbols': n}."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     series_list = list_series(source_dir)
@@ -69,7 +72,7 @@ def build_sample(source_dir: Path, out_dir: Path, pairs=SAMPLE_PAIRS, keep: int 
 
         items = tqdm(series_list, desc="build-sample", unit="file")
     symbols: dict[str, dict] = {}
-    written = []
+    chosen: dict[tuple[str, str], tuple[int, Series, Candles]] = {}  # (ticker, tf) -> the freshest source
     for series in items:
         candles = read_ohlcv(series.path)
         ticker = normalize_ticker(series.pair)
@@ -85,12 +88,16 @@ def build_sample(source_dir: Path, out_dir: Path, pairs=SAMPLE_PAIRS, keep: int 
         current = symbols.get(ticker)
         if current is None or row["_last"] > current["_last"]:  # the freshest file of a pair describes it
             symbols[ticker] = row
-        if series.pair not in pairs:
-            continue
         for timeframe in derived_timeframes(series):
-            path = out_dir / storage_name(ticker) / f"{timeframe}.parquet"
-            write_parquet(resample(candles, series.timeframe, timeframe).tail(keep), path)
-            written.append(str(path))
+            current = chosen.get((ticker, timeframe))
+            if current is None or row["_last"] > current[0]:
+                chosen[(ticker, timeframe)] = (row["_last"], series, candles)
+    written = []
+    for (ticker, timeframe), (_, series, candles) in sorted(chosen.items()):
+        path = out_dir / storage_name(ticker) / f"{timeframe}.parquet"
+        tail = keep if series.pair in pairs else keep_listed
+        write_parquet(resample(candles, series.timeframe, timeframe).tail(tail), path)
+        written.append(str(path))
     ranked = sorted(symbols.values(), key=lambda row: -row["volume_24h"])
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "symbols.csv").open("w", newline="") as handle:

@@ -79,10 +79,7 @@ def create_prediction(
     # Pipelined: BEGIN, the lock and the insert go in one round trip. The insert's snapshot is still taken
     # after the lock is granted, so it sees a concurrent twin that committed first.
     with conn.pipeline(), conn.transaction():
-        if prediction.idempotency_key is None:
-            # Without a key a prediction is recomputable derived data: its commit need not wait for the WAL
-            # flush (a crash may lose the last moments of them, never corrupt them). A keyed one is a promise.
-            conn.execute("SET LOCAL synchronous_commit = off")
+        # Every create commits durably (synchronous_commit stays on): a 201 is a promise, keyed or not.
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
         statement = CREATE_UNKEYED if prediction.idempotency_key is None else CREATE_KEYED
         row = conn.execute(statement, params).fetchone()

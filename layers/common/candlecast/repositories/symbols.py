@@ -7,7 +7,8 @@ from psycopg.types.json import Jsonb
 
 from candlecast.schemas import SymbolCreate
 
-SYMBOL_COLUMNS = "ticker, name, base_currency, quote_currency, market, volume_24h, volume_rank, is_active, updated_at"
+SYMBOL_COLUMNS = ("ticker, name, base_currency, quote_currency, market, volume_24h, volume_rank, is_active, "
+                  "updated_at, COALESCE(metadata->'candle_timeframes', '[]'::jsonb) AS candle_timeframes")
 
 _UPSERT = """
 INSERT INTO symbols (ticker, name, base_currency, quote_currency, market, volume_24h, volume_rank, is_active, metadata)
@@ -83,6 +84,15 @@ def search_symbols(conn: psycopg.Connection, query: str, limit: int, offset: int
     return conn.execute(_SEARCH, {"ticker": ticker, "ticker_end": ticker_end, "base": query.upper(), "name": name,
                                   "name_end": name_end, "limit": limit, "offset": offset,
                                   "window": limit + offset}).fetchall()
+
+
+def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str]) -> None:
+    """Record which timeframes have stored candles (metadata.candle_timeframes)."""
+    conn.execute(
+        "UPDATE symbols SET metadata = metadata || jsonb_build_object('candle_timeframes', %s::jsonb) "
+        "WHERE ticker = %s AND metadata->'candle_timeframes' IS DISTINCT FROM %s::jsonb",
+        (Jsonb(list(timeframes)), ticker, Jsonb(list(timeframes))),
+    )
 
 
 def upsert_symbol(conn: psycopg.Connection, symbol: SymbolCreate) -> None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
-from candlecast.config import ConfigurationError, get_settings, model_signing_key
+from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_key
 from candlecast.errors import ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
@@ -54,6 +54,8 @@ def verified_model(row: dict):
             raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
         try:
             key = model_signing_key(get_settings())
+        except PublicSigningKeyError as error:
+            raise ModelUnavailable(str(error), code="model_signing_key_refused") from None
         except ConfigurationError as error:
             raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
         # A garbled signature decodes to something that cannot match, and is refused as tampered.
@@ -134,13 +136,14 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
 
     with db.connection() as conn:
         symbol, model_row = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
-        if symbol is None or model_row is None:
-            raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
-        model = verified_model(model_row)
-        candles = usable_candles(candles.tail(model.lookback))
-        last_open = int(candles.open_time[-1])
-        key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
-        prediction = _prediction(symbol, model_row, model, candles, key)
+    if symbol is None or model_row is None:
+        raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
+    model = verified_model(model_row)  # storage: outside the connection, as in create
+    candles = usable_candles(candles.tail(model.lookback))
+    last_open = int(candles.open_time[-1])
+    key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
+    prediction = _prediction(symbol, model_row, model, candles, key)
+    with db.connection() as conn:
         stored = prediction_repository.create_prediction(
             conn, prediction, _request_hash(ticker, timeframe, model_row["id"], last_open))
     return bool(stored["created"])
@@ -148,27 +151,29 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
 
 def create(request: PredictionRequest, idempotency_key: str | None = None) -> CreateResult:
     ticker, timeframe = request.symbol, request.timeframe
-    # One pooled connection for the request (a Lambda container serves one at a time). It is in
-    # autocommit, so no transaction stays open while storage or Polygon is reached.
+    # The pooled connection is held only for database work: never across storage or Polygon, so a slow
+    # dependency neither holds a pool slot nor shows up as database_unavailable.
     with db.connection() as conn:
         symbol, model_row = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
-        if symbol is None:
-            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-        if model_row is None:
-            raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
-        model = verified_model(model_row)
-        candles = _recent_candles(ticker, timeframe, model.lookback)
-        last_open = int(candles.open_time[-1])
-        request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
+    if symbol is None:
+        raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+    if model_row is None:
+        raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
+    model = verified_model(model_row)
+    candles = _recent_candles(ticker, timeframe, model.lookback)
+    last_open = int(candles.open_time[-1])
+    request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
 
-        if idempotency_key is None:
-            repeat_id = cache.get_prediction_for_request(request_hash)
-            if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
-                return CreateResult(body, created=False)
+    if idempotency_key is None:
+        repeat_id = cache.get_prediction_for_request(request_hash)
+        if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
+            return CreateResult(body, created=False)
 
-        prediction = _prediction(symbol, model_row, model, candles, idempotency_key)
-        steps = prediction.steps
+    prediction = _prediction(symbol, model_row, model, candles, idempotency_key)
+    steps = prediction.steps
+    with db.connection() as conn:
         stored = prediction_repository.create_prediction(conn, prediction, request_hash)
+    # Only what has committed durably is cached: the cache never holds a prediction the database lacks.
     if stored["created"]:
         # What was just checked and stored is the response; it is not read back.
         body = PredictionWithSteps.model_construct(

@@ -9,7 +9,7 @@ from candlecast.errors import BadRequest, NotFound
 from candlecast.pagination import Page, decode_cursor
 from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import Symbol
-from candlecast.tickers import compact_pair, normalize_ticker
+from candlecast.tickers import compact_pair, is_ticker_like, normalize_ticker
 
 MAX_QUERY_LENGTH = 64
 # No control or format characters (Unicode Cc and Cf in the Basic Multilingual Plane): the OpenAPI `pattern`
@@ -18,6 +18,15 @@ QUERY_PATTERN = (r"^[^\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\
                  r"\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*$")
 _QUERY = re.compile(QUERY_PATTERN)
 _symbol_list = TypeAdapter(list[Symbol])
+
+
+def _available(rows: list[dict]) -> list[dict]:
+    """Rows with `fetchable`: whether timeframes without stored candles can be fetched from Polygon."""
+    from candlecast.config import get_settings
+
+    settings = get_settings()
+    fetchable = bool(settings.polygon_api_key or settings.polygon_api_key_secret_arn)
+    return [{**row, "fetchable": fetchable} for row in rows]
 
 
 def validate_query(query: str) -> str:
@@ -38,13 +47,13 @@ def search(query: str, limit: int, cursor: str | None = None) -> Page:
     pair = compact_pair(query)
     # A ticker-like query searches as its compact pair; anything else (a name) as typed. The search is
     # case-insensitive, so the cache key is the searched term in lower case.
-    term = pair if pair.isalnum() else query
+    term = pair if is_ticker_like(pair) else query
     cached = cache.get_search_bytes(term.lower(), limit) if offset == 0 else None
     if cached is not None:
         return Page.of(cached, offset, limit)
     with db.connection() as conn:
         rows = symbol_repository.search_symbols(conn, term, limit, offset)
-    body = _symbol_list.dump_json(_symbol_list.validate_python(rows))
+    body = _symbol_list.dump_json(_symbol_list.validate_python(_available(rows)))
     if offset == 0:
         cache.set_search_bytes(term.lower(), limit, body)
     return Page.of(body, offset, limit, len(rows))
@@ -57,7 +66,7 @@ def top(limit: int, cursor: str | None = None) -> Page:
         return Page.of(cached, offset, limit)
     with db.connection() as conn:
         rows = symbol_repository.get_top_symbols_by_volume(conn, limit, offset)
-    body = _symbol_list.dump_json(_symbol_list.validate_python(rows))
+    body = _symbol_list.dump_json(_symbol_list.validate_python(_available(rows)))
     if offset == 0:
         cache.set_top_symbols_bytes(limit, body)
     return Page.of(body, offset, limit, len(rows))
@@ -72,6 +81,6 @@ def get(raw_ticker: str) -> bytes:
         row = symbol_repository.get_symbol_by_ticker(conn, ticker)
     if row is None:
         raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-    body = Symbol.model_validate(row).model_dump_json().encode()
+    body = Symbol.model_validate(_available([row])[0]).model_dump_json().encode()
     cache.set_symbol_bytes(ticker, body)
     return body

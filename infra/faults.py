@@ -1,0 +1,382 @@
+"""`make faults`: each backing service fails under load, and the service's answers are measured.
+
+A bounded load driver (a few threads, mixed reads and creates, each request timed) runs against the API
+of a served local stack (infra/served_stack.py) while one piece at a time is frozen (SIGSTOP), killed
+(SIGKILL) and, for PostgreSQL and Redis, restarted on the same data. The suite prints one table of
+targets and measurements and exits non-zero when a target is missed. Only 127.0.0.1 is ever reached.
+
+    Redis       SIGSTOP 10 s, SIGKILL, restart: 0 failed reads; p99 added latency <= 300 ms
+    PostgreSQL  SIGSTOP 10 s, SIGKILL, restart on the same data folder: every 503 carries Retry-After
+                and comes within 1.5 s; recovery within 2 s of the restart; 0 acknowledged writes lost,
+                checked row by row against every 201
+    S3          SIGSTOP, then SIGKILL: creates whose candles are not cached fail fast with
+                storage_unavailable; cached reads are unaffected
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from infra.served_stack import ServedStack, signal_all
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEFRAMES = ("1h", "4h", "1d", "1w", "1m")
+REQUEST_TIMEOUT = 20.0  # seconds; far above any target, so a hang shows as a slow answer, not a lost one
+
+
+@dataclass
+class Sample:
+    kind: str  # "read" or "create"
+    started: float  # time.monotonic()
+    seconds: float
+    status: int  # 0: no answer (connection error or client timeout)
+    code: str = ""
+    retry_after: str | None = None
+    prediction_id: str | None = None
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.seconds
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def sample_combos(data_dir: Path) -> list[tuple[str, str]]:
+    """(ticker, timeframe) pairs with stored candles in the sample."""
+    return sorted((path.parent.name, path.stem) for path in data_dir.glob("*/*.parquet")
+                  if path.stem in TIMEFRAMES)
+
+
+@dataclass
+class Load:
+    """Closed-loop workers: each sends one request, records it, waits `think` seconds, and goes on."""
+
+    base_url: str
+    read_ids: list[str]
+    tickers: list[str]
+    keyed_combos: list[tuple[str, str]]
+    workers: int = 6
+    create_share: float = 0.3
+    think: float = 0.02
+    samples: list[Sample] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> Load:
+        self._stop.clear()
+        for index in range(self.workers):
+            thread = threading.Thread(target=self._work, args=(random.Random(index),), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(REQUEST_TIMEOUT + 5)
+        self._threads.clear()
+
+    def record(self, sample: Sample) -> None:
+        with self._lock:
+            self.samples.append(sample)
+
+    def _work(self, rng: random.Random) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=REQUEST_TIMEOUT) as client:
+            while not self._stop.is_set():
+                if rng.random() < self.create_share:
+                    ticker, timeframe = rng.choice(self.keyed_combos)
+                    self.record(send(client, "create", "POST", "/predictions",
+                                     json={"symbol": ticker, "timeframe": timeframe},
+                                     headers={"Idempotency-Key": f"fault-{uuid.uuid4()}"}))
+                else:
+                    choice = rng.random()
+                    if choice < 0.6:
+                        path = f"/predictions/{rng.choice(self.read_ids)}"
+                    elif choice < 0.85:
+                        path = f"/symbols/{rng.choice(self.tickers)}"
+                    else:
+                        path = f"/symbols?q={rng.choice(self.tickers)[:3].lower()}&limit=5"
+                    self.record(send(client, "read", "GET", path))
+                self._stop.wait(self.think)
+
+    def window(self, start: float, end: float, kind: str | None = None) -> list[Sample]:
+        with self._lock:
+            return [s for s in self.samples if start <= s.started < end and (kind is None or s.kind == kind)]
+
+
+def send(client: httpx.Client, kind: str, method: str, path: str, **kwargs) -> Sample:
+    started = time.monotonic()
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError:
+        return Sample(kind, started, time.monotonic() - started, 0, "no_answer")
+    seconds = time.monotonic() - started
+    code, prediction_id = "", None
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            code = str((body.get("error") or {}).get("code", ""))
+            prediction_id = body.get("id") if response.status_code in (200, 201) and method == "POST" else None
+    except ValueError:
+        code = "not_json"
+    return Sample(kind, started, seconds, response.status_code, code, response.headers.get("retry-after"),
+                  prediction_id)
+
+
+@dataclass
+class Check:
+    fault: str
+    target: str
+    measured: str
+    ok: bool
+
+
+@dataclass
+class Suite:
+    served: ServedStack
+    combos: list[tuple[str, str]]
+    checks: list[Check] = field(default_factory=list)
+    acknowledged: list[Sample] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=dict)
+
+    def check(self, fault: str, target: str, measured: str, ok: bool) -> None:
+        self.checks.append(Check(fault, target, measured, ok))
+        print(f"  {'ok  ' if ok else 'MISS'} {fault:10} {target:55} {measured}", flush=True)
+
+    def load(self, keyed_combos: list[tuple[str, str]]) -> Load:
+        with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
+            ids = []
+            for ticker, timeframe in keyed_combos:
+                sample = send(client, "create", "POST", "/predictions", json={"symbol": ticker, "timeframe": timeframe},
+                              headers={"Idempotency-Key": f"seed-{uuid.uuid4()}"})
+                if sample.status != 201:
+                    raise RuntimeError(f"could not create a prediction for {ticker} {timeframe}: {sample}")
+                self.acknowledged.append(sample)
+                ids.append(sample.prediction_id)
+        tickers = sorted({ticker for ticker, _ in self.combos})
+        return Load(self.served.base_url, ids, tickers, keyed_combos)
+
+    def finish(self, name: str, load: Load) -> None:
+        load.stop()
+        self.acknowledged += [s for s in load.samples if s.status == 201]
+        self.requests[name] = len(load.samples)
+
+    # --- Redis --------------------------------------------------------------------------------------
+
+    def redis(self, freeze: float, after: float, baseline: float) -> None:
+        load = self.load(self.combos[:3]).start()
+        time.sleep(baseline)
+        process = self.served.redis_process()
+        frozen = time.monotonic()
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(freeze)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed = time.monotonic()
+        self.served.restart_redis()
+        time.sleep(after)
+        self.finish("redis", load)
+        before = load.window(frozen - baseline, frozen)
+        during = load.window(frozen, killed + after)
+        reads = [s for s in during if s.kind == "read"]
+        failed = [s for s in reads if s.status not in (200, 404)]
+        self.check("redis", "failed reads during the outage = 0", f"{len(failed)} of {len(reads)}"
+                   + (f" ({sorted({(s.status, s.code) for s in failed})})" if failed else ""), not failed)
+        added = percentile([s.seconds for s in during], 0.99) - percentile([s.seconds for s in before], 0.99)
+        self.check("redis", "p99 added latency <= 300 ms (all requests)",
+                   f"{added * 1000:.0f} ms (p99 {percentile([s.seconds for s in during], 0.99) * 1000:.0f} ms "
+                   f"vs {percentile([s.seconds for s in before], 0.99) * 1000:.0f} ms before)", added <= 0.3)
+        created = [s for s in during if s.kind == "create"]
+        failed_creates = [s for s in created if s.status not in (200, 201)]
+        self.check("redis", "failed creates during the outage = 0", f"{len(failed_creates)} of {len(created)}"
+                   + (f" ({sorted({(s.status, s.code) for s in failed_creates})})" if failed_creates else ""),
+                   not failed_creates)
+
+    # --- PostgreSQL ---------------------------------------------------------------------------------
+
+    def postgres(self, freeze: float, after: float, baseline: float, burst: list[tuple[str, str]]) -> None:
+        load = self.load(self.combos[:3]).start()
+        time.sleep(baseline)
+        # Unkeyed creates of fresh combinations race the freeze: the commits most at risk of being lost.
+        burst_samples: list[Sample] = []
+
+        def unkeyed(combo: tuple[str, str]) -> None:
+            with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
+                burst_samples.append(send(client, "create", "POST", "/predictions",
+                                          json={"symbol": combo[0], "timeframe": combo[1]}))
+
+        burst_threads = [threading.Thread(target=unkeyed, args=(combo,)) for combo in burst]
+        for thread in burst_threads:
+            thread.start()
+        time.sleep(0.15)
+        pids = self.served.postgres_pids()
+        frozen = time.monotonic()
+        signal_all(pids, signal.SIGSTOP)
+        time.sleep(freeze)
+        signal_all(pids, signal.SIGKILL)
+        killed = time.monotonic()
+        self.served.restart_postgres(pids)
+        restarted = time.monotonic()
+        time.sleep(after)
+        for thread in burst_threads:
+            thread.join(REQUEST_TIMEOUT)
+        self.finish("postgres", load)
+        load.samples += burst_samples
+        self.acknowledged += [s for s in burst_samples if s.status == 201]
+
+        outage = [s for s in load.window(frozen, restarted) if s.status == 503 or s.status == 0]
+        creates = [s for s in load.window(frozen, killed, "create")] + \
+                  [s for s in burst_samples if s.started < frozen < s.ended]
+        first_503 = min((s.ended for s in outage if s.status == 503), default=float("inf")) - frozen
+        self.check("postgres", "first 503 within 1.5 s of the freeze", f"{first_503:.2f} s", first_503 <= 1.5)
+        # From the freeze for a create already in flight (its queueing before is not the outage's), else
+        # from its start.
+        slowest = max((s.ended - max(s.started, frozen) for s in creates), default=0.0)
+        self.check("postgres", "every create answered within 1.5 s of the freeze or its start",
+                   f"slowest {slowest:.2f} s of {len(creates)}", slowest <= 1.5)
+        missing = [s for s in load.samples if s.status == 503 and not (s.retry_after or "").isdigit()]
+        unanswered = [s for s in outage if s.status == 0]
+        self.check("postgres", "every 503 carries Retry-After; none unanswered",
+                   f"{len(missing)} without, {len(unanswered)} unanswered, of "
+                   f"{sum(s.status == 503 for s in load.samples)}", not missing and not unanswered)
+        recovered = min((s.ended for s in load.samples
+                         if s.kind == "create" and s.status == 201 and s.started >= restarted), default=float("inf"))
+        self.check("postgres", "recovery: a 201 within 2 s of the restart",
+                   f"{recovered - restarted:.2f} s (restart took {restarted - killed:.2f} s)",
+                   recovered - restarted <= 2.0)
+        wrong = [s for s in load.window(frozen, restarted) if s.status >= 500 and s.status != 503]
+        self.check("postgres", "no 5xx other than 503", f"{len(wrong)}", not wrong)
+
+    def lost_writes(self) -> None:
+        """Every 201's id, row by row: the prediction and its 30 steps are in the database."""
+        import psycopg
+
+        ids = [s.prediction_id for s in self.acknowledged]
+        with psycopg.connect(self.served.stack.database_url, autocommit=True) as conn:
+            rows = dict(conn.execute(
+                "SELECT p.id::text, count(s.step) FROM predictions p LEFT JOIN prediction_steps s "
+                "ON s.prediction_id = p.id WHERE p.id = ANY(%s::uuid[]) GROUP BY p.id", (ids,)).fetchall())
+        lost = [prediction_id for prediction_id in ids if rows.get(prediction_id) != 30]
+        self.check("postgres", "acknowledged writes lost = 0 (row by row, every 201)",
+                   f"{len(lost)} of {len(ids)}", not lost and len(ids) > 0)
+
+    # --- S3 -----------------------------------------------------------------------------------------
+
+    def s3(self, freeze: float, killed_for: float, baseline: float, uncached: list[tuple[str, str]]) -> None:
+        import redis
+
+        load = self.load(self.combos[:3])
+        load.create_share = 0.15
+        # The load's own candles stay cached, and every timeframe's model is loaded (a warm container).
+        warm = self.combos[:3] + [next(combo for combo in uncached[::-1] if combo[1] == timeframe)
+                                  for timeframe in sorted({tf for _, tf in uncached})]
+        with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
+            for ticker, timeframe in warm:
+                send(client, "create", "POST", "/predictions", json={"symbol": ticker, "timeframe": timeframe})
+        uncached = [combo for combo in uncached if combo not in warm]
+        load.start()
+        time.sleep(baseline)
+        cache = redis.Redis.from_url(self.served.stack.redis_url)
+        cache.delete(*[f"cc:v1:candles:X:{ticker}:{timeframe}" for ticker, timeframe in uncached])
+        process = self.served.moto.process
+        frozen = time.monotonic()
+        process.send_signal(signal.SIGSTOP)
+        creates: list[Sample] = []
+        with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
+            deadline = frozen + freeze
+            for ticker, timeframe in uncached:
+                if time.monotonic() > deadline:
+                    break
+                creates.append(send(client, "create", "POST", "/predictions",
+                                    json={"symbol": ticker, "timeframe": timeframe}))
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+            dead = time.monotonic()
+            for ticker, timeframe in uncached[:5]:
+                creates.append(send(client, "create", "POST", "/predictions",
+                                    json={"symbol": ticker, "timeframe": timeframe}))
+            time.sleep(max(0.0, dead + killed_for - time.monotonic()))
+        self.finish("s3", load)
+        frozen_creates = [s for s in creates if s.started < dead]
+        wrong = [s for s in creates if (s.status, s.code) != (503, "storage_unavailable")]
+        self.check("s3", "uncached creates fail with storage_unavailable",
+                   f"{len(creates) - len(wrong)} of {len(creates)}" +
+                   (f" (others: {sorted({(s.status, s.code) for s in wrong})})" if wrong else ""), not wrong)
+        slowest_frozen = max((s.seconds for s in frozen_creates), default=0.0)
+        slowest_dead = max((s.seconds for s in creates if s.started >= dead), default=0.0)
+        self.check("s3", "they fail fast: <= 3 s frozen, <= 1.5 s stopped",
+                   f"slowest {slowest_frozen:.2f} s frozen, {slowest_dead:.2f} s stopped",
+                   slowest_frozen <= 3.0 and slowest_dead <= 1.5 and bool(frozen_creates))
+        reads = [s for s in load.window(frozen, time.monotonic(), "read")]
+        failed = [s for s in reads if s.status not in (200, 404)]
+        before = load.window(frozen - baseline, frozen, "read")
+        self.check("s3", "cached reads unaffected: 0 failed",
+                   f"{len(failed)} of {len(reads)}; p99 {percentile([s.seconds for s in reads], .99) * 1000:.0f} ms "
+                   f"vs {percentile([s.seconds for s in before], .99) * 1000:.0f} ms before",
+                   not failed and bool(reads))
+
+    def table(self) -> str:
+        width = max(len(check.target) for check in self.checks)
+        lines = [f"{'fault':10}  {'target':{width}}  {'measured':50}  result", "-" * (width + 72)]
+        lines += [f"{c.fault:10}  {c.target:{width}}  {c.measured:50}  {'ok' if c.ok else 'MISSED'}"
+                  for c in self.checks]
+        lines.append("requests: " + ", ".join(f"{name} {count}" for name, count in self.requests.items()))
+        return "\n".join(lines)
+
+
+def run(freeze: float = 10.0, only: str | None = None) -> int:
+    combos = sample_combos(ROOT / "data")
+    rng = random.Random(7)
+    load_combos = [combo for combo in combos if combo[1] == "1h"][:3]
+    fresh = [combo for combo in combos if combo not in load_combos]
+    rng.shuffle(fresh)
+    burst, uncached = fresh[:16], fresh[16:32]  # 16 unkeyed creates race the freeze; 16 meet a dead S3
+    started = time.monotonic()
+    print("starting the served stack (PostgreSQL, Redis, moto S3, the API)...", flush=True)
+    with ServedStack() as served:
+        suite = Suite(served, load_combos + fresh)
+        scenarios: dict[str, Callable[[], None]] = {
+            "redis": lambda: suite.redis(freeze, after=4.0, baseline=4.0),
+            "postgres": lambda: suite.postgres(freeze, after=5.0, baseline=3.0, burst=burst),
+            "s3": lambda: suite.s3(min(freeze, 8.0), killed_for=3.0, baseline=3.0, uncached=uncached),
+        }
+        for name, scenario in scenarios.items():
+            if only and name != only:
+                continue
+            print(f"{name}: frozen {freeze:.0f} s under load...", flush=True)
+            scenario()
+        suite.lost_writes()
+        print(f"\nfault suite ({time.monotonic() - started:.0f} s; API log {served.api_log})\n{suite.table()}")
+    passed = sum(check.ok for check in suite.checks)
+    print(f"faults: {passed} passed, {len(suite.checks) - passed} failed")
+    return 0 if passed == len(suite.checks) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--freeze", type=float, default=10.0, help="seconds each service stays frozen")
+    parser.add_argument("--only", choices=("redis", "postgres", "s3"))
+    args = parser.parse_args(argv)
+    return run(args.freeze, args.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
