@@ -36,7 +36,7 @@ def normalize_ticker(raw: str) -> str:
     pair = compact_pair(raw)
     if not raw.isascii() or not _PAIR.fullmatch(pair):
         raise BadRequest(
-            "ticker must look like X:BTCUSD, BTCUSD or BTC-USD (ASCII letters and digits only)", code="invalid_ticker"
+            "ticker must look like X:BTCUSD, BTCUSD or BTC-USD (letters and digits only)", code="invalid_ticker"
         )
     return f"X:{pair}"
 
