@@ -88,7 +88,8 @@ def results(tree: Path, paths: tuple[str, ...]) -> tuple[int, int, list[int]]:
             "JOIN SourceFile f ON l.sourcefile = f.id").fetchall()
     mine = [(mutant, status) for mutant, status, filename in rows if filename in paths]
     survivors = [mutant for mutant, status in mine if status == "bad_survived"]
-    return sum(status in KILLED for _, status in mine), sum(status != "untested" for _, status in mine), survivors
+    tested = [status for _, status in mine if status in KILLED or status == "bad_survived"]  # not skipped/untested
+    return sum(status in KILLED for status in tested), len(tested), survivors
 
 
 def run_target(name: str, target: Target, env: dict[str, str]) -> tuple[int, int, list[int]]:

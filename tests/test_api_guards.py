@@ -75,7 +75,7 @@ def test_json_content_types_are_accepted(content_type):
 def test_other_content_types_are_415(content_type):
     response = post('{"symbol": "BTC-USD", "timeframe": "1h"}', content_type)
     assert_error(response, 415, "unsupported_media_type")
-    assert content_type.split(";")[0] in response[2]["error"]["message"]
+    assert response[2]["error"]["message"] == f"Content-Type must be application/json, not {content_type.split(';')[0]}"
 
 
 def test_bodies_that_are_not_utf8_json_are_400_naming_the_problem():
