@@ -74,8 +74,8 @@ def _bootstrap(tmp_path: Path, source: str, events: list[dict]) -> dict:
 
 
 def test_the_bootstrap_reports_writes_outside_tmp_and_allows_tmp(tmp_path):
-    outside = ROOT / ".local" / f"written-by-the-function-{tmp_path.name}.txt"  # pytest's tmp_path is under /tmp
-    outside.parent.mkdir(exist_ok=True)
+    # /var/tmp, not the checkout: a clone may itself live under /tmp
+    outside = Path("/var/tmp") / f"candlecast-written-by-the-function-{tmp_path.name}.txt"
     report = _bootstrap(tmp_path, f"""
 def lambda_handler(event, context):
     open("/tmp/allowed-by-lambda", "w").close()
