@@ -123,6 +123,23 @@ def test_only_one_active_model_per_timeframe(conn):
     assert model_repository.get_active_model_by_timeframe(conn, "1w") is None
 
 
+def test_symbol_and_active_model_in_one_round_trip_and_the_stats(conn):
+    from candlecast.repositories import stats as stats_repository
+
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1))
+    model_id = model_repository.register_model(conn, ModelCreate(
+        timeframe="1d", name="m", version="1", kind="learned", s3_key="k", sha256="b" * 64, features=["ret_1"]))
+    symbol, model = model_repository.get_symbol_and_active_model(conn, "X:BTCUSD", "1d")
+    assert (symbol["ticker"], model["id"]) == ("X:BTCUSD", model_id)  # registered active by default
+    assert model_repository.get_symbol_and_active_model(conn, "X:NOPEUSD", "1h") == (None, None)
+    features = conn.execute("SELECT features FROM models WHERE id = %s", (model_id,)).fetchone()["features"]
+    assert features == ["ret_1"]
+    assert stats_repository.test_connection(conn) is True
+    stats = stats_repository.get_database_stats(conn)
+    assert (stats["symbols"], stats["active_symbols"], stats["models"], stats["active_models"]) == (1, 1, 1, 1)
+    assert (stats["predictions"], stats["prediction_steps"]) == (0, 0) and stats["database_bytes"] > 0
+
+
 # ---------------------------------------------------------------------------------------- predictions
 
 
@@ -143,6 +160,7 @@ def test_create_read_back_repeat_and_key_reuse(conn):
     with pytest.raises(Conflict) as reused:
         prediction_repository.create_prediction(conn, prediction(conn, "key-1", model_id=model_id), "hash-c")
     assert reused.value.code == "idempotency_key_reused"
+    assert reused.value.message == "Idempotency-Key was already used for a different request"
     assert prediction_repository.get_prediction_by_id(conn, uuid.uuid4()) is None
 
 
