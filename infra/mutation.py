@@ -4,8 +4,9 @@
     python -m infra.mutation tickers cache    # some of them (an interrupted run resumes where it stopped)
 
 Each module works on its own copy of the tracked files (.local/mutation/<module>/tree), so the checkout is
-never left mutated and runs for different modules may go side by side, and one PostgreSQL and Redis serve
-every test run (TEST_DATABASE_URL / TEST_REDIS_URL). For the API only the body guards are mutated (a
+never left mutated and runs for different modules may go side by side, and one PostgreSQL serves every
+test run (TEST_DATABASE_URL; each run starts its own Redis, which the cache's outage tests stop and
+restart). For the API only the body guards are mutated (a
 patch file names their lines). The survivors' diffs go to .local/mutation/<module>/survivors.txt: each is
 a change the tests cannot see.
 """
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "layers" / "common"))
     from infra.local_stack import LocalStack
 
-    stack = LocalStack.start(bucket="candlecast-mutation")
+    stack = LocalStack.start(bucket="candlecast-mutation")  # its Redis goes unused
     try:
-        env = {**os.environ, "TEST_DATABASE_URL": stack.database_url, "TEST_REDIS_URL": stack.redis_url,
+        env = {**os.environ, "TEST_DATABASE_URL": stack.database_url,
                "PYTHONDONTWRITEBYTECODE": "1"}
         table = {name: run_target(name, TARGETS[name], env) for name in chosen}
     finally:
