@@ -6,9 +6,8 @@
 Each module works on its own copy of the tracked files (.local/mutation/<module>/tree), so the checkout is
 never left mutated and runs for different modules may go side by side, and one PostgreSQL serves every
 test run (TEST_DATABASE_URL; each run starts its own Redis, which the cache's outage tests stop and
-restart). For the API only the body guards are mutated (a
-patch file names their lines). The survivors' diffs go to .local/mutation/<module>/survivors.txt: each is
-a change the tests cannot see.
+restart). For the API only the body guards are mutated (a patch file names their lines). The survivors'
+diffs go to .local/mutation/<module>/survivors.txt: each is a change the tests cannot see.
 """
 
 from __future__ import annotations
