@@ -117,3 +117,16 @@ def test_base64_is_strict_and_text_must_be_utf8():
     assert (status, body["error"]["code"]) == (400, "invalid_body")
     status, _, body = raw_event('{"symbol": "\ud800"}', as_base64=False)  # a lone surrogate is no UTF-8
     assert (status, body["error"]) == (400, {"code": "invalid_body", "message": "request body is not UTF-8 text"})
+
+
+def test_a_refused_body_is_a_plain_json_result_as_api_gateway_needs_it():
+    from infra.lambda_loader import LambdaContext, load_handler
+    from tests.conftest import ROOT
+
+    event = load_event("predictions_create.json", body="{}", isBase64Encoded=False)
+    event["headers"]["content-type"] = "text/plain"
+    result = load_handler(ROOT / "functions" / "predictions_create")(event, LambdaContext())
+    assert result["statusCode"] == 415
+    assert result["isBase64Encoded"] is False
+    assert {name.lower(): value for name, value in result["headers"].items()}["content-type"] == "application/json"
+    assert json.loads(result["body"])["error"]["code"] == "unsupported_media_type"
