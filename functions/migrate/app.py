@@ -21,7 +21,10 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
+from candlecast import redaction
+
 logger = Logger()
+redaction.install(logger)
 
 SUCCESS, FAILED = "SUCCESS", "FAILED"
 RESPONSE_MARGIN_SECONDS = 10.0  # answer CloudFormation this long before the function would time out

@@ -2,9 +2,11 @@
 
 from aws_lambda_powertools import Logger
 
+from candlecast import redaction
 from candlecast.services import retention
 
 logger = Logger()
+redaction.install(logger)
 
 MARGIN_SECONDS = 30.0  # one batch in flight, plus the report
 LOCAL_BUDGET_SECONDS = 600.0

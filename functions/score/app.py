@@ -7,10 +7,12 @@ function, as the refresh does. Scoring is idempotent: a step scored twice counts
 
 from aws_lambda_powertools import Logger
 
+from candlecast import redaction
 from candlecast.invoke import run_chunk
 from candlecast.services import scoring
 
 logger = Logger()
+redaction.install(logger)
 
 MARGIN_SECONDS = 30.0
 LOCAL_BUDGET_SECONDS = 600.0
