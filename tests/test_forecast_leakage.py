@@ -106,3 +106,23 @@ def test_volatility_term_structure_finds_nothing_in_a_random_walk():
     factor = volatility_factor(origins.features, volatility)
     assert 0.9 <= np.median(factor) <= 1.1
     assert np.percentile(factor, 95) / np.percentile(factor, 5) < 1.5
+
+
+def test_the_holdout_tail_is_never_read_by_training():
+    from candlecast.forecast.train import HOLDOUT_BARS, before_holdout, holdout_cutoff
+
+    long, short = random_walk(1, 600), random_walk(2, 400)
+    loaded = [("long", long), ("short", short)]
+    cutoff = holdout_cutoff(loaded, "1h", HOLDOUT_BARS["1h"])
+    assert cutoff == long.open_time[-1] - 3600 * HOLDOUT_BARS["1h"]
+    kept = before_holdout(loaded, cutoff)
+    # Both series start together: each keeps the candles up to the newest series' cutoff.
+    assert [len(candles) for _, candles in kept] == [600 - HOLDOUT_BARS["1h"]] * 2
+    assert max(int(candles.open_time[-1]) for _, candles in kept) == cutoff
+    # A series that ends before the cutoff is kept whole; one that starts after it is dropped.
+    early = random_walk(3, 50)
+    late = Candles(*(getattr(early, name) + (3600 * 10_000 if name == "open_time" else 0)
+                     for name in Candles.__dataclass_fields__))
+    kept = before_holdout([("short", short.head(100)), ("late", late)], cutoff)
+    assert [name for name, _ in kept] == ["short"] and len(kept[0][1]) == 100
+

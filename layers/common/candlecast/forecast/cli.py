@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     train.add_argument("--out", default="models", help="folder for {tf}.pkl, {tf}.pkl.sig and manifest.json")
     train.add_argument("--reports", default="reports", help="folder for the PNG report")
     train.add_argument("--folds", type=int, help="walk-forward test folds (default: the timeframe's plan)")
+    train.add_argument("--holdout-bars", type=int, help="newest candles that training never reads (default: the "
+                       "timeframe's HOLDOUT_BARS; the manifest's train_end is the last candle before them)")
     train.add_argument("--register", action="store_true", help="record the model in the models table")
     train.set_defaults(func=train_command)
 
@@ -53,7 +55,8 @@ def train_command(args: argparse.Namespace) -> int:
     from candlecast.forecast.report import comparison_text
     from candlecast.forecast.train import register, train_timeframe
 
-    entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds)
+    entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds,
+                            holdout_bars=args.holdout_bars)
     comparison = entry["metrics"]["comparison"]
     print(comparison_text(args.timeframe, comparison), file=sys.stderr)
     print(json.dumps({"timeframe": args.timeframe, "shipped": entry["kind"], "version": entry["version"],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.forecast import artifact
-from candlecast.forecast.dataset import load_timeframe
+from candlecast.forecast.dataset import bucket_starts, load_timeframe
 from candlecast.forecast.evaluate import Origins, build_origins, metrics, model_outputs, worst_reliability_gap
 from candlecast.forecast.features import (
     CONFIGS,
@@ -42,6 +42,13 @@ BASELINE_NAME = "random-walk median, GARCH-style σ term structure, empirical z-
 # The median is the random walk for every candidate, so these are 1.00 / 0.50 by construction: not reported.
 CONSTANT_METRICS = ("rel_mae", "directional_accuracy", "directional_accuracy_ci95", "accuracy")
 ACCURACY_DEFINITION = "pinball skill against GARCH(1,1)-t on held-out coins: 1 − pin5(model) / pin5(GARCH-t)"
+# Candles at the end of the data that nothing in `train` reads (walk-forward, model choice, final fit and
+# calibration): the manifest's `train_end` is the last candle before them, so forecasts made from the holdout
+# (`candlecast seed --as-of`) are scored as live, out of sample. Each holdout lets at least one whole 30-step
+# forecast mature inside it at 1h-1w (every horizon gets live scores): 1h and 4h take 2 and 4 weeks, under 3 %
+# of their history; 1d a quarter (3 forecast windows); 1w one window. 1m takes a year (steps 1-11 mature):
+# 30 months would remove most of its 2019-21 test era. All lie inside the sample's last 600 candles (data/).
+HOLDOUT_BARS = {"1h": 14 * 24, "4h": 28 * 6, "1d": 90, "1w": 30, "1m": 12}
 
 
 @dataclass(frozen=True)
@@ -505,14 +512,39 @@ def coin_groups(loaded: list, count: int) -> list[np.ndarray]:
     return groups
 
 
+def holdout_cutoff(loaded: list, timeframe: Timeframe, bars: int) -> int:
+    """Open time of the last candle `train` may read: `bars` candles before the newest candle of any series."""
+    newest = max(int(candles.open_time[-1]) for _, candles in loaded)
+    if bars <= 0:
+        return newest
+    return int(bucket_starts(np.array([newest - bars * nominal_seconds(timeframe)]), timeframe)[0])
+
+
+def before_holdout(loaded: list, cutoff: int) -> list:
+    """`loaded` with every candle that opens after `cutoff` dropped (series left empty are dropped)."""
+    kept = []
+    for series, candles in loaded:
+        count = int(np.searchsorted(candles.open_time, cutoff, side="right"))
+        if count:
+            kept.append((series, candles.head(count)))
+    return kept
+
+
 def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports_dir: Path | None,
-                    folds: int | None = None, progress: bool = True, seed: int = 7) -> dict:
-    """Walk-forward backtest, final fit, signed model file and manifest entry. Returns the manifest entry."""
+                    folds: int | None = None, progress: bool = True, seed: int = 7,
+                    holdout_bars: int | None = None) -> dict:
+    """Walk-forward backtest, final fit, signed model file and manifest entry. Returns the manifest entry.
+
+    Everything reads only the candles up to the holdout cutoff (`HOLDOUT_BARS`, or `holdout_bars`).
+    """
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
     rng = np.random.default_rng(seed)
     loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
     if not loaded:
         raise SystemExit(f"no OHLCV files for {timeframe} under {data_dir}")
+    holdout = HOLDOUT_BARS[timeframe] if holdout_bars is None else holdout_bars
+    cutoff = holdout_cutoff(loaded, timeframe, holdout)
+    loaded = before_holdout(loaded, cutoff)
     origins = build_origins(loaded, config)
     held_out_series = np.array([is_held_out(series.base) for series, _ in loaded])
     wick = fitted_wick(loaded, np.flatnonzero(~held_out_series), timeframe)
@@ -549,7 +581,9 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
         "accuracy": garch["delta"] / (1 + garch["delta"]),
         "features": list(FEATURES),
         "train_start": _iso(float(train.time.min())),
-        "train_end": _iso(float(cal.label_time[np.isfinite(cal.log_return)].max())),
+        # The last candle any part of training read; predictions from later candles are out of sample.
+        "train_end": _iso(float(max(candles.open_time[-1] for _, candles in loaded))),
+        "holdout": {"bars": holdout, "after": _iso(float(cutoff))},
         "n_origins": chosen["n_origins"],
         "metrics": {
             "shipped": kind,
