@@ -129,10 +129,27 @@ def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"1d": {"metrics": metrics}}))
     assert main(["scorecard", "--manifest", str(manifest), "--summary"]) == 0
-    row = capsys.readouterr().out.splitlines()[-1]
+    printed = capsys.readouterr().out.splitlines()
+    (row,) = [line for line in printed if line.startswith("| 1d | learned |")]
     garch = comparison["methods"]["garch-t"]
-    assert row.startswith("| 1d | learned |")
+    assert printed[-1].startswith("| 1d | 2019-21 ")  # coverage per era
     assert f"{garch['pin5']:.3f}, {100 * garch['vs_learned']['delta']:+.1f} %" in row
     assert main(["scorecard", "--manifest", str(manifest)]) == 0
     text = capsys.readouterr().out
     assert "### 1d: reference learned, best peer baseline" in text and "no walk-forward comparison" in text
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- scorecard --summary: begin -->\nold\n<!-- scorecard --summary: end -->\nrest\n")
+    assert main(["scorecard", "--manifest", str(manifest), "--readme", str(readme)]) == 0
+    assert row in readme.read_text() and "old" not in readme.read_text() and readme.read_text().endswith("rest\n")
+
+
+def test_the_readme_table_is_the_committed_manifests_scorecard():
+    """The README's forecast table is generated (`candlecast scorecard --readme README.md`), not typed."""
+    from pathlib import Path
+
+    from candlecast.forecast.cli import readme_with_summary
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert readme_with_summary(readme, json.loads((root / "models" / "manifest.json").read_text())) == readme

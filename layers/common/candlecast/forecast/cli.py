@@ -32,6 +32,7 @@ def register(subparsers) -> None:
                                       "peers (from the manifest written by train)")
     scorecard.add_argument("--manifest", default="models/manifest.json")
     scorecard.add_argument("--summary", action="store_true", help="one row per timeframe (the README table)")
+    scorecard.add_argument("--readme", help="rewrite the summary block of this README file instead of printing")
     scorecard.set_defaults(func=scorecard_command)
 
     backtest = subparsers.add_parser("backtest", help="evaluate a model on every OHLCV file in a folder (JSON)")
@@ -75,6 +76,10 @@ def scorecard_command(args: argparse.Namespace) -> int:
     from candlecast.forecast.report import comparison_text
 
     manifest = json.loads(Path(args.manifest).read_text())
+    if args.readme:
+        path = Path(args.readme)
+        path.write_text(readme_with_summary(path.read_text(), manifest))
+        return 0
     if args.summary:
         print(summary_table(manifest))
         return 0
@@ -88,8 +93,13 @@ def scorecard_command(args: argparse.Namespace) -> int:
     return 0
 
 
+PEER_LABELS = {"garch-t": "GARCH-t", "gaussian-rw": "Gaussian RW", "baseline": "own baseline"}
+README_BEGIN, README_END = "<!-- scorecard --summary: begin -->", "<!-- scorecard --summary: end -->"
+
+
 def summary_table(manifest: dict) -> str:
-    """Markdown, one row per timeframe: the shipped model's pin5 and coverage beside each peer's pin5 and Δ."""
+    """Markdown, one row per timeframe: the shipped model's pin5 and coverage beside each peer's pin5 and Δ
+    (every peer in the manifests, GARCH-t first), the holdout (`train_end`), then coverage per era."""
 
     def delta(item: dict | None) -> str:
         if item is None:
@@ -97,16 +107,19 @@ def summary_table(manifest: dict) -> str:
         low, high = item["ci95"]
         return f"{100 * item['delta']:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
 
-    lines = ["| tf | shipped | pin5 | GARCH-t pin5, Δ [95 % CI] | Gaussian RW pin5, Δ | own baseline pin5, Δ "
-             "| cov80 / cov95 (range over h) | ECE (worst bin) | origins |", "|---|---|---|---|---|---|---|---|---|"]
-    for timeframe in TIMEFRAMES:
-        metrics = manifest.get(timeframe, {}).get("metrics", {})
-        if "comparison" not in metrics:
-            continue
+    rows = {tf: manifest[tf] for tf in TIMEFRAMES if "comparison" in manifest.get(tf, {}).get("metrics", {})}
+    names = {name for entry in rows.values() for name in entry["metrics"]["comparison"]["methods"]}
+    peers = sorted(names - {"learned"}, key=lambda name: (name != "garch-t", name != "gaussian-rw", name))
+    header = ["tf", "shipped", "pin5"] + [f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers] + [
+        "cov80 / cov95 (range over h)", "ECE (worst bin)", "origins", "train_end"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    eras = []
+    for timeframe, entry in rows.items():
+        metrics = entry["metrics"]
         methods, kind = metrics["comparison"]["methods"], metrics["shipped"]
         model, head = methods[kind], metrics["headline"]
         cells = []
-        for peer in ("garch-t", "gaussian-rw", "baseline"):
+        for peer in peers:
             scores = methods.get(peer) if peer != kind else None
             cells.append("—" if scores is None else f"{scores['pin5']:.3f}, {delta(scores.get('vs_' + kind))}")
         low80, high80 = head["coverage_80_over_horizons"]
@@ -114,8 +127,20 @@ def summary_table(manifest: dict) -> str:
         lines.append(f"| {timeframe} | {kind} | {model['pin5']:.3f} | " + " | ".join(cells)
                      + f" | {model['coverage_80']:.3f} ({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} "
                      f"({low95:.2f}–{high95:.2f}) | {model['ece']:.3f} ({head['worst_reliability_gap']:.3f}) "
-                     f"| {model['n_origins']:,} |")
-    return "\n".join(lines)
+                     f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
+        era_cells = [f"{era} {e['coverage_80']:.3f} / {e['coverage_95']:.3f} ({e['n_pairs']:,} pairs)"
+                     for era, e in model.get("eras", {}).items()]
+        eras.append(f"| {timeframe} | " + "; ".join(era_cells) + " |")
+    return "\n".join([*lines, "", "| tf | shipped model's cov80 / cov95 per era |", "|---|---|", *eras])
+
+
+def readme_with_summary(readme: str, manifest: dict) -> str:
+    """`readme` with the text between README_BEGIN and README_END replaced by `summary_table(manifest)`."""
+    head, found, rest = readme.partition(README_BEGIN)
+    _, found_end, tail = rest.partition(README_END)
+    if not (found and found_end):
+        raise ValueError(f"README has no {README_BEGIN} ... {README_END} block")
+    return f"{head}{README_BEGIN}\n{summary_table(manifest)}\n{README_END}{tail}"
 
 
 def headline_scores(comparison: dict) -> dict:

@@ -311,7 +311,7 @@ def fit_boosters(train: Origins, z: np.ndarray, weights: np.ndarray, plan: Train
     params = {
         "objective": "quantile", "num_leaves": 8, "max_depth": 3, "learning_rate": 0.08,
         "min_data_in_leaf": plan.min_leaf, "feature_fraction": 0.9, "bagging_fraction": 0.8,
-        "bagging_freq": 1, "lambda_l2": 1.0, "num_threads": 2, "verbose": -1, "seed": 7,
+        "bagging_freq": 1, "lambda_l2": 1.0, "num_threads": 0, "verbose": -1, "seed": 7,  # 0: OMP_NUM_THREADS
     }
     data = lgb.Dataset(features, target, weight=pair_weight, feature_name=list(FEATURES), free_raw_data=False)
     levels = QUANTILES
