@@ -1,5 +1,5 @@
-"""Peers (GARCH(1,1)-t, Gaussian random walk) and the side-by-side metrics: no peer sees the future; the
-pin5 loss, the block bootstrap and the method table compute what they say."""
+"""Peers (GARCH(1,1)-t, Gaussian and split-conformal random walks) and the side-by-side metrics: no peer sees the
+future; the pin5 loss, the block bootstrap and the method table compute what they say."""
 
 import json
 
@@ -12,7 +12,16 @@ from candlecast.forecast.evaluate import block_bootstrap_delta, compare_methods,
 from candlecast.forecast.features import QUANTILES
 
 pytest.importorskip("arch")
-from candlecast.forecast.peers import GarchPlan, garch_t, gaussian_rw, peer_quantiles
+from candlecast.forecast.peers import (
+    CONFORMAL_MIN_PAIRS,
+    PEERS,
+    GarchPlan,
+    conformal_rw,
+    garch_t,
+    gaussian_rw,
+    peer_quantiles,
+    rw_sd,
+)
 
 PLAN = GarchPlan(window=400, refit_every=50, min_returns=100)
 
@@ -48,6 +57,68 @@ def test_no_peer_sees_the_future():
         assert np.isfinite(full[name]).all()
         np.testing.assert_array_equal(full[name], alone[name], err_msg=name)
         np.testing.assert_array_equal(full[name], after[name], err_msg=name)
+
+
+def corrupted_after(candles: Candles, cut: int, seed: int) -> Candles:
+    """Every column of every candle after `cut` replaced by unrelated positive values (the past kept)."""
+    rng = np.random.default_rng(seed)
+    columns = {name: getattr(candles, name).copy() for name in COLUMNS}
+    tail = len(candles) - cut - 1
+    for name in ("open", "high", "low", "close", "volume"):
+        columns[name][cut + 1 :] = rng.lognormal(3, 2, tail)
+    return Candles(**columns)
+
+
+@pytest.mark.parametrize("cut", [331, 700, 1003, 1449])
+def test_each_peer_forecast_is_unchanged_when_everything_after_its_origin_changes(cut):
+    """At origin `cut` (GARCH-t between refits or at one; the conformal window full or filling), every peer's
+    quantiles are bit-identical whatever the candles after the origin are."""
+    candles = garch_candles(1500)
+    origins = np.array([cut])
+    before = peer_quantiles([(None, candles)], np.zeros(1, int), candles.open_time[origins], "1h")
+    after = peer_quantiles([(None, corrupted_after(candles, cut, cut))], np.zeros(1, int),
+                           candles.open_time[origins], "1h")
+    assert set(before) == set(PEERS)
+    for name in PEERS:
+        assert np.isfinite(before[name]).all()
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    # The conformal peer really used its calibration pairs here (it is not the Gaussian fallback).
+    assert not np.allclose(before["conformal-rw"], before["gaussian-rw"])
+
+
+def test_conformal_peer_is_the_finite_sample_quantile_of_past_resolved_scores():
+    candles = garch_candles(900, seed=8)
+    window, origin = 200, 850
+    q = conformal_rw(candles.close, np.array([origin]), window)[0]
+    log_close, sd = np.log(candles.close), rw_sd(candles.close)
+    for h in (1, 7, 30):
+        past = np.arange(max(0, origin - h - window + 1), origin - h + 1)  # outcomes known at the origin
+        assert (past + h <= origin).all() and len(past) == window
+        scores = np.sort(np.abs(log_close[past + h] - log_close[past]) / (sd[past] * np.sqrt(h)))
+        for (lower, upper), alpha in (((0, 6), 0.05), ((1, 5), 0.2), ((2, 4), 0.5)):
+            k = int(np.ceil((window + 1) * (1 - alpha)))
+            expected = scores[k - 1] * sd[origin] * np.sqrt(h)
+            assert q[h - 1, upper] == pytest.approx(expected, rel=1e-12)
+            assert q[h - 1, lower] == pytest.approx(-expected, rel=1e-12)
+        assert q[h - 1, 3] == 0.0
+    # Too few resolved pairs: the Gaussian random walk's quantiles.
+    early = CONFORMAL_MIN_PAIRS + 2
+    np.testing.assert_allclose(conformal_rw(candles.close, np.array([early]), window)[0, -1],
+                               gaussian_rw(candles.close, np.array([early]))[0, -1])
+
+
+def test_conformal_peer_covers_per_horizon_where_the_gaussian_walk_does_not():
+    candles = garch_candles(4000, seed=5)
+    positions = np.arange(300, 3960, 2)
+    log_close = np.log(candles.close)
+    target = positions[:, None] + np.arange(1, 31)
+    y = log_close[target] - log_close[positions, None]
+    times = candles.open_time[positions]
+    scores = {name: method_scores(y, peer(candles.close, positions), np.full(y.shape, 0.5), 0.005, times)
+              for name, peer in (("conformal", lambda c, p: conformal_rw(c, p, 500)), ("gaussian", gaussian_rw))}
+    conformal, gaussian = scores["conformal"]["per_horizon"], scores["gaussian"]["per_horizon"]
+    assert min(conformal["coverage_95"]) >= 0.92 and 0.76 <= np.mean(conformal["coverage_80"]) <= 0.84
+    assert min(gaussian["coverage_95"][10:]) < 0.92  # fat tails: the plain Gaussian walk under-covers
 
 
 def test_garch_peer_is_calibrated_on_garch_data_and_sharper_than_the_random_walk_early():

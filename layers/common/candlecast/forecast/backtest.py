@@ -25,7 +25,7 @@ def load_signed_model(path: Path, key: bytes) -> ForecastModel:
 def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progress: bool = False,
              peers: bool = True) -> dict:
     """forecasting.md metrics of `model` on every series of `timeframe` in `data_dir` (CSV or Parquet); with
-    `peers`, also the model's own baseline, GARCH(1,1)-t and a Gaussian random walk on the same origins."""
+    `peers`, also the model's own baseline and every peer of `peers.PEERS` on the same origins."""
     if model.timeframe != timeframe:
         raise ValueError(f"the model is for {model.timeframe}, not {timeframe}")
     loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)

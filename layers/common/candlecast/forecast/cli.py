@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     backtest.add_argument("--data", required=True, help="folder of OHLCV files (CSV or Parquet)")
     backtest.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
     backtest.add_argument("--model", help="model file (default models/{tf}.pkl); its .sig is verified")
-    backtest.add_argument("--no-peers", action="store_true", help="skip the GARCH-t and Gaussian random-walk peers")
+    backtest.add_argument("--no-peers", action="store_true", help="skip the peers (GARCH-t, Gaussian and conformal "
+                          "random walks, the file's own baseline)")
     backtest.set_defaults(func=backtest_command)
 
 
@@ -93,7 +94,8 @@ def scorecard_command(args: argparse.Namespace) -> int:
     return 0
 
 
-PEER_LABELS = {"garch-t": "GARCH-t", "gaussian-rw": "Gaussian RW", "baseline": "own baseline"}
+PEER_LABELS = {"garch-t": "GARCH-t", "gaussian-rw": "Gaussian RW", "conformal-rw": "conformal RW",
+               "baseline": "own baseline"}  # the summary's column order
 README_BEGIN, README_END = "<!-- scorecard --summary: begin -->", "<!-- scorecard --summary: end -->"
 
 
@@ -109,7 +111,8 @@ def summary_table(manifest: dict) -> str:
 
     rows = {tf: manifest[tf] for tf in TIMEFRAMES if "comparison" in manifest.get(tf, {}).get("metrics", {})}
     names = {name for entry in rows.values() for name in entry["metrics"]["comparison"]["methods"]}
-    peers = sorted(names - {"learned"}, key=lambda name: (name != "garch-t", name != "gaussian-rw", name))
+    order = list(PEER_LABELS)
+    peers = sorted(names - {"learned"}, key=lambda name: (order.index(name) if name in order else len(order), name))
     header = ["tf", "shipped", "pin5"] + [f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers] + [
         "cov80 / cov95 (range over h)", "ECE (worst bin)", "origins", "train_end"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -6,6 +6,10 @@ Every peer gives log-return quantiles (n, 30, 7) at the levels of `features.QUAN
   ending at the origin, refitted every `refit_every` bars (warm-started); between refits the variance recursion
   runs over new returns with the last parameters. The h-step quantile is the standardised t quantile times
   √(Σ expected one-bar variances). With too few returns for a fit, a t(5) on their sample variance.
+- `conformal-rw`: split-conformal Gaussian random walk: ±c_h·s·√h, where c_h is the finite-sample conformal
+  quantile (rank ⌈(n+1)(1−α)⌉ of n) of the standardised scores |ln C(s+h) − ln C(s)| / (s_s·√h) of the same
+  series' last `CONFORMAL_WINDOWS[tf]` calibration origins s whose outcome is known at the origin (s + h ≤ origin:
+  the horizon overlap is purged). With fewer than CONFORMAL_MIN_PAIRS such pairs, c_h is the Gaussian quantile.
 Nothing at an origin reads a candle after it (tests/test_forecast_peers.py).
 """
 
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from candlecast.forecast.features import QUANTILES
+from candlecast.forecast.features import INTERVAL_ALPHAS, INTERVALS, MEDIAN, QUANTILES
 from candlecast.forecast.model import HORIZONS
 from candlecast.timeframes import Timeframe
 
@@ -52,19 +56,70 @@ def log_returns(close: np.ndarray) -> np.ndarray:
     return np.concatenate([[np.nan], np.diff(log_close)])
 
 
-def gaussian_rw(close: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """(n, 30, 7) quantiles of the Gaussian random walk at origin indices `positions`."""
+def rw_sd(close: np.ndarray) -> np.ndarray:
+    """s[p] = sample sd of the one-bar log returns r[max(1, p−29)..p] (the last 30 up to candle p), for every p.
+
+    Where that is undefined or 0 (flat prices), the last earlier positive s; before any, 0.01.
+    """
+    returns = log_returns(close)
+    sd = np.full(len(close), np.nan)
+    for p in range(min(RW_WINDOW, len(close))):  # the first windows are shorter
+        window = returns[1 : p + 1]
+        sd[p] = np.std(window, ddof=1) if len(window) >= 2 else np.nan
+    if len(close) > RW_WINDOW:
+        full = np.lib.stride_tricks.sliding_window_view(returns[1:], RW_WINDOW)
+        sd[RW_WINDOW:] = np.std(full[: len(close) - RW_WINDOW], axis=1, ddof=1)
+    valid = np.isfinite(sd) & (sd > 0)
+    last = np.maximum.accumulate(np.where(valid, np.arange(len(sd)), -1))
+    return np.where(last >= 0, sd[np.maximum(last, 0)], 0.01)
+
+
+def _gaussian_z() -> np.ndarray:
     from scipy import stats
 
-    returns = log_returns(close)
-    sd = np.empty(len(positions))
-    for i, p in enumerate(positions):
-        window = returns[max(1, p - RW_WINDOW + 1) : p + 1]
-        sd[i] = np.std(window, ddof=1) if len(window) >= 2 else np.nan
-    fallback = np.nanmedian(sd) if np.isfinite(sd).any() else 0.01
-    sd = np.where(np.isfinite(sd) & (sd > 0), sd, fallback)
-    z = stats.norm.ppf(QUANTILES)
-    return sd[:, None, None] * np.sqrt(HORIZONS)[None, :, None] * z[None, None, :]
+    return stats.norm.ppf(QUANTILES)
+
+
+def gaussian_rw(close: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(n, 30, 7) quantiles of the Gaussian random walk at origin indices `positions`."""
+    sd = rw_sd(close)[positions]
+    return sd[:, None, None] * np.sqrt(HORIZONS)[None, :, None] * _gaussian_z()[None, None, :]
+
+
+CONFORMAL_WINDOWS = {"1h": 1000, "4h": 750, "1d": 500, "1w": 260, "1m": 120}  # calibration origins per horizon
+CONFORMAL_MIN_PAIRS = 30
+
+
+def conformal_rw(close: np.ndarray, positions: np.ndarray, window: int, chunk: int = 2048) -> np.ndarray:
+    """(n, 30, 7) quantiles of the split-conformal Gaussian random walk at origin indices `positions`."""
+    log_close = np.log(close)
+    sd = rw_sd(close)
+    count = len(close)
+    positions = np.asarray(positions)
+    gaussian = np.abs(_gaussian_z()[[upper for _, upper in INTERVALS]])  # (3,) half-widths in sd·√h
+    factor = np.empty((len(positions), len(HORIZONS), len(INTERVALS)))
+    for i, h in enumerate(HORIZONS):
+        score = np.full(count, np.nan)  # score[s]: calibration origin s at horizon h (outcome: candle s + h)
+        score[: count - h] = np.abs(log_close[h:] - log_close[:-h]) / (sd[: count - h] * np.sqrt(h))
+        padded = np.concatenate([np.full(window - 1, np.nan), score])
+        windows = np.lib.stride_tricks.sliding_window_view(padded, window)  # row r: score[r − window + 1 .. r]
+        last = positions - h  # the newest calibration origin whose outcome is known at the origin
+        for start in range(0, len(positions), chunk):
+            rows = last[start : start + chunk]
+            calibration = np.where((rows >= 0)[:, None], windows[np.maximum(rows, 0)], np.nan)
+            calibration.sort(axis=1)  # NaN last
+            n = np.isfinite(calibration).sum(axis=1)
+            for j, alpha in enumerate(INTERVAL_ALPHAS):
+                rank = np.ceil((n + 1) * (1 - alpha)).astype(int)
+                usable = (n >= CONFORMAL_MIN_PAIRS) & (rank <= n)
+                picked = calibration[np.arange(len(rows)), np.clip(rank - 1, 0, window - 1)]
+                factor[start : start + chunk, i, j] = np.where(usable, picked, gaussian[j])
+    half = sd[positions][:, None, None] * np.sqrt(HORIZONS)[None, :, None] * factor
+    quantiles = np.zeros((len(positions), len(HORIZONS), len(QUANTILES)))
+    for j, (lower, upper) in enumerate(INTERVALS):
+        quantiles[..., lower], quantiles[..., upper] = -half[..., j], half[..., j]
+    quantiles[..., MEDIAN] = 0.0
+    return quantiles
 
 
 def _garch_fit(returns_pct: np.ndarray, start: np.ndarray | None) -> np.ndarray | None:
@@ -133,7 +188,7 @@ def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan) -> np.nda
     return scale[:, :, None] * _t_quantiles(nu)[:, None, :]
 
 
-PEERS = ("garch-t", "gaussian-rw")
+PEERS = ("garch-t", "gaussian-rw", "conformal-rw")
 
 
 def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timeframe: Timeframe,
@@ -155,6 +210,7 @@ def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timefram
             raise ValueError("origin times must be candle open times of their series")
         out["gaussian-rw"][rows] = gaussian_rw(candles.close, positions)
         out["garch-t"][rows] = garch_t(candles.close, positions, plan)
+        out["conformal-rw"][rows] = conformal_rw(candles.close, positions, CONFORMAL_WINDOWS[timeframe])
     return out
 
 

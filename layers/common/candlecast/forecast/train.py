@@ -490,7 +490,7 @@ def choose(results: dict) -> tuple[str, str]:
 
 
 def compare_candidates(loaded: list, result: WalkForward, timeframe: Timeframe, kind: str, progress: bool) -> dict:
-    """Every candidate and every peer (GARCH-t, Gaussian random walk) on the same held-out test origins."""
+    """Every candidate and every peer of `peers.PEERS` on the same held-out test origins."""
     from candlecast.forecast.peers import compare_with_peers
 
     candidates = {name: (result.test.scale[..., None] * q, confidence)
