@@ -95,32 +95,24 @@ def reliability(confidence: np.ndarray, hit: np.ndarray) -> list[tuple[float, fl
     ]
 
 
-_SUMMARY_KEYS = ("coverage_80", "coverage_95", "ece", "rel_mae", "directional_accuracy",
-                 "directional_accuracy_ci95", "pinball_skill", "mean_confidence", "hit_rate")
+# No median-based metrics (rel. MAE against the random walk, directional accuracy): every candidate's median is
+# the random walk, so they are 1.00 and 0.50 by construction and measure nothing.
+_SUMMARY_KEYS = ("coverage_80", "coverage_95", "ece", "pinball_skill", "mean_confidence", "hit_rate")
 
 
-def _summary(y, scale, q, base_q, confidence, tolerance, n_origins) -> dict:
+def _summary(y, scale, q, base_q, confidence, tolerance) -> dict:
     """Metrics over flat arrays of (origin, h) pairs with known outcome (None when there are none)."""
     if len(y) == 0:
         return dict.fromkeys(_SUMMARY_KEYS) | {"n_pairs": 0}
     prices = scale[:, None] * q
     base_prices = scale[:, None] * base_q
     median = prices[:, MEDIAN]
-    moved = y != 0
-    predicted = np.sign(median)
-    correct = np.where(predicted == 0, 0.5, (predicted == np.sign(y)).astype(float))[moved]
-    direction = float(correct.mean()) if len(correct) else float("nan")
-    half_width = 1.96 * np.sqrt(max(direction * (1 - direction), 0) / max(n_origins, 1))
     hit = (np.abs(np.expm1(y - median)) <= tolerance).astype(float)
     loss, base_loss = _pinball(y, prices).sum(), _pinball(y, base_prices).sum()
-    rw_error = np.abs(y).sum()
     return {
         "coverage_80": float(np.mean((prices[:, 1] <= y) & (y <= prices[:, 5]))),
         "coverage_95": float(np.mean((prices[:, 0] <= y) & (y <= prices[:, 6]))),
         "ece": _ece(confidence, hit),
-        "rel_mae": float(np.abs(y - median).sum() / rw_error) if rw_error else float("nan"),
-        "directional_accuracy": direction,
-        "directional_accuracy_ci95": [direction - half_width, direction + half_width],
         "pinball_skill": float(1 - loss / base_loss) if base_loss else 0.0,
         "mean_confidence": float(confidence.mean()),
         "hit_rate": float(hit.mean()),
@@ -131,21 +123,16 @@ def _summary(y, scale, q, base_q, confidence, tolerance, n_origins) -> dict:
 def metrics(origins: Origins, q: np.ndarray, base_q: np.ndarray, confidence: np.ndarray, tolerance: float) -> dict:
     """forecasting.md metrics of z-quantiles `q` (n, 30, 7) against `base_q` at the same origins.
 
-    rel_mae and accuracy compare the median with the random walk on log price; pinball skill is
-    1 − loss/loss(base_q); the directional-accuracy CI uses the number of origins as the sample size
-    (pairs of one origin overlap). Confidence ECE uses 10 equal-width bins.
+    Pinball skill is 1 − loss/loss(base_q); confidence ECE uses 10 equal-width bins.
     """
     y, scale = origins.log_return, origins.scale
     known = np.isfinite(y)
     per_horizon = []
     for i, h in enumerate(HORIZONS):
         rows = known[:, i]
-        item = _summary(y[rows, i], scale[rows, i], q[rows, i], base_q[rows, i], confidence[rows, i],
-                        tolerance, int(rows.sum()))
+        item = _summary(y[rows, i], scale[rows, i], q[rows, i], base_q[rows, i], confidence[rows, i], tolerance)
         per_horizon.append({"h": int(h), **item})
-    overall = _summary(y[known], scale[known], q[known], base_q[known], confidence[known], tolerance,
-                       int(known.any(axis=1).sum()))
-    overall["accuracy"] = 1 - overall["rel_mae"]
+    overall = _summary(y[known], scale[known], q[known], base_q[known], confidence[known], tolerance)
     overall["n_origins"] = int(known.any(axis=1).sum())
     overall["per_horizon"] = per_horizon
     return overall
