@@ -362,7 +362,10 @@ def retention_figures(loader: Loader, symbol_ids: tuple[int, int, int]) -> None:
     conn = loader.conn
     before = sizes(conn)
     started = time.perf_counter()
-    report = retention.run(budget_seconds=3600, retention_days=330)
+    from candlecast import db
+
+    with db.batch(60.0):  # the Retention function's DB_STATEMENT_TIMEOUT, not a request's 1 s
+        report = retention.run(budget_seconds=3600, retention_days=330)
     elapsed = time.perf_counter() - started
     deleted = report["deleted"]
     report_line(f"deleted {deleted:,} predictions (+{deleted * 30:,} steps)", f"{elapsed:.1f} s",

@@ -13,7 +13,7 @@ from candlecast.errors import Conflict
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
 from candlecast.repositories import symbols as symbol_repository
-from candlecast.schemas import ModelCreate, PredictionCreate, SymbolCreate
+from candlecast.schemas import ModelCreate, PredictionCreate, PredictionStepCreate, SymbolCreate
 
 pytestmark = pytest.mark.integration
 
@@ -162,6 +162,23 @@ def test_create_read_back_repeat_and_key_reuse(conn):
     assert reused.value.code == "idempotency_key_reused"
     assert reused.value.message == "Idempotency-Key was already used for a different request"
     assert prediction_repository.get_prediction_by_id(conn, uuid.uuid4()) is None
+
+
+def test_a_create_failing_in_the_database_stores_nothing_and_leaves_the_connection_usable(conn):
+    """The insert's COMMIT is sent with it: a statement that fails makes the server skip that COMMIT, and the
+    open transaction is rolled back, not left for the next user of the connection."""
+    add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1))
+    model_id = add_model(conn)
+    bad_steps = steps(datetime(2024, 1, 1, tzinfo=UTC))
+    bad_steps[3]["low"] = 1000.0  # above the candle: the table's CHECK refuses it
+    request = prediction(conn, model_id=model_id).model_copy(update={"steps": [
+        PredictionStepCreate.model_construct(**step) for step in bad_steps]})
+    with pytest.raises(psycopg.errors.CheckViolation):
+        prediction_repository.create_prediction(conn, request, "hash-bad")
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert conn.execute("SELECT count(*) AS n FROM predictions").fetchone()["n"] == 0
+    created = prediction_repository.create_prediction(conn, prediction(conn, model_id=model_id), "hash-bad")
+    assert created["created"] is True
 
 
 def test_recent_by_symbol_newest_first_filtered_and_paged(conn):

@@ -52,19 +52,21 @@ def evaluate_trees(trees: dict, rows: np.ndarray) -> np.ndarray:
     indices; a leaf points to itself), value; `roots` (n_trees,), `tree_quantile` (n_trees,) sorted,
     `depth` (max path length).
     """
-    feature, threshold = trees["feature"], trees["threshold"]
-    left, right, value = trees["left"], trees["right"], trees["value"]
+    feature, threshold, value = trees["feature"], trees["threshold"], trees["value"]
     roots, groups = trees["roots"], trees["group_starts"]
+    # The next node, flat: children[2 * node + went_left]. 1-D `take`s, a few times cheaper than 2-D indexing.
+    children = np.column_stack([trees["right"], trees["left"]]).ravel()
     chunk = max(1, _ROW_TREE_BUDGET // len(roots))
     out = np.empty((len(rows), len(groups)))
     for start in range(0, len(rows), chunk):
         block = rows[start : start + chunk]
+        cells = block.ravel()
+        row_starts = (np.arange(len(block)) * block.shape[1])[:, None]
         node = np.broadcast_to(roots, (len(block), len(roots))).copy()
-        row_index = np.arange(len(block))[:, None]
         for _ in range(int(trees["depth"])):
-            go_left = block[row_index, feature[node]] <= threshold[node]
-            node = np.where(go_left, left[node], right[node])
-        out[start : start + chunk] = np.add.reduceat(value[node], groups, axis=1)
+            went_left = cells.take(row_starts + feature.take(node)) <= threshold.take(node)
+            node = children.take(2 * node + went_left)
+        out[start : start + chunk] = np.add.reduceat(value.take(node), groups, axis=1)
     return out
 
 

@@ -52,16 +52,25 @@ def get_active_model_by_timeframe(conn: psycopg.Connection, timeframe: str) -> d
     return conn.execute(ACTIVE_MODEL_BY_TIMEFRAME, (timeframe,)).fetchone()
 
 
+# What a forecast needs, nothing more (the model's metrics and features are kilobytes of JSON): one row,
+# its symbol half or model half NULL when that is missing.
+_FORECAST_INPUTS = """
+SELECT s.id AS symbol_id, s.ticker, m.id AS model_id, m.timeframe, m.name, m.version, m.s3_key, m.sha256
+FROM (SELECT) one
+LEFT JOIN symbols s ON s.ticker = %(ticker)s
+LEFT JOIN models m ON m.timeframe = %(timeframe)s AND m.is_active"""
+
+
 def get_symbol_and_active_model(
     conn: psycopg.Connection, ticker: str, timeframe: str
 ) -> tuple[dict | None, dict | None]:
-    """What a forecast starts from, both queries in one round trip (pipelined)."""
-    from candlecast.repositories.symbols import SYMBOL_BY_TICKER
-
-    with conn.pipeline():
-        symbol = conn.execute(SYMBOL_BY_TICKER, (ticker,))
-        model = conn.execute(ACTIVE_MODEL_BY_TIMEFRAME, (timeframe,))
-    return symbol.fetchone(), model.fetchone()
+    """What a forecast starts from, in one statement: the symbol ({id, ticker}) and its timeframe's active
+    model ({id, timeframe, name, version, s3_key, sha256}), each None when missing."""
+    row = conn.execute(_FORECAST_INPUTS, {"ticker": ticker, "timeframe": timeframe}).fetchone()
+    symbol = None if row["symbol_id"] is None else {"id": row["symbol_id"], "ticker": row["ticker"]}
+    model = None if row["model_id"] is None else {
+        "id": row["model_id"], **{name: row[name] for name in ("timeframe", "name", "version", "s3_key", "sha256")}}
+    return symbol, model
 
 
 def get_all_active_models(conn: psycopg.Connection) -> list[dict]:

@@ -1,8 +1,10 @@
 """Queries on predictions and prediction_steps."""
 
+import contextlib
 import uuid
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from pydantic import TypeAdapter
 
 from candlecast.schemas import PredictionCreate, PredictionStepCreate
@@ -76,13 +78,24 @@ def create_prediction(
         # One JSON document for the 30 steps: cheaper to send than eleven arrays.
         "steps": _steps_json.dump_json(prediction.steps).decode(),
     }
-    # Pipelined: BEGIN, the lock and the insert go in one round trip. The insert's snapshot is still taken
-    # after the lock is granted, so it sees a concurrent twin that committed first.
-    with conn.pipeline(), conn.transaction():
-        # Every create commits durably (synchronous_commit stays on): a 201 is a promise, keyed or not.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
-        statement = CREATE_UNKEYED if prediction.idempotency_key is None else CREATE_KEYED
-        row = conn.execute(statement, params).fetchone()
+    # BEGIN, the lock, the insert and COMMIT go in one round trip (pipelined; psycopg's transaction() would
+    # sync after BEGIN and before COMMIT), and the row is read once COMMIT has answered. The insert's snapshot
+    # is still taken after the lock is granted, so it sees a concurrent twin that committed first. When a
+    # statement fails, the server skips the rest (COMMIT included) and the transaction is rolled back here.
+    statement = CREATE_UNKEYED if prediction.idempotency_key is None else CREATE_KEYED
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            # Every create commits durably (synchronous_commit stays on): a 201 is a promise, keyed or not.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
+            inserted = conn.execute(statement, params)
+            conn.execute("COMMIT")
+    except Exception:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            with contextlib.suppress(psycopg.Error):  # the original error is the one to report
+                conn.rollback()
+        raise
+    row = inserted.fetchone()
     if row["request_hash"] != request_hash:
         raise Conflict("Idempotency-Key was already used for a different request", code="idempotency_key_reused")
     return row
