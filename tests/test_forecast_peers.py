@@ -101,10 +101,12 @@ def test_conformal_peer_is_the_finite_sample_quantile_of_past_resolved_scores():
             assert q[h - 1, upper] == pytest.approx(expected, rel=1e-12)
             assert q[h - 1, lower] == pytest.approx(-expected, rel=1e-12)
         assert q[h - 1, 3] == 0.0
-    # Too few resolved pairs: the Gaussian random walk's quantiles.
+    # Too few resolved pairs: the Gaussian random walk's quantiles (also on a series shorter than the horizons).
     early = CONFORMAL_MIN_PAIRS + 2
     np.testing.assert_allclose(conformal_rw(candles.close, np.array([early]), window)[0, -1],
                                gaussian_rw(candles.close, np.array([early]))[0, -1])
+    short = candles.close[:12]
+    np.testing.assert_allclose(conformal_rw(short, np.arange(3, 12), window), gaussian_rw(short, np.arange(3, 12)))
 
 
 def test_conformal_peer_covers_per_horizon_where_the_gaussian_walk_does_not():

@@ -100,7 +100,8 @@ def conformal_rw(close: np.ndarray, positions: np.ndarray, window: int, chunk: i
     factor = np.empty((len(positions), len(HORIZONS), len(INTERVALS)))
     for i, h in enumerate(HORIZONS):
         score = np.full(count, np.nan)  # score[s]: calibration origin s at horizon h (outcome: candle s + h)
-        score[: count - h] = np.abs(log_close[h:] - log_close[:-h]) / (sd[: count - h] * np.sqrt(h))
+        if count > h:
+            score[: count - h] = np.abs(log_close[h:] - log_close[:-h]) / (sd[: count - h] * np.sqrt(h))
         padded = np.concatenate([np.full(window - 1, np.nan), score])
         windows = np.lib.stride_tricks.sliding_window_view(padded, window)  # row r: score[r − window + 1 .. r]
         last = positions - h  # the newest calibration origin whose outcome is known at the origin
