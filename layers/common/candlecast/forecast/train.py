@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.forecast import artifact
-from candlecast.forecast.dataset import bucket_starts, load_timeframe
+from candlecast.forecast.dataset import load_timeframe
 from candlecast.forecast.evaluate import Origins, build_origins, metrics, model_outputs, worst_reliability_gap
 from candlecast.forecast.features import (
     CONFIGS,
@@ -505,11 +505,9 @@ def coin_groups(loaded: list, count: int) -> list[np.ndarray]:
 
 
 def holdout_cutoff(loaded: list, timeframe: Timeframe, bars: int) -> int:
-    """Open time of the last candle `train` may read: `bars` candles before the newest candle of any series."""
-    newest = max(int(candles.open_time[-1]) for _, candles in loaded)
-    if bars <= 0:
-        return newest
-    return int(bucket_starts(np.array([newest - bars * nominal_seconds(timeframe)]), timeframe)[0])
+    """Open time of the last candle `train` may read: the newest `bars` candle times of the data are held out."""
+    times = np.unique(np.concatenate([candles.open_time for _, candles in loaded]))
+    return int(times[-1 - bars]) if len(times) > bars else int(times[0]) - 1
 
 
 def before_holdout(loaded: list, cutoff: int) -> list:
