@@ -15,6 +15,8 @@ pytest.importorskip("arch")
 from candlecast.forecast.peers import (
     CONFORMAL_MIN_PAIRS,
     PEERS,
+    RW_WINDOW,
+    ConformalPlan,
     GarchPlan,
     conformal_rw,
     garch_t,
@@ -69,15 +71,16 @@ def corrupted_after(candles: Candles, cut: int, seed: int) -> Candles:
     return Candles(**columns)
 
 
-@pytest.mark.parametrize("cut", [331, 700, 1003, 1449])
+@pytest.mark.parametrize("cut", [331, 700, 1020, 1449])  # 1020: a midnight, when the 1h conformal peer recalibrates
 def test_each_peer_forecast_is_unchanged_when_everything_after_its_origin_changes(cut):
     """At origin `cut` (GARCH-t between refits or at one; the conformal window full or filling), every peer's
     quantiles are bit-identical whatever the candles after the origin are."""
-    candles = garch_candles(1500)
+    candles, other = garch_candles(1500), garch_candles(1500, seed=4)  # the conformal peer pools both
+    assert (candles.open_time == other.open_time).all()
     origins = np.array([cut])
-    before = peer_quantiles([(None, candles)], np.zeros(1, int), candles.open_time[origins], "1h")
-    after = peer_quantiles([(None, corrupted_after(candles, cut, cut))], np.zeros(1, int),
-                           candles.open_time[origins], "1h")
+    before = peer_quantiles([(None, candles), (None, other)], np.zeros(1, int), candles.open_time[origins], "1h")
+    after = peer_quantiles([(None, corrupted_after(candles, cut, cut)), (None, corrupted_after(other, cut, cut + 1))],
+                           np.zeros(1, int), candles.open_time[origins], "1h")
     assert set(before) == set(PEERS)
     for name in PEERS:
         assert np.isfinite(before[name]).all()
@@ -86,27 +89,36 @@ def test_each_peer_forecast_is_unchanged_when_everything_after_its_origin_change
     assert not np.allclose(before["conformal-rw"], before["gaussian-rw"])
 
 
-def test_conformal_peer_is_the_finite_sample_quantile_of_past_resolved_scores():
-    candles = garch_candles(900, seed=8)
-    window, origin = 200, 850
-    q = conformal_rw(candles.close, np.array([origin]), window)[0]
-    log_close, sd = np.log(candles.close), rw_sd(candles.close)
+def test_conformal_peer_is_the_finite_sample_quantile_of_resolved_scores_of_every_series():
+    plan = ConformalPlan(window=900, recalibrate_every=1)  # reaches back to both series' first origins
+    first, second = garch_candles(900, seed=8), head(garch_candles(1300, seed=9), 700)
+    second = Candles(second.open_time + 3600 * 150, *(getattr(second, name) for name in COLUMNS[1:]))  # later start
+    series, origin = [first, second], 850
+    q = conformal_rw(series, np.array([0]), np.array([origin]), "1h", plan)[0]
+    now = first.open_time[origin]
     for h in (1, 7, 30):
-        past = np.arange(max(0, origin - h - window + 1), origin - h + 1)  # outcomes known at the origin
-        assert (past + h <= origin).all() and len(past) == window
-        scores = np.sort(np.abs(log_close[past + h] - log_close[past]) / (sd[past] * np.sqrt(h)))
+        scores = []
+        for candles in series:
+            log_close, sd = np.log(candles.close), rw_sd(candles.close)
+            s = np.arange(RW_WINDOW, len(candles) - h)  # origins with a full sd window
+            label = candles.open_time[s + h]
+            s = s[(label <= now) & (label > now - plan.window * 3600)]  # outcomes known at the origin, in the window
+            scores.append(np.abs(log_close[s + h] - log_close[s]) / (sd[s] * np.sqrt(h)))
+        scores = np.sort(np.concatenate(scores))
+        n = len(scores)
+        assert n > plan.window  # both series contribute
         for (lower, upper), alpha in (((0, 6), 0.05), ((1, 5), 0.2), ((2, 4), 0.5)):
-            k = int(np.ceil((window + 1) * (1 - alpha)))
-            expected = scores[k - 1] * sd[origin] * np.sqrt(h)
+            expected = scores[int(np.ceil((n + 1) * (1 - alpha))) - 1] * rw_sd(first.close)[origin] * np.sqrt(h)
             assert q[h - 1, upper] == pytest.approx(expected, rel=1e-12)
             assert q[h - 1, lower] == pytest.approx(-expected, rel=1e-12)
         assert q[h - 1, 3] == 0.0
-    # Too few resolved pairs: the Gaussian random walk's quantiles (also on a series shorter than the horizons).
+    # Too few resolved pairs (early, or a series shorter than the horizons): the Gaussian random walk's quantiles.
     early = CONFORMAL_MIN_PAIRS + 2
-    np.testing.assert_allclose(conformal_rw(candles.close, np.array([early]), window)[0, -1],
-                               gaussian_rw(candles.close, np.array([early]))[0, -1])
-    short = candles.close[:12]
-    np.testing.assert_allclose(conformal_rw(short, np.arange(3, 12), window), gaussian_rw(short, np.arange(3, 12)))
+    np.testing.assert_allclose(conformal_rw([first], np.array([0]), np.array([early]), "1h", plan)[0, -1],
+                               gaussian_rw(first.close, np.array([early]))[0, -1])
+    short = head(first, 12)
+    np.testing.assert_allclose(conformal_rw([short], np.zeros(9, int), np.arange(3, 12), "1h", plan),
+                               gaussian_rw(short.close, np.arange(3, 12)))
 
 
 def test_conformal_peer_covers_per_horizon_where_the_gaussian_walk_does_not():
@@ -116,11 +128,12 @@ def test_conformal_peer_covers_per_horizon_where_the_gaussian_walk_does_not():
     target = positions[:, None] + np.arange(1, 31)
     y = log_close[target] - log_close[positions, None]
     times = candles.open_time[positions]
-    scores = {name: method_scores(y, peer(candles.close, positions), np.full(y.shape, 0.5), 0.005, times)
-              for name, peer in (("conformal", lambda c, p: conformal_rw(c, p, 500)), ("gaussian", gaussian_rw))}
-    conformal, gaussian = scores["conformal"]["per_horizon"], scores["gaussian"]["per_horizon"]
-    assert min(conformal["coverage_95"]) >= 0.92 and 0.76 <= np.mean(conformal["coverage_80"]) <= 0.84
-    assert min(gaussian["coverage_95"][10:]) < 0.92  # fat tails: the plain Gaussian walk under-covers
+    conformal = conformal_rw([candles], np.zeros(len(positions), int), positions, "1h", ConformalPlan(500, 24))
+    scores = {name: method_scores(y, q, np.full(y.shape, 0.5), 0.005, times)["per_horizon"]
+              for name, q in (("conformal", conformal), ("gaussian", gaussian_rw(candles.close, positions)))}
+    assert min(scores["conformal"]["coverage_95"]) >= 0.92
+    assert 0.76 <= np.mean(scores["conformal"]["coverage_80"]) <= 0.84
+    assert min(scores["gaussian"]["coverage_95"][10:]) < 0.92  # fat tails: the plain Gaussian walk under-covers
 
 
 def test_garch_peer_is_calibrated_on_garch_data_and_sharper_than_the_random_walk_early():

@@ -6,19 +6,23 @@ Every peer gives log-return quantiles (n, 30, 7) at the levels of `features.QUAN
   ending at the origin, refitted every `refit_every` bars (warm-started); between refits the variance recursion
   runs over new returns with the last parameters. The h-step quantile is the standardised t quantile times
   √(Σ expected one-bar variances). With too few returns for a fit, a t(5) on their sample variance.
-- `conformal-rw`: split-conformal Gaussian random walk: ±c_h·s·√h, where c_h is the finite-sample conformal
-  quantile (rank ⌈(n+1)(1−α)⌉ of n) of the standardised scores |ln C(s+h) − ln C(s)| / (s_s·√h) of the same
-  series' last `CONFORMAL_WINDOWS[tf]` calibration origins s whose outcome is known at the origin (s + h ≤ origin:
-  the horizon overlap is purged). With fewer than CONFORMAL_MIN_PAIRS such pairs, c_h is the Gaussian quantile.
+- `conformal-rw`: split-conformal Gaussian random walk: ±c_h·s·√h (s as for `gaussian-rw`), where c_h is the
+  finite-sample conformal quantile (rank ⌈(n+1)(1−α)⌉ of n) of the standardised scores |ln C(s+h) − ln C(s)| /
+  (s_s·√h) of the n calibration pairs: every series' pairs (origins s with a full 30-return window) whose
+  outcome candle opened in the last `ConformalPlan.window` bars before the (re)calibration time, which is at
+  or before the origin, so every outcome it uses is known there (the horizon overlap is purged). Pooled over
+  the series, so short histories (1w, 1m) still calibrate; with fewer than CONFORMAL_MIN_PAIRS pairs, c_h is
+  the Gaussian quantile.
 Nothing at an origin reads a candle after it (tests/test_forecast_peers.py).
 """
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from candlecast.forecast.features import INTERVAL_ALPHAS, INTERVALS, MEDIAN, QUANTILES
+from candlecast.forecast.features import INTERVAL_ALPHAS, INTERVALS, QUANTILES
 from candlecast.forecast.model import HORIZONS
 from candlecast.timeframes import Timeframe
 
@@ -86,40 +90,67 @@ def gaussian_rw(close: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return sd[:, None, None] * np.sqrt(HORIZONS)[None, :, None] * _gaussian_z()[None, None, :]
 
 
-CONFORMAL_WINDOWS = {"1h": 1000, "4h": 750, "1d": 500, "1w": 260, "1m": 120}  # calibration origins per horizon
+@dataclass(frozen=True)
+class ConformalPlan:
+    window: int  # bars of calendar time whose resolved pairs (of every series) calibrate
+    recalibrate_every: int  # bars between recalibrations
+
+
+CONFORMAL_PLANS = {
+    "1h": ConformalPlan(window=2160, recalibrate_every=24),  # 90 days
+    "4h": ConformalPlan(window=1080, recalibrate_every=6),  # 180 days
+    "1d": ConformalPlan(window=730, recalibrate_every=1),
+    "1w": ConformalPlan(window=260, recalibrate_every=1),
+    "1m": ConformalPlan(window=120, recalibrate_every=1),
+}
 CONFORMAL_MIN_PAIRS = 30
 
 
-def conformal_rw(close: np.ndarray, positions: np.ndarray, window: int, chunk: int = 2048) -> np.ndarray:
-    """(n, 30, 7) quantiles of the split-conformal Gaussian random walk at origin indices `positions`."""
-    log_close = np.log(close)
-    sd = rw_sd(close)
-    count = len(close)
-    positions = np.asarray(positions)
+def conformal_rw(series: list, origin_series: np.ndarray, positions: np.ndarray, timeframe: Timeframe,
+                 plan: ConformalPlan) -> np.ndarray:
+    """(n, 30, 7) split-conformal Gaussian random-walk quantiles at origins (`origin_series` index into `series`,
+    a list of Candles; `positions` index the origin candle in its series)."""
+    from candlecast.timeframes import nominal_seconds
+
+    bar = nominal_seconds(timeframe)
+    sds = [rw_sd(candles.close) for candles in series]
+    origin_time = np.array([series[i].open_time[p] for i, p in zip(origin_series, positions, strict=True)],
+                           dtype=np.int64)
+    # Calibrated at the last recalibration time r <= the origin, on pairs whose outcome candle opens in (r − W, r].
+    at = origin_time if plan.recalibrate_every == 1 else origin_time - origin_time % (plan.recalibrate_every * bar)
+    moments, moment_index = np.unique(at, return_inverse=True)
     gaussian = np.abs(_gaussian_z()[[upper for _, upper in INTERVALS]])  # (3,) half-widths in sd·√h
     factor = np.empty((len(positions), len(HORIZONS), len(INTERVALS)))
     for i, h in enumerate(HORIZONS):
-        score = np.full(count, np.nan)  # score[s]: calibration origin s at horizon h (outcome: candle s + h)
-        if count > h:
-            score[: count - h] = np.abs(log_close[h:] - log_close[:-h]) / (sd[: count - h] * np.sqrt(h))
-        padded = np.concatenate([np.full(window - 1, np.nan), score])
-        windows = np.lib.stride_tricks.sliding_window_view(padded, window)  # row r: score[r − window + 1 .. r]
-        last = positions - h  # the newest calibration origin whose outcome is known at the origin
-        for start in range(0, len(positions), chunk):
-            rows = last[start : start + chunk]
-            calibration = np.where((rows >= 0)[:, None], windows[np.maximum(rows, 0)], np.nan)
-            calibration.sort(axis=1)  # NaN last
-            n = np.isfinite(calibration).sum(axis=1)
-            for j, alpha in enumerate(INTERVAL_ALPHAS):
-                rank = np.ceil((n + 1) * (1 - alpha)).astype(int)
-                usable = (n >= CONFORMAL_MIN_PAIRS) & (rank <= n)
-                picked = calibration[np.arange(len(rows)), np.clip(rank - 1, 0, window - 1)]
-                factor[start : start + chunk, i, j] = np.where(usable, picked, gaussian[j])
-    half = sd[positions][:, None, None] * np.sqrt(HORIZONS)[None, :, None] * factor
+        label_time, score = [], []
+        for candles, sd in zip(series, sds, strict=True):
+            if len(candles) <= h:
+                continue
+            log_close = np.log(candles.close)
+            own = np.arange(len(candles) - h) >= RW_WINDOW  # s with a full 30-return sd window
+            label_time.append(candles.open_time[h:][own])
+            score.append((np.abs(log_close[h:] - log_close[:-h]) / (sd[:-h] * np.sqrt(h)))[own])
+        label_time = np.concatenate(label_time) if label_time else np.empty(0, np.int64)
+        score = np.concatenate(score) if score else np.empty(0)
+        order = np.argsort(label_time, kind="stable")
+        label_time, score = label_time[order], score[order]
+        first = np.searchsorted(label_time, moments - plan.window * bar, side="right")
+        last = np.searchsorted(label_time, moments, side="right")
+        table = np.empty((len(moments), len(INTERVALS)))
+        for k, (lo, hi) in enumerate(zip(first, last, strict=True)):
+            n = hi - lo
+            ranks = [math.ceil((n + 1) * (1 - alpha)) for alpha in INTERVAL_ALPHAS]
+            if n < CONFORMAL_MIN_PAIRS or max(ranks) > n:
+                table[k] = gaussian
+                continue
+            window = np.partition(score[lo:hi], [rank - 1 for rank in ranks])
+            table[k] = window[[rank - 1 for rank in ranks]]
+        factor[:, i] = table[moment_index]
+    sd_at = np.array([sds[i][p] for i, p in zip(origin_series, positions, strict=True)])
+    half = sd_at[:, None, None] * np.sqrt(HORIZONS)[None, :, None] * factor
     quantiles = np.zeros((len(positions), len(HORIZONS), len(QUANTILES)))
     for j, (lower, upper) in enumerate(INTERVALS):
         quantiles[..., lower], quantiles[..., upper] = -half[..., j], half[..., j]
-    quantiles[..., MEDIAN] = 0.0
     return quantiles
 
 
@@ -197,6 +228,7 @@ def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timefram
     """{peer: (n, 30, 7) log-return quantiles} at the origins (`series` index into `loaded`, candle open `times`)."""
     out = {name: np.full((len(times), len(HORIZONS), len(QUANTILES)), np.nan) for name in PEERS}
     plan = GARCH_PLANS[timeframe]
+    origin_positions = np.zeros(len(times), dtype=np.int64)
     indices = np.unique(series)
     if progress:
         from tqdm import tqdm
@@ -211,7 +243,10 @@ def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timefram
             raise ValueError("origin times must be candle open times of their series")
         out["gaussian-rw"][rows] = gaussian_rw(candles.close, positions)
         out["garch-t"][rows] = garch_t(candles.close, positions, plan)
-        out["conformal-rw"][rows] = conformal_rw(candles.close, positions, CONFORMAL_WINDOWS[timeframe])
+        origin_positions[rows] = positions
+    # Calibrated on every series' past, so computed once for all origins.
+    out["conformal-rw"] = conformal_rw([candles for _, candles in loaded], np.asarray(series), origin_positions,
+                                       timeframe, CONFORMAL_PLANS[timeframe])
     return out
 
 
