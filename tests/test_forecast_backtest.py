@@ -17,10 +17,20 @@ CONSTANT = {"rel_mae", "directional_accuracy", "directional_accuracy_ci95", "acc
 
 
 @pytest.mark.parametrize("timeframe", ["1h", "1d"])
-def test_backtest_prints_one_json_object(timeframe, capsys, monkeypatch):
+def test_backtest_prints_one_json_object(timeframe, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    assert main(["backtest", "--data", "data", "--timeframe", timeframe]) == 0
-    result = json.loads(capsys.readouterr().out)
+    assert main(["backtest", "--data", "data", "--timeframe", timeframe, "--report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    methods = result["comparison"]["methods"]
+    assert {"candlecast", "garch-t", "gaussian-rw", "conformal-rw"} <= set(methods)
+    for scores in methods.values():  # per era: coverage and pin5 on the same pairs for every method
+        assert scores["eras"] and all({"coverage_80", "coverage_95", "pin5", "n_pairs"} <= set(era)
+                                      for era in scores["eras"].values())
+        assert len(scores["per_horizon"]["width_95"]) == 30
+    assert "| conformal-rw |" in err and "pin5" in err.split("era ")[1]
+    png = (tmp_path / timeframe / "comparison.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 50_000
     assert set(result) >= KEYS
     assert result["n_origins"] > 100
     assert len(result["per_horizon"]) == 30

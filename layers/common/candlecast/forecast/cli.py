@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     backtest.add_argument("--model", help="model file (default models/{tf}.pkl); its .sig is verified")
     backtest.add_argument("--no-peers", action="store_true", help="skip the peers (GARCH-t, Gaussian and conformal "
                           "random walks, the file's own baseline)")
+    backtest.add_argument("--report", help="folder for {tf}/comparison.png (every method by horizon, reliability, "
+                          "per era)")
     backtest.set_defaults(func=backtest_command)
 
 
@@ -164,6 +166,11 @@ def backtest_command(args: argparse.Namespace) -> int:
     result = backtest(model, Path(args.data), args.timeframe, progress=True, peers=not args.no_peers)
     if "comparison" in result:
         print(comparison_text(args.timeframe, result["comparison"]), file=sys.stderr)
+        if args.report:
+            from candlecast.forecast.report import write_comparison_report
+
+            path = write_comparison_report(Path(args.report) / args.timeframe, args.timeframe, result["comparison"])
+            print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 

@@ -1,5 +1,5 @@
-"""Walk-forward report: a PNG (reliability, coverage by horizon, fan chart, every method's per-horizon coverage and
-width) and the text table of the model against its peers."""
+"""Walk-forward report: a PNG (reliability, coverage by horizon, fan chart; every method's per-horizon coverage and
+width, reliability, and coverage and pin5 per era) and the text table of the model against its peers."""
 
 from pathlib import Path
 
@@ -14,18 +14,19 @@ from candlecast.forecast.model import HORIZONS, ForecastModel
 def write_report(directory: Path, timeframe: str, loaded: list, test: Origins, results: dict,
                  model: ForecastModel, outputs: tuple, kind: str, comparison: dict | None = None) -> Path:
     """One PNG for the shipped `kind`: `outputs` = its (z-quantiles, baseline z-quantiles, confidence) at `test`;
-    `comparison` (`evaluate.compare_methods`) adds a row of every method's coverage and width by horizon."""
+    `comparison` (`evaluate.compare_methods`) adds two rows of every method's figures (write_comparison_report's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    rows = 2 if comparison else 1
+    rows = 3 if comparison else 1
     figure, axes = plt.subplots(rows, 3, figsize=(18, 5.5 * rows), squeeze=False)
     ax_rel, ax_cov, ax_fan = axes[0]
     if comparison:
         _methods_by_horizon(axes[1], timeframe, comparison)
+        _methods_reliability_and_eras(axes[2], timeframe, comparison)
 
     q, _, confidence = outputs
     known = np.isfinite(test.log_return)
@@ -56,6 +57,60 @@ def write_report(directory: Path, timeframe: str, loaded: list, test: Origins, r
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
+
+
+def write_comparison_report(directory: Path, timeframe: str, comparison: dict) -> Path:
+    """A PNG of `comparison` alone (`candlecast backtest --report`): every method's coverage and width by horizon,
+    reliability, and coverage and pin5 per era."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(2, 3, figsize=(18, 11))
+    _methods_by_horizon(axes[0], timeframe, comparison)
+    _methods_reliability_and_eras(axes[1], timeframe, comparison)
+    figure.tight_layout()
+    path = directory / "comparison.png"
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def _methods_reliability_and_eras(axes, timeframe: str, comparison: dict) -> None:
+    """Every method's reliability diagram (10 confidence bins; marker area ~ pairs), then per era its 80/95 %
+    coverage and its pin5."""
+    ax_rel, ax_cov, ax_pin = axes
+    methods = comparison["methods"]
+    ax_rel.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
+    top = 0.05
+    for i, (name, scores) in enumerate(methods.items()):
+        table = scores["reliability"]
+        total = sum(item["count"] for item in table) or 1
+        x, y = [item["confidence"] for item in table], [item["observed"] for item in table]
+        ax_rel.plot(x, y, "-" if name == comparison["reference"] else "--", color=f"C{i}",
+                    label=f"{name} (ECE {scores['ece']:.3f})")
+        ax_rel.scatter(x, y, s=[400 * item["count"] / total + 4 for item in table], color=f"C{i}", alpha=0.6)
+        top = max(top, *x, *y)
+    ax_rel.set(xlim=(0, top * 1.1), ylim=(0, top * 1.1), xlabel="predicted confidence", ylabel="observed frequency",
+               title=f"{timeframe} reliability, every method")
+    eras = list(next(iter(methods.values()))["eras"])
+    width = 0.8 / max(len(methods), 1)
+    for i, (name, scores) in enumerate(methods.items()):
+        at = np.arange(len(eras)) + (i - (len(methods) - 1) / 2) * width
+        ax_cov.bar(at, [scores["eras"][era]["coverage_95"] for era in eras], width, color=f"C{i}", alpha=0.35)
+        ax_cov.bar(at, [scores["eras"][era]["coverage_80"] for era in eras], width, color=f"C{i}", label=name)
+        ax_pin.bar(at, [scores["eras"][era]["pin5"] for era in eras], width, color=f"C{i}", label=name)
+    for level in (0.8, 0.95):
+        ax_cov.axhline(level, color="grey", linestyle=":")
+    labels = [f"{era}\n({next(iter(methods.values()))['eras'][era]['n_pairs']:,} pairs)" for era in eras]
+    ax_cov.set(xticks=range(len(eras)), xticklabels=labels, ylim=(0.5, 1.0), ylabel="coverage",
+               title=f"{timeframe} coverage per era (80 % solid, 95 % pale)")
+    ax_pin.set(xticks=range(len(eras)), xticklabels=labels, ylabel="pin5 (% log return)",
+               title=f"{timeframe} pin5 per era (lower is better)")
+    for ax in axes:
+        ax.legend(fontsize=7)
 
 
 def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
@@ -97,11 +152,12 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
             f"| {min(per['coverage_80']):.3f}–{max(per['coverage_80']):.3f} "
             f"| {min(per['coverage_95']):.3f}–{max(per['coverage_95']):.3f} "
             f"| {m['width_80']:.3f} / {m['width_95']:.3f} | {m['ece']:.3f} | {gap:.3f} | {m['n_origins']:,} |")
-    lines += ["", "| method | " + " | ".join(f"era {era} cov80 / cov95 (pairs)" for era in
-                                           next(iter(comparison["methods"].values()))["eras"]) + " |"]
-    lines.append("|---|" + "---|" * len(next(iter(comparison["methods"].values()))["eras"]))
+    eras = next(iter(comparison["methods"].values()))["eras"]
+    lines += ["", "| method | " + " | ".join(f"era {era} ({e['n_pairs']:,} pairs): cov80 / cov95, pin5"
+                                           for era, e in eras.items()) + " |"]
+    lines.append("|---|" + "---|" * len(eras))
     for name, m in comparison["methods"].items():
-        cells = [f"{e['coverage_80']:.3f} / {e['coverage_95']:.3f} ({e['n_pairs']:,})" for e in m["eras"].values()]
+        cells = [f"{e['coverage_80']:.3f} / {e['coverage_95']:.3f}, {e['pin5']:.3f}" for e in m["eras"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
