@@ -202,7 +202,8 @@ def method_scores(log_return: np.ndarray, log_quantiles: np.ndarray, confidence:
         mask = known & (year >= first) & (year < after)
         if mask.any():
             eras[name] = {"coverage_80": float(mean(inside_80, mask)), "coverage_95": float(mean(inside_95, mask)),
-                          "pin5": float(mean(loss, mask)), "n_pairs": int(mask.sum())}
+                          "pin5": float(mean(loss, mask)), "n_pairs": int(mask.sum()),
+                          "n_origins": int(mask.any(axis=1).sum())}
     return {
         "pin5": float(mean(loss, known)),
         "coverage_80": float(mean(inside_80, known)),

@@ -261,5 +261,6 @@ def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: 
     methods = dict(candidates)
     for name, quantiles in peer_quantiles(loaded, origins.series, origins.time, timeframe, progress).items():
         methods[name] = (quantiles, raw_confidence(quantiles, np.ones(quantiles.shape[:-1]), tolerance))
-    return compare_methods(origins.log_return, origins.time, methods, tolerance, nominal_seconds(timeframe),
-                           reference)
+    result = compare_methods(origins.log_return, origins.time, methods, tolerance, nominal_seconds(timeframe),
+                             reference)
+    return result | {"n_series": len(np.unique(origins.series))}

@@ -137,7 +137,11 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
     its range over horizons, width, ECE and the worst reliability bin (of those holding ≥ 0.5 % of the pairs);
     then coverage per era."""
     reference = comparison["reference"]
-    lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}", "",
+    series = f", {comparison['n_series']} series" if "n_series" in comparison else ""
+    blocks = next((m["vs_" + reference]["blocks"] for m in comparison["methods"].values() if "vs_" + reference in m),
+                  0)
+    lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}{series}; 95 % intervals "
+             f"resample {blocks} time blocks of {comparison['block_seconds'] / 86400:.3g} days", "",
              f"| method | pin5 (%) | Δ peer vs {reference} [95% CI] | cov80 / cov95 | cov80 range over h "
              "| cov95 range over h | width 80/95 | ECE | worst bin gap | origins |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -153,13 +157,17 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
             f"| {min(per['coverage_95']):.3f}–{max(per['coverage_95']):.3f} "
             f"| {m['width_80']:.3f} / {m['width_95']:.3f} | {m['ece']:.3f} | {gap:.3f} | {m['n_origins']:,} |")
     eras = next(iter(comparison["methods"].values()))["eras"]
-    lines += ["", "| method | " + " | ".join(f"era {era} ({e['n_pairs']:,} pairs): cov80 / cov95, pin5"
+    lines += ["", "| method | " + " | ".join(f"era {era} ({_origins(e)}{e['n_pairs']:,} pairs): cov80 / cov95, pin5"
                                            for era, e in eras.items()) + " |"]
     lines.append("|---|" + "---|" * len(eras))
     for name, m in comparison["methods"].items():
         cells = [f"{e['coverage_80']:.3f} / {e['coverage_95']:.3f}, {e['pin5']:.3f}" for e in m["eras"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _origins(scores: dict) -> str:
+    return f"{scores['n_origins']:,} origins, " if "n_origins" in scores else ""
 
 
 def _fan_chart(ax, timeframe: str, loaded: list, test: Origins, model: ForecastModel) -> None:
