@@ -78,3 +78,33 @@ def test_build_sample_lists_every_coin_file(tmp_path):
     total = sum(path.stat().st_size for path in tmp_path.rglob("*.parquet"))
     assert total < 2_000_000
     assert (tmp_path / "XMRUSD" / "1d.parquet").exists() and not (tmp_path / "XMRUSD" / "1h.parquet").exists()
+
+
+@pytest.mark.slow
+def test_train_evaluate_only_prints_the_walk_forward_comparison_and_writes_no_model(tmp_path, capsys):
+    """Monthly candles of five coins (daily files, 1d -> 1m), every coin held out in turn: the comparison covers
+    every coin and writes its PNG; no model file or manifest appears."""
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    start = datetime(2012, 1, 1, tzinfo=UTC).timestamp()
+    for index, coin in enumerate(("LTC", "BTC", "ETH", "ADA", "XRP")):
+        rng = np.random.default_rng(index)
+        days = 3650 - 300 * index  # later listings
+        close = 100 * np.exp(np.cumsum(rng.standard_t(4, days) * 0.03))
+        lines = ["timestamp,open,high,low,close,volume"]
+        for day in range(days):
+            stamp = datetime.fromtimestamp(start + 86400 * (3650 - days + day), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            price = close[day]
+            lines.append(f"{stamp},{price},{price * 1.02},{price / 1.02},{price},1000")
+        (data / f"{coin}-USD_1d.csv").write_text("\n".join(lines) + "\n")
+    out, reports = tmp_path / "models", tmp_path / "reports"
+    assert main(["train", "--timeframe", "1m", "--data", str(data), "--out", str(out), "--reports", str(reports),
+                 "--folds", "3", "--test-fraction", "0.7", "--holdout-bars", "0", "--evaluate-only"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["would_ship"] == "baseline" and not out.exists()
+    assert {"baseline", "garch-t", "gaussian-rw", "conformal-rw"} == set(result["methods"])
+    assert "5 series" in captured.err and "| conformal-rw |" in captured.err
+    assert (reports / "1m" / "comparison.png").read_bytes().startswith(b"\x89PNG")

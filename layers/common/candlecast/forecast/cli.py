@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     train.add_argument("--folds", type=int, help="walk-forward test folds (default: the timeframe's plan)")
     train.add_argument("--holdout-bars", type=int, help="newest candles that training never reads (default: the "
                        "timeframe's HOLDOUT_BARS; the manifest's train_end is the last candle before them)")
+    train.add_argument("--test-fraction", type=float, help="share of time the walk-forward tests cover (default: "
+                       "the timeframe's plan)")
+    train.add_argument("--evaluate-only", action="store_true", help="walk-forward comparison only: print it and "
+                       "write {reports}/{tf}/comparison.png; no model is fitted on all coins or written")
     train.add_argument("--register", action="store_true", help="record the model in the models table")
     train.set_defaults(func=train_command)
 
@@ -60,7 +64,17 @@ def train_command(args: argparse.Namespace) -> int:
     from candlecast.forecast.train import register, train_timeframe
 
     entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds,
-                            holdout_bars=args.holdout_bars)
+                            holdout_bars=args.holdout_bars, test_fraction=args.test_fraction,
+                            evaluate_only=args.evaluate_only)
+    if args.evaluate_only:
+        from candlecast.forecast.report import write_comparison_report
+
+        print(comparison_text(args.timeframe, entry["comparison"]), file=sys.stderr)
+        path = write_comparison_report(Path(args.reports) / args.timeframe, args.timeframe, entry["comparison"])
+        print(json.dumps({"timeframe": args.timeframe, "would_ship": entry["kind"], "reason": entry["reason"],
+                          "folds": entry["folds"], "methods": headline_scores(entry["comparison"]),
+                          "report": str(path)}, indent=2, default=float))
+        return 0
     comparison = entry["metrics"]["comparison"]
     print(comparison_text(args.timeframe, comparison), file=sys.stderr)
     print(json.dumps({"timeframe": args.timeframe, "shipped": entry["kind"], "version": entry["version"],

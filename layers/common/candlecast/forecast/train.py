@@ -426,10 +426,13 @@ class WalkForward:
 
 
 def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float, folds: int,
-                 rng: np.random.Generator, progress: bool) -> WalkForward:
-    """Expanding-window folds over the last `plan.test_fraction` of time, once per group of held-out coins
-    (`held_groups`: masks over origins); each group is tested only on its own coins, trained without them."""
+                 rng: np.random.Generator, progress: bool, test_fraction: float | None = None) -> WalkForward:
+    """Expanding-window folds over the last `test_fraction` (default the plan's) of time, once per group of
+    held-out coins (`held_groups`: masks over origins); each group is tested only on its own coins, trained
+    without them."""
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
+    if test_fraction is not None:
+        plan = replace(plan, test_fraction=test_fraction)
     pooled: dict[str, list] = {"origins": [], "baseline": [], "learned": []}
     fold_reports, last_models = [], {}
     # With rotating coin groups the folds split calendar time, not pooled origins (which crowd into the years
@@ -522,10 +525,13 @@ def before_holdout(loaded: list, cutoff: int) -> list:
 
 def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports_dir: Path | None,
                     folds: int | None = None, progress: bool = True, seed: int = 7,
-                    holdout_bars: int | None = None) -> dict:
+                    holdout_bars: int | None = None, test_fraction: float | None = None,
+                    evaluate_only: bool = False) -> dict:
     """Walk-forward backtest, final fit, signed model file and manifest entry. Returns the manifest entry.
 
     Everything reads only the candles up to the holdout cutoff (`HOLDOUT_BARS`, or `holdout_bars`).
+    With `evaluate_only`, it stops after the walk-forward comparison: {"timeframe", "kind", "reason", "folds",
+    "comparison"}, and nothing is fitted on all coins or written.
     """
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
     rng = np.random.default_rng(seed)
@@ -540,9 +546,12 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     wick = fitted_wick(loaded, np.flatnonzero(~held_out_series), timeframe)
     groups = coin_groups(loaded, plan.coin_groups)
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick,
-                          folds or plan.folds, rng, progress)
+                          folds or plan.folds, rng, progress, test_fraction)
     kind, reason = choose(result.results)
     comparison = compare_candidates(loaded, result, timeframe, kind, progress)
+    if evaluate_only:
+        return {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
+                "comparison": comparison}
 
     # Final model: all symbols; the most recent block calibrates.
     version = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
