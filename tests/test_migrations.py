@@ -39,6 +39,20 @@ def tables(conninfo: str) -> set[str]:
     return {row[0] for row in rows} - {"_yoyo_log", "_yoyo_migration", "_yoyo_version", "yoyo_lock"}
 
 
+def test_the_backend_is_the_one_yoyo_registers_for_the_url_scheme(scratch_database):
+    """migrate.connect builds the class directly, skipping yoyo's entry-point scan: it must stay the same class."""
+    from yoyo.backends.base import get_backend_class
+
+    backend = migrate.connect(scratch_database)
+    try:
+        scheme = migrate.yoyo_url(scratch_database).split("://", 1)[0]
+        assert type(backend) is get_backend_class(scheme)
+        assert backend.migration_table == "_yoyo_migration"
+        assert backend.execute("SELECT to_regclass('yoyo_lock')").fetchone()[0] == "yoyo_lock"  # initialised
+    finally:
+        backend.connection.close()
+
+
 def test_apply_rollback_apply(scratch_database):
     assert migrate.apply(scratch_database) == MIGRATIONS
     assert tables(scratch_database) == TABLES

@@ -5,7 +5,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from candlecast.tickers import MAX_TICKER_LENGTH, TICKER_PATTERN, normalize_ticker
 from candlecast.timeframes import Timeframe
@@ -29,13 +29,25 @@ __all__ = [
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveNumber = Annotated[float, Field(gt=0)]
+# Validators are built on first use, not at import: a function builds only the models it validates with
+# (health builds none; its models only describe the OpenAPI document).
+DEFERRED = ConfigDict(defer_build=True)
 
 
-class _Read(BaseModel):
+class Schema(BaseModel):
+    model_config = DEFERRED
+
+
+def list_adapter(item: type[BaseModel]) -> TypeAdapter:
+    """A TypeAdapter for list[item], built on first use like the models."""
+    return TypeAdapter(list[item], config=DEFERRED)
+
+
+class _Read(Schema):
     model_config = ConfigDict(from_attributes=True)
 
 
-class SymbolCreate(BaseModel):
+class SymbolCreate(Schema):
     model_config = ConfigDict(extra="forbid")
 
     ticker: str = Field(..., max_length=32)
@@ -70,7 +82,7 @@ class Symbol(_Read):
         False, description="other timeframes are fetched from Polygon on demand (this deployment has a key)")
 
 
-class ModelCreate(BaseModel):
+class ModelCreate(Schema):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     timeframe: Timeframe
@@ -101,7 +113,7 @@ class Model(_Read):
     created_at: datetime
 
 
-class PredictionRequest(BaseModel):
+class PredictionRequest(Schema):
     """The body of POST /predictions."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -116,7 +128,7 @@ class PredictionRequest(BaseModel):
         return normalize_ticker(value)
 
 
-class PredictionStepCreate(BaseModel):
+class PredictionStepCreate(Schema):
     step: int = Field(..., ge=1, le=30)
     ts: datetime
     open: PositiveNumber
@@ -142,7 +154,7 @@ class PredictionStep(PredictionStepCreate, _Read):
     pass
 
 
-class PredictionCreate(BaseModel):
+class PredictionCreate(Schema):
     model_config = ConfigDict(protected_namespaces=())
 
     symbol_id: int
@@ -175,19 +187,19 @@ class PredictionWithSteps(Prediction):
     steps: list[PredictionStep]
 
 
-class DependencyCheck(BaseModel):
+class DependencyCheck(Schema):
     status: Literal["up", "down"]
     latency_ms: float
     error: str | None = Field(None, description="why it is down (the error's class or our message)")
 
 
-class HealthChecks(BaseModel):
+class HealthChecks(Schema):
     database: DependencyCheck
     cache: DependencyCheck
     storage: DependencyCheck
 
 
-class ModelStatus(BaseModel):
+class ModelStatus(Schema):
     model_config = ConfigDict(protected_namespaces=())
 
     status: Literal["active", "missing"]
@@ -197,12 +209,12 @@ class ModelStatus(BaseModel):
     drift: bool | None = Field(None, description="true when this model's live coverage has drifted")
 
 
-class Drift(BaseModel):
+class Drift(Schema):
     live_coverage_80: float
     matured_steps: int
 
 
-class HealthReport(BaseModel):
+class HealthReport(Schema):
     """GET /health: 200 "ok" or "degraded" (cache or storage down), 503 "down" (the database is)."""
 
     status: Literal["ok", "degraded", "down"]
@@ -212,14 +224,14 @@ class HealthReport(BaseModel):
         default_factory=dict, description="timeframes whose live 80 % coverage left [0.72, 0.88] over >= 500 steps")
 
 
-class HorizonCoverage(BaseModel):
+class HorizonCoverage(Schema):
     h: int = Field(..., ge=1, le=30)
     n: int | None = None
     coverage_80: float | None
     coverage_95: float | None
 
 
-class ReliabilityBin(BaseModel):
+class ReliabilityBin(Schema):
     """One of 10 equal-width confidence bins: mean stated confidence against how often the event happened."""
 
     mean_confidence: float
@@ -227,7 +239,7 @@ class ReliabilityBin(BaseModel):
     n: int
 
 
-class LiveFigures(BaseModel):
+class LiveFigures(Schema):
     """Scored steps of a model. `in_sample` figures come from origins inside its training window (a replay)."""
 
     in_sample: bool
@@ -246,7 +258,7 @@ class LiveFigures(BaseModel):
     reliability: list[ReliabilityBin] | None = None
 
 
-class BacktestFigures(BaseModel):
+class BacktestFigures(Schema):
     """The walk-forward test figures registered with the model."""
 
     coverage_80: float | None = None
@@ -260,7 +272,7 @@ class BacktestFigures(BaseModel):
         None, description="10 confidence bins; per-horizon (mean confidence, hit rate) for older manifests")
 
 
-class ModelSummary(BaseModel):
+class ModelSummary(Schema):
     model_config = ConfigDict(protected_namespaces=())
 
     id: UUID
@@ -272,7 +284,7 @@ class ModelSummary(BaseModel):
     train_end: datetime | None
 
 
-class ModelTrackRecord(BaseModel):
+class ModelTrackRecord(Schema):
     """A timeframe's active model with its backtest and live figures."""
 
     model_config = ConfigDict(protected_namespaces=())
@@ -285,12 +297,12 @@ class ModelTrackRecord(BaseModel):
     drift: bool = Field(..., description="live 80 % coverage outside [0.72, 0.88] over at least 500 steps")
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(Schema):
     code: str = Field(..., examples=["symbol_not_found"])
     message: str = Field(..., examples=["unknown symbol X:NOPEUSD"])
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(Schema):
     """The one shape of every error body."""
 
     error: ErrorDetail

@@ -5,16 +5,15 @@ import uuid
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from pydantic import TypeAdapter
 
-from candlecast.schemas import PredictionCreate, PredictionStepCreate
+from candlecast.schemas import PredictionCreate, PredictionStepCreate, list_adapter
 from candlecast.timeframes import TIMEFRAMES
 
 STEP_FIELDS = ("step", "ts", "open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95",
                "confidence")
 STEP_TYPES = ("smallint", "timestamptz", *["double precision"] * 9)
 REPEAT_WINDOW = "15 minutes"
-_steps_json = TypeAdapter(list[PredictionStepCreate])
+_steps_json = list_adapter(PredictionStepCreate)
 
 _PREDICTION_COLUMNS = """p.id, p.ticker, p.timeframe, p.model_id, m.name AS model_name, m.version AS model_version,
        p.last_candle_at, p.last_close, p.horizon, p.created_at, p.request_hash, p.idempotency_key"""

@@ -3,6 +3,7 @@
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from candlecast import cache, db
 from candlecast.drift import is_drifting
@@ -54,7 +55,11 @@ def check() -> tuple[int, bytes]:
         active_models.update(_database())
         return True
 
-    checks = {"database": _timed(database), "cache": _timed(cache.ping), "storage": _timed(_storage)}
+    # At once: a request (and a cold start, which connects to all three) waits for the slowest, not the sum.
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="health") as pool:
+        futures = {name: pool.submit(_timed, check)
+                   for name, check in (("database", database), ("cache", cache.ping), ("storage", _storage))}
+    checks = {name: future.result() for name, future in futures.items()}
     if checks["database"]["status"] == "down":
         status, code = "down", 503
     elif any(item["status"] == "down" for item in checks.values()):

@@ -2,16 +2,14 @@
 
 import uuid
 
-from pydantic import TypeAdapter
-
 from candlecast import cache, db
 from candlecast.errors import BadRequest, NotFound
 from candlecast.pagination import Page, decode_cursor
 from candlecast.repositories import predictions as prediction_repository
-from candlecast.schemas import Prediction, PredictionWithSteps
+from candlecast.schemas import Prediction, PredictionWithSteps, list_adapter
 from candlecast.tickers import normalize_ticker
 
-_prediction_list = TypeAdapter(list[Prediction])
+_prediction_list = list_adapter(Prediction)
 
 
 def parse_prediction_id(raw: str) -> uuid.UUID:

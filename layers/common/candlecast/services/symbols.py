@@ -2,13 +2,11 @@
 
 import re
 
-from pydantic import TypeAdapter
-
 from candlecast import cache, db
 from candlecast.errors import BadRequest, NotFound
 from candlecast.pagination import Page, decode_cursor
 from candlecast.repositories import symbols as symbol_repository
-from candlecast.schemas import Symbol
+from candlecast.schemas import Symbol, list_adapter
 from candlecast.tickers import compact_pair, is_ticker_like, normalize_ticker
 
 MAX_QUERY_LENGTH = 64
@@ -17,7 +15,7 @@ MAX_QUERY_LENGTH = 64
 QUERY_PATTERN = (r"^[^\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
                  r"\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*$")
 _QUERY = re.compile(QUERY_PATTERN)
-_symbol_list = TypeAdapter(list[Symbol])
+_symbol_list = list_adapter(Symbol)
 
 
 def _available(rows: list[dict]) -> list[dict]:

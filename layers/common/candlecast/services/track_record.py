@@ -8,8 +8,6 @@ prediction whose origin lies inside its model's training window is a replay and 
 from collections import defaultdict
 from collections.abc import Iterable
 
-from pydantic import TypeAdapter
-
 from candlecast import cache, db
 from candlecast.drift import is_drifting
 from candlecast.errors import NotFound
@@ -22,10 +20,11 @@ from candlecast.schemas import (
     ModelSummary,
     ModelTrackRecord,
     ReliabilityBin,
+    list_adapter,
 )
 from candlecast.timeframes import TIMEFRAMES
 
-_records = TypeAdapter(list[ModelTrackRecord])
+_records = list_adapter(ModelTrackRecord)
 
 
 def _ratio(part: float, whole: float) -> float | None:
