@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aws_lambda_powertools import Logger
-from pydantic import TypeAdapter
 
 from candlecast import cache, db, storage
 from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_key
@@ -17,7 +16,13 @@ from candlecast.errors import ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
-from candlecast.schemas import PredictionCreate, PredictionRequest, PredictionStep, PredictionWithSteps
+from candlecast.schemas import (
+    PredictionCreate,
+    PredictionRequest,
+    PredictionStep,
+    PredictionWithSteps,
+    list_adapter,
+)
 from candlecast.services import predictions as prediction_reads
 from candlecast.timeframes import FORECAST_STEPS, next_open_times
 
@@ -25,7 +30,7 @@ logger = Logger(child=True)
 
 _STEP_ARRAYS = ("open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95", "confidence")
 _STEP_FIELDS = ("step", "ts", *_STEP_ARRAYS)
-_steps_adapter = TypeAdapter(list[PredictionStep])
+_steps_adapter = list_adapter(PredictionStep)
 _models: dict[str, tuple[str, object]] = {}  # timeframe -> (sha256, ForecastModel), kept across warm invocations
 _models_lock = threading.Lock()
 
