@@ -397,3 +397,106 @@ def test_backtest_figures_read_the_peer_comparison_of_newer_manifests():
     assert [(c.h, c.coverage_80, c.coverage_95) for c in figures.coverage_by_horizon] == [(1, 0.79, 0.95),
                                                                                         (2, 0.81, 0.96)]
     assert [(b.mean_confidence, b.observed, b.n) for b in figures.reliability] == [(0.15, 0.14, 40), (0.45, 0.5, 20)]
+
+
+# --- the seed's track record: past origins after the model's training window ----------------------------
+
+SAMPLE_SERIES = "BTCUSDT"  # a committed 1h sample file (data/BTCUSDT/1h.parquet)
+
+
+@pytest.fixture
+def one_series(tmp_path):
+    """A data folder holding one committed series (the track fixture's seed already put it in the bucket)."""
+    from candlecast.forecast.dataset import read_ohlcv
+    from tests.conftest import ROOT
+
+    source = ROOT / "data" / SAMPLE_SERIES / "1h.parquet"
+    (tmp_path / SAMPLE_SERIES).mkdir()
+    (tmp_path / SAMPLE_SERIES / "1h.parquet").write_bytes(source.read_bytes())
+    return tmp_path, read_ohlcv(source).open_time
+
+
+def set_train_end(moment: datetime | None) -> None:
+    with db.connection() as conn:
+        conn.execute("UPDATE models SET train_end = %s WHERE timeframe = '1h' AND is_active", (moment,))
+    cache.invalidate_track_record()
+
+
+def at(epoch) -> datetime:
+    return datetime.fromtimestamp(int(epoch), UTC)
+
+
+def test_past_origins_lie_after_the_training_window_with_a_candle_left_to_score():
+    from candlecast.seed import past_origins
+
+    times = 1_600_000_000 + HOUR * np.arange(300)
+    chosen = past_origins(times, train_end=at(times[199]), min_history=48, stride=4, most=15)
+    assert len(chosen) == 15 and chosen[0] == 200 and chosen[-1] == 298  # spread over 200..298
+    assert min(np.diff(chosen)) >= 4
+    assert past_origins(times, train_end=at(times[-2])) == []  # only the last candle follows: nothing to score
+    assert past_origins(times, train_end=at(times[-1])) == []
+    assert past_origins(times, train_end=at(times[0] - HOUR), min_history=48, most=15)[0] == 48  # history first
+    assert past_origins(times, as_of=at(times[250]), stride=4) == list(range(250, 299, 4))  # operator: every 4th
+    assert past_origins(times, stride=4, most=15) == list(range(242, 299, 4))  # the last 15, as a replay
+
+
+def test_seed_scores_origins_after_the_training_window_as_live_figures(track, one_series, capsys):
+    from candlecast.seed import build_track_record
+
+    data_dir, times = one_series
+    train_end = at(times[-101])  # the model's window ends 100 candles before the sample does
+    set_train_end(train_end)
+    created, scored, [plan] = build_track_record(data_dir, progress=False)
+    assert plan.mode == "live" and "live" in capsys.readouterr().out
+    origins = [index for _, _, index in plan.origins]
+    assert created == len(origins) == 15 and all(times[i] > train_end.timestamp() for i in origins)
+    expected = sum(min(30, len(times) - 1 - index) for index in origins)  # steps whose candle is stored
+    assert scored == expected
+
+    made = rows(url(), "SELECT min(last_candle_at) FROM predictions WHERE timeframe = '1h'")[0][0]
+    assert made > train_end
+    status, body = get_model("1h")
+    live = body["live"]
+    assert status == 200 and live["n_scored"] == expected > 0 and body["replay"] is None
+    assert datetime.fromisoformat(live["period_start"]) > train_end
+    assert datetime.fromisoformat(live["period_end"]) == at(times[-1])
+    assert body["model"]["accuracy"] == pytest.approx(live["coverage_80"])
+    assert build_track_record(data_dir, progress=False)[:2] == (0, 0)  # a second seed adds nothing
+
+
+def test_seed_says_so_when_no_stored_candle_follows_the_training_window(track, one_series, capsys):
+    from candlecast.seed import SeedReport, build_track_record
+
+    data_dir, times = one_series
+    set_train_end(at(times[-1]))  # trained up to the sample's last candle
+    created, scored, [plan] = build_track_record(data_dir, progress=False)
+    out = capsys.readouterr().out
+    assert plan.mode == "replay" and "NO LIVE FIGURES" in out and at(times[-1]).strftime("%Y-%m-%d") in out
+    assert created == 15 and scored > 0
+    body = get_model("1h")[1]
+    assert body["live"]["n_scored"] == 0 and body["replay"]["n_scored"] == scored
+    assert body["model"]["accuracy"] is None
+    assert "NO LIVE FIGURES for 1h" in SeedReport(no_live=["1h"]).summary()
+
+
+def test_seed_without_a_train_end_makes_no_track_record(track, one_series, capsys):
+    from candlecast.seed import build_track_record
+
+    data_dir, _ = one_series
+    set_train_end(None)
+    created, scored, [plan] = build_track_record(data_dir, progress=False)
+    assert (plan.mode, created, scored) == ("none", 0, 0) and "no train_end" in capsys.readouterr().out
+
+
+def test_operator_as_of_may_start_inside_the_training_window_and_is_reported_apart(track, one_series):
+    from candlecast.seed import build_track_record
+
+    data_dir, times = one_series
+    train_end = at(times[-41])
+    set_train_end(train_end)
+    created, scored, [plan] = build_track_record(data_dir, as_of=at(times[-81]), progress=False)
+    assert plan.mode == "as-of" and created == 20  # every 4th candle from the 81st last to the 2nd last
+    body = get_model("1h")[1]
+    assert body["live"]["n_scored"] > 0 and body["replay"]["n_scored"] > 0
+    assert body["live"]["n_scored"] + body["replay"]["n_scored"] == scored
+    assert datetime.fromisoformat(body["replay"]["period_start"]) <= train_end

@@ -3,8 +3,10 @@
 Upserts every symbol of data/symbols.csv, uploads data/ and models/ to the bucket (laid out as the bucket is),
 and registers each model of models/manifest.json as its timeframe's active model (with a versioned copy).
 Then it builds a track record: predictions at past origins of every sample series, made by the forecasting
-service as a request would make them, scored against the stored candles that followed. `--as-of` (operator
-only; never an API parameter) sets the first origin. Running it twice changes nothing the second time.
+service as a request would make them, scored against the stored candles that followed. The origins lie after
+each model's training window (`train_end`), so the scores are live figures; it says so plainly when the stored
+candles end before that window does. `--as-of` (operator only; never an API parameter) sets the first origin
+instead. Running it twice changes nothing the second time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ SYMBOLS_FILE = "symbols.csv"
 MANIFEST_FILE = "manifest.json"
 
 
-TRACK_RECORD_ORIGINS = 15  # origins per series when no --as-of is given
+TRACK_RECORD_ORIGINS = 15  # at most, per series, when no --as-of is given
 TRACK_RECORD_STRIDE = 4  # candles between two origins
 BATCH_DB_SECONDS = 60  # per statement and per connection wait while seeding
 
@@ -41,12 +43,14 @@ class SeedReport:
     models: dict[str, str] = field(default_factory=dict)  # timeframe -> "name version"
     past_predictions: int = 0
     scored_steps: int = 0
+    no_live: list[str] = field(default_factory=list)  # timeframes whose past origins are all in-sample (or unknown)
 
     def summary(self) -> str:
         models = ", ".join(f"{tf}: {name}" for tf, name in self.models.items()) or "none"
         return (f"seeded {self.symbols} symbols, uploaded {self.data_files} data and "
                 f"{self.model_files} model files, active models: {models}; track record: "
-                f"{self.past_predictions} predictions at past origins, {self.scored_steps} steps scored")
+                f"{self.past_predictions} predictions at past origins, {self.scored_steps} steps scored"
+                + (f"; NO LIVE FIGURES for {', '.join(self.no_live)} (see above)" if self.no_live else ""))
 
 
 def read_symbols(path: Path) -> list:
@@ -204,21 +208,94 @@ def _put_model(key: str, model_file: Path, signature: str) -> None:
     storage.put_bytes(storage.signature_key(key), signature.encode(), "text/plain")
 
 
-def past_origins(open_times, as_of: datetime | None, stride: int = TRACK_RECORD_STRIDE) -> list[int]:
-    """Indices of the origin candles: from the first candle at or after `as_of` (default: the last
-    TRACK_RECORD_ORIGINS origins), every `stride` candles, leaving at least one candle after each to score."""
-    count = len(open_times)
-    if as_of is None:
-        first = max(2, count - 1 - stride * TRACK_RECORD_ORIGINS)
+def past_origins(open_times, *, train_end: datetime | None = None, as_of: datetime | None = None,
+                 min_history: int = 2, stride: int = TRACK_RECORD_STRIDE,
+                 most: int = TRACK_RECORD_ORIGINS) -> list[int]:
+    """Indices of the origin candles of one series (open times ascending), each with at least `min_history`
+    candles up to it and one after it to score.
+
+    - `as_of` (operator): every `stride` candles from the first that opens at or after it, in- or out-of-sample.
+    - `train_end`: out of sample, up to `most` origins spread evenly (at least `stride` apart) over the
+      candles that open after the model's training window; none when no candle does.
+    - neither: the last `most` origins, `stride` apart (an in-sample replay when the model saw them).
+    """
+    import numpy as np
+
+    times = np.asarray(open_times)
+    last = len(times) - 2
+    if as_of is not None:
+        first = int(np.searchsorted(times, as_of.timestamp(), side="left"))
+        return list(range(max(first, min_history), last + 1, stride))
+    if train_end is not None:
+        first = int(np.searchsorted(times, train_end.timestamp(), side="right"))
     else:
-        first = next((i for i, ts in enumerate(open_times) if ts >= as_of.timestamp()), count)
-    return list(range(max(first, 2), count - 1, stride))
+        first = last - stride * (most - 1)
+    first = max(first, min_history)
+    if first > last:
+        return []
+    spread = np.linspace(first, last, min(most, (last - first) // stride + 1))
+    return sorted({int(index) for index in spread.round()})
 
 
-def build_track_record(data_dir: Path, as_of: datetime | None = None, progress: bool = True) -> tuple[int, int]:
+@dataclass
+class TrackRecordPlan:
+    """The past origins of one timeframe's stored series, and how they relate to its model's training window."""
+
+    timeframe: str
+    train_end: datetime | None
+    mode: str  # "as-of", "live" (after train_end), "replay" (nothing after train_end) or "none"
+    origins: list[tuple[str, Any, int]]  # (ticker, candles, origin index)
+    series: int
+    sample_end: datetime | None
+
+    def describe(self) -> str:
+        end = self.train_end.strftime("%Y-%m-%dT%H:%MZ") if self.train_end else "unknown"
+        sample_end = self.sample_end.strftime("%Y-%m-%dT%H:%MZ") if self.sample_end else "none"
+        count = f"{len(self.origins)} origins in {len({t for t, _, _ in self.origins})} of {self.series} series"
+        if self.mode == "as-of" and self.train_end is None:
+            return f"track record {self.timeframe}: --as-of: {count}; the model has no train_end, so all count as live"
+        if self.mode == "as-of":
+            return f"track record {self.timeframe}: --as-of: {count}; those up to train_end {end} are in-sample replays"
+        if self.mode == "live":
+            return f"track record {self.timeframe}: {count} after the model's training window (train_end {end}): live"
+        if self.mode == "replay":
+            return (f"track record {self.timeframe}: NO LIVE FIGURES: no stored candle opens after the model's "
+                    f"train_end {end} (the sample ends {sample_end}); {count} replayed in-sample, reported "
+                    "as `replay`, never as live")
+        return (f"track record {self.timeframe}: none: the model has no train_end, so a past origin cannot be "
+                "told apart from its training data")
+
+
+def plan_track_record(model_row: dict, model, stored: list[tuple[str, Any]], as_of: datetime | None) -> TrackRecordPlan:
+    """Which past origins of `stored` [(ticker, candles)] the track record of `model_row`'s timeframe uses."""
+    train_end = model_row["train_end"]
+    ends = [int(candles.open_time[-1]) for _, candles in stored if len(candles.open_time)]
+    sample_end = datetime.fromtimestamp(max(ends), UTC) if ends else None
+    history = max(2, model.config.min_history)
+
+    def origins(**where) -> list[tuple[str, Any, int]]:
+        return [(ticker, candles, index) for ticker, candles in stored
+                for index in past_origins(candles.open_time, min_history=history, **where)]
+
+    if as_of is not None:
+        mode, chosen = "as-of", origins(as_of=as_of)
+    elif train_end is None:
+        mode, chosen = "none", []
+    elif chosen := origins(train_end=train_end):
+        mode = "live"
+    else:
+        mode, chosen = "replay", origins()
+    return TrackRecordPlan(model_row["timeframe"], train_end, mode, chosen, len(stored), sample_end)
+
+
+def build_track_record(data_dir: Path, as_of: datetime | None = None,
+                       progress: bool = True) -> tuple[int, int, list[TrackRecordPlan]]:
     """Predictions at past origins of every sample series with an active model, then scored.
 
-    Returns (new predictions, newly scored steps). Each prediction sees only the candles up to its origin.
+    By default the origins lie after each model's training window, so their scores are live figures; when the
+    stored candles end before that, the series' last origins are replayed (in-sample, reported apart) and the
+    plan says so. Returns (new predictions, newly scored steps, the plans). Each prediction sees only the
+    candles up to its origin.
     """
     from candlecast import db, storage
     from candlecast.repositories.models import get_all_active_models
@@ -226,22 +303,28 @@ def build_track_record(data_dir: Path, as_of: datetime | None = None, progress: 
     from candlecast.tickers import normalize_ticker
 
     with db.connection() as conn:
-        timeframes = [row["timeframe"] for row in get_all_active_models(conn)]
-    series = sorted((path.parent.name, path.stem) for path in data_dir.glob("*/*.parquet") if path.stem in timeframes)
-    work = []
-    for name, timeframe in series:
-        ticker = normalize_ticker(name)
-        candles = storage.read_all_candles(ticker, timeframe)
-        if candles is not None:
-            work += [(ticker, timeframe, candles, index) for index in past_origins(candles.open_time, as_of)]
+        models = {row["timeframe"]: row for row in get_all_active_models(conn)}
+    plans = []
+    for timeframe, row in models.items():
+        stored = []
+        for path in sorted(data_dir.glob(f"*/{timeframe}.parquet")):
+            ticker = normalize_ticker(path.parent.name)
+            candles = storage.read_all_candles(ticker, timeframe)
+            if candles is not None:
+                stored.append((ticker, candles))
+        if stored:
+            plan = plan_track_record(row, forecasting.verified_model(row), stored, as_of)
+            print(plan.describe(), flush=True)
+            plans.append(plan)
+    work = [(plan.timeframe, *origin) for plan in plans for origin in plan.origins]
     items: Any = work
     if progress:
         from tqdm import tqdm
 
         items = tqdm(work, desc="past forecasts", unit="forecast")
-    created = sum(forecasting.create_as_of(ticker, tf, candles.head(index + 1)) for ticker, tf, candles, index in items)
+    created = sum(forecasting.create_as_of(ticker, tf, candles.head(index + 1)) for tf, ticker, candles, index in items)
     report = scoring.run(float("inf"), since=scoring.EVERYTHING_SINCE)
-    return created, report.scored
+    return created, report.scored, plans
 
 
 def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DIR, *,
@@ -265,7 +348,8 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
             report.models = register_models(models, progress=progress)
             cache.invalidate_track_record()
         if track_record and data_dir.is_dir() and report.models:
-            report.past_predictions, report.scored_steps = build_track_record(data_dir, as_of, progress)
+            report.past_predictions, report.scored_steps, plans = build_track_record(data_dir, as_of, progress)
+            report.no_live = [plan.timeframe for plan in plans if plan.mode in ("replay", "none")]
     return report
 
 
@@ -292,9 +376,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sign the model files with the configured key (MODEL_SIGNING_KEY[_SECRET_ARN]) after "
                              "checking each against models/manifest.json")
     parser.add_argument("--as-of", type=_as_of, metavar="ISO_TIME",
-                        help="operator only: the first past origin of the track record's predictions, e.g. "
-                             f"2021-11-01T00:00Z (default: the last {TRACK_RECORD_ORIGINS} origins of each series, "
-                             f"{TRACK_RECORD_STRIDE} candles apart)")
+                        help="operator only: the first past origin of the track record's predictions, every "
+                             f"{TRACK_RECORD_STRIDE} candles, e.g. 2021-11-01T00:00Z; origins up to a model's "
+                             "train_end are in-sample replays (default: up to "
+                             f"{TRACK_RECORD_ORIGINS} origins per series after its model's train_end)")
     parser.add_argument("--no-track-record", action="store_true", help="no predictions at past origins")
     parser.set_defaults(func=_run)
 
