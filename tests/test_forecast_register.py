@@ -26,3 +26,17 @@ def test_register_uploads_and_activates_the_model(clean_db, tmp_path):
         row = get_active_model_by_timeframe(conn, "1d")
     assert row["sha256"] == entry["sha256"] and row["kind"] == entry["kind"]
     assert storage.get_bytes(storage.active_model_key("1d")) == (tmp_path / "1d.pkl").read_bytes()
+
+
+def test_the_manifests_accuracy_is_the_walk_forward_80_percent_coverage():
+    """One meaning of `accuracy` (drift.ACCURACY_DEFINITION): the manifest's is the walk-forward test's 80 %
+    coverage, the models row's the same measure live."""
+    import json
+
+    from candlecast.drift import ACCURACY_DEFINITION
+
+    manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
+    assert manifest
+    for timeframe, entry in manifest.items():
+        assert entry["metrics"]["accuracy_definition"] == ACCURACY_DEFINITION, timeframe
+        assert entry["accuracy"] == entry["metrics"]["test"]["coverage_80"], timeframe

@@ -69,7 +69,7 @@ def symbol_predictions(
 
 @app.get("/models", operation_id="list_models", summary="Each timeframe's active model: backtest and live track record",
          description="Live figures score every served prediction against the candles that followed. "
-                     "models.accuracy is the live 80 % coverage.",
+                     "accuracy is 80 % coverage: live on each model, the walk-forward test's in backtest.coverage_80.",
          responses=documented(list[ModelTrackRecord], 503))
 def list_models():
     return json_response(track_record.all_models())

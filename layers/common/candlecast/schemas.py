@@ -279,7 +279,10 @@ class ModelSummary(Schema):
     name: str
     version: str
     kind: str
-    accuracy: float | None = Field(None, description="live 80 % coverage (out-of-sample); null before any score")
+    accuracy: float | None = Field(
+        None, description="live 80 % coverage: the share of out-of-sample matured steps whose close fell inside "
+                          "the 80 % interval (near 0.80 when calibrated); null before any score. The backtest's is "
+                          "backtest.coverage_80, the manifest's `accuracy`")
     train_start: datetime | None
     train_end: datetime | None
 

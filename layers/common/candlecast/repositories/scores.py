@@ -14,7 +14,6 @@ import psycopg
 # refresh (with its chained chunks) to store it. Older steps that never found their candle stay unscored.
 SCORING_WINDOW = "45 days"
 CONFIDENCE_BINS = 10
-ACCURACY_METRIC = "live_coverage_80"
 
 SCORE_FIELDS = (
     ("prediction_id", "uuid"), ("step", "smallint"), ("model_id", "uuid"), ("ts", "timestamptz"),
@@ -90,7 +89,7 @@ WITH scored AS (
 SELECT (SELECT count(*) FROM scored) AS scored, (SELECT count(*) FROM folded) AS cells
 """
 
-# models.accuracy is the live 80 % coverage on out-of-sample steps (README: "Live track record").
+# models.accuracy is the live 80 % coverage (drift.ACCURACY_DEFINITION) on out-of-sample steps.
 _REFRESH_ACCURACY = """
 UPDATE models m SET accuracy = live.inside_80::double precision / live.n
 FROM (SELECT model_id, sum(n) AS n, sum(inside_80) AS inside_80 FROM model_live_stats
