@@ -83,7 +83,7 @@ def test_build_sample_lists_every_coin_file(tmp_path):
 @pytest.mark.slow
 def test_train_evaluate_only_prints_the_walk_forward_comparison_and_writes_no_model(tmp_path, capsys):
     """Monthly candles of five coins (daily files, 1d -> 1m), every coin held out in turn: the comparison covers
-    every coin and writes its PNG; no model file or manifest appears."""
+    every coin and writes its PNG; no model file or manifest appears until train runs in full."""
     import numpy as np
 
     data = tmp_path / "data"
@@ -108,3 +108,10 @@ def test_train_evaluate_only_prints_the_walk_forward_comparison_and_writes_no_mo
     assert {"baseline", "garch-t", "gaussian-rw", "conformal-rw"} == set(result["methods"])
     assert "5 series" in captured.err and "| conformal-rw |" in captured.err
     assert (reports / "1m" / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    # The full run on the same data: a signed model, its manifest entry, and the report with the methods' rows.
+    assert main(["train", "--timeframe", "1m", "--data", str(data), "--out", str(out), "--reports", str(reports),
+                 "--folds", "3", "--test-fraction", "0.7", "--holdout-bars", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["shipped"] == "baseline"
+    assert (out / "1m.pkl").exists() and (out / "1m.pkl.sig").exists()
+    assert "conformal-rw" in json.loads((out / "manifest.json").read_text())["1m"]["metrics"]["comparison"]["methods"]
+    assert (reports / "1m" / "report.png").read_bytes().startswith(b"\x89PNG")
