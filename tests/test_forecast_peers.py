@@ -168,13 +168,20 @@ def test_pin5_is_the_mean_pinball_loss_in_percent():
 def test_block_bootstrap_of_a_method_against_itself_and_a_worse_one():
     rng = np.random.default_rng(0)
     loss = rng.exponential(1.0, (400, 30))
-    blocks = np.arange(400) // 20
-    same = block_bootstrap_delta(loss, loss, blocks)
-    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]
-    worse = block_bootstrap_delta(loss, loss * 1.1, blocks)
+    bars = np.arange(400) // 2  # two coins per bar
+    same = block_bootstrap_delta(loss, loss, bars)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["blocks"] == 7
+    worse = block_bootstrap_delta(loss, loss * 1.1, bars)
     assert worse["delta"] == pytest.approx(0.1) and worse["ci95"][0] == pytest.approx(0.1)
-    noisy = block_bootstrap_delta(loss, rng.exponential(1.0, (400, 30)), blocks)
+    noisy = block_bootstrap_delta(loss, rng.exponential(1.0, (400, 30)), bars)
     assert noisy["ci95"][0] < noisy["delta"] < noisy["ci95"][1]
+    # Losses that drift together over many bars (overlapping labels, one regime): 30-bar blocks keep that
+    # dependence and give a wider interval than resampling single bars would.
+    drift = np.cumsum(rng.normal(0, 0.05, 200))
+    dependent = loss * np.exp(drift - drift.mean())[bars, None]
+    blocked = block_bootstrap_delta(loss, dependent, bars)
+    single = block_bootstrap_delta(loss, dependent, bars, block_bars=1)
+    assert blocked["ci95"][1] - blocked["ci95"][0] > 1.5 * (single["ci95"][1] - single["ci95"][0])
 
 
 def test_compare_methods_scores_every_method_on_the_same_pairs():

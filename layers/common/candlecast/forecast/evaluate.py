@@ -1,5 +1,6 @@
 """Walk-forward origins and the forecast metrics of forecasting.md (training/backtest side; numpy only)."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,44 +232,53 @@ def worst_reliability_gap(table: list[dict]) -> float:
     return max(gaps, default=float("nan"))
 
 
-def block_bootstrap_delta(loss_model: np.ndarray, loss_peer: np.ndarray, blocks: np.ndarray, reps: int = 2000,
-                          seed: int = 11) -> dict:
-    """Δ = pin5(peer) / pin5(model) − 1 with a 95 % block-bootstrap interval (> 0: the model is ahead).
+BLOCK_BARS = 30  # the longest label: origins closer than this share outcome candles
 
-    `loss_*` (n, 30) per-pair losses (NaN unknown); `blocks` (n,) the time block of each origin. Whole blocks
-    are resampled, so overlapping labels and coins moving together in one period stay together.
+
+def block_bootstrap_delta(loss_model: np.ndarray, loss_peer: np.ndarray, bars: np.ndarray,
+                          block_bars: int = BLOCK_BARS, reps: int = 2000, seed: int = 11) -> dict:
+    """Δ = pin5(peer) / pin5(model) − 1 with a 95 % moving-block bootstrap interval (> 0: the model is ahead).
+
+    `loss_*` (n, 30) per-pair losses (NaN unknown); `bars` (n,) each origin's bar on the calendar grid. Each
+    resample joins ⌈T/L⌉ runs of L = `block_bars` consecutive bars drawn from the T bars of the test span
+    (Künsch 1989), so origins whose labels overlap, and coins moving together, stay together. A short span holds
+    few blocks (`blocks`), and its interval is as wide as that makes it.
     """
     known = np.isfinite(loss_model) & np.isfinite(loss_peer)
-    ids, block_index = np.unique(blocks, return_inverse=True)
-    model_sum = np.bincount(block_index, np.where(known, loss_model, 0).sum(axis=1), len(ids))
-    peer_sum = np.bincount(block_index, np.where(known, loss_peer, 0).sum(axis=1), len(ids))
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=reps)
-    ratio = (weights @ peer_sum) / np.maximum(weights @ model_sum, 1e-300) - 1
-    return {"delta": float(peer_sum.sum() / model_sum.sum() - 1),
-            "ci95": [float(np.quantile(ratio, 0.025)), float(np.quantile(ratio, 0.975))], "blocks": len(ids)}
+    bars = np.asarray(bars, dtype=np.int64) - int(np.min(bars))
+    span = int(bars.max()) + 1
+    model_sum = np.concatenate([[0.0], np.cumsum(np.bincount(bars, np.where(known, loss_model, 0).sum(axis=1), span))])
+    peer_sum = np.concatenate([[0.0], np.cumsum(np.bincount(bars, np.where(known, loss_peer, 0).sum(axis=1), span))])
+    length = min(block_bars, span)
+    blocks = math.ceil(span / length)
+    starts = np.random.default_rng(seed).integers(0, span - length + 1, size=(reps, blocks))
+    model = (model_sum[starts + length] - model_sum[starts]).sum(axis=1)
+    peer = (peer_sum[starts + length] - peer_sum[starts]).sum(axis=1)
+    ratio = peer / np.maximum(model, 1e-300) - 1
+    return {"delta": float(peer_sum[-1] / model_sum[-1] - 1),
+            "ci95": [float(np.quantile(ratio, 0.025)), float(np.quantile(ratio, 0.975))], "blocks": blocks,
+            "block_bars": length}
 
 
 def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, tolerance: float, bar_seconds: float,
                     reference: str) -> dict:
     """Scores of every method at the same origins, and each one's Δ against `reference` (the model).
 
-    `methods`: name -> (log_quantiles (n, 30, 7), confidence (n, 30)). Bootstrap blocks are 30 bars of calendar
-    time (the longest label), shortened when that would leave fewer than 20 blocks in the test span.
+    `methods`: name -> (log_quantiles (n, 30, 7), confidence (n, 30)). Δ's interval: `block_bootstrap_delta` on
+    the origins' bars (calendar time in units of `bar_seconds`, rounded: months vary in length).
     """
-    span = float(times.max() - times.min()) if len(times) else 0.0
-    block = max(bar_seconds, min(30 * bar_seconds, span / 20))
-    blocks = (np.asarray(times, dtype=np.float64) // block).astype(np.int64)
+    times = np.asarray(times, dtype=np.float64)
+    bars = np.rint((times - times.min()) / bar_seconds).astype(np.int64) if len(times) else times.astype(np.int64)
     y = np.where(np.isfinite(log_return), log_return, 0.0)
     losses = {name: np.where(np.isfinite(log_return), pin5_loss(y, q), np.nan) for name, (q, _) in methods.items()}
     result = {name: method_scores(log_return, q, confidence, tolerance, times)
               for name, (q, confidence) in methods.items()}
     for name in methods:
         if name != reference:
-            result[name]["vs_" + reference] = block_bootstrap_delta(losses[reference], losses[name], blocks)
+            result[name]["vs_" + reference] = block_bootstrap_delta(losses[reference], losses[name], bars)
     peers = [name for name in methods if name != reference]
     best = min(peers, key=lambda name: result[name]["pin5"]) if peers else None
-    return {"reference": reference, "best_peer": best, "block_seconds": block, "methods": result}
+    return {"reference": reference, "best_peer": best, "block_seconds": BLOCK_BARS * bar_seconds, "methods": result}
 
 
 __all__ = ["Origins", "build_origins", "compare_methods", "evaluate_model", "metrics", "pin5_loss", "raw_confidence",
