@@ -35,16 +35,30 @@ def test_domain_helpers_use_each_kinds_ttl(server, store, key, ttl):
 @pytest.mark.parametrize("request_hash", ["abc123", None], ids=["unkeyed", "keyed"])
 def test_a_created_prediction_and_its_request_pointer_are_cached_together(server, request_hash):
     server.config_resetstat()
-    assert cache.set_created_prediction("p2", b'{"id": "p2"}', request_hash) is True
+    request = None if request_hash is None else ("X:BTCUSD", "1h", request_hash)
+    assert cache.set_created_prediction("p2", b'{"id": "p2"}', request) is True
     assert server.get(cache.keys.prediction("p2")) == b'{"id": "p2"}'
     assert 895 <= server.ttl(cache.keys.prediction("p2")) <= 900
     if request_hash is None:
-        assert server.keys(cache.keys.prediction_request("*")) == []
+        assert server.keys(cache.keys.prediction_request("*", "*")) == []
     else:
-        assert cache.get_prediction_for_request(request_hash) == "p2"
-        assert 895 <= server.ttl(cache.keys.prediction_request(request_hash)) <= 900
+        assert cache.get_prediction_for_request("X:BTCUSD", "1h", request_hash) == "p2"
+        assert 895 <= server.ttl(cache.keys.prediction_request("X:BTCUSD", "1h")) <= 900
     commands = server.info("commandstats")
     assert commands["cmdstat_set"]["calls"] == (1 if request_hash is None else 2)
+
+
+def test_candles_and_the_request_pointer_come_in_one_round_trip_and_the_pointer_needs_its_hash(server):
+    cache.set_candles("X:BTCUSD", "1h", b"hourly")
+    cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-new", "p9")
+    server.config_resetstat()
+    packed, pointer = cache.get_candles_and_request("X:BTCUSD", "1h")
+    assert packed == b"hourly"
+    assert server.info("commandstats")["cmdstat_mget"]["calls"] == 1 and "cmdstat_get" not in server.info(
+        "commandstats")
+    assert cache.prediction_for_request(pointer, "hash-new") == "p9"
+    assert cache.prediction_for_request(pointer, "hash-older-candle") is None  # the same key, another request
+    assert cache.get_candles_and_request("X:ETHUSD", "1h") == (None, None)
 
 
 def test_json_round_trip_and_delete(server):
@@ -93,7 +107,7 @@ def test_every_parameter_is_part_of_its_key(server):
     cache.set_candles("X:BTCUSD", "1h", b"hourly")
     cache.set_symbol_bytes("X:BTCUSD", b"{btc}")
     cache.set_prediction_bytes("p1", b"{p1}")
-    cache.set_prediction_for_request("hash-1", "p1")
+    cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-1", "p1")
     cache.set_track_record_bytes("1h", b"{1h}")
     cache.set_track_record_bytes(None, b"{all}")
     assert cache.get_top_symbols_bytes(10) == b"[ten]"
@@ -106,7 +120,9 @@ def test_every_parameter_is_part_of_its_key(server):
     assert cache.get_candles("X:ETHUSD", "1h") is None
     assert cache.get_symbol_bytes("X:BTCUSD") == b"{btc}" and cache.get_symbol_bytes("X:ETHUSD") is None
     assert cache.get_prediction_bytes("p1") == b"{p1}" and cache.get_prediction_bytes("p2") is None
-    assert cache.get_prediction_for_request("hash-1") == "p1" and cache.get_prediction_for_request("hash-2") is None
+    assert cache.get_prediction_for_request("X:BTCUSD", "1h", "hash-1") == "p1"
+    assert cache.get_prediction_for_request("X:BTCUSD", "1h", "hash-2") is None
+    assert cache.get_prediction_for_request("X:BTCUSD", "4h", "hash-1") is None
     assert cache.get_track_record_bytes("1h") == b"{1h}" and cache.get_track_record_bytes("4h") is None
     assert cache.get_track_record_bytes(None) == b"{all}"
     assert len({cache.keys.search("a", 1), cache.keys.search("a", 2), cache.keys.search("b", 1),
@@ -117,7 +133,8 @@ def test_every_parameter_is_part_of_its_key(server):
     ("store", "key", "ttl"),
     [
         (lambda: cache.set_search_bytes("btc", 5, b"[]"), cache.keys.search("btc", 5), 300),
-        (lambda: cache.set_prediction_for_request("h", "p"), cache.keys.prediction_request("h"), 900),
+        (lambda: cache.set_prediction_for_request("X:A", "1h", "h", "p"), cache.keys.prediction_request("X:A", "1h"),
+         900),
         (lambda: cache.set_track_record_bytes("1d", b"{}"), cache.keys.track_record("1d"), 600),
         (lambda: cache.set_json("cc:v1:test:ttl", [1], 42), "cc:v1:test:ttl", 42),
     ],

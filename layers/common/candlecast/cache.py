@@ -45,9 +45,11 @@ class keys:
         return f"{NAMESPACE}:prediction:{prediction_id}"
 
     @staticmethod
-    def prediction_request(request_hash: str) -> str:
-        """A create request's identity: symbol, timeframe, model and last candle, hashed by the service."""
-        return f"{NAMESPACE}:prediction-request:{request_hash}"
+    def prediction_request(ticker: str, timeframe: str) -> str:
+        """The newest create without Idempotency-Key of a symbol and timeframe: its request's hash (symbol,
+        timeframe, model and last candle, hashed by the service) and its prediction's id. Keyed without the
+        hash, so it is read with the candles that give the hash, in one round trip."""
+        return f"{NAMESPACE}:prediction-request:{ticker}:{timeframe}"
 
     @staticmethod
     def upstream_failure(ticker: str, timeframe: str) -> str:
@@ -228,24 +230,42 @@ def set_prediction_bytes(prediction_id: str, body: bytes) -> bool:
     return set(keys.prediction(prediction_id), body, TTL_SECONDS["prediction"])
 
 
-def get_prediction_for_request(request_hash: str) -> str | None:
-    raw = get(keys.prediction_request(request_hash))
-    return None if raw is None else raw.decode()
+def get_candles_and_request(ticker: str, timeframe: str) -> tuple[bytes | None, bytes | None]:
+    """The fresh-candles entry and the request pointer of a symbol and timeframe, in one round trip (MGET).
+    `prediction_for_request` reads the pointer once the candles have given the request's hash."""
+    values = _guarded(lambda client: client.mget([keys.candles(ticker, timeframe),
+                                                  keys.prediction_request(ticker, timeframe)]))
+    return (values[0], values[1]) if values else (None, None)
 
 
-def set_prediction_for_request(request_hash: str, prediction_id: str) -> bool:
-    return set(keys.prediction_request(request_hash), prediction_id, TTL_SECONDS["prediction"])
+def prediction_for_request(pointer: bytes | None, request_hash: str) -> str | None:
+    """The prediction id of a request pointer ("<hash> <id>") when it is `request_hash`'s."""
+    if pointer is None:
+        return None
+    pointed_hash, _, prediction_id = pointer.decode().partition(" ")
+    return prediction_id if pointed_hash == request_hash and prediction_id else None
 
 
-def set_created_prediction(prediction_id: str, body: bytes, request_hash: str | None) -> bool:
-    """A new prediction's body and (for a request without Idempotency-Key) the pointer from its request to it,
-    in one round trip."""
+def get_prediction_for_request(ticker: str, timeframe: str, request_hash: str) -> str | None:
+    return prediction_for_request(get(keys.prediction_request(ticker, timeframe)), request_hash)
+
+
+def set_prediction_for_request(ticker: str, timeframe: str, request_hash: str, prediction_id: str) -> bool:
+    return set(keys.prediction_request(ticker, timeframe), f"{request_hash} {prediction_id}",
+               TTL_SECONDS["prediction"])
+
+
+def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, str, str] | None) -> bool:
+    """A new prediction's body and (for a request without Idempotency-Key: `request` is its ticker, timeframe
+    and hash) the pointer from its request to it, in one round trip."""
 
     def write(client: redis.Redis) -> bool:
         pipeline = client.pipeline(transaction=False)
         pipeline.set(keys.prediction(prediction_id), body, ex=TTL_SECONDS["prediction"])
-        if request_hash is not None:
-            pipeline.set(keys.prediction_request(request_hash), prediction_id, ex=TTL_SECONDS["prediction"])
+        if request is not None:
+            ticker, timeframe, request_hash = request
+            pipeline.set(keys.prediction_request(ticker, timeframe), f"{request_hash} {prediction_id}",
+                         ex=TTL_SECONDS["prediction"])
         return all(pipeline.execute())
 
     return bool(_guarded(write, default=False))

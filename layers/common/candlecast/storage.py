@@ -375,11 +375,17 @@ def _recalled(key: str, etag: str, last_n: int) -> "Candles | None":
     return entry[1].tail(last_n)
 
 
-def cached_candles(ticker: str, timeframe: str, last_n: int) -> "Candles | None":
-    """The last `last_n` candles from the Redis fresh-candles cache, if it holds an answer that long."""
+_UNREAD = object()
+
+
+def cached_candles(ticker: str, timeframe: str, last_n: int, packed: "bytes | object | None" = _UNREAD
+                   ) -> "Candles | None":
+    """The last `last_n` candles from the Redis fresh-candles cache, if it holds an answer that long.
+    `packed` is that entry when the caller has read it already."""
     from candlecast.candles import Candles
 
-    packed = cache.get_candles(ticker, timeframe)
+    if packed is _UNREAD:
+        packed = cache.get_candles(ticker, timeframe)
     unpacked = Candles.unpack(packed) if packed is not None else None
     if unpacked is None or max(unpacked[1], len(unpacked[0])) < last_n:
         return None
@@ -392,16 +398,18 @@ def cache_candles(ticker: str, timeframe: str, candles: "Candles", requested: in
     cache.set_candles(ticker, timeframe, candles.pack(requested))
 
 
-def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = True) -> "Candles | None":
+def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = True,
+                 cache_entry: "bytes | object | None" = _UNREAD) -> "Candles | None":
     """The last `last_n` candles of a symbol from the bucket, or None when it has no file.
 
     Order: Redis fresh-candles cache (1 h) -> in-memory cache keyed by (key, ETag) -> the file's tail
-    row groups. A fetch from S3 fills both caches.
+    row groups. A fetch from S3 fills both caches. `cache_entry` is the Redis entry when the caller has read
+    it already (with other keys, in one round trip).
     """
     if last_n < 1:
         raise ValueError("last_n must be at least 1")
     if use_cache:
-        cached = cached_candles(ticker, timeframe, last_n)
+        cached = cached_candles(ticker, timeframe, last_n, cache_entry)
         if cached is not None:
             return cached
     key = candles_key(ticker, timeframe)

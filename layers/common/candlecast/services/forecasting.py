@@ -78,11 +78,12 @@ def forget_models() -> None:
         _models.clear()
 
 
-def _recent_candles(ticker: str, timeframe: str, count: int):
-    """The symbol's last usable candles: from the bucket, else from Polygon (any symbol)."""
+def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None):
+    """The symbol's last usable candles: from the cache entry read already, the bucket, else from Polygon (any
+    symbol)."""
     from candlecast.forecast.model import usable_candles
 
-    candles = storage.read_candles(ticker, timeframe, count)
+    candles = storage.read_candles(ticker, timeframe, count, cache_entry=cache_entry)
     if candles is None or len(candles) == 0:
         from candlecast import ingest
 
@@ -166,12 +167,15 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     if model_row is None:
         raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
     model = verified_model(model_row)
-    candles = _recent_candles(ticker, timeframe, model.lookback)
+    # The candles' cache entry and the newest request pointer come in one round trip; the pointer counts
+    # only when it names this request's hash, which the candles give.
+    cache_entry, pointer = cache.get_candles_and_request(ticker, timeframe)
+    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry)
     last_open = int(candles.open_time[-1])
     request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
 
     if idempotency_key is None:
-        repeat_id = cache.get_prediction_for_request(request_hash)
+        repeat_id = cache.prediction_for_request(pointer, request_hash)
         if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
             return CreateResult(body, created=False)
 
@@ -188,9 +192,10 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
             **prediction.model_dump(include={"ticker", "timeframe", "model_id", "last_candle_at", "last_close"}),
             steps=steps,
         ).model_dump_json().encode()
-        cache.set_created_prediction(str(stored["id"]), body, None if idempotency_key else request_hash)
+        cache.set_created_prediction(str(stored["id"]), body,
+                                     None if idempotency_key else (ticker, timeframe, request_hash))
     else:
         body = prediction_reads.get(str(stored["id"]))[0]
         if idempotency_key is None:
-            cache.set_prediction_for_request(request_hash, str(stored["id"]))
+            cache.set_prediction_for_request(ticker, timeframe, request_hash, str(stored["id"]))
     return CreateResult(body, created=stored["created"])
