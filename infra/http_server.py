@@ -27,6 +27,12 @@ log = logging.getLogger("local_api")
 class LocalHttpServer(ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = True
+    on_close: Callable[[], None] | None = None
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.on_close is not None:
+            self.on_close()
 
 
 class _BodyTooLarge(Exception):
@@ -116,12 +122,16 @@ class _RequestHandler(BaseHTTPRequestHandler):
         log.debug(format, *args)
 
 
-def make_server(handle: Handle, host: str = "127.0.0.1", port: int = 3000, *, body_limit: int) -> LocalHttpServer:
+def make_server(handle: Handle, host: str = "127.0.0.1", port: int = 3000, *, body_limit: int,
+                on_close: Callable[[], None] | None = None) -> LocalHttpServer:
+    """`on_close` runs after server_close() (e.g. to stop what `handle` started)."""
     class Handler(_RequestHandler):
         handle_request = staticmethod(handle)
 
     Handler.body_limit = body_limit
-    return LocalHttpServer((host, port), Handler)
+    server = LocalHttpServer((host, port), Handler)
+    server.on_close = on_close
+    return server
 
 
 def serve_in_thread(server: LocalHttpServer) -> str:

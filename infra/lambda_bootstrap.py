@@ -1,6 +1,13 @@
 """Run one function from its built artifact the way Lambda's python3.12 runtime does; stdlib only.
 
     python3.12 -I infra/lambda_bootstrap.py SPEC.json
+    python3.12 -I -u infra/lambda_bootstrap.py --serve FD
+
+With --serve the process is one warm container for the local API (infra/lambda_runtime.py): it reads the
+SPEC as the first JSON line on the socket FD, imports the handler once and answers one line
+({"init_ms"} or {"init_error"}), then runs one event per line it reads, one at a time, answering each with
+{"ok", "result"} or {"ok": false, "error"}, until the socket closes. No audit hook then (a dev tree
+writes bytecode).
 
 SPEC: {"task_root", "layers": [python folders in template order], "runtime": [the folder holding only boto3
 and botocore], "handler": "app.lambda_handler", "events": [...], "function_name", "memory_mb", "timeout_s",
@@ -58,31 +65,71 @@ class LambdaContext:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
-def main() -> int:
-    with open(sys.argv[1]) as handle:
-        spec = json.load(handle)
+def _prepare(spec: dict) -> None:
     standard_library = [path for path in sys.path[1:] if "site-packages" not in path and "dist-packages" not in path]
     sys.path[:] = [spec["task_root"], *spec["layers"], *spec["runtime"], *standard_library]
     # -I ignores PYTHON* variables; Lambda's runtime honours them, PYTHONDONTWRITEBYTECODE included.
     sys.dont_write_bytecode = os.environ.get("PYTHONDONTWRITEBYTECODE", "") not in ("", "0")
-    sys.addaudithook(_audit)
     os.chdir(spec["task_root"])  # Lambda's working directory is /var/task
-    report: dict = {"results": [], "writes": writes}
+
+
+def _load_handler(spec: dict):
+    import importlib
+
     module_name, function_name = spec["handler"].rsplit(".", 1)
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _invoke(handler, event, spec: dict, request_id: str) -> dict:
+    try:
+        return {"ok": True, "result": handler(event, LambdaContext(spec, request_id))}
+    except Exception as error:  # Lambda reports an unhandled error as a FunctionError
+        return {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+
+
+def serve(fd: int) -> int:
+    import socket
+
+    channel = socket.socket(fileno=fd)
+    lines = channel.makefile("rb")
+
+    def answer(message: dict) -> None:
+        try:
+            line = json.dumps(message)
+        except (TypeError, ValueError) as error:  # what JSON cannot hold: Lambda's Runtime.MarshalError
+            line = json.dumps({"ok": False, "error": f"Runtime.MarshalError: {error}"})
+        channel.sendall(line.encode() + b"\n")
+
+    spec = json.loads(lines.readline())
+    _prepare(spec)
     started = time.perf_counter()
     try:
-        import importlib
+        handler = _load_handler(spec)
+    except BaseException as error:
+        answer({"init_error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]})
+        return 1
+    answer({"init_ms": (time.perf_counter() - started) * 1000, "pid": os.getpid()})
+    for line in lines:
+        request = json.loads(line)
+        answer(_invoke(handler, request["event"], spec, request["request_id"]))
+    return 0
 
-        handler = getattr(importlib.import_module(module_name), function_name)
+
+def main() -> int:
+    if sys.argv[1] == "--serve":
+        return serve(int(sys.argv[2]))
+    with open(sys.argv[1]) as handle:
+        spec = json.load(handle)
+    _prepare(spec)
+    sys.addaudithook(_audit)
+    report: dict = {"results": [], "writes": writes}
+    started = time.perf_counter()
+    try:
+        handler = _load_handler(spec)
         report["init_ms"] = (time.perf_counter() - started) * 1000
         for index, event in enumerate(spec["events"]):
             invoked = time.perf_counter()
-            try:
-                result = handler(event, LambdaContext(spec, f"00000000-0000-4000-8000-{index:012d}"))
-                report["results"].append({"ok": True, "result": result})
-            except Exception as error:  # Lambda reports an unhandled error as a FunctionError
-                report["results"].append({"ok": False, "error": f"{type(error).__name__}: {error}",
-                                          "traceback": traceback.format_exc()[-3000:]})
+            report["results"].append(_invoke(handler, event, spec, f"00000000-0000-4000-8000-{index:012d}"))
             if index == 0:
                 report["first_invoke_ms"] = (time.perf_counter() - invoked) * 1000
                 report["cold_ms"] = (time.perf_counter() - started) * 1000

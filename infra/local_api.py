@@ -17,8 +17,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,7 +37,7 @@ from infra.apigateway import (
 from infra.forecast_page import add_page_routes
 from infra.http_server import LocalHttpServer, make_server
 from infra.http_server import serve_in_thread as serve_on_thread
-from infra.lambda_runtime import FunctionRuntime
+from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS, FunctionError, FunctionRuntime, Throttled
 from infra.sam_template import (
     DEFAULT_TEMPLATE,
     LOCAL_REGION,
@@ -57,14 +59,15 @@ class LocalApi:
 
     A function's environment: the template's variables (Globals + function) unless the shell already sets
     them, then `environment` (e.g. the local stack's URLs), then `function_environment[logical_id]`.
-    `body_limit` refuses larger bodies before they are read (API Gateway's is 10 MB).
+    `body_limit` refuses larger bodies before they are read (API Gateway's is 10 MB). Each function runs in
+    its own containers (infra.lambda_runtime), at most `max_containers` of them; `close()` stops them.
     """
 
     def __init__(self, template_path: Path | str = DEFAULT_TEMPLATE, *,
                  environment: Mapping[str, str] | None = None,
                  function_environment: Mapping[str, Mapping[str, str]] | None = None,
                  parameter_overrides: Mapping[str, str] | None = None,
-                 body_limit: int = MAX_BODY_BYTES):
+                 body_limit: int = MAX_BODY_BYTES, max_containers: int = DEFAULT_MAX_CONTAINERS):
         self.template_path = Path(template_path).resolve()
         self.template = load_template(self.template_path)
         parameters = parameter_values(self.template, parameter_overrides)
@@ -77,7 +80,7 @@ class LocalApi:
             env.update(AWS_SAM_LOCAL="true", AWS_REGION=os.environ.get("AWS_REGION", LOCAL_REGION))
             env.update(environment or {})
             env.update((function_environment or {}).get(logical_id) or {})
-            self.runtimes[logical_id] = FunctionRuntime(spec, env)
+            self.runtimes[logical_id] = FunctionRuntime(spec, env, max_containers=max_containers)
         self._openapi: dict | None = None
         self.cors = Cors.from_template(self.template, parameters)
         self.local_routes: list[tuple[Route, LocalHandler]] = []
@@ -98,10 +101,16 @@ class LocalApi:
     def routed_functions(self) -> list[str]:
         return sorted({route.function_id for route in self.routes})
 
-    def warm_up(self) -> None:
-        """Import every routed function now (so a broken handler fails at start, not on first request)."""
-        for logical_id in self.routed_functions:
-            self.runtimes[logical_id].module  # noqa: B018 - importing is the point
+    def warm_up(self, containers: int = 1) -> None:
+        """Start `containers` containers of every routed function now, side by side (a broken handler fails here)."""
+        with ThreadPoolExecutor(len(self.routed_functions) or 1) as pool:
+            for started in [pool.submit(self.runtimes[name].warm_up, containers) for name in self.routed_functions]:
+                started.result()
+
+    def close(self) -> None:
+        """Stop every container."""
+        for runtime in self.runtimes.values():
+            runtime.close()
 
     def handle(self, request: HttpRequest) -> HttpResponse:
         response = self._handle(request)
@@ -127,6 +136,12 @@ class LocalApi:
         runtime = self.runtimes[route.function_id]
         try:
             response = to_http_response(runtime.invoke(event, str(uuid.uuid4())))
+        except Throttled as error:
+            log.warning("%s", error)
+            response = error_response(500, "internal_error", "Internal Server Error")  # as API Gateway answers it
+        except FunctionError as error:
+            log.error("%s failed on %s: %s", route.function_id, route.route_key, error)
+            response = error_response(500, "internal_error", "Internal Server Error")
         except Exception:
             log.exception("%s failed on %s", route.function_id, route.route_key)
             response = error_response(500, "internal_error", "Internal Server Error")
@@ -139,7 +154,6 @@ class LocalApi:
         if self._openapi is None:
             from infra.openapi import build_openapi
 
-            self.warm_up()  # each function imported with its own environment, as for a request
             self._openapi = build_openapi(self.template_path)
         return self._openapi
 
@@ -154,7 +168,7 @@ class LocalApi:
     # ---- serving
 
     def server(self, host: str = "127.0.0.1", port: int = 3000) -> LocalHttpServer:
-        return make_server(self.handle, host, port, body_limit=self.body_limit)
+        return make_server(self.handle, host, port, body_limit=self.body_limit, on_close=self.close)
 
 
 def serve_in_thread(api: LocalApi, host: str = "127.0.0.1", port: int = 0) -> tuple[LocalHttpServer, str]:
@@ -179,10 +193,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--env-vars", help="sam local style env.json")
+    parser.add_argument("--max-containers", type=int, default=DEFAULT_MAX_CONTAINERS,
+                        help="containers per function at most (its reserved concurrency caps them too)")
+    parser.add_argument("--warm", type=int, default=0, metavar="N",
+                        help="start N containers of every routed function before serving (provisioned concurrency)")
+    parser.add_argument("--parameter-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="template parameters, as for sam local")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the containers on SIGTERM too
     shared, per_function = load_env_file(args.env_vars)
-    api = LocalApi(args.template, environment=shared, function_environment=per_function)
+    overrides = dict(item.split("=", 1) for item in args.parameter_overrides)
+    api = LocalApi(args.template, environment=shared, function_environment=per_function,
+                   parameter_overrides=overrides, max_containers=args.max_containers)
+    if args.warm:
+        api.warm_up(args.warm)
     server = api.server(args.host, args.port)
     url = f"http://{args.host}:{server.server_address[1]}"
     print(f"local API on {url} ({len(api.routes)} routes, docs at {url}/docs); Ctrl-C stops")
@@ -190,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {route.route_key:40} -> {route.function_id}")
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    server.server_close()
+    server.server_close()  # and the containers
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
 from infra.local_stack import LocalStack
 from infra.sam_template import load_template, parse_functions
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-seed", action="store_true", help="skip loading the sample data and models")
     parser.add_argument("--state", default=str(DEFAULT_STATE), help="where the database and bucket are kept")
     parser.add_argument("--fresh", action="store_true", help="delete the kept state first")
+    parser.add_argument("--max-containers", type=int, default=DEFAULT_MAX_CONTAINERS,
+                        help="containers per function at most (its reserved concurrency caps them too)")
     args = parser.parse_args(argv)
     use_shared_environment(Path(args.template))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -122,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         from candlecast.api import MAX_BODY_BYTES
 
         # The functions refuse bodies over 16 KiB: refused from their Content-Length, they are never read.
+        # Each function starts its first container on its first request (a cold start, as on Lambda).
         api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function,
-                       body_limit=MAX_BODY_BYTES)
-        api.warm_up()
+                       body_limit=MAX_BODY_BYTES, max_containers=args.max_containers)
         server = api.server(args.host, args.port)
         base_url = f"http://{args.host}:{server.server_address[1]}"
         for route in api.routes:

@@ -156,6 +156,7 @@ class FunctionSpec:
     environment: Mapping[str, str]
     memory_mb: int = DEFAULT_MEMORY_MB
     timeout_s: float = DEFAULT_TIMEOUT_S
+    reserved_concurrency: int | None = None  # ReservedConcurrentExecutions: at most this many at once
 
     @property
     def module_file(self) -> Path:
@@ -259,8 +260,17 @@ def parse_functions(template: Mapping, template_dir: Path = ROOT,
             environment=environment,
             memory_mb=int(_resolved_or(props.get("MemorySize"), parameters, DEFAULT_MEMORY_MB)),
             timeout_s=float(_resolved_or(props.get("Timeout"), parameters, DEFAULT_TIMEOUT_S)),
+            reserved_concurrency=_reserved(props.get("ReservedConcurrentExecutions"), parameters, conditions),
         )
     return functions
+
+
+def _reserved(value: Any, parameters: Mapping[str, Any], conditions: Mapping[str, Any]) -> int | None:
+    try:
+        value = resolve(value, parameters, conditions)
+    except Unresolvable:
+        return None
+    return None if value is None else int(value)
 
 
 def _resolved_or(value: Any, parameters: Mapping[str, Any], default: Any) -> Any:

@@ -94,6 +94,7 @@ def with_password(url: str, password: str) -> str:
 class ServedStack:
     environment: dict[str, str] = field(default_factory=dict)  # extra variables for the API and the seed
     database_password: str | None = None
+    api_args: list[str] = field(default_factory=list)  # for `python -m infra.local_api`, e.g. ["--warm", "4"]
     stack: LocalStack | None = None
     moto: MotoProcess | None = None
     api: subprocess.Popen | None = None
@@ -126,9 +127,9 @@ class ServedStack:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         with self.api_log.open("ab") as out:
-            self.api = subprocess.Popen([sys.executable, "-m", "infra.local_api", "--port", str(port)],
+            self.api = subprocess.Popen([sys.executable, "-m", "infra.local_api", "--port", str(port), *self.api_args],
                                         env=self.env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a warm fleet's cold starts come first
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from infra.apigateway import HttpRequest, build_event, to_http_response
-from infra.lambda_runtime import FunctionRuntime
 from infra.local_api import LocalApi, serve_in_thread
 from infra.local_stack import free_port
 from infra.sam_template import Route, find_route, load_template, parse_functions, parse_routes
@@ -422,13 +421,153 @@ def test_local_routes_and_static_folders_come_before_the_template(echo_api, tmp_
 
 
 def test_context_counts_down():
-    spec = parse_functions(load_template(TEMPLATE), ROOT)["HealthFunction"]
-    context = FunctionRuntime(spec, {}).new_context()
-    assert context.function_name == "HealthFunction"
+    from infra.lambda_bootstrap import LambdaContext
+
+    context = LambdaContext({"function_name": "HealthFunction", "memory_mb": 256, "timeout_s": 5}, "r-1")
+    assert (context.function_name, context.aws_request_id) == ("HealthFunction", "r-1")
     assert context.memory_limit_in_mb == 256
     first = context.get_remaining_time_in_millis()
     time.sleep(0.02)
     assert 0 < context.get_remaining_time_in_millis() < first <= 5000
+
+
+# ------------------------------------------------------- containers: one per concurrent request, as on Lambda
+
+POOL_APP = '''
+import json, os, time
+from candlecast import db
+
+calls = 0  # module state: this container's own
+
+def lambda_handler(event, context):
+    global calls
+    calls += 1
+    started = time.time()
+    with db.connection() as conn:
+        backend = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
+    query = event.get("queryStringParameters") or {}
+    time.sleep(float(query.get("sleep", "0")))
+    return {"statusCode": 200, "body": json.dumps({
+        "token": query.get("token"), "pid": os.getpid(), "pool": id(db.get_pool()), "backend": backend,
+        "calls": calls, "started": started, "ended": time.time()})}
+'''
+
+POOL_TEMPLATE = '''
+AWSTemplateFormatVersion: "2010-09-09"
+Transform: AWS::Serverless-2016-10-31
+Globals:
+  Function:
+    Handler: app.lambda_handler
+    CodeUri: functions/pool_fn
+    Timeout: 10
+    Layers: [!Ref Common]
+Resources:
+  Common:
+    Type: AWS::Serverless::LayerVersion
+    Properties: {ContentUri: COMMON_LAYER}
+  PoolFunction:
+    Type: AWS::Serverless::Function
+    Properties:
+      Events: {Pool: {Type: HttpApi, Properties: {Method: GET, Path: /pool}}}
+  ReservedFunction:
+    Type: AWS::Serverless::Function
+    Properties:
+      ReservedConcurrentExecutions: 1
+      Events: {One: {Type: HttpApi, Properties: {Method: GET, Path: /one}}}
+  ShortFunction:
+    Type: AWS::Serverless::Function
+    Properties:
+      Timeout: 1
+      Events: {Short: {Type: HttpApi, Properties: {Method: GET, Path: /short}}}
+'''
+
+
+@pytest.fixture
+def pool_bundle(tmp_path, clean_db):
+    (tmp_path / "template.yaml").write_text(POOL_TEMPLATE.replace("COMMON_LAYER", str(ROOT / "layers" / "common")))
+    (tmp_path / "functions" / "pool_fn").mkdir(parents=True)
+    (tmp_path / "functions" / "pool_fn" / "app.py").write_text(POOL_APP)
+
+    @contextlib.contextmanager
+    def serve(max_containers: int = 4):
+        api = LocalApi(tmp_path / "template.yaml", environment=clean_db.environment(), max_containers=max_containers)
+        server, url = serve_in_thread(api)
+        try:
+            yield api, url
+        finally:
+            server.shutdown()
+            server.server_close()  # stops the containers
+
+    return serve
+
+
+def _concurrently(url: str, path: str, count: int, sleep: float) -> list[httpx.Response]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def get(token: int) -> httpx.Response:
+        return httpx.get(f"{url}{path}", params={"sleep": sleep, "token": token}, timeout=60)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(get, range(count)))
+
+
+@pytest.mark.integration
+def test_concurrent_requests_get_containers_of_their_own_with_their_own_pools(pool_bundle):
+    with pool_bundle() as (api, url):
+        responses = _concurrently(url, "/pool", 3, sleep=0.6)
+        bodies = [response.json() for response in responses]
+        assert [body["token"] for body in bodies] == ["0", "1", "2"]  # each answer is its own request's
+        assert len({body["pid"] for body in bodies}) == 3  # three containers, none of them this process
+        assert os.getpid() not in {body["pid"] for body in bodies}
+        assert len({body["backend"] for body in bodies}) == 3  # each pool opened its own connection
+        for one in bodies:  # all three ran side by side, not one after another
+            assert all(one["started"] < other["ended"] for other in bodies)
+        assert api.runtimes["PoolFunction"].containers == 3
+        # Warm reuse: the next requests, one at a time, go to the container used last, its pool and connection kept.
+        again = [httpx.get(f"{url}/pool", timeout=30).json() for _ in range(3)]
+        assert len({body["pid"] for body in again}) == 1 and again[0]["pid"] in {body["pid"] for body in bodies}
+        before = next(body for body in bodies if body["pid"] == again[0]["pid"])
+        assert {body["backend"] for body in again} == {before["backend"]}
+        assert {body["pool"] for body in again} == {before["pool"]}
+        assert [body["calls"] for body in again] == [2, 3, 4]
+        assert api.runtimes["PoolFunction"].containers == 3
+    assert api.runtimes["PoolFunction"].containers == 0  # stopped with the server
+
+
+@pytest.mark.integration
+def test_a_container_serves_one_request_at_a_time_and_past_the_local_cap_requests_wait(pool_bundle):
+    with pool_bundle(max_containers=2) as (_api, url):
+        bodies = [response.json() for response in _concurrently(url, "/pool", 4, sleep=0.5)]
+    assert [body["token"] for body in bodies] == ["0", "1", "2", "3"]
+    by_container: dict[int, list[dict]] = {}
+    for body in bodies:
+        by_container.setdefault(body["pid"], []).append(body)
+    assert len(by_container) == 2  # the cap; the other two requests waited for a container, none failed
+    for served in by_container.values():
+        first, second = sorted(served, key=lambda body: body["started"])
+        assert first["ended"] <= second["started"]  # one after the other, never both at once
+        assert (first["calls"], second["calls"]) == (1, 2)
+
+
+@pytest.mark.integration
+def test_reserved_concurrency_throttles_as_api_gateway_answers_it(pool_bundle):
+    with pool_bundle() as (api, url):
+        httpx.get(f"{url}/one", timeout=30).raise_for_status()  # warm: the throttle is not a cold start's
+        statuses = sorted(response.status_code for response in _concurrently(url, "/one", 3, sleep=0.8))
+        assert api.runtimes["ReservedFunction"].containers == 1
+    assert statuses == [200, 500, 500]  # Lambda refuses the invoke; API Gateway makes that a 500
+
+
+@pytest.mark.integration
+def test_an_invoke_past_its_timeout_is_stopped_with_its_container(pool_bundle):
+    with pool_bundle() as (_api, url):
+        first = httpx.get(f"{url}/short", timeout=30).json()
+        late = httpx.get(f"{url}/short", params={"sleep": 3}, timeout=30)
+        assert late.status_code == 500 and late.json()["error"]["code"] == "internal_error"
+        after = httpx.get(f"{url}/short", timeout=30).json()
+    assert after["pid"] != first["pid"] and after["calls"] == 1  # a fresh container: the stopped one is gone
+    with pytest.raises(ProcessLookupError):
+        os.kill(first["pid"], 0)
 
 
 # ------------------------------------------------------------------ the real bundle, real stack
@@ -561,13 +700,21 @@ class _MakeRun:
 
     def __enter__(self) -> "_MakeRun":
         deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, self.output
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base}/health", timeout=5).status_code == 200:
-                    return self
-            assert time.monotonic() < deadline, self.output
-            time.sleep(0.5)
+        try:
+            while True:
+                assert self.process.poll() is None, self.output
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{self.base}/health", timeout=5).status_code == 200:
+                        return self
+                assert time.monotonic() < deadline, self.output
+                time.sleep(0.5)
+        except BaseException:  # not left running when it never became ready
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            raise
 
     def __exit__(self, *_exc) -> None:
         self.process.send_signal(signal.SIGTERM)
