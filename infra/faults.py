@@ -179,6 +179,23 @@ class Suite:
         tickers = sorted({ticker for ticker, _ in self.combos})
         return Load(self.served.base_url, ids, tickers, keyed_combos)
 
+    def warm(self, settled: float = 1.0, quiet: float = 3.0, longest: float = 90.0) -> None:
+        """The load, unmeasured, until no request has taken over `settled` s for `quiet` s: every container has
+        then served the load's requests once (its first create loads the model and the forecast code)."""
+        load = self.load(self.combos[:3]).start()
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < longest:
+                time.sleep(0.5)
+                now = time.monotonic()
+                recent = load.window(now - quiet - REQUEST_TIMEOUT, now)
+                if now - started > quiet and not any(s.seconds > settled for s in recent if s.ended > now - quiet):
+                    break
+        finally:
+            load.stop()
+        self.acknowledged += [s for s in load.samples if s.status == 201]
+        print(f"warm: {len(load.samples)} requests in {time.monotonic() - started:.0f} s", flush=True)
+
     def finish(self, name: str, load: Load) -> None:
         load.stop()
         self.acknowledged += [s for s in load.samples if s.status == 201]
@@ -366,6 +383,7 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
             "postgres": lambda: suite.postgres(freeze, after=5.0, baseline=3.0, burst=burst),
             "s3": lambda: suite.s3(min(freeze, 8.0), killed_for=3.0, baseline=3.0, uncached=uncached),
         }
+        suite.warm()
         for name, scenario in scenarios.items():
             if only and name != only:
                 continue
