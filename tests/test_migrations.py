@@ -63,11 +63,17 @@ def test_apply_rollback_apply(scratch_database):
     assert migrate.status(scratch_database).pending == []
 
 
-def test_the_track_record_migration_rolls_back_alone(scratch_database):
+def test_the_track_record_migrations_roll_back_alone(scratch_database):
     migrate.apply(scratch_database)
+    assert migrate.rollback(scratch_database, count=1) == ["0006_score_due"]
+    with psycopg.connect(scratch_database) as conn:
+        columns = {row[0] for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'predictions'")}
+        assert columns and "score_next_at" not in columns
+        assert conn.execute("SELECT to_regclass('predictions_score_due_idx')").fetchone()[0] is None
     assert migrate.rollback(scratch_database, count=1) == ["0005_prediction_scores"]
     assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats"}
-    assert migrate.apply(scratch_database) == ["0005_prediction_scores"]
+    assert migrate.apply(scratch_database) == ["0005_prediction_scores", "0006_score_due"]
 
 
 def test_two_concurrent_runs_apply_once_without_error(scratch_database):

@@ -191,6 +191,41 @@ def test_a_step_whose_candle_is_missing_stays_unscored_and_keeps_its_prediction(
     assert rows(url(), "SELECT count(*) FROM prediction_scores WHERE prediction_id = %s", prediction_id)[0][0] == 4
 
 
+def next_look(prediction_id: uuid.UUID) -> datetime | None:
+    return rows(url(), "SELECT score_next_at FROM predictions WHERE id = %s", prediction_id)[0][0]
+
+
+def test_a_prediction_is_looked_at_again_only_when_its_next_step_can_have_matured(track):
+    start = recent_start(200)
+    history = wavy_history(200, start)
+    storage.write_candles(SYMBOL, "1h", history)
+    prediction_id = uuid.UUID(create(SYMBOL)["id"])
+    origin = datetime.fromtimestamp(int(history.open_time[-1]), UTC)
+    assert next_look(prediction_id) is None  # never looked at: due at once
+    storage.write_candles(SYMBOL, "1h", with_later(history, [101.0, 102.0, 103.0]))
+    assert scoring.run(60).scored == 3
+    assert next_look(prediction_id) == origin + timedelta(hours=4)  # step 4's candle is not stored yet
+
+    with db.connection() as conn:  # not due before step 4's ts, due from it
+        assert score_repository.get_due_predictions(conn, origin + timedelta(hours=3), NO_ONE, 10) == []
+        [due] = score_repository.get_due_predictions(conn, origin + timedelta(hours=4), NO_ONE, 10)
+        assert due["id"] == prediction_id and [step["step"] for step in due["steps"]] == [4]
+
+    # Step 4's candle never comes: the prediction stays due while step 4 is inside the scoring window ...
+    later = origin + timedelta(hours=20)
+    assert scoring.run(60, now=later).scored == 0 and next_look(prediction_id) == origin + timedelta(hours=4)
+    # ... and once it has left it, the next look moves to the first step still inside (the window's edge).
+    past_window = origin + timedelta(hours=10) + scoring.SCORING_WINDOW
+    assert scoring.run(60, now=past_window).scored == 0
+    assert next_look(prediction_id) == origin + timedelta(hours=11)
+    # After the last step has left it, the prediction is never looked at again.
+    scoring.run(60, now=origin + timedelta(hours=31) + scoring.SCORING_WINDOW)
+    assert rows(url(), "SELECT score_next_at = 'infinity' FROM predictions WHERE id = %s", prediction_id)[0][0]
+
+
+NO_ONE = score_repository.NO_PREDICTION
+
+
 def test_retention_may_delete_only_what_is_scored_or_past_the_scoring_window(track):
     start = recent_start(200)
     history = wavy_history(200, start)

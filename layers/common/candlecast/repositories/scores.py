@@ -32,14 +32,16 @@ SETTLED_PREDICTION = f"""NOT EXISTS (
       AND NOT EXISTS (SELECT 1 FROM prediction_scores settled
                       WHERE settled.prediction_id = unsettled.prediction_id AND settled.step = unsettled.step))"""
 
+# Due: predictions whose next step to score (predictions.score_next_at, migration 0006) has its ts by now, read
+# through predictions_score_due_idx (the expression and the predicate are the index's).
 _DUE = """
 WITH due AS (
-    SELECT DISTINCT ps.prediction_id
-    FROM prediction_steps ps
-    WHERE ps.ts > %(since)s AND ps.ts <= %(now)s
-      AND ps.prediction_id > %(after)s
-      AND NOT EXISTS (SELECT 1 FROM prediction_scores s WHERE s.prediction_id = ps.prediction_id AND s.step = ps.step)
-    ORDER BY ps.prediction_id
+    SELECT p.id AS prediction_id
+    FROM predictions p
+    WHERE COALESCE(p.score_next_at, p.last_candle_at) <= %(now)s
+      AND p.score_next_at IS DISTINCT FROM 'infinity'::timestamptz
+      AND p.id > %(after)s
+    ORDER BY p.id
     LIMIT %(limit)s
 )
 SELECT p.id, p.ticker, p.timeframe, p.model_id, p.last_candle_at, p.last_close,
@@ -89,6 +91,21 @@ WITH scored AS (
 SELECT (SELECT count(*) FROM scored) AS scored, (SELECT count(*) FROM folded) AS cells
 """
 
+# After a batch: each prediction's next look is its earliest unscored step inside the window (one whose candle is
+# missing keeps it due), or never. Scores are only ever added, so a value computed before a concurrent run's
+# insert is too early, never too late: at worst a prediction is looked at once more.
+_SCHEDULE = """
+UPDATE predictions p SET score_next_at = next.at
+FROM (SELECT pid.id, COALESCE(
+          (SELECT min(ps.ts) FROM prediction_steps ps
+           WHERE ps.prediction_id = pid.id AND ps.ts > %(since)s
+             AND NOT EXISTS (SELECT 1 FROM prediction_scores s WHERE s.prediction_id = ps.prediction_id
+                                                                 AND s.step = ps.step)),
+          'infinity'::timestamptz) AS at
+      FROM unnest(%(ids)s::uuid[]) AS pid(id)) next
+WHERE p.id = next.id AND p.score_next_at IS DISTINCT FROM next.at
+"""
+
 # models.accuracy is the live 80 % coverage (drift.ACCURACY_DEFINITION) on out-of-sample steps.
 _REFRESH_ACCURACY = """
 UPDATE models m SET accuracy = live.inside_80::double precision / live.n
@@ -115,12 +132,15 @@ GROUP BY m.timeframe
 NO_PREDICTION = uuid.UUID(int=0)
 
 
-def get_due_predictions(
-    conn: psycopg.Connection, now: datetime, since: datetime, after: uuid.UUID, limit: int
-) -> list[dict]:
-    """Predictions (id > `after`, in id order) with unscored steps whose ts is in (since, now], each with its
-    model and its unscored steps up to `now` (ts ascending)."""
-    return conn.execute(_DUE, {"now": now, "since": since, "after": after, "limit": limit}).fetchall()
+def get_due_predictions(conn: psycopg.Connection, now: datetime, after: uuid.UUID, limit: int) -> list[dict]:
+    """Predictions (id > `after`, in id order) due for a look by `now`, each with its model and its unscored
+    steps up to `now` (ts ascending; none when it was looked at too early)."""
+    return conn.execute(_DUE, {"now": now, "after": after, "limit": limit}).fetchall()
+
+
+def schedule_next(conn: psycopg.Connection, ids: list[uuid.UUID], since: datetime) -> int:
+    """Set when each of `ids` is next due: its earliest unscored step with ts after `since`, or never."""
+    return conn.execute(_SCHEDULE, {"ids": ids, "since": since}).rowcount if ids else 0
 
 
 def record_scores(conn: psycopg.Connection, rows: list[dict]) -> int:

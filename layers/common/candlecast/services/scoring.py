@@ -139,7 +139,8 @@ def _model_row(prediction: dict) -> dict:
 def run(budget_seconds: float, *, now: datetime | None = None, since: datetime | None = None,
         after: uuid.UUID = score_repository.NO_PREDICTION, batch: int = BATCH_PREDICTIONS,
         on_batch: Callable[[ScoreReport], None] | None = None) -> ScoreReport:
-    """Score every matured, unscored step with ts in [since, now] (default: the scoring window up to now)."""
+    """Score the matured, unscored steps of every prediction due by `now`; a step older than `since` (default:
+    the scoring window) whose candle never came is given up."""
     started = time.monotonic()
     deadline = started + max(0.0, budget_seconds)
     now = now or datetime.now(UTC)
@@ -151,11 +152,13 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
             report.continuation = {"after": str(after), "now": now.isoformat(), "since": since.isoformat()}
             break
         with db.connection() as conn:
-            due = score_repository.get_due_predictions(conn, now, since, after, batch)
+            due = score_repository.get_due_predictions(conn, now, after, batch)
         if not due:
             break
         rows: list[dict] = []
         for prediction in due:
+            if not prediction["steps"]:  # looked at before its next step's candle could be stored
+                continue
             try:
                 candles = files.get(prediction["ticker"], prediction["timeframe"])
                 model = verified_model(_model_row(prediction)) if candles is not None else None
@@ -168,6 +171,7 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
             report.unmatured += waiting
         with db.connection() as conn:
             report.scored += score_repository.record_scores(conn, rows)
+            score_repository.schedule_next(conn, [prediction["id"] for prediction in due], since)
         report.predictions += len(due)
         report.batches += 1
         after = due[-1]["id"]

@@ -1,0 +1,2 @@
+DROP INDEX predictions_score_due_idx;
+ALTER TABLE predictions DROP COLUMN score_next_at;
