@@ -184,6 +184,17 @@ def test_block_bootstrap_of_a_method_against_itself_and_a_worse_one():
     assert blocked["ci95"][1] - blocked["ci95"][0] > 1.5 * (single["ci95"][1] - single["ci95"][0])
 
 
+def test_block_bootstrap_with_few_blocks_draws_the_edges_of_the_span_as_often_as_the_middle():
+    """70 bars, 3 blocks of 30 per resample (1m's walk-forward): the peer is worse only near both ends of the span.
+    Blocks that had to fit inside the span drew the ends rarely, and the interval missed Δ itself."""
+    rng = np.random.default_rng(3)
+    bars = np.repeat(np.arange(70), 8)
+    loss = rng.exponential(1.0, (len(bars), 30))
+    peer = loss * np.where((bars < 12) | (bars >= 58), 1.3, 0.95)[:, None]
+    result = block_bootstrap_delta(loss, peer, bars)
+    assert result["blocks"] == 3 and result["ci95"][0] < result["delta"] < result["ci95"][1]
+
+
 def test_compare_methods_scores_every_method_on_the_same_pairs():
     rng = np.random.default_rng(1)
     n = 300

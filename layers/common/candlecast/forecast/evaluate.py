@@ -237,25 +237,26 @@ BLOCK_BARS = 30  # the longest label: origins closer than this share outcome can
 
 def block_bootstrap_delta(loss_model: np.ndarray, loss_peer: np.ndarray, bars: np.ndarray,
                           block_bars: int = BLOCK_BARS, reps: int = 2000, seed: int = 11) -> dict:
-    """Δ = pin5(peer) / pin5(model) − 1 with a 95 % moving-block bootstrap interval (> 0: the model is ahead).
+    """Δ = pin5(peer) / pin5(model) − 1 with a 95 % circular block bootstrap interval (> 0: the model is ahead).
 
     `loss_*` (n, 30) per-pair losses (NaN unknown); `bars` (n,) each origin's bar on the calendar grid. Each
-    resample joins ⌈T/L⌉ runs of L = `block_bars` consecutive bars drawn from the T bars of the test span
-    (Künsch 1989), so origins whose labels overlap, and coins moving together, stay together. A short span holds
+    resample joins ⌈T/L⌉ runs of L = `block_bars` consecutive bars, starting anywhere in the T bars of the test
+    span and wrapping at its end (Politis & Romano 1992: every bar is drawn equally often, even when the span holds
+    few blocks), so origins whose labels overlap, and coins moving together, stay together. A short span holds
     few blocks (`blocks`), and its interval is as wide as that makes it.
     """
     known = np.isfinite(loss_model) & np.isfinite(loss_peer)
     bars = np.asarray(bars, dtype=np.int64) - int(np.min(bars))
     span = int(bars.max()) + 1
-    model_sum = np.concatenate([[0.0], np.cumsum(np.bincount(bars, np.where(known, loss_model, 0).sum(axis=1), span))])
-    peer_sum = np.concatenate([[0.0], np.cumsum(np.bincount(bars, np.where(known, loss_peer, 0).sum(axis=1), span))])
+    per_bar = [np.bincount(bars, np.where(known, loss, 0).sum(axis=1), span) for loss in (loss_model, loss_peer)]
+    model_sum, peer_sum = (np.concatenate([[0.0], np.cumsum(np.tile(values, 2))]) for values in per_bar)
     length = min(block_bars, span)
     blocks = math.ceil(span / length)
-    starts = np.random.default_rng(seed).integers(0, span - length + 1, size=(reps, blocks))
+    starts = np.random.default_rng(seed).integers(0, span, size=(reps, blocks))
     model = (model_sum[starts + length] - model_sum[starts]).sum(axis=1)
     peer = (peer_sum[starts + length] - peer_sum[starts]).sum(axis=1)
     ratio = peer / np.maximum(model, 1e-300) - 1
-    return {"delta": float(peer_sum[-1] / model_sum[-1] - 1),
+    return {"delta": float(per_bar[1].sum() / per_bar[0].sum() - 1),
             "ci95": [float(np.quantile(ratio, 0.025)), float(np.quantile(ratio, 0.975))], "blocks": blocks,
             "block_bars": length}
 

@@ -141,7 +141,7 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
     blocks = next((m["vs_" + reference]["blocks"] for m in comparison["methods"].values() if "vs_" + reference in m),
                   0)
     lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}{series}; 95 % intervals "
-             f"join {blocks} moving blocks of {comparison['block_seconds'] / 86400:.3g} days per resample", "",
+             f"join {blocks} circular blocks of {comparison['block_seconds'] / 86400:.3g} days per resample", "",
              f"| method | pin5 (%) | Δ peer vs {reference} [95% CI] | cov80 / cov95 | cov80 range over h "
              "| cov95 range over h | width 80/95 | ECE | worst bin gap | origins |",
              "|---|---|---|---|---|---|---|---|---|---|"]
