@@ -119,9 +119,11 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
     return status, "; ".join(problems)[:1000]
 
 
-def create_resolver() -> APIGatewayHttpResolver:
+def create_resolver(validation: bool = True) -> APIGatewayHttpResolver:
+    """The resolver of an HTTP function. validation=False only for routes that take no input: Powertools then
+    neither imports nor compiles its request validation on a cold start (the OpenAPI document is the same)."""
     get_settings()  # configuration is validated at cold start; a bad variable stops start-up, named
-    app = APIGatewayHttpResolver(enable_validation=True, json_body_deserializer=strictjson.loads)
+    app = APIGatewayHttpResolver(enable_validation=validation, json_body_deserializer=strictjson.loads)
 
     @app.exception_handler(CandlecastError)
     def _domain_error(error: CandlecastError) -> Response:
