@@ -126,3 +126,22 @@ def test_the_holdout_tail_is_never_read_by_training():
     kept = before_holdout([("short", short.head(100)), ("late", late)], cutoff)
     assert [name for name, _ in kept] == ["short"] and len(kept[0][1]) == 100
 
+
+
+def test_the_committed_models_leave_matured_steps_after_train_end_in_the_sample():
+    """`candlecast seed` replays the sample's last candles: each model's `train_end` must leave a full 30-step
+    forecast (or, at 1m, its first steps) of sample candles after it, so those replays are scored live."""
+    import json
+    from pathlib import Path
+
+    from candlecast.forecast.dataset import read_ohlcv
+    from candlecast.forecast.train import HOLDOUT_BARS
+
+    root = Path(__file__).resolve().parent.parent
+    manifest = json.loads((root / "models" / "manifest.json").read_text())
+    for timeframe, entry in manifest.items():
+        assert entry["holdout"]["bars"] == HOLDOUT_BARS[timeframe]
+        train_end = np.datetime64(entry["train_end"].rstrip("Z"), "s").astype(np.int64)
+        after = max(int((read_ohlcv(path).open_time > train_end).sum())
+                    for path in (root / "data").glob(f"*/{timeframe}.parquet"))
+        assert after >= min(len(HORIZONS), HOLDOUT_BARS[timeframe]), timeframe
