@@ -132,3 +132,78 @@ def test_no_secret_reaches_a_response_or_a_log_line(served, upstream):
           f"{len(CANARIES)} canaries in {sum(len(variants(s)) for s in CANARIES.values())} forms: "
           f"{len(hits)} hits")
     assert hits == [], "\n".join(hits[:20])
+
+
+def test_no_secret_reaches_the_batch_functions_logs_or_answers(served, upstream, capfd):
+    """Migrate, Score, Retention and Refresh, run as the local API runs a function (a container with the
+    template's environment and the canaries), on their scheduled and deploy-time events, failing ones
+    included: a migrations folder that is missing, a database that refuses connections."""
+    from infra.artifacts import ResponseCapture
+    from infra.lambda_runtime import FunctionError, FunctionRuntime
+    from infra.local_api import LocalApi
+    from infra.local_stack import free_port
+    from tests.conftest import EVENTS, ROOT
+
+    unreachable = f"postgresql://postgres:{quote(CANARIES['database password'])}@127.0.0.1:{free_port()}/candlecast"
+    api = LocalApi(ROOT / "template.yaml", environment=served.env(), function_environment={
+        "MigrateFunction": {"MIGRATIONS_DIR": str(ROOT / "migrations")},
+        "RefreshFunction": {"SCORE_FUNCTION_NAME": "", "REFRESH_CHAIN": "false"},  # scoring inline, no chain
+    })
+    cfn = ResponseCapture()
+    create = {**json.loads((EVENTS / "migrate_create.json").read_text()), "ResponseURL": cfn.url}
+    scheduled = {name: json.loads((EVENTS / f"{name}_scheduled.json").read_text())
+                 for name in ("score", "retention", "refresh")}
+    runs = [  # (function, environment changes, event)
+        ("MigrateFunction", {}, {"action": "apply"}),
+        ("MigrateFunction", {}, {"action": "status"}),
+        ("MigrateFunction", {}, create),
+        ("MigrateFunction", {"MIGRATIONS_DIR": "/nonexistent/migrations"}, {"action": "apply"}),
+        ("MigrateFunction", {"MIGRATIONS_DIR": "/nonexistent/migrations"}, create),
+        ("MigrateFunction", {"DATABASE_URL": unreachable}, create),
+        ("ScoreFunction", {}, scheduled["score"]),
+        ("ScoreFunction", {"DATABASE_URL": unreachable}, scheduled["score"]),
+        ("RetentionFunction", {}, scheduled["retention"]),
+        ("RetentionFunction", {"DATABASE_URL": unreachable}, scheduled["retention"]),
+        ("RefreshFunction", {}, scheduled["refresh"]),
+    ]
+    answers: list[tuple[str, str]] = []
+    outcomes = []
+    asked_before = len(upstream.requests)
+    try:
+        for function, changes, event in runs:
+            base = api.runtimes[function]
+            runtime = FunctionRuntime(base.spec, {**base.environment, **changes})
+            where = f"{function} {json.dumps(changes)} {event.get('action') or event.get('RequestType') or 'scheduled'}"
+            try:
+                answers.append((where, json.dumps(runtime.invoke(event, "canary"))))
+                outcomes.append("ok")
+            except FunctionError as error:  # what Lambda returns to the caller and logs
+                answers.append((where, str(error)))
+                outcomes.append("error")
+            finally:
+                runtime.close()
+    finally:
+        cfn.close()
+    answers += [(f"CloudFormation response {index}", json.dumps(body)) for index, body in enumerate(cfn.captured)]
+    output = capfd.readouterr()
+    log_lines = (output.out + output.err).splitlines()
+    hits = []
+    for name, secret in CANARIES.items():
+        for form in variants(secret):
+            hits += [f"{name} in {where}" for where, text in answers if form in text]
+            hits += [f"{name} in log line {number}: {line[:200]}" for number, line in enumerate(log_lines, 1)
+                     if form in line]
+    # The runs were real: the failing ones failed, the others worked, CloudFormation heard of every Create,
+    # and the refresh asked the echoing upstream with the canary key.
+    # A failed Create still answers (FAILED); the refresh stops at the upstream's refusal of the key.
+    expected = ["ok", "ok", "ok", "error", "ok", "ok", "ok", "error", "ok", "error", "error"]
+    assert outcomes == expected, "\n".join(f"{where}: {text[:600]}" for where, text in answers)
+    assert [body["Status"] for body in cfn.captured] == ["SUCCESS", "FAILED", "FAILED"]
+    assert "PolygonAuthError" in answers[10][1]
+    for function in ("MigrateFunction", "ScoreFunction", "RetentionFunction", "RefreshFunction"):
+        assert any(f'"function_name":"{function}"' in line for line in log_lines), f"no log line of {function}"
+    assert len(upstream.requests) > asked_before and not upstream.bad_auth
+    with capfd.disabled():
+        print(f"\nsecrets canary, batch functions: {len(runs)} invokes ({outcomes.count('error')} failing), "
+              f"{len(cfn.captured)} CloudFormation answers, {len(log_lines)} log lines: {len(hits)} hits")
+    assert hits == [], "\n".join(hits[:20])
