@@ -82,7 +82,7 @@ function showModel(record) {
   state.reliability = { live: liveBins.length, backtest: backtestBins.length };
   const rows = [
     ["steps scored", live.n_scored, record.backtest.n_pairs, 0],
-    ["coverage 80 %", live.coverage_80, record.backtest.coverage_80],
+    ["coverage 80 % (accuracy)", live.coverage_80, record.backtest.coverage_80],
     ["coverage 95 %", live.coverage_95, record.backtest.coverage_95],
     ["confidence ECE", live.ece, record.backtest.ece],
     ["pinball skill vs baseline", live.pinball_skill, record.backtest.pinball_skill],
