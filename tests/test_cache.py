@@ -202,3 +202,99 @@ def test_after_a_failure_requests_leave_redis_alone_until_the_probe_sees_it_answ
     finally:
         cache.reset_client()
 
+
+
+def test_upstream_failures_are_remembered_briefly_per_symbol_and_timeframe(server):
+    before = time.time()
+    assert cache.set_upstream_failure("X:BTCUSD", "1h", 503, "upstream_unavailable", "Polygon is not answering") == 30
+    failure = cache.get_upstream_failure("X:BTCUSD", "1h")
+    assert {k: failure[k] for k in ("status", "code", "message")} == {
+        "status": 503, "code": "upstream_unavailable", "message": "Polygon is not answering"}
+    assert before + 30 <= failure["until"] <= time.time() + 30
+    assert 25 <= server.ttl(cache.keys.upstream_failure("X:BTCUSD", "1h")) <= 30
+    assert cache.get_upstream_failure("X:BTCUSD", "4h") is None
+    assert cache.get_upstream_failure("X:ETHUSD", "1h") is None
+    server.set(cache.keys.upstream_failure("X:ETHUSD", "1h"), b"[503]")
+    assert cache.get_upstream_failure("X:ETHUSD", "1h") is None  # not a failure record
+
+
+def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_redis):
+    cache.set_candles("X:BTCUSD", "1h", b"hourly")
+    needs_embedded_redis.stop()
+    try:
+        assert cache.get_candles_and_request("X:BTCUSD", "1h") == (None, None)
+        assert cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h")) is False
+        assert cache.delete(cache.keys.candles("X:BTCUSD", "1h")) == 0
+        assert cache.delete_pattern(cache.keys.all_symbol_keys()) == 0
+        assert cache.get_json(cache.keys.candles("X:BTCUSD", "1h")) is None
+        assert cache.set_upstream_failure("X:BTCUSD", "1h", 503, "upstream_unavailable", "down") == 30
+        assert cache.get_upstream_failure("X:BTCUSD", "1h") is None
+        assert cache.invalidate_symbols() == 0 and cache.invalidate_track_record() == 0
+    finally:
+        needs_embedded_redis.start()
+    cache.reset_client()
+    assert cache.get_candles("X:BTCUSD", "1h") is None  # the restarted server is empty; it answers again
+
+
+@pytest.fixture
+def socket_timeout(monkeypatch):
+    """A one-second socket timeout, so one timeout and two are told apart on a busy machine."""
+    from candlecast.config import get_settings
+
+    monkeypatch.setenv("REDIS_SOCKET_TIMEOUT", "1")
+    get_settings.cache_clear()
+    cache.reset_client()
+    yield 1.0
+    monkeypatch.delenv("REDIS_SOCKET_TIMEOUT")
+    get_settings.cache_clear()
+    cache.reset_client()
+
+
+def test_a_frozen_redis_costs_one_socket_timeout_once_and_the_probe_brings_it_back(
+        server, needs_embedded_redis, socket_timeout):
+    import signal
+
+    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True
+    process = needs_embedded_redis._process
+    process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.perf_counter()
+        assert cache.get_symbol_bytes("X:ETHUSD") is None
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(20):
+            assert cache.get_symbol_bytes("X:ETHUSD") is None
+        rest = time.perf_counter() - started
+        time.sleep(2 * cache.PROBE_INTERVAL_SECONDS)
+        assert cache.is_down()  # the probe's pings time out too
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert socket_timeout * 0.9 <= first < socket_timeout * 1.7  # one timeout: no retry, no back-off wait
+    assert rest < 0.1  # the others never touch Redis
+    deadline = time.monotonic() + 5
+    while cache.is_down() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not cache.is_down()  # no reset: the background probe saw it answer
+    assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+
+
+def test_reset_client_ends_an_outage_and_stops_its_probe(server, needs_embedded_redis, caplog):
+    needs_embedded_redis.stop()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert cache.get("cc:v1:k") is None and cache.is_down()
+            probes = [thread for thread in threading.enumerate() if thread.name == "cache-probe"]
+            assert probes
+            cache.reset_client()
+            assert not cache.is_down()
+            for probe in probes:
+                probe.join(2 * cache.PROBE_INTERVAL_SECONDS + 1)
+                assert not probe.is_alive()  # an old client's probe stops
+            assert cache.get("cc:v1:k") is None and cache.is_down()  # a new outage, warned about again
+    finally:
+        needs_embedded_redis.start()
+    assert len([r for r in caplog.records if "cache unavailable" in r.getMessage()]) == 2
+    cache.reset_client()
+    for probe in [thread for thread in threading.enumerate() if thread.name == "cache-probe"]:
+        probe.join(2 * cache.PROBE_INTERVAL_SECONDS + 1)
+    assert cache.ping() is True
