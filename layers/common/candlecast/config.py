@@ -1,15 +1,11 @@
-"""Configuration from the environment, validated once per container by pydantic.
-
-The environment is read as pydantic-settings would with case_sensitive=False, env_ignore_empty=True and
-env_parse_none_str="none" (a field's variable is its name or alias, in any case), without its import: its
-sources for CLIs, dotenv, cloud vaults and config files cost about a tenth of a cold start, and we use none.
-"""
+"""Configuration from the environment, validated once per container by pydantic-settings."""
 
 import os
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The committed models are signed with this; the local stack sets it explicitly as MODEL_SIGNING_KEY.
 LOCAL_MODEL_SIGNING_KEY = "candlecast-local-development-key"
@@ -23,22 +19,11 @@ class PublicSigningKeyError(ConfigurationError):
     """The development signing key, which anyone can read, outside a local stage."""
 
 
-def _environment(model: type[BaseModel]) -> dict[str, str | None]:
-    """Each field's variable that is set and not empty; the text "none" is None."""
-    environ = {name.lower(): value for name, value in os.environ.items()}
-    values = {}
-    for name, field in model.model_fields.items():
-        key = field.alias or name
-        if value := environ.get(key.lower()):
-            values[key] = None if value == "none" else value
-    return values
+class DatabaseSettings(BaseSettings):
+    """What reaching the database needs, and nothing else (migrations run with only this)."""
 
-
-class DatabaseSettings(BaseModel):
-    """What reaching the database needs, and nothing else (migrations run with only this). Built with no
-    arguments it reads the environment; arguments override it."""
-
-    model_config = {"extra": "ignore"}
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True,
+                                      env_parse_none_str="none")
 
     database_url: SecretStr | None = Field(None, description="PostgreSQL URL (local runs and tests)")
     db_secret_arn: str | None = Field(None, description="Secrets Manager secret with the DB credentials")
@@ -51,11 +36,8 @@ class DatabaseSettings(BaseModel):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _database_is_named(cls, data: Any, handler):
-        """The environment under the arguments; the missing database named alongside any other problem, not
-        only when all else is valid."""
-        if isinstance(data, dict):
-            data = {**_environment(cls), **data}
+    def _database_is_named(cls, data, handler):
+        """Name the missing database alongside any other problem, not only when all else is valid."""
         try:
             settings = handler(data)
         except ValidationError as error:
