@@ -558,21 +558,14 @@ def reset_state(stack) -> None:
 
 
 def check(build_dir: Path) -> int:
-    import logging
+    from infra.local_stack import started_stack
 
-    from infra.local_stack import LocalStack
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     template = load_template(ROOT / "template.yaml")
     functions = template_functions(template)
     python = python312()
     prefix, who = _unprivileged_prefix(python)
-    stack = LocalStack.start(bucket="candlecast-artifacts")
-    deployment = None
     problems: list[str] = []
-    try:
-        os.environ.update(stack.environment())
-        deployment = Deployment.create(stack)
+    with started_stack("candlecast-artifacts") as stack, contextlib.closing(Deployment.create(stack)) as deployment:
         print("layers as built for this machine:")
         layer_report(build_dir)
         problems.extend(f"offline-only code in a layer: {hit}" for hit in offline_imports(build_dir))
@@ -638,13 +631,9 @@ def check(build_dir: Path) -> int:
                 problems.append(f"{function.logical_id}: the dev tree does not import: {dev['init_error']}")
             if function.folder == "migrate":
                 problems.extend(_migrated_everything(stack))
-    finally:
-        if deployment is not None:
-            deployment.close()
-        stack.close()
     for problem in problems:
         print(f"FAILED {problem}", file=sys.stderr)
-    served = len(deployment.extension.served) if deployment and deployment.extension else 0
+    served = len(deployment.extension.served) if deployment.extension else 0
     print(f"\nsecrets served by the extension stand-in: {served}")
     print(f"check-artifacts: {len(functions)} functions, {len(problems)} problem(s)")
     return 1 if problems else 0
@@ -814,20 +803,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(runs: int, baseline: str | None) -> int:
     """The cold-start table on its own stack (migrated and seeded), as `make bench` prints it."""
-    import logging
+    from infra.local_stack import seeded_stack
 
-    from candlecast import migrate, seed
-    from infra.local_stack import LocalStack
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    stack = LocalStack.start(bucket="candlecast-cold-bench")
-    try:
-        os.environ.update({**stack.environment(), "POWERTOOLS_LOG_LEVEL": "WARNING"})
-        migrate.apply(stack.database_url)
-        seed.seed(progress=False)
+    with seeded_stack("candlecast-cold-bench", quiet=False) as stack:
         cold_start_table(stack, runs, baseline)
-    finally:
-        stack.close()
     return 0
 
 

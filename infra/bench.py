@@ -15,7 +15,7 @@ import psycopg
 
 from infra.artifacts import cold_start_table
 from infra.lambda_loader import LambdaContext, load_handler
-from infra.local_stack import LocalStack
+from infra.local_stack import LocalStack, seeded_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "tests" / "events"
@@ -53,14 +53,7 @@ def report(name: str, value, target: str = "") -> None:
 
 
 def main() -> int:
-    stack = LocalStack.start(bucket="candlecast-bench")
-    try:
-        env = {**os.environ, **stack.environment(), "POWERTOOLS_LOG_LEVEL": "WARNING"}
-        os.environ.update(env)
-        from candlecast import migrate, seed
-
-        migrate.apply(stack.database_url)
-        seed.seed(progress=False)
+    with seeded_stack("candlecast-bench", quiet=False) as stack:
         print("\ncandlecast benchmark (real embedded PostgreSQL and Redis, moto S3; 2-core machine)\n")
 
         # From the x86_64 twin of `sam build`, run as Lambda runs it, beside the dev tree (infra/artifacts.py);
@@ -112,8 +105,6 @@ def main() -> int:
                "target p50 <= 0.3 ms")
 
         _other_figures(stack)
-    finally:
-        stack.close()
     return 0
 
 

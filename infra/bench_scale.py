@@ -10,7 +10,6 @@ BENCH_SCALE_STAGES=1000,20000 runs smaller stages (a quick look); the data direc
 
 import contextlib
 import json
-import logging
 import os
 import random
 import subprocess
@@ -26,7 +25,7 @@ from psycopg.conninfo import make_conninfo
 
 from infra.bench import event, percentile
 from infra.lambda_loader import LambdaContext, load_handler
-from infra.local_stack import ROOT, LocalStack
+from infra.local_stack import ROOT, LocalStack, seeded_stack
 
 STAGES = tuple(int(n) for n in os.environ.get("BENCH_SCALE_STAGES", "1000,100000,1000000").split(","))
 SYMBOLS = 50_000
@@ -386,20 +385,13 @@ def retention_figures(loader: Loader, symbol_ids: tuple[int, int, int]) -> None:
 
 
 def main() -> int:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     print(f"candlecast bench-scale: {', '.join(f'{n:,}' for n in STAGES)} predictions x 30 steps, one database each, "
           f"{SYMBOLS:,} symbols; PostgreSQL data under {tempfile.gettempdir()}")
     os.environ["DB_POOL_MAX_SIZE"] = "1"  # one pooled connection: the one whose prepared statements we inspect
-    stack = LocalStack.start(bucket="candlecast-bench-scale")
-    try:
-        os.environ.update({**stack.environment(), "POWERTOOLS_LOG_LEVEL": "WARNING"})
-        from candlecast import db, migrate, seed
+    with seeded_stack("candlecast-bench-scale") as stack:
+        from candlecast import db
         from candlecast.config import get_settings
 
-        migrate.apply(stack.database_url)
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
-            seed.seed(progress=False)
-        db.close_pool()
         template = Loader(stack.database_url, embedded=stack.postgres is not None)
         hot_id = template.conn.execute("SELECT id FROM symbols WHERE ticker = %s", (HOT_TICKER,)).fetchone()[0]
         symbol_ids = (hot_id, *template.symbols(SYMBOLS))
@@ -441,8 +433,6 @@ def main() -> int:
         for pool in pools.values():
             pool.close()
         db._pool = None
-    finally:
-        stack.close()
     return 0
 
 

@@ -13,8 +13,6 @@ its generic/custom counts) at the largest stage. Asserts nothing. Heavy (≈ 2.5
 BENCH_SCORE_STAGES=20000,100000 runs smaller stages; the data directory lives under TMPDIR.
 """
 
-import contextlib
-import logging
 import os
 import statistics
 import sys
@@ -25,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from infra.local_stack import ROOT, LocalStack
+from infra.local_stack import ROOT, seeded_stack
 
 STAGES = tuple(int(n) for n in os.environ.get("BENCH_SCORE_STAGES", "100000,1000000").split(","))
 ROUNDS = 5
@@ -150,23 +148,16 @@ def one_run(now: datetime) -> dict:
 
 
 def main() -> int:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ["DB_POOL_MAX_SIZE"] = "1"  # the one connection whose prepared statements we inspect
     os.environ["DB_STATEMENT_TIMEOUT"] = "60"  # as the Score function has it (template.yaml)
     load_avg = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(f"candlecast bench-score: {', '.join(f'{n:,}' for n in STAGES)} predictions x 30 steps (1h), one database "
           f"each; PostgreSQL data under {tempfile.gettempdir()}; load average {load_avg}")
-    stack = LocalStack.start(bucket="candlecast-bench-score")
-    try:
-        os.environ.update({**stack.environment(), "POWERTOOLS_LOG_LEVEL": "WARNING"})
-        from candlecast import db, migrate, seed
+    with seeded_stack("candlecast-bench-score") as stack:
+        from candlecast import db
         from candlecast.config import get_settings
         from candlecast.repositories import scores as score_repository
 
-        migrate.apply(stack.database_url)
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
-            seed.seed(progress=False)
-        db.close_pool()
         now, tickers = sample_series()
         print(f"NOW = {now:%Y-%m-%dT%H:%MZ} (the sample's last 1h candle), {len(tickers)} series")
         urls = {}
@@ -225,8 +216,6 @@ def main() -> int:
         for pool in pools.values():
             pool.close()
         db._pool = None
-    finally:
-        stack.close()
     return 0
 
 

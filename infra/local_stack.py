@@ -5,12 +5,15 @@ Each server is started only when its URL is not already given; all stop cleanly 
 
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,3 +228,29 @@ class LocalStack:
         if self._work_dir is not None and self.state_dir is None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
         self._work_dir = None
+
+
+@contextlib.contextmanager
+def started_stack(bucket: str, **environment: str) -> Iterator[LocalStack]:
+    """A LocalStack whose settings, with `environment`, are this process's environment; closed on leaving."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    stack = LocalStack.start(bucket=bucket)
+    try:
+        os.environ.update({**stack.environment(), **environment})
+        yield stack
+    finally:
+        stack.close()
+
+
+@contextlib.contextmanager
+def seeded_stack(bucket: str, *, quiet: bool = True) -> Iterator[LocalStack]:
+    """started_stack, migrated and seeded with the sample symbols, candles and models; the seed's pool is
+    closed, so the caller's first use of `db` opens its own. `quiet` drops the seed's printed summary."""
+    with started_stack(bucket, POWERTOOLS_LOG_LEVEL="WARNING") as stack:
+        from candlecast import db, migrate, seed
+
+        migrate.apply(stack.database_url)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink if quiet else sys.stdout):
+            seed.seed(progress=False)
+        db.close_pool()
+        yield stack
