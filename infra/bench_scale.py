@@ -21,9 +21,9 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
 from infra.bench import event, percentile
+from infra.bench_stages import STEPS_OF_NEW_SQL, copy_database, stage_pools
 from infra.lambda_loader import LambdaContext, load_handler
 from infra.local_stack import ROOT, LocalStack, seeded_stack
 
@@ -63,12 +63,7 @@ WITH new AS (
     JOIN symbols s ON s.id = g.symbol_id
     JOIN models m ON m.timeframe = g.timeframe AND m.is_active
     RETURNING id, last_candle_at
-)
-INSERT INTO prediction_steps (prediction_id, step, ts, open, high, low, close, lower_80, upper_80, lower_95,
-                              upper_95, confidence)
-SELECT new.id, n, new.last_candle_at + n * interval '1 hour', 100, 101, 99, 100, 98, 102, 97, 103, 0.5
-FROM new, generate_series(1, 30) n
-"""
+)""" + STEPS_OF_NEW_SQL
 
 
 def report_line(name: str, value, note: str = "") -> None:
@@ -389,9 +384,6 @@ def main() -> int:
           f"{SYMBOLS:,} symbols; PostgreSQL data under {tempfile.gettempdir()}")
     os.environ["DB_POOL_MAX_SIZE"] = "1"  # one pooled connection: the one whose prepared statements we inspect
     with seeded_stack("candlecast-bench-scale") as stack:
-        from candlecast import db
-        from candlecast.config import get_settings
-
         template = Loader(stack.database_url, embedded=stack.postgres is not None)
         hot_id = template.conn.execute("SELECT id FROM symbols WHERE ticker = %s", (HOT_TICKER,)).fetchone()[0]
         symbol_ids = (hot_id, *template.symbols(SYMBOLS))
@@ -399,40 +391,27 @@ def main() -> int:
         template.conn.close()
         urls, loaders = {}, {}
         for stage in STAGES:
-            with psycopg.connect(stack.database_url, autocommit=True) as admin:
-                admin.execute(f"CREATE DATABASE bench_{stage} TEMPLATE candlecast")
-            urls[stage] = make_conninfo(stack.database_url, dbname=f"bench_{stage}")
+            urls[stage] = copy_database(stack.database_url, f"bench_{stage}")
             loaders[stage] = Loader(urls[stage], embedded=stack.postgres is not None)
             print(f"\n== {stage:,} predictions ({stage * 30:,} steps)")
             elapsed = loaders[stage].grow(stage, *symbol_ids)
             print(f"  loaded in {elapsed:.1f} s; database {megabytes(database_size(loaders[stage].conn))}")
-        pools = {}
-        for stage in STAGES:  # a pool per database, swapped in as db's container pool while its stage runs
-            os.environ["DATABASE_URL"] = urls[stage]
-            get_settings.cache_clear()
-            db._pool = None
-            pools[stage] = db.get_pool()
-
-        def use_stage(stage: int) -> None:
-            db._pool = pools[stage]
-
-        stages = {stage: HotPaths(urls[stage]) for stage in STAGES}
-        print("\nmeasuring, stages side by side:")
-        results = measure(stages, use_stage)
-        total = sum(loader.seconds for loader in loaders.values())
-        print(f"\nload: {total:.0f} s in all; databases "
-              f"{', '.join(megabytes(database_size(loaders[n].conn)) for n in STAGES)}; data directory {du(stack)}")
-        summary(results)
-        largest = STAGES[-1]
-        use_stage(largest)
-        print(f"\nplans at {largest:,} predictions, through the pool's connection (EXPLAIN ANALYZE EXECUTE of the "
-              "prepared statement: the plan its next execution uses; writes EXPLAINed only)")
-        show_plans(stages[largest])
-        print(f"\nretention at {largest:,} predictions: keep 330 days (deletes the oldest ~10 %)")
-        retention_figures(loaders[largest], symbol_ids)
-        for pool in pools.values():
-            pool.close()
-        db._pool = None
+        with stage_pools(urls) as use_stage:
+            stages = {stage: HotPaths(urls[stage]) for stage in STAGES}
+            print("\nmeasuring, stages side by side:")
+            results = measure(stages, use_stage)
+            total = sum(loader.seconds for loader in loaders.values())
+            print(f"\nload: {total:.0f} s in all; databases "
+                  f"{', '.join(megabytes(database_size(loaders[n].conn)) for n in STAGES)}; "
+                  f"data directory {du(stack)}")
+            summary(results)
+            largest = STAGES[-1]
+            use_stage(largest)
+            print(f"\nplans at {largest:,} predictions, through the pool's connection (EXPLAIN ANALYZE EXECUTE of "
+                  "the prepared statement: the plan its next execution uses; writes EXPLAINed only)")
+            show_plans(stages[largest])
+            print(f"\nretention at {largest:,} predictions: keep 330 days (deletes the oldest ~10 %)")
+            retention_figures(loaders[largest], symbol_ids)
     return 0
 
 

@@ -21,8 +21,8 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
+from infra.bench_stages import STEPS_OF_NEW_SQL, copy_database, stage_pools
 from infra.local_stack import ROOT, seeded_stack
 
 STAGES = tuple(int(n) for n in os.environ.get("BENCH_SCORE_STAGES", "100000,1000000").split(","))
@@ -42,12 +42,7 @@ WITH new AS (
     JOIN symbols s ON s.ticker = g.ticker
     JOIN models m ON m.timeframe = '1h' AND m.is_active
     RETURNING id, last_candle_at
-)
-INSERT INTO prediction_steps (prediction_id, step, ts, open, high, low, close, lower_80, upper_80, lower_95,
-                              upper_95, confidence)
-SELECT new.id, n, new.last_candle_at + n * interval '1 hour', 100, 101, 99, 100, 98, 102, 97, 103, 0.5
-FROM new, generate_series(1, 30) n
-"""
+)""" + STEPS_OF_NEW_SQL
 
 # What the hourly runs before NOW left: every step in the scoring window up to the last hour scored.
 _SCORED_BEFORE_SQL = """
@@ -155,16 +150,13 @@ def main() -> int:
           f"each; PostgreSQL data under {tempfile.gettempdir()}; load average {load_avg}")
     with seeded_stack("candlecast-bench-score") as stack:
         from candlecast import db
-        from candlecast.config import get_settings
         from candlecast.repositories import scores as score_repository
 
         now, tickers = sample_series()
         print(f"NOW = {now:%Y-%m-%dT%H:%MZ} (the sample's last 1h candle), {len(tickers)} series")
         urls = {}
         for stage in STAGES:
-            with psycopg.connect(stack.database_url, autocommit=True) as admin:
-                admin.execute(f"CREATE DATABASE score_{stage} TEMPLATE candlecast")
-            urls[stage] = make_conninfo(stack.database_url, dbname=f"score_{stage}")
+            urls[stage] = copy_database(stack.database_url, f"score_{stage}")
             print(f"== {stage:,} predictions")
             seconds = load(urls[stage], stage, now, tickers)
             with psycopg.connect(urls[stage]) as conn:
@@ -172,50 +164,42 @@ def main() -> int:
                                             "pg_size_pretty(pg_database_size(current_database()))").fetchone()
             print(f"  loaded in {seconds:.0f} s: {stage * 30:,} steps, {scored:,} already scored; database {size}")
 
-        pools = {}
-        for stage in STAGES:
-            os.environ["DATABASE_URL"] = urls[stage]
-            get_settings.cache_clear()
-            db._pool = None
-            pools[stage] = db.get_pool()
-        results: dict[int, list[dict]] = {stage: [] for stage in STAGES}
-        for _ in range(ROUNDS):  # the stages take turns, so a noisy neighbour slows each alike
-            for stage in STAGES:
-                db._pool = pools[stage]
-                results[stage].append(one_run(now))
-                forget_the_hour(urls[stage], now)
-        print(f"\nscoring.run at NOW, batches of {200}: medians of {ROUNDS} runs per stage (stages in turns); "
-              f"load average now {', '.join(f'{value:.1f}' for value in os.getloadavg())}")
-        print(f"  {'stored':>10} {'due preds':>9} {'steps':>6} {'batches':>7} {'run s':>7} {'per batch ms':>12} "
-              f"{'due query ms':>12} {'insert ms':>9} {'python ms':>9} {'empty due ms':>12}")
-        for stage, runs in results.items():
-            med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            python = med["batch"] - med["due"] - med["record"]
-            print(f"  {stage:>10,} {med['predictions']:>9,.0f} {med['scored']:>6,.0f} {med['batches']:>7.0f} "
-                  f"{med['seconds']:>7.2f} {1000 * med['batch']:>12.1f} {1000 * med['due']:>12.1f} "
-                  f"{1000 * med['record']:>9.1f} {1000 * python:>9.1f} {1000 * med['last_due']:>12.1f}")
+        with stage_pools(urls) as use_stage:
+            results: dict[int, list[dict]] = {stage: [] for stage in STAGES}
+            for _ in range(ROUNDS):  # the stages take turns, so a noisy neighbour slows each alike
+                for stage in STAGES:
+                    use_stage(stage)
+                    results[stage].append(one_run(now))
+                    forget_the_hour(urls[stage], now)
+            print(f"\nscoring.run at NOW, batches of {200}: medians of {ROUNDS} runs per stage (stages in turns); "
+                  f"load average now {', '.join(f'{value:.1f}' for value in os.getloadavg())}")
+            print(f"  {'stored':>10} {'due preds':>9} {'steps':>6} {'batches':>7} {'run s':>7} {'per batch ms':>12} "
+                  f"{'due query ms':>12} {'insert ms':>9} {'python ms':>9} {'empty due ms':>12}")
+            for stage, runs in results.items():
+                med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+                python = med["batch"] - med["due"] - med["record"]
+                print(f"  {stage:>10,} {med['predictions']:>9,.0f} {med['scored']:>6,.0f} {med['batches']:>7.0f} "
+                      f"{med['seconds']:>7.2f} {1000 * med['batch']:>12.1f} {1000 * med['due']:>12.1f} "
+                      f"{1000 * med['record']:>9.1f} {1000 * python:>9.1f} {1000 * med['last_due']:>12.1f}")
 
-        from infra.plans import explain_prepared, recording
+            from infra.plans import explain_prepared, recording
 
-        largest = STAGES[-1]
-        db._pool = pools[largest]
-        with recording() as executed:
-            one_run(now)
-        due = next(item for item in executed if item.query == score_repository._DUE)
-        forget_the_hour(urls[largest], now)  # so the explained first batch finds the hour's steps due again
-        with db.connection() as conn:
-            for generic in (False, True):
-                plan = explain_prepared(conn, due, force_generic=generic)
-                label = "forced generic plan" if generic else "the plan the next execution uses"
-                if plan is None:
-                    print(f"\ndue query at {largest:,}: not prepared on the pool's connection")
-                    break
-                print(f"\ndue query at {largest:,}, {label} ({plan.generic_plans} generic / {plan.custom_plans} "
-                      f"custom so far), first batch:\n{plan.plan}")
-        forget_the_hour(urls[largest], now)
-        for pool in pools.values():
-            pool.close()
-        db._pool = None
+            largest = STAGES[-1]
+            use_stage(largest)
+            with recording() as executed:
+                one_run(now)
+            due = next(item for item in executed if item.query == score_repository._DUE)
+            forget_the_hour(urls[largest], now)  # so the explained first batch finds the hour's steps due again
+            with db.connection() as conn:
+                for generic in (False, True):
+                    plan = explain_prepared(conn, due, force_generic=generic)
+                    label = "forced generic plan" if generic else "the plan the next execution uses"
+                    if plan is None:
+                        print(f"\ndue query at {largest:,}: not prepared on the pool's connection")
+                        break
+                    print(f"\ndue query at {largest:,}, {label} ({plan.generic_plans} generic / "
+                          f"{plan.custom_plans} custom so far), first batch:\n{plan.plan}")
+            forget_the_hour(urls[largest], now)
     return 0
 
 
