@@ -29,6 +29,17 @@ def variants(secret: str) -> set[str]:
     return {secret, quote(secret, safe=""), base64.b64encode(secret.encode()).decode().rstrip("=")}
 
 
+def canary_hits(texts: list[tuple[str, str]], log_lines: list[str]) -> list[str]:
+    """Each canary form found in a (where, text) pair or a log line, described for the failure message."""
+    hits = []
+    for name, secret in CANARIES.items():
+        for form in variants(secret):
+            hits += [f"{name} in {where}" for where, text in texts if form in text]
+            hits += [f"{name} in log line {number}: {line[:200]}" for number, line in enumerate(log_lines, 1)
+                     if form in line]
+    return hits
+
+
 @pytest.fixture(scope="module")
 def upstream():
     market = make_market(6, now=int(time.time()))
@@ -115,14 +126,9 @@ def test_no_secret_reaches_a_response_or_a_log_line(served, upstream):
         responses = every_route(client, served)
     time.sleep(0.5)  # the API's last log lines
     log_lines = served.api_log.read_text(errors="replace").splitlines()
-    texts = [(f"{r.request.method} {r.request.url.path} -> {r.status_code}",
+    texts = [(f"the response to {r.request.method} {r.request.url.path} -> {r.status_code}",
               json.dumps(dict(r.headers)) + "\n" + r.text) for r in responses]
-    hits = []
-    for name, secret in CANARIES.items():
-        for form in variants(secret):
-            hits += [f"{name} in the response to {where}" for where, text in texts if form in text]
-            hits += [f"{name} in log line {number}: {line[:200]}" for number, line in enumerate(log_lines, 1)
-                     if form in line]
+    hits = canary_hits(texts, log_lines)
     # The canaries were really in play: the upstream got the key and echoed it; failures were logged.
     assert upstream.requests and not upstream.bad_auth  # every call carried the canary key, and was echoed
     assert upstream.count("/v2/aggs/ticker/X:C001USD/") >= 1 and upstream.count("/v2/aggs/ticker/X:C000USD/") >= 1
@@ -187,12 +193,7 @@ def test_no_secret_reaches_the_batch_functions_logs_or_answers(served, upstream,
     answers += [(f"CloudFormation response {index}", json.dumps(body)) for index, body in enumerate(cfn.captured)]
     output = capfd.readouterr()
     log_lines = (output.out + output.err).splitlines()
-    hits = []
-    for name, secret in CANARIES.items():
-        for form in variants(secret):
-            hits += [f"{name} in {where}" for where, text in answers if form in text]
-            hits += [f"{name} in log line {number}: {line[:200]}" for number, line in enumerate(log_lines, 1)
-                     if form in line]
+    hits = canary_hits(answers, log_lines)
     # The runs were real: the failing ones failed, the others worked, CloudFormation heard of every Create,
     # and the refresh asked the echoing upstream with the canary key.
     # A failed Create still answers (FAILED); the refresh stops at the upstream's refusal of the key.
