@@ -31,6 +31,16 @@ def reset_clients() -> None:
     storage.reset_clients()
 
 
+def empty_bucket(bucket: str) -> None:
+    """Delete every object in the bucket; storage's clients and candle memory start afresh."""
+    from candlecast import storage
+
+    storage.reset_clients()
+    for key in storage.list_keys(""):
+        storage.s3_client().delete_object(Bucket=bucket, Key=key)
+    storage.reset_clients()
+
+
 @pytest.fixture(scope="session")
 def stack():
     local = LocalStack.start(

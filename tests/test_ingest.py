@@ -12,6 +12,7 @@ from candlecast.config import get_settings
 from candlecast.errors import NotFound
 from candlecast.forecast.dataset import resample
 from candlecast.polygon import PolygonAuthError, PolygonClient, PolygonError
+from tests.conftest import empty_bucket
 from tests.fake_polygon import DAY, HOUR, FakeMarket, FakePolygon, FakeSymbol, load_fixture, make_market
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -23,9 +24,7 @@ HISTORY = {"1h": 20, "1d": 120}  # days a first run reaches back
 @pytest.fixture
 def env(clean_db, monkeypatch):
     """Clean database, cache and bucket; the Polygon settings point at whatever the test starts."""
-    for key in storage.list_keys(""):
-        storage.s3_client().delete_object(Bucket=clean_db.bucket, Key=key)
-    storage.reset_clients()
+    empty_bucket(clean_db.bucket)
     polygon.reset_client()
     yield monkeypatch
     polygon.reset_client()

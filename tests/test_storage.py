@@ -8,6 +8,7 @@ import pytest
 
 from candlecast import cache, storage
 from candlecast.candles import COLUMNS, Candles
+from tests.conftest import empty_bucket
 
 pytestmark = [pytest.mark.s3, pytest.mark.integration]
 
@@ -23,9 +24,7 @@ def make_candles(count: int, start: int = 1_600_000_000 - 1_600_000_000 % HOUR, 
 
 @pytest.fixture
 def bucket(app_env, stack):
-    storage.reset_clients()
-    for key in storage.list_keys(""):
-        storage.s3_client().delete_object(Bucket=stack.bucket, Key=key)
+    empty_bucket(stack.bucket)
     cache.delete_pattern(f"{cache.NAMESPACE}:candles:*")
     yield stack.bucket
     storage.reset_clients()

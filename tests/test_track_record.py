@@ -20,7 +20,7 @@ from candlecast.candles import Candles
 from candlecast.repositories import scores as score_repository
 from candlecast.services import scoring
 from candlecast.timeframes import add_steps
-from tests.conftest import EVENTS, invoke, load_event, path_event
+from tests.conftest import EVENTS, empty_bucket, invoke, load_event, path_event
 from tests.fake_polygon import HOUR, FakePolygon, make_market
 from tests.test_ingest import RefreshContext, point_settings_at
 
@@ -34,9 +34,7 @@ def track(clean_db, monkeypatch):
     from candlecast.config import get_settings
     from candlecast.services import forecasting
 
-    for key in storage.list_keys(""):
-        storage.s3_client().delete_object(Bucket=clean_db.bucket, Key=key)
-    storage.reset_clients()
+    empty_bucket(clean_db.bucket)
     forecasting.forget_models()
     seed.seed(progress=False)
     yield monkeypatch
