@@ -26,7 +26,7 @@ from infra.sam_template import load_template, parse_functions, parse_routes  # n
 DOCUMENT = ROOT / "infra/openapi.json"
 TITLE = "candlecast"
 VERSION = "1.0.0"
-# Importing a handler validates configuration; these stand-ins let generation run without the stack.
+# Importing a handler validates configuration; these stand-ins let it import without the stack (here, and tests).
 STAND_IN_ENVIRONMENT = {
     "DATABASE_URL": "postgresql://candlecast@127.0.0.1:9/candlecast",
     "REDIS_URL": "redis://127.0.0.1:9/0",

@@ -92,6 +92,20 @@ def clean_db(migrated_db):
 
 
 @pytest.fixture
+def importable(monkeypatch):
+    """Variables a function needs at cold start; the session's real ones win when the stack is up."""
+    from candlecast.config import get_settings
+    from infra.openapi import STAND_IN_ENVIRONMENT
+
+    for name, value in STAND_IN_ENVIRONMENT.items():
+        if not os.environ.get(name):
+            monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()  # do not leave stand-in settings behind for later tests
+
+
+@pytest.fixture
 def needs_embedded_postgres(stack):
     if stack.postgres is None:
         pytest.skip("stops and starts PostgreSQL: only with the embedded server")

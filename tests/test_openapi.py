@@ -1,7 +1,6 @@
 """The committed OpenAPI document is generated from the resolvers and covers exactly the template's routes."""
 
 import json
-import os
 import re
 
 import pytest
@@ -12,18 +11,6 @@ from infra.sam_template import load_template, parse_routes
 pytestmark = pytest.mark.template
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-
-
-@pytest.fixture
-def importable(monkeypatch):
-    from candlecast.config import get_settings
-
-    for name, value in openapi.STAND_IN_ENVIRONMENT.items():
-        if not os.environ.get(name):
-            monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
 
 
 def test_committed_document_is_current(importable):

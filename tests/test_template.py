@@ -38,12 +38,6 @@ ROUTES = {
 }
 API_FUNCTIONS = [name for name, routes in ROUTES.items() if routes]
 SCIENCE_FUNCTIONS = {"PredictionCreateFunction", "RefreshFunction", "ScoreFunction"}
-# Stand-ins so a handler module can be imported without the local stack (nothing connects at import).
-IMPORT_ENVIRONMENT = {
-    "DATABASE_URL": "postgresql://candlecast@127.0.0.1:9/candlecast",
-    "REDIS_URL": "redis://127.0.0.1:9/0",
-    "DATA_BUCKET": "candlecast-template-test",
-}
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +64,6 @@ def template_routes(properties: dict) -> set[tuple[str, str]]:
         for event in (properties.get("Events") or {}).values()
         if event["Type"] == "HttpApi"
     }
-
-
-@pytest.fixture
-def importable(monkeypatch):
-    """Variables a function needs at cold start; the session's real ones win when the stack is up."""
-    from candlecast.config import get_settings
-
-    for name, value in IMPORT_ENVIRONMENT.items():
-        if not os.environ.get(name):
-            monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()  # do not leave stand-in settings behind for later tests
 
 
 def load_function(properties: dict):
