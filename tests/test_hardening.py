@@ -172,37 +172,6 @@ def test_a_frozen_database_fails_fast_with_retry_after_and_recovers(clean_db, ne
     assert status == 404, body
 
 
-# --- the cache: one probe, no spikes ------------------------------------------------------------
-
-
-def test_a_frozen_cache_costs_one_timeout_then_nothing_until_a_probe_sees_it_back(clean_db,
-                                                                                  needs_embedded_redis):
-    cache.reset_client()
-    assert cache.set_symbol_bytes("X:ETHUSD", b"{}")
-    process = needs_embedded_redis._process
-    process.send_signal(signal.SIGSTOP)
-    try:
-        started = time.perf_counter()
-        assert cache.get_symbol_bytes("X:ETHUSD") is None  # this one waits out the socket timeout
-        first = time.perf_counter() - started
-        assert cache.is_down()
-        waited = 0.0
-        for _ in range(30):  # for longer than the probe interval: no call waits out a timeout again
-            started = time.perf_counter()
-            assert cache.get_symbol_bytes("X:ETHUSD") is None
-            waited += time.perf_counter() - started
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGCONT)
-    timeout = get_settings().redis_socket_timeout
-    assert first < 4 * timeout  # one timeout, no retry (a retry doubles it)
-    assert waited < 4 * timeout  # 30 calls that each tried Redis would wait 30 timeouts
-    deadline = time.monotonic() + 3
-    while cache.get_symbol_bytes("X:ETHUSD") is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert cache.get_symbol_bytes("X:ETHUSD") == b"{}"  # back within a probe interval or two
-
-
 # --- upstream failures --------------------------------------------------------------------------
 
 
