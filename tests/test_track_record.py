@@ -133,14 +133,16 @@ def with_later(history: Candles, closes: list[float]) -> Candles:
 SYMBOL = "X:ETHUSD"  # in data/symbols.csv; the sample has no candle file for it
 
 
-def recent_start(count: int) -> int:
+def stored_history(count: int = 200) -> Candles:
+    """`count` wavy 1h candles of SYMBOL, the last about 40 hours old, written to the bucket."""
     now = int(time.time())
-    return now - now % HOUR - (count + 40) * HOUR
+    history = wavy_history(count, now - now % HOUR - (count + 40) * HOUR)
+    storage.write_candles(SYMBOL, "1h", history)
+    return history
 
 
 def test_a_step_is_counted_once_however_often_it_is_scored(track):
-    start = recent_start(200)
-    storage.write_candles(SYMBOL, "1h", wavy_history(200, start))
+    stored_history()
     prediction = create(SYMBOL)
     storage.write_candles(SYMBOL, "1h", with_later(storage.read_all_candles(SYMBOL, "1h"), [100.0] * 5))
 
@@ -166,9 +168,7 @@ def test_a_step_is_counted_once_however_often_it_is_scored(track):
 
 
 def test_a_step_whose_candle_is_missing_stays_unscored_and_keeps_its_prediction(track):
-    start = recent_start(200)
-    history = wavy_history(200, start)
-    storage.write_candles(SYMBOL, "1h", history)
+    history = stored_history()
     prediction = create(SYMBOL)
     later = with_later(history, [101.0, 102.0, 103.0, 104.0])
     gap = int(history.open_time[-1]) + 2 * HOUR  # step 2's candle never came
@@ -194,9 +194,7 @@ def next_look(prediction_id: uuid.UUID) -> datetime | None:
 
 
 def test_a_prediction_is_looked_at_again_only_when_its_next_step_can_have_matured(track):
-    start = recent_start(200)
-    history = wavy_history(200, start)
-    storage.write_candles(SYMBOL, "1h", history)
+    history = stored_history()
     prediction_id = uuid.UUID(create(SYMBOL)["id"])
     origin = datetime.fromtimestamp(int(history.open_time[-1]), UTC)
     assert next_look(prediction_id) is None  # never looked at: due at once
@@ -225,9 +223,7 @@ NO_ONE = score_repository.NO_PREDICTION
 
 
 def test_retention_may_delete_only_what_is_scored_or_past_the_scoring_window(track):
-    start = recent_start(200)
-    history = wavy_history(200, start)
-    storage.write_candles(SYMBOL, "1h", history)
+    history = stored_history()
     prediction_id = uuid.UUID(create(SYMBOL)["id"])
 
     def settled() -> bool:
@@ -262,9 +258,7 @@ def test_live_metrics_match_a_hand_computation(track):
     from candlecast.forecast.evaluate import _ece, series_origins
     from candlecast.services.forecasting import verified_model
 
-    start = recent_start(200)
-    history = wavy_history(200, start)
-    storage.write_candles(SYMBOL, "1h", history)
+    history = stored_history()
     prediction = create(SYMBOL)
     realised = [101.0, 99.0, 100.2, 97.0]
     storage.write_candles(SYMBOL, "1h", with_later(history, realised))
@@ -319,9 +313,7 @@ def test_models_routes_are_cached_until_new_scores_and_refuse_a_bad_timeframe(tr
     assert status == 200 and [item["timeframe"] for item in listing] == ["1h", "4h", "1d", "1w", "1m"]
     assert cache.get_track_record_bytes(None) is not None
 
-    start = recent_start(200)
-    history = wavy_history(200, start)
-    storage.write_candles(SYMBOL, "1h", history)
+    history = stored_history()
     create(SYMBOL)
     storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5]))
     assert scoring.run(60).scored == 2
@@ -381,9 +373,7 @@ def test_drift_appears_past_500_steps_outside_the_band_and_clears(track):
 def test_in_sample_replays_are_reported_apart_and_never_drift(track):
     with db.connection() as conn:
         conn.execute("UPDATE models SET train_end = now() + interval '1 day' WHERE timeframe = '1h'")
-    start = recent_start(200)
-    history = wavy_history(200, start)
-    storage.write_candles(SYMBOL, "1h", history)
+    history = stored_history()
     create(SYMBOL)
     storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5, 99.0]))
     assert scoring.run(60).scored == 3
@@ -396,9 +386,7 @@ def test_score_function_hands_what_is_left_to_a_new_invocation(track):
     from infra.lambda_loader import load_handler
 
     handler = load_handler("functions/score")
-    start = recent_start(200)
-    history = wavy_history(200, start)
-    storage.write_candles(SYMBOL, "1h", history)
+    history = stored_history()
     create(SYMBOL)
     storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5, 99.0]))
     track.setenv("REFRESH_CHAIN", "false")
