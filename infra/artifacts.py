@@ -2,7 +2,7 @@
 
     python -m infra.artifacts build            # the x86_64 twin of `sam build` into .local/twin/build
     python -m infra.artifacts check            # build, then run every function from it (fails on any problem)
-    python -m infra.artifacts bench [--baseline REF] [--runs 5] [--importtime]
+    python -m infra.artifacts bench [--baseline REF] [--runs 5] [--no-importtime] [--functions health,symbols]
                                                # cold init from the artifact beside the dev venv
 
 The twin is derived, never kept by hand: template.yaml with this machine's architecture in place of
@@ -15,7 +15,8 @@ PYTHONDONTWRITEBYTECODE=1; the template's environment with the deployed secrets 
 (moto) against the local stack. Events: tests/events/*.json whose routeKey is one of the function's
 HttpApi routes, else files named after the function's folder (`migrate_*.json`); a CloudFormation event
 gets a local ResponseURL that captures the PUT. Fails on an import error, a write outside /tmp, an
-event that errors, or a status that differs from the same events run from the dev tree.
+event that errors, a status that differs from the same events run from the dev tree, or garbage collection
+left off after the import.
 """
 
 import argparse
@@ -610,6 +611,9 @@ def check(build_dir: Path) -> int:
             if "init_error" in artifact:
                 problems.append(f"{function.logical_id}: does not import from the artifact: {artifact['init_error']}"
                                 f"\n{artifact.get('traceback', '')}")
+            if artifact.get("gc_enabled") is False:
+                problems.append(f"{function.logical_id}: garbage collection is still off once the function is "
+                                f"loaded (its app.py calls candlecast.startup.begin() without done())")
             if artifact["writes"]:
                 problems.append(f"{function.logical_id}: writes outside /tmp: {artifact['writes'][:5]}")
             if not events:
@@ -696,10 +700,12 @@ def _spec_and_env(variant: Variant, function: Function, deployment: Deployment, 
             ["-I"])
 
 
-def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importtime: bool = True) -> None:
-    """Import + first invoke in fresh processes, median of `runs`, for every variant side by side."""
+def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importtime: bool = True,
+                     only: set[str] | None = None) -> None:
+    """Import + first invoke in fresh processes, median of `runs`, for every variant side by side; `only`: the
+    function folders to measure (all when None)."""
     template = load_template(ROOT / "template.yaml")
-    functions = template_functions(template)
+    functions = [f for f in template_functions(template) if only is None or f.folder in only]
     variants = [] if not baseline else [baseline_variant(baseline)]
     variants.append(Variant("artifact (this tree)", ROOT, build_twin(), functions, template))
     variants.append(Variant("dev venv", ROOT, None, functions, template))
@@ -788,25 +794,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["build", "check", "bench"])
     parser.add_argument("--baseline", help="a git ref whose own twin build is measured beside this tree's")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-importtime", dest="importtime", action="store_false",
+                        help="skip the -X importtime breakdown")
+    parser.add_argument("--functions", help="comma-separated function folders to measure (default: all)")
     args = parser.parse_args(argv)
     try:
         build_dir = build_twin()
         if args.command == "check":
             return check(build_dir)
         if args.command == "bench":
-            return bench(args.runs, args.baseline)
+            only = set(args.functions.split(",")) if args.functions else None
+            return bench(args.runs, args.baseline, args.importtime, only)
     except ArtifactCheckFailed as error:
         print(f"check-artifacts: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-def bench(runs: int, baseline: str | None) -> int:
+def bench(runs: int, baseline: str | None, importtime: bool = True, only: set[str] | None = None) -> int:
     """The cold-start table on its own stack (migrated and seeded), as `make bench` prints it."""
     from infra.local_stack import seeded_stack
 
     with seeded_stack("candlecast-cold-bench", quiet=False) as stack:
-        cold_start_table(stack, runs, baseline)
+        cold_start_table(stack, runs, baseline, importtime, only)
     return 0
 
 

@@ -62,12 +62,12 @@ def test_a_shipped_module_importing_a_training_library_is_found(tmp_path):
     assert found == ["CommonLayer/python/candlecast/forecast/fit.py imports arch, lightgbm"]
 
 
-def _bootstrap(tmp_path: Path, source: str, events: list[dict]) -> dict:
+def _bootstrap(tmp_path: Path, source: str, events: list[dict], layers: tuple[str, ...] = ()) -> dict:
     task = tmp_path / "task"
     task.mkdir()
     (task / "app.py").write_text(source)
-    spec = {"task_root": str(task), "layers": [], "runtime": [], "handler": "app.lambda_handler", "events": events,
-            "function_name": "probe", "memory_mb": 128, "timeout_s": 10}
+    spec = {"task_root": str(task), "layers": list(layers), "runtime": [], "handler": "app.lambda_handler",
+            "events": events, "function_name": "probe", "memory_mb": 128, "timeout_s": 10}
     environment = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
     report, _ = artifacts.run_bootstrap(artifacts.python312(), spec, environment)
     return report
@@ -92,6 +92,33 @@ def test_the_bootstrap_reports_a_module_missing_from_the_artifact(tmp_path):
     report = _bootstrap(tmp_path, "import pydantic\ndef lambda_handler(event, context):\n    return 1\n", [{}])
     assert report["init_error"].startswith("ModuleNotFoundError")  # site-packages are not on the path
     assert report["results"] == []
+
+
+STARTUP_APP = """
+import gc
+
+from candlecast import startup
+
+startup.begin()
+PAUSED_WHILE_LOADING = not gc.isenabled()
+LOADED = [[index] for index in range(1000)]
+{done}
+def lambda_handler(event, context):
+    return {{"paused": PAUSED_WHILE_LOADING, "frozen": gc.get_freeze_count()}}
+"""
+
+
+def test_a_function_loads_with_the_collector_paused_then_freezes_what_it_loaded(tmp_path):
+    report = _bootstrap(tmp_path, STARTUP_APP.format(done="startup.done()"), [{}], (str(ROOT / "layers/common"),))
+    assert report["gc_enabled"] is True
+    result = report["results"][0]["result"]
+    assert result["paused"] is True
+    assert result["frozen"] >= 2000  # the loaded objects, which later collections skip
+
+
+def test_the_bootstrap_reports_a_function_that_leaves_the_collector_off(tmp_path):
+    report = _bootstrap(tmp_path, STARTUP_APP.format(done=""), [{}], (str(ROOT / "layers/common"),))
+    assert report["gc_enabled"] is False  # check-artifacts fails on it
 
 
 def test_the_bootstrap_path_is_task_layers_runtime_then_the_standard_library(tmp_path):

@@ -1,5 +1,9 @@
 """GET /health — the database, cache and storage, each with its latency."""
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 from candlecast.api import create_resolver, described, json_response, lambda_handler_for
 from candlecast.schemas import HealthReport
 from candlecast.services import health
@@ -17,3 +21,5 @@ def get_health():
 
 
 lambda_handler = lambda_handler_for(app)
+
+startup.done()  # the function is loaded: freeze it and collect again

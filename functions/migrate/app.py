@@ -11,6 +11,10 @@ Direct invoke: {"action": "apply"} -> {"applied": [ids]}; {"action": "status"} -
 migrations/ ships inside this function (functions/migrate/migrations links to it; MIGRATIONS_DIR).
 """
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 import json
 import threading
 import time
@@ -150,3 +154,5 @@ def lambda_handler(event: dict, context: Any) -> dict[str, Any]:
     result = apply_migrations(_timeout_seconds(context)) if action == "apply" else ACTIONS[action]()
     logger.info("migrations", extra={"action": action, **result})
     return result
+
+startup.done()  # the function is loaded: freeze it and collect again

@@ -1,5 +1,9 @@
 """POST /predictions — 30 expected candles with calibrated intervals for a symbol and timeframe."""
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header
@@ -39,3 +43,5 @@ def create_prediction(
 
 
 lambda_handler = lambda_handler_for(app)
+
+startup.done()  # the function is loaded: freeze it and collect again

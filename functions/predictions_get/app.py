@@ -1,5 +1,9 @@
 """GET /predictions/{id} — a stored prediction with its steps (cached 15 minutes)."""
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Path
@@ -19,3 +23,5 @@ def get_prediction(id: Annotated[str, Path(description="the prediction's UUID", 
 
 
 lambda_handler = lambda_handler_for(app)
+
+startup.done()  # the function is loaded: freeze it and collect again

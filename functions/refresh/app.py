@@ -10,6 +10,10 @@ the prediction steps those candles matured; where no Score function is named (a 
 process instead.
 """
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 from aws_lambda_powertools import Logger
 
 from candlecast import ingest, redaction
@@ -41,3 +45,5 @@ def lambda_handler(event, context):
     report["scoring"] = _score() if report.get("candles_added") else "off"
     logger.info("refresh chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report
+
+startup.done()  # the function is loaded: freeze it and collect again

@@ -1,5 +1,9 @@
 """Daily retention (EventBridge schedule): delete expired predictions in batches, within the time limit."""
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 from aws_lambda_powertools import Logger
 
 from candlecast import redaction
@@ -18,3 +22,5 @@ def lambda_handler(event, context):
     report = retention.run(remaining_ms / 1000 - MARGIN_SECONDS)
     logger.info("retention done", extra=report)
     return report
+
+startup.done()  # the function is loaded: freeze it and collect again

@@ -5,6 +5,10 @@ prediction done) and, when REFRESH_CHAIN is not "false", hands it to a new async
 function, as the refresh does. Scoring is idempotent: a step scored twice counts once.
 """
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 from aws_lambda_powertools import Logger
 
 from candlecast import redaction
@@ -23,3 +27,5 @@ def lambda_handler(event, context):
     report = run_chunk(event, context, scoring.scheduled_run, MARGIN_SECONDS, LOCAL_BUDGET_SECONDS)
     logger.info("score chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report
+
+startup.done()  # the function is loaded: freeze it and collect again

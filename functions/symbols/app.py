@@ -1,5 +1,9 @@
 """Symbol routes: search, top by volume, one symbol; the models' track record."""
 
+from candlecast import startup
+
+startup.begin()  # no garbage collection while the function's modules load
+
 from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
@@ -83,3 +87,5 @@ def get_model(timeframe: Annotated[Timeframe, Path(description="1h, 4h, 1d, 1w o
 
 
 lambda_handler = lambda_handler_for(app)
+
+startup.done()  # the function is loaded: freeze it and collect again
