@@ -253,15 +253,22 @@ class Resolver:
 
 # ---------------------------------------------------------------- the deployed configuration, locally
 class ResponseCapture:
-    """A local stand-in for CloudFormation's pre-signed ResponseURL: keeps every PUT body."""
+    """A local stand-in for CloudFormation's pre-signed ResponseURL: keeps every PUT (path, headers, body) and
+    answers the first `failures` of them with a 500."""
 
-    def __init__(self):
-        captured = self.captured = []
+    def __init__(self, failures: int = 0):
+        self.requests: list[dict] = []
+        self.failures = failures
+        capture = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_PUT(self):
-                captured.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                capture.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status = 500 if capture.failures > 0 else 200
+                capture.failures -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *args):
@@ -269,7 +276,12 @@ class ResponseCapture:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cfn-response"
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stack-response?X-Amz-Signature=local"
+
+    @property
+    def captured(self) -> list[dict]:
+        """The PUT bodies, as JSON."""
+        return [json.loads(request["body"]) for request in self.requests]
 
     def close(self) -> None:
         self.server.shutdown()

@@ -5,16 +5,15 @@ CloudFormation's pre-signed response URL is a local HTTP server that records eac
 
 import json
 import socket
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from infra.artifacts import ResponseCapture
 from infra.lambda_loader import load_function_module
 from tests.conftest import LambdaContext, load_event
 
@@ -24,41 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MIGRATION_IDS = sorted(
     path.name.removesuffix(".sql") for path in (ROOT / "migrations").glob("*.sql") if ".rollback." not in path.name
 )
-
-
-class ResponseRecorder:
-    """A local stand-in for CloudFormation's pre-signed S3 URL: records PUTs, can fail the first few."""
-
-    def __init__(self, failures: int = 0):
-        self.requests: list[dict] = []
-        self.failures = failures
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status = 500 if recorder.failures > 0 else 200
-                recorder.failures -= 1
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stack-response?X-Amz-Signature=abc"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def responses(self) -> list[dict]:
-        return [json.loads(request["body"]) for request in self.requests]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class SilentServer:
@@ -89,7 +53,7 @@ def closed_port() -> int:
 
 @pytest.fixture
 def recorder():
-    server = ResponseRecorder()
+    server = ResponseCapture()
     yield server
     server.close()
 
@@ -164,7 +128,7 @@ def test_update_applies_nothing_new_and_keeps_the_physical_id(migrate_app, recor
     result = migrate_app.lambda_handler(update, Context())
 
     assert result["Status"] == "SUCCESS"
-    response = recorder.responses[-1]
+    response = recorder.captured[-1]
     assert response["PhysicalResourceId"] == "DbMigration-schema"
     assert response["Data"]["AppliedCount"] == "0"
 
@@ -175,7 +139,7 @@ def test_a_failing_apply_answers_failed_with_the_reason(migrate_app, recorder, u
     result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
 
     assert result["Status"] == "FAILED"
-    (response,) = recorder.responses
+    (response,) = recorder.captured
     assert response["Status"] == "FAILED"
     assert "OperationalError" in response["Reason"] or "connection" in response["Reason"].lower()
     assert "secret" not in response["Reason"]  # the password never reaches the stack events
@@ -194,7 +158,7 @@ def test_a_hanging_database_answers_failed_before_the_function_times_out(migrate
     finally:
         silent.close()
     assert result["Status"] == "FAILED"
-    assert "still running" in recorder.responses[0]["Reason"]
+    assert "still running" in recorder.captured[0]["Reason"]
     assert elapsed < remaining_ms / 1000  # answered while the function still had time
 
 
@@ -205,19 +169,19 @@ def test_delete_is_a_no_op_that_answers_success(migrate_app, recorder, use_datab
     result = migrate_app.lambda_handler(delete, Context())
 
     assert result["Status"] == "SUCCESS"
-    (response,) = recorder.responses
+    (response,) = recorder.captured
     assert response["Status"] == "SUCCESS" and response["PhysicalResourceId"] == "DbMigration-schema"
 
 
 def test_the_response_put_is_retried(migrate_app, use_database, monkeypatch):
     monkeypatch.setattr(migrate_app.time, "sleep", lambda seconds: None)
     use_database(unreachable_database_url())
-    flaky = ResponseRecorder(failures=1)
+    flaky = ResponseCapture(failures=1)
     try:
         migrate_app.lambda_handler(cfn_event("Delete", flaky.url, PhysicalResourceId="x"), Context())
     finally:
         flaky.close()
-    assert [response["Status"] for response in flaky.responses] == ["SUCCESS", "SUCCESS"]
+    assert [response["Status"] for response in flaky.captured] == ["SUCCESS", "SUCCESS"]
 
 
 def test_an_undeliverable_response_raises_so_lambda_retries_the_event(migrate_app, use_database, monkeypatch):
@@ -261,7 +225,7 @@ def test_a_lock_older_than_the_function_timeout_is_broken_and_logged(migrate_app
         conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) "
                      "VALUES (1, (now() AT TIME ZONE 'UTC') - interval '10 minutes', 4242)")
     migrate_app.lambda_handler(cfn_event("Update", recorder.url), Context(remaining_ms=300_000))
-    assert recorder.responses[-1]["Status"] == "SUCCESS"
+    assert recorder.captured[-1]["Status"] == "SUCCESS"
     warning = next(record for record in caplog.records if record.getMessage() == "broke a stale migration lock")
     assert warning.levelname == "WARNING"
     assert warning.lock["pid"] == 4242 and warning.older_than_s == pytest.approx(300, abs=2)
@@ -276,6 +240,6 @@ def test_no_migrations_answers_failed_naming_the_folder(migrate_app, recorder, f
         folder.mkdir()
     monkeypatch.setenv("MIGRATIONS_DIR", str(folder))
     result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
-    answer = recorder.responses[-1]
+    answer = recorder.captured[-1]
     assert answer["Status"] == result["Status"] == "FAILED"
     assert str(folder) in answer["Reason"] and "MigrationError" in answer["Reason"]
