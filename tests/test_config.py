@@ -1,7 +1,6 @@
 """Configuration: validated at cold start, bad variables named, secrets read from Secrets Manager (moto)."""
 
 import json
-import socket
 import uuid
 
 import boto3
@@ -10,6 +9,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from candlecast import config
 from candlecast.config import ConfigurationError, Settings, get_settings
+from infra.local_stack import free_port
 
 
 @pytest.fixture
@@ -52,16 +52,9 @@ def test_signing_key_is_required_with_no_fallback(fresh_settings):
 
 @pytest.mark.s3
 def test_database_credentials_come_from_secrets_manager(fresh_settings, stack):
-    fresh_settings.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", stack.s3_endpoint_url)
-    for name, value in stack.environment().items():
-        if name.startswith("AWS_"):
-            fresh_settings.setenv(name, value)
-    secrets = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
-    arn = secrets.create_secret(
-        Name="candlecast/test-db",
-        SecretString=json.dumps({"host": "db.internal", "port": 5432, "dbname": "candlecast",
-                                 "username": "app", "password": "p@ss word"}),
-    )["ARN"]
+    arn = _secret_in_moto(stack, fresh_settings, "candlecast/test-db",
+                          json.dumps({"host": "db.internal", "port": 5432, "dbname": "candlecast",
+                                      "username": "app", "password": "p@ss word"}))
     settings = Settings(db_secret_arn=arn, redis_url="redis://h", data_bucket="bucket")
     params = conninfo_to_dict(config.database_conninfo(settings))
     assert params == {"host": "db.internal", "port": "5432", "dbname": "candlecast", "user": "app",
@@ -95,10 +88,7 @@ def test_secrets_come_from_the_extension_endpoint_with_the_session_token(fresh_s
 
 def test_an_unreachable_extension_falls_back_to_the_secrets_manager_api(fresh_settings, stack, caplog):
     arn = _secret_in_moto(stack, fresh_settings, "candlecast/test-fallback", "from-the-api")
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
-    fresh_settings.setenv("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", str(closed))
+    fresh_settings.setenv("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", str(free_port()))  # nothing listens there
     settings = Settings(model_signing_key_secret_arn=arn, database_url="postgresql://x", redis_url="redis://h",
                         data_bucket="bucket")
     assert config.model_signing_key(settings) == b"from-the-api"

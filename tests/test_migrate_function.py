@@ -15,6 +15,7 @@ from psycopg.conninfo import make_conninfo
 
 from infra.artifacts import ResponseCapture
 from infra.lambda_loader import load_function_module
+from infra.local_stack import free_port
 from tests.conftest import LambdaContext, load_event
 
 pytestmark = pytest.mark.integration
@@ -43,12 +44,6 @@ class Context(LambdaContext):
 
     def get_remaining_time_in_millis(self) -> int:
         return int((self.deadline - time.monotonic()) * 1000)
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -96,7 +91,7 @@ def cfn_event(request_type: str, response_url: str, **changes) -> dict:
 
 
 def unreachable_database_url() -> str:
-    return f"postgresql://nobody:secret@127.0.0.1:{closed_port()}/candlecast?connect_timeout=2"
+    return f"postgresql://nobody:secret@127.0.0.1:{free_port()}/candlecast?connect_timeout=2"
 
 
 def test_create_applies_every_migration_and_answers_success(migrate_app, recorder, fresh_database):
@@ -187,7 +182,7 @@ def test_the_response_put_is_retried(migrate_app, use_database, monkeypatch):
 def test_an_undeliverable_response_raises_so_lambda_retries_the_event(migrate_app, use_database, monkeypatch):
     monkeypatch.setattr(migrate_app.time, "sleep", lambda seconds: None)
     use_database(unreachable_database_url())
-    url = f"http://127.0.0.1:{closed_port()}/stack-response"
+    url = f"http://127.0.0.1:{free_port()}/stack-response"
     with pytest.raises(ConnectionError):
         migrate_app.lambda_handler(cfn_event("Delete", url, PhysicalResourceId="x"), Context())
 
