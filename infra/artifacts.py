@@ -567,7 +567,7 @@ def reset_state(stack) -> None:
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         if conn.execute("SELECT to_regclass('predictions')").fetchone()[0]:
             conn.execute("DELETE FROM predictions")
-    cache.delete_pattern("cc:v1:prediction*")
+    cache.delete_pattern(cache.keys.all_prediction_keys())
 
 
 def check(build_dir: Path) -> int:

@@ -87,7 +87,7 @@ def main() -> int:
             # Outside the timed call: forget the previous twin, so this request stores a new prediction.
             with psycopg.connect(stack.database_url, autocommit=True) as conn:
                 conn.execute("DELETE FROM predictions")  # its steps go with it (ON DELETE CASCADE)
-            cache.delete_pattern("cc:v1:prediction*")
+            cache.delete_pattern(cache.keys.all_prediction_keys())
             return create_event
 
         report("create p50 / p99 (new prediction stored, candles cached)",

@@ -235,7 +235,7 @@ class HotPaths:
         """The same request again would be a repeat: delete the previous one (its steps cascade)."""
         if self.last_created is not None:
             self.admin.execute("DELETE FROM predictions WHERE id = %s", (self.last_created,))
-        self.cache.delete_pattern("cc:v1:prediction*")
+        self.cache.delete_pattern(self.cache.keys.all_prediction_keys())
 
     def create_new_keyed(self) -> dict:
         keyed = dict(self.create_event, headers={**self.create_event["headers"], "idempotency-key": str(uuid.uuid4())})
@@ -245,7 +245,7 @@ class HotPaths:
         return self._call(self.create, self.create_event)
 
     def forget_cached_repeat(self) -> None:
-        self.cache.delete_pattern("cc:v1:prediction*")
+        self.cache.delete_pattern(self.cache.keys.all_prediction_keys())
 
     def sample_ids(self, count: int) -> list[str]:
         return [str(row[0]) for row in self.admin.execute(

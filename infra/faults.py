@@ -305,6 +305,8 @@ class Suite:
     def s3(self, freeze: float, killed_for: float, baseline: float, uncached: list[tuple[str, str]]) -> None:
         import redis
 
+        from candlecast.cache import keys
+
         load = self.load(self.combos[:3])
         load.create_share = 0.15
         # The load's own candles stay cached, and every timeframe's model is loaded (a warm container).
@@ -317,7 +319,7 @@ class Suite:
         load.start()
         time.sleep(baseline)
         cache = redis.Redis.from_url(self.served.stack.redis_url)
-        cache.delete(*[f"cc:v1:candles:X:{ticker}:{timeframe}" for ticker, timeframe in uncached])
+        cache.delete(*[keys.candles(f"X:{ticker}", timeframe) for ticker, timeframe in uncached])
         process = self.served.moto.process
         frozen = time.monotonic()
         process.send_signal(signal.SIGSTOP)

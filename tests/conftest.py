@@ -21,9 +21,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def reset_clients() -> None:
     """Forget per-container clients and settings, as a new Lambda container would."""
     from candlecast import cache, db
-    from candlecast.config import get_settings
+    from candlecast.config import forget_secrets, get_settings
 
     get_settings.cache_clear()
+    forget_secrets()
     db.close_pool()
     cache.reset_client()
     from candlecast import storage
@@ -103,6 +104,17 @@ def importable(monkeypatch):
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()  # do not leave stand-in settings behind for later tests
+
+
+@pytest.fixture
+def seeded(clean_db):
+    """The committed sample and models seeded, and no model loaded yet."""
+    from candlecast import seed
+    from candlecast.services import forecasting
+
+    forecasting.forget_models()
+    seed.seed(progress=False)
+    return clean_db
 
 
 @pytest.fixture

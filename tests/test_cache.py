@@ -37,7 +37,7 @@ def test_a_created_prediction_and_its_request_pointer_are_cached_together(server
     server.config_resetstat()
     request = None if request_hash is None else ("X:BTCUSD", "1h", request_hash)
     assert cache.set_created_prediction("p2", b'{"id": "p2"}', request) is True
-    assert server.get(cache.keys.prediction("p2")) == b'{"id": "p2"}'
+    assert cache.get_prediction_bytes("p2") == b'{"id": "p2"}'
     assert 895 <= server.ttl(cache.keys.prediction("p2")) <= 900
     if request_hash is None:
         assert server.keys(cache.keys.prediction_request("*", "*")) == []
@@ -62,22 +62,22 @@ def test_candles_and_the_request_pointer_come_in_one_round_trip_and_the_pointer_
 
 
 def test_json_round_trip_and_delete(server):
-    cache.set_json("cc:v1:test:one", {"a": [1, 2]}, 60)
-    assert cache.get_json("cc:v1:test:one") == {"a": [1, 2]}
-    assert cache.delete("cc:v1:test:one") == 1
-    assert cache.get_json("cc:v1:test:one") is None
+    cache.set_json(f"{cache.NAMESPACE}:test:one", {"a": [1, 2]}, 60)
+    assert cache.get_json(f"{cache.NAMESPACE}:test:one") == {"a": [1, 2]}
+    assert cache.delete(f"{cache.NAMESPACE}:test:one") == 1
+    assert cache.get_json(f"{cache.NAMESPACE}:test:one") is None
 
 
 def test_pattern_delete_uses_scan_and_spares_other_keys(server):
     for index in range(1200):
-        server.set(f"cc:v1:symbol:X:T{index}", b"1")
-    server.set("cc:v1:prediction:keep", b"1")
+        server.set(cache.keys.symbol(f"X:T{index}"), b"1")
+    server.set(cache.keys.prediction("keep"), b"1")
     server.config_resetstat()
     assert cache.delete_pattern(cache.keys.all_symbol_keys()) == 1200
     commands = server.info("commandstats")
     assert "cmdstat_scan" in commands
     assert "cmdstat_keys" not in commands
-    assert server.exists("cc:v1:prediction:keep") == 1
+    assert server.exists(cache.keys.prediction("keep")) == 1
 
 
 def test_outage_misses_skips_writes_and_warns_once(server, needs_embedded_redis, caplog):
@@ -136,7 +136,7 @@ def test_every_parameter_is_part_of_its_key(server):
         (lambda: cache.set_prediction_for_request("X:A", "1h", "h", "p"), cache.keys.prediction_request("X:A", "1h"),
          900),
         (lambda: cache.set_track_record_bytes("1d", b"{}"), cache.keys.track_record("1d"), 600),
-        (lambda: cache.set_json("cc:v1:test:ttl", [1], 42), "cc:v1:test:ttl", 42),
+        (lambda: cache.set_json(f"{cache.NAMESPACE}:test:ttl", [1], 42), f"{cache.NAMESPACE}:test:ttl", 42),
     ],
     ids=["search-5m", "request-15m", "track-record-10m", "json-as-given"],
 )
@@ -162,9 +162,9 @@ def test_invalidate_symbols_drops_symbols_lists_and_searches_only(server):
 
 def test_pattern_delete_in_small_batches_deletes_everything(server):
     for index in range(7):
-        server.set(f"cc:v1:search:20:q{index}", b"1")
+        server.set(cache.keys.search(f"q{index}", 20), b"1")
     assert cache.delete_pattern(cache.keys.all_search_keys(), batch_size=3) == 7
-    assert server.keys("cc:v1:search:*") == []
+    assert server.keys(cache.keys.all_search_keys()) == []
 
 
 def test_after_a_failure_requests_leave_redis_alone_until_the_probe_sees_it_answer(monkeypatch):
@@ -299,3 +299,37 @@ def test_reset_client_ends_an_outage_and_stops_its_probe(server, needs_embedded_
     for probe in [thread for thread in threading.enumerate() if thread.name == "cache-probe"]:
         probe.join(2 * cache.PROBE_INTERVAL_SECONDS + 1)
     assert cache.ping() is True
+
+
+FOREIGN_VALUES = [b"\xff\xfe not utf-8", b"not json", b"42", b"", b"\xcc\x02\x00\x00\x00\x00{}"]
+
+
+@pytest.mark.parametrize("foreign", FOREIGN_VALUES, ids=["binary", "text", "number", "empty", "forged-seal"])
+def test_a_value_this_module_did_not_write_reads_as_a_miss(server, foreign):
+    readers = {
+        cache.keys.prediction("p1"): lambda: cache.get_prediction_bytes("p1"),
+        cache.keys.symbol("X:BTCUSD"): lambda: cache.get_symbol_bytes("X:BTCUSD"),
+        cache.keys.top_symbols(20): lambda: cache.get_top_symbols_bytes(20),
+        cache.keys.search("btc", 20): lambda: cache.get_search_bytes("btc", 20),
+        cache.keys.track_record(None): lambda: cache.get_track_record_bytes(None),
+        cache.keys.upstream_failure("X:BTCUSD", "1h"): lambda: cache.get_upstream_failure("X:BTCUSD", "1h"),
+        cache.keys.candles("X:BTCUSD", "1h"): lambda: cache.get_candles("X:BTCUSD", "1h"),
+    }
+    for key, read in readers.items():
+        server.set(key, foreign)
+        assert read() is None, key
+    server.set(cache.keys.prediction_request("X:BTCUSD", "1h"), foreign)
+    assert cache.get_candles_and_request("X:BTCUSD", "1h") == (None, None)
+    assert cache.get_prediction_for_request("X:BTCUSD", "1h", "h") is None
+
+
+def test_a_truncated_or_altered_entry_reads_as_a_miss(server):
+    cache.set_prediction_bytes("p1", b'{"id": "p1", "steps": []}')
+    key = cache.keys.prediction("p1")
+    whole = server.get(key)
+    server.set(key, whole[:-3])
+    assert cache.get_prediction_bytes("p1") is None
+    server.set(key, whole.replace(b"p1", b"p2"))
+    assert cache.get_prediction_bytes("p1") is None
+    server.set(key, whole)
+    assert cache.get_prediction_bytes("p1") == b'{"id": "p1", "steps": []}'

@@ -28,16 +28,6 @@ def sample_timeframes() -> list[str]:
     return sorted(path.stem for path in folder.glob("*.parquet"))
 
 
-@pytest.fixture
-def seeded(clean_db):
-    from candlecast import seed
-    from candlecast.services import forecasting
-
-    forecasting.forget_models()
-    seed.seed(progress=False)
-    return clean_db
-
-
 def create(body, headers: dict | None = None):
     event = load_event("predictions_create.json", body=body if isinstance(body, str) else json.dumps(body))
     event["headers"].pop("idempotency-key", None)  # the sample event carries one; tests choose their own
@@ -133,6 +123,46 @@ def test_idempotency_key_returns_the_same_prediction_even_without_redis(seeded, 
     assert stored_predictions(seeded.database_url) == 1
 
 
+def test_a_retried_key_returns_its_prediction_after_the_candles_moved_on(seeded):
+    key = {"idempotency-key": f"client-{uuid.uuid4()}"}
+    status, _, first = create({"symbol": "BTCUSDT", "timeframe": "1h"}, key)
+    assert status == 201
+    candles = storage.read_all_candles(SAMPLE_TICKER, "1h")
+    following = candles.tail(1)
+    storage.write_candles(SAMPLE_TICKER, "1h", storage.merge_candles(candles, type(following)(
+        following.open_time + 3600, following.open, following.high, following.low, following.close,
+        following.volume)))
+    status, _, again = create({"symbol": "BTCUSDT", "timeframe": "1h"}, key)
+    assert (status, again) == (200, first)
+    status, _, fresh = create({"symbol": "BTCUSDT", "timeframe": "1h"})  # without the key: the new candle
+    assert status == 201 and fresh["last_candle_at"] > first["last_candle_at"]
+    assert stored_predictions(seeded.database_url) == 2
+
+
+def test_a_retried_key_needs_neither_the_model_nor_the_candles(seeded, monkeypatch):
+    from candlecast import cache
+    from candlecast.config import get_settings
+    from candlecast.services import forecasting
+
+    key = {"idempotency-key": f"client-{uuid.uuid4()}"}
+    status, _, first = create({"symbol": "ETHUSDT", "timeframe": "1h"}, key)
+    assert status == 201
+    cache.delete_pattern(cache.keys.all_keys())
+    forecasting.forget_models()
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    get_settings.cache_clear()
+    storage.reset_clients()
+    try:
+        status, _, again = create({"symbol": "ETHUSDT", "timeframe": "1h"}, key)
+        reused = create({"symbol": "ETHUSDT", "timeframe": "4h"}, key)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        storage.reset_clients()
+    assert (status, again) == (200, first)
+    assert (reused[0], reused[2]["error"]["code"]) == (409, "idempotency_key_reused")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("redis_up", [True, False], ids=["redis-up", "redis-down"])
 def test_thirty_two_concurrent_identical_creates_store_exactly_one(seeded, needs_embedded_redis, redis_up,
@@ -147,7 +177,7 @@ def test_thirty_two_concurrent_identical_creates_store_exactly_one(seeded, needs
         conn.execute("TRUNCATE predictions CASCADE")
     from candlecast import cache
 
-    cache.delete_pattern("cc:v1:prediction*")
+    cache.delete_pattern(cache.keys.all_prediction_keys())
     if not redis_up:
         needs_embedded_redis.stop()
     barrier = threading.Barrier(32)
@@ -320,7 +350,7 @@ def test_storage_outage_is_503_not_500(seeded, monkeypatch, model_loaded):
 
     if model_loaded:
         assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 201
-    cache.delete_pattern("cc:v1:*")
+    cache.delete_pattern(cache.keys.all_keys())
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     get_settings.cache_clear()
     storage.reset_clients()

@@ -129,9 +129,9 @@ def test_symbol_and_active_model_in_one_round_trip_and_the_stats(conn):
     add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1))
     model_id = model_repository.register_model(conn, ModelCreate(
         timeframe="1d", name="m", version="1", kind="learned", s3_key="k", sha256="b" * 64, features=["ret_1"]))
-    symbol, model = model_repository.get_symbol_and_active_model(conn, "X:BTCUSD", "1d")
-    assert (symbol["ticker"], model["id"]) == ("X:BTCUSD", model_id)  # registered active by default
-    assert model_repository.get_symbol_and_active_model(conn, "X:NOPEUSD", "1h") == (None, None)
+    symbol, model, keyed = model_repository.get_symbol_and_active_model(conn, "X:BTCUSD", "1d", "no-such-key")
+    assert (symbol["ticker"], model["id"], keyed) == ("X:BTCUSD", model_id, None)  # registered active by default
+    assert model_repository.get_symbol_and_active_model(conn, "X:NOPEUSD", "1h") == (None, None, None)
     features = conn.execute("SELECT features FROM models WHERE id = %s", (model_id,)).fetchone()["features"]
     assert features == ["ret_1"]
     assert stats_repository.test_connection(conn) is True
@@ -157,10 +157,16 @@ def test_create_read_back_repeat_and_key_reuse(conn):
     assert other["created"] is True and other["id"] != created["id"]
     keyed = prediction_repository.create_prediction(conn, prediction(conn, "key-1", model_id=model_id), "hash-a")
     assert keyed["created"] is True  # a key is its own identity
+    # The same request after a new candle or model (another hash) is a retry of the key ...
+    retried = prediction_repository.create_prediction(conn, prediction(conn, "key-1", model_id=model_id), "hash-c")
+    assert (retried["id"], retried["created"]) == (keyed["id"], False)
+    # ... another symbol is not.
+    add_symbols(conn, ("X:ETHUSD", "Ether", 2))
     with pytest.raises(Conflict) as reused:
-        prediction_repository.create_prediction(conn, prediction(conn, "key-1", model_id=model_id), "hash-c")
+        prediction_repository.create_prediction(
+            conn, prediction(conn, "key-1", ticker="X:ETHUSD", model_id=model_id), "hash-a")
     assert reused.value.code == "idempotency_key_reused"
-    assert reused.value.message == "Idempotency-Key was already used for a different request"
+    assert reused.value.message == "Idempotency-Key was already used for another symbol or timeframe"
     assert prediction_repository.get_prediction_by_id(conn, uuid.uuid4()) is None
 
 

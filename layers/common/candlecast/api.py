@@ -45,7 +45,7 @@ X_CACHE = {"X-Cache": {"description": "HIT when served from the cache", "schema"
 _ERROR_MEANINGS = {
     400: "bad query, path, header or malformed JSON",
     404: "not found",
-    409: "Idempotency-Key reused for a different request",
+    409: "Idempotency-Key reused for another symbol or timeframe",
     413: "body larger than 16 KiB",
     415: "body is not application/json",
     422: "body fields invalid",

@@ -4,11 +4,16 @@ A cache outage costs latency, never a request: reads miss, writes are skipped, a
 logged per outage (not one per request). Only the requests in flight when Redis stops answering wait
 (at most the socket timeout, once); after that no request touches Redis until a background probe sees
 it answer again, so there is no spike of timeouts each time a back-off expires.
+
+Every value is sealed (a marker and the CRC-32 of the value) when written and checked when read: a value this
+module did not write whole (a foreign writer, a truncated or corrupted entry) reads as a miss, never as a body
+served to a client nor as an error.
 """
 
 import json
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +37,10 @@ TTL_SECONDS = {
 }
 # While Redis is down, a background probe pings it this often; requests skip it until a ping succeeds.
 PROBE_INTERVAL_SECONDS = 0.5
-NAMESPACE = "cc:v1"
+# v2: values are sealed. A new prefix, so that during a deploy older code never serves a sealed value as it is.
+NAMESPACE = "cc:v2"
+_SEAL = b"\xcc\x02"
+_SEALED_HEADER = len(_SEAL) + 4
 
 
 class keys:
@@ -71,6 +79,15 @@ class keys:
     def track_record(timeframe: str | None) -> str:
         """GET /models (timeframe None) or GET /models/{timeframe}."""
         return f"{NAMESPACE}:track-record:{timeframe or 'all'}"
+
+    @staticmethod
+    def all_prediction_keys() -> str:
+        """Predictions and their request pointers (benchmarks and tests start afresh with it)."""
+        return f"{NAMESPACE}:prediction*"
+
+    @staticmethod
+    def all_keys() -> str:
+        return f"{NAMESPACE}:*"
 
     @staticmethod
     def all_track_record_keys() -> str:
@@ -154,6 +171,19 @@ def _probe(generation: int) -> None:
         return
 
 
+def _sealed(value: bytes | str) -> bytes:
+    data = value.encode() if isinstance(value, str) else bytes(value)
+    return _SEAL + zlib.crc32(data).to_bytes(4, "big") + data
+
+
+def _opened(raw: bytes | None) -> bytes | None:
+    """The value inside a sealed entry; None (a miss) for anything else."""
+    if raw is None or len(raw) < _SEALED_HEADER or not raw.startswith(_SEAL):
+        return None
+    data = raw[_SEALED_HEADER:]
+    return data if zlib.crc32(data).to_bytes(4, "big") == raw[len(_SEAL):_SEALED_HEADER] else None
+
+
 def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None) -> Any:
     if _down:
         return default
@@ -173,11 +203,12 @@ def ping() -> bool:
 
 
 def get(key: str) -> bytes | None:
-    return _guarded(lambda client: client.get(key))
+    return _opened(_guarded(lambda client: client.get(key)))
 
 
 def set(key: str, value: bytes | str, ttl_seconds: int) -> bool:
-    return bool(_guarded(lambda client: client.set(key, value, ex=ttl_seconds), default=False))
+    sealed = _sealed(value)
+    return bool(_guarded(lambda client: client.set(key, sealed, ex=ttl_seconds), default=False))
 
 
 def delete(*keys_to_delete: str) -> int:
@@ -203,7 +234,7 @@ def delete_pattern(pattern: str, batch_size: int = 500) -> int:
 
 def get_json(key: str) -> Any | None:
     raw = get(key)
-    return None if raw is None else json.loads(raw)
+    return None if raw is None else json.loads(raw)  # sealed: written by set_json
 
 
 def set_json(key: str, value: Any, ttl_seconds: int) -> bool:
@@ -235,14 +266,14 @@ def get_candles_and_request(ticker: str, timeframe: str) -> tuple[bytes | None, 
     `prediction_for_request` reads the pointer once the candles have given the request's hash."""
     values = _guarded(lambda client: client.mget([keys.candles(ticker, timeframe),
                                                   keys.prediction_request(ticker, timeframe)]))
-    return (values[0], values[1]) if values else (None, None)
+    return (_opened(values[0]), _opened(values[1])) if values else (None, None)
 
 
 def prediction_for_request(pointer: bytes | None, request_hash: str) -> str | None:
     """The prediction id of a request pointer ("<hash> <id>") when it is `request_hash`'s."""
     if pointer is None:
         return None
-    pointed_hash, _, prediction_id = pointer.decode().partition(" ")
+    pointed_hash, _, prediction_id = pointer.decode("ascii", "replace").partition(" ")
     return prediction_id if pointed_hash == request_hash and prediction_id else None
 
 
@@ -261,10 +292,10 @@ def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, 
 
     def write(client: redis.Redis) -> bool:
         pipeline = client.pipeline(transaction=False)
-        pipeline.set(keys.prediction(prediction_id), body, ex=TTL_SECONDS["prediction"])
+        pipeline.set(keys.prediction(prediction_id), _sealed(body), ex=TTL_SECONDS["prediction"])
         if request is not None:
             ticker, timeframe, request_hash = request
-            pipeline.set(keys.prediction_request(ticker, timeframe), f"{request_hash} {prediction_id}",
+            pipeline.set(keys.prediction_request(ticker, timeframe), _sealed(f"{request_hash} {prediction_id}"),
                          ex=TTL_SECONDS["prediction"])
         return all(pipeline.execute())
 

@@ -6,6 +6,8 @@ import numpy as np
 
 COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
 _PACKED_FORMAT = 1
+# Open times a stored series may hold: 1970 up to a year whose forecast steps still fit in a datetime.
+MAX_OPEN_TIME = 221_845_392_000  # 9000-01-01T00:00:00Z
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,16 @@ class Candles:
     def head(self, count: int) -> "Candles":
         """The first `count` candles: what was known at the origin that ends them."""
         return Candles(*(getattr(self, name)[:count] for name in COLUMNS))
+
+    def damage(self) -> str | None:
+        """Why these rows cannot be a stored series (open times that do not rise strictly, or are no date),
+        or None. Prices are not checked here: usable_candles drops bad rows as training does."""
+        times = self.open_time
+        if len(times) and (int(times.min()) < 0 or int(times.max()) >= MAX_OPEN_TIME):
+            return "open times outside 1970-9000"
+        if len(times) > 1 and not bool(np.all(times[1:] > times[:-1])):
+            return "open times not strictly increasing"
+        return None
 
     def to_dict(self) -> dict[str, list]:
         return {name: getattr(self, name).tolist() for name in COLUMNS}

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from candlecast.errors import SecretsUnavailable
+
 # The committed models are signed with this; the local stack sets it explicitly as MODEL_SIGNING_KEY.
 LOCAL_MODEL_SIGNING_KEY = "candlecast-local-development-key"
 
@@ -104,10 +106,17 @@ def get_database_settings() -> DatabaseSettings:
 
 def _secret(arn: str) -> str:
     """The secret's value, which the log filter then redacts wherever it appears (and, for a JSON secret such
-    as the database's, each of its longer string values)."""
+    as the database's, each of its longer string values). SecretsUnavailable (503) when it cannot be read:
+    the log and the answer name the failure's class only, never Secrets Manager's text."""
     from candlecast import redaction
 
-    value = _fetch_secret(arn)
+    try:
+        value = _fetch_secret(arn)
+    except Exception as error:
+        from aws_lambda_powertools import Logger
+
+        Logger(child=True).warning("secret unavailable", extra={"error": type(error).__name__})
+        raise SecretsUnavailable("a secret could not be read from Secrets Manager; try again shortly") from None
     redaction.register(value)
     try:
         import json
@@ -118,6 +127,25 @@ def _secret(arn: str) -> str:
     except ValueError:
         pass
     return value
+
+
+# Secrets Manager is asked once per container (values are kept 5 minutes): a stalled endpoint must fail a
+# request in seconds, not at the function's timeout (botocore's defaults wait 60 s per try, 5 tries).
+SECRETS_TIMEOUTS = {"connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 2,
+                                                                          "mode": "standard"}}
+
+
+@lru_cache(maxsize=1)
+def _secrets_provider():
+    from aws_lambda_powertools.utilities.parameters import SecretsProvider
+    from botocore.config import Config
+
+    return SecretsProvider(boto_config=Config(**SECRETS_TIMEOUTS))
+
+
+def forget_secrets() -> None:
+    """A new container's view: no Secrets Manager client and no secret value kept."""
+    _secrets_provider.cache_clear()
 
 
 def _fetch_secret(arn: str) -> str:
@@ -131,9 +159,10 @@ def _fetch_secret(arn: str) -> str:
 
             Logger(child=True).warning("secrets extension unavailable; using the Secrets Manager API",
                                        extra={"error": type(error).__name__})
-    from aws_lambda_powertools.utilities import parameters
-
-    return parameters.get_secret(arn, max_age=300)
+    value = _secrets_provider().get(arn, max_age=300)
+    if not isinstance(value, str):
+        raise TypeError("the secret is not a string")
+    return value
 
 
 def _secret_from_extension(arn: str, port: int) -> str:
@@ -160,17 +189,23 @@ def database_conninfo(settings: DatabaseSettings) -> str:
         return settings.database_url.get_secret_value()
     import json
 
+    import psycopg
     from psycopg.conninfo import make_conninfo
 
-    secret = json.loads(_secret(settings.db_secret_arn))
-    return make_conninfo(
-        host=secret["host"],
-        port=secret.get("port", 5432),
-        dbname=secret.get("dbname", "candlecast"),
-        user=secret["username"],
-        password=secret["password"],
-        sslmode=secret.get("sslmode", "require"),
-    )
+    try:
+        secret = json.loads(_secret(settings.db_secret_arn))
+        return make_conninfo(
+            host=secret["host"],
+            port=secret.get("port", 5432),
+            dbname=secret.get("dbname", "candlecast"),
+            user=secret["username"],
+            password=secret["password"],
+            sslmode=secret.get("sslmode", "require"),
+        )
+    except (ValueError, TypeError, KeyError, psycopg.ProgrammingError) as error:
+        # The error's class only: a JSON error's text quotes the secret.
+        raise SecretsUnavailable(f"the database secret is not usable ({type(error).__name__}): it needs host, "
+                                 "username and password", code="secret_invalid", retry_after=30) from None
 
 
 def model_signing_key(settings: Settings) -> bytes:

@@ -27,6 +27,13 @@ class Conflict(CandlecastError):
     code = "conflict"
 
 
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
+
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key was already used for another symbol or timeframe")
+
+
 class PayloadTooLarge(CandlecastError):
     status = 413
     code = "payload_too_large"
@@ -57,6 +64,13 @@ class DatabaseUnavailable(ServiceUnavailable):
 
 class StorageUnavailable(ServiceUnavailable):
     code = "storage_unavailable"
+
+
+class SecretsUnavailable(ServiceUnavailable):
+    """A secret could not be read from Secrets Manager (code secrets_unavailable), or its value is not what
+    the service needs (code secret_invalid)."""
+
+    code = "secrets_unavailable"
 
 
 class ModelUnavailable(ServiceUnavailable):

@@ -33,13 +33,12 @@ def warm_imports() -> list[str]:
 def forget_connections_and_secrets() -> None:
     """Close the database pool and the Redis and S3 clients, and forget cached secrets."""
     from candlecast import cache, db, storage
+    from candlecast.config import forget_secrets
 
     db.close_pool()
     cache.reset_client()
     storage.reset_clients()
-    parameters = sys.modules.get("aws_lambda_powertools.utilities.parameters")
-    if parameters is not None:  # only if a secret was read through boto3
-        parameters.clear_caches()
+    forget_secrets()  # the Secrets Manager client and the values it keeps
 
 
 def reseed_random() -> None:

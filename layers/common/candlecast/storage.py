@@ -433,9 +433,12 @@ def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = 
             started = time.perf_counter()
             try:
                 candles = _read_tail(handle, last_n)
-            except ValueError as error:  # pyarrow's ArrowInvalid: a file that is not readable Parquet
-                logger.error("unreadable candle file", extra={"key": key, "error": str(error)})
-                raise StorageUnavailable(f"the {timeframe} candle file of {ticker} is unreadable") from error
+                damage = candles.damage()
+            except (ValueError, TypeError, KeyError) as error:  # not Parquet, or not our columns and types
+                damage = f"{type(error).__name__}: {error}"[:300]
+            if damage is not None:
+                logger.error("unreadable candle file", extra={"key": key, "error": damage})
+                raise StorageUnavailable(f"the {timeframe} candle file of {ticker} is unreadable")
             elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
             logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
             if use_cache and etag:

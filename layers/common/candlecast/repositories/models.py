@@ -53,24 +53,31 @@ def get_active_model_by_timeframe(conn: psycopg.Connection, timeframe: str) -> d
 
 
 # What a forecast needs, nothing more (the model's metrics and features are kilobytes of JSON): one row,
-# its symbol half or model half NULL when that is missing.
+# its symbol, model or keyed half NULL when that is missing. The keyed half is the prediction an
+# Idempotency-Key already names: its retry is answered without the model or candles.
 _FORECAST_INPUTS = """
-SELECT s.id AS symbol_id, s.ticker, m.id AS model_id, m.timeframe, m.name, m.version, m.s3_key, m.sha256
+SELECT s.id AS symbol_id, s.ticker, m.id AS model_id, m.timeframe, m.name, m.version, m.s3_key, m.sha256,
+       k.id AS keyed_id, k.ticker AS keyed_ticker, k.timeframe AS keyed_timeframe
 FROM (SELECT) one
 LEFT JOIN symbols s ON s.ticker = %(ticker)s
-LEFT JOIN models m ON m.timeframe = %(timeframe)s AND m.is_active"""
+LEFT JOIN models m ON m.timeframe = %(timeframe)s AND m.is_active
+LEFT JOIN predictions k ON k.idempotency_key = %(idempotency_key)s"""
 
 
 def get_symbol_and_active_model(
-    conn: psycopg.Connection, ticker: str, timeframe: str
-) -> tuple[dict | None, dict | None]:
-    """What a forecast starts from, in one statement: the symbol ({id, ticker}) and its timeframe's active
-    model ({id, timeframe, name, version, s3_key, sha256}), each None when missing."""
-    row = conn.execute(_FORECAST_INPUTS, {"ticker": ticker, "timeframe": timeframe}).fetchone()
+    conn: psycopg.Connection, ticker: str, timeframe: str, idempotency_key: str | None = None
+) -> tuple[dict | None, dict | None, dict | None]:
+    """What a forecast starts from, in one statement: the symbol ({id, ticker}), its timeframe's active
+    model ({id, timeframe, name, version, s3_key, sha256}) and the prediction `idempotency_key` names
+    ({id, ticker, timeframe}), each None when missing."""
+    row = conn.execute(_FORECAST_INPUTS, {"ticker": ticker, "timeframe": timeframe,
+                                          "idempotency_key": idempotency_key}).fetchone()
     symbol = None if row["symbol_id"] is None else {"id": row["symbol_id"], "ticker": row["ticker"]}
     model = None if row["model_id"] is None else {
         "id": row["model_id"], **{name: row[name] for name in ("timeframe", "name", "version", "s3_key", "sha256")}}
-    return symbol, model
+    keyed = None if row["keyed_id"] is None else {
+        "id": row["keyed_id"], "ticker": row["keyed_ticker"], "timeframe": row["keyed_timeframe"]}
+    return symbol, model, keyed
 
 
 def get_all_active_models(conn: psycopg.Connection) -> list[dict]:

@@ -23,9 +23,10 @@ _PREDICTION_COLUMNS = """p.id, p.ticker, p.timeframe, p.model_id, m.name AS mode
 # an index there. The unkeyed one takes the request's newest row by predictions_request_hash_created_idx and
 # only then checks its age: a window condition inside would let the planner prefer walking
 # predictions_created_idx through every recent row, which stale statistics make look cheap.
-_KEYED_TWIN = "SELECT id, request_hash, created_at FROM predictions WHERE idempotency_key = %(idempotency_key)s"
+_KEYED_TWIN = """SELECT id, request_hash, created_at, ticker, timeframe FROM predictions
+    WHERE idempotency_key = %(idempotency_key)s"""
 _UNKEYED_TWIN = f"""SELECT * FROM (
-        SELECT id, request_hash, created_at FROM predictions WHERE request_hash = %(request_hash)s
+        SELECT id, request_hash, created_at, ticker, timeframe FROM predictions WHERE request_hash = %(request_hash)s
         ORDER BY created_at DESC LIMIT 1) newest
     WHERE created_at > now() - interval '{REPEAT_WINDOW}'"""
 
@@ -47,9 +48,10 @@ WITH existing AS (
            jsonb_to_recordset(%(steps)s::jsonb)
            AS s({", ".join(f"{name} {kind}" for name, kind in zip(STEP_FIELDS, STEP_TYPES, strict=True))})
 )
-SELECT id, created_at, true AS created, %(request_hash)s AS request_hash FROM inserted
+SELECT id, created_at, true AS created, %(request_hash)s AS request_hash, %(ticker)s AS ticker,
+       %(timeframe)s AS timeframe FROM inserted
 UNION ALL
-SELECT id, created_at, false AS created, request_hash FROM existing
+SELECT id, created_at, false AS created, request_hash, ticker, timeframe FROM existing
 """
 
 
@@ -65,9 +67,9 @@ def create_prediction(
     Equivalent means the same Idempotency-Key, or (without a key) the same request hash within 15 minutes.
     A transaction-scoped advisory lock serialises concurrent identical requests, so exactly one row is
     stored whatever the cache does. Returns {id, created_at, created}; raises Conflict when a key is
-    reused for a different request.
+    reused for another symbol or timeframe (the same request after a new candle or model is a retry).
     """
-    from candlecast.errors import Conflict
+    from candlecast.errors import IdempotencyKeyReused
 
     lock_name = f"idempotency:{prediction.idempotency_key}" if prediction.idempotency_key else request_hash
     params = {
@@ -95,8 +97,8 @@ def create_prediction(
                 conn.rollback()
         raise
     row = inserted.fetchone()
-    if row["request_hash"] != request_hash:
-        raise Conflict("Idempotency-Key was already used for a different request", code="idempotency_key_reused")
+    if (row["ticker"], row["timeframe"]) != (prediction.ticker, prediction.timeframe):
+        raise IdempotencyKeyReused
     return row
 
 

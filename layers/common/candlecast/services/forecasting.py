@@ -12,7 +12,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
 from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_key
-from candlecast.errors import ModelUnavailable, NotFound
+from candlecast.errors import IdempotencyKeyReused, ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
@@ -142,7 +142,7 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     from candlecast.forecast.model import usable_candles
 
     with db.connection() as conn:
-        symbol, model_row = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
+        symbol, model_row, _ = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
     if symbol is None or model_row is None:
         raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
     model = verified_model(model_row)  # storage: outside the connection, as in create
@@ -161,7 +161,13 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     # The pooled connection is held only for database work: never across storage or Polygon, so a slow
     # dependency neither holds a pool slot nor shows up as database_unavailable.
     with db.connection() as conn:
-        symbol, model_row = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
+        symbol, model_row, keyed = model_repository.get_symbol_and_active_model(conn, ticker, timeframe,
+                                                                              idempotency_key)
+    if keyed is not None:
+        # A retry: the stored prediction, whatever candles or model came since (and without reading them).
+        if (keyed["ticker"], keyed["timeframe"]) != (ticker, timeframe):
+            raise IdempotencyKeyReused
+        return CreateResult(prediction_reads.get(str(keyed["id"]))[0], created=False)
     if symbol is None:
         raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
     if model_row is None:

@@ -1,0 +1,195 @@
+"""Stored state and dependencies that misbehave without being down: values in Redis this service did not
+write, damaged candle files, and Secrets Manager failing. Each is a clear answer (a miss, a 503 naming the
+dependency with Retry-After), never a 500 and never a foreign body served as ours."""
+
+import json
+
+import pytest
+import redis
+
+from candlecast import cache
+from tests.conftest import invoke, load_event, path_event
+from tests.test_predictions import create, get
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+FOREIGN = [b"\xff\xfe not utf-8", b"not json", b"42"]
+
+
+def _reads(prediction_id: str) -> dict:
+    """Each cached read route: (function, event) and the cache key its answer is kept under."""
+    return {
+        cache.keys.prediction(prediction_id): (
+            "predictions_get", path_event("prediction_get.json", f"/predictions/{prediction_id}", id=prediction_id)),
+        cache.keys.symbol("X:BTCUSDT"): (
+            "symbols", path_event("symbol_get.json", "/symbols/BTCUSDT", ticker="BTCUSDT")),
+        cache.keys.top_symbols(10): ("symbols", load_event("symbols_top.json")),
+        cache.keys.search("btc", 5): ("symbols", load_event("symbols_search.json")),
+        cache.keys.track_record(None): ("symbols", load_event("models_list.json")),
+        cache.keys.track_record("1h"): ("symbols", path_event("model_get.json", "/models/1h", timeframe="1h")),
+    }
+
+
+@pytest.mark.parametrize("foreign", FOREIGN, ids=["binary", "text", "number"])
+def test_a_foreign_value_under_a_cache_key_is_a_miss_and_the_answer_is_the_stored_one(seeded, foreign):
+    status, _, created = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert status == 201
+    server = redis.Redis.from_url(seeded.redis_url)
+    for key, (function, event) in _reads(created["id"]).items():
+        server.delete(key)
+        expected = invoke(function, event)
+        assert expected[0] == 200, (key, expected)
+        server.set(key, foreign)
+        assert invoke(function, event)[::2] == expected[::2], key
+    # A create reads the candles and the request pointer; foreign values there are misses too.
+    server.set(cache.keys.candles("X:BTCUSDT", "1h"), foreign)
+    server.set(cache.keys.prediction_request("X:BTCUSDT", "1h"), foreign)
+    server.set(cache.keys.prediction(created["id"]), foreign)
+    status, _, repeat = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert (status, repeat) == (200, created), repeat
+    assert get(created["id"])[2] == created
+
+
+# --- Secrets Manager ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stalled_endpoint():
+    """A TCP endpoint that accepts connections and never answers (a stalled dependency)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join(2)
+    for connection in held:
+        connection.close()
+    listener.close()
+
+
+def _secret_from(stack, monkeypatch, endpoint: str | None, variable: str, value: str | None) -> None:
+    """`variable` names a secret in moto holding `value` (None: a secret that does not exist); Secrets Manager is
+    reached at `endpoint` (None: moto). A new container: no settings, pool or secret read before."""
+    import uuid
+
+    import boto3
+
+    from tests.conftest import reset_clients
+
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:candlecast-missing-AbCdEf"
+    if value is not None:
+        secrets = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
+        arn = secrets.create_secret(Name=f"candlecast/bad-{uuid.uuid4().hex[:8]}", SecretString=value)["ARN"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", endpoint or stack.s3_endpoint_url)
+    monkeypatch.delenv(variable.removesuffix("_SECRET_ARN") if variable != "DB_SECRET_ARN" else "DATABASE_URL",
+                       raising=False)
+    monkeypatch.setenv(variable, arn)
+    reset_clients()
+
+
+@pytest.fixture
+def new_container(seeded, monkeypatch):
+    from candlecast.services import forecasting
+    from tests.conftest import reset_clients
+
+    forecasting.forget_models()
+    yield monkeypatch
+    monkeypatch.undo()
+    reset_clients()
+    forecasting.forget_models()
+
+
+CANARY = "canary-secret-value-7f3a"
+
+
+@pytest.mark.parametrize(("value", "code"), [
+    (None, "secrets_unavailable"),
+    (CANARY + " {not json", "secret_invalid"),
+    (json.dumps({"host": "db.internal", "username": "app", "note": CANARY}), "secret_invalid"),
+], ids=["missing", "not-json", "no-password"])
+def test_a_database_secret_that_cannot_be_read_is_a_503_naming_it(new_container, seeded, value, code, capfd):
+    _secret_from(seeded, new_container, None, "DB_SECRET_ARN", value)
+    for function, event in [("symbols", path_event("symbol_get.json", "/symbols/BTCUSDT", ticker="BTCUSDT")),
+                            ("predictions_create", load_event("predictions_create.json"))]:
+        status, headers, body = invoke(function, event)
+        assert (status, body["error"]["code"]) == (503, code), body
+        assert headers.get("Retry-After", "").isdigit()
+    logged = capfd.readouterr()
+    assert CANARY not in logged.out + logged.err
+
+
+def test_a_signing_key_secret_that_cannot_be_read_is_a_503_naming_it(new_container, seeded):
+    _secret_from(seeded, new_container, None, "MODEL_SIGNING_KEY_SECRET_ARN", None)
+    status, headers, body = invoke("predictions_create", load_event("predictions_create.json"))
+    assert (status, body["error"]["code"]) == (503, "secrets_unavailable"), body
+    assert headers.get("Retry-After", "").isdigit()
+
+
+def test_a_stalled_secrets_manager_fails_a_request_in_seconds_not_at_the_function_timeout(
+        new_container, seeded, stalled_endpoint):
+    import time
+
+    _secret_from(seeded, new_container, stalled_endpoint, "DB_SECRET_ARN", None)
+    started = time.monotonic()
+    status, _, body = invoke("symbols", path_event("symbol_get.json", "/symbols/BTCUSDT", ticker="BTCUSDT"))
+    elapsed = time.monotonic() - started
+    assert (status, body["error"]["code"]) == (503, "secrets_unavailable"), body
+    assert elapsed < 4.0, f"{elapsed:.1f} s"
+
+
+# --- damaged candle files -----------------------------------------------------------------------
+
+
+def _table(**changes):
+    import numpy as np
+    import pyarrow as pa
+
+    rows = 300
+    close = np.linspace(1.0, 2.0, rows)
+    columns = {"open_time": np.arange(rows, dtype=np.int64) * 3600 + 1_600_000_000, "open": close,
+               "high": close * 1.01, "low": close * 0.99, "close": close, "volume": np.ones(rows)}
+    columns.update(changes)
+    return pa.table({name: value for name, value in columns.items() if value is not None})
+
+
+DAMAGED = {
+    "no-close-column": lambda: _table(close=None),
+    "text-prices": lambda: _table(close=["n/a"] * 300),
+    "times-past-year-9999": lambda: _table(open_time=_table()["open_time"].to_numpy() + 10**13),
+    "times-descending": lambda: _table(open_time=_table()["open_time"].to_numpy()[::-1].copy()),
+    "times-repeated": lambda: _table(open_time=[1_600_000_000] * 300),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
+def test_a_damaged_candle_file_is_refused_by_name_and_nothing_is_stored(seeded, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from candlecast import storage
+    from tests.test_predictions import stored_predictions
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(DAMAGED[damage](), sink)
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), sink.getvalue().to_pybytes())
+    before = stored_predictions(seeded.database_url)
+    status, headers, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert (status, body["error"]["code"]) == (503, "storage_unavailable"), body
+    assert "unreadable" in body["error"]["message"] and headers.get("Retry-After", "").isdigit()
+    assert stored_predictions(seeded.database_url) == before
