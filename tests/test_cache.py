@@ -333,3 +333,22 @@ def test_a_truncated_or_altered_entry_reads_as_a_miss(server):
     assert cache.get_prediction_bytes("p1") is None
     server.set(key, whole)
     assert cache.get_prediction_bytes("p1") == b'{"id": "p1", "steps": []}'
+
+
+def test_a_key_of_another_type_is_a_miss_for_that_key_only_not_an_outage(server):
+    server.rpush(cache.keys.prediction("p1"), b"a list, not a string")
+    cache.set_symbol_bytes("X:BTCUSD", b"{}")
+    assert cache.get_prediction_bytes("p1") is None
+    assert not cache.is_down()
+    assert cache.get_symbol_bytes("X:BTCUSD") == b"{}"  # the cache still serves every other key
+
+
+def test_a_refused_write_skips_that_write_and_reads_go_on(server):
+    cache.set_symbol_bytes("X:BTCUSD", b"{}")
+    server.config_set("maxmemory", "1")  # every write is refused with OOM; reads still answer
+    try:
+        assert cache.set_prediction_bytes("p1", b"{}") is False
+        assert not cache.is_down()
+        assert cache.get_symbol_bytes("X:BTCUSD") == b"{}"
+    finally:
+        server.config_set("maxmemory", "0")

@@ -189,6 +189,31 @@ def test_a_step_whose_candle_is_missing_stays_unscored_and_keeps_its_prediction(
     assert rows(url(), "SELECT count(*) FROM prediction_scores WHERE prediction_id = %s", prediction_id)[0][0] == 4
 
 
+@pytest.mark.parametrize("damage", [b"PAR1 not parquet PAR1", "no-close-column"])
+def test_a_damaged_candle_file_fails_its_predictions_only_and_the_run_scores_the_others(track, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = recent_start(200)
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", wavy_history(200, start))
+    damaged, intact = create("X:SOLUSD"), create(SYMBOL)
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", with_later(storage.read_all_candles(ticker, "1h"), [100.0] * 3))
+    if isinstance(damage, bytes):
+        data = damage
+    else:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"open_time": [start], "open": [1.0]}), sink)
+        data = sink.getvalue().to_pybytes()
+    storage.put_bytes(storage.candles_key("X:SOLUSD", "1h"), data)
+    report = scoring.run(60)
+    assert report.scored == 3
+    assert [line.split(":")[0] for line in report.failed] == [damaged["id"]]
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {
+        uuid.UUID(intact["id"])}
+
+
 def next_look(prediction_id: uuid.UUID) -> datetime | None:
     return rows(url(), "SELECT score_next_at FROM predictions WHERE id = %s", prediction_id)[0][0]
 

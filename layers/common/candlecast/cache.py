@@ -184,11 +184,22 @@ def _opened(raw: bytes | None) -> bytes | None:
     return data if zlib.crc32(data).to_bytes(4, "big") == raw[len(_SEAL):_SEALED_HEADER] else None
 
 
+_refusal_logged_at = 0.0
+REFUSAL_LOG_SECONDS = 60.0  # a refusal (out of memory, a key of another type) is logged this often at most
+
+
 def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None) -> Any:
+    global _refusal_logged_at
     if _down:
         return default
     try:
         return operation(get_client())
+    except redis.ResponseError as error:
+        # Redis answered, refusing this one command: the cache is up, and only this read or write is skipped.
+        if time.monotonic() - _refusal_logged_at > REFUSAL_LOG_SECONDS:
+            _refusal_logged_at = time.monotonic()
+            logger.warning("cache refused a command", extra={"error": str(error).split(" ", 1)[0][:20]})  # its code
+        return default
     except redis.RedisError as error:
         _mark_down(error)
         return default

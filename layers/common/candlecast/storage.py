@@ -366,6 +366,20 @@ def _read_tail(handle: Any, last_n: int | None) -> "Candles":
     return candles if last_n is None else candles.tail(last_n)
 
 
+def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str) -> "Candles":
+    """`read()`'s candles, or StorageUnavailable naming the file when it is not ours: not Parquet, other
+    columns or types, or open times that do not rise (a forecast would continue the wrong candle)."""
+    try:
+        candles = read()
+        damage = candles.damage()
+    except (ValueError, TypeError, KeyError) as error:
+        damage = f"{type(error).__name__}: {error}"[:300]
+    if damage is not None:
+        logger.error("unreadable candle file", extra={"key": key, "error": damage})
+        raise StorageUnavailable(f"the {timeframe} candle file of {ticker} is unreadable")
+    return candles
+
+
 def _remember(key: str, etag: str, candles: "Candles", requested: int) -> None:
     with _lock:
         _memory[key] = (etag, candles, requested)
@@ -431,14 +445,7 @@ def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = 
         candles = _recalled(key, etag, last_n) if use_cache and etag else None
         if candles is None:
             started = time.perf_counter()
-            try:
-                candles = _read_tail(handle, last_n)
-                damage = candles.damage()
-            except (ValueError, TypeError, KeyError) as error:  # not Parquet, or not our columns and types
-                damage = f"{type(error).__name__}: {error}"[:300]
-            if damage is not None:
-                logger.error("unreadable candle file", extra={"key": key, "error": damage})
-                raise StorageUnavailable(f"the {timeframe} candle file of {ticker} is unreadable")
+            candles = _checked(lambda: _read_tail(handle, last_n), key, ticker, timeframe)
             elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
             logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
             if use_cache and etag:
@@ -457,10 +464,10 @@ def stored_timeframes(ticker: str) -> list[str]:
 
 
 def read_all_candles(ticker: str, timeframe: str) -> "Candles | None":
-    """Every candle in the symbol's file (ingest merges into it), bypassing the caches."""
+    """Every candle in the symbol's file (ingest merges into it, scoring reads outcomes), bypassing the caches."""
     key = candles_key(ticker, timeframe)
     data = get_bytes(key)
-    return None if data is None else parquet_to_candles(data)
+    return None if data is None else _checked(lambda: parquet_to_candles(data), key, ticker, timeframe)
 
 
 def bucket_url() -> str:
