@@ -194,9 +194,8 @@ def test_a_damaged_candle_file_fails_its_predictions_only_and_the_run_scores_the
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    start = recent_start(200)
-    for ticker in (SYMBOL, "X:SOLUSD"):
-        storage.write_candles(ticker, "1h", wavy_history(200, start))
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
     damaged, intact = create("X:SOLUSD"), create(SYMBOL)
     for ticker in (SYMBOL, "X:SOLUSD"):
         storage.write_candles(ticker, "1h", with_later(storage.read_all_candles(ticker, "1h"), [100.0] * 3))
@@ -204,7 +203,7 @@ def test_a_damaged_candle_file_fails_its_predictions_only_and_the_run_scores_the
         data = damage
     else:
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.table({"open_time": [start], "open": [1.0]}), sink)
+        pq.write_table(pa.table({"open_time": history.open_time[:1], "open": [1.0]}), sink)
         data = sink.getvalue().to_pybytes()
     storage.put_bytes(storage.candles_key("X:SOLUSD", "1h"), data)
     report = scoring.run(60)
