@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if server is not None:
             server.server_close()
-        _close_clients()
+        with contextlib.suppress(Exception):  # the in-process pool and clients, before their servers go away
+            from candlecast.snapstart import forget_connections_and_secrets
+
+            forget_connections_and_secrets()
         if stack is not None:
             stack.close()
         print("stopped", flush=True)
@@ -168,22 +171,6 @@ def _describe(stack: LocalStack) -> None:
           + (f" (data dir {stack.postgres.data_dir})" if stack.postgres else ""), flush=True)
     print(f"  redis     {origin(stack.redis)} {stack.redis_url}", flush=True)
     print(f"  s3        {origin(stack.s3)} {stack.s3_endpoint_url} bucket {stack.bucket}", flush=True)
-
-
-def _close_clients() -> None:
-    """Close the pool and clients the functions opened, before their servers go away."""
-    with contextlib.suppress(Exception):
-        from candlecast import db
-
-        db.close_pool()
-    with contextlib.suppress(Exception):
-        from candlecast import cache
-
-        cache.reset_client()
-    with contextlib.suppress(Exception):
-        from candlecast import storage
-
-        storage.reset_clients()
 
 
 if __name__ == "__main__":

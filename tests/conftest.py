@@ -20,16 +20,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def reset_clients() -> None:
     """Forget per-container clients and settings, as a new Lambda container would."""
-    from candlecast import cache, db
-    from candlecast.config import forget_secrets, get_settings
+    from candlecast.config import get_settings
+    from candlecast.snapstart import forget_connections_and_secrets
 
     get_settings.cache_clear()
-    forget_secrets()
-    db.close_pool()
-    cache.reset_client()
-    from candlecast import storage
-
-    storage.reset_clients()
+    forget_connections_and_secrets()
 
 
 def empty_bucket(bucket: str) -> None:
