@@ -28,6 +28,9 @@ def event(name: str, **changes) -> dict:
 
 
 def percentile(samples: list[float], fraction: float) -> float:
+    """Nearest rank; 0.0 for no samples."""
+    if not samples:
+        return 0.0
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 

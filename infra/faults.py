@@ -33,6 +33,7 @@ from pathlib import Path
 
 import httpx
 
+from infra.bench import percentile
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.served_stack import ServedStack, signal_all
 
@@ -54,13 +55,6 @@ class Sample:
     @property
     def ended(self) -> float:
         return self.started + self.seconds
-
-
-def percentile(values: list[float], share: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def sample_combos(data_dir: Path) -> list[tuple[str, str]]:
