@@ -104,14 +104,14 @@ def test_train_evaluate_only_prints_the_walk_forward_comparison_and_writes_no_mo
                  "--folds", "3", "--test-fraction", "0.7", "--holdout-bars", "0", "--evaluate-only"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert result["would_ship"] == "baseline" and not out.exists()
-    assert {"baseline", "garch-t", "gaussian-rw", "conformal-rw"} == set(result["methods"])
+    assert result["would_ship"] in ("baseline", "garch-scale", "combined") and not out.exists()
+    assert {"baseline", "garch-scale", "combined", "garch-t", "gaussian-rw", "conformal-rw"} == set(result["methods"])
     assert "5 series" in captured.err and "| conformal-rw |" in captured.err
     assert (reports / "1m" / "comparison.png").read_bytes().startswith(b"\x89PNG")
     # The full run on the same data: a signed model, its manifest entry, and the report with the methods' rows.
     assert main(["train", "--timeframe", "1m", "--data", str(data), "--out", str(out), "--reports", str(reports),
                  "--folds", "3", "--test-fraction", "0.7", "--holdout-bars", "0"]) == 0
-    assert json.loads(capsys.readouterr().out)["shipped"] == "baseline"
+    assert json.loads(capsys.readouterr().out)["shipped"] == result["would_ship"]  # the same walk-forward
     assert (out / "1m.pkl").exists() and (out / "1m.pkl.sig").exists()
     assert "conformal-rw" in json.loads((out / "manifest.json").read_text())["1m"]["metrics"]["comparison"]["methods"]
     assert (reports / "1m" / "report.png").read_bytes().startswith(b"\x89PNG")

@@ -31,7 +31,7 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
     loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
     if not loaded:
         raise ValueError(f"no OHLCV files that give {timeframe} under {data_dir}")
-    origins = build_origins(loaded, model.config)
+    origins = build_origins(loaded, model.config, progress)
     origins = origins.take(np.isfinite(origins.log_return).any(axis=1))
     if len(origins) == 0:
         raise ValueError(f"the {timeframe} series under {data_dir} are too short for a backtest")
@@ -43,7 +43,7 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
 
         q, base_q, confidence = model_outputs(model, origins)
         candidates = {"candlecast": (origins.scale[..., None] * q, confidence)}
-        if model.kind != "baseline":  # the file's own baseline; its confidence map is not stored: raw confidence
+        if model.method != "baseline":  # the file's own baseline; its confidence map is not stored: raw confidence
             base_log_q = origins.scale[..., None] * base_q
             candidates["baseline"] = (base_log_q, raw_confidence(base_log_q, np.ones(q.shape[:-1]),
                                                                  model.config.tolerance))
@@ -53,6 +53,7 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
         "model": model.name,
         "version": model.version,
         "kind": model.kind,
+        "method": model.method,
         "timeframe": timeframe,
         "symbols": sorted({series.pair for series, _ in loaded}),
         "pinball_reference": "the model file's baseline (random walk, EWMA σ·√h, empirical quantiles)",

@@ -48,7 +48,7 @@ def bench_forecast(models_dir: Path = MODELS_DIR, runs: int = 500) -> dict[str, 
             model.predict(tail)
             timings.append((time.perf_counter() - started) * 1000)
         timings.sort()
-        label = f"{timeframe} {model.kind}"
+        label = f"{timeframe} {model.method}"
         figures[f"30-step inference p50, {label}"] = f"{statistics.median(timings):.3f} ms"
         figures[f"30-step inference p95, {label}"] = f"{timings[int(0.95 * len(timings)) - 1]:.3f} ms"
         figures[f"model verify + load (first), {label}"] = f"{load_ms:.1f} ms"

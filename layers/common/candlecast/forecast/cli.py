@@ -77,7 +77,8 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     comparison = entry["metrics"]["comparison"]
     print(comparison_text(args.timeframe, comparison), file=sys.stderr)
-    print(json.dumps({"timeframe": args.timeframe, "shipped": entry["kind"], "version": entry["version"],
+    print(json.dumps({"timeframe": args.timeframe, "shipped": entry["metrics"]["shipped"], "kind": entry["kind"],
+                      "version": entry["version"],
                       "reason": entry["metrics"]["reason"],
                       "held_out_symbols": entry["metrics"]["held_out_symbols"],
                       "methods": headline_scores(comparison), "report": entry.get("report")}, indent=2))
@@ -112,6 +113,7 @@ def scorecard_command(args: argparse.Namespace) -> int:
 
 PEER_LABELS = {"garch-t": "GARCH-t", "gaussian-rw": "Gaussian RW", "conformal-rw": "conformal RW",
                "baseline": "own baseline"}  # the summary's column order
+CANDIDATES = {"learned", "garch-scale", "combined"}  # the model's own candidates besides its baseline: not peers
 README_BEGIN, README_END = "<!-- scorecard --summary: begin -->", "<!-- scorecard --summary: end -->"
 
 
@@ -128,7 +130,7 @@ def summary_table(manifest: dict) -> str:
     rows = {tf: manifest[tf] for tf in TIMEFRAMES if "comparison" in manifest.get(tf, {}).get("metrics", {})}
     names = {name for entry in rows.values() for name in entry["metrics"]["comparison"]["methods"]}
     order = list(PEER_LABELS)
-    peers = sorted(names - {"learned"}, key=lambda name: (order.index(name) if name in order else len(order), name))
+    peers = sorted(names - CANDIDATES, key=lambda name: (order.index(name) if name in order else len(order), name))
     header = ["tf", "shipped", "pin5"] + [f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers] + [
         "cov80 / cov95 (range over h)", "ECE (worst bin)", "origins", "train_end"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

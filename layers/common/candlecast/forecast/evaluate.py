@@ -7,6 +7,7 @@ import numpy as np
 
 from candlecast.candles import Candles
 from candlecast.forecast.features import MEDIAN, QUANTILES, TimeframeConfig, origin_features
+from candlecast.forecast.garch import series_states
 from candlecast.forecast.model import HORIZONS, ForecastModel, raw_confidence
 
 _NO_LABEL = np.iinfo(np.int64).max
@@ -24,6 +25,7 @@ class Origins:
     close: np.ndarray  # (n,)
     log_return: np.ndarray  # (n, 30) ln C(t+h) − ln C(t)
     label_time: np.ndarray  # (n, 30) open time of candle t+h (int64 max when absent)
+    garch: np.ndarray  # (n, 3) the series' own GARCH(1,1) state at the origin (`garch.series_states`)
 
     def __len__(self) -> int:
         return len(self.time)
@@ -52,6 +54,7 @@ def series_origins(index: int, candles: Candles, config: TimeframeConfig) -> Ori
     log_close = np.log(candles.close)
     log_return = np.where(present, log_close[target] - log_close[origin][:, None], np.nan)
     label_time = np.where(present, candles.open_time[target], _NO_LABEL)
+    states = series_states(log_close, origin, config.lookback - 1, sigma[origin])
     return Origins(
         series=np.full(len(origin), index),
         time=candles.open_time[origin],
@@ -60,11 +63,17 @@ def series_origins(index: int, candles: Candles, config: TimeframeConfig) -> Ori
         close=candles.close[origin],
         log_return=log_return,
         label_time=label_time,
+        garch=states,
     )
 
 
-def build_origins(loaded: list, config: TimeframeConfig) -> Origins:
-    parts = [series_origins(i, candles, config) for i, (_, candles) in enumerate(loaded)]
+def build_origins(loaded: list, config: TimeframeConfig, progress: bool = False) -> Origins:
+    items = enumerate(loaded)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, total=len(loaded), desc="origins (GARCH fits)", unit="series", leave=False)
+    parts = [series_origins(i, candles, config) for i, (_, candles) in items]
     return Origins(*(np.concatenate([getattr(p, name) for p in parts]) for name in Origins.__dataclass_fields__))
 
 
@@ -141,7 +150,7 @@ def metrics(origins: Origins, q: np.ndarray, base_q: np.ndarray, confidence: np.
 
 def model_outputs(model: ForecastModel, origins: Origins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z-quantiles, baseline z-quantiles, confidence) of a model at `origins`."""
-    q = model.z_quantiles(origins.features)
+    q = model.z_quantiles(origins.features, origins.garch)
     base_q = model.baseline_z_quantiles(origins.features)
     return q, base_q, model.confidence(q, origins.sigma)
 

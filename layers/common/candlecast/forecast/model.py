@@ -5,7 +5,12 @@ Model dict (format 1), written by candlecast.forecast.train and signed by candle
   quantiles (7,), baseline_q (30, 7) calibrated z-quantiles of the baseline,
   trees (None or dict of flat tree arrays, see `evaluate_trees`), conformal (30, 3) widening of the
   95/80/50% intervals for the trees, wick (float), confidence_x / confidence_y (isotonic map knots),
-  volatility (None, or GARCH-style weights: see `volatility_factor`).
+  volatility (None, or GARCH-style weights: see `volatility_factor`),
+  method (optional: 'baseline'|'learned'|'garch-scale'|'combined'; default `kind`),
+  garch (None, or the series' own GARCH(1,1) fitted at the origin, see `candlecast.forecast.garch`: quantiles
+  (30, 7) z-quantiles in units of its scale σ·√h·g(h); weight w of the file's own quantiles (trees, else the
+  baseline) in the quantile average w·own + (1 − w)·GARCH (0: GARCH alone); conformal (30, 3) widening of that
+  average).
 """
 
 import io
@@ -23,6 +28,7 @@ from candlecast.forecast.features import (
     TimeframeConfig,
     origin_features,
 )
+from candlecast.forecast.garch import scale_factor, series_states
 from candlecast.timeframes import FORECAST_STEPS
 
 FORMAT = 1
@@ -141,13 +147,27 @@ class ForecastModel:
         self.confidence_x = np.asarray(payload["confidence_x"], dtype=np.float64)
         self.confidence_y = np.asarray(payload["confidence_y"], dtype=np.float64)
         self.volatility = payload.get("volatility")
+        self.method = payload.get("method", self.kind)
+        self.garch = payload.get("garch")
         # Features are only ever appended, so a file trained on a prefix of today's set reads the same columns.
         if list(FEATURES[: len(self.features)]) != self.features:
             raise ValueError("model features do not match this code's feature set")
 
     # -- z-quantiles -----------------------------------------------------------------------------------
-    def z_quantiles(self, origin_rows: np.ndarray) -> np.ndarray:
-        """Calibrated z-quantiles (n, 30, 7) in units of σ·√h for origin feature rows (n, len(ORIGIN_FEATURES))."""
+    def z_quantiles(self, origin_rows: np.ndarray, garch_states: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated z-quantiles (n, 30, 7) in units of σ·√h for origin feature rows (n, len(ORIGIN_FEATURES));
+        a file with a GARCH part also needs the origins' GARCH states (n, 3) (`garch.series_states`)."""
+        if self.garch is None:
+            return self.own_quantiles(origin_rows)
+        if garch_states is None:
+            raise ValueError("this model needs the GARCH state of each origin")
+        weight = float(self.garch["weight"])
+        member = np.asarray(self.garch["quantiles"])[None] * scale_factor(garch_states)[..., None]
+        mixed = member if weight == 0 else weight * self.own_quantiles(origin_rows) + (1 - weight) * member
+        return widen(mixed, np.asarray(self.garch["conformal"], dtype=np.float64))
+
+    def own_quantiles(self, origin_rows: np.ndarray) -> np.ndarray:
+        """The trees' (else the baseline's) calibrated z-quantiles (n, 30, 7), without the GARCH part."""
         factor = volatility_factor(origin_rows, self.volatility)[..., None]
         if self.trees is None:
             return self.baseline_q[None] * factor
@@ -183,7 +203,9 @@ class ForecastModel:
             raise ValueError("at least 3 candles with positive prices are needed for a forecast")
         rows, sigma = origin_features(recent, self.config)
         origin, sigma_now = rows[-1:], sigma[-1:]
-        q = self.z_quantiles(origin)
+        states = None if self.garch is None else series_states(np.log(recent.close), np.array([len(recent) - 1]),
+                                                               self.lookback - 1, sigma_now)
+        q = self.z_quantiles(origin, states)
         confidence = self.confidence(q, sigma_now)[0]
         last_close = float(recent.close[-1])
         scale = sigma_now[0] * np.sqrt(HORIZONS)
