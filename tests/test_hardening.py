@@ -209,6 +209,15 @@ def test_a_failing_upstream_is_asked_once_per_symbol_and_timeframe_and_never_quo
             assert 1 <= item.retry_after <= cache.TTL_SECONDS["upstream_failure"]
 
 
+def test_a_remembered_failure_from_a_container_whose_clock_runs_ahead_asks_no_longer_than_it_is_kept():
+    import time as clock
+
+    ahead = {"status": 503, "code": "polygon_unavailable", "message": "m", "until": clock.time() + 3600}
+    assert ingest._failure_error(ahead).retry_after == cache.TTL_SECONDS["upstream_failure"]
+    behind = dict(ahead, until=clock.time() - 3600)
+    assert ingest._failure_error(behind).retry_after == 1
+
+
 # --- log redaction ------------------------------------------------------------------------------
 
 
@@ -233,6 +242,19 @@ def test_every_part_of_a_log_record_is_redacted(monkeypatch, capsys):
     assert record["message"] == "failed with Bearer [redacted]"
     assert record["detail"] == {"key": "[redacted]", "list": ["[redacted]"]}
     assert "RuntimeError" in record["exception"] and "[redacted]" in record["exception"]
+
+
+def test_the_redis_password_and_the_aws_credentials_are_redacted_too(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "rediss://default:canary-redis-auth@cache.internal:6379/0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-aws-secret-key")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "canary-aws-session-token")
+    # botocore's debug log of a signed request, and a URL as a library might print it
+    record = logging.LogRecord("botocore.endpoint", logging.DEBUG, __file__, 1, "headers %s to %s",
+                               ({"X-Amz-Security-Token": "canary-aws-session-token",
+                                 "secret": "canary-aws-secret-key"}, "rediss://default:canary-redis-auth@cache"),
+                               None)
+    redaction.RedactSecrets().filter(record)
+    assert "canary" not in record.getMessage(), record.getMessage()
 
 
 def test_records_without_secrets_are_left_alone(monkeypatch):

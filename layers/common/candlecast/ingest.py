@@ -398,7 +398,8 @@ def _failure_error(failure: dict) -> CandlecastError:
     code, message = str(failure.get("code", "polygon_unavailable")), str(failure.get("message", ""))
     if failure.get("status") == 404:
         return NotFound(message, code=code)
-    seconds = float(failure.get("until", 0)) - time.time()
+    # Written by any container: a clock running ahead must not ask for more than the entry is kept.
+    seconds = min(float(failure.get("until", 0)) - time.time(), cache.TTL_SECONDS["upstream_failure"])
     return ServiceUnavailable(message, code=code, retry_after=max(1, math.ceil(seconds)))
 
 

@@ -1,7 +1,8 @@
 """A logging filter that removes the configured secrets from every log record.
 
-The secrets: the database password (from DATABASE_URL or the Secrets Manager secret), the model signing
-key and the Polygon API key, plus any value read from Secrets Manager. Message, arguments, extra fields,
+The secrets: the database and Redis passwords (from DATABASE_URL, REDIS_URL or the Secrets Manager secret), the
+model signing key, the Polygon API key and the function's AWS credentials (botocore's debug log prints the
+session token), plus any value read from Secrets Manager. Message, arguments, extra fields,
 exception text and stack are all checked; a match becomes `[redacted]`.
 """
 
@@ -15,7 +16,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 REDACTED = "[redacted]"
 MIN_SECRET_LENGTH = 4  # shorter values would redact ordinary words
-SECRET_VARIABLES = ("MODEL_SIGNING_KEY", "POLYGON_API_KEY")
+SECRET_VARIABLES = ("MODEL_SIGNING_KEY", "POLYGON_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+URL_VARIABLES = ("DATABASE_URL", "REDIS_URL")  # their passwords
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _registered: set[str] = set()
 _lock = threading.Lock()
@@ -32,7 +34,7 @@ def register(*values: str | None) -> None:
         _registered.update(value for value in values if value)
 
 
-def _database_password(url: str) -> str | None:
+def _url_password(url: str) -> str | None:
     try:
         password = urlsplit(url).password
     except ValueError:
@@ -45,7 +47,7 @@ def _database_password(url: str) -> str | None:
 
 def secrets() -> frozenset[str]:
     found = {os.environ.get(name) for name in SECRET_VARIABLES}
-    found.add(_database_password(os.environ.get("DATABASE_URL", "")))
+    found |= {_url_password(os.environ.get(name, "")) for name in URL_VARIABLES}
     with _lock:
         found |= _registered
     variants = set()
