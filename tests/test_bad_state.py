@@ -3,6 +3,7 @@ write, damaged candle files, and Secrets Manager failing. Each is a clear answer
 dependency with Retry-After), never a 500 and never a foreign body served as ours."""
 
 import json
+import os
 
 import pytest
 import redis
@@ -193,3 +194,64 @@ def test_a_damaged_candle_file_is_refused_by_name_and_nothing_is_stored(seeded, 
     assert (status, body["error"]["code"]) == (503, "storage_unavailable"), body
     assert "unreadable" in body["error"]["message"] and headers.get("Retry-After", "").isdigit()
     assert stored_predictions(seeded.database_url) == before
+
+
+# --- a rotated database password ----------------------------------------------------------------
+
+
+@pytest.fixture
+def password_role(seeded, needs_embedded_postgres):
+    """A role that must give its password (scram), though the embedded server trusts every other role."""
+    import psycopg
+
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        hba_file = conn.execute("SHOW hba_file").fetchone()[0]
+        with open(hba_file) as file:
+            trusted = file.read()
+        with open(hba_file, "w") as file:
+            file.write("local all rotated scram-sha-256\nhost all rotated 127.0.0.1/32 scram-sha-256\n" + trusted)
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("DROP ROLE IF EXISTS rotated")
+        conn.execute("CREATE ROLE rotated LOGIN PASSWORD 'first-password'")
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO rotated")
+    yield
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        with open(hba_file, "w") as file:
+            file.write(trusted)
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotated'")
+        conn.execute("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM rotated")
+        conn.execute("DROP ROLE rotated")
+
+
+def test_a_rotated_database_password_is_picked_up_without_a_new_container(new_container, seeded, password_role):
+    import time
+
+    import boto3
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(seeded.database_url)
+    secret = {"host": params["host"], "port": int(params.get("port") or 5432), "dbname": params["dbname"],
+              "username": "rotated", "password": "first-password", "sslmode": "disable"}
+    _secret_from(seeded, new_container, None, "DB_SECRET_ARN", json.dumps(secret))
+    event = path_event("symbol_get.json", "/symbols/BTCUSDT", ticker="BTCUSDT")
+    assert invoke("symbols", event)[0] == 200
+    arn = os.environ["DB_SECRET_ARN"]
+    # Rotation as Secrets Manager does it: the role's password and the secret change, old sessions end.
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        conn.execute("ALTER ROLE rotated PASSWORD 'second-password'")
+        boto3.client("secretsmanager", endpoint_url=seeded.s3_endpoint_url, region_name="us-east-1").put_secret_value(
+            SecretId=arn, SecretString=json.dumps({**secret, "password": "second-password"}))
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotated'")
+    server = redis.Redis.from_url(seeded.redis_url)
+    answers, deadline = [], time.monotonic() + 10
+    while time.monotonic() < deadline:
+        server.delete(cache.keys.symbol("X:BTCUSDT"))
+        status, headers, body = invoke("symbols", event)
+        answers.append(status)
+        if status == 200:
+            break
+        assert (status, body["error"]["code"]) == (503, "database_unavailable") and "Retry-After" in headers
+        time.sleep(0.5)
+    assert answers[-1] == 200, answers

@@ -104,14 +104,14 @@ def get_database_settings() -> DatabaseSettings:
         raise ConfigurationError(_describe(error)) from None
 
 
-def _secret(arn: str) -> str:
+def _secret(arn: str, *, refresh: bool = False) -> str:
     """The secret's value, which the log filter then redacts wherever it appears (and, for a JSON secret such
     as the database's, each of its longer string values). SecretsUnavailable (503) when it cannot be read:
     the log and the answer name the failure's class only, never Secrets Manager's text."""
     from candlecast import redaction
 
     try:
-        value = _fetch_secret(arn)
+        value = _fetch_secret(arn, refresh=refresh)
     except Exception as error:
         from aws_lambda_powertools import Logger
 
@@ -148,9 +148,10 @@ def forget_secrets() -> None:
     _secrets_provider.cache_clear()
 
 
-def _fetch_secret(arn: str) -> str:
+def _fetch_secret(arn: str, *, refresh: bool = False) -> str:
     """From the Parameters and Secrets Lambda Extension when it is attached (no boto3 on the cold path),
-    else, or when it fails, from the Secrets Manager API through Powertools (boto3, cached 5 minutes)."""
+    else, or when it fails, from the Secrets Manager API through Powertools (boto3, cached 5 minutes;
+    `refresh` asks again now; the extension keeps its own copy up to its TTL)."""
     if port := os.environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"):
         try:
             return _secret_from_extension(arn, int(port))
@@ -159,7 +160,7 @@ def _fetch_secret(arn: str) -> str:
 
             Logger(child=True).warning("secrets extension unavailable; using the Secrets Manager API",
                                        extra={"error": type(error).__name__})
-    value = _secrets_provider().get(arn, max_age=300)
+    value = _secrets_provider().get(arn, max_age=300, force_fetch=refresh)
     if not isinstance(value, str):
         raise TypeError("the secret is not a string")
     return value
@@ -184,7 +185,8 @@ def _secret_from_extension(arn: str, port: int) -> str:
     return json.loads(body)["SecretString"]
 
 
-def database_conninfo(settings: DatabaseSettings) -> str:
+def database_conninfo(settings: DatabaseSettings, *, refresh: bool = False) -> str:
+    """The connection string; from the secret (read again when `refresh`) unless DATABASE_URL is set."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
     import json
@@ -193,7 +195,7 @@ def database_conninfo(settings: DatabaseSettings) -> str:
     from psycopg.conninfo import make_conninfo
 
     try:
-        secret = json.loads(_secret(settings.db_secret_arn))
+        secret = json.loads(_secret(settings.db_secret_arn, refresh=refresh))
         return make_conninfo(
             host=secret["host"],
             port=secret.get("port", 5432),

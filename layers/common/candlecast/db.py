@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from candlecast.config import database_conninfo, get_settings
-from candlecast.errors import DatabaseUnavailable
+from candlecast.errors import CandlecastError, DatabaseUnavailable
 
 logger = Logger(child=True)
 _pool: ConnectionPool | None = None
@@ -178,9 +178,33 @@ def _deadline(conn: psycopg.Connection, seconds: float | None = None) -> Iterato
 
 def _unavailable(error: Exception, what: str) -> DatabaseUnavailable:
     global _down_until
-    _down_until = time.monotonic() + FAIL_FAST_SECONDS
     logger.warning(what, extra={"error": type(error).__name__})
+    _reread_credentials()
+    _down_until = time.monotonic() + FAIL_FAST_SECONDS
     return DatabaseUnavailable("the database is unavailable; try again shortly")
+
+
+# Credentials from Secrets Manager are read again at most this often while connecting fails.
+REREAD_CREDENTIALS_SECONDS = 30.0
+_credentials_read_at = 0.0
+
+
+def _reread_credentials() -> None:
+    """After a failure, with credentials from Secrets Manager: read the secret again (at most every 30 s), and
+    when it has changed (a rotation) open a new pool with it. The pool's connection string is fixed when it is
+    made; without this a rotated password would fail every new connection until the container is replaced."""
+    global _credentials_read_at
+    settings = get_settings()
+    if settings.db_secret_arn is None or time.monotonic() - _credentials_read_at < REREAD_CREDENTIALS_SECONDS:
+        return
+    _credentials_read_at = time.monotonic()
+    try:
+        fresh = database_conninfo(settings, refresh=True)
+    except CandlecastError:  # Secrets Manager failing too: the next failure after the interval asks again
+        return
+    if _pool is not None and fresh != _pool.conninfo:
+        logger.warning("database credentials changed; opening a new pool")
+        close_pool()
 
 
 _batch_budget: ContextVar[float | None] = ContextVar("db_batch_budget", default=None)
