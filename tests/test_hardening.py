@@ -257,6 +257,17 @@ def test_the_redis_password_and_the_aws_credentials_are_redacted_too(monkeypatch
     assert "canary" not in record.getMessage(), record.getMessage()
 
 
+def test_a_json_secret_redacts_its_password_not_the_names_beside_it():
+    from candlecast import config
+
+    document = json.dumps({"host": "db.internal.example", "username": "service_user", "dbname": "candlecast",
+                           "password": "canary-db-password", "api_key": "canary-api-key"})
+    config.register_secret(document)
+    assert redaction.redact("loaded candlecast-1h-learned from db.internal.example as service_user") == \
+        "loaded candlecast-1h-learned from db.internal.example as service_user"
+    assert "canary" not in redaction.redact(f"canary-db-password canary-api-key {document}")
+
+
 def test_records_without_secrets_are_left_alone(monkeypatch):
     monkeypatch.setenv("POLYGON_API_KEY", "canary-polygon-1234")
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "ticker %s", ("X:BTCUSD",), None)

@@ -1,6 +1,8 @@
 """Configuration from the environment, validated once per container by pydantic-settings."""
 
+import json
 import os
+import re
 from functools import lru_cache
 from typing import Literal
 
@@ -105,11 +107,9 @@ def get_database_settings() -> DatabaseSettings:
 
 
 def _secret(arn: str, *, refresh: bool = False) -> str:
-    """The secret's value, which the log filter then redacts wherever it appears (and, for a JSON secret such
-    as the database's, each of its longer string values). SecretsUnavailable (503) when it cannot be read:
-    the log and the answer name the failure's class only, never Secrets Manager's text."""
-    from candlecast import redaction
-
+    """The secret's value, which the log filter then redacts wherever it appears (register_secret).
+    SecretsUnavailable (503) when it cannot be read: the log and the answer name the failure's class only,
+    never Secrets Manager's text."""
     try:
         value = _fetch_secret(arn, refresh=refresh)
     except Exception as error:
@@ -117,16 +117,27 @@ def _secret(arn: str, *, refresh: bool = False) -> str:
 
         Logger(child=True).warning("secret unavailable", extra={"error": type(error).__name__})
         raise SecretsUnavailable("a secret could not be read from Secrets Manager; try again shortly") from None
+    register_secret(value)
+    return value
+
+
+_SECRET_FIELD = re.compile(r"password|secret|token|key", re.IGNORECASE)
+
+
+def register_secret(value: str) -> None:
+    """Redact a value read from Secrets Manager from every log record: the value, and for a JSON document
+    its password-like fields. Its host, user and database names are not secrets, and redacting them would
+    blank ordinary words such as the service's own name."""
+    from candlecast import redaction
+
     redaction.register(value)
     try:
-        import json
-
         document = json.loads(value)
-        if isinstance(document, dict):
-            redaction.register(*(item for item in document.values() if isinstance(item, str) and len(item) >= 8))
     except ValueError:
-        pass
-    return value
+        return
+    if isinstance(document, dict):
+        redaction.register(*(item for name, item in document.items()
+                             if isinstance(item, str) and _SECRET_FIELD.search(str(name))))
 
 
 # Secrets Manager is asked once per container (values are kept 5 minutes): a stalled endpoint must fail a
@@ -169,7 +180,6 @@ def _fetch_secret(arn: str, *, refresh: bool = False) -> str:
 def _secret_from_extension(arn: str, port: int) -> str:
     """GET localhost:{port}/secretsmanager/get, authenticated by the function's session token."""
     import http.client
-    import json
     from urllib.parse import quote
 
     connection = http.client.HTTPConnection("localhost", port, timeout=2)
@@ -189,8 +199,6 @@ def database_conninfo(settings: DatabaseSettings, *, refresh: bool = False) -> s
     """The connection string; from the secret (read again when `refresh`) unless DATABASE_URL is set."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
-    import json
-
     import psycopg
     from psycopg.conninfo import make_conninfo
 
