@@ -255,3 +255,28 @@ def test_a_rotated_database_password_is_picked_up_without_a_new_container(new_co
         assert (status, body["error"]["code"]) == (503, "database_unavailable") and "Retry-After" in headers
         time.sleep(0.5)
     assert answers[-1] == 200, answers
+
+
+# --- a models row whose registered figures are malformed ----------------------------------------
+
+
+@pytest.mark.parametrize("metrics", [
+    [],
+    {"test": {"per_horizon": [{"n_pairs": 3}]}},
+    {"comparison": {"reference": "learned", "methods": {}}},
+    {"comparison": {"reference": "learned", "methods": {"learned": {"per_horizon": {"coverage_80": [0.8],
+                                                                                      "coverage_95": []}}}}},
+    {"test": {"coverage_80": "high"}},
+], ids=["a-list", "horizon-without-h", "no-reference", "ragged-horizons", "text-figure"])
+def test_malformed_registered_figures_leave_the_model_listed_without_them(seeded, metrics):
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE models SET metrics = %s WHERE timeframe = '1h' AND is_active", (Jsonb(metrics),))
+    for function, event in [("symbols", load_event("models_list.json")),
+                            ("symbols", path_event("model_get.json", "/models/1h", timeframe="1h"))]:
+        status, _, body = invoke(function, event)
+        assert status == 200, body
+        record = next(item for item in body if item["timeframe"] == "1h") if isinstance(body, list) else body
+        assert record["backtest"]["coverage_80"] is None and record["model"]["name"]

@@ -8,6 +8,8 @@ prediction whose origin lies inside its model's training window is a replay and 
 from collections import defaultdict
 from collections.abc import Iterable
 
+from aws_lambda_powertools import Logger
+
 from candlecast import cache, db
 from candlecast.drift import is_drifting
 from candlecast.errors import NotFound
@@ -24,6 +26,7 @@ from candlecast.schemas import (
 )
 from candlecast.timeframes import TIMEFRAMES
 
+logger = Logger(child=True)
 _records = list_adapter(ModelTrackRecord)
 
 
@@ -118,13 +121,23 @@ def backtest_figures(metrics: dict, *, detail: bool) -> BacktestFigures:
     return figures
 
 
+def _registered_figures(model: dict, *, detail: bool) -> BacktestFigures:
+    """backtest_figures, or none at all when the row's metrics are malformed (edited by hand, or written by a
+    newer trainer): the model stays listed with its live figures, and the log names the row."""
+    try:
+        return backtest_figures(model["metrics"] or {}, detail=detail)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        logger.error("malformed model metrics", extra={"model_id": str(model["id"]), "error": type(error).__name__})
+        return BacktestFigures()
+
+
 def _record(model: dict, cells: list[dict], *, detail: bool) -> ModelTrackRecord:
     live = live_figures((c for c in cells if not c["in_sample"]), in_sample=False, detail=detail)
     replay_cells = [c for c in cells if c["in_sample"]]
     return ModelTrackRecord(
         timeframe=model["timeframe"],
         model=ModelSummary.model_validate(model, from_attributes=False),
-        backtest=backtest_figures(model["metrics"] or {}, detail=detail),
+        backtest=_registered_figures(model, detail=detail),
         live=live,
         replay=live_figures(replay_cells, in_sample=True, detail=detail) if replay_cells else None,
         drift=is_drifting(live.n_scored, live.coverage_80),
