@@ -37,13 +37,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from infra.events import EVENTS
 from infra.template_checks import SAM_VENV
 
 ROOT = Path(__file__).resolve().parent.parent
 TWIN_DIR = ROOT / ".local/twin"
 RUNTIME_DIR = ROOT / ".local/lambda-runtime"
 BOOTSTRAP = ROOT / "infra/lambda_bootstrap.py"
-EVENTS = ROOT / "tests/events"
 SAM = SAM_VENV / "bin/sam"
 MARKER = "@@lambda-bootstrap@@"
 SESSION_TOKEN = "local-session-token"  # noqa: S105 (a placeholder the extension stand-in checks)

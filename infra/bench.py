@@ -14,17 +14,12 @@ from pathlib import Path
 import psycopg
 
 from infra.artifacts import cold_start_table
+from infra.events import load_event, path_event
 from infra.lambda_loader import LambdaContext, load_handler
 from infra.local_stack import LocalStack, seeded_stack
 
 ROOT = Path(__file__).resolve().parent.parent
-EVENTS = ROOT / "tests" / "events"
 COLD_RUNS = 5
-
-def event(name: str, **changes) -> dict:
-    loaded = json.loads((EVENTS / name).read_text())
-    loaded.update(changes)
-    return loaded
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -64,8 +59,8 @@ def main() -> int:
         cold_start_table(stack, COLD_RUNS, os.environ.get("BENCH_BASELINE") or None)
 
         print("\nwarm, in process")
-        report("health p50 / p99", _pair(warm("health", event("health.json"), 300)))
-        search = event("symbols_search.json", queryStringParameters={"q": "eth", "limit": "5"})
+        report("health p50 / p99", _pair(warm("health", load_event("health.json"), 300)))
+        search = load_event("symbols_search.json", queryStringParameters={"q": "eth", "limit": "5"})
         warm("symbols", search, 1)
         report("cached search p50 / p99", _pair(warm("symbols", search, 2000)), "target p50 <= 0.5 ms")
 
@@ -77,7 +72,7 @@ def main() -> int:
 
         report("uncached search p50 / p99 (cache cleared each time)", _pair(warm("symbols", None, 300, uncached)))
 
-        create_event = event("predictions_create.json", body=json.dumps({"symbol": "BTCUSDT", "timeframe": "1h"}))
+        create_event = load_event("predictions_create.json", body=json.dumps({"symbol": "BTCUSDT", "timeframe": "1h"}))
         create_event["headers"] = {k: v for k, v in create_event["headers"].items() if k != "idempotency-key"}
         warm("predictions_create", create_event, 1)
 
@@ -99,11 +94,7 @@ def main() -> int:
                _pair(warm("predictions_create", None, 300, keyed_create)))
         report("repeat create p50 / p99 (X-Cache: HIT)", _pair(warm("predictions_create", create_event, 1000)))
         created = json.loads(load_handler(ROOT / "functions/predictions_create")(create_event, LambdaContext())["body"])
-        prediction_get = event("prediction_get.json", rawPath=f"/predictions/{created['id']}",
-                               pathParameters={"id": created["id"]})
-        prediction_get["requestContext"] = {**prediction_get["requestContext"],
-                                            "http": {**prediction_get["requestContext"]["http"],
-                                                     "path": f"/predictions/{created['id']}"}}
+        prediction_get = path_event("prediction_get.json", f"/predictions/{created['id']}", id=created["id"])
         report("GET cached prediction p50 / p99", _pair(warm("predictions_get", prediction_get, 2000)),
                "target p50 <= 0.3 ms")
 

@@ -22,8 +22,9 @@ from datetime import timedelta
 
 import psycopg
 
-from infra.bench import event, percentile
+from infra.bench import percentile
 from infra.bench_stages import STEPS_OF_NEW_SQL, copy_database, stage_pools
+from infra.events import load_event, path_event
 from infra.lambda_loader import LambdaContext, load_handler
 from infra.local_stack import ROOT, LocalStack, seeded_stack
 
@@ -202,7 +203,8 @@ class HotPaths:
         self.get = load_handler(ROOT / "functions/predictions_get")
         self.symbols = load_handler(ROOT / "functions/symbols")
         self.context = LambdaContext()
-        self.create_event = event("predictions_create.json", body=json.dumps({"symbol": HOT_TICKER, "timeframe": "1h"}))
+        self.create_event = load_event("predictions_create.json",
+                                       body=json.dumps({"symbol": HOT_TICKER, "timeframe": "1h"}))
         self.create_event["headers"] = {k: v for k, v in self.create_event["headers"].items() if k != "idempotency-key"}
         self.admin = psycopg.connect(database_url, autocommit=True)
         self.last_created: str | None = None
@@ -259,23 +261,19 @@ class HotPaths:
             self.cache.delete(self.cache.keys.prediction(chosen[0]))
 
         def call() -> dict:
-            path = f"/predictions/{chosen[0]}"
-            request = event("prediction_get.json", rawPath=path, pathParameters={"id": chosen[0]})
-            request["requestContext"] = {**request["requestContext"],
-                                         "http": {**request["requestContext"]["http"], "path": path}}
-            return self._call(self.get, request)
+            return self._call(self.get, path_event("prediction_get.json", f"/predictions/{chosen[0]}", id=chosen[0]))
 
         return call, before
 
     def recent(self, timeframe: str | None) -> Callable[[], dict]:
         query = {"limit": "20", **({"timeframe": timeframe} if timeframe else {})}
-        request = event("symbol_predictions.json", rawPath="/symbols/BTC-USDT/predictions",
+        request = load_event("symbol_predictions.json", rawPath="/symbols/BTC-USDT/predictions",
                         rawQueryString="&".join(f"{k}={v}" for k, v in query.items()),
                         queryStringParameters=query, pathParameters={"ticker": "BTC-USDT"})
         return lambda: self._call(self.symbols, request)
 
     def search(self, query: str) -> tuple[Callable, Callable]:
-        request = event("symbols_search.json", rawQueryString=f"q={query}&limit=20",
+        request = load_event("symbols_search.json", rawQueryString=f"q={query}&limit=20",
                         queryStringParameters={"q": query, "limit": "20"})
         return (lambda: self._call(self.symbols, request),
                 lambda: self.cache.delete_pattern(self.cache.keys.all_search_keys()))

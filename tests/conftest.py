@@ -3,18 +3,17 @@
 TEST_DATABASE_URL / TEST_REDIS_URL point the tests at external servers instead.
 """
 
-import copy
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+from infra.events import EVENTS, load_event, path_event  # noqa: F401 - the tests import them from here
 from infra.lambda_loader import LambdaContext, load_handler
 from infra.local_stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
-EVENTS = Path(__file__).resolve().parent / "events"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -131,25 +130,6 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (a fresh clone has none)")
     return SHARED_DATA
-
-
-def load_event(name: str, **changes) -> dict:
-    """An API Gateway HTTP API v2 event from tests/events (the same files `sam local invoke -e` takes)."""
-    event = copy.deepcopy(json.loads((EVENTS / name).read_text()))
-    event.update(changes)
-    return event
-
-
-def path_event(name: str, path: str, **path_parameters: str) -> dict:
-    """A v2 event from tests/events for another path: rawPath is percent-encoded as API Gateway sends it."""
-    from urllib.parse import quote
-
-    event = load_event(name)
-    event["rawPath"] = quote(path, safe="/:")
-    event["requestContext"]["http"]["path"] = event["rawPath"]
-    if path_parameters:
-        event["pathParameters"] = path_parameters
-    return event
 
 
 def invoke(function: str, event: dict) -> tuple[int, dict, object]:

@@ -1,0 +1,25 @@
+"""The sample events in tests/events (the files `sam local invoke -e` takes), for tests, benchmarks and checks."""
+
+import copy
+import json
+from pathlib import Path
+from urllib.parse import quote
+
+EVENTS = Path(__file__).resolve().parent.parent / "tests" / "events"
+
+
+def load_event(name: str, **changes) -> dict:
+    """An event from tests/events (API Gateway HTTP API v2, scheduled, CloudFormation), top-level keys changed."""
+    event = copy.deepcopy(json.loads((EVENTS / name).read_text()))
+    event.update(changes)
+    return event
+
+
+def path_event(name: str, path: str, **path_parameters: str) -> dict:
+    """A v2 event from tests/events for another path: rawPath is percent-encoded as API Gateway sends it."""
+    event = load_event(name)
+    event["rawPath"] = quote(path, safe="/:")
+    event["requestContext"]["http"]["path"] = event["rawPath"]
+    if path_parameters:
+        event["pathParameters"] = path_parameters
+    return event
