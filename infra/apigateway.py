@@ -9,13 +9,14 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from infra.sam_template import LOCAL_ACCOUNT_ID, Route, Unresolvable, resolve
+from infra.sam_template import LOCAL_ACCOUNT_ID, Route, Throttle, Unresolvable, resolve
 
 MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway HTTP API payload limit
 LOCAL_API_ID = "local"
@@ -144,6 +145,45 @@ def error_response(status: int, code: str, message: str) -> HttpResponse:
 
 def too_large(limit: int = MAX_BODY_BYTES) -> HttpResponse:
     return error_response(413, "payload_too_large", f"request body is over {limit} bytes, the limit")
+
+
+def gateway_response(status: int, message: str) -> HttpResponse:
+    """API Gateway's own answers, as an HTTP API sends them: JSON `{"message": ...}`, no other header (HTTP
+    APIs cannot customise them, nor add Retry-After; gateway responses are a REST API feature)."""
+    return HttpResponse(status, [("content-type", "application/json")], json.dumps({"message": message}).encode())
+
+
+def throttled_by_route() -> HttpResponse:
+    """The route's throttle had no token: API Gateway answers without invoking the function."""
+    return gateway_response(429, "Too Many Requests")
+
+
+def invoke_refused() -> HttpResponse:
+    """Lambda refused the invoke (the function's reserved concurrency was in use): API Gateway's 500
+    (docs.aws.amazon.com/lambda/latest/dg/services-apigateway-errors.html)."""
+    return gateway_response(500, "Internal Server Error")
+
+
+class TokenBucket:
+    """API Gateway's throttle on one route: `burst` tokens, refilled at `rate` per second up to `burst`; each
+    request takes one, or is answered 429. It starts full, so any T seconds let through at most burst + rate x T."""
+
+    def __init__(self, throttle: Throttle, clock=time.monotonic):
+        self.rate, self.burst = throttle.rate, throttle.burst
+        self._clock = clock
+        self._tokens = float(throttle.burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
 
 def to_http_response(result: Any) -> HttpResponse:
     """Translate a Lambda result the way API Gateway does for payload format 2.0."""

@@ -12,15 +12,22 @@ targets and measurements and exits non-zero when a target is missed. Only 127.0.
     S3          SIGSTOP, then SIGKILL: creates whose candles are not cached fail fast with
                 storage_unavailable; cached reads are unaffected
 
+    Throttling  the template as shipped (its route throttles and reserved concurrency, nothing overridden):
+                bursts of 3x each function's reservation, then a sustained load, get only 2xx and API
+                Gateway's 429, never a 5xx; every 201 is kept. Beside it, the same create burst with the
+                route throttles off shows the 500 that Lambda's throttle gives (what the throttles prevent).
+
 The API runs each function in its own containers (infra/lambda_runtime.py), warm before the first scenario
-as a service under steady load is (`--warm`). The template reserves 10 concurrent creates: the PostgreSQL
-burst (16 creates beside the load's 6 workers) would be throttled past it, a 500 as on AWS, so the suite
-raises that reservation; throttling is not the fault under test.
+as a service under steady load is (`--warm`). The dependency scenarios drive more load than the template's
+throttles admit, so their API runs with the capacity limits off (`--no-route-throttles
+--no-reserved-concurrency`): capacity is not the fault under test there. The throttling scenario then
+restarts the API with the template as shipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import signal
 import sys
@@ -28,18 +35,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from infra.bench import percentile
+from infra.concurrency import budgets
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
+from infra.sam_template import DEFAULT_TEMPLATE, find_route, load_template, parameter_values
 from infra.served_stack import ServedStack, signal_all
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEFRAMES = ("1h", "4h", "1d", "1w", "1m")
 REQUEST_TIMEOUT = 20.0  # seconds; far above any target, so a hang shows as a slow answer, not a lost one
+UNLIMITED = ["--no-route-throttles", "--no-reserved-concurrency"]
+GATEWAY_429 = {"message": "Too Many Requests"}
 
 
 @dataclass
@@ -51,6 +63,8 @@ class Sample:
     code: str = ""
     retry_after: str | None = None
     prediction_id: str | None = None
+    path: str = ""
+    body: object = None  # the JSON of an answer that has no "error" (API Gateway's own, or a result)
 
     @property
     def ended(self) -> float:
@@ -128,7 +142,7 @@ def send(client: httpx.Client, kind: str, method: str, path: str, **kwargs) -> S
     except httpx.HTTPError:
         return Sample(kind, started, time.monotonic() - started, 0, "no_answer")
     seconds = time.monotonic() - started
-    code, prediction_id = "", None
+    code, prediction_id, body = "", None, None
     try:
         body = response.json()
         if isinstance(body, dict):
@@ -137,7 +151,7 @@ def send(client: httpx.Client, kind: str, method: str, path: str, **kwargs) -> S
     except ValueError:
         code = "not_json"
     return Sample(kind, started, seconds, response.status_code, code, response.headers.get("retry-after"),
-                  prediction_id)
+                  prediction_id, f"{method} {path}", body if response.status_code == 429 else None)
 
 
 @dataclass
@@ -352,6 +366,105 @@ class Suite:
                    f"vs {percentile([s.seconds for s in before], .99) * 1000:.0f} ms before",
                    not failed and bool(reads))
 
+    # --- Throttling ---------------------------------------------------------------------------------
+
+    def throttle(self, factor: int, seconds: float, workers: int) -> None:
+        template = load_template(DEFAULT_TEMPLATE)
+        functions = {item.function_id: item for item in budgets(
+            template, parameter_values(template), DEFAULT_TEMPLATE.parent)}
+        ids = self.load(self.combos[:3]).read_ids  # three creates by the unlimited API, before the restarts
+        tickers = sorted({ticker for ticker, _ in self.combos})
+        rng = random.Random(11)
+
+        def request(function_id: str) -> tuple[str, str, str, dict]:
+            """(kind, method, path, options) of one request to one of the function's routes."""
+            if function_id == "PredictionCreateFunction":
+                ticker, timeframe = rng.choice(self.combos)
+                return "create", "POST", "/predictions", {
+                    "json": {"symbol": ticker, "timeframe": timeframe},
+                    "headers": {"Idempotency-Key": f"throttle-{uuid.uuid4()}"}}
+            route = rng.choice(functions[function_id].routes)
+            ticker = rng.choice(tickers)
+            path = (route.path.replace("{id}", rng.choice(ids)).replace("{ticker}", ticker)
+                    .replace("{timeframe}", rng.choice(TIMEFRAMES)))
+            return "read", "GET", path + ("?q=" + ticker[:3].lower() if route.path == "/symbols" else ""), {}
+
+        def fire(requests: list[tuple[str, str, str, dict]]) -> list[Sample]:
+            """All at once: each on its own connection, released together."""
+            start = threading.Barrier(len(requests))
+
+            def one(item: tuple[str, str, str, dict]) -> Sample:
+                kind, method, path, options = item
+                with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
+                    start.wait()
+                    return send(client, kind, method, path, **options)
+
+            with ThreadPoolExecutor(len(requests)) as pool:
+                return list(pool.map(one, requests))
+
+        def burst(only: set[str] | None = None) -> list[Sample]:
+            return fire([request(name) for name, item in functions.items() if not only or name in only
+                         for _ in range(factor * (item.reserved or 0))])
+
+        # The reservation alone, as the template was: Lambda's throttle, which API Gateway answers with 500.
+        self.served.restart_api(["--no-route-throttles"])
+        bare = burst({"PredictionCreateFunction"})
+        self.acknowledged += [s for s in bare if s.status == 201]
+        refused = sum(s.status == 500 for s in bare)
+        self.check("throttle", f"without route throttles, {len(bare)} creates at once get 500s",
+                   f"{refused} of {len(bare)} got 500 (reserved {functions['PredictionCreateFunction'].reserved})",
+                   refused > 0)
+
+        self.served.restart_api([])  # the template as shipped
+        samples = burst()
+        load = Load(self.served.base_url, [], [], [], workers=workers)
+        threads = [threading.Thread(target=self._throttled_worker, args=(load, request, seconds), daemon=True)
+                   for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(seconds + REQUEST_TIMEOUT + 5)
+        sustained = load.samples
+        # A bucket never holds more than its burst, so whatever it did before, in the window from the first
+        # request to the last answer it lets through at most burst + rate x window.
+        window = max(s.ended for s in samples + sustained) - min(s.started for s in samples + sustained)
+        self.acknowledged += [s for s in samples + sustained if s.status == 201]
+        self.requests["throttle"] = len(bare) + len(samples) + len(sustained)
+
+        for name, group in (("a burst of 3x each reservation", samples), (f"{workers} workers for {seconds:.0f} s",
+                                                                           sustained)):
+            counts = {status: sum(s.status == status for s in group) for status in sorted({s.status for s in group})}
+            wrong = [s for s in group if s.status not in (200, 201, 429)]
+            self.check("throttle", f"{name}: only 200, 201 and 429",
+                       ", ".join(f"{count} x {status}" for status, count in counts.items()),
+                       not wrong and counts.get(429, 0) > 0)
+        throttled = [s for s in samples + sustained if s.status == 429]
+        odd = [s for s in throttled if s.body != GATEWAY_429]
+        self.check("throttle", "every 429 is API Gateway's {\"message\": \"Too Many Requests\"}",
+                   f"{len(throttled) - len(odd)} of {len(throttled)}", not odd)
+        through: dict[str, int] = {}
+        routes = [route for item in functions.values() for route in item.routes]
+        for s in samples + sustained:
+            if s.status != 429:
+                method, _, target = s.path.partition(" ")
+                route = find_route(routes, method, target.split("?", 1)[0])[0]
+                through[route.route_key] = through.get(route.route_key, 0) + 1
+        over = {key: count for key, count in through.items()
+                if count > next(r.throttle.burst + r.throttle.rate * window for r in routes if r.route_key == key)}
+        self.check("throttle", "let through per route <= burst + rate x time",
+                   f"{sum(through.values())} in {window:.1f} s, {len(over)} routes over" +
+                   (f" {json.dumps(over)}" if over else ""), not over)
+
+    def _throttled_worker(self, load: Load, request, seconds: float) -> None:
+        rng = random.Random()
+        names = ["HealthFunction", "SymbolsFunction", "PredictionGetFunction", "PredictionCreateFunction"]
+        deadline = time.monotonic() + seconds
+        with httpx.Client(base_url=load.base_url, timeout=REQUEST_TIMEOUT) as client:
+            while time.monotonic() < deadline:
+                kind, method, path, options = request(rng.choice(names))
+                load.record(send(client, kind, method, path, **options))
+                time.sleep(0.05)
+
     def table(self) -> str:
         width = max(len(check.target) for check in self.checks)
         lines = [f"{'fault':10}  {'target':{width}}  {'measured':50}  result", "-" * (width + 72)]
@@ -370,20 +483,21 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
     burst, uncached = fresh[:16], fresh[16:32]  # 16 unkeyed creates race the freeze; 16 meet a dead S3
     started = time.monotonic()
     print("starting the served stack (PostgreSQL, Redis, moto S3, the API)...", flush=True)
-    warm = ["--warm", str(DEFAULT_MAX_CONTAINERS),
-            "--parameter-overrides", f"PredictionCreateReservedConcurrency={Load.workers + len(burst) + 10}"]
-    with ServedStack(api_args=warm) as served:
+    with ServedStack(api_args=["--warm", str(DEFAULT_MAX_CONTAINERS), *UNLIMITED]) as served:
         suite = Suite(served, load_combos + fresh)
         scenarios: dict[str, Callable[[], None]] = {
             "redis": lambda: suite.redis(freeze, after=4.0, baseline=4.0),
             "postgres": lambda: suite.postgres(freeze, after=5.0, baseline=3.0, burst=burst),
             "s3": lambda: suite.s3(min(freeze, 8.0), killed_for=3.0, baseline=3.0, uncached=uncached),
+            "throttle": lambda: suite.throttle(factor=3, seconds=8.0, workers=8),  # restarts the API: last
         }
-        suite.warm()
+        if only != "throttle":
+            suite.warm()
         for name, scenario in scenarios.items():
             if only and name != only:
                 continue
-            print(f"{name}: frozen {freeze:.0f} s under load...", flush=True)
+            print(f"{name}: " + ("bursts past the reservations, then load..." if name == "throttle"
+                                 else f"frozen {freeze:.0f} s under load..."), flush=True)
             scenario()
         suite.lost_writes()
         print(f"\nfault suite ({time.monotonic() - started:.0f} s; API log {served.api_log})\n{suite.table()}")
@@ -395,7 +509,7 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--freeze", type=float, default=10.0, help="seconds each service stays frozen")
-    parser.add_argument("--only", choices=("redis", "postgres", "s3"))
+    parser.add_argument("--only", choices=("redis", "postgres", "s3", "throttle"))
     args = parser.parse_args(argv)
     return run(args.freeze, args.only)
 

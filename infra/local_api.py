@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,11 +30,15 @@ from infra.apigateway import (
     Cors,
     HttpRequest,
     HttpResponse,
+    TokenBucket,
     build_event,
     error_response,
+    invoke_refused,
+    throttled_by_route,
     to_http_response,
     too_large,
 )
+from infra.concurrency import budgets
 from infra.forecast_page import add_page_routes
 from infra.http_server import LocalHttpServer, make_server
 from infra.http_server import serve_in_thread as serve_on_thread
@@ -61,21 +66,34 @@ class LocalApi:
     them, then `environment` (e.g. the local stack's URLs), then `function_environment[logical_id]`.
     `body_limit` refuses larger bodies before they are read (API Gateway's is 10 MB). Each function runs in
     its own containers (infra.lambda_runtime), at most `max_containers` of them; `close()` stops them.
+    As on AWS, each route's throttle (RouteSettings) answers 429 when its bucket is empty, and an invoke past a
+    function's reserved concurrency is refused (a 500); `route_throttles=False` / `reserved_concurrency=False`
+    turn either off, for runs whose load is not sized to the template's capacity.
     """
 
     def __init__(self, template_path: Path | str = DEFAULT_TEMPLATE, *,
                  environment: Mapping[str, str] | None = None,
                  function_environment: Mapping[str, Mapping[str, str]] | None = None,
                  parameter_overrides: Mapping[str, str] | None = None,
-                 body_limit: int = MAX_BODY_BYTES, max_containers: int = DEFAULT_MAX_CONTAINERS):
+                 body_limit: int = MAX_BODY_BYTES, max_containers: int = DEFAULT_MAX_CONTAINERS,
+                 route_throttles: bool = True, reserved_concurrency: bool = True):
         self.template_path = Path(template_path).resolve()
         self.template = load_template(self.template_path)
         parameters = parameter_values(self.template, parameter_overrides)
         self.functions = parse_functions(self.template, self.template_path.parent, parameters)
-        self.routes = parse_routes(self.template)
+        self.routes = parse_routes(self.template, parameters)
+        self.buckets = {route.route_key: TokenBucket(route.throttle) for route in self.routes
+                        if route_throttles and route.throttle is not None}
+        if route_throttles and reserved_concurrency:
+            for budget in budgets(self.template, parameters, self.template_path.parent):
+                if budget.problem:
+                    log.warning("%s: %s; API Gateway would answer the overflow with 500", budget.function_id,
+                                budget.problem)
         self.body_limit = body_limit
         self.runtimes: dict[str, FunctionRuntime] = {}
         for logical_id, spec in self.functions.items():
+            if not reserved_concurrency:
+                spec = dataclasses.replace(spec, reserved_concurrency=None)
             env = {name: value for name, value in spec.environment.items() if name not in os.environ}
             env.update(AWS_SAM_LOCAL="true", AWS_REGION=os.environ.get("AWS_REGION", LOCAL_REGION))
             env.update(environment or {})
@@ -132,13 +150,18 @@ class LocalApi:
         if found is None:
             return error_response(404, "not_found", f"no route for {request.method} {path}")
         route, params = found
+        bucket = self.buckets.get(route.route_key)
+        if bucket is not None and not bucket.take():
+            response = throttled_by_route()
+            response.function_id = f"{route.function_id} (route throttle)"
+            return response
         event = build_event(request, route, params)
         runtime = self.runtimes[route.function_id]
         try:
             response = to_http_response(runtime.invoke(event, str(uuid.uuid4())))
         except Throttled as error:
             log.warning("%s", error)
-            response = error_response(500, "internal_error", "Internal Server Error")  # as API Gateway answers it
+            response = invoke_refused()
         except FunctionError as error:
             log.error("%s failed on %s: %s", route.function_id, route.route_key, error)
             response = error_response(500, "internal_error", "Internal Server Error")
@@ -199,13 +222,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="start N containers of every routed function before serving (provisioned concurrency)")
     parser.add_argument("--parameter-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="template parameters, as for sam local")
+    parser.add_argument("--no-route-throttles", action="store_true",
+                        help="let every request through to its function (no 429 from the routes' throttles)")
+    parser.add_argument("--no-reserved-concurrency", action="store_true",
+                        help="never refuse an invoke for its function's reserved concurrency (no such 500)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the containers on SIGTERM too
     shared, per_function = load_env_file(args.env_vars)
     overrides = dict(item.split("=", 1) for item in args.parameter_overrides)
     api = LocalApi(args.template, environment=shared, function_environment=per_function,
-                   parameter_overrides=overrides, max_containers=args.max_containers)
+                   parameter_overrides=overrides, max_containers=args.max_containers,
+                   route_throttles=not args.no_route_throttles,
+                   reserved_concurrency=not args.no_reserved_concurrency)
     if args.warm:
         api.warm_up(args.warm)
     server = api.server(args.host, args.port)

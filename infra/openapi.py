@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from infra.lambda_loader import load_function_module  # noqa: E402
-from infra.sam_template import load_template, parse_functions, parse_routes  # noqa: E402
+from infra.sam_template import load_template, parameter_values, parse_functions, parse_routes  # noqa: E402
 
 DOCUMENT = ROOT / "infra/openapi.json"
 TITLE = "candlecast"
@@ -78,6 +78,35 @@ def _referenced(paths: dict[str, dict], schemas: dict[str, Any]) -> dict[str, An
     return reached
 
 
+GATEWAY_MESSAGE = {
+    "title": "GatewayMessage",
+    "description": "An answer from API Gateway itself, not from candlecast: its own body, which an HTTP API cannot "
+                   "change.",
+    "type": "object",
+    "properties": {"message": {"type": "string", "title": "Message", "examples": ["Too Many Requests"]}},
+    "required": ["message"],
+}
+
+
+def _add_throttle_responses(paths: dict[str, dict], template: dict, schemas: dict[str, Any]) -> None:
+    """The 429 API Gateway answers on each route that template.yaml gives a throttle (RouteSettings)."""
+    parameters = parameter_values(template)
+    for route in parse_routes(template, parameters):
+        operation = paths.get(route.path, {}).get(route.method.lower())
+        if route.throttle is None or operation is None:
+            continue
+        operation.setdefault("responses", {})["429"] = {
+            "description": (
+                f"Too many requests: API Gateway's throttle on this route (by default {route.throttle.rate:g} "
+                f"per second, bursts of {route.throttle.burst}) answered without running the function, so "
+                "nothing was done. The body is API Gateway's own and there is no Retry-After header: retry "
+                f"after about {1 / route.throttle.rate:g} s, backing off exponentially with jitter."
+                if route.throttle.rate > 0 else "Too many requests: API Gateway's throttle on this route."),
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GatewayMessage"}}},
+        }
+        schemas["GatewayMessage"] = GATEWAY_MESSAGE
+
+
 def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[str, Any]:
     """One OpenAPI 3.1 document from the resolvers of every function that has HttpApi routes."""
     from candlecast.api import API_DESCRIPTION
@@ -99,6 +128,7 @@ def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[st
             _merge_into(paths.setdefault(path, {}), operations, f"operation on {path}")
         _merge_into(schemas, document.get("components", {}).get("schemas", {}), "schema")
     _drop_default_validation_responses(paths, schemas)
+    _add_throttle_responses(paths, template, schemas)
     schemas = _referenced(paths, schemas)
     merged: dict[str, Any] = {
         "openapi": openapi_version,

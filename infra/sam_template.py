@@ -169,6 +169,14 @@ class FunctionSpec:
 
 
 @dataclass(frozen=True)
+class Throttle:
+    """A route's API Gateway throttle: a token bucket of `burst` tokens refilled at `rate` per second."""
+
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
 class Route:
     """One HttpApi route: `METHOD /path/{param}/{proxy+}`; method ANY and path $default are allowed."""
 
@@ -176,12 +184,13 @@ class Route:
     path: str
     function_id: str
     pattern: re.Pattern = field(compare=False, repr=False)
+    throttle: Throttle | None = field(default=None, compare=False)
 
     @classmethod
-    def create(cls, method: str, path: str, function_id: str) -> Route:
+    def create(cls, method: str, path: str, function_id: str, throttle: Throttle | None = None) -> Route:
         method = method.upper()
         if path == "$default":
-            return cls(method, path, function_id, re.compile(r"^/.*$"))
+            return cls(method, path, function_id, re.compile(r"^/.*$"), throttle)
         parts = []
         for segment in path.strip("/").split("/"):
             greedy = re.fullmatch(r"\{(\w+)\+\}", segment)
@@ -192,7 +201,7 @@ class Route:
                 parts.append(f"(?P<{param.group(1)}>[^/]+)")
             else:
                 parts.append(re.escape(segment))
-        return cls(method, path, function_id, re.compile("^/" + "/".join(parts) + "$"))
+        return cls(method, path, function_id, re.compile("^/" + "/".join(parts) + "$"), throttle)
 
     @property
     def route_key(self) -> str:
@@ -282,18 +291,47 @@ def _resolved_or(value: Any, parameters: Mapping[str, Any], default: Any) -> Any
         return default
 
 
-def parse_routes(template: Mapping) -> list[Route]:
-    """Every HttpApi event of every function, most specific first (API Gateway's matching order)."""
+def parse_routes(template: Mapping, parameters: Mapping[str, Any] | None = None) -> list[Route]:
+    """Every HttpApi event of every function, most specific first (API Gateway's matching order), each with
+    the throttle API Gateway applies to it: the event's RouteSettings merged over the API's RouteSettings for
+    its route key (as SAM merges them), else the API's DefaultRouteSettings."""
+    parameters = parameter_values(template) if parameters is None else parameters
+    conditions = template.get("Conditions") or {}
+    resources = template.get("Resources") or {}
     routes = []
-    for logical_id, resource in (template.get("Resources") or {}).items():
+    for logical_id, resource in resources.items():
         if resource.get("Type") != "AWS::Serverless::Function":
             continue
         for event in ((resource.get("Properties") or {}).get("Events") or {}).values():
             if event.get("Type") != "HttpApi":
                 continue
             props = event.get("Properties") or {}
-            routes.append(Route.create(props.get("Method", "ANY"), props.get("Path", "$default"), logical_id))
+            method, path = str(props.get("Method", "ANY")).upper(), props.get("Path", "$default")
+            api = _http_api(resources, props.get("ApiId"))
+            route_key = path if method == "ANY" else f"{method} {path}"
+            settings = {**(api.get("DefaultRouteSettings") or {}),
+                        **((api.get("RouteSettings") or {}).get(route_key) or {}), **(props.get("RouteSettings") or {})}
+            routes.append(Route.create(method, path, logical_id, _throttle(settings, parameters, conditions)))
     return sorted(routes, key=lambda route: route.priority)
+
+
+def _http_api(resources: Mapping, api_id: Any) -> Mapping:
+    """The properties of the AWS::Serverless::HttpApi an event names (`ApiId: !Ref HttpApi`), else SAM's implicit
+    API, which has no settings."""
+    name = api_id.get("Ref") if isinstance(api_id, Mapping) else None
+    resource = resources.get(name) or {}
+    return (resource.get("Properties") or {}) if resource.get("Type") == "AWS::Serverless::HttpApi" else {}
+
+
+def _throttle(settings: Mapping, parameters: Mapping[str, Any], conditions: Mapping[str, Any]) -> Throttle | None:
+    try:
+        rate = resolve(settings.get("ThrottlingRateLimit"), parameters, conditions)
+        burst = resolve(settings.get("ThrottlingBurstLimit"), parameters, conditions)
+    except Unresolvable:
+        return None
+    if rate is None or burst is None:  # only the account's (and AWS's) throttles apply
+        return None
+    return Throttle(float(rate), int(burst))
 
 
 def find_route(routes: Iterable[Route], method: str, path: str) -> tuple[Route, dict[str, str]] | None:

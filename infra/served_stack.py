@@ -139,6 +139,21 @@ class ServedStack:
             time.sleep(0.2)
         raise RuntimeError(f"the API did not become healthy; see {self.api_log}:\n{self.api_log.read_text()[-3000:]}")
 
+    def restart_api(self, api_args: list[str]) -> None:
+        """The API again, with other arguments, against the same stack (a new base URL)."""
+        self.stop_api()
+        self.api_args = list(api_args)
+        self.start_api()
+
+    def stop_api(self) -> None:
+        if self.api is not None:
+            self.api.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.api.wait(10)
+            if self.api.poll() is None:
+                self.api.kill()
+            self.api = None
+
     # --- the pieces, by process ------------------------------------------------------------------
 
     def postgres_pids(self) -> list[int]:
@@ -169,13 +184,7 @@ class ServedStack:
         self.stack.redis.start()
 
     def close(self) -> None:
-        if self.api is not None:
-            self.api.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.api.wait(10)
-            if self.api.poll() is None:
-                self.api.kill()
-            self.api = None
+        self.stop_api()
         if self.stack is not None:
             with contextlib.suppress(Exception):
                 signal_all(self.postgres_pids(), signal.SIGCONT)

@@ -1,6 +1,7 @@
 """Offline checks of template.yaml, run by `make check-template` (and so by `make test`).
 
     python infra/template_checks.py                  # every check below, in order
+    python infra/template_checks.py throttles        # route throttles within reserved concurrency
     python infra/template_checks.py lint             # cfn-lint, sam validate --lint
     python infra/template_checks.py build            # sam build (arm64, no Docker), ELF check, size report
     python infra/template_checks.py checkov          # checkov on the template translated by aws-sam-translator
@@ -104,6 +105,20 @@ def check_migrations_hash(write: bool = False) -> None:
         "DbMigration.MigrationsHash does not match migrations/: run "
         "`make migrations-hash` (python infra/template_checks.py migrations-hash --write)"
     )
+
+
+# ---------------------------------------------------------------- throttles within reservations
+def throttles() -> None:
+    """No route throttle can put more requests in flight than its function's reserved concurrency
+    (infra/concurrency.py), for the template's defaults and every samconfig.toml environment."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from infra import concurrency
+
+    problems = concurrency.check(TEMPLATE, SAMCONFIG)
+    if problems:
+        raise CheckFailed("a throttle can overrun a reservation (API Gateway answers Lambda's throttle with 500):\n  "
+                          + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------- lint
@@ -313,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("all")
+    sub.add_parser("throttles")
     sub.add_parser("lint")
     sub.add_parser("build")
     sub.add_parser("sizes")
@@ -326,12 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     steps = {
+        "throttles": [throttles],
         "lint": [lint],
         "build": [build, check_native_code, size_report],
         "sizes": [check_native_code, size_report],
         "checkov": [checkov],
         "science-smoke": [science_layer_smoke],
-        "all": [check_migrations_hash, lint, checkov, build, check_native_code, size_report, science_layer_smoke],
+        "all": [check_migrations_hash, throttles, lint, checkov, build, check_native_code, size_report,
+                science_layer_smoke],
     }
     try:
         if args.command == "translate":

@@ -16,10 +16,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.apigateway import HttpRequest, build_event, to_http_response
+from infra.apigateway import HttpRequest, TokenBucket, build_event, to_http_response
 from infra.local_api import LocalApi, serve_in_thread
 from infra.local_stack import free_port
-from infra.sam_template import Route, find_route, load_template, parse_functions, parse_routes
+from infra.sam_template import (
+    Route,
+    Throttle,
+    find_route,
+    load_template,
+    parameter_values,
+    parse_functions,
+    parse_routes,
+)
 from tests.conftest import EVENTS, ROOT
 
 TEMPLATE = ROOT / "template.yaml"
@@ -73,6 +81,41 @@ def test_functions_get_code_layers_and_a_locally_resolvable_environment(template
     # Only AWS knows these (a resource's Ref, parameters without defaults): left unset, as by sam local.
     for name in ("DATA_BUCKET", "REDIS_URL", "DB_SECRET_ARN", "MODEL_SIGNING_KEY_SECRET_ARN"):
         assert name not in env
+
+
+def test_each_route_gets_its_throttle_from_its_event_the_api_or_the_api_default(template):
+    throttles = {route.route_key: route.throttle for route in parse_routes(template)}
+    assert throttles["POST /predictions"] == Throttle(rate=0.4, burst=2)  # the parameters' defaults
+    assert throttles["GET /symbols/top"] == throttles["GET /models"] == Throttle(rate=0.2, burst=2)
+    overridden = parse_routes(template, parameter_values(template, {"PredictionCreateThrottleRate": "3"}))
+    assert next(r.throttle for r in overridden if r.route_key == "POST /predictions") == Throttle(3.0, 2)
+    bare = {"Resources": {
+        "Api": {"Type": "AWS::Serverless::HttpApi", "Properties": {
+            "DefaultRouteSettings": {"ThrottlingRateLimit": 5, "ThrottlingBurstLimit": 7},
+            "RouteSettings": {"GET /b": {"ThrottlingRateLimit": 1}}}},
+        "Fn": {"Type": "AWS::Serverless::Function", "Properties": {"Events": {
+            "A": {"Type": "HttpApi", "Properties": {"ApiId": {"Ref": "Api"}, "Method": "GET", "Path": "/a"}},
+            "B": {"Type": "HttpApi", "Properties": {"ApiId": {"Ref": "Api"}, "Method": "GET", "Path": "/b",
+                                                     "RouteSettings": {"ThrottlingBurstLimit": 2}}},
+            "C": {"Type": "HttpApi", "Properties": {"Method": "GET", "Path": "/c"}}}}}}}
+    throttles = {route.route_key: route.throttle for route in parse_routes(bare)}
+    # The event's settings over the API's for its route key (SAM merges them so), over the API's default;
+    # an event on SAM's implicit API has none, so only the account's throttle applies.
+    assert throttles == {"GET /a": Throttle(5, 7), "GET /b": Throttle(1, 2), "GET /c": None}
+
+
+def test_the_token_bucket_lets_through_at_most_burst_plus_rate_times_t():
+    now = [0.0]
+    bucket = TokenBucket(Throttle(rate=0.5, burst=3), clock=lambda: now[0])
+    assert [bucket.take() for _ in range(5)] == [True, True, True, False, False]  # it starts full
+    now[0] = 1.9
+    assert bucket.take() is False  # 0.95 of a token
+    now[0] = 2.0
+    assert [bucket.take(), bucket.take()] == [True, False]
+    now[0] = 100.0  # refilled up to the burst, never past it
+    assert sum(bucket.take() for _ in range(10)) == 3
+    empty = TokenBucket(Throttle(rate=1, burst=0), clock=lambda: now[0])
+    assert empty.take() is False  # a burst of 0 lets nothing through
 
 
 def test_route_matching_prefers_literals_and_decodes_parameters(template):
@@ -479,6 +522,18 @@ Resources:
     Properties:
       Timeout: 1
       Events: {Short: {Type: HttpApi, Properties: {Method: GET, Path: /short}}}
+  GuardedFunction:  # 1 + 0.09 x (10 + 1) = 1.99 in flight at most, within its reservation of 2
+    Type: AWS::Serverless::Function
+    Properties:
+      Timeout: 1
+      ReservedConcurrentExecutions: 2
+      Events:
+        Guarded:
+          Type: HttpApi
+          Properties:
+            Method: GET
+            Path: /guarded
+            RouteSettings: {ThrottlingRateLimit: 0.09, ThrottlingBurstLimit: 1}
 '''
 
 
@@ -489,8 +544,9 @@ def pool_bundle(tmp_path, clean_db):
     (tmp_path / "functions" / "pool_fn" / "app.py").write_text(POOL_APP)
 
     @contextlib.contextmanager
-    def serve(max_containers: int = 4):
-        api = LocalApi(tmp_path / "template.yaml", environment=clean_db.environment(), max_containers=max_containers)
+    def serve(max_containers: int = 4, **options):
+        api = LocalApi(tmp_path / "template.yaml", environment=clean_db.environment(), max_containers=max_containers,
+                       **options)
         server, url = serve_in_thread(api)
         try:
             yield api, url
@@ -556,6 +612,21 @@ def test_reserved_concurrency_throttles_as_api_gateway_answers_it(pool_bundle):
         statuses = sorted(response.status_code for response in _concurrently(url, "/one", 3, sleep=0.8))
         assert api.runtimes["ReservedFunction"].containers == 1
     assert statuses == [200, 500, 500]  # Lambda refuses the invoke; API Gateway makes that a 500
+
+
+@pytest.mark.integration
+def test_a_route_throttle_within_the_reservation_answers_429_where_lambda_would_have_given_500(pool_bundle):
+    with pool_bundle(route_throttles=False) as (_api, url):  # the reservation alone: the defect
+        unguarded = _concurrently(url, "/guarded", 4, sleep=0.8)
+    assert sorted(response.status_code for response in unguarded) == [200, 200, 500, 500]
+    refused = next(response for response in unguarded if response.status_code == 500)
+    assert refused.json() == {"message": "Internal Server Error"}  # API Gateway's own body, not the function's
+    with pool_bundle() as (_api, url):
+        guarded = _concurrently(url, "/guarded", 4, sleep=0.8)
+    assert sorted(response.status_code for response in guarded) == [200, 429, 429, 429]
+    throttled = next(response for response in guarded if response.status_code == 429)
+    assert throttled.json() == {"message": "Too Many Requests"}
+    assert throttled.headers["content-type"] == "application/json"
 
 
 @pytest.mark.integration

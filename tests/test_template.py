@@ -7,12 +7,14 @@ template, sam build for arm64 and the 250 MB size report.
 import json
 import os
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
-from infra import template_checks
+from infra import concurrency, template_checks
 from infra.lambda_loader import load_function_module
+from infra.sam_template import load_template, parameter_values
 
 pytestmark = pytest.mark.template
 
@@ -273,16 +275,91 @@ def test_every_function_logs_to_its_own_log_group_with_retention(resources):
 def test_http_api_cors_throttling_and_access_logs(resources):
     api = resources["HttpApi"]["Properties"]
     assert api["CorsConfiguration"]["AllowOrigins"] == {"Ref": "CorsAllowedOrigins"}
-    assert api["DefaultRouteSettings"]["ThrottlingRateLimit"] == {"Ref": "ThrottlingRateLimit"}
-    assert api["DefaultRouteSettings"]["ThrottlingBurstLimit"] == {"Ref": "ThrottlingBurstLimit"}
+    assert api["DefaultRouteSettings"] == {"ThrottlingRateLimit": 1, "ThrottlingBurstLimit": 1}  # a new route's
     log_group = api["AccessLogSettings"]["DestinationArn"]["Fn::GetAtt"][0]
     assert resources[log_group]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
     assert json.loads(api["AccessLogSettings"]["Format"])["status"] == "$context.status"
 
 
-def test_prediction_create_has_reserved_concurrency(resources):
-    reserved = functions(resources)["PredictionCreateFunction"]["ReservedConcurrentExecutions"]
-    assert reserved["Fn::If"][1] == {"Ref": "PredictionCreateReservedConcurrency"}
+def test_each_api_function_has_its_reservation_and_a_throttle_on_each_route_from_its_parameters(template, resources):
+    for name in API_FUNCTIONS:
+        prefix = name.removesuffix("Function")
+        properties = functions(resources)[name]
+        condition, reserved, unreserved = properties["ReservedConcurrentExecutions"]["Fn::If"]
+        assert (reserved, unreserved) == ({"Ref": f"{prefix}ReservedConcurrency"}, {"Ref": "AWS::NoValue"}), name
+        assert template["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [reserved, 0]}]}, name
+        for event in properties["Events"].values():
+            assert event["Properties"]["RouteSettings"] == {
+                "ThrottlingRateLimit": {"Ref": f"{prefix}ThrottleRate"},
+                "ThrottlingBurstLimit": {"Ref": f"{prefix}ThrottleBurst"},
+            }, name
+
+
+def test_the_throttles_never_overrun_a_reservation_with_the_defaults_or_any_samconfig_environment(capsys):
+    assert concurrency.check() == []
+    printed = capsys.readouterr().out
+    assert "samconfig.toml [prod]" in printed and "PredictionCreateFunction" in printed
+
+
+def _budgets(overrides: dict[str, str] | None = None) -> dict[str, concurrency.FunctionBudget]:
+    template = load_template(ROOT / "template.yaml")
+    items = concurrency.budgets(template, parameter_values(template, overrides), ROOT)
+    return {item.function_id: item for item in items}
+
+
+def test_the_in_flight_bound_is_burst_plus_rate_times_init_and_timeout_summed_over_routes():
+    defaults = _budgets()
+    create = defaults["PredictionCreateFunction"]
+    assert (create.timeout_s, create.longest_s) == (15, 25)  # Lambda's 10 s init limit, then the invoke
+    assert create.in_flight == 2 + Fraction("0.4") * 25 == create.reserved == 12
+    symbols = defaults["SymbolsFunction"]
+    assert len(symbols.routes) == 6 and symbols.in_flight == 6 * (2 + Fraction("0.2") * 15) == 30
+    assert all(item.problem is None for item in defaults.values())
+
+
+@pytest.mark.parametrize("overrides", [
+    {"PredictionCreateReservedConcurrency": "11"},  # one reservation lowered
+    {"PredictionCreateThrottleRate": "0.5"},  # one rate raised
+    {"SymbolsThrottleBurst": "3"},  # a burst raised: counted once per route
+])
+def test_changing_one_parameter_past_the_bound_is_caught(overrides):
+    (name,) = [item for item in ("PredictionCreate", "Symbols") if next(iter(overrides)).startswith(item)]
+    problem = _budgets(overrides)[f"{name}Function"].problem
+    assert problem is not None and "over its reserved concurrency" in problem
+
+
+def test_an_unreserved_function_has_no_reservation_to_overrun_and_a_route_without_throttle_is_refused(tmp_path):
+    assert _budgets({"PredictionCreateReservedConcurrency": "0"})["PredictionCreateFunction"].reserved is None
+    assert _budgets({"PredictionCreateReservedConcurrency": "0"})["PredictionCreateFunction"].problem is None
+    text = (ROOT / "template.yaml").read_text()
+    unthrottled = re.sub(r"      DefaultRouteSettings:\n(        .*\n)+", "", text, count=1)
+    unthrottled = unthrottled.replace("              ThrottlingRateLimit: !Ref HealthThrottleRate\n", "", 1)
+    assert unthrottled != text
+    (tmp_path / "template.yaml").write_text(unthrottled)
+    items = concurrency.budgets(load_template(tmp_path / "template.yaml"), parameter_values(load_template(
+        tmp_path / "template.yaml")), ROOT)
+    (health,) = [item for item in items if item.function_id == "HealthFunction"]
+    assert health.in_flight is None and "GET /health has no throttle" in health.problem
+
+
+def test_samconfig_overrides_are_read_per_environment(tmp_path):
+    (tmp_path / "samconfig.toml").write_text(
+        'version = 0.1\n[prod.deploy.parameters]\nparameter_overrides = "Stage=\\"prod\\" '
+        'PredictionCreateReservedConcurrency=\\"5\\""\n')
+    assert concurrency.samconfig_overrides(tmp_path / "samconfig.toml") == {
+        "prod": {"Stage": "prod", "PredictionCreateReservedConcurrency": "5"}}
+    assert any("samconfig.toml [prod]: PredictionCreateFunction" in problem
+               for problem in concurrency.check(ROOT / "template.yaml", tmp_path / "samconfig.toml"))
+
+
+# A db.t4g.micro's max_connections (about 80) less the 5 RDS keeps for its superusers (README, Connection budget).
+T4G_MICRO_USABLE_CONNECTIONS = 75
+BATCH_CONNECTIONS = 7  # Retention 1, Refresh 2, Score 3, Migrate 1 (README, Connection budget)
+
+
+def test_the_default_reservations_fit_a_db_t4g_micro_with_room_for_operators():
+    api = sum(item.reserved for item in _budgets().values())
+    assert api + BATCH_CONNECTIONS <= T4G_MICRO_USABLE_CONNECTIONS - 5, api
 
 
 def test_science_layer_only_where_needed_and_both_layers_build_for_arm64(template, resources):

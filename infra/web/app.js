@@ -52,7 +52,9 @@ async function api(path, options) {
   const response = await fetch(path, options);
   const body = await response.json();
   if (!response.ok) {
-    throw new Error(body.error ? `${body.error.code}: ${body.error.message}` : `HTTP ${response.status}`);
+    // API Gateway's own answers (429 from a route's throttle) are {"message": ...}; ours are {"error": ...}.
+    const reason = body.error ? `${body.error.code}: ${body.error.message}` : body.message || "";
+    throw new Error(`HTTP ${response.status}${reason ? ` ${reason}` : ""}`);
   }
   return body;
 }

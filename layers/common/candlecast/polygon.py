@@ -199,7 +199,7 @@ def _decode(data: bytes, where: str) -> dict:
     return body
 
 
-# Inside an API request (29 s Lambda timeout) Polygon gets a few seconds; the weekly refresh gets minutes.
+# Inside an API request (15 s Lambda timeout) Polygon gets about 6 s; the weekly refresh gets minutes.
 INTERACTIVE_LIMITS = {"connect_timeout": 2.0, "read_timeout": 4.0, "time_budget": 6.0, "max_attempts": 2}
 _clients: dict[bool, PolygonClient] = {}
 _client_lock = threading.Lock()
