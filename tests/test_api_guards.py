@@ -130,3 +130,22 @@ def test_a_refused_body_is_a_plain_json_result_as_api_gateway_needs_it():
     assert result["isBase64Encoded"] is False
     assert {name.lower(): value for name, value in result["headers"].items()}["content-type"] == "application/json"
     assert json.loads(result["body"])["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip"])
+def test_a_compressed_body_is_415_naming_its_encoding(encoding):
+    import gzip
+
+    event = load_event("predictions_create.json", isBase64Encoded=True,
+                       body=base64.b64encode(gzip.compress(b'{"symbol": "BTC-USD", "timeframe": "1h"}')).decode())
+    event["headers"]["content-encoding"] = encoding
+    response = invoke("predictions_create", event)
+    assert_error(response, 415, "unsupported_media_type")
+    assert response[2]["error"]["message"] == f"Content-Encoding {encoding} is not accepted: send the JSON as it is"
+
+
+@pytest.mark.parametrize("encoding", ["identity", "IDENTITY", ""])
+def test_an_identity_encoding_is_no_encoding(encoding):
+    event = load_event("predictions_create.json", body='{"symbol": "BTC-USD", "timeframe": "2h"}')
+    event["headers"]["content-encoding"] = encoding
+    assert_error(invoke("predictions_create", event), 422, "validation_error")

@@ -47,7 +47,7 @@ _ERROR_MEANINGS = {
     404: "not found",
     409: "Idempotency-Key reused for another symbol or timeframe",
     413: "body larger than 16 KiB",
-    415: "body is not application/json",
+    415: "body is not application/json, or is compressed (Content-Encoding)",
     422: "body fields invalid",
     503: "a dependency is unavailable",
 }
@@ -158,6 +158,10 @@ def _refused_body(event: dict) -> CandlecastError | None:
     body = event.get("body") or ""
     if len(body) > MAX_BODY_BYTES * 4 // 3 + 4:  # too large even as base64: do not decode it
         return PayloadTooLarge(f"request body is over {MAX_BODY_BYTES} bytes, the limit")
+    headers = {str(name).lower(): value for name, value in (event.get("headers") or {}).items()}
+    encoding = str(headers.get("content-encoding", "")).strip()
+    if body and encoding.lower() not in ("", "identity"):  # API Gateway passes a compressed body on as it is
+        return UnsupportedMediaType(f"Content-Encoding {encoding[:40]} is not accepted: send the JSON as it is")
     raw = body.encode("utf-8", "surrogatepass")
     if event.get("isBase64Encoded") and body:
         try:
@@ -170,7 +174,6 @@ def _refused_body(event: dict) -> CandlecastError | None:
         raw.decode("utf-8")
     except UnicodeDecodeError:
         return BadRequest("request body is not UTF-8 text", code="invalid_body")
-    headers = {str(name).lower(): value for name, value in (event.get("headers") or {}).items()}
     content_type = str(headers.get("content-type", "application/json")).split(";")[0].strip().lower()
     if body and content_type != "application/json" and not content_type.endswith("+json"):
         return UnsupportedMediaType(f"Content-Type must be application/json, not {content_type[:100]}")
