@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://{args.host}:{server.server_address[1]}"
     print(f"local API on {url} ({len(api.routes)} routes, docs at {url}/docs); Ctrl-C stops")
     for route in api.routes:
-        print(f"  {route.route_key:40} -> {route.function_id}")
+        print(f"  {route.route_key:40} -> {route.function_id:26} {route.throttle or 'no throttle'}")
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     server.server_close()  # and the containers

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete the kept state first")
     parser.add_argument("--max-containers", type=int, default=DEFAULT_MAX_CONTAINERS,
                         help="containers per function at most (its reserved concurrency caps them too)")
+    parser.add_argument("--no-route-throttles", action="store_true",
+                        help="no 429 from the routes' throttles (the template's are sized for AWS's worst case)")
     args = parser.parse_args(argv)
     use_shared_environment(Path(args.template))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -127,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         # The functions refuse bodies over 16 KiB: refused from their Content-Length, they are never read.
         # Each function starts its first container on its first request (a cold start, as on Lambda).
         api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function,
-                       body_limit=MAX_BODY_BYTES, max_containers=args.max_containers)
+                       body_limit=MAX_BODY_BYTES, max_containers=args.max_containers,
+                       route_throttles=not args.no_route_throttles)
         server = api.server(args.host, args.port)
         base_url = f"http://{args.host}:{server.server_address[1]}"
         for route in api.routes:
-            print(f"  {route.route_key:36} -> {route.function_id}")
+            print(f"  {route.route_key:36} -> {route.function_id:26} {route.throttle or 'no throttle'}")
         print(f"ready in {time.perf_counter() - started:.1f} s", flush=True)
         print_examples(base_url, Path(args.data))
         server.serve_forever()

@@ -175,6 +175,9 @@ class Throttle:
     rate: float
     burst: int
 
+    def __str__(self) -> str:
+        return f"throttle {self.rate:g}/s, burst {self.burst}"
+
 
 @dataclass(frozen=True)
 class Route:
