@@ -24,7 +24,7 @@ import psycopg
 
 from infra.bench import percentile
 from infra.bench_stages import STEPS_OF_NEW_SQL, copy_database, stage_pools
-from infra.events import load_event, path_event
+from infra.events import create_event, load_event, path_event
 from infra.lambda_loader import LambdaContext, load_handler
 from infra.local_stack import ROOT, LocalStack, seeded_stack
 
@@ -203,9 +203,7 @@ class HotPaths:
         self.get = load_handler(ROOT / "functions/predictions_get")
         self.symbols = load_handler(ROOT / "functions/symbols")
         self.context = LambdaContext()
-        self.create_event = load_event("predictions_create.json",
-                                       body=json.dumps({"symbol": HOT_TICKER, "timeframe": "1h"}))
-        self.create_event["headers"] = {k: v for k, v in self.create_event["headers"].items() if k != "idempotency-key"}
+        self.create_event = create_event({"symbol": HOT_TICKER, "timeframe": "1h"})
         self.admin = psycopg.connect(database_url, autocommit=True)
         self.last_created: str | None = None
 
@@ -240,6 +238,7 @@ class HotPaths:
         self.cache.delete_pattern(self.cache.keys.all_prediction_keys())
 
     def create_new_keyed(self) -> dict:
+        # Inside the clock: a copy with a new key, not a fresh event from its file.
         keyed = dict(self.create_event, headers={**self.create_event["headers"], "idempotency-key": str(uuid.uuid4())})
         return self._call(self.create, keyed)
 
@@ -254,14 +253,15 @@ class HotPaths:
             "SELECT id FROM predictions ORDER BY random() LIMIT %s", (count,))]
 
     def get_by_id(self, ids: list[str]) -> tuple[Callable, Callable]:
-        chosen: list[str] = []
+        request: list[dict] = []
 
-        def before() -> None:
-            chosen[:] = [random.choice(ids)]
-            self.cache.delete(self.cache.keys.prediction(chosen[0]))
+        def before() -> None:  # the event is made here, outside the clock
+            chosen = random.choice(ids)
+            request[:] = [path_event("prediction_get.json", f"/predictions/{chosen}", id=chosen)]
+            self.cache.delete(self.cache.keys.prediction(chosen))
 
         def call() -> dict:
-            return self._call(self.get, path_event("prediction_get.json", f"/predictions/{chosen[0]}", id=chosen[0]))
+            return self._call(self.get, request[0])
 
         return call, before
 

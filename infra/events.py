@@ -23,3 +23,13 @@ def path_event(name: str, path: str, **path_parameters: str) -> dict:
     if path_parameters:
         event["pathParameters"] = path_parameters
     return event
+
+
+def create_event(body: dict | str, idempotency_key: str | None = None, **changes) -> dict:
+    """POST /predictions with `body` (a dict goes as JSON) and no Idempotency-Key unless one is given (the
+    sample event carries one)."""
+    event = load_event("predictions_create.json", body=body if isinstance(body, str) else json.dumps(body), **changes)
+    event["headers"].pop("idempotency-key", None)
+    if idempotency_key is not None:
+        event["headers"]["idempotency-key"] = idempotency_key
+    return event

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from candlecast.api import MAX_BODY_BYTES
+from infra.events import create_event
 from tests.conftest import invoke, load_event
 
 pytestmark = pytest.mark.integration
@@ -17,9 +18,7 @@ pytestmark = pytest.mark.integration
 
 def post(body: str | bytes, content_type: str | None = "application/json", *, as_base64: bool = False):
     raw = body.encode() if isinstance(body, str) else body
-    event = load_event("predictions_create.json", body=base64.b64encode(raw).decode() if as_base64 else raw.decode(),
-                       isBase64Encoded=as_base64)
-    event["headers"].pop("idempotency-key", None)
+    event = create_event(base64.b64encode(raw).decode() if as_base64 else raw.decode(), isBase64Encoded=as_base64)
     event["headers"].pop("content-type", None)
     if content_type is not None:
         event["headers"]["content-type"] = content_type
@@ -94,9 +93,7 @@ def test_an_empty_body_is_a_validation_error_not_a_guard_refusal():
 
 
 def raw_event(body: str, *, as_base64: bool):
-    event = load_event("predictions_create.json", body=body, isBase64Encoded=as_base64)
-    event["headers"].pop("idempotency-key", None)
-    return invoke("predictions_create", event)
+    return invoke("predictions_create", create_event(body, isBase64Encoded=as_base64))
 
 
 def test_a_base64_body_too_long_to_be_under_the_limit_is_refused_before_decoding():

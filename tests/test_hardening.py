@@ -12,6 +12,7 @@ from candlecast import cache, db, ingest, polygon, redaction, strictjson
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY, PublicSigningKeyError, Settings, get_settings, model_signing_key
 from candlecast.errors import DatabaseUnavailable, NotFound, ServiceUnavailable
 from candlecast.tickers import normalize_ticker
+from infra.events import create_event
 from infra.served_stack import postgres_pids, signal_all
 from tests.conftest import invoke, load_event, path_event
 from tests.fake_polygon import FakePolygon, make_market
@@ -300,8 +301,7 @@ def test_each_listed_symbol_says_which_timeframes_it_can_forecast_and_does(clean
         assert sorted(symbol["candle_timeframes"]) == files
         # Forecast each symbol at one of its timeframes (rotating).
         timeframe = symbol["candle_timeframes"][index % len(symbol["candle_timeframes"])]
-        event = load_event("predictions_create.json", body=json.dumps({"symbol": ticker, "timeframe": timeframe}))
-        event["headers"].pop("idempotency-key", None)
+        event = create_event({"symbol": ticker, "timeframe": timeframe})
         status, _, body = invoke("predictions_create", event)
         assert status == 201, (ticker, timeframe, body)
         checked += 1

@@ -1,7 +1,6 @@
 """Prediction create/get through real v2 events, with the committed sample data and models seeded."""
 
 import base64
-import json
 import threading
 import time
 import uuid
@@ -13,6 +12,7 @@ import pytest
 from dateutil.relativedelta import relativedelta
 
 from candlecast import storage
+from infra.events import create_event
 from tests.conftest import ROOT, invoke, load_event, path_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -29,8 +29,7 @@ def sample_timeframes() -> list[str]:
 
 
 def create(body, headers: dict | None = None):
-    event = load_event("predictions_create.json", body=body if isinstance(body, str) else json.dumps(body))
-    event["headers"].pop("idempotency-key", None)  # the sample event carries one; tests choose their own
+    event = create_event(body)
     event["headers"].update(headers or {})
     return invoke("predictions_create", event)
 

@@ -20,6 +20,7 @@ from candlecast.candles import Candles
 from candlecast.repositories import scores as score_repository
 from candlecast.services import scoring
 from candlecast.timeframes import add_steps
+from infra.events import create_event
 from tests.conftest import EVENTS, empty_bucket, invoke, load_event, path_event
 from tests.fake_polygon import HOUR, FakePolygon, make_market
 from tests.test_ingest import RefreshContext, point_settings_at
@@ -52,9 +53,7 @@ def rows(database_url: str, query: str, *params) -> list[tuple]:
 
 
 def create(symbol: str, timeframe: str = "1h") -> dict:
-    event = load_event("predictions_create.json", body=json.dumps({"symbol": symbol, "timeframe": timeframe}))
-    event["headers"].pop("idempotency-key", None)
-    status, _, body = invoke("predictions_create", event)
+    status, _, body = invoke("predictions_create", create_event({"symbol": symbol, "timeframe": timeframe}))
     assert status == 201, body
     return body
 
