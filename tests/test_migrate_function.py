@@ -37,13 +37,8 @@ class SilentServer:
         self.socket.close()
 
 
-class Context(LambdaContext):
-    def __init__(self, remaining_ms: int = 300_000):
-        super().__init__()
-        self.deadline = time.monotonic() + remaining_ms / 1000
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int((self.deadline - time.monotonic()) * 1000)
+def context(remaining_ms: int = 300_000) -> LambdaContext:
+    return LambdaContext(timeout_seconds=remaining_ms / 1000)
 
 
 @pytest.fixture
@@ -95,7 +90,7 @@ def unreachable_database_url() -> str:
 
 
 def test_create_applies_every_migration_and_answers_success(migrate_app, recorder, fresh_database):
-    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
 
     assert result["Status"] == "SUCCESS"
     (request,) = recorder.requests
@@ -116,11 +111,11 @@ def test_create_applies_every_migration_and_answers_success(migrate_app, recorde
 
 
 def test_update_applies_nothing_new_and_keeps_the_physical_id(migrate_app, recorder, fresh_database):
-    migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+    migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
     update = cfn_event("Update", recorder.url, PhysicalResourceId="DbMigration-schema",
                        OldResourceProperties={"MigrationsHash": "0" * 64})
 
-    result = migrate_app.lambda_handler(update, Context())
+    result = migrate_app.lambda_handler(update, context())
 
     assert result["Status"] == "SUCCESS"
     response = recorder.captured[-1]
@@ -131,7 +126,7 @@ def test_update_applies_nothing_new_and_keeps_the_physical_id(migrate_app, recor
 def test_a_failing_apply_answers_failed_with_the_reason(migrate_app, recorder, use_database):
     use_database(unreachable_database_url())
 
-    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
 
     assert result["Status"] == "FAILED"
     (response,) = recorder.captured
@@ -147,7 +142,7 @@ def test_a_hanging_database_answers_failed_before_the_function_times_out(migrate
         remaining_ms = int((migrate_app.RESPONSE_MARGIN_SECONDS + 1.5) * 1000)
         started = time.monotonic()
 
-        result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context(remaining_ms))
+        result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), context(remaining_ms))
 
         elapsed = time.monotonic() - started
     finally:
@@ -161,7 +156,7 @@ def test_delete_is_a_no_op_that_answers_success(migrate_app, recorder, use_datab
     use_database(unreachable_database_url())  # Delete must not even try the database
     delete = cfn_event("Delete", recorder.url, PhysicalResourceId="DbMigration-schema")
 
-    result = migrate_app.lambda_handler(delete, Context())
+    result = migrate_app.lambda_handler(delete, context())
 
     assert result["Status"] == "SUCCESS"
     (response,) = recorder.captured
@@ -173,7 +168,7 @@ def test_the_response_put_is_retried(migrate_app, use_database, monkeypatch):
     use_database(unreachable_database_url())
     flaky = ResponseCapture(failures=1)
     try:
-        migrate_app.lambda_handler(cfn_event("Delete", flaky.url, PhysicalResourceId="x"), Context())
+        migrate_app.lambda_handler(cfn_event("Delete", flaky.url, PhysicalResourceId="x"), context())
     finally:
         flaky.close()
     assert [response["Status"] for response in flaky.captured] == ["SUCCESS", "SUCCESS"]
@@ -184,32 +179,32 @@ def test_an_undeliverable_response_raises_so_lambda_retries_the_event(migrate_ap
     use_database(unreachable_database_url())
     url = f"http://127.0.0.1:{free_port()}/stack-response"
     with pytest.raises(ConnectionError):
-        migrate_app.lambda_handler(cfn_event("Delete", url, PhysicalResourceId="x"), Context())
+        migrate_app.lambda_handler(cfn_event("Delete", url, PhysicalResourceId="x"), context())
 
 
 def test_direct_invoke_status_then_apply(migrate_app, fresh_database):
-    status = migrate_app.lambda_handler(load_event("migrate_status.json"), Context())
+    status = migrate_app.lambda_handler(load_event("migrate_status.json"), context())
     assert status == {"applied": [], "pending": MIGRATION_IDS}
 
-    applied = migrate_app.lambda_handler(load_event("migrate_apply.json"), Context())
+    applied = migrate_app.lambda_handler(load_event("migrate_apply.json"), context())
     assert applied == {"applied": MIGRATION_IDS}
 
-    assert migrate_app.lambda_handler(load_event("migrate_status.json"), Context()) == {
+    assert migrate_app.lambda_handler(load_event("migrate_status.json"), context()) == {
         "applied": MIGRATION_IDS,
         "pending": [],
     }
-    assert migrate_app.lambda_handler(load_event("migrate_apply.json"), Context()) == {"applied": []}
+    assert migrate_app.lambda_handler(load_event("migrate_apply.json"), context()) == {"applied": []}
 
 
 def test_direct_invoke_with_an_unknown_action_raises(migrate_app, app_env):
     with pytest.raises(ValueError, match="unknown action"):
-        migrate_app.lambda_handler({"action": "drop"}, Context())
+        migrate_app.lambda_handler({"action": "drop"}, context())
 
 
 def test_direct_invoke_failure_raises_for_the_caller(migrate_app, use_database):
     use_database(unreachable_database_url())
     with pytest.raises(psycopg.OperationalError):
-        migrate_app.lambda_handler(load_event("migrate_apply.json"), Context())
+        migrate_app.lambda_handler(load_event("migrate_apply.json"), context())
 
 
 def test_a_lock_older_than_the_function_timeout_is_broken_and_logged(migrate_app, recorder, fresh_database, caplog):
@@ -219,7 +214,7 @@ def test_a_lock_older_than_the_function_timeout_is_broken_and_logged(migrate_app
     with psycopg.connect(fresh_database, autocommit=True) as conn:  # a run killed 10 minutes ago
         conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) "
                      "VALUES (1, (now() AT TIME ZONE 'UTC') - interval '10 minutes', 4242)")
-    migrate_app.lambda_handler(cfn_event("Update", recorder.url), Context(remaining_ms=300_000))
+    migrate_app.lambda_handler(cfn_event("Update", recorder.url), context(remaining_ms=300_000))
     assert recorder.captured[-1]["Status"] == "SUCCESS"
     warning = next(record for record in caplog.records if record.getMessage() == "broke a stale migration lock")
     assert warning.levelname == "WARNING"
@@ -234,7 +229,7 @@ def test_no_migrations_answers_failed_naming_the_folder(migrate_app, recorder, f
     if layout == "empty":
         folder.mkdir()
     monkeypatch.setenv("MIGRATIONS_DIR", str(folder))
-    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), Context())
+    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
     answer = recorder.captured[-1]
     assert answer["Status"] == result["Status"] == "FAILED"
     assert str(folder) in answer["Reason"] and "MigrationError" in answer["Reason"]
