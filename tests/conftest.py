@@ -26,6 +26,16 @@ def reset_clients() -> None:
     forget_connections_and_secrets()
 
 
+def moto_secret(stack, value: str, name: str = "candlecast/test") -> str:
+    """The ARN of a new secret holding `value`, in moto's Secrets Manager (served with its S3)."""
+    import uuid
+
+    import boto3
+
+    secrets = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
+    return secrets.create_secret(Name=f"{name}-{uuid.uuid4().hex[:8]}", SecretString=value)["ARN"]
+
+
 def empty_bucket(bucket: str) -> None:
     """Delete every object in the bucket; storage's clients and candle memory start afresh."""
     from candlecast import storage

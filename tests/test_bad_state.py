@@ -87,16 +87,11 @@ def stalled_endpoint():
 def _secret_from(stack, monkeypatch, endpoint: str | None, variable: str, value: str | None) -> None:
     """`variable` names a secret in moto holding `value` (None: a secret that does not exist); Secrets Manager is
     reached at `endpoint` (None: moto). A new container: no settings, pool or secret read before."""
-    import uuid
-
-    import boto3
-
-    from tests.conftest import reset_clients
+    from tests.conftest import moto_secret, reset_clients
 
     arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:candlecast-missing-AbCdEf"
     if value is not None:
-        secrets = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
-        arn = secrets.create_secret(Name=f"candlecast/bad-{uuid.uuid4().hex[:8]}", SecretString=value)["ARN"]
+        arn = moto_secret(stack, value, "candlecast/bad")
     monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", endpoint or stack.s3_endpoint_url)
     monkeypatch.delenv(variable.removesuffix("_SECRET_ARN") if variable != "DB_SECRET_ARN" else "DATABASE_URL",
                        raising=False)

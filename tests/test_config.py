@@ -1,15 +1,14 @@
 """Configuration: validated at cold start, bad variables named, secrets read from Secrets Manager (moto)."""
 
 import json
-import uuid
 
-import boto3
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from candlecast import config
 from candlecast.config import ConfigurationError, Settings, get_settings
 from infra.local_stack import free_port
+from tests.conftest import moto_secret
 
 
 @pytest.fixture
@@ -66,8 +65,7 @@ def _secret_in_moto(stack, monkeypatch, name: str, value: str) -> str:
     for key, setting in stack.environment().items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, setting)
-    secrets = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
-    return secrets.create_secret(Name=f"{name}-{uuid.uuid4().hex[:8]}", SecretString=value)["ARN"]
+    return moto_secret(stack, value, name)
 
 
 def test_secrets_come_from_the_extension_endpoint_with_the_session_token(fresh_settings, stack):

@@ -6,9 +6,7 @@ function that reads its database secret by ARN through the secrets extension sta
 
 import json
 import random
-import uuid
 
-import boto3
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -16,7 +14,7 @@ from candlecast import cache, db, snapstart
 from candlecast.config import get_settings
 from infra.artifacts import SecretsExtension
 from infra.lambda_loader import LambdaContext, load_handler
-from tests.conftest import load_event
+from tests.conftest import load_event, moto_secret
 
 pytestmark = pytest.mark.integration
 snapshot_restore_py = pytest.importorskip("snapshot_restore_py")
@@ -30,11 +28,11 @@ def run_hooks(registry) -> None:
 @pytest.fixture
 def deployed_secrets(migrated_db, monkeypatch):
     """DB_SECRET_ARN (moto) read over the extension stand-in; no DATABASE_URL."""
-    secrets = boto3.client("secretsmanager", endpoint_url=migrated_db.s3_endpoint_url, region_name="us-east-1")
     params = conninfo_to_dict(migrated_db.database_url)
-    arn = secrets.create_secret(Name=f"candlecast/snapstart-{uuid.uuid4().hex[:8]}", SecretString=json.dumps({
+    arn = moto_secret(migrated_db, json.dumps({
         "host": params["host"], "port": int(params.get("port") or 5432), "dbname": params["dbname"],
-        "username": params["user"], "password": params.get("password") or "", "sslmode": "disable"}))["ARN"]
+        "username": params["user"], "password": params.get("password") or "", "sslmode": "disable"}),
+        "candlecast/snapstart")
     extension = SecretsExtension(migrated_db.s3_endpoint_url, session_token="snapstart-token")
     monkeypatch.delenv("DATABASE_URL")
     monkeypatch.setenv("DB_SECRET_ARN", arn)
