@@ -63,8 +63,32 @@ def test_apply_rollback_apply(scratch_database):
     assert migrate.status(scratch_database).pending == []
 
 
+def insert_model(conn, kind: str, version: str) -> None:
+    conn.execute("""
+        INSERT INTO models (timeframe, name, version, kind, s3_key, sha256)
+        VALUES ('4h', 'candlecast-4h', %s, %s, 'models/4h.pkl', repeat('a', 64))
+        """, (version, kind))
+
+
+def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(scratch_database):
+    migrate.apply(scratch_database)
+    with psycopg.connect(scratch_database) as conn:
+        for version, kind in enumerate(("baseline", "learned", "garch-scale", "combined")):
+            insert_model(conn, kind, str(version))
+        with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+            insert_model(conn, "ensemble", "9")
+    assert migrate.rollback(scratch_database, count=1) == ["0007_model_kinds"]
+    with psycopg.connect(scratch_database) as conn:
+        kinds = [row[0] for row in conn.execute("SELECT kind FROM models ORDER BY version")]
+        assert kinds == ["baseline", "learned", "baseline", "learned"]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            insert_model(conn, "combined", "9")
+    assert migrate.apply(scratch_database) == ["0007_model_kinds"]
+
+
 def test_the_track_record_migrations_roll_back_alone(scratch_database):
     migrate.apply(scratch_database)
+    assert migrate.rollback(scratch_database, count=1) == ["0007_model_kinds"]
     assert migrate.rollback(scratch_database, count=1) == ["0006_score_due"]
     with psycopg.connect(scratch_database) as conn:
         columns = {row[0] for row in conn.execute(
@@ -73,7 +97,7 @@ def test_the_track_record_migrations_roll_back_alone(scratch_database):
         assert conn.execute("SELECT to_regclass('predictions_score_due_idx')").fetchone()[0] is None
     assert migrate.rollback(scratch_database, count=1) == ["0005_prediction_scores"]
     assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats"}
-    assert migrate.apply(scratch_database) == ["0005_prediction_scores", "0006_score_due"]
+    assert migrate.apply(scratch_database) == ["0005_prediction_scores", "0006_score_due", "0007_model_kinds"]
 
 
 def test_two_concurrent_runs_apply_once_without_error(scratch_database):

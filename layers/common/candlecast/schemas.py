@@ -82,13 +82,19 @@ class Symbol(_Read):
         False, description="other timeframes are fetched from Polygon on demand (this deployment has a key)")
 
 
+ModelKind = Literal["baseline", "learned", "garch-scale", "combined"]
+KIND_DESCRIPTION = ("the method the model ships: baseline (EWMA volatility scale), learned (quantile trees), "
+                    "garch-scale (the coin's own GARCH(1,1)-t as the scale) or combined (the quantile average of "
+                    "the trees, else the baseline, with garch-scale)")
+
+
 class ModelCreate(Schema):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     timeframe: Timeframe
     name: str = Field(..., max_length=100)
     version: str = Field(..., max_length=64)
-    kind: Literal["baseline", "learned"]
+    kind: ModelKind
     s3_key: str = Field(..., max_length=512)
     sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
     accuracy: float | None = None
@@ -205,7 +211,7 @@ class ModelStatus(Schema):
     status: Literal["active", "missing"]
     name: str | None = None
     version: str | None = None
-    kind: str | None = None
+    kind: str | None = Field(None, description=KIND_DESCRIPTION)
     drift: bool | None = Field(None, description="true when this model's live coverage has drifted")
 
 
@@ -278,7 +284,7 @@ class ModelSummary(Schema):
     id: UUID
     name: str
     version: str
-    kind: str
+    kind: str = Field(description=KIND_DESCRIPTION)
     accuracy: float | None = Field(
         None, description="live 80 % coverage: the share of out-of-sample matured steps whose close fell inside "
                           "the 80 % interval (near 0.80 when calibrated); null before any score. The backtest's is "

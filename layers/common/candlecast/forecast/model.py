@@ -1,12 +1,13 @@
 """The forecast model at inference: a plain dict of numpy arrays turned into 30 expected candles (numpy only).
 
 Model dict (format 1), written by candlecast.forecast.train and signed by candlecast.forecast.artifact:
-  timeframe, name, version, kind ('baseline'|'learned'), features, config (TimeframeConfig fields),
+  timeframe, name, version, kind ('baseline'|'learned': whether the file holds trees), features,
+  config (TimeframeConfig fields),
   quantiles (7,), baseline_q (30, 7) calibrated z-quantiles of the baseline,
   trees (None or dict of flat tree arrays, see `evaluate_trees`), conformal (30, 3) widening of the
   95/80/50% intervals for the trees, wick (float), confidence_x / confidence_y (isotonic map knots),
   volatility (None, or GARCH-style weights: see `volatility_factor`),
-  method (optional: 'baseline'|'learned'|'garch-scale'|'combined'; default `kind`),
+  method (optional: 'baseline'|'learned'|'garch-scale'|'combined'; default `kind`; the kind registered),
   garch (None, or the series' own GARCH(1,1) fitted at the origin, see `candlecast.forecast.garch`: quantiles
   (30, 7) z-quantiles in units of its scale σ·√h·g(h); weight w of the file's own quantiles (trees, else the
   baseline) in the quantile average w·own + (1 − w)·GARCH (0: GARCH alone); conformal (30, 3) widening of that

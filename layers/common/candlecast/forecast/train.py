@@ -619,7 +619,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
         "timeframe": timeframe,
         "name": shipped.name,
         "version": version,
-        "kind": shipped.kind,  # the models table's: 'learned' when the file holds trees
+        "kind": shipped.method,  # the models table's: the method it ships
         "file": f"{timeframe}.pkl",
         "sha256": artifact.sha256_hex(data),
         "bytes": len(data),

@@ -1,0 +1,6 @@
+-- depends: 0006_score_due
+-- A model's kind is the method it ships: the GARCH-scale model and the combination of a model with it are
+-- kinds of their own, not 'baseline' and 'learned'.
+ALTER TABLE models DROP CONSTRAINT models_kind_check;
+ALTER TABLE models ADD CONSTRAINT models_kind_check
+    CHECK (kind IN ('baseline', 'learned', 'garch-scale', 'combined'));
