@@ -8,7 +8,7 @@ targets and measurements and exits non-zero when a target is missed. Only 127.0.
     Redis       SIGSTOP 10 s, SIGKILL, restart: 0 failed reads; p99 added latency <= 300 ms
     PostgreSQL  SIGSTOP 10 s, SIGKILL, restart on the same data folder: every 503 carries Retry-After
                 and comes within 1.5 s; recovery within 2 s of the restart; 0 acknowledged writes lost,
-                checked row by row against every 201
+                checked row by row against every 201; no prediction stored without its 30 steps
     S3          SIGSTOP, then SIGKILL: creates whose candles are not cached fail fast with
                 storage_unavailable; cached reads are unaffected
 
@@ -304,9 +304,16 @@ class Suite:
             rows = dict(conn.execute(
                 "SELECT p.id::text, count(s.step) FROM predictions p LEFT JOIN prediction_steps s "
                 "ON s.prediction_id = p.id WHERE p.id = ANY(%s::uuid[]) GROUP BY p.id", (ids,)).fetchall())
+            # Creates that failed mid-write (the server frozen or killed under them) must leave nothing behind.
+            partial, total = conn.execute(
+                "SELECT count(*) FILTER (WHERE steps <> 30), count(*) FROM (SELECT p.id, count(s.step) AS steps "
+                "FROM predictions p LEFT JOIN prediction_steps s ON s.prediction_id = p.id GROUP BY p.id) counted"
+            ).fetchone()
         lost = [prediction_id for prediction_id in ids if rows.get(prediction_id) != 30]
         self.check("postgres", "acknowledged writes lost = 0 (row by row, every 201)",
                    f"{len(lost)} of {len(ids)}", not lost and len(ids) > 0)
+        self.check("postgres", "partial writes = 0 (predictions without 30 steps)", f"{partial} of {total}",
+                   partial == 0 and total >= len(ids))
 
     # --- S3 -----------------------------------------------------------------------------------------
 

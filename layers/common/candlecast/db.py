@@ -178,9 +178,9 @@ def _deadline(conn: psycopg.Connection, seconds: float | None = None) -> Iterato
 
 def _unavailable(error: Exception, what: str) -> DatabaseUnavailable:
     global _down_until
-    logger.warning(what, extra={"error": type(error).__name__})
-    _reread_credentials()
     _down_until = time.monotonic() + FAIL_FAST_SECONDS
+    logger.warning(what, extra={"error": type(error).__name__})
+    _reread_credentials()  # a rotated password: a new pool, and no fail-fast pause
     return DatabaseUnavailable("the database is unavailable; try again shortly")
 
 
