@@ -352,3 +352,21 @@ def test_a_refused_write_skips_that_write_and_reads_go_on(server):
         assert cache.get_symbol_bytes("X:BTCUSD") == b"{}"
     finally:
         server.config_set("maxmemory", "0")
+
+
+def test_stages_sharing_one_redis_never_read_each_others_entries():
+    import subprocess
+    import sys
+
+    def key_in(stage: str | None) -> str:
+        import os
+
+        env = {name: value for name, value in os.environ.items() if name != "STAGE"} | (
+            {"STAGE": stage} if stage else {})
+        return subprocess.run([sys.executable, "-c", "from candlecast import cache; print(cache.keys.symbol('X:A'), "
+                               "cache.keys.all_keys())"], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    dev, prod, unset = key_in("dev"), key_in("prod"), key_in(None)
+    assert dev[0] != prod[0] and dev[1] != prod[1]
+    assert unset == key_in("local")  # STAGE's default, as in the settings

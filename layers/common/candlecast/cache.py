@@ -11,6 +11,7 @@ served to a client nor as an error.
 """
 
 import json
+import os
 import threading
 import time
 import zlib
@@ -39,6 +40,8 @@ TTL_SECONDS = {
 PROBE_INTERVAL_SECONDS = 0.5
 # v2: values are sealed. A new prefix, so that during a deploy older code never serves a sealed value as it is.
 NAMESPACE = "cc:v2"
+# Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys.
+_PREFIX = f"{NAMESPACE}:{os.environ.get('STAGE') or 'local'}"
 _SEAL = b"\xcc\x02"
 _SEALED_HEADER = len(_SEAL) + 4
 
@@ -46,64 +49,64 @@ _SEALED_HEADER = len(_SEAL) + 4
 class keys:
     @staticmethod
     def candles(ticker: str, timeframe: str) -> str:
-        return f"{NAMESPACE}:candles:{ticker}:{timeframe}"
+        return f"{_PREFIX}:candles:{ticker}:{timeframe}"
 
     @staticmethod
     def prediction(prediction_id: str) -> str:
-        return f"{NAMESPACE}:prediction:{prediction_id}"
+        return f"{_PREFIX}:prediction:{prediction_id}"
 
     @staticmethod
     def prediction_request(ticker: str, timeframe: str) -> str:
         """The newest create without Idempotency-Key of a symbol and timeframe: its request's hash (symbol,
         timeframe, model and last candle, hashed by the service) and its prediction's id. Keyed without the
         hash, so it is read with the candles that give the hash, in one round trip."""
-        return f"{NAMESPACE}:prediction-request:{ticker}:{timeframe}"
+        return f"{_PREFIX}:prediction-request:{ticker}:{timeframe}"
 
     @staticmethod
     def upstream_failure(ticker: str, timeframe: str) -> str:
-        return f"{NAMESPACE}:upstream-failure:{ticker}:{timeframe}"
+        return f"{_PREFIX}:upstream-failure:{ticker}:{timeframe}"
 
     @staticmethod
     def symbol(ticker: str) -> str:
-        return f"{NAMESPACE}:symbol:{ticker}"
+        return f"{_PREFIX}:symbol:{ticker}"
 
     @staticmethod
     def top_symbols(limit: int) -> str:
-        return f"{NAMESPACE}:top-symbols:{limit}"
+        return f"{_PREFIX}:top-symbols:{limit}"
 
     @staticmethod
     def search(query: str, limit: int) -> str:
-        return f"{NAMESPACE}:search:{limit}:{query}"
+        return f"{_PREFIX}:search:{limit}:{query}"
 
     @staticmethod
     def track_record(timeframe: str | None) -> str:
         """GET /models (timeframe None) or GET /models/{timeframe}."""
-        return f"{NAMESPACE}:track-record:{timeframe or 'all'}"
+        return f"{_PREFIX}:track-record:{timeframe or 'all'}"
 
     @staticmethod
     def all_prediction_keys() -> str:
         """Predictions and their request pointers (benchmarks and tests start afresh with it)."""
-        return f"{NAMESPACE}:prediction*"
+        return f"{_PREFIX}:prediction*"
 
     @staticmethod
     def all_keys() -> str:
-        return f"{NAMESPACE}:*"
+        return f"{_PREFIX}:*"
 
     @staticmethod
     def all_track_record_keys() -> str:
-        return f"{NAMESPACE}:track-record:*"
+        return f"{_PREFIX}:track-record:*"
 
     @staticmethod
     def all_symbol_keys() -> str:
-        return f"{NAMESPACE}:symbol:*"
+        return f"{_PREFIX}:symbol:*"
 
     @staticmethod
     def all_top_symbols_keys() -> str:
-        return f"{NAMESPACE}:top-symbols:*"
+        return f"{_PREFIX}:top-symbols:*"
 
     @staticmethod
     def all_search_keys() -> str:
-        return f"{NAMESPACE}:search:*"
+        return f"{_PREFIX}:search:*"
 
 
 _client: redis.Redis | None = None
