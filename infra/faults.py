@@ -229,16 +229,18 @@ class Suite:
         reads = [s for s in during if s.kind == "read"]
         failed = [s for s in reads if s.status not in (200, 404)]
         self.check("redis", "failed reads during the outage = 0", f"{len(failed)} of {len(reads)}"
-                   + (f" ({sorted({(s.status, s.code) for s in failed})})" if failed else ""), not failed)
+                   + (f" ({sorted({(s.status, s.code) for s in failed})})" if failed else ""),
+                   not failed and bool(reads))
         added = percentile([s.seconds for s in during], 0.99) - percentile([s.seconds for s in before], 0.99)
         self.check("redis", "p99 added latency <= 300 ms (all requests)",
                    f"{added * 1000:.0f} ms (p99 {percentile([s.seconds for s in during], 0.99) * 1000:.0f} ms "
-                   f"vs {percentile([s.seconds for s in before], 0.99) * 1000:.0f} ms before)", added <= 0.3)
+                   f"vs {percentile([s.seconds for s in before], 0.99) * 1000:.0f} ms before)",
+                   added <= 0.3 and bool(during) and bool(before))
         created = [s for s in during if s.kind == "create"]
         failed_creates = [s for s in created if s.status not in (200, 201)]
         self.check("redis", "failed creates during the outage = 0", f"{len(failed_creates)} of {len(created)}"
                    + (f" ({sorted({(s.status, s.code) for s in failed_creates})})" if failed_creates else ""),
-                   not failed_creates)
+                   not failed_creates and bool(created))
 
     # --- PostgreSQL ---------------------------------------------------------------------------------
 
@@ -281,7 +283,7 @@ class Suite:
         # from its start.
         slowest = max((s.ended - max(s.started, frozen) for s in creates), default=0.0)
         self.check("postgres", "every create answered within 1.5 s of the freeze or its start",
-                   f"slowest {slowest:.2f} s of {len(creates)}", slowest <= 1.5)
+                   f"slowest {slowest:.2f} s of {len(creates)}", slowest <= 1.5 and bool(creates))
         missing = [s for s in load.samples if s.status == 503 and not (s.retry_after or "").isdigit()]
         unanswered = [s for s in outage if s.status == 0]
         self.check("postgres", "every 503 carries Retry-After; none unanswered",
@@ -293,7 +295,8 @@ class Suite:
                    f"{recovered - restarted:.2f} s (restart took {restarted - killed:.2f} s)",
                    recovered - restarted <= 2.0)
         wrong = [s for s in load.window(frozen, restarted) if s.status >= 500 and s.status != 503]
-        self.check("postgres", "no 5xx other than 503", f"{len(wrong)}", not wrong)
+        self.check("postgres", "no 5xx other than 503", f"{len(wrong)} of {len(load.window(frozen, restarted))}",
+                   not wrong and bool(load.window(frozen, restarted)))
 
     def lost_writes(self) -> None:
         """Every 201's id, row by row: the prediction and its 30 steps are in the database."""
@@ -359,7 +362,8 @@ class Suite:
         wrong = [s for s in creates if (s.status, s.code) != (503, "storage_unavailable")]
         self.check("s3", "uncached creates fail with storage_unavailable",
                    f"{len(creates) - len(wrong)} of {len(creates)}" +
-                   (f" (others: {sorted({(s.status, s.code) for s in wrong})})" if wrong else ""), not wrong)
+                   (f" (others: {sorted({(s.status, s.code) for s in wrong})})" if wrong else ""),
+                   not wrong and bool(creates))
         slowest_frozen = max((s.seconds for s in frozen_creates), default=0.0)
         slowest_dead = max((s.seconds for s in creates if s.started >= dead), default=0.0)
         self.check("s3", "they fail fast: <= 3 s frozen, <= 1.5 s stopped",
@@ -458,7 +462,7 @@ class Suite:
         throttled = [s for s in samples + sustained if s.status == 429]
         odd = [s for s in throttled if s.body != GATEWAY_429]
         self.check("throttle", "every 429 is API Gateway's {\"message\": \"Too Many Requests\"}",
-                   f"{len(throttled) - len(odd)} of {len(throttled)}", not odd)
+                   f"{len(throttled) - len(odd)} of {len(throttled)}", not odd and bool(throttled))
         through: dict[str, int] = {}
         routes = [route for item in functions.values() for route in item.routes]
         for s in samples + sustained:
