@@ -7,7 +7,7 @@ import pytest
 from candlecast.candles import COLUMNS
 from candlecast.forecast.bench import synthetic_candles
 from candlecast.forecast.features import CONFIGS, origin_features
-from candlecast.forecast.garch import HORIZONS, fit_states, scale_factor, series_states
+from candlecast.forecast.garch import HORIZONS, fit_params, fit_states, scale_factor, series_states
 
 
 def garch_returns(count: int, seed: int, alpha: float = 0.1, beta: float = 0.85) -> np.ndarray:
@@ -30,18 +30,49 @@ def test_the_fit_finds_the_persistence_of_garch_data_and_none_in_iid_returns():
     assert np.median(np.abs(fitted[:, 0] / fitted[:, 1] - 1)) > np.median(np.abs(iid[:, 0] / iid[:, 1] - 1))
 
 
-def test_the_next_bar_variance_agrees_with_arch():
+def arch_against_ours(returns: np.ndarray) -> tuple[float, float, float, float]:
+    """(arch's log-likelihood at our fit − at its own fit, our next-bar variance / arch's, our persistence − arch's,
+    our ν − arch's), every likelihood computed by `arch` itself on the same window."""
     arch = pytest.importorskip("arch")
-    ours, theirs = [], []
-    for seed in range(8):
-        returns = garch_returns(720, seed + 100)
-        result = arch.arch_model(returns * 100, mean="Zero", vol="GARCH", p=1, q=1, dist="t",
-                                 rescale=False).fit(disp="off", show_warning=False)
-        theirs.append(float(result.forecast(horizon=1).variance.values[-1, 0]) / 1e4)
-        ours.append(fit_states(returns[None])[0, 0])
-    ratio = np.array(ours) / np.array(theirs)
-    assert np.all((ratio > 0.6) & (ratio < 1.6)), ratio
-    assert np.median(np.abs(np.log(ratio))) < 0.15
+    model = arch.arch_model(returns * 100, mean="Zero", vol="GARCH", p=1, q=1, dist="t", rescale=False)
+    theirs = model.fit(disp="off", show_warning=False)
+    omega, alpha, beta, nu = fit_params(returns[None])[0]
+    ours = model.fix([omega * 1e4, alpha, beta, nu])
+    state = fit_states(returns[None])[0]
+    their_variance = float(theirs.forecast(horizon=1, reindex=False).variance.values[-1, 0]) / 1e4
+    _, their_alpha, their_beta, their_nu = np.asarray(theirs.params)
+    return (ours.loglikelihood - theirs.loglikelihood, state[0] / their_variance,
+            state[2] - (their_alpha + their_beta), nu - their_nu)
+
+
+@pytest.mark.parametrize("width", [540, 365])  # the 4h and 1d windows
+def test_the_fit_is_arch_s_maximum_likelihood_on_simulated_garch(width):
+    gaps = np.array([arch_against_ours(garch_returns(width, seed + 100, *ab))
+                     for seed, ab in enumerate([(0.1, 0.85), (0.05, 0.9), (0.2, 0.7), (0.03, 0.95)] * 2)])
+    assert np.all(gaps[:, 0] > -1e-3), gaps[:, 0]  # never a worse likelihood than arch's own optimum
+    np.testing.assert_allclose(gaps[:, 1], 1.0, atol=0.01)
+    np.testing.assert_allclose(gaps[:, 2], 0.0, atol=0.005)
+    np.testing.assert_allclose(gaps[:, 3], 0.0, atol=0.05)
+
+
+@pytest.mark.shared
+def test_the_fit_is_arch_s_maximum_likelihood_on_real_series(shared_data):
+    from candlecast.forecast.dataset import read_ohlcv
+
+    gaps = []
+    folder = shared_data / "ohlcv"
+    for path in sorted(folder.glob("*_1d.csv"))[:6] + sorted(folder.glob("*_1h.csv"))[:6]:
+        close = read_ohlcv(path).close
+        returns = np.diff(np.log(close[np.isfinite(close) & (close > 0)]))
+        width = 365 if path.name.endswith("_1d.csv") else 720
+        for end in (len(returns) // 2, len(returns)):  # a window from the middle and the newest
+            if end >= width:
+                gaps.append(arch_against_ours(returns[end - width : end]))
+    gaps = np.array(gaps)
+    assert len(gaps) >= 12
+    assert np.all(gaps[:, 0] > -0.02), gaps[:, 0]
+    np.testing.assert_allclose(gaps[:, 1], 1.0, atol=0.01)
+    np.testing.assert_allclose(gaps[:, 2], 0.0, atol=0.005)
 
 
 def test_scale_factor_is_the_garch_term_structure():
@@ -107,7 +138,7 @@ def test_a_model_with_a_garch_part_forecasts_at_inference_what_the_walk_forward_
     data = (root / "models" / "4h.pkl").read_bytes()
     signature = (root / "models" / "4h.pkl.sig").read_text().strip()
     shipped = artifact.verify_and_load(data, signature, LOCAL_MODEL_SIGNING_KEY.encode())
-    part = {"window": shipped.lookback - 1, "quantiles": shipped.baseline_q * 1.1, "weight": 0.5,
+    part = {"window": shipped.lookback - 1, "fit": "mle", "quantiles": shipped.baseline_q * 1.1, "weight": 0.5,
             "conformal": np.full((len(HORIZONS), 3), 0.05)}
     model = ForecastModel(shipped.payload | {"garch": part, "method": "combined"})
     candles = synthetic_candles(900, seed=11)
@@ -120,3 +151,38 @@ def test_a_model_with_a_garch_part_forecasts_at_inference_what_the_walk_forward_
     np.testing.assert_allclose(forecast.confidence, confidence[0], rtol=1e-9)
     with pytest.raises(ValueError, match="GARCH state"):
         model.z_quantiles(origins.features[-1:])
+
+
+def test_a_file_trained_on_the_round_1_grid_fit_keeps_it_at_inference():
+    """A GARCH part without "fit" was scored with the grid fit's states; predict() must use that fit."""
+    from candlecast.forecast.features import origin_features
+    from candlecast.forecast.model import ForecastModel
+
+    base = ForecastModel(_shipped("4h").payload)
+    part = {"window": base.lookback - 1, "quantiles": base.baseline_q, "weight": 0.0,
+            "conformal": np.zeros((len(HORIZONS), 3))}
+    candles = synthetic_candles(900, seed=12).tail(base.lookback)
+    rows, sigma = origin_features(candles, base.config)
+    lower = {}
+    for fit in ("grid", "mle"):
+        states = series_states(np.log(candles.close), np.array([len(candles) - 1]), base.lookback - 1, sigma[-1:],
+                               fit)
+        lower[fit] = ForecastModel(base.payload | {"garch": part}).z_quantiles(rows[-1:], states)[0, :, 1]
+    assert not np.allclose(lower["grid"], lower["mle"])
+    forecast = ForecastModel(base.payload | {"garch": part}).predict(candles)
+    scale = sigma[-1] * np.sqrt(HORIZONS)
+    np.testing.assert_allclose(np.log(forecast.lower_80 / candles.close[-1]), scale * lower["grid"], rtol=1e-9)
+    forecast = ForecastModel(base.payload | {"garch": part | {"fit": "mle"}}).predict(candles)
+    np.testing.assert_allclose(np.log(forecast.lower_80 / candles.close[-1]), scale * lower["mle"], rtol=1e-9)
+
+
+def _shipped(timeframe: str):
+    from pathlib import Path
+
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+    from candlecast.forecast import artifact
+
+    root = Path(__file__).resolve().parent.parent
+    data = (root / "models" / f"{timeframe}.pkl").read_bytes()
+    signature = (root / "models" / f"{timeframe}.pkl.sig").read_text().strip()
+    return artifact.verify_and_load(data, signature, LOCAL_MODEL_SIGNING_KEY.encode())

@@ -9,9 +9,9 @@ Model dict (format 1), written by candlecast.forecast.train and signed by candle
   volatility (None, or GARCH-style weights: see `volatility_factor`),
   method (optional: 'baseline'|'learned'|'garch-scale'|'combined'; default `kind`; the kind registered),
   garch (None, or the series' own GARCH(1,1) fitted at the origin, see `candlecast.forecast.garch`: quantiles
-  (30, 7) z-quantiles in units of its scale σ·√h·g(h); weight w of the file's own quantiles (trees, else the
-  baseline) in the quantile average w·own + (1 − w)·GARCH (0: GARCH alone); conformal (30, 3) widening of that
-  average).
+  (30, 7) z-quantiles in units of its scale σ·√h·g(h); fit ('mle', or 'grid' when absent: `garch.FITS`);
+  weight w of the file's own quantiles (trees, else the baseline) in the quantile average w·own + (1 − w)·GARCH
+  (0: GARCH alone); conformal (30, 3) widening of that average).
 """
 
 import io
@@ -205,7 +205,8 @@ class ForecastModel:
         rows, sigma = origin_features(recent, self.config)
         origin, sigma_now = rows[-1:], sigma[-1:]
         states = None if self.garch is None else series_states(np.log(recent.close), np.array([len(recent) - 1]),
-                                                               self.lookback - 1, sigma_now)
+                                                               self.lookback - 1, sigma_now,
+                                                               self.garch.get("fit", "grid"))
         q = self.z_quantiles(origin, states)
         confidence = self.confidence(q, sigma_now)[0]
         last_close = float(recent.close[-1])

@@ -410,7 +410,8 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
     offsets = conformal_offsets(np.broadcast_to(table, (len(cal), *table.shape)), cal.z / g_cal)
     member = monotone_spread(widen(table, offsets))
     no_widening = np.zeros((len(HORIZONS), len(INTERVALS)))
-    part = {"window": CONFIGS[timeframe].lookback - 1, "quantiles": member, "weight": 0.0, "conformal": no_widening}
+    part = {"window": CONFIGS[timeframe].lookback - 1, "fit": "mle", "quantiles": member, "weight": 0.0,
+            "conformal": no_widening}
     base = {key: own.payload[key] for key in ("baseline_q", "wick", "version", "volatility")}
     models = {"garch-scale": ForecastModel(payload(timeframe, "baseline", method="garch-scale", garch=part,
                                                    **base))}
