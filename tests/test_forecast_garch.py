@@ -7,7 +7,7 @@ import pytest
 from candlecast.candles import COLUMNS
 from candlecast.forecast.bench import synthetic_candles
 from candlecast.forecast.features import CONFIGS, origin_features
-from candlecast.forecast.garch import HORIZONS, fit_params, fit_states, scale_factor, series_states
+from candlecast.forecast.garch import FITS, HORIZONS, TRAINING_FIT, fit_params, fit_states, scale_factor, series_states
 
 
 def garch_returns(count: int, seed: int, alpha: float = 0.1, beta: float = 0.85) -> np.ndarray:
@@ -20,11 +20,12 @@ def garch_returns(count: int, seed: int, alpha: float = 0.1, beta: float = 0.85)
     return returns
 
 
-def test_the_fit_finds_the_persistence_of_garch_data_and_none_in_iid_returns():
-    fitted = fit_states(np.stack([garch_returns(720, seed) for seed in range(40)]))
+@pytest.mark.parametrize("fit", FITS)
+def test_the_fit_finds_the_persistence_of_garch_data_and_none_in_iid_returns(fit):
+    fitted = fit_states(np.stack([garch_returns(720, seed) for seed in range(40)]), fit=fit)
     assert 0.9 <= np.median(fitted[:, 2]) <= 0.99  # true α + β = 0.95
     rng = np.random.default_rng(1)
-    iid = fit_states(rng.standard_t(5, (40, 720)) * 0.01)
+    iid = fit_states(rng.standard_t(5, (40, 720)) * 0.01, fit=fit)
     # i.i.d.: the next-bar variance stays near the long-run level whatever persistence is picked
     assert np.median(np.abs(iid[:, 0] / iid[:, 1] - 1)) < 0.25
     assert np.median(np.abs(fitted[:, 0] / fitted[:, 1] - 1)) > np.median(np.abs(iid[:, 0] / iid[:, 1] - 1))
@@ -38,7 +39,7 @@ def arch_against_ours(returns: np.ndarray) -> tuple[float, float, float, float]:
     theirs = model.fit(disp="off", show_warning=False)
     omega, alpha, beta, nu = fit_params(returns[None])[0]
     ours = model.fix([omega * 1e4, alpha, beta, nu])
-    state = fit_states(returns[None])[0]
+    state = fit_states(returns[None], fit="mle")[0]
     their_variance = float(theirs.forecast(horizon=1, reindex=False).variance.values[-1, 0]) / 1e4
     _, their_alpha, their_beta, their_nu = np.asarray(theirs.params)
     return (ours.loglikelihood - theirs.loglikelihood, state[0] / their_variance,
@@ -138,7 +139,7 @@ def test_a_model_with_a_garch_part_forecasts_at_inference_what_the_walk_forward_
     data = (root / "models" / "4h.pkl").read_bytes()
     signature = (root / "models" / "4h.pkl.sig").read_text().strip()
     shipped = artifact.verify_and_load(data, signature, LOCAL_MODEL_SIGNING_KEY.encode())
-    part = {"window": shipped.lookback - 1, "fit": "mle", "quantiles": shipped.baseline_q * 1.1, "weight": 0.5,
+    part = {"window": shipped.lookback - 1, "fit": TRAINING_FIT, "quantiles": shipped.baseline_q * 1.1, "weight": 0.5,
             "conformal": np.full((len(HORIZONS), 3), 0.05)}
     model = ForecastModel(shipped.payload | {"garch": part, "method": "combined"})
     candles = synthetic_candles(900, seed=11)

@@ -403,14 +403,14 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
     """{'garch-scale': the series' own GARCH(1,1) as the scale with per-horizon empirical quantiles,
     'combined': the quantile average (Vincentization) of `own` and that GARCH model}, each calibrated on `cal`
     (conformal per horizon, then the confidence map). Nothing here reads a held-out coin."""
-    from candlecast.forecast.garch import scale_factor
+    from candlecast.forecast.garch import TRAINING_FIT, scale_factor
 
     g_train, g_cal = scale_factor(train.garch), scale_factor(cal.garch)
     table = empirical_quantiles(train.z / g_train, train.scale * g_train)
     offsets = conformal_offsets(np.broadcast_to(table, (len(cal), *table.shape)), cal.z / g_cal)
     member = monotone_spread(widen(table, offsets))
     no_widening = np.zeros((len(HORIZONS), len(INTERVALS)))
-    part = {"window": CONFIGS[timeframe].lookback - 1, "fit": "mle", "quantiles": member, "weight": 0.0,
+    part = {"window": CONFIGS[timeframe].lookback - 1, "fit": TRAINING_FIT, "quantiles": member, "weight": 0.0,
             "conformal": no_widening}
     base = {key: own.payload[key] for key in ("baseline_q", "wick", "version", "volatility")}
     models = {"garch-scale": ForecastModel(payload(timeframe, "baseline", method="garch-scale", garch=part,
