@@ -25,7 +25,7 @@ def make_candles(count: int, start: int = 1_600_000_000 - 1_600_000_000 % HOUR, 
 @pytest.fixture
 def bucket(app_env, stack):
     empty_bucket(stack.bucket)
-    cache.delete_pattern(f"{cache.NAMESPACE}:candles:*")
+    cache.delete_pattern(cache.keys.candles("*", "*"))
     yield stack.bucket
     storage.reset_clients()
 
