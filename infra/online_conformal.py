@@ -61,7 +61,7 @@ def main() -> None:
     held_out = np.array([train.is_held_out(series.base) for series, _ in loaded])
     wick = train.fitted_wick(loaded, np.flatnonzero(~held_out), timeframe)
     groups = train.coin_groups(loaded, plan.coin_groups)
-    result = train.walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, plan.folds,
+    result = train.walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, None,
                                 np.random.default_rng(7), False, None)
     test = result.test
     q, base_q, confidence = result.outputs[args.method]

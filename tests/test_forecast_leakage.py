@@ -77,6 +77,59 @@ def test_walk_forward_blocks_are_ordered_with_embargoes():
         previous_test_end = fold.test_end
 
 
+def monthly_walk(seed: int, start_month: int, end_month: int = 108) -> Candles:
+    """A random walk of monthly candles from month `start_month` of 2012 on."""
+    months = np.arange(np.datetime64("2012-01"), np.datetime64("2012-01") + end_month)[start_month:]
+    walk = random_walk(seed, len(months))
+    return Candles(months.astype("datetime64[s]").astype(np.int64), walk.open, walk.high, walk.low, walk.close,
+                   walk.volume)
+
+
+def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_without_leakage(monkeypatch):
+    """1w/1m test every coin in turn, over every month after the warm-up: each fold trains and calibrates only
+    on the other coins, on outcomes known before its calibration and test blocks."""
+    from candlecast.forecast import train as training
+    from candlecast.timeframes import nominal_seconds
+
+    plan = training.PLANS["1m"]
+    assert plan.test_fraction is None and plan.coin_groups == 3
+    loaded = [(None, monthly_walk(seed, start_month=4 * seed)) for seed in range(9)]  # coins join over time
+    origins = build_origins(loaded, CONFIGS["1m"])
+    coins = np.arange(9)
+    groups = [np.isin(origins.series, coins[part::3]) for part in range(3)]
+    fitted = []
+
+    def spy(timeframe, train, cal, *args, **kwargs):
+        fitted.append((train, cal))
+        return fit_models(timeframe, train, cal, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_models", spy)
+    result = training.walk_forward("1m", origins, groups, 0.3, None, np.random.default_rng(0), False)
+    first = training.first_test_time(origins, groups, np.unique(origins.time), 3 * nominal_seconds("1m"))
+    span = np.count_nonzero(np.unique(origins.time) >= first)
+    assert len(result.folds) == 3 * round(span / plan.fold_bars)  # a refit per year of test, per group
+    offset = 0
+    for (train, cal), report in zip(fitted, result.folds, strict=True):
+        test = result.test.take(slice(offset, offset + report["n_test_origins"]))
+        offset += report["n_test_origins"]
+        assert not set(np.unique(test.series)) & set(np.unique(np.concatenate([train.series, cal.series])))
+        assert train.time.max() < cal.time.min() and cal.time.max() < test.time.min()
+        assert train.label_time[np.isfinite(train.log_return)].max() < cal.time.min()  # purged
+        assert cal.label_time[np.isfinite(cal.log_return)].max() < test.time.min()
+    # Every origin of every coin from the first test month on is tested exactly once; none before it.
+    expected = origins.take(origins.time >= first)
+    assert len(result.test) == len(expected)
+    assert set(zip(result.test.series, result.test.time, strict=True)) == set(
+        zip(expected.series, expected.time, strict=True))
+    # The warm-up is minimal: a month earlier, some group's fold has no training outcome or no calibration origin.
+    months = np.unique(origins.time)
+    earlier = training._fold_from(months, months[months < first][-1], first, 3 * nominal_seconds("1m"))
+    trainable = [np.any(~held & (origins.time < earlier.train_end) & (origins.label_time[:, 0] < earlier.cal_start))
+                 and np.any(~held & (origins.time >= earlier.cal_start) & (origins.time < earlier.cal_end))
+                 for held in groups]
+    assert not all(trainable) and first < np.quantile(months, 0.25)
+
+
 def test_calibrating_on_history_is_not_fooled_by_one_calm_block():
     """1w/1m calibrate the baseline on every past pair: one calm calibration block must not narrow the intervals."""
     config = CONFIGS["1h"]

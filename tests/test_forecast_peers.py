@@ -8,7 +8,7 @@ import pytest
 
 from candlecast.candles import COLUMNS, Candles
 from candlecast.forecast.bench import synthetic_candles
-from candlecast.forecast.evaluate import block_bootstrap_delta, compare_methods, method_scores, pin5_loss
+from candlecast.forecast.evaluate import batch_t_delta, compare_methods, method_scores, pin5_loss
 from candlecast.forecast.features import QUANTILES
 
 pytest.importorskip("arch")
@@ -165,34 +165,65 @@ def test_pin5_is_the_mean_pinball_loss_in_percent():
     assert pin5_loss(y, q)[0, 0] == pytest.approx(expected)
 
 
-def test_block_bootstrap_of_a_method_against_itself_and_a_worse_one():
+def test_batch_interval_of_a_method_against_itself_and_a_worse_one():
     rng = np.random.default_rng(0)
-    loss = rng.exponential(1.0, (400, 30))
-    bars = np.arange(400) // 2  # two coins per bar
-    same = block_bootstrap_delta(loss, loss, bars)
-    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["blocks"] == 7
-    worse = block_bootstrap_delta(loss, loss * 1.1, bars)
-    assert worse["delta"] == pytest.approx(0.1) and worse["ci95"][0] == pytest.approx(0.1)
-    noisy = block_bootstrap_delta(loss, rng.exponential(1.0, (400, 30)), bars)
+    loss = rng.exponential(1.0, (800, 30))
+    bars = np.arange(800) // 2  # two coins per bar, 400 bars: 6 batches of 66 bars
+    same = batch_t_delta(loss, loss, bars)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["blocks"] == 6 and same["block_bars"] == 66
+    worse = batch_t_delta(loss, loss * 1.1, bars)
+    assert worse["delta"] == pytest.approx(0.1) and worse["ci95"] == pytest.approx([0.1, 0.1])
+    noisy = batch_t_delta(loss, rng.exponential(1.0, (800, 30)), bars)
     assert noisy["ci95"][0] < noisy["delta"] < noisy["ci95"][1]
-    # Losses that drift together over many bars (overlapping labels, one regime): 30-bar blocks keep that
-    # dependence and give a wider interval than resampling single bars would.
-    drift = np.cumsum(rng.normal(0, 0.05, 200))
+    # Losses that drift together over many bars (overlapping labels, one regime): long batches keep that
+    # dependence and give a wider interval than batches of single bars would.
+    drift = np.cumsum(rng.normal(0, 0.05, 400))
     dependent = loss * np.exp(drift - drift.mean())[bars, None]
-    blocked = block_bootstrap_delta(loss, dependent, bars)
-    single = block_bootstrap_delta(loss, dependent, bars, block_bars=1)
-    assert blocked["ci95"][1] - blocked["ci95"][0] > 1.5 * (single["ci95"][1] - single["ci95"][0])
+    batched = batch_t_delta(loss, dependent, bars)
+    single = batch_t_delta(loss, dependent, bars, batch_bars=1)
+    assert batched["ci95"][1] - batched["ci95"][0] > 1.5 * (single["ci95"][1] - single["ci95"][0])
 
 
-def test_block_bootstrap_with_few_blocks_draws_the_edges_of_the_span_as_often_as_the_middle():
-    """70 bars, 3 blocks of 30 per resample (1m's walk-forward): the peer is worse only near both ends of the span.
-    Blocks that had to fit inside the span drew the ends rarely, and the interval missed Δ itself."""
+def test_batch_interval_with_too_few_batches_gives_no_number():
+    """1m's test span is ~80 monthly bars: one batch of 60 bars holds no spread to estimate, so no interval."""
     rng = np.random.default_rng(3)
-    bars = np.repeat(np.arange(70), 8)
+    bars = np.repeat(np.arange(80), 8)
     loss = rng.exponential(1.0, (len(bars), 30))
-    peer = loss * np.where((bars < 12) | (bars >= 58), 1.3, 0.95)[:, None]
-    result = block_bootstrap_delta(loss, peer, bars)
-    assert result["blocks"] == 3 and result["ci95"][0] < result["delta"] < result["ci95"][1]
+    result = batch_t_delta(loss, loss * 1.05, bars)
+    assert result["delta"] == pytest.approx(0.05) and result["ci95"] is None and result["blocks"] == 1
+    assert "too few batches" in result["note"]
+    two = batch_t_delta(loss, loss * rng.uniform(0.9, 1.2, loss.shape), bars, batch_bars=40)
+    assert two["blocks"] == 2 and two["ci95"][0] < two["delta"] < two["ci95"][1]
+
+
+def _overlapping_losses(rng: np.random.Generator, bars: int, coins: np.ndarray, delta: float):
+    """Per-pair losses of a model and a peer whose pin5 ratio is 1 + `delta` in expectation. Pair (t, h) reads the
+    returns of bars t+1..t+h (labels overlap for up to 29 bars), which share a heavy-tailed market shock across
+    coins; `coins[t]` coins have an origin at bar t (coins join over time, as in the data)."""
+    horizons = np.arange(1, 31)
+    shock = 0.8 * rng.standard_t(4, bars + 31)[None] + 0.6 * rng.standard_t(4, (coins.max(), bars + 31))
+    path = np.concatenate([np.zeros((coins.max(), 1)), np.cumsum(shock, axis=1)], axis=1)
+    t = np.arange(bars)
+    window = (path[:, t[:, None] + horizons] - path[:, t[:, None]]) / np.sqrt(horizons)  # (coins, bars, 30)
+    model = np.sqrt(horizons) * (1 + 0.5 * np.abs(window))
+    peer = (1 + delta) * model + np.sqrt(horizons) * 0.3 * window  # zero-mean noise with the same overlap
+    present = np.arange(coins.max())[:, None] < coins[None, :]
+    return model[present], peer[present], np.broadcast_to(t, present.shape)[present]
+
+
+@pytest.mark.parametrize("bars", [150, 600])
+def test_batch_interval_covers_a_known_difference_at_about_the_nominal_rate(bars):
+    """Synthetic losses with a known Δ of +5 % and the test's dependence (labels overlapping for 29 bars, a market
+    shock common to every coin, coins joining over time): the 95 % interval covers Δ in about 95 % of samples,
+    from 2 batches (1w-like spans) to 10."""
+    rng = np.random.default_rng(bars)
+    coins = np.minimum(2 + np.arange(bars) * 12 // bars, 12)
+    covered = []
+    for _ in range(300):
+        model, peer, at = _overlapping_losses(rng, bars, coins, 0.05)
+        low, high = batch_t_delta(model, peer, at)["ci95"]
+        covered.append(low <= 0.05 <= high)
+    assert 0.89 <= np.mean(covered) <= 0.99  # measured 0.94 (2 batches), 0.92 (10)
 
 
 def test_compare_methods_scores_every_method_on_the_same_pairs():
@@ -230,14 +261,20 @@ def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
                                             "gaussian-rw": (right * 0.7, conf), "baseline": (right * 1.1, conf)},
                                  0.02, 86400, "learned")
     metrics = {"shipped": "learned", "reason": "test", "comparison": comparison, "headline": headline(comparison)}
+    # The same origins on a grid of 5-day bars span 40 bars: one batch, so Δ has no interval.
+    short = compare_methods(y, times, {"learned": (right, conf), "garch-t": (right * 1.3, conf)}, 0.02, 5 * 86400,
+                            "learned")
+    thin = {"shipped": "learned", "reason": "test", "comparison": short, "headline": headline(short)}
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"1d": {"metrics": metrics}}))
+    manifest.write_text(json.dumps({"1d": {"metrics": metrics}, "1w": {"metrics": thin}}))
     assert main(["scorecard", "--manifest", str(manifest), "--summary"]) == 0
     printed = capsys.readouterr().out.splitlines()
     (row,) = [line for line in printed if line.startswith("| 1d | learned |")]
     garch = comparison["methods"]["garch-t"]
-    assert printed[-1].startswith("| 1d | 2019-21 ")  # coverage per era
+    assert any(line.startswith("| 1d | 2019-21 ") for line in printed)  # coverage per era
     assert f"{garch['pin5']:.3f}, {100 * garch['vs_learned']['delta']:+.1f} %" in row
+    (thin_row,) = [line for line in printed if line.startswith("| 1w | learned |")]
+    assert " % [too few batches (1 of >= 60 bars; 2 needed)]" in thin_row
     assert main(["scorecard", "--manifest", str(manifest)]) == 0
     text = capsys.readouterr().out
     assert "### 1d: reference learned, best peer baseline" in text and "no walk-forward comparison" in text

@@ -120,12 +120,12 @@ README_BEGIN, README_END = "<!-- scorecard --summary: begin -->", "<!-- scorecar
 def summary_table(manifest: dict) -> str:
     """Markdown, one row per timeframe: the shipped model's pin5 and coverage beside each peer's pin5 and Δ
     (every peer in the manifests, GARCH-t first), the holdout (`train_end`), then coverage per era."""
+    from candlecast.forecast.report import delta_text
 
     def delta(item: dict | None) -> str:
         if item is None:
             return "—"
-        low, high = item["ci95"]
-        return f"{100 * item['delta']:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
+        return delta_text(item)
 
     rows = {tf: manifest[tf] for tf in TIMEFRAMES if "comparison" in manifest.get(tf, {}).get("metrics", {})}
     names = {name for entry in rows.values() for name in entry["metrics"]["comparison"]["methods"]}

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.candles import COLUMNS, Candles
-from candlecast.forecast.evaluate import Origins, reliability, worst_reliability_gap
+from candlecast.forecast.evaluate import BATCH_BARS, Origins, reliability, worst_reliability_gap
 from candlecast.forecast.features import MEDIAN
 from candlecast.forecast.model import HORIZONS, ForecastModel
 
@@ -132,27 +132,40 @@ def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
         ax.legend(fontsize=7)
 
 
+def delta_text(delta: dict) -> str:
+    """Δ in % with its 95 % interval, or the reason there is none."""
+    if delta.get("ci95") is None:
+        return f"{100 * delta['delta']:+.1f} % [{delta.get('note', 'no interval')}]"
+    low, high = delta["ci95"]
+    return f"{100 * delta['delta']:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def _interval_method(delta: dict, block_seconds: float) -> str:
+    if delta.get("method") is None:  # manifests written before the batch t interval
+        return f"{delta.get('blocks', 0)} circular blocks of {block_seconds / 86400:.3g} days per resample"
+    days = delta["block_bars"] * block_seconds / BATCH_BARS / 86400
+    return f"{delta['method']}, {delta['blocks']} batches of {days:.3g} days (t, {delta['blocks'] - 1} df)"
+
+
 def comparison_text(timeframe: str, comparison: dict) -> str:
     """Markdown: per method pin5 and Δ against the reference (95 % block-bootstrap interval), coverage overall and
     its range over horizons, width, ECE and the worst reliability bin (of those holding ≥ 0.5 % of the pairs);
     then coverage per era."""
     reference = comparison["reference"]
     series = f", {comparison['n_series']} series" if "n_series" in comparison else ""
-    blocks = next((m["vs_" + reference]["blocks"] for m in comparison["methods"].values() if "vs_" + reference in m),
-                  0)
-    lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}{series}; 95 % intervals "
-             f"join {blocks} circular blocks of {comparison['block_seconds'] / 86400:.3g} days per resample", "",
+    delta = next((m["vs_" + reference] for m in comparison["methods"].values() if "vs_" + reference in m), {})
+    lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}{series}; 95 % intervals: "
+             f"{_interval_method(delta, comparison['block_seconds'])}", "",
              f"| method | pin5 (%) | Δ peer vs {reference} [95% CI] | cov80 / cov95 | cov80 range over h "
              "| cov95 range over h | width 80/95 | ECE | worst bin gap | origins |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in comparison["methods"].items():
         delta = m.get("vs_" + reference)
-        delta_text = "—" if delta is None else (
-            f"{100 * delta['delta']:+.1f} % [{100 * delta['ci95'][0]:+.1f}, {100 * delta['ci95'][1]:+.1f}]")
+        shown = "—" if delta is None else delta_text(delta)
         per = m["per_horizon"]
         gap = worst_reliability_gap(m["reliability"])
         lines.append(
-            f"| {name} | {m['pin5']:.4f} | {delta_text} | {m['coverage_80']:.3f} / {m['coverage_95']:.3f} "
+            f"| {name} | {m['pin5']:.4f} | {shown} | {m['coverage_80']:.3f} / {m['coverage_95']:.3f} "
             f"| {min(per['coverage_80']):.3f}–{max(per['coverage_80']):.3f} "
             f"| {min(per['coverage_95']):.3f}–{max(per['coverage_95']):.3f} "
             f"| {m['width_80']:.3f} / {m['width_95']:.3f} | {m['ece']:.3f} | {gap:.3f} | {m['n_origins']:,} |")

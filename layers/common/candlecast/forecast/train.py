@@ -34,6 +34,7 @@ from candlecast.forecast.model import FORMAT, HORIZONS, ForecastModel, raw_confi
 from candlecast.timeframes import Timeframe, nominal_seconds
 
 EMBARGO_BARS = 32
+MIN_PAIRS_PER_HORIZON = 100  # below this, a horizon reuses the previous horizon's estimate
 VOLATILITY_ORIGINS = 25_000  # training origins (all 30 horizons known) the volatility weights are fitted on
 # Coins never trained or calibrated on in the walk-forward test: every third coin of the shared data,
 # alphabetically, which mixes long (LTC, NEO, XMR) and short (UNI) histories.
@@ -65,7 +66,10 @@ class TrainPlan:
     volatility: bool = True
     volatility_origins: int = VOLATILITY_ORIGINS  # training origins the volatility weights are fitted on
     folds: int = 2  # walk-forward test folds
-    test_fraction: float = 0.3  # the tests cover this last share of the origins' times
+    # The tests cover this last share of the origins' times; None: every time after the minimal warm-up
+    # (`first_test_time`), in folds of about `fold_bars` bars each (a refit per year of test at 1w/1m).
+    test_fraction: float | None = 0.3
+    fold_bars: int = 0
     # Held-out coin groups tested in turn: 1 = HELD_OUT_COINS only; 3 = also the rest in two alphabetical halves,
     # so every coin's origins are tested (for 1w/1m, which have few bars per coin).
     coin_groups: int = 1
@@ -80,9 +84,9 @@ PLANS = {
     "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=4, eval_stride=1, min_leaf=100, folds=3,
                     test_fraction=0.5),
     "1w": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, calibrate_on_history=True,
-                    folds=4, test_fraction=0.6, coin_groups=3),
+                    test_fraction=None, fold_bars=52, coin_groups=3),
     "1m": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, calibrate_on_history=True,
-                    folds=4, test_fraction=0.6, coin_groups=3, embargo_bars=3),
+                    test_fraction=None, fold_bars=12, coin_groups=3, embargo_bars=3),
 }
 
 
@@ -100,21 +104,45 @@ def is_held_out(base: str) -> bool:
 
 
 def walk_forward_folds(times: np.ndarray, timeframe: Timeframe, folds: int, test_fraction: float = 0.3,
-                       cal_fraction: float = 0.2, embargo_bars: int = EMBARGO_BARS) -> list[Fold]:
-    """Folds whose test blocks split the last `test_fraction` of `times`; folds with no time left to train are
-    dropped."""
+                       cal_fraction: float = 0.2, embargo_bars: int = EMBARGO_BARS,
+                       start: float | None = None) -> list[Fold]:
+    """Folds whose test blocks split the last `test_fraction` of `times` (or the times from `start` on); folds with
+    no time left to train are dropped."""
     embargo = embargo_bars * nominal_seconds(timeframe)
-    edges = np.quantile(times, np.linspace(1 - test_fraction, 1, folds + 1))
+    tested = times[times >= start] if start is not None else times
+    edges = np.quantile(tested, np.linspace(0 if start is not None else 1 - test_fraction, 1, folds + 1))
     edges[-1] += 1
-    result = []
-    for start, end in itertools.pairwise(edges):
-        cal_end = start - embargo
-        before = times[times < cal_end]
-        if len(before) < 2:
+    found = (_fold_from(times, float(begin), float(end), embargo, cal_fraction)
+             for begin, end in itertools.pairwise(edges))
+    return [fold for fold in found if fold is not None]
+
+
+def _fold_from(times: np.ndarray, test_start: float, test_end: float, embargo: float,
+               cal_fraction: float = 0.2) -> Fold | None:
+    """The fold testing [test_start, test_end): calibration on the last `cal_fraction` of the earlier times."""
+    cal_end = test_start - embargo
+    before = times[times < cal_end]
+    if len(before) < 2:
+        return None
+    cal_start = float(np.quantile(before, 1 - cal_fraction))
+    return Fold(cal_start - embargo, cal_start, cal_end, test_start, test_end)
+
+
+def first_test_time(origins: Origins, held_groups: list[np.ndarray], times: np.ndarray, embargo: float) -> float:
+    """The earliest of `times` whose fold can fit for every group of held-out coins: the other coins hold a
+    training origin with a known one-step outcome before the calibration block, and a calibration origin (the
+    minimal warm-up of tests that cover all time). Models fitted on few pairs fall back to a unit normal per
+    horizon (`empirical_quantiles`) with no conformal widening: the early folds test what training could do then."""
+    one_step, known = origins.label_time[:, 0], np.isfinite(origins.log_return[:, 0])
+    for start in np.unique(times):
+        fold = _fold_from(times, float(start), float(start) + 1, embargo)
+        if fold is None:
             continue
-        cal_start = float(np.quantile(before, 1 - cal_fraction))
-        result.append(Fold(cal_start - embargo, cal_start, cal_end, float(start), float(end)))
-    return result
+        usable = known & (origins.time < fold.train_end) & (one_step < fold.cal_start)
+        calibrating = (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)
+        if all((usable & ~held).any() and (calibrating & ~held).any() for held in held_groups):
+            return float(start)
+    raise SystemExit("not enough data for a walk-forward test: no fold has training and calibration origins")
 
 
 def final_fold(times: np.ndarray, timeframe: Timeframe, cal_fraction: float = 0.15,
@@ -138,7 +166,6 @@ def purged(origins: Origins, limit: float) -> Origins:
 
 
 # -- fitting -----------------------------------------------------------------------------------------------
-MIN_PAIRS_PER_HORIZON = 100  # below this, a horizon reuses the previous horizon's estimate
 
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -468,11 +495,12 @@ class WalkForward:
     last_models: dict  # models of the last fold (for the fan chart)
 
 
-def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float, folds: int,
-                 rng: np.random.Generator, progress: bool, test_fraction: float | None = None) -> WalkForward:
-    """Expanding-window folds over the last `test_fraction` (default the plan's) of time, once per group of
-    held-out coins (`held_groups`: masks over origins); each group is tested only on its own coins, trained
-    without them."""
+def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float,
+                 folds: int | None, rng: np.random.Generator, progress: bool,
+                 test_fraction: float | None = None) -> WalkForward:
+    """Expanding-window folds (`folds`, default the plan's) over the last `test_fraction` (default the plan's) of
+    time, or over all time after the warm-up, once per group of held-out coins (`held_groups`: masks over
+    origins); each group is tested only on its own coins, trained without them."""
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
     if test_fraction is not None:
         plan = replace(plan, test_fraction=test_fraction)
@@ -481,9 +509,15 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
     # With rotating coin groups the folds split calendar time, not pooled origins (which crowd into the years
     # when most files have data), so the tests reach back to the early years of the long series.
     times = np.unique(origins.time) if plan.coin_groups > 1 else origins.time
+    start = None
+    if plan.test_fraction is None:
+        start = first_test_time(origins, held_groups, times, plan.embargo_bars * nominal_seconds(timeframe))
+        if folds is None:
+            span = np.count_nonzero(np.unique(times) >= start)
+            folds = max(1, round(span / plan.fold_bars))
     steps = [(held, fold) for held in held_groups
-             for fold in walk_forward_folds(times, timeframe, folds, plan.test_fraction,
-                                            embargo_bars=plan.embargo_bars)]
+             for fold in walk_forward_folds(times, timeframe, folds or plan.folds, plan.test_fraction,
+                                            embargo_bars=plan.embargo_bars, start=start)]
     if progress:
         from tqdm import tqdm
 
@@ -500,7 +534,7 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
         pooled["origins"].append(test)
         report = {"train_end": _iso(fold.train_end), "calibration": [_iso(fold.cal_start), _iso(fold.cal_end)],
                   "test": [_iso(fold.test_start), _iso(min(fold.test_end, origins.time.max()))],
-                  "n_train_origins": len(train), "n_calibration_origins": len(cal)}
+                  "n_train_origins": len(train), "n_calibration_origins": len(cal), "n_test_origins": len(test)}
         for kind, model in models.items():
             outputs = model_outputs(model, test)
             pooled.setdefault(kind, []).append(outputs)
@@ -593,8 +627,8 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     held_out_series = np.array([is_held_out(series.base) for series, _ in loaded])
     wick = fitted_wick(loaded, np.flatnonzero(~held_out_series), timeframe)
     groups = coin_groups(loaded, plan.coin_groups)
-    result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick,
-                          folds or plan.folds, rng, progress, test_fraction)
+    result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
+                          progress, test_fraction)
     kind, reason = choose(result.results)
     comparison = compare_candidates(loaded, result, timeframe, kind, progress)
     if evaluate_only:
