@@ -77,24 +77,28 @@ def test_walk_forward_blocks_are_ordered_with_embargoes():
         previous_test_end = fold.test_end
 
 
-def monthly_walk(seed: int, start_month: int, end_month: int = 108) -> Candles:
-    """A random walk of monthly candles from month `start_month` of 2012 on."""
-    months = np.arange(np.datetime64("2012-01"), np.datetime64("2012-01") + end_month)[start_month:]
-    walk = random_walk(seed, len(months))
-    return Candles(months.astype("datetime64[s]").astype(np.int64), walk.open, walk.high, walk.low, walk.close,
-                   walk.volume)
+def calendar_walk(seed: int, start: int, timeframe: str, count: int = 108) -> Candles:
+    """A random walk of monthly or weekly (Monday) candles from bar `start` of 2012 on."""
+    if timeframe == "1m":
+        bars = np.arange(np.datetime64("2012-01"), np.datetime64("2012-01") + count).astype("datetime64[s]")
+    else:
+        bars = np.datetime64("2012-01-02T00:00:00") + np.arange(count) * np.timedelta64(7 * 86400, "s")
+    walk = random_walk(seed, count - start)
+    return Candles(bars[start:].astype(np.int64), walk.open, walk.high, walk.low, walk.close, walk.volume)
 
 
-def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_without_leakage(monkeypatch):
-    """1w/1m test every coin in turn, over every month after the warm-up: each fold trains and calibrates only
+@pytest.mark.parametrize("timeframe", ["1m", "1w"])
+def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_without_leakage(timeframe, monkeypatch):
+    """1w/1m test every coin in turn, over every bar after the warm-up: each fold trains and calibrates only
     on the other coins, on outcomes known before its calibration and test blocks."""
     from candlecast.forecast import train as training
     from candlecast.timeframes import nominal_seconds
 
-    plan = training.PLANS["1m"]
+    plan = training.PLANS[timeframe]
+    embargo = plan.embargo_bars * nominal_seconds(timeframe)
     assert plan.test_fraction is None and plan.coin_groups == 3
-    loaded = [(None, monthly_walk(seed, start_month=4 * seed)) for seed in range(9)]  # coins join over time
-    origins = build_origins(loaded, CONFIGS["1m"])
+    loaded = [(None, calendar_walk(seed, 4 * seed, timeframe)) for seed in range(9)]  # coins join over time
+    origins = build_origins(loaded, CONFIGS[timeframe])
     coins = np.arange(9)
     groups = [np.isin(origins.series, coins[part::3]) for part in range(3)]
     fitted = []
@@ -104,8 +108,8 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
         return fit_models(timeframe, train, cal, *args, **kwargs)
 
     monkeypatch.setattr(training, "fit_models", spy)
-    result = training.walk_forward("1m", origins, groups, 0.3, None, np.random.default_rng(0), False)
-    first = training.first_test_time(origins, groups, np.unique(origins.time), 3 * nominal_seconds("1m"))
+    result = training.walk_forward(timeframe, origins, groups, 0.3, None, np.random.default_rng(0), False)
+    first = training.first_test_time(origins, groups, np.unique(origins.time), embargo)
     span = np.count_nonzero(np.unique(origins.time) >= first)
     assert len(result.folds) == 3 * round(span / plan.fold_bars)  # a refit per year of test, per group
     offset = 0
@@ -123,7 +127,7 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
         zip(expected.series, expected.time, strict=True))
     # The warm-up is minimal: a month earlier, some group's fold has no training outcome or no calibration origin.
     months = np.unique(origins.time)
-    earlier = training._fold_from(months, months[months < first][-1], first, 3 * nominal_seconds("1m"))
+    earlier = training._fold_from(months, months[months < first][-1], first, embargo)
     trainable = [np.any(~held & (origins.time < earlier.train_end) & (origins.label_time[:, 0] < earlier.cal_start))
                  and np.any(~held & (origins.time >= earlier.cal_start) & (origins.time < earlier.cal_end))
                  for held in groups]

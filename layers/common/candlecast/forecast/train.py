@@ -73,8 +73,9 @@ class TrainPlan:
     # Held-out coin groups tested in turn: 1 = HELD_OUT_COINS only; 3 = also the rest in two alphabetical halves,
     # so every coin's origins are tested (for 1w/1m, which have few bars per coin).
     coin_groups: int = 1
-    # Bars between blocks, on top of purging every label that reaches a later block. 1m: 32 bars would be 5 years
-    # of embargoes per fold, leaving no test before 2019; the purge alone keeps every label before the test.
+    # Bars between blocks, on top of purging every label that reaches a later block. 1w/1m: 32 bars would be 1.2/5
+    # years of embargoes per fold, delaying the first test by that much; the purge alone keeps every label before
+    # the test (and the folds only train on the past), so they keep a margin of about a month or a quarter.
     embargo_bars: int = EMBARGO_BARS
 
 
@@ -84,7 +85,7 @@ PLANS = {
     "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=4, eval_stride=1, min_leaf=100, folds=3,
                     test_fraction=0.5),
     "1w": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, calibrate_on_history=True,
-                    test_fraction=None, fold_bars=52, coin_groups=3),
+                    test_fraction=None, fold_bars=52, coin_groups=3, embargo_bars=4),
     "1m": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, calibrate_on_history=True,
                     test_fraction=None, fold_bars=12, coin_groups=3, embargo_bars=3),
 }
