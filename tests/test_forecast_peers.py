@@ -278,6 +278,8 @@ def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
     assert main(["scorecard", "--manifest", str(manifest)]) == 0
     text = capsys.readouterr().out
     assert "### 1d: reference learned, best peer baseline" in text and "no walk-forward comparison" in text
+    assert "calendar batches, 3 batches of 66 days (t, 2 df)" in text
+    assert "calendar batches: none, too few batches (1 of >= 60 bars; 2 needed)" in text
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- scorecard --summary: begin -->\nold\n<!-- scorecard --summary: end -->\nrest\n")

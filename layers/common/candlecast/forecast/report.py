@@ -144,6 +144,8 @@ def _interval_method(delta: dict, block_seconds: float) -> str:
     if delta.get("method") is None:  # manifests written before the batch t interval
         return f"{delta.get('blocks', 0)} circular blocks of {block_seconds / 86400:.3g} days per resample"
     days = delta["block_bars"] * block_seconds / BATCH_BARS / 86400
+    if delta["ci95"] is None:
+        return f"{delta['method']}: none, {delta['note']}"
     return f"{delta['method']}, {delta['blocks']} batches of {days:.3g} days (t, {delta['blocks'] - 1} df)"
 
 
