@@ -133,11 +133,16 @@ def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
 
 
 def delta_text(delta: dict) -> str:
-    """Δ in % with its 95 % interval, or the reason there is none."""
+    """Δ in % with its 95 % interval (or the reason there is none), then the block bootstrap's when recorded."""
     if delta.get("ci95") is None:
-        return f"{100 * delta['delta']:+.1f} % [{delta.get('note', 'no interval')}]"
-    low, high = delta["ci95"]
-    return f"{100 * delta['delta']:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
+        text = f"{100 * delta['delta']:+.1f} % [{delta.get('note', 'no interval')}]"
+    else:
+        low, high = delta["ci95"]
+        text = f"{100 * delta['delta']:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
+    if "bootstrap" not in delta:
+        return text
+    low, high = delta["bootstrap"]["ci95"]
+    return f"{text}, bootstrap [{100 * low:+.1f}, {100 * high:+.1f}] ({delta['bootstrap']['blocks']} blocks)"
 
 
 def _interval_method(delta: dict, block_seconds: float) -> str:
@@ -146,11 +151,15 @@ def _interval_method(delta: dict, block_seconds: float) -> str:
     days = delta["block_bars"] * block_seconds / BATCH_BARS / 86400
     if delta["ci95"] is None:
         return f"{delta['method']}: none, {delta['note']}"
-    return f"{delta['method']}, {delta['blocks']} batches of {days:.3g} days (t, {delta['blocks'] - 1} df)"
+    text = f"{delta['method']}, {delta['blocks']} batches of {days:.3g} days (t, {delta['blocks'] - 1} df)"
+    if "bootstrap" in delta:
+        text += (f"; then the circular block bootstrap of the external re-test "
+                 f"({delta['bootstrap']['block_bars']}-bar blocks, too narrow when they are few)")
+    return text
 
 
 def comparison_text(timeframe: str, comparison: dict) -> str:
-    """Markdown: per method pin5 and Δ against the reference (95 % block-bootstrap interval), coverage overall and
+    """Markdown: per method pin5 and Δ against the reference (95 % intervals), coverage overall and
     its range over horizons, width, ECE and the worst reliability bin (of those holding ≥ 0.5 % of the pairs);
     then coverage per era."""
     reference = comparison["reference"]
