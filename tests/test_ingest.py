@@ -283,24 +283,27 @@ def test_a_cli_run_killed_with_sigkill_is_completed_by_the_next(env):
     market = make_market(6, now=int(time.time()), history_days=70)  # holds a whole month
     with FakePolygon(market) as fake:
         point_settings_at(env, fake)
-        fake.delay = 0.05
+        # Five range requests are answered, then none: each of the run's two workers ends up waiting on an
+        # answer, having written what it fetched, and is killed there however slowly the machine runs.
+        fake.hold("/range/", after=5)
         child = subprocess.Popen(
             [sys.executable, "-c", "from candlecast.cli import main; raise SystemExit(main())",
              "ingest", "--symbols", "6", "--concurrency", "2"],
             env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 60
-            while fake.count("/range/") < 5 and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            deadline = time.monotonic() + 120
+            while fake.held() < 2 and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fake.held() == 2, f"the run never reached the hold (exit {child.poll()})"
             child.send_signal(signal.SIGKILL)
         finally:
             child.wait(timeout=30)
+            fake.release()
         assert child.returncode == -signal.SIGKILL
         written = [key for key in storage.list_keys("data/") if key.endswith(".parquet")]
         assert 0 < len(written) < 30  # killed halfway
 
-        fake.delay = 0.0
         summary = ingest.run_ingest(client_for(fake), symbols=6, now=int(time.time()), concurrency=3)
     assert summary.errors == [] and summary.symbols_done == 6
     for ticker in ingest.top_tickers(6):

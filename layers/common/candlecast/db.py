@@ -20,7 +20,7 @@ from aws_lambda_powertools import Logger
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from candlecast.config import database_conninfo, get_settings
+from candlecast.config import DatabaseSettings, database_conninfo, get_settings
 from candlecast.errors import CandlecastError, DatabaseUnavailable
 
 logger = Logger(child=True)
@@ -29,6 +29,10 @@ _pool_lock = threading.Lock()
 _down_until = 0.0
 # After a failure, requests skip the database this long, then try again (recovery is this quick).
 FAIL_FAST_SECONDS = 0.5
+# The watchdog looks at its deadlines at least this often, and gives a block this much beyond its statement
+# timeout (the server's own timeout, when it answers, comes first).
+WATCHDOG_TICK_SECONDS = 0.25
+WATCHDOG_MARGIN_SECONDS = 0.1
 # A slot whose connection attempts keep failing is given back this soon, so the next request tries afresh
 # instead of waiting out the pool's growing back-off (30 s by default) after the server returns.
 RECONNECT_SECONDS = 1.0
@@ -158,7 +162,7 @@ class _Watchdog:
                         del self._deadlines[token]
                         _shut_socket(conn)
                 soonest = min((deadline for deadline, _, _ in self._deadlines.values()), default=now + 1.0)
-                self._wake.wait(min(0.25, max(0.01, soonest - now)))
+                self._wake.wait(min(WATCHDOG_TICK_SECONDS, max(0.01, soonest - now)))
 
 
 _watchdog = _Watchdog()
@@ -169,11 +173,20 @@ def _deadline(conn: psycopg.Connection, seconds: float | None = None) -> Iterato
     """Shut the connection's socket if, `seconds` after the block or its latest statement started, it is still
     running: a server that has stopped answering (frozen, or its host gone) would otherwise hold the request
     until Lambda's timeout."""
-    token = _watchdog.arm(conn, seconds if seconds is not None else get_settings().db_statement_timeout + 0.1)
+    if seconds is None:
+        seconds = get_settings().db_statement_timeout + WATCHDOG_MARGIN_SECONDS
+    token = _watchdog.arm(conn, seconds)
     try:
         yield
     finally:
         _watchdog.disarm(token)
+
+
+def longest_wait(settings: DatabaseSettings) -> float:
+    """The longest a request's database work holds it when the server stops answering: the wait for a pooled
+    connection, or a statement's deadline as the watchdog enforces it (`make faults` checks against this)."""
+    return max(settings.db_pool_timeout,
+               settings.db_statement_timeout + WATCHDOG_MARGIN_SECONDS + WATCHDOG_TICK_SECONDS)
 
 
 def _unavailable(error: Exception, what: str) -> DatabaseUnavailable:
