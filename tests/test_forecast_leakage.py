@@ -135,7 +135,7 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
 
 
 def test_calibrating_on_history_is_not_fooled_by_one_calm_block():
-    """1w/1m calibrate the baseline on every past pair: one calm calibration block must not narrow the intervals."""
+    """The baseline is calibrated on every past pair: one calm calibration block must not narrow the intervals."""
     config = CONFIGS["1h"]
     origins = build_origins([(None, random_walk(seed)) for seed in range(12)], config)
     held = origins.series >= 8
@@ -153,6 +153,24 @@ def test_calibrating_on_history_is_not_fooled_by_one_calm_block():
         coverage[on_history] = metrics(test, *model_outputs(baseline, test), config.tolerance)["coverage_95"]
     assert coverage[False] < 0.8  # the calm block alone makes the intervals far too narrow
     assert 0.90 <= coverage[True] <= 0.99  # the calm block is a fifth of the pairs: slightly narrow
+
+
+def test_calibration_history_spans_every_past_regime_within_its_limit():
+    from candlecast.forecast.train import calibration_history
+
+    origins = build_origins([(None, random_walk(seed, 700)) for seed in range(4)], CONFIGS["1h"])
+    cut = np.quantile(origins.time, 0.8)
+    train, cal = origins.take(origins.time < cut), origins.take(origins.time >= cut)
+    assert len(calibration_history(train, cal, limit=10**9)) == len(train) + len(cal)  # nothing to thin
+    history = calibration_history(train, cal, limit=1000)
+    assert len(history) <= 1000
+    assert np.array_equal(history.time[-len(cal):], cal.time)  # the calibration block whole
+    kept = history.take(slice(None, len(history) - len(cal)))
+    stride = int(np.ceil(len(train) / (1000 - len(cal))))
+    for series in range(4):  # every coin's whole past, evenly thinned, not only its latest stretch
+        mine, theirs = kept.time[kept.series == series], train.time[train.series == series]
+        assert mine.min() - theirs.min() < stride * 3600 and theirs.max() - mine.max() < stride * 3600
+        assert np.diff(mine).max() == stride * 3600
 
 
 def test_volatility_term_structure_finds_nothing_in_a_random_walk():
