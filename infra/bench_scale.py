@@ -206,6 +206,7 @@ class HotPaths:
         self.create_event = create_event({"symbol": HOT_TICKER, "timeframe": "1h"})
         self.admin = psycopg.connect(database_url, autocommit=True)
         self.last_created: str | None = None
+        self.depths: dict[str, int] = {}  # rows before the deepest page, by timeframe
 
     def _call(self, handler, request: dict) -> dict:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
@@ -222,6 +223,8 @@ class HotPaths:
             self.get_by_id(ids),
             (self.recent("1h"), None),
             (self.recent(None), None),
+            (self.recent("1h", deepest=True), None),
+            (self.recent(None, deepest=True), None),
             self.search("BTCUSDT"),
             self.search("b"),
         ]
@@ -265,8 +268,25 @@ class HotPaths:
 
         return call, before
 
-    def recent(self, timeframe: str | None) -> Callable[[], dict]:
+    def deepest_cursor(self, timeframe: str | None) -> tuple[str, int]:
+        """The cursor of the hot symbol's last page of 20 (its oldest predictions), as the API would give it out
+        after the page before, and how many rows come before that page."""
+        from candlecast.pagination import encode_cursor
+        from candlecast.services import predictions
+
+        row = self.admin.execute(
+            "SELECT p.created_at, p.id, count(*) OVER () FROM predictions p JOIN symbols s ON s.id = p.symbol_id "
+            "WHERE s.ticker = %s AND (p.timeframe = %s OR %s::text IS NULL) ORDER BY p.created_at, p.id LIMIT 21",
+            (HOT_TICKER, timeframe, timeframe)).fetchall()[-1]
+        anchor = {"created_at": row[0], "id": row[1]}
+        return encode_cursor(predictions.list_scope(HOT_TICKER, timeframe), predictions.position(anchor)), row[2] - 20
+
+    def recent(self, timeframe: str | None, deepest: bool = False) -> Callable[[], dict]:
         query = {"limit": "20", **({"timeframe": timeframe} if timeframe else {})}
+        if deepest:
+            cursor, depth = self.deepest_cursor(timeframe)
+            query["cursor"] = cursor
+            self.depths[timeframe or "any"] = depth
         request = load_event("symbol_predictions.json", rawPath="/symbols/BTC-USDT/predictions",
                         rawQueryString="&".join(f"{k}={v}" for k, v in query.items()),
                         queryStringParameters=query, pathParameters={"ticker": "BTC-USDT"})
@@ -287,6 +307,8 @@ FIGURES = [
     "GET /predictions/{id}, uncached",
     "recent by symbol, timeframe=1h",
     "recent by symbol, no timeframe",
+    "recent by symbol, timeframe=1h, last page (cursor)",
+    "recent by symbol, no timeframe, last page (cursor)",
     "search, exact ticker (BTCUSDT)",
     "search, one-letter prefix (b)",
 ]
@@ -295,6 +317,9 @@ FIGURES = [
 def measure(stages: dict[int, "HotPaths"], use_stage: Callable[[int], None]) -> dict[str, dict[int, list[float]]]:
     """Every figure, each with the stages side by side."""
     plans = {stage: paths.plan() for stage, paths in stages.items()}
+    for stage, paths in stages.items():
+        print(f"  {stage:,}: the last page of {HOT_TICKER}'s predictions starts after "
+              + ", ".join(f"{depth:,} rows ({timeframe})" for timeframe, depth in paths.depths.items()))
     figures = {}
     for index, name in enumerate(FIGURES):
         print(f"  {name} ...", flush=True)
@@ -315,12 +340,14 @@ def show_plans(paths: HotPaths) -> None:
         ("GET by id", get_call, get_before),
         ("recent, timeframe=1h", paths.recent("1h"), None),
         ("recent, no timeframe", paths.recent(None), None),
+        ("recent, 1h, last page", paths.recent("1h", deepest=True), None),
+        ("recent, no timeframe, last page", paths.recent(None, deepest=True), None),
         ("search exact", *paths.search("BTCUSDT")),
         ("search prefix", *paths.search("b")),
     ]
     seen: set[str] = set()
     for label, call, before in calls:
-        if label in ("recent, no timeframe", "search prefix"):
+        if label in ("recent, no timeframe", "recent, no timeframe, last page", "search prefix"):
             seen.clear()  # the same statement as the line before, with other values: show it again
         if before is not None:
             before()

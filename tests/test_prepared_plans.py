@@ -136,5 +136,53 @@ def test_search_reads_at_most_the_limit_per_part_under_a_generic_plan(big_tables
     assert "Seq Scan on symbols" not in plan, plan
     for index in ("symbols_ticker_prefix_idx", "symbols_lower_name_prefix_idx"):
         assert f"Index Scan using {index}" in plan, plan
-    # "B" starts about 770 tickers; each part stops at the limit.
-    assert max(rows_read(plan, "symbols")) <= 5, plan
+    # "B" starts about 770 tickers; each part stops at the limit (the name part one row more, which closes the
+    # last group of its incremental sort on lower(name), ticker).
+    assert max(rows_read(plan, "symbols")) <= 6, plan
+
+
+def deep_anchor(conn: psycopg.Connection, statement: str, depth: int, *params) -> tuple:
+    return conn.execute(statement + " OFFSET %s LIMIT 1", (*params, depth)).fetchone()
+
+
+@pytest.mark.parametrize("timeframe", ["1h", None], ids=["timeframe", "any-timeframe"])
+def test_a_deep_page_of_recent_by_symbol_reads_only_its_rows_under_a_generic_plan(big_tables, timeframe):
+    with psycopg.connect(db.get_settings().database_url.get_secret_value()) as conn:
+        after = deep_anchor(conn, "SELECT created_at, id FROM predictions WHERE symbol_id = 1 AND (timeframe = %s "
+                            "OR %s::text IS NULL) ORDER BY created_at DESC, id DESC", 1000, timeframe, timeframe)
+    with recording() as executed:
+        for _ in range(RUNS):
+            with db.connection() as conn:
+                rows = prediction_repository.get_recent_predictions_by_symbol(conn, 1, timeframe, 20, after)
+            assert len(rows) == 20 and (rows[0]["created_at"], rows[0]["id"]) < after
+    plan = generic_plan(executed[-1])
+    assert "predictions_symbol_timeframe_created_idx" in plan and "Seq Scan on predictions" not in plan, plan
+    # 1,000 rows deep (6,000 on the symbol), each index scan starts at the anchor and stops at the limit.
+    assert rows_read(plan, "predictions") and max(rows_read(plan, "predictions")) <= 21, plan
+
+
+@pytest.mark.parametrize("listing", ["top", "search B", "search coin b"])
+def test_a_deep_page_of_symbols_reads_only_its_rows_under_a_generic_plan(big_tables, listing):
+    query = listing.removeprefix("search ")
+    with psycopg.connect(db.get_settings().database_url.get_secret_value()) as conn:
+        if listing == "top":
+            statement = "SELECT ticker FROM symbols ORDER BY volume_24h DESC NULLS LAST, ticker"
+            params = ()
+        elif query == "B":
+            statement = "SELECT ticker FROM symbols WHERE ticker LIKE 'X:B%%' ORDER BY ticker COLLATE \"C\""
+            params = ()
+        else:
+            statement = "SELECT ticker FROM symbols WHERE lower(name) LIKE 'coin b%%' ORDER BY lower(name) " \
+                        "COLLATE \"C\", ticker"
+            params = ()
+        (after,) = deep_anchor(conn, statement, 500, *params)
+    with recording() as executed:
+        for _ in range(RUNS):
+            with db.connection() as conn:
+                rows = (symbol_repository.get_top_symbols_by_volume(conn, 5, after) if listing == "top"
+                        else symbol_repository.search_symbols(conn, query, 5, after))
+            assert len(rows) == 5 and after not in [row["ticker"] for row in rows]
+    plan = generic_plan(executed[-1])
+    assert "Seq Scan on symbols" not in plan, plan
+    # 500 rows deep: each part starts at the anchor and stops at the limit (and the row closing a sort group).
+    assert max(rows_read(plan, "symbols")) <= 6, plan

@@ -1,6 +1,7 @@
 """Symbol routes through real v2 events against real PostgreSQL and Redis."""
 
 import time
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -220,31 +221,115 @@ def test_a_cursor_walks_every_symbol_beyond_one_hundred(clean_db, route):
     assert seen == expected  # each once
 
 
-@pytest.mark.parametrize("cursor", ["nope", "o-1", "o1e3", "o١٢", "o1234567", "x20", "o", "o 1", "o1\n", "0"])
-def test_a_cursor_the_api_did_not_give_out_is_400(symbols, cursor):
-    status, _, body = _list("symbols", "symbols_top.json", cursor=cursor)
-    assert status == 400
-    assert body["error"]["code"] in ("invalid_cursor", "invalid_request")
-    assert "cursor" in body["error"]["message"]
+def walk(function: str, event_name: str, limit: int, **query: str) -> list[dict]:
+    """Every row of a list, page by page through X-Next-Cursor."""
+    seen, cursor = [], None
+    for _ in range(10_000):
+        status, headers, body = _list(function, event_name, limit=str(limit), **query,
+                                      **({"cursor": cursor} if cursor else {}))
+        assert status == 200, body
+        assert len(body) <= limit
+        seen.extend(body)
+        cursor = headers.get("X-Next-Cursor")
+        if cursor is None:
+            return seen
+    raise AssertionError("the pages never ended")
 
 
-@pytest.mark.parametrize("cursor", ["o10000", "o999999"])
-def test_a_cursor_deeper_than_ten_thousand_rows_is_400(symbols, cursor):
-    # Each offset row is read and thrown away: a forged deep cursor cost 200-350 ms of database time against
-    # 1 ms for a first page (300k predictions of one symbol), so pages stop at 10,000 rows.
-    for function, event_name, extra in [("symbols", "symbols_top.json", {}),
-                                        ("symbols", "symbol_predictions.json", {})]:
-        status, _, body = _list(function, event_name, cursor=cursor, **extra)
-        assert status == 400, body
+@pytest.mark.parametrize("route", ["top", "search"])
+def test_small_pages_cross_ties_missing_volumes_and_search_parts_in_the_first_pages_order(clean_db, route):
+    # Exact matches (base C) with tied and missing volumes, ticker-prefix matches (X:C...), name-prefix matches
+    # only ("Coin..." named X:Z...), and symbols that match nothing; pages of 3 cross every boundary.
+    rows = [("X:AAAUSD", "Cashew", "C", 500), ("X:BBBUSD", "Cobalt", "C", 500), ("X:DDDUSD", "Cedar", "C", None),
+            ("X:EEEUSD", "Cumin", "C", 700), ("X:FFFUSD", "Chive", "C", None)]
+    rows += [(f"X:C{index:02d}USD", f"Token {index}", f"C{index:02d}", [100, 100, None, 5][index % 4])
+             for index in range(11)]
+    rows += [(f"X:Z{index:02d}USD", f"Coin {index % 4}", f"Z{index:02d}", index) for index in range(9)]
+    rows += [(f"X:Q{index:02d}USD", "Quince", f"Q{index:02d}", index * 10) for index in range(4)]
+    with db.connection() as conn:
+        symbol_repository.upsert_symbols(conn, [
+            SymbolCreate(ticker=t, name=n, base_currency=b, quote_currency="USD", volume_24h=v)
+            for t, n, b, v in rows])
+    query = {"q": "c"} if route == "search" else {}
+    event_name = "symbols_search.json" if route == "search" else "symbols_top.json"
+    status, headers, whole = _list("symbols", event_name, limit="100", **query)
+    assert status == 200 and "X-Next-Cursor" not in headers
+    assert len(whole) == (25 if route == "search" else len(rows))
+    assert walk("symbols", event_name, 3, **query) == whole
+
+
+def test_a_cursor_walks_predictions_past_ten_thousand_rows_with_ties_once_each_newest_first(seeded):
+    # 10,050 predictions of one symbol, five timeframes, every third pair created in the same microsecond.
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        symbol_id = conn.execute("SELECT id FROM symbols WHERE ticker = 'X:BTCUSDT'").fetchone()[0]
+        conn.execute("""
+            INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close, horizon,
+                                     request_hash, created_at)
+            SELECT %s, 'X:BTCUSDT', m.timeframe, m.id, now(), 100, 30, md5(i::text),
+                   timestamptz '2026-01-01' + (i / 2) * interval '1 second'
+            FROM generate_series(1, 10050) i
+            JOIN models m ON m.is_active AND m.timeframe = (ARRAY['1h', '4h', '1d', '1w', '1m'])[1 + i %% 5]
+        """, (symbol_id,))
+        expected = {timeframe: [str(row[0]) for row in conn.execute(
+            "SELECT id FROM predictions WHERE symbol_id = %s AND (timeframe = %s OR %s::text IS NULL) "
+            "ORDER BY created_at DESC, id DESC", (symbol_id, timeframe, timeframe))] for timeframe in (None, "1d")}
+    assert len(expected[None]) == 10_050
+    assert walk_predictions(100) == expected[None]
+    assert walk_predictions(7, timeframe="1d") == expected["1d"]
+
+
+def predictions_event(**query: str) -> dict:
+    event = path_event("symbol_predictions.json", "/symbols/BTC-USDT/predictions", ticker="BTC-USDT")
+    return event | {"queryStringParameters": query, "rawQueryString": "&".join(f"{k}={v}" for k, v in query.items())}
+
+
+def walk_predictions(limit: int, **query: str) -> list[str]:
+    seen, cursor = [], None
+    while True:
+        event = predictions_event(limit=str(limit), **query, **({"cursor": cursor} if cursor else {}))
+        status, headers, body = invoke("symbols", event)
+        assert status == 200, body
+        seen += [item["id"] for item in body]
+        cursor = headers.get("X-Next-Cursor")
+        if cursor is None:
+            return seen
+
+
+def _next_cursor(event_name: str, **query: str) -> str:
+    status, headers, body = _list("symbols", event_name, limit="1", **query)
+    assert status == 200, body
+    return headers["X-Next-Cursor"]
+
+
+def _tampered(cursor: str) -> str:
+    middle = len(cursor) // 2
+    return cursor[:middle] + ("A" if cursor[middle] != "A" else "B") + cursor[middle + 1:]
+
+
+def test_a_cursor_that_was_altered_or_given_for_another_list_is_400(symbols):
+    from candlecast.pagination import encode_cursor
+
+    top = _next_cursor("symbols_top.json")
+    btc = _next_cursor("symbols_search.json", q="btc")
+    forged = [encode_cursor("symbols/top", ["X:BTCUSDT", "extra"]),  # a digest that holds, a wrong shape
+              encode_cursor("symbols/X:BTCUSDT/predictions?timeframe=", ["yesterday", "not-a-uuid"]),
+              encode_cursor("symbols/X:BTCUSDT/predictions?timeframe=", ["2026-01-01T00:00:00", str(uuid4())])]
+    cases = [("symbols_top.json", {}, cursor) for cursor in
+             ["nope", "o20", "o-1", "o١٢", "x" * 401, top + "\n", top[:-1], _tampered(top), btc, forged[0],
+              "A" * 40, top + "A"]]
+    cases += [("symbols_search.json", {"q": "eth"}, btc), ("symbols_search.json", {"q": "btc"}, top),
+              ("symbols_search.json", {"q": "btc"}, _tampered(btc))]
+    cases += [("symbol_predictions.json", {}, cursor) for cursor in [top, forged[1], forged[2]]]
+    for event_name, query, cursor in cases:
+        if event_name == "symbol_predictions.json":
+            status, _, body = invoke("symbols", predictions_event(cursor=cursor))
+        else:
+            status, _, body = _list("symbols", event_name, cursor=cursor, **query)
+        assert status == 400, (event_name, cursor, body)
+        assert body["error"]["code"] in ("invalid_cursor", "invalid_request"), body
         assert "cursor" in body["error"]["message"]
-
-
-def test_the_page_that_reaches_ten_thousand_rows_is_the_last():
-    from candlecast.pagination import MAX_OFFSET, decode_cursor, next_cursor
-
-    assert MAX_OFFSET == 9_999 and decode_cursor("o9999") == 9_999
-    assert next_cursor(9_900, 100, 100) is None
-    assert next_cursor(9_800, 100, 100) == "o9900"
+    # The right list's own cursor is served: case does not change a search's list.
+    assert _list("symbols", "symbols_search.json", cursor=btc, q="BTC")[0] == 200
 
 
 def test_a_short_page_is_the_last(symbols):

@@ -2,6 +2,7 @@
 
 import contextlib
 import uuid
+from datetime import datetime
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -116,26 +117,43 @@ def get_prediction_by_id(conn: psycopg.Connection, prediction_id: uuid.UUID) -> 
     return prediction
 
 
-_RECENT_FOR_TIMEFRAME = f"""
+def _before_anchor(alias: str) -> str:
+    """After the page's last row (created_at, id), newest first: the index gives created_at <= the anchor's, and
+    only rows created in the same microsecond are compared by id."""
+    return (f"AND {alias}created_at <= %(created_at)s "
+            f"AND ({alias}created_at < %(created_at)s OR {alias}id < %(id)s)")
+
+
+def _recent_statement(any_timeframe: bool, after: bool) -> str:
+    if not any_timeframe:
+        return f"""
 SELECT {_PREDICTION_COLUMNS} FROM predictions p JOIN models m ON m.id = p.model_id
-WHERE p.symbol_id = %(symbol_id)s AND p.timeframe = %(timeframe)s
+WHERE p.symbol_id = %(symbol_id)s AND p.timeframe = %(timeframe)s {_before_anchor("p.") if after else ""}
 ORDER BY p.created_at DESC, p.id DESC
-LIMIT %(limit)s OFFSET %(offset)s"""
-# Without a timeframe: each timeframe's newest from predictions_symbol_timeframe_created_idx, merged, so the
-# cost follows the page's end (offset + limit), not the symbol's number of predictions (and no second index
-# slows every create).
-_RECENT_ANY_TIMEFRAME = f"""
+LIMIT %(limit)s"""
+    # Without a timeframe: each timeframe's newest from predictions_symbol_timeframe_created_idx, merged, so the
+    # cost follows the page, not the symbol's number of predictions (and no second index slows every create).
+    return f"""
 SELECT {_PREDICTION_COLUMNS} FROM ({" UNION ALL ".join(
-    f"(SELECT * FROM predictions WHERE symbol_id = %(symbol_id)s AND timeframe = '{timeframe}' "
-    "ORDER BY created_at DESC, id DESC LIMIT %(window)s)" for timeframe in TIMEFRAMES)}) p
+        f"(SELECT * FROM predictions WHERE symbol_id = %(symbol_id)s AND timeframe = '{timeframe}' "
+        f"{_before_anchor('') if after else ''} ORDER BY created_at DESC, id DESC LIMIT %(limit)s)"
+        for timeframe in TIMEFRAMES)}) p
 JOIN models m ON m.id = p.model_id
 ORDER BY p.created_at DESC, p.id DESC
-LIMIT %(limit)s OFFSET %(offset)s"""
+LIMIT %(limit)s"""
+
+
+_RECENT = {(any_timeframe, after): _recent_statement(any_timeframe, after)
+           for any_timeframe in (True, False) for after in (False, True)}
 
 
 def get_recent_predictions_by_symbol(
-    conn: psycopg.Connection, symbol_id: int, timeframe: str | None, limit: int, offset: int = 0
+    conn: psycopg.Connection, symbol_id: int, timeframe: str | None, limit: int,
+    after: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[dict]:
-    statement = _RECENT_ANY_TIMEFRAME if timeframe is None else _RECENT_FOR_TIMEFRAME
-    return conn.execute(statement, {"symbol_id": symbol_id, "timeframe": timeframe, "limit": limit, "offset": offset,
-                                    "window": limit + offset}).fetchall()
+    """The symbol's predictions (of one timeframe, or all), newest first, after the row whose (created_at, id)
+    is `after` (the last row of the previous page)."""
+    created_at, prediction_id = after if after is not None else (None, None)
+    return conn.execute(_RECENT[(timeframe is None, after is not None)], {
+        "symbol_id": symbol_id, "timeframe": timeframe, "limit": limit, "created_at": created_at,
+        "id": prediction_id}).fetchall()

@@ -38,31 +38,59 @@ def get_symbol_by_ticker(conn: psycopg.Connection, ticker: str) -> dict | None:
     return conn.execute(SYMBOL_BY_TICKER, (ticker,)).fetchone()
 
 
-# Three bounded lookups, each reading at most offset + limit rows in index order, merged: exact ticker or base
-# (few rows, by volume), then ticker prefix in ticker order, then name prefix in name order. Prefixes are
-# byte ranges (~>=~ ~<~, the text_pattern_ops indexes' operators), which a generic plan can still use.
-_SEARCH = f"""
-WITH exact AS (
-    SELECT *, 0 AS exactness, row_number() OVER (ORDER BY volume_24h DESC NULLS LAST, ticker) AS position
-    FROM (SELECT * FROM symbols WHERE is_active AND (ticker = %(ticker)s OR base_currency = %(base)s)
-          ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(window)s) e
+# Three keyset lookups, each reading at most `limit` rows in index order after the page's anchor (the last row the
+# previous page showed, found by its ticker), then merged: exact ticker or base (few rows, by volume), then the
+# other ticker-prefix matches in ticker order, then the remaining name-prefix matches in name order. The name
+# lookup runs only when the first two leave the page short. Prefixes are byte ranges (~>=~ ~<~, the
+# text_pattern_ops indexes' operators), which a generic plan can still use.
+_EXACT = "(ticker = %(ticker)s OR base_currency = %(base)s)"
+_TICKER_PREFIX = "(ticker ~>=~ %(ticker)s AND ticker ~<~ %(ticker_end)s)"
+
+
+def _search_statement(after: bool) -> str:
+    anchor, exact_after, ticker_after, name_after = "", "", "", ""
+    if after:
+        anchor = f"""anchor AS (
+    SELECT ticker, volume_24h, lower(name) AS name,
+           CASE WHEN {_EXACT} THEN 0 WHEN {_TICKER_PREFIX} THEN 1 ELSE 2 END AS part
+    FROM symbols WHERE ticker = %(after)s
+), """
+        exact_after = f"""AND (SELECT part FROM anchor) = 0 AND {_AFTER_BY_VOLUME}"""
+        ticker_after = """AND (SELECT part FROM anchor) <= 1
+                          AND ticker ~>~ (SELECT CASE WHEN part = 1 THEN ticker ELSE '' END FROM anchor)"""
+        name_after = """AND lower(name) ~>=~ (SELECT CASE WHEN part = 2 THEN name ELSE '' END FROM anchor)
+          AND ((SELECT part FROM anchor) < 2 OR lower(name) ~>~ (SELECT name FROM anchor)
+               OR ticker > (SELECT ticker FROM anchor))"""
+    return f"""
+WITH {anchor}exact AS (
+    SELECT *, 0 AS part, row_number() OVER () AS position
+    FROM (SELECT * FROM symbols WHERE is_active AND {_EXACT} {exact_after}
+          ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s) e
 ), by_ticker AS (
-    SELECT *, 1 AS exactness, row_number() OVER () AS position
-    FROM (SELECT * FROM symbols WHERE is_active AND ticker ~>=~ %(ticker)s AND ticker ~<~ %(ticker_end)s
-          ORDER BY ticker USING ~<~ LIMIT %(window)s) t
+    SELECT *, 1 AS part, row_number() OVER () AS position
+    FROM (SELECT * FROM symbols WHERE is_active AND {_TICKER_PREFIX} AND NOT {_EXACT} {ticker_after}
+          ORDER BY ticker USING ~<~ LIMIT %(limit)s) t
 ), by_name AS (
-    SELECT *, 2 AS exactness, row_number() OVER () AS position
-    FROM (SELECT * FROM symbols WHERE is_active AND lower(name) ~>=~ %(name)s AND lower(name) ~<~ %(name_end)s
-          ORDER BY lower(name) USING ~<~ LIMIT %(window)s) n
+    SELECT *, 2 AS part, row_number() OVER () AS position
+    FROM (SELECT * FROM symbols
+          WHERE (SELECT count(*) FROM exact) + (SELECT count(*) FROM by_ticker) < %(limit)s
+            AND is_active AND lower(name) ~>=~ %(name)s AND lower(name) ~<~ %(name_end)s
+            AND NOT {_EXACT} AND NOT {_TICKER_PREFIX} {name_after}
+          ORDER BY lower(name) USING ~<~, ticker LIMIT %(limit)s) n
 )
-SELECT {SYMBOL_COLUMNS} FROM (
-    SELECT DISTINCT ON (ticker) * FROM (
-        SELECT * FROM exact UNION ALL SELECT * FROM by_ticker UNION ALL SELECT * FROM by_name) found
-    ORDER BY ticker, exactness, position
-) first_match
-ORDER BY exactness, position
-LIMIT %(limit)s OFFSET %(offset)s
+SELECT {SYMBOL_COLUMNS}
+FROM (SELECT * FROM exact UNION ALL SELECT * FROM by_ticker UNION ALL SELECT * FROM by_name) found
+ORDER BY part, position
+LIMIT %(limit)s
 """
+
+
+# After the anchor in (volume_24h DESC NULLS LAST, ticker) order.
+_AFTER_BY_VOLUME = """CASE WHEN (SELECT volume_24h FROM anchor) IS NULL
+         THEN volume_24h IS NULL AND ticker > (SELECT ticker FROM anchor)
+         ELSE volume_24h IS NULL OR volume_24h < (SELECT volume_24h FROM anchor)
+              OR (volume_24h = (SELECT volume_24h FROM anchor) AND ticker > (SELECT ticker FROM anchor)) END"""
+_SEARCH = {False: _search_statement(False), True: _search_statement(True)}
 
 
 def prefix_range(prefix: str) -> tuple[str, str]:
@@ -73,17 +101,19 @@ def prefix_range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(min(following, 0x10FFFF))
 
 
-def search_symbols(conn: psycopg.Connection, query: str, limit: int, offset: int = 0) -> list[dict]:
-    """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively.
+def search_symbols(conn: psycopg.Connection, query: str, limit: int, after: str | None = None) -> list[dict]:
+    """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively, after the
+    symbol `after` (a ticker; the first page without one; no rows if it is no symbol's).
 
     Exact ticker or base currency first (by volume), then ticker prefix (in ticker order), then name prefix
-    (in name order). Each part reads at most offset + limit rows, so the cost follows the page, not the matches.
+    (in name order). Each part reads at most `limit` rows after the anchor, so the cost follows the page, not
+    the matches nor the depth.
     """
     ticker, ticker_end = prefix_range("X:" + query.upper())
     name, name_end = prefix_range(query.lower())
-    return conn.execute(_SEARCH, {"ticker": ticker, "ticker_end": ticker_end, "base": query.upper(), "name": name,
-                                  "name_end": name_end, "limit": limit, "offset": offset,
-                                  "window": limit + offset}).fetchall()
+    return conn.execute(_SEARCH[after is not None], {
+        "ticker": ticker, "ticker_end": ticker_end, "base": query.upper(), "name": name, "name_end": name_end,
+        "limit": limit, "after": after}).fetchall()
 
 
 def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str]) -> None:
@@ -117,9 +147,26 @@ def mark_inactive_except(conn: psycopg.Connection, tickers: Iterable[str]) -> in
     return cursor.rowcount
 
 
-def get_top_symbols_by_volume(conn: psycopg.Connection, limit: int, offset: int = 0) -> list[dict]:
-    return conn.execute(
-        f"SELECT {SYMBOL_COLUMNS} FROM symbols WHERE is_active "
-        "ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %s OFFSET %s",
-        (limit, offset),
-    ).fetchall()
+_TOP = f"""SELECT {SYMBOL_COLUMNS} FROM symbols WHERE is_active
+ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s"""
+# After the anchor: the rows with a volume through symbols_active_volume_idx from the anchor's down, then those
+# without one (new symbols, few) in ticker order.
+_TOP_AFTER = f"""
+WITH anchor AS (SELECT ticker, volume_24h FROM symbols WHERE ticker = %(after)s)
+SELECT {SYMBOL_COLUMNS} FROM (
+    (SELECT * FROM symbols WHERE is_active AND volume_24h <= (SELECT volume_24h FROM anchor)
+       AND (volume_24h < (SELECT volume_24h FROM anchor) OR ticker > (SELECT ticker FROM anchor))
+     ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s)
+    UNION ALL
+    (SELECT * FROM symbols WHERE is_active AND volume_24h IS NULL AND EXISTS (SELECT FROM anchor)
+       AND ((SELECT volume_24h FROM anchor) IS NOT NULL OR ticker > (SELECT ticker FROM anchor))
+     ORDER BY ticker LIMIT %(limit)s)
+) s
+ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s"""
+
+
+def get_top_symbols_by_volume(conn: psycopg.Connection, limit: int, after: str | None = None) -> list[dict]:
+    """Active symbols by 24 h volume, after the symbol `after` (a ticker; no rows if it is no symbol's)."""
+    if after is None:
+        return conn.execute(_TOP, {"limit": limit}).fetchall()
+    return conn.execute(_TOP_AFTER, {"limit": limit, "after": after}).fetchall()

@@ -1,10 +1,11 @@
 """Reading stored predictions (no numpy: the symbols and get functions import this)."""
 
 import uuid
+from datetime import datetime
 
 from candlecast import cache, db
 from candlecast.errors import BadRequest, NotFound
-from candlecast.pagination import Page, decode_cursor
+from candlecast.pagination import Page, decode_cursor, invalid_cursor
 from candlecast.repositories import predictions as prediction_repository
 from candlecast.schemas import Prediction, PredictionWithSteps, list_adapter
 from candlecast.tickers import normalize_ticker
@@ -46,14 +47,40 @@ def get(raw_id: str) -> tuple[bytes, bool]:
     return body, False
 
 
+def list_scope(ticker: str, timeframe: str | None) -> str:
+    """The list a cursor of GET /symbols/{ticker}/predictions belongs to."""
+    return f"symbols/{ticker}/predictions?timeframe={timeframe or ''}"
+
+
+def position(row: dict) -> list[str]:
+    """A row's place in the list, as its cursor holds it."""
+    return [row["created_at"].isoformat(), str(row["id"])]
+
+
+def _after(scope: str, cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """(created_at, id) of the row a cursor of this list follows."""
+    position = decode_cursor(scope, cursor, 2)
+    if position is None:
+        return None
+    try:
+        created_at, prediction_id = datetime.fromisoformat(position[0]), uuid.UUID(position[1])
+    except ValueError:
+        raise invalid_cursor() from None
+    if created_at.tzinfo is None:
+        raise invalid_cursor()
+    return created_at, prediction_id
+
+
 def recent_for_symbol(raw_ticker: str, timeframe: str | None, limit: int, cursor: str | None = None) -> Page:
     ticker = normalize_ticker(raw_ticker)
-    offset = decode_cursor(cursor)
+    scope = list_scope(ticker, timeframe)
+    after = _after(scope, cursor)
     from candlecast.repositories import symbols as symbol_repository
 
     with db.connection() as conn:
         symbol = symbol_repository.get_symbol_by_ticker(conn, ticker)
         if symbol is None:
             raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-        rows = prediction_repository.get_recent_predictions_by_symbol(conn, symbol["id"], timeframe, limit, offset)
-    return Page.of(_prediction_list.dump_json(_prediction_list.validate_python(rows)), offset, limit, len(rows))
+        rows = prediction_repository.get_recent_predictions_by_symbol(conn, symbol["id"], timeframe, limit, after)
+    body = _prediction_list.dump_json(_prediction_list.validate_python(rows))
+    return Page.of(body, limit, scope, position, rows)

@@ -35,39 +35,53 @@ def validate_query(query: str) -> str:
     return query.strip()
 
 
+def _after(scope: str, cursor: str | None) -> str | None:
+    """The ticker of the row a cursor of this list follows."""
+    position = decode_cursor(scope, cursor, 1)
+    return None if position is None else position[0]
+
+
+def _position(symbol: dict) -> list[str]:
+    return [symbol["ticker"]]
+
+
+TOP_SCOPE = "symbols/top"
+
+
 def search(query: str, limit: int, cursor: str | None = None) -> Page:
     """Symbols matching `query` as a JSON list; an empty query lists the top symbols. Only first pages
     are cached."""
     query = validate_query(query)
     if not query:
         return top(limit, cursor)
-    offset = decode_cursor(cursor)
     pair = compact_pair(query)
     # A ticker-like query searches as its compact pair; anything else (a name) as typed. The search is
-    # case-insensitive, so the cache key is the searched term in lower case.
+    # case-insensitive, so the cache key (and the cursor's list) is the searched term in lower case.
     term = pair if is_ticker_like(pair) else query
-    cached = cache.get_search_bytes(term.lower(), limit) if offset == 0 else None
+    scope = f"symbols?q={term.lower()}"
+    after = _after(scope, cursor)
+    cached = cache.get_search_bytes(term.lower(), limit) if after is None else None
     if cached is not None:
-        return Page.of(cached, offset, limit)
+        return Page.of(cached, limit, scope, _position)
     with db.connection() as conn:
-        rows = symbol_repository.search_symbols(conn, term, limit, offset)
+        rows = symbol_repository.search_symbols(conn, term, limit, after)
     body = _symbol_list.dump_json(_symbol_list.validate_python(_available(rows)))
-    if offset == 0:
+    if after is None:
         cache.set_search_bytes(term.lower(), limit, body)
-    return Page.of(body, offset, limit, len(rows))
+    return Page.of(body, limit, scope, _position, rows)
 
 
 def top(limit: int, cursor: str | None = None) -> Page:
-    offset = decode_cursor(cursor)
-    cached = cache.get_top_symbols_bytes(limit) if offset == 0 else None
+    after = _after(TOP_SCOPE, cursor)
+    cached = cache.get_top_symbols_bytes(limit) if after is None else None
     if cached is not None:
-        return Page.of(cached, offset, limit)
+        return Page.of(cached, limit, TOP_SCOPE, _position)
     with db.connection() as conn:
-        rows = symbol_repository.get_top_symbols_by_volume(conn, limit, offset)
+        rows = symbol_repository.get_top_symbols_by_volume(conn, limit, after)
     body = _symbol_list.dump_json(_symbol_list.validate_python(_available(rows)))
-    if offset == 0:
+    if after is None:
         cache.set_top_symbols_bytes(limit, body)
-    return Page.of(body, offset, limit, len(rows))
+    return Page.of(body, limit, TOP_SCOPE, _position, rows)
 
 
 def get(raw_ticker: str) -> bytes:
