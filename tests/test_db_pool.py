@@ -1,5 +1,6 @@
 """The pool's checkout check against a real server: a healthy idle connection is lent as it is, one the
-server has ended is replaced before a request sees it."""
+server has ended is replaced before a request sees it. The server's own timeouts are set on every pooled
+connection, and a transaction a frozen function leaves open is ended by the server."""
 
 import time
 
@@ -37,3 +38,37 @@ def test_a_connection_the_server_ended_is_replaced_before_use(one_connection):
     time.sleep(0.2)  # the server's goodbye reaches the idle socket
     second = backend_pid()  # no OperationalError: the check saw the readable socket and the pool reconnected
     assert second != first
+
+
+def test_every_pooled_connection_carries_the_server_timeouts(one_connection):
+    with db.connection() as conn:
+        shown = {name: conn.execute(f"SHOW {name}").fetchone()[name] for name in (
+            "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")}
+    assert shown == {"statement_timeout": "1s", "lock_timeout": "500ms", "idle_in_transaction_session_timeout": "5s"}
+
+
+def test_a_transaction_left_open_by_a_frozen_function_is_ended_by_the_server_and_the_pool_recovers(
+        one_connection, monkeypatch):
+    from tests.conftest import reset_clients
+
+    monkeypatch.setenv("DB_IDLE_IN_TRANSACTION_TIMEOUT", "0.5")
+    reset_clients()
+    # A function frozen mid-transaction holding a lock: taken from the pool without the watchdog (frozen with it).
+    frozen = db.get_pool().getconn()
+    # One query string: no idle moment before the lock is held, however slow this machine.
+    locked = frozen.execute("BEGIN; SELECT pg_backend_pid() AS pid, pg_advisory_xact_lock(4242)", prepare=False)
+    locked.nextset()
+    pid = locked.fetchone()["pid"]
+    with psycopg.connect(one_connection.database_url, autocommit=True) as admin:
+        deadline = time.monotonic() + 30
+        while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the server never ended the idle transaction"
+            time.sleep(0.05)
+        assert admin.execute("SELECT pg_try_advisory_lock(4242)").fetchone()[0]  # the lock is free again
+        admin.execute("SELECT pg_advisory_unlock(4242)")
+    # Thawed, the function finds its session ended by the server's timeout (not by anything of ours) ...
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+        frozen.execute("SELECT 1")
+    db.get_pool().putconn(frozen)
+    # ... and the pool lends a new connection to the next request.
+    assert backend_pid() != pid

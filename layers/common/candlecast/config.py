@@ -36,6 +36,9 @@ class DatabaseSettings(BaseSettings):
     db_pool_timeout: float = Field(1.0, gt=0, le=10, description="seconds to wait for a pooled connection")
     db_statement_timeout: float = Field(1.0, gt=0, le=120, description="seconds one statement of a request may "
                                         "take (statement_timeout; lock_timeout is half); batch functions set more")
+    db_idle_in_transaction_timeout: float = Field(
+        5.0, gt=0, le=600, description="seconds a session may sit in an open transaction between statements "
+        "(idle_in_transaction_session_timeout): a frozen or killed function cannot hold locks longer")
     aws_region: str = Field("us-east-1")
 
     @model_validator(mode="wrap")
