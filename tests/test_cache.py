@@ -1,5 +1,6 @@
 """The Redis cache against a real server: TTLs per kind, SCAN-based pattern delete, and outage behaviour."""
 
+import contextlib
 import logging
 import threading
 import time
@@ -370,3 +371,105 @@ def test_stages_sharing_one_redis_never_read_each_others_entries():
     dev, prod, unset = key_in("dev"), key_in("prod"), key_in(None)
     assert dev[0] != prod[0] and dev[1] != prod[1]
     assert unset == key_in("local")  # STAGE's default, as in the settings
+
+
+class SlowProxy:
+    """A TCP proxy in front of the real Redis that holds each chunk a client sends for `delay` seconds: a Redis
+    that answers every command, slowly. `forwarded` holds the chunks that reached Redis."""
+
+    def __init__(self, upstream_url: str):
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(upstream_url)
+        self.upstream = (parts.hostname, parts.port or 6379)
+        self.database = parts.path or "/0"
+        self.delay = 0.0
+        self.forwarded: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}{self.database}"
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source, target, slowed: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if slowed:
+                    time.sleep(self.delay)
+                    self.forwarded.append(chunk)
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+
+
+@pytest.fixture
+def slow_redis(clean_db, monkeypatch):
+    from candlecast.config import get_settings
+
+    proxy = SlowProxy(clean_db.redis_url)
+    monkeypatch.setenv("REDIS_URL", proxy.url)
+    monkeypatch.setenv("REDIS_SOCKET_TIMEOUT", "1")  # a 0.2 s answer stays well within it on a busy machine
+    get_settings.cache_clear()
+    cache.reset_client()
+    yield proxy
+    proxy.close()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    cache.reset_client()
+
+
+def test_a_redis_that_answers_slowly_is_skipped_until_it_answers_quickly_again(slow_redis, caplog):
+    assert cache.get_settings().redis_slow_seconds < 0.2 < cache.get_settings().redis_socket_timeout
+    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True
+    assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}" and not cache.is_down()
+
+    slow_redis.delay = 0.2  # each command answered, 0.2 s late: within the socket timeout, never an error
+    with caplog.at_level(logging.WARNING):
+        answers = [cache.get_symbol_bytes("X:ETHUSD") for _ in range(cache.SLOW_STRIKES)]
+    assert answers == [b"{eth}"] * cache.SLOW_STRIKES  # slow, but answered: the values are still served
+    assert cache.is_down()
+    assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
+        "cache too slow; serving without it"]
+    reached = len(slow_redis.forwarded)
+    for _ in range(20):  # skipped: misses and skipped writes, none of them sent to Redis
+        assert cache.get_symbol_bytes("X:ETHUSD") is None
+        assert cache.set_symbol_bytes("X:BTCUSD", b"{btc}") is False
+    assert all(b"PING" in chunk.upper() for chunk in slow_redis.forwarded[reached:])  # the probe's alone
+
+    slow_redis.delay = 0.0
+    deadline = time.monotonic() + 30
+    while cache.is_down():
+        assert time.monotonic() < deadline, "the probe never saw a quick answer"
+        time.sleep(0.05)
+    assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+
+
+def test_one_slow_answer_among_quick_ones_is_not_an_outage(slow_redis):
+    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True
+    for _ in range(3):
+        slow_redis.delay = 0.2
+        for _ in range(cache.SLOW_STRIKES - 1):
+            assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+        slow_redis.delay = 0.0
+        assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+    assert not cache.is_down()

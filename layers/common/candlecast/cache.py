@@ -3,7 +3,9 @@
 A cache outage costs latency, never a request: reads miss, writes are skipped, and one warning is
 logged per outage (not one per request). Only the requests in flight when Redis stops answering wait
 (at most the socket timeout, once); after that no request touches Redis until a background probe sees
-it answer again, so there is no spike of timeouts each time a back-off expires.
+it answer again, so there is no spike of timeouts each time a back-off expires. A Redis that answers, but
+slowly (SLOW_STRIKES commands in a row slower than REDIS_SLOW_SECONDS, each within the socket timeout), is
+an outage too: the cache is skipped until the probe's ping answers quickly again.
 
 Every value is sealed (a marker and the CRC-32 of the value) when written and checked when read: a value this
 module did not write whole (a foreign writer, a truncated or corrupted entry) reads as a miss, never as a body
@@ -38,6 +40,9 @@ TTL_SECONDS = {
 }
 # While Redis is down, a background probe pings it this often; requests skip it until a ping succeeds.
 PROBE_INTERVAL_SECONDS = 0.5
+# This many commands in a row slower than REDIS_SLOW_SECONDS mark the cache down: one slow answer (a pause of
+# this process, a busy moment) is not an outage, a Redis that adds latency to every request is.
+SLOW_STRIKES = 3
 # v2: values are sealed. A new prefix, so that during a deploy older code never serves a sealed value as it is.
 NAMESPACE = "cc:v2"
 # Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys.
@@ -112,6 +117,7 @@ class keys:
 _client: redis.Redis | None = None
 _client_lock = threading.Lock()
 _down = False
+_slow_in_a_row = 0
 _generation = 0  # reset_client starts a new one; a probe of an older one stops
 
 
@@ -134,12 +140,13 @@ def get_client() -> redis.Redis:
 
 
 def reset_client() -> None:
-    global _client, _down, _generation
+    global _client, _down, _generation, _slow_in_a_row
     with _client_lock:
         if _client is not None:
             _client.close()
         _client = None
         _down = False
+        _slow_in_a_row = 0
         _generation += 1
 
 
@@ -147,25 +154,45 @@ def is_down() -> bool:
     return _down
 
 
-def _mark_down(error: redis.RedisError) -> None:
-    global _down
+def _mark_down(message: str, error: str) -> None:
+    global _down, _slow_in_a_row
     with _client_lock:
         if _down:
             return
         _down = True
+        _slow_in_a_row = 0
         generation = _generation
-    logger.warning("cache unavailable; serving without it", extra={"error": type(error).__name__})
+    logger.warning(message, extra={"error": error})
     threading.Thread(target=_probe, args=(generation,), name="cache-probe", daemon=True).start()
 
 
+def _slow_seconds() -> float:
+    return get_settings().redis_slow_seconds
+
+
+def _timed(seconds: float) -> None:
+    """Count a command's time: SLOW_STRIKES slow ones in a row mark the cache down."""
+    global _slow_in_a_row
+    if seconds <= _slow_seconds():
+        _slow_in_a_row = 0
+        return
+    _slow_in_a_row += 1
+    if _slow_in_a_row >= SLOW_STRIKES:
+        _mark_down("cache too slow; serving without it", f"{SLOW_STRIKES} answers over {_slow_seconds()} s")
+
+
 def _probe(generation: int) -> None:
-    """Ping until Redis answers, then let requests use it again (only this thread waits on a dead cache)."""
+    """Ping until Redis answers quickly, then let requests use it again (only this thread waits on a dead or
+    slow cache)."""
     global _down
     while generation == _generation:
         time.sleep(PROBE_INTERVAL_SECONDS)
+        started = time.monotonic()
         try:
             get_client().ping()
         except redis.RedisError:
+            continue
+        if time.monotonic() - started > _slow_seconds():
             continue
         with _client_lock:
             if generation == _generation:
@@ -191,12 +218,18 @@ _refusal_logged_at = 0.0
 REFUSAL_LOG_SECONDS = 60.0  # a refusal (out of memory, a key of another type) is logged this often at most
 
 
-def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None) -> Any:
+def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed: bool = True) -> Any:
+    """`operation`'s result, or `default` while the cache is down or when it fails; `timed`: one round trip,
+    whose time counts towards marking a slow cache down."""
     global _refusal_logged_at
     if _down:
         return default
+    started = time.monotonic()
     try:
-        return operation(get_client())
+        result = operation(get_client())
+        if timed:
+            _timed(time.monotonic() - started)
+        return result
     except redis.ResponseError as error:
         # Redis answered, refusing this one command: the cache is up, and only this read or write is skipped.
         if time.monotonic() - _refusal_logged_at > REFUSAL_LOG_SECONDS:
@@ -204,7 +237,7 @@ def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None) -> An
             logger.warning("cache refused a command", extra={"error": str(error).split(" ", 1)[0][:20]})  # its code
         return default
     except redis.RedisError as error:
-        _mark_down(error)
+        _mark_down("cache unavailable; serving without it", type(error).__name__)
         return default
 
 
@@ -243,7 +276,7 @@ def delete_pattern(pattern: str, batch_size: int = 500) -> int:
             deleted += client.unlink(*batch)
         return deleted
 
-    return int(_guarded(scan_and_delete, default=0) or 0)
+    return int(_guarded(scan_and_delete, default=0, timed=False) or 0)  # many round trips
 
 
 def get_json(key: str) -> Any | None:

@@ -61,6 +61,8 @@ class DatabaseSettings(BaseSettings):
 class Settings(DatabaseSettings):
     redis_url: str = Field(..., description="Redis URL, redis://, rediss:// or unix://")
     redis_socket_timeout: float = Field(0.25, gt=0, le=5)
+    redis_slow_seconds: float = Field(0.1, gt=0, le=5, description="a cache command slower than this is slow; "
+                                      "a few in a row and the cache is skipped until it answers quickly again")
 
     data_bucket: str = Field(..., min_length=3, max_length=63)
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for local runs (moto server)")
