@@ -14,6 +14,7 @@ from candlecast.candles import Candles
 # Features of the origin candle; the model adds the horizon `h` in front of them.
 ORIGIN_FEATURES = (
     "ret1", "ret2", "mom5", "mom20", "vr5", "vr20", "vwin", "park10", "volz", "log_sigma", "hour", "weekday", "vlong",
+    "gk1", "gk5", "gk20",
 )
 FEATURES = ("h", *ORIGIN_FEATURES)
 QUANTILES = np.array([0.025, 0.1, 0.25, 0.5, 0.75, 0.9, 0.975])
@@ -22,6 +23,7 @@ MEDIAN = 3  # index of 0.5 in QUANTILES
 INTERVALS = ((0, 6), (1, 5), (2, 4))
 INTERVAL_ALPHAS = (0.05, 0.2, 0.5)
 _VOLUME_WINDOW = 50
+HAR_WINDOWS = {"gk1": 1, "gk5": 5, "gk20": 20}  # bars of the Garman-Klass range variances (HAR: Corsi 2009)
 _SIGMA_FLOOR = 1e-5
 
 
@@ -82,7 +84,10 @@ def origin_features(candles: Candles, config: TimeframeConfig) -> tuple[np.ndarr
 
     momentum5 = (log_close - lagged(log_close, 5)) / (sigma * np.sqrt(5))
     momentum20 = (log_close - lagged(log_close, 20)) / (sigma * np.sqrt(20))
-    parkinson = np.square(np.log(candles.high / candles.low)) / (4 * np.log(2))
+    high_low = np.log(candles.high / candles.low)
+    parkinson = np.square(high_low) / (4 * np.log(2))
+    garman_klass = np.maximum(0.5 * np.square(high_low)
+                              - (2 * np.log(2) - 1) * np.square(np.log(candles.close / candles.open)), 0.0)
     log_volume = np.log1p(np.maximum(candles.volume, 0))
     volume_mean = _rolling_mean(log_volume, _VOLUME_WINDOW)
     volume_var = np.maximum(_rolling_mean(np.square(log_volume), _VOLUME_WINDOW) - np.square(volume_mean), 0)
@@ -103,6 +108,7 @@ def origin_features(candles: Candles, config: TimeframeConfig) -> tuple[np.ndarr
         (candles.open_time // 3600) % 24,
         (candles.open_time // 86400 + 3) % 7,
         np.sqrt(_rolling_mean(squared, config.long_window or config.window)) / sigma,
+        *(np.sqrt(_rolling_mean(garman_klass, size)) / sigma for size in HAR_WINDOWS.values()),
     ]
     features = np.clip(np.nan_to_num(np.column_stack(columns), nan=0.0, posinf=0.0, neginf=0.0), -50, 50)
     return features, sigma

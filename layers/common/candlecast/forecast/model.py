@@ -22,6 +22,7 @@ import numpy as np
 from candlecast.candles import COLUMNS, Candles
 from candlecast.forecast.features import (
     FEATURES,
+    HAR_WINDOWS,
     INTERVALS,
     MEDIAN,
     ORIGIN_FEATURES,
@@ -77,23 +78,31 @@ def evaluate_trees(trees: dict, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-_LONG, _PARK = ORIGIN_FEATURES.index("vlong"), ORIGIN_FEATURES.index("park10")
+_LONG = ORIGIN_FEATURES.index("vlong")
+# Next-bar variance estimates of `volatility_factor` besides the EWMA σ² (1) and the long-run level: their features.
+_ESTIMATES = {"range": ORIGIN_FEATURES.index("park10"), **{key: ORIGIN_FEATURES.index(key) for key in HAR_WINDOWS}}
 
 
 def volatility_factor(origin_rows: np.ndarray, volatility: dict | None) -> np.ndarray:
     """(n, 30) factor f with GARCH-style scale(h) = σ·√h·f(h); ones without `volatility`.
 
     GARCH(1,1) with variance targeting in closed form, from features of the origin (all relative to σ², the
-    EWMA variance): the next bar's variance s1 = w_ewma·1 + w_range·park10² + (1 − w_ewma − w_range)·L, with
+    EWMA variance): the next bar's variance s1 = w_ewma·1 + w_range·park10² + Σ_k w_gkk·gkk² + (1 − Σ w)·L, with
+    HAR-type terms (Corsi 2009) from the Garman-Klass range variances over k = 1, 5 and 20 bars (weights absent: 0),
     L = vlong² the mean squared return over the long window as the long-run level (variance targeting), and the
     expected variance of bar k is L + φ^(k−1)·(s1 − L). f(h)² = Σ_{k≤h} of those / h.
     """
     if not volatility:
         return np.ones((len(origin_rows), len(HORIZONS)))
-    w_ewma, w_range, persistence = (float(volatility[key]) for key in ("ewma", "range", "persistence"))
+    persistence = float(volatility["persistence"])
     vlong = origin_rows[:, _LONG]
     long_run = np.where(vlong > 0, np.square(vlong), 1.0)
-    next_bar = w_ewma + w_range * np.square(origin_rows[:, _PARK]) + (1 - w_ewma - w_range) * long_run
+    next_bar, rest = float(volatility["ewma"]), 1.0 - float(volatility["ewma"])
+    for key, column in _ESTIMATES.items():
+        if volatility.get(key):
+            weight = float(volatility[key])
+            next_bar, rest = next_bar + weight * np.square(origin_rows[:, column]), rest - weight
+    next_bar = next_bar + rest * long_run
     decay = persistence ** (HORIZONS - 1)
     cumulative = np.cumsum(decay)  # Σ_{k≤h} φ^(k−1)
     total = HORIZONS[None, :] * long_run[:, None] + cumulative[None, :] * (next_bar - long_run)[:, None]

@@ -23,6 +23,7 @@ from candlecast.forecast.evaluate import Origins, build_origins, metrics, model_
 from candlecast.forecast.features import (
     CONFIGS,
     FEATURES,
+    HAR_WINDOWS,
     INTERVAL_ALPHAS,
     INTERVALS,
     MEDIAN,
@@ -68,6 +69,8 @@ class TrainPlan:
     # Scale σ·√h by a GARCH-style term structure (`model.volatility_factor`) fitted on the training pairs.
     volatility: bool = True
     volatility_origins: int = VOLATILITY_ORIGINS  # training origins the volatility weights are fitted on
+    # Add HAR-type Garman-Klass range variances over 1, 5 and 20 bars to the next-bar variance (`fit_volatility`).
+    har: bool = False
     folds: int = 2  # walk-forward test folds
     # The tests cover this last share of the origins' times; None: every time after the minimal warm-up
     # (`first_test_time`), in folds of about `fold_bars` bars each (a refit per year of test at 1w/1m).
@@ -84,13 +87,13 @@ class TrainPlan:
 
 PLANS = {
     "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3),
-    "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1),
+    "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1, har=True),
     "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=4, eval_stride=1, min_leaf=100, folds=3,
-                    test_fraction=0.5),
+                    test_fraction=0.5, har=True),
     "1w": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, test_fraction=None,
-                    fold_bars=52, coin_groups=3, embargo_bars=4),
+                    fold_bars=52, coin_groups=3, embargo_bars=4, har=True),
     "1m": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, test_fraction=None,
-                    fold_bars=12, coin_groups=3, embargo_bars=3),
+                    fold_bars=12, coin_groups=3, embargo_bars=3, har=True),
 }
 
 
@@ -277,18 +280,25 @@ def isotonic_map(raw: np.ndarray, hit: np.ndarray, bins: int = 1000) -> tuple[np
 _PIN_LEVELS = np.array([0.025, 0.1, 0.9, 0.975])
 
 
-def _volatility(theta: np.ndarray) -> dict:
-    """Unconstrained (3,) -> weights (softmax over ewma, range, long-run) and persistence (logistic)."""
-    logits = np.array([theta[0], theta[1], 0.0])
+def _volatility(theta: np.ndarray, estimates: tuple[str, ...]) -> dict:
+    """Unconstrained (len(estimates) + 1,) -> weights (softmax over the estimates and the long-run level) and
+    persistence (logistic)."""
+    logits = np.append(theta[:-1], 0.0)
     weights = np.exp(logits - logits.max())
     weights /= weights.sum()
-    return {"ewma": float(weights[0]), "range": float(weights[1]), "persistence": float(1 / (1 + np.exp(-theta[2])))}
+    persistence = float(1 / (1 + np.exp(-theta[-1])))
+    return dict(zip(estimates, map(float, weights[:-1]), strict=True)) | {"persistence": persistence}
 
 
-def fit_volatility(train: Origins, rng: np.random.Generator, use_range: bool = True,
+VOLATILITY_ESTIMATES = ("ewma", "range")  # next-bar variance estimates of `model.volatility_factor`
+HAR_ESTIMATES = (*VOLATILITY_ESTIMATES, *HAR_WINDOWS)  # and the Garman-Klass range variances (HAR: Corsi 2009)
+
+
+def fit_volatility(train: Origins, rng: np.random.Generator, estimates: tuple[str, ...] = VOLATILITY_ESTIMATES,
                    max_origins: int = VOLATILITY_ORIGINS) -> dict:
-    """GARCH-style weights of `model.volatility_factor` that minimise the pinball loss in log-return units (the
-    scoring unit) of per-horizon weighted empirical quantiles on training origins."""
+    """GARCH-style weights of `model.volatility_factor` (of `estimates` and the long-run level) that minimise the
+    pinball loss in log-return units (the scoring unit) of per-horizon weighted empirical quantiles on training
+    origins."""
     from scipy.optimize import minimize
 
     from candlecast.forecast.model import volatility_factor
@@ -301,20 +311,18 @@ def fit_volatility(train: Origins, rng: np.random.Generator, use_range: bool = T
     z, rows, scale = np.clip(train.z[full], -50, 50), train.features[full], train.scale[full]
 
     def loss(theta: np.ndarray) -> float:
-        volatility = _volatility(theta if use_range else np.array([theta[0], -30.0, theta[1]]))
-        factor = volatility_factor(rows, volatility)
+        factor = volatility_factor(rows, _volatility(theta, estimates))
         shaped, weight = z / factor, scale * factor
         q = np.array([weighted_quantiles(shaped[:, i], weight[:, i], _PIN_LEVELS) for i in range(z.shape[1])])
         error = shaped[..., None] - q[None]  # pinball in log-return units: weight · pinball(z / f, q)
         return float(np.mean(weight[..., None] * np.maximum(_PIN_LEVELS * error, (_PIN_LEVELS - 1) * error)))
 
-    starts = [np.array([1.0, -1.0, 2.0]), np.array([0.0, 0.0, 4.0])]
-    if not use_range:
-        starts = [start[[0, 2]] for start in starts]
-    best = min((minimize(loss, start, method="Nelder-Mead", options={"maxiter": 120, "xatol": 0.02, "fatol": 1e-6})
-                for start in starts), key=lambda result: result.fun)
-    theta = best.x if use_range else np.array([best.x[0], -30.0, best.x[1]])
-    return _volatility(theta)
+    extra = len(estimates) - 2  # starts: the EWMA and range weights as before, the others beside the range's
+    starts = [np.array([1.0, -1.0, *[-1.0] * extra, 2.0]), np.array([0.0, 0.0, *[0.0] * extra, 4.0])]
+    options = {"maxiter": 120 * (1 + extra), "xatol": 0.02, "fatol": 1e-6}
+    best = min((minimize(loss, start, method="Nelder-Mead", options=options) for start in starts),
+               key=lambda result: result.fun)
+    return _volatility(best.x, estimates)
 
 
 def fit_boosters(train: Origins, z: np.ndarray, weights: np.ndarray, plan: TrainPlan, rng: np.random.Generator,
@@ -396,7 +404,8 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     """
     from candlecast.forecast.model import volatility_factor
 
-    volatility = fit_volatility(train, rng, max_origins=plan.volatility_origins) if plan.volatility else None
+    estimates = HAR_ESTIMATES if plan.har else VOLATILITY_ESTIMATES
+    volatility = fit_volatility(train, rng, estimates, max_origins=plan.volatility_origins) if plan.volatility else None
     factor_train = volatility_factor(train.features, volatility)
     z_train, weight_train = train.z / factor_train, train.scale * factor_train
     z_cal = cal.z / volatility_factor(cal.features, volatility)

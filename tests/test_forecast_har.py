@@ -1,0 +1,89 @@
+"""HAR-type range variances (Garman-Klass over 1, 5 and 20 bars; Corsi 2009) in `model.volatility_factor`: the
+closed form, no candle after the origin, and inference equal to what the walk-forward scores."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from candlecast.candles import COLUMNS, Candles
+from candlecast.forecast.bench import synthetic_candles
+from candlecast.forecast.features import CONFIGS, HAR_WINDOWS, ORIGIN_FEATURES, origin_features
+from candlecast.forecast.garch import TRAINING_FIT
+from candlecast.forecast.model import HORIZONS, ForecastModel, volatility_factor
+
+ROOT = Path(__file__).resolve().parent.parent
+HAR = {"ewma": 0.3, "range": 0.1, "gk1": 0.1, "gk5": 0.15, "gk20": 0.05, "persistence": 0.93}
+
+
+def test_the_har_terms_enter_the_next_bar_variance_of_the_garch_term_structure():
+    rows = np.zeros((2, len(ORIGIN_FEATURES)))
+    values = {"vlong": [1.3, 0.7], "park10": [1.5, 0.8], "gk1": [2.0, 0.4], "gk5": [1.2, 0.6], "gk20": [1.1, 0.9]}
+    for key, column in values.items():
+        rows[:, ORIGIN_FEATURES.index(key)] = column
+    factor = volatility_factor(rows, HAR)
+    for i, f in enumerate(factor):
+        long_run = values["vlong"][i] ** 2
+        variance = 0.3 + sum(HAR[key] * values["park10" if key == "range" else key][i] ** 2
+                             for key in ("range", *HAR_WINDOWS)) + 0.3 * long_run
+        path = []
+        for _ in HORIZONS:  # bar by bar: E[s²(k+1)] = L + φ·(E[s²(k)] − L)
+            path.append(variance)
+            variance = long_run + 0.93 * (variance - long_run)
+        np.testing.assert_allclose(f, np.sqrt(np.cumsum(path) / HORIZONS))
+    # A file without HAR weights (every file before them) reads none of the range variances.
+    plain = {"ewma": 0.5, "range": 0.2, "persistence": 0.9}
+    moved = rows.copy()
+    moved[:, [ORIGIN_FEATURES.index(key) for key in HAR_WINDOWS]] = 9.0
+    np.testing.assert_array_equal(volatility_factor(rows, plain), volatility_factor(moved, plain))
+
+
+def test_the_range_variances_are_garman_klass_means():
+    candles = synthetic_candles(300, seed=2)
+    features, sigma = origin_features(candles, CONFIGS["4h"])
+    gk = 0.5 * np.log(candles.high / candles.low) ** 2 \
+        - (2 * np.log(2) - 1) * np.log(candles.close / candles.open) ** 2
+    for key, size in HAR_WINDOWS.items():
+        expected = np.sqrt(np.maximum(gk[-size:], 0).mean()) / sigma[-1]
+        assert features[-1, ORIGIN_FEATURES.index(key)] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("cut", [30, 400])
+def test_the_range_variances_at_an_origin_never_read_a_later_candle(cut):
+    candles = synthetic_candles(900, seed=3)
+    config = CONFIGS["1h"]
+    before, _ = origin_features(candles, config)
+    rng = np.random.default_rng(cut)
+    changed = {name: getattr(candles, name).copy() for name in COLUMNS}
+    for name in ("open", "high", "low", "close"):
+        changed[name][cut + 1 :] *= rng.lognormal(0, 0.5, len(candles) - cut - 1)
+    changed["high"] = np.maximum.reduce([changed["open"], changed["high"], changed["close"]])
+    changed["low"] = np.minimum.reduce([changed["open"], changed["low"], changed["close"]])
+    after, _ = origin_features(Candles(**changed), config)
+    columns = [ORIGIN_FEATURES.index(key) for key in HAR_WINDOWS]
+    np.testing.assert_array_equal(before[: cut + 1, columns], after[: cut + 1, columns])
+    assert not np.array_equal(before[cut + 1 :, columns], after[cut + 1 :, columns])
+
+
+def test_a_har_model_forecasts_at_inference_what_the_walk_forward_scores():
+    """predict() on the lookback tail gives what evaluation computes from the whole series' Origins."""
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+    from candlecast.forecast import artifact
+    from candlecast.forecast.evaluate import build_origins, model_outputs
+
+    data = (ROOT / "models" / "4h.pkl").read_bytes()
+    signature = (ROOT / "models" / "4h.pkl.sig").read_text().strip()
+    shipped = artifact.verify_and_load(data, signature, LOCAL_MODEL_SIGNING_KEY.encode())
+    part = {"window": shipped.lookback - 1, "fit": TRAINING_FIT, "quantiles": shipped.baseline_q, "weight": 0.5,
+            "conformal": np.full((len(HORIZONS), 3), 0.05)}
+    model = ForecastModel(shipped.payload | {"volatility": HAR, "garch": part, "method": "combined"})
+    candles = synthetic_candles(900, seed=11)
+    origins = build_origins([(None, candles)], model.config)
+    q, _, confidence = model_outputs(model, origins.take(slice(-1, None)))
+    forecast = model.predict(candles)
+    scale = origins.scale[-1]
+    np.testing.assert_allclose(np.log(forecast.lower_80 / candles.close[-1]), scale * q[0, :, 1], rtol=1e-9)
+    np.testing.assert_allclose(np.log(forecast.upper_95 / candles.close[-1]), scale * q[0, :, 6], rtol=1e-9)
+    np.testing.assert_allclose(forecast.confidence, confidence[0], rtol=1e-9)
+    plain = ForecastModel(model.payload | {"volatility": {"ewma": 0.3, "range": 0.1, "persistence": 0.93}})
+    assert not np.allclose(plain.predict(candles).lower_80, forecast.lower_80)  # the HAR terms move the intervals
