@@ -1,0 +1,124 @@
+"""Offline inner check of where the table-based models calibrate, on training coins only (never a held-out coin,
+never the test time): in each walk-forward fold the table is fitted on the training block, conformal offsets and
+the confidence map come from (block) its last fifth or (history) all of it, with or without time decay, and are
+scored on the fold's calibration block. Prints per variant the pooled coverage range over horizons and the mean
+|coverage − nominal| over folds and horizons; then the confidence maps' log loss, ECE and worst bin.
+
+    python -m infra.calibration_check --timeframe 1d
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from candlecast.forecast import train as T
+from candlecast.forecast.dataset import load_timeframe
+from candlecast.forecast.evaluate import RELIABILITY_MIN_SHARE, _ece, build_origins, reliability
+from candlecast.forecast.features import CONFIGS, INTERVAL_ALPHAS, INTERVALS, MEDIAN
+from candlecast.forecast.model import HORIZONS, raw_confidence, volatility_factor, widen
+
+YEAR = 365.25 * 86400
+WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}
+
+
+def weights(times: np.ndarray, variant: str) -> np.ndarray:
+    if WEIGHTS[variant] is None:
+        return (times >= np.quantile(times, 0.8)).astype(float)
+    return 0.5 ** ((times.max() - times) / YEAR / WEIGHTS[variant])
+
+
+def offsets(table: np.ndarray, z: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(HORIZONS), len(INTERVALS)))
+    for i in range(len(HORIZONS)):
+        known = np.isfinite(z[:, i]) & (weight > 0)
+        for j, ((lower, upper), alpha) in enumerate(zip(INTERVALS, INTERVAL_ALPHAS, strict=True)):
+            score = np.maximum(table[i, lower] - z[known, i], z[known, i] - table[i, upper])
+            out[i, j] = T.weighted_quantiles(score, weight[known], np.array([1 - alpha]))[0]
+    return out
+
+
+def coverage(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    known = np.isfinite(z)
+    count = np.maximum(known.sum(0), 1)
+    inside = [np.where(known, (q[..., lo] <= z) & (z <= q[..., up]), False).sum(0) / count for lo, up in INTERVALS[:2]]
+    return known.sum(0), inside[1], inside[0]
+
+
+def confidence_design(raw: np.ndarray, h: np.ndarray, kind: str) -> np.ndarray:
+    r = np.clip(raw, 1e-4, 1 - 1e-4)
+    columns = {"platt": [np.log(r / (1 - r)), np.ones_like(r)],
+               "platt + ln h": [np.log(r / (1 - r)), np.ones_like(r), np.log(h)],
+               "beta": [np.log(r), -np.log(1 - r), np.ones_like(r)]}[kind]
+    return np.column_stack(columns)
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    theta = np.zeros(x.shape[1])
+    for _ in range(60):
+        p = 1 / (1 + np.exp(-x @ theta))
+        step = np.linalg.solve((x * (w * p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(x.shape[1]), x.T @ (w * (y - p)))
+        theta += step
+        if np.abs(step).max() < 1e-9:
+            break
+    return theta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
+    parser.add_argument("--data", default="../shared/data/ohlcv")
+    args = parser.parse_args()
+    tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
+    loaded = load_timeframe(Path(args.data), tf, clean=True, progress=False)
+    loaded = T.before_holdout(loaded, T.holdout_cutoff(loaded, tf, T.HOLDOUT_BARS[tf]))
+    origins = build_origins(loaded, config)
+    rng = np.random.default_rng(7)
+    cover = {variant: [] for variant in WEIGHTS}
+    maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
+    times = np.unique(origins.time) if plan.coin_groups > 1 else origins.time
+    for group in T.coin_groups(loaded, plan.coin_groups):
+        held = group[origins.series]
+        for fold in T.walk_forward_folds(times, tf, plan.folds, plan.test_fraction, embargo_bars=plan.embargo_bars):
+            train = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+            cal = T.purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
+                           fold.test_start)
+            if len(train) < 100 or len(cal) == 0:
+                continue
+            volatility = T.fit_volatility(train, rng, max_origins=plan.volatility_origins)
+            f_train, f_cal = volatility_factor(train.features, volatility), volatility_factor(cal.features, volatility)
+            z_train, z_cal = train.z / f_train, cal.z / f_cal
+            table = T.empirical_quantiles(z_train, train.scale * f_train)
+            for variant in WEIGHTS:
+                q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, variant))))
+                cover[variant].append(coverage(q[None], z_cal))
+            q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, "history"))))
+            pairs = []
+            for block, factor in ((train, f_train), (cal, f_cal)):
+                zq = q[None] * factor[..., None]
+                known = np.isfinite(block.log_return)
+                hit = np.abs(np.expm1(block.log_return - block.scale * zq[..., MEDIAN])) <= config.tolerance
+                pairs.append((raw_confidence(zq, block.scale, config.tolerance)[known], hit[known].astype(float),
+                              np.broadcast_to(HORIZONS, known.shape)[known],
+                              np.broadcast_to(block.time[:, None], known.shape)[known]))
+            (r0, y0, h0, t0), (r1, y1, h1, _) = pairs
+            for kind, data in maps:
+                theta = logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
+                maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
+    print(f"{tf}: baseline offsets from the training block, scored on each fold's calibration block (training coins)")
+    for variant, folds in cover.items():
+        n = np.array([f[0] for f in folds])
+        c80, c95 = np.array([f[1] for f in folds]), np.array([f[2] for f in folds])
+        p80, p95 = (n * c80).sum(0) / n.sum(0), (n * c95).sum(0) / n.sum(0)
+        print(f"  {variant:10s} cov80 {p80.min():.3f}-{p80.max():.3f}  cov95 {p95.min():.3f}-{p95.max():.3f}  "
+              f"mean |cov80-0.8| {np.mean(np.abs(c80 - 0.8)):.3f}  mean |cov95-0.95| {np.mean(np.abs(c95 - 0.95)):.3f}")
+    print(f"{tf}: confidence maps fitted on the training block, scored on each calibration block")
+    for (kind, data), folds in maps.items():
+        p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
+        worst = max(abs(c - o) for c, o, n in reliability(p, y) if n >= RELIABILITY_MIN_SHARE * len(p))
+        loss = -np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1)))
+        print(f"  {kind:13s} on {data:8s} log loss {loss:.4f}  ECE {_ece(p, y):.4f}  worst bin {worst:.3f}")
+
+
+if __name__ == "__main__":
+    main()
