@@ -86,7 +86,7 @@ class TrainPlan:
 
 
 PLANS = {
-    "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3),
+    "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3, har=True),
     "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1, har=True),
     "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=4, eval_stride=1, min_leaf=100, folds=3,
                     test_fraction=0.5, har=True),
