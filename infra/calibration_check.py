@@ -32,6 +32,9 @@ def offsets(table: np.ndarray, z: np.ndarray, weight: np.ndarray) -> np.ndarray:
     out = np.zeros((len(HORIZONS), len(INTERVALS)))
     for i in range(len(HORIZONS)):
         known = np.isfinite(z[:, i]) & (weight > 0)
+        if known.sum() < T.MIN_PAIRS_PER_HORIZON:  # as `train.conformal_offsets`: the previous horizon's
+            out[i] = out[i - 1] if i else 0.0
+            continue
         for j, ((lower, upper), alpha) in enumerate(zip(INTERVALS, INTERVAL_ALPHAS, strict=True)):
             score = np.maximum(table[i, lower] - z[known, i], z[known, i] - table[i, upper])
             out[i, j] = T.weighted_quantiles(score, weight[known], np.array([1 - alpha]))[0]
@@ -76,42 +79,42 @@ def main() -> None:
     rng = np.random.default_rng(7)
     cover = {variant: [] for variant in WEIGHTS}
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
-    times = np.unique(origins.time) if plan.coin_groups > 1 else origins.time
-    for group in T.coin_groups(loaded, plan.coin_groups):
-        held = group[origins.series]
-        for fold in T.walk_forward_folds(times, tf, plan.folds, plan.test_fraction, embargo_bars=plan.embargo_bars):
-            train = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
-            cal = T.purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
-                           fold.test_start)
-            if len(train) < 100 or len(cal) == 0:
-                continue
-            volatility = T.fit_volatility(train, rng, max_origins=plan.volatility_origins)
-            f_train, f_cal = volatility_factor(train.features, volatility), volatility_factor(cal.features, volatility)
-            z_train, z_cal = train.z / f_train, cal.z / f_cal
-            table = T.empirical_quantiles(z_train, train.scale * f_train)
-            for variant in WEIGHTS:
-                q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, variant))))
-                cover[variant].append(coverage(q[None], z_cal))
-            q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, "history"))))
-            pairs = []
-            for block, factor in ((train, f_train), (cal, f_cal)):
-                zq = q[None] * factor[..., None]
-                known = np.isfinite(block.log_return)
-                hit = np.abs(np.expm1(block.log_return - block.scale * zq[..., MEDIAN])) <= config.tolerance
-                pairs.append((raw_confidence(zq, block.scale, config.tolerance)[known], hit[known].astype(float),
-                              np.broadcast_to(HORIZONS, known.shape)[known],
-                              np.broadcast_to(block.time[:, None], known.shape)[known]))
-            (r0, y0, h0, t0), (r1, y1, h1, _) = pairs
-            for kind, data in maps:
-                theta = logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
-                maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
+    groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
+    for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
+        train = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+        cal = T.purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
+                       fold.test_start)
+        if len(train) < 100 or len(cal) == 0:
+            continue
+        volatility = T.fit_volatility(train, rng, max_origins=plan.volatility_origins)
+        f_train, f_cal = volatility_factor(train.features, volatility), volatility_factor(cal.features, volatility)
+        z_train, z_cal = train.z / f_train, cal.z / f_cal
+        table = T.empirical_quantiles(z_train, train.scale * f_train)
+        for variant in WEIGHTS:
+            q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, variant))))
+            cover[variant].append(coverage(q[None], z_cal))
+        q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, "history"))))
+        pairs = []
+        for block, factor in ((train, f_train), (cal, f_cal)):
+            zq = q[None] * factor[..., None]
+            known = np.isfinite(block.log_return)
+            hit = np.abs(np.expm1(block.log_return - block.scale * zq[..., MEDIAN])) <= config.tolerance
+            pairs.append((raw_confidence(zq, block.scale, config.tolerance)[known], hit[known].astype(float),
+                          np.broadcast_to(HORIZONS, known.shape)[known],
+                          np.broadcast_to(block.time[:, None], known.shape)[known]))
+        (r0, y0, h0, t0), (r1, y1, h1, _) = pairs
+        for kind, data in maps:
+            theta = logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
+            maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
     print(f"{tf}: baseline offsets from the training block, scored on each fold's calibration block (training coins)")
     for variant, folds in cover.items():
         n = np.array([f[0] for f in folds])
         c80, c95 = np.array([f[1] for f in folds]), np.array([f[2] for f in folds])
-        p80, p95 = (n * c80).sum(0) / n.sum(0), (n * c95).sum(0) / n.sum(0)
+        seen = n.sum(0) > 0
+        p80, p95 = ((n * c).sum(0)[seen] / n.sum(0)[seen] for c in (c80, c95))
+        error80, error95 = (np.abs(c - level)[n > 0].mean() for c, level in ((c80, 0.8), (c95, 0.95)))
         print(f"  {variant:10s} cov80 {p80.min():.3f}-{p80.max():.3f}  cov95 {p95.min():.3f}-{p95.max():.3f}  "
-              f"mean |cov80-0.8| {np.mean(np.abs(c80 - 0.8)):.3f}  mean |cov95-0.95| {np.mean(np.abs(c95 - 0.95)):.3f}")
+              f"mean |cov80-0.8| {error80:.3f}  mean |cov95-0.95| {error95:.3f}")
     print(f"{tf}: confidence maps fitted on the training block, scored on each calibration block")
     for (kind, data), folds in maps.items():
         p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])

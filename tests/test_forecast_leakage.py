@@ -145,14 +145,21 @@ def test_calibrating_on_history_is_not_fooled_by_one_calm_block():
                  fold.test_start)
     cal.log_return = cal.log_return * 0.2  # a calm regime, unlike the training block and the test block
     test = origins.take(held & (origins.time >= fold.test_start))
-    coverage = {}
-    for on_history in (False, True):
+    coverage, confidence = {}, {}
+    for on_history, map_on_history in ((False, False), (True, True), (True, False)):
         plan = TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1,
-                         calibrate_on_history=on_history, volatility_origins=3000)
+                         calibrate_on_history=on_history, confidence_on_history=map_on_history,
+                         volatility_origins=3000)
         baseline = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), progress=False)["baseline"]
-        coverage[on_history] = metrics(test, *model_outputs(baseline, test), config.tolerance)["coverage_95"]
-    assert coverage[False] < 0.8  # the calm block alone makes the intervals far too narrow
-    assert 0.90 <= coverage[True] <= 0.99  # the calm block is a fifth of the pairs: slightly narrow
+        result = metrics(test, *model_outputs(baseline, test), config.tolerance)
+        coverage[on_history, map_on_history] = result["coverage_95"]
+        confidence[on_history, map_on_history] = result["mean_confidence"]
+    assert coverage[False, False] < 0.8  # the calm block alone makes the intervals far too narrow
+    assert 0.90 <= coverage[True, True] <= 0.99  # the calm block is a fifth of the pairs: slightly narrow
+    assert coverage[True, False] == coverage[True, True]  # where the map is fitted leaves the intervals alone
+    # A map fitted on the calm block alone, where closes stay near the median, is more confident than one fitted
+    # on every past pair.
+    assert confidence[True, False] > confidence[True, True] + 0.05
 
 
 def test_calibration_history_spans_every_past_regime_within_its_limit():

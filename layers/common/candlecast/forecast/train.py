@@ -62,10 +62,15 @@ class TrainPlan:
     # Calibrate the table-based models (baseline, garch-scale; conformal offsets, confidence map) on every past pair
     # (training and calibration blocks), not on the calibration block alone: one block is one market regime (the
     # 2020-21 bull run), and its per-horizon offsets swing with it from fold to fold (4h, 80 % at h30: +0.24 then
-    # −0.08 z). An inner walk-forward on training coins only (each fold's calibration block scored, offsets from
-    # the training block before it) chose it at 4h, 1d and 1w; exponential time decay (half-life 0.5-2 years)
-    # did no better than none. The learned trees keep the calibration block: they are fitted on the training block.
+    # −0.08 z). An inner walk-forward on training coins only (`python -m infra.calibration_check`: each fold's
+    # calibration block scored, offsets from the training block before it) chose it at 4h, 1d, 1w and 1m, and the
+    # block at 1h (months of hourly bars per block); exponential time decay (half-life 0.5-2 years) did no better
+    # than none. The learned trees keep the calibration block: they are fitted on the training block.
     calibrate_on_history: bool = True
+    # Fit their confidence maps on that history too (else on the calibration block). The same inner check chose
+    # history at 1d, 1w and 1m (log loss 0.3762 vs 0.3775 at 1d) and the block at 1h and 4h (0.3189 vs 0.3196 at
+    # 4h): how often an intraday close lands within τ drifted with the market more than the offsets did.
+    confidence_on_history: bool = True
     # Scale σ·√h by a GARCH-style term structure (`model.volatility_factor`) fitted on the training pairs.
     volatility: bool = True
     volatility_origins: int = VOLATILITY_ORIGINS  # training origins the volatility weights are fitted on
@@ -86,8 +91,10 @@ class TrainPlan:
 
 
 PLANS = {
-    "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3, har=True),
-    "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1, har=True),
+    "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3, har=True,
+                    calibrate_on_history=False, confidence_on_history=False),
+    "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1, har=True,
+                    confidence_on_history=False),
     "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=4, eval_stride=1, min_leaf=100, folds=3,
                     test_fraction=0.5, har=True),
     "1w": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, test_fraction=None,
@@ -417,7 +424,8 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     models = {}
     baseline = ForecastModel(payload(timeframe, "baseline", baseline_q=baseline_q, wick=wick, version=version,
                                      volatility=volatility))
-    knots = calibrate_confidence(baseline, baseline_cal)
+    map_cal = baseline_cal if plan.confidence_on_history else cal
+    knots = calibrate_confidence(baseline, map_cal)
     baseline.payload["confidence_x"], baseline.payload["confidence_y"] = knots
     models["baseline"] = ForecastModel(baseline.payload)
     if plan.learned:
@@ -432,7 +440,9 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
         learned.payload["confidence_x"], learned.payload["confidence_y"] = knots
         models["learned"] = ForecastModel(learned.payload)
     own = models.get("learned", models["baseline"])
-    models.update(fit_garch_models(timeframe, train, baseline_cal, own, cal if plan.learned else baseline_cal))
+    mix_cal = cal if plan.learned else baseline_cal
+    models.update(fit_garch_models(timeframe, train, baseline_cal, own, mix_cal,
+                                   {"garch-scale": map_cal, "combined": cal if plan.learned else map_cal}))
     return models
 
 
@@ -452,11 +462,11 @@ COMBINATION_WEIGHT = 0.5
 
 
 def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: ForecastModel,
-                     mix_cal: Origins | None = None) -> dict:
+                     mix_cal: Origins | None = None, map_cal: dict | None = None) -> dict:
     """{'garch-scale': the series' own GARCH(1,1) as the scale with per-horizon empirical quantiles, calibrated on
     `cal`, 'combined': the quantile average (Vincentization) of `own` and that GARCH model, calibrated on `mix_cal`
-    (default `cal`: pairs `own` was not fitted on)} (conformal per horizon, then the confidence map). Nothing here
-    reads a held-out coin."""
+    (default `cal`: pairs `own` was not fitted on)} (conformal per horizon, then the confidence map, fitted on
+    `map_cal[name]`, default the same pairs). Nothing here reads a held-out coin."""
     from candlecast.forecast.garch import TRAINING_FIT, scale_factor
 
     g_train, g_cal = scale_factor(train.garch), scale_factor(cal.garch)
@@ -477,7 +487,8 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
                                                "conformal": conformal_offsets(mixed, mix_cal.z)}}
     models["combined"] = ForecastModel(combined)
     for name, model in models.items():
-        knots = calibrate_confidence(model, cal if name == "garch-scale" else mix_cal)
+        default = cal if name == "garch-scale" else mix_cal
+        knots = calibrate_confidence(model, (map_cal or {}).get(name, default))
         model.payload["confidence_x"], model.payload["confidence_y"] = knots
         models[name] = ForecastModel(model.payload)
     return models
@@ -523,6 +534,23 @@ class WalkForward:
     last_models: dict  # models of the last fold (for the fan chart)
 
 
+def walk_forward_steps(timeframe: Timeframe, plan: TrainPlan, origins: Origins, held_groups: list[np.ndarray],
+                       folds: int | None = None) -> list[tuple[np.ndarray, Fold]]:
+    """(held-out mask, fold) of every walk-forward step of `plan`, group after group."""
+    # With rotating coin groups the folds split calendar time, not pooled origins (which crowd into the years
+    # when most files have data), so the tests reach back to the early years of the long series.
+    times = np.unique(origins.time) if plan.coin_groups > 1 else origins.time
+    start = None
+    if plan.test_fraction is None:
+        start = first_test_time(origins, held_groups, times, plan.embargo_bars * nominal_seconds(timeframe))
+        if folds is None:
+            span = np.count_nonzero(np.unique(times) >= start)
+            folds = max(1, round(span / plan.fold_bars))
+    return [(held, fold) for held in held_groups
+            for fold in walk_forward_folds(times, timeframe, folds or plan.folds, plan.test_fraction,
+                                           embargo_bars=plan.embargo_bars, start=start)]
+
+
 def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float,
                  folds: int | None, rng: np.random.Generator, progress: bool,
                  test_fraction: float | None = None) -> WalkForward:
@@ -534,18 +562,7 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
         plan = replace(plan, test_fraction=test_fraction)
     pooled: dict[str, list] = {"origins": []}
     fold_reports, last_models = [], {}
-    # With rotating coin groups the folds split calendar time, not pooled origins (which crowd into the years
-    # when most files have data), so the tests reach back to the early years of the long series.
-    times = np.unique(origins.time) if plan.coin_groups > 1 else origins.time
-    start = None
-    if plan.test_fraction is None:
-        start = first_test_time(origins, held_groups, times, plan.embargo_bars * nominal_seconds(timeframe))
-        if folds is None:
-            span = np.count_nonzero(np.unique(times) >= start)
-            folds = max(1, round(span / plan.fold_bars))
-    steps = [(held, fold) for held in held_groups
-             for fold in walk_forward_folds(times, timeframe, folds or plan.folds, plan.test_fraction,
-                                            embargo_bars=plan.embargo_bars, start=start)]
+    steps = walk_forward_steps(timeframe, plan, origins, held_groups, folds)
     if progress:
         from tqdm import tqdm
 
