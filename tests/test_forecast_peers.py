@@ -8,7 +8,8 @@ import pytest
 
 from candlecast.candles import COLUMNS, Candles
 from candlecast.forecast.bench import synthetic_candles
-from candlecast.forecast.evaluate import batch_t_delta, block_bootstrap_delta, compare_methods, method_scores, pin5_loss
+from candlecast.forecast.comparison import batch_t_delta, block_bootstrap_delta, compare_methods
+from candlecast.forecast.evaluate import method_scores, pin5_loss
 from candlecast.forecast.features import QUANTILES
 
 pytest.importorskip("arch")

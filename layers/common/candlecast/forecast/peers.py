@@ -252,9 +252,9 @@ def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timefram
 
 def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: dict, reference: str,
                        tolerance: float, progress: bool = False) -> dict:
-    """`evaluate.compare_methods` of the model's `candidates` (name -> (log-return quantiles, confidence) at
+    """`comparison.compare_methods` of the model's `candidates` (name -> (log-return quantiles, confidence) at
     `origins`) and every peer at the same origins; the peers' confidence is read off their quantile curve."""
-    from candlecast.forecast.evaluate import compare_methods
+    from candlecast.forecast.comparison import compare_methods
     from candlecast.forecast.model import raw_confidence
     from candlecast.timeframes import nominal_seconds
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.candles import COLUMNS, Candles
-from candlecast.forecast.evaluate import BATCH_BARS, Origins, reliability, worst_reliability_gap
+from candlecast.forecast.comparison import BATCH_BARS
+from candlecast.forecast.evaluate import Origins, reliability, worst_reliability_gap
 from candlecast.forecast.features import MEDIAN
 from candlecast.forecast.model import HORIZONS, ForecastModel
 
@@ -14,7 +15,7 @@ from candlecast.forecast.model import HORIZONS, ForecastModel
 def write_report(directory: Path, timeframe: str, loaded: list, test: Origins, results: dict,
                  model: ForecastModel, outputs: tuple, kind: str, comparison: dict | None = None) -> Path:
     """One PNG for the shipped `kind`: `outputs` = its (z-quantiles, baseline z-quantiles, confidence) at `test`;
-    `comparison` (`evaluate.compare_methods`) adds two rows of every method's figures (write_comparison_report's)."""
+    `comparison` (`comparison.compare_methods`) adds two rows of every method's figures (write_comparison_report's)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -81,7 +81,7 @@ def live_figures(cells: Iterable[dict], *, in_sample: bool, detail: bool) -> Liv
 
 def backtest_figures(metrics: dict, *, detail: bool) -> BacktestFigures:
     """The walk-forward figures registered with the model: `metrics["comparison"]` (the shipped model among its
-    peers, evaluate.compare_methods) or, in manifests written before it, `metrics["test"]`."""
+    peers, comparison.compare_methods) or, in manifests written before it, `metrics["test"]`."""
     comparison = metrics.get("comparison")
     if comparison:
         methods = comparison["methods"]
