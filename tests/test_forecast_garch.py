@@ -8,6 +8,7 @@ from candlecast.candles import COLUMNS
 from candlecast.forecast.bench import synthetic_candles
 from candlecast.forecast.features import CONFIGS, origin_features
 from candlecast.forecast.garch import FITS, HORIZONS, TRAINING_FIT, fit_params, fit_states, scale_factor, series_states
+from tests.forecast_checks import assert_predict_is_what_the_walk_forward_scores, shipped_model
 
 
 def garch_returns(count: int, seed: int, alpha: float = 0.1, beta: float = 0.85) -> np.ndarray:
@@ -128,28 +129,16 @@ def test_a_flat_or_tiny_window_gives_the_plain_scale():
 def test_a_model_with_a_garch_part_forecasts_at_inference_what_the_walk_forward_scores():
     """predict() on a series' candles gives the intervals that evaluation computes from its Origins (same window,
     same state), so what the walk-forward scores is what ships."""
-    from pathlib import Path
-
-    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
-    from candlecast.forecast import artifact
-    from candlecast.forecast.evaluate import build_origins, model_outputs
+    from candlecast.forecast.evaluate import build_origins
     from candlecast.forecast.model import ForecastModel
 
-    root = Path(__file__).resolve().parent.parent
-    data = (root / "models" / "4h.pkl").read_bytes()
-    signature = (root / "models" / "4h.pkl.sig").read_text().strip()
-    shipped = artifact.verify_and_load(data, signature, LOCAL_MODEL_SIGNING_KEY.encode())
+    shipped = shipped_model("4h")
     part = {"window": shipped.lookback - 1, "fit": TRAINING_FIT, "quantiles": shipped.baseline_q * 1.1, "weight": 0.5,
             "conformal": np.full((len(HORIZONS), 3), 0.05)}
     model = ForecastModel(shipped.payload | {"garch": part, "method": "combined"})
     candles = synthetic_candles(900, seed=11)
+    assert_predict_is_what_the_walk_forward_scores(model, candles)
     origins = build_origins([(None, candles)], model.config)
-    q, _, confidence = model_outputs(model, origins.take(slice(-1, None)))
-    forecast = model.predict(candles)
-    scale = origins.scale[-1]
-    np.testing.assert_allclose(np.log(forecast.lower_80 / candles.close[-1]), scale * q[0, :, 1], rtol=1e-9)
-    np.testing.assert_allclose(np.log(forecast.upper_95 / candles.close[-1]), scale * q[0, :, 6], rtol=1e-9)
-    np.testing.assert_allclose(forecast.confidence, confidence[0], rtol=1e-9)
     with pytest.raises(ValueError, match="GARCH state"):
         model.z_quantiles(origins.features[-1:])
 

@@ -1,7 +1,6 @@
 """HAR-type range variances (Garman-Klass over 1, 5 and 20 bars; Corsi 2009) in `model.volatility_factor`: the
 closed form, no candle after the origin, and inference equal to what the walk-forward scores."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ from candlecast.forecast.bench import synthetic_candles
 from candlecast.forecast.features import CONFIGS, HAR_WINDOWS, ORIGIN_FEATURES, origin_features
 from candlecast.forecast.garch import TRAINING_FIT
 from candlecast.forecast.model import HORIZONS, ForecastModel, volatility_factor
+from tests.forecast_checks import assert_predict_is_what_the_walk_forward_scores, shipped_model
 
-ROOT = Path(__file__).resolve().parent.parent
 HAR = {"ewma": 0.3, "range": 0.1, "gk1": 0.1, "gk5": 0.15, "gk20": 0.05, "persistence": 0.93}
 
 
@@ -67,23 +66,12 @@ def test_the_range_variances_at_an_origin_never_read_a_later_candle(cut):
 
 def test_a_har_model_forecasts_at_inference_what_the_walk_forward_scores():
     """predict() on the lookback tail gives what evaluation computes from the whole series' Origins."""
-    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
-    from candlecast.forecast import artifact
-    from candlecast.forecast.evaluate import build_origins, model_outputs
-
-    data = (ROOT / "models" / "4h.pkl").read_bytes()
-    signature = (ROOT / "models" / "4h.pkl.sig").read_text().strip()
-    shipped = artifact.verify_and_load(data, signature, LOCAL_MODEL_SIGNING_KEY.encode())
+    shipped = shipped_model("4h")
     part = {"window": shipped.lookback - 1, "fit": TRAINING_FIT, "quantiles": shipped.baseline_q, "weight": 0.5,
             "conformal": np.full((len(HORIZONS), 3), 0.05)}
     model = ForecastModel(shipped.payload | {"volatility": HAR, "garch": part, "method": "combined"})
     candles = synthetic_candles(900, seed=11)
-    origins = build_origins([(None, candles)], model.config)
-    q, _, confidence = model_outputs(model, origins.take(slice(-1, None)))
+    assert_predict_is_what_the_walk_forward_scores(model, candles)
     forecast = model.predict(candles)
-    scale = origins.scale[-1]
-    np.testing.assert_allclose(np.log(forecast.lower_80 / candles.close[-1]), scale * q[0, :, 1], rtol=1e-9)
-    np.testing.assert_allclose(np.log(forecast.upper_95 / candles.close[-1]), scale * q[0, :, 6], rtol=1e-9)
-    np.testing.assert_allclose(forecast.confidence, confidence[0], rtol=1e-9)
     plain = ForecastModel(model.payload | {"volatility": {"ewma": 0.3, "range": 0.1, "persistence": 0.93}})
     assert not np.allclose(plain.predict(candles).lower_80, forecast.lower_80)  # the HAR terms move the intervals
