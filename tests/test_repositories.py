@@ -71,7 +71,8 @@ def test_top_by_volume_orders_limits_pages_and_skips_inactive(conn):
     assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 10)) == ["X:AAAUSD", "X:BBBUSD", "X:CCCUSD",
                                                                               "X:DDDUSD"]
     assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2)) == ["X:AAAUSD", "X:BBBUSD"]
-    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, 2)) == ["X:CCCUSD", "X:DDDUSD"]
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, "X:BBBUSD")) == ["X:CCCUSD", "X:DDDUSD"]
+    assert symbol_repository.get_top_symbols_by_volume(conn, 2, "X:NOPEUSD") == []  # no symbol's: no rows
     assert symbol_repository.mark_inactive_except(conn, ["X:AAAUSD", "X:CCCUSD"]) == 2
     assert symbol_repository.mark_inactive_except(conn, ["X:AAAUSD", "X:CCCUSD"]) == 0  # already inactive
     assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 10)) == ["X:AAAUSD", "X:CCCUSD"]
@@ -88,7 +89,8 @@ def test_search_ranks_exact_then_prefix_then_name_and_pages(conn):
     by_name = tickers(symbol_repository.search_symbols(conn, "bit", 10))
     assert set(by_name) == {"X:BTCUSD", "X:BTCUSDT", "X:BTTUSD"}  # name prefix, case-insensitive
     assert "X:WBTCUSD" not in tickers(symbol_repository.search_symbols(conn, "BTC", 10))  # a prefix, not a substring
-    first, second = (tickers(symbol_repository.search_symbols(conn, "bit", 2, offset)) for offset in (0, 2))
+    first = tickers(symbol_repository.search_symbols(conn, "bit", 2))
+    second = tickers(symbol_repository.search_symbols(conn, "bit", 2, first[-1]))
     assert len(first) == 2 and len(second) == 1 and set(first + second) == set(by_name)
     assert symbol_repository.search_symbols(conn, "%", 10) == []  # LIKE wildcards match themselves
     assert symbol_repository.search_symbols(conn, "_TC", 10) == []
@@ -196,8 +198,9 @@ def test_recent_by_symbol_newest_first_filtered_and_paged(conn):
     btc = symbol_repository.get_symbol_by_ticker(conn, "X:BTCUSD")["id"]
     recent = prediction_repository.get_recent_predictions_by_symbol(conn, btc, None, 10)
     assert [row["id"] for row in recent] == ids[::-1]
-    assert [row["id"] for row in prediction_repository.get_recent_predictions_by_symbol(conn, btc, None, 2, 1)] \
-        == ids[::-1][1:]
+    after_newest = (recent[0]["created_at"], recent[0]["id"])
+    older = prediction_repository.get_recent_predictions_by_symbol(conn, btc, None, 2, after_newest)
+    assert [row["id"] for row in older] == ids[::-1][1:]
     assert prediction_repository.get_recent_predictions_by_symbol(conn, btc, "1h", 10) == []
     assert len(prediction_repository.get_recent_predictions_by_symbol(conn, btc, "1d", 10)) == 3
 
