@@ -6,6 +6,11 @@ of a served local stack (infra/served_stack.py) while one piece at a time is fro
 targets and measurements and exits non-zero when a target is missed. Only 127.0.0.1 is ever reached.
 
     Redis       SIGSTOP 10 s, SIGKILL, restart: 0 failed reads; p99 added latency <= 300 ms
+    slow Redis  every command held 10 s by a proxy (infra/slow_proxy.py) between slow and timed out (midway
+                between REDIS_SLOW_SECONDS and the socket timeout): 0 failed requests; each request within its
+                own p99 (with the cache, or skipping it) plus SLOW_STRIKES x 2 socket timeouts; each container
+                stops sending commands after its strikes; every container that skipped the cache uses it again
+                within a probe interval of Redis answering quickly
     PostgreSQL  SIGSTOP 10 s, SIGKILL, restart on the same data folder: every 503 carries Retry-After;
                 the first 503, and every create, comes within the database's bound (db.longest_wait with the
                 create function's settings: 1.35 s as shipped) plus the create's own p99 with the database up
@@ -45,6 +50,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -54,6 +60,9 @@ from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import WAIT_HEADER
 from infra.sam_template import DEFAULT_TEMPLATE, find_route, load_template, parameter_values, parse_functions
 from infra.served_stack import ServedStack, signal_all
+
+if TYPE_CHECKING:
+    from candlecast.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEFRAMES = ("1h", "4h", "1d", "1w", "1m")
@@ -164,20 +173,50 @@ def send(client: httpx.Client, kind: str, method: str, path: str, **kwargs) -> S
                   float(response.headers.get(WAIT_HEADER) or 0) / 1000)
 
 
-def create_database_bound() -> float:
-    """db.longest_wait under the settings the template gives the create function."""
-    from candlecast.config import DatabaseSettings
-    from candlecast.db import longest_wait
+def template_settings(function_id: str = "PredictionCreateFunction") -> Settings:
+    """The database and cache settings the template gives a function (the rest are stand-ins)."""
+    from candlecast.config import Settings
 
     notes = logging.getLogger("local_api")
     level = notes.level
     notes.setLevel(logging.ERROR)  # its notes on layers a local run skips
     try:
-        environment = parse_functions(load_template(DEFAULT_TEMPLATE))["PredictionCreateFunction"].environment
+        environment = parse_functions(load_template(DEFAULT_TEMPLATE))[function_id].environment
     finally:
         notes.setLevel(level)
-    settings = {name.lower(): value for name, value in environment.items() if name.startswith("DB_")}
-    return longest_wait(DatabaseSettings(database_url="postgresql://", **settings))
+    settings = {name.lower(): value for name, value in environment.items()
+                if name.startswith(("DB_", "REDIS_")) and name != "REDIS_URL"}
+    return Settings(database_url="postgresql://", redis_url="redis://", data_bucket="stand-in", **settings)
+
+
+def create_database_bound() -> float:
+    """db.longest_wait under the settings the template gives the create function."""
+    from candlecast.db import longest_wait
+
+    return longest_wait(template_settings())
+
+
+def cache_outages(log: Path, since: float, until: float, end: float) -> tuple[list[float], list[float]]:
+    """The times (time.time()) at which the API's containers logged the cache down in [since, until), and
+    back up in [until, end), from their structured log lines."""
+    from datetime import datetime
+
+    down, back = [], []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{") or "cache" not in line:
+            continue
+        try:
+            record = json.loads(line)
+            at = datetime.strptime(record["timestamp"], "%Y-%m-%d %H:%M:%S,%f%z").timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        message = record.get("message")
+        if message in ("cache too slow; serving without it", "cache unavailable; serving without it") \
+                and since <= at < until:
+            down.append(at)
+        elif message == "cache available again" and until <= at < end:
+            back.append(at)
+    return down, back
 
 
 @dataclass
@@ -268,6 +307,75 @@ class Suite:
         self.check("redis", "failed creates during the outage = 0", f"{len(failed_creates)} of {len(created)}"
                    + (f" ({sorted({(s.status, s.code) for s in failed_creates})})" if failed_creates else ""),
                    not failed_creates and bool(created))
+
+    def slow_redis(self, slow: float, after: float, baseline: float) -> None:
+        """Redis answers every command late (the proxy between the API and Redis holds each one), within the
+        socket timeout, so no command fails: the strikes, not an error, must take the cache out of the path."""
+        from candlecast.cache import PROBE_INTERVAL_SECONDS, SLOW_STRIKES
+
+        proxy = self.served.redis_proxy
+        assert proxy is not None, "the API must reach Redis through the proxy"
+        settings = template_settings()
+        delay = (settings.redis_slow_seconds + settings.redis_socket_timeout) / 2
+        load = self.load(self.combos[:3]).start()
+        time.sleep(baseline)
+        slowed, slowed_at = time.monotonic(), time.time()
+        proxy.delay = delay
+        time.sleep(slow)
+        containers = len(self.served.api_containers())
+        fast, fast_at = time.monotonic(), time.time()
+        proxy.delay = 0.0
+        time.sleep(after)
+        self.finish("slow redis", load)
+        ended = time.monotonic()
+
+        during = load.window(slowed, ended)
+        failed = [s for s in during if s.status not in (200, 201, 404)]
+        self.check("slow redis", "failed requests while slow and after = 0 (no 5xx)", f"{len(failed)} of {len(during)}"
+                   + (f" ({sorted({(s.status, s.code) for s in failed})})" if failed else ""),
+                   not failed and bool(during))
+
+        # A request's own time is its p99 with Redis fast (before) or skipped by every container that skipped it
+        # (after the last one's strikes), whichever is longer: without the cache, a create reads its candles from
+        # S3. Until a container has counted SLOW_STRIKES slow commands, each may add up to the socket timeout,
+        # and one health-check PING before it (redis-py pings a connection idle past its interval). From when a
+        # container took the request, as in PostgreSQL's checks.
+        down, back = cache_outages(self.served.api_log, slowed_at, fast_at, time.time())
+        skipped_from = slowed + max(down, default=fast_at) - slowed_at
+        added_bound = SLOW_STRIKES * 2 * settings.redis_socket_timeout
+
+        def own(samples: list[Sample]) -> float:
+            times = [s.seconds - s.waited for s in samples if s.status < 300]
+            return percentile(times, 0.99) if times else float("inf")
+
+        own_p99 = {kind: (own(load.window(slowed - baseline, slowed, kind)), own(load.window(skipped_from, fast, kind)))
+                   for kind in ("read", "create")}
+        over = [s.seconds - s.waited - max(own_p99[s.kind]) for s in load.window(slowed, fast)]
+        self.check("slow redis", "every request within its own p99 + the strikes' bound",
+                   f"slowest +{max(over, default=0):.2f} s (bound {added_bound:.2f} s); p99 with the cache / "
+                   f"skipping it: reads {own_p99['read'][0]:.2f} / {own_p99['read'][1]:.2f} s, creates "
+                   f"{own_p99['create'][0]:.2f} / {own_p99['create'][1]:.2f} s; {delay * 1000:.0f} ms per command",
+                   bool(over) and max(over) <= added_bound)
+
+        # Each container stops sending commands after its strikes; the probes' pings (and a reconnection's
+        # set-up) are all that reach Redis until it is fast again.
+        own_commands = {"PING", "CLIENT", "HELLO", "SELECT", "AUTH"}
+        reached = [name for name in proxy.commands(slowed, fast) if name not in own_commands]
+        before = [name for name in proxy.commands(slowed - baseline, slowed) if name not in own_commands]
+        self.check("slow redis", "cache skipped: commands while slow <= strikes x containers",
+                   f"{len(reached)} <= {SLOW_STRIKES} x {containers} ({len(before)} in the {baseline:.0f} s before)",
+                   len(reached) <= SLOW_STRIKES * containers and bool(before))
+
+        # Each container's probe pings every PROBE_INTERVAL_SECONDS. A ping in flight when Redis turns fast is
+        # still answered late; the next, an interval later, is answered quickly (within the socket timeout at
+        # most) and restores the cache.
+        back_bound = delay + PROBE_INTERVAL_SECONDS + settings.redis_socket_timeout
+        latest = max(back, default=float("inf")) - fast_at
+        resumed = [name for name in proxy.commands(fast + back_bound, ended) if name not in own_commands]
+        self.check("slow redis", "every container that skipped the cache uses it again",
+                   f"{len(down)} down, {len(back)} back, the last {latest:.2f} s after Redis was fast (bound "
+                   f"{back_bound:.2f} s); {len(resumed)} commands after", bool(down) and len(back) >= len(down)
+                   and latest <= back_bound and len(resumed) > 0)
 
     # --- PostgreSQL ---------------------------------------------------------------------------------
 
@@ -561,11 +669,12 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
     burst, uncached, calibration = fresh[:16], fresh[16:32], fresh[32:48]
     started = time.monotonic()
     print("starting the served stack (PostgreSQL, Redis, moto S3, the API)...", flush=True)
-    with ServedStack(api_args=["--warm", str(DEFAULT_MAX_CONTAINERS), *UNLIMITED]) as served:
+    with ServedStack(api_args=["--warm", str(DEFAULT_MAX_CONTAINERS), *UNLIMITED], proxied_redis=True) as served:
         suite = Suite(served, load_combos + fresh)
         api_args = list(served.api_args)
         scenarios: dict[str, Callable[[], None]] = {
             "redis": lambda: suite.redis(freeze, after=4.0, baseline=4.0),
+            "slow-redis": lambda: suite.slow_redis(slow=freeze, after=4.0, baseline=4.0),
             "postgres": lambda: suite.postgres(freeze, after=5.0, baseline=3.0, burst=burst,
                                               calibration=calibration),
             # Before S3's, which leaves S3 dead; it restarts the API, then gives the others theirs back.
@@ -578,6 +687,7 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
             if only and name != only:
                 continue
             print(f"{name}: " + ("bursts past the reservations, then load..." if name == "throttle"
+                                 else f"slow {freeze:.0f} s under load..." if name == "slow-redis"
                                  else f"frozen {freeze:.0f} s under load..."), flush=True)
             scenario()
         suite.lost_writes()
@@ -590,7 +700,7 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--freeze", type=float, default=10.0, help="seconds each service stays frozen")
-    parser.add_argument("--only", choices=("redis", "postgres", "s3", "throttle"))
+    parser.add_argument("--only", choices=("redis", "slow-redis", "postgres", "s3", "throttle"))
     args = parser.parse_args(argv)
     return run(args.freeze, args.only)
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from infra.local_stack import ROOT, LocalStack, _wait_for_port, free_port
+from infra.slow_proxy import SlowProxy
 
 CANDLECAST = str(Path(sys.executable).with_name("candlecast"))
 
@@ -95,6 +96,8 @@ class ServedStack:
     environment: dict[str, str] = field(default_factory=dict)  # extra variables for the API and the seed
     database_password: str | None = None
     api_args: list[str] = field(default_factory=list)  # for `python -m infra.local_api`, e.g. ["--warm", "4"]
+    proxied_redis: bool = False  # the API reaches Redis through a SlowProxy (`redis_proxy`), which can slow it
+    redis_proxy: SlowProxy | None = None
     stack: LocalStack | None = None
     moto: MotoProcess | None = None
     api: subprocess.Popen | None = None
@@ -111,12 +114,16 @@ class ServedStack:
                "POWERTOOLS_SERVICE_NAME": "candlecast", "PYTHONUNBUFFERED": "1"}
         if self.database_password:
             env["DATABASE_URL"] = with_password(env["DATABASE_URL"], self.database_password)
+        if self.redis_proxy is not None:
+            env["REDIS_URL"] = self.redis_proxy.url
         env.update(self.environment)
         return env
 
     def start(self) -> ServedStack:
         self.moto = MotoProcess(self.work_dir / "moto.log")
         self.stack = LocalStack.start(s3_endpoint_url=self.moto.url, bucket="candlecast-served")
+        if self.proxied_redis:
+            self.redis_proxy = SlowProxy(self.stack.redis_url)
         env = self.env()
         for command in (["migrate"], ["seed", "--quiet", "--resign", "--no-track-record"]):
             subprocess.run([CANDLECAST, *command], env=env, cwd=ROOT, check=True, capture_output=True)
@@ -174,6 +181,16 @@ class ServedStack:
             stale.unlink(missing_ok=True)
         self.stack.postgres.start()
 
+    def api_containers(self) -> list[int]:
+        """The process ids of the API's function containers (each its own cache client and outage state)."""
+        if self.api is None:
+            return []
+        pids = []
+        for children in Path(f"/proc/{self.api.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(pid) for pid in children.read_text().split()]
+        return pids
+
     def redis_process(self) -> subprocess.Popen:
         assert self.stack is not None and self.stack.redis is not None
         return self.stack.redis._process
@@ -185,6 +202,9 @@ class ServedStack:
 
     def close(self) -> None:
         self.stop_api()
+        if self.redis_proxy is not None:
+            self.redis_proxy.close()
+            self.redis_proxy = None
         if self.stack is not None:
             with contextlib.suppress(Exception):
                 signal_all(self.postgres_pids(), signal.SIGCONT)

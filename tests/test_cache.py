@@ -1,6 +1,5 @@
 """The Redis cache against a real server: TTLs per kind, SCAN-based pattern delete, and outage behaviour."""
 
-import contextlib
 import logging
 import threading
 import time
@@ -9,6 +8,7 @@ import pytest
 import redis
 
 from candlecast import cache
+from infra.slow_proxy import SlowProxy
 
 pytestmark = pytest.mark.integration
 
@@ -373,55 +373,6 @@ def test_stages_sharing_one_redis_never_read_each_others_entries():
     assert unset == key_in("local")  # STAGE's default, as in the settings
 
 
-class SlowProxy:
-    """A TCP proxy in front of the real Redis that holds each chunk a client sends for `delay` seconds: a Redis
-    that answers every command, slowly. `forwarded` holds the chunks that reached Redis."""
-
-    def __init__(self, upstream_url: str):
-        import socket
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(upstream_url)
-        self.upstream = (parts.hostname, parts.port or 6379)
-        self.database = parts.path or "/0"
-        self.delay = 0.0
-        self.forwarded: list[bytes] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}{self.database}"
-        self._closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, source, target, slowed: bool) -> None:
-        try:
-            while chunk := source.recv(65536):
-                if slowed:
-                    time.sleep(self.delay)
-                    self.forwarded.append(chunk)
-                target.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for end in (source, target):
-                with contextlib.suppress(OSError):
-                    end.close()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-
-
 @pytest.fixture
 def slow_redis(clean_db, monkeypatch):
     from candlecast.config import get_settings
@@ -443,6 +394,7 @@ def test_a_redis_that_answers_slowly_is_skipped_until_it_answers_quickly_again(s
     assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True
     assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}" and not cache.is_down()
 
+    slowed = time.monotonic()
     slow_redis.delay = 0.2  # each command answered, 0.2 s late: within the socket timeout, never an error
     with caplog.at_level(logging.WARNING):
         answers = [cache.get_symbol_bytes("X:ETHUSD") for _ in range(cache.SLOW_STRIKES)]
@@ -450,11 +402,12 @@ def test_a_redis_that_answers_slowly_is_skipped_until_it_answers_quickly_again(s
     assert cache.is_down()
     assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
         "cache too slow; serving without it"]
-    reached = len(slow_redis.forwarded)
+    reached = time.monotonic()
+    assert slow_redis.commands(slowed, reached) == ["GET"] * cache.SLOW_STRIKES
     for _ in range(20):  # skipped: misses and skipped writes, none of them sent to Redis
         assert cache.get_symbol_bytes("X:ETHUSD") is None
         assert cache.set_symbol_bytes("X:BTCUSD", b"{btc}") is False
-    assert all(b"PING" in chunk.upper() for chunk in slow_redis.forwarded[reached:])  # the probe's alone
+    assert set(slow_redis.commands(since=reached)) <= {"PING"}  # the probe's alone
 
     slow_redis.delay = 0.0
     deadline = time.monotonic() + 30
