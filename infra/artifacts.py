@@ -725,8 +725,9 @@ def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importti
     deployment = Deployment.create(stack)
     try:
         print(f"cold init: import + first invoke, fresh process, median of {runs} (artifact runs as {who}); "
-              f"cpu: the process's CPU time over the same span, less sensitive to other load (waits not in it); "
-              f"load average {os.getloadavg()[0]:.2f}")
+              f"cpu: the process's CPU time over the same span, less sensitive to other load (waits not in it), "
+              f"in brackets the first invoke's part of it: Lambda runs init on a full vCPU, an invoke on the "
+              f"memory's share (1,769 MB = 1 vCPU); load average {os.getloadavg()[0]:.2f}")
         header = "".join(f"{variant.label[:30]:>32}" for variant in variants)
         print(f"  {'function (first event)':<46}{header}   target")
         for function in run_order(functions):
@@ -735,6 +736,7 @@ def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importti
                 continue
             samples: dict[str, list[float]] = {variant.label: [] for variant in variants}
             cpu: dict[str, list[float]] = {variant.label: [] for variant in variants}
+            invoke_cpu: dict[str, list[float]] = {variant.label: [] for variant in variants}
             statuses: dict[str, str] = {}
             for _ in range(runs):
                 for variant in variants:  # interleaved, so the machine's noise falls on every variant alike
@@ -750,10 +752,12 @@ def cold_start_table(stack, runs: int = 5, baseline: str | None = None, importti
                                                   f"{report.get('init_error')}\n{stderr[-2000:]}")
                     samples[variant.label].append(report["cold_ms"])
                     cpu[variant.label].append(report["cold_cpu_ms"])
+                    invoke_cpu[variant.label].append(report["cold_cpu_ms"] - report["init_cpu_ms"])
                     statuses[variant.label] = outcome(report["results"][0], deployment, 0)
             cells = "".join(
-                f"{statistics.median(samples[v.label]):>12.0f} ms cpu {statistics.median(cpu[v.label]):>4.0f} "
-                f"({statuses.get(v.label, '-')[:6]:>4})" if samples[v.label] else f"{'-':>32}" for v in variants)
+                f"{statistics.median(samples[v.label]):>10.0f} ms cpu {statistics.median(cpu[v.label]):>4.0f} "
+                f"({statistics.median(invoke_cpu[v.label]):>3.0f}) {statuses.get(v.label, '-')[:3]:>3}"
+                if samples[v.label] else f"{'-':>32}" for v in variants)
             name = f"{function.logical_id} ({events[0][0]})"
             print(f"  {name:<46}{cells}   {COLD_TARGETS.get(function.folder, '')}")
         print(f"  load average {os.getloadavg()[0]:.2f} at the end")

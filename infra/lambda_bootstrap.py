@@ -13,8 +13,8 @@ SPEC: {"task_root", "layers": [python folders in template order], "runtime": [th
 and botocore], "handler": "app.lambda_handler", "events": [...], "function_name", "memory_mb", "timeout_s",
 "importtime": false}. sys.path becomes exactly task root, layers, runtime, then the standard library
 (no site-packages, no script folder). An audit hook records every write outside /tmp. Prints one JSON
-line: init and first-invoke milliseconds, whether the garbage collector is on after the import, each event's
-result, the writes and any error.
+line: init and first-invoke milliseconds and CPU, whether the garbage collector is on after the import,
+each event's result, the writes and any error.
 """
 
 import gc
@@ -129,6 +129,7 @@ def main() -> int:
     try:
         handler = _load_handler(spec)
         report["init_ms"] = (time.perf_counter() - started) * 1000
+        report["init_cpu_ms"] = (time.process_time() - cpu_started) * 1000
         report["gc_enabled"] = gc.isenabled()  # a function may pause the collector while it loads, not after
         for index, event in enumerate(spec["events"]):
             invoked = time.perf_counter()

@@ -37,3 +37,44 @@ def test_light_functions_import_no_heavy_modules(clean_db, function, event, stat
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["status"] == status  # an empty database: no such symbol, prediction or active model
     assert measured["heavy"] == []
+
+
+HEALTH_SCRIPT = """
+import json, ssl, sys
+sys.path.insert(0, {root!r})
+tls = {{"init": 0, "invoke": 0}}
+phase = "init"
+build = ssl.create_default_context
+def counted(*args, **kwargs):
+    tls[phase] += 1
+    return build(*args, **kwargs)
+ssl.create_default_context = counted
+from infra.lambda_loader import LambdaContext, load_handler
+handler = load_handler("functions/health")
+loaded = set(sys.modules)
+phase = "invoke"
+response = handler(json.loads({event!r}), LambdaContext())
+body = json.loads(response["body"])
+print(json.dumps({{"status": response["statusCode"], "storage": body["checks"]["storage"]["status"], "tls": tls,
+                  "imported": sorted(set(sys.modules) - loaded)}}))
+"""
+# The first connection to a host by name encodes it with the IDNA codec, which Python imports then.
+HOST_NAME_CODEC = {"encodings.idna", "stringprep", "unicodedata"}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_health_builds_at_init_what_its_first_check_needs(clean_db, scheme):
+    """Lambda runs init on a full vCPU and an invoke on the memory's share: the first health check imports
+    nothing, and the bucket check's TLS context (a CA store load) is built at init when S3 is HTTPS, never
+    over plain HTTP."""
+    environment = clean_db.environment()
+    if scheme == "https":  # a TLS endpoint that is not there: storage is down, which is enough here
+        environment["S3_ENDPOINT_URL"] = "https://127.0.0.1:9"
+    script = HEALTH_SCRIPT.format(root=str(ROOT), event=(EVENTS / "health.json").read_text())
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**environment, "PATH": "/usr/bin:/bin"})
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["status"] == 200
+    assert measured["storage"] == ("up" if scheme == "http" else "down")
+    assert measured["tls"] == {"init": 1 if scheme == "https" else 0, "invoke": 0}
+    assert set(measured["imported"]) <= HOST_NAME_CODEC

@@ -9,6 +9,7 @@ from candlecast.schemas import HealthReport
 from candlecast.services import health
 
 app = create_resolver(validation=False)  # GET /health takes no input
+health.prepare()
 
 
 @app.get("/health", operation_id="get_health", summary="Service health",

@@ -6,6 +6,8 @@ Clients are created lazily once per container. numpy and pyarrow are imported in
 importing this module stays cheap for health and search.
 """
 
+import http.client
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from aws_lambda_powertools import Logger
 
@@ -477,21 +479,35 @@ def bucket_url() -> str:
     return f"https://{settings.data_bucket}.s3.{settings.aws_region}.amazonaws.com/"
 
 
+def _bucket_tls() -> ssl.SSLContext:
+    """The bucket check's TLS context, verified, one per container: loading the CA store is ~20 ms of CPU."""
+    return _client("bucket-tls", ssl.create_default_context)
+
+
+def prepare_bucket_check() -> None:
+    """Build the check's TLS context now, when the bucket is reached over HTTPS (as deployed). Called during a
+    function's init, which Lambda runs on a full vCPU; an invoke gets the memory's share (0.14 vCPU at 256 MB)."""
+    if urlsplit(bucket_url()).scheme == "https":
+        _bucket_tls()
+
+
 def check_bucket(timeout: float = 1.0) -> bool:
     """The bucket answers: an unsigned HEAD, so health needs neither boto3 (~250 ms of cold start) nor pyarrow.
 
     200 or 403 (private, as it should be) mean S3 is reachable and the bucket exists; 404 means it does not.
-    Permissions are fixed by the template's policies, which the template tests check.
+    Permissions are fixed by the template's policies, which the template tests check. Redirects are not
+    followed: a 301 or 307 (another region) is an answer.
     """
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(bucket_url(), method="HEAD")  # noqa: S310 - our own bucket URL
+    url = urlsplit(bucket_url())
+    if url.scheme == "https":
+        connection = http.client.HTTPSConnection(url.hostname, url.port, timeout=timeout, context=_bucket_tls())
+    else:
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - our own bucket URL
-            status = response.status
-    except urllib.error.HTTPError as error:
-        status = error.code
+        connection.request("HEAD", url.path or "/")
+        status = connection.getresponse().status
+    finally:
+        connection.close()
     if status in (200, 301, 307, 403):
         return True
     raise RuntimeError(f"bucket {get_settings().data_bucket} answered HTTP {status}")

@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from candlecast import cache, db
+from candlecast import cache, db, storage
 from candlecast.drift import is_drifting
 from candlecast.errors import CandlecastError
 from candlecast.repositories import models as model_repository
@@ -40,10 +40,9 @@ def _database() -> dict:
         return active
 
 
-def _storage() -> bool:
-    from candlecast import storage
-
-    return storage.check_bucket()
+def prepare() -> None:
+    """At init: what the first check would otherwise build inside the first invoke (see storage)."""
+    storage.prepare_bucket_check()
 
 
 def check() -> tuple[int, bytes]:
@@ -57,8 +56,8 @@ def check() -> tuple[int, bytes]:
 
     # At once: a request (and a cold start, which connects to all three) waits for the slowest, not the sum.
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="health") as pool:
-        futures = {name: pool.submit(_timed, check)
-                   for name, check in (("database", database), ("cache", cache.ping), ("storage", _storage))}
+        work = (("database", database), ("cache", cache.ping), ("storage", storage.check_bucket))
+        futures = {name: pool.submit(_timed, check) for name, check in work}
     checks = {name: future.result() for name, future in futures.items()}
     if checks["database"]["status"] == "down":
         status, code = "down", 503
