@@ -166,22 +166,20 @@ def test_a_deep_page_of_symbols_reads_only_its_rows_under_a_generic_plan(big_tab
     query = listing.removeprefix("search ")
     with psycopg.connect(db.get_settings().database_url.get_secret_value()) as conn:
         if listing == "top":
-            statement = "SELECT ticker FROM symbols ORDER BY volume_24h DESC NULLS LAST, ticker"
-            params = ()
+            statement = "SELECT ticker, volume_24h FROM symbols ORDER BY volume_24h DESC NULLS LAST, ticker"
         elif query == "B":
-            statement = "SELECT ticker FROM symbols WHERE ticker LIKE 'X:B%%' ORDER BY ticker COLLATE \"C\""
-            params = ()
+            statement = "SELECT ticker, volume_24h, name, 1 FROM symbols WHERE ticker LIKE 'X:B%%' " \
+                        "ORDER BY ticker COLLATE \"C\""
         else:
-            statement = "SELECT ticker FROM symbols WHERE lower(name) LIKE 'coin b%%' ORDER BY lower(name) " \
-                        "COLLATE \"C\", ticker"
-            params = ()
-        (after,) = deep_anchor(conn, statement, 500, *params)
+            statement = "SELECT ticker, volume_24h, name, 2 FROM symbols WHERE lower(name) LIKE 'coin b%%' " \
+                        "ORDER BY lower(name) COLLATE \"C\", ticker"
+        after = tuple(deep_anchor(conn, statement, 500))
     with recording() as executed:
         for _ in range(RUNS):
             with db.connection() as conn:
                 rows = (symbol_repository.get_top_symbols_by_volume(conn, 5, after) if listing == "top"
                         else symbol_repository.search_symbols(conn, query, 5, after))
-            assert len(rows) == 5 and after not in [row["ticker"] for row in rows]
+            assert len(rows) == 5 and after[0] not in [row["ticker"] for row in rows]
     plan = generic_plan(executed[-1])
     assert "Seq Scan on symbols" not in plan, plan
     # 500 rows deep: each part starts at the anchor and stops at the limit (and the row closing a sort group).

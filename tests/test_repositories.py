@@ -71,8 +71,11 @@ def test_top_by_volume_orders_limits_pages_and_skips_inactive(conn):
     assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 10)) == ["X:AAAUSD", "X:BBBUSD", "X:CCCUSD",
                                                                               "X:DDDUSD"]
     assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2)) == ["X:AAAUSD", "X:BBBUSD"]
-    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, "X:BBBUSD")) == ["X:CCCUSD", "X:DDDUSD"]
-    assert symbol_repository.get_top_symbols_by_volume(conn, 2, "X:NOPEUSD") == []  # no symbol's: no rows
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, ("X:BBBUSD", 20))) == ["X:CCCUSD", "X:DDDUSD"]
+    # The position as the page showed it, whether or not that symbol is still there or still has that volume.
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, ("X:BBCUSD", 20))) == ["X:CCCUSD", "X:DDDUSD"]
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, ("X:BBBUSD", 25))) == ["X:BBBUSD", "X:CCCUSD"]
+    assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 2, ("X:CCCUSD", None))) == ["X:DDDUSD"]
     assert symbol_repository.mark_inactive_except(conn, ["X:AAAUSD", "X:CCCUSD"]) == 2
     assert symbol_repository.mark_inactive_except(conn, ["X:AAAUSD", "X:CCCUSD"]) == 0  # already inactive
     assert tickers(symbol_repository.get_top_symbols_by_volume(conn, 10)) == ["X:AAAUSD", "X:CCCUSD"]
@@ -89,8 +92,11 @@ def test_search_ranks_exact_then_prefix_then_name_and_pages(conn):
     by_name = tickers(symbol_repository.search_symbols(conn, "bit", 10))
     assert set(by_name) == {"X:BTCUSD", "X:BTCUSDT", "X:BTTUSD"}  # name prefix, case-insensitive
     assert "X:WBTCUSD" not in tickers(symbol_repository.search_symbols(conn, "BTC", 10))  # a prefix, not a substring
-    first = tickers(symbol_repository.search_symbols(conn, "bit", 2))
-    second = tickers(symbol_repository.search_symbols(conn, "bit", 2, first[-1]))
+    first_rows = symbol_repository.search_symbols(conn, "bit", 2)
+    first = tickers(first_rows)
+    last = first_rows[-1]
+    second = tickers(symbol_repository.search_symbols(
+        conn, "bit", 2, (last["ticker"], last["volume_24h"], last["name"], last["part"])))
     assert len(first) == 2 and len(second) == 1 and set(first + second) == set(by_name)
     assert symbol_repository.search_symbols(conn, "%", 10) == []  # LIKE wildcards match themselves
     assert symbol_repository.search_symbols(conn, "_TC", 10) == []

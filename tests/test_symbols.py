@@ -82,13 +82,24 @@ def test_empty_query_lists_top_symbols(symbols):
 
 def test_top_ranked_by_volume_and_cached(symbols, clean_db):
     event = load_event("symbols_top.json", queryStringParameters={"limit": "2"}, rawQueryString="limit=2")
-    status, _, body = invoke("symbols", event)
+    status, headers, body = invoke("symbols", event)
     assert status == 200
     assert [item["ticker"] for item in body] == ["X:BTCUSDT", "X:ETHUSDT"]
-    # The cached list is served as stored, even after the table changes (TTL 1 h).
+    # The cached list is served as stored, with its cursor, even after the table changes (TTL 1 h).
     with psycopg.connect(clean_db.database_url, autocommit=True) as conn:
         conn.execute("UPDATE symbols SET volume_24h = 1 WHERE ticker = 'X:BTCUSDT'")
-    assert [item["ticker"] for item in invoke("symbols", event)[2]] == ["X:BTCUSDT", "X:ETHUSDT"]
+    _, cached_headers, cached = invoke("symbols", event)
+    assert [item["ticker"] for item in cached] == ["X:BTCUSDT", "X:ETHUSDT"]
+    assert cached_headers["X-Next-Cursor"] == headers["X-Next-Cursor"]
+
+
+def test_a_cached_list_written_without_its_cursor_is_a_miss(symbols):
+    from candlecast import cache
+
+    cache.set_top_symbols_bytes(2, b'[{"ticker": "X:STALE"}]')  # a body alone, as cached before pages kept cursors
+    status, headers, body = _list("symbols", "symbols_top.json", limit="2")
+    assert status == 200 and [item["ticker"] for item in body] == ["X:BTCUSDT", "X:ETHUSDT"]
+    assert "X-Next-Cursor" in headers
 
 
 @pytest.mark.parametrize("form", ["X:BTCUSD", "BTCUSD", "BTC-USD", "btc-usd"])
@@ -221,9 +232,9 @@ def test_a_cursor_walks_every_symbol_beyond_one_hundred(clean_db, route):
     assert seen == expected  # each once
 
 
-def walk(function: str, event_name: str, limit: int, **query: str) -> list[dict]:
-    """Every row of a list, page by page through X-Next-Cursor."""
-    seen, cursor = [], None
+def walk(function: str, event_name: str, limit: int, cursor: str | None = None, **query: str) -> list[dict]:
+    """Every row of a list, page by page through X-Next-Cursor (from `cursor`'s page on, if given)."""
+    seen = []
     for _ in range(10_000):
         status, headers, body = _list(function, event_name, limit=str(limit), **query,
                                       **({"cursor": cursor} if cursor else {}))
@@ -307,18 +318,30 @@ def _tampered(cursor: str) -> str:
 
 
 def test_a_cursor_that_was_altered_or_given_for_another_list_is_400(symbols):
-    from candlecast.pagination import encode_cursor
+    import base64
+
+    from candlecast.pagination import _digest, encode_cursor
 
     top = _next_cursor("symbols_top.json")
     btc = _next_cursor("symbols_search.json", q="btc")
-    forged = [encode_cursor("symbols/top", ["X:BTCUSDT", "extra"]),  # a digest that holds, a wrong shape
+    forged = [encode_cursor("symbols/top", ["X:BTCUSDT", "1", "extra"]),  # a digest that holds, a wrong shape
               encode_cursor("symbols/X:BTCUSDT/predictions?timeframe=", ["yesterday", "not-a-uuid"]),
               encode_cursor("symbols/X:BTCUSDT/predictions?timeframe=", ["2026-01-01T00:00:00", str(uuid4())])]
+    # Values the database could not take, under a digest that holds (the digest's key is no secret).
+    forged_top = [encode_cursor("symbols/top", position) for position in (
+        ["X:BTCUSDT", "many"], ["X:BTCUSDT", "NaN"], ["X:BTCUSDT", "Infinity"], ["X:BTCUSDT", "1e999999"],
+        ["X:BTCUSDT", "1E-20000"], ["X:BTCUSDT", "1e30"], ["X:BTC\0USDT", "1"])]
+    surrogate = b'["X:BTC\\ud800","1"]'  # JSON can spell a lone surrogate; UTF-8 cannot
+    forged_top.append(base64.urlsafe_b64encode(_digest("symbols/top", surrogate) + surrogate).rstrip(b"=").decode())
+    forged_search = [encode_cursor("symbols?q=btc", position) for position in (
+        ["X:BTCUSDT", "1", "Bitcoin", "3"], ["X:BTCUSDT", "1", "Bitcoin", "x"], ["X:BTCUSDT", "1", "Bit\0", "2"],
+        ["X:BTCUSDT", "1", "Bitcoin"], ["X:BTCUSDT", "1e40", "Bitcoin", "0"])]
     cases = [("symbols_top.json", {}, cursor) for cursor in
-             ["nope", "o20", "o-1", "o١٢", "x" * 401, top + "\n", top[:-1], _tampered(top), btc, forged[0],
-              "A" * 40, top + "A"]]
+             ["nope", "o20", "o-1", "o١٢", "x" * 2049, top + "\n", top[:-1], _tampered(top), btc, forged[0],
+              "A" * 40, top + "A", *forged_top]]
     cases += [("symbols_search.json", {"q": "eth"}, btc), ("symbols_search.json", {"q": "btc"}, top),
               ("symbols_search.json", {"q": "btc"}, _tampered(btc))]
+    cases += [("symbols_search.json", {"q": "btc"}, cursor) for cursor in forged_search]
     cases += [("symbol_predictions.json", {}, cursor) for cursor in [top, forged[1], forged[2]]]
     for event_name, query, cursor in cases:
         if event_name == "symbol_predictions.json":
@@ -336,3 +359,44 @@ def test_a_short_page_is_the_last(symbols):
     status, headers, body = _list("symbols", "symbols_top.json", limit="10")
     assert (status, len(body)) == (200, len(SAMPLE))
     assert "X-Next-Cursor" not in headers
+
+
+@pytest.mark.parametrize("moved", [5_000, 0, None], ids=["to-the-top", "to-the-bottom", "to-no-volume"])
+@pytest.mark.parametrize("route", ["top", "search"])
+def test_the_next_page_follows_its_anchor_as_its_page_showed_it_when_the_anchors_volume_changes(
+        clean_db, route, moved):
+    # By volume in both lists (the search's exact matches: base C); the anchor is the first page's last row.
+    rows = [(f"X:K{index:02d}USD", f"Kale {index}", 1_000 - 10 * index) for index in range(12)]
+    with db.connection() as conn:
+        symbol_repository.upsert_symbols(conn, [
+            SymbolCreate(ticker=t, name=n, base_currency="C", quote_currency="USD", volume_24h=v) for t, n, v in rows])
+    query = {"q": "c"} if route == "search" else {}
+    event_name = "symbols_search.json" if route == "search" else "symbols_top.json"
+    ordered = [item["ticker"] for item in _list("symbols", event_name, limit="100", **query)[2]]
+    assert ordered == [ticker for ticker, _, _ in rows]
+
+    status, headers, first = _list("symbols", event_name, limit="4", **query)
+    assert status == 200 and len(first) == 4
+    with psycopg.connect(clean_db.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE symbols SET volume_24h = %s WHERE ticker = %s", (moved, first[-1]["ticker"]))
+    rest = walk("symbols", event_name, 4, cursor=headers["X-Next-Cursor"], **query)
+
+    # Every other row keeps its volume: each is shown once, in the order the first page was read in. The anchor is
+    # shown where its volume puts it when each page is read: on the first page, and again at the end if its new
+    # volume puts it after the first page's position (the page was read before it moved).
+    shown_again = moved is None or moved < first[-1]["volume_24h"]
+    assert [item["ticker"] for item in first + rest] == ordered + ([first[-1]["ticker"]] if shown_again else [])
+    now = [item["ticker"] for item in _list("symbols", event_name, limit="99", **query)[2]]  # not the cached list
+    assert now != ordered and sorted(now) == sorted(ordered)  # the anchor did move
+
+
+@pytest.mark.parametrize("character", ["\x01", "\U0001f600"], ids=["escaped-in-json", "four-bytes"])
+def test_the_longest_search_position_fits_the_cursor_pattern(character):
+    import re
+
+    from candlecast.pagination import CURSOR_PATTERN, encode_cursor
+
+    longest_name = next(item.max_length for item in SymbolCreate.model_fields["name"].metadata
+                        if getattr(item, "max_length", None))
+    position = ["X:" + "Z" * 24, "9" * 30 + "." + "9" * 8, character * longest_name, "2"]
+    assert re.fullmatch(CURSOR_PATTERN, encode_cursor("symbols?q=" + "z" * 64, position))

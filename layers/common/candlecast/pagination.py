@@ -1,9 +1,11 @@
 """Page cursors for the list routes: `cursor` in the query, the next page's in the `X-Next-Cursor` header.
 
-Pages are keyset (seek) pages: a cursor holds the sort key of the last row a page showed, and the next page
-starts after it, through the list's index, so the page at a million rows deep costs what the first does.
-A full page carries a next cursor (the page after the last full one may be empty); a shorter page is the last.
-Rows added between calls never shift later pages (a row added before the cursor's position is not shown).
+Pages are keyset (seek) pages: a cursor holds the sort values of the last row a page showed, as that page
+showed them, and the next page starts after them, through the list's index, so the page at a million rows deep
+costs what the first does. A full page carries a next cursor (the page after the last full one may be empty); a
+shorter page is the last. Rows added, or re-sorted (a symbol's volume changes), between calls never shift the
+others: each row whose sort values stay put is shown once, in order; a row is shown where its values put it when
+its page is read.
 
 A cursor is opaque (base64url) and tamper-evident: a digest of its list (the route and its parameters) and its
 position. An altered cursor, or one given out for another list, is a 400 `invalid_cursor`. The digest is
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 
 from candlecast.errors import BadRequest
 
-# 12 bytes of digest and the position, in base64url without padding; positions are a few short strings.
-CURSOR_PATTERN = r"^[A-Za-z0-9_-]{20,400}$"
+# 12 bytes of digest and the position, in base64url without padding; positions are a few strings, the longest a
+# symbol's name (200 characters at most, each up to 6 bytes in JSON).
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{20,2048}$"
 NEXT_CURSOR_HEADER = {"X-Next-Cursor": {"description": "pass it as `cursor` for the next page; absent on the last",
                                         "schema": {"type": "string", "pattern": CURSOR_PATTERN}}}
 _DIGEST_BYTES = 12
@@ -38,12 +41,24 @@ class Page:
 
     @classmethod
     def of(cls, body: bytes, limit: int, scope: str, position: Callable[[dict], Sequence[str]],
-           rows: list[dict] | None = None) -> "Page":
-        """The page of `body`; its next cursor holds `position` of its last row (`rows`, else the body's items)."""
-        items = json.loads(body) if rows is None else rows
-        if len(items) < limit or not items:
+           rows: list[dict]) -> "Page":
+        """The page of `body`, made of `rows`; its next cursor holds `position` of the last row, from the row as
+        the database gave it (a body's JSON numbers may be rounded)."""
+        if len(rows) < limit or not rows:
             return cls(body, None)
-        return cls(body, encode_cursor(scope, position(items[-1])))
+        return cls(body, encode_cursor(scope, position(rows[-1])))
+
+    def packed(self) -> bytes:
+        """The page as one value, for the cache: its cursor, a newline, its body."""
+        return (self.next_cursor or "").encode("ascii") + b"\n" + self.body
+
+    @classmethod
+    def unpacked(cls, value: bytes | None) -> "Page | None":
+        """A page from `packed`; None for no value or one that is not a packed page."""
+        cursor, newline, body = (value or b"").partition(b"\n")
+        if not newline or not (cursor == b"" or re.fullmatch(CURSOR_PATTERN.encode(), cursor)):
+            return None
+        return cls(body, cursor.decode("ascii") or None)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -55,7 +70,7 @@ def _digest(scope: str, payload: bytes) -> bytes:
 
 
 def encode_cursor(scope: str, position: Sequence[str]) -> str:
-    payload = json.dumps([str(value) for value in position], separators=(",", ":")).encode()
+    payload = json.dumps([str(value) for value in position], separators=(",", ":"), ensure_ascii=False).encode()
     return base64.urlsafe_b64encode(_digest(scope, payload) + payload).rstrip(b"=").decode("ascii")
 
 
@@ -81,6 +96,17 @@ def decode_cursor(scope: str, cursor: str | None, size: int) -> list[str] | None
         position = json.loads(payload)
     except ValueError:
         raise invalid_cursor() from None
-    if not (isinstance(position, list) and len(position) == size and all(isinstance(v, str) for v in position)):
+    if not (isinstance(position, list) and len(position) == size and all(map(_storable, position))):
         raise invalid_cursor()
     return position
+
+
+def _storable(value: object) -> bool:
+    """A string the database can take: UTF-8 (no lone surrogate, which JSON can spell) and no NUL."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,6 +1,7 @@
 """Queries on the symbols table."""
 
 from collections.abc import Iterable
+from decimal import Decimal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -38,11 +39,11 @@ def get_symbol_by_ticker(conn: psycopg.Connection, ticker: str) -> dict | None:
     return conn.execute(SYMBOL_BY_TICKER, (ticker,)).fetchone()
 
 
-# Three keyset lookups, each reading at most `limit` rows in index order after the page's anchor (the last row the
-# previous page showed, found by its ticker), then merged: exact ticker or base (few rows, by volume), then the
-# other ticker-prefix matches in ticker order, then the remaining name-prefix matches in name order. The name
-# lookup runs only when the first two leave the page short. Prefixes are byte ranges (~>=~ ~<~, the
-# text_pattern_ops indexes' operators), which a generic plan can still use.
+# Three keyset lookups, each reading at most `limit` rows in index order after the page's anchor (the sort values
+# of the last row the previous page showed, as that page showed them: its cursor holds them), then merged: exact
+# ticker or base (few rows, by volume), then the other ticker-prefix matches in ticker order, then the remaining
+# name-prefix matches in name order. The name lookup runs only when the first two leave the page short. Prefixes
+# are byte ranges (~>=~ ~<~, the text_pattern_ops indexes' operators), which a generic plan can still use.
 _EXACT = "(ticker = %(ticker)s OR base_currency = %(base)s)"
 _TICKER_PREFIX = "(ticker ~>=~ %(ticker)s AND ticker ~<~ %(ticker_end)s)"
 
@@ -50,10 +51,9 @@ _TICKER_PREFIX = "(ticker ~>=~ %(ticker)s AND ticker ~<~ %(ticker_end)s)"
 def _search_statement(after: bool) -> str:
     anchor, exact_after, ticker_after, name_after = "", "", "", ""
     if after:
-        anchor = f"""anchor AS (
-    SELECT ticker, volume_24h, lower(name) AS name,
-           CASE WHEN {_EXACT} THEN 0 WHEN {_TICKER_PREFIX} THEN 1 ELSE 2 END AS part
-    FROM symbols WHERE ticker = %(after)s
+        anchor = """anchor AS (
+    SELECT %(after)s::text AS ticker, %(after_volume)s::numeric AS volume_24h, lower(%(after_name)s::text) AS name,
+           %(after_part)s::integer AS part
 ), """
         exact_after = f"""AND (SELECT part FROM anchor) = 0 AND {_AFTER_BY_VOLUME}"""
         ticker_after = """AND (SELECT part FROM anchor) <= 1
@@ -78,7 +78,7 @@ WITH {anchor}exact AS (
             AND NOT {_EXACT} AND NOT {_TICKER_PREFIX} {name_after}
           ORDER BY lower(name) USING ~<~, ticker LIMIT %(limit)s) n
 )
-SELECT {SYMBOL_COLUMNS}
+SELECT {SYMBOL_COLUMNS}, part
 FROM (SELECT * FROM exact UNION ALL SELECT * FROM by_ticker UNION ALL SELECT * FROM by_name) found
 ORDER BY part, position
 LIMIT %(limit)s
@@ -101,19 +101,21 @@ def prefix_range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(min(following, 0x10FFFF))
 
 
-def search_symbols(conn: psycopg.Connection, query: str, limit: int, after: str | None = None) -> list[dict]:
+def search_symbols(conn: psycopg.Connection, query: str, limit: int,
+                   after: tuple[str, Decimal | None, str, int] | None = None) -> list[dict]:
     """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively, after the
-    symbol `after` (a ticker; the first page without one; no rows if it is no symbol's).
+    position `after` (ticker, volume_24h, name, part of the last row a page showed; the first page without one).
 
-    Exact ticker or base currency first (by volume), then ticker prefix (in ticker order), then name prefix
-    (in name order). Each part reads at most `limit` rows after the anchor, so the cost follows the page, not
-    the matches nor the depth.
+    Exact ticker or base currency first (part 0, by volume), then ticker prefix (1, in ticker order), then name
+    prefix (2, in name order); each row says its `part`. Each part reads at most `limit` rows after the anchor,
+    so the cost follows the page, not the matches nor the depth.
     """
     ticker, ticker_end = prefix_range("X:" + query.upper())
     name, name_end = prefix_range(query.lower())
+    anchor = dict(zip(("after", "after_volume", "after_name", "after_part"), after or (None,) * 4, strict=True))
     return conn.execute(_SEARCH[after is not None], {
         "ticker": ticker, "ticker_end": ticker_end, "base": query.upper(), "name": name, "name_end": name_end,
-        "limit": limit, "after": after}).fetchall()
+        "limit": limit, **anchor}).fetchall()
 
 
 def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str]) -> None:
@@ -149,24 +151,26 @@ def mark_inactive_except(conn: psycopg.Connection, tickers: Iterable[str]) -> in
 
 _TOP = f"""SELECT {SYMBOL_COLUMNS} FROM symbols WHERE is_active
 ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s"""
-# After the anchor: the rows with a volume through symbols_active_volume_idx from the anchor's down, then those
-# without one (new symbols, few) in ticker order.
+# After the anchor (the last row's volume and ticker as its page showed them): the rows with a volume through
+# symbols_active_volume_idx from the anchor's down, then those without one (new symbols, few) in ticker order.
 _TOP_AFTER = f"""
-WITH anchor AS (SELECT ticker, volume_24h FROM symbols WHERE ticker = %(after)s)
+WITH anchor AS (SELECT %(after)s::text AS ticker, %(after_volume)s::numeric AS volume_24h)
 SELECT {SYMBOL_COLUMNS} FROM (
     (SELECT * FROM symbols WHERE is_active AND volume_24h <= (SELECT volume_24h FROM anchor)
        AND (volume_24h < (SELECT volume_24h FROM anchor) OR ticker > (SELECT ticker FROM anchor))
      ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s)
     UNION ALL
-    (SELECT * FROM symbols WHERE is_active AND volume_24h IS NULL AND EXISTS (SELECT FROM anchor)
+    (SELECT * FROM symbols WHERE is_active AND volume_24h IS NULL
        AND ((SELECT volume_24h FROM anchor) IS NOT NULL OR ticker > (SELECT ticker FROM anchor))
      ORDER BY ticker LIMIT %(limit)s)
 ) s
 ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s"""
 
 
-def get_top_symbols_by_volume(conn: psycopg.Connection, limit: int, after: str | None = None) -> list[dict]:
-    """Active symbols by 24 h volume, after the symbol `after` (a ticker; no rows if it is no symbol's)."""
+def get_top_symbols_by_volume(conn: psycopg.Connection, limit: int,
+                              after: tuple[str, Decimal | None] | None = None) -> list[dict]:
+    """Active symbols by 24 h volume, after the position `after` (ticker, volume_24h of the last row a page
+    showed)."""
     if after is None:
         return conn.execute(_TOP, {"limit": limit}).fetchall()
-    return conn.execute(_TOP_AFTER, {"limit": limit, "after": after}).fetchall()
+    return conn.execute(_TOP_AFTER, {"limit": limit, "after": after[0], "after_volume": after[1]}).fetchall()

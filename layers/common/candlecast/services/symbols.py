@@ -1,10 +1,11 @@
 """Symbol search, top-by-volume and lookup, cached in Redis as serialised JSON."""
 
 import re
+from decimal import Decimal, InvalidOperation
 
 from candlecast import cache, db
 from candlecast.errors import BadRequest, NotFound
-from candlecast.pagination import Page, decode_cursor
+from candlecast.pagination import Page, decode_cursor, invalid_cursor
 from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import Symbol, list_adapter
 from candlecast.tickers import compact_pair, is_ticker_like, normalize_ticker
@@ -35,14 +36,42 @@ def validate_query(query: str) -> str:
     return query.strip()
 
 
-def _after(scope: str, cursor: str | None) -> str | None:
-    """The ticker of the row a cursor of this list follows."""
-    position = decode_cursor(scope, cursor, 1)
-    return None if position is None else position[0]
+def _volume(text: str) -> Decimal | None:
+    """A cursor's volume ("" for none); `invalid_cursor` for anything a numeric(38, 8) column cannot compare."""
+    if text == "":
+        return None
+    try:
+        volume = Decimal(text)
+    except InvalidOperation:
+        raise invalid_cursor() from None
+    if not volume.is_finite() or not -10**30 < volume < 10**30 or volume.as_tuple().exponent < -8:
+        raise invalid_cursor()
+    return volume
 
 
-def _position(symbol: dict) -> list[str]:
-    return [symbol["ticker"]]
+def _top_after(cursor: str | None) -> tuple[str, Decimal | None] | None:
+    """(ticker, volume_24h) of the row a cursor of the top list follows, as its page showed them."""
+    position = decode_cursor(TOP_SCOPE, cursor, 2)
+    return None if position is None else (position[0], _volume(position[1]))
+
+
+def _top_position(row: dict) -> list[str]:
+    return [row["ticker"], "" if row["volume_24h"] is None else str(row["volume_24h"])]
+
+
+def _search_after(scope: str, cursor: str | None) -> tuple[str, Decimal | None, str, int] | None:
+    """(ticker, volume_24h, name, part) of the row a cursor of this search follows, as its page showed them."""
+    position = decode_cursor(scope, cursor, 4)
+    if position is None:
+        return None
+    ticker, volume, name, part = position
+    if part not in ("0", "1", "2"):
+        raise invalid_cursor()
+    return ticker, _volume(volume), name, int(part)
+
+
+def _search_position(row: dict) -> list[str]:
+    return [*_top_position(row), row["name"], str(row["part"])]
 
 
 TOP_SCOPE = "symbols/top"
@@ -50,7 +79,7 @@ TOP_SCOPE = "symbols/top"
 
 def search(query: str, limit: int, cursor: str | None = None) -> Page:
     """Symbols matching `query` as a JSON list; an empty query lists the top symbols. Only first pages
-    are cached."""
+    are cached, with their next cursor."""
     query = validate_query(query)
     if not query:
         return top(limit, cursor)
@@ -59,29 +88,31 @@ def search(query: str, limit: int, cursor: str | None = None) -> Page:
     # case-insensitive, so the cache key (and the cursor's list) is the searched term in lower case.
     term = pair if is_ticker_like(pair) else query
     scope = f"symbols?q={term.lower()}"
-    after = _after(scope, cursor)
-    cached = cache.get_search_bytes(term.lower(), limit) if after is None else None
+    after = _search_after(scope, cursor)
+    cached = Page.unpacked(cache.get_search_bytes(term.lower(), limit)) if after is None else None
     if cached is not None:
-        return Page.of(cached, limit, scope, _position)
+        return cached
     with db.connection() as conn:
         rows = symbol_repository.search_symbols(conn, term, limit, after)
-    body = _symbol_list.dump_json(_symbol_list.validate_python(_available(rows)))
+    page = Page.of(_symbol_list.dump_json(_symbol_list.validate_python(_available(rows))), limit, scope,
+                   _search_position, rows)
     if after is None:
-        cache.set_search_bytes(term.lower(), limit, body)
-    return Page.of(body, limit, scope, _position, rows)
+        cache.set_search_bytes(term.lower(), limit, page.packed())
+    return page
 
 
 def top(limit: int, cursor: str | None = None) -> Page:
-    after = _after(TOP_SCOPE, cursor)
-    cached = cache.get_top_symbols_bytes(limit) if after is None else None
+    after = _top_after(cursor)
+    cached = Page.unpacked(cache.get_top_symbols_bytes(limit)) if after is None else None
     if cached is not None:
-        return Page.of(cached, limit, TOP_SCOPE, _position)
+        return cached
     with db.connection() as conn:
         rows = symbol_repository.get_top_symbols_by_volume(conn, limit, after)
-    body = _symbol_list.dump_json(_symbol_list.validate_python(_available(rows)))
+    page = Page.of(_symbol_list.dump_json(_symbol_list.validate_python(_available(rows))), limit, TOP_SCOPE,
+                   _top_position, rows)
     if after is None:
-        cache.set_top_symbols_bytes(limit, body)
-    return Page.of(body, limit, TOP_SCOPE, _position, rows)
+        cache.set_top_symbols_bytes(limit, page.packed())
+    return page
 
 
 def get(raw_ticker: str) -> bytes:
