@@ -9,7 +9,10 @@ its page is read.
 
 A cursor is opaque (base64url) and tamper-evident: a digest of its list (the route and its parameters) and its
 position. An altered cursor, or one given out for another list, is a 400 `invalid_cursor`. The digest is
-not a secret's MAC: forging one gains nothing a real cursor does not give, since every position costs the same.
+not a secret's MAC, on purpose: a forged cursor can only start a page at a position of the forger's choosing in a
+list the forger may read whole anyway (the routes are public), every position costs one index seek and at most
+`limit` rows, and a value the database could not take is refused. A secret would add a Secrets Manager read to
+the symbols function's cold start and end every cursor in use at each rotation, for nothing.
 """
 
 import base64
