@@ -308,15 +308,30 @@ class Suite:
                    + (f" ({sorted({(s.status, s.code) for s in failed_creates})})" if failed_creates else ""),
                    not failed_creates and bool(created))
 
-    def slow_redis(self, slow: float, after: float, baseline: float) -> None:
+    def slow_redis(self, slow: float, after: float, baseline: float, first_reads: list[tuple[str, str]]) -> None:
         """Redis answers every command late (the proxy between the API and Redis holds each one), within the
-        socket timeout, so no command fails: the strikes, not an error, must take the cache out of the path."""
+        socket timeout, so no command fails: the strikes, not an error, must take the cache out of the path.
+
+        `first_reads`: one uncached create per create container, all at once, before: a container's first read
+        from S3 loads boto3 and pyarrow's S3 filesystem (1-2 s on a loaded machine), which a container that found
+        its candles in Redis until then pays once when it skips the cache. That is the cache-less path's cold
+        start, not the strikes'; the freeze scenario leaves it paid, and this makes the scenario not depend on it."""
         from candlecast.cache import PROBE_INTERVAL_SECONDS, SLOW_STRIKES
 
         proxy = self.served.redis_proxy
         assert proxy is not None, "the API must reach Redis through the proxy"
         settings = template_settings()
         delay = (settings.redis_slow_seconds + settings.redis_socket_timeout) / 2
+
+        def create(combo: tuple[str, str]) -> Sample:
+            with httpx.Client(base_url=self.served.base_url, timeout=REQUEST_TIMEOUT) as client:
+                return send(client, "create", "POST", "/predictions", json={"symbol": combo[0], "timeframe": combo[1]})
+
+        with ThreadPoolExecutor(len(first_reads)) as pool:
+            firsts = list(pool.map(create, first_reads))
+        self.acknowledged += [s for s in firsts if s.status == 201]
+        print(f"  first S3 reads: {len(firsts)} creates at once, slowest {max(s.seconds for s in firsts):.2f} s",
+              flush=True)
         load = self.load(self.combos[:3]).start()
         time.sleep(baseline)
         slowed, slowed_at = time.monotonic(), time.time()
@@ -335,27 +350,26 @@ class Suite:
                    + (f" ({sorted({(s.status, s.code) for s in failed})})" if failed else ""),
                    not failed and bool(during))
 
-        # A request's own time is its p99 with Redis fast (before) or skipped by every container that skipped it
-        # (after the last one's strikes), whichever is longer: without the cache, a create reads its candles from
-        # S3. Until a container has counted SLOW_STRIKES slow commands, each may add up to the socket timeout,
-        # and one health-check PING before it (redis-py pings a connection idle past its interval). From when a
-        # container took the request, as in PostgreSQL's checks.
+        # What this loaded machine gives without the strikes: the slowest request of its kind with Redis fast
+        # (before) or skipped by every container (after the last one's strikes; without the cache, a create reads
+        # its candles from S3). Until a container has counted SLOW_STRIKES slow commands, each may add up to the
+        # socket timeout, and one health-check PING before it (redis-py pings a connection idle past its
+        # interval). From when a container took the request, as in PostgreSQL's checks.
         down, back = cache_outages(self.served.api_log, slowed_at, fast_at, time.time())
         skipped_from = slowed + max(down, default=fast_at) - slowed_at
         added_bound = SLOW_STRIKES * 2 * settings.redis_socket_timeout
 
         def own(samples: list[Sample]) -> float:
-            times = [s.seconds - s.waited for s in samples if s.status < 300]
-            return percentile(times, 0.99) if times else float("inf")
+            return max((s.seconds - s.waited for s in samples if s.status < 300), default=0.0)  # none: the other's
 
-        own_p99 = {kind: (own(load.window(slowed - baseline, slowed, kind)), own(load.window(skipped_from, fast, kind)))
+        slowest = {kind: (own(load.window(slowed - baseline, slowed, kind)), own(load.window(skipped_from, fast, kind)))
                    for kind in ("read", "create")}
-        over = [s.seconds - s.waited - max(own_p99[s.kind]) for s in load.window(slowed, fast)]
-        self.check("slow redis", "every request within its own p99 + the strikes' bound",
-                   f"slowest +{max(over, default=0):.2f} s (bound {added_bound:.2f} s); p99 with the cache / "
-                   f"skipping it: reads {own_p99['read'][0]:.2f} / {own_p99['read'][1]:.2f} s, creates "
-                   f"{own_p99['create'][0]:.2f} / {own_p99['create'][1]:.2f} s; {delay * 1000:.0f} ms per command",
-                   bool(over) and max(over) <= added_bound)
+        over = [s.seconds - s.waited - max(slowest[s.kind]) for s in load.window(slowed, fast)]
+        self.check("slow redis", "every request within its kind's slowest without strikes + their bound",
+                   f"+{max(over, default=0):.2f} s at most (bound {added_bound:.2f} s); slowest with the cache / "
+                   f"skipping it: reads {slowest['read'][0]:.2f} / {slowest['read'][1]:.2f} s, creates "
+                   f"{slowest['create'][0]:.2f} / {slowest['create'][1]:.2f} s; {delay * 1000:.0f} ms per command",
+                   bool(over) and all(slowest[kind][0] > 0 for kind in slowest) and max(over) <= added_bound)
 
         # Each container stops sending commands after its strikes; the probes' pings (and a reconnection's
         # set-up) are all that reach Redis until it is fast again.
@@ -665,8 +679,10 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
     load_combos = [combo for combo in combos if combo[1] == "1h"][:3]
     fresh = [combo for combo in combos if combo not in load_combos]
     rng.shuffle(fresh)
-    # 16 unkeyed creates race the freeze, after 16 others of their kind; 16 meet a dead S3
+    # 16 unkeyed creates race the freeze, after 16 others of their kind; 16 meet a dead S3; one per create container
+    # reads from S3 before Redis turns slow
     burst, uncached, calibration = fresh[:16], fresh[16:32], fresh[32:48]
+    first_reads = fresh[48:48 + DEFAULT_MAX_CONTAINERS]
     started = time.monotonic()
     print("starting the served stack (PostgreSQL, Redis, moto S3, the API)...", flush=True)
     with ServedStack(api_args=["--warm", str(DEFAULT_MAX_CONTAINERS), *UNLIMITED], proxied_redis=True) as served:
@@ -674,7 +690,7 @@ def run(freeze: float = 10.0, only: str | None = None) -> int:
         api_args = list(served.api_args)
         scenarios: dict[str, Callable[[], None]] = {
             "redis": lambda: suite.redis(freeze, after=4.0, baseline=4.0),
-            "slow-redis": lambda: suite.slow_redis(slow=freeze, after=4.0, baseline=4.0),
+            "slow-redis": lambda: suite.slow_redis(slow=freeze, after=4.0, baseline=4.0, first_reads=first_reads),
             "postgres": lambda: suite.postgres(freeze, after=5.0, baseline=3.0, burst=burst,
                                               calibration=calibration),
             # Before S3's, which leaves S3 dead; it restarts the API, then gives the others theirs back.
