@@ -400,3 +400,21 @@ def test_the_longest_search_position_fits_the_cursor_pattern(character):
                         if getattr(item, "max_length", None))
     position = ["X:" + "Z" * 24, "9" * 30 + "." + "9" * 8, character * longest_name, "2"]
     assert re.fullmatch(CURSOR_PATTERN, encode_cursor("symbols?q=" + "z" * 64, position))
+
+
+@pytest.mark.parametrize("renamed", ["Coin 99", "Coin !"], ids=["to-the-end", "to-the-start"])
+def test_a_search_page_follows_its_anchor_by_name_as_its_page_showed_it_when_the_anchor_is_renamed(
+        clean_db, renamed):
+    # Name-prefix matches only (tickers X:Z..., bases Z..): in name order; the anchor is the first page's last row.
+    rows = [(f"X:Z{index:02d}USD", f"Coin {index:02d}") for index in range(10)]
+    with db.connection() as conn:
+        symbol_repository.upsert_symbols(conn, [
+            SymbolCreate(ticker=t, name=n, base_currency=t[2:5], quote_currency="USD") for t, n in rows])
+    status, headers, first = _list("symbols", "symbols_search.json", limit="4", q="coin")
+    assert status == 200 and [item["ticker"] for item in first] == [ticker for ticker, _ in rows[:4]]
+    with psycopg.connect(clean_db.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE symbols SET name = %s WHERE ticker = %s", (renamed, first[-1]["ticker"]))
+    rest = walk("symbols", "symbols_search.json", 4, cursor=headers["X-Next-Cursor"], q="coin")
+    shown_again = renamed.lower() > first[-1]["name"].lower()
+    assert [item["ticker"] for item in first + rest] == [ticker for ticker, _ in rows] + (
+        [first[-1]["ticker"]] if shown_again else [])
