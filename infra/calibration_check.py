@@ -4,19 +4,33 @@ the confidence map come from (block) its last fifth or (history) all of it, with
 scored on the fold's calibration block. Prints per variant the pooled coverage range over horizons and the mean
 |coverage − nominal| over folds and horizons; then the confidence maps' log loss, ECE and worst bin.
 
-    python -m infra.calibration_check --timeframe 1d
+Where the plan fits trees, the same one level down for `learned` and `combined` (`fit_models` as the walk-forward
+runs it): the fold's training block splits into an inner training block and its last fifth as the inner calibration
+block; the models calibrate on that block (tree folds 0) or on the cross-fitted history (`TrainPlan.tree_folds`
+K > 0), and are scored on the fold's calibration block.
+
+    python -m infra.calibration_check --timeframe 1d [--tree-folds 0 3 5] [--trees-only]
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from candlecast.forecast import train as T
 from candlecast.forecast.dataset import load_timeframe
-from candlecast.forecast.evaluate import RELIABILITY_MIN_SHARE, _ece, build_origins, reliability
+from candlecast.forecast.evaluate import (
+    RELIABILITY_MIN_SHARE,
+    _ece,
+    build_origins,
+    model_outputs,
+    pin5_loss,
+    reliability,
+)
 from candlecast.forecast.features import CONFIGS, INTERVAL_ALPHAS, INTERVALS, MEDIAN
 from candlecast.forecast.model import HORIZONS, raw_confidence, volatility_factor, widen
+from candlecast.timeframes import nominal_seconds
 
 YEAR = 365.25 * 86400
 WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}
@@ -71,6 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
     parser.add_argument("--data", default="../shared/data/ohlcv")
+    parser.add_argument("--tree-folds", type=int, nargs="+", default=[0, 3, 5],
+                        help="TrainPlan.tree_folds variants of the tree check (0: the calibration block)")
+    parser.add_argument("--trees-only", action="store_true", help="skip the table-based models' check")
     args = parser.parse_args()
     tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
     loaded = load_timeframe(Path(args.data), tf, clean=True, progress=False)
@@ -80,6 +97,10 @@ def main() -> None:
     cover = {variant: [] for variant in WEIGHTS}
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
+    if plan.learned:
+        tree_check(tf, plan, origins, groups, T.series_coins(loaded), args.tree_folds)
+    if args.trees_only:
+        return
     for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
         train = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
         cal = T.purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
@@ -108,19 +129,64 @@ def main() -> None:
             maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
     print(f"{tf}: baseline offsets from the training block, scored on each fold's calibration block (training coins)")
     for variant, folds in cover.items():
-        n = np.array([f[0] for f in folds])
-        c80, c95 = np.array([f[1] for f in folds]), np.array([f[2] for f in folds])
-        seen = n.sum(0) > 0
-        p80, p95 = ((n * c).sum(0)[seen] / n.sum(0)[seen] for c in (c80, c95))
-        error80, error95 = (np.abs(c - level)[n > 0].mean() for c, level in ((c80, 0.8), (c95, 0.95)))
-        print(f"  {variant:10s} cov80 {p80.min():.3f}-{p80.max():.3f}  cov95 {p95.min():.3f}-{p95.max():.3f}  "
-              f"mean |cov80-0.8| {error80:.3f}  mean |cov95-0.95| {error95:.3f}")
+        print(f"  {variant:10s} {coverage_scores(folds)}")
     print(f"{tf}: confidence maps fitted on the training block, scored on each calibration block")
     for (kind, data), folds in maps.items():
         p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
-        worst = max(abs(c - o) for c, o, n in reliability(p, y) if n >= RELIABILITY_MIN_SHARE * len(p))
-        loss = -np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1)))
-        print(f"  {kind:13s} on {data:8s} log loss {loss:.4f}  ECE {_ece(p, y):.4f}  worst bin {worst:.3f}")
+        print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}")
+
+
+def confidence_scores(p: np.ndarray, y: np.ndarray) -> str:
+    worst = max(abs(c - o) for c, o, n in reliability(p, y) if n >= RELIABILITY_MIN_SHARE * len(p))
+    loss = -np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1)))
+    return f"log loss {loss:.4f}  ECE {_ece(p, y):.4f}  worst bin {worst:.3f}"
+
+
+def coverage_scores(folds: list) -> str:
+    n = np.array([f[0] for f in folds])
+    c80, c95 = np.array([f[1] for f in folds]), np.array([f[2] for f in folds])
+    seen = n.sum(0) > 0
+    p80, p95 = ((n * c).sum(0)[seen] / n.sum(0)[seen] for c in (c80, c95))
+    error80, error95 = (np.abs(c - level)[n > 0].mean() for c, level in ((c80, 0.8), (c95, 0.95)))
+    return (f"cov80 {p80.min():.3f}-{p80.max():.3f}  cov95 {p95.min():.3f}-{p95.max():.3f}  "
+            f"mean |cov80-0.8| {error80:.3f}  mean |cov95-0.95| {error95:.3f}")
+
+
+def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[int]) -> None:
+    """Per `TrainPlan.tree_folds` variant, `learned` and `combined` fitted by `train.fit_models` on each fold's
+    training block (its last fifth calibrating), scored on the fold's calibration block: training coins only."""
+    config, embargo = CONFIGS[tf], plan.embargo_bars * nominal_seconds(tf)
+    scores = {(k, name): [] for k in variants for name in ("learned", "combined")}
+    for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
+        block = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+        scored = T.purged(origins.take(np.flatnonzero(~held & (origins.time >= fold.cal_start)
+                                                      & (origins.time < fold.cal_end))[:: plan.eval_stride]),
+                          fold.test_start)
+        inner = T._fold_from(block.time, fold.train_end + embargo, fold.train_end + embargo + 1, embargo)
+        if inner is None or len(scored) == 0:
+            continue
+        train = T.purged(block.take(block.time < inner.train_end), inner.cal_start)
+        cal = block.take(np.flatnonzero(block.time >= inner.cal_start)[:: plan.eval_stride])
+        if len(train) < 100 or len(cal) == 0:
+            continue
+        for k in variants:  # the same seed: the same volatility weights and trees, calibrated differently
+            models = T.fit_models(tf, train, cal, 0.23, replace(plan, tree_folds=k), np.random.default_rng(7),
+                                  False, coins=coins)
+            for name in ("learned", "combined"):
+                q, _, confidence = model_outputs(models[name], scored)
+                known = np.isfinite(scored.log_return)
+                hit = np.abs(np.expm1(scored.log_return - scored.scale * q[..., MEDIAN])) <= config.tolerance
+                loss = pin5_loss(scored.log_return, scored.scale[..., None] * q)
+                scores[k, name].append((*coverage(q, scored.z), confidence[known], hit[known].astype(float),
+                                        loss[known]))
+    print(f"{tf}: trees fitted on each fold's training block, calibrated on its last fifth (tree folds 0) or "
+          "cross-fitted history (K), scored on the fold's calibration block (training coins)")
+    for (k, name), folds in scores.items():
+        if not folds:
+            continue
+        p, y = np.concatenate([f[3] for f in folds]), np.concatenate([f[4] for f in folds])
+        pin5 = np.concatenate([f[5] for f in folds]).mean()
+        print(f"  {name:8s} K={k}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ class TrainPlan:
     # history at 1d, 1w and 1m (log loss 0.3762 vs 0.3775 at 1d) and the block at 1h and 4h (0.3189 vs 0.3196 at
     # 4h): how often an intraday close lands within τ drifted with the market more than the offsets did.
     confidence_on_history: bool = True
+    # Calibrate the learned trees (their conformal offsets, with `confidence_on_history` their confidence map, and
+    # `combined`'s) on that history too, each training pair predicted by trees fitted without its coin: cross-fitting
+    # over this many groups of training coins (CV+, Barber, Candès, Ramdas & Tibshirani 2021; `crossfit_history`).
+    # 0: on the calibration block only, the one block of pairs the trees were not fitted on.
+    tree_folds: int = 0
     # Scale σ·√h by a GARCH-style term structure (`model.volatility_factor`) fitted on the training pairs.
     volatility: bool = True
     volatility_origins: int = VOLATILITY_ORIGINS  # training origins the volatility weights are fitted on
@@ -402,12 +407,15 @@ def calibrate_confidence(model: ForecastModel, cal: Origins, q: np.ndarray | Non
 
 
 def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, plan: TrainPlan,
-               rng: np.random.Generator, progress: bool, version: str = "untrained") -> dict[str, ForecastModel]:
+               rng: np.random.Generator, progress: bool, version: str = "untrained",
+               coins: np.ndarray | None = None) -> dict[str, ForecastModel]:
     """{'baseline', 'learned' (when the plan fits one), 'garch-scale', 'combined'}, calibrated on `cal`.
 
     With `plan.calibrate_on_history` the table-based models (and `combined` when its own part is the baseline) are
     calibrated on `calibration_history(train, cal)` (each purged by its caller), so their intervals and confidence
-    reflect every regime seen so far, not only the latest block; the trees, fitted on `train`, on `cal` alone.
+    reflect every regime seen so far, not only the latest block; the trees, fitted on `train`, on `cal` alone, or
+    with `plan.tree_folds` on that history cross-fitted over groups of `coins` (the coin of each series index;
+    default: each series its own coin).
     """
     from candlecast.forecast.model import volatility_factor
 
@@ -415,7 +423,6 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     volatility = fit_volatility(train, rng, estimates, max_origins=plan.volatility_origins) if plan.volatility else None
     factor_train = volatility_factor(train.features, volatility)
     z_train, weight_train = train.z / factor_train, train.scale * factor_train
-    z_cal = cal.z / volatility_factor(cal.features, volatility)
     raw_table = empirical_quantiles(z_train, weight_train)
     baseline_cal = calibration_history(train, cal) if plan.calibrate_on_history else cal
     table_at_cal = np.broadcast_to(raw_table, (len(baseline_cal), *raw_table.shape))
@@ -428,22 +435,67 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     knots = calibrate_confidence(baseline, map_cal)
     baseline.payload["confidence_x"], baseline.payload["confidence_y"] = knots
     models["baseline"] = ForecastModel(baseline.payload)
+    mix_cal, own_q, combined_map = baseline_cal, None, map_cal
     if plan.learned:
         trees = fit_boosters(train, z_train, weight_train, plan, rng, progress)
         learned = ForecastModel(payload(timeframe, "learned", baseline_q=baseline_q, trees=trees, wick=wick,
                                         version=version, volatility=volatility))
-        raw_q = learned.shape_quantiles(cal.features, conformal=False)
-        offsets = conformal_offsets(raw_q, z_cal)
-        learned.payload["conformal"] = offsets
+        mix_cal, raw_q = cal, learned.shape_quantiles(cal.features, conformal=False)
+        if plan.tree_folds:
+            mix_cal, raw_q = crossfit_history(learned, train, cal, z_train, weight_train, plan, rng, coins)
+        factor = volatility_factor(mix_cal.features, volatility)
+        learned.payload["conformal"] = conformal_offsets(raw_q, mix_cal.z / factor)
         learned = ForecastModel(learned.payload)
-        knots = calibrate_confidence(learned, cal)
+        combined_map = cal
+        if plan.tree_folds:
+            own_q = widen(raw_q, learned.conformal) * factor[..., None]  # the trees' z-quantiles at mix_cal
+            combined_map = mix_cal if plan.confidence_on_history else cal
+        knots = (calibrate_confidence(learned, mix_cal, own_q) if combined_map is mix_cal and own_q is not None
+                 else calibrate_confidence(learned, cal))
         learned.payload["confidence_x"], learned.payload["confidence_y"] = knots
         models["learned"] = ForecastModel(learned.payload)
     own = models.get("learned", models["baseline"])
-    mix_cal = cal if plan.learned else baseline_cal
     models.update(fit_garch_models(timeframe, train, baseline_cal, own, mix_cal,
-                                   {"garch-scale": map_cal, "combined": cal if plan.learned else map_cal}))
+                                   {"garch-scale": map_cal, "combined": combined_map}, own_q))
     return models
+
+
+def crossfit_history(model: ForecastModel, train: Origins, cal: Origins, z_train: np.ndarray,
+                     weight_train: np.ndarray, plan: TrainPlan, rng: np.random.Generator,
+                     coins: np.ndarray | None) -> tuple[Origins, np.ndarray]:
+    """(`calibration_history(train, cal)`, the raw tree quantiles (n, 30, 7) of each of its pairs, out of sample):
+    a training pair's from trees fitted like `model`'s on the training pairs of the other `plan.tree_folds` groups
+    of coins (`coin_folds`), a calibration pair's from `model`'s own trees (fitted on pairs before it). The trees
+    share `model`'s volatility scale, as the baseline's table does (a few weights fitted on every training coin)."""
+    history = calibration_history(train, cal)
+    past = np.arange(0, len(train), history_stride(len(train), len(cal)))
+    folds = coin_folds(train.series, coins, plan.tree_folds)
+    q = np.empty((len(history), len(HORIZONS), len(QUANTILES)))
+    if len(np.unique(folds)) < 2:  # one group of coins: nothing to fit without it
+        return cal, model.shape_quantiles(cal.features, conformal=False)
+    q[len(past):] = model.shape_quantiles(cal.features, conformal=False)
+    child = rng.spawn(1)[0]  # `rng`'s own stream (the later folds' draws) stays as without cross-fitting
+    for fold in np.unique(folds):
+        others = folds != fold
+        trees = ForecastModel(model.payload | {
+            "trees": fit_boosters(train.take(others), z_train[others], weight_train[others], plan, child, False)})
+        mine = np.flatnonzero(folds[past] == fold)
+        for chunk in np.array_split(mine, max(1, len(mine) // 20_000)):  # memory: (rows, 30, features) at once
+            q[chunk] = trees.shape_quantiles(train.features[past[chunk]], conformal=False)
+    return history, q
+
+
+def coin_folds(series: np.ndarray, coins: np.ndarray | None, count: int) -> np.ndarray:
+    """Cross-fitting group of each origin: its coin's place among the coins present (alphabetical) modulo `count`.
+    Series of one coin (e.g. its USD and USDT files) share a group; `coins` None: each series is its own coin."""
+    names = series if coins is None else np.asarray(coins)[series]
+    _, rank = np.unique(names, return_inverse=True)
+    return rank % count
+
+
+def series_coins(loaded: list) -> np.ndarray:
+    """The coin (base asset, upper case) of each loaded series: what `fit_models` cross-fits over."""
+    return np.array([series.base.upper() for series, _ in loaded])
 
 
 HISTORY_ORIGINS = 100_000  # past origins the table-based calibration reads at most (memory bound)
@@ -451,9 +503,11 @@ HISTORY_ORIGINS = 100_000  # past origins the table-based calibration reads at m
 
 def calibration_history(train: Origins, cal: Origins, limit: int = HISTORY_ORIGINS) -> Origins:
     """Every past pair (`train`, then `cal`), the training block evenly thinned to keep at most `limit` origins."""
-    room = max(limit - len(cal), 1)
-    stride = max(1, math.ceil(len(train) / room))
-    return concat([train.take(slice(None, None, stride)), cal])
+    return concat([train.take(slice(None, None, history_stride(len(train), len(cal), limit))), cal])
+
+
+def history_stride(n_train: int, n_cal: int, limit: int = HISTORY_ORIGINS) -> int:
+    return max(1, math.ceil(n_train / max(limit - n_cal, 1)))
 
 
 # Equal weights: estimated combination weights are noisy and rarely beat the simple average out of sample
@@ -462,11 +516,13 @@ COMBINATION_WEIGHT = 0.5
 
 
 def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: ForecastModel,
-                     mix_cal: Origins | None = None, map_cal: dict | None = None) -> dict:
+                     mix_cal: Origins | None = None, map_cal: dict | None = None,
+                     own_q: np.ndarray | None = None) -> dict:
     """{'garch-scale': the series' own GARCH(1,1) as the scale with per-horizon empirical quantiles, calibrated on
     `cal`, 'combined': the quantile average (Vincentization) of `own` and that GARCH model, calibrated on `mix_cal`
     (default `cal`: pairs `own` was not fitted on)} (conformal per horizon, then the confidence map, fitted on
-    `map_cal[name]`, default the same pairs). Nothing here reads a held-out coin."""
+    `map_cal[name]`, default the same pairs). `own_q`: `own`'s z-quantiles at `mix_cal` when they are not its
+    predictions there (cross-fitted, `crossfit_history`). Nothing here reads a held-out coin."""
     from candlecast.forecast.garch import TRAINING_FIT, scale_factor
 
     g_train, g_cal = scale_factor(train.garch), scale_factor(cal.garch)
@@ -480,15 +536,18 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
     models = {"garch-scale": ForecastModel(payload(timeframe, "baseline", method="garch-scale", garch=part,
                                                    **base))}
     mix_cal = cal if mix_cal is None else mix_cal
-    mixed = (COMBINATION_WEIGHT * own.own_quantiles(mix_cal.features)
+    own_q = own.own_quantiles(mix_cal.features) if own_q is None else own_q
+    mixed = (COMBINATION_WEIGHT * own_q
              + (1 - COMBINATION_WEIGHT) * member[None] * scale_factor(mix_cal.garch)[..., None])
+    offsets = conformal_offsets(mixed, mix_cal.z)
     combined = own.payload | {"name": f"candlecast-{timeframe}-combined", "method": "combined",
-                              "garch": part | {"weight": COMBINATION_WEIGHT,
-                                               "conformal": conformal_offsets(mixed, mix_cal.z)}}
+                              "garch": part | {"weight": COMBINATION_WEIGHT, "conformal": offsets}}
     models["combined"] = ForecastModel(combined)
     for name, model in models.items():
         default = cal if name == "garch-scale" else mix_cal
-        knots = calibrate_confidence(model, (map_cal or {}).get(name, default))
+        pairs = (map_cal or {}).get(name, default)
+        crossfitted = name == "combined" and own_q is not None and pairs is mix_cal
+        knots = calibrate_confidence(model, pairs, widen(mixed, offsets) if crossfitted else None)
         model.payload["confidence_x"], model.payload["confidence_y"] = knots
         models[name] = ForecastModel(model.payload)
     return models
@@ -553,7 +612,7 @@ def walk_forward_steps(timeframe: Timeframe, plan: TrainPlan, origins: Origins, 
 
 def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float,
                  folds: int | None, rng: np.random.Generator, progress: bool,
-                 test_fraction: float | None = None) -> WalkForward:
+                 test_fraction: float | None = None, coins: np.ndarray | None = None) -> WalkForward:
     """Expanding-window folds (`folds`, default the plan's) over the last `test_fraction` (default the plan's) of
     time, or over all time after the warm-up, once per group of held-out coins (`held_groups`: masks over
     origins); each group is tested only on its own coins, trained without them."""
@@ -575,7 +634,7 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
         test = origins.take(np.flatnonzero(test_mask)[:: plan.eval_stride])
         if len(train) == 0 or len(cal) == 0 or len(test) == 0:
             continue
-        models = fit_models(timeframe, train, cal, wick, plan, rng, progress)
+        models = fit_models(timeframe, train, cal, wick, plan, rng, progress, coins=coins)
         pooled["origins"].append(test)
         report = {"train_end": _iso(fold.train_end), "calibration": [_iso(fold.cal_start), _iso(fold.cal_end)],
                   "test": [_iso(fold.test_start), _iso(min(fold.test_end, origins.time.max()))],
@@ -673,7 +732,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     wick = fitted_wick(loaded, np.flatnonzero(~held_out_series), timeframe)
     groups = coin_groups(loaded, plan.coin_groups)
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
-                          progress, test_fraction)
+                          progress, test_fraction, series_coins(loaded))
     kind, reason = choose(result.results)
     comparison = compare_candidates(loaded, result, timeframe, kind, progress)
     if evaluate_only:
@@ -687,7 +746,8 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     cal = origins.take(np.flatnonzero(origins.time >= final.cal_start)[:: plan.eval_stride])
     final_plan = plan if kind == "learned" or (kind == "combined" and plan.learned) else replace(plan, learned=False)
     final_wick = fitted_wick(loaded, np.arange(len(loaded)), timeframe)
-    shipped = fit_models(timeframe, train, cal, final_wick, final_plan, rng, progress, version=version)[kind]
+    shipped = fit_models(timeframe, train, cal, final_wick, final_plan, rng, progress, version=version,
+                         coins=series_coins(loaded))[kind]
     data = artifact.dump(shipped.payload)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

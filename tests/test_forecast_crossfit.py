@@ -1,0 +1,115 @@
+"""Cross-fitted calibration of the trees on history (`TrainPlan.tree_folds`, `train.crossfit_history`; CV+, Barber
+et al. 2021): no pair is predicted by trees that saw its coin or an outcome after the fold's cutoff, and the model
+files it writes are the ones inference already reads."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from candlecast.forecast import train as training
+from candlecast.forecast.evaluate import build_origins, metrics, model_outputs
+from candlecast.forecast.features import CONFIGS
+from candlecast.forecast.train import TrainPlan, crossfit_history, fit_models, purged, walk_forward_folds
+from tests.forecast_checks import assert_predict_is_what_the_walk_forward_scores
+from tests.test_forecast_leakage import random_walk
+
+pytest.importorskip("lightgbm")
+
+PLAN = TrainPlan(learned=True, train_stride=2, horizons_per_origin=4, eval_stride=1, min_leaf=100, rounds=20,
+                 volatility_origins=3000, folds=1, tree_folds=3)
+# Twelve series of eight coins: series 2k and 2k+1 of the first four are one coin's two files (USD and USDT).
+COINS = np.array(["A", "A", "B", "B", "C", "C", "D", "D", "E", "F", "G", "H"])
+
+
+def blocks(count: int = 1500):
+    loaded = [(None, random_walk(seed, count)) for seed in range(len(COINS))]
+    origins = build_origins(loaded, CONFIGS["1h"])
+    held = origins.series >= 10
+    (fold,) = walk_forward_folds(origins.time, "1h", folds=1, test_fraction=0.3)
+    train = purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+    cal = purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
+                 fold.test_start)
+    test = origins.take(held & (origins.time >= fold.test_start))
+    return loaded, origins, held, fold, train, cal, test
+
+
+def test_every_tree_fit_of_the_walk_forward_leaves_out_whole_coins_and_later_outcomes(monkeypatch):
+    _, origins, held, fold, *_ = blocks()
+    fitted = []
+    real = training.fit_boosters
+
+    def spy(train, *args, **kwargs):
+        fitted.append(train)
+        return real(train, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_boosters", spy)
+    monkeypatch.setitem(training.PLANS, "1h", PLAN)
+    training.walk_forward("1h", origins, [held], 0.3, 1, np.random.default_rng(0), False, 0.3, COINS)
+    main, *crossfits = fitted
+    assert len(crossfits) == 3
+    training_coins = set(COINS[main.series])
+    assert training_coins == set(COINS[:10])  # the held-out coins never
+    left_out = []
+    for trees in [main, *crossfits]:
+        assert trees.label_time[np.isfinite(trees.log_return)].max() < fold.cal_start  # purged at the cutoff
+        seen = set(COINS[trees.series])
+        left_out.append(training_coins - seen)
+        # A coin is in or out whole: both of its files.
+        assert all(np.isin(np.flatnonzero(np.equal(COINS, coin)), trees.series).all() for coin in seen)
+    assert left_out[0] == set()
+    assert set().union(*left_out[1:]) == training_coins  # every coin is left out once, by one fit
+    assert sum(len(coins) for coins in left_out[1:]) == len(training_coins)
+
+
+def test_a_pairs_crossfitted_quantiles_ignore_every_outcome_of_its_coin():
+    """Scrambling one coin's training outcomes changes the trees of the other coins' pairs, never its own."""
+    from candlecast.forecast.model import ForecastModel
+
+    *_, train, cal, _ = blocks()
+    models = fit_models("1h", train, cal, 0.3, replace(PLAN, tree_folds=0), np.random.default_rng(0), False)
+    learned = models["learned"]
+    z, weight = train.z, train.scale
+
+    def crossfitted(z_train: np.ndarray) -> np.ndarray:
+        return crossfit_history(ForecastModel(learned.payload), train, cal, z_train, weight, PLAN,
+                                np.random.default_rng(1), COINS)[1]
+
+    scrambled = z.copy()
+    mine = COINS[train.series] == "A"
+    scrambled[mine] = 3 * np.random.default_rng(2).permutation(z[mine])
+    history, before = training.calibration_history(train, cal), crossfitted(z)
+    after = crossfitted(scrambled)
+    of_a = COINS[history.series] == "A"
+    assert np.array_equal(before[of_a], after[of_a])
+    assert not np.allclose(before[~of_a], after[~of_a])  # the check can see a change
+    past = len(history) - len(cal)
+    assert np.array_equal(before[past:], learned.shape_quantiles(cal.features, conformal=False))  # fitted before
+
+
+def test_crossfitted_calibration_is_not_fooled_by_one_calm_block_and_ships_what_inference_reads():
+    """A calm calibration block narrows block-calibrated trees far too much; calibrated on the cross-fitted history
+    they cover about as promised. Only calibration arrays differ: the same trees, and predict() is what the
+    walk-forward scores."""
+    loaded, _, _, _, train, cal, test = blocks()
+    cal.log_return = cal.log_return * 0.2  # a calm regime, unlike the training block and the test block
+    config = CONFIGS["1h"]
+    fitted, coverage = {}, {}
+    for folds in (0, 3):
+        fitted[folds] = fit_models("1h", train, cal, 0.3, replace(PLAN, tree_folds=folds),
+                                   np.random.default_rng(0), False, coins=COINS)
+        for name in ("learned", "combined"):
+            coverage[folds, name] = metrics(test, *model_outputs(fitted[folds][name], test),
+                                            config.tolerance)["coverage_95"]
+    for name in ("learned", "combined"):
+        assert coverage[0, name] < 0.8
+        assert 0.90 <= coverage[3, name] <= 0.99
+        block, crossfit = fitted[0][name].payload, fitted[3][name].payload
+        assert block.keys() == crossfit.keys()
+        for key in ("baseline_q", "volatility", "quantiles", "features"):
+            np.testing.assert_equal(block[key], crossfit[key])
+        for key in block["trees"]:  # the shipped trees are the same: cross-fitting only calibrates
+            np.testing.assert_array_equal(block["trees"][key], crossfit["trees"][key])
+        assert not np.array_equal(block["conformal"], crossfit["conformal"]) or not np.array_equal(
+            block["garch"]["conformal"], crossfit["garch"]["conformal"])
+        assert_predict_is_what_the_walk_forward_scores(fitted[3][name], loaded[11][1].tail(900))
