@@ -6,10 +6,11 @@ scored on the fold's calibration block. Prints per variant the pooled coverage r
 
 Where the plan fits trees, the same one level down for `learned` and `combined` (`fit_models` as the walk-forward
 runs it): the fold's training block splits into an inner training block and its last fifth as the inner calibration
-block; the models calibrate on that block (tree folds 0) or on the cross-fitted history (`TrainPlan.tree_folds`
-K > 0), and are scored on the fold's calibration block.
+block; the models calibrate on that block ("block") or on the history cross-fitted over K coin groups
+(`TrainPlan.tree_folds`): offsets and confidence map ("history K", the map only where the plan's
+`confidence_on_history`), or the map alone ("map K"), and are scored on the fold's calibration block.
 
-    python -m infra.calibration_check --timeframe 1d [--tree-folds 0 3 5] [--trees-only]
+    python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3"] [--trees-only]
 """
 
 import argparse
@@ -85,8 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
     parser.add_argument("--data", default="../shared/data/ohlcv")
-    parser.add_argument("--tree-folds", type=int, nargs="+", default=[0, 3, 5],
-                        help="TrainPlan.tree_folds variants of the tree check (0: the calibration block)")
+    parser.add_argument("--trees", nargs="+", default=["block", "history 3", "history 5", "map 3"],
+                        help="calibration variants of the tree check: block, history K, map K")
     parser.add_argument("--trees-only", action="store_true", help="skip the table-based models' check")
     args = parser.parse_args()
     tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
@@ -98,7 +99,7 @@ def main() -> None:
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
     if plan.learned:
-        tree_check(tf, plan, origins, groups, T.series_coins(loaded), args.tree_folds)
+        tree_check(tf, plan, origins, groups, T.series_coins(loaded), args.trees)
     if args.trees_only:
         return
     for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
@@ -152,8 +153,17 @@ def coverage_scores(folds: list) -> str:
             f"mean |cov80-0.8| {error80:.3f}  mean |cov95-0.95| {error95:.3f}")
 
 
-def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[int]) -> None:
-    """Per `TrainPlan.tree_folds` variant, `learned` and `combined` fitted by `train.fit_models` on each fold's
+def tree_plan(plan: T.TrainPlan, variant: str) -> T.TrainPlan:
+    """"block", "history K" (offsets and, with `confidence_on_history`, the map), "map K" (the map only)."""
+    where, _, folds = variant.partition(" ")
+    if where == "block":
+        return replace(plan, tree_folds=0)
+    return replace(plan, tree_folds=int(folds), tree_offsets_on_history=where == "history",
+                   confidence_on_history=plan.confidence_on_history or where == "map")
+
+
+def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str]) -> None:
+    """Per calibration variant (`tree_plan`), `learned` and `combined` fitted by `train.fit_models` on each fold's
     training block (its last fifth calibrating), scored on the fold's calibration block: training coins only."""
     config, embargo = CONFIGS[tf], plan.embargo_bars * nominal_seconds(tf)
     scores = {(k, name): [] for k in variants for name in ("learned", "combined")}
@@ -170,8 +180,8 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
         if len(train) < 100 or len(cal) == 0:
             continue
         for k in variants:  # the same seed: the same volatility weights and trees, calibrated differently
-            models = T.fit_models(tf, train, cal, 0.23, replace(plan, tree_folds=k), np.random.default_rng(7),
-                                  False, coins=coins)
+            models = T.fit_models(tf, train, cal, 0.23, tree_plan(plan, k), np.random.default_rng(7), False,
+                                  coins=coins)
             for name in ("learned", "combined"):
                 q, _, confidence = model_outputs(models[name], scored)
                 known = np.isfinite(scored.log_return)
@@ -179,14 +189,14 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
                 loss = pin5_loss(scored.log_return, scored.scale[..., None] * q)
                 scores[k, name].append((*coverage(q, scored.z), confidence[known], hit[known].astype(float),
                                         loss[known]))
-    print(f"{tf}: trees fitted on each fold's training block, calibrated on its last fifth (tree folds 0) or "
-          "cross-fitted history (K), scored on the fold's calibration block (training coins)")
+    print(f"{tf}: trees fitted on each fold's training block, calibrated on its last fifth (block) or on "
+          "the history cross-fitted over K coin groups, scored on the fold's calibration block (training coins)")
     for (k, name), folds in scores.items():
         if not folds:
             continue
         p, y = np.concatenate([f[3] for f in folds]), np.concatenate([f[4] for f in folds])
         pin5 = np.concatenate([f[5] for f in folds]).mean()
-        print(f"  {name:8s} K={k}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
+        print(f"  {name:8s} {k:9s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
 
 
 if __name__ == "__main__":

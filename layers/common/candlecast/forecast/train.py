@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,17 +66,22 @@ class TrainPlan:
     # −0.08 z). An inner walk-forward on training coins only (`python -m infra.calibration_check`: each fold's
     # calibration block scored, offsets from the training block before it) chose it at 4h, 1d, 1w and 1m, and the
     # block at 1h (months of hourly bars per block); exponential time decay (half-life 0.5-2 years) did no better
-    # than none. The learned trees keep the calibration block: they are fitted on the training block.
+    # than none. The learned trees are fitted on the training block: see `tree_folds`.
     calibrate_on_history: bool = True
     # Fit their confidence maps on that history too (else on the calibration block). The same inner check chose
     # history at 1d, 1w and 1m (log loss 0.3762 vs 0.3775 at 1d) and the block at 1h and 4h (0.3189 vs 0.3196 at
     # 4h): how often an intraday close lands within τ drifted with the market more than the offsets did.
     confidence_on_history: bool = True
-    # Calibrate the learned trees (their conformal offsets, with `confidence_on_history` their confidence map, and
-    # `combined`'s) on that history too, each training pair predicted by trees fitted without its coin: cross-fitting
-    # over this many groups of training coins (CV+, Barber, Candès, Ramdas & Tibshirani 2021; `crossfit_history`).
-    # 0: on the calibration block only, the one block of pairs the trees were not fitted on.
+    # Calibrate the learned trees (and `combined`) on that history too, each training pair predicted by trees fitted
+    # without its coin: cross-fitting over this many groups of training coins (CV+, Barber, Candès, Ramdas &
+    # Tibshirani 2021; `crossfit_history`): their conformal offsets with `tree_offsets_on_history`, their confidence
+    # maps with `confidence_on_history`. 0: both on the calibration block, the pairs the trees were not fitted on.
+    # The tree part of the inner check (`infra.calibration_check`, scoring `combined`; K = 3, which scored as K = 5
+    # at 1d) chose: 4h offsets on history (mean |cov80 − 0.8| 0.049 → 0.020, |cov95 − 0.95| 0.021 → 0.011), its map
+    # on the block (log loss 0.3186 vs 0.3187); 1d offsets on the block (|cov80 − 0.8| 0.020, history 0.032: too
+    # wide), its map on history (0.3771 vs 0.3786). 1h was not checked (cost) and keeps the block.
     tree_folds: int = 0
+    tree_offsets_on_history: bool = True
     # Scale σ·√h by a GARCH-style term structure (`model.volatility_factor`) fitted on the training pairs.
     volatility: bool = True
     volatility_origins: int = VOLATILITY_ORIGINS  # training origins the volatility weights are fitted on
@@ -99,9 +105,9 @@ PLANS = {
     "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3, har=True,
                     calibrate_on_history=False, confidence_on_history=False),
     "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1, har=True,
-                    confidence_on_history=False),
+                    confidence_on_history=False, tree_folds=3),
     "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=4, eval_stride=1, min_leaf=100, folds=3,
-                    test_fraction=0.5, har=True),
+                    test_fraction=0.5, har=True, tree_folds=3, tree_offsets_on_history=False),
     "1w": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, test_fraction=None,
                     fold_bars=52, coin_groups=3, embargo_bars=4, har=True),
     "1m": TrainPlan(learned=False, train_stride=1, horizons_per_origin=30, eval_stride=1, test_fraction=None,
@@ -435,28 +441,32 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     knots = calibrate_confidence(baseline, map_cal)
     baseline.payload["confidence_x"], baseline.payload["confidence_y"] = knots
     models["baseline"] = ForecastModel(baseline.payload)
-    mix_cal, own_q, combined_map = baseline_cal, None, map_cal
+    mix_cal, own_at, combined_map = baseline_cal, None, map_cal
     if plan.learned:
         trees = fit_boosters(train, z_train, weight_train, plan, rng, progress)
         learned = ForecastModel(payload(timeframe, "learned", baseline_q=baseline_q, trees=trees, wick=wick,
                                         version=version, volatility=volatility))
-        mix_cal, raw_q = cal, learned.shape_quantiles(cal.features, conformal=False)
+        mix_cal = combined_map = cal
+        raw_q = learned.shape_quantiles(cal.features, conformal=False)
         if plan.tree_folds:
-            mix_cal, raw_q = crossfit_history(learned, train, cal, z_train, weight_train, plan, rng, coins)
-        factor = volatility_factor(mix_cal.features, volatility)
-        learned.payload["conformal"] = conformal_offsets(raw_q, mix_cal.z / factor)
+            history, raw_history = crossfit_history(learned, train, cal, z_train, weight_train, plan, rng, coins)
+            if plan.tree_offsets_on_history:
+                mix_cal, raw_q = history, raw_history
+            combined_map = history if plan.confidence_on_history else cal
+
+            def own_at(pairs: Origins) -> np.ndarray:  # the trees' z-quantiles, out of sample on the history
+                raw = raw_history if pairs is history else learned.shape_quantiles(pairs.features, conformal=False)
+                return widen(raw, learned.conformal) * volatility_factor(pairs.features, volatility)[..., None]
+
+        learned.payload["conformal"] = conformal_offsets(raw_q, mix_cal.z / volatility_factor(mix_cal.features,
+                                                                                              volatility))
         learned = ForecastModel(learned.payload)
-        combined_map = cal
-        if plan.tree_folds:
-            own_q = widen(raw_q, learned.conformal) * factor[..., None]  # the trees' z-quantiles at mix_cal
-            combined_map = mix_cal if plan.confidence_on_history else cal
-        knots = (calibrate_confidence(learned, mix_cal, own_q) if combined_map is mix_cal and own_q is not None
-                 else calibrate_confidence(learned, cal))
+        knots = calibrate_confidence(learned, combined_map, None if own_at is None else own_at(combined_map))
         learned.payload["confidence_x"], learned.payload["confidence_y"] = knots
         models["learned"] = ForecastModel(learned.payload)
     own = models.get("learned", models["baseline"])
     models.update(fit_garch_models(timeframe, train, baseline_cal, own, mix_cal,
-                                   {"garch-scale": map_cal, "combined": combined_map}, own_q))
+                                   {"garch-scale": map_cal, "combined": combined_map}, own_at))
     return models
 
 
@@ -517,12 +527,12 @@ COMBINATION_WEIGHT = 0.5
 
 def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: ForecastModel,
                      mix_cal: Origins | None = None, map_cal: dict | None = None,
-                     own_q: np.ndarray | None = None) -> dict:
+                     own_at: Callable[[Origins], np.ndarray] | None = None) -> dict:
     """{'garch-scale': the series' own GARCH(1,1) as the scale with per-horizon empirical quantiles, calibrated on
     `cal`, 'combined': the quantile average (Vincentization) of `own` and that GARCH model, calibrated on `mix_cal`
     (default `cal`: pairs `own` was not fitted on)} (conformal per horizon, then the confidence map, fitted on
-    `map_cal[name]`, default the same pairs). `own_q`: `own`'s z-quantiles at `mix_cal` when they are not its
-    predictions there (cross-fitted, `crossfit_history`). Nothing here reads a held-out coin."""
+    `map_cal[name]`, default the same pairs). `own_at(pairs)`: `own`'s z-quantiles at those pairs when they are not
+    its predictions there (cross-fitted, `crossfit_history`). Nothing here reads a held-out coin."""
     from candlecast.forecast.garch import TRAINING_FIT, scale_factor
 
     g_train, g_cal = scale_factor(train.garch), scale_factor(cal.garch)
@@ -536,18 +546,20 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
     models = {"garch-scale": ForecastModel(payload(timeframe, "baseline", method="garch-scale", garch=part,
                                                    **base))}
     mix_cal = cal if mix_cal is None else mix_cal
-    own_q = own.own_quantiles(mix_cal.features) if own_q is None else own_q
-    mixed = (COMBINATION_WEIGHT * own_q
-             + (1 - COMBINATION_WEIGHT) * member[None] * scale_factor(mix_cal.garch)[..., None])
-    offsets = conformal_offsets(mixed, mix_cal.z)
+    def mixed(pairs: Origins) -> np.ndarray:
+        own_q = own.own_quantiles(pairs.features) if own_at is None else own_at(pairs)
+        return (COMBINATION_WEIGHT * own_q
+                + (1 - COMBINATION_WEIGHT) * member[None] * scale_factor(pairs.garch)[..., None])
+
+    offsets = conformal_offsets(mixed(mix_cal), mix_cal.z)
     combined = own.payload | {"name": f"candlecast-{timeframe}-combined", "method": "combined",
                               "garch": part | {"weight": COMBINATION_WEIGHT, "conformal": offsets}}
     models["combined"] = ForecastModel(combined)
     for name, model in models.items():
         default = cal if name == "garch-scale" else mix_cal
         pairs = (map_cal or {}).get(name, default)
-        crossfitted = name == "combined" and own_q is not None and pairs is mix_cal
-        knots = calibrate_confidence(model, pairs, widen(mixed, offsets) if crossfitted else None)
+        crossfitted = name == "combined" and own_at is not None
+        knots = calibrate_confidence(model, pairs, widen(mixed(pairs), offsets) if crossfitted else None)
         model.payload["confidence_x"], model.payload["confidence_y"] = knots
         models[name] = ForecastModel(model.payload)
     return models
