@@ -1,4 +1,5 @@
-"""Functions that do not forecast never import the science layer (numpy, pyarrow, joblib) nor boto3.
+"""What a function imports inside its first request: functions that do not forecast never import the science layer
+(numpy, pyarrow, joblib) nor boto3, and those that do import it at init.
 
 (Powertools itself imports botocore, which the Lambda runtime provides.)
 """
@@ -78,3 +79,56 @@ def test_health_builds_at_init_what_its_first_check_needs(clean_db, scheme):
     assert measured["storage"] == ("up" if scheme == "http" else "down")
     assert measured["tls"] == {"init": 1 if scheme == "https" else 0, "invoke": 0}
     assert set(measured["imported"]) <= HOST_NAME_CODEC
+
+
+CREATE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+sys.modules["pandas"] = None  # not in the science layer; pyarrow imports it when it can
+phase, connects = "init", {{"init": 0, "invoke": 0}}
+def audit(event, args):
+    if event == "socket.connect":
+        connects[phase] += 1
+sys.addaudithook(audit)
+from infra.lambda_loader import LambdaContext, load_handler
+handler = load_handler("functions/predictions_create")
+loaded = set(sys.modules)
+phase = "invoke"
+response = handler(json.loads({event!r}), LambdaContext())
+from candlecast import storage
+print(json.dumps({{"status": response["statusCode"], "connects": connects, "candle_files_read": len(storage._memory),
+                  "imported": sorted(set(sys.modules) - loaded)}}))
+"""
+
+
+def _run_create(environment: dict) -> dict:
+    script = CREATE_SCRIPT.format(root=str(ROOT), event=(EVENTS / "predictions_create.json").read_text())
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**environment, "PATH": "/usr/bin:/bin"})
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("redis", ["empty", "down"])
+def test_create_builds_at_init_what_its_first_request_needs(seeded, redis):
+    """The first create after init, whose candles come from S3 (Redis holds none, or is down: a warm container
+    that always found them in Redis is in the same place) and its model from the bucket, imports nothing (numpy,
+    pyarrow, joblib, boto3 and the model code loaded at init, which built the S3 filesystem and client without
+    connecting to anything)."""
+    environment = seeded.environment()
+    if redis == "down":
+        environment["REDIS_URL"] = "redis://127.0.0.1:9/0"
+    measured = _run_create(environment)
+    assert measured["status"] == 201
+    assert measured["candle_files_read"] == 1  # the candles came from the file in S3
+    assert measured["connects"]["init"] == 0
+    assert set(measured["imported"]) <= HOST_NAME_CODEC
+
+
+def test_create_init_succeeds_with_every_dependency_down(migrated_db):
+    """Init connects to nothing: with PostgreSQL, Redis and S3 all unreachable the function loads, and its first
+    request answers 503."""
+    environment = {**migrated_db.environment(), "DATABASE_URL": "postgresql://candlecast@127.0.0.1:9/candlecast",
+                   "REDIS_URL": "redis://127.0.0.1:9/0", "S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+    measured = _run_create(environment)
+    assert measured["status"] == 503
+    assert measured["connects"]["init"] == 0

@@ -10,8 +10,9 @@ import random
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from candlecast import cache, db, snapstart
+from candlecast import cache, db, snapstart, storage
 from candlecast.config import get_settings
+from candlecast.services import forecasting
 from infra.artifacts import SecretsExtension
 from infra.lambda_loader import LambdaContext, load_handler
 from tests.conftest import load_event, moto_secret
@@ -77,3 +78,18 @@ def test_no_connection_or_secret_from_before_the_snapshot_is_reused(deployed_sec
 def test_before_snapshot_warms_the_lazy_imports_where_they_exist():
     warmed = snapstart.warm_imports()
     assert "numpy" in warmed and "candlecast.forecast.model" in warmed  # the dev venv has the science stack
+
+
+def test_the_s3_clients_built_at_init_are_not_frozen_into_the_snapshot(seeded):
+    """predictions_create builds its S3 filesystem and client at init; the snapshot keeps neither (nor the
+    credentials they hold), and the first create after a restore builds its own."""
+    forecasting.prepare()  # what predictions_create's init does
+    assert snapstart.register()
+    filesystem, client = storage.filesystem(), storage.read_client()
+
+    run_hooks(snapshot_restore_py.get_before_snapshot())
+    run_hooks(snapshot_restore_py.get_after_restore())
+
+    handler = load_handler("functions/predictions_create")
+    assert handler(load_event("predictions_create.json"), LambdaContext())["statusCode"] == 201
+    assert storage.filesystem() is not filesystem and storage.read_client() is not client

@@ -13,6 +13,7 @@ from candlecast.schemas import PredictionRequest, PredictionWithSteps
 from candlecast.services import forecasting
 
 app = create_resolver()
+forecasting.prepare()
 READ_BACK = {"GetPrediction": {"operationId": "get_prediction",
                                "parameters": {"id": "$response.body#/id"}}}
 

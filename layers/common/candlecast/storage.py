@@ -2,8 +2,8 @@
 
 Layout: data/{STORAGE_NAME}/{tf}.parquet, models/{tf}.pkl (active), models/{tf}/{version}.pkl, key + ".sig".
 
-Clients are created lazily once per container. numpy and pyarrow are imported inside functions, so
-importing this module stays cheap for health and search.
+Clients are created once per container, at init by functions that read (prepare_reads). numpy and pyarrow are
+imported inside functions, so importing this module stays cheap for health and search.
 """
 
 import http.client
@@ -132,6 +132,20 @@ def read_client() -> Any:
 
 def filesystem() -> Any:
     return _client("pyarrow", _make_filesystem)
+
+
+def prepare_reads() -> None:
+    """Import the candle and model reading path (numpy, pyarrow's Parquet reader and S3 filesystem, boto3) and
+    build its filesystem and client now. Called during a function's init, which Lambda runs on a full vCPU; a
+    request that skips the Redis copy then loads none of it. Building them sends no request: init succeeds
+    with S3 down."""
+    import pyarrow.compute  # _table_to_candles casts timestamps with it
+    import pyarrow.parquet  # noqa: F401
+
+    import candlecast.candles  # noqa: F401 - numpy
+
+    filesystem()
+    read_client()
 
 
 def reset_clients() -> None:

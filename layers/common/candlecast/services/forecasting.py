@@ -73,6 +73,16 @@ def verified_model(row: dict):
         return model
 
 
+def prepare() -> None:
+    """Import and build during init what a first create would load inside its request: the model code, the model
+    file's reader and the candle reading path. No network call: init succeeds with every dependency down."""
+    import joblib  # noqa: F401 - load_model's; it imports loky and multiprocessing
+
+    import candlecast.forecast.model  # noqa: F401
+
+    storage.prepare_reads()
+
+
 def forget_models() -> None:
     with _models_lock:
         _models.clear()
