@@ -80,16 +80,16 @@ def test_before_snapshot_warms_the_lazy_imports_where_they_exist():
     assert "numpy" in warmed and "candlecast.forecast.model" in warmed  # the dev venv has the science stack
 
 
-def test_the_s3_clients_built_at_init_are_not_frozen_into_the_snapshot(seeded):
-    """predictions_create builds its S3 filesystem and client at init; the snapshot keeps neither (nor the
-    credentials they hold), and the first create after a restore builds its own."""
+def test_the_s3_filesystem_built_at_init_is_not_frozen_into_the_snapshot(seeded):
+    """predictions_create builds its S3 filesystem at init; the snapshot does not keep it (nor the credentials it
+    holds), and the first create after a restore builds its own."""
     forecasting.prepare()  # what predictions_create's init does
     assert snapstart.register()
-    filesystem, client = storage.filesystem(), storage.read_client()
+    filesystem = storage.filesystem()
 
     run_hooks(snapshot_restore_py.get_before_snapshot())
     run_hooks(snapshot_restore_py.get_after_restore())
 
     handler = load_handler("functions/predictions_create")
     assert handler(load_event("predictions_create.json"), LambdaContext())["statusCode"] == 201
-    assert storage.filesystem() is not filesystem and storage.read_client() is not client
+    assert storage.filesystem() is not filesystem

@@ -135,17 +135,18 @@ def filesystem() -> Any:
 
 
 def prepare_reads() -> None:
-    """Import the candle and model reading path (numpy, pyarrow's Parquet reader and S3 filesystem, boto3) and
-    build its filesystem and client now. Called during a function's init, which Lambda runs on a full vCPU; a
-    request that skips the Redis copy then loads none of it. Building them sends no request: init succeeds
-    with S3 down."""
+    """Import the candle reading path (numpy, pyarrow's Parquet reader and S3 filesystem) and build its filesystem
+    now, during a function's init, which Lambda runs on a full vCPU: a request that skips the Redis copy then
+    loads none of it. Building it sends no request, so init succeeds with S3 down. The boto3 client is left to
+    the first read that needs one: a deployed create loads its model from the artifact, and importing boto3 and
+    building a client here cost ~140 ms of init CPU for a client that first create never used."""
+    import botocore.exceptions  # noqa: F401 - _unavailable_as_503's
     import pyarrow.compute  # _table_to_candles casts timestamps with it
     import pyarrow.parquet  # noqa: F401
 
     import candlecast.candles  # noqa: F401 - numpy
 
     filesystem()
-    read_client()
 
 
 def reset_clients() -> None:

@@ -75,7 +75,8 @@ def verified_model(row: dict):
 
 def prepare() -> None:
     """Import and build during init what a first create would load inside its request: the model code, the model
-    file's reader and the candle reading path. No network call: init succeeds with every dependency down."""
+    file's reader and the candle reading path (not boto3: the deployed model file comes with the function). No
+    network call: init succeeds with every dependency down."""
     import joblib  # noqa: F401 - load_model's; it imports loky and multiprocessing
 
     import candlecast.forecast.model  # noqa: F401
