@@ -292,6 +292,13 @@ def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
     garch = comparison["methods"]["garch-t"]
     assert any(line.startswith("| 1d | 2019-21 ") for line in printed)  # coverage per era
     assert f"{garch['pin5']:.3f}, {100 * garch['vs_learned']['delta']:+.1f} %" in row
+    for timeframe, scores, (low80, high80), (low95, high95) in (
+            ("1d", comparison, (0.77, 0.83), (0.93, 0.97)), ("1w", short, (0.75, 0.85), (0.92, 0.98))):
+        horizon = scores["methods"]["learned"]["per_horizon"]
+        in_band = sum(low80 <= c80 <= high80 and low95 <= c95 <= high95
+                      for c80, c95 in zip(horizon["coverage_80"], horizon["coverage_95"], strict=True))
+        (line,) = [line for line in printed if line.startswith(f"| {timeframe} | learned |")]
+        assert f"| {in_band} of 30 |" in line
     (thin_row,) = [line for line in printed if line.startswith("| 1w | learned |")]
     assert " % [too few batches (1 of >= 60 bars; 2 needed)]" in thin_row
     assert main(["scorecard", "--manifest", str(manifest)]) == 0

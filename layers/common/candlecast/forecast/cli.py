@@ -121,6 +121,7 @@ def summary_table(manifest: dict) -> str:
     """Markdown, one row per timeframe: the shipped model's pin5 and coverage beside each peer's pin5 and Δ
     (every peer in the manifests, GARCH-t first), the holdout (`train_end`), then coverage per era."""
     from candlecast.forecast.report import delta_text
+    from candlecast.forecast.train import targets
 
     def delta(item: dict | None) -> str:
         if item is None:
@@ -132,7 +133,7 @@ def summary_table(manifest: dict) -> str:
     order = list(PEER_LABELS)
     peers = sorted(names - CANDIDATES, key=lambda name: (order.index(name) if name in order else len(order), name))
     header = ["tf", "shipped", "pin5"] + [f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers] + [
-        "cov80 / cov95 (range over h)", "ECE (worst bin)", "origins", "train_end"]
+        "cov80 / cov95 (range over h)", "horizons in band", "ECE (worst bin)", "origins", "train_end"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     eras = []
     for timeframe, entry in rows.items():
@@ -145,9 +146,14 @@ def summary_table(manifest: dict) -> str:
             cells.append("—" if scores is None else f"{scores['pin5']:.3f}, {delta(scores.get('vs_' + kind))}")
         low80, high80 = head["coverage_80_over_horizons"]
         low95, high95 = head["coverage_95_over_horizons"]
+        bands, horizon = targets(timeframe), model["per_horizon"]
+        inside = [[bands[name][0] <= value <= bands[name][1] for value in horizon[name]]
+                  for name in ("coverage_80", "coverage_95")]
+        in_band = sum(map(all, zip(*inside, strict=True)))
         lines.append(f"| {timeframe} | {kind} | {model['pin5']:.3f} | " + " | ".join(cells)
                      + f" | {model['coverage_80']:.3f} ({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} "
-                     f"({low95:.2f}–{high95:.2f}) | {model['ece']:.3f} ({head['worst_reliability_gap']:.3f}) "
+                     f"({low95:.2f}–{high95:.2f}) | {in_band} of {len(inside[0])} "
+                     f"| {model['ece']:.3f} ({head['worst_reliability_gap']:.3f}) "
                      f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
         era_cells = [f"{era} {e['coverage_80']:.3f} / {e['coverage_95']:.3f} ({e['n_pairs']:,} pairs)"
                      for era, e in model.get("eras", {}).items()]

@@ -42,6 +42,12 @@ VOLATILITY_ORIGINS = 25_000  # training origins (all 30 horizons known) the vola
 # alphabetically, which mixes long (LTC, NEO, XMR) and short (UNI) histories.
 HELD_OUT_COINS = frozenset({"BAT", "BTT", "DASH", "ETC", "LTC", "NEO", "QTUM", "UNI", "XMR"})
 TARGETS = {"coverage_80": (0.77, 0.83), "coverage_95": (0.93, 0.97), "ece": (0.0, 0.02)}
+# The issue's bands at 1w and 1m, whose few long-horizon origins make coverage noisier.
+WIDE_TARGETS = {"coverage_80": (0.75, 0.85), "coverage_95": (0.92, 0.98), "ece": (0.0, 0.02)}
+
+
+def targets(timeframe: Timeframe) -> dict:
+    return WIDE_TARGETS if timeframe in ("1w", "1m") else TARGETS
 BASELINE_NAME = "random-walk median, GARCH-style σ term structure, empirical z-quantiles, conformal per horizon"
 # Candles at the end of the data that nothing in `train` reads (walk-forward, model choice, final fit and
 # calibration): the manifest's `train_end` is the last candle before them, so forecasts made from the holdout
@@ -580,14 +586,11 @@ def _headline(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "per_horizon"}
 
 
-def meets_coverage(result: dict) -> bool:
-    return all(low <= result[name] <= high for name, (low, high) in TARGETS.items() if name.startswith("coverage"))
-
-
-def coverage_miss(result: dict) -> float:
-    """How far the 80 % and 95 % coverage fall outside their targets (0 within both)."""
-    return sum(max(low - result[name], result[name] - high, 0.0)
-               for name, (low, high) in TARGETS.items() if name.startswith("coverage"))
+def coverage_miss(result: dict, bands: dict) -> float:
+    """How far the 80 % and 95 % coverage fall outside `bands`, averaged over horizons (0: inside at every one)."""
+    return float(np.mean([sum(max(low - item[name], item[name] - high, 0.0)
+                              for name, (low, high) in bands.items() if name.startswith("coverage"))
+                          for item in result["per_horizon"]]))
 
 
 def _iso(seconds: float) -> str:
@@ -667,20 +670,21 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
     return WalkForward(results, fold_reports, test_all, outputs, last_models)
 
 
-def choose(results: dict) -> tuple[str, str]:
+def choose(results: dict, timeframe: Timeframe) -> tuple[str, str]:
     """(method, reason): of the candidates that beat the baseline's pinball loss on held-out coins and cover within
-    the targets, or no further outside them than the baseline does (the fallback is held to no target), the one with
-    the lowest loss; else the baseline."""
-    limit = coverage_miss(results["baseline"])
+    the timeframe's targets at every horizon, or on average over horizons no further outside them than the baseline
+    does (the fallback is held to no target), the one with the lowest loss; else the baseline."""
+    bands = targets(timeframe)
+    limit = coverage_miss(results["baseline"], bands)
     fitting = {name: result for name, result in results.items()
-               if name != "baseline" and result["pinball_skill"] > 0 and coverage_miss(result) <= limit}
+               if name != "baseline" and result["pinball_skill"] > 0 and coverage_miss(result, bands) <= limit}
     if not fitting:
         return "baseline", "baseline: no other candidate beats it on held-out coins, covering within the targets " \
-                           "or no further outside them than the baseline"
+                           "at every horizon or no further outside them than the baseline"
     best = max(fitting, key=lambda name: fitting[name]["pinball_skill"])
     names = ", ".join(sorted(results))
     return best, f"{best}: the lowest pinball loss on held-out coins of the candidates ({names}), covering within " \
-                 "the targets or no further outside them than the baseline"
+                 "the targets at every horizon or no further outside them than the baseline"
 
 
 def compare_candidates(loaded: list, result: WalkForward, timeframe: Timeframe, kind: str, progress: bool) -> dict:
@@ -746,7 +750,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     groups = coin_groups(loaded, plan.coin_groups)
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
                           progress, test_fraction, series_coins(loaded))
-    kind, reason = choose(result.results)
+    kind, reason = choose(result.results, timeframe)
     comparison = compare_candidates(loaded, result, timeframe, kind, progress)
     if evaluate_only:
         return {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
@@ -793,7 +797,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
             "held_out_groups": plan.coin_groups,
             "confidence_tolerance": config.tolerance,
             "wick_coefficient": shipped.wick,
-            "targets": TARGETS,
+            "targets": targets(timeframe),
             "volatility": shipped.volatility,
             "folds": result.folds,
             "test": chosen,  # the shipped kind's metrics (the track record reads them)
