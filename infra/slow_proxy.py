@@ -1,5 +1,6 @@
 """A TCP proxy in front of a real Redis that holds each chunk a client sends for `delay` seconds: a Redis that
-answers every command, slowly. The cache test and `make faults` put it between the service and Redis.
+answers every command, slowly. The cache test and `make faults` put it between the service and Redis. Given a
+server TLS context, it terminates TLS as ElastiCache does (rediss://localhost:PORT): the TLS cache test's Redis.
 
 `forwarded` holds (time.monotonic() on arrival, the chunk's first bytes, the delay it got) for every chunk
 a client sent towards Redis; `commands(since, until)` names the commands among them.
@@ -11,6 +12,7 @@ import contextlib
 import queue
 import re
 import socket
+import ssl
 import threading
 import time
 from urllib.parse import urlsplit
@@ -20,14 +22,16 @@ _COMMAND = re.compile(rb"^\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n")  # RESP: an array 
 
 
 class SlowProxy:
-    def __init__(self, upstream_url: str):
+    def __init__(self, upstream_url: str, tls: ssl.SSLContext | None = None):
         parts = urlsplit(upstream_url)
         self.upstream = (parts.hostname, parts.port or 6379)
         self.database = parts.path or "/0"
         self.delay = 0.0
         self.forwarded: list[tuple[float, bytes, float]] = []
+        self._tls = tls
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}{self.database}"
+        port = self._listener.getsockname()[1]
+        self.url = f"rediss://localhost:{port}{self.database}" if tls else f"redis://127.0.0.1:{port}{self.database}"
         self._closed = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -45,6 +49,14 @@ class SlowProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._tls is not None:
+                client.settimeout(5)  # a client that never finishes its handshake does not stop the proxy
+                try:
+                    client = self._tls.wrap_socket(client, server_side=True)
+                    client.settimeout(None)
+                except OSError:  # ssl.SSLError too: the client refused our certificate
+                    client.close()
+                    continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
             except OSError:  # Redis is down: the client sees its connection closed, as it would without us

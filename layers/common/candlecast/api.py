@@ -14,7 +14,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import RequestUnsupp
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from candlecast import redaction, snapstart, strictjson
+from candlecast import cache, redaction, snapstart, strictjson
 from candlecast.config import get_settings
 from candlecast.errors import (
     BadRequest,
@@ -123,6 +123,7 @@ def create_resolver(validation: bool = True) -> APIGatewayHttpResolver:
     """The resolver of an HTTP function. validation=False only for routes that take no input: Powertools then
     neither imports nor compiles its request validation on a cold start (the OpenAPI document is the same)."""
     get_settings()  # configuration is validated at cold start; a bad variable stops start-up, named
+    cache.prepare()  # every HTTP function reads the cache
     app = APIGatewayHttpResolver(enable_validation=validation, json_body_deserializer=strictjson.loads)
 
     @app.exception_handler(CandlecastError)

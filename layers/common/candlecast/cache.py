@@ -14,17 +14,20 @@ served to a client nor as an error.
 
 import json
 import os
+import ssl
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from aws_lambda_powertools import Logger
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from candlecast import tls
 from candlecast.config import get_settings
 
 logger = Logger(child=True)
@@ -121,14 +124,39 @@ _slow_in_a_row = 0
 _generation = 0  # reset_client starts a new one; a probe of an older one stops
 
 
+class _SharedContextConnection(redis.SSLConnection):
+    """redis-py's TLS connection on the container's shared context (`candlecast.tls`) where the URL sets no TLS
+    option of its own; otherwise redis-py's, which builds a context for every connection."""
+
+    def _wrap_socket_with_ssl(self, sock):
+        own_options = (self.certfile, self.keyfile, self.ca_certs, self.ca_path, self.ca_data, self.ssl_min_version,
+                       self.ssl_ciphers, self.ssl_include_verify_flags, self.ssl_exclude_verify_flags,
+                       self.ssl_validate_ocsp, self.ssl_validate_ocsp_stapled)
+        if self.cert_reqs != ssl.CERT_REQUIRED or not self.check_hostname or any(own_options):
+            return super()._wrap_socket_with_ssl(sock)
+        return tls.default_context().wrap_socket(sock, server_hostname=self.host)
+
+
+def _uses_tls(url: str) -> bool:
+    return urlsplit(url).scheme == "rediss"
+
+
+def prepare() -> None:
+    """At init: the TLS context that the first connection to a rediss:// Redis would build in the first invoke."""
+    if _uses_tls(get_settings().redis_url):
+        tls.default_context()
+
+
 def get_client() -> redis.Redis:
     global _client
     if _client is None:
         with _client_lock:
             if _client is None:
                 settings = get_settings()
+                tls_options = {"connection_class": _SharedContextConnection} if _uses_tls(settings.redis_url) else {}
                 _client = redis.Redis.from_url(
                     settings.redis_url,
+                    **tls_options,
                     socket_timeout=settings.redis_socket_timeout,
                     socket_connect_timeout=settings.redis_socket_timeout,
                     # No retry: a request waits at most one socket timeout for a cache.
@@ -185,8 +213,10 @@ def _probe(generation: int) -> None:
     """Ping until Redis answers quickly, then let requests use it again (only this thread waits on a dead or
     slow cache)."""
     global _down
-    while generation == _generation:
+    while True:
         time.sleep(PROBE_INTERVAL_SECONDS)
+        if generation != _generation:  # reset_client superseded this probe while it slept
+            return
         started = time.monotonic()
         try:
             get_client().ping()

@@ -7,7 +7,6 @@ imported inside functions, so importing this module stays cheap for health and s
 """
 
 import http.client
-import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -19,7 +18,7 @@ from urllib.parse import urlparse, urlsplit
 
 from aws_lambda_powertools import Logger
 
-from candlecast import cache
+from candlecast import cache, tls
 from candlecast.config import get_settings
 from candlecast.errors import StorageUnavailable
 from candlecast.tickers import storage_name
@@ -494,16 +493,11 @@ def bucket_url() -> str:
     return f"https://{settings.data_bucket}.s3.{settings.aws_region}.amazonaws.com/"
 
 
-def _bucket_tls() -> ssl.SSLContext:
-    """The bucket check's TLS context, verified, one per container: loading the CA store is ~20 ms of CPU."""
-    return _client("bucket-tls", ssl.create_default_context)
-
-
 def prepare_bucket_check() -> None:
     """Build the check's TLS context now, when the bucket is reached over HTTPS (as deployed). Called during a
     function's init, which Lambda runs on a full vCPU; an invoke gets the memory's share (0.14 vCPU at 256 MB)."""
     if urlsplit(bucket_url()).scheme == "https":
-        _bucket_tls()
+        tls.default_context()
 
 
 def check_bucket(timeout: float = 1.0) -> bool:
@@ -515,7 +509,7 @@ def check_bucket(timeout: float = 1.0) -> bool:
     """
     url = urlsplit(bucket_url())
     if url.scheme == "https":
-        connection = http.client.HTTPSConnection(url.hostname, url.port, timeout=timeout, context=_bucket_tls())
+        connection = http.client.HTTPSConnection(url.hostname, url.port, timeout=timeout, context=tls.default_context())
     else:
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
     try:
