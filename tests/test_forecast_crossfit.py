@@ -36,30 +36,66 @@ def blocks(count: int = 1500):
 
 def test_every_tree_fit_of_the_walk_forward_leaves_out_whole_coins_and_later_outcomes(monkeypatch):
     _, origins, held, fold, *_ = blocks()
-    fitted = []
-    real = training.fit_boosters
+    fitted, cells = [], []
+    real_fit, real_splits = training.fit_boosters, training.crossfit_splits
 
-    def spy(train, *args, **kwargs):
-        fitted.append(train)
-        return real(train, *args, **kwargs)
+    def spy_fit(train, z, *args, **kwargs):
+        fitted.append((train, z))
+        return real_fit(train, z, *args, **kwargs)
 
-    monkeypatch.setattr(training, "fit_boosters", spy)
+    def spy_splits(train, past, coins, plan, embargo):
+        for mine, index, pairs in real_splits(train, past, coins, plan, embargo):
+            cells.append((train, past, mine, pairs))
+            yield mine, index, pairs
+
+    monkeypatch.setattr(training, "fit_boosters", spy_fit)
+    monkeypatch.setattr(training, "crossfit_splits", spy_splits)
     monkeypatch.setitem(training.PLANS, "1h", PLAN)
     training.walk_forward("1h", origins, [held], 0.3, 1, np.random.default_rng(0), False, 0.3, COINS)
-    main, *crossfits = fitted
-    assert len(crossfits) == 3
+    (main, _), *crossfits = fitted
+    assert len(crossfits) == len(cells) == PLAN.tree_folds * PLAN.tree_blocks
     training_coins = set(COINS[main.series])
     assert training_coins == set(COINS[:10])  # the held-out coins never
     left_out = []
-    for trees in [main, *crossfits]:
+    for trees, z in [(main, None), *crossfits]:
         assert trees.label_time[np.isfinite(trees.log_return)].max() < fold.cal_start  # purged at the cutoff
+        if z is not None:  # the trees learn only the outcomes left after the purge
+            np.testing.assert_array_equal(np.isfinite(z), np.isfinite(trees.log_return))
         seen = set(COINS[trees.series])
         left_out.append(training_coins - seen)
         # A coin is in or out whole: both of its files.
         assert all(np.isin(np.flatnonzero(np.equal(COINS, coin)), trees.series).all() for coin in seen)
     assert left_out[0] == set()
-    assert set().union(*left_out[1:]) == training_coins  # every coin is left out once, by one fit
-    assert sum(len(coins) for coins in left_out[1:]) == len(training_coins)
+    assert all(len(coins) >= 2 for coins in left_out[1:])
+    assert set().union(*left_out[1:]) == training_coins  # every coin is left out, in every block
+
+    embargo = PLAN.embargo_bars * 3600
+    spans = {}
+    for (train, past, mine, pairs), (trees, _) in zip(cells, crossfits, strict=True):
+        assert trees is pairs  # the tree fit of this cell
+        predicted = train.take(past[mine])
+        # Pairs of one coin group, the one the trees never saw.
+        assert set(COINS[predicted.series]) == training_coins - set(COINS[trees.series])
+        known = np.isfinite(predicted.log_return)
+        start, end = predicted.time.min(), predicted.label_time[known].max()
+        # No fitted outcome's window [origin, label candle] comes within the embargo of the block's windows.
+        fitted_known = np.isfinite(trees.log_return)
+        windows_end = trees.label_time[fitted_known]
+        windows_start = np.broadcast_to(trees.time[:, None], fitted_known.shape)[fitted_known]
+        assert ((windows_end < start - embargo) | (windows_start > end + embargo)).all()
+        sides = ((windows_end < start - embargo).any(), (windows_start > end + embargo).any())
+        spans.setdefault(frozenset(COINS[predicted.series]), []).append((start, predicted.time.max(), sides))
+    # Each (coin group, time block) is predicted once: per group, disjoint contiguous blocks covering every pair.
+    train, past = cells[0][:2]
+    assert all(cell[0] is train and cell[1] is past for cell in cells)
+    assert len(spans) == PLAN.tree_folds and all(len(blocks) == PLAN.tree_blocks for blocks in spans.values())
+    for blocks_of_group in spans.values():
+        first, middle, last = sorted(blocks_of_group, key=lambda span: span[0])
+        assert first[1] < middle[0] and middle[1] < last[0]
+        # Trees learn from the time around the block: after the first, before the last, both sides of the middle.
+        assert first[2] == (False, True) and middle[2] == (True, True) and last[2] == (True, False)
+    predicted_positions = np.sort(np.concatenate([mine for _, _, mine, _ in cells]))
+    np.testing.assert_array_equal(predicted_positions, np.arange(len(past)))
 
 
 def test_a_pairs_crossfitted_quantiles_ignore_every_outcome_of_its_coin():
