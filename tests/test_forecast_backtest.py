@@ -113,5 +113,8 @@ def test_train_evaluate_only_prints_the_walk_forward_comparison_and_writes_no_mo
                  "--folds", "3", "--test-fraction", "0.7", "--holdout-bars", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["shipped"] == result["would_ship"]  # the same walk-forward
     assert (out / "1m.pkl").exists() and (out / "1m.pkl.sig").exists()
-    assert "conformal-rw" in json.loads((out / "manifest.json").read_text())["1m"]["metrics"]["comparison"]["methods"]
+    metrics = json.loads((out / "manifest.json").read_text())["1m"]["metrics"]
+    assert "conformal-rw" in metrics["comparison"]["methods"]
+    assert metrics["held_out_groups"] == 3  # every coin held out by one of the passes
+    assert metrics["held_out_symbols"] == ["ADAUSD", "BTCUSD", "ETHUSD", "LTCUSD", "XRPUSD"]
     assert (reports / "1m" / "report.png").read_bytes().startswith(b"\x89PNG")

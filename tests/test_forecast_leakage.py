@@ -1,5 +1,7 @@
 """Leakage test: on a pure random walk nothing is predictable, so the learned model must show ≈ 0 skill."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -132,6 +134,59 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
                  and np.any(~held & (origins.time >= earlier.cal_start) & (origins.time < earlier.cal_end))
                  for held in groups]
     assert not all(trainable) and first < np.quantile(months, 0.25)
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "4h", "1d"])
+def test_walk_forward_over_a_share_of_time_tests_every_coin_in_turn_without_leakage(timeframe, monkeypatch):
+    """1h/4h/1d test every coin in turn too (HELD_OUT_COINS, then the other coins in two halves), each group on the
+    same folds over the last share of the pooled origins, trained and calibrated only on the other coins."""
+    from types import SimpleNamespace
+
+    from candlecast.forecast import train as training
+    from candlecast.timeframes import nominal_seconds
+
+    plan = training.PLANS[timeframe]
+    assert plan.test_fraction is not None and plan.coin_groups == 3
+    names = ["ADA", "BAT", "BTC", "DOT", "ETH", "LTC", "NEO", "SOL", "XRP"]  # BAT, LTC, NEO are HELD_OUT_COINS
+    bar = nominal_seconds(timeframe)
+    loaded = []
+    for seed, name in enumerate(names):  # coins join over time
+        walk = random_walk(seed, 1800 - 100 * seed)
+        start = 1_500_000_000 // 86400 * 86400 + 100 * seed * bar
+        walk = Candles(start + bar * np.arange(len(walk.close), dtype=np.int64), walk.open, walk.high, walk.low,
+                       walk.close, walk.volume)
+        loaded.append((SimpleNamespace(base=name, pair=name + "USDT"), walk))
+    groups = training.coin_groups(loaded, plan.coin_groups)
+    assert [sorted(np.array(names)[group]) for group in groups] == [["BAT", "LTC", "NEO"], ["ADA", "DOT", "SOL"],
+                                                                    ["BTC", "ETH", "XRP"]]
+    origins = build_origins(loaded, CONFIGS[timeframe])
+    held = [group[origins.series] for group in groups]
+    fitted = []
+
+    def spy(timeframe, train, cal, *args, **kwargs):  # no model: the splits are under test
+        fitted.append((train, cal))
+        return {}
+
+    monkeypatch.setattr(training, "fit_models", spy)
+    result = training.walk_forward(timeframe, origins, held, 0.3, None, np.random.default_rng(0), False)
+    assert len(result.folds) == 3 * plan.folds
+    # Every group is tested on the folds the HELD_OUT_COINS alone would be: the same span of time.
+    steps = training.walk_forward_steps(timeframe, plan, origins, held)
+    assert [fold for _, fold in steps] == [fold for _, fold in training.walk_forward_steps(
+        timeframe, replace(plan, coin_groups=1), origins, held[:1])] * 3
+    offset = 0
+    for (mask, fold), (train, cal), report in zip(steps, fitted, result.folds, strict=True):
+        test = result.test.take(slice(offset, offset + report["n_test_origins"]))
+        offset += report["n_test_origins"]
+        tested = set(np.unique(test.series))
+        assert tested == set(np.unique(origins.series[mask]))  # every coin of the group, no other
+        assert not tested & set(np.unique(np.concatenate([train.series, cal.series])))
+        assert train.time.max() < cal.time.min() and cal.time.max() < test.time.min()
+        assert train.label_time[np.isfinite(train.log_return)].max() < cal.time.min()  # purged
+        assert cal.label_time[np.isfinite(cal.log_return)].max() < test.time.min()
+        assert fold.test_start <= test.time.min() and test.time.max() < fold.test_end
+    assert offset == len(result.test)
+    assert set(np.unique(result.test.series)) == set(range(len(names)))  # every coin is tested
 
 
 def test_calibrating_on_history_is_not_fooled_by_one_calm_block():
