@@ -152,3 +152,26 @@ def test_crossfitted_calibration_is_not_fooled_by_one_calm_block_and_ships_what_
             for key in block["trees"]:  # the shipped trees are the same: cross-fitting only calibrates
                 np.testing.assert_array_equal(block["trees"][key], crossfit["trees"][key])
             assert_predict_is_what_the_walk_forward_scores(fitted[variant][name], loaded[11][1].tail(900))
+
+
+def test_a_block_whose_other_coin_groups_have_no_pairs_outside_it_is_left_out_of_the_history():
+    """Coins listed late: when the other coin groups hold outcomes only within a block, no out-of-sample trees
+    exist for that block's pairs, so they leave the calibration history rather than being fitted in sample."""
+    from candlecast.forecast.model import ForecastModel
+
+    *_, train, cal, _ = blocks()
+    learned = fit_models("1h", train, cal, 0.3, replace(PLAN, tree_folds=0), np.random.default_rng(0), False)["learned"]
+    group = training.coin_folds(train.series, COINS, PLAN.tree_folds)
+    late = train.time >= np.quantile(train.time, 0.7)  # inside the last of three blocks of equal pair counts
+    listed_late = train.take(slice(None))
+    listed_late.log_return = np.where(((group == 0) | late)[:, None], train.log_return, np.nan)
+    history, q = crossfit_history(ForecastModel(learned.payload), listed_late, cal, listed_late.z, train.scale, PLAN,
+                                  np.random.default_rng(1), COINS)
+    full = training.calibration_history(listed_late, cal)
+    past = len(full) - len(cal)
+    full_group = training.coin_folds(full.series[:past], COINS, PLAN.tree_folds)
+    last_block = full.time[:past] >= np.quantile(train.time, 2 / 3)
+    dropped = (full_group == 0) & last_block
+    assert dropped.any() and len(history) == len(full) - dropped.sum() == len(q)
+    np.testing.assert_array_equal(history.time, full.time[np.concatenate([~dropped, np.ones(len(cal), bool)])])
+    assert np.array_equal(q[-len(cal):], learned.shape_quantiles(cal.features, conformal=False))

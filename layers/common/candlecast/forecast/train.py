@@ -489,7 +489,8 @@ def crossfit_history(model: ForecastModel, train: Origins, cal: Origins, z_train
                      coins: np.ndarray | None) -> tuple[Origins, np.ndarray]:
     """(`calibration_history(train, cal)`, the raw tree quantiles (n, 30, 7) of each of its pairs, out of sample):
     a training pair's from trees fitted like `model`'s on the other coin groups' pairs away from its time block
-    (`crossfit_splits`), a calibration pair's from `model`'s own trees (fitted on pairs before it). The trees
+    (`crossfit_splits`; a cell with too few such pairs for a leaf leaves its pairs out of the history), a
+    calibration pair's from `model`'s own trees (fitted on pairs before it). The trees
     share `model`'s volatility scale, as the baseline's table does (a few weights fitted on every training coin)."""
     history = calibration_history(train, cal)
     past = np.arange(0, len(train), history_stride(len(train), len(cal)))
@@ -499,13 +500,21 @@ def crossfit_history(model: ForecastModel, train: Origins, cal: Origins, z_train
     q[len(past):] = model.shape_quantiles(cal.features, conformal=False)
     embargo = plan.embargo_bars * nominal_seconds(model.timeframe)
     child = rng.spawn(1)[0]  # `rng`'s own stream (the later folds' draws) stays as without cross-fitting
+    predicted = np.ones(len(history), dtype=bool)
     for mine, index, pairs in crossfit_splits(train, past, coins, plan, embargo):
+        known = np.isfinite(pairs.log_return[:: plan.train_stride])
+        if known.sum() * plan.horizons_per_origin / len(HORIZONS) < plan.min_leaf:
+            # e.g. the other groups' coins all listed within this block: no out-of-sample trees, left out
+            predicted[mine] = False
+            continue
         z = np.where(np.isfinite(pairs.log_return), z_train[index], np.nan)
         trees = ForecastModel(model.payload | {
             "trees": fit_boosters(pairs, z, weight_train[index], plan, child, False)})
         for chunk in np.array_split(mine, max(1, len(mine) // 20_000)):  # memory: (rows, 30, features) at once
             q[chunk] = trees.shape_quantiles(train.features[past[chunk]], conformal=False)
-    return history, q
+    if predicted.all():
+        return history, q
+    return history.take(predicted), q[predicted]
 
 
 def crossfit_splits(train: Origins, past: np.ndarray, coins: np.ndarray | None, plan: TrainPlan, embargo: float):
