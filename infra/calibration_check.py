@@ -10,7 +10,7 @@ block; the models calibrate on that block ("block") or on the history cross-fitt
 (`TrainPlan.tree_folds`): offsets and confidence map ("history K", the map only where the plan's
 `confidence_on_history`), or the map alone ("map K"), and are scored on the fold's calibration block.
 
-    python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3"] [--trees-only]
+    python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
 """
 
 import argparse
@@ -86,8 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
     parser.add_argument("--data", default="../shared/data/ohlcv")
-    parser.add_argument("--trees", nargs="+", default=["block", "history 3", "history 5", "map 3"],
-                        help="calibration variants of the tree check: block, history K, map K")
+    parser.add_argument("--trees", nargs="*", default=["block", "history 3", "history 5", "map 3"],
+                        help="calibration variants of the tree check: block, history K, map K (none: skip it)")
     parser.add_argument("--trees-only", action="store_true", help="skip the table-based models' check")
     args = parser.parse_args()
     tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
@@ -98,7 +98,7 @@ def main() -> None:
     cover = {variant: [] for variant in WEIGHTS}
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
-    if plan.learned:
+    if plan.learned and args.trees:
         tree_check(tf, plan, origins, groups, T.series_coins(loaded), args.trees)
     if args.trees_only:
         return
@@ -108,7 +108,7 @@ def main() -> None:
                        fold.test_start)
         if len(train) < 100 or len(cal) == 0:
             continue
-        volatility = T.fit_volatility(train, rng, max_origins=plan.volatility_origins)
+        volatility = T.fit_volatility(train, rng, T.volatility_estimates(plan), max_origins=plan.volatility_origins)
         f_train, f_cal = volatility_factor(train.features, volatility), volatility_factor(cal.features, volatility)
         z_train, z_cal = train.z / f_train, cal.z / f_cal
         table = T.empirical_quantiles(z_train, train.scale * f_train)

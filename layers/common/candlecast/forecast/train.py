@@ -326,6 +326,11 @@ VOLATILITY_ESTIMATES = ("ewma", "range")  # next-bar variance estimates of `mode
 HAR_ESTIMATES = (*VOLATILITY_ESTIMATES, *HAR_WINDOWS)  # and the Garman-Klass range variances (HAR: Corsi 2009)
 
 
+def volatility_estimates(plan: TrainPlan) -> tuple[str, ...]:
+    """The next-bar variance estimates `plan` fits the volatility scale with."""
+    return HAR_ESTIMATES if plan.har else VOLATILITY_ESTIMATES
+
+
 def fit_volatility(train: Origins, rng: np.random.Generator, estimates: tuple[str, ...] = VOLATILITY_ESTIMATES,
                    max_origins: int = VOLATILITY_ORIGINS) -> dict:
     """GARCH-style weights of `model.volatility_factor` (of `estimates` and the long-run level) that minimise the
@@ -439,8 +444,8 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     """
     from candlecast.forecast.model import volatility_factor
 
-    estimates = HAR_ESTIMATES if plan.har else VOLATILITY_ESTIMATES
-    volatility = fit_volatility(train, rng, estimates, max_origins=plan.volatility_origins) if plan.volatility else None
+    volatility = (fit_volatility(train, rng, volatility_estimates(plan), max_origins=plan.volatility_origins)
+                  if plan.volatility else None)
     factor_train = volatility_factor(train.features, volatility)
     z_train, weight_train = train.z / factor_train, train.scale * factor_train
     raw_table = empirical_quantiles(z_train, weight_train)
