@@ -44,10 +44,6 @@ HELD_OUT_COINS = frozenset({"BAT", "BTT", "DASH", "ETC", "LTC", "NEO", "QTUM", "
 TARGETS = {"coverage_80": (0.77, 0.83), "coverage_95": (0.93, 0.97), "ece": (0.0, 0.02)}
 # The issue's bands at 1w and 1m, whose few long-horizon origins make coverage noisier.
 WIDE_TARGETS = {"coverage_80": (0.75, 0.85), "coverage_95": (0.92, 0.98), "ece": (0.0, 0.02)}
-
-
-def targets(timeframe: Timeframe) -> dict:
-    return WIDE_TARGETS if timeframe in ("1w", "1m") else TARGETS
 BASELINE_NAME = "random-walk median, GARCH-style σ term structure, empirical z-quantiles, conformal per horizon"
 # Candles at the end of the data that nothing in `train` reads (walk-forward, model choice, final fit and
 # calibration): the manifest's `train_end` is the last candle before them, so forecasts made from the holdout
@@ -324,6 +320,11 @@ def _volatility(theta: np.ndarray, estimates: tuple[str, ...]) -> dict:
 
 VOLATILITY_ESTIMATES = ("ewma", "range")  # next-bar variance estimates of `model.volatility_factor`
 HAR_ESTIMATES = (*VOLATILITY_ESTIMATES, *HAR_WINDOWS)  # and the Garman-Klass range variances (HAR: Corsi 2009)
+
+
+def targets(timeframe: Timeframe) -> dict:
+    """The issue's coverage bands (and ECE bound) for `timeframe`."""
+    return WIDE_TARGETS if timeframe in ("1w", "1m") else TARGETS
 
 
 def volatility_estimates(plan: TrainPlan) -> tuple[str, ...]:
