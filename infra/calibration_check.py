@@ -29,31 +29,17 @@ from candlecast.forecast.evaluate import (
     pin5_loss,
     reliability,
 )
-from candlecast.forecast.features import CONFIGS, INTERVAL_ALPHAS, INTERVALS, MEDIAN
+from candlecast.forecast.features import CONFIGS, INTERVALS, MEDIAN
 from candlecast.forecast.model import HORIZONS, raw_confidence, volatility_factor, widen
 from candlecast.timeframes import nominal_seconds
 
-YEAR = 365.25 * 86400
-WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}
+WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}  # half-lives
 
 
 def weights(times: np.ndarray, variant: str) -> np.ndarray:
     if WEIGHTS[variant] is None:
         return (times >= np.quantile(times, 0.8)).astype(float)
-    return 0.5 ** ((times.max() - times) / YEAR / WEIGHTS[variant])
-
-
-def offsets(table: np.ndarray, z: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    out = np.zeros((len(HORIZONS), len(INTERVALS)))
-    for i in range(len(HORIZONS)):
-        known = np.isfinite(z[:, i]) & (weight > 0)
-        if known.sum() < T.MIN_PAIRS_PER_HORIZON:  # as `train.conformal_offsets`: the previous horizon's
-            out[i] = out[i - 1] if i else 0.0
-            continue
-        for j, ((lower, upper), alpha) in enumerate(zip(INTERVALS, INTERVAL_ALPHAS, strict=True)):
-            score = np.maximum(table[i, lower] - z[known, i], z[known, i] - table[i, upper])
-            out[i, j] = T.weighted_quantiles(score, weight[known], np.array([1 - alpha]))[0]
-    return out
+    return T.decay_weights(times, float(times.max()), WEIGHTS[variant])
 
 
 def coverage(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,10 +98,11 @@ def main() -> None:
         f_train, f_cal = volatility_factor(train.features, volatility), volatility_factor(cal.features, volatility)
         z_train, z_cal = train.z / f_train, cal.z / f_cal
         table = T.empirical_quantiles(z_train, train.scale * f_train)
+        at_train = np.broadcast_to(table, (len(train), *table.shape))
         for variant in WEIGHTS:
-            q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, variant))))
+            q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, variant))))
             cover[variant].append(coverage(q[None], z_cal))
-        q = T.monotone_spread(widen(table, offsets(table, z_train, weights(train.time, "history"))))
+        q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, "history"))))
         pairs = []
         for block, factor in ((train, f_train), (cal, f_cal)):
             zq = q[None] * factor[..., None]

@@ -67,9 +67,13 @@ class TrainPlan:
     # 2020-21 bull run), and its per-horizon offsets swing with it from fold to fold (4h, 80 % at h30: +0.24 then
     # −0.08 z). An inner walk-forward on training coins only (`python -m infra.calibration_check`: each fold's
     # calibration block scored, offsets from the training block before it) chose it at 4h, 1d, 1w and 1m, and the
-    # block at 1h (months of hourly bars per block); exponential time decay (half-life 0.5-2 years) did no better
-    # than none. The learned trees are fitted on the training block: see `tree_folds`.
+    # block at 1h (months of hourly bars per block). The learned trees are fitted on the training block: see
+    # `tree_folds`.
     calibrate_on_history: bool = True
+    # Weigh those conformal offsets' pairs by 0.5 ** (age / half-life), age in years before the newest calibration
+    # origin (`calibration_weights`); None: equal weights. On the check's pre-HAR scale decay did no better than
+    # none; on the plans' HAR scale (session 7) half-lives of 0.5-1 y scored lowest at 1h and 2 y at 1m: DECIDED
+    calibration_half_life: float | None = None
     # Fit their confidence maps on that history too (else on the calibration block). The same inner check chose
     # history at 1d, 1w and 1m (log loss 0.3762 vs 0.3775 at 1d) and the block at 1h and 4h (0.3189 vs 0.3196 at
     # 4h): how often an intraday close lands within τ drifted with the market more than the offsets did.
@@ -246,20 +250,30 @@ def monotone_spread(table: np.ndarray) -> np.ndarray:
     return scaled / root
 
 
-def conformal_offsets(q: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """(30, 3) CQR widening per horizon of the 95/80/50% intervals (Romano et al. 2019)."""
+def conformal_offsets(q: np.ndarray, z: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(30, 3) CQR widening per horizon of the 95/80/50% intervals (Romano et al. 2019); pair i counts `weights[i]`
+    times (default 1; weighted conformal, Barber, Candès, Ramdas & Tibshirani 2023, the forecast counting 1)."""
+    weights = np.ones(len(z)) if weights is None else weights
     offsets = np.zeros((len(HORIZONS), len(INTERVALS)))
     for i in range(len(HORIZONS)):
-        known = np.isfinite(z[:, i])
+        known = np.isfinite(z[:, i]) & (weights > 0)
         n = int(known.sum())
         for j, ((lower, upper), alpha) in enumerate(zip(INTERVALS, INTERVAL_ALPHAS, strict=True)):
             if n < MIN_PAIRS_PER_HORIZON:
                 offsets[i, j] = offsets[i - 1, j] if i else 0.0
                 continue
             score = np.maximum(q[known, i, lower] - z[known, i], z[known, i] - q[known, i, upper])
-            level = min(math.ceil((n + 1) * (1 - alpha)) / n, 1.0)
-            offsets[i, j] = np.quantile(score, level, method="higher")
+            offsets[i, j] = conformal_quantile(score, weights[known], alpha)
     return offsets
+
+
+def conformal_quantile(score: np.ndarray, weights: np.ndarray, alpha: float) -> float:
+    """The lowest score with at least (1 − alpha)·(total weight + 1) of weight below it, else the highest: with
+    unit weights the ⌈(n + 1)(1 − alpha)⌉-th order statistic counted from 0."""
+    order = np.argsort(score, kind="stable")
+    below = np.concatenate([[0.0], np.cumsum(weights[order])[:-1]])
+    index = int(np.searchsorted(below, (1 - alpha) * (weights.sum() + 1)))
+    return float(score[order[min(index, len(score) - 1)]])
 
 
 def logistic_map(raw: np.ndarray, hit: np.ndarray, knots: int = 401) -> tuple[np.ndarray, np.ndarray]:
@@ -453,7 +467,8 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     baseline_cal = calibration_history(train, cal) if plan.calibrate_on_history else cal
     table_at_cal = np.broadcast_to(raw_table, (len(baseline_cal), *raw_table.shape))
     baseline_z = baseline_cal.z / volatility_factor(baseline_cal.features, volatility)
-    baseline_q = monotone_spread(widen(raw_table, conformal_offsets(table_at_cal, baseline_z)))
+    baseline_weights = calibration_weights(train, cal, plan)
+    baseline_q = monotone_spread(widen(raw_table, conformal_offsets(table_at_cal, baseline_z, baseline_weights)))
     models = {}
     baseline = ForecastModel(payload(timeframe, "baseline", baseline_q=baseline_q, wick=wick, version=version,
                                      volatility=volatility))
@@ -486,7 +501,7 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
         models["learned"] = ForecastModel(learned.payload)
     own = models.get("learned", models["baseline"])
     models.update(fit_garch_models(timeframe, train, baseline_cal, own, mix_cal,
-                                   {"garch-scale": map_cal, "combined": combined_map}, own_at))
+                                   {"garch-scale": map_cal, "combined": combined_map}, own_at, baseline_weights))
     return models
 
 
@@ -572,6 +587,30 @@ def history_stride(n_train: int, n_cal: int, limit: int = HISTORY_ORIGINS) -> in
     return max(1, math.ceil(n_train / max(limit - n_cal, 1)))
 
 
+YEAR_SECONDS = 365.25 * 86400
+
+
+def decay_weights(times: np.ndarray, cutoff: float, half_life: float) -> np.ndarray:
+    """0.5 ** (age / half_life) of origins at `times` (seconds), age in years before `cutoff`: 1 at the cutoff."""
+    if (times > cutoff).any():
+        raise ValueError("a pair after the cutoff cannot be weighed by its age")
+    return 0.5 ** ((cutoff - times) / YEAR_SECONDS / half_life)
+
+
+def calibration_weights(train: Origins, cal: Origins, plan: TrainPlan,
+                        limit: int = HISTORY_ORIGINS) -> np.ndarray | None:
+    """Weights of the pairs of `calibration_history(train, cal)` in the table-based models' conformal offsets:
+    None (equal) without `plan.calibration_half_life` or `plan.calibrate_on_history`, else `decay_weights` from the
+    newest calibration origin times the origins each pair stands for (the training block is thinned by
+    `history_stride`, the calibration block by `plan.eval_stride`)."""
+    if plan.calibration_half_life is None or not plan.calibrate_on_history:
+        return None
+    stride = history_stride(len(train), len(cal), limit)
+    times = np.concatenate([train.time[::stride], cal.time])
+    density = np.where(np.arange(len(times)) < len(times) - len(cal), stride / plan.eval_stride, 1.0)
+    return density * decay_weights(times, float(times.max()), plan.calibration_half_life)
+
+
 # Equal weights: estimated combination weights are noisy and rarely beat the simple average out of sample
 # (the "forecast combination puzzle", Stock & Watson 2004; Claeskens et al. 2016).
 COMBINATION_WEIGHT = 0.5
@@ -579,17 +618,19 @@ COMBINATION_WEIGHT = 0.5
 
 def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: ForecastModel,
                      mix_cal: Origins | None = None, map_cal: dict | None = None,
-                     own_at: Callable[[Origins], np.ndarray] | None = None) -> dict:
+                     own_at: Callable[[Origins], np.ndarray] | None = None,
+                     weights: np.ndarray | None = None) -> dict:
     """{'garch-scale': the series' own GARCH(1,1) as the scale with per-horizon empirical quantiles, calibrated on
     `cal`, 'combined': the quantile average (Vincentization) of `own` and that GARCH model, calibrated on `mix_cal`
     (default `cal`: pairs `own` was not fitted on)} (conformal per horizon, then the confidence map, fitted on
     `map_cal[name]`, default the same pairs). `own_at(pairs)`: `own`'s z-quantiles at those pairs when they are not
-    its predictions there (cross-fitted, `crossfit_history`). Nothing here reads a held-out coin."""
+    its predictions there (cross-fitted, `crossfit_history`). `weights`: of `cal`'s pairs in the conformal offsets
+    (and `mix_cal`'s when it is `cal`; `conformal_offsets`). Nothing here reads a held-out coin."""
     from candlecast.forecast.garch import TRAINING_FIT, scale_factor
 
     g_train, g_cal = scale_factor(train.garch), scale_factor(cal.garch)
     table = empirical_quantiles(train.z / g_train, train.scale * g_train)
-    offsets = conformal_offsets(np.broadcast_to(table, (len(cal), *table.shape)), cal.z / g_cal)
+    offsets = conformal_offsets(np.broadcast_to(table, (len(cal), *table.shape)), cal.z / g_cal, weights)
     member = monotone_spread(widen(table, offsets))
     no_widening = np.zeros((len(HORIZONS), len(INTERVALS)))
     part = {"window": CONFIGS[timeframe].lookback - 1, "fit": TRAINING_FIT, "quantiles": member, "weight": 0.0,
@@ -603,7 +644,7 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
         return (COMBINATION_WEIGHT * own_q
                 + (1 - COMBINATION_WEIGHT) * member[None] * scale_factor(pairs.garch)[..., None])
 
-    offsets = conformal_offsets(mixed(mix_cal), mix_cal.z)
+    offsets = conformal_offsets(mixed(mix_cal), mix_cal.z, weights if mix_cal is cal else None)
     combined = own.payload | {"name": f"candlecast-{timeframe}-combined", "method": "combined",
                               "garch": part | {"weight": COMBINATION_WEIGHT, "conformal": offsets}}
     models["combined"] = ForecastModel(combined)
