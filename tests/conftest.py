@@ -7,6 +7,10 @@ import json
 import os
 from pathlib import Path
 
+# One OpenMP thread for LightGBM (train.fit_boosters: num_threads 0): the test fits are small, and on a loaded
+# 2-core machine OpenMP's spinning threads made each fit 10-15x slower. Set before anything loads libgomp.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 from infra.events import EVENTS, load_event, path_event  # noqa: F401 - the tests import them from here

@@ -3,6 +3,7 @@ et al. 2021): no pair is predicted by trees that saw its coin or an outcome afte
 files it writes are the ones inference already reads."""
 
 from dataclasses import replace
+from functools import cache
 
 import numpy as np
 import pytest
@@ -22,9 +23,19 @@ PLAN = TrainPlan(learned=True, train_stride=2, horizons_per_origin=4, eval_strid
 COINS = np.array(["A", "A", "B", "B", "C", "C", "D", "D", "E", "F", "G", "H"])
 
 
-def blocks(count: int = 1500):
+@cache
+def walks(count: int = 1500):
+    """The series and their origins, built once per module (the GARCH fits of build_origins are most of a block's
+    cost); read-only, so no test can change what the next one reads."""
     loaded = [(None, random_walk(seed, count)) for seed in range(len(COINS))]
     origins = build_origins(loaded, CONFIGS["1h"])
+    for name in origins.__dataclass_fields__:
+        getattr(origins, name).flags.writeable = False
+    return loaded, origins
+
+
+def blocks(count: int = 1500):
+    loaded, origins = walks(count)
     held = origins.series >= 10
     (fold,) = walk_forward_folds(origins.time, "1h", folds=1, test_fraction=0.3)
     train = purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
@@ -32,6 +43,14 @@ def blocks(count: int = 1500):
                  fold.test_start)
     test = origins.take(held & (origins.time >= fold.test_start))
     return loaded, origins, held, fold, train, cal, test
+
+
+@pytest.fixture(scope="module")
+def block_learned():
+    """The learned model calibrated on the calibration block (no cross-fitting), fitted once for the tests that
+    cross-fit around it."""
+    *_, train, cal, _ = blocks()
+    return fit_models("1h", train, cal, 0.3, replace(PLAN, tree_folds=0), np.random.default_rng(0), False)["learned"]
 
 
 def test_every_tree_fit_of_the_walk_forward_leaves_out_whole_coins_and_later_outcomes(monkeypatch):
@@ -98,13 +117,12 @@ def test_every_tree_fit_of_the_walk_forward_leaves_out_whole_coins_and_later_out
     np.testing.assert_array_equal(predicted_positions, np.arange(len(past)))
 
 
-def test_a_pairs_crossfitted_quantiles_ignore_every_outcome_of_its_coin():
+def test_a_pairs_crossfitted_quantiles_ignore_every_outcome_of_its_coin(block_learned):
     """Scrambling one coin's training outcomes changes the trees of the other coins' pairs, never its own."""
     from candlecast.forecast.model import ForecastModel
 
     *_, train, cal, _ = blocks()
-    models = fit_models("1h", train, cal, 0.3, replace(PLAN, tree_folds=0), np.random.default_rng(0), False)
-    learned = models["learned"]
+    learned = block_learned
     z, weight = train.z, train.scale
 
     def crossfitted(z_train: np.ndarray) -> np.ndarray:
@@ -154,13 +172,13 @@ def test_crossfitted_calibration_is_not_fooled_by_one_calm_block_and_ships_what_
             assert_predict_is_what_the_walk_forward_scores(fitted[variant][name], loaded[11][1].tail(900))
 
 
-def test_a_block_whose_other_coin_groups_have_no_pairs_outside_it_is_left_out_of_the_history():
+def test_a_block_whose_other_coin_groups_have_no_pairs_outside_it_is_left_out_of_the_history(block_learned):
     """Coins listed late: when the other coin groups hold outcomes only within a block, no out-of-sample trees
     exist for that block's pairs, so they leave the calibration history rather than being fitted in sample."""
     from candlecast.forecast.model import ForecastModel
 
     *_, train, cal, _ = blocks()
-    learned = fit_models("1h", train, cal, 0.3, replace(PLAN, tree_folds=0), np.random.default_rng(0), False)["learned"]
+    learned = block_learned
     group = training.coin_folds(train.series, COINS, PLAN.tree_folds)
     late = train.time >= np.quantile(train.time, 0.7)  # inside the last of three blocks of equal pair counts
     listed_late = train.take(slice(None))
