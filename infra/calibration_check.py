@@ -11,6 +11,7 @@ block; the models calibrate on that block ("block") or on the history cross-fitt
 `confidence_on_history`), or the map alone ("map K"), and are scored on the fold's calibration block.
 
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
+        [--garch]
 """
 
 import argparse
@@ -30,7 +31,7 @@ from candlecast.forecast.evaluate import (
     reliability,
 )
 from candlecast.forecast.features import CONFIGS, INTERVALS, MEDIAN
-from candlecast.forecast.model import HORIZONS, raw_confidence, volatility_factor, widen
+from candlecast.forecast.model import HORIZONS, ForecastModel, raw_confidence, volatility_factor, widen
 from candlecast.timeframes import nominal_seconds
 
 WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}  # half-lives
@@ -50,22 +51,11 @@ def coverage(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def confidence_design(raw: np.ndarray, h: np.ndarray, kind: str) -> np.ndarray:
-    r = np.clip(raw, 1e-4, 1 - 1e-4)
-    columns = {"platt": [np.log(r / (1 - r)), np.ones_like(r)],
-               "platt + ln h": [np.log(r / (1 - r)), np.ones_like(r), np.log(h)],
-               "beta": [np.log(r), -np.log(1 - r), np.ones_like(r)]}[kind]
-    return np.column_stack(columns)
-
-
-def logistic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    theta = np.zeros(x.shape[1])
-    for _ in range(60):
-        p = 1 / (1 + np.exp(-x @ theta))
-        step = np.linalg.solve((x * (w * p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(x.shape[1]), x.T @ (w * (y - p)))
-        theta += step
-        if np.abs(step).max() < 1e-9:
-            break
-    return theta
+    """Covariates of the map `kind`: train's Platt scaling (`TrainPlan.confidence_ln_h`), or beta calibration."""
+    if kind == "beta":
+        r = np.clip(raw, 1e-4, 1 - 1e-4)
+        return np.column_stack([np.log(r), -np.log(1 - r), np.ones_like(r)])
+    return T.platt_design(raw, h if kind == "platt + ln h" else None)
 
 
 def main() -> None:
@@ -73,8 +63,11 @@ def main() -> None:
     parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
     parser.add_argument("--data", default="../shared/data/ohlcv")
     parser.add_argument("--trees", nargs="*", default=["block", "history 3", "history 5", "map 3"],
-                        help="calibration variants of the tree check: block, history K, map K (none: skip it)")
+                        help="calibration variants of the tree check: block, history K, map K, each optionally "
+                             "followed by ' + ln h' (the map with ln h as a covariate); none: skip it")
     parser.add_argument("--trees-only", action="store_true", help="skip the table-based models' check")
+    parser.add_argument("--garch", action="store_true",
+                        help="also score garch-scale's confidence maps (platt, platt + ln h), as fit_models fits them")
     args = parser.parse_args()
     tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
     loaded = load_timeframe(Path(args.data), tf, clean=True, progress=False)
@@ -83,6 +76,7 @@ def main() -> None:
     rng = np.random.default_rng(7)
     cover = {variant: [] for variant in WEIGHTS}
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
+    garch_maps = {(kind, data): [] for kind in ("platt", "platt + ln h") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
     if plan.learned and args.trees:
         tree_check(tf, plan, origins, groups, T.series_coins(loaded), args.trees)
@@ -113,8 +107,10 @@ def main() -> None:
                           np.broadcast_to(block.time[:, None], known.shape)[known]))
         (r0, y0, h0, t0), (r1, y1, h1, _) = pairs
         for kind, data in maps:
-            theta = logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
+            theta = T.logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
             maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
+        if args.garch:
+            garch_map_check(tf, train, cal, q, volatility, garch_maps)
     print(f"{tf}: baseline offsets from the training block, scored on each fold's calibration block (training coins)")
     for variant, folds in cover.items():
         print(f"  {variant:10s} {coverage_scores(folds)}")
@@ -122,12 +118,31 @@ def main() -> None:
     for (kind, data), folds in maps.items():
         p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
         print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}")
+    if args.garch:
+        print(f"{tf}: garch-scale's confidence maps (train.fit_garch_models, offsets from the history), scored alike")
+        for (kind, data), folds in garch_maps.items():
+            p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
+            print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}")
+
+
+def garch_map_check(tf: str, train, cal, q: np.ndarray, volatility: dict, scores: dict) -> None:
+    """garch-scale fitted by `train.fit_garch_models` on `train` (offsets on all of it), its map on the history
+    (all of `train`) or the block (its last fifth), plain or with ln h; its confidence at `cal` with the hits."""
+    own = ForecastModel(T.payload(tf, "baseline", baseline_q=q, volatility=volatility))
+    known = np.isfinite(cal.log_return)
+    for kind, data in scores:
+        pairs = train if data == "history" else train.take(weights(train.time, "block") > 0)
+        model = T.fit_garch_models(tf, train, train, own, map_cal={"garch-scale": pairs},
+                                   ln_h={"garch-scale": kind == "platt + ln h"})["garch-scale"]
+        zq, _, confidence = model_outputs(model, cal)
+        hit = np.abs(np.expm1(cal.log_return - cal.scale * zq[..., MEDIAN])) <= CONFIGS[tf].tolerance
+        scores[kind, data].append((confidence[known], hit[known].astype(float)))
 
 
 def confidence_scores(p: np.ndarray, y: np.ndarray) -> str:
     worst = max(abs(c - o) for c, o, n in reliability(p, y) if n >= RELIABILITY_MIN_SHARE * len(p))
     loss = -np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1)))
-    return f"log loss {loss:.4f}  ECE {_ece(p, y):.4f}  worst bin {worst:.3f}"
+    return f"log loss {loss:.5f}  ECE {_ece(p, y):.4f}  worst bin {worst:.3f}"
 
 
 def coverage_scores(folds: list) -> str:
@@ -141,8 +156,11 @@ def coverage_scores(folds: list) -> str:
 
 
 def tree_plan(plan: T.TrainPlan, variant: str) -> T.TrainPlan:
-    """"block", "history K" (offsets and, with `confidence_on_history`, the map), "map K" (the map only)."""
-    where, _, folds = variant.partition(" ")
+    """"block", "history K" (offsets and, with `confidence_on_history`, the map), "map K" (the map only); a suffix
+    " + ln h": the trees' maps with ln h as a covariate (`TrainPlan.tree_confidence_ln_h`), else without."""
+    base, suffix, _ = variant.partition(" + ln h")
+    plan = replace(plan, tree_confidence_ln_h=bool(suffix))
+    where, _, folds = base.partition(" ")
     if where == "block":
         return replace(plan, tree_folds=0)
     return replace(plan, tree_folds=int(folds), tree_offsets_on_history=where == "history",
@@ -183,7 +201,7 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
             continue
         p, y = np.concatenate([f[3] for f in folds]), np.concatenate([f[4] for f in folds])
         pin5 = np.concatenate([f[5] for f in folds]).mean()
-        print(f"  {name:8s} {k:9s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
+        print(f"  {name:8s} {k:16s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,33 @@ def test_the_committed_models_leave_matured_steps_after_train_end_in_the_sample(
         after = max(int((read_ohlcv(path).open_time > train_end).sum())
                     for path in (root / "data").glob(f"*/{timeframe}.parquet"))
         assert after >= min(len(HORIZONS), HOLDOUT_BARS[timeframe]), timeframe
+
+
+def test_confidence_maps_with_ln_h_read_no_outcome_after_their_cutoff():
+    """The maps with ln h as a covariate (`TrainPlan.confidence_ln_h`, `tree_confidence_ln_h`) are fitted on pairs
+    known before the test block: scrambling every later outcome leaves them unchanged, bit for bit."""
+    config = CONFIGS["1h"]
+    origins = build_origins([(None, random_walk(seed, 1500)) for seed in range(8)], config)
+    held = origins.series >= 6
+    (fold,) = walk_forward_folds(origins.time, "1h", folds=1, test_fraction=0.3)
+    scrambled = origins.take(slice(None))
+    later = origins.label_time >= fold.test_start
+    scrambled.log_return = np.where(later, np.random.default_rng(5).normal(0, 0.5, later.shape), origins.log_return)
+    assert not np.array_equal(scrambled.log_return, origins.log_return, equal_nan=True)
+    plan = TrainPlan(learned=True, train_stride=2, horizons_per_origin=4, eval_stride=1, min_leaf=100, rounds=10,
+                     volatility_origins=2000, confidence_ln_h=True, tree_confidence_ln_h=True, tree_folds=2)
+    fields = ("confidence_x", "confidence_y", "confidence_ln_h")
+    maps = []
+    for source in (origins, scrambled):
+        train = purged(source.take(~held & (source.time < fold.train_end)), fold.cal_start)
+        cal = purged(source.take(~held & (source.time >= fold.cal_start) & (source.time < fold.cal_end)),
+                     fold.test_start)
+        models = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), progress=False)
+        maps.append({name: [model.payload[key] for key in fields] for name, model in models.items()})
+    assert maps[0]["baseline"][2] is not None and maps[0]["garch-scale"][2] is not None  # fitted with ln h
+    for name, (x, y, ln_h) in maps[0].items():
+        other = maps[1][name]
+        assert np.array_equal(x, other[0]) and np.array_equal(y, other[1]) and ln_h == other[2], name
+    test = origins.take(held & (origins.time >= fold.test_start))
+    result = metrics(test, *model_outputs(models["combined"], test), config.tolerance)
+    assert result["ece"] <= 0.05  # on a random walk the map stays calibrated on coins it never saw

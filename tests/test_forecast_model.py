@@ -184,11 +184,83 @@ def test_confidence_map_is_increasing_and_not_flat_at_the_top():
     rng = np.random.default_rng(0)
     raw = rng.beta(1.2, 6, 20000)  # most forecasts are unconfident, few are confident
     hit = (rng.random(len(raw)) < np.clip(raw * 0.9, 0, 1)).astype(float)
-    x, y = logistic_map(raw, hit)
+    fields = logistic_map(raw, hit)
+    x, y = fields["confidence_x"], fields["confidence_y"]
+    assert fields["confidence_ln_h"] is None  # plain Platt: the knots are the whole map
     assert (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
     for level in (0.1, 0.3, 0.6):
         assert abs(np.interp(level, x, y) - 0.9 * level) < 0.03
     assert np.interp(0.8, x, y) > np.interp(0.6, x, y) + 0.1  # still rising where data are sparse
+
+
+def ln_h_pairs(effect: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw confidence, horizon and hit of pairs whose true map is sigmoid(logit(raw) − 0.3 + effect·ln h)."""
+    from candlecast.forecast.model import HORIZONS
+
+    rng = np.random.default_rng(seed)
+    raw = rng.beta(1.5, 4, 60000)
+    horizons = rng.choice(HORIZONS, len(raw))
+    logit = np.log(raw / (1 - raw)) - 0.3 + effect * np.log(horizons)
+    return raw, horizons, (rng.random(len(raw)) < 1 / (1 + np.exp(-logit))).astype(float)
+
+
+def map_model(fields: dict) -> ForecastModel:
+    from candlecast.forecast.train import payload
+
+    return ForecastModel(payload("1d", "baseline", baseline_q=np.zeros((30, 7))) | fields)
+
+
+def test_the_ln_h_map_finds_the_horizon_effect_and_is_increasing_in_raw_confidence_at_every_horizon():
+    from candlecast.forecast.model import HORIZONS
+    from candlecast.forecast.train import logistic_map
+
+    raw, horizons, hit = ln_h_pairs(effect=-0.25)  # a raw confidence means less at long horizons
+    fields = logistic_map(raw, hit, horizons)
+    assert abs(fields["confidence_ln_h"] + 0.25) < 0.05
+    model = map_model(fields)
+    grid = np.linspace(0, 1, 501)
+    mapped = model.calibrated(np.repeat(grid[:, None], len(HORIZONS), axis=1))  # (raw, horizon)
+    assert (np.diff(mapped, axis=0) > 0).all()  # strictly increasing in raw at every horizon
+    assert (np.diff(mapped, axis=1) < 0).all()  # and, at one raw confidence, lower the longer the horizon
+    for h in (1, 5, 30):  # the fitted map at each horizon is the true one
+        truth = 1 / (1 + np.exp(-(np.log(grid[100:-100] / (1 - grid[100:-100])) - 0.3 - 0.25 * np.log(h))))
+        assert np.abs(mapped[100:-100, h - 1] - truth).max() < 0.03
+    # Plain Platt on the same pairs is one map for all horizons: it misses the effect where ln h is far from its mean.
+    plain = map_model(logistic_map(raw, hit)).calibrated(np.repeat(grid[:, None], len(HORIZONS), axis=1))
+    assert (plain[:, 0] == plain[:, -1]).all()
+    assert np.abs(plain[250, 0] - mapped[250, 0]) > 0.03
+
+
+def test_the_ln_h_map_with_coefficient_0_is_plain_platt():
+    from candlecast.forecast.model import HORIZONS
+    from candlecast.forecast.train import logistic_map
+
+    raw, horizons, hit = ln_h_pairs(effect=0.0)
+    plain, with_h = logistic_map(raw, hit), logistic_map(raw, hit, horizons)
+    assert abs(with_h["confidence_ln_h"]) < 0.03  # no horizon effect in the data: c ≈ 0, the same knots
+    np.testing.assert_allclose(with_h["confidence_y"], plain["confidence_y"], atol=0.01)
+    rows = np.random.default_rng(1).random((50, len(HORIZONS)))
+    expected = map_model(plain).calibrated(rows)
+    for c in (0.0, None):  # exactly 0 (or absent, None) is the plain map, bit for bit
+        assert np.array_equal(map_model(plain | {"confidence_ln_h": c}).calibrated(rows), expected)
+    without = plain.copy()
+    without.pop("confidence_ln_h")
+    assert np.array_equal(map_model(without).calibrated(rows), expected)
+
+
+@pytest.mark.parametrize("timeframe", TIMEFRAMES)
+def test_shipped_models_map_confidence_by_their_knots_alone(timeframe):
+    """Files written before the ln h option have no `confidence_ln_h`: their confidence is the knots' map as before."""
+    model = artifact.verify_and_load(*shipped(timeframe), KEY)
+    if "confidence_ln_h" not in model.payload:
+        assert model.confidence_ln_h == 0.0
+    raw = np.random.default_rng(2).random((200, 30))
+    old = np.clip(np.interp(raw, model.confidence_x, model.confidence_y), 0.0, 1.0)
+    mapped = model.calibrated(raw)
+    if model.confidence_ln_h == 0.0:
+        assert np.array_equal(mapped, old)
+    else:  # a file trained with the option: its knots are the map at h = 1
+        np.testing.assert_allclose(mapped[:, 0], old[:, 0], atol=1e-9)
 
 
 def test_baseline_spread_never_shrinks_with_the_horizon():
@@ -202,3 +274,18 @@ def test_baseline_spread_never_shrinks_with_the_horizon():
     assert (np.diff(in_log_returns[:, 4:], axis=0) >= -1e-12).all()
     assert (np.diff(in_log_returns[:, :3], axis=0) <= 1e-12).all()
     np.testing.assert_allclose(fixed[:20], table[:20])  # already monotone: unchanged
+
+
+def test_an_ln_h_map_that_would_fall_in_raw_confidence_is_plain_platt():
+    from candlecast.forecast.train import logistic_fit, logistic_map, platt_design
+
+    rng = np.random.default_rng(3)
+    horizons = rng.integers(1, 31, 40000)
+    noise = rng.normal(0, 0.03, len(horizons))
+    # Across horizons raw confidence tracks the hits; within one horizon it falls as they rise.
+    raw = np.clip(0.6 / np.sqrt(horizons) + noise, 0.01, 0.99)
+    hit = (rng.random(len(raw)) < np.clip(0.5 / horizons ** 0.7 - 2 * noise, 0.01, 0.99)).astype(float)
+    assert logistic_fit(platt_design(raw, horizons), hit)[0] < 0
+    fields = logistic_map(raw, hit, horizons)
+    assert fields["confidence_ln_h"] is None  # the map without ln h, increasing in raw confidence
+    assert (np.diff(fields["confidence_y"]) > 0).all()

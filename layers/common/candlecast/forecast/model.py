@@ -5,7 +5,9 @@ Model dict (format 1), written by candlecast.forecast.train and signed by candle
   config (TimeframeConfig fields),
   quantiles (7,), baseline_q (30, 7) calibrated z-quantiles of the baseline,
   trees (None or dict of flat tree arrays, see `evaluate_trees`), conformal (30, 3) widening of the
-  95/80/50% intervals for the trees, wick (float), confidence_x / confidence_y (isotonic map knots),
+  95/80/50% intervals for the trees, wick (float), confidence_x / confidence_y (knots of the map from raw to
+  calibrated confidence), confidence_ln_h (optional, absent/None: 0; c: at horizon h the map's logit moves by c·ln h,
+  the knots being the map at h = 1),
   volatility (None, or GARCH-style weights: see `volatility_factor`),
   method (optional: 'baseline'|'learned'|'garch-scale'|'combined'; default `kind`; the kind registered),
   garch (None, or the series' own GARCH(1,1) fitted at the origin, see `candlecast.forecast.garch`: quantiles
@@ -156,6 +158,7 @@ class ForecastModel:
         self.wick = float(payload["wick"])
         self.confidence_x = np.asarray(payload["confidence_x"], dtype=np.float64)
         self.confidence_y = np.asarray(payload["confidence_y"], dtype=np.float64)
+        self.confidence_ln_h = float(payload.get("confidence_ln_h") or 0.0)
         self.volatility = payload.get("volatility")
         self.method = payload.get("method", self.kind)
         self.garch = payload.get("garch")
@@ -202,8 +205,16 @@ class ForecastModel:
     def confidence(self, z_quantiles: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         """Calibrated per-step confidence (n, 30) for z-quantiles (n, 30, 7) and origin σ (n,)."""
         scale = sigma[:, None] * np.sqrt(HORIZONS)[None, :]
-        raw = raw_confidence(z_quantiles, scale, self.config.tolerance)
-        return np.clip(np.interp(raw, self.confidence_x, self.confidence_y), 0.0, 1.0)
+        return self.calibrated(raw_confidence(z_quantiles, scale, self.config.tolerance))
+
+    def calibrated(self, raw: np.ndarray) -> np.ndarray:
+        """The map of raw confidence (n, 30) to calibrated: the knots, then with `confidence_ln_h` c the logit
+        moved by c·ln h at horizon h."""
+        mapped = np.interp(raw, self.confidence_x, self.confidence_y)
+        if self.confidence_ln_h:
+            p = np.clip(mapped, 1e-12, 1 - 1e-12)
+            mapped = 1 / (1 + (1 - p) / p * np.exp(-self.confidence_ln_h * np.log(HORIZONS)))
+        return np.clip(mapped, 0.0, 1.0)
 
     # -- one forecast ----------------------------------------------------------------------------------
     def predict(self, candles: Candles) -> Forecast:
