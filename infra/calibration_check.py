@@ -107,7 +107,7 @@ def main() -> None:
                           np.broadcast_to(block.time[:, None], known.shape)[known]))
         (r0, y0, h0, t0), (r1, y1, h1, _) = pairs
         for kind, data in maps:
-            theta = T.logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
+            theta, _ = T.logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
             maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
         if args.garch:
             garch_map_check(tf, train, cal, q, volatility, garch_maps)

@@ -285,7 +285,21 @@ def test_an_ln_h_map_that_would_fall_in_raw_confidence_is_plain_platt():
     # Across horizons raw confidence tracks the hits; within one horizon it falls as they rise.
     raw = np.clip(0.6 / np.sqrt(horizons) + noise, 0.01, 0.99)
     hit = (rng.random(len(raw)) < np.clip(0.5 / horizons ** 0.7 - 2 * noise, 0.01, 0.99)).astype(float)
-    assert logistic_fit(platt_design(raw, horizons), hit)[0] < 0
+    theta, converged = logistic_fit(platt_design(raw, horizons), hit)
+    assert converged and theta[0] < 0
     fields = logistic_map(raw, hit, horizons)
     assert fields["confidence_ln_h"] is None  # the map without ln h, increasing in raw confidence
     assert (np.diff(fields["confidence_y"]) > 0).all()
+
+
+def test_an_ln_h_map_on_a_few_separable_pairs_is_plain_platt():
+    """13 pairs, one hit: the three-parameter fit has no maximum (its coefficients run off), so no ln h term."""
+    from candlecast.forecast.train import logistic_fit, logistic_map, platt_design
+
+    raw = np.linspace(0.05, 0.6, 13)
+    horizons = np.arange(1, 14)
+    hit = (horizons == 13).astype(float)
+    assert not logistic_fit(platt_design(raw, horizons), hit)[1]
+    fields = logistic_map(raw, hit, horizons)
+    assert fields["confidence_ln_h"] is None
+    assert np.array_equal(fields["confidence_y"], logistic_map(raw, hit)["confidence_y"])

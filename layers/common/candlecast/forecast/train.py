@@ -294,8 +294,9 @@ def platt_design(raw: np.ndarray, horizons: np.ndarray | None = None) -> np.ndar
     return np.column_stack(columns if horizons is None else [*columns, np.log(horizons)])
 
 
-def logistic_fit(design: np.ndarray, hit: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Maximum-likelihood θ of P(hit) = sigmoid(design·θ) (Newton steps), pair i counting `weights[i]` times."""
+def logistic_fit(design: np.ndarray, hit: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """(θ, converged): maximum-likelihood θ of P(hit) = sigmoid(design·θ) (Newton steps), pair i counting
+    `weights[i]` times; not converged e.g. when the covariates separate hits from misses (a few pairs)."""
     weight = np.ones(len(hit)) if weights is None else weights
     theta = np.zeros(design.shape[1])
     theta[0] = 1.0
@@ -306,23 +307,24 @@ def logistic_fit(design: np.ndarray, hit: np.ndarray, weights: np.ndarray | None
         step = np.linalg.solve(hessian, gradient)
         theta += step
         if np.abs(step).max() < 1e-8:
-            break
-    return theta
+            return theta, True
+    return theta, False
 
 
 def logistic_map(raw: np.ndarray, hit: np.ndarray, horizons: np.ndarray | None = None, knots: int = 401) -> dict:
     """The payload's map fields: knots (x, y) of p = sigmoid(a·logit(raw) + b) fitted by maximum likelihood (Platt
     scaling); with `horizons` (each pair's h) ln h is a third covariate, p = sigmoid(a·logit(raw) + b + c·ln h): the
-    knots are the map at h = 1 and `confidence_ln_h` is c (`ForecastModel.calibrated`). Where a ≤ 0 (raw confidence adds
-    nothing), the fit without ln h, and where that too has a ≤ 0 an isotonic fit.
+    knots are the map at h = 1 and `confidence_ln_h` is c (`ForecastModel.calibrated`). Where that fit has no maximum
+    (hits and misses separated: a few pairs) or a ≤ 0 (raw confidence adds nothing), the fit without ln h; where that
+    has a ≤ 0, an isotonic fit.
 
     Few parameters, strictly increasing in raw when a > 0: unlike a binned isotonic fit it cannot go flat at the top
     of its range where calibration data are sparse, and it moves little when the calibration block is one regime.
     """
-    theta = logistic_fit(platt_design(raw, horizons), hit)
+    theta, converged = logistic_fit(platt_design(raw, horizons), hit)
+    if horizons is not None and not (converged and np.isfinite(theta).all() and theta[0] > 0):
+        return logistic_map(raw, hit, knots=knots)  # no maximum (a few pairs), or raw confidence adds nothing
     if not np.isfinite(theta).all() or theta[0] <= 0:
-        if horizons is not None:  # ln h explains the hits and raw confidence adds nothing: one map for all h
-            return logistic_map(raw, hit, knots=knots)
         x, y = isotonic_map(raw, hit)
         return {"confidence_x": x, "confidence_y": y, "confidence_ln_h": None}
     grid = np.concatenate([[0.0], np.quantile(raw, np.linspace(0, 1, knots - 2)), [1.0]])
