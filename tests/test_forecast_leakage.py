@@ -1,5 +1,6 @@
 """Leakage test: on a pure random walk nothing is predictable, so the learned model must show ≈ 0 skill."""
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -80,18 +81,32 @@ def test_walk_forward_blocks_are_ordered_with_embargoes():
 
 
 def calendar_walk(seed: int, start: int, timeframe: str, count: int = 108) -> Candles:
-    """A random walk of monthly or weekly (Monday) candles from bar `start` of 2012 on."""
+    """A random walk of monthly, weekly (Monday) or daily candles from bar `start` of 2012 on."""
     if timeframe == "1m":
         bars = np.arange(np.datetime64("2012-01"), np.datetime64("2012-01") + count).astype("datetime64[s]")
     else:
-        bars = np.datetime64("2012-01-02T00:00:00") + np.arange(count) * np.timedelta64(7 * 86400, "s")
+        days = 1 if timeframe == "1d" else 7
+        bars = np.datetime64("2012-01-02T00:00:00") + np.arange(count) * np.timedelta64(days * 86400, "s")
     walk = random_walk(seed, count - start)
     return Candles(bars[start:].astype(np.int64), walk.open, walk.high, walk.low, walk.close, walk.volume)
 
 
-@pytest.mark.parametrize("timeframe", ["1m", "1w"])
+# (bars per coin, bars between coins' first candles): a few years of test after the warm-up.
+ALL_TIME_WALKS = {"1m": (108, 4), "1w": (108, 4), "1d": (1100, 30)}
+
+
+@functools.cache
+def all_time_walks(timeframe: str) -> tuple:
+    """(origins of nine coins joining over time, masks of the three coin groups held out in turn); read only."""
+    count, join = ALL_TIME_WALKS[timeframe]
+    loaded = [(None, calendar_walk(seed, join * seed, timeframe, count)) for seed in range(9)]
+    origins = build_origins(loaded, CONFIGS[timeframe])
+    return origins, [np.isin(origins.series, np.arange(9)[part::3]) for part in range(3)]
+
+
+@pytest.mark.parametrize("timeframe", ["1m", "1w", "1d"])
 def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_without_leakage(timeframe, monkeypatch):
-    """1w/1m test every coin in turn, over every bar after the warm-up: each fold trains and calibrates only
+    """1d/1w/1m test every coin in turn, over every bar after the warm-up: each fold trains and calibrates only
     on the other coins, on outcomes known before its calibration and test blocks."""
     from candlecast.forecast import train as training
     from candlecast.timeframes import nominal_seconds
@@ -99,15 +114,12 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
     plan = training.PLANS[timeframe]
     embargo = plan.embargo_bars * nominal_seconds(timeframe)
     assert plan.test_fraction is None and plan.coin_groups == 3
-    loaded = [(None, calendar_walk(seed, 4 * seed, timeframe)) for seed in range(9)]  # coins join over time
-    origins = build_origins(loaded, CONFIGS[timeframe])
-    coins = np.arange(9)
-    groups = [np.isin(origins.series, coins[part::3]) for part in range(3)]
+    origins, groups = all_time_walks(timeframe)
     fitted = []
 
-    def spy(timeframe, train, cal, *args, **kwargs):
+    def spy(timeframe, train, cal, *args, **kwargs):  # the learned plan's trees: see the first-fold test below
         fitted.append((train, cal))
-        return fit_models(timeframe, train, cal, *args, **kwargs)
+        return {} if plan.learned else fit_models(timeframe, train, cal, *args, **kwargs)
 
     monkeypatch.setattr(training, "fit_models", spy)
     result = training.walk_forward(timeframe, origins, groups, 0.3, None, np.random.default_rng(0), False)
@@ -136,9 +148,38 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
     assert not all(trainable) and first < np.quantile(months, 0.25)
 
 
-@pytest.mark.parametrize("timeframe", ["1h", "4h", "1d"])
+def test_the_first_all_time_fold_of_the_learned_plan_falls_back_to_the_baseline_without_pairs_for_a_leaf():
+    """1d's first fold trains on what the minimal warm-up leaves (here one origin of one coin): no tree could split,
+    so its learned candidate is the baseline, not trees that are one raw quantile of four pairs; every candidate
+    still forecasts the fold's test origins. Later folds hold enough pairs for trees."""
+    from candlecast.forecast import train as training
+
+    plan = training.PLANS["1d"]
+    assert plan.learned and plan.test_fraction is None
+    origins, groups = all_time_walks("1d")
+    steps = training.walk_forward_steps("1d", plan, origins, groups)
+
+    def blocks(held, fold):
+        train = purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
+        cal = purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
+                     fold.test_start)
+        return train, cal, origins.take(held & (origins.time >= fold.test_start) & (origins.time < fold.test_end))
+
+    train, cal, test = blocks(*steps[0])
+    assert training.too_few_for_a_leaf(train, plan) and len(test)
+    models = fit_models("1d", train, cal, 0.3, plan, np.random.default_rng(0), False)
+    assert set(models) == {"baseline", "learned", "garch-scale", "combined"}
+    assert models["learned"] is models["baseline"]
+    for model in models.values():
+        q, _, confidence = model_outputs(model, test)
+        assert np.isfinite(q).all() and np.all(np.diff(q, axis=-1) >= 0)
+        assert np.all((confidence >= 0) & (confidence <= 1))
+    assert not training.too_few_for_a_leaf(blocks(*steps[-1])[0], plan)
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "4h"])
 def test_walk_forward_over_a_share_of_time_tests_every_coin_in_turn_without_leakage(timeframe, monkeypatch):
-    """1h/4h/1d test every coin in turn too (HELD_OUT_COINS, then the other coins in two halves), each group on the
+    """1h/4h test every coin in turn too (HELD_OUT_COINS, then the other coins in two halves), each group on the
     same folds over the last share of the pooled origins, trained and calibrated only on the other coins."""
     from types import SimpleNamespace
 
