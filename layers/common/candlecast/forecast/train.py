@@ -299,7 +299,7 @@ def platt_design(raw: np.ndarray, horizons: np.ndarray | None = None) -> np.ndar
 
 def logistic_fit(design: np.ndarray, hit: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """(θ, converged): maximum-likelihood θ of P(hit) = sigmoid(design·θ) (Newton steps), pair i counting
-    `weights[i]` times; not converged e.g. when the covariates separate hits from misses (a few pairs)."""
+    `weights[i]` times."""
     weight = np.ones(len(hit)) if weights is None else weights
     theta = np.zeros(design.shape[1])
     theta[0] = 1.0
@@ -317,16 +317,19 @@ def logistic_fit(design: np.ndarray, hit: np.ndarray, weights: np.ndarray | None
 def logistic_map(raw: np.ndarray, hit: np.ndarray, horizons: np.ndarray | None = None, knots: int = 401) -> dict:
     """The payload's map fields: knots (x, y) of p = sigmoid(a·logit(raw) + b) fitted by maximum likelihood (Platt
     scaling); with `horizons` (each pair's h) ln h is a third covariate, p = sigmoid(a·logit(raw) + b + c·ln h): the
-    knots are the map at h = 1 and `confidence_ln_h` is c (`ForecastModel.calibrated`). Where that fit has no maximum
-    (hits and misses separated: a few pairs) or a ≤ 0 (raw confidence adds nothing), the fit without ln h; where that
-    has a ≤ 0, an isotonic fit.
+    knots are the map at h = 1 and `confidence_ln_h` is c (`ForecastModel.calibrated`). With fewer than
+    MIN_PAIRS_PER_HORIZON hits or misses (where a few pairs separate them, the coefficients run off: 13 pairs, one
+    hit gave c = 24 in 1w's first fold), when Newton does not converge, or where a ≤ 0 (raw confidence adds
+    nothing), the fit without ln h; where that has a ≤ 0, an isotonic fit.
 
     Few parameters, strictly increasing in raw when a > 0: unlike a binned isotonic fit it cannot go flat at the top
     of its range where calibration data are sparse, and it moves little when the calibration block is one regime.
     """
+    if horizons is not None and min(hit.sum(), len(hit) - hit.sum()) < MIN_PAIRS_PER_HORIZON:
+        return logistic_map(raw, hit, knots=knots)  # too few hits or misses for a third coefficient
     theta, converged = logistic_fit(platt_design(raw, horizons), hit)
     if horizons is not None and not (converged and np.isfinite(theta).all() and theta[0] > 0):
-        return logistic_map(raw, hit, knots=knots)  # no maximum (a few pairs), or raw confidence adds nothing
+        return logistic_map(raw, hit, knots=knots)  # no maximum found, or raw confidence adds nothing
     if not np.isfinite(theta).all() or theta[0] <= 0:
         x, y = isotonic_map(raw, hit)
         return {"confidence_x": x, "confidence_y": y, "confidence_ln_h": None}
