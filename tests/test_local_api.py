@@ -802,6 +802,9 @@ class _MakeRun:
 
 @pytest.mark.integration
 @pytest.mark.slow
+# Three `make run` starts, each seeding the sample and its track record (30-70 s each at load 9): 209-236 s at
+# load 9-12, too near the suite's 300 s.
+@pytest.mark.timeout(600)
 def test_make_run_keeps_state_a_users_key_and_its_warnings(tmp_path):
     from infra.local_stack import EmbeddedRedis, EmbeddedS3
 
