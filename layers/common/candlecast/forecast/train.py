@@ -298,6 +298,12 @@ def platt_design(raw: np.ndarray, horizons: np.ndarray | None = None) -> np.ndar
     return np.column_stack(columns if horizons is None else [*columns, np.log(horizons)])
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^−x), exactly 0 where e^−x overflows (a fit running off on separated pairs; its callers check)."""
+    with np.errstate(over="ignore"):
+        return 1 / (1 + np.exp(-x))
+
+
 def logistic_fit(design: np.ndarray, hit: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """(θ, converged): maximum-likelihood θ of P(hit) = sigmoid(design·θ) (Newton steps), pair i counting
     `weights[i]` times."""
@@ -305,7 +311,7 @@ def logistic_fit(design: np.ndarray, hit: np.ndarray, weights: np.ndarray | None
     theta = np.zeros(design.shape[1])
     theta[0] = 1.0
     for _ in range(50):
-        p = 1 / (1 + np.exp(-design @ theta))
+        p = sigmoid(design @ theta)
         gradient = design.T @ (weight * (hit - p))
         hessian = (design * (weight * p * (1 - p))[:, None]).T @ design + 1e-9 * np.eye(len(theta))
         step = np.linalg.solve(hessian, gradient)
@@ -336,7 +342,7 @@ def logistic_map(raw: np.ndarray, hit: np.ndarray, horizons: np.ndarray | None =
         return {"confidence_x": x, "confidence_y": y, "confidence_ln_h": None}
     grid = np.concatenate([[0.0], np.quantile(raw, np.linspace(0, 1, knots - 2)), [1.0]])
     grid = np.unique(np.clip(grid, 0.0, 1.0))
-    y = 1 / (1 + np.exp(-platt_design(grid)[:, :2] @ theta[:2]))
+    y = sigmoid(platt_design(grid)[:, :2] @ theta[:2])
     return {"confidence_x": grid, "confidence_y": y, "confidence_ln_h": None if horizons is None else float(theta[2])}
 
 
