@@ -83,9 +83,7 @@ class TrainPlan:
     # indicators). False: per horizon (`conformal_offsets`), exactly as before. Off everywhere: the inner check
     # (sums as above; `--garch` scores garch-scale's offsets, which 1m ships) scored per horizon / pooled 1m 0.2262 /
     # 0.2421 (garch-scale 0.2447 / 0.2667), 1w 0.2270 / 0.2272 (0.2196 / 0.2228). At 1m its 12-month calibration
-    # blocks score no pair beyond h20 (28 pairs at h16), so it cannot see the long horizons this is meant for; scored
-    # with those blocks' labels kept past the test start (training coins, diagnostic only) pooled was worse at every
-    # horizon there too (0.293 / 0.402, garch-scale 0.269 / 0.404): the long horizons' old pairs widen them usefully.
+    # blocks score no pair beyond h20 (28 pairs at h16), so it cannot see the long horizons this is meant for.
     pooled_offsets: bool = False
     # Fit their confidence maps on that history too (else on the calibration block). The same inner check chose
     # history at 1d, 1w and 1m (log loss 0.3762 vs 0.3775 at 1d) and the block at 1h and 4h (0.3189 vs 0.3196 at
