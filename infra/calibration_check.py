@@ -1,10 +1,8 @@
 """Offline inner check of where the table-based models calibrate, on training coins only (never a held-out coin,
 never the test time): in each walk-forward fold the table is fitted on the training block, conformal offsets and
-the confidence map come from (block) its last fifth or (history) all of it, with or without time decay, per
-horizon or one line in ln h over every horizon ("history pooled"), and are scored on the fold's calibration block;
-with --garch, garch-scale's offsets too (which 1m ships). Prints per variant the pooled coverage range over
-horizons and the mean |coverage − nominal| over folds and horizons; then the confidence maps' log loss, ECE and
-worst bin.
+the confidence map come from (block) its last fifth or (history) all of it, with or without time decay, and are
+scored on the fold's calibration block. Prints per variant the pooled coverage range over horizons and the mean
+|coverage − nominal| over folds and horizons; then the confidence maps' log loss, ECE and worst bin.
 
 Where the plan fits trees, the same one level down for `learned` and `combined` (`fit_models` as the walk-forward
 runs it): the fold's training block splits into an inner training block and its last fifth as the inner calibration
@@ -37,8 +35,6 @@ from candlecast.forecast.model import HORIZONS, ForecastModel, raw_confidence, v
 from candlecast.timeframes import nominal_seconds
 
 WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}  # half-lives
-# Offset variants: (weights, one line in ln h over every horizon: `TrainPlan.pooled_offsets`).
-OFFSETS = {**{variant: (variant, False) for variant in WEIGHTS}, "history pooled": ("history", True)}
 
 
 def weights(times: np.ndarray, variant: str) -> np.ndarray:
@@ -78,8 +74,7 @@ def main() -> None:
     loaded = T.before_holdout(loaded, T.holdout_cutoff(loaded, tf, T.HOLDOUT_BARS[tf]))
     origins = build_origins(loaded, config)
     rng = np.random.default_rng(7)
-    cover = {variant: [] for variant in OFFSETS}
-    garch_cover = {variant: [] for variant in ("history", "history pooled")}
+    cover = {variant: [] for variant in WEIGHTS}
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
     garch_maps = {(kind, data): [] for kind in ("platt", "platt + ln h") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
@@ -98,9 +93,9 @@ def main() -> None:
         z_train, z_cal = train.z / f_train, cal.z / f_cal
         table = T.empirical_quantiles(z_train, train.scale * f_train)
         at_train = np.broadcast_to(table, (len(train), *table.shape))
-        for variant, (weighing, pooled) in OFFSETS.items():
-            offsets = T.conformal_offsets(at_train, z_train, weights(train.time, weighing), pooled)
-            cover[variant].append(coverage(T.monotone_spread(widen(table, offsets))[None], z_cal))
+        for variant in WEIGHTS:
+            q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, variant))))
+            cover[variant].append(coverage(q[None], z_cal))
         q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, "history"))))
         pairs = []
         for block, factor in ((train, f_train), (cal, f_cal)):
@@ -116,17 +111,9 @@ def main() -> None:
             maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
         if args.garch:
             garch_map_check(tf, train, cal, q, volatility, garch_maps)
-            own = ForecastModel(T.payload(tf, "baseline", baseline_q=q, volatility=volatility))
-            for variant in garch_cover:
-                model = T.fit_garch_models(tf, train, train, own, pooled=variant.endswith("pooled"))["garch-scale"]
-                garch_cover[variant].append(coverage(model_outputs(model, cal)[0], cal.z))
     print(f"{tf}: baseline offsets from the training block, scored on each fold's calibration block (training coins)")
     for variant, folds in cover.items():
-        print(f"  {variant:14s} {coverage_scores(folds)}")
-    if args.garch:
-        print(f"{tf}: garch-scale's offsets (train.fit_garch_models on the training block), scored alike")
-        for variant, folds in garch_cover.items():
-            print(f"  {variant:14s} {coverage_scores(folds)}")
+        print(f"  {variant:10s} {coverage_scores(folds)}")
     print(f"{tf}: confidence maps fitted on the training block, scored on each calibration block")
     for (kind, data), folds in maps.items():
         p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
@@ -165,7 +152,7 @@ def coverage_scores(folds: list) -> str:
     p80, p95 = ((n * c).sum(0)[seen] / n.sum(0)[seen] for c in (c80, c95))
     error80, error95 = (np.abs(c - level)[n > 0].mean() for c, level in ((c80, 0.8), (c95, 0.95)))
     return (f"cov80 {p80.min():.3f}-{p80.max():.3f}  cov95 {p95.min():.3f}-{p95.max():.3f}  "
-            f"mean |cov80-0.8| {error80:.4f}  mean |cov95-0.95| {error95:.4f}  sum {error80 + error95:.4f}")
+            f"mean |cov80-0.8| {error80:.3f}  mean |cov95-0.95| {error95:.3f}")
 
 
 def tree_plan(plan: T.TrainPlan, variant: str) -> T.TrainPlan:

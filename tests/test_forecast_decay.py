@@ -100,11 +100,9 @@ def test_the_weights_follow_the_thinned_history_and_end_at_the_newest_calibratio
     assert weights[history.time == newest] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_no_weight_reads_a_pair_after_the_cutoff(pooled: bool):
-    """The offsets of a fold fitted with decay (per horizon, or pooled over horizons: `TrainPlan.pooled_offsets`)
-    are the same when the series end at its test block: nothing after the calibration data (the test block, the
-    future) moves a weight or an offset (tail == whole series)."""
+def test_no_weight_reads_a_pair_after_the_cutoff():
+    """The offsets of a fold fitted with decay are the same when the series end at its test block: nothing after
+    the calibration data (the test block, the future) moves a weight or an offset (tail == whole series)."""
     origins, train, cal, end = folds()
     cut = origins.time[origins.time < end].max()
     walks = [random_walk(seed, 700) for seed in range(4)]
@@ -112,7 +110,7 @@ def test_no_weight_reads_a_pair_after_the_cutoff(pooled: bool):
     cut_train = purged(short.take(short.time < cal.time.min()), cal.time.min())
     cut_cal = purged(short.take(short.time >= cal.time.min()), end)
     assert len(cut_train) == len(train) and len(cut_cal) == len(cal)
-    plan = replace(PLAN, calibration_half_life=0.02, pooled_offsets=pooled)
+    plan = replace(PLAN, calibration_half_life=0.02)
     assert np.array_equal(calibration_weights(train, cal, plan), calibration_weights(cut_train, cut_cal, plan))
     whole = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), progress=False)
     tail = fit_models("1h", cut_train, cut_cal, 0.3, plan, np.random.default_rng(0), progress=False)

@@ -76,15 +76,6 @@ class TrainPlan:
     # (0.034; 0.035), 1w (0.227; 0.231) and 1m (0.226; 0.243): shorter half-lives scored worse still. At 1h it
     # chose a half-life of 1 y on history (0.017, as 0.5 y; block 0.021, equal weights 0.020).
     calibration_half_life: float | None = None
-    # Make those offsets a line in ln h per interval (`pooled_offsets`) instead of one split-conformal quantile per
-    # horizon: a long horizon's pairs need h bars of future before the cutoff, so at 1m h30 is calibrated on far
-    # fewer and older origins than h1; the line borrows from every horizon (conformal calibration over the function
-    # class {1, ln h}, Gibbs, Cherian & Candès 2023, of which per-horizon conformal is the class of horizon
-    # indicators). False: per horizon (`conformal_offsets`), exactly as before. Off everywhere: the inner check
-    # (sums as above; `--garch` scores garch-scale's offsets, which 1m ships) scored per horizon / pooled 1m 0.2262 /
-    # 0.2421 (garch-scale 0.2447 / 0.2667), 1w 0.2270 / 0.2272 (0.2196 / 0.2228). At 1m its 12-month calibration
-    # blocks score no pair beyond h20 (28 pairs at h16), so it cannot see the long horizons this is meant for.
-    pooled_offsets: bool = False
     # Fit their confidence maps on that history too (else on the calibration block). The same inner check chose
     # history at 1d, 1w and 1m (log loss 0.3762 vs 0.3775 at 1d) and the block at 1h and 4h (0.3189 vs 0.3196 at
     # 4h): how often an intraday close lands within τ drifted with the market more than the offsets did.
@@ -274,14 +265,10 @@ def monotone_spread(table: np.ndarray) -> np.ndarray:
     return scaled / root
 
 
-def conformal_offsets(q: np.ndarray, z: np.ndarray, weights: np.ndarray | None = None,
-                      pooled: bool = False) -> np.ndarray:
+def conformal_offsets(q: np.ndarray, z: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """(30, 3) CQR widening per horizon of the 95/80/50% intervals (Romano et al. 2019); pair i counts `weights[i]`
-    times (default 1; weighted conformal, Barber, Candès, Ramdas & Tibshirani 2023, the forecast counting 1).
-    `pooled`: a line in ln h fitted on every horizon's pairs (`pooled_offsets`)."""
+    times (default 1; weighted conformal, Barber, Candès, Ramdas & Tibshirani 2023, the forecast counting 1)."""
     weights = np.ones(len(z)) if weights is None else weights
-    if pooled:
-        return pooled_offsets(q, z, weights)
     offsets = np.zeros((len(HORIZONS), len(INTERVALS)))
     for i in range(len(HORIZONS)):
         known = np.isfinite(z[:, i]) & (weights > 0)
@@ -293,43 +280,6 @@ def conformal_offsets(q: np.ndarray, z: np.ndarray, weights: np.ndarray | None =
             score = np.maximum(q[known, i, lower] - z[known, i], z[known, i] - q[known, i, upper])
             offsets[i, j] = conformal_quantile(score, weights[known], alpha)
     return offsets
-
-
-def pooled_offsets(q: np.ndarray, z: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(30, 3) offsets a + b·ln h per interval, from the pairs of every horizon at once (origin i's counting
-    `weights[i]` each). The slope b minimises the pinball loss of a + b·ln h at level 1 − α (linear quantile
-    regression, Koenker & Bassett 1978; the intercept profiled out, `pinball_slope`); the intercept a is then the
-    split-conformal quantile of the scores less b·ln h. With b fixed beforehand the pooled pairs would cover at
-    1 − α exactly, marginally over horizons; b fitted on the same pairs costs O(1/n) of that, and no single
-    horizon is guaranteed its own coverage any more. No offsets with under MIN_PAIRS_PER_HORIZON pairs at h = 1,
-    as `conformal_offsets`; a horizon without pairs of its own takes the line's value."""
-    offsets = np.zeros((len(HORIZONS), len(INTERVALS)))
-    known = np.isfinite(z) & (weights > 0)[:, None]
-    if known[:, 0].sum() < MIN_PAIRS_PER_HORIZON:
-        return offsets
-    ln_h = np.broadcast_to(np.log(HORIZONS), z.shape)[known]
-    weight = np.broadcast_to(weights[:, None], z.shape)[known]
-    for j, ((lower, upper), alpha) in enumerate(zip(INTERVALS, INTERVAL_ALPHAS, strict=True)):
-        score = np.maximum(q[..., lower] - z, z - q[..., upper])[known]
-        slope = pinball_slope(score, ln_h, weight, 1 - alpha)
-        offsets[:, j] = conformal_quantile(score - slope * ln_h, weight, alpha) + slope * np.log(HORIZONS)
-    return offsets
-
-
-def pinball_slope(y: np.ndarray, x: np.ndarray, weights: np.ndarray, level: float, bound: float = 5.0) -> float:
-    """b of min over (a, b) of Σ weights·pinball_level(y − a − b·x): for each b the best a is the weighted
-    level-quantile of y − b·x, and the profiled loss is convex in b (bounded scalar search)."""
-    from scipy.optimize import minimize_scalar
-
-    def loss(b: float) -> float:
-        residual = y - b * x
-        order = np.argsort(residual, kind="stable")
-        cumulative = np.cumsum(weights[order])
-        a = residual[order][min(int(np.searchsorted(cumulative, level * cumulative[-1])), len(y) - 1)]
-        u = residual - a
-        return float(np.sum(weights * np.maximum(level * u, (level - 1) * u)))
-
-    return float(minimize_scalar(loss, bounds=(-bound, bound), method="bounded", options={"xatol": 1e-6}).x)
 
 
 def conformal_quantile(score: np.ndarray, weights: np.ndarray, alpha: float) -> float:
@@ -566,8 +516,7 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     table_at_cal = np.broadcast_to(raw_table, (len(baseline_cal), *raw_table.shape))
     baseline_z = baseline_cal.z / volatility_factor(baseline_cal.features, volatility)
     baseline_weights = calibration_weights(train, cal, plan)
-    baseline_q = monotone_spread(widen(raw_table, conformal_offsets(table_at_cal, baseline_z, baseline_weights,
-                                                                    plan.pooled_offsets)))
+    baseline_q = monotone_spread(widen(raw_table, conformal_offsets(table_at_cal, baseline_z, baseline_weights)))
     models = {}
     baseline = ForecastModel(payload(timeframe, "baseline", baseline_q=baseline_q, wick=wick, version=version,
                                      volatility=volatility))
@@ -602,8 +551,7 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     ln_h = {"garch-scale": plan.confidence_ln_h,
             "combined": plan.tree_confidence_ln_h if "learned" in models else plan.confidence_ln_h}
     models.update(fit_garch_models(timeframe, train, baseline_cal, own, mix_cal,
-                                   {"garch-scale": map_cal, "combined": combined_map}, own_at, baseline_weights, ln_h,
-                                   plan.pooled_offsets))
+                                   {"garch-scale": map_cal, "combined": combined_map}, own_at, baseline_weights, ln_h))
     if plan.learned and "learned" not in models:  # e.g. an all-time walk-forward's first fold: trees of a few
         models["learned"] = models["baseline"]  # pairs would be one raw quantile each, coarser than the table
     return models
@@ -728,19 +676,19 @@ COMBINATION_WEIGHT = 0.5
 def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: ForecastModel,
                      mix_cal: Origins | None = None, map_cal: dict | None = None,
                      own_at: Callable[[Origins], np.ndarray] | None = None,
-                     weights: np.ndarray | None = None, ln_h: dict | None = None, pooled: bool = False) -> dict:
+                     weights: np.ndarray | None = None, ln_h: dict | None = None) -> dict:
     """{'garch-scale': the series' own GARCH(1,1) as the scale with per-horizon empirical quantiles, calibrated on
     `cal`, 'combined': the quantile average (Vincentization) of `own` and that GARCH model, calibrated on `mix_cal`
     (default `cal`: pairs `own` was not fitted on)} (conformal per horizon, then the confidence map, fitted on
     `map_cal[name]`, default the same pairs, with ln h as a covariate where `ln_h[name]`). `own_at(pairs)`: `own`'s
     z-quantiles at those pairs when they are not its predictions there (cross-fitted, `crossfit_history`).
-    `weights`, `pooled`: of `cal`'s conformal offsets (and `mix_cal`'s when it is `cal`; `conformal_offsets`).
+    `weights`: of `cal`'s pairs in the conformal offsets (and `mix_cal`'s when it is `cal`; `conformal_offsets`).
     Nothing here reads a held-out coin."""
     from candlecast.forecast.garch import TRAINING_FIT, scale_factor
 
     g_train, g_cal = scale_factor(train.garch), scale_factor(cal.garch)
     table = empirical_quantiles(train.z / g_train, train.scale * g_train)
-    offsets = conformal_offsets(np.broadcast_to(table, (len(cal), *table.shape)), cal.z / g_cal, weights, pooled)
+    offsets = conformal_offsets(np.broadcast_to(table, (len(cal), *table.shape)), cal.z / g_cal, weights)
     member = monotone_spread(widen(table, offsets))
     no_widening = np.zeros((len(HORIZONS), len(INTERVALS)))
     part = {"window": CONFIGS[timeframe].lookback - 1, "fit": TRAINING_FIT, "quantiles": member, "weight": 0.0,
@@ -754,8 +702,7 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
         return (COMBINATION_WEIGHT * own_q
                 + (1 - COMBINATION_WEIGHT) * member[None] * scale_factor(pairs.garch)[..., None])
 
-    own_pairs = mix_cal is cal
-    offsets = conformal_offsets(mixed(mix_cal), mix_cal.z, weights if own_pairs else None, pooled and own_pairs)
+    offsets = conformal_offsets(mixed(mix_cal), mix_cal.z, weights if mix_cal is cal else None)
     combined = own.payload | {"name": f"candlecast-{timeframe}-combined", "method": "combined",
                               "garch": part | {"weight": COMBINATION_WEIGHT, "conformal": offsets}}
     models["combined"] = ForecastModel(combined)
