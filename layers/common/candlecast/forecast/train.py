@@ -104,7 +104,7 @@ class TrainPlan:
     # timeframe by the inner check (`infra.calibration_check`, training coins only, the baseline's map on the data
     # the plan fits it on; a log-loss gain under 0.0005 is a tie and keeps plain Platt): ln h at 1w (log loss 0.3095
     # vs 0.3109 on history) and 1m (0.3491 vs 0.3596; worst bin 0.050 vs 0.128; garch-scale's own map, which 1m
-    # ships, 0.3560 vs 0.3565), plain Platt at 1d (0.3744 vs 0.3742).
+    # ships, 0.3560 vs 0.3565), plain Platt at 1d (0.3744 vs 0.3742) and 1h (on the block, 0.32487 vs 0.32491).
     confidence_ln_h: bool = False
     tree_confidence_ln_h: bool = False
     # Scale σ·√h by a GARCH-style term structure (`model.volatility_factor`) fitted on the training pairs.
