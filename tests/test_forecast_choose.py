@@ -26,6 +26,17 @@ def test_coverage_miss_averages_the_distance_outside_the_bands_over_horizons():
     assert coverage_miss(result(0.0, IN_BAND, coverage_95=0.975), targets("1m")) == 0.0
 
 
+def test_a_horizon_no_test_outcome_reached_is_neither_judged_nor_counted_in_band():
+    """1m on a test shorter than 30 months: `metrics` gives None at the longest horizons. The miss averages over
+    the others, so untested horizons do not dilute it as if they were in band."""
+    untested = result(0.0, TILTED)
+    for item in untested["per_horizon"][20:]:
+        item["coverage_80"] = item["coverage_95"] = None
+    assert coverage_miss(untested, targets("1d")) == pytest.approx(10 * 0.03 / 20)
+    results = {"baseline": untested, "garch-scale": result(0.01, IN_BAND)}
+    assert choose(results, "1m")[0] == "garch-scale"
+
+
 def test_a_candidate_that_misses_horizons_the_baseline_covers_does_not_ship():
     results = {"baseline": result(0.0, IN_BAND), "combined": result(0.02, TILTED), "learned": result(0.01, IN_BAND)}
     assert choose(results, "1d")[0] == "learned"

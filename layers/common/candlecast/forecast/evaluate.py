@@ -147,6 +147,12 @@ def metrics(origins: Origins, q: np.ndarray, base_q: np.ndarray, confidence: np.
     return overall
 
 
+def measured(value: float | None) -> bool:
+    """Whether a per-horizon figure was measured: at a horizon no test outcome reached it is None (`metrics`, and
+    null in the manifest) or NaN (`method_scores`)."""
+    return value is not None and bool(np.isfinite(value))
+
+
 def model_outputs(model: ForecastModel, origins: Origins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z-quantiles, baseline z-quantiles, confidence) of a model at `origins`."""
     q = model.z_quantiles(origins.features, origins.garch)
@@ -240,5 +246,13 @@ def worst_reliability_gap(table: list[dict]) -> float:
     return max(gaps, default=float("nan"))
 
 
-__all__ = ["Origins", "build_origins", "evaluate_model", "metrics", "pin5_loss", "raw_confidence",
-           "reliability"]
+__all__ = [
+    "Origins",
+    "build_origins",
+    "evaluate_model",
+    "measured",
+    "metrics",
+    "pin5_loss",
+    "raw_confidence",
+    "reliability",
+]

@@ -20,7 +20,14 @@ import numpy as np
 from candlecast.drift import ACCURACY_DEFINITION
 from candlecast.forecast import artifact
 from candlecast.forecast.dataset import load_timeframe
-from candlecast.forecast.evaluate import Origins, build_origins, metrics, model_outputs, worst_reliability_gap
+from candlecast.forecast.evaluate import (
+    Origins,
+    build_origins,
+    measured,
+    metrics,
+    model_outputs,
+    worst_reliability_gap,
+)
 from candlecast.forecast.features import (
     CONFIGS,
     FEATURES,
@@ -733,10 +740,11 @@ def _headline(result: dict) -> dict:
 
 
 def coverage_miss(result: dict, bands: dict) -> float:
-    """How far the 80 % and 95 % coverage fall outside `bands`, averaged over horizons (0: inside at every one)."""
+    """How far the 80 % and 95 % coverage fall outside `bands`, averaged over the horizons the test reached (0: inside
+    at every one); a horizon no test outcome reached (1m's longest, on a test shorter than 30 months) is not judged."""
     return float(np.mean([sum(max(low - item[name], item[name] - high, 0.0)
                               for name, (low, high) in bands.items() if name.startswith("coverage"))
-                          for item in result["per_horizon"]]))
+                          for item in result["per_horizon"] if measured(item["coverage_80"])]))
 
 
 def _iso(seconds: float) -> str:
