@@ -34,3 +34,96 @@ def test_a_walk_forward_shorter_than_30_months_leaves_the_longest_horizons_untes
         untested = [h for h, value in enumerate(scores["per_horizon"]["coverage_80"], 1) if not measured(value)]
         assert 0 < len(untested) < 30 and untested == list(range(untested[0], 31))  # the longest horizons
     assert not (tmp_path / "models").exists()
+
+
+@pytest.fixture(scope="module")
+def shipped_with_untested_horizons(tmp_path_factory) -> Path:
+    """The folder `train` wrote for twelve coins of three years: enough pairs to ship a 1m model, a test too short
+    to reach its longest horizons."""
+    from candlecast.forecast.train import train_timeframe
+
+    root = tmp_path_factory.mktemp("shipped")
+    data = daily_csvs(root / "ohlcv", coins=12, years=3)
+    train_timeframe("1m", data, root / "models", root / "reports", progress=False)
+    return root / "models"
+
+
+def untested_horizons(values: list) -> list[int]:
+    return [h for h, value in enumerate(values, 1) if not measured(value)]
+
+
+def test_untested_horizons_reach_the_manifest_as_null_never_as_nan(shipped_with_untested_horizons):
+    import json
+
+    def refuse(name: str):
+        raise AssertionError(f"{name} in the manifest")
+
+    text = (shipped_with_untested_horizons / "manifest.json").read_text()
+    entry = json.loads(text, parse_constant=refuse)["1m"]
+    metrics = entry["metrics"]
+    model = metrics["comparison"]["methods"][metrics["shipped"]]
+    untested = untested_horizons(model["per_horizon"]["coverage_80"])
+    assert 0 < len(untested) < 30
+    for scores in metrics["comparison"]["methods"].values():
+        for values in scores["per_horizon"].values():
+            assert untested_horizons(values) == untested and None in values  # null, not a number
+    assert untested_horizons(item["coverage_80"] for item in metrics["test"]["per_horizon"]) == untested
+    tested80 = [value for value in model["per_horizon"]["coverage_80"] if value is not None]
+    assert metrics["headline"]["coverage_80_over_horizons"] == [min(tested80), max(tested80)]
+
+
+def test_the_scorecard_counts_only_the_tested_horizons_and_says_so(shipped_with_untested_horizons, tmp_path, capsys):
+    import json
+
+    from candlecast.forecast.cli import main
+    from candlecast.forecast.train import targets
+
+    manifest = shipped_with_untested_horizons / "manifest.json"
+    metrics = json.loads(manifest.read_text())["1m"]["metrics"]
+    per = metrics["comparison"]["methods"][metrics["shipped"]]["per_horizon"]
+    bands = targets("1m")
+    tested = [(c80, c95) for c80, c95 in zip(per["coverage_80"], per["coverage_95"], strict=True) if c80 is not None]
+    in_band = sum(bands["coverage_80"][0] <= c80 <= bands["coverage_80"][1]
+                  and bands["coverage_95"][0] <= c95 <= bands["coverage_95"][1] for c80, c95 in tested)
+    assert main(["scorecard", "--manifest", str(manifest), "--summary"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    (row,) = [line for line in printed if line.startswith(f"| 1m | {metrics['shipped']} |")]
+    assert f"| {in_band} of {len(tested)} tested |" in row and len(tested) < 30
+    low, high = min(c80 for c80, _ in tested), max(c80 for c80, _ in tested)
+    assert f"({low:.2f}–{high:.2f})" in row
+    assert main(["scorecard", "--manifest", str(manifest)]) == 0
+    text = capsys.readouterr().out
+    assert f"{low:.3f}–{high:.3f} ({30 - len(tested)} h untested)" in text and "nan" not in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- scorecard --summary: begin -->\nold\n<!-- scorecard --summary: end -->\n")
+    assert main(["scorecard", "--manifest", str(manifest), "--readme", str(readme)]) == 0
+    assert row in readme.read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.s3
+def test_untested_horizons_are_null_in_the_models_table_and_the_api(shipped_with_untested_horizons, clean_db,
+                                                                    tmp_path):
+    import json
+    import shutil
+
+    from candlecast import db
+    from candlecast.forecast.train import register
+    from candlecast.repositories.models import get_active_model_by_timeframe
+    from candlecast.services import forecasting
+    from tests.conftest import invoke, path_event
+
+    models = shutil.copytree(shipped_with_untested_horizons, tmp_path / "models")
+    entry = json.loads((models / "manifest.json").read_text())["1m"]
+    shipped = entry["metrics"]["shipped"]
+    untested = untested_horizons(entry["metrics"]["comparison"]["methods"][shipped]["per_horizon"]["coverage_80"])
+    forecasting.forget_models()
+    register(entry, models)
+    with db.connection() as conn:
+        row = get_active_model_by_timeframe(conn, "1m")
+    assert untested_horizons(row["metrics"]["comparison"]["methods"][shipped]["per_horizon"]["coverage_80"]) == untested
+    status, _, body = invoke("symbols", path_event("model_get.json", "/models/1m", timeframe="1m"))
+    assert status == 200, body
+    by_horizon = body["backtest"]["coverage_by_horizon"]
+    assert [item["h"] for item in by_horizon if item["coverage_80"] is None] == untested
+    assert all(item["coverage_95"] is None for item in by_horizon if item["h"] in untested)

@@ -116,6 +116,21 @@ def test_a_model_file_that_does_not_match_its_manifest_is_refused(seed_bucket, s
     assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])  # refused before any change
 
 
+def test_a_manifest_holding_nan_is_refused_before_any_change(seed_bucket, sample):
+    """NaN is not JSON and PostgreSQL's jsonb refuses it: a manifest written before `train` wrote an untested
+    horizon's coverage as null is refused by name, not half-seeded."""
+    from candlecast.seed import seed
+
+    data, models = sample
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest["1h"]["metrics"]["per_horizon"] = [{"h": 1, "coverage_80": 0.8}, {"h": 2, "coverage_80": float("nan")}]
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest.json holds NaN, which is not JSON"):
+        seed(data, models, progress=False)
+    state = _state()
+    assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
+
+
 def test_a_deployment_key_needs_resign_which_signs_with_that_key(seed_bucket, sample, monkeypatch):
     from candlecast import storage
     from candlecast.config import get_settings

@@ -90,7 +90,7 @@ def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
     path = models_dir / MANIFEST_FILE
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(), parse_constant=lambda name: _not_json(path, name))
     if isinstance(data, dict) and "models" in data:
         data = data["models"]
     if isinstance(data, list):
@@ -98,6 +98,11 @@ def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
     from candlecast.timeframes import TIMEFRAMES
 
     return {tf: entry for tf, entry in data.items() if tf in TIMEFRAMES}
+
+
+def _not_json(path: Path, name: str):
+    raise ValueError(f"{path} holds {name}, which is not JSON (the models table refuses it): write the figure as "
+                     "null, as `candlecast train` does for a horizon no test outcome reached")
 
 
 def _timestamp(value: Any) -> datetime | None:

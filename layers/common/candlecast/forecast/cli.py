@@ -120,6 +120,7 @@ README_BEGIN, README_END = "<!-- scorecard --summary: begin -->", "<!-- scorecar
 def summary_table(manifest: dict) -> str:
     """Markdown, one row per timeframe: the shipped model's pin5 and coverage beside each peer's pin5 and Δ
     (every peer in the manifests, GARCH-t first), the holdout (`train_end`), then coverage per era."""
+    from candlecast.forecast.evaluate import measured
     from candlecast.forecast.report import delta_text
     from candlecast.forecast.train import targets
 
@@ -147,12 +148,14 @@ def summary_table(manifest: dict) -> str:
         low80, high80 = head["coverage_80_over_horizons"]
         low95, high95 = head["coverage_95_over_horizons"]
         bands, horizon = targets(timeframe), model["per_horizon"]
-        inside = [[bands[name][0] <= value <= bands[name][1] for value in horizon[name]]
-                  for name in ("coverage_80", "coverage_95")]
-        in_band = sum(map(all, zip(*inside, strict=True)))
+        reached = [(c80, c95) for c80, c95 in zip(horizon["coverage_80"], horizon["coverage_95"], strict=True)
+                   if measured(c80) and measured(c95)]  # an untested horizon counts neither in band nor out
+        band80, band95 = bands["coverage_80"], bands["coverage_95"]
+        in_band = sum(band80[0] <= c80 <= band80[1] and band95[0] <= c95 <= band95[1] for c80, c95 in reached)
+        counted = f"{in_band} of {len(reached)}" + (" tested" if len(reached) < len(horizon["coverage_80"]) else "")
         lines.append(f"| {timeframe} | {kind} | {model['pin5']:.3f} | " + " | ".join(cells)
                      + f" | {model['coverage_80']:.3f} ({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} "
-                     f"({low95:.2f}–{high95:.2f}) | {in_band} of {len(inside[0])} "
+                     f"({low95:.2f}–{high95:.2f}) | {counted} "
                      f"| {model['ece']:.3f} ({head['worst_reliability_gap']:.3f}) "
                      f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
         era_cells = [f"{era} {e['coverage_80']:.3f} / {e['coverage_95']:.3f} ({e['n_pairs']:,} pairs)"

@@ -153,6 +153,12 @@ def measured(value: float | None) -> bool:
     return value is not None and bool(np.isfinite(value))
 
 
+def measured_range(values: list) -> list[float]:
+    """[lowest, highest] of the per-horizon figures `values` that were `measured`."""
+    kept = [value for value in values if measured(value)]
+    return [min(kept), max(kept)]
+
+
 def model_outputs(model: ForecastModel, origins: Origins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z-quantiles, baseline z-quantiles, confidence) of a model at `origins`."""
     q = model.z_quantiles(origins.features, origins.garch)

@@ -7,7 +7,7 @@ import numpy as np
 
 from candlecast.candles import COLUMNS, Candles
 from candlecast.forecast.comparison import BATCH_BARS
-from candlecast.forecast.evaluate import Origins, reliability, worst_reliability_gap
+from candlecast.forecast.evaluate import Origins, measured, measured_range, reliability, worst_reliability_gap
 from candlecast.forecast.features import MEDIAN
 from candlecast.forecast.model import HORIZONS, ForecastModel
 
@@ -176,10 +176,12 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
         shown = "—" if delta is None else delta_text(delta)
         per = m["per_horizon"]
         gap = worst_reliability_gap(m["reliability"])
+        (low80, high80), (low95, high95) = measured_range(per["coverage_80"]), measured_range(per["coverage_95"])
+        untested = sum(not measured(value) for value in per["coverage_80"])
+        note = f" ({untested} h untested)" if untested else ""
         lines.append(
             f"| {name} | {m['pin5']:.4f} | {shown} | {m['coverage_80']:.3f} / {m['coverage_95']:.3f} "
-            f"| {min(per['coverage_80']):.3f}–{max(per['coverage_80']):.3f} "
-            f"| {min(per['coverage_95']):.3f}–{max(per['coverage_95']):.3f} "
+            f"| {low80:.3f}–{high80:.3f}{note} | {low95:.3f}–{high95:.3f}{note} "
             f"| {m['width_80']:.3f} / {m['width_95']:.3f} | {m['ece']:.3f} | {gap:.3f} | {m['n_origins']:,} |")
     eras = next(iter(comparison["methods"].values()))["eras"]
     lines += ["", "| method | " + " | ".join(f"era {era} ({_origins(e)}{e['n_pairs']:,} pairs): cov80 / cov95, pin5"

@@ -24,6 +24,7 @@ from candlecast.forecast.evaluate import (
     Origins,
     build_origins,
     measured,
+    measured_range,
     metrics,
     model_outputs,
     worst_reliability_gap,
@@ -981,8 +982,8 @@ def headline(comparison: dict) -> dict:
         "vs_peers": {name: scores["vs_" + reference] for name, scores in comparison["methods"].items()
                      if name != reference},
         "coverage_80": model["coverage_80"], "coverage_95": model["coverage_95"],
-        "coverage_80_over_horizons": [min(per["coverage_80"]), max(per["coverage_80"])],
-        "coverage_95_over_horizons": [min(per["coverage_95"]), max(per["coverage_95"])],
+        "coverage_80_over_horizons": measured_range(per["coverage_80"]),  # the horizons the test reached
+        "coverage_95_over_horizons": measured_range(per["coverage_95"]),
         "coverage_by_era": {era: [e["coverage_80"], e["coverage_95"]] for era, e in model["eras"].items()},
         "ece": model["ece"],
         "worst_reliability_gap": worst_reliability_gap(model["reliability"]),
@@ -1003,8 +1004,10 @@ def signing_key() -> bytes:
 def update_manifest(path: Path, entry: dict) -> None:
     manifest = json.loads(path.read_text()) if path.exists() else {}
     manifest[entry["timeframe"]] = entry
-    manifest = json.loads(json.dumps(manifest, default=_json_default), parse_float=lambda text: round(float(text), 6))
-    path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+    # NaN (e.g. a horizon no test outcome reached) is not JSON: null, as `metrics` leaves an untested figure.
+    manifest = json.loads(json.dumps(manifest, default=_json_default), parse_float=lambda text: round(float(text), 6),
+                          parse_constant=lambda name: None)
+    path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1, allow_nan=False) + "\n")
 
 
 def _json_default(value):
