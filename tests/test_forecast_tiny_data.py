@@ -1,4 +1,5 @@
-"""`train` on too little data: horizons the walk-forward never tested are not judged, and it does not crash."""
+"""`train` on too little data: horizons the walk-forward never tested are not judged, reach the manifest, the models
+table and the API as null and the scorecard as untested; a model whose table would be a placeholder is never shipped."""
 
 from pathlib import Path
 
@@ -127,3 +128,57 @@ def test_untested_horizons_are_null_in_the_models_table_and_the_api(shipped_with
     by_horizon = body["backtest"]["coverage_by_horizon"]
     assert [item["h"] for item in by_horizon if item["coverage_80"] is None] == untested
     assert all(item["coverage_95"] is None for item in by_horizon if item["h"] in untested)
+
+
+def test_train_refuses_to_ship_a_placeholder_and_writes_nothing(shipped_with_untested_horizons, tmp_path):
+    """Four coins of three years leave the final 1m fit under MIN_PAIRS_PER_HORIZON one-step outcomes, so its table
+    would be the unit-normal placeholder, unwidened: `candlecast train` exits naming the timeframe and the counts,
+    and an out folder that already holds a 1m model is left byte for byte as it was."""
+    import re
+    import shutil
+
+    from candlecast.forecast.cli import main
+    from candlecast.forecast.train import MIN_PAIRS_PER_HORIZON
+
+    out = shutil.copytree(shipped_with_untested_horizons, tmp_path / "models")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert {"1m.pkl", "1m.pkl.sig", "manifest.json"} <= set(before)
+    data = daily_csvs(tmp_path / "ohlcv", coins=4, years=3)
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--timeframe", "1m", "--data", str(data), "--out", str(out),
+              "--reports", str(tmp_path / "reports")])
+    found = re.fullmatch(r"not enough data to ship a 1m model: (\d+) training and (\d+) calibration pairs with a "
+                         rf"known one-step outcome, fewer than MIN_PAIRS_PER_HORIZON \({MIN_PAIRS_PER_HORIZON}\); "
+                         "nothing written", str(refused.value))
+    assert found and all(int(count) < MIN_PAIRS_PER_HORIZON for count in found.groups())
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert not (tmp_path / "reports").exists()
+
+
+def test_the_shipping_rule_is_where_the_table_and_its_offsets_stop_being_placeholders():
+    """`too_few_to_fit` holds the thresholds `empirical_quantiles` and `conformal_offsets` already have: one pair
+    under MIN_PAIRS_PER_HORIZON one-step outcomes and the table is the unit normal, or no horizon is widened; at
+    the minimum both are estimated. The offsets' pairs are the plan's: the history, or the calibration block."""
+    from dataclasses import replace
+
+    from candlecast.forecast import train as training
+    from candlecast.forecast.model import HORIZONS
+    from tests.test_forecast_leakage import all_time_walks
+
+    origins, _ = all_time_walks("1m")
+    known = origins.take(np.flatnonzero(np.isfinite(origins.log_return[:, 0])))
+    minimum = training.MIN_PAIRS_PER_HORIZON
+    train, cal = known.take(slice(0, minimum)), known.take(slice(minimum, 2 * minimum))
+    history = training.PLANS["1m"]
+    block = replace(history, calibrate_on_history=False)
+    unit_normal = training.empirical_quantiles(np.zeros((0, len(HORIZONS))))
+    assert training.too_few_to_fit(train, cal, block) is None
+    assert not np.array_equal(training.empirical_quantiles(train.z), unit_normal)
+    assert training.too_few_to_fit(train.take(slice(1, None)), cal, block).startswith(f"{minimum - 1} training")
+    assert np.array_equal(training.empirical_quantiles(train.take(slice(1, None)).z), unit_normal)
+    short = cal.take(slice(1, None))
+    assert f"and {minimum - 1} calibration pairs" in training.too_few_to_fit(train, short, block)
+    table = np.broadcast_to(unit_normal, (len(short), *unit_normal.shape))
+    assert not training.conformal_offsets(table, short.z).any()  # no horizon widened
+    assert training.conformal_offsets(np.broadcast_to(unit_normal, (len(cal), *unit_normal.shape)), cal.z).any()
+    assert training.too_few_to_fit(train, short, history) is None  # the history calibrates: 199 pairs

@@ -522,7 +522,7 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     factor_train = volatility_factor(train.features, volatility)
     z_train, weight_train = train.z / factor_train, train.scale * factor_train
     raw_table = empirical_quantiles(z_train, weight_train)
-    baseline_cal = calibration_history(train, cal) if plan.calibrate_on_history else cal
+    baseline_cal = table_calibration(train, cal, plan)
     table_at_cal = np.broadcast_to(raw_table, (len(baseline_cal), *raw_table.shape))
     baseline_z = baseline_cal.z / volatility_factor(baseline_cal.features, volatility)
     baseline_weights = calibration_weights(train, cal, plan)
@@ -648,6 +648,24 @@ HISTORY_ORIGINS = 100_000  # past origins the table-based calibration reads at m
 def calibration_history(train: Origins, cal: Origins, limit: int = HISTORY_ORIGINS) -> Origins:
     """Every past pair (`train`, then `cal`), the training block evenly thinned to keep at most `limit` origins."""
     return concat([train.take(slice(None, None, history_stride(len(train), len(cal), limit))), cal])
+
+
+def table_calibration(train: Origins, cal: Origins, plan: TrainPlan) -> Origins:
+    """The pairs the table-based models' conformal offsets calibrate on: the history with
+    `plan.calibrate_on_history`, else the calibration block."""
+    return calibration_history(train, cal) if plan.calibrate_on_history else cal
+
+
+def too_few_to_fit(train: Origins, cal: Origins, plan: TrainPlan) -> str | None:
+    """Why `fit_models` would fit `plan`'s table as a placeholder, else None: fewer than MIN_PAIRS_PER_HORIZON
+    one-step outcomes in the training pairs (`empirical_quantiles` estimates no horizon: a unit normal) or in the
+    pairs its offsets calibrate on (`conformal_offsets` widens none). Horizon 1 has the most known outcomes."""
+    counts = {name: int(np.isfinite(pairs.log_return[:, 0]).sum())
+              for name, pairs in (("training", train), ("calibration", table_calibration(train, cal, plan)))}
+    if min(counts.values()) >= MIN_PAIRS_PER_HORIZON:
+        return None
+    return (" and ".join(f"{count} {name}" for name, count in counts.items())
+            + f" pairs with a known one-step outcome, fewer than MIN_PAIRS_PER_HORIZON ({MIN_PAIRS_PER_HORIZON})")
 
 
 def history_stride(n_train: int, n_cal: int, limit: int = HISTORY_ORIGINS) -> int:
@@ -912,11 +930,14 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
         return {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
                 "comparison": comparison}
 
-    # Final model: all symbols; the most recent block calibrates.
+    # Final model: all symbols; the most recent block calibrates. The walk-forward's early folds may test a
+    # placeholder (what training could do then); the model `train` ships may not be one.
     version = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     final = final_fold(origins.time, timeframe, embargo_bars=plan.embargo_bars)
     train = purged(origins.take(origins.time < final.train_end), final.cal_start)
     cal = origins.take(np.flatnonzero(origins.time >= final.cal_start)[:: plan.eval_stride])
+    if short := too_few_to_fit(train, cal, plan):
+        raise SystemExit(f"not enough data to ship a {timeframe} model: {short}; nothing written")
     final_plan = plan if kind == "learned" or (kind == "combined" and plan.learned) else replace(plan, learned=False)
     final_wick = fitted_wick(loaded, np.arange(len(loaded)), timeframe)
     shipped = fit_models(timeframe, train, cal, final_wick, final_plan, rng, progress, version=version,
