@@ -81,7 +81,7 @@ def test_walk_forward_blocks_are_ordered_with_embargoes():
 
 
 def calendar_walk(seed: int, start: int, timeframe: str, count: int = 108) -> Candles:
-    """A random walk of monthly, weekly (Monday), daily or 4-hour candles from bar `start` of 2012 on."""
+    """A random walk of monthly, weekly (Monday), daily, 4-hour or hourly candles from bar `start` of 2012 on."""
     from candlecast.timeframes import nominal_seconds
 
     if timeframe == "1m":
@@ -94,7 +94,17 @@ def calendar_walk(seed: int, start: int, timeframe: str, count: int = 108) -> Ca
 
 
 # (bars per coin, bars between coins' first candles): a few years of test after the warm-up.
-ALL_TIME_WALKS = {"1m": (108, 4), "1w": (108, 4), "1d": (1100, 30), "4h": (4000, 120)}
+ALL_TIME_WALKS = {"1m": (108, 4), "1w": (108, 4), "1d": (1100, 30), "4h": (4000, 120), "1h": (4000, 48)}
+# 1h's folds shrunk 8 times (a refit per 1.5 months of test): two of its year-long folds would need about 15,000
+# hourly bars per coin, whose per-origin GARCH fits take some 45 s of CPU.
+FOLDS_SHRUNK = {"1h": 8}
+
+
+def all_time_plan(timeframe: str):
+    from candlecast.forecast.train import PLANS
+
+    plan = PLANS[timeframe]
+    return replace(plan, fold_bars=plan.fold_bars // FOLDS_SHRUNK.get(timeframe, 1))
 
 
 @functools.cache
@@ -106,16 +116,17 @@ def all_time_walks(timeframe: str) -> tuple:
     return origins, [np.isin(origins.series, np.arange(9)[part::3]) for part in range(3)]
 
 
-@pytest.mark.parametrize("timeframe", ["1m", "1w", "1d", "4h"])
+@pytest.mark.parametrize("timeframe", ["1m", "1w", "1d", "4h", "1h"])
 def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_without_leakage(timeframe, monkeypatch):
-    """4h/1d/1w/1m test every coin in turn, over every bar after the warm-up: each fold trains and calibrates only
+    """1h/4h/1d/1w/1m test every coin in turn, over every bar after the warm-up: each fold trains and calibrates only
     on the other coins, on outcomes known before its calibration and test blocks."""
     from candlecast.forecast import train as training
     from candlecast.timeframes import nominal_seconds
 
-    plan = training.PLANS[timeframe]
+    plan = all_time_plan(timeframe)
     embargo = plan.embargo_bars * nominal_seconds(timeframe)
     assert plan.test_fraction is None and plan.coin_groups == 3
+    monkeypatch.setitem(training.PLANS, timeframe, plan)
     origins, groups = all_time_walks(timeframe)
     fitted = []
 
@@ -136,11 +147,13 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
         assert train.time.max() < cal.time.min() and cal.time.max() < test.time.min()
         assert train.label_time[np.isfinite(train.log_return)].max() < cal.time.min()  # purged
         assert cal.label_time[np.isfinite(cal.log_return)].max() < test.time.min()
-    # Every origin of every coin from the first test month on is tested exactly once; none before it.
+    # Every origin (1h: every `eval_stride`-th of each fold) of every coin from the first test month on is tested
+    # exactly once; none before it.
     expected = origins.take(origins.time >= first)
-    assert len(result.test) == len(expected)
-    assert set(zip(result.test.series, result.test.time, strict=True)) == set(
-        zip(expected.series, expected.time, strict=True))
+    tested = set(zip(result.test.series, result.test.time, strict=True))
+    assert len(tested) == len(result.test) and tested <= set(zip(expected.series, expected.time, strict=True))
+    assert len(expected) / plan.eval_stride <= len(result.test) < len(expected) / plan.eval_stride + len(result.folds)
+    assert set(np.unique(result.test.series)) == set(range(9))
     # The warm-up is minimal: a month earlier, some group's fold has no training outcome or no calibration origin.
     months = np.unique(origins.time)
     earlier = training._fold_from(months, months[months < first][-1], first, embargo)
@@ -150,14 +163,14 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
     assert not all(trainable) and first < np.quantile(months, 0.25)
 
 
-@pytest.mark.parametrize("timeframe", ["1d", "4h"])
+@pytest.mark.parametrize("timeframe", ["1d", "4h", "1h"])
 def test_the_first_all_time_fold_of_the_learned_plan_falls_back_to_the_baseline_without_pairs_for_a_leaf(timeframe):
-    """The first fold of 1d and 4h trains on what the minimal warm-up leaves (here a few origins of one coin): no
+    """The first fold of 1d, 4h and 1h trains on what the minimal warm-up leaves (here a few origins of one coin): no
     tree could split, so its learned candidate is the baseline, not trees that are one raw quantile of a few pairs;
     every candidate still forecasts the fold's test origins. Later folds hold enough pairs for trees."""
     from candlecast.forecast import train as training
 
-    plan = training.PLANS[timeframe]
+    plan = all_time_plan(timeframe)
     assert plan.learned and plan.test_fraction is None
     origins, groups = all_time_walks(timeframe)
     steps = training.walk_forward_steps(timeframe, plan, origins, groups)
@@ -182,15 +195,16 @@ def test_the_first_all_time_fold_of_the_learned_plan_falls_back_to_the_baseline_
 
 @pytest.mark.parametrize("timeframe", ["1h"])
 def test_walk_forward_over_a_share_of_time_tests_every_coin_in_turn_without_leakage(timeframe, monkeypatch):
-    """1h tests every coin in turn too (HELD_OUT_COINS, then the other coins in two halves), each group on the
-    same folds over the last share of the pooled origins, trained and calibrated only on the other coins."""
+    """A plan over a share of time (`train --test-fraction`; no plan's default now) tests every coin in turn too
+    (HELD_OUT_COINS, then the other coins in two halves), each group on the same folds over the last share of the
+    pooled origins, trained and calibrated only on the other coins."""
     from types import SimpleNamespace
 
     from candlecast.forecast import train as training
     from candlecast.timeframes import nominal_seconds
 
-    plan = training.PLANS[timeframe]
-    assert plan.test_fraction is not None and plan.coin_groups == 3
+    plan = replace(training.PLANS[timeframe], test_fraction=0.3)
+    assert plan.coin_groups == 3
     names = ["ADA", "BAT", "BTC", "DOT", "ETH", "LTC", "NEO", "SOL", "XRP"]  # BAT, LTC, NEO are HELD_OUT_COINS
     bar = nominal_seconds(timeframe)
     loaded = []
@@ -212,7 +226,8 @@ def test_walk_forward_over_a_share_of_time_tests_every_coin_in_turn_without_leak
         return {}
 
     monkeypatch.setattr(training, "fit_models", spy)
-    result = training.walk_forward(timeframe, origins, held, 0.3, None, np.random.default_rng(0), False)
+    result = training.walk_forward(timeframe, origins, held, 0.3, None, np.random.default_rng(0), False,
+                                   test_fraction=plan.test_fraction)
     assert len(result.folds) == 3 * plan.folds
     # Every group is tested on the folds the HELD_OUT_COINS alone would be: the same span of time.
     steps = training.walk_forward_steps(timeframe, plan, origins, held)

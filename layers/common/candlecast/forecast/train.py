@@ -122,12 +122,13 @@ class TrainPlan:
     # Add HAR-type Garman-Klass range variances over 1, 5 and 20 bars to the next-bar variance (`fit_volatility`).
     har: bool = False
     folds: int = 2  # walk-forward test folds
-    # The tests cover this last share of the origins' times; None: every time after the minimal warm-up
-    # (`first_test_time`), in folds of about `fold_bars` bars each (a refit per year of test at 4h/1d/1w/1m). 4h and
-    # 1d test over all time: a share of time (1d's last half, 2019-21; 4h's last 30 %, Mar-Nov 2021) held few
+    # The tests cover this last share of the origins' times (`train --test-fraction`); None: every time after the
+    # minimal warm-up (`first_test_time`), in folds of about `fold_bars` bars each (a refit per year of test). Every
+    # plan tests over all time: a share of time (1d's last half, 2019-21; 1h's and 4h's last 30 %, 2021) held few
     # calendar batches, and coins move together within one, so they bounded Δ's interval; all time adds the earlier
-    # eras the issue asks coverage for (1d from 2013: BTC, LTC, XRP; 4h from mid 2018: BTC, ETH, LTC, NEO. BTC-USD's
-    # 2015-17 hours stay warm-up: with BTC and ETH held out no other coin has bars before NEO and LTC in late 2017).
+    # eras the issue asks coverage for (1d from 2013: BTC, LTC, XRP; 1h and 4h from mid 2018: BTC, ETH, LTC, NEO.
+    # BTC-USD's 2015-17 hours stay warm-up: with BTC and ETH held out no other coin has bars before NEO and LTC in
+    # late 2017). 1h's full train took 1.13× the last 30 %'s wall time (the rule, fixed beforehand: at most 2.5×).
     test_fraction: float | None = 0.3
     fold_bars: int = 0
     # Held-out coin groups tested in turn: 1 = HELD_OUT_COINS only; 3 = also the rest in two alphabetical halves,
@@ -142,7 +143,8 @@ class TrainPlan:
 
 PLANS = {
     "1h": TrainPlan(learned=True, train_stride=6, horizons_per_origin=4, eval_stride=3, har=True,
-                    calibration_half_life=1.0, confidence_on_history=False, coin_groups=3),
+                    calibration_half_life=1.0, confidence_on_history=False, coin_groups=3, test_fraction=None,
+                    fold_bars=8760),
     "4h": TrainPlan(learned=True, train_stride=1, horizons_per_origin=3, eval_stride=1, har=True,
                     confidence_on_history=False, tree_folds=3, coin_groups=3, test_fraction=None, fold_bars=2190),
     "1d": TrainPlan(learned=True, train_stride=1, horizons_per_origin=4, eval_stride=1, min_leaf=100, folds=3,
@@ -785,7 +787,7 @@ class WalkForward:
 def walk_forward_steps(timeframe: Timeframe, plan: TrainPlan, origins: Origins, held_groups: list[np.ndarray],
                        folds: int | None = None) -> list[tuple[np.ndarray, Fold]]:
     """(held-out mask, fold) of every walk-forward step of `plan`, group after group."""
-    # Over all time (4h/1d/1w/1m) the folds split calendar time, not pooled origins (which crowd into the years when
+    # Over all time the folds split calendar time, not pooled origins (which crowd into the years when
     # most files have data), so the tests reach back to the early years of the long series. Over a share of time they
     # split the pooled origins, of every coin: each coin group is tested on the same span.
     times = np.unique(origins.time) if plan.test_fraction is None else origins.time
