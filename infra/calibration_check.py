@@ -8,7 +8,8 @@ Where the plan fits trees, the same one level down for `learned` and `combined` 
 runs it): the fold's training block splits into an inner training block and its last fifth as the inner calibration
 block; the models calibrate on that block ("block") or on the history cross-fitted over K coin groups
 (`TrainPlan.tree_folds`): offsets and confidence map ("history K", the map only where the plan's
-`confidence_on_history`), or the map alone ("map K"), and are scored on the fold's calibration block.
+`confidence_on_history`; "all K", the map too whatever the plan says), or the map alone ("map K"), and are scored on
+the fold's calibration block.
 
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
         [--garch]
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
     parser.add_argument("--data", default="../shared/data/ohlcv")
     parser.add_argument("--trees", nargs="*", default=["block", "history 3", "history 5", "map 3"],
-                        help="calibration variants of the tree check: block, history K, map K, each optionally "
+                        help="calibration variants of the tree check: block, history K, all K, map K, each optionally "
                              "followed by ' + ln h' (the map with ln h as a covariate); none: skip it")
     parser.add_argument("--trees-only", action="store_true", help="skip the table-based models' check")
     parser.add_argument("--garch", action="store_true",
@@ -156,15 +157,16 @@ def coverage_scores(folds: list) -> str:
 
 
 def tree_plan(plan: T.TrainPlan, variant: str) -> T.TrainPlan:
-    """"block", "history K" (offsets and, with `confidence_on_history`, the map), "map K" (the map only); a suffix
-    " + ln h": the trees' maps with ln h as a covariate (`TrainPlan.tree_confidence_ln_h`), else without."""
+    """"block", "history K" (offsets and, with `confidence_on_history`, the map), "all K" (offsets and map), "map K"
+    (the map only); a suffix " + ln h": the trees' maps with ln h as a covariate (`TrainPlan.tree_confidence_ln_h`),
+    else without."""
     base, suffix, _ = variant.partition(" + ln h")
     plan = replace(plan, tree_confidence_ln_h=bool(suffix))
     where, _, folds = base.partition(" ")
     if where == "block":
         return replace(plan, tree_folds=0)
-    return replace(plan, tree_folds=int(folds), tree_offsets_on_history=where == "history",
-                   confidence_on_history=plan.confidence_on_history or where == "map")
+    return replace(plan, tree_folds=int(folds), tree_offsets_on_history=where in ("history", "all"),
+                   confidence_on_history=plan.confidence_on_history or where in ("map", "all"))
 
 
 def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str]) -> None:
