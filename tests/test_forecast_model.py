@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,16 @@ def test_volatility_factor_is_the_garch_term_structure_in_closed_form():
     assert factor[0, -1] > factor[0, 0] and factor[1, -1] < factor[1, 0]  # reverts toward the long-run level
     assert (volatility_factor(rows, None) == 1).all()
     assert np.allclose(volatility_factor(rows, {"ewma": 1.0, "range": 0.0, "persistence": 1.0}), 1.0)
+
+
+def test_volatility_weights_at_the_optimiser_s_extremes_are_exact_and_silent():
+    from candlecast.forecast.train import HAR_ESTIMATES, _volatility
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the persistence's logistic must not overflow as Nelder-Mead runs off
+        vanishing, lasting = (_volatility(np.array([0.0, 0, 0, 0, 0, bound]), HAR_ESTIMATES) for bound in (-800, 800))
+    assert vanishing["persistence"] == 0.0 and lasting["persistence"] == 1.0
+    assert sum(vanishing[key] for key in HAR_ESTIMATES) == pytest.approx(5 / 6)  # the rest is the long-run level
 
 
 def test_confidence_map_is_increasing_and_not_flat_at_the_top():

@@ -393,7 +393,7 @@ def _volatility(theta: np.ndarray, estimates: tuple[str, ...]) -> dict:
     logits = np.append(theta[:-1], 0.0)
     weights = np.exp(logits - logits.max())
     weights /= weights.sum()
-    persistence = float(1 / (1 + np.exp(-theta[-1])))
+    persistence = float(sigmoid(theta[-1]))
     return dict(zip(estimates, map(float, weights[:-1]), strict=True)) | {"persistence": persistence}
 
 
