@@ -153,7 +153,7 @@ def coverage_scores(folds: list) -> str:
     p80, p95 = ((n * c).sum(0)[seen] / n.sum(0)[seen] for c in (c80, c95))
     error80, error95 = (np.abs(c - level)[n > 0].mean() for c, level in ((c80, 0.8), (c95, 0.95)))
     return (f"cov80 {p80.min():.3f}-{p80.max():.3f}  cov95 {p95.min():.3f}-{p95.max():.3f}  "
-            f"mean |cov80-0.8| {error80:.3f}  mean |cov95-0.95| {error95:.3f}")
+            f"mean |cov80-0.8| {error80:.4f}  mean |cov95-0.95| {error95:.4f}  sum {error80 + error95:.4f}")
 
 
 def tree_plan(plan: T.TrainPlan, variant: str) -> T.TrainPlan:
