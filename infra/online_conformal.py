@@ -17,7 +17,7 @@ import numpy as np
 
 from candlecast.forecast import train
 from candlecast.forecast.dataset import load_timeframe
-from candlecast.forecast.evaluate import build_origins, metrics, pin5_loss
+from candlecast.forecast.evaluate import build_origins, measured_range, metrics, pin5_loss
 from candlecast.forecast.features import CONFIGS, INTERVAL_ALPHAS, INTERVALS
 from candlecast.forecast.model import HORIZONS, widen
 from infra.local_stack import ROOT
@@ -70,11 +70,11 @@ def main() -> None:
     for step in STEPS:
         out = tracked(test, q, step)
         scores = metrics(test, out, base_q, confidence, config.tolerance)
-        c80 = [item["coverage_80"] for item in scores["per_horizon"]]
-        c95 = [item["coverage_95"] for item in scores["per_horizon"]]
+        (low80, high80), (low95, high95) = (measured_range([item[key] for item in scores["per_horizon"]])
+                                            for key in ("coverage_80", "coverage_95"))
         pin5 = float(np.nanmean(pin5_loss(test.log_return, out * test.scale[..., None])))
-        print(f"| {step} | {scores['coverage_80']:.3f} ({min(c80):.3f}–{max(c80):.3f}) | "
-              f"{scores['coverage_95']:.3f} ({min(c95):.3f}–{max(c95):.3f}) | {pin5:.4f} |")
+        print(f"| {step} | {scores['coverage_80']:.3f} ({low80:.3f}–{high80:.3f}) | "
+              f"{scores['coverage_95']:.3f} ({low95:.3f}–{high95:.3f}) | {pin5:.4f} |")
 
 
 if __name__ == "__main__":
