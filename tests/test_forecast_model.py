@@ -51,6 +51,21 @@ def test_shipped_models_give_30_ordered_candles(timeframe):
         assert width[-1] > width[0]
 
 
+@pytest.mark.parametrize("timeframe", TIMEFRAMES)
+def test_a_coin_priced_in_btc_gets_the_same_forecast_in_relative_terms(timeframe):
+    """The issue's second unseen set is coins priced in BTC (prices near 1e-5 to 1e-8): every shipped model reads
+    prices only through log returns and ranges, so rescaling them rescales the forecast and changes nothing else."""
+    model = artifact.verify_and_load(*shipped(timeframe), KEY)
+    candles = read_ohlcv(ROOT / "data" / "ETHUSDT" / f"{timeframe}.parquet")
+    in_usdt = model.predict(candles)
+    rate = 3e-8
+    in_btc = model.predict(type(candles)(candles.open_time, candles.open * rate, candles.high * rate,
+                                         candles.low * rate, candles.close * rate, candles.volume))
+    for name in ("open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95"):
+        assert np.allclose(getattr(in_btc, name) / rate, getattr(in_usdt, name), rtol=1e-9, atol=0), name
+    assert np.allclose(in_btc.confidence, in_usdt.confidence, rtol=0, atol=1e-9)
+
+
 def test_tampered_unsigned_and_mismatched_files_are_refused():
     data, signature = shipped("1d")
     assert artifact.verify_and_load(data, signature, KEY, artifact.sha256_hex(data)).timeframe == "1d"
