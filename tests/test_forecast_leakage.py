@@ -163,6 +163,31 @@ def test_walk_forward_over_all_time_tests_every_later_month_of_every_coin_withou
     assert not all(trainable) and first < np.quantile(months, 0.25)
 
 
+def test_test_only_origins_are_tested_with_their_group_and_never_trained_or_calibrated_on(monkeypatch):
+    """`walk_forward(test_only=...)` (infra.history_check's late starts): those origins are tested in the pass that
+    holds their coin out, by that pass's models, and no fold of any pass trains or calibrates on them."""
+    from candlecast.forecast import train as training
+
+    monkeypatch.setitem(training.PLANS, "1m", all_time_plan("1m"))
+    origins, groups = all_time_walks("1m")
+    late = (origins.series == 4) & (origins.time >= np.quantile(origins.time[origins.series == 4], 0.5))
+    fitted = []
+
+    def spy(timeframe, train, cal, *args, **kwargs):
+        fitted.append((train, cal))
+        return fit_models(timeframe, train, cal, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_models", spy)
+    result = training.walk_forward("1m", origins, groups, 0.3, None, np.random.default_rng(0), False, test_only=late)
+    marked = set(zip(origins.series[late], origins.time[late], strict=True))
+    for train, cal in fitted:
+        assert not marked & set(zip(np.concatenate([train.series, cal.series]),
+                                    np.concatenate([train.time, cal.time]), strict=True))
+    assert any(4 in set(train.series) for train, _ in fitted)  # the rest of coin 4 still trains the other passes
+    tested = set(zip(result.test.series, result.test.time, strict=True))
+    assert marked <= tested and len(tested) == len(result.test)
+
+
 @pytest.mark.parametrize("timeframe", ["1d", "4h", "1h"])
 def test_the_first_all_time_fold_of_the_learned_plan_falls_back_to_the_baseline_without_pairs_for_a_leaf(timeframe):
     """The first fold of 1d, 4h and 1h trains on what the minimal warm-up leaves (here a few origins of one coin): no

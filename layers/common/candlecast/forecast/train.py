@@ -814,10 +814,12 @@ def walk_forward_steps(timeframe: Timeframe, plan: TrainPlan, origins: Origins, 
 
 def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float,
                  folds: int | None, rng: np.random.Generator, progress: bool,
-                 test_fraction: float | None = None, coins: np.ndarray | None = None) -> WalkForward:
+                 test_fraction: float | None = None, coins: np.ndarray | None = None,
+                 test_only: np.ndarray | None = None) -> WalkForward:
     """Expanding-window folds (`folds`, default the plan's) over the last `test_fraction` (default the plan's) of
     time, or over all time after the warm-up, once per group of held-out coins (`held_groups`: masks over
-    origins); each group is tested only on its own coins, trained without them."""
+    origins); each group is tested only on its own coins, trained without them. Origins in `test_only` (a mask)
+    are tested with their group and never trained or calibrated on (`infra.history_check`'s late starts)."""
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
     if test_fraction is not None:
         plan = replace(plan, test_fraction=test_fraction)
@@ -828,9 +830,10 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
         from tqdm import tqdm
 
         steps = tqdm(steps, desc=f"walk-forward {timeframe}", unit="fold")
+    trainable = np.ones(len(origins), dtype=bool) if test_only is None else ~test_only
     for held, fold in steps:
-        train = purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
-        cal_mask = ~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)
+        train = purged(origins.take(~held & trainable & (origins.time < fold.train_end)), fold.cal_start)
+        cal_mask = ~held & trainable & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)
         cal = purged(origins.take(np.flatnonzero(cal_mask)[:: plan.eval_stride]), fold.test_start)
         test_mask = held & (origins.time >= fold.test_start) & (origins.time < fold.test_end)
         test = origins.take(np.flatnonzero(test_mask)[:: plan.eval_stride])
