@@ -11,8 +11,12 @@ block; the models calibrate on that block ("block") or on the history cross-fitt
 `confidence_on_history`; "all K", the map too whatever the plan says), or the map alone ("map K"), and are scored on
 the fold's calibration block.
 
+With `--long-window N ...`, the same inner scoring of the plan's own `learned` and `combined` with the features and
+GARCH states rebuilt for each long window (`TimeframeConfig.long_window`, the variance target's bars; it also sets
+the lookback, and so the GARCH fit's window), the table and tree checks skipped.
+
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
-        [--garch]
+        [--garch] [--long-window 365 182 91]
 """
 
 import argparse
@@ -69,10 +73,20 @@ def main() -> None:
     parser.add_argument("--trees-only", action="store_true", help="skip the table-based models' check")
     parser.add_argument("--garch", action="store_true",
                         help="also score garch-scale's confidence maps (platt, platt + ln h), as fit_models fits them")
+    parser.add_argument("--long-window", nargs="+", type=int, metavar="BARS",
+                        help="score the plan's learned and combined with each long window instead (see above)")
     args = parser.parse_args()
     tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
     loaded = load_timeframe(Path(args.data), tf, clean=True, progress=False)
     loaded = T.before_holdout(loaded, T.holdout_cutoff(loaded, tf, T.HOLDOUT_BARS[tf]))
+    if args.long_window:
+        for bars in args.long_window:
+            CONFIGS[tf] = replace(config, long_window=bars)  # what fit_models writes into its payloads
+            print(f"{tf}: long window {bars} bars (lookback {CONFIGS[tf].lookback})")
+            origins = build_origins(loaded, CONFIGS[tf])
+            groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
+            tree_check(tf, plan, origins, groups, T.series_coins(loaded), [plan_variant(plan)])
+        return
     origins = build_origins(loaded, config)
     rng = np.random.default_rng(7)
     cover = {variant: [] for variant in WEIGHTS}
@@ -167,6 +181,18 @@ def tree_plan(plan: T.TrainPlan, variant: str) -> T.TrainPlan:
         return replace(plan, tree_folds=0)
     return replace(plan, tree_folds=int(folds), tree_offsets_on_history=where in ("history", "all"),
                    confidence_on_history=plan.confidence_on_history or where in ("map", "all"))
+
+
+def plan_variant(plan: T.TrainPlan) -> str:
+    """The `tree_plan` variant that is `plan`'s own calibration of its trees."""
+    if not plan.tree_folds:
+        variant = "block"
+    elif plan.confidence_on_history:
+        variant = f"all {plan.tree_folds}" if plan.tree_offsets_on_history else f"map {plan.tree_folds}"
+    else:
+        variant = f"history {plan.tree_folds}"
+    assert tree_plan(plan, variant) == replace(plan, tree_confidence_ln_h=False), variant
+    return variant + (" + ln h" if plan.tree_confidence_ln_h else "")
 
 
 def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str]) -> None:
