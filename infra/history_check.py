@@ -94,7 +94,7 @@ def main() -> None:
                         for i in late_rows], dtype=int)
     late_rows, partner = late_rows[partner >= 0], partner[partner >= 0]
     days = span * nominal_seconds(timeframe) / 86400
-    print(f"\n{timeframe}: {len(copies)} late starts ({span} bars, {days:g} days, of history at most), "
+    print(f"\n{timeframe}: {len(copies)} late starts ({span} bars, {days:.0f} days, of history at most), "
           f"{len(late_rows):,} test origins paired with their series' at the same time")
     print("| candidate | history | pin5 | cov80 | cov95 |\n|---|---|---|---|---|")
     for kind, (q, _, _) in result.outputs.items():
