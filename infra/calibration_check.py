@@ -21,12 +21,10 @@ the lookback, and so the GARCH fit's window), the table and tree checks skipped.
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
 from candlecast.forecast import train as T
-from candlecast.forecast.dataset import load_timeframe
 from candlecast.forecast.evaluate import (
     RELIABILITY_MIN_SHARE,
     _ece,
@@ -38,6 +36,7 @@ from candlecast.forecast.evaluate import (
 from candlecast.forecast.features import CONFIGS, INTERVALS, MEDIAN
 from candlecast.forecast.model import HORIZONS, ForecastModel, raw_confidence, volatility_factor, widen
 from candlecast.timeframes import nominal_seconds
+from infra.local_stack import SHARED_OHLCV
 
 WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}  # half-lives
 
@@ -66,7 +65,7 @@ def confidence_design(raw: np.ndarray, h: np.ndarray, kind: str) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
-    parser.add_argument("--data", default="../shared/data/ohlcv")
+    parser.add_argument("--data", default=str(SHARED_OHLCV))
     parser.add_argument("--trees", nargs="*", default=["block", "history 3", "history 5", "map 3"],
                         help="calibration variants of the tree check: block, history K, all K, map K, each optionally "
                              "followed by ' + ln h' (the map with ln h as a covariate); none: skip it")
@@ -77,8 +76,7 @@ def main() -> None:
                         help="score the plan's learned and combined with each long window instead (see above)")
     args = parser.parse_args()
     tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
-    loaded = load_timeframe(Path(args.data), tf, clean=True, progress=False)
-    loaded = T.before_holdout(loaded, T.holdout_cutoff(loaded, tf, T.HOLDOUT_BARS[tf]))
+    loaded, _ = T.load_before_holdout(args.data, tf)
     if args.long_window:
         for bars in args.long_window:
             CONFIGS[tf] = replace(config, long_window=bars)  # what fit_models writes into its payloads

@@ -20,14 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.forecast import train
-from candlecast.forecast.dataset import load_timeframe
 from candlecast.forecast.evaluate import build_origins
 from candlecast.forecast.features import CONFIGS
 from candlecast.forecast.peers import compare_with_peers
 from candlecast.forecast.report import comparison_text, write_comparison_report
-from infra.local_stack import ROOT
-
-SHARED = ROOT.parent / "shared" / "data" / "ohlcv"
+from infra.local_stack import SHARED_OHLCV
 
 
 def exchanges_of(loaded: list, provenance: Path) -> np.ndarray:
@@ -48,18 +45,16 @@ def unseen_already(members: np.ndarray, groups: list[np.ndarray]) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeframe", default="1d", choices=sorted(CONFIGS))
-    parser.add_argument("--data", default=str(SHARED))
+    parser.add_argument("--data", default=str(SHARED_OHLCV))
     parser.add_argument("--provenance", help="default: ohlcv_provenance.json beside --data")
     parser.add_argument("--min-series", type=int, default=5, help="fewest series the other exchanges must hold")
     parser.add_argument("--reports", help="a folder for each exchange's comparison PNG")
     args = parser.parse_args()
     timeframe, plan, config = args.timeframe, train.PLANS[args.timeframe], CONFIGS[args.timeframe]
-    loaded = load_timeframe(Path(args.data), timeframe, clean=True)
-    loaded = train.before_holdout(loaded, train.holdout_cutoff(loaded, timeframe, train.HOLDOUT_BARS[timeframe]))
+    loaded, _ = train.load_before_holdout(args.data, timeframe)
     exchange = exchanges_of(loaded, Path(args.provenance or Path(args.data).parent / "ohlcv_provenance.json"))
     origins = build_origins(loaded, config, progress=True)
-    held_out = np.array([train.is_held_out(series.base) for series, _ in loaded])
-    wick = train.fitted_wick(loaded, np.flatnonzero(~held_out), timeframe)
+    wick = train.walk_forward_wick(loaded, timeframe)
     groups = train.coin_groups(loaded, plan.coin_groups)
     held_groups = [group[origins.series] for group in groups]
     coins = train.series_coins(loaded)

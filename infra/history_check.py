@@ -14,18 +14,15 @@ Prints two tables. Asserts nothing. Reads ../shared.
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
 from candlecast.forecast import train
-from candlecast.forecast.dataset import load_timeframe
-from candlecast.forecast.evaluate import build_origins, pin5_loss
+from candlecast.forecast.evaluate import build_origins, method_scores
 from candlecast.forecast.features import CONFIGS
 from candlecast.timeframes import nominal_seconds
-from infra.local_stack import ROOT
+from infra.local_stack import SHARED_OHLCV
 
-SHARED = ROOT.parent / "shared" / "data" / "ohlcv"
 AGE_EDGES_DAYS = (0, 30, 90, 180, 365, 730)
 
 
@@ -42,33 +39,29 @@ def late_starts(loaded: list, span: int) -> tuple[list, np.ndarray]:
     return copies, np.array(parents, dtype=int)
 
 
-def scores(test, q: np.ndarray, rows: np.ndarray) -> str:
-    """pin5, cov80 and cov95 over every known (origin, h) of `rows`."""
-    y = test.log_return[rows]
-    bounds = test.scale[rows][..., None] * q[rows]
-    known = np.isfinite(y)
-    inside_80 = (bounds[..., 1] <= y) & (y <= bounds[..., 5])
-    inside_95 = (bounds[..., 0] <= y) & (y <= bounds[..., 6])
-    pin5 = pin5_loss(y, bounds)[known].mean()
-    return f"{pin5:.4f} | {inside_80[known].mean():.3f} | {inside_95[known].mean():.3f}"
+def scores(test, output: tuple, rows: np.ndarray, tolerance: float) -> str:
+    """pin5, cov80 and cov95 of a candidate's walk-forward `output` (z-quantiles, baseline's, confidence) over every
+    known (origin, h) of `rows`."""
+    q, _, confidence = output
+    scored = method_scores(test.log_return[rows], test.scale[rows][..., None] * q[rows], confidence[rows], tolerance,
+                           test.time[rows])
+    return f"{scored['pin5']:.4f} | {scored['coverage_80']:.3f} | {scored['coverage_95']:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeframe", default="1d", choices=sorted(CONFIGS))
     parser.add_argument("--span", type=int, help="bars of history of the late starts (default: the lookback)")
-    parser.add_argument("--data", default=str(SHARED))
+    parser.add_argument("--data", default=str(SHARED_OHLCV))
     args = parser.parse_args()
     timeframe, plan, config = args.timeframe, train.PLANS[args.timeframe], CONFIGS[args.timeframe]
     span = args.span or config.lookback
-    loaded = load_timeframe(Path(args.data), timeframe, clean=True)
-    loaded = train.before_holdout(loaded, train.holdout_cutoff(loaded, timeframe, train.HOLDOUT_BARS[timeframe]))
+    loaded, _ = train.load_before_holdout(args.data, timeframe)
     copies, parents = late_starts(loaded, span)
     everything = loaded + copies
     origins = build_origins(everything, config, progress=True)
     copied = origins.series >= len(loaded)
-    held_out = np.array([train.is_held_out(series.base) for series, _ in loaded])
-    wick = train.fitted_wick(loaded, np.flatnonzero(~held_out), timeframe)
+    wick = train.walk_forward_wick(loaded, timeframe)
     groups = train.coin_groups(everything, plan.coin_groups)
     result = train.walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, None,
                                 np.random.default_rng(7), True, None, train.series_coins(everything),
@@ -81,11 +74,11 @@ def main() -> None:
     print(f"{timeframe}: {len(original):,} test origins of {len(loaded)} series; by days since the series' first "
           "candle")
     print("| candidate | age (days) | origins | pin5 | cov80 | cov95 |\n|---|---|---|---|---|---|")
-    for kind, (q, _, _) in result.outputs.items():
+    for kind, output in result.outputs.items():
         for low, high in zip(AGE_EDGES_DAYS, (*AGE_EDGES_DAYS[1:], np.inf), strict=True):
             rows = original[(age_days >= low) & (age_days < high)]
             if len(rows):
-                print(f"| {kind} | {low}–{high:g} | {len(rows):,} | {scores(test, q, rows)} |")
+                print(f"| {kind} | {low}–{high:g} | {len(rows):,} | {scores(test, output, rows, config.tolerance)} |")
 
     position = {(int(s), int(t)): i for i, s, t in zip(original, test.series[original], test.time[original],
                                                       strict=True)}
@@ -97,9 +90,9 @@ def main() -> None:
     print(f"\n{timeframe}: {len(copies)} late starts ({span} bars, {days:.0f} days, of history at most), "
           f"{len(late_rows):,} test origins paired with their series' at the same time")
     print("| candidate | history | pin5 | cov80 | cov95 |\n|---|---|---|---|---|")
-    for kind, (q, _, _) in result.outputs.items():
-        print(f"| {kind} | late start | {scores(test, q, late_rows)} |")
-        print(f"| {kind} | whole series | {scores(test, q, partner)} |")
+    for kind, output in result.outputs.items():
+        print(f"| {kind} | late start | {scores(test, output, late_rows, config.tolerance)} |")
+        print(f"| {kind} | whole series | {scores(test, output, partner, config.tolerance)} |")
 
 
 if __name__ == "__main__":

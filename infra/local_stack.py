@@ -20,6 +20,7 @@ from pathlib import Path
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED_OHLCV = ROOT.parent / "shared" / "data" / "ohlcv"  # the real candles beside a checkout (absent in a fresh clone)
 
 
 def free_port() -> int:

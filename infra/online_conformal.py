@@ -11,18 +11,15 @@ horizons, and pin5 (the project's metric code). Asserts nothing. Reads ../shared
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 from candlecast.forecast import train
-from candlecast.forecast.dataset import load_timeframe
 from candlecast.forecast.evaluate import build_origins, measured_range, metrics, pin5_loss
 from candlecast.forecast.features import CONFIGS, INTERVAL_ALPHAS, INTERVALS
 from candlecast.forecast.model import HORIZONS, widen
-from infra.local_stack import ROOT
+from infra.local_stack import SHARED_OHLCV
 
-SHARED = ROOT.parent / "shared" / "data" / "ohlcv"
 STEPS = (0.0, 0.005, 0.02)  # η in z units per outcome, fixed beforehand (not searched)
 
 
@@ -52,14 +49,12 @@ def main() -> None:
     parser.add_argument("--timeframe", default="1d", choices=sorted(CONFIGS))
     parser.add_argument("--method", default="baseline", help="candidate of the walk-forward (baseline, learned, "
                         "garch-scale, combined)")
-    parser.add_argument("--data", default=str(SHARED))
+    parser.add_argument("--data", default=str(SHARED_OHLCV))
     args = parser.parse_args()
     timeframe, plan, config = args.timeframe, train.PLANS[args.timeframe], CONFIGS[args.timeframe]
-    loaded = load_timeframe(Path(args.data), timeframe, clean=True)
-    loaded = train.before_holdout(loaded, train.holdout_cutoff(loaded, timeframe, train.HOLDOUT_BARS[timeframe]))
+    loaded, _ = train.load_before_holdout(args.data, timeframe)
     origins = build_origins(loaded, config)
-    held_out = np.array([train.is_held_out(series.base) for series, _ in loaded])
-    wick = train.fitted_wick(loaded, np.flatnonzero(~held_out), timeframe)
+    wick = train.walk_forward_wick(loaded, timeframe)
     groups = train.coin_groups(loaded, plan.coin_groups)
     result = train.walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, None,
                                 np.random.default_rng(7), False, None)

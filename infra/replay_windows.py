@@ -25,9 +25,7 @@ from candlecast.forecast.dataset import load_timeframe, read_ohlcv
 from candlecast.forecast.evaluate import build_origins, model_outputs
 from candlecast.seed import TRACK_RECORD_ORIGINS, TRACK_RECORD_STRIDE, past_origins
 from candlecast.timeframes import nominal_seconds
-from infra.local_stack import ROOT
-
-SHARED = ROOT.parent / "shared" / "data" / "ohlcv"
+from infra.local_stack import ROOT, SHARED_OHLCV
 
 
 def inside(model, history, candles, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +85,8 @@ def windows(model, timeframe: str, loaded: list) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeframe", default="1h")
-    parser.add_argument("--data", type=Path, default=SHARED, help=f"the full OHLCV files (default {SHARED})")
+    parser.add_argument("--data", type=Path, default=SHARED_OHLCV,
+                        help=f"the full OHLCV files (default {SHARED_OHLCV})")
     args = parser.parse_args(argv)
     key = (os.environ.get("MODEL_SIGNING_KEY") or LOCAL_MODEL_SIGNING_KEY).encode()
     model = load_signed_model(ROOT / "models" / f"{args.timeframe}.pkl", key)

@@ -819,7 +819,8 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
     """Expanding-window folds (`folds`, default the plan's) over the last `test_fraction` (default the plan's) of
     time, or over all time after the warm-up, once per group of held-out coins (`held_groups`: masks over
     origins); each group is tested only on its own coins, trained without them. Origins in `test_only` (a mask)
-    are tested with their group and never trained or calibrated on (`infra.history_check`'s late starts)."""
+    are tested with their group and never trained or calibrated on (`infra.history_check`'s late starts,
+    `infra.exchange_check`'s unseen exchange)."""
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
     if test_fraction is not None:
         plan = replace(plan, test_fraction=test_fraction)
@@ -905,6 +906,23 @@ def holdout_cutoff(loaded: list, timeframe: Timeframe, bars: int) -> int:
     return int(times[-1 - bars]) if len(times) > bars else int(times[0]) - 1
 
 
+def load_before_holdout(data_dir: Path, timeframe: Timeframe, holdout_bars: int | None = None,
+                        progress: bool = False) -> tuple[list, int]:
+    """(every series of `data_dir` giving `timeframe` without the candles after the holdout cutoff, the cutoff):
+    what training reads. The newest `holdout_bars` candle times (default `HOLDOUT_BARS`) are held out."""
+    loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
+    if not loaded:
+        raise SystemExit(f"no OHLCV files for {timeframe} under {data_dir}")
+    cutoff = holdout_cutoff(loaded, timeframe, HOLDOUT_BARS[timeframe] if holdout_bars is None else holdout_bars)
+    return before_holdout(loaded, cutoff), cutoff
+
+
+def walk_forward_wick(loaded: list, timeframe: Timeframe) -> float:
+    """The wick coefficient of the walk-forward's models: fitted on the series of coins outside HELD_OUT_COINS."""
+    held_out = np.array([is_held_out(series.base) for series, _ in loaded])
+    return fitted_wick(loaded, np.flatnonzero(~held_out), timeframe)
+
+
 def before_holdout(loaded: list, cutoff: int) -> list:
     """`loaded` with every candle that opens after `cutoff` dropped (series left empty are dropped)."""
     kept = []
@@ -927,15 +945,10 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     """
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
     rng = np.random.default_rng(seed)
-    loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
-    if not loaded:
-        raise SystemExit(f"no OHLCV files for {timeframe} under {data_dir}")
     holdout = HOLDOUT_BARS[timeframe] if holdout_bars is None else holdout_bars
-    cutoff = holdout_cutoff(loaded, timeframe, holdout)
-    loaded = before_holdout(loaded, cutoff)
+    loaded, cutoff = load_before_holdout(data_dir, timeframe, holdout, progress)
     origins = build_origins(loaded, config, progress)
-    held_out_series = np.array([is_held_out(series.base) for series, _ in loaded])
-    wick = fitted_wick(loaded, np.flatnonzero(~held_out_series), timeframe)
+    wick = walk_forward_wick(loaded, timeframe)
     groups = coin_groups(loaded, plan.coin_groups)
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
                           progress, test_fraction, series_coins(loaded))
