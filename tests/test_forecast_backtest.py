@@ -62,6 +62,50 @@ def test_backtest_resamples_hourly_csv_and_refuses_an_unsigned_model(tmp_path, c
         load_signed_model(copy, b"key")
 
 
+def test_backtest_names_the_files_it_did_not_score_and_scores_each_series_apart(tmp_path, capsys, monkeypatch):
+    """A misnamed file, a series too short for an origin and a bad row (zero close) among good files: `symbols`
+    lists only the scored series, `unscored_files` says why of the rest, and each scored series has its own row."""
+    import shutil
+
+    from candlecast.forecast.dataset import read_ohlcv
+
+    monkeypatch.chdir(ROOT)
+    for pair in ("ETHUSDT", "BTCUSDT"):
+        (tmp_path / pair).mkdir()
+        shutil.copy(ROOT / "data" / pair / "1d.parquet", tmp_path / pair / "1d.parquet")
+    daily = read_ohlcv(ROOT / "data" / "BTCUSDT" / "1d.parquet")
+    rows = ["timestamp,open,high,low,close,volume"] + [
+        datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") + f",{o},{h},{lo},{c},{v}"
+        for t, o, h, lo, c, v in zip(*(getattr(daily, name).tolist() for name in
+                                       ("open_time", "open", "high", "low", "close", "volume")), strict=True)]
+    rows[300] = rows[300].rsplit(",", 2)[0] + ",0,1"  # close 0: an export's bad row
+    (tmp_path / "BAD-USD_1d.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "SHRT-USD_1d.csv").write_text("\n".join(rows[:11]) + "\n")
+    (tmp_path / "btcusd.csv").write_text("\n".join(rows[:11]) + "\n")
+    assert main(["backtest", "--data", str(tmp_path), "--timeframe", "1d"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["symbols"] == ["BADUSD", "BTCUSDT", "ETHUSDT"]
+    reasons = {Path(item["file"]).name: item["reason"] for item in result["unscored_files"]}
+    assert set(reasons) == {"btcusd.csv", "SHRT-USD_1d.csv"}
+    assert "name is neither" in reasons["btcusd.csv"] and reasons["SHRT-USD_1d.csv"].startswith("10 1d candles")
+    assert "not scored: " + str(tmp_path / "SHRT-USD_1d.csv") in err
+    comparison = result["comparison"]
+    per_series = comparison["per_series"]
+    assert sorted(per_series) == result["symbols"] and comparison["n_series"] == 3
+    for method, scores in comparison["methods"].items():
+        assert sum(series[method]["n_origins"] for series in per_series.values()) == scores["n_origins"]
+    assert "| BADUSD | " in err and "Δ garch-t vs candlecast" in err
+
+
+def test_backtest_stops_on_an_unreadable_file_naming_it(tmp_path, capsys):
+    (tmp_path / "BTC-USD_1d.csv").write_text("Date,Open,High,Low,Close,Volume\n2024-01-01,1,2,0.5,1.5,5\n")
+    assert main(["backtest", "--data", str(tmp_path), "--timeframe", "1d", "--model",
+                 str(ROOT / "models" / "1d.pkl")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'BTC-USD_1d.csv'}: no column timestamp (expected timestamp,open,high,low,close,volume)")
+
+
 @pytest.mark.shared
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared is absent")
 def test_build_sample_lists_every_coin_file(tmp_path):

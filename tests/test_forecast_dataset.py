@@ -86,3 +86,39 @@ def test_csv_and_parquet_read_the_same_candles(tmp_path):
     assert from_parquet.to_dict() == from_csv.to_dict()
     assert describe_file(csv_path).pair == describe_file(parquet_path).pair == "BTCUSDT"
     assert describe_file(parquet_path).quote == "USDT"
+
+
+def test_csv_headers_in_any_case_and_repeated_times_read_once(tmp_path):
+    path = tmp_path / "BTC-USDT_1h.csv"
+    path.write_text("Timestamp,Open,High,Low,Close,Volume\n"
+                    "2024-01-01T00:00:00Z,1,2,0.5,1.5,5\n2024-01-01T00:00:00Z,1,2,0.5,1.5,5\n")
+    candles = read_ohlcv(path)
+    assert candles.open_time.tolist() == [epoch("2024-01-01T00:00:00")] and candles.close.tolist() == [1.5]
+    path.write_text("timestamp,open,high,low,close,volume\n")
+    assert len(read_ohlcv(path)) == 0
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("Date,Open,High,Low,Close,Volume\n2024-01-01,1,2,0.5,1.5,5\n", "no column timestamp"),
+    ("timestamp,open,high,low,close\n2024-01-01T00:00:00Z,1,2,0.5,1.5\n", "no column volume"),
+    ("timestamp,open,high,low,close,volume\n2024-01-01T00:00:00Z,1,2,abc,1.5,5\n", "invalid value 'abc'"),
+])
+def test_an_unreadable_file_is_named_with_its_problem(tmp_path, text, problem):
+    from candlecast.forecast.dataset import OHLCVError
+
+    path = tmp_path / "BTC-USDT_1h.csv"
+    path.write_text(text)
+    with pytest.raises(OHLCVError, match=problem) as raised:
+        read_ohlcv(path)
+    assert str(path) in str(raised.value)
+
+
+def test_rows_without_a_positive_price_and_flat_outage_rows_are_dropped():
+    from candlecast.forecast.dataset import drop_untradable
+
+    candles = hourly("2024-01-01T00:00:00", 6)
+    candles.close[1], candles.low[2], candles.open[3] = np.nan, 0.0, -1.0
+    candles.open[4] = candles.high[4] = candles.low[4] = candles.close[4]
+    candles.volume[4] = 0
+    kept = drop_untradable(candles)
+    assert kept.open_time.tolist() == candles.open_time[[0, 5]].tolist()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from candlecast.forecast.dataset import load_timeframe
+from candlecast.forecast.dataset import OHLCVError, describe_file, list_series, load_timeframe, sources_for
 from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
 from candlecast.forecast.model import ForecastModel, raw_confidence
 from candlecast.timeframes import Timeframe
@@ -30,13 +30,16 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
         raise ValueError(f"the model is for {model.timeframe}, not {timeframe}")
     loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
     if not loaded:
-        raise ValueError(f"no OHLCV files that give {timeframe} under {data_dir}")
+        raise OHLCVError(f"{data_dir}: no OHLCV files that give {timeframe}")
     origins = build_origins(loaded, model.config, progress)
     origins = origins.take(np.isfinite(origins.log_return).any(axis=1))
     if len(origins) == 0:
-        raise ValueError(f"the {timeframe} series under {data_dir} are too short for a backtest")
+        raise OHLCVError(f"{data_dir}: the {timeframe} series are too short for a backtest")
+    with_outcome = set(np.unique(origins.series).tolist())
     if len(origins) > MAX_ORIGINS:
         origins = origins.take(np.linspace(0, len(origins) - 1, MAX_ORIGINS).astype(int))
+    unscored = unscored_files(Path(data_dir), timeframe, loaded, with_outcome, set(np.unique(origins.series).tolist()),
+                              model.config.min_history)
     result = evaluate_model(model, origins)
     if peers:
         from candlecast.forecast.peers import compare_with_peers
@@ -55,7 +58,32 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
         "kind": model.kind,
         "method": model.method,
         "timeframe": timeframe,
-        "symbols": sorted({series.pair for series, _ in loaded}),
+        "symbols": sorted({loaded[int(index)][0].pair for index in np.unique(origins.series)}),
+        "unscored_files": unscored,
         "pinball_reference": "the model file's baseline (random walk, EWMA σ·√h, empirical quantiles)",
         **result,
     }
+
+
+def unscored_files(data_dir: Path, timeframe: Timeframe, loaded: list, with_outcome: set, scored: set,
+                   min_history: int) -> list[dict]:
+    """[{"file", "reason"}] of the files under `data_dir` that give no scored origin: names that say no pair and
+    timeframe, series without a complete `timeframe` candle, series too short for an origin with a known outcome
+    (not in `with_outcome`, indices into `loaded`), series the thinning to MAX_ORIGINS passed over (not in `scored`)."""
+    found = []
+    for path in sorted(Path(data_dir).rglob("*")):
+        if path.is_file() and path.suffix.lower() in (".csv", ".parquet") and describe_file(path) is None:
+            found.append({"file": str(path),
+                          "reason": "name is neither <BASE>-<QUOTE>_<tf>.csv nor <PAIR>/<tf>.parquet"})
+    kept = {series.path for series, _ in loaded}
+    for series in sources_for(list_series(data_dir), timeframe):
+        if series.path not in kept:
+            found.append({"file": str(series.path), "reason": f"no complete {timeframe} candle"})
+    for index, (series, candles) in enumerate(loaded):
+        if index not in with_outcome:
+            found.append({"file": str(series.path), "reason": f"{len(candles)} {timeframe} candles: an origin needs "
+                          f"{min_history} before it and one after it"})
+        elif index not in scored:
+            found.append({"file": str(series.path), "reason": f"its origins fell between the {MAX_ORIGINS:,} "
+                          "kept (every origin of every series, thinned evenly)"})
+    return found

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     sample = subparsers.add_parser("build-sample", help="rebuild data/ (sample Parquet + symbols.csv) from CSVs")
     sample.add_argument("--source", default=DEFAULT_SOURCE, help="folder of <BASE>-<QUOTE>_<tf>.csv files")
     sample.add_argument("--out", default="data", help="output folder (bucket layout)")
-    sample.set_defaults(func=build_sample_command)
+    sample.set_defaults(func=stopping_on_bad_files(build_sample_command))
 
     train = subparsers.add_parser("train", help="walk-forward backtest, fit and sign a model for a timeframe")
     train.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     train.add_argument("--evaluate-only", action="store_true", help="walk-forward comparison only: print it and "
                        "write {reports}/{tf}/comparison.png; no model is fitted on all coins or written")
     train.add_argument("--register", action="store_true", help="record the model in the models table")
-    train.set_defaults(func=train_command)
+    train.set_defaults(func=stopping_on_bad_files(train_command))
 
     scorecard = subparsers.add_parser("scorecard", help="print the shipped models' walk-forward tables against the "
                                       "peers (from the manifest written by train)")
@@ -47,7 +47,24 @@ def register(subparsers) -> None:
                           "random walks, the file's own baseline)")
     backtest.add_argument("--report", help="folder for {tf}/comparison.png (every method by horizon, reliability, "
                           "per era)")
-    backtest.set_defaults(func=backtest_command)
+    backtest.set_defaults(func=stopping_on_bad_files(backtest_command))
+
+
+def stopping_on_bad_files(command):
+    """`command`, printing an unreadable OHLCV file's name and problem and returning 2 instead of a traceback."""
+    from functools import wraps
+
+    @wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from candlecast.forecast.dataset import OHLCVError
+
+        try:
+            return command(args)
+        except OHLCVError as error:
+            print(f"candlecast {args.command}: {error}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def build_sample_command(args: argparse.Namespace) -> int:
@@ -189,6 +206,8 @@ def backtest_command(args: argparse.Namespace) -> int:
     path = Path(args.model or f"models/{args.timeframe}.pkl")
     model = load_signed_model(path, signing_key())
     result = backtest(model, Path(args.data), args.timeframe, progress=True, peers=not args.no_peers)
+    for item in result["unscored_files"]:
+        print(f"not scored: {item['file']}: {item['reason']}", file=sys.stderr)
     if "comparison" in result:
         print(comparison_text(args.timeframe, result["comparison"]), file=sys.stderr)
         if args.report:

@@ -98,3 +98,22 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
     peers = [name for name in methods if name != reference]
     best = min(peers, key=lambda name: result[name]["pin5"]) if peers else None
     return {"reference": reference, "best_peer": best, "block_seconds": BATCH_BARS * bar_seconds, "methods": result}
+
+
+SERIES_KEYS = ("pin5", "coverage_80", "coverage_95", "n_origins")
+
+
+def per_series_scores(log_return: np.ndarray, times: np.ndarray, methods: dict, tolerance: float,
+                      series: np.ndarray, names: list[str]) -> dict:
+    """{series name: {method: pin5, coverage and origins}} over each series' own origins (`series` (n,) indexes
+    `names`): one coin's figures are a few regimes, so they carry no interval; the pooled Δ is the one to read."""
+    result = {}
+    for index in np.unique(series):
+        rows = series == index
+        if not np.isfinite(log_return[rows]).any():
+            continue
+        result[names[int(index)]] = {
+            name: {key: scores[key] for key in SERIES_KEYS}
+            for name, scores in ((name, method_scores(log_return[rows], q[rows], confidence[rows], tolerance,
+                                                      times[rows])) for name, (q, confidence) in methods.items())}
+    return result

@@ -52,30 +52,60 @@ def list_series(directory: Path) -> list[Series]:
     return [series for series in found if series is not None]
 
 
+class OHLCVError(ValueError):
+    """OHLCV input that cannot be used: the message names the file (or folder) and the problem."""
+
+
 def read_ohlcv(path: Path) -> Candles:
-    """Candles from a CSV (timestamp,open,high,low,close,volume) or Parquet (open_time,...) file, sorted."""
+    """Candles from a CSV (timestamp,open,high,low,close,volume; names in any case) or Parquet (open_time,...)
+    file, sorted, one per open time."""
     import pyarrow as pa
 
     path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=list(COLUMNS))
-        open_time = table["open_time"]
-        if pa.types.is_timestamp(open_time.type):
-            open_time = open_time.cast(pa.timestamp("s", tz="UTC")).cast(pa.int64())
-        times = np.asarray(open_time.to_numpy(), dtype=np.int64)
-    else:
-        from pyarrow import csv
-
-        types = {"timestamp": pa.timestamp("s", tz="UTC")} | {name: pa.float64() for name in COLUMNS[1:]}
-        table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types=types))
-        times = table["timestamp"].cast(pa.int64()).to_numpy()
-    columns = {name: table[name].to_numpy().astype(np.float64) for name in COLUMNS[1:]}
+    try:
+        times, columns = _read_parquet(path) if path.suffix.lower() == ".parquet" else _read_csv(path)
+    except (pa.ArrowException, OSError) as error:
+        raise OHLCVError(f"{path}: {error}") from error
     order = np.argsort(times, kind="stable")
-    keep = np.r_[True, np.diff(times[order]) != 0]  # dedup on open_time
+    keep = np.diff(times[order], prepend=times[order][:1] - 1) != 0  # dedup on open_time
     order = order[keep]
     return Candles(open_time=times[order], **{name: values[order] for name, values in columns.items()})
+
+
+def _read_parquet(path: Path) -> tuple[np.ndarray, dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _require_columns(path, pq.read_schema(path).names, COLUMNS)
+    table = pq.read_table(path, columns=list(COLUMNS))
+    open_time = table["open_time"]
+    if pa.types.is_timestamp(open_time.type):
+        open_time = open_time.cast(pa.timestamp("s", tz="UTC")).cast(pa.int64())
+    return np.asarray(open_time.to_numpy(), dtype=np.int64), _prices(table)
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, dict]:
+    import pyarrow as pa
+    from pyarrow import csv
+
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        header = handle.readline().strip().split(",")
+    names = {name.strip().lower(): name for name in header}
+    _require_columns(path, names, ("timestamp", *COLUMNS[1:]))
+    types = {names["timestamp"]: pa.timestamp("s", tz="UTC")} | {names[name]: pa.float64() for name in COLUMNS[1:]}
+    table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types=types))
+    table = table.rename_columns([name.strip().lower() for name in table.column_names])
+    return table["timestamp"].cast(pa.int64()).to_numpy(), _prices(table)
+
+
+def _require_columns(path: Path, present, required) -> None:
+    missing = [name for name in required if name not in present]
+    if missing:
+        raise OHLCVError(f"{path}: no column {', '.join(missing)} (expected {','.join(required)})")
+
+
+def _prices(table) -> dict:
+    return {name: table[name].to_numpy().astype(np.float64) for name in COLUMNS[1:]}
 
 
 def bucket_starts(open_time: np.ndarray, timeframe: Timeframe) -> np.ndarray:
@@ -123,17 +153,21 @@ def resample(candles: Candles, source: Timeframe, target: Timeframe) -> Candles:
     return result
 
 
-def drop_flat_zero_volume(candles: Candles) -> Candles:
-    """Remove O=H=L=C, volume 0 rows: exchange outages filled with the last price, not real trading."""
+def drop_untradable(candles: Candles) -> Candles:
+    """Remove rows that are no trading: a missing, zero or negative open, high, low or close (a bad export), and
+    O=H=L=C with volume 0 (an exchange outage filled with the last price)."""
+    prices = np.column_stack([candles.open, candles.high, candles.low, candles.close])
+    unpriced = ~(np.isfinite(prices) & (prices > 0)).all(axis=1)
     flat = (
         (candles.volume == 0)
         & (candles.open == candles.close)
         & (candles.high == candles.low)
         & (candles.open == candles.high)
     )
-    if not flat.any():
+    dropped = unpriced | flat
+    if not dropped.any():
         return candles
-    return Candles(*(getattr(candles, name)[~flat] for name in COLUMNS))
+    return Candles(*(getattr(candles, name)[~dropped] for name in COLUMNS))
 
 
 def sources_for(series: list[Series], timeframe: Timeframe) -> list[Series]:
@@ -160,7 +194,7 @@ def load_timeframe(directory: Path, timeframe: Timeframe, *, clean: bool = True,
     for series in items:
         candles = read_ohlcv(series.path)
         if clean:
-            candles = drop_flat_zero_volume(candles)
+            candles = drop_untradable(candles)
         candles = resample(candles, series.timeframe, timeframe)
         if len(candles):
             loaded.append((series, candles))

@@ -254,7 +254,7 @@ def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: 
                        tolerance: float, progress: bool = False) -> dict:
     """`comparison.compare_methods` of the model's `candidates` (name -> (log-return quantiles, confidence) at
     `origins`) and every peer at the same origins; the peers' confidence is read off their quantile curve."""
-    from candlecast.forecast.comparison import compare_methods
+    from candlecast.forecast.comparison import compare_methods, per_series_scores
     from candlecast.forecast.model import raw_confidence
     from candlecast.timeframes import nominal_seconds
 
@@ -263,4 +263,6 @@ def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: 
         methods[name] = (quantiles, raw_confidence(quantiles, np.ones(quantiles.shape[:-1]), tolerance))
     result = compare_methods(origins.log_return, origins.time, methods, tolerance, nominal_seconds(timeframe),
                              reference)
-    return result | {"n_series": len(np.unique(origins.series))}
+    per_series = per_series_scores(origins.log_return, origins.time, methods, tolerance, origins.series,
+                                   [series.pair for series, _ in loaded])
+    return result | {"n_series": len(per_series), "per_series": per_series}

@@ -190,7 +190,25 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
     for name, m in comparison["methods"].items():
         cells = [f"{e['coverage_80']:.3f} / {e['coverage_95']:.3f}, {e['pin5']:.3f}" for e in m["eras"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + per_series_lines(comparison))
+
+
+def per_series_lines(comparison: dict) -> list[str]:
+    """Markdown rows per series: the reference and GARCH-t (else the best peer), pin5 and coverage, and Δ's point
+    value (no interval: one coin is a few regimes). Empty for comparisons recorded before `per_series`."""
+    if not comparison.get("per_series"):
+        return []
+    reference = comparison["reference"]
+    peer = "garch-t" if "garch-t" in comparison["methods"] else comparison["best_peer"]
+    lines = ["", f"| series | origins | {reference}: pin5, cov80 / cov95 | {peer}: pin5, cov80 / cov95 "
+             f"| Δ {peer} vs {reference} |", "|---|---|---|---|---|"]
+    for name, methods in sorted(comparison["per_series"].items()):
+        own, other = methods[reference], methods[peer]
+        lines.append(f"| {name} | {own['n_origins']:,} "
+                     f"| {own['pin5']:.3f}, {own['coverage_80']:.3f} / {own['coverage_95']:.3f} "
+                     f"| {other['pin5']:.3f}, {other['coverage_80']:.3f} / {other['coverage_95']:.3f} "
+                     f"| {100 * (other['pin5'] / own['pin5'] - 1):+.1f} % |")
+    return lines
 
 
 def _origins(scores: dict) -> str:
