@@ -122,3 +122,25 @@ def test_rows_without_a_positive_price_and_flat_outage_rows_are_dropped():
     candles.volume[4] = 0
     kept = drop_untradable(candles)
     assert kept.open_time.tolist() == candles.open_time[[0, 5]].tolist()
+
+
+@pytest.mark.parametrize("stamp", ["2024-01-01T05:00:00Z", "2024-01-01T07:00:00+02:00", "2024-01-01 05:00:00",
+                                   "2024-01-01T05:00", "1704085200", "1704085200000"])
+def test_csv_times_iso_with_or_without_a_zone_or_epoch_seconds_or_milliseconds(tmp_path, stamp):
+    path = tmp_path / "BTC-USDT_1h.csv"
+    path.write_text(f"timestamp,open,high,low,close,volume\n{stamp},1,2,0.5,1.5,5\n")
+    assert read_ohlcv(path).open_time.tolist() == [epoch("2024-01-01T05:00:00")]
+
+
+@pytest.mark.parametrize(("rows", "problem"), [
+    ("2024-01-01T05:00:00Z,1,2,0.5,1.5,5\n01/02/2024,1,2,0.5,1.5,5\n", "line 3: timestamp '01/02/2024' is neither"),
+    (",1,2,0.5,1.5,5\n", "line 2: timestamp '' is neither"),
+    ("2024-01-01T05:00:00Z,1,2,0.5,1.5,5\n2024-01-01 06:00:00,1,2,0.5,1.5,5\n", "some timestamps name a zone"),
+])
+def test_a_time_that_cannot_be_read_is_named_with_its_line(tmp_path, rows, problem):
+    from candlecast.forecast.dataset import OHLCVError
+
+    path = tmp_path / "BTC-USDT_1h.csv"
+    path.write_text("timestamp,open,high,low,close,volume\n" + rows)
+    with pytest.raises(OHLCVError, match=problem):
+        read_ohlcv(path)

@@ -92,10 +92,47 @@ def _read_csv(path: Path) -> tuple[np.ndarray, dict]:
         header = handle.readline().strip().split(",")
     names = {name.strip().lower(): name for name in header}
     _require_columns(path, names, ("timestamp", *COLUMNS[1:]))
-    types = {names["timestamp"]: pa.timestamp("s", tz="UTC")} | {names[name]: pa.float64() for name in COLUMNS[1:]}
+    types = {names["timestamp"]: pa.string()} | {names[name]: pa.float64() for name in COLUMNS[1:]}
     table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types=types))
     table = table.rename_columns([name.strip().lower() for name in table.column_names])
-    return table["timestamp"].cast(pa.int64()).to_numpy(), _prices(table)
+    return _epoch_seconds(path, table["timestamp"].combine_chunks()), _prices(table)
+
+
+_EPOCH_DIGITS = {10 ** 14: 10 ** 6, 10 ** 11: 10 ** 3}  # beyond the year 5138 in seconds: µs, ms
+
+
+def _epoch_seconds(path: Path, text) -> np.ndarray:
+    """Open times of CSV `text` (strings): ISO 8601 with a zone, or without one (read as UTC), or epoch seconds,
+    milliseconds or microseconds (told apart by size)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(text) and pc.all(pc.match_substring_regex(text, r"^\s*\d+\s*$")).as_py():
+        values = np.asarray(pc.cast(pc.utf8_trim_whitespace(text), pa.int64()).to_numpy(), dtype=np.int64)
+        divisor = next((unit for bound, unit in _EPOCH_DIGITS.items() if values.max() >= bound), 1)
+        return values // divisor
+    for zone in ("UTC", None):
+        try:
+            return np.asarray(text.cast(pa.timestamp("s", tz=zone)).cast(pa.int64()).to_numpy(), dtype=np.int64)
+        except pa.ArrowInvalid:
+            continue
+    bad = next(((row, value) for row, value in enumerate(text.to_pylist(), 2) if not _iso_time(value)), None)
+    if bad is None:
+        raise OHLCVError(f"{path}: some timestamps name a zone and some do not")
+    raise OHLCVError(f"{path}: line {bad[0]}: timestamp {bad[1]!r} is neither ISO 8601 (UTC when it names no zone) "
+                     "nor epoch seconds or milliseconds")
+
+
+def _iso_time(value: str | None) -> bool:
+    import pyarrow as pa
+
+    for zone in ("UTC", None):
+        try:
+            pa.array([value], pa.string()).cast(pa.timestamp("s", tz=zone))
+            return value is not None
+        except pa.ArrowInvalid:
+            continue
+    return False
 
 
 def _require_columns(path: Path, present, required) -> None:
