@@ -22,12 +22,14 @@ def write_report(directory: Path, timeframe: str, loaded: list, test: Origins, r
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    rows = 3 if comparison else 1
+    rows = 1 if not comparison else 4 if comparison.get("per_series") else 3
     figure, axes = plt.subplots(rows, 3, figsize=(18, 5.5 * rows), squeeze=False)
     ax_rel, ax_cov, ax_fan = axes[0]
     if comparison:
         _methods_by_horizon(axes[1], timeframe, comparison)
         _methods_reliability_and_eras(axes[2], timeframe, comparison)
+    if rows == 4:
+        _per_series(figure, axes[3], timeframe, comparison)
 
     q, _, confidence = outputs
     known = np.isfinite(test.log_return)
@@ -69,9 +71,12 @@ def write_comparison_report(directory: Path, timeframe: str, comparison: dict) -
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(2, 3, figsize=(18, 11))
+    rows = 3 if comparison.get("per_series") else 2
+    figure, axes = plt.subplots(rows, 3, figsize=(18, 5.5 * rows), squeeze=False)
     _methods_by_horizon(axes[0], timeframe, comparison)
     _methods_reliability_and_eras(axes[1], timeframe, comparison)
+    if rows == 3:
+        _per_series(figure, axes[2], timeframe, comparison)
     figure.tight_layout()
     path = directory / "comparison.png"
     figure.savefig(path, dpi=90)
@@ -112,6 +117,34 @@ def _methods_reliability_and_eras(axes, timeframe: str, comparison: dict) -> Non
                title=f"{timeframe} pin5 per era (lower is better)")
     for ax in axes:
         ax.legend(fontsize=7)
+
+
+def _per_series(figure, axes, timeframe: str, comparison: dict) -> None:
+    """One row: each series' 80/95 % coverage for the reference and GARCH-t (else the best peer), sorted by the
+    reference's 95 % coverage (two panels wide), then Δ per series."""
+    reference = comparison["reference"]
+    peer = "garch-t" if "garch-t" in comparison["methods"] else comparison["best_peer"]
+    series = sorted(comparison["per_series"].items(), key=lambda item: item[1][reference]["coverage_95"])
+    for ax in axes[:2]:
+        ax.remove()
+    ax_cov = figure.add_subplot(axes[0].get_gridspec()[-1, :2])
+    at = np.arange(len(series))
+    for name, marker, offset in ((reference, "o", -0.15), (peer, "x", 0.15)):
+        for level, color in (("coverage_80", "C0"), ("coverage_95", "C1")):
+            ax_cov.scatter(at + offset, [scores[name][level] for _, scores in series], marker=marker, color=color,
+                           label=f"{name} {level[-2:]} %")
+    ax_cov.axhspan(0.77, 0.83, color="C0", alpha=0.1)
+    ax_cov.axhspan(0.93, 0.97, color="C1", alpha=0.1)
+    labels = [f"{name} ({scores[reference]['n_origins']:,})" for name, scores in series]
+    ax_cov.set_xticks(at, labels, rotation=90, fontsize=7)
+    ax_cov.set(ylabel="coverage", title=f"{timeframe} coverage per series (origins), sorted by {reference}'s 95 %")
+    ax_cov.legend(fontsize=7, ncol=2)
+    ax_delta = axes[2]
+    deltas = [100 * (scores[peer]["pin5"] / scores[reference]["pin5"] - 1) for _, scores in series]
+    ax_delta.barh(at, deltas, color=["C2" if value > 0 else "C3" for value in deltas])
+    ax_delta.axvline(0, color="grey")
+    ax_delta.set_yticks(at, [name for name, _ in series], fontsize=7)
+    ax_delta.set(xlabel=f"Δ {peer} vs {reference} (%; > 0: {reference} ahead)", title=f"{timeframe} Δ per series")
 
 
 def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
