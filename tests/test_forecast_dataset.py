@@ -114,14 +114,14 @@ def test_an_unreadable_file_is_named_with_its_problem(tmp_path, text, problem):
 
 
 def test_rows_without_a_positive_price_and_flat_outage_rows_are_dropped():
-    from candlecast.forecast.dataset import drop_untradable
+    from candlecast.candles import usable_candles
 
-    candles = hourly("2024-01-01T00:00:00", 6)
+    candles = hourly("2024-01-01T00:00:00", 8)
     candles.close[1], candles.low[2], candles.open[3] = np.nan, 0.0, -1.0
     candles.open[4] = candles.high[4] = candles.low[4] = candles.close[4]
     candles.volume[4] = 0
-    kept = drop_untradable(candles)
-    assert kept.open_time.tolist() == candles.open_time[[0, 5]].tolist()
+    kept = usable_candles(candles)
+    assert kept.open_time.tolist() == candles.open_time[[0, 5, 6, 7]].tolist()
 
 
 @pytest.mark.parametrize("stamp", ["2024-01-01T05:00:00Z", "2024-01-01T07:00:00+02:00", "2024-01-01 05:00:00",

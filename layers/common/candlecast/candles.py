@@ -31,7 +31,7 @@ class Candles:
 
     def damage(self) -> str | None:
         """Why these rows cannot be a stored series (open times that do not rise strictly, or are no date),
-        or None. Prices are not checked here: usable_candles drops bad rows as training does."""
+        or None. Prices are not checked here: `usable_candles` drops bad rows."""
         times = self.open_time
         if len(times) and (int(times.min()) < 0 or int(times.max()) >= MAX_OPEN_TIME):
             return "open times outside 1970-9000"
@@ -69,3 +69,18 @@ class Candles:
         open_time = np.frombuffer(data, dtype=np.int64, count=rows, offset=24)
         prices = np.frombuffer(data, dtype=np.float64, offset=24 + 8 * rows).reshape(len(COLUMNS) - 1, rows)
         return cls(open_time, *prices), int(requested)
+
+
+def usable_candles(candles: Candles) -> Candles:
+    """Drop rows with missing or non-positive prices, and flat zero-volume rows (outage fills): what training
+    (`forecast.dataset.load_timeframe`) and the service forecast from.
+
+    Flat rows are kept when too few others are left (a very illiquid symbol).
+    """
+    prices = np.vstack([candles.open, candles.high, candles.low, candles.close])
+    valid = np.isfinite(prices).all(axis=0) & (prices > 0).all(axis=0)
+    flat = (candles.volume == 0) & (candles.high == candles.low)
+    keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
+    if keep.all():
+        return candles
+    return Candles(*(getattr(candles, name)[keep] for name in COLUMNS))

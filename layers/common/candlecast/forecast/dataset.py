@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from candlecast.candles import COLUMNS, Candles
+from candlecast.candles import COLUMNS, Candles, usable_candles
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
 _CSV_NAME = re.compile(r"^(?P<base>[A-Z0-9]+)-(?P<quote>[A-Z0-9]+)_(?P<tf>1h|4h|1d|1w|1m)$", re.IGNORECASE)
@@ -190,23 +190,6 @@ def resample(candles: Candles, source: Timeframe, target: Timeframe) -> Candles:
     return result
 
 
-def drop_untradable(candles: Candles) -> Candles:
-    """Remove rows that are no trading: a missing, zero or negative open, high, low or close (a bad export), and
-    O=H=L=C with volume 0 (an exchange outage filled with the last price)."""
-    prices = np.column_stack([candles.open, candles.high, candles.low, candles.close])
-    unpriced = ~(np.isfinite(prices) & (prices > 0)).all(axis=1)
-    flat = (
-        (candles.volume == 0)
-        & (candles.open == candles.close)
-        & (candles.high == candles.low)
-        & (candles.open == candles.high)
-    )
-    dropped = unpriced | flat
-    if not dropped.any():
-        return candles
-    return Candles(*(getattr(candles, name)[~dropped] for name in COLUMNS))
-
-
 def sources_for(series: list[Series], timeframe: Timeframe) -> list[Series]:
     """One file per pair that can give `timeframe`: the file of that timeframe, else the coarsest finer one."""
     rank = {tf: i for i, tf in enumerate(TIMEFRAMES)}
@@ -231,7 +214,7 @@ def load_timeframe(directory: Path, timeframe: Timeframe, *, clean: bool = True,
     for series in items:
         candles = read_ohlcv(series.path)
         if clean:
-            candles = drop_untradable(candles)
+            candles = usable_candles(candles)
         candles = resample(candles, series.timeframe, timeframe)
         if len(candles):
             loaded.append((series, candles))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from candlecast.candles import COLUMNS, Candles
+from candlecast.candles import Candles, usable_candles
 from candlecast.forecast.features import (
     FEATURES,
     HAR_WINDOWS,
@@ -246,20 +246,6 @@ class ForecastModel:
             upper_95=prices[:, 6],
             confidence=confidence,
         )
-
-
-def usable_candles(candles: Candles) -> Candles:
-    """Drop rows with missing or non-positive prices, and flat zero-volume rows (outage fills), as training does.
-
-    Flat rows are kept when too few others are left (a very illiquid symbol).
-    """
-    prices = np.vstack([candles.open, candles.high, candles.low, candles.close])
-    valid = np.isfinite(prices).all(axis=0) & (prices > 0).all(axis=0)
-    flat = (candles.volume == 0) & (candles.high == candles.low)
-    keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
-    if keep.all():
-        return candles
-    return Candles(*(getattr(candles, name)[keep] for name in COLUMNS))
 
 
 def widen(z_quantiles: np.ndarray, offsets: np.ndarray) -> np.ndarray:

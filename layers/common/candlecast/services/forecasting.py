@@ -92,7 +92,7 @@ def forget_models() -> None:
 def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None):
     """The symbol's last usable candles: from the cache entry read already, the bucket, else from Polygon (any
     symbol)."""
-    from candlecast.forecast.model import usable_candles
+    from candlecast.candles import usable_candles
 
     candles = storage.read_candles(ticker, timeframe, count, cache_entry=cache_entry)
     if candles is None or len(candles) == 0:
@@ -150,7 +150,7 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
 
     The Idempotency-Key names the model and the origin, so a second seed stores nothing twice.
     """
-    from candlecast.forecast.model import usable_candles
+    from candlecast.candles import usable_candles
 
     with db.connection() as conn:
         symbol, model_row, _ = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)

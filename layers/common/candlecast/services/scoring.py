@@ -21,10 +21,10 @@ import numpy as np
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
+from candlecast.candles import usable_candles
 from candlecast.errors import CandlecastError
 from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
-from candlecast.forecast.model import usable_candles
 from candlecast.repositories import scores as score_repository
 from candlecast.services.forecasting import verified_model
 
