@@ -98,6 +98,25 @@ def test_backtest_names_the_files_it_did_not_score_and_scores_each_series_apart(
     assert "| BADUSD | " in err and "Δ garch-t vs candlecast" in err
 
 
+def test_the_same_pair_in_two_folders_is_two_series(tmp_path, capsys):
+    """One folder per exchange, as another data set may come: both BTC-USDT files are scored, each named by its
+    folder (one of them was silently passed over before). Their times are epoch seconds."""
+    from candlecast.forecast.dataset import read_ohlcv
+
+    for exchange, pair in (("kraken", "BTCUSDT"), ("coinbase", "ETHUSDT")):
+        candles = read_ohlcv(ROOT / "data" / pair / "1d.parquet")
+        rows = zip(*(getattr(candles, name).tolist() for name in ("open_time", "open", "high", "low", "close",
+                                                                  "volume")), strict=True)
+        (tmp_path / exchange).mkdir()
+        (tmp_path / exchange / "BTC-USDT_1d.csv").write_text(
+            "timestamp,open,high,low,close,volume\n" + "".join(",".join(map(str, row)) + "\n" for row in rows))
+    assert main(["backtest", "--data", str(tmp_path), "--timeframe", "1d"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["symbols"] == ["coinbase/BTCUSDT", "kraken/BTCUSDT"]
+    per_series = result["comparison"]["per_series"]
+    assert per_series["coinbase/BTCUSDT"]["candlecast"]["pin5"] != per_series["kraken/BTCUSDT"]["candlecast"]["pin5"]
+
+
 def test_backtest_stops_on_an_unreadable_file_naming_it(tmp_path, capsys):
     (tmp_path / "BTC-USD_1d.csv").write_text("Date,Open,High,Low,Close,Volume\n2024-01-01,1,2,0.5,1.5,5\n")
     assert main(["backtest", "--data", str(tmp_path), "--timeframe", "1d", "--model",

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import numpy as np
 
-from candlecast.forecast.dataset import OHLCVError, describe_file, list_series, load_timeframe, sources_for
+from candlecast.forecast.dataset import (
+    OHLCVError,
+    describe_file,
+    list_series,
+    load_timeframe,
+    series_names,
+    sources_for,
+)
 from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
 from candlecast.forecast.model import ForecastModel, raw_confidence
 from candlecast.timeframes import Timeframe
@@ -52,13 +59,14 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
                                                                  model.config.tolerance))
         result["comparison"] = compare_with_peers(loaded, origins, timeframe, candidates, "candlecast",
                                                   model.config.tolerance, progress)
+    names = series_names([series for series, _ in loaded])
     return {
         "model": model.name,
         "version": model.version,
         "kind": model.kind,
         "method": model.method,
         "timeframe": timeframe,
-        "symbols": sorted({loaded[int(index)][0].pair for index in np.unique(origins.series)}),
+        "symbols": sorted(names[int(index)] for index in np.unique(origins.series)),
         "unscored_files": unscored,
         "pinball_reference": "the model file's baseline (random walk, EWMA σ·√h, empirical quantiles)",
         **result,

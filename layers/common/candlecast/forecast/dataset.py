@@ -26,6 +26,12 @@ class Series:
     path: Path
     source: str  # "csv" or "parquet"
 
+    @property
+    def place(self) -> Path:
+        """The folder the series belongs to: the file's, or above the pair folder of the bucket layout. The same
+        pair in two places (one folder per exchange) is two series."""
+        return self.path.parent.parent if self.path.stem in TIMEFRAMES else self.path.parent
+
 
 def describe_file(path: Path) -> Series | None:
     """Series metadata from a file name: `BTC-USDT_1h.csv`, or the bucket layout `BTCUSDT/1h.parquet`."""
@@ -191,16 +197,25 @@ def resample(candles: Candles, source: Timeframe, target: Timeframe) -> Candles:
 
 
 def sources_for(series: list[Series], timeframe: Timeframe) -> list[Series]:
-    """One file per pair that can give `timeframe`: the file of that timeframe, else the coarsest finer one."""
+    """One file per pair and place that can give `timeframe`: the file of that timeframe, else the coarsest finer
+    one."""
     rank = {tf: i for i, tf in enumerate(TIMEFRAMES)}
-    best: dict[str, Series] = {}
+    best: dict[tuple, Series] = {}
     for item in series:
         if rank[item.timeframe] > rank[timeframe]:
             continue
-        current = best.get(item.pair)
+        current = best.get((item.place, item.pair))
         if current is None or rank[item.timeframe] > rank[current.timeframe]:
-            best[item.pair] = item
-    return sorted(best.values(), key=lambda item: item.pair)
+            best[(item.place, item.pair)] = item
+    return sorted(best.values(), key=lambda item: (item.pair, str(item.place)))
+
+
+def series_names(series: list[Series]) -> list[str]:
+    """A name per series for reports: its pair, or `<folder>/<pair>` where the pair is in more than one place."""
+    counts: dict[str, int] = {}
+    for item in series:
+        counts[item.pair] = counts.get(item.pair, 0) + 1
+    return [item.pair if counts[item.pair] == 1 else f"{item.place.name}/{item.pair}" for item in series]
 
 
 def load_timeframe(directory: Path, timeframe: Timeframe, *, clean: bool = True, progress: bool = False):

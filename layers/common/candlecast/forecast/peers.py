@@ -255,6 +255,7 @@ def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: 
     """`comparison.compare_methods` of the model's `candidates` (name -> (log-return quantiles, confidence) at
     `origins`) and every peer at the same origins; the peers' confidence is read off their quantile curve."""
     from candlecast.forecast.comparison import compare_methods, per_series_scores
+    from candlecast.forecast.dataset import series_names
     from candlecast.forecast.model import raw_confidence
     from candlecast.timeframes import nominal_seconds
 
@@ -264,5 +265,5 @@ def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: 
     result = compare_methods(origins.log_return, origins.time, methods, tolerance, nominal_seconds(timeframe),
                              reference)
     per_series = per_series_scores(origins.log_return, origins.time, methods, tolerance, origins.series,
-                                   [series.pair for series, _ in loaded])
+                                   series_names([series for series, _ in loaded]))
     return result | {"n_series": len(per_series), "per_series": per_series}
