@@ -14,7 +14,7 @@ from candlecast.forecast.dataset import (
 )
 from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
 from candlecast.forecast.model import ForecastModel, raw_confidence
-from candlecast.timeframes import Timeframe
+from candlecast.timeframes import TIMEFRAMES, Timeframe
 
 MAX_ORIGINS = 20_000  # origins are thinned evenly beyond this
 
@@ -82,7 +82,8 @@ def unscored_files(data_dir: Path, timeframe: Timeframe, loaded: list, with_outc
     for path in sorted(Path(data_dir).rglob("*")):
         if path.is_file() and path.suffix.lower() in (".csv", ".parquet") and describe_file(path) is None:
             found.append({"file": str(path),
-                          "reason": "name is neither <BASE>-<QUOTE>_<tf>.csv nor <PAIR>/<tf>.parquet"})
+                          "reason": "name is neither <BASE>-<QUOTE>_<tf>.csv nor <PAIR>/<tf>.parquet, "
+                                    f"<tf> one of {', '.join(TIMEFRAMES)}"})
     kept = {series.path for series, _ in loaded}
     for series in sources_for(list_series(data_dir), timeframe):
         if series.path not in kept:
