@@ -135,3 +135,20 @@ def test_csv_times_iso_with_or_without_a_zone_or_epoch_seconds_or_milliseconds(t
     path = tmp_path / "BTC-USDT_1h.csv"
     path.write_text(f"timestamp,open,high,low,close,volume\n{stamp},1,2,0.5,1.5,5\n")
     assert read_ohlcv(path).open_time.tolist() == [epoch("2024-01-01T05:00:00")]
+
+
+def test_a_file_whose_candles_are_not_its_timeframe_is_refused(tmp_path):
+    """One-minute candles in a `_1m` file (1m is a calendar month here) are named, not read as months."""
+    from candlecast.forecast.dataset import OHLCVError, load_timeframe
+
+    start = epoch("2024-01-01T00:00:00")
+    (tmp_path / "BTC-USDT_1m.csv").write_text("timestamp,open,high,low,close,volume\n" + "".join(
+        f"{start + 60 * i},1,1.1,0.9,1,5\n" for i in range(100)))
+    with pytest.raises(OHLCVError, match="its candles open a median 1 minute apart, but 1m in a file name means "
+                                         "one calendar month") as raised:
+        load_timeframe(tmp_path, "1m")
+    assert str(raised.value).startswith(str(tmp_path / "BTC-USDT_1m.csv"))
+    (tmp_path / "BTC-USDT_1m.csv").unlink()
+    hourly_rows = "".join(f"{start + 3600 * i},1,1.1,0.9,1,5\n" for i in range(100) if i % 7)  # gaps are fine
+    (tmp_path / "BTC-USDT_1h.csv").write_text("timestamp,open,high,low,close,volume\n" + hourly_rows)
+    assert len(load_timeframe(tmp_path, "1h")[0][1]) == 85

@@ -218,6 +218,31 @@ def series_names(series: list[Series]) -> list[str]:
     return [item.pair if counts[item.pair] == 1 else f"{item.place.name}/{item.pair}" for item in series]
 
 
+_SPACING_TOLERANCE = (0.5, 1.5)  # median gap between open times over the timeframe's nominal length (months vary)
+_MEANING = {"1h": "one hour", "4h": "four hours", "1d": "one day", "1w": "one week", "1m": "one calendar month"}
+
+
+def check_spacing(series: Series, candles: Candles) -> None:
+    """Refuse a file whose candles are not of the timeframe its name gives (e.g. one-minute candles in a `_1m`
+    file, where 1m means a calendar month): the median gap between open times must be about that timeframe."""
+    if len(candles) < 3:
+        return
+    gap = float(np.median(np.diff(candles.open_time)))
+    nominal = nominal_seconds(series.timeframe)
+    low, high = _SPACING_TOLERANCE
+    if not low * nominal <= gap <= high * nominal:
+        raise OHLCVError(f"{series.path}: its candles open a median {_duration(gap)} apart, but {series.timeframe} "
+                         f"in a file name means {_MEANING[series.timeframe]}")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            count = seconds / size
+            return f"{count:g} {unit[:-1] if count == 1 else unit}"
+    return f"{seconds:g} seconds"
+
+
 def load_timeframe(directory: Path, timeframe: Timeframe, *, clean: bool = True, progress: bool = False):
     """[(Series, Candles)] for every file in `directory` that gives `timeframe` (resampled when finer)."""
     items = sources_for(list_series(directory), timeframe)
@@ -228,6 +253,7 @@ def load_timeframe(directory: Path, timeframe: Timeframe, *, clean: bool = True,
     loaded = []
     for series in items:
         candles = read_ohlcv(series.path)
+        check_spacing(series, candles)
         if clean:
             candles = usable_candles(candles)
         candles = resample(candles, series.timeframe, timeframe)
