@@ -90,8 +90,8 @@ def test_csv_and_parquet_read_the_same_candles(tmp_path):
 
 def test_csv_headers_in_any_case_and_repeated_times_read_once(tmp_path):
     path = tmp_path / "BTC-USDT_1h.csv"
-    path.write_text("Timestamp,Open,High,Low,Close,Volume\n"
-                    "2024-01-01T00:00:00Z,1,2,0.5,1.5,5\n2024-01-01T00:00:00Z,1,2,0.5,1.5,5\n")
+    path.write_bytes(b"\xef\xbb\xbfTimestamp,Open,High,Low,Close,Volume\r\n"  # a spreadsheet's BOM and CRLF
+                     b"2024-01-01T00:00:00Z,1,2,0.5,1.5,5\r\n2024-01-01T00:00:00Z,1,2,0.5,1.5,5\r\n")
     candles = read_ohlcv(path)
     assert candles.open_time.tolist() == [epoch("2024-01-01T00:00:00")] and candles.close.tolist() == [1.5]
     path.write_text("timestamp,open,high,low,close,volume\n")

@@ -1,6 +1,7 @@
 """Reading OHLCV files (CSV or Parquet) into Candles and resampling them to coarser timeframes (numpy only)."""
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, dict]:
     import pyarrow as pa
     from pyarrow import csv
 
-    with path.open(encoding="utf-8", errors="replace") as handle:
+    with path.open(encoding="utf-8-sig", errors="replace") as handle:
         header = handle.readline().strip().split(",")
     names = {name.strip().lower(): name for name in header}
     _require_columns(path, names, ("timestamp", *COLUMNS[1:]))
@@ -212,9 +213,7 @@ def sources_for(series: list[Series], timeframe: Timeframe) -> list[Series]:
 
 def series_names(series: list[Series]) -> list[str]:
     """A name per series for reports: its pair, or `<folder>/<pair>` where the pair is in more than one place."""
-    counts: dict[str, int] = {}
-    for item in series:
-        counts[item.pair] = counts.get(item.pair, 0) + 1
+    counts = Counter(item.pair for item in series)
     return [item.pair if counts[item.pair] == 1 else f"{item.place.name}/{item.pair}" for item in series]
 
 
