@@ -112,8 +112,7 @@ def per_series_scores(log_return: np.ndarray, times: np.ndarray, methods: dict, 
         rows = series == index
         if not np.isfinite(log_return[rows]).any():
             continue
-        result[names[int(index)]] = {
-            name: {key: scores[key] for key in SERIES_KEYS}
-            for name, scores in ((name, method_scores(log_return[rows], q[rows], confidence[rows], tolerance,
-                                                      times[rows])) for name, (q, confidence) in methods.items())}
+        scores = {name: method_scores(log_return[rows], q[rows], confidence[rows], tolerance, times[rows])
+                  for name, (q, confidence) in methods.items()}
+        result[names[int(index)]] = {name: {key: each[key] for key in SERIES_KEYS} for name, each in scores.items()}
     return result
