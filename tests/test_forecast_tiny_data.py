@@ -37,6 +37,18 @@ def test_a_walk_forward_shorter_than_30_months_leaves_the_longest_horizons_untes
     assert not (tmp_path / "models").exists()
 
 
+def test_train_names_the_files_whose_names_it_cannot_read(tmp_path, capsys):
+    from candlecast.forecast.cli import main
+
+    data = daily_csvs(tmp_path / "ohlcv", coins=4, years=3)
+    (data / "C00-USD_1d.csv").rename(data / "C00USD_daily.csv")
+    assert main(["train", "--timeframe", "1m", "--data", str(data), "--evaluate-only",
+                 "--reports", str(tmp_path / "reports")]) == 0
+    err = capsys.readouterr().err
+    assert f"not read: {data / 'C00USD_daily.csv'}: name is neither <BASE>-<QUOTE>_<tf>.csv" in err
+    assert "| C01USD |" in err and "C00USD |" not in err
+
+
 @pytest.fixture(scope="module")
 def shipped_with_untested_horizons(tmp_path_factory) -> Path:
     """The folder `train` wrote for twelve coins of three years: enough pairs to ship a 1m model, a test too short

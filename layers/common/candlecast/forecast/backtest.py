@@ -5,16 +5,17 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.forecast.dataset import (
+    UNPARSED_NAME,
     OHLCVError,
-    describe_file,
     list_series,
     load_timeframe,
     series_names,
     sources_for,
+    unparsed_files,
 )
 from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
 from candlecast.forecast.model import ForecastModel, raw_confidence
-from candlecast.timeframes import TIMEFRAMES, Timeframe
+from candlecast.timeframes import Timeframe
 
 MAX_ORIGINS = 20_000  # origins are thinned evenly beyond this
 
@@ -78,12 +79,7 @@ def unscored_files(data_dir: Path, timeframe: Timeframe, loaded: list, with_outc
     """[{"file", "reason"}] of the files under `data_dir` that give no scored origin: names that say no pair and
     timeframe, series without a complete `timeframe` candle, series too short for an origin with a known outcome
     (not in `with_outcome`, indices into `loaded`), series the thinning to MAX_ORIGINS passed over (not in `scored`)."""
-    found = []
-    for path in sorted(Path(data_dir).rglob("*")):
-        if path.is_file() and path.suffix.lower() in (".csv", ".parquet") and describe_file(path) is None:
-            found.append({"file": str(path),
-                          "reason": "name is neither <BASE>-<QUOTE>_<tf>.csv nor <PAIR>/<tf>.parquet, "
-                                    f"<tf> one of {', '.join(TIMEFRAMES)}"})
+    found = [{"file": str(path), "reason": UNPARSED_NAME} for path in unparsed_files(data_dir)]
     kept = {series.path for series, _ in loaded}
     for series in sources_for(list_series(data_dir), timeframe):
         if series.path not in kept:

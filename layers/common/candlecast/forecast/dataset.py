@@ -53,6 +53,15 @@ def describe_file(path: Path) -> Series | None:
     return Series(pair, base, quote, tf, path, suffix[1:])
 
 
+UNPARSED_NAME = f"name is neither <BASE>-<QUOTE>_<tf>.csv nor <PAIR>/<tf>.parquet, <tf> one of {', '.join(TIMEFRAMES)}"
+
+
+def unparsed_files(directory: Path) -> list[Path]:
+    """CSV and Parquet files under `directory` whose names say no pair and timeframe: `list_series` skips them."""
+    return [path for path in sorted(Path(directory).rglob("*"))
+            if path.is_file() and path.suffix.lower() in (".csv", ".parquet") and describe_file(path) is None]
+
+
 def list_series(directory: Path) -> list[Series]:
     """Every OHLCV file under `directory` (recursively), sorted by path."""
     found = (describe_file(path) for path in sorted(Path(directory).rglob("*")) if path.is_file())
