@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+from functools import wraps
 from pathlib import Path
 
 from candlecast.timeframes import TIMEFRAMES
@@ -52,7 +53,6 @@ def register(subparsers) -> None:
 
 def stopping_on_bad_files(command):
     """`command`, printing an unreadable OHLCV file's name and problem and returning 2 instead of a traceback."""
-    from functools import wraps
 
     @wraps(command)
     def run(args: argparse.Namespace) -> int:

@@ -127,28 +127,27 @@ def _epoch_seconds(path: Path, text) -> np.ndarray:
         values = np.asarray(pc.cast(pc.utf8_trim_whitespace(text), pa.int64()).to_numpy(), dtype=np.int64)
         divisor = next((unit for bound, unit in _EPOCH_DIGITS.items() if values.max() >= bound), 1)
         return values // divisor
-    for zone in ("UTC", None):
-        try:
-            return np.asarray(text.cast(pa.timestamp("s", tz=zone)).cast(pa.int64()).to_numpy(), dtype=np.int64)
-        except pa.ArrowInvalid:
-            continue
-    bad = next(((row, value) for row, value in enumerate(text.to_pylist(), 2) if not _iso_time(value)), None)
+    times = _iso_times(text)
+    if times is not None:
+        return np.asarray(times.cast(pa.int64()).to_numpy(), dtype=np.int64)
+    bad = next(((row, value) for row, value in enumerate(text.to_pylist(), 2)
+                if value is None or _iso_times(pa.array([value], pa.string())) is None), None)
     if bad is None:
         raise OHLCVError(f"{path}: some timestamps name a zone and some do not")
     raise OHLCVError(f"{path}: line {bad[0]}: timestamp {bad[1]!r} is neither ISO 8601 (UTC when it names no zone) "
                      "nor epoch seconds or milliseconds")
 
 
-def _iso_time(value: str | None) -> bool:
+def _iso_times(text):
+    """`text` (strings) as UTC timestamps when all name a zone or all name none (read as UTC); else None."""
     import pyarrow as pa
 
     for zone in ("UTC", None):
         try:
-            pa.array([value], pa.string()).cast(pa.timestamp("s", tz=zone))
-            return value is not None
+            return text.cast(pa.timestamp("s", tz=zone))
         except pa.ArrowInvalid:
             continue
-    return False
+    return None
 
 
 def _require_columns(path: Path, present, required) -> None:

@@ -122,8 +122,7 @@ def _methods_reliability_and_eras(axes, timeframe: str, comparison: dict) -> Non
 def _per_series(figure, axes, timeframe: str, comparison: dict) -> None:
     """One row: each series' 80/95 % coverage for the reference and GARCH-t (else the best peer), sorted by the
     reference's 95 % coverage (two panels wide), then Δ per series."""
-    reference = comparison["reference"]
-    peer = "garch-t" if "garch-t" in comparison["methods"] else comparison["best_peer"]
+    reference, peer = comparison["reference"], series_peer(comparison)
     series = sorted(comparison["per_series"].items(), key=lambda item: item[1][reference]["coverage_95"])
     for ax in axes[:2]:
         ax.remove()
@@ -227,13 +226,17 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
     return "\n".join(lines + per_series_lines(comparison))
 
 
+def series_peer(comparison: dict) -> str:
+    """The peer the per-series rows and panel show: GARCH-t (the issue's peer), else the best peer."""
+    return "garch-t" if "garch-t" in comparison["methods"] else comparison["best_peer"]
+
+
 def per_series_lines(comparison: dict) -> list[str]:
     """Markdown rows per series: the reference and GARCH-t (else the best peer), pin5 and coverage, and Δ's point
     value (no interval: one coin is a few regimes). Empty for comparisons recorded before `per_series`."""
     if not comparison.get("per_series"):
         return []
-    reference = comparison["reference"]
-    peer = "garch-t" if "garch-t" in comparison["methods"] else comparison["best_peer"]
+    reference, peer = comparison["reference"], series_peer(comparison)
     lines = ["", f"| series | origins | {reference}: pin5, cov80 / cov95 | {peer}: pin5, cov80 / cov95 "
              f"| Δ {peer} vs {reference} |", "|---|---|---|---|---|"]
     for name, methods in sorted(comparison["per_series"].items()):
