@@ -152,3 +152,15 @@ def test_a_file_whose_candles_are_not_its_timeframe_is_refused(tmp_path):
     hourly_rows = "".join(f"{start + 3600 * i},1,1.1,0.9,1,5\n" for i in range(100) if i % 7)  # gaps are fine
     (tmp_path / "BTC-USDT_1h.csv").write_text("timestamp,open,high,low,close,volume\n" + hourly_rows)
     assert len(load_timeframe(tmp_path, "1h")[0][1]) == 85
+
+
+def test_series_names_tell_apart_the_same_pair_in_same_named_folders():
+    """`a/kraken` and `b/kraken` both hold BTC-USDT: each name keeps as many folders as tell them apart."""
+    from pathlib import Path
+
+    from candlecast.forecast.dataset import series_names
+
+    paths = ["data/a/kraken/BTC-USDT_1d.csv", "data/b/kraken/BTC-USDT_1d.csv", "data/coinbase/BTC-USDT_1d.csv",
+             "data/a/kraken/ETH-USDT_1d.csv", "data/LTCUSD/1d.parquet"]
+    names = series_names([describe_file(Path(path)) for path in paths])
+    assert names == ["a/kraken/BTCUSDT", "b/kraken/BTCUSDT", "coinbase/BTCUSDT", "ETHUSDT", "LTCUSD"]

@@ -1,7 +1,6 @@
 """Reading OHLCV files (CSV or Parquet) into Candles and resampling them to coarser timeframes (numpy only)."""
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,9 +219,19 @@ def sources_for(series: list[Series], timeframe: Timeframe) -> list[Series]:
 
 
 def series_names(series: list[Series]) -> list[str]:
-    """A name per series for reports: its pair, or `<folder>/<pair>` where the pair is in more than one place."""
-    counts = Counter(item.pair for item in series)
-    return [item.pair if counts[item.pair] == 1 else f"{item.place.name}/{item.pair}" for item in series]
+    """A name per series for reports: its pair, or `<folders>/<pair>` where the pair is in more than one place,
+    with as many of the place's last folders as tell those places apart (`kraken/…`, or `a/kraken/…`)."""
+    places: dict[str, set[Path]] = {}
+    for item in series:
+        places.setdefault(item.pair, set()).add(item.place)
+
+    def folders(item: Series) -> str:
+        others = places[item.pair] - {item.place}
+        depth = next((k for k in range(1, len(item.place.parts) + 1)
+                      if all(place.parts[-k:] != item.place.parts[-k:] for place in others)), len(item.place.parts))
+        return "/".join(item.place.parts[-depth:])
+
+    return [item.pair if len(places[item.pair]) == 1 else f"{folders(item)}/{item.pair}" for item in series]
 
 
 _SPACING_TOLERANCE = (0.5, 1.5)  # median gap between open times over the timeframe's nominal length (months vary)
