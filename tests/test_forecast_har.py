@@ -2,15 +2,18 @@
 closed form, no candle after the origin, and inference equal to what the walk-forward scores."""
 
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from candlecast.candles import COLUMNS, Candles
 from candlecast.forecast.bench import synthetic_candles
-from candlecast.forecast.features import CONFIGS, HAR_WINDOWS, ORIGIN_FEATURES, origin_features
+from candlecast.forecast.dataset import read_ohlcv
+from candlecast.forecast.features import CONFIGS, HAR_WINDOWS, ORIGIN_FEATURES, RANGE_CAP, origin_features
 from candlecast.forecast.garch import TRAINING_FIT
 from candlecast.forecast.model import HORIZONS, ForecastModel, volatility_factor
-from tests.forecast_checks import assert_predict_is_what_the_walk_forward_scores, shipped_model
+from tests.forecast_checks import ROOT, assert_predict_is_what_the_walk_forward_scores, shipped_model
 
 HAR = {"ewma": 0.3, "range": 0.1, "gk1": 0.1, "gk5": 0.15, "gk20": 0.05, "persistence": 0.93}
 
@@ -75,3 +78,36 @@ def test_a_har_model_forecasts_at_inference_what_the_walk_forward_scores():
     forecast = model.predict(candles)
     plain = ForecastModel(model.payload | {"volatility": {"ewma": 0.3, "range": 0.1, "persistence": 0.93}})
     assert not np.allclose(plain.predict(candles).lower_80, forecast.lower_80)  # the HAR terms move the intervals
+
+
+def test_a_bad_print_s_wick_is_winsorized_at_range_cap_sigma():
+    """A high ten times the close (a bad print) counts as a range of RANGE_CAP·σ; the bars before it are untouched."""
+    candles = synthetic_candles(300, seed=4)
+    clean, _ = origin_features(candles, CONFIGS["1h"])
+    high = candles.high.copy()
+    high[250] = 10 * candles.close[250]
+    printed, _ = origin_features(replace(candles, high=high), CONFIGS["1h"])
+    assert printed[250, ORIGIN_FEATURES.index("gk1")] == pytest.approx(RANGE_CAP)
+    assert printed[250, ORIGIN_FEATURES.index("park10")] <= np.sqrt(RANGE_CAP**2 / 10 + 9 / 10 * 50)
+    np.testing.assert_array_equal(printed[:250], clean[:250])
+    assert (clean[1:, ORIGIN_FEATURES.index("gk1")] < RANGE_CAP).all()  # ordinary bars are never winsorized
+
+
+def test_a_wick_widens_the_shipped_forecast_less_than_a_crash_that_closes_there():
+    """Before the cap, one 10x wick on the last hour made the 1h 95 % band 13x wider at h1 and 10x at h30."""
+    model = shipped_model("1h")
+    candles = read_ohlcv(ROOT / "data" / "BTCUSDT" / "1h.parquet").tail(model.lookback)
+
+    def width_95(changed: Candles) -> np.ndarray:
+        forecast = model.predict(changed)
+        return np.log(forecast.upper_95 / forecast.lower_95)
+
+    clean = width_95(candles)
+    high, low, close = candles.high.copy(), candles.low.copy(), candles.close.copy()
+    high[-1] = 10 * close[-1]
+    wick = width_95(replace(candles, high=high))
+    close[-1] = 0.85 * candles.open[-1]
+    low[-1] = min(low[-1], close[-1])
+    crash = width_95(replace(candles, low=low, close=close))
+    assert (wick <= 2.5 * clean).all() and wick[-1] <= 2 * clean[-1]
+    assert (crash > wick).all()
