@@ -88,7 +88,8 @@ def test_a_bad_print_s_wick_is_winsorized_at_range_cap_sigma():
     high[250] = 10 * candles.close[250]
     printed, _ = origin_features(replace(candles, high=high), CONFIGS["1h"])
     assert printed[250, ORIGIN_FEATURES.index("gk1")] == pytest.approx(RANGE_CAP)
-    assert printed[250, ORIGIN_FEATURES.index("park10")] <= np.sqrt(RANGE_CAP**2 / 10 + 9 / 10 * 50)
+    park10 = ORIGIN_FEATURES.index("park10")  # the print adds at most RANGE_CAP² to ten bars' sum of (range / σ)²
+    assert printed[250, park10] <= np.sqrt(clean[250, park10] ** 2 + RANGE_CAP**2 / 10)
     np.testing.assert_array_equal(printed[:250], clean[:250])
     assert (clean[1:, ORIGIN_FEATURES.index("gk1")] < RANGE_CAP).all()  # ordinary bars are never winsorized
 
