@@ -1,5 +1,6 @@
 """Reading and resampling OHLCV candles: UTC buckets, Monday weeks, calendar months, incomplete buckets."""
 
+import re
 from datetime import UTC, datetime
 
 import numpy as np
@@ -103,7 +104,8 @@ def test_csv_headers_in_any_case_and_repeated_times_read_once(tmp_path):
     ("timestamp,open,high,low,close\n2024-01-01T00:00:00Z,1,2,0.5,1.5\n", "no column volume"),
     ("timestamp,open,high,low,close,volume\n2024-01-01T00:00:00Z,1,2,abc,1.5,5\n", "invalid value 'abc'"),
     ("timestamp,open,high,low,close,volume\n2024-01-01T05:00:00Z,1,2,0.5,1.5,5\n01/02/2024,1,2,0.5,1.5,5\n",
-     "line 3: timestamp '01/02/2024' is neither"),
+     "line 3: timestamp '01/02/2024' is neither ISO 8601 (UTC when it names no zone) nor epoch "
+     "seconds, milliseconds or microseconds"),
     ("timestamp,open,high,low,close,volume\n,1,2,0.5,1.5,5\n", "line 2: timestamp '' is neither"),
     ("timestamp,open,high,low,close,volume\n2024-01-01T05:00:00Z,1,2,0.5,1.5,5\n2024-01-01 06:00:00,1,2,0.5,1.5,5\n",
      "some timestamps name a zone"),
@@ -113,7 +115,7 @@ def test_an_unreadable_file_is_named_with_its_problem(tmp_path, text, problem):
 
     path = tmp_path / "BTC-USDT_1h.csv"
     path.write_text(text)
-    with pytest.raises(OHLCVError, match=problem) as raised:
+    with pytest.raises(OHLCVError, match=re.escape(problem)) as raised:
         read_ohlcv(path)
     assert str(path) in str(raised.value)
 
@@ -130,8 +132,8 @@ def test_rows_without_a_positive_price_and_flat_outage_rows_are_dropped():
 
 
 @pytest.mark.parametrize("stamp", ["2024-01-01T05:00:00Z", "2024-01-01T07:00:00+02:00", "2024-01-01 05:00:00",
-                                   "2024-01-01T05:00", "1704085200", "1704085200000"])
-def test_csv_times_iso_with_or_without_a_zone_or_epoch_seconds_or_milliseconds(tmp_path, stamp):
+                                   "2024-01-01T05:00", "1704085200", "1704085200000", "1704085200000000"])
+def test_csv_times_iso_with_or_without_a_zone_or_in_epoch_units(tmp_path, stamp):
     path = tmp_path / "BTC-USDT_1h.csv"
     path.write_text(f"timestamp,open,high,low,close,volume\n{stamp},1,2,0.5,1.5,5\n")
     assert read_ohlcv(path).open_time.tolist() == [epoch("2024-01-01T05:00:00")]

@@ -134,7 +134,7 @@ def _epoch_seconds(path: Path, text) -> np.ndarray:
     if bad is None:
         raise OHLCVError(f"{path}: some timestamps name a zone and some do not")
     raise OHLCVError(f"{path}: line {bad[0]}: timestamp {bad[1]!r} is neither ISO 8601 (UTC when it names no zone) "
-                     "nor epoch seconds or milliseconds")
+                     "nor epoch seconds, milliseconds or microseconds")
 
 
 def _iso_times(text):
