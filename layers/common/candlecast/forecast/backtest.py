@@ -4,15 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from candlecast.forecast.dataset import (
-    UNPARSED_NAME,
-    OHLCVError,
-    list_series,
-    load_timeframe,
-    series_names,
-    sources_for,
-    unparsed_files,
-)
+from candlecast.forecast.dataset import OHLCVError, load_timeframe, series_names, unused_files
 from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
 from candlecast.forecast.model import ForecastModel, raw_confidence
 from candlecast.timeframes import Timeframe
@@ -76,19 +68,10 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
 
 def unscored_files(data_dir: Path, timeframe: Timeframe, loaded: list, with_outcome: set, scored: set,
                    min_history: int) -> list[dict]:
-    """[{"file", "reason"}] of the files under `data_dir` that give no scored origin: names that say no pair and
-    timeframe, series without a complete `timeframe` candle, series too short for an origin with a known outcome
-    (not in `with_outcome`, indices into `loaded`), series the thinning to MAX_ORIGINS passed over (not in `scored`)."""
-    found = [{"file": str(path), "reason": UNPARSED_NAME} for path in unparsed_files(data_dir)]
-    kept = {series.path for series, _ in loaded}
-    for series in sources_for(list_series(data_dir), timeframe):
-        if series.path not in kept:
-            found.append({"file": str(series.path), "reason": f"no complete {timeframe} candle"})
-    for index, (series, candles) in enumerate(loaded):
-        if index not in with_outcome:
-            found.append({"file": str(series.path), "reason": f"{len(candles)} {timeframe} candles: an origin needs "
-                          f"{min_history} before it and one after it"})
-        elif index not in scored:
+    """`dataset.unused_files`, and the series the thinning to MAX_ORIGINS passed over (not in `scored`)."""
+    found = unused_files(data_dir, timeframe, loaded, with_outcome, min_history)
+    for index, (series, _) in enumerate(loaded):
+        if index in with_outcome and index not in scored:
             found.append({"file": str(series.path), "reason": f"its origins fell between the {MAX_ORIGINS:,} "
                           "kept (every origin of every series, thinned evenly)"})
     return found

@@ -77,12 +77,9 @@ def build_sample_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from candlecast.forecast.dataset import UNPARSED_NAME, unparsed_files
     from candlecast.forecast.report import comparison_text
     from candlecast.forecast.train import register, train_timeframe
 
-    for path in unparsed_files(Path(args.data)):
-        print(f"not read: {path}: {UNPARSED_NAME}", file=sys.stderr)
     entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds,
                             holdout_bars=args.holdout_bars, test_fraction=args.test_fraction,
                             evaluate_only=args.evaluate_only)

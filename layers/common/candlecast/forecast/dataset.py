@@ -276,3 +276,23 @@ def load_timeframe(directory: Path, timeframe: Timeframe, *, clean: bool = True,
         if len(candles):
             loaded.append((series, candles))
     return loaded
+
+
+def unused_files(directory: Path, timeframe: Timeframe, loaded: list, with_origin: set, min_history: int,
+                 until: str = "") -> list[dict]:
+    """[{"file", "reason"}] of the files under `directory` that give no origin: names that say no pair and
+    timeframe, series without a complete `timeframe` candle (`until` a cutoff, when one is named: the series in
+    `loaded` end there), and series in `loaded` too short for an origin with a known outcome (indices not in
+    `with_origin`)."""
+    found = [{"file": str(path), "reason": UNPARSED_NAME} for path in unparsed_files(directory)]
+    kept = {series.path for series, _ in loaded}
+    cutoff = f" up to {until}" if until else ""
+    for series in sources_for(list_series(directory), timeframe):
+        if series.path not in kept:
+            found.append({"file": str(series.path), "reason": f"no complete {timeframe} candle{cutoff}"})
+    for index, (series, candles) in enumerate(loaded):
+        if index not in with_origin:
+            found.append({"file": str(series.path), "reason": f"{len(candles)} {timeframe} candles{cutoff}: an "
+                          f"origin needs {min_history} before it and one after it"})
+    return found
+

@@ -19,7 +19,7 @@ import numpy as np
 
 from candlecast.drift import ACCURACY_DEFINITION
 from candlecast.forecast import artifact
-from candlecast.forecast.dataset import load_timeframe
+from candlecast.forecast.dataset import load_timeframe, unused_files
 from candlecast.forecast.evaluate import (
     Origins,
     build_origins,
@@ -948,6 +948,10 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     holdout = HOLDOUT_BARS[timeframe] if holdout_bars is None else holdout_bars
     loaded, cutoff = load_before_holdout(data_dir, timeframe, holdout, progress)
     origins = build_origins(loaded, config, progress)
+    with_outcome = set(np.unique(origins.series[np.isfinite(origins.log_return).any(axis=1)]).tolist())
+    for unused in unused_files(Path(data_dir), timeframe, loaded, with_outcome, config.min_history,
+                               until=f"the holdout cutoff {_iso(float(cutoff))}"):
+        print(f"not used: {unused['file']}: {unused['reason']}", file=sys.stderr)
     wick = walk_forward_wick(loaded, timeframe)
     groups = coin_groups(loaded, plan.coin_groups)
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
