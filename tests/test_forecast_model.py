@@ -13,6 +13,7 @@ from candlecast.errors import ModelIntegrityError
 from candlecast.forecast import artifact
 from candlecast.forecast.bench import synthetic_candles
 from candlecast.forecast.dataset import read_ohlcv
+from candlecast.forecast.features import MEDIAN
 from candlecast.forecast.model import ForecastModel, evaluate_trees
 from candlecast.timeframes import TIMEFRAMES
 
@@ -39,6 +40,7 @@ def test_shipped_models_give_30_ordered_candles(timeframe):
             values = getattr(forecast, name)
             assert values.shape == (30,) and np.isfinite(values).all(), name
         assert forecast.open[0] == candles.close[-1]
+        assert np.allclose(forecast.close, candles.close[-1], rtol=1e-12, atol=0)  # the median is the random walk
         assert np.array_equal(forecast.open[1:], forecast.close[:-1])
         assert (forecast.low <= np.minimum(forecast.open, forecast.close)).all()
         assert (forecast.high >= np.maximum(forecast.open, forecast.close)).all()
@@ -287,6 +289,18 @@ def test_shipped_models_map_confidence_by_their_knots_alone(timeframe):
         assert np.array_equal(mapped, old)
     else:  # a file trained with the option: its knots are the map at h = 1
         np.testing.assert_allclose(mapped[:, 0], old[:, 0], atol=1e-9)
+
+
+def test_a_horizon_whose_pairs_all_gained_keeps_the_median_at_the_random_walk():
+    """At a long 1m horizon every pair may be a gain: the lower quantiles then move to 0, not into the median."""
+    from candlecast.forecast.train import empirical_quantiles
+
+    z = np.random.default_rng(3).normal(size=(500, 30))
+    z[:, 27:] = np.abs(z[:, 27:]) + 0.5
+    table = empirical_quantiles(z)
+    assert (table[:, MEDIAN] == 0).all()
+    assert (table[27:, :MEDIAN + 1] == 0).all() and (table[27:, MEDIAN + 1:] > 0.5).all()
+    assert np.array_equal(table[:27], np.sort(table[:27], axis=1)) and (table[:27, 0] < -1).all()
 
 
 def test_baseline_spread_never_shrinks_with_the_horizon():

@@ -269,8 +269,11 @@ def empirical_quantiles(z: np.ndarray, weights: np.ndarray | None = None) -> np.
             table[i] = table[i - 1]
     if np.isnan(table).any():  # no data at all: a unit normal
         table = np.where(np.isnan(table), np.array([-1.96, -1.2816, -0.6745, 0, 0.6745, 1.2816, 1.96]), table)
+    # The pinball-optimal quantiles with the median fixed at 0: a quantile on the wrong side of it (a lower one above
+    # 0 where a few long-horizon pairs were all gains) moves to 0, never into the median's place.
+    table[:, :MEDIAN] = np.minimum(table[:, :MEDIAN], 0.0)
     table[:, MEDIAN] = 0.0
-    table.sort(axis=-1)
+    table[:, MEDIAN + 1 :] = np.maximum(table[:, MEDIAN + 1 :], 0.0)
     return table
 
 
