@@ -131,6 +131,23 @@ def test_rows_without_a_positive_price_and_flat_outage_rows_are_dropped():
     assert kept.open_time.tolist() == candles.open_time[[0, 5, 6, 7]].tolist()
 
 
+def test_a_close_far_from_both_neighbours_is_a_bad_print_and_dropped():
+    """A 10× close and a 0.1× one between normal closes are dropped; a real round trip (XRP's November 2020 month,
+    2.8× up and back), a step that stays (a listing's first trades, then a new level) and the last close are kept."""
+    from candlecast.candles import usable_candles
+
+    candles = hourly("2024-01-01T00:00:00", 12)
+    candles.close[:] = 100.0
+    candles.close[2] *= 10  # after the invalid row 1, its neighbours are rows 0 and 3
+    candles.close[1] = np.nan
+    candles.close[5] /= 10
+    candles.close[7] *= 2.8
+    candles.close[9:] = 700.0
+    candles.close[11] = 7000.0  # the last close has no next one to judge it by
+    kept = usable_candles(candles)
+    assert kept.open_time.tolist() == candles.open_time[[0, 3, 4, 6, 7, 8, 9, 10, 11]].tolist()
+
+
 @pytest.mark.parametrize("stamp", ["2024-01-01T05:00:00Z", "2024-01-01T07:00:00+02:00", "2024-01-01 05:00:00",
                                    "2024-01-01T05:00", "1704085200", "1704085200000", "1704085200000000"])
 def test_csv_times_iso_with_or_without_a_zone_or_in_epoch_units(tmp_path, stamp):

@@ -8,6 +8,9 @@ COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
 _PACKED_FORMAT = 1
 # Open times a stored series may hold: 1970 up to a year whose forecast steps still fit in a datetime.
 MAX_OPEN_TIME = 221_845_392_000  # 9000-01-01T00:00:00Z
+# A close this many times above (or below a fifth of) both neighbouring closes is a bad print (a shifted decimal
+# point, say): no real series in ../shared reverts even 3× within one bar, at any timeframe.
+BAD_PRINT_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,15 +75,23 @@ class Candles:
 
 
 def usable_candles(candles: Candles) -> Candles:
-    """Drop rows with missing or non-positive prices, and flat zero-volume rows (outage fills): what training
-    (`forecast.dataset.load_timeframe`) and the service forecast from.
+    """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
+    what training (`forecast.dataset.load_timeframe`) and the service forecast from.
 
-    Flat rows are kept when too few others are left (a very illiquid symbol).
+    Flat rows are kept when too few others are left (a very illiquid symbol). A bad print is a close more than
+    BAD_PRINT_FACTOR times above, or below 1/BAD_PRINT_FACTOR of, both neighbouring closes; the last close has no
+    next one, so it is never judged.
     """
     prices = np.vstack([candles.open, candles.high, candles.low, candles.close])
     valid = np.isfinite(prices).all(axis=0) & (prices > 0).all(axis=0)
     flat = (candles.volume == 0) & (candles.high == candles.low)
     keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
+    kept = np.flatnonzero(keep)
+    log_close = np.log(candles.close[kept])
+    above_previous, above_next = log_close[1:-1] - log_close[:-2], log_close[1:-1] - log_close[2:]
+    limit = np.log(BAD_PRINT_FACTOR)
+    bad_print = (np.minimum(above_previous, above_next) > limit) | (np.maximum(above_previous, above_next) < -limit)
+    keep[kept[1:-1][bad_print]] = False
     if keep.all():
         return candles
     return Candles(*(getattr(candles, name)[keep] for name in COLUMNS))
