@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from candlecast import cache, ingest, polygon, storage
+from candlecast.candles import COLUMNS, Candles
 from candlecast.config import get_settings
 from candlecast.errors import NotFound
 from candlecast.forecast.dataset import resample
@@ -361,6 +362,53 @@ def test_any_symbol_is_fetched_from_polygon_and_cached_for_an_hour(env):
 
         with pytest.raises(NotFound, match="no recent 1h candles"):
             ingest.fetch_recent_candles("X:UNKNOWNUSD", "1h", 10, now=NOW)
+
+
+def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for_an_hour(env):
+    """The weekly refresh leaves a file up to a week behind: a 1h forecast from it would end in the past."""
+    market = make_market(1, now=NOW, history_days=30)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        truth = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)
+        stored = Candles(*(getattr(truth, name)[:-72] for name in COLUMNS))  # three days behind
+        fake.requests.clear()
+        caught_up = ingest.caught_up_candles("X:C000USD", "1h", stored, 200, now=NOW)
+        assert caught_up.open_time.tolist() == truth.open_time[-200:].tolist()
+        assert np.array_equal(caught_up.close, truth.close[-200:])
+        # One request, for the bars after the stored ones only.
+        next_open_ms = (int(stored.open_time[-1]) + HOUR) * 1000
+        assert fake.count("/range/1/hour/") == 1 and f"/{next_open_ms}/" in fake.requests[0]
+        assert storage.cached_candles("X:C000USD", "1h", 200).open_time.tolist() == caught_up.open_time.tolist()
+        # Up to date (the next hour has not closed): no request.
+        assert ingest.caught_up_candles("X:C000USD", "1h", caught_up, 200, now=NOW) is caught_up
+        assert fake.count("/range/") == 1
+        # Far behind (a refresh that stopped): the last candles alone, in one request of about that many bars.
+        far_behind = Candles(*(getattr(truth, name)[:-300] for name in COLUMNS))
+        cache.get_client().flushdb()
+        assert ingest.caught_up_candles("X:C000USD", "1h", far_behind, 100, now=NOW).open_time.tolist() == (
+            truth.open_time[-100:].tolist())
+        asked_from = int(fake.requests[-1].split("/range/1/hour/")[1].split("/")[0]) // 1000
+        assert fake.count("/range/") == 2 and NOW - 102 * HOUR - DAY <= asked_from < NOW - 100 * HOUR
+
+
+def test_a_stored_file_is_served_as_it_is_when_polygon_fails_or_no_key_is_configured(env, caplog):
+    market = make_market(1, now=NOW, history_days=30)
+    with FakePolygon(market) as fake:
+        stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1d", NOW - 20 * DAY, NOW - 5 * DAY)
+        fake.requests.clear()
+        point_settings_at(env, fake, key=None)
+        assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored
+        assert fake.requests == []
+
+        point_settings_at(env, fake)
+        fake.echo = True
+        fake.add_fault("/range/1/day/", status=500, times=10)
+        with caplog.at_level("WARNING"):
+            assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored
+        asked = fake.count("/range/")
+        assert asked >= 1 and "stale candles served" in caplog.text and "test-key" not in caplog.text
+        assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored
+        assert fake.count("/range/") == asked  # the failure is remembered: no second request
 
 
 def test_any_symbol_without_an_api_key_is_a_404_saying_so(env):

@@ -459,3 +459,31 @@ def test_a_shipped_model_with_a_bad_signature_is_refused_as_a_tampered_one(seede
     status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
     assert status == 503 and body["error"]["code"] == "model_integrity"
     assert stored_predictions(seeded.database_url) == 0
+
+
+def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refresh(seeded, monkeypatch):
+    """The bucket's file ends where the last refresh left it (the sample: years ago). With a Polygon key, the
+    forecast starts from the last closed candle, so its steps lie ahead of the clock, not in the past."""
+    from candlecast import polygon
+    from candlecast.config import get_settings
+    from tests.fake_polygon import FakeMarket, FakePolygon, FakeSymbol
+
+    now = int(time.time())
+    stored = storage.read_candles(SAMPLE_TICKER, "1h", 10)
+    market = FakeMarket([FakeSymbol(SAMPLE_TICKER, "BTC", "USDT", "Bitcoin - Tether", price=float(stored.close[-1]),
+                                    listed_at=now - 60 * 86400)], now=now)
+    with FakePolygon(market) as fake:
+        monkeypatch.setenv("POLYGON_API_KEY", "test-key")
+        monkeypatch.setenv("POLYGON_BASE_URL", fake.url)
+        get_settings.cache_clear()
+        polygon.reset_client()
+        try:
+            status, _, body = create({"symbol": "BTC-USDT", "timeframe": "1h"})
+        finally:
+            polygon.reset_client()
+            get_settings.cache_clear()
+    assert status == 201, body
+    last_candle_at = datetime.fromisoformat(body["last_candle_at"]).timestamp()
+    assert now - 2 * 3600 - 60 <= last_candle_at <= now - 3600  # the last hour that has closed
+    assert datetime.fromisoformat(body["steps"][0]["ts"]).timestamp() >= now - 3600
+    assert fake.count("/range/1/hour/") == 1

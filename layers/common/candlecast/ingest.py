@@ -6,7 +6,8 @@
   resampler (candlecast.forecast.dataset.resample). Later runs fetch only bars after the last stored
   one; each file is merged (dedup by open_time) and replaced by one PUT, so a failed or killed run
   leaves every file either as it was or complete.
-- Any symbol: fetch_recent_candles() serves predictions for symbols without a Parquet file.
+- Any symbol: fetch_recent_candles() serves predictions for symbols without a Parquet file, and
+  caught_up_candles() adds to a stored file's candles those that closed since the last refresh.
 
 numpy is imported lazily: `candlecast --help` and the CLI registration stay light.
 """
@@ -356,7 +357,6 @@ def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now:
     when Polygon fails.
     """
     from candlecast import polygon, storage
-    from candlecast.forecast.dataset import resample
 
     cached = storage.cached_candles(ticker, timeframe, last_n)
     if cached is not None:
@@ -372,16 +372,64 @@ def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now:
     if remembered is not None:
         raise _failure_error(remembered)
     now = now if now is not None else int(time.time())
-    source = SOURCE_OF[timeframe]
-    # Enough source bars for last_n target candles, plus one partial bucket at each end.
-    span = (last_n + 2) * nominal_seconds(timeframe)
+    candles = _fetch_remembering_failure(client, ticker, timeframe, _recent_start(timeframe, last_n, now), now)
+    candles = candles.tail(last_n)
+    storage.cache_candles(ticker, timeframe, candles, last_n)
+    return candles
+
+
+def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last_n: int, *,
+                      now: int | None = None) -> "Candles":
+    """The last `last_n` of the bucket's candles `stored` (oldest first) and those that closed after them, from
+    Polygon: the weekly refresh leaves a file up to a week behind, and a 1h forecast from it would end in the
+    past. Cached in Redis for 1 h (the fresh-candles cache). Without an API key, or when Polygon fails or has
+    nothing newer (remembered 30 s), `stored` as it is: a forecast from older candles, which its
+    `last_candle_at` says, beats none.
+    """
+    from candlecast import polygon, storage
+    from candlecast.timeframes import add_steps
+
+    now = now if now is not None else int(time.time())
+    last_open = datetime.fromtimestamp(int(stored.open_time[-1]), UTC)
+    if add_steps(last_open, timeframe, 2).timestamp() > now:
+        return stored  # the candle after the last stored one has not closed yet
+    # Far behind (a refresh that stopped), the last `last_n` candles alone; else only those after the file's.
+    start = max(int(add_steps(last_open, timeframe, 1).timestamp()), _recent_start(timeframe, last_n, now))
     try:
-        candles = fetch_candles(client, ticker, source, now - span - (now - span) % 86400, now)
-        candles = resample(candles, source, timeframe).tail(last_n) if len(candles) else candles
+        client = polygon.get_client(interactive=True)  # its key's secret may be unreadable: served as stale
+        if client is None or cache.get_upstream_failure(ticker, timeframe) is not None:
+            return stored
+        newer = _fetch_remembering_failure(client, ticker, timeframe, start, now)
+    except CandlecastError as error:
+        logger.warning("stale candles served", extra={"ticker": ticker, "timeframe": timeframe,
+                                                       "last_candle_at": last_open.isoformat(), "code": error.code})
+        return stored
+    candles = storage.merge_candles(stored, newer).tail(last_n)
+    storage.cache_candles(ticker, timeframe, candles, last_n)
+    return candles
+
+
+def _recent_start(timeframe: Timeframe, last_n: int, now: int) -> int:
+    """A UTC midnight early enough for `last_n` closed candles by `now`, plus one partial bucket at each end."""
+    start = now - (last_n + 2) * nominal_seconds(timeframe)
+    return start - start % 86400
+
+
+def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Timeframe, start: int,
+                               now: int) -> "Candles":
+    """The closed `timeframe` candles of `ticker` opening at or after `start`, from its Polygon source bars.
+
+    An empty answer is a NotFound; any failure is remembered for 30 s (`cache.set_upstream_failure`), so
+    anonymous clients cannot turn one failing symbol into a stream of calls, and raised in our words."""
+    from candlecast.forecast.dataset import resample
+
+    source = SOURCE_OF[timeframe]
+    try:
+        candles = fetch_candles(client, ticker, source, start, now)
+        candles = resample(candles, source, timeframe) if len(candles) else candles
         if len(candles) == 0:
             raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
     except CandlecastError as error:
-        # Remembered briefly, so anonymous clients cannot turn one failing symbol into a stream of calls.
         logger.warning("upstream fetch failed", extra={"ticker": ticker, "timeframe": timeframe,
                                                         "code": error.code, "error": error.message})
         message = (f"Polygon has no recent {timeframe} candles for {ticker}" if error.status == 404 else
@@ -389,7 +437,6 @@ def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now:
         ttl = cache.set_upstream_failure(ticker, timeframe, error.status, error.code, message)
         raise _failure_error({"status": error.status, "code": error.code, "message": message,
                               "until": time.time() + ttl}) from None
-    storage.cache_candles(ticker, timeframe, candles, last_n)
     return candles
 
 

@@ -90,15 +90,16 @@ def forget_models() -> None:
 
 
 def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None):
-    """The symbol's last usable candles: from the cache entry read already, the bucket, else from Polygon (any
-    symbol)."""
+    """The symbol's last usable candles: from the cache entry read already or the bucket, with those that closed
+    since from Polygon; else all from Polygon (any symbol)."""
+    from candlecast import ingest
     from candlecast.candles import usable_candles
 
     candles = storage.read_candles(ticker, timeframe, count, cache_entry=cache_entry)
     if candles is None or len(candles) == 0:
-        from candlecast import ingest
-
         candles = ingest.fetch_recent_candles(ticker, timeframe, count)
+    else:
+        candles = ingest.caught_up_candles(ticker, timeframe, candles, count)
     candles = usable_candles(candles)
     if len(candles) < 3:
         raise NotFound(f"{ticker} has too few usable {timeframe} candles to forecast from", code="candles_not_found")
