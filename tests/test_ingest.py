@@ -162,6 +162,21 @@ def test_rank_is_by_quote_value_not_base_units():
     assert problems == []
 
 
+def test_rank_is_by_value_in_usd_whatever_the_quote_currency():
+    """A pair quoted in BTC is worth its BTC volume at BTC's USD price, a JPY pair its JPY volume at the yen's
+    rate across BTC; a quote currency no bar prices in USD ranks last, never by its raw (won) figure."""
+    reference = [{"ticker": f"X:{pair}", "name": pair} for pair in ("BTCUSD", "BTCJPY", "ETHBTC", "DOGEUSD", "XYZKRW")]
+    grouped = [{"T": "X:BTCUSD", "v": 1000.0, "vw": 60_000.0}, {"T": "X:BTCJPY", "v": 5.0, "vw": 9_000_000.0},
+               {"T": "X:ETHBTC", "v": 1000.0, "vw": 0.05}, {"T": "X:DOGEUSD", "v": 1e7, "vw": 0.1},
+               {"T": "X:XYZKRW", "v": 1e6, "vw": 1000.0}]
+    symbols, problems = ingest.rank_symbols(reference, grouped)
+    assert [s.ticker for s in symbols] == ["X:BTCUSD", "X:ETHBTC", "X:DOGEUSD", "X:BTCJPY", "X:XYZKRW"]
+    volumes = {s.ticker: float(s.volume_24h) for s in symbols}
+    assert volumes["X:ETHBTC"] == pytest.approx(1000 * 0.05 * 60_000)
+    assert volumes["X:BTCJPY"] == pytest.approx(5 * 60_000) and volumes["X:XYZKRW"] == 0
+    assert problems == []
+
+
 def test_an_unusable_ticker_is_a_problem_not_a_failure():
     reference = [{"ticker": "X:SOME.WEIRD", "name": "Odd"}, {"ticker": "X:GOODUSD", "name": "Good"}]
     symbols, problems = ingest.rank_symbols(reference, [{"T": "X:GOODUSD", "v": 1.0, "vw": 2.0}])

@@ -1,7 +1,8 @@
 """Polygon ingestion: the symbol universe ranked by 24 h quote volume, and candles for the top N in S3.
 
-- Symbols: every active crypto reference ticker is upserted with volume_24h (quote currency, v * vw
-  from the grouped daily bars) and volume_rank (1 = largest); tickers that disappear are marked inactive.
+- Symbols: every active crypto reference ticker is upserted with volume_24h (USD: v * vw from the grouped
+  daily bars, at the day's rate of the quote currency) and volume_rank (1 = largest); tickers that disappear
+  are marked inactive.
 - Candles: 1h and 1d bars from Polygon; 4h, 1w and 1m resampled from them with the sample data's
   resampler (candlecast.forecast.dataset.resample). Later runs fetch only bars after the last stored
   one; each file is merged (dedup by open_time) and replaced by one PUT, so a failed or killed run
@@ -70,17 +71,40 @@ def quote_volume(bar: dict) -> float:
     return float(bar.get("v") or 0.0) * float(price)
 
 
+def usd_rates(grouped_rows: Sequence[dict]) -> dict[str, float]:
+    """USD per unit of each currency the day's bars price: from its own <CUR>USD pair, else, for a quote
+    currency without one, across the base traded most against it in USD terms (BTCJPY and BTCUSD give JPY)."""
+    from candlecast.tickers import split_pair
+
+    prices: dict[tuple[str, str], tuple[float, float]] = {}  # (base, quote) -> (price, base volume)
+    for row in grouped_rows:
+        price = float(row.get("vw") or row.get("c") or 0.0)
+        if row.get("T") and price > 0:
+            prices[split_pair(row["T"])] = (price, float(row.get("v") or 0.0))
+    rates = {"USD": 1.0} | {base: price for (base, quote), (price, _) in prices.items() if quote == "USD"}
+    crossings: dict[str, tuple[float, float]] = {}  # quote -> (USD value of the base traded, USD per quote unit)
+    for (base, quote), (price, volume) in prices.items():
+        if quote not in rates and base in rates:
+            value = volume * rates[base]
+            if value >= crossings.get(quote, (-1.0, 0.0))[0]:
+                crossings[quote] = (value, rates[base] / price)
+    return rates | {quote: rate for quote, (_, rate) in crossings.items()}
+
+
 def rank_symbols(
     reference_rows: Iterable[dict], grouped_rows: Iterable[dict]
 ) -> tuple[list["SymbolCreate"], list[str]]:
-    """SymbolCreate for every reference row, ranked by 24 h quote volume (rank 1 = largest; ties by
-    ticker). Returns (symbols, problems) where problems name rows that could not be used."""
+    """SymbolCreate for every reference row, ranked by 24 h traded value in USD (rank 1 = largest; ties by
+    ticker): each pair's quote volume at its quote currency's `usd_rates`, 0 where no bar gives one. Returns
+    (symbols, problems) where problems name rows that could not be used."""
     from pydantic import ValidationError
 
     from candlecast.schemas import SymbolCreate
     from candlecast.tickers import split_pair
 
-    volumes = {row["T"]: quote_volume(row) for row in grouped_rows if row.get("T")}
+    grouped_rows = [row for row in grouped_rows if row.get("T")]
+    rates = usd_rates(grouped_rows)
+    volumes = {row["T"]: quote_volume(row) * rates.get(split_pair(row["T"])[1], 0.0) for row in grouped_rows}
     candidates, problems = [], []
     for row in reference_rows:
         ticker = row.get("ticker", "")

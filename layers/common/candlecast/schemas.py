@@ -72,7 +72,8 @@ class Symbol(_Read):
     base_currency: str
     quote_currency: str
     market: str
-    volume_24h: float | None
+    volume_24h: float | None = Field(description="the last UTC day's traded value in USD (the quote currency's "
+                                                 "volume at that day's rate)")
     volume_rank: int | None
     is_active: bool
     updated_at: datetime
