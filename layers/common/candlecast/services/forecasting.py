@@ -75,11 +75,13 @@ def verified_model(row: dict):
 
 def prepare() -> None:
     """Import and build during init what a first create would load inside its request: the model code, the model
-    file's reader and the candle reading path (not boto3: the deployed model file comes with the function). No
-    network call: init succeeds with every dependency down."""
+    file's reader and the candle reading path, the catch-up from Polygon included (not boto3: the deployed model
+    file comes with the function; not urllib3, which only a configured Polygon key needs). No network call: init
+    succeeds with every dependency down."""
     import joblib  # noqa: F401 - load_model's; it imports loky and multiprocessing
 
     import candlecast.forecast.model  # noqa: F401
+    import candlecast.ingest  # noqa: F401
 
     storage.prepare_reads()
 
