@@ -21,6 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "polygon"
 REAL_HOST = "https://api.polygon.io"
 HOUR, DAY = 3600, 86400
+# Polygon's 403 for a good key whose plan does not cover the request (its 401 is for an unknown key).
+NOT_ENTITLED_BODY = (b'{"status":"NOT_AUTHORIZED","request_id":"fake","message":"You are not entitled to this data. '
+                     b'Please upgrade your plan at https://polygon.io/pricing"}')
 
 
 def load_fixture(name: str) -> dict:
@@ -122,6 +125,11 @@ class FakePolygon:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def not_entitled(self, match: str, times: int = 1000) -> Fault:
+        """Requests whose path contains `match` get the 403 Polygon answers when the key is good but its plan
+        does not cover the data (a ticker, a timeframe or a range the plan excludes)."""
+        return self.add_fault(match, status=403, times=times, body=NOT_ENTITLED_BODY)
 
     def serve_file(self, path_and_query: str, fixture: str, status: int = 200) -> None:
         """Answer exactly this path (and query, if given) with a real response file, byte for byte."""

@@ -323,6 +323,43 @@ def test_a_bad_key_stops_the_run_with_a_clear_error(env):
         ingest.run_ingest(client_for(fake, key="nope"), symbols=2, now=NOW)
 
 
+@pytest.mark.parametrize("refused", ["X:C000USD", "X:C001USD"])  # before any request succeeded, and after
+def test_one_symbols_403_fails_that_symbol_and_the_run_goes_on(env, refused):
+    market = make_market(3, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.not_entitled(f"/v2/aggs/ticker/{refused}/")
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=1)
+    assert summary.failed == [refused] and summary.symbols_done == 2 and summary.remaining == []
+    assert len(summary.errors) == 1 and summary.errors[0].startswith(f"{refused}: ") and "HTTP 403" in summary.errors[0]
+    assert "entitled" not in summary.errors[0] and "pricing" not in summary.errors[0]  # never Polygon's text
+    assert storage.read_all_candles(refused, "1h") is None
+    for ticker in set(tickers) - {refused}:
+        assert_complete(ticker, market)
+    assert fake.count("/v3/reference/tickers") <= 1  # at most one request to tell the key from the plan
+
+
+def test_a_403_on_every_request_stops_the_run_as_a_refused_key(env):
+    market = make_market(6, now=NOW, history_days=200)
+    with FakePolygon(market) as fake:
+        fake.not_entitled("/")
+        with pytest.raises(PolygonAuthError, match="HTTP 403") as raised:
+            ingest.run_ingest(client_for(fake), tickers=[s.ticker for s in market.symbols], refresh=False, now=NOW,
+                              history_days=HISTORY, concurrency=1)
+    assert "entitled" not in str(raised.value)
+    # The first symbol's refusal, then the key's: no other symbol is asked for.
+    assert fake.count("/v2/aggs/ticker/") == 1 and fake.count("/v3/reference/tickers") == 1
+
+
+def test_a_403_on_the_ticker_listing_stops_the_run(env):
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        fake.not_entitled("/v3/reference/tickers")
+        with pytest.raises(PolygonAuthError, match="HTTP 403"):
+            ingest.run_ingest(client_for(fake), symbols=2, now=NOW, history_days=HISTORY)
+    assert fake.count("/v2/aggs/ticker/") == 0
+
+
 def test_cli_prints_a_summary(env, capsys):
     from candlecast import cli
 

@@ -25,7 +25,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache
 from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
-from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient
+from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonNotEntitled
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
 if TYPE_CHECKING:
@@ -262,7 +262,9 @@ def run_ingest(
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
     `symbols` by volume. Stops starting new symbols at `deadline` (time.monotonic()) and lists them
     in `remaining`. Errors are per symbol (listed in `failed`): one bad symbol never stops the run;
-    only an authentication error, which every symbol would hit, does."""
+    only an authentication error, which every symbol would hit, does: a 401, or a 403 on the symbol
+    listing. A 403 on one symbol's bars (its plan does not cover them) fails that symbol, once the key
+    is known to work (PolygonClient.confirm_key)."""
     started = time.monotonic()
     summary = IngestSummary()
     requests_before = client.requests_made
@@ -277,9 +279,20 @@ def run_ingest(
     def work(ticker: str) -> tuple[str, int, int] | None:
         if deadline is not None and time.monotonic() >= deadline:
             return None
-        files, added = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
+        try:
+            files, added = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
+        except PolygonNotEntitled:
+            # PolygonAuthError when the key itself is refused. Here, not in the loop below: the other workers
+            # wait for the answer instead of asking for symbols the key cannot get.
+            client.confirm_key()
+            raise
         record_candle_timeframes(ticker)
         return ticker, files, added
+
+    def failed(ticker: str, error: Exception) -> None:
+        summary.errors.append(f"{ticker}: {error}")
+        logger.warning("ingest failed for symbol", extra={"ticker": ticker, "error": str(error)})
+        summary.failed.append(ticker)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
         futures = {pool.submit(work, ticker): ticker for ticker in todo}
@@ -288,12 +301,12 @@ def run_ingest(
                 ticker = futures[future]
                 try:
                     result = future.result()
+                except PolygonNotEntitled as error:  # the plan does not cover this symbol's bars
+                    failed(ticker, error)
                 except PolygonAuthError:
                     raise  # every symbol would fail the same way
                 except Exception as error:  # one bad symbol never stops the others
-                    summary.errors.append(f"{ticker}: {error}")
-                    logger.warning("ingest failed for symbol", extra={"ticker": ticker, "error": str(error)})
-                    summary.failed.append(ticker)
+                    failed(ticker, error)
                 else:
                     if result is None:
                         summary.remaining.append(ticker)

@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urlsplit
 from aws_lambda_powertools import Logger
 
 from candlecast import strictjson
-from candlecast.errors import NotFound, ServiceUnavailable
+from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
 
 logger = Logger(child=True)
 
@@ -33,6 +33,13 @@ class PolygonAuthError(PolygonError):
     """401/403: the key is missing, wrong, or its plan does not cover the request."""
 
     code = "polygon_auth"
+
+
+class PolygonNotEntitled(PolygonAuthError):
+    """403 on one request: the plan does not cover that ticker, timeframe or range, or the key is refused
+    everywhere; PolygonClient.confirm_key tells which."""
+
+    code = "polygon_not_entitled"
 
 
 class PolygonBadResponse(PolygonError):
@@ -92,6 +99,9 @@ class PolygonClient:
         self.max_backoff = max_backoff
         self.limiter = RateLimiter(max_rps)
         self.requests_made = 0
+        self.key_accepted = False  # a request has succeeded with the key
+        self._key_refused = ""  # confirm_key's finding (its message): every request would fail
+        self._confirm_lock = threading.Lock()
         self._http = urllib3.PoolManager(
             maxsize=pool_size,
             block=True,
@@ -125,6 +135,8 @@ class PolygonClient:
         started = time.monotonic()
         problem = ""
         for attempt in range(1, self.max_attempts + 1):
+            if self._key_refused:
+                raise PolygonAuthError(self._key_refused)
             self.limiter.wait()
             self.requests_made += 1
             try:
@@ -134,9 +146,15 @@ class PolygonClient:
             else:
                 status = response.status
                 if status == 200:
+                    self.key_accepted = True
                     return _decode(response.data, where)
                 # Polygon's own text is never passed on: it can echo what it was sent, the key included.
-                if status in (401, 403):
+                if status == 403:
+                    raise PolygonNotEntitled(
+                        f"Polygon answered HTTP 403 on {where}: the plan does not cover this request "
+                        "(or the key is refused)"
+                    )
+                if status == 401:
                     raise PolygonAuthError(
                         f"Polygon refused the API key with HTTP {status} on {where} "
                         "(check POLYGON_API_KEY and the plan's entitlements)"
@@ -159,6 +177,26 @@ class PolygonClient:
             f"Polygon kept failing on {where} ({problem}) after {attempt} attempts in "
             f"{time.monotonic() - started:.1f}s"
         )
+
+    def confirm_key(self) -> None:
+        """After a 403 on one request: raise PolygonAuthError if the key itself is refused (a 401 or 403 on
+        the crypto ticker listing, which every plan covers), so the caller stops instead of trying every
+        symbol; return if the key works. Asks Polygon at most once per client, and not at all once a request
+        has succeeded. A failure that proves nothing either way (a 5xx) returns."""
+        with self._confirm_lock:
+            if self.key_accepted:
+                return
+            if self._key_refused:
+                raise PolygonAuthError(self._key_refused)
+            try:
+                self.get_json("/v3/reference/tickers", {"market": "crypto", "active": "true", "limit": 1})
+            except PolygonAuthError as error:
+                status = 403 if isinstance(error, PolygonNotEntitled) else 401
+                self._key_refused = (f"Polygon refused the API key with HTTP {status} on /v3/reference/tickers "
+                                     "(check POLYGON_API_KEY and the plan's entitlements)")
+                raise PolygonAuthError(self._key_refused) from None
+            except CandlecastError as error:
+                logger.warning("could not confirm the Polygon key", extra={"code": error.code})
 
     def pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
         """Every page of a list endpoint, following next_url (auth is re-added by the header)."""
