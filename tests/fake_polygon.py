@@ -97,6 +97,9 @@ class FakePolygon:
         self.requests: list[str] = []
         self.bad_auth: list[str] = []
         self.delay = 0.0  # seconds before each answer, to slow a run down
+        # Aggregates whose path contains one of these answer a next_url back to the page just sent, as Polygon
+        # has done (polygon-io/issues#289): a client that follows it blindly never stops.
+        self.looping: list[str] = []
         self._hold: tuple[str, int] | None = None  # (path fragment, requests let through before holding)
         self._released = threading.Event()
         # Echo what each request sent (headers, the key among them) in every answer, as a hostile or
@@ -237,6 +240,8 @@ class FakePolygon:
             envelope.pop("results")
         if offset + size < len(bars):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
+        if any(match in path for match in self.looping):
+            envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset}"
         return envelope
 
     def _handler(self):

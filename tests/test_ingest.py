@@ -9,9 +9,9 @@ import pytest
 
 from candlecast import cache, ingest, polygon, storage
 from candlecast.config import get_settings
-from candlecast.errors import NotFound
+from candlecast.errors import NotFound, ServiceUnavailable
 from candlecast.forecast.dataset import resample
-from candlecast.polygon import PolygonAuthError, PolygonClient, PolygonError
+from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonError
 from tests.conftest import empty_bucket
 from tests.fake_polygon import DAY, HOUR, FakeMarket, FakePolygon, FakeSymbol, load_fixture, make_market
 
@@ -75,6 +75,51 @@ def test_aggregates_follow_next_url_over_several_pages():
     times = [bar["t"] // 1000 for bar in bars]
     assert times == sorted(set(times)) and len(times) == 201
     assert np.all(np.diff(times) == HOUR)
+
+
+def test_a_next_url_pointing_back_at_its_page_stops_at_the_repeat():
+    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+        fake.looping.append("/v2/aggs/ticker/X:C000USD/")
+        started = time.monotonic()
+        with pytest.raises(PolygonBadResponse, match=r"next_url on \S+ repeats an earlier page"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+        assert time.monotonic() - started < 1
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the first page, then cursor=0 pointing at cursor=0
+
+
+def test_pagination_stops_at_the_page_cap(monkeypatch):
+    assert polygon.MAX_PAGES >= 100  # generous: two years of hours are about 20 pages
+    monkeypatch.setattr(polygon, "MAX_PAGES", 4)
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 10
+    with FakePolygon(market) as fake, pytest.raises(PolygonBadResponse, match="more than 4 pages"):
+        client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 4
+
+
+def test_one_time_budget_covers_every_page():
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 10
+    with FakePolygon(market) as fake:
+        fake.delay = 0.15  # each page well inside the budget; all 25 of them not
+        client = client_for(fake, time_budget=1.0)
+        started = time.monotonic()
+        with pytest.raises(PolygonError, match="took more than 1s") as raised:
+            client.aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+        assert time.monotonic() - started < 1.5 and raised.value.status == 503
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") < 10
+
+
+def test_a_looping_next_url_on_the_api_path_is_a_remembered_503(env):
+    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+        point_settings_at(env, fake)
+        fake.looping.append("/v2/aggs/ticker/X:C000USD/")
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable) as raised:
+                ingest.fetch_recent_candles("X:C000USD", "1h", 10, now=NOW)
+            assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
+            assert "could not be fetched from Polygon" in raised.value.message
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the second call was answered from the cache
 
 
 def test_429_and_5xx_and_dropped_connections_are_retried():

@@ -1,5 +1,8 @@
 """A small Polygon.io (Massive) REST client: bearer auth, next_url pagination, retries within a time budget.
 
+One time budget covers a whole list, every page and retry of it: a next_url that points back at a page
+already read (Polygon has sent one: polygon-io/issues#289), or more than MAX_PAGES pages, is a bad response.
+
 Why not the official `massive` package: it decodes a malformed body as an empty result (a silent data
 gap), retries without a total time budget, and reports 401/403 as a generic BadResponse. This client
 needs only urllib3 and raises a distinct error for each of those cases.
@@ -23,6 +26,8 @@ logger = Logger(child=True)
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Far more pages than any list we ask for has: two years of hourly bars are about 20, the crypto tickers a few.
+MAX_PAGES = 1000
 
 
 class PolygonError(ServiceUnavailable):
@@ -125,9 +130,9 @@ class PolygonClient:
             url += ("&" if parts.query else "?") + urlencode(params)
         return url
 
-    def get_json(self, path_or_url: str, params: dict | None = None) -> dict:
+    def get_json(self, path_or_url: str, params: dict | None = None, *, deadline: float | None = None) -> dict:
         """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
-        (honouring Retry-After) until max_attempts or the time budget runs out."""
+        (honouring Retry-After) until max_attempts, the time budget or `deadline` (time.monotonic()) runs out."""
         from urllib3.exceptions import HTTPError
 
         url = self._url(path_or_url, params)
@@ -168,7 +173,8 @@ class PolygonClient:
             if retry_after and retry_after.isdigit():
                 delay = max(delay, float(retry_after))
             elapsed = time.monotonic() - started
-            if attempt == self.max_attempts or elapsed + delay > self.time_budget:
+            if (attempt == self.max_attempts or elapsed + delay > self.time_budget
+                    or (deadline is not None and started + elapsed + delay > deadline)):
                 break
             logger.info("polygon retry", extra={"path": where, "problem": problem, "attempt": attempt,
                                                 "delay_s": round(delay, 2)})
@@ -199,11 +205,28 @@ class PolygonClient:
                 logger.warning("could not confirm the Polygon key", extra={"code": error.code})
 
     def pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
-        """Every page of a list endpoint, following next_url (auth is re-added by the header)."""
-        page = self.get_json(path, params)
+        """Every page of a list endpoint, following next_url (auth is re-added by the header), all within
+        one time budget. PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages,
+        PolygonError when the budget runs out."""
+        deadline = time.monotonic() + self.time_budget
+        where = urlsplit(path).path
+        seen = {self._url(path, params)}
+        page = self.get_json(path, params, deadline=deadline)
         yield page
-        while page.get("next_url"):
-            page = self.get_json(page["next_url"])
+        while next_url := page.get("next_url"):
+            if not isinstance(next_url, str):
+                raise PolygonBadResponse(f"Polygon sent a next_url that is not a string on {where}")
+            url = self._url(next_url, None)
+            if url in seen:
+                raise PolygonBadResponse(f"Polygon's next_url on {where} repeats an earlier page "
+                                         f"(after {len(seen)} pages)")
+            if len(seen) >= MAX_PAGES:
+                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages on {where}")
+            if time.monotonic() >= deadline:
+                raise PolygonError(f"Polygon's pages on {where} took more than {self.time_budget:g}s "
+                                   f"({len(seen)} pages)")
+            seen.add(url)
+            page = self.get_json(url, deadline=deadline)
             yield page
 
     # --- endpoints ------------------------------------------------------------------------------
