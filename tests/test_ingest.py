@@ -165,6 +165,34 @@ def test_a_missing_key_is_refused_before_any_request():
         PolygonClient("", "http://127.0.0.1:9")
 
 
+@pytest.mark.parametrize("source", ["argument", "variable", "secret"])
+def test_a_pasted_key_with_surrounding_whitespace_works(env, stack, source):
+    from tests.conftest import moto_secret
+
+    pasted = " \ttest-key\r\n"  # as `echo key > file` and a paste into a console store it
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        if source == "argument":
+            client = client_for(fake, key=pasted)
+        else:
+            point_settings_at(env, fake, key=pasted if source == "variable" else None)
+            if source == "secret":
+                env.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", stack.s3_endpoint_url)
+                env.setenv("POLYGON_API_KEY_SECRET_ARN", moto_secret(stack, pasted, "candlecast/polygon"))
+                get_settings.cache_clear()
+            client = polygon.get_client()
+        rows = client.crypto_tickers()
+    assert [row["ticker"] for row in rows] == ["X:C000USD", "X:C001USD"] and not fake.bad_auth
+
+
+@pytest.mark.parametrize("key", ["sk_live_SECRET\nX-Injected: 1", "sk_live_SECRET\x00", "sk_live_\x7fSECRET",
+                                 "sk_live_\u2028SECRET"])
+def test_a_key_with_control_characters_is_refused_without_being_named(key):
+    with FakePolygon() as fake, pytest.raises(PolygonAuthError, match="POLYGON_API_KEY") as raised:
+        client_for(fake, key=key).crypto_tickers()
+    assert "SECRET" not in str(raised.value) and not fake.requests
+    assert raised.value.status == 503
+
+
 # --- symbols ------------------------------------------------------------------------------------
 
 

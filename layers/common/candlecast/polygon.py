@@ -93,8 +93,13 @@ class PolygonClient:
         max_rps: float | None = None,
         pool_size: int = 16,
     ):
+        api_key = api_key.strip()  # a pasted or `echo`ed key ends in a newline
         if not api_key:
             raise PolygonAuthError("no Polygon API key is configured (set POLYGON_API_KEY)")
+        if not all(" " <= char <= "~" for char in api_key):
+            # Never the key itself: http.client's own error for it quotes the whole header.
+            raise PolygonAuthError("the Polygon API key contains a control or non-ASCII character; set "
+                                   "POLYGON_API_KEY (or its secret) to the key alone")
         import urllib3  # ~50 ms: only code that really talks to Polygon pays for it
         parts = urlsplit(base_url.rstrip("/"))
         self.origin = f"{parts.scheme}://{parts.netloc}"
