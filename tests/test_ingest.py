@@ -296,6 +296,37 @@ def test_ingest_builds_every_timeframe_then_fetches_only_new_bars(env):
     assert starts == {NOW - NOW % HOUR}
 
 
+BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - 2 * HOUR) * 1000, "n": 7}
+
+
+@pytest.mark.parametrize("bad", [{"v": None}, {"v": "2.5"}, {"c": True}, {"h": [1]}, {"t": None}, {"t": 1.7e12},
+                                 {"t": "2026-11-20"}, "no v", "no t", "no o", "not an object"])
+def test_a_malformed_bar_is_a_bad_response(bad):
+    if bad == "not an object":
+        second = ["t", 1]
+    elif isinstance(bad, str):
+        second = {key: value for key, value in BAR.items() if key != bad.removeprefix("no ")}
+    else:
+        second = BAR | bad
+    with pytest.raises(PolygonBadResponse, match="bar 2 of 2") as raised:
+        ingest.bars_to_candles([BAR, second], HOUR, NOW)
+    assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
+    assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)) == 2
+
+
+def test_bars_without_volume_on_the_api_path_are_a_remembered_503(env):
+    market = make_market(1, now=NOW, history_days=30)
+    real_bars = market.bars
+    market.bars = lambda *args: [{k: v for k, v in bar.items() if k != "v"} for bar in real_bars(*args)]
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable) as raised:
+                ingest.fetch_recent_candles("X:C000USD", "4h", 10, now=NOW)
+            assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1  # remembered: the second call asked no one
+
+
 def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
     market = make_market(1, now=NOW, history_days=200)
     market.bars_per_page = 24

@@ -41,6 +41,7 @@ BATCH_DB_SECONDS = 60  # the symbol refresh upserts thousands of rows in one tra
 SOURCE_OF: dict[str, Timeframe] = {"1h": "1h", "4h": "1h", "1d": "1d", "1w": "1d", "1m": "1d"}
 POLYGON_SPAN = {"1h": (1, "hour"), "1d": (1, "day")}
 DEFAULT_HISTORY_DAYS = {"1h": 730, "1d": 3650}
+BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
 @dataclass
@@ -143,6 +144,18 @@ def top_tickers(limit: int) -> list[str]:
 # --- candles ------------------------------------------------------------------------------------
 
 
+def check_bars(bars: Sequence[dict]) -> None:
+    """PolygonBadResponse (a 503, remembered on the API path like any upstream failure) for a bar that is not
+    an object or lacks one of BAR_FIELDS as a number (`t` an integer): a file is never built from a guess."""
+    for number, bar in enumerate(bars, 1):
+        if not isinstance(bar, dict):
+            raise PolygonBadResponse(f"Polygon sent a bar that is not an object (bar {number} of {len(bars)})")
+        for key, kinds in BAR_FIELDS.items():
+            if type(bar.get(key)) not in kinds:  # bool is an int subclass: never a price
+                what = "an integer" if kinds == (int,) else "a number"
+                raise PolygonBadResponse(f"Polygon sent a bar whose {key} is not {what} (bar {number} of {len(bars)})")
+
+
 def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> "Candles":
     """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`."""
     import numpy as np
@@ -150,6 +163,7 @@ def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> "Candles":
     from candlecast.candles import Candles
     from candlecast.storage import normalize_candles
 
+    check_bars(bars)
     times = np.fromiter((bar["t"] // 1000 for bar in bars), dtype=np.int64, count=len(bars))
     if step == 86400:
         times -= times % step  # older daily bars were stamped 04:00Z (US/Eastern midnight): label by UTC day
