@@ -290,10 +290,43 @@ def test_ingest_builds_every_timeframe_then_fetches_only_new_bars(env):
     assert second.errors == [] and second.candles_added > 0
     for ticker in top:
         assert_complete(ticker, market)
-    # Only bars after the stored ones were asked for: the 1h request starts right after the last stored hour.
+    # Only bars after the stored ones and the trailing window were asked for.
     hour_requests = [r for r in fake.requests if "/range/1/hour/" in r]
     starts = {int(r.split("/range/1/hour/")[1].split("/")[0]) // 1000 for r in hour_requests}
-    assert starts == {NOW - NOW % HOUR}
+    assert starts == {NOW - NOW % HOUR - ingest.REFETCH_DAYS * DAY}
+
+
+def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    real_bars = market.bars
+    last_hour = NOW - NOW % HOUR - HOUR
+    hole = set(range(last_hour - 30 * HOUR, last_hour - 20 * HOUR, HOUR))  # an outage, backfilled later
+    market.bars = lambda tk, step, a, b: [bar for bar in real_bars(tk, step, a, b) if bar["t"] // 1000 not in hole]
+    with FakePolygon(market) as fake:
+        ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+        first = {tf: storage.read_all_candles(ticker, tf) for tf in ("1h", "4h")}
+        assert not hole & set(first["1h"].open_time.tolist())
+
+        # Polygon fills the hole, and (as a test of what is left alone) now sends other prices for every bar.
+        market.bars = lambda *args: [bar | {"c": bar["c"] * 2} for bar in real_bars(*args)]
+        market.now = NOW + 2 * DAY
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=market.now,
+                                    history_days=HISTORY)
+    assert summary.errors == []
+    hourly = storage.read_all_candles(ticker, "1h")
+    assert hole <= set(hourly.open_time.tolist())
+    assert np.all(np.diff(hourly.open_time) == HOUR)
+    window = last_hour + HOUR - ingest.REFETCH_DAYS * DAY
+    old = first["1h"].open_time < window
+    assert hourly.open_time[: old.sum()].tolist() == first["1h"].open_time[old].tolist()
+    assert hourly.close[: old.sum()].tolist() == first["1h"].close[old].tolist()  # outside the window: untouched
+    symbol = market.by_ticker()[ticker]
+    assert hourly.close[old.sum():].tolist() == [real_bars(ticker, HOUR, int(t), int(t))[0]["c"] * 2
+                                                 for t in hourly.open_time[old.sum():]]
+    four = storage.read_all_candles(ticker, "4h")
+    assert four.open_time.tolist() == resample(hourly, "1h", "4h").open_time.tolist()  # no partial 4h candles
+    assert np.allclose(four.volume[four.open_time >= window], symbol.daily_volume * 4 / 24)
 
 
 BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - 2 * HOUR) * 1000, "n": 7}

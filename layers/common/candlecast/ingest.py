@@ -3,9 +3,10 @@
 - Symbols: every active crypto reference ticker is upserted with volume_24h (quote currency, v * vw
   from the grouped daily bars) and volume_rank (1 = largest); tickers that disappear are marked inactive.
 - Candles: 1h and 1d bars from Polygon; 4h, 1w and 1m resampled from them with the sample data's
-  resampler (candlecast.forecast.dataset.resample). Later runs fetch only bars after the last stored
-  one; each file is merged (dedup by open_time) and replaced by one PUT, so a failed or killed run
-  leaves every file either as it was or complete.
+  resampler (candlecast.forecast.dataset.resample). Later runs fetch the bars after the last stored
+  one and again the REFETCH_DAYS before it (bars Polygon fills in or corrects later replace the stored
+  ones; older candles are left as they are); each file is merged (dedup by open_time) and replaced by
+  one PUT, so a failed or killed run leaves every file either as it was or complete.
 - Any symbol: fetch_recent_candles() serves predictions for symbols without a Parquet file.
 
 numpy is imported lazily: `candlecast --help` and the CLI registration stay light.
@@ -41,6 +42,9 @@ BATCH_DB_SECONDS = 60  # the symbol refresh upserts thousands of rows in one tra
 SOURCE_OF: dict[str, Timeframe] = {"1h": "1h", "4h": "1h", "1d": "1d", "1w": "1d", "1m": "1d"}
 POLYGON_SPAN = {"1h": (1, "hour"), "1d": (1, "day")}
 DEFAULT_HISTORY_DAYS = {"1h": 730, "1d": 3650}
+# Each run asks again for the source bars of the last week before the last stored one: Polygon backfills
+# an outage's bars days later (polygon-io/issues#186), and the refresh runs weekly.
+REFETCH_DAYS = 7
 BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
@@ -209,7 +213,7 @@ def ingest_symbol(
         step = nominal_seconds(source)
         existing = storage.read_all_candles(ticker, source)
         if existing is not None and len(existing):
-            start = int(existing.open_time[-1]) + step
+            start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
         else:
             start = now - history_days[source] * 86400
             start -= start % step
@@ -221,7 +225,7 @@ def ingest_symbol(
         else:
             merged = storage.merge_candles(existing, new)
         before = 0 if existing is None else len(existing)
-        if len(merged) > before:
+        if existing is None or not _same(existing, merged):  # new bars, or re-fetched ones that changed
             storage.write_candles(ticker, source, merged)
             files += 1
             added += len(merged) - before
