@@ -21,6 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "polygon"
 REAL_HOST = "https://api.polygon.io"
 HOUR, DAY = 3600, 86400
+# Polygon's 403 for a good key whose plan does not cover the request (its 401 is for an unknown key).
+NOT_ENTITLED_BODY = (b'{"status":"NOT_AUTHORIZED","request_id":"fake","message":"You are not entitled to this data. '
+                     b'Please upgrade your plan at https://polygon.io/pricing"}')
 
 
 def load_fixture(name: str) -> dict:
@@ -94,6 +97,9 @@ class FakePolygon:
         self.requests: list[str] = []
         self.bad_auth: list[str] = []
         self.delay = 0.0  # seconds before each answer, to slow a run down
+        # Aggregates whose path contains one of these answer a next_url back to the page just sent, as Polygon
+        # has done (polygon-io/issues#289): a client that follows it blindly never stops.
+        self.looping: list[str] = []
         self._hold: tuple[str, int] | None = None  # (path fragment, requests let through before holding)
         self._released = threading.Event()
         # Echo what each request sent (headers, the key among them) in every answer, as a hostile or
@@ -122,6 +128,11 @@ class FakePolygon:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def not_entitled(self, match: str, times: int = 1000) -> Fault:
+        """Requests whose path contains `match` get the 403 Polygon answers when the key is good but its plan
+        does not cover the data (a ticker, a timeframe or a range the plan excludes)."""
+        return self.add_fault(match, status=403, times=times, body=NOT_ENTITLED_BODY)
 
     def serve_file(self, path_and_query: str, fixture: str, status: int = 200) -> None:
         """Answer exactly this path (and query, if given) with a real response file, byte for byte."""
@@ -229,6 +240,8 @@ class FakePolygon:
             envelope.pop("results")
         if offset + size < len(bars):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
+        if any(match in path for match in self.looping):
+            envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset}"
         return envelope
 
     def _handler(self):

@@ -10,9 +10,9 @@ import pytest
 from candlecast import cache, ingest, polygon, storage
 from candlecast.candles import COLUMNS, Candles
 from candlecast.config import get_settings
-from candlecast.errors import NotFound
+from candlecast.errors import NotFound, ServiceUnavailable
 from candlecast.forecast.dataset import resample
-from candlecast.polygon import PolygonAuthError, PolygonClient, PolygonError
+from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonError
 from tests.conftest import empty_bucket
 from tests.fake_polygon import DAY, HOUR, FakeMarket, FakePolygon, FakeSymbol, load_fixture, make_market
 
@@ -78,6 +78,51 @@ def test_aggregates_follow_next_url_over_several_pages():
     assert np.all(np.diff(times) == HOUR)
 
 
+def test_a_next_url_pointing_back_at_its_page_stops_at_the_repeat():
+    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+        fake.looping.append("/v2/aggs/ticker/X:C000USD/")
+        started = time.monotonic()
+        with pytest.raises(PolygonBadResponse, match=r"next_url on \S+ repeats an earlier page"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+        assert time.monotonic() - started < 1
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the first page, then cursor=0 pointing at cursor=0
+
+
+def test_pagination_stops_at_the_page_cap(monkeypatch):
+    assert polygon.MAX_PAGES >= 100  # generous: two years of hours are about 20 pages
+    monkeypatch.setattr(polygon, "MAX_PAGES", 4)
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 10
+    with FakePolygon(market) as fake, pytest.raises(PolygonBadResponse, match="more than 4 pages"):
+        client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 4
+
+
+def test_one_time_budget_covers_every_page():
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 10
+    with FakePolygon(market) as fake:
+        fake.delay = 0.15  # each page well inside the budget; all 25 of them not
+        client = client_for(fake, time_budget=1.0)
+        started = time.monotonic()
+        with pytest.raises(PolygonError, match="took more than 1s") as raised:
+            client.aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+        assert time.monotonic() - started < 1.5 and raised.value.status == 503
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") < 10
+
+
+def test_a_looping_next_url_on_the_api_path_is_a_remembered_503(env):
+    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+        point_settings_at(env, fake)
+        fake.looping.append("/v2/aggs/ticker/X:C000USD/")
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable) as raised:
+                ingest.fetch_recent_candles("X:C000USD", "1h", 10, now=NOW)
+            assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
+            assert "could not be fetched from Polygon" in raised.value.message
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the second call was answered from the cache
+
+
 def test_429_and_5xx_and_dropped_connections_are_retried():
     with FakePolygon(make_market(1, now=NOW)) as fake:
         fake.add_fault("/v2/aggs/grouped", status=429, times=1)
@@ -119,6 +164,34 @@ def test_404_is_not_found_and_not_retried():
 def test_a_missing_key_is_refused_before_any_request():
     with pytest.raises(PolygonAuthError, match="POLYGON_API_KEY"):
         PolygonClient("", "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("source", ["argument", "variable", "secret"])
+def test_a_pasted_key_with_surrounding_whitespace_works(env, stack, source):
+    from tests.conftest import moto_secret
+
+    pasted = " \ttest-key\r\n"  # as `echo key > file` and a paste into a console store it
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        if source == "argument":
+            client = client_for(fake, key=pasted)
+        else:
+            point_settings_at(env, fake, key=pasted if source == "variable" else None)
+            if source == "secret":
+                env.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", stack.s3_endpoint_url)
+                env.setenv("POLYGON_API_KEY_SECRET_ARN", moto_secret(stack, pasted, "candlecast/polygon"))
+                get_settings.cache_clear()
+            client = polygon.get_client()
+        rows = client.crypto_tickers()
+    assert [row["ticker"] for row in rows] == ["X:C000USD", "X:C001USD"] and not fake.bad_auth
+
+
+@pytest.mark.parametrize("key", ["sk_live_SECRET\nX-Injected: 1", "sk_live_SECRET\x00", "sk_live_\x7fSECRET",
+                                 "sk_live_\u2028SECRET"])
+def test_a_key_with_control_characters_is_refused_without_being_named(key):
+    with FakePolygon() as fake, pytest.raises(PolygonAuthError, match="POLYGON_API_KEY") as raised:
+        client_for(fake, key=key).crypto_tickers()
+    assert "SECRET" not in str(raised.value) and not fake.requests
+    assert raised.value.status == 503
 
 
 # --- symbols ------------------------------------------------------------------------------------
@@ -233,10 +306,74 @@ def test_ingest_builds_every_timeframe_then_fetches_only_new_bars(env):
     assert second.errors == [] and second.candles_added > 0
     for ticker in top:
         assert_complete(ticker, market)
-    # Only bars after the stored ones were asked for: the 1h request starts right after the last stored hour.
+    # Only bars after the stored ones and the trailing window were asked for.
     hour_requests = [r for r in fake.requests if "/range/1/hour/" in r]
     starts = {int(r.split("/range/1/hour/")[1].split("/")[0]) // 1000 for r in hour_requests}
-    assert starts == {NOW - NOW % HOUR}
+    assert starts == {NOW - NOW % HOUR - ingest.REFETCH_DAYS * DAY}
+
+
+def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    real_bars = market.bars
+    last_hour = NOW - NOW % HOUR - HOUR
+    hole = set(range(last_hour - 30 * HOUR, last_hour - 20 * HOUR, HOUR))  # an outage, backfilled later
+    market.bars = lambda tk, step, a, b: [bar for bar in real_bars(tk, step, a, b) if bar["t"] // 1000 not in hole]
+    with FakePolygon(market) as fake:
+        ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+        first = {tf: storage.read_all_candles(ticker, tf) for tf in ("1h", "4h")}
+        assert not hole & set(first["1h"].open_time.tolist())
+
+        # Polygon fills the hole, and (as a test of what is left alone) now sends other prices for every bar.
+        market.bars = lambda *args: [bar | {"c": bar["c"] * 2} for bar in real_bars(*args)]
+        market.now = NOW + 2 * DAY
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=market.now,
+                                    history_days=HISTORY)
+    assert summary.errors == []
+    hourly = storage.read_all_candles(ticker, "1h")
+    assert hole <= set(hourly.open_time.tolist())
+    assert np.all(np.diff(hourly.open_time) == HOUR)
+    window = last_hour + HOUR - ingest.REFETCH_DAYS * DAY
+    old = first["1h"].open_time < window
+    assert hourly.open_time[: old.sum()].tolist() == first["1h"].open_time[old].tolist()
+    assert hourly.close[: old.sum()].tolist() == first["1h"].close[old].tolist()  # outside the window: untouched
+    symbol = market.by_ticker()[ticker]
+    assert hourly.close[old.sum():].tolist() == [real_bars(ticker, HOUR, int(t), int(t))[0]["c"] * 2
+                                                 for t in hourly.open_time[old.sum():]]
+    four = storage.read_all_candles(ticker, "4h")
+    assert four.open_time.tolist() == resample(hourly, "1h", "4h").open_time.tolist()  # no partial 4h candles
+    assert np.allclose(four.volume[four.open_time >= window], symbol.daily_volume * 4 / 24)
+
+
+BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - 2 * HOUR) * 1000, "n": 7}
+
+
+@pytest.mark.parametrize("bad", [{"v": None}, {"v": "2.5"}, {"c": True}, {"h": [1]}, {"t": None}, {"t": 1.7e12},
+                                 {"t": "2026-11-20"}, "no v", "no t", "no o", "not an object"])
+def test_a_malformed_bar_is_a_bad_response(bad):
+    if bad == "not an object":
+        second = ["t", 1]
+    elif isinstance(bad, str):
+        second = {key: value for key, value in BAR.items() if key != bad.removeprefix("no ")}
+    else:
+        second = BAR | bad
+    with pytest.raises(PolygonBadResponse, match="bar 2 of 2") as raised:
+        ingest.bars_to_candles([BAR, second], HOUR, NOW)
+    assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
+    assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)) == 2
+
+
+def test_bars_without_volume_on_the_api_path_are_a_remembered_503(env):
+    market = make_market(1, now=NOW, history_days=30)
+    real_bars = market.bars
+    market.bars = lambda *args: [{k: v for k, v in bar.items() if k != "v"} for bar in real_bars(*args)]
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable) as raised:
+                ingest.fetch_recent_candles("X:C000USD", "4h", 10, now=NOW)
+            assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1  # remembered: the second call asked no one
 
 
 def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
@@ -337,6 +474,43 @@ def test_deadline_reports_what_is_left(env):
 def test_a_bad_key_stops_the_run_with_a_clear_error(env):
     with FakePolygon(make_market(2, now=NOW)) as fake, pytest.raises(PolygonAuthError, match="HTTP 401"):
         ingest.run_ingest(client_for(fake, key="nope"), symbols=2, now=NOW)
+
+
+@pytest.mark.parametrize("refused", ["X:C000USD", "X:C001USD"])  # before any request succeeded, and after
+def test_one_symbols_403_fails_that_symbol_and_the_run_goes_on(env, refused):
+    market = make_market(3, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.not_entitled(f"/v2/aggs/ticker/{refused}/")
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=1)
+    assert summary.failed == [refused] and summary.symbols_done == 2 and summary.remaining == []
+    assert len(summary.errors) == 1 and summary.errors[0].startswith(f"{refused}: ") and "HTTP 403" in summary.errors[0]
+    assert "entitled" not in summary.errors[0] and "pricing" not in summary.errors[0]  # never Polygon's text
+    assert storage.read_all_candles(refused, "1h") is None
+    for ticker in set(tickers) - {refused}:
+        assert_complete(ticker, market)
+    assert fake.count("/v3/reference/tickers") <= 1  # at most one request to tell the key from the plan
+
+
+def test_a_403_on_every_request_stops_the_run_as_a_refused_key(env):
+    market = make_market(6, now=NOW, history_days=200)
+    with FakePolygon(market) as fake:
+        fake.not_entitled("/")
+        with pytest.raises(PolygonAuthError, match="HTTP 403") as raised:
+            ingest.run_ingest(client_for(fake), tickers=[s.ticker for s in market.symbols], refresh=False, now=NOW,
+                              history_days=HISTORY, concurrency=1)
+    assert "entitled" not in str(raised.value)
+    # The first symbol's refusal, then the key's: no other symbol is asked for.
+    assert fake.count("/v2/aggs/ticker/") == 1 and fake.count("/v3/reference/tickers") == 1
+
+
+def test_a_403_on_the_ticker_listing_stops_the_run(env):
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        fake.not_entitled("/v3/reference/tickers")
+        with pytest.raises(PolygonAuthError, match="HTTP 403"):
+            ingest.run_ingest(client_for(fake), symbols=2, now=NOW, history_days=HISTORY)
+    assert fake.count("/v2/aggs/ticker/") == 0
 
 
 def test_cli_prints_a_summary(env, capsys):

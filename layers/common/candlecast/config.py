@@ -246,8 +246,12 @@ def _explicitly_local(settings: Settings) -> bool:
 
 
 def polygon_api_key(settings: Settings) -> str | None:
+    """The key without surrounding whitespace (a secret stored with `echo` or pasted ends in a newline);
+    PolygonClient refuses one that still holds a control character."""
     if settings.polygon_api_key is not None:
-        return settings.polygon_api_key.get_secret_value()
-    if settings.polygon_api_key_secret_arn:
-        return _secret(settings.polygon_api_key_secret_arn)
-    return None
+        key = settings.polygon_api_key.get_secret_value()
+    elif settings.polygon_api_key_secret_arn:
+        key = _secret(settings.polygon_api_key_secret_arn)
+    else:
+        return None
+    return key.strip() or None

@@ -1,12 +1,13 @@
-"""Polygon ingestion: the symbol universe ranked by 24 h quote volume, and candles for the top N in S3.
+"""Polygon ingestion: the symbol universe ranked by 24 h traded value in USD, and candles for the top N in S3.
 
 - Symbols: every active crypto reference ticker is upserted with volume_24h (USD: v * vw from the grouped
   daily bars, at the day's rate of the quote currency) and volume_rank (1 = largest); tickers that disappear
   are marked inactive.
 - Candles: 1h and 1d bars from Polygon; 4h, 1w and 1m resampled from them with the sample data's
-  resampler (candlecast.forecast.dataset.resample). Later runs fetch only bars after the last stored
-  one; each file is merged (dedup by open_time) and replaced by one PUT, so a failed or killed run
-  leaves every file either as it was or complete.
+  resampler (candlecast.forecast.dataset.resample). Later runs fetch the bars after the last stored
+  one and again the REFETCH_DAYS before it (bars Polygon fills in or corrects later replace the stored
+  ones; older candles are left as they are); each file is merged (dedup by open_time) and replaced by
+  one PUT, so a failed or killed run leaves every file either as it was or complete.
 - Any symbol: fetch_recent_candles() serves predictions for symbols without a Parquet file, and
   caught_up_candles() adds to a stored file's candles those that closed since the last refresh.
 
@@ -27,7 +28,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache
 from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
-from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient
+from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonNotEntitled
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ BATCH_DB_SECONDS = 60  # the symbol refresh upserts thousands of rows in one tra
 SOURCE_OF: dict[str, Timeframe] = {"1h": "1h", "4h": "1h", "1d": "1d", "1w": "1d", "1m": "1d"}
 POLYGON_SPAN = {"1h": (1, "hour"), "1d": (1, "day")}
 DEFAULT_HISTORY_DAYS = {"1h": 730, "1d": 3650}
+# Each run asks again for the source bars of the last week before the last stored one: Polygon backfills
+# an outage's bars days later (polygon-io/issues#186), and the refresh runs weekly.
+REFETCH_DAYS = 7
+BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
 @dataclass
@@ -168,6 +173,18 @@ def top_tickers(limit: int) -> list[str]:
 # --- candles ------------------------------------------------------------------------------------
 
 
+def check_bars(bars: Sequence[dict]) -> None:
+    """PolygonBadResponse (a 503, remembered on the API path like any upstream failure) for a bar that is not
+    an object or lacks one of BAR_FIELDS as a number (`t` an integer): a file is never built from a guess."""
+    for number, bar in enumerate(bars, 1):
+        if not isinstance(bar, dict):
+            raise PolygonBadResponse(f"Polygon sent a bar that is not an object (bar {number} of {len(bars)})")
+        for key, kinds in BAR_FIELDS.items():
+            if type(bar.get(key)) not in kinds:  # bool is an int subclass: never a price
+                what = "an integer" if kinds == (int,) else "a number"
+                raise PolygonBadResponse(f"Polygon sent a bar whose {key} is not {what} (bar {number} of {len(bars)})")
+
+
 def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> "Candles":
     """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`."""
     import numpy as np
@@ -175,6 +192,7 @@ def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> "Candles":
     from candlecast.candles import Candles
     from candlecast.storage import normalize_candles
 
+    check_bars(bars)
     times = np.fromiter((bar["t"] // 1000 for bar in bars), dtype=np.int64, count=len(bars))
     if step == 86400:
         times -= times % step  # older daily bars were stamped 04:00Z (US/Eastern midnight): label by UTC day
@@ -220,7 +238,7 @@ def ingest_symbol(
         step = nominal_seconds(source)
         existing = storage.read_all_candles(ticker, source)
         if existing is not None and len(existing):
-            start = int(existing.open_time[-1]) + step
+            start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
         else:
             start = now - history_days[source] * 86400
             start -= start % step
@@ -232,7 +250,7 @@ def ingest_symbol(
         else:
             merged = storage.merge_candles(existing, new)
         before = 0 if existing is None else len(existing)
-        if len(merged) > before:
+        if existing is None or not _same(existing, merged):  # new bars, or re-fetched ones that changed
             storage.write_candles(ticker, source, merged)
             files += 1
             added += len(merged) - before
@@ -287,7 +305,9 @@ def run_ingest(
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
     `symbols` by volume. Stops starting new symbols at `deadline` (time.monotonic()) and lists them
     in `remaining`. Errors are per symbol (listed in `failed`): one bad symbol never stops the run;
-    only an authentication error, which every symbol would hit, does."""
+    only an authentication error, which every symbol would hit, does: a 401, or a 403 on the symbol
+    listing. A 403 on one symbol's bars (its plan does not cover them) fails that symbol, once the key
+    is known to work (PolygonClient.confirm_key)."""
     started = time.monotonic()
     summary = IngestSummary()
     requests_before = client.requests_made
@@ -302,9 +322,20 @@ def run_ingest(
     def work(ticker: str) -> tuple[str, int, int] | None:
         if deadline is not None and time.monotonic() >= deadline:
             return None
-        files, added = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
+        try:
+            files, added = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
+        except PolygonNotEntitled:
+            # PolygonAuthError when the key itself is refused. Here, not in the loop below: the other workers
+            # wait for the answer instead of asking for symbols the key cannot get.
+            client.confirm_key()
+            raise
         record_candle_timeframes(ticker)
         return ticker, files, added
+
+    def failed(ticker: str, error: Exception) -> None:
+        summary.errors.append(f"{ticker}: {error}")
+        logger.warning("ingest failed for symbol", extra={"ticker": ticker, "error": str(error)})
+        summary.failed.append(ticker)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
         futures = {pool.submit(work, ticker): ticker for ticker in todo}
@@ -313,12 +344,12 @@ def run_ingest(
                 ticker = futures[future]
                 try:
                     result = future.result()
+                except PolygonNotEntitled as error:  # the plan does not cover this symbol's bars
+                    failed(ticker, error)
                 except PolygonAuthError:
                     raise  # every symbol would fail the same way
                 except Exception as error:  # one bad symbol never stops the others
-                    summary.errors.append(f"{ticker}: {error}")
-                    logger.warning("ingest failed for symbol", extra={"ticker": ticker, "error": str(error)})
-                    summary.failed.append(ticker)
+                    failed(ticker, error)
                 else:
                     if result is None:
                         summary.remaining.append(ticker)

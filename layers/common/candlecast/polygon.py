@@ -1,5 +1,8 @@
 """A small Polygon.io (Massive) REST client: bearer auth, next_url pagination, retries within a time budget.
 
+One time budget covers a whole list, every page and retry of it: a next_url that points back at a page
+already read (Polygon has sent one: polygon-io/issues#289), or more than MAX_PAGES pages, is a bad response.
+
 Why not the official `massive` package: it decodes a malformed body as an empty result (a silent data
 gap), retries without a total time budget, and reports 401/403 as a generic BadResponse. This client
 needs only urllib3 and raises a distinct error for each of those cases.
@@ -17,12 +20,14 @@ from urllib.parse import urlencode, urlsplit
 from aws_lambda_powertools import Logger
 
 from candlecast import strictjson
-from candlecast.errors import NotFound, ServiceUnavailable
+from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
 
 logger = Logger(child=True)
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Far more pages than any list we ask for has: two years of hourly bars are about 20, the crypto tickers a few.
+MAX_PAGES = 1000
 
 
 class PolygonError(ServiceUnavailable):
@@ -33,6 +38,13 @@ class PolygonAuthError(PolygonError):
     """401/403: the key is missing, wrong, or its plan does not cover the request."""
 
     code = "polygon_auth"
+
+
+class PolygonNotEntitled(PolygonAuthError):
+    """403 on one request: the plan does not cover that ticker, timeframe or range, or the key is refused
+    everywhere; PolygonClient.confirm_key tells which."""
+
+    code = "polygon_not_entitled"
 
 
 class PolygonBadResponse(PolygonError):
@@ -81,8 +93,13 @@ class PolygonClient:
         max_rps: float | None = None,
         pool_size: int = 16,
     ):
+        api_key = api_key.strip()  # a pasted or `echo`ed key ends in a newline
         if not api_key:
             raise PolygonAuthError("no Polygon API key is configured (set POLYGON_API_KEY)")
+        if not all(" " <= char <= "~" for char in api_key):
+            # Never the key itself: http.client's own error for it quotes the whole header.
+            raise PolygonAuthError("the Polygon API key contains a control or non-ASCII character; set "
+                                   "POLYGON_API_KEY (or its secret) to the key alone")
         import urllib3  # ~50 ms: only code that really talks to Polygon pays for it
         parts = urlsplit(base_url.rstrip("/"))
         self.origin = f"{parts.scheme}://{parts.netloc}"
@@ -92,6 +109,9 @@ class PolygonClient:
         self.max_backoff = max_backoff
         self.limiter = RateLimiter(max_rps)
         self.requests_made = 0
+        self.key_accepted = False  # a request has succeeded with the key
+        self._key_refused = ""  # confirm_key's finding (its message): every request would fail
+        self._confirm_lock = threading.Lock()
         self._http = urllib3.PoolManager(
             maxsize=pool_size,
             block=True,
@@ -115,9 +135,9 @@ class PolygonClient:
             url += ("&" if parts.query else "?") + urlencode(params)
         return url
 
-    def get_json(self, path_or_url: str, params: dict | None = None) -> dict:
+    def get_json(self, path_or_url: str, params: dict | None = None, *, deadline: float | None = None) -> dict:
         """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
-        (honouring Retry-After) until max_attempts or the time budget runs out."""
+        (honouring Retry-After) until max_attempts, the time budget or `deadline` (time.monotonic()) runs out."""
         from urllib3.exceptions import HTTPError
 
         url = self._url(path_or_url, params)
@@ -125,6 +145,8 @@ class PolygonClient:
         started = time.monotonic()
         problem = ""
         for attempt in range(1, self.max_attempts + 1):
+            if self._key_refused:
+                raise PolygonAuthError(self._key_refused)
             self.limiter.wait()
             self.requests_made += 1
             try:
@@ -134,9 +156,15 @@ class PolygonClient:
             else:
                 status = response.status
                 if status == 200:
+                    self.key_accepted = True
                     return _decode(response.data, where)
                 # Polygon's own text is never passed on: it can echo what it was sent, the key included.
-                if status in (401, 403):
+                if status == 403:
+                    raise PolygonNotEntitled(
+                        f"Polygon answered HTTP 403 on {where}: the plan does not cover this request "
+                        "(or the key is refused)"
+                    )
+                if status == 401:
                     raise PolygonAuthError(
                         f"Polygon refused the API key with HTTP {status} on {where} "
                         "(check POLYGON_API_KEY and the plan's entitlements)"
@@ -150,7 +178,8 @@ class PolygonClient:
             if retry_after and retry_after.isdigit():
                 delay = max(delay, float(retry_after))
             elapsed = time.monotonic() - started
-            if attempt == self.max_attempts or elapsed + delay > self.time_budget:
+            if (attempt == self.max_attempts or elapsed + delay > self.time_budget
+                    or (deadline is not None and started + elapsed + delay > deadline)):
                 break
             logger.info("polygon retry", extra={"path": where, "problem": problem, "attempt": attempt,
                                                 "delay_s": round(delay, 2)})
@@ -160,12 +189,49 @@ class PolygonClient:
             f"{time.monotonic() - started:.1f}s"
         )
 
+    def confirm_key(self) -> None:
+        """After a 403 on one request: raise PolygonAuthError if the key itself is refused (a 401 or 403 on
+        the crypto ticker listing, which every plan covers), so the caller stops instead of trying every
+        symbol; return if the key works. Asks Polygon at most once per client, and not at all once a request
+        has succeeded. A failure that proves nothing either way (a 5xx) returns."""
+        with self._confirm_lock:
+            if self.key_accepted:
+                return
+            if self._key_refused:
+                raise PolygonAuthError(self._key_refused)
+            try:
+                self.get_json("/v3/reference/tickers", {"market": "crypto", "active": "true", "limit": 1})
+            except PolygonAuthError as error:
+                status = 403 if isinstance(error, PolygonNotEntitled) else 401
+                self._key_refused = (f"Polygon refused the API key with HTTP {status} on /v3/reference/tickers "
+                                     "(check POLYGON_API_KEY and the plan's entitlements)")
+                raise PolygonAuthError(self._key_refused) from None
+            except CandlecastError as error:
+                logger.warning("could not confirm the Polygon key", extra={"code": error.code})
+
     def pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
-        """Every page of a list endpoint, following next_url (auth is re-added by the header)."""
-        page = self.get_json(path, params)
+        """Every page of a list endpoint, following next_url (auth is re-added by the header), all within
+        one time budget. PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages,
+        PolygonError when the budget runs out."""
+        deadline = time.monotonic() + self.time_budget
+        where = urlsplit(path).path
+        seen = {self._url(path, params)}
+        page = self.get_json(path, params, deadline=deadline)
         yield page
-        while page.get("next_url"):
-            page = self.get_json(page["next_url"])
+        while next_url := page.get("next_url"):
+            if not isinstance(next_url, str):
+                raise PolygonBadResponse(f"Polygon sent a next_url that is not a string on {where}")
+            url = self._url(next_url, None)
+            if url in seen:
+                raise PolygonBadResponse(f"Polygon's next_url on {where} repeats an earlier page "
+                                         f"(after {len(seen)} pages)")
+            if len(seen) >= MAX_PAGES:
+                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages on {where}")
+            if time.monotonic() >= deadline:
+                raise PolygonError(f"Polygon's pages on {where} took more than {self.time_budget:g}s "
+                                   f"({len(seen)} pages)")
+            seen.add(url)
+            page = self.get_json(url, deadline=deadline)
             yield page
 
     # --- endpoints ------------------------------------------------------------------------------

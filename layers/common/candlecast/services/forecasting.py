@@ -80,7 +80,7 @@ def prepare() -> None:
     succeeds with every dependency down."""
     import joblib  # noqa: F401 - load_model's; it imports loky and multiprocessing
 
-    import candlecast.forecast.model  # noqa: F401
+    import candlecast.forecast.model
     import candlecast.ingest  # noqa: F401
 
     storage.prepare_reads()
