@@ -70,10 +70,14 @@ class IngestSummary:
 # --- symbols ------------------------------------------------------------------------------------
 
 
+def bar_price(bar: dict) -> float:
+    """A grouped bar's price in its quote currency: the volume-weighted price, else the close (0 for neither)."""
+    return float(bar.get("vw") or bar.get("c") or 0.0)
+
+
 def quote_volume(bar: dict) -> float:
     """A bar's traded value in the quote currency: base volume times the volume-weighted price."""
-    price = bar.get("vw") or bar.get("c") or 0.0
-    return float(bar.get("v") or 0.0) * float(price)
+    return float(bar.get("v") or 0.0) * bar_price(bar)
 
 
 def usd_rates(grouped_rows: Sequence[dict]) -> dict[str, float]:
@@ -83,7 +87,7 @@ def usd_rates(grouped_rows: Sequence[dict]) -> dict[str, float]:
 
     prices: dict[tuple[str, str], tuple[float, float]] = {}  # (base, quote) -> (price, base volume)
     for row in grouped_rows:
-        price = float(row.get("vw") or row.get("c") or 0.0)
+        price = bar_price(row)
         if row.get("T") and price > 0:
             prices[split_pair(row["T"])] = (price, float(row.get("v") or 0.0))
     rates = {"USD": 1.0} | {base: price for (base, quote), (price, _) in prices.items() if quote == "USD"}

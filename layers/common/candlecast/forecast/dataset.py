@@ -295,4 +295,3 @@ def unused_files(directory: Path, timeframe: Timeframe, loaded: list, with_origi
             found.append({"file": str(series.path), "reason": f"{len(candles)} {timeframe} candles{cutoff}: an "
                           f"origin needs {min_history} before it and one after it"})
     return found
-
