@@ -222,16 +222,23 @@ def test_bucket_access_is_limited_to_the_prefixes_each_function_needs(resources)
         assert not granted(fns[name], "s3:ListBucket"), name
 
 
-def test_refresh_may_invoke_itself_and_score_and_score_only_itself(resources):
+def test_refresh_may_invoke_itself_and_score_and_score_only_itself(template, resources):
+    """A chained run invokes `context.invoked_function_arn`: its schedule's target, which SAM points at the
+    published alias. IAM matches a qualified ARN only by a qualified resource, so both forms are granted."""
     fns = functions(resources)
     refresh, score = fns["RefreshFunction"], fns["ScoreFunction"]
+    alias = template["Globals"]["Function"]["AutoPublishAlias"]
     own_arn = {name: fns[name]["FunctionName"]["Fn::Sub"] for name in ("RefreshFunction", "ScoreFunction")}
-    targets = [target["Fn::Sub"] for target in granted(refresh, "lambda:InvokeFunction")]
-    assert [target.rsplit(":function:", 1)[1] for target in targets] == [own_arn["RefreshFunction"],
-                                                                         own_arn["ScoreFunction"]]
+
+    def invocable(properties: dict) -> list[str]:
+        return [target["Fn::Sub"].rsplit(":function:", 1)[1] for target in granted(properties, "lambda:InvokeFunction")]
+
+    assert invocable(refresh) == [own_arn["RefreshFunction"], f"{own_arn['RefreshFunction']}:{alias}",
+                                  own_arn["ScoreFunction"]]
     assert refresh["Environment"]["Variables"]["SCORE_FUNCTION_NAME"] == score["FunctionName"]
-    (target,) = granted(score, "lambda:InvokeFunction")
-    assert target["Fn::Sub"].endswith(":function:" + own_arn["ScoreFunction"])
+    assert invocable(score) == [own_arn["ScoreFunction"], f"{own_arn['ScoreFunction']}:{alias}"]
+    for name in ("RefreshFunction", "ScoreFunction"):
+        assert [event["Type"] for event in fns[name]["Events"].values()] == ["Schedule"], name
     for name, properties in fns.items():
         if name not in ("RefreshFunction", "ScoreFunction"):
             assert not granted(properties, "lambda:InvokeFunction"), name
