@@ -115,7 +115,7 @@ def test_every_http_api_event_uses_the_one_api(resources):
                 assert event["Properties"]["ApiId"] == {"Ref": "HttpApi"}, name
 
 
-def test_migrate_has_no_api_event_and_runs_as_the_custom_resource(resources):
+def test_migrate_has_no_api_event_and_runs_as_the_custom_resource(template, resources):
     migrate = functions(resources)["MigrateFunction"]
     assert not migrate.get("Events")
     migration = resources["DbMigration"]
@@ -123,6 +123,9 @@ def test_migrate_has_no_api_event_and_runs_as_the_custom_resource(resources):
     assert migration["Properties"]["ServiceToken"] == {"Fn::GetAtt": ["MigrateFunction", "Arn"]}
     # CloudFormation gives up before the function's own timeout would leave it waiting an hour.
     assert migrate["Timeout"] < migration["Properties"]["ServiceTimeout"] <= 3600
+    # A deploy that points the functions at another database re-runs the custom resource there.
+    database = template["Globals"]["Function"]["Environment"]["Variables"]["DB_SECRET_ARN"]
+    assert migration["Properties"]["DbSecretArn"] == database == {"Ref": "DbSecretArn"}
 
 
 def test_new_code_goes_live_only_after_the_migrations(resources):
