@@ -93,6 +93,7 @@ def forget_the_hour(url: str, now: datetime) -> None:
     """Undo a measured run: the hour's scores and the sums they made (only that run wrote them)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM prediction_scores WHERE ts >= %s", (now,))
+        conn.execute("DELETE FROM live_outcomes WHERE ts >= %s", (now,))
         conn.execute(_NEXT_SQL, {"now": now, "all": False})
         conn.execute("DELETE FROM model_live_stats")
         conn.execute("UPDATE models SET accuracy = NULL")

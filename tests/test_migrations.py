@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 MIGRATIONS = sorted(path.name.removesuffix(".sql") for path in (ROOT / "migrations").glob("*.sql")
                     if not path.name.endswith(".rollback.sql"))
-TABLES = {"symbols", "models", "predictions", "prediction_steps", "prediction_scores", "model_live_stats"}
+TABLES = {"symbols", "models", "predictions", "prediction_steps", "prediction_scores", "model_live_stats",
+          "live_outcomes"}
 
 
 @pytest.fixture
@@ -77,17 +78,19 @@ def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(s
             insert_model(conn, kind, str(version))
         with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
             insert_model(conn, "ensemble", "9")
-    assert migrate.rollback(scratch_database, count=1) == ["0007_model_kinds"]
+    assert migrate.rollback(scratch_database, count=2) == ["0008_live_outcomes", "0007_model_kinds"]
     with psycopg.connect(scratch_database) as conn:
         kinds = [row[0] for row in conn.execute("SELECT kind FROM models ORDER BY version")]
         assert kinds == ["baseline", "learned", "baseline", "learned"]
         with pytest.raises(psycopg.errors.CheckViolation):
             insert_model(conn, "combined", "9")
-    assert migrate.apply(scratch_database) == ["0007_model_kinds"]
+    assert migrate.apply(scratch_database) == ["0007_model_kinds", "0008_live_outcomes"]
 
 
 def test_the_track_record_migrations_roll_back_alone(scratch_database):
     migrate.apply(scratch_database)
+    assert migrate.rollback(scratch_database, count=1) == ["0008_live_outcomes"]
+    assert tables(scratch_database) == TABLES - {"live_outcomes"}
     assert migrate.rollback(scratch_database, count=1) == ["0007_model_kinds"]
     assert migrate.rollback(scratch_database, count=1) == ["0006_score_due"]
     with psycopg.connect(scratch_database) as conn:
@@ -96,8 +99,9 @@ def test_the_track_record_migrations_roll_back_alone(scratch_database):
         assert columns and "score_next_at" not in columns
         assert conn.execute("SELECT to_regclass('predictions_score_due_idx')").fetchone()[0] is None
     assert migrate.rollback(scratch_database, count=1) == ["0005_prediction_scores"]
-    assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats"}
-    assert migrate.apply(scratch_database) == ["0005_prediction_scores", "0006_score_due", "0007_model_kinds"]
+    assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats", "live_outcomes"}
+    assert migrate.apply(scratch_database) == ["0005_prediction_scores", "0006_score_due", "0007_model_kinds",
+                                               "0008_live_outcomes"]
 
 
 def test_two_concurrent_runs_apply_once_without_error(scratch_database):
@@ -250,3 +254,37 @@ def test_cli_rollback_count_must_be_positive(scratch_database, count):
     assert result.returncode == 2
     assert "at least 1" in result.stderr
     assert tables(scratch_database) == TABLES
+
+
+def test_the_outcomes_counted_before_live_outcomes_stay_counted(scratch_database):
+    """0008 records the outcomes already folded into model_live_stats that a copy could still match (inside the
+    scoring window), so a copy scored after the deploy is not counted again."""
+    migrate.apply(scratch_database)
+    assert migrate.rollback(scratch_database, count=1) == ["0008_live_outcomes"]
+    with psycopg.connect(scratch_database) as conn:
+        insert_model(conn, "baseline", "1")
+        conn.execute("INSERT INTO symbols (ticker, name, base_currency, quote_currency) "
+                     "VALUES ('X:BTCUSD', 'Bitcoin', 'BTC', 'USD')")
+        for age_days in (1, 90):  # a recent origin, and one long out of the window
+            conn.execute("""
+                WITH p AS (
+                    INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close,
+                                             request_hash)
+                    SELECT s.id, s.ticker, '1h', m.id, now() - make_interval(days => %(age)s), 100, 'h'
+                    FROM symbols s, models m RETURNING id, model_id, last_candle_at
+                ), steps AS (
+                    INSERT INTO prediction_steps (prediction_id, step, ts, open, high, low, close, lower_80,
+                                                  upper_80, lower_95, upper_95, confidence)
+                    SELECT p.id, 1, p.last_candle_at + interval '1 hour', 100, 100, 100, 100, 99, 101, 98, 102, 0.5
+                    FROM p RETURNING prediction_id, step, ts
+                )
+                INSERT INTO prediction_scores (prediction_id, step, model_id, ts, realised_close, inside_80,
+                                               inside_95, confidence, event, pinball, baseline_pinball, in_sample)
+                SELECT steps.prediction_id, steps.step, p.model_id, steps.ts, 100, true, true, 0.5, true, 1, 1, false
+                FROM steps JOIN p ON p.id = steps.prediction_id
+            """, {"age": age_days})
+    assert migrate.apply(scratch_database) == ["0008_live_outcomes"]
+    with psycopg.connect(scratch_database) as conn:
+        counted = conn.execute("SELECT ticker, timeframe, step, origin_at > now() - interval '2 days' "
+                               "FROM live_outcomes").fetchall()
+    assert counted == [("X:BTCUSD", "1h", 1, True)]

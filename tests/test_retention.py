@@ -72,6 +72,21 @@ def test_retention_deletes_expired_predictions_in_batches_and_keeps_the_rest(age
     assert remaining(aged.database_url) == {"pending": 10, "young": 10, "unscored": 10, "steps": 30 * 30}
 
 
+def test_retention_forgets_the_counted_outcomes_no_prediction_left_can_match(aged, monkeypatch):
+    with psycopg.connect(aged.database_url, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO live_outcomes (model_id, ticker, timeframe, origin_at, step, ts)
+            SELECT DISTINCT ON (s.ts) p.model_id, p.ticker, p.timeframe, p.last_candle_at, s.step, s.ts
+            FROM prediction_steps s JOIN predictions p ON p.id = s.prediction_id
+            WHERE s.step = 1
+        """)
+    report = run_retention(monkeypatch, "365", "1000")
+    with psycopg.connect(aged.database_url) as conn:
+        left = conn.execute("SELECT count(*), min(ts) > now() - interval '365 days' FROM live_outcomes").fetchone()
+    # One outcome per kind of prediction (each kind's ten share an origin): "over" and "over-later" are forgotten.
+    assert report["outcomes_forgotten"] == 2 and left == (3, True)
+
+
 def test_retention_waits_for_the_track_record_to_score_recent_steps(aged, monkeypatch):
     run_retention(monkeypatch, "365", "1000")
     assert remaining(aged.database_url)["unscored"] == 10

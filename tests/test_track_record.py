@@ -166,6 +166,71 @@ def test_a_step_is_counted_once_however_often_it_is_scored(track):
         uuid.UUID(prediction["id"])}
 
 
+def test_predictions_from_one_origin_count_its_outcomes_once(track):
+    """Copies of one forecast (other Idempotency-Keys, or the same request after the repeat window) are scored
+    each, so retention may settle them, but the track record counts each outcome once."""
+    stored_history()
+    copies = [invoke("predictions_create", create_event({"symbol": SYMBOL, "timeframe": "1h"}, f"copy-{n}"))
+              for n in range(3)]
+    assert [status for status, _, _ in copies] == [201, 201, 201]
+    assert len({body["last_candle_at"] for _, _, body in copies}) == 1
+    storage.write_candles(SYMBOL, "1h", with_later(storage.read_all_candles(SYMBOL, "1h"), [100.0] * 5))
+
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(scoring.run(60, batch=1).scored)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(results) == 15  # every copy's steps are scored ...
+    assert rows(url(), "SELECT count(*) FROM prediction_scores")[0][0] == 15
+    assert rows(url(), "SELECT sum(n) FROM model_live_stats")[0][0] == 5  # ... and each outcome counted once
+    assert rows(url(), "SELECT count(*) FROM live_outcomes")[0][0] == 5
+    assert get_model("1h")[1]["live"]["n_scored"] == 5
+    with db.connection() as conn:
+        ids = [uuid.UUID(body["id"]) for _, _, body in copies]
+        assert sorted(score_repository.get_settled_prediction_ids(conn, ids)) == []  # 25 steps still to come
+
+
+def test_a_prediction_whose_origin_left_the_stored_file_fails_alone_and_the_run_goes_on(track):
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
+    lost, other = create(SYMBOL), create("X:SOLUSD")
+    later = with_later(history, [100.0] * 3)
+    storage.write_candles("X:SOLUSD", "1h", later)
+    rebuilt = later.tail(2)  # rebuilt with less history: the origin is gone
+    storage.write_candles(SYMBOL, "1h", rebuilt)
+    for _ in range(2):  # and it stops no later run either
+        report = scoring.run(60)
+        assert report.failed == [f"{lost['id']}: the stored 1h candles do not hold this prediction's last candle "
+                                 f"({datetime.fromisoformat(lost['last_candle_at'])})"]
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {
+        uuid.UUID(other["id"])}
+
+
+def test_a_defect_met_on_one_prediction_is_logged_by_its_class_and_the_run_goes_on(track, capsys):
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
+    ids = {uuid.UUID(create(SYMBOL)["id"]), uuid.UUID(create("X:SOLUSD")["id"])}
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    real = scoring.baseline_log_quantiles
+    calls = []
+
+    def fails_first(*args):  # the first prediction looked at meets a defect
+        calls.append(args)
+        if len(calls) == 1:
+            raise IndexError("index 0 is out of bounds (secret-looking text)")
+        return real(*args)
+
+    track.setattr(scoring, "baseline_log_quantiles", fails_first)
+    report = scoring.run(60)
+    scored = {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")}
+    assert report.scored == 3 and len(scored) == 1
+    assert report.failed == [f"{(ids - scored).pop()}: IndexError"]
+    assert "secret-looking" not in capsys.readouterr().out
+
+
 def test_a_step_whose_candle_is_missing_stays_unscored_and_keeps_its_prediction(track):
     history = stored_history()
     prediction = create(SYMBOL)

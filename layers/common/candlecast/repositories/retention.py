@@ -41,3 +41,9 @@ def delete_expired_batch(conn: psycopg.Connection, cutoff: datetime, after: date
                (SELECT max(created_at) FROM examined) AS last_created_at
     """, {"cutoff": cutoff, "after": after or datetime.min.replace(tzinfo=cutoff.tzinfo), "size": size}).fetchone()
     return Batch(row["examined"], row["deleted"], row["last_created_at"])
+
+
+def delete_expired_outcomes(conn: psycopg.Connection, cutoff: datetime) -> int:
+    """Forget the counted outcomes (live_outcomes) whose step lies before `cutoff`: a prediction that could still
+    match one was created before it, so retention deletes it too. Their sums stay in model_live_stats."""
+    return conn.execute("DELETE FROM live_outcomes WHERE ts < %s", (cutoff,)).rowcount

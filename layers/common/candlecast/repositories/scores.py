@@ -2,6 +2,8 @@
 
 A step is scored once: the insert skips steps already scored, and only the rows it inserted are folded into
 model_live_stats, in the same statement (so in the same transaction). Scored therefore always means aggregated.
+An outcome is counted once: of the predictions made by one model from one origin (ticker, timeframe, last
+candle), only the first scored at each step is folded (live_outcomes), so a popular origin counts once.
 """
 
 import json
@@ -22,6 +24,9 @@ SCORE_FIELDS = (
     ("baseline_pinball", "double precision"), ("in_sample", "boolean"),
 )
 _NAMES = ", ".join(name for name, _ in SCORE_FIELDS)
+# Each score row also names its prediction's origin, which live_outcomes keys the counted outcomes by.
+ORIGIN_FIELDS = (("ticker", "text"), ("timeframe", "text"), ("origin_at", "timestamptz"))
+_OUTCOME_KEY = "model_id, ticker, timeframe, origin_at, step"
 
 # Retention (issue 9) may delete a prediction only when this holds for it (alias `p`): every step is scored
 # (and so aggregated), or was given up because its ts left the scoring window without a stored candle.
@@ -60,19 +65,34 @@ ORDER BY p.id
 """
 
 _RECORD = f"""
-WITH scored AS (
+WITH incoming AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
+        AS r({", ".join(f"{name} {kind}" for name, kind in SCORE_FIELDS + ORIGIN_FIELDS)})
+), scored AS (
     INSERT INTO prediction_scores ({_NAMES})
-    SELECT {_NAMES} FROM jsonb_to_recordset(%(rows)s::jsonb)
-        AS r({", ".join(f"{name} {kind}" for name, kind in SCORE_FIELDS)})
+    SELECT {_NAMES} FROM incoming
     ON CONFLICT (prediction_id, step) DO NOTHING
     RETURNING {_NAMES}
+), newly_scored AS (
+    SELECT scored.*, incoming.ticker, incoming.timeframe, incoming.origin_at
+    FROM scored JOIN incoming USING (prediction_id, step)
+), counted AS (
+    INSERT INTO live_outcomes ({_OUTCOME_KEY}, ts)
+    SELECT DISTINCT ON ({_OUTCOME_KEY}) {_OUTCOME_KEY}, ts FROM newly_scored
+    ORDER BY {_OUTCOME_KEY}  -- one lock order for concurrent runs
+    ON CONFLICT DO NOTHING
+    RETURNING {_OUTCOME_KEY}
+), first_of_origin AS (
+    SELECT DISTINCT ON ({_OUTCOME_KEY}) newly_scored.*
+    FROM newly_scored JOIN counted USING ({_OUTCOME_KEY})
+    ORDER BY {_OUTCOME_KEY}, prediction_id
 ), folded AS (
     INSERT INTO model_live_stats (model_id, in_sample, horizon, confidence_bin, n, inside_80, inside_95, events,
                                   confidence_sum, pinball_sum, baseline_pinball_sum, first_ts, last_ts)
     SELECT model_id, in_sample, step, LEAST(floor(confidence * {CONFIDENCE_BINS})::int, {CONFIDENCE_BINS - 1}),
            count(*), count(*) FILTER (WHERE inside_80), count(*) FILTER (WHERE inside_95),
            count(*) FILTER (WHERE event), sum(confidence), sum(pinball), sum(baseline_pinball), min(ts), max(ts)
-    FROM scored
+    FROM first_of_origin
     GROUP BY 1, 2, 3, 4
     ORDER BY 1, 2, 3, 4  -- one lock order for concurrent runs
     ON CONFLICT (model_id, in_sample, horizon, confidence_bin) DO UPDATE SET
@@ -88,7 +108,8 @@ WITH scored AS (
         updated_at = now()
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM scored) AS scored, (SELECT count(*) FROM folded) AS cells
+SELECT (SELECT count(*) FROM scored) AS scored, (SELECT count(*) FROM first_of_origin) AS counted,
+       (SELECT count(*) FROM folded) AS cells
 """
 
 # After a batch: each prediction's next look is its earliest unscored step inside the window (one whose candle is
@@ -144,9 +165,11 @@ def schedule_next(conn: psycopg.Connection, ids: list[uuid.UUID], since: datetim
 
 
 def record_scores(conn: psycopg.Connection, rows: list[dict]) -> int:
-    """Insert the scores of matured steps and fold the new ones into model_live_stats; returns how many were new.
+    """Insert the scores of matured steps (SCORE_FIELDS and ORIGIN_FIELDS) and fold the new ones whose outcome
+    is not counted yet into model_live_stats; returns how many steps were newly scored.
 
-    Steps already scored (by an earlier or a concurrent run) are skipped and not counted again.
+    Steps already scored (by an earlier or a concurrent run) are skipped and not counted again, and so is the
+    step of a prediction from an origin whose outcome at that step another prediction already counted.
     """
     if not rows:
         return 0

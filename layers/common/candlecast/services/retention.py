@@ -30,4 +30,6 @@ def run(budget_seconds: float, retention_days: int | None = None) -> dict:
                 report["complete"] = True
                 break
             after = batch.last_created_at
+        if report["complete"]:
+            report["outcomes_forgotten"] = retention_repository.delete_expired_outcomes(conn, cutoff)
     return report

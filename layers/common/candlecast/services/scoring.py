@@ -22,7 +22,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
 from candlecast.candles import usable_candles
-from candlecast.errors import CandlecastError
+from candlecast.errors import CandlecastError, Conflict
 from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
 from candlecast.repositories import scores as score_repository
@@ -89,6 +89,10 @@ def score_prediction(prediction: dict, candles, model) -> tuple[list[dict], int]
         return [], len(steps)
     origin = _epoch(prediction["last_candle_at"])
     history = candles.head(int(np.searchsorted(times, origin, side="right")))
+    if not len(history) or int(history.open_time[-1]) != origin:
+        # A file rebuilt with less history, or a reused ticker: not the series the forecast was made from.
+        raise Conflict(f"the stored {prediction['timeframe']} candles do not hold this prediction's last candle "
+                       f"({prediction['last_candle_at']})", code="origin_not_stored")
     chosen = [step for step, ok in zip(steps, stored, strict=True) if ok]
     realised = candles.close[position[stored]]
     horizons = np.array([step["step"] for step in chosen])
@@ -107,7 +111,8 @@ def score_prediction(prediction: dict, candles, model) -> tuple[list[dict], int]
             "inside_80": bool(step["lower_80"] <= close <= step["upper_80"]),
             "inside_95": bool(step["lower_95"] <= close <= step["upper_95"]),
             "confidence": float(step["confidence"]), "event": bool(hit), "pinball": float(own),
-            "baseline_pinball": float(base), "in_sample": in_sample,
+            "baseline_pinball": float(base), "in_sample": in_sample, "ticker": prediction["ticker"],
+            "timeframe": prediction["timeframe"], "origin_at": prediction["last_candle_at"],
         }
         for step, close, hit, own, base in zip(chosen, realised, event, loss, base_loss, strict=True)
         if math.isfinite(close) and close > 0
@@ -166,6 +171,11 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
             except CandlecastError as error:  # one unreadable file or model never stops the others
                 report.failed.append(f"{prediction['id']}: {error.message}")
                 logger.warning("scoring failed", extra={"prediction": str(prediction["id"]), "error": error.message})
+                continue
+            except Exception as error:  # nor does a defect met on one prediction's data; its class only is logged
+                report.failed.append(f"{prediction['id']}: {type(error).__name__}")
+                logger.warning("scoring failed", extra={"prediction": str(prediction["id"]),
+                                                        "error": type(error).__name__})
                 continue
             rows.extend(found)
             report.unmatured += waiting
