@@ -299,10 +299,20 @@ def test_a_run_whose_sessions_are_killed_names_its_migration_and_leaves_no_lock(
     assert migrate.status(scratch_database, folder).pending == ["0008_slow"]
 
 
-def test_a_second_run_waits_for_the_first_until_its_deadline_then_applies_nothing(scratch_database, tmp_path,
-                                                                                monkeypatch):
+def test_a_second_run_waits_for_the_first_then_applies_nothing(scratch_database, tmp_path, monkeypatch):
+    """The loser of two concurrent runs is not FAILED while the winner is migrating fine."""
     migrate.apply(scratch_database)
     monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 1, raising=False)  # a fixed wait shorter than the migration
+    folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(2.5)})
+    first, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
+    wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
+    assert migrate.apply(scratch_database, folder) == []
+    first.join(10)
+    assert outcome == [["0008_slow"]]
+
+
+def test_a_second_run_waits_no_longer_than_its_deadline_and_names_the_holder(scratch_database, tmp_path):
+    migrate.apply(scratch_database)
     folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(2.5)})
     first, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
     wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
