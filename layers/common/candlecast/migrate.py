@@ -242,9 +242,12 @@ def _apply_one(backend, migration, deadline: Deadline) -> None:
 def _apply_with_retries(backend, migration, deadline: Deadline, applied: list[str]) -> None:
     """Apply one migration, again while its statements give up waiting for a lock (LockNotAvailable: another
     transaction holds one it needs) and the deadline leaves time; a failure names the migration."""
+    from psycopg import OperationalError
     from psycopg.errors import LockNotAvailable
 
     def failed(error: BaseException, detail: str = "") -> MigrationError:
+        while isinstance(error, OperationalError) and isinstance(error.__context__, OperationalError):
+            error = error.__context__  # a ROLLBACK on a connection the server ended: report why it ended
         return MigrationError(
             f"migration {migration.id} failed: {detail}{type(error).__name__}: {_first_line(error)} "
             f"(applied before it in this run: {applied or 'none'}; it was rolled back)"
