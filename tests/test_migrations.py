@@ -281,7 +281,7 @@ def test_a_run_whose_sessions_are_killed_names_its_migration_and_leaves_no_lock(
     """A server restart (or a killed Lambda) mid-migration: the error names the migration (not a failure to
     release the lock on a dead connection), and the next run is not held up by a lock left behind."""
     migrate.apply(scratch_database)
-    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 2, raising=False)  # yoyo's row-lock wait, scaled down
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 2, raising=False)  # earlier releases: yoyo-lock wait, scaled
     folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(30)})
     thread, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
     wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
@@ -302,7 +302,7 @@ def test_a_run_whose_sessions_are_killed_names_its_migration_and_leaves_no_lock(
 def test_a_second_run_waits_for_the_first_then_applies_nothing(scratch_database, tmp_path, monkeypatch):
     """The loser of two concurrent runs is not FAILED while the winner is migrating fine."""
     migrate.apply(scratch_database)
-    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 1, raising=False)  # a fixed wait shorter than the migration
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 1, raising=False)  # earlier releases: fixed wait, scaled
     folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(2.5)})
     first, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
     wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
