@@ -15,7 +15,6 @@ Standard library only at import time: `translate` runs under the SAM venv's inte
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -71,17 +70,14 @@ def require(path: Path, hint: str) -> Path:
 
 # ---------------------------------------------------------------- migrations hash
 def migrations_hash(directory: Path = MIGRATIONS) -> str:
-    """sha256 over every migration file's relative path and bytes, in path order."""
-    digest = hashlib.sha256()
-    files = sorted(
-        path
-        for path in directory.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith(".")
-    )
-    for path in files:
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    """candlecast.migrate.migrations_hash: the Migrate function compares the same hash of its bundled folder
+    with the request's MigrationsHash (imported here, not at the top: `translate` runs under the SAM venv)."""
+    layer = str(ROOT / "layers/common")
+    if layer not in sys.path:
+        sys.path.insert(0, layer)
+    from candlecast.migrate import migrations_hash as folder_hash
+
+    return folder_hash(directory)
 
 
 def template_migrations_hash(text: str | None = None) -> str:

@@ -4,6 +4,7 @@ CloudFormation's pre-signed response URL is a local HTTP server that records eac
 """
 
 import json
+import shutil
 import socket
 import time
 import uuid
@@ -16,6 +17,7 @@ from psycopg.conninfo import make_conninfo
 from infra.artifacts import ResponseCapture
 from infra.lambda_loader import load_function_module
 from infra.local_stack import free_port
+from infra.template_checks import migrations_hash
 from tests.conftest import LambdaContext, load_event
 
 pytestmark = pytest.mark.integration
@@ -79,10 +81,18 @@ def fresh_database(stack, use_database):
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def cfn_event(request_type: str, response_url: str, **changes) -> dict:
+def cfn_event(request_type: str, response_url: str, properties_hash: str | None = None, **changes) -> dict:
+    """The event from tests/events, with the MigrationsHash of the given folder's migrations (default: the
+    repository's, which template.yaml carries)."""
     event = load_event("migrate_create.json", RequestType=request_type, ResponseURL=response_url)
+    event["ResourceProperties"] = {**event["ResourceProperties"],
+                                   "MigrationsHash": properties_hash or repository_hash()}
     event.update(changes)
     return event
+
+
+def repository_hash() -> str:
+    return migrations_hash(ROOT / "migrations")
 
 
 def unreachable_database_url() -> str:
@@ -207,29 +217,105 @@ def test_direct_invoke_failure_raises_for_the_caller(migrate_app, use_database):
         migrate_app.lambda_handler(load_event("migrate_apply.json"), context())
 
 
-def test_a_lock_older_than_the_function_timeout_is_broken_and_logged(migrate_app, recorder, fresh_database, caplog):
+def test_a_yoyo_lock_row_left_by_a_killed_run_does_not_hold_up_an_update(migrate_app, recorder, fresh_database):
     from candlecast import migrate
 
     migrate.apply(fresh_database)
-    with psycopg.connect(fresh_database, autocommit=True) as conn:  # a run killed 10 minutes ago
+    with psycopg.connect(fresh_database, autocommit=True) as conn:  # a run of an older release killed 10 s ago
         conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) "
-                     "VALUES (1, (now() AT TIME ZONE 'UTC') - interval '10 minutes', 4242)")
+                     "VALUES (1, (now() AT TIME ZONE 'UTC') - interval '10 seconds', 4242)")
+    started = time.monotonic()
     migrate_app.lambda_handler(cfn_event("Update", recorder.url), context(remaining_ms=300_000))
     assert recorder.captured[-1]["Status"] == "SUCCESS"
-    warning = next(record for record in caplog.records if record.getMessage() == "broke a stale migration lock")
-    assert warning.levelname == "WARNING"
-    assert warning.lock["pid"] == 4242 and warning.older_than_s == pytest.approx(300, abs=2)
-    assert migrate.lock_holder(fresh_database) is None
+    assert time.monotonic() - started < 5
 
 
+def migrations_with(tmp_path, name: str, text: str) -> Path:
+    folder = tmp_path / "migrations"
+    shutil.copytree(ROOT / "migrations", folder)
+    (folder / name).write_text(text)
+    return folder
+
+
+def test_a_rollback_update_with_the_previous_hash_applies_nothing_and_answers_success(
+        migrate_app, recorder, fresh_database, monkeypatch, tmp_path, caplog):
+    """Release N+1 brings a migration that fails on production data: FAILED, and CloudFormation rolls back by
+    sending the same function (N+1's code and migrations) an Update with release N's properties."""
+    from candlecast import migrate
+
+    migrate.apply(fresh_database)  # release N
+    failing = migrations_with(tmp_path, "0008_fails.sql", "-- depends: 0007_model_kinds\nSELECT 1 / 0;\n")
+    monkeypatch.setenv("MIGRATIONS_DIR", str(failing))
+    release_n, release_n1 = repository_hash(), migrations_hash(failing)
+    deploy = cfn_event("Update", recorder.url, release_n1, PhysicalResourceId="DbMigration-schema",
+                       OldResourceProperties={"MigrationsHash": release_n})
+    assert migrate_app.lambda_handler(deploy, context())["Status"] == "FAILED"
+    assert "0008_fails" in recorder.captured[-1]["Reason"]
+
+    rollback = cfn_event("Update", recorder.url, release_n, PhysicalResourceId="DbMigration-schema",
+                         OldResourceProperties={"MigrationsHash": release_n1})
+    result = migrate_app.lambda_handler(rollback, context())
+
+    answer = recorder.captured[-1]
+    assert result["Status"] == answer["Status"] == "SUCCESS", answer["Reason"]
+    assert "a stack rollback" in answer["Reason"] and "applied nothing" in answer["Reason"]
+    assert answer["Data"]["AppliedCount"] == "0" and answer["PhysicalResourceId"] == "DbMigration-schema"
+    assert any(record.getMessage().startswith("applying no migrations") for record in caplog.records)
+    assert migrate.status(fresh_database, failing).pending == ["0008_fails"]
+
+
+def test_an_update_with_this_functions_hash_applies_what_is_pending(migrate_app, recorder, fresh_database):
+    from candlecast import migrate
+
+    migrate.apply(fresh_database)
+    migrate.rollback(fresh_database, count=1)
+    update = cfn_event("Update", recorder.url, PhysicalResourceId="DbMigration-schema",
+                       OldResourceProperties={"MigrationsHash": "0" * 64})
+    assert migrate_app.lambda_handler(update, context())["Status"] == "SUCCESS"
+    assert recorder.captured[-1]["Data"]["Applied"] == MIGRATION_IDS[-1]
+
+
+def running(conninfo: str, text: str) -> list[tuple]:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return conn.execute("SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND pid <> pg_backend_pid() AND query LIKE %s", (f"%{text}%",)).fetchall()
+
+
+def test_at_the_deadline_the_migration_is_cancelled_and_rolled_back_before_failed_is_answered(
+        migrate_app, recorder, fresh_database, monkeypatch, tmp_path):
+    from candlecast import migrate
+
+    migrate.apply(fresh_database)
+    # Two statements, so neither alone outlasts the budget: only the cancel at the deadline stops the second.
+    slow = migrations_with(tmp_path, "0008_slow.sql", "-- depends: 0007_model_kinds\n"
+                           "ALTER TABLE symbols ADD COLUMN slow_flag int;\n"
+                           "SELECT pg_sleep(0.8);\nSELECT pg_sleep(4);\n")
+    monkeypatch.setenv("MIGRATIONS_DIR", str(slow))
+    monkeypatch.setattr(migrate, "STATEMENT_MARGIN_SECONDS", 0.0, raising=False)
+    remaining_ms = int((migrate_app.RESPONSE_MARGIN_SECONDS + 1.5) * 1000)
+    update = cfn_event("Update", recorder.url, migrations_hash(slow), PhysicalResourceId="DbMigration-schema")
+
+    result = migrate_app.lambda_handler(update, context(remaining_ms))
+
+    assert result["Status"] == recorder.captured[-1]["Status"] == "FAILED"
+    assert "cancelled" in recorder.captured[-1]["Reason"] and "0008_slow" in recorder.captured[-1]["Reason"]
+    assert running(fresh_database, "pg_sleep") == []  # nothing left that could still commit
+    with psycopg.connect(fresh_database) as conn:
+        assert conn.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'symbols' "
+                            "AND column_name = 'slow_flag'").fetchone()[0] == 0
+    assert migrate.status(fresh_database, slow).pending == ["0008_slow"]
+
+
+@pytest.mark.parametrize("request_type", ["Create", "Update"])
 @pytest.mark.parametrize("layout", ["missing", "empty"])
 def test_no_migrations_answers_failed_naming_the_folder(migrate_app, recorder, fresh_database, monkeypatch, tmp_path,
-                                                        layout):
+                                                        layout, request_type):
     folder = tmp_path / "migrations"
     if layout == "empty":
         folder.mkdir()
     monkeypatch.setenv("MIGRATIONS_DIR", str(folder))
-    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
+    event = cfn_event(request_type, recorder.url, "0" * 64, PhysicalResourceId="DbMigration-schema")
+    result = migrate_app.lambda_handler(event, context())
     answer = recorder.captured[-1]
     assert answer["Status"] == result["Status"] == "FAILED"
     assert str(folder) in answer["Reason"] and "MigrationError" in answer["Reason"]

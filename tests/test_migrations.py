@@ -1,10 +1,13 @@
-"""Migrations: apply -> rollback -> apply, concurrent runs under yoyo's lock, and the CLI."""
+"""Migrations: apply -> rollback -> apply, one run at a time under an advisory lock, runs bounded in time and in
+how long they block others, and the CLI."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import psycopg
 import pytest
@@ -203,26 +206,202 @@ def test_a_half_applied_schema_names_the_migration_without_a_traceback(scratch_d
     assert migrate.status(scratch_database).applied == []
 
 
-def hold_lock(conninfo: str, pid: int, age_seconds: float) -> None:
+def hold_yoyo_lock(conninfo: str, pid: int, age_seconds: float) -> None:
+    """The row yoyo's lock (taken by every run of older releases) leaves behind when its run is killed."""
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) "
                      "VALUES (1, (now() AT TIME ZONE 'UTC') - make_interval(secs => %s), %s)", (age_seconds, pid))
 
 
-def test_a_stale_lock_is_named_and_broken_by_the_cli(scratch_database, monkeypatch):
+def test_a_yoyo_lock_row_left_by_a_killed_run_blocks_nothing_and_break_lock_is_gone(scratch_database):
     migrate.apply(scratch_database)
-    hold_lock(scratch_database, pid=4242, age_seconds=3600)  # a run killed an hour ago
-    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 1)
-    with pytest.raises(migrate.MigrationError, match=r"4242.*candlecast migrate --break-lock"):
-        migrate.apply(scratch_database)
-    assert migrate.break_lock(scratch_database, older_than_seconds=7200) is None  # not that old: kept
-    assert migrate.lock_holder(scratch_database)["pid"] == 4242
-    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--break-lock"],
-                            env=only_database(scratch_database), capture_output=True, text=True, check=True)
-    broken = json.loads(result.stdout)["broken_lock"]
-    assert broken["pid"] == 4242 and broken["age_seconds"] >= 3600
-    assert migrate.lock_holder(scratch_database) is None
+    migrate.rollback(scratch_database, count=1)
+    hold_yoyo_lock(scratch_database, pid=4242, age_seconds=3600)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate"], env=only_database(scratch_database),
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["applied"] == MIGRATIONS[-1:]
+    assert time.monotonic() - started < 20  # no wait for the row (a subprocess start is a few seconds here)
+    with psycopg.connect(scratch_database) as conn:
+        assert conn.execute("SELECT count(*) FROM yoyo_lock").fetchone()[0] == 0
+    retired = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--break-lock"],
+                             env=only_database(scratch_database), capture_output=True, text=True)
+    assert retired.returncode == 2 and "--break-lock" in retired.stderr
+
+
+def migrations_with(tmp_path, **extra: str):
+    """A copy of migrations/ with more migration files (name with dots as __ : 0008_slow__sql)."""
+    folder = tmp_path / "migrations"
+    shutil.copytree(ROOT / "migrations", folder)
+    for name, text in extra.items():
+        (folder / name.replace("__", ".")).write_text(text)
+    return folder
+
+
+def slow(seconds: float, table: str = "symbols") -> str:
+    """A migration that takes an ACCESS EXCLUSIVE lock, then works for a while."""
+    return (f"-- depends: 0007_model_kinds\nALTER TABLE {table} ADD COLUMN slow_flag int;\n"
+            f"SELECT pg_sleep({seconds});\n")
+
+
+def has_column(conninfo: str, table: str, column: str) -> bool:
+    with psycopg.connect(conninfo) as conn:
+        return conn.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = %s "
+                            "AND column_name = %s", (table, column)).fetchone()[0] == 1
+
+
+def sessions_running(conninfo: str, text: str) -> list[int]:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return [row[0] for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND state = 'active' AND query LIKE %s", (f"%{text}%",))]
+
+
+def wait_for(condition, timeout: float = 10.0):
+    give_up = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < give_up, "timed out waiting"
+        time.sleep(0.05)
+    return result
+
+
+def in_thread(work) -> tuple[threading.Thread, list]:
+    """Run work() in a thread; the list receives its result or its exception."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(work())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_run_whose_sessions_are_killed_names_its_migration_and_leaves_no_lock(scratch_database, tmp_path,
+                                                                               monkeypatch):
+    """A server restart (or a killed Lambda) mid-migration: the error names the migration (not a failure to
+    release the lock on a dead connection), and the next run is not held up by a lock left behind."""
+    migrate.apply(scratch_database)
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 2, raising=False)  # earlier releases: yoyo-lock wait, scaled
+    folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(30)})
+    thread, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
+    wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
+    with psycopg.connect(scratch_database, autocommit=True) as conn:  # every session of the run, as a restart would
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    thread.join(10)
+    (error,) = outcome
+    assert isinstance(error, migrate.MigrationError), repr(error)
+    assert "migration 0008_slow failed: AdminShutdown" in str(error)  # why the server ended it
+    started = time.monotonic()
     assert migrate.apply(scratch_database) == []
+    assert time.monotonic() - started < 1.5
+    assert not has_column(scratch_database, "symbols", "slow_flag")
+    assert migrate.status(scratch_database, folder).pending == ["0008_slow"]
+
+
+def test_a_second_run_waits_for_the_first_then_applies_nothing(scratch_database, tmp_path, monkeypatch):
+    """The loser of two concurrent runs is not FAILED while the winner is migrating fine."""
+    migrate.apply(scratch_database)
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_SECONDS", 1, raising=False)  # earlier releases: fixed wait, scaled
+    folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(2.5)})
+    first, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
+    wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
+    assert migrate.apply(scratch_database, folder) == []
+    first.join(10)
+    assert outcome == [["0008_slow"]]
+
+
+def test_a_second_run_waits_no_longer_than_its_deadline_and_names_the_holder(scratch_database, tmp_path):
+    migrate.apply(scratch_database)
+    folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(2.5)})
+    first, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
+    wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
+    started = time.monotonic()
+    with pytest.raises(migrate.MigrationError, match=r"held by another run \(pid \d+, candlecast-migrate"):
+        migrate.apply(scratch_database, folder, deadline=migrate.Deadline(0.5))
+    assert time.monotonic() - started < 1.5
+    assert migrate.apply(scratch_database, folder, deadline=migrate.Deadline(10)) == []
+    first.join(10)
+    assert outcome == [["0008_slow"]]
+
+
+def test_a_deadline_bounds_each_statement_on_the_server(scratch_database, tmp_path):
+    migrate.apply(scratch_database)
+    folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(30)})
+    started = time.monotonic()
+    with pytest.raises(migrate.MigrationError, match=r"migration 0008_slow failed: QueryCanceled: .*statement timeout"):
+        migrate.apply(scratch_database, folder, deadline=migrate.Deadline(1.5))
+    assert time.monotonic() - started < 3
+    assert not has_column(scratch_database, "symbols", "slow_flag")
+
+
+def test_a_cancelled_run_rolls_back_its_migration(scratch_database, tmp_path):
+    migrate.apply(scratch_database)
+    folder = migrations_with(tmp_path, **{"0008_slow__sql": slow(30)})
+    deadline = migrate.Deadline()
+    thread, outcome = in_thread(lambda: migrate.apply(scratch_database, folder, deadline=deadline))
+    wait_for(lambda: sessions_running(scratch_database, "pg_sleep"))
+    deadline.cancel()
+    thread.join(5)
+    (error,) = outcome
+    assert isinstance(error, migrate.MigrationError) and "migration 0008_slow failed: QueryCanceled" in str(error)
+    assert not sessions_running(scratch_database, "pg_sleep")
+    assert not has_column(scratch_database, "symbols", "slow_flag")
+    assert migrate.status(scratch_database, folder).pending == ["0008_slow"]
+
+
+FROZEN = """from yoyo import step
+import time
+__depends__ = {"0007_model_kinds"}
+steps = [step("ALTER TABLE symbols ADD COLUMN frozen_flag int"), step(lambda connection: time.sleep(3))]
+"""
+
+
+def test_a_client_frozen_mid_migration_loses_its_locks_to_the_server(scratch_database, tmp_path, monkeypatch):
+    """A Lambda sandbox frozen mid-transaction: the server ends the transaction, and the API can read again."""
+    migrate.apply(scratch_database)
+    monkeypatch.setattr(migrate, "IDLE_IN_TRANSACTION_SECONDS", 0.5, raising=False)
+    folder = migrations_with(tmp_path, **{"0008_frozen__py": FROZEN})
+    thread, outcome = in_thread(lambda: migrate.apply(scratch_database, folder))
+    time.sleep(1.5)  # the ALTER took its lock; the client "froze" in the Python step
+    with psycopg.connect(scratch_database, options="-c lock_timeout=500") as conn:  # as the API reads
+        assert conn.execute("SELECT count(*) FROM symbols").fetchone()[0] == 0
+    thread.join(10)
+    (error,) = outcome
+    assert isinstance(error, migrate.MigrationError) and "migration 0008_frozen failed" in str(error)
+    assert not has_column(scratch_database, "symbols", "frozen_flag")
+
+
+def test_a_migration_queued_behind_another_transaction_gives_up_and_retries(scratch_database, tmp_path,
+                                                                           monkeypatch):
+    """An ALTER waiting for a lock blocks every reader queued after it: it waits lock_timeout, then tries again."""
+    migrate.apply(scratch_database)
+    for name, value in (("DDL_LOCK_TIMEOUT_SECONDS", 0.3), ("LOCK_ATTEMPTS", 3), ("LOCK_RETRY_PAUSE_SECONDS", 0.2)):
+        monkeypatch.setattr(migrate, name, value, raising=False)
+    folder = migrations_with(tmp_path, **{"0008_flag__sql": "-- depends: 0007_model_kinds\n"
+                                          "ALTER TABLE symbols ADD COLUMN flag int;\n"})
+    blocker = psycopg.connect(scratch_database)  # a long transaction that has read symbols (Retention, Score)
+    release = threading.Timer(6, blocker.rollback)
+    try:
+        blocker.execute("SELECT count(*) FROM symbols")
+        release.start()
+        started = time.monotonic()
+        with pytest.raises(migrate.MigrationError,
+                           match=r"migration 0008_flag failed: it waited for a lock 3 time\(s\), 0.3 s each"):
+            migrate.apply(scratch_database, folder)
+        assert time.monotonic() - started < 3
+        release.cancel()
+        release = threading.Timer(0.5, blocker.rollback)  # this time the transaction ends during the retries
+        release.start()
+        assert migrate.apply(scratch_database, folder) == ["0008_flag"]
+    finally:
+        release.cancel()
+        blocker.close()
+    assert has_column(scratch_database, "symbols", "flag")
 
 
 def test_cli_db_check_reports_database_and_cache(migrated_db):

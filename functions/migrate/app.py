@@ -1,9 +1,13 @@
 """Migrate: the Custom::DbMigration resource at deploy time, or a direct invoke.
 
-CloudFormation events: Create and Update apply pending migrations under yoyo's lock; Delete is a
-no-op (the schema outlives the stack). CloudFormation always gets an answer on the pre-signed URL,
-SUCCESS or FAILED with the reason, also when applying fails or would outlast the function, so a stack
-never waits for a response that will not come.
+CloudFormation events: Create applies pending migrations. Update applies them when its MigrationsHash is
+the hash of the migrations this function bundles; with another hash it is a stack rollback (the failed
+update's code still deployed, the previous template's properties) or a request from another template
+version, and it applies nothing and answers SUCCESS: migrations are forward-only. Delete is a no-op (the
+schema outlives the stack). CloudFormation always gets an answer on the pre-signed URL, SUCCESS or FAILED
+with the reason. A run still going at the deadline (RESPONSE_MARGIN_SECONDS before the function's timeout)
+is cancelled, and the answer waits (CANCEL_GRACE_SECONDS at most) until it has rolled back, so FAILED never
+goes out for a migration that then commits.
 
 Direct invoke: {"action": "apply"} -> {"applied": [ids]}; {"action": "status"} -> {"applied": [...],
 "pending": [...]}. Failures raise, so `aws lambda invoke` reports a FunctionError.
@@ -43,15 +47,11 @@ def _conninfo() -> str:
     return database_conninfo(get_database_settings())
 
 
-def apply_migrations(stale_lock_seconds: float = DEFAULT_BUDGET_SECONDS + RESPONSE_MARGIN_SECONDS) -> dict[str, Any]:
-    """Apply under yoyo's lock; a lock older than this function's timeout was left by a killed run: break it."""
+def apply_migrations(deadline: Any = None) -> dict[str, Any]:
+    """Apply under the migration lock (a run in progress elsewhere is waited for, until the deadline)."""
     from candlecast import migrate
 
-    def log_broken(lock: dict) -> None:
-        logger.warning("broke a stale migration lock", extra={"lock": lock, "older_than_s": stale_lock_seconds})
-
-    return {"applied": migrate.apply(_conninfo(), break_locks_older_than=stale_lock_seconds,
-                                     on_broken_lock=log_broken)}
+    return {"applied": migrate.apply(_conninfo(), deadline=deadline)}
 
 
 def migration_status() -> dict[str, Any]:
@@ -61,15 +61,22 @@ def migration_status() -> dict[str, Any]:
 
 
 ACTIONS: dict[str, Callable[[], dict[str, Any]]] = {"apply": apply_migrations, "status": migration_status}
+CANCEL_GRACE_SECONDS = 3.0  # after cancelling at the deadline, how long to wait for the run to roll back
+CANCEL_TICK_SECONDS = 0.25  # cancel again this often: a statement may have started since
 
 
-def _run_with_deadline(work: Callable[[], dict[str, Any]], budget_seconds: float) -> dict[str, Any]:
-    """Run `work` in a daemon thread; raise TimeoutError if it has not finished within the budget."""
+def _run_with_deadline(work: Callable[[Any], dict[str, Any]], budget_seconds: float) -> dict[str, Any]:
+    """Run `work(deadline)` in a daemon thread. If it is still going when the budget is spent, cancel it and
+    wait for it to stop (its transaction rolls back), then raise TimeoutError; a run that committed just as
+    it was cancelled returns its result, so the answer always says what the database holds."""
+    from candlecast import migrate
+
+    deadline = migrate.Deadline(budget_seconds)
     outcome: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            outcome["result"] = work()
+            outcome["result"] = work(deadline)
         except BaseException as error:
             outcome["error"] = error
 
@@ -77,7 +84,22 @@ def _run_with_deadline(work: Callable[[], dict[str, Any]], budget_seconds: float
     worker.start()
     worker.join(max(budget_seconds, 0.0))
     if worker.is_alive():
-        raise TimeoutError(f"migrations still running after {budget_seconds:.1f} s; answering before the timeout")
+        logger.warning("migrations still running at the deadline: cancelling them",
+                       extra={"budget_s": round(budget_seconds, 1)})
+        give_up = time.monotonic() + CANCEL_GRACE_SECONDS
+        while worker.is_alive() and time.monotonic() < give_up:
+            deadline.cancel()
+            worker.join(CANCEL_TICK_SECONDS)
+        if worker.is_alive():
+            raise TimeoutError(
+                f"migrations still running after {budget_seconds:.1f} s and not stopped "
+                f"{CANCEL_GRACE_SECONDS:g} s after cancelling them; the database ends them (statement_timeout) "
+                "and rolls back what they had not committed"
+            )
+        if "error" in outcome:
+            raise TimeoutError(f"migrations still running after {budget_seconds:.1f} s: cancelled, and rolled "
+                               f"back ({outcome['error']})") from outcome["error"]
+        logger.warning("the migrations committed as they were cancelled", extra=outcome["result"])
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -123,6 +145,27 @@ def send_response(event: dict, status: str, reason: str, physical_id: str, data:
     raise ConnectionError("could not deliver the response to CloudFormation")
 
 
+def _other_version(event: dict) -> str | None:
+    """Why an Update applies nothing: its MigrationsHash is not the hash of the migrations bundled here.
+    Raises MigrationError (FAILED) when the bundled folder is missing or empty: its hash means nothing."""
+    from candlecast import migrate
+
+    bundled = migrate.bundled_hash()
+    requested = (event.get("ResourceProperties") or {}).get("MigrationsHash")
+    if event.get("RequestType") != "Update" or requested in (None, bundled):
+        if requested not in (None, bundled):
+            logger.warning("Create with a MigrationsHash that is not this function's migrations: applying them",
+                           extra={"requested_hash": requested, "bundled_hash": bundled})
+        return None
+    previous = (event.get("OldResourceProperties") or {}).get("MigrationsHash")
+    kind = "a stack rollback" if previous == bundled else "a request from another template version"
+    logger.warning("applying no migrations: the request's MigrationsHash is not this function's migrations",
+                   extra={"requested_hash": requested, "previous_hash": previous, "bundled_hash": bundled,
+                          "assumed": kind})
+    return (f"applied nothing: MigrationsHash {requested[:12]}… is not this function's migrations "
+            f"({bundled[:12]}…), {kind}; migrations are forward-only, so the schema stays as it is")
+
+
 def handle_custom_resource(event: dict, context: Any) -> dict[str, str]:
     request_type = event.get("RequestType")
     physical_id = event.get("PhysicalResourceId") or f"{event.get('LogicalResourceId', 'DbMigration')}-schema"
@@ -131,10 +174,13 @@ def handle_custom_resource(event: dict, context: Any) -> dict[str, str]:
         if request_type == "Delete":
             status, reason = SUCCESS, "Delete is a no-op: the schema and its data outlive the stack"
         elif request_type in ("Create", "Update"):
-            timeout = _timeout_seconds(context)
-            applied = _run_with_deadline(lambda: apply_migrations(timeout), _budget_seconds(context))["applied"]
-            data = {"AppliedCount": str(len(applied)), "Applied": ",".join(applied)[:500]}
-            status, reason = SUCCESS, f"applied {len(applied)} migration(s)"
+            if skipped := _other_version(event):
+                data = {"AppliedCount": "0", "Applied": ""}
+                status, reason = SUCCESS, skipped
+            else:
+                applied = _run_with_deadline(apply_migrations, _budget_seconds(context))["applied"]
+                data = {"AppliedCount": str(len(applied)), "Applied": ",".join(applied)[:500]}
+                status, reason = SUCCESS, f"applied {len(applied)} migration(s)"
         else:
             raise ValueError(f"unknown RequestType {request_type!r}")
     except Exception as error:
@@ -151,7 +197,8 @@ def lambda_handler(event: dict, context: Any) -> dict[str, Any]:
     action = event.get("action") if isinstance(event, dict) else None
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}: invoke with {{\"action\": \"apply\" | \"status\"}}")
-    result = apply_migrations(_timeout_seconds(context)) if action == "apply" else ACTIONS[action]()
+    result = (_run_with_deadline(apply_migrations, _budget_seconds(context)) if action == "apply"
+              else ACTIONS[action]())
     logger.info("migrations", extra={"action": action, **result})
     return result
 

@@ -33,10 +33,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _migrate_action(migrate, conninfo: str, args: argparse.Namespace) -> int:
-    if args.break_lock:
-        broken = migrate.break_lock(conninfo)
-        print(json.dumps({"broken_lock": broken}))
-    elif args.status:
+    if args.status:
         print(json.dumps(migrate.status(conninfo).as_dict(), indent=2))
     elif args.rollback is not None:
         print(json.dumps({"rolled_back": migrate.rollback(conninfo, args.rollback)}))
@@ -62,11 +59,10 @@ def _db_check(_args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    migrate = subparsers.add_parser("migrate", help="apply database migrations under yoyo's lock")
+    migrate = subparsers.add_parser("migrate", help="apply database migrations, one run at a time (a PostgreSQL "
+                                    "advisory lock, released by the server when a run's session ends)")
     migrate.add_argument("--status", action="store_true", help="list applied and pending migrations")
     migrate.add_argument("--rollback", type=_positive_int, metavar="N", help="roll back the last N migrations")
-    migrate.add_argument("--break-lock", action="store_true",
-                         help="remove the migration lock left by a run that was killed (check none is running)")
     migrate.set_defaults(func=_migrate)
     check = subparsers.add_parser("db-check", help="connect to the database and Redis and report each")
     check.set_defaults(func=_db_check)

@@ -1,24 +1,101 @@
-"""Apply yoyo migrations under yoyo's lock, so concurrent runs serialise and the loser applies nothing.
+"""Apply yoyo migrations one run at a time, each run bounded in time and in how long it can block others.
 
-Nothing fails silently: a missing or empty migrations folder, a migration that cannot be applied (named)
-and a lock still held after LOCK_TIMEOUT_SECONDS each raise MigrationError with a one-line reason.
+- One run at a time: a PostgreSQL session-level advisory lock (MIGRATION_LOCK_KEY), held on the run's own
+  connection. The server releases it when that session ends, so a run that was killed or lost its server
+  leaves no lock behind. Another run waits for it until its deadline (or LOCK_WAIT_SECONDS), then applies
+  what is still pending: usually nothing.
+- Each migration and its row in _yoyo_migration commit in one transaction on that connection: a run that is
+  cancelled, killed or cut off leaves both or neither.
+- The connection's lock_timeout (DDL_LOCK_TIMEOUT_SECONDS) ends a statement queued for a lock behind another
+  transaction before the queue blocks every reader of the table; the migration is tried again, LOCK_ATTEMPTS
+  times in all within the deadline.
+- A Deadline sets statement_timeout just under the time left, and Deadline.cancel() (from another thread)
+  cancels the running statement and lets no further migration start or commit. idle_in_transaction and
+  idle_session timeouts end a run whose client was frozen or lost (a Lambda sandbox frozen after answering).
+
+Nothing fails silently: a missing or empty migrations folder, a migration that cannot be applied (named),
+and a lock still held when the run must give up each raise MigrationError with a one-line reason.
 """
 
+import hashlib
+import logging
 import os
-from collections.abc import Callable
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from psycopg.conninfo import conninfo_to_dict
+logger = logging.getLogger(__name__)
 
-LOCK_TIMEOUT_SECONDS = 60
+# pg_advisory_lock's key for "a migration run is in progress" (one bigint, any value no other code uses).
+MIGRATION_LOCK_KEY = 5303853331250992063
+LOCK_WAIT_SECONDS = 300.0  # how long a run without a deadline (the CLI) waits for another run to finish
+LOCK_POLL_SECONDS = 0.25
+DDL_LOCK_TIMEOUT_SECONDS = 2.0  # lock_timeout: how long one statement may queue for a lock (and readers behind it)
+LOCK_ATTEMPTS = 5  # tries of a migration whose statement gave up waiting for a lock
+LOCK_RETRY_PAUSE_SECONDS = 2.0  # before the second try; the third waits twice as long, and so on
+STATEMENT_MARGIN_SECONDS = 0.5  # statement_timeout is the time left before the deadline, less this (or half)
+IDLE_IN_TRANSACTION_SECONDS = 10.0  # idle_in_transaction_session_timeout: a frozen client's open transaction
+IDLE_SESSION_SECONDS = 60.0  # idle_session_timeout: a frozen client's session (and its advisory lock)
+APPLICATION_NAME = "candlecast-migrate"
 
 
 class MigrationError(RuntimeError):
     """A migration run that must not count as done; the message names the folder or the migration."""
+
+
+class Cancelled(MigrationError):
+    """The run was cancelled (its deadline passed) before it was done."""
+
+
+class Deadline:
+    """When a run must be over (None: no limit), and its cancellation from another thread."""
+
+    def __init__(self, seconds: float | None = None):
+        self.at = None if seconds is None else time.monotonic() + seconds
+        self._cancelled = threading.Event()
+        self._connection = None
+        self._guard = threading.Lock()
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else self.at - time.monotonic()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check(self, before: str) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled(f"cancelled at its deadline before {before}")
+
+    def sleep(self, seconds: float) -> None:
+        self._cancelled.wait(max(seconds, 0.0))
+
+    def statement_timeout_ms(self) -> int:
+        """statement_timeout for the next statement: just under the time left (0, PostgreSQL's "none")."""
+        remaining = self.remaining()
+        if remaining is None:
+            return 0
+        return max(int((remaining - min(STATEMENT_MARGIN_SECONDS, remaining / 2)) * 1000), 1)
+
+    def attach(self, connection) -> None:
+        with self._guard:
+            self._connection = connection
+        self.check("connecting")
+
+    def cancel(self) -> None:
+        """Refuse any further migration or commit, and cancel the statement running now (its transaction
+        rolls back). Idempotent: call it again to catch a statement that started since."""
+        self._cancelled.set()
+        with self._guard:
+            connection = self._connection
+        if connection is not None and not connection.closed:
+            try:
+                connection.cancel_safe(timeout=2.0)
+            except Exception as error:  # the server is unreachable: its timeouts end the statement
+                logger.warning("could not cancel the migration's statement: %s", error)
 
 
 def migrations_dir() -> Path:
@@ -33,8 +110,39 @@ def migrations_dir() -> Path:
     raise MigrationError(f"no migrations folder at {' or '.join(map(str, candidates))}; set MIGRATIONS_DIR")
 
 
+def _check_folder(directory: Path) -> Path:
+    if not directory.is_dir():
+        kind = "is not a folder" if directory.exists() else "does not exist"
+        raise MigrationError(f"the migrations folder {directory} {kind} (a checkout without symlinks?)")
+    if not any(directory.glob("*.sql")) and not any(directory.glob("*.py")):
+        raise MigrationError(f"the migrations folder {directory} holds no migrations")
+    return directory
+
+
+def migrations_hash(directory: Path) -> str:
+    """sha256 over every migration file's relative path and bytes, in path order: template.yaml's
+    DbMigration.MigrationsHash (`make migrations-hash`), and what the Migrate function compares it with."""
+    digest = hashlib.sha256()
+    files = sorted(
+        path
+        for path in directory.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith(".")
+    )
+    for path in files:
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def bundled_hash(directory: Path | None = None) -> str:
+    """migrations_hash of the folder this code applies; a missing or empty folder is an error that names it."""
+    return migrations_hash(_check_folder(Path(directory or migrations_dir())))
+
+
 def yoyo_url(conninfo: str) -> str:
     """A yoyo URI (postgresql+psycopg://…) for any libpq conninfo or URL, unix sockets included."""
+    from psycopg.conninfo import conninfo_to_dict
+
     params = conninfo_to_dict(conninfo)
     user = quote(str(params.pop("user", "")), safe="")
     password = quote(str(params.pop("password", "")), safe="")
@@ -66,142 +174,195 @@ def read(directory: Path | None = None):
     """The migrations in the folder; a missing or empty folder is an error that names it."""
     from yoyo import read_migrations
 
-    directory = Path(directory or migrations_dir())
-    if not directory.is_dir():
-        kind = "is not a folder" if directory.exists() else "does not exist"
-        raise MigrationError(f"the migrations folder {directory} {kind} (a checkout without symlinks?)")
+    directory = _check_folder(Path(directory or migrations_dir()))
     migrations = read_migrations(str(directory))
     if len(migrations) == 0:
         raise MigrationError(f"the migrations folder {directory} holds no migrations")
     return migrations
 
 
-def connect(conninfo: str):
-    """yoyo's psycopg 3 backend, connected and initialised as yoyo.get_backend does, without finding the class
-    among every installed distribution's entry points (a scan of sys.path: about a tenth of a cold start)."""
+def server_options(deadline: Deadline | None = None) -> str:
+    """As db.py's pool does: the server itself ends a statement past the deadline, a lock wait, and a
+    transaction or session left idle by a client that was frozen or lost."""
+    statement_ms = (deadline or Deadline()).statement_timeout_ms()
+    return (f"-c statement_timeout={statement_ms} -c lock_timeout={int(DDL_LOCK_TIMEOUT_SECONDS * 1000)} "
+            f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_SECONDS * 1000)} "
+            f"-c idle_session_timeout={int(IDLE_SESSION_SECONDS * 1000)}")
+
+
+def _backend(conninfo: str, deadline: Deadline | None = None):
+    """yoyo's psycopg 3 backend, connected with server_options, without finding the class among every
+    installed distribution's entry points (a scan of sys.path: about a tenth of a cold start)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
     from yoyo.connections import parse_uri
     from yoyo.migrations import default_migration_table
 
-    backend = PostgresqlPsycopgBackend(parse_uri(yoyo_url(conninfo)), default_migration_table)
+    given = conninfo_to_dict(conninfo)
+    options = " ".join(filter(None, (str(given.get("options") or ""), server_options(deadline))))
+    conninfo = make_conninfo(conninfo, options=options, application_name=given.get("application_name")
+                             or APPLICATION_NAME)
+    return PostgresqlPsycopgBackend(parse_uri(yoyo_url(conninfo)), default_migration_table)
+
+
+def connect(conninfo: str, deadline: Deadline | None = None):
+    """yoyo's backend, connected and initialised as yoyo.get_backend does."""
+    backend = _backend(conninfo, deadline)
     backend.init_database()
     return backend
 
 
-def _backend_and_migrations(conninfo: str, directory: Path | None):
-    migrations = read(directory)  # before connecting: a missing folder is the first thing to hear about
-    return connect(conninfo), migrations
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
-def _apply_each(backend, pending) -> list[str]:
-    """Apply one by one, so a failure names its migration (yoyo runs each in its own transaction)."""
-    applied = []
-    for migration in pending:
+def _set_statement_timeout(backend, deadline: Deadline) -> None:
+    if deadline.at is not None:
+        backend.connection.execute("SELECT set_config('statement_timeout', %s, false)",
+                                   (str(deadline.statement_timeout_ms()),))
+
+
+def _apply_one(backend, migration, deadline: Deadline) -> None:
+    """The migration's steps and its row in _yoyo_migration (and _yoyo_log) in one transaction on the run's
+    connection, where yoyo's apply_one commits them separately, on a second connection."""
+    deadline.check(f"migration {migration.id}")
+    migration.load()
+    if not migration.use_transactions:  # `-- transactional: false` (CREATE INDEX CONCURRENTLY): yoyo's way
+        backend.apply_one(migration)
+        return
+    _set_statement_timeout(backend, deadline)
+    with backend.transaction():
+        migration.process_steps(backend, "apply")
+        backend.mark_one(migration, log=False)
+        backend.log_migration(migration, "apply")
+        deadline.check(f"migration {migration.id} committed")  # raising here rolls it back
+
+
+def _apply_with_retries(backend, migration, deadline: Deadline, applied: list[str]) -> None:
+    """Apply one migration, again while its statements give up waiting for a lock (LockNotAvailable: another
+    transaction holds one it needs) and the deadline leaves time; a failure names the migration."""
+    from psycopg import OperationalError
+    from psycopg.errors import LockNotAvailable
+
+    def failed(error: BaseException, detail: str = "") -> MigrationError:
+        while isinstance(error, OperationalError) and isinstance(error.__context__, OperationalError):
+            error = error.__context__  # a ROLLBACK on a connection the server ended: report why it ended
+        return MigrationError(
+            f"migration {migration.id} failed: {detail}{type(error).__name__}: {_first_line(error)} "
+            f"(applied before it in this run: {applied or 'none'}; it was rolled back)"
+        )
+
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
-            backend.apply_one(migration)
+            _apply_one(backend, migration, deadline)
+            return
+        except Cancelled as error:
+            raise failed(error) from error
+        except LockNotAvailable as error:
+            pause = LOCK_RETRY_PAUSE_SECONDS * attempt
+            remaining = deadline.remaining()
+            out_of_time = remaining is not None and remaining < pause + DDL_LOCK_TIMEOUT_SECONDS
+            if attempt == LOCK_ATTEMPTS or out_of_time:
+                raise failed(error, f"it waited for a lock {attempt} time(s), {DDL_LOCK_TIMEOUT_SECONDS:g} s "
+                                    "each (lock_timeout), while another transaction held it; ") from error
+            logger.warning("migration %s waited %g s for a lock; trying again in %g s (attempt %d of %d)",
+                           migration.id, DDL_LOCK_TIMEOUT_SECONDS, pause, attempt, LOCK_ATTEMPTS)
+            deadline.sleep(pause)
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise MigrationError(
-                f"migration {migration.id} failed: {type(error).__name__}: {reason} "
-                f"(applied before it in this run: {applied or 'none'}; it was rolled back)"
-            ) from error
+            raise failed(error) from error
+
+
+def _apply_each(backend, pending, deadline: Deadline) -> list[str]:
+    """Apply one by one, so a failure names its migration."""
+    applied: list[str] = []
+    for migration in pending:
+        _apply_with_retries(backend, migration, deadline, applied)
         applied.append(migration.id)
     if pending:
         backend.run_post_apply(pending)
     return applied
 
 
-@contextmanager
-def _lock(backend):
-    """yoyo's lock, its LockTimeout as a MigrationError that says how to clear a stale one."""
-    from yoyo.exceptions import LockTimeout
+def _lock_holder(connection) -> str:
+    row = connection.execute(
+        """
+        SELECT a.pid, a.application_name, round(extract(epoch FROM now() - a.backend_start))
+        FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid::bigint = %s AND l.objid::bigint = %s
+        """, (MIGRATION_LOCK_KEY >> 32, MIGRATION_LOCK_KEY & 0xFFFFFFFF)).fetchone()
+    if row is None:
+        return "another run"
+    return f"another run (pid {row[0]}, {row[1] or 'no application_name'}, connected {row[2]} s ago)"
 
-    lock = backend.lock(timeout=LOCK_TIMEOUT_SECONDS)
-    try:
-        lock.__enter__()
-    except LockTimeout as error:
-        raise MigrationError(f"{error}; if no migration is running: candlecast migrate --break-lock") from None
+
+@contextmanager
+def _run_lock(backend, deadline: Deadline):
+    """The advisory lock, waited for until the deadline (else LOCK_WAIT_SECONDS). Released on the way out;
+    if that fails (the connection is gone) the server has released it with the session, and the error
+    that ended the run, naming its migration, is the one raised."""
+    connection = backend.connection
+    started = time.monotonic()
+    remaining = deadline.remaining()
+    give_up_at = started + (LOCK_WAIT_SECONDS if remaining is None else remaining)
+    while True:
+        deadline.check("taking the migration lock")
+        if connection.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()[0]:
+            break
+        if time.monotonic() >= give_up_at:
+            raise MigrationError(f"the migration lock is held by {_lock_holder(connection)}: waited "
+                                 f"{time.monotonic() - started:.0f} s for it to finish")
+        deadline.sleep(min(LOCK_POLL_SECONDS, max(give_up_at - time.monotonic(), 0.0)))
     try:
         yield
     finally:
-        lock.__exit__(None, None, None)
-
-
-def apply(conninfo: str, directory: Path | None = None, *, break_locks_older_than: float | None = None,
-          on_broken_lock: Callable[[dict], None] | None = None) -> list[str]:
-    """Apply pending migrations; returns the ids applied by this call (empty if another run did them).
-
-    With break_locks_older_than, a lock older than that many seconds (left by a killed run) is removed
-    first, on the same connection, and reported to on_broken_lock.
-    """
-    backend, migrations = _backend_and_migrations(conninfo, directory)
-    try:
-        if break_locks_older_than is not None:
-            broken = _break_lock(backend, break_locks_older_than)
-            if broken and on_broken_lock:
-                on_broken_lock(broken)
-        with _lock(backend):
-            return _apply_each(backend, backend.to_apply(migrations))
-    finally:
-        backend.connection.close()
+        try:
+            connection.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        except Exception as error:
+            logger.warning("could not release the migration lock (the session is gone, and the lock with it): %s",
+                           _first_line(error))
 
 
 @contextmanager
-def _backend(conninfo: str):
-    backend = connect(conninfo)
+def _locked_run(conninfo: str, directory: Path | None, deadline: Deadline | None):
+    """yoyo's backend and the migrations, under the advisory lock, with yoyo initialised inside it."""
+    deadline = deadline or Deadline()
+    migrations = read(directory)  # before connecting: a missing folder is the first thing to hear about
+    backend = _backend(conninfo, deadline)
     try:
-        yield backend
+        deadline.attach(backend.connection)
+        with _run_lock(backend, deadline):
+            backend.init_database()
+            # yoyo's own row lock, taken here only by yoyo's internal-schema upgrade, is left only by a run that
+            # was killed (older releases took it for every run): nobody else can be migrating now.
+            backend.connection.execute(f"DELETE FROM {backend.lock_table_quoted}")
+            yield backend, migrations
     finally:
         backend.connection.close()
 
 
-def _holder(backend) -> dict | None:
-    exists = backend.execute("SELECT to_regclass(:name)", {"name": backend.lock_table}).fetchone()[0]
-    row = backend.execute(f"SELECT pid, ctime FROM {backend.lock_table_quoted}").fetchone() if exists else None
-    if row is None:
-        return None
-    age = (datetime.now(UTC).replace(tzinfo=None) - row[1]).total_seconds() if row[1] else None
-    return {"pid": row[0], "age_seconds": round(age, 1) if age is not None else None}
-
-
-def _break_lock(backend, older_than_seconds: float | None) -> dict | None:
-    holder = _holder(backend)
-    if holder is None:
-        return None
-    if older_than_seconds is not None and (holder["age_seconds"] or 0) <= older_than_seconds:
-        return None
-    backend.break_lock()
-    return holder
-
-
-def lock_holder(conninfo: str) -> dict | None:
-    """The migration lock's row (pid, age in seconds), or None when nobody holds it."""
-    with _backend(conninfo) as backend:
-        return _holder(backend)
-
-
-def break_lock(conninfo: str, older_than_seconds: float | None = None) -> dict | None:
-    """Remove the migration lock (only if older than the given age); returns what was removed, or None."""
-    with _backend(conninfo) as backend:
-        return _break_lock(backend, older_than_seconds)
+def apply(conninfo: str, directory: Path | None = None, *, deadline: Deadline | None = None) -> list[str]:
+    """Apply pending migrations; returns the ids applied by this call (empty if another run did them)."""
+    deadline = deadline or Deadline()
+    with _locked_run(conninfo, directory, deadline) as (backend, migrations):
+        return _apply_each(backend, backend.to_apply(migrations), deadline)
 
 
 def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> list[str]:
     """Roll back the last `count` applied migrations."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    backend, migrations = _backend_and_migrations(conninfo, directory)
-    try:
-        with _lock(backend):
-            to_rollback = backend.to_rollback(migrations)[:count]
-            backend.rollback_migrations(to_rollback)
-            return [migration.id for migration in to_rollback]
-    finally:
-        backend.connection.close()
+    with _locked_run(conninfo, directory, None) as (backend, migrations):
+        to_rollback = backend.to_rollback(migrations)[:count]
+        backend.rollback_migrations(to_rollback)
+        return [migration.id for migration in to_rollback]
 
 
 def status(conninfo: str, directory: Path | None = None) -> MigrationStatus:
-    backend, migrations = _backend_and_migrations(conninfo, directory)
+    migrations = read(directory)
+    backend = connect(conninfo)
     try:
         pending = {migration.id for migration in backend.to_apply(migrations)}
         return MigrationStatus(
