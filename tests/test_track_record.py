@@ -310,6 +310,38 @@ def test_a_prediction_is_looked_at_again_only_when_its_next_step_can_have_mature
 NO_ONE = score_repository.NO_PREDICTION
 
 
+def test_between_refreshes_a_run_reads_no_candle_file_in_vain(track):
+    """The refresh records each file's last candle; a prediction whose next step is past it is not due, however
+    late it is, so the hourly run reads no file until a refresh has stored the candle it waits for."""
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    now = int(time.time())
+    market = make_market(1, now=now - now % HOUR - 12 * HOUR, history_days=20)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        point_settings_at(track, fake)
+        handler({"symbols": 1, "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+        prediction_id = uuid.UUID(create(ticker)["id"])
+        stored = storage.read_all_candles(ticker, "1h")
+        through = rows(url(), "SELECT metadata->'candles_through'->>'1h' FROM symbols WHERE ticker = %s", ticker)
+        assert datetime.fromisoformat(through[0][0]) == datetime.fromtimestamp(int(stored.open_time[-1]), UTC)
+
+        reads = []
+        real = storage.read_all_candles
+        track.setattr(storage, "read_all_candles", lambda *args: reads.append(args) or real(*args))
+        later = datetime.now(UTC) + timedelta(days=3)  # step 1 is long past, but its candle is not stored
+        first = scoring.run(60, now=later)  # the first look at a new prediction, which sets its next step
+        assert first.predictions == 1 and first.scored == 0 and len(reads) == 1
+        again = scoring.run(60, now=later)
+        assert again.predictions == 0 and len(reads) == 1  # not due: no file read
+
+        market.now += 12 * HOUR  # the next refresh stores twelve more candles
+        handler({"tickers": [ticker], "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+    scored = rows(url(), "SELECT count(*) FROM prediction_scores WHERE prediction_id = %s", prediction_id)[0][0]
+    assert scored >= 11  # the refresh's own scoring run found it due
+
+
 def test_retention_may_delete_only_what_is_scored_or_past_the_scoring_window(track):
     history = stored_history()
     prediction_id = uuid.UUID(create(SYMBOL)["id"])
@@ -438,7 +470,7 @@ def score_predictions(count: int, inside_every: int, origin: datetime) -> None:
                 {"prediction_id": str(stored["id"]), "step": step["step"], "model_id": str(model_id),
                  "ts": step["ts"].isoformat(), "realised_close": 100.0, "inside_80": step["step"] % inside_every == 0,
                  "inside_95": True, "confidence": 0.3, "event": False, "pinball": 1.0, "baseline_pinball": 1.0,
-                 "in_sample": False}
+                 "in_sample": False, "ticker": SYMBOL, "timeframe": "1h", "origin_at": at.isoformat()}
                 for step in prediction.model_dump()["steps"]
             ])
     cache.invalidate_track_record()
@@ -483,11 +515,14 @@ def test_score_function_hands_what_is_left_to_a_new_invocation(track):
     get_settings.cache_clear()
     scheduled = json.loads((EVENTS / "score_scheduled.json").read_text())
     first = handler(scheduled, RefreshContext(remaining_seconds=30))  # nothing left beyond the margin
-    assert first["scored"] == 0 and first["continuation"]["after"] == str(score_repository.NO_PREDICTION)
+    assert first["scored"] == 0 and first["continuation"]["after"] == ["", "", str(uuid.UUID(int=0))]
     assert first["chained"] is False  # REFRESH_CHAIN=false: returned, not invoked
     second = handler(first["continuation"], RefreshContext(remaining_seconds=300))
     assert second["scored"] == 3 and second["continuation"] is None
     assert handler(scheduled, RefreshContext(remaining_seconds=300))["scored"] == 0
+    # A continuation from before series order (a bare id) starts over, and scores nothing twice.
+    assert handler({**first["continuation"], "after": str(uuid.uuid4())},
+                   RefreshContext(remaining_seconds=300))["scored"] == 0
 
 
 def test_backtest_figures_read_the_peer_comparison_of_newer_manifests():

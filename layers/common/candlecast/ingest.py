@@ -222,8 +222,9 @@ def ingest_symbol(
     *,
     now: int,
     history_days: dict[str, int] | None = None,
-) -> tuple[int, int]:
-    """Bring one symbol's files up to date. Returns (files written, candles added).
+) -> tuple[int, int, dict[str, int]]:
+    """Bring one symbol's files up to date. Returns (files written, candles added, and each stored timeframe's
+    last candle's open time: what the track record can score up to).
 
     All pages of a source timeframe are fetched before its files are written, so a failure leaves
     them as they were.
@@ -235,6 +236,7 @@ def ingest_symbol(
 
     history_days = {**DEFAULT_HISTORY_DAYS, **(history_days or {})}
     files = added = 0
+    stored_through: dict[str, int] = {}
     for source in ("1h", "1d"):
         targets = [tf for tf in timeframes if SOURCE_OF[tf] == source]
         if not targets:
@@ -258,6 +260,8 @@ def ingest_symbol(
             storage.write_candles(ticker, source, merged)
             files += 1
             added += len(merged) - before
+        if len(merged):
+            stored_through[source] = int(merged.open_time[-1])
         for target in targets:
             if target == source:
                 continue
@@ -266,22 +270,26 @@ def ingest_symbol(
             if current is None and len(derived) == 0:
                 continue
             combined = storage.merge_candles(current, derived)
+            if len(combined):
+                stored_through[target] = int(combined.open_time[-1])
             if current is not None and _same(current, combined):
                 continue
             storage.write_candles(ticker, target, combined)
             files += 1
             added += len(combined) - (0 if current is None else len(current))
-    return files, added
+    return files, added, stored_through
 
 
-def record_candle_timeframes(ticker: str) -> None:
-    """Tell clients which timeframes of `ticker` can be forecast from stored candles (Symbol.candle_timeframes)."""
+def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> None:
+    """Tell clients which timeframes of `ticker` can be forecast from stored candles (Symbol.candle_timeframes),
+    and the track record up to which candle each is stored."""
     from candlecast import db, storage
     from candlecast.repositories import symbols as symbol_repository
 
     timeframes = storage.stored_timeframes(ticker)
+    through = {timeframe: datetime.fromtimestamp(at, UTC).isoformat() for timeframe, at in stored_through.items()}
     with db.connection() as conn:
-        symbol_repository.set_candle_timeframes(conn, ticker, timeframes)
+        symbol_repository.set_candle_timeframes(conn, ticker, timeframes, through)
     cache.delete(cache.keys.symbol(ticker))
 
 
@@ -327,13 +335,14 @@ def run_ingest(
         if deadline is not None and time.monotonic() >= deadline:
             return None
         try:
-            files, added = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
+            files, added, stored_through = ingest_symbol(client, ticker, timeframes, now=now,
+                                                         history_days=history_days)
         except PolygonNotEntitled:
             # PolygonAuthError when the key itself is refused. Here, not in the loop below: the other workers
             # wait for the answer instead of asking for symbols the key cannot get.
             client.confirm_key()
             raise
-        record_candle_timeframes(ticker)
+        record_candle_timeframes(ticker, stored_through)
         return ticker, files, added
 
     def failed(ticker: str, error: Exception) -> None:

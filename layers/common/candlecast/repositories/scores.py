@@ -38,15 +38,20 @@ SETTLED_PREDICTION = f"""NOT EXISTS (
                       WHERE settled.prediction_id = unsettled.prediction_id AND settled.step = unsettled.step))"""
 
 # Due: predictions whose next step to score (predictions.score_next_at, migration 0006) has its ts by now, read
-# through predictions_score_due_idx (the expression and the predicate are the index's).
+# through predictions_score_due_idx (the expression and the predicate are the index's), and whose candle can be
+# stored: the refresh records each file's last candle (symbols.metadata.candles_through), so between refreshes
+# the hourly run reads no file in vain. A symbol the refresh has not recorded falls back to `now`. In series
+# order (ticker, timeframe), so a run reads each candle file once.
 _DUE = """
 WITH due AS (
     SELECT p.id AS prediction_id
-    FROM predictions p
+    FROM predictions p JOIN symbols s ON s.id = p.symbol_id
     WHERE COALESCE(p.score_next_at, p.last_candle_at) <= %(now)s
       AND p.score_next_at IS DISTINCT FROM 'infinity'::timestamptz
-      AND p.id > %(after)s
-    ORDER BY p.id
+      AND COALESCE(p.score_next_at, p.last_candle_at)
+          <= COALESCE((s.metadata->'candles_through'->>p.timeframe)::timestamptz, %(now)s)
+      AND (p.ticker, p.timeframe, p.id) > (%(after_ticker)s, %(after_timeframe)s, %(after_id)s)
+    ORDER BY p.ticker, p.timeframe, p.id
     LIMIT %(limit)s
 )
 SELECT p.id, p.ticker, p.timeframe, p.model_id, p.last_candle_at, p.last_close,
@@ -61,7 +66,7 @@ SELECT p.id, p.ticker, p.timeframe, p.model_id, p.last_candle_at, p.last_close,
           AND NOT EXISTS (SELECT 1 FROM prediction_scores s WHERE s.prediction_id = ps.prediction_id
                                                               AND s.step = ps.step)) AS steps
 FROM due JOIN predictions p ON p.id = due.prediction_id JOIN models m ON m.id = p.model_id
-ORDER BY p.id
+ORDER BY p.ticker, p.timeframe, p.id
 """
 
 _RECORD = f"""
@@ -150,13 +155,21 @@ WHERE m.is_active
 GROUP BY m.timeframe
 """
 
-NO_PREDICTION = uuid.UUID(int=0)
+# Where a run has got to: the (ticker, timeframe, id) of the last prediction done.
+DueCursor = tuple[str, str, uuid.UUID]
+NO_PREDICTION: DueCursor = ("", "", uuid.UUID(int=0))
 
 
-def get_due_predictions(conn: psycopg.Connection, now: datetime, after: uuid.UUID, limit: int) -> list[dict]:
-    """Predictions (id > `after`, in id order) due for a look by `now`, each with its model and its unscored
-    steps up to `now` (ts ascending; none when it was looked at too early)."""
-    return conn.execute(_DUE, {"now": now, "after": after, "limit": limit}).fetchall()
+def due_cursor(prediction: dict) -> DueCursor:
+    return prediction["ticker"], prediction["timeframe"], prediction["id"]
+
+
+def get_due_predictions(conn: psycopg.Connection, now: datetime, after: DueCursor, limit: int) -> list[dict]:
+    """Predictions after `after` (in ticker, timeframe, id order) due for a look by `now`, each with its model
+    and its unscored steps up to `now` (ts ascending; none when it was looked at too early)."""
+    after_ticker, after_timeframe, after_id = after
+    return conn.execute(_DUE, {"now": now, "after_ticker": after_ticker, "after_timeframe": after_timeframe,
+                               "after_id": after_id, "limit": limit}).fetchall()
 
 
 def schedule_next(conn: psycopg.Connection, ids: list[uuid.UUID], since: datetime) -> int:

@@ -118,12 +118,15 @@ def search_symbols(conn: psycopg.Connection, query: str, limit: int,
         "limit": limit, **anchor}).fetchall()
 
 
-def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str]) -> None:
-    """Record which timeframes have stored candles (metadata.candle_timeframes)."""
+def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str],
+                          stored_through: dict[str, str]) -> None:
+    """Record which timeframes have stored candles (metadata.candle_timeframes) and the open time of each one's
+    last stored candle (metadata.candles_through, ISO 8601), up to which the track record can score."""
+    update = {"candle_timeframes": list(timeframes), "candles_through": stored_through}
     conn.execute(
-        "UPDATE symbols SET metadata = metadata || jsonb_build_object('candle_timeframes', %s::jsonb) "
-        "WHERE ticker = %s AND metadata->'candle_timeframes' IS DISTINCT FROM %s::jsonb",
-        (Jsonb(list(timeframes)), ticker, Jsonb(list(timeframes))),
+        "UPDATE symbols SET metadata = metadata || %(update)s::jsonb "
+        "WHERE ticker = %(ticker)s AND metadata || %(update)s::jsonb IS DISTINCT FROM metadata",
+        {"update": Jsonb(update), "ticker": ticker},
     )
 
 

@@ -5,8 +5,9 @@ one it records the realised close, whether it fell inside the 80 % and 95 % inte
 event |C/Ĉ − 1| ≤ τ happened, and the pin5 loss (mean pinball loss over the quantiles 0.025, 0.1, 0.5, 0.9 and
 0.975, in % log return) of the step's stored quantiles and of the model's own baseline at the same origin.
 
-Work goes in batches of predictions in id order; a run stops at its time budget and returns a continuation
-(the last prediction id done), which the Score function hands to a new invocation of itself.
+Work goes in batches of predictions in series order (ticker, timeframe, id), so each candle file is read once;
+a run stops at its time budget and returns a continuation (the last prediction done), which the Score function
+hands to a new invocation of itself.
 """
 
 import math
@@ -142,7 +143,7 @@ def _model_row(prediction: dict) -> dict:
 
 
 def run(budget_seconds: float, *, now: datetime | None = None, since: datetime | None = None,
-        after: uuid.UUID = score_repository.NO_PREDICTION, batch: int = BATCH_PREDICTIONS,
+        after: score_repository.DueCursor = score_repository.NO_PREDICTION, batch: int = BATCH_PREDICTIONS,
         on_batch: Callable[[ScoreReport], None] | None = None) -> ScoreReport:
     """Score the matured, unscored steps of every prediction due by `now`; a step older than `since` (default:
     the scoring window) whose candle never came is given up."""
@@ -154,7 +155,8 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     files = _CandleFiles()
     while True:
         if time.monotonic() >= deadline:
-            report.continuation = {"after": str(after), "now": now.isoformat(), "since": since.isoformat()}
+            report.continuation = {"after": [after[0], after[1], str(after[2])], "now": now.isoformat(),
+                                   "since": since.isoformat()}
             break
         with db.connection() as conn:
             due = score_repository.get_due_predictions(conn, now, after, batch)
@@ -184,7 +186,7 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
             score_repository.schedule_next(conn, [prediction["id"] for prediction in due], since)
         report.predictions += len(due)
         report.batches += 1
-        after = due[-1]["id"]
+        after = score_repository.due_cursor(due[-1])
         if on_batch is not None:
             on_batch(report)
         if len(due) < batch:
@@ -197,12 +199,19 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     return report
 
 
+def _cursor(after) -> score_repository.DueCursor:
+    """A continuation's cursor; one in an older form (a bare id, from before series order) starts over."""
+    if isinstance(after, list) and len(after) == 3:
+        return str(after[0]), str(after[1]), uuid.UUID(str(after[2]))
+    return score_repository.NO_PREDICTION
+
+
 def scheduled_run(event: dict, budget_seconds: float) -> dict:
     """One chunk of the hourly (or refresh-triggered) run; `event` may hold a continuation."""
     report = run(
         budget_seconds,
         now=datetime.fromisoformat(event["now"]) if event.get("now") else None,
         since=datetime.fromisoformat(event["since"]) if event.get("since") else None,
-        after=uuid.UUID(event["after"]) if event.get("after") else score_repository.NO_PREDICTION,
+        after=_cursor(event.get("after")),
     )
     return report.as_dict()
