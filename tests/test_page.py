@@ -147,6 +147,25 @@ def test_the_page_says_why_a_forecast_failed(browser, site):
     page.close()
 
 
+def test_a_page_on_another_origin_can_page_through_a_list(browser, site):
+    """CORS exposes X-Next-Cursor: a script served from elsewhere reads it and fetches the next page."""
+    page = browser.new_page()
+    # The same server under another name is another origin (a page off the loopback may not fetch from it).
+    other_origin = f"http://localhost:{urlsplit(site).port}"
+    assert urlsplit(site).hostname != "localhost"
+    page.goto(f"{other_origin}/openapi.json")  # a document that calls no throttled route itself
+    seen = page.evaluate("""async (api) => {
+        const first = await fetch(`${api}/symbols/top?limit=2`);
+        const cursor = first.headers.get("x-next-cursor");
+        const second = cursor && await fetch(`${api}/symbols/top?limit=2&cursor=${encodeURIComponent(cursor)}`);
+        return { cursor, first: (await first.json()).map((s) => s.ticker),
+                 second: second ? (await second.json()).map((s) => s.ticker) : null };
+    }""", site)
+    assert seen["cursor"], "X-Next-Cursor is not readable from another origin"
+    assert len(seen["first"]) == 2 and seen["second"] and not set(seen["first"]) & set(seen["second"])
+    page.close()
+
+
 def test_docs_is_powertools_swagger_ui_over_the_whole_api_offline(browser, site):
     import json
 
