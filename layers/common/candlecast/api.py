@@ -19,6 +19,7 @@ from candlecast.config import get_settings
 from candlecast.errors import (
     BadRequest,
     CandlecastError,
+    InvalidFields,
     PayloadTooLarge,
     ServiceUnavailable,
     UnsupportedMediaType,
@@ -154,8 +155,24 @@ def create_resolver(validation: bool = True) -> APIGatewayHttpResolver:
     return app
 
 
+_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+               type(None): "null"}
+
+
+def _json_kind(text: str) -> str | None:
+    """What a body that is JSON but not a JSON object is ("an array", ...); None for an object, no body or not
+    JSON (validation answers those). Powertools would validate an array's first element as the request."""
+    if not text.strip(" \t\n\r") or text.lstrip(" \t\n\r").startswith("{"):
+        return None
+    try:
+        return _JSON_KINDS[type(strictjson.loads(text))]
+    except ValueError:  # json.JSONDecodeError
+        return None
+
+
 def _refused_body(event: dict) -> CandlecastError | None:
-    """A body we refuse before anything parses or validates it: too large, not UTF-8, or not JSON."""
+    """A body we refuse before anything parses or validates it: too large, not UTF-8, not JSON, or JSON that
+    is not an object (every body the API takes is one)."""
     body = event.get("body") or ""
     if len(body) > MAX_BODY_BYTES * 4 // 3 + 4:  # too large even as base64: do not decode it
         return PayloadTooLarge(f"request body is over {MAX_BODY_BYTES} bytes, the limit")
@@ -172,12 +189,14 @@ def _refused_body(event: dict) -> CandlecastError | None:
     if len(raw) > MAX_BODY_BYTES:
         return PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return BadRequest("request body is not UTF-8 text", code="invalid_body")
     content_type = str(headers.get("content-type", "application/json")).split(";")[0].strip().lower()
     if body and content_type != "application/json" and not content_type.endswith("+json"):
         return UnsupportedMediaType(f"Content-Type must be application/json, not {content_type[:100]}")
+    if (kind := _json_kind(text)) is not None:
+        return InvalidFields(f"body: must be a JSON object, not {kind}")
     if "content-type" in headers:
         # Powertools parses only a literal `application/json`; +json types and other casings are JSON too
         # (and without a body the type does not matter).
