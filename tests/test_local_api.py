@@ -257,6 +257,29 @@ def test_cors_preflight_is_answered_from_the_template_configuration():
     assert {"x-next-cursor", "x-cache", "retry-after"} <= set(exposed)
 
 
+def test_the_readme_and_make_run_examples_back_to_back_stay_within_every_routes_burst(template, capsys):
+    """Nobody copying the examples meets the route throttles' 429: per route, the README's example requests
+    and the ones `make run` prints take no more tokens than its bucket starts with."""
+    from collections import Counter
+
+    from infra.run_local import print_examples
+
+    routes = parse_routes(template)
+    print_examples("http://127.0.0.1:3000", ROOT / "data")
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("$ curl -s 'http://127.0.0.1:3000/symbols?q="):]
+    lines = capsys.readouterr().out.splitlines() + block[:block.index("```")].splitlines()
+    taken: Counter[str] = Counter()
+    for line in lines:
+        for request in re.finditer(r"curl -s (-X ?POST )?'?http://127\.0\.0\.1:3000(/[^'\s?]*)", line):
+            found = find_route(routes, "POST" if request.group(1) else "GET", request.group(2))
+            assert found is not None, line
+            taken[found[0].route_key] += 1
+    assert taken["POST /predictions"] >= 1 and taken["GET /symbols"] == 2
+    for route in routes:
+        assert taken[route.route_key] <= route.throttle.burst, (route.route_key, taken[route.route_key])
+
+
 # ------------------------------------------------------------ a synthetic bundle, served over HTTP
 
 ECHO_APP = '''
