@@ -181,3 +181,17 @@ def test_a_body_that_is_not_a_json_object_is_422_and_nothing_is_stored(seeded):
     assert post('[{"symbol": "BTC-USD"')[0] == 400  # not JSON at all: still the parse error
     assert post(json.dumps({"symbol": "BTC-USD", "timeframe": "1w"}))[0] == 201  # the object itself is fine
     assert stored() == 1
+
+
+def test_a_query_parameter_given_twice_is_named_as_such():
+    from infra.events import load_event
+
+    event = load_event("symbols_search.json", rawQueryString="q=btc&limit=1&limit=2",
+                       queryStringParameters={"q": "btc", "limit": "1,2"})  # as API Gateway joins them
+    status, _, body = invoke("symbols", event)
+    assert (status, body["error"]) == (400, {"code": "invalid_request",
+                                             "message": "limit: given more than once; give it once"})
+    event = load_event("symbols_search.json", rawQueryString="q=btc&limit=x", queryStringParameters={
+        "q": "btc", "limit": "x"})
+    status, _, body = invoke("symbols", event)  # once, but bad: pydantic's own words
+    assert status == 400 and body["error"]["message"].startswith("limit: Input should be a valid integer")
