@@ -668,6 +668,76 @@ def test_an_invoke_past_its_timeout_is_stopped_with_its_container(pool_bundle):
         os.kill(first["pid"], 0)
 
 
+@pytest.mark.integration
+def test_a_container_ignores_ctrl_c_which_the_terminal_sends_its_whole_process_group(pool_bundle):
+    """Ctrl-C on `make run` reaches every container too: they leave it to the local API, which stops them,
+    instead of each dying with a KeyboardInterrupt traceback."""
+    with pool_bundle() as (_api, url):
+        first = httpx.get(f"{url}/short", timeout=30).json()
+        os.kill(first["pid"], signal.SIGINT)
+        time.sleep(0.3)
+        after = httpx.get(f"{url}/short", timeout=30).json()
+    assert (after["pid"], after["calls"]) == (first["pid"], 2)  # the same container, still serving
+    deadline = time.monotonic() + 10
+    while _running(first["pid"]) and time.monotonic() < deadline:  # and stopped with the server
+        time.sleep(0.1)
+    assert not _running(first["pid"])
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"  # a zombie has stopped
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+@pytest.mark.integration
+def test_a_killed_runs_stale_postgres_handle_does_not_keep_the_next_runs_server_running(tmp_path):
+    """A run killed with SIGKILL leaves its pid in pgserver's .handle_pids.json: the next run must still stop
+    PostgreSQL when it closes."""
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    EmbeddedPostgres(data_dir).close()  # a data folder, as a first run leaves it
+    (data_dir / ".handle_pids.json").write_text(json.dumps([_dead_pid()]))  # then a run that was killed
+    postgres = EmbeddedPostgres(data_dir)
+    try:
+        assert (data_dir / "postmaster.pid").exists()
+        postgres.close()
+        assert not (data_dir / "postmaster.pid").exists(), "PostgreSQL was left running"
+    finally:
+        postgres.stop()  # when the test fails
+
+
+@pytest.mark.integration
+def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
+    from infra.local_stack import EmbeddedRedis
+
+    killed_run = EmbeddedRedis(tmp_path)
+    orphan, killed_run._process = killed_run._process, None  # its owner died without stopping it
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    unrelated = EmbeddedRedis(other_dir)  # another state folder's server is not ours to stop
+    next_run = EmbeddedRedis(tmp_path)
+    try:
+        assert orphan.wait(timeout=10) is not None
+        assert unrelated._process.poll() is None and next_run._process.poll() is None
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        next_run.stop()
+        unrelated.stop()
+    assert not (tmp_path / "redis-server.pid").exists()
+
+
 # ------------------------------------------------------------------ the real bundle, real stack
 
 
