@@ -90,8 +90,12 @@ def _invoke(handler, event, spec: dict, request_id: str) -> dict:
 
 
 def serve(fd: int) -> int:
+    import signal
     import socket
 
+    # Ctrl-C reaches the terminal's whole process group, these containers too: the local API stops them
+    # itself (it closes their socket), so they ignore it rather than print a KeyboardInterrupt each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = socket.socket(fileno=fd)
     lines = channel.makefile("rb")
 

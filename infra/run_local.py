@@ -22,7 +22,7 @@ from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
 from infra.local_stack import LocalStack
-from infra.sam_template import load_template, parse_functions
+from infra.sam_template import Throttle, load_template, parse_functions
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = ROOT / ".local" / "state"
@@ -44,10 +44,17 @@ def _example_ticker(data_dir: Path) -> tuple[str, str]:
     return name, name[:3].lower()
 
 
-def print_examples(base_url: str, data_dir: Path) -> None:
+def print_examples(base_url: str, data_dir: Path, create_throttle: Throttle | None = None) -> None:
+    """The example requests. Run back to back they stay within every route's burst (one create: the README's
+    example is another), so none meets the route throttles' 429."""
     ticker, prefix = _example_ticker(data_dir)
     create = f"curl -s -X POST {base_url}/predictions -H 'content-type: application/json' " \
              f"-d '{{\"symbol\": \"{ticker}\", \"timeframe\": \"1h\"}}'"
+    throttled = "" if create_throttle is None else (
+        f"\nThe routes are throttled as on AWS (POST /predictions: {create_throttle.burst} at once, then one per "
+        f"{1 / create_throttle.rate:g} s;\nthe list above has each route's): a 429 {{\"message\": \"Too Many "
+        f"Requests\"}} did nothing, so send it again\na few seconds later. `make run ARGS=--no-route-throttles` "
+        f"turns them off.\n")
     print(f"""
 candlecast is running on {base_url}   (docs: {base_url}/docs, OpenAPI: {base_url}/openapi.json)
 The forecast page: {base_url}/
@@ -56,10 +63,9 @@ The forecast page: {base_url}/
   curl -s '{base_url}/symbols?q={prefix}&limit=5'
   curl -s '{base_url}/symbols/top?limit=10'
   curl -s {base_url}/symbols/{ticker}
-  {create}
-  ID=$({create} | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  ID=$({create} | tee /dev/stderr | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
   curl -s {base_url}/predictions/$ID
-
+{throttled}
 Ctrl-C stops the API and the local stack.
 """, flush=True)
 
@@ -136,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         for route in api.routes:
             print(f"  {route.route_key:36} -> {route.function_id:26} {route.throttle or 'no throttle'}")
         print(f"ready in {time.perf_counter() - started:.1f} s", flush=True)
-        print_examples(base_url, Path(args.data))
+        create_throttle = None if args.no_route_throttles else next(
+            (route.throttle for route in api.routes if route.route_key == "POST /predictions"), None)
+        print_examples(base_url, Path(args.data), create_throttle)
         server.serve_forever()
     except (KeyboardInterrupt, Stop) as reason:
         print(f"stopping ({reason or 'interrupt'})…", flush=True)

@@ -146,3 +146,52 @@ def test_an_identity_encoding_is_no_encoding(encoding):
     event = load_event("predictions_create.json", body='{"symbol": "BTC-USD", "timeframe": "2h"}')
     event["headers"]["content-encoding"] = encoding
     assert_error(invoke("predictions_create", event), 422, "validation_error")
+
+
+
+NOT_OBJECTS = [
+    ([{"symbol": "BTC-USD", "timeframe": "1w"}], "an array"),
+    ([{"symbol": "BTC-USD", "timeframe": "1w"}, {"symbol": "ETHUSD", "timeframe": "1d"}], "an array"),
+    ([{"symbol": 1}, {"symbol": "BTC-USD", "timeframe": "1w"}], "an array"),
+    ([[{"symbol": "BTC-USD", "timeframe": "1w"}]], "an array"),
+    ([], "an array"),
+    (["BTC-USD", "1w"], "an array"),
+    ("BTC-USD", "a string"),
+    (7, "a number"),
+    (True, "a boolean"),
+    (None, "null"),
+]
+
+
+def test_a_body_that_is_not_a_json_object_is_422_and_nothing_is_stored(seeded):
+    """Powertools validates the first element of an array body as the request: it must not get the chance."""
+    import psycopg
+
+    def stored() -> int:
+        with psycopg.connect(seeded.database_url) as conn:
+            return conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
+
+    for body, kind in NOT_OBJECTS:
+        response = post(json.dumps(body))
+        assert_error(response, 422, "validation_error")
+        assert response[2]["error"]["message"] == f"body: must be a JSON object, not {kind}"
+        response = post(" \n" + json.dumps(body, indent=1), as_base64=True)  # whitespace first, base64
+        assert response[2]["error"]["message"] == f"body: must be a JSON object, not {kind}"
+    assert stored() == 0
+    assert post('[{"symbol": "BTC-USD"')[0] == 400  # not JSON at all: still the parse error
+    assert post(json.dumps({"symbol": "BTC-USD", "timeframe": "1w"}))[0] == 201  # the object itself is fine
+    assert stored() == 1
+
+
+def test_a_query_parameter_given_twice_is_named_as_such():
+    from infra.events import load_event
+
+    event = load_event("symbols_search.json", rawQueryString="q=btc&limit=1&limit=2",
+                       queryStringParameters={"q": "btc", "limit": "1,2"})  # as API Gateway joins them
+    status, _, body = invoke("symbols", event)
+    assert (status, body["error"]) == (400, {"code": "invalid_request",
+                                             "message": "limit: given more than once; give it once"})
+    event = load_event("symbols_search.json", rawQueryString="q=btc&limit=x", queryStringParameters={
+        "q": "btc", "limit": "x"})
+    status, _, body = invoke("symbols", event)  # once, but bad: pydantic's own words
+    assert status == 400 and body["error"]["message"].startswith("limit: Input should be a valid integer")

@@ -39,6 +39,18 @@ def test_bad_value_is_named(fresh_settings):
         get_settings()
 
 
+@pytest.mark.parametrize("given", ["debug", "Debug", "DEBUG", " debug "])
+def test_the_log_level_is_read_in_any_case_as_powertools_reads_it(fresh_settings, given):
+    for name, value in (("DATABASE_URL", "postgresql://localhost/x"), ("REDIS_URL", "redis://localhost"),
+                        ("DATA_BUCKET", "bucket"), ("POWERTOOLS_LOG_LEVEL", given)):
+        fresh_settings.setenv(name, value)
+    assert get_settings().log_level == "DEBUG"
+    get_settings.cache_clear()
+    fresh_settings.setenv("POWERTOOLS_LOG_LEVEL", "chatty")
+    with pytest.raises(ConfigurationError, match="POWERTOOLS_LOG_LEVEL"):
+        get_settings()
+
+
 def test_signing_key_is_required_with_no_fallback(fresh_settings):
     for stage in ("prod", "local"):
         settings = Settings(database_url="postgresql://h/d", redis_url="redis://h", data_bucket="bucket", stage=stage)
@@ -92,3 +104,17 @@ def test_an_unreachable_extension_falls_back_to_the_secrets_manager_api(fresh_se
     assert config.model_signing_key(settings) == b"from-the-api"
     warning = next(r for r in caplog.records if r.getMessage().startswith("secrets extension unavailable"))
     assert "from-the-api" not in str(warning.__dict__)  # the secret is never logged
+
+
+def test_the_readme_states_the_pool_defaults_the_code_has():
+    import re
+
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    timeout = Settings.model_fields["db_pool_timeout"].default
+    size = Settings.model_fields["db_pool_max_size"].default
+    stated = re.search(r"pool checkout timeout of ([\d.]+) s", readme)
+    assert stated and float(stated.group(1)) == timeout
+    row = "| `DB_POOL_MAX_SIZE`, `DB_POOL_TIMEOUT` | pool size per container, checkout timeout (s) |"
+    assert f"{row} {size}, {timeout} |" in readme

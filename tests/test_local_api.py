@@ -251,6 +251,33 @@ def test_cors_preflight_is_answered_from_the_template_configuration():
     assert headers["access-control-max-age"] == "600"
     missing = api.handle(HttpRequest("GET", "/nope", [("Origin", "https://app.example.com")]))
     assert (missing.status, dict(missing.headers)["access-control-allow-origin"]) == (404, "*")
+    # A cross-origin script may read the headers the API sends (the page after a list's last row, the cache
+    # marker, a 503's wait); the preflight does not need them.
+    exposed = dict(missing.headers)["access-control-expose-headers"].split(",")
+    assert {"x-next-cursor", "x-cache", "retry-after"} <= set(exposed)
+
+
+def test_the_readme_and_make_run_examples_back_to_back_stay_within_every_routes_burst(template, capsys):
+    """Nobody copying the examples meets the route throttles' 429: per route, the README's example requests
+    and the ones `make run` prints take no more tokens than its bucket starts with."""
+    from collections import Counter
+
+    from infra.run_local import print_examples
+
+    routes = parse_routes(template)
+    print_examples("http://127.0.0.1:3000", ROOT / "data")
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("$ curl -s 'http://127.0.0.1:3000/symbols?q="):]
+    lines = capsys.readouterr().out.splitlines() + block[:block.index("```")].splitlines()
+    taken: Counter[str] = Counter()
+    for line in lines:
+        for request in re.finditer(r"curl -s (-X ?POST )?'?http://127\.0\.0\.1:3000(/[^'\s?]*)", line):
+            found = find_route(routes, "POST" if request.group(1) else "GET", request.group(2))
+            assert found is not None, line
+            taken[found[0].route_key] += 1
+    assert taken["POST /predictions"] >= 1 and taken["GET /symbols"] == 2
+    for route in routes:
+        assert taken[route.route_key] <= route.throttle.burst, (route.route_key, taken[route.route_key])
 
 
 # ------------------------------------------------------------ a synthetic bundle, served over HTTP
@@ -639,6 +666,76 @@ def test_an_invoke_past_its_timeout_is_stopped_with_its_container(pool_bundle):
     assert after["pid"] != first["pid"] and after["calls"] == 1  # a fresh container: the stopped one is gone
     with pytest.raises(ProcessLookupError):
         os.kill(first["pid"], 0)
+
+
+@pytest.mark.integration
+def test_a_container_ignores_ctrl_c_which_the_terminal_sends_its_whole_process_group(pool_bundle):
+    """Ctrl-C on `make run` reaches every container too: they leave it to the local API, which stops them,
+    instead of each dying with a KeyboardInterrupt traceback."""
+    with pool_bundle() as (_api, url):
+        first = httpx.get(f"{url}/short", timeout=30).json()
+        os.kill(first["pid"], signal.SIGINT)
+        time.sleep(0.3)
+        after = httpx.get(f"{url}/short", timeout=30).json()
+    assert (after["pid"], after["calls"]) == (first["pid"], 2)  # the same container, still serving
+    deadline = time.monotonic() + 10
+    while _running(first["pid"]) and time.monotonic() < deadline:  # and stopped with the server
+        time.sleep(0.1)
+    assert not _running(first["pid"])
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"  # a zombie has stopped
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+@pytest.mark.integration
+def test_a_killed_runs_stale_postgres_handle_does_not_keep_the_next_runs_server_running(tmp_path):
+    """A run killed with SIGKILL leaves its pid in pgserver's .handle_pids.json: the next run must still stop
+    PostgreSQL when it closes."""
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    EmbeddedPostgres(data_dir).close()  # a data folder, as a first run leaves it
+    (data_dir / ".handle_pids.json").write_text(json.dumps([_dead_pid()]))  # then a run that was killed
+    postgres = EmbeddedPostgres(data_dir)
+    try:
+        assert (data_dir / "postmaster.pid").exists()
+        postgres.close()
+        assert not (data_dir / "postmaster.pid").exists(), "PostgreSQL was left running"
+    finally:
+        postgres.stop()  # when the test fails
+
+
+@pytest.mark.integration
+def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
+    from infra.local_stack import EmbeddedRedis
+
+    killed_run = EmbeddedRedis(tmp_path)
+    orphan, killed_run._process = killed_run._process, None  # its owner died without stopping it
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    unrelated = EmbeddedRedis(other_dir)  # another state folder's server is not ours to stop
+    next_run = EmbeddedRedis(tmp_path)
+    try:
+        assert orphan.wait(timeout=10) is not None
+        assert unrelated._process.poll() is None and next_run._process.poll() is None
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        next_run.stop()
+        unrelated.stop()
+    assert not (tmp_path / "redis-server.pid").exists()
 
 
 # ------------------------------------------------------------------ the real bundle, real stack

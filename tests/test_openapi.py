@@ -113,3 +113,8 @@ def test_the_documented_query_pattern_is_what_search_refuses():
             continue
         control_or_format = unicodedata.category(char) in ("Cc", "Cf")
         assert (refused.fullmatch(char) is None) == control_or_format, f"U+{code:04X}"
+
+
+def test_every_field_a_symbol_always_carries_is_required_in_the_schema():
+    schema = json.loads(openapi.DOCUMENT.read_text())["components"]["schemas"]["Symbol"]
+    assert set(schema["required"]) == set(schema["properties"])

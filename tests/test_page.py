@@ -136,14 +136,135 @@ def test_the_page_creates_a_forecast_and_draws_it(browser, site, clean_db):
     page.close()
 
 
-def test_the_page_says_why_a_forecast_failed(browser, site):
-    page = browser.new_page()
-    page.goto(f"{site}/")
-    page.fill("#symbol", "NOPE-USD")
+def forecast(page, symbol: str, timeframe: str) -> None:
+    page.fill("#symbol", symbol)
+    page.select_option("#timeframe", timeframe)
+    page.evaluate("document.querySelector('#status').textContent = ''")
     page.click("#forecast")
-    page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+    page.wait_for_function("!['', 'forecasting…'].includes(document.querySelector('#status').textContent)",
+                           timeout=30_000)
+    page.wait_for_timeout(300)  # the charts paint on the next animation frame
+
+
+def expected_candles_painted(page) -> int:
+    return painted(page, "#chart", (0xFF, 0xB7, 0x4D))
+
+
+def stored_predictions(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
+
+
+def test_the_page_says_why_a_forecast_failed_and_leaves_nothing_of_the_last_one(browser, site):
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(f"{site}/")
+    title = page.text_content("#chart-title")
+    forecast(page, "X:BTCUSDT", "1h")
+    assert page.evaluate("window.candlecast.drawn") is True and expected_candles_painted(page) > 200
+    assert page.text_content("#chart-title") != title
+
+    forecast(page, "NOPE-USD", "1h")
+    assert "error" in page.get_attribute("#status", "class")
     assert "symbol_not_found" in page.text_content("#status")
     assert page.evaluate("window.candlecast.drawn") is False
+    # The earlier forecast is gone: its title, its candles and bands, its model figures.
+    assert page.text_content("#chart-title") == title
+    assert expected_candles_painted(page) == 0
+    assert painted(page, "#chart", (0x29, 0x62, 0xFF)) == 0
+    assert page.text_content("#model-title") == "Model"
+    page.close()
+
+
+def test_an_error_body_that_is_not_json_is_reported_by_its_status(browser, site):
+    page = browser.new_page()
+    page.goto(f"{site}/")
+    page.route("**/predictions", lambda route: route.fulfill(
+        status=502, content_type="text/html", body="<html><body>Bad Gateway</body></html>"))
+    forecast(page, "X:BTCUSDT", "1h")
+    status = page.text_content("#status")
+    assert status.startswith("HTTP 502"), status
+    assert "JSON" not in status and "Unexpected token" not in status
+    page.close()
+
+
+def test_the_page_reads_each_models_track_record_once_per_load(browser, site):
+    """The route throttle of GET /models/{timeframe} (bursts of 2, then one per 5 s) must not fail a user
+    who presses Forecast every few seconds: the page asks for each timeframe's model once."""
+    page = browser.new_page()
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(urlsplit(request.url).path))
+    page.goto(f"{site}/")
+    for _ in range(2):  # a repeat is the stored prediction (200), drawn again
+        forecast(page, "X:BTCUSDT", "1h")
+        assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    assert asked.count("/models/1h") == 1 and asked.count("/predictions") == 2
+    page.close()
+
+
+def test_a_throttled_request_says_how_long_to_wait_and_creates_nothing(browser, site, clean_db):
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1h")
+    assert page.evaluate("window.candlecast.drawn") is True
+    before = stored_predictions(clean_db.database_url)
+    # API Gateway's own 429, as an HTTP API sends it: no Retry-After (the page waits a throttle's refill), or
+    # with one (the page waits that).
+    page.route("**/models/4h", lambda route: route.fulfill(
+        status=429, content_type="application/json", body='{"message":"Too Many Requests"}'))
+    forecast(page, "X:BTCUSDT", "4h")
+    status = page.text_content("#status")
+    assert "Too many requests" in status and "Try again in 5 s" in status, status
+    assert page.is_disabled("#forecast")
+    assert page.evaluate("window.candlecast.drawn") is False and expected_candles_painted(page) == 0
+    assert stored_predictions(clean_db.database_url) == before  # the model is read before the create
+    page.wait_for_function("!document.querySelector('#forecast').disabled", timeout=8_000)
+
+    page.route("**/models/1d", lambda route: route.fulfill(
+        status=429, content_type="application/json", headers={"Retry-After": "2"},
+        body='{"message":"Too Many Requests"}'))
+    forecast(page, "X:BTCUSDT", "1d")
+    assert "Try again in 2 s" in page.text_content("#status")
+    page.unroute("**/models/4h")
+    page.wait_for_function("!document.querySelector('#forecast').disabled", timeout=4_000)
+    forecast(page, "X:BTCUSDT", "4h")  # asked again: a refused read is not kept
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    page.close()
+
+
+def test_the_monthly_forecast_is_drawn_on_a_logarithmic_price_axis(browser, site):
+    """At 1m the 95 % band reaches thousands of times the price: on a linear axis the candles flatten into a
+    line at the bottom (and the axis goes below zero); on a log axis they keep their bodies."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(f"{site}/")
+    forecast(page, "XRPUSD", "1m")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    logarithmic = page.evaluate("LightweightCharts.PriceScaleMode.Logarithmic")
+    assert page.evaluate("window.candlecast.priceScaleMode") == logarithmic
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "forecast-page-1m.png"), full_page=True)
+    # The recent candles' bodies: about 6,000 pixels on the log axis, about 1,400 on a linear one.
+    recent = painted(page, "#chart", (0x26, 0xA6, 0x9A)) + painted(page, "#chart", (0xEF, 0x53, 0x50))
+    assert recent > 3000, recent
+    assert expected_candles_painted(page) > 300
+    page.close()
+
+
+def test_a_page_on_another_origin_can_page_through_a_list(browser, site):
+    """CORS exposes X-Next-Cursor: a script served from elsewhere reads it and fetches the next page."""
+    page = browser.new_page()
+    # The same server under another name is another origin (a page off the loopback may not fetch from it).
+    other_origin = f"http://localhost:{urlsplit(site).port}"
+    assert urlsplit(site).hostname != "localhost"
+    page.goto(f"{other_origin}/openapi.json")  # a document that calls no throttled route itself
+    seen = page.evaluate("""async (api) => {
+        const first = await fetch(`${api}/symbols/top?limit=2`);
+        const cursor = first.headers.get("x-next-cursor");
+        const second = cursor && await fetch(`${api}/symbols/top?limit=2&cursor=${encodeURIComponent(cursor)}`);
+        return { cursor, first: (await first.json()).map((s) => s.ticker),
+                 second: second ? (await second.json()).map((s) => s.ticker) : null };
+    }""", site)
+    assert seen["cursor"], "X-Next-Cursor is not readable from another origin"
+    assert len(seen["first"]) == 2 and seen["second"] and not set(seen["first"]) & set(seen["second"])
     page.close()
 
 

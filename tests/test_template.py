@@ -291,6 +291,18 @@ def test_http_api_cors_throttling_and_access_logs(resources):
     assert json.loads(api["AccessLogSettings"]["Format"])["status"] == "$context.status"
 
 
+def test_cors_exposes_every_response_header_a_client_reads():
+    """A browser script on another origin reads only the safelisted response headers and those in
+    Access-Control-Expose-Headers: without X-Next-Cursor it cannot page, without Retry-After it cannot wait."""
+    document = json.loads((ROOT / "infra" / "openapi.json").read_text())
+    documented = {name.lower() for item in document["paths"].values() for operation in item.values()
+                  for response in operation["responses"].values() for name in response.get("headers") or {}}
+    assert {"x-next-cursor", "x-cache"} <= documented
+    expose = template_checks.load_template()["Resources"]["HttpApi"]["Properties"]["CorsConfiguration"]
+    exposed = {name.lower() for name in expose.get("ExposeHeaders") or []}
+    assert documented | {"retry-after"} <= exposed  # retry-after: every 503 of ours (api.error_response)
+
+
 def test_each_api_function_has_its_reservation_and_a_throttle_on_each_route_from_its_parameters(template, resources):
     for name in API_FUNCTIONS:
         prefix = name.removesuffix("Function")

@@ -3,14 +3,19 @@
 
 const LWC = window.LightweightCharts;
 const $ = (id) => document.getElementById(id);
-const state = { drawn: false, candles: 0, expected: 0, reliability: { live: 0, backtest: 0 } };
+const state = { drawn: false, candles: 0, expected: 0, reliability: { live: 0, backtest: 0 }, priceScaleMode: null };
 window.candlecast = state; // read by the browser test
+// An API Gateway 429 carries no Retry-After: wait a throttled route's refill (1/rate, 5 s at most by default).
+const DEFAULT_RETRY_SECONDS = 5;
 
 const priceChart = LWC.createChart($("chart"), {
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { color: "#f0f2f5" }, horzLines: { color: "#f0f2f5" } },
   timeScale: { timeVisible: true, secondsVisible: false },
-  rightPriceScale: { borderVisible: false },
+  // Logarithmic, at every timeframe: the bands are ratios of the price (at 1w and 1m the 95 % band reaches
+  // 100x to 10,000x it), which a linear axis squeezes the candles under, past zero; on a log axis equal
+  // ratios are equal distances, so the candles keep their shape and a band's width reads as a multiple.
+  rightPriceScale: { borderVisible: false, mode: LWC.PriceScaleMode.Logarithmic },
 });
 const recentSeries = priceChart.addSeries(LWC.CandlestickSeries, {
   upColor: "#26a69a", downColor: "#ef5350", wickUpColor: "#26a69a", wickDownColor: "#ef5350", borderVisible: false,
@@ -48,15 +53,47 @@ diagonal.setData(Array.from({ length: 101 }, (_, i) => ({ time: i / 100, value: 
 const seconds = (iso) => Math.floor(Date.parse(iso) / 1000);
 const escape = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
+class ApiError extends Error {
+  constructor(message, status, retryAfter) {
+    super(message);
+    Object.assign(this, { status, retryAfter });
+  }
+}
+
 async function api(path, options) {
   const response = await fetch(path, options);
-  const body = await response.json();
-  if (!response.ok) {
-    // API Gateway's own answers (429 from a route's throttle) are {"message": ...}; ours are {"error": ...}.
-    const reason = body.error ? `${body.error.code}: ${body.error.message}` : body.message || "";
-    throw new Error(`HTTP ${response.status}${reason ? ` ${reason}` : ""}`);
+  if (response.ok) return response.json();
+  // The status first: an error body may be anything (a proxy's HTML page), and says why only when it is ours,
+  // {"error": ...}, or API Gateway's own (its 429 from a route's throttle), {"message": ...}.
+  const text = await response.text();
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    body = null;
   }
-  return body;
+  const reason = body?.error ? `${body.error.code}: ${body.error.message}` : body?.message || "";
+  if (response.status === 429) {
+    const seconds = Number.parseInt(response.headers.get("retry-after") || "", 10);
+    const wait = Number.isFinite(seconds) && seconds > 0 ? seconds : DEFAULT_RETRY_SECONDS;
+    throw new ApiError(`Too many requests: the API's throttle turned ${options?.method || "GET"} ` +
+      `${path.split("?")[0]} away and nothing was done. Try again in ${wait} s.`, 429, wait);
+  }
+  throw new ApiError(`HTTP ${response.status}${reason ? ` ${reason}` : ` ${response.statusText}`}`.trimEnd(),
+    response.status);
+}
+
+// A timeframe's model and track record, once per page load (the model changes only on a deploy); a failed
+// fetch is forgotten, so the next Forecast asks again.
+const models = new Map();
+function modelFor(timeframe) {
+  if (!models.has(timeframe)) {
+    models.set(timeframe, api(`/models/${timeframe}`).catch((error) => {
+      models.delete(timeframe);
+      throw error;
+    }));
+  }
+  return models.get(timeframe);
 }
 
 function onGrid(bins) {
@@ -101,6 +138,42 @@ function showModel(record) {
   $("model-note").textContent = drift + period + sample;
 }
 
+const CHART_TITLE = $("chart-title").textContent;
+const MODEL_TITLE = $("model-title").textContent;
+
+function clearForecast() {
+  // Nothing of an earlier forecast stays on screen under a failed one's message.
+  recentSeries.setData([]);
+  expectedSeries.setData([]);
+  for (const series of Object.values(bands)) series.setData([]);
+  liveDots.setData([]);
+  backtestDots.setData([]);
+  $("chart-title").textContent = CHART_TITLE;
+  $("model-title").textContent = MODEL_TITLE;
+  $("figures").querySelector("tbody").innerHTML = "";
+  $("model-note").textContent = "";
+  Object.assign(state, { drawn: false, candles: 0, expected: 0, reliability: { live: 0, backtest: 0 } });
+}
+
+function holdOff(seconds) {
+  // After a 429 the button waits out the throttle's refill, counting down.
+  const button = $("forecast");
+  const label = button.textContent;
+  button.disabled = true;
+  let left = seconds;
+  const tick = () => {
+    if (left <= 0) {
+      button.disabled = false;
+      button.textContent = label;
+      return;
+    }
+    button.textContent = `${label} (${left} s)`;
+    left -= 1;
+    setTimeout(tick, 1000);
+  };
+  tick();
+}
+
 async function forecast(event) {
   event.preventDefault();
   const symbol = $("symbol").value.trim();
@@ -109,14 +182,17 @@ async function forecast(event) {
   status.className = "";
   status.textContent = "forecasting…";
   state.drawn = false;
+  let created = null;
   try {
+    // Everything is fetched before anything is drawn; the model first, so that a refused model read leaves
+    // no prediction behind that the page never showed.
+    const record = await modelFor(timeframe);
     const prediction = await api("/predictions", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ symbol, timeframe }),
     });
-    const [candles, record] = await Promise.all([
-      api(`/local/candles?symbol=${encodeURIComponent(prediction.ticker)}&timeframe=${timeframe}&limit=120`),
-      api(`/models/${timeframe}`),
-    ]);
+    created = prediction.id;
+    const candles = await api(
+      `/local/candles?symbol=${encodeURIComponent(prediction.ticker)}&timeframe=${timeframe}&limit=120`);
     recentSeries.setData(candles.candles);
     expectedSeries.setData(prediction.steps.map((step) => ({
       time: seconds(step.ts), open: step.open, high: step.high, low: step.low, close: step.close,
@@ -129,11 +205,17 @@ async function forecast(event) {
     $("chart-title").textContent =
       `${prediction.ticker} ${timeframe}: ${candles.candles.length} recent candles and 30 expected from ` +
       `${prediction.last_candle_at}`;
-    Object.assign(state, { drawn: true, candles: candles.candles.length, expected: prediction.steps.length });
+    Object.assign(state, {
+      drawn: true, candles: candles.candles.length, expected: prediction.steps.length,
+      priceScaleMode: priceChart.priceScale("right").options().mode,
+    });
     status.textContent = `prediction ${prediction.id}`;
   } catch (error) {
+    clearForecast();
     status.className = "error";
-    status.textContent = String(error.message || error);
+    const message = String(error.message || error);
+    status.textContent = created ? `prediction ${created} was stored but cannot be drawn: ${message}` : message;
+    if (error.status === 429) holdOff(error.retryAfter);
   }
 }
 

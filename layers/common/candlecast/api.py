@@ -4,9 +4,9 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
@@ -19,6 +19,7 @@ from candlecast.config import get_settings
 from candlecast.errors import (
     BadRequest,
     CandlecastError,
+    InvalidFields,
     PayloadTooLarge,
     ServiceUnavailable,
     UnsupportedMediaType,
@@ -48,7 +49,7 @@ _ERROR_MEANINGS = {
     409: "Idempotency-Key reused for another symbol or timeframe",
     413: "body larger than 16 KiB",
     415: "body is not application/json, or is compressed (Content-Encoding)",
-    422: "body fields invalid",
+    422: "body is not a JSON object, or its fields are invalid",
     503: "a dependency is unavailable",
 }
 
@@ -103,8 +104,15 @@ def error_response(status_code: int, code: str, message: str, retry_after: int |
     return json_response(json.dumps(error_body(code, message)), status_code, headers)
 
 
-def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
-    """400 for bad query/path parameters and malformed bodies, 422 for well-formed bodies with bad fields."""
+def _repeated_parameters(raw_query: str) -> set[str]:
+    """Query parameters given more than once: API Gateway joins their values with commas."""
+    names = [name for name, _value in parse_qsl(raw_query or "", keep_blank_values=True)]
+    return {name for name in names if names.count(name) > 1}
+
+
+def _describe_validation(errors: list[dict[str, Any]], repeated: Collection[str] = ()) -> tuple[int, str]:
+    """400 for bad query/path parameters and malformed bodies, 422 for well-formed bodies with bad fields;
+    a bad query parameter that was `repeated` is named as given more than once."""
     problems, status = [], 400
     for error in errors:
         if error.get("type") == "json_invalid":
@@ -115,6 +123,9 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
         if location and location[0] == "body":
             status = 422
         where = ".".join(location[1:] if len(location) > 1 else location) or "request"
+        if location[:1] == ["query"] and len(location) > 1 and location[1] in repeated:
+            problems.append(f"{where}: given more than once; give it once")
+            continue
         problems.append(f"{where}: {error.get('msg', 'invalid')}")
     return status, "; ".join(problems)[:1000]
 
@@ -134,7 +145,8 @@ def create_resolver(validation: bool = True) -> APIGatewayHttpResolver:
 
     @app.exception_handler(RequestValidationError)
     def _validation_error(error: RequestValidationError) -> Response:
-        status, message = _describe_validation(error.errors())
+        status, message = _describe_validation(error.errors(),
+                                               _repeated_parameters(app.current_event.raw_query_string))
         return error_response(status, "invalid_request" if status == 400 else "validation_error", message)
 
     @app.exception_handler(RequestUnsupportedContentType)
@@ -154,8 +166,24 @@ def create_resolver(validation: bool = True) -> APIGatewayHttpResolver:
     return app
 
 
+_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+               type(None): "null"}
+
+
+def _json_kind(text: str) -> str | None:
+    """What a body that is JSON but not a JSON object is ("an array", ...); None for an object, no body or not
+    JSON (validation answers those). Powertools would validate an array's first element as the request."""
+    if not text.strip(" \t\n\r") or text.lstrip(" \t\n\r").startswith("{"):
+        return None
+    try:
+        return _JSON_KINDS[type(strictjson.loads(text))]
+    except ValueError:  # json.JSONDecodeError
+        return None
+
+
 def _refused_body(event: dict) -> CandlecastError | None:
-    """A body we refuse before anything parses or validates it: too large, not UTF-8, or not JSON."""
+    """A body we refuse before anything parses or validates it: too large, not UTF-8, not JSON, or JSON that
+    is not an object (every body the API takes is one)."""
     body = event.get("body") or ""
     if len(body) > MAX_BODY_BYTES * 4 // 3 + 4:  # too large even as base64: do not decode it
         return PayloadTooLarge(f"request body is over {MAX_BODY_BYTES} bytes, the limit")
@@ -172,12 +200,14 @@ def _refused_body(event: dict) -> CandlecastError | None:
     if len(raw) > MAX_BODY_BYTES:
         return PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return BadRequest("request body is not UTF-8 text", code="invalid_body")
     content_type = str(headers.get("content-type", "application/json")).split(";")[0].strip().lower()
     if body and content_type != "application/json" and not content_type.endswith("+json"):
         return UnsupportedMediaType(f"Content-Type must be application/json, not {content_type[:100]}")
+    if (kind := _json_kind(text)) is not None:
+        return InvalidFields(f"body: must be a JSON object, not {kind}")
     if "content-type" in headers:
         # Powertools parses only a literal `application/json`; +json types and other casings are JSON too
         # (and without a body the type does not matter).

@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from candlecast.errors import SecretsUnavailable
@@ -81,6 +81,12 @@ class Settings(DatabaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
     stage: str = "local"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_in_any_case(cls, value: object) -> object:
+        """Powertools takes `debug` as well as `DEBUG`; so does start-up."""
+        return value.strip().upper() if isinstance(value, str) else value
 
 
 def _missing_database_error() -> dict:

@@ -17,6 +17,14 @@ class BadRequest(CandlecastError):
     code = "bad_request"
 
 
+class InvalidFields(CandlecastError):
+    """A well-formed body whose fields (or shape) are not what the route takes; the code the validation of a
+    body's fields answers with."""
+
+    status = 422
+    code = "validation_error"
+
+
 class NotFound(CandlecastError):
     status = 404
     code = "not_found"

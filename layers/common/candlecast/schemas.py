@@ -77,10 +77,11 @@ class Symbol(_Read):
     volume_rank: int | None
     is_active: bool
     updated_at: datetime
+    # Required, as volume_24h is: every answer carries them, and the schema says so to clients.
     candle_timeframes: list[Timeframe] = Field(
-        default_factory=list, description="timeframes with stored candles: these can be forecast now")
+        ..., description="timeframes with stored candles: these can be forecast now")
     fetchable: bool = Field(
-        False, description="other timeframes are fetched from Polygon on demand (this deployment has a key)")
+        ..., description="other timeframes are fetched from Polygon on demand (this deployment has a key)")
 
 
 ModelKind = Literal["baseline", "learned", "garch-scale", "combined"]
