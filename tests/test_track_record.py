@@ -470,7 +470,7 @@ def score_predictions(count: int, inside_every: int, origin: datetime) -> None:
                 {"prediction_id": str(stored["id"]), "step": step["step"], "model_id": str(model_id),
                  "ts": step["ts"].isoformat(), "realised_close": 100.0, "inside_80": step["step"] % inside_every == 0,
                  "inside_95": True, "confidence": 0.3, "event": False, "pinball": 1.0, "baseline_pinball": 1.0,
-                 "in_sample": False, "ticker": SYMBOL, "timeframe": "1h", "origin_at": at.isoformat()}
+                 "in_sample": False}
                 for step in prediction.model_dump()["steps"]
             ])
     cache.invalidate_track_record()

@@ -24,8 +24,6 @@ SCORE_FIELDS = (
     ("baseline_pinball", "double precision"), ("in_sample", "boolean"),
 )
 _NAMES = ", ".join(name for name, _ in SCORE_FIELDS)
-# Each score row also names its prediction's origin, which live_outcomes keys the counted outcomes by.
-ORIGIN_FIELDS = (("ticker", "text"), ("timeframe", "text"), ("origin_at", "timestamptz"))
 _OUTCOME_KEY = "model_id, ticker, timeframe, origin_at, step"
 
 # Retention (issue 9) may delete a prediction only when this holds for it (alias `p`): every step is scored
@@ -70,17 +68,15 @@ ORDER BY p.ticker, p.timeframe, p.id
 """
 
 _RECORD = f"""
-WITH incoming AS (
-    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb)
-        AS r({", ".join(f"{name} {kind}" for name, kind in SCORE_FIELDS + ORIGIN_FIELDS)})
-), scored AS (
+WITH scored AS (
     INSERT INTO prediction_scores ({_NAMES})
-    SELECT {_NAMES} FROM incoming
+    SELECT {_NAMES} FROM jsonb_to_recordset(%(rows)s::jsonb)
+        AS r({", ".join(f"{name} {kind}" for name, kind in SCORE_FIELDS)})
     ON CONFLICT (prediction_id, step) DO NOTHING
     RETURNING {_NAMES}
-), newly_scored AS (
-    SELECT scored.*, incoming.ticker, incoming.timeframe, incoming.origin_at
-    FROM scored JOIN incoming USING (prediction_id, step)
+), newly_scored AS (  -- with each one's origin
+    SELECT scored.*, p.ticker, p.timeframe, p.last_candle_at AS origin_at
+    FROM scored JOIN predictions p ON p.id = scored.prediction_id
 ), counted AS (
     INSERT INTO live_outcomes ({_OUTCOME_KEY}, ts)
     SELECT DISTINCT ON ({_OUTCOME_KEY}) {_OUTCOME_KEY}, ts FROM newly_scored
@@ -178,8 +174,8 @@ def schedule_next(conn: psycopg.Connection, ids: list[uuid.UUID], since: datetim
 
 
 def record_scores(conn: psycopg.Connection, rows: list[dict]) -> int:
-    """Insert the scores of matured steps (SCORE_FIELDS and ORIGIN_FIELDS) and fold the new ones whose outcome
-    is not counted yet into model_live_stats; returns how many steps were newly scored.
+    """Insert the scores of matured steps and fold the new ones whose outcome is not counted yet into
+    model_live_stats; returns how many steps were newly scored.
 
     Steps already scored (by an earlier or a concurrent run) are skipped and not counted again, and so is the
     step of a prediction from an origin whose outcome at that step another prediction already counted.

@@ -112,8 +112,7 @@ def score_prediction(prediction: dict, candles, model) -> tuple[list[dict], int]
             "inside_80": bool(step["lower_80"] <= close <= step["upper_80"]),
             "inside_95": bool(step["lower_95"] <= close <= step["upper_95"]),
             "confidence": float(step["confidence"]), "event": bool(hit), "pinball": float(own),
-            "baseline_pinball": float(base), "in_sample": in_sample, "ticker": prediction["ticker"],
-            "timeframe": prediction["timeframe"], "origin_at": prediction["last_candle_at"],
+            "baseline_pinball": float(base), "in_sample": in_sample,
         }
         for step, close, hit, own, base in zip(chosen, realised, event, loss, base_loss, strict=True)
         if math.isfinite(close) and close > 0
