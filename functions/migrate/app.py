@@ -35,9 +35,13 @@ logger = Logger()
 redaction.install(logger)
 
 SUCCESS, FAILED = "SUCCESS", "FAILED"
-RESPONSE_MARGIN_SECONDS = 10.0  # answer CloudFormation this long before the function would time out
-DEFAULT_BUDGET_SECONDS = 280.0  # when there is no Lambda context (local calls)
 PUT_ATTEMPTS = 3
+PUT_TIMEOUT_SECONDS = 10
+CANCEL_GRACE_SECONDS = 3.0  # after cancelling at the deadline, how long to wait for the run to roll back
+# Answer CloudFormation this long before the function would time out: room to cancel the run and for every
+# attempt at delivering the answer (with the pauses between them), so Lambda never kills a late answer.
+RESPONSE_MARGIN_SECONDS = CANCEL_GRACE_SECONDS + PUT_ATTEMPTS * PUT_TIMEOUT_SECONDS + sum(range(1, PUT_ATTEMPTS)) + 2
+DEFAULT_BUDGET_SECONDS = 280.0  # when there is no Lambda context (local calls)
 MAX_REASON_CHARS = 1000  # the whole response must stay under CloudFormation's 4 KB
 
 
@@ -61,7 +65,6 @@ def migration_status() -> dict[str, Any]:
 
 
 ACTIONS: dict[str, Callable[[], dict[str, Any]]] = {"apply": apply_migrations, "status": migration_status}
-CANCEL_GRACE_SECONDS = 3.0  # after cancelling at the deadline, how long to wait for the run to roll back
 CANCEL_TICK_SECONDS = 0.25  # cancel again this often: a statement may have started since
 
 
@@ -134,7 +137,7 @@ def send_response(event: dict, status: str, reason: str, physical_id: str, data:
     request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": ""})  # noqa: S310
     for attempt in range(1, PUT_ATTEMPTS + 1):
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (scheme checked above)
+            with urllib.request.urlopen(request, timeout=PUT_TIMEOUT_SECONDS) as response:  # noqa: S310 (scheme checked above)
                 logger.info("answered CloudFormation", extra={"status": status, "http_status": response.status})
                 return
         except (urllib.error.URLError, OSError) as error:
