@@ -33,6 +33,7 @@ from infra.apigateway import (
     TokenBucket,
     build_event,
     error_response,
+    gateway_response,
     invoke_refused,
     throttled_by_route,
     to_http_response,
@@ -152,7 +153,7 @@ class LocalApi:
             return HttpResponse(204, [], b"")  # API Gateway answers preflights itself
         found = find_route(self.routes, request.method, path)
         if found is None:
-            return error_response(404, "not_found", f"no route for {request.method} {path}")
+            return gateway_response(404, "Not Found")  # API Gateway answers a route it does not have itself
         route, params = found
         bucket = self.buckets.get(route.route_key)
         if bucket is not None and not bucket.take():
@@ -169,10 +170,10 @@ class LocalApi:
             response = invoke_refused()
         except FunctionError as error:
             log.error("%s failed on %s: %s", route.function_id, route.route_key, error)
-            response = error_response(500, "internal_error", "Internal Server Error")
+            response = gateway_response(500, "Internal Server Error")  # a crashed invoke: API Gateway's own 500
         except Exception:
             log.exception("%s failed on %s", route.function_id, route.route_key)
-            response = error_response(500, "internal_error", "Internal Server Error")
+            response = gateway_response(500, "Internal Server Error")
         response.function_id = route.function_id
         if self.report_waits and waited:
             response.headers.append((WAIT_HEADER, f"{waited[0] * 1000:.1f}"))
