@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -74,20 +75,32 @@ def active_model_id(database_url: str, timeframe: str = "1h") -> uuid.UUID:
 # --- scoring through the refresh ------------------------------------------------------------------
 
 
-def test_steps_are_scored_when_their_candles_arrive_through_the_refresh(track):
+@contextmanager
+def one_symbol_refreshed(track):
+    """(refresh again, ticker, the first refresh's report): one symbol's 1h candles through the refresh, from a
+    market whose clock the second refresh moves on by twelve hours."""
     from infra.lambda_loader import load_handler
 
     handler = load_handler("functions/refresh")
     now = int(time.time())
     market = make_market(1, now=now - now % HOUR - 12 * HOUR, history_days=20)
     ticker = market.symbols[0].ticker
+
+    def refresh_again() -> dict:
+        market.now += 12 * HOUR  # twelve more hourly candles close
+        return handler({"tickers": [ticker], "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+
     with FakePolygon(market) as fake:
         point_settings_at(track, fake)
         first = handler({"symbols": 1, "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+        yield refresh_again, ticker, first
+
+
+def test_steps_are_scored_when_their_candles_arrive_through_the_refresh(track):
+    with one_symbol_refreshed(track) as (refresh_again, ticker, first):
         assert first["candles_added"] > 0 and first["scoring"] == "inline"
         prediction = create(ticker)
-        market.now += 12 * HOUR  # twelve more hourly candles close
-        second = handler({"tickers": [ticker], "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+        second = refresh_again()
     assert second["candles_added"] >= 11 and second["scoring"] == "inline"
 
     stored = storage.read_all_candles(ticker, "1h")
@@ -313,15 +326,7 @@ NO_ONE = score_repository.NO_PREDICTION
 def test_between_refreshes_a_run_reads_no_candle_file_in_vain(track):
     """The refresh records each file's last candle; a prediction whose next step is past it is not due, however
     late it is, so the hourly run reads no file until a refresh has stored the candle it waits for."""
-    from infra.lambda_loader import load_handler
-
-    handler = load_handler("functions/refresh")
-    now = int(time.time())
-    market = make_market(1, now=now - now % HOUR - 12 * HOUR, history_days=20)
-    ticker = market.symbols[0].ticker
-    with FakePolygon(market) as fake:
-        point_settings_at(track, fake)
-        handler({"symbols": 1, "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+    with one_symbol_refreshed(track) as (refresh_again, ticker, _first):
         prediction_id = uuid.UUID(create(ticker)["id"])
         stored = storage.read_all_candles(ticker, "1h")
         through = rows(url(), "SELECT metadata->'candles_through'->>'1h' FROM symbols WHERE ticker = %s", ticker)
@@ -336,8 +341,7 @@ def test_between_refreshes_a_run_reads_no_candle_file_in_vain(track):
         again = scoring.run(60, now=later)
         assert again.predictions == 0 and len(reads) == 1  # not due: no file read
 
-        market.now += 12 * HOUR  # the next refresh stores twelve more candles
-        handler({"tickers": [ticker], "timeframes": ["1h"]}, RefreshContext(remaining_seconds=900))
+        refresh_again()  # stores twelve more candles, and scores what they matured
     scored = rows(url(), "SELECT count(*) FROM prediction_scores WHERE prediction_id = %s", prediction_id)[0][0]
     assert scored >= 11  # the refresh's own scoring run found it due
 
