@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale requirements clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
+.PHONY: install run test lint bench bench-scale bench-score-year requirements clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ BENCH_SCALE_TMP ?= $(CURDIR)/.local/bench-scale
 bench-scale: $(STAMP)
 	mkdir -p $(BENCH_SCALE_TMP)
 	TMPDIR=$(BENCH_SCALE_TMP) $(BIN)/python -m infra.bench_scale
+
+## scoring.run on a production-shaped year (33,333 predictions x 30 steps, 150 symbols' candle files) on the local
+## stack; state kept under .local/bench-score-year (--rebuild to build it again); not part of `make test`.
+bench-score-year: $(STAMP)
+	$(BIN)/python -m infra.bench_score_year
 
 clean:
 	rm -rf $(VENV) .aws-sam .local .pytest_cache .ruff_cache

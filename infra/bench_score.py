@@ -18,7 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 
@@ -100,19 +102,23 @@ def forget_the_hour(url: str, now: datetime) -> None:
 
 
 class Timed:
-    """Wall time of the repository calls scoring.run makes, per call."""
+    """Wall time of the repository calls scoring.run makes, per call; with `tally`, the sum of tally(result)."""
 
-    def __init__(self, module, name: str):
+    def __init__(self, module, name: str, tally: Callable[[Any], int] | None = None):
         self.module, self.name, self.original = module, name, getattr(module, name)
         self.seconds: list[float] = []
+        self.tally, self.total = tally, 0
 
     def __enter__(self) -> "Timed":
         def timed(*args, **kwargs):
             started = time.perf_counter()
             try:
-                return self.original(*args, **kwargs)
+                result = self.original(*args, **kwargs)
             finally:
                 self.seconds.append(time.perf_counter() - started)
+            if self.tally is not None:
+                self.total += self.tally(result)
+            return result
 
         setattr(self.module, self.name, timed)
         return self

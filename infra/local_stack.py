@@ -281,10 +281,11 @@ class LocalStack:
 
 
 @contextlib.contextmanager
-def started_stack(bucket: str, **environment: str) -> Iterator[LocalStack]:
-    """A LocalStack whose settings, with `environment`, are this process's environment; closed on leaving."""
+def started_stack(bucket: str, *, state_dir: Path | None = None, **environment: str) -> Iterator[LocalStack]:
+    """A LocalStack whose settings, with `environment`, are this process's environment; closed on leaving.
+    With a `state_dir` its data is kept there between runs (LocalStack.start)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    stack = LocalStack.start(bucket=bucket)
+    stack = LocalStack.start(bucket=bucket, state_dir=state_dir)
     try:
         os.environ.update({**stack.environment(), **environment})
         yield stack
@@ -293,10 +294,10 @@ def started_stack(bucket: str, **environment: str) -> Iterator[LocalStack]:
 
 
 @contextlib.contextmanager
-def seeded_stack(bucket: str, *, quiet: bool = True) -> Iterator[LocalStack]:
+def seeded_stack(bucket: str, *, quiet: bool = True, state_dir: Path | None = None) -> Iterator[LocalStack]:
     """started_stack, migrated and seeded with the sample symbols, candles and models; the seed's pool is
     closed, so the caller's first use of `db` opens its own. `quiet` drops the seed's printed summary."""
-    with started_stack(bucket, POWERTOOLS_LOG_LEVEL="WARNING") as stack:
+    with started_stack(bucket, state_dir=state_dir, POWERTOOLS_LOG_LEVEL="WARNING") as stack:
         from candlecast import db, migrate, seed
 
         migrate.apply(stack.database_url)
