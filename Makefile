@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale bench-score-year requirements clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
+.PHONY: install run test lint bench bench-scale bench-score-year requirements lock-layers clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 ## Layer requirements are generated from pyproject.toml, never edited by hand.
 requirements: $(STAMP)
 	$(BIN)/python infra/layer_requirements.py --write
+
+## Pin the layers' dependencies again (layers/constraints.txt): the registry's newest that fit, for Lambda arm64.
+lock-layers: $(STAMP)
+	$(BIN)/python infra/layer_requirements.py --lock
 
 run: $(STAMP)
 	$(BIN)/python -m infra.run_local --port $(PORT) $(ARGS)
