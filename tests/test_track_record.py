@@ -221,7 +221,7 @@ def test_a_prediction_whose_origin_left_the_stored_file_fails_alone_and_the_run_
         uuid.UUID(other["id"])}
 
 
-def test_a_defect_met_on_one_prediction_is_logged_by_its_class_and_the_run_goes_on(track, capsys):
+def test_a_defect_met_on_one_prediction_is_logged_by_its_class_and_the_run_goes_on(track, caplog):
     history = stored_history()
     storage.write_candles("X:SOLUSD", "1h", history)
     ids = {uuid.UUID(create(SYMBOL)["id"]), uuid.UUID(create("X:SOLUSD")["id"])}
@@ -241,7 +241,9 @@ def test_a_defect_met_on_one_prediction_is_logged_by_its_class_and_the_run_goes_
     scored = {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")}
     assert report.scored == 3 and len(scored) == 1
     assert report.failed == [f"{(ids - scored).pop()}: IndexError"]
-    assert "secret-looking" not in capsys.readouterr().out
+    [failure] = [record for record in caplog.records if record.getMessage() == "scoring failed"]
+    assert failure.error == "IndexError"
+    assert not any("secret-looking" in str(record.__dict__) for record in caplog.records)
 
 
 def test_a_step_whose_candle_is_missing_stays_unscored_and_keeps_its_prediction(track):

@@ -121,12 +121,19 @@ def search_symbols(conn: psycopg.Connection, query: str, limit: int,
 def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str],
                           stored_through: dict[str, str]) -> None:
     """Record which timeframes have stored candles (metadata.candle_timeframes) and the open time of each one's
-    last stored candle (metadata.candles_through, ISO 8601), up to which the track record can score."""
-    update = {"candle_timeframes": list(timeframes), "candles_through": stored_through}
+    last stored candle (metadata.candles_through, ISO 8601), up to which the track record can score. A run over
+    some timeframes keeps the others' entries."""
     conn.execute(
-        "UPDATE symbols SET metadata = metadata || %(update)s::jsonb "
-        "WHERE ticker = %(ticker)s AND metadata || %(update)s::jsonb IS DISTINCT FROM metadata",
-        {"update": Jsonb(update), "ticker": ticker},
+        """
+        UPDATE symbols SET metadata = updated.metadata
+        FROM (SELECT id, metadata || jsonb_build_object(
+                  'candle_timeframes', %(timeframes)s::jsonb,
+                  'candles_through', COALESCE(metadata->'candles_through', '{}'::jsonb) || %(through)s::jsonb)
+                  AS metadata
+              FROM symbols WHERE ticker = %(ticker)s) updated
+        WHERE symbols.id = updated.id AND symbols.metadata IS DISTINCT FROM updated.metadata
+        """,
+        {"timeframes": Jsonb(list(timeframes)), "through": Jsonb(stored_through), "ticker": ticker},
     )
 
 
