@@ -12,7 +12,8 @@ sys.path = function folder, its layers' python folders in template order, then a
 runtime's boto3 and botocore (.local/lambda-runtime); code folders read-only; an unprivileged user, or
 root without capabilities where the interpreter is not reachable by one; no HOME;
 PYTHONDONTWRITEBYTECODE=1; the template's environment with the deployed secrets as Secrets Manager ARNs
-(moto) against the local stack. Events: tests/events/*.json whose routeKey is one of the function's
+(moto) against the local stack, for a stage that is not "local" with a signing key of its own (the
+committed models re-signed with it, as `seed --resign` does). Events: tests/events/*.json whose routeKey is one of the function's
 HttpApi routes, else files named after the function's folder (`migrate_*.json`); a CloudFormation event
 gets a local ResponseURL that captures the PUT. Fails on an import error, a write outside /tmp, an
 event that errors, a status that differs from the same events run from the dev tree, or garbage collection
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -52,6 +54,7 @@ LOCAL_EXTENSION_ARN = "arn:aws:lambda:us-east-1:123456789012:layer:local-secrets
 
 # Functions invoked by no tests/events file (imported from the artifact only), each with why; none today.
 NOT_INVOKED: dict[str, str] = {}
+CHECK_STAGE = "artifacts"  # a deployed stage's name; only "local" may use the development signing key
 POLYGON_KEY = "local-polygon-key"  # the fake Polygon server's key, stored as the secret
 ARCH_KEYS = re.compile(r"^(\s*(?:Architectures|CompatibleArchitectures):\s*\[\s*)arm64(\s*\])", re.MULTILINE)
 BUILD_ARCH = re.compile(r"^(\s*BuildArchitecture:\s*)arm64\s*$", re.MULTILINE)
@@ -378,18 +381,21 @@ class Deployment:
     database_proxy: TcpToUnixSocket | None = None
     extension: SecretsExtension | None = None
     polygon: Any = None  # a fake Polygon server, for the refresh
+    stage: str = "local"
+    signing_key: str = ""
 
     @property
     def polygon_url(self) -> str | None:
         return self.polygon.url if self.polygon is not None else None
 
     @classmethod
-    def create(cls, stack) -> "Deployment":
+    def create(cls, stack, stage: str = "local", signing_key: str | None = None) -> "Deployment":
         import boto3
         from psycopg.conninfo import conninfo_to_dict
 
         from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 
+        signing_key = signing_key or LOCAL_MODEL_SIGNING_KEY
         client = boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1")
         db = conninfo_to_dict(stack.database_url)
         proxy = None
@@ -400,7 +406,7 @@ class Deployment:
             "DbSecretArn": json.dumps({"host": db.get("host", "127.0.0.1"), "port": int(db.get("port") or 5432),
                                        "dbname": db.get("dbname"), "username": db.get("user"),
                                        "password": db.get("password") or "", "sslmode": "disable"}),
-            "ModelSigningKeySecretArn": LOCAL_MODEL_SIGNING_KEY,
+            "ModelSigningKeySecretArn": signing_key,
             "PolygonApiKeySecretArn": POLYGON_KEY,
         }
         arns = {}
@@ -411,11 +417,11 @@ class Deployment:
             arns[name] = client.describe_secret(SecretId=secret_name)["ARN"]
         extension = SecretsExtension(stack.s3_endpoint_url, SESSION_TOKEN)
         return cls(stack=stack, secret_arns=arns, response=ResponseCapture(), database_proxy=proxy,
-                   extension=extension, polygon=_fake_polygon())
+                   extension=extension, polygon=_fake_polygon(), stage=stage, signing_key=signing_key)
 
     def artifact_environment(self, template: dict, function: Function, task_root: Path) -> dict[str, str]:
         redis = re.match(r"redis://([^/]+)/", self.stack.redis_url)
-        parameters = {**self.secret_arns, "RedisEndpoint": redis.group(1), "RedisTls": "false", "Stage": "local",
+        parameters = {**self.secret_arns, "RedisEndpoint": redis.group(1), "RedisTls": "false", "Stage": self.stage,
                       "SecretsExtensionLayerArn": LOCAL_EXTENSION_ARN}
         resolver = Resolver(template, parameters, {"DataBucket": self.stack.bucket})
         env = {name: str(resolver.value(value)) for name, value in function.environment.items()}
@@ -441,7 +447,8 @@ class Deployment:
 
     def dev_environment(self) -> dict[str, str]:
         polygon = {"POLYGON_BASE_URL": self.polygon_url, "POLYGON_API_KEY": POLYGON_KEY} if self.polygon_url else {}
-        return {**self.stack.environment(), **polygon, "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        return {**self.stack.environment(), **polygon, "STAGE": self.stage, "MODEL_SIGNING_KEY": self.signing_key,
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                 "POWERTOOLS_SERVICE_NAME": "candlecast", "HOME": os.environ.get("HOME", "/tmp")}  # noqa: S108
 
     def prepared_events(self, events: list[tuple[str, dict]]) -> list[dict]:
@@ -578,7 +585,11 @@ def check(build_dir: Path) -> int:
     python = python312()
     prefix, who = _unprivileged_prefix(python)
     problems: list[str] = []
-    with started_stack("candlecast-artifacts") as stack, contextlib.closing(Deployment.create(stack)) as deployment:
+    # A deployed stage's rules: not "local", so the development key is refused, and a key of its own that the
+    # committed models are re-signed with (`seed --resign`), as README's Data and models has an operator do.
+    stage_key = secrets.token_hex(16)
+    with (started_stack("candlecast-artifacts", STAGE=CHECK_STAGE, MODEL_SIGNING_KEY=stage_key) as stack,
+          contextlib.closing(Deployment.create(stack, CHECK_STAGE, stage_key)) as deployment):
         print("layers as built for this machine:")
         layer_report(build_dir)
         problems.extend(f"offline-only code in a layer: {hit}" for hit in offline_imports(build_dir))
@@ -594,8 +605,10 @@ def check(build_dir: Path) -> int:
                                 f"name; add one (or a reason to NOT_INVOKED in infra/artifacts.py)")
             if function.folder != "migrate" and not seeded:
                 from candlecast import seed
+                from candlecast.config import get_settings
 
-                seed.seed(progress=False)
+                get_settings.cache_clear()
+                seed.seed(progress=False, resign=True)
                 seeded = True
             prepared = deployment.prepared_events(events)
             task_root = build_dir / function.logical_id

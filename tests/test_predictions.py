@@ -247,6 +247,25 @@ def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tam
     assert stored_predictions(seeded.database_url) == 0
 
 
+def test_a_signed_file_that_is_no_model_is_refused_without_quoting_it(seeded):
+    """Signed with the stage's key and registered, yet not a model file: a 503 whose message holds none of its bytes."""
+    import hashlib
+
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+    from candlecast.forecast.artifact import sign
+
+    junk = b"gsecret-looking/text/that/is/not/joblib\n"  # pickle's GET opcode: its error quotes the line
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        key = conn.execute("SELECT s3_key FROM models WHERE timeframe = '1h' AND is_active").fetchone()[0]
+        conn.execute("UPDATE models SET sha256 = %s WHERE timeframe = '1h'", (hashlib.sha256(junk).hexdigest(),))
+    storage.put_bytes(key, junk)
+    storage.put_bytes(storage.signature_key(key), sign(junk, LOCAL_MODEL_SIGNING_KEY.encode()).encode())
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert (status, body["error"]["code"]) == (503, "model_integrity")
+    assert "secret-looking" not in body["error"]["message"] and "cannot be read" in body["error"]["message"]
+    assert stored_predictions(seeded.database_url) == 0
+
+
 @pytest.mark.parametrize(
     ("body", "status", "mentions"),
     [
@@ -427,8 +446,7 @@ def shipped_models(tmp_path, monkeypatch):
 
     (tmp_path / "models").mkdir()
     for model in (ROOT / "models").glob("*.pkl"):
-        for path in (model, model.with_name(model.name + ".sig")):
-            (tmp_path / "models" / path.name).write_bytes(path.read_bytes())
+        (tmp_path / "models" / model.name).write_bytes(model.read_bytes())
     monkeypatch.setenv("LAMBDA_TASK_ROOT", str(tmp_path))
     forecasting.forget_models()
     yield tmp_path / "models"
@@ -454,11 +472,23 @@ def test_a_shipped_model_that_is_not_the_registered_one_is_ignored_for_the_bucke
     assert status == 201, body  # read and verified from the bucket
 
 
-def test_a_shipped_model_with_a_bad_signature_is_refused_as_a_tampered_one(seeded, shipped_models):
-    (shipped_models / "1h.pkl.sig").write_bytes(b"0" * 64)  # the file is the registered one, its signature not
-    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
-    assert status == 503 and body["error"]["code"] == "model_integrity"
-    assert stored_predictions(seeded.database_url) == 0
+def test_a_stage_with_a_key_of_its_own_uses_the_shipped_model(seeded, shipped_models, monkeypatch):
+    """A deployed stage refuses the development key the committed signatures carry; `seed --resign` signs the
+    bucket's copies with the stage's key. The shipped file is the registered one, so it is used as it is."""
+    from candlecast import seed
+    from candlecast.config import get_settings
+
+    monkeypatch.setenv("STAGE", "prod")
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "a-key-of-this-stage-only")
+    get_settings.cache_clear()
+    try:
+        seed.register_models(seed.checked_models(ROOT / "models", resign=True), progress=False)
+        storage.s3_client().delete_object(Bucket=seeded.bucket, Key=_active_1h_key(seeded.database_url))
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert status == 201, body
 
 
 def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refresh(seeded, monkeypatch):

@@ -199,11 +199,10 @@ def test_a_bundled_model_is_used_only_when_it_is_the_registered_file(tmp_path, m
     models = tmp_path / "models"
     models.mkdir()
     (models / "1h.pkl").write_bytes(b"model bytes")
-    (models / "1h.pkl.sig").write_bytes(b"signature")
     sha256 = hashlib.sha256(b"model bytes").hexdigest()
     monkeypatch.delenv("LAMBDA_TASK_ROOT", raising=False)
     assert storage.bundled_model("1h", sha256) is None  # outside Lambda: the bucket
     monkeypatch.setenv("LAMBDA_TASK_ROOT", str(tmp_path))
-    assert storage.bundled_model("1h", sha256) == (b"model bytes", b"signature")
+    assert storage.bundled_model("1h", sha256) == b"model bytes"
     assert storage.bundled_model("1h", "0" * 64) is None  # another model is registered: the bucket
     assert storage.bundled_model("4h", sha256) is None  # not shipped

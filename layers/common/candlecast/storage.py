@@ -62,9 +62,11 @@ def signature_key(model_key: str) -> str:
 # --- clients ------------------------------------------------------------------------------------
 
 
-def bundled_model(timeframe: str, sha256: str) -> tuple[bytes, bytes | None] | None:
-    """The active model file shipped in the function (models/{tf}.pkl beside app.py) and its signature, when its
-    sha256 is the registered one; None sends the caller to the bucket. The caller still verifies both."""
+def bundled_model(timeframe: str, sha256: str) -> bytes | None:
+    """The active model file shipped in the function (models/{tf}.pkl beside app.py), when its sha256 is the
+    registered one; None sends the caller to the bucket. Its bytes are then the registered file's, and the
+    function's code package is written only by a deploy, so no signature is read: the committed `.sig` files
+    carry the development key, which no deployed stage accepts."""
     import hashlib
     import os
 
@@ -76,8 +78,7 @@ def bundled_model(timeframe: str, sha256: str) -> tuple[bytes, bytes | None] | N
     if hashlib.sha256(data).hexdigest() != sha256:
         logger.info("bundled model is not the registered one; reading the bucket", extra={"timeframe": timeframe})
         return None
-    signature = Path(f"{path}.sig")
-    return data, signature.read_bytes() if signature.is_file() else None
+    return data
 
 
 def _client(name: str, factory: Callable[[], Any]) -> Any:

@@ -43,12 +43,17 @@ def verify(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: 
         raise ModelIntegrityError("model file sha256 does not match its models row; refusing to load it")
 
 
-def verify_and_load(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: str | None = None):
-    """The ForecastModel in `data`, after the signature and checksum checks pass."""
-    verify(data, signature_hex, key, expected_sha256)
+def load(data: bytes):
+    """The ForecastModel in `data`, which the caller has verified."""
     from candlecast.forecast.model import load_model
 
     try:
         return load_model(data)
-    except Exception as error:  # a correctly signed but unreadable file is still not a usable model
-        raise ModelIntegrityError(f"model file is signed but cannot be read: {error}") from error
+    except Exception as error:  # a verified but unreadable file is still not a usable model; its text stays here
+        raise ModelIntegrityError(f"model file is verified but cannot be read ({type(error).__name__})") from error
+
+
+def verify_and_load(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: str | None = None):
+    """The ForecastModel in `data`, after the signature and checksum checks pass."""
+    verify(data, signature_hex, key, expected_sha256)
+    return load(data)

@@ -41,6 +41,25 @@ class CreateResult:
     created: bool
 
 
+def _bucket_model(row: dict):
+    """The registered file from the bucket, loaded only after its signature (under this stage's key) and its
+    sha256 are checked."""
+    timeframe = row["timeframe"]
+    data = storage.get_bytes(row["s3_key"])
+    if data is None:
+        raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
+    signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
+    try:
+        key = model_signing_key(get_settings())
+    except PublicSigningKeyError as error:
+        raise ModelUnavailable(str(error), code="model_signing_key_refused") from None
+    except ConfigurationError as error:
+        raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
+    # A garbled signature decodes to something that cannot match, and is refused as tampered.
+    return artifact.verify_and_load(data, signature.decode("ascii", "replace") if signature else None, key,
+                                    row["sha256"])
+
+
 def verified_model(row: dict):
     """The active model, loaded once per container; the file is verified before it is unpickled."""
     timeframe, sha256 = row["timeframe"], row["sha256"]
@@ -53,21 +72,7 @@ def verified_model(row: dict):
             return loaded[1]
         # Shipped in the artifact when it is the registered file (no S3 client on the cold path), else the bucket.
         bundled = storage.bundled_model(timeframe, sha256)
-        if bundled is not None:
-            data, signature = bundled
-        else:
-            data = storage.get_bytes(row["s3_key"])
-            signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
-        if data is None:
-            raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
-        try:
-            key = model_signing_key(get_settings())
-        except PublicSigningKeyError as error:
-            raise ModelUnavailable(str(error), code="model_signing_key_refused") from None
-        except ConfigurationError as error:
-            raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
-        # A garbled signature decodes to something that cannot match, and is refused as tampered.
-        model = artifact.verify_and_load(data, signature.decode("ascii", "replace") if signature else None, key, sha256)
+        model = artifact.load(bundled) if bundled is not None else _bucket_model(row)
         _models[timeframe] = (sha256, model)
         logger.info("model loaded", extra={"timeframe": timeframe, "model": row["name"], "version": row["version"]})
         return model
