@@ -48,6 +48,7 @@ def test_health_is_503_within_two_seconds_when_database_is_down_then_recovers(cl
     assert status == 503
     assert body["status"] == "down"
     assert body["checks"]["database"]["status"] == "down"
+    assert {model["status"] for model in body["models"].values()} == {"unknown"}  # not "missing"
     assert elapsed < 2.0
     deadline = time.monotonic() + 15
     while health()[0] != 200 and time.monotonic() < deadline:

@@ -210,7 +210,8 @@ class HealthChecks(Schema):
 class ModelStatus(Schema):
     model_config = ConfigDict(protected_namespaces=())
 
-    status: Literal["active", "missing"]
+    status: Literal["active", "missing", "unknown"] = Field(
+        description="unknown while the database, which registers the models, cannot be read")
     name: str | None = None
     version: str | None = None
     kind: str | None = Field(None, description=KIND_DESCRIPTION)

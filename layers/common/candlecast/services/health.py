@@ -65,10 +65,11 @@ def check() -> tuple[int, bytes]:
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
+    absent = "unknown" if checks["database"]["status"] == "down" else "missing"
     models = {
         timeframe: (
             {"status": "active", "name": row["name"], "version": row["version"], "kind": row["kind"]}
-            if (row := active_models.get(timeframe)) else {"status": "missing"}
+            if (row := active_models.get(timeframe)) else {"status": absent}
         )
         for timeframe in TIMEFRAMES
     }
