@@ -1,6 +1,7 @@
 """The pool's checkout check against a real server: a healthy idle connection is lent as it is, one the
 server has ended is replaced before a request sees it. The server's own timeouts are set on every pooled
-connection, and a transaction a frozen function leaves open is ended by the server."""
+connection, and a transaction a frozen function leaves open is ended by the server. A session that refuses to
+write is dropped, and connections are renewed after MAX_LIFETIME_SECONDS."""
 
 import time
 
@@ -8,6 +9,8 @@ import psycopg
 import pytest
 
 from candlecast import db
+from candlecast.errors import DatabaseUnavailable
+from tests.conftest import reset_clients
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +75,26 @@ def test_a_transaction_left_open_by_a_frozen_function_is_ended_by_the_server_and
     db.get_pool().putconn(frozen)
     # ... and the pool lends a new connection to the next request.
     assert backend_pid() != pid
+
+
+# --- sessions that must not be lent again -------------------------------------------------------
+
+
+def test_a_session_that_refuses_to_write_is_a_503_and_is_dropped_while_reads_go_on(one_connection):
+    with db.connection() as conn:
+        first = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
+        conn.execute("SET default_transaction_read_only = on")  # what a demoted writer's or a standby's session says
+    with pytest.raises(DatabaseUnavailable), db.connection() as conn:
+        conn.execute("CREATE TABLE read_only_probe (id int)")  # 25006 ReadOnlySqlTransaction
+    # Not lent again, and no fail-fast pause: a read-only server still answers reads.
+    assert backend_pid() != first
+
+
+def test_a_pooled_connection_is_renewed_after_its_max_lifetime(one_connection, monkeypatch):
+    monkeypatch.setattr(db, "MAX_LIFETIME_SECONDS", 0.3, raising=False)
+    reset_clients()
+    first = backend_pid()
+    time.sleep(0.4)
+    backend_pid()  # psycopg_pool retires an expired connection when it is given back
+    assert backend_pid() != first
+

@@ -36,6 +36,12 @@ WATCHDOG_MARGIN_SECONDS = 0.1
 # A slot whose connection attempts keep failing is given back this soon, so the next request tries afresh
 # instead of waiting out the pool's growing back-off (30 s by default) after the server returns.
 RECONNECT_SECONDS = 1.0
+# A pooled connection is replaced after this long (psycopg_pool's default is an hour): a session that outlived a
+# failover or a DNS change is not kept by a warm container (psycopg_pool retires it when it is given back).
+MAX_LIFETIME_SECONDS = 300.0
+# Sessions the server will not let write (25006: a writer during a failover, a standby) or that it is ending
+# (57P01-57P03, class 08): never lent again. The pool replaces a connection closed before it is given back.
+DISCARD_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03"})
 
 
 class _WatchedCursor(psycopg.Cursor):
@@ -99,6 +105,7 @@ def get_pool() -> ConnectionPool:
                     max_size=settings.db_pool_max_size,
                     timeout=settings.db_pool_timeout,
                     reconnect_timeout=RECONNECT_SECONDS,
+                    max_lifetime=MAX_LIFETIME_SECONDS,
                     check=check_connection,
                     configure=_configure,
                     kwargs={"row_factory": dict_row, "connect_timeout": 2, "application_name": "candlecast",
@@ -238,10 +245,33 @@ def batch(seconds: float) -> Iterator[None]:
         _batch_budget.reset(token)
 
 
+def _must_discard(error: psycopg.Error) -> bool:
+    sqlstate = error.sqlstate or ""
+    return sqlstate in DISCARD_SQLSTATES or sqlstate.startswith("08")
+
+
+@contextmanager
+def _checked_out(budget: float | None) -> Iterator[psycopg.Connection]:
+    """pool.connection(), except that a session the server will not let write, or is ending, is closed before
+    it goes back: the pool then drops it instead of lending it again (an hour later, by default)."""
+    pool = get_pool()
+    conn = pool.getconn(timeout=budget)
+    try:
+        with conn, _deadline(conn, budget):
+            yield conn
+    except psycopg.Error as error:
+        if _must_discard(error):
+            conn.close()
+        raise
+    finally:
+        pool.putconn(conn)
+
+
 @contextmanager
 def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
     """A pooled autocommit connection for one short piece of database work (never hold it across a call
-    to storage or an upstream). An unreachable or stalled database becomes DatabaseUnavailable (503).
+    to storage or an upstream). An unreachable or stalled database becomes DatabaseUnavailable (503), and
+    so does one that will not write (read-only during a failover, or a standby).
 
     The block gets DB_STATEMENT_TIMEOUT seconds; batch work (seed, ingest) passes a larger `budget`,
     which also raises the server's statement_timeout for the block.
@@ -250,7 +280,7 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
     if budget is None and time.monotonic() < _down_until:
         raise DatabaseUnavailable("the database is unavailable; try again shortly")
     try:
-        with get_pool().connection(timeout=budget) as conn, _deadline(conn, budget):
+        with _checked_out(budget) as conn:
             if budget is None:
                 yield conn
                 return
@@ -265,5 +295,8 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
     except psycopg.errors.QueryCanceled as error:  # statement_timeout or lock_timeout: the server answers
         logger.warning("database statement timed out")
         raise DatabaseUnavailable("the database did not answer in time; try again shortly") from error
+    except psycopg.errors.ReadOnlySqlTransaction as error:  # it answers (reads work): no fail-fast pause
+        logger.warning("database is read-only (a failover, or a standby); the session is dropped")
+        raise DatabaseUnavailable("the database does not accept writes at the moment; try again shortly") from error
     except psycopg.OperationalError as error:
         raise _unavailable(error, "database operational error") from error
