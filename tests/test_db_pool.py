@@ -1,8 +1,10 @@
 """The pool's checkout check against a real server: a healthy idle connection is lent as it is, one the
 server has ended is replaced before a request sees it. The server's own timeouts are set on every pooled
 connection, and a transaction a frozen function leaves open is ended by the server. A session that refuses to
-write is dropped, and connections are renewed after MAX_LIFETIME_SECONDS."""
+write is dropped, connections are renewed after MAX_LIFETIME_SECONDS, and a database that refuses connections
+is a 503 at once (and is used again by itself when it is back)."""
 
+import logging
 import time
 
 import psycopg
@@ -98,3 +100,63 @@ def test_a_pooled_connection_is_renewed_after_its_max_lifetime(one_connection, m
     backend_pid()  # psycopg_pool retires an expired connection when it is given back
     assert backend_pid() != first
 
+
+# --- a database that refuses connections: 503 at once, recovery by itself ------------------------
+
+
+@pytest.fixture
+def slow_pool_timeout(clean_db, monkeypatch):
+    """A 5 s pool timeout: a 503 that comes in well under it did not wait for it."""
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "5")
+    reset_clients()
+    yield clean_db
+    monkeypatch.undo()
+    reset_clients()
+
+
+def unavailable_after() -> float:
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable):
+        backend_pid()
+    return time.monotonic() - started
+
+
+def test_a_database_that_refuses_connections_is_a_503_at_once_from_a_cold_start_on(
+        slow_pool_timeout, monkeypatch, caplog):
+    from infra.local_stack import free_port
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://candlecast@127.0.0.1:{free_port()}/candlecast")  # nothing there
+    reset_clients()
+    with caplog.at_level(logging.WARNING):
+        waits = []
+        for _ in range(5):
+            waits.append(unavailable_after())
+            time.sleep(0.6)  # past the first fail-fast pause: some of these try to connect again
+    assert max(waits) < 2.5, waits  # none waited out the 5 s pool timeout (the figures: see the report)
+    # psycopg_pool's warning for every failed attempt is not passed on; the outage is logged once, with its cause.
+    assert not [record for record in caplog.records if record.name.startswith("psycopg")
+                and "error connecting" in record.getMessage()]
+    down = [record for record in caplog.records if record.getMessage().startswith("database down")]
+    assert len(down) == 1 and "refused" in down[0].detail, [record.getMessage() for record in caplog.records]
+
+
+def test_while_postgres_is_stopped_requests_answer_at_once_and_it_is_used_again_by_itself(
+        slow_pool_timeout, needs_embedded_postgres):
+    backend_pid()  # warm: an idle pooled connection
+    needs_embedded_postgres.stop()
+    try:
+        waits = []
+        for _ in range(4):
+            waits.append(unavailable_after())
+            time.sleep(0.6)
+    finally:
+        needs_embedded_postgres.start()
+    started = time.monotonic()
+    while True:  # nothing but requests: no reset, no new container
+        try:
+            backend_pid()
+            break
+        except DatabaseUnavailable:
+            assert time.monotonic() - started < 5, "the pool did not use the database again by itself"
+            time.sleep(0.1)
+    assert max(waits) < 2.5, waits
