@@ -2,7 +2,7 @@
 server has ended is replaced before a request sees it. The server's own timeouts are set on every pooled
 connection, and a transaction a frozen function leaves open is ended by the server. A session that refuses to
 write is dropped, connections are renewed after MAX_LIFETIME_SECONDS, and a database that refuses connections
-is a 503 at once (and is used again by itself when it is back)."""
+is a 503 at once (and is used again by itself when it is back), and a busy pool is not taken for a dead one."""
 
 import logging
 import time
@@ -160,3 +160,18 @@ def test_while_postgres_is_stopped_requests_answer_at_once_and_it_is_used_again_
             assert time.monotonic() - started < 5, "the pool did not use the database again by itself"
             time.sleep(0.1)
     assert max(waits) < 2.5, waits
+
+
+# --- a busy pool is not a dead database ---------------------------------------------------------
+
+
+def test_an_exhausted_pool_is_a_503_of_its_own_that_does_not_start_an_outage(one_connection, monkeypatch, caplog):
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "0.3")
+    reset_clients()
+    with caplog.at_level(logging.WARNING), db.connection() as held:  # the only connection, busy
+        held.execute("SELECT 1")
+        with pytest.raises(DatabaseUnavailable, match="busy"), db.connection():
+            pass
+    assert not [record for record in caplog.records if record.getMessage().startswith("database down")]
+    assert db._outage is None  # no fail-fast pause for the next request
+    backend_pid()  # the connection is free again, and the database was never down

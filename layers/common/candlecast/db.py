@@ -355,12 +355,34 @@ def _must_discard(error: psycopg.Error) -> bool:
     return sqlstate in DISCARD_SQLSTATES or sqlstate.startswith("08")
 
 
+# Connections lent by connection() and not yet given back: when they are all the pool may have, a pool timeout
+# means the pool is busy, not that the database is down.
+_in_use = 0
+_in_use_lock = threading.Lock()
+
+
+def _count_in_use(change: int) -> None:
+    global _in_use
+    with _in_use_lock:
+        _in_use += change
+
+
+def _exhausted(pool: ConnectionPool) -> bool:
+    return _in_use >= pool.max_size
+
+
 @contextmanager
 def _checked_out(budget: float | None) -> Iterator[psycopg.Connection]:
     """pool.connection(), except that a session the server will not let write, or is ending, is closed before
     it goes back: the pool then drops it instead of lending it again (an hour later, by default)."""
     pool = get_pool()
-    conn = pool.getconn(timeout=budget)
+    try:
+        conn = pool.getconn(timeout=budget)
+    except PoolTimeout as error:
+        if _exhausted(pool):
+            raise _PoolExhausted from error
+        raise
+    _count_in_use(1)
     try:
         with conn, _deadline(conn, budget):
             yield conn
@@ -369,7 +391,12 @@ def _checked_out(budget: float | None) -> Iterator[psycopg.Connection]:
             conn.close()
         raise
     finally:
+        _count_in_use(-1)
         pool.putconn(conn)
+
+
+class _PoolExhausted(Exception):
+    """Every connection the pool may have is lent out, and none came back in time."""
 
 
 @contextmanager
@@ -395,6 +422,9 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
                 finally:
                     with contextlib.suppress(psycopg.Error):
                         conn.execute("RESET statement_timeout")
+    except _PoolExhausted as error:  # the database is fine (no fail-fast pause), this container is busy
+        logger.warning("database pool exhausted: every connection is in use")
+        raise DatabaseUnavailable("every database connection is busy; try again shortly") from error.__cause__
     except PoolTimeout as error:
         raise _unavailable(error, "database pool timeout") from error
     except psycopg.errors.QueryCanceled as error:  # statement_timeout or lock_timeout: the server answers
