@@ -1,8 +1,9 @@
 """The pool's checkout check against a real server: a healthy idle connection is lent as it is, one the
 server has ended is replaced before a request sees it. The server's own timeouts are set on every pooled
 connection, and a transaction a frozen function leaves open is ended by the server. A session that refuses to
-write is dropped, connections are renewed after MAX_LIFETIME_SECONDS, and a database that refuses connections
-is a 503 at once (and is used again by itself when it is back), and a busy pool is not taken for a dead one."""
+write is dropped, connections are renewed after MAX_LIFETIME_SECONDS, a database that refuses connections is a
+503 at once (and is used again by itself when it is back), a busy pool is not taken for a dead one, and after a
+restart the first request does not pause over the stale idle connections."""
 
 import logging
 import time
@@ -175,3 +176,20 @@ def test_an_exhausted_pool_is_a_503_of_its_own_that_does_not_start_an_outage(one
     assert not [record for record in caplog.records if record.getMessage().startswith("database down")]
     assert db._outage is None  # no fail-fast pause for the next request
     backend_pid()  # the connection is free again, and the database was never down
+
+
+# --- after a restart, stale idle connections cost no pause --------------------------------------
+
+
+def test_after_the_server_ends_every_idle_connection_the_first_request_does_not_pause(clean_db):
+    reset_clients()  # DB_POOL_MAX_SIZE 2
+    with db.connection() as one, db.connection() as two:
+        pids = [conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"] for conn in (one, two)]
+    assert db.get_pool().get_stats()["pool_available"] == 2
+    with psycopg.connect(clean_db.database_url, autocommit=True) as admin:  # what a restart does to them
+        admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    time.sleep(0.2)  # the server's goodbye reaches both idle sockets
+    started = time.monotonic()
+    assert backend_pid() not in pids  # not a 503
+    # psycopg_pool would check the second stale connection too, then pause a second before looking again.
+    assert time.monotonic() - started < db.get_pool().timeout / 2

@@ -189,13 +189,23 @@ def check_connection(conn: psycopg.Connection) -> None:
     pg_terminate_backend): then its socket is readable, and only then is a real round trip made (bounded
     by the watchdog), which raises and makes the pool open a new connection. `make bench` measures this
     against a round trip on every checkout and against retrying once on a broken connection.
+
+    A connection the server has ended is taken to mean it ended the others too (a restart, a failover): the idle
+    ones are dropped with it (pool.drain(), which opens new ones), so psycopg_pool does not check them one by one
+    and pause a second after the second failed check. One backend ended alone costs its idle siblings a reconnect.
     """
-    if conn.closed or conn.broken:
-        raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
-        with _deadline(conn, CHECK_SECONDS):
-            ConnectionPool.check_connection(conn)
+    try:
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the connection is closed")
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        if readable:
+            with _deadline(conn, CHECK_SECONDS):
+                ConnectionPool.check_connection(conn)
+    except Exception:
+        pool = _pool
+        if pool is not None:
+            pool.drain()
+        raise
 
 
 def get_pool() -> ConnectionPool:
