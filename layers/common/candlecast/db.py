@@ -79,10 +79,9 @@ def _database_failed(error: Exception) -> None:
         elif now >= outage.retry_at:
             outage.pause = min(outage.pause * 2, FAIL_FAST_MAX_SECONDS)
             outage.retry_at = now + outage.pause
-    if outage is None:
-        cause = str(error).strip().splitlines()
+    if outage is None:  # the class and SQLSTATE only: the server's and libpq's text names hosts and users
         logger.warning("database down: requests answer 503 at once until a connection succeeds",
-                       extra={"error": type(error).__name__, "detail": cause[0][:300] if cause else ""})
+                       extra={"error": type(error).__name__, "sqlstate": getattr(error, "sqlstate", None)})
 
 
 def _database_answered() -> None:
