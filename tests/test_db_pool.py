@@ -1,13 +1,19 @@
 """The pool's checkout check against a real server: a healthy idle connection is lent as it is, one the
 server has ended is replaced before a request sees it. The server's own timeouts are set on every pooled
-connection, and a transaction a frozen function leaves open is ended by the server."""
+connection, and a transaction a frozen function leaves open is ended by the server. A session that refuses to
+write is dropped, connections are renewed after MAX_LIFETIME_SECONDS, a database that refuses connections is a
+503 at once (and is used again by itself when it is back), a busy pool is not taken for a dead one, and after a
+restart the first request does not pause over the stale idle connections."""
 
+import logging
 import time
 
 import psycopg
 import pytest
 
 from candlecast import db
+from candlecast.errors import DatabaseUnavailable
+from tests.conftest import reset_clients
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +78,119 @@ def test_a_transaction_left_open_by_a_frozen_function_is_ended_by_the_server_and
     db.get_pool().putconn(frozen)
     # ... and the pool lends a new connection to the next request.
     assert backend_pid() != pid
+
+
+# --- sessions that must not be lent again -------------------------------------------------------
+
+
+def test_a_session_that_refuses_to_write_is_a_503_and_is_dropped_while_reads_go_on(one_connection):
+    with db.connection() as conn:
+        first = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
+        conn.execute("SET default_transaction_read_only = on")  # what a demoted writer's or a standby's session says
+    with pytest.raises(DatabaseUnavailable), db.connection() as conn:
+        conn.execute("CREATE TABLE read_only_probe (id int)")  # 25006 ReadOnlySqlTransaction
+    # Not lent again, and no fail-fast pause: a read-only server still answers reads.
+    assert backend_pid() != first
+
+
+def test_a_pooled_connection_is_renewed_after_its_max_lifetime(one_connection, monkeypatch):
+    monkeypatch.setattr(db, "MAX_LIFETIME_SECONDS", 0.3, raising=False)
+    reset_clients()
+    first = backend_pid()
+    time.sleep(0.4)
+    backend_pid()  # psycopg_pool retires an expired connection when it is given back
+    assert backend_pid() != first
+
+
+# --- a database that refuses connections: 503 at once, recovery by itself ------------------------
+
+
+@pytest.fixture
+def slow_pool_timeout(clean_db, monkeypatch):
+    """A 5 s pool timeout: a 503 that comes in well under it did not wait for it."""
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "5")
+    reset_clients()
+    yield clean_db
+    monkeypatch.undo()
+    reset_clients()
+
+
+def unavailable_after() -> float:
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable):
+        backend_pid()
+    return time.monotonic() - started
+
+
+def test_a_database_that_refuses_connections_is_a_503_at_once_from_a_cold_start_on(
+        slow_pool_timeout, monkeypatch, caplog):
+    from infra.local_stack import free_port
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://candlecast@127.0.0.1:{free_port()}/candlecast")  # nothing there
+    reset_clients()
+    with caplog.at_level(logging.WARNING):
+        waits = []
+        for _ in range(5):
+            waits.append(unavailable_after())
+            time.sleep(0.6)  # past the first fail-fast pause: some of these try to connect again
+    assert max(waits) < 2.5, waits  # none waited out the 5 s pool timeout (the figures: see the report)
+    # psycopg_pool's warning for every failed attempt is not passed on; the outage is logged once, by its class.
+    assert not [record for record in caplog.records if record.name.startswith("psycopg")
+                and "error connecting" in record.getMessage()]
+    down = [record for record in caplog.records if record.getMessage().startswith("database down")]
+    assert len(down) == 1 and down[0].error == "OperationalError", [record.getMessage() for record in caplog.records]
+    assert "127.0.0.1" not in " ".join(str(record.__dict__) for record in caplog.records)  # libpq's text stays out
+
+
+def test_while_postgres_is_stopped_requests_answer_at_once_and_it_is_used_again_by_itself(
+        slow_pool_timeout, needs_embedded_postgres):
+    backend_pid()  # warm: an idle pooled connection
+    needs_embedded_postgres.stop()
+    try:
+        waits = []
+        for _ in range(4):
+            waits.append(unavailable_after())
+            time.sleep(0.6)
+    finally:
+        needs_embedded_postgres.start()
+    started = time.monotonic()
+    while True:  # nothing but requests: no reset, no new container
+        try:
+            backend_pid()
+            break
+        except DatabaseUnavailable:
+            assert time.monotonic() - started < 5, "the pool did not use the database again by itself"
+            time.sleep(0.1)
+    assert max(waits) < 2.5, waits
+
+
+# --- a busy pool is not a dead database ---------------------------------------------------------
+
+
+def test_an_exhausted_pool_is_a_503_of_its_own_that_does_not_start_an_outage(one_connection, monkeypatch, caplog):
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "0.3")
+    reset_clients()
+    with caplog.at_level(logging.WARNING), db.connection() as held:  # the only connection, busy
+        held.execute("SELECT 1")
+        with pytest.raises(DatabaseUnavailable, match="busy"), db.connection():
+            pass
+    assert not [record for record in caplog.records if record.getMessage().startswith("database down")]
+    assert db._outage is None  # no fail-fast pause for the next request
+    backend_pid()  # the connection is free again, and the database was never down
+
+
+# --- after a restart, stale idle connections cost no pause --------------------------------------
+
+
+def test_after_the_server_ends_every_idle_connection_the_first_request_does_not_pause(clean_db):
+    reset_clients()  # DB_POOL_MAX_SIZE 2
+    with db.connection() as one, db.connection() as two:
+        pids = [conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"] for conn in (one, two)]
+    assert db.get_pool().get_stats()["pool_available"] == 2
+    with psycopg.connect(clean_db.database_url, autocommit=True) as admin:  # what a restart does to them
+        admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    time.sleep(0.2)  # the server's goodbye reaches both idle sockets
+    started = time.monotonic()
+    assert backend_pid() not in pids  # not a 503
+    # psycopg_pool would check the second stale connection too, then pause a second before looking again.
+    assert time.monotonic() - started < db.get_pool().timeout / 2

@@ -327,6 +327,32 @@ def test_created_prediction_is_still_served_when_database_recovers(seeded, needs
     assert status == 201
 
 
+def test_a_read_only_database_is_a_503_and_the_warm_container_writes_again_once_it_is_writable(seeded):
+    """A writer during a failover, or a standby behind a stale name: its sessions refuse to write (25006)."""
+    from tests.conftest import reset_clients
+
+    with psycopg.connect(seeded.database_url, dbname="postgres", autocommit=True) as admin:
+        admin.execute("ALTER DATABASE candlecast SET default_transaction_read_only = on")
+        try:
+            reset_clients()  # a new container: its sessions are read-only from the start, as after a failover
+            status, headers, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+            assert (status, body["error"]["code"]) == (503, "database_unavailable"), body
+            assert int(headers["Retry-After"]) >= 1
+        finally:
+            admin.execute("ALTER DATABASE candlecast RESET default_transaction_read_only")
+    # Writable again; the same warm container drops its read-only sessions instead of lending them again (a
+    # replacement the pool opened while the database was still read-only is dropped the same way).
+    answers = []
+    for _ in range(5):
+        status, headers, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+        answers.append(status)
+        if status == 201:
+            break
+        assert (status, body["error"]["code"]) == (503, "database_unavailable") and "Retry-After" in headers, body
+    assert answers[-1] == 201, answers
+    assert stored_predictions(seeded.database_url) == 1
+
+
 @pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
 def test_body_that_is_not_json_by_content_type_is_415(seeded, content_type):
     status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"content-type": content_type})

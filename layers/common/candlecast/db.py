@@ -2,11 +2,12 @@
 
 Every use of a connection is bounded: PostgreSQL's statement_timeout and lock_timeout end slow work on
 the server, and a client-side watchdog shuts the socket of a connection whose server stops answering
-(a frozen server enforces no timeout of its own). After a failure the database is skipped for a moment,
-so requests fail fast with 503 instead of each waiting out the pool timeout.
+(a frozen server enforces no timeout of its own). While the database cannot be reached, requests answer 503
+at once instead of each waiting out the pool timeout, and one is let through now and then to try it again.
 """
 
 import contextlib
+import logging
 import select
 import socket
 import threading
@@ -26,16 +27,125 @@ from candlecast.errors import CandlecastError, DatabaseUnavailable
 logger = Logger(child=True)
 _pool: ConnectionPool | None = None
 _pool_lock = threading.Lock()
-_down_until = 0.0
-# After a failure, requests skip the database this long, then try again (recovery is this quick).
+# While the database cannot be reached (a connection attempt or a request failed) and no connection is idle,
+# requests answer 503 at once. After FAIL_FAST_SECONDS one may try again, and each time that fails the pause
+# doubles, up to FAIL_FAST_MAX_SECONDS: a database that comes back is used again within that.
 FAIL_FAST_SECONDS = 0.5
+FAIL_FAST_MAX_SECONDS = 2.0
 # The watchdog looks at its deadlines at least this often, and gives a block this much beyond its statement
 # timeout (the server's own timeout, when it answers, comes first).
 WATCHDOG_TICK_SECONDS = 0.25
 WATCHDOG_MARGIN_SECONDS = 0.1
-# A slot whose connection attempts keep failing is given back this soon, so the next request tries afresh
-# instead of waiting out the pool's growing back-off (30 s by default) after the server returns.
-RECONNECT_SECONDS = 1.0
+# psycopg_pool retries a failed connection attempt on its own schedule (after 1 s, 2 s, ... within this) while
+# requests wait for it. With 0 it retries once at once and gives the slot back: the next request let through by
+# the fail-fast pause makes the next attempt.
+RECONNECT_SECONDS = 0.0
+# A pooled connection is replaced after this long (psycopg_pool's default is an hour): a session that outlived a
+# failover or a DNS change is not kept by a warm container (psycopg_pool retires it when it is given back).
+MAX_LIFETIME_SECONDS = 300.0
+# Sessions the server will not let write (25006: a writer during a failover, a standby) or that it is ending
+# (57P01-57P03, class 08): never lent again. The pool replaces a connection closed before it is given back.
+DISCARD_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03"})
+
+
+class ConnectionFailed(psycopg.OperationalError):
+    """What a request waiting for a new pooled connection gets when the attempt to open it failed."""
+
+
+class _Outage:
+    """The database could not be reached: since when, and when a request may try it again."""
+
+    __slots__ = ("pause", "retry_at", "since")
+
+    def __init__(self, now: float) -> None:
+        self.since = now
+        self.pause = FAIL_FAST_SECONDS
+        self.retry_at = now + self.pause
+
+
+_outage: _Outage | None = None
+_outage_lock = threading.Lock()
+
+
+def _database_failed(error: Exception) -> None:
+    """A connection attempt, or a request's use of the database, failed: an outage begins (logged once, with its
+    cause), or, when this was the try after a pause, the next pause is twice as long."""
+    global _outage
+    now = time.monotonic()
+    with _outage_lock:
+        outage = _outage
+        if outage is None:
+            _outage = _Outage(now)
+        elif now >= outage.retry_at:
+            outage.pause = min(outage.pause * 2, FAIL_FAST_MAX_SECONDS)
+            outage.retry_at = now + outage.pause
+    if outage is None:  # the class and SQLSTATE only: the server's and libpq's text names hosts and users
+        logger.warning("database down: requests answer 503 at once until a connection succeeds",
+                       extra={"error": type(error).__name__, "sqlstate": getattr(error, "sqlstate", None)})
+
+
+def _database_answered() -> None:
+    """A connection was opened, or a request's database work went through: the outage, if any, is over."""
+    global _outage
+    if _outage is None:
+        return
+    with _outage_lock:
+        outage, _outage = _outage, None
+    if outage is not None:
+        logger.info("database up again", extra={"down_seconds": round(time.monotonic() - outage.since, 3)})
+
+
+def _failing_fast() -> bool:
+    """During an outage, until its pause is over, a request answers at once, unless a connection is idle (it may
+    well work: the failure was a new connection's)."""
+    outage = _outage
+    if outage is None or time.monotonic() >= outage.retry_at:
+        return False
+    pool = _pool
+    return pool is None or pool.get_stats()["pool_available"] == 0
+
+
+def _fail_waiting_requests() -> None:
+    """psycopg_pool lets a request wait for a connection attempt that has already failed until its own timeout
+    (the pool retries on its own schedule): tell the waiting requests at once instead. The pool has no public call
+    for this; its queue of waiting clients (`_waiting`, each with `fail()`) is used as psycopg_pool 3.3 has it
+    (pinned in layers/constraints.txt; tests/test_db_pool.py fails if a new version waits again)."""
+    pool = _pool
+    waiting = getattr(pool, "_waiting", None)
+    if pool is None or waiting is None:
+        return
+    with pool._lock:
+        clients = list(waiting)
+    for client in clients:
+        client.fail(ConnectionFailed("the connection attempt failed"))
+
+
+class _PoolConnection(psycopg.Connection):
+    """The pool opens its connections with this: each attempt starts or ends an outage, and a failed one is
+    answered at once to the requests waiting for it."""
+
+    @classmethod
+    def connect(cls, *args, **kwargs):
+        try:
+            conn = super().connect(*args, **kwargs)
+        except psycopg.Error as error:
+            _database_failed(error)
+            _fail_waiting_requests()
+            raise
+        _database_answered()
+        return conn
+
+
+class _OnePerOutage(logging.Filter):
+    """psycopg_pool warns through the root logger on every failed connection attempt (about twice a second while
+    the database is down); _database_failed logs the outage once, with its cause, instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("error connecting in", "reconnection attempt in pool"))
+
+
+if not any(type(each).__name__ == _OnePerOutage.__name__ for each in logging.getLogger("psycopg.pool").filters):
+    logging.getLogger("psycopg.pool").addFilter(_OnePerOutage())
 
 
 class _WatchedCursor(psycopg.Cursor):
@@ -78,13 +188,23 @@ def check_connection(conn: psycopg.Connection) -> None:
     pg_terminate_backend): then its socket is readable, and only then is a real round trip made (bounded
     by the watchdog), which raises and makes the pool open a new connection. `make bench` measures this
     against a round trip on every checkout and against retrying once on a broken connection.
+
+    A connection the server has ended is taken to mean it ended the others too (a restart, a failover): the idle
+    ones are dropped with it (pool.drain(), which opens new ones), so psycopg_pool does not check them one by one
+    and pause a second after the second failed check. One backend ended alone costs its idle siblings a reconnect.
     """
-    if conn.closed or conn.broken:
-        raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
-        with _deadline(conn, CHECK_SECONDS):
-            ConnectionPool.check_connection(conn)
+    try:
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the connection is closed")
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        if readable:
+            with _deadline(conn, CHECK_SECONDS):
+                ConnectionPool.check_connection(conn)
+    except Exception:
+        pool = _pool
+        if pool is not None:
+            pool.drain()
+        raise
 
 
 def get_pool() -> ConnectionPool:
@@ -95,10 +215,12 @@ def get_pool() -> ConnectionPool:
                 settings = get_settings()
                 _pool = ConnectionPool(
                     database_conninfo(settings),
+                    connection_class=_PoolConnection,
                     min_size=0,
                     max_size=settings.db_pool_max_size,
                     timeout=settings.db_pool_timeout,
                     reconnect_timeout=RECONNECT_SECONDS,
+                    max_lifetime=MAX_LIFETIME_SECONDS,
                     check=check_connection,
                     configure=_configure,
                     kwargs={"row_factory": dict_row, "connect_timeout": 2, "application_name": "candlecast",
@@ -110,12 +232,12 @@ def get_pool() -> ConnectionPool:
 
 
 def close_pool() -> None:
-    global _pool, _down_until
+    global _pool, _outage
     with _pool_lock:
         if _pool is not None:
             _pool.close()
             _pool = None
-        _down_until = 0.0
+        _outage = None
 
 
 def _shut_socket(conn: psycopg.Connection) -> None:
@@ -194,8 +316,7 @@ def longest_wait(settings: DatabaseSettings) -> float:
 
 
 def _unavailable(error: Exception, what: str) -> DatabaseUnavailable:
-    global _down_until
-    _down_until = time.monotonic() + FAIL_FAST_SECONDS
+    _database_failed(error)
     logger.warning(what, extra={"error": type(error).__name__})
     _reread_credentials()  # a rotated password: a new pool, and no fail-fast pause
     return DatabaseUnavailable("the database is unavailable; try again shortly")
@@ -238,32 +359,92 @@ def batch(seconds: float) -> Iterator[None]:
         _batch_budget.reset(token)
 
 
+def _must_discard(error: psycopg.Error) -> bool:
+    sqlstate = error.sqlstate or ""
+    return sqlstate in DISCARD_SQLSTATES or sqlstate.startswith("08")
+
+
+# Connections lent by connection() and not yet given back: when they are all the pool may have, a pool timeout
+# means the pool is busy, not that the database is down.
+_in_use = 0
+_in_use_lock = threading.Lock()
+
+
+def _count_in_use(change: int) -> None:
+    global _in_use
+    with _in_use_lock:
+        _in_use += change
+
+
+def _exhausted(pool: ConnectionPool) -> bool:
+    return _in_use >= pool.max_size
+
+
+@contextmanager
+def _checked_out(budget: float | None) -> Iterator[psycopg.Connection]:
+    """pool.connection(), except that a session the server will not let write, or is ending, is closed before
+    it goes back: the pool then drops it instead of lending it again (an hour later, by default)."""
+    pool = get_pool()
+    try:
+        conn = pool.getconn(timeout=budget)
+    except PoolTimeout as error:
+        if _exhausted(pool):
+            raise _PoolExhausted from error
+        raise
+    _count_in_use(1)
+    try:
+        with conn, _deadline(conn, budget):
+            yield conn
+    except psycopg.Error as error:
+        if _must_discard(error):
+            conn.close()
+        raise
+    finally:
+        _count_in_use(-1)
+        pool.putconn(conn)
+
+
+class _PoolExhausted(Exception):
+    """Every connection the pool may have is lent out, and none came back in time."""
+
+
 @contextmanager
 def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
     """A pooled autocommit connection for one short piece of database work (never hold it across a call
-    to storage or an upstream). An unreachable or stalled database becomes DatabaseUnavailable (503).
+    to storage or an upstream). An unreachable or stalled database becomes DatabaseUnavailable (503), and
+    so does one that will not write (read-only during a failover, or a standby).
 
     The block gets DB_STATEMENT_TIMEOUT seconds; batch work (seed, ingest) passes a larger `budget`,
     which also raises the server's statement_timeout for the block.
     """
     budget = budget if budget is not None else _batch_budget.get()
-    if budget is None and time.monotonic() < _down_until:
+    if budget is None and _failing_fast():
         raise DatabaseUnavailable("the database is unavailable; try again shortly")
     try:
-        with get_pool().connection(timeout=budget) as conn, _deadline(conn, budget):
+        with _checked_out(budget) as conn:
             if budget is None:
                 yield conn
-                return
-            conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(budget * 1000)}ms",))
-            try:
-                yield conn
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("RESET statement_timeout")
+            else:
+                conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(budget * 1000)}ms",))
+                try:
+                    yield conn
+                finally:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("RESET statement_timeout")
+    except _PoolExhausted as error:  # the database is fine (no fail-fast pause), this container is busy
+        logger.warning("database pool exhausted: every connection is in use")
+        raise DatabaseUnavailable("every database connection is busy; try again shortly") from error.__cause__
     except PoolTimeout as error:
         raise _unavailable(error, "database pool timeout") from error
     except psycopg.errors.QueryCanceled as error:  # statement_timeout or lock_timeout: the server answers
         logger.warning("database statement timed out")
         raise DatabaseUnavailable("the database did not answer in time; try again shortly") from error
+    except psycopg.errors.ReadOnlySqlTransaction as error:  # it answers (reads work): no fail-fast pause
+        logger.warning("database is read-only (a failover, or a standby); the session is dropped")
+        raise DatabaseUnavailable("the database does not accept writes at the moment; try again shortly") from error
+    except ConnectionFailed as error:  # the connection attempt this request waited for
+        raise _unavailable(error, "database connection failed") from error
     except psycopg.OperationalError as error:
         raise _unavailable(error, "database operational error") from error
+    else:
+        _database_answered()
