@@ -13,9 +13,9 @@ runtime's boto3 and botocore (.local/lambda-runtime); code folders read-only; an
 root without capabilities where the interpreter is not reachable by one; no HOME;
 PYTHONDONTWRITEBYTECODE=1; the template's environment with the deployed secrets as Secrets Manager ARNs
 (moto) against the local stack, for a stage that is not "local" with a signing key of its own (the
-committed models re-signed with it, as `seed --resign` does). Events: tests/events/*.json whose routeKey is one of the function's
-HttpApi routes, else files named after the function's folder (`migrate_*.json`); a CloudFormation event
-gets a local ResponseURL that captures the PUT. Fails on an import error, a write outside /tmp, an
+committed models re-signed with it, as `seed --resign` does). Events: tests/events/*.json whose routeKey is
+one of the function's HttpApi routes, else files named after the function's folder (`migrate_*.json`); a
+CloudFormation event gets a local ResponseURL that captures the PUT. Fails on an import error, a write outside /tmp, an
 event that errors, a status that differs from the same events run from the dev tree, or garbage collection
 left off after the import.
 """
