@@ -212,9 +212,8 @@ def test_volume_ranking_uses_quote_volume_from_the_real_grouped_response(env):
     ])
     with FakePolygon(market) as fake:
         fake.serve_file("/v2/aggs/grouped/locale/global/market/crypto/2020-10-14", "grouped_crypto_2020-10-14.json")
-        upserted, inactivated, problems = ingest.refresh_symbols(client_for(fake),
-                                                                 now=datetime.fromtimestamp(day_after, UTC))
-    assert (upserted, inactivated, problems) == (4, 1, [])
+        refreshed = ingest.refresh_symbols(client_for(fake), now=datetime.fromtimestamp(day_after, UTC))
+    assert refreshed == (4, 1, [], 0)
     assert fake.count("/v3/reference/tickers") == 2  # two pages of two
     with db.connection() as conn:
         rows = {row["ticker"]: row for row in conn.execute("SELECT * FROM symbols").fetchall()}
@@ -261,6 +260,50 @@ def test_an_unusable_ticker_is_a_problem_not_a_failure():
 def test_an_empty_listing_never_deactivates_the_universe(env):
     with FakePolygon(FakeMarket(now=NOW)) as fake, pytest.raises(PolygonError, match="no active crypto"):
         ingest.refresh_symbols(client_for(fake))
+
+
+def active_tickers() -> list[str]:
+    from candlecast import db
+
+    with db.connection() as conn:
+        return [row["ticker"] for row in conn.execute("SELECT ticker FROM symbols WHERE is_active ORDER BY ticker")]
+
+
+def test_a_short_listing_marks_nothing_inactive_and_the_summary_says_so(env):
+    market = make_market(150, now=NOW)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        assert len(active_tickers()) == 150
+        market.symbols = market.symbols[:3]  # the listing comes back short, without an error
+        summary = ingest.run_ingest(client_for(fake), tickers=[], now=NOW)
+    assert len(active_tickers()) == 150
+    assert (summary.symbols_upserted, summary.symbols_inactivated, summary.symbols_kept_active) == (3, 0, 147)
+    assert any("147 of 150 active symbols are missing" in error for error in summary.errors)
+
+
+def test_a_few_vanished_symbols_are_still_marked_inactive(env):
+    market = make_market(150, now=NOW)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        gone = [symbol.ticker for symbol in market.symbols[-12:]]
+        market.symbols = market.symbols[:-12]  # 12 of 150: under a tenth
+        refreshed = ingest.refresh_symbols(client_for(fake))
+    assert not set(gone) & set(active_tickers())
+    assert refreshed[1:] == (12, [], 0)
+
+
+def test_a_listing_that_may_have_stopped_early_marks_nothing_inactive(env):
+    market = make_market(3, now=NOW)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        # One full page (the client asks for 1000) and no next_url: the listing may have been cut there.
+        rows = [{"ticker": f"X:Q{index:04d}USD", "name": "q", "market": "crypto", "active": True}
+                for index in range(1000)]
+        fake.files["/v3/reference/tickers"] = (200, json.dumps({"status": "OK", "results": rows}).encode())
+        refreshed = ingest.refresh_symbols(client_for(fake))
+    assert len(active_tickers()) == 1003
+    assert (refreshed.upserted, refreshed.inactivated, refreshed.kept_active) == (1000, 0, 3)
+    assert "may have stopped early" in refreshed.problems[0]
 
 
 # --- candles ------------------------------------------------------------------------------------

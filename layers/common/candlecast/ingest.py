@@ -2,7 +2,7 @@
 
 - Symbols: every active crypto reference ticker is upserted with volume_24h (USD: v * vw from the grouped
   daily bars, at the day's rate of the quote currency) and volume_rank (1 = largest); tickers that disappear
-  are marked inactive.
+  are marked inactive, unless the listing may be cut short (`inactivation_refusal`).
 - Candles: 1h and 1d bars from Polygon; 4h, 1w and 1m resampled from them with the sample data's
   resampler (candlecast.forecast.dataset.resample). Later runs fetch the bars after the last stored
   one and again the REFETCH_DAYS before it (bars Polygon fills in or corrects later replace the stored
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from aws_lambda_powertools import Logger
 
@@ -47,6 +47,11 @@ DEFAULT_HISTORY_DAYS = {"1h": 730, "1d": 3650}
 # Each run asks again for the source bars of the last week before the last stored one: Polygon backfills
 # an outage's bars days later (polygon-io/issues#186), and the refresh runs weekly.
 REFETCH_DAYS = 7
+# Polygon retires a handful of crypto pairs in a week. A listing that would mark more than a tenth of the active
+# symbols inactive in one run (and more than MAX_INACTIVATED_ALWAYS, so a small universe can still lose a few) is
+# an upstream fault, a listing cut short, not the market: nothing is marked inactive and the summary says so.
+MAX_INACTIVATED_SHARE = 0.10
+MAX_INACTIVATED_ALWAYS = 10
 BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
@@ -54,6 +59,7 @@ BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for
 class IngestSummary:
     symbols_upserted: int = 0
     symbols_inactivated: int = 0
+    symbols_kept_active: int = 0  # missing from a listing that was not trusted to retire them (see errors)
     files_written: int = 0
     candles_added: int = 0
     symbols_done: int = 0
@@ -140,13 +146,33 @@ def rank_symbols(
     return ranked, problems
 
 
-def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tuple[int, int, list[str]]:
-    """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive.
-    Returns (upserted, inactivated, problems)."""
+class SymbolRefresh(NamedTuple):
+    upserted: int
+    inactivated: int
+    problems: list[str]
+    kept_active: int = 0  # active symbols missing from the listing that were left active (see `problems`)
+
+
+def inactivation_refusal(active: int, vanished: int, listing_whole: bool) -> str | None:
+    """Why `vanished` of the `active` symbols, missing from this listing, must not be marked inactive, or None."""
+    if not vanished:
+        return None
+    if not listing_whole:
+        return (f"listing: its last page was full and had no next page, so it may have stopped early; "
+                f"{vanished} symbols missing from it were left active")
+    if vanished > max(MAX_INACTIVATED_ALWAYS, MAX_INACTIVATED_SHARE * active):
+        return (f"listing: {vanished} of {active} active symbols are missing from it, more than "
+                f"{MAX_INACTIVATED_SHARE:.0%} retire in a week; they were left active")
+    return None
+
+
+def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> SymbolRefresh:
+    """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive, unless the listing
+    is not trusted for that (`inactivation_refusal`)."""
     from candlecast import db
     from candlecast.repositories import symbols as symbol_repository
 
-    reference = client.crypto_tickers()
+    reference, listing_whole = client.crypto_listing()
     if not reference:
         # An empty listing is an upstream fault: never let it mark the whole universe inactive.
         raise PolygonBadResponse("Polygon listed no active crypto tickers; symbols left unchanged")
@@ -159,11 +185,21 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tu
     symbols, problems = rank_symbols(reference, grouped)
     if not symbols:
         raise PolygonBadResponse(f"none of Polygon's {len(reference)} tickers was usable; symbols left unchanged")
+    listed = [symbol.ticker for symbol in symbols]
+    inactivated = kept = 0
     with db.connection(budget=BATCH_DB_SECONDS) as conn, conn.transaction():
+        active, vanished = symbol_repository.count_active(conn, listed)
         upserted = symbol_repository.upsert_symbols(conn, symbols)
-        inactivated = symbol_repository.mark_inactive_except(conn, [symbol.ticker for symbol in symbols])
+        refusal = inactivation_refusal(active, vanished, listing_whole)
+        if refusal is None:
+            inactivated = symbol_repository.mark_inactive_except(conn, listed)
+        else:
+            kept = vanished
+            problems.append(refusal)
+            logger.warning("symbols not marked inactive", extra={"active": active, "missing": vanished,
+                                                                 "listing_whole": listing_whole})
     cache.invalidate_symbols()
-    return upserted, inactivated, problems
+    return SymbolRefresh(upserted, inactivated, problems, kept)
 
 
 def top_tickers(limit: int) -> list[str]:
@@ -325,10 +361,10 @@ def run_ingest(
     requests_before = client.requests_made
     now = now if now is not None else int(time.time())
     if refresh:
-        summary.symbols_upserted, summary.symbols_inactivated, problems = refresh_symbols(
-            client, now=datetime.fromtimestamp(now, UTC)
-        )
-        summary.errors += [f"symbol {problem}" for problem in problems]
+        refreshed = refresh_symbols(client, now=datetime.fromtimestamp(now, UTC))
+        summary.symbols_upserted, summary.symbols_inactivated = refreshed.upserted, refreshed.inactivated
+        summary.symbols_kept_active = refreshed.kept_active
+        summary.errors += [f"symbol {problem}" for problem in refreshed.problems]
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
 
     def work(ticker: str) -> tuple[str, int, int] | None:

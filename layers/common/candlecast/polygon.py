@@ -238,8 +238,19 @@ class PolygonClient:
 
     def crypto_tickers(self, *, page_size: int = 1000) -> list[dict]:
         """Reference rows of every active crypto ticker."""
+        return self.crypto_listing(page_size=page_size)[0]
+
+    def crypto_listing(self, *, page_size: int = 1000) -> tuple[list[dict], bool]:
+        """(reference rows of every active crypto ticker, whether the listing is known to be whole). It is whole
+        when its last page is shorter than `page_size`: a full page with no next_url may be a listing that
+        stopped early without an error, so a ticker missing from it is not known to be gone."""
         params = {"market": "crypto", "active": "true", "limit": page_size, "order": "asc", "sort": "ticker"}
-        return [row for page in self.pages("/v3/reference/tickers", params) for row in page.get("results") or []]
+        rows: list[dict] = []
+        last: list = []
+        for page in self.pages("/v3/reference/tickers", params):
+            last = page.get("results") or []
+            rows += last
+        return rows, len(last) < page_size
 
     def grouped_daily(self, day: str) -> list[dict]:
         """The day's bar of every crypto ticker (`T` is the ticker)."""
