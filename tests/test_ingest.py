@@ -368,7 +368,7 @@ def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
         assert not hole & set(first["1h"].open_time.tolist())
 
         # Polygon fills the hole, and (as a test of what is left alone) now sends other prices for every bar.
-        market.bars = lambda *args: [bar | {"c": bar["c"] * 2} for bar in real_bars(*args)]
+        market.bars = lambda *args: [bar | {"c": bar["c"] * 2, "h": bar["h"] + bar["c"]} for bar in real_bars(*args)]
         market.now = NOW + 2 * DAY
         summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=market.now,
                                     history_days=HISTORY)
@@ -388,7 +388,7 @@ def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
     assert np.allclose(four.volume[four.open_time >= window], symbol.daily_volume * 4 / 24)
 
 
-BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - 2 * HOUR) * 1000, "n": 7}
+BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - NOW % HOUR - 2 * HOUR) * 1000, "n": 7}
 
 
 @pytest.mark.parametrize("bad", [{"v": None}, {"v": "2.5"}, {"c": True}, {"h": [1]}, {"t": None}, {"t": 1.7e12},
@@ -403,7 +403,47 @@ def test_a_malformed_bar_is_a_bad_response(bad):
     with pytest.raises(PolygonBadResponse, match="bar 2 of 2") as raised:
         ingest.bars_to_candles([BAR, second], HOUR, NOW)
     assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
-    assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)) == 2
+    assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)[0]) == 2
+
+
+IMPOSSIBLE = {"high under the close": lambda bar: bar | {"h": bar["c"] * 0.99},
+              "low over the open": lambda bar: bar | {"l": bar["o"] * 1.01},
+              "zero low": lambda bar: bar | {"l": 0},
+              "negative open": lambda bar: bar | {"o": -bar["o"]},
+              "negative volume": lambda bar: bar | {"v": -1.0},
+              "off the hour": lambda bar: bar | {"t": bar["t"] + 1800 * 1000}}
+
+
+def test_impossible_bars_are_dropped_counted_and_never_reach_the_derived_candles(env):
+    market = make_market(1, now=NOW, history_days=200)
+    ticker, real_bars = market.symbols[0].ticker, market.bars
+    planted: list[int] = []
+
+    def bars(ticker, step, start, end):
+        served = real_bars(ticker, step, start, end)
+        if step == HOUR:  # one bad bar of each kind, three days back, in the middle of a 4h bucket
+            for index, spoil in enumerate(IMPOSSIBLE.values()):
+                position = -72 - 4 * index
+                planted.append(served[position]["t"] // 1000)
+                served[position] = spoil(served[position])
+        else:  # daily: US/Eastern midnight stamps are Polygon's; 13:00Z is no day's
+            served = [bar | {"t": bar["t"] + 4 * HOUR * 1000} for bar in served]
+            served[-10] = served[-10] | {"t": served[-10]["t"] + 9 * HOUR * 1000}
+        return served
+
+    market.bars = bars
+    with FakePolygon(market) as fake:
+        summary = ingest.run_ingest(client_for(fake), refresh=False, tickers=[ticker], now=NOW, history_days=HISTORY,
+                                    timeframes=["1h", "4h", "1d", "1w"])
+    hourly, daily = storage.read_all_candles(ticker, "1h"), storage.read_all_candles(ticker, "1d")
+    assert not set(planted) & set(hourly.open_time.tolist())
+    assert len(hourly) == len(expected_hours(market.symbols[0], NOW, NOW, HISTORY["1h"])) - len(IMPOSSIBLE)
+    assert np.all(daily.open_time % DAY == 0) and len(daily) == HISTORY["1d"] - 1
+    assert summary.failed == [] and summary.bars_dropped == len(IMPOSSIBLE) + 1
+    from candlecast.candles import possible
+
+    for timeframe in ("1h", "4h", "1d", "1w"):
+        assert possible(storage.read_all_candles(ticker, timeframe)).all(), timeframe
 
 
 def test_bars_without_volume_on_the_api_path_are_a_remembered_503(env):
@@ -601,7 +641,7 @@ def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for
     market = make_market(1, now=NOW, history_days=30)
     with FakePolygon(market) as fake:
         point_settings_at(env, fake)
-        truth = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)
+        truth = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)[0]
         stored = Candles(*(getattr(truth, name)[:-72] for name in COLUMNS))  # three days behind
         fake.requests.clear()
         caught_up = ingest.caught_up_candles("X:C000USD", "1h", stored, 200, now=NOW)
@@ -626,7 +666,7 @@ def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for
 def test_a_stored_file_is_served_as_it_is_when_polygon_fails_or_no_key_is_configured(env, caplog):
     market = make_market(1, now=NOW, history_days=30)
     with FakePolygon(market) as fake:
-        stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1d", NOW - 20 * DAY, NOW - 5 * DAY)
+        stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1d", NOW - 20 * DAY, NOW - 5 * DAY)[0]
         fake.requests.clear()
         point_settings_at(env, fake, key=None)
         assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored

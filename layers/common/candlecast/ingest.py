@@ -62,6 +62,7 @@ class IngestSummary:
     symbols_kept_active: int = 0  # missing from a listing that was not trusted to retire them (see errors)
     files_written: int = 0
     candles_added: int = 0
+    bars_dropped: int = 0  # closed bars Polygon sent that no market can print (bars_to_candles): not stored
     symbols_done: int = 0
     remaining: list[str] = field(default_factory=list)  # not started: the time budget ran out
     failed: list[str] = field(default_factory=list)  # started and failed; their files are unchanged
@@ -225,30 +226,55 @@ def check_bars(bars: Sequence[dict]) -> None:
                 raise PolygonBadResponse(f"Polygon sent a bar whose {key} is not {what} (bar {number} of {len(bars)})")
 
 
-def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> "Candles":
-    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`."""
+# Polygon stamps a crypto day's bar at UTC midnight, or (older bars) at US/Eastern midnight: 04:00Z or 05:00Z.
+DAILY_STAMP_OFFSETS = (0, 4 * 3600, 5 * 3600)
+
+
+def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles", int]:
+    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`, and how many closed bars
+    were dropped as impossible: prices that are not `candles.possible` (zero, negative, a high under the open or
+    close, a low over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them:
+    the candle is missing, as in an exchange gap."""
     import numpy as np
 
-    from candlecast.candles import Candles
+    from candlecast.candles import Candles, possible
     from candlecast.storage import normalize_candles
 
     check_bars(bars)
     times = np.fromiter((bar["t"] // 1000 for bar in bars), dtype=np.int64, count=len(bars))
+    offsets = times % step
     if step == 86400:
-        times -= times % step  # older daily bars were stamped 04:00Z (US/Eastern midnight): label by UTC day
+        on_grid = np.isin(offsets, DAILY_STAMP_OFFSETS)
+        times -= offsets  # older daily bars were stamped 04:00Z (US/Eastern midnight): label by UTC day
+    else:
+        on_grid = offsets == 0
     columns = {name: np.fromiter((bar[key] for bar in bars), dtype=np.float64, count=len(bars))
                for name, key in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("volume", "v"))}
     closed = times + step <= now
-    candles = Candles(open_time=times[closed], **{name: values[closed] for name, values in columns.items()})
-    return normalize_candles(candles)
+    sound = on_grid & possible(Candles(open_time=times, **columns))
+    keep = closed & sound
+    candles = Candles(open_time=times[keep], **{name: values[keep] for name, values in columns.items()})
+    return normalize_candles(candles), int((closed & ~sound).sum())
 
 
-def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int) -> "Candles":
-    """Closed `source` bars of `ticker` opening at or after `start` (epoch seconds)."""
+def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int
+                  ) -> tuple["Candles", int]:
+    """Closed `source` bars of `ticker` opening at or after `start` (epoch seconds), and how many were dropped
+    (`bars_to_candles`)."""
     multiplier, timespan = POLYGON_SPAN[source]
     step = nominal_seconds(source)
     bars = client.aggregates(ticker, multiplier, timespan, start * 1000, (now - step) * 1000)
-    return bars_to_candles(bars, step, now)
+    candles, dropped = bars_to_candles(bars, step, now)
+    if dropped:
+        logger.warning("impossible bars dropped", extra={"ticker": ticker, "timeframe": source, "dropped": dropped})
+    return candles, dropped
+
+
+class SymbolIngest(NamedTuple):
+    files: int
+    added: int
+    stored_through: dict[str, int]  # each stored timeframe's last candle's open time
+    bars_dropped: int = 0
 
 
 def ingest_symbol(
@@ -258,9 +284,9 @@ def ingest_symbol(
     *,
     now: int,
     history_days: dict[str, int] | None = None,
-) -> tuple[int, int, dict[str, int]]:
-    """Bring one symbol's files up to date. Returns (files written, candles added, and each stored timeframe's
-    last candle's open time: what the track record can score up to).
+) -> SymbolIngest:
+    """Bring one symbol's files up to date. Returns files written, candles added, each stored timeframe's
+    last candle's open time (what the track record can score up to) and the bars dropped as impossible.
 
     All pages of a source timeframe are fetched before its files are written, so a failure leaves
     them as they were.
@@ -271,7 +297,7 @@ def ingest_symbol(
     from candlecast.forecast.dataset import resample
 
     history_days = {**DEFAULT_HISTORY_DAYS, **(history_days or {})}
-    files = added = 0
+    files = added = bars_dropped = 0
     stored_through: dict[str, int] = {}
     for source in ("1h", "1d"):
         targets = [tf for tf in timeframes if SOURCE_OF[tf] == source]
@@ -284,7 +310,10 @@ def ingest_symbol(
         else:
             start = now - history_days[source] * 86400
             start -= start % step
-        new = fetch_candles(client, ticker, source, start, now) if start + step <= now else None
+        new = None
+        if start + step <= now:
+            new, dropped = fetch_candles(client, ticker, source, start, now)
+            bars_dropped += dropped
         if new is None or len(new) == 0:
             if existing is None:
                 continue
@@ -313,7 +342,7 @@ def ingest_symbol(
             storage.write_candles(ticker, target, combined)
             files += 1
             added += len(combined) - (0 if current is None else len(current))
-    return files, added, stored_through
+    return SymbolIngest(files, added, stored_through, bars_dropped)
 
 
 def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> None:
@@ -367,19 +396,18 @@ def run_ingest(
         summary.errors += [f"symbol {problem}" for problem in refreshed.problems]
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
 
-    def work(ticker: str) -> tuple[str, int, int] | None:
+    def work(ticker: str) -> SymbolIngest | None:
         if deadline is not None and time.monotonic() >= deadline:
             return None
         try:
-            files, added, stored_through = ingest_symbol(client, ticker, timeframes, now=now,
-                                                         history_days=history_days)
+            result = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
         except PolygonNotEntitled:
             # PolygonAuthError when the key itself is refused. Here, not in the loop below: the other workers
             # wait for the answer instead of asking for symbols the key cannot get.
             client.confirm_key()
             raise
-        record_candle_timeframes(ticker, stored_through)
-        return ticker, files, added
+        record_candle_timeframes(ticker, result.stored_through)
+        return result
 
     def failed(ticker: str, error: Exception) -> None:
         summary.errors.append(f"{ticker}: {error}")
@@ -404,8 +432,9 @@ def run_ingest(
                         summary.remaining.append(ticker)
                     else:
                         summary.symbols_done += 1
-                        summary.files_written += result[1]
-                        summary.candles_added += result[2]
+                        summary.files_written += result.files
+                        summary.candles_added += result.added
+                        summary.bars_dropped += result.bars_dropped
                 if on_symbol is not None:
                     on_symbol(ticker)
         except BaseException:
@@ -529,7 +558,7 @@ def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Ti
 
     source = SOURCE_OF[timeframe]
     try:
-        candles = fetch_candles(client, ticker, source, start, now)
+        candles = fetch_candles(client, ticker, source, start, now)[0]
         candles = resample(candles, source, timeframe) if len(candles) else candles
         if len(candles) == 0:
             raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
