@@ -105,6 +105,8 @@ class FakePolygon:
         # Echo what each request sent (headers, the key among them) in every answer, as a hostile or
         # careless upstream might: nothing of it may reach our clients or logs.
         self.echo = False
+        # Aggregates' first pages answer a next_url with this path: the upstream's own text (it may echo the key).
+        self.next_path: str | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -240,6 +242,8 @@ class FakePolygon:
             envelope.pop("results")
         if offset + size < len(bars):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
+        if self.next_path and offset == 0:
+            envelope["next_url"] = f"{REAL_HOST}{self.next_path}"
         if any(match in path for match in self.looping):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset}"
         return envelope

@@ -2,6 +2,7 @@
 
 import json
 import time
+import traceback
 from datetime import UTC, datetime
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_a_next_url_pointing_back_at_its_page_stops_at_the_repeat():
     with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
         fake.looping.append("/v2/aggs/ticker/X:C000USD/")
         started = time.monotonic()
-        with pytest.raises(PolygonBadResponse, match=r"next_url on \S+ repeats an earlier page"):
+        with pytest.raises(PolygonBadResponse, match="next_url for aggregates X:C000USD 1h repeats an earlier page"):
             client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
         assert time.monotonic() - started < 1
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the first page, then cursor=0 pointing at cursor=0
@@ -154,9 +155,36 @@ def test_401_names_the_problem_and_never_the_key_nor_the_upstream_text():
     assert fake.count("/v3/reference/tickers") == 1  # never retried
 
 
+@pytest.mark.parametrize("status", [404, 401])
+def test_a_next_url_echoing_the_key_reaches_no_log_report_or_exception(env, capsys, caplog, status):
+    """Polygon's next_url path is the upstream's text: it may echo the key. Errors name the request in our words."""
+    from infra.lambda_loader import load_handler
+
+    key, marker = "canary-Key-9f8e7d", "UPSTREAM-TEXT"
+    market = make_market(1, now=int(time.time()), history_days=3)
+    ticker = market.symbols[0].ticker
+    env.setenv("REFRESH_CHAIN", "false")
+    with FakePolygon(market, api_key=key) as fake:
+        point_settings_at(env, fake, key=key)
+        fake.next_path = f"/v2/{marker}/{key}/x"
+        if status == 401:
+            fake.add_fault(marker, status=401, times=10)
+        handler = load_handler("functions/refresh")
+        try:
+            outcome = json.dumps(handler({"tickers": [ticker], "timeframes": ["1h"]}, RefreshContext(900)))
+        except PolygonAuthError as error:
+            assert status == 401
+            outcome = "".join(traceback.format_exception(error))
+    assert fake.count(marker) >= 1  # the next page was asked for
+    assert f"aggregates {ticker} 1h page 2" in outcome
+    logs = capsys.readouterr().out + caplog.text
+    for text in (outcome, logs):
+        assert key not in text and marker not in text
+
+
 def test_404_is_not_found_and_not_retried():
-    with FakePolygon() as fake, pytest.raises(NotFound, match="Polygon has nothing at /v9/nothing") as raised:
-        client_for(fake).get_json("/v9/nothing")
+    with FakePolygon() as fake, pytest.raises(NotFound, match="Polygon has nothing for nothing") as raised:
+        client_for(fake).get_json("/v9/nothing", what="nothing")
     assert "Route not found" not in raised.value.message
     assert len(fake.requests) == 1
 
@@ -725,6 +753,27 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
         second = handler(first["continuation"], RefreshContext(remaining_seconds=900))
     assert second["symbols_upserted"] == 0 and second["symbols_done"] == 3
     assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
+
+
+def test_a_chunk_returns_and_raises_no_secret(env):
+    from candlecast import redaction
+    from candlecast.invoke import run_chunk
+
+    key = "canary-Key-9f8e7d"
+    env.setenv("POLYGON_API_KEY", key)
+    report = run_chunk({}, None, lambda event, budget: {"errors": [f"X:AUSD: failed on /v2/{key}/x"]}, 0, 1)
+    assert report["errors"] == ["X:AUSD: failed on /v2/[redacted]/x"]
+
+    def failing(event, budget):
+        try:
+            raise ValueError(f"upstream said {key}")
+        except ValueError as error:
+            raise PolygonAuthError("refused") from error
+
+    with pytest.raises(redaction.RedactedError) as raised:
+        run_chunk({}, None, failing, 0, 1)
+    assert key not in "".join(traceback.format_exception(raised.value))
+    assert str(raised.value) == "PolygonAuthError: refused"
 
 
 def test_rate_limiter_spaces_requests_across_threads():

@@ -8,7 +8,9 @@ gap), retries without a total time budget, and reports 401/403 as a generic BadR
 needs only urllib3 and raises a distinct error for each of those cases.
 
 The API key travels only in the Authorization header (never in a URL), and next_url is always
-re-based onto the configured host, so the key is never sent elsewhere and never appears in logs.
+re-based onto the configured host, so the key is never sent elsewhere. Messages and log records name a request
+by our own description of it ("aggregates X:BTCUSD 1h page 3"), never by its path: a next_url's path is the
+upstream's text, and can echo what it was sent (an apiKey query parameter, say).
 """
 
 import random
@@ -135,13 +137,14 @@ class PolygonClient:
             url += ("&" if parts.query else "?") + urlencode(params)
         return url
 
-    def get_json(self, path_or_url: str, params: dict | None = None, *, deadline: float | None = None) -> dict:
+    def get_json(self, path_or_url: str, params: dict | None = None, *, what: str,
+                 deadline: float | None = None) -> dict:
         """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
-        (honouring Retry-After) until max_attempts, the time budget or `deadline` (time.monotonic()) runs out."""
+        (honouring Retry-After) until max_attempts, the time budget or `deadline` (time.monotonic()) runs out.
+        `what` names the request in errors and logs (never its path, which may be the upstream's text)."""
         from urllib3.exceptions import HTTPError
 
         url = self._url(path_or_url, params)
-        where = urlsplit(url).path
         started = time.monotonic()
         problem = ""
         for attempt in range(1, self.max_attempts + 1):
@@ -157,22 +160,22 @@ class PolygonClient:
                 status = response.status
                 if status == 200:
                     self.key_accepted = True
-                    return _decode(response.data, where)
+                    return _decode(response.data, what)
                 # Polygon's own text is never passed on: it can echo what it was sent, the key included.
                 if status == 403:
                     raise PolygonNotEntitled(
-                        f"Polygon answered HTTP 403 on {where}: the plan does not cover this request "
+                        f"Polygon answered HTTP 403 for {what}: the plan does not cover this request "
                         "(or the key is refused)"
                     )
                 if status == 401:
                     raise PolygonAuthError(
-                        f"Polygon refused the API key with HTTP {status} on {where} "
+                        f"Polygon refused the API key with HTTP {status} for {what} "
                         "(check POLYGON_API_KEY and the plan's entitlements)"
                     )
                 if status == 404:
-                    raise PolygonNotFound(f"Polygon has nothing at {where}")
+                    raise PolygonNotFound(f"Polygon has nothing for {what}")
                 if status not in RETRY_STATUSES:
-                    raise PolygonError(f"Polygon answered HTTP {status} on {where}")
+                    raise PolygonError(f"Polygon answered HTTP {status} for {what}")
                 problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             if retry_after and retry_after.isdigit():
@@ -181,11 +184,11 @@ class PolygonClient:
             if (attempt == self.max_attempts or elapsed + delay > self.time_budget
                     or (deadline is not None and started + elapsed + delay > deadline)):
                 break
-            logger.info("polygon retry", extra={"path": where, "problem": problem, "attempt": attempt,
+            logger.info("polygon retry", extra={"request": what, "problem": problem, "attempt": attempt,
                                                 "delay_s": round(delay, 2)})
             time.sleep(delay)
         raise PolygonError(
-            f"Polygon kept failing on {where} ({problem}) after {attempt} attempts in "
+            f"Polygon kept failing for {what} ({problem}) after {attempt} attempts in "
             f"{time.monotonic() - started:.1f}s"
         )
 
@@ -200,7 +203,8 @@ class PolygonClient:
             if self._key_refused:
                 raise PolygonAuthError(self._key_refused)
             try:
-                self.get_json("/v3/reference/tickers", {"market": "crypto", "active": "true", "limit": 1})
+                self.get_json("/v3/reference/tickers", {"market": "crypto", "active": "true", "limit": 1},
+                              what="key check (crypto ticker listing)")
             except PolygonAuthError as error:
                 status = 403 if isinstance(error, PolygonNotEntitled) else 401
                 self._key_refused = (f"Polygon refused the API key with HTTP {status} on /v3/reference/tickers "
@@ -209,29 +213,28 @@ class PolygonClient:
             except CandlecastError as error:
                 logger.warning("could not confirm the Polygon key", extra={"code": error.code})
 
-    def pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
+    def pages(self, path: str, params: dict | None = None, *, what: str) -> Iterator[dict]:
         """Every page of a list endpoint, following next_url (auth is re-added by the header), all within
         one time budget. PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages,
-        PolygonError when the budget runs out."""
+        PolygonError when the budget runs out. `what` names the list; its pages are "`what` page N"."""
         deadline = time.monotonic() + self.time_budget
-        where = urlsplit(path).path
         seen = {self._url(path, params)}
-        page = self.get_json(path, params, deadline=deadline)
+        page = self.get_json(path, params, what=f"{what} page 1", deadline=deadline)
         yield page
         while next_url := page.get("next_url"):
             if not isinstance(next_url, str):
-                raise PolygonBadResponse(f"Polygon sent a next_url that is not a string on {where}")
+                raise PolygonBadResponse(f"Polygon sent a next_url that is not a string for {what}")
             url = self._url(next_url, None)
             if url in seen:
-                raise PolygonBadResponse(f"Polygon's next_url on {where} repeats an earlier page "
+                raise PolygonBadResponse(f"Polygon's next_url for {what} repeats an earlier page "
                                          f"(after {len(seen)} pages)")
             if len(seen) >= MAX_PAGES:
-                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages on {where}")
+                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages for {what}")
             if time.monotonic() >= deadline:
-                raise PolygonError(f"Polygon's pages on {where} took more than {self.time_budget:g}s "
+                raise PolygonError(f"Polygon's pages for {what} took more than {self.time_budget:g}s "
                                    f"({len(seen)} pages)")
             seen.add(url)
-            page = self.get_json(url, deadline=deadline)
+            page = self.get_json(url, what=f"{what} page {len(seen)}", deadline=deadline)
             yield page
 
     # --- endpoints ------------------------------------------------------------------------------
@@ -247,32 +250,34 @@ class PolygonClient:
         params = {"market": "crypto", "active": "true", "limit": page_size, "order": "asc", "sort": "ticker"}
         rows: list[dict] = []
         last: list = []
-        for page in self.pages("/v3/reference/tickers", params):
+        for page in self.pages("/v3/reference/tickers", params, what="crypto ticker listing"):
             last = page.get("results") or []
             rows += last
         return rows, len(last) < page_size
 
     def grouped_daily(self, day: str) -> list[dict]:
         """The day's bar of every crypto ticker (`T` is the ticker)."""
-        page = self.get_json(f"/v2/aggs/grouped/locale/global/market/crypto/{day}", {"adjusted": "true"})
+        page = self.get_json(f"/v2/aggs/grouped/locale/global/market/crypto/{day}", {"adjusted": "true"},
+                             what=f"grouped daily bars {day}")
         return page.get("results") or []
 
     def aggregates(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int) -> list[dict]:
         """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page."""
         path = f"/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start_ms}/{end_ms}"
         params = {"adjusted": "true", "sort": "asc", "limit": 50000}
-        return [row for page in self.pages(path, params) for row in page.get("results") or []]
+        what = f"aggregates {ticker} {multiplier}{timespan[:1]}"
+        return [row for page in self.pages(path, params, what=what) for row in page.get("results") or []]
 
 
-def _decode(data: bytes, where: str) -> dict:
+def _decode(data: bytes, what: str) -> dict:
     try:
         body = strictjson.loads(data)
     except ValueError:
-        raise PolygonBadResponse(f"Polygon sent a body that is not JSON on {where}") from None
+        raise PolygonBadResponse(f"Polygon sent a body that is not JSON for {what}") from None
     if not isinstance(body, dict):
-        raise PolygonBadResponse(f"Polygon sent JSON that is not an object on {where}")
+        raise PolygonBadResponse(f"Polygon sent JSON that is not an object for {what}")
     if body.get("status") == "ERROR":
-        raise PolygonError(f"Polygon reported an error on {where}")
+        raise PolygonError(f"Polygon reported an error for {what}")
     return body
 
 
