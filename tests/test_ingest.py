@@ -497,11 +497,15 @@ def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
         assert len(before) == 5
 
         market.now = NOW + 4 * DAY
-        fake.add_fault("cursor=48", kind="malformed")  # the third page of the new hourly bars
+        # The third page of the new hourly bars, on the first try and on the one more try at the chunk's end.
+        fake.add_fault("cursor=48", kind="malformed", times=2)
         failed = ingest.run_ingest(client, symbols=1, now=market.now, history_days=HISTORY, refresh=False)
-        assert len(failed.errors) == 1 and "not JSON" in failed.errors[0]
-        assert failed.failed == ["X:C000USD"] and failed.remaining == []
-        assert bucket_snapshot() == before  # byte for byte
+        assert len(failed.errors) == 1 and "1h bars: " in failed.errors[0] and "not JSON" in failed.errors[0]
+        assert failed.failed == ["X:C000USD"] == failed.retried and failed.remaining == []
+        after = bucket_snapshot()
+        hourly = [key for key in before if key.endswith(("/1h.parquet", "/4h.parquet"))]
+        assert {key: after[key] for key in hourly} == {key: before[key] for key in hourly}  # byte for byte
+        assert after["data/C000USD/1d.parquet"] != before["data/C000USD/1d.parquet"]  # the 1d source is its own
 
         retried = ingest.run_ingest(client, symbols=1, now=market.now, history_days=HISTORY, refresh=False)
     assert retried.errors == []
@@ -596,12 +600,66 @@ def test_one_symbols_403_fails_that_symbol_and_the_run_goes_on(env, refused):
         summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
                                     concurrency=1)
     assert summary.failed == [refused] and summary.symbols_done == 2 and summary.remaining == []
-    assert len(summary.errors) == 1 and summary.errors[0].startswith(f"{refused}: ") and "HTTP 403" in summary.errors[0]
-    assert "entitled" not in summary.errors[0] and "pricing" not in summary.errors[0]  # never Polygon's text
+    assert [error.split(" bars: ")[0] for error in summary.errors] == [f"{refused}: 1h", f"{refused}: 1d"]
+    assert all("HTTP 403" in error for error in summary.errors)
+    assert "entitled" not in str(summary.errors) and "pricing" not in str(summary.errors)  # never Polygon's text
+    assert summary.retried == []  # a plan's 403 is not tried again
     assert storage.read_all_candles(refused, "1h") is None
     for ticker in set(tickers) - {refused}:
         assert_complete(ticker, market)
     assert fake.count("/v3/reference/tickers") <= 1  # at most one request to tell the key from the plan
+
+
+def test_a_transient_failure_is_tried_again_at_the_chunks_end_and_the_other_source_is_kept(env):
+    market = make_market(3, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", status=418)  # not retried by the client
+        first_try_daily = []
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=1, on_symbol=lambda ticker: first_try_daily.append(
+                                        storage.read_all_candles(ticker, "1d") is not None))
+    assert first_try_daily[0] is True  # the 1h source failing did not stop the 1d one
+    assert summary.failed == [] and summary.errors == [] and summary.symbols_done == 3
+    assert summary.retried == [tickers[0]] and summary.retry == []
+    for ticker in tickers:
+        assert_complete(ticker, market)
+
+
+def test_a_failure_with_no_time_left_is_handed_on_once_and_then_reported(env):
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        fake.add_fault(f"/v2/aggs/ticker/{ticker}/range/1/hour/", status=418, times=1000)
+        deadline = time.monotonic() + 5
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
+                                    deadline=deadline, on_symbol=lambda _: time.sleep(deadline - time.monotonic()))
+        assert (summary.retry, summary.failed, summary.errors) == ([ticker], [], [])
+        handed_on = ingest.run_ingest(client_for(fake), tickers=summary.retry, retried=summary.retry, refresh=False,
+                                      now=NOW, history_days=HISTORY)
+    assert handed_on.failed == [ticker] and handed_on.retried == [] and handed_on.retry == []
+    assert handed_on.errors == [f"{ticker}: 1h bars: Polygon answered HTTP 418 for aggregates {ticker} 1h page 1"]
+    assert storage.read_all_candles(ticker, "1h") is None and storage.read_all_candles(ticker, "1d") is not None
+
+
+def test_files_written_while_the_database_is_down_are_reported_as_such(env, needs_embedded_postgres):
+    from tests.conftest import reset_clients
+
+    market = make_market(2, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        needs_embedded_postgres.stop()
+        try:
+            summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW,
+                                        history_days=HISTORY, timeframes=["1h", "1d"])
+        finally:
+            needs_embedded_postgres.start()
+            reset_clients()
+    assert summary.unrecorded == tickers == summary.retried and summary.failed == [] and summary.symbols_done == 0
+    assert summary.files_written == 4
+    assert all(": files written, metadata not recorded: " in error for error in summary.errors)
+    for ticker in tickers:
+        assert storage.read_all_candles(ticker, "1h") is not None
 
 
 def test_a_403_on_every_request_stops_the_run_as_a_refused_key(env):

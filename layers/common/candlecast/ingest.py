@@ -17,7 +17,7 @@ numpy is imported lazily: `candlecast --help` and the CLI registration stay ligh
 import argparse
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,7 +65,10 @@ class IngestSummary:
     bars_dropped: int = 0  # closed bars Polygon sent that no market can print (bars_to_candles): not stored
     symbols_done: int = 0
     remaining: list[str] = field(default_factory=list)  # not started: the time budget ran out
-    failed: list[str] = field(default_factory=list)  # started and failed; their files are unchanged
+    failed: list[str] = field(default_factory=list)  # a source failed (twice); its files are unchanged
+    unrecorded: list[str] = field(default_factory=list)  # files written, metadata not recorded (twice)
+    retried: list[str] = field(default_factory=list)  # failed once in this chunk and were tried again
+    retry: list[str] = field(default_factory=list)  # failed once; no time was left to try again: handed on
     errors: list[str] = field(default_factory=list)
     requests: int = 0
     seconds: float = 0.0
@@ -270,11 +273,20 @@ def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: 
     return candles, dropped
 
 
-class SymbolIngest(NamedTuple):
-    files: int
-    added: int
-    stored_through: dict[str, int]  # each stored timeframe's last candle's open time
+@dataclass
+class SymbolIngest:
+    files: int = 0
+    added: int = 0
+    stored_through: dict[str, int] = field(default_factory=dict)  # each stored timeframe's last candle's open time
     bars_dropped: int = 0
+    failures: dict[str, Exception] = field(default_factory=dict)  # source timeframe -> why (its files unchanged)
+    record_error: Exception | None = None  # files written, metadata not recorded
+
+    def retry_timeframes(self, timeframes: Sequence[Timeframe]) -> list[Timeframe]:
+        """The timeframes a second try needs: those built from a source that failed for a reason that may pass
+        (not a plan's 403)."""
+        again = {source for source, error in self.failures.items() if not isinstance(error, PolygonNotEntitled)}
+        return [tf for tf in timeframes if SOURCE_OF[tf] in again]
 
 
 def ingest_symbol(
@@ -286,63 +298,78 @@ def ingest_symbol(
     history_days: dict[str, int] | None = None,
 ) -> SymbolIngest:
     """Bring one symbol's files up to date. Returns files written, candles added, each stored timeframe's
-    last candle's open time (what the track record can score up to) and the bars dropped as impossible.
+    last candle's open time (what the track record can score up to), the bars dropped as impossible, and the
+    sources that failed. The 1h and 1d sources are independent: one failing leaves the other's files written.
 
     All pages of a source timeframe are fetched before its files are written, so a failure leaves
     them as they were.
     The source file is written before the files derived from it, and derived files are recomputed
     from the whole source, so a run killed between the two is completed by the next one.
+    Raises only PolygonAuthError: the key itself is refused (a 403 on one source is asked about with
+    PolygonClient.confirm_key, so the other workers wait for the answer instead of asking for more).
     """
-    from candlecast import storage
-    from candlecast.forecast.dataset import resample
-
     history_days = {**DEFAULT_HISTORY_DAYS, **(history_days or {})}
-    files = added = bars_dropped = 0
-    stored_through: dict[str, int] = {}
+    result = SymbolIngest()
     for source in ("1h", "1d"):
         targets = [tf for tf in timeframes if SOURCE_OF[tf] == source]
         if not targets:
             continue
-        step = nominal_seconds(source)
-        existing = storage.read_all_candles(ticker, source)
-        if existing is not None and len(existing):
-            start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
-        else:
-            start = now - history_days[source] * 86400
-            start -= start % step
-        new = None
-        if start + step <= now:
-            new, dropped = fetch_candles(client, ticker, source, start, now)
-            bars_dropped += dropped
-        if new is None or len(new) == 0:
-            if existing is None:
-                continue
-            merged = existing
-        else:
-            merged = storage.merge_candles(existing, new)
-        before = 0 if existing is None else len(existing)
-        if existing is None or not _same(existing, merged):  # new bars, or re-fetched ones that changed
-            storage.write_candles(ticker, source, merged)
-            files += 1
-            added += len(merged) - before
-        if len(merged):
-            stored_through[source] = int(merged.open_time[-1])
-        for target in targets:
-            if target == source:
-                continue
-            derived = resample(merged, source, target)
-            current = storage.read_all_candles(ticker, target)
-            if current is None and len(derived) == 0:
-                continue
-            combined = storage.merge_candles(current, derived)
-            if len(combined):
-                stored_through[target] = int(combined.open_time[-1])
-            if current is not None and _same(current, combined):
-                continue
-            storage.write_candles(ticker, target, combined)
-            files += 1
-            added += len(combined) - (0 if current is None else len(current))
-    return SymbolIngest(files, added, stored_through, bars_dropped)
+        try:
+            _ingest_source(client, ticker, source, targets, now, history_days[source], result)
+        except PolygonNotEntitled as error:  # the plan does not cover these bars, or the key is refused
+            client.confirm_key()
+            result.failures[source] = error
+        except PolygonAuthError:
+            raise  # every symbol would fail the same way
+        except Exception as error:  # the other source is still worth a try
+            result.failures[source] = error
+    return result
+
+
+def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, targets: Sequence[Timeframe], now: int,
+                   history_days: int, result: SymbolIngest) -> None:
+    from candlecast import storage
+    from candlecast.forecast.dataset import resample
+
+    step = nominal_seconds(source)
+    existing = storage.read_all_candles(ticker, source)
+    if existing is not None and len(existing):
+        start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
+    else:
+        start = now - history_days * 86400
+        start -= start % step
+    new = None
+    if start + step <= now:
+        new, dropped = fetch_candles(client, ticker, source, start, now)
+        result.bars_dropped += dropped
+    if new is None or len(new) == 0:
+        if existing is None:
+            return
+        merged = existing
+    else:
+        merged = storage.merge_candles(existing, new)
+    before = 0 if existing is None else len(existing)
+    if existing is None or not _same(existing, merged):  # new bars, or re-fetched ones that changed
+        storage.write_candles(ticker, source, merged)
+        result.files += 1
+        result.added += len(merged) - before
+    if len(merged):
+        result.stored_through[source] = int(merged.open_time[-1])
+    for target in targets:
+        if target == source:
+            continue
+        derived = resample(merged, source, target)
+        current = storage.read_all_candles(ticker, target)
+        if current is None and len(derived) == 0:
+            continue
+        combined = storage.merge_candles(current, derived)
+        if len(combined):
+            result.stored_through[target] = int(combined.open_time[-1])
+        if current is not None and _same(current, combined):
+            continue
+        storage.write_candles(ticker, target, combined)
+        result.files += 1
+        result.added += len(combined) - (0 if current is None else len(current))
 
 
 def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> None:
@@ -378,13 +405,19 @@ def run_ingest(
     now: int | None = None,
     history_days: dict[str, int] | None = None,
     on_symbol: Callable[[str], None] | None = None,
+    retried: Sequence[str] = (),
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
     `symbols` by volume. Stops starting new symbols at `deadline` (time.monotonic()) and lists them
-    in `remaining`. Errors are per symbol (listed in `failed`): one bad symbol never stops the run;
+    in `remaining`. Errors are per symbol and source (listed in `failed`): one bad symbol never stops the run;
     only an authentication error, which every symbol would hit, does: a 401, or a 403 on the symbol
-    listing. A 403 on one symbol's bars (its plan does not cover them) fails that symbol, once the key
-    is known to work (PolygonClient.confirm_key)."""
+    listing. A 403 on one symbol's bars (its plan does not cover them) fails that source, once the key
+    is known to work (PolygonClient.confirm_key).
+
+    A symbol whose source failed for a reason that may pass (anything but a plan's 403), or whose files were
+    written but whose metadata was not recorded, is tried once more at the end of the chunk, for what failed
+    only. One the deadline leaves no time for is listed in `retry` and handed on; `retried` names those, which
+    get no third try."""
     started = time.monotonic()
     summary = IngestSummary()
     requests_before = client.requests_made
@@ -395,66 +428,110 @@ def run_ingest(
         summary.symbols_kept_active = refreshed.kept_active
         summary.errors += [f"symbol {problem}" for problem in refreshed.problems]
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
+    last_try = set(retried)
 
-    def work(ticker: str) -> SymbolIngest | None:
+    def work(ticker: str, wanted: Sequence[Timeframe], through: dict[str, int]) -> SymbolIngest | None:
         if deadline is not None and time.monotonic() >= deadline:
             return None
+        result = ingest_symbol(client, ticker, wanted, now=now, history_days=history_days)
+        result.stored_through = {**through, **result.stored_through}
         try:
-            result = ingest_symbol(client, ticker, timeframes, now=now, history_days=history_days)
-        except PolygonNotEntitled:
-            # PolygonAuthError when the key itself is refused. Here, not in the loop below: the other workers
-            # wait for the answer instead of asking for symbols the key cannot get.
-            client.confirm_key()
-            raise
-        record_candle_timeframes(ticker, result.stored_through)
+            record_candle_timeframes(ticker, result.stored_through)
+        except Exception as error:  # the files are written: said so, and tried again
+            result.record_error = error
         return result
 
-    def failed(ticker: str, error: Exception) -> None:
-        summary.errors.append(f"{ticker}: {error}")
-        logger.warning("ingest failed for symbol", extra={"ticker": ticker, "error": str(error)})
-        summary.failed.append(ticker)
+    def count(result: SymbolIngest) -> None:
+        summary.files_written += result.files
+        summary.candles_added += result.added
+        summary.bars_dropped += result.bars_dropped
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
-        futures = {pool.submit(work, ticker): ticker for ticker in todo}
-        try:
-            for future in as_completed(futures):
-                ticker = futures[future]
-                try:
-                    result = future.result()
-                except PolygonNotEntitled as error:  # the plan does not cover this symbol's bars
-                    failed(ticker, error)
-                except PolygonAuthError:
-                    raise  # every symbol would fail the same way
-                except Exception as error:  # one bad symbol never stops the others
-                    failed(ticker, error)
-                else:
-                    if result is None:
-                        summary.remaining.append(ticker)
-                    else:
-                        summary.symbols_done += 1
-                        summary.files_written += result.files
-                        summary.candles_added += result.added
-                        summary.bars_dropped += result.bars_dropped
-                if on_symbol is not None:
-                    on_symbol(ticker)
-        except BaseException:
-            for pending in futures:  # stop queued symbols; running ones finish their atomic writes
-                pending.cancel()
-            raise
+    def settle(ticker: str, result: SymbolIngest) -> None:
+        for source, error in result.failures.items():
+            summary.errors.append(f"{ticker}: {source} bars: {error}")
+            logger.warning("ingest failed for symbol", extra={"ticker": ticker, "source": source,
+                                                              "error": str(error)})
+        if result.failures:
+            summary.failed.append(ticker)
+        if result.record_error is not None:
+            summary.unrecorded.append(ticker)
+            summary.errors.append(f"{ticker}: files written, metadata not recorded: {result.record_error}")
+            logger.warning("symbol metadata not recorded", extra={"ticker": ticker,
+                                                                  "error": type(result.record_error).__name__})
+        if not result.failures and result.record_error is None:
+            summary.symbols_done += 1
+
+    first_tries: dict[str, SymbolIngest] = {}  # symbols to try again, with their first try's result
+    jobs = [(ticker, lambda t=ticker: work(t, timeframes, {})) for ticker in todo]
+    for ticker, result in _in_pool(concurrency, jobs):
+        if result is None:
+            summary.remaining.append(ticker)
+        else:
+            count(result)
+            if ticker not in last_try and (result.retry_timeframes(timeframes) or result.record_error is not None):
+                first_tries[ticker] = result
+                logger.info("symbol to be tried again", extra={"ticker": ticker, "sources": list(result.failures),
+                                                               "recorded": result.record_error is None})
+            else:
+                settle(ticker, result)
+        if on_symbol is not None:
+            on_symbol(ticker)
+
+    def again(ticker: str, first: SymbolIngest) -> SymbolIngest | None:
+        second = work(ticker, first.retry_timeframes(timeframes), first.stored_through)
+        if second is not None:
+            kept = {source: error for source, error in first.failures.items() if source not in second.failures
+                    and isinstance(error, PolygonNotEntitled)}
+            second.failures = kept | second.failures
+        return second
+
+    retries = [(ticker, lambda t=ticker, first=first: again(t, first)) for ticker, first in first_tries.items()]
+    summary.retried = list(first_tries)
+    for ticker, result in _in_pool(concurrency, retries):
+        if result is None:
+            summary.retry.append(ticker)
+        else:
+            count(result)
+            settle(ticker, result)
     order = {ticker: index for index, ticker in enumerate(todo)}
-    summary.remaining.sort(key=order.__getitem__)
-    summary.failed.sort(key=order.__getitem__)
+    for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried):
+        found.sort(key=order.__getitem__)
     summary.requests = client.requests_made - requests_before
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
 
 
+def _in_pool(concurrency: int, jobs: list[tuple[str, Callable[[], "SymbolIngest | None"]]]
+             ) -> Iterator[tuple[str, "SymbolIngest | None"]]:
+    """(ticker, result) of each job as it ends, `concurrency` at a time. A PolygonAuthError (every symbol would
+    fail the same way) stops queued jobs and is raised; running ones finish their atomic writes. Any other
+    error fails that symbol alone (as a failure of its every source)."""
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
+        futures = {pool.submit(job): ticker for ticker, job in jobs}
+        try:
+            for future in as_completed(futures):
+                try:
+                    result = future.result()
+                except PolygonAuthError:
+                    raise
+                except Exception as error:  # one bad symbol never stops the others
+                    result = SymbolIngest(failures={"1h+1d": error})
+                yield futures[future], result
+        except BaseException:
+            for pending in futures:
+                pending.cancel()
+            raise
+
+
 def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
-    event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "refresh_symbols": bool}.
-    The first call refreshes the symbol table and takes the top N; a continuation passes the
-    `remaining` tickers of the previous chunk (and refresh_symbols false).
+    event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
+    "refresh_symbols": bool}. The first call refreshes the symbol table and takes the top N; a continuation passes
+    the `remaining` and `retry` tickers of the previous chunk (the latter also as `retried`: their last try) and
+    refresh_symbols false.
     """
     from candlecast import polygon
 
@@ -470,11 +547,13 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
         refresh=bool(event.get("refresh_symbols", "tickers" not in event)),
         tickers=event.get("tickers"),
         deadline=time.monotonic() + max(0.0, budget_seconds),
+        retried=[str(ticker) for ticker in event.get("retried") or []],
     )
     report = summary.as_dict()
+    left = summary.remaining + summary.retry
     report["continuation"] = (
-        {"tickers": summary.remaining, "timeframes": timeframes, "refresh_symbols": False}
-        if summary.remaining else None
+        {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False}
+        if left else None
     )
     return report
 
