@@ -813,6 +813,24 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
     assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
 
 
+def test_a_score_function_that_cannot_be_started_is_reported_not_raised(env, stack, caplog):
+    """Raising after the continuation was handed on would make Lambda's async retry run the chunk, and chain it,
+    again. Here the Lambda API (moto's) answers that the Score function does not exist."""
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    market = make_market(1, now=int(time.time()), history_days=3)
+    env.setenv("REFRESH_CHAIN", "false")
+    env.setenv("SCORE_FUNCTION_NAME", "candlecast-test-no-such-score")
+    env.setenv("AWS_ENDPOINT_URL_LAMBDA", stack.s3_endpoint_url)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        report = handler({"tickers": [market.symbols[0].ticker], "timeframes": ["1h"]}, RefreshContext(900))
+    assert report["candles_added"] > 0 and report["scoring"] == "not started"
+    (record,) = [record for record in caplog.records if record.getMessage() == "scoring not started"]
+    assert record.error == "ResourceNotFoundException"
+
+
 def test_a_chunk_returns_and_raises_no_secret(env):
     from candlecast import redaction
     from candlecast.invoke import run_chunk
