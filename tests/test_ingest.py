@@ -124,6 +124,38 @@ def test_a_looping_next_url_on_the_api_path_is_a_remembered_503(env):
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the second call was answered from the cache
 
 
+def test_a_trickled_answer_is_cut_at_the_time_budget():
+    """The read timeout is per read: a byte every 0.2 s never trips it. 60 bytes take 12 s; the budget is 2 s."""
+    with FakePolygon() as fake:
+        fake.add_fault("/v9/slow", kind="trickle", times=10, body=b'{"status":"OK","results":[]' + b" " * 32 + b"}")
+        started = time.monotonic()
+        with pytest.raises(PolygonError, match="answer took more than") as raised:
+            client_for(fake, time_budget=2.0, read_timeout=1.0).get_json("/v9/slow", what="slow")
+        elapsed = time.monotonic() - started
+    assert elapsed < 6, elapsed  # the budget and one backoff, with room for a loaded machine
+    assert "slow" in raised.value.message
+
+
+def test_a_gzip_bomb_is_a_bad_response_never_held_in_memory():
+    import gzip
+    import tracemalloc
+
+    decoded = b'{"status":"OK","results":[' + b" " * (100 << 20) + b"]}"  # 100 MB from 0.1 MB on the wire
+    with FakePolygon() as fake:
+        fake.add_fault("/v9/bomb", kind="gzip", body=gzip.compress(decoded, 6))
+        del decoded
+        client = client_for(fake)
+        tracemalloc.start()
+        try:
+            with pytest.raises(PolygonBadResponse, match="larger than 32 MB"):
+                client.get_json("/v9/bomb", what="bomb")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 2 * polygon.MAX_BODY_BYTES, peak
+    assert fake.count("/v9/bomb") == 1  # a bad response is not asked for again
+
+
 def test_429_and_5xx_and_dropped_connections_are_retried():
     with FakePolygon(make_market(1, now=NOW)) as fake:
         fake.add_fault("/v2/aggs/grouped", status=429, times=1)

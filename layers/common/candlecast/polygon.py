@@ -13,6 +13,7 @@ by our own description of it ("aggregates X:BTCUSD 1h page 3"), never by its pat
 upstream's text, and can echo what it was sent (an apiKey query parameter, say).
 """
 
+import math
 import random
 import threading
 import time
@@ -30,6 +31,11 @@ DEFAULT_BASE_URL = "https://api.polygon.io"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Far more pages than any list we ask for has: two years of hourly bars are about 20, the crypto tickers a few.
 MAX_PAGES = 1000
+# A page's decoded body is read as it arrives, up to this many bytes: a 50,000-bar page is about 6 MB of compact
+# JSON (123 bytes a bar, tests/fixtures/polygon) and 17 MB pretty-printed, so twice the larger is a bad
+# response, never held in memory (a 0.3 MB gzip body can decode to 300 MB).
+MAX_BODY_BYTES = 32 << 20
+READ_CHUNK = 64 << 10
 
 
 class PolygonError(ServiceUnavailable):
@@ -89,6 +95,7 @@ class PolygonClient:
         connect_timeout: float = 3.0,
         read_timeout: float = 20.0,
         time_budget: float = 90.0,
+        request_timeout: float = 30.0,
         max_attempts: int = 6,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -106,6 +113,8 @@ class PolygonClient:
         parts = urlsplit(base_url.rstrip("/"))
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.time_budget = time_budget
+        self.request_timeout = request_timeout  # wall-clock seconds one request may take, its body included
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -141,7 +150,10 @@ class PolygonClient:
                  deadline: float | None = None) -> dict:
         """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
         (honouring Retry-After) until max_attempts, the time budget or `deadline` (time.monotonic()) runs out.
+        Each attempt, its body included, takes at most request_timeout seconds and what is left of both (a body
+        trickled in is cut there), and its decoded body at most MAX_BODY_BYTES (a bad response).
         `what` names the request in errors and logs (never its path, which may be the upstream's text)."""
+        import urllib3
         from urllib3.exceptions import HTTPError
 
         url = self._url(path_or_url, params)
@@ -151,16 +163,27 @@ class PolygonClient:
             if self._key_refused:
                 raise PolygonAuthError(self._key_refused)
             self.limiter.wait()
+            limit = min(self.request_timeout, started + self.time_budget - time.monotonic(),
+                        math.inf if deadline is None else deadline - time.monotonic())
+            if limit <= 0:
+                problem = problem or "no time left"
+                break
             self.requests_made += 1
             try:
-                response = self._http.request("GET", url, preload_content=True)
+                response = self._http.request(
+                    "GET", url, preload_content=False,
+                    timeout=urllib3.Timeout(connect=min(self.connect_timeout, limit),
+                                            read=min(self.read_timeout, limit)))
+                status = response.status
+                data = _read_body(response, time.monotonic() + limit, what) if status == 200 else _discard(response)
+            except _TooSlow:
+                status, problem, retry_after = None, f"answer took more than {limit:.3g}s", None
             except HTTPError as error:
                 status, problem, retry_after = None, f"connection error: {type(error).__name__}", None
             else:
-                status = response.status
                 if status == 200:
                     self.key_accepted = True
-                    return _decode(response.data, what)
+                    return _decode(data, what)
                 # Polygon's own text is never passed on: it can echo what it was sent, the key included.
                 if status == 403:
                     raise PolygonNotEntitled(
@@ -187,6 +210,10 @@ class PolygonClient:
             logger.info("polygon retry", extra={"request": what, "problem": problem, "attempt": attempt,
                                                 "delay_s": round(delay, 2)})
             time.sleep(delay)
+        if time.monotonic() >= min(started + self.time_budget, math.inf if deadline is None else deadline):
+            # The list's budget ran out while this request waited: its time limit was what was left of it.
+            raise PolygonError(f"Polygon took more than {self.time_budget:g}s for {what} ({problem}; "
+                               f"{attempt} attempts)")
         raise PolygonError(
             f"Polygon kept failing for {what} ({problem}) after {attempt} attempts in "
             f"{time.monotonic() - started:.1f}s"
@@ -269,6 +296,52 @@ class PolygonClient:
         return [row for page in self.pages(path, params, what=what) for row in page.get("results") or []]
 
 
+class _TooSlow(Exception):
+    """The answer did not arrive whole within the request's time."""
+
+
+def _read_body(response, ends: float, what: str) -> bytes:
+    """The decoded body, read as it arrives (each read returns what has come, decompressed to at most READ_CHUNK
+    bytes): PolygonBadResponse past MAX_BODY_BYTES, _TooSlow past `ends` (time.monotonic()). A timer shuts the
+    connection at `ends`, so a read that waits for a byte a second stops there too."""
+    from urllib3.exceptions import HTTPError, ProtocolError
+
+    timer = threading.Timer(max(0.0, ends - time.monotonic()), response.shutdown)
+    timer.daemon = True
+    timer.start()
+    body = bytearray()
+    try:
+        try:
+            while chunk := response.read1(READ_CHUNK):
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise PolygonBadResponse(f"Polygon sent a body larger than {MAX_BODY_BYTES >> 20} MB for {what}")
+                if time.monotonic() >= ends:
+                    raise _TooSlow
+        except (OSError, ValueError, HTTPError) as error:  # the timer shut the connection, or it broke
+            if time.monotonic() >= ends:
+                raise _TooSlow from None
+            if isinstance(error, HTTPError):
+                raise
+            raise ProtocolError(type(error).__name__) from None
+        if time.monotonic() >= ends:  # shut by the timer: what came is not the whole body
+            raise _TooSlow
+    except BaseException:
+        _discard(response)
+        raise
+    finally:
+        timer.cancel()
+    response.release_conn()
+    return bytes(body)
+
+
+def _discard(response) -> bytes:
+    """Close an answer whose body is not wanted (never read: it may be large or slow) and free its pool slot."""
+    response.close()
+    response.release_conn()
+    return b""
+
+
 def _decode(data: bytes, what: str) -> dict:
     try:
         body = strictjson.loads(data)
@@ -282,7 +355,8 @@ def _decode(data: bytes, what: str) -> dict:
 
 
 # Inside an API request (15 s Lambda timeout) Polygon gets about 6 s; the weekly refresh gets minutes.
-INTERACTIVE_LIMITS = {"connect_timeout": 2.0, "read_timeout": 4.0, "time_budget": 6.0, "max_attempts": 2}
+INTERACTIVE_LIMITS = {"connect_timeout": 2.0, "read_timeout": 4.0, "request_timeout": 4.0, "time_budget": 6.0,
+                      "max_attempts": 2}
 _clients: dict[bool, PolygonClient] = {}
 _client_lock = threading.Lock()
 
