@@ -884,6 +884,32 @@ def test_a_chunk_returns_and_raises_no_secret(env):
     assert str(raised.value) == "PolygonAuthError: refused"
 
 
+def test_no_request_starts_after_the_chunks_deadline_at_a_slow_rate(env):
+    """Six symbols need twelve requests, a second apart at this rate: eleven seconds. The chunk's deadline is
+    two seconds in; symbols in flight then must not queue at the limiter past it."""
+    market = make_market(6, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        started = time.monotonic()
+        summary = ingest.run_ingest(client_for(fake, max_rps=1.0), tickers=tickers, refresh=False, now=NOW,
+                                    history_days=HISTORY, concurrency=6, deadline=started + 2)
+        elapsed = time.monotonic() - started
+    assert elapsed < 5, elapsed  # the deadline, one request in flight and room for a loaded machine
+    assert summary.failed == [] and summary.errors == [] and summary.retry == []
+    assert summary.remaining and summary.symbols_done + len(summary.remaining) == 6
+    assert fake.count("/range/") == summary.requests <= 4
+
+
+def test_turns_at_the_rate_limiter_do_not_count_against_a_lists_budget():
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 100  # 30 days of hours: 8 pages, a quarter second apart at this rate
+    with FakePolygon(market) as fake:
+        client = client_for(fake, max_rps=4.0, time_budget=1.0)
+        bars = client.aggregates("X:C000USD", 1, "hour", (NOW - 30 * DAY) * 1000, NOW * 1000)
+    assert len(bars) == len(market.bars("X:C000USD", HOUR, NOW - 30 * DAY, NOW)) > 700
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 8
+
+
 def test_rate_limiter_spaces_requests_across_threads():
     from concurrent.futures import ThreadPoolExecutor
 

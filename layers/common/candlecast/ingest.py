@@ -28,7 +28,13 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache
 from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
-from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonNotEntitled
+from candlecast.polygon import (
+    PolygonAuthError,
+    PolygonBadResponse,
+    PolygonClient,
+    PolygonDeadline,
+    PolygonNotEntitled,
+)
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
 if TYPE_CHECKING:
@@ -260,13 +266,13 @@ def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles
     return normalize_candles(candles), int((closed & ~sound).sum())
 
 
-def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int
-                  ) -> tuple["Candles", int]:
+def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int, *,
+                  stop: float | None = None) -> tuple["Candles", int]:
     """Closed `source` bars of `ticker` opening at or after `start` (epoch seconds), and how many were dropped
-    (`bars_to_candles`)."""
+    (`bars_to_candles`). No request starts after `stop` (time.monotonic()): PolygonDeadline."""
     multiplier, timespan = POLYGON_SPAN[source]
     step = nominal_seconds(source)
-    bars = client.aggregates(ticker, multiplier, timespan, start * 1000, (now - step) * 1000)
+    bars = client.aggregates(ticker, multiplier, timespan, start * 1000, (now - step) * 1000, stop=stop)
     candles, dropped = bars_to_candles(bars, step, now)
     if dropped:
         logger.warning("impossible bars dropped", extra={"ticker": ticker, "timeframe": source, "dropped": dropped})
@@ -282,6 +288,10 @@ class SymbolIngest:
     failures: dict[str, Exception] = field(default_factory=dict)  # source timeframe -> why (its files unchanged)
     record_error: Exception | None = None  # files written, metadata not recorded
 
+    def cut_short(self) -> bool:
+        """A source was not fetched because the run's deadline came first."""
+        return any(isinstance(error, PolygonDeadline) for error in self.failures.values())
+
     def retry_timeframes(self, timeframes: Sequence[Timeframe]) -> list[Timeframe]:
         """The timeframes a second try needs: those built from a source that failed for a reason that may pass
         (not a plan's 403)."""
@@ -296,6 +306,7 @@ def ingest_symbol(
     *,
     now: int,
     history_days: dict[str, int] | None = None,
+    stop: float | None = None,
 ) -> SymbolIngest:
     """Bring one symbol's files up to date. Returns files written, candles added, each stored timeframe's
     last candle's open time (what the track record can score up to), the bars dropped as impossible, and the
@@ -315,7 +326,7 @@ def ingest_symbol(
         if not targets:
             continue
         try:
-            _ingest_source(client, ticker, source, targets, now, history_days[source], result)
+            _ingest_source(client, ticker, source, targets, now, history_days[source], result, stop)
         except PolygonNotEntitled as error:  # the plan does not cover these bars, or the key is refused
             client.confirm_key()
             result.failures[source] = error
@@ -327,7 +338,7 @@ def ingest_symbol(
 
 
 def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, targets: Sequence[Timeframe], now: int,
-                   history_days: int, result: SymbolIngest) -> None:
+                   history_days: int, result: SymbolIngest, stop: float | None) -> None:
     from candlecast import storage
     from candlecast.forecast.dataset import resample
 
@@ -340,7 +351,7 @@ def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, target
         start -= start % step
     new = None
     if start + step <= now:
-        new, dropped = fetch_candles(client, ticker, source, start, now)
+        new, dropped = fetch_candles(client, ticker, source, start, now, stop=stop)
         result.bars_dropped += dropped
     if new is None or len(new) == 0:
         if existing is None:
@@ -408,8 +419,10 @@ def run_ingest(
     retried: Sequence[str] = (),
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
-    `symbols` by volume. Stops starting new symbols at `deadline` (time.monotonic()) and lists them
-    in `remaining`. Errors are per symbol and source (listed in `failed`): one bad symbol never stops the run;
+    `symbols` by volume. Starts no new symbol and no new Polygon request at `deadline` (time.monotonic()),
+    and lists the symbols not started or cut short there in `remaining`. At a slow rate limit only as many
+    symbols run at once as the rate keeps busy (RateLimiter.workers).
+    Errors are per symbol and source (listed in `failed`): one bad symbol never stops the run;
     only an authentication error, which every symbol would hit, does: a 401, or a 403 on the symbol
     listing. A 403 on one symbol's bars (its plan does not cover them) fails that source, once the key
     is known to work (PolygonClient.confirm_key).
@@ -433,7 +446,7 @@ def run_ingest(
     def work(ticker: str, wanted: Sequence[Timeframe], through: dict[str, int]) -> SymbolIngest | None:
         if deadline is not None and time.monotonic() >= deadline:
             return None
-        result = ingest_symbol(client, ticker, wanted, now=now, history_days=history_days)
+        result = ingest_symbol(client, ticker, wanted, now=now, history_days=history_days, stop=deadline)
         result.stored_through = {**through, **result.stored_through}
         try:
             record_candle_timeframes(ticker, result.stored_through)
@@ -461,6 +474,7 @@ def run_ingest(
         if not result.failures and result.record_error is None:
             summary.symbols_done += 1
 
+    concurrency = client.limiter.workers(concurrency)  # at a slow rate, more workers only queue at the limiter
     first_tries: dict[str, SymbolIngest] = {}  # symbols to try again, with their first try's result
     jobs = [(ticker, lambda t=ticker: work(t, timeframes, {})) for ticker in todo]
     for ticker, result in _in_pool(concurrency, jobs):
@@ -468,7 +482,9 @@ def run_ingest(
             summary.remaining.append(ticker)
         else:
             count(result)
-            if ticker not in last_try and (result.retry_timeframes(timeframes) or result.record_error is not None):
+            if result.cut_short():  # no request starts after the deadline: handed on as not done
+                summary.remaining.append(ticker)
+            elif ticker not in last_try and (result.retry_timeframes(timeframes) or result.record_error is not None):
                 first_tries[ticker] = result
                 logger.info("symbol to be tried again", extra={"ticker": ticker, "sources": list(result.failures),
                                                                "recorded": result.record_error is None})
@@ -488,7 +504,9 @@ def run_ingest(
     retries = [(ticker, lambda t=ticker, first=first: again(t, first)) for ticker, first in first_tries.items()]
     summary.retried = list(first_tries)
     for ticker, result in _in_pool(concurrency, retries):
-        if result is None:
+        if result is None or result.cut_short():
+            if result is not None:
+                count(result)
             summary.retry.append(ticker)
         else:
             count(result)

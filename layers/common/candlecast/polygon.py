@@ -67,6 +67,14 @@ class PolygonNotFound(NotFound):
     code = "polygon_not_found"
 
 
+class PolygonDeadline(PolygonError):
+    """The run's deadline came before this request's turn: it was not sent (the caller hands the work on)."""
+
+
+# About what a worker spends on one request besides waiting its turn: Polygon's answer, the parse, its writes.
+WORKER_SECONDS_PER_REQUEST = 2.0
+
+
 class RateLimiter:
     """Spaces requests at least 1/rate seconds apart, across threads."""
 
@@ -75,15 +83,41 @@ class RateLimiter:
         self._next = 0.0
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self, latest: float | None = None) -> float | None:
+        """Wait for this request's turn; the seconds waited. None, without taking a turn, when the turn would
+        come after `latest` (time.monotonic())."""
         if not self.interval:
-            return
+            return 0.0
         with self._lock:
             now = time.monotonic()
             start = max(now, self._next)
+            if latest is not None and start > latest:
+                return None
             self._next = start + self.interval
         if start > now:
             time.sleep(start - now)
+        return start - now
+
+    def workers(self, wanted: int) -> int:
+        """How many workers the rate keeps busy, at most `wanted`: more only queue here, each holding a symbol
+        whose pages then take that many times longer (at the free tier's 0.083/s, one)."""
+        if not self.interval:
+            return wanted
+        return max(1, min(wanted, math.ceil(WORKER_SECONDS_PER_REQUEST / self.interval)))
+
+
+class _Budget:
+    """A time budget whose clock stops while a request waits its turn at the rate limiter: at Polygon's free
+    tier (a request every 12 s) the turns of a two-year hourly backfill (21 pages) alone are four minutes."""
+
+    def __init__(self, seconds: float):
+        self.ends = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.ends - time.monotonic()
+
+    def pause(self, seconds: float) -> None:
+        self.ends += seconds
 
 
 class PolygonClient:
@@ -147,24 +181,31 @@ class PolygonClient:
         return url
 
     def get_json(self, path_or_url: str, params: dict | None = None, *, what: str,
-                 deadline: float | None = None) -> dict:
+                 budget: _Budget | None = None, stop: float | None = None) -> dict:
         """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
-        (honouring Retry-After) until max_attempts, the time budget or `deadline` (time.monotonic()) runs out.
-        Each attempt, its body included, takes at most request_timeout seconds and what is left of both (a body
-        trickled in is cut there), and its decoded body at most MAX_BODY_BYTES (a bad response).
+        (honouring Retry-After) until max_attempts or the time budget (the list's `budget`, else time_budget;
+        turns waited at the rate limiter not counted) runs out. No attempt starts after `stop` (time.monotonic(),
+        the run's deadline): PolygonDeadline.
+        Each attempt, its body included, takes at most request_timeout seconds and what is left of the budget (a
+        body trickled in is cut there), and its decoded body at most MAX_BODY_BYTES (a bad response).
         `what` names the request in errors and logs (never its path, which may be the upstream's text)."""
         import urllib3
         from urllib3.exceptions import HTTPError
 
         url = self._url(path_or_url, params)
         started = time.monotonic()
+        budget = budget or _Budget(self.time_budget)
         problem = ""
         for attempt in range(1, self.max_attempts + 1):
             if self._key_refused:
                 raise PolygonAuthError(self._key_refused)
-            self.limiter.wait()
-            limit = min(self.request_timeout, started + self.time_budget - time.monotonic(),
-                        math.inf if deadline is None else deadline - time.monotonic())
+            if stop is not None and time.monotonic() >= stop:
+                raise PolygonDeadline(f"the run's time was up before {what}")
+            waited = self.limiter.wait(latest=stop)
+            if waited is None:
+                raise PolygonDeadline(f"the run's time was up before {what}'s turn")
+            budget.pause(waited)
+            limit = min(self.request_timeout, budget.left())
             if limit <= 0:
                 problem = problem or "no time left"
                 break
@@ -203,14 +244,13 @@ class PolygonClient:
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             if retry_after and retry_after.isdigit():
                 delay = max(delay, float(retry_after))
-            elapsed = time.monotonic() - started
-            if (attempt == self.max_attempts or elapsed + delay > self.time_budget
-                    or (deadline is not None and started + elapsed + delay > deadline)):
+            if (attempt == self.max_attempts or delay > budget.left()
+                    or (stop is not None and time.monotonic() + delay > stop)):
                 break
             logger.info("polygon retry", extra={"request": what, "problem": problem, "attempt": attempt,
                                                 "delay_s": round(delay, 2)})
             time.sleep(delay)
-        if time.monotonic() >= min(started + self.time_budget, math.inf if deadline is None else deadline):
+        if budget.left() <= 0:
             # The list's budget ran out while this request waited: its time limit was what was left of it.
             raise PolygonError(f"Polygon took more than {self.time_budget:g}s for {what} ({problem}; "
                                f"{attempt} attempts)")
@@ -240,13 +280,15 @@ class PolygonClient:
             except CandlecastError as error:
                 logger.warning("could not confirm the Polygon key", extra={"code": error.code})
 
-    def pages(self, path: str, params: dict | None = None, *, what: str) -> Iterator[dict]:
+    def pages(self, path: str, params: dict | None = None, *, what: str, stop: float | None = None
+              ) -> Iterator[dict]:
         """Every page of a list endpoint, following next_url (auth is re-added by the header), all within
-        one time budget. PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages,
-        PolygonError when the budget runs out. `what` names the list; its pages are "`what` page N"."""
-        deadline = time.monotonic() + self.time_budget
+        one time budget (turns waited at the rate limiter not counted), none started after `stop`.
+        PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages, PolygonError when the budget
+        runs out. `what` names the list; its pages are "`what` page N"."""
+        budget = _Budget(self.time_budget)
         seen = {self._url(path, params)}
-        page = self.get_json(path, params, what=f"{what} page 1", deadline=deadline)
+        page = self.get_json(path, params, what=f"{what} page 1", budget=budget, stop=stop)
         yield page
         while next_url := page.get("next_url"):
             if not isinstance(next_url, str):
@@ -257,11 +299,11 @@ class PolygonClient:
                                          f"(after {len(seen)} pages)")
             if len(seen) >= MAX_PAGES:
                 raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages for {what}")
-            if time.monotonic() >= deadline:
+            if budget.left() <= 0:
                 raise PolygonError(f"Polygon's pages for {what} took more than {self.time_budget:g}s "
                                    f"({len(seen)} pages)")
             seen.add(url)
-            page = self.get_json(url, what=f"{what} page {len(seen)}", deadline=deadline)
+            page = self.get_json(url, what=f"{what} page {len(seen)}", budget=budget, stop=stop)
             yield page
 
     # --- endpoints ------------------------------------------------------------------------------
@@ -288,12 +330,15 @@ class PolygonClient:
                              what=f"grouped daily bars {day}")
         return page.get("results") or []
 
-    def aggregates(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int) -> list[dict]:
-        """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page."""
+    def aggregates(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int, *,
+                   stop: float | None = None) -> list[dict]:
+        """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page (none started after
+        `stop`)."""
         path = f"/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start_ms}/{end_ms}"
         params = {"adjusted": "true", "sort": "asc", "limit": 50000}
         what = f"aggregates {ticker} {multiplier}{timespan[:1]}"
-        return [row for page in self.pages(path, params, what=what) for row in page.get("results") or []]
+        return [row for page in self.pages(path, params, what=what, stop=stop)
+                for row in page.get("results") or []]
 
 
 class _TooSlow(Exception):
