@@ -44,7 +44,7 @@ class FakeSymbol:
 @dataclass
 class Fault:
     match: str  # substring of the request path (with query)
-    kind: str  # "status", "malformed" or "drop"
+    kind: str  # "status", "malformed", "drop", "trickle" (body, a byte at a time) or "gzip" (body, gzip-encoded)
     status: int = 500
     times: int = 1
     body: bytes = b'{"status":"ERROR","request_id":"fake","error":"injected"}'
@@ -97,6 +97,7 @@ class FakePolygon:
         self.requests: list[str] = []
         self.bad_auth: list[str] = []
         self.delay = 0.0  # seconds before each answer, to slow a run down
+        self.trickle_interval = 0.2  # seconds between the bytes of a "trickle" fault's body
         # Aggregates whose path contains one of these answer a next_url back to the page just sent, as Polygon
         # has done (polygon-io/issues#289): a client that follows it blindly never stops.
         self.looping: list[str] = []
@@ -105,6 +106,8 @@ class FakePolygon:
         # Echo what each request sent (headers, the key among them) in every answer, as a hostile or
         # careless upstream might: nothing of it may reach our clients or logs.
         self.echo = False
+        # Aggregates' first pages answer a next_url with this path: the upstream's own text (it may echo the key).
+        self.next_path: str | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -240,6 +243,8 @@ class FakePolygon:
             envelope.pop("results")
         if offset + size < len(bars):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
+        if self.next_path and offset == 0:
+            envelope["next_url"] = f"{REAL_HOST}{self.next_path}"
         if any(match in path for match in self.looping):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset}"
         return envelope
@@ -262,6 +267,24 @@ class FakePolygon:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _send_raw(self, fault: Fault) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(fault.body)))
+                if fault.kind == "gzip":
+                    self.send_header("Content-Encoding", "gzip")
+                self.end_headers()
+                try:
+                    if fault.kind == "gzip":
+                        self.wfile.write(fault.body)
+                    else:
+                        for index in range(len(fault.body)):
+                            self.wfile.write(fault.body[index : index + 1])
+                            self.wfile.flush()
+                            time.sleep(fake.trickle_interval)
+                except OSError:  # the client gave up
+                    self.close_connection = True
+
             def do_GET(self) -> None:
                 target = self.path
                 with fake._lock:
@@ -282,6 +305,8 @@ class FakePolygon:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return None
+                    if fault.kind in ("trickle", "gzip"):
+                        return self._send_raw(fault)
                     if fault.kind == "malformed":
                         return self._send(200, b'{"status":"OK","results":[{"v":1,"o":')
                     return self._send(fault.status, fault.body)

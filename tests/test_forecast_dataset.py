@@ -33,21 +33,31 @@ def test_bucket_starts_match_timeframes_bucket_start(timeframe):
     assert bucket_starts(times, timeframe).tolist() == expected
 
 
-def test_weeks_start_on_monday_and_the_incomplete_last_week_is_dropped():
-    # 2024-01-03 is a Wednesday: the first (partial, data-starts-late) bucket opens Monday 2024-01-01.
+def test_weeks_start_on_monday_and_the_incomplete_first_and_last_weeks_are_dropped():
+    # 2024-01-03 is a Wednesday: the week of Monday 2024-01-01 has data from its third day only, and is dropped.
     weekly = resample(hourly("2024-01-03T00:00:00", 24 * 16), "1h", "1w")
     opens = [datetime.fromtimestamp(t, UTC) for t in weekly.open_time]
-    assert [t.weekday() for t in opens] == [0, 0]
-    assert opens[0] == datetime(2024, 1, 1, tzinfo=UTC)
     # data ends Thursday 2024-01-18 23:00, so the week of Monday 2024-01-15 is incomplete and dropped
-    assert opens[-1] == datetime(2024, 1, 8, tzinfo=UTC)
+    assert opens == [datetime(2024, 1, 8, tzinfo=UTC)]
     second = hourly("2024-01-03T00:00:00", 24 * 16)
     inside = (second.open_time >= epoch("2024-01-08T00:00:00")) & (second.open_time < epoch("2024-01-15T00:00:00"))
-    assert weekly.open[1] == second.open[inside][0]
-    assert weekly.close[1] == second.close[inside][-1]
-    assert weekly.high[1] == second.high[inside].max()
-    assert weekly.low[1] == second.low[inside].min()
-    assert weekly.volume[1] == inside.sum()
+    assert weekly.open[0] == second.open[inside][0]
+    assert weekly.close[0] == second.close[inside][-1]
+    assert weekly.high[0] == second.high[inside].max()
+    assert weekly.low[0] == second.low[inside].min()
+    assert weekly.volume[0] == inside.sum()
+    # From the week's first hour on, that week is whole and kept.
+    assert resample(hourly("2024-01-01T00:00:00", 24 * 7), "1h", "1w").open_time.tolist() == [epoch("2024-01-01")]
+
+
+def test_a_month_whose_data_starts_after_it_opens_is_not_stored_as_a_month():
+    """December 2023 from its last 7 days is not December's candle; January 2024, whole, is."""
+    daily = hourly("2023-12-25T00:00:00", 38)
+    daily = Candles(daily.open_time[0] + (daily.open_time - daily.open_time[0]) * 24, *(
+        getattr(daily, name) for name in ("open", "high", "low", "close", "volume")))
+    monthly = resample(daily, "1d", "1m")
+    assert [datetime.fromtimestamp(t, UTC).strftime("%Y-%m") for t in monthly.open_time] == ["2024-01"]
+    assert monthly.volume.tolist() == [31.0]
 
 
 def test_calendar_months_and_a_complete_last_month_is_kept():

@@ -44,13 +44,14 @@ def test_train_names_the_files_it_does_not_use_and_why(tmp_path, capsys):
     data = daily_csvs(tmp_path / "ohlcv", coins=6, years=3)
     (data / "C00-USD_1d.csv").rename(data / "C00USD_daily.csv")
     rows = (data / "C01-USD_1d.csv").read_text().splitlines(keepends=True)
-    (data / "C01-USD_1d.csv").write_text("".join(rows[:100]))  # three months: two complete
+    # 2012-01-02 to 04-09: February and March whole; January (from its 2nd) and April are not candles
+    (data / "C01-USD_1d.csv").write_text("".join(rows[:100]))
     (data / "C02-USD_1d.csv").write_text(rows[0] + "".join(rows[-200:]))  # within the last 12 months: held out
     assert main(["train", "--timeframe", "1m", "--data", str(data), "--evaluate-only",
                  "--reports", str(tmp_path / "reports")]) == 0
     err = capsys.readouterr().err
     assert f"not used: {data / 'C00USD_daily.csv'}: name is neither <BASE>-<QUOTE>_<tf>.csv" in err
-    assert (f"not used: {data / 'C01-USD_1d.csv'}: 3 1m candles up to the holdout cutoff 20" in err
+    assert (f"not used: {data / 'C01-USD_1d.csv'}: 2 1m candles up to the holdout cutoff 20" in err
             and "an origin needs 6 before it and one after it" in err)
     assert f"not used: {data / 'C02-USD_1d.csv'}: no complete 1m candle up to the holdout cutoff 20" in err
     assert "| C03USD |" in err and all(f"C0{n}USD |" not in err for n in range(3))

@@ -2,6 +2,7 @@
 
 import json
 import time
+import traceback
 from datetime import UTC, datetime
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_a_next_url_pointing_back_at_its_page_stops_at_the_repeat():
     with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
         fake.looping.append("/v2/aggs/ticker/X:C000USD/")
         started = time.monotonic()
-        with pytest.raises(PolygonBadResponse, match=r"next_url on \S+ repeats an earlier page"):
+        with pytest.raises(PolygonBadResponse, match="next_url for aggregates X:C000USD 1h repeats an earlier page"):
             client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
         assert time.monotonic() - started < 1
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the first page, then cursor=0 pointing at cursor=0
@@ -123,6 +124,38 @@ def test_a_looping_next_url_on_the_api_path_is_a_remembered_503(env):
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the second call was answered from the cache
 
 
+def test_a_trickled_answer_is_cut_at_the_time_budget():
+    """The read timeout is per read: a byte every 0.2 s never trips it. 60 bytes take 12 s; the budget is 2 s."""
+    with FakePolygon() as fake:
+        fake.add_fault("/v9/slow", kind="trickle", times=10, body=b'{"status":"OK","results":[]' + b" " * 32 + b"}")
+        started = time.monotonic()
+        with pytest.raises(PolygonError, match="answer took more than") as raised:
+            client_for(fake, time_budget=2.0, read_timeout=1.0).get_json("/v9/slow", what="slow")
+        elapsed = time.monotonic() - started
+    assert elapsed < 6, elapsed  # the budget and one backoff, with room for a loaded machine
+    assert "slow" in raised.value.message
+
+
+def test_a_gzip_bomb_is_a_bad_response_never_held_in_memory():
+    import gzip
+    import tracemalloc
+
+    decoded = b'{"status":"OK","results":[' + b" " * (100 << 20) + b"]}"  # 100 MB from 0.1 MB on the wire
+    with FakePolygon() as fake:
+        fake.add_fault("/v9/bomb", kind="gzip", body=gzip.compress(decoded, 6))
+        del decoded
+        client = client_for(fake)
+        tracemalloc.start()
+        try:
+            with pytest.raises(PolygonBadResponse, match="larger than 32 MB"):
+                client.get_json("/v9/bomb", what="bomb")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 2 * polygon.MAX_BODY_BYTES, peak
+    assert fake.count("/v9/bomb") == 1  # a bad response is not asked for again
+
+
 def test_429_and_5xx_and_dropped_connections_are_retried():
     with FakePolygon(make_market(1, now=NOW)) as fake:
         fake.add_fault("/v2/aggs/grouped", status=429, times=1)
@@ -154,9 +187,36 @@ def test_401_names_the_problem_and_never_the_key_nor_the_upstream_text():
     assert fake.count("/v3/reference/tickers") == 1  # never retried
 
 
+@pytest.mark.parametrize("status", [404, 401])
+def test_a_next_url_echoing_the_key_reaches_no_log_report_or_exception(env, capsys, caplog, status):
+    """Polygon's next_url path is the upstream's text: it may echo the key. Errors name the request in our words."""
+    from infra.lambda_loader import load_handler
+
+    key, marker = "canary-Key-9f8e7d", "UPSTREAM-TEXT"
+    market = make_market(1, now=int(time.time()), history_days=3)
+    ticker = market.symbols[0].ticker
+    env.setenv("REFRESH_CHAIN", "false")
+    with FakePolygon(market, api_key=key) as fake:
+        point_settings_at(env, fake, key=key)
+        fake.next_path = f"/v2/{marker}/{key}/x"
+        if status == 401:
+            fake.add_fault(marker, status=401, times=10)
+        handler = load_handler("functions/refresh")
+        try:
+            outcome = json.dumps(handler({"tickers": [ticker], "timeframes": ["1h"]}, RefreshContext(900)))
+        except PolygonAuthError as error:
+            assert status == 401
+            outcome = "".join(traceback.format_exception(error))
+    assert fake.count(marker) >= 1  # the next page was asked for
+    assert f"aggregates {ticker} 1h page 2" in outcome
+    logs = capsys.readouterr().out + caplog.text
+    for text in (outcome, logs):
+        assert key not in text and marker not in text
+
+
 def test_404_is_not_found_and_not_retried():
-    with FakePolygon() as fake, pytest.raises(NotFound, match="Polygon has nothing at /v9/nothing") as raised:
-        client_for(fake).get_json("/v9/nothing")
+    with FakePolygon() as fake, pytest.raises(NotFound, match="Polygon has nothing for nothing") as raised:
+        client_for(fake).get_json("/v9/nothing", what="nothing")
     assert "Route not found" not in raised.value.message
     assert len(fake.requests) == 1
 
@@ -212,9 +272,8 @@ def test_volume_ranking_uses_quote_volume_from_the_real_grouped_response(env):
     ])
     with FakePolygon(market) as fake:
         fake.serve_file("/v2/aggs/grouped/locale/global/market/crypto/2020-10-14", "grouped_crypto_2020-10-14.json")
-        upserted, inactivated, problems = ingest.refresh_symbols(client_for(fake),
-                                                                 now=datetime.fromtimestamp(day_after, UTC))
-    assert (upserted, inactivated, problems) == (4, 1, [])
+        refreshed = ingest.refresh_symbols(client_for(fake), now=datetime.fromtimestamp(day_after, UTC))
+    assert refreshed == (4, 1, [], 0)
     assert fake.count("/v3/reference/tickers") == 2  # two pages of two
     with db.connection() as conn:
         rows = {row["ticker"]: row for row in conn.execute("SELECT * FROM symbols").fetchall()}
@@ -261,6 +320,50 @@ def test_an_unusable_ticker_is_a_problem_not_a_failure():
 def test_an_empty_listing_never_deactivates_the_universe(env):
     with FakePolygon(FakeMarket(now=NOW)) as fake, pytest.raises(PolygonError, match="no active crypto"):
         ingest.refresh_symbols(client_for(fake))
+
+
+def active_tickers() -> list[str]:
+    from candlecast import db
+
+    with db.connection() as conn:
+        return [row["ticker"] for row in conn.execute("SELECT ticker FROM symbols WHERE is_active ORDER BY ticker")]
+
+
+def test_a_short_listing_marks_nothing_inactive_and_the_summary_says_so(env):
+    market = make_market(150, now=NOW)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        assert len(active_tickers()) == 150
+        market.symbols = market.symbols[:3]  # the listing comes back short, without an error
+        summary = ingest.run_ingest(client_for(fake), tickers=[], now=NOW)
+    assert len(active_tickers()) == 150
+    assert (summary.symbols_upserted, summary.symbols_inactivated, summary.symbols_kept_active) == (3, 0, 147)
+    assert any("147 of 150 active symbols are missing" in error for error in summary.errors)
+
+
+def test_a_few_vanished_symbols_are_still_marked_inactive(env):
+    market = make_market(150, now=NOW)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        gone = [symbol.ticker for symbol in market.symbols[-12:]]
+        market.symbols = market.symbols[:-12]  # 12 of 150: under a tenth
+        refreshed = ingest.refresh_symbols(client_for(fake))
+    assert not set(gone) & set(active_tickers())
+    assert refreshed[1:] == (12, [], 0)
+
+
+def test_a_listing_that_may_have_stopped_early_marks_nothing_inactive(env):
+    market = make_market(3, now=NOW)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        # One full page (the client asks for 1000) and no next_url: the listing may have been cut there.
+        rows = [{"ticker": f"X:Q{index:04d}USD", "name": "q", "market": "crypto", "active": True}
+                for index in range(1000)]
+        fake.files["/v3/reference/tickers"] = (200, json.dumps({"status": "OK", "results": rows}).encode())
+        refreshed = ingest.refresh_symbols(client_for(fake))
+    assert len(active_tickers()) == 1003
+    assert (refreshed.upserted, refreshed.inactivated, refreshed.kept_active) == (1000, 0, 3)
+    assert "may have stopped early" in refreshed.problems[0]
 
 
 # --- candles ------------------------------------------------------------------------------------
@@ -325,7 +428,7 @@ def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
         assert not hole & set(first["1h"].open_time.tolist())
 
         # Polygon fills the hole, and (as a test of what is left alone) now sends other prices for every bar.
-        market.bars = lambda *args: [bar | {"c": bar["c"] * 2} for bar in real_bars(*args)]
+        market.bars = lambda *args: [bar | {"c": bar["c"] * 2, "h": bar["h"] + bar["c"]} for bar in real_bars(*args)]
         market.now = NOW + 2 * DAY
         summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=market.now,
                                     history_days=HISTORY)
@@ -345,7 +448,7 @@ def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
     assert np.allclose(four.volume[four.open_time >= window], symbol.daily_volume * 4 / 24)
 
 
-BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - 2 * HOUR) * 1000, "n": 7}
+BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - NOW % HOUR - 2 * HOUR) * 1000, "n": 7}
 
 
 @pytest.mark.parametrize("bad", [{"v": None}, {"v": "2.5"}, {"c": True}, {"h": [1]}, {"t": None}, {"t": 1.7e12},
@@ -360,7 +463,47 @@ def test_a_malformed_bar_is_a_bad_response(bad):
     with pytest.raises(PolygonBadResponse, match="bar 2 of 2") as raised:
         ingest.bars_to_candles([BAR, second], HOUR, NOW)
     assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
-    assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)) == 2
+    assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)[0]) == 2
+
+
+IMPOSSIBLE = {"high under the close": lambda bar: bar | {"h": bar["c"] * 0.99},
+              "low over the open": lambda bar: bar | {"l": bar["o"] * 1.01},
+              "zero low": lambda bar: bar | {"l": 0},
+              "negative open": lambda bar: bar | {"o": -bar["o"]},
+              "negative volume": lambda bar: bar | {"v": -1.0},
+              "off the hour": lambda bar: bar | {"t": bar["t"] + 1800 * 1000}}
+
+
+def test_impossible_bars_are_dropped_counted_and_never_reach_the_derived_candles(env):
+    market = make_market(1, now=NOW, history_days=200)
+    ticker, real_bars = market.symbols[0].ticker, market.bars
+    planted: list[int] = []
+
+    def bars(ticker, step, start, end):
+        served = real_bars(ticker, step, start, end)
+        if step == HOUR:  # one bad bar of each kind, three days back, in the middle of a 4h bucket
+            for index, spoil in enumerate(IMPOSSIBLE.values()):
+                position = -72 - 4 * index
+                planted.append(served[position]["t"] // 1000)
+                served[position] = spoil(served[position])
+        else:  # daily: US/Eastern midnight stamps are Polygon's; 13:00Z is no day's
+            served = [bar | {"t": bar["t"] + 4 * HOUR * 1000} for bar in served]
+            served[-10] = served[-10] | {"t": served[-10]["t"] + 9 * HOUR * 1000}
+        return served
+
+    market.bars = bars
+    with FakePolygon(market) as fake:
+        summary = ingest.run_ingest(client_for(fake), refresh=False, tickers=[ticker], now=NOW, history_days=HISTORY,
+                                    timeframes=["1h", "4h", "1d", "1w"])
+    hourly, daily = storage.read_all_candles(ticker, "1h"), storage.read_all_candles(ticker, "1d")
+    assert not set(planted) & set(hourly.open_time.tolist())
+    assert len(hourly) == len(expected_hours(market.symbols[0], NOW, NOW, HISTORY["1h"])) - len(IMPOSSIBLE)
+    assert np.all(daily.open_time % DAY == 0) and len(daily) == HISTORY["1d"] - 1
+    assert summary.failed == [] and summary.bars_dropped == len(IMPOSSIBLE) + 1
+    from candlecast.candles import possible
+
+    for timeframe in ("1h", "4h", "1d", "1w"):
+        assert possible(storage.read_all_candles(ticker, timeframe)).all(), timeframe
 
 
 def test_bars_without_volume_on_the_api_path_are_a_remembered_503(env):
@@ -386,11 +529,15 @@ def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
         assert len(before) == 5
 
         market.now = NOW + 4 * DAY
-        fake.add_fault("cursor=48", kind="malformed")  # the third page of the new hourly bars
+        # The third page of the new hourly bars, on the first try and on the one more try at the chunk's end.
+        fake.add_fault("cursor=48", kind="malformed", times=2)
         failed = ingest.run_ingest(client, symbols=1, now=market.now, history_days=HISTORY, refresh=False)
-        assert len(failed.errors) == 1 and "not JSON" in failed.errors[0]
-        assert failed.failed == ["X:C000USD"] and failed.remaining == []
-        assert bucket_snapshot() == before  # byte for byte
+        assert len(failed.errors) == 1 and "1h bars: " in failed.errors[0] and "not JSON" in failed.errors[0]
+        assert failed.failed == ["X:C000USD"] == failed.retried and failed.remaining == []
+        after = bucket_snapshot()
+        hourly = [key for key in before if key.endswith(("/1h.parquet", "/4h.parquet"))]
+        assert {key: after[key] for key in hourly} == {key: before[key] for key in hourly}  # byte for byte
+        assert after["data/C000USD/1d.parquet"] != before["data/C000USD/1d.parquet"]  # the 1d source is its own
 
         retried = ingest.run_ingest(client, symbols=1, now=market.now, history_days=HISTORY, refresh=False)
     assert retried.errors == []
@@ -485,12 +632,66 @@ def test_one_symbols_403_fails_that_symbol_and_the_run_goes_on(env, refused):
         summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
                                     concurrency=1)
     assert summary.failed == [refused] and summary.symbols_done == 2 and summary.remaining == []
-    assert len(summary.errors) == 1 and summary.errors[0].startswith(f"{refused}: ") and "HTTP 403" in summary.errors[0]
-    assert "entitled" not in summary.errors[0] and "pricing" not in summary.errors[0]  # never Polygon's text
+    assert [error.split(" bars: ")[0] for error in summary.errors] == [f"{refused}: 1h", f"{refused}: 1d"]
+    assert all("HTTP 403" in error for error in summary.errors)
+    assert "entitled" not in str(summary.errors) and "pricing" not in str(summary.errors)  # never Polygon's text
+    assert summary.retried == []  # a plan's 403 is not tried again
     assert storage.read_all_candles(refused, "1h") is None
     for ticker in set(tickers) - {refused}:
         assert_complete(ticker, market)
     assert fake.count("/v3/reference/tickers") <= 1  # at most one request to tell the key from the plan
+
+
+def test_a_transient_failure_is_tried_again_at_the_chunks_end_and_the_other_source_is_kept(env):
+    market = make_market(3, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", status=418)  # not retried by the client
+        first_try_daily = []
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=1, on_symbol=lambda ticker: first_try_daily.append(
+                                        storage.read_all_candles(ticker, "1d") is not None))
+    assert first_try_daily[0] is True  # the 1h source failing did not stop the 1d one
+    assert summary.failed == [] and summary.errors == [] and summary.symbols_done == 3
+    assert summary.retried == [tickers[0]] and summary.retry == []
+    for ticker in tickers:
+        assert_complete(ticker, market)
+
+
+def test_a_failure_with_no_time_left_is_handed_on_once_and_then_reported(env):
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        fake.add_fault(f"/v2/aggs/ticker/{ticker}/range/1/hour/", status=418, times=1000)
+        deadline = time.monotonic() + 5
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
+                                    deadline=deadline, on_symbol=lambda _: time.sleep(deadline - time.monotonic()))
+        assert (summary.retry, summary.failed, summary.errors) == ([ticker], [], [])
+        handed_on = ingest.run_ingest(client_for(fake), tickers=summary.retry, retried=summary.retry, refresh=False,
+                                      now=NOW, history_days=HISTORY)
+    assert handed_on.failed == [ticker] and handed_on.retried == [] and handed_on.retry == []
+    assert handed_on.errors == [f"{ticker}: 1h bars: Polygon answered HTTP 418 for aggregates {ticker} 1h page 1"]
+    assert storage.read_all_candles(ticker, "1h") is None and storage.read_all_candles(ticker, "1d") is not None
+
+
+def test_files_written_while_the_database_is_down_are_reported_as_such(env, needs_embedded_postgres):
+    from tests.conftest import reset_clients
+
+    market = make_market(2, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        needs_embedded_postgres.stop()
+        try:
+            summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW,
+                                        history_days=HISTORY, timeframes=["1h", "1d"])
+        finally:
+            needs_embedded_postgres.start()
+            reset_clients()
+    assert summary.unrecorded == tickers == summary.retried and summary.failed == [] and summary.symbols_done == 0
+    assert summary.files_written == 4
+    assert all(": files written, metadata not recorded: " in error for error in summary.errors)
+    for ticker in tickers:
+        assert storage.read_all_candles(ticker, "1h") is not None
 
 
 def test_a_403_on_every_request_stops_the_run_as_a_refused_key(env):
@@ -558,7 +759,7 @@ def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for
     market = make_market(1, now=NOW, history_days=30)
     with FakePolygon(market) as fake:
         point_settings_at(env, fake)
-        truth = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)
+        truth = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)[0]
         stored = Candles(*(getattr(truth, name)[:-72] for name in COLUMNS))  # three days behind
         fake.requests.clear()
         caught_up = ingest.caught_up_candles("X:C000USD", "1h", stored, 200, now=NOW)
@@ -583,7 +784,7 @@ def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for
 def test_a_stored_file_is_served_as_it_is_when_polygon_fails_or_no_key_is_configured(env, caplog):
     market = make_market(1, now=NOW, history_days=30)
     with FakePolygon(market) as fake:
-        stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1d", NOW - 20 * DAY, NOW - 5 * DAY)
+        stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1d", NOW - 20 * DAY, NOW - 5 * DAY)[0]
         fake.requests.clear()
         point_settings_at(env, fake, key=None)
         assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored
@@ -642,6 +843,71 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
         second = handler(first["continuation"], RefreshContext(remaining_seconds=900))
     assert second["symbols_upserted"] == 0 and second["symbols_done"] == 3
     assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
+
+
+def test_a_score_function_that_cannot_be_started_is_reported_not_raised(env, stack, caplog):
+    """Raising after the continuation was handed on would make Lambda's async retry run the chunk, and chain it,
+    again. Here the Lambda API (moto's) answers that the Score function does not exist."""
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    market = make_market(1, now=int(time.time()), history_days=3)
+    env.setenv("REFRESH_CHAIN", "false")
+    env.setenv("SCORE_FUNCTION_NAME", "candlecast-test-no-such-score")
+    env.setenv("AWS_ENDPOINT_URL_LAMBDA", stack.s3_endpoint_url)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        report = handler({"tickers": [market.symbols[0].ticker], "timeframes": ["1h"]}, RefreshContext(900))
+    assert report["candles_added"] > 0 and report["scoring"] == "not started"
+    (record,) = [record for record in caplog.records if record.getMessage() == "scoring not started"]
+    assert record.error == "ResourceNotFoundException"
+
+
+def test_a_chunk_returns_and_raises_no_secret(env):
+    from candlecast import redaction
+    from candlecast.invoke import run_chunk
+
+    key = "canary-Key-9f8e7d"
+    env.setenv("POLYGON_API_KEY", key)
+    report = run_chunk({}, None, lambda event, budget: {"errors": [f"X:AUSD: failed on /v2/{key}/x"]}, 0, 1)
+    assert report["errors"] == ["X:AUSD: failed on /v2/[redacted]/x"]
+
+    def failing(event, budget):
+        try:
+            raise ValueError(f"upstream said {key}")
+        except ValueError as error:
+            raise PolygonAuthError("refused") from error
+
+    with pytest.raises(redaction.RedactedError) as raised:
+        run_chunk({}, None, failing, 0, 1)
+    assert key not in "".join(traceback.format_exception(raised.value))
+    assert str(raised.value) == "PolygonAuthError: refused"
+
+
+def test_no_request_starts_after_the_chunks_deadline_at_a_slow_rate(env):
+    """Six symbols need twelve requests, a second apart at this rate: eleven seconds. The chunk's deadline is
+    two seconds in; symbols in flight then must not queue at the limiter past it."""
+    market = make_market(6, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        started = time.monotonic()
+        summary = ingest.run_ingest(client_for(fake, max_rps=1.0), tickers=tickers, refresh=False, now=NOW,
+                                    history_days=HISTORY, concurrency=6, deadline=started + 2)
+        elapsed = time.monotonic() - started
+    assert elapsed < 5, elapsed  # the deadline, one request in flight and room for a loaded machine
+    assert summary.failed == [] and summary.errors == [] and summary.retry == []
+    assert summary.remaining and summary.symbols_done + len(summary.remaining) == 6
+    assert fake.count("/range/") == summary.requests <= 4
+
+
+def test_turns_at_the_rate_limiter_do_not_count_against_a_lists_budget():
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 100  # 30 days of hours: 8 pages, a quarter second apart at this rate
+    with FakePolygon(market) as fake:
+        client = client_for(fake, max_rps=4.0, time_budget=1.0)
+        bars = client.aggregates("X:C000USD", 1, "hour", (NOW - 30 * DAY) * 1000, NOW * 1000)
+    assert len(bars) == len(market.bars("X:C000USD", HOUR, NOW - 30 * DAY, NOW)) > 700
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 8
 
 
 def test_rate_limiter_spaces_requests_across_threads():

@@ -125,6 +125,29 @@ def test_missing_file_reads_as_none(bucket):
         storage.read_candles("X:NOPEUSD", "1h", 0)
 
 
+def test_a_refused_write_is_storage_unavailable_logged_by_its_code_only(bucket, monkeypatch, caplog):
+    """S3's own error text (an AccessDenied names the role and account; here moto's NoSuchBucket names the bucket
+    and says it does not exist) stays out of the error and the logs: only its code is logged."""
+    from candlecast.config import get_settings
+    from candlecast.errors import StorageUnavailable
+
+    monkeypatch.setenv("DATA_BUCKET", "candlecast-no-such-bucket")
+    get_settings.cache_clear()
+    storage.reset_clients()
+    try:
+        for write in (lambda: storage.write_candles("X:BTCUSD", "1h", make_candles(3)),
+                      lambda: storage.list_keys("data/")):
+            with pytest.raises(StorageUnavailable) as raised:
+                write()
+            assert str(raised.value) == "storage is unavailable; try again shortly"
+    finally:
+        get_settings.cache_clear()
+        storage.reset_clients()
+    ours = [vars(record) for record in caplog.records if "candlecast" in record.name]
+    assert [record["error"] for record in ours] == ["NoSuchBucket", "NoSuchBucket"]
+    assert "does not exist" not in str(ours) and "candlecast-no-such-bucket" not in str(ours)
+
+
 def test_bytes_and_directory_upload(bucket, tmp_path):
     key = storage.active_model_key("1h")
     assert storage.get_bytes(key) is None

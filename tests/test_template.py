@@ -247,6 +247,20 @@ def test_refresh_may_invoke_itself_and_score_and_score_only_itself(template, res
             assert not granted(properties, "lambda:InvokeFunction"), name
 
 
+def test_self_chaining_functions_are_never_retried_by_lambda(template, resources):
+    """A chunk that fails after handing on the rest of its run, retried by Lambda, would hand it on again: two
+    chains. SAM's EventInvokeConfig configures the published alias (AutoPublishAlias) the schedules invoke; a
+    plain AWS::Lambda::EventInvokeConfig configures $LATEST, which Refresh starts Score by (its name)."""
+    assert template["Globals"]["Function"]["AutoPublishAlias"] == "live"
+    fns = functions(resources)
+    for name in ("RefreshFunction", "ScoreFunction"):
+        assert fns[name]["EventInvokeConfig"] == {"MaximumRetryAttempts": 0}, name
+        (latest,) = [resource["Properties"] for resource in resources.values()
+                     if resource["Type"] == "AWS::Lambda::EventInvokeConfig"
+                     and resource["Properties"]["FunctionName"] == {"Ref": name}]
+        assert latest == {"FunctionName": {"Ref": name}, "Qualifier": "$LATEST", "MaximumRetryAttempts": 0}, name
+
+
 def test_score_runs_hourly(template, resources):
     (event,) = functions(resources)["ScoreFunction"]["Events"].values()
     assert event["Type"] == "Schedule" and event["Properties"]["Schedule"] == {"Ref": "ScoreSchedule"}

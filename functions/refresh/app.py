@@ -28,10 +28,17 @@ LOCAL_BUDGET_SECONDS = 600.0
 
 
 def _score() -> str:
-    """Start scoring what the new candles matured: 'invoked' (the Score function) or 'inline' (a local run)."""
+    """Start scoring what the new candles matured: 'invoked' (the Score function) or 'inline' (a local run), or
+    'not started'. A failure to start it is logged and returned, never raised: the rest of the run is handed on
+    already, and a raised error would make Lambda run this chunk, and hand it on, again. The hourly schedule
+    scores what this start would have."""
     function_name = get_settings().score_function_name
     if function_name:
-        invoke_async(function_name, {})
+        try:
+            invoke_async(function_name, {})
+        except Exception as error:
+            logger.warning("scoring not started", extra={"error": type(error).__name__})
+            return "not started"
         return "invoked"
     from candlecast.services import scoring
 

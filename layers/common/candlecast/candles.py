@@ -74,6 +74,22 @@ class Candles:
         return cls(open_time, *prices), int(requested)
 
 
+def priced(candles: Candles) -> np.ndarray:
+    """Rows whose open, high, low and close are all finite and positive."""
+    prices = np.vstack([candles.open, candles.high, candles.low, candles.close])
+    return np.isfinite(prices).all(axis=0) & (prices > 0).all(axis=0)
+
+
+def possible(candles: Candles) -> np.ndarray:
+    """Rows a market could have printed: `priced`, a high at or above the open and close, a low at or below them,
+    and a finite volume that is not negative. The ingest stores only these; a bar that passes may still be a bad
+    print (a close far from both neighbours), which needs its neighbours to judge and is `usable_candles`'s to
+    drop at read time, as it does in files written before the ingest checked."""
+    return (priced(candles) & (candles.high >= np.maximum(candles.open, candles.close))
+            & (candles.low <= np.minimum(candles.open, candles.close))
+            & np.isfinite(candles.volume) & (candles.volume >= 0))
+
+
 def usable_candles(candles: Candles) -> Candles:
     """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
     what training (`forecast.dataset.load_timeframe`) and the service forecast from.
@@ -82,8 +98,7 @@ def usable_candles(candles: Candles) -> Candles:
     BAD_PRINT_FACTOR times above, or below 1/BAD_PRINT_FACTOR of, both neighbouring closes; the last close has no
     next one, so it is never judged.
     """
-    prices = np.vstack([candles.open, candles.high, candles.low, candles.close])
-    valid = np.isfinite(prices).all(axis=0) & (prices > 0).all(axis=0)
+    valid = priced(candles)
     flat = (candles.volume == 0) & (candles.high == candles.low)
     keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
     kept = np.flatnonzero(keep)

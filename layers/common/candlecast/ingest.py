@@ -2,7 +2,7 @@
 
 - Symbols: every active crypto reference ticker is upserted with volume_24h (USD: v * vw from the grouped
   daily bars, at the day's rate of the quote currency) and volume_rank (1 = largest); tickers that disappear
-  are marked inactive.
+  are marked inactive, unless the listing may be cut short (`inactivation_refusal`).
 - Candles: 1h and 1d bars from Polygon; 4h, 1w and 1m resampled from them with the sample data's
   resampler (candlecast.forecast.dataset.resample). Later runs fetch the bars after the last stored
   one and again the REFETCH_DAYS before it (bars Polygon fills in or corrects later replace the stored
@@ -17,18 +17,24 @@ numpy is imported lazily: `candlecast --help` and the CLI registration stay ligh
 import argparse
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from aws_lambda_powertools import Logger
 
 from candlecast import cache
 from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
-from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonNotEntitled
+from candlecast.polygon import (
+    PolygonAuthError,
+    PolygonBadResponse,
+    PolygonClient,
+    PolygonDeadline,
+    PolygonNotEntitled,
+)
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
 if TYPE_CHECKING:
@@ -47,6 +53,11 @@ DEFAULT_HISTORY_DAYS = {"1h": 730, "1d": 3650}
 # Each run asks again for the source bars of the last week before the last stored one: Polygon backfills
 # an outage's bars days later (polygon-io/issues#186), and the refresh runs weekly.
 REFETCH_DAYS = 7
+# Polygon retires a handful of crypto pairs in a week. A listing that would mark more than a tenth of the active
+# symbols inactive in one run (and more than MAX_INACTIVATED_ALWAYS, so a small universe can still lose a few) is
+# an upstream fault, a listing cut short, not the market: nothing is marked inactive and the summary says so.
+MAX_INACTIVATED_SHARE = 0.10
+MAX_INACTIVATED_ALWAYS = 10
 BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
@@ -54,11 +65,16 @@ BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for
 class IngestSummary:
     symbols_upserted: int = 0
     symbols_inactivated: int = 0
+    symbols_kept_active: int = 0  # missing from a listing that was not trusted to retire them (see errors)
     files_written: int = 0
     candles_added: int = 0
+    bars_dropped: int = 0  # closed bars Polygon sent that no market can print (bars_to_candles): not stored
     symbols_done: int = 0
     remaining: list[str] = field(default_factory=list)  # not started: the time budget ran out
-    failed: list[str] = field(default_factory=list)  # started and failed; their files are unchanged
+    failed: list[str] = field(default_factory=list)  # a source failed (twice); its files are unchanged
+    unrecorded: list[str] = field(default_factory=list)  # files written, metadata not recorded (twice)
+    retried: list[str] = field(default_factory=list)  # failed once in this chunk and were tried again
+    retry: list[str] = field(default_factory=list)  # failed once; no time was left to try again: handed on
     errors: list[str] = field(default_factory=list)
     requests: int = 0
     seconds: float = 0.0
@@ -140,13 +156,33 @@ def rank_symbols(
     return ranked, problems
 
 
-def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tuple[int, int, list[str]]:
-    """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive.
-    Returns (upserted, inactivated, problems)."""
+class SymbolRefresh(NamedTuple):
+    upserted: int
+    inactivated: int
+    problems: list[str]
+    kept_active: int = 0  # active symbols missing from the listing that were left active (see `problems`)
+
+
+def inactivation_refusal(active: int, vanished: int, listing_whole: bool) -> str | None:
+    """Why `vanished` of the `active` symbols, missing from this listing, must not be marked inactive, or None."""
+    if not vanished:
+        return None
+    if not listing_whole:
+        return (f"listing: its last page was full and had no next page, so it may have stopped early; "
+                f"{vanished} symbols missing from it were left active")
+    if vanished > max(MAX_INACTIVATED_ALWAYS, MAX_INACTIVATED_SHARE * active):
+        return (f"listing: {vanished} of {active} active symbols are missing from it, more than "
+                f"{MAX_INACTIVATED_SHARE:.0%} retire in a week; they were left active")
+    return None
+
+
+def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> SymbolRefresh:
+    """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive, unless the listing
+    is not trusted for that (`inactivation_refusal`)."""
     from candlecast import db
     from candlecast.repositories import symbols as symbol_repository
 
-    reference = client.crypto_tickers()
+    reference, listing_whole = client.crypto_listing()
     if not reference:
         # An empty listing is an upstream fault: never let it mark the whole universe inactive.
         raise PolygonBadResponse("Polygon listed no active crypto tickers; symbols left unchanged")
@@ -159,11 +195,21 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> tu
     symbols, problems = rank_symbols(reference, grouped)
     if not symbols:
         raise PolygonBadResponse(f"none of Polygon's {len(reference)} tickers was usable; symbols left unchanged")
+    listed = [symbol.ticker for symbol in symbols]
+    inactivated = kept = 0
     with db.connection(budget=BATCH_DB_SECONDS) as conn, conn.transaction():
+        active, vanished = symbol_repository.count_active(conn, listed)
         upserted = symbol_repository.upsert_symbols(conn, symbols)
-        inactivated = symbol_repository.mark_inactive_except(conn, [symbol.ticker for symbol in symbols])
+        refusal = inactivation_refusal(active, vanished, listing_whole)
+        if refusal is None:
+            inactivated = symbol_repository.mark_inactive_except(conn, listed)
+        else:
+            kept = vanished
+            problems.append(refusal)
+            logger.warning("symbols not marked inactive", extra={"active": active, "missing": vanished,
+                                                                 "listing_whole": listing_whole})
     cache.invalidate_symbols()
-    return upserted, inactivated, problems
+    return SymbolRefresh(upserted, inactivated, problems, kept)
 
 
 def top_tickers(limit: int) -> list[str]:
@@ -189,30 +235,68 @@ def check_bars(bars: Sequence[dict]) -> None:
                 raise PolygonBadResponse(f"Polygon sent a bar whose {key} is not {what} (bar {number} of {len(bars)})")
 
 
-def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> "Candles":
-    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`."""
+# Polygon stamps a crypto day's bar at UTC midnight, or (older bars) at US/Eastern midnight: 04:00Z or 05:00Z.
+DAILY_STAMP_OFFSETS = (0, 4 * 3600, 5 * 3600)
+
+
+def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles", int]:
+    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`, and how many closed bars
+    were dropped as impossible: prices that are not `candles.possible` (zero, negative, a high under the open or
+    close, a low over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them:
+    the candle is missing, as in an exchange gap."""
     import numpy as np
 
-    from candlecast.candles import Candles
+    from candlecast.candles import Candles, possible
     from candlecast.storage import normalize_candles
 
     check_bars(bars)
     times = np.fromiter((bar["t"] // 1000 for bar in bars), dtype=np.int64, count=len(bars))
+    offsets = times % step
     if step == 86400:
-        times -= times % step  # older daily bars were stamped 04:00Z (US/Eastern midnight): label by UTC day
+        on_grid = np.isin(offsets, DAILY_STAMP_OFFSETS)
+        times -= offsets  # older daily bars were stamped 04:00Z (US/Eastern midnight): label by UTC day
+    else:
+        on_grid = offsets == 0
     columns = {name: np.fromiter((bar[key] for bar in bars), dtype=np.float64, count=len(bars))
                for name, key in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("volume", "v"))}
     closed = times + step <= now
-    candles = Candles(open_time=times[closed], **{name: values[closed] for name, values in columns.items()})
-    return normalize_candles(candles)
+    sound = on_grid & possible(Candles(open_time=times, **columns))
+    keep = closed & sound
+    candles = Candles(open_time=times[keep], **{name: values[keep] for name, values in columns.items()})
+    return normalize_candles(candles), int((closed & ~sound).sum())
 
 
-def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int) -> "Candles":
-    """Closed `source` bars of `ticker` opening at or after `start` (epoch seconds)."""
+def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int, *,
+                  stop: float | None = None) -> tuple["Candles", int]:
+    """Closed `source` bars of `ticker` opening at or after `start` (epoch seconds), and how many were dropped
+    (`bars_to_candles`). No request starts after `stop` (time.monotonic()): PolygonDeadline."""
     multiplier, timespan = POLYGON_SPAN[source]
     step = nominal_seconds(source)
-    bars = client.aggregates(ticker, multiplier, timespan, start * 1000, (now - step) * 1000)
-    return bars_to_candles(bars, step, now)
+    bars = client.aggregates(ticker, multiplier, timespan, start * 1000, (now - step) * 1000, stop=stop)
+    candles, dropped = bars_to_candles(bars, step, now)
+    if dropped:
+        logger.warning("impossible bars dropped", extra={"ticker": ticker, "timeframe": source, "dropped": dropped})
+    return candles, dropped
+
+
+@dataclass
+class SymbolIngest:
+    files: int = 0
+    added: int = 0
+    stored_through: dict[str, int] = field(default_factory=dict)  # each stored timeframe's last candle's open time
+    bars_dropped: int = 0
+    failures: dict[str, Exception] = field(default_factory=dict)  # source timeframe -> why (its files unchanged)
+    record_error: Exception | None = None  # files written, metadata not recorded
+
+    def cut_short(self) -> bool:
+        """A source was not fetched because the run's deadline came first."""
+        return any(isinstance(error, PolygonDeadline) for error in self.failures.values())
+
+    def retry_timeframes(self, timeframes: Sequence[Timeframe]) -> list[Timeframe]:
+        """The timeframes a second try needs: those built from a source that failed for a reason that may pass
+        (not a plan's 403)."""
+        again = {source for source, error in self.failures.items() if not isinstance(error, PolygonNotEntitled)}
+        return [tf for tf in timeframes if SOURCE_OF[tf] in again]
 
 
 def ingest_symbol(
@@ -222,62 +306,81 @@ def ingest_symbol(
     *,
     now: int,
     history_days: dict[str, int] | None = None,
-) -> tuple[int, int, dict[str, int]]:
-    """Bring one symbol's files up to date. Returns (files written, candles added, and each stored timeframe's
-    last candle's open time: what the track record can score up to).
+    stop: float | None = None,
+) -> SymbolIngest:
+    """Bring one symbol's files up to date. Returns files written, candles added, each stored timeframe's
+    last candle's open time (what the track record can score up to), the bars dropped as impossible, and the
+    sources that failed. The 1h and 1d sources are independent: one failing leaves the other's files written.
 
     All pages of a source timeframe are fetched before its files are written, so a failure leaves
     them as they were.
     The source file is written before the files derived from it, and derived files are recomputed
     from the whole source, so a run killed between the two is completed by the next one.
+    Raises only PolygonAuthError: the key itself is refused (a 403 on one source is asked about with
+    PolygonClient.confirm_key, so the other workers wait for the answer instead of asking for more).
     """
-    from candlecast import storage
-    from candlecast.forecast.dataset import resample
-
     history_days = {**DEFAULT_HISTORY_DAYS, **(history_days or {})}
-    files = added = 0
-    stored_through: dict[str, int] = {}
+    result = SymbolIngest()
     for source in ("1h", "1d"):
         targets = [tf for tf in timeframes if SOURCE_OF[tf] == source]
         if not targets:
             continue
-        step = nominal_seconds(source)
-        existing = storage.read_all_candles(ticker, source)
-        if existing is not None and len(existing):
-            start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
-        else:
-            start = now - history_days[source] * 86400
-            start -= start % step
-        new = fetch_candles(client, ticker, source, start, now) if start + step <= now else None
-        if new is None or len(new) == 0:
-            if existing is None:
-                continue
-            merged = existing
-        else:
-            merged = storage.merge_candles(existing, new)
-        before = 0 if existing is None else len(existing)
-        if existing is None or not _same(existing, merged):  # new bars, or re-fetched ones that changed
-            storage.write_candles(ticker, source, merged)
-            files += 1
-            added += len(merged) - before
-        if len(merged):
-            stored_through[source] = int(merged.open_time[-1])
-        for target in targets:
-            if target == source:
-                continue
-            derived = resample(merged, source, target)
-            current = storage.read_all_candles(ticker, target)
-            if current is None and len(derived) == 0:
-                continue
-            combined = storage.merge_candles(current, derived)
-            if len(combined):
-                stored_through[target] = int(combined.open_time[-1])
-            if current is not None and _same(current, combined):
-                continue
-            storage.write_candles(ticker, target, combined)
-            files += 1
-            added += len(combined) - (0 if current is None else len(current))
-    return files, added, stored_through
+        try:
+            _ingest_source(client, ticker, source, targets, now, history_days[source], result, stop)
+        except PolygonNotEntitled as error:  # the plan does not cover these bars, or the key is refused
+            client.confirm_key()
+            result.failures[source] = error
+        except PolygonAuthError:
+            raise  # every symbol would fail the same way
+        except Exception as error:  # the other source is still worth a try
+            result.failures[source] = error
+    return result
+
+
+def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, targets: Sequence[Timeframe], now: int,
+                   history_days: int, result: SymbolIngest, stop: float | None) -> None:
+    from candlecast import storage
+    from candlecast.forecast.dataset import resample
+
+    step = nominal_seconds(source)
+    existing = storage.read_all_candles(ticker, source)
+    if existing is not None and len(existing):
+        start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
+    else:
+        start = now - history_days * 86400
+        start -= start % step
+    new = None
+    if start + step <= now:
+        new, dropped = fetch_candles(client, ticker, source, start, now, stop=stop)
+        result.bars_dropped += dropped
+    if new is None or len(new) == 0:
+        if existing is None:
+            return
+        merged = existing
+    else:
+        merged = storage.merge_candles(existing, new)
+    before = 0 if existing is None else len(existing)
+    if existing is None or not _same(existing, merged):  # new bars, or re-fetched ones that changed
+        storage.write_candles(ticker, source, merged)
+        result.files += 1
+        result.added += len(merged) - before
+    if len(merged):
+        result.stored_through[source] = int(merged.open_time[-1])
+    for target in targets:
+        if target == source:
+            continue
+        derived = resample(merged, source, target)
+        current = storage.read_all_candles(ticker, target)
+        if current is None and len(derived) == 0:
+            continue
+        combined = storage.merge_candles(current, derived)
+        if len(combined):
+            result.stored_through[target] = int(combined.open_time[-1])
+        if current is not None and _same(current, combined):
+            continue
+        storage.write_candles(ticker, target, combined)
+        result.files += 1
+        result.added += len(combined) - (0 if current is None else len(current))
 
 
 def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> None:
@@ -313,83 +416,140 @@ def run_ingest(
     now: int | None = None,
     history_days: dict[str, int] | None = None,
     on_symbol: Callable[[str], None] | None = None,
+    retried: Sequence[str] = (),
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
-    `symbols` by volume. Stops starting new symbols at `deadline` (time.monotonic()) and lists them
-    in `remaining`. Errors are per symbol (listed in `failed`): one bad symbol never stops the run;
+    `symbols` by volume. Starts no new symbol and no new Polygon request at `deadline` (time.monotonic()),
+    and lists the symbols not started or cut short there in `remaining`. At a slow rate limit only as many
+    symbols run at once as the rate keeps busy (RateLimiter.workers).
+    Errors are per symbol and source (listed in `failed`): one bad symbol never stops the run;
     only an authentication error, which every symbol would hit, does: a 401, or a 403 on the symbol
-    listing. A 403 on one symbol's bars (its plan does not cover them) fails that symbol, once the key
-    is known to work (PolygonClient.confirm_key)."""
+    listing. A 403 on one symbol's bars (its plan does not cover them) fails that source, once the key
+    is known to work (PolygonClient.confirm_key).
+
+    A symbol whose source failed for a reason that may pass (anything but a plan's 403), or whose files were
+    written but whose metadata was not recorded, is tried once more at the end of the chunk, for what failed
+    only. One the deadline leaves no time for is listed in `retry` and handed on; `retried` names those, which
+    get no third try."""
     started = time.monotonic()
     summary = IngestSummary()
     requests_before = client.requests_made
     now = now if now is not None else int(time.time())
     if refresh:
-        summary.symbols_upserted, summary.symbols_inactivated, problems = refresh_symbols(
-            client, now=datetime.fromtimestamp(now, UTC)
-        )
-        summary.errors += [f"symbol {problem}" for problem in problems]
+        refreshed = refresh_symbols(client, now=datetime.fromtimestamp(now, UTC))
+        summary.symbols_upserted, summary.symbols_inactivated = refreshed.upserted, refreshed.inactivated
+        summary.symbols_kept_active = refreshed.kept_active
+        summary.errors += [f"symbol {problem}" for problem in refreshed.problems]
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
+    last_try = set(retried)
 
-    def work(ticker: str) -> tuple[str, int, int] | None:
+    def work(ticker: str, wanted: Sequence[Timeframe], through: dict[str, int]) -> SymbolIngest | None:
         if deadline is not None and time.monotonic() >= deadline:
             return None
+        result = ingest_symbol(client, ticker, wanted, now=now, history_days=history_days, stop=deadline)
+        result.stored_through = {**through, **result.stored_through}
         try:
-            files, added, stored_through = ingest_symbol(client, ticker, timeframes, now=now,
-                                                         history_days=history_days)
-        except PolygonNotEntitled:
-            # PolygonAuthError when the key itself is refused. Here, not in the loop below: the other workers
-            # wait for the answer instead of asking for symbols the key cannot get.
-            client.confirm_key()
-            raise
-        record_candle_timeframes(ticker, stored_through)
-        return ticker, files, added
+            record_candle_timeframes(ticker, result.stored_through)
+        except Exception as error:  # the files are written: said so, and tried again
+            result.record_error = error
+        return result
 
-    def failed(ticker: str, error: Exception) -> None:
-        summary.errors.append(f"{ticker}: {error}")
-        logger.warning("ingest failed for symbol", extra={"ticker": ticker, "error": str(error)})
-        summary.failed.append(ticker)
+    def count(result: SymbolIngest) -> None:
+        summary.files_written += result.files
+        summary.candles_added += result.added
+        summary.bars_dropped += result.bars_dropped
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
-        futures = {pool.submit(work, ticker): ticker for ticker in todo}
-        try:
-            for future in as_completed(futures):
-                ticker = futures[future]
-                try:
-                    result = future.result()
-                except PolygonNotEntitled as error:  # the plan does not cover this symbol's bars
-                    failed(ticker, error)
-                except PolygonAuthError:
-                    raise  # every symbol would fail the same way
-                except Exception as error:  # one bad symbol never stops the others
-                    failed(ticker, error)
-                else:
-                    if result is None:
-                        summary.remaining.append(ticker)
-                    else:
-                        summary.symbols_done += 1
-                        summary.files_written += result[1]
-                        summary.candles_added += result[2]
-                if on_symbol is not None:
-                    on_symbol(ticker)
-        except BaseException:
-            for pending in futures:  # stop queued symbols; running ones finish their atomic writes
-                pending.cancel()
-            raise
+    def settle(ticker: str, result: SymbolIngest) -> None:
+        for source, error in result.failures.items():
+            summary.errors.append(f"{ticker}: {source} bars: {error}")
+            logger.warning("ingest failed for symbol", extra={"ticker": ticker, "source": source,
+                                                              "error": str(error)})
+        if result.failures:
+            summary.failed.append(ticker)
+        if result.record_error is not None:
+            summary.unrecorded.append(ticker)
+            summary.errors.append(f"{ticker}: files written, metadata not recorded: {result.record_error}")
+            logger.warning("symbol metadata not recorded", extra={"ticker": ticker,
+                                                                  "error": type(result.record_error).__name__})
+        if not result.failures and result.record_error is None:
+            summary.symbols_done += 1
+
+    concurrency = client.limiter.workers(concurrency)  # at a slow rate, more workers only queue at the limiter
+    first_tries: dict[str, SymbolIngest] = {}  # symbols to try again, with their first try's result
+    jobs = [(ticker, lambda t=ticker: work(t, timeframes, {})) for ticker in todo]
+    for ticker, result in _in_pool(concurrency, jobs):
+        if result is None:
+            summary.remaining.append(ticker)
+        else:
+            count(result)
+            if result.cut_short():  # no request starts after the deadline: handed on as not done
+                summary.remaining.append(ticker)
+            elif ticker not in last_try and (result.retry_timeframes(timeframes) or result.record_error is not None):
+                first_tries[ticker] = result
+                logger.info("symbol to be tried again", extra={"ticker": ticker, "sources": list(result.failures),
+                                                               "recorded": result.record_error is None})
+            else:
+                settle(ticker, result)
+        if on_symbol is not None:
+            on_symbol(ticker)
+
+    def again(ticker: str, first: SymbolIngest) -> SymbolIngest | None:
+        second = work(ticker, first.retry_timeframes(timeframes), first.stored_through)
+        if second is not None:
+            kept = {source: error for source, error in first.failures.items() if source not in second.failures
+                    and isinstance(error, PolygonNotEntitled)}
+            second.failures = kept | second.failures
+        return second
+
+    retries = [(ticker, lambda t=ticker, first=first: again(t, first)) for ticker, first in first_tries.items()]
+    summary.retried = list(first_tries)
+    for ticker, result in _in_pool(concurrency, retries):
+        if result is None or result.cut_short():
+            if result is not None:
+                count(result)
+            summary.retry.append(ticker)
+        else:
+            count(result)
+            settle(ticker, result)
     order = {ticker: index for index, ticker in enumerate(todo)}
-    summary.remaining.sort(key=order.__getitem__)
-    summary.failed.sort(key=order.__getitem__)
+    for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried):
+        found.sort(key=order.__getitem__)
     summary.requests = client.requests_made - requests_before
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
 
 
+def _in_pool(concurrency: int, jobs: list[tuple[str, Callable[[], "SymbolIngest | None"]]]
+             ) -> Iterator[tuple[str, "SymbolIngest | None"]]:
+    """(ticker, result) of each job as it ends, `concurrency` at a time. A PolygonAuthError (every symbol would
+    fail the same way) stops queued jobs and is raised; running ones finish their atomic writes. Any other
+    error fails that symbol alone (as a failure of its every source)."""
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ingest") as pool:
+        futures = {pool.submit(job): ticker for ticker, job in jobs}
+        try:
+            for future in as_completed(futures):
+                try:
+                    result = future.result()
+                except PolygonAuthError:
+                    raise
+                except Exception as error:  # one bad symbol never stops the others
+                    result = SymbolIngest(failures={"1h+1d": error})
+                yield futures[future], result
+        except BaseException:
+            for pending in futures:
+                pending.cancel()
+            raise
+
+
 def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
-    event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "refresh_symbols": bool}.
-    The first call refreshes the symbol table and takes the top N; a continuation passes the
-    `remaining` tickers of the previous chunk (and refresh_symbols false).
+    event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
+    "refresh_symbols": bool}. The first call refreshes the symbol table and takes the top N; a continuation passes
+    the `remaining` and `retry` tickers of the previous chunk (the latter also as `retried`: their last try) and
+    refresh_symbols false.
     """
     from candlecast import polygon
 
@@ -405,11 +565,13 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
         refresh=bool(event.get("refresh_symbols", "tickers" not in event)),
         tickers=event.get("tickers"),
         deadline=time.monotonic() + max(0.0, budget_seconds),
+        retried=[str(ticker) for ticker in event.get("retried") or []],
     )
     report = summary.as_dict()
+    left = summary.remaining + summary.retry
     report["continuation"] = (
-        {"tickers": summary.remaining, "timeframes": timeframes, "refresh_symbols": False}
-        if summary.remaining else None
+        {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False}
+        if left else None
     )
     return report
 
@@ -493,7 +655,7 @@ def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Ti
 
     source = SOURCE_OF[timeframe]
     try:
-        candles = fetch_candles(client, ticker, source, start, now)
+        candles = fetch_candles(client, ticker, source, start, now)[0]
         candles = resample(candles, source, timeframe) if len(candles) else candles
         if len(candles) == 0:
             raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")

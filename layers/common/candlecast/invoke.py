@@ -3,6 +3,7 @@
 import json
 from collections.abc import Callable
 
+from candlecast import redaction
 from candlecast.config import get_settings
 
 
@@ -27,7 +28,14 @@ def run_chunk(event, context, work: Callable[[dict, float], dict], margin_second
     (if any) is handed to a new invocation. A schedule's own event means a run with the defaults."""
     event = event if isinstance(event, dict) and "detail-type" not in event else {}
     remaining_ms = context.get_remaining_time_in_millis() if context is not None else local_budget_seconds * 1000
-    report = work(event, remaining_ms / 1000 - margin_seconds)
+    try:
+        report = work(event, remaining_ms / 1000 - margin_seconds)
+    except Exception as error:
+        leaving = redaction.leaving(error)
+        if leaving is error:
+            raise
+        raise leaving from None
+    report = redaction.redacted(report)  # it is returned, and logged by Lambda's caller, without the log filter
     continuation = report.get("continuation")
     report["chained"] = bool(continuation) and continue_in_new_invocation(context, continuation)
     return report

@@ -8,9 +8,12 @@ gap), retries without a total time budget, and reports 401/403 as a generic BadR
 needs only urllib3 and raises a distinct error for each of those cases.
 
 The API key travels only in the Authorization header (never in a URL), and next_url is always
-re-based onto the configured host, so the key is never sent elsewhere and never appears in logs.
+re-based onto the configured host, so the key is never sent elsewhere. Messages and log records name a request
+by our own description of it ("aggregates X:BTCUSD 1h page 3"), never by its path: a next_url's path is the
+upstream's text, and can echo what it was sent (an apiKey query parameter, say).
 """
 
+import math
 import random
 import threading
 import time
@@ -28,6 +31,11 @@ DEFAULT_BASE_URL = "https://api.polygon.io"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Far more pages than any list we ask for has: two years of hourly bars are about 20, the crypto tickers a few.
 MAX_PAGES = 1000
+# A page's decoded body is read as it arrives, up to this many bytes: a 50,000-bar page is about 6 MB of compact
+# JSON (123 bytes a bar, tests/fixtures/polygon) and 17 MB pretty-printed, so twice the larger is a bad
+# response, never held in memory (a 0.3 MB gzip body can decode to 300 MB).
+MAX_BODY_BYTES = 32 << 20
+READ_CHUNK = 64 << 10
 
 
 class PolygonError(ServiceUnavailable):
@@ -59,6 +67,14 @@ class PolygonNotFound(NotFound):
     code = "polygon_not_found"
 
 
+class PolygonDeadline(PolygonError):
+    """The run's deadline came before this request's turn: it was not sent (the caller hands the work on)."""
+
+
+# About what a worker spends on one request besides waiting its turn: Polygon's answer, the parse, its writes.
+WORKER_SECONDS_PER_REQUEST = 2.0
+
+
 class RateLimiter:
     """Spaces requests at least 1/rate seconds apart, across threads."""
 
@@ -67,15 +83,41 @@ class RateLimiter:
         self._next = 0.0
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self, latest: float | None = None) -> float | None:
+        """Wait for this request's turn; the seconds waited. None, without taking a turn, when the turn would
+        come after `latest` (time.monotonic())."""
         if not self.interval:
-            return
+            return 0.0
         with self._lock:
             now = time.monotonic()
             start = max(now, self._next)
+            if latest is not None and start > latest:
+                return None
             self._next = start + self.interval
         if start > now:
             time.sleep(start - now)
+        return start - now
+
+    def workers(self, wanted: int) -> int:
+        """How many workers the rate keeps busy, at most `wanted`: more only queue here, each holding a symbol
+        whose pages then take that many times longer (at the free tier's 0.083/s, one)."""
+        if not self.interval:
+            return wanted
+        return max(1, min(wanted, math.ceil(WORKER_SECONDS_PER_REQUEST / self.interval)))
+
+
+class _Budget:
+    """A time budget whose clock stops while a request waits its turn at the rate limiter: at Polygon's free
+    tier (a request every 12 s) the turns of a two-year hourly backfill (21 pages) alone are four minutes."""
+
+    def __init__(self, seconds: float):
+        self.ends = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.ends - time.monotonic()
+
+    def pause(self, seconds: float) -> None:
+        self.ends += seconds
 
 
 class PolygonClient:
@@ -87,6 +129,7 @@ class PolygonClient:
         connect_timeout: float = 3.0,
         read_timeout: float = 20.0,
         time_budget: float = 90.0,
+        request_timeout: float = 30.0,
         max_attempts: int = 6,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -104,6 +147,8 @@ class PolygonClient:
         parts = urlsplit(base_url.rstrip("/"))
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.time_budget = time_budget
+        self.request_timeout = request_timeout  # wall-clock seconds one request may take, its body included
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -135,57 +180,82 @@ class PolygonClient:
             url += ("&" if parts.query else "?") + urlencode(params)
         return url
 
-    def get_json(self, path_or_url: str, params: dict | None = None, *, deadline: float | None = None) -> dict:
+    def get_json(self, path_or_url: str, params: dict | None = None, *, what: str,
+                 budget: _Budget | None = None, stop: float | None = None) -> dict:
         """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
-        (honouring Retry-After) until max_attempts, the time budget or `deadline` (time.monotonic()) runs out."""
+        (honouring Retry-After) until max_attempts or the time budget (the list's `budget`, else time_budget;
+        turns waited at the rate limiter not counted) runs out. No attempt starts after `stop` (time.monotonic(),
+        the run's deadline): PolygonDeadline.
+        Each attempt, its body included, takes at most request_timeout seconds and what is left of the budget (a
+        body trickled in is cut there), and its decoded body at most MAX_BODY_BYTES (a bad response).
+        `what` names the request in errors and logs (never its path, which may be the upstream's text)."""
+        import urllib3
         from urllib3.exceptions import HTTPError
 
         url = self._url(path_or_url, params)
-        where = urlsplit(url).path
         started = time.monotonic()
+        budget = budget or _Budget(self.time_budget)
         problem = ""
         for attempt in range(1, self.max_attempts + 1):
             if self._key_refused:
                 raise PolygonAuthError(self._key_refused)
-            self.limiter.wait()
+            if stop is not None and time.monotonic() >= stop:
+                raise PolygonDeadline(f"the run's time was up before {what}")
+            waited = self.limiter.wait(latest=stop)
+            if waited is None:
+                raise PolygonDeadline(f"the run's time was up before {what}'s turn")
+            budget.pause(waited)
+            limit = min(self.request_timeout, budget.left())
+            if limit <= 0:
+                problem = problem or "no time left"
+                break
             self.requests_made += 1
             try:
-                response = self._http.request("GET", url, preload_content=True)
+                response = self._http.request(
+                    "GET", url, preload_content=False,
+                    timeout=urllib3.Timeout(connect=min(self.connect_timeout, limit),
+                                            read=min(self.read_timeout, limit)))
+                status = response.status
+                data = _read_body(response, time.monotonic() + limit, what) if status == 200 else _discard(response)
+            except _TooSlow:
+                status, problem, retry_after = None, f"answer took more than {limit:.3g}s", None
             except HTTPError as error:
                 status, problem, retry_after = None, f"connection error: {type(error).__name__}", None
             else:
-                status = response.status
                 if status == 200:
                     self.key_accepted = True
-                    return _decode(response.data, where)
+                    return _decode(data, what)
                 # Polygon's own text is never passed on: it can echo what it was sent, the key included.
                 if status == 403:
                     raise PolygonNotEntitled(
-                        f"Polygon answered HTTP 403 on {where}: the plan does not cover this request "
+                        f"Polygon answered HTTP 403 for {what}: the plan does not cover this request "
                         "(or the key is refused)"
                     )
                 if status == 401:
                     raise PolygonAuthError(
-                        f"Polygon refused the API key with HTTP {status} on {where} "
+                        f"Polygon refused the API key with HTTP {status} for {what} "
                         "(check POLYGON_API_KEY and the plan's entitlements)"
                     )
                 if status == 404:
-                    raise PolygonNotFound(f"Polygon has nothing at {where}")
+                    raise PolygonNotFound(f"Polygon has nothing for {what}")
                 if status not in RETRY_STATUSES:
-                    raise PolygonError(f"Polygon answered HTTP {status} on {where}")
+                    raise PolygonError(f"Polygon answered HTTP {status} for {what}")
                 problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             if retry_after and retry_after.isdigit():
                 delay = max(delay, float(retry_after))
-            elapsed = time.monotonic() - started
-            if (attempt == self.max_attempts or elapsed + delay > self.time_budget
-                    or (deadline is not None and started + elapsed + delay > deadline)):
+            if (attempt == self.max_attempts or delay > budget.left()
+                    or (stop is not None and time.monotonic() + delay > stop)):
                 break
-            logger.info("polygon retry", extra={"path": where, "problem": problem, "attempt": attempt,
+            logger.info("polygon retry", extra={"request": what, "problem": problem, "attempt": attempt,
                                                 "delay_s": round(delay, 2)})
             time.sleep(delay)
+        if budget.left() <= 0:
+            # The list's budget ran out while this request waited: its time limit was what was left of it.
+            raise PolygonError(f"Polygon took more than {self.time_budget:g}s for {what} ({problem}; "
+                               f"{attempt} attempts)")
         raise PolygonError(
-            f"Polygon kept failing on {where} ({problem}) after {attempt} attempts in "
+            f"Polygon kept failing for {what} ({problem}) after {attempt} attempts in "
             f"{time.monotonic() - started:.1f}s"
         )
 
@@ -200,7 +270,8 @@ class PolygonClient:
             if self._key_refused:
                 raise PolygonAuthError(self._key_refused)
             try:
-                self.get_json("/v3/reference/tickers", {"market": "crypto", "active": "true", "limit": 1})
+                self.get_json("/v3/reference/tickers", {"market": "crypto", "active": "true", "limit": 1},
+                              what="key check (crypto ticker listing)")
             except PolygonAuthError as error:
                 status = 403 if isinstance(error, PolygonNotEntitled) else 401
                 self._key_refused = (f"Polygon refused the API key with HTTP {status} on /v3/reference/tickers "
@@ -209,64 +280,128 @@ class PolygonClient:
             except CandlecastError as error:
                 logger.warning("could not confirm the Polygon key", extra={"code": error.code})
 
-    def pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
+    def pages(self, path: str, params: dict | None = None, *, what: str, stop: float | None = None
+              ) -> Iterator[dict]:
         """Every page of a list endpoint, following next_url (auth is re-added by the header), all within
-        one time budget. PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages,
-        PolygonError when the budget runs out."""
-        deadline = time.monotonic() + self.time_budget
-        where = urlsplit(path).path
+        one time budget (turns waited at the rate limiter not counted), none started after `stop`.
+        PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages, PolygonError when the budget
+        runs out. `what` names the list; its pages are "`what` page N"."""
+        budget = _Budget(self.time_budget)
         seen = {self._url(path, params)}
-        page = self.get_json(path, params, deadline=deadline)
+        page = self.get_json(path, params, what=f"{what} page 1", budget=budget, stop=stop)
         yield page
         while next_url := page.get("next_url"):
             if not isinstance(next_url, str):
-                raise PolygonBadResponse(f"Polygon sent a next_url that is not a string on {where}")
+                raise PolygonBadResponse(f"Polygon sent a next_url that is not a string for {what}")
             url = self._url(next_url, None)
             if url in seen:
-                raise PolygonBadResponse(f"Polygon's next_url on {where} repeats an earlier page "
+                raise PolygonBadResponse(f"Polygon's next_url for {what} repeats an earlier page "
                                          f"(after {len(seen)} pages)")
             if len(seen) >= MAX_PAGES:
-                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages on {where}")
-            if time.monotonic() >= deadline:
-                raise PolygonError(f"Polygon's pages on {where} took more than {self.time_budget:g}s "
+                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages for {what}")
+            if budget.left() <= 0:
+                raise PolygonError(f"Polygon's pages for {what} took more than {self.time_budget:g}s "
                                    f"({len(seen)} pages)")
             seen.add(url)
-            page = self.get_json(url, deadline=deadline)
+            page = self.get_json(url, what=f"{what} page {len(seen)}", budget=budget, stop=stop)
             yield page
 
     # --- endpoints ------------------------------------------------------------------------------
 
     def crypto_tickers(self, *, page_size: int = 1000) -> list[dict]:
         """Reference rows of every active crypto ticker."""
+        return self.crypto_listing(page_size=page_size)[0]
+
+    def crypto_listing(self, *, page_size: int = 1000) -> tuple[list[dict], bool]:
+        """(reference rows of every active crypto ticker, whether the listing is known to be whole). It is whole
+        when its last page is shorter than `page_size`: a full page with no next_url may be a listing that
+        stopped early without an error, so a ticker missing from it is not known to be gone."""
         params = {"market": "crypto", "active": "true", "limit": page_size, "order": "asc", "sort": "ticker"}
-        return [row for page in self.pages("/v3/reference/tickers", params) for row in page.get("results") or []]
+        rows: list[dict] = []
+        last: list = []
+        for page in self.pages("/v3/reference/tickers", params, what="crypto ticker listing"):
+            last = page.get("results") or []
+            rows += last
+        return rows, len(last) < page_size
 
     def grouped_daily(self, day: str) -> list[dict]:
         """The day's bar of every crypto ticker (`T` is the ticker)."""
-        page = self.get_json(f"/v2/aggs/grouped/locale/global/market/crypto/{day}", {"adjusted": "true"})
+        page = self.get_json(f"/v2/aggs/grouped/locale/global/market/crypto/{day}", {"adjusted": "true"},
+                             what=f"grouped daily bars {day}")
         return page.get("results") or []
 
-    def aggregates(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int) -> list[dict]:
-        """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page."""
+    def aggregates(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int, *,
+                   stop: float | None = None) -> list[dict]:
+        """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page (none started after
+        `stop`)."""
         path = f"/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start_ms}/{end_ms}"
         params = {"adjusted": "true", "sort": "asc", "limit": 50000}
-        return [row for page in self.pages(path, params) for row in page.get("results") or []]
+        what = f"aggregates {ticker} {multiplier}{timespan[:1]}"
+        return [row for page in self.pages(path, params, what=what, stop=stop)
+                for row in page.get("results") or []]
 
 
-def _decode(data: bytes, where: str) -> dict:
+class _TooSlow(Exception):
+    """The answer did not arrive whole within the request's time."""
+
+
+def _read_body(response, ends: float, what: str) -> bytes:
+    """The decoded body, read as it arrives (each read returns what has come, decompressed to at most READ_CHUNK
+    bytes): PolygonBadResponse past MAX_BODY_BYTES, _TooSlow past `ends` (time.monotonic()). A timer shuts the
+    connection at `ends`, so a read that waits for a byte a second stops there too."""
+    from urllib3.exceptions import HTTPError, ProtocolError
+
+    timer = threading.Timer(max(0.0, ends - time.monotonic()), response.shutdown)
+    timer.daemon = True
+    timer.start()
+    body = bytearray()
+    try:
+        try:
+            while chunk := response.read1(READ_CHUNK):
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise PolygonBadResponse(f"Polygon sent a body larger than {MAX_BODY_BYTES >> 20} MB for {what}")
+                if time.monotonic() >= ends:
+                    raise _TooSlow
+        except (OSError, ValueError, HTTPError) as error:  # the timer shut the connection, or it broke
+            if time.monotonic() >= ends:
+                raise _TooSlow from None
+            if isinstance(error, HTTPError):
+                raise
+            raise ProtocolError(type(error).__name__) from None
+        if time.monotonic() >= ends:  # shut by the timer: what came is not the whole body
+            raise _TooSlow
+    except BaseException:
+        _discard(response)
+        raise
+    finally:
+        timer.cancel()
+    response.release_conn()
+    return bytes(body)
+
+
+def _discard(response) -> bytes:
+    """Close an answer whose body is not wanted (never read: it may be large or slow) and free its pool slot."""
+    response.close()
+    response.release_conn()
+    return b""
+
+
+def _decode(data: bytes, what: str) -> dict:
     try:
         body = strictjson.loads(data)
     except ValueError:
-        raise PolygonBadResponse(f"Polygon sent a body that is not JSON on {where}") from None
+        raise PolygonBadResponse(f"Polygon sent a body that is not JSON for {what}") from None
     if not isinstance(body, dict):
-        raise PolygonBadResponse(f"Polygon sent JSON that is not an object on {where}")
+        raise PolygonBadResponse(f"Polygon sent JSON that is not an object for {what}")
     if body.get("status") == "ERROR":
-        raise PolygonError(f"Polygon reported an error on {where}")
+        raise PolygonError(f"Polygon reported an error for {what}")
     return body
 
 
 # Inside an API request (15 s Lambda timeout) Polygon gets about 6 s; the weekly refresh gets minutes.
-INTERACTIVE_LIMITS = {"connect_timeout": 2.0, "read_timeout": 4.0, "time_budget": 6.0, "max_attempts": 2}
+INTERACTIVE_LIMITS = {"connect_timeout": 2.0, "read_timeout": 4.0, "request_timeout": 4.0, "time_budget": 6.0,
+                      "max_attempts": 2}
 _clients: dict[bool, PolygonClient] = {}
 _client_lock = threading.Lock()
 

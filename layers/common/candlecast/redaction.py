@@ -71,6 +71,22 @@ def redact(text: str) -> str:
     return pattern.sub(REDACTED, text) if pattern is not None else text
 
 
+def redacted(value: Any) -> Any:
+    """`value` (a function's report: dicts, lists, strings, numbers) with every secret in it replaced."""
+    pattern = _pattern()
+    return value if pattern is None else _redact_value(value, pattern)
+
+
+def leaving(error: BaseException) -> BaseException:
+    """The exception to let out of a function for `error`: Lambda's runtime logs and returns an uncaught
+    exception's text (and the chain's) itself, outside the logging filter. `error` itself when none of that text
+    holds a secret, else a RedactedError with its type's name and its redacted message."""
+    pattern = _pattern()
+    if pattern is None or not pattern.search("".join(traceback.format_exception(error))):
+        return error
+    return RedactedError(f"{type(error).__name__}: {pattern.sub(REDACTED, str(error))}")
+
+
 def _redact_value(value: Any, pattern: re.Pattern) -> Any:
     if isinstance(value, str):
         return pattern.sub(REDACTED, value)

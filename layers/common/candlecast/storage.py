@@ -191,8 +191,10 @@ def _unavailable_as_503(key: str) -> Iterator[None]:
 
 
 def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-    """One PUT of the whole object (atomic for readers). Returns the new ETag."""
-    response = s3_client().put_object(Bucket=_bucket(), Key=key, Body=data, ContentType=content_type)
+    """One PUT of the whole object (atomic for readers). Returns the new ETag. A failure is StorageUnavailable,
+    logged with S3's error code only: its text (an AccessDenied names the role and account) stays out."""
+    with _unavailable_as_503(key):
+        response = s3_client().put_object(Bucket=_bucket(), Key=key, Body=data, ContentType=content_type)
     return response["ETag"]
 
 
@@ -215,7 +217,8 @@ def head_etag(key: str) -> str | None:
     from botocore.exceptions import ClientError
 
     try:
-        return s3_client().head_object(Bucket=_bucket(), Key=key)["ETag"]
+        with _unavailable_as_503(key):
+            return s3_client().head_object(Bucket=_bucket(), Key=key)["ETag"]
     except ClientError as error:
         if _is_missing(error):
             return None
@@ -223,9 +226,10 @@ def head_etag(key: str) -> str | None:
 
 
 def list_keys(prefix: str) -> list[str]:
-    paginator = s3_client().get_paginator("list_objects_v2")
-    pages = paginator.paginate(Bucket=_bucket(), Prefix=prefix)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+    with _unavailable_as_503(prefix):
+        paginator = s3_client().get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=_bucket(), Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
 def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool = True) -> int:

@@ -179,9 +179,11 @@ def bucket_ends(starts: np.ndarray, timeframe: Timeframe) -> np.ndarray:
 
 
 def resample(candles: Candles, source: Timeframe, target: Timeframe) -> Candles:
-    """Aggregate `candles` of timeframe `source` into `target` buckets; the last bucket is dropped unless complete.
+    """Aggregate `candles` of timeframe `source` into `target` buckets. The last bucket is dropped unless the
+    source reaches its end, and the first unless the source starts at its open: a candle built from part of its
+    period (a month from its last 7 days) would be stored and trained on as a whole one.
 
-    Buckets with missing source candles (exchange gaps) are kept, built from the candles present.
+    Buckets with missing source candles inside the data (exchange gaps) are kept, built from the candles present.
     """
     if source == target:
         return candles
@@ -199,8 +201,10 @@ def resample(candles: Candles, source: Timeframe, target: Timeframe) -> Candles:
         volume=np.add.reduceat(candles.volume, first),
     )
     data_end = candles.open_time[-1] + nominal_seconds(source)
-    if bucket_ends(result.open_time[-1:], target)[0] > data_end:
-        result = Candles(*(getattr(result, name)[:-1] for name in COLUMNS))
+    keep = slice(1 if candles.open_time[0] > result.open_time[0] else 0,
+                 -1 if bucket_ends(result.open_time[-1:], target)[0] > data_end else None)
+    if keep != slice(0, None):
+        result = Candles(*(getattr(result, name)[keep] for name in COLUMNS))
     return result
 
 

@@ -150,6 +150,16 @@ def upsert_symbols(conn: psycopg.Connection, symbols: Iterable[SymbolCreate]) ->
     return len(rows)
 
 
+def count_active(conn: psycopg.Connection, tickers: Iterable[str]) -> tuple[int, int]:
+    """(active symbols, active symbols not in `tickers`): how many a `mark_inactive_except(tickers)` would change."""
+    row = conn.execute(
+        "SELECT count(*) AS active, count(*) FILTER (WHERE NOT (ticker = ANY(%s))) AS vanished FROM symbols "
+        "WHERE is_active",
+        (list(tickers),),
+    ).fetchone()
+    return int(row["active"]), int(row["vanished"])
+
+
 def mark_inactive_except(conn: psycopg.Connection, tickers: Iterable[str]) -> int:
     """Symbols not in `tickers` are marked inactive (never deleted); returns how many changed."""
     cursor = conn.execute(
