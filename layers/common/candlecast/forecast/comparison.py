@@ -135,11 +135,9 @@ def coverage_intervals(inside: np.ndarray, known: np.ndarray, bars: np.ndarray, 
 
     The interval is the circular block bootstrap's (blocks of `length` bars, as Δ's) when the span holds
     MIN_BLOCKS blocks, else the batch t interval (`batch_t_delta`'s, batches of at least `length` bars) when it holds
-    MIN_BATCHES, else none. `n_eff` = p(1 − p)/se², se the interval's half-width over its critical value: the
-    number of independent pairs that would give the same uncertainty.
+    MIN_BATCHES (clipped to [0, 1]), else none. With the bootstrap, `n_eff` = p(1 − p)/se², se the bootstrap
+    standard error: the number of independent pairs that would give the same uncertainty.
     """
-    from scipy import stats
-
     bars = np.asarray(bars, dtype=np.int64) - int(np.min(bars))
     span = int(bars.max()) + 1
     hits = np.stack([np.bincount(bars, inside[:, j].astype(float), span) for j in range(inside.shape[1])], axis=1)
@@ -168,10 +166,9 @@ def coverage_intervals(inside: np.ndarray, known: np.ndarray, bars: np.ndarray, 
             item |= {"ci95": None, "note": f"too few blocks ({blocks} of {length} bars) and batches ({q}; "
                                            f"{MIN_BATCHES} needed)"}
             continue
-        se = half / float(stats.t.ppf(0.975, q - 1))
-        item |= {"ci95": [value - half, value + half],
-                 "method": f"batch t, {q} batches of >= {length} bars (too few blocks for the bootstrap)",
-                 "n_eff": _n_eff(value, se, item["n_pairs"])}
+        # no n_eff here: from a handful of batches the spread is itself too noisy to count pairs by
+        item |= {"ci95": [max(value - half, 0.0), min(value + half, 1.0)],
+                 "method": f"batch t, {q} batches of >= {length} bars (too few blocks for the bootstrap)"}
     return results
 
 
@@ -185,9 +182,9 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
 
     `methods`: name -> (log_quantiles (n, 30, 7), confidence (n, 30)). Δ's interval: `batch_t_delta` on
     the origins' bars (calendar time in units of `bar_seconds`, rounded: months vary in length), batches of
-    `batch_length` bars, with the block bootstrap's beside it (`bootstrap`, blocks of the same length). Per method
-    also coverage's interval per horizon and overall, and coverage per calendar year of origin
-    (`coverage_uncertainty`); for `reference`, per-horizon ECE against its chance level (`ece_chance`).
+    `batch_length` bars, with the block bootstrap's beside it (`bootstrap`, blocks of the same length). For
+    `reference` also coverage's interval per horizon and overall, coverage per calendar year of origin
+    (`coverage_uncertainty`) and its per-horizon ECE against the chance level (`ece_chance`).
     """
     times = np.asarray(times, dtype=np.float64)
     bars = np.rint((times - times.min()) / bar_seconds).astype(np.int64) if len(times) else times.astype(np.int64)
@@ -196,12 +193,12 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
     losses = {name: np.where(np.isfinite(log_return), pin5_loss(y, q), np.nan) for name, (q, _) in methods.items()}
     result = {name: method_scores(log_return, q, confidence, tolerance, times)
               for name, (q, confidence) in methods.items()}
-    for name, (q, _) in methods.items():
-        result[name]["coverage_uncertainty"] = coverage_uncertainty(log_return, q, times, bars, length)
+    for name in methods:
         if name != reference:
             result[name]["vs_" + reference] = batch_t_delta(losses[reference], losses[name], bars, length) | {
                 "bootstrap": block_bootstrap_delta(losses[reference], losses[name], bars, length)}
     q, confidence = methods[reference]
+    result[reference]["coverage_uncertainty"] = coverage_uncertainty(log_return, q, times, bars, length)
     result[reference]["ece_chance"] = ece_chance(log_return, q, confidence, tolerance, reps=chance_reps)
     peers = [name for name in methods if name != reference]
     best = min(peers, key=lambda name: result[name]["pin5"]) if peers else None

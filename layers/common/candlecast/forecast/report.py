@@ -263,7 +263,8 @@ def _interval(item: dict) -> str:
         return "untested"
     if item.get("ci95") is None:
         return f"{item['coverage']:.3f} [none]"
-    return f"{item['coverage']:.3f} [{item['ci95'][0]:.3f}, {item['ci95'][1]:.3f}] (n_eff {item['n_eff']:,.0f})"
+    n_eff = f" (n_eff {item['n_eff']:,.0f})" if item.get("n_eff") else " (batch t)"
+    return f"{item['coverage']:.3f} [{item['ci95'][0]:.3f}, {item['ci95'][1]:.3f}]{n_eff}"
 
 
 def uncertainty_lines(comparison: dict) -> list[str]:
