@@ -315,7 +315,8 @@ def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
     assert "holdout: not scored in this manifest" in text
 
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- scorecard --summary: begin -->\nOLD-TABLE\n<!-- scorecard --summary: end -->\nrest\n")
+    readme.write_text("intro\n<!-- scorecard --summary: begin -->\nOLD-TABLE\n"
+                      "<!-- scorecard --summary: end -->\nrest\n")
     assert main(["scorecard", "--manifest", str(manifest), "--readme", str(readme)]) == 0
     assert row in readme.read_text() and "OLD-TABLE" not in readme.read_text() and readme.read_text().endswith("rest\n")
 

@@ -254,8 +254,13 @@ def summary_table(manifest: dict) -> str:
         low95, high95 = head["coverage_95_over_horizons"]
         in_band, tested, consistent, judged = band_counts(timeframe, model)
         counted = f"{in_band} of {tested}" + (" tested" if tested < len(model["per_horizon"]["coverage_80"]) else "")
-        consistent_cell = NOT_RECOMPUTED if consistent is None else "no interval (too few batches)" if not judged \
-            else f"{consistent} of {judged}" + ("" if judged == tested else f" with an interval ({tested - judged} none)")
+        if consistent is None:
+            consistent_cell = NOT_RECOMPUTED
+        elif not judged:
+            consistent_cell = "no interval (too few batches)"
+        else:
+            none = "" if judged == tested else f" with an interval ({tested - judged} none)"
+            consistent_cell = f"{consistent} of {judged}{none}"
         chance = model.get("ece_chance")
         if chance:
             ece = (f"{model['ece']:.3f} ({chance['pooled_chance']:.3f}); h{chance['max_h']} {chance['max_ece']:.3f} "

@@ -40,10 +40,12 @@ def holdout_comparison(model: ForecastModel, loaded: list, train_end: str, timef
     comparison = compare_with_peers(loaded, origins, timeframe, candidates, model.method, model.config.tolerance,
                                     progress)
     reference = "vs_" + model.method
-    methods = {name: {key: scores[key] for key in HOLDOUT_KEYS} | (
-        {reference: scores[reference]} if reference in scores else {})
-        for name, scores in comparison["methods"].items()}
-    return {"after": train_end, "reference": model.method, "n_origins": int(len(origins)),
+    methods = {}
+    for name, scores in comparison["methods"].items():
+        methods[name] = {key: scores[key] for key in HOLDOUT_KEYS}
+        if reference in scores:
+            methods[name][reference] = scores[reference]
+    return {"after": train_end, "reference": model.method, "n_origins": len(origins),
             "n_pairs": int(np.isfinite(origins.log_return).sum()), "n_series": comparison["n_series"],
             "first_origin": _iso(float(origins.time.min())), "last_origin": _iso(float(origins.time.max())),
             "batch_bars": comparison["batch_bars"], "methods": methods}

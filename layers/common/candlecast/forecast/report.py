@@ -152,7 +152,8 @@ def _per_series(figure, axes, timeframe: str, comparison: dict) -> None:
     ax_delta.axvline(0, color="grey")
     ax_delta.set_yticks(at, [name for name, _ in series], fontsize=7)
     ax_delta.invert_yaxis()  # top to bottom in the coverage panel's left-to-right order
-    ax_delta.set(xlabel=f"Δ {peer} vs {reference} (%; > 0: {reference} ahead)", title=f"{timeframe} Δ per series (origins; paler: fewer)")
+    ax_delta.set(xlabel=f"Δ {peer} vs {reference} (%; > 0: {reference} ahead)",
+                 title=f"{timeframe} Δ per series (origins; paler: fewer)")
 
 
 def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
