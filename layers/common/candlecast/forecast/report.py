@@ -220,8 +220,9 @@ def _interval_method(delta: dict, comparison: dict) -> str:
         return f"{delta['method']}: none, {delta['note']}"
     text = f"{delta['method']}, {delta['blocks']} batches of {days:.3g} days (t, {delta['blocks'] - 1} df)"
     if "bootstrap" in delta:
+        floor = f", none below {MIN_BLOCKS} blocks" if "batch_bars" in comparison else ""  # older: no floor
         text += (f"; then the circular block bootstrap of the external re-test "
-                 f"({delta['bootstrap']['block_bars']}-bar blocks, none below {MIN_BLOCKS} blocks)")
+                 f"({delta['bootstrap']['block_bars']}-bar blocks{floor})")
     return text
 
 
