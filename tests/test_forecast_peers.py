@@ -238,7 +238,8 @@ def test_the_block_bootstrap_beside_it_is_too_narrow_with_few_blocks():
         model, peer, at = _overlapping_losses(rng, bars, coins, 0.05)
         low, high = batch_t_delta(model, peer, at)["ci95"]
         batch_hits += low <= 0.05 <= high
-        low, high = block_bootstrap_delta(model, peer, at, reps=400)["ci95"]
+        assert block_bootstrap_delta(model, peer, at, reps=10)["ci95"] is None  # 5 blocks: "too few blocks"
+        low, high = block_bootstrap_delta(model, peer, at, reps=400, min_blocks=1)["ci95"]
         bootstrap_hits += low <= 0.05 <= high
     assert bootstrap_hits < batch_hits - 5 and bootstrap_hits <= 85
 
@@ -258,8 +259,9 @@ def test_compare_methods_scores_every_method_on_the_same_pairs():
     assert result["best_peer"] == "narrow" and model["n_pairs"] == other["n_pairs"] == n * 30 - 50
     assert 0.76 <= model["coverage_80"] <= 0.84 and other["coverage_80"] < 0.6
     assert other["vs_model"]["ci95"][0] > 0  # the narrow peer is clearly worse
-    bootstrap = other["vs_model"]["bootstrap"]
-    assert bootstrap["ci95"][0] > 0 and bootstrap["block_bars"] == 30 and bootstrap["blocks"] == 10
+    bootstrap = other["vs_model"]["bootstrap"]  # 300 daily bars: 4 blocks of 90 (a quarter), too few for one
+    assert bootstrap["ci95"] is None and bootstrap["block_bars"] == 90 and bootstrap["blocks"] == 4
+    assert other["vs_model"]["blocks"] == 3 and other["vs_model"]["block_bars"] == 100
     assert set(model["eras"]) == {"2017-18", "2019-21"}
     assert len(model["per_horizon"]["coverage_95"]) == 30
     assert model["width_95"] == pytest.approx(2 * 1.96 * 0.01 * np.sqrt(np.arange(1, 31)).mean(), rel=0.01)
@@ -292,25 +294,31 @@ def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
     garch = comparison["methods"]["garch-t"]
     assert any(line.startswith("| 1d | 2019-21 ") for line in printed)  # coverage per era
     assert f"{garch['pin5']:.3f}, {100 * garch['vs_learned']['delta']:+.1f} %" in row
+    # 200 daily bars: 2 batches of 100 days for the t interval, 3 blocks of 90 bars, too few for the bootstrap
+    assert "(2 batches); bootstrap: too few blocks (3)" in row
+    assert any(line.startswith("| 1d | 2020 0.") for line in printed)  # coverage per calendar year
     for timeframe, scores, (low80, high80), (low95, high95) in (
             ("1d", comparison, (0.77, 0.83), (0.93, 0.97)), ("1w", short, (0.75, 0.85), (0.92, 0.98))):
         horizon = scores["methods"]["learned"]["per_horizon"]
         in_band = sum(low80 <= c80 <= high80 and low95 <= c95 <= high95
                       for c80, c95 in zip(horizon["coverage_80"], horizon["coverage_95"], strict=True))
         (line,) = [line for line in printed if line.startswith(f"| {timeframe} | learned |")]
-        assert f"| {in_band} of 30 |" in line
+        assert f"| {in_band} of 30; " in line
     (thin_row,) = [line for line in printed if line.startswith("| 1w | learned |")]
-    assert " % [too few batches (1 of >= 60 bars; 2 needed)]" in thin_row
+    assert " % [too few batches: 1]; bootstrap: too few blocks (1)" in thin_row
+    assert "no interval (too few batches)" in thin_row
     assert main(["scorecard", "--manifest", str(manifest)]) == 0
     text = capsys.readouterr().out
     assert "### 1d: reference learned, best peer baseline" in text and "no walk-forward comparison" in text
-    assert "calendar batches, 3 batches of 66 days (t, 2 df)" in text
+    assert "calendar batches, 2 batches of 100 days (t, 1 df)" in text
     assert "calendar batches: none, too few batches (1 of >= 60 bars; 2 needed)" in text
+    assert "holdout: not scored in this manifest" in text
 
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- scorecard --summary: begin -->\nold\n<!-- scorecard --summary: end -->\nrest\n")
+    readme.write_text("intro\n<!-- scorecard --summary: begin -->\nOLD-TABLE\n"
+                      "<!-- scorecard --summary: end -->\nrest\n")
     assert main(["scorecard", "--manifest", str(manifest), "--readme", str(readme)]) == 0
-    assert row in readme.read_text() and "old" not in readme.read_text() and readme.read_text().endswith("rest\n")
+    assert row in readme.read_text() and "OLD-TABLE" not in readme.read_text() and readme.read_text().endswith("rest\n")
 
 
 def test_the_readme_table_is_the_committed_manifests_scorecard():

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
                        "the timeframe's plan)")
     train.add_argument("--evaluate-only", action="store_true", help="walk-forward comparison only: print it and "
                        "write {reports}/{tf}/comparison.png; no model is fitted on all coins or written")
+    train.add_argument("--save-walk-forward", help="also write the walk-forward's test origins and every method's "
+                       "outputs there (npz), for `candlecast rescore`")
     train.add_argument("--register", action="store_true", help="record the model in the models table")
     train.set_defaults(func=stopping_on_bad_files(train_command))
 
@@ -39,6 +41,16 @@ def register(subparsers) -> None:
     scorecard.add_argument("--summary", action="store_true", help="one row per timeframe (the README table)")
     scorecard.add_argument("--readme", help="rewrite the summary block of this README file instead of printing")
     scorecard.set_defaults(func=scorecard_command)
+
+    rescore = subparsers.add_parser("rescore", help="recompute a timeframe's walk-forward figures in the manifest "
+                                    "from a saved walk-forward (train --evaluate-only --save-walk-forward) and score "
+                                    "the shipped file on its holdout; no model file is written")
+    rescore.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
+    rescore.add_argument("--walk-forward", required=True, help="the npz train --save-walk-forward wrote")
+    rescore.add_argument("--manifest", default="models/manifest.json", help="its model files sit beside it")
+    rescore.add_argument("--data", default=DEFAULT_SOURCE, help="folder of OHLCV files, the holdout included")
+    rescore.add_argument("--reports", help="folder for {tf}/comparison.png (not the repository's)")
+    rescore.set_defaults(func=stopping_on_bad_files(rescore_command))
 
     backtest = subparsers.add_parser("backtest", help="evaluate a model on every OHLCV file in a folder (JSON)")
     backtest.add_argument("--data", required=True, help="folder of OHLCV files (CSV or Parquet)")
@@ -82,7 +94,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds,
                             holdout_bars=args.holdout_bars, test_fraction=args.test_fraction,
-                            evaluate_only=args.evaluate_only)
+                            evaluate_only=args.evaluate_only,
+                            save_walk_forward=Path(args.save_walk_forward) if args.save_walk_forward else None)
     if args.evaluate_only:
         from candlecast.forecast.report import write_comparison_report
 
@@ -107,8 +120,25 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def rescore_command(args: argparse.Namespace) -> int:
+    from candlecast.forecast.report import comparison_text, holdout_text
+    from candlecast.forecast.train import rescore_timeframe
+
+    entry = rescore_timeframe(args.timeframe, Path(args.walk_forward), Path(args.manifest), Path(args.data),
+                              progress=True)
+    metrics = entry["metrics"]
+    print(comparison_text(args.timeframe, metrics["comparison"]), file=sys.stderr)
+    print(holdout_text(args.timeframe, metrics["holdout"]), file=sys.stderr)
+    if args.reports:
+        from candlecast.forecast.report import write_comparison_report
+
+        path = write_comparison_report(Path(args.reports) / args.timeframe, args.timeframe, metrics["comparison"])
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def scorecard_command(args: argparse.Namespace) -> int:
-    from candlecast.forecast.report import comparison_text
+    from candlecast.forecast.report import comparison_text, holdout_text
 
     manifest = json.loads(Path(args.manifest).read_text())
     if args.readme:
@@ -125,6 +155,8 @@ def scorecard_command(args: argparse.Namespace) -> int:
             continue
         print(f"shipped: {metrics['shipped']} ({metrics['reason']})")
         print(comparison_text(timeframe, metrics["comparison"]) + "\n")
+        print((holdout_text(timeframe, metrics["holdout"]) if metrics.get("holdout") else
+               f"### {timeframe} holdout: not scored in this manifest (candlecast rescore)") + "\n")
     return 0
 
 
@@ -134,51 +166,137 @@ CANDIDATES = {"learned", "garch-scale", "combined"}  # the model's own candidate
 README_BEGIN, README_END = "<!-- scorecard --summary: begin -->", "<!-- scorecard --summary: end -->"
 
 
-def summary_table(manifest: dict) -> str:
-    """Markdown, one row per timeframe: the shipped model's pin5 and coverage beside each peer's pin5 and Δ
-    (every peer in the manifests, GARCH-t first), the holdout (`train_end`), then coverage per era."""
+NOT_RECOMPUTED = "n/a¹"
+FOOTNOTE = ("¹ not in this timeframe's manifest entry: its figures predate the calendar-floor batches, the holdout "
+            "scoring, the coverage intervals and the per-horizon ECE (`candlecast rescore`); its Δ intervals are "
+            "the old 60-bar ones.")
+
+
+def band_counts(timeframe: str, model: dict) -> tuple[int, int, int | None, int]:
+    """(horizons in band, horizons tested, horizons whose 80 % and 95 % intervals both overlap their bands or None
+    when the comparison has no intervals, horizons with both intervals)."""
     from candlecast.forecast.evaluate import measured
-    from candlecast.forecast.report import delta_text
     from candlecast.forecast.train import targets
 
-    def delta(item: dict | None) -> str:
-        if item is None:
-            return "—"
-        return delta_text(item)
+    bands, horizon = targets(timeframe), model["per_horizon"]
+    band80, band95 = bands["coverage_80"], bands["coverage_95"]
+    reached = [(c80, c95) for c80, c95 in zip(horizon["coverage_80"], horizon["coverage_95"], strict=True)
+               if measured(c80) and measured(c95)]  # an untested horizon counts neither in band nor out
+    in_band = sum(band80[0] <= c80 <= band80[1] and band95[0] <= c95 <= band95[1] for c80, c95 in reached)
+    uncertainty = model.get("coverage_uncertainty")
+    if not uncertainty:
+        return in_band, len(reached), None, 0
+    consistent = judged = 0
+    for i80, i95 in zip(uncertainty["per_horizon"]["80"], uncertainty["per_horizon"]["95"], strict=True):
+        if not (i80.get("ci95") and i95.get("ci95")):
+            continue
+        judged += 1
+        consistent += (i80["ci95"][0] <= band80[1] and i80["ci95"][1] >= band80[0]
+                       and i95["ci95"][0] <= band95[1] and i95["ci95"][1] >= band95[0])
+    return in_band, len(reached), consistent, judged
 
+
+def _short_delta(item: dict | None) -> str:
+    """Δ in % with the batch t interval or the reason for none, then the bootstrap's interval or "too few blocks"."""
+    if item is None:
+        return "—"
+    if item.get("ci95") is None:
+        text = f"{100 * item['delta']:+.1f} % [too few batches: {item['blocks']}]"
+    else:
+        text = f"{100 * item['delta']:+.1f} % [{100 * item['ci95'][0]:+.1f}, {100 * item['ci95'][1]:+.1f}] " \
+               f"({item['blocks']} batches)"
+    boot = item.get("bootstrap")
+    if boot is None:
+        return text
+    if boot.get("ci95") is None:
+        return f"{text}; bootstrap: too few blocks ({boot['blocks']})"
+    return f"{text}; bootstrap [{100 * boot['ci95'][0]:+.1f}, {100 * boot['ci95'][1]:+.1f}] ({boot['blocks']} blocks)"
+
+
+def _holdout_cell(metrics: dict) -> str:
+    hold = metrics.get("holdout")
+    if not hold:
+        return NOT_RECOMPUTED
+    if not hold.get("n_origins"):
+        return "no origins"
+    kind = hold["reference"]
+    own, garch = hold["methods"][kind], hold["methods"].get("garch-t")
+    text = f"{hold['n_origins']:,} origins, {hold['first_origin'][:10]} on: {own['pin5']:.3f}"
+    if garch is None:
+        return text
+    return f"{text} vs GARCH-t {garch['pin5']:.3f}, Δ {_short_delta(garch['vs_' + kind])}"
+
+
+def summary_table(manifest: dict) -> str:
+    """Markdown, one row per timeframe: the shipped model's pin5 and Δ against GARCH-t with its intervals, the
+    holdout (after `train_end`), coverage over horizons, horizons in band and consistent with it, ECE pooled and
+    its largest per horizon against chance; then the other peers, coverage per era and per calendar year."""
     rows = {tf: manifest[tf] for tf in TIMEFRAMES if "comparison" in manifest.get(tf, {}).get("metrics", {})}
     names = {name for entry in rows.values() for name in entry["metrics"]["comparison"]["methods"]}
     order = list(PEER_LABELS)
-    peers = sorted(names - CANDIDATES, key=lambda name: (order.index(name) if name in order else len(order), name))
-    header = ["tf", "shipped", "pin5"] + [f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers] + [
-        "cov80 / cov95 (range over h)", "horizons in band", "ECE (worst bin)", "origins", "train_end"]
+    peers = sorted(names - CANDIDATES - {"garch-t"},
+                   key=lambda name: (order.index(name) if name in order else len(order), name))
+    header = ["tf", "shipped", "pin5", "GARCH-t pin5, Δ [95 % CI] (batch t; block bootstrap)",
+              "holdout after train_end: pin5, GARCH-t pin5, Δ", "cov80 / cov95 (range over h)",
+              "horizons in band; consistent with it²", "ECE pooled (chance); worst h (chance); worst bin",
+              "origins", "train_end"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    eras = []
+    others = ["| tf | " + " | ".join(f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers) + " |",
+              "|---|" + "---|" * len(peers)]
+    eras, years, missing = [], [], False
     for timeframe, entry in rows.items():
         metrics = entry["metrics"]
         methods, kind = metrics["comparison"]["methods"], metrics["shipped"]
         model, head = methods[kind], metrics["headline"]
+        garch = methods.get("garch-t") if kind != "garch-t" else None
+        garch_cell = "—" if garch is None else f"{garch['pin5']:.3f}, {_short_delta(garch.get('vs_' + kind))}"
+        low80, high80 = head["coverage_80_over_horizons"]
+        low95, high95 = head["coverage_95_over_horizons"]
+        in_band, tested, consistent, judged = band_counts(timeframe, model)
+        counted = f"{in_band} of {tested}" + (" tested" if tested < len(model["per_horizon"]["coverage_80"]) else "")
+        if consistent is None:
+            consistent_cell = NOT_RECOMPUTED
+        elif not judged:
+            consistent_cell = "no interval (too few batches)"
+        else:
+            none = "" if judged == tested else f" with an interval ({tested - judged} none)"
+            consistent_cell = f"{consistent} of {judged}{none}"
+        chance = model.get("ece_chance")
+        if chance:
+            ece = (f"{model['ece']:.3f} ({chance['pooled_chance']:.3f}); h{chance['max_h']} {chance['max_ece']:.3f} "
+                   f"({chance['max_chance']:.3f}); {head['worst_reliability_gap']:.3f}")
+        else:
+            ece = f"{model['ece']:.3f} ({NOT_RECOMPUTED}); {NOT_RECOMPUTED}; {head['worst_reliability_gap']:.3f}"
+        missing |= not chance or not metrics.get("holdout") or consistent is None
+        lines.append(f"| {timeframe} | {kind} | {model['pin5']:.3f} | {garch_cell} | {_holdout_cell(metrics)} "
+                     f"| {model['coverage_80']:.3f} ({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} "
+                     f"({low95:.2f}–{high95:.2f}) | {counted}; {consistent_cell} | {ece} "
+                     f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
         cells = []
         for peer in peers:
             scores = methods.get(peer) if peer != kind else None
-            cells.append("—" if scores is None else f"{scores['pin5']:.3f}, {delta(scores.get('vs_' + kind))}")
-        low80, high80 = head["coverage_80_over_horizons"]
-        low95, high95 = head["coverage_95_over_horizons"]
-        bands, horizon = targets(timeframe), model["per_horizon"]
-        reached = [(c80, c95) for c80, c95 in zip(horizon["coverage_80"], horizon["coverage_95"], strict=True)
-                   if measured(c80) and measured(c95)]  # an untested horizon counts neither in band nor out
-        band80, band95 = bands["coverage_80"], bands["coverage_95"]
-        in_band = sum(band80[0] <= c80 <= band80[1] and band95[0] <= c95 <= band95[1] for c80, c95 in reached)
-        counted = f"{in_band} of {len(reached)}" + (" tested" if len(reached) < len(horizon["coverage_80"]) else "")
-        lines.append(f"| {timeframe} | {kind} | {model['pin5']:.3f} | " + " | ".join(cells)
-                     + f" | {model['coverage_80']:.3f} ({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} "
-                     f"({low95:.2f}–{high95:.2f}) | {counted} "
-                     f"| {model['ece']:.3f} ({head['worst_reliability_gap']:.3f}) "
-                     f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
+            cells.append("—" if scores is None else f"{scores['pin5']:.3f}, {_short_delta(scores.get('vs_' + kind))}")
+        others.append(f"| {timeframe} | " + " | ".join(cells) + " |")
         era_cells = [f"{era} {e['coverage_80']:.3f} / {e['coverage_95']:.3f} ({e['n_pairs']:,} pairs)"
                      for era, e in model.get("eras", {}).items()]
         eras.append(f"| {timeframe} | " + "; ".join(era_cells) + " |")
-    return "\n".join([*lines, "", "| tf | shipped model's cov80 / cov95 per era |", "|---|---|", *eras])
+        by_year = (model.get("coverage_uncertainty") or {}).get("years")
+        years.append(f"| {timeframe} | " + ("; ".join(
+            f"{year} {_coverage_cell(item['80'])} / {_coverage_cell(item['95'])} ({item['n_origins']:,})"
+            for year, item in by_year.items()) if by_year else NOT_RECOMPUTED) + " |")
+    notes = ["", "² the horizons whose 80 % and 95 % coverage intervals (block bootstrap with ≥ 10 blocks, else "
+             "batch t) both overlap the bands; \"none\": too few batches for an interval."]
+    if missing:
+        notes.append(FOOTNOTE)
+    return "\n".join([*lines, *notes, "", *others, "", "| tf | shipped model's cov80 / cov95 per era |", "|---|---|",
+                      *eras, "", "| tf | shipped model's cov80 / cov95 [95 % CI] per calendar year of origin (origins) "
+                      "|", "|---|---|", *years])
+
+
+def _coverage_cell(item: dict) -> str:
+    if item.get("ci95") is None:
+        return f"{item['coverage']:.2f}"
+    return f"{item['coverage']:.2f} [{item['ci95'][0]:.2f}, {item['ci95'][1]:.2f}]"
 
 
 def readme_with_summary(readme: str, manifest: dict) -> str:

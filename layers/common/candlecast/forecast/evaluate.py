@@ -83,15 +83,12 @@ def _pinball(log_return: np.ndarray, quantile_prices: np.ndarray) -> np.ndarray:
 
 
 def _ece(confidence: np.ndarray, hit: np.ndarray) -> float:
+    """Expected calibration error over 10 equal-width bins: Σ_b (n_b/n)·|mean confidence − observed frequency|."""
     if len(confidence) == 0:
         return float("nan")
     bins = np.minimum((confidence * _BINS).astype(int), _BINS - 1)
-    total = 0.0
-    for b in range(_BINS):
-        inside = bins == b
-        if inside.any():
-            total += inside.sum() * abs(confidence[inside].mean() - hit[inside].mean())
-    return float(total / len(confidence))
+    gap = np.bincount(bins, confidence, _BINS) - np.bincount(bins, hit, _BINS)
+    return float(np.abs(gap).sum() / len(confidence))
 
 
 def reliability(confidence: np.ndarray, hit: np.ndarray) -> list[tuple[float, float, int]]:

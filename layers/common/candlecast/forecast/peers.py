@@ -250,18 +250,28 @@ def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timefram
     return out
 
 
-def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: dict, reference: str,
-                       tolerance: float, progress: bool = False) -> dict:
-    """`comparison.compare_methods` of the model's `candidates` (name -> (log-return quantiles, confidence) at
-    `origins`) and every peer at the same origins; the peers' confidence is read off their quantile curve."""
-    from candlecast.forecast.comparison import compare_methods, per_series_scores
-    from candlecast.forecast.dataset import series_names
+def peer_methods(loaded: list, origins, timeframe: Timeframe, candidates: dict, tolerance: float,
+                 progress: bool = False) -> dict:
+    """The model's `candidates` (name -> (log-return quantiles, confidence) at `origins`) and every peer at the same
+    origins; the peers' confidence is read off their quantile curve."""
     from candlecast.forecast.model import raw_confidence
-    from candlecast.timeframes import nominal_seconds
 
     methods = dict(candidates)
     for name, quantiles in peer_quantiles(loaded, origins.series, origins.time, timeframe, progress).items():
         methods[name] = (quantiles, raw_confidence(quantiles, np.ones(quantiles.shape[:-1]), tolerance))
+    return methods
+
+
+def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: dict, reference: str,
+                       tolerance: float, progress: bool = False, methods: dict | None = None) -> dict:
+    """`comparison.compare_methods` of the model's `candidates` and every peer at the same origins (`peer_methods`;
+    `methods`, when given, is its result already computed)."""
+    from candlecast.forecast.comparison import compare_methods, per_series_scores
+    from candlecast.forecast.dataset import series_names
+    from candlecast.timeframes import nominal_seconds
+
+    if methods is None:
+        methods = peer_methods(loaded, origins, timeframe, candidates, tolerance, progress)
     result = compare_methods(origins.log_return, origins.time, methods, tolerance, nominal_seconds(timeframe),
                              reference)
     per_series = per_series_scores(origins.log_return, origins.time, methods, tolerance, origins.series,

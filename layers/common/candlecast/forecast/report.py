@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.candles import COLUMNS, Candles
-from candlecast.forecast.comparison import BATCH_BARS
+from candlecast.forecast.comparison import BATCH_BARS, MIN_BLOCKS
 from candlecast.forecast.evaluate import Origins, measured, measured_range, reliability, worst_reliability_gap
 from candlecast.forecast.features import MEDIAN
 from candlecast.forecast.model import HORIZONS, ForecastModel
@@ -48,8 +48,9 @@ def write_report(directory: Path, timeframe: str, loaded: list, test: Origins, r
         per = result["per_horizon"]
         ax_cov.plot(HORIZONS, [p["coverage_80"] for p in per], style, color="C0", label=f"80% {name}")
         ax_cov.plot(HORIZONS, [p["coverage_95"] for p in per], style, color="C1", label=f"95% {name}")
-    ax_cov.axhspan(0.77, 0.83, color="C0", alpha=0.1)
-    ax_cov.axhspan(0.93, 0.97, color="C1", alpha=0.1)
+    band80, band95 = _bands(timeframe)
+    ax_cov.axhspan(*band80, color="C0", alpha=0.1)
+    ax_cov.axhspan(*band95, color="C1", alpha=0.1)
     ax_cov.set(xlabel="horizon (bars)", ylabel="coverage", ylim=(0.6, 1.0),
                title=f"{timeframe} interval coverage by horizon (held-out symbols)")
     ax_cov.legend(fontsize=8)
@@ -132,19 +133,27 @@ def _per_series(figure, axes, timeframe: str, comparison: dict) -> None:
         for level, color in (("coverage_80", "C0"), ("coverage_95", "C1")):
             ax_cov.scatter(at + offset, [scores[name][level] for _, scores in series], marker=marker, color=color,
                            label=f"{name} {level[-2:]} %")
-    ax_cov.axhspan(0.77, 0.83, color="C0", alpha=0.1)
-    ax_cov.axhspan(0.93, 0.97, color="C1", alpha=0.1)
+    band80, band95 = _bands(timeframe)
+    ax_cov.axhspan(*band80, color="C0", alpha=0.1)
+    ax_cov.axhspan(*band95, color="C1", alpha=0.1)
     labels = [f"{name} ({scores[reference]['n_origins']:,})" for name, scores in series]
     ax_cov.set_xticks(at, labels, rotation=90, fontsize=7)
     ax_cov.set(ylabel="coverage", title=f"{timeframe} coverage per series (origins), sorted by {reference}'s 95 %")
     ax_cov.legend(fontsize=7, ncol=2)
     ax_delta = axes[2]
     deltas = [100 * (scores[peer]["pin5"] / scores[reference]["pin5"] - 1) for _, scores in series]
-    ax_delta.barh(at, deltas, color=["C2" if value > 0 else "C3" for value in deltas])
+    origins = np.array([scores[reference]["n_origins"] for _, scores in series], dtype=float)
+    # opacity by origins: a series with few origins is a few weeks of one regime, its Δ mostly noise
+    alpha = 0.25 + 0.75 * origins / max(origins.max(), 1)
+    for y, value, shade, count in zip(at, deltas, alpha, origins, strict=True):
+        ax_delta.barh(y, value, color="C2" if value > 0 else "C3", alpha=float(shade))
+        ax_delta.annotate(f"{count:,.0f}", (value, y), xytext=(3 if value >= 0 else -3, 0),
+                          textcoords="offset points", va="center", ha="left" if value >= 0 else "right", fontsize=6)
     ax_delta.axvline(0, color="grey")
     ax_delta.set_yticks(at, [name for name, _ in series], fontsize=7)
     ax_delta.invert_yaxis()  # top to bottom in the coverage panel's left-to-right order
-    ax_delta.set(xlabel=f"Δ {peer} vs {reference} (%; > 0: {reference} ahead)", title=f"{timeframe} Δ per series")
+    ax_delta.set(xlabel=f"Δ {peer} vs {reference} (%; > 0: {reference} ahead)",
+                 title=f"{timeframe} Δ per series (origins; paler: fewer)")
 
 
 def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
@@ -157,8 +166,17 @@ def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
         ax95.plot(HORIZONS, per["coverage_95"], style, color=f"C{i}", label=label)
         ax_width.plot(HORIZONS, per["width_80"], style, color=f"C{i}", label=f"{name} 80%")
         ax_width.plot(HORIZONS, per["width_95"], ":", color=f"C{i}", label=f"{name} 95%")
-    ax80.axhspan(0.77, 0.83, color="grey", alpha=0.15)
-    ax95.axhspan(0.93, 0.97, color="grey", alpha=0.15)
+    band80, band95 = _bands(timeframe)
+    ax80.axhspan(*band80, color="grey", alpha=0.15)
+    ax95.axhspan(*band95, color="grey", alpha=0.15)
+    uncertainty = comparison["methods"][comparison["reference"]].get("coverage_uncertainty")
+    if uncertainty:  # the reference's 95 % interval per horizon, where it has one
+        for ax, level in ((ax80, "80"), (ax95, "95")):
+            rows = [(h, item["ci95"]) for h, item in zip(HORIZONS, uncertainty["per_horizon"][level], strict=True)
+                    if item.get("ci95")]
+            if rows:
+                ax.fill_between([h for h, _ in rows], [ci[0] for _, ci in rows], [ci[1] for _, ci in rows],
+                                color="C0", alpha=0.15, label=f"{comparison['reference']} 95 % CI")
     ax80.set(xlabel="horizon (bars)", ylabel="coverage", title=f"{timeframe} 80% coverage by horizon, every method")
     ax95.set(xlabel="horizon (bars)", ylabel="coverage", title=f"{timeframe} 95% coverage by horizon, every method")
     ax_width.set(xlabel="horizon (bars)", ylabel="mean ln(upper/lower)", title=f"{timeframe} interval width")
@@ -166,8 +184,17 @@ def _methods_by_horizon(axes, timeframe: str, comparison: dict) -> None:
         ax.legend(fontsize=7)
 
 
+def _bands(timeframe: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The timeframe's own 80 % and 95 % coverage targets (`train.targets`: wider at 1w and 1m)."""
+    from candlecast.forecast.train import targets
+
+    bands = targets(timeframe)
+    return tuple(bands["coverage_80"]), tuple(bands["coverage_95"])
+
+
 def delta_text(delta: dict) -> str:
-    """Δ in % with its 95 % interval (or the reason there is none), then the block bootstrap's when recorded."""
+    """Δ in % with its 95 % interval (or the reason there is none), then the block bootstrap's when recorded (or
+    "too few blocks")."""
     if delta.get("ci95") is None:
         text = f"{100 * delta['delta']:+.1f} % [{delta.get('note', 'no interval')}]"
     else:
@@ -175,20 +202,27 @@ def delta_text(delta: dict) -> str:
         text = f"{100 * delta['delta']:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
     if "bootstrap" not in delta:
         return text
-    low, high = delta["bootstrap"]["ci95"]
-    return f"{text}, bootstrap [{100 * low:+.1f}, {100 * high:+.1f}] ({delta['bootstrap']['blocks']} blocks)"
+    boot = delta["bootstrap"]
+    if boot.get("ci95") is None:
+        return f"{text}, bootstrap: {boot.get('note', 'too few blocks')}"
+    low, high = boot["ci95"]
+    return f"{text}, bootstrap [{100 * low:+.1f}, {100 * high:+.1f}] ({boot['blocks']} blocks)"
 
 
-def _interval_method(delta: dict, block_seconds: float) -> str:
+def _interval_method(delta: dict, comparison: dict) -> str:
+    block_seconds = comparison["block_seconds"]
     if delta.get("method") is None:  # manifests written before the batch t interval
         return f"{delta.get('blocks', 0)} circular blocks of {block_seconds / 86400:.3g} days per resample"
-    days = delta["block_bars"] * block_seconds / BATCH_BARS / 86400
+    # comparisons recorded before batches had a calendar floor were BATCH_BARS bars long
+    bar_seconds = comparison.get("bar_seconds", block_seconds / BATCH_BARS)
+    days = delta["block_bars"] * bar_seconds / 86400
     if delta["ci95"] is None:
         return f"{delta['method']}: none, {delta['note']}"
     text = f"{delta['method']}, {delta['blocks']} batches of {days:.3g} days (t, {delta['blocks'] - 1} df)"
     if "bootstrap" in delta:
+        floor = f", none below {MIN_BLOCKS} blocks" if "batch_bars" in comparison else ""  # older: no floor
         text += (f"; then the circular block bootstrap of the external re-test "
-                 f"({delta['bootstrap']['block_bars']}-bar blocks, too narrow when they are few)")
+                 f"({delta['bootstrap']['block_bars']}-bar blocks{floor})")
     return text
 
 
@@ -200,7 +234,7 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
     series = f", {comparison['n_series']} series" if "n_series" in comparison else ""
     delta = next((m["vs_" + reference] for m in comparison["methods"].values() if "vs_" + reference in m), {})
     lines = [f"### {timeframe}: reference {reference}, best peer {comparison['best_peer']}{series}; 95 % intervals: "
-             f"{_interval_method(delta, comparison['block_seconds'])}", "",
+             f"{_interval_method(delta, comparison)}", "",
              f"| method | pin5 (%) | Δ peer vs {reference} [95% CI] | cov80 / cov95 | cov80 range over h "
              "| cov95 range over h | width 80/95 | ECE | worst bin gap | origins |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -223,7 +257,59 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
     for name, m in comparison["methods"].items():
         cells = [f"{e['coverage_80']:.3f} / {e['coverage_95']:.3f}, {e['pin5']:.3f}" for e in m["eras"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + per_series_lines(comparison))
+    return "\n".join(lines + uncertainty_lines(comparison) + per_series_lines(comparison))
+
+
+def _interval(item: dict) -> str:
+    if item.get("coverage") is None:
+        return "untested"
+    if item.get("ci95") is None:
+        return f"{item['coverage']:.3f} [none]"
+    n_eff = f" (n_eff {item['n_eff']:,.0f})" if item.get("n_eff") else " (batch t)"
+    return f"{item['coverage']:.3f} [{item['ci95'][0]:.3f}, {item['ci95'][1]:.3f}]{n_eff}"
+
+
+def uncertainty_lines(comparison: dict) -> list[str]:
+    """Markdown: the reference's coverage per horizon with its 95 % interval and effective sample, its coverage per
+    calendar year of origin, and its confidence ECE per horizon against the chance level (comparisons recorded
+    before these figures: nothing)."""
+    reference = comparison["reference"]
+    model = comparison["methods"][reference]
+    uncertainty, chance = model.get("coverage_uncertainty"), model.get("ece_chance")
+    if not uncertainty or not chance:
+        return []
+    per = uncertainty["per_horizon"]
+    method = next((item["method"] for item in per["80"] if item.get("method")), "none: too few batches")
+    lines = ["", f"{reference}: coverage per horizon, 95 % interval ({method}); confidence ECE per horizon and the "
+             f"chance ECE of a calibrated forecaster with the same confidences ({chance['reps']} draws, seed "
+             f"{chance['seed']})", "", "| h | cov80 [95 % CI] | cov95 [95 % CI] | ECE (chance) |", "|---|---|---|---|"]
+    for h, (i80, i95, ece, floor) in enumerate(zip(per["80"], per["95"], chance["per_horizon_ece"],
+                                                     chance["per_horizon_chance"], strict=True), start=1):
+        shown = "—" if ece is None else f"{ece:.3f} ({floor:.3f})"
+        lines.append(f"| {h} | {_interval(i80)} | {_interval(i95)} | {shown} |")
+    lines.append(f"| all | {_interval(uncertainty['overall']['80'])} | {_interval(uncertainty['overall']['95'])} "
+                 f"| {chance['pooled']:.3f} ({chance['pooled_chance']:.3f}); worst h{chance['max_h']} "
+                 f"{chance['max_ece']:.3f} ({chance['max_chance']:.3f}) |")
+    lines += ["", f"| year of origin | origins | {reference} cov80 [95 % CI] | cov95 [95 % CI] |", "|---|---|---|---|"]
+    for year, item in uncertainty["years"].items():
+        lines.append(f"| {year} | {item['n_origins']:,} | {_interval(item['80'])} | {_interval(item['95'])} |")
+    return lines
+
+
+def holdout_text(timeframe: str, holdout: dict) -> str:
+    """Markdown: the shipped file against the peers on the holdout (`holdout.holdout_comparison`)."""
+    if not holdout.get("n_origins"):
+        return f"### {timeframe} holdout after {holdout['after']}: {holdout.get('note', 'no origins')}"
+    reference = holdout["reference"]
+    lines = [f"### {timeframe} holdout: origins after train_end {holdout['after']} ({holdout['first_origin'][:10]} to "
+             f"{holdout['last_origin'][:10]}; {holdout['n_origins']:,} origins, {holdout['n_pairs']:,} pairs, "
+             f"{holdout['n_series']} series; batches of >= {holdout['batch_bars']} bars), the shipped file", "",
+             f"| method | pin5 (%) | Δ vs {reference} [95 % CI] | cov80 / cov95 | origins |", "|---|---|---|---|---|"]
+    for name, m in holdout["methods"].items():
+        delta = m.get("vs_" + reference)
+        lines.append(f"| {name} | {m['pin5']:.4f} | {'—' if delta is None else delta_text(delta)} "
+                     f"| {m['coverage_80']:.3f} / {m['coverage_95']:.3f} | {m['n_origins']:,} |")
+    return "\n".join(lines)
 
 
 def series_peer(comparison: dict) -> str:

@@ -880,14 +880,44 @@ def choose(results: dict, timeframe: Timeframe) -> tuple[str, str]:
                  "the targets at every horizon or no further outside them than the baseline"
 
 
-def compare_candidates(loaded: list, result: WalkForward, timeframe: Timeframe, kind: str, progress: bool) -> dict:
-    """Every candidate and every peer of `peers.PEERS` on the same held-out test origins."""
-    from candlecast.forecast.peers import compare_with_peers
+def compare_candidates(loaded: list, result: WalkForward, timeframe: Timeframe, kind: str, progress: bool,
+                       save: Path | None = None, reason: str = "") -> dict:
+    """Every candidate and every peer of `peers.PEERS` on the same held-out test origins. With `save`, the
+    per-origin outputs they are scored from are written there first (`save_walk_forward`), so the figures can be
+    recomputed from them (`candlecast rescore`) without rerunning the walk-forward."""
+    from candlecast.forecast.peers import compare_with_peers, peer_methods
 
     candidates = {name: (result.test.scale[..., None] * q, confidence)
                   for name, (q, _, confidence) in result.outputs.items()}
-    return compare_with_peers(loaded, result.test, timeframe, candidates, kind, CONFIGS[timeframe].tolerance,
-                              progress)
+    tolerance = CONFIGS[timeframe].tolerance
+    methods = peer_methods(loaded, result.test, timeframe, candidates, tolerance, progress)
+    if save is not None:
+        save_walk_forward(save, timeframe, loaded, result, kind, reason, methods)
+    return compare_with_peers(loaded, result.test, timeframe, candidates, kind, tolerance, progress, methods=methods)
+
+
+def save_walk_forward(path: Path, timeframe: Timeframe, loaded: list, result: WalkForward, kind: str, reason: str,
+                      methods: dict) -> None:
+    """The walk-forward's test origins and every method's log-return quantiles and confidence there (npz)."""
+    from candlecast.forecast.dataset import series_names
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"log_return": result.test.log_return, "time": result.test.time, "series": result.test.series}
+    for name, (quantiles, confidence) in methods.items():
+        arrays[f"q:{name}"], arrays[f"c:{name}"] = quantiles, confidence
+    about = {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
+             "names": series_names([series for series, _ in loaded]), "methods": list(methods),
+             "results": {name: _headline(item) for name, item in result.results.items()}}
+    np.savez(path, about=np.array(json.dumps(about, default=_json_default)), **arrays)
+
+
+def load_walk_forward(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(about, log_return, time, series, methods) as `save_walk_forward` wrote them."""
+    with np.load(Path(path)) as data:
+        about = json.loads(str(data["about"]))
+        methods = {name: (data[f"q:{name}"], data[f"c:{name}"]) for name in about["methods"]}
+        return about, data["log_return"], data["time"], data["series"], methods
 
 
 def coin_groups(loaded: list, count: int) -> list[np.ndarray]:
@@ -939,7 +969,7 @@ def before_holdout(loaded: list, cutoff: int) -> list:
 def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports_dir: Path | None,
                     folds: int | None = None, progress: bool = True, seed: int = 7,
                     holdout_bars: int | None = None, test_fraction: float | None = None,
-                    evaluate_only: bool = False) -> dict:
+                    evaluate_only: bool = False, save_walk_forward: Path | None = None) -> dict:
     """Walk-forward backtest, final fit, signed model file and manifest entry. Returns the manifest entry.
 
     Everything reads only the candles up to the holdout cutoff (`HOLDOUT_BARS`, or `holdout_bars`).
@@ -960,7 +990,7 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
                           progress, test_fraction, series_coins(loaded))
     kind, reason = choose(result.results, timeframe)
-    comparison = compare_candidates(loaded, result, timeframe, kind, progress)
+    comparison = compare_candidates(loaded, result, timeframe, kind, progress, save=save_walk_forward, reason=reason)
     if evaluate_only:
         return {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
                 "comparison": comparison}
@@ -1043,8 +1073,46 @@ def headline(comparison: dict) -> dict:
         "coverage_by_era": {era: [e["coverage_80"], e["coverage_95"]] for era, e in model["eras"].items()},
         "ece": model["ece"],
         "worst_reliability_gap": worst_reliability_gap(model["reliability"]),
+        # the largest per-horizon ECE and its chance level (`comparison.ece_chance`); absent in older manifests
+        **({"ece_by_horizon": {key: model["ece_chance"][key] for key in
+                               ("max_ece", "max_h", "max_chance", "pooled_chance")}} if "ece_chance" in model else {}),
         "n_origins": model["n_origins"],
     }
+
+
+def rescore_timeframe(timeframe: Timeframe, walk_forward_file: Path, manifest_path: Path, data_dir: Path,
+                      progress: bool = False) -> dict:
+    """Recompute a manifest entry's walk-forward figures from a saved walk-forward (`save_walk_forward`, written by
+    `train --evaluate-only` with the same code, data and seed), and score the shipped file on its holdout; the
+    model file, its sha256 and the fold records are left as they are. Refused when the saved walk-forward would
+    ship another kind or scores any method's pin5 differently from the manifest (then it is not the run that chose
+    the shipped file). Returns the updated entry (written to `manifest_path`)."""
+    from candlecast.forecast.comparison import compare_methods, per_series_scores
+    from candlecast.forecast.holdout import shipped_holdout
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    entry = manifest[timeframe]
+    metrics = entry["metrics"]
+    about, log_return, times, series, methods = load_walk_forward(walk_forward_file)
+    kind = metrics["shipped"]
+    if about["timeframe"] != timeframe or about["kind"] != kind:
+        raise SystemExit(f"{walk_forward_file}: a {about['timeframe']} walk-forward choosing {about['kind']}, not the "
+                         f"manifest's {timeframe} {kind}; nothing written")
+    tolerance = CONFIGS[timeframe].tolerance
+    comparison = compare_methods(log_return, times, methods, tolerance, nominal_seconds(timeframe), kind)
+    for name, scores in metrics["comparison"]["methods"].items():
+        now = comparison["methods"].get(name, {}).get("pin5")
+        if now is None or not math.isclose(now, scores["pin5"], rel_tol=1e-5):
+            raise SystemExit(f"{walk_forward_file}: {name} pin5 {now} against the manifest's {scores['pin5']}: not "
+                             "the walk-forward that chose the shipped file; nothing written")
+    per_series = per_series_scores(log_return, times, methods, tolerance, series, about["names"])
+    comparison |= {"n_series": len(per_series), "per_series": per_series}
+    metrics["comparison"] = comparison
+    metrics["headline"] = headline(comparison)
+    metrics["holdout"] = shipped_holdout(timeframe, data_dir, Path(manifest_path).parent, entry, signing_key(),
+                                         progress)
+    update_manifest(Path(manifest_path), entry)
+    return entry
 
 
 def signing_key() -> bytes:
