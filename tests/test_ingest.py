@@ -341,6 +341,17 @@ def test_a_short_listing_marks_nothing_inactive_and_the_summary_says_so(env):
     assert any("147 of 150 active symbols are missing" in error for error in summary.errors)
 
 
+def test_an_operator_retires_a_real_mass_delisting_with_retire_missing(env):
+    market = make_market(150, now=NOW)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        market.symbols = market.symbols[:100]  # a third delisted at once: the weekly refresh refuses it
+        assert ingest.refresh_symbols(client_for(fake)).kept_active == 50
+        summary = ingest.run_ingest(client_for(fake), tickers=[], now=NOW, retire_missing=True)
+    assert len(active_tickers()) == 100
+    assert (summary.symbols_inactivated, summary.symbols_kept_active) == (50, 0)
+
+
 def test_a_few_vanished_symbols_are_still_marked_inactive(env):
     market = make_market(150, now=NOW)
     with FakePolygon(market) as fake:

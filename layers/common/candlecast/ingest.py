@@ -163,20 +163,23 @@ class SymbolRefresh(NamedTuple):
     kept_active: int = 0  # active symbols missing from the listing that were left active (see `problems`)
 
 
-def inactivation_refusal(active: int, vanished: int, listing_whole: bool) -> str | None:
-    """Why `vanished` of the `active` symbols, missing from this listing, must not be marked inactive, or None."""
+def inactivation_refusal(active: int, vanished: int, listing_whole: bool, retire_missing: bool = False) -> str | None:
+    """Why `vanished` of the `active` symbols, missing from this listing, must not be marked inactive, or None.
+    `retire_missing` (an operator's `ingest --retire-missing`, after a real mass delisting) lifts the share rule."""
     if not vanished:
         return None
     if not listing_whole:
         return (f"listing: its last page was full and had no next page, so it may have stopped early; "
                 f"{vanished} symbols missing from it were left active")
-    if vanished > max(MAX_INACTIVATED_ALWAYS, MAX_INACTIVATED_SHARE * active):
+    if not retire_missing and vanished > max(MAX_INACTIVATED_ALWAYS, MAX_INACTIVATED_SHARE * active):
         return (f"listing: {vanished} of {active} active symbols are missing from it, more than "
-                f"{MAX_INACTIVATED_SHARE:.0%} retire in a week; they were left active")
+                f"{MAX_INACTIVATED_SHARE:.0%} retire in a week; they were left active (after a real delisting: "
+                f"`candlecast ingest --retire-missing`)")
     return None
 
 
-def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> SymbolRefresh:
+def refresh_symbols(client: PolygonClient, *, now: datetime | None = None, retire_missing: bool = False
+                    ) -> SymbolRefresh:
     """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive, unless the listing
     is not trusted for that (`inactivation_refusal`)."""
     from candlecast import db
@@ -200,7 +203,7 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None) -> Sy
     with db.connection(budget=BATCH_DB_SECONDS) as conn, conn.transaction():
         active, vanished = symbol_repository.count_active(conn, listed)
         upserted = symbol_repository.upsert_symbols(conn, symbols)
-        refusal = inactivation_refusal(active, vanished, listing_whole)
+        refusal = inactivation_refusal(active, vanished, listing_whole, retire_missing)
         if refusal is None:
             inactivated = symbol_repository.mark_inactive_except(conn, listed)
         else:
@@ -417,6 +420,7 @@ def run_ingest(
     history_days: dict[str, int] | None = None,
     on_symbol: Callable[[str], None] | None = None,
     retried: Sequence[str] = (),
+    retire_missing: bool = False,
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
     `symbols` by volume. Starts no new symbol and no new Polygon request at `deadline` (time.monotonic()),
@@ -436,7 +440,7 @@ def run_ingest(
     requests_before = client.requests_made
     now = now if now is not None else int(time.time())
     if refresh:
-        refreshed = refresh_symbols(client, now=datetime.fromtimestamp(now, UTC))
+        refreshed = refresh_symbols(client, now=datetime.fromtimestamp(now, UTC), retire_missing=retire_missing)
         summary.symbols_upserted, summary.symbols_inactivated = refreshed.upserted, refreshed.inactivated
         summary.symbols_kept_active = refreshed.kept_active
         summary.errors += [f"symbol {problem}" for problem in refreshed.problems]
@@ -714,6 +718,7 @@ def _command(args: argparse.Namespace) -> int:
             timeframes=timeframes,
             concurrency=args.concurrency,
             refresh=not args.skip_symbols,
+            retire_missing=args.retire_missing,
             on_symbol=lambda _ticker: bar.update(1),
         )
     finally:
@@ -735,4 +740,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-rps", type=float, default=None,
                         help="request rate cap (free tier: 0.083; paid: under 100; default POLYGON_MAX_RPS or 50)")
     parser.add_argument("--skip-symbols", action="store_true", help="keep the symbol table; only fetch candles")
+    parser.add_argument("--retire-missing", action="store_true",
+                        help="mark inactive every symbol missing from a whole listing, however many (the weekly "
+                             "refresh refuses more than a tenth: after a real mass delisting)")
     parser.set_defaults(func=_command)
