@@ -2,7 +2,8 @@
 never the test time): in each walk-forward fold the table is fitted on the training block, conformal offsets and
 the confidence map come from (block) its last fifth or (history) all of it, with or without time decay, and are
 scored on the fold's calibration block. Prints per variant the pooled coverage range over horizons and the mean
-|coverage − nominal| over folds and horizons; then the confidence maps' log loss, ECE and worst bin.
+|coverage − nominal| over folds and horizons; then the confidence maps' (Platt, with ln h, one Platt fit per
+horizon, beta) log loss, ECE, worst bin, and mean and worst ECE over horizons.
 
 Where the plan fits trees, the same one level down for `learned` and `combined` (`fit_models` as the walk-forward
 runs it): the fold's training block splits into an inner training block and its last fifth as the inner calibration
@@ -88,7 +89,8 @@ def main() -> None:
     origins = build_origins(loaded, config)
     rng = np.random.default_rng(7)
     cover = {variant: [] for variant in WEIGHTS}
-    maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "beta") for data in ("history", "block")}
+    maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "platt per h", "beta")
+            for data in ("history", "block")}
     garch_maps = {(kind, data): [] for kind in ("platt", "platt + ln h") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
     if plan.learned and args.trees:
@@ -120,8 +122,12 @@ def main() -> None:
                           np.broadcast_to(block.time[:, None], known.shape)[known]))
         (r0, y0, h0, t0), (r1, y1, h1, _) = pairs
         for kind, data in maps:
-            theta, _ = T.logistic_fit(confidence_design(r0, h0, kind), y0, weights(t0, data))
-            maps[kind, data].append((1 / (1 + np.exp(-confidence_design(r1, h1, kind) @ theta)), y1))
+            p = np.empty(len(r1))
+            for fit_at, score_at in per_horizon(h0, h1) if kind == "platt per h" else [(slice(None), slice(None))]:
+                theta, _ = T.logistic_fit(confidence_design(r0[fit_at], h0[fit_at], kind), y0[fit_at],
+                                          weights(t0, data)[fit_at])
+                p[score_at] = 1 / (1 + np.exp(-confidence_design(r1[score_at], h1[score_at], kind) @ theta))
+            maps[kind, data].append((p, y1, h1))
         if args.garch:
             garch_map_check(tf, train, cal, q, volatility, garch_maps)
     print(f"{tf}: baseline offsets from the training block, scored on each fold's calibration block (training coins)")
@@ -129,13 +135,23 @@ def main() -> None:
         print(f"  {variant:10s} {coverage_scores(folds)}")
     print(f"{tf}: confidence maps fitted on the training block, scored on each calibration block")
     for (kind, data), folds in maps.items():
-        p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
-        print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}")
+        p, y, h = (np.concatenate([f[i] for f in folds]) for i in range(3))
+        print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}  {horizon_scores(p, y, h)}")
     if args.garch:
         print(f"{tf}: garch-scale's confidence maps (train.fit_garch_models, offsets from the history), scored alike")
         for (kind, data), folds in garch_maps.items():
             p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
             print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}")
+
+
+def per_horizon(fit_h: np.ndarray, score_h: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fitting pairs, scored pairs) of each horizon: the map "platt per h" is one Platt fit per horizon."""
+    return [(fit_h == h, score_h == h) for h in HORIZONS]
+
+
+def horizon_scores(p: np.ndarray, y: np.ndarray, h: np.ndarray) -> str:
+    by_h = [_ece(p[h == k], y[h == k]) for k in HORIZONS if (h == k).any()]
+    return f"per-h ECE mean {np.mean(by_h):.4f} worst {max(by_h):.4f} (h{HORIZONS[int(np.argmax(by_h))]})"
 
 
 def garch_map_check(tf: str, train, cal, q: np.ndarray, volatility: dict, scores: dict) -> None:

@@ -122,7 +122,10 @@ class TrainPlan:
     # the plan fits it on; a log-loss gain under 0.0005 is a tie and keeps plain Platt): ln h at 1w (log loss 0.3095
     # vs 0.3109 on history) and 1m (0.3491 vs 0.3596; worst bin 0.050 vs 0.128; garch-scale's own map, which 1m
     # ships, 0.3560 vs 0.3565), and plain Platt on all-time folds at 1d (on history, 0.34783 vs 0.34823), 1h (on the
-    # block, 0.46894 vs 0.46940) and 4h (on the block, 0.45189 vs 0.45380).
+    # block, 0.46894 vs 0.46940) and 4h (on the block, 0.45189 vs 0.45380). One Platt fit per horizon ("platt per
+    # h", for the worst horizon's ECE, h1 at most timeframes) lost to both on history at 1w (0.31282; its worst
+    # horizon's ECE 0.039 vs ln h's 0.032) and 1m (0.36214; 0.084 vs 0.082), and to plain Platt at 1d (0.34845 vs
+    # 0.34775; 0.032 vs 0.034): h1's miss moves from block to block, which no fixed per-horizon map follows.
     confidence_ln_h: bool = False
     tree_confidence_ln_h: bool = False
     # Scale σ·√h by a GARCH-style term structure (`model.volatility_factor`) fitted on the training pairs.
