@@ -28,8 +28,8 @@ import numpy as np
 from candlecast.forecast import train as T
 from candlecast.forecast.evaluate import (
     RELIABILITY_MIN_SHARE,
-    _ece,
     build_origins,
+    calibration_error,
     model_outputs,
     pin5_loss,
     reliability,
@@ -150,7 +150,7 @@ def per_horizon(fit_h: np.ndarray, score_h: np.ndarray) -> list[tuple[np.ndarray
 
 
 def horizon_scores(p: np.ndarray, y: np.ndarray, h: np.ndarray) -> str:
-    by_h = [_ece(p[h == k], y[h == k]) for k in HORIZONS if (h == k).any()]
+    by_h = [calibration_error(p[h == k], y[h == k]) for k in HORIZONS if (h == k).any()]
     return f"per-h ECE mean {np.mean(by_h):.4f} worst {max(by_h):.4f} (h{HORIZONS[int(np.argmax(by_h))]})"
 
 
@@ -171,7 +171,7 @@ def garch_map_check(tf: str, train, cal, q: np.ndarray, volatility: dict, scores
 def confidence_scores(p: np.ndarray, y: np.ndarray) -> str:
     worst = max(abs(c - o) for c, o, n in reliability(p, y) if n >= RELIABILITY_MIN_SHARE * len(p))
     loss = -np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1)))
-    return f"log loss {loss:.5f}  ECE {_ece(p, y):.4f}  worst bin {worst:.3f}"
+    return f"log loss {loss:.5f}  ECE {calibration_error(p, y):.4f}  worst bin {worst:.3f}"
 
 
 def coverage_scores(folds: list) -> str:

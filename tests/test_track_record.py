@@ -384,7 +384,7 @@ def pin5_by_hand(outcome: float, quantiles: list[float]) -> float:
 
 
 def test_live_metrics_match_a_hand_computation(track):
-    from candlecast.forecast.evaluate import _ece, series_origins
+    from candlecast.forecast.evaluate import calibration_error, series_origins
     from candlecast.services.forecasting import verified_model
 
     history = stored_history()
@@ -420,7 +420,7 @@ def test_live_metrics_match_a_hand_computation(track):
     assert live["coverage_95"] == pytest.approx(sum(inside_95) / 4)
     assert live["hit_rate"] == pytest.approx(sum(events) / 4)
     assert live["mean_confidence"] == pytest.approx(sum(confidence) / 4)
-    assert live["ece"] == pytest.approx(_ece(np.array(confidence), np.array(events, dtype=float)))
+    assert live["ece"] == pytest.approx(calibration_error(np.array(confidence), np.array(events, dtype=float)))
     assert live["pinball"] == pytest.approx(sum(own) / 4)
     assert live["baseline_pinball"] == pytest.approx(sum(base) / 4, rel=1e-6)
     assert live["pinball_skill"] == pytest.approx(1 - sum(own) / sum(base), rel=1e-6)

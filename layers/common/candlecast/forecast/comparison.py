@@ -241,7 +241,7 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
     forecaster with the same predicted probabilities and number of pairs (hits drawn as Bernoulli(confidence),
     `reps` draws, fixed seed). An ECE near its chance level is noise; the pooled ECE can hide a horizon far above
     it, so the largest per-horizon ECE is reported too."""
-    from candlecast.forecast.evaluate import _ece
+    from candlecast.forecast.evaluate import calibration_error
     from candlecast.forecast.features import QUANTILES
 
     known = np.isfinite(log_return)
@@ -255,13 +255,14 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
             per_ece.append(None)
             per_chance.append(None)
             continue
-        per_ece.append(_ece(confidence[rows, i], hit[rows, i]))
+        per_ece.append(calibration_error(confidence[rows, i], hit[rows, i]))
         per_chance.append(chance_ece(confidence[rows, i], rng, reps))
     pooled_chance = chance_ece(confidence[known], rng, reps)
     measured_ece = [(value, i) for i, value in enumerate(per_ece) if value is not None]
     worst, at = max(measured_ece) if measured_ece else (None, None)
-    return {"per_horizon_ece": per_ece, "per_horizon_chance": per_chance, "pooled": _ece(confidence[known], hit[known]),
-            "pooled_chance": pooled_chance, "max_ece": worst, "max_h": None if at is None else at + 1,
+    return {"per_horizon_ece": per_ece, "per_horizon_chance": per_chance,
+            "pooled": calibration_error(confidence[known], hit[known]), "pooled_chance": pooled_chance,
+            "max_ece": worst, "max_h": None if at is None else at + 1,
             "max_chance": None if at is None else per_chance[at], "reps": reps, "seed": seed}
 
 

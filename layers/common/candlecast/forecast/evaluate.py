@@ -82,7 +82,7 @@ def _pinball(log_return: np.ndarray, quantile_prices: np.ndarray) -> np.ndarray:
     return np.mean(np.maximum(QUANTILES * error, (QUANTILES - 1) * error), axis=-1)
 
 
-def _ece(confidence: np.ndarray, hit: np.ndarray) -> float:
+def calibration_error(confidence: np.ndarray, hit: np.ndarray) -> float:
     """Expected calibration error over 10 equal-width bins: Σ_b (n_b/n)·|mean confidence − observed frequency|."""
     if len(confidence) == 0:
         return float("nan")
@@ -118,7 +118,7 @@ def _summary(y, scale, q, base_q, confidence, tolerance) -> dict:
     return {
         "coverage_80": float(np.mean((prices[:, 1] <= y) & (y <= prices[:, 5]))),
         "coverage_95": float(np.mean((prices[:, 0] <= y) & (y <= prices[:, 6]))),
-        "ece": _ece(confidence, hit),
+        "ece": calibration_error(confidence, hit),
         "pinball_skill": float(1 - loss / base_loss) if base_loss else 0.0,
         "mean_confidence": float(confidence.mean()),
         "hit_rate": float(hit.mean()),
@@ -211,7 +211,7 @@ def method_scores(log_return: np.ndarray, log_quantiles: np.ndarray, confidence:
     per_horizon = {
         "coverage_80": mean(inside_80, known, 0), "coverage_95": mean(inside_95, known, 0),
         "width_80": mean(width_80, known, 0), "width_95": mean(width_95, known, 0),
-        "pin5": mean(loss, known, 0), "ece": [_ece(confidence[known[:, i], i], hit[known[:, i], i])
+        "pin5": mean(loss, known, 0), "ece": [calibration_error(confidence[known[:, i], i], hit[known[:, i], i])
                                              for i in range(known.shape[1])],
     }
     year = _year(times)[:, None] + np.zeros(known.shape)
@@ -228,7 +228,7 @@ def method_scores(log_return: np.ndarray, log_quantiles: np.ndarray, confidence:
         "coverage_95": float(mean(inside_95, known)),
         "width_80": float(mean(width_80, known)),
         "width_95": float(mean(width_95, known)),
-        "ece": _ece(confidence[known], hit[known]),
+        "ece": calibration_error(confidence[known], hit[known]),
         "reliability": [{"confidence": c, "observed": o, "count": n} for c, o, n in
                         reliability(confidence[known], hit[known])],
         "n_origins": int(known.any(axis=1).sum()),
@@ -252,6 +252,7 @@ def worst_reliability_gap(table: list[dict]) -> float:
 __all__ = [
     "Origins",
     "build_origins",
+    "calibration_error",
     "evaluate_model",
     "measured",
     "metrics",
