@@ -125,7 +125,7 @@ def test_recent_by_symbol_reads_only_the_newest_rows_under_a_generic_plan(big_ta
     assert rows_read(plan, "predictions") and max(rows_read(plan, "predictions")) <= 21, plan
 
 
-@pytest.mark.parametrize("query", ["B", "B1USD", "coin b"])
+@pytest.mark.parametrize("query", ["B", "B1USD", "coin b", "COIN B"])
 def test_search_reads_at_most_the_limit_per_part_under_a_generic_plan(big_tables, query):
     with recording() as executed:
         for _ in range(RUNS):

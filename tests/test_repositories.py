@@ -112,6 +112,16 @@ def test_search_ranks_exact_then_prefix_then_name_and_pages(conn):
     assert symbol_repository.search_symbols(conn, "_TC", 10) == []
 
 
+def test_search_lowers_the_name_term_as_the_index_does_and_ends_its_range_in_sql(conn):
+    add_symbols(conn, ("X:AAAUSD", "Élan", 1), ("X:BBBUSD", "İzmir", 2), ("X:CCCUSD", "x\ud7ffz", 3),
+                ("X:DDDUSD", "x\ue000", 4), ("X:EEEUSD", "y\U0010ffff", 5))
+    tickers = lambda query: [row["ticker"] for row in symbol_repository.search_symbols(conn, query, 10)]  # noqa: E731
+    assert tickers("ÉLAN") == tickers("élan") == ["X:AAAUSD"]
+    assert tickers("İZMİR") == tickers("izmir") == ["X:BBBUSD"]
+    assert tickers("x\ud7ff") == ["X:CCCUSD"]  # the range ends at x + U+E000, over the surrogates
+    assert tickers("y\U0010ffff") == []  # no next code point: an empty range, not an error
+
+
 @pytest.mark.parametrize(("prefix", "end"), [
     ("BTC", "BTD"), ("bitcoin ", "bitcoin!"), ("x\ud7ff", "x\ue000"),  # over the surrogates
     ("x\udffe", "x\ue000"),

@@ -418,3 +418,35 @@ def test_a_search_page_follows_its_anchor_by_name_as_its_page_showed_it_when_the
     shown_again = renamed.lower() > first[-1]["name"].lower()
     assert [item["ticker"] for item in first + rest] == [ticker for ticker, _ in rows] + (
         [first[-1]["ticker"]] if shown_again else [])
+
+
+NON_ASCII_NAMES = [("X:ELANUSD", "Élan Coin", "ELAN"), ("X:OMEGAUSD", "Ωmega", "OMEGA"),
+                   ("X:IZMIRUSD", "İzmir Coin", "IZMIR"), ("X:ICPUSDT", "Internet Computer", "ICP"),
+                   ("X:SOLUSD", "Solana", "SOL")]
+
+
+@pytest.fixture
+def non_ascii_names(clean_db):
+    with db.connection() as conn:
+        symbol_repository.upsert_symbols(conn, [
+            SymbolCreate(ticker=t, name=n, base_currency=b, quote_currency=t[-3:] if t != "X:ICPUSDT" else "USDT")
+            for t, n, b in NON_ASCII_NAMES])
+
+
+@pytest.mark.parametrize(("query", "found"), [
+    ("élan", ["X:ELANUSD"]), ("ÉLAN", ["X:ELANUSD"]), ("ωmega", ["X:OMEGAUSD"]), ("ΩMEGA", ["X:OMEGAUSD"]),
+    # PostgreSQL lowers İ to i; Python's str.lower to i and a combining dot above, which no stored name has.
+    ("İzmir", ["X:IZMIRUSD"]), ("izmir", ["X:IZMIRUSD"]), ("İZMİR", ["X:IZMIRUSD"]),
+    # Only ASCII letters fold into a ticker: str.upper turns the dotless ı into I and the long ſ into S.
+    ("ı", []), ("ſol", []), ("ſ", []), ("i", ["X:ICPUSDT", "X:IZMIRUSD"]), ("sol", ["X:SOLUSD"]),
+])
+def test_a_name_outside_ascii_is_found_in_any_case_and_folds_into_no_ticker(non_ascii_names, query, found):
+    status, _, body = search(query)
+    assert status == 200
+    assert [item["ticker"] for item in body] == found
+
+
+def test_two_queries_the_database_folds_apart_never_share_a_cached_page(non_ascii_names):
+    # Python lowers both to i + U+0307 (one cache key before); PostgreSQL lowers İ to a plain i.
+    assert search("i\u0307zmir")[2] == []
+    assert [item["ticker"] for item in search("İzmir")[2]] == ["X:IZMIRUSD"]

@@ -1,6 +1,7 @@
 """Ticker normalisation: `X:BTCUSD`, `BTCUSD`, `BTC-USD`, `btc/usd` all name the symbol `X:BTCUSD`."""
 
 import re
+import string
 
 from candlecast.errors import BadRequest
 
@@ -9,6 +10,8 @@ MAX_TICKER_LENGTH = 32
 # letters and digits. normalize_ticker accepts every such string (and a few more: surrounding blanks, more
 # separators).
 TICKER_PATTERN = r"^(?:[Xx]:)?[A-Za-z0-9]{1,12}[-/_]?[A-Za-z0-9]{1,12}$"
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _PAIR = re.compile(r"[A-Z0-9]{2,24}")  # always fullmatch: `$` would accept a trailing newline
 # Longest first, so that BTCUSDT splits as BTC/USDT, not BTCUSD/T.
 KNOWN_QUOTES = ("USDT", "USDC", "BUSD", "TUSD", "USD", "EUR", "GBP", "JPY", "BTC", "ETH", "BNB")
@@ -22,6 +25,16 @@ def compact_pair(raw: str) -> str:
     if not raw.isascii():
         return raw
     return raw.strip(" ").upper().removeprefix("X:").replace("-", "").replace("/", "").replace("_", "")
+
+
+def ascii_upper(text: str) -> str:
+    """`text` with its ASCII letters upper-cased and every other character as it is."""
+    return text.translate(_ASCII_UPPER)
+
+
+def ascii_lower(text: str) -> str:
+    """`text` with its ASCII letters lower-cased and every other character as it is."""
+    return text.translate(_ASCII_LOWER)
 
 
 def is_ticker_like(text: str) -> bool:

@@ -7,6 +7,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from candlecast.schemas import SymbolCreate
+from candlecast.tickers import ascii_upper
 
 SYMBOL_COLUMNS = ("ticker, name, base_currency, quote_currency, market, volume_24h, volume_rank, is_active, "
                   "updated_at, COALESCE(metadata->'candle_timeframes', '[]'::jsonb) AS candle_timeframes")
@@ -44,6 +45,9 @@ def get_symbol_by_ticker(conn: psycopg.Connection, ticker: str) -> dict | None:
 # ticker or base (few rows, by volume), then the other ticker-prefix matches in ticker order, then the remaining
 # name-prefix matches in name order. The name lookup runs only when the first two leave the page short. Prefixes
 # are byte ranges (~>=~ ~<~, the text_pattern_ops indexes' operators), which a generic plan can still use.
+# The name term is lowered by the database's lower(), as the index's lower(name) is: Python's str.lower folds
+# some letters otherwise (İ to i and a combining dot, where PostgreSQL gives a plain i). Its range ends at the
+# term with its last code point the next one (prefix_range, in SQL).
 _EXACT = "(ticker = %(ticker)s OR base_currency = %(base)s)"
 _TICKER_PREFIX = "(ticker ~>=~ %(ticker)s AND ticker ~<~ %(ticker_end)s)"
 
@@ -62,7 +66,12 @@ def _search_statement(after: bool) -> str:
           AND ((SELECT part FROM anchor) < 2 OR lower(name) ~>~ (SELECT name FROM anchor)
                OR ticker > (SELECT ticker FROM anchor))"""
     return f"""
-WITH {anchor}exact AS (
+WITH {anchor}term AS (
+    SELECT folded AS name, left(folded, -1) || chr(CASE ascii(right(folded, 1)) WHEN 55295 THEN 57344
+                                                   WHEN 1114111 THEN 1114111 ELSE ascii(right(folded, 1)) + 1 END)
+           AS name_end
+    FROM (SELECT lower(%(name)s::text) AS folded) typed
+), exact AS (
     SELECT *, 0 AS part, row_number() OVER () AS position
     FROM (SELECT * FROM symbols WHERE is_active AND {_EXACT} {exact_after}
           ORDER BY volume_24h DESC NULLS LAST, ticker LIMIT %(limit)s) e
@@ -74,7 +83,8 @@ WITH {anchor}exact AS (
     SELECT *, 2 AS part, row_number() OVER () AS position
     FROM (SELECT * FROM symbols
           WHERE (SELECT count(*) FROM exact) + (SELECT count(*) FROM by_ticker) < %(limit)s
-            AND is_active AND lower(name) ~>=~ %(name)s AND lower(name) ~<~ %(name_end)s
+            AND is_active AND lower(name) ~>=~ (SELECT name FROM term)
+            AND lower(name) ~<~ (SELECT name_end FROM term)
             AND NOT {_EXACT} AND NOT {_TICKER_PREFIX} {name_after}
           ORDER BY lower(name) USING ~<~, ticker LIMIT %(limit)s) n
 )
@@ -103,19 +113,19 @@ def prefix_range(prefix: str) -> tuple[str, str]:
 
 def search_symbols(conn: psycopg.Connection, query: str, limit: int,
                    after: tuple[str, Decimal | None, str, int] | None = None) -> list[dict]:
-    """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively, after the
+    """Active symbols whose ticker (after `X:`) or name starts with `query`, case-insensitively (ASCII letters
+    for the ticker, the database's lower() for the name), after the
     position `after` (ticker, volume_24h, name, part of the last row a page showed; the first page without one).
 
     Exact ticker or base currency first (part 0, by volume), then ticker prefix (1, in ticker order), then name
     prefix (2, in name order); each row says its `part`. Each part reads at most `limit` rows after the anchor,
     so the cost follows the page, not the matches nor the depth.
     """
-    ticker, ticker_end = prefix_range("X:" + query.upper())
-    name, name_end = prefix_range(query.lower())
+    base = ascii_upper(query)  # tickers are ASCII: str.upper would fold ı into I and ſ into S
+    ticker, ticker_end = prefix_range("X:" + base)
     anchor = dict(zip(("after", "after_volume", "after_name", "after_part"), after or (None,) * 4, strict=True))
     return conn.execute(_SEARCH[after is not None], {
-        "ticker": ticker, "ticker_end": ticker_end, "base": query.upper(), "name": name, "name_end": name_end,
-        "limit": limit, **anchor}).fetchall()
+        "ticker": ticker, "ticker_end": ticker_end, "base": base, "name": query, "limit": limit, **anchor}).fetchall()
 
 
 def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str],

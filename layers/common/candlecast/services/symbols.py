@@ -8,7 +8,7 @@ from candlecast.errors import BadRequest, NotFound
 from candlecast.pagination import Page, decode_cursor, invalid_cursor
 from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import Symbol, list_adapter
-from candlecast.tickers import compact_pair, is_ticker_like, normalize_ticker
+from candlecast.tickers import ascii_lower, compact_pair, is_ticker_like, normalize_ticker
 
 MAX_QUERY_LENGTH = 64
 # No control or format characters (Unicode Cc and Cf in the Basic Multilingual Plane): the OpenAPI `pattern`
@@ -84,12 +84,14 @@ def search(query: str, limit: int, cursor: str | None = None) -> Page:
     if not query:
         return top(limit, cursor)
     pair = compact_pair(query)
-    # A ticker-like query searches as its compact pair; anything else (a name) as typed. The search is
-    # case-insensitive, so the cache key (and the cursor's list) is the searched term in lower case.
+    # A ticker-like query searches as its compact pair; anything else (a name) as typed. The cache key (and the
+    # cursor's list) folds only ASCII letters, which every search folds alike: str.lower would also join terms
+    # that the database's lower() keeps apart (İ and i + U+0307).
     term = pair if is_ticker_like(pair) else query
-    scope = f"symbols?q={term.lower()}"
+    key = ascii_lower(term)
+    scope = f"symbols?q={key}"
     after = _search_after(scope, cursor)
-    cached = Page.unpacked(cache.get_search_bytes(term.lower(), limit)) if after is None else None
+    cached = Page.unpacked(cache.get_search_bytes(key, limit)) if after is None else None
     if cached is not None:
         return cached
     with db.connection() as conn:
@@ -97,7 +99,7 @@ def search(query: str, limit: int, cursor: str | None = None) -> Page:
     page = Page.of(_symbol_list.dump_json(_symbol_list.validate_python(_available(rows))), limit, scope,
                    _search_position, rows)
     if after is None:
-        cache.set_search_bytes(term.lower(), limit, page.packed())
+        cache.set_search_bytes(key, limit, page.packed())
     return page
 
 
