@@ -187,6 +187,56 @@ def test_an_error_body_that_is_not_json_is_reported_by_its_status(browser, site)
     page.close()
 
 
+# The page's own fetch, holding the answers to POST /predictions for one timeframe back (a slow API).
+SLOW_FORECAST = """const fetchNow = window.fetch;
+window.fetch = async (url, options) => {
+  const response = await fetchNow(url, options);
+  if (options && options.body && options.body.includes('"%s"')) await new Promise((done) => setTimeout(done, %d));
+  return response;
+};"""
+
+
+def test_the_forecast_button_is_busy_while_its_request_is_in_flight_and_sends_it_once(browser, site):
+    page = browser.new_page()
+    page.add_init_script(SLOW_FORECAST % ("1h", 3000))
+    posted: list[str] = []
+    page.on("request", lambda request: posted.append(request.url) if request.method == "POST" else None)
+    page.goto(f"{site}/")
+    page.fill("#symbol", "X:BTCUSDT")
+    page.select_option("#timeframe", "1h")
+    page.click("#forecast")
+    page.wait_for_function("document.querySelector('#forecast').disabled", timeout=2_000)
+    assert page.get_attribute("#forecast", "aria-busy") == "true"
+    assert page.text_content("#forecast") == "Forecasting…"
+    page.click("#forecast", force=True)  # a second press while the first is in flight does nothing
+    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    assert len(posted) == 1, posted
+    assert not page.is_disabled("#forecast") and page.text_content("#forecast") == "Forecast"
+    assert page.get_attribute("#forecast", "aria-busy") == "false"
+    page.close()
+
+
+def test_only_the_latest_forecast_is_drawn_when_an_earlier_answer_comes_late(browser, site):
+    """A forecast started while another is in flight (a submit the disabled button does not stop, such as a
+    script's) owns the page: the earlier answer, arriving after it, is not drawn over it."""
+    page = browser.new_page()
+    page.add_init_script(SLOW_FORECAST % ("1h", 3000))
+    page.goto(f"{site}/")
+    page.fill("#symbol", "X:BTCUSDT")
+    page.select_option("#timeframe", "1h")
+    page.click("#forecast")
+    page.wait_for_timeout(300)
+    page.select_option("#timeframe", "1d")
+    page.evaluate("document.querySelector('#controls').requestSubmit()")
+    page.wait_for_function("document.querySelector('#chart-title').textContent.includes(' 1d:')", timeout=30_000)
+    page.wait_for_timeout(4_000)  # past the 1h answer
+    assert " 1d:" in page.text_content("#chart-title"), page.text_content("#chart-title")
+    assert "1d" in page.text_content("#model-title") and "1h" not in page.text_content("#model-title")
+    assert page.evaluate("window.candlecast.drawn") is True and "error" not in (page.get_attribute("#status", "class")
+                                                                                or "")
+    page.close()
+
+
 def test_the_page_reads_each_models_track_record_once_per_load(browser, site):
     """The route throttle of GET /models/{timeframe} (bursts of 2, then one per 5 s) must not fail a user
     who presses Forecast every few seconds: the page asks for each timeframe's model once."""

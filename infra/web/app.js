@@ -155,44 +155,65 @@ function clearForecast() {
   Object.assign(state, { drawn: false, candles: 0, expected: 0, reliability: { live: 0, backtest: 0 } });
 }
 
+const button = $("forecast");
+const FORECAST_LABEL = button.textContent;
+
+let holdTimer = null;
+
+function showBusy(busy) {
+  clearTimeout(holdTimer);
+  button.disabled = busy;
+  button.setAttribute("aria-busy", String(busy));
+  button.textContent = busy ? "Forecasting…" : FORECAST_LABEL;
+}
+
 function holdOff(seconds) {
   // After a 429 the button waits out the throttle's refill, counting down.
-  const button = $("forecast");
-  const label = button.textContent;
   button.disabled = true;
   let left = seconds;
   const tick = () => {
     if (left <= 0) {
       button.disabled = false;
-      button.textContent = label;
+      button.textContent = FORECAST_LABEL;
       return;
     }
-    button.textContent = `${label} (${left} s)`;
+    button.textContent = `${FORECAST_LABEL} (${left} s)`;
     left -= 1;
-    setTimeout(tick, 1000);
+    holdTimer = setTimeout(tick, 1000);
   };
   tick();
 }
 
+// The forecast in flight: a new one aborts it, so only the latest request's answer is drawn.
+let inFlight = null;
+
 async function forecast(event) {
   event.preventDefault();
+  inFlight?.abort();
+  const request = new AbortController();
+  inFlight = request;
+  const { signal } = request;
   const symbol = $("symbol").value.trim();
   const timeframe = $("timeframe").value;
   const status = $("status");
   status.className = "";
   status.textContent = "forecasting…";
   state.drawn = false;
+  showBusy(true);
   let created = null;
   try {
     // Everything is fetched before anything is drawn; the model first, so that a refused model read leaves
-    // no prediction behind that the page never showed.
+    // no prediction behind that the page never showed. The model's read is shared, so it is not aborted.
     const record = await modelFor(timeframe);
+    signal.throwIfAborted();
     const prediction = await api("/predictions", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ symbol, timeframe }),
+      signal,
     });
     created = prediction.id;
     const candles = await api(
-      `/local/candles?symbol=${encodeURIComponent(prediction.ticker)}&timeframe=${timeframe}&limit=120`);
+      `/local/candles?symbol=${encodeURIComponent(prediction.ticker)}&timeframe=${timeframe}&limit=120`, { signal });
+    signal.throwIfAborted();
     recentSeries.setData(candles.candles);
     expectedSeries.setData(prediction.steps.map((step) => ({
       time: seconds(step.ts), open: step.open, high: step.high, low: step.low, close: step.close,
@@ -210,12 +231,17 @@ async function forecast(event) {
       priceScaleMode: priceChart.priceScale("right").options().mode,
     });
     status.textContent = `prediction ${prediction.id}`;
+    showBusy(false);
   } catch (error) {
+    if (signal.aborted) return; // a later forecast owns the page
     clearForecast();
     status.className = "error";
     const message = String(error.message || error);
     status.textContent = created ? `prediction ${created} was stored but cannot be drawn: ${message}` : message;
+    showBusy(false);
     if (error.status === 429) holdOff(error.retryAfter);
+  } finally {
+    if (inFlight === request) inFlight = null;
   }
 }
 
