@@ -237,6 +237,18 @@ def test_only_the_latest_forecast_is_drawn_when_an_earlier_answer_comes_late(bro
     page.close()
 
 
+def test_an_answer_that_is_not_json_is_reported_in_words(browser, site):
+    page = browser.new_page()
+    page.goto(f"{site}/")
+    page.route("**/predictions", lambda route: route.fulfill(
+        status=200, content_type="text/html", body="<html><body>Welcome to the captive portal</body></html>"))
+    forecast(page, "X:BTCUSDT", "1h")
+    status = page.text_content("#status")
+    assert status == "POST /predictions answered HTTP 200 with a body that is not JSON (text/html)", status
+    assert page.evaluate("window.candlecast.drawn") is False
+    page.close()
+
+
 def test_the_page_reads_each_models_track_record_once_per_load(browser, site):
     """The route throttle of GET /models/{timeframe} (bursts of 2, then one per 5 s) must not fail a user
     who presses Forecast every few seconds: the page asks for each timeframe's model once."""

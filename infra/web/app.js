@@ -62,22 +62,31 @@ class ApiError extends Error {
 
 async function api(path, options) {
   const response = await fetch(path, options);
-  if (response.ok) return response.json();
-  // The status first: an error body may be anything (a proxy's HTML page), and says why only when it is ours,
-  // {"error": ...}, or API Gateway's own (its 429 from a route's throttle), {"message": ...}.
+  const route = `${options?.method || "GET"} ${path.split("?")[0]}`;
+  // Any body may be something other than JSON (a proxy's or a captive portal's HTML page).
   const text = await response.text();
-  let body = null;
+  let body;
   try {
     body = JSON.parse(text);
   } catch {
-    body = null;
+    body = undefined;
   }
+  if (response.ok) {
+    if (body === undefined) {
+      const type = (response.headers.get("content-type") || "no Content-Type").split(";")[0];
+      throw new ApiError(`${route} answered HTTP ${response.status} with a body that is not JSON (${type})`,
+        response.status);
+    }
+    return body;
+  }
+  // The status first: an error body says why only when it is ours, {"error": ...}, or API Gateway's own (its
+  // 429 from a route's throttle), {"message": ...}.
   const reason = body?.error ? `${body.error.code}: ${body.error.message}` : body?.message || "";
   if (response.status === 429) {
     const seconds = Number.parseInt(response.headers.get("retry-after") || "", 10);
     const wait = Number.isFinite(seconds) && seconds > 0 ? seconds : DEFAULT_RETRY_SECONDS;
-    throw new ApiError(`Too many requests: the API's throttle turned ${options?.method || "GET"} ` +
-      `${path.split("?")[0]} away and nothing was done. Try again in ${wait} s.`, 429, wait);
+    throw new ApiError(`Too many requests: the API's throttle turned ${route} away and nothing was done. ` +
+      `Try again in ${wait} s.`, 429, wait);
   }
   throw new ApiError(`HTTP ${response.status}${reason ? ` ${reason}` : ` ${response.statusText}`}`.trimEnd(),
     response.status);
