@@ -426,3 +426,42 @@ def test_one_slow_answer_among_quick_ones_is_not_an_outage(slow_redis):
         slow_redis.delay = 0.0
         assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
     assert not cache.is_down()
+
+
+
+OUT_OF_PROTOCOL = {"a string": b"$5\r\nhello\r\n", "a number": b":42\r\n", "a short array": b"*1\r\n$1\r\nx\r\n",
+                   "an array of numbers": b"*2\r\n:1\r\n:2\r\n"}
+
+
+def _wait_until_up() -> None:
+    deadline = time.monotonic() + 10
+    while cache.is_down():  # the probe's PING gets its PONG again
+        assert time.monotonic() < deadline, "the probe never saw Redis answer"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("answer", OUT_OF_PROTOCOL.values(), ids=OUT_OF_PROTOCOL.keys())
+def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer, caplog):
+    """A proxy (or a server that is not Redis) answering out of protocol: every operation degrades, none raises
+    (MGET's reply used to raise TypeError or IndexError: POST /predictions answered 500)."""
+    assert cache.set_candles("X:BTCUSD", "1h", b"hourly") is True  # connected, through the proxy
+    slow_redis.answer = answer  # on the connection already open: no handshake to fail first
+    with caplog.at_level(logging.WARNING):
+        assert cache.get_candles_and_request("X:BTCUSD", "1h") == (None, None)
+    assert cache.is_down()  # as a reply redis-py cannot read: the cache is skipped until the probe's PING
+    assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
+        "cache unavailable; serving without it"]
+    operations = {"get": (lambda: cache.get_candles("X:BTCUSD", "1h"), lambda value: value is None),
+                  "set": (lambda: cache.set_candles("X:BTCUSD", "1h", b"h"), lambda done: done is False),
+                  "delete": (lambda: cache.delete(cache.keys.candles("X:BTCUSD", "1h")),
+                             lambda count: type(count) is int),  # :42 is a count, of course
+                  "pipeline": (lambda: cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h")),
+                               lambda done: done is False)}
+    for name, (operation, degraded) in operations.items():
+        slow_redis.answer = None
+        _wait_until_up()
+        slow_redis.answer = answer
+        assert degraded(operation()), name
+    slow_redis.answer = None
+    _wait_until_up()
+    assert cache.get_candles("X:BTCUSD", "1h") == b"hourly"

@@ -9,7 +9,9 @@ an outage too: the cache is skipped until the probe's ping answers quickly again
 
 Every value is sealed (a marker and the CRC-32 of the value) when written and checked when read: a value this
 module did not write whole (a foreign writer, a truncated or corrupted entry) reads as a miss, never as a body
-served to a client nor as an error.
+served to a client nor as an error. A reply of the wrong shape (a proxy or server out of protocol: a string where
+MGET's array belongs, an array of another length, a number for a value) is a miss too, and marks the cache down
+as an unreadable reply from redis-py does.
 """
 
 import json
@@ -219,10 +221,10 @@ def _probe(generation: int) -> None:
             return
         started = time.monotonic()
         try:
-            get_client().ping()
+            answered = get_client().ping()
         except redis.RedisError:
             continue
-        if time.monotonic() - started > _slow_seconds():
+        if answered is not True or time.monotonic() - started > _slow_seconds():  # True: it said PONG
             continue
         with _client_lock:
             if generation == _generation:
@@ -248,17 +250,38 @@ _refusal_logged_at = 0.0
 REFUSAL_LOG_SECONDS = 60.0  # a refusal (out of memory, a key of another type) is logged this often at most
 
 
-def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed: bool = True) -> Any:
-    """`operation`'s result, or `default` while the cache is down or when it fails; `timed`: one round trip,
-    whose time counts towards marking a slow cache down."""
+def _is_value(reply: Any) -> bool:
+    return reply is None or isinstance(reply, bytes)
+
+
+def _are_values(count: int) -> Callable[[Any], bool]:
+    return lambda reply: isinstance(reply, list) and len(reply) == count and all(map(_is_value, reply))
+
+
+def _is_flag(reply: Any) -> bool:
+    return reply is None or isinstance(reply, bool)
+
+
+def _is_count(reply: Any) -> bool:
+    return isinstance(reply, int) and not isinstance(reply, bool)
+
+
+def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed: bool = True,
+             expected: Callable[[Any], bool] = _is_value) -> Any:
+    """`operation`'s result, or `default` while the cache is down, when it fails or when its reply is not
+    `expected`; `timed`: one round trip, whose time counts towards marking a slow cache down."""
     global _refusal_logged_at
     if _down:
         return default
     started = time.monotonic()
     try:
-        result = operation(get_client())
+        client = get_client()
+        result = operation(client)
         if timed:
             _timed(time.monotonic() - started)
+        if not expected(result):
+            client.connection_pool.disconnect()  # a reply out of step with its command: the next could be too
+            raise redis.InvalidResponse(f"unexpected reply: {type(result).__name__}")
         return result
     except redis.ResponseError as error:
         # Redis answered, refusing this one command: the cache is up, and only this read or write is skipped.
@@ -285,11 +308,11 @@ def get(key: str) -> bytes | None:
 
 def set(key: str, value: bytes | str, ttl_seconds: int) -> bool:
     sealed = _sealed(value)
-    return bool(_guarded(lambda client: client.set(key, sealed, ex=ttl_seconds), default=False))
+    return bool(_guarded(lambda client: client.set(key, sealed, ex=ttl_seconds), default=False, expected=_is_flag))
 
 
 def delete(*keys_to_delete: str) -> int:
-    return int(_guarded(lambda client: client.delete(*keys_to_delete), default=0) or 0)
+    return _guarded(lambda client: client.delete(*keys_to_delete), default=0, expected=_is_count)
 
 
 def delete_pattern(pattern: str, batch_size: int = 500) -> int:
@@ -300,13 +323,19 @@ def delete_pattern(pattern: str, batch_size: int = 500) -> int:
         for key in client.scan_iter(match=pattern, count=batch_size):
             batch.append(key)
             if len(batch) >= batch_size:
-                deleted += client.unlink(*batch)
+                deleted += unlink(client, batch)
                 batch = []
         if batch:
-            deleted += client.unlink(*batch)
+            deleted += unlink(client, batch)
         return deleted
 
-    return int(_guarded(scan_and_delete, default=0, timed=False) or 0)  # many round trips
+    def unlink(client: redis.Redis, batch: list) -> int:
+        count = client.unlink(*batch)
+        if not _is_count(count):
+            raise redis.InvalidResponse(f"unexpected reply: {type(count).__name__}")
+        return count
+
+    return _guarded(scan_and_delete, default=0, timed=False, expected=_is_count)  # many round trips
 
 
 def get_json(key: str) -> Any | None:
@@ -342,7 +371,8 @@ def get_candles_and_request(ticker: str, timeframe: str) -> tuple[bytes | None, 
     """The fresh-candles entry and the request pointer of a symbol and timeframe, in one round trip (MGET).
     `prediction_for_request` reads the pointer once the candles have given the request's hash."""
     values = _guarded(lambda client: client.mget([keys.candles(ticker, timeframe),
-                                                  keys.prediction_request(ticker, timeframe)]))
+                                                  keys.prediction_request(ticker, timeframe)]),
+                      expected=_are_values(2))
     return (_opened(values[0]), _opened(values[1])) if values else (None, None)
 
 
@@ -376,7 +406,7 @@ def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, 
                          ex=TTL_SECONDS["prediction"])
         return all(pipeline.execute())
 
-    return bool(_guarded(write, default=False))
+    return bool(_guarded(write, default=False, expected=_is_flag))
 
 
 def get_upstream_failure(ticker: str, timeframe: str) -> dict | None:
