@@ -295,11 +295,17 @@ def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed
 
 
 def ping() -> bool:
-    """Checked directly (no outage back-off): health must see the real state."""
+    return ping_problem() is None
+
+
+def ping_problem() -> str | None:
+    """Why Redis does not answer a PING with PONG now, or None when it does. Checked directly (no outage back-off):
+    health must see the real state. Words safe for a public page: redis-py's messages can name the host."""
     try:
-        return bool(get_client().ping())
-    except redis.RedisError:
-        return False
+        answered = get_client().ping()
+    except redis.RedisError as error:
+        return f"no answer ({type(error).__name__})"
+    return None if answered is True else "answered PING without PONG"
 
 
 def get(key: str) -> bytes | None:
