@@ -373,6 +373,15 @@ def set_prediction_bytes(prediction_id: str, body: bytes) -> bool:
     return set(keys.prediction(prediction_id), body, TTL_SECONDS["prediction"])
 
 
+def forget_predictions(prediction_ids: list[str]) -> bool:
+    """Drop the cached bodies of deleted predictions, in one command; False when the cache did not take it (each
+    is then served until its TTL, 15 min, runs out)."""
+    if not prediction_ids:
+        return True
+    return _guarded(lambda client: client.delete(*map(keys.prediction, prediction_ids)), default=None,
+                    expected=_is_count) is not None
+
+
 def get_candles_and_request(ticker: str, timeframe: str) -> tuple[bytes | None, bytes | None]:
     """The fresh-candles entry and the request pointer of a symbol and timeframe, in one round trip (MGET).
     `prediction_for_request` reads the pointer once the candles have given the request's hash."""
