@@ -96,7 +96,8 @@ def test_top_ranked_by_volume_and_cached(symbols, clean_db):
 def test_a_cached_list_written_without_its_cursor_is_a_miss(symbols):
     from candlecast import cache
 
-    cache.set_top_symbols_bytes(2, b'[{"ticker": "X:STALE"}]')  # a body alone, as cached before pages kept cursors
+    # A body alone, as cached before pages kept cursors
+    cache.fill_top_symbols(2, b'[{"ticker": "X:STALE"}]', cache.lookup_top_symbols(2))
     status, headers, body = _list("symbols", "symbols_top.json", limit="2")
     assert status == 200 and [item["ticker"] for item in body] == ["X:BTCUSDT", "X:ETHUSDT"]
     assert "X-Next-Cursor" in headers
@@ -418,3 +419,34 @@ def test_a_search_page_follows_its_anchor_by_name_as_its_page_showed_it_when_the
     shown_again = renamed.lower() > first[-1]["name"].lower()
     assert [item["ticker"] for item in first + rest] == [ticker for ticker, _ in rows] + (
         [first[-1]["ticker"]] if shown_again else [])
+
+
+def test_a_read_that_fills_after_a_refresh_invalidated_never_serves_the_old_row(symbols, monkeypatch):
+    """The request reads the row, a refresh commits and invalidates, then the request fills the cache: the old row
+    was served for the symbol's whole TTL. The pause inside the read stands for a GC pause or a slow network."""
+    import threading
+
+    from candlecast import cache
+    from candlecast.services import symbols as service
+
+    read_done, refresh_done = threading.Event(), threading.Event()
+    real_read = symbol_repository.get_symbol_by_ticker
+
+    def paused_read(conn, ticker):
+        row = real_read(conn, ticker)
+        read_done.set()
+        refresh_done.wait(5)
+        return row
+
+    monkeypatch.setattr(symbol_repository, "get_symbol_by_ticker", paused_read)
+    reader = threading.Thread(target=service.get, args=("X:ETHUSDT",))
+    reader.start()
+    assert read_done.wait(5)
+    with db.connection() as conn:  # the refresh: commit, then invalidate
+        conn.execute("UPDATE symbols SET is_active = false WHERE ticker = 'X:ETHUSDT'")
+    cache.invalidate_symbols()
+    refresh_done.set()
+    reader.join(5)
+    monkeypatch.setattr(symbol_repository, "get_symbol_by_ticker", real_read)
+    status, _, body = invoke("symbols", path_event("symbol_get.json", "/symbols/X:ETHUSDT", ticker="X:ETHUSDT"))
+    assert status == 200 and body["is_active"] is False

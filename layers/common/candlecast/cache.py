@@ -9,7 +9,15 @@ an outage too: the cache is skipped until the probe's ping answers quickly again
 
 Every value is sealed (a marker and the CRC-32 of the value) when written and checked when read: a value this
 module did not write whole (a foreign writer, a truncated or corrupted entry) reads as a miss, never as a body
-served to a client nor as an error. A reply of the wrong shape (a proxy or server out of protocol: a string where
+served to a client nor as an error.
+
+Symbols (one symbol, top lists, searches) and track records are read through the cache and invalidated when they
+change. Each of those kinds has a generation (a random token at keys.generation) that invalidation replaces; a
+lookup reads it with the entry (one MGET), an entry counts only under the generation it was written with, and a
+fill is written under the generation looked up before the database was read. A fill that raced an invalidation
+(read the old row, written after the invalidation) is so never served.
+
+A reply of the wrong shape (a proxy or server out of protocol: a string where
 MGET's array belongs, an array of another length, a number for a value) is a miss too, and marks the cache down
 as an unreadable reply from redis-py does.
 """
@@ -21,7 +29,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import redis
@@ -48,15 +56,24 @@ PROBE_INTERVAL_SECONDS = 0.5
 # This many commands in a row slower than REDIS_SLOW_SECONDS mark the cache down: one slow answer (a pause of
 # this process, a busy moment) is not an outage, a Redis that adds latency to every request is.
 SLOW_STRIKES = 3
-# v2: values are sealed. A new prefix, so that during a deploy older code never serves a sealed value as it is.
-NAMESPACE = "cc:v2"
+# v2: values are sealed; v3: read-through kinds' values carry their generation. A new prefix each time, so that
+# during a deploy older code never serves a value of the newer format as it is.
+NAMESPACE = "cc:v3"
 # Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys.
 _PREFIX = f"{NAMESPACE}:{os.environ.get('STAGE') or 'local'}"
 _SEAL = b"\xcc\x02"
 _SEALED_HEADER = len(_SEAL) + 4
 
 
+SYMBOLS = "symbols"  # the generation of one symbol, top lists and searches: they all show symbol rows
+TRACK_RECORD = "track-record"
+
+
 class keys:
+    @staticmethod
+    def generation(kind: str) -> str:
+        return f"{_PREFIX}:generation:{kind}"
+
     @staticmethod
     def candles(ticker: str, timeframe: str) -> str:
         return f"{_PREFIX}:candles:{ticker}:{timeframe}"
@@ -103,16 +120,8 @@ class keys:
         return f"{_PREFIX}:*"
 
     @staticmethod
-    def all_track_record_keys() -> str:
-        return f"{_PREFIX}:track-record:*"
-
-    @staticmethod
     def all_symbol_keys() -> str:
         return f"{_PREFIX}:symbol:*"
-
-    @staticmethod
-    def all_top_symbols_keys() -> str:
-        return f"{_PREFIX}:top-symbols:*"
 
     @staticmethod
     def all_search_keys() -> str:
@@ -438,46 +447,89 @@ def set_upstream_failure(ticker: str, timeframe: str, status: int, code: str, me
     return ttl
 
 
-def get_symbol_bytes(ticker: str) -> bytes | None:
-    return get(keys.symbol(ticker))
+class Lookup(NamedTuple):
+    """A read-through entry (value None: a miss) and its kind's generation when it was looked up, which the fill
+    after a miss hands back; generation None: no fill (the cache is unavailable)."""
+
+    value: bytes | None
+    generation: bytes | None
 
 
-def set_symbol_bytes(ticker: str, body: bytes) -> bool:
-    return set(keys.symbol(ticker), body, TTL_SECONDS["symbol"])
+def _new_generation() -> bytes:
+    return os.urandom(8).hex().encode()
 
 
-def get_top_symbols_bytes(limit: int) -> bytes | None:
-    return get(keys.top_symbols(limit))
+def _lookup(kind: str, key: str) -> Lookup:
+    generation_key = keys.generation(kind)
+    replies = _guarded(lambda client: client.mget([generation_key, key]), expected=_are_values(2))
+    if replies is None:
+        return Lookup(None, None)
+    generation, raw = replies
+    if generation is None:
+        # Never invalidated, flushed or evicted: start a generation no entry can carry (a counter restarted
+        # from nothing could meet an old entry's). Whoever sets it first wins; the others skip this fill.
+        generation = _new_generation()
+        started = _guarded(lambda client: client.set(generation_key, generation, nx=True), expected=_is_flag)
+        return Lookup(None, generation if started else None)
+    tag, _, value = (_opened(raw) or b"").partition(b" ")
+    return Lookup(value if tag == generation else None, generation)
 
 
-def set_top_symbols_bytes(limit: int, body: bytes) -> bool:
-    return set(keys.top_symbols(limit), body, TTL_SECONDS["top_symbols"])
+def _fill(key: str, body: bytes, ttl_seconds: int, lookup: Lookup) -> bool:
+    """Cache `body`, read after `lookup`, under the generation `lookup` saw."""
+    return lookup.generation is not None and set(key, lookup.generation + b" " + body, ttl_seconds)
 
 
-def get_search_bytes(query: str, limit: int) -> bytes | None:
-    return get(keys.search(query, limit))
+def _invalidate(kind: str) -> bool:
+    """A new generation for `kind`: no entry written before is served again. False when the cache did not take it
+    (entries cached before are served until their TTL runs out): the caller reports it and tries again."""
+    if _guarded(lambda client: client.set(keys.generation(kind), _new_generation()), expected=_is_flag):
+        return True
+    logger.warning("cache not invalidated; entries cached before are served until their TTL runs out",
+                   extra={"kind": kind, "ttl_seconds": max(TTL_SECONDS[name] for name in _KINDS_OF[kind])})
+    return False
 
 
-def set_search_bytes(query: str, limit: int, body: bytes) -> bool:
-    return set(keys.search(query, limit), body, TTL_SECONDS["search"])
+_KINDS_OF = {SYMBOLS: ("symbol", "top_symbols", "search"), TRACK_RECORD: ("track_record",)}
 
 
-def invalidate_symbols() -> int:
-    """After symbols change (seed, refresh): drop cached symbol entries, top lists and searches."""
-    return sum(
-        delete_pattern(pattern)
-        for pattern in (keys.all_symbol_keys(), keys.all_top_symbols_keys(), keys.all_search_keys())
-    )
+def lookup_symbol(ticker: str) -> Lookup:
+    return _lookup(SYMBOLS, keys.symbol(ticker))
 
 
-def get_track_record_bytes(timeframe: str | None) -> bytes | None:
-    return get(keys.track_record(timeframe))
+def fill_symbol(ticker: str, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.symbol(ticker), body, TTL_SECONDS["symbol"], lookup)
 
 
-def set_track_record_bytes(timeframe: str | None, body: bytes) -> bool:
-    return set(keys.track_record(timeframe), body, TTL_SECONDS["track_record"])
+def lookup_top_symbols(limit: int) -> Lookup:
+    return _lookup(SYMBOLS, keys.top_symbols(limit))
 
 
-def invalidate_track_record() -> int:
-    """After new scores or a new active model: drop the cached /models answers."""
-    return delete_pattern(keys.all_track_record_keys())
+def fill_top_symbols(limit: int, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.top_symbols(limit), body, TTL_SECONDS["top_symbols"], lookup)
+
+
+def lookup_search(query: str, limit: int) -> Lookup:
+    return _lookup(SYMBOLS, keys.search(query, limit))
+
+
+def fill_search(query: str, limit: int, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.search(query, limit), body, TTL_SECONDS["search"], lookup)
+
+
+def invalidate_symbols() -> bool:
+    """After symbols change (seed, refresh, a symbol's stored timeframes): symbol entries, top lists and searches."""
+    return _invalidate(SYMBOLS)
+
+
+def lookup_track_record(timeframe: str | None) -> Lookup:
+    return _lookup(TRACK_RECORD, keys.track_record(timeframe))
+
+
+def fill_track_record(timeframe: str | None, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.track_record(timeframe), body, TTL_SECONDS["track_record"], lookup)
+
+
+def invalidate_track_record() -> bool:
+    """After new scores or a new active model: the cached /models answers."""
+    return _invalidate(TRACK_RECORD)
