@@ -24,10 +24,10 @@ def server(clean_db):
         (lambda: cache.set_candles("X:BTCUSD", "1h", b"packed"), cache.keys.candles("X:BTCUSD", "1h"), 3600),
         (lambda: cache.set_prediction_bytes("p1", b"{}"), cache.keys.prediction("p1"), 900),
         (lambda: cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD")), cache.keys.symbol("X:BTCUSD"),
-         86400),
+         3600),
         (lambda: cache.fill_top_symbols(10, b"[]", cache.lookup_top_symbols(10)), cache.keys.top_symbols(10), 3600),
     ],
-    ids=["fresh-candles-1h", "prediction-15m", "symbol-24h", "top-symbols-1h"],
+    ids=["fresh-candles-1h", "prediction-15m", "symbol-1h", "top-symbols-1h"],
 )
 def test_domain_helpers_use_each_kinds_ttl(server, store, key, ttl):
     assert store() is True

@@ -45,7 +45,9 @@ logger = Logger(child=True)
 TTL_SECONDS = {
     "candles": 60 * 60,
     "prediction": 15 * 60,
-    "symbol": 24 * 60 * 60,
+    # Symbols change weekly and are invalidated then, but an invalidation the cache missed (down meanwhile) leaves
+    # them served this long: 1 h, not 24 h, for at most 23 more indexed reads a day per symbol (README, Routes).
+    "symbol": 60 * 60,
     "top_symbols": 60 * 60,
     "search": 5 * 60,
     "track_record": 10 * 60,  # dropped whenever a scoring run records new scores
@@ -276,11 +278,11 @@ def _is_count(reply: Any) -> bool:
 
 
 def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed: bool = True,
-             expected: Callable[[Any], bool] = _is_value) -> Any:
-    """`operation`'s result, or `default` while the cache is down, when it fails or when its reply is not
-    `expected`; `timed`: one round trip, whose time counts towards marking a slow cache down."""
+             expected: Callable[[Any], bool] = _is_value, even_if_down: bool = False) -> Any:
+    """`operation`'s result, or `default` while the cache is down (unless `even_if_down`), when it fails or when
+    its reply is not `expected`; `timed`: one round trip, whose time counts towards marking a slow cache down."""
     global _refusal_logged_at
-    if _down:
+    if _down and not even_if_down:
         return default
     started = time.monotonic()
     try:
@@ -480,17 +482,12 @@ def _fill(key: str, body: bytes, ttl_seconds: int, lookup: Lookup) -> bool:
     return lookup.generation is not None and set(key, lookup.generation + b" " + body, ttl_seconds)
 
 
-def _invalidate(kind: str) -> bool:
+def _invalidate(kind: str, retry: bool) -> bool:
     """A new generation for `kind`: no entry written before is served again. False when the cache did not take it
-    (entries cached before are served until their TTL runs out): the caller reports it and tries again."""
-    if _guarded(lambda client: client.set(keys.generation(kind), _new_generation()), expected=_is_flag):
-        return True
-    logger.warning("cache not invalidated; entries cached before are served until their TTL runs out",
-                   extra={"kind": kind, "ttl_seconds": max(TTL_SECONDS[name] for name in _KINDS_OF[kind])})
-    return False
-
-
-_KINDS_OF = {SYMBOLS: ("symbol", "top_symbols", "search"), TRACK_RECORD: ("track_record",)}
+    (entries cached before are served until their TTL runs out): the caller reports it and, with `retry`, tries
+    again even while an outage is on (its probe may not have seen Redis back yet; a batch job can wait)."""
+    return bool(_guarded(lambda client: client.set(keys.generation(kind), _new_generation()), expected=_is_flag,
+                         even_if_down=retry))
 
 
 def lookup_symbol(ticker: str) -> Lookup:
@@ -517,9 +514,14 @@ def fill_search(query: str, limit: int, body: bytes, lookup: Lookup) -> bool:
     return _fill(keys.search(query, limit), body, TTL_SECONDS["search"], lookup)
 
 
-def invalidate_symbols() -> bool:
-    """After symbols change (seed, refresh, a symbol's stored timeframes): symbol entries, top lists and searches."""
-    return _invalidate(SYMBOLS)
+# The longest a symbol row stays served after an invalidation the cache did not take.
+SYMBOLS_STALE_SECONDS = max(TTL_SECONDS[kind] for kind in ("symbol", "top_symbols", "search"))
+
+
+def invalidate_symbols(retry: bool = False) -> bool:
+    """After symbols change (seed, refresh, a symbol's stored timeframes): symbol entries, top lists and searches.
+    False: not taken, and the change is served at most SYMBOLS_STALE_SECONDS late."""
+    return _invalidate(SYMBOLS, retry)
 
 
 def lookup_track_record(timeframe: str | None) -> Lookup:
@@ -532,4 +534,4 @@ def fill_track_record(timeframe: str | None, body: bytes, lookup: Lookup) -> boo
 
 def invalidate_track_record() -> bool:
     """After new scores or a new active model: the cached /models answers."""
-    return _invalidate(TRACK_RECORD)
+    return _invalidate(TRACK_RECORD, retry=False)
