@@ -450,3 +450,27 @@ def test_a_read_that_fills_after_a_refresh_invalidated_never_serves_the_old_row(
     monkeypatch.setattr(symbol_repository, "get_symbol_by_ticker", real_read)
     status, _, body = invoke("symbols", path_event("symbol_get.json", "/symbols/X:ETHUSDT", ticker="X:ETHUSDT"))
     assert status == 200 and body["is_active"] is False
+
+
+def test_answers_say_how_long_clients_may_keep_them(symbols):
+    """As long as the server would serve them from its own cache; errors, creates and uncached answers never."""
+    from uuid import uuid4
+
+    cases = [
+        ("symbols", search("btc"), 200, "public, max-age=300"),
+        ("symbols", invoke("symbols", load_event("symbols_top.json")), 200, "public, max-age=3600"),
+        ("symbols", invoke("symbols", path_event("symbol_get.json", "/symbols/X:BTCUSD", ticker="X:BTCUSD")), 200,
+         "public, max-age=3600"),
+        ("symbols", invoke("symbols", path_event("symbol_get.json", "/symbols/NOPEUSD", ticker="NOPEUSD")), 404,
+         "no-store"),
+        ("symbols", search("x" * 65), 400, "no-store"),
+        ("symbols", invoke("symbols", load_event("models_list.json")), 200, "public, max-age=600"),
+        ("symbols", invoke("symbols", path_event("model_get.json", "/models/1h", timeframe="1h")), 404, "no-store"),
+        ("predictions_get", invoke("predictions_get", path_event("prediction_get.json", f"/predictions/{uuid4()}",
+                                                                 id=str(uuid4()))), 404, "no-store"),
+        ("predictions_create", invoke("predictions_create", load_event("predictions_create.json", body="[]")), 422,
+         "no-store"),
+        ("health", invoke("health", load_event("health.json")), 200, "no-store"),
+    ]
+    for function, (status, headers, _), expected_status, cache_control in cases:
+        assert (function, status, headers.get("Cache-Control")) == (function, expected_status, cache_control)
