@@ -3,7 +3,8 @@ answers every command, slowly. The cache test and `make faults` put it between t
 server TLS context, it terminates TLS as ElastiCache does (rediss://localhost:PORT): the TLS cache test's Redis.
 
 `forwarded` holds (time.monotonic() on arrival, the chunk's first bytes, the delay it got) for every chunk
-a client sent towards Redis; `commands(since, until)` names the commands among them.
+a client sent towards Redis; `commands(since, until)` names the commands among them. `answer`, when set, is sent
+back for each chunk in Redis's place (a proxy or server that answers out of protocol).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class SlowProxy:
         self.upstream = (parts.hostname, parts.port or 6379)
         self.database = parts.path or "/0"
         self.delay = 0.0
+        self.answer: bytes | None = None
         self.forwarded: list[tuple[float, bytes, float]] = []
         self._tls = tls
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -77,6 +79,9 @@ class SlowProxy:
             while chunk := source.recv(65536):
                 if not slowed:
                     target.sendall(chunk)
+                    continue
+                if self.answer is not None:
+                    source.sendall(self.answer)
                     continue
                 arrived, delay = time.monotonic(), self.delay
                 self.forwarded.append((arrived, chunk[:HEAD_BYTES], delay))

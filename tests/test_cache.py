@@ -23,10 +23,11 @@ def server(clean_db):
     [
         (lambda: cache.set_candles("X:BTCUSD", "1h", b"packed"), cache.keys.candles("X:BTCUSD", "1h"), 3600),
         (lambda: cache.set_prediction_bytes("p1", b"{}"), cache.keys.prediction("p1"), 900),
-        (lambda: cache.set_symbol_bytes("X:BTCUSD", b"{}"), cache.keys.symbol("X:BTCUSD"), 86400),
-        (lambda: cache.set_top_symbols_bytes(10, b"[]"), cache.keys.top_symbols(10), 3600),
+        (lambda: cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD")), cache.keys.symbol("X:BTCUSD"),
+         3600),
+        (lambda: cache.fill_top_symbols(10, b"[]", cache.lookup_top_symbols(10)), cache.keys.top_symbols(10), 3600),
     ],
-    ids=["fresh-candles-1h", "prediction-15m", "symbol-24h", "top-symbols-1h"],
+    ids=["fresh-candles-1h", "prediction-15m", "symbol-1h", "top-symbols-1h"],
 )
 def test_domain_helpers_use_each_kinds_ttl(server, store, key, ttl):
     assert store() is True
@@ -82,14 +83,14 @@ def test_pattern_delete_uses_scan_and_spares_other_keys(server):
 
 
 def test_outage_misses_skips_writes_and_warns_once(server, needs_embedded_redis, caplog):
-    cache.set_symbol_bytes("X:ETHUSD", b"{}")
+    cache.set_prediction_bytes("X:ETHUSD", b"{}")
     needs_embedded_redis.stop()
     try:
         with caplog.at_level(logging.WARNING):
             started = time.perf_counter()
             for _ in range(20):
-                assert cache.get_symbol_bytes("X:ETHUSD") is None
-                assert cache.set_symbol_bytes("X:ETHUSD", b"{}") is False
+                assert cache.get_prediction_bytes("X:ETHUSD") is None
+                assert cache.set_prediction_bytes("X:ETHUSD", b"{}") is False
             elapsed = time.perf_counter() - started
         assert cache.ping() is False
     finally:
@@ -103,29 +104,29 @@ def test_outage_misses_skips_writes_and_warns_once(server, needs_embedded_redis,
 
 def test_every_parameter_is_part_of_its_key(server):
     """A list cached for one limit (or query, ticker, timeframe) is never served for another."""
-    cache.set_top_symbols_bytes(10, b"[ten]")
-    cache.set_search_bytes("btc", 10, b"[btc ten]")
+    cache.fill_top_symbols(10, b"[ten]", cache.lookup_top_symbols(10))
+    cache.fill_search("btc", 10, b"[btc ten]", cache.lookup_search("btc", 10))
     cache.set_candles("X:BTCUSD", "1h", b"hourly")
-    cache.set_symbol_bytes("X:BTCUSD", b"{btc}")
+    cache.fill_symbol("X:BTCUSD", b"{btc}", cache.lookup_symbol("X:BTCUSD"))
     cache.set_prediction_bytes("p1", b"{p1}")
     cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-1", "p1")
-    cache.set_track_record_bytes("1h", b"{1h}")
-    cache.set_track_record_bytes(None, b"{all}")
-    assert cache.get_top_symbols_bytes(10) == b"[ten]"
-    assert cache.get_top_symbols_bytes(11) is None
-    assert cache.get_search_bytes("btc", 10) == b"[btc ten]"
-    assert cache.get_search_bytes("btc", 20) is None
-    assert cache.get_search_bytes("eth", 10) is None
+    cache.fill_track_record("1h", b"{1h}", cache.lookup_track_record("1h"))
+    cache.fill_track_record(None, b"{all}", cache.lookup_track_record(None))
+    assert cache.lookup_top_symbols(10).value == b"[ten]"
+    assert cache.lookup_top_symbols(11).value is None
+    assert cache.lookup_search("btc", 10).value == b"[btc ten]"
+    assert cache.lookup_search("btc", 20).value is None
+    assert cache.lookup_search("eth", 10).value is None
     assert cache.get_candles("X:BTCUSD", "1h") == b"hourly"
     assert cache.get_candles("X:BTCUSD", "4h") is None
     assert cache.get_candles("X:ETHUSD", "1h") is None
-    assert cache.get_symbol_bytes("X:BTCUSD") == b"{btc}" and cache.get_symbol_bytes("X:ETHUSD") is None
+    assert cache.lookup_symbol("X:BTCUSD").value == b"{btc}" and cache.lookup_symbol("X:ETHUSD").value is None
     assert cache.get_prediction_bytes("p1") == b"{p1}" and cache.get_prediction_bytes("p2") is None
     assert cache.get_prediction_for_request("X:BTCUSD", "1h", "hash-1") == "p1"
     assert cache.get_prediction_for_request("X:BTCUSD", "1h", "hash-2") is None
     assert cache.get_prediction_for_request("X:BTCUSD", "4h", "hash-1") is None
-    assert cache.get_track_record_bytes("1h") == b"{1h}" and cache.get_track_record_bytes("4h") is None
-    assert cache.get_track_record_bytes(None) == b"{all}"
+    assert cache.lookup_track_record("1h").value == b"{1h}" and cache.lookup_track_record("4h").value is None
+    assert cache.lookup_track_record(None).value == b"{all}"
     assert len({cache.keys.search("a", 1), cache.keys.search("a", 2), cache.keys.search("b", 1),
                 cache.keys.top_symbols(1), cache.keys.symbol("a"), cache.keys.prediction("a")}) == 6
 
@@ -133,10 +134,11 @@ def test_every_parameter_is_part_of_its_key(server):
 @pytest.mark.parametrize(
     ("store", "key", "ttl"),
     [
-        (lambda: cache.set_search_bytes("btc", 5, b"[]"), cache.keys.search("btc", 5), 300),
+        (lambda: cache.fill_search("btc", 5, b"[]", cache.lookup_search("btc", 5)), cache.keys.search("btc", 5), 300),
         (lambda: cache.set_prediction_for_request("X:A", "1h", "h", "p"), cache.keys.prediction_request("X:A", "1h"),
          900),
-        (lambda: cache.set_track_record_bytes("1d", b"{}"), cache.keys.track_record("1d"), 600),
+        (lambda: cache.fill_track_record("1d", b"{}", cache.lookup_track_record("1d")), cache.keys.track_record("1d"),
+         600),
         (lambda: cache.set_json(f"{cache.NAMESPACE}:test:ttl", [1], 42), f"{cache.NAMESPACE}:test:ttl", 42),
     ],
     ids=["search-5m", "request-15m", "track-record-10m", "json-as-given"],
@@ -147,18 +149,52 @@ def test_the_other_kinds_ttls(server, store, key, ttl):
 
 
 def test_invalidate_symbols_drops_symbols_lists_and_searches_only(server):
-    cache.set_symbol_bytes("X:BTCUSD", b"{}")
-    cache.set_top_symbols_bytes(20, b"[]")
-    cache.set_search_bytes("btc", 20, b"[]")
+    cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD"))
+    cache.fill_top_symbols(20, b"[]", cache.lookup_top_symbols(20))
+    cache.fill_search("btc", 20, b"[]", cache.lookup_search("btc", 20))
     cache.set_prediction_bytes("p1", b"{}")
-    cache.set_track_record_bytes(None, b"{}")
-    assert cache.invalidate_symbols() == 3
-    assert cache.get_symbol_bytes("X:BTCUSD") is None
-    assert cache.get_top_symbols_bytes(20) is None
-    assert cache.get_search_bytes("btc", 20) is None
+    cache.fill_track_record(None, b"{}", cache.lookup_track_record(None))
+    server.config_resetstat()
+    assert cache.invalidate_symbols() is True
+    assert "cmdstat_scan" not in server.info("commandstats")  # one SET, whatever the number of entries
+    assert cache.lookup_symbol("X:BTCUSD").value is None
+    assert cache.lookup_top_symbols(20).value is None
+    assert cache.lookup_search("btc", 20).value is None
     assert cache.get_prediction_bytes("p1") == b"{}"  # other kinds stay
-    assert cache.invalidate_track_record() == 1
-    assert cache.get_track_record_bytes(None) is None
+    assert cache.lookup_track_record(None).value == b"{}"
+    assert cache.invalidate_track_record() is True
+    assert cache.lookup_track_record(None).value is None
+
+
+def test_a_fill_that_raced_an_invalidation_is_never_served(server):
+    """A read that looked up, then read the old row from the database, and fills after an invalidation (the
+    refresh committed and invalidated in between) used to leave the old row cached for the kind's whole TTL."""
+    kinds = {"symbol": (lambda: cache.lookup_symbol("X:ETHUSD"),
+                        lambda body, seen: cache.fill_symbol("X:ETHUSD", body, seen)),
+             "top": (lambda: cache.lookup_top_symbols(20), lambda body, seen: cache.fill_top_symbols(20, body, seen)),
+             "search": (lambda: cache.lookup_search("eth", 20),
+                        lambda body, seen: cache.fill_search("eth", 20, body, seen))}
+    for lookup, fill in kinds.values():
+        seen = lookup()  # a miss; the request reads the old row from the database
+        assert seen.value is None
+        assert cache.invalidate_symbols() is True  # meanwhile, the refresh commits and invalidates
+        assert fill(b"old row", seen) is True  # the request fills with what it read
+        assert lookup().value is None  # never served: the next request reads the database
+        fresh = lookup()
+        assert fill(b"new row", fresh) is True
+        assert lookup().value == b"new row"
+    seen = cache.lookup_track_record("1h")
+    assert cache.invalidate_track_record() is True
+    cache.fill_track_record("1h", b"old record", seen)
+    assert cache.lookup_track_record("1h").value is None
+
+
+def test_a_flushed_generation_never_revives_an_older_entry(server):
+    cache.lookup_symbol("X:ETHUSD")  # starts a generation
+    cache.fill_symbol("X:ETHUSD", b"old", cache.lookup_symbol("X:ETHUSD"))
+    server.delete(cache.keys.generation(cache.SYMBOLS))  # evicted (or an operator's DEL)
+    assert cache.lookup_symbol("X:ETHUSD").value is None  # a new generation, not a restarted count
+    assert cache.lookup_symbol("X:ETHUSD").value is None
 
 
 def test_pattern_delete_in_small_batches_deletes_everything(server):
@@ -230,7 +266,7 @@ def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_
         assert cache.get_json(cache.keys.candles("X:BTCUSD", "1h")) is None
         assert cache.set_upstream_failure("X:BTCUSD", "1h", 503, "upstream_unavailable", "down") == 30
         assert cache.get_upstream_failure("X:BTCUSD", "1h") is None
-        assert cache.invalidate_symbols() == 0 and cache.invalidate_track_record() == 0
+        assert cache.invalidate_symbols() is False and cache.invalidate_track_record() is False
     finally:
         needs_embedded_redis.start()
     cache.reset_client()
@@ -255,17 +291,17 @@ def test_a_frozen_redis_costs_one_socket_timeout_once_and_the_probe_brings_it_ba
         server, needs_embedded_redis, socket_timeout):
     import signal
 
-    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True
+    assert cache.set_prediction_bytes("X:ETHUSD", b"{eth}") is True
     process = needs_embedded_redis._process
     process.send_signal(signal.SIGSTOP)
     try:
         started = time.perf_counter()
-        assert cache.get_symbol_bytes("X:ETHUSD") is None
+        assert cache.get_prediction_bytes("X:ETHUSD") is None
         first = time.perf_counter() - started
         rest = 0.0
         for _ in range(30):  # over 3 probe intervals: no call waits out a timeout again
             started = time.perf_counter()
-            assert cache.get_symbol_bytes("X:ETHUSD") is None
+            assert cache.get_prediction_bytes("X:ETHUSD") is None
             rest += time.perf_counter() - started
             time.sleep(cache.PROBE_INTERVAL_SECONDS / 10)
         assert cache.is_down()  # the probe's pings time out too
@@ -277,7 +313,7 @@ def test_a_frozen_redis_costs_one_socket_timeout_once_and_the_probe_brings_it_ba
     while cache.is_down() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not cache.is_down()  # no reset: the background probe saw it answer
-    assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+    assert cache.get_prediction_bytes("X:ETHUSD") == b"{eth}"
 
 
 def test_reset_client_ends_an_outage_and_stops_its_probe(server, needs_embedded_redis, caplog):
@@ -309,10 +345,10 @@ FOREIGN_VALUES = [b"\xff\xfe not utf-8", b"not json", b"42", b"", b"\xcc\x02\x00
 def test_a_value_this_module_did_not_write_reads_as_a_miss(server, foreign):
     readers = {
         cache.keys.prediction("p1"): lambda: cache.get_prediction_bytes("p1"),
-        cache.keys.symbol("X:BTCUSD"): lambda: cache.get_symbol_bytes("X:BTCUSD"),
-        cache.keys.top_symbols(20): lambda: cache.get_top_symbols_bytes(20),
-        cache.keys.search("btc", 20): lambda: cache.get_search_bytes("btc", 20),
-        cache.keys.track_record(None): lambda: cache.get_track_record_bytes(None),
+        cache.keys.symbol("X:BTCUSD"): lambda: cache.lookup_symbol("X:BTCUSD").value,
+        cache.keys.top_symbols(20): lambda: cache.lookup_top_symbols(20).value,
+        cache.keys.search("btc", 20): lambda: cache.lookup_search("btc", 20).value,
+        cache.keys.track_record(None): lambda: cache.lookup_track_record(None).value,
         cache.keys.upstream_failure("X:BTCUSD", "1h"): lambda: cache.get_upstream_failure("X:BTCUSD", "1h"),
         cache.keys.candles("X:BTCUSD", "1h"): lambda: cache.get_candles("X:BTCUSD", "1h"),
     }
@@ -338,19 +374,19 @@ def test_a_truncated_or_altered_entry_reads_as_a_miss(server):
 
 def test_a_key_of_another_type_is_a_miss_for_that_key_only_not_an_outage(server):
     server.rpush(cache.keys.prediction("p1"), b"a list, not a string")
-    cache.set_symbol_bytes("X:BTCUSD", b"{}")
+    cache.set_prediction_bytes("X:BTCUSD", b"{}")
     assert cache.get_prediction_bytes("p1") is None
     assert not cache.is_down()
-    assert cache.get_symbol_bytes("X:BTCUSD") == b"{}"  # the cache still serves every other key
+    assert cache.get_prediction_bytes("X:BTCUSD") == b"{}"  # the cache still serves every other key
 
 
 def test_a_refused_write_skips_that_write_and_reads_go_on(server):
-    cache.set_symbol_bytes("X:BTCUSD", b"{}")
+    cache.set_prediction_bytes("X:BTCUSD", b"{}")
     server.config_set("maxmemory", "1")  # every write is refused with OOM; reads still answer
     try:
         assert cache.set_prediction_bytes("p1", b"{}") is False
         assert not cache.is_down()
-        assert cache.get_symbol_bytes("X:BTCUSD") == b"{}"
+        assert cache.get_prediction_bytes("X:BTCUSD") == b"{}"
     finally:
         server.config_set("maxmemory", "0")
 
@@ -391,13 +427,13 @@ def slow_redis(clean_db, monkeypatch):
 
 def test_a_redis_that_answers_slowly_is_skipped_until_it_answers_quickly_again(slow_redis, caplog):
     assert cache.get_settings().redis_slow_seconds < 0.2 < cache.get_settings().redis_socket_timeout
-    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True
-    assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}" and not cache.is_down()
+    assert cache.set_prediction_bytes("X:ETHUSD", b"{eth}") is True
+    assert cache.get_prediction_bytes("X:ETHUSD") == b"{eth}" and not cache.is_down()
 
     slowed = time.monotonic()
     slow_redis.delay = 0.2  # each command answered, 0.2 s late: within the socket timeout, never an error
     with caplog.at_level(logging.WARNING):
-        answers = [cache.get_symbol_bytes("X:ETHUSD") for _ in range(cache.SLOW_STRIKES)]
+        answers = [cache.get_prediction_bytes("X:ETHUSD") for _ in range(cache.SLOW_STRIKES)]
     assert answers == [b"{eth}"] * cache.SLOW_STRIKES  # slow, but answered: the values are still served
     assert cache.is_down()
     assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
@@ -405,8 +441,8 @@ def test_a_redis_that_answers_slowly_is_skipped_until_it_answers_quickly_again(s
     reached = time.monotonic()
     assert slow_redis.commands(slowed, reached) == ["GET"] * cache.SLOW_STRIKES
     for _ in range(20):  # skipped: misses and skipped writes, none of them sent to Redis
-        assert cache.get_symbol_bytes("X:ETHUSD") is None
-        assert cache.set_symbol_bytes("X:BTCUSD", b"{btc}") is False
+        assert cache.get_prediction_bytes("X:ETHUSD") is None
+        assert cache.set_prediction_bytes("X:BTCUSD", b"{btc}") is False
     assert set(slow_redis.commands(since=reached)) <= {"PING"}  # the probe's alone
 
     slow_redis.delay = 0.0
@@ -414,15 +450,54 @@ def test_a_redis_that_answers_slowly_is_skipped_until_it_answers_quickly_again(s
     while cache.is_down():
         assert time.monotonic() < deadline, "the probe never saw a quick answer"
         time.sleep(0.05)
-    assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+    assert cache.get_prediction_bytes("X:ETHUSD") == b"{eth}"
 
 
 def test_one_slow_answer_among_quick_ones_is_not_an_outage(slow_redis):
-    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True
+    assert cache.set_prediction_bytes("X:ETHUSD", b"{eth}") is True
     for _ in range(3):
         slow_redis.delay = 0.2
         for _ in range(cache.SLOW_STRIKES - 1):
-            assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+            assert cache.get_prediction_bytes("X:ETHUSD") == b"{eth}"
         slow_redis.delay = 0.0
-        assert cache.get_symbol_bytes("X:ETHUSD") == b"{eth}"
+        assert cache.get_prediction_bytes("X:ETHUSD") == b"{eth}"
     assert not cache.is_down()
+
+
+
+OUT_OF_PROTOCOL = {"a string": b"$5\r\nhello\r\n", "a number": b":42\r\n", "a short array": b"*1\r\n$1\r\nx\r\n",
+                   "an array of numbers": b"*2\r\n:1\r\n:2\r\n"}
+
+
+def _wait_until_up() -> None:
+    deadline = time.monotonic() + 10
+    while cache.is_down():  # the probe's PING gets its PONG again
+        assert time.monotonic() < deadline, "the probe never saw Redis answer"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("answer", OUT_OF_PROTOCOL.values(), ids=OUT_OF_PROTOCOL.keys())
+def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer, caplog):
+    """A proxy (or a server that is not Redis) answering out of protocol: every operation degrades, none raises
+    (MGET's reply used to raise TypeError or IndexError: POST /predictions answered 500)."""
+    assert cache.set_candles("X:BTCUSD", "1h", b"hourly") is True  # connected, through the proxy
+    slow_redis.answer = answer  # on the connection already open: no handshake to fail first
+    with caplog.at_level(logging.WARNING):
+        assert cache.get_candles_and_request("X:BTCUSD", "1h") == (None, None)
+    assert cache.is_down()  # as a reply redis-py cannot read: the cache is skipped until the probe's PING
+    assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
+        "cache unavailable; serving without it"]
+    operations = {"get": (lambda: cache.get_candles("X:BTCUSD", "1h"), lambda value: value is None),
+                  "set": (lambda: cache.set_candles("X:BTCUSD", "1h", b"h"), lambda done: done is False),
+                  "delete": (lambda: cache.delete(cache.keys.candles("X:BTCUSD", "1h")),
+                             lambda count: type(count) is int),  # :42 is a count, of course
+                  "pipeline": (lambda: cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h")),
+                               lambda done: done is False)}
+    for name, (operation, degraded) in operations.items():
+        slow_redis.answer = None
+        _wait_until_up()
+        slow_redis.answer = answer
+        assert degraded(operation()), name
+    slow_redis.answer = None
+    _wait_until_up()
+    assert cache.get_candles("X:BTCUSD", "1h") == b"hourly"

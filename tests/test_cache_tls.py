@@ -63,7 +63,7 @@ def test_every_tls_connection_shares_the_context_built_at_init(tls_redis):
     _, built, _ = tls_redis
     api.create_resolver()  # a function's init
     assert len(built) == 1
-    assert cache.set_symbol_bytes("X:BTCUSD", b"{btc}") is True
+    assert cache.set_prediction_bytes("X:BTCUSD", b"{btc}") is True
     pool = cache.get_client().connection_pool
     connections = [pool.get_connection() for _ in range(3)]  # three at once: three TLS handshakes
     try:
@@ -74,7 +74,7 @@ def test_every_tls_connection_shares_the_context_built_at_init(tls_redis):
     finally:
         for connection in connections:
             pool.release(connection)
-    assert cache.get_symbol_bytes("X:BTCUSD") == b"{btc}" and not cache.is_down()
+    assert cache.get_prediction_bytes("X:BTCUSD") == b"{btc}" and not cache.is_down()
     assert len(built) == 1  # the init's context, and no other
 
 
@@ -82,14 +82,14 @@ def test_the_shared_context_still_verifies_the_server(tls_redis):
     proxy, _, point_at = tls_redis
     # The certificate names localhost only: reached as 127.0.0.1, the host name check must refuse it.
     point_at(proxy.url.replace("localhost", "127.0.0.1"))
-    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is False
+    assert cache.set_prediction_bytes("X:ETHUSD", b"{eth}") is False
     assert cache.is_down()
 
 
 def test_a_url_with_tls_options_of_its_own_keeps_redis_pys_context(tls_redis):
     proxy, built, point_at = tls_redis
     point_at(proxy.url.replace("localhost", "127.0.0.1") + "?ssl_cert_reqs=none")
-    assert cache.set_symbol_bytes("X:ETHUSD", b"{eth}") is True  # unverified, as the URL asks
+    assert cache.set_prediction_bytes("X:ETHUSD", b"{eth}") is True  # unverified, as the URL asks
     assert len(built) == 1  # redis-py's own for this connection; the shared one was never built
     cache.prepare()
     assert len(built) == 2

@@ -34,6 +34,7 @@ def test_health_is_degraded_when_redis_is_down(clean_db, needs_embedded_redis):
     assert status == 200
     assert body["status"] == "degraded"
     assert body["checks"]["cache"]["status"] == "down"
+    assert body["checks"]["cache"]["error"] == "no answer (ConnectionError)"  # was "False"
 
 
 def test_health_is_503_within_two_seconds_when_database_is_down_then_recovers(clean_db, needs_embedded_postgres):

@@ -273,7 +273,7 @@ def test_volume_ranking_uses_quote_volume_from_the_real_grouped_response(env):
     with FakePolygon(market) as fake:
         fake.serve_file("/v2/aggs/grouped/locale/global/market/crypto/2020-10-14", "grouped_crypto_2020-10-14.json")
         refreshed = ingest.refresh_symbols(client_for(fake), now=datetime.fromtimestamp(day_after, UTC))
-    assert refreshed == (4, 1, [], 0)
+    assert refreshed == (4, 1, [], 0, True)  # True: the cache took the invalidation
     assert fake.count("/v3/reference/tickers") == 2  # two pages of two
     with db.connection() as conn:
         rows = {row["ticker"]: row for row in conn.execute("SELECT * FROM symbols").fetchall()}
@@ -360,7 +360,7 @@ def test_a_few_vanished_symbols_are_still_marked_inactive(env):
         market.symbols = market.symbols[:-12]  # 12 of 150: under a tenth
         refreshed = ingest.refresh_symbols(client_for(fake))
     assert not set(gone) & set(active_tickers())
-    assert refreshed[1:] == (12, [], 0)
+    assert refreshed[1:] == (12, [], 0, True)
 
 
 def test_a_listing_that_may_have_stopped_early_marks_nothing_inactive(env):
@@ -929,3 +929,77 @@ def test_rate_limiter_spaces_requests_across_threads():
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: limiter.wait(), range(11)))
     assert time.monotonic() - started >= 10 / 50 * 0.95  # 11 requests need 10 gaps of 20 ms
+
+
+@pytest.fixture
+def partitioned_redis(env, clean_db):
+    """The cache reaches Redis through a proxy; partitioned(True) drops every command on the way (Redis keeps
+    its entries and never sees the command), partitioned(False) heals it. A 0.5 s socket timeout."""
+    from infra.slow_proxy import SlowProxy
+
+    proxy = SlowProxy(clean_db.redis_url)
+    env.setenv("REDIS_URL", proxy.url)
+    env.setenv("REDIS_SOCKET_TIMEOUT", "0.5")
+    get_settings.cache_clear()
+    cache.reset_client()
+
+    def partitioned(cut: bool) -> None:
+        proxy.answer = b"" if cut else None
+
+    yield partitioned
+    proxy.close()
+    cache.reset_client()
+
+
+def served_symbol(ticker: str) -> dict:
+    from candlecast.services import symbols
+
+    return json.loads(symbols.get(ticker))
+
+
+def test_a_refresh_while_redis_is_unreachable_invalidates_again_at_the_end_of_its_chunk(partitioned_redis):
+    """The refresh's invalidation was dropped while Redis was unreachable: once it answered again, the retired
+    symbol was served as active for the rest of its TTL (24 h then)."""
+    market = make_market(30, now=NOW)
+    gone = market.symbols[-1].ticker
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        assert served_symbol(gone)["is_active"] is True  # cached
+        market.symbols = market.symbols[:-1]
+        partitioned_redis(True)  # Redis unreachable while the refresh runs, back while the chunk fetches candles
+        summary = ingest.run_ingest(client_for(fake), tickers=[market.symbols[0].ticker], now=NOW,
+                                    history_days=HISTORY, on_symbol=lambda _ticker: partitioned_redis(False))
+    deadline = time.monotonic() + 10
+    while cache.is_down():  # the cache is used again (its probe saw Redis answer)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert gone not in active_tickers()
+    assert served_symbol(gone)["is_active"] is False
+    assert summary.symbol_cache_stale is False and summary.errors == []
+
+
+def test_a_refresh_the_cache_never_took_says_so_and_hands_the_retry_on(partitioned_redis):
+    market = make_market(30, now=NOW)
+    gone = market.symbols[-1].ticker
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        served_symbol(gone)
+        market.symbols = market.symbols[:-1]
+        partitioned_redis(True)
+        summary = ingest.run_ingest(client_for(fake), tickers=[], now=NOW)
+        partitioned_redis(False)
+    assert summary.symbol_cache_stale is True
+    assert summary.errors == ["cache: symbols changed but the cache did not take their invalidation (tried again at "
+                              "the end of the chunk): they are served up to 3600 s late"]
+    assert cache.get_client().ttl(cache.keys.symbol(gone)) <= 3600  # how late at most (24 h before)
+    assert cache.SYMBOLS_STALE_SECONDS == 3600
+
+
+def test_the_next_chunk_retries_an_invalidation_an_earlier_one_could_not_do(env):
+    """scheduled_refresh hands symbol_cache_stale on in its continuation; the next chunk invalidates again."""
+    seen = cache.lookup_symbol("X:C000USD")
+    assert cache.fill_symbol("X:C000USD", b"{}", seen)
+    with FakePolygon(make_market(3, now=NOW)) as fake:
+        summary = ingest.run_ingest(client_for(fake), tickers=[], refresh=False, now=NOW, symbol_cache_stale=True)
+    assert summary.symbol_cache_stale is False
+    assert cache.lookup_symbol("X:C000USD").value is None

@@ -115,3 +115,36 @@ def test_retention_can_be_turned_off(aged, monkeypatch):
     report = run_retention(monkeypatch, "none", "1000")
     assert report == {"enabled": False}
     assert remaining(aged.database_url)["steps"] == 50 * 30
+
+
+def ids_of(database_url: str) -> dict[str, list[str]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT rtrim(request_hash, '0123456789'), id::text FROM predictions").fetchall()
+    kinds: dict[str, list[str]] = {}
+    for kind, prediction_id in rows:
+        kinds.setdefault(kind, []).append(prediction_id)
+    return kinds
+
+
+def test_retention_drops_the_deleted_predictions_from_the_cache(aged, monkeypatch):
+    """GET /predictions/{id} served a deleted prediction from the cache (200, X-Cache: HIT) until its TTL ran out."""
+    from candlecast import cache
+
+    before = ids_of(aged.database_url)
+    for prediction_id in before["over"] + before["young"]:
+        assert cache.set_prediction_bytes(prediction_id, b"{}")
+    report = run_retention(monkeypatch, "365", "4")
+    assert report["deleted"] == 20
+    assert [cache.get_prediction_bytes(i) for i in before["over"]] == [None] * 10
+    assert all(cache.get_prediction_bytes(i) == b"{}" for i in before["young"])  # kept rows keep their entries
+    assert report["cache_not_dropped"] == 0
+
+
+def test_retention_with_the_cache_down_deletes_and_reports_what_stays_cached(aged, monkeypatch, needs_embedded_redis):
+    needs_embedded_redis.stop()
+    try:
+        report = run_retention(monkeypatch, "365", "4")
+    finally:
+        needs_embedded_redis.start()
+    assert report["deleted"] == 20 and report["complete"]
+    assert report["cache_not_dropped"] == 20  # served from the cache until their TTL (15 min) runs out

@@ -96,7 +96,8 @@ def test_top_ranked_by_volume_and_cached(symbols, clean_db):
 def test_a_cached_list_written_without_its_cursor_is_a_miss(symbols):
     from candlecast import cache
 
-    cache.set_top_symbols_bytes(2, b'[{"ticker": "X:STALE"}]')  # a body alone, as cached before pages kept cursors
+    # A body alone, as cached before pages kept cursors
+    cache.fill_top_symbols(2, b'[{"ticker": "X:STALE"}]', cache.lookup_top_symbols(2))
     status, headers, body = _list("symbols", "symbols_top.json", limit="2")
     assert status == 200 and [item["ticker"] for item in body] == ["X:BTCUSDT", "X:ETHUSDT"]
     assert "X-Next-Cursor" in headers
@@ -450,3 +451,58 @@ def test_two_queries_the_database_folds_apart_never_share_a_cached_page(non_asci
     # Python lowers both to i + U+0307 (one cache key before); PostgreSQL lowers İ to a plain i.
     assert search("i\u0307zmir")[2] == []
     assert [item["ticker"] for item in search("İzmir")[2]] == ["X:IZMIRUSD"]
+
+
+def test_a_read_that_fills_after_a_refresh_invalidated_never_serves_the_old_row(symbols, monkeypatch):
+    """The request reads the row, a refresh commits and invalidates, then the request fills the cache: the old row
+    was served for the symbol's whole TTL. The pause inside the read stands for a GC pause or a slow network."""
+    import threading
+
+    from candlecast import cache
+    from candlecast.services import symbols as service
+
+    read_done, refresh_done = threading.Event(), threading.Event()
+    real_read = symbol_repository.get_symbol_by_ticker
+
+    def paused_read(conn, ticker):
+        row = real_read(conn, ticker)
+        read_done.set()
+        refresh_done.wait(5)
+        return row
+
+    monkeypatch.setattr(symbol_repository, "get_symbol_by_ticker", paused_read)
+    reader = threading.Thread(target=service.get, args=("X:ETHUSDT",))
+    reader.start()
+    assert read_done.wait(5)
+    with db.connection() as conn:  # the refresh: commit, then invalidate
+        conn.execute("UPDATE symbols SET is_active = false WHERE ticker = 'X:ETHUSDT'")
+    cache.invalidate_symbols()
+    refresh_done.set()
+    reader.join(5)
+    monkeypatch.setattr(symbol_repository, "get_symbol_by_ticker", real_read)
+    status, _, body = invoke("symbols", path_event("symbol_get.json", "/symbols/X:ETHUSDT", ticker="X:ETHUSDT"))
+    assert status == 200 and body["is_active"] is False
+
+
+def test_answers_say_how_long_clients_may_keep_them(symbols):
+    """As long as the server would serve them from its own cache; errors, creates and uncached answers never."""
+    from uuid import uuid4
+
+    cases = [
+        ("symbols", search("btc"), 200, "public, max-age=300"),
+        ("symbols", invoke("symbols", load_event("symbols_top.json")), 200, "public, max-age=3600"),
+        ("symbols", invoke("symbols", path_event("symbol_get.json", "/symbols/X:BTCUSD", ticker="X:BTCUSD")), 200,
+         "public, max-age=3600"),
+        ("symbols", invoke("symbols", path_event("symbol_get.json", "/symbols/NOPEUSD", ticker="NOPEUSD")), 404,
+         "no-store"),
+        ("symbols", search("x" * 65), 400, "no-store"),
+        ("symbols", invoke("symbols", load_event("models_list.json")), 200, "public, max-age=600"),
+        ("symbols", invoke("symbols", path_event("model_get.json", "/models/1h", timeframe="1h")), 404, "no-store"),
+        ("predictions_get", invoke("predictions_get", path_event("prediction_get.json", f"/predictions/{uuid4()}",
+                                                                 id=str(uuid4()))), 404, "no-store"),
+        ("predictions_create", invoke("predictions_create", load_event("predictions_create.json", body="[]")), 422,
+         "no-store"),
+        ("health", invoke("health", load_event("health.json")), 200, "no-store"),
+    ]
+    for function, (status, headers, _), expected_status, cache_control in cases:
+        assert (function, status, headers.get("Cache-Control")) == (function, expected_status, cache_control)

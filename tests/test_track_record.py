@@ -437,16 +437,16 @@ def test_live_metrics_match_a_hand_computation(track):
 def test_models_routes_are_cached_until_new_scores_and_refuse_a_bad_timeframe(track):
     status, body = get_model("1h")
     assert status == 200 and body["live"]["n_scored"] == 0
-    assert cache.get_track_record_bytes("1h") is not None
+    assert cache.lookup_track_record("1h").value is not None
     status, listing = invoke("symbols", load_event("models_list.json"))[0:3:2]
     assert status == 200 and [item["timeframe"] for item in listing] == ["1h", "4h", "1d", "1w", "1m"]
-    assert cache.get_track_record_bytes(None) is not None
+    assert cache.lookup_track_record(None).value is not None
 
     history = stored_history()
     create(SYMBOL)
     storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5]))
     assert scoring.run(60).scored == 2
-    assert cache.get_track_record_bytes("1h") is None and cache.get_track_record_bytes(None) is None
+    assert cache.lookup_track_record("1h").value is None and cache.lookup_track_record(None).value is None
     assert get_model("1h")[1]["live"]["n_scored"] == 2
 
     status, body = get_model("2h")

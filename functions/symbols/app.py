@@ -9,6 +9,7 @@ from typing import Annotated
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 
 from candlecast.api import (
+    client_cache,
     create_resolver,
     documented,
     json_response,
@@ -36,7 +37,8 @@ Ticker = Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd",
 
 
 @app.get("/symbols", operation_id="search_symbols", summary="Search symbols by ticker prefix or name",
-         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER, links=FIRST_SYMBOL))
+         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER, links=FIRST_SYMBOL),
+         cache_control=client_cache("search"))
 def search_symbols(
     q: Annotated[str, Query(max_length=64, description="ticker prefix or name, at most 64 characters",
                             json_schema_extra={"pattern": symbols.QUERY_PATTERN})] = "",
@@ -47,14 +49,15 @@ def search_symbols(
 
 
 @app.get("/symbols/top", operation_id="top_symbols", summary="Symbols ranked by 24 h volume",
-         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER, links=FIRST_SYMBOL))
+         responses=documented(list[Symbol], 400, 503, headers=NEXT_CURSOR_HEADER, links=FIRST_SYMBOL),
+         cache_control=client_cache("top_symbols"))
 def top_symbols(limit: Limit = 20, cursor: Cursor = None):
     return page_response(symbols.top(limit, cursor))
 
 
 @app.get("/symbols/<ticker>", operation_id="get_symbol",
          summary="One symbol; accepts X:BTCUSD, BTCUSD, BTC-USD or btc-usd",
-         responses=documented(Symbol, 400, 404, 503))
+         responses=documented(Symbol, 400, 404, 503), cache_control=client_cache("symbol"))
 def get_symbol(ticker: Ticker):
     return json_response(symbols.get(path_parameter(ticker)))
 
@@ -74,14 +77,14 @@ def symbol_predictions(
 @app.get("/models", operation_id="list_models", summary="Each timeframe's active model: backtest and live track record",
          description="Live figures score every served prediction against the candles that followed. "
                      "accuracy is 80 % coverage: live on each model, the walk-forward test's in backtest.coverage_80.",
-         responses=documented(list[ModelTrackRecord], 503))
+         responses=documented(list[ModelTrackRecord], 503), cache_control=client_cache("track_record"))
 def list_models():
     return json_response(track_record.all_models())
 
 
 @app.get("/models/<timeframe>", operation_id="get_model",
          summary="One timeframe's model, with coverage by horizon and reliability bins",
-         responses=documented(ModelTrackRecord, 400, 404, 503))
+         responses=documented(ModelTrackRecord, 400, 404, 503), cache_control=client_cache("track_record"))
 def get_model(timeframe: Annotated[Timeframe, Path(description="1h, 4h, 1d, 1w or 1m (calendar month)")]):
     return json_response(track_record.one_timeframe(timeframe))
 

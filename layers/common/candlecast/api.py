@@ -77,6 +77,17 @@ def documented(model: Any, *error_statuses: int, status: int = 200, headers: dic
     return responses
 
 
+# Errors, creates, health and whatever the server does not cache itself: clients ask again.
+NO_STORE = "no-store"
+
+
+def client_cache(kind: str, scope: str = "public") -> str:
+    """The Cache-Control of a route's 200 whose body the server caches as `kind` (cache.TTL_SECONDS): a client may
+    keep it as long as the server would serve it from its own cache. "private" for what only its requester asked
+    for (a prediction); shared caches may keep the rest. The route's `cache_control`; other answers get NO_STORE."""
+    return f"{scope}, max-age={cache.TTL_SECONDS[kind]}"
+
+
 def json_response(body: bytes | str, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response from already-serialised bytes (cached bytes are returned as they are)."""
     return Response(
@@ -232,6 +243,9 @@ def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaCon
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
         refused = _refused_body(event)
         response = _error_result(refused) if refused else app.resolve(event, context)
+        headers = response.setdefault("headers", {})
+        if response["statusCode"] != 200 or "Cache-Control" not in headers:
+            headers["Cache-Control"] = NO_STORE  # Powertools gives a cached route's errors "no-cache"
         metrics.add_metric(name=f"Responses{response['statusCode'] // 100}xx", unit=MetricUnit.Count, value=1)
         return response
 

@@ -10,6 +10,16 @@ an outage too: the cache is skipped until the probe's ping answers quickly again
 Every value is sealed (a marker and the CRC-32 of the value) when written and checked when read: a value this
 module did not write whole (a foreign writer, a truncated or corrupted entry) reads as a miss, never as a body
 served to a client nor as an error.
+
+Symbols (one symbol, top lists, searches) and track records are read through the cache and invalidated when they
+change. Each of those kinds has a generation (a random token at keys.generation) that invalidation replaces; a
+lookup reads it with the entry (one MGET), an entry counts only under the generation it was written with, and a
+fill is written under the generation looked up before the database was read. A fill that raced an invalidation
+(read the old row, written after the invalidation) is so never served.
+
+A reply of the wrong shape (a proxy or server out of protocol: a string where
+MGET's array belongs, an array of another length, a number for a value) is a miss too, and marks the cache down
+as an unreadable reply from redis-py does.
 """
 
 import json
@@ -19,7 +29,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import redis
@@ -35,7 +45,9 @@ logger = Logger(child=True)
 TTL_SECONDS = {
     "candles": 60 * 60,
     "prediction": 15 * 60,
-    "symbol": 24 * 60 * 60,
+    # Symbols change weekly and are invalidated then, but an invalidation the cache missed (down meanwhile) leaves
+    # them served this long: 1 h, not 24 h, for at most 23 more indexed reads a day per symbol (README, Routes).
+    "symbol": 60 * 60,
     "top_symbols": 60 * 60,
     "search": 5 * 60,
     "track_record": 10 * 60,  # dropped whenever a scoring run records new scores
@@ -46,15 +58,24 @@ PROBE_INTERVAL_SECONDS = 0.5
 # This many commands in a row slower than REDIS_SLOW_SECONDS mark the cache down: one slow answer (a pause of
 # this process, a busy moment) is not an outage, a Redis that adds latency to every request is.
 SLOW_STRIKES = 3
-# v2: values are sealed. A new prefix, so that during a deploy older code never serves a sealed value as it is.
-NAMESPACE = "cc:v2"
+# v2: values are sealed; v3: read-through kinds' values carry their generation. A new prefix each time, so that
+# during a deploy older code never serves a value of the newer format as it is.
+NAMESPACE = "cc:v3"
 # Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys.
 _PREFIX = f"{NAMESPACE}:{os.environ.get('STAGE') or 'local'}"
 _SEAL = b"\xcc\x02"
 _SEALED_HEADER = len(_SEAL) + 4
 
 
+SYMBOLS = "symbols"  # the generation of one symbol, top lists and searches: they all show symbol rows
+TRACK_RECORD = "track-record"
+
+
 class keys:
+    @staticmethod
+    def generation(kind: str) -> str:
+        return f"{_PREFIX}:generation:{kind}"
+
     @staticmethod
     def candles(ticker: str, timeframe: str) -> str:
         return f"{_PREFIX}:candles:{ticker}:{timeframe}"
@@ -101,16 +122,8 @@ class keys:
         return f"{_PREFIX}:*"
 
     @staticmethod
-    def all_track_record_keys() -> str:
-        return f"{_PREFIX}:track-record:*"
-
-    @staticmethod
     def all_symbol_keys() -> str:
         return f"{_PREFIX}:symbol:*"
-
-    @staticmethod
-    def all_top_symbols_keys() -> str:
-        return f"{_PREFIX}:top-symbols:*"
 
     @staticmethod
     def all_search_keys() -> str:
@@ -219,10 +232,10 @@ def _probe(generation: int) -> None:
             return
         started = time.monotonic()
         try:
-            get_client().ping()
+            answered = get_client().ping()
         except redis.RedisError:
             continue
-        if time.monotonic() - started > _slow_seconds():
+        if answered is not True or time.monotonic() - started > _slow_seconds():  # True: it said PONG
             continue
         with _client_lock:
             if generation == _generation:
@@ -248,17 +261,38 @@ _refusal_logged_at = 0.0
 REFUSAL_LOG_SECONDS = 60.0  # a refusal (out of memory, a key of another type) is logged this often at most
 
 
-def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed: bool = True) -> Any:
-    """`operation`'s result, or `default` while the cache is down or when it fails; `timed`: one round trip,
-    whose time counts towards marking a slow cache down."""
+def _is_value(reply: Any) -> bool:
+    return reply is None or isinstance(reply, bytes)
+
+
+def _are_values(count: int) -> Callable[[Any], bool]:
+    return lambda reply: isinstance(reply, list) and len(reply) == count and all(map(_is_value, reply))
+
+
+def _is_flag(reply: Any) -> bool:
+    return reply is None or isinstance(reply, bool)
+
+
+def _is_count(reply: Any) -> bool:
+    return isinstance(reply, int) and not isinstance(reply, bool)
+
+
+def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed: bool = True,
+             expected: Callable[[Any], bool] = _is_value, even_if_down: bool = False) -> Any:
+    """`operation`'s result, or `default` while the cache is down (unless `even_if_down`), when it fails or when
+    its reply is not `expected`; `timed`: one round trip, whose time counts towards marking a slow cache down."""
     global _refusal_logged_at
-    if _down:
+    if _down and not even_if_down:
         return default
     started = time.monotonic()
     try:
-        result = operation(get_client())
+        client = get_client()
+        result = operation(client)
         if timed:
             _timed(time.monotonic() - started)
+        if not expected(result):
+            client.connection_pool.disconnect()  # a reply out of step with its command: the next could be too
+            raise redis.InvalidResponse(f"unexpected reply: {type(result).__name__}")
         return result
     except redis.ResponseError as error:
         # Redis answered, refusing this one command: the cache is up, and only this read or write is skipped.
@@ -272,11 +306,17 @@ def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed
 
 
 def ping() -> bool:
-    """Checked directly (no outage back-off): health must see the real state."""
+    return ping_problem() is None
+
+
+def ping_problem() -> str | None:
+    """Why Redis does not answer a PING with PONG now, or None when it does. Checked directly (no outage back-off):
+    health must see the real state. Words safe for a public page: redis-py's messages can name the host."""
     try:
-        return bool(get_client().ping())
-    except redis.RedisError:
-        return False
+        answered = get_client().ping()
+    except redis.RedisError as error:
+        return f"no answer ({type(error).__name__})"
+    return None if answered is True else "answered PING without PONG"
 
 
 def get(key: str) -> bytes | None:
@@ -285,11 +325,11 @@ def get(key: str) -> bytes | None:
 
 def set(key: str, value: bytes | str, ttl_seconds: int) -> bool:
     sealed = _sealed(value)
-    return bool(_guarded(lambda client: client.set(key, sealed, ex=ttl_seconds), default=False))
+    return bool(_guarded(lambda client: client.set(key, sealed, ex=ttl_seconds), default=False, expected=_is_flag))
 
 
 def delete(*keys_to_delete: str) -> int:
-    return int(_guarded(lambda client: client.delete(*keys_to_delete), default=0) or 0)
+    return _guarded(lambda client: client.delete(*keys_to_delete), default=0, expected=_is_count)
 
 
 def delete_pattern(pattern: str, batch_size: int = 500) -> int:
@@ -300,13 +340,19 @@ def delete_pattern(pattern: str, batch_size: int = 500) -> int:
         for key in client.scan_iter(match=pattern, count=batch_size):
             batch.append(key)
             if len(batch) >= batch_size:
-                deleted += client.unlink(*batch)
+                deleted += unlink(client, batch)
                 batch = []
         if batch:
-            deleted += client.unlink(*batch)
+            deleted += unlink(client, batch)
         return deleted
 
-    return int(_guarded(scan_and_delete, default=0, timed=False) or 0)  # many round trips
+    def unlink(client: redis.Redis, batch: list) -> int:
+        count = client.unlink(*batch)
+        if not _is_count(count):
+            raise redis.InvalidResponse(f"unexpected reply: {type(count).__name__}")
+        return count
+
+    return _guarded(scan_and_delete, default=0, timed=False, expected=_is_count)  # many round trips
 
 
 def get_json(key: str) -> Any | None:
@@ -338,11 +384,21 @@ def set_prediction_bytes(prediction_id: str, body: bytes) -> bool:
     return set(keys.prediction(prediction_id), body, TTL_SECONDS["prediction"])
 
 
+def forget_predictions(prediction_ids: list[str]) -> bool:
+    """Drop the cached bodies of deleted predictions, in one command; False when the cache did not take it (each
+    is then served until its TTL, 15 min, runs out)."""
+    if not prediction_ids:
+        return True
+    return _guarded(lambda client: client.delete(*map(keys.prediction, prediction_ids)), default=None,
+                    expected=_is_count) is not None
+
+
 def get_candles_and_request(ticker: str, timeframe: str) -> tuple[bytes | None, bytes | None]:
     """The fresh-candles entry and the request pointer of a symbol and timeframe, in one round trip (MGET).
     `prediction_for_request` reads the pointer once the candles have given the request's hash."""
     values = _guarded(lambda client: client.mget([keys.candles(ticker, timeframe),
-                                                  keys.prediction_request(ticker, timeframe)]))
+                                                  keys.prediction_request(ticker, timeframe)]),
+                      expected=_are_values(2))
     return (_opened(values[0]), _opened(values[1])) if values else (None, None)
 
 
@@ -376,7 +432,7 @@ def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, 
                          ex=TTL_SECONDS["prediction"])
         return all(pipeline.execute())
 
-    return bool(_guarded(write, default=False))
+    return bool(_guarded(write, default=False, expected=_is_flag))
 
 
 def get_upstream_failure(ticker: str, timeframe: str) -> dict | None:
@@ -393,46 +449,89 @@ def set_upstream_failure(ticker: str, timeframe: str, status: int, code: str, me
     return ttl
 
 
-def get_symbol_bytes(ticker: str) -> bytes | None:
-    return get(keys.symbol(ticker))
+class Lookup(NamedTuple):
+    """A read-through entry (value None: a miss) and its kind's generation when it was looked up, which the fill
+    after a miss hands back; generation None: no fill (the cache is unavailable)."""
+
+    value: bytes | None
+    generation: bytes | None
 
 
-def set_symbol_bytes(ticker: str, body: bytes) -> bool:
-    return set(keys.symbol(ticker), body, TTL_SECONDS["symbol"])
+def _new_generation() -> bytes:
+    return os.urandom(8).hex().encode()
 
 
-def get_top_symbols_bytes(limit: int) -> bytes | None:
-    return get(keys.top_symbols(limit))
+def _lookup(kind: str, key: str) -> Lookup:
+    generation_key = keys.generation(kind)
+    replies = _guarded(lambda client: client.mget([generation_key, key]), expected=_are_values(2))
+    if replies is None:
+        return Lookup(None, None)
+    generation, raw = replies
+    if generation is None:
+        # Never invalidated, flushed or evicted: start a generation no entry can carry (a counter restarted
+        # from nothing could meet an old entry's). Whoever sets it first wins; the others skip this fill.
+        generation = _new_generation()
+        started = _guarded(lambda client: client.set(generation_key, generation, nx=True), expected=_is_flag)
+        return Lookup(None, generation if started else None)
+    tag, _, value = (_opened(raw) or b"").partition(b" ")
+    return Lookup(value if tag == generation else None, generation)
 
 
-def set_top_symbols_bytes(limit: int, body: bytes) -> bool:
-    return set(keys.top_symbols(limit), body, TTL_SECONDS["top_symbols"])
+def _fill(key: str, body: bytes, ttl_seconds: int, lookup: Lookup) -> bool:
+    """Cache `body`, read after `lookup`, under the generation `lookup` saw."""
+    return lookup.generation is not None and set(key, lookup.generation + b" " + body, ttl_seconds)
 
 
-def get_search_bytes(query: str, limit: int) -> bytes | None:
-    return get(keys.search(query, limit))
+def _invalidate(kind: str, retry: bool) -> bool:
+    """A new generation for `kind`: no entry written before is served again. False when the cache did not take it
+    (entries cached before are served until their TTL runs out): the caller reports it and, with `retry`, tries
+    again even while an outage is on (its probe may not have seen Redis back yet; a batch job can wait)."""
+    return bool(_guarded(lambda client: client.set(keys.generation(kind), _new_generation()), expected=_is_flag,
+                         even_if_down=retry))
 
 
-def set_search_bytes(query: str, limit: int, body: bytes) -> bool:
-    return set(keys.search(query, limit), body, TTL_SECONDS["search"])
+def lookup_symbol(ticker: str) -> Lookup:
+    return _lookup(SYMBOLS, keys.symbol(ticker))
 
 
-def invalidate_symbols() -> int:
-    """After symbols change (seed, refresh): drop cached symbol entries, top lists and searches."""
-    return sum(
-        delete_pattern(pattern)
-        for pattern in (keys.all_symbol_keys(), keys.all_top_symbols_keys(), keys.all_search_keys())
-    )
+def fill_symbol(ticker: str, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.symbol(ticker), body, TTL_SECONDS["symbol"], lookup)
 
 
-def get_track_record_bytes(timeframe: str | None) -> bytes | None:
-    return get(keys.track_record(timeframe))
+def lookup_top_symbols(limit: int) -> Lookup:
+    return _lookup(SYMBOLS, keys.top_symbols(limit))
 
 
-def set_track_record_bytes(timeframe: str | None, body: bytes) -> bool:
-    return set(keys.track_record(timeframe), body, TTL_SECONDS["track_record"])
+def fill_top_symbols(limit: int, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.top_symbols(limit), body, TTL_SECONDS["top_symbols"], lookup)
 
 
-def invalidate_track_record() -> int:
-    """After new scores or a new active model: drop the cached /models answers."""
-    return delete_pattern(keys.all_track_record_keys())
+def lookup_search(query: str, limit: int) -> Lookup:
+    return _lookup(SYMBOLS, keys.search(query, limit))
+
+
+def fill_search(query: str, limit: int, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.search(query, limit), body, TTL_SECONDS["search"], lookup)
+
+
+# The longest a symbol row stays served after an invalidation the cache did not take.
+SYMBOLS_STALE_SECONDS = max(TTL_SECONDS[kind] for kind in ("symbol", "top_symbols", "search"))
+
+
+def invalidate_symbols(retry: bool = False) -> bool:
+    """After symbols change (seed, refresh, a symbol's stored timeframes): symbol entries, top lists and searches.
+    False: not taken, and the change is served at most SYMBOLS_STALE_SECONDS late."""
+    return _invalidate(SYMBOLS, retry)
+
+
+def lookup_track_record(timeframe: str | None) -> Lookup:
+    return _lookup(TRACK_RECORD, keys.track_record(timeframe))
+
+
+def fill_track_record(timeframe: str | None, body: bytes, lookup: Lookup) -> bool:
+    return _fill(keys.track_record(timeframe), body, TTL_SECONDS["track_record"], lookup)
+
+
+def invalidate_track_record() -> bool:
+    """After new scores or a new active model: the cached /models answers."""
+    return _invalidate(TRACK_RECORD, retry=False)

@@ -16,6 +16,7 @@ numpy is imported lazily: `candlecast --help` and the CLI registration stay ligh
 
 import argparse
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -75,6 +76,9 @@ class IngestSummary:
     unrecorded: list[str] = field(default_factory=list)  # files written, metadata not recorded (twice)
     retried: list[str] = field(default_factory=list)  # failed once in this chunk and were tried again
     retry: list[str] = field(default_factory=list)  # failed once; no time was left to try again: handed on
+    # Symbols changed and the cache did not take the invalidation, even tried again at the chunk's end: symbol
+    # entries, top lists and searches cached before are served up to cache.SYMBOLS_STALE_SECONDS (see errors).
+    symbol_cache_stale: bool = False
     errors: list[str] = field(default_factory=list)
     requests: int = 0
     seconds: float = 0.0
@@ -161,6 +165,7 @@ class SymbolRefresh(NamedTuple):
     inactivated: int
     problems: list[str]
     kept_active: int = 0  # active symbols missing from the listing that were left active (see `problems`)
+    cache_invalidated: bool = True  # False: the cache did not take the invalidation (cache.invalidate_symbols)
 
 
 def inactivation_refusal(active: int, vanished: int, listing_whole: bool, retire_missing: bool = False) -> str | None:
@@ -211,8 +216,7 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None, retir
             problems.append(refusal)
             logger.warning("symbols not marked inactive", extra={"active": active, "missing": vanished,
                                                                  "listing_whole": listing_whole})
-    cache.invalidate_symbols()
-    return SymbolRefresh(upserted, inactivated, problems, kept)
+    return SymbolRefresh(upserted, inactivated, problems, kept, cache.invalidate_symbols())
 
 
 def top_tickers(limit: int) -> list[str]:
@@ -386,9 +390,10 @@ def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, target
         result.added += len(combined) - (0 if current is None else len(current))
 
 
-def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> None:
+def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> bool:
     """Tell clients which timeframes of `ticker` can be forecast from stored candles (Symbol.candle_timeframes),
-    and the track record up to which candle each is stored."""
+    and the track record up to which candle each is stored. Whether the cache took the invalidation: top lists and
+    searches show candle_timeframes too."""
     from candlecast import db, storage
     from candlecast.repositories import symbols as symbol_repository
 
@@ -396,7 +401,7 @@ def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> Non
     through = {timeframe: datetime.fromtimestamp(at, UTC).isoformat() for timeframe, at in stored_through.items()}
     with db.connection() as conn:
         symbol_repository.set_candle_timeframes(conn, ticker, timeframes, through)
-    cache.delete(cache.keys.symbol(ticker))
+    return cache.invalidate_symbols()
 
 
 def _same(left: "Candles", right: "Candles") -> bool:
@@ -421,6 +426,7 @@ def run_ingest(
     on_symbol: Callable[[str], None] | None = None,
     retried: Sequence[str] = (),
     retire_missing: bool = False,
+    symbol_cache_stale: bool = False,
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
     `symbols` by volume. Starts no new symbol and no new Polygon request at `deadline` (time.monotonic()),
@@ -434,8 +440,14 @@ def run_ingest(
     A symbol whose source failed for a reason that may pass (anything but a plan's 403), or whose files were
     written but whose metadata was not recorded, is tried once more at the end of the chunk, for what failed
     only. One the deadline leaves no time for is listed in `retry` and handed on; `retried` names those, which
-    get no third try."""
+    get no third try.
+
+    Symbols that changed while the cache did not take their invalidation (or `symbol_cache_stale`: an earlier
+    chunk's) are invalidated again at the end; `symbol_cache_stale` in the summary says that failed too."""
     started = time.monotonic()
+    cache_stale = threading.Event()
+    if symbol_cache_stale:
+        cache_stale.set()
     summary = IngestSummary()
     requests_before = client.requests_made
     now = now if now is not None else int(time.time())
@@ -444,6 +456,8 @@ def run_ingest(
         summary.symbols_upserted, summary.symbols_inactivated = refreshed.upserted, refreshed.inactivated
         summary.symbols_kept_active = refreshed.kept_active
         summary.errors += [f"symbol {problem}" for problem in refreshed.problems]
+        if not refreshed.cache_invalidated:
+            cache_stale.set()
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
     last_try = set(retried)
 
@@ -453,7 +467,8 @@ def run_ingest(
         result = ingest_symbol(client, ticker, wanted, now=now, history_days=history_days, stop=deadline)
         result.stored_through = {**through, **result.stored_through}
         try:
-            record_candle_timeframes(ticker, result.stored_through)
+            if not record_candle_timeframes(ticker, result.stored_through):
+                cache_stale.set()
         except Exception as error:  # the files are written: said so, and tried again
             result.record_error = error
         return result
@@ -518,6 +533,11 @@ def run_ingest(
     order = {ticker: index for index, ticker in enumerate(todo)}
     for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried):
         found.sort(key=order.__getitem__)
+    if cache_stale.is_set() and not cache.invalidate_symbols(retry=True):
+        summary.symbol_cache_stale = True
+        summary.errors.append(f"cache: symbols changed but the cache did not take their invalidation (tried again at "
+                              f"the end of the chunk): they are served up to {cache.SYMBOLS_STALE_SECONDS} s late")
+        logger.warning("symbol cache not invalidated", extra={"stale_seconds": cache.SYMBOLS_STALE_SECONDS})
     summary.requests = client.requests_made - requests_before
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
@@ -551,9 +571,9 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
-    "refresh_symbols": bool}. The first call refreshes the symbol table and takes the top N; a continuation passes
-    the `remaining` and `retry` tickers of the previous chunk (the latter also as `retried`: their last try) and
-    refresh_symbols false.
+    "refresh_symbols": bool, "symbol_cache_stale": bool}. The first call refreshes the symbol table and takes the
+    top N; a continuation passes the `remaining` and `retry` tickers of the previous chunk (the latter also as
+    `retried`: their last try), refresh_symbols false and whether the symbols' cache is still to be invalidated.
     """
     from candlecast import polygon
 
@@ -570,11 +590,13 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
         tickers=event.get("tickers"),
         deadline=time.monotonic() + max(0.0, budget_seconds),
         retried=[str(ticker) for ticker in event.get("retried") or []],
+        symbol_cache_stale=bool(event.get("symbol_cache_stale")),
     )
     report = summary.as_dict()
     left = summary.remaining + summary.retry
     report["continuation"] = (
-        {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False}
+        {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False,
+         "symbol_cache_stale": summary.symbol_cache_stale}
         if left else None
     )
     return report

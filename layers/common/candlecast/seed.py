@@ -124,8 +124,10 @@ def seed_symbols(data_dir: Path) -> int:
     symbols = read_symbols(path)
     with db.connection() as conn:
         count = upsert_symbols(conn, symbols)
-    cache.invalidate_symbols()
     print(f"symbols: {count} upserted from {path}")
+    if not cache.invalidate_symbols(retry=True):
+        print(f"cache: Redis did not take the invalidation; symbols cached before are served for up to "
+              f"{cache.SYMBOLS_STALE_SECONDS} s (seed again, or wait)")
     return count
 
 

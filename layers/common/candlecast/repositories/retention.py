@@ -19,8 +19,12 @@ def may_delete() -> str:
 @dataclass(frozen=True)
 class Batch:
     examined: int
-    deleted: int
+    deleted_ids: list[str]
     last_created_at: datetime | None  # the next batch starts after it
+
+    @property
+    def deleted(self) -> int:
+        return len(self.deleted_ids)
 
 
 def delete_expired_batch(conn: psycopg.Connection, cutoff: datetime, after: datetime | None, size: int) -> Batch:
@@ -35,12 +39,13 @@ def delete_expired_batch(conn: psycopg.Connection, cutoff: datetime, after: date
         ), deleted AS (
             DELETE FROM predictions WHERE id IN (
                 SELECT p.id FROM predictions p JOIN examined USING (id) WHERE {may_delete()})
-            RETURNING 1
+            RETURNING id
         )
-        SELECT (SELECT count(*) FROM examined) AS examined, (SELECT count(*) FROM deleted) AS deleted,
+        SELECT (SELECT count(*) FROM examined) AS examined,
+               (SELECT coalesce(array_agg(id::text), '{{}}') FROM deleted) AS deleted_ids,
                (SELECT max(created_at) FROM examined) AS last_created_at
     """, {"cutoff": cutoff, "after": after or datetime.min.replace(tzinfo=cutoff.tzinfo), "size": size}).fetchone()
-    return Batch(row["examined"], row["deleted"], row["last_created_at"])
+    return Batch(row["examined"], row["deleted_ids"], row["last_created_at"])
 
 
 def delete_expired_outcomes(conn: psycopg.Connection, cutoff: datetime) -> int:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from candlecast import cache, db, storage
 from candlecast.drift import is_drifting
-from candlecast.errors import CandlecastError
+from candlecast.errors import CandlecastError, ServiceUnavailable
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import scores as score_repository
 from candlecast.repositories import stats as stats_repository
@@ -40,6 +40,11 @@ def _database() -> dict:
         return active
 
 
+def _cache() -> None:
+    if (problem := cache.ping_problem()) is not None:
+        raise ServiceUnavailable(problem, code="cache_unavailable")
+
+
 def prepare() -> None:
     """At init: what the first check would otherwise build inside the first invoke (see storage)."""
     storage.prepare_bucket_check()
@@ -56,7 +61,7 @@ def check() -> tuple[int, bytes]:
 
     # At once: a request (and a cold start, which connects to all three) waits for the slowest, not the sum.
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="health") as pool:
-        work = (("database", database), ("cache", cache.ping), ("storage", storage.check_bucket))
+        work = (("database", database), ("cache", _cache), ("storage", storage.check_bucket))
         futures = {name: pool.submit(_timed, check) for name, check in work}
     checks = {name: future.result() for name, future in futures.items()}
     if checks["database"]["status"] == "down":

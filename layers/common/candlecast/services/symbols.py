@@ -91,41 +91,41 @@ def search(query: str, limit: int, cursor: str | None = None) -> Page:
     key = ascii_lower(term)
     scope = f"symbols?q={key}"
     after = _search_after(scope, cursor)
-    cached = Page.unpacked(cache.get_search_bytes(key, limit)) if after is None else None
-    if cached is not None:
+    lookup = cache.lookup_search(key, limit) if after is None else None
+    if lookup is not None and (cached := Page.unpacked(lookup.value)) is not None:
         return cached
     with db.connection() as conn:
         rows = symbol_repository.search_symbols(conn, term, limit, after)
     page = Page.of(_symbol_list.dump_json(_symbol_list.validate_python(_available(rows))), limit, scope,
                    _search_position, rows)
-    if after is None:
-        cache.set_search_bytes(key, limit, page.packed())
+    if lookup is not None:
+        cache.fill_search(key, limit, page.packed(), lookup)
     return page
 
 
 def top(limit: int, cursor: str | None = None) -> Page:
     after = _top_after(cursor)
-    cached = Page.unpacked(cache.get_top_symbols_bytes(limit)) if after is None else None
-    if cached is not None:
+    lookup = cache.lookup_top_symbols(limit) if after is None else None
+    if lookup is not None and (cached := Page.unpacked(lookup.value)) is not None:
         return cached
     with db.connection() as conn:
         rows = symbol_repository.get_top_symbols_by_volume(conn, limit, after)
     page = Page.of(_symbol_list.dump_json(_symbol_list.validate_python(_available(rows))), limit, TOP_SCOPE,
                    _top_position, rows)
-    if after is None:
-        cache.set_top_symbols_bytes(limit, page.packed())
+    if lookup is not None:
+        cache.fill_top_symbols(limit, page.packed(), lookup)
     return page
 
 
 def get(raw_ticker: str) -> bytes:
     ticker = normalize_ticker(raw_ticker)
-    cached = cache.get_symbol_bytes(ticker)
-    if cached is not None:
-        return cached
+    lookup = cache.lookup_symbol(ticker)
+    if lookup.value is not None:
+        return lookup.value
     with db.connection() as conn:
         row = symbol_repository.get_symbol_by_ticker(conn, ticker)
     if row is None:
         raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
     body = Symbol.model_validate(_available([row])[0]).model_dump_json().encode()
-    cache.set_symbol_bytes(ticker, body)
+    cache.fill_symbol(ticker, body, lookup)
     return body

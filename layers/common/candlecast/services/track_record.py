@@ -161,22 +161,22 @@ def _load(timeframe: str | None) -> list[ModelTrackRecord]:
 
 def all_models() -> bytes:
     """GET /models: each timeframe's active model with its backtest and live headline figures."""
-    cached = cache.get_track_record_bytes(None)
-    if cached is not None:
-        return cached
+    lookup = cache.lookup_track_record(None)
+    if lookup.value is not None:
+        return lookup.value
     body = _records.dump_json(_load(None))
-    cache.set_track_record_bytes(None, body)
+    cache.fill_track_record(None, body, lookup)
     return body
 
 
 def one_timeframe(timeframe: str) -> bytes:
     """GET /models/{timeframe}: the same plus coverage by horizon and reliability bins."""
-    cached = cache.get_track_record_bytes(timeframe)
-    if cached is not None:
-        return cached
+    lookup = cache.lookup_track_record(timeframe)
+    if lookup.value is not None:
+        return lookup.value
     records = _load(timeframe)
     if not records:
         raise NotFound(f"no active model for timeframe {timeframe}", code="model_not_found")
     body = records[0].model_dump_json().encode()
-    cache.set_track_record_bytes(timeframe, body)
+    cache.fill_track_record(timeframe, body, lookup)
     return body
