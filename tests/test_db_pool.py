@@ -93,6 +93,20 @@ def test_a_session_that_refuses_to_write_is_a_503_and_is_dropped_while_reads_go_
     assert backend_pid() != first
 
 
+def test_a_lock_held_past_lock_timeout_is_a_503_that_does_not_start_an_outage(one_connection, caplog):
+    # A migration's DDL holds a table: the statement queued behind it ends at lock_timeout (55P03), which psycopg
+    # raises as an OperationalError, not as the QueryCanceled of statement_timeout.
+    first = backend_pid()
+    with psycopg.connect(one_connection.database_url) as migration:
+        migration.execute("LOCK TABLE symbols IN ACCESS EXCLUSIVE MODE")
+        with caplog.at_level(logging.WARNING), pytest.raises(DatabaseUnavailable, match="in time"), \
+                db.connection() as conn:
+            conn.execute("SELECT count(*) FROM symbols")
+    assert db._outage is None  # the server answered: no fail-fast pause for the next request
+    assert not [record for record in caplog.records if record.getMessage().startswith("database down")]
+    assert backend_pid() == first  # and the session, which is fine, is lent again
+
+
 def test_a_pooled_connection_is_renewed_after_its_max_lifetime(one_connection, monkeypatch):
     monkeypatch.setattr(db, "MAX_LIFETIME_SECONDS", 0.3, raising=False)
     reset_clients()

@@ -436,8 +436,9 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
         raise DatabaseUnavailable("every database connection is busy; try again shortly") from error.__cause__
     except PoolTimeout as error:
         raise _unavailable(error, "database pool timeout") from error
-    except psycopg.errors.QueryCanceled as error:  # statement_timeout or lock_timeout: the server answers
-        logger.warning("database statement timed out")
+    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as error:  # statement_timeout (57014)
+        # or lock_timeout (55P03, an OperationalError): the server answered, so no fail-fast pause
+        logger.warning("database statement timed out", extra={"sqlstate": error.sqlstate})
         raise DatabaseUnavailable("the database did not answer in time; try again shortly") from error
     except psycopg.errors.ReadOnlySqlTransaction as error:  # it answers (reads work): no fail-fast pause
         logger.warning("database is read-only (a failover, or a standby); the session is dropped")
