@@ -328,6 +328,75 @@ def test_a_prediction_is_looked_at_again_only_when_its_next_step_can_have_mature
 NO_ONE = score_repository.NO_PREDICTION
 
 
+def copies_of_one_forecast(count: int) -> list[uuid.UUID]:
+    """`count` predictions of SYMBOL from one origin (other Idempotency-Keys), in the order a run takes them."""
+    bodies = [invoke("predictions_create", create_event({"symbol": SYMBOL, "timeframe": "1h"}, f"copy-{n}"))[2]
+              for n in range(count)]
+    return sorted(uuid.UUID(body["id"]) for body in bodies)
+
+
+@pytest.mark.parametrize("failure", ["stalled", "damaged"])
+def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions_are_skipped(track, failure):
+    """A stalled S3 (StorageUnavailable after the client's timeouts, ~2 s a read) or a corrupt file used to be read
+    again for every due prediction of its series: 200 reads, ~400 s, in a batch of a 270 s chunk."""
+    from candlecast.errors import StorageUnavailable
+
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
+    failing = copies_of_one_forecast(3)
+    other = uuid.UUID(create("X:SOLUSD")["id"])
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    if failure == "damaged":
+        storage.put_bytes(storage.candles_key(SYMBOL, "1h"), b"PAR1 not parquet PAR1")
+    reads: list[str] = []
+    real = storage.read_all_candles
+
+    def read(ticker: str, timeframe: str):
+        reads.append(ticker)
+        if failure == "stalled" and ticker == SYMBOL:
+            raise StorageUnavailable("storage did not answer in time")
+        return real(ticker, timeframe)
+
+    track.setattr(storage, "read_all_candles", read)
+    report = scoring.run(60)
+    assert reads.count(SYMBOL) == 1 and reads.count("X:SOLUSD") == 1
+    assert [line.split(":")[0] for line in report.failed] == [str(failing[0])]
+    assert report.skipped == 2 and report.predictions == 4
+    [unreadable] = report.unreadable_files
+    assert unreadable.startswith(f"{SYMBOL} 1h: ") and unreadable.endswith(report.failed[0].split(": ", 1)[1])
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {other}
+    # The skipped predictions stay due: the next run tries the file again, and scores them once it can read it.
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0] * 3))
+    track.setattr(storage, "read_all_candles", real)
+    assert scoring.run(60).scored == 9
+
+
+def test_a_run_stops_at_its_deadline_inside_a_batch_and_records_what_it_did(track):
+    """The deadline used to be looked at between batches only, and scores were written at a batch's end: a batch
+    slower than the margin (a stalled S3) was cut off by Lambda's timeout, and lost with its continuation."""
+    history = stored_history()
+    first, second, third = copies_of_one_forecast(3)
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0] * 3))
+    clock = [0.0]
+    real = scoring.score_prediction
+
+    def takes_100_seconds(*args):
+        clock[0] += 100.0
+        return real(*args)
+
+    track.setattr(scoring, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    track.setattr(scoring, "score_prediction", takes_100_seconds)
+    report = scoring.run(150)  # one batch of three, the budget spent during the second
+    assert report.predictions == 2 and report.scored == 6 and report.batches == 1
+    assert report.continuation["after"] == [SYMBOL, "1h", str(second)]
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {first, second}
+
+    rest = scoring.scheduled_run(report.continuation, 150)
+    assert rest["predictions"] == 1 and rest["scored"] == 3 and rest["continuation"] is None
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {first, second, third}
+
+
 def test_between_refreshes_a_run_reads_no_candle_file_in_vain(track):
     """The refresh records each file's last candle; a prediction whose next step is past it is not due, however
     late it is, so the hourly run reads no file until a refresh has stored the candle it waits for."""
