@@ -603,6 +603,45 @@ def test_score_function_hands_what_is_left_to_a_new_invocation(track):
                    RefreshContext(remaining_seconds=300))["scored"] == 0
 
 
+
+@contextmanager
+def models_locked():
+    """models held as migration 0008's deploy held it (SHARE ROW EXCLUSIVE, for about 40 s)."""
+    with psycopg.connect(url()) as conn:
+        conn.execute("LOCK TABLE models IN SHARE ROW EXCLUSIVE MODE")
+        yield
+        conn.rollback()
+
+
+def test_an_accuracy_update_that_cannot_run_is_reported_and_the_continuation_still_handed_on(track):
+    """The accuracy update ran after the loop and raised (LockNotAvailable after the Score function's 30 s
+    lock_timeout, behind a migration), so run_chunk raised: the report and the continuation were lost."""
+    from infra.lambda_loader import load_handler
+    from tests.conftest import reset_clients
+
+    track.setenv("DB_STATEMENT_TIMEOUT", "60")  # as the template sets it for Score: lock_timeout 30 s
+    track.setenv("REFRESH_CHAIN", "false")
+    reset_clients()
+    handler = load_handler("functions/score")
+    history = stored_history()
+    create(SYMBOL)
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5, 99.0]))
+    scheduled = json.loads((EVENTS / "score_scheduled.json").read_text())
+    with models_locked():
+        started = time.monotonic()
+        first = handler(scheduled, RefreshContext(remaining_seconds=30))  # nothing left beyond the margin
+        waited = time.monotonic() - started
+        assert first["continuation"] is not None and first["accuracy_error"].startswith("models was locked")
+        assert waited < 10, waited  # the update's own lock_timeout (2 s), not the function's 30 s
+        second = handler(first["continuation"], RefreshContext(remaining_seconds=300))
+        assert second["scored"] == 3 and second["accuracy_error"].startswith("models was locked")
+    assert rows(url(), "SELECT accuracy FROM models WHERE timeframe = '1h' AND is_active")[0][0] is None
+    assert get_model("1h")[1]["live"]["n_scored"] == 3  # the scores are recorded and served all the same
+    third = handler(scheduled, RefreshContext(remaining_seconds=300))  # the next run brings accuracy up to date
+    assert third["scored"] == 0 and third["accuracy_error"] is None
+    assert rows(url(), "SELECT accuracy FROM models WHERE timeframe = '1h' AND is_active")[0][0] is not None
+
+
 def test_backtest_figures_read_the_peer_comparison_of_newer_manifests():
     from candlecast.services.track_record import backtest_figures
 

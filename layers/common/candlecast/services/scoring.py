@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import psycopg
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
@@ -52,6 +53,7 @@ class ScoreReport:
     batches: int = 0
     seconds: float = 0.0
     continuation: dict | None = None
+    accuracy_error: str | None = None  # why models.accuracy was not brought up to date by this run
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -186,6 +188,23 @@ def _score_batch(due: list[dict], files: _CandleFiles, report: ScoreReport,
     return due, rows
 
 
+def _refresh_accuracy(report: ScoreReport) -> int:
+    """models.accuracy brought up to date (also after a re-registration reset it): how many changed. A failure is
+    logged and reported (`accuracy_error`), never raised: the scores are recorded, and the continuation must
+    still be handed on; the next run updates it."""
+    try:
+        with db.connection() as conn:
+            try:
+                return score_repository.refresh_accuracy(conn)
+            except psycopg.errors.LockNotAvailable:  # the server answered: not an outage of the database
+                report.accuracy_error = (f"models was locked for more than {score_repository.ACCURACY_LOCK_TIMEOUT}"
+                                         " (a migration?)")
+    except Exception as error:
+        report.accuracy_error = _reason(error)
+    logger.warning("accuracy not refreshed", extra={"error": report.accuracy_error})
+    return 0
+
+
 def run(budget_seconds: float, *, now: datetime | None = None, since: datetime | None = None,
         after: score_repository.DueCursor = score_repository.NO_PREDICTION, batch: int = BATCH_PREDICTIONS,
         on_batch: Callable[[ScoreReport], None] | None = None) -> ScoreReport:
@@ -217,8 +236,7 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
             on_batch(report)
         if len(due) < batch and len(looked_at) == len(due):
             break
-    with db.connection() as conn:  # also after a re-registration reset it
-        accuracy_changed = score_repository.refresh_accuracy(conn)
+    accuracy_changed = _refresh_accuracy(report)
     if report.scored or accuracy_changed:
         cache.invalidate_track_record()
     report.seconds = round(time.monotonic() - started, 3)
