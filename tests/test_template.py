@@ -254,11 +254,43 @@ def test_self_chaining_functions_are_never_retried_by_lambda(template, resources
     assert template["Globals"]["Function"]["AutoPublishAlias"] == "live"
     fns = functions(resources)
     for name in ("RefreshFunction", "ScoreFunction"):
-        assert fns[name]["EventInvokeConfig"] == {"MaximumRetryAttempts": 0}, name
-        (latest,) = [resource["Properties"] for resource in resources.values()
-                     if resource["Type"] == "AWS::Lambda::EventInvokeConfig"
-                     and resource["Properties"]["FunctionName"] == {"Ref": name}]
-        assert latest == {"FunctionName": {"Ref": name}, "Qualifier": "$LATEST", "MaximumRetryAttempts": 0}, name
+        assert fns[name]["EventInvokeConfig"]["MaximumRetryAttempts"] == 0, name
+        (latest,) = latest_invoke_configs(resources, name)
+        assert (latest["Qualifier"], latest["MaximumRetryAttempts"]) == ("$LATEST", 0), name
+
+
+def latest_invoke_configs(resources: dict, function: str) -> list[dict]:
+    return [resource["Properties"] for resource in resources.values()
+            if resource["Type"] == "AWS::Lambda::EventInvokeConfig"
+            and resource["Properties"]["FunctionName"] == {"Ref": function}]
+
+
+def test_failed_asynchronous_runs_go_to_an_encrypted_queue_that_an_alarm_watches(template, resources):
+    """Refresh, Score and Retention had no retry (or two, for Retention) and no destination: a failed run reached
+    nobody. Each EventInvokeConfig (the alias's, and $LATEST's where one is configured) now names the queue."""
+    queue = {"Fn::GetAtt": ["FailedRunsQueue", "Arn"]}
+    fns = functions(resources)
+    for name in ("RefreshFunction", "ScoreFunction", "RetentionFunction"):
+        assert fns[name]["EventInvokeConfig"]["DestinationConfig"] == {
+            "OnFailure": {"Type": "SQS", "Destination": queue}}, name
+        for latest in latest_invoke_configs(resources, name):
+            assert latest["DestinationConfig"] == {"OnFailure": {"Destination": queue}}, name
+    assert fns["RetentionFunction"]["EventInvokeConfig"]["MaximumRetryAttempts"] == 2  # idempotent: retried
+    for name, properties in fns.items():  # the others are invoked synchronously (API, custom resource)
+        if name not in ("RefreshFunction", "ScoreFunction", "RetentionFunction"):
+            assert "EventInvokeConfig" not in properties and not latest_invoke_configs(resources, name), name
+
+    queue_properties = resources["FailedRunsQueue"]["Properties"]
+    assert queue_properties["KmsMasterKeyId"] == "alias/aws/sqs"
+    assert queue_properties["MessageRetentionPeriod"] == 14 * 24 * 3600
+    alarm = resources["FailedRunsAlarm"]["Properties"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["FailedRunsQueue", "QueueName"]}}]
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
+    notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    assert alarm["AlarmActions"] == alarm["OKActions"] == notify
+    assert template["Parameters"]["AlarmTopicArn"]["Default"] == ""
+    assert template["Outputs"]["FailedRunsQueueUrl"]["Value"] == {"Ref": "FailedRunsQueue"}
 
 
 def test_score_runs_hourly(template, resources):
