@@ -328,6 +328,75 @@ def test_a_prediction_is_looked_at_again_only_when_its_next_step_can_have_mature
 NO_ONE = score_repository.NO_PREDICTION
 
 
+def copies_of_one_forecast(count: int) -> list[uuid.UUID]:
+    """`count` predictions of SYMBOL from one origin (other Idempotency-Keys), in the order a run takes them."""
+    bodies = [invoke("predictions_create", create_event({"symbol": SYMBOL, "timeframe": "1h"}, f"copy-{n}"))[2]
+              for n in range(count)]
+    return sorted(uuid.UUID(body["id"]) for body in bodies)
+
+
+@pytest.mark.parametrize("failure", ["stalled", "damaged"])
+def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions_are_skipped(track, failure):
+    """A stalled S3 (StorageUnavailable after the client's timeouts, ~2 s a read) or a corrupt file used to be read
+    again for every due prediction of its series: 200 reads, ~400 s, in a batch of a 270 s chunk."""
+    from candlecast.errors import StorageUnavailable
+
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
+    failing = copies_of_one_forecast(3)
+    other = uuid.UUID(create("X:SOLUSD")["id"])
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    if failure == "damaged":
+        storage.put_bytes(storage.candles_key(SYMBOL, "1h"), b"PAR1 not parquet PAR1")
+    reads: list[str] = []
+    real = storage.read_all_candles
+
+    def read(ticker: str, timeframe: str):
+        reads.append(ticker)
+        if failure == "stalled" and ticker == SYMBOL:
+            raise StorageUnavailable("storage did not answer in time")
+        return real(ticker, timeframe)
+
+    track.setattr(storage, "read_all_candles", read)
+    report = scoring.run(60)
+    assert reads.count(SYMBOL) == 1 and reads.count("X:SOLUSD") == 1
+    assert [line.split(":")[0] for line in report.failed] == [str(failing[0])]
+    assert report.skipped == 2 and report.predictions == 4
+    [unreadable] = report.unreadable_files
+    assert unreadable.startswith(f"{SYMBOL} 1h: ") and unreadable.endswith(report.failed[0].split(": ", 1)[1])
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {other}
+    # The skipped predictions stay due: the next run tries the file again, and scores them once it can read it.
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0] * 3))
+    track.setattr(storage, "read_all_candles", real)
+    assert scoring.run(60).scored == 9
+
+
+def test_a_run_stops_at_its_deadline_inside_a_batch_and_records_what_it_did(track):
+    """The deadline used to be looked at between batches only, and scores were written at a batch's end: a batch
+    slower than the margin (a stalled S3) was cut off by Lambda's timeout, and lost with its continuation."""
+    history = stored_history()
+    first, second, third = copies_of_one_forecast(3)
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0] * 3))
+    clock = [0.0]
+    real = scoring.score_prediction
+
+    def takes_100_seconds(*args):
+        clock[0] += 100.0
+        return real(*args)
+
+    track.setattr(scoring, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    track.setattr(scoring, "score_prediction", takes_100_seconds)
+    report = scoring.run(150)  # one batch of three, the budget spent during the second
+    assert report.predictions == 2 and report.scored == 6 and report.batches == 1
+    assert report.continuation["after"] == [SYMBOL, "1h", str(second)]
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {first, second}
+
+    rest = scoring.scheduled_run(report.continuation, 150)
+    assert rest["predictions"] == 1 and rest["scored"] == 3 and rest["continuation"] is None
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {first, second, third}
+
+
 def test_between_refreshes_a_run_reads_no_candle_file_in_vain(track):
     """The refresh records each file's last candle; a prediction whose next step is past it is not due, however
     late it is, so the hourly run reads no file until a refresh has stored the candle it waits for."""
@@ -532,6 +601,45 @@ def test_score_function_hands_what_is_left_to_a_new_invocation(track):
     # A continuation from before series order (a bare id) starts over, and scores nothing twice.
     assert handler({**first["continuation"], "after": str(uuid.uuid4())},
                    RefreshContext(remaining_seconds=300))["scored"] == 0
+
+
+
+@contextmanager
+def models_locked():
+    """models held as migration 0008's deploy held it (SHARE ROW EXCLUSIVE, for about 40 s)."""
+    with psycopg.connect(url()) as conn:
+        conn.execute("LOCK TABLE models IN SHARE ROW EXCLUSIVE MODE")
+        yield
+        conn.rollback()
+
+
+def test_an_accuracy_update_that_cannot_run_is_reported_and_the_continuation_still_handed_on(track):
+    """The accuracy update ran after the loop and raised (LockNotAvailable after the Score function's 30 s
+    lock_timeout, behind a migration), so run_chunk raised: the report and the continuation were lost."""
+    from infra.lambda_loader import load_handler
+    from tests.conftest import reset_clients
+
+    track.setenv("DB_STATEMENT_TIMEOUT", "60")  # as the template sets it for Score: lock_timeout 30 s
+    track.setenv("REFRESH_CHAIN", "false")
+    reset_clients()
+    handler = load_handler("functions/score")
+    history = stored_history()
+    create(SYMBOL)
+    storage.write_candles(SYMBOL, "1h", with_later(history, [100.0, 100.5, 99.0]))
+    scheduled = json.loads((EVENTS / "score_scheduled.json").read_text())
+    with models_locked():
+        started = time.monotonic()
+        first = handler(scheduled, RefreshContext(remaining_seconds=30))  # nothing left beyond the margin
+        waited = time.monotonic() - started
+        assert first["continuation"] is not None and first["accuracy_error"].startswith("models was locked")
+        assert waited < 10, waited  # the update's own lock_timeout (2 s), not the function's 30 s
+        second = handler(first["continuation"], RefreshContext(remaining_seconds=300))
+        assert second["scored"] == 3 and second["accuracy_error"].startswith("models was locked")
+    assert rows(url(), "SELECT accuracy FROM models WHERE timeframe = '1h' AND is_active")[0][0] is None
+    assert get_model("1h")[1]["live"]["n_scored"] == 3  # the scores are recorded and served all the same
+    third = handler(scheduled, RefreshContext(remaining_seconds=300))  # the next run brings accuracy up to date
+    assert third["scored"] == 0 and third["accuracy_error"] is None
+    assert rows(url(), "SELECT accuracy FROM models WHERE timeframe = '1h' AND is_active")[0][0] is not None
 
 
 def test_backtest_figures_read_the_peer_comparison_of_newer_manifests():

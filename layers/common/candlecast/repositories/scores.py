@@ -128,6 +128,10 @@ FROM (SELECT pid.id, COALESCE(
 WHERE p.id = next.id AND p.score_next_at IS DISTINCT FROM next.at
 """
 
+# How long the accuracy update may queue behind a lock on models (a migration holds it for tens of seconds); the
+# next run updates it instead.
+ACCURACY_LOCK_TIMEOUT = "2s"
+
 # models.accuracy is the live 80 % coverage (drift.ACCURACY_DEFINITION) on out-of-sample steps.
 _REFRESH_ACCURACY = """
 UPDATE models m SET accuracy = live.inside_80::double precision / live.n
@@ -188,8 +192,11 @@ def record_scores(conn: psycopg.Connection, rows: list[dict]) -> int:
 
 
 def refresh_accuracy(conn: psycopg.Connection) -> int:
-    """Set models.accuracy to the live 80 % coverage of each model that has out-of-sample scores."""
-    return conn.execute(_REFRESH_ACCURACY).rowcount
+    """Set models.accuracy to the live 80 % coverage of each model that has out-of-sample scores. Waits at most
+    ACCURACY_LOCK_TIMEOUT for the rows (psycopg.errors.LockNotAvailable): a migration may hold the table."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (ACCURACY_LOCK_TIMEOUT,))
+        return conn.execute(_REFRESH_ACCURACY).rowcount
 
 
 def get_active_model_stats(conn: psycopg.Connection, timeframe: str | None = None) -> list[dict]:

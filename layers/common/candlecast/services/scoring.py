@@ -6,8 +6,9 @@ event |C/Ĉ − 1| ≤ τ happened, and the pin5 loss (mean pinball loss over th
 0.975, in % log return) of the step's stored quantiles and of the model's own baseline at the same origin.
 
 Work goes in batches of predictions in series order (ticker, timeframe, id), so each candle file is read once;
-a run stops at its time budget and returns a continuation (the last prediction done), which the Score function
-hands to a new invocation of itself.
+a file that cannot be read is not tried again in the run, and its series' other predictions are skipped. A run
+stops at its time budget, between two predictions, records what it has done and returns a continuation (the last
+prediction done), which the Score function hands to a new invocation of itself.
 """
 
 import math
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import psycopg
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
@@ -46,9 +48,12 @@ class ScoreReport:
     scored: int = 0  # steps newly scored by this run
     unmatured: int = 0  # steps whose candle is not stored yet
     failed: list[str] = field(default_factory=list)
+    skipped: int = 0  # predictions not tried: their candle file failed earlier in the run
+    unreadable_files: list[str] = field(default_factory=list)  # "ticker timeframe: why", once per file
     batches: int = 0
     seconds: float = 0.0
     continuation: dict | None = None
+    accuracy_error: str | None = None  # why models.accuracy was not brought up to date by this run
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -120,16 +125,28 @@ def score_prediction(prediction: dict, candles, model) -> tuple[list[dict], int]
     return rows, len(steps) - len(rows)
 
 
+def _reason(error: Exception) -> str:
+    """What a report and the log may say about an error: a CandlecastError's message, else its class only."""
+    return error.message if isinstance(error, CandlecastError) else type(error).__name__
+
+
 class _CandleFiles:
-    """Each (ticker, timeframe) file read once per run (a few dozen kept)."""
+    """Each (ticker, timeframe) file read once per run (a few dozen kept); one whose read failed is remembered
+    (`unreadable`, with the reason) and not read again in the run."""
 
     def __init__(self) -> None:
         self._files: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self.unreadable: dict[tuple[str, str], str] = {}
 
     def get(self, ticker: str, timeframe: str):
         key = (ticker, timeframe)
         if key not in self._files:
-            self._files[key] = storage.read_all_candles(ticker, timeframe)
+            try:
+                candles = storage.read_all_candles(ticker, timeframe)
+            except Exception as error:
+                self.unreadable[key] = _reason(error)
+                raise
+            self._files[key] = candles
             while len(self._files) > _CANDLE_FILES_KEPT:
                 self._files.popitem(last=False)
         self._files.move_to_end(key)
@@ -139,6 +156,53 @@ class _CandleFiles:
 def _model_row(prediction: dict) -> dict:
     return {"id": prediction["model_id"], "timeframe": prediction["model_timeframe"], "s3_key": prediction["s3_key"],
             "sha256": prediction["sha256"], "name": prediction["model_name"], "version": prediction["model_version"]}
+
+
+def _score_batch(due: list[dict], files: _CandleFiles, report: ScoreReport,
+                 deadline: float) -> tuple[list[dict], list[dict]]:
+    """(the predictions looked at, their score rows): `due` in order, stopping early once the deadline has passed
+    (after one prediction at least, so a run always moves on)."""
+    rows: list[dict] = []
+    for done, prediction in enumerate(due):
+        if done and time.monotonic() >= deadline:
+            return due[:done], rows
+        if not prediction["steps"]:  # looked at before its next step's candle could be stored
+            continue
+        series = (prediction["ticker"], prediction["timeframe"])
+        if series in files.unreadable:
+            report.skipped += 1
+            continue
+        try:
+            candles = files.get(*series)
+            model = verified_model(_model_row(prediction)) if candles is not None else None
+            found, waiting = score_prediction(prediction, candles, model)
+        except Exception as error:  # one unreadable file, model or defect never stops the others; no secrets
+            reason = _reason(error)
+            report.failed.append(f"{prediction['id']}: {reason}")
+            logger.warning("scoring failed", extra={"prediction": str(prediction["id"]), "error": reason})
+            if series in files.unreadable:
+                report.unreadable_files.append(f"{series[0]} {series[1]}: {reason}")
+            continue
+        rows.extend(found)
+        report.unmatured += waiting
+    return due, rows
+
+
+def _refresh_accuracy(report: ScoreReport) -> int:
+    """models.accuracy brought up to date (also after a re-registration reset it): how many changed. A failure is
+    logged and reported (`accuracy_error`), never raised: the scores are recorded, and the continuation must
+    still be handed on; the next run updates it."""
+    try:
+        with db.connection() as conn:
+            try:
+                return score_repository.refresh_accuracy(conn)
+            except psycopg.errors.LockNotAvailable:  # the server answered: not an outage of the database
+                report.accuracy_error = (f"models was locked for more than {score_repository.ACCURACY_LOCK_TIMEOUT}"
+                                         " (a migration?)")
+    except Exception as error:
+        report.accuracy_error = _reason(error)
+    logger.warning("accuracy not refreshed", extra={"error": report.accuracy_error})
+    return 0
 
 
 def run(budget_seconds: float, *, now: datetime | None = None, since: datetime | None = None,
@@ -161,37 +225,18 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
             due = score_repository.get_due_predictions(conn, now, after, batch)
         if not due:
             break
-        rows: list[dict] = []
-        for prediction in due:
-            if not prediction["steps"]:  # looked at before its next step's candle could be stored
-                continue
-            try:
-                candles = files.get(prediction["ticker"], prediction["timeframe"])
-                model = verified_model(_model_row(prediction)) if candles is not None else None
-                found, waiting = score_prediction(prediction, candles, model)
-            except CandlecastError as error:  # one unreadable file or model never stops the others
-                report.failed.append(f"{prediction['id']}: {error.message}")
-                logger.warning("scoring failed", extra={"prediction": str(prediction["id"]), "error": error.message})
-                continue
-            except Exception as error:  # nor does a defect met on one prediction's data; its class only is logged
-                report.failed.append(f"{prediction['id']}: {type(error).__name__}")
-                logger.warning("scoring failed", extra={"prediction": str(prediction["id"]),
-                                                        "error": type(error).__name__})
-                continue
-            rows.extend(found)
-            report.unmatured += waiting
+        looked_at, rows = _score_batch(due, files, report, deadline)
         with db.connection() as conn:
             report.scored += score_repository.record_scores(conn, rows)
-            score_repository.schedule_next(conn, [prediction["id"] for prediction in due], since)
-        report.predictions += len(due)
+            score_repository.schedule_next(conn, [prediction["id"] for prediction in looked_at], since)
+        report.predictions += len(looked_at)
         report.batches += 1
-        after = score_repository.due_cursor(due[-1])
+        after = score_repository.due_cursor(looked_at[-1])
         if on_batch is not None:
             on_batch(report)
-        if len(due) < batch:
+        if len(due) < batch and len(looked_at) == len(due):
             break
-    with db.connection() as conn:  # also after a re-registration reset it
-        accuracy_changed = score_repository.refresh_accuracy(conn)
+    accuracy_changed = _refresh_accuracy(report)
     if report.scored or accuracy_changed:
         cache.invalidate_track_record()
     report.seconds = round(time.monotonic() - started, 3)
