@@ -149,3 +149,21 @@ def test_a_deployment_key_needs_resign_which_signs_with_that_key(seed_bucket, sa
         uploaded = storage.get_bytes(storage.signature_key(key)).decode()
         assert uploaded == sign(b"model bytes v1", b"the-deployment-key")
     assert (models / "1h.pkl.sig").read_text() == sign(b"model bytes v1", LOCAL_MODEL_SIGNING_KEY.encode())
+
+
+def test_a_missing_bucket_or_a_foreign_key_is_one_line_from_the_cli(seed_bucket, sample, monkeypatch, capsys):
+    from candlecast import cli
+    from candlecast.config import get_settings
+
+    data, models = sample
+    local = ["--data", str(data), "--models", str(models), "--quiet", "--no-track-record"]
+    assert cli.main(["seed", "--bucket", "candlecast-no-such-bucket", *local]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("candlecast seed: ") and "candlecast-no-such-bucket" in err and "Traceback" not in err
+
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "the-deployment-key")
+    get_settings.cache_clear()
+    assert cli.main(["seed", "--bucket", seed_bucket, *local]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("candlecast seed: ") and "--resign" in err and "(ModelIntegrityError)" in err
+    assert "the-deployment-key" not in err and "Traceback" not in err

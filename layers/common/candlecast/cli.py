@@ -3,7 +3,9 @@
 import argparse
 import importlib
 import json
+import os
 import sys
+import traceback
 
 # Modules that expose register(subparsers); imported only when the command runs.
 COMMAND_MODULES = (
@@ -68,8 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_db_check)
 
 
+DEBUG_VARIABLE = "CANDLECAST_DEBUG"  # set (non-empty): a mapped failure shows its traceback too
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="candlecast", description="candlecast operations")
+    debug_help = f"show the traceback of an expected failure too (or set {DEBUG_VARIABLE}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -79,20 +86,62 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    for command in subparsers.choices.values():  # `candlecast migrate --debug` as well as `candlecast --debug migrate`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(args, debug=args.debug or bool(os.environ.get(DEBUG_VARIABLE)))
+
+
+def run_command(args: argparse.Namespace, *, debug: bool = False) -> int:
+    """Run the parsed subcommand. An expected failure (the database, the bucket or Polygon unreachable, a file
+    missing, a model refused, bad input) is one line, `candlecast <command>: <message>`, exit 1; an interrupt exits
+    130; anything else is a defect and keeps its traceback. Passwords are redacted from what is printed."""
+    from candlecast import redaction
+
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"candlecast {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as error:
         from candlecast.config import ConfigurationError
 
         if isinstance(error, ConfigurationError):
             print(f"candlecast: {error}", file=sys.stderr)
             return 2
-        raise
+        if not is_expected_failure(error):
+            raise
+        if debug:
+            print(redaction.redact("".join(traceback.format_exception(error))), file=sys.stderr, end="")
+        print(f"candlecast {args.command}: {redaction.redact(describe_failure(error))}", file=sys.stderr)
+        return 1
+
+
+def is_expected_failure(error: Exception) -> bool:
+    """A failure of the environment or the input, not of this code."""
+    import botocore.exceptions
+    import psycopg
+    from boto3.exceptions import Boto3Error
+
+    from candlecast.errors import CandlecastError, UnusableInput
+
+    expected = (OSError, psycopg.Error, CandlecastError, UnusableInput, Boto3Error, botocore.exceptions.BotoCoreError,
+                botocore.exceptions.ClientError)
+    return isinstance(error, expected)
+
+
+def describe_failure(error: Exception) -> str:
+    from candlecast.errors import CandlecastError
+
+    message = error.message if isinstance(error, CandlecastError) else str(error).strip()
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        message = f"{error.filename}: {error.strerror}"  # not "[Errno 2] No such file or directory: '...'"
+    kind = type(error).__name__
+    return f"{message} ({kind})" if message else kind
 
 
 if __name__ == "__main__":

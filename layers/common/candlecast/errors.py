@@ -12,6 +12,11 @@ class CandlecastError(Exception):
             self.code = code
 
 
+class UnusableInput(ValueError):
+    """Input a command cannot use (a model file, a manifest, an argument that disagrees with the file): the CLI
+    prints its message, not a traceback. A ValueError, as the checks that raise it always were."""
+
+
 class BadRequest(CandlecastError):
     status = 400
     code = "bad_request"

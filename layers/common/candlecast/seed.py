@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from candlecast.errors import UnusableInput
 from candlecast.forecast.artifact import sha256_hex
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -101,7 +102,7 @@ def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def _not_json(path: Path, name: str):
-    raise ValueError(f"{path} holds {name}, which is not JSON (the models table refuses it): write the figure as "
+    raise UnusableInput(f"{path} holds {name}, which is not JSON (the models table refuses it): write the figure as "
                      "null, as `candlecast train` does for a horizon no test outcome reached")
 
 
@@ -165,7 +166,7 @@ def checked_models(models_dir: Path, resign: bool = False) -> list[tuple[str, di
             raise FileNotFoundError(f"manifest lists {timeframe} but {model_file} does not exist")
         sha256 = sha256_hex(model_file.read_bytes())
         if entry.get("sha256") and entry["sha256"] != sha256:
-            raise ValueError(f"{model_file}: sha256 {sha256} does not match the manifest's {entry['sha256']}")
+            raise UnusableInput(f"{model_file}: sha256 {sha256} does not match the manifest's {entry['sha256']}")
         checked.append((timeframe, entry, model_file, sha256, _signature(model_file, resign)))
     return checked
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from candlecast.errors import UnusableInput
 from candlecast.forecast.dataset import OHLCVError, load_timeframe, series_names, unused_files
 from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
 from candlecast.forecast.model import ForecastModel, raw_confidence
@@ -27,7 +28,7 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
     """forecasting.md metrics of `model` on every series of `timeframe` in `data_dir` (CSV or Parquet); with
     `peers`, also the model's own baseline and every peer of `peers.PEERS` on the same origins."""
     if model.timeframe != timeframe:
-        raise ValueError(f"the model is for {model.timeframe}, not {timeframe}")
+        raise UnusableInput(f"the model is for {model.timeframe}, not {timeframe}")
     loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
     if not loaded:
         raise OHLCVError(f"{data_dir}: no OHLCV files that give {timeframe}")

@@ -7,6 +7,7 @@ import sys
 from functools import wraps
 from pathlib import Path
 
+from candlecast.errors import UnusableInput
 from candlecast.timeframes import TIMEFRAMES
 
 DEFAULT_SOURCE = "../shared/data/ohlcv"
@@ -55,7 +56,8 @@ def register(subparsers) -> None:
     backtest = subparsers.add_parser("backtest", help="evaluate a model on every OHLCV file in a folder (JSON)")
     backtest.add_argument("--data", required=True, help="folder of OHLCV files (CSV or Parquet)")
     backtest.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
-    backtest.add_argument("--model", help="model file (default models/{tf}.pkl); its .sig is verified")
+    backtest.add_argument("--model", help="model file (default: the repository's models/{tf}.pkl, wherever "
+                          "the command runs); its .sig is verified")
     backtest.add_argument("--no-peers", action="store_true", help="skip the peers (GARCH-t, Gaussian and conformal "
                           "random walks, the file's own baseline)")
     backtest.add_argument("--report", help="folder for {tf}/comparison.png (every method by horizon, reliability, "
@@ -304,7 +306,7 @@ def readme_with_summary(readme: str, manifest: dict) -> str:
     head, found, rest = readme.partition(README_BEGIN)
     _, found_end, tail = rest.partition(README_END)
     if not (found and found_end):
-        raise ValueError(f"README has no {README_BEGIN} ... {README_END} block")
+        raise UnusableInput(f"README has no {README_BEGIN} ... {README_END} block")
     return f"{head}{README_BEGIN}\n{summary_table(manifest)}\n{README_END}{tail}"
 
 
@@ -320,8 +322,9 @@ def backtest_command(args: argparse.Namespace) -> int:
     from candlecast.forecast.backtest import backtest, load_signed_model
     from candlecast.forecast.report import comparison_text
     from candlecast.forecast.train import signing_key
+    from candlecast.seed import DEFAULT_MODELS_DIR
 
-    path = Path(args.model or f"models/{args.timeframe}.pkl")
+    path = Path(args.model) if args.model else DEFAULT_MODELS_DIR / f"{args.timeframe}.pkl"
     model = load_signed_model(path, signing_key())
     result = backtest(model, Path(args.data), args.timeframe, progress=True, peers=not args.no_peers)
     for item in result["unscored_files"]:
@@ -342,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="candlecast-forecast")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    from candlecast.cli import run_command
+
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from candlecast.candles import Candles, usable_candles
+from candlecast.errors import UnusableInput
 from candlecast.forecast.features import (
     FEATURES,
     HAR_WINDOWS,
@@ -143,7 +144,7 @@ class ForecastModel:
 
     def __init__(self, payload: dict):
         if payload.get("format") != FORMAT:
-            raise ValueError(f"unsupported model format {payload.get('format')!r}")
+            raise UnusableInput(f"unsupported model format {payload.get('format')!r}")
         self.payload = payload
         self.timeframe = payload["timeframe"]
         self.name = payload["name"]
@@ -164,7 +165,7 @@ class ForecastModel:
         self.garch = payload.get("garch")
         # Features are only ever appended, so a file trained on a prefix of today's set reads the same columns.
         if list(FEATURES[: len(self.features)]) != self.features:
-            raise ValueError("model features do not match this code's feature set")
+            raise UnusableInput("model features do not match this code's feature set")
 
     # -- z-quantiles -----------------------------------------------------------------------------------
     def z_quantiles(self, origin_rows: np.ndarray, garch_states: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,98 @@
+"""`candlecast`: an expected failure is one line on stderr (exit 1, no password), an interrupt exits 130, a defect
+keeps its traceback."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from candlecast import cli
+from candlecast.config import LOCAL_MODEL_SIGNING_KEY, get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "s3cret-pw-for-cli"
+UNREACHABLE_DATABASE = f"postgresql://candlecast:{PASSWORD}@127.0.0.1:1/none"
+
+
+@pytest.fixture
+def offline_env(monkeypatch):
+    """What an offline command may see: the development key, explicitly local; no database, Redis nor bucket."""
+    for name in ("DATABASE_URL", "DB_SECRET_ARN", "REDIS_URL", "DATA_BUCKET", "CANDLECAST_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STAGE", "local")
+    monkeypatch.setenv("MODEL_SIGNING_KEY", LOCAL_MODEL_SIGNING_KEY)
+    get_settings.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_an_unreachable_database_is_one_line_without_the_password(offline_env, capsys):
+    offline_env.setenv("DATABASE_URL", UNREACHABLE_DATABASE)
+    assert cli.main(["migrate", "--status"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("candlecast migrate: ") and "(OperationalError)" in err
+    assert "Traceback" not in err and PASSWORD not in err
+
+
+def test_a_database_url_that_is_not_a_url_is_one_line(offline_env, capsys):
+    offline_env.setenv("DATABASE_URL", "notaurl")
+    assert cli.main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("candlecast migrate: ") and "(ProgrammingError)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["before", "after", "variable"])
+def test_debug_shows_the_traceback_of_an_expected_failure_redacted(offline_env, capsys, how):
+    offline_env.setenv("DATABASE_URL", UNREACHABLE_DATABASE)
+    argv = {"before": ["--debug", "migrate"], "after": ["migrate", "--debug"], "variable": ["migrate"]}[how]
+    if how == "variable":
+        offline_env.setenv("CANDLECAST_DEBUG", "1")
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "candlecast migrate: " in err and PASSWORD not in err
+
+
+def test_a_missing_model_file_is_one_line(offline_env, capsys, tmp_path):
+    missing = tmp_path / "nonexistent.pkl"
+    assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1d", "--model", str(missing)]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"candlecast backtest: {missing}: No such file or directory (FileNotFoundError)"
+
+
+def test_a_model_of_another_timeframe_is_one_line(offline_env, capsys):
+    argv = ["backtest", "--data", str(ROOT / "data"), "--timeframe", "1h", "--model", str(ROOT / "models" / "1d.pkl")]
+    assert cli.main(argv) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "candlecast backtest: the model is for 1d, not 1h (UnusableInput)"
+
+
+def test_backtest_finds_the_repository_model_from_any_directory(offline_env, capsys, tmp_path):
+    offline_env.chdir(tmp_path)
+    assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1w", "--no-peers"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_origins"] > 0
+
+
+def test_a_path_under_a_file_is_one_line(offline_env, capsys, tmp_path):
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--readme",
+                     str(tmp_path / "afile" / "README.md")]) == 1
+    assert "(NotADirectoryError)" in capsys.readouterr().err
+
+
+def test_an_interrupt_exits_130(offline_env, capsys):
+    def interrupted(_manifest):
+        raise KeyboardInterrupt
+
+    offline_env.setattr("candlecast.forecast.cli.summary_table", interrupted)
+    assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"]) == 130
+    assert capsys.readouterr().err == "candlecast scorecard: interrupted\n"
+
+
+def test_a_defect_keeps_its_traceback(offline_env):
+    def broken(_manifest):
+        return {}["no such key"]
+
+    offline_env.setattr("candlecast.forecast.cli.summary_table", broken)
+    with pytest.raises(KeyError):
+        cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"])
