@@ -115,6 +115,16 @@ def importable(monkeypatch):
 
 
 @pytest.fixture
+def committed_models_key(monkeypatch):
+    """What `candlecast train`, `backtest` and `rescore` need for the committed models: their public development
+    key, which only an explicitly local stage may use."""
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+
+    monkeypatch.setenv("STAGE", "local")
+    monkeypatch.setenv("MODEL_SIGNING_KEY", LOCAL_MODEL_SIGNING_KEY)
+
+
+@pytest.fixture
 def seeded(clean_db):
     """The committed sample and models seeded, and no model loaded yet."""
     from candlecast import seed

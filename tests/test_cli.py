@@ -96,3 +96,29 @@ def test_a_defect_keeps_its_traceback(offline_env):
     offline_env.setattr("candlecast.forecast.cli.summary_table", broken)
     with pytest.raises(KeyError):
         cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"])
+
+
+def test_offline_commands_refuse_to_fall_back_to_the_public_key(offline_env, capsys, tmp_path):
+    """No key set: train stops before it reads any data and backtest verifies nothing, each naming what to set."""
+    offline_env.delenv("MODEL_SIGNING_KEY")
+    assert cli.main(["train", "--timeframe", "1w", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "m"),
+                     "--reports", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL_SIGNING_KEY" in err and "STAGE=local" in err and not (tmp_path / "m").exists()
+    assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1w", "--no-peers"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "MODEL_SIGNING_KEY" in captured.err
+
+
+def test_offline_commands_take_the_public_key_only_with_stage_local_set(offline_env, capsys):
+    offline_env.delenv("STAGE")
+    assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1w", "--no-peers"]) == 2
+    assert "public development key" in capsys.readouterr().err
+    offline_env.setenv("STAGE", "local")
+    assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1w", "--no-peers"]) == 0
+
+
+def test_offline_commands_need_neither_the_database_nor_redis_nor_the_bucket(offline_env, capsys):
+    assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1w", "--no-peers"]) == 0
+    err = capsys.readouterr().err
+    assert "REDIS_URL" not in err and "DATA_BUCKET" not in err and "DATABASE_URL" not in err

@@ -9,6 +9,8 @@ import pytest
 
 from candlecast.forecast.cli import main
 
+pytestmark = pytest.mark.usefixtures("committed_models_key")
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "ohlcv"
 KEYS = {"coverage_80", "coverage_95", "ece", "pinball_skill", "n_origins", "per_horizon"}

@@ -19,6 +19,8 @@ from candlecast.forecast.comparison import (
     ece_chance,
 )
 
+pytestmark = pytest.mark.usefixtures("committed_models_key")
+
 HOUR = 3600
 
 

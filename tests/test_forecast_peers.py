@@ -26,6 +26,8 @@ from candlecast.forecast.peers import (
     rw_sd,
 )
 
+pytestmark = pytest.mark.usefixtures("committed_models_key")
+
 PLAN = GarchPlan(window=400, refit_every=50, min_returns=100)
 
 

@@ -9,6 +9,8 @@ import pytest
 from candlecast.forecast.evaluate import measured
 from tests.test_forecast_leakage import calendar_walk
 
+pytestmark = pytest.mark.usefixtures("committed_models_key")
+
 pytest.importorskip("arch")
 
 

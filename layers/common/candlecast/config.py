@@ -58,7 +58,18 @@ class DatabaseSettings(BaseSettings):
         return settings
 
 
-class Settings(DatabaseSettings):
+class SigningKeySettings(BaseSettings):
+    """What signing or verifying a model file needs, and nothing else (train and backtest run offline)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True,
+                                      env_parse_none_str="none")
+
+    model_signing_key: SecretStr | None = Field(None, description="HMAC key that model files are signed with")
+    model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key")
+    stage: str = "local"
+
+
+class Settings(DatabaseSettings, SigningKeySettings):
     redis_url: str = Field(..., description="Redis URL, redis://, rediss:// or unix://")
     redis_socket_timeout: float = Field(0.25, gt=0, le=5)
     redis_slow_seconds: float = Field(0.1, gt=0, le=5, description="a cache command slower than this is slow; "
@@ -66,9 +77,6 @@ class Settings(DatabaseSettings):
 
     data_bucket: str = Field(..., min_length=3, max_length=63)
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for local runs (moto server)")
-
-    model_signing_key: SecretStr | None = Field(None, description="HMAC key that model files are signed with")
-    model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key")
 
     polygon_api_key: SecretStr | None = None
     polygon_api_key_secret_arn: str | None = None
@@ -80,7 +88,6 @@ class Settings(DatabaseSettings):
     retention_batch_size: int = Field(1000, ge=1, le=50_000, description="predictions deleted per transaction")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="POWERTOOLS_LOG_LEVEL")
-    stage: str = "local"
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -229,7 +236,22 @@ def database_conninfo(settings: DatabaseSettings, *, refresh: bool = False) -> s
                                  "username and password", code="secret_invalid", retry_after=30) from None
 
 
-def model_signing_key(settings: Settings) -> bytes:
+def offline_model_signing_key() -> bytes:
+    """The key of a command that signs or verifies model files without the stack (train, backtest, rescore): it
+    reads MODEL_SIGNING_KEY (or MODEL_SIGNING_KEY_SECRET_ARN) and STAGE only, under the same rules as the stack."""
+    try:
+        settings = SigningKeySettings()
+    except ValidationError as error:
+        raise ConfigurationError(_describe(error)) from None
+    if settings.model_signing_key is None and not settings.model_signing_key_secret_arn:
+        raise ConfigurationError(
+            "MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set (the committed models are signed with the "
+            f"public development key: MODEL_SIGNING_KEY={LOCAL_MODEL_SIGNING_KEY} with STAGE=local)"
+        )
+    return model_signing_key(settings)
+
+
+def model_signing_key(settings: SigningKeySettings) -> bytes:
     if settings.model_signing_key is not None:
         key = settings.model_signing_key.get_secret_value()
     elif settings.model_signing_key_secret_arn:
@@ -247,7 +269,7 @@ def model_signing_key(settings: Settings) -> bytes:
     return key.encode()
 
 
-def _explicitly_local(settings: Settings) -> bool:
+def _explicitly_local(settings: SigningKeySettings) -> bool:
     return settings.stage == "local" and "stage" in settings.model_fields_set
 
 

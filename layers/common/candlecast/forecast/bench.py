@@ -24,15 +24,15 @@ def synthetic_candles(count: int, seed: int = 1) -> Candles:
     )
 
 
-def bench_forecast(models_dir: Path = MODELS_DIR, runs: int = 500) -> dict[str, str]:
+def bench_forecast(models_dir: Path = MODELS_DIR, runs: int = 500, key: bytes | None = None) -> dict[str, str]:
     """Flat {figure name: "x.xxx ms"}: median and p95 of `ForecastModel.predict` (30 steps) per timeframe,
-    and the one-off verify-and-load time of each signed model file."""
+    and the one-off verify-and-load time of each signed model file (`key`: by default the committed models')."""
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
     from candlecast.forecast.backtest import load_signed_model
-    from candlecast.forecast.train import signing_key
 
     candles = synthetic_candles(400)
     figures = {}
-    key = signing_key()
+    key = key or LOCAL_MODEL_SIGNING_KEY.encode()
     for timeframe in TIMEFRAMES:
         path = Path(models_dir) / f"{timeframe}.pkl"
         if not path.exists():

@@ -92,8 +92,10 @@ def build_sample_command(args: argparse.Namespace) -> int:
 
 def train_command(args: argparse.Namespace) -> int:
     from candlecast.forecast.report import comparison_text
-    from candlecast.forecast.train import register, train_timeframe
+    from candlecast.forecast.train import register, signing_key, train_timeframe
 
+    if not args.evaluate_only:
+        signing_key()  # a missing or refused key stops the command before the training, not after it
     entry = train_timeframe(args.timeframe, Path(args.data), Path(args.out), Path(args.reports), folds=args.folds,
                             holdout_bars=args.holdout_bars, test_fraction=args.test_fraction,
                             evaluate_only=args.evaluate_only,

@@ -1119,13 +1119,10 @@ def rescore_timeframe(timeframe: Timeframe, walk_forward_file: Path, manifest_pa
 
 
 def signing_key() -> bytes:
-    from candlecast import config
+    """MODEL_SIGNING_KEY (or its secret); the public development key only with STAGE=local set explicitly."""
+    from candlecast.config import offline_model_signing_key
 
-    try:
-        return config.model_signing_key(config.get_settings())
-    except config.ConfigurationError as error:
-        print(f"warning: settings unavailable ({error}); using config.LOCAL_MODEL_SIGNING_KEY", file=sys.stderr)
-        return config.LOCAL_MODEL_SIGNING_KEY.encode()
+    return offline_model_signing_key()
 
 
 def update_manifest(path: Path, entry: dict) -> None:
