@@ -151,6 +151,22 @@ def test_only_one_active_model_per_timeframe(conn):
     assert model_repository.get_active_model_by_timeframe(conn, "1w") is None
 
 
+def test_registering_the_same_file_again_keeps_its_live_accuracy_and_another_file_starts_without(conn):
+    def register(sha256: str, accuracy: float | None = None):
+        return model_repository.register_model(conn, ModelCreate(
+            timeframe="1d", name="m-1d", version="1", kind="baseline", s3_key="models/1d/1.pkl", sha256=sha256,
+            accuracy=accuracy))
+
+    def accuracy() -> float | None:
+        return conn.execute("SELECT accuracy FROM models WHERE name = 'm-1d'").fetchone()["accuracy"]
+
+    model_id = register("a" * 64)
+    conn.execute("UPDATE models SET accuracy = 0.79 WHERE id = %s", (model_id,))  # as scoring sets it
+    assert register("a" * 64) == model_id and accuracy() == 0.79
+    assert register("a" * 64, accuracy=0.5) == model_id and accuracy() == 0.5  # one given still wins
+    assert register("b" * 64) == model_id and accuracy() is None
+
+
 def test_symbol_and_active_model_in_one_round_trip_and_the_stats(conn):
     from candlecast.repositories import stats as stats_repository
 

@@ -105,6 +105,19 @@ def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
     assert _state() == first
 
 
+def test_seeding_again_keeps_the_live_accuracy_scoring_set(seed_bucket, sample):
+    from candlecast import db
+
+    data, models = sample
+    local = ["--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet", "--no-track-record"]
+    _cli(*local)
+    with db.connection() as conn:
+        conn.execute("UPDATE models SET accuracy = 0.79 WHERE name = 'seed-test-1h'")  # as scoring sets it
+    _cli(*local)
+    with db.connection() as conn:
+        assert conn.execute("SELECT accuracy FROM models WHERE name = 'seed-test-1h'").fetchone()["accuracy"] == 0.79
+
+
 def test_a_model_file_that_does_not_match_its_manifest_is_refused(seed_bucket, sample):
     from candlecast.seed import seed
 

@@ -16,7 +16,9 @@ MODEL_COLUMNS = (
 
 
 def register_model(conn: psycopg.Connection, model: "ModelCreate", *, activate: bool = True) -> uuid.UUID:
-    """Insert (or refresh, by name+version) a model; when `activate`, it becomes its timeframe's only active one."""
+    """Insert (or refresh, by name+version) a model; when `activate`, it becomes its timeframe's only active one.
+    The same file registered again keeps its live accuracy unless one is given; another file (sha256) starts
+    without one: scoring sets it."""
     with conn.transaction():
         if activate:
             conn.execute(
@@ -33,7 +35,10 @@ def register_model(conn: psycopg.Connection, model: "ModelCreate", *, activate: 
                     CASE WHEN %(activate)s THEN now() END)
             ON CONFLICT (name, version) DO UPDATE SET
                 timeframe = EXCLUDED.timeframe, kind = EXCLUDED.kind, s3_key = EXCLUDED.s3_key,
-                sha256 = EXCLUDED.sha256, accuracy = EXCLUDED.accuracy, metrics = EXCLUDED.metrics,
+                sha256 = EXCLUDED.sha256,
+                accuracy = CASE WHEN models.sha256 = EXCLUDED.sha256 THEN COALESCE(EXCLUDED.accuracy, models.accuracy)
+                                ELSE EXCLUDED.accuracy END,
+                metrics = EXCLUDED.metrics,
                 features = EXCLUDED.features, train_start = EXCLUDED.train_start, train_end = EXCLUDED.train_end,
                 is_active = models.is_active OR EXCLUDED.is_active,
                 activated_at = COALESCE(EXCLUDED.activated_at, models.activated_at)
