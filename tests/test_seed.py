@@ -118,6 +118,25 @@ def test_seeding_again_keeps_the_live_accuracy_scoring_set(seed_bucket, sample):
         assert conn.execute("SELECT accuracy FROM models WHERE name = 'seed-test-1h'").fetchone()["accuracy"] == 0.79
 
 
+@pytest.mark.parametrize("where", ["missing", "a file", "no symbols.csv"])
+def test_a_data_directory_that_is_not_one_is_refused_before_any_change(seed_bucket, sample, capsys, where):
+    from candlecast import cli
+
+    data, models = sample
+    if where == "missing":
+        data, expected = data.parent / "nonexistent", f"{data.parent / 'nonexistent'}: no such directory"
+    elif where == "a file":
+        data, expected = data / "symbols.csv", f"{data / 'symbols.csv'}: not a directory"
+    else:
+        (data / "symbols.csv").unlink()
+        expected = f"no symbols.csv in {data}"
+    assert cli.main(["seed", "--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"candlecast seed: {expected}") and "seeded" not in captured.out
+    state = _state()
+    assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
+
+
 def test_a_model_file_that_does_not_match_its_manifest_is_refused(seed_bucket, sample):
     from candlecast.seed import seed
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -119,9 +120,6 @@ def seed_symbols(data_dir: Path) -> int:
     from candlecast.repositories.symbols import upsert_symbols
 
     path = data_dir / SYMBOLS_FILE
-    if not path.is_file():
-        print(f"no {path}; no symbols seeded")
-        return 0
     symbols = read_symbols(path)
     with db.connection() as conn:
         count = upsert_symbols(conn, symbols)
@@ -343,22 +341,31 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
     from candlecast import cache, db, storage
 
     report = SeedReport()
-    models = checked_models(models_dir, resign) if models_dir.is_dir() else []
+    _require_directory(data_dir)
+    _require_directory(models_dir)
+    if not (data_dir / SYMBOLS_FILE).is_file():
+        raise UnusableInput(f"no {SYMBOLS_FILE} in {data_dir}: not a data directory; nothing seeded")
+    models = checked_models(models_dir, resign)
     with db.batch(BATCH_DB_SECONDS):  # batch work: not a request's 1 s bound
         report.symbols = seed_symbols(data_dir)
-        if data_dir.is_dir():
-            report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
-        if models_dir.is_dir():
-            if not models:
-                print(f"no models in {models_dir / MANIFEST_FILE}; none registered")
-            # Each file and its signature land on their keys before the row that names them.
-            report.model_files = 2 * len(models)
-            report.models = register_models(models, progress=progress)
-            cache.invalidate_track_record()
-        if track_record and data_dir.is_dir() and report.models:
+        report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
+        if not models:
+            print(f"no models in {models_dir / MANIFEST_FILE}; none registered")
+        # Each file and its signature land on their keys before the row that names them.
+        report.model_files = 2 * len(models)
+        report.models = register_models(models, progress=progress)
+        cache.invalidate_track_record()
+        if track_record and report.models:
             report.past_predictions, report.scored_steps, plans = build_track_record(data_dir, as_of, progress)
             report.no_live = [plan.timeframe for plan in plans if plan.mode in ("replay", "none")]
     return report
+
+
+def _require_directory(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such directory", str(path))
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
 
 
 def _run(args: argparse.Namespace) -> int:
