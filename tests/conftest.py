@@ -114,14 +114,16 @@ def importable(monkeypatch):
     get_settings.cache_clear()  # do not leave stand-in settings behind for later tests
 
 
-@pytest.fixture
-def committed_models_key(monkeypatch):
+@pytest.fixture(scope="module")
+def committed_models_key():
     """What `candlecast train`, `backtest` and `rescore` need for the committed models: their public development
-    key, which only an explicitly local stage may use."""
+    key, which only an explicitly local stage may use. Module-wide: a module's fixtures train too."""
     from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 
-    monkeypatch.setenv("STAGE", "local")
-    monkeypatch.setenv("MODEL_SIGNING_KEY", LOCAL_MODEL_SIGNING_KEY)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STAGE", "local")
+        patch.setenv("MODEL_SIGNING_KEY", LOCAL_MODEL_SIGNING_KEY)
+        yield
 
 
 @pytest.fixture

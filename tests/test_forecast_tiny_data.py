@@ -60,7 +60,7 @@ def test_train_names_the_files_it_does_not_use_and_why(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def shipped_with_untested_horizons(tmp_path_factory) -> Path:
+def shipped_with_untested_horizons(tmp_path_factory, committed_models_key) -> Path:
     """The folder `train` wrote for twelve coins of three years: enough pairs to ship a 1m model, a test too short
     to reach its longest horizons."""
     from candlecast.forecast.train import train_timeframe
