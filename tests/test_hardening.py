@@ -93,8 +93,11 @@ def _settings(**values) -> Settings:
 def test_the_public_development_key_is_refused_outside_an_explicit_local_stage(stage, monkeypatch):
     monkeypatch.delenv("STAGE", raising=False)
     settings = _settings(model_signing_key=LOCAL_MODEL_SIGNING_KEY, **({"stage": stage} if stage else {}))
-    with pytest.raises(PublicSigningKeyError, match="public development key"):
+    with pytest.raises(PublicSigningKeyError, match="public development key") as refused:
         model_signing_key(settings)
+    # The remedy is STAGE=local set explicitly; with STAGE unset, "refused for STAGE=local" pointed the wrong way.
+    assert f"(STAGE={stage})" in str(refused.value) if stage else "(STAGE not set)" in str(refused.value)
+    assert "only STAGE=local set explicitly may use" in str(refused.value)
 
 
 def test_the_development_key_works_locally_and_a_real_key_anywhere():

@@ -262,9 +262,10 @@ def model_signing_key(settings: SigningKeySettings) -> bytes:
     # The development key is in this repository: anyone can sign a pickle with it. Only a stage that says
     # it is local (STAGE=local, explicitly) may use it.
     if key.strip() == LOCAL_MODEL_SIGNING_KEY and not _explicitly_local(settings):
+        stage = f"STAGE={settings.stage}" if "stage" in settings.model_fields_set else "STAGE not set"
         raise PublicSigningKeyError(
-            f"the model signing key is the public development key, refused for STAGE={settings.stage}; "
-            "set a secret key of this stage's own"
+            f"the model signing key is the public development key, which only STAGE=local set explicitly may use "
+            f"({stage}): set a secret key of this stage's own, or STAGE=local for a local run"
         )
     return key.encode()
 
