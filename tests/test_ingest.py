@@ -725,6 +725,19 @@ def test_a_403_on_the_ticker_listing_stops_the_run(env):
     assert fake.count("/v2/aggs/ticker/") == 0
 
 
+@pytest.mark.parametrize(("option", "value"), [("--symbols", "0"), ("--symbols", "-3"), ("--concurrency", "0"),
+                                               ("--max-rps", "-1"), ("--max-rps", "0"), ("--max-rps", "nan")])
+def test_cli_refuses_a_count_or_rate_below_one_before_any_request(env, capsys, option, value):
+    from candlecast import cli
+
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        point_settings_at(env, fake)
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["ingest", option, value])
+        assert fake.count("/") == 0
+    assert stopped.value.code == 2 and f"{option}: " in capsys.readouterr().err
+
+
 def test_cli_prints_a_summary(env, capsys):
     from candlecast import cli
 

@@ -16,10 +16,20 @@ COMMAND_MODULES = (
 )
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {value!r}")
     return int(value)
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):  # NaN fails the comparison
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {value!r}")
+    return number
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -64,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     migrate = subparsers.add_parser("migrate", help="apply database migrations, one run at a time (a PostgreSQL "
                                     "advisory lock, released by the server when a run's session ends)")
     migrate.add_argument("--status", action="store_true", help="list applied and pending migrations")
-    migrate.add_argument("--rollback", type=_positive_int, metavar="N", help="roll back the last N migrations")
+    migrate.add_argument("--rollback", type=positive_int, metavar="N", help="roll back the last N migrations")
     migrate.set_defaults(func=_migrate)
     check = subparsers.add_parser("db-check", help="connect to the database and Redis and report each")
     check.set_defaults(func=_db_check)

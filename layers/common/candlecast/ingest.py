@@ -755,11 +755,14 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from candlecast.cli import positive_float, positive_int
+
     parser = subparsers.add_parser("ingest", help="refresh symbols and candles from Polygon (Massive)")
-    parser.add_argument("--symbols", type=int, default=DEFAULT_TOP_SYMBOLS, help="how many top symbols by volume")
+    parser.add_argument("--symbols", type=positive_int, default=DEFAULT_TOP_SYMBOLS,
+                        help="how many top symbols by volume")
     parser.add_argument("--timeframes", type=_timeframes, nargs="+", help="e.g. 1h 1d (default: all five)")
-    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="parallel symbols")
-    parser.add_argument("--max-rps", type=float, default=None,
+    parser.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY, help="parallel symbols")
+    parser.add_argument("--max-rps", type=positive_float, default=None,
                         help="request rate cap (free tier: 0.083; paid: under 100; default POLYGON_MAX_RPS or 50)")
     parser.add_argument("--skip-symbols", action="store_true", help="keep the symbol table; only fetch candles")
     parser.add_argument("--retire-missing", action="store_true",
