@@ -112,7 +112,9 @@ def test_csv_headers_in_any_case_and_repeated_times_read_once(tmp_path):
 @pytest.mark.parametrize(("text", "problem"), [
     ("Date,Open,High,Low,Close,Volume\n2024-01-01,1,2,0.5,1.5,5\n", "no column timestamp"),
     ("timestamp,open,high,low,close\n2024-01-01T00:00:00Z,1,2,0.5,1.5\n", "no column volume"),
-    ("timestamp,open,high,low,close,volume\n2024-01-01T00:00:00Z,1,2,abc,1.5,5\n", "invalid value 'abc'"),
+    ("timestamp,open,high,low,close,volume\n2024-01-01T00:00:00Z,1,2,abc,1.5,5\n", "line 2: low 'abc' is not a number"),
+    ("Timestamp,Open,High,Low,Close,Volume\n2024-01-01T00:00:00Z,1,2,0.5,1.5,5\n\n2024-01-01T01:00:00Z,1,2,0.5,1.5,"
+     "5 units\n", "line 4: volume '5 units' is not a number"),
     ("timestamp,open,high,low,close,volume\n2024-01-01T05:00:00Z,1,2,0.5,1.5,5\n01/02/2024,1,2,0.5,1.5,5\n",
      "line 3: timestamp '01/02/2024' is neither ISO 8601 (UTC when it names no zone) nor epoch "
      "seconds, milliseconds or microseconds"),
@@ -128,6 +130,18 @@ def test_an_unreadable_file_is_named_with_its_problem(tmp_path, text, problem):
     with pytest.raises(OHLCVError, match=re.escape(problem)) as raised:
         read_ohlcv(path)
     assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("where", ["missing", "a file"])
+def test_a_folder_that_is_missing_or_a_file_is_named_as_such(tmp_path, where):
+    from candlecast.forecast.dataset import OHLCVError, load_timeframe
+
+    folder = tmp_path / "nonexistent"
+    if where == "a file":
+        folder.write_text("")
+    problem = "no such directory" if where == "missing" else "not a directory"
+    with pytest.raises(OHLCVError, match=f"^{re.escape(str(folder))}: {problem}$"):
+        load_timeframe(folder, "1d")
 
 
 def test_rows_without_a_positive_price_and_flat_outage_rows_are_dropped():

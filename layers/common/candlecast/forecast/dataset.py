@@ -57,18 +57,28 @@ UNPARSED_NAME = f"name is neither <BASE>-<QUOTE>_<tf>.csv nor <PAIR>/<tf>.parque
 
 def unparsed_files(directory: Path) -> list[Path]:
     """CSV and Parquet files under `directory` whose names say no pair and timeframe: `list_series` skips them."""
+    _require_directory(directory)
     return [path for path in sorted(Path(directory).rglob("*"))
             if path.is_file() and path.suffix.lower() in (".csv", ".parquet") and describe_file(path) is None]
 
 
 def list_series(directory: Path) -> list[Series]:
     """Every OHLCV file under `directory` (recursively), sorted by path."""
+    _require_directory(directory)
     found = (describe_file(path) for path in sorted(Path(directory).rglob("*")) if path.is_file())
     return [series for series in found if series is not None]
 
 
 class OHLCVError(ValueError):
     """OHLCV input that cannot be used: the message names the file (or folder) and the problem."""
+
+
+def _require_directory(directory: Path) -> None:
+    """An OHLCVError for a folder that is missing or a file: not "no OHLCV files" in it."""
+    if not Path(directory).exists():
+        raise OHLCVError(f"{directory}: no such directory")
+    if not Path(directory).is_dir():
+        raise OHLCVError(f"{directory}: not a directory")
 
 
 def read_ohlcv(path: Path) -> Candles:
@@ -108,9 +118,44 @@ def _read_csv(path: Path) -> tuple[np.ndarray, dict]:
     names = {name.strip().lower(): name for name in header}
     _require_columns(path, names, ("timestamp", *COLUMNS[1:]))
     types = {names["timestamp"]: pa.string()} | {names[name]: pa.float64() for name in COLUMNS[1:]}
-    table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types=types))
+    try:
+        table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types=types))
+    except pa.ArrowInvalid as error:
+        raise OHLCVError(f"{path}: {_first_bad_number(path) or _with_column_name(str(error), header)}") from error
     table = table.rename_columns([name.strip().lower() for name in table.column_names])
     return _epoch_seconds(path, table["timestamp"].combine_chunks()), _prices(table)
+
+
+_MISSING_VALUES = {"", "na", "n/a", "#n/a", "null", "nan", "-nan", "none"}  # read as no value, not an error
+
+
+def _first_bad_number(path: Path) -> str | None:
+    """`line N: <column> '<value>' is not a number` for the first price or volume that is not one (the header is
+    line 1), or None when every one is."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip().lower() for name in next(reader, [])]
+        columns = {header.index(name): name for name in COLUMNS[1:] if name in header}
+        for row in reader:
+            for index, name in columns.items():
+                value = row[index] if index < len(row) else ""
+                if value.strip().lower() in _MISSING_VALUES:
+                    continue
+                try:
+                    float(value)
+                except ValueError:
+                    return f"line {reader.line_num}: {name} {value!r} is not a number"
+    return None
+
+
+def _with_column_name(message: str, header: list[str]) -> str:
+    """pyarrow's "In CSV column #3: ..." (counted from 0) with the column's name instead."""
+    match = re.search(r"column #(\d+)", message)
+    if match and int(match[1]) < len(header):
+        return message.replace(match[0], f"column {header[int(match[1])].strip()}")
+    return message
 
 
 _EPOCH_DIGITS = {10 ** 14: 10 ** 6, 10 ** 11: 10 ** 3}  # beyond the year 5138 in seconds: µs, ms
