@@ -419,8 +419,33 @@ def test_cli_db_check_reports_database_and_cache(migrated_db):
                                "REDIS_URL": "redis://127.0.0.1:1/0"},
                           capture_output=True, text=True)
     assert down.returncode == 1
-    assert json.loads(down.stdout)["database"]["status"] == "down"
-    assert json.loads(down.stdout)["cache"] == {"status": "down"}
+    report = json.loads(down.stdout)
+    assert report["database"] | {"message": None} == {"status": "down", "error": "OperationalError", "sqlstate": None,
+                                                      "host": "127.0.0.1", "port": 1, "message": None}
+    assert "Connection refused" in report["database"]["message"] and report["cache"] == {"status": "down"}
+    assert down.stderr == ""  # no log lines of the API's pool
+
+
+def test_cli_db_check_names_the_servers_error_without_the_password(migrated_db, scratch_database):
+    """A database that does not exist: the server's message, host and port (libpq gives no SQLSTATE before the
+    connection is made); one without the migrations: the failing statement's SQLSTATE."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    env = {**os.environ, **migrated_db.environment()}
+    server = conninfo_to_dict(migrated_db.database_url)
+
+    def db_check(url: str) -> dict:
+        result = subprocess.run([sys.executable, "-m", "candlecast.cli", "db-check"],
+                                env={**env, "DATABASE_URL": url}, capture_output=True, text=True)
+        assert result.returncode == 1 and "s3cret-db-check-pw" not in result.stdout + result.stderr
+        return json.loads(result.stdout)["database"]
+
+    missing = db_check(make_conninfo(migrated_db.database_url, dbname="no_such_database",
+                                     password="s3cret-db-check-pw"))
+    assert missing["error"] == "OperationalError" and "no_such_database" in missing["message"]
+    assert (missing["host"], missing["port"]) == (server.get("host"), int(server.get("port") or 5432))
+    unmigrated = db_check(scratch_database)
+    assert (unmigrated["error"], unmigrated["sqlstate"]) == ("UndefinedTable", "42P01")
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "two"])

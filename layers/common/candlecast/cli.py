@@ -56,18 +56,40 @@ def _migrate_action(migrate, conninfo: str, args: argparse.Namespace) -> int:
 
 def _db_check(_args: argparse.Namespace) -> int:
     """Connect to the database and Redis and report each (the seed's test-db script)."""
-    from candlecast import cache, db
-    from candlecast.repositories import stats
+    from candlecast import cache
 
-    report: dict = {}
-    try:
-        with db.connection() as conn:
-            report["database"] = {"status": "up", **stats.get_database_stats(conn)}
-    except Exception as error:
-        report["database"] = {"status": "down", "error": str(error)}
-    report["cache"] = {"status": "up" if cache.ping() else "down"}
+    report = {"database": _database_check(), "cache": {"status": "up" if cache.ping() else "down"}}
     print(json.dumps(report, indent=2, default=str))
     return 0 if report["database"]["status"] == "up" else 1
+
+
+def _database_check() -> dict:
+    """A direct connection, not the API's pool: a failure is reported as it is (class, SQLSTATE, host and port,
+    the server's message without the password), not as the API's "try again shortly"."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from candlecast import redaction
+    from candlecast.config import database_conninfo, get_database_settings
+    from candlecast.repositories import stats
+
+    conninfo = database_conninfo(get_database_settings())
+    try:
+        with psycopg.connect(conninfo, connect_timeout=5, row_factory=dict_row) as conn:
+            return {"status": "up", **stats.get_database_stats(conn)}
+    except psycopg.Error as error:
+        return {"status": "down", "error": type(error).__name__, "sqlstate": error.sqlstate, **_address(conninfo),
+                "message": redaction.redact(str(error).strip())}
+
+
+def _address(conninfo: str) -> dict:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(conninfo)
+    except Exception:  # not a connection string: the error says so
+        return {}
+    return {"host": parts.get("host") or "localhost (socket)", "port": int(parts.get("port") or 5432)}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
