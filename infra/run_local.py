@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
-from infra.local_stack import LocalStack
+from infra.local_stack import LocalStack, StateDirInUse, empty_state_dir, lock_state_dir
 from infra.sam_template import Throttle, load_template, parse_functions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,16 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     # brings them back.
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
+    state = Path(args.state)
+    try:
+        state_lock = lock_state_dir(state)  # before --fresh and before any server starts
+    except StateDirInUse as busy:
+        holder = f"another make run (pid {busy.pid})" if busy.pid else "another make run"
+        print(f"{holder} is using {_shown(state)}; stop it, or use --state DIR", file=sys.stderr, flush=True)
+        return 1
+
     signal.signal(signal.SIGTERM, _raise_stop)
     # Ctrl-C stops us even when started from a shell that ignores SIGINT for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = server = None
     started = time.perf_counter()
     try:
-        state = Path(args.state)
-        if args.fresh and state.exists():
+        if args.fresh:
             print(f"--fresh: deleting {state}", flush=True)
-            shutil.rmtree(state)
+            empty_state_dir(state_lock)
         print(f"starting the local stack (PostgreSQL, Redis, S3; state kept in {state})…", flush=True)
         stack = LocalStack.start(
             database_url=os.environ.get("DATABASE_URL"),
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             s3_endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
             bucket=os.environ.get("DATA_BUCKET", "candlecast-local"),
             state_dir=state,
+            state_lock=state_lock,
         )
         environment = stack.environment()
         os.environ.update(environment)
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             forget_connections_and_secrets()
         if stack is not None:
             stack.close()
+        state_lock.release()
         print("stopped", flush=True)
     return 0
 
@@ -172,6 +180,12 @@ def use_shared_environment(template: Path) -> None:
     for name, value in functions[0].environment.items() if functions else ():
         if name.startswith("POWERTOOLS_") and all(f.environment.get(name) == value for f in functions):
             os.environ.setdefault(name, value)
+
+
+def _shown(path: Path) -> str:
+    """`path` as the user would type it: relative to the current directory when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _describe(stack: LocalStack) -> None:

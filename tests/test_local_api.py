@@ -738,6 +738,25 @@ def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
     assert not (tmp_path / "redis-server.pid").exists()
 
 
+def test_the_state_dir_lock_is_refused_while_held_and_freed_by_its_holders_death(tmp_path):
+    from infra.local_stack import StateDirInUse, lock_state_dir
+
+    take_and_hold = ("import sys, time; from pathlib import Path; from infra.local_stack import lock_state_dir; "
+                     "lock_state_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", take_and_hold, str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(StateDirInUse) as busy:
+            lock_state_dir(tmp_path)
+        assert busy.value.pid == holder.pid
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+        holder.stdout.close()
+    lock_state_dir(tmp_path).release()  # nothing stale is left behind
+
+
 # ------------------------------------------------------------------ the real bundle, real stack
 
 
@@ -895,6 +914,26 @@ class _MakeRun:
     @property
     def output(self) -> str:
         return self.log_path.read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_second_make_run_on_the_same_state_is_refused_and_leaves_the_first_alone(tmp_path):
+    """The second run used to stop the first one's Redis (the pid file in the shared state dir) and serve on
+    the same database; with --fresh it deleted the first run's data."""
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
+    with _MakeRun(tmp_path, env, "--state", str(state)) as first:
+        second = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(free_port()),
+                                 "--state", str(state), "--fresh"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert (f"another make run (pid {first.process.pid}) is using {state}; stop it, or use --state DIR"
+                in second.stderr.splitlines()), second.stderr
+        assert "Traceback" not in second.stderr
+        assert "starting the local stack" not in second.stdout
+        assert httpx.get(f"{first.base}/health", timeout=10).json()["status"] == "ok"  # its Redis still runs
+        assert (state / "pg").is_dir()
 
 
 @pytest.mark.integration
