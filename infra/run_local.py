@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+from infra.http_server import bind
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
 from infra.local_stack import LocalStack, StateDirInUse, empty_state_dir, lock_state_dir
@@ -93,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     # brings them back.
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
+    try:
+        bound = bind(args.host, args.port)  # before anything slow starts
+    except OSError as error:
+        print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
+        return 1
     state = Path(args.state)
     try:
         state_lock = lock_state_dir(state)  # before --fresh and before any server starts
     except StateDirInUse as busy:
+        bound.close()
         holder = f"another make run (pid {busy.pid})" if busy.pid else "another make run"
         print(f"{holder} is using {_shown(state)}; stop it, or use --state DIR", file=sys.stderr, flush=True)
         return 1
@@ -144,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function,
                        body_limit=MAX_BODY_BYTES, max_containers=args.max_containers,
                        route_throttles=not args.no_route_throttles)
-        server = api.server(args.host, args.port)
+        try:
+            server = api.server(bound=bound)
+        except OSError as error:  # a server that started listening on the port since we bound it
+            print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
+            return 1
         base_url = f"http://{args.host}:{server.server_address[1]}"
         for route in api.routes:
             print(f"  {route.route_key:36} -> {route.function_id:26} {route.throttle or 'no throttle'}")
@@ -161,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if server is not None:
             server.server_close()
+        else:
+            bound.close()
         with contextlib.suppress(Exception):  # the in-process pool and clients, before their servers go away
             from candlecast.snapstart import forget_connections_and_secrets
 
@@ -180,6 +194,15 @@ def use_shared_environment(template: Path) -> None:
     for name, value in functions[0].environment.items() if functions else ():
         if name.startswith("POWERTOOLS_") and all(f.environment.get(name) == value for f in functions):
             os.environ.setdefault(name, value)
+
+
+def _cannot_listen(host: str, port: int, error: OSError) -> str:
+    if error.errno != errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port}: {error.strerror or error}"
+    for candidate in range(port + 1, port + 20):
+        with contextlib.suppress(OSError), bind(host, candidate):
+            return f"port {port} is in use; try PORT={candidate} make run"
+    return f"port {port} is in use; try another: PORT=N make run"
 
 
 def _shown(path: Path) -> str:

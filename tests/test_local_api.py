@@ -916,6 +916,20 @@ class _MakeRun:
         return self.log_path.read_text()
 
 
+def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path):
+    """It used to start the stack and seed the database (~20 s) before it bound the port, then end in an
+    OSError traceback."""
+    state = tmp_path / "state"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(port), "--state", str(state)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert re.search(rf"^port {port} is in use; try PORT=\d+ make run$", refused.stderr, re.MULTILINE), refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "starting the local stack" not in refused.stdout and not state.exists()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_second_make_run_on_the_same_state_is_refused_and_leaves_the_first_alone(tmp_path):
