@@ -3,6 +3,7 @@
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -62,6 +63,20 @@ def test_every_http_api_event_becomes_a_route(template):
     assert routes == expected
     assert ("GET /health", "HealthFunction") in routes
     assert ("GET /symbols/{ticker}", "SymbolsFunction") in routes
+
+
+def test_a_layer_that_a_condition_leaves_out_is_skipped_silently_and_an_arn_layer_is_warned_about_once(
+        template, caplog, monkeypatch):
+    monkeypatch.setattr("infra.sam_template._skipped_layers", set())  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="local_api"):
+        functions = parse_functions(template, ROOT)  # SecretsExtensionLayerArn "": the layer is AWS::NoValue
+        assert not caplog.records, caplog.text
+        arn = "arn:aws:lambda:us-east-1:123456789012:layer:secrets-extension:1"
+        with_extension = parameter_values(template, {"SecretsExtensionLayerArn": arn})
+        for _ in range(2):  # make run parses the template several times
+            with_extension_functions = parse_functions(template, ROOT, with_extension)
+    assert [record.getMessage() for record in caplog.records] == [f"layer '{arn}' is not a local layer; it is skipped"]
+    assert with_extension_functions["HealthFunction"].layer_dirs == functions["HealthFunction"].layer_dirs
 
 
 def test_functions_get_code_layers_and_a_locally_resolvable_environment(template):
