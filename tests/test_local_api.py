@@ -785,6 +785,22 @@ def local_api(clean_db):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("disabled", ["true", "false"])
+def test_a_cold_start_writes_its_metric_line_only_when_metrics_are_on(clean_db, capfd, disabled):
+    """POWERTOOLS_METRICS_DISABLED (make run sets it) used to leave the ColdStart EMF line of every cold start:
+    Powertools' single_metric, which writes it, does not read that variable."""
+    api = LocalApi(TEMPLATE, environment={**clean_db.environment(), "POWERTOOLS_METRICS_DISABLED": disabled})
+    server, url = serve_in_thread(api)
+    try:
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    cold_start_lines = [line for line in capfd.readouterr().out.splitlines() if '"ColdStart"' in line]
+    assert len(cold_start_lines) == (0 if disabled == "true" else 1), cold_start_lines
+
+
+@pytest.mark.integration
 def test_health_round_trip(local_api):
     response = httpx.get(f"{local_api}/health", timeout=10)
     assert response.status_code == 200
