@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             (route.throttle for route in api.routes if route.route_key == "POST /predictions"), None)
         print_examples(base_url, Path(args.data), create_throttle)
         server.serve_forever()
-    except (KeyboardInterrupt, Stop) as reason:
-        print(f"stopping ({reason or 'interrupt'})…", flush=True)
+    except (KeyboardInterrupt, Stop) as stop:
+        print(f"stopping ({str(stop) or signal.SIGINT.name})…", flush=True)  # a KeyboardInterrupt has no message
     finally:
         # A second signal must not cut the clean-up short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -896,7 +896,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
             raise
     output = log_path.read_text()
     assert code == 0, output
-    assert "stopped" in output
+    assert f"stopping ({stop_signal.name})…" in output and "stopped" in output
     deadline = time.monotonic() + 10
     while (left := _processes_mentioning(pg_dir, f"127.0.0.1:{redis_port}")) and time.monotonic() < deadline:
         time.sleep(0.2)
