@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from infra.sam_template import Throttle, load_template, parse_functions
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = ROOT / ".local" / "state"
+CLI_ENV = "cli.env"
 
 
 class Stop(Exception):
@@ -164,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         create_throttle = None if args.no_route_throttles else next(
             (route.throttle for route in api.routes if route.route_key == "POST /predictions"), None)
         print_examples(base_url, Path(args.data), create_throttle)
+        cli_env = write_cli_env(state, environment)
+        installed = Path(sys.executable).parent / "candlecast"  # the venv's, from pip install -e .
+        command = shlex.quote(_shown(installed.parent) + "/candlecast") if installed.exists() else "candlecast"
+        print(f"The candlecast command on this stack (another shell):\n"
+              f"  (set -a; . {shlex.quote(_shown(cli_env))}; {command} db-check)\n", flush=True)
         server.serve_forever()
     except (KeyboardInterrupt, Stop) as stop:
         print(f"stopping ({str(stop) or signal.SIGINT.name})…", flush=True)  # a KeyboardInterrupt has no message
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             forget_connections_and_secrets()
         if stack is not None:
             stack.close()
+        (state / CLI_ENV).unlink(missing_ok=True)  # its ports die with this run
         state_lock.release()
         print("stopped", flush=True)
     return 0
@@ -194,6 +202,19 @@ def use_shared_environment(template: Path) -> None:
     for name, value in functions[0].environment.items() if functions else ():
         if name.startswith("POWERTOOLS_") and all(f.environment.get(name) == value for f in functions):
             os.environ.setdefault(name, value)
+
+
+def write_cli_env(state: Path, environment: dict[str, str]) -> Path:
+    """STATE/cli.env: the local stack's settings as shell assignments, for the `candlecast` command. Only local
+    ones: a signing key or AWS credentials of the user's own stay in their environment, not in a file."""
+    local_values = {"MODEL_SIGNING_KEY": LOCAL_MODEL_SIGNING_KEY, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing"}
+    lines = [f"{name}={shlex.quote(value)}" for name, value in environment.items()
+             if local_values.get(name, value) == value]
+    path = state / CLI_ENV
+    path.write_text("# written by make run for the candlecast command; deleted when the run stops\n"
+                    + "\n".join(lines) + "\n")
+    return path
 
 
 def _cannot_listen(host: str, port: int, error: OSError) -> str:

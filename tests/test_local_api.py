@@ -887,6 +887,14 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
         redis_url = re.search(r"redis\s+embedded (\S+)", output).group(1)
         redis_port = redis_url.rsplit(":", 1)[1].split("/")[0]
         assert _processes_mentioning(pg_dir), "the embedded PostgreSQL should be running"
+        cli_env = tmp_path / "state" / "cli.env"
+        assert f"(set -a; . {cli_env}; " in output
+        without_stack = {k: v for k, v in env.items() if not k.startswith(("REDIS_", "MODEL_", "AWS_", "STAGE"))}
+        checked = subprocess.run(["bash", "-c", f"set -a; . {cli_env}; {sys.executable} -m candlecast.cli db-check"],
+                                 cwd=ROOT, env=without_stack, capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        report = json.loads(checked.stdout)
+        assert (report["database"]["status"], report["cache"]["status"]) == ("up", "up")
     finally:
         process.send_signal(stop_signal)
         try:
@@ -897,6 +905,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
     output = log_path.read_text()
     assert code == 0, output
     assert f"stopping ({stop_signal.name})…" in output and "stopped" in output
+    assert not cli_env.exists()  # its ports are gone
     deadline = time.monotonic() + 10
     while (left := _processes_mentioning(pg_dir, f"127.0.0.1:{redis_port}")) and time.monotonic() < deadline:
         time.sleep(0.2)
