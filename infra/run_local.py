@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
-import shutil
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+from infra.http_server import bind
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
-from infra.local_stack import LocalStack
+from infra.local_stack import LocalStack, StateDirInUse, empty_state_dir, lock_state_dir
 from infra.sam_template import Throttle, load_template, parse_functions
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = ROOT / ".local" / "state"
+CLI_ENV = "cli.env"
 
 
 class Stop(Exception):
@@ -94,16 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     # brings them back.
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
+    try:
+        bound = bind(args.host, args.port)  # before anything slow starts
+    except OSError as error:
+        print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
+        return 1
+    state = Path(args.state)
+    try:
+        state_lock = lock_state_dir(state)  # before --fresh and before any server starts
+    except StateDirInUse as busy:
+        bound.close()
+        holder = f"another make run (pid {busy.pid})" if busy.pid else "another make run"
+        print(f"{holder} is using {_shown(state)}; stop it, or use --state DIR", file=sys.stderr, flush=True)
+        return 1
+
     signal.signal(signal.SIGTERM, _raise_stop)
     # Ctrl-C stops us even when started from a shell that ignores SIGINT for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = server = None
     started = time.perf_counter()
     try:
-        state = Path(args.state)
-        if args.fresh and state.exists():
+        if args.fresh:
             print(f"--fresh: deleting {state}", flush=True)
-            shutil.rmtree(state)
+            empty_state_dir(state_lock)
         print(f"starting the local stack (PostgreSQL, Redis, S3; state kept in {state})…", flush=True)
         stack = LocalStack.start(
             database_url=os.environ.get("DATABASE_URL"),
@@ -111,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             s3_endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
             bucket=os.environ.get("DATA_BUCKET", "candlecast-local"),
             state_dir=state,
+            state_lock=state_lock,
         )
         environment = stack.environment()
         os.environ.update(environment)
@@ -137,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         api = LocalApi(args.template, environment={**shared, **environment}, function_environment=per_function,
                        body_limit=MAX_BODY_BYTES, max_containers=args.max_containers,
                        route_throttles=not args.no_route_throttles)
-        server = api.server(args.host, args.port)
+        try:
+            server = api.server(bound=bound)
+        except OSError as error:  # a server that started listening on the port since we bound it
+            print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
+            return 1
         base_url = f"http://{args.host}:{server.server_address[1]}"
         for route in api.routes:
             print(f"  {route.route_key:36} -> {route.function_id:26} {route.throttle or 'no throttle'}")
@@ -145,21 +166,30 @@ def main(argv: list[str] | None = None) -> int:
         create_throttle = None if args.no_route_throttles else next(
             (route.throttle for route in api.routes if route.route_key == "POST /predictions"), None)
         print_examples(base_url, Path(args.data), create_throttle)
+        cli_env = write_cli_env(state, environment)
+        installed = Path(sys.executable).parent / "candlecast"  # the venv's, from pip install -e .
+        command = shlex.quote(_shown(installed.parent) + "/candlecast") if installed.exists() else "candlecast"
+        print(f"The candlecast command on this stack (another shell):\n"
+              f"  (set -a; . {shlex.quote(_shown(cli_env))}; {command} db-check)\n", flush=True)
         server.serve_forever()
-    except (KeyboardInterrupt, Stop) as reason:
-        print(f"stopping ({reason or 'interrupt'})…", flush=True)
+    except (KeyboardInterrupt, Stop) as stop:
+        print(f"stopping ({str(stop) or signal.SIGINT.name})…", flush=True)  # a KeyboardInterrupt has no message
     finally:
         # A second signal must not cut the clean-up short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if server is not None:
             server.server_close()
+        else:
+            bound.close()
         with contextlib.suppress(Exception):  # the in-process pool and clients, before their servers go away
             from candlecast.snapstart import forget_connections_and_secrets
 
             forget_connections_and_secrets()
         if stack is not None:
             stack.close()
+        (state / CLI_ENV).unlink(missing_ok=True)  # its ports die with this run
+        state_lock.release()
         print("stopped", flush=True)
     return 0
 
@@ -172,6 +202,34 @@ def use_shared_environment(template: Path) -> None:
     for name, value in functions[0].environment.items() if functions else ():
         if name.startswith("POWERTOOLS_") and all(f.environment.get(name) == value for f in functions):
             os.environ.setdefault(name, value)
+
+
+def write_cli_env(state: Path, environment: dict[str, str]) -> Path:
+    """STATE/cli.env: the local stack's settings as shell assignments, for the `candlecast` command. Only local
+    ones: a signing key or AWS credentials of the user's own stay in their environment, not in a file."""
+    local_values = {"MODEL_SIGNING_KEY": LOCAL_MODEL_SIGNING_KEY, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing"}
+    lines = [f"{name}={shlex.quote(value)}" for name, value in environment.items()
+             if local_values.get(name, value) == value]
+    path = state / CLI_ENV
+    path.write_text("# written by make run for the candlecast command; deleted when the run stops\n"
+                    + "\n".join(lines) + "\n")
+    return path
+
+
+def _cannot_listen(host: str, port: int, error: OSError) -> str:
+    if error.errno != errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port}: {error.strerror or error}"
+    for candidate in range(port + 1, port + 20):
+        with contextlib.suppress(OSError), bind(host, candidate):
+            return f"port {port} is in use; try PORT={candidate} make run"
+    return f"port {port} is in use; try another: PORT=N make run"
+
+
+def _shown(path: Path) -> str:
+    """`path` as the user would type it: relative to the current directory when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _describe(stack: LocalStack) -> None:

@@ -5,6 +5,7 @@ Only what a local run can know is resolved; whatever only AWS knows (a resource'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -226,10 +227,26 @@ class Route:
         return {name: unquote(value) for name, value in found.groupdict().items()}
 
 
-def _layer_dir(reference: Any, resources: Mapping, template_dir: Path) -> Path | None:
-    """A layer's local content: layers built by `sam build` (BuildMethod) live under /opt/python in Lambda."""
+_skipped_layers: set[str] = set()  # warned about once a process: the template is parsed several times a run
+
+
+def _layer_dir(reference: Any, resources: Mapping, template_dir: Path, parameters: Mapping[str, Any],
+               conditions: Mapping[str, Any]) -> Path | None:
+    """A layer's local content: layers built by `sam build` (BuildMethod) live under /opt/python in Lambda.
+    None for a layer that a condition leaves out (AWS::NoValue), and for one outside the template (an ARN)."""
+    if isinstance(reference, Mapping) and "Fn::If" in reference:
+        condition, if_true, if_false = reference["Fn::If"]
+        with contextlib.suppress(Unresolvable):
+            chosen = if_true if resolve({"Condition": condition}, parameters, conditions) else if_false
+            return _layer_dir(chosen, resources, template_dir, parameters, conditions)
+    if isinstance(reference, Mapping) and reference.get("Ref") in parameters:
+        reference = parameters[reference["Ref"]]
+        if reference is None:  # AWS::NoValue
+            return None
     if not (isinstance(reference, Mapping) and "Ref" in reference):
-        log.warning("layer %r is not a local layer; it is skipped", reference)
+        if repr(reference) not in _skipped_layers:
+            _skipped_layers.add(repr(reference))
+            log.warning("layer %r is not a local layer; it is skipped", reference)
         return None
     layer = resources.get(reference["Ref"]) or {}
     content = (layer.get("Properties") or {}).get("ContentUri")
@@ -263,7 +280,7 @@ def parse_functions(template: Mapping, template_dir: Path = ROOT,
                 continue  # like sam local: a value only AWS knows is left unset
             if resolved is not None:
                 environment[name] = str(resolved)
-        layer_dirs = [_layer_dir(layer, resources, template_dir) for layer in layers]
+        layer_dirs = [_layer_dir(layer, resources, template_dir, parameters, conditions) for layer in layers]
         functions[logical_id] = FunctionSpec(
             logical_id=logical_id,
             code_dir=(template_dir / str(resolve(props.get("CodeUri", "."), parameters))).resolve(),

@@ -3,6 +3,7 @@
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +64,20 @@ def test_every_http_api_event_becomes_a_route(template):
     assert routes == expected
     assert ("GET /health", "HealthFunction") in routes
     assert ("GET /symbols/{ticker}", "SymbolsFunction") in routes
+
+
+def test_a_layer_that_a_condition_leaves_out_is_skipped_silently_and_an_arn_layer_is_warned_about_once(
+        template, caplog, monkeypatch):
+    monkeypatch.setattr("infra.sam_template._skipped_layers", set())  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="local_api"):
+        functions = parse_functions(template, ROOT)  # SecretsExtensionLayerArn "": the layer is AWS::NoValue
+        assert not caplog.records, caplog.text
+        arn = "arn:aws:lambda:us-east-1:123456789012:layer:secrets-extension:1"
+        with_extension = parameter_values(template, {"SecretsExtensionLayerArn": arn})
+        for _ in range(2):  # make run parses the template several times
+            with_extension_functions = parse_functions(template, ROOT, with_extension)
+    assert [record.getMessage() for record in caplog.records] == [f"layer '{arn}' is not a local layer; it is skipped"]
+    assert with_extension_functions["HealthFunction"].layer_dirs == functions["HealthFunction"].layer_dirs
 
 
 def test_functions_get_code_layers_and_a_locally_resolvable_environment(template):
@@ -738,6 +754,67 @@ def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
     assert not (tmp_path / "redis-server.pid").exists()
 
 
+@pytest.mark.integration
+def test_embedded_redis_is_not_fooled_by_another_server_on_its_port(tmp_path, monkeypatch):
+    """free_port() finds a port free; another server may take it before our redis-server binds it. The wait used
+    to accept any listener there, so the stack's REDIS_URL pointed at a stranger."""
+    from infra.local_stack import EmbeddedRedis
+
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other_redis = EmbeddedRedis(other_dir)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as not_redis:
+            for taken in (not_redis.getsockname()[1], other_redis.port):
+                monkeypatch.setattr("infra.local_stack.free_port", lambda taken=taken: taken)
+                with pytest.raises(RuntimeError, match=f"redis-server exited .* 127.0.0.1:{taken}: was the port taken"):
+                    EmbeddedRedis(tmp_path)
+                assert not (tmp_path / "redis-server.pid").exists()  # ours was stopped
+        assert other_redis._process.poll() is None
+    finally:
+        other_redis.stop()
+
+
+@pytest.mark.s3
+def test_embedded_s3_starts_when_the_port_found_free_was_taken_before_it_bound_it(monkeypatch):
+    """The moto server used to be given a port found free beforehand; when another server took it first, the
+    bind failed on moto's thread and start() waited for ever."""
+    from infra.local_stack import EmbeddedS3, create_bucket
+
+    started: list[EmbeddedS3] = []
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        monkeypatch.setattr("infra.local_stack.free_port", lambda: taken.getsockname()[1])  # the race, made certain
+        starting = threading.Thread(target=lambda: started.append(EmbeddedS3()), daemon=True)
+        starting.start()
+        starting.join(30)
+    assert started, "EmbeddedS3() did not return"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    try:
+        create_bucket(started[0].url, "answered-by-moto")
+    finally:
+        started[0].close()
+
+
+def test_the_state_dir_lock_is_refused_while_held_and_freed_by_its_holders_death(tmp_path):
+    from infra.local_stack import StateDirInUse, lock_state_dir
+
+    take_and_hold = ("import sys, time; from pathlib import Path; from infra.local_stack import lock_state_dir; "
+                     "lock_state_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", take_and_hold, str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(StateDirInUse) as busy:
+            lock_state_dir(tmp_path)
+        assert busy.value.pid == holder.pid
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+        holder.stdout.close()
+    lock_state_dir(tmp_path).release()  # nothing stale is left behind
+
+
 # ------------------------------------------------------------------ the real bundle, real stack
 
 
@@ -748,6 +825,22 @@ def local_api(clean_db):
     yield url
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("disabled", ["true", "false"])
+def test_a_cold_start_writes_its_metric_line_only_when_metrics_are_on(clean_db, capfd, disabled):
+    """POWERTOOLS_METRICS_DISABLED (make run sets it) used to leave the ColdStart EMF line of every cold start:
+    Powertools' single_metric, which writes it, does not read that variable."""
+    api = LocalApi(TEMPLATE, environment={**clean_db.environment(), "POWERTOOLS_METRICS_DISABLED": disabled})
+    server, url = serve_in_thread(api)
+    try:
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    cold_start_lines = [line for line in capfd.readouterr().out.splitlines() if '"ColdStart"' in line]
+    assert len(cold_start_lines) == (0 if disabled == "true" else 1), cold_start_lines
 
 
 @pytest.mark.integration
@@ -837,6 +930,14 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
         redis_url = re.search(r"redis\s+embedded (\S+)", output).group(1)
         redis_port = redis_url.rsplit(":", 1)[1].split("/")[0]
         assert _processes_mentioning(pg_dir), "the embedded PostgreSQL should be running"
+        cli_env = tmp_path / "state" / "cli.env"
+        assert f"(set -a; . {cli_env}; " in output
+        without_stack = {k: v for k, v in env.items() if not k.startswith(("REDIS_", "MODEL_", "AWS_", "STAGE"))}
+        checked = subprocess.run(["bash", "-c", f"set -a; . {cli_env}; {sys.executable} -m candlecast.cli db-check"],
+                                 cwd=ROOT, env=without_stack, capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        report = json.loads(checked.stdout)
+        assert (report["database"]["status"], report["cache"]["status"]) == ("up", "up")
     finally:
         process.send_signal(stop_signal)
         try:
@@ -846,7 +947,8 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
             raise
     output = log_path.read_text()
     assert code == 0, output
-    assert "stopped" in output
+    assert f"stopping ({stop_signal.name})…" in output and "stopped" in output
+    assert not cli_env.exists()  # its ports are gone
     deadline = time.monotonic() + 10
     while (left := _processes_mentioning(pg_dir, f"127.0.0.1:{redis_port}")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -895,6 +997,40 @@ class _MakeRun:
     @property
     def output(self) -> str:
         return self.log_path.read_text()
+
+
+def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path):
+    """It used to start the stack and seed the database (~20 s) before it bound the port, then end in an
+    OSError traceback."""
+    state = tmp_path / "state"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(port), "--state", str(state)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert re.search(rf"^port {port} is in use; try PORT=\d+ make run$", refused.stderr, re.MULTILINE), refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "starting the local stack" not in refused.stdout and not state.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_second_make_run_on_the_same_state_is_refused_and_leaves_the_first_alone(tmp_path):
+    """The second run used to stop the first one's Redis (the pid file in the shared state dir) and serve on
+    the same database; with --fresh it deleted the first run's data."""
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
+    with _MakeRun(tmp_path, env, "--state", str(state)) as first:
+        second = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(free_port()),
+                                 "--state", str(state), "--fresh"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert (f"another make run (pid {first.process.pid}) is using {state}; stop it, or use --state DIR"
+                in second.stderr.splitlines()), second.stderr
+        assert "Traceback" not in second.stderr
+        assert "starting the local stack" not in second.stdout
+        assert httpx.get(f"{first.base}/health", timeout=10).json()["status"] == "ok"  # its Redis still runs
+        assert (state / "pg").is_dir()
 
 
 @pytest.mark.integration

@@ -12,6 +12,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestUnsupportedContentType, RequestValidationError
 from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from candlecast import cache, redaction, snapstart, strictjson
@@ -239,7 +240,7 @@ def _error_result(error: CandlecastError) -> dict:
 def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaContext], dict]:
     snapstart.register()  # SnapStart hooks; never called unless the SnapStart parameter is on
     @logger.inject_lambda_context(clear_state=True)
-    @metrics.log_metrics(capture_cold_start_metric=True)
+    @metrics.log_metrics(capture_cold_start_metric=not is_metrics_disabled())  # single_metric ignores the flag
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
         refused = _refused_body(event)
         response = _error_result(refused) if refused else app.resolve(event, context)
