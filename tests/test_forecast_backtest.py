@@ -183,3 +183,34 @@ def test_train_evaluate_only_prints_the_walk_forward_comparison_and_writes_no_mo
     assert metrics["held_out_groups"] == 3  # every coin held out by one of the passes
     assert metrics["held_out_symbols"] == ["ADAUSD", "BTCUSD", "ETHUSD", "LTCUSD", "XRPUSD"]
     assert (reports / "1m" / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_thinned_backtest_computes_garch_states_only_at_the_origins_it_keeps(monkeypatch):
+    """At 1h every origin of ../shared would be a GARCH fit (215 s for 20,000 kept): the thinning comes first, and
+    keeps the origins that thinning all of them would have kept."""
+    import numpy as np
+
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+    from candlecast.forecast import backtest, evaluate
+    from candlecast.forecast.dataset import load_timeframe
+    from candlecast.forecast.features import CONFIGS
+
+    loaded = load_timeframe(ROOT / "data", "1h", clean=True)
+    config = CONFIGS["1h"]
+    every = evaluate.build_origins(loaded, config)
+    every = every.take(np.isfinite(every.log_return).any(axis=1))
+    limit = len(every) // 7
+    kept = evaluate.build_origins(loaded, config, positions=evaluate.thinned_evenly(
+        evaluate.scored_positions(loaded, config), limit))
+    expected = every.take(np.linspace(0, len(every) - 1, limit).astype(int))
+    for name in ("series", "time", "garch", "log_return"):
+        np.testing.assert_array_equal(getattr(kept, name), getattr(expected, name))
+
+    fitted = []
+    states = evaluate.series_states
+    monkeypatch.setattr(evaluate, "series_states", lambda log_close, positions, *rest: fitted.append(
+        len(positions)) or states(log_close, positions, *rest))
+    monkeypatch.setattr(backtest, "MAX_ORIGINS", limit)
+    model = backtest.load_signed_model(ROOT / "models" / "1h.pkl", LOCAL_MODEL_SIGNING_KEY.encode())
+    result = backtest.backtest(model, ROOT / "data", "1h", peers=False)
+    assert result["n_origins"] == limit and sum(fitted) == limit

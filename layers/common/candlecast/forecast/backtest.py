@@ -6,7 +6,13 @@ import numpy as np
 
 from candlecast.errors import UnusableInput
 from candlecast.forecast.dataset import OHLCVError, load_timeframe, series_names, unused_files
-from candlecast.forecast.evaluate import build_origins, evaluate_model, model_outputs
+from candlecast.forecast.evaluate import (
+    build_origins,
+    evaluate_model,
+    model_outputs,
+    scored_positions,
+    thinned_evenly,
+)
 from candlecast.forecast.model import ForecastModel, raw_confidence
 from candlecast.timeframes import Timeframe
 
@@ -32,13 +38,12 @@ def backtest(model: ForecastModel, data_dir: Path, timeframe: Timeframe, progres
     loaded = load_timeframe(Path(data_dir), timeframe, clean=True, progress=progress)
     if not loaded:
         raise OHLCVError(f"{data_dir}: no OHLCV files that give {timeframe}")
-    origins = build_origins(loaded, model.config, progress)
-    origins = origins.take(np.isfinite(origins.log_return).any(axis=1))
-    if len(origins) == 0:
+    # Thinned before features and GARCH states are computed: at 1h every origin would be a million GARCH fits.
+    scorable = scored_positions(loaded, model.config)
+    with_outcome = {index for index, positions in enumerate(scorable) if len(positions)}
+    if not with_outcome:
         raise OHLCVError(f"{data_dir}: the {timeframe} series are too short for a backtest")
-    with_outcome = set(np.unique(origins.series).tolist())
-    if len(origins) > MAX_ORIGINS:
-        origins = origins.take(np.linspace(0, len(origins) - 1, MAX_ORIGINS).astype(int))
+    origins = build_origins(loaded, model.config, progress, thinned_evenly(scorable, MAX_ORIGINS))
     unscored = unscored_files(Path(data_dir), timeframe, loaded, with_outcome, set(np.unique(origins.series).tolist()),
                               model.config.min_history)
     result = evaluate_model(model, origins)

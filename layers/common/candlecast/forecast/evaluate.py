@@ -41,12 +41,12 @@ class Origins:
         return self.sigma[:, None] * np.sqrt(HORIZONS)[None, :]
 
 
-def series_origins(index: int, candles: Candles, config: TimeframeConfig) -> Origins:
-    """Every origin of one series after the σ warm-up."""
+def series_origins(index: int, candles: Candles, config: TimeframeConfig, positions: np.ndarray | None = None
+                   ) -> Origins:
+    """Every origin of one series after the σ warm-up, or those at candle indices `positions` (ascending)."""
     features, sigma = origin_features(candles, config)
     n = len(candles)
-    start = min(config.min_history, n)
-    origin = np.arange(start, n)
+    origin = np.arange(min(config.min_history, n), n) if positions is None else np.asarray(positions, dtype=np.int64)
     target = origin[:, None] + HORIZONS[None, :]
     present = target < n
     target = np.minimum(target, n - 1)
@@ -66,14 +66,34 @@ def series_origins(index: int, candles: Candles, config: TimeframeConfig) -> Ori
     )
 
 
-def build_origins(loaded: list, config: TimeframeConfig, progress: bool = False) -> Origins:
+def build_origins(loaded: list, config: TimeframeConfig, progress: bool = False,
+                  positions: list[np.ndarray] | None = None) -> Origins:
+    """The origins of every series (`series_origins`), or of series i those at `positions[i]`."""
     items = enumerate(loaded)
     if progress:
         from tqdm import tqdm
 
         items = tqdm(items, total=len(loaded), desc="origins (GARCH fits)", unit="series", leave=False)
-    parts = [series_origins(i, candles, config) for i, (_, candles) in items]
+    parts = [series_origins(i, candles, config, None if positions is None else positions[i])
+             for i, (_, candles) in items]
     return Origins(*(np.concatenate([getattr(p, name) for p in parts]) for name in Origins.__dataclass_fields__))
+
+
+def scored_positions(loaded: list, config: TimeframeConfig) -> list[np.ndarray]:
+    """Per series, the candle indices of its origins after the σ warm-up that have an outcome (the next candle at
+    least): the origins a backtest can score, known before any feature or GARCH state is computed."""
+    return [np.arange(min(config.min_history, len(candles)), len(candles) - 1) for _, candles in loaded]
+
+
+def thinned_evenly(positions: list[np.ndarray], limit: int) -> list[np.ndarray]:
+    """At most `limit` of all `positions` (series by series, in order), spread evenly over them."""
+    counts = np.array([len(p) for p in positions])
+    if counts.sum() <= limit:
+        return positions
+    kept = np.linspace(0, counts.sum() - 1, limit).astype(int)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return [p[kept[(kept >= start) & (kept < start + count)] - start] for p, start, count in zip(positions, starts,
+                                                                                                 counts, strict=True)]
 
 
 def _pinball(log_return: np.ndarray, quantile_prices: np.ndarray) -> np.ndarray:
