@@ -3,7 +3,7 @@ never the test time): in each walk-forward fold the table is fitted on the train
 the confidence map come from (block) its last fifth or (history) all of it, with or without time decay, and are
 scored on the fold's calibration block. Prints per variant the pooled coverage range over horizons and the mean
 |coverage − nominal| over folds and horizons; then the confidence maps' (Platt, with ln h, one Platt fit per
-horizon, beta) log loss, ECE, worst bin, and mean and worst ECE over horizons.
+horizon, with the recent event share over h, beta) log loss, ECE, worst bin, and mean and worst ECE over horizons.
 
 Where the plan fits trees, the same one level down for `learned` and `combined` (`fit_models` as the walk-forward
 runs it): the fold's training block splits into an inner training block and its last fifth as the inner calibration
@@ -34,7 +34,7 @@ from candlecast.forecast.evaluate import (
     pin5_loss,
     reliability,
 )
-from candlecast.forecast.features import CONFIGS, INTERVALS, MEDIAN
+from candlecast.forecast.features import CONFIGS, INTERVALS, MEDIAN, ORIGIN_FEATURES
 from candlecast.forecast.model import HORIZONS, ForecastModel, raw_confidence, volatility_factor, widen
 from candlecast.timeframes import nominal_seconds
 from infra.local_stack import SHARED_OHLCV
@@ -55,12 +55,28 @@ def coverage(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return known.sum(0), inside[1], inside[0]
 
 
-def confidence_design(raw: np.ndarray, h: np.ndarray, kind: str) -> np.ndarray:
-    """Covariates of the map `kind`: train's Platt scaling (`TrainPlan.confidence_ln_h`), or beta calibration."""
+def confidence_design(raw: np.ndarray, h: np.ndarray, kind: str, recent: np.ndarray) -> np.ndarray:
+    """Covariates of the map `kind`: train's Platt scaling (`TrainPlan.confidence_ln_h`), that with `recent`/h (the
+    pair's `recent_event_logit`, fading with the horizon), or beta calibration."""
     if kind == "beta":
         r = np.clip(raw, 1e-4, 1 - 1e-4)
         return np.column_stack([np.log(r), -np.log(1 - r), np.ones_like(r)])
-    return T.platt_design(raw, h if kind == "platt + ln h" else None)
+    design = T.platt_design(raw, h if kind.endswith("ln h") else None)
+    return np.column_stack([design, recent / h]) if "recent/h" in kind else design
+
+
+def recent_event_logit(origins, config) -> np.ndarray:
+    """Per origin, the logit of (k + 1)/(n + 2): k of the last n ≤ `config.window` bars up to it moved within the
+    confidence tolerance in one bar. Needs every origin of a series, consecutive (as `build_origins` makes them)."""
+    share = np.empty(len(origins))
+    for series in np.unique(origins.series):
+        at = np.flatnonzero(origins.series == series)
+        moves = origins.features[at, ORIGIN_FEATURES.index("ret1")] * origins.sigma[at]
+        hits = np.cumsum(np.abs(np.expm1(moves)) <= config.tolerance)
+        before = np.concatenate([np.zeros(config.window), hits])[: len(hits)]
+        counts = np.minimum(np.arange(1, len(hits) + 1), config.window)
+        share[at] = (hits - before + 1) / (counts + 2)
+    return np.log(share / (1 - share))
 
 
 def main() -> None:
@@ -89,8 +105,9 @@ def main() -> None:
     origins = build_origins(loaded, config)
     rng = np.random.default_rng(7)
     cover = {variant: [] for variant in WEIGHTS}
-    maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "platt per h", "beta")
-            for data in ("history", "block")}
+    maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "platt per h", "recent/h", "recent/h + ln h",
+                                          "beta") for data in ("history", "block")}
+    recent = recent_event_logit(origins, config)
     garch_maps = {(kind, data): [] for kind in ("platt", "platt + ln h") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
     if plan.learned and args.trees:
@@ -98,9 +115,10 @@ def main() -> None:
     if args.trees_only:
         return
     for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
-        train = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
-        cal = T.purged(origins.take(~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)),
-                       fold.test_start)
+        in_train = ~held & (origins.time < fold.train_end)
+        in_cal = ~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)
+        train = T.purged(origins.take(in_train), fold.cal_start)
+        cal = T.purged(origins.take(in_cal), fold.test_start)
         if len(train) < 100 or len(cal) == 0:
             continue
         volatility = T.fit_volatility(train, rng, T.volatility_estimates(plan), max_origins=plan.volatility_origins)
@@ -113,20 +131,22 @@ def main() -> None:
             cover[variant].append(coverage(q[None], z_cal))
         q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, "history"))))
         pairs = []
-        for block, factor in ((train, f_train), (cal, f_cal)):
+        for block, factor, x in ((train, f_train, recent[in_train]), (cal, f_cal, recent[in_cal])):
             zq = q[None] * factor[..., None]
             known = np.isfinite(block.log_return)
             hit = np.abs(np.expm1(block.log_return - block.scale * zq[..., MEDIAN])) <= config.tolerance
             pairs.append((raw_confidence(zq, block.scale, config.tolerance)[known], hit[known].astype(float),
                           np.broadcast_to(HORIZONS, known.shape)[known],
-                          np.broadcast_to(block.time[:, None], known.shape)[known]))
-        (r0, y0, h0, t0), (r1, y1, h1, _) = pairs
+                          np.broadcast_to(block.time[:, None], known.shape)[known],
+                          np.broadcast_to(x[:, None], known.shape)[known]))
+        (r0, y0, h0, t0, x0), (r1, y1, h1, _, x1) = pairs
         for kind, data in maps:
             p = np.empty(len(r1))
             for fit_at, score_at in per_horizon(h0, h1) if kind == "platt per h" else [(slice(None), slice(None))]:
-                theta, _ = T.logistic_fit(confidence_design(r0[fit_at], h0[fit_at], kind), y0[fit_at],
+                theta, _ = T.logistic_fit(confidence_design(r0[fit_at], h0[fit_at], kind, x0[fit_at]), y0[fit_at],
                                           weights(t0, data)[fit_at])
-                p[score_at] = 1 / (1 + np.exp(-confidence_design(r1[score_at], h1[score_at], kind) @ theta))
+                p[score_at] = 1 / (1 + np.exp(-confidence_design(r1[score_at], h1[score_at], kind, x1[score_at])
+                                              @ theta))
             maps[kind, data].append((p, y1, h1))
         if args.garch:
             garch_map_check(tf, train, cal, q, volatility, garch_maps)
@@ -136,7 +156,7 @@ def main() -> None:
     print(f"{tf}: confidence maps fitted on the training block, scored on each calibration block")
     for (kind, data), folds in maps.items():
         p, y, h = (np.concatenate([f[i] for f in folds]) for i in range(3))
-        print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}  {horizon_scores(p, y, h)}")
+        print(f"  {kind:15s} on {data:8s} {confidence_scores(p, y)}  {horizon_scores(p, y, h)}")
     if args.garch:
         print(f"{tf}: garch-scale's confidence maps (train.fit_garch_models, offsets from the history), scored alike")
         for (kind, data), folds in garch_maps.items():

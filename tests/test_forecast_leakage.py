@@ -398,3 +398,20 @@ def test_confidence_maps_with_ln_h_read_no_outcome_after_their_cutoff():
     test = origins.take(held & (origins.time >= fold.test_start))
     result = metrics(test, *model_outputs(models["combined"], test), config.tolerance)
     assert result["ece"] <= 0.05  # on a random walk the map stays calibrated on coins it never saw
+
+
+def test_the_recent_event_share_reads_no_bar_after_its_origin():
+    """infra.calibration_check's covariate for the confidence map: bars up to the origin only, and the share it says."""
+    from infra.calibration_check import recent_event_logit
+
+    config = CONFIGS["1d"]
+    candles = random_walk(3, 400)
+    origins = build_origins([(None, candles)], config)
+    cut = 250  # the candle index of an origin; everything after it changed
+    changed = replace(candles, close=np.concatenate([candles.close[: cut + 1], candles.close[cut + 1:] * 1.3]))
+    origin = np.flatnonzero(origins.time == candles.open_time[cut])
+    assert recent_event_logit(build_origins([(None, changed)], config), config)[origin] == (
+        recent_event_logit(origins, config)[origin])
+    moves = np.abs(np.expm1(np.diff(np.log(candles.close[: cut + 1])))) <= config.tolerance
+    share = (moves[-config.window:].sum() + 1) / (config.window + 2)
+    assert recent_event_logit(origins, config)[origin] == pytest.approx(np.log(share / (1 - share)))
