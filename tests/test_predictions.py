@@ -247,6 +247,20 @@ def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tam
     assert stored_predictions(seeded.database_url) == 0
 
 
+def test_a_row_naming_another_timeframes_signed_file_is_refused_and_nothing_is_stored(seeded):
+    """Audit K: the 1d row pointed at the 4h file (validly signed, its sha256 in the row) and 1d was answered by
+    the 4h model. The loaded model's timeframe, name and version must be the row's."""
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        four_hours = conn.execute("SELECT s3_key, sha256 FROM models WHERE timeframe = '4h' AND is_active").fetchone()
+        conn.execute("UPDATE models SET s3_key = %s, sha256 = %s WHERE timeframe = '1d' AND is_active", four_hours)
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (503, "model_integrity")
+    assert "4h" in body["error"]["message"] and "registered" in body["error"]["message"]
+    assert stored_predictions(seeded.database_url) == 0
+    status, _, _ = create({"symbol": "BTCUSDT", "timeframe": "4h"})  # the file is fine for its own row
+    assert status == 201
+
+
 def test_a_signed_file_that_is_no_model_is_refused_without_quoting_it(seeded):
     """Signed with the stage's key and registered, yet not a model file: a 503 whose message holds none of its bytes."""
     import hashlib

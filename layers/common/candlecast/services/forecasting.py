@@ -12,7 +12,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
 from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_key
-from candlecast.errors import IdempotencyKeyReused, ModelUnavailable, NotFound
+from candlecast.errors import IdempotencyKeyReused, ModelIntegrityError, ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
@@ -60,6 +60,19 @@ def _bucket_model(row: dict):
                                     row["sha256"])
 
 
+def _require_registered(model, row: dict) -> None:
+    """The loaded file must be the model its row registers: a row naming another timeframe's (or another
+    version's) validly signed file would otherwise forecast 1d from the 4h model, silently."""
+    loaded = (str(model.timeframe), str(model.name), str(model.version))
+    registered = (str(row["timeframe"]), str(row["name"]), str(row["version"]))
+    if loaded != registered:
+        logger.error("model file is not the registered model",
+                     extra={"registered": " ".join(registered), "file": " ".join(loaded)})
+        raise ModelIntegrityError(
+            f"the {row['timeframe']} model file holds {loaded[1]} {loaded[2]} ({loaded[0]}), not the registered "
+            f"{registered[1]} {registered[2]}; refusing to use it")
+
+
 def verified_model(row: dict):
     """The active model, loaded once per container; the file is verified before it is unpickled."""
     timeframe, sha256 = row["timeframe"], row["sha256"]
@@ -73,6 +86,7 @@ def verified_model(row: dict):
         # Shipped in the artifact when it is the registered file (no S3 client on the cold path), else the bucket.
         bundled = storage.bundled_model(timeframe, sha256)
         model = artifact.load(bundled) if bundled is not None else _bucket_model(row)
+        _require_registered(model, row)
         _models[timeframe] = (sha256, model)
         logger.info("model loaded", extra={"timeframe": timeframe, "model": row["name"], "version": row["version"]})
         return model
