@@ -452,6 +452,77 @@ def test_a_bad_last_candle_is_skipped_and_the_forecast_continues_the_last_good_o
     assert datetime.fromisoformat(body["last_candle_at"]) == datetime.fromtimestamp(start + 299 * 3600, UTC)
 
 
+def _raw_candle_file(closes: list[float], start: int = 1_600_000_000) -> bytes:
+    import numpy as np
+
+    from candlecast.candles import Candles
+
+    close = np.asarray(closes, dtype=float)
+    return storage.candles_to_parquet(Candles(
+        open_time=np.arange(len(close), dtype=np.int64) * 3600 + start, open=close, high=close * 1.01,
+        low=close * 0.99, close=close, volume=np.ones(len(close))))
+
+
+BAD_CLOSES = [1.0 + 0.01 * (index % 7) for index in range(300)]
+FIXED_CLOSES = [10 * close for close in BAD_CLOSES]  # the same open times: a shifted decimal point, fixed
+
+
+def test_a_candle_file_fixed_in_place_is_a_new_request_not_a_repeat(seeded):
+    """Audit K: the repeat-request hash named only the last open time, so after the file was fixed (same open
+    times) a retry without a key got the prediction from the bad file (200 X-Cache HIT). The hash covers the
+    candles' content: once the fixed file is read (the cached candles gone, as after their TTL), it is new."""
+    from candlecast import cache
+
+    key = storage.candles_key("X:ADAUSDT", "1h")
+    storage.put_bytes(key, _raw_candle_file(BAD_CLOSES))
+    status, _, first = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201 and first["last_close"] == pytest.approx(BAD_CLOSES[-1])
+    storage.s3_client().put_object(Bucket=seeded.bucket, Key=key, Body=_raw_candle_file(FIXED_CLOSES))
+    cache.delete(cache.keys.candles("X:ADAUSDT", "1h"))  # expired; the request pointer is still there
+    status, headers, fixed = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert (status, headers.get("X-Cache")) == (201, None)
+    assert fixed["id"] != first["id"] and fixed["last_close"] == pytest.approx(FIXED_CLOSES[-1])
+    status, headers, again = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert (status, headers.get("X-Cache"), again["id"]) == (200, "HIT", fixed["id"])  # repeats still are
+
+
+@pytest.mark.parametrize("how", ["seed", "put-candles"])
+def test_a_candle_file_replaced_by_the_operator_is_used_by_the_next_forecast(seeded, tmp_path, how):
+    """Audit K: after `candlecast seed` uploaded the fixed file, forecasts still came from the cached bad candles
+    for up to an hour. Seed's upload and `candlecast put-candles` drop them."""
+    from candlecast import cli, seed
+
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), _raw_candle_file(BAD_CLOSES))
+    status, _, first = create({"symbol": "ADAUSDT", "timeframe": "1h"}, {"Idempotency-Key": "before-the-fix"})
+    assert status == 201 and first["last_close"] == pytest.approx(BAD_CLOSES[-1])
+    if how == "seed":
+        data = tmp_path / "data"
+        (data / "ADAUSDT").mkdir(parents=True)
+        (data / "ADAUSDT" / "1h.parquet").write_bytes(_raw_candle_file(FIXED_CLOSES))
+        (data / "symbols.csv").write_text("ticker,name,base_currency,quote_currency,volume_24h,volume_rank,source\n"
+                                          "X:ADAUSDT,Cardano,ADA,USDT,,,\n")
+        seed.seed(data, ROOT / "models", progress=False)
+    else:
+        fixed_file = tmp_path / "fixed.parquet"
+        fixed_file.write_bytes(_raw_candle_file(FIXED_CLOSES))
+        assert cli.main(["put-candles", str(fixed_file), "--symbol", "ADA-USDT", "--timeframe", "1h"]) == 0
+    for headers in ({}, {"Idempotency-Key": "after-the-fix"}):
+        status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"}, headers)
+        assert status == 201 and body["last_close"] == pytest.approx(FIXED_CLOSES[-1])
+
+
+def test_put_candles_refuses_a_damaged_file_and_changes_nothing(seeded, tmp_path):
+    from candlecast import cli
+
+    key = storage.candles_key("X:ADAUSDT", "1h")
+    storage.put_bytes(key, _raw_candle_file(BAD_CLOSES))
+    before = storage.get_bytes(key)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1 not parquet PAR1")
+    assert cli.main(["put-candles", str(junk), "--symbol", "ADAUSDT", "--timeframe", "1h"]) == 1
+    assert storage.get_bytes(key) == before
+
+
 def test_an_unreadable_candle_file_is_503(seeded):
     from candlecast import cache
 

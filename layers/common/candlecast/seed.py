@@ -397,6 +397,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{TRACK_RECORD_ORIGINS} origins per series after its model's train_end)")
     parser.add_argument("--no-track-record", action="store_true", help="no predictions at past origins")
     parser.set_defaults(func=_run)
+    put = subparsers.add_parser("put-candles", help="replace one symbol's candle file in the bucket and drop its "
+                                "cached candles (a fixed file is used by the next forecast)")
+    put.add_argument("file", help="local Parquet file: open_time, open, high, low, close, volume")
+    put.add_argument("--symbol", required=True, help="e.g. BTC-USD or X:BTCUSD")
+    put.add_argument("--timeframe", required=True, help="1h, 4h, 1d, 1w or 1m")
+    put.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
+    put.set_defaults(func=_put_candles)
+
+
+def put_candles(ticker: str, timeframe: str, path: Path) -> int:
+    """Replace one symbol's candle file in the bucket with a local Parquet file (columns as data/'s): refused,
+    before any change, when it is unreadable or damaged; else sorted, deduplicated and written in one PUT, and its
+    cached candles dropped, so the next forecast reads it (a file copied in by hand is not seen for up to an hour).
+    Returns the number of rows written."""
+    from candlecast import storage
+    from candlecast.tickers import normalize_ticker
+    from candlecast.timeframes import TIMEFRAMES
+
+    if timeframe not in TIMEFRAMES:
+        raise UnusableInput(f"unknown timeframe {timeframe!r} (one of {', '.join(TIMEFRAMES)})")
+    ticker = normalize_ticker(ticker)
+    try:
+        candles = storage.normalize_candles(storage.parquet_to_candles(path.read_bytes()))
+        damage = candles.damage()
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        damage = type(error).__name__
+    if damage is not None:
+        raise UnusableInput(f"{path} is not a usable candle file ({damage}); the bucket is unchanged")
+    rows = storage.write_candles(ticker, timeframe, candles)
+    print(f"put {rows} {timeframe} candles of {ticker} at {storage.candles_key(ticker, timeframe)}")
+    return rows
+
+
+def _put_candles(args: argparse.Namespace) -> int:
+    if args.bucket:
+        from candlecast.config import get_settings
+
+        os.environ["DATA_BUCKET"] = args.bucket
+        get_settings.cache_clear()
+    put_candles(args.symbol, args.timeframe, Path(args.file))
+    return 0
 
 
 def _as_of(value: str) -> datetime:

@@ -127,8 +127,19 @@ def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes 
     return candles
 
 
-def _request_hash(ticker: str, timeframe: str, model_id, last_open: int) -> str:
-    return hashlib.sha256(f"{ticker}|{timeframe}|{model_id}|{last_open}".encode()).hexdigest()
+def _request_hash(ticker: str, timeframe: str, model_id, candles) -> str:
+    """A request's identity for the repeat window: symbol, timeframe, model and the content of the candles the
+    forecast is made from (every column of every row, not only the last open time), so a candle file fixed in
+    place is a new request, not a repeat of the forecast from the bad one. Hashing a lookback costs microseconds."""
+    import numpy as np
+
+    from candlecast.candles import COLUMNS
+
+    digest = hashlib.sha256(f"{ticker}|{timeframe}|{model_id}|{len(candles)}".encode())
+    for column in COLUMNS:
+        kind = np.int64 if column == "open_time" else np.float64
+        digest.update(np.ascontiguousarray(getattr(candles, column), dtype=kind).tobytes())
+    return digest.hexdigest()
 
 
 def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
@@ -185,7 +196,7 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     prediction = _prediction(symbol, model_row, model, candles, key)
     with db.connection() as conn:
         stored = prediction_repository.create_prediction(
-            conn, prediction, _request_hash(ticker, timeframe, model_row["id"], last_open))
+            conn, prediction, _request_hash(ticker, timeframe, model_row["id"], candles))
     return bool(stored["created"])
 
 
@@ -210,8 +221,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     # only when it names this request's hash, which the candles give.
     cache_entry, pointer = cache.get_candles_and_request(ticker, timeframe)
     candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry)
-    last_open = int(candles.open_time[-1])
-    request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
+    request_hash = _request_hash(ticker, timeframe, model_row["id"], candles)
 
     if idempotency_key is None:
         repeat_id = cache.prediction_for_request(pointer, request_hash)
