@@ -628,3 +628,85 @@ def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refr
     assert now - 2 * 3600 - 60 <= last_candle_at <= now - 3600  # the last hour that has closed
     assert datetime.fromisoformat(body["steps"][0]["ts"]).timestamp() >= now - 3600
     assert fake.count("/range/1/hour/") == 1
+
+
+def _new_container():
+    from candlecast.config import get_settings
+    from candlecast.services import forecasting
+
+    get_settings.cache_clear()
+    forecasting.forget_models()
+
+
+def _all_signed_with(bucket_keys: list[str], key: bytes) -> bool:
+    from candlecast.forecast.artifact import sign
+
+    return all(storage.get_bytes(storage.signature_key(name)).decode() == sign(storage.get_bytes(name), key)
+               for name in bucket_keys)
+
+
+def test_a_signing_key_rotation_without_an_outage(seeded, monkeypatch):
+    """Audit K: one key only, so a rotation always failed every cold create (503 model_integrity) until the files
+    were re-signed, and then failed every container still on the old key; `seed --resign` re-uploaded data/ and
+    re-registered. Now: the new key as current with the old as previous accepts both; `candlecast resign-models`
+    re-signs the registered files' .sig in place; then the previous key is dropped."""
+    from candlecast import cli
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+
+    with psycopg.connect(seeded.database_url) as conn:
+        registered = [row[0] for row in conn.execute("SELECT s3_key FROM models").fetchall()]
+        timeframes = [row[0] for row in conn.execute("SELECT timeframe FROM models WHERE is_active").fetchall()]
+        rows_before = conn.execute("SELECT id, s3_key, sha256, is_active FROM models ORDER BY id").fetchall()
+    active_copies = [storage.active_model_key(timeframe) for timeframe in timeframes]
+    data_before = storage.head_etag(storage.candles_key(SAMPLE_TICKER, "1h"))
+    new_key = "the-rotated-key-of-this-stage"
+    try:
+        monkeypatch.setenv("MODEL_SIGNING_KEY", new_key)  # rotated, files still under the old key
+        _new_container()
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+        assert (status, body["error"]["code"]) == (503, "model_integrity")
+
+        monkeypatch.setenv("MODEL_SIGNING_KEY_PREVIOUS", LOCAL_MODEL_SIGNING_KEY)  # step 1: new + previous
+        _new_container()
+        assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 201  # an old-key file, accepted
+
+        assert cli.main(["resign-models"]) == 0  # step 2
+        assert _all_signed_with(registered + active_copies, new_key.encode())
+        assert cli.main(["resign-models"]) == 0  # again: nothing to do
+        with psycopg.connect(seeded.database_url) as conn:
+            rows_after = conn.execute("SELECT id, s3_key, sha256, is_active FROM models ORDER BY id").fetchall()
+        assert rows_after == rows_before
+        assert storage.head_etag(storage.candles_key(SAMPLE_TICKER, "1h")) == data_before  # no data re-uploaded
+
+        monkeypatch.delenv("MODEL_SIGNING_KEY_PREVIOUS")  # step 3: the old key dropped
+        _new_container()
+        assert create({"symbol": "BTCUSDT", "timeframe": "4h"})[0] == 201
+
+        monkeypatch.setenv("MODEL_SIGNING_KEY", LOCAL_MODEL_SIGNING_KEY)  # the old key alone no longer verifies
+        _new_container()
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+        assert (status, body["error"]["code"]) == (503, "model_integrity")
+    finally:
+        monkeypatch.undo()
+        _new_container()
+
+
+def test_resign_models_refuses_a_tampered_file_and_leaves_it_unsigned_for_the_new_key(seeded, monkeypatch):
+    from candlecast import cli
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+
+    with psycopg.connect(seeded.database_url) as conn:
+        key = conn.execute("SELECT s3_key FROM models WHERE timeframe = '1h' AND is_active").fetchone()[0]
+    data = bytearray(storage.get_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    storage.put_bytes(key, bytes(data))
+    old_signature = storage.get_bytes(storage.signature_key(key))
+    try:
+        monkeypatch.setenv("MODEL_SIGNING_KEY", "the-rotated-key-of-this-stage")
+        monkeypatch.setenv("MODEL_SIGNING_KEY_PREVIOUS", LOCAL_MODEL_SIGNING_KEY)
+        _new_container()
+        assert cli.main(["resign-models"]) == 1
+        assert storage.get_bytes(storage.signature_key(key)) == old_signature
+    finally:
+        monkeypatch.undo()
+        _new_container()

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
-from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_key
+from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_keys
 from candlecast.errors import IdempotencyKeyReused, ModelIntegrityError, ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
@@ -42,22 +42,22 @@ class CreateResult:
 
 
 def _bucket_model(row: dict):
-    """The registered file from the bucket, loaded only after its signature (under this stage's key) and its
-    sha256 are checked."""
+    """The registered file from the bucket, loaded only after its signature (under this stage's key, or during a
+    rotation its previous one) and its sha256 are checked."""
     timeframe = row["timeframe"]
     data = storage.get_bytes(row["s3_key"])
     if data is None:
         raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
     signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
     try:
-        key = model_signing_key(get_settings())
+        key, previous = model_signing_keys(get_settings())
     except PublicSigningKeyError as error:
         raise ModelUnavailable(str(error), code="model_signing_key_refused") from None
     except ConfigurationError as error:
         raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
     # A garbled signature decodes to something that cannot match, and is refused as tampered.
     return artifact.verify_and_load(data, signature.decode("ascii", "replace") if signature else None, key,
-                                    row["sha256"])
+                                    row["sha256"], previous_key=previous)
 
 
 def _require_registered(model, row: dict) -> None:
