@@ -14,7 +14,7 @@ from tests.conftest import moto_secret
 @pytest.fixture
 def fresh_settings(monkeypatch):
     for name in ("DATABASE_URL", "DB_SECRET_ARN", "REDIS_URL", "DATA_BUCKET", "MODEL_SIGNING_KEY",
-                 "MODEL_SIGNING_KEY_SECRET_ARN", "STAGE", "DB_POOL_TIMEOUT"):
+                 "MODEL_SIGNING_KEY_SECRET_ARN", "MODEL_SIGNING_KEY_PREVIOUS", "STAGE", "DB_POOL_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
     yield monkeypatch
@@ -59,6 +59,35 @@ def test_signing_key_is_required_with_no_fallback(fresh_settings):
     keyed = Settings(database_url="postgresql://h/d", redis_url="redis://h", data_bucket="bucket",
                      model_signing_key="k1")
     assert config.model_signing_key(keyed) == b"k1"
+
+
+def test_a_previous_signing_key_comes_with_the_current_one_and_is_held_to_the_same_rule(fresh_settings):
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY, PublicSigningKeyError
+
+    common = {"database_url": "postgresql://h/d", "redis_url": "redis://h", "data_bucket": "bucket"}
+    assert config.model_signing_keys(Settings(**common, model_signing_key="k1")) == (b"k1", None)
+    rotating = Settings(**common, model_signing_key="k2", model_signing_key_previous="k1")
+    assert config.model_signing_keys(rotating) == (b"k2", b"k1") and config.model_signing_key(rotating) == b"k2"
+    with pytest.raises(PublicSigningKeyError):  # the public key may not come back in as the previous one
+        config.model_signing_keys(Settings(**common, stage="prod", model_signing_key="k2",
+                                           model_signing_key_previous=LOCAL_MODEL_SIGNING_KEY))
+
+
+@pytest.mark.parametrize(("value", "keys"), [
+    ("plain-key", ("plain-key", None)),
+    ('{"current": "new-key", "previous": "old-key"}', ("new-key", "old-key")),
+    ('{"current": "new-key"}', ("new-key", None)),
+    ('{"current": "new-key", "previous": null}', ("new-key", None)),
+    ('{"previous": "old-key"}', None), ('{"current": 1}', None), ('{"current": "k", "other": "x"}', None),
+    ('{"current": "new-key"', None),
+])
+def test_the_signing_key_secret_is_a_key_or_current_and_previous(value, keys, caplog):
+    if keys is None:
+        with pytest.raises(ConfigurationError) as raised:
+            config._rotating_keys(value)
+        assert value not in str(raised.value)
+    else:
+        assert config._rotating_keys(value) == keys
 
 
 @pytest.mark.s3
@@ -118,3 +147,22 @@ def test_the_readme_states_the_pool_defaults_the_code_has():
     assert stated and float(stated.group(1)) == timeout
     row = "| `DB_POOL_MAX_SIZE`, `DB_POOL_TIMEOUT` | pool size per container, checkout timeout (s) |"
     assert f"{row} {size}, {timeout} |" in readme
+
+
+def test_a_file_signed_with_the_previous_key_verifies_only_while_it_is_given_and_the_current_costs_one_hmac(
+        monkeypatch):
+    from candlecast.errors import ModelIntegrityError
+    from candlecast.forecast import artifact
+
+    data = b"model bytes"
+    old, new = artifact.sign(data, b"old"), artifact.sign(data, b"new")
+    artifact.verify(data, old, b"new", previous_key=b"old")
+    with pytest.raises(ModelIntegrityError):
+        artifact.verify(data, old, b"new")
+    with pytest.raises(ModelIntegrityError):
+        artifact.verify(data, artifact.sign(data, b"other"), b"new", previous_key=b"old")
+    signed = []
+    real_sign = artifact.sign
+    monkeypatch.setattr(artifact, "sign", lambda payload, key: signed.append(key) or real_sign(payload, key))
+    artifact.verify(data, new, b"new", previous_key=b"old")
+    assert signed == [b"new"]  # the hot path: one HMAC while both keys are configured

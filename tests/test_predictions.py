@@ -247,6 +247,20 @@ def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tam
     assert stored_predictions(seeded.database_url) == 0
 
 
+def test_a_row_naming_another_timeframes_signed_file_is_refused_and_nothing_is_stored(seeded):
+    """Audit K: the 1d row pointed at the 4h file (validly signed, its sha256 in the row) and 1d was answered by
+    the 4h model. The loaded model's timeframe, name and version must be the row's."""
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        four_hours = conn.execute("SELECT s3_key, sha256 FROM models WHERE timeframe = '4h' AND is_active").fetchone()
+        conn.execute("UPDATE models SET s3_key = %s, sha256 = %s WHERE timeframe = '1d' AND is_active", four_hours)
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (503, "model_integrity")
+    assert "4h" in body["error"]["message"] and "registered" in body["error"]["message"]
+    assert stored_predictions(seeded.database_url) == 0
+    status, _, _ = create({"symbol": "BTCUSDT", "timeframe": "4h"})  # the file is fine for its own row
+    assert status == 201
+
+
 def test_a_signed_file_that_is_no_model_is_refused_without_quoting_it(seeded):
     """Signed with the stage's key and registered, yet not a model file: a 503 whose message holds none of its bytes."""
     import hashlib
@@ -438,6 +452,77 @@ def test_a_bad_last_candle_is_skipped_and_the_forecast_continues_the_last_good_o
     assert datetime.fromisoformat(body["last_candle_at"]) == datetime.fromtimestamp(start + 299 * 3600, UTC)
 
 
+def _raw_candle_file(closes: list[float], start: int = 1_600_000_000) -> bytes:
+    import numpy as np
+
+    from candlecast.candles import Candles
+
+    close = np.asarray(closes, dtype=float)
+    return storage.candles_to_parquet(Candles(
+        open_time=np.arange(len(close), dtype=np.int64) * 3600 + start, open=close, high=close * 1.01,
+        low=close * 0.99, close=close, volume=np.ones(len(close))))
+
+
+BAD_CLOSES = [1.0 + 0.01 * (index % 7) for index in range(300)]
+FIXED_CLOSES = [10 * close for close in BAD_CLOSES]  # the same open times: a shifted decimal point, fixed
+
+
+def test_a_candle_file_fixed_in_place_is_a_new_request_not_a_repeat(seeded):
+    """Audit K: the repeat-request hash named only the last open time, so after the file was fixed (same open
+    times) a retry without a key got the prediction from the bad file (200 X-Cache HIT). The hash covers the
+    candles' content: once the fixed file is read (the cached candles gone, as after their TTL), it is new."""
+    from candlecast import cache
+
+    key = storage.candles_key("X:ADAUSDT", "1h")
+    storage.put_bytes(key, _raw_candle_file(BAD_CLOSES))
+    status, _, first = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201 and first["last_close"] == pytest.approx(BAD_CLOSES[-1])
+    storage.s3_client().put_object(Bucket=seeded.bucket, Key=key, Body=_raw_candle_file(FIXED_CLOSES))
+    cache.delete(cache.keys.candles("X:ADAUSDT", "1h"))  # expired; the request pointer is still there
+    status, headers, fixed = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert (status, headers.get("X-Cache")) == (201, None)
+    assert fixed["id"] != first["id"] and fixed["last_close"] == pytest.approx(FIXED_CLOSES[-1])
+    status, headers, again = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert (status, headers.get("X-Cache"), again["id"]) == (200, "HIT", fixed["id"])  # repeats still are
+
+
+@pytest.mark.parametrize("how", ["seed", "put-candles"])
+def test_a_candle_file_replaced_by_the_operator_is_used_by_the_next_forecast(seeded, tmp_path, how):
+    """Audit K: after `candlecast seed` uploaded the fixed file, forecasts still came from the cached bad candles
+    for up to an hour. Seed's upload and `candlecast put-candles` drop them."""
+    from candlecast import cli, seed
+
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), _raw_candle_file(BAD_CLOSES))
+    status, _, first = create({"symbol": "ADAUSDT", "timeframe": "1h"}, {"Idempotency-Key": "before-the-fix"})
+    assert status == 201 and first["last_close"] == pytest.approx(BAD_CLOSES[-1])
+    if how == "seed":
+        data = tmp_path / "data"
+        (data / "ADAUSDT").mkdir(parents=True)
+        (data / "ADAUSDT" / "1h.parquet").write_bytes(_raw_candle_file(FIXED_CLOSES))
+        (data / "symbols.csv").write_text("ticker,name,base_currency,quote_currency,volume_24h,volume_rank,source\n"
+                                          "X:ADAUSDT,Cardano,ADA,USDT,,,\n")
+        seed.seed(data, ROOT / "models", progress=False)
+    else:
+        fixed_file = tmp_path / "fixed.parquet"
+        fixed_file.write_bytes(_raw_candle_file(FIXED_CLOSES))
+        assert cli.main(["put-candles", str(fixed_file), "--symbol", "ADA-USDT", "--timeframe", "1h"]) == 0
+    for headers in ({}, {"Idempotency-Key": "after-the-fix"}):
+        status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"}, headers)
+        assert status == 201 and body["last_close"] == pytest.approx(FIXED_CLOSES[-1])
+
+
+def test_put_candles_refuses_a_damaged_file_and_changes_nothing(seeded, tmp_path):
+    from candlecast import cli
+
+    key = storage.candles_key("X:ADAUSDT", "1h")
+    storage.put_bytes(key, _raw_candle_file(BAD_CLOSES))
+    before = storage.get_bytes(key)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1 not parquet PAR1")
+    assert cli.main(["put-candles", str(junk), "--symbol", "ADAUSDT", "--timeframe", "1h"]) == 1
+    assert storage.get_bytes(key) == before
+
+
 def test_an_unreadable_candle_file_is_503(seeded):
     from candlecast import cache
 
@@ -543,3 +628,85 @@ def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refr
     assert now - 2 * 3600 - 60 <= last_candle_at <= now - 3600  # the last hour that has closed
     assert datetime.fromisoformat(body["steps"][0]["ts"]).timestamp() >= now - 3600
     assert fake.count("/range/1/hour/") == 1
+
+
+def _new_container():
+    from candlecast.config import get_settings
+    from candlecast.services import forecasting
+
+    get_settings.cache_clear()
+    forecasting.forget_models()
+
+
+def _all_signed_with(bucket_keys: list[str], key: bytes) -> bool:
+    from candlecast.forecast.artifact import sign
+
+    return all(storage.get_bytes(storage.signature_key(name)).decode() == sign(storage.get_bytes(name), key)
+               for name in bucket_keys)
+
+
+def test_a_signing_key_rotation_without_an_outage(seeded, monkeypatch):
+    """Audit K: one key only, so a rotation always failed every cold create (503 model_integrity) until the files
+    were re-signed, and then failed every container still on the old key; `seed --resign` re-uploaded data/ and
+    re-registered. Now: the new key as current with the old as previous accepts both; `candlecast resign-models`
+    re-signs the registered files' .sig in place; then the previous key is dropped."""
+    from candlecast import cli
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+
+    with psycopg.connect(seeded.database_url) as conn:
+        registered = [row[0] for row in conn.execute("SELECT s3_key FROM models").fetchall()]
+        timeframes = [row[0] for row in conn.execute("SELECT timeframe FROM models WHERE is_active").fetchall()]
+        rows_before = conn.execute("SELECT id, s3_key, sha256, is_active FROM models ORDER BY id").fetchall()
+    active_copies = [storage.active_model_key(timeframe) for timeframe in timeframes]
+    data_before = storage.head_etag(storage.candles_key(SAMPLE_TICKER, "1h"))
+    new_key = "the-rotated-key-of-this-stage"
+    try:
+        monkeypatch.setenv("MODEL_SIGNING_KEY", new_key)  # rotated, files still under the old key
+        _new_container()
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+        assert (status, body["error"]["code"]) == (503, "model_integrity")
+
+        monkeypatch.setenv("MODEL_SIGNING_KEY_PREVIOUS", LOCAL_MODEL_SIGNING_KEY)  # step 1: new + previous
+        _new_container()
+        assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 201  # an old-key file, accepted
+
+        assert cli.main(["resign-models"]) == 0  # step 2
+        assert _all_signed_with(registered + active_copies, new_key.encode())
+        assert cli.main(["resign-models"]) == 0  # again: nothing to do
+        with psycopg.connect(seeded.database_url) as conn:
+            rows_after = conn.execute("SELECT id, s3_key, sha256, is_active FROM models ORDER BY id").fetchall()
+        assert rows_after == rows_before
+        assert storage.head_etag(storage.candles_key(SAMPLE_TICKER, "1h")) == data_before  # no data re-uploaded
+
+        monkeypatch.delenv("MODEL_SIGNING_KEY_PREVIOUS")  # step 3: the old key dropped
+        _new_container()
+        assert create({"symbol": "BTCUSDT", "timeframe": "4h"})[0] == 201
+
+        monkeypatch.setenv("MODEL_SIGNING_KEY", LOCAL_MODEL_SIGNING_KEY)  # the old key alone no longer verifies
+        _new_container()
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+        assert (status, body["error"]["code"]) == (503, "model_integrity")
+    finally:
+        monkeypatch.undo()
+        _new_container()
+
+
+def test_resign_models_refuses_a_tampered_file_and_leaves_it_unsigned_for_the_new_key(seeded, monkeypatch):
+    from candlecast import cli
+    from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+
+    with psycopg.connect(seeded.database_url) as conn:
+        key = conn.execute("SELECT s3_key FROM models WHERE timeframe = '1h' AND is_active").fetchone()[0]
+    data = bytearray(storage.get_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    storage.put_bytes(key, bytes(data))
+    old_signature = storage.get_bytes(storage.signature_key(key))
+    try:
+        monkeypatch.setenv("MODEL_SIGNING_KEY", "the-rotated-key-of-this-stage")
+        monkeypatch.setenv("MODEL_SIGNING_KEY_PREVIOUS", LOCAL_MODEL_SIGNING_KEY)
+        _new_container()
+        assert cli.main(["resign-models"]) == 1
+        assert storage.get_bytes(storage.signature_key(key)) == old_signature
+    finally:
+        monkeypatch.undo()
+        _new_container()

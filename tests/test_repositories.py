@@ -231,6 +231,36 @@ def test_a_create_failing_in_the_database_stores_nothing_and_leaves_the_connecti
     assert created["created"] is True
 
 
+def test_a_create_commits_synchronously_even_where_the_database_default_is_off(conn, clean_db):
+    """Audit K: with `ALTER DATABASE ... SET synchronous_commit = off`, 6 of 6 answered-201 predictions were gone
+    after a kill -9 of PostgreSQL. The create sets it on for its own transaction (SET LOCAL): a trigger records
+    the setting the insert ran under, and the session keeps its default afterwards."""
+    database = conn.execute("SELECT current_database() AS name").fetchone()["name"]
+    conn.execute("CREATE TABLE test_commit_mode (mode text)")
+    conn.execute("CREATE FUNCTION test_record_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                 "INSERT INTO test_commit_mode VALUES (current_setting('synchronous_commit')); RETURN NEW; END $$")
+    conn.execute("CREATE TRIGGER test_record_commit_mode BEFORE INSERT ON predictions "
+                 "FOR EACH ROW EXECUTE FUNCTION test_record_commit_mode()")
+    conn.execute(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
+    try:
+        add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1))
+        model_id = add_model(conn)
+        with psycopg.connect(clean_db.database_url, autocommit=True, row_factory=dict_row) as fresh:
+            assert fresh.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "off"
+            for key in (None, "durable-key"):
+                created = prediction_repository.create_prediction(fresh, prediction(conn, key, model_id=model_id),
+                                                                  "hash-durable")
+                assert created["created"] is True
+            assert fresh.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "off"
+        modes = [row["mode"] for row in conn.execute("SELECT mode FROM test_commit_mode").fetchall()]
+        assert modes == ["on", "on"]
+    finally:
+        conn.execute(f'ALTER DATABASE "{database}" RESET synchronous_commit')
+        conn.execute("DROP TRIGGER test_record_commit_mode ON predictions")
+        conn.execute("DROP FUNCTION test_record_commit_mode()")
+        conn.execute("DROP TABLE test_commit_mode")
+
+
 def test_recent_by_symbol_newest_first_filtered_and_paged(conn):
     add_symbols(conn, ("X:BTCUSD", "Bitcoin", 1), ("X:ETHUSD", "Ether", 1))
     model_id = add_model(conn)

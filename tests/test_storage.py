@@ -165,6 +165,33 @@ def test_bytes_and_directory_upload(bucket, tmp_path):
     assert len(storage.read_candles("BTCUSD", "1h", 3, use_cache=False)) == 3
 
 
+def test_every_write_of_a_candle_file_drops_its_cached_candles(bucket, tmp_path):
+    """Audit K: a candle file fixed with `candlecast seed` (upload_directory) was still forecast from for up to an
+    hour: only write_candles dropped the Redis entry. Now upload_directory and put_bytes do too, for the candle
+    files they write and only those."""
+    for ticker in ("X:BTCUSD", "X:ETHUSD"):
+        cache.set_candles(ticker, "1h", make_candles(3).pack(3))
+    (tmp_path / "BTCUSD").mkdir()
+    (tmp_path / "BTCUSD" / "1h.parquet").write_bytes(storage.candles_to_parquet(make_candles(3)))
+    (tmp_path / "symbols.csv").write_text("ticker\nX:BTCUSD\n")
+    storage.upload_directory(tmp_path, "data", progress=False)
+    assert cache.get_candles("X:BTCUSD", "1h") is None
+    assert cache.get_candles("X:ETHUSD", "1h") is not None  # not written: kept
+
+    storage.put_bytes(storage.candles_key("X:ETHUSD", "1h"), storage.candles_to_parquet(make_candles(4)))
+    assert cache.get_candles("X:ETHUSD", "1h") is None
+
+
+@pytest.mark.parametrize(("key", "pair"), [
+    ("data/BTCUSD/1h.parquet", ("X:BTCUSD", "1h")),
+    ("data/ETHUSDT/1m.parquet", ("X:ETHUSDT", "1m")),
+    ("data/symbols.csv", None), ("data/BTCUSD/2h.parquet", None), ("data/BTC-USD/1h.parquet", None),
+    ("models/1h.pkl", None), ("data/x/BTCUSD/1h.parquet", None),
+])
+def test_a_candle_files_key_names_its_symbol_and_timeframe(key, pair):
+    assert storage.candle_file(key) == pair
+
+
 def test_filesystem_uses_the_configured_http_endpoint(bucket, stack):
     from pyarrow import fs
 

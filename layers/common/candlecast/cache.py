@@ -87,7 +87,7 @@ class keys:
     @staticmethod
     def prediction_request(ticker: str, timeframe: str) -> str:
         """The newest create without Idempotency-Key of a symbol and timeframe: its request's hash (symbol,
-        timeframe, model and last candle, hashed by the service) and its prediction's id. Keyed without the
+        timeframe, model and the candles' content, hashed by the service) and its prediction's id. Keyed without the
         hash, so it is read with the candles that give the hash, in one round trip."""
         return f"{_PREFIX}:prediction-request:{ticker}:{timeframe}"
 
@@ -374,6 +374,16 @@ def get_candles(ticker: str, timeframe: str) -> bytes | None:
 def set_candles(ticker: str, timeframe: str, packed: bytes) -> bool:
     """`packed` is Candles.pack's bytes (storage owns the format; this module stays free of numpy)."""
     return set(keys.candles(ticker, timeframe), packed, TTL_SECONDS["candles"])
+
+
+def forget_candles(pairs: list[tuple[str, str]], retry: bool = False) -> bool:
+    """Drop the fresh-candles entries of these (ticker, timeframe) pairs, in one command: their files were just
+    written. False when the cache did not take it (each is then served until its TTL, 1 h, runs out); `retry`
+    asks even while an outage is on (a batch job can wait for the socket timeout)."""
+    if not pairs:
+        return True
+    return _guarded(lambda client: client.delete(*(keys.candles(ticker, timeframe) for ticker, timeframe in pairs)),
+                    default=None, expected=_is_count, even_if_down=retry) is not None
 
 
 def get_prediction_bytes(prediction_id: str) -> bytes | None:

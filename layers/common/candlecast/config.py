@@ -65,7 +65,10 @@ class SigningKeySettings(BaseSettings):
                                       env_parse_none_str="none")
 
     model_signing_key: SecretStr | None = Field(None, description="HMAC key that model files are signed with")
-    model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key")
+    model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key "
+                                                     '(or, during a rotation, {"current": NEW, "previous": OLD})')
+    model_signing_key_previous: SecretStr | None = Field(
+        None, description="with MODEL_SIGNING_KEY, during a rotation: files signed with this key are accepted too")
     stage: str = "local"
 
 
@@ -252,22 +255,53 @@ def offline_model_signing_key() -> bytes:
 
 
 def model_signing_key(settings: SigningKeySettings) -> bytes:
+    """The key model files are signed with (the current one, during a rotation)."""
+    return model_signing_keys(settings)[0]
+
+
+def model_signing_keys(settings: SigningKeySettings) -> tuple[bytes, bytes | None]:
+    """(current, previous): files are signed with the current key; during a rotation (README, "Rotating the model
+    signing key") a file signed with the previous one is accepted too, until it is re-signed. previous is None
+    otherwise. From MODEL_SIGNING_KEY and MODEL_SIGNING_KEY_PREVIOUS, or the secret: a plain key, or
+    {"current": NEW, "previous": OLD}."""
     if settings.model_signing_key is not None:
         key = settings.model_signing_key.get_secret_value()
+        previous = (settings.model_signing_key_previous.get_secret_value()
+                    if settings.model_signing_key_previous is not None else None)
     elif settings.model_signing_key_secret_arn:
-        key = _secret(settings.model_signing_key_secret_arn)
+        key, previous = _rotating_keys(_secret(settings.model_signing_key_secret_arn))
     else:
         # No silent fallback: a forgotten key must not turn into the public development key.
         raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set")
     # The development key is in this repository: anyone can sign a pickle with it. Only a stage that says
-    # it is local (STAGE=local, explicitly) may use it.
-    if key.strip() == LOCAL_MODEL_SIGNING_KEY and not _explicitly_local(settings):
-        stage = f"STAGE={settings.stage}" if "stage" in settings.model_fields_set else "STAGE not set"
-        raise PublicSigningKeyError(
-            f"the model signing key is the public development key, which only STAGE=local set explicitly may use "
-            f"({stage}): set a secret key of this stage's own, or STAGE=local for a local run"
-        )
-    return key.encode()
+    # it is local (STAGE=local, explicitly) may use it, as the current key or the previous one.
+    for candidate in (key, previous):
+        if candidate is not None and candidate.strip() == LOCAL_MODEL_SIGNING_KEY and not _explicitly_local(settings):
+            stage = f"STAGE={settings.stage}" if "stage" in settings.model_fields_set else "STAGE not set"
+            raise PublicSigningKeyError(
+                f"the model signing key is the public development key, which only STAGE=local set explicitly may "
+                f"use ({stage}): set a secret key of this stage's own, or STAGE=local for a local run"
+            )
+    return key.encode(), previous.encode() if previous else None
+
+
+def _rotating_keys(value: str) -> tuple[str, str | None]:
+    """The signing key secret's (current, previous): a plain key, or {"current": NEW, "previous": OLD}. Each part
+    is redacted from logs as the whole value is."""
+    if not value.lstrip().startswith("{"):
+        return value, None
+    try:
+        document = json.loads(value)
+    except ValueError:
+        document = None
+    if (not isinstance(document, dict) or not isinstance(document.get("current"), str) or not document["current"]
+            or not isinstance(document.get("previous"), str | None) or set(document) - {"current", "previous"}):
+        # Never the value: only what shape it should have.
+        raise ConfigurationError('the model signing key secret must be a key or {"current": "...", "previous": "..."}')
+    from candlecast import redaction
+
+    redaction.register(document["current"], document.get("previous"))
+    return document["current"], document.get("previous") or None
 
 
 def _explicitly_local(settings: SigningKeySettings) -> bool:

@@ -397,6 +397,113 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{TRACK_RECORD_ORIGINS} origins per series after its model's train_end)")
     parser.add_argument("--no-track-record", action="store_true", help="no predictions at past origins")
     parser.set_defaults(func=_run)
+    resign = subparsers.add_parser("resign-models", help="re-sign every registered model file's .sig in the bucket "
+                                   "with the current signing key (a key rotation); uploads and registers nothing")
+    resign.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
+    resign.set_defaults(func=_resign_models)
+    put = subparsers.add_parser("put-candles", help="replace one symbol's candle file in the bucket and drop its "
+                                "cached candles (a fixed file is used by the next forecast)")
+    put.add_argument("file", help="local Parquet file: open_time, open, high, low, close, volume")
+    put.add_argument("--symbol", required=True, help="e.g. BTC-USD or X:BTCUSD")
+    put.add_argument("--timeframe", required=True, help="1h, 4h, 1d, 1w or 1m")
+    put.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
+    put.set_defaults(func=_put_candles)
+
+
+def resign_models() -> tuple[int, int, list[str]]:
+    """Re-sign, in place, the `.sig` of every registered model file in the bucket (each row's file, and the active
+    copy models/{tf}.pkl when it is that row's file) with the current signing key: the step of a key rotation
+    between adding the new key (the old one as previous) and dropping the old one. Uploads no data, registers
+    nothing. A file is re-signed only when it verifies, under the current or the previous key, and its sha256 is
+    its row's: a tampered file is never blessed. Returns (re-signed, already current, refused)."""
+    from candlecast import db, storage
+    from candlecast.config import get_settings, model_signing_keys
+    from candlecast.errors import ModelIntegrityError
+    from candlecast.forecast import artifact
+    from candlecast.repositories.models import get_registered_model_files
+
+    key, previous = model_signing_keys(get_settings())
+    with db.connection() as conn:
+        rows = get_registered_model_files(conn)
+    files = {row["s3_key"]: row["sha256"] for row in rows}
+    for row in rows:
+        if row["is_active"]:
+            files.setdefault(storage.active_model_key(row["timeframe"]), row["sha256"])
+    resigned, current, refused = 0, 0, []
+    for model_key, sha256 in sorted(files.items()):
+        data = storage.get_bytes(model_key)
+        if data is None:
+            if model_key in {row["s3_key"] for row in rows}:
+                refused.append(f"{model_key}: missing")
+            continue
+        signature_key = storage.signature_key(model_key)
+        old = (storage.get_bytes(signature_key) or b"").decode("ascii", "replace")
+        try:
+            artifact.verify(data, old, key, sha256, previous_key=previous)
+        except ModelIntegrityError as error:
+            if artifact.sha256_hex(data) != sha256 and model_key not in {row["s3_key"] for row in rows}:
+                continue  # an active copy that an older file left: not the registered one, and never read
+            refused.append(f"{model_key}: {error.message}")
+            continue
+        new = artifact.sign(data, key)
+        if old.strip().lower() == new:
+            current += 1
+            continue
+        storage.put_bytes(signature_key, new.encode(), "text/plain")
+        resigned += 1
+    return resigned, current, refused
+
+
+def _resign_models(args: argparse.Namespace) -> int:
+    if args.bucket:
+        from candlecast.config import get_settings
+
+        os.environ["DATA_BUCKET"] = args.bucket
+        get_settings.cache_clear()
+    resigned, current, refused = resign_models()
+    print(f"re-signed {resigned} model files with the current key; {current} were signed with it already"
+          + (f"; REFUSED {len(refused)} (left as they were):" if refused else ""))
+    for line in refused:
+        print(f"  {line}")
+    if refused:
+        raise UnusableInput(f"{len(refused)} registered model files verify under neither key or are missing")
+    return 0
+
+
+def put_candles(ticker: str, timeframe: str, path: Path) -> int:
+    """Replace one symbol's candle file in the bucket with a local Parquet file (columns as data/'s): refused,
+    before any change, when it is unreadable or damaged; else sorted, deduplicated and written in one PUT, and its
+    cached candles dropped, so the next forecast reads it (a file copied in by hand is not seen for up to an hour).
+    Returns the number of rows written."""
+    from candlecast import storage
+    from candlecast.tickers import normalize_ticker
+    from candlecast.timeframes import TIMEFRAMES
+
+    if timeframe not in TIMEFRAMES:
+        raise UnusableInput(f"unknown timeframe {timeframe!r} (one of {', '.join(TIMEFRAMES)})")
+    ticker = normalize_ticker(ticker)
+    try:
+        candles = storage.normalize_candles(storage.parquet_to_candles(path.read_bytes()))
+        damage = candles.damage()
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        damage = type(error).__name__
+    if damage is not None:
+        raise UnusableInput(f"{path} is not a usable candle file ({damage}); the bucket is unchanged")
+    rows = storage.write_candles(ticker, timeframe, candles)
+    print(f"put {rows} {timeframe} candles of {ticker} at {storage.candles_key(ticker, timeframe)}")
+    return rows
+
+
+def _put_candles(args: argparse.Namespace) -> int:
+    if args.bucket:
+        from candlecast.config import get_settings
+
+        os.environ["DATA_BUCKET"] = args.bucket
+        get_settings.cache_clear()
+    put_candles(args.symbol, args.timeframe, Path(args.file))
+    return 0
 
 
 def _as_of(value: str) -> datetime:

@@ -192,10 +192,44 @@ def _unavailable_as_503(key: str) -> Iterator[None]:
 
 def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
     """One PUT of the whole object (atomic for readers). Returns the new ETag. A failure is StorageUnavailable,
-    logged with S3's error code only: its text (an AccessDenied names the role and account) stays out."""
+    logged with S3's error code only: its text (an AccessDenied names the role and account) stays out.
+    A candle file's cached candles are dropped once it is written."""
     with _unavailable_as_503(key):
         response = s3_client().put_object(Bucket=_bucket(), Key=key, Body=data, ContentType=content_type)
+    forget_cached_candles([key])
     return response["ETag"]
+
+
+def candle_file(key: str) -> tuple[str, str] | None:
+    """(ticker, timeframe) of a candle file's key (the inverse of candles_key), None for any other key."""
+    from candlecast.errors import BadRequest
+    from candlecast.tickers import normalize_ticker
+    from candlecast.timeframes import TIMEFRAMES
+
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "data" or not parts[2].endswith(".parquet"):
+        return None
+    timeframe = parts[2].removesuffix(".parquet")
+    try:
+        ticker = normalize_ticker(parts[1])
+    except BadRequest:
+        return None
+    return (ticker, timeframe) if timeframe in TIMEFRAMES and candles_key(ticker, timeframe) == key else None
+
+
+def forget_cached_candles(written: Iterable[str], retry: bool = False) -> bool:
+    """After candle files were written (any path: write_candles, put_bytes, upload_directory): drop their
+    fresh-candles entries in Redis, which are otherwise served for up to an hour (TTL_SECONDS["candles"]) and
+    would go on forecasting from the file that was replaced. Keys that are no candle files are ignored. False
+    when the cache did not take it; with `retry` (a batch upload) that is logged, with how long the old candles
+    may still be served (without it, the cache's own outage warning says so, once per outage)."""
+    pairs = sorted({pair for key in written if (pair := candle_file(key)) is not None})
+    if not pairs or cache.forget_candles(pairs, retry=retry):
+        return True
+    if retry:
+        logger.warning("cache did not drop the candles of files just written; they are served until their TTL",
+                       extra={"files": len(pairs), "seconds": cache.TTL_SECONDS["candles"]})
+    return False
 
 
 def get_bytes(key: str) -> bytes | None:
@@ -242,9 +276,14 @@ def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool 
 
         items = tqdm(files, desc=f"upload {root.name}", unit="file")
     client, bucket = s3_client(), _bucket()
-    for path in items:
-        key = "/".join(part for part in (prefix.strip("/"), path.relative_to(root).as_posix()) if part)
-        client.upload_file(str(path), bucket, key)
+    written = []
+    try:
+        for path in items:
+            key = "/".join(part for part in (prefix.strip("/"), path.relative_to(root).as_posix()) if part)
+            client.upload_file(str(path), bucket, key)
+            written.append(key)
+    finally:  # the files uploaded before a failure are new too
+        forget_cached_candles(written, retry=True)
     return len(files)
 
 
@@ -363,8 +402,7 @@ def write_candles(ticker: str, timeframe: str, data: Any) -> int:
     object or the new one, never a partial one. Returns the number of rows written."""
     candles = normalize_candles(data)
     key = candles_key(ticker, timeframe)
-    put_bytes(key, candles_to_parquet(candles), content_type="application/vnd.apache.parquet")
-    cache.delete(cache.keys.candles(ticker, timeframe))
+    put_bytes(key, candles_to_parquet(candles), content_type="application/vnd.apache.parquet")  # drops the cache's
     return len(candles)
 
 

@@ -29,13 +29,17 @@ def _same_hex(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8", "replace"))
 
 
-def verify(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: str | None = None) -> None:
-    """Raise ModelIntegrityError unless `data` carries a valid signature (and the expected sha256)."""
+def verify(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: str | None = None,
+           previous_key: bytes | None = None) -> None:
+    """Raise ModelIntegrityError unless `data` carries a valid signature (and the expected sha256). During a key
+    rotation a signature under `previous_key` is valid too; it is computed only when the current key's fails, so
+    a file signed with the current key costs one HMAC."""
     if not key:
         raise ModelIntegrityError("no model signing key is configured; refusing to load the model file")
     if not signature_hex or not signature_hex.strip():
         raise ModelIntegrityError("model file is unsigned (no .sig); refusing to load it")
-    if not _same_hex(sign(data, key), signature_hex):
+    if not _same_hex(sign(data, key), signature_hex) and not (
+            previous_key and _same_hex(sign(data, previous_key), signature_hex)):
         raise ModelIntegrityError(
             "model file signature does not match (tampered file or wrong key); refusing to load it"
         )
@@ -53,7 +57,8 @@ def load(data: bytes):
         raise ModelIntegrityError(f"model file is verified but cannot be read ({type(error).__name__})") from error
 
 
-def verify_and_load(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: str | None = None):
+def verify_and_load(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: str | None = None,
+                    previous_key: bytes | None = None):
     """The ForecastModel in `data`, after the signature and checksum checks pass."""
-    verify(data, signature_hex, key, expected_sha256)
+    verify(data, signature_hex, key, expected_sha256, previous_key)
     return load(data)

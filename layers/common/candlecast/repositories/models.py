@@ -87,3 +87,9 @@ def get_symbol_and_active_model(
 
 def get_all_active_models(conn: psycopg.Connection) -> list[dict]:
     return conn.execute(f"SELECT {MODEL_COLUMNS} FROM models WHERE is_active ORDER BY timeframe").fetchall()
+
+
+def get_registered_model_files(conn: psycopg.Connection) -> list[dict]:
+    """Every registered model's file (active or not): timeframe, s3_key, sha256, is_active."""
+    return conn.execute("SELECT timeframe, name, version, s3_key, sha256, is_active FROM models "
+                        "ORDER BY timeframe, version").fetchall()

@@ -88,7 +88,9 @@ def create_prediction(
     try:
         with conn.pipeline():
             conn.execute("BEGIN")
-            # Every create commits durably (synchronous_commit stays on): a 201 is a promise, keyed or not.
+            # Every create commits durably, whatever the server's, database's or role's default: a 201 is a
+            # promise, keyed or not. SET LOCAL ends with the transaction; it rides in the same round trip.
+            conn.execute("SET LOCAL synchronous_commit = on")
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock_name,))
             inserted = conn.execute(statement, params)
             conn.execute("COMMIT")

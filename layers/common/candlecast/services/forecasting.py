@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
-from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_key
-from candlecast.errors import IdempotencyKeyReused, ModelUnavailable, NotFound
+from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_keys
+from candlecast.errors import IdempotencyKeyReused, ModelIntegrityError, ModelUnavailable, NotFound
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
@@ -42,22 +42,35 @@ class CreateResult:
 
 
 def _bucket_model(row: dict):
-    """The registered file from the bucket, loaded only after its signature (under this stage's key) and its
-    sha256 are checked."""
+    """The registered file from the bucket, loaded only after its signature (under this stage's key, or during a
+    rotation its previous one) and its sha256 are checked."""
     timeframe = row["timeframe"]
     data = storage.get_bytes(row["s3_key"])
     if data is None:
         raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
     signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
     try:
-        key = model_signing_key(get_settings())
+        key, previous = model_signing_keys(get_settings())
     except PublicSigningKeyError as error:
         raise ModelUnavailable(str(error), code="model_signing_key_refused") from None
     except ConfigurationError as error:
         raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
     # A garbled signature decodes to something that cannot match, and is refused as tampered.
     return artifact.verify_and_load(data, signature.decode("ascii", "replace") if signature else None, key,
-                                    row["sha256"])
+                                    row["sha256"], previous_key=previous)
+
+
+def _require_registered(model, row: dict) -> None:
+    """The loaded file must be the model its row registers: a row naming another timeframe's (or another
+    version's) validly signed file would otherwise forecast 1d from the 4h model, silently."""
+    loaded = (str(model.timeframe), str(model.name), str(model.version))
+    registered = (str(row["timeframe"]), str(row["name"]), str(row["version"]))
+    if loaded != registered:
+        logger.error("model file is not the registered model",
+                     extra={"registered": " ".join(registered), "file": " ".join(loaded)})
+        raise ModelIntegrityError(
+            f"the {row['timeframe']} model file holds {loaded[1]} {loaded[2]} ({loaded[0]}), not the registered "
+            f"{registered[1]} {registered[2]}; refusing to use it")
 
 
 def verified_model(row: dict):
@@ -73,6 +86,7 @@ def verified_model(row: dict):
         # Shipped in the artifact when it is the registered file (no S3 client on the cold path), else the bucket.
         bundled = storage.bundled_model(timeframe, sha256)
         model = artifact.load(bundled) if bundled is not None else _bucket_model(row)
+        _require_registered(model, row)
         _models[timeframe] = (sha256, model)
         logger.info("model loaded", extra={"timeframe": timeframe, "model": row["name"], "version": row["version"]})
         return model
@@ -113,8 +127,19 @@ def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes 
     return candles
 
 
-def _request_hash(ticker: str, timeframe: str, model_id, last_open: int) -> str:
-    return hashlib.sha256(f"{ticker}|{timeframe}|{model_id}|{last_open}".encode()).hexdigest()
+def _request_hash(ticker: str, timeframe: str, model_id, candles) -> str:
+    """A request's identity for the repeat window: symbol, timeframe, model and the content of the candles the
+    forecast is made from (every column of every row, not only the last open time), so a candle file fixed in
+    place is a new request, not a repeat of the forecast from the bad one. Hashing a lookback costs microseconds."""
+    import numpy as np
+
+    from candlecast.candles import COLUMNS
+
+    digest = hashlib.sha256(f"{ticker}|{timeframe}|{model_id}|{len(candles)}".encode())
+    for column in COLUMNS:
+        kind = np.int64 if column == "open_time" else np.float64
+        digest.update(np.ascontiguousarray(getattr(candles, column), dtype=kind).tobytes())
+    return digest.hexdigest()
 
 
 def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
@@ -171,7 +196,7 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     prediction = _prediction(symbol, model_row, model, candles, key)
     with db.connection() as conn:
         stored = prediction_repository.create_prediction(
-            conn, prediction, _request_hash(ticker, timeframe, model_row["id"], last_open))
+            conn, prediction, _request_hash(ticker, timeframe, model_row["id"], candles))
     return bool(stored["created"])
 
 
@@ -196,8 +221,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     # only when it names this request's hash, which the candles give.
     cache_entry, pointer = cache.get_candles_and_request(ticker, timeframe)
     candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry)
-    last_open = int(candles.open_time[-1])
-    request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
+    request_hash = _request_hash(ticker, timeframe, model_row["id"], candles)
 
     if idempotency_key is None:
         repeat_id = cache.prediction_for_request(pointer, request_hash)
