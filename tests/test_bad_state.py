@@ -164,31 +164,97 @@ def _table(**changes):
     return pa.table({name: value for name, value in columns.items() if value is not None})
 
 
-DAMAGED = {
-    "no-close-column": lambda: _table(close=None),
-    "text-prices": lambda: _table(close=["n/a"] * 300),
-    "times-past-year-9999": lambda: _table(open_time=_table()["open_time"].to_numpy() + 10**13),
-    "times-descending": lambda: _table(open_time=_table()["open_time"].to_numpy()[::-1].copy()),
-    "times-repeated": lambda: _table(open_time=[1_600_000_000] * 300),
-}
-
-
-@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
-def test_a_damaged_candle_file_is_refused_by_name_and_nothing_is_stored(seeded, damage):
+def _parquet(table, **options) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue().to_pybytes()
+
+
+DAMAGED = {
+    "no-close-column": lambda: _parquet(_table(close=None)),
+    "capitalised-columns": lambda: _parquet(_table().rename_columns(["Open_Time", "Open", "High", "Low", "Close",
+                                                                    "Volume"])),
+    "text-prices": lambda: _parquet(_table(close=["n/a"] * 300)),
+    "times-past-year-9999": lambda: _parquet(_table(open_time=_table()["open_time"].to_numpy() + 10**13)),
+    "times-in-milliseconds": lambda: _parquet(_table(open_time=_table()["open_time"].to_numpy() * 1000)),
+    "not-parquet": lambda: b"PAR1 this is not parquet PAR1",
+    "zero-bytes": lambda: b"",
+    "truncated": lambda: _parquet(_table())[:-100],
+}
+
+
+def _put_candle_file(data: bytes) -> None:
+    from candlecast import storage
+
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), data)
+    cache.delete(cache.keys.candles("X:ADAUSDT", "1h"))
+
+
+@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
+def test_a_damaged_candle_file_is_refused_by_name_not_as_an_outage_and_nothing_is_stored(seeded, damage, caplog):
+    """No retry mends such a file: 503 candle_file_invalid with a long Retry-After (an S3 outage is
+    storage_unavailable, Retry-After 2), and a log line naming the file and its problem."""
     from candlecast import storage
     from tests.test_predictions import stored_predictions
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(DAMAGED[damage](), sink)
-    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), sink.getvalue().to_pybytes())
+    _put_candle_file(DAMAGED[damage]())
     before = stored_predictions(seeded.database_url)
     status, headers, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
-    assert (status, body["error"]["code"]) == (503, "storage_unavailable"), body
-    assert "unreadable" in body["error"]["message"] and headers.get("Retry-After", "").isdigit()
+    assert (status, body["error"]["code"]) == (503, "candle_file_invalid"), body
+    assert "X:ADAUSDT" in body["error"]["message"] and int(headers["Retry-After"]) >= 60
     assert stored_predictions(seeded.database_url) == before
+    [record] = [record for record in caplog.records if record.getMessage().startswith("invalid candle file")]
+    assert record.key == storage.candles_key("X:ADAUSDT", "1h") and record.problem
+
+
+def test_an_invalid_candle_file_is_not_read_again_until_it_changes(seeded, monkeypatch):
+    from candlecast import storage
+
+    _put_candle_file(DAMAGED["times-in-milliseconds"]())
+    reads = []
+    read_tail = storage._read_tail
+    monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1) or read_tail(*args))
+    for _ in range(2):
+        status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+        assert (status, body["error"]["code"]) == (503, "candle_file_invalid")
+    assert len(reads) == 1
+    _put_candle_file(_parquet(_table()))  # repaired: a new ETag
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    assert len(reads) == 2
+
+
+def test_rows_out_of_order_or_repeated_are_sorted_and_deduplicated_at_read(seeded):
+    """A file this service did not write may hold its rows unsorted or twice: read as `normalize_candles` writes
+    them (sorted, the last of repeated rows wins), from the whole file when the tail's row groups are out of order."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import pyarrow as pa
+
+    from candlecast import storage
+
+    rows = 3000  # three row groups, the newest candles first: the last group holds the oldest
+    close = np.linspace(1.0, 2.0, rows)
+    times = np.arange(rows, dtype=np.int64) * 3600 + 1_600_000_000
+    backwards = _table(open_time=times[::-1].copy(), open=close[::-1].copy(), high=close[::-1] * 1.01,
+                       low=close[::-1] * 0.99, close=close[::-1].copy(), volume=np.ones(rows))
+    _put_candle_file(_parquet(backwards, row_group_size=storage.ROW_GROUP_SIZE))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    assert body["last_close"] == pytest.approx(2.0)
+    assert datetime.fromisoformat(body["last_candle_at"]) == datetime.fromtimestamp(int(times[-1]), UTC)
+
+    table = _table()
+    last = table.slice(table.num_rows - 1, 1)
+    last = last.set_column(4, "close", pa.array([9.0])).set_column(2, "high", pa.array([9.5]))
+    _put_candle_file(_parquet(pa.concat_tables([table, last])))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    assert body["last_close"] == pytest.approx(9.0)  # the later of the two rows with the last open time
 
 
 # --- a rotated database password ----------------------------------------------------------------

@@ -445,7 +445,7 @@ def test_an_unreadable_candle_file_is_503(seeded):
     cache.delete(cache.keys.candles("X:ADAUSDT", "1h"))
     status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
     assert status == 503
-    assert body["error"]["code"] == "storage_unavailable"
+    assert body["error"]["code"] == "candle_file_invalid"
     assert "unreadable" in body["error"]["message"]
 
 
