@@ -4,6 +4,7 @@ dependency with Retry-After), never a 500 and never a foreign body served as our
 
 import json
 import os
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -158,7 +159,7 @@ def _table(**changes):
 
     rows = 300
     close = np.linspace(1.0, 2.0, rows)
-    columns = {"open_time": np.arange(rows, dtype=np.int64) * 3600 + 1_600_000_000, "open": close,
+    columns = {"open_time": np.arange(rows, dtype=np.int64) * 3600 + 1_599_998_400, "open": close,
                "high": close * 1.01, "low": close * 0.99, "close": close, "volume": np.ones(rows)}
     columns.update(changes)
     return pa.table({name: value for name, value in columns.items() if value is not None})
@@ -230,7 +231,6 @@ def test_an_invalid_candle_file_is_not_read_again_until_it_changes(seeded, monke
 def test_rows_out_of_order_or_repeated_are_sorted_and_deduplicated_at_read(seeded):
     """A file this service did not write may hold its rows unsorted or twice: read as `normalize_candles` writes
     them (sorted, the last of repeated rows wins), from the whole file when the tail's row groups are out of order."""
-    from datetime import UTC, datetime
 
     import numpy as np
     import pyarrow as pa
@@ -239,7 +239,7 @@ def test_rows_out_of_order_or_repeated_are_sorted_and_deduplicated_at_read(seede
 
     rows = 3000  # three row groups, the newest candles first: the last group holds the oldest
     close = np.linspace(1.0, 2.0, rows)
-    times = np.arange(rows, dtype=np.int64) * 3600 + 1_600_000_000
+    times = np.arange(rows, dtype=np.int64) * 3600 + 1_599_998_400
     backwards = _table(open_time=times[::-1].copy(), open=close[::-1].copy(), high=close[::-1] * 1.01,
                        low=close[::-1] * 0.99, close=close[::-1].copy(), volume=np.ones(rows))
     _put_candle_file(_parquet(backwards, row_group_size=storage.ROW_GROUP_SIZE))
@@ -341,3 +341,36 @@ def test_malformed_registered_figures_leave_the_model_listed_without_them(seeded
         assert status == 200, body
         record = next(item for item in body if item["timeframe"] == "1h") if isinstance(body, list) else body
         assert record["backtest"]["coverage_80"] is None and record["model"]["name"]
+
+
+OFF_GRID = {  # (timeframe, first open time, step): a series off its timeframe's grid
+    "1m-on-the-31st": ("1m", "2024-01-31", "month"),
+    "1d-at-noon": ("1d", "2024-01-01T12:00:00", 86400),
+    "4h-at-02": ("4h", "2024-01-01T02:00:00", 4 * 3600),
+    "1w-on-sundays": ("1w", "2024-01-07", 7 * 86400),
+}
+
+
+@pytest.mark.parametrize("case", OFF_GRID, ids=list(OFF_GRID))
+def test_a_candle_file_off_its_timeframes_grid_is_refused_not_continued_off_it(seeded, case):
+    """Audit K: 1m candles on the 31st were a 500 (no 31st in the next month), 1d candles at noon were
+    continued at noon."""
+    import numpy as np
+    from dateutil.relativedelta import relativedelta
+
+    from candlecast import storage
+    from candlecast.candles import Candles
+
+    timeframe, first, step = OFF_GRID[case]
+    start = datetime.fromisoformat(first).replace(tzinfo=UTC)
+    rows = 60
+    if step == "month":
+        times = [int((start + relativedelta(months=n)).timestamp()) for n in range(rows)]
+    else:
+        times = [int(start.timestamp()) + n * step for n in range(rows)]
+    close = np.linspace(1.0, 2.0, rows)
+    candles = Candles(np.asarray(times, dtype=np.int64), close, close * 1.01, close * 0.99, close, np.ones(rows))
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", timeframe), storage.candles_to_parquet(candles))
+    cache.delete(cache.keys.candles("X:ADAUSDT", timeframe))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": timeframe})
+    assert (status, body["error"]["code"]) == (503, "candle_file_invalid"), body

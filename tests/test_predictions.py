@@ -410,7 +410,7 @@ def test_storage_outage_is_503_not_500(seeded, monkeypatch, model_loaded):
     assert body["error"]["code"] == "storage_unavailable"
 
 
-def _write_candles(ticker: str, closes: list[float], start: int = 1_600_000_000):
+def _write_candles(ticker: str, closes: list[float], start: int = 1_599_998_400):  # 2020-09-13T12:00Z: on the hour
     import numpy as np
 
     from candlecast.candles import Candles

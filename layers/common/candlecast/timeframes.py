@@ -1,5 +1,6 @@
 """The five timeframes and their calendar arithmetic (UTC; weeks start Monday; `1m` is a calendar month)."""
 
+from calendar import monthrange
 from datetime import UTC, datetime, timedelta
 from typing import Literal, get_args
 
@@ -26,11 +27,14 @@ def bucket_start(ts: datetime, timeframe: Timeframe) -> datetime:
 
 
 def add_steps(ts: datetime, timeframe: Timeframe, steps: int) -> datetime:
-    """`ts` moved forward by `steps` candles of `timeframe`."""
+    """`ts` moved forward by `steps` candles of `timeframe`. Months keep the day of the month where the target
+    month has it, else take its last day (Jan 31 + 1 month is Feb 28/29): never an error. Candle open times are
+    on the grid (`bucket_start`), the 1st of the month, so this only matters for a time that is not."""
     if timeframe != "1m":
         return ts + steps * _FIXED_STEP[timeframe]
     months = ts.month - 1 + steps
-    return ts.replace(year=ts.year + months // 12, month=months % 12 + 1)
+    year, month = ts.year + months // 12, months % 12 + 1
+    return ts.replace(year=year, month=month, day=min(ts.day, monthrange(year, month)[1]))
 
 
 def next_open_times(last_open: datetime, timeframe: Timeframe, count: int = FORECAST_STEPS) -> list[datetime]:
