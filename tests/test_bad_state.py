@@ -374,3 +374,27 @@ def test_a_candle_file_off_its_timeframes_grid_is_refused_not_continued_off_it(s
     cache.delete(cache.keys.candles("X:ADAUSDT", timeframe))
     status, _, body = create({"symbol": "ADAUSDT", "timeframe": timeframe})
     assert (status, body["error"]["code"]) == (503, "candle_file_invalid"), body
+
+
+def test_a_candle_file_with_open_times_in_the_future_is_refused(seeded):
+    """Audit K: a row dated 2031 gave a 201 whose steps were all in 2031-2032, and kept the catch-up from
+    Polygon from ever extending the file."""
+    import time
+
+    import numpy as np
+
+    from candlecast import storage
+    from candlecast.candles import Candles
+
+    rows, day = 300, 86400
+    now = int(time.time()) // day * day
+    times = np.arange(rows, dtype=np.int64) * day + now - (rows - 1) * day
+    times[-1] = now + 5 * 365 * day
+    close = np.linspace(1.0, 2.0, rows)
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1d"),
+                      storage.candles_to_parquet(Candles(times, close, close * 1.01, close * 0.99, close,
+                                                         np.ones(rows))))
+    cache.delete(cache.keys.candles("X:ADAUSDT", "1d"))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (503, "candle_file_invalid"), body
+    assert "X:ADAUSDT" in body["error"]["message"]

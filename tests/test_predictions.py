@@ -543,3 +543,26 @@ def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refr
     assert now - 2 * 3600 - 60 <= last_candle_at <= now - 3600  # the last hour that has closed
     assert datetime.fromisoformat(body["steps"][0]["ts"]).timestamp() >= now - 3600
     assert fake.count("/range/1/hour/") == 1
+
+
+@pytest.mark.parametrize(("hours_behind", "age"), [(1, 0), (2, 1), (24 * 90, 24 * 90 - 1)])
+def test_a_prediction_says_how_many_candles_it_was_behind_when_it_was_made(seeded, hours_behind, age, caplog):
+    """Audit K: candles 90 days old gave 30 steps all in the past and nothing said so. The age is the candles
+    that had closed after the last one when the forecast was made, so a GET later says the same."""
+    now = int(time.time())
+    last_open = now - now % 3600 - hours_behind * 3600
+    _write_candles("X:ADAUSDT", [1.0 + 0.01 * (index % 7) for index in range(300)], start=last_open - 299 * 3600)
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    if int(time.time()) // 3600 != now // 3600:
+        pytest.skip("the hour turned during the create")
+    assert (body["data_age_bars"], body["stale"]) == (age, age > 0)
+    assert ("forecast from stale candles" in caplog.text) == (age > 0)
+    status, _, fetched = get(body["id"])
+    assert (status, fetched["data_age_bars"], fetched["stale"]) == (200, age, age > 0)
+
+
+def test_the_committed_sample_is_served_as_stale(seeded):
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    assert status == 201, body
+    assert body["stale"] is True and body["data_age_bars"] > 365

@@ -119,3 +119,19 @@ def test_off_grid_names_the_open_times_no_candle_of_the_timeframe_opens_at(timef
 
     times = np.array([int(ts.timestamp()) for ts in on + off], dtype=np.int64)
     assert off_grid(times, timeframe).tolist() == [False] * len(on) + [True] * len(off)
+
+
+@pytest.mark.parametrize(("timeframe", "last_open", "at", "closed"), [
+    ("1h", at(2024, 1, 1, 9), at(2024, 1, 1, 10, 30), 0),  # the 10:00 candle is still open
+    ("1h", at(2024, 1, 1, 9), at(2024, 1, 1, 11), 1),
+    ("1h", at(2024, 1, 1, 9), at(2024, 1, 1, 9, 59), 0),
+    ("1d", at(2024, 8, 7), at(2024, 12, 5, 10), 119),  # audit K: 120 days old
+    ("1w", at(2024, 12, 30), at(2025, 1, 13), 1),
+    ("1m", at(2024, 1, 1), at(2024, 2, 29, 23), 0),
+    ("1m", at(2024, 1, 1), at(2024, 3, 1), 1),
+    ("1m", at(2023, 11, 1), at(2024, 2, 15), 2),
+])
+def test_closed_since_counts_the_candles_that_closed_after_the_last_one(timeframe, last_open, at, closed):
+    from candlecast.timeframes import closed_since
+
+    assert closed_since(last_open, timeframe, at) == closed

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from candlecast.timeframes import nominal_seconds
+
 COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
 _PACKED_FORMAT = 1
 # Open times a stored series may hold: 1970 up to a year whose forecast steps still fit in a datetime.
@@ -45,11 +47,13 @@ class Candles:
         """The first `count` candles: what was known at the origin that ends them."""
         return Candles(*(getattr(self, name)[:count] for name in COLUMNS))
 
-    def damage(self, timeframe: str | None = None) -> str | None:
+    def damage(self, timeframe: str | None = None, now: int | None = None) -> str | None:
         """Why these rows cannot be a stored series (open times that do not rise strictly, are no date, or, given
         its `timeframe`, are off that timeframe's grid: `off_grid`), or None. Prices are not checked here:
         `usable_candles` drops bad rows. A series off the grid would be continued off it (1d steps at noon), and
-        a month series on the 29th-31st has no next candle at all."""
+        a month series on the 29th-31st has no next candle at all. Given `now` (epoch seconds) too, an open time
+        more than one bar after it is damage: a candle that cannot have traded, whose forecast would lie years
+        ahead and whose file the catch-up from Polygon would never extend."""
         times = self.open_time
         if len(times) and (int(times.min()) < 0 or int(times.max()) >= MAX_OPEN_TIME):
             return "open times outside 1970-9000"
@@ -60,6 +64,9 @@ class Candles:
             if len(wrong):
                 first = np.datetime_as_string(times[wrong[0]].astype("datetime64[s]"), unit="s")
                 return f"{len(wrong)} open times off the {timeframe} grid (the first {first}Z)"
+            if now is not None and len(times) and int(times[-1]) > now + nominal_seconds(timeframe):
+                last = np.datetime_as_string(times[-1].astype("datetime64[s]"), unit="s")
+                return f"open times in the future (the last {last}Z)"
         return None
 
     def to_dict(self) -> dict[str, list]:

@@ -401,14 +401,15 @@ def _read_tail(handle: Any, last_n: int | None) -> "Candles":
 def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "") -> "Candles":
     """`read()`'s candles, or CandleFileInvalid naming the file when it is not a candle series: not Parquet, other
     columns or types, open times that are no date or off the timeframe's grid (a forecast would continue the
-    wrong candle; the ingest drops such bars from Polygon, `ingest.bars_to_candles`). Rows out of
+    wrong candle; the ingest drops such bars from Polygon, `ingest.bars_to_candles`), or later than a bar after
+    now (a forecast would start years ahead). Rows out of
     order or repeated are not damage: `read` sorts and deduplicates them (`normalize_candles`).
 
     Unlike an S3 failure, no retry mends such a file: the error says so (503 candle_file_invalid, a long
     Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act."""
     try:
         candles = read()
-        damage = candles.damage(timeframe)
+        damage = candles.damage(timeframe, int(time.time()))
     except (ValueError, TypeError, KeyError) as error:
         damage = f"{type(error).__name__}: {error}"[:300]
     if damage is not None:

@@ -42,6 +42,20 @@ def next_open_times(last_open: datetime, timeframe: Timeframe, count: int = FORE
     return [add_steps(last_open, timeframe, step) for step in range(1, count + 1)]
 
 
+def closed_since(last_open: datetime, timeframe: Timeframe, at: datetime) -> int:
+    """How many candles after the one opened at `last_open` (on the grid) had closed by `at`: 0 when the next
+    candle had not closed yet, so a forecast from `last_open` made at `at` starts with the candle still open; n
+    when its first n steps were already in the past."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    if timeframe == "1m":
+        months = (at.year - last_open.year) * 12 + at.month - last_open.month
+        if add_steps(last_open, timeframe, months) > at:
+            months -= 1
+        return max(0, months - 1)
+    return max(0, int((at - last_open) // _FIXED_STEP[timeframe]) - 1)
+
+
 def nominal_seconds(timeframe: Timeframe) -> int:
     """Typical length of one candle in seconds (a month counts 30.44 days)."""
     if timeframe == "1m":

@@ -24,7 +24,7 @@ from candlecast.schemas import (
     list_adapter,
 )
 from candlecast.services import predictions as prediction_reads
-from candlecast.timeframes import FORECAST_STEPS, next_open_times
+from candlecast.timeframes import FORECAST_STEPS, closed_since, next_open_times
 
 logger = Logger(child=True)
 
@@ -219,6 +219,11 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
         ).model_dump_json().encode()
         cache.set_created_prediction(str(stored["id"]), body,
                                      None if idempotency_key else (ticker, timeframe, request_hash))
+        age = closed_since(prediction.last_candle_at, timeframe, stored["created_at"])
+        if age:
+            logger.warning("forecast from stale candles", extra={
+                "ticker": ticker, "timeframe": timeframe, "last_candle_at": prediction.last_candle_at.isoformat(),
+                "data_age_bars": age})
     else:
         body = prediction_reads.get(str(stored["id"]))[0]
         if idempotency_key is None:
