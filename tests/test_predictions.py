@@ -429,6 +429,41 @@ def test_candles_with_too_few_usable_rows_are_404(seeded):
     assert "usable" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("timeframe", ["1h", "4h", "1d", "1w", "1m"])
+def test_fewer_usable_candles_than_the_models_warm_up_are_404_naming_both(seeded, timeframe):
+    """Audit K: 3 bars were enough (1w from 4 bars: first-step confidence 0.999) although every model was
+    evaluated with at least min_history bars (48/32/24/12/6) before an origin."""
+    import numpy as np
+
+    from candlecast.candles import Candles
+    from candlecast.forecast.features import CONFIGS
+    from candlecast.timeframes import add_steps
+
+    need = CONFIGS[timeframe].min_history
+    for rows, expected in ((need - 1, 404), (need, 201)):
+        first = datetime(2015, 1, 1, tzinfo=UTC)  # a Thursday: 1w starts on the Monday after
+        first = first if timeframe != "1w" else datetime(2015, 1, 5, tzinfo=UTC)
+        times = np.array([int(add_steps(first, timeframe, n).timestamp()) for n in range(rows)], dtype=np.int64)
+        close = 1.0 + 0.01 * (np.arange(rows) % 7)
+        storage.write_candles("X:ADAUSDT", timeframe, Candles(times, close, close * 1.01, close * 0.99, close,
+                                                               np.ones(rows)))
+        status, _, body = create({"symbol": "ADAUSDT", "timeframe": timeframe})
+        assert status == expected, (rows, body)
+        if expected == 404:
+            assert body["error"]["code"] == "too_little_history"
+            assert f"has {rows} usable" in body["error"]["message"] and f"at least {need}" in body["error"]["message"]
+
+
+def test_the_committed_sample_has_enough_history_for_every_timeframe_it_serves():
+    from candlecast.candles import usable_candles
+    from candlecast.forecast.features import CONFIGS
+
+    for path in sorted((ROOT / "data").glob("*/*.parquet")):
+        config = CONFIGS[path.stem]
+        candles = usable_candles(storage.parquet_to_candles(path.read_bytes()).tail(config.lookback))
+        assert len(candles) >= config.min_history, path
+
+
 def test_a_bad_last_candle_is_skipped_and_the_forecast_continues_the_last_good_one(seeded):
     closes = [1.0 + 0.01 * (index % 7) for index in range(300)] + [float("nan")]
     start = _write_candles("X:ADAUSDT", closes)

@@ -96,9 +96,17 @@ def forget_models() -> None:
         _models.clear()
 
 
-def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None):
+def _enough_history(candles, ticker: str, timeframe: str, min_history: int) -> None:
+    """404 too_little_history unless `candles` (usable ones) are at least the model's `min_history` (its σ
+    warm-up: 48/32/24/12/6 bars at 1h/4h/1d/1w/1m), which every origin it was evaluated on had."""
+    if len(candles) < max(3, min_history):
+        raise NotFound(f"{ticker} has {len(candles)} usable {timeframe} candles; a forecast needs at least "
+                       f"{max(3, min_history)}", code="too_little_history")
+
+
+def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None, min_history: int = 3):
     """The symbol's last usable candles: from the cache entry read already or the bucket, with those that closed
-    since from Polygon; else all from Polygon (any symbol)."""
+    since from Polygon; else all from Polygon (any symbol). At least `min_history` of them, else a 404."""
     from candlecast import ingest
     from candlecast.candles import usable_candles
 
@@ -108,8 +116,7 @@ def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes 
     else:
         candles = ingest.caught_up_candles(ticker, timeframe, candles, count)
     candles = usable_candles(candles)
-    if len(candles) < 3:
-        raise NotFound(f"{ticker} has too few usable {timeframe} candles to forecast from", code="candles_not_found")
+    _enough_history(candles, ticker, timeframe, min_history)
     return candles
 
 
@@ -166,6 +173,7 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
         raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
     model = verified_model(model_row)  # storage: outside the connection, as in create
     candles = usable_candles(candles.tail(model.lookback))
+    _enough_history(candles, ticker, timeframe, model.config.min_history)
     last_open = int(candles.open_time[-1])
     key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
     prediction = _prediction(symbol, model_row, model, candles, key)
@@ -195,7 +203,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     # The candles' cache entry and the newest request pointer come in one round trip; the pointer counts
     # only when it names this request's hash, which the candles give.
     cache_entry, pointer = cache.get_candles_and_request(ticker, timeframe)
-    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry)
+    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry, model.config.min_history)
     last_open = int(candles.open_time[-1])
     request_hash = _request_hash(ticker, timeframe, model_row["id"], last_open)
 
