@@ -601,3 +601,24 @@ def test_the_committed_sample_is_served_as_stale(seeded):
     status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
     assert status == 201, body
     assert body["stale"] is True and body["data_age_bars"] > 365
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "1w"])
+def test_a_series_of_flat_zero_volume_fills_is_404_no_trades_not_a_forecast(seeded, timeframe):
+    """Audit K: a constant price in zero-volume flat rows (an outage's fills) was forecast with confidence
+    0.9999 and ±0.006 % intervals: usable_candles keeps flat rows when fewer than 3 others are left."""
+    import numpy as np
+
+    from candlecast.candles import Candles
+    from candlecast.forecast.features import CONFIGS
+    from candlecast.timeframes import add_steps
+
+    rows = 200
+    first = datetime(2015, 1, 5, tzinfo=UTC)  # a Monday
+    times = np.array([int(add_steps(first, timeframe, n).timestamp()) for n in range(rows)], dtype=np.int64)
+    price, volume = np.full(rows, 100.0), np.zeros(rows)
+    volume[-2:] = 1.0  # two traded candles: fewer than any model's warm-up
+    storage.write_candles("X:ADAUSDT", timeframe, Candles(times, price, price, price, price, volume))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": timeframe})
+    assert (status, body["error"]["code"]) == (404, "no_trades"), body
+    assert "2 " in body["error"]["message"] and f"at least {CONFIGS[timeframe].min_history}" in body["error"]["message"]

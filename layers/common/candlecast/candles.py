@@ -117,6 +117,11 @@ def possible(candles: Candles) -> np.ndarray:
             & np.isfinite(candles.volume) & (candles.volume >= 0))
 
 
+def flat_fills(candles: Candles) -> np.ndarray:
+    """Rows with no trade: zero volume and one price (high == low), as exchanges fill an outage."""
+    return (candles.volume == 0) & (candles.high == candles.low)
+
+
 def usable_candles(candles: Candles) -> Candles:
     """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
     what training (`forecast.dataset.load_timeframe`) and the service forecast from.
@@ -126,7 +131,7 @@ def usable_candles(candles: Candles) -> Candles:
     next one, so it is never judged.
     """
     valid = priced(candles)
-    flat = (candles.volume == 0) & (candles.high == candles.low)
+    flat = flat_fills(candles)
     keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
     kept = np.flatnonzero(keep)
     log_close = np.log(candles.close[kept])

@@ -96,12 +96,22 @@ def forget_models() -> None:
         _models.clear()
 
 
-def _enough_history(candles, ticker: str, timeframe: str, min_history: int) -> None:
-    """404 too_little_history unless `candles` (usable ones) are at least the model's `min_history` (its σ
-    warm-up: 48/32/24/12/6 bars at 1h/4h/1d/1w/1m), which every origin it was evaluated on had."""
-    if len(candles) < max(3, min_history):
-        raise NotFound(f"{ticker} has {len(candles)} usable {timeframe} candles; a forecast needs at least "
-                       f"{max(3, min_history)}", code="too_little_history")
+def _enough_history(raw, candles, ticker: str, timeframe: str, min_history: int) -> None:
+    """404 unless the usable `candles` (of `raw`) are at least the model's `min_history` (its σ warm-up:
+    48/32/24/12/6 bars at 1h/4h/1d/1w/1m), which every origin it was evaluated on had: no_trades when `raw` has
+    that many priced rows but too few with a trade (flat zero-volume outage fills, which `usable_candles` keeps
+    when almost nothing else is left: a constant price forecast with confidence 0.9999), else too_little_history."""
+    from candlecast.candles import flat_fills, priced
+
+    need = max(3, min_history)
+    valid = priced(raw)
+    traded = int((valid & ~flat_fills(raw)).sum())
+    if traded < need <= int(valid.sum()):
+        raise NotFound(f"{ticker} has {traded} {timeframe} candles with trades among its last {len(raw)} (the others "
+                       f"are flat zero-volume fills); a forecast needs at least {need}", code="no_trades")
+    if len(candles) < need:
+        raise NotFound(f"{ticker} has {len(candles)} usable {timeframe} candles; a forecast needs at least {need}",
+                       code="too_little_history")
 
 
 def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None, min_history: int = 3):
@@ -115,9 +125,9 @@ def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes 
         candles = ingest.fetch_recent_candles(ticker, timeframe, count)
     else:
         candles = ingest.caught_up_candles(ticker, timeframe, candles, count)
-    candles = usable_candles(candles)
-    _enough_history(candles, ticker, timeframe, min_history)
-    return candles
+    usable = usable_candles(candles)
+    _enough_history(candles, usable, ticker, timeframe, min_history)
+    return usable
 
 
 def _request_hash(ticker: str, timeframe: str, model_id, last_open: int) -> str:
@@ -172,8 +182,9 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     if symbol is None or model_row is None:
         raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
     model = verified_model(model_row)  # storage: outside the connection, as in create
-    candles = usable_candles(candles.tail(model.lookback))
-    _enough_history(candles, ticker, timeframe, model.config.min_history)
+    raw = candles.tail(model.lookback)
+    candles = usable_candles(raw)
+    _enough_history(raw, candles, ticker, timeframe, model.config.min_history)
     last_open = int(candles.open_time[-1])
     key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
     prediction = _prediction(symbol, model_row, model, candles, key)
