@@ -4,6 +4,7 @@ dependency with Retry-After), never a 500 and never a foreign body served as our
 
 import json
 import os
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -158,37 +159,102 @@ def _table(**changes):
 
     rows = 300
     close = np.linspace(1.0, 2.0, rows)
-    columns = {"open_time": np.arange(rows, dtype=np.int64) * 3600 + 1_600_000_000, "open": close,
+    columns = {"open_time": np.arange(rows, dtype=np.int64) * 3600 + 1_599_998_400, "open": close,
                "high": close * 1.01, "low": close * 0.99, "close": close, "volume": np.ones(rows)}
     columns.update(changes)
     return pa.table({name: value for name, value in columns.items() if value is not None})
 
 
-DAMAGED = {
-    "no-close-column": lambda: _table(close=None),
-    "text-prices": lambda: _table(close=["n/a"] * 300),
-    "times-past-year-9999": lambda: _table(open_time=_table()["open_time"].to_numpy() + 10**13),
-    "times-descending": lambda: _table(open_time=_table()["open_time"].to_numpy()[::-1].copy()),
-    "times-repeated": lambda: _table(open_time=[1_600_000_000] * 300),
-}
-
-
-@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
-def test_a_damaged_candle_file_is_refused_by_name_and_nothing_is_stored(seeded, damage):
+def _parquet(table, **options) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue().to_pybytes()
+
+
+DAMAGED = {
+    "no-close-column": lambda: _parquet(_table(close=None)),
+    "capitalised-columns": lambda: _parquet(_table().rename_columns(["Open_Time", "Open", "High", "Low", "Close",
+                                                                    "Volume"])),
+    "text-prices": lambda: _parquet(_table(close=["n/a"] * 300)),
+    "times-past-year-9999": lambda: _parquet(_table(open_time=_table()["open_time"].to_numpy() + 10**13)),
+    "times-in-milliseconds": lambda: _parquet(_table(open_time=_table()["open_time"].to_numpy() * 1000)),
+    "not-parquet": lambda: b"PAR1 this is not parquet PAR1",
+    "zero-bytes": lambda: b"",
+    "truncated": lambda: _parquet(_table())[:-100],
+}
+
+
+def _put_candle_file(data: bytes) -> None:
+    from candlecast import storage
+
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), data)
+    cache.delete(cache.keys.candles("X:ADAUSDT", "1h"))
+
+
+@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
+def test_a_damaged_candle_file_is_refused_by_name_not_as_an_outage_and_nothing_is_stored(seeded, damage, caplog):
+    """No retry mends such a file: 503 candle_file_invalid with a long Retry-After (an S3 outage is
+    storage_unavailable, Retry-After 2), and a log line naming the file and its problem."""
     from candlecast import storage
     from tests.test_predictions import stored_predictions
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(DAMAGED[damage](), sink)
-    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), sink.getvalue().to_pybytes())
+    _put_candle_file(DAMAGED[damage]())
     before = stored_predictions(seeded.database_url)
     status, headers, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
-    assert (status, body["error"]["code"]) == (503, "storage_unavailable"), body
-    assert "unreadable" in body["error"]["message"] and headers.get("Retry-After", "").isdigit()
+    assert (status, body["error"]["code"]) == (503, "candle_file_invalid"), body
+    assert "X:ADAUSDT" in body["error"]["message"] and int(headers["Retry-After"]) >= 60
     assert stored_predictions(seeded.database_url) == before
+    [record] = [record for record in caplog.records if record.getMessage().startswith("invalid candle file")]
+    assert record.key == storage.candles_key("X:ADAUSDT", "1h") and record.problem
+
+
+def test_an_invalid_candle_file_is_not_read_again_until_it_changes(seeded, monkeypatch):
+    from candlecast import storage
+
+    _put_candle_file(DAMAGED["times-in-milliseconds"]())
+    reads = []
+    read_tail = storage._read_tail
+    monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1) or read_tail(*args))
+    for _ in range(2):
+        status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+        assert (status, body["error"]["code"]) == (503, "candle_file_invalid")
+    assert len(reads) == 1
+    _put_candle_file(_parquet(_table()))  # repaired: a new ETag
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    assert len(reads) == 2
+
+
+def test_rows_out_of_order_or_repeated_are_sorted_and_deduplicated_at_read(seeded):
+    """A file this service did not write may hold its rows unsorted or twice: read as `normalize_candles` writes
+    them (sorted, the last of repeated rows wins), from the whole file when the tail's row groups are out of order."""
+
+    import numpy as np
+    import pyarrow as pa
+
+    from candlecast import storage
+
+    rows = 3000  # three row groups, the newest candles first: the last group holds the oldest
+    close = np.linspace(1.0, 2.0, rows)
+    times = np.arange(rows, dtype=np.int64) * 3600 + 1_599_998_400
+    backwards = _table(open_time=times[::-1].copy(), open=close[::-1].copy(), high=close[::-1] * 1.01,
+                       low=close[::-1] * 0.99, close=close[::-1].copy(), volume=np.ones(rows))
+    _put_candle_file(_parquet(backwards, row_group_size=storage.ROW_GROUP_SIZE))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    assert body["last_close"] == pytest.approx(2.0)
+    assert datetime.fromisoformat(body["last_candle_at"]) == datetime.fromtimestamp(int(times[-1]), UTC)
+
+    table = _table()
+    last = table.slice(table.num_rows - 1, 1)
+    last = last.set_column(4, "close", pa.array([9.0])).set_column(2, "high", pa.array([9.5]))
+    _put_candle_file(_parquet(pa.concat_tables([table, last])))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    assert body["last_close"] == pytest.approx(9.0)  # the later of the two rows with the last open time
 
 
 # --- a rotated database password ----------------------------------------------------------------
@@ -275,3 +341,60 @@ def test_malformed_registered_figures_leave_the_model_listed_without_them(seeded
         assert status == 200, body
         record = next(item for item in body if item["timeframe"] == "1h") if isinstance(body, list) else body
         assert record["backtest"]["coverage_80"] is None and record["model"]["name"]
+
+
+OFF_GRID = {  # (timeframe, first open time, step): a series off its timeframe's grid
+    "1m-on-the-31st": ("1m", "2024-01-31", "month"),
+    "1d-at-noon": ("1d", "2024-01-01T12:00:00", 86400),
+    "4h-at-02": ("4h", "2024-01-01T02:00:00", 4 * 3600),
+    "1w-on-sundays": ("1w", "2024-01-07", 7 * 86400),
+}
+
+
+@pytest.mark.parametrize("case", OFF_GRID, ids=list(OFF_GRID))
+def test_a_candle_file_off_its_timeframes_grid_is_refused_not_continued_off_it(seeded, case):
+    """Audit K: 1m candles on the 31st were a 500 (no 31st in the next month), 1d candles at noon were
+    continued at noon."""
+    import numpy as np
+    from dateutil.relativedelta import relativedelta
+
+    from candlecast import storage
+    from candlecast.candles import Candles
+
+    timeframe, first, step = OFF_GRID[case]
+    start = datetime.fromisoformat(first).replace(tzinfo=UTC)
+    rows = 60
+    if step == "month":
+        times = [int((start + relativedelta(months=n)).timestamp()) for n in range(rows)]
+    else:
+        times = [int(start.timestamp()) + n * step for n in range(rows)]
+    close = np.linspace(1.0, 2.0, rows)
+    candles = Candles(np.asarray(times, dtype=np.int64), close, close * 1.01, close * 0.99, close, np.ones(rows))
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", timeframe), storage.candles_to_parquet(candles))
+    cache.delete(cache.keys.candles("X:ADAUSDT", timeframe))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": timeframe})
+    assert (status, body["error"]["code"]) == (503, "candle_file_invalid"), body
+
+
+def test_a_candle_file_with_open_times_in_the_future_is_refused(seeded):
+    """Audit K: a row dated 2031 gave a 201 whose steps were all in 2031-2032, and kept the catch-up from
+    Polygon from ever extending the file."""
+    import time
+
+    import numpy as np
+
+    from candlecast import storage
+    from candlecast.candles import Candles
+
+    rows, day = 300, 86400
+    now = int(time.time()) // day * day
+    times = np.arange(rows, dtype=np.int64) * day + now - (rows - 1) * day
+    times[-1] = now + 5 * 365 * day
+    close = np.linspace(1.0, 2.0, rows)
+    storage.put_bytes(storage.candles_key("X:ADAUSDT", "1d"),
+                      storage.candles_to_parquet(Candles(times, close, close * 1.01, close * 0.99, close,
+                                                         np.ones(rows))))
+    cache.delete(cache.keys.candles("X:ADAUSDT", "1d"))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (503, "candle_file_invalid"), body
+    assert "X:ADAUSDT" in body["error"]["message"]

@@ -33,7 +33,7 @@ def test_shipped_models_give_30_ordered_candles(timeframe):
     samples = [synthetic_candles(model.lookback + 20, seed) for seed in range(3)]
     for path in sorted((ROOT / "data").glob(f"*/{timeframe}.parquet")):
         samples.append(read_ohlcv(path))
-    samples.append(synthetic_candles(3))  # a symbol with very little history still gets a forecast
+    samples.append(synthetic_candles(model.config.min_history))  # the least history a forecast takes
     for candles in samples:
         forecast = model.predict(candles)
         for name in ("open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95", "confidence"):
@@ -170,8 +170,10 @@ def test_bad_rows_are_skipped_and_too_little_history_is_refused():
     damaged = type(candles)(candles.open_time, candles.open, candles.high, candles.low, broken, candles.volume)
     forecast = model.predict(damaged)
     assert np.isfinite(forecast.close).all() and np.isfinite(forecast.confidence).all()
-    with pytest.raises(ValueError, match="at least 3 candles"):
-        model.predict(synthetic_candles(2))
+    assert model.config.min_history == 48
+    with pytest.raises(ValueError, match="at least 48 candles"):
+        model.predict(synthetic_candles(47))
+    assert np.isfinite(model.predict(synthetic_candles(48)).close).all()
 
 
 def test_volatility_factor_is_the_garch_term_structure_in_closed_form():

@@ -424,7 +424,7 @@ def test_storage_outage_is_503_not_500(seeded, monkeypatch, model_loaded):
     assert body["error"]["code"] == "storage_unavailable"
 
 
-def _write_candles(ticker: str, closes: list[float], start: int = 1_600_000_000):
+def _write_candles(ticker: str, closes: list[float], start: int = 1_599_998_400):  # 2020-09-13T12:00Z: on the hour
     import numpy as np
 
     from candlecast.candles import Candles
@@ -441,6 +441,41 @@ def test_candles_with_too_few_usable_rows_are_404(seeded):
     status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
     assert status == 404
     assert "usable" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "4h", "1d", "1w", "1m"])
+def test_fewer_usable_candles_than_the_models_warm_up_are_404_naming_both(seeded, timeframe):
+    """Audit K: 3 bars were enough (1w from 4 bars: first-step confidence 0.999) although every model was
+    evaluated with at least min_history bars (48/32/24/12/6) before an origin."""
+    import numpy as np
+
+    from candlecast.candles import Candles
+    from candlecast.forecast.features import CONFIGS
+    from candlecast.timeframes import add_steps
+
+    need = CONFIGS[timeframe].min_history
+    for rows, expected in ((need - 1, 404), (need, 201)):
+        first = datetime(2015, 1, 1, tzinfo=UTC)  # a Thursday: 1w starts on the Monday after
+        first = first if timeframe != "1w" else datetime(2015, 1, 5, tzinfo=UTC)
+        times = np.array([int(add_steps(first, timeframe, n).timestamp()) for n in range(rows)], dtype=np.int64)
+        close = 1.0 + 0.01 * (np.arange(rows) % 7)
+        storage.write_candles("X:ADAUSDT", timeframe, Candles(times, close, close * 1.01, close * 0.99, close,
+                                                               np.ones(rows)))
+        status, _, body = create({"symbol": "ADAUSDT", "timeframe": timeframe})
+        assert status == expected, (rows, body)
+        if expected == 404:
+            assert body["error"]["code"] == "too_little_history"
+            assert f"has {rows} usable" in body["error"]["message"] and f"at least {need}" in body["error"]["message"]
+
+
+def test_the_committed_sample_has_enough_history_for_every_timeframe_it_serves():
+    from candlecast.candles import usable_candles
+    from candlecast.forecast.features import CONFIGS
+
+    for path in sorted((ROOT / "data").glob("*/*.parquet")):
+        config = CONFIGS[path.stem]
+        candles = usable_candles(storage.parquet_to_candles(path.read_bytes()).tail(config.lookback))
+        assert len(candles) >= config.min_history, path
 
 
 def test_a_bad_last_candle_is_skipped_and_the_forecast_continues_the_last_good_one(seeded):
@@ -530,7 +565,7 @@ def test_an_unreadable_candle_file_is_503(seeded):
     cache.delete(cache.keys.candles("X:ADAUSDT", "1h"))
     status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
     assert status == 503
-    assert body["error"]["code"] == "storage_unavailable"
+    assert body["error"]["code"] == "candle_file_invalid"
     assert "unreadable" in body["error"]["message"]
 
 
@@ -710,3 +745,47 @@ def test_resign_models_refuses_a_tampered_file_and_leaves_it_unsigned_for_the_ne
     finally:
         monkeypatch.undo()
         _new_container()
+
+
+@pytest.mark.parametrize(("hours_behind", "age"), [(1, 0), (2, 1), (24 * 90, 24 * 90 - 1)])
+def test_a_prediction_says_how_many_candles_it_was_behind_when_it_was_made(seeded, hours_behind, age, caplog):
+    """Audit K: candles 90 days old gave 30 steps all in the past and nothing said so. The age is the candles
+    that had closed after the last one when the forecast was made, so a GET later says the same."""
+    now = int(time.time())
+    last_open = now - now % 3600 - hours_behind * 3600
+    _write_candles("X:ADAUSDT", [1.0 + 0.01 * (index % 7) for index in range(300)], start=last_open - 299 * 3600)
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"})
+    assert status == 201, body
+    if int(time.time()) // 3600 != now // 3600:
+        pytest.skip("the hour turned during the create")
+    assert (body["data_age_bars"], body["stale"]) == (age, age > 0)
+    assert ("forecast from stale candles" in caplog.text) == (age > 0)
+    status, _, fetched = get(body["id"])
+    assert (status, fetched["data_age_bars"], fetched["stale"]) == (200, age, age > 0)
+
+
+def test_the_committed_sample_is_served_as_stale(seeded):
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    assert status == 201, body
+    assert body["stale"] is True and body["data_age_bars"] > 365
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "1w"])
+def test_a_series_of_flat_zero_volume_fills_is_404_no_trades_not_a_forecast(seeded, timeframe):
+    """Audit K: a constant price in zero-volume flat rows (an outage's fills) was forecast with confidence
+    0.9999 and ±0.006 % intervals: usable_candles keeps flat rows when fewer than 3 others are left."""
+    import numpy as np
+
+    from candlecast.candles import Candles
+    from candlecast.forecast.features import CONFIGS
+    from candlecast.timeframes import add_steps
+
+    rows = 200
+    first = datetime(2015, 1, 5, tzinfo=UTC)  # a Monday
+    times = np.array([int(add_steps(first, timeframe, n).timestamp()) for n in range(rows)], dtype=np.int64)
+    price, volume = np.full(rows, 100.0), np.zeros(rows)
+    volume[-2:] = 1.0  # two traded candles: fewer than any model's warm-up
+    storage.write_candles("X:ADAUSDT", timeframe, Candles(times, price, price, price, price, volume))
+    status, _, body = create({"symbol": "ADAUSDT", "timeframe": timeframe})
+    assert (status, body["error"]["code"]) == (404, "no_trades"), body
+    assert "2 " in body["error"]["message"] and f"at least {CONFIGS[timeframe].min_history}" in body["error"]["message"]

@@ -13,6 +13,7 @@ from tests.conftest import empty_bucket
 pytestmark = [pytest.mark.s3, pytest.mark.integration]
 
 HOUR = 3600
+DAY_START = 1_600_000_000 - 1_600_000_000 % 86400  # 1d candles open at midnight
 
 
 def make_candles(count: int, start: int = 1_600_000_000 - 1_600_000_000 % HOUR, step: int = HOUR) -> Candles:
@@ -84,7 +85,7 @@ def test_files_have_small_row_groups_and_only_the_tail_is_read(bucket, monkeypat
 
 
 def test_read_uses_memory_cache_until_the_etag_changes(bucket, monkeypatch):
-    storage.write_candles("X:SOLUSD", "1d", make_candles(50, step=86400))
+    storage.write_candles("X:SOLUSD", "1d", make_candles(50, start=DAY_START, step=86400))
     reads = []
     original = storage._read_tail
     monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1) or original(*args))
@@ -95,7 +96,7 @@ def test_read_uses_memory_cache_until_the_etag_changes(bucket, monkeypatch):
     assert len(reads) == 1
     assert second.open_time.tolist() == first.open_time.tolist()
 
-    storage.write_candles("X:SOLUSD", "1d", make_candles(60, step=86400))  # new object, new ETag
+    storage.write_candles("X:SOLUSD", "1d", make_candles(60, start=DAY_START, step=86400))  # new object, new ETag
     third = storage.read_candles("X:SOLUSD", "1d", 20)
     assert len(reads) == 2
     assert third.open_time[-1] == first.open_time[-1] + 10 * 86400
@@ -201,7 +202,7 @@ def test_filesystem_uses_the_configured_http_endpoint(bucket, stack):
 
 
 def test_a_history_shorter_than_asked_for_is_still_served_from_the_caches(bucket, monkeypatch):
-    storage.write_candles("X:NEWUSD", "1d", make_candles(5, step=86400))
+    storage.write_candles("X:NEWUSD", "1d", make_candles(5, start=DAY_START, step=86400))
     assert len(storage.read_candles("X:NEWUSD", "1d", 30)) == 5
     assert Candles.unpack(cache.get_candles("X:NEWUSD", "1d"))[1] == 30
     reads = []

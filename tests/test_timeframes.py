@@ -85,3 +85,53 @@ def test_nominal_seconds():
 def test_the_five_timeframes_in_order():
     assert TIMEFRAMES == ("1h", "4h", "1d", "1w", "1m")
     assert FORECAST_STEPS == 30
+
+
+@pytest.mark.parametrize(("start", "steps", "expected"), [
+    (at(2024, 1, 31), 1, at(2024, 2, 29)),  # the month's last day where the target has no 31st
+    (at(2023, 1, 29), 1, at(2023, 2, 28)),
+    (at(2024, 1, 30), 2, at(2024, 3, 30)),
+    (at(2024, 8, 31), 1, at(2024, 9, 30)),
+    (at(2024, 12, 31), 2, at(2025, 2, 28)),
+])
+def test_a_month_step_from_a_day_the_target_lacks_takes_its_last_day_and_never_raises(start, steps, expected):
+    assert add_steps(start, "1m", steps) == expected
+
+
+def test_month_steps_never_raise_from_any_day_of_a_year():
+    day = at(2023, 1, 1)
+    while day.year < 2025:
+        assert len(next_open_times(day, "1m")) == FORECAST_STEPS
+        day += timedelta(days=1)
+
+
+@pytest.mark.parametrize(("timeframe", "on", "off"), [
+    ("1h", [at(2024, 3, 10, 22)], [at(2024, 3, 10, 22, 30), at(2024, 3, 10, 22, 0, 1)]),
+    ("4h", [at(2024, 3, 10, 20), at(2024, 3, 11)], [at(2024, 3, 10, 22), at(2024, 3, 11, 2)]),
+    ("1d", [at(2024, 12, 4)], [at(2024, 12, 4, 12), at(2024, 12, 4, 4)]),
+    ("1w", [at(2024, 12, 30), at(1970, 1, 5), at(2025, 1, 6)], [at(2024, 12, 29), at(2025, 1, 1)]),
+    ("1m", [at(2024, 2, 1), at(2023, 12, 1), at(1970, 1, 1)], [at(2024, 1, 31), at(2024, 1, 29), at(2024, 3, 1, 1)]),
+])
+def test_off_grid_names_the_open_times_no_candle_of_the_timeframe_opens_at(timeframe, on, off):
+    import numpy as np
+
+    from candlecast.candles import off_grid
+
+    times = np.array([int(ts.timestamp()) for ts in on + off], dtype=np.int64)
+    assert off_grid(times, timeframe).tolist() == [False] * len(on) + [True] * len(off)
+
+
+@pytest.mark.parametrize(("timeframe", "last_open", "at", "closed"), [
+    ("1h", at(2024, 1, 1, 9), at(2024, 1, 1, 10, 30), 0),  # the 10:00 candle is still open
+    ("1h", at(2024, 1, 1, 9), at(2024, 1, 1, 11), 1),
+    ("1h", at(2024, 1, 1, 9), at(2024, 1, 1, 9, 59), 0),
+    ("1d", at(2024, 8, 7), at(2024, 12, 5, 10), 119),  # audit K: 120 days old
+    ("1w", at(2024, 12, 30), at(2025, 1, 13), 1),
+    ("1m", at(2024, 1, 1), at(2024, 2, 29, 23), 0),
+    ("1m", at(2024, 1, 1), at(2024, 3, 1), 1),
+    ("1m", at(2023, 11, 1), at(2024, 2, 15), 2),
+])
+def test_closed_since_counts_the_candles_that_closed_after_the_last_one(timeframe, last_open, at, closed):
+    from candlecast.timeframes import closed_since
+
+    assert closed_since(last_open, timeframe, at) == closed

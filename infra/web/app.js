@@ -234,7 +234,8 @@ async function forecast(event) {
     showModel(record);
     $("chart-title").textContent =
       `${prediction.ticker} ${timeframe}: ${candles.candles.length} recent candles and 30 expected from ` +
-      `${prediction.last_candle_at}`;
+      `${prediction.last_candle_at}` +
+      (prediction.stale ? ` (stale: ${prediction.data_age_bars} newer candles had closed when it was made)` : "");
     Object.assign(state, {
       drawn: true, candles: candles.candles.length, expected: prediction.steps.length,
       priceScaleMode: priceChart.priceScale("right").options().mode,

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from candlecast.timeframes import nominal_seconds
+
 COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
 _PACKED_FORMAT = 1
 # Open times a stored series may hold: 1970 up to a year whose forecast steps still fit in a datetime.
@@ -11,6 +13,19 @@ MAX_OPEN_TIME = 221_845_392_000  # 9000-01-01T00:00:00Z
 # A close this many times above (or below a fifth of) both neighbouring closes is a bad print (a shifted decimal
 # point, say): no real series in ../shared reverts even 3× within one bar, at any timeframe.
 BAD_PRINT_FACTOR = 5.0
+_GRID_SECONDS = {"1h": 3600, "4h": 4 * 3600, "1d": 86400, "1w": 7 * 86400}
+_FIRST_MONDAY = 4 * 86400  # 1970-01-05, the first week's start (1970-01-01 was a Thursday)
+
+
+def off_grid(open_time: np.ndarray, timeframe: str) -> np.ndarray:
+    """Open times that are not a `timeframe` candle's open (`timeframes.bucket_start` of themselves): hours on the
+    hour, 4h at 00/04/…/20, days at midnight, weeks on Monday midnight, months on the 1st (all UTC)."""
+    times = np.asarray(open_time, dtype=np.int64)
+    if timeframe == "1m":
+        month_starts = times.astype("datetime64[s]").astype("datetime64[M]").astype("datetime64[s]").astype(np.int64)
+        return times != month_starts
+    origin = _FIRST_MONDAY if timeframe == "1w" else 0
+    return (times - origin) % _GRID_SECONDS[timeframe] != 0
 
 
 @dataclass(frozen=True)
@@ -32,14 +47,26 @@ class Candles:
         """The first `count` candles: what was known at the origin that ends them."""
         return Candles(*(getattr(self, name)[:count] for name in COLUMNS))
 
-    def damage(self) -> str | None:
-        """Why these rows cannot be a stored series (open times that do not rise strictly, or are no date),
-        or None. Prices are not checked here: `usable_candles` drops bad rows."""
+    def damage(self, timeframe: str | None = None, now: int | None = None) -> str | None:
+        """Why these rows cannot be a stored series (open times that do not rise strictly, are no date, or, given
+        its `timeframe`, are off that timeframe's grid: `off_grid`), or None. Prices are not checked here:
+        `usable_candles` drops bad rows. A series off the grid would be continued off it (1d steps at noon), and
+        a month series on the 29th-31st has no next candle at all. Given `now` (epoch seconds) too, an open time
+        more than one bar after it is damage: a candle that cannot have traded, whose forecast would lie years
+        ahead and whose file the catch-up from Polygon would never extend."""
         times = self.open_time
         if len(times) and (int(times.min()) < 0 or int(times.max()) >= MAX_OPEN_TIME):
             return "open times outside 1970-9000"
         if len(times) > 1 and not bool(np.all(times[1:] > times[:-1])):
             return "open times not strictly increasing"
+        if timeframe in _GRID_SECONDS or timeframe == "1m":
+            wrong = np.flatnonzero(off_grid(times, timeframe))
+            if len(wrong):
+                first = np.datetime_as_string(times[wrong[0]].astype("datetime64[s]"), unit="s")
+                return f"{len(wrong)} open times off the {timeframe} grid (the first {first}Z)"
+            if now is not None and len(times) and int(times[-1]) > now + nominal_seconds(timeframe):
+                last = np.datetime_as_string(times[-1].astype("datetime64[s]"), unit="s")
+                return f"open times in the future (the last {last}Z)"
         return None
 
     def to_dict(self) -> dict[str, list]:
@@ -90,6 +117,11 @@ def possible(candles: Candles) -> np.ndarray:
             & np.isfinite(candles.volume) & (candles.volume >= 0))
 
 
+def flat_fills(candles: Candles) -> np.ndarray:
+    """Rows with no trade: zero volume and one price (high == low), as exchanges fill an outage."""
+    return (candles.volume == 0) & (candles.high == candles.low)
+
+
 def usable_candles(candles: Candles) -> Candles:
     """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
     what training (`forecast.dataset.load_timeframe`) and the service forecast from.
@@ -99,7 +131,7 @@ def usable_candles(candles: Candles) -> Candles:
     next one, so it is never judged.
     """
     valid = priced(candles)
-    flat = (candles.volume == 0) & (candles.high == candles.low)
+    flat = flat_fills(candles)
     keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
     kept = np.flatnonzero(keep)
     log_close = np.log(candles.close[kept])

@@ -79,6 +79,15 @@ class StorageUnavailable(ServiceUnavailable):
     code = "storage_unavailable"
 
 
+class CandleFileInvalid(ServiceUnavailable):
+    """A stored candle file that is not a candle series (not Parquet, other columns, open times that are no date,
+    off the timeframe's grid or in the future). No retry mends it, unlike an S3 outage (storage_unavailable): an
+    operator must delete or rewrite the file, so the client is told to come back much later."""
+
+    code = "candle_file_invalid"
+    retry_after = 300
+
+
 class SecretsUnavailable(ServiceUnavailable):
     """A secret could not be read from Secrets Manager (code secrets_unavailable), or its value is not what
     the service needs (code secret_invalid)."""

@@ -5,10 +5,10 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field, field_validator, model_validator
 
 from candlecast.tickers import MAX_TICKER_LENGTH, TICKER_PATTERN, normalize_ticker
-from candlecast.timeframes import Timeframe
+from candlecast.timeframes import Timeframe, closed_since
 
 __all__ = [
     "HealthReport",
@@ -189,6 +189,19 @@ class Prediction(_Read):
     last_close: float
     horizon: int
     created_at: datetime
+
+    @computed_field(description="How many candles after `last_candle_at` had already closed when the forecast was "
+                                "made: 0 when its first step is the candle then still open; n when its first n steps "
+                                "were already in the past (the stored candles were behind and Polygon could not "
+                                "catch them up).")
+    @property
+    def data_age_bars(self) -> int:
+        return closed_since(self.last_candle_at, self.timeframe, self.created_at)
+
+    @computed_field(description="Whether the forecast was made from candles that were behind: data_age_bars > 0.")
+    @property
+    def stale(self) -> bool:
+        return self.data_age_bars > 0
 
 
 class PredictionWithSteps(Prediction):

@@ -20,7 +20,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache, tls
 from candlecast.config import get_settings
-from candlecast.errors import StorageUnavailable
+from candlecast.errors import CandleFileInvalid, StorageUnavailable
 from candlecast.tickers import storage_name
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ _lock = threading.Lock()
 _clients: dict[str, Any] = {}
 # key -> (ETag, candles, rows asked for): a file shorter than asked for is still a complete answer.
 _memory: "OrderedDict[str, tuple[str, Candles, int]]" = OrderedDict()
+# key -> (ETag, client message, monotonic deadline): a candle file found invalid is not read again while it is
+# unchanged, for as long as its answer's Retry-After.
+_refused: "OrderedDict[str, tuple[str, str, float]]" = OrderedDict()
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -154,6 +157,7 @@ def reset_clients() -> None:
     with _lock:
         _clients.clear()
         _memory.clear()
+        _refused.clear()
 
 
 def _bucket() -> str:
@@ -407,7 +411,10 @@ def write_candles(ticker: str, timeframe: str, data: Any) -> int:
 
 
 def _read_tail(handle: Any, last_n: int | None) -> "Candles":
-    """Only the row groups that hold the last `last_n` rows (all of them when last_n is None)."""
+    """Only the row groups that hold the last `last_n` rows (all of them when last_n is None), sorted and
+    deduplicated by `normalize_candles`. Rows read out of order or repeated (a file this module did not write)
+    mean the last row groups may not hold the newest candles: then the whole file is read and normalized."""
+    import numpy as np
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(handle)
@@ -422,21 +429,49 @@ def _read_tail(handle: Any, last_n: int | None) -> "Candles":
     groups.reverse()
     table = parquet.read_row_groups(groups) if groups else _schema().empty_table()
     candles = _table_to_candles(table)
+    times = candles.open_time
+    if len(groups) < metadata.num_row_groups and not bool(np.all(times[1:] > times[:-1])):
+        candles = _table_to_candles(parquet.read())
+    candles = normalize_candles(candles)
     return candles if last_n is None else candles.tail(last_n)
 
 
-def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str) -> "Candles":
-    """`read()`'s candles, or StorageUnavailable naming the file when it is not ours: not Parquet, other
-    columns or types, or open times that do not rise (a forecast would continue the wrong candle)."""
+def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "") -> "Candles":
+    """`read()`'s candles, or CandleFileInvalid naming the file when it is not a candle series: not Parquet, other
+    columns or types, open times that are no date or off the timeframe's grid (a forecast would continue the
+    wrong candle; the ingest drops such bars from Polygon, `ingest.bars_to_candles`), or later than a bar after
+    now (a forecast would start years ahead). Rows out of
+    order or repeated are not damage: `read` sorts and deduplicates them (`normalize_candles`).
+
+    Unlike an S3 failure, no retry mends such a file: the error says so (503 candle_file_invalid, a long
+    Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act."""
     try:
         candles = read()
-        damage = candles.damage()
+        damage = candles.damage(timeframe, int(time.time()))
     except (ValueError, TypeError, KeyError) as error:
         damage = f"{type(error).__name__}: {error}"[:300]
     if damage is not None:
-        logger.error("unreadable candle file", extra={"key": key, "error": damage})
-        raise StorageUnavailable(f"the {timeframe} candle file of {ticker} is unreadable")
+        logger.error("invalid candle file: delete it (the next ingest rebuilds it from Polygon) or rewrite it",
+                     extra={"key": key, "etag": etag, "ticker": ticker, "timeframe": timeframe, "problem": damage})
+        raise CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} candle "
+                                "series; it must be repaired before it is forecast from")
     return candles
+
+
+def _refuse_again(key: str, etag: str) -> None:
+    """Raise the remembered CandleFileInvalid when this version of the file was found invalid lately."""
+    with _lock:
+        refused = _refused.get(key)
+    if refused is not None and refused[0] == etag and time.monotonic() < refused[2]:
+        raise CandleFileInvalid(refused[1])
+
+
+def _remember_refusal(key: str, etag: str, error: CandleFileInvalid) -> None:
+    with _lock:
+        _refused[key] = (etag, error.message, time.monotonic() + error.retry_after)
+        _refused.move_to_end(key)
+        while len(_refused) > MEMORY_CACHE_ENTRIES:
+            _refused.popitem(last=False)
 
 
 def _remember(key: str, etag: str, candles: "Candles", requested: int) -> None:
@@ -503,8 +538,15 @@ def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = 
         etag = handle.metadata().get("ETag", b"").decode()
         candles = _recalled(key, etag, last_n) if use_cache and etag else None
         if candles is None:
+            if etag:
+                _refuse_again(key, etag)
             started = time.perf_counter()
-            candles = _checked(lambda: _read_tail(handle, last_n), key, ticker, timeframe)
+            try:
+                candles = _checked(lambda: _read_tail(handle, last_n), key, ticker, timeframe, etag)
+            except CandleFileInvalid as error:
+                if etag:
+                    _remember_refusal(key, etag, error)
+                raise
             elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
             logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
             if use_cache and etag:
@@ -523,10 +565,13 @@ def stored_timeframes(ticker: str) -> list[str]:
 
 
 def read_all_candles(ticker: str, timeframe: str) -> "Candles | None":
-    """Every candle in the symbol's file (ingest merges into it, scoring reads outcomes), bypassing the caches."""
+    """Every candle in the symbol's file (ingest merges into it, scoring reads outcomes), bypassing the caches;
+    sorted and deduplicated (`normalize_candles`)."""
     key = candles_key(ticker, timeframe)
     data = get_bytes(key)
-    return None if data is None else _checked(lambda: parquet_to_candles(data), key, ticker, timeframe)
+    if data is None:
+        return None
+    return _checked(lambda: normalize_candles(parquet_to_candles(data)), key, ticker, timeframe)
 
 
 def bucket_url() -> str:

@@ -219,10 +219,13 @@ class ForecastModel:
 
     # -- one forecast ----------------------------------------------------------------------------------
     def predict(self, candles: Candles) -> Forecast:
-        """30 expected candles after the last of `candles` (oldest first; at least 3 candles)."""
+        """30 expected candles after the last of `candles` (oldest first; at least `config.min_history` usable
+        candles, the σ warm-up every origin it was evaluated on had)."""
         recent = usable_candles(candles.tail(self.lookback))
-        if len(recent) < 3:
-            raise ValueError("at least 3 candles with positive prices are needed for a forecast")
+        need = max(3, self.config.min_history)
+        if len(recent) < need:
+            raise ValueError(f"at least {need} candles with positive prices are needed for a {self.timeframe} "
+                             f"forecast ({len(recent)} given)")
         rows, sigma = origin_features(recent, self.config)
         origin, sigma_now = rows[-1:], sigma[-1:]
         states = None if self.garch is None else series_states(np.log(recent.close), np.array([len(recent) - 1]),

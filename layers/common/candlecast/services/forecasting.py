@@ -24,7 +24,7 @@ from candlecast.schemas import (
     list_adapter,
 )
 from candlecast.services import predictions as prediction_reads
-from candlecast.timeframes import FORECAST_STEPS, next_open_times
+from candlecast.timeframes import FORECAST_STEPS, closed_since, next_open_times
 
 logger = Logger(child=True)
 
@@ -110,9 +110,27 @@ def forget_models() -> None:
         _models.clear()
 
 
-def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None):
+def _enough_history(raw, candles, ticker: str, timeframe: str, min_history: int) -> None:
+    """404 unless the usable `candles` (of `raw`) are at least the model's `min_history` (its σ warm-up:
+    48/32/24/12/6 bars at 1h/4h/1d/1w/1m), which every origin it was evaluated on had: no_trades when `raw` has
+    that many priced rows but too few with a trade (flat zero-volume outage fills, which `usable_candles` keeps
+    when almost nothing else is left: a constant price forecast with confidence 0.9999), else too_little_history."""
+    from candlecast.candles import flat_fills, priced
+
+    need = max(3, min_history)
+    valid = priced(raw)
+    traded = int((valid & ~flat_fills(raw)).sum())
+    if traded < need <= int(valid.sum()):
+        raise NotFound(f"{ticker} has {traded} {timeframe} candles with trades among its last {len(raw)} (the others "
+                       f"are flat zero-volume fills); a forecast needs at least {need}", code="no_trades")
+    if len(candles) < need:
+        raise NotFound(f"{ticker} has {len(candles)} usable {timeframe} candles; a forecast needs at least {need}",
+                       code="too_little_history")
+
+
+def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None, min_history: int = 3):
     """The symbol's last usable candles: from the cache entry read already or the bucket, with those that closed
-    since from Polygon; else all from Polygon (any symbol)."""
+    since from Polygon; else all from Polygon (any symbol). At least `min_history` of them, else a 404."""
     from candlecast import ingest
     from candlecast.candles import usable_candles
 
@@ -121,10 +139,9 @@ def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes 
         candles = ingest.fetch_recent_candles(ticker, timeframe, count)
     else:
         candles = ingest.caught_up_candles(ticker, timeframe, candles, count)
-    candles = usable_candles(candles)
-    if len(candles) < 3:
-        raise NotFound(f"{ticker} has too few usable {timeframe} candles to forecast from", code="candles_not_found")
-    return candles
+    usable = usable_candles(candles)
+    _enough_history(candles, usable, ticker, timeframe, min_history)
+    return usable
 
 
 def _request_hash(ticker: str, timeframe: str, model_id, candles) -> str:
@@ -190,7 +207,9 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     if symbol is None or model_row is None:
         raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
     model = verified_model(model_row)  # storage: outside the connection, as in create
-    candles = usable_candles(candles.tail(model.lookback))
+    raw = candles.tail(model.lookback)
+    candles = usable_candles(raw)
+    _enough_history(raw, candles, ticker, timeframe, model.config.min_history)
     last_open = int(candles.open_time[-1])
     key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
     prediction = _prediction(symbol, model_row, model, candles, key)
@@ -220,7 +239,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     # The candles' cache entry and the newest request pointer come in one round trip; the pointer counts
     # only when it names this request's hash, which the candles give.
     cache_entry, pointer = cache.get_candles_and_request(ticker, timeframe)
-    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry)
+    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry, model.config.min_history)
     request_hash = _request_hash(ticker, timeframe, model_row["id"], candles)
 
     if idempotency_key is None:
@@ -243,6 +262,11 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
         ).model_dump_json().encode()
         cache.set_created_prediction(str(stored["id"]), body,
                                      None if idempotency_key else (ticker, timeframe, request_hash))
+        age = closed_since(prediction.last_candle_at, timeframe, stored["created_at"])
+        if age:
+            logger.warning("forecast from stale candles", extra={
+                "ticker": ticker, "timeframe": timeframe, "last_candle_at": prediction.last_candle_at.isoformat(),
+                "data_age_bars": age})
     else:
         body = prediction_reads.get(str(stored["id"]))[0]
         if idempotency_key is None:
