@@ -487,7 +487,7 @@ def test_a_bad_last_candle_is_skipped_and_the_forecast_continues_the_last_good_o
     assert datetime.fromisoformat(body["last_candle_at"]) == datetime.fromtimestamp(start + 299 * 3600, UTC)
 
 
-def _raw_candle_file(closes: list[float], start: int = 1_600_000_000) -> bytes:
+def _raw_candle_file(closes: list[float], start: int = 1_599_998_400) -> bytes:  # on the hour
     import numpy as np
 
     from candlecast.candles import Candles
