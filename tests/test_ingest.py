@@ -657,7 +657,7 @@ def test_a_transient_failure_is_tried_again_at_the_chunks_end_and_the_other_sour
     market = make_market(3, now=NOW, history_days=200)
     tickers = [symbol.ticker for symbol in market.symbols]
     with FakePolygon(market) as fake:
-        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", status=418)  # not retried by the client
+        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", kind="malformed")  # not retried by the client
         first_try_daily = []
         summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
                                     concurrency=1, on_symbol=lambda ticker: first_try_daily.append(
@@ -673,7 +673,7 @@ def test_a_failure_with_no_time_left_is_handed_on_once_and_then_reported(env):
     market = make_market(1, now=NOW, history_days=200)
     ticker = market.symbols[0].ticker
     with FakePolygon(market) as fake:
-        fake.add_fault(f"/v2/aggs/ticker/{ticker}/range/1/hour/", status=418, times=1000)
+        fake.add_fault(f"/v2/aggs/ticker/{ticker}/range/1/hour/", kind="malformed", times=1000)
         deadline = time.monotonic() + 5
         summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
                                     deadline=deadline, on_symbol=lambda _: time.sleep(deadline - time.monotonic()))
@@ -681,8 +681,26 @@ def test_a_failure_with_no_time_left_is_handed_on_once_and_then_reported(env):
         handed_on = ingest.run_ingest(client_for(fake), tickers=summary.retry, retried=summary.retry, refresh=False,
                                       now=NOW, history_days=HISTORY)
     assert handed_on.failed == [ticker] and handed_on.retried == [] and handed_on.retry == []
-    assert handed_on.errors == [f"{ticker}: 1h bars: Polygon answered HTTP 418 for aggregates {ticker} 1h page 1"]
+    assert handed_on.errors == [f"{ticker}: 1h bars: Polygon sent a body that is not JSON for aggregates {ticker} 1h "
+                                "page 1"]
     assert storage.read_all_candles(ticker, "1h") is None and storage.read_all_candles(ticker, "1d") is not None
+
+
+@pytest.mark.parametrize("status", [400, 404, 418])
+def test_a_4xx_is_reported_at_once_never_tried_again(env, status):
+    """Polygon answers a request it refuses (a 400, a ticker it has not: 404) the same way every time: a second
+    try at the chunk's end, or in the next chunk, only spends requests."""
+    market = make_market(2, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", status=status, times=1000)
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=1)
+        assert fake.count(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/") == 1
+    assert summary.failed == [tickers[0]] and summary.retried == [] and summary.retry == []
+    assert summary.symbols_done == 1 and len(summary.errors) == 1
+    assert f"{tickers[0]}: 1h bars: " in summary.errors[0] and "injected" not in summary.errors[0]
+    assert storage.read_all_candles(tickers[0], "1d") is not None
 
 
 def test_files_written_while_the_database_is_down_are_reported_as_such(env, needs_embedded_postgres):

@@ -35,6 +35,8 @@ from candlecast.polygon import (
     PolygonClient,
     PolygonDeadline,
     PolygonNotEntitled,
+    PolygonNotFound,
+    PolygonRejected,
 )
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
@@ -59,6 +61,8 @@ REFETCH_DAYS = 7
 # an upstream fault, a listing cut short, not the market: nothing is marked inactive and the summary says so.
 MAX_INACTIVATED_SHARE = 0.10
 MAX_INACTIVATED_ALWAYS = 10
+# Failures that trying again cannot mend: a plan's 403, a 404 (no such ticker or route) and any other 4xx but 429.
+PERMANENT_FAILURES = (PolygonNotEntitled, PolygonNotFound, PolygonRejected)
 BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
@@ -301,8 +305,8 @@ class SymbolIngest:
 
     def retry_timeframes(self, timeframes: Sequence[Timeframe]) -> list[Timeframe]:
         """The timeframes a second try needs: those built from a source that failed for a reason that may pass
-        (not a plan's 403)."""
-        again = {source for source, error in self.failures.items() if not isinstance(error, PolygonNotEntitled)}
+        (not a PERMANENT_FAILURES one: a plan's 403, a 404, another 4xx but 429)."""
+        again = {source for source, error in self.failures.items() if not isinstance(error, PERMANENT_FAILURES)}
         return [tf for tf in timeframes if SOURCE_OF[tf] in again]
 
 
@@ -437,7 +441,8 @@ def run_ingest(
     listing. A 403 on one symbol's bars (its plan does not cover them) fails that source, once the key
     is known to work (PolygonClient.confirm_key).
 
-    A symbol whose source failed for a reason that may pass (anything but a plan's 403), or whose files were
+    A symbol whose source failed for a reason that may pass (anything but a plan's 403, a 404 or another 4xx
+    but 429), or whose files were
     written but whose metadata was not recorded, is tried once more at the end of the chunk, for what failed
     only. One the deadline leaves no time for is listed in `retry` and handed on; `retried` names those, which
     get no third try.
@@ -516,7 +521,7 @@ def run_ingest(
         second = work(ticker, first.retry_timeframes(timeframes), first.stored_through)
         if second is not None:
             kept = {source: error for source, error in first.failures.items() if source not in second.failures
-                    and isinstance(error, PolygonNotEntitled)}
+                    and isinstance(error, PERMANENT_FAILURES)}
             second.failures = kept | second.failures
         return second
 

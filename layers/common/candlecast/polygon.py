@@ -67,6 +67,11 @@ class PolygonNotFound(NotFound):
     code = "polygon_not_found"
 
 
+class PolygonRejected(PolygonError):
+    """Another 4xx than 401, 403, 404 and 429 (a 400, say): Polygon refuses this request as it is; sending it
+    again, in this chunk or the next, gets the same answer."""
+
+
 class PolygonDeadline(PolygonError):
     """The run's deadline came before this request's turn: it was not sent (the caller hands the work on)."""
 
@@ -238,6 +243,8 @@ class PolygonClient:
                     )
                 if status == 404:
                     raise PolygonNotFound(f"Polygon has nothing for {what}")
+                if 400 <= status < 500 and status not in RETRY_STATUSES:
+                    raise PolygonRejected(f"Polygon answered HTTP {status} for {what}")
                 if status not in RETRY_STATUSES:
                     raise PolygonError(f"Polygon answered HTTP {status} for {what}")
                 problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
