@@ -108,6 +108,9 @@ class FakePolygon:
         self.echo = False
         # Aggregates' first pages answer a next_url with this path: the upstream's own text (it may echo the key).
         self.next_path: str | None = None
+        # Aggregates whose path contains a key here stamp their bars' `t` in that unit ("s", "us" or "ns") instead
+        # of milliseconds, as a hostile or broken upstream might.
+        self.time_units: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -238,6 +241,10 @@ class FakePolygon:
         size = self.market.bars_per_page
         envelope = load_fixture("aggs_X-BTCUSD_range_1_day.json")
         page = bars[offset : offset + size]
+        for match, unit in self.time_units.items():
+            if match in path:
+                scale = {"s": 0.001, "us": 1000, "ns": 1_000_000}[unit]
+                page = [bar | {"t": int(bar["t"] * scale)} for bar in page]
         envelope.update(ticker=ticker, results=page, queryCount=len(page), resultsCount=len(page))
         if not page:
             envelope.pop("results")

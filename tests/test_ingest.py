@@ -477,6 +477,38 @@ def test_a_malformed_bar_is_a_bad_response(bad):
     assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)[0]) == 2
 
 
+def test_bars_timed_before_2009_or_after_now_are_dropped_and_counted():
+    seconds = BAR | {"t": BAR["t"] // 1000}  # lands on the hour grid in 1970
+    nanos = BAR | {"t": BAR["t"] * 1_000_000}
+    ahead = BAR | {"t": BAR["t"] + 5 * HOUR * 1000}  # opens two and a half steps after now
+    candles, dropped = ingest.bars_to_candles([seconds, BAR, nanos, ahead], HOUR, NOW)
+    assert candles.open_time.tolist() == [BAR["t"] // 1000] and dropped == 3
+    for unit in (seconds, nanos):
+        with pytest.raises(PolygonBadResponse, match="2 bars all timed before 2009 or after now"):
+            ingest.bars_to_candles([unit, unit], HOUR, NOW)
+
+
+@pytest.mark.parametrize("unit", ["s", "ns"])
+def test_bars_in_another_unit_fail_the_source_and_never_reach_a_file(env, unit):
+    """Seconds used to be stored as 1970 candles (and the next run asked for every bar since 1970); nanoseconds
+    made every bar 'not closed yet': nothing written, nothing failed, the files silently stale."""
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW - 3 * DAY, history_days=HISTORY)
+        before = bucket_snapshot()
+        fake.time_units["/range/1/hour/"] = unit
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+    assert summary.failed == [ticker] and summary.symbols_done == 0
+    (error,) = summary.errors
+    assert error.startswith(f"{ticker}: 1h bars: Polygon sent ") and "all timed before 2009 or after now" in error
+    after = bucket_snapshot()
+    for timeframe in ("1h", "4h"):
+        key = storage.candles_key(ticker, timeframe)
+        assert after[key] == before[key]
+    assert after[storage.candles_key(ticker, "1d")] != before[storage.candles_key(ticker, "1d")]
+
+
 IMPOSSIBLE = {"high under the close": lambda bar: bar | {"h": bar["c"] * 0.99},
               "low over the open": lambda bar: bar | {"l": bar["o"] * 1.01},
               "zero low": lambda bar: bar | {"l": 0},

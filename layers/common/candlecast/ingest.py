@@ -73,7 +73,8 @@ class IngestSummary:
     symbols_kept_active: int = 0  # missing from a listing that was not trusted to retire them (see errors)
     files_written: int = 0
     candles_added: int = 0
-    bars_dropped: int = 0  # closed bars Polygon sent that no market can print (bars_to_candles): not stored
+    # Bars Polygon sent that no market can print, or timed before 2009 or after now (bars_to_candles): not stored
+    bars_dropped: int = 0
     symbols_done: int = 0
     remaining: list[str] = field(default_factory=list)  # not started: the time budget ran out
     failed: list[str] = field(default_factory=list)  # a source failed (twice); its files are unchanged
@@ -246,21 +247,35 @@ def check_bars(bars: Sequence[dict]) -> None:
                 raise PolygonBadResponse(f"Polygon sent a bar whose {key} is not {what} (bar {number} of {len(bars)})")
 
 
+# No bar is older than this (2009-01-01, Bitcoin's first block) nor opens more than one step after now: a `t` outside
+# is in the wrong unit (seconds land in 1970, microseconds or nanoseconds centuries ahead) or made up.
+EARLIEST_BAR_MS = 1_230_768_000_000
+
+
 # Polygon stamps a crypto day's bar at UTC midnight, or (older bars) at US/Eastern midnight: 04:00Z or 05:00Z.
 DAILY_STAMP_OFFSETS = (0, 4 * 3600, 5 * 3600)
 
 
 def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles", int]:
-    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`, and how many closed bars
-    were dropped as impossible: prices that are not `candles.possible` (zero, negative, a high under the open or
-    close, a low over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them:
-    the candle is missing, as in an exchange gap."""
+    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`, and how many bars were
+    dropped as impossible: a time before EARLIEST_BAR_MS or more than one step after `now` (a `t` in seconds or
+    nanoseconds), prices that are not `candles.possible` (zero, negative, a high under the open or close, a low
+    over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them: the candle is
+    missing, as in an exchange gap. Bars all of whose times are out of range are a PolygonBadResponse: the
+    answer is in another unit, and storing nothing from it without a word would leave the files silently stale."""
     import numpy as np
 
     from candlecast.candles import Candles, possible
     from candlecast.storage import normalize_candles
 
     check_bars(bars)
+    latest = (now + step) * 1000
+    timely = [bar for bar in bars if EARLIEST_BAR_MS <= bar["t"] <= latest]
+    untimely = len(bars) - len(timely)
+    if untimely and not timely:
+        raise PolygonBadResponse(f"Polygon sent {len(bars)} bars all timed before 2009 or after now (t is not in "
+                                 "milliseconds?)")
+    bars = timely
     times = np.fromiter((bar["t"] // 1000 for bar in bars), dtype=np.int64, count=len(bars))
     offsets = times % step
     if step == 86400:
@@ -274,7 +289,7 @@ def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles
     sound = on_grid & possible(Candles(open_time=times, **columns))
     keep = closed & sound
     candles = Candles(open_time=times[keep], **{name: values[keep] for name, values in columns.items()})
-    return normalize_candles(candles), int((closed & ~sound).sum())
+    return normalize_candles(candles), int((closed & ~sound).sum()) + untimely
 
 
 def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int, *,
