@@ -48,6 +48,7 @@ class Fault:
     status: int = 500
     times: int = 1
     body: bytes = b'{"status":"ERROR","request_id":"fake","error":"injected"}'
+    headers: dict[str, str] = field(default_factory=dict)  # sent with a "status" fault's answer (Retry-After, say)
 
 
 @dataclass
@@ -265,10 +266,12 @@ class FakePolygon:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _send(self, status: int, body: bytes) -> None:
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
                 if fake.echo:
                     body = fake.echoed(body, self.path, dict(self.headers))
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -316,7 +319,7 @@ class FakePolygon:
                         return self._send_raw(fault)
                     if fault.kind == "malformed":
                         return self._send(200, b'{"status":"OK","results":[{"v":1,"o":')
-                    return self._send(fault.status, fault.body)
+                    return self._send(fault.status, fault.body, fault.headers)
                 if target in fake.files:
                     return self._send(*fake.files[target])
                 parts = urlsplit(target)

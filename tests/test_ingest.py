@@ -974,6 +974,52 @@ def test_no_request_starts_after_the_chunks_deadline_at_a_slow_rate(env):
     assert fake.count("/range/") == summary.requests <= 4
 
 
+def test_a_429_with_a_long_retry_after_holds_the_key_and_hands_the_chunk_on(env):
+    """Audit J: a 24 h Retry-After was honoured per request: 52 symbols sent 208 requests in 5 s into the limit."""
+    market = make_market(12, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=1000, headers={"Retry-After": "86400"})
+        client = client_for(fake)
+        started = time.monotonic()
+        summary = ingest.run_ingest(client, tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=4, deadline=started + 60)
+        assert time.monotonic() - started < 10
+        assert fake.count("/v2/aggs/ticker/") <= 4  # those in flight when the first 429 came
+    assert summary.remaining == tickers and summary.failed == [] and summary.retry == []
+    assert summary.errors == ["Polygon rate-limited the key for 86400 s (Retry-After): 12 symbols handed on"]
+
+
+def test_a_short_retry_after_makes_every_request_wait_then_the_run_goes_on(env):
+    market = make_market(3, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=1, headers={"Retry-After": "1"})
+        started = time.monotonic()
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=3, deadline=started + 60)
+    assert summary.symbols_done == 3 and summary.errors == [] and time.monotonic() - started >= 1
+
+
+def test_a_refresh_chain_carries_the_keys_wait_and_stops_when_it_outlasts_a_chunk(env):
+    market = make_market(3, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=1000, headers={"Retry-After": "3600"})
+        first = ingest.scheduled_refresh({"tickers": tickers, "timeframes": ["1h"]}, 300)
+        assert first["continuation"]["tickers"] == tickers
+        assert 3590 < first["continuation"]["rate_limited_until"] - time.time() <= 3600
+        assert first["errors"] == ["Polygon rate-limited the key for 3600 s (Retry-After): 3 symbols handed on"]
+        sent = fake.count("/")
+        polygon.reset_client()  # the next chunk may run in a new container
+        second = ingest.scheduled_refresh(first["continuation"], 300)
+        assert fake.count("/") == sent  # nothing sent into the limit
+    assert second["continuation"] is None and second["remaining"] == tickers
+    (error,) = second["errors"]
+    assert error.startswith("Polygon rate-limited the key for ") and "3 symbols not refreshed in this run" in error
+
+
 def test_turns_at_the_rate_limiter_do_not_count_against_a_lists_budget():
     market = make_market(1, now=NOW, history_days=30)
     market.bars_per_page = 100  # 30 days of hours: 8 pages, a quarter second apart at this rate

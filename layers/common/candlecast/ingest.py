@@ -453,8 +453,10 @@ def run_ingest(
     symbols run at once as the rate keeps busy (RateLimiter.workers).
     Errors are per symbol and source (listed in `failed`): one bad symbol never stops the run;
     only an authentication error, which every symbol would hit, does: a 401, or a 403 on the symbol
-    listing. A 403 on one symbol's bars (its plan does not cover them) fails that source, once the key
-    is known to work (PolygonClient.confirm_key).
+    listing. A 429 whose Retry-After ends past `deadline` (without one: past a list's time budget) holds the whole
+    client: symbols not done are listed in `remaining`, with one error naming the wait. A 403 on one symbol's
+    bars (its plan does not cover them) fails that source, once the key is known to work
+    (PolygonClient.confirm_key).
 
     A symbol whose source failed for a reason that may pass (anything but a plan's 403, a 404 or another 4xx
     but 429), or whose files were
@@ -482,7 +484,7 @@ def run_ingest(
     last_try = set(retried)
 
     def work(ticker: str, wanted: Sequence[Timeframe], through: dict[str, int]) -> SymbolIngest | None:
-        if deadline is not None and time.monotonic() >= deadline:
+        if (deadline is not None and time.monotonic() >= deadline) or client.rate_limited_past(deadline):
             return None
         result = ingest_symbol(client, ticker, wanted, now=now, history_days=history_days, stop=deadline)
         result.stored_through = {**through, **result.stored_through}
@@ -550,6 +552,11 @@ def run_ingest(
         else:
             count(result)
             settle(ticker, result)
+    if client.rate_limited_past(deadline) and (summary.remaining or summary.retry):
+        # One error for the run, not one per symbol: no request is sent before the key's wait is over.
+        summary.errors.append(f"{client.rate_limit_message()}: {len(summary.remaining) + len(summary.retry)} "
+                              "symbols handed on")
+        logger.warning("polygon rate-limited the key", extra={"retry_after_s": round(client.limiter.held_for)})
     order = {ticker: index for index, ticker in enumerate(todo)}
     for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried):
         found.sort(key=order.__getitem__)
@@ -591,9 +598,14 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
-    "refresh_symbols": bool, "symbol_cache_stale": bool}. The first call refreshes the symbol table and takes the
-    top N; a continuation passes the `remaining` and `retry` tickers of the previous chunk (the latter also as
-    `retried`: their last try), refresh_symbols false and whether the symbols' cache is still to be invalidated.
+    "refresh_symbols": bool, "symbol_cache_stale": bool, "rate_limited_until": epoch seconds}. The first call
+    refreshes the symbol table and takes the top N; a continuation passes the `remaining` and `retry` tickers of the
+    previous chunk (the latter also as `retried`: their last try), refresh_symbols false and whether the symbols'
+    cache is still to be invalidated.
+    A 429's Retry-After is carried as `rate_limited_until` (the next chunk may be a new container): no request is
+    sent before it. A chunk that starts already held past its deadline hands nothing on (a Lambda chain of chunks
+    that each wait no time would spin until the hold ends): its symbols are left to the next scheduled run, said in
+    `errors`.
     """
     from candlecast import polygon
 
@@ -601,6 +613,16 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     if client is None:
         raise PolygonAuthError("no Polygon API key is configured (set POLYGON_API_KEY or its secret ARN)")
     timeframes = [tf for tf in event.get("timeframes") or TIMEFRAMES if tf in TIMEFRAMES]
+    deadline = time.monotonic() + max(0.0, budget_seconds)
+    until = event.get("rate_limited_until")
+    if isinstance(until, int | float) and until > time.time():
+        client.limiter.hold(until - time.time())
+        if client.rate_limited_past(deadline) and "tickers" in event:
+            left = [str(ticker) for ticker in event.get("tickers") or []]
+            summary = IngestSummary(remaining=left, errors=[
+                f"{client.rate_limit_message()} until {datetime.fromtimestamp(until, UTC).isoformat()}: "
+                f"{len(left)} symbols not refreshed in this run (the next scheduled run does them)"])
+            return summary.as_dict() | {"continuation": None}
     summary = run_ingest(
         client,
         symbols=int(event.get("symbols", DEFAULT_TOP_SYMBOLS)),
@@ -608,7 +630,7 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
         concurrency=int(event.get("concurrency", DEFAULT_CONCURRENCY)),
         refresh=bool(event.get("refresh_symbols", "tickers" not in event)),
         tickers=event.get("tickers"),
-        deadline=time.monotonic() + max(0.0, budget_seconds),
+        deadline=deadline,
         retried=[str(ticker) for ticker in event.get("retried") or []],
         symbol_cache_stale=bool(event.get("symbol_cache_stale")),
     )
@@ -619,6 +641,8 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
          "symbol_cache_stale": summary.symbol_cache_stale}
         if left else None
     )
+    if left and client.limiter.held():
+        report["continuation"]["rate_limited_until"] = round(time.time() + client.limiter.held(), 3)
     return report
 
 

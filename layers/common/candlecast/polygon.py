@@ -76,26 +76,44 @@ class PolygonDeadline(PolygonError):
     """The run's deadline came before this request's turn: it was not sent (the caller hands the work on)."""
 
 
+class PolygonRateLimited(PolygonDeadline):
+    """Polygon's 429 asked the key to wait (Retry-After) past the run's deadline, or past what is left of the list's
+    time budget where there is no deadline: not sent (again); the caller hands the work on."""
+
+
 # About what a worker spends on one request besides waiting its turn: Polygon's answer, the parse, its writes.
 WORKER_SECONDS_PER_REQUEST = 2.0
 
 
 class RateLimiter:
-    """Spaces requests at least 1/rate seconds apart, across threads."""
+    """Spaces requests at least 1/rate seconds apart, across threads, and none before the time a 429's Retry-After
+    named (`hold`): Polygon limits the key, not the request."""
 
     def __init__(self, per_second: float | None):
         self.interval = 1.0 / per_second if per_second else 0.0
         self._next = 0.0
+        self.not_before = 0.0  # time.monotonic() before which no request is sent (a 429's Retry-After)
+        self.held_for = 0.0  # the longest Retry-After seen, in seconds
         self._lock = threading.Lock()
+
+    def hold(self, seconds: float) -> None:
+        """Polygon's 429 said to wait `seconds`: no request from this client before then."""
+        with self._lock:
+            self.not_before = max(self.not_before, time.monotonic() + seconds)
+            self.held_for = max(self.held_for, seconds)
+
+    def held(self) -> float:
+        """Seconds until the key may be used again (0 when it may now)."""
+        return max(0.0, self.not_before - time.monotonic())
 
     def wait(self, latest: float | None = None) -> float | None:
         """Wait for this request's turn; the seconds waited. None, without taking a turn, when the turn would
         come after `latest` (time.monotonic())."""
-        if not self.interval:
+        if not self.interval and not self.not_before:
             return 0.0
         with self._lock:
             now = time.monotonic()
-            start = max(now, self._next)
+            start = max(now, self._next, self.not_before)
             if latest is not None and start > latest:
                 return None
             self._next = start + self.interval
@@ -206,6 +224,9 @@ class PolygonClient:
                 raise PolygonAuthError(self._key_refused)
             if stop is not None and time.monotonic() >= stop:
                 raise PolygonDeadline(f"the run's time was up before {what}")
+            held = self.limiter.held()
+            if held and (held > budget.left() if stop is None else time.monotonic() + held > stop):
+                raise PolygonRateLimited(self.rate_limit_message() + f": {what} not sent")
             waited = self.limiter.wait(latest=stop)
             if waited is None:
                 raise PolygonDeadline(f"the run's time was up before {what}'s turn")
@@ -249,6 +270,14 @@ class PolygonClient:
                     raise PolygonError(f"Polygon answered HTTP {status} for {what}")
                 problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if status == 429 and retry_after and retry_after.isdigit() and len(retry_after) < 10:
+                # The key's limit: every worker waits, not only this request (audit J: 208 requests in 5 s into a
+                # 24 h limit, each "kept failing after 1 attempts").
+                self.limiter.hold(float(retry_after))
+                if (float(retry_after) > budget.left()
+                        or (stop is not None and time.monotonic() + float(retry_after) > stop)):
+                    raise PolygonRateLimited(self.rate_limit_message() + f": {what} not sent again")
+                continue  # its next turn at the limiter is after the hold
             if retry_after and retry_after.isdigit():
                 delay = max(delay, float(retry_after))
             if (attempt == self.max_attempts or delay > budget.left()
@@ -265,6 +294,15 @@ class PolygonClient:
             f"Polygon kept failing for {what} ({problem}) after {attempt} attempts in "
             f"{time.monotonic() - started:.1f}s"
         )
+
+    def rate_limited_past(self, stop: float | None) -> bool:
+        """Whether a 429's Retry-After keeps the key waiting past `stop` (time.monotonic()), or, without one, longer
+        than a list's time budget: no request of this client would be sent before then."""
+        held = self.limiter.held()
+        return bool(held) and (held > self.time_budget if stop is None else time.monotonic() + held > stop)
+
+    def rate_limit_message(self) -> str:
+        return f"Polygon rate-limited the key for {self.limiter.held_for:.0f} s (Retry-After)"
 
     def confirm_key(self) -> None:
         """After a 403 on one request: raise PolygonAuthError if the key itself is refused (a 401 or 403 on
