@@ -109,6 +109,9 @@ class FakePolygon:
         self.echo = False
         # Aggregates' first pages answer a next_url with this path: the upstream's own text (it may echo the key).
         self.next_path: str | None = None
+        # Aggregates whose path contains one of these answer a next_url to a new cursor every time, past the last
+        # bar with empty pages: pages that never end, though none repeats.
+        self.endless: list[str] = []
         # Aggregates whose path contains a key here stamp their bars' `t` in that unit ("s", "us" or "ns") instead
         # of milliseconds, as a hostile or broken upstream might.
         self.time_units: dict[str, str] = {}
@@ -253,6 +256,8 @@ class FakePolygon:
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
         if self.next_path and offset == 0:
             envelope["next_url"] = f"{REAL_HOST}{self.next_path}"
+        if any(match in path for match in self.endless):
+            envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
         if any(match in path for match in self.looping):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset}"
         return envelope

@@ -99,6 +99,18 @@ def test_pagination_stops_at_the_page_cap(monkeypatch):
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 4
 
 
+def test_a_list_takes_no_more_pages_than_its_range_can_hold():
+    """Audit J: a next_url with a new cursor each time was followed up to MAX_PAGES (1000) pages, at a slow rate
+    for hours. A week is one page of 50,000 minutes: twice that plus the margin."""
+    assert polygon.AGGREGATES_LIMIT == 50000
+    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+        fake.endless.append("/v2/aggs/ticker/X:C000USD/")
+        cap = 2 + polygon.PAGE_MARGIN
+        with pytest.raises(PolygonBadResponse, match=f"more than {cap} pages for aggregates X:C000USD 1h"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 7 * DAY) * 1000, NOW * 1000)
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == cap
+
+
 def test_one_time_budget_covers_every_page():
     market = make_market(1, now=NOW, history_days=30)
     market.bars_per_page = 10
@@ -917,6 +929,25 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
         second = handler(first["continuation"], RefreshContext(remaining_seconds=900))
     assert second["symbols_upserted"] == 0 and second["symbols_done"] == 3
     assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
+
+
+def test_a_symbol_cut_short_in_two_chunks_fails_instead_of_being_handed_on_forever(env):
+    """Audit J: pages that never end, at a slow rate: each chunk's deadline cut the symbol short, the next chunk
+    started it again from page 1, and the chain never ended (4 identical chunks, errors empty)."""
+    market = make_market(2, now=int(time.time()), history_days=30)
+    endless, ok = [symbol.ticker for symbol in market.symbols]
+    env.setenv("POLYGON_MAX_RPS", "20")
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        fake.endless.append(f"/v2/aggs/ticker/{endless}/")
+        first = ingest.scheduled_refresh({"tickers": [endless, ok], "timeframes": ["1h"]}, 1.0)
+        assert first["remaining"] == [endless] and first["symbols_done"] == 1 and first["failed"] == []
+        assert first["continuation"]["tickers"] == [endless] and first["continuation"]["cut_short"] == [endless]
+        second = ingest.scheduled_refresh(first["continuation"], 1.0)
+    assert second["failed"] == [endless] and second["remaining"] == [] and second["continuation"] is None
+    (error,) = second["errors"]
+    assert error.startswith(f"{endless}: 1h bars: cut short by a chunk's deadline in two chunks in a row")
+    assert storage.read_all_candles(endless, "1h") is None
 
 
 def test_a_score_function_that_cannot_be_started_is_reported_not_raised(env, stack, caplog):

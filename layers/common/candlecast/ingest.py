@@ -34,8 +34,10 @@ from candlecast.polygon import (
     PolygonBadResponse,
     PolygonClient,
     PolygonDeadline,
+    PolygonError,
     PolygonNotEntitled,
     PolygonNotFound,
+    PolygonRateLimited,
     PolygonRejected,
 )
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
@@ -81,6 +83,9 @@ class IngestSummary:
     unrecorded: list[str] = field(default_factory=list)  # files written, metadata not recorded (twice)
     retried: list[str] = field(default_factory=list)  # failed once in this chunk and were tried again
     retry: list[str] = field(default_factory=list)  # failed once; no time was left to try again: handed on
+    # Handed on after the deadline cut them short (this chunk, or an earlier one and not started since): cut short
+    # again, they fail instead of being handed on forever (a list whose pages never end).
+    cut_short: list[str] = field(default_factory=list)
     # Symbols changed and the cache did not take the invalidation, even tried again at the chunk's end: symbol
     # entries, top lists and searches cached before are served up to cache.SYMBOLS_STALE_SECONDS (see errors).
     symbol_cache_stale: bool = False
@@ -318,6 +323,17 @@ class SymbolIngest:
         """A source was not fetched because the run's deadline came first."""
         return any(isinstance(error, PolygonDeadline) for error in self.failures.values())
 
+    def slow(self) -> bool:
+        """Cut short by the deadline in its own pages, not by a 429's wait on the whole key."""
+        return any(isinstance(error, PolygonDeadline) and not isinstance(error, PolygonRateLimited)
+                   for error in self.failures.values())
+
+    def give_up(self) -> None:
+        """Cut short a second time: the deadline's failures become the symbol's reason to fail."""
+        self.failures = {source: PolygonError(f"cut short by a chunk's deadline in two chunks in a row, its pages not "
+                                              f"done ({error})") if isinstance(error, PolygonDeadline) else error
+                         for source, error in self.failures.items()}
+
     def retry_timeframes(self, timeframes: Sequence[Timeframe]) -> list[Timeframe]:
         """The timeframes a second try needs: those built from a source that failed for a reason that may pass
         (not a PERMANENT_FAILURES one: a plan's 403, a 404, another 4xx but 429)."""
@@ -446,6 +462,7 @@ def run_ingest(
     retried: Sequence[str] = (),
     retire_missing: bool = False,
     symbol_cache_stale: bool = False,
+    cut_short: Sequence[str] = (),
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
     `symbols` by volume. Starts no new symbol and no new Polygon request at `deadline` (time.monotonic()),
@@ -462,7 +479,8 @@ def run_ingest(
     but 429), or whose files were
     written but whose metadata was not recorded, is tried once more at the end of the chunk, for what failed
     only. One the deadline leaves no time for is listed in `retry` and handed on; `retried` names those, which
-    get no third try.
+    get no third try. `cut_short` names symbols an earlier chunk's deadline cut short (its `cut_short`): cut short
+    again (not by a 429's wait), they are listed in `failed`, never handed on a third time.
 
     Symbols that changed while the cache did not take their invalidation (or `symbol_cache_stale`: an earlier
     chunk's) are invalidated again at the end; `symbol_cache_stale` in the summary says that failed too."""
@@ -482,6 +500,7 @@ def run_ingest(
             cache_stale.set()
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
     last_try = set(retried)
+    cut_before = set(cut_short)
 
     def work(ticker: str, wanted: Sequence[Timeframe], through: dict[str, int]) -> SymbolIngest | None:
         if (deadline is not None and time.monotonic() >= deadline) or client.rate_limited_past(deadline):
@@ -521,10 +540,17 @@ def run_ingest(
     for ticker, result in _in_pool(concurrency, jobs):
         if result is None:
             summary.remaining.append(ticker)
+            if ticker in cut_before:
+                summary.cut_short.append(ticker)
         else:
             count(result)
-            if result.cut_short():  # no request starts after the deadline: handed on as not done
+            if result.slow() and ticker in cut_before:  # a second chunk could not finish it either
+                result.give_up()
+                settle(ticker, result)
+            elif result.cut_short():  # no request starts after the deadline: handed on as not done
                 summary.remaining.append(ticker)
+                if result.slow() or ticker in cut_before:
+                    summary.cut_short.append(ticker)
             elif ticker not in last_try and (result.retry_timeframes(timeframes) or result.record_error is not None):
                 first_tries[ticker] = result
                 logger.info("symbol to be tried again", extra={"ticker": ticker, "sources": list(result.failures),
@@ -545,9 +571,15 @@ def run_ingest(
     retries = [(ticker, lambda t=ticker, first=first: again(t, first)) for ticker, first in first_tries.items()]
     summary.retried = list(first_tries)
     for ticker, result in _in_pool(concurrency, retries):
-        if result is None or result.cut_short():
+        if result is not None and result.slow() and ticker in cut_before:
+            count(result)
+            result.give_up()
+            settle(ticker, result)
+        elif result is None or result.cut_short():
             if result is not None:
                 count(result)
+                if result.slow():
+                    summary.cut_short.append(ticker)
             summary.retry.append(ticker)
         else:
             count(result)
@@ -558,7 +590,8 @@ def run_ingest(
                               "symbols handed on")
         logger.warning("polygon rate-limited the key", extra={"retry_after_s": round(client.limiter.held_for)})
     order = {ticker: index for index, ticker in enumerate(todo)}
-    for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried):
+    for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried,
+                  summary.cut_short):
         found.sort(key=order.__getitem__)
     if cache_stale.is_set() and not cache.invalidate_symbols(retry=True):
         summary.symbol_cache_stale = True
@@ -598,10 +631,12 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
-    "refresh_symbols": bool, "symbol_cache_stale": bool, "rate_limited_until": epoch seconds}. The first call
+    "refresh_symbols": bool, "symbol_cache_stale": bool, "rate_limited_until": epoch seconds, "cut_short": [...]}.
+    The first call
     refreshes the symbol table and takes the top N; a continuation passes the `remaining` and `retry` tickers of the
     previous chunk (the latter also as `retried`: their last try), refresh_symbols false and whether the symbols'
-    cache is still to be invalidated.
+    cache is still to be invalidated, and `cut_short`: the symbols a deadline cut short, which fail when cut short
+    again (`run_ingest`).
     A 429's Retry-After is carried as `rate_limited_until` (the next chunk may be a new container): no request is
     sent before it. A chunk that starts already held past its deadline hands nothing on (a Lambda chain of chunks
     that each wait no time would spin until the hold ends): its symbols are left to the next scheduled run, said in
@@ -633,12 +668,13 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
         deadline=deadline,
         retried=[str(ticker) for ticker in event.get("retried") or []],
         symbol_cache_stale=bool(event.get("symbol_cache_stale")),
+        cut_short=[str(ticker) for ticker in event.get("cut_short") or []],
     )
     report = summary.as_dict()
     left = summary.remaining + summary.retry
     report["continuation"] = (
         {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False,
-         "symbol_cache_stale": summary.symbol_cache_stale}
+         "symbol_cache_stale": summary.symbol_cache_stale, "cut_short": summary.cut_short}
         if left else None
     )
     if left and client.limiter.held():

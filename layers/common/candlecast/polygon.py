@@ -31,6 +31,11 @@ DEFAULT_BASE_URL = "https://api.polygon.io"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Far more pages than any list we ask for has: two years of hourly bars are about 20, the crypto tickers a few.
 MAX_PAGES = 1000
+# An aggregates page holds up to `limit` base (minute) aggregates: two years of hours are 21 pages of 50,000 minutes.
+# A list may take twice the pages its range holds, plus PAGE_MARGIN (short pages around gaps), and no more: a
+# next_url that yields a new cursor each time never ends otherwise (audit J: 57 pages and counting at 1 request/s).
+AGGREGATES_LIMIT = 50000
+PAGE_MARGIN = 40
 # A page's decoded body is read as it arrives, up to this many bytes: a 50,000-bar page is about 6 MB of compact
 # JSON (123 bytes a bar, tests/fixtures/polygon) and 17 MB pretty-printed, so twice the larger is a bad
 # response, never held in memory (a 0.3 MB gzip body can decode to 300 MB).
@@ -325,12 +330,13 @@ class PolygonClient:
             except CandlecastError as error:
                 logger.warning("could not confirm the Polygon key", extra={"code": error.code})
 
-    def pages(self, path: str, params: dict | None = None, *, what: str, stop: float | None = None
-              ) -> Iterator[dict]:
+    def pages(self, path: str, params: dict | None = None, *, what: str, stop: float | None = None,
+              max_pages: int | None = None) -> Iterator[dict]:
         """Every page of a list endpoint, following next_url (auth is re-added by the header), all within
         one time budget (turns waited at the rate limiter not counted), none started after `stop`.
-        PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages, PolygonError when the budget
-        runs out. `what` names the list; its pages are "`what` page N"."""
+        PolygonBadResponse for a next_url seen before or more than `max_pages` (at most MAX_PAGES) pages,
+        PolygonError when the budget runs out. `what` names the list; its pages are "`what` page N"."""
+        max_pages = min(MAX_PAGES, max_pages or MAX_PAGES)
         budget = _Budget(self.time_budget)
         seen = {self._url(path, params)}
         page = self.get_json(path, params, what=f"{what} page 1", budget=budget, stop=stop)
@@ -342,8 +348,8 @@ class PolygonClient:
             if url in seen:
                 raise PolygonBadResponse(f"Polygon's next_url for {what} repeats an earlier page "
                                          f"(after {len(seen)} pages)")
-            if len(seen) >= MAX_PAGES:
-                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages for {what}")
+            if len(seen) >= max_pages:
+                raise PolygonBadResponse(f"Polygon sent more than {max_pages} pages for {what}")
             if budget.left() <= 0:
                 raise PolygonError(f"Polygon's pages for {what} took more than {self.time_budget:g}s "
                                    f"({len(seen)} pages)")
@@ -380,9 +386,11 @@ class PolygonClient:
         """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page (none started after
         `stop`)."""
         path = f"/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start_ms}/{end_ms}"
-        params = {"adjusted": "true", "sort": "asc", "limit": 50000}
+        params = {"adjusted": "true", "sort": "asc", "limit": AGGREGATES_LIMIT}
         what = f"aggregates {ticker} {multiplier}{timespan[:1]}"
-        return [row for page in self.pages(path, params, what=what, stop=stop)
+        minutes = max(0, end_ms - start_ms) // 60000 + 1
+        max_pages = 2 * math.ceil(minutes / AGGREGATES_LIMIT) + PAGE_MARGIN
+        return [row for page in self.pages(path, params, what=what, stop=stop, max_pages=max_pages)
                 for row in page.get("results") or []]
 
 
