@@ -814,6 +814,25 @@ def test_cli_prints_a_summary(env, capsys):
     assert storage.read_all_candles("X:C000USD", "1d") is None  # only the timeframes asked for
 
 
+def test_cli_progress_counts_the_symbols_there_are_and_names_each_failure(env, capsys, caplog):
+    """Audit J: with 7 symbols the bar was sized by --symbols and stopped at 7/20; stderr had bare 'ingest failed for
+    symbol' lines (the CLI shows a record's message, not its extra fields)."""
+    from candlecast import cli
+
+    key = "canary-Key-5c4b3a"
+    market = make_market(3, now=int(time.time()), history_days=30)
+    with FakePolygon(market, api_key=key) as fake:
+        point_settings_at(env, fake, key=key)
+        fake.add_fault("/v2/aggs/ticker/X:C001USD/range/1/hour/", status=400, times=10)
+        code = cli.main(["ingest", "--symbols", "20", "--timeframes", "1h"])
+    err = capsys.readouterr().err
+    assert code == 1 and "3/3" in err and "/20" not in err
+    (record,) = [record for record in caplog.records if record.getMessage().startswith("ingest failed for symbol")]
+    assert record.getMessage() == ("ingest failed for symbol X:C001USD: 1h bars: Polygon answered HTTP 400 for "
+                                   "aggregates X:C001USD 1h page 1")
+    assert key not in err and key not in caplog.text
+
+
 # --- any symbol ---------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from aws_lambda_powertools import Logger
 
-from candlecast import cache
+from candlecast import cache, redaction
 from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
 from candlecast.polygon import (
     PolygonAuthError,
@@ -459,6 +459,7 @@ def run_ingest(
     now: int | None = None,
     history_days: dict[str, int] | None = None,
     on_symbol: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     retried: Sequence[str] = (),
     retire_missing: bool = False,
     symbol_cache_stale: bool = False,
@@ -501,6 +502,8 @@ def run_ingest(
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
     last_try = set(retried)
     cut_before = set(cut_short)
+    if on_start is not None:
+        on_start(len(todo))  # how many symbols there are: fewer than `symbols` in a small universe
 
     def work(ticker: str, wanted: Sequence[Timeframe], through: dict[str, int]) -> SymbolIngest | None:
         if (deadline is not None and time.monotonic() >= deadline) or client.rate_limited_past(deadline):
@@ -522,8 +525,10 @@ def run_ingest(
     def settle(ticker: str, result: SymbolIngest) -> None:
         for source, error in result.failures.items():
             summary.errors.append(f"{ticker}: {source} bars: {error}")
-            logger.warning("ingest failed for symbol", extra={"ticker": ticker, "source": source,
-                                                              "error": str(error)})
+            # The CLI's stderr shows the message alone: it names the ticker and the reason (our words, redacted).
+            reason = redaction.redact(str(error))
+            logger.warning(f"ingest failed for symbol {ticker}: {source} bars: {reason}",
+                           extra={"ticker": ticker, "source": source, "error": reason})
         if result.failures:
             summary.failed.append(ticker)
         if result.record_error is not None:
@@ -812,7 +817,11 @@ def _command(args: argparse.Namespace) -> int:
     timeframes = [tf for group in args.timeframes for tf in group] if args.timeframes else list(TIMEFRAMES)
     from tqdm import tqdm
 
-    bar = tqdm(total=args.symbols if not args.skip_symbols else None, desc="ingest", unit="symbol")
+    bar = tqdm(total=None, desc="ingest", unit="symbol")
+
+    def start(symbols: int) -> None:
+        bar.total = symbols  # the symbols there are, not --symbols: a universe of 7 stopped the bar at 7/20
+        bar.refresh()
     try:
         summary = run_ingest(
             client,
@@ -822,6 +831,7 @@ def _command(args: argparse.Namespace) -> int:
             refresh=not args.skip_symbols,
             retire_missing=args.retire_missing,
             on_symbol=lambda _ticker: bar.update(1),
+            on_start=start,
         )
     finally:
         bar.close()
