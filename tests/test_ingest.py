@@ -80,7 +80,8 @@ def test_aggregates_follow_next_url_over_several_pages():
 
 
 def test_a_next_url_pointing_back_at_its_page_stops_at_the_repeat():
-    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+    # Listed 2 days ago: the repeated page's bars stay under what the 10 days hold (a cap of its own, below).
+    with FakePolygon(make_market(1, now=NOW, history_days=2)) as fake:
         fake.looping.append("/v2/aggs/ticker/X:C000USD/")
         started = time.monotonic()
         with pytest.raises(PolygonBadResponse, match="next_url for aggregates X:C000USD 1h repeats an earlier page"):
@@ -109,6 +110,35 @@ def test_a_list_takes_no_more_pages_than_its_range_can_hold():
         with pytest.raises(PolygonBadResponse, match=f"more than {cap} pages for aggregates X:C000USD 1h"):
             client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 7 * DAY) * 1000, NOW * 1000)
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == cap
+
+
+def test_a_page_or_a_list_of_more_bars_than_asked_for_is_a_bad_response(monkeypatch):
+    """Audit J: all pages' decoded bars were kept (30 MB pages: RSS past 1100 MB in 6 s in a 1024 MB function)."""
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 100
+    with FakePolygon(market) as fake:
+        monkeypatch.setattr(polygon, "AGGREGATES_LIMIT", 50)  # asked for 50 a page, sent 100
+        with pytest.raises(PolygonBadResponse, match="sent 100 bars on aggregates X:C000USD 1h page 1, more than the"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+        monkeypatch.undo()
+        real_bars = market.bars
+        market.bars = lambda *args: real_bars(*args) * 3  # every bar three times: more than 10 days of hours hold
+        with pytest.raises(PolygonBadResponse, match=r"more bars for aggregates X:C000USD 1h than its range holds "
+                                                     r"\(250, by page 3\)"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1 + 3
+
+
+def test_fetched_pages_become_the_same_candles_as_one_list():
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 50
+    with FakePolygon(market) as fake:
+        candles, dropped = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)
+        bars = client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 20 * DAY) * 1000, (NOW - HOUR) * 1000)
+    whole, whole_dropped = ingest.bars_to_candles(bars, HOUR, NOW)
+    assert len(candles) == len(whole) > 470 and dropped == whole_dropped == 0
+    for name in COLUMNS:
+        assert np.array_equal(getattr(candles, name), getattr(whole, name)), name
 
 
 def test_one_time_budget_covers_every_page():

@@ -36,6 +36,10 @@ MAX_PAGES = 1000
 # next_url that yields a new cursor each time never ends otherwise (audit J: 57 pages and counting at 1 request/s).
 AGGREGATES_LIMIT = 50000
 PAGE_MARGIN = 40
+# A list's bars are at most one a step over its range, and ROW_MARGIN more (a day's bar stamped at 04:00Z beside one
+# at midnight).
+SPAN_MS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000, "week": 7 * 86_400_000}
+ROW_MARGIN = 10
 # A page's decoded body is read as it arrives, up to this many bytes: a 50,000-bar page is about 6 MB of compact
 # JSON (123 bytes a bar, tests/fixtures/polygon) and 17 MB pretty-printed, so twice the larger is a bad
 # response, never held in memory (a 0.3 MB gzip body can decode to 300 MB).
@@ -385,13 +389,35 @@ class PolygonClient:
                    stop: float | None = None) -> list[dict]:
         """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page (none started after
         `stop`)."""
+        return [row for rows in self.aggregate_pages(ticker, multiplier, timespan, start_ms, end_ms, stop=stop)
+                for row in rows]
+
+    def aggregate_pages(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int, *,
+                        stop: float | None = None) -> Iterator[list]:
+        """Each page's bars of `ticker` opening in [start_ms, end_ms], oldest first (none started after `stop`), for
+        the caller to make compact as they come. A page of more bars than the `limit` asked for, or a list of more
+        than its range can hold (one bar a step, and a few more), is a bad response: a hostile answer's bars are
+        never all held (audit J: pages of 30 MB, kept decoded, took a refresh past its 1024 MB in 6 s)."""
         path = f"/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start_ms}/{end_ms}"
         params = {"adjusted": "true", "sort": "asc", "limit": AGGREGATES_LIMIT}
         what = f"aggregates {ticker} {multiplier}{timespan[:1]}"
         minutes = max(0, end_ms - start_ms) // 60000 + 1
         max_pages = 2 * math.ceil(minutes / AGGREGATES_LIMIT) + PAGE_MARGIN
-        return [row for page in self.pages(path, params, what=what, stop=stop, max_pages=max_pages)
-                for row in page.get("results") or []]
+        step_ms = multiplier * SPAN_MS.get(timespan, 60000)
+        max_rows = max(0, end_ms - start_ms) // step_ms + ROW_MARGIN
+        rows = 0
+        for number, page in enumerate(self.pages(path, params, what=what, stop=stop, max_pages=max_pages), 1):
+            results = page.get("results") or []
+            if not isinstance(results, list):
+                raise PolygonBadResponse(f"Polygon sent results that are not a list for {what} page {number}")
+            if len(results) > AGGREGATES_LIMIT:
+                raise PolygonBadResponse(f"Polygon sent {len(results)} bars on {what} page {number}, more than the "
+                                         f"{AGGREGATES_LIMIT} asked for")
+            rows += len(results)
+            if rows > max_rows:
+                raise PolygonBadResponse(f"Polygon sent more bars for {what} than its range holds ({max_rows}, "
+                                         f"by page {number})")
+            yield results
 
 
 class _TooSlow(Exception):
