@@ -999,6 +999,20 @@ def test_a_symbol_cut_short_in_two_chunks_fails_instead_of_being_handed_on_forev
     assert storage.read_all_candles(endless, "1h") is None
 
 
+def test_a_refresh_chain_ends_after_max_chunks_whatever_is_left(env, monkeypatch):
+    market = make_market(2, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    monkeypatch.setattr(ingest, "MAX_CHUNKS", 2)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        first = ingest.scheduled_refresh({"tickers": tickers, "timeframes": ["1h"]}, 0)
+        assert first["continuation"]["chunk"] == 2 and first["continuation"]["tickers"] == tickers
+        second = ingest.scheduled_refresh(first["continuation"], 0)
+    assert second["continuation"] is None and second["remaining"] == tickers
+    assert second["errors"] == ["refresh: stopped after 2 chunks (ingest.MAX_CHUNKS) with 2 symbols not refreshed; "
+                                "the next scheduled run does them"]
+
+
 def test_a_score_function_that_cannot_be_started_is_reported_not_raised(env, stack, caplog):
     """Raising after the continuation was handed on would make Lambda's async retry run the chunk, and chain it,
     again. Here the Lambda API (moto's) answers that the Score function does not exist."""

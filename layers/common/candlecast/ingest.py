@@ -652,7 +652,8 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
-    "refresh_symbols": bool, "symbol_cache_stale": bool, "rate_limited_until": epoch seconds, "cut_short": [...]}.
+    "refresh_symbols": bool, "symbol_cache_stale": bool, "rate_limited_until": epoch seconds, "cut_short": [...],
+    "chunk": n (1 for the first; past MAX_CHUNKS nothing is handed on)}.
     The first call
     refreshes the symbol table and takes the top N; a continuation passes the `remaining` and `retry` tickers of the
     previous chunk (the latter also as `retried`: their last try), refresh_symbols false and whether the symbols'
@@ -700,7 +701,19 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     )
     if left and client.limiter.held():
         report["continuation"]["rate_limited_until"] = round(time.time() + client.limiter.held(), 3)
+    chunk = int(event.get("chunk", 1))
+    if left and chunk >= MAX_CHUNKS:
+        report["continuation"] = None
+        report["errors"].append(f"refresh: stopped after {chunk} chunks (ingest.MAX_CHUNKS) with {len(left)} symbols "
+                                "not refreshed; the next scheduled run does them")
+        logger.warning("refresh chain stopped", extra={"chunks": chunk, "left": len(left)})
+    elif left:
+        report["continuation"]["chunk"] = chunk + 1
     return report
+
+
+# A refresh's chain of chunks ends here whatever is left: a week of 15-minute chunks, when the next weekly run starts.
+MAX_CHUNKS = 7 * 24 * 4
 
 
 # --- any symbol ---------------------------------------------------------------------------------
