@@ -1084,6 +1084,17 @@ def test_a_429_with_a_long_retry_after_holds_the_key_and_hands_the_chunk_on(env)
     assert summary.errors == ["Polygon rate-limited the key for 86400 s (Retry-After): 12 symbols handed on"]
 
 
+def test_a_retry_after_of_a_thousand_digits_holds_the_client_a_week():
+    with FakePolygon() as fake:
+        fake.add_fault("/v9/limited", status=429, times=10, headers={"Retry-After": "9" * 1000})
+        client = client_for(fake)
+        with pytest.raises(PolygonError, match="rate-limited the key for 604800 s"):
+            client.get_json("/v9/limited", what="limited")
+        with pytest.raises(PolygonError, match="rate-limited the key"):
+            client.get_json("/v9/other", what="other")
+    assert fake.count("/v9/") == 1 and 604700 < client.limiter.held() <= 604800
+
+
 def test_a_short_retry_after_makes_every_request_wait_then_the_run_goes_on(env):
     market = make_market(3, now=NOW, history_days=200)
     tickers = [symbol.ticker for symbol in market.symbols]

@@ -45,6 +45,7 @@ ROW_MARGIN = 10
 # response, never held in memory (a 0.3 MB gzip body can decode to 300 MB).
 MAX_BODY_BYTES = 32 << 20
 READ_CHUNK = 64 << 10
+MAX_RETRY_AFTER = 7 * 86400  # seconds: a longer Retry-After holds the client this long
 
 
 class PolygonError(ServiceUnavailable):
@@ -279,12 +280,12 @@ class PolygonClient:
                     raise PolygonError(f"Polygon answered HTTP {status} for {what}")
                 problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            if status == 429 and retry_after and retry_after.isdigit() and len(retry_after) < 10:
+            if status == 429 and retry_after and retry_after.isascii() and retry_after.isdigit():
                 # The key's limit: every worker waits, not only this request (audit J: 208 requests in 5 s into a
-                # 24 h limit, each "kept failing after 1 attempts").
-                self.limiter.hold(float(retry_after))
-                if (float(retry_after) > budget.left()
-                        or (stop is not None and time.monotonic() + float(retry_after) > stop)):
+                # 24 h limit, each "kept failing after 1 attempts"). A week at most: the next weekly run starts then.
+                seconds = min(float(retry_after), MAX_RETRY_AFTER)
+                self.limiter.hold(seconds)
+                if seconds > budget.left() or (stop is not None and time.monotonic() + seconds > stop):
                     raise PolygonRateLimited(self.rate_limit_message() + f": {what} not sent again")
                 continue  # its next turn at the limiter is after the hold
             if retry_after and retry_after.isdigit():
