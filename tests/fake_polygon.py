@@ -48,6 +48,7 @@ class Fault:
     status: int = 500
     times: int = 1
     body: bytes = b'{"status":"ERROR","request_id":"fake","error":"injected"}'
+    headers: dict[str, str] = field(default_factory=dict)  # sent with a "status" fault's answer (Retry-After, say)
 
 
 @dataclass
@@ -108,6 +109,12 @@ class FakePolygon:
         self.echo = False
         # Aggregates' first pages answer a next_url with this path: the upstream's own text (it may echo the key).
         self.next_path: str | None = None
+        # Aggregates whose path contains one of these answer a next_url to a new cursor every time, past the last
+        # bar with empty pages: pages that never end, though none repeats.
+        self.endless: list[str] = []
+        # Aggregates whose path contains a key here stamp their bars' `t` in that unit ("s", "us" or "ns") instead
+        # of milliseconds, as a hostile or broken upstream might.
+        self.time_units: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -238,6 +245,10 @@ class FakePolygon:
         size = self.market.bars_per_page
         envelope = load_fixture("aggs_X-BTCUSD_range_1_day.json")
         page = bars[offset : offset + size]
+        for match, unit in self.time_units.items():
+            if match in path:
+                scale = {"s": 0.001, "us": 1000, "ns": 1_000_000}[unit]
+                page = [bar | {"t": int(bar["t"] * scale)} for bar in page]
         envelope.update(ticker=ticker, results=page, queryCount=len(page), resultsCount=len(page))
         if not page:
             envelope.pop("results")
@@ -245,6 +256,8 @@ class FakePolygon:
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
         if self.next_path and offset == 0:
             envelope["next_url"] = f"{REAL_HOST}{self.next_path}"
+        if any(match in path for match in self.endless):
+            envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset + size}"
         if any(match in path for match in self.looping):
             envelope["next_url"] = f"{REAL_HOST}{path}?cursor={offset}"
         return envelope
@@ -258,10 +271,12 @@ class FakePolygon:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _send(self, status: int, body: bytes) -> None:
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
                 if fake.echo:
                     body = fake.echoed(body, self.path, dict(self.headers))
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -309,7 +324,7 @@ class FakePolygon:
                         return self._send_raw(fault)
                     if fault.kind == "malformed":
                         return self._send(200, b'{"status":"OK","results":[{"v":1,"o":')
-                    return self._send(fault.status, fault.body)
+                    return self._send(fault.status, fault.body, fault.headers)
                 if target in fake.files:
                     return self._send(*fake.files[target])
                 parts = urlsplit(target)

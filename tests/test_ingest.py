@@ -80,7 +80,8 @@ def test_aggregates_follow_next_url_over_several_pages():
 
 
 def test_a_next_url_pointing_back_at_its_page_stops_at_the_repeat():
-    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+    # Listed 2 days ago: the repeated page's bars stay under what the 10 days hold (a cap of its own, below).
+    with FakePolygon(make_market(1, now=NOW, history_days=2)) as fake:
         fake.looping.append("/v2/aggs/ticker/X:C000USD/")
         started = time.monotonic()
         with pytest.raises(PolygonBadResponse, match="next_url for aggregates X:C000USD 1h repeats an earlier page"):
@@ -97,6 +98,47 @@ def test_pagination_stops_at_the_page_cap(monkeypatch):
     with FakePolygon(market) as fake, pytest.raises(PolygonBadResponse, match="more than 4 pages"):
         client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 4
+
+
+def test_a_list_takes_no_more_pages_than_its_range_can_hold():
+    """Audit J: a next_url with a new cursor each time was followed up to MAX_PAGES (1000) pages, at a slow rate
+    for hours. A week is one page of 50,000 minutes: twice that plus the margin."""
+    assert polygon.AGGREGATES_LIMIT == 50000
+    with FakePolygon(make_market(1, now=NOW, history_days=30)) as fake:
+        fake.endless.append("/v2/aggs/ticker/X:C000USD/")
+        cap = 2 + polygon.PAGE_MARGIN
+        with pytest.raises(PolygonBadResponse, match=f"more than {cap} pages for aggregates X:C000USD 1h"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 7 * DAY) * 1000, NOW * 1000)
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == cap
+
+
+def test_a_page_or_a_list_of_more_bars_than_asked_for_is_a_bad_response(monkeypatch):
+    """Audit J: all pages' decoded bars were kept (30 MB pages: RSS past 1100 MB in 6 s in a 1024 MB function)."""
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 100
+    with FakePolygon(market) as fake:
+        monkeypatch.setattr(polygon, "AGGREGATES_LIMIT", 50)  # asked for 50 a page, sent 100
+        with pytest.raises(PolygonBadResponse, match="sent 100 bars on aggregates X:C000USD 1h page 1, more than the"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+        monkeypatch.undo()
+        real_bars = market.bars
+        market.bars = lambda *args: real_bars(*args) * 3  # every bar three times: more than 10 days of hours hold
+        with pytest.raises(PolygonBadResponse, match=r"more bars for aggregates X:C000USD 1h than its range holds "
+                                                     r"\(250, by page 3\)"):
+            client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1 + 3
+
+
+def test_fetched_pages_become_the_same_candles_as_one_list():
+    market = make_market(1, now=NOW, history_days=30)
+    market.bars_per_page = 50
+    with FakePolygon(market) as fake:
+        candles, dropped = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)
+        bars = client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 20 * DAY) * 1000, (NOW - HOUR) * 1000)
+    whole, whole_dropped = ingest.bars_to_candles(bars, HOUR, NOW)
+    assert len(candles) == len(whole) > 470 and dropped == whole_dropped == 0
+    for name in COLUMNS:
+        assert np.array_equal(getattr(candles, name), getattr(whole, name)), name
 
 
 def test_one_time_budget_covers_every_page():
@@ -477,6 +519,38 @@ def test_a_malformed_bar_is_a_bad_response(bad):
     assert len(ingest.bars_to_candles([BAR, BAR | {"t": BAR["t"] + HOUR * 1000, "v": 0}], HOUR, NOW)[0]) == 2
 
 
+def test_bars_timed_before_2009_or_after_now_are_dropped_and_counted():
+    seconds = BAR | {"t": BAR["t"] // 1000}  # lands on the hour grid in 1970
+    nanos = BAR | {"t": BAR["t"] * 1_000_000}
+    ahead = BAR | {"t": BAR["t"] + 5 * HOUR * 1000}  # opens two and a half steps after now
+    candles, dropped = ingest.bars_to_candles([seconds, BAR, nanos, ahead], HOUR, NOW)
+    assert candles.open_time.tolist() == [BAR["t"] // 1000] and dropped == 3
+    for unit in (seconds, nanos):
+        with pytest.raises(PolygonBadResponse, match="2 bars all timed before 2009 or after now"):
+            ingest.bars_to_candles([unit, unit], HOUR, NOW)
+
+
+@pytest.mark.parametrize("unit", ["s", "ns"])
+def test_bars_in_another_unit_fail_the_source_and_never_reach_a_file(env, unit):
+    """Seconds used to be stored as 1970 candles (and the next run asked for every bar since 1970); nanoseconds
+    made every bar 'not closed yet': nothing written, nothing failed, the files silently stale."""
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW - 3 * DAY, history_days=HISTORY)
+        before = bucket_snapshot()
+        fake.time_units["/range/1/hour/"] = unit
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+    assert summary.failed == [ticker] and summary.symbols_done == 0
+    (error,) = summary.errors
+    assert error.startswith(f"{ticker}: 1h bars: Polygon sent ") and "all timed before 2009 or after now" in error
+    after = bucket_snapshot()
+    for timeframe in ("1h", "4h"):
+        key = storage.candles_key(ticker, timeframe)
+        assert after[key] == before[key]
+    assert after[storage.candles_key(ticker, "1d")] != before[storage.candles_key(ticker, "1d")]
+
+
 IMPOSSIBLE = {"high under the close": lambda bar: bar | {"h": bar["c"] * 0.99},
               "low over the open": lambda bar: bar | {"l": bar["o"] * 1.01},
               "zero low": lambda bar: bar | {"l": 0},
@@ -657,7 +731,7 @@ def test_a_transient_failure_is_tried_again_at_the_chunks_end_and_the_other_sour
     market = make_market(3, now=NOW, history_days=200)
     tickers = [symbol.ticker for symbol in market.symbols]
     with FakePolygon(market) as fake:
-        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", status=418)  # not retried by the client
+        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", kind="malformed")  # not retried by the client
         first_try_daily = []
         summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
                                     concurrency=1, on_symbol=lambda ticker: first_try_daily.append(
@@ -673,7 +747,7 @@ def test_a_failure_with_no_time_left_is_handed_on_once_and_then_reported(env):
     market = make_market(1, now=NOW, history_days=200)
     ticker = market.symbols[0].ticker
     with FakePolygon(market) as fake:
-        fake.add_fault(f"/v2/aggs/ticker/{ticker}/range/1/hour/", status=418, times=1000)
+        fake.add_fault(f"/v2/aggs/ticker/{ticker}/range/1/hour/", kind="malformed", times=1000)
         deadline = time.monotonic() + 5
         summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
                                     deadline=deadline, on_symbol=lambda _: time.sleep(deadline - time.monotonic()))
@@ -681,8 +755,26 @@ def test_a_failure_with_no_time_left_is_handed_on_once_and_then_reported(env):
         handed_on = ingest.run_ingest(client_for(fake), tickers=summary.retry, retried=summary.retry, refresh=False,
                                       now=NOW, history_days=HISTORY)
     assert handed_on.failed == [ticker] and handed_on.retried == [] and handed_on.retry == []
-    assert handed_on.errors == [f"{ticker}: 1h bars: Polygon answered HTTP 418 for aggregates {ticker} 1h page 1"]
+    assert handed_on.errors == [f"{ticker}: 1h bars: Polygon sent a body that is not JSON for aggregates {ticker} 1h "
+                                "page 1"]
     assert storage.read_all_candles(ticker, "1h") is None and storage.read_all_candles(ticker, "1d") is not None
+
+
+@pytest.mark.parametrize("status", [400, 404, 418])
+def test_a_4xx_is_reported_at_once_never_tried_again(env, status):
+    """Polygon answers a request it refuses (a 400, a ticker it has not: 404) the same way every time: a second
+    try at the chunk's end, or in the next chunk, only spends requests."""
+    market = make_market(2, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/", status=status, times=1000)
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=1)
+        assert fake.count(f"/v2/aggs/ticker/{tickers[0]}/range/1/hour/") == 1
+    assert summary.failed == [tickers[0]] and summary.retried == [] and summary.retry == []
+    assert summary.symbols_done == 1 and len(summary.errors) == 1
+    assert f"{tickers[0]}: 1h bars: " in summary.errors[0] and "injected" not in summary.errors[0]
+    assert storage.read_all_candles(tickers[0], "1d") is not None
 
 
 def test_files_written_while_the_database_is_down_are_reported_as_such(env, needs_embedded_postgres):
@@ -750,6 +842,25 @@ def test_cli_prints_a_summary(env, capsys):
     assert summary["symbols_upserted"] == 3 and summary["files_written"] == 4
     assert summary["candles_added"] > 0 and summary["errors"] == [] and summary["remaining"] == 0
     assert storage.read_all_candles("X:C000USD", "1d") is None  # only the timeframes asked for
+
+
+def test_cli_progress_counts_the_symbols_there_are_and_names_each_failure(env, capsys, caplog):
+    """Audit J: with 7 symbols the bar was sized by --symbols and stopped at 7/20; stderr had bare 'ingest failed for
+    symbol' lines (the CLI shows a record's message, not its extra fields)."""
+    from candlecast import cli
+
+    key = "canary-Key-5c4b3a"
+    market = make_market(3, now=int(time.time()), history_days=30)
+    with FakePolygon(market, api_key=key) as fake:
+        point_settings_at(env, fake, key=key)
+        fake.add_fault("/v2/aggs/ticker/X:C001USD/range/1/hour/", status=400, times=10)
+        code = cli.main(["ingest", "--symbols", "20", "--timeframes", "1h"])
+    err = capsys.readouterr().err
+    assert code == 1 and "3/3" in err and "/20" not in err
+    (record,) = [record for record in caplog.records if record.getMessage().startswith("ingest failed for symbol")]
+    assert record.getMessage() == ("ingest failed for symbol X:C001USD: 1h bars: Polygon answered HTTP 400 for "
+                                   "aggregates X:C001USD 1h page 1")
+    assert key not in err and key not in caplog.text
 
 
 # --- any symbol ---------------------------------------------------------------------------------
@@ -869,6 +980,39 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
     assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
 
 
+def test_a_symbol_cut_short_in_two_chunks_fails_instead_of_being_handed_on_forever(env):
+    """Audit J: pages that never end, at a slow rate: each chunk's deadline cut the symbol short, the next chunk
+    started it again from page 1, and the chain never ended (4 identical chunks, errors empty)."""
+    market = make_market(2, now=int(time.time()), history_days=30)
+    endless, ok = [symbol.ticker for symbol in market.symbols]
+    env.setenv("POLYGON_MAX_RPS", "20")
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        fake.endless.append(f"/v2/aggs/ticker/{endless}/")
+        first = ingest.scheduled_refresh({"tickers": [endless, ok], "timeframes": ["1h"]}, 1.0)
+        assert first["remaining"] == [endless] and first["symbols_done"] == 1 and first["failed"] == []
+        assert first["continuation"]["tickers"] == [endless] and first["continuation"]["cut_short"] == [endless]
+        second = ingest.scheduled_refresh(first["continuation"], 1.0)
+    assert second["failed"] == [endless] and second["remaining"] == [] and second["continuation"] is None
+    (error,) = second["errors"]
+    assert error.startswith(f"{endless}: 1h bars: cut short by a chunk's deadline in two chunks in a row")
+    assert storage.read_all_candles(endless, "1h") is None
+
+
+def test_a_refresh_chain_ends_after_max_chunks_whatever_is_left(env, monkeypatch):
+    market = make_market(2, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    monkeypatch.setattr(ingest, "MAX_CHUNKS", 2)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        first = ingest.scheduled_refresh({"tickers": tickers, "timeframes": ["1h"]}, 0)
+        assert first["continuation"]["chunk"] == 2 and first["continuation"]["tickers"] == tickers
+        second = ingest.scheduled_refresh(first["continuation"], 0)
+    assert second["continuation"] is None and second["remaining"] == tickers
+    assert second["errors"] == ["refresh: stopped after 2 chunks (ingest.MAX_CHUNKS) with 2 symbols not refreshed; "
+                                "the next scheduled run does them"]
+
+
 def test_a_score_function_that_cannot_be_started_is_reported_not_raised(env, stack, caplog):
     """Raising after the continuation was handed on would make Lambda's async retry run the chunk, and chain it,
     again. Here the Lambda API (moto's) answers that the Score function does not exist."""
@@ -922,6 +1066,63 @@ def test_no_request_starts_after_the_chunks_deadline_at_a_slow_rate(env):
     assert summary.failed == [] and summary.errors == [] and summary.retry == []
     assert summary.remaining and summary.symbols_done + len(summary.remaining) == 6
     assert fake.count("/range/") == summary.requests <= 4
+
+
+def test_a_429_with_a_long_retry_after_holds_the_key_and_hands_the_chunk_on(env):
+    """Audit J: a 24 h Retry-After was honoured per request: 52 symbols sent 208 requests in 5 s into the limit."""
+    market = make_market(12, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=1000, headers={"Retry-After": "86400"})
+        client = client_for(fake)
+        started = time.monotonic()
+        summary = ingest.run_ingest(client, tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=4, deadline=started + 60)
+        assert time.monotonic() - started < 10
+        assert fake.count("/v2/aggs/ticker/") <= 4  # those in flight when the first 429 came
+    assert summary.remaining == tickers and summary.failed == [] and summary.retry == []
+    assert summary.errors == ["Polygon rate-limited the key for 86400 s (Retry-After): 12 symbols handed on"]
+
+
+def test_a_retry_after_of_a_thousand_digits_holds_the_client_a_week():
+    with FakePolygon() as fake:
+        fake.add_fault("/v9/limited", status=429, times=10, headers={"Retry-After": "9" * 1000})
+        client = client_for(fake)
+        with pytest.raises(PolygonError, match="rate-limited the key for 604800 s"):
+            client.get_json("/v9/limited", what="limited")
+        with pytest.raises(PolygonError, match="rate-limited the key"):
+            client.get_json("/v9/other", what="other")
+    assert fake.count("/v9/") == 1 and 604700 < client.limiter.held() <= 604800
+
+
+def test_a_short_retry_after_makes_every_request_wait_then_the_run_goes_on(env):
+    market = make_market(3, now=NOW, history_days=200)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=1, headers={"Retry-After": "1"})
+        started = time.monotonic()
+        summary = ingest.run_ingest(client_for(fake), tickers=tickers, refresh=False, now=NOW, history_days=HISTORY,
+                                    concurrency=3, deadline=started + 60)
+    assert summary.symbols_done == 3 and summary.errors == [] and time.monotonic() - started >= 1
+
+
+def test_a_refresh_chain_carries_the_keys_wait_and_stops_when_it_outlasts_a_chunk(env):
+    market = make_market(3, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=1000, headers={"Retry-After": "3600"})
+        first = ingest.scheduled_refresh({"tickers": tickers, "timeframes": ["1h"]}, 300)
+        assert first["continuation"]["tickers"] == tickers
+        assert 3590 < first["continuation"]["rate_limited_until"] - time.time() <= 3600
+        assert first["errors"] == ["Polygon rate-limited the key for 3600 s (Retry-After): 3 symbols handed on"]
+        sent = fake.count("/")
+        polygon.reset_client()  # the next chunk may run in a new container
+        second = ingest.scheduled_refresh(first["continuation"], 300)
+        assert fake.count("/") == sent  # nothing sent into the limit
+    assert second["continuation"] is None and second["remaining"] == tickers
+    (error,) = second["errors"]
+    assert error.startswith("Polygon rate-limited the key for ") and "3 symbols not refreshed in this run" in error
 
 
 def test_turns_at_the_rate_limiter_do_not_count_against_a_lists_budget():

@@ -27,14 +27,18 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from aws_lambda_powertools import Logger
 
-from candlecast import cache
+from candlecast import cache, redaction
 from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
 from candlecast.polygon import (
     PolygonAuthError,
     PolygonBadResponse,
     PolygonClient,
     PolygonDeadline,
+    PolygonError,
     PolygonNotEntitled,
+    PolygonNotFound,
+    PolygonRateLimited,
+    PolygonRejected,
 )
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
@@ -59,6 +63,8 @@ REFETCH_DAYS = 7
 # an upstream fault, a listing cut short, not the market: nothing is marked inactive and the summary says so.
 MAX_INACTIVATED_SHARE = 0.10
 MAX_INACTIVATED_ALWAYS = 10
+# Failures that trying again cannot mend: a plan's 403, a 404 (no such ticker or route) and any other 4xx but 429.
+PERMANENT_FAILURES = (PolygonNotEntitled, PolygonNotFound, PolygonRejected)
 BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
@@ -69,13 +75,17 @@ class IngestSummary:
     symbols_kept_active: int = 0  # missing from a listing that was not trusted to retire them (see errors)
     files_written: int = 0
     candles_added: int = 0
-    bars_dropped: int = 0  # closed bars Polygon sent that no market can print (bars_to_candles): not stored
+    # Bars Polygon sent that no market can print, or timed before 2009 or after now (bars_to_candles): not stored
+    bars_dropped: int = 0
     symbols_done: int = 0
     remaining: list[str] = field(default_factory=list)  # not started: the time budget ran out
     failed: list[str] = field(default_factory=list)  # a source failed (twice); its files are unchanged
     unrecorded: list[str] = field(default_factory=list)  # files written, metadata not recorded (twice)
     retried: list[str] = field(default_factory=list)  # failed once in this chunk and were tried again
     retry: list[str] = field(default_factory=list)  # failed once; no time was left to try again: handed on
+    # Handed on after the deadline cut them short (this chunk, or an earlier one and not started since): cut short
+    # again, they fail instead of being handed on forever (a list whose pages never end).
+    cut_short: list[str] = field(default_factory=list)
     # Symbols changed and the cache did not take the invalidation, even tried again at the chunk's end: symbol
     # entries, top lists and searches cached before are served up to cache.SYMBOLS_STALE_SECONDS (see errors).
     symbol_cache_stale: bool = False
@@ -242,21 +252,43 @@ def check_bars(bars: Sequence[dict]) -> None:
                 raise PolygonBadResponse(f"Polygon sent a bar whose {key} is not {what} (bar {number} of {len(bars)})")
 
 
+# No bar is older than this (2009-01-01, Bitcoin's first block) nor opens more than one step after now: a `t` outside
+# is in the wrong unit (seconds land in 1970, microseconds or nanoseconds centuries ahead) or made up.
+EARLIEST_BAR_MS = 1_230_768_000_000
+
+
 # Polygon stamps a crypto day's bar at UTC midnight, or (older bars) at US/Eastern midnight: 04:00Z or 05:00Z.
 DAILY_STAMP_OFFSETS = (0, 4 * 3600, 5 * 3600)
 
 
 def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles", int]:
-    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`, and how many closed bars
-    were dropped as impossible: prices that are not `candles.possible` (zero, negative, a high under the open or
-    close, a low over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them:
-    the candle is missing, as in an exchange gap."""
+    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`, and how many bars were
+    dropped as impossible: a time before EARLIEST_BAR_MS or more than one step after `now` (a `t` in seconds or
+    nanoseconds), prices that are not `candles.possible` (zero, negative, a high under the open or close, a low
+    over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them: the candle is
+    missing, as in an exchange gap. Bars all of whose times are out of range are a PolygonBadResponse: the
+    answer is in another unit, and storing nothing from it without a word would leave the files silently stale."""
+    from candlecast.storage import normalize_candles
+
+    candles, dropped = _page_candles(bars, step, now)
+    return normalize_candles(candles), dropped
+
+
+def _page_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles", int]:
+    """bars_to_candles for one page, not yet sorted nor deduplicated: compact columns (48 bytes a bar) in place of
+    the page's decoded objects (about 1 KB a bar), so a list's pages are never all held as objects at once."""
     import numpy as np
 
     from candlecast.candles import Candles, possible
-    from candlecast.storage import normalize_candles
 
     check_bars(bars)
+    latest = (now + step) * 1000
+    timely = [bar for bar in bars if EARLIEST_BAR_MS <= bar["t"] <= latest]
+    untimely = len(bars) - len(timely)
+    if untimely and not timely:
+        raise PolygonBadResponse(f"Polygon sent {len(bars)} bars all timed before 2009 or after now (t is not in "
+                                 "milliseconds?)")
+    bars = timely
     times = np.fromiter((bar["t"] // 1000 for bar in bars), dtype=np.int64, count=len(bars))
     offsets = times % step
     if step == 86400:
@@ -270,17 +302,25 @@ def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles
     sound = on_grid & possible(Candles(open_time=times, **columns))
     keep = closed & sound
     candles = Candles(open_time=times[keep], **{name: values[keep] for name, values in columns.items()})
-    return normalize_candles(candles), int((closed & ~sound).sum())
+    return candles, int((closed & ~sound).sum()) + untimely
 
 
 def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: int, now: int, *,
                   stop: float | None = None) -> tuple["Candles", int]:
     """Closed `source` bars of `ticker` opening at or after `start` (epoch seconds), and how many were dropped
     (`bars_to_candles`). No request starts after `stop` (time.monotonic()): PolygonDeadline."""
+    import numpy as np
+
+    from candlecast.candles import COLUMNS, Candles
+    from candlecast.storage import normalize_candles
+
     multiplier, timespan = POLYGON_SPAN[source]
     step = nominal_seconds(source)
-    bars = client.aggregates(ticker, multiplier, timespan, start * 1000, (now - step) * 1000, stop=stop)
-    candles, dropped = bars_to_candles(bars, step, now)
+    pages = [_page_candles(bars, step, now) for bars in
+             client.aggregate_pages(ticker, multiplier, timespan, start * 1000, (now - step) * 1000, stop=stop)]
+    candles = normalize_candles(Candles(*(np.concatenate([getattr(page, name) for page, _ in pages])
+                                          for name in COLUMNS)))
+    dropped = sum(count for _, count in pages)
     if dropped:
         logger.warning("impossible bars dropped", extra={"ticker": ticker, "timeframe": source, "dropped": dropped})
     return candles, dropped
@@ -299,10 +339,21 @@ class SymbolIngest:
         """A source was not fetched because the run's deadline came first."""
         return any(isinstance(error, PolygonDeadline) for error in self.failures.values())
 
+    def slow(self) -> bool:
+        """Cut short by the deadline in its own pages, not by a 429's wait on the whole key."""
+        return any(isinstance(error, PolygonDeadline) and not isinstance(error, PolygonRateLimited)
+                   for error in self.failures.values())
+
+    def give_up(self) -> None:
+        """Cut short a second time: the deadline's failures become the symbol's reason to fail."""
+        self.failures = {source: PolygonError(f"cut short by a chunk's deadline in two chunks in a row, its pages not "
+                                              f"done ({error})") if isinstance(error, PolygonDeadline) else error
+                         for source, error in self.failures.items()}
+
     def retry_timeframes(self, timeframes: Sequence[Timeframe]) -> list[Timeframe]:
         """The timeframes a second try needs: those built from a source that failed for a reason that may pass
-        (not a plan's 403)."""
-        again = {source for source, error in self.failures.items() if not isinstance(error, PolygonNotEntitled)}
+        (not a PERMANENT_FAILURES one: a plan's 403, a 404, another 4xx but 429)."""
+        again = {source for source, error in self.failures.items() if not isinstance(error, PERMANENT_FAILURES)}
         return [tf for tf in timeframes if SOURCE_OF[tf] in again]
 
 
@@ -424,9 +475,11 @@ def run_ingest(
     now: int | None = None,
     history_days: dict[str, int] | None = None,
     on_symbol: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     retried: Sequence[str] = (),
     retire_missing: bool = False,
     symbol_cache_stale: bool = False,
+    cut_short: Sequence[str] = (),
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
     `symbols` by volume. Starts no new symbol and no new Polygon request at `deadline` (time.monotonic()),
@@ -434,13 +487,17 @@ def run_ingest(
     symbols run at once as the rate keeps busy (RateLimiter.workers).
     Errors are per symbol and source (listed in `failed`): one bad symbol never stops the run;
     only an authentication error, which every symbol would hit, does: a 401, or a 403 on the symbol
-    listing. A 403 on one symbol's bars (its plan does not cover them) fails that source, once the key
-    is known to work (PolygonClient.confirm_key).
+    listing. A 429 whose Retry-After ends past `deadline` (without one: past a list's time budget) holds the whole
+    client: symbols not done are listed in `remaining`, with one error naming the wait. A 403 on one symbol's
+    bars (its plan does not cover them) fails that source, once the key is known to work
+    (PolygonClient.confirm_key).
 
-    A symbol whose source failed for a reason that may pass (anything but a plan's 403), or whose files were
+    A symbol whose source failed for a reason that may pass (anything but a plan's 403, a 404 or another 4xx
+    but 429), or whose files were
     written but whose metadata was not recorded, is tried once more at the end of the chunk, for what failed
     only. One the deadline leaves no time for is listed in `retry` and handed on; `retried` names those, which
-    get no third try.
+    get no third try. `cut_short` names symbols an earlier chunk's deadline cut short (its `cut_short`): cut short
+    again (not by a 429's wait), they are listed in `failed`, never handed on a third time.
 
     Symbols that changed while the cache did not take their invalidation (or `symbol_cache_stale`: an earlier
     chunk's) are invalidated again at the end; `symbol_cache_stale` in the summary says that failed too."""
@@ -460,9 +517,12 @@ def run_ingest(
             cache_stale.set()
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
     last_try = set(retried)
+    cut_before = set(cut_short)
+    if on_start is not None:
+        on_start(len(todo))  # how many symbols there are: fewer than `symbols` in a small universe
 
     def work(ticker: str, wanted: Sequence[Timeframe], through: dict[str, int]) -> SymbolIngest | None:
-        if deadline is not None and time.monotonic() >= deadline:
+        if (deadline is not None and time.monotonic() >= deadline) or client.rate_limited_past(deadline):
             return None
         result = ingest_symbol(client, ticker, wanted, now=now, history_days=history_days, stop=deadline)
         result.stored_through = {**through, **result.stored_through}
@@ -481,8 +541,10 @@ def run_ingest(
     def settle(ticker: str, result: SymbolIngest) -> None:
         for source, error in result.failures.items():
             summary.errors.append(f"{ticker}: {source} bars: {error}")
-            logger.warning("ingest failed for symbol", extra={"ticker": ticker, "source": source,
-                                                              "error": str(error)})
+            # The CLI's stderr shows the message alone: it names the ticker and the reason (our words, redacted).
+            reason = redaction.redact(str(error))
+            logger.warning(f"ingest failed for symbol {ticker}: {source} bars: {reason}",
+                           extra={"ticker": ticker, "source": source, "error": reason})
         if result.failures:
             summary.failed.append(ticker)
         if result.record_error is not None:
@@ -499,10 +561,17 @@ def run_ingest(
     for ticker, result in _in_pool(concurrency, jobs):
         if result is None:
             summary.remaining.append(ticker)
+            if ticker in cut_before:
+                summary.cut_short.append(ticker)
         else:
             count(result)
-            if result.cut_short():  # no request starts after the deadline: handed on as not done
+            if result.slow() and ticker in cut_before:  # a second chunk could not finish it either
+                result.give_up()
+                settle(ticker, result)
+            elif result.cut_short():  # no request starts after the deadline: handed on as not done
                 summary.remaining.append(ticker)
+                if result.slow() or ticker in cut_before:
+                    summary.cut_short.append(ticker)
             elif ticker not in last_try and (result.retry_timeframes(timeframes) or result.record_error is not None):
                 first_tries[ticker] = result
                 logger.info("symbol to be tried again", extra={"ticker": ticker, "sources": list(result.failures),
@@ -516,22 +585,34 @@ def run_ingest(
         second = work(ticker, first.retry_timeframes(timeframes), first.stored_through)
         if second is not None:
             kept = {source: error for source, error in first.failures.items() if source not in second.failures
-                    and isinstance(error, PolygonNotEntitled)}
+                    and isinstance(error, PERMANENT_FAILURES)}
             second.failures = kept | second.failures
         return second
 
     retries = [(ticker, lambda t=ticker, first=first: again(t, first)) for ticker, first in first_tries.items()]
     summary.retried = list(first_tries)
     for ticker, result in _in_pool(concurrency, retries):
-        if result is None or result.cut_short():
+        if result is not None and result.slow() and ticker in cut_before:
+            count(result)
+            result.give_up()
+            settle(ticker, result)
+        elif result is None or result.cut_short():
             if result is not None:
                 count(result)
+                if result.slow():
+                    summary.cut_short.append(ticker)
             summary.retry.append(ticker)
         else:
             count(result)
             settle(ticker, result)
+    if client.rate_limited_past(deadline) and (summary.remaining or summary.retry):
+        # One error for the run, not one per symbol: no request is sent before the key's wait is over.
+        summary.errors.append(f"{client.rate_limit_message()}: {len(summary.remaining) + len(summary.retry)} "
+                              "symbols handed on")
+        logger.warning("polygon rate-limited the key", extra={"retry_after_s": round(client.limiter.held_for)})
     order = {ticker: index for index, ticker in enumerate(todo)}
-    for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried):
+    for found in (summary.remaining, summary.failed, summary.unrecorded, summary.retry, summary.retried,
+                  summary.cut_short):
         found.sort(key=order.__getitem__)
     if cache_stale.is_set() and not cache.invalidate_symbols(retry=True):
         summary.symbol_cache_stale = True
@@ -571,9 +652,17 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
-    "refresh_symbols": bool, "symbol_cache_stale": bool}. The first call refreshes the symbol table and takes the
-    top N; a continuation passes the `remaining` and `retry` tickers of the previous chunk (the latter also as
-    `retried`: their last try), refresh_symbols false and whether the symbols' cache is still to be invalidated.
+    "refresh_symbols": bool, "symbol_cache_stale": bool, "rate_limited_until": epoch seconds, "cut_short": [...],
+    "chunk": n (1 for the first; past MAX_CHUNKS nothing is handed on)}.
+    The first call
+    refreshes the symbol table and takes the top N; a continuation passes the `remaining` and `retry` tickers of the
+    previous chunk (the latter also as `retried`: their last try), refresh_symbols false and whether the symbols'
+    cache is still to be invalidated, and `cut_short`: the symbols a deadline cut short, which fail when cut short
+    again (`run_ingest`).
+    A 429's Retry-After is carried as `rate_limited_until` (the next chunk may be a new container): no request is
+    sent before it. A chunk that starts already held past its deadline hands nothing on (a Lambda chain of chunks
+    that each wait no time would spin until the hold ends): its symbols are left to the next scheduled run, said in
+    `errors`.
     """
     from candlecast import polygon
 
@@ -581,6 +670,16 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     if client is None:
         raise PolygonAuthError("no Polygon API key is configured (set POLYGON_API_KEY or its secret ARN)")
     timeframes = [tf for tf in event.get("timeframes") or TIMEFRAMES if tf in TIMEFRAMES]
+    deadline = time.monotonic() + max(0.0, budget_seconds)
+    until = event.get("rate_limited_until")
+    if isinstance(until, int | float) and until > time.time():
+        client.limiter.hold(until - time.time())
+        if client.rate_limited_past(deadline) and "tickers" in event:
+            left = [str(ticker) for ticker in event.get("tickers") or []]
+            summary = IngestSummary(remaining=left, errors=[
+                f"{client.rate_limit_message()} until {datetime.fromtimestamp(until, UTC).isoformat()}: "
+                f"{len(left)} symbols not refreshed in this run (the next scheduled run does them)"])
+            return summary.as_dict() | {"continuation": None}
     summary = run_ingest(
         client,
         symbols=int(event.get("symbols", DEFAULT_TOP_SYMBOLS)),
@@ -588,18 +687,33 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
         concurrency=int(event.get("concurrency", DEFAULT_CONCURRENCY)),
         refresh=bool(event.get("refresh_symbols", "tickers" not in event)),
         tickers=event.get("tickers"),
-        deadline=time.monotonic() + max(0.0, budget_seconds),
+        deadline=deadline,
         retried=[str(ticker) for ticker in event.get("retried") or []],
         symbol_cache_stale=bool(event.get("symbol_cache_stale")),
+        cut_short=[str(ticker) for ticker in event.get("cut_short") or []],
     )
     report = summary.as_dict()
     left = summary.remaining + summary.retry
     report["continuation"] = (
         {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False,
-         "symbol_cache_stale": summary.symbol_cache_stale}
+         "symbol_cache_stale": summary.symbol_cache_stale, "cut_short": summary.cut_short}
         if left else None
     )
+    if left and client.limiter.held():
+        report["continuation"]["rate_limited_until"] = round(time.time() + client.limiter.held(), 3)
+    chunk = int(event.get("chunk", 1))
+    if left and chunk >= MAX_CHUNKS:
+        report["continuation"] = None
+        report["errors"].append(f"refresh: stopped after {chunk} chunks (ingest.MAX_CHUNKS) with {len(left)} symbols "
+                                "not refreshed; the next scheduled run does them")
+        logger.warning("refresh chain stopped", extra={"chunks": chunk, "left": len(left)})
+    elif left:
+        report["continuation"]["chunk"] = chunk + 1
     return report
+
+
+# A refresh's chain of chunks ends here whatever is left: a week of 15-minute chunks, when the next weekly run starts.
+MAX_CHUNKS = 7 * 24 * 4
 
 
 # --- any symbol ---------------------------------------------------------------------------------
@@ -732,7 +846,11 @@ def _command(args: argparse.Namespace) -> int:
     timeframes = [tf for group in args.timeframes for tf in group] if args.timeframes else list(TIMEFRAMES)
     from tqdm import tqdm
 
-    bar = tqdm(total=args.symbols if not args.skip_symbols else None, desc="ingest", unit="symbol")
+    bar = tqdm(total=None, desc="ingest", unit="symbol")
+
+    def start(symbols: int) -> None:
+        bar.total = symbols  # the symbols there are, not --symbols: a universe of 7 stopped the bar at 7/20
+        bar.refresh()
     try:
         summary = run_ingest(
             client,
@@ -742,6 +860,7 @@ def _command(args: argparse.Namespace) -> int:
             refresh=not args.skip_symbols,
             retire_missing=args.retire_missing,
             on_symbol=lambda _ticker: bar.update(1),
+            on_start=start,
         )
     finally:
         bar.close()

@@ -31,11 +31,21 @@ DEFAULT_BASE_URL = "https://api.polygon.io"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Far more pages than any list we ask for has: two years of hourly bars are about 20, the crypto tickers a few.
 MAX_PAGES = 1000
+# An aggregates page holds up to `limit` base (minute) aggregates: two years of hours are 21 pages of 50,000 minutes.
+# A list may take twice the pages its range holds, plus PAGE_MARGIN (short pages around gaps), and no more: a
+# next_url that yields a new cursor each time never ends otherwise (audit J: 57 pages and counting at 1 request/s).
+AGGREGATES_LIMIT = 50000
+PAGE_MARGIN = 40
+# A list's bars are at most one a step over its range, and ROW_MARGIN more (a day's bar stamped at 04:00Z beside one
+# at midnight).
+SPAN_MS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000, "week": 7 * 86_400_000}
+ROW_MARGIN = 10
 # A page's decoded body is read as it arrives, up to this many bytes: a 50,000-bar page is about 6 MB of compact
 # JSON (123 bytes a bar, tests/fixtures/polygon) and 17 MB pretty-printed, so twice the larger is a bad
 # response, never held in memory (a 0.3 MB gzip body can decode to 300 MB).
 MAX_BODY_BYTES = 32 << 20
 READ_CHUNK = 64 << 10
+MAX_RETRY_AFTER = 7 * 86400  # seconds: a longer Retry-After holds the client this long
 
 
 class PolygonError(ServiceUnavailable):
@@ -67,8 +77,18 @@ class PolygonNotFound(NotFound):
     code = "polygon_not_found"
 
 
+class PolygonRejected(PolygonError):
+    """Another 4xx than 401, 403, 404 and 429 (a 400, say): Polygon refuses this request as it is; sending it
+    again, in this chunk or the next, gets the same answer."""
+
+
 class PolygonDeadline(PolygonError):
     """The run's deadline came before this request's turn: it was not sent (the caller hands the work on)."""
+
+
+class PolygonRateLimited(PolygonDeadline):
+    """Polygon's 429 asked the key to wait (Retry-After) past the run's deadline, or past what is left of the list's
+    time budget where there is no deadline: not sent (again); the caller hands the work on."""
 
 
 # About what a worker spends on one request besides waiting its turn: Polygon's answer, the parse, its writes.
@@ -76,21 +96,34 @@ WORKER_SECONDS_PER_REQUEST = 2.0
 
 
 class RateLimiter:
-    """Spaces requests at least 1/rate seconds apart, across threads."""
+    """Spaces requests at least 1/rate seconds apart, across threads, and none before the time a 429's Retry-After
+    named (`hold`): Polygon limits the key, not the request."""
 
     def __init__(self, per_second: float | None):
         self.interval = 1.0 / per_second if per_second else 0.0
         self._next = 0.0
+        self.not_before = 0.0  # time.monotonic() before which no request is sent (a 429's Retry-After)
+        self.held_for = 0.0  # the longest Retry-After seen, in seconds
         self._lock = threading.Lock()
+
+    def hold(self, seconds: float) -> None:
+        """Polygon's 429 said to wait `seconds`: no request from this client before then."""
+        with self._lock:
+            self.not_before = max(self.not_before, time.monotonic() + seconds)
+            self.held_for = max(self.held_for, seconds)
+
+    def held(self) -> float:
+        """Seconds until the key may be used again (0 when it may now)."""
+        return max(0.0, self.not_before - time.monotonic())
 
     def wait(self, latest: float | None = None) -> float | None:
         """Wait for this request's turn; the seconds waited. None, without taking a turn, when the turn would
         come after `latest` (time.monotonic())."""
-        if not self.interval:
+        if not self.interval and not self.not_before:
             return 0.0
         with self._lock:
             now = time.monotonic()
-            start = max(now, self._next)
+            start = max(now, self._next, self.not_before)
             if latest is not None and start > latest:
                 return None
             self._next = start + self.interval
@@ -201,6 +234,9 @@ class PolygonClient:
                 raise PolygonAuthError(self._key_refused)
             if stop is not None and time.monotonic() >= stop:
                 raise PolygonDeadline(f"the run's time was up before {what}")
+            held = self.limiter.held()
+            if held and (held > budget.left() if stop is None else time.monotonic() + held > stop):
+                raise PolygonRateLimited(self.rate_limit_message() + f": {what} not sent")
             waited = self.limiter.wait(latest=stop)
             if waited is None:
                 raise PolygonDeadline(f"the run's time was up before {what}'s turn")
@@ -238,10 +274,20 @@ class PolygonClient:
                     )
                 if status == 404:
                     raise PolygonNotFound(f"Polygon has nothing for {what}")
+                if 400 <= status < 500 and status not in RETRY_STATUSES:
+                    raise PolygonRejected(f"Polygon answered HTTP {status} for {what}")
                 if status not in RETRY_STATUSES:
                     raise PolygonError(f"Polygon answered HTTP {status} for {what}")
                 problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if status == 429 and retry_after and retry_after.isascii() and retry_after.isdigit():
+                # The key's limit: every worker waits, not only this request (audit J: 208 requests in 5 s into a
+                # 24 h limit, each "kept failing after 1 attempts"). A week at most: the next weekly run starts then.
+                seconds = min(float(retry_after), MAX_RETRY_AFTER)
+                self.limiter.hold(seconds)
+                if seconds > budget.left() or (stop is not None and time.monotonic() + seconds > stop):
+                    raise PolygonRateLimited(self.rate_limit_message() + f": {what} not sent again")
+                continue  # its next turn at the limiter is after the hold
             if retry_after and retry_after.isdigit():
                 delay = max(delay, float(retry_after))
             if (attempt == self.max_attempts or delay > budget.left()
@@ -258,6 +304,15 @@ class PolygonClient:
             f"Polygon kept failing for {what} ({problem}) after {attempt} attempts in "
             f"{time.monotonic() - started:.1f}s"
         )
+
+    def rate_limited_past(self, stop: float | None) -> bool:
+        """Whether a 429's Retry-After keeps the key waiting past `stop` (time.monotonic()), or, without one, longer
+        than a list's time budget: no request of this client would be sent before then."""
+        held = self.limiter.held()
+        return bool(held) and (held > self.time_budget if stop is None else time.monotonic() + held > stop)
+
+    def rate_limit_message(self) -> str:
+        return f"Polygon rate-limited the key for {self.limiter.held_for:.0f} s (Retry-After)"
 
     def confirm_key(self) -> None:
         """After a 403 on one request: raise PolygonAuthError if the key itself is refused (a 401 or 403 on
@@ -280,12 +335,13 @@ class PolygonClient:
             except CandlecastError as error:
                 logger.warning("could not confirm the Polygon key", extra={"code": error.code})
 
-    def pages(self, path: str, params: dict | None = None, *, what: str, stop: float | None = None
-              ) -> Iterator[dict]:
+    def pages(self, path: str, params: dict | None = None, *, what: str, stop: float | None = None,
+              max_pages: int | None = None) -> Iterator[dict]:
         """Every page of a list endpoint, following next_url (auth is re-added by the header), all within
         one time budget (turns waited at the rate limiter not counted), none started after `stop`.
-        PolygonBadResponse for a next_url seen before or more than MAX_PAGES pages, PolygonError when the budget
-        runs out. `what` names the list; its pages are "`what` page N"."""
+        PolygonBadResponse for a next_url seen before or more than `max_pages` (at most MAX_PAGES) pages,
+        PolygonError when the budget runs out. `what` names the list; its pages are "`what` page N"."""
+        max_pages = min(MAX_PAGES, max_pages or MAX_PAGES)
         budget = _Budget(self.time_budget)
         seen = {self._url(path, params)}
         page = self.get_json(path, params, what=f"{what} page 1", budget=budget, stop=stop)
@@ -297,8 +353,8 @@ class PolygonClient:
             if url in seen:
                 raise PolygonBadResponse(f"Polygon's next_url for {what} repeats an earlier page "
                                          f"(after {len(seen)} pages)")
-            if len(seen) >= MAX_PAGES:
-                raise PolygonBadResponse(f"Polygon sent more than {MAX_PAGES} pages for {what}")
+            if len(seen) >= max_pages:
+                raise PolygonBadResponse(f"Polygon sent more than {max_pages} pages for {what}")
             if budget.left() <= 0:
                 raise PolygonError(f"Polygon's pages for {what} took more than {self.time_budget:g}s "
                                    f"({len(seen)} pages)")
@@ -334,11 +390,35 @@ class PolygonClient:
                    stop: float | None = None) -> list[dict]:
         """Bars of `ticker` opening in [start_ms, end_ms], oldest first, over every page (none started after
         `stop`)."""
+        return [row for rows in self.aggregate_pages(ticker, multiplier, timespan, start_ms, end_ms, stop=stop)
+                for row in rows]
+
+    def aggregate_pages(self, ticker: str, multiplier: int, timespan: str, start_ms: int, end_ms: int, *,
+                        stop: float | None = None) -> Iterator[list]:
+        """Each page's bars of `ticker` opening in [start_ms, end_ms], oldest first (none started after `stop`), for
+        the caller to make compact as they come. A page of more bars than the `limit` asked for, or a list of more
+        than its range can hold (one bar a step, and a few more), is a bad response: a hostile answer's bars are
+        never all held (audit J: pages of 30 MB, kept decoded, took a refresh past its 1024 MB in 6 s)."""
         path = f"/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{start_ms}/{end_ms}"
-        params = {"adjusted": "true", "sort": "asc", "limit": 50000}
+        params = {"adjusted": "true", "sort": "asc", "limit": AGGREGATES_LIMIT}
         what = f"aggregates {ticker} {multiplier}{timespan[:1]}"
-        return [row for page in self.pages(path, params, what=what, stop=stop)
-                for row in page.get("results") or []]
+        minutes = max(0, end_ms - start_ms) // 60000 + 1
+        max_pages = 2 * math.ceil(minutes / AGGREGATES_LIMIT) + PAGE_MARGIN
+        step_ms = multiplier * SPAN_MS.get(timespan, 60000)
+        max_rows = max(0, end_ms - start_ms) // step_ms + ROW_MARGIN
+        rows = 0
+        for number, page in enumerate(self.pages(path, params, what=what, stop=stop, max_pages=max_pages), 1):
+            results = page.get("results") or []
+            if not isinstance(results, list):
+                raise PolygonBadResponse(f"Polygon sent results that are not a list for {what} page {number}")
+            if len(results) > AGGREGATES_LIMIT:
+                raise PolygonBadResponse(f"Polygon sent {len(results)} bars on {what} page {number}, more than the "
+                                         f"{AGGREGATES_LIMIT} asked for")
+            rows += len(results)
+            if rows > max_rows:
+                raise PolygonBadResponse(f"Polygon sent more bars for {what} than its range holds ({max_rows}, "
+                                         f"by page {number})")
+            yield results
 
 
 class _TooSlow(Exception):
