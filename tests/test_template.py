@@ -576,3 +576,39 @@ def test_the_secrets_extension_is_an_optional_layer_with_its_port(template):
         template["Globals"]["Function"]["Layers"]
     variables = template["Globals"]["Function"]["Environment"]["Variables"]
     assert variables["PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"] == {"Fn::If": ["SecretsExtensionOn", "2773", ""]}
+
+
+API_ALARMS = ("Api5xxAlarm", "ApiFunctionErrorsAlarm", "ApiFunctionThrottlesAlarm")
+
+
+def test_an_api_outage_raises_an_alarm_on_the_alarm_topic(template, resources):
+    """Only failed scheduled runs had an alarm: the API answering nothing but 503s (the database down) or 500s
+    (functions failing or throttled) reached nobody. The API's 5xx, and the four API functions' Lambda Errors and
+    Throttles, now each have an alarm that notifies AlarmTopicArn as FailedRunsAlarm does."""
+    notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    for name in API_ALARMS:
+        alarm = resources[name]["Properties"]
+        assert resources[name]["Type"] == "AWS::CloudWatch::Alarm", name
+        assert alarm["AlarmActions"] == alarm["OKActions"] == notify, name
+        assert alarm["TreatMissingData"] == "notBreaching", name
+        assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold" and alarm["Threshold"] >= 1, name
+        assert alarm["AlarmName"]["Fn::Sub"].startswith("candlecast-${Stage}-"), name
+    api = resources["Api5xxAlarm"]["Properties"]
+    assert (api["Namespace"], api["MetricName"], api["Statistic"]) == ("AWS/ApiGateway", "5xx", "Sum")
+    assert api["Dimensions"] == [{"Name": "ApiId", "Value": {"Ref": "HttpApi"}}]
+    for name, metric in (("ApiFunctionErrorsAlarm", "Errors"), ("ApiFunctionThrottlesAlarm", "Throttles")):
+        queries = resources[name]["Properties"]["Metrics"]
+        (total,) = [query for query in queries if query.get("ReturnData")]
+        stats = [query["MetricStat"] for query in queries if "MetricStat" in query]
+        assert total["Expression"] == f"SUM([{', '.join(query['Id'] for query in queries if 'MetricStat' in query)}])"
+        assert {(stat["Metric"]["Namespace"], stat["Metric"]["MetricName"], stat["Stat"]) for stat in stats} == {
+            ("AWS/Lambda", metric, "Sum")}, name
+        assert sorted(stat["Metric"]["Dimensions"][0]["Value"]["Ref"] for stat in stats) == sorted(API_FUNCTIONS)
+        assert all(stat["Metric"]["Dimensions"][0]["Name"] == "FunctionName" for stat in stats)
+
+
+def test_the_readme_names_every_alarm_of_the_template(resources):
+    readme = (ROOT / "README.md").read_text()
+    for name, resource in resources.items():
+        if resource["Type"] == "AWS::CloudWatch::Alarm":
+            assert f"**{name}**" in readme, name
