@@ -237,11 +237,22 @@ def _error_result(error: CandlecastError) -> dict:
     }
 
 
-def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaContext], dict]:
+def metric_dimensions(function: str) -> dict[str, str]:
+    """The dimensions of every metric an HTTP function emits (besides `service`): its stage and which function,
+    so dev and prod, and one function and another, are not summed together. Both are few (README, Alarms)."""
+    return {"stage": get_settings().stage, "function": function}
+
+
+def lambda_handler_for(app: APIGatewayHttpResolver, function: str) -> Callable[[dict, LambdaContext], dict]:
+    """The Lambda handler of the HTTP function `function` (its folder under functions/, e.g. "health")."""
     snapstart.register()  # SnapStart hooks; never called unless the SnapStart parameter is on
+    dimensions = metric_dimensions(function)
     @logger.inject_lambda_context(clear_state=True)
     @metrics.log_metrics(capture_cold_start_metric=not is_metrics_disabled())  # single_metric ignores the flag
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
+        # Per invocation: Powertools keeps one set of default dimensions per process, which a local run shares
+        # between functions.
+        metrics.set_default_dimensions(**dimensions)
         refused = _refused_body(event)
         response = _error_result(refused) if refused else app.resolve(event, context)
         headers = response.setdefault("headers", {})
