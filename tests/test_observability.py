@@ -1,5 +1,6 @@
 """What an operator sees of a request: its metrics' dimensions, its logs' correlation id, one line per cause."""
 
+import io
 import json
 
 import pytest
@@ -38,3 +39,23 @@ def test_response_metrics_carry_the_stage_and_the_function_as_dimensions(capsys)
     (directive,) = blob["_aws"]["CloudWatchMetrics"]
     assert [sorted(each) for each in directive["Dimensions"]] == [["function", "service", "stage"]]
     assert (blob["service"], blob["stage"], blob["function"]) == ("candlecast", "local", "health")
+
+
+def test_every_line_a_request_logs_carries_api_gateways_request_id():
+    """inject_lambda_context had no correlation_id_path: a request's log lines had no id that its access-log line
+    (requestId) also has, so a 5xx in the access log could not be joined with its function's lines."""
+    from candlecast import api
+
+    event = path_event("health.json", "/no-such-route")
+    event["requestContext"]["requestId"] = "apigw-request-7400"
+    invoke("health", event)
+    assert api.logger.get_correlation_id() == "apigw-request-7400"
+    stream = io.StringIO()
+    handler = api.logger.registered_handler
+    previous, handler.stream = handler.stream, stream  # the stdout it was made with may be another test's, closed
+    try:
+        api.logger.warning("a line of this request")
+    finally:
+        handler.stream = previous
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["correlation_id"] == "apigw-request-7400"

@@ -612,3 +612,12 @@ def test_the_readme_names_every_alarm_of_the_template(resources):
     for name, resource in resources.items():
         if resource["Type"] == "AWS::CloudWatch::Alarm":
             assert f"**{name}**" in readme, name
+
+
+def test_the_access_log_joins_api_gateways_request_id_with_the_lambda_invocations():
+    """The access log had only API Gateway's requestId (the functions' correlation_id); with the invocation's id
+    beside it, a line of it leads to the function's REPORT line and its logs either way."""
+    api = template_checks.load_template()["Resources"]["HttpApi"]["Properties"]
+    fields = json.loads(api["AccessLogSettings"]["Format"])
+    assert fields["requestId"] == "$context.requestId"
+    assert fields["lambdaRequestId"] == "$context.integration.requestId"

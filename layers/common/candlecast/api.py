@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, unquote
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestUnsupportedContentType, RequestValidationError
+from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -247,7 +248,9 @@ def lambda_handler_for(app: APIGatewayHttpResolver, function: str) -> Callable[[
     """The Lambda handler of the HTTP function `function` (its folder under functions/, e.g. "health")."""
     snapstart.register()  # SnapStart hooks; never called unless the SnapStart parameter is on
     dimensions = metric_dimensions(function)
-    @logger.inject_lambda_context(clear_state=True)
+    # Every line a request logs carries API Gateway's request id (correlation_id), which its access log has too
+    # (requestId, with lambdaRequestId, this invocation's id, beside it).
+    @logger.inject_lambda_context(clear_state=True, correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
     @metrics.log_metrics(capture_cold_start_metric=not is_metrics_disabled())  # single_metric ignores the flag
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
         # Per invocation: Powertools keeps one set of default dimensions per process, which a local run shares
