@@ -2,11 +2,12 @@
 
 import io
 import json
+import logging
 
 import pytest
 
 from infra.events import path_event
-from tests.conftest import invoke
+from tests.conftest import invoke, load_event
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +60,88 @@ def test_every_line_a_request_logs_carries_api_gateways_request_id():
         handler.stream = previous
     (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
     assert line["correlation_id"] == "apigw-request-7400"
+
+
+# ---------------------------------------------------------------- a database failure's cause in the logs
+@pytest.mark.parametrize(("text", "reason"), [
+    ('connection to server at "10.0.3.7", port 5432 failed: FATAL:  password authentication failed for user "app"',
+     "authentication"),
+    ('connection to server at "10.0.3.7", port 5432 failed: FATAL:  role "app" does not exist', "authentication"),
+    ('connection to server at "10.0.3.7", port 5432 failed: FATAL:  database "candle" does not exist', "config"),
+    ('connection to server at "10.0.3.7", port 5432 failed: Connection refused\n\tIs the server running on that '
+     'host and accepting TCP/IP connections?', "network"),
+    ('could not translate host name "db.internal" to address: Name or service not known', "network"),
+    ('connection to server at "10.0.3.7", port 5432 failed: timeout expired', "timeout"),
+    ('connection to server at "10.0.3.7", port 5432 failed: FATAL:  the database system is starting up', "server"),
+])
+def test_a_connection_failure_is_classified_and_its_text_is_left_out(text, reason):
+    import psycopg
+
+    from candlecast import db
+
+    cause = db.failure_cause(psycopg.OperationalError(text))
+    assert cause == {"error": "OperationalError", "sqlstate": None, "reason": reason}
+
+
+def test_a_pool_timeout_and_a_failed_attempt_waited_for_name_their_cause():
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    from candlecast import db
+
+    assert db.failure_cause(PoolTimeout("couldn't get a connection after 1.00 sec"))["reason"] == "timeout"
+    waited = db.ConnectionFailed("the connection attempt failed")
+    waited.__cause__ = psycopg.OperationalError('FATAL:  role "app" does not exist')
+    assert db.failure_cause(waited)["reason"] == "authentication"
+
+
+@pytest.fixture
+def new_container(clean_db, monkeypatch):
+    from tests.conftest import reset_clients
+
+    reset_clients()
+    yield monkeypatch
+    monkeypatch.undo()
+    reset_clients()
+
+
+def test_a_role_that_does_not_exist_is_logged_as_authentication_not_as_an_unreachable_host(new_container, caplog):
+    """db logged the class only (OperationalError): a nonexistent role looked exactly like a stopped server."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from candlecast import db
+    from candlecast.errors import DatabaseUnavailable
+    from tests.conftest import reset_clients
+
+    url = make_conninfo(**{**conninfo_to_dict(new_container_url()), "user": "no_such_role_7400"})
+    new_container.setenv("DATABASE_URL", url)
+    reset_clients()
+    with caplog.at_level(logging.WARNING), pytest.raises(DatabaseUnavailable), db.connection() as conn:
+        conn.execute("SELECT 1")
+    (down,) = [record for record in caplog.records if record.getMessage().startswith("database down")]
+    assert (down.reason, down.error) == ("authentication", "OperationalError")
+    assert "no_such_role_7400" not in " ".join(str(vars(record)) for record in caplog.records)
+
+
+def new_container_url() -> str:
+    import os
+
+    return os.environ["DATABASE_URL"]
+
+
+def test_health_warns_once_when_it_answers_503_for_a_secret_without_host(new_container, stack, caplog):
+    """A secret lacking `host` made Health answer 503 and log nothing: the reason was in the body only."""
+    from tests.conftest import moto_secret, reset_clients
+
+    arn = moto_secret(stack, json.dumps({"username": "app", "password": "pw-7400-secret"}), "candlecast/nohost")
+    new_container.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", stack.s3_endpoint_url)
+    new_container.delenv("DATABASE_URL", raising=False)
+    new_container.setenv("DB_SECRET_ARN", arn)
+    reset_clients()
+    with caplog.at_level(logging.INFO):
+        answers = [invoke("health", load_event("health.json"))[0] for _ in range(3)]
+    assert answers == [503, 503, 503]
+    warnings = [record for record in caplog.records if record.getMessage().startswith("health answers 503")]
+    assert len(warnings) == 1, [record.getMessage() for record in caplog.records]
+    assert "needs host" in warnings[0].error
+    assert "pw-7400-secret" not in " ".join(str(vars(record)) for record in caplog.records)
