@@ -145,3 +145,36 @@ def test_health_warns_once_when_it_answers_503_for_a_secret_without_host(new_con
     assert len(warnings) == 1, [record.getMessage() for record in caplog.records]
     assert "needs host" in warnings[0].error
     assert "pw-7400-secret" not in " ".join(str(vars(record)) for record in caplog.records)
+
+
+# ---------------------------------------------------------------- a scheduled run that dies
+def test_a_chunk_that_dies_logs_one_structured_error_before_it_raises(caplog):
+    """run_chunk re-raised without a line of its own: a Score or Refresh chunk that died left Lambda's plain-text
+    traceback only, with no level, no function fields and no event."""
+    from candlecast.invoke import run_chunk
+
+    def work(event, budget):
+        raise RuntimeError("the bucket went away")
+
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError):
+        run_chunk({"after": "abc"}, None, work, 30.0, 60.0)
+    (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert record.getMessage() == "run failed" and record.exc_info[0] is RuntimeError
+    assert (record.error, record.event) == ("RuntimeError", {"after": "abc"})
+
+
+def test_a_retention_run_that_dies_logs_one_structured_error_before_it_raises(monkeypatch, caplog):
+    from infra.lambda_loader import LambdaContext, load_handler
+    from tests.conftest import ROOT
+
+    handler = load_handler(ROOT / "functions" / "retention")
+    from candlecast.services import retention
+
+    def fails(budget):
+        raise RuntimeError("statement timeout")
+
+    monkeypatch.setattr(retention, "run", fails)
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError):
+        handler({}, LambdaContext("retention", timeout_seconds=300))
+    (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert record.getMessage() == "retention failed" and record.exc_info[0] is RuntimeError

@@ -621,3 +621,15 @@ def test_the_access_log_joins_api_gateways_request_id_with_the_lambda_invocation
     fields = json.loads(api["AccessLogSettings"]["Format"])
     assert fields["requestId"] == "$context.requestId"
     assert fields["lambdaRequestId"] == "$context.integration.requestId"
+
+
+def test_every_function_logs_in_lambdas_json_format_at_the_log_level(template):
+    """In Lambda's text format a function that died (an uncaught error, a timeout) wrote its traceback as plain
+    text: no level to filter an ERROR by. Lambda's JSON format writes it as a JSON record with "level": "ERROR";
+    Powertools' JSON lines are passed on as they are, and take Lambda's application level as theirs."""
+    logging_config = template["Globals"]["Function"]["LoggingConfig"]
+    assert logging_config["LogFormat"] == "JSON"
+    assert logging_config["ApplicationLogLevel"] == {"Fn::FindInMap": ["LambdaLogLevels", {"Ref": "LogLevel"}, "Level"]}
+    levels = {name: row["Level"] for name, row in template["Mappings"]["LambdaLogLevels"].items()}
+    assert set(levels) == set(template["Parameters"]["LogLevel"]["AllowedValues"])
+    assert levels["WARNING"] == "WARN"  # Lambda's name for it

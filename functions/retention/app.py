@@ -19,7 +19,14 @@ LOCAL_BUDGET_SECONDS = 600.0
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event, context):
     remaining_ms = context.get_remaining_time_in_millis() if context is not None else LOCAL_BUDGET_SECONDS * 1000
-    report = retention.run(remaining_ms / 1000 - MARGIN_SECONDS)
+    try:
+        report = retention.run(remaining_ms / 1000 - MARGIN_SECONDS)
+    except Exception as error:  # one structured ERROR line (redacted), then Lambda's retry and failed-runs queue
+        logger.exception("retention failed", extra={"error": type(error).__name__})
+        leaving = redaction.leaving(error)
+        if leaving is error:
+            raise
+        raise leaving from None
     logger.info("retention done", extra=report)
     return report
 

@@ -3,8 +3,12 @@
 import json
 from collections.abc import Callable
 
+from aws_lambda_powertools import Logger
+
 from candlecast import redaction
 from candlecast.config import get_settings
+
+logger = Logger(child=True)
 
 
 def invoke_async(function_name: str, event: dict) -> None:
@@ -31,6 +35,9 @@ def run_chunk(event, context, work: Callable[[dict, float], dict], margin_second
     try:
         report = work(event, remaining_ms / 1000 - margin_seconds)
     except Exception as error:
+        # One structured ERROR line with the traceback (redacted by the log filter) and the invocation's context;
+        # what Lambda's runtime writes for the uncaught error is its own, and outside Powertools' fields.
+        logger.exception("run failed", extra={"error": type(error).__name__, "event": redaction.redacted(event)})
         leaving = redaction.leaving(error)
         if leaving is error:
             raise
