@@ -284,8 +284,18 @@ def test_failed_asynchronous_runs_go_to_an_encrypted_queue_that_an_alarm_watches
     assert queue_properties["KmsMasterKeyId"] == "alias/aws/sqs"
     assert queue_properties["MessageRetentionPeriod"] == 14 * 24 * 3600
     alarm = resources["FailedRunsAlarm"]["Properties"]
-    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
-    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["FailedRunsQueue", "QueueName"]}}]
+    # Visible + NotVisible: the runbook's receive-message hides a message for its visibility timeout, and an alarm on
+    # Visible alone cleared then, while the failed run was still unhandled (it is until the message is deleted).
+    queries = {query["Id"]: query for query in alarm["Metrics"]}
+    (total,) = [query for query in queries.values() if query.get("ReturnData")]
+    stats = {query["MetricStat"]["Metric"]["MetricName"]: (query["Id"], query["MetricStat"])
+             for query in queries.values() if "MetricStat" in query}
+    assert set(stats) == {"ApproximateNumberOfMessagesVisible", "ApproximateNumberOfMessagesNotVisible"}
+    assert sorted(total["Expression"].replace(" ", "").split("+")) == sorted(query_id for query_id, _ in stats.values())
+    for _query_id, stat in stats.values():
+        assert (stat["Metric"]["Namespace"], stat["Stat"]) == ("AWS/SQS", "Maximum")
+        assert stat["Metric"]["Dimensions"] == [
+            {"Name": "QueueName", "Value": {"Fn::GetAtt": ["FailedRunsQueue", "QueueName"]}}]
     assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
     notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
     assert alarm["AlarmActions"] == alarm["OKActions"] == notify
