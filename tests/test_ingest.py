@@ -858,8 +858,9 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
     with FakePolygon(market) as fake:
         point_settings_at(env, fake)
         scheduled = {"detail-type": "Scheduled Event", "source": "aws.events", "detail": {}}
-        # No time left beyond the margin: symbols are refreshed, no candles fetched, all three handed on.
-        first = handler(scheduled, RefreshContext(remaining_seconds=60))
+        # No time left beyond the margin (30 s for the report and the 1 s statement in flight, as the tests set
+        # DB_STATEMENT_TIMEOUT): symbols are refreshed, no candles fetched, all three handed on.
+        first = handler(scheduled, RefreshContext(remaining_seconds=30))
         assert first["symbols_upserted"] == 3 and first["symbols_done"] == 0
         assert first["continuation"]["tickers"] == ingest.top_tickers(3)  # in rank order
         assert first["chained"] is False
