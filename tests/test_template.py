@@ -276,6 +276,13 @@ def test_failed_asynchronous_runs_go_to_an_encrypted_queue_that_an_alarm_watches
         for latest in latest_invoke_configs(resources, name):
             assert latest["DestinationConfig"] == {"OnFailure": {"Destination": queue}}, name
     assert fns["RetentionFunction"]["EventInvokeConfig"]["MaximumRetryAttempts"] == 2  # idempotent: retried
+    # Each is configured on $LATEST too: an invocation by name (Refresh starting Score, an operator re-invoking a
+    # failed run as the README says) runs $LATEST, which the alias's configuration does not cover. Retention had
+    # none, so a re-invoke that failed again reached no queue.
+    for name in ("RefreshFunction", "ScoreFunction", "RetentionFunction"):
+        (latest,) = latest_invoke_configs(resources, name)
+        assert latest["Qualifier"] == "$LATEST", name
+        assert latest["MaximumRetryAttempts"] == fns[name]["EventInvokeConfig"]["MaximumRetryAttempts"], name
     for name, properties in fns.items():  # the others are invoked synchronously (API, custom resource)
         if name not in ("RefreshFunction", "ScoreFunction", "RetentionFunction"):
             assert "EventInvokeConfig" not in properties and not latest_invoke_configs(resources, name), name
@@ -643,3 +650,27 @@ def test_every_function_logs_in_lambdas_json_format_at_the_log_level(template):
     levels = {name: row["Level"] for name, row in template["Mappings"]["LambdaLogLevels"].items()}
     assert set(levels) == set(template["Parameters"]["LogLevel"]["AllowedValues"])
     assert levels["WARNING"] == "WARN"  # Lambda's name for it
+
+
+def test_the_readme_lists_every_route_of_each_function(resources):
+    """What gets created listed 4 Symbols routes; the template has 6 (/models, /models/{timeframe} were missing)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### What gets created", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("  | ")}
+    for name, properties in functions(resources).items():
+        for _method, path in template_routes(properties):
+            assert re.search(rf"[` ]{re.escape(path)}`", rows[name.removesuffix("Function")]), (name, path)
+
+
+def test_the_runbook_re_invokes_a_failed_run_by_a_name_that_exists(resources):
+    """The runbook re-invoked `candlecast-dev-<function>`: only Refresh and Score have such a fixed name, so the
+    command failed for Retention. A literal name in it must be one the template fixes; else it is a variable."""
+    readme = (ROOT / "README.md").read_text()
+    runbook = readme.split("### Failed runs", 1)[1].split("\n### ", 1)[0]
+    fixed = {properties["FunctionName"]["Fn::Sub"].replace("${Stage}", "dev")
+             for properties in functions(resources).values() if "FunctionName" in properties}
+    names = re.findall(r"--function-name\s+(\S+)", runbook)
+    assert names
+    for name in names:
+        assert name.strip("\"'").startswith("$") or name in fixed, name
+    assert "requestContext.functionArn" in runbook
