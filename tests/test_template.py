@@ -442,17 +442,26 @@ T4G_MICRO_USABLE_CONNECTIONS = 75
 BATCH_CONNECTIONS = 5  # Retention 1, Refresh 2, Score 1, Migrate 1 (README, Connection budget)
 
 
-def test_scheduled_batch_functions_run_one_at_a_time(resources):
+def test_scheduled_batch_functions_run_one_at_a_time(template, resources):
     """Overlapping Score runs (the hourly one, one per refresh chunk that added candles, their continuations) each
     scanned the whole due set: 3 at once took 55 s each, against 31.6 s for one alone, and held 3 connections.
-    Reserved concurrency 1 queues an asynchronous invoke that finds the function busy (Lambda retries it)."""
+    Reserved concurrency 1 queues an asynchronous invoke that finds the function busy (Lambda retries it).
+    The reservation follows the API functions' pattern (README, Connection budget: "0 leaves it unreserved"), with
+    1 as its default; it was hard-coded, so an account that could not spare it could not deploy."""
     fns = functions(resources)
     for name in ("ScoreFunction", "RetentionFunction"):
-        assert fns[name]["ReservedConcurrentExecutions"] == 1, name
+        prefix = name.removesuffix("Function")
+        condition, reserved, unreserved = fns[name]["ReservedConcurrentExecutions"]["Fn::If"]
+        assert (reserved, unreserved) == ({"Ref": f"{prefix}ReservedConcurrency"}, {"Ref": "AWS::NoValue"}), name
+        assert template["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [reserved, 0]}]}, name
+        parameter = template["Parameters"][f"{prefix}ReservedConcurrency"]
+        assert (parameter["Default"], parameter["MinValue"]) == (1, 0), name
 
 
-def test_the_default_reservations_fit_a_db_t4g_micro_with_room_for_operators():
+def test_the_default_reservations_fit_a_db_t4g_micro_with_room_for_operators(template):
     api = sum(item.reserved for item in _budgets().values())
+    scheduled = sum(template["Parameters"][f"{name}ReservedConcurrency"]["Default"] for name in ("Score", "Retention"))
+    assert scheduled + 3 == BATCH_CONNECTIONS  # + Refresh's 2 and Migrate's 1
     assert api + BATCH_CONNECTIONS <= T4G_MICRO_USABLE_CONNECTIONS - 5, api
 
 
