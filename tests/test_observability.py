@@ -178,3 +178,22 @@ def test_a_retention_run_that_dies_logs_one_structured_error_before_it_raises(mo
         handler({}, LambdaContext("retention", timeout_seconds=300))
     (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert record.getMessage() == "retention failed" and record.exc_info[0] is RuntimeError
+
+
+# ---------------------------------------------------------------- one line per cause
+def test_a_database_that_refuses_connections_is_logged_once_not_once_per_layer_and_request(new_container, caplog):
+    """With PostgreSQL down the first request logged 'database down', 'database pool timeout' and 'request failed'
+    (three lines for one cause), and every later request another 'request failed'."""
+    from infra.local_stack import free_port
+    from tests.conftest import reset_clients
+
+    new_container.setenv("DATABASE_URL", f"postgresql://candlecast@127.0.0.1:{free_port()}/candlecast")
+    reset_clients()
+    event = path_event("prediction_get.json", "/predictions/00000000-0000-4000-8000-000000000000",
+                       id="00000000-0000-4000-8000-000000000000")
+    with caplog.at_level(logging.WARNING):
+        statuses = [invoke("predictions_get", event)[0] for _ in range(4)]
+    assert statuses == [503] * 4
+    lines = [record.getMessage() for record in caplog.records
+             if record.levelno >= logging.WARNING and "candlecast" in record.name]  # service_undefined.candlecast.db
+    assert len(lines) == 1 and lines[0].startswith("database down"), lines

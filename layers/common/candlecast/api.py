@@ -152,7 +152,7 @@ def create_resolver(validation: bool = True) -> APIGatewayHttpResolver:
 
     @app.exception_handler(CandlecastError)
     def _domain_error(error: CandlecastError) -> Response:
-        if error.status >= 500:
+        if error.status >= 500 and not error.logged:  # one line per cause: a logged cause is not logged again
             logger.warning("request failed", extra={"code": error.code, "error": error.message})
         return error_response(error.status, error.code, error.message, retry_after(error))
 

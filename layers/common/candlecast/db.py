@@ -100,9 +100,9 @@ def failure_cause(error: BaseException) -> dict[str, str | None]:
     return {"error": type(error).__name__, "sqlstate": sqlstate, "reason": reason}
 
 
-def _database_failed(error: Exception) -> None:
-    """A connection attempt, or a request's use of the database, failed: an outage begins (logged once, with its
-    cause), or, when this was the try after a pause, the next pause is twice as long."""
+def _database_failed(error: Exception, during: str | None = None) -> None:
+    """A connection attempt, or a request's use of the database (`during`: what failed), failed: an outage begins
+    (logged once, with its cause), or, when this was the try after a pause, the next pause is twice as long."""
     global _outage
     now = time.monotonic()
     with _outage_lock:
@@ -114,7 +114,7 @@ def _database_failed(error: Exception) -> None:
             outage.retry_at = now + outage.pause
     if outage is None:  # its cause, classified: the server's and libpq's text names hosts and users
         logger.warning("database down: requests answer 503 at once until a connection succeeds",
-                       extra=failure_cause(error))
+                       extra={**failure_cause(error), **({"during": during} if during else {})})
 
 
 def _database_answered() -> None:
@@ -350,11 +350,19 @@ def longest_wait(settings: DatabaseSettings) -> float:
                settings.db_statement_timeout + WATCHDOG_MARGIN_SECONDS + WATCHDOG_TICK_SECONDS)
 
 
+def _logged(error: DatabaseUnavailable) -> DatabaseUnavailable:
+    """`error`, marked as one whose cause is in the log already (the API logs no second line for it)."""
+    error.logged = True
+    return error
+
+
 def _unavailable(error: Exception, what: str) -> DatabaseUnavailable:
-    _database_failed(error)
-    logger.warning(what, extra={"error": type(error).__name__})
+    """The 503 for a failed connection or request. Its cause is logged once per outage, by _database_failed (with
+    `what` when a request saw it first): a line per request, or per failed retry, repeated the same cause (the
+    audit's first request logged 'database down', 'database pool timeout' and 'request failed')."""
+    _database_failed(error, what)
     _reread_credentials()  # a rotated password: a new pool, and no fail-fast pause
-    return DatabaseUnavailable("the database is unavailable; try again shortly")
+    return _logged(DatabaseUnavailable("the database is unavailable; try again shortly"))
 
 
 # Credentials from Secrets Manager are read again at most this often while connecting fails.
@@ -453,8 +461,8 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
     which also raises the server's statement_timeout for the block.
     """
     budget = budget if budget is not None else _batch_budget.get()
-    if budget is None and _failing_fast():
-        raise DatabaseUnavailable("the database is unavailable; try again shortly")
+    if budget is None and _failing_fast():  # the outage's cause was logged when it began
+        raise _logged(DatabaseUnavailable("the database is unavailable; try again shortly"))
     try:
         with _checked_out(budget) as conn:
             if budget is None:
@@ -468,16 +476,17 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
                         conn.execute("RESET statement_timeout")
     except _PoolExhausted as error:  # the database is fine (no fail-fast pause), this container is busy
         logger.warning("database pool exhausted: every connection is in use")
-        raise DatabaseUnavailable("every database connection is busy; try again shortly") from error.__cause__
+        raise _logged(DatabaseUnavailable("every database connection is busy; try again shortly")) from error.__cause__
     except PoolTimeout as error:
         raise _unavailable(error, "database pool timeout") from error
     except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as error:  # statement_timeout (57014)
         # or lock_timeout (55P03, an OperationalError): the server answered, so no fail-fast pause
         logger.warning("database statement timed out", extra={"sqlstate": error.sqlstate})
-        raise DatabaseUnavailable("the database did not answer in time; try again shortly") from error
+        raise _logged(DatabaseUnavailable("the database did not answer in time; try again shortly")) from error
     except psycopg.errors.ReadOnlySqlTransaction as error:  # it answers (reads work): no fail-fast pause
         logger.warning("database is read-only (a failover, or a standby); the session is dropped")
-        raise DatabaseUnavailable("the database does not accept writes at the moment; try again shortly") from error
+        raise _logged(DatabaseUnavailable("the database does not accept writes at the moment; try again shortly")) \
+            from error
     except ConnectionFailed as error:  # the connection attempt this request waited for
         raise _unavailable(error, "database connection failed") from error
     except psycopg.OperationalError as error:
