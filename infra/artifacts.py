@@ -355,7 +355,13 @@ class TcpToUnixSocket:
             except OSError:
                 return
             upstream = socket.socket(socket.AF_UNIX)
-            upstream.connect(self.socket_path)
+            try:
+                upstream.connect(self.socket_path)
+            except OSError:  # PostgreSQL stopped (no socket file) or refusing: this client sees its connection
+                # closed, as it would from a stopped server, and the next one is tried again when it comes
+                upstream.close()
+                client.close()
+                continue
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 

@@ -137,3 +137,32 @@ def test_bench_prints_the_issue_targets_beside_the_functions_they_concern():
     folders = {f.folder for f in artifacts.template_functions(load_template(ROOT / "template.yaml"))}
     assert set(artifacts.COLD_TARGETS) <= folders
     assert {"health", "symbols", "predictions_get", "predictions_create", "migrate"} <= set(artifacts.COLD_TARGETS)
+
+
+def test_the_database_forwarder_survives_an_upstream_that_is_gone(tmp_path):
+    """TcpToUnixSocket's accept loop died on the first connection whose unix socket was missing (PostgreSQL
+    stopped): every later connection, after PostgreSQL was back, was accepted by the kernel and never answered."""
+    import socket
+    import threading
+
+    path = str(tmp_path / "upstream.sock")
+    proxy = artifacts.TcpToUnixSocket(path)
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=2) as first:  # nothing at `path` yet
+            assert first.recv(1) == b""  # closed, as by a stopped server
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path)
+        server.listen()
+
+        def echo_once():
+            connection, _ = server.accept()
+            with connection:
+                connection.sendall(connection.recv(16))
+
+        threading.Thread(target=echo_once, daemon=True).start()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=2) as second:
+            second.sendall(b"ping")
+            assert second.recv(16) == b"ping"
+        server.close()
+    finally:
+        proxy.close()

@@ -319,3 +319,41 @@ def test_no_migrations_answers_failed_naming_the_folder(migrate_app, recorder, f
     answer = recorder.captured[-1]
     assert answer["Status"] == result["Status"] == "FAILED"
     assert str(folder) in answer["Reason"] and "MigrationError" in answer["Reason"]
+
+
+def test_a_database_that_accepts_and_never_answers_fails_the_connection_within_the_connect_timeout(monkeypatch):
+    """migrate's connection had no connect_timeout: a server that accepted the TCP connection and never answered
+    held it until the kernel gave up (the custom resource answered FAILED after 130 s in the audit)."""
+    import threading
+
+    from candlecast import migrate
+
+    monkeypatch.setattr(migrate, "CONNECT_TIMEOUT_SECONDS", 2, raising=False)  # libpq's least; the function's is 10 s
+    silent = SilentServer()
+    outcome = {}
+
+    def connect():
+        started = time.monotonic()
+        try:
+            migrate.connect(f"postgresql://nobody:secret@127.0.0.1:{silent.port}/candlecast")
+        except psycopg.OperationalError as error:
+            outcome["error"] = error
+        outcome["seconds"] = time.monotonic() - started
+
+    worker = threading.Thread(target=connect, daemon=True)
+    try:
+        worker.start()
+        worker.join(8)
+    finally:
+        silent.close()
+    assert not worker.is_alive() and "error" in outcome, "still connecting after 8 s"
+    assert outcome["seconds"] < 5, outcome
+
+
+def test_the_connect_timeout_is_ten_seconds_or_what_is_left_before_the_deadline():
+    from candlecast import migrate
+
+    assert migrate.connect_timeout_seconds() == migrate.CONNECT_TIMEOUT_SECONDS == 10
+    assert migrate.connect_timeout_seconds(migrate.Deadline(6.5)) == 6
+    assert migrate.connect_timeout_seconds(migrate.Deadline(0.5)) == 2  # libpq's least
+    assert migrate.connect_timeout_seconds(migrate.Deadline(None)) == 10

@@ -276,6 +276,13 @@ def test_failed_asynchronous_runs_go_to_an_encrypted_queue_that_an_alarm_watches
         for latest in latest_invoke_configs(resources, name):
             assert latest["DestinationConfig"] == {"OnFailure": {"Destination": queue}}, name
     assert fns["RetentionFunction"]["EventInvokeConfig"]["MaximumRetryAttempts"] == 2  # idempotent: retried
+    # Each is configured on $LATEST too: an invocation by name (Refresh starting Score, an operator re-invoking a
+    # failed run as the README says) runs $LATEST, which the alias's configuration does not cover. Retention had
+    # none, so a re-invoke that failed again reached no queue.
+    for name in ("RefreshFunction", "ScoreFunction", "RetentionFunction"):
+        (latest,) = latest_invoke_configs(resources, name)
+        assert latest["Qualifier"] == "$LATEST", name
+        assert latest["MaximumRetryAttempts"] == fns[name]["EventInvokeConfig"]["MaximumRetryAttempts"], name
     for name, properties in fns.items():  # the others are invoked synchronously (API, custom resource)
         if name not in ("RefreshFunction", "ScoreFunction", "RetentionFunction"):
             assert "EventInvokeConfig" not in properties and not latest_invoke_configs(resources, name), name
@@ -284,8 +291,18 @@ def test_failed_asynchronous_runs_go_to_an_encrypted_queue_that_an_alarm_watches
     assert queue_properties["KmsMasterKeyId"] == "alias/aws/sqs"
     assert queue_properties["MessageRetentionPeriod"] == 14 * 24 * 3600
     alarm = resources["FailedRunsAlarm"]["Properties"]
-    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
-    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["FailedRunsQueue", "QueueName"]}}]
+    # Visible + NotVisible: the runbook's receive-message hides a message for its visibility timeout, and an alarm on
+    # Visible alone cleared then, while the failed run was still unhandled (it is until the message is deleted).
+    queries = {query["Id"]: query for query in alarm["Metrics"]}
+    (total,) = [query for query in queries.values() if query.get("ReturnData")]
+    stats = {query["MetricStat"]["Metric"]["MetricName"]: (query["Id"], query["MetricStat"])
+             for query in queries.values() if "MetricStat" in query}
+    assert set(stats) == {"ApproximateNumberOfMessagesVisible", "ApproximateNumberOfMessagesNotVisible"}
+    assert sorted(total["Expression"].replace(" ", "").split("+")) == sorted(query_id for query_id, _ in stats.values())
+    for _query_id, stat in stats.values():
+        assert (stat["Metric"]["Namespace"], stat["Stat"]) == ("AWS/SQS", "Maximum")
+        assert stat["Metric"]["Dimensions"] == [
+            {"Name": "QueueName", "Value": {"Fn::GetAtt": ["FailedRunsQueue", "QueueName"]}}]
     assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
     notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
     assert alarm["AlarmActions"] == alarm["OKActions"] == notify
@@ -425,17 +442,26 @@ T4G_MICRO_USABLE_CONNECTIONS = 75
 BATCH_CONNECTIONS = 5  # Retention 1, Refresh 2, Score 1, Migrate 1 (README, Connection budget)
 
 
-def test_scheduled_batch_functions_run_one_at_a_time(resources):
+def test_scheduled_batch_functions_run_one_at_a_time(template, resources):
     """Overlapping Score runs (the hourly one, one per refresh chunk that added candles, their continuations) each
     scanned the whole due set: 3 at once took 55 s each, against 31.6 s for one alone, and held 3 connections.
-    Reserved concurrency 1 queues an asynchronous invoke that finds the function busy (Lambda retries it)."""
+    Reserved concurrency 1 queues an asynchronous invoke that finds the function busy (Lambda retries it).
+    The reservation follows the API functions' pattern (README, Connection budget: "0 leaves it unreserved"), with
+    1 as its default; it was hard-coded, so an account that could not spare it could not deploy."""
     fns = functions(resources)
     for name in ("ScoreFunction", "RetentionFunction"):
-        assert fns[name]["ReservedConcurrentExecutions"] == 1, name
+        prefix = name.removesuffix("Function")
+        condition, reserved, unreserved = fns[name]["ReservedConcurrentExecutions"]["Fn::If"]
+        assert (reserved, unreserved) == ({"Ref": f"{prefix}ReservedConcurrency"}, {"Ref": "AWS::NoValue"}), name
+        assert template["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [reserved, 0]}]}, name
+        parameter = template["Parameters"][f"{prefix}ReservedConcurrency"]
+        assert (parameter["Default"], parameter["MinValue"]) == (1, 0), name
 
 
-def test_the_default_reservations_fit_a_db_t4g_micro_with_room_for_operators():
+def test_the_default_reservations_fit_a_db_t4g_micro_with_room_for_operators(template):
     api = sum(item.reserved for item in _budgets().values())
+    scheduled = sum(template["Parameters"][f"{name}ReservedConcurrency"]["Default"] for name in ("Score", "Retention"))
+    assert scheduled + 3 == BATCH_CONNECTIONS  # + Refresh's 2 and Migrate's 1
     assert api + BATCH_CONNECTIONS <= T4G_MICRO_USABLE_CONNECTIONS - 5, api
 
 
@@ -576,3 +602,84 @@ def test_the_secrets_extension_is_an_optional_layer_with_its_port(template):
         template["Globals"]["Function"]["Layers"]
     variables = template["Globals"]["Function"]["Environment"]["Variables"]
     assert variables["PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"] == {"Fn::If": ["SecretsExtensionOn", "2773", ""]}
+
+
+API_ALARMS = ("Api5xxAlarm", "ApiFunctionErrorsAlarm", "ApiFunctionThrottlesAlarm")
+
+
+def test_an_api_outage_raises_an_alarm_on_the_alarm_topic(template, resources):
+    """Only failed scheduled runs had an alarm: the API answering nothing but 503s (the database down) or 500s
+    (functions failing or throttled) reached nobody. The API's 5xx, and the four API functions' Lambda Errors and
+    Throttles, now each have an alarm that notifies AlarmTopicArn as FailedRunsAlarm does."""
+    notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    for name in API_ALARMS:
+        alarm = resources[name]["Properties"]
+        assert resources[name]["Type"] == "AWS::CloudWatch::Alarm", name
+        assert alarm["AlarmActions"] == alarm["OKActions"] == notify, name
+        assert alarm["TreatMissingData"] == "notBreaching", name
+        assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold" and alarm["Threshold"] >= 1, name
+        assert alarm["AlarmName"]["Fn::Sub"].startswith("candlecast-${Stage}-"), name
+    api = resources["Api5xxAlarm"]["Properties"]
+    assert (api["Namespace"], api["MetricName"], api["Statistic"]) == ("AWS/ApiGateway", "5xx", "Sum")
+    assert api["Dimensions"] == [{"Name": "ApiId", "Value": {"Ref": "HttpApi"}}]
+    for name, metric in (("ApiFunctionErrorsAlarm", "Errors"), ("ApiFunctionThrottlesAlarm", "Throttles")):
+        queries = resources[name]["Properties"]["Metrics"]
+        (total,) = [query for query in queries if query.get("ReturnData")]
+        stats = [query["MetricStat"] for query in queries if "MetricStat" in query]
+        assert total["Expression"] == f"SUM([{', '.join(query['Id'] for query in queries if 'MetricStat' in query)}])"
+        assert {(stat["Metric"]["Namespace"], stat["Metric"]["MetricName"], stat["Stat"]) for stat in stats} == {
+            ("AWS/Lambda", metric, "Sum")}, name
+        assert sorted(stat["Metric"]["Dimensions"][0]["Value"]["Ref"] for stat in stats) == sorted(API_FUNCTIONS)
+        assert all(stat["Metric"]["Dimensions"][0]["Name"] == "FunctionName" for stat in stats)
+
+
+def test_the_readme_names_every_alarm_of_the_template(resources):
+    readme = (ROOT / "README.md").read_text()
+    for name, resource in resources.items():
+        if resource["Type"] == "AWS::CloudWatch::Alarm":
+            assert f"**{name}**" in readme, name
+
+
+def test_the_access_log_joins_api_gateways_request_id_with_the_lambda_invocations():
+    """The access log had only API Gateway's requestId (the functions' correlation_id); with the invocation's id
+    beside it, a line of it leads to the function's REPORT line and its logs either way."""
+    api = template_checks.load_template()["Resources"]["HttpApi"]["Properties"]
+    fields = json.loads(api["AccessLogSettings"]["Format"])
+    assert fields["requestId"] == "$context.requestId"
+    assert fields["lambdaRequestId"] == "$context.integration.requestId"
+
+
+def test_every_function_logs_in_lambdas_json_format_at_the_log_level(template):
+    """In Lambda's text format a function that died (an uncaught error, a timeout) wrote its traceback as plain
+    text: no level to filter an ERROR by. Lambda's JSON format writes it as a JSON record with "level": "ERROR";
+    Powertools' JSON lines are passed on as they are, and take Lambda's application level as theirs."""
+    logging_config = template["Globals"]["Function"]["LoggingConfig"]
+    assert logging_config["LogFormat"] == "JSON"
+    assert logging_config["ApplicationLogLevel"] == {"Fn::FindInMap": ["LambdaLogLevels", {"Ref": "LogLevel"}, "Level"]}
+    levels = {name: row["Level"] for name, row in template["Mappings"]["LambdaLogLevels"].items()}
+    assert set(levels) == set(template["Parameters"]["LogLevel"]["AllowedValues"])
+    assert levels["WARNING"] == "WARN"  # Lambda's name for it
+
+
+def test_the_readme_lists_every_route_of_each_function(resources):
+    """What gets created listed 4 Symbols routes; the template has 6 (/models, /models/{timeframe} were missing)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### What gets created", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("  | ")}
+    for name, properties in functions(resources).items():
+        for _method, path in template_routes(properties):
+            assert re.search(rf"[` ]{re.escape(path)}`", rows[name.removesuffix("Function")]), (name, path)
+
+
+def test_the_runbook_re_invokes_a_failed_run_by_a_name_that_exists(resources):
+    """The runbook re-invoked `candlecast-dev-<function>`: only Refresh and Score have such a fixed name, so the
+    command failed for Retention. A literal name in it must be one the template fixes; else it is a variable."""
+    readme = (ROOT / "README.md").read_text()
+    runbook = readme.split("### Failed runs", 1)[1].split("\n### ", 1)[0]
+    fixed = {properties["FunctionName"]["Fn::Sub"].replace("${Stage}", "dev")
+             for properties in functions(resources).values() if "FunctionName" in properties}
+    names = re.findall(r"--function-name\s+(\S+)", runbook)
+    assert names
+    for name in names:
+        assert name.strip("\"'").startswith("$") or name in fixed, name
+    assert "requestContext.functionArn" in runbook

@@ -21,6 +21,6 @@ def get_health():
     return json_response(body, status_code, {"Retry-After": "1"} if status_code == 503 else None)
 
 
-lambda_handler = lambda_handler_for(app)
+lambda_handler = lambda_handler_for(app, "health")
 
 startup.done()  # the function is loaded: freeze it and collect again

@@ -43,6 +43,6 @@ def create_prediction(
     return json_response(result.body, 200, {"X-Cache": "HIT"})
 
 
-lambda_handler = lambda_handler_for(app)
+lambda_handler = lambda_handler_for(app, "predictions_create")
 
 startup.done()  # the function is loaded: freeze it and collect again

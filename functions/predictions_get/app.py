@@ -31,6 +31,6 @@ def get_prediction(id: Annotated[str, Path(description="the prediction's UUID", 
     return json_response(body, 200, {"X-Cache": "HIT" if from_cache else "MISS"})
 
 
-lambda_handler = lambda_handler_for(app)
+lambda_handler = lambda_handler_for(app, "predictions_get")
 
 startup.done()  # the function is loaded: freeze it and collect again

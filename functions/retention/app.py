@@ -7,19 +7,26 @@ startup.begin()  # no garbage collection while the function's modules load
 from aws_lambda_powertools import Logger
 
 from candlecast import redaction
+from candlecast.invoke import budget_seconds
 from candlecast.services import retention
 
 logger = Logger()
 redaction.install(logger)
 
-MARGIN_SECONDS = 30.0  # one batch in flight, plus the report
+REPORT_SECONDS = 30.0  # after the batch in flight and its statement (invoke.stop_margin_seconds): the report
 LOCAL_BUDGET_SECONDS = 600.0
 
 
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event, context):
-    remaining_ms = context.get_remaining_time_in_millis() if context is not None else LOCAL_BUDGET_SECONDS * 1000
-    report = retention.run(remaining_ms / 1000 - MARGIN_SECONDS)
+    try:
+        report = retention.run(budget_seconds(context, REPORT_SECONDS, LOCAL_BUDGET_SECONDS))
+    except Exception as error:  # one structured ERROR line (redacted), then Lambda's retry and failed-runs queue
+        logger.exception("retention failed", extra={"error": type(error).__name__})
+        leaving = redaction.leaving(error)
+        if leaving is error:
+            raise
+        raise leaving from None
     logger.info("retention done", extra=report)
     return report
 

@@ -18,13 +18,13 @@ from candlecast.services import scoring
 logger = Logger()
 redaction.install(logger)
 
-MARGIN_SECONDS = 30.0
+REPORT_SECONDS = 30.0  # after the statement in flight (invoke.stop_margin_seconds): record, report, hand on
 LOCAL_BUDGET_SECONDS = 600.0
 
 
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event, context):
-    report = run_chunk(event, context, scoring.scheduled_run, MARGIN_SECONDS, LOCAL_BUDGET_SECONDS)
+    report = run_chunk(event, context, scoring.scheduled_run, REPORT_SECONDS, LOCAL_BUDGET_SECONDS)
     logger.info("score chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report
 

@@ -89,6 +89,6 @@ def get_model(timeframe: Annotated[Timeframe, Path(description="1h, 4h, 1d, 1w o
     return json_response(track_record.one_timeframe(timeframe))
 
 
-lambda_handler = lambda_handler_for(app)
+lambda_handler = lambda_handler_for(app, "symbols")
 
 startup.done()  # the function is loaded: freeze it and collect again

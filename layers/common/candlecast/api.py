@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, unquote
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestUnsupportedContentType, RequestValidationError
+from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -151,7 +152,7 @@ def create_resolver(validation: bool = True) -> APIGatewayHttpResolver:
 
     @app.exception_handler(CandlecastError)
     def _domain_error(error: CandlecastError) -> Response:
-        if error.status >= 500:
+        if error.status >= 500 and not error.logged:  # one line per cause: a logged cause is not logged again
             logger.warning("request failed", extra={"code": error.code, "error": error.message})
         return error_response(error.status, error.code, error.message, retry_after(error))
 
@@ -237,11 +238,24 @@ def _error_result(error: CandlecastError) -> dict:
     }
 
 
-def lambda_handler_for(app: APIGatewayHttpResolver) -> Callable[[dict, LambdaContext], dict]:
+def metric_dimensions(function: str) -> dict[str, str]:
+    """The dimensions of every metric an HTTP function emits (besides `service`): its stage and which function,
+    so dev and prod, and one function and another, are not summed together. Both are few (README, Alarms)."""
+    return {"stage": get_settings().stage, "function": function}
+
+
+def lambda_handler_for(app: APIGatewayHttpResolver, function: str) -> Callable[[dict, LambdaContext], dict]:
+    """The Lambda handler of the HTTP function `function` (its folder under functions/, e.g. "health")."""
     snapstart.register()  # SnapStart hooks; never called unless the SnapStart parameter is on
-    @logger.inject_lambda_context(clear_state=True)
+    dimensions = metric_dimensions(function)
+    # Every line a request logs carries API Gateway's request id (correlation_id), which its access log has too
+    # (requestId, with lambdaRequestId, this invocation's id, beside it).
+    @logger.inject_lambda_context(clear_state=True, correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
     @metrics.log_metrics(capture_cold_start_metric=not is_metrics_disabled())  # single_metric ignores the flag
     def lambda_handler(event: dict, context: LambdaContext) -> dict:
+        # Per invocation: Powertools keeps one set of default dimensions per process, which a local run shares
+        # between functions.
+        metrics.set_default_dimensions(**dimensions)
         refused = _refused_body(event)
         response = _error_result(refused) if refused else app.resolve(event, context)
         headers = response.setdefault("headers", {})

@@ -67,9 +67,42 @@ _outage: _Outage | None = None
 _outage_lock = threading.Lock()
 
 
-def _database_failed(error: Exception) -> None:
-    """A connection attempt, or a request's use of the database, failed: an outage begins (logged once, with its
-    cause), or, when this was the try after a pause, the next pause is twice as long."""
+# What libpq's and the server's text says about why a connection failed, most specific first. The text itself is
+# never logged (it names hosts, users and databases); the reason and the SQLSTATE are.
+_REASONS = (
+    ("server", ("the database system is", "too many connections", "remaining connection slots")),
+    ("authentication", ("password authentication failed", "authentication failed", "no pg_hba.conf entry",
+                        "role ", "password", "permission denied", "sasl", "scram")),
+    ("config", ("database ", "invalid connection option", "invalid dsn", "invalid sslmode", "invalid port",
+                "invalid integer value", "missing \"=\"")),
+    ("timeout", ("timeout expired", "timed out", "timeout")),
+    ("network", ("connection refused", "could not translate host name", "name or service not known",
+                 "no route to host", "network is unreachable", "server closed the connection", "connection reset",
+                 "could not connect", "is the server running", "ssl", "eof", "broken pipe",
+                 "consuming input failed", "connection is lost", "closed")),
+)
+_SQLSTATE_REASONS = {"28": "authentication", "3D": "config", "08": "network", "57": "server", "53": "server"}
+
+
+def failure_cause(error: BaseException) -> dict[str, str | None]:
+    """Why the database failed, fit for a log line: the error's class, its SQLSTATE and a reason (authentication,
+    config, timeout, network, server or unknown), never its text. A connection the server refused has no
+    SQLSTATE in psycopg (libpq's message only): its text is classified, and dropped."""
+    if isinstance(error, ConnectionFailed) and error.__cause__ is not None:  # the attempt's own error
+        return failure_cause(error.__cause__)
+    sqlstate = getattr(error, "sqlstate", None)
+    reason = _SQLSTATE_REASONS.get((sqlstate or "")[:2])
+    if reason is None and isinstance(error, PoolTimeout | psycopg.errors.ConnectionTimeout | TimeoutError):
+        reason = "timeout"
+    if reason is None:
+        text = str(error).lower()
+        reason = next((name for name, marks in _REASONS if any(mark in text for mark in marks)), "unknown")
+    return {"error": type(error).__name__, "sqlstate": sqlstate, "reason": reason}
+
+
+def _database_failed(error: Exception, during: str | None = None) -> None:
+    """A connection attempt, or a request's use of the database (`during`: what failed), failed: an outage begins
+    (logged once, with its cause), or, when this was the try after a pause, the next pause is twice as long."""
     global _outage
     now = time.monotonic()
     with _outage_lock:
@@ -79,9 +112,9 @@ def _database_failed(error: Exception) -> None:
         elif now >= outage.retry_at:
             outage.pause = min(outage.pause * 2, FAIL_FAST_MAX_SECONDS)
             outage.retry_at = now + outage.pause
-    if outage is None:  # the class and SQLSTATE only: the server's and libpq's text names hosts and users
+    if outage is None:  # its cause, classified: the server's and libpq's text names hosts and users
         logger.warning("database down: requests answer 503 at once until a connection succeeds",
-                       extra={"error": type(error).__name__, "sqlstate": getattr(error, "sqlstate", None)})
+                       extra={**failure_cause(error), **({"during": during} if during else {})})
 
 
 def _database_answered() -> None:
@@ -105,7 +138,7 @@ def _failing_fast() -> bool:
     return pool is None or pool.get_stats()["pool_available"] == 0
 
 
-def _fail_waiting_requests() -> None:
+def _fail_waiting_requests(cause: Exception) -> None:
     """psycopg_pool lets a request wait for a connection attempt that has already failed until its own timeout
     (the pool retries on its own schedule): tell the waiting requests at once instead. The pool has no public call
     for this; its queue of waiting clients (`_waiting`, each with `fail()`) is used as psycopg_pool 3.3 has it
@@ -117,7 +150,9 @@ def _fail_waiting_requests() -> None:
     with pool._lock:
         clients = list(waiting)
     for client in clients:
-        client.fail(ConnectionFailed("the connection attempt failed"))
+        failure = ConnectionFailed("the connection attempt failed")
+        failure.__cause__ = cause
+        client.fail(failure)
 
 
 class _PoolConnection(psycopg.Connection):
@@ -130,7 +165,7 @@ class _PoolConnection(psycopg.Connection):
             conn = super().connect(*args, **kwargs)
         except psycopg.Error as error:
             _database_failed(error)
-            _fail_waiting_requests()
+            _fail_waiting_requests(error)
             raise
         _database_answered()
         return conn
@@ -315,11 +350,19 @@ def longest_wait(settings: DatabaseSettings) -> float:
                settings.db_statement_timeout + WATCHDOG_MARGIN_SECONDS + WATCHDOG_TICK_SECONDS)
 
 
+def _logged(error: DatabaseUnavailable) -> DatabaseUnavailable:
+    """`error`, marked as one whose cause is in the log already (the API logs no second line for it)."""
+    error.logged = True
+    return error
+
+
 def _unavailable(error: Exception, what: str) -> DatabaseUnavailable:
-    _database_failed(error)
-    logger.warning(what, extra={"error": type(error).__name__})
+    """The 503 for a failed connection or request. Its cause is logged once per outage, by _database_failed (with
+    `what` when a request saw it first): a line per request, or per failed retry, repeated the same cause (the
+    audit's first request logged 'database down', 'database pool timeout' and 'request failed')."""
+    _database_failed(error, what)
     _reread_credentials()  # a rotated password: a new pool, and no fail-fast pause
-    return DatabaseUnavailable("the database is unavailable; try again shortly")
+    return _logged(DatabaseUnavailable("the database is unavailable; try again shortly"))
 
 
 # Credentials from Secrets Manager are read again at most this often while connecting fails.
@@ -418,8 +461,8 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
     which also raises the server's statement_timeout for the block.
     """
     budget = budget if budget is not None else _batch_budget.get()
-    if budget is None and _failing_fast():
-        raise DatabaseUnavailable("the database is unavailable; try again shortly")
+    if budget is None and _failing_fast():  # the outage's cause was logged when it began
+        raise _logged(DatabaseUnavailable("the database is unavailable; try again shortly"))
     try:
         with _checked_out(budget) as conn:
             if budget is None:
@@ -433,16 +476,17 @@ def connection(budget: float | None = None) -> Iterator[psycopg.Connection]:
                         conn.execute("RESET statement_timeout")
     except _PoolExhausted as error:  # the database is fine (no fail-fast pause), this container is busy
         logger.warning("database pool exhausted: every connection is in use")
-        raise DatabaseUnavailable("every database connection is busy; try again shortly") from error.__cause__
+        raise _logged(DatabaseUnavailable("every database connection is busy; try again shortly")) from error.__cause__
     except PoolTimeout as error:
         raise _unavailable(error, "database pool timeout") from error
     except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as error:  # statement_timeout (57014)
         # or lock_timeout (55P03, an OperationalError): the server answered, so no fail-fast pause
         logger.warning("database statement timed out", extra={"sqlstate": error.sqlstate})
-        raise DatabaseUnavailable("the database did not answer in time; try again shortly") from error
+        raise _logged(DatabaseUnavailable("the database did not answer in time; try again shortly")) from error
     except psycopg.errors.ReadOnlySqlTransaction as error:  # it answers (reads work): no fail-fast pause
         logger.warning("database is read-only (a failover, or a standby); the session is dropped")
-        raise DatabaseUnavailable("the database does not accept writes at the moment; try again shortly") from error
+        raise _logged(DatabaseUnavailable("the database does not accept writes at the moment; try again shortly")) \
+            from error
     except ConnectionFailed as error:  # the connection attempt this request waited for
         raise _unavailable(error, "database connection failed") from error
     except psycopg.OperationalError as error:

@@ -4,6 +4,9 @@
 class CandlecastError(Exception):
     status = 500
     code = "internal_error"
+    # True when whoever raised it has logged its cause already (the database's outage, a statement timeout): the
+    # API's error handler then logs no second line for the same cause.
+    logged = False
 
     def __init__(self, message: str, *, code: str | None = None):
         super().__init__(message)

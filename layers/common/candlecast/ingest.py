@@ -769,10 +769,11 @@ def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last
         client = polygon.get_client(interactive=True)  # its key's secret may be unreadable: served as stale
         if client is None or cache.get_upstream_failure(ticker, timeframe) is not None:
             return stored
-        newer = _fetch_remembering_failure(client, ticker, timeframe, start, now)
-    except CandlecastError as error:
+        newer = _fetch_remembering_failure(client, ticker, timeframe, start, now, log=False)
+    except CandlecastError as error:  # one line for the cause and what was done about it
         logger.warning("stale candles served", extra={"ticker": ticker, "timeframe": timeframe,
-                                                       "last_candle_at": last_open.isoformat(), "code": error.code})
+                                                       "last_candle_at": last_open.isoformat(), "code": error.code,
+                                                       "error": getattr(error, "upstream_error", error.message)})
         return stored
     candles = storage.merge_candles(stored, newer).tail(last_n)
     storage.cache_candles(ticker, timeframe, candles, last_n)
@@ -786,11 +787,13 @@ def _recent_start(timeframe: Timeframe, last_n: int, now: int) -> int:
 
 
 def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Timeframe, start: int,
-                               now: int) -> "Candles":
+                               now: int, *, log: bool = True) -> "Candles":
     """The closed `timeframe` candles of `ticker` opening at or after `start`, from its Polygon source bars.
 
     An empty answer is a NotFound; any failure is remembered for 30 s (`cache.set_upstream_failure`), so
-    anonymous clients cannot turn one failing symbol into a stream of calls, and raised in our words."""
+    anonymous clients cannot turn one failing symbol into a stream of calls, and raised in our words, with the
+    upstream's own message as `upstream_error`. Logged here unless `log` is False (a caller that logs the
+    failure with what it did about it: one line per cause)."""
     from candlecast.forecast.dataset import resample
 
     source = SOURCE_OF[timeframe]
@@ -800,13 +803,16 @@ def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Ti
         if len(candles) == 0:
             raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
     except CandlecastError as error:
-        logger.warning("upstream fetch failed", extra={"ticker": ticker, "timeframe": timeframe,
-                                                        "code": error.code, "error": error.message})
+        if log:
+            logger.warning("upstream fetch failed", extra={"ticker": ticker, "timeframe": timeframe,
+                                                            "code": error.code, "error": error.message})
         message = (f"Polygon has no recent {timeframe} candles for {ticker}" if error.status == 404 else
                    f"{timeframe} candles for {ticker} could not be fetched from Polygon; try again later")
         ttl = cache.set_upstream_failure(ticker, timeframe, error.status, error.code, message)
-        raise _failure_error({"status": error.status, "code": error.code, "message": message,
-                              "until": time.time() + ttl}) from None
+        failure = _failure_error({"status": error.status, "code": error.code, "message": message,
+                                  "until": time.time() + ttl})
+        failure.upstream_error = error.message
+        raise failure from None
     return candles
 
 

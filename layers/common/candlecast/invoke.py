@@ -3,8 +3,12 @@
 import json
 from collections.abc import Callable
 
+from aws_lambda_powertools import Logger
+
 from candlecast import redaction
 from candlecast.config import get_settings
+
+logger = Logger(child=True)
 
 
 def invoke_async(function_name: str, event: dict) -> None:
@@ -22,15 +26,33 @@ def continue_in_new_invocation(context, event: dict) -> bool:
     return True
 
 
-def run_chunk(event, context, work: Callable[[dict, float], dict], margin_seconds: float,
+def stop_margin_seconds(report_seconds: float) -> float:
+    """How long before its timeout a scheduled run stops starting new work: the statement in flight may still run
+    as long as it is allowed (DB_STATEMENT_TIMEOUT, 60 s for the batch functions, as the watchdog enforces it:
+    db.longest_wait), and then `report_seconds` are left to record, report and hand on the rest."""
+    from candlecast import db
+
+    return db.longest_wait(get_settings()) + report_seconds
+
+
+def budget_seconds(context, report_seconds: float, local_budget_seconds: float) -> float:
+    """The time a scheduled run may start new work in: the invocation's remaining time (`local_budget_seconds`
+    without a Lambda context) less stop_margin_seconds(report_seconds)."""
+    remaining_ms = context.get_remaining_time_in_millis() if context is not None else local_budget_seconds * 1000
+    return remaining_ms / 1000 - stop_margin_seconds(report_seconds)
+
+
+def run_chunk(event, context, work: Callable[[dict, float], dict], report_seconds: float,
               local_budget_seconds: float) -> dict:
     """One chunk of a long scheduled run: `work(event, budget_seconds)` returns a report whose `continuation`
     (if any) is handed to a new invocation. A schedule's own event means a run with the defaults."""
     event = event if isinstance(event, dict) and "detail-type" not in event else {}
-    remaining_ms = context.get_remaining_time_in_millis() if context is not None else local_budget_seconds * 1000
     try:
-        report = work(event, remaining_ms / 1000 - margin_seconds)
+        report = work(event, budget_seconds(context, report_seconds, local_budget_seconds))
     except Exception as error:
+        # One structured ERROR line with the traceback (redacted by the log filter) and the invocation's context;
+        # what Lambda's runtime writes for the uncaught error is its own, and outside Powertools' fields.
+        logger.exception("run failed", extra={"error": type(error).__name__, "event": redaction.redacted(event)})
         leaving = redaction.leaving(error)
         if leaving is error:
             raise

@@ -190,6 +190,22 @@ def server_options(deadline: Deadline | None = None) -> str:
             f"-c idle_session_timeout={int(IDLE_SESSION_SECONDS * 1000)}")
 
 
+# libpq waits this long for a connection, its handshake and authentication. Without it a server that accepts
+# the TCP connection and never answers (stopped, overloaded, a proxy with no backend) held the migration until
+# the kernel gave up: the custom resource answered FAILED after 130 s. The request pool allows 2 s (db.py); a
+# migration, run once per deploy, can wait a little longer for a busy server.
+CONNECT_TIMEOUT_SECONDS = 10
+MIN_CONNECT_TIMEOUT_SECONDS = 2  # libpq treats anything lower as 2
+
+
+def connect_timeout_seconds(deadline: Deadline | None = None) -> int:
+    """connect_timeout for a migration's connection: CONNECT_TIMEOUT_SECONDS, or less when the deadline is closer."""
+    remaining = deadline.remaining() if deadline is not None else None
+    if remaining is None:
+        return CONNECT_TIMEOUT_SECONDS
+    return max(MIN_CONNECT_TIMEOUT_SECONDS, min(CONNECT_TIMEOUT_SECONDS, int(remaining)))
+
+
 def _backend(conninfo: str, deadline: Deadline | None = None):
     """yoyo's psycopg 3 backend, connected with server_options, without finding the class among every
     installed distribution's entry points (a scan of sys.path: about a tenth of a cold start)."""
@@ -201,7 +217,8 @@ def _backend(conninfo: str, deadline: Deadline | None = None):
     given = conninfo_to_dict(conninfo)
     options = " ".join(filter(None, (str(given.get("options") or ""), server_options(deadline))))
     conninfo = make_conninfo(conninfo, options=options, application_name=given.get("application_name")
-                             or APPLICATION_NAME)
+                             or APPLICATION_NAME, connect_timeout=given.get("connect_timeout")
+                             or connect_timeout_seconds(deadline))
     return PostgresqlPsycopgBackend(parse_uri(yoyo_url(conninfo)), default_migration_table)
 
 

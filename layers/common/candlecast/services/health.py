@@ -5,6 +5,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from aws_lambda_powertools import Logger
+
 from candlecast import cache, db, storage
 from candlecast.drift import is_drifting
 from candlecast.errors import CandlecastError, ServiceUnavailable
@@ -12,6 +14,11 @@ from candlecast.repositories import models as model_repository
 from candlecast.repositories import scores as score_repository
 from candlecast.repositories import stats as stats_repository
 from candlecast.timeframes import TIMEFRAMES
+
+logger = Logger(child=True)
+# What the database check said when Health last answered 503 (None: it did not): a warning when that starts or its
+# reason changes, one line when it ends, not one per request.
+_down_with: str | None = None
 
 
 def _timed(check: Callable[[], object]) -> dict:
@@ -64,6 +71,7 @@ def check() -> tuple[int, bytes]:
         work = (("database", database), ("cache", _cache), ("storage", storage.check_bucket))
         futures = {name: pool.submit(_timed, check) for name, check in work}
     checks = {name: future.result() for name, future in futures.items()}
+    _log_transition(checks["database"])
     if checks["database"]["status"] == "down":
         status, code = "down", 503
     elif any(item["status"] == "down" for item in checks.values()):
@@ -85,3 +93,18 @@ def check() -> tuple[int, bytes]:
             drift[timeframe] = {"live_coverage_80": round(inside_80 / n, 4), "matured_steps": n}
             models[timeframe]["drift"] = True
     return code, json.dumps({"status": status, "checks": checks, "models": models, "drift": drift}).encode()
+
+
+def _log_transition(database: dict) -> None:
+    """A 503 from Health, and why: its database check's error is what the response body says (public, so free of
+    secrets; the class only for an unexpected error). db logs a connection failure's cause itself, once per outage;
+    a secret without `host`, say, never reaches db and was logged nowhere."""
+    global _down_with
+    if database["status"] == "down":
+        error = database.get("error", "down")
+        if error != _down_with:
+            logger.warning("health answers 503: the database check failed", extra={"error": error})
+        _down_with = error
+    elif _down_with is not None:
+        logger.info("health answers 200 again: the database check passed", extra={"was": _down_with})
+        _down_with = None
