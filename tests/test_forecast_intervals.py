@@ -224,3 +224,28 @@ def test_rescore_keeps_the_model_file_and_scores_only_origins_after_train_end(tm
         main(["rescore", "--timeframe", "1m", "--walk-forward", str(tmp_path / "other.npz"), "--manifest",
               str(out / "manifest.json"), "--data", str(data)])
     assert json.loads((out / "manifest.json").read_text())["1m"] == after
+
+    # Audit M: a walk-forward run on other candles (here one close changed; before, another resampling) is refused
+    # even where every method's pin5 still matches, and so is one saved without a candle fingerprint.
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for csv in data.iterdir():
+        (changed / csv.name).write_text(csv.read_text())
+    first = sorted(changed.iterdir())[0]
+    lines = first.read_text().splitlines()
+    fields = lines[5].split(",")
+    fields[4] = str(float(fields[4]) * 1.001)
+    lines[5] = ",".join(fields)
+    first.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match="run on other candles"):
+        main(["rescore", "--timeframe", "1m", "--walk-forward", str(saved), "--manifest",
+              str(out / "manifest.json"), "--data", str(changed)])
+    with np.load(saved) as stored:
+        unmarked = dict(stored)
+    about = json.loads(str(unmarked["about"]))
+    del about["candles"]
+    np.savez(tmp_path / "unmarked.npz", **(unmarked | {"about": np.array(json.dumps(about))}))
+    with pytest.raises(SystemExit, match="saved before candle fingerprints"):
+        main(["rescore", "--timeframe", "1m", "--walk-forward", str(tmp_path / "unmarked.npz"), "--manifest",
+              str(out / "manifest.json"), "--data", str(data)])
+    assert json.loads((out / "manifest.json").read_text())["1m"] == after

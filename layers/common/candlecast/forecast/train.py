@@ -6,6 +6,7 @@ Training pairs whose label candle reaches the calibration block are purged, cali
 reaches the test block too. Test metrics use only symbols (coins) that are never trained or calibrated on.
 """
 
+import hashlib
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from candlecast.candles import COLUMNS
 from candlecast.drift import ACCURACY_DEFINITION
 from candlecast.forecast import artifact
 from candlecast.forecast.dataset import load_timeframe, unused_files
@@ -916,8 +918,20 @@ def save_walk_forward(path: Path, timeframe: Timeframe, loaded: list, result: Wa
         arrays[f"q:{name}"], arrays[f"c:{name}"] = quantiles, confidence
     about = {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
              "names": series_names([series for series, _ in loaded]), "methods": list(methods),
+             "candles": candles_fingerprint(loaded),
              "results": {name: _headline(item) for name, item in result.results.items()}}
     np.savez(path, about=np.array(json.dumps(about, default=_json_default)), **arrays)
+
+
+def candles_fingerprint(loaded: list) -> str:
+    """sha256 of the candles as this code reads them (every series' pair and every column, after cleaning and
+    resampling): a saved walk-forward is rescored only with the candles it was run on, read the same way."""
+    digest = hashlib.sha256()
+    for series, candles in loaded:
+        digest.update(f"{series.place}/{series.pair}|{len(candles)}|".encode())
+        for column in COLUMNS:
+            digest.update(np.ascontiguousarray(getattr(candles, column)).tobytes())
+    return digest.hexdigest()
 
 
 def load_walk_forward(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -1103,6 +1117,12 @@ def rescore_timeframe(timeframe: Timeframe, walk_forward_file: Path, manifest_pa
     metrics = entry["metrics"]
     about, log_return, times, series, methods = load_walk_forward(walk_forward_file)
     kind = metrics["shipped"]
+    # Audit M: walk-forwards saved before a change in how candles are read (a series' partial first week or month
+    # dropped) were rescored into the manifest, whose 1w and 1m figures then did not reproduce.
+    if about.get("candles") != candles_fingerprint(load_before_holdout(data_dir, timeframe)[0]):
+        raise SystemExit(f"{walk_forward_file}: run on other candles than {data_dir} gives now (or read by other "
+                         "code, or saved before candle fingerprints); run train --evaluate-only "
+                         "--save-walk-forward again; nothing written")
     if about["timeframe"] != timeframe or about["kind"] != kind:
         raise SystemExit(f"{walk_forward_file}: a {about['timeframe']} walk-forward choosing {about['kind']}, not the "
                          f"manifest's {timeframe} {kind}; nothing written")
