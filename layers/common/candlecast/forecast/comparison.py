@@ -177,7 +177,7 @@ def _n_eff(coverage: float, se: float, pairs: int) -> float:
 
 
 def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, tolerance: float, bar_seconds: float,
-                    reference: str, chance_reps: int = 50) -> dict:
+                    reference: str, chance_reps: int = 50, fallback: dict | None = None) -> dict:
     """Scores of every method at the same origins, and each one's Δ against `reference` (the model).
 
     `methods`: name -> (log_quantiles (n, 30, 7), confidence (n, 30)). Δ's interval: `batch_t_delta` on
@@ -185,6 +185,11 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
     `batch_length` bars, with the block bootstrap's beside it (`bootstrap`, blocks of the same length). For
     `reference` also coverage's interval per horizon and overall, coverage per calendar year of origin
     (`coverage_uncertainty`) and its per-horizon ECE against the chance level (`ece_chance`).
+
+    `fallback`: name -> (n,) mask of the origins where that peer gave no forecast of its own but a fallback (GARCH-t's
+    t(5) on the sample variance: `peers.garch_t`). A Δ pooled over those is partly Δ against the fallback; so the
+    peer gets `n_fallback` and `fallback_share` (of the origins with an outcome) and `vs_<reference>_fitted`, Δ
+    with the same intervals on the other origins only.
     """
     times = np.asarray(times, dtype=np.float64)
     bars = np.rint((times - times.min()) / bar_seconds).astype(np.int64) if len(times) else times.astype(np.int64)
@@ -197,6 +202,11 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
         if name != reference:
             result[name]["vs_" + reference] = batch_t_delta(losses[reference], losses[name], bars, length) | {
                 "bootstrap": block_bootstrap_delta(losses[reference], losses[name], bars, length)}
+    for name, mask in (fallback or {}).items():
+        if name == reference or name not in methods:
+            continue
+        result[name] |= fallback_scores(losses[reference], losses[name], bars, length, np.asarray(mask, dtype=bool),
+                                        np.isfinite(log_return).any(axis=1), reference)
     q, confidence = methods[reference]
     result[reference]["coverage_uncertainty"] = coverage_uncertainty(log_return, q, times, bars, length)
     result[reference]["ece_chance"] = ece_chance(log_return, q, confidence, tolerance, reps=chance_reps)
@@ -204,6 +214,23 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
     best = min(peers, key=lambda name: result[name]["pin5"]) if peers else None
     return {"reference": reference, "best_peer": best, "block_seconds": length * bar_seconds,
             "bar_seconds": bar_seconds, "batch_bars": length, "methods": result}
+
+
+def fallback_scores(loss_model: np.ndarray, loss_peer: np.ndarray, bars: np.ndarray, length: int,
+                    fell_back: np.ndarray, scored: np.ndarray, reference: str) -> dict:
+    """{"n_fallback", "fallback_share": origins (with an outcome) where the peer fell back, and their share of those;
+    "vs_<reference>_fitted": Δ with
+    `batch_t_delta`'s and the bootstrap's intervals over the origins where it did not}."""
+    fitted = scored & ~fell_back
+    count = int((scored & fell_back).sum())
+    result = {"n_fallback": count, "fallback_share": count / int(scored.sum()) if scored.any() else None}
+    if not fitted.any():
+        return result | {"vs_" + reference + "_fitted": None}
+    rows = np.flatnonzero(fitted)
+    delta = batch_t_delta(loss_model[rows], loss_peer[rows], bars[rows], length) | {
+        "bootstrap": block_bootstrap_delta(loss_model[rows], loss_peer[rows], bars[rows], length),
+        "n_origins": int(rows.size)}
+    return result | {"vs_" + reference + "_fitted": delta}
 
 
 def coverage_uncertainty(log_return: np.ndarray, log_quantiles: np.ndarray, times: np.ndarray, bars: np.ndarray,
