@@ -269,8 +269,9 @@ def summary_table(manifest: dict) -> str:
             consistent_cell = f"{consistent} of {judged}{none}"
         chance = model.get("ece_chance")
         if chance:
+            worst = f", worst of 30 {chance['worst_chance']:.3f}" if chance.get("worst_chance") is not None else ""
             ece = (f"{model['ece']:.3f} ({chance['pooled_chance']:.3f}); h{chance['max_h']} {chance['max_ece']:.3f} "
-                   f"({chance['max_chance']:.3f}); {head['worst_reliability_gap']:.3f}")
+                   f"({chance['max_chance']:.3f}{worst}); {head['worst_reliability_gap']:.3f}")
         else:
             ece = f"{model['ece']:.3f} ({NOT_RECOMPUTED}); {NOT_RECOMPUTED}; {head['worst_reliability_gap']:.3f}"
         missing |= not chance or not metrics.get("holdout") or consistent is None

@@ -267,7 +267,10 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
     """Confidence ECE per horizon and pooled, each beside its chance level: the mean ECE of a perfectly calibrated
     forecaster with the same predicted probabilities and number of pairs (hits drawn as Bernoulli(confidence),
     `reps` draws, fixed seed). An ECE near its chance level is noise; the pooled ECE can hide a horizon far above
-    it, so the largest per-horizon ECE is reported too."""
+    it, so the largest per-horizon ECE is reported too, beside its horizon's chance level and `worst_chance`, the
+    expected largest of the per-horizon chance ECEs (the same draws): the worst of 30 exceeds its own level by chance.
+    Hits are drawn independently; real ones are not (horizons overlap, coins move together), so these levels are
+    lower than a calibrated forecaster's chance ECE on the real pairs."""
     from candlecast.forecast.evaluate import calibration_error
     from candlecast.forecast.features import QUANTILES
 
@@ -275,7 +278,7 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
     y = np.where(known, log_return, 0.0)
     hit = (np.abs(np.expm1(y - log_quantiles[..., len(QUANTILES) // 2])) <= tolerance).astype(float)
     rng = np.random.default_rng(seed)
-    per_ece, per_chance = [], []
+    per_ece, per_chance, draws = [], [], []
     for i in range(known.shape[1]):
         rows = known[:, i]
         if not rows.any():
@@ -283,27 +286,34 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
             per_chance.append(None)
             continue
         per_ece.append(calibration_error(confidence[rows, i], hit[rows, i]))
-        per_chance.append(chance_ece(confidence[rows, i], rng, reps))
+        draws.append(chance_draws(confidence[rows, i], rng, reps))
+        per_chance.append(float(draws[-1].mean()))
     pooled_chance = chance_ece(confidence[known], rng, reps)
     measured_ece = [(value, i) for i, value in enumerate(per_ece) if value is not None]
     worst, at = max(measured_ece) if measured_ece else (None, None)
     return {"per_horizon_ece": per_ece, "per_horizon_chance": per_chance,
             "pooled": calibration_error(confidence[known], hit[known]), "pooled_chance": pooled_chance,
             "max_ece": worst, "max_h": None if at is None else at + 1,
-            "max_chance": None if at is None else per_chance[at], "reps": reps, "seed": seed}
+            "max_chance": None if at is None else per_chance[at],
+            "worst_chance": float(np.max(draws, axis=0).mean()) if draws else None, "reps": reps, "seed": seed}
 
 
 def chance_ece(confidence: np.ndarray, rng: np.random.Generator, reps: int) -> float:
     """The expected ECE (10 bins) of hits drawn as Bernoulli(`confidence`): a calibrated forecaster's ECE by chance."""
+    return float(chance_draws(confidence, rng, reps).mean())
+
+
+def chance_draws(confidence: np.ndarray, rng: np.random.Generator, reps: int) -> np.ndarray:
+    """(reps,) ECEs (10 bins) of hits drawn as Bernoulli(`confidence`), `reps` independent draws."""
     from candlecast.forecast.evaluate import _BINS
 
     bins = np.minimum((confidence * _BINS).astype(int), _BINS - 1)
     expected = np.bincount(bins, confidence, _BINS)
-    total = 0.0
-    for _ in range(reps):
+    out = np.empty(reps)
+    for k in range(reps):
         drawn = np.bincount(bins, (rng.random(len(confidence)) < confidence).astype(float), _BINS)
-        total += np.abs(expected - drawn).sum() / len(confidence)
-    return float(total / reps)
+        out[k] = np.abs(expected - drawn).sum() / len(confidence)
+    return out
 
 
 SERIES_KEYS = ("pin5", "coverage_80", "coverage_95", "n_origins")

@@ -308,7 +308,9 @@ def uncertainty_lines(comparison: dict) -> list[str]:
         lines.append(f"| {h} | {_interval(i80)} | {_interval(i95)} | {shown} |")
     lines.append(f"| all | {_interval(uncertainty['overall']['80'])} | {_interval(uncertainty['overall']['95'])} "
                  f"| {chance['pooled']:.3f} ({chance['pooled_chance']:.3f}); worst h{chance['max_h']} "
-                 f"{chance['max_ece']:.3f} ({chance['max_chance']:.3f}) |")
+                 f"{chance['max_ece']:.3f} ({chance['max_chance']:.3f}"
+                 + (f", worst of 30 by chance {chance['worst_chance']:.3f}" if chance.get("worst_chance") is not None
+                    else "") + ") |")
     lines += ["", f"| year of origin | origins | {reference} cov80 [95 % CI] | cov95 [95 % CI] |", "|---|---|---|---|"]
     for year, item in uncertainty["years"].items():
         lines.append(f"| {year} | {item['n_origins']:,} | {_interval(item['80'])} | {_interval(item['95'])} |")

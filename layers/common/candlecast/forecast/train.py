@@ -1128,8 +1128,10 @@ def headline(comparison: dict) -> dict:
         "ece": model["ece"],
         "worst_reliability_gap": worst_reliability_gap(model["reliability"]),
         # the largest per-horizon ECE and its chance level (`comparison.ece_chance`); absent in older manifests
+        # (and the expected worst of the 30 horizons' chance levels, newer only)
         **({"ece_by_horizon": {key: model["ece_chance"][key] for key in
-                               ("max_ece", "max_h", "max_chance", "pooled_chance")}} if "ece_chance" in model else {}),
+                               ("max_ece", "max_h", "max_chance", "pooled_chance", "worst_chance")
+                               if key in model["ece_chance"]}} if "ece_chance" in model else {}),
         "n_origins": model["n_origins"],
     }
 
