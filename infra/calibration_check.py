@@ -1,9 +1,10 @@
 """Offline inner check of where the table-based models calibrate, on each pass's training coins only (within one
 coin-group pass never its held-out coins, never its test time): in each walk-forward fold the table is fitted on
 the training block, conformal offsets and the confidence map come from (block) its last fifth or (history) all of
-it, with or without time decay, and are scored on the fold's calibration block. Prints per variant the pooled coverage range over horizons and the mean
-|coverage − nominal| over folds and horizons; then the confidence maps' (Platt, with ln h, one Platt fit per
-horizon, with the recent event share over h, beta) log loss, ECE, worst bin, and mean and worst ECE over horizons.
+it, with or without time decay, and are scored on the fold's calibration block. Prints per variant the pooled
+coverage range over horizons and the mean |coverage − nominal| over folds and horizons; then the confidence maps'
+(Platt, with ln h, one Platt fit per horizon, with the recent event share over h, beta) log loss, ECE, worst bin,
+and mean and worst ECE over horizons.
 
 Where the plan fits trees, the same one level down for `learned` and `combined` (`fit_models` as the walk-forward
 runs it): the fold's training block splits into an inner training block and its last fifth as the inner calibration
