@@ -249,3 +249,22 @@ def test_rescore_keeps_the_model_file_and_scores_only_origins_after_train_end(tm
         main(["rescore", "--timeframe", "1m", "--walk-forward", str(tmp_path / "unmarked.npz"), "--manifest",
               str(out / "manifest.json"), "--data", str(data)])
     assert json.loads((out / "manifest.json").read_text())["1m"] == after
+
+
+def test_the_worst_horizon_has_the_expected_worst_of_its_chance_levels_beside_it():
+    """A calibrated forecaster's worst horizon is above its own horizon's chance level by chance alone: `ece_chance`
+    also gives the expected largest of the 30 per-horizon chance ECEs, from the same draws (which leave the
+    per-horizon levels as they were)."""
+    from candlecast.forecast.comparison import ece_chance
+
+    rng = np.random.default_rng(5)
+    n = 400
+    conf = np.full((n, 30), 0.3)
+    q = np.zeros((n, 30, 7))
+    y = np.where(rng.random((n, 30)) < 0.3, 0.0, 1.0)  # hit (|y − median| ≤ τ) with probability 0.3: calibrated
+    result = ece_chance(y, q, conf, 0.01, reps=40)
+    levels = result["per_horizon_chance"]
+    assert result["worst_chance"] > 1.2 * max(levels)
+    assert result["max_ece"] > result["max_chance"]  # the worst of 30 calibrated horizons exceeds its own level
+    again = np.random.default_rng(17)
+    assert levels[0] == pytest.approx(chance_ece(conf[:, 0], again, 40))  # the first horizon's draws, unchanged

@@ -332,3 +332,120 @@ def test_the_readme_table_is_the_committed_manifests_scorecard():
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
     assert readme_with_summary(readme, json.loads((root / "models" / "manifest.json").read_text())) == readme
+
+
+def test_garch_t_reports_the_origins_where_it_fell_back(monkeypatch):
+    from candlecast.forecast import peers
+    from candlecast.forecast.peers import garch_fallback_by_position
+
+    candles = garch_candles(700, seed=4)
+    positions = np.arange(20, 600, 5)  # PLAN.min_returns 100: the first 16 fall back for want of returns
+    fell_back = np.zeros(len(positions), dtype=bool)
+    fitted = garch_t(candles.close, positions, PLAN, fallback=fell_back)
+    assert np.array_equal(fell_back, positions < PLAN.min_returns)
+    assert np.array_equal(garch_fallback_by_position(positions, PLAN), positions < PLAN.min_returns)
+    assert np.array_equal(fitted, garch_t(candles.close, positions, PLAN))  # the mask changes no forecast
+    # No fit succeeds: every origin falls back, which the position rule cannot see.
+    monkeypatch.setattr(peers, "_garch_fit", lambda returns, start: None)
+    garch_t(candles.close, positions, PLAN, fallback=fell_back)
+    assert fell_back.all()
+    masks = {}
+    peer_quantiles([(None, candles)], np.zeros(len(positions), int), candles.open_time[positions], "1h",
+                   fallback=masks)
+    assert masks["garch-t"].all()
+
+
+def fallback_walk_forward(n: int = 400, fallback_every: int = 4):
+    """A model, and a GARCH-t that is 1.2× too wide where fitted and 2× too wide on its fallback origins (every
+    `fallback_every`-th)."""
+    rng = np.random.default_rng(8)
+    y = rng.normal(0, 0.01, (n, 30)) * np.sqrt(np.arange(1, 31))
+    z = np.array([-1.96, -1.2816, -0.6745, 0, 0.6745, 1.2816, 1.96])
+    right = 0.01 * np.sqrt(np.arange(1, 31))[None, :, None] * z + np.zeros((n, 1, 1))
+    fell_back = np.arange(n) % fallback_every == 0
+    garch = np.where(fell_back[:, None, None], 2.0, 1.2) * right
+    conf = np.full((n, 30), 0.3)
+    times = 1_500_000_000 + 86400 * np.arange(n)
+    return y, times, {"learned": (right, conf), "garch-t": (garch, conf)}, fell_back
+
+
+def test_delta_against_garch_t_is_also_given_where_it_was_fitted():
+    from candlecast.forecast.comparison import batch_length
+    from candlecast.forecast.train import headline
+
+    y, times, methods, fell_back = fallback_walk_forward()
+    y[-3:, 25:] = np.nan  # unknown outcomes count nowhere
+    y[-1:, :] = np.nan  # an origin without any outcome is not a test origin of the share
+    comparison = compare_methods(y, times, methods, 0.02, 86400, "learned", chance_reps=2,
+                                 fallback={"garch-t": fell_back})
+    garch = comparison["methods"]["garch-t"]
+    scored = np.isfinite(y).any(axis=1)
+    assert garch["n_fallback"] == int((fell_back & scored).sum()) == 100
+    assert garch["fallback_share"] == pytest.approx(100 / 399)
+    fitted = scored & ~fell_back
+    known = np.isfinite(y[fitted])
+    loss = {name: np.where(known, pin5_loss(np.nan_to_num(y[fitted]), q[fitted]), np.nan)
+            for name, (q, _) in methods.items()}
+    expected = batch_t_delta(loss["learned"], loss["garch-t"], np.arange(400)[fitted], batch_length(86400))
+    delta = garch["vs_learned_fitted"]
+    assert delta["delta"] == pytest.approx(expected["delta"]) and delta["ci95"] == pytest.approx(expected["ci95"])
+    assert delta["n_origins"] == 299 and "bootstrap" in delta
+    # the fallback is the weaker peer: pooled over every origin, Δ is flattered
+    assert garch["vs_learned"]["delta"] > delta["delta"] > 0
+    fitted_only = compare_methods(y[fitted], times[fitted], {name: (q[fitted], c[fitted])
+                                                             for name, (q, c) in methods.items()},
+                                  0.02, 86400, "learned", chance_reps=2)
+    assert delta["delta"] == pytest.approx(fitted_only["methods"]["garch-t"]["vs_learned"]["delta"])
+    top = headline(comparison)["vs_peers_fitted"]["garch-t"]
+    assert top["delta"] == delta["delta"] and top["fallback_share"] == garch["fallback_share"]
+    # without masks (older code's comparisons), none of it
+    plain = compare_methods(y, times, methods, 0.02, 86400, "learned", chance_reps=2)
+    assert "vs_learned_fitted" not in plain["methods"]["garch-t"] and not headline(plain)["vs_peers_fitted"]
+
+
+def test_scorecards_print_delta_where_garch_t_was_fitted_and_a_dash_before(tmp_path, capsys):
+    from candlecast.forecast.cli import main
+    from candlecast.forecast.train import headline
+
+    y, times, methods, fell_back = fallback_walk_forward()
+    new = compare_methods(y, times, methods, 0.02, 86400, "learned", chance_reps=2, fallback={"garch-t": fell_back})
+    old = compare_methods(y, times, methods, 0.02, 86400, "learned", chance_reps=2)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({
+        tf: {"metrics": {"shipped": "learned", "reason": "test", "comparison": c, "headline": headline(c)}}
+        for tf, c in (("1d", new), ("1w", old))}))
+    assert main(["scorecard", "--manifest", str(manifest), "--summary"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    delta = new["methods"]["garch-t"]["vs_learned_fitted"]
+    (row,) = [line for line in printed if line.startswith("| 1d | ") and line.endswith("| 25.0 % (100) |")]
+    assert row.startswith(f"| 1d | {100 * delta['delta']:+.1f} % [") and "| 300 |" in row
+    assert "| 1w | — | — | — |" in printed
+    assert main(["scorecard", "--manifest", str(manifest)]) == 0
+    full = capsys.readouterr().out
+    assert "garch-t where fitted (not its t(5) fallback): Δ " in full and "fallback share 25.0 %, 100 origins" in full
+    assert "garch-t where fitted (not its t(5) fallback): — (not recorded in this comparison)" in full
+
+
+def test_saved_walk_forwards_keep_the_fallback_mask_and_older_ones_use_the_position_rule(tmp_path):
+    from types import SimpleNamespace
+
+    from candlecast.forecast.peers import GARCH_PLANS
+    from candlecast.forecast.train import garch_fallback_from_positions, load_walk_forward, save_walk_forward
+
+    short, long = synthetic_candles(50, 1), synthetic_candles(120, 2)
+    loaded = [(SimpleNamespace(place="x", pair="A-USD", base="A"), short),
+              (SimpleNamespace(place="x", pair="B-USD", base="B"), long)]
+    series = np.array([0, 0, 1, 1, 1])
+    positions = np.array([10, 49, 20, 36, 119])
+    times = np.array([loaded[s][1].open_time[p] for s, p in zip(series, positions, strict=True)])
+    # 1m: GARCH-t needs 36 returns
+    assert GARCH_PLANS["1m"].min_returns == 36
+    assert garch_fallback_from_positions(loaded, series, times, "1m").tolist() == [True, False, True, False, False]
+    y, _, methods, fell_back = fallback_walk_forward(n=5)
+    result = SimpleNamespace(test=SimpleNamespace(log_return=y, time=times, series=series), results={}, folds=[])
+    path = tmp_path / "wf.npz"
+    save_walk_forward(path, "1m", loaded, result, "learned", "test", methods, {"garch-t": fell_back})
+    about = load_walk_forward(path)[0]
+    assert about["fallback_masks"]["garch-t"].tolist() == fell_back.tolist()
+    save_walk_forward(path, "1m", loaded, result, "learned", "test", methods)
+    assert load_walk_forward(path)[0]["fallback_masks"] == {}

@@ -248,6 +248,8 @@ def summary_table(manifest: dict) -> str:
     others = ["| tf | " + " | ".join(f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers) + " |",
               "|---|" + "---|" * len(peers)]
     eras, years, missing = [], [], False
+    fitted = ["| tf | vs GARCH-t where GARCH-t was fitted (not its t(5) fallback): Δ [95 % CI] (batch t; block "
+              "bootstrap) | origins | GARCH-t fallback share of the test origins |", "|---|---|---|---|"]
     for timeframe, entry in rows.items():
         metrics = entry["metrics"]
         methods, kind = metrics["comparison"]["methods"], metrics["shipped"]
@@ -267,8 +269,9 @@ def summary_table(manifest: dict) -> str:
             consistent_cell = f"{consistent} of {judged}{none}"
         chance = model.get("ece_chance")
         if chance:
+            worst = f", worst of 30 {chance['worst_chance']:.3f}" if chance.get("worst_chance") is not None else ""
             ece = (f"{model['ece']:.3f} ({chance['pooled_chance']:.3f}); h{chance['max_h']} {chance['max_ece']:.3f} "
-                   f"({chance['max_chance']:.3f}); {head['worst_reliability_gap']:.3f}")
+                   f"({chance['max_chance']:.3f}{worst}); {head['worst_reliability_gap']:.3f}")
         else:
             ece = f"{model['ece']:.3f} ({NOT_RECOMPUTED}); {NOT_RECOMPUTED}; {head['worst_reliability_gap']:.3f}"
         missing |= not chance or not metrics.get("holdout") or consistent is None
@@ -276,6 +279,7 @@ def summary_table(manifest: dict) -> str:
                      f"| {model['coverage_80']:.3f} ({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} "
                      f"({low95:.2f}–{high95:.2f}) | {counted}; {consistent_cell} | {ece} "
                      f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
+        fitted.append(f"| {timeframe} | {_fitted_cells(garch, kind)} |")
         cells = []
         for peer in peers:
             scores = methods.get(peer) if peer != kind else None
@@ -292,9 +296,18 @@ def summary_table(manifest: dict) -> str:
              "batch t) both overlap the bands; \"none\": too few batches for an interval."]
     if missing:
         notes.append(FOOTNOTE)
-    return "\n".join([*lines, *notes, "", *others, "", "| tf | shipped model's cov80 / cov95 per era |", "|---|---|",
-                      *eras, "", "| tf | shipped model's cov80 / cov95 [95 % CI] per calendar year of origin (origins) "
-                      "|", "|---|---|", *years])
+    return "\n".join([*lines, *notes, "", *fitted, "", *others, "", "| tf | shipped model's cov80 / cov95 per era |",
+                      "|---|---|", *eras, "", "| tf | shipped model's cov80 / cov95 [95 % CI] per calendar year of "
+                      "origin (origins) |", "|---|---|", *years])
+
+
+def _fitted_cells(peer: dict | None, kind: str) -> str:
+    """Δ against `peer` where it was fitted, those origins, and its fallback share (manifests without them: —)."""
+    delta = None if peer is None else peer.get(f"vs_{kind}_fitted")
+    if delta is None:
+        return "— | — | —"
+    return (f"{_short_delta(delta)} | {delta['n_origins']:,} | {100 * peer['fallback_share']:.1f} % "
+            f"({peer['n_fallback']:,})")
 
 
 def _coverage_cell(item: dict) -> str:

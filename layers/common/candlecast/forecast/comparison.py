@@ -177,7 +177,7 @@ def _n_eff(coverage: float, se: float, pairs: int) -> float:
 
 
 def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, tolerance: float, bar_seconds: float,
-                    reference: str, chance_reps: int = 50) -> dict:
+                    reference: str, chance_reps: int = 50, fallback: dict | None = None) -> dict:
     """Scores of every method at the same origins, and each one's Δ against `reference` (the model).
 
     `methods`: name -> (log_quantiles (n, 30, 7), confidence (n, 30)). Δ's interval: `batch_t_delta` on
@@ -185,6 +185,11 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
     `batch_length` bars, with the block bootstrap's beside it (`bootstrap`, blocks of the same length). For
     `reference` also coverage's interval per horizon and overall, coverage per calendar year of origin
     (`coverage_uncertainty`) and its per-horizon ECE against the chance level (`ece_chance`).
+
+    `fallback`: name -> (n,) mask of the origins where that peer gave no forecast of its own but a fallback (GARCH-t's
+    t(5) on the sample variance: `peers.garch_t`). A Δ pooled over those is partly Δ against the fallback; so the
+    peer gets `n_fallback` and `fallback_share` (of the origins with an outcome) and `vs_<reference>_fitted`, Δ
+    with the same intervals on the other origins only.
     """
     times = np.asarray(times, dtype=np.float64)
     bars = np.rint((times - times.min()) / bar_seconds).astype(np.int64) if len(times) else times.astype(np.int64)
@@ -197,6 +202,11 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
         if name != reference:
             result[name]["vs_" + reference] = batch_t_delta(losses[reference], losses[name], bars, length) | {
                 "bootstrap": block_bootstrap_delta(losses[reference], losses[name], bars, length)}
+    for name, mask in (fallback or {}).items():
+        if name == reference or name not in methods:
+            continue
+        result[name] |= fallback_scores(losses[reference], losses[name], bars, length, np.asarray(mask, dtype=bool),
+                                        np.isfinite(log_return).any(axis=1), reference)
     q, confidence = methods[reference]
     result[reference]["coverage_uncertainty"] = coverage_uncertainty(log_return, q, times, bars, length)
     result[reference]["ece_chance"] = ece_chance(log_return, q, confidence, tolerance, reps=chance_reps)
@@ -204,6 +214,23 @@ def compare_methods(log_return: np.ndarray, times: np.ndarray, methods: dict, to
     best = min(peers, key=lambda name: result[name]["pin5"]) if peers else None
     return {"reference": reference, "best_peer": best, "block_seconds": length * bar_seconds,
             "bar_seconds": bar_seconds, "batch_bars": length, "methods": result}
+
+
+def fallback_scores(loss_model: np.ndarray, loss_peer: np.ndarray, bars: np.ndarray, length: int,
+                    fell_back: np.ndarray, scored: np.ndarray, reference: str) -> dict:
+    """{"n_fallback", "fallback_share": origins (with an outcome) where the peer fell back, and their share of those;
+    "vs_<reference>_fitted": Δ with
+    `batch_t_delta`'s and the bootstrap's intervals over the origins where it did not}."""
+    fitted = scored & ~fell_back
+    count = int((scored & fell_back).sum())
+    result = {"n_fallback": count, "fallback_share": count / int(scored.sum()) if scored.any() else None}
+    if not fitted.any():
+        return result | {"vs_" + reference + "_fitted": None}
+    rows = np.flatnonzero(fitted)
+    delta = batch_t_delta(loss_model[rows], loss_peer[rows], bars[rows], length) | {
+        "bootstrap": block_bootstrap_delta(loss_model[rows], loss_peer[rows], bars[rows], length),
+        "n_origins": int(rows.size)}
+    return result | {"vs_" + reference + "_fitted": delta}
 
 
 def coverage_uncertainty(log_return: np.ndarray, log_quantiles: np.ndarray, times: np.ndarray, bars: np.ndarray,
@@ -240,7 +267,10 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
     """Confidence ECE per horizon and pooled, each beside its chance level: the mean ECE of a perfectly calibrated
     forecaster with the same predicted probabilities and number of pairs (hits drawn as Bernoulli(confidence),
     `reps` draws, fixed seed). An ECE near its chance level is noise; the pooled ECE can hide a horizon far above
-    it, so the largest per-horizon ECE is reported too."""
+    it, so the largest per-horizon ECE is reported too, beside its horizon's chance level and `worst_chance`, the
+    expected largest of the per-horizon chance ECEs (the same draws): the worst of 30 exceeds its own level by chance.
+    Hits are drawn independently; real ones are not (horizons overlap, coins move together), so these levels are
+    lower than a calibrated forecaster's chance ECE on the real pairs."""
     from candlecast.forecast.evaluate import calibration_error
     from candlecast.forecast.features import QUANTILES
 
@@ -248,7 +278,7 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
     y = np.where(known, log_return, 0.0)
     hit = (np.abs(np.expm1(y - log_quantiles[..., len(QUANTILES) // 2])) <= tolerance).astype(float)
     rng = np.random.default_rng(seed)
-    per_ece, per_chance = [], []
+    per_ece, per_chance, draws = [], [], []
     for i in range(known.shape[1]):
         rows = known[:, i]
         if not rows.any():
@@ -256,27 +286,34 @@ def ece_chance(log_return: np.ndarray, log_quantiles: np.ndarray, confidence: np
             per_chance.append(None)
             continue
         per_ece.append(calibration_error(confidence[rows, i], hit[rows, i]))
-        per_chance.append(chance_ece(confidence[rows, i], rng, reps))
+        draws.append(chance_draws(confidence[rows, i], rng, reps))
+        per_chance.append(float(draws[-1].mean()))
     pooled_chance = chance_ece(confidence[known], rng, reps)
     measured_ece = [(value, i) for i, value in enumerate(per_ece) if value is not None]
     worst, at = max(measured_ece) if measured_ece else (None, None)
     return {"per_horizon_ece": per_ece, "per_horizon_chance": per_chance,
             "pooled": calibration_error(confidence[known], hit[known]), "pooled_chance": pooled_chance,
             "max_ece": worst, "max_h": None if at is None else at + 1,
-            "max_chance": None if at is None else per_chance[at], "reps": reps, "seed": seed}
+            "max_chance": None if at is None else per_chance[at],
+            "worst_chance": float(np.max(draws, axis=0).mean()) if draws else None, "reps": reps, "seed": seed}
 
 
 def chance_ece(confidence: np.ndarray, rng: np.random.Generator, reps: int) -> float:
     """The expected ECE (10 bins) of hits drawn as Bernoulli(`confidence`): a calibrated forecaster's ECE by chance."""
+    return float(chance_draws(confidence, rng, reps).mean())
+
+
+def chance_draws(confidence: np.ndarray, rng: np.random.Generator, reps: int) -> np.ndarray:
+    """(reps,) ECEs (10 bins) of hits drawn as Bernoulli(`confidence`), `reps` independent draws."""
     from candlecast.forecast.evaluate import _BINS
 
     bins = np.minimum((confidence * _BINS).astype(int), _BINS - 1)
     expected = np.bincount(bins, confidence, _BINS)
-    total = 0.0
-    for _ in range(reps):
+    out = np.empty(reps)
+    for k in range(reps):
         drawn = np.bincount(bins, (rng.random(len(confidence)) < confidence).astype(float), _BINS)
-        total += np.abs(expected - drawn).sum() / len(confidence)
-    return float(total / reps)
+        out[k] = np.abs(expected - drawn).sum() / len(confidence)
+    return out
 
 
 SERIES_KEYS = ("pin5", "coverage_80", "coverage_95", "n_origins")

@@ -5,7 +5,10 @@ Every peer gives log-return quantiles (n, 30, 7) at the levels of `features.QUAN
 - `garch-t`: GARCH(1,1), zero mean, Student-t innovations, fitted with `arch` on a rolling window of returns
   ending at the origin, refitted every `refit_every` bars (warm-started); between refits the variance recursion
   runs over new returns with the last parameters. The h-step quantile is the standardised t quantile times
-  √(Σ expected one-bar variances). With too few returns for a fit, a t(5) on their sample variance.
+  √(Σ expected one-bar variances). With too few returns for a fit (fewer than `GarchPlan.min_returns` before the
+  origin: the series' first `min_returns` bars), or before any fit of the series has succeeded, a t(5) on the
+  sample variance of the window: a fallback, not GARCH. `garch_t` can report which origins fell back, and the
+  comparison reports Δ on the others too (`comparison.compare_methods`' `fallback`).
 - `conformal-rw`: split-conformal Gaussian random walk: ±c_h·s·√h (s as for `gaussian-rw`), where c_h is the
   finite-sample conformal quantile (rank ⌈(n+1)(1−α)⌉ of n) of the standardised scores |ln C(s+h) − ln C(s)| /
   (s_s·√h) of the n calibration pairs: every series' pairs (origins s with a full 30-return window) whose
@@ -181,8 +184,21 @@ def _variance_path(returns_pct: np.ndarray, params: np.ndarray) -> np.ndarray:
     return path
 
 
-def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan) -> np.ndarray:
-    """(n, 30, 7) GARCH(1,1)-t quantiles at sorted origin indices `positions` of one series."""
+def garch_fallback_by_position(positions: np.ndarray, plan: GarchPlan) -> np.ndarray:
+    """(n,) True where `garch_t` falls back at candle index `positions` for want of returns (fewer than
+    `plan.min_returns` in its window). It cannot see a failed fit; `garch_t(..., fallback=)` records those too."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return np.minimum(positions, plan.window) < plan.min_returns
+
+
+def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan,
+            fallback: np.ndarray | None = None) -> np.ndarray:
+    """(n, 30, 7) GARCH(1,1)-t quantiles at sorted origin indices `positions` of one series.
+
+    `fallback`, when given, a boolean array (n,) set True at the origins that got no GARCH forecast: too few
+    returns, no successful fit yet, or a non-finite variance replaced by the others' median. (After a failed refit
+    the last fitted parameters carry on: that is still GARCH.)"""
+    used_fallback = np.zeros(len(positions), dtype=bool)
     returns = log_returns(close) * _PERCENT
     cumulative = np.empty((len(positions), len(HORIZONS)))
     nu = np.empty(len(positions))
@@ -194,6 +210,7 @@ def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan) -> np.nda
             variance = float(np.mean(np.square(window))) if len(window) else np.nan
             cumulative[i] = variance * HORIZONS
             nu[i] = 5.0
+            used_fallback[i] = True
             continue
         if params is None or p - fitted_at >= plan.refit_every:
             fit = _garch_fit(window, start)
@@ -203,6 +220,7 @@ def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan) -> np.nda
         if params is None:
             cumulative[i] = float(np.mean(np.square(window))) * HORIZONS
             nu[i] = 5.0
+            used_fallback[i] = True
             continue
         omega, alpha, beta, shape = params
         next_variance = _variance_path(window, params)[-1]
@@ -216,6 +234,9 @@ def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan) -> np.nda
     bad = ~np.isfinite(cumulative).all(axis=1)
     if bad.any():
         cumulative[bad] = np.nanmedian(cumulative[~bad], axis=0) if (~bad).any() else 1.0
+        used_fallback |= bad
+    if fallback is not None:
+        fallback[:] = used_fallback
     scale = np.sqrt(np.maximum(cumulative, 0.0)) / _PERCENT
     return scale[:, :, None] * _t_quantiles(nu)[:, None, :]
 
@@ -224,8 +245,10 @@ PEERS = ("garch-t", "gaussian-rw", "conformal-rw")
 
 
 def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timeframe: Timeframe,
-                   progress: bool = False) -> dict[str, np.ndarray]:
-    """{peer: (n, 30, 7) log-return quantiles} at the origins (`series` index into `loaded`, candle open `times`)."""
+                   progress: bool = False, fallback: dict | None = None) -> dict[str, np.ndarray]:
+    """{peer: (n, 30, 7) log-return quantiles} at the origins (`series` index into `loaded`, candle open `times`).
+    `fallback`, when given a dict, gets {"garch-t": (n,) mask of the origins where GARCH-t fell back} (`garch_t`)."""
+    garch_fallback = np.zeros(len(times), dtype=bool)
     out = {name: np.full((len(times), len(HORIZONS), len(QUANTILES)), np.nan) for name in PEERS}
     plan = GARCH_PLANS[timeframe]
     origin_positions = np.zeros(len(times), dtype=np.int64)
@@ -242,38 +265,45 @@ def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timefram
         if not np.array_equal(candles.open_time[np.minimum(positions, len(candles) - 1)], times[rows]):
             raise ValueError("origin times must be candle open times of their series")
         out["gaussian-rw"][rows] = gaussian_rw(candles.close, positions)
-        out["garch-t"][rows] = garch_t(candles.close, positions, plan)
+        fell_back = np.zeros(len(rows), dtype=bool)
+        out["garch-t"][rows] = garch_t(candles.close, positions, plan, fallback=fell_back)
+        garch_fallback[rows] = fell_back
         origin_positions[rows] = positions
     # Calibrated on every series' past, so computed once for all origins.
     out["conformal-rw"] = conformal_rw([candles for _, candles in loaded], np.asarray(series), origin_positions,
                                        timeframe, CONFORMAL_PLANS[timeframe])
+    if fallback is not None:
+        fallback["garch-t"] = garch_fallback
     return out
 
 
 def peer_methods(loaded: list, origins, timeframe: Timeframe, candidates: dict, tolerance: float,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, fallback: dict | None = None) -> dict:
     """The model's `candidates` (name -> (log-return quantiles, confidence) at `origins`) and every peer at the same
-    origins; the peers' confidence is read off their quantile curve."""
+    origins; the peers' confidence is read off their quantile curve. `fallback`: as for `peer_quantiles`."""
     from candlecast.forecast.model import raw_confidence
 
     methods = dict(candidates)
-    for name, quantiles in peer_quantiles(loaded, origins.series, origins.time, timeframe, progress).items():
+    for name, quantiles in peer_quantiles(loaded, origins.series, origins.time, timeframe, progress,
+                                                fallback).items():
         methods[name] = (quantiles, raw_confidence(quantiles, np.ones(quantiles.shape[:-1]), tolerance))
     return methods
 
 
 def compare_with_peers(loaded: list, origins, timeframe: Timeframe, candidates: dict, reference: str,
-                       tolerance: float, progress: bool = False, methods: dict | None = None) -> dict:
+                       tolerance: float, progress: bool = False, methods: dict | None = None,
+                       fallback: dict | None = None) -> dict:
     """`comparison.compare_methods` of the model's `candidates` and every peer at the same origins (`peer_methods`;
-    `methods`, when given, is its result already computed)."""
+    `methods`, when given, is its result already computed, and `fallback` the peers' fallback masks it filled)."""
     from candlecast.forecast.comparison import compare_methods, per_series_scores
     from candlecast.forecast.dataset import series_names
     from candlecast.timeframes import nominal_seconds
 
     if methods is None:
-        methods = peer_methods(loaded, origins, timeframe, candidates, tolerance, progress)
+        fallback = {}
+        methods = peer_methods(loaded, origins, timeframe, candidates, tolerance, progress, fallback)
     result = compare_methods(origins.log_return, origins.time, methods, tolerance, nominal_seconds(timeframe),
-                             reference)
+                             reference, fallback=fallback)
     per_series = per_series_scores(origins.log_return, origins.time, methods, tolerance, origins.series,
                                    series_names([series for series, _ in loaded]))
     return result | {"n_series": len(per_series), "per_series": per_series}

@@ -250,6 +250,7 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
             f"| {name} | {m['pin5']:.4f} | {shown} | {m['coverage_80']:.3f} / {m['coverage_95']:.3f} "
             f"| {low80:.3f}–{high80:.3f}{note} | {low95:.3f}–{high95:.3f}{note} "
             f"| {m['width_80']:.3f} / {m['width_95']:.3f} | {m['ece']:.3f} | {gap:.3f} | {m['n_origins']:,} |")
+    lines += fitted_lines(comparison)
     eras = next(iter(comparison["methods"].values()))["eras"]
     lines += ["", "| method | " + " | ".join(f"era {era} ({_origins(e)}{e['n_pairs']:,} pairs): cov80 / cov95, pin5"
                                            for era, e in eras.items()) + " |"]
@@ -258,6 +259,24 @@ def comparison_text(timeframe: str, comparison: dict) -> str:
         cells = [f"{e['coverage_80']:.3f} / {e['coverage_95']:.3f}, {e['pin5']:.3f}" for e in m["eras"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + uncertainty_lines(comparison) + per_series_lines(comparison))
+
+
+def fitted_lines(comparison: dict) -> list[str]:
+    """Markdown lines: per peer that can fall back (GARCH-t), Δ where it was fitted, those origins and its fallback
+    share; "—" where the comparison predates them."""
+    reference = comparison["reference"]
+    lines = []
+    for name, m in comparison["methods"].items():
+        if name != "garch-t" or name == reference:
+            continue
+        delta = m.get(f"vs_{reference}_fitted")
+        if delta is None:
+            lines.append(f"{name} where fitted (not its t(5) fallback): — (not recorded in this comparison)")
+            continue
+        rule = f"; fallback by {m['fallback_rule']}" if m.get("fallback_rule") else ""
+        lines.append(f"{name} where fitted (not its t(5) fallback): Δ {delta_text(delta)} ({delta['n_origins']:,} "
+                     f"origins; fallback share {100 * m['fallback_share']:.1f} %, {m['n_fallback']:,} origins{rule})")
+    return ["", *lines] if lines else []
 
 
 def _interval(item: dict) -> str:
@@ -289,7 +308,9 @@ def uncertainty_lines(comparison: dict) -> list[str]:
         lines.append(f"| {h} | {_interval(i80)} | {_interval(i95)} | {shown} |")
     lines.append(f"| all | {_interval(uncertainty['overall']['80'])} | {_interval(uncertainty['overall']['95'])} "
                  f"| {chance['pooled']:.3f} ({chance['pooled_chance']:.3f}); worst h{chance['max_h']} "
-                 f"{chance['max_ece']:.3f} ({chance['max_chance']:.3f}) |")
+                 f"{chance['max_ece']:.3f} ({chance['max_chance']:.3f}"
+                 + (f", worst of 30 by chance {chance['worst_chance']:.3f}" if chance.get("worst_chance") is not None
+                    else "") + ") |")
     lines += ["", f"| year of origin | origins | {reference} cov80 [95 % CI] | cov95 [95 % CI] |", "|---|---|---|---|"]
     for year, item in uncertainty["years"].items():
         lines.append(f"| {year} | {item['n_origins']:,} | {_interval(item['80'])} | {_interval(item['95'])} |")

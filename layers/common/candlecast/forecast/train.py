@@ -900,15 +900,18 @@ def compare_candidates(loaded: list, result: WalkForward, timeframe: Timeframe, 
     candidates = {name: (result.test.scale[..., None] * q, confidence)
                   for name, (q, _, confidence) in result.outputs.items()}
     tolerance = CONFIGS[timeframe].tolerance
-    methods = peer_methods(loaded, result.test, timeframe, candidates, tolerance, progress)
+    fallback: dict = {}
+    methods = peer_methods(loaded, result.test, timeframe, candidates, tolerance, progress, fallback)
     if save is not None:
-        save_walk_forward(save, timeframe, loaded, result, kind, reason, methods)
-    return compare_with_peers(loaded, result.test, timeframe, candidates, kind, tolerance, progress, methods=methods)
+        save_walk_forward(save, timeframe, loaded, result, kind, reason, methods, fallback)
+    return compare_with_peers(loaded, result.test, timeframe, candidates, kind, tolerance, progress, methods=methods,
+                              fallback=fallback)
 
 
 def save_walk_forward(path: Path, timeframe: Timeframe, loaded: list, result: WalkForward, kind: str, reason: str,
-                      methods: dict) -> None:
-    """The walk-forward's test origins and every method's log-return quantiles and confidence there (npz)."""
+                      methods: dict, fallback: dict | None = None) -> None:
+    """The walk-forward's test origins and every method's log-return quantiles and confidence there (npz), and each
+    peer's fallback mask (`peers.peer_quantiles`) as "f:<peer>"."""
     from candlecast.forecast.dataset import series_names
 
     path = Path(path)
@@ -916,8 +919,11 @@ def save_walk_forward(path: Path, timeframe: Timeframe, loaded: list, result: Wa
     arrays = {"log_return": result.test.log_return, "time": result.test.time, "series": result.test.series}
     for name, (quantiles, confidence) in methods.items():
         arrays[f"q:{name}"], arrays[f"c:{name}"] = quantiles, confidence
+    for name, mask in (fallback or {}).items():
+        arrays[f"f:{name}"] = np.asarray(mask, dtype=bool)
     about = {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
              "names": series_names([series for series, _ in loaded]), "methods": list(methods),
+             "fallback": list(fallback or {}),
              "candles": candles_fingerprint(loaded),
              "results": {name: _headline(item) for name, item in result.results.items()}}
     np.savez(path, about=np.array(json.dumps(about, default=_json_default)), **arrays)
@@ -935,11 +941,31 @@ def candles_fingerprint(loaded: list) -> str:
 
 
 def load_walk_forward(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
-    """(about, log_return, time, series, methods) as `save_walk_forward` wrote them."""
+    """(about, log_return, time, series, methods) as `save_walk_forward` wrote them; the peers' fallback masks, when
+    saved (walk-forwards saved before them have none), are in about["fallback_masks"] (name -> (n,) bool)."""
     with np.load(Path(path)) as data:
         about = json.loads(str(data["about"]))
         methods = {name: (data[f"q:{name}"], data[f"c:{name}"]) for name in about["methods"]}
+        about["fallback_masks"] = {name: data[f"f:{name}"] for name in about.get("fallback", [])}
         return about, data["log_return"], data["time"], data["series"], methods
+
+
+def garch_fallback_from_positions(loaded: list, series: np.ndarray, times: np.ndarray,
+                                  timeframe: Timeframe) -> np.ndarray:
+    """(n,) where GARCH-t fell back for want of returns at the origins (`series` index into `loaded`, candle open
+    `times`): `peers.garch_fallback_by_position` on each origin's candle index. For walk-forwards saved without the
+    peer's own mask; it misses origins where no fit had succeeded yet (rare)."""
+    from candlecast.forecast.peers import GARCH_PLANS, garch_fallback_by_position
+
+    positions = np.zeros(len(times), dtype=np.int64)
+    for index in np.unique(series):
+        rows = np.flatnonzero(series == index)
+        open_time = loaded[int(index)][1].open_time
+        found = np.searchsorted(open_time, times[rows])
+        if not np.array_equal(open_time[np.minimum(found, len(open_time) - 1)], times[rows]):
+            raise SystemExit("a saved origin is not a candle of its series: not the candles it was run on")
+        positions[rows] = found
+    return garch_fallback_by_position(positions, GARCH_PLANS[timeframe])
 
 
 def coin_groups(loaded: list, count: int) -> list[np.ndarray]:
@@ -1089,6 +1115,12 @@ def headline(comparison: dict) -> dict:
         "pin5": model["pin5"],
         "vs_peers": {name: scores["vs_" + reference] for name, scores in comparison["methods"].items()
                      if name != reference},
+        # Δ only where a peer gave its own forecast, not its fallback (`comparison.fallback_scores`); absent in
+        # older manifests
+        "vs_peers_fitted": {name: scores["vs_" + reference + "_fitted"] | {"fallback_share": scores["fallback_share"],
+                                                                          "n_fallback": scores["n_fallback"]}
+                            for name, scores in comparison["methods"].items()
+                            if name != reference and scores.get("vs_" + reference + "_fitted")},
         "coverage_80": model["coverage_80"], "coverage_95": model["coverage_95"],
         "coverage_80_over_horizons": measured_range(per["coverage_80"]),  # the horizons the test reached
         "coverage_95_over_horizons": measured_range(per["coverage_95"]),
@@ -1096,8 +1128,10 @@ def headline(comparison: dict) -> dict:
         "ece": model["ece"],
         "worst_reliability_gap": worst_reliability_gap(model["reliability"]),
         # the largest per-horizon ECE and its chance level (`comparison.ece_chance`); absent in older manifests
+        # (and the expected worst of the 30 horizons' chance levels, newer only)
         **({"ece_by_horizon": {key: model["ece_chance"][key] for key in
-                               ("max_ece", "max_h", "max_chance", "pooled_chance")}} if "ece_chance" in model else {}),
+                               ("max_ece", "max_h", "max_chance", "pooled_chance", "worst_chance")
+                               if key in model["ece_chance"]}} if "ece_chance" in model else {}),
         "n_origins": model["n_origins"],
     }
 
@@ -1119,7 +1153,8 @@ def rescore_timeframe(timeframe: Timeframe, walk_forward_file: Path, manifest_pa
     kind = metrics["shipped"]
     # Audit M: walk-forwards saved before a change in how candles are read (a series' partial first week or month
     # dropped) were rescored into the manifest, whose 1w and 1m figures then did not reproduce.
-    if about.get("candles") != candles_fingerprint(load_before_holdout(data_dir, timeframe)[0]):
+    loaded = load_before_holdout(data_dir, timeframe)[0]
+    if about.get("candles") != candles_fingerprint(loaded):
         raise SystemExit(f"{walk_forward_file}: run on other candles than {data_dir} gives now (or read by other "
                          "code, or saved before candle fingerprints); run train --evaluate-only "
                          "--save-walk-forward again; nothing written")
@@ -1127,7 +1162,16 @@ def rescore_timeframe(timeframe: Timeframe, walk_forward_file: Path, manifest_pa
         raise SystemExit(f"{walk_forward_file}: a {about['timeframe']} walk-forward choosing {about['kind']}, not the "
                          f"manifest's {timeframe} {kind}; nothing written")
     tolerance = CONFIGS[timeframe].tolerance
-    comparison = compare_methods(log_return, times, methods, tolerance, nominal_seconds(timeframe), kind)
+    fallback = about["fallback_masks"]
+    if "garch-t" in methods and "garch-t" not in fallback:  # saved before the peer's own mask: its position rule
+        fallback = fallback | {"garch-t": garch_fallback_from_positions(loaded, series, times, timeframe)}
+    comparison = compare_methods(log_return, times, methods, tolerance, nominal_seconds(timeframe), kind,
+                                 fallback=fallback)
+    for name in fallback:
+        if name in comparison["methods"] and name != kind:
+            comparison["methods"][name]["fallback_rule"] = (
+                "recorded by the peer" if name in about["fallback_masks"] else
+                "candle position (walk-forward saved without the peer's mask: failed fits not seen)")
     for name, scores in metrics["comparison"]["methods"].items():
         now = comparison["methods"].get(name, {}).get("pin5")
         if now is None or not math.isclose(now, scores["pin5"], rel_tol=1e-5):
