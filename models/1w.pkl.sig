@@ -1,1 +1,1 @@
-2f7d35f30784c3aceb2dd3add9b6cec6ccf2ebd5ecbe9ae11ee6af56d2a517b6
+dfca9fd5c74fd02879ba9f4273fdd49abc524dc7ccd1d4ea0f0f013cf1a6704e
