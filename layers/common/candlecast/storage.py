@@ -436,21 +436,28 @@ def _read_tail(handle: Any, last_n: int | None) -> "Candles":
     return candles if last_n is None else candles.tail(last_n)
 
 
-def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "") -> "Candles":
-    """`read()`'s candles, or CandleFileInvalid naming the file when it is not a candle series: not Parquet, other
-    columns or types, open times that are no date or off the timeframe's grid (a forecast would continue the
+def candle_damage(read: Callable[[], "Candles"], timeframe: str) -> tuple["Candles | None", str | None]:
+    """(`read()`'s candles, None) when they are a stored `timeframe` series, else (None, why not): not Parquet,
+    other columns or types, open times that are no date or off the timeframe's grid (a forecast would continue the
     wrong candle; the ingest drops such bars from Polygon, `ingest.bars_to_candles`), or later than a bar after
-    now (a forecast would start years ahead). Rows out of
-    order or repeated are not damage: `read` sorts and deduplicates them (`normalize_candles`).
-
-    Unlike an S3 failure, no retry mends such a file: the error says so (503 candle_file_invalid, a long
-    Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act."""
+    now (a forecast would start years ahead). Rows out of order or repeated are not damage: `read` sorts and
+    deduplicates them (`normalize_candles`). The one check of every read (`_checked`) and of every file an
+    operator puts in the bucket (`seed`, `candlecast put-candles`), so nothing is written that reads refuse."""
     try:
         candles = read()
         damage = candles.damage(timeframe, int(time.time()))
     except (ValueError, TypeError, KeyError) as error:
-        damage = f"{type(error).__name__}: {error}"[:300]
-    if damage is not None:
+        return None, f"{type(error).__name__}: {error}"[:300]
+    return (candles, None) if damage is None else (None, damage)
+
+
+def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "") -> "Candles":
+    """`read()`'s candles, or CandleFileInvalid naming the file when it is not a candle series (`candle_damage`).
+
+    Unlike an S3 failure, no retry mends such a file: the error says so (503 candle_file_invalid, a long
+    Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act."""
+    candles, damage = candle_damage(read, timeframe)
+    if candles is None:
         logger.error("invalid candle file: delete it (the next ingest rebuilds it from Polygon) or rewrite it",
                      extra={"key": key, "etag": etag, "ticker": ticker, "timeframe": timeframe, "problem": damage})
         raise CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} candle "
