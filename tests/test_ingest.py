@@ -629,6 +629,56 @@ def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
     assert_complete("X:C000USD", market)
 
 
+def shifted(candles: Candles, seconds: int) -> Candles:
+    return Candles(candles.open_time + seconds, *(getattr(candles, name) for name in COLUMNS[1:]))
+
+
+def test_a_file_every_read_refuses_is_rebuilt_from_polygon_by_the_next_ingest(env, caplog):
+    """Audit N: the ingest read the stored files through the read path's check, so a refused file (a 1d file of
+    Polygon's US/Eastern stamps, a 1h file a year ahead, a 1m file that is not Parquet) failed its whole source
+    before Polygon was asked, in every refresh: nothing was ever written again, and the 4h, 1w and 1m files were
+    never built. It is rebuilt as if it were missing, with one warning naming the key and the problem."""
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = "X:C000USD"
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+        daily, hourly = storage.read_all_candles(ticker, "1d"), storage.read_all_candles(ticker, "1h")
+        storage.write_candles(ticker, "1d", shifted(daily, 4 * HOUR))  # 04:00Z: off the 1d grid
+        storage.write_candles(ticker, "1h", shifted(hourly, 365 * DAY))  # a year after NOW: after the clock too
+        storage.put_bytes(storage.candles_key(ticker, "1m"), b"PAR1 not parquet PAR1")
+        with caplog.at_level("WARNING"):
+            summary = ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+    assert summary.errors == [] and summary.failed == [] and summary.symbols_done == 1
+    assert summary.files_written == 3  # the 4h and 1w files, rebuilt from the same bars, are as they were
+    assert_complete(ticker, market)
+    lines = [record for record in caplog.records if "invalid candle file" in record.getMessage()]
+    assert [record.getMessage() for record in lines] == ["invalid candle file: rebuilding it from Polygon"] * 3
+    assert sorted(record.key for record in lines) == [storage.candles_key(ticker, tf) for tf in ("1d", "1h", "1m")]
+    problems = {record.timeframe: record.problem for record in lines}
+    assert "open times off the 1d grid (the first" in problems["1d"]
+    assert problems["1h"].startswith("open times in the future") and problems["1m"].startswith("ArrowInvalid")
+
+
+def test_a_refused_file_polygon_cannot_rebuild_is_a_permanent_failure_and_left_as_it_was(env):
+    """When Polygon has no bars to rebuild a refused file from, the ingest says so in its own words (not the read
+    path's "before it is forecast from"), leaves the file, and does not try again in the chunk."""
+    market = make_market(2, now=NOW, history_days=200)
+    ticker = "X:C001USD"
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        storage.put_bytes(storage.candles_key(ticker, "1d"), b"PAR1 not parquet PAR1")
+        market.symbols = market.symbols[:1]  # Polygon has no bars for it any more
+        summary = ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
+                                    timeframes=["1d"])
+        assert fake.count(f"/v2/aggs/ticker/{ticker}/range/1/day/") == 1
+    assert summary.failed == [ticker] and summary.retried == [] and summary.retry == []
+    [error] = summary.errors
+    assert error.startswith(f"{ticker}: 1d bars: the stored 1d candle file of {ticker} is not a 1d candle series")
+    assert "Polygon sent no bars" in error and "forecast from" not in error
+    assert storage.get_bytes(storage.candles_key(ticker, "1d")) == b"PAR1 not parquet PAR1"
+
+
 def test_a_run_killed_halfway_is_completed_by_the_next_with_nothing_lost_or_doubled(env, monkeypatch):
     market = make_market(4, now=NOW, history_days=200)
     with FakePolygon(market) as fake:

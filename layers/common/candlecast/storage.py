@@ -451,17 +451,23 @@ def candle_damage(read: Callable[[], "Candles"], timeframe: str) -> tuple["Candl
     return (candles, None) if damage is None else (None, damage)
 
 
-def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "") -> "Candles":
+def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "", *,
+             log: bool = True) -> "Candles":
     """`read()`'s candles, or CandleFileInvalid naming the file when it is not a candle series (`candle_damage`).
 
     Unlike an S3 failure, no retry mends such a file: the error says so (503 candle_file_invalid, a long
-    Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act."""
+    Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act.
+    With `log` False (the ingest, which rebuilds the file and says so itself) there is no log line; the error
+    carries the key and the problem (`key`, `problem`: never in its message, which a client may see)."""
     candles, damage = candle_damage(read, timeframe)
     if candles is None:
-        logger.error("invalid candle file: delete it (the next ingest rebuilds it from Polygon) or rewrite it",
-                     extra={"key": key, "etag": etag, "ticker": ticker, "timeframe": timeframe, "problem": damage})
-        raise CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} candle "
-                                "series; it must be repaired before it is forecast from")
+        if log:
+            logger.error("invalid candle file: delete it (the next ingest rebuilds it from Polygon) or rewrite it",
+                         extra={"key": key, "etag": etag, "ticker": ticker, "timeframe": timeframe, "problem": damage})
+        error = CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} "
+                                  "candle series; it must be repaired before it is forecast from")
+        error.key, error.problem = key, damage
+        raise error
     return candles
 
 
@@ -571,14 +577,15 @@ def stored_timeframes(ticker: str) -> list[str]:
     return [timeframe for timeframe in TIMEFRAMES if candles_key(ticker, timeframe) in keys]
 
 
-def read_all_candles(ticker: str, timeframe: str) -> "Candles | None":
+def read_all_candles(ticker: str, timeframe: str, *, log_invalid: bool = True) -> "Candles | None":
     """Every candle in the symbol's file (ingest merges into it, scoring reads outcomes), bypassing the caches;
-    sorted and deduplicated (`normalize_candles`)."""
+    sorted and deduplicated (`normalize_candles`). An invalid file is CandleFileInvalid (`_checked`; logged
+    unless `log_invalid` is False)."""
     key = candles_key(ticker, timeframe)
     data = get_bytes(key)
     if data is None:
         return None
-    return _checked(lambda: normalize_candles(parquet_to_candles(data)), key, ticker, timeframe)
+    return _checked(lambda: normalize_candles(parquet_to_candles(data)), key, ticker, timeframe, log=log_invalid)
 
 
 def bucket_url() -> str:
