@@ -504,6 +504,35 @@ def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
 BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - NOW % HOUR - 2 * HOUR) * 1000, "n": 7}
 
 
+@pytest.mark.parametrize("stamp", [0, 4 * HOUR, 5 * HOUR])
+def test_the_day_that_just_closed_is_stored_and_caught_up_whatever_its_stamp(env, stamp):
+    """Audit N: the bars were asked for up to now - 1 step, so at 02:00Z a day's bar stamped at US/Eastern midnight
+    (04:00Z/05:00Z, as Polygon's real 2020 bars) opened after the end asked for: the day that had just closed was
+    missing for 4-5 hours after each UTC midnight, in the ingest and in a forecast's catch-up (data_age_bars 1)."""
+    from candlecast.timeframes import closed_since
+
+    now = NOW - NOW % DAY + 2 * HOUR  # 02:00Z
+    yesterday = now - now % DAY - DAY
+    market = make_market(1, now=now, history_days=60)
+    market.daily_stamp_offset = stamp
+    ticker = "X:C000USD"
+    with FakePolygon(market) as fake:
+        candles, dropped = ingest.fetch_candles(client_for(fake), ticker, "1d", now - 20 * DAY, now)
+        assert candles.open_time[-1] == yesterday and dropped == 0
+        assert np.all(np.diff(candles.open_time) == DAY)
+
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=now, timeframes=["1d"],
+                                    history_days=HISTORY)
+        assert summary.errors == [] and summary.bars_dropped == 0
+        assert storage.read_all_candles(ticker, "1d").open_time[-1] == yesterday
+
+        point_settings_at(env, fake)
+        caught = ingest.caught_up_candles(ticker, "1d", candles.head(len(candles) - 2), 10, now=now)
+    assert caught.open_time[-1] == yesterday
+    last = datetime.fromtimestamp(int(caught.open_time[-1]), UTC)
+    assert closed_since(last, "1d", datetime.fromtimestamp(now, UTC)) == 0  # not stale
+
+
 @pytest.mark.parametrize("bad", [{"v": None}, {"v": "2.5"}, {"c": True}, {"h": [1]}, {"t": None}, {"t": 1.7e12},
                                  {"t": "2026-11-20"}, "no v", "no t", "no o", "not an object"])
 def test_a_malformed_bar_is_a_bad_response(bad):

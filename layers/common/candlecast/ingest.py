@@ -327,8 +327,11 @@ def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: 
 
     multiplier, timespan = POLYGON_SPAN[source]
     step = nominal_seconds(source)
+    # Up to now, not to a step before it: a day's bar stamped at US/Eastern midnight (04:00Z/05:00Z) opens after
+    # now - 1 day for the first hours of each UTC day, yet it is the day that just closed once labelled by its UTC
+    # day. The bar still open comes too, and `_page_candles` drops it (closed by `now` once floored).
     pages = [_page_candles(bars, step, now) for bars in
-             client.aggregate_pages(ticker, multiplier, timespan, start * 1000, (now - step) * 1000, stop=stop)]
+             client.aggregate_pages(ticker, multiplier, timespan, start * 1000, now * 1000, stop=stop)]
     candles = normalize_candles(Candles(*(np.concatenate([getattr(page, name) for page, _ in pages])
                                           for name in COLUMNS)))
     dropped = sum(count for _, count in pages)
