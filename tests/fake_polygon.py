@@ -59,6 +59,8 @@ class FakeMarket:
     now: int = 1_700_000_000  # the market clock: bars open strictly before this
     bars_per_page: int = 5000
     tickers_per_page: int = 1000
+    # Daily bars stamped this long after UTC midnight: 4 or 5 hours, US/Eastern midnight, as Polygon's older bars.
+    daily_stamp_offset: int = 0
 
     def by_ticker(self) -> dict[str, FakeSymbol]:
         return {symbol.ticker: symbol for symbol in self.symbols}
@@ -78,7 +80,8 @@ class FakeMarket:
         if symbol is None:
             return []
         first = max(start, symbol.listed_at)
-        first += -first % step
+        offset = self.daily_stamp_offset if step == DAY else 0
+        first += (offset - first) % step
         last = min(end, self.now)
         return [self.bar(symbol, t, step) for t in range(first, last + 1, step)]
 

@@ -504,6 +504,35 @@ def test_bars_polygon_fills_in_later_are_fetched_and_older_candles_kept(env):
 BAR = {"v": 2.5, "vw": 10.1, "o": 10, "c": 10.2, "h": 10.5, "l": 9.9, "t": (NOW - NOW % HOUR - 2 * HOUR) * 1000, "n": 7}
 
 
+@pytest.mark.parametrize("stamp", [0, 4 * HOUR, 5 * HOUR])
+def test_the_day_that_just_closed_is_stored_and_caught_up_whatever_its_stamp(env, stamp):
+    """Audit N: the bars were asked for up to now - 1 step, so at 02:00Z a day's bar stamped at US/Eastern midnight
+    (04:00Z/05:00Z, as Polygon's real 2020 bars) opened after the end asked for: the day that had just closed was
+    missing for 4-5 hours after each UTC midnight, in the ingest and in a forecast's catch-up (data_age_bars 1)."""
+    from candlecast.timeframes import closed_since
+
+    now = NOW - NOW % DAY + 2 * HOUR  # 02:00Z
+    yesterday = now - now % DAY - DAY
+    market = make_market(1, now=now, history_days=60)
+    market.daily_stamp_offset = stamp
+    ticker = "X:C000USD"
+    with FakePolygon(market) as fake:
+        candles, dropped = ingest.fetch_candles(client_for(fake), ticker, "1d", now - 20 * DAY, now)
+        assert candles.open_time[-1] == yesterday and dropped == 0
+        assert np.all(np.diff(candles.open_time) == DAY)
+
+        summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=now, timeframes=["1d"],
+                                    history_days=HISTORY)
+        assert summary.errors == [] and summary.bars_dropped == 0
+        assert storage.read_all_candles(ticker, "1d").open_time[-1] == yesterday
+
+        point_settings_at(env, fake)
+        caught = ingest.caught_up_candles(ticker, "1d", candles.head(len(candles) - 2), 10, now=now)
+    assert caught.open_time[-1] == yesterday
+    last = datetime.fromtimestamp(int(caught.open_time[-1]), UTC)
+    assert closed_since(last, "1d", datetime.fromtimestamp(now, UTC)) == 0  # not stale
+
+
 @pytest.mark.parametrize("bad", [{"v": None}, {"v": "2.5"}, {"c": True}, {"h": [1]}, {"t": None}, {"t": 1.7e12},
                                  {"t": "2026-11-20"}, "no v", "no t", "no o", "not an object"])
 def test_a_malformed_bar_is_a_bad_response(bad):
@@ -627,6 +656,56 @@ def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
         retried = ingest.run_ingest(client, symbols=1, now=market.now, history_days=HISTORY, refresh=False)
     assert retried.errors == []
     assert_complete("X:C000USD", market)
+
+
+def shifted(candles: Candles, seconds: int) -> Candles:
+    return Candles(candles.open_time + seconds, *(getattr(candles, name) for name in COLUMNS[1:]))
+
+
+def test_a_file_every_read_refuses_is_rebuilt_from_polygon_by_the_next_ingest(env, caplog):
+    """Audit N: the ingest read the stored files through the read path's check, so a refused file (a 1d file of
+    Polygon's US/Eastern stamps, a 1h file a year ahead, a 1m file that is not Parquet) failed its whole source
+    before Polygon was asked, in every refresh: nothing was ever written again, and the 4h, 1w and 1m files were
+    never built. It is rebuilt as if it were missing, with one warning naming the key and the problem."""
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = "X:C000USD"
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+        daily, hourly = storage.read_all_candles(ticker, "1d"), storage.read_all_candles(ticker, "1h")
+        storage.write_candles(ticker, "1d", shifted(daily, 4 * HOUR))  # 04:00Z: off the 1d grid
+        storage.write_candles(ticker, "1h", shifted(hourly, 365 * DAY))  # a year after NOW: after the clock too
+        storage.put_bytes(storage.candles_key(ticker, "1m"), b"PAR1 not parquet PAR1")
+        with caplog.at_level("WARNING"):
+            summary = ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
+    assert summary.errors == [] and summary.failed == [] and summary.symbols_done == 1
+    assert summary.files_written == 3  # the 4h and 1w files, rebuilt from the same bars, are as they were
+    assert_complete(ticker, market)
+    lines = [record for record in caplog.records if "invalid candle file" in record.getMessage()]
+    assert [record.getMessage() for record in lines] == ["invalid candle file: rebuilding it from Polygon"] * 3
+    assert sorted(record.key for record in lines) == [storage.candles_key(ticker, tf) for tf in ("1d", "1h", "1m")]
+    problems = {record.timeframe: record.problem for record in lines}
+    assert "open times off the 1d grid (the first" in problems["1d"]
+    assert problems["1h"].startswith("open times in the future") and problems["1m"].startswith("ArrowInvalid")
+
+
+def test_a_refused_file_polygon_cannot_rebuild_is_a_permanent_failure_and_left_as_it_was(env):
+    """When Polygon has no bars to rebuild a refused file from, the ingest says so in its own words (not the read
+    path's "before it is forecast from"), leaves the file, and does not try again in the chunk."""
+    market = make_market(2, now=NOW, history_days=200)
+    ticker = "X:C001USD"
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        storage.put_bytes(storage.candles_key(ticker, "1d"), b"PAR1 not parquet PAR1")
+        market.symbols = market.symbols[:1]  # Polygon has no bars for it any more
+        summary = ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
+                                    timeframes=["1d"])
+        assert fake.count(f"/v2/aggs/ticker/{ticker}/range/1/day/") == 1
+    assert summary.failed == [ticker] and summary.retried == [] and summary.retry == []
+    [error] = summary.errors
+    assert error.startswith(f"{ticker}: 1d bars: the stored 1d candle file of {ticker} is not a 1d candle series")
+    assert "Polygon sent no bars" in error and "forecast from" not in error
+    assert storage.get_bytes(storage.candles_key(ticker, "1d")) == b"PAR1 not parquet PAR1"
 
 
 def test_a_run_killed_halfway_is_completed_by_the_next_with_nothing_lost_or_doubled(env, monkeypatch):

@@ -546,16 +546,35 @@ def test_a_candle_file_replaced_by_the_operator_is_used_by_the_next_forecast(see
         assert status == 201 and body["last_close"] == pytest.approx(FIXED_CLOSES[-1])
 
 
-def test_put_candles_refuses_a_damaged_file_and_changes_nothing(seeded, tmp_path):
-    from candlecast import cli
+@pytest.mark.parametrize("bad", ["not parquet", "1d at 04:00Z", "1h a year ahead"])
+def test_put_candles_refuses_a_file_every_read_would_refuse_and_changes_nothing(seeded, tmp_path, capsys, bad):
+    """Audit N: put-candles checked `damage()` without the timeframe or now, so a 1d file of Polygon's daily bars
+    stamped at US/Eastern midnight (04:00Z) or a 1h file a year ahead was stored (exit 0), and every forecast from
+    it was then a 503 candle_file_invalid. It checks with the read path's own check (`storage.candle_damage`)."""
+    import time
 
-    key = storage.candles_key("X:ADAUSDT", "1h")
-    storage.put_bytes(key, _raw_candle_file(BAD_CLOSES))
-    before = storage.get_bytes(key)
+    import numpy as np
+
+    from candlecast import cli
+    from candlecast.candles import Candles
+
+    timeframe = "1d" if bad == "1d at 04:00Z" else "1h"
+    key = storage.candles_key("X:ADAUSDT", timeframe)
+    before = storage.get_bytes(key)  # the sample's
+    assert before is not None
     junk = tmp_path / "junk.parquet"
-    junk.write_bytes(b"PAR1 not parquet PAR1")
-    assert cli.main(["put-candles", str(junk), "--symbol", "ADAUSDT", "--timeframe", "1h"]) == 1
+    if bad == "not parquet":
+        junk.write_bytes(b"PAR1 not parquet PAR1")
+    else:
+        start, step = ((1_599_955_200 + 4 * 3600, 86400) if timeframe == "1d"  # 2020-09-13T04:00Z, daily
+                       else (int(time.time()) // 3600 * 3600 + 365 * 86400, 3600))
+        close = np.asarray(BAD_CLOSES)
+        junk.write_bytes(storage.candles_to_parquet(Candles(
+            open_time=start + step * np.arange(len(close), dtype=np.int64), open=close, high=close * 1.01,
+            low=close * 0.99, close=close, volume=np.ones(len(close)))))
+    assert cli.main(["put-candles", str(junk), "--symbol", "ADAUSDT", "--timeframe", timeframe]) == 1
     assert storage.get_bytes(key) == before
+    assert f"is not a usable {timeframe} candle file (" in capsys.readouterr().err
 
 
 def test_an_unreadable_candle_file_is_503(seeded):

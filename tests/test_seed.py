@@ -33,12 +33,25 @@ def seed_bucket(clean_db, monkeypatch):
     get_settings.cache_clear()
 
 
+def candle_file(start: int, step: int, rows: int = 50) -> bytes:
+    """Parquet candles opening at `start` + k * `step`, as data/ holds them."""
+    import numpy as np
+
+    from candlecast import storage
+    from candlecast.candles import Candles
+
+    close = 1.0 + 0.01 * (np.arange(rows) % 7)
+    return storage.candles_to_parquet(Candles(open_time=start + step * np.arange(rows, dtype=np.int64),
+                                              open=close, high=close * 1.01, low=close * 0.99, close=close,
+                                              volume=np.ones(rows)))
+
+
 @pytest.fixture
 def sample(tmp_path):
     data, models = tmp_path / "data", tmp_path / "models"
     (data / "ZZSEEDUSDT").mkdir(parents=True)
     (data / "symbols.csv").write_text(SYMBOLS_CSV)
-    (data / "ZZSEEDUSDT" / "1h.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    (data / "ZZSEEDUSDT" / "1h.parquet").write_bytes(candle_file(1_600_000_000 - 1_600_000_000 % 3600, 3600))
     models.mkdir()
     model = b"model bytes v1"
     (models / "1h.pkl").write_bytes(model)
@@ -133,6 +146,32 @@ def test_a_data_directory_that_is_not_one_is_refused_before_any_change(seed_buck
     assert cli.main(["seed", "--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet"]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith(f"candlecast seed: {expected}") and "seeded" not in captured.out
+    state = _state()
+    assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
+
+
+@pytest.mark.parametrize("bad", ["not parquet", "1d at 04:00Z", "1h a year ahead"])
+def test_a_candle_file_every_read_would_refuse_is_refused_before_any_change(seed_bucket, sample, capsys, bad):
+    """Audit N: seed uploaded data/ as it was, so a 1d file of Polygon's daily bars stamped at US/Eastern midnight
+    (04:00Z) or a 1h file dated a year ahead went into the bucket, and every forecast from it was a 503
+    candle_file_invalid. Seed checks each candle file with the read path's own check first."""
+    import time
+
+    from candlecast import cli
+
+    data, models = sample
+    if bad == "not parquet":
+        name, content = "1h.parquet", b"PAR1 not really parquet PAR1"
+    elif bad == "1d at 04:00Z":
+        name, content = "1d.parquet", candle_file(1_600_041_600 + 4 * 3600, 86400)  # 2020-09-14T04:00Z
+    else:
+        hour = int(time.time()) // 3600 * 3600
+        name, content = "1h.parquet", candle_file(hour + 365 * 86400, 3600)
+    (data / "ZZSEEDUSDT" / name).write_bytes(content)
+    assert cli.main(["seed", "--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"candlecast seed: 1 candle files in {data} are not usable")
+    assert f"ZZSEEDUSDT/{name}: " in captured.err and "nothing seeded" in captured.err
     state = _state()
     assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
 

@@ -335,10 +335,11 @@ def copies_of_one_forecast(count: int) -> list[uuid.UUID]:
     return sorted(uuid.UUID(body["id"]) for body in bodies)
 
 
-@pytest.mark.parametrize("failure", ["stalled", "damaged"])
+@pytest.mark.parametrize("failure", ["stalled", "damaged", "off the grid"])
 def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions_are_skipped(track, failure):
     """A stalled S3 (StorageUnavailable after the client's timeouts, ~2 s a read) or a corrupt file used to be read
-    again for every due prediction of its series: 200 reads, ~400 s, in a batch of a 270 s chunk."""
+    again for every due prediction of its series: 200 reads, ~400 s, in a batch of a 270 s chunk. A file every read
+    refuses (audit N: off its grid) skips its series with the reason, and the run goes on."""
     from candlecast.errors import StorageUnavailable
 
     history = stored_history()
@@ -349,6 +350,10 @@ def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions
         storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
     if failure == "damaged":
         storage.put_bytes(storage.candles_key(SYMBOL, "1h"), b"PAR1 not parquet PAR1")
+    elif failure == "off the grid":
+        later = storage.normalize_candles(with_later(history, [100.0] * 3))
+        storage.write_candles(SYMBOL, "1h", Candles(later.open_time + 1800, later.open, later.high, later.low,
+                                                    later.close, later.volume))
     reads: list[str] = []
     real = storage.read_all_candles
 
@@ -365,6 +370,9 @@ def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions
     assert report.skipped == 2 and report.predictions == 4
     [unreadable] = report.unreadable_files
     assert unreadable.startswith(f"{SYMBOL} 1h: ") and unreadable.endswith(report.failed[0].split(": ", 1)[1])
+    if failure != "stalled":
+        assert unreadable.endswith("is unreadable or not a 1h candle series; it must be repaired before it is "
+                                   "forecast from")
     assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {other}
     # The skipped predictions stay due: the next run tries the file again, and scores them once it can read it.
     storage.write_candles(SYMBOL, "1h", with_later(history, [100.0] * 3))
@@ -408,7 +416,7 @@ def test_between_refreshes_a_run_reads_no_candle_file_in_vain(track):
 
         reads = []
         real = storage.read_all_candles
-        track.setattr(storage, "read_all_candles", lambda *args: reads.append(args) or real(*args))
+        track.setattr(storage, "read_all_candles", lambda *args, **kwargs: reads.append(args) or real(*args, **kwargs))
         later = datetime.now(UTC) + timedelta(days=3)  # step 1 is long past, but its candle is not stored
         first = scoring.run(60, now=later)  # the first look at a new prediction, which sets its next step
         assert first.predictions == 1 and first.scored == 0 and len(reads) == 1

@@ -89,6 +89,8 @@ class CandleFileInvalid(ServiceUnavailable):
 
     code = "candle_file_invalid"
     retry_after = 300
+    key = ""  # the file's S3 key, and why it is refused: for logs, never in the message
+    problem = ""
 
 
 class SecretsUnavailable(ServiceUnavailable):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, redaction
-from candlecast.errors import CandlecastError, NotFound, ServiceUnavailable
+from candlecast.errors import CandlecastError, CandleFileInvalid, NotFound, ServiceUnavailable
 from candlecast.polygon import (
     PolygonAuthError,
     PolygonBadResponse,
@@ -63,8 +63,19 @@ REFETCH_DAYS = 7
 # an upstream fault, a listing cut short, not the market: nothing is marked inactive and the summary says so.
 MAX_INACTIVATED_SHARE = 0.10
 MAX_INACTIVATED_ALWAYS = 10
-# Failures that trying again cannot mend: a plan's 403, a 404 (no such ticker or route) and any other 4xx but 429.
-PERMANENT_FAILURES = (PolygonNotEntitled, PolygonNotFound, PolygonRejected)
+
+
+class CandleFileNotRebuilt(CandlecastError):
+    """A stored candle file that every read refuses (CandleFileInvalid), which the ingest could not rebuild: Polygon
+    sent no bars for its source, or they make no whole candle of its timeframe. Left as it was; an operator must
+    delete or rewrite it. Trying again in the same run gives the same answer."""
+
+    code = "candle_file_not_rebuilt"
+
+
+# Failures that trying again cannot mend: a plan's 403, a 404 (no such ticker or route) and any other 4xx but 429,
+# and an invalid stored file that Polygon's bars cannot rebuild.
+PERMANENT_FAILURES = (PolygonNotEntitled, PolygonNotFound, PolygonRejected, CandleFileNotRebuilt)
 BAR_FIELDS: dict[str, tuple[type, ...]] = {"t": (int,), **{key: (int, float) for key in ("o", "h", "l", "c", "v")}}
 
 
@@ -316,8 +327,11 @@ def fetch_candles(client: PolygonClient, ticker: str, source: Timeframe, start: 
 
     multiplier, timespan = POLYGON_SPAN[source]
     step = nominal_seconds(source)
+    # Up to now, not to a step before it: a day's bar stamped at US/Eastern midnight (04:00Z/05:00Z) opens after
+    # now - 1 day for the first hours of each UTC day, yet it is the day that just closed once labelled by its UTC
+    # day. The bar still open comes too, and `_page_candles` drops it (closed by `now` once floored).
     pages = [_page_candles(bars, step, now) for bars in
-             client.aggregate_pages(ticker, multiplier, timespan, start * 1000, (now - step) * 1000, stop=stop)]
+             client.aggregate_pages(ticker, multiplier, timespan, start * 1000, now * 1000, stop=stop)]
     candles = normalize_candles(Candles(*(np.concatenate([getattr(page, name) for page, _ in pages])
                                           for name in COLUMNS)))
     dropped = sum(count for _, count in pages)
@@ -401,7 +415,7 @@ def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, target
     from candlecast.forecast.dataset import resample
 
     step = nominal_seconds(source)
-    existing = storage.read_all_candles(ticker, source)
+    existing, invalid = _stored_candles(ticker, source)
     if existing is not None and len(existing):
         start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
     else:
@@ -412,6 +426,10 @@ def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, target
         new, dropped = fetch_candles(client, ticker, source, start, now, stop=stop)
         result.bars_dropped += dropped
     if new is None or len(new) == 0:
+        if invalid:
+            raise CandleFileNotRebuilt(f"the stored {source} candle file of {ticker} is not a {source} candle series "
+                                       "(every read refuses it), and Polygon sent no bars to rebuild it from; it was "
+                                       "left as it was: delete or rewrite it (candlecast put-candles)")
         if existing is None:
             return
         merged = existing
@@ -424,12 +442,15 @@ def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, target
         result.added += len(merged) - before
     if len(merged):
         result.stored_through[source] = int(merged.open_time[-1])
+    not_rebuilt = []
     for target in targets:
         if target == source:
             continue
         derived = resample(merged, source, target)
-        current = storage.read_all_candles(ticker, target)
+        current, invalid = _stored_candles(ticker, target)
         if current is None and len(derived) == 0:
+            if invalid:
+                not_rebuilt.append(target)
             continue
         combined = storage.merge_candles(current, derived)
         if len(combined):
@@ -439,6 +460,26 @@ def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, target
         storage.write_candles(ticker, target, combined)
         result.files += 1
         result.added += len(combined) - (0 if current is None else len(current))
+    if not_rebuilt:
+        raise CandleFileNotRebuilt(f"the stored {' and '.join(not_rebuilt)} candle files of {ticker} are not candle "
+                                   f"series of their timeframe (every read refuses them), and the {source} bars make "
+                                   "no whole candle of it to rebuild them from; they were left as they were: delete "
+                                   "or rewrite them (candlecast put-candles)")
+
+
+def _stored_candles(ticker: str, timeframe: Timeframe) -> tuple["Candles | None", bool]:
+    """(the stored file's candles, False), (None, False) when there is none, or (None, True) when every read refuses
+    it (`storage.read_all_candles`: CandleFileInvalid): the ingest then rebuilds it from Polygon as if it were
+    missing, in place of failing the source before asking Polygon, and logs one warning naming the key and the
+    problem."""
+    from candlecast import storage
+
+    try:
+        return storage.read_all_candles(ticker, timeframe, log_invalid=False), False
+    except CandleFileInvalid as error:
+        logger.warning("invalid candle file: rebuilding it from Polygon",
+                       extra={"key": error.key, "ticker": ticker, "timeframe": timeframe, "problem": error.problem})
+        return None, True
 
 
 def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> bool:

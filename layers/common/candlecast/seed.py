@@ -346,6 +346,10 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
     if not (data_dir / SYMBOLS_FILE).is_file():
         raise UnusableInput(f"no {SYMBOLS_FILE} in {data_dir}: not a data directory; nothing seeded")
     models = checked_models(models_dir, resign)
+    if refused := refused_data_files(data_dir):
+        shown = "; ".join(refused[:5]) + (f"; ... {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise UnusableInput(f"{len(refused)} candle files in {data_dir} are not usable (every read would refuse "
+                            f"them): {shown}; nothing seeded")
     with db.batch(BATCH_DB_SECONDS):  # batch work: not a request's 1 s bound
         report.symbols = seed_symbols(data_dir)
         report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
@@ -470,10 +474,40 @@ def _resign_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def candle_file(path: Path, timeframe: str) -> tuple[Any, str | None]:
+    """(the local Parquet file's candles, None), or (None, why not) when every read of it from the bucket would
+    refuse it (`storage.candle_damage`, the read path's own check: the timeframe's grid, no open time in the
+    future). A missing file raises FileNotFoundError."""
+    from candlecast import storage
+
+    try:
+        data = path.read_bytes()
+        return storage.candle_damage(lambda: storage.normalize_candles(storage.parquet_to_candles(data)), timeframe)
+    except OSError as error:  # unreadable here, or Parquet that pyarrow cannot parse (it raises OSError for some)
+        if isinstance(error, FileNotFoundError):
+            raise
+        return None, type(error).__name__
+
+
+def refused_data_files(data_dir: Path) -> list[str]:
+    """data/'s candle files (`<symbol>/<timeframe>.parquet`) that every read from the bucket would refuse, each
+    with why (`candle_file`)."""
+    from candlecast.timeframes import TIMEFRAMES
+
+    refused = []
+    for timeframe in TIMEFRAMES:
+        for path in sorted(data_dir.glob(f"*/{timeframe}.parquet")):
+            damage = candle_file(path, timeframe)[1] if path.is_file() else "not a file"
+            if damage is not None:
+                refused.append(f"{path.relative_to(data_dir)}: {damage}")
+    return refused
+
+
 def put_candles(ticker: str, timeframe: str, path: Path) -> int:
     """Replace one symbol's candle file in the bucket with a local Parquet file (columns as data/'s): refused,
-    before any change, when it is unreadable or damaged; else sorted, deduplicated and written in one PUT, and its
-    cached candles dropped, so the next forecast reads it (a file copied in by hand is not seen for up to an hour).
+    before any change, when every read of it would refuse it (`candle_file`); else sorted, deduplicated and
+    written in one PUT, and its cached candles dropped, so the next forecast reads it (a file copied in by hand
+    is not seen for up to an hour).
     Returns the number of rows written."""
     from candlecast import storage
     from candlecast.tickers import normalize_ticker
@@ -482,15 +516,9 @@ def put_candles(ticker: str, timeframe: str, path: Path) -> int:
     if timeframe not in TIMEFRAMES:
         raise UnusableInput(f"unknown timeframe {timeframe!r} (one of {', '.join(TIMEFRAMES)})")
     ticker = normalize_ticker(ticker)
-    try:
-        candles = storage.normalize_candles(storage.parquet_to_candles(path.read_bytes()))
-        damage = candles.damage()
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
-        damage = type(error).__name__
-    if damage is not None:
-        raise UnusableInput(f"{path} is not a usable candle file ({damage}); the bucket is unchanged")
+    candles, damage = candle_file(path, timeframe)
+    if candles is None:
+        raise UnusableInput(f"{path} is not a usable {timeframe} candle file ({damage}); the bucket is unchanged")
     rows = storage.write_candles(ticker, timeframe, candles)
     print(f"put {rows} {timeframe} candles of {ticker} at {storage.candles_key(ticker, timeframe)}")
     return rows

@@ -436,25 +436,38 @@ def _read_tail(handle: Any, last_n: int | None) -> "Candles":
     return candles if last_n is None else candles.tail(last_n)
 
 
-def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "") -> "Candles":
-    """`read()`'s candles, or CandleFileInvalid naming the file when it is not a candle series: not Parquet, other
-    columns or types, open times that are no date or off the timeframe's grid (a forecast would continue the
+def candle_damage(read: Callable[[], "Candles"], timeframe: str) -> tuple["Candles | None", str | None]:
+    """(`read()`'s candles, None) when they are a stored `timeframe` series, else (None, why not): not Parquet,
+    other columns or types, open times that are no date or off the timeframe's grid (a forecast would continue the
     wrong candle; the ingest drops such bars from Polygon, `ingest.bars_to_candles`), or later than a bar after
-    now (a forecast would start years ahead). Rows out of
-    order or repeated are not damage: `read` sorts and deduplicates them (`normalize_candles`).
-
-    Unlike an S3 failure, no retry mends such a file: the error says so (503 candle_file_invalid, a long
-    Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act."""
+    now (a forecast would start years ahead). Rows out of order or repeated are not damage: `read` sorts and
+    deduplicates them (`normalize_candles`). The one check of every read (`_checked`) and of every file an
+    operator puts in the bucket (`seed`, `candlecast put-candles`), so nothing is written that reads refuse."""
     try:
         candles = read()
         damage = candles.damage(timeframe, int(time.time()))
     except (ValueError, TypeError, KeyError) as error:
-        damage = f"{type(error).__name__}: {error}"[:300]
-    if damage is not None:
-        logger.error("invalid candle file: delete it (the next ingest rebuilds it from Polygon) or rewrite it",
-                     extra={"key": key, "etag": etag, "ticker": ticker, "timeframe": timeframe, "problem": damage})
-        raise CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} candle "
-                                "series; it must be repaired before it is forecast from")
+        return None, f"{type(error).__name__}: {error}"[:300]
+    return (candles, None) if damage is None else (None, damage)
+
+
+def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: str, etag: str = "", *,
+             log: bool = True) -> "Candles":
+    """`read()`'s candles, or CandleFileInvalid naming the file when it is not a candle series (`candle_damage`).
+
+    Unlike an S3 failure, no retry mends such a file: the error says so (503 candle_file_invalid, a long
+    Retry-After) and the log line names the file, its ETag and the problem, for the operator who must act.
+    With `log` False (the ingest, which rebuilds the file and says so itself) there is no log line; the error
+    carries the key and the problem (`key`, `problem`: never in its message, which a client may see)."""
+    candles, damage = candle_damage(read, timeframe)
+    if candles is None:
+        if log:
+            logger.error("invalid candle file: delete it (the next ingest rebuilds it from Polygon) or rewrite it",
+                         extra={"key": key, "etag": etag, "ticker": ticker, "timeframe": timeframe, "problem": damage})
+        error = CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} "
+                                  "candle series; it must be repaired before it is forecast from")
+        error.key, error.problem = key, damage
+        raise error
     return candles
 
 
@@ -564,14 +577,15 @@ def stored_timeframes(ticker: str) -> list[str]:
     return [timeframe for timeframe in TIMEFRAMES if candles_key(ticker, timeframe) in keys]
 
 
-def read_all_candles(ticker: str, timeframe: str) -> "Candles | None":
+def read_all_candles(ticker: str, timeframe: str, *, log_invalid: bool = True) -> "Candles | None":
     """Every candle in the symbol's file (ingest merges into it, scoring reads outcomes), bypassing the caches;
-    sorted and deduplicated (`normalize_candles`)."""
+    sorted and deduplicated (`normalize_candles`). An invalid file is CandleFileInvalid (`_checked`; logged
+    unless `log_invalid` is False)."""
     key = candles_key(ticker, timeframe)
     data = get_bytes(key)
     if data is None:
         return None
-    return _checked(lambda: normalize_candles(parquet_to_candles(data)), key, ticker, timeframe)
+    return _checked(lambda: normalize_candles(parquet_to_candles(data)), key, ticker, timeframe, log=log_invalid)
 
 
 def bucket_url() -> str:
