@@ -218,14 +218,18 @@ class ForecastModel:
         return np.clip(mapped, 0.0, 1.0)
 
     # -- one forecast ----------------------------------------------------------------------------------
+    @property
+    def min_candles(self) -> int:
+        """Usable candles a forecast needs: the σ warm-up every origin it was evaluated on had (`config.min_history`),
+        and never fewer than 3."""
+        return max(3, self.config.min_history)
+
     def predict(self, candles: Candles) -> Forecast:
-        """30 expected candles after the last of `candles` (oldest first; at least `config.min_history` usable
-        candles, the σ warm-up every origin it was evaluated on had)."""
+        """30 expected candles after the last of `candles` (oldest first; at least `min_candles` usable ones)."""
         recent = usable_candles(candles.tail(self.lookback))
-        need = max(3, self.config.min_history)
-        if len(recent) < need:
-            raise ValueError(f"at least {need} candles with positive prices are needed for a {self.timeframe} "
-                             f"forecast ({len(recent)} given)")
+        if len(recent) < self.min_candles:
+            raise ValueError(f"at least {self.min_candles} candles with positive prices are needed for a "
+                             f"{self.timeframe} forecast ({len(recent)} given)")
         rows, sigma = origin_features(recent, self.config)
         origin, sigma_now = rows[-1:], sigma[-1:]
         states = None if self.garch is None else series_states(np.log(recent.close), np.array([len(recent) - 1]),

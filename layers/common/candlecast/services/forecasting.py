@@ -110,14 +110,13 @@ def forget_models() -> None:
         _models.clear()
 
 
-def _enough_history(raw, candles, ticker: str, timeframe: str, min_history: int) -> None:
-    """404 unless the usable `candles` (of `raw`) are at least the model's `min_history` (its σ warm-up:
+def _enough_history(raw, candles, ticker: str, timeframe: str, need: int) -> None:
+    """404 unless the usable `candles` (of `raw`) are at least `need`, the model's `min_candles` (its σ warm-up:
     48/32/24/12/6 bars at 1h/4h/1d/1w/1m), which every origin it was evaluated on had: no_trades when `raw` has
     that many priced rows but too few with a trade (flat zero-volume outage fills, which `usable_candles` keeps
     when almost nothing else is left: a constant price forecast with confidence 0.9999), else too_little_history."""
     from candlecast.candles import flat_fills, priced
 
-    need = max(3, min_history)
     valid = priced(raw)
     traded = int((valid & ~flat_fills(raw)).sum())
     if traded < need <= int(valid.sum()):
@@ -128,9 +127,9 @@ def _enough_history(raw, candles, ticker: str, timeframe: str, min_history: int)
                        code="too_little_history")
 
 
-def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None, min_history: int = 3):
+def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None, need: int):
     """The symbol's last usable candles: from the cache entry read already or the bucket, with those that closed
-    since from Polygon; else all from Polygon (any symbol). At least `min_history` of them, else a 404."""
+    since from Polygon; else all from Polygon (any symbol). At least `need` of them, else a 404."""
     from candlecast import ingest
     from candlecast.candles import usable_candles
 
@@ -140,7 +139,7 @@ def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes 
     else:
         candles = ingest.caught_up_candles(ticker, timeframe, candles, count)
     usable = usable_candles(candles)
-    _enough_history(candles, usable, ticker, timeframe, min_history)
+    _enough_history(candles, usable, ticker, timeframe, need)
     return usable
 
 
@@ -209,7 +208,7 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     model = verified_model(model_row)  # storage: outside the connection, as in create
     raw = candles.tail(model.lookback)
     candles = usable_candles(raw)
-    _enough_history(raw, candles, ticker, timeframe, model.config.min_history)
+    _enough_history(raw, candles, ticker, timeframe, model.min_candles)
     last_open = int(candles.open_time[-1])
     key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
     prediction = _prediction(symbol, model_row, model, candles, key)
@@ -239,7 +238,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     # The candles' cache entry and the newest request pointer come in one round trip; the pointer counts
     # only when it names this request's hash, which the candles give.
     cache_entry, pointer = cache.get_candles_and_request(ticker, timeframe)
-    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry, model.config.min_history)
+    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry, model.min_candles)
     request_hash = _request_hash(ticker, timeframe, model_row["id"], candles)
 
     if idempotency_key is None:
