@@ -24,8 +24,12 @@ outer test origins scored here. Choices made with this check (calibration data a
 long_window) were made on data the walk-forward then reports; their optimism there is bounded by the gaps between
 the variants chosen between.
 
+With `--per-pass`, every score is also printed per coin-group pass, each with the variant the plan's rule picks from
+that pass's own scores (`plan_choices`): a choice made without the pass's held-out coins, as a nested walk-forward
+would make it. Where every pass picks the plan's variant, the reported figures are nested in coins for that choice.
+
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
-        [--garch] [--long-window 365 182 91]
+        [--garch] [--long-window 365 182 91] [--per-pass]
 """
 
 import argparse
@@ -48,6 +52,8 @@ from candlecast.timeframes import nominal_seconds
 from infra.local_stack import SHARED_OHLCV
 
 WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}  # half-lives
+# The rules the plans' choices were made by: a gain under these keeps the plan's variant.
+COVERAGE_TIE, LOG_LOSS_TIE = 0.001, 0.0005
 
 
 def weights(times: np.ndarray, variant: str) -> np.ndarray:
@@ -97,6 +103,8 @@ def main() -> None:
     parser.add_argument("--trees-only", action="store_true", help="skip the table-based models' check")
     parser.add_argument("--garch", action="store_true",
                         help="also score garch-scale's confidence maps (platt, platt + ln h), as fit_models fits them")
+    parser.add_argument("--per-pass", action="store_true",
+                        help="also score each coin-group pass alone, with the variant the plan's rule picks from it")
     parser.add_argument("--long-window", nargs="+", type=int, metavar="BARS",
                         help="score the plan's learned and combined with each long window instead (see above)")
     args = parser.parse_args()
@@ -119,10 +127,12 @@ def main() -> None:
     garch_maps = {(kind, data): [] for kind in ("platt", "platt + ln h") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
     if plan.learned and args.trees:
-        tree_check(tf, plan, origins, groups, T.series_coins(loaded), args.trees)
+        tree_check(tf, plan, origins, groups, T.series_coins(loaded), args.trees, args.per_pass)
     if args.trees_only:
         return
+    pass_of = {id(held): number for number, held in enumerate(groups, 1)}
     for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
+        number = pass_of[id(held)]
         in_train = ~held & (origins.time < fold.train_end)
         in_cal = ~held & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)
         train = T.purged(origins.take(in_train), fold.cal_start)
@@ -136,7 +146,7 @@ def main() -> None:
         at_train = np.broadcast_to(table, (len(train), *table.shape))
         for variant in WEIGHTS:
             q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, variant))))
-            cover[variant].append(coverage(q[None], z_cal))
+            cover[variant].append((number, coverage(q[None], z_cal)))
         q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, "history"))))
         pairs = []
         for block, factor, x in ((train, f_train, recent[in_train]), (cal, f_cal, recent[in_cal])):
@@ -155,16 +165,31 @@ def main() -> None:
                                           weights(t0, data)[fit_at])
                 p[score_at] = 1 / (1 + np.exp(-confidence_design(r1[score_at], h1[score_at], kind, x1[score_at])
                                               @ theta))
-            maps[kind, data].append((p, y1, h1))
+            maps[kind, data].append((number, (p, y1, h1)))
         if args.garch:
             garch_map_check(tf, train, cal, q, volatility, garch_maps)
-    print(f"{tf}: baseline offsets from the training block, scored on each fold's calibration block (training coins)")
-    for variant, folds in cover.items():
-        print(f"  {variant:10s} {coverage_scores(folds)}")
-    print(f"{tf}: confidence maps fitted on the training block, scored on each calibration block")
-    for (kind, data), folds in maps.items():
-        p, y, h = (np.concatenate([f[i] for f in folds]) for i in range(3))
-        print(f"  {kind:15s} on {data:8s} {confidence_scores(p, y)}  {horizon_scores(p, y, h)}")
+    for number in [None, *(range(1, len(groups) + 1) if args.per_pass else [])]:
+        where = "all passes" if number is None else f"pass {number} (its own training coins only)"
+        print(f"{tf}, {where}: baseline offsets from the training block, scored on each fold's calibration block")
+        chosen = {}
+        for variant, folds in cover.items():
+            chosen[variant] = coverage_sum([f for n, f in folds if number in (None, n)])
+            print(f"  {variant:10s} {coverage_scores([f for n, f in folds if number in (None, n)])}")
+        print(f"  rule picks: {pick(chosen, table_variant(plan), COVERAGE_TIE)} (plan: {table_variant(plan)})")
+        print(f"{tf}, {where}: confidence maps fitted on the training block, scored on each calibration block")
+        losses = {}
+        for (kind, data), folds in maps.items():
+            p, y, h = (np.concatenate([f[i] for n, f in folds if number in (None, n)]) for i in range(3))
+            losses[f"{kind} on {data}"] = log_loss(p, y)
+            print(f"  {kind:15s} on {data:8s} {confidence_scores(p, y)}  {horizon_scores(p, y, h)}")
+        plain = {key: value for key, value in losses.items() if key.split(" on ")[0] in ("platt", "platt + ln h")}
+        chosen_map = pick(plain, map_variant(plan), LOG_LOSS_TIE)
+        print(f"  rule picks (Platt, with or without ln h): {chosen_map} (plan: {map_variant(plan)})")
+        if number is not None:
+            choice = overrides(plan, pick(chosen, table_variant(plan), COVERAGE_TIE), chosen_map)
+            print(f"  pass {number}'s overrides of the plan (`train.PASS_CHOICES`): {choice}")
+    if args.per_pass:
+        print(f"{tf}: candles_fingerprint of the data before the holdout: {T.candles_fingerprint(loaded)}")
     if args.garch:
         print(f"{tf}: garch-scale's confidence maps (train.fit_garch_models, offsets from the history), scored alike")
         for (kind, data), folds in garch_maps.items():
@@ -196,10 +221,56 @@ def garch_map_check(tf: str, train, cal, q: np.ndarray, volatility: dict, scores
         scores[kind, data].append((confidence[known], hit[known].astype(float)))
 
 
+def log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1))))
+
+
 def confidence_scores(p: np.ndarray, y: np.ndarray) -> str:
     worst = max(abs(c - o) for c, o, n in reliability(p, y) if n >= RELIABILITY_MIN_SHARE * len(p))
-    loss = -np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1)))
-    return f"log loss {loss:.5f}  ECE {calibration_error(p, y):.4f}  worst bin {worst:.3f}"
+    return f"log loss {log_loss(p, y):.5f}  ECE {calibration_error(p, y):.4f}  worst bin {worst:.3f}"
+
+
+def pick(scores: dict[str, float], current: str, tie: float) -> str:
+    """The lowest-scoring variant, unless it beats `current` (the plan's) by less than `tie`."""
+    best = min(scores, key=scores.get)
+    return current if current in scores and scores[current] - scores[best] < tie else best
+
+
+def table_variant(plan: T.TrainPlan) -> str:
+    """The `WEIGHTS` variant that is `plan`'s calibration of its table-based models."""
+    if not plan.calibrate_on_history:
+        return "block"
+    if plan.calibration_half_life is None:
+        return "history"
+    return f"decay {plan.calibration_half_life:g}y"
+
+
+def overrides(plan: T.TrainPlan, table: str, confidence_map: str) -> dict:
+    """The plan's fields that make `table` (a `WEIGHTS` variant) and `confidence_map` (as `map_variant` names it)
+    its choices, where they differ from `plan`'s."""
+    fields = {"calibrate_on_history": table != "block",
+              "calibration_half_life": None if table in ("block", "history") else float(WEIGHTS[table]),
+              "confidence_ln_h": confidence_map.startswith("platt + ln h")}
+    if fields["calibrate_on_history"]:
+        fields["confidence_on_history"] = confidence_map.endswith("on history")
+    return {name: value for name, value in fields.items() if getattr(plan, name) != value}
+
+
+def map_variant(plan: T.TrainPlan) -> str:
+    """The confidence map `plan` fits on its table-based models, as the map check names it."""
+    data = "history" if plan.calibrate_on_history and plan.confidence_on_history else "block"
+    return f"platt{' + ln h' if plan.confidence_ln_h else ''} on {data}"
+
+
+def coverage_errors(folds: list) -> tuple[float, float]:
+    """Mean |cov80 − 0.8| and |cov95 − 0.95| over folds and horizons."""
+    n = np.array([f[0] for f in folds])
+    c80, c95 = np.array([f[1] for f in folds]), np.array([f[2] for f in folds])
+    return tuple(float(np.abs(c - level)[n > 0].mean()) for c, level in ((c80, 0.8), (c95, 0.95)))
+
+
+def coverage_sum(folds: list) -> float:
+    return sum(coverage_errors(folds))
 
 
 def coverage_scores(folds: list) -> str:
@@ -207,7 +278,7 @@ def coverage_scores(folds: list) -> str:
     c80, c95 = np.array([f[1] for f in folds]), np.array([f[2] for f in folds])
     seen = n.sum(0) > 0
     p80, p95 = ((n * c).sum(0)[seen] / n.sum(0)[seen] for c in (c80, c95))
-    error80, error95 = (np.abs(c - level)[n > 0].mean() for c, level in ((c80, 0.8), (c95, 0.95)))
+    error80, error95 = coverage_errors(folds)
     return (f"cov80 {p80.min():.3f}-{p80.max():.3f}  cov95 {p95.min():.3f}-{p95.max():.3f}  "
             f"mean |cov80-0.8| {error80:.4f}  mean |cov95-0.95| {error95:.4f}  sum {error80 + error95:.4f}")
 
@@ -237,11 +308,13 @@ def plan_variant(plan: T.TrainPlan) -> str:
     return variant + (" + ln h" if plan.tree_confidence_ln_h else "")
 
 
-def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str]) -> None:
+def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str],
+               per_pass: bool = False) -> None:
     """Per calibration variant (`tree_plan`), `learned` and `combined` fitted by `train.fit_models` on each fold's
     training block (its last fifth calibrating), scored on the fold's calibration block: training coins only."""
     config, embargo = CONFIGS[tf], plan.embargo_bars * nominal_seconds(tf)
     scores = {(k, name): [] for k in variants for name in ("learned", "combined")}
+    pass_of = {id(held): number for number, held in enumerate(groups, 1)}
     for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
         block = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
         scored = T.purged(origins.take(np.flatnonzero(~held & (origins.time >= fold.cal_start)
@@ -262,16 +335,26 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
                 known = np.isfinite(scored.log_return)
                 hit = np.abs(np.expm1(scored.log_return - scored.scale * q[..., MEDIAN])) <= config.tolerance
                 loss = pin5_loss(scored.log_return, scored.scale[..., None] * q)
-                scores[k, name].append((*coverage(q, scored.z), confidence[known], hit[known].astype(float),
-                                        loss[known]))
-    print(f"{tf}: trees fitted on each fold's training block, calibrated on its last fifth (block) or on "
-          "the history cross-fitted over K coin groups, scored on the fold's calibration block (training coins)")
-    for (k, name), folds in scores.items():
-        if not folds:
-            continue
-        p, y = np.concatenate([f[3] for f in folds]), np.concatenate([f[4] for f in folds])
-        pin5 = np.concatenate([f[5] for f in folds]).mean()
-        print(f"  {name:8s} {k:16s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
+                scores[k, name].append((pass_of[id(held)], (*coverage(q, scored.z), confidence[known],
+                                                            hit[known].astype(float), loss[known])))
+    for number in [None, *(range(1, len(groups) + 1) if per_pass else [])]:
+        where = "all passes" if number is None else f"pass {number} (its own training coins only)"
+        print(f"{tf}, {where}: trees fitted on each fold's training block, calibrated on its last fifth (block) or "
+              "on the history cross-fitted over K coin groups, scored on the fold's calibration block")
+        sums, losses = {}, {}
+        for (k, name), entries in scores.items():
+            folds = [f for n, f in entries if number in (None, n)]
+            if not folds:
+                continue
+            p, y = np.concatenate([f[3] for f in folds]), np.concatenate([f[4] for f in folds])
+            pin5 = np.concatenate([f[5] for f in folds]).mean()
+            print(f"  {name:8s} {k:16s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
+            if name == "combined":
+                sums[k], losses[k] = coverage_sum(folds), log_loss(p, y)
+        if sums:
+            own = plan_variant(plan)
+            print(f"  rule picks for combined: offsets by coverage {pick(sums, own, COVERAGE_TIE)}, map by log loss "
+                  f"{pick(losses, own, LOG_LOSS_TIE)} (plan: {own})")
 
 
 if __name__ == "__main__":

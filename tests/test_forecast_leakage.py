@@ -218,27 +218,69 @@ def test_the_first_all_time_fold_of_the_learned_plan_falls_back_to_the_baseline_
     assert not training.too_few_for_a_leaf(blocks(*steps[-1])[0], plan)
 
 
+def nine_coins(timeframe: str) -> tuple[list[str], list]:
+    """(bases, [(series, candles)]) of nine random-walk coins joining over time; BAT, LTC, NEO are HELD_OUT_COINS."""
+    from types import SimpleNamespace
+
+    from candlecast.timeframes import nominal_seconds
+
+    names = ["ADA", "BAT", "BTC", "DOT", "ETH", "LTC", "NEO", "SOL", "XRP"]
+    bar = nominal_seconds(timeframe)
+    loaded = []
+    for seed, name in enumerate(names):
+        walk = random_walk(seed, 1800 - 100 * seed)
+        start = 1_500_000_000 // 86400 * 86400 + 100 * seed * bar
+        walk = Candles(start + bar * np.arange(len(walk.close), dtype=np.int64), walk.open, walk.high, walk.low,
+                       walk.close, walk.volume)
+        loaded.append((SimpleNamespace(base=name, pair=name + "USDT", place="synthetic"), walk))
+    return names, loaded
+
+
+def test_each_pass_is_fitted_with_the_choices_made_without_its_coins(monkeypatch):
+    """`train.PASS_CHOICES`: on the candles they were chosen on, every walk-forward pass is fitted with its own
+    overrides of the plan, chosen on the other coins; on any other candles every pass runs the plan."""
+    from candlecast.forecast import train as training
+
+    timeframe = "1h"
+    _, loaded = nine_coins(timeframe)
+    passes = ({}, {"confidence_ln_h": True}, {"calibration_half_life": 1.0})
+    monkeypatch.setitem(training.PASS_CHOICES, timeframe,
+                        {"candles": training.candles_fingerprint(loaded), "passes": passes})
+    plans, choices = training.pass_plans(timeframe, loaded)
+    assert choices == list(passes)
+    assert plans == [replace(training.PLANS[timeframe], **overrides) for overrides in passes]
+    series, candles = loaded[4]
+    other = [*loaded[:4], (series, Candles(candles.open_time, candles.open, candles.high, candles.low,
+                                           candles.close * 1.001, candles.volume)), *loaded[5:]]
+    assert training.pass_plans(timeframe, other) == ([training.PLANS[timeframe]] * 3, None)
+
+    fitted = []
+
+    def spy(timeframe, train, cal, wick, plan, *args, **kwargs):  # no model: which plan fits what is under test
+        fitted.append((set(np.unique(np.concatenate([train.series, cal.series]))), plan))
+        return {}
+
+    monkeypatch.setattr(training, "fit_models", spy)
+    origins = build_origins(loaded, CONFIGS[timeframe])
+    groups = training.coin_groups(loaded, 3)
+    training.walk_forward(timeframe, origins, [group[origins.series] for group in groups], 0.3, None,
+                          np.random.default_rng(0), False, test_fraction=0.3, plans=plans)
+    assert len(fitted) == 3 * training.PLANS[timeframe].folds
+    for (seen, plan), group in zip(fitted, np.repeat(np.arange(3), training.PLANS[timeframe].folds), strict=True):
+        assert plan == replace(plans[group], test_fraction=0.3)
+        assert not seen & set(np.flatnonzero(groups[group]))  # fitted without the coins it tests
+
+
 @pytest.mark.parametrize("timeframe", ["1h"])
 def test_walk_forward_over_a_share_of_time_tests_every_coin_in_turn_without_leakage(timeframe, monkeypatch):
     """A plan over a share of time (`train --test-fraction`; no plan's default now) tests every coin in turn too
     (HELD_OUT_COINS, then the other coins in two halves), each group on the same folds over the last share of the
     pooled origins, trained and calibrated only on the other coins."""
-    from types import SimpleNamespace
-
     from candlecast.forecast import train as training
-    from candlecast.timeframes import nominal_seconds
 
     plan = replace(training.PLANS[timeframe], test_fraction=0.3)
     assert plan.coin_groups == 3
-    names = ["ADA", "BAT", "BTC", "DOT", "ETH", "LTC", "NEO", "SOL", "XRP"]  # BAT, LTC, NEO are HELD_OUT_COINS
-    bar = nominal_seconds(timeframe)
-    loaded = []
-    for seed, name in enumerate(names):  # coins join over time
-        walk = random_walk(seed, 1800 - 100 * seed)
-        start = 1_500_000_000 // 86400 * 86400 + 100 * seed * bar
-        walk = Candles(start + bar * np.arange(len(walk.close), dtype=np.int64), walk.open, walk.high, walk.low,
-                       walk.close, walk.volume)
-        loaded.append((SimpleNamespace(base=name, pair=name + "USDT"), walk))
+    names, loaded = nine_coins(timeframe)
     groups = training.coin_groups(loaded, plan.coin_groups)
     assert [sorted(np.array(names)[group]) for group in groups] == [["BAT", "LTC", "NEO"], ["ADA", "DOT", "SOL"],
                                                                     ["BTC", "ETH", "XRP"]]

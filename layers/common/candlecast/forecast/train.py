@@ -176,6 +176,24 @@ PLANS = {
 }
 
 
+# The plan's calibration choices as the inner check (`python -m infra.calibration_check --timeframe TF --per-pass`,
+# the plans' own rules) makes them per coin-group pass from that pass's training coins alone: the walk-forward tests
+# each pass with its own, so no choice it reports on saw the coins it tests (nested in coins, not in time: the inner
+# check's folds reach the end of the data on the other coins). Field overrides of the plan per pass, in
+# `coin_groups` order, for the candles they were made on (`candles_fingerprint` before the holdout); on other data
+# every pass runs the plan as it is, and the manifest says so. Not re-chosen per pass: `long_window` and, at 1h,
+# 4h and 1d, the trees' calibration.
+# Where a pass chose otherwise: 1w's third (holding out ADA, BTC, XRP, ...) plain Platt (log loss 0.27956 against
+# 0.28077 with ln h); at 1m the second (ADA, BTC, XRP, ...) plain Platt (0.32982 against 0.33156) and the third (BNB,
+# ETH, SOL, ...) a one-year half-life (summed coverage errors 0.3652 against 0.3837 with equal weights).
+PASS_CHOICES: dict[Timeframe, dict] = {
+    "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
+           "passes": ({}, {}, {"confidence_ln_h": False})},
+    "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
+           "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0})},
+}
+
+
 @dataclass(frozen=True)
 class Fold:
     train_end: float  # origins before this train
@@ -825,18 +843,30 @@ def walk_forward_steps(timeframe: Timeframe, plan: TrainPlan, origins: Origins, 
                                            embargo_bars=plan.embargo_bars, start=start)]
 
 
+def pass_plans(timeframe: Timeframe, loaded: list) -> tuple[list[TrainPlan], list[dict] | None]:
+    """(each walk-forward pass's plan in `coin_groups` order, their overrides of the plan): `PASS_CHOICES`' nested
+    choices where `loaded` are the candles they were made on, else the plan in every pass and None."""
+    plan, choices = PLANS[timeframe], PASS_CHOICES.get(timeframe)
+    if choices is None or candles_fingerprint(loaded) != choices["candles"]:
+        return [plan] * plan.coin_groups, None
+    return [replace(plan, **overrides) for overrides in choices["passes"]], list(choices["passes"])
+
+
 def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float,
                  folds: int | None, rng: np.random.Generator, progress: bool,
                  test_fraction: float | None = None, coins: np.ndarray | None = None,
-                 test_only: np.ndarray | None = None) -> WalkForward:
+                 test_only: np.ndarray | None = None, plans: list[TrainPlan] | None = None) -> WalkForward:
     """Expanding-window folds (`folds`, default the plan's) over the last `test_fraction` (default the plan's) of
     time, or over all time after the warm-up, once per group of held-out coins (`held_groups`: masks over
-    origins); each group is tested only on its own coins, trained without them. Origins in `test_only` (a mask)
-    are tested with their group and never trained or calibrated on (`infra.history_check`'s late starts,
-    `infra.exchange_check`'s unseen exchange)."""
+    origins); each group is tested only on its own coins, trained without them, and fitted with its own plan of
+    `plans` (`pass_plans`; default the timeframe's plan). Origins in `test_only` (a mask) are tested with their
+    group and never trained or calibrated on (`infra.history_check`'s late starts, `infra.exchange_check`'s unseen
+    exchange)."""
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
     if test_fraction is not None:
         plan = replace(plan, test_fraction=test_fraction)
+    own_plan = {id(held): replace(group_plan, test_fraction=plan.test_fraction)
+                for held, group_plan in zip(held_groups, plans or [plan] * len(held_groups), strict=True)}
     pooled: dict[str, list] = {"origins": []}
     fold_reports, last_models = [], {}
     steps = walk_forward_steps(timeframe, plan, origins, held_groups, folds)
@@ -853,7 +883,7 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
         test = origins.take(np.flatnonzero(test_mask)[:: plan.eval_stride])
         if len(train) == 0 or len(cal) == 0 or len(test) == 0:
             continue
-        models = fit_models(timeframe, train, cal, wick, plan, rng, progress, coins=coins)
+        models = fit_models(timeframe, train, cal, wick, own_plan[id(held)], rng, progress, coins=coins)
         pooled["origins"].append(test)
         report = {"train_end": _iso(fold.train_end), "calibration": [_iso(fold.cal_start), _iso(fold.cal_end)],
                   "test": [_iso(fold.test_start), _iso(min(fold.test_end, origins.time.max()))],
@@ -1035,13 +1065,14 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
         print(f"not used: {unused['file']}: {unused['reason']}", file=sys.stderr)
     wick = walk_forward_wick(loaded, timeframe)
     groups = coin_groups(loaded, plan.coin_groups)
+    plans, choices = pass_plans(timeframe, loaded)
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
-                          progress, test_fraction, series_coins(loaded))
+                          progress, test_fraction, series_coins(loaded), plans=plans)
     kind, reason = choose(result.results, timeframe)
     comparison = compare_candidates(loaded, result, timeframe, kind, progress, save=save_walk_forward, reason=reason)
     if evaluate_only:
         return {"timeframe": timeframe, "kind": kind, "reason": reason, "folds": result.folds,
-                "comparison": comparison}
+                "pass_choices": choices, "comparison": comparison}
 
     # Final model: all symbols; the most recent block calibrates. The walk-forward's early folds may test a
     # placeholder (what training could do then); the model `train` ships may not be one.
@@ -1087,6 +1118,8 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
             "held_out_symbols": sorted({s.pair for (s, _), held in zip(loaded, np.any(groups, axis=0), strict=True)
                                         if held}),
             "held_out_groups": plan.coin_groups,
+            # each pass's overrides of the plan, chosen without its coins (`PASS_CHOICES`); None: not nested
+            "pass_choices": choices,
             "confidence_tolerance": config.tolerance,
             "wick_coefficient": shipped.wick,
             "targets": targets(timeframe),
