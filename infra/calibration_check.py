@@ -161,8 +161,9 @@ def main() -> None:
         for kind, data in maps:
             p = np.empty(len(r1))
             for fit_at, score_at in per_horizon(h0, h1) if kind == "platt per h" else [(slice(None), slice(None))]:
-                theta, _ = T.logistic_fit(confidence_design(r0[fit_at], h0[fit_at], kind, x0[fit_at]), y0[fit_at],
-                                          weights(t0, data)[fit_at])
+                weight = weights(t0, data)[fit_at]
+                theta, _ = T.logistic_fit(confidence_design(r0[fit_at], h0[fit_at], kind, x0[fit_at]),
+                                          T.platt_targets(y0[fit_at], weight), weight)
                 p[score_at] = 1 / (1 + np.exp(-confidence_design(r1[score_at], h1[score_at], kind, x1[score_at])
                                               @ theta))
             maps[kind, data].append((number, (p, y1, h1)))

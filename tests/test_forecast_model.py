@@ -346,3 +346,19 @@ def test_an_ln_h_map_on_a_few_separable_pairs_is_plain_platt():
     fields = logistic_map(raw, hit, horizons)
     assert fields["confidence_ln_h"] is None
     assert np.array_equal(fields["confidence_y"], logistic_map(raw, hit)["confidence_y"])
+
+
+def test_a_confidence_map_fitted_on_a_few_separated_pairs_stays_finite():
+    """Ten misses below ten hits in raw confidence: the maximum-likelihood slope on 1/0 targets runs off to a step
+    (a raw 0.47 mapped to certainty), as in 1d's first walk-forward folds; on Platt's targets the map stays short of
+    the hits' own smoothed rate."""
+    from candlecast.forecast.train import logistic_fit, logistic_map, platt_design, platt_targets
+
+    raw = np.concatenate([np.linspace(0.40, 0.44, 10), np.linspace(0.46, 0.50, 10)])
+    hit = np.repeat([0.0, 1.0], 10)
+    assert logistic_fit(platt_design(raw), hit)[0][0] > 100  # the step
+    assert np.allclose(platt_targets(hit), np.repeat([1 / 12, 11 / 12], 10))
+    fields = logistic_map(raw, hit)
+    x, y = fields["confidence_x"], fields["confidence_y"]
+    assert (np.diff(y) >= 0).all()
+    assert np.interp(0.47, x, y) < 11 / 12 + 0.01 and np.interp(0.43, x, y) > 1 / 12 - 0.01
