@@ -247,7 +247,7 @@ def summary_table(manifest: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     others = ["| tf | " + " | ".join(f"{PEER_LABELS.get(p, p)} pin5, Δ [95 % CI]" for p in peers) + " |",
               "|---|" + "---|" * len(peers)]
-    eras, years, missing = [], [], False
+    eras, years, nesting, missing = [], [], [], False
     fitted = ["| tf | vs GARCH-t where GARCH-t was fitted (not its t(5) fallback): Δ [95 % CI] (batch t; block "
               "bootstrap) | origins | GARCH-t fallback share of the test origins |", "|---|---|---|---|"]
     for timeframe, entry in rows.items():
@@ -280,6 +280,7 @@ def summary_table(manifest: dict) -> str:
                      f"({low95:.2f}–{high95:.2f}) | {counted}; {consistent_cell} | {ece} "
                      f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
         fitted.append(f"| {timeframe} | {_fitted_cells(garch, kind)} |")
+        nesting.append(f"{timeframe} {_pass_choices(metrics.get('pass_choices'))}")
         cells = []
         for peer in peers:
             scores = methods.get(peer) if peer != kind else None
@@ -293,12 +294,23 @@ def summary_table(manifest: dict) -> str:
             f"{year} {_coverage_cell(item['80'])} / {_coverage_cell(item['95'])} ({item['n_origins']:,})"
             for year, item in by_year.items()) if by_year else NOT_RECOMPUTED) + " |")
     notes = ["", "² the horizons whose 80 % and 95 % coverage intervals (block bootstrap with ≥ 10 blocks, else "
-             "batch t) both overlap the bands; \"none\": too few batches for an interval."]
+             "batch t) both overlap the bands; \"none\": too few batches for an interval.",
+             "", "Plan choices per coin-group pass of the walk-forward (`train.PASS_CHOICES`: made by the inner check "
+             "on that pass's training coins alone, so nested in coins, not in time): " + "; ".join(nesting) + "."]
     if missing:
         notes.append(FOOTNOTE)
     return "\n".join([*lines, *notes, "", *fitted, "", *others, "", "| tf | shipped model's cov80 / cov95 per era |",
                       "|---|---|", *eras, "", "| tf | shipped model's cov80 / cov95 [95 % CI] per calendar year of "
                       "origin (origins) |", "|---|---|", *years])
+
+
+def _pass_choices(choices: list[dict] | None) -> str:
+    """A manifest's `pass_choices` in words: each pass's overrides of the plan."""
+    if choices is None:
+        return "not nested (the plan in every pass)"
+    changed = [f"pass {number} " + ", ".join(f"{field} {value}" for field, value in overrides.items())
+               for number, overrides in enumerate(choices, 1) if overrides]
+    return ", ".join(changed) if changed else "the plan's in every pass"
 
 
 def _fitted_cells(peer: dict | None, kind: str) -> str:
