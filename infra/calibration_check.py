@@ -17,16 +17,15 @@ With `--long-window N ...`, the same inner scoring of the plan's own `learned` a
 GARCH states rebuilt for each long window (`TimeframeConfig.long_window`, the variance target's bars; it also sets
 the lookback, and so the GARCH fit's window), the table and tree checks skipped.
 
-Not nested in the walk-forward across passes: the three passes hold out different coins, so the calibration blocks
-scored here (a pass's training coins) are the other passes' outer test origins at the same dates. Audit M found
-99.8 % of the origins scored here at 1w, 99.9 % at 1d and 99.2 % at 1m to be outer test origins, and 54–61 % of the
-outer test origins scored here. Choices made with this check (calibration data and half-life, ln h, tree_folds,
-long_window) were made on data the walk-forward then reports; their optimism there is bounded by the gaps between
-the variants chosen between.
+Pooled over passes, this check is not nested in the walk-forward: the three passes hold out different coins, so the
+calibration blocks scored here (a pass's training coins) are the other passes' outer test origins at the same dates
+(audit M: 99.8 % of the origins scored here at 1w, 99.9 % at 1d and 99.2 % at 1m are outer test origins). A choice
+made on the pooled scores is in-sample for the walk-forward's figures; one made per pass (below) is not.
 
-With `--per-pass`, every score is also printed per coin-group pass, each with the variant the plan's rule picks from
-that pass's own scores (`plan_choices`): a choice made without the pass's held-out coins, as a nested walk-forward
-would make it. Where every pass picks the plan's variant, the reported figures are nested in coins for that choice.
+With `--per-pass`, every score is also printed per coin-group pass, with the variant the plan's rule picks from
+that pass's scores alone and its overrides of the plan: a choice made without the pass's held-out coins, which
+`train.PASS_CHOICES` keeps for the walk-forward to fit that pass with (nested in coins; not in time, as each pass's
+folds here reach the end of the data on its training coins).
 
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
         [--garch] [--long-window 365 182 91] [--per-pass]

@@ -184,7 +184,7 @@ PLANS = {
 # every pass runs the plan as it is, and the manifest says so. Not re-chosen per pass: `long_window` and, at 1h,
 # 4h and 1d, the trees' calibration.
 # Where a pass chose otherwise: 1w's third (holding out ADA, BTC, XRP, ...) plain Platt (log loss 0.27956 against
-# 0.28077 with ln h); at 1m the second (ADA, BTC, XRP, ...) plain Platt (0.32982 against 0.33156) and the third (BNB,
+# 0.28076 with ln h); at 1m the second (ADA, BTC, XRP, ...) plain Platt (0.32986 against 0.33148) and the third (BNB,
 # ETH, SOL, ...) a one-year half-life (summed coverage errors 0.3652 against 0.3837 with equal weights).
 PASS_CHOICES: dict[Timeframe, dict] = {
     "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
