@@ -510,45 +510,40 @@ def _recalled(key: str, etag: str, last_n: int) -> "Candles | None":
     return entry[1].tail(last_n)
 
 
-_UNREAD = object()
-
-
-def cached_candles(ticker: str, timeframe: str, last_n: int, packed: "bytes | object | None" = _UNREAD
-                   ) -> "Candles | None":
-    """The last `last_n` candles from the Redis fresh-candles cache, if it holds an answer that long.
-    `packed` is that entry when the caller has read it already."""
+def cached_candles(lookup: cache.Lookup, last_n: int) -> "Candles | None":
+    """The last `last_n` candles of a Redis fresh-candles lookup (`cache.lookup_candles`), if it holds an answer
+    that long."""
     from candlecast.candles import Candles
 
-    if packed is _UNREAD:
-        packed = cache.get_candles(ticker, timeframe)
-    unpacked = Candles.unpack(packed) if packed is not None else None
+    unpacked = Candles.unpack(lookup.value) if lookup.value is not None else None
     if unpacked is None or max(unpacked[1], len(unpacked[0])) < last_n:
         return None
     return unpacked[0].tail(last_n)
 
 
-def cache_candles(ticker: str, timeframe: str, candles: "Candles", requested: int) -> None:
-    """Fill the fresh-candles cache (1 h). `requested` is how many rows were asked for: a shorter
-    history is the whole answer for any request up to that many."""
-    cache.set_candles(ticker, timeframe, candles.pack(requested))
+def cache_candles(ticker: str, timeframe: str, candles: "Candles", requested: int, lookup: cache.Lookup) -> None:
+    """Fill the fresh-candles cache (1 h) with candles read after `lookup`, under its generation: a rewrite of the
+    file between the two (which replaces the generation) is not undone by this fill. `requested` is how many rows
+    were asked for: a shorter history is the whole answer for any request up to that many."""
+    cache.fill_candles(ticker, timeframe, candles.pack(requested), lookup)
 
 
 def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = True,
-                 cache_entry: "bytes | object | None" = _UNREAD) -> "Candles | None":
+                 lookup: cache.Lookup | None = None) -> "Candles | None":
     """The last `last_n` candles of a symbol from the bucket, or None when it has no file.
 
     Order: Redis fresh-candles cache (1 h) -> in-memory cache keyed by (key, ETag) -> the file, in one GET (one
     version whole: ranged reads of a file rewritten between them read the new object at the old one's offsets,
     which looked like a damaged file), of which only the tail row groups are decoded. A fetch from S3 fills both
-    caches. `cache_entry` is the Redis entry when the caller has read it already (with other keys, in one round
-    trip).
+    caches. `lookup` is the Redis lookup when the caller has made it already (with other keys, in one round trip).
     """
     import pyarrow as pa
 
     if last_n < 1:
         raise ValueError("last_n must be at least 1")
     if use_cache:
-        cached = cached_candles(ticker, timeframe, last_n, cache_entry)
+        lookup = lookup or cache.lookup_candles(ticker, timeframe)
+        cached = cached_candles(lookup, last_n)
         if cached is not None:
             return cached
     key = candles_key(ticker, timeframe)
@@ -573,8 +568,8 @@ def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = 
         logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
         if use_cache:
             _remember(key, etag, candles, last_n)
-    if use_cache and len(candles):
-        cache_candles(ticker, timeframe, candles, last_n)
+    if lookup is not None and len(candles):
+        cache_candles(ticker, timeframe, candles, last_n, lookup)
     return candles
 
 
