@@ -21,7 +21,8 @@ def server(clean_db):
 @pytest.mark.parametrize(
     ("store", "key", "ttl"),
     [
-        (lambda: cache.set_candles("X:BTCUSD", "1h", b"packed"), cache.keys.candles("X:BTCUSD", "1h"), 3600),
+        (lambda: cache.fill_candles("X:BTCUSD", "1h", b"packed", cache.lookup_candles("X:BTCUSD", "1h")),
+         cache.keys.candles("X:BTCUSD", "1h"), 3600),
         (lambda: cache.set_prediction_bytes("p1", b"{}"), cache.keys.prediction("p1"), 900),
         (lambda: cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD")), cache.keys.symbol("X:BTCUSD"),
          3600),
@@ -51,16 +52,17 @@ def test_a_created_prediction_and_its_request_pointer_are_cached_together(server
 
 
 def test_candles_and_the_request_pointer_come_in_one_round_trip_and_the_pointer_needs_its_hash(server):
-    cache.set_candles("X:BTCUSD", "1h", b"hourly")
+    cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
     cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-new", "p9")
     server.config_resetstat()
-    packed, pointer = cache.get_candles_and_request("X:BTCUSD", "1h")
-    assert packed == b"hourly"
+    lookup, pointer = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    assert lookup.value == b"hourly"
     assert server.info("commandstats")["cmdstat_mget"]["calls"] == 1 and "cmdstat_get" not in server.info(
         "commandstats")
     assert cache.prediction_for_request(pointer, "hash-new") == "p9"
     assert cache.prediction_for_request(pointer, "hash-older-candle") is None  # the same key, another request
-    assert cache.get_candles_and_request("X:ETHUSD", "1h") == (None, None)
+    lookup, pointer = cache.lookup_candles_and_request("X:ETHUSD", "1h")
+    assert (lookup.value, pointer) == (None, None)
 
 
 def test_json_round_trip_and_delete(server):
@@ -106,7 +108,7 @@ def test_every_parameter_is_part_of_its_key(server):
     """A list cached for one limit (or query, ticker, timeframe) is never served for another."""
     cache.fill_top_symbols(10, b"[ten]", cache.lookup_top_symbols(10))
     cache.fill_search("btc", 10, b"[btc ten]", cache.lookup_search("btc", 10))
-    cache.set_candles("X:BTCUSD", "1h", b"hourly")
+    cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
     cache.fill_symbol("X:BTCUSD", b"{btc}", cache.lookup_symbol("X:BTCUSD"))
     cache.set_prediction_bytes("p1", b"{p1}")
     cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-1", "p1")
@@ -117,9 +119,9 @@ def test_every_parameter_is_part_of_its_key(server):
     assert cache.lookup_search("btc", 10).value == b"[btc ten]"
     assert cache.lookup_search("btc", 20).value is None
     assert cache.lookup_search("eth", 10).value is None
-    assert cache.get_candles("X:BTCUSD", "1h") == b"hourly"
-    assert cache.get_candles("X:BTCUSD", "4h") is None
-    assert cache.get_candles("X:ETHUSD", "1h") is None
+    assert cache.lookup_candles("X:BTCUSD", "1h").value == b"hourly"
+    assert cache.lookup_candles("X:BTCUSD", "4h").value is None
+    assert cache.lookup_candles("X:ETHUSD", "1h").value is None
     assert cache.lookup_symbol("X:BTCUSD").value == b"{btc}" and cache.lookup_symbol("X:ETHUSD").value is None
     assert cache.get_prediction_bytes("p1") == b"{p1}" and cache.get_prediction_bytes("p2") is None
     assert cache.get_prediction_for_request("X:BTCUSD", "1h", "hash-1") == "p1"
@@ -256,10 +258,10 @@ def test_upstream_failures_are_remembered_briefly_per_symbol_and_timeframe(serve
 
 
 def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_redis):
-    cache.set_candles("X:BTCUSD", "1h", b"hourly")
+    cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
     needs_embedded_redis.stop()
     try:
-        assert cache.get_candles_and_request("X:BTCUSD", "1h") == (None, None)
+        assert cache.lookup_candles_and_request("X:BTCUSD", "1h") == (cache.Lookup(None, None), None)
         assert cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h")) is False
         assert cache.delete(cache.keys.candles("X:BTCUSD", "1h")) == 0
         assert cache.delete_pattern(cache.keys.all_symbol_keys()) == 0
@@ -270,7 +272,7 @@ def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_
     finally:
         needs_embedded_redis.start()
     cache.reset_client()
-    assert cache.get_candles("X:BTCUSD", "1h") is None  # the restarted server is empty; it answers again
+    assert cache.lookup_candles("X:BTCUSD", "1h").value is None  # the restarted server is empty; it answers again
 
 
 @pytest.fixture
@@ -350,13 +352,14 @@ def test_a_value_this_module_did_not_write_reads_as_a_miss(server, foreign):
         cache.keys.search("btc", 20): lambda: cache.lookup_search("btc", 20).value,
         cache.keys.track_record(None): lambda: cache.lookup_track_record(None).value,
         cache.keys.upstream_failure("X:BTCUSD", "1h"): lambda: cache.get_upstream_failure("X:BTCUSD", "1h"),
-        cache.keys.candles("X:BTCUSD", "1h"): lambda: cache.get_candles("X:BTCUSD", "1h"),
+        cache.keys.candles("X:BTCUSD", "1h"): lambda: cache.lookup_candles("X:BTCUSD", "1h").value,
     }
     for key, read in readers.items():
         server.set(key, foreign)
         assert read() is None, key
     server.set(cache.keys.prediction_request("X:BTCUSD", "1h"), foreign)
-    assert cache.get_candles_and_request("X:BTCUSD", "1h") == (None, None)
+    lookup, pointer = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    assert (lookup.value, pointer) == (None, None)
     assert cache.get_prediction_for_request("X:BTCUSD", "1h", "h") is None
 
 
@@ -480,15 +483,16 @@ def _wait_until_up() -> None:
 def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer, caplog):
     """A proxy (or a server that is not Redis) answering out of protocol: every operation degrades, none raises
     (MGET's reply used to raise TypeError or IndexError: POST /predictions answered 500)."""
-    assert cache.set_candles("X:BTCUSD", "1h", b"hourly") is True  # connected, through the proxy
+    lookup = cache.lookup_candles("X:BTCUSD", "1h")
+    assert cache.fill_candles("X:BTCUSD", "1h", b"hourly", lookup) is True  # connected, through the proxy
     slow_redis.answer = answer  # on the connection already open: no handshake to fail first
     with caplog.at_level(logging.WARNING):
-        assert cache.get_candles_and_request("X:BTCUSD", "1h") == (None, None)
+        assert cache.lookup_candles_and_request("X:BTCUSD", "1h") == (cache.Lookup(None, None), None)
     assert cache.is_down()  # as a reply redis-py cannot read: the cache is skipped until the probe's PING
     assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
         "cache unavailable; serving without it"]
-    operations = {"get": (lambda: cache.get_candles("X:BTCUSD", "1h"), lambda value: value is None),
-                  "set": (lambda: cache.set_candles("X:BTCUSD", "1h", b"h"), lambda done: done is False),
+    operations = {"get": (lambda: cache.lookup_candles("X:BTCUSD", "1h").value, lambda value: value is None),
+                  "set": (lambda: cache.fill_candles("X:BTCUSD", "1h", b"h", lookup), lambda done: done is False),
                   "delete": (lambda: cache.delete(cache.keys.candles("X:BTCUSD", "1h")),
                              lambda count: type(count) is int),  # :42 is a count, of course
                   "pipeline": (lambda: cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h")),
@@ -500,4 +504,4 @@ def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer,
         assert degraded(operation()), name
     slow_redis.answer = None
     _wait_until_up()
-    assert cache.get_candles("X:BTCUSD", "1h") == b"hourly"
+    assert cache.lookup_candles("X:BTCUSD", "1h").value == b"hourly"

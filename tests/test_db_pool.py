@@ -53,6 +53,27 @@ def test_every_pooled_connection_carries_the_server_timeouts(one_connection):
     assert shown == {"statement_timeout": "1s", "lock_timeout": "500ms", "idle_in_transaction_session_timeout": "5s"}
 
 
+def test_pooled_sessions_are_in_utc_whatever_the_servers_zone(one_connection):
+    """A server (or database) in another zone, as an embedded PostgreSQL started on a laptop outside UTC is: the
+    session is UTC, so timestamps come back in UTC and SQL's months are UTC's."""
+    from psycopg import sql
+
+    with psycopg.connect(one_connection.database_url, autocommit=True) as admin:
+        name = admin.execute("SELECT current_database()").fetchone()[0]
+        admin.execute(sql.SQL("ALTER DATABASE {} SET timezone = 'America/New_York'").format(sql.Identifier(name)))
+        try:
+            reset_clients()
+            with db.connection() as conn:
+                row = conn.execute("SELECT current_setting('TimeZone') AS zone, "
+                                   "timestamptz '2026-03-01 00:00Z' + interval '1 month' AS next").fetchone()
+        finally:
+            admin.execute(sql.SQL("ALTER DATABASE {} RESET timezone").format(sql.Identifier(name)))
+            reset_clients()
+    assert row["zone"] == "UTC"
+    assert row["next"].utcoffset().total_seconds() == 0
+    assert row["next"].isoformat() == "2026-04-01T00:00:00+00:00"  # New York's months: 2026-04-01T04:00Z
+
+
 def test_a_transaction_left_open_by_a_frozen_function_is_ended_by_the_server_and_the_pool_recovers(
         one_connection, monkeypatch):
     from tests.conftest import reset_clients

@@ -53,6 +53,12 @@ def bucket_snapshot() -> dict[str, bytes]:
     return {key: storage.get_bytes(key) for key in storage.list_keys("data/")}
 
 
+def caught_up(ticker: str, timeframe: str, stored: Candles, last_n: int, now: int) -> Candles:
+    """`ingest.caught_up_candles` as a create calls it: with the cache lookup made before `stored` was read."""
+    return ingest.caught_up_candles(ticker, timeframe, stored, last_n, now=now,
+                                    lookup=cache.lookup_candles(ticker, timeframe))
+
+
 # --- client -------------------------------------------------------------------------------------
 
 
@@ -527,7 +533,7 @@ def test_the_day_that_just_closed_is_stored_and_caught_up_whatever_its_stamp(env
         assert storage.read_all_candles(ticker, "1d").open_time[-1] == yesterday
 
         point_settings_at(env, fake)
-        caught = ingest.caught_up_candles(ticker, "1d", candles.head(len(candles) - 2), 10, now=now)
+        caught = caught_up(ticker, "1d", candles.head(len(candles) - 2), 10, now=now)
     assert caught.open_time[-1] == yesterday
     last = datetime.fromtimestamp(int(caught.open_time[-1]), UTC)
     assert closed_since(last, "1d", datetime.fromtimestamp(now, UTC)) == 0  # not stale
@@ -976,20 +982,21 @@ def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for
         truth = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)[0]
         stored = Candles(*(getattr(truth, name)[:-72] for name in COLUMNS))  # three days behind
         fake.requests.clear()
-        caught_up = ingest.caught_up_candles("X:C000USD", "1h", stored, 200, now=NOW)
-        assert caught_up.open_time.tolist() == truth.open_time[-200:].tolist()
-        assert np.array_equal(caught_up.close, truth.close[-200:])
+        recent = caught_up("X:C000USD", "1h", stored, 200, now=NOW)
+        assert recent.open_time.tolist() == truth.open_time[-200:].tolist()
+        assert np.array_equal(recent.close, truth.close[-200:])
         # One request, for the bars after the stored ones only.
         next_open_ms = (int(stored.open_time[-1]) + HOUR) * 1000
         assert fake.count("/range/1/hour/") == 1 and f"/{next_open_ms}/" in fake.requests[0]
-        assert storage.cached_candles("X:C000USD", "1h", 200).open_time.tolist() == caught_up.open_time.tolist()
+        cached = storage.cached_candles(cache.lookup_candles("X:C000USD", "1h"), 200)
+        assert cached.open_time.tolist() == recent.open_time.tolist()
         # Up to date (the next hour has not closed): no request.
-        assert ingest.caught_up_candles("X:C000USD", "1h", caught_up, 200, now=NOW) is caught_up
+        assert caught_up("X:C000USD", "1h", recent, 200, now=NOW) is recent
         assert fake.count("/range/") == 1
         # Far behind (a refresh that stopped): the last candles alone, in one request of about that many bars.
         far_behind = Candles(*(getattr(truth, name)[:-300] for name in COLUMNS))
         cache.get_client().flushdb()
-        assert ingest.caught_up_candles("X:C000USD", "1h", far_behind, 100, now=NOW).open_time.tolist() == (
+        assert caught_up("X:C000USD", "1h", far_behind, 100, now=NOW).open_time.tolist() == (
             truth.open_time[-100:].tolist())
         asked_from = int(fake.requests[-1].split("/range/1/hour/")[1].split("/")[0]) // 1000
         assert fake.count("/range/") == 2 and NOW - 102 * HOUR - DAY <= asked_from < NOW - 100 * HOUR
@@ -1001,21 +1008,21 @@ def test_a_stored_file_is_served_as_it_is_when_polygon_fails_or_no_key_is_config
         stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1d", NOW - 20 * DAY, NOW - 5 * DAY)[0]
         fake.requests.clear()
         point_settings_at(env, fake, key=None)
-        assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored
+        assert caught_up("X:C000USD", "1d", stored, 10, now=NOW) is stored
         assert fake.requests == []
 
         point_settings_at(env, fake)
         fake.echo = True
         fake.add_fault("/range/1/day/", status=500, times=10)
         with caplog.at_level("WARNING"):
-            assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored
+            assert caught_up("X:C000USD", "1d", stored, 10, now=NOW) is stored
         asked = fake.count("/range/")
         assert asked >= 1 and "stale candles served" in caplog.text and "test-key" not in caplog.text
         # One line for one cause: it logged 'upstream fetch failed', then 'stale candles served', for the same one.
         (line,) = [record for record in caplog.records if record.getMessage() in (
             "upstream fetch failed", "stale candles served")]
         assert line.getMessage() == "stale candles served" and line.code and line.error
-        assert ingest.caught_up_candles("X:C000USD", "1d", stored, 10, now=NOW) is stored
+        assert caught_up("X:C000USD", "1d", stored, 10, now=NOW) is stored
         assert fake.count("/range/") == asked  # the failure is remembered: no second request
 
 

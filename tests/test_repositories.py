@@ -151,6 +151,38 @@ def test_only_one_active_model_per_timeframe(conn):
     assert model_repository.get_active_model_by_timeframe(conn, "1w") is None
 
 
+def test_registrations_of_one_timeframe_at_once_both_succeed_in_turn(conn, clean_db):
+    """A second registration that starts while the first's transaction is open (two seeds, or a seed beside a
+    `train --register`) waits for it, then deactivates its row: before, its update had already looked for active
+    rows and its insert failed on models_one_active_per_timeframe."""
+    add_model(conn, "1d", "1")
+    errors = []
+
+    def second():
+        try:
+            with psycopg.connect(clean_db.database_url, autocommit=True, row_factory=dict_row) as own:
+                add_model(own, "1d", "3")
+        except Exception as error:  # collected: a unique violation is the defect
+            errors.append(error)
+
+    with psycopg.connect(clean_db.database_url, autocommit=True, row_factory=dict_row) as first:
+        racer = threading.Thread(target=second)
+        with first.transaction():
+            add_model(first, "1d", "2")
+            racer.start()
+            for _ in range(200):  # until the second registration waits for a lock the first holds
+                waiting = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND datname = current_database()").fetchone()["n"]
+                if waiting:
+                    break
+                racer.join(0.02)
+        racer.join(10)
+    assert errors == []
+    active = conn.execute("SELECT version FROM models WHERE timeframe = '1d' AND is_active").fetchall()
+    assert [row["version"] for row in active] == ["3"]
+    assert conn.execute("SELECT count(*) AS n FROM models WHERE timeframe = '1d'").fetchone()["n"] == 3
+
+
 def test_registering_the_same_file_again_keeps_its_live_accuracy_and_another_file_starts_without(conn):
     def register(sha256: str, accuracy: float | None = None):
         return model_repository.register_model(conn, ModelCreate(

@@ -80,16 +80,16 @@ def test_before_snapshot_warms_the_lazy_imports_where_they_exist():
     assert "numpy" in warmed and "candlecast.forecast.model" in warmed  # the dev venv has the science stack
 
 
-def test_the_s3_filesystem_built_at_init_is_not_frozen_into_the_snapshot(seeded):
-    """predictions_create builds its S3 filesystem at init; the snapshot does not keep it (nor the credentials it
+def test_the_s3_client_built_at_init_is_not_frozen_into_the_snapshot(seeded):
+    """predictions_create builds its S3 read client at init; the snapshot does not keep it (nor the credentials it
     holds), and the first create after a restore builds its own."""
     forecasting.prepare()  # what predictions_create's init does
     assert snapstart.register()
-    filesystem = storage.filesystem()
+    client = storage.read_client()
 
     run_hooks(snapshot_restore_py.get_before_snapshot())
     run_hooks(snapshot_restore_py.get_after_restore())
 
     handler = load_handler("functions/predictions_create")
     assert handler(load_event("predictions_create.json"), LambdaContext())["statusCode"] == 201
-    assert storage.filesystem() is not filesystem
+    assert storage.read_client() is not client

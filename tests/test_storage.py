@@ -1,6 +1,8 @@
 """Storage against moto's S3 server and a real Redis: keys, Parquet tails, caches, model bytes."""
 
+import contextlib
 import io
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -66,7 +68,7 @@ def test_write_then_read_tail_round_trips(bucket):
 
 def test_files_have_small_row_groups_and_only_the_tail_is_read(bucket, monkeypatch):
     storage.write_candles("X:ETHUSD", "1h", make_candles(5000))
-    parquet = pq.ParquetFile(storage.filesystem().open_input_file(f"{bucket}/data/ETHUSD/1h.parquet"))
+    parquet = pq.ParquetFile(io.BytesIO(storage.get_bytes("data/ETHUSD/1h.parquet")))
     assert parquet.metadata.num_row_groups == 5
     assert parquet.metadata.row_group(0).num_rows == storage.ROW_GROUP_SIZE
 
@@ -89,7 +91,7 @@ def test_read_uses_memory_cache_until_the_etag_changes(bucket, monkeypatch):
     reads = []
     original = storage._read_tail
     monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1) or original(*args))
-    monkeypatch.setattr(cache, "get_candles", lambda *_: None)  # look past Redis at the memory layer
+    monkeypatch.setattr(storage, "cached_candles", lambda *_: None)  # look past Redis at the memory layer
 
     first = storage.read_candles("X:SOLUSD", "1d", 20)
     second = storage.read_candles("X:SOLUSD", "1d", 20)
@@ -102,11 +104,116 @@ def test_read_uses_memory_cache_until_the_etag_changes(bucket, monkeypatch):
     assert third.open_time[-1] == first.open_time[-1] + 10 * 86400
 
 
+class RewritingProxy:
+    """An HTTP proxy in front of moto's S3 that calls `rewrite` (which replaces the object straight at moto) once,
+    when moto has answered the first request for `key` and before that answer is relayed: a rewrite landing just
+    after a read's first request."""
+
+    def __init__(self, upstream: str, key: str, rewrite):
+        from http.client import HTTPConnection
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        proxy, self.requests = self, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                connection = HTTPConnection(target.hostname, target.port, timeout=5)
+                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                response = connection.getresponse()
+                payload = response.read()
+                if key in self.path:
+                    proxy.requests.append(self.command)
+                    if len(proxy.requests) == 1:
+                        rewrite()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in {"content-length", "transfer-encoding", "connection", "date", "server"}:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                connection.close()
+
+            do_GET = do_HEAD = do_PUT = forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def through(proxy: RewritingProxy, monkeypatch):
+    """Storage's clients reach S3 through `proxy` inside the block."""
+    from candlecast.config import get_settings
+
+    try:
+        monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
+        get_settings.cache_clear()
+        storage.reset_clients()
+        yield proxy
+    finally:
+        proxy.close()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        storage.reset_clients()
+
+
+def test_a_read_that_a_rewrite_lands_in_reads_one_version_and_no_damage(bucket, stack, monkeypatch):
+    """A read that a put-candles or ingest rewrite lands in is one version of the file, never a damaged file: the
+    read was a HEAD, then ranged GETs of whatever object the key held by then (the new one at the old one's
+    offsets), and answered 503 candle_file_invalid for a healthy file, telling the operator to delete it."""
+    key = storage.candles_key("X:BTCUSD", "1h")
+    old, new = make_candles(3000), make_candles(3500, start=1_500_000_000 - 1_500_000_000 % HOUR)
+    storage.write_candles("X:BTCUSD", "1h", old)
+    direct = storage.s3_client()  # moto itself, not through the proxy
+
+    def rewrite():
+        direct.put_object(Bucket=bucket, Key=key, Body=storage.candles_to_parquet(new))
+
+    with through(RewritingProxy(stack.s3_endpoint_url, key, rewrite), monkeypatch) as proxy:
+        first = storage.read_candles("X:BTCUSD", "1h", 100, use_cache=False)
+        second = storage.read_candles("X:BTCUSD", "1h", 100, use_cache=False)
+    assert len(proxy.requests) >= 2  # the rewrite did land between two requests
+    assert first.close.tolist() == old.close[-100:].tolist()
+    assert second.close.tolist() == new.close[-100:].tolist()
+
+
+def test_a_read_that_a_rewrite_overtakes_does_not_put_the_old_candles_back_in_redis(bucket, stack, monkeypatch):
+    """A create read the file, the operator's put-candles rewrote it and dropped the cached candles, then the create
+    filled the cache with what it had read: every forecast for the next hour came from the replaced file. The fill
+    is made under the file's cache generation looked up before the read, which the rewrite replaced."""
+    key = storage.candles_key("X:BTCUSD", "4h")
+    old, new = make_candles(300, step=4 * HOUR), make_candles(310, step=4 * HOUR)
+    storage.write_candles("X:BTCUSD", "4h", old)
+    direct = storage.s3_client()
+
+    def rewrite():  # what put_bytes does, straight at moto: the PUT, then the cache's invalidation
+        direct.put_object(Bucket=bucket, Key=key, Body=storage.candles_to_parquet(new))
+        assert storage.forget_cached_candles([key])
+
+    with through(RewritingProxy(stack.s3_endpoint_url, key, rewrite), monkeypatch):
+        raced = storage.read_candles("X:BTCUSD", "4h", 200)
+        after = storage.read_candles("X:BTCUSD", "4h", 200)
+    assert raced.close.tolist() == old.close[-200:].tolist()  # read before the rewrite: the old file
+    assert after.close.tolist() == new.close[-200:].tolist()
+
+
 def test_read_fills_redis_and_a_rewrite_invalidates_it(bucket):
     storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
-    assert cache.get_candles("X:ADAUSD", "4h") is None
+    assert cache.lookup_candles("X:ADAUSD", "4h").value is None
     storage.read_candles("X:ADAUSD", "4h", 30)
-    cached, requested = Candles.unpack(cache.get_candles("X:ADAUSD", "4h"))
+    cached, requested = Candles.unpack(cache.lookup_candles("X:ADAUSD", "4h").value)
     assert (len(cached), requested) == (30, 30)
 
     # Served from Redis while it is fresh, even with the object gone.
@@ -116,7 +223,7 @@ def test_read_fills_redis_and_a_rewrite_invalidates_it(bucket):
     assert storage.read_candles("X:ADAUSD", "4h", 31) is None
 
     storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR))
-    assert cache.get_candles("X:ADAUSD", "4h") is None
+    assert cache.lookup_candles("X:ADAUSD", "4h").value is None
 
 
 def test_missing_file_reads_as_none(bucket):
@@ -171,16 +278,16 @@ def test_every_write_of_a_candle_file_drops_its_cached_candles(bucket, tmp_path)
     hour: only write_candles dropped the Redis entry. Now upload_directory and put_bytes do too, for the candle
     files they write and only those."""
     for ticker in ("X:BTCUSD", "X:ETHUSD"):
-        cache.set_candles(ticker, "1h", make_candles(3).pack(3))
+        cache.fill_candles(ticker, "1h", make_candles(3).pack(3), cache.lookup_candles(ticker, "1h"))
     (tmp_path / "BTCUSD").mkdir()
     (tmp_path / "BTCUSD" / "1h.parquet").write_bytes(storage.candles_to_parquet(make_candles(3)))
     (tmp_path / "symbols.csv").write_text("ticker\nX:BTCUSD\n")
     storage.upload_directory(tmp_path, "data", progress=False)
-    assert cache.get_candles("X:BTCUSD", "1h") is None
-    assert cache.get_candles("X:ETHUSD", "1h") is not None  # not written: kept
+    assert cache.lookup_candles("X:BTCUSD", "1h").value is None
+    assert cache.lookup_candles("X:ETHUSD", "1h").value is not None  # not written: kept
 
     storage.put_bytes(storage.candles_key("X:ETHUSD", "1h"), storage.candles_to_parquet(make_candles(4)))
-    assert cache.get_candles("X:ETHUSD", "1h") is None
+    assert cache.lookup_candles("X:ETHUSD", "1h").value is None
 
 
 @pytest.mark.parametrize(("key", "pair"), [
@@ -193,18 +300,10 @@ def test_a_candle_files_key_names_its_symbol_and_timeframe(key, pair):
     assert storage.candle_file(key) == pair
 
 
-def test_filesystem_uses_the_configured_http_endpoint(bucket, stack):
-    from pyarrow import fs
-
-    info = storage.filesystem().get_file_info(fs.FileSelector(bucket, allow_not_found=True))
-    assert isinstance(info, list)
-    assert stack.s3_endpoint_url.startswith("http://")
-
-
 def test_a_history_shorter_than_asked_for_is_still_served_from_the_caches(bucket, monkeypatch):
     storage.write_candles("X:NEWUSD", "1d", make_candles(5, start=DAY_START, step=86400))
     assert len(storage.read_candles("X:NEWUSD", "1d", 30)) == 5
-    assert Candles.unpack(cache.get_candles("X:NEWUSD", "1d"))[1] == 30
+    assert Candles.unpack(cache.lookup_candles("X:NEWUSD", "1d").value)[1] == 30
     reads = []
     monkeypatch.setattr(storage, "_read_tail", lambda *args: reads.append(1))
     assert len(storage.read_candles("X:NEWUSD", "1d", 30)) == 5  # Redis
@@ -240,7 +339,8 @@ def test_packed_candles_round_trip_and_refuse_foreign_bytes():
 
 def test_a_foreign_cache_entry_is_ignored_and_read_from_s3(bucket):
     storage.write_candles("X:DOTUSD", "1h", make_candles(12))
-    cache.set_candles("X:DOTUSD", "1h", b'{"open_time": [1, 2, 3]}')  # an older JSON entry
+    older_json = b'{"open_time": [1, 2, 3]}'
+    cache.fill_candles("X:DOTUSD", "1h", older_json, cache.lookup_candles("X:DOTUSD", "1h"))
     assert len(storage.read_candles("X:DOTUSD", "1h", 10)) == 10
 
 

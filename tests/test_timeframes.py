@@ -2,11 +2,20 @@
 and hand-written dates), never against the code under test."""
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from dateutil.relativedelta import relativedelta
 
-from candlecast.timeframes import FORECAST_STEPS, TIMEFRAMES, add_steps, bucket_start, next_open_times, nominal_seconds
+from candlecast.timeframes import (
+    FORECAST_STEPS,
+    TIMEFRAMES,
+    add_steps,
+    bucket_start,
+    closed_since,
+    next_open_times,
+    nominal_seconds,
+)
 
 ORACLE_STEP = {"1h": relativedelta(hours=1), "4h": relativedelta(hours=4), "1d": relativedelta(days=1),
                "1w": relativedelta(weeks=1), "1m": relativedelta(months=1)}
@@ -135,3 +144,18 @@ def test_closed_since_counts_the_candles_that_closed_after_the_last_one(timefram
     from candlecast.timeframes import closed_since
 
     assert closed_since(last_open, timeframe, at) == closed
+
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def test_month_arithmetic_is_utcs_whatever_zone_the_times_come_in():
+    """Times in another zone (as a database session outside UTC returns them) are the same instants: their months
+    are UTC's, not the wall clock's. 2026-02-01T00:00Z is January 31st in New York."""
+    last_open = at(2026, 2, 1).astimezone(NEW_YORK)
+    assert add_steps(last_open, "1m", 2) == at(2026, 4, 1)
+    assert next_open_times(last_open, "1m", 3) == [at(2026, 3, 1), at(2026, 4, 1), at(2026, 5, 1)]
+    # A forecast made 2026-03-31T23:00Z starts with March, still open: no candle closed since February's.
+    assert closed_since(last_open, "1m", at(2026, 3, 31, 23).astimezone(NEW_YORK)) == 0
+    assert closed_since(last_open, "1m", at(2026, 4, 1).astimezone(NEW_YORK)) == 1
+    assert closed_since(at(2026, 3, 8, 6).astimezone(NEW_YORK), "1h", at(2026, 3, 8, 8).astimezone(NEW_YORK)) == 1

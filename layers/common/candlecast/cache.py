@@ -11,11 +11,12 @@ Every value is sealed (a marker and the CRC-32 of the value) when written and ch
 module did not write whole (a foreign writer, a truncated or corrupted entry) reads as a miss, never as a body
 served to a client nor as an error.
 
-Symbols (one symbol, top lists, searches) and track records are read through the cache and invalidated when they
-change. Each of those kinds has a generation (a random token at keys.generation) that invalidation replaces; a
-lookup reads it with the entry (one MGET), an entry counts only under the generation it was written with, and a
-fill is written under the generation looked up before the database was read. A fill that raced an invalidation
-(read the old row, written after the invalidation) is so never served.
+Symbols (one symbol, top lists, searches), track records and each candle file's fresh candles are read through the
+cache and invalidated when they change. Each of those kinds (each candle file) has a generation (a random token at
+keys.generation) that invalidation replaces; a lookup reads it with the entry (one MGET), an entry counts only under
+the generation it was written with, and a fill is written under the generation looked up before the database (the
+file) was read. A fill that raced an invalidation (read the old row, written after the invalidation) is so never
+served.
 
 A reply of the wrong shape (a proxy or server out of protocol: a string where
 MGET's array belongs, an array of another length, a number for a value) is a miss too, and marks the cache down
@@ -69,6 +70,11 @@ _SEALED_HEADER = len(_SEAL) + 4
 
 SYMBOLS = "symbols"  # the generation of one symbol, top lists and searches: they all show symbol rows
 TRACK_RECORD = "track-record"
+
+
+def _candles_kind(ticker: str, timeframe: str) -> str:
+    """One generation per candle file: a write replaces its file's only."""
+    return f"candles:{ticker}:{timeframe}"
 
 
 class keys:
@@ -367,23 +373,15 @@ def set_json(key: str, value: Any, ttl_seconds: int) -> bool:
 # Domain helpers: one place that knows each kind's key and TTL.
 
 
-def get_candles(ticker: str, timeframe: str) -> bytes | None:
-    return get(keys.candles(ticker, timeframe))
-
-
-def set_candles(ticker: str, timeframe: str, packed: bytes) -> bool:
-    """`packed` is Candles.pack's bytes (storage owns the format; this module stays free of numpy)."""
-    return set(keys.candles(ticker, timeframe), packed, TTL_SECONDS["candles"])
-
-
 def forget_candles(pairs: list[tuple[str, str]], retry: bool = False) -> bool:
-    """Drop the fresh-candles entries of these (ticker, timeframe) pairs, in one command: their files were just
-    written. False when the cache did not take it (each is then served until its TTL, 1 h, runs out); `retry`
+    """A new generation for the fresh candles of each of these (ticker, timeframe) pairs, in one command: their
+    files were just written, and no entry filled before (a read of the old file that fills after this, too) is
+    served again. False when the cache did not take it (each is then served until its TTL, 1 h, runs out); `retry`
     asks even while an outage is on (a batch job can wait for the socket timeout)."""
     if not pairs:
         return True
-    return _guarded(lambda client: client.delete(*(keys.candles(ticker, timeframe) for ticker, timeframe in pairs)),
-                    default=None, expected=_is_count, even_if_down=retry) is not None
+    generations = {keys.generation(_candles_kind(*pair)): _new_generation() for pair in pairs}
+    return bool(_guarded(lambda client: client.mset(generations), expected=_is_flag, even_if_down=retry))
 
 
 def get_prediction_bytes(prediction_id: str) -> bytes | None:
@@ -403,13 +401,12 @@ def forget_predictions(prediction_ids: list[str]) -> bool:
                     expected=_is_count) is not None
 
 
-def get_candles_and_request(ticker: str, timeframe: str) -> tuple[bytes | None, bytes | None]:
-    """The fresh-candles entry and the request pointer of a symbol and timeframe, in one round trip (MGET).
+def lookup_candles_and_request(ticker: str, timeframe: str) -> tuple["Lookup", bytes | None]:
+    """The fresh-candles lookup and the request pointer of a symbol and timeframe, in one round trip (MGET).
     `prediction_for_request` reads the pointer once the candles have given the request's hash."""
-    values = _guarded(lambda client: client.mget([keys.candles(ticker, timeframe),
-                                                  keys.prediction_request(ticker, timeframe)]),
-                      expected=_are_values(2))
-    return (_opened(values[0]), _opened(values[1])) if values else (None, None)
+    lookup, (pointer,) = _lookup_with(_candles_kind(ticker, timeframe), keys.candles(ticker, timeframe),
+                                      [keys.prediction_request(ticker, timeframe)])
+    return lookup, _opened(pointer)
 
 
 def prediction_for_request(pointer: bytes | None, request_hash: str) -> str | None:
@@ -471,20 +468,26 @@ def _new_generation() -> bytes:
     return os.urandom(8).hex().encode()
 
 
-def _lookup(kind: str, key: str) -> Lookup:
+def _lookup_with(kind: str, key: str, others: list[str]) -> tuple[Lookup, list[bytes | None]]:
+    """`key`'s lookup, and the raw values of `others` read in the same round trip (None each when it failed)."""
     generation_key = keys.generation(kind)
-    replies = _guarded(lambda client: client.mget([generation_key, key]), expected=_are_values(2))
+    replies = _guarded(lambda client: client.mget([generation_key, key, *others]),
+                       expected=_are_values(2 + len(others)))
     if replies is None:
-        return Lookup(None, None)
-    generation, raw = replies
+        return Lookup(None, None), [None] * len(others)
+    generation, raw, *rest = replies
     if generation is None:
         # Never invalidated, flushed or evicted: start a generation no entry can carry (a counter restarted
         # from nothing could meet an old entry's). Whoever sets it first wins; the others skip this fill.
         generation = _new_generation()
         started = _guarded(lambda client: client.set(generation_key, generation, nx=True), expected=_is_flag)
-        return Lookup(None, generation if started else None)
+        return Lookup(None, generation if started else None), rest
     tag, _, value = (_opened(raw) or b"").partition(b" ")
-    return Lookup(value if tag == generation else None, generation)
+    return Lookup(value if tag == generation else None, generation), rest
+
+
+def _lookup(kind: str, key: str) -> Lookup:
+    return _lookup_with(kind, key, [])[0]
 
 
 def _fill(key: str, body: bytes, ttl_seconds: int, lookup: Lookup) -> bool:
@@ -498,6 +501,16 @@ def _invalidate(kind: str, retry: bool) -> bool:
     again even while an outage is on (its probe may not have seen Redis back yet; a batch job can wait)."""
     return bool(_guarded(lambda client: client.set(keys.generation(kind), _new_generation()), expected=_is_flag,
                          even_if_down=retry))
+
+
+def lookup_candles(ticker: str, timeframe: str) -> Lookup:
+    """The fresh-candles entry (Candles.pack's bytes: storage owns the format; this module stays free of numpy)."""
+    return _lookup(_candles_kind(ticker, timeframe), keys.candles(ticker, timeframe))
+
+
+def fill_candles(ticker: str, timeframe: str, packed: bytes, lookup: Lookup) -> bool:
+    """Cache candles read after `lookup` (from the file, Polygon or both): a write of the file since is not undone."""
+    return _fill(keys.candles(ticker, timeframe), packed, TTL_SECONDS["candles"], lookup)
 
 
 def lookup_symbol(ticker: str) -> Lookup:

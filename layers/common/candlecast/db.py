@@ -205,12 +205,14 @@ def _configure(conn: psycopg.Connection) -> None:
 
 def _server_options() -> str:
     """The server ends a statement, a lock wait, and a transaction left open between statements (a function
-    frozen or killed mid-transaction, whose watchdog is frozen too) by itself."""
+    frozen or killed mid-transaction, whose watchdog is frozen too) by itself. Sessions are in UTC whatever the
+    server's zone (an embedded one takes the machine's): timestamps come back in UTC, and SQL's calendar
+    arithmetic (`+ interval '1 month'`) is done on UTC's months."""
     settings = get_settings()
     statement_ms = int(settings.db_statement_timeout * 1000)
     idle_ms = int(settings.db_idle_in_transaction_timeout * 1000)
     return (f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms // 2} "
-            f"-c idle_in_transaction_session_timeout={idle_ms}")
+            f"-c idle_in_transaction_session_timeout={idle_ms} -c TimeZone=UTC")
 
 
 CHECK_SECONDS = 0.5  # an empty query answers in a millisecond when the server is there at all

@@ -769,7 +769,8 @@ def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now:
     """
     from candlecast import polygon, storage
 
-    cached = storage.cached_candles(ticker, timeframe, last_n)
+    lookup = cache.lookup_candles(ticker, timeframe)
+    cached = storage.cached_candles(lookup, last_n)
     if cached is not None:
         return cached
     client = polygon.get_client(interactive=True)
@@ -785,17 +786,18 @@ def fetch_recent_candles(ticker: str, timeframe: Timeframe, last_n: int, *, now:
     now = now if now is not None else int(time.time())
     candles = _fetch_remembering_failure(client, ticker, timeframe, _recent_start(timeframe, last_n, now), now)
     candles = candles.tail(last_n)
-    storage.cache_candles(ticker, timeframe, candles, last_n)
+    storage.cache_candles(ticker, timeframe, candles, last_n, lookup)
     return candles
 
 
-def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last_n: int, *,
+def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last_n: int, *, lookup: cache.Lookup,
                       now: int | None = None) -> "Candles":
     """The last `last_n` of the bucket's candles `stored` (oldest first) and those that closed after them, from
     Polygon: the weekly refresh leaves a file up to a week behind, and a 1h forecast from it would end in the
     past. Cached in Redis for 1 h (the fresh-candles cache). Without an API key, or when Polygon fails or has
     nothing newer (remembered 30 s), `stored` as it is: a forecast from older candles, which its
-    `last_candle_at` says, beats none.
+    `last_candle_at` says, beats none. `lookup` is the fresh-candles lookup made before `stored` was read, under
+    whose generation they are cached.
     """
     from candlecast import polygon, storage
     from candlecast.timeframes import add_steps
@@ -817,7 +819,7 @@ def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last
                                                        "error": getattr(error, "upstream_error", error.message)})
         return stored
     candles = storage.merge_candles(stored, newer).tail(last_n)
-    storage.cache_candles(ticker, timeframe, candles, last_n)
+    storage.cache_candles(ticker, timeframe, candles, last_n, lookup)
     return candles
 
 

@@ -2,8 +2,8 @@
 
 Layout: data/{STORAGE_NAME}/{tf}.parquet, models/{tf}.pkl (active), models/{tf}/{version}.pkl, key + ".sig".
 
-Clients are created once per container, at init by functions that read (prepare_reads). numpy and pyarrow are
-imported inside functions, so importing this module stays cheap for health and search.
+Clients are created once per container, at init by functions that read (prepare_reads). numpy, pyarrow and boto3
+are imported inside functions, so importing this module stays cheap for health and search.
 """
 
 import http.client
@@ -13,8 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse, urlsplit
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 from aws_lambda_powertools import Logger
 
@@ -107,49 +107,28 @@ def _make_boto3_client(read_timeout: float = 2, attempts: int = 2) -> Any:
     )
 
 
-def _make_filesystem() -> Any:
-    from pyarrow import fs
-
-    settings = get_settings()
-    # Candle tails are small: a request that takes longer than this is a stalled S3, answered at once as
-    # storage_unavailable with Retry-After (a retry would double the wait; most reads hit the Redis copy).
-    options: dict[str, Any] = {"region": settings.aws_region, "connect_timeout": 1, "request_timeout": 0.8,
-                               "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=1)}
-    if settings.s3_endpoint_url:
-        # pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be given explicitly, without its scheme.
-        endpoint = urlparse(settings.s3_endpoint_url)
-        options["endpoint_override"] = endpoint.netloc or endpoint.path
-        options["scheme"] = endpoint.scheme or "https"
-    return fs.S3FileSystem(**options)
-
-
 def s3_client() -> Any:
     return _client("s3", _make_boto3_client)
 
 
 def read_client() -> Any:
-    """For reads a request waits on (a model): a stalled S3 answers as fast as for candles, one try of
-    at most a second (two tries of two seconds made a create wait 4.9 s in `make faults`)."""
+    """For reads a request waits on (candles, a model): a stalled S3 is answered at once as storage_unavailable
+    with Retry-After, one try of at most a second (two tries of two seconds made a create wait 4.9 s in
+    `make faults`; most candle reads hit the Redis copy)."""
     return _client("s3-read", lambda: _make_boto3_client(read_timeout=1, attempts=1))
 
 
-def filesystem() -> Any:
-    return _client("pyarrow", _make_filesystem)
-
-
 def prepare_reads() -> None:
-    """Import the candle reading path (numpy, pyarrow's Parquet reader and S3 filesystem) and build its filesystem
-    now, during a function's init, which Lambda runs on a full vCPU: a request that skips the Redis copy then
-    loads none of it. Building it sends no request, so init succeeds with S3 down. The boto3 client is left to
-    the first read that needs one: a deployed create loads its model from the artifact, and importing boto3 and
-    building a client here cost ~140 ms of init CPU for a client that first create never used."""
+    """Import the candle reading path (numpy, pyarrow's Parquet reader, boto3) and build its S3 client now, during
+    a function's init, which Lambda runs on a full vCPU: a request that skips the Redis copy then loads none of
+    it. Building it sends no request, so init succeeds with S3 down."""
     import botocore.exceptions  # noqa: F401 - _unavailable_as_503's
     import pyarrow.compute  # _table_to_candles casts timestamps with it
     import pyarrow.parquet  # noqa: F401
 
     import candlecast.candles  # noqa: F401 - numpy
 
-    filesystem()
+    read_client()
 
 
 def reset_clients() -> None:
@@ -236,18 +215,36 @@ def forget_cached_candles(written: Iterable[str], retry: bool = False) -> bool:
     return False
 
 
-def get_bytes(key: str) -> bytes | None:
-    """The object's bytes, or None when there is no such key."""
+class StoredObject(NamedTuple):
+    data: bytes | None  # None: the object is still the version get_object was told it has (304)
+    etag: str
+
+
+def get_object(key: str, unless: str = "") -> StoredObject | None:
+    """The object's bytes and ETag from one GET, so both are one version's whatever is written meanwhile; None when
+    there is no such key. With `unless` (an ETag), no bytes when the object is still that version."""
     from botocore.exceptions import ClientError
 
     try:
         with _unavailable_as_503(key):
-            response = read_client().get_object(Bucket=_bucket(), Key=key)
-            return response["Body"].read()
+            try:
+                response = read_client().get_object(Bucket=_bucket(), Key=key, **({"IfNoneMatch": unless} if unless
+                                                                                    else {}))
+            except ClientError as error:
+                if unless and str(error.response.get("Error", {}).get("Code")) in {"304", "NotModified"}:
+                    return StoredObject(None, unless)
+                raise
+            return StoredObject(response["Body"].read(), response["ETag"])
     except ClientError as error:
         if _is_missing(error):
             return None
         raise
+
+
+def get_bytes(key: str) -> bytes | None:
+    """The object's bytes, or None when there is no such key."""
+    stored = get_object(key)
+    return None if stored is None else stored.data
 
 
 def head_etag(key: str) -> str | None:
@@ -471,6 +468,16 @@ def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: st
     return candles
 
 
+def _known_etag(key: str, last_n: int, use_cache: bool) -> str:
+    """The version of the file this container has an answer for: one found invalid lately, else (`use_cache`) one
+    whose tail of at least `last_n` rows it remembers; "" for none."""
+    with _lock:
+        refused, remembered = _refused.get(key), _memory.get(key)
+    if refused is not None and time.monotonic() < refused[2]:
+        return refused[0]
+    return remembered[0] if use_cache and remembered is not None and remembered[2] >= last_n else ""
+
+
 def _refuse_again(key: str, etag: str) -> None:
     """Raise the remembered CandleFileInvalid when this version of the file was found invalid lately."""
     with _lock:
@@ -503,69 +510,66 @@ def _recalled(key: str, etag: str, last_n: int) -> "Candles | None":
     return entry[1].tail(last_n)
 
 
-_UNREAD = object()
-
-
-def cached_candles(ticker: str, timeframe: str, last_n: int, packed: "bytes | object | None" = _UNREAD
-                   ) -> "Candles | None":
-    """The last `last_n` candles from the Redis fresh-candles cache, if it holds an answer that long.
-    `packed` is that entry when the caller has read it already."""
+def cached_candles(lookup: cache.Lookup, last_n: int) -> "Candles | None":
+    """The last `last_n` candles of a Redis fresh-candles lookup (`cache.lookup_candles`), if it holds an answer
+    that long."""
     from candlecast.candles import Candles
 
-    if packed is _UNREAD:
-        packed = cache.get_candles(ticker, timeframe)
-    unpacked = Candles.unpack(packed) if packed is not None else None
+    unpacked = Candles.unpack(lookup.value) if lookup.value is not None else None
     if unpacked is None or max(unpacked[1], len(unpacked[0])) < last_n:
         return None
     return unpacked[0].tail(last_n)
 
 
-def cache_candles(ticker: str, timeframe: str, candles: "Candles", requested: int) -> None:
-    """Fill the fresh-candles cache (1 h). `requested` is how many rows were asked for: a shorter
-    history is the whole answer for any request up to that many."""
-    cache.set_candles(ticker, timeframe, candles.pack(requested))
+def cache_candles(ticker: str, timeframe: str, candles: "Candles", requested: int, lookup: cache.Lookup) -> None:
+    """Fill the fresh-candles cache (1 h) with candles read after `lookup`, under its generation: a rewrite of the
+    file between the two (which replaces the generation) is not undone by this fill. `requested` is how many rows
+    were asked for: a shorter history is the whole answer for any request up to that many."""
+    cache.fill_candles(ticker, timeframe, candles.pack(requested), lookup)
 
 
 def read_candles(ticker: str, timeframe: str, last_n: int, *, use_cache: bool = True,
-                 cache_entry: "bytes | object | None" = _UNREAD) -> "Candles | None":
+                 lookup: cache.Lookup | None = None) -> "Candles | None":
     """The last `last_n` candles of a symbol from the bucket, or None when it has no file.
 
-    Order: Redis fresh-candles cache (1 h) -> in-memory cache keyed by (key, ETag) -> the file's tail
-    row groups. A fetch from S3 fills both caches. `cache_entry` is the Redis entry when the caller has read
-    it already (with other keys, in one round trip).
+    Order: Redis fresh-candles cache (1 h) -> in-memory cache keyed by (key, ETag) -> the file, in one GET (one
+    version whole: ranged reads of a file rewritten between them read the new object at the old one's offsets,
+    which looked like a damaged file), of which only the tail row groups are decoded. A fetch from S3 fills both
+    caches. `lookup` is the Redis lookup when the caller has made it already (with other keys, in one round trip).
     """
+    import pyarrow as pa
+
     if last_n < 1:
         raise ValueError("last_n must be at least 1")
     if use_cache:
-        cached = cached_candles(ticker, timeframe, last_n, cache_entry)
+        lookup = lookup or cache.lookup_candles(ticker, timeframe)
+        cached = cached_candles(lookup, last_n)
         if cached is not None:
             return cached
     key = candles_key(ticker, timeframe)
-    try:
-        with _unavailable_as_503(key):
-            # Opening issues the one HEAD; its ETag (pyarrow's FileInfo lacks it) is in the stream metadata.
-            handle = filesystem().open_input_file(f"{_bucket()}/{key}")
-    except FileNotFoundError:
+    stored = get_object(key, _known_etag(key, last_n, use_cache))
+    if stored is not None and stored.data is None:  # the version this container has an answer for
+        _refuse_again(key, stored.etag)
+        candles = _recalled(key, stored.etag, last_n)
+        if candles is None:  # forgotten since (another thread's read pushed it out)
+            stored = get_object(key)
+    if stored is None:
         return None
-    with handle, _unavailable_as_503(key):
-        etag = handle.metadata().get("ETag", b"").decode()
-        candles = _recalled(key, etag, last_n) if use_cache and etag else None
-        if candles is None:
-            if etag:
-                _refuse_again(key, etag)
-            started = time.perf_counter()
-            try:
-                candles = _checked(lambda: _read_tail(handle, last_n), key, ticker, timeframe, etag)
-            except CandleFileInvalid as error:
-                if etag:
-                    _remember_refusal(key, etag, error)
-                raise
-            elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
-            logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
-            if use_cache and etag:
-                _remember(key, etag, candles, last_n)
-    if use_cache and len(candles):
-        cache_candles(ticker, timeframe, candles, last_n)
+    if stored.data is not None:
+        data, etag = stored
+        _refuse_again(key, etag)
+        started = time.perf_counter()
+        try:
+            candles = _checked(lambda: _read_tail(pa.BufferReader(data), last_n), key, ticker, timeframe, etag)
+        except CandleFileInvalid as error:
+            _remember_refusal(key, etag, error)
+            raise
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+        logger.debug("read candle tail", extra={"key": key, "rows": len(candles), "ms": elapsed_ms})
+        if use_cache:
+            _remember(key, etag, candles, last_n)
+    if lookup is not None and len(candles):
+        cache_candles(ticker, timeframe, candles, last_n, lookup)
     return candles
 
 

@@ -11,6 +11,11 @@ FORECAST_STEPS = 30
 _FIXED_STEP = {"1h": timedelta(hours=1), "4h": timedelta(hours=4), "1d": timedelta(days=1), "1w": timedelta(weeks=1)}
 
 
+def _utc(ts: datetime) -> datetime:
+    """`ts` in UTC (a naive one is UTC): a year or month read from another zone's wall clock is another candle's."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
 def bucket_start(ts: datetime, timeframe: Timeframe) -> datetime:
     """The open time of the candle of `timeframe` that contains `ts`."""
     ts = ts.astimezone(UTC)
@@ -30,6 +35,7 @@ def add_steps(ts: datetime, timeframe: Timeframe, steps: int) -> datetime:
     """`ts` moved forward by `steps` candles of `timeframe`. Months keep the day of the month where the target
     month has it, else take its last day (Jan 31 + 1 month is Feb 28/29): never an error. Candle open times are
     on the grid (`bucket_start`), the 1st of the month, so this only matters for a time that is not."""
+    ts = _utc(ts)
     if timeframe != "1m":
         return ts + steps * _FIXED_STEP[timeframe]
     months = ts.month - 1 + steps
@@ -46,8 +52,7 @@ def closed_since(last_open: datetime, timeframe: Timeframe, at: datetime) -> int
     """How many candles after the one opened at `last_open` (on the grid) had closed by `at`: 0 when the next
     candle had not closed yet, so a forecast from `last_open` made at `at` starts with the candle still open; n
     when its first n steps were already in the past."""
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
+    last_open, at = _utc(last_open), _utc(at)
     if timeframe == "1m":
         months = (at.year - last_open.year) * 12 + at.month - last_open.month
         if add_steps(last_open, timeframe, months) > at:

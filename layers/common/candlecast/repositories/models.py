@@ -18,8 +18,11 @@ MODEL_COLUMNS = (
 def register_model(conn: psycopg.Connection, model: "ModelCreate", *, activate: bool = True) -> uuid.UUID:
     """Insert (or refresh, by name+version) a model; when `activate`, it becomes its timeframe's only active one.
     The same file registered again keeps its live accuracy unless one is given; another file (sha256) starts
-    without one: scoring sets it."""
+    without one: scoring sets it. Registrations of one timeframe take turns (a transaction-scoped advisory lock):
+    two at once would each deactivate the rows they see and both insert an active one."""
     with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                     (f"model-registration:{model.timeframe}",))
         if activate:
             conn.execute(
                 "UPDATE models SET is_active = false WHERE timeframe = %s AND is_active "

@@ -127,17 +127,17 @@ def _enough_history(raw, candles, ticker: str, timeframe: str, need: int) -> Non
                        code="too_little_history")
 
 
-def _recent_candles(ticker: str, timeframe: str, count: int, cache_entry: bytes | None, need: int):
-    """The symbol's last usable candles: from the cache entry read already or the bucket, with those that closed
+def _recent_candles(ticker: str, timeframe: str, count: int, lookup: cache.Lookup, need: int):
+    """The symbol's last usable candles: from the cache lookup made already or the bucket, with those that closed
     since from Polygon; else all from Polygon (any symbol). At least `need` of them, else a 404."""
     from candlecast import ingest
     from candlecast.candles import usable_candles
 
-    candles = storage.read_candles(ticker, timeframe, count, cache_entry=cache_entry)
+    candles = storage.read_candles(ticker, timeframe, count, lookup=lookup)
     if candles is None or len(candles) == 0:
         candles = ingest.fetch_recent_candles(ticker, timeframe, count)
     else:
-        candles = ingest.caught_up_candles(ticker, timeframe, candles, count)
+        candles = ingest.caught_up_candles(ticker, timeframe, candles, count, lookup=lookup)
     usable = usable_candles(candles)
     _enough_history(candles, usable, ticker, timeframe, need)
     return usable
@@ -237,8 +237,8 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     model = verified_model(model_row)
     # The candles' cache entry and the newest request pointer come in one round trip; the pointer counts
     # only when it names this request's hash, which the candles give.
-    cache_entry, pointer = cache.get_candles_and_request(ticker, timeframe)
-    candles = _recent_candles(ticker, timeframe, model.lookback, cache_entry, model.min_candles)
+    lookup, pointer = cache.lookup_candles_and_request(ticker, timeframe)
+    candles = _recent_candles(ticker, timeframe, model.lookback, lookup, model.min_candles)
     request_hash = _request_hash(ticker, timeframe, model_row["id"], candles)
 
     if idempotency_key is None:
