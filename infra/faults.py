@@ -313,8 +313,8 @@ class Suite:
         socket timeout, so no command fails: the strikes, not an error, must take the cache out of the path.
 
         `first_reads`: one uncached create per create container, all at once, before: a container's first read
-        from S3 loads what its init leaves lazy (boto3, when the model file is read from the bucket; before
-        `forecasting.prepare` also pyarrow's S3 filesystem: 1-2.5 s at load ~9.5), which a container that found
+        from S3 loaded what its init left lazy (before `forecasting.prepare` built the boto3 read client at init,
+        boto3 or pyarrow's S3 filesystem: 1-2.5 s at load ~9.5), which a container that found
         its candles in Redis until then pays once when it skips the cache. That is the cache-less path's cold
         start, not the strikes'; the freeze scenario leaves it paid, and this makes the scenario not depend on it."""
         from candlecast.cache import PROBE_INTERVAL_SECONDS, SLOW_STRIKES

@@ -83,6 +83,8 @@ def test_bucket_start_converts_to_utc_first():
     local = datetime(2024, 3, 1, 0, 30, tzinfo=ZoneInfo("Europe/Berlin"))  # 2024-02-29 23:30 UTC
     assert bucket_start(local, "1d") == at(2024, 2, 29)
     assert bucket_start(local, "1m") == at(2024, 2, 1)
+    # a naive time is UTC, as in add_steps and closed_since, not the machine's wall clock
+    assert bucket_start(datetime(2024, 2, 29, 23, 30), "1d") == at(2024, 2, 29)
 
 
 def test_nominal_seconds():

@@ -15,8 +15,8 @@ import random
 import sys
 
 # Imported lazily by the create path; warmed into the snapshot where they exist.
-WARM_MODULES = ("numpy", "pyarrow", "pyarrow.compute", "pyarrow.parquet", "pyarrow.fs",
-                "candlecast.forecast.model", "candlecast.candles")
+WARM_MODULES = ("numpy", "pyarrow", "pyarrow.compute", "pyarrow.parquet", "candlecast.forecast.model",
+                "candlecast.candles")
 
 
 def warm_imports() -> list[str]:

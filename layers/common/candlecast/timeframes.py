@@ -18,7 +18,7 @@ def _utc(ts: datetime) -> datetime:
 
 def bucket_start(ts: datetime, timeframe: Timeframe) -> datetime:
     """The open time of the candle of `timeframe` that contains `ts`."""
-    ts = ts.astimezone(UTC)
+    ts = _utc(ts)
     if timeframe == "1h":
         return ts.replace(minute=0, second=0, microsecond=0)
     if timeframe == "4h":
