@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.http_server import bind
@@ -25,6 +26,9 @@ from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
 from infra.local_stack import LocalStack, StateDirInUse, empty_state_dir, lock_state_dir
 from infra.sam_template import Throttle, load_template, parse_functions
+
+if TYPE_CHECKING:
+    from candlecast.seed import SeedReport
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = ROOT / ".local" / "state"
@@ -138,13 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         applied = migrate.apply(stack.database_url)
         print(f"migrations: {len(applied)} applied" + (f" ({', '.join(applied)})" if applied else ""), flush=True)
         if not args.no_seed:
-            from candlecast.seed import seed
-
-            own_key = environment["MODEL_SIGNING_KEY"] != LOCAL_MODEL_SIGNING_KEY
-            if own_key:
-                print("MODEL_SIGNING_KEY is yours: the sample models are signed with it as they are seeded")
-            print(seed(Path(args.data), Path(args.models), progress=sys.stderr.isatty(), resign=own_key,
-                       track_record=True).summary(), flush=True)
+            print(seed_sample(Path(args.data), Path(args.models), progress=sys.stderr.isatty()).summary(), flush=True)
 
         shared, per_function = load_env_file(args.env_vars)
         from candlecast.api import MAX_BODY_BYTES
@@ -192,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
         state_lock.release()
         print("stopped", flush=True)
     return 0
+
+
+def seed_sample(data_dir: Path, models_dir: Path, *, progress: bool) -> SeedReport:
+    """What `make run` seeds into the stack that os.environ names: data/symbols.csv, data/ and models/, and the
+    track record at past origins, scored (candlecast.seed.seed). The sample models are re-signed first when
+    MODEL_SIGNING_KEY is the user's own. infra.local_track_record seeds the README's figures with this, and the
+    tests' `seeded_track_record` fixture too, so the README says what a fresh `make run` serves."""
+    from candlecast.seed import seed
+
+    own_key = (os.environ.get("MODEL_SIGNING_KEY") or LOCAL_MODEL_SIGNING_KEY) != LOCAL_MODEL_SIGNING_KEY
+    if own_key:
+        print("MODEL_SIGNING_KEY is yours: the sample models are signed with it as they are seeded")
+    return seed(data_dir, models_dir, progress=progress, resign=own_key, track_record=True)
 
 
 def use_shared_environment(template: Path) -> None:

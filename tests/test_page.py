@@ -42,13 +42,8 @@ def browser():
 
 
 @pytest.fixture
-def site(clean_db):
-    """The seeded local stack (with the sample's track record) behind the local API."""
-    from candlecast import seed
-    from candlecast.services import forecasting
-
-    forecasting.forget_models()
-    seed.seed(progress=False, track_record=True)
+def site(clean_db, seeded_track_record):
+    """The seeded local stack (with the sample's track record, as `make run` seeds it) behind the local API."""
     api = LocalApi(environment=clean_db.environment())
     server, url = serve_in_thread(api)
     try:

@@ -46,6 +46,7 @@ class SeedReport:
     past_predictions: int = 0
     scored_steps: int = 0
     no_live: list[str] = field(default_factory=list)  # timeframes whose past origins are all in-sample (or unknown)
+    plans: list[TrackRecordPlan] = field(default_factory=list)  # the track record's origins, per timeframe
 
     def summary(self) -> str:
         models = ", ".join(f"{tf}: {name}" for tf, name in self.models.items()) or "none"
@@ -360,8 +361,8 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
         report.models = register_models(models, progress=progress)
         cache.invalidate_track_record()
         if track_record and report.models:
-            report.past_predictions, report.scored_steps, plans = build_track_record(data_dir, as_of, progress)
-            report.no_live = [plan.timeframe for plan in plans if plan.mode in ("replay", "none")]
+            report.past_predictions, report.scored_steps, report.plans = build_track_record(data_dir, as_of, progress)
+            report.no_live = [plan.timeframe for plan in report.plans if plan.mode in ("replay", "none")]
     return report
 
 

@@ -330,11 +330,18 @@ def _coverage_cell(item: dict) -> str:
 
 def readme_with_summary(readme: str, manifest: dict) -> str:
     """`readme` with the text between README_BEGIN and README_END replaced by `summary_table(manifest)`."""
-    head, found, rest = readme.partition(README_BEGIN)
-    _, found_end, tail = rest.partition(README_END)
+    return readme_with_block(readme, README_BEGIN, README_END, summary_table(manifest))
+
+
+def readme_with_block(readme: str, begin: str, end: str, text: str) -> str:
+    """`readme` with the text between the marker lines `begin` and `end` replaced by `text`: how every generated
+    README block is written (this summary; infra.local_track_record's figures of the seeded local stack), and how
+    the tests that keep each in sync compare it (`readme_with_...(readme, ...) == readme`)."""
+    head, found, rest = readme.partition(begin)
+    _, found_end, tail = rest.partition(end)
     if not (found and found_end):
-        raise UnusableInput(f"README has no {README_BEGIN} ... {README_END} block")
-    return f"{head}{README_BEGIN}\n{summary_table(manifest)}\n{README_END}{tail}"
+        raise UnusableInput(f"README has no {begin} ... {end} block")
+    return f"{head}{begin}\n{text}\n{end}{tail}"
 
 
 def headline_scores(comparison: dict) -> dict:
