@@ -724,11 +724,11 @@ def test_a_run_killed_halfway_is_completed_by_the_next_with_nothing_lost_or_doub
         writes = []
         real_write = storage.write_candles
 
-        def dying_write(*args):
+        def dying_write(*args, **kwargs):
             if len(writes) == 4:
                 raise KeyboardInterrupt("killed")
             writes.append(args[:2])
-            return real_write(*args)
+            return real_write(*args, **kwargs)
 
         monkeypatch.setattr(storage, "write_candles", dying_write)
         with pytest.raises(KeyboardInterrupt):
@@ -741,6 +741,140 @@ def test_a_run_killed_halfway_is_completed_by_the_next_with_nothing_lost_or_doub
     assert summary.errors == [] and summary.symbols_done == 4
     for ticker in ingest.top_tickers(4):
         assert_complete(ticker, market, first_run=NOW - 2 * DAY)
+
+
+DAILY = ["1d", "1w", "1m"]
+
+
+def with_bad_print(daily: Candles, index: int) -> Candles:
+    """`daily` with a shifted decimal point in the close of its candle at `index` (the high follows it)."""
+    bad = Candles(*(getattr(daily, name).copy() for name in COLUMNS))
+    bad.close[index] *= 10
+    bad.high[index] = bad.close[index]
+    return bad
+
+
+def badly_printed_files(client: PolygonClient, ticker: str) -> tuple[Candles, int]:
+    """A first run 10 days before NOW, then its 1d file and the 1w and 1m files built from it given a bad print 45
+    days before NOW (a month that has closed, out of the week the next run asks for again). Returns the good 1d
+    candles (the operator's repair) and the bad print's index."""
+    ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW - 10 * DAY, history_days=HISTORY,
+                      timeframes=DAILY)
+    good = storage.read_all_candles(ticker, "1d")
+    index = int(np.searchsorted(good.open_time, NOW - NOW % DAY - 45 * DAY))
+    bad = with_bad_print(good, index)
+    for timeframe in DAILY:
+        storage.write_candles(ticker, timeframe, bad if timeframe == "1d" else resample(bad, "1d", timeframe))
+    return good, index
+
+
+def assert_repaired(ticker: str, good: Candles, index: int) -> None:
+    """The 1d file holds the repaired close and the bars up to NOW; the 1w and 1m files are built from it; and a
+    forecast's read (Redis first) gets the repaired candles."""
+    daily = storage.read_all_candles(ticker, "1d")
+    at = daily.open_time == good.open_time[index]
+    assert daily.close[at].tolist() == [good.close[index]]
+    assert daily.open_time[-1] == NOW - NOW % DAY - DAY  # the new bars were merged too
+    for target in ("1w", "1m"):
+        stored, rebuilt = storage.read_all_candles(ticker, target), resample(daily, "1d", target)
+        assert stored.open_time.tolist() == rebuilt.open_time.tolist(), target
+        assert np.allclose(stored.close, rebuilt.close) and np.allclose(stored.high, rebuilt.high), target
+        assert storage.read_candles(ticker, target, len(stored)).high.tolist() == stored.high.tolist(), target
+    assert storage.read_candles(ticker, "1d", len(daily)).close[at].tolist() == [good.close[index]]
+
+
+def test_a_put_candles_while_the_ingest_waits_on_polygon_is_not_written_over(env, tmp_path):
+    """Audit O: the ingest read a candle file, waited on Polygon (seconds, minutes at the free tier), merged and
+    wrote unconditionally: an operator's `candlecast put-candles` in between was written over with the bad print it
+    repaired, and the 1w and 1m files built from it kept it, without a word. The write is made only over the version
+    read; the repaired file is read and merged again, and the files built from it are built from the repair."""
+    import threading
+
+    from candlecast import seed
+
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        good, index = badly_printed_files(client, ticker)
+        for timeframe in DAILY:
+            storage.read_candles(ticker, timeframe, 60)  # a forecast's read: the bad print in Redis
+        repair = tmp_path / "repaired.parquet"
+        repair.write_bytes(storage.candles_to_parquet(good))
+
+        fake.hold("/range/1/day/", after=0)
+        runs = []
+        refresh = threading.Thread(target=lambda: runs.append(ingest.run_ingest(
+            client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY, timeframes=DAILY)))
+        refresh.start()
+        try:
+            deadline = time.monotonic() + 60
+            while fake.held() < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert fake.held() == 1  # the 1d file is read; its new bars are being fetched
+            seed.put_candles(ticker, "1d", repair)
+        finally:
+            fake.release()
+            refresh.join(timeout=60)
+        assert fake.count("/range/1/day/") == 2  # the first run's and this one's: the repair asked Polygon nothing
+    assert_repaired(ticker, good, index)
+    [summary] = runs
+    assert summary.errors == [] and summary.symbols_done == 1 and summary.files_written == 3
+
+
+def test_a_source_replaced_once_the_ingest_wrote_it_rebuilds_the_files_built_from_it(env, stack):
+    """The files built from a source are built from the source as it finally is: a repair that lands just after the
+    ingest wrote the 1d file (and before its 1w and 1m files) is merged into and built from again."""
+    from tests.s3_proxy import RewritingProxy, through
+
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    key = storage.candles_key(ticker, "1d")
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        good, index = badly_printed_files(client, ticker)
+        direct = storage.s3_client()
+
+        def repair():  # put-candles, straight at moto
+            direct.put_object(Bucket=stack.bucket, Key=key, Body=storage.candles_to_parquet(good))
+            assert storage.forget_cached_candles([key])
+
+        with through(RewritingProxy(stack.s3_endpoint_url, key, repair, method="PUT")) as proxy:
+            summary = ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
+                                        timeframes=DAILY)
+    assert_repaired(ticker, good, index)
+    assert proxy.requests.count("PUT") == 2  # the ingest's, written over by the repair, then the merge into it
+    assert summary.errors == [] and summary.symbols_done == 1
+
+
+def test_a_file_rewritten_every_time_the_ingest_reads_it_fails_its_source_and_keeps_the_rewrite(env, stack):
+    """WRITE_ATTEMPTS conflicts in a row and the source fails in the run's report, its files as the other writer
+    left them: never a silent write over them."""
+    from tests.s3_proxy import RewritingProxy, through
+
+    market = make_market(1, now=NOW, history_days=200)
+    ticker = market.symbols[0].ticker
+    key = storage.candles_key(ticker, "1d")
+    with FakePolygon(market) as fake:
+        client = client_for(fake)
+        good, _ = badly_printed_files(client, ticker)
+        direct, versions = storage.s3_client(), []
+
+        def rewrite():  # a new version each time (the same bytes are the same ETag: the same file)
+            versions.append(with_bad_print(good, len(versions)))
+            direct.put_object(Bucket=stack.bucket, Key=key, Body=storage.candles_to_parquet(versions[-1]))
+
+        built = {timeframe: storage.get_bytes(storage.candles_key(ticker, timeframe)) for timeframe in ("1w", "1m")}
+        with through(RewritingProxy(stack.s3_endpoint_url, key, rewrite, times=100)) as proxy:
+            summary = ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY,
+                                        timeframes=DAILY)
+    assert proxy.requests.count("PUT") == 2 * ingest.WRITE_ATTEMPTS  # tried again at the chunk's end
+    assert summary.failed == [ticker] and summary.retried == [ticker] and summary.files_written == 0
+    [error] = summary.errors
+    assert error == (f"{ticker}: 1d bars: the 1d candle files of {ticker} were written by another writer while this "
+                     f"run merged into them, {ingest.WRITE_ATTEMPTS} times; they were left as that writer left them")
+    assert storage.read_all_candles(ticker, "1d").close.tolist() == versions[-1].close.tolist()
+    assert {tf: storage.get_bytes(storage.candles_key(ticker, tf)) for tf in ("1w", "1m")} == built
 
 
 @pytest.mark.slow

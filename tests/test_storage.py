@@ -1,8 +1,6 @@
 """Storage against moto's S3 server and a real Redis: keys, Parquet tails, caches, model bytes."""
 
-import contextlib
 import io
-import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,6 +9,7 @@ import pytest
 from candlecast import cache, storage
 from candlecast.candles import COLUMNS, Candles
 from tests.conftest import empty_bucket
+from tests.s3_proxy import RewritingProxy, through
 
 pytestmark = [pytest.mark.s3, pytest.mark.integration]
 
@@ -57,7 +56,7 @@ def test_write_then_read_tail_round_trips(bucket):
     shuffled = np.random.default_rng(1).permutation(3000)
     duplicated = np.concatenate([shuffled, shuffled[:10]])
     messy = Candles(**{name: getattr(candles, name)[duplicated] for name in COLUMNS})
-    assert storage.write_candles("X:BTCUSD", "1h", messy) == 3000
+    assert storage.write_candles("X:BTCUSD", "1h", messy).rows == 3000
 
     tail = storage.read_candles("X:BTCUSD", "1h", 100, use_cache=False)
     assert tail.open_time.tolist() == candles.open_time[-100:].tolist()
@@ -104,72 +103,7 @@ def test_read_uses_memory_cache_until_the_etag_changes(bucket, monkeypatch):
     assert third.open_time[-1] == first.open_time[-1] + 10 * 86400
 
 
-class RewritingProxy:
-    """An HTTP proxy in front of moto's S3 that calls `rewrite` (which replaces the object straight at moto) once,
-    when moto has answered the first request for `key` and before that answer is relayed: a rewrite landing just
-    after a read's first request."""
-
-    def __init__(self, upstream: str, key: str, rewrite):
-        from http.client import HTTPConnection
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
-        target = urlsplit(upstream)
-        proxy, self.requests = self, []
-
-        class Handler(BaseHTTPRequestHandler):
-            def forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                connection = HTTPConnection(target.hostname, target.port, timeout=5)
-                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
-                response = connection.getresponse()
-                payload = response.read()
-                if key in self.path:
-                    proxy.requests.append(self.command)
-                    if len(proxy.requests) == 1:
-                        rewrite()
-                self.send_response(response.status)
-                for name, value in response.getheaders():
-                    if name.lower() not in {"content-length", "transfer-encoding", "connection", "date", "server"}:
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                connection.close()
-
-            do_GET = do_HEAD = do_PUT = forward
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@contextlib.contextmanager
-def through(proxy: RewritingProxy, monkeypatch):
-    """Storage's clients reach S3 through `proxy` inside the block."""
-    from candlecast.config import get_settings
-
-    try:
-        monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
-        get_settings.cache_clear()
-        storage.reset_clients()
-        yield proxy
-    finally:
-        proxy.close()
-        monkeypatch.undo()
-        get_settings.cache_clear()
-        storage.reset_clients()
-
-
-def test_a_read_that_a_rewrite_lands_in_reads_one_version_and_no_damage(bucket, stack, monkeypatch):
+def test_a_read_that_a_rewrite_lands_in_reads_one_version_and_no_damage(bucket, stack):
     """A read that a put-candles or ingest rewrite lands in is one version of the file, never a damaged file: the
     read was a HEAD, then ranged GETs of whatever object the key held by then (the new one at the old one's
     offsets), and answered 503 candle_file_invalid for a healthy file, telling the operator to delete it."""
@@ -181,7 +115,7 @@ def test_a_read_that_a_rewrite_lands_in_reads_one_version_and_no_damage(bucket, 
     def rewrite():
         direct.put_object(Bucket=bucket, Key=key, Body=storage.candles_to_parquet(new))
 
-    with through(RewritingProxy(stack.s3_endpoint_url, key, rewrite), monkeypatch) as proxy:
+    with through(RewritingProxy(stack.s3_endpoint_url, key, rewrite)) as proxy:
         first = storage.read_candles("X:BTCUSD", "1h", 100, use_cache=False)
         second = storage.read_candles("X:BTCUSD", "1h", 100, use_cache=False)
     assert len(proxy.requests) >= 2  # the rewrite did land between two requests
@@ -189,7 +123,7 @@ def test_a_read_that_a_rewrite_lands_in_reads_one_version_and_no_damage(bucket, 
     assert second.close.tolist() == new.close[-100:].tolist()
 
 
-def test_a_read_that_a_rewrite_overtakes_does_not_put_the_old_candles_back_in_redis(bucket, stack, monkeypatch):
+def test_a_read_that_a_rewrite_overtakes_does_not_put_the_old_candles_back_in_redis(bucket, stack):
     """A create read the file, the operator's put-candles rewrote it and dropped the cached candles, then the create
     filled the cache with what it had read: every forecast for the next hour came from the replaced file. The fill
     is made under the file's cache generation looked up before the read, which the rewrite replaced."""
@@ -202,7 +136,7 @@ def test_a_read_that_a_rewrite_overtakes_does_not_put_the_old_candles_back_in_re
         direct.put_object(Bucket=bucket, Key=key, Body=storage.candles_to_parquet(new))
         assert storage.forget_cached_candles([key])
 
-    with through(RewritingProxy(stack.s3_endpoint_url, key, rewrite), monkeypatch):
+    with through(RewritingProxy(stack.s3_endpoint_url, key, rewrite)):
         raced = storage.read_candles("X:BTCUSD", "4h", 200)
         after = storage.read_candles("X:BTCUSD", "4h", 200)
     assert raced.close.tolist() == old.close[-200:].tolist()  # read before the rewrite: the old file
@@ -224,6 +158,33 @@ def test_read_fills_redis_and_a_rewrite_invalidates_it(bucket):
 
     storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR))
     assert cache.lookup_candles("X:ADAUSD", "4h").value is None
+
+
+def test_a_write_over_the_version_read_is_refused_once_another_writer_replaced_it(bucket):
+    """The ingest writes a candle file only over the version it read: another writer's file (an operator's
+    put-candles) is never written over, and its cached candles are not dropped for a write that did not happen."""
+    from candlecast.errors import FileChanged
+
+    read = storage.read_candle_file("X:BTCUSD", "1d")
+    assert read == storage.CandleFile(None, "")
+    first = storage.write_candles("X:BTCUSD", "1d", make_candles(5, start=DAY_START, step=86400), over=read.etag)
+    with pytest.raises(FileChanged):  # there was no file: there is one now
+        storage.write_candles("X:BTCUSD", "1d", make_candles(6, start=DAY_START, step=86400), over="")
+    stored = storage.read_candle_file("X:BTCUSD", "1d")
+    assert (len(stored.candles), stored.etag) == (5, first.etag)
+
+    repaired = storage.write_candles("X:BTCUSD", "1d", make_candles(7, start=DAY_START, step=86400))  # unconditional
+    storage.read_candles("X:BTCUSD", "1d", 7)  # cached
+    with pytest.raises(FileChanged):
+        storage.write_candles("X:BTCUSD", "1d", make_candles(8, start=DAY_START, step=86400), over=first.etag)
+    assert cache.lookup_candles("X:BTCUSD", "1d").value is not None
+    assert storage.read_candle_file("X:BTCUSD", "1d").etag == repaired.etag
+    latest = storage.write_candles("X:BTCUSD", "1d", make_candles(8, start=DAY_START, step=86400), over=repaired.etag)
+    assert latest.rows == 8
+
+    storage.s3_client().delete_object(Bucket=bucket, Key=storage.candles_key("X:BTCUSD", "1d"))
+    with pytest.raises(FileChanged):  # deleted since it was read
+        storage.write_candles("X:BTCUSD", "1d", make_candles(9, start=DAY_START, step=86400), over=latest.etag)
 
 
 def test_missing_file_reads_as_none(bucket):

@@ -91,6 +91,15 @@ class CandleFileInvalid(ServiceUnavailable):
     retry_after = 300
     key = ""  # the file's S3 key, and why it is refused: for logs, never in the message
     problem = ""
+    etag = ""  # the version refused: a rebuild writes over it alone
+
+
+class FileChanged(CandlecastError):
+    """A write made only over the version of a file that was read (`storage.put_bytes`' `over`) found another
+    version there: another writer (an operator's put-candles, another run) wrote it since. Nothing was written."""
+
+    status = 409
+    code = "file_changed"
 
 
 class SecretsUnavailable(ServiceUnavailable):

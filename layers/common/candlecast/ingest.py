@@ -7,7 +7,8 @@
   resampler (candlecast.forecast.dataset.resample). Later runs fetch the bars after the last stored
   one and again the REFETCH_DAYS before it (bars Polygon fills in or corrects later replace the stored
   ones; older candles are left as they are); each file is merged (dedup by open_time) and replaced by
-  one PUT, so a failed or killed run leaves every file either as it was or complete.
+  one PUT, so a failed or killed run leaves every file either as it was or complete, and only over the version
+  read: a file another writer replaced meanwhile is merged into again (`_ingest_source`).
 - Any symbol: fetch_recent_candles() serves predictions for symbols without a Parquet file, and
   caught_up_candles() adds to a stored file's candles those that closed since the last refresh.
 
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, redaction
-from candlecast.errors import CandlecastError, CandleFileInvalid, NotFound, ServiceUnavailable
+from candlecast.errors import CandlecastError, CandleFileInvalid, FileChanged, NotFound, ServiceUnavailable
 from candlecast.polygon import (
     PolygonAuthError,
     PolygonBadResponse,
@@ -45,6 +46,7 @@ from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 if TYPE_CHECKING:
     from candlecast.candles import Candles
     from candlecast.schemas import SymbolCreate
+    from candlecast.storage import CandleFile
 
 logger = Logger(child=True)
 
@@ -63,6 +65,8 @@ REFETCH_DAYS = 7
 # an upstream fault, a listing cut short, not the market: nothing is marked inactive and the summary says so.
 MAX_INACTIVATED_SHARE = 0.10
 MAX_INACTIVATED_ALWAYS = 10
+# Times a source's files are read, merged and written when another writer replaces one of them meanwhile.
+WRITE_ATTEMPTS = 3
 
 
 class CandleFileNotRebuilt(CandlecastError):
@@ -411,55 +415,62 @@ def ingest_symbol(
 
 def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, targets: Sequence[Timeframe], now: int,
                    history_days: int, result: SymbolIngest, stop: float | None) -> None:
+    """Merge the new `source` bars into its file, then the `targets` built from it into theirs. Each file is written
+    only over the version read (storage.FileChanged otherwise), and the source is checked to be the version the
+    targets were built from once they are written: a file another writer replaced meanwhile (an operator's
+    put-candles, while this run waited on Polygon) is read and merged again, its replacement kept, with the bars
+    already fetched (fetched again only when the file now needs them from another time). WRITE_ATTEMPTS in all, then
+    the source fails, its files as the other writer left them."""
+    fetched: dict[int, Candles | None] = {}  # the bars from each start asked for
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            _merge_source(client, ticker, source, targets, now, history_days, result, stop, fetched)
+            return
+        except FileChanged as error:
+            logger.info("candle file written by another writer meanwhile", extra={
+                "ticker": ticker, "source": source, "attempt": attempt, "error": error.message})
+            if attempt == WRITE_ATTEMPTS:
+                raise FileChanged(f"the {source} candle files of {ticker} were written by another writer while this "
+                                  f"run merged into them, {WRITE_ATTEMPTS} times; they were left as that writer left "
+                                  "them") from error
+
+
+def _merge_source(client: PolygonClient, ticker: str, source: Timeframe, targets: Sequence[Timeframe], now: int,
+                  history_days: int, result: SymbolIngest, stop: float | None,
+                  fetched: dict[int, "Candles | None"]) -> None:
     from candlecast import storage
     from candlecast.forecast.dataset import resample
 
     step = nominal_seconds(source)
-    existing, invalid = _stored_candles(ticker, source)
+    stored, invalid = _stored_candles(ticker, source)
+    existing = stored.candles
     if existing is not None and len(existing):
         start = max(int(existing.open_time[0]), int(existing.open_time[-1]) + step - REFETCH_DAYS * 86400)
     else:
         start = now - history_days * 86400
         start -= start % step
-    new = None
-    if start + step <= now:
-        new, dropped = fetch_candles(client, ticker, source, start, now, stop=stop)
-        result.bars_dropped += dropped
-    if new is None or len(new) == 0:
-        if invalid:
-            raise CandleFileNotRebuilt(f"the stored {source} candle file of {ticker} is not a {source} candle series "
-                                       "(every read refuses it), and Polygon sent no bars to rebuild it from; it was "
-                                       "left as it was: delete or rewrite it (candlecast put-candles)")
-        if existing is None:
-            return
-        merged = existing
-    else:
-        merged = storage.merge_candles(existing, new)
-    before = 0 if existing is None else len(existing)
-    if existing is None or not _same(existing, merged):  # new bars, or re-fetched ones that changed
-        storage.write_candles(ticker, source, merged)
-        result.files += 1
-        result.added += len(merged) - before
-    if len(merged):
-        result.stored_through[source] = int(merged.open_time[-1])
+    if start not in fetched:
+        fetched[start] = None
+        if start + step <= now:
+            fetched[start], dropped = fetch_candles(client, ticker, source, start, now, stop=stop)
+            result.bars_dropped += dropped
+    new = fetched[start]
+    if invalid and (new is None or len(new) == 0):
+        raise CandleFileNotRebuilt(f"the stored {source} candle file of {ticker} is not a {source} candle series "
+                                   "(every read refuses it), and Polygon sent no bars to rebuild it from; it was "
+                                   "left as it was: delete or rewrite it (candlecast put-candles)")
+    merged, version = _write_merged(ticker, source, stored, new, result)
+    if merged is None:
+        return
     not_rebuilt = []
     for target in targets:
         if target == source:
             continue
-        derived = resample(merged, source, target)
         current, invalid = _stored_candles(ticker, target)
-        if current is None and len(derived) == 0:
-            if invalid:
-                not_rebuilt.append(target)
-            continue
-        combined = storage.merge_candles(current, derived)
-        if len(combined):
-            result.stored_through[target] = int(combined.open_time[-1])
-        if current is not None and _same(current, combined):
-            continue
-        storage.write_candles(ticker, target, combined)
-        result.files += 1
-        result.added += len(combined) - (0 if current is None else len(current))
+        if _write_merged(ticker, target, current, resample(merged, source, target), result)[0] is None and invalid:
+            not_rebuilt.append(target)
+    if set(targets) - {source} and storage.head_etag(storage.candles_key(ticker, source)) != version:
+        raise FileChanged(f"the {source} file the other files were built from was replaced since")
     if not_rebuilt:
         raise CandleFileNotRebuilt(f"the stored {' and '.join(not_rebuilt)} candle files of {ticker} are not candle "
                                    f"series of their timeframe (every read refuses them), and the {source} bars make "
@@ -467,19 +478,39 @@ def _ingest_source(client: PolygonClient, ticker: str, source: Timeframe, target
                                    "or rewrite them (candlecast put-candles)")
 
 
-def _stored_candles(ticker: str, timeframe: Timeframe) -> tuple["Candles | None", bool]:
-    """(the stored file's candles, False), (None, False) when there is none, or (None, True) when every read refuses
-    it (`storage.read_all_candles`: CandleFileInvalid): the ingest then rebuilds it from Polygon as if it were
-    missing, in place of failing the source before asking Polygon, and logs one warning naming the key and the
-    problem."""
+def _write_merged(ticker: str, timeframe: Timeframe, stored: "CandleFile", rows: "Candles | None",
+                  result: SymbolIngest) -> tuple["Candles | None", str]:
+    """`rows` merged into the file as read (`stored`), written over that version only when they change it (a file
+    written since is storage.FileChanged), and the version they are now; (None, "") when there is neither a file
+    nor a row."""
+    from candlecast import storage
+
+    if stored.candles is None and (rows is None or len(rows) == 0):
+        return None, ""
+    merged = stored.candles if rows is None else storage.merge_candles(stored.candles, rows)
+    version = stored.etag
+    if stored.candles is None or not _same(stored.candles, merged):
+        version = storage.write_candles(ticker, timeframe, merged, over=stored.etag).etag
+        result.files += 1
+        result.added += len(merged) - (0 if stored.candles is None else len(stored.candles))
+    if len(merged):
+        result.stored_through[timeframe] = int(merged.open_time[-1])
+    return merged, version
+
+
+def _stored_candles(ticker: str, timeframe: Timeframe) -> tuple["CandleFile", bool]:
+    """(the stored file, False), its candles None when there is none, or (no candles and the version refused, True)
+    when every read refuses it (`storage.read_candle_file`: CandleFileInvalid): the ingest then rebuilds it from
+    Polygon as if it were missing, over that version only, in place of failing the source before asking Polygon,
+    and logs one warning naming the key and the problem."""
     from candlecast import storage
 
     try:
-        return storage.read_all_candles(ticker, timeframe, log_invalid=False), False
+        return storage.read_candle_file(ticker, timeframe, log_invalid=False), False
     except CandleFileInvalid as error:
         logger.warning("invalid candle file: rebuilding it from Polygon",
                        extra={"key": error.key, "ticker": ticker, "timeframe": timeframe, "problem": error.problem})
-        return None, True
+        return storage.CandleFile(None, error.etag), True
 
 
 def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> bool:

@@ -520,7 +520,7 @@ def put_candles(ticker: str, timeframe: str, path: Path) -> int:
     candles, damage = candle_file(path, timeframe)
     if candles is None:
         raise UnusableInput(f"{path} is not a usable {timeframe} candle file ({damage}); the bucket is unchanged")
-    rows = storage.write_candles(ticker, timeframe, candles)
+    rows = storage.write_candles(ticker, timeframe, candles).rows
     print(f"put {rows} {timeframe} candles of {ticker} at {storage.candles_key(ticker, timeframe)}")
     return rows
 

@@ -20,7 +20,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import cache, tls
 from candlecast.config import get_settings
-from candlecast.errors import CandleFileInvalid, StorageUnavailable
+from candlecast.errors import CandleFileInvalid, FileChanged, StorageUnavailable
 from candlecast.tickers import storage_name
 
 if TYPE_CHECKING:
@@ -143,10 +143,13 @@ def _bucket() -> str:
     return get_settings().data_bucket
 
 
+def _code(error: Exception) -> str:
+    """S3's error code of a ClientError ("unknown" when it has none)."""
+    return str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", "unknown"))
+
+
 def _is_missing(error: Exception) -> bool:
-    response = getattr(error, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code", ""))
-    return code in {"404", "NoSuchKey", "NotFound"}
+    return _code(error) in {"404", "NoSuchKey", "NotFound"}
 
 
 @contextmanager
@@ -162,8 +165,7 @@ def _unavailable_as_503(key: str) -> Iterator[None]:
         if _is_missing(error):
             raise
         # The error's code, not S3's text: an upstream's words stay out of logs and answers.
-        code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", "unknown"))
-        logger.warning("storage request failed", extra={"key": key, "error": code})
+        logger.warning("storage request failed", extra={"key": key, "error": _code(error)})
         raise StorageUnavailable("storage is unavailable; try again shortly") from error
     except (BotoCoreError, OSError) as error:
         logger.warning("storage unreachable", extra={"key": key, "error": type(error).__name__})
@@ -173,12 +175,27 @@ def _unavailable_as_503(key: str) -> Iterator[None]:
 # --- plain objects ------------------------------------------------------------------------------
 
 
-def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stream", *, over: str | None = None
+              ) -> str:
     """One PUT of the whole object (atomic for readers). Returns the new ETag. A failure is StorageUnavailable,
     logged with S3's error code only: its text (an AccessDenied names the role and account) stays out.
-    A candle file's cached candles are dropped once it is written."""
+    A candle file's cached candles are dropped once it is written.
+
+    `over` writes only over the version read: its ETag (If-Match), or "" for no object (If-None-Match: *). Another
+    version by then is FileChanged, nothing written: S3's 412, its 409 to a conditional write racing another,
+    or a 404 (deleted). None (an operator's repair, a seed) writes whatever the key holds."""
+    from botocore.exceptions import ClientError
+
+    condition = {} if over is None else {"IfMatch": over} if over else {"IfNoneMatch": "*"}
     with _unavailable_as_503(key):
-        response = s3_client().put_object(Bucket=_bucket(), Key=key, Body=data, ContentType=content_type)
+        try:
+            response = s3_client().put_object(Bucket=_bucket(), Key=key, Body=data, ContentType=content_type,
+                                              **condition)
+        except ClientError as error:
+            if condition and (_is_missing(error) or _code(error) in {"412", "PreconditionFailed", "409",
+                                                                     "ConditionalRequestConflict"}):
+                raise FileChanged(f"{key} was written by another writer since it was read") from error
+            raise
     forget_cached_candles([key])
     return response["ETag"]
 
@@ -231,7 +248,7 @@ def get_object(key: str, unless: str = "") -> StoredObject | None:
                 response = read_client().get_object(Bucket=_bucket(), Key=key, **({"IfNoneMatch": unless} if unless
                                                                                     else {}))
             except ClientError as error:
-                if unless and str(error.response.get("Error", {}).get("Code")) in {"304", "NotModified"}:
+                if unless and _code(error) in {"304", "NotModified"}:
                     return StoredObject(None, unless)
                 raise
             return StoredObject(response["Body"].read(), response["ETag"])
@@ -398,13 +415,20 @@ def parquet_to_candles(data: bytes) -> "Candles":
     return _table_to_candles(pq.read_table(pa.BufferReader(data)))
 
 
-def write_candles(ticker: str, timeframe: str, data: Any) -> int:
+class WrittenFile(NamedTuple):
+    rows: int
+    etag: str
+
+
+def write_candles(ticker: str, timeframe: str, data: Any, *, over: str | None = None) -> WrittenFile:
     """Replace the symbol's file with `data` (sorted, deduplicated) in one PUT: readers see the old
-    object or the new one, never a partial one. Returns the number of rows written."""
+    object or the new one, never a partial one. `over`: only over that version (`put_bytes`; a CandleFile's
+    `etag`). Returns the number of rows written and the new version."""
     candles = normalize_candles(data)
     key = candles_key(ticker, timeframe)
-    put_bytes(key, candles_to_parquet(candles), content_type="application/vnd.apache.parquet")  # drops the cache's
-    return len(candles)
+    # put_bytes drops the file's cached candles
+    etag = put_bytes(key, candles_to_parquet(candles), content_type="application/vnd.apache.parquet", over=over)
+    return WrittenFile(len(candles), etag)
 
 
 def _read_tail(handle: Any, last_n: int | None) -> "Candles":
@@ -463,7 +487,7 @@ def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: st
                          extra={"key": key, "etag": etag, "ticker": ticker, "timeframe": timeframe, "problem": damage})
         error = CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} "
                                   "candle series; it must be repaired before it is forecast from")
-        error.key, error.problem = key, damage
+        error.key, error.problem, error.etag = key, damage, etag
         raise error
     return candles
 
@@ -581,15 +605,27 @@ def stored_timeframes(ticker: str) -> list[str]:
     return [timeframe for timeframe in TIMEFRAMES if candles_key(ticker, timeframe) in keys]
 
 
-def read_all_candles(ticker: str, timeframe: str, *, log_invalid: bool = True) -> "Candles | None":
-    """Every candle in the symbol's file (ingest merges into it, scoring reads outcomes), bypassing the caches;
-    sorted and deduplicated (`normalize_candles`). An invalid file is CandleFileInvalid (`_checked`; logged
-    unless `log_invalid` is False)."""
+class CandleFile(NamedTuple):
+    candles: "Candles | None"  # None: no file
+    etag: str  # the version they are ("" for no file), for a write over it alone (write_candles' `over`)
+
+
+def read_candle_file(ticker: str, timeframe: str, *, log_invalid: bool = True) -> CandleFile:
+    """Every candle in the symbol's file and the version they are, from one GET, bypassing the caches; sorted and
+    deduplicated (`normalize_candles`). An invalid file is CandleFileInvalid (`_checked`, its `etag` the version
+    refused; logged unless `log_invalid` is False)."""
     key = candles_key(ticker, timeframe)
-    data = get_bytes(key)
-    if data is None:
-        return None
-    return _checked(lambda: normalize_candles(parquet_to_candles(data)), key, ticker, timeframe, log=log_invalid)
+    stored = get_object(key)
+    if stored is None:
+        return CandleFile(None, "")
+    data, etag = stored
+    return CandleFile(_checked(lambda: normalize_candles(parquet_to_candles(data)), key, ticker, timeframe, etag,
+                               log=log_invalid), etag)
+
+
+def read_all_candles(ticker: str, timeframe: str, *, log_invalid: bool = True) -> "Candles | None":
+    """Every candle in the symbol's file (scoring reads outcomes): `read_candle_file`'s candles."""
+    return read_candle_file(ticker, timeframe, log_invalid=log_invalid).candles
 
 
 def bucket_url() -> str:
