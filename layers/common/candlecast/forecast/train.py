@@ -183,10 +183,18 @@ PLANS = {
 # `coin_groups` order, for the candles they were made on (`candles_fingerprint` before the holdout); on other data
 # every pass runs the plan as it is, and the manifest says so. Not re-chosen per pass: `long_window` and, at 1h,
 # 4h and 1d, the trees' calibration.
-# Where a pass chose otherwise: 1w's third (holding out ADA, BTC, XRP, ...) plain Platt (log loss 0.27956 against
-# 0.28076 with ln h); at 1m the second (ADA, BTC, XRP, ...) plain Platt (0.32986 against 0.33148) and the third (BNB,
-# ETH, SOL, ...) a one-year half-life (summed coverage errors 0.3652 against 0.3837 with equal weights).
+# Where a pass chose otherwise: 1h's third (holding out BNB, EOS, TRX, ...) the block (summed coverage errors 0.0171
+# against 0.0195 with the half-life of 0.5 y); 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0692 against
+# 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); 1w's
+# third (ADA, BTC, XRP, ...) plain Platt (0.27956 against 0.28076 with ln h); at 1m the second (ADA, BTC, XRP, ...)
+# plain Platt (0.32986 against 0.33148) and the third (BNB, ETH, SOL, ...) a one-year half-life (summed coverage
+# errors 0.3652 against 0.3837 with equal weights).
 PASS_CHOICES: dict[Timeframe, dict] = {
+    "1h": {"candles": "d7823dfb2cbec322c88b4dc04bc71a447823789e22176a735b178056e6675893",
+           "passes": ({}, {}, {"calibrate_on_history": False, "calibration_half_life": None})},
+    "4h": {"candles": "9d35a80be6d8b698f87738a6b114c5a2cd0240a233cfadbdc962971443fc737a",
+           "passes": ({}, {"calibrate_on_history": True, "calibration_half_life": 0.5, "confidence_ln_h": True}, {})},
+    "1d": {"candles": "ea8cda5e0fb7960c21bc0e5524c66a3e2dbe43e131c7a145b2c11392ee1aa865", "passes": ({}, {}, {})},
     "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
            "passes": ({}, {}, {"confidence_ln_h": False})},
     "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
