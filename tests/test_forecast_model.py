@@ -362,3 +362,17 @@ def test_a_confidence_map_fitted_on_a_few_separated_pairs_stays_finite():
     x, y = fields["confidence_x"], fields["confidence_y"]
     assert (np.diff(y) >= 0).all()
     assert np.interp(0.47, x, y) < 11 / 12 + 0.01 and np.interp(0.43, x, y) > 1 / 12 - 0.01
+
+
+def test_a_map_where_raw_confidence_tells_nothing_is_the_rate_of_hits():
+    """On a few pairs where higher raw confidence comes with fewer hits (Platt's slope ≤ 0), every forecast gets the
+    smoothed rate of hits: no step to certainty fitted to a handful of pairs (an isotonic fit said 1.0 there)."""
+    from candlecast.forecast.model import HORIZONS
+    from candlecast.forecast.train import logistic_map
+
+    raw = np.linspace(0.05, 0.45, 12)
+    hit = np.array([1.0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1])  # the most confident one a hit
+    fields = logistic_map(raw, hit)
+    rate = (hit.sum() + 1) / (len(hit) + 2)
+    model = map_model(fields)
+    assert np.allclose(model.calibrated(np.full((3, len(HORIZONS)), [[0.05], [0.3], [0.99]])), rate)
