@@ -181,8 +181,9 @@ PLANS = {
 # each pass with its own, so no choice it reports on saw the coins it tests (nested in coins, not in time: the inner
 # check's folds reach the end of the data on the other coins). Field overrides of the plan per pass, in
 # `coin_groups` order, for the candles they were made on (`candles_fingerprint` before the holdout); on other data
-# every pass runs the plan as it is, and the manifest says so. Not re-chosen per pass: `long_window` and, at 1h,
-# 4h and 1d, the trees' calibration.
+# every pass runs the plan as it is, and the manifest says so. The trees' calibration at 4h and 1d, checked per pass
+# between the plan's ("all 3") and the block (`--trees-only --trees "all 3" block`), is the plan's in every pass.
+# Not re-chosen per pass: `long_window`.
 # Where a pass chose otherwise: 1h's third (holding out BNB, EOS, TRX, ...) the block (summed coverage errors 0.0171
 # against 0.0195 with the half-life of 0.5 y); 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0692 against
 # 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); 1w's
