@@ -4,3 +4,6 @@
 ALTER TABLE models DROP CONSTRAINT models_kind_check;
 ALTER TABLE models ADD CONSTRAINT models_kind_check
     CHECK (kind IN ('baseline', 'learned', 'garch-scale', 'combined'));
+-- Re-applied after a rollback, which relabelled these: each registered row's metrics still name what it shipped.
+UPDATE models SET kind = metrics->>'shipped'
+    WHERE kind IN ('baseline', 'learned') AND metrics->>'shipped' IN ('garch-scale', 'combined');

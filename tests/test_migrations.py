@@ -69,9 +69,10 @@ def test_apply_rollback_apply(scratch_database):
 
 def insert_model(conn, kind: str, version: str) -> None:
     conn.execute("""
-        INSERT INTO models (timeframe, name, version, kind, s3_key, sha256)
-        VALUES ('4h', 'candlecast-4h', %s, %s, 'models/4h.pkl', repeat('a', 64))
-        """, (version, kind))
+        INSERT INTO models (timeframe, name, version, kind, s3_key, sha256, metrics)
+        VALUES ('4h', 'candlecast-4h', %s, %s, 'models/4h.pkl', repeat('a', 64),
+                jsonb_build_object('shipped', %s::text))
+        """, (version, kind, kind))
 
 
 def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(scratch_database):
@@ -88,6 +89,9 @@ def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(s
         with pytest.raises(psycopg.errors.CheckViolation):
             insert_model(conn, "combined", "9")
     assert migrate.apply(scratch_database) == ["0007_model_kinds", "0008_live_outcomes"]
+    with psycopg.connect(scratch_database) as conn:
+        kinds = [row[0] for row in conn.execute("SELECT kind FROM models ORDER BY version")]
+    assert kinds == ["baseline", "learned", "garch-scale", "combined"], "re-applying restores what each row shipped"
 
 
 def test_the_track_record_migrations_roll_back_alone(scratch_database):
