@@ -41,6 +41,7 @@ from candlecast.forecast.evaluate import (
     RELIABILITY_MIN_SHARE,
     build_origins,
     calibration_error,
+    metrics,
     model_outputs,
     pin5_loss,
     reliability,
@@ -104,6 +105,8 @@ def main() -> None:
                         help="also score garch-scale's confidence maps (platt, platt + ln h), as fit_models fits them")
     parser.add_argument("--per-pass", action="store_true",
                         help="also score each coin-group pass alone, with the variant the plan's rule picks from it")
+    parser.add_argument("--kinds", action="store_true",
+                        help="only choose, per pass, the kind to ship by train.choose on its training coins")
     parser.add_argument("--long-window", nargs="+", type=int, metavar="BARS",
                         help="score the plan's learned and combined with each long window instead (see above)")
     args = parser.parse_args()
@@ -118,6 +121,10 @@ def main() -> None:
             tree_check(tf, plan, origins, groups, T.series_coins(loaded), [plan_variant(plan)])
         return
     origins = build_origins(loaded, config)
+    if args.kinds:
+        kind_check(tf, loaded, origins, [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)])
+        print(f"{tf}: candles_fingerprint of the data before the holdout: {T.candles_fingerprint(loaded)}")
+        return
     rng = np.random.default_rng(7)
     cover = {variant: [] for variant in WEIGHTS}
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "platt per h", "recent/h", "recent/h + ln h",
@@ -308,12 +315,11 @@ def plan_variant(plan: T.TrainPlan) -> str:
     return variant + (" + ln h" if plan.tree_confidence_ln_h else "")
 
 
-def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str],
-               per_pass: bool = False) -> None:
-    """Per calibration variant (`tree_plan`), `learned` and `combined` fitted by `train.fit_models` on each fold's
-    training block (its last fifth calibrating), scored on the fold's calibration block: training coins only."""
-    config, embargo = CONFIGS[tf], plan.embargo_bars * nominal_seconds(tf)
-    scores = {(k, name): [] for k in variants for name in ("learned", "combined")}
+def inner_folds(tf: str, plan: T.TrainPlan, origins, groups: list):
+    """(pass number, inner training block, inner calibration block, scored block) of every walk-forward fold, on
+    that pass's training coins only: the fold's training block splits into an inner training block and its last
+    fifth, and the fold's calibration block is scored."""
+    embargo = plan.embargo_bars * nominal_seconds(tf)
     pass_of = {id(held): number for number, held in enumerate(groups, 1)}
     for held, fold in T.walk_forward_steps(tf, plan, origins, groups):
         block = T.purged(origins.take(~held & (origins.time < fold.train_end)), fold.cal_start)
@@ -325,8 +331,49 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
             continue
         train = T.purged(block.take(block.time < inner.train_end), inner.cal_start)
         cal = block.take(np.flatnonzero(block.time >= inner.cal_start)[:: plan.eval_stride])
-        if len(train) < 100 or len(cal) == 0:
+        if len(train) >= 100 and len(cal):
+            yield pass_of[id(held)], train, cal, scored
+
+
+def kind_check(tf: str, loaded: list, origins, groups: list) -> None:
+    """Every kind `train.fit_models` fits, with each pass's own plan (`train.pass_plans`), on each fold's inner
+    training block (`inner_folds`), scored on the fold's calibration block; then `train.choose` on each pass's
+    pooled scores: the kind that pass ships, chosen without its held-out coins (`train.PASS_CHOICES`' kinds)."""
+    config, plans = CONFIGS[tf], T.pass_plans(tf, loaded)[0]
+    pooled: dict[int, dict] = {number: {} for number in range(1, len(groups) + 1)}
+    for number, train, cal, scored in inner_folds(tf, T.PLANS[tf], origins, groups):
+        models = T.fit_models(tf, train, cal, 0.23, plans[number - 1], np.random.default_rng(7), False,
+                              coins=T.series_coins(loaded))
+        pooled[number].setdefault("origins", []).append(scored)
+        for name, model in models.items():
+            pooled[number].setdefault(name, []).append(model_outputs(model, scored))
+    bands, kinds = T.targets(tf), []
+    for number, parts in pooled.items():
+        if not parts:  # no evidence that any candidate beats the baseline
+            kinds.append("baseline")
+            print(f"{tf}, pass {number}: no fold to score; train.choose's default, the baseline")
             continue
+        scored = T.concat(parts.pop("origins"))
+        results = {name: metrics(scored, *(np.concatenate(x) for x in zip(*outputs, strict=True)), config.tolerance)
+                   for name, outputs in parts.items()}
+        print(f"{tf}, pass {number} (its own training coins only): every kind on the folds' calibration blocks "
+              f"({len(scored):,} origins)")
+        for name, result in results.items():
+            print(f"  {name:12s} pinball skill vs baseline {result['pinball_skill']:+.4f}  coverage miss "
+                  f"{T.coverage_miss(result, bands):.4f}")
+        kind, reason = T.choose(results, tf)
+        kinds.append(kind)
+        print(f"  train.choose: {reason}")
+    print(f"{tf}: each pass's kind (`train.PASS_CHOICES` kinds): {kinds}")
+
+
+def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str],
+               per_pass: bool = False) -> None:
+    """Per calibration variant (`tree_plan`), `learned` and `combined` fitted by `train.fit_models` on each fold's
+    training block (its last fifth calibrating), scored on the fold's calibration block: training coins only."""
+    config = CONFIGS[tf]
+    scores = {(k, name): [] for k in variants for name in ("learned", "combined")}
+    for number, train, cal, scored in inner_folds(tf, plan, origins, groups):
         for k in variants:  # the same seed: the same volatility weights and trees, calibrated differently
             models = T.fit_models(tf, train, cal, 0.23, tree_plan(plan, k), np.random.default_rng(7), False,
                                   coins=coins)
@@ -335,8 +382,8 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
                 known = np.isfinite(scored.log_return)
                 hit = np.abs(np.expm1(scored.log_return - scored.scale * q[..., MEDIAN])) <= config.tolerance
                 loss = pin5_loss(scored.log_return, scored.scale[..., None] * q)
-                scores[k, name].append((pass_of[id(held)], (*coverage(q, scored.z), confidence[known],
-                                                            hit[known].astype(float), loss[known])))
+                scores[k, name].append((number, (*coverage(q, scored.z), confidence[known],
+                                                 hit[known].astype(float), loss[known])))
     for number in [None, *(range(1, len(groups) + 1) if per_pass else [])]:
         where = "all passes" if number is None else f"pass {number} (its own training coins only)"
         print(f"{tf}, {where}: trees fitted on each fold's training block, calibrated on its last fifth (block) or "

@@ -271,6 +271,44 @@ def test_each_pass_is_fitted_with_the_choices_made_without_its_coins(monkeypatch
         assert not seen & set(np.flatnonzero(groups[group]))  # fitted without the coins it tests
 
 
+def test_the_nested_selection_scores_each_passs_coins_with_the_kind_chosen_without_them(monkeypatch):
+    """`train.nested_selection`: at each pass's test origins the kind `PASS_CHOICES` chose for that pass (on its
+    training coins), scored against GARCH-t at the same origins; on other candles, none."""
+    from candlecast.forecast import train as training
+    from candlecast.forecast.evaluate import pin5_loss
+
+    timeframe = "1h"
+    _, loaded = nine_coins(timeframe)
+    kinds = ("baseline", "combined", "baseline")
+    monkeypatch.setitem(training.PASS_CHOICES, timeframe, {"candles": training.candles_fingerprint(loaded),
+                                                           "passes": ({}, {}, {}), "kinds": kinds})
+    rng = np.random.default_rng(3)
+    n = 3_000
+    series = rng.integers(0, len(loaded), n)
+    times = 1.6e9 + 3600.0 * np.sort(rng.integers(0, 20_000, n))
+    log_return = rng.normal(0, 0.01, (n, len(HORIZONS)))
+    z = np.sort(rng.normal(0, 1, 7))
+
+    def method(scale):
+        return np.broadcast_to(scale * z, (n, len(HORIZONS), 7)).copy(), np.full((n, len(HORIZONS)), 0.5)
+
+    methods = {"baseline": method(0.004), "combined": method(0.03), "garch-t": method(0.01)}
+    fallback = {"garch-t": np.zeros(n, dtype=bool)}
+    result = training.nested_selection(timeframe, loaded, log_return, times, series, methods, fallback)
+    assert result["kinds"] == list(kinds)
+    groups = training.coin_groups(loaded, 3)
+    expected = np.concatenate([pin5_loss(log_return[groups[number][series]], methods[kind][0][groups[number][series]])
+                               for number, kind in enumerate(kinds)])
+    chosen = result["methods"][training.NESTED_SELECTION]
+    assert chosen["pin5"] == pytest.approx(expected.mean())
+    assert chosen["pin5"] != pytest.approx(pin5_loss(log_return, methods["baseline"][0]).mean())
+    assert result["methods"]["garch-t"]["pin5"] == pytest.approx(pin5_loss(log_return, methods["garch-t"][0]).mean())
+    assert "vs_" + training.NESTED_SELECTION in result["methods"]["garch-t"]
+    monkeypatch.setitem(training.PASS_CHOICES, timeframe, {"candles": "other candles", "passes": ({}, {}, {}),
+                                                           "kinds": kinds})
+    assert training.nested_selection(timeframe, loaded, log_return, times, series, methods, fallback) is None
+
+
 @pytest.mark.parametrize("timeframe", ["1h"])
 def test_walk_forward_over_a_share_of_time_tests_every_coin_in_turn_without_leakage(timeframe, monkeypatch):
     """A plan over a share of time (`train --test-fraction`; no plan's default now) tests every coin in turn too
@@ -457,3 +495,22 @@ def test_the_recent_event_share_reads_no_bar_after_its_origin():
     moves = np.abs(np.expm1(np.diff(np.log(candles.close[: cut + 1])))) <= config.tolerance
     share = (moves[-config.window:].sum() + 1) / (config.window + 2)
     assert recent_event_logit(origins, config)[origin] == pytest.approx(np.log(share / (1 - share)))
+
+
+def test_the_inner_checks_folds_never_read_the_coins_their_pass_tests():
+    """infra.calibration_check's inner folds (the tree check and the per-pass choice of kind): a pass's inner
+    training, calibration and scored blocks are its training coins only, and the scored block comes after the rest."""
+    from candlecast.forecast import train as training
+    from infra.calibration_check import inner_folds
+
+    timeframe = "1h"
+    _, loaded = nine_coins(timeframe)
+    plan = replace(training.PLANS[timeframe], test_fraction=0.3)
+    origins = build_origins(loaded, CONFIGS[timeframe])
+    groups = training.coin_groups(loaded, 3)
+    folds = list(inner_folds(timeframe, plan, origins, [group[origins.series] for group in groups]))
+    assert {number for number, *_ in folds} == {1, 2, 3}
+    for number, train, cal, scored in folds:
+        held = set(np.flatnonzero(groups[number - 1]))
+        assert not held & set(np.concatenate([train.series, cal.series, scored.series]).tolist())
+        assert train.time.max() < cal.time.min() and cal.time.max() < scored.time.min()

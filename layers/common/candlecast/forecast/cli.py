@@ -250,6 +250,9 @@ def summary_table(manifest: dict) -> str:
     eras, years, nesting, missing = [], [], [], False
     fitted = ["| tf | vs GARCH-t where GARCH-t was fitted (not its t(5) fallback): Δ [95 % CI] (batch t; block "
               "bootstrap) | origins | GARCH-t fallback share of the test origins |", "|---|---|---|---|"]
+    selection = ["| tf | each pass's kind, chosen on its training coins³ | pin5 | GARCH-t pin5, Δ [95 % CI] | Δ "
+                 "where GARCH-t was fitted | cov80 / cov95 (range over h) | horizons in band |",
+                 "|---|---|---|---|---|---|---|"]
     for timeframe, entry in rows.items():
         metrics = entry["metrics"]
         methods, kind = metrics["comparison"]["methods"], metrics["shipped"]
@@ -280,6 +283,7 @@ def summary_table(manifest: dict) -> str:
                      f"({low95:.2f}–{high95:.2f}) | {counted}; {consistent_cell} | {ece} "
                      f"| {model['n_origins']:,} | {entry.get('train_end', '?')[:10]} |")
         fitted.append(f"| {timeframe} | {_fitted_cells(garch, kind)} |")
+        selection.append(f"| {timeframe} | {_selection_cells(timeframe, metrics['comparison'])} |")
         nesting.append(f"{timeframe} {_pass_choices(metrics.get('pass_choices'))}")
         cells = []
         for peer in peers:
@@ -299,7 +303,11 @@ def summary_table(manifest: dict) -> str:
              "on that pass's training coins alone, so nested in coins, not in time): " + "; ".join(nesting) + "."]
     if missing:
         notes.append(FOOTNOTE)
-    return "\n".join([*lines, *notes, "", *fitted, "", *others, "", "| tf | shipped model's cov80 / cov95 per era |",
+    selection += ["", "³ the shipped kind is chosen on the walk-forward it is reported on; here each pass's test coins "
+                  "get the kind `train.choose` picked without them (`infra.calibration_check --kinds`, "
+                  "`train.PASS_CHOICES`), so this row is the choice of kind nested in coins."]
+    return "\n".join([*lines, *notes, "", *fitted, "", *selection, "", *others, "",
+                      "| tf | shipped model's cov80 / cov95 per era |",
                       "|---|---|", *eras, "", "| tf | shipped model's cov80 / cov95 [95 % CI] per calendar year of "
                       "origin (origins) |", "|---|---|", *years])
 
@@ -311,6 +319,25 @@ def _pass_choices(choices: list[dict] | None) -> str:
     changed = [f"pass {number} " + ", ".join(f"{field} {value}" for field, value in overrides.items())
                for number, overrides in enumerate(choices, 1) if overrides]
     return ", ".join(changed) if changed else "the plan's in every pass"
+
+
+def _selection_cells(timeframe: str, comparison: dict) -> str:
+    """The walk-forward's nested choice of kind (`train.nested_selection`) against GARCH-t, or why there is none."""
+    from candlecast.forecast.evaluate import measured_range
+    from candlecast.forecast.train import NESTED_SELECTION
+
+    chosen = comparison.get("nested_selection")
+    if not chosen:
+        return "not chosen per pass on these candles | — | — | — | — | —"
+    model, garch = chosen["methods"][NESTED_SELECTION], chosen["methods"]["garch-t"]
+    (low80, high80), (low95, high95) = (measured_range(model["per_horizon"][key])
+                                        for key in ("coverage_80", "coverage_95"))
+    in_band, tested, _, _ = band_counts(timeframe, model)
+    return (f"{', '.join(chosen['kinds'])} | {model['pin5']:.3f} | {garch['pin5']:.3f}, "
+            f"{_short_delta(garch['vs_' + NESTED_SELECTION])} | "
+            f"{_short_delta(garch.get('vs_' + NESTED_SELECTION + '_fitted'))} | {model['coverage_80']:.3f} "
+            f"({low80:.2f}–{high80:.2f}) / {model['coverage_95']:.3f} ({low95:.2f}–{high95:.2f}) | "
+            f"{in_band} of {tested}")
 
 
 def _fitted_cells(peer: dict | None, kind: str) -> str:

@@ -190,6 +190,10 @@ PLANS = {
 # third (ADA, BTC, XRP, ...) plain Platt (0.27956 against 0.28076 with ln h); at 1m the second (ADA, BTC, XRP, ...)
 # plain Platt (0.32986 against 0.33148) and the third (BNB, ETH, SOL, ...) a one-year half-life (summed coverage
 # errors 0.3652 against 0.3837 with equal weights).
+# "kinds": the kind `choose` picks per pass from every kind fitted on each fold's inner training block and scored on
+# the fold's calibration block, that pass's training coins only (`infra.calibration_check --kinds`); a pass with no
+# fold to score gets `choose`'s default, the baseline. The walk-forward reports this nested choice beside the shipped
+# kind's own figures (`nested_selection`).
 PASS_CHOICES: dict[Timeframe, dict] = {
     "1h": {"candles": "d7823dfb2cbec322c88b4dc04bc71a447823789e22176a735b178056e6675893",
            "passes": ({}, {}, {"calibrate_on_history": False, "calibration_half_life": None})},
@@ -197,9 +201,10 @@ PASS_CHOICES: dict[Timeframe, dict] = {
            "passes": ({}, {"calibrate_on_history": True, "calibration_half_life": 0.5, "confidence_ln_h": True}, {})},
     "1d": {"candles": "ea8cda5e0fb7960c21bc0e5524c66a3e2dbe43e131c7a145b2c11392ee1aa865", "passes": ({}, {}, {})},
     "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
-           "passes": ({}, {}, {"confidence_ln_h": False})},
+           "passes": ({}, {}, {"confidence_ln_h": False}), "kinds": ("combined", "baseline", "baseline")},
     "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
-           "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0})},
+           "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0}),
+           "kinds": ("baseline", "baseline", "garch-scale")},
 }
 
 
@@ -858,6 +863,40 @@ def pass_plans(timeframe: Timeframe, loaded: list) -> tuple[list[TrainPlan], lis
     return [replace(plan, **overrides) for overrides in choices["passes"]], list(choices["passes"])
 
 
+def pass_kinds(timeframe: Timeframe, loaded: list) -> list[str] | None:
+    """Each walk-forward pass's kind, `choose` on that pass's training coins alone (`PASS_CHOICES`' kinds, from
+    `infra.calibration_check --kinds`), where `loaded` are the candles they were chosen on; else None."""
+    choices = PASS_CHOICES.get(timeframe)
+    if choices is None or "kinds" not in choices or candles_fingerprint(loaded) != choices["candles"]:
+        return None
+    return list(choices["kinds"])
+
+
+NESTED_SELECTION = "selection (nested)"
+
+
+def nested_selection(timeframe: Timeframe, loaded: list, log_return: np.ndarray, times: np.ndarray,
+                     series: np.ndarray, methods: dict, fallback: dict) -> dict | None:
+    """The shipped kind is chosen on the walk-forward it reports, so its figures carry that choice's optimism. This
+    is the choice nested in coins: at each pass's test origins, the kind that pass chose without them
+    (`pass_kinds`), scored with GARCH-t beside it (`compare_methods`, NESTED_SELECTION the reference). None where
+    no kinds were chosen on these candles."""
+    from candlecast.forecast.comparison import compare_methods
+
+    kinds = pass_kinds(timeframe, loaded)
+    if kinds is None or "garch-t" not in methods:
+        return None
+    pass_of = np.argmax(np.stack(coin_groups(loaded, PLANS[timeframe].coin_groups)), axis=0)[series]
+    q, confidence = (np.array(part) for part in methods[kinds[0]])
+    for number, kind in enumerate(kinds):
+        rows = pass_of == number
+        q[rows], confidence[rows] = methods[kind][0][rows], methods[kind][1][rows]
+    chosen = {NESTED_SELECTION: (q, confidence), "garch-t": methods["garch-t"]}
+    result = compare_methods(log_return, times, chosen, CONFIGS[timeframe].tolerance, nominal_seconds(timeframe),
+                             NESTED_SELECTION, fallback={name: fallback[name] for name in chosen if name in fallback})
+    return {"kinds": kinds, "methods": result["methods"]}
+
+
 def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float,
                  folds: int | None, rng: np.random.Generator, progress: bool,
                  test_fraction: float | None = None, coins: np.ndarray | None = None,
@@ -940,8 +979,11 @@ def compare_candidates(loaded: list, result: WalkForward, timeframe: Timeframe, 
     methods = peer_methods(loaded, result.test, timeframe, candidates, tolerance, progress, fallback)
     if save is not None:
         save_walk_forward(save, timeframe, loaded, result, kind, reason, methods, fallback)
-    return compare_with_peers(loaded, result.test, timeframe, candidates, kind, tolerance, progress, methods=methods,
-                              fallback=fallback)
+    comparison = compare_with_peers(loaded, result.test, timeframe, candidates, kind, tolerance, progress,
+                                    methods=methods, fallback=fallback)
+    test = result.test
+    return comparison | {"nested_selection": nested_selection(timeframe, loaded, test.log_return, test.time,
+                                                              test.series, methods, fallback)}
 
 
 def save_walk_forward(path: Path, timeframe: Timeframe, loaded: list, result: WalkForward, kind: str, reason: str,
@@ -1217,7 +1259,9 @@ def rescore_timeframe(timeframe: Timeframe, walk_forward_file: Path, manifest_pa
             raise SystemExit(f"{walk_forward_file}: {name} pin5 {now} against the manifest's {scores['pin5']}: not "
                              "the walk-forward that chose the shipped file; nothing written")
     per_series = per_series_scores(log_return, times, methods, tolerance, series, about["names"])
-    comparison |= {"n_series": len(per_series), "per_series": per_series}
+    comparison |= {"n_series": len(per_series), "per_series": per_series,
+                   "nested_selection": nested_selection(timeframe, loaded, log_return, times, series, methods,
+                                                        fallback)}
     metrics["comparison"] = comparison
     metrics["headline"] = headline(comparison)
     metrics["holdout"] = shipped_holdout(timeframe, data_dir, Path(manifest_path).parent, entry, signing_key(),
