@@ -236,6 +236,12 @@ def nine_coins(timeframe: str) -> tuple[list[str], list]:
     return names, loaded
 
 
+@functools.cache
+def nine_coin_origins(timeframe: str):
+    """`build_origins` of `nine_coins` (the slow part; tests read them, never change them)."""
+    return build_origins(nine_coins(timeframe)[1], CONFIGS[timeframe])
+
+
 def test_each_pass_is_fitted_with_the_choices_made_without_its_coins(monkeypatch):
     """`train.PASS_CHOICES`: on the candles they were chosen on, every walk-forward pass is fitted with its own
     overrides of the plan, chosen on the other coins; on any other candles every pass runs the plan."""
@@ -261,7 +267,7 @@ def test_each_pass_is_fitted_with_the_choices_made_without_its_coins(monkeypatch
         return {}
 
     monkeypatch.setattr(training, "fit_models", spy)
-    origins = build_origins(loaded, CONFIGS[timeframe])
+    origins = nine_coin_origins(timeframe)
     groups = training.coin_groups(loaded, 3)
     training.walk_forward(timeframe, origins, [group[origins.series] for group in groups], 0.3, None,
                           np.random.default_rng(0), False, test_fraction=0.3, plans=plans)
@@ -322,7 +328,7 @@ def test_walk_forward_over_a_share_of_time_tests_every_coin_in_turn_without_leak
     groups = training.coin_groups(loaded, plan.coin_groups)
     assert [sorted(np.array(names)[group]) for group in groups] == [["BAT", "LTC", "NEO"], ["ADA", "DOT", "SOL"],
                                                                     ["BTC", "ETH", "XRP"]]
-    origins = build_origins(loaded, CONFIGS[timeframe])
+    origins = nine_coin_origins(timeframe)
     held = [group[origins.series] for group in groups]
     fitted = []
 
@@ -506,7 +512,7 @@ def test_the_inner_checks_folds_never_read_the_coins_their_pass_tests():
     timeframe = "1h"
     _, loaded = nine_coins(timeframe)
     plan = replace(training.PLANS[timeframe], test_fraction=0.3)
-    origins = build_origins(loaded, CONFIGS[timeframe])
+    origins = nine_coin_origins(timeframe)
     groups = training.coin_groups(loaded, 3)
     folds = list(inner_folds(timeframe, plan, origins, [group[origins.series] for group in groups]))
     assert {number for number, *_ in folds} == {1, 2, 3}
