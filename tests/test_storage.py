@@ -160,6 +160,36 @@ def test_read_fills_redis_and_a_rewrite_invalidates_it(bucket):
     assert cache.lookup_candles("X:ADAUSD", "4h").value is None
 
 
+def test_a_writer_that_counts_the_cache_down_still_drops_the_candles_it_replaced(bucket, monkeypatch):
+    """A batch writer that had marked the cache down (slow answers, each within the socket timeout) skipped the
+    invalidation of the file it wrote: once Redis was quick again, every container served the old candles for an
+    hour. A candle file's invalidation is asked whatever this process thinks of the cache."""
+    from candlecast.config import get_settings
+    from infra.slow_proxy import SlowProxy
+
+    storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
+    storage.read_candles("X:ADAUSD", "4h", 30)  # cached
+    proxy = SlowProxy(get_settings().redis_url)
+    monkeypatch.setenv("REDIS_URL", proxy.url)
+    monkeypatch.setenv("REDIS_SOCKET_TIMEOUT", "1")
+    get_settings.cache_clear()
+    cache.reset_client()
+    try:
+        proxy.delay = 0.2  # slow, never failing
+        for _ in range(cache.SLOW_STRIKES):
+            cache.lookup_candles("X:ETHUSD", "4h")
+        assert cache.is_down()
+        assert storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR)).rows == 10
+        proxy.delay = 0.0
+    finally:
+        proxy.close()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        cache.reset_client()
+    assert cache.lookup_candles("X:ADAUSD", "4h").value is None
+    assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 10
+
+
 def test_a_write_over_the_version_read_is_refused_once_another_writer_replaced_it(bucket):
     """The ingest writes a candle file only over the version it read: another writer's file (an operator's
     put-candles) is never written over, and its cached candles are not dropped for a write that did not happen."""

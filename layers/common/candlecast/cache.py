@@ -373,15 +373,16 @@ def set_json(key: str, value: Any, ttl_seconds: int) -> bool:
 # Domain helpers: one place that knows each kind's key and TTL.
 
 
-def forget_candles(pairs: list[tuple[str, str]], retry: bool = False) -> bool:
+def forget_candles(pairs: list[tuple[str, str]]) -> bool:
     """A new generation for the fresh candles of each of these (ticker, timeframe) pairs, in one command: their
     files were just written, and no entry filled before (a read of the old file that fills after this, too) is
-    served again. False when the cache did not take it (each is then served until its TTL, 1 h, runs out); `retry`
-    asks even while an outage is on (a batch job can wait for the socket timeout)."""
+    served again. Asked even while this process counts the cache down (only batch writers write candle files, and
+    they can wait a socket timeout; skipped, the old candles would be served for an hour). False when the cache
+    did not take it (each is then served until its TTL, 1 h, runs out)."""
     if not pairs:
         return True
     generations = {keys.generation(_candles_kind(*pair)): _new_generation() for pair in pairs}
-    return bool(_guarded(lambda client: client.mset(generations), expected=_is_flag, even_if_down=retry))
+    return bool(_guarded(lambda client: client.mset(generations), expected=_is_flag, even_if_down=True))
 
 
 def get_prediction_bytes(prediction_id: str) -> bytes | None:

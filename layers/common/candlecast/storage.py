@@ -224,7 +224,7 @@ def forget_cached_candles(written: Iterable[str], retry: bool = False) -> bool:
     when the cache did not take it; with `retry` (a batch upload) that is logged, with how long the old candles
     may still be served (without it, the cache's own outage warning says so, once per outage)."""
     pairs = sorted({pair for key in written if (pair := candle_file(key)) is not None})
-    if not pairs or cache.forget_candles(pairs, retry=retry):
+    if not pairs or cache.forget_candles(pairs):
         return True
     if retry:
         logger.warning("cache did not drop the candles of files just written; they are served until their TTL",
