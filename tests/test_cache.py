@@ -199,6 +199,28 @@ def test_a_flushed_generation_never_revives_an_older_entry(server):
     assert cache.lookup_symbol("X:ETHUSD").value is None
 
 
+def test_entries_a_restart_from_a_snapshot_brings_back_are_never_served(server, needs_embedded_redis):
+    """Redis restarted from a snapshot (or a failover to a replica that lagged) brought back the generation and the
+    entries an invalidation after the snapshot had replaced: the replaced candles were served for their hour."""
+    cache.fill_candles("X:BTCUSD", "1h", b"old candles", cache.lookup_candles("X:BTCUSD", "1h"))
+    assert cache.lookup_candles("X:BTCUSD", "1h").value == b"old candles"
+    server.save()
+    try:
+        assert cache.forget_candles([("X:BTCUSD", "1h")]) is True  # the file was rewritten after the snapshot
+        assert cache.lookup_candles("X:BTCUSD", "1h").value is None
+        needs_embedded_redis.stop()
+        needs_embedded_redis.start()  # from the snapshot
+    finally:
+        (needs_embedded_redis.work_dir / "dump.rdb").unlink(missing_ok=True)
+    assert server.get(cache.keys.candles("X:BTCUSD", "1h")) is not None  # back, with its old generation
+    cache.lookup_candles("X:BTCUSD", "1h")  # no reset_client: the connection finds the server restarted
+    _wait_until_up()
+    seen = cache.lookup_candles("X:BTCUSD", "1h")
+    assert seen.value is None
+    assert cache.fill_candles("X:BTCUSD", "1h", b"new candles", seen) is True
+    assert cache.lookup_candles("X:BTCUSD", "1h").value == b"new candles"
+
+
 def test_pattern_delete_in_small_batches_deletes_everything(server):
     for index in range(7):
         server.set(cache.keys.search(f"q{index}", 20), b"1")

@@ -16,7 +16,10 @@ cache and invalidated when they change. Each of those kinds (each candle file) h
 keys.generation) that invalidation replaces; a lookup reads it with the entry (one MGET), an entry counts only under
 the generation it was written with, and a fill is written under the generation looked up before the database (the
 file) was read. A fill that raced an invalidation (read the old row, written after the invalidation) is so never
-served.
+served. The tag written into an entry is its generation and the server's replication id (`INFO replication`'s
+master_replid, read on each connect): a server restarted from a snapshot, or a replica promoted by a failover, has a
+new one, so the older generations and entries it brings back (an invalidation lost with the writes after the
+snapshot) are never served.
 
 A reply of the wrong shape (a proxy or server out of protocol: a string where
 MGET's array belongs, an array of another length, a number for a value) is a miss too, and marks the cache down
@@ -141,6 +144,8 @@ _client_lock = threading.Lock()
 _down = False
 _slow_in_a_row = 0
 _generation = 0  # reset_client starts a new one; a probe of an older one stops
+# The server's replication id, read on every connect (`_connect`): a restart or a failover changes it.
+_history = b""
 
 
 class _SharedContextConnection(redis.SSLConnection):
@@ -166,6 +171,21 @@ def prepare() -> None:
         tls.default_context()
 
 
+def _connect(connection: redis.connection.AbstractConnection) -> None:
+    """redis-py's handshake, then the server's replication id into `_history` (empty where INFO is refused)."""
+    global _history
+    connection.on_connect()
+    connection.send_command("INFO", "replication", check_health=False)
+    try:
+        info = connection.read_response()
+    except redis.ResponseError:
+        _history = b""
+        return
+    info = info.encode() if isinstance(info, str) else info
+    _history = next((line.partition(b":")[2].strip() for line in info.splitlines()
+                     if line.startswith(b"master_replid:")), b"")
+
+
 def get_client() -> redis.Redis:
     global _client
     if _client is None:
@@ -182,6 +202,7 @@ def get_client() -> redis.Redis:
                     retry=Retry(NoBackoff(), retries=0),
                     retry_on_timeout=False,
                     health_check_interval=30,
+                    redis_connect_func=_connect,
                 )
     return _client
 
@@ -458,8 +479,9 @@ def set_upstream_failure(ticker: str, timeframe: str, status: int, code: str, me
 
 
 class Lookup(NamedTuple):
-    """A read-through entry (value None: a miss) and its kind's generation when it was looked up, which the fill
-    after a miss hands back; generation None: no fill (the cache is unavailable)."""
+    """A read-through entry (value None: a miss) and its kind's generation when it was looked up (with the server's
+    replication id: `_tag`), which the fill after a miss hands back; generation None: no fill (the cache is
+    unavailable)."""
 
     value: bytes | None
     generation: bytes | None
@@ -467,6 +489,12 @@ class Lookup(NamedTuple):
 
 def _new_generation() -> bytes:
     return os.urandom(8).hex().encode()
+
+
+def _tag(generation: bytes) -> bytes:
+    """What an entry of `generation` carries on this server's history. Read after the command that fetched the
+    generation: a reconnect to a restarted server updates `_history` before the command is sent."""
+    return _history + b"." + generation
 
 
 def _lookup_with(kind: str, key: str, others: list[str]) -> tuple[Lookup, list[bytes | None]]:
@@ -482,8 +510,9 @@ def _lookup_with(kind: str, key: str, others: list[str]) -> tuple[Lookup, list[b
         # from nothing could meet an old entry's). Whoever sets it first wins; the others skip this fill.
         generation = _new_generation()
         started = _guarded(lambda client: client.set(generation_key, generation, nx=True), expected=_is_flag)
-        return Lookup(None, generation if started else None), rest
+        return Lookup(None, _tag(generation) if started else None), rest
     tag, _, value = (_opened(raw) or b"").partition(b" ")
+    generation = _tag(generation)
     return Lookup(value if tag == generation else None, generation), rest
 
 
