@@ -9,6 +9,7 @@ import redis
 
 from candlecast import cache
 from infra.slow_proxy import SlowProxy
+from tests.conftest import redis_refusing_writes
 
 pytestmark = pytest.mark.integration
 
@@ -414,6 +415,27 @@ def test_a_refused_write_skips_that_write_and_reads_go_on(server):
         assert cache.get_prediction_bytes("X:BTCUSD") == b"{}"
     finally:
         server.config_set("maxmemory", "0")
+
+
+@pytest.mark.parametrize("how, code", [("oom", "OutOfMemoryError"), ("readonly", "ReadOnlyError")])
+def test_a_refusal_of_writes_is_logged_by_its_kind_and_remembered_for_health(server, monkeypatch, caplog, how,
+                                                                             code):
+    """The warning's `error` said "command" (OOM) or "You" (READONLY): redis-py strips the code from the message."""
+    monkeypatch.setattr(cache, "_refusal_logged_at", 0.0)
+    assert cache.write_problem() is None
+    with redis_refusing_writes(cache.get_settings().redis_url, how), caplog.at_level(logging.WARNING):
+        assert cache.invalidate_symbols() is False
+    (warning,) = [r for r in caplog.records if r.getMessage() == "cache refused a command"]
+    assert warning.error == code
+    assert cache.write_problem() == f"refusing writes ({code})"  # remembered: health says so without asking
+    cache.reset_client()
+    assert cache.write_problem() is None  # and asked: Redis takes writes again
+
+
+def test_a_refusal_redis_py_does_not_map_is_named_by_its_code_alone():
+    assert cache._refusal_code(redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but ...")) \
+        == "MISCONF"
+    assert cache._refusal_code(redis.ResponseError("wrong number of arguments for 'get'")) == "ResponseError"
 
 
 def test_stages_sharing_one_redis_never_read_each_others_entries():

@@ -122,6 +122,11 @@ class keys:
         return f"{_PREFIX}:track-record:{timeframe or 'all'}"
 
     @staticmethod
+    def health() -> str:
+        """Health's write check (`write_problem`)."""
+        return f"{_PREFIX}:health"
+
+    @staticmethod
     def all_prediction_keys() -> str:
         """Predictions and their request pointers (benchmarks and tests start afresh with it)."""
         return f"{_PREFIX}:prediction*"
@@ -208,13 +213,14 @@ def get_client() -> redis.Redis:
 
 
 def reset_client() -> None:
-    global _client, _down, _generation, _slow_in_a_row
+    global _client, _down, _generation, _slow_in_a_row, _write_refused
     with _client_lock:
         if _client is not None:
             _client.close()
         _client = None
         _down = False
         _slow_in_a_row = 0
+        _write_refused = None
         _generation += 1
 
 
@@ -286,6 +292,9 @@ def _opened(raw: bytes | None) -> bytes | None:
 
 _refusal_logged_at = 0.0
 REFUSAL_LOG_SECONDS = 60.0  # a refusal (out of memory, a key of another type) is logged this often at most
+# When Redis last refused a write in this process (out of memory, a read-only replica, a failed snapshot), and how.
+_write_refused: tuple[float, str] | None = None
+WRITE_REFUSAL_SECONDS = 60.0  # health reports the cache degraded this long after one
 
 
 def _is_value(reply: Any) -> bool:
@@ -323,13 +332,47 @@ def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed
         return result
     except redis.ResponseError as error:
         # Redis answered, refusing this one command: the cache is up, and only this read or write is skipped.
+        _note_refusal(error)
         if time.monotonic() - _refusal_logged_at > REFUSAL_LOG_SECONDS:
             _refusal_logged_at = time.monotonic()
-            logger.warning("cache refused a command", extra={"error": str(error).split(" ", 1)[0][:20]})  # its code
+            logger.warning("cache refused a command", extra={"error": _refusal_code(error)})
         return default
     except redis.RedisError as error:
         _mark_down("cache unavailable; serving without it", type(error).__name__)
         return default
+
+
+def _refusal_code(error: redis.ResponseError) -> str:
+    """The refusal's kind, never its text: redis-py's class (it strips the code of those it maps, such as OOM and
+    READONLY), or for one it does not map the code the message starts with (MISCONF, WRONGTYPE)."""
+    if type(error) is not redis.ResponseError:
+        return type(error).__name__
+    code = str(error).split(" ", 1)[0]
+    return code if code.isalpha() and code.isupper() and len(code) <= 20 else "ResponseError"
+
+
+def _note_refusal(error: redis.ResponseError) -> None:
+    """Remember a refusal of writes as a whole (not one key's: WRONGTYPE), for health."""
+    global _write_refused
+    code = _refusal_code(error)
+    if code in {"OutOfMemoryError", "ReadOnlyError", "MISCONF"}:
+        _write_refused = (time.monotonic(), code)
+
+
+def write_problem() -> str | None:
+    """Why Redis refuses writes (out of memory with noeviction, a read-only replica, a failed snapshot), or None
+    when it takes them: a write this process made in the last WRITE_REFUSAL_SECONDS was refused, or a SET of a
+    small key now is. Health's cache check, after `ping_problem`; words safe for a public page."""
+    if _write_refused is not None and time.monotonic() - _write_refused[0] < WRITE_REFUSAL_SECONDS:
+        return f"refusing writes ({_write_refused[1]})"
+    try:
+        get_client().set(keys.health(), b"1", ex=60)
+    except redis.ResponseError as error:
+        _note_refusal(error)
+        return f"refusing writes ({_refusal_code(error)})"
+    except redis.RedisError as error:
+        return f"no answer ({type(error).__name__})"
+    return None
 
 
 def ping() -> bool:
