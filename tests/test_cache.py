@@ -280,6 +280,19 @@ def test_upstream_failures_are_remembered_briefly_per_symbol_and_timeframe(serve
     assert cache.get_upstream_failure("X:ETHUSD", "1h") is None  # not a failure record
 
 
+def test_upstream_failures_are_remembered_in_the_process_too_for_their_30_s_and_bounded(server, monkeypatch):
+    monkeypatch.setattr(cache, "UPSTREAM_FAILURES_KEPT", 3)
+    for index in range(4):
+        cache.set_upstream_failure(f"X:C{index}USD", "1h", 503, "polygon_unavailable", "down")
+    server.flushdb()  # Redis forgot them (restarted, evicted; or never took them)
+    assert cache.get_upstream_failure("X:C0USD", "1h") is None  # the oldest, beyond the bound
+    assert [cache.get_upstream_failure(f"X:C{index}USD", "1h")["code"] for index in (1, 2, 3)] == [
+        "polygon_unavailable"] * 3
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + cache.TTL_SECONDS["upstream_failure"] + 1)
+    assert cache.get_upstream_failure("X:C3USD", "1h") is None  # its 30 s are over
+
+
 def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_redis):
     cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
     needs_embedded_redis.stop()
@@ -290,7 +303,7 @@ def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_
         assert cache.delete_pattern(cache.keys.all_symbol_keys()) == 0
         assert cache.get_json(cache.keys.candles("X:BTCUSD", "1h")) is None
         assert cache.set_upstream_failure("X:BTCUSD", "1h", 503, "upstream_unavailable", "down") == 30
-        assert cache.get_upstream_failure("X:BTCUSD", "1h") is None
+        assert cache.get_upstream_failure("X:BTCUSD", "1h")["code"] == "upstream_unavailable"  # in the process
         assert cache.invalidate_symbols() is False and cache.invalidate_track_record() is False
     finally:
         needs_embedded_redis.start()

@@ -639,6 +639,22 @@ def test_bars_without_volume_on_the_api_path_are_a_remembered_503(env):
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1  # remembered: the second call asked no one
 
 
+@pytest.mark.parametrize("how", ["oom", "readonly"])
+def test_a_failing_fetch_is_remembered_while_redis_refuses_writes(env, clean_db, how):
+    """The failure was remembered in Redis alone: with Redis refusing writes (or down), every create asked the
+    failing Polygon again and waited for it."""
+    market = make_market(1, now=NOW, history_days=30)
+    real_bars = market.bars
+    market.bars = lambda *args: [{k: v for k, v in bar.items() if k != "v"} for bar in real_bars(*args)]
+    with FakePolygon(market) as fake, redis_refusing_writes(clean_db.redis_url, how):
+        point_settings_at(env, fake)
+        for _ in range(3):
+            with pytest.raises(ServiceUnavailable) as raised:
+                ingest.fetch_recent_candles("X:C000USD", "4h", 10, now=NOW)
+            assert raised.value.code == "polygon_bad_response" and 1 <= raised.value.retry_after <= 30
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1  # remembered in the process
+
+
 def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
     market = make_market(1, now=NOW, history_days=200)
     market.bars_per_page = 24

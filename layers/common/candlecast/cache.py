@@ -32,6 +32,7 @@ import ssl
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -222,6 +223,8 @@ def reset_client() -> None:
         _slow_in_a_row = 0
         _write_refused = None
         _generation += 1
+    with _upstream_failures_lock:  # a new container remembers none
+        _upstream_failures.clear()
 
 
 def is_down() -> bool:
@@ -507,16 +510,34 @@ def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, 
     return bool(_guarded(write, default=False, expected=_is_flag))
 
 
+# Upstream failures are remembered in this process too, so that Redis down or refusing writes does not turn one
+# failing symbol into a call upstream per request: (ticker, timeframe) -> failure, the newest last.
+_upstream_failures: "OrderedDict[tuple[str, str], dict]" = OrderedDict()
+_upstream_failures_lock = threading.Lock()
+UPSTREAM_FAILURES_KEPT = 256
+
+
 def get_upstream_failure(ticker: str, timeframe: str) -> dict | None:
-    """The failure remembered for this symbol and timeframe ({status, code, message, until}), if any."""
+    """The failure remembered for this symbol and timeframe ({status, code, message, until}), if any: this
+    process's, else Redis's (another container's)."""
+    with _upstream_failures_lock:
+        failure = _upstream_failures.get((ticker, timeframe))
+    if failure is not None and failure["until"] > time.time():
+        return failure
     failure = get_json(keys.upstream_failure(ticker, timeframe))
     return failure if isinstance(failure, dict) else None
 
 
 def set_upstream_failure(ticker: str, timeframe: str, status: int, code: str, message: str) -> int:
-    """Remember a failed upstream fetch briefly; returns the seconds it is remembered for."""
+    """Remember a failed upstream fetch briefly, in this process and in Redis; returns the seconds it is
+    remembered for."""
     ttl = TTL_SECONDS["upstream_failure"]
     failure = {"status": status, "code": code, "message": message, "until": time.time() + ttl}
+    with _upstream_failures_lock:
+        _upstream_failures[(ticker, timeframe)] = failure
+        _upstream_failures.move_to_end((ticker, timeframe))
+        while len(_upstream_failures) > UPSTREAM_FAILURES_KEPT:
+            _upstream_failures.popitem(last=False)
     set_json(keys.upstream_failure(ticker, timeframe), failure, ttl)
     return ttl
 
