@@ -5,6 +5,8 @@ TEST_DATABASE_URL / TEST_REDIS_URL point the tests at external servers instead.
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # One OpenMP thread for LightGBM (train.fit_boosters: num_threads 0): the test fits are small, and on a loaded
@@ -48,6 +50,32 @@ def empty_bucket(bucket: str) -> None:
     for key in storage.list_keys(""):
         storage.s3_client().delete_object(Bucket=bucket, Key=key)
     storage.reset_clients()
+
+
+# Nothing listens here: a Redis told to replicate from it stays a read-only replica that still answers reads.
+NO_PRIMARY_PORT = 47498
+
+
+@contextmanager
+def redis_refusing_writes(redis_url: str, how: str) -> Iterator[None]:
+    """The real Redis at `redis_url` answering reads and refusing every write: "oom" (at its memory limit with
+    noeviction: OOM) or "readonly" (a replica after a failover: READONLY)."""
+    import redis
+
+    server = redis.Redis.from_url(redis_url)
+    saved = server.config_get("maxmemory*")
+    try:
+        if how == "oom":
+            server.config_set("maxmemory-policy", "noeviction")
+            server.config_set("maxmemory", "1")
+        elif how == "readonly":
+            server.replicaof("127.0.0.1", NO_PRIMARY_PORT)
+        yield
+    finally:
+        if how == "readonly":
+            server.replicaof("NO", "ONE")
+        for name, value in saved.items():
+            server.config_set(name, value)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import redis
 
 from candlecast import cache
 from infra.slow_proxy import SlowProxy
+from tests.conftest import redis_refusing_writes
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +200,28 @@ def test_a_flushed_generation_never_revives_an_older_entry(server):
     assert cache.lookup_symbol("X:ETHUSD").value is None
 
 
+def test_entries_a_restart_from_a_snapshot_brings_back_are_never_served(server, needs_embedded_redis):
+    """Redis restarted from a snapshot (or a failover to a replica that lagged) brought back the generation and the
+    entries an invalidation after the snapshot had replaced: the replaced candles were served for their hour."""
+    cache.fill_candles("X:BTCUSD", "1h", b"old candles", cache.lookup_candles("X:BTCUSD", "1h"))
+    assert cache.lookup_candles("X:BTCUSD", "1h").value == b"old candles"
+    server.save()
+    try:
+        assert cache.forget_candles([("X:BTCUSD", "1h")]) is True  # the file was rewritten after the snapshot
+        assert cache.lookup_candles("X:BTCUSD", "1h").value is None
+        needs_embedded_redis.stop()
+        needs_embedded_redis.start()  # from the snapshot
+    finally:
+        (needs_embedded_redis.work_dir / "dump.rdb").unlink(missing_ok=True)
+    assert server.get(cache.keys.candles("X:BTCUSD", "1h")) is not None  # back, with its old generation
+    cache.lookup_candles("X:BTCUSD", "1h")  # no reset_client: the connection finds the server restarted
+    _wait_until_up()
+    seen = cache.lookup_candles("X:BTCUSD", "1h")
+    assert seen.value is None
+    assert cache.fill_candles("X:BTCUSD", "1h", b"new candles", seen) is True
+    assert cache.lookup_candles("X:BTCUSD", "1h").value == b"new candles"
+
+
 def test_pattern_delete_in_small_batches_deletes_everything(server):
     for index in range(7):
         server.set(cache.keys.search(f"q{index}", 20), b"1")
@@ -257,6 +280,19 @@ def test_upstream_failures_are_remembered_briefly_per_symbol_and_timeframe(serve
     assert cache.get_upstream_failure("X:ETHUSD", "1h") is None  # not a failure record
 
 
+def test_upstream_failures_are_remembered_in_the_process_too_for_their_30_s_and_bounded(server, monkeypatch):
+    monkeypatch.setattr(cache, "UPSTREAM_FAILURES_KEPT", 3)
+    for index in range(4):
+        cache.set_upstream_failure(f"X:C{index}USD", "1h", 503, "polygon_unavailable", "down")
+    server.flushdb()  # Redis forgot them (restarted, evicted; or never took them)
+    assert cache.get_upstream_failure("X:C0USD", "1h") is None  # the oldest, beyond the bound
+    assert [cache.get_upstream_failure(f"X:C{index}USD", "1h")["code"] for index in (1, 2, 3)] == [
+        "polygon_unavailable"] * 3
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + cache.TTL_SECONDS["upstream_failure"] + 1)
+    assert cache.get_upstream_failure("X:C3USD", "1h") is None  # its 30 s are over
+
+
 def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_redis):
     cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
     needs_embedded_redis.stop()
@@ -267,7 +303,7 @@ def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_
         assert cache.delete_pattern(cache.keys.all_symbol_keys()) == 0
         assert cache.get_json(cache.keys.candles("X:BTCUSD", "1h")) is None
         assert cache.set_upstream_failure("X:BTCUSD", "1h", 503, "upstream_unavailable", "down") == 30
-        assert cache.get_upstream_failure("X:BTCUSD", "1h") is None
+        assert cache.get_upstream_failure("X:BTCUSD", "1h")["code"] == "upstream_unavailable"  # in the process
         assert cache.invalidate_symbols() is False and cache.invalidate_track_record() is False
     finally:
         needs_embedded_redis.start()
@@ -392,6 +428,27 @@ def test_a_refused_write_skips_that_write_and_reads_go_on(server):
         assert cache.get_prediction_bytes("X:BTCUSD") == b"{}"
     finally:
         server.config_set("maxmemory", "0")
+
+
+@pytest.mark.parametrize("how, code", [("oom", "OutOfMemoryError"), ("readonly", "ReadOnlyError")])
+def test_a_refusal_of_writes_is_logged_by_its_kind_and_remembered_for_health(server, monkeypatch, caplog, how,
+                                                                             code):
+    """The warning's `error` said "command" (OOM) or "You" (READONLY): redis-py strips the code from the message."""
+    monkeypatch.setattr(cache, "_refusal_logged_at", 0.0)
+    assert cache.write_problem() is None
+    with redis_refusing_writes(cache.get_settings().redis_url, how), caplog.at_level(logging.WARNING):
+        assert cache.invalidate_symbols() is False
+    (warning,) = [r for r in caplog.records if r.getMessage() == "cache refused a command"]
+    assert warning.error == code
+    assert cache.write_problem() == f"refusing writes ({code})"  # remembered: health says so without asking
+    cache.reset_client()
+    assert cache.write_problem() is None  # and asked: Redis takes writes again
+
+
+def test_a_refusal_redis_py_does_not_map_is_named_by_its_code_alone():
+    assert cache._refusal_code(redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but ...")) \
+        == "MISCONF"
+    assert cache._refusal_code(redis.ResponseError("wrong number of arguments for 'get'")) == "ResponseError"
 
 
 def test_stages_sharing_one_redis_never_read_each_others_entries():

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.conftest import invoke, load_event
+from tests.conftest import invoke, load_event, redis_refusing_writes
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +35,18 @@ def test_health_is_degraded_when_redis_is_down(clean_db, needs_embedded_redis):
     assert body["status"] == "degraded"
     assert body["checks"]["cache"]["status"] == "down"
     assert body["checks"]["cache"]["error"] == "no answer (ConnectionError)"  # was "False"
+
+
+@pytest.mark.parametrize("how, why", [("oom", "OutOfMemoryError"), ("readonly", "ReadOnlyError")])
+def test_health_is_degraded_while_redis_refuses_writes(clean_db, how, why):
+    """Redis out of memory (noeviction) or a read-only replica answers PING: health said ok, cache up, while no
+    invalidation was taken and the old entries were served."""
+    with redis_refusing_writes(clean_db.redis_url, how):
+        status, _, body = health()
+    assert status == 200
+    assert body["status"] == "degraded"
+    assert (body["checks"]["cache"]["status"], body["checks"]["cache"]["error"]) == (
+        "degraded", f"refusing writes ({why})")
 
 
 def test_health_is_503_within_two_seconds_when_database_is_down_then_recovers(clean_db, needs_embedded_postgres):

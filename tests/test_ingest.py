@@ -14,7 +14,7 @@ from candlecast.config import get_settings
 from candlecast.errors import NotFound, ServiceUnavailable
 from candlecast.forecast.dataset import resample
 from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonError
-from tests.conftest import empty_bucket
+from tests.conftest import empty_bucket, redis_refusing_writes
 from tests.fake_polygon import DAY, HOUR, FakeMarket, FakePolygon, FakeSymbol, load_fixture, make_market
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -637,6 +637,22 @@ def test_bars_without_volume_on_the_api_path_are_a_remembered_503(env):
                 ingest.fetch_recent_candles("X:C000USD", "4h", 10, now=NOW)
             assert raised.value.status == 503 and raised.value.code == "polygon_bad_response"
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1  # remembered: the second call asked no one
+
+
+@pytest.mark.parametrize("how", ["oom", "readonly"])
+def test_a_failing_fetch_is_remembered_while_redis_refuses_writes(env, clean_db, how):
+    """The failure was remembered in Redis alone: with Redis refusing writes (or down), every create asked the
+    failing Polygon again and waited for it."""
+    market = make_market(1, now=NOW, history_days=30)
+    real_bars = market.bars
+    market.bars = lambda *args: [{k: v for k, v in bar.items() if k != "v"} for bar in real_bars(*args)]
+    with FakePolygon(market) as fake, redis_refusing_writes(clean_db.redis_url, how):
+        point_settings_at(env, fake)
+        for _ in range(3):
+            with pytest.raises(ServiceUnavailable) as raised:
+                ingest.fetch_recent_candles("X:C000USD", "4h", 10, now=NOW)
+            assert raised.value.code == "polygon_bad_response" and 1 <= raised.value.retry_after <= 30
+    assert fake.count("/v2/aggs/ticker/X:C000USD/") == 1  # remembered in the process
 
 
 def test_malformed_json_writes_nothing_and_keeps_existing_files(env):
@@ -1442,3 +1458,44 @@ def test_the_next_chunk_retries_an_invalidation_an_earlier_one_could_not_do(env)
         summary = ingest.run_ingest(client_for(fake), tickers=[], refresh=False, now=NOW, symbol_cache_stale=True)
     assert summary.symbol_cache_stale is False
     assert cache.lookup_symbol("X:C000USD").value is None
+
+
+def _stale_candle_run(clean_db, heal_during_the_chunk: bool) -> tuple[str, "ingest.IngestSummary"]:
+    """A ticker's 1h file written and its candles cached a day ago, then a run writing its 1h and 4h files while
+    Redis refuses writes (a read-only replica after a failover), healed after its symbol or never."""
+    from contextlib import ExitStack
+
+    market = make_market(3, now=NOW)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW - DAY, history_days=HISTORY,
+                          timeframes=["1h", "4h"])
+        assert storage.read_candles(ticker, "1h", 48).open_time[-1] < NOW - DAY  # cached
+        with ExitStack() as refusing:
+            refusing.enter_context(redis_refusing_writes(clean_db.redis_url, "readonly"))
+            summary = ingest.run_ingest(client_for(fake), tickers=[ticker], refresh=False, now=NOW,
+                                        history_days=HISTORY, timeframes=["1h", "4h"],
+                                        on_symbol=lambda _ticker: heal_during_the_chunk and refusing.close())
+    return ticker, summary
+
+
+def test_candle_files_written_while_redis_refuses_writes_are_dropped_again_at_the_end_of_the_chunk(env, clean_db):
+    """The file's invalidation was refused (a read-only replica after a failover, OOM) and nothing tried it again:
+    its old candles were forecast from for an hour."""
+    ticker, summary = _stale_candle_run(clean_db, heal_during_the_chunk=True)
+    assert summary.files_written == 2
+    assert summary.candle_cache_stale == [] and summary.errors == []
+    assert storage.read_candles(ticker, "1h", 48).open_time[-1] > NOW - DAY
+
+
+def test_candle_files_the_cache_never_dropped_are_named_and_handed_on_to_the_next_chunk(env, clean_db):
+    ticker, summary = _stale_candle_run(clean_db, heal_during_the_chunk=False)
+    assert summary.candle_cache_stale == [f"{ticker} 1h", f"{ticker} 4h"]
+    assert ("cache: 2 candle files written but the cache did not drop their cached candles (tried again at the end "
+            "of the chunk): the old candles are served up to 3600 s") in summary.errors
+    assert storage.read_candles(ticker, "1h", 48).open_time[-1] < NOW - DAY  # still the old ones
+    with FakePolygon(make_market(3, now=NOW)) as fake:
+        after = ingest.run_ingest(client_for(fake), tickers=[], refresh=False, now=NOW,
+                                  candle_cache_stale=summary.candle_cache_stale)
+    assert after.candle_cache_stale == [] and after.errors == []
+    assert storage.read_candles(ticker, "1h", 48).open_time[-1] > NOW - DAY

@@ -8,7 +8,7 @@ import pytest
 
 from candlecast import cache, storage
 from candlecast.candles import COLUMNS, Candles
-from tests.conftest import empty_bucket
+from tests.conftest import empty_bucket, redis_refusing_writes
 from tests.s3_proxy import RewritingProxy, through
 
 pytestmark = [pytest.mark.s3, pytest.mark.integration]
@@ -158,6 +158,79 @@ def test_read_fills_redis_and_a_rewrite_invalidates_it(bucket):
 
     storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR))
     assert cache.lookup_candles("X:ADAUSD", "4h").value is None
+
+
+def test_a_writer_that_counts_the_cache_down_still_drops_the_candles_it_replaced(bucket, monkeypatch):
+    """A batch writer that had marked the cache down (slow answers, each within the socket timeout) skipped the
+    invalidation of the file it wrote: once Redis was quick again, every container served the old candles for an
+    hour. A candle file's invalidation is asked whatever this process thinks of the cache."""
+    from candlecast.config import get_settings
+    from infra.slow_proxy import SlowProxy
+
+    storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
+    storage.read_candles("X:ADAUSD", "4h", 30)  # cached
+    proxy = SlowProxy(get_settings().redis_url)
+    monkeypatch.setenv("REDIS_URL", proxy.url)
+    monkeypatch.setenv("REDIS_SOCKET_TIMEOUT", "1")
+    get_settings.cache_clear()
+    cache.reset_client()
+    try:
+        proxy.delay = 0.2  # slow, never failing
+        for _ in range(cache.SLOW_STRIKES):
+            cache.lookup_candles("X:ETHUSD", "4h")
+        assert cache.is_down()
+        assert storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR)).rows == 10
+        proxy.delay = 0.0
+    finally:
+        proxy.close()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        cache.reset_client()
+    assert cache.lookup_candles("X:ADAUSD", "4h").value is None
+    assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 10
+
+
+@pytest.mark.parametrize("how", ["oom", "readonly"])
+def test_a_candle_file_written_while_redis_refuses_writes_says_its_cached_candles_stay(bucket, how, caplog):
+    """Redis out of memory (noeviction) or a read-only replica after a failover refused the file's invalidation,
+    silently: the old candles were served for an hour and nobody was told. write_candles says so to its caller;
+    put_bytes and upload_directory log it."""
+    import logging
+
+    from candlecast.config import get_settings
+
+    key = storage.candles_key("X:ADAUSD", "4h")
+    storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
+    storage.read_candles("X:ADAUSD", "4h", 30)  # cached
+    with redis_refusing_writes(get_settings().redis_url, how), caplog.at_level(logging.WARNING):
+        written = storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR))
+        assert not [r for r in caplog.records if "did not drop" in r.getMessage()]  # its caller reports it
+        storage.put_bytes(key, storage.candles_to_parquet(make_candles(12, step=4 * HOUR)))
+    assert (written.rows, written.cache_stale) == (10, True)
+    (warning,) = [r for r in caplog.records if "did not drop" in r.getMessage()]
+    assert (warning.files, warning.seconds) == (1, cache.TTL_SECONDS["candles"])
+    assert not cache.is_down()
+    assert storage.write_candles("X:ADAUSD", "4h", make_candles(11, step=4 * HOUR)).cache_stale is False
+    assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 11
+
+
+def test_put_candles_says_on_stderr_and_in_its_exit_code_when_the_cache_kept_the_old_candles(bucket, tmp_path,
+                                                                                             capsys):
+    from candlecast import cli
+    from candlecast.config import get_settings
+
+    fixed = tmp_path / "fixed.parquet"
+    fixed.write_bytes(storage.candles_to_parquet(make_candles(20, step=4 * HOUR)))
+    put = ["put-candles", str(fixed), "--symbol", "ADA-USD", "--timeframe", "4h"]
+    with redis_refusing_writes(get_settings().redis_url, "oom"):
+        assert cli.main(put) == 1
+    out, err = capsys.readouterr()
+    assert out == "put 20 4h candles of X:ADAUSD at data/ADAUSD/4h.parquet\n"
+    assert err == ("candlecast put-candles: the file is written, but the cache (Redis) did not drop its cached "
+                   "candles: forecasts may use the old ones for up to 3600 s; run put-candles again once Redis takes "
+                   "writes\n")
+    assert cli.main(put) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_a_write_over_the_version_read_is_refused_once_another_writer_replaced_it(bucket):

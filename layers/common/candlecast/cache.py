@@ -16,7 +16,10 @@ cache and invalidated when they change. Each of those kinds (each candle file) h
 keys.generation) that invalidation replaces; a lookup reads it with the entry (one MGET), an entry counts only under
 the generation it was written with, and a fill is written under the generation looked up before the database (the
 file) was read. A fill that raced an invalidation (read the old row, written after the invalidation) is so never
-served.
+served. The tag written into an entry is its generation and the server's replication id (`INFO replication`'s
+master_replid, read on each connect): a server restarted from a snapshot, or a replica promoted by a failover, has a
+new one, so the older generations and entries it brings back (an invalidation lost with the writes after the
+snapshot) are never served.
 
 A reply of the wrong shape (a proxy or server out of protocol: a string where
 MGET's array belongs, an array of another length, a number for a value) is a miss too, and marks the cache down
@@ -29,6 +32,7 @@ import ssl
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -119,6 +123,11 @@ class keys:
         return f"{_PREFIX}:track-record:{timeframe or 'all'}"
 
     @staticmethod
+    def health() -> str:
+        """Health's write check (`write_problem`)."""
+        return f"{_PREFIX}:health"
+
+    @staticmethod
     def all_prediction_keys() -> str:
         """Predictions and their request pointers (benchmarks and tests start afresh with it)."""
         return f"{_PREFIX}:prediction*"
@@ -141,6 +150,8 @@ _client_lock = threading.Lock()
 _down = False
 _slow_in_a_row = 0
 _generation = 0  # reset_client starts a new one; a probe of an older one stops
+# The server's replication id, read on every connect (`_connect`): a restart or a failover changes it.
+_history = b""
 
 
 class _SharedContextConnection(redis.SSLConnection):
@@ -166,6 +177,21 @@ def prepare() -> None:
         tls.default_context()
 
 
+def _connect(connection: redis.connection.AbstractConnection) -> None:
+    """redis-py's handshake, then the server's replication id into `_history` (empty where INFO is refused)."""
+    global _history
+    connection.on_connect()
+    connection.send_command("INFO", "replication", check_health=False)
+    try:
+        info = connection.read_response()
+    except redis.ResponseError:
+        _history = b""
+        return
+    info = info.encode() if isinstance(info, str) else info
+    _history = next((line.partition(b":")[2].strip() for line in info.splitlines()
+                     if line.startswith(b"master_replid:")), b"")
+
+
 def get_client() -> redis.Redis:
     global _client
     if _client is None:
@@ -182,19 +208,23 @@ def get_client() -> redis.Redis:
                     retry=Retry(NoBackoff(), retries=0),
                     retry_on_timeout=False,
                     health_check_interval=30,
+                    redis_connect_func=_connect,
                 )
     return _client
 
 
 def reset_client() -> None:
-    global _client, _down, _generation, _slow_in_a_row
+    global _client, _down, _generation, _slow_in_a_row, _write_refused
     with _client_lock:
         if _client is not None:
             _client.close()
         _client = None
         _down = False
         _slow_in_a_row = 0
+        _write_refused = None
         _generation += 1
+    with _upstream_failures_lock:  # a new container remembers none
+        _upstream_failures.clear()
 
 
 def is_down() -> bool:
@@ -265,6 +295,9 @@ def _opened(raw: bytes | None) -> bytes | None:
 
 _refusal_logged_at = 0.0
 REFUSAL_LOG_SECONDS = 60.0  # a refusal (out of memory, a key of another type) is logged this often at most
+# When Redis last refused a write in this process (out of memory, a read-only replica, a failed snapshot), and how.
+_write_refused: tuple[float, str] | None = None
+WRITE_REFUSAL_SECONDS = 60.0  # health reports the cache degraded this long after one
 
 
 def _is_value(reply: Any) -> bool:
@@ -302,13 +335,47 @@ def _guarded(operation: Callable[[redis.Redis], Any], default: Any = None, timed
         return result
     except redis.ResponseError as error:
         # Redis answered, refusing this one command: the cache is up, and only this read or write is skipped.
+        _note_refusal(error)
         if time.monotonic() - _refusal_logged_at > REFUSAL_LOG_SECONDS:
             _refusal_logged_at = time.monotonic()
-            logger.warning("cache refused a command", extra={"error": str(error).split(" ", 1)[0][:20]})  # its code
+            logger.warning("cache refused a command", extra={"error": _refusal_code(error)})
         return default
     except redis.RedisError as error:
         _mark_down("cache unavailable; serving without it", type(error).__name__)
         return default
+
+
+def _refusal_code(error: redis.ResponseError) -> str:
+    """The refusal's kind, never its text: redis-py's class (it strips the code of those it maps, such as OOM and
+    READONLY), or for one it does not map the code the message starts with (MISCONF, WRONGTYPE)."""
+    if type(error) is not redis.ResponseError:
+        return type(error).__name__
+    code = str(error).split(" ", 1)[0]
+    return code if code.isalpha() and code.isupper() and len(code) <= 20 else "ResponseError"
+
+
+def _note_refusal(error: redis.ResponseError) -> None:
+    """Remember a refusal of writes as a whole (not one key's: WRONGTYPE), for health."""
+    global _write_refused
+    code = _refusal_code(error)
+    if code in {"OutOfMemoryError", "ReadOnlyError", "MISCONF"}:
+        _write_refused = (time.monotonic(), code)
+
+
+def write_problem() -> str | None:
+    """Why Redis refuses writes (out of memory with noeviction, a read-only replica, a failed snapshot), or None
+    when it takes them: a write this process made in the last WRITE_REFUSAL_SECONDS was refused, or a SET of a
+    small key now is. Health's cache check, after `ping_problem`; words safe for a public page."""
+    if _write_refused is not None and time.monotonic() - _write_refused[0] < WRITE_REFUSAL_SECONDS:
+        return f"refusing writes ({_write_refused[1]})"
+    try:
+        get_client().set(keys.health(), b"1", ex=60)
+    except redis.ResponseError as error:
+        _note_refusal(error)
+        return f"refusing writes ({_refusal_code(error)})"
+    except redis.RedisError as error:
+        return f"no answer ({type(error).__name__})"
+    return None
 
 
 def ping() -> bool:
@@ -373,15 +440,16 @@ def set_json(key: str, value: Any, ttl_seconds: int) -> bool:
 # Domain helpers: one place that knows each kind's key and TTL.
 
 
-def forget_candles(pairs: list[tuple[str, str]], retry: bool = False) -> bool:
+def forget_candles(pairs: list[tuple[str, str]]) -> bool:
     """A new generation for the fresh candles of each of these (ticker, timeframe) pairs, in one command: their
     files were just written, and no entry filled before (a read of the old file that fills after this, too) is
-    served again. False when the cache did not take it (each is then served until its TTL, 1 h, runs out); `retry`
-    asks even while an outage is on (a batch job can wait for the socket timeout)."""
+    served again. Asked even while this process counts the cache down (only batch writers write candle files, and
+    they can wait a socket timeout; skipped, the old candles would be served for an hour). False when the cache
+    did not take it (each is then served until its TTL, 1 h, runs out)."""
     if not pairs:
         return True
     generations = {keys.generation(_candles_kind(*pair)): _new_generation() for pair in pairs}
-    return bool(_guarded(lambda client: client.mset(generations), expected=_is_flag, even_if_down=retry))
+    return bool(_guarded(lambda client: client.mset(generations), expected=_is_flag, even_if_down=True))
 
 
 def get_prediction_bytes(prediction_id: str) -> bytes | None:
@@ -442,23 +510,42 @@ def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, 
     return bool(_guarded(write, default=False, expected=_is_flag))
 
 
+# Upstream failures are remembered in this process too, so that Redis down or refusing writes does not turn one
+# failing symbol into a call upstream per request: (ticker, timeframe) -> failure, the newest last.
+_upstream_failures: "OrderedDict[tuple[str, str], dict]" = OrderedDict()
+_upstream_failures_lock = threading.Lock()
+UPSTREAM_FAILURES_KEPT = 256
+
+
 def get_upstream_failure(ticker: str, timeframe: str) -> dict | None:
-    """The failure remembered for this symbol and timeframe ({status, code, message, until}), if any."""
+    """The failure remembered for this symbol and timeframe ({status, code, message, until}), if any: this
+    process's, else Redis's (another container's)."""
+    with _upstream_failures_lock:
+        failure = _upstream_failures.get((ticker, timeframe))
+    if failure is not None and failure["until"] > time.time():
+        return failure
     failure = get_json(keys.upstream_failure(ticker, timeframe))
     return failure if isinstance(failure, dict) else None
 
 
 def set_upstream_failure(ticker: str, timeframe: str, status: int, code: str, message: str) -> int:
-    """Remember a failed upstream fetch briefly; returns the seconds it is remembered for."""
+    """Remember a failed upstream fetch briefly, in this process and in Redis; returns the seconds it is
+    remembered for."""
     ttl = TTL_SECONDS["upstream_failure"]
     failure = {"status": status, "code": code, "message": message, "until": time.time() + ttl}
+    with _upstream_failures_lock:
+        _upstream_failures[(ticker, timeframe)] = failure
+        _upstream_failures.move_to_end((ticker, timeframe))
+        while len(_upstream_failures) > UPSTREAM_FAILURES_KEPT:
+            _upstream_failures.popitem(last=False)
     set_json(keys.upstream_failure(ticker, timeframe), failure, ttl)
     return ttl
 
 
 class Lookup(NamedTuple):
-    """A read-through entry (value None: a miss) and its kind's generation when it was looked up, which the fill
-    after a miss hands back; generation None: no fill (the cache is unavailable)."""
+    """A read-through entry (value None: a miss) and its kind's generation when it was looked up (with the server's
+    replication id: `_tag`), which the fill after a miss hands back; generation None: no fill (the cache is
+    unavailable)."""
 
     value: bytes | None
     generation: bytes | None
@@ -466,6 +553,12 @@ class Lookup(NamedTuple):
 
 def _new_generation() -> bytes:
     return os.urandom(8).hex().encode()
+
+
+def _tag(generation: bytes) -> bytes:
+    """What an entry of `generation` carries on this server's history. Read after the command that fetched the
+    generation: a reconnect to a restarted server updates `_history` before the command is sent."""
+    return _history + b"." + generation
 
 
 def _lookup_with(kind: str, key: str, others: list[str]) -> tuple[Lookup, list[bytes | None]]:
@@ -481,8 +574,9 @@ def _lookup_with(kind: str, key: str, others: list[str]) -> tuple[Lookup, list[b
         # from nothing could meet an old entry's). Whoever sets it first wins; the others skip this fill.
         generation = _new_generation()
         started = _guarded(lambda client: client.set(generation_key, generation, nx=True), expected=_is_flag)
-        return Lookup(None, generation if started else None), rest
+        return Lookup(None, _tag(generation) if started else None), rest
     tag, _, value = (_opened(raw) or b"").partition(b" ")
+    generation = _tag(generation)
     return Lookup(value if tag == generation else None, generation), rest
 
 

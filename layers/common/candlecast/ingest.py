@@ -104,6 +104,9 @@ class IngestSummary:
     # Symbols changed and the cache did not take the invalidation, even tried again at the chunk's end: symbol
     # entries, top lists and searches cached before are served up to cache.SYMBOLS_STALE_SECONDS (see errors).
     symbol_cache_stale: bool = False
+    # Candle files written ("TICKER TF") whose cached candles the cache did not drop, even tried again at the chunk's
+    # end: their old candles are served up to cache.TTL_SECONDS["candles"] (see errors).
+    candle_cache_stale: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     requests: int = 0
     seconds: float = 0.0
@@ -352,6 +355,7 @@ class SymbolIngest:
     bars_dropped: int = 0
     failures: dict[str, Exception] = field(default_factory=dict)  # source timeframe -> why (its files unchanged)
     record_error: Exception | None = None  # files written, metadata not recorded
+    cache_stale: list[tuple[str, str]] = field(default_factory=list)  # files written, their cached candles kept
 
     def cut_short(self) -> bool:
         """A source was not fetched because the run's deadline came first."""
@@ -490,7 +494,10 @@ def _write_merged(ticker: str, timeframe: Timeframe, stored: "CandleFile", rows:
     merged = stored.candles if rows is None else storage.merge_candles(stored.candles, rows)
     version = stored.etag
     if stored.candles is None or not _same(stored.candles, merged):
-        version = storage.write_candles(ticker, timeframe, merged, over=stored.etag).etag
+        written = storage.write_candles(ticker, timeframe, merged, over=stored.etag)
+        version = written.etag
+        if written.cache_stale:
+            result.cache_stale.append((ticker, timeframe))
         result.files += 1
         result.added += len(merged) - (0 if stored.candles is None else len(stored.candles))
     if len(merged):
@@ -551,6 +558,7 @@ def run_ingest(
     retried: Sequence[str] = (),
     retire_missing: bool = False,
     symbol_cache_stale: bool = False,
+    candle_cache_stale: Sequence[str] = (),
     cut_short: Sequence[str] = (),
 ) -> IngestSummary:
     """Refresh the symbol table (unless `refresh` is False), then candles for `tickers` or the top
@@ -572,8 +580,14 @@ def run_ingest(
     again (not by a 429's wait), they are listed in `failed`, never handed on a third time.
 
     Symbols that changed while the cache did not take their invalidation (or `symbol_cache_stale`: an earlier
-    chunk's) are invalidated again at the end; `symbol_cache_stale` in the summary says that failed too."""
+    chunk's) are invalidated again at the end; `symbol_cache_stale` in the summary says that failed too. So are
+    candle files written while the cache did not drop their cached candles (and `candle_cache_stale`, an earlier
+    chunk's, "TICKER TF" each): `candle_cache_stale` in the summary names those it still did not take."""
+    from candlecast import storage
+
     started = time.monotonic()
+    stale_files = {(ticker, timeframe) for ticker, _, timeframe in (item.partition(" ") for item in candle_cache_stale)
+                   if timeframe}
     cache_stale = threading.Event()
     if symbol_cache_stale:
         cache_stale.set()
@@ -609,6 +623,7 @@ def run_ingest(
         summary.files_written += result.files
         summary.candles_added += result.added
         summary.bars_dropped += result.bars_dropped
+        stale_files.update(result.cache_stale)
 
     def settle(ticker: str, result: SymbolIngest) -> None:
         for source, error in result.failures.items():
@@ -691,6 +706,13 @@ def run_ingest(
         summary.errors.append(f"cache: symbols changed but the cache did not take their invalidation (tried again at "
                               f"the end of the chunk): they are served up to {cache.SYMBOLS_STALE_SECONDS} s late")
         logger.warning("symbol cache not invalidated", extra={"stale_seconds": cache.SYMBOLS_STALE_SECONDS})
+    if stale_files and not storage.forget_cached_candles(storage.candles_key(*pair) for pair in stale_files):
+        summary.candle_cache_stale = [f"{ticker} {timeframe}" for ticker, timeframe in sorted(stale_files)]
+        seconds = cache.TTL_SECONDS["candles"]
+        summary.errors.append(f"cache: {len(stale_files)} candle files written but the cache did not drop their cached "
+                              f"candles (tried again at the end of the chunk): the old candles are served up to "
+                              f"{seconds} s")
+        logger.warning("candle cache not invalidated", extra={"files": len(stale_files), "stale_seconds": seconds})
     summary.requests = client.requests_made - requests_before
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
@@ -724,7 +746,8 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
-    "refresh_symbols": bool, "symbol_cache_stale": bool, "rate_limited_until": epoch seconds, "cut_short": [...],
+    "refresh_symbols": bool, "symbol_cache_stale": bool, "candle_cache_stale": [...],
+    "rate_limited_until": epoch seconds, "cut_short": [...],
     "chunk": n (1 for the first; past MAX_CHUNKS nothing is handed on)}.
     The first call
     refreshes the symbol table and takes the top N; a continuation passes the `remaining` and `retry` tickers of the
@@ -762,13 +785,15 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
         deadline=deadline,
         retried=[str(ticker) for ticker in event.get("retried") or []],
         symbol_cache_stale=bool(event.get("symbol_cache_stale")),
+        candle_cache_stale=[str(item) for item in event.get("candle_cache_stale") or []],
         cut_short=[str(ticker) for ticker in event.get("cut_short") or []],
     )
     report = summary.as_dict()
     left = summary.remaining + summary.retry
     report["continuation"] = (
         {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False,
-         "symbol_cache_stale": summary.symbol_cache_stale, "cut_short": summary.cut_short}
+         "symbol_cache_stale": summary.symbol_cache_stale, "candle_cache_stale": summary.candle_cache_stale,
+         "cut_short": summary.cut_short}
         if left else None
     )
     if left and client.limiter.held():

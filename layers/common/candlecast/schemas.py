@@ -209,9 +209,10 @@ class PredictionWithSteps(Prediction):
 
 
 class DependencyCheck(Schema):
-    status: Literal["up", "down"]
+    status: Literal["up", "degraded", "down"] = Field(
+        description="degraded: it answers but does not do all it should (the cache refusing writes)")
     latency_ms: float
-    error: str | None = Field(None, description="why it is down (the error's class or our message)")
+    error: str | None = Field(None, description="why it is down or degraded (the error's class or our message)")
 
 
 class HealthChecks(Schema):
@@ -237,7 +238,8 @@ class Drift(Schema):
 
 
 class HealthReport(Schema):
-    """GET /health: 200 "ok" or "degraded" (cache or storage down), 503 "down" (the database is)."""
+    """GET /health: 200 "ok" or "degraded" (cache or storage down, or the cache refusing writes), 503 "down" (the
+    database is)."""
 
     status: Literal["ok", "degraded", "down"]
     checks: HealthChecks

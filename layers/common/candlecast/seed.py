@@ -16,14 +16,18 @@ import csv
 import errno
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from candlecast.errors import UnusableInput
 from candlecast.forecast.artifact import sha256_hex
+
+if TYPE_CHECKING:
+    from candlecast.storage import WrittenFile
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA_DIR = ROOT / "data"
@@ -504,13 +508,14 @@ def refused_data_files(data_dir: Path) -> list[str]:
     return refused
 
 
-def put_candles(ticker: str, timeframe: str, path: Path) -> int:
+def put_candles(ticker: str, timeframe: str, path: Path) -> WrittenFile:
     """Replace one symbol's candle file in the bucket with a local Parquet file (columns as data/'s): refused,
     before any change, when every read of it would refuse it (`candle_file`); else sorted, deduplicated and
     written in one PUT, and its cached candles dropped, so the next forecast reads it (a file copied in by hand
-    is not seen for up to an hour).
-    Returns the number of rows written."""
-    from candlecast import storage
+    is not seen for up to an hour). When the cache does not drop them (unreachable, or refusing writes), a
+    warning on stderr says forecasts may use the old candles until their TTL (`cache_stale` in what is returned).
+    Returns the file written (its rows, version and `cache_stale`)."""
+    from candlecast import cache, storage
     from candlecast.tickers import normalize_ticker
     from candlecast.timeframes import TIMEFRAMES
 
@@ -520,19 +525,23 @@ def put_candles(ticker: str, timeframe: str, path: Path) -> int:
     candles, damage = candle_file(path, timeframe)
     if candles is None:
         raise UnusableInput(f"{path} is not a usable {timeframe} candle file ({damage}); the bucket is unchanged")
-    rows = storage.write_candles(ticker, timeframe, candles).rows
-    print(f"put {rows} {timeframe} candles of {ticker} at {storage.candles_key(ticker, timeframe)}")
-    return rows
+    written = storage.write_candles(ticker, timeframe, candles)
+    print(f"put {written.rows} {timeframe} candles of {ticker} at {storage.candles_key(ticker, timeframe)}")
+    if written.cache_stale:
+        print(f"candlecast put-candles: the file is written, but the cache (Redis) did not drop its cached candles: "
+              f"forecasts may use the old ones for up to {cache.TTL_SECONDS['candles']} s; run put-candles again "
+              "once Redis takes writes", file=sys.stderr)
+    return written
 
 
 def _put_candles(args: argparse.Namespace) -> int:
+    """Exit 1 when the file is written but its cached candles stay (said on stderr)."""
     if args.bucket:
         from candlecast.config import get_settings
 
         os.environ["DATA_BUCKET"] = args.bucket
         get_settings.cache_clear()
-    put_candles(args.symbol, args.timeframe, Path(args.file))
-    return 0
+    return 1 if put_candles(args.symbol, args.timeframe, Path(args.file)).cache_stale else 0
 
 
 def _as_of(value: str) -> datetime:

@@ -179,11 +179,20 @@ def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stre
               ) -> str:
     """One PUT of the whole object (atomic for readers). Returns the new ETag. A failure is StorageUnavailable,
     logged with S3's error code only: its text (an AccessDenied names the role and account) stays out.
-    A candle file's cached candles are dropped once it is written.
+    A candle file's cached candles are dropped once it is written (a warning when the cache did not take it;
+    `write_candles` hands that to its caller instead).
 
     `over` writes only over the version read: its ETag (If-Match), or "" for no object (If-None-Match: *). Another
     version by then is FileChanged, nothing written: S3's 412, its 409 to a conditional write racing another,
     or a 404 (deleted). None (an operator's repair, a seed) writes whatever the key holds."""
+    etag = _put_object(key, data, content_type, over)
+    if not forget_cached_candles([key]):
+        warn_cached_candles_stale(1)
+    return etag
+
+
+def _put_object(key: str, data: bytes, content_type: str, over: str | None) -> str:
+    """`put_bytes`' PUT alone: the caller drops a candle file's cached candles."""
     from botocore.exceptions import ClientError
 
     condition = {} if over is None else {"IfMatch": over} if over else {"IfNoneMatch": "*"}
@@ -196,7 +205,6 @@ def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stre
                                                                      "ConditionalRequestConflict"}):
                 raise FileChanged(f"{key} was written by another writer since it was read") from error
             raise
-    forget_cached_candles([key])
     return response["ETag"]
 
 
@@ -217,19 +225,18 @@ def candle_file(key: str) -> tuple[str, str] | None:
     return (ticker, timeframe) if timeframe in TIMEFRAMES and candles_key(ticker, timeframe) == key else None
 
 
-def forget_cached_candles(written: Iterable[str], retry: bool = False) -> bool:
+def forget_cached_candles(written: Iterable[str]) -> bool:
     """After candle files were written (any path: write_candles, put_bytes, upload_directory): drop their
     fresh-candles entries in Redis, which are otherwise served for up to an hour (TTL_SECONDS["candles"]) and
     would go on forecasting from the file that was replaced. Keys that are no candle files are ignored. False
-    when the cache did not take it; with `retry` (a batch upload) that is logged, with how long the old candles
-    may still be served (without it, the cache's own outage warning says so, once per outage)."""
+    when the cache did not take it (unreachable, or refusing writes): the caller reports it."""
     pairs = sorted({pair for key in written if (pair := candle_file(key)) is not None})
-    if not pairs or cache.forget_candles(pairs, retry=retry):
-        return True
-    if retry:
-        logger.warning("cache did not drop the candles of files just written; they are served until their TTL",
-                       extra={"files": len(pairs), "seconds": cache.TTL_SECONDS["candles"]})
-    return False
+    return not pairs or cache.forget_candles(pairs)
+
+
+def warn_cached_candles_stale(files: int) -> None:
+    logger.warning("cache did not drop the candles of files just written; they are served until their TTL",
+                   extra={"files": files, "seconds": cache.TTL_SECONDS["candles"]})
 
 
 class StoredObject(NamedTuple):
@@ -301,7 +308,8 @@ def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool 
             client.upload_file(str(path), bucket, key)
             written.append(key)
     finally:  # the files uploaded before a failure are new too
-        forget_cached_candles(written, retry=True)
+        if not forget_cached_candles(written):
+            warn_cached_candles_stale(len(written))
     return len(files)
 
 
@@ -418,17 +426,19 @@ def parquet_to_candles(data: bytes) -> "Candles":
 class WrittenFile(NamedTuple):
     rows: int
     etag: str
+    # The cache did not drop the file's cached candles (unreachable, or refusing writes): the old candles may be
+    # served for up to cache.TTL_SECONDS["candles"]; the caller reports it (and may retry forget_cached_candles).
+    cache_stale: bool = False
 
 
 def write_candles(ticker: str, timeframe: str, data: Any, *, over: str | None = None) -> WrittenFile:
     """Replace the symbol's file with `data` (sorted, deduplicated) in one PUT: readers see the old
     object or the new one, never a partial one. `over`: only over that version (`put_bytes`; a CandleFile's
-    `etag`). Returns the number of rows written and the new version."""
+    `etag`). Returns the number of rows written, the new version and whether its cached candles stayed."""
     candles = normalize_candles(data)
     key = candles_key(ticker, timeframe)
-    # put_bytes drops the file's cached candles
-    etag = put_bytes(key, candles_to_parquet(candles), content_type="application/vnd.apache.parquet", over=over)
-    return WrittenFile(len(candles), etag)
+    etag = _put_object(key, candles_to_parquet(candles), "application/vnd.apache.parquet", over)
+    return WrittenFile(len(candles), etag, not forget_cached_candles([key]))
 
 
 def _read_tail(handle: Any, last_n: int | None) -> "Candles":

@@ -21,17 +21,25 @@ logger = Logger(child=True)
 _down_with: str | None = None
 
 
+class Degraded(Exception):
+    """A dependency that answers but does not do all it should (a cache refusing writes): "degraded", with why."""
+
+
 def _timed(check: Callable[[], object]) -> dict:
     started = time.perf_counter()
+    status = None
     try:
         detail = check()
         ok = detail is not False
+    except Degraded as error:
+        ok, status, detail = False, "degraded", str(error)
     except CandlecastError as error:
         ok, detail = False, error.message
     except Exception as error:  # a health check reports every failure instead of raising
         # The class only: this endpoint is public, and messages can name hosts and buckets.
         ok, detail = False, type(error).__name__
-    result = {"status": "up" if ok else "down", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+    latency_ms = round((time.perf_counter() - started) * 1000, 2)
+    result = {"status": status or ("up" if ok else "down"), "latency_ms": latency_ms}
     if not ok and detail is not None:
         result["error"] = str(detail)[:300]
     return result
@@ -50,6 +58,8 @@ def _database() -> dict:
 def _cache() -> None:
     if (problem := cache.ping_problem()) is not None:
         raise ServiceUnavailable(problem, code="cache_unavailable")
+    if (problem := cache.write_problem()) is not None:  # entries it holds may outlive the data they show
+        raise Degraded(problem)
 
 
 def prepare() -> None:
@@ -58,8 +68,8 @@ def prepare() -> None:
 
 
 def check() -> tuple[int, bytes]:
-    """(HTTP status, JSON body): 200 "ok", 200 "degraded" when cache or storage is down, 503 when the
-    database is."""
+    """(HTTP status, JSON body): 200 "ok", 200 "degraded" when cache or storage is down (or the cache refuses
+    writes), 503 when the database is."""
     active_models: dict = {}
 
     def database() -> bool:
@@ -74,7 +84,7 @@ def check() -> tuple[int, bytes]:
     _log_transition(checks["database"])
     if checks["database"]["status"] == "down":
         status, code = "down", 503
-    elif any(item["status"] == "down" for item in checks.values()):
+    elif any(item["status"] != "up" for item in checks.values()):
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
