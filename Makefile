@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale bench-score-year requirements lock-layers clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
+.PHONY: install run test lint bench bench-scale bench-score-year bench-score-backlog requirements lock-layers clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench-scale: $(STAMP)
 ## stack; state kept under .local/bench-score-year (--rebuild to build it again); not part of `make test`.
 bench-score-year: $(STAMP)
 	$(BIN)/python -m infra.bench_score_year
+
+## The Score function's backlog throughput, old against new on 1M predictions (predictions/s and whether the
+## track record is identical); SCORE_BASELINE is the old code's revision. Same state folder as bench-score-year.
+SCORE_BASELINE ?= 0cdba5f
+bench-score-backlog: $(STAMP)
+	$(BIN)/python -m infra.bench_score_year --predictions 1000000 --compare $(SCORE_BASELINE) --budget 90
 
 clean:
 	rm -rf $(VENV) .aws-sam .local .pytest_cache .ruff_cache

@@ -82,13 +82,14 @@ def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(s
             insert_model(conn, kind, str(version))
         with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
             insert_model(conn, "ensemble", "9")
-    assert migrate.rollback(scratch_database, count=2) == ["0008_live_outcomes", "0007_model_kinds"]
+    assert migrate.rollback(scratch_database, count=3) == ["0009_score_due_series", "0008_live_outcomes",
+                                                           "0007_model_kinds"]
     with psycopg.connect(scratch_database) as conn:
         kinds = [row[0] for row in conn.execute("SELECT kind FROM models ORDER BY version")]
         assert kinds == ["baseline", "learned", "baseline", "learned"]
         with pytest.raises(psycopg.errors.CheckViolation):
             insert_model(conn, "combined", "9")
-    assert migrate.apply(scratch_database) == ["0007_model_kinds", "0008_live_outcomes"]
+    assert migrate.apply(scratch_database) == ["0007_model_kinds", "0008_live_outcomes", "0009_score_due_series"]
     with psycopg.connect(scratch_database) as conn:
         kinds = [row[0] for row in conn.execute("SELECT kind FROM models ORDER BY version")]
     assert kinds == ["baseline", "learned", "garch-scale", "combined"], "re-applying restores what each row shipped"
@@ -96,6 +97,11 @@ def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(s
 
 def test_the_track_record_migrations_roll_back_alone(scratch_database):
     migrate.apply(scratch_database)
+    assert migrate.rollback(scratch_database, count=1) == ["0009_score_due_series"]
+    with psycopg.connect(scratch_database) as conn:
+        assert conn.execute("SELECT to_regclass('predictions_score_series_idx')").fetchone()[0] is None
+        assert conn.execute("SELECT count(*) FROM pg_statistic_ext WHERE stxname = 'predictions_score_due_stats'"
+                            ).fetchone()[0] == 0
     assert migrate.rollback(scratch_database, count=1) == ["0008_live_outcomes"]
     assert tables(scratch_database) == TABLES - {"live_outcomes"}
     assert migrate.rollback(scratch_database, count=1) == ["0007_model_kinds"]
@@ -108,7 +114,22 @@ def test_the_track_record_migrations_roll_back_alone(scratch_database):
     assert migrate.rollback(scratch_database, count=1) == ["0005_prediction_scores"]
     assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats", "live_outcomes"}
     assert migrate.apply(scratch_database) == ["0005_prediction_scores", "0006_score_due", "0007_model_kinds",
-                                               "0008_live_outcomes"]
+                                               "0008_live_outcomes", "0009_score_due_series"]
+
+
+def test_the_due_series_index_is_built_concurrently_and_again_over_one_a_failed_build_left_invalid(scratch_database):
+    migrate.apply(scratch_database)
+    migrate.rollback(scratch_database, count=1)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:  # what a cancelled CONCURRENTLY build leaves
+        conn.execute("CREATE INDEX predictions_score_series_idx ON predictions (ticker)")
+        conn.execute("UPDATE pg_index SET indisvalid = false "
+                     "WHERE indexrelid = 'predictions_score_series_idx'::regclass")
+    assert migrate.apply(scratch_database) == ["0009_score_due_series"]
+    with psycopg.connect(scratch_database) as conn:
+        valid, definition = conn.execute(
+            "SELECT indisvalid, pg_get_indexdef(indexrelid) FROM pg_index "
+            "WHERE indexrelid = 'predictions_score_series_idx'::regclass").fetchone()
+    assert valid and "(ticker, timeframe, id)" in definition and "infinity" in definition
 
 
 def test_two_concurrent_runs_apply_once_without_error(scratch_database):
@@ -468,7 +489,7 @@ def test_the_outcomes_counted_before_live_outcomes_stay_counted(scratch_database
     """0008 records the outcomes already folded into model_live_stats that a copy could still match (inside the
     scoring window), so a copy scored after the deploy is not counted again."""
     migrate.apply(scratch_database)
-    assert migrate.rollback(scratch_database, count=1) == ["0008_live_outcomes"]
+    assert migrate.rollback(scratch_database, count=2) == ["0009_score_due_series", "0008_live_outcomes"]
     with psycopg.connect(scratch_database) as conn:
         insert_model(conn, "baseline", "1")
         conn.execute("INSERT INTO symbols (ticker, name, base_currency, quote_currency) "
@@ -491,7 +512,7 @@ def test_the_outcomes_counted_before_live_outcomes_stay_counted(scratch_database
                 SELECT steps.prediction_id, steps.step, p.model_id, steps.ts, 100, true, true, 0.5, true, 1, 1, false
                 FROM steps JOIN p ON p.id = steps.prediction_id
             """, {"age": age_days})
-    assert migrate.apply(scratch_database) == ["0008_live_outcomes"]
+    assert migrate.apply(scratch_database) == ["0008_live_outcomes", "0009_score_due_series"]
     with psycopg.connect(scratch_database) as conn:
         counted = conn.execute("SELECT ticker, timeframe, step, origin_at > now() - interval '2 days' "
                                "FROM live_outcomes").fetchall()

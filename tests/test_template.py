@@ -322,6 +322,7 @@ def test_api_functions_time_out_within_api_gateway_limit(template, resources):
     for name in API_FUNCTIONS:
         assert fns[name].get("Timeout", default) <= 29, name
     assert fns["RefreshFunction"]["Timeout"] == 900
+    assert fns["ScoreFunction"]["Timeout"] == 900  # a backlog's chunks: 810 s of work each, not 210 s
 
 
 def test_globals_runtime_architecture_and_powertools(template):

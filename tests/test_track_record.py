@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from candlecast import cache, db, storage
 from candlecast.candles import Candles
@@ -326,6 +327,58 @@ def test_a_prediction_is_looked_at_again_only_when_its_next_step_can_have_mature
 
 
 NO_ONE = score_repository.NO_PREDICTION
+
+
+def due_pages(conn, now: datetime, limit: int) -> list[tuple[str, str, uuid.UUID]]:
+    """Every due prediction, a page of `limit` at a time from the cursor, as a run takes them."""
+    taken, after = [], NO_ONE
+    while page := score_repository.get_due_predictions(conn, now, after, limit):
+        taken += [score_repository.due_cursor(prediction) for prediction in page]
+        after = taken[-1]
+    return taken
+
+
+def test_the_due_query_takes_the_same_predictions_in_series_order_whether_it_walks_or_sorts(track):
+    """A backlog walks predictions_score_series_idx from the cursor (migration 0009), an hourly run sorts the due
+    ones: both answer every due prediction once, in (ticker, timeframe, id) order, with its unscored steps."""
+    now = datetime(2026, 1, 10, tzinfo=UTC)
+    with psycopg.connect(url(), autocommit=True) as conn:
+        conn.execute("INSERT INTO symbols (ticker, name, base_currency, quote_currency) VALUES "
+                     "('X:AAAUSD', 'A', 'AAA', 'USD'), ('X:BBBUSD', 'B', 'BBB', 'USD')")
+        conn.execute("""
+            WITH new AS (
+                INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close,
+                                         request_hash, score_next_at)
+                SELECT s.id, s.ticker, m.timeframe, m.id, %(now)s - i * interval '1 day', 100, 'due-' || i,
+                       (ARRAY[NULL, %(now)s - interval '1 hour', %(now)s + interval '1 hour',
+                              'infinity'])[1 + i %% 4]::timestamptz
+                FROM symbols s CROSS JOIN generate_series(1, 12) i
+                JOIN models m ON m.is_active AND m.timeframe = (ARRAY['1h', '1d'])[1 + i %% 2]
+                WHERE s.ticker IN ('X:AAAUSD', 'X:BBBUSD')
+                RETURNING id, last_candle_at
+            )
+            INSERT INTO prediction_steps (prediction_id, step, ts, open, high, low, close, lower_80, upper_80,
+                                          lower_95, upper_95, confidence)
+            SELECT id, n, last_candle_at + n * interval '1 hour', 100, 101, 99, 100, 98, 102, 97, 103, 0.5
+            FROM new, generate_series(1, 30) n
+            """, {"now": now})
+        conn.execute("ANALYZE predictions")
+        expected = sorted((ticker, timeframe, prediction_id) for prediction_id, ticker, timeframe in conn.execute(
+            "SELECT id, ticker, timeframe FROM predictions "
+            "WHERE COALESCE(score_next_at, last_candle_at) <= %s AND score_next_at IS DISTINCT FROM 'infinity'",
+            (now,)))
+    assert len(expected) == 12  # NULL or past, of 2 symbols x 12 (2 timeframes)
+    for forced in ("enable_sort", "enable_indexscan"):  # off: walks the series index; off: sorts the due ones
+        with psycopg.connect(url(), row_factory=dict_row) as conn:
+            conn.execute(f"SET {forced} = off")
+            plan = "\n".join(row["QUERY PLAN"] for row in conn.execute(
+                "EXPLAIN " + score_repository._DUE, {"now": now, "after_ticker": "", "after_timeframe": "",
+                                                     "after_id": NO_ONE[2], "limit": 5}))
+            assert ("predictions_score_series_idx" in plan) == (forced == "enable_sort"), plan
+            assert due_pages(conn, now, 5) == expected
+            [first] = score_repository.get_due_predictions(conn, now, NO_ONE, 1)
+            steps = [(step["step"], datetime.fromisoformat(step["ts"])) for step in first["steps"]]
+            assert steps and [n for n, _ in steps] == sorted(n for n, _ in steps) and max(ts for _, ts in steps) <= now
 
 
 def copies_of_one_forecast(count: int) -> list[uuid.UUID]:
