@@ -27,8 +27,11 @@ that pass's scores alone and its overrides of the plan: a choice made without th
 `train.PASS_CHOICES` keeps for the walk-forward to fit that pass with (nested in coins; not in time, as each pass's
 folds here reach the end of the data on its training coins).
 
+With `--kinds`, only the choice of kind per pass: every kind `train.fit_models` fits, on the same inner folds as the
+tree check, and `train.choose` on each pass's scores (`train.PASS_CHOICES`' kinds, for `train.nested_selection`).
+
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
-        [--garch] [--long-window 365 182 91] [--per-pass]
+        [--garch] [--long-window 365 182 91] [--per-pass] [--kinds]
 """
 
 import argparse

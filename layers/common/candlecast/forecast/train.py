@@ -196,7 +196,8 @@ PLANS = {
 # kind's own figures (`nested_selection`).
 PASS_CHOICES: dict[Timeframe, dict] = {
     "1h": {"candles": "d7823dfb2cbec322c88b4dc04bc71a447823789e22176a735b178056e6675893",
-           "passes": ({}, {}, {"calibrate_on_history": False, "calibration_half_life": None})},
+           "passes": ({}, {}, {"calibrate_on_history": False, "calibration_half_life": None}),
+           "kinds": ("combined", "baseline", "combined")},
     "4h": {"candles": "9d35a80be6d8b698f87738a6b114c5a2cd0240a233cfadbdc962971443fc737a",
            "passes": ({}, {"calibrate_on_history": True, "calibration_half_life": 0.5, "confidence_ln_h": True}, {}),
            "kinds": ("baseline", "learned", "combined")},
