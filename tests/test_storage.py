@@ -190,11 +190,10 @@ def test_a_writer_that_counts_the_cache_down_still_drops_the_candles_it_replaced
     assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 10
 
 
-@pytest.mark.parametrize("how", ["oom", "readonly"])
-def test_a_candle_file_written_while_redis_refuses_writes_says_its_cached_candles_stay(bucket, how, caplog):
-    """Redis out of memory (noeviction) or a read-only replica after a failover refused the file's invalidation,
-    silently: the old candles were served for an hour and nobody was told. write_candles says so to its caller;
-    put_bytes and upload_directory log it."""
+def test_a_candle_file_written_while_redis_refuses_writes_says_its_cached_candles_stay(bucket, caplog):
+    """A read-only replica after a failover refused the file's invalidation, silently: the old candles were
+    served for an hour and nobody was told. write_candles says so to its caller; put_bytes and upload_directory
+    log it."""
     import logging
 
     from candlecast.config import get_settings
@@ -202,7 +201,7 @@ def test_a_candle_file_written_while_redis_refuses_writes_says_its_cached_candle
     key = storage.candles_key("X:ADAUSD", "4h")
     storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
     storage.read_candles("X:ADAUSD", "4h", 30)  # cached
-    with redis_refusing_writes(get_settings().redis_url, how), caplog.at_level(logging.WARNING):
+    with redis_refusing_writes(get_settings().redis_url, "readonly"), caplog.at_level(logging.WARNING):
         written = storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR))
         assert not [r for r in caplog.records if "did not drop" in r.getMessage()]  # its caller reports it
         storage.put_bytes(key, storage.candles_to_parquet(make_candles(12, step=4 * HOUR)))
@@ -214,6 +213,20 @@ def test_a_candle_file_written_while_redis_refuses_writes_says_its_cached_candle
     assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 11
 
 
+def test_a_candle_file_written_while_redis_is_out_of_memory_is_read_anew_at_once(bucket):
+    """Out of memory with noeviction, Redis refuses the new generation but takes deletes: the file's generation is
+    deleted, so its old candles are not served even while Redis refuses writes, and nothing is stale."""
+    from candlecast.config import get_settings
+
+    storage.write_candles("X:ADAUSD", "4h", make_candles(40, step=4 * HOUR))
+    assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 30  # cached
+    with redis_refusing_writes(get_settings().redis_url, "oom"):
+        assert storage.write_candles("X:ADAUSD", "4h", make_candles(10, step=4 * HOUR)).cache_stale is False
+        assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 10
+    assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 10
+    assert len(storage.read_candles("X:ADAUSD", "4h", 30)) == 10  # cached again, the new file's
+
+
 def test_put_candles_says_on_stderr_and_in_its_exit_code_when_the_cache_kept_the_old_candles(bucket, tmp_path,
                                                                                              capsys):
     from candlecast import cli
@@ -222,7 +235,7 @@ def test_put_candles_says_on_stderr_and_in_its_exit_code_when_the_cache_kept_the
     fixed = tmp_path / "fixed.parquet"
     fixed.write_bytes(storage.candles_to_parquet(make_candles(20, step=4 * HOUR)))
     put = ["put-candles", str(fixed), "--symbol", "ADA-USD", "--timeframe", "4h"]
-    with redis_refusing_writes(get_settings().redis_url, "oom"):
+    with redis_refusing_writes(get_settings().redis_url, "readonly"):
         assert cli.main(put) == 1
     out, err = capsys.readouterr()
     assert out == "put 20 4h candles of X:ADAUSD at data/ADAUSD/4h.parquet\n"

@@ -448,8 +448,21 @@ def forget_candles(pairs: list[tuple[str, str]]) -> bool:
     did not take it (each is then served until its TTL, 1 h, runs out)."""
     if not pairs:
         return True
-    generations = {keys.generation(_candles_kind(*pair)): _new_generation() for pair in pairs}
-    return bool(_guarded(lambda client: client.mset(generations), expected=_is_flag, even_if_down=True))
+    return _new_generations([keys.generation(_candles_kind(*pair)) for pair in pairs], even_if_down=True)
+
+
+def _new_generations(generation_keys: list[str], even_if_down: bool) -> bool:
+    """A new generation under each of these keys, in one command. Where Redis refuses it but still takes deletes
+    (out of memory with noeviction), the generations are deleted instead: a lookup then starts another (or, while
+    writes are refused, fills nothing), so no entry written before is served either. False when neither was taken."""
+    generations = {key: _new_generation() for key in generation_keys}
+    refused_before = _write_refused
+    if _guarded(lambda client: client.mset(generations), expected=_is_flag, even_if_down=even_if_down):
+        return True
+    if _write_refused is refused_before:  # not a refusal of writes (unreachable: a delete would wait as long)
+        return False
+    return _guarded(lambda client: client.delete(*generations), default=None, expected=_is_count,
+                    even_if_down=even_if_down) is not None
 
 
 def get_prediction_bytes(prediction_id: str) -> bytes | None:
@@ -593,8 +606,7 @@ def _invalidate(kind: str, retry: bool) -> bool:
     """A new generation for `kind`: no entry written before is served again. False when the cache did not take it
     (entries cached before are served until their TTL runs out): the caller reports it and, with `retry`, tries
     again even while an outage is on (its probe may not have seen Redis back yet; a batch job can wait)."""
-    return bool(_guarded(lambda client: client.set(keys.generation(kind), _new_generation()), expected=_is_flag,
-                         even_if_down=retry))
+    return _new_generations([keys.generation(kind)], even_if_down=retry)
 
 
 def lookup_candles(ticker: str, timeframe: str) -> Lookup:
