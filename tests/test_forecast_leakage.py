@@ -281,6 +281,7 @@ def test_the_nested_selection_scores_each_passs_coins_with_the_kind_chosen_witho
     """`train.nested_selection`: at each pass's test origins the kind `PASS_CHOICES` chose for that pass (on its
     training coins), scored against GARCH-t at the same origins; on other candles, none."""
     from candlecast.forecast import train as training
+    from candlecast.forecast.comparison import NESTED_SELECTION
     from candlecast.forecast.evaluate import pin5_loss
 
     timeframe = "1h"
@@ -305,11 +306,11 @@ def test_the_nested_selection_scores_each_passs_coins_with_the_kind_chosen_witho
     groups = training.coin_groups(loaded, 3)
     expected = np.concatenate([pin5_loss(log_return[groups[number][series]], methods[kind][0][groups[number][series]])
                                for number, kind in enumerate(kinds)])
-    chosen = result["methods"][training.NESTED_SELECTION]
+    chosen = result["methods"][NESTED_SELECTION]
     assert chosen["pin5"] == pytest.approx(expected.mean())
     assert chosen["pin5"] != pytest.approx(pin5_loss(log_return, methods["baseline"][0]).mean())
     assert result["methods"]["garch-t"]["pin5"] == pytest.approx(pin5_loss(log_return, methods["garch-t"][0]).mean())
-    assert "vs_" + training.NESTED_SELECTION in result["methods"]["garch-t"]
+    assert "vs_" + NESTED_SELECTION in result["methods"]["garch-t"]
     monkeypatch.setitem(training.PASS_CHOICES, timeframe, {"candles": "other candles", "passes": ({}, {}, {}),
                                                            "kinds": kinds})
     assert training.nested_selection(timeframe, loaded, log_return, times, series, methods, fallback) is None

@@ -323,8 +323,8 @@ def _pass_choices(choices: list[dict] | None) -> str:
 
 def _selection_cells(timeframe: str, comparison: dict) -> str:
     """The walk-forward's nested choice of kind (`train.nested_selection`) against GARCH-t, or why there is none."""
+    from candlecast.forecast.comparison import NESTED_SELECTION
     from candlecast.forecast.evaluate import measured_range
-    from candlecast.forecast.train import NESTED_SELECTION
 
     chosen = comparison.get("nested_selection")
     if not chosen:

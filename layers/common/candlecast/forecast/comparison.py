@@ -25,6 +25,10 @@ MIN_BLOCKS = 10
 _DAY = 86400
 
 
+# The walk-forward's choice of kind nested in coins (`train.nested_selection`), scored as a method of its own.
+NESTED_SELECTION = "selection (nested)"
+
+
 def batch_length(bar_seconds: float) -> int:
     """Bars per batch (and per bootstrap block) on a grid of `bar_seconds` bars: at least BATCH_BARS bars and at
     least MIN_BATCH_DAYS of calendar time (1h 2,160, 4h 540, 1d 90, 1w and 1m 60 bars)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from candlecast.candles import COLUMNS, Candles
-from candlecast.forecast.comparison import BATCH_BARS, MIN_BLOCKS
+from candlecast.forecast.comparison import BATCH_BARS, MIN_BLOCKS, NESTED_SELECTION
 from candlecast.forecast.evaluate import Origins, measured, measured_range, reliability, worst_reliability_gap
 from candlecast.forecast.features import MEDIAN
 from candlecast.forecast.model import HORIZONS, ForecastModel
@@ -276,7 +276,19 @@ def fitted_lines(comparison: dict) -> list[str]:
         rule = f"; fallback by {m['fallback_rule']}" if m.get("fallback_rule") else ""
         lines.append(f"{name} where fitted (not its t(5) fallback): Δ {delta_text(delta)} ({delta['n_origins']:,} "
                      f"origins; fallback share {100 * m['fallback_share']:.1f} %, {m['n_fallback']:,} origins{rule})")
-    return ["", *lines] if lines else []
+    return ["", *lines, *nested_selection_lines(comparison)] if lines else nested_selection_lines(comparison)
+
+
+def nested_selection_lines(comparison: dict) -> list[str]:
+    """Markdown lines: the choice of kind nested in coins (`train.nested_selection`) against GARCH-t, when made."""
+    chosen = comparison.get("nested_selection")
+    if not chosen:
+        return []
+    model, garch = chosen["methods"][NESTED_SELECTION], chosen["methods"]["garch-t"]
+    delta = delta_text(garch["vs_" + NESTED_SELECTION])
+    return ["", f"the kind chosen per pass without its test coins ({', '.join(chosen['kinds'])}; "
+                f"`infra.calibration_check --kinds`): pin5 {model['pin5']:.4f}, cov80 / cov95 "
+                f"{model['coverage_80']:.3f} / {model['coverage_95']:.3f}; GARCH-t {garch['pin5']:.4f}, Δ {delta}"]
 
 
 def _interval(item: dict) -> str:

@@ -875,16 +875,13 @@ def pass_kinds(timeframe: Timeframe, loaded: list) -> list[str] | None:
     return list(choices["kinds"])
 
 
-NESTED_SELECTION = "selection (nested)"
-
-
 def nested_selection(timeframe: Timeframe, loaded: list, log_return: np.ndarray, times: np.ndarray,
                      series: np.ndarray, methods: dict, fallback: dict) -> dict | None:
     """The shipped kind is chosen on the walk-forward it reports, so its figures carry that choice's optimism. This
     is the choice nested in coins: at each pass's test origins, the kind that pass chose without them
     (`pass_kinds`), scored with GARCH-t beside it (`compare_methods`, NESTED_SELECTION the reference). None where
     no kinds were chosen on these candles."""
-    from candlecast.forecast.comparison import compare_methods
+    from candlecast.forecast.comparison import NESTED_SELECTION, compare_methods
 
     kinds = pass_kinds(timeframe, loaded)
     if kinds is None or "garch-t" not in methods:
