@@ -15,7 +15,7 @@ the fold's calibration block.
 
 With `--long-window N ...`, the same inner scoring of the plan's own `learned` and `combined` with the features and
 GARCH states rebuilt for each long window (`TimeframeConfig.long_window`, the variance target's bars; it also sets
-the lookback, and so the GARCH fit's window), the table and tree checks skipped.
+the lookback, and so the GARCH fit's window), the table and tree checks skipped; per pass too with `--per-pass`.
 
 Pooled over passes, this check is not nested in the walk-forward: the three passes hold out different coins, so the
 calibration blocks scored here (a pass's training coins) are the other passes' outer test origins at the same dates
@@ -121,7 +121,7 @@ def main() -> None:
             print(f"{tf}: long window {bars} bars (lookback {CONFIGS[tf].lookback})")
             origins = build_origins(loaded, CONFIGS[tf])
             groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
-            tree_check(tf, plan, origins, groups, T.series_coins(loaded), [plan_variant(plan)])
+            tree_check(tf, plan, origins, groups, T.series_coins(loaded), [plan_variant(plan)], args.per_pass)
         return
     origins = build_origins(loaded, config)
     if args.kinds:

@@ -1,3 +1,2 @@
--- transactional: false
 DROP STATISTICS IF EXISTS predictions_score_due_stats;
-DROP INDEX CONCURRENTLY IF EXISTS predictions_score_series_idx;
+DROP INDEX IF EXISTS predictions_score_series_idx;

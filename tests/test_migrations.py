@@ -117,19 +117,32 @@ def test_the_track_record_migrations_roll_back_alone(scratch_database):
                                                "0008_live_outcomes", "0009_score_due_series"]
 
 
-def test_the_due_series_index_is_built_concurrently_and_again_over_one_a_failed_build_left_invalid(scratch_database):
+def test_the_due_series_index_is_built_whole_and_rolled_back(scratch_database):
     migrate.apply(scratch_database)
-    migrate.rollback(scratch_database, count=1)
-    with psycopg.connect(scratch_database, autocommit=True) as conn:  # what a cancelled CONCURRENTLY build leaves
-        conn.execute("CREATE INDEX predictions_score_series_idx ON predictions (ticker)")
-        conn.execute("UPDATE pg_index SET indisvalid = false "
-                     "WHERE indexrelid = 'predictions_score_series_idx'::regclass")
-    assert migrate.apply(scratch_database) == ["0009_score_due_series"]
     with psycopg.connect(scratch_database) as conn:
         valid, definition = conn.execute(
             "SELECT indisvalid, pg_get_indexdef(indexrelid) FROM pg_index "
             "WHERE indexrelid = 'predictions_score_series_idx'::regclass").fetchone()
-    assert valid and "(ticker, timeframe, id)" in definition and "infinity" in definition
+        assert valid and "(ticker, timeframe, id)" in definition and "infinity" in definition
+        assert conn.execute("SELECT count(*) FROM pg_statistic_ext "
+                            "WHERE stxname = 'predictions_score_due_stats'").fetchone()[0] == 1
+    assert migrate.rollback(scratch_database, count=1) == ["0009_score_due_series"]
+    with psycopg.connect(scratch_database) as conn:
+        assert conn.execute("SELECT to_regclass('predictions_score_series_idx')").fetchone()[0] is None
+        assert conn.execute("SELECT count(*) FROM pg_statistic_ext "
+                            "WHERE stxname = 'predictions_score_due_stats'").fetchone()[0] == 0
+
+
+def test_a_migration_outside_the_runs_transaction_is_refused_before_anything_is_applied(scratch_database, tmp_path):
+    """yoyo runs a `-- transactional: false` migration on a second connection of its own: outside the run's
+    advisory lock (which the first connection's idle_session_timeout then ends during a long build), its deadline's
+    cancel and its statement_timeout (audit T)."""
+    folder = migrations_with(tmp_path, **{"0010_concurrent__sql": "-- depends: 0009_score_due_series\n"
+                                          "-- transactional: false\nCREATE INDEX CONCURRENTLY x ON symbols (name);\n"})
+    with pytest.raises(migrate.MigrationError, match="migration 0010_concurrent is not transactional"):
+        migrate.apply(scratch_database, directory=folder)
+    with psycopg.connect(scratch_database) as conn:
+        assert conn.execute("SELECT to_regclass('public.symbols')").fetchone()[0] is None
 
 
 def test_two_concurrent_runs_apply_once_without_error(scratch_database):

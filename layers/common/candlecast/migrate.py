@@ -178,6 +178,11 @@ def read(directory: Path | None = None):
     migrations = read_migrations(str(directory))
     if len(migrations) == 0:
         raise MigrationError(f"the migrations folder {directory} holds no migrations")
+    for migration in migrations:
+        migration.load()
+        if not migration.use_transactions:  # yoyo runs those on a second connection, outside the lock and deadline
+            raise MigrationError(f"migration {migration.id} is not transactional (`-- transactional: false`): "
+                                 "every migration runs in the run's transaction, under its lock and deadline")
     return migrations
 
 
@@ -245,9 +250,6 @@ def _apply_one(backend, migration, deadline: Deadline) -> None:
     connection, where yoyo's apply_one commits them separately, on a second connection."""
     deadline.check(f"migration {migration.id}")
     migration.load()
-    if not migration.use_transactions:  # `-- transactional: false` (CREATE INDEX CONCURRENTLY): yoyo's way
-        backend.apply_one(migration)
-        return
     _set_statement_timeout(backend, deadline)
     with backend.transaction():
         migration.process_steps(backend, "apply")
