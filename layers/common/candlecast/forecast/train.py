@@ -183,7 +183,8 @@ PLANS = {
 # `coin_groups` order, for the candles they were made on (`candles_fingerprint` before the holdout); on other data
 # every pass runs the plan as it is, and the manifest says so. The trees' calibration at 4h and 1d, checked per pass
 # between the plan's ("all 3") and the block (`--trees-only --trees "all 3" block`), is the plan's in every pass.
-# Not re-chosen per pass: `long_window`.
+# Not re-chosen per pass: `long_window` (checked per pass at 1d, where every pass keeps it, and 4h, where two passes
+# would take 270 bars by 0.1-0.2 % of pin5; see the README).
 # Where a pass chose otherwise: 1h's third (holding out BNB, EOS, TRX, ...) the block (summed coverage errors 0.0171
 # against 0.0195 with the half-life of 0.5 y); 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0692 against
 # 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); 1w's
