@@ -1,6 +1,8 @@
 """Polygon client and ingestion against the local fake Polygon server, real PostgreSQL, Redis and S3."""
 
 import json
+import logging
+import re
 import time
 import traceback
 from datetime import UTC, datetime
@@ -11,7 +13,7 @@ import pytest
 from candlecast import cache, ingest, polygon, storage
 from candlecast.candles import COLUMNS, Candles
 from candlecast.config import get_settings
-from candlecast.errors import NotFound, ServiceUnavailable
+from candlecast.errors import InvalidEvent, NotFound, ServiceUnavailable
 from candlecast.forecast.dataset import resample
 from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonError
 from tests.conftest import empty_bucket, redis_refusing_writes
@@ -1053,8 +1055,10 @@ def test_a_403_on_the_ticker_listing_stops_the_run(env):
 
 
 @pytest.mark.parametrize(("option", "value"), [("--symbols", "0"), ("--symbols", "-3"), ("--concurrency", "0"),
-                                               ("--max-rps", "-1"), ("--max-rps", "0"), ("--max-rps", "nan")])
-def test_cli_refuses_a_count_or_rate_below_one_before_any_request(env, capsys, option, value):
+                                               ("--max-rps", "-1"), ("--max-rps", "0"), ("--max-rps", "nan"),
+                                               ("--symbols", str(ingest.MAX_TOP_SYMBOLS + 1)),
+                                               ("--concurrency", str(ingest.MAX_CONCURRENCY + 1))])
+def test_cli_refuses_a_count_or_rate_out_of_bounds_before_any_request(env, capsys, option, value):
     from candlecast import cli
 
     with FakePolygon(make_market(2, now=NOW)) as fake:
@@ -1219,6 +1223,63 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
         second = handler(first["continuation"], RefreshContext(remaining_seconds=900))
     assert second["symbols_upserted"] == 0 and second["symbols_done"] == 3
     assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
+
+
+@pytest.mark.parametrize(("event", "field"), [
+    ({"concurrency": 0}, "concurrency"), ({"concurrency": ingest.MAX_CONCURRENCY + 1}, "concurrency"),
+    ({"concurrency": "many"}, "concurrency"), ({"concurrency": True}, "concurrency"),
+    ({"symbols": 0}, "symbols"), ({"symbols": -3}, "symbols"), ({"symbols": 10**12}, "symbols"),
+    ({"timeframes": ["1h", "2h"]}, "timeframes.1"), ({"timeframes": []}, "timeframes"),
+    ({"tickers": "X:C000USD"}, "tickers"), ({"tickers": ["X:C000USD", 5]}, "tickers.1"),
+    ({"tickers": ["C000USD!"]}, "tickers.0"), ({"concurency": 4}, "concurency"),
+    ({"rate_limited_until": "soon"}, "rate_limited_until"), ({"chunk": 0}, "chunk"),
+])
+def test_a_refresh_event_out_of_bounds_is_refused_naming_the_field_before_anything_runs(env, event, field):
+    """The event was taken raw: an unbounded concurrency (a worker holds a page of bars: memory), a ValueError's
+    traceback for a word, any number of symbols, unknown timeframes dropped without a word, a string as tickers."""
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        point_settings_at(env, fake)
+        with pytest.raises(InvalidEvent, match=f"^refresh event refused, nothing was run: {re.escape(field)}: "):
+            ingest.scheduled_refresh(event, 300)
+        assert fake.count("/") == 0
+    assert bucket_snapshot() == {}
+
+
+def test_the_refresh_function_refuses_a_bad_event_in_one_line_without_a_traceback(env, caplog):
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        point_settings_at(env, fake)
+        with caplog.at_level(logging.INFO), pytest.raises(InvalidEvent) as raised:
+            handler({"symbols": 0, "concurrency": "lots"}, RefreshContext(remaining_seconds=900))
+        assert fake.count("/") == 0
+    assert str(raised.value) == ("refresh event refused, nothing was run: symbols: Input should be greater than or "
+                                 "equal to 1; concurrency: Input should be a valid integer")
+    (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert record.getMessage() == "run refused" and record.exc_info is None
+    assert record.error == str(raised.value) and record.event == {"symbols": 0, "concurrency": "lots"}
+
+
+def test_an_operators_event_and_the_continuation_it_hands_on_validate_and_finish_the_run(env):
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    market = make_market(3, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    env.setenv("REFRESH_CHAIN", "false")
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        spelled = [ticker.removeprefix("X:").lower() for ticker in tickers]  # "c000usd": normalize_ticker's forms
+        first = handler({"tickers": spelled, "timeframes": ["1h", "1d"], "concurrency": 2},
+                        RefreshContext(remaining_seconds=30))  # no time beyond the margin: all handed on
+        assert first["remaining"] == tickers and first["symbols_upserted"] == 0
+        continuation = json.loads(json.dumps(first["continuation"]))  # as Lambda hands it to the next chunk
+        assert continuation["tickers"] == tickers and continuation["concurrency"] == 2
+        assert ingest.RefreshEvent.parse(continuation).chunk == 2
+        second = handler(continuation, RefreshContext(remaining_seconds=900))
+    assert second["symbols_done"] == 3 and second["errors"] == [] and second["continuation"] is None
+    assert second["files_written"] == 6 and storage.read_all_candles(tickers[0], "1d") is not None
 
 
 def test_a_symbol_cut_short_in_two_chunks_fails_instead_of_being_handed_on_forever(env):

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 
 # Modules that expose register(subparsers); imported only when the command runs.
 COMMAND_MODULES = (
@@ -20,6 +21,18 @@ def positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {value!r}")
     return int(value)
+
+
+def positive_int_up_to(maximum: int) -> Callable[[str], int]:
+    """positive_int, refusing more than `maximum`."""
+
+    def bounded(value: str) -> int:
+        number = positive_int(value)
+        if number > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, not {value!r}")
+        return number
+
+    return bounded
 
 
 def positive_float(value: str) -> float:

@@ -33,6 +33,14 @@ class InvalidFields(CandlecastError):
     code = "validation_error"
 
 
+class InvalidEvent(CandlecastError):
+    """An invocation event a scheduled function refuses (a field of the wrong type or out of bounds, an unknown
+    field): nothing is run, and the message names each field and what is wrong with it."""
+
+    status = 400
+    code = "invalid_event"
+
+
 class NotFound(CandlecastError):
     status = 404
     code = "not_found"

@@ -24,12 +24,21 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 from aws_lambda_powertools import Logger
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 
 from candlecast import cache, redaction
-from candlecast.errors import CandlecastError, CandleFileInvalid, FileChanged, NotFound, ServiceUnavailable
+from candlecast.errors import (
+    BadRequest,
+    CandlecastError,
+    CandleFileInvalid,
+    FileChanged,
+    InvalidEvent,
+    NotFound,
+    ServiceUnavailable,
+)
 from candlecast.polygon import (
     PolygonAuthError,
     PolygonBadResponse,
@@ -41,6 +50,8 @@ from candlecast.polygon import (
     PolygonRateLimited,
     PolygonRejected,
 )
+from candlecast.schemas import Schema
+from candlecast.tickers import normalize_ticker
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
 if TYPE_CHECKING:
@@ -51,7 +62,12 @@ if TYPE_CHECKING:
 logger = Logger(child=True)
 
 DEFAULT_TOP_SYMBOLS = 500
+# More than Polygon lists (thousands of crypto pairs): a bigger N is a typo.
+MAX_TOP_SYMBOLS = 10_000
 DEFAULT_CONCURRENCY = 8
+# A worker holds one page of bars at a time: a full one (polygon.AGGREGATES_LIMIT bars) peaks at 46 MB, its body and
+# decoded bars (tracemalloc); 16 workers and the ~160 MB of loaded modules fit the Refresh function's 1024 MB.
+MAX_CONCURRENCY = 16
 BATCH_DB_SECONDS = 60  # the symbol refresh upserts thousands of rows in one transaction
 # The Polygon bars each timeframe is built from, and how far back a first run reaches.
 SOURCE_OF: dict[str, Timeframe] = {"1h": "1h", "4h": "1h", "1d": "1d", "1w": "1d", "1m": "1d"}
@@ -154,8 +170,6 @@ def rank_symbols(
     """SymbolCreate for every reference row, ranked by 24 h traded value in USD (rank 1 = largest; ties by
     ticker): each pair's quote volume at its quote currency's `usd_rates`, 0 where no bar gives one. Returns
     (symbols, problems) where problems name rows that could not be used."""
-    from pydantic import ValidationError
-
     from candlecast.schemas import SymbolCreate
     from candlecast.tickers import split_pair
 
@@ -742,18 +756,54 @@ def _in_pool(concurrency: int, jobs: list[tuple[str, Callable[[], "SymbolIngest 
             raise
 
 
+def _canonical_ticker(value: str) -> str:
+    try:
+        return normalize_ticker(value)
+    except BadRequest as error:  # pydantic names the field only for a ValueError
+        raise ValueError(error.message) from None
+
+
+EventTicker = Annotated[str, AfterValidator(_canonical_ticker)]
+
+
+class RefreshEvent(Schema):
+    """The Refresh function's event, every field optional: the schedule's ({}) refreshes the symbol table, then the
+    candles of the top `symbols`. An operator may name `tickers` (any form normalize_ticker takes), `timeframes` and
+    `concurrency`; the other fields are what a chunk's continuation hands on (`scheduled_refresh`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    symbols: int = Field(DEFAULT_TOP_SYMBOLS, ge=1, le=MAX_TOP_SYMBOLS, strict=True)
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY, strict=True)
+    timeframes: list[Timeframe] = Field(default_factory=lambda: list(TIMEFRAMES), min_length=1)
+    tickers: list[EventTicker] | None = Field(None, max_length=MAX_TOP_SYMBOLS)
+    refresh_symbols: bool | None = None  # None: refresh unless `tickers` are given
+    retried: list[EventTicker] = Field(default_factory=list)
+    cut_short: list[EventTicker] = Field(default_factory=list)
+    symbol_cache_stale: bool = False
+    candle_cache_stale: list[str] = Field(default_factory=list)  # "TICKER TF" each
+    rate_limited_until: float | None = Field(None, allow_inf_nan=False)  # epoch seconds
+    chunk: int = Field(1, ge=1, strict=True)
+
+    @classmethod
+    def parse(cls, event: dict) -> "RefreshEvent":
+        """The event validated, or InvalidEvent naming every field that is wrong."""
+        try:
+            return cls.model_validate(event)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(str(part) for part in item['loc']) or 'event'}: {item['msg']}"
+                                 for item in error.errors())
+            raise InvalidEvent(f"refresh event refused, nothing was run: {problems}") from None
+
+
 def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
-    event (all optional): {"symbols": N, "timeframes": [...], "tickers": [...], "retried": [...],
-    "refresh_symbols": bool, "symbol_cache_stale": bool, "candle_cache_stale": [...],
-    "rate_limited_until": epoch seconds, "cut_short": [...],
-    "chunk": n (1 for the first; past MAX_CHUNKS nothing is handed on)}.
-    The first call
+    `event` is a RefreshEvent (InvalidEvent, before anything runs, when it is not). The first call
     refreshes the symbol table and takes the top N; a continuation passes the `remaining` and `retry` tickers of the
     previous chunk (the latter also as `retried`: their last try), refresh_symbols false and whether the symbols'
     cache is still to be invalidated, and `cut_short`: the symbols a deadline cut short, which fail when cut short
-    again (`run_ingest`).
+    again (`run_ingest`); `chunk` counts the chunks (1 for the first; past MAX_CHUNKS nothing is handed on).
     A 429's Retry-After is carried as `rate_limited_until` (the next chunk may be a new container): no request is
     sent before it. A chunk that starts already held past its deadline hands nothing on (a Lambda chain of chunks
     that each wait no time would spin until the hold ends): its symbols are left to the next scheduled run, said in
@@ -761,44 +811,45 @@ def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
     """
     from candlecast import polygon
 
+    request = RefreshEvent.parse(event)
     client = polygon.get_client()
     if client is None:
         raise PolygonAuthError("no Polygon API key is configured (set POLYGON_API_KEY or its secret ARN)")
-    timeframes = [tf for tf in event.get("timeframes") or TIMEFRAMES if tf in TIMEFRAMES]
+    timeframes = request.timeframes
     deadline = time.monotonic() + max(0.0, budget_seconds)
-    until = event.get("rate_limited_until")
-    if isinstance(until, int | float) and until > time.time():
+    until = request.rate_limited_until
+    if until is not None and until > time.time():
         client.limiter.hold(until - time.time())
-        if client.rate_limited_past(deadline) and "tickers" in event:
-            left = [str(ticker) for ticker in event.get("tickers") or []]
+        if client.rate_limited_past(deadline) and request.tickers is not None:
+            left = request.tickers
             summary = IngestSummary(remaining=left, errors=[
                 f"{client.rate_limit_message()} until {datetime.fromtimestamp(until, UTC).isoformat()}: "
                 f"{len(left)} symbols not refreshed in this run (the next scheduled run does them)"])
             return summary.as_dict() | {"continuation": None}
     summary = run_ingest(
         client,
-        symbols=int(event.get("symbols", DEFAULT_TOP_SYMBOLS)),
+        symbols=request.symbols,
         timeframes=timeframes,
-        concurrency=int(event.get("concurrency", DEFAULT_CONCURRENCY)),
-        refresh=bool(event.get("refresh_symbols", "tickers" not in event)),
-        tickers=event.get("tickers"),
+        concurrency=request.concurrency,
+        refresh=request.tickers is None if request.refresh_symbols is None else request.refresh_symbols,
+        tickers=request.tickers,
         deadline=deadline,
-        retried=[str(ticker) for ticker in event.get("retried") or []],
-        symbol_cache_stale=bool(event.get("symbol_cache_stale")),
-        candle_cache_stale=[str(item) for item in event.get("candle_cache_stale") or []],
-        cut_short=[str(ticker) for ticker in event.get("cut_short") or []],
+        retried=request.retried,
+        symbol_cache_stale=request.symbol_cache_stale,
+        candle_cache_stale=request.candle_cache_stale,
+        cut_short=request.cut_short,
     )
     report = summary.as_dict()
     left = summary.remaining + summary.retry
     report["continuation"] = (
-        {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "refresh_symbols": False,
-         "symbol_cache_stale": summary.symbol_cache_stale, "candle_cache_stale": summary.candle_cache_stale,
-         "cut_short": summary.cut_short}
+        {"tickers": left, "retried": summary.retry, "timeframes": timeframes, "concurrency": request.concurrency,
+         "refresh_symbols": False, "symbol_cache_stale": summary.symbol_cache_stale,
+         "candle_cache_stale": summary.candle_cache_stale, "cut_short": summary.cut_short}
         if left else None
     )
     if left and client.limiter.held():
         report["continuation"]["rate_limited_until"] = round(time.time() + client.limiter.held(), 3)
-    chunk = int(event.get("chunk", 1))
+    chunk = request.chunk
     if left and chunk >= MAX_CHUNKS:
         report["continuation"] = None
         report["errors"].append(f"refresh: stopped after {chunk} chunks (ingest.MAX_CHUNKS) with {len(left)} symbols "
@@ -979,13 +1030,14 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from candlecast.cli import positive_float, positive_int
+    from candlecast.cli import positive_float, positive_int_up_to
 
     parser = subparsers.add_parser("ingest", help="refresh symbols and candles from Polygon (Massive)")
-    parser.add_argument("--symbols", type=positive_int, default=DEFAULT_TOP_SYMBOLS,
-                        help="how many top symbols by volume")
+    parser.add_argument("--symbols", type=positive_int_up_to(MAX_TOP_SYMBOLS), default=DEFAULT_TOP_SYMBOLS,
+                        help=f"how many top symbols by volume (at most {MAX_TOP_SYMBOLS})")
     parser.add_argument("--timeframes", type=_timeframes, nargs="+", help="e.g. 1h 1d (default: all five)")
-    parser.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY, help="parallel symbols")
+    parser.add_argument("--concurrency", type=positive_int_up_to(MAX_CONCURRENCY), default=DEFAULT_CONCURRENCY,
+                        help=f"parallel symbols (at most {MAX_CONCURRENCY}, as in the Refresh function)")
     parser.add_argument("--max-rps", type=positive_float, default=None,
                         help="request rate cap (free tier: 0.083; paid: under 100; default POLYGON_MAX_RPS or 50)")
     parser.add_argument("--skip-symbols", action="store_true", help="keep the symbol table; only fetch candles")

@@ -7,6 +7,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import redaction
 from candlecast.config import get_settings
+from candlecast.errors import InvalidEvent
 
 logger = Logger(child=True)
 
@@ -52,7 +53,10 @@ def run_chunk(event, context, work: Callable[[dict, float], dict], report_second
     except Exception as error:
         # One structured ERROR line with the traceback (redacted by the log filter) and the invocation's context;
         # what Lambda's runtime writes for the uncaught error is its own, and outside Powertools' fields.
-        logger.exception("run failed", extra={"error": type(error).__name__, "event": redaction.redacted(event)})
+        if isinstance(error, InvalidEvent):  # its message names what is wrong: a traceback would add nothing
+            logger.error("run refused", extra={"error": error.message, "event": redaction.redacted(event)})
+        else:
+            logger.exception("run failed", extra={"error": type(error).__name__, "event": redaction.redacted(event)})
         leaving = redaction.leaving(error)
         if leaving is error:
             raise
