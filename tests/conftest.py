@@ -95,8 +95,9 @@ def stack():
 
 
 @pytest.fixture(scope="session")
-def app_env(stack):
-    """The stack's variables in os.environ for the whole session (functions read them at cold start)."""
+def app_env(stack, committed_models_key):
+    """The stack's variables in os.environ for the whole session (functions read them at cold start); the stack
+    serves the committed models."""
     saved = dict(os.environ)
     os.environ.update(stack.environment())
     os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "CandlecastTest")
@@ -142,10 +143,11 @@ def importable(monkeypatch):
     get_settings.cache_clear()  # do not leave stand-in settings behind for later tests
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def committed_models_key():
-    """What `candlecast train`, `backtest` and `rescore` need for the committed models: their public development
-    key, which only an explicitly local stage may use. Module-wide: a module's fixtures train too."""
+    """What `candlecast train`, `backtest` and `rescore`, and the stack's functions, need for the committed models:
+    their public development key, which only an explicitly local stage may use. Session-wide and set up before
+    app_env, which sets the same variables: undone at a module's end, it unset them under every later module."""
     from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 
     with pytest.MonkeyPatch.context() as patch:
