@@ -497,6 +497,19 @@ def test_bucket_is_encrypted_private_versioned_and_tls_only(resources):
     assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
 
 
+def test_old_candle_versions_expire_sooner_than_old_model_versions(resources):
+    from candlecast import storage
+
+    rules = resources["DataBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+
+    def kept_days(key: str) -> int:  # S3 applies the shortest expiry of the rules that match a key
+        return min(rule["NoncurrentVersionExpiration"]["NoncurrentDays"] for rule in rules
+                   if rule["Status"] == "Enabled" and key.startswith(rule.get("Prefix", "")))
+
+    assert kept_days(storage.candles_key("X:BTCUSD", "1h")) <= 14
+    assert kept_days(storage.active_model_key("1h")) >= 90
+
+
 def test_outputs_name_the_api_bucket_and_every_function(template, resources):
     outputs = template["Outputs"]
     assert "ApiUrl" in outputs and outputs["DataBucketName"]["Value"] == {"Ref": "DataBucket"}
