@@ -194,7 +194,7 @@ def test_an_undeliverable_response_raises_so_lambda_retries_the_event(migrate_ap
 
 def test_direct_invoke_status_then_apply(migrate_app, fresh_database):
     status = migrate_app.lambda_handler(load_event("migrate_status.json"), context())
-    assert status == {"applied": [], "pending": MIGRATION_IDS}
+    assert status == {"applied": [], "pending": MIGRATION_IDS, "unknown": []}
 
     applied = migrate_app.lambda_handler(load_event("migrate_apply.json"), context())
     assert applied == {"applied": MIGRATION_IDS}
@@ -202,6 +202,7 @@ def test_direct_invoke_status_then_apply(migrate_app, fresh_database):
     assert migrate_app.lambda_handler(load_event("migrate_status.json"), context()) == {
         "applied": MIGRATION_IDS,
         "pending": [],
+        "unknown": [],
     }
     assert migrate_app.lambda_handler(load_event("migrate_apply.json"), context()) == {"applied": []}
 

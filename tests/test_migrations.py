@@ -187,7 +187,33 @@ def test_cli_migrate_and_status(scratch_database):
     applied = subprocess.run([*command, "migrate"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(applied.stdout)["applied"] == MIGRATIONS
     status = subprocess.run([*command, "migrate", "--status"], env=env, capture_output=True, text=True, check=True)
-    assert json.loads(status.stdout) == {"applied": MIGRATIONS, "pending": []}
+    assert json.loads(status.stdout) == {"applied": MIGRATIONS, "pending": [], "unknown": []}
+
+
+def test_an_older_checkout_lists_the_newer_migrations_and_refuses_to_roll_back(scratch_database, tmp_path, caplog):
+    """Audit V: an older checkout's --status said `pending: []` and its --rollback 1 rolled back the newest migration
+    it knew (0007), leaving the newer 0008 and 0009 applied on top. It now lists them, and refuses (exit 1,
+    nothing rolled back) until the release that added them has rolled them back."""
+    older = tmp_path / "migrations"
+    older.mkdir()
+    for path in (ROOT / "migrations").glob("*.sql"):
+        if not path.name.startswith(("0008_", "0009_")):
+            shutil.copy(path, older / path.name)
+    migrate.apply(scratch_database)
+    newer = ["0008_live_outcomes", "0009_score_due_series"]
+    assert migrate.status(scratch_database, older).as_dict() == {"applied": MIGRATIONS[:-2], "pending": [],
+                                                                 "unknown": newer}
+    with pytest.raises(migrate.MigrationError, match="0008_live_outcomes, 0009_score_due_series; nothing rolled back"):
+        migrate.rollback(scratch_database, 1, older)
+    env = {**only_database(scratch_database), "MIGRATIONS_DIR": str(older)}
+    rolled = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--rollback", "1"], env=env,
+                            capture_output=True, text=True)
+    assert rolled.returncode == 1 and rolled.stdout == ""
+    assert rolled.stderr.startswith("candlecast migrate: the database has migrations applied that this checkout")
+    assert migrate.status(scratch_database).as_dict() == {"applied": MIGRATIONS, "pending": [], "unknown": []}
+    with caplog.at_level("WARNING", logger="candlecast.migrate"):
+        assert migrate.apply(scratch_database, older) == []
+    assert "0008_live_outcomes, 0009_score_due_series" in caplog.text
 
 
 def test_cli_reports_missing_configuration_by_name():
@@ -212,7 +238,7 @@ def test_cli_migrate_status_and_rollback_need_only_database_url(scratch_database
     applied = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     assert json.loads(applied.stdout)["applied"] == every
     status = subprocess.run([*command, "--status"], env=env, capture_output=True, text=True, check=True)
-    assert json.loads(status.stdout) == {"applied": every, "pending": []}
+    assert json.loads(status.stdout) == {"applied": every, "pending": [], "unknown": []}
     rolled = subprocess.run([*command, "--rollback", "1"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(rolled.stdout) == {"rolled_back": every[-1:]}
     assert migrate.status(scratch_database).pending == every[-1:]

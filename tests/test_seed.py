@@ -238,3 +238,88 @@ def test_a_missing_bucket_or_a_foreign_key_is_one_line_from_the_cli(seed_bucket,
     err = capsys.readouterr().err
     assert err.startswith("candlecast seed: ") and "--resign" in err and "(ModelIntegrityError)" in err
     assert "the-deployment-key" not in err and "Traceback" not in err
+
+
+def test_seeding_again_keeps_the_candle_files_the_bucket_holds(seed_bucket, sample, capsys):
+    """Audit V: after an upgrade, seeding again (then the only way to register a release's models) uploaded data/
+    over the bucket: a 1d file Refresh had kept current through 2026-12 went back to the sample's 220 rows ending
+    2021-07. Seed uploads only the files the bucket does not hold, and says how many it kept."""
+    from candlecast import storage
+
+    data, models = sample
+    local = ["--bucket", seed_bucket, "--data", str(data), "--models", str(models), "--quiet", "--no-track-record"]
+    assert _cli(*local) == 0
+    sampled = storage.read_all_candles("X:ZZSEEDUSDT", "1h")
+    longer = storage.parquet_to_candles(candle_file(int(sampled.open_time[0]), 3600, rows=80))
+    storage.write_candles("X:ZZSEEDUSDT", "1h", longer)  # as Refresh extends it
+    capsys.readouterr()
+
+    assert _cli(*local) == 0
+    assert len(storage.read_all_candles("X:ZZSEEDUSDT", "1h")) == 80
+    out = capsys.readouterr().out
+    assert "uploaded 0 data (kept 2 the bucket holds already; `candlecast put-candles` replaces a candle file)" in out
+
+
+def test_install_models_registers_the_models_and_touches_nothing_else(seed_bucket, sample, capsys):
+    from candlecast import cli
+
+    _, models = sample
+    assert cli.main(["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]) == 0
+    assert "active models: 1h: seed-test-1h 20260101T000000" in capsys.readouterr().out
+    state = _state()
+    assert state["keys"] == ["models/1h.pkl", "models/1h.pkl.sig",
+                             "models/1h/20260101T000000.pkl", "models/1h/20260101T000000.pkl.sig"]
+    assert state["symbols"] == []
+    [model] = state["models"]
+    assert (model["name"], model["kind"], model["is_active"]) == ("seed-test-1h", "learned", True)
+
+    (models / "1h.pkl").write_bytes(b"tampered")
+    assert cli.main(["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]) == 1
+    assert "sha256" in capsys.readouterr().err
+    assert _state() == state  # refused before any change
+
+
+def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket, tmp_path):
+    """A model's track record is built once: a second seed, after Refresh lengthened the stored candles, spread its
+    past origins over the longer series and added a second set of predictions with the same model."""
+    import shutil
+
+    import numpy as np
+
+    from candlecast import db, storage
+    from candlecast.candles import COLUMNS, Candles
+    from candlecast.seed import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, seed
+    from candlecast.services import forecasting
+
+    data, models = tmp_path / "data", tmp_path / "models"
+    for coin in ("BTCUSD", "ETHUSD"):
+        (data / coin).mkdir(parents=True)
+        shutil.copy(DEFAULT_DATA_DIR / coin / "1w.parquet", data / coin / "1w.parquet")
+    rows = (DEFAULT_DATA_DIR / "symbols.csv").read_text().splitlines()
+    (data / "symbols.csv").write_text("\n".join([rows[0], *(r for r in rows if r.split(",")[0] in
+                                                           ("X:BTCUSD", "X:ETHUSD"))]) + "\n")
+    models.mkdir()
+    for name in ("1w.pkl", "1w.pkl.sig"):
+        shutil.copy(DEFAULT_MODELS_DIR / name, models / name)
+    manifest = json.loads((DEFAULT_MODELS_DIR / "manifest.json").read_text())
+    manifest = manifest.get("models", manifest)
+    (models / "manifest.json").write_text(json.dumps({"1w": manifest["1w"]}))
+    forecasting.forget_models()
+
+    first = seed(data, models, progress=False, track_record=True)
+    assert first.past_predictions > 0
+    candles = storage.read_all_candles("X:BTCUSD", "1w")
+    extra = 20
+    times = np.concatenate([candles.open_time, candles.open_time[-1] + 7 * 86400 * np.arange(1, extra + 1)])
+    storage.write_candles("X:BTCUSD", "1w", Candles(times, *(np.concatenate([getattr(candles, column),
+                                                                            np.repeat(getattr(candles, column)[-1],
+                                                                                      extra)])
+                                                             for column in COLUMNS[1:])))
+    with db.connection() as conn:
+        before = conn.execute("SELECT count(*) AS n FROM predictions").fetchone()["n"]
+
+    second = seed(data, models, progress=False, track_record=True)
+    with db.connection() as conn:
+        assert conn.execute("SELECT count(*) AS n FROM predictions").fetchone()["n"] == before
+    assert second.past_predictions == 0
+    assert len(storage.read_all_candles("X:BTCUSD", "1w")) == len(times)

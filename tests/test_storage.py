@@ -315,7 +315,7 @@ def test_bytes_and_directory_upload(bucket, tmp_path):
     (tmp_path / "BTCUSD" / "1h.parquet").write_bytes(storage.candles_to_parquet(make_candles(3)))
     (tmp_path / "symbols.csv").write_text("ticker\nX:BTCUSD\n")
     (tmp_path / ".DS_Store").write_text("skip me")
-    assert storage.upload_directory(tmp_path, "data", progress=False) == 2
+    assert storage.upload_directory(tmp_path, "data", progress=False) == (2, 0)
     assert sorted(storage.list_keys("data/")) == ["data/BTCUSD/1h.parquet", "data/symbols.csv"]
     assert len(storage.read_candles("BTCUSD", "1h", 3, use_cache=False)) == 3
 

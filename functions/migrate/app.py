@@ -10,7 +10,8 @@ is cancelled, and the answer waits (CANCEL_GRACE_SECONDS at most) until it has r
 goes out for a migration that then commits.
 
 Direct invoke: {"action": "apply"} -> {"applied": [ids]}; {"action": "status"} -> {"applied": [...],
-"pending": [...]}. Failures raise, so `aws lambda invoke` reports a FunctionError.
+"pending": [...], "unknown": [applied in the database, not bundled here]}. Failures raise, so `aws lambda invoke`
+reports a FunctionError.
 
 migrations/ ships inside this function (functions/migrate/migrations links to it; MIGRATIONS_DIR).
 """

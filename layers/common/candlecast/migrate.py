@@ -165,9 +165,10 @@ def yoyo_url(conninfo: str) -> str:
 class MigrationStatus:
     applied: list[str]
     pending: list[str]
+    unknown: list[str]  # applied in the database, not in this checkout's folder (a newer release's)
 
     def as_dict(self) -> dict:
-        return {"applied": self.applied, "pending": self.pending}
+        return {"applied": self.applied, "pending": self.pending, "unknown": self.unknown}
 
 
 def read(directory: Path | None = None):
@@ -362,10 +363,22 @@ def _locked_run(conninfo: str, directory: Path | None, deadline: Deadline | None
         backend.connection.close()
 
 
+def _unknown_applied(backend, migrations) -> list[str]:
+    """Ids applied in the database, in the order applied, that `migrations` does not hold."""
+    known = {migration.id for migration in migrations}
+    backend.ensure_internal_schema_updated()  # yoyo's own tables, as get_applied_migration_hashes makes sure of
+    sql = backend.format_sql("SELECT {quoted.migration_id} FROM {0.migration_table_quoted} "
+                             "ORDER BY {quoted.applied_at_utc}")
+    return [row[0] for row in backend.execute(sql).fetchall() if row[0] not in known]
+
+
 def apply(conninfo: str, directory: Path | None = None, *, deadline: Deadline | None = None) -> list[str]:
     """Apply pending migrations; returns the ids applied by this call (empty if another run did them)."""
     deadline = deadline or Deadline()
     with _locked_run(conninfo, directory, deadline) as (backend, migrations):
+        if unknown := _unknown_applied(backend, migrations):
+            logger.warning("the database has migrations applied that this release does not know: %s (a newer "
+                           "release's, not rolled back before this one was deployed)", ", ".join(unknown))
         return _apply_each(backend, backend.to_apply(migrations), deadline)
 
 
@@ -374,6 +387,11 @@ def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> li
     if count < 1:
         raise ValueError("count must be at least 1")
     with _locked_run(conninfo, directory, None) as (backend, migrations):
+        if unknown := _unknown_applied(backend, migrations):
+            raise MigrationError(
+                f"the database has migrations applied that this checkout does not know: {', '.join(unknown)}; "
+                "nothing rolled back. Roll those back first with the release that added them (its "
+                "`candlecast migrate --rollback N`): this checkout's last migration is not the database's last")
         to_rollback = backend.to_rollback(migrations)[:count]
         backend.rollback_migrations(to_rollback)
         return [migration.id for migration in to_rollback]
@@ -387,6 +405,7 @@ def status(conninfo: str, directory: Path | None = None) -> MigrationStatus:
         return MigrationStatus(
             applied=[migration.id for migration in migrations if migration.id not in pending],
             pending=[migration.id for migration in migrations if migration.id in pending],
+            unknown=_unknown_applied(backend, migrations),
         )
     finally:
         backend.connection.close()

@@ -1,12 +1,16 @@
 """`candlecast seed`: load the committed sample into a stack.
 
-Upserts every symbol of data/symbols.csv, uploads data/ and models/ to the bucket (laid out as the bucket is),
-and registers each model of models/manifest.json as its timeframe's active model (with a versioned copy).
-Then it builds a track record: predictions at past origins of every sample series, made by the forecasting
-service as a request would make them, scored against the stored candles that followed. The origins lie after
-each model's training window (`train_end`), so the scores are live figures; it says so plainly when the stored
-candles end before that window does. `--as-of` (operator only; never an API parameter) sets the first origin
-instead. Running it twice changes nothing the second time.
+Upserts every symbol of data/symbols.csv, uploads the files of data/ the bucket does not hold yet (a candle file
+it holds, which Refresh keeps current, is never replaced: `candlecast put-candles` replaces one), uploads models/
+(laid out as the bucket is) and registers each model of models/manifest.json as its timeframe's active model
+(with a versioned copy). Then it builds a track record: predictions at past origins of every sample series, made
+by the forecasting service as a request would make them, scored against the stored candles that followed. The
+origins lie after each model's training window (`train_end`), so the scores are live figures; it says so plainly
+when the stored candles end before that window does. A model whose track record an earlier seed built gets none
+again. `--as-of` (operator only; never an API parameter) sets the first origin instead. Running it twice changes
+nothing the second time.
+
+`candlecast install-models` uploads and registers the models alone: a release's models on a running stack.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ BATCH_DB_SECONDS = 60  # per statement and per connection wait while seeding
 class SeedReport:
     symbols: int = 0
     data_files: int = 0
+    data_files_kept: int = 0  # held by the bucket already, left as they were
     model_files: int = 0
     models: dict[str, str] = field(default_factory=dict)  # timeframe -> "name version"
     past_predictions: int = 0
@@ -54,7 +59,9 @@ class SeedReport:
 
     def summary(self) -> str:
         models = ", ".join(f"{tf}: {name}" for tf, name in self.models.items()) or "none"
-        return (f"seeded {self.symbols} symbols, uploaded {self.data_files} data and "
+        kept = (f" (kept {self.data_files_kept} the bucket holds already; `candlecast put-candles` replaces a "
+                "candle file)" if self.data_files_kept else "")
+        return (f"seeded {self.symbols} symbols, uploaded {self.data_files} data{kept} and "
                 f"{self.model_files} model files, active models: {models}; track record: "
                 f"{self.past_predictions} predictions at past origins, {self.scored_steps} steps scored"
                 + (f"; NO LIVE FIGURES for {', '.join(self.no_live)} (see above)" if self.no_live else ""))
@@ -317,6 +324,10 @@ def build_track_record(data_dir: Path, as_of: datetime | None = None,
         models = {row["timeframe"]: row for row in get_all_active_models(conn)}
     plans = []
     for timeframe, row in models.items():
+        if as_of is None and forecasting.has_past_predictions(row["id"]):
+            print(f"track record {timeframe}: kept: {row['name']} {row['version']} has the past predictions an "
+                  "earlier seed made", flush=True)
+            continue
         stored = []
         for path in sorted(data_dir.glob(f"*/{timeframe}.parquet")):
             ticker = normalize_ticker(path.parent.name)
@@ -357,7 +368,8 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
                             f"them): {shown}; nothing seeded")
     with db.batch(BATCH_DB_SECONDS):  # batch work: not a request's 1 s bound
         report.symbols = seed_symbols(data_dir)
-        report.data_files = storage.upload_directory(data_dir, "data", progress=progress)
+        report.data_files, report.data_files_kept = storage.upload_directory(data_dir, "data", progress=progress,
+                                                                              replace=False)
         if not models:
             print(f"no models in {models_dir / MANIFEST_FILE}; none registered")
         # Each file and its signature land on their keys before the row that names them.
@@ -368,6 +380,23 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
             report.past_predictions, report.scored_steps, report.plans = build_track_record(data_dir, as_of, progress)
             report.no_live = [plan.timeframe for plan in report.plans if plan.mode in ("replay", "none")]
     return report
+
+
+def install_models(models_dir: Path = DEFAULT_MODELS_DIR, *, progress: bool = True,
+                   resign: bool = False) -> dict[str, str]:
+    """Upload each model of models/manifest.json with its signature, checked against the manifest, and register
+    it as its timeframe's active model: a release's models on a running stack. No symbols, candles or track
+    record. Returns {timeframe: "name version"}."""
+    from candlecast import cache, db
+
+    _require_directory(models_dir)
+    models = checked_models(models_dir, resign)
+    if not models:
+        raise UnusableInput(f"no models in {models_dir / MANIFEST_FILE}; nothing installed")
+    with db.batch(BATCH_DB_SECONDS):
+        registered = register_models(models, progress=progress)
+    cache.invalidate_track_record()
+    return registered
 
 
 def _require_directory(path: Path) -> None:
@@ -390,7 +419,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("seed", help="load data/, models/ and data/symbols.csv into the stack",
+    parser = subparsers.add_parser("seed", help="load data/ (the candle files the bucket does not hold), models/ and "
+                                   "data/symbols.csv into the stack",
                                    description=__doc__)
     parser.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
     parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="local data directory (default: data/)")
@@ -406,6 +436,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{TRACK_RECORD_ORIGINS} origins per series after its model's train_end)")
     parser.add_argument("--no-track-record", action="store_true", help="no predictions at past origins")
     parser.set_defaults(func=_run)
+    install = subparsers.add_parser("install-models", help="upload and register the models of models/manifest.json "
+                                    "(each checked against it) as their timeframes' active models; uploads no "
+                                    "data, touches no symbol or prediction (a release's models on a running stack)")
+    install.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
+    install.add_argument("--models", default=str(DEFAULT_MODELS_DIR), help="local models directory")
+    install.add_argument("--quiet", action="store_true", help="no progress bar")
+    install.add_argument("--resign", action="store_true",
+                         help="sign the model files with the configured key after checking each against "
+                              "models/manifest.json")
+    install.set_defaults(func=_install_models)
     resign = subparsers.add_parser("resign-models", help="re-sign every registered model file's .sig in the bucket "
                                    "with the current signing key (a key rotation); uploads and registers nothing")
     resign.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
@@ -417,6 +457,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     put.add_argument("--timeframe", required=True, help="1h, 4h, 1d, 1w or 1m")
     put.add_argument("--bucket", help="target bucket (default: DATA_BUCKET)")
     put.set_defaults(func=_put_candles)
+
+
+def _install_models(args: argparse.Namespace) -> int:
+    if args.bucket:
+        from candlecast.config import get_settings
+
+        os.environ["DATA_BUCKET"] = args.bucket
+        get_settings.cache_clear()
+    installed = install_models(Path(args.models), progress=not args.quiet, resign=args.resign)
+    print("active models: " + ", ".join(f"{tf}: {name}" for tf, name in installed.items()))
+    return 0
 
 
 def resign_models() -> tuple[int, int, list[str]]:

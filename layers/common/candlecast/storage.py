@@ -291,26 +291,50 @@ def list_keys(prefix: str) -> list[str]:
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool = True) -> int:
-    """Upload every file under `local_dir` to `prefix/<relative path>`; returns the number of files."""
+def _held_keys(client: Any, bucket: str, prefix: str) -> set[str]:
+    """The bucket's keys under `prefix`; a failure names the bucket (list_keys' is a request's "try again")."""
+    from botocore.exceptions import ClientError
+
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return {item["Key"] for page in pages for item in page.get("Contents", [])}
+    except ClientError as error:
+        raise StorageUnavailable(f"could not list s3://{bucket}/{prefix}: {_code(error)}") from error
+
+
+class Uploaded(NamedTuple):
+    written: int
+    kept: int  # files the bucket held already, left as they were (replace=False)
+
+
+def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool = True,
+                     replace: bool = True) -> Uploaded:
+    """Upload every file under `local_dir` to `prefix/<relative path>`; with `replace=False`, only those whose
+    key the bucket does not hold yet."""
     root = Path(local_dir)
     files = sorted(path for path in root.rglob("*") if path.is_file() and not path.name.startswith("."))
-    items: Iterable[Path] = files
+    client, bucket = s3_client(), _bucket()
+    held = set() if replace else _held_keys(client, bucket, prefix.strip("/"))
+
+    def key_of(path: Path) -> str:
+        return "/".join(part for part in (prefix.strip("/"), path.relative_to(root).as_posix()) if part)
+
+    absent = [path for path in files if key_of(path) not in held]
+    items: Iterable[Path] = absent
     if progress:
         from tqdm import tqdm  # CLI only (train extra); never called inside a Lambda
 
-        items = tqdm(files, desc=f"upload {root.name}", unit="file")
-    client, bucket = s3_client(), _bucket()
+        items = tqdm(absent, desc=f"upload {root.name}", unit="file")
     written = []
     try:
         for path in items:
-            key = "/".join(part for part in (prefix.strip("/"), path.relative_to(root).as_posix()) if part)
+            key = key_of(path)
             client.upload_file(str(path), bucket, key)
             written.append(key)
     finally:  # the files uploaded before a failure are new too
         if not forget_cached_candles(written):
             warn_cached_candles_stale(len(written))
-    return len(files)
+    return Uploaded(len(absent), len(files) - len(absent))
 
 
 # --- candles ------------------------------------------------------------------------------------

@@ -105,6 +105,15 @@ def create_prediction(
     return row
 
 
+def model_has_keyed_prediction(conn: psycopg.Connection, model_id: uuid.UUID, key_prefix: str) -> bool:
+    """Whether `model_id` made a prediction whose Idempotency-Key starts with `key_prefix`."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM predictions WHERE model_id = %s AND starts_with(idempotency_key, %s)) AS found",
+        (model_id, key_prefix),
+    ).fetchone()
+    return bool(row["found"])
+
+
 def get_prediction_by_id(conn: psycopg.Connection, prediction_id: uuid.UUID) -> dict | None:
     prediction = conn.execute(
         f"SELECT {_PREDICTION_COLUMNS} FROM predictions p JOIN models m ON m.id = p.model_id WHERE p.id = %s",

@@ -193,6 +193,16 @@ def _prediction(symbol: dict, model_row: dict, model, candles, idempotency_key: 
     )
 
 
+def _as_of_key_prefix(model_id) -> str:
+    return f"as-of:{model_id}:"
+
+
+def has_past_predictions(model_id) -> bool:
+    """Whether `create_as_of` made a prediction with this model (a seed built its track record)."""
+    with db.connection() as conn:
+        return prediction_repository.model_has_keyed_prediction(conn, model_id, _as_of_key_prefix(model_id))
+
+
 def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     """A prediction made from `candles` (a past origin: the series up to it), stored like any other; the
     operator's `candlecast seed --as-of` builds a track record with it. Returns whether it was new.
@@ -210,7 +220,7 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     candles = usable_candles(raw)
     _enough_history(raw, candles, ticker, timeframe, model.min_candles)
     last_open = int(candles.open_time[-1])
-    key = f"as-of:{model_row['id']}:{ticker}:{timeframe}:{last_open}"
+    key = f"{_as_of_key_prefix(model_row['id'])}{ticker}:{timeframe}:{last_open}"
     prediction = _prediction(symbol, model_row, model, candles, key)
     with db.connection() as conn:
         stored = prediction_repository.create_prediction(
