@@ -13,9 +13,10 @@ block; the models calibrate on that block ("block") or on the history cross-fitt
 `confidence_on_history`; "all K", the map too whatever the plan says), or the map alone ("map K"), and are scored on
 the fold's calibration block.
 
-With `--long-window N ...`, the same inner scoring of the plan's own `learned` and `combined` with the features and
-GARCH states rebuilt for each long window (`TimeframeConfig.long_window`, the variance target's bars; it also sets
-the lookback, and so the GARCH fit's window), the table and tree checks skipped; per pass too with `--per-pass`.
+With `--long-window N ...`, the same inner scoring of every kind `fit_models` fits with the features and GARCH states
+rebuilt for each long window (`TimeframeConfig.long_window`, the variance target's bars; it also sets the lookback,
+and so the GARCH fit's window and the σ's), the table and tree checks skipped; per pass too with `--per-pass`.
+`--halflife N ...` does the same for the EWMA σ's half-life (`TimeframeConfig.halflife`), the scale of every kind.
 
 Pooled over passes, this check is not nested in the walk-forward: the three passes hold out different coins, so the
 calibration blocks scored here (a pass's training coins) are the other passes' outer test origins at the same dates
@@ -31,7 +32,7 @@ With `--kinds`, only the choice of kind per pass: every kind `train.fit_models` 
 tree check, and `train.choose` on each pass's scores (`train.PASS_CHOICES`' kinds, for `train.nested_selection`).
 
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
-        [--garch] [--long-window 365 182 91] [--per-pass] [--kinds]
+        [--garch] [--long-window 365 182 91] [--halflife 12 6 24] [--per-pass] [--kinds]
 """
 
 import argparse
@@ -111,17 +112,22 @@ def main() -> None:
     parser.add_argument("--kinds", action="store_true",
                         help="only choose, per pass, the kind to ship by train.choose on its training coins")
     parser.add_argument("--long-window", nargs="+", type=int, metavar="BARS",
-                        help="score the plan's learned and combined with each long window instead (see above)")
+                        help="score every kind the plan fits with each long window instead (see above)")
+    parser.add_argument("--halflife", nargs="+", type=int, metavar="BARS",
+                        help="the same for each half-life of the EWMA σ (`TimeframeConfig.halflife`)")
     args = parser.parse_args()
     tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
     loaded, _ = T.load_before_holdout(args.data, tf)
-    if args.long_window:
-        for bars in args.long_window:
-            CONFIGS[tf] = replace(config, long_window=bars)  # what fit_models writes into its payloads
-            print(f"{tf}: long window {bars} bars (lookback {CONFIGS[tf].lookback})")
+    varied = [("long_window", bars) for bars in args.long_window or []] + [("halflife", bars)
+                                                                            for bars in args.halflife or []]
+    if varied:
+        for field, bars in varied:
+            CONFIGS[tf] = replace(config, **{field: bars})  # what fit_models writes into its payloads
+            print(f"{tf}: {field} {bars} bars (lookback {CONFIGS[tf].lookback})")
             origins = build_origins(loaded, CONFIGS[tf])
             groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
-            tree_check(tf, plan, origins, groups, T.series_coins(loaded), [plan_variant(plan)], args.per_pass)
+            tree_check(tf, plan, origins, groups, T.series_coins(loaded), [plan_variant(plan)], args.per_pass,
+                       names=None)
         return
     origins = build_origins(loaded, config)
     if args.kinds:
@@ -371,25 +377,26 @@ def kind_check(tf: str, loaded: list, origins, groups: list) -> None:
 
 
 def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str],
-               per_pass: bool = False) -> None:
+               per_pass: bool = False, names: tuple[str, ...] | None = ("learned", "combined")) -> None:
     """Per calibration variant (`tree_plan`), `learned` and `combined` fitted by `train.fit_models` on each fold's
     training block (its last fifth calibrating), scored on the fold's calibration block: training coins only."""
     config = CONFIGS[tf]
-    scores = {(k, name): [] for k in variants for name in ("learned", "combined")}
+    scores: dict[tuple[str, str], list] = {}
     for number, train, cal, scored in inner_folds(tf, plan, origins, groups):
         for k in variants:  # the same seed: the same volatility weights and trees, calibrated differently
             models = T.fit_models(tf, train, cal, 0.23, tree_plan(plan, k), np.random.default_rng(7), False,
                                   coins=coins)
-            for name in ("learned", "combined"):
+            for name in names or models:
                 q, _, confidence = model_outputs(models[name], scored)
                 known = np.isfinite(scored.log_return)
                 hit = np.abs(np.expm1(scored.log_return - scored.scale * q[..., MEDIAN])) <= config.tolerance
                 loss = pin5_loss(scored.log_return, scored.scale[..., None] * q)
-                scores[k, name].append((number, (*coverage(q, scored.z), confidence[known],
-                                                 hit[known].astype(float), loss[known])))
+                scores.setdefault((k, name), []).append((number, (*coverage(q, scored.z), confidence[known],
+                                                                  hit[known].astype(float), loss[known])))
     for number in [None, *(range(1, len(groups) + 1) if per_pass else [])]:
         where = "all passes" if number is None else f"pass {number} (its own training coins only)"
-        print(f"{tf}, {where}: trees fitted on each fold's training block, calibrated on its last fifth (block) or "
+        fitted = " and ".join(names or ["every kind"])
+        print(f"{tf}, {where}: {fitted} fitted on each fold's training block, calibrated on its last fifth (block) or "
               "on the history cross-fitted over K coin groups, scored on the fold's calibration block")
         sums, losses = {}, {}
         for (k, name), entries in scores.items():
@@ -398,7 +405,7 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
                 continue
             p, y = np.concatenate([f[3] for f in folds]), np.concatenate([f[4] for f in folds])
             pin5 = np.concatenate([f[5] for f in folds]).mean()
-            print(f"  {name:8s} {k:16s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
+            print(f"  {name:11s} {k:16s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
             if name == "combined":
                 sums[k], losses[k] = coverage_sum(folds), log_loss(p, y)
         if sums:

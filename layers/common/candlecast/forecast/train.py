@@ -183,14 +183,14 @@ PLANS = {
 # `coin_groups` order, for the candles they were made on (`candles_fingerprint` before the holdout); on other data
 # every pass runs the plan as it is, and the manifest says so. The trees' calibration at 4h and 1d, checked per pass
 # between the plan's ("all 3") and the block (`--trees-only --trees "all 3" block`), is the plan's in every pass.
-# Not re-chosen per pass: `long_window` (checked per pass at 1d, where every pass keeps it, and 4h, where two passes
-# would take 270 bars by 0.1-0.2 % of pin5; see the README).
+# `long_window` (`--long-window A B ... --per-pass`, every kind scored) is one for all passes: at 1w every pass takes
+# 26 bars of {104, 52, 26, 13} by `combined`'s pin5, at 1d every pass keeps 365 against 182; at 4h two passes would
+# take 270 bars by 0.1-0.2 % of pin5 (not nested); at 1m it changes nothing (GARCH persistence fitted at 1.0).
 # Where a pass chose otherwise: 1h's third (holding out BNB, EOS, TRX, ...) the block (summed coverage errors 0.0171
 # against 0.0195 with the half-life of 0.5 y); 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0692 against
-# 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); 1w's
-# third (ADA, BTC, XRP, ...) plain Platt (0.27956 against 0.28076 with ln h); at 1m the second (ADA, BTC, XRP, ...)
-# plain Platt (0.32986 against 0.33148) and the third (BNB, ETH, SOL, ...) a one-year half-life (summed coverage
-# errors 0.3652 against 0.3837 with equal weights).
+# 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); at 1m
+# the second (ADA, BTC, XRP, ...) plain Platt (0.32986 against 0.33148) and the third (BNB, ETH, SOL, ...) a one-year
+# half-life (summed coverage errors 0.3652 against 0.3837 with equal weights).
 # "kinds": the kind `choose` picks per pass from every kind fitted on each fold's inner training block and scored on
 # the fold's calibration block, that pass's training coins only (`infra.calibration_check --kinds`); a pass with no
 # fold to score gets `choose`'s default, the baseline. The walk-forward reports this nested choice beside the shipped
@@ -205,7 +205,7 @@ PASS_CHOICES: dict[Timeframe, dict] = {
     "1d": {"candles": "ea8cda5e0fb7960c21bc0e5524c66a3e2dbe43e131c7a145b2c11392ee1aa865", "passes": ({}, {}, {}),
            "kinds": ("baseline", "combined", "baseline")},
     "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
-           "passes": ({}, {}, {"confidence_ln_h": False}), "kinds": ("combined", "baseline", "baseline")},
+           "passes": ({}, {}, {}), "kinds": ("baseline", "combined", "baseline")},
     "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
            "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0}),
            "kinds": ("baseline", "baseline", "garch-scale")},
