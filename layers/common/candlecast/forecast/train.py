@@ -185,7 +185,8 @@ PLANS = {
 # between the plan's ("all 3") and the block (`--trees-only --trees "all 3" block`), is the plan's in every pass.
 # `long_window` (`--long-window A B ... --per-pass`, every kind scored) is one for all passes: at 1w every pass takes
 # 26 bars of {104, 52, 26, 13} by `combined`'s pin5, at 1d every pass keeps 365 against 182; at 4h two passes would
-# take 270 bars by 0.1-0.2 % of pin5 (not nested); at 1m it changes nothing (GARCH persistence fitted at 1.0).
+# take 270 bars by 0.1-0.2 % of pin5 and at 1h two 360 by < 0.1 % (not nested); at 1m it changes nothing (GARCH
+# persistence fitted at 1.0).
 # Where a pass chose otherwise: 1h's third (holding out BNB, EOS, TRX, ...) the block (summed coverage errors 0.0171
 # against 0.0195 with the half-life of 0.5 y); 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0692 against
 # 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); at 1m
