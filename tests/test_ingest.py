@@ -16,7 +16,7 @@ from candlecast.config import get_settings
 from candlecast.errors import InvalidEvent, NotFound, ServiceUnavailable
 from candlecast.forecast.dataset import resample
 from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonError
-from tests.conftest import empty_bucket, redis_refusing_writes
+from tests.conftest import EVENTS, empty_bucket, redis_refusing_writes
 from tests.fake_polygon import DAY, HOUR, FakeMarket, FakePolygon, FakeSymbol, load_fixture, make_market
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -1259,6 +1259,39 @@ def test_the_refresh_function_refuses_a_bad_event_in_one_line_without_a_tracebac
     (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert record.getMessage() == "run refused" and record.exc_info is None
     assert record.error == str(raised.value) and record.event == {"symbols": 0, "concurrency": "lots"}
+
+
+@pytest.mark.parametrize("event", ["x", ["X:C000USD"], 5, None])
+@pytest.mark.parametrize("function", ["refresh", "score"])
+def test_an_event_that_is_no_json_object_is_refused_not_run_with_the_defaults(env, caplog, monkeypatch, function,
+                                                                              event):
+    """run_chunk turned any event that was not a dict into {}: `aws lambda invoke --payload '"x"'` ran a whole
+    weekly refresh (or hourly scoring), as if the schedule had sent it."""
+    from candlecast.services import scoring
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler(f"functions/{function}")
+    monkeypatch.setattr(scoring, "run", lambda *args, **kwargs: pytest.fail("scored"))
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        point_settings_at(env, fake)
+        with caplog.at_level(logging.INFO), pytest.raises(InvalidEvent) as raised:
+            handler(event, RefreshContext(remaining_seconds=900))
+        assert fake.count("/") == 0
+    assert str(raised.value) == (f"{function} event refused, nothing was run: event: Input should be a valid "
+                                 f"dictionary or instance of {function.capitalize()}Event")
+    (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert record.getMessage() == "run refused" and record.exc_info is None and record.event == event
+
+
+@pytest.mark.parametrize("function", ["refresh", "score"])
+def test_the_schedules_own_event_is_a_run_with_the_defaults(env, function):
+    """What the template's schedules send (an EventBridge rule without Input): the scheduled event itself."""
+    from candlecast.invoke import run_chunk
+
+    scheduled = json.loads((EVENTS / f"{function}_scheduled.json").read_text())
+    given = []
+    report = run_chunk(scheduled, None, lambda event, budget: given.append(event) or {}, 30.0, 60.0)
+    assert given == [{}] and report == {"chained": False}
 
 
 def test_an_operators_event_and_the_continuation_it_hands_on_validate_and_finish_the_run(env):

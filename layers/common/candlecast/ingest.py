@@ -785,7 +785,7 @@ class RefreshEvent(InvocationEvent):
     chunk: int = Field(1, ge=1, strict=True)
 
 
-def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
+def scheduled_refresh(event: object, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     `event` is a RefreshEvent (InvalidEvent, before anything runs, when it is not). The first call
