@@ -16,7 +16,7 @@ from candlecast.config import get_settings
 from candlecast.errors import InvalidEvent, NotFound, ServiceUnavailable
 from candlecast.forecast.dataset import resample
 from candlecast.polygon import PolygonAuthError, PolygonBadResponse, PolygonClient, PolygonError
-from tests.conftest import empty_bucket, redis_refusing_writes
+from tests.conftest import EVENTS, empty_bucket, redis_refusing_writes
 from tests.fake_polygon import DAY, HOUR, FakeMarket, FakePolygon, FakeSymbol, load_fixture, make_market
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -197,13 +197,78 @@ def test_a_gzip_bomb_is_a_bad_response_never_held_in_memory():
         client = client_for(fake)
         tracemalloc.start()
         try:
-            with pytest.raises(PolygonBadResponse, match="larger than 32 MB"):
+            with pytest.raises(PolygonBadResponse, match=f"larger than {polygon.MAX_BODY_BYTES / 2**20:.1f} MB"):
                 client.get_json("/v9/bomb", what="bomb")
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
     assert peak < 2 * polygon.MAX_BODY_BYTES, peak
     assert fake.count("/v9/bomb") == 1  # a bad response is not asked for again
+
+
+def recorded_bars_page(count: int, **layout) -> bytes:
+    """An aggregates page of `count` bars shaped as Polygon's recorded X:BTCUSD answer (tests/fixtures/polygon)."""
+    recorded = load_fixture("aggs_X-BTCUSD_range_1_day.json")
+    bars = [recorded["results"][n % 2] | {"t": 1590984000000 + n * HOUR * 1000, "c": 9492.62 + n / 1e4}
+            for n in range(count)]
+    return json.dumps(recorded | {"resultsCount": count, "results": bars}, **layout).encode()
+
+
+def filled_page(element: bytes, size: int) -> bytes:
+    head, tail = b'{"status":"OK","results":[', b"]}"
+    return head + b",".join([element] * ((size - len(head) - len(tail)) // (len(element) + 1))) + tail
+
+
+def served_page_peak(body: bytes, path: str = "/v2/aggs/ticker/X:C000USD/") -> tuple[list | Exception, int]:
+    """What one aggregates list made of `body` (its bars, or the error) and the traced peak of fetching it."""
+    import gzip
+    import tracemalloc
+
+    with FakePolygon() as fake:
+        fake.add_fault(path, kind="gzip", body=gzip.compress(body, 1))
+        client = client_for(fake, time_budget=60.0)
+        tracemalloc.start()
+        try:
+            outcome = client.aggregates("X:C000USD", 1, "hour", (NOW - 3000 * DAY) * 1000, NOW * 1000)
+        except PolygonBadResponse as error:
+            outcome = error
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    return outcome, peak
+
+
+@pytest.mark.parametrize("layout", [{"separators": (",", ":")}, {"indent": 4}], ids=["compact", "pretty-printed"])
+def test_a_full_page_of_real_bars_is_taken_compact_or_pretty_printed(layout):
+    """The most bars a page may carry, as Polygon sends them (compact) and as the client libraries recorded them."""
+    body = recorded_bars_page(polygon.AGGREGATES_LIMIT, **layout)
+    assert len(body) <= polygon.MAX_BODY_BYTES
+    bars, _ = served_page_peak(body)
+    assert len(bars) == polygon.AGGREGATES_LIMIT
+
+
+@pytest.mark.parametrize("element", [b"{}", b"1.5", b'"ab"', b"[]", None],
+                         ids=["empty objects", "numbers", "short strings", "empty lists", "recorded bars"])
+def test_a_page_of_more_values_than_its_bars_hold_is_refused_before_it_is_decoded(element):
+    """A body under the size cap holding more than AGGREGATES_LIMIT bars was decoded whole before the count refused
+    it: 32 MB of recorded bars (290,000) peaked at 223 MB in one worker (8 of them: past the Refresh function's
+    1024 MB), of {} at 874 MB. Counted in its bytes, it is refused with the body read, never decoded."""
+    size = 12 << 20
+    body = filled_page(element, size) if element else recorded_bars_page(size // 125, separators=(",", ":"))
+    assert len(body) <= min(size, polygon.MAX_BODY_BYTES)
+    refused, peak = served_page_peak(body)
+    assert isinstance(refused, PolygonBadResponse), refused
+    assert refused.message == ("Polygon sent more JSON values than a page of 50000 bars holds for aggregates "
+                               "X:C000USD 1h page 1")
+    assert peak < 2.5 * len(body), peak  # the body read, and copied once
+
+
+def test_a_body_past_the_largest_real_page_is_a_bad_response():
+    """The cap was 32 MB: one string that long was taken, four copies of it held at once (128 MB)."""
+    body = b'{"status":"OK","results":[],"note":"' + b"a" * (20 << 20) + b'"}'
+    refused, peak = served_page_peak(body)
+    assert isinstance(refused, PolygonBadResponse) and refused.message.startswith("Polygon sent a body larger than")
+    assert peak < 2 * polygon.MAX_BODY_BYTES, peak
 
 
 def test_429_and_5xx_and_dropped_connections_are_retried():
@@ -1259,6 +1324,39 @@ def test_the_refresh_function_refuses_a_bad_event_in_one_line_without_a_tracebac
     (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert record.getMessage() == "run refused" and record.exc_info is None
     assert record.error == str(raised.value) and record.event == {"symbols": 0, "concurrency": "lots"}
+
+
+@pytest.mark.parametrize("event", ["x", ["X:C000USD"], 5, None])
+@pytest.mark.parametrize("function", ["refresh", "score"])
+def test_an_event_that_is_no_json_object_is_refused_not_run_with_the_defaults(env, caplog, monkeypatch, function,
+                                                                              event):
+    """run_chunk turned any event that was not a dict into {}: `aws lambda invoke --payload '"x"'` ran a whole
+    weekly refresh (or hourly scoring), as if the schedule had sent it."""
+    from candlecast.services import scoring
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler(f"functions/{function}")
+    monkeypatch.setattr(scoring, "run", lambda *args, **kwargs: pytest.fail("scored"))
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        point_settings_at(env, fake)
+        with caplog.at_level(logging.INFO), pytest.raises(InvalidEvent) as raised:
+            handler(event, RefreshContext(remaining_seconds=900))
+        assert fake.count("/") == 0
+    assert str(raised.value) == (f"{function} event refused, nothing was run: event: Input should be a valid "
+                                 f"dictionary or instance of {function.capitalize()}Event")
+    (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert record.getMessage() == "run refused" and record.exc_info is None and record.event == event
+
+
+@pytest.mark.parametrize("function", ["refresh", "score"])
+def test_the_schedules_own_event_is_a_run_with_the_defaults(env, function):
+    """What the template's schedules send (an EventBridge rule without Input): the scheduled event itself."""
+    from candlecast.invoke import run_chunk
+
+    scheduled = json.loads((EVENTS / f"{function}_scheduled.json").read_text())
+    given = []
+    report = run_chunk(scheduled, None, lambda event, budget: given.append(event) or {}, 30.0, 60.0)
+    assert given == [{}] and report == {"chained": False}
 
 
 def test_an_operators_event_and_the_continuation_it_hands_on_validate_and_finish_the_run(env):

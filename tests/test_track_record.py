@@ -4,8 +4,10 @@ Real PostgreSQL, Redis and S3 (moto server); later candles come through the fake
 """
 
 import json
+import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -453,7 +455,7 @@ def test_a_run_stops_at_its_deadline_inside_a_batch_and_records_what_it_did(trac
     assert report.continuation["after"] == [SYMBOL, "1h", str(second)]
     assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {first, second}
 
-    rest = scoring.scheduled_run(report.continuation, 150)
+    rest = scoring.scheduled_run(json.loads(json.dumps(report.continuation)), 150)  # as Lambda hands it on
     assert rest["predictions"] == 1 and rest["scored"] == 3 and rest["continuation"] is None
     assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {first, second, third}
 
@@ -656,12 +658,54 @@ def test_score_function_hands_what_is_left_to_a_new_invocation(track):
     first = handler(scheduled, RefreshContext(remaining_seconds=30))  # nothing left beyond the margin
     assert first["scored"] == 0 and first["continuation"]["after"] == ["", "", str(uuid.UUID(int=0))]
     assert first["chained"] is False  # REFRESH_CHAIN=false: returned, not invoked
-    second = handler(first["continuation"], RefreshContext(remaining_seconds=300))
+    continuation = json.loads(json.dumps(first["continuation"]))  # as Lambda hands it to the next chunk
+    assert scoring.ScoreEvent.parse(continuation).now.isoformat() == continuation["now"]
+    second = handler(continuation, RefreshContext(remaining_seconds=300))
     assert second["scored"] == 3 and second["continuation"] is None
     assert handler(scheduled, RefreshContext(remaining_seconds=300))["scored"] == 0
     # A continuation from before series order (a bare id) starts over, and scores nothing twice.
     assert handler({**first["continuation"], "after": str(uuid.uuid4())},
                    RefreshContext(remaining_seconds=300))["scored"] == 0
+    assert handler({}, RefreshContext(remaining_seconds=300))["scored"] == 0  # as Refresh starts it
+
+
+SCORE_NOW = datetime(2026, 11, 30, 6, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("event", "field"), [
+    ({"now": "yesterday"}, "now"), ({"now": "2026-11-30T06:00:00"}, "now"),  # no timezone: which 06:00?
+    ({"now": (datetime.now(UTC) + timedelta(days=30)).isoformat()}, "now"),  # would give up a month of steps
+    ({"now": "0001-01-01T00:00:00+00:00"}, "now"),  # an OverflowError's traceback
+    ({"now": SCORE_NOW.isoformat(), "since": (SCORE_NOW + timedelta(hours=1)).isoformat()}, "since"),
+    ({"since": "1969-12-31T00:00:00+00:00"}, "since"),
+    ({"after": "abc"}, "after"), ({"after": 7}, "after"), ({"after": [SYMBOL, "1h"]}, "after.2"),
+    ({"after": [SYMBOL, "2h", str(uuid.uuid4())]}, "after.1"),
+    ({"after": [SYMBOL, "1h", "not-an-id"]}, "after.2"),  # a ValueError's traceback
+    ({"after": [5, "1h", str(uuid.uuid4())]}, "after.0"), ({"afer": None}, "afer"),
+])
+def test_a_score_event_out_of_bounds_is_refused_naming_the_field_before_anything_runs(monkeypatch, event, field):
+    """The event was taken raw: a word or a bad id was a traceback, a `now` in the future gave up every step
+    older than 45 days before it, a bad cursor started the run over without a word, an unknown field was ignored."""
+    from candlecast.errors import InvalidEvent
+
+    monkeypatch.setattr(scoring, "run", lambda *args, **kwargs: pytest.fail("a refused event ran"))
+    with pytest.raises(InvalidEvent, match=f"^score event refused, nothing was run: {re.escape(field)}: "):
+        scoring.scheduled_run(event, 300)
+
+
+def test_the_score_function_refuses_a_bad_event_in_one_line_without_a_traceback(monkeypatch, caplog):
+    from candlecast.errors import InvalidEvent
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/score")
+    monkeypatch.setattr(scoring, "run", lambda *args, **kwargs: pytest.fail("a refused event ran"))
+    with caplog.at_level(logging.INFO), pytest.raises(InvalidEvent) as raised:
+        handler({"now": "today", "after": "abc"}, RefreshContext(remaining_seconds=300))
+    assert str(raised.value).startswith("score event refused, nothing was run: now: Input should be a valid datetime")
+    assert "; after: " in str(raised.value)
+    (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert record.getMessage() == "run refused" and record.exc_info is None
+    assert record.event == {"now": "today", "after": "abc"}
 
 
 

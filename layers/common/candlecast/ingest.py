@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 from aws_lambda_powertools import Logger
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 from candlecast import cache, redaction
 from candlecast.errors import (
@@ -35,7 +35,6 @@ from candlecast.errors import (
     CandlecastError,
     CandleFileInvalid,
     FileChanged,
-    InvalidEvent,
     NotFound,
     ServiceUnavailable,
 )
@@ -50,7 +49,7 @@ from candlecast.polygon import (
     PolygonRateLimited,
     PolygonRejected,
 )
-from candlecast.schemas import Schema
+from candlecast.schemas import InvocationEvent
 from candlecast.tickers import normalize_ticker
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
@@ -766,12 +765,12 @@ def _canonical_ticker(value: str) -> str:
 EventTicker = Annotated[str, AfterValidator(_canonical_ticker)]
 
 
-class RefreshEvent(Schema):
+class RefreshEvent(InvocationEvent):
     """The Refresh function's event, every field optional: the schedule's ({}) refreshes the symbol table, then the
     candles of the top `symbols`. An operator may name `tickers` (any form normalize_ticker takes), `timeframes` and
     `concurrency`; the other fields are what a chunk's continuation hands on (`scheduled_refresh`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    function = "refresh"
 
     symbols: int = Field(DEFAULT_TOP_SYMBOLS, ge=1, le=MAX_TOP_SYMBOLS, strict=True)
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY, strict=True)
@@ -785,18 +784,8 @@ class RefreshEvent(Schema):
     rate_limited_until: float | None = Field(None, allow_inf_nan=False)  # epoch seconds
     chunk: int = Field(1, ge=1, strict=True)
 
-    @classmethod
-    def parse(cls, event: dict) -> "RefreshEvent":
-        """The event validated, or InvalidEvent naming every field that is wrong."""
-        try:
-            return cls.model_validate(event)
-        except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(str(part) for part in item['loc']) or 'event'}: {item['msg']}"
-                                 for item in error.errors())
-            raise InvalidEvent(f"refresh event refused, nothing was run: {problems}") from None
 
-
-def scheduled_refresh(event: dict, budget_seconds: float) -> dict:
+def scheduled_refresh(event: object, budget_seconds: float) -> dict:
     """The weekly refresh, one chunk per call: the Lambda passes its remaining time minus a margin.
 
     `event` is a RefreshEvent (InvalidEvent, before anything runs, when it is not). The first call

@@ -43,11 +43,14 @@ def budget_seconds(context, report_seconds: float, local_budget_seconds: float) 
     return remaining_ms / 1000 - stop_margin_seconds(report_seconds)
 
 
-def run_chunk(event, context, work: Callable[[dict, float], dict], report_seconds: float,
+def run_chunk(event, context, work: Callable[[object, float], dict], report_seconds: float,
               local_budget_seconds: float) -> dict:
-    """One chunk of a long scheduled run: `work(event, budget_seconds)` returns a report whose `continuation`
-    (if any) is handed to a new invocation. A schedule's own event means a run with the defaults."""
-    event = event if isinstance(event, dict) and "detail-type" not in event else {}
+    """One chunk of a long scheduled run: `work(event, budget_seconds)` validates the event (an InvocationEvent's
+    `parse`) and returns a report whose `continuation` (if any) is handed to a new invocation. A schedule's own event
+    (an EventBridge rule's, without Input) means a run with the defaults; any other event, a dict or not, is the
+    work's to validate (a bare string or list is refused, never run as {})."""
+    if isinstance(event, dict) and "detail-type" in event:
+        event = {}
     try:
         report = work(event, budget_seconds(context, report_seconds, local_budget_seconds))
     except Exception as error:

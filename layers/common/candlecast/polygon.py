@@ -40,10 +40,19 @@ PAGE_MARGIN = 40
 # at midnight).
 SPAN_MS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000, "week": 7 * 86_400_000}
 ROW_MARGIN = 10
-# A page's decoded body is read as it arrives, up to this many bytes: a 50,000-bar page is about 6 MB of compact
-# JSON (123 bytes a bar, tests/fixtures/polygon) and 17 MB pretty-printed, so twice the larger is a bad
-# response, never held in memory (a 0.3 MB gzip body can decode to 300 MB).
-MAX_BODY_BYTES = 32 << 20
+# A bar is 100 to 115 bytes of compact JSON, as Polygon sends it, and 235 to 245 pretty-printed, as the client
+# libraries recorded it (tests/fixtures/polygon): a page of AGGREGATES_LIMIT bars, the most one may carry, is 5.5 MB
+# or 11.7 MB. A page's decoded body is read as it arrives, up to MAX_BODY_BYTES: a bad response past it, never held
+# in memory (a 0.3 MB gzip body can decode to 300 MB).
+MAX_BAR_BYTES = 320
+MAX_BODY_BYTES = AGGREGATES_LIMIT * MAX_BAR_BYTES
+# Each key and value decoding makes follows a `{`, `[`, `,` or `:` of the body (a bar: 17, its object and 8 fields),
+# so counting those bounds a page's decoded size before it is decoded: past a full page's, with room for a ninth
+# field, it is a bad response (a body under the cap was decoded whole before its bars were counted: 290,000 bars in
+# 32 MB peaked at 223 MB, 32 MB of `{}` at 874 MB; a full page peaks at 38 MB, what is refused now at most 71 MB).
+MAX_VALUES_PER_BAR = 20
+MAX_VALUES = AGGREGATES_LIMIT * MAX_VALUES_PER_BAR
+_VALUE_MARKS = (b"{", b"[", b",", b":")
 READ_CHUNK = 64 << 10
 MAX_RETRY_AFTER = 7 * 86400  # seconds: a longer Retry-After holds the client this long
 
@@ -440,7 +449,8 @@ def _read_body(response, ends: float, what: str) -> bytes:
             while chunk := response.read1(READ_CHUNK):
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
-                    raise PolygonBadResponse(f"Polygon sent a body larger than {MAX_BODY_BYTES >> 20} MB for {what}")
+                    raise PolygonBadResponse(f"Polygon sent a body larger than {MAX_BODY_BYTES / 2**20:.1f} MB "
+                                             f"for {what}")
                 if time.monotonic() >= ends:
                     raise _TooSlow
         except (OSError, ValueError, HTTPError) as error:  # the timer shut the connection, or it broke
@@ -468,6 +478,9 @@ def _discard(response) -> bytes:
 
 
 def _decode(data: bytes, what: str) -> dict:
+    if sum(data.count(mark) for mark in _VALUE_MARKS) > MAX_VALUES:
+        raise PolygonBadResponse(f"Polygon sent more JSON values than a page of {AGGREGATES_LIMIT} bars holds for "
+                                 f"{what}")
     try:
         body = strictjson.loads(data)
     except ValueError:

@@ -2,11 +2,21 @@
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
+from candlecast.errors import InvalidEvent
 from candlecast.tickers import MAX_TICKER_LENGTH, TICKER_PATTERN, normalize_ticker
 from candlecast.timeframes import Timeframe, closed_since
 
@@ -36,6 +46,25 @@ DEFERRED = ConfigDict(defer_build=True)
 
 class Schema(BaseModel):
     model_config = DEFERRED
+
+
+class InvocationEvent(Schema):
+    """A scheduled function's event (ingest.RefreshEvent, scoring.ScoreEvent): unknown fields are refused, and
+    `parse` refuses a bad one with InvalidEvent before anything runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    function: ClassVar[str]  # "refresh": InvalidEvent's message begins "refresh event refused"
+
+    @classmethod
+    def parse(cls, event: object) -> Self:
+        """The event validated, or InvalidEvent naming every field that is wrong (`event` for a whole event that is
+        not a JSON object)."""
+        try:
+            return cls.model_validate(event)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(str(part) for part in item['loc']) or 'event'}: {item['msg']}"
+                                 for item in error.errors())
+            raise InvalidEvent(f"{cls.function} event refused, nothing was run: {problems}") from None
 
 
 def list_adapter(item: type[BaseModel]) -> TypeAdapter:

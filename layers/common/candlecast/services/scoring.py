@@ -18,10 +18,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
 
 import numpy as np
 import psycopg
 from aws_lambda_powertools import Logger
+from pydantic import AwareDatetime, Field, ValidationInfo, field_validator
 
 from candlecast import cache, db, storage
 from candlecast.candles import usable_candles
@@ -29,7 +31,10 @@ from candlecast.errors import CandlecastError, Conflict
 from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
 from candlecast.repositories import scores as score_repository
+from candlecast.schemas import InvocationEvent
 from candlecast.services.forecasting import verified_model
+from candlecast.tickers import MAX_TICKER_LENGTH
+from candlecast.timeframes import Timeframe
 
 logger = Logger(child=True)
 
@@ -243,19 +248,53 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     return report
 
 
-def _cursor(after) -> score_repository.DueCursor:
-    """A continuation's cursor; one in an older form (a bare id, from before series order) starts over."""
-    if isinstance(after, list) and len(after) == 3:
-        return str(after[0]), str(after[1]), uuid.UUID(str(after[2]))
-    return score_repository.NO_PREDICTION
+# How far a continuation's `now` may be ahead of this chunk's clock (the clock of the chunk that handed it on).
+CLOCK_SKEW = timedelta(minutes=1)
+CursorTicker = Annotated[str, Field(max_length=MAX_TICKER_LENGTH)]
 
 
-def scheduled_run(event: dict, budget_seconds: float) -> dict:
-    """One chunk of the hourly (or refresh-triggered) run; `event` may hold a continuation."""
-    report = run(
-        budget_seconds,
-        now=datetime.fromisoformat(event["now"]) if event.get("now") else None,
-        since=datetime.fromisoformat(event["since"]) if event.get("since") else None,
-        after=_cursor(event.get("after")),
-    )
+class ScoreEvent(InvocationEvent):
+    """The Score function's event, every field optional: the schedule's and Refresh's ({}) score what is due now. A
+    chunk's continuation (`run`) hands on `now`, `since` and `after`, the last prediction done: [ticker, timeframe,
+    id], ["", "", the nil id] before the first. A bare id (a continuation from before series order) starts over."""
+
+    function = "score"
+
+    now: AwareDatetime | None = Field(None, ge=EVERYTHING_SINCE)
+    since: AwareDatetime | None = Field(None, ge=EVERYTHING_SINCE)  # default: `now` less the scoring window
+    after: tuple[CursorTicker, Literal["", Timeframe], uuid.UUID] | None = None
+
+    @field_validator("now")
+    @classmethod
+    def _not_ahead(cls, now: datetime | None) -> datetime | None:
+        # A later `now` would give up every step older than the window before it, matured or not.
+        if now is not None and now > datetime.now(UTC) + CLOCK_SKEW:
+            raise ValueError("must not be in the future")
+        return now
+
+    @field_validator("since")
+    @classmethod
+    def _not_after_now(cls, since: datetime | None, info: ValidationInfo) -> datetime | None:
+        if since is not None and since > (info.data.get("now") or datetime.now(UTC)):
+            raise ValueError("must not be after now")
+        return since
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _bare_id_starts_over(cls, after: object) -> object:
+        if isinstance(after, str):
+            try:
+                uuid.UUID(after)
+            except ValueError:
+                raise ValueError("must be [ticker, timeframe, id], or a bare prediction id") from None
+            return None
+        return after
+
+
+def scheduled_run(event: object, budget_seconds: float) -> dict:
+    """One chunk of the hourly (or refresh-triggered) run. `event` is a ScoreEvent (InvalidEvent, before anything
+    runs, when it is not), a continuation or {}."""
+    request = ScoreEvent.parse(event)
+    report = run(budget_seconds, now=request.now, since=request.since,
+                 after=request.after or score_repository.NO_PREDICTION)
     return report.as_dict()
