@@ -158,10 +158,12 @@ def committed_models_key():
 
 @pytest.fixture
 def seeded(clean_db):
-    """The committed sample and models seeded, and no model loaded yet."""
+    """The committed sample and models seeded into an emptied bucket (seed keeps a candle file the bucket holds, so
+    one an earlier test changed would stay), and no model loaded yet."""
     from candlecast import seed
     from candlecast.services import forecasting
 
+    empty_bucket(clean_db.bucket)
     forecasting.forget_models()
     seed.seed(progress=False)
     return clean_db

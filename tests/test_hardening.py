@@ -106,12 +106,9 @@ def test_the_development_key_works_locally_and_a_real_key_anywhere():
     assert model_signing_key(_settings(model_signing_key="a-real-secret", stage="prod")) == b"a-real-secret"
 
 
-def test_a_create_outside_local_with_the_public_key_is_refused_before_unpickling(clean_db, monkeypatch):
-    from candlecast import seed
+def test_a_create_outside_local_with_the_public_key_is_refused_before_unpickling(seeded, monkeypatch):
     from candlecast.services import forecasting
 
-    seed.seed(progress=False)
-    forecasting.forget_models()
     monkeypatch.setenv("STAGE", "dev")
     get_settings.cache_clear()
     try:
@@ -282,15 +279,11 @@ def test_records_without_secrets_are_left_alone(monkeypatch):
 # --- every listed symbol can be forecast at the timeframes it says ------------------------------
 
 
-def test_each_listed_symbol_says_which_timeframes_it_can_forecast_and_does(clean_db):
+def test_each_listed_symbol_says_which_timeframes_it_can_forecast_and_does(seeded):
     import csv
 
-    from candlecast import seed
-    from candlecast.services import forecasting
     from tests.conftest import ROOT
 
-    forecasting.forget_models()
-    seed.seed(progress=False)
     with (ROOT / "data" / "symbols.csv").open() as handle:
         tickers = [row["ticker"] for row in csv.DictReader(handle)]
     assert len(tickers) >= 30

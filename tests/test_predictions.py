@@ -521,26 +521,18 @@ def test_a_candle_file_fixed_in_place_is_a_new_request_not_a_repeat(seeded):
     assert (status, headers.get("X-Cache"), again["id"]) == (200, "HIT", fixed["id"])  # repeats still are
 
 
-@pytest.mark.parametrize("how", ["seed", "put-candles"])
-def test_a_candle_file_replaced_by_the_operator_is_used_by_the_next_forecast(seeded, tmp_path, how):
-    """Audit K: after `candlecast seed` uploaded the fixed file, forecasts still came from the cached bad candles
-    for up to an hour. Seed's upload and `candlecast put-candles` drop them."""
-    from candlecast import cli, seed
+def test_a_candle_file_replaced_by_the_operator_is_used_by_the_next_forecast(seeded, tmp_path):
+    """Audit K: after the operator replaced a bad candle file, forecasts still came from the cached bad candles
+    for up to an hour. `candlecast put-candles` drops them (seed no longer replaces a file the bucket holds:
+    tests/test_seed.py)."""
+    from candlecast import cli
 
     storage.put_bytes(storage.candles_key("X:ADAUSDT", "1h"), _raw_candle_file(BAD_CLOSES))
     status, _, first = create({"symbol": "ADAUSDT", "timeframe": "1h"}, {"Idempotency-Key": "before-the-fix"})
     assert status == 201 and first["last_close"] == pytest.approx(BAD_CLOSES[-1])
-    if how == "seed":
-        data = tmp_path / "data"
-        (data / "ADAUSDT").mkdir(parents=True)
-        (data / "ADAUSDT" / "1h.parquet").write_bytes(_raw_candle_file(FIXED_CLOSES))
-        (data / "symbols.csv").write_text("ticker,name,base_currency,quote_currency,volume_24h,volume_rank,source\n"
-                                          "X:ADAUSDT,Cardano,ADA,USDT,,,\n")
-        seed.seed(data, ROOT / "models", progress=False)
-    else:
-        fixed_file = tmp_path / "fixed.parquet"
-        fixed_file.write_bytes(_raw_candle_file(FIXED_CLOSES))
-        assert cli.main(["put-candles", str(fixed_file), "--symbol", "ADA-USDT", "--timeframe", "1h"]) == 0
+    fixed_file = tmp_path / "fixed.parquet"
+    fixed_file.write_bytes(_raw_candle_file(FIXED_CLOSES))
+    assert cli.main(["put-candles", str(fixed_file), "--symbol", "ADA-USDT", "--timeframe", "1h"]) == 0
     for headers in ({}, {"Idempotency-Key": "after-the-fix"}):
         status, _, body = create({"symbol": "ADAUSDT", "timeframe": "1h"}, headers)
         assert status == 201 and body["last_close"] == pytest.approx(FIXED_CLOSES[-1])
