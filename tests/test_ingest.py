@@ -1348,6 +1348,19 @@ def test_an_event_that_is_no_json_object_is_refused_not_run_with_the_defaults(en
     assert record.getMessage() == "run refused" and record.exc_info is None and record.event == event
 
 
+def test_an_event_with_a_detail_type_that_is_no_schedules_is_validated_not_run_with_the_defaults(env):
+    """run_chunk took any dict with a "detail-type" key for the schedule's event: `{"detail-type": "x", "symbols":
+    3}` ran a whole weekly refresh of the default 500 symbols."""
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    with FakePolygon(make_market(2, now=NOW)) as fake:
+        point_settings_at(env, fake)
+        with pytest.raises(InvalidEvent, match="detail-type: Extra inputs are not permitted"):
+            handler({"detail-type": "Manual", "symbols": 3}, RefreshContext(remaining_seconds=900))
+        assert fake.count("/") == 0
+
+
 @pytest.mark.parametrize("function", ["refresh", "score"])
 def test_the_schedules_own_event_is_a_run_with_the_defaults(env, function):
     """What the template's schedules send (an EventBridge rule without Input): the scheduled event itself."""

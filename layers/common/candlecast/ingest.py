@@ -64,9 +64,10 @@ DEFAULT_TOP_SYMBOLS = 500
 # More than Polygon lists (thousands of crypto pairs): a bigger N is a typo.
 MAX_TOP_SYMBOLS = 10_000
 DEFAULT_CONCURRENCY = 8
-# A worker holds one page of bars at a time: a full one (polygon.AGGREGATES_LIMIT bars) peaks at 46 MB, its body and
-# decoded bars (tracemalloc); 16 workers and the ~160 MB of loaded modules fit the Refresh function's 1024 MB.
-MAX_CONCURRENCY = 16
+# A worker holds one page of bars at a time (tracemalloc, body and decoded bars): a full one (polygon.AGGREGATES_LIMIT
+# bars) peaks at 38 MB compact and 57 MB pretty-printed, and the worst page the client decodes and then refuses at
+# 71 MB; 12 workers at that worst and the ~160 MB of loaded modules fit the Refresh function's 1024 MB.
+MAX_CONCURRENCY = 12
 BATCH_DB_SECONDS = 60  # the symbol refresh upserts thousands of rows in one transaction
 # The Polygon bars each timeframe is built from, and how far back a first run reaches.
 SOURCE_OF: dict[str, Timeframe] = {"1h": "1h", "4h": "1h", "1d": "1d", "1w": "1d", "1m": "1d"}

@@ -43,13 +43,16 @@ def budget_seconds(context, report_seconds: float, local_budget_seconds: float) 
     return remaining_ms / 1000 - stop_margin_seconds(report_seconds)
 
 
+SCHEDULED = ("aws.events", "Scheduled Event")  # an EventBridge schedule's event: source and detail-type
+
+
 def run_chunk(event, context, work: Callable[[object, float], dict], report_seconds: float,
               local_budget_seconds: float) -> dict:
     """One chunk of a long scheduled run: `work(event, budget_seconds)` validates the event (an InvocationEvent's
     `parse`) and returns a report whose `continuation` (if any) is handed to a new invocation. A schedule's own event
     (an EventBridge rule's, without Input) means a run with the defaults; any other event, a dict or not, is the
     work's to validate (a bare string or list is refused, never run as {})."""
-    if isinstance(event, dict) and "detail-type" in event:
+    if isinstance(event, dict) and (event.get("source"), event.get("detail-type")) == SCHEDULED:
         event = {}
     try:
         report = work(event, budget_seconds(context, report_seconds, local_budget_seconds))
