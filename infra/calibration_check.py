@@ -17,6 +17,8 @@ With `--long-window N ...`, the same inner scoring of every kind `fit_models` fi
 rebuilt for each long window (`TimeframeConfig.long_window`, the variance target's bars; it also sets the lookback,
 and so the GARCH fit's window and the σ's), the table and tree checks skipped; per pass too with `--per-pass`.
 `--halflife N ...` does the same for the EWMA σ's half-life (`TimeframeConfig.halflife`), the scale of every kind.
+`--set FIELD=VALUE ...` replaces fields of the timeframe's `TimeframeConfig` before any check runs: the checks of a
+pass that `train.PASS_CHOICES` fits with its own configuration (its "configs") run under that configuration.
 
 Pooled over passes, this check is not nested in the walk-forward: the three passes hold out different coins, so the
 calibration blocks scored here (a pass's training coins) are the other passes' outer test origins at the same dates
@@ -32,7 +34,7 @@ With `--kinds`, only the choice of kind per pass: every kind `train.fit_models` 
 tree check, and `train.choose` on each pass's scores (`train.PASS_CHOICES`' kinds, for `train.nested_selection`).
 
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
-        [--garch] [--long-window 365 182 91] [--halflife 12 6 24] [--per-pass] [--kinds]
+        [--garch] [--long-window 365 182 91] [--halflife 12 6 24] [--per-pass] [--kinds] [--set halflife=2]
 """
 
 import argparse
@@ -115,8 +117,13 @@ def main() -> None:
                         help="score every kind the plan fits with each long window instead (see above)")
     parser.add_argument("--halflife", nargs="+", type=int, metavar="BARS",
                         help="the same for each half-life of the EWMA σ (`TimeframeConfig.halflife`)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="replace fields of the timeframe's TimeframeConfig first (a pass's own configuration)")
     args = parser.parse_args()
-    tf, plan, config = args.timeframe, T.PLANS[args.timeframe], CONFIGS[args.timeframe]
+    tf, plan = args.timeframe, T.PLANS[args.timeframe]
+    CONFIGS[tf] = config = replace(CONFIGS[tf], **dict(config_field(item) for item in args.set))
+    if args.set:
+        print(f"{tf}: {config}")
     loaded, _ = T.load_before_holdout(args.data, tf)
     varied = [("long_window", bars) for bars in args.long_window or []] + [("halflife", bars)
                                                                             for bars in args.halflife or []]
@@ -211,6 +218,12 @@ def main() -> None:
         for (kind, data), folds in garch_maps.items():
             p, y = np.concatenate([f[0] for f in folds]), np.concatenate([f[1] for f in folds])
             print(f"  {kind:13s} on {data:8s} {confidence_scores(p, y)}")
+
+
+def config_field(item: str) -> tuple[str, int | float]:
+    field, _, value = item.partition("=")
+    number = float(value)
+    return field, int(number) if number.is_integer() else number
 
 
 def per_horizon(fit_h: np.ndarray, score_h: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

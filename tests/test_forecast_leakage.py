@@ -277,6 +277,77 @@ def test_each_pass_is_fitted_with_the_choices_made_without_its_coins(monkeypatch
         assert not seen & set(np.flatnonzero(groups[group]))  # fitted without the coins it tests
 
 
+def test_each_pass_is_fitted_on_origins_built_with_its_own_config(monkeypatch):
+    """`train.PASS_CHOICES`' "configs": a pass chosen to run another `TimeframeConfig` (here the EWMA σ's half-life)
+    is trained, calibrated and tested on origins built with it, its models carry it; the other passes keep the
+    timeframe's, and the folds' dates stay those of the timeframe's origins."""
+    from candlecast.forecast import train as training
+
+    timeframe = "1h"
+    _, loaded = nine_coins(timeframe)
+    config = CONFIGS[timeframe]
+    own = replace(config, halflife=config.halflife / 4)
+    monkeypatch.setitem(training.PASS_CHOICES, timeframe, {"candles": training.candles_fingerprint(loaded),
+                                                           "passes": ({}, {}, {}),
+                                                           "configs": ({"halflife": own.halflife}, {}, {})})
+    assert training.pass_configs(timeframe, loaded) == [own, config, config]
+    assert training.pass_plans(timeframe, loaded)[1] == [{"halflife": own.halflife}, {}, {}]
+    origins = nine_coin_origins(timeframe)
+    groups = training.coin_groups(loaded, 3)
+    passes = training.pass_origins(timeframe, loaded, origins, groups)
+    assert passes[1][0] is origins and passes[2][0] is origins
+    rebuilt = build_origins(loaded, own)
+    assert np.array_equal(passes[0][0].scale, rebuilt.scale) and not np.array_equal(rebuilt.scale, origins.scale)
+
+    def scales(built, pairs):  # `built`'s scale at each of `pairs`' (series, time)
+        at = {key: index for index, key in enumerate(zip(built.series.tolist(), built.time.tolist(), strict=True))}
+        return built.scale[[at[key] for key in zip(pairs.series.tolist(), pairs.time.tolist(), strict=True)]]
+
+    fitted = []
+
+    def spy(timeframe, train, cal, *args, config=None, **kwargs):
+        fitted.append((train, cal, config))
+        return {}
+
+    monkeypatch.setattr(training, "fit_models", spy)
+    result = training.walk_forward(timeframe, origins, [group[origins.series] for group in groups], 0.3, None,
+                                   np.random.default_rng(0), False, test_fraction=0.3, passes=passes)
+    folds = training.PLANS[timeframe].folds
+    assert [entry[2] for entry in fitted] == [own] * folds + [config] * 2 * folds
+    for train, cal, used in fitted:
+        built = rebuilt if used == own else origins
+        assert np.array_equal(train.scale, scales(built, train)) and np.array_equal(cal.scale, scales(built, cal))
+    first = groups[0][result.test.series]
+    assert first.any() and (~first).any()
+    assert np.array_equal(result.test.scale[first], scales(rebuilt, result.test.take(first)))
+    assert np.array_equal(result.test.scale[~first], scales(origins, result.test.take(~first)))
+    plain = training.walk_forward(timeframe, origins, [group[origins.series] for group in groups], 0.3, None,
+                                  np.random.default_rng(0), False, test_fraction=0.3)
+    assert np.array_equal(np.sort(plain.test.time), np.sort(result.test.time))  # the same folds' dates
+    with pytest.raises(ValueError, match="test_only"):
+        training.walk_forward(timeframe, origins, [group[origins.series] for group in groups], 0.3, None,
+                              np.random.default_rng(0), False, test_fraction=0.3, passes=passes,
+                              test_only=np.zeros(len(origins), dtype=bool))
+
+
+def test_a_model_fitted_with_a_config_carries_it():
+    """`fit_models(config=...)`: every kind's payload (and the GARCH part's window) is the config its origins were
+    built with, so a pass's models forecast as they were tested."""
+    from candlecast.forecast.train import PLANS
+
+    config = replace(CONFIGS["1h"], halflife=6, long_window=360)
+    origins = build_origins([(None, random_walk(seed, 900)) for seed in range(4)], config)
+    cut, end = np.quantile(origins.time, [0.7, 0.9])
+    train = purged(origins.take(origins.time < cut), cut)
+    cal = purged(origins.take((origins.time >= cut) & (origins.time < end)), end)
+    plan = replace(PLANS["1h"], learned=False, volatility=False)
+    models = fit_models("1h", train, cal, 0.3, plan, np.random.default_rng(0), False, config=config)
+    assert set(models) == {"baseline", "garch-scale", "combined"}
+    for model in models.values():
+        assert model.config == config
+    assert models["garch-scale"].payload["garch"]["window"] == config.lookback - 1
+
+
 def test_the_nested_selection_scores_each_passs_coins_with_the_kind_chosen_without_them(monkeypatch):
     """`train.nested_selection`: at each pass's test origins the kind `PASS_CHOICES` chose for that pass (on its
     training coins), scored against GARCH-t at the same origins; on other candles, none."""

@@ -313,7 +313,7 @@ def summary_table(manifest: dict) -> str:
 
 
 def _pass_choices(choices: list[dict] | None) -> str:
-    """A manifest's `pass_choices` in words: each pass's overrides of the plan."""
+    """A manifest's `pass_choices` in words: each pass's overrides of the plan and of its `TimeframeConfig`."""
     if choices is None:
         return "not nested (the plan in every pass)"
     changed = [f"pass {number} " + ", ".join(f"{field} {value}" for field, value in overrides.items())

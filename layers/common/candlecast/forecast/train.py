@@ -39,6 +39,7 @@ from candlecast.forecast.features import (
     INTERVALS,
     MEDIAN,
     QUANTILES,
+    TimeframeConfig,
     origin_features,
     wick_ratios,
 )
@@ -192,6 +193,8 @@ PLANS = {
 # 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); at 1m
 # the second (ADA, BTC, XRP, ...) plain Platt (0.32986 against 0.33148) and the third (BNB, ETH, SOL, ...) a one-year
 # half-life (summed coverage errors 0.3652 against 0.3837 with equal weights).
+# "configs": field overrides of the timeframe's `TimeframeConfig` per pass, the walk-forward building that pass's
+# origins with them (`pass_origins`); each pass's other choices are made under its own (`calibration_check --set`).
 # "kinds": the kind `choose` picks per pass from every kind fitted on each fold's inner training block and scored on
 # the fold's calibration block, that pass's training coins only (`infra.calibration_check --kinds`); a pass with no
 # fold to score gets `choose`'s default, the baseline. The walk-forward reports this nested choice beside the shipped
@@ -527,7 +530,7 @@ def fit_boosters(train: Origins, z: np.ndarray, weights: np.ndarray, plan: Train
 
 
 def payload(timeframe, kind, *, baseline_q, trees=None, conformal=None, wick=0.23, confidence=None,
-            version="untrained", volatility=None, method=None, garch=None) -> dict:
+            version="untrained", volatility=None, method=None, garch=None, config=None) -> dict:
     x, y = confidence if confidence is not None else (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
     return {
         "format": FORMAT,
@@ -538,7 +541,7 @@ def payload(timeframe, kind, *, baseline_q, trees=None, conformal=None, wick=0.2
         "method": method or kind,
         "garch": garch,
         "features": list(FEATURES),
-        "config": asdict(CONFIGS[timeframe]),
+        "config": asdict(config or CONFIGS[timeframe]),
         "quantiles": QUANTILES.copy(),
         "baseline_q": baseline_q,
         "trees": trees,
@@ -565,8 +568,9 @@ def calibrate_confidence(model: ForecastModel, cal: Origins, q: np.ndarray | Non
 
 def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, plan: TrainPlan,
                rng: np.random.Generator, progress: bool, version: str = "untrained",
-               coins: np.ndarray | None = None) -> dict[str, ForecastModel]:
-    """{'baseline', 'learned' (when the plan fits one), 'garch-scale', 'combined'}, calibrated on `cal`.
+               coins: np.ndarray | None = None, config: TimeframeConfig | None = None) -> dict[str, ForecastModel]:
+    """{'baseline', 'learned' (when the plan fits one), 'garch-scale', 'combined'}, calibrated on `cal`; `config`:
+    the `TimeframeConfig` `train` and `cal` were built with (default the timeframe's).
 
     With `plan.calibrate_on_history` the table-based models (and `combined` when its own part is the baseline) are
     calibrated on `calibration_history(train, cal)` (each purged by its caller), so their intervals and confidence
@@ -588,7 +592,7 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     baseline_q = monotone_spread(widen(raw_table, conformal_offsets(table_at_cal, baseline_z, baseline_weights)))
     models = {}
     baseline = ForecastModel(payload(timeframe, "baseline", baseline_q=baseline_q, wick=wick, version=version,
-                                     volatility=volatility))
+                                     volatility=volatility, config=config))
     map_cal = baseline_cal if plan.confidence_on_history else cal
     baseline.payload.update(calibrate_confidence(baseline, map_cal, ln_h=plan.confidence_ln_h))
     models["baseline"] = ForecastModel(baseline.payload)
@@ -596,7 +600,7 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     if plan.learned and not too_few_for_a_leaf(train, plan):
         trees = fit_boosters(train, z_train, weight_train, plan, rng, progress)
         learned = ForecastModel(payload(timeframe, "learned", baseline_q=baseline_q, trees=trees, wick=wick,
-                                        version=version, volatility=volatility))
+                                        version=version, volatility=volatility, config=config))
         mix_cal = combined_map = cal
         raw_q = learned.shape_quantiles(cal.features, conformal=False)
         if plan.tree_folds:
@@ -620,7 +624,8 @@ def fit_models(timeframe: Timeframe, train: Origins, cal: Origins, wick: float, 
     ln_h = {"garch-scale": plan.confidence_ln_h,
             "combined": plan.tree_confidence_ln_h if "learned" in models else plan.confidence_ln_h}
     models.update(fit_garch_models(timeframe, train, baseline_cal, own, mix_cal,
-                                   {"garch-scale": map_cal, "combined": combined_map}, own_at, baseline_weights, ln_h))
+                                   {"garch-scale": map_cal, "combined": combined_map}, own_at, baseline_weights, ln_h,
+                                   config))
     if plan.learned and "learned" not in models:  # e.g. an all-time walk-forward's first fold: trees of a few
         models["learned"] = models["baseline"]  # pairs would be one raw quantile each, coarser than the table
     return models
@@ -763,7 +768,8 @@ COMBINATION_WEIGHT = 0.5
 def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: ForecastModel,
                      mix_cal: Origins | None = None, map_cal: dict | None = None,
                      own_at: Callable[[Origins], np.ndarray] | None = None,
-                     weights: np.ndarray | None = None, ln_h: dict | None = None) -> dict:
+                     weights: np.ndarray | None = None, ln_h: dict | None = None,
+                     config: TimeframeConfig | None = None) -> dict:
     """{'garch-scale': the series' own GARCH(1,1) as the scale with per-horizon empirical quantiles, calibrated on
     `cal`, 'combined': the quantile average (Vincentization) of `own` and that GARCH model, calibrated on `mix_cal`
     (default `cal`: pairs `own` was not fitted on)} (conformal per horizon, then the confidence map, fitted on
@@ -778,9 +784,10 @@ def fit_garch_models(timeframe: Timeframe, train: Origins, cal: Origins, own: Fo
     offsets = conformal_offsets(np.broadcast_to(table, (len(cal), *table.shape)), cal.z / g_cal, weights)
     member = monotone_spread(widen(table, offsets))
     no_widening = np.zeros((len(HORIZONS), len(INTERVALS)))
-    part = {"window": CONFIGS[timeframe].lookback - 1, "fit": TRAINING_FIT, "quantiles": member, "weight": 0.0,
+    config = config or CONFIGS[timeframe]
+    part = {"window": config.lookback - 1, "fit": TRAINING_FIT, "quantiles": member, "weight": 0.0,
             "conformal": no_widening}
-    base = {key: own.payload[key] for key in ("baseline_q", "wick", "version", "volatility")}
+    base = {key: own.payload[key] for key in ("baseline_q", "wick", "version", "volatility")} | {"config": config}
     models = {"garch-scale": ForecastModel(payload(timeframe, "baseline", method="garch-scale", garch=part,
                                                    **base))}
     mix_cal = cal if mix_cal is None else mix_cal
@@ -860,12 +867,39 @@ def walk_forward_steps(timeframe: Timeframe, plan: TrainPlan, origins: Origins, 
 
 
 def pass_plans(timeframe: Timeframe, loaded: list) -> tuple[list[TrainPlan], list[dict] | None]:
-    """(each walk-forward pass's plan in `coin_groups` order, their overrides of the plan): `PASS_CHOICES`' nested
-    choices where `loaded` are the candles they were made on, else the plan in every pass and None."""
+    """(each walk-forward pass's plan in `coin_groups` order, their overrides of the plan and of the timeframe's
+    `TimeframeConfig`): `PASS_CHOICES`' nested choices where `loaded` are the candles they were made on, else the
+    plan in every pass and None."""
     plan, choices = PLANS[timeframe], PASS_CHOICES.get(timeframe)
     if choices is None or candles_fingerprint(loaded) != choices["candles"]:
         return [plan] * plan.coin_groups, None
-    return [replace(plan, **overrides) for overrides in choices["passes"]], list(choices["passes"])
+    configs = choices.get("configs", ({},) * plan.coin_groups)
+    return ([replace(plan, **overrides) for overrides in choices["passes"]],
+            [overrides | config for overrides, config in zip(choices["passes"], configs, strict=True)])
+
+
+def pass_configs(timeframe: Timeframe, loaded: list) -> list[TimeframeConfig]:
+    """Each walk-forward pass's `TimeframeConfig` in `coin_groups` order: `PASS_CHOICES`' "configs" (overrides of
+    `CONFIGS`, chosen per pass on its training coins) where `loaded` are the candles they were made on, else the
+    timeframe's in every pass."""
+    config, choices = CONFIGS[timeframe], PASS_CHOICES.get(timeframe)
+    if choices is None or "configs" not in choices or candles_fingerprint(loaded) != choices["candles"]:
+        return [config] * PLANS[timeframe].coin_groups
+    return [replace(config, **overrides) for overrides in choices["configs"]]
+
+
+def pass_origins(timeframe: Timeframe, loaded: list, origins: Origins, groups: list[np.ndarray],
+                 progress: bool = False) -> list[tuple[Origins, np.ndarray, TimeframeConfig]]:
+    """(origins, held-out mask over them, config) of each pass (`walk_forward`'s `passes`): `origins` (built with
+    the timeframe's config) where the pass keeps it, else rebuilt with the pass's own (`pass_configs`);
+    `groups`: `coin_groups`' masks over `loaded`."""
+    built = {CONFIGS[timeframe]: origins}
+    passes = []
+    for config, group in zip(pass_configs(timeframe, loaded), groups, strict=True):
+        if config not in built:
+            built[config] = build_origins(loaded, config, progress)
+        passes.append((built[config], group[built[config].series], config))
+    return passes
 
 
 def pass_kinds(timeframe: Timeframe, loaded: list) -> list[str] | None:
@@ -902,14 +936,20 @@ def nested_selection(timeframe: Timeframe, loaded: list, log_return: np.ndarray,
 def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.ndarray], wick: float,
                  folds: int | None, rng: np.random.Generator, progress: bool,
                  test_fraction: float | None = None, coins: np.ndarray | None = None,
-                 test_only: np.ndarray | None = None, plans: list[TrainPlan] | None = None) -> WalkForward:
+                 test_only: np.ndarray | None = None, plans: list[TrainPlan] | None = None,
+                 passes: list[tuple[Origins, np.ndarray, TimeframeConfig]] | None = None) -> WalkForward:
     """Expanding-window folds (`folds`, default the plan's) over the last `test_fraction` (default the plan's) of
     time, or over all time after the warm-up, once per group of held-out coins (`held_groups`: masks over
     origins); each group is tested only on its own coins, trained without them, and fitted with its own plan of
-    `plans` (`pass_plans`; default the timeframe's plan). Origins in `test_only` (a mask) are tested with their
-    group and never trained or calibrated on (`infra.history_check`'s late starts, `infra.exchange_check`'s unseen
-    exchange)."""
+    `plans` (`pass_plans`; default the timeframe's plan) on the origins of `passes` (`pass_origins`: each group's
+    origins built with its own config, and its mask over them; default `origins` in every group, the folds' dates
+    always from `origins`). Origins in `test_only` (a mask over `origins`) are tested with their group and never
+    trained or calibrated on (`infra.history_check`'s late starts, `infra.exchange_check`'s unseen exchange)."""
     plan, config = PLANS[timeframe], CONFIGS[timeframe]
+    if passes is not None and test_only is not None:
+        raise ValueError("test_only masks `origins`, not the origins of `passes`")
+    passes = passes or [(origins, held, config) for held in held_groups]
+    pass_of = {id(held): own for held, own in zip(held_groups, passes, strict=True)}
     if test_fraction is not None:
         plan = replace(plan, test_fraction=test_fraction)
     own_plan = {id(held): replace(group_plan, test_fraction=plan.test_fraction)
@@ -921,16 +961,18 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
         from tqdm import tqdm
 
         steps = tqdm(steps, desc=f"walk-forward {timeframe}", unit="fold")
-    trainable = np.ones(len(origins), dtype=bool) if test_only is None else ~test_only
-    for held, fold in steps:
-        train = purged(origins.take(~held & trainable & (origins.time < fold.train_end)), fold.cal_start)
-        cal_mask = ~held & trainable & (origins.time >= fold.cal_start) & (origins.time < fold.cal_end)
-        cal = purged(origins.take(np.flatnonzero(cal_mask)[:: plan.eval_stride]), fold.test_start)
-        test_mask = held & (origins.time >= fold.test_start) & (origins.time < fold.test_end)
-        test = origins.take(np.flatnonzero(test_mask)[:: plan.eval_stride])
+    for step_held, fold in steps:
+        own_origins, held, own_config = pass_of[id(step_held)]
+        trainable = np.ones(len(own_origins), dtype=bool) if test_only is None else ~test_only
+        train = purged(own_origins.take(~held & trainable & (own_origins.time < fold.train_end)), fold.cal_start)
+        cal_mask = ~held & trainable & (own_origins.time >= fold.cal_start) & (own_origins.time < fold.cal_end)
+        cal = purged(own_origins.take(np.flatnonzero(cal_mask)[:: plan.eval_stride]), fold.test_start)
+        test_mask = held & (own_origins.time >= fold.test_start) & (own_origins.time < fold.test_end)
+        test = own_origins.take(np.flatnonzero(test_mask)[:: plan.eval_stride])
         if len(train) == 0 or len(cal) == 0 or len(test) == 0:
             continue
-        models = fit_models(timeframe, train, cal, wick, own_plan[id(held)], rng, progress, coins=coins)
+        models = fit_models(timeframe, train, cal, wick, own_plan[id(step_held)], rng, progress, coins=coins,
+                            config=own_config)
         pooled["origins"].append(test)
         report = {"train_end": _iso(fold.train_end), "calibration": [_iso(fold.cal_start), _iso(fold.cal_end)],
                   "test": [_iso(fold.test_start), _iso(min(fold.test_end, origins.time.max()))],
@@ -938,7 +980,7 @@ def walk_forward(timeframe: Timeframe, origins: Origins, held_groups: list[np.nd
         for kind, model in models.items():
             outputs = model_outputs(model, test)
             pooled.setdefault(kind, []).append(outputs)
-            report[kind] = _headline(metrics(test, *outputs, config.tolerance))
+            report[kind] = _headline(metrics(test, *outputs, own_config.tolerance))
         fold_reports.append(report)
         last_models = models
     if not pooled["origins"]:
@@ -1117,7 +1159,8 @@ def train_timeframe(timeframe: Timeframe, data_dir: Path, out_dir: Path, reports
     groups = coin_groups(loaded, plan.coin_groups)
     plans, choices = pass_plans(timeframe, loaded)
     result = walk_forward(timeframe, origins, [group[origins.series] for group in groups], wick, folds, rng,
-                          progress, test_fraction, series_coins(loaded), plans=plans)
+                          progress, test_fraction, series_coins(loaded), plans=plans,
+                          passes=pass_origins(timeframe, loaded, origins, groups, progress))
     kind, reason = choose(result.results, timeframe)
     comparison = compare_candidates(loaded, result, timeframe, kind, progress, save=save_walk_forward, reason=reason)
     if evaluate_only:
