@@ -212,7 +212,7 @@ PASS_CHOICES: dict[Timeframe, dict] = {
            "passes": ({}, {}, {}), "kinds": ("baseline", "combined", "baseline")},
     "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
            "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0}),
-           "kinds": ("baseline", "baseline", "garch-scale")},
+           "configs": ({"halflife": 3}, {}, {"halflife": 12}), "kinds": ("baseline", "baseline", "combined")},
 }
 
 
