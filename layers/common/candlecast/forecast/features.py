@@ -29,6 +29,14 @@ _SIGMA_FLOOR = 1e-5
 # beyond it without a close that moved with it is a bad print's. In ../shared 1 h and 1 d bars exceed 8σ at 1 in 10⁴
 # (the largest, Gemini BTC 2015-11-14 02:00, high 2200 at close 338, 74σ); a real crash moves σ and stays below it.
 RANGE_CAP = 8.0
+# A bar's range variance is at least (|r| − RANGELESS_FACTOR·ln(H/L))², r its close-to-close log return: the part of
+# the move its range cannot account for even at RANGELESS_FACTOR times its width. That is all of r² for a rangeless
+# bar (open = high = low = close: one trade a bar on an illiquid pair), whose Parkinson and Garman-Klass variances are
+# 0 however far the closes move, so a range-weighted scale (1w: gk20 0.88) fell to its floor, bands ~77× too narrow.
+# A bar whose range holds both closes (any bar opening at the previous close) has |r| ≤ ln(H/L) and is untouched; in
+# ../shared the smallest ln(H/L)/|r| is 0.0945 (1 h; 4 h and 1 d 0.43, 1 w and 1 m 0.98), so no training bar reaches
+# 1/20 and the features the committed models were fitted on are unchanged bit for bit.
+RANGELESS_FACTOR = 20.0
 
 
 @dataclass(frozen=True)
@@ -94,9 +102,11 @@ def origin_features(candles: Candles, config: TimeframeConfig) -> tuple[np.ndarr
     high_low = np.log(candles.high / candles.low)
     range_cap = np.square(RANGE_CAP * sigma)
     range_cap[:1] = np.inf  # the first bar has no return, so no σ
-    parkinson = np.minimum(np.square(high_low) / (4 * np.log(2)), range_cap)
+    unexplained = np.square(np.maximum(np.abs(returns) - RANGELESS_FACTOR * high_low, 0.0))
+    parkinson = np.minimum(np.maximum(np.square(high_low) / (4 * np.log(2)), unexplained), range_cap)
     body = np.log(candles.close / candles.open)
-    garman_klass = np.clip(0.5 * np.square(high_low) - (2 * np.log(2) - 1) * np.square(body), 0.0, range_cap)
+    garman_klass = np.clip(np.maximum(0.5 * np.square(high_low) - (2 * np.log(2) - 1) * np.square(body), unexplained),
+                           0.0, range_cap)
     log_volume = np.log1p(np.maximum(candles.volume, 0))
     volume_mean = _rolling_mean(log_volume, _VOLUME_WINDOW)
     volume_var = np.maximum(_rolling_mean(np.square(log_volume), _VOLUME_WINDOW) - np.square(volume_mean), 0)
