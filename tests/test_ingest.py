@@ -490,6 +490,29 @@ def test_one_absurd_row_is_a_problem_and_the_refresh_goes_on(env, path, field, c
     assert sorted(storage.list_keys("data/")) == sorted(f"data/{ticker[2:]}/1d.parquet" for ticker in listed)
 
 
+@pytest.mark.parametrize("volume", [-1, "n/a"])
+def test_a_top_coin_whose_bar_has_an_unusable_volume_keeps_its_place(env, volume):
+    """The #1 coin's grouped bar with a volume no market prints (v=-1) failed validation, counted as vanished and was
+    marked inactive: gone from the top list, its candles no longer refreshed. It stays listed, active and ranked by
+    the volume stored for it last time (one bad print is not the market), its candles refreshed, and the problem
+    says so."""
+    market = make_market(12, now=NOW)
+    day = datetime.fromtimestamp(NOW - DAY, UTC).strftime("%Y-%m-%d")
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake), now=datetime.fromtimestamp(NOW, UTC))
+        before = symbol_rows()
+        top = ingest.top_tickers(3)
+        serve_changed(fake, GROUPED_PATH.format(day=day), "T", top[0], {"v": volume})
+        summary = ingest.run_ingest(client_for(fake), symbols=3, timeframes=["1d"], now=NOW, history_days=HISTORY)
+    rows = symbol_rows()
+    assert all(row["is_active"] for row in rows.values()) and summary.symbols_inactivated == 0
+    assert rows[top[0]]["volume_rank"] == 1
+    assert rows[top[0]]["volume_24h"] == before[top[0]]["volume_24h"] > 0
+    assert ingest.top_tickers(3) == top
+    assert summary.symbols_done == 3 and storage.list_keys(f"data/{top[0][2:]}/")  # its candles still refreshed
+    assert len(summary.errors) == 1 and top[0] in summary.errors[0] and "stored" in summary.errors[0]
+
+
 def test_an_empty_listing_never_deactivates_the_universe(env):
     with FakePolygon(FakeMarket(now=NOW)) as fake, pytest.raises(PolygonError, match="no active crypto"):
         ingest.refresh_symbols(client_for(fake))

@@ -19,7 +19,7 @@ import argparse
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -198,16 +198,19 @@ def _named(ticker: str) -> str:
 
 
 def rank_symbols(
-    reference_rows: Iterable[dict], grouped_rows: Iterable[dict]
+    reference_rows: Iterable[dict],
+    grouped_rows: Iterable[dict],
+    stored_volumes: Callable[[list[str]], Mapping[str, Decimal]] | None = None,
 ) -> tuple[list["SymbolCreate"], list[str]]:
     """SymbolCreate for every reference row, ranked by 24 h traded value in USD (rank 1 = largest; ties by
     ticker): each pair's quote volume at its quote currency's `usd_rates`, 0 where no bar gives one. Returns
     (symbols, problems) where problems name, in our words (no value Polygon sent but the ticker), the rows that
     could not be used, or not wholly: a listed row whose ticker is not usable is left out; a symbol whose bar gives
     no usable traded value (a volume that is no number or is negative, a volume without a price, a value volume_24h
-    cannot hold) is kept, ranked as if it traded nothing; a name or currency the database cannot store is replaced
-    by the ticker's; a bar without a ticker is left out. One absurd row never costs the other symbols their
-    refresh."""
+    cannot hold) is kept, active, with the volume stored for it (`stored_volumes`, asked once with those tickers),
+    0 without one: one bad print is not the market, and ranked last a top coin would leave the top list and the
+    refresh's top N for a week; a name or currency the database cannot store is replaced by the ticker's; a bar
+    without a ticker is left out. One absurd row never costs the other symbols their refresh."""
     from candlecast.pagination import storable
     from candlecast.schemas import MAX_VOLUME_24H, SymbolCreate
     from candlecast.tickers import split_pair
@@ -215,10 +218,14 @@ def rank_symbols(
     grouped_rows = list(grouped_rows)
     bars = [row for row in grouped_rows if isinstance(row, dict) and isinstance(row.get("T"), str) and row["T"]]
     rates = usd_rates(bars)
-    volumes: dict[str, float | None] = {}
+    volumes: dict[str, Decimal | None] = {}  # None: the bar gives no usable traded value
     for row in bars:
         value = quote_volume(row)
-        volumes[row["T"]] = None if value is None else value * rates.get(split_pair(row["T"])[1], 0.0)
+        value = None if value is None else value * rates.get(split_pair(row["T"])[1], 0.0)
+        usable = value is not None and math.isfinite(value) and 0 <= value < MAX_VOLUME_24H
+        volumes[row["T"]] = Decimal(str(round(value, 8))) if usable else None
+    unusable = sorted(ticker for ticker, volume in volumes.items() if volume is None)
+    stored = stored_volumes(unusable) if unusable and stored_volumes is not None else {}
     candidates, problems, unnamed = [], [], 0
     if len(bars) < len(grouped_rows):
         problems.append(f"grouped daily bars: {len(grouped_rows) - len(bars)} without a ticker were left out")
@@ -227,8 +234,8 @@ def rank_symbols(
         if not isinstance(ticker, str) or not ticker:
             unnamed += 1
             continue
-        volume = volumes.get(ticker, 0.0)
-        usable = volume is not None and math.isfinite(volume) and 0 <= volume < MAX_VOLUME_24H
+        volume = volumes.get(ticker, Decimal(0))
+        kept = stored.get(ticker) if volume is None else None
         texts = {key: row.get(key) for key in ("name", "base_currency_symbol", "currency_symbol")}
         unstorable = [key for key, value in texts.items() if value is not None and not storable(value)]
         texts.update(dict.fromkeys(unstorable))
@@ -239,17 +246,18 @@ def rank_symbols(
                 name=(texts["name"] or ticker)[:200],
                 base_currency=(texts["base_currency_symbol"] or base).upper()[:16],
                 quote_currency=(texts["currency_symbol"] or quote).upper()[:16],
-                volume_24h=Decimal(str(round(volume, 8))) if usable else Decimal(0),
+                volume_24h=volume if volume is not None else kept if kept is not None else Decimal(0),
                 is_active=True,
                 metadata={"source": "polygon"},
             )
         except (ValidationError, ValueError, CandlecastError) as error:  # normalize_ticker raises BadRequest
             problems.append(f"{_named(ticker)}: {str(error).splitlines()[0]}")
             continue
-        if not usable:
+        if volume is None:
             problems.append(f"{_named(ticker)}: its grouped daily bar's volume or price is not usable (no number, "
-                            f"negative, or a traded value past {MAX_VOLUME_24H:.0e} USD); ranked as if it traded "
-                            "nothing")
+                            f"negative, or a traded value past {MAX_VOLUME_24H:.0e} USD); "
+                            + ("its stored volume was kept" if kept is not None else
+                               "no volume is stored for it: ranked as if it traded nothing"))
         if unstorable:
             problems.append(f"{_named(ticker)}: its {' and '.join(unstorable)} is not text the database can store; "
                             "the ticker's own was used")
@@ -287,6 +295,15 @@ def inactivation_refusal(active: int, vanished: int, listing_whole: bool, retire
     return None
 
 
+def _stored_volumes(tickers: list[str]) -> dict[str, Decimal]:
+    """The volume_24h stored for each of `tickers` that has one (rank_symbols' `stored_volumes`)."""
+    from candlecast import db
+    from candlecast.repositories import symbols as symbol_repository
+
+    with db.connection() as conn:
+        return symbol_repository.get_volumes(conn, tickers)
+
+
 def refresh_symbols(client: PolygonClient, *, now: datetime | None = None, retire_missing: bool = False
                     ) -> SymbolRefresh:
     """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive, unless the listing
@@ -304,7 +321,7 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None, retir
         grouped = client.grouped_daily((now - timedelta(days=days_back)).strftime("%Y-%m-%d"))
         if grouped:
             break
-    symbols, problems = rank_symbols(reference, grouped)
+    symbols, problems = rank_symbols(reference, grouped, _stored_volumes)
     if not symbols:
         raise PolygonBadResponse(f"none of Polygon's {len(reference)} tickers was usable; symbols left unchanged")
     listed = [symbol.ticker for symbol in symbols]
