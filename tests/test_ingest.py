@@ -432,6 +432,87 @@ def test_an_unusable_ticker_is_a_problem_not_a_failure():
     assert "X:SOME.WEIRD" in problems[0]
 
 
+GROUPED_PATH = "/v2/aggs/grouped/locale/global/market/crypto/{day}"
+LISTING_PATH = "/v3/reference/tickers"
+
+
+def serve_changed(fake: FakePolygon, path: str, field: str, ticker: str, change: dict) -> None:
+    """Serve `path` as the fake market answers it, with `change` made to the row whose `field` is `ticker`."""
+    status, document = fake.route(path, {"limit": ["1000"]})
+    for row in document["results"]:
+        if row[field] == ticker:
+            row.update(change)
+    fake.files[path] = (status, json.dumps(document).encode())
+
+
+def symbol_rows() -> dict[str, dict]:
+    from candlecast import db
+
+    with db.connection() as conn:
+        return {row["ticker"]: row for row in conn.execute("SELECT * FROM symbols").fetchall()}
+
+
+# One absurd field in one row of Polygon's answer: (path, the row's key field, the change, whether the symbol stays
+# listed, whether the problem names it: a row whose own ticker is not usable cannot be named).
+ABSURD_ROWS = {
+    "traded value past numeric(38, 8)": (GROUPED_PATH, "T", {"v": 1e13, "vw": 1e18}, True, True),
+    "traded value past a float": (GROUPED_PATH, "T", {"v": 1e200, "vw": 1e200}, True, True),
+    "volume not a number": (GROUPED_PATH, "T", {"v": "n/a"}, True, True),
+    "volume a list": (GROUPED_PATH, "T", {"v": [1]}, True, True),
+    "price an object": (GROUPED_PATH, "T", {"vw": {"x": 1}, "c": {"x": 1}}, True, True),
+    "bar's ticker a number": (GROUPED_PATH, "T", {"T": 12345}, True, False),
+    "name the database cannot store": (LISTING_PATH, "ticker", {"name": "Coin\x00One"}, True, True),
+    "currency not a string": (LISTING_PATH, "ticker", {"base_currency_symbol": 7}, True, True),
+    "listed ticker a number": (LISTING_PATH, "ticker", {"ticker": 12345}, False, False),
+}
+
+
+@pytest.mark.parametrize(("path", "field", "change", "stays", "named"), ABSURD_ROWS.values(), ids=ABSURD_ROWS)
+def test_one_absurd_row_is_a_problem_and_the_refresh_goes_on(env, path, field, change, stays, named):
+    """One row no market or listing can mean (a volume past the column, a field of the wrong type) is named in one
+    problem, in our words, not Polygon's; every other symbol is stored and every candle file refreshed (it raised,
+    NumericValueOutOfRange, ValueError, TypeError, AttributeError, and nothing was stored)."""
+    market = make_market(3, now=NOW)
+    path = path.format(day=datetime.fromtimestamp(NOW - DAY, UTC).strftime("%Y-%m-%d"))
+    with FakePolygon(market) as fake:
+        serve_changed(fake, path, field, "X:C001USD", change)
+        summary = ingest.run_ingest(client_for(fake), symbols=3, timeframes=["1d"], now=NOW, history_days=HISTORY)
+    listed = ["X:C000USD", "X:C001USD", "X:C002USD"] if stays else ["X:C000USD", "X:C002USD"]
+    problems = [error for error in summary.errors if error.startswith("symbol ")]
+    assert len(problems) == 1 and ("X:C001USD" in problems[0]) == named
+    assert not any(text in problems[0] for value in change.values() for text in (str(value), repr(value)))
+    assert summary.errors == problems and summary.symbols_upserted == len(listed)
+    rows = symbol_rows()
+    assert sorted(rows) == listed and all(row["is_active"] for row in rows.values())
+    assert [row["volume_rank"] for row in sorted(rows.values(), key=lambda row: row["volume_rank"])] == [
+        *range(1, len(listed) + 1)]
+    assert summary.symbols_done == len(listed) and not summary.failed  # every listed symbol's candles
+    assert sorted(storage.list_keys("data/")) == sorted(f"data/{ticker[2:]}/1d.parquet" for ticker in listed)
+
+
+@pytest.mark.parametrize("volume", [-1, "n/a"])
+def test_a_top_coin_whose_bar_has_an_unusable_volume_keeps_its_place(env, volume):
+    """The #1 coin's grouped bar with a volume no market prints (v=-1) failed validation, counted as vanished and was
+    marked inactive: gone from the top list, its candles no longer refreshed. It stays listed, active and ranked by
+    the volume stored for it last time (one bad print is not the market), its candles refreshed, and the problem
+    says so."""
+    market = make_market(12, now=NOW)
+    day = datetime.fromtimestamp(NOW - DAY, UTC).strftime("%Y-%m-%d")
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake), now=datetime.fromtimestamp(NOW, UTC))
+        before = symbol_rows()
+        top = ingest.top_tickers(3)
+        serve_changed(fake, GROUPED_PATH.format(day=day), "T", top[0], {"v": volume})
+        summary = ingest.run_ingest(client_for(fake), symbols=3, timeframes=["1d"], now=NOW, history_days=HISTORY)
+    rows = symbol_rows()
+    assert all(row["is_active"] for row in rows.values()) and summary.symbols_inactivated == 0
+    assert rows[top[0]]["volume_rank"] == 1
+    assert rows[top[0]]["volume_24h"] == before[top[0]]["volume_24h"] > 0
+    assert ingest.top_tickers(3) == top
+    assert summary.symbols_done == 3 and storage.list_keys(f"data/{top[0][2:]}/")  # its candles still refreshed
+    assert len(summary.errors) == 1 and top[0] in summary.errors[0] and "stored" in summary.errors[0]
+
+
 def test_an_empty_listing_never_deactivates_the_universe(env):
     with FakePolygon(FakeMarket(now=NOW)) as fake, pytest.raises(PolygonError, match="no active crypto"):
         ingest.refresh_symbols(client_for(fake))

@@ -19,7 +19,7 @@ import argparse
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -134,14 +134,40 @@ class IngestSummary:
 # --- symbols ------------------------------------------------------------------------------------
 
 
+def _number(value: object) -> float | None:
+    """`value` as a finite float when it is a JSON number (not a bool, a string or a list), else None."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
 def bar_price(bar: dict) -> float:
-    """A grouped bar's price in its quote currency: the volume-weighted price, else the close (0 for neither)."""
-    return float(bar.get("vw") or bar.get("c") or 0.0)
+    """A grouped bar's price in its quote currency: the volume-weighted price, else the close (0 for neither:
+    each missing, or not a positive number)."""
+    for key in ("vw", "c"):
+        price = _number(bar.get(key))
+        if price is not None and price > 0:
+            return price
+    return 0.0
 
 
-def quote_volume(bar: dict) -> float:
-    """A bar's traded value in the quote currency: base volume times the volume-weighted price."""
-    return float(bar.get("v") or 0.0) * bar_price(bar)
+def base_volume(bar: dict) -> float | None:
+    """A bar's volume in base units: 0 without one, None when it is not a number of at least 0."""
+    if bar.get("v") is None:
+        return 0.0
+    volume = _number(bar["v"])
+    return volume if volume is not None and volume >= 0 else None
+
+
+def quote_volume(bar: dict) -> float | None:
+    """A bar's traded value in the quote currency: base volume times the volume-weighted price; None when the
+    volume is not usable (`base_volume`), or there is one and no price."""
+    volume, price = base_volume(bar), bar_price(bar)
+    return None if volume is None or (volume > 0 and price == 0) else volume * price
 
 
 def usd_rates(grouped_rows: Sequence[dict]) -> dict[str, float]:
@@ -153,7 +179,7 @@ def usd_rates(grouped_rows: Sequence[dict]) -> dict[str, float]:
     for row in grouped_rows:
         price = bar_price(row)
         if row.get("T") and price > 0:
-            prices[split_pair(row["T"])] = (price, float(row.get("v") or 0.0))
+            prices[split_pair(row["T"])] = (price, base_volume(row) or 0.0)
     rates = {"USD": 1.0} | {base: price for (base, quote), (price, _) in prices.items() if quote == "USD"}
     crossings: dict[str, tuple[float, float]] = {}  # quote -> (USD value of the base traded, USD per quote unit)
     for (base, quote), (price, volume) in prices.items():
@@ -164,36 +190,80 @@ def usd_rates(grouped_rows: Sequence[dict]) -> dict[str, float]:
     return rates | {quote: rate for quote, (_, rate) in crossings.items()}
 
 
+def _named(ticker: str) -> str:
+    """A listed ticker as a problem names it: quoted, and cut at a ticker's length."""
+    from candlecast.tickers import MAX_TICKER_LENGTH
+
+    return repr(ticker if len(ticker) <= MAX_TICKER_LENGTH else f"{ticker[:MAX_TICKER_LENGTH]}...")
+
+
 def rank_symbols(
-    reference_rows: Iterable[dict], grouped_rows: Iterable[dict]
+    reference_rows: Iterable[dict],
+    grouped_rows: Iterable[dict],
+    stored_volumes: Callable[[list[str]], Mapping[str, Decimal]] | None = None,
 ) -> tuple[list["SymbolCreate"], list[str]]:
     """SymbolCreate for every reference row, ranked by 24 h traded value in USD (rank 1 = largest; ties by
     ticker): each pair's quote volume at its quote currency's `usd_rates`, 0 where no bar gives one. Returns
-    (symbols, problems) where problems name rows that could not be used."""
-    from candlecast.schemas import SymbolCreate
+    (symbols, problems) where problems name, in our words (no value Polygon sent but the ticker), the rows that
+    could not be used, or not wholly: a listed row whose ticker is not usable is left out; a symbol whose bar gives
+    no usable traded value (a volume that is no number or is negative, a volume without a price, a value volume_24h
+    cannot hold) is kept, active, with the volume stored for it (`stored_volumes`, asked once with those tickers),
+    0 without one: one bad print is not the market, and ranked last a top coin would leave the top list and the
+    refresh's top N for a week; a name or currency the database cannot store is replaced by the ticker's; a bar
+    without a ticker is left out. One absurd row never costs the other symbols their refresh."""
+    from candlecast.pagination import storable
+    from candlecast.schemas import MAX_VOLUME_24H, SymbolCreate
     from candlecast.tickers import split_pair
 
-    grouped_rows = [row for row in grouped_rows if row.get("T")]
-    rates = usd_rates(grouped_rows)
-    volumes = {row["T"]: quote_volume(row) * rates.get(split_pair(row["T"])[1], 0.0) for row in grouped_rows}
-    candidates, problems = [], []
+    grouped_rows = list(grouped_rows)
+    bars = [row for row in grouped_rows if isinstance(row, dict) and isinstance(row.get("T"), str) and row["T"]]
+    rates = usd_rates(bars)
+    volumes: dict[str, Decimal | None] = {}  # None: the bar gives no usable traded value
+    for row in bars:
+        value = quote_volume(row)
+        value = None if value is None else value * rates.get(split_pair(row["T"])[1], 0.0)
+        usable = value is not None and math.isfinite(value) and 0 <= value < MAX_VOLUME_24H
+        volumes[row["T"]] = Decimal(str(round(value, 8))) if usable else None
+    unusable = sorted(ticker for ticker, volume in volumes.items() if volume is None)
+    stored = stored_volumes(unusable) if unusable and stored_volumes is not None else {}
+    candidates, problems, unnamed = [], [], 0
+    if len(bars) < len(grouped_rows):
+        problems.append(f"grouped daily bars: {len(grouped_rows) - len(bars)} without a ticker were left out")
     for row in reference_rows:
-        ticker = row.get("ticker", "")
+        ticker = row.get("ticker") if isinstance(row, dict) else None
+        if not isinstance(ticker, str) or not ticker:
+            unnamed += 1
+            continue
+        volume = volumes.get(ticker, Decimal(0))
+        kept = stored.get(ticker) if volume is None else None
+        texts = {key: row.get(key) for key in ("name", "base_currency_symbol", "currency_symbol")}
+        unstorable = [key for key, value in texts.items() if value is not None and not storable(value)]
+        texts.update(dict.fromkeys(unstorable))
         try:
             base, quote = split_pair(ticker)
             symbol = SymbolCreate(
                 ticker=ticker,
-                name=(row.get("name") or ticker)[:200],
-                base_currency=(row.get("base_currency_symbol") or base).upper()[:16],
-                quote_currency=(row.get("currency_symbol") or quote).upper()[:16],
-                volume_24h=Decimal(str(round(volumes.get(ticker, 0.0), 8))),
+                name=(texts["name"] or ticker)[:200],
+                base_currency=(texts["base_currency_symbol"] or base).upper()[:16],
+                quote_currency=(texts["currency_symbol"] or quote).upper()[:16],
+                volume_24h=volume if volume is not None else kept if kept is not None else Decimal(0),
                 is_active=True,
                 metadata={"source": "polygon"},
             )
         except (ValidationError, ValueError, CandlecastError) as error:  # normalize_ticker raises BadRequest
-            problems.append(f"{ticker or row!r}: {str(error).splitlines()[0]}")
+            problems.append(f"{_named(ticker)}: {str(error).splitlines()[0]}")
             continue
+        if volume is None:
+            problems.append(f"{_named(ticker)}: its grouped daily bar's volume or price is not usable (no number, "
+                            f"negative, or a traded value past {MAX_VOLUME_24H:.0e} USD); "
+                            + ("its stored volume was kept" if kept is not None else
+                               "no volume is stored for it: ranked as if it traded nothing"))
+        if unstorable:
+            problems.append(f"{_named(ticker)}: its {' and '.join(unstorable)} is not text the database can store; "
+                            "the ticker's own was used")
         candidates.append(symbol)
+    if unnamed:
+        problems.append(f"listing: {unnamed} rows without a ticker (or one that is not text) were left out")
     candidates.sort(key=lambda symbol: (-symbol.volume_24h, symbol.ticker))
     unique: dict[str, SymbolCreate] = {}
     for symbol in candidates:
@@ -225,6 +295,15 @@ def inactivation_refusal(active: int, vanished: int, listing_whole: bool, retire
     return None
 
 
+def _stored_volumes(tickers: list[str]) -> dict[str, Decimal]:
+    """The volume_24h stored for each of `tickers` that has one (rank_symbols' `stored_volumes`)."""
+    from candlecast import db
+    from candlecast.repositories import symbols as symbol_repository
+
+    with db.connection() as conn:
+        return symbol_repository.get_volumes(conn, tickers)
+
+
 def refresh_symbols(client: PolygonClient, *, now: datetime | None = None, retire_missing: bool = False
                     ) -> SymbolRefresh:
     """Upsert every active crypto ticker with its volume and rank; mark the vanished inactive, unless the listing
@@ -242,7 +321,7 @@ def refresh_symbols(client: PolygonClient, *, now: datetime | None = None, retir
         grouped = client.grouped_daily((now - timedelta(days=days_back)).strftime("%Y-%m-%d"))
         if grouped:
             break
-    symbols, problems = rank_symbols(reference, grouped)
+    symbols, problems = rank_symbols(reference, grouped, _stored_volumes)
     if not symbols:
         raise PolygonBadResponse(f"none of Polygon's {len(reference)} tickers was usable; symbols left unchanged")
     listed = [symbol.ticker for symbol in symbols]

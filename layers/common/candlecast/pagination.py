@@ -99,12 +99,12 @@ def decode_cursor(scope: str, cursor: str | None, size: int) -> list[str] | None
         position = json.loads(payload)
     except ValueError:
         raise invalid_cursor() from None
-    if not (isinstance(position, list) and len(position) == size and all(map(_storable, position))):
+    if not (isinstance(position, list) and len(position) == size and all(map(storable, position))):
         raise invalid_cursor()
     return position
 
 
-def _storable(value: object) -> bool:
+def storable(value: object) -> bool:
     """A string the database can take: UTF-8 (no lone surrogate, which JSON can spell) and no NUL."""
     if not isinstance(value, str) or "\0" in value:
         return False

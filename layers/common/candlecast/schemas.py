@@ -76,6 +76,10 @@ class _Read(Schema):
     model_config = ConfigDict(from_attributes=True)
 
 
+# volume_24h is numeric(38, 8) (migrations/0001_symbols.sql): an absolute value under 10^30.
+MAX_VOLUME_24H = Decimal(10) ** 30
+
+
 class SymbolCreate(Schema):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,7 +88,7 @@ class SymbolCreate(Schema):
     base_currency: str = Field(..., min_length=1, max_length=16)
     quote_currency: str = Field(..., min_length=1, max_length=16)
     market: str = "crypto"
-    volume_24h: Decimal | None = Field(None, ge=0)
+    volume_24h: Decimal | None = Field(None, ge=0, lt=MAX_VOLUME_24H)
     volume_rank: int | None = Field(None, ge=1)
     is_active: bool = True
     metadata: dict[str, Any] = Field(default_factory=dict)

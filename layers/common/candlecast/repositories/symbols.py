@@ -170,6 +170,13 @@ def count_active(conn: psycopg.Connection, tickers: Iterable[str]) -> tuple[int,
     return int(row["active"]), int(row["vanished"])
 
 
+def get_volumes(conn: psycopg.Connection, tickers: Iterable[str]) -> dict[str, Decimal]:
+    """The stored volume_24h of each of `tickers` that has one."""
+    rows = conn.execute("SELECT ticker, volume_24h FROM symbols WHERE ticker = ANY(%s) AND volume_24h IS NOT NULL",
+                        (list(tickers),)).fetchall()
+    return {row["ticker"]: row["volume_24h"] for row in rows}
+
+
 def mark_inactive_except(conn: psycopg.Connection, tickers: Iterable[str]) -> int:
     """Symbols not in `tickers` are marked inactive (never deleted); returns how many changed."""
     cursor = conn.execute(
