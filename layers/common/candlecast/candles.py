@@ -122,14 +122,8 @@ def flat_fills(candles: Candles) -> np.ndarray:
     return (candles.volume == 0) & (candles.high == candles.low)
 
 
-def usable_candles(candles: Candles) -> Candles:
-    """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
-    what training (`forecast.dataset.load_timeframe`) and the service forecast from.
-
-    Flat rows are kept when too few others are left (a very illiquid symbol). A bad print is a close more than
-    BAD_PRINT_FACTOR times above, or below 1/BAD_PRINT_FACTOR of, both neighbouring closes; the last close has no
-    next one, so it is never judged.
-    """
+def _judged(candles: Candles) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept before the bad-print rule, the bad prints among them): `usable_candles`' two steps."""
     valid = priced(candles)
     flat = flat_fills(candles)
     keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
@@ -138,7 +132,27 @@ def usable_candles(candles: Candles) -> Candles:
     above_previous, above_next = log_close[1:-1] - log_close[:-2], log_close[1:-1] - log_close[2:]
     limit = np.log(BAD_PRINT_FACTOR)
     bad_print = (np.minimum(above_previous, above_next) > limit) | (np.maximum(above_previous, above_next) < -limit)
-    keep[kept[1:-1][bad_print]] = False
+    bad = np.zeros(len(candles), dtype=bool)
+    bad[kept[1:-1][bad_print]] = True
+    return keep, bad
+
+
+def bad_prints(candles: Candles) -> np.ndarray:
+    """Rows whose close `usable_candles` drops as a bad print (the rule it states). The scorer leaves a step whose
+    candle is one unscored, as the forecaster never uses it."""
+    return _judged(candles)[1]
+
+
+def usable_candles(candles: Candles) -> Candles:
+    """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
+    what training (`forecast.dataset.load_timeframe`) and the service forecast from.
+
+    Flat rows are kept when too few others are left (a very illiquid symbol). A bad print is a close more than
+    BAD_PRINT_FACTOR times above, or below 1/BAD_PRINT_FACTOR of, both neighbouring closes; the last close has no
+    next one, so it is never judged.
+    """
+    keep, bad = _judged(candles)
+    keep &= ~bad
     if keep.all():
         return candles
     return Candles(*(getattr(candles, name)[keep] for name in COLUMNS))
