@@ -172,6 +172,24 @@ def test_a_close_far_from_both_neighbours_is_a_bad_print_and_dropped():
     assert kept.open_time.tolist() == candles.open_time[[0, 3, 4, 6, 7, 8, 9, 10, 11]].tolist()
 
 
+def test_two_closes_in_a_row_far_from_both_closes_around_them_are_bad_prints_and_dropped():
+    """The rule compared each close with its two neighbours only: two 10× closes in a row got past it, each with
+    one neighbour at its own level. Three in a row, a pair that does not clear 5× against both sides, a step that
+    stays and a pair the last close ends are kept."""
+    from candlecast.candles import usable_candles
+
+    candles = hourly("2024-01-01T00:00:00", 24)
+    candles.close[:] = 100.0
+    candles.close[2:4] *= 10  # two up
+    candles.close[6:8] /= 10  # two down
+    candles.close[10:13] *= 10  # three: a level, however short
+    candles.close[16], candles.close[17] = 1000.0, 450.0  # the second is not 5× above the closes around them
+    candles.close[22:] = 1000.0  # the last close ends the pair: nothing after it to judge it by
+    kept = usable_candles(candles)
+    dropped = [2, 3, 6, 7]
+    assert kept.open_time.tolist() == np.delete(candles.open_time, dropped).tolist()
+
+
 @pytest.mark.parametrize("stamp", ["2024-01-01T05:00:00Z", "2024-01-01T07:00:00+02:00", "2024-01-01 05:00:00",
                                    "2024-01-01T05:00", "1704085200", "1704085200000", "1704085200000000"])
 def test_csv_times_iso_with_or_without_a_zone_or_in_epoch_units(tmp_path, stamp):

@@ -122,6 +122,22 @@ def test_a_wick_widens_the_shipped_forecast_less_than_a_crash_that_closes_there(
 
 
 @pytest.mark.parametrize("timeframe", ["1h", "1d"])
+def test_two_bad_bars_in_a_row_leave_the_shipped_forecast_as_if_they_were_never_there(timeframe):
+    """Two whole bars ×10 in a row got past the neighbour rule: five bars back they made the 1h 95 % band at h30
+    ×37,781 (1d: ×2.3 million) instead of ×1.35, and the first step's confidence 0.34 → 0.01."""
+    model = shipped_model(timeframe)
+    candles = read_ohlcv(ROOT / "data" / "BTCUSDT" / f"{timeframe}.parquet").tail(model.lookback)
+    for back in (1, 5, 200):
+        bad = [len(candles) - 2 - back, len(candles) - 1 - back]
+        prices = {name: getattr(candles, name).copy() for name in ("open", "high", "low", "close")}
+        for values in prices.values():
+            values[bad] *= 10
+        printed = model.predict(replace(candles, **prices))
+        without = model.predict(Candles(*(np.delete(getattr(candles, name), bad) for name in COLUMNS)))
+        assert np.array_equal(printed.upper_95, without.upper_95) and np.array_equal(printed.close, without.close)
+
+
+@pytest.mark.parametrize("timeframe", ["1h", "1d"])
 def test_a_bad_close_print_before_the_last_bar_leaves_the_shipped_forecast_as_if_it_was_never_there(timeframe):
     """Before `BAD_PRINT_FACTOR`, one 10x close (its high with it) a bar back made the 1h 95 % band 52x wider at h1,
     and 200 bars back still 2.4x at h1 and 4.7x at h30, through the 720-bar long-run variance."""

@@ -468,6 +468,48 @@ def test_fewer_usable_candles_than_the_models_warm_up_are_404_naming_both(seeded
             assert f"has {rows} usable" in body["error"]["message"] and f"at least {need}" in body["error"]["message"]
 
 
+def _jumping_1d_candles(rows: int = 40):
+    """Finite 1d candles that jump 10⁶⁰× up and down every 4 days (no bad print: each level holds 4 days)."""
+    import numpy as np
+
+    from candlecast.candles import Candles
+
+    step = 0.01 * np.where(np.arange(rows) % 2, 1.0, -1.0)
+    step[10::4] = np.log(1e60) * np.where(np.arange(len(step[10::4])) % 2, -1.0, 1.0)
+    close = np.exp(np.cumsum(step))
+    open_ = np.r_[close[0], close[:-1]]
+    times = 1_420_070_400 + 86400 * np.arange(rows, dtype=np.int64)  # 2015-01-01
+    return Candles(times, open_, np.maximum(open_, close) * 1.01, np.minimum(open_, close) / 1.01, close,
+                   np.ones(rows))
+
+
+def test_candles_whose_forecast_overflows_are_a_404_naming_them_not_a_model_failure(seeded):
+    """Finite candles with jumps of 10¹⁷× and more (a fuzzed 1w series) put the 95 % band's upper bound past a
+    float (inf): that was a 503 model_output_invalid, a data problem reported as the model's failure."""
+    storage.write_candles("X:ADAUSDT", "1d", _jumping_1d_candles())
+    status, headers, body = create({"symbol": "ADAUSDT", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (404, "candles_out_of_range"), body
+    assert "X:ADAUSDT's 1d candles swing too far to forecast" in body["error"]["message"]
+    assert "retry-after" not in {name.lower() for name in headers}
+
+
+def test_a_model_that_forecasts_nan_from_finite_candles_is_still_a_503(seeded, monkeypatch):
+    import numpy as np
+
+    from candlecast.forecast.model import ForecastModel
+
+    real = ForecastModel.predict
+
+    def nan_band(self, candles):
+        forecast = real(self, candles)
+        forecast.upper_95[3] = np.nan
+        return forecast
+
+    monkeypatch.setattr(ForecastModel, "predict", nan_band)
+    status, _, body = create({"symbol": "BTC-USD", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (503, "model_output_invalid"), body
+
+
 def test_the_committed_sample_has_enough_history_for_every_timeframe_it_serves():
     from candlecast.candles import usable_candles
     from candlecast.forecast.features import CONFIGS

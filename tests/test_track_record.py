@@ -274,6 +274,29 @@ def test_a_step_whose_candle_is_missing_stays_unscored_and_keeps_its_prediction(
     assert rows(url(), "SELECT count(*) FROM prediction_scores WHERE prediction_id = %s", prediction_id)[0][0] == 4
 
 
+def test_a_step_whose_candle_is_a_bad_print_is_not_scored_from_it_and_stays_due(track):
+    """The forecaster drops a bad print (`usable_candles`); the scorer took it as the realised close, for good: a
+    1h step's pin5 went from 0.3 to 113 and its 95 % band missed."""
+    history = stored_history()
+    prediction = create(SYMBOL)
+    prediction_id = uuid.UUID(prediction["id"])
+    storage.write_candles(SYMBOL, "1h", with_later(history, [101.0, 1020.0, 103.0, 104.0]))  # step 2: ×10
+    report = scoring.run(60)
+    assert [row[0] for row in rows(url(), "SELECT step FROM prediction_scores WHERE prediction_id = %s "
+                                          "ORDER BY step", prediction_id)] == [1, 3, 4]
+    assert (report.scored, report.bad_prints, report.unmatured) == (3, 1, 26)
+    assert next_look(prediction_id) == datetime.fromisoformat(prediction["steps"][1]["ts"])  # not lost: still due
+    with db.connection() as conn:
+        assert score_repository.get_settled_prediction_ids(conn, [prediction_id]) == []
+
+    storage.write_candles(SYMBOL, "1h", with_later(history, [101.0, 102.0, 103.0, 104.0]))  # the file fixed
+    report = scoring.run(60)
+    assert (report.scored, report.bad_prints) == (1, 0)
+    assert rows(url(), "SELECT realised_close FROM prediction_scores WHERE prediction_id = %s AND step = 2",
+                prediction_id) == [(102.0,)]
+    assert get_model("1h")[1]["live"]["n_scored"] == 4
+
+
 @pytest.mark.parametrize("damage", [b"PAR1 not parquet PAR1", "no-close-column"])
 def test_a_damaged_candle_file_fails_its_predictions_only_and_the_run_scores_the_others(track, damage):
     import pyarrow as pa

@@ -13,6 +13,10 @@ MAX_OPEN_TIME = 221_845_392_000  # 9000-01-01T00:00:00Z
 # A close this many times above (or below a fifth of) both neighbouring closes is a bad print (a shifted decimal
 # point, say): no real series in ../shared reverts even 3× within one bar, at any timeframe.
 BAD_PRINT_FACTOR = 5.0
+# Bad prints come alone or two in a row: when only lone ones were dropped, two ×10 hours five bars back made the 1h
+# h30 95 % band's upper/lower 37,781 (1.35 without). No real series in ../shared has even two closes in a row 2×
+# away from both closes around them, so training reads the same candles.
+BAD_PRINT_RUN = 2
 _GRID_SECONDS = {"1h": 3600, "4h": 4 * 3600, "1d": 86400, "1w": 7 * 86400}
 _FIRST_MONDAY = 4 * 86400  # 1970-01-05, the first week's start (1970-01-01 was a Thursday)
 
@@ -122,23 +126,42 @@ def flat_fills(candles: Candles) -> np.ndarray:
     return (candles.volume == 0) & (candles.high == candles.low)
 
 
-def usable_candles(candles: Candles) -> Candles:
-    """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
-    what training (`forecast.dataset.load_timeframe`) and the service forecast from.
-
-    Flat rows are kept when too few others are left (a very illiquid symbol). A bad print is a close more than
-    BAD_PRINT_FACTOR times above, or below 1/BAD_PRINT_FACTOR of, both neighbouring closes; the last close has no
-    next one, so it is never judged.
-    """
+def _judged(candles: Candles) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept before the bad-print rule, the bad prints among them): `usable_candles`' two steps."""
     valid = priced(candles)
     flat = flat_fills(candles)
     keep = valid & ~flat if (valid & ~flat).sum() >= 3 else valid
     kept = np.flatnonzero(keep)
     log_close = np.log(candles.close[kept])
-    above_previous, above_next = log_close[1:-1] - log_close[:-2], log_close[1:-1] - log_close[2:]
     limit = np.log(BAD_PRINT_FACTOR)
-    bad_print = (np.minimum(above_previous, above_next) > limit) | (np.maximum(above_previous, above_next) < -limit)
-    keep[kept[1:-1][bad_print]] = False
+    bad = np.zeros(len(candles), dtype=bool)
+    for run in range(1, min(BAD_PRINT_RUN, len(kept) - 2) + 1):
+        inside = np.lib.stride_tricks.sliding_window_view(log_close[1:-1], run)  # each run of `run` closes
+        before, after = log_close[: len(inside)], log_close[run + 1 :]  # the closes around it
+        bad_run = ((inside.min(axis=1) - np.maximum(before, after) > limit)
+                   | (inside.max(axis=1) - np.minimum(before, after) < -limit))
+        for offset in range(run):
+            bad[kept[1 + offset : 1 + offset + len(inside)][bad_run]] = True
+    return keep, bad
+
+
+def bad_prints(candles: Candles) -> np.ndarray:
+    """Rows whose close `usable_candles` drops as a bad print (the rule it states). The scorer leaves a step whose
+    candle is one unscored, as the forecaster never uses it."""
+    return _judged(candles)[1]
+
+
+def usable_candles(candles: Candles) -> Candles:
+    """Drop rows with missing or non-positive prices, flat zero-volume rows (outage fills), and bad close prints:
+    what training (`forecast.dataset.load_timeframe`) and the service forecast from.
+
+    Flat rows are kept when too few others are left (a very illiquid symbol). A bad print is a close more than
+    BAD_PRINT_FACTOR times above, or below 1/BAD_PRINT_FACTOR of, both neighbouring closes, or one of a run of up
+    to BAD_PRINT_RUN closes that all are, each against both closes around the run; the last close has no next one,
+    so it is never judged (nor a run it ends).
+    """
+    keep, bad = _judged(candles)
+    keep &= ~bad
     if keep.all():
         return candles
     return Candles(*(getattr(candles, name)[keep] for name in COLUMNS))

@@ -158,11 +158,23 @@ def _request_hash(ticker: str, timeframe: str, model_id, candles) -> str:
     return digest.hexdigest()
 
 
-def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
+def _beyond_float_range(columns: dict) -> bool:
+    """Whether an inconsistent forecast is prices past what a float holds, not a model's failure: no NaN anywhere,
+    and a price that overflowed to infinity or underflowed to 0 (exp of σ·√h·z at σ from jumps of 10¹⁷×)."""
+    import numpy as np
+
+    values = np.concatenate(list(columns.values()))
+    prices = [columns[name] for name in _STEP_ARRAYS if name != "confidence"]
+    return not np.isnan(values).any() and any((np.isinf(price) | (price <= 0)).any() for price in prices)
+
+
+def _steps(model, candles, ticker: str, timeframe: str) -> list[PredictionStep]:
     """The 30 expected candles after the last of `candles`, at the timeframe's calendar steps.
 
     Checked once as arrays (the database's CHECK constraints say the same), which names a bad model's
-    output; then validated from plain rows by pydantic-core, which is cheaper than model_construct.
+    output, or candles whose swings put the forecast's prices past a float's range (404 candles_out_of_range: a
+    data problem, which no retry mends); then validated from plain rows by pydantic-core, which is cheaper than
+    model_construct.
     """
     import numpy as np
 
@@ -177,6 +189,11 @@ def _steps(model, candles, timeframe: str) -> list[PredictionStep]:
         and (columns["upper_80"] <= columns["upper_95"]).all() and (columns["lower_95"] > 0).all()
         and ((columns["confidence"] >= 0) & (columns["confidence"] <= 1)).all()
     )
+    if not consistent and _beyond_float_range(columns):
+        low, high = float(candles.close.min()), float(candles.close.max())
+        raise NotFound(f"{ticker}'s {timeframe} candles swing too far to forecast (closes from {low:.3g} to "
+                       f"{high:.3g}): the forecast's prices would lie beyond what a float holds",
+                       code="candles_out_of_range")
     if not consistent:
         raise ModelUnavailable(f"the {timeframe} model produced an inconsistent forecast", code="model_output_invalid")
     step_times = next_open_times(datetime.fromtimestamp(int(candles.open_time[-1]), UTC), timeframe, FORECAST_STEPS)
@@ -189,7 +206,7 @@ def _prediction(symbol: dict, model_row: dict, model, candles, idempotency_key: 
     return PredictionCreate(
         symbol_id=symbol["id"], ticker=symbol["ticker"], timeframe=model_row["timeframe"], model_id=model_row["id"],
         last_candle_at=datetime.fromtimestamp(int(candles.open_time[-1]), UTC), last_close=float(candles.close[-1]),
-        idempotency_key=idempotency_key, steps=_steps(model, candles, model_row["timeframe"]),
+        idempotency_key=idempotency_key, steps=_steps(model, candles, symbol["ticker"], model_row["timeframe"]),
     )
 
 

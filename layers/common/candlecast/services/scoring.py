@@ -1,9 +1,13 @@
 """Scoring matured prediction steps against the stored candles (the Score function and the seed; numpy).
 
-A step has matured when the candle that opens at its ts is stored (ingest stores closed candles only). For each
-one it records the realised close, whether it fell inside the 80 % and 95 % intervals, whether the confidence
-event |C/Ĉ − 1| ≤ τ happened, and the pin5 loss (mean pinball loss over the quantiles 0.025, 0.1, 0.5, 0.9 and
-0.975, in % log return) of the step's stored quantiles and of the model's own baseline at the same origin.
+A step has matured when the candle that opens at its ts is stored (ingest stores closed candles only). A candle
+that `usable_candles` drops as a bad print (`candles.bad_prints`) is no outcome: the forecaster never uses it, and
+scored it would stand in the track record for good, so its step stays unscored (counted in the report's
+`bad_prints`) and due, scored if a fixed file brings a usable candle, given up with the scoring window as a step
+whose candle never came. For each scored step it records the realised close, whether it fell inside the 80 % and
+95 % intervals, whether the confidence event |C/Ĉ − 1| ≤ τ happened, and the pin5 loss (mean pinball loss over the
+quantiles 0.025, 0.1, 0.5, 0.9 and 0.975, in % log return) of the step's stored quantiles and of the model's own
+baseline at the same origin.
 
 Work goes in batches of predictions in series order (ticker, timeframe, id), so each candle file is read once;
 a file that cannot be read is not tried again in the run, and its series' other predictions are skipped. A run
@@ -26,7 +30,7 @@ from aws_lambda_powertools import Logger
 from pydantic import AwareDatetime, Field, ValidationInfo, field_validator
 
 from candlecast import cache, db, storage
-from candlecast.candles import usable_candles
+from candlecast.candles import bad_prints, usable_candles
 from candlecast.errors import CandlecastError, Conflict
 from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
@@ -52,6 +56,7 @@ class ScoreReport:
     predictions: int = 0
     scored: int = 0  # steps newly scored by this run
     unmatured: int = 0  # steps whose candle is not stored yet
+    bad_prints: int = 0  # steps whose candle is a bad print (candles.bad_prints): not scored from it, still due
     failed: list[str] = field(default_factory=list)
     skipped: int = 0  # predictions not tried: their candle file failed earlier in the run
     unreadable_files: list[str] = field(default_factory=list)  # "ticker timeframe: why", once per file
@@ -89,15 +94,22 @@ def _epoch(value) -> int:
     return int(value.timestamp())
 
 
-def score_prediction(prediction: dict, candles, model) -> tuple[list[dict], int]:
-    """(score rows of the steps whose candle is stored, number of steps still waiting for theirs)."""
+def score_prediction(prediction: dict, candles, model,
+                     bad_print: np.ndarray | None = None) -> tuple[list[dict], int, int]:
+    """(score rows of the steps whose candle is stored and usable, number of steps still waiting for theirs, how
+    many of those wait because their candle is a bad print). `bad_print`: `candles.bad_prints(candles)`, when
+    known."""
     steps = prediction["steps"] or []
     times = candles.open_time if candles is not None else np.empty(0, dtype=np.int64)
     step_times = np.array([_epoch(step["ts"]) for step in steps], dtype=np.int64)
     position = np.minimum(np.searchsorted(times, step_times), max(len(times) - 1, 0))
     stored = (len(times) > 0) & (times[position] == step_times) if len(times) else np.zeros(len(steps), bool)
     if not stored.any():
-        return [], len(steps)
+        return [], len(steps), 0
+    misprinted = stored & (bad_prints(candles) if bad_print is None else bad_print)[position]
+    stored &= ~misprinted
+    if not stored.any():
+        return [], len(steps), int(misprinted.sum())
     origin = _epoch(prediction["last_candle_at"])
     history = candles.head(int(np.searchsorted(times, origin, side="right")))
     if not len(history) or int(history.open_time[-1]) != origin:
@@ -127,7 +139,7 @@ def score_prediction(prediction: dict, candles, model) -> tuple[list[dict], int]
         for step, close, hit, own, base in zip(chosen, realised, event, loss, base_loss, strict=True)
         if math.isfinite(close) and close > 0
     ]
-    return rows, len(steps) - len(rows)
+    return rows, len(steps) - len(rows), int(misprinted.sum())
 
 
 def _reason(error: Exception) -> str:
@@ -136,14 +148,15 @@ def _reason(error: Exception) -> str:
 
 
 class _CandleFiles:
-    """Each (ticker, timeframe) file read once per run (a few dozen kept); one whose read failed is remembered
-    (`unreadable`, with the reason) and not read again in the run."""
+    """Each (ticker, timeframe) file read once per run (a few dozen kept), with its bad prints; one whose read failed
+    is remembered (`unreadable`, with the reason) and not read again in the run."""
 
     def __init__(self) -> None:
-        self._files: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._files: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self.unreadable: dict[tuple[str, str], str] = {}
 
-    def get(self, ticker: str, timeframe: str):
+    def get(self, ticker: str, timeframe: str) -> tuple:
+        """(candles or None, their bad prints or None)"""
         key = (ticker, timeframe)
         if key not in self._files:
             try:
@@ -151,7 +164,7 @@ class _CandleFiles:
             except Exception as error:
                 self.unreadable[key] = _reason(error)
                 raise
-            self._files[key] = candles
+            self._files[key] = (candles, bad_prints(candles) if candles is not None else None)
             while len(self._files) > _CANDLE_FILES_KEPT:
                 self._files.popitem(last=False)
         self._files.move_to_end(key)
@@ -178,9 +191,9 @@ def _score_batch(due: list[dict], files: _CandleFiles, report: ScoreReport,
             report.skipped += 1
             continue
         try:
-            candles = files.get(*series)
+            candles, bad_print = files.get(*series)
             model = verified_model(_model_row(prediction)) if candles is not None else None
-            found, waiting = score_prediction(prediction, candles, model)
+            found, waiting, misprinted = score_prediction(prediction, candles, model, bad_print)
         except Exception as error:  # one unreadable file, model or defect never stops the others; no secrets
             reason = _reason(error)
             report.failed.append(f"{prediction['id']}: {reason}")
@@ -189,7 +202,8 @@ def _score_batch(due: list[dict], files: _CandleFiles, report: ScoreReport,
                 report.unreadable_files.append(f"{series[0]} {series[1]}: {reason}")
             continue
         rows.extend(found)
-        report.unmatured += waiting
+        report.unmatured += waiting - misprinted
+        report.bad_prints += misprinted
     return due, rows
 
 
