@@ -300,7 +300,7 @@ def test_scorecard_prints_the_model_beside_its_peers(tmp_path, capsys):
     # 200 daily bars: 2 batches of 100 days for the t interval, 3 blocks of 90 bars, too few for the bootstrap
     assert "(2 batches); bootstrap: too few blocks (3)" in row
     assert any(line.startswith("| 1d | 2020 0.") for line in printed)  # coverage per calendar year
-    (nesting,) = [line for line in printed if line.startswith("Plan choices per coin-group pass")]
+    (nesting,) = [line for line in printed if line.startswith("Plan and `TimeframeConfig` choices per coin-group pass")]
     assert nesting.endswith(": 1d pass 3 confidence_ln_h False; 1w not nested (the plan in every pass).")
     for timeframe, scores, (low80, high80), (low95, high95) in (
             ("1d", comparison, (0.77, 0.83), (0.93, 0.97)), ("1w", short, (0.75, 0.85), (0.92, 0.98))):

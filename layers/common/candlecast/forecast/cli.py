@@ -299,7 +299,8 @@ def summary_table(manifest: dict) -> str:
             for year, item in by_year.items()) if by_year else NOT_RECOMPUTED) + " |")
     notes = ["", "² the horizons whose 80 % and 95 % coverage intervals (block bootstrap with ≥ 10 blocks, else "
              "batch t) both overlap the bands; \"none\": too few batches for an interval.",
-             "", "Plan choices per coin-group pass of the walk-forward (`train.PASS_CHOICES`: made by the inner check "
+             "", "Plan and `TimeframeConfig` choices per coin-group pass of the walk-forward (`train.PASS_CHOICES`: "
+             "made by the inner check "
              "on that pass's training coins alone, so nested in coins, not in time): " + "; ".join(nesting) + "."]
     if missing:
         notes.append(FOOTNOTE)
