@@ -200,3 +200,32 @@ def test_a_database_that_refuses_connections_is_logged_once_not_once_per_layer_a
     lines = [record.getMessage() for record in caplog.records
              if record.levelno >= logging.WARNING and "candlecast" in record.name]  # service_undefined.candlecast.db
     assert len(lines) == 1 and lines[0].startswith("database down"), lines
+
+
+def test_an_unreachable_bucket_is_logged_once_per_request_not_twice(seeded, monkeypatch, caplog):
+    """storage logged 'storage unreachable' (or 'storage request failed') and raised a StorageUnavailable not marked
+    as logged, so the API's error handler logged 'request failed' for the same cause: two WARNING lines per 503 for
+    one S3 outage, where a database outage logs one (found with S3 answering 500s to POST /predictions)."""
+    import uuid
+
+    from candlecast import storage
+    from infra.events import create_event
+    from infra.local_stack import free_port
+    from tests.conftest import reset_clients
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    reset_clients()
+    storage.reset_clients()
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                status, _, body = invoke("predictions_create", create_event(
+                    {"symbol": "X:BTCUSD", "timeframe": "1d"}, idempotency_key=uuid.uuid4().hex))
+                assert (status, body["error"]["code"]) == (503, "storage_unavailable")
+    finally:
+        monkeypatch.undo()
+        reset_clients()
+        storage.reset_clients()
+    lines = [record.getMessage() for record in caplog.records
+             if record.levelno >= logging.WARNING and "candlecast" in record.name]
+    assert len(lines) == 3 and all(line.startswith("storage ") for line in lines), lines

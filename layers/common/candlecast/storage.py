@@ -166,10 +166,18 @@ def _unavailable_as_503(key: str) -> Iterator[None]:
             raise
         # The error's code, not S3's text: an upstream's words stay out of logs and answers.
         logger.warning("storage request failed", extra={"key": key, "error": _code(error)})
-        raise StorageUnavailable("storage is unavailable; try again shortly") from error
+        raise _logged_unavailable() from error
     except (BotoCoreError, OSError) as error:
         logger.warning("storage unreachable", extra={"key": key, "error": type(error).__name__})
-        raise StorageUnavailable("storage is unavailable; try again shortly") from error
+        raise _logged_unavailable() from error
+
+
+def _logged_unavailable() -> StorageUnavailable:
+    """The 503 for a failed S3 request whose cause (key, error code) was just logged: marked so, or the API's error
+    handler logged 'request failed' for it too (two lines per request for one cause)."""
+    error = StorageUnavailable("storage is unavailable; try again shortly")
+    error.logged = True
+    return error
 
 
 # --- plain objects ------------------------------------------------------------------------------
