@@ -1371,6 +1371,45 @@ def test_refresh_function_works_in_chunks_and_hands_on_what_is_left(env):
     assert second["continuation"] is None and second["errors"] == [] and second["files_written"] == 15
 
 
+def test_a_refresh_whose_symbols_all_fail_emits_the_metrics_its_alarm_reads(env, capsys):
+    """A weekly Refresh that completed with every symbol failing (Polygon refusing every candle request) emitted no
+    metric and queued no failed run: no alarm could fire. Its counts now go out as EMF metrics, with the namespace,
+    names and dimensions RefreshFailedShareAlarm reads."""
+    from infra import template_checks
+    from infra.lambda_loader import load_handler
+    from tests.test_observability import emf_blobs
+
+    env.setenv("REFRESH_CHAIN", "false")
+    handler = load_handler("functions/refresh")
+    with FakePolygon(make_market(3, now=int(time.time()), history_days=70)) as fake:
+        point_settings_at(env, fake)
+        fake.add_fault("/v2/aggs/ticker/", status=404, times=1_000)
+        capsys.readouterr()
+        report = handler({"detail-type": "Scheduled Event", "source": "aws.events", "detail": {}},
+                         RefreshContext(remaining_seconds=900))
+    assert report["symbols_done"] == 0 and len(report["failed"]) == 3
+    (blob,) = [blob for blob in emf_blobs(capsys.readouterr().out) if "RefreshSymbolsFailed" in blob]
+    (directive,) = blob["_aws"]["CloudWatchMetrics"]
+    assert (blob["RefreshSymbolsFailed"], blob["RefreshSymbolsDone"]) == ([3.0], [0.0])
+
+    alarm = template_checks.load_template()["Resources"]["RefreshFailedShareAlarm"]["Properties"]
+    stats = [query["MetricStat"] for query in alarm["Metrics"] if "MetricStat" in query]
+    assert sorted(stat["Metric"]["MetricName"] for stat in stats) == ["RefreshSymbolsDone", "RefreshSymbolsFailed"]
+    for stat in stats:
+        # CloudWatch matches a metric by its namespace and its whole set of dimensions: `service` comes from
+        # POWERTOOLS_SERVICE_NAME as the process had it when the module was loaded (the template sets it for every
+        # function; a test that loaded the function earlier may not have)
+        dimensions = {item["Name"]: item["Value"] for item in stat["Metric"]["Dimensions"]}
+        assert {"function", "stage"} <= set(directive["Dimensions"][0]) <= set(dimensions)
+        assert set(dimensions) == {"function", "service", "stage"}
+        assert stat["Metric"]["Namespace"] == "Candlecast" and dimensions["stage"] == {"Ref": "Stage"}
+        assert (dimensions["function"], dimensions["service"]) == (blob["function"], "candlecast")
+    template = template_checks.load_template()
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert (variables["POWERTOOLS_METRICS_NAMESPACE"], variables["POWERTOOLS_SERVICE_NAME"]) == ("Candlecast",
+                                                                                                 "candlecast")
+
+
 @pytest.mark.parametrize(("event", "field"), [
     ({"concurrency": 0}, "concurrency"), ({"concurrency": ingest.MAX_CONCURRENCY + 1}, "concurrency"),
     ({"concurrency": "many"}, "concurrency"), ({"concurrency": True}, "concurrency"),

@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestUnsupportedContentType, RequestValidationError
 from aws_lambda_powertools.logging import correlation_paths
@@ -28,11 +28,12 @@ from candlecast.errors import (
     error_body,
     retry_after,
 )
+from candlecast.metrics import function_metrics, metric_dimensions
 from candlecast.pagination import Page
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "candlecast"))
 redaction.install(logger)
-metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Candlecast"))
+metrics = function_metrics()
 
 # API Gateway accepts up to 10 MB; no request of ours needs more than a few hundred bytes.
 MAX_BODY_BYTES = 16 * 1024
@@ -236,12 +237,6 @@ def _error_result(error: CandlecastError) -> dict:
         "body": json.dumps(error_body(error.code, error.message)),
         "isBase64Encoded": False,
     }
-
-
-def metric_dimensions(function: str) -> dict[str, str]:
-    """The dimensions of every metric an HTTP function emits (besides `service`): its stage and which function,
-    so dev and prod, and one function and another, are not summed together. Both are few (README, Alarms)."""
-    return {"stage": get_settings().stage, "function": function}
 
 
 def lambda_handler_for(app: APIGatewayHttpResolver, function: str) -> Callable[[dict, LambdaContext], dict]:
