@@ -229,4 +229,3 @@ def test_an_unreachable_bucket_is_logged_once_per_request_not_twice(seeded, monk
     lines = [record.getMessage() for record in caplog.records
              if record.levelno >= logging.WARNING and "candlecast" in record.name]
     assert len(lines) == 3 and all(line.startswith("storage ") for line in lines), lines
-
