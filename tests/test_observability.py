@@ -229,3 +229,36 @@ def test_an_unreachable_bucket_is_logged_once_per_request_not_twice(seeded, monk
     lines = [record.getMessage() for record in caplog.records
              if record.levelno >= logging.WARNING and "candlecast" in record.name]
     assert len(lines) == 3 and all(line.startswith("storage ") for line in lines), lines
+
+
+def test_the_end_of_an_s3_outage_is_logged_with_its_length_and_failed_requests(seeded, monkeypatch, caplog):
+    """An S3 outage logged a line per failed request and nothing when S3 answered again: an operator could not tell
+    from the logs that it was over (a database outage logs "database up again" with its length)."""
+    import uuid
+
+    from candlecast import storage
+    from infra.events import create_event
+    from infra.local_stack import free_port
+    from tests.conftest import reset_clients
+
+    def create() -> int:
+        return invoke("predictions_create", create_event({"symbol": "X:BTCUSD", "timeframe": "1d"},
+                                                         idempotency_key=uuid.uuid4().hex))[0]
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    reset_clients()
+    storage.reset_clients()
+    try:
+        with caplog.at_level(logging.INFO):
+            assert [create(), create()] == [503, 503]
+            monkeypatch.undo()
+            reset_clients()
+            storage.reset_clients()
+            assert create() == 201
+            assert create() == 201
+    finally:
+        monkeypatch.undo()
+        reset_clients()
+        storage.reset_clients()
+    (recovered,) = [record for record in caplog.records if record.getMessage() == "storage up again"]
+    assert recovered.failed_requests == 2 and recovered.down_seconds > 0

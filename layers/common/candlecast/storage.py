@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
@@ -152,24 +153,58 @@ def _is_missing(error: Exception) -> bool:
     return _code(error) in {"404", "NoSuchKey", "NotFound"}
 
 
+@dataclass
+class _Outage:
+    since: float  # time.monotonic() of its first failed request
+    failed: int = 0  # requests failed since
+
+
+_outage: _Outage | None = None  # S3 failing since; each failed request logs its own line
+
+
 @contextmanager
 def _unavailable_as_503(key: str) -> Iterator[None]:
-    """An unreachable or failing S3 becomes StorageUnavailable (503); a missing key is the caller's to handle."""
+    """An unreachable or failing S3 becomes StorageUnavailable (503); a missing key is the caller's to handle.
+    The first request S3 answers after failures logs "storage up again", with how long and how many failed."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         yield
     except FileNotFoundError:
+        _storage_answered()
         raise
     except ClientError as error:
         if _is_missing(error):
+            _storage_answered()
             raise
         # The error's code, not S3's text: an upstream's words stay out of logs and answers.
         logger.warning("storage request failed", extra={"key": key, "error": _code(error)})
+        _storage_failed()
         raise _logged_unavailable() from error
     except (BotoCoreError, OSError) as error:
         logger.warning("storage unreachable", extra={"key": key, "error": type(error).__name__})
+        _storage_failed()
         raise _logged_unavailable() from error
+    _storage_answered()
+
+
+def _storage_failed() -> None:
+    global _outage
+    with _lock:
+        if _outage is None:
+            _outage = _Outage(time.monotonic())
+        _outage.failed += 1
+
+
+def _storage_answered() -> None:
+    global _outage
+    if _outage is None:
+        return
+    with _lock:
+        outage, _outage = _outage, None
+    if outage is not None:
+        logger.info("storage up again", extra={"down_seconds": round(time.monotonic() - outage.since, 3),
+                                               "failed_requests": outage.failed})
 
 
 def _logged_unavailable() -> StorageUnavailable:
