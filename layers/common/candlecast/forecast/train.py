@@ -201,8 +201,8 @@ PLANS = {
 # DASH, ...) takes 2 days (4.4244 against 4.4327 at 3 and 4.4460 at the 12 shipped before), passes 2 and 3 and all
 # coins 3 (4.1979, 4.2861; all coins 4.3099 against 4.3280 at 12); at 1m pass 1 takes 3 months (+0.26 %), pass 3
 # (BNB, ETH, SOL, ...) 12 (+0.68 %), all coins keep 6 (pass 2 has no fold). At 1w every pass keeps 8 (4 is within
-# 0.17 %), at 4h 16 (4 or 32 within 0.15 %), and the long window is one for all passes everywhere (1w 26, 1d 365;
-# 4h's 270 and 1h's 360 gain under 0.2 %).
+# 0.17 %), at 4h 16 (4 or 32 within 0.15 %), at 1h 24 (12 within 0.1 %), and the long window is one for all
+# passes everywhere (1w 26, 1d 365; 4h's 270 and 1h's 360 gain under 0.2 %).
 # "kinds": the kind `choose` picks per pass from every kind fitted on each fold's inner training block and scored on
 # the fold's calibration block, that pass's training coins only (`infra.calibration_check --kinds`); a pass with no
 # fold to score gets `choose`'s default, the baseline. The walk-forward reports this nested choice beside the shipped
