@@ -647,6 +647,33 @@ def test_an_api_outage_raises_an_alarm_on_the_alarm_topic(template, resources):
         assert all(stat["Metric"]["Dimensions"][0]["Name"] == "FunctionName" for stat in stats)
 
 
+
+@pytest.mark.parametrize(("name", "function"), [("RefreshFailedShareAlarm", "refresh"),
+                                                ("ScoreFailedShareAlarm", "score")])
+def test_a_scheduled_functions_failed_share_alarm_reads_its_own_metrics_and_notifies_the_topic(
+        template, resources, name, function):
+    """A Score chunk whose predictions failed completed and emitted nothing: no alarm could go off. Each failed-share
+    alarm reads its function's EMF metrics (a day's sums) and notifies AlarmTopicArn as the others do."""
+    alarm = resources[name]["Properties"]
+    notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    assert alarm["AlarmActions"] == alarm["OKActions"] == notify
+    assert alarm["AlarmName"] == {"Fn::Sub": f"candlecast-${{Stage}}-{function}-failed-share"}
+    assert (alarm["TreatMissingData"], alarm["ComparisonOperator"], alarm["Threshold"]) == (
+        "notBreaching", "GreaterThanOrEqualToThreshold", 0.2)
+    [share] = [query for query in alarm["Metrics"] if query.get("ReturnData", True)]
+    stats = [query for query in alarm["Metrics"] if "MetricStat" in query]
+    assert set(re.findall(r"[a-z]+", share["Expression"])) == {query["Id"] for query in stats}
+    for query in stats:
+        metric = query["MetricStat"]["Metric"]
+        assert metric["MetricName"].startswith(function.capitalize()), metric
+        assert metric["Namespace"] == template["Globals"]["Function"]["Environment"]["Variables"][
+            "POWERTOOLS_METRICS_NAMESPACE"]
+        assert {item["Name"]: item["Value"] for item in metric["Dimensions"]} == {
+            "service": "candlecast", "stage": {"Ref": "Stage"}, "function": function}
+        assert (query["MetricStat"]["Period"], query["MetricStat"]["Stat"]) == (86400, "Sum")
+    assert name in " ".join(template["Parameters"]["AlarmTopicArn"]["Description"].split())
+
+
 def test_the_readme_names_every_alarm_of_the_template(resources):
     readme = (ROOT / "README.md").read_text()
     for name, resource in resources.items():

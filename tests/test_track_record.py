@@ -692,6 +692,70 @@ def test_score_function_hands_what_is_left_to_a_new_invocation(track):
     assert handler({}, RefreshContext(remaining_seconds=300))["scored"] == 0  # as Refresh starts it
 
 
+def test_a_score_chunk_emits_the_counts_its_failed_share_alarm_reads(track, capsys):
+    """Score emitted no metric: a chunk whose predictions failed (the bucket unreachable, a damaged file) completed,
+    queued no failed run, and nothing could alarm on it or show what a run scored. Its report's counts now go out as
+    EMF metrics, with the namespace, names and dimensions ScoreFailedShareAlarm reads."""
+    from candlecast.config import get_settings
+    from candlecast.errors import StorageUnavailable
+    from infra import template_checks
+    from infra.lambda_loader import load_handler
+    from tests.test_observability import emf_blobs
+
+    handler = load_handler("functions/score")
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
+    copies_of_one_forecast(3)
+    create("X:SOLUSD")
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    real = storage.read_all_candles
+
+    def read(ticker: str, timeframe: str):
+        if ticker == SYMBOL:
+            raise StorageUnavailable("storage did not answer in time")
+        return real(ticker, timeframe)
+
+    track.setattr(storage, "read_all_candles", read)
+    track.setenv("REFRESH_CHAIN", "false")
+    get_settings.cache_clear()
+    capsys.readouterr()
+    report = handler(json.loads((EVENTS / "score_scheduled.json").read_text()), RefreshContext(remaining_seconds=300))
+    assert (report["predictions"], len(report["failed"]), report["skipped"], report["scored"]) == (4, 1, 2, 3)
+    (blob,) = [blob for blob in emf_blobs(capsys.readouterr().out) if "ScorePredictions" in blob]
+    (directive,) = blob["_aws"]["CloudWatchMetrics"]
+    assert {metric["Name"]: metric["Unit"] for metric in directive["Metrics"]} == {
+        "ScorePredictions": "Count", "ScorePredictionsFailed": "Count", "ScorePredictionsSkipped": "Count",
+        "ScoreStepsScored": "Count"}
+    assert ([blob["ScorePredictions"], blob["ScorePredictionsFailed"], blob["ScorePredictionsSkipped"],
+             blob["ScoreStepsScored"]] == [[4.0], [1.0], [2.0], [3.0]])
+    assert (blob["stage"], blob["function"]) == ("local", "score")
+
+    template = template_checks.load_template()
+    alarm = template["Resources"]["ScoreFailedShareAlarm"]["Properties"]
+    queries = {query["Id"]: query for query in alarm["Metrics"]}
+    assert queries["share"]["Expression"] == "(failed + skipped) / predictions"
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (0.2, "GreaterThanOrEqualToThreshold")
+    assert {name: query["MetricStat"]["Metric"]["MetricName"] for name, query in queries.items()
+            if "MetricStat" in query} == {"failed": "ScorePredictionsFailed", "skipped": "ScorePredictionsSkipped",
+                                          "predictions": "ScorePredictions"}
+    for query in queries.values():
+        if "MetricStat" not in query:
+            continue
+        stat = query["MetricStat"]
+        # CloudWatch matches a metric by its namespace and its whole set of dimensions: `service` comes from
+        # POWERTOOLS_SERVICE_NAME as the process had it when the module was loaded (the template sets it for every
+        # function; a test that loaded the function earlier may not have)
+        dimensions = {item["Name"]: item["Value"] for item in stat["Metric"]["Dimensions"]}
+        assert {"function", "stage"} <= set(directive["Dimensions"][0]) <= set(dimensions)
+        assert set(dimensions) == {"function", "service", "stage"}
+        assert stat["Metric"]["Namespace"] == "Candlecast" and dimensions["stage"] == {"Ref": "Stage"}
+        assert (dimensions["function"], dimensions["service"]) == (blob["function"], "candlecast")
+        assert stat["Stat"] == "Sum"
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert variables["POWERTOOLS_METRICS_NAMESPACE"] == "Candlecast"  # the tests' is CandlecastTest
+
+
 SCORE_NOW = datetime(2026, 11, 30, 6, tzinfo=UTC)
 
 

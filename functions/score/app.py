@@ -13,18 +13,25 @@ from aws_lambda_powertools import Logger
 
 from candlecast import redaction
 from candlecast.invoke import run_chunk
+from candlecast.metrics import add_counts, function_metrics, metric_dimensions
 from candlecast.services import scoring
 
 logger = Logger()
 redaction.install(logger)
+metrics = function_metrics()
 
 REPORT_SECONDS = 30.0  # after the statement in flight (invoke.stop_margin_seconds): record, report, hand on
 LOCAL_BUDGET_SECONDS = 600.0
 
 
 @logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics
 def lambda_handler(event, context):
+    metrics.set_default_dimensions(**metric_dimensions("score"))
     report = run_chunk(event, context, scoring.scheduled_run, REPORT_SECONDS, LOCAL_BUDGET_SECONDS)
+    # A chunk whose predictions fail still returns: ScoreFailedShareAlarm reads these, not the failed runs.
+    add_counts(metrics, ScorePredictions=report["predictions"], ScorePredictionsFailed=len(report["failed"]),
+               ScorePredictionsSkipped=report["skipped"], ScoreStepsScored=report["scored"])
     logger.info("score chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report
 
