@@ -87,6 +87,38 @@ def test_retention_forgets_the_counted_outcomes_no_prediction_left_can_match(age
     assert report["outcomes_forgotten"] == 2 and left == (3, True)
 
 
+
+def test_retention_emits_what_it_removed_as_metrics(aged, monkeypatch, capsys):
+    """Retention emitted no metric: how many predictions and outcomes a run removed, and how many the cache kept
+    serving, were in its log line only. They now go out as EMF metrics, with the dimensions Refresh's carry."""
+    from tests.test_observability import emf_blobs
+
+    with psycopg.connect(aged.database_url, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO live_outcomes (model_id, ticker, timeframe, origin_at, step, ts)
+            SELECT DISTINCT ON (s.ts) p.model_id, p.ticker, p.timeframe, p.last_candle_at, s.step, s.ts
+            FROM prediction_steps s JOIN predictions p ON p.id = s.prediction_id
+            WHERE s.step = 1
+        """)
+    capsys.readouterr()
+    report = run_retention(monkeypatch, "365", "4")
+    assert (report["deleted"], report["outcomes_forgotten"], report["cache_not_dropped"]) == (20, 2, 0)
+    (blob,) = [blob for blob in emf_blobs(capsys.readouterr().out) if "RetentionPredictionsDeleted" in blob]
+    (directive,) = blob["_aws"]["CloudWatchMetrics"]
+    assert {metric["Name"]: metric["Unit"] for metric in directive["Metrics"]} == {
+        "RetentionPredictionsDeleted": "Count", "RetentionOutcomesForgotten": "Count",
+        "RetentionCacheNotDropped": "Count"}
+    assert ([blob["RetentionPredictionsDeleted"], blob["RetentionOutcomesForgotten"],
+             blob["RetentionCacheNotDropped"]] == [[20.0], [2.0], [0.0]])
+    # `service` comes from POWERTOOLS_SERVICE_NAME as the process had it when the module was loaded
+    assert {"function", "stage"} <= set(directive["Dimensions"][0]) <= {"function", "service", "stage"}
+    assert (blob["stage"], blob["function"]) == ("local", "retention")
+
+    # Turned off, it looks at nothing and counts nothing.
+    assert run_retention(monkeypatch, "none", "1000") == {"enabled": False}
+    assert not [blob for blob in emf_blobs(capsys.readouterr().out) if "RetentionPredictionsDeleted" in blob]
+
+
 def test_retention_waits_for_the_track_record_to_score_recent_steps(aged, monkeypatch):
     run_retention(monkeypatch, "365", "1000")
     assert remaining(aged.database_url)["unscored"] == 10
