@@ -15,12 +15,11 @@ from candlecast import startup
 startup.begin()  # no garbage collection while the function's modules load
 
 from aws_lambda_powertools import Logger
-from aws_lambda_powertools.metrics import MetricUnit
 
 from candlecast import ingest, redaction
 from candlecast.config import get_settings
 from candlecast.invoke import invoke_async, run_chunk
-from candlecast.metrics import function_metrics, metric_dimensions
+from candlecast.metrics import add_counts, function_metrics, metric_dimensions
 
 logger = Logger()
 redaction.install(logger)
@@ -57,8 +56,7 @@ def lambda_handler(event, context):
     metrics.set_default_dimensions(**metric_dimensions("refresh"))
     report = run_chunk(event, context, ingest.scheduled_refresh, REPORT_SECONDS, LOCAL_BUDGET_SECONDS)
     # A chunk whose symbols all failed still returns: RefreshFailedShareAlarm reads these, not the failed runs.
-    metrics.add_metric(name="RefreshSymbolsDone", unit=MetricUnit.Count, value=report["symbols_done"])
-    metrics.add_metric(name="RefreshSymbolsFailed", unit=MetricUnit.Count, value=len(report["failed"]))
+    add_counts(metrics, RefreshSymbolsDone=report["symbols_done"], RefreshSymbolsFailed=len(report["failed"]))
     report["scoring"] = _score() if report.get("candles_added") else "off"
     logger.info("refresh chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
     return report
