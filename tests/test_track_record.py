@@ -458,6 +458,43 @@ def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions
     assert scoring.run(60).scored == 9
 
 
+def test_a_model_that_fails_to_load_is_fetched_once_per_run_and_its_other_predictions_are_skipped(track):
+    """A model file replaced or deleted in the bucket (audit: stores rolled back one by one) was fetched again for
+    every due prediction made with it, each logging its own warning; the run now fetches it once, names it once,
+    and scores the predictions of other models."""
+    from candlecast.errors import ModelIntegrityError
+
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
+    failing = copies_of_one_forecast(3)
+    other = uuid.UUID(create("X:SOLUSD")["id"])
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    with psycopg.connect(url(), autocommit=True) as conn:  # SYMBOL's predictions were made with another model row
+        conn.execute("INSERT INTO models (timeframe, name, version, kind, s3_key, sha256, is_active) SELECT timeframe, "
+                     "name, 'replaced', kind, s3_key || '.replaced', sha256, false FROM models WHERE is_active "
+                     "AND timeframe = '1h'")
+        conn.execute("UPDATE predictions SET model_id = (SELECT id FROM models WHERE version = 'replaced') "
+                     "WHERE id = ANY(%s)", [failing])
+    fetched: list[str] = []
+    real = scoring.verified_model
+
+    def verified(row: dict):
+        fetched.append(row["version"])
+        if row["version"] == "replaced":
+            raise ModelIntegrityError("model file sha256 does not match its models row; refusing to load it")
+        return real(row)
+
+    track.setattr(scoring, "verified_model", verified)
+    report = scoring.run(60)
+    assert fetched.count("replaced") == 1
+    assert [line.split(":")[0] for line in report.failed] == [str(failing[0])]
+    assert report.skipped == 2 and report.predictions == 4
+    assert report.unusable_models == ["1h " + report.unusable_models[0].split(" ", 2)[1] + " replaced: model file "
+                                      "sha256 does not match its models row; refusing to load it"]
+    assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {other}
+
+
 def test_a_run_stops_at_its_deadline_inside_a_batch_and_records_what_it_did(track):
     """The deadline used to be looked at between batches only, and scores were written at a batch's end: a batch
     slower than the margin (a stalled S3) was cut off by Lambda's timeout, and lost with its continuation."""

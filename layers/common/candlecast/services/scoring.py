@@ -58,8 +58,9 @@ class ScoreReport:
     unmatured: int = 0  # steps whose candle is not stored yet
     bad_prints: int = 0  # steps whose candle is a bad print (candles.bad_prints): not scored from it, still due
     failed: list[str] = field(default_factory=list)
-    skipped: int = 0  # predictions not tried: their candle file failed earlier in the run
+    skipped: int = 0  # predictions not tried: their candle file or their model failed earlier in the run
     unreadable_files: list[str] = field(default_factory=list)  # "ticker timeframe: why", once per file
+    unusable_models: list[str] = field(default_factory=list)  # "timeframe name version: why", once per model
     batches: int = 0
     seconds: float = 0.0
     continuation: dict | None = None
@@ -171,12 +172,25 @@ class _CandleFiles:
         return self._files[key]
 
 
-def _model_row(prediction: dict) -> dict:
-    return {"id": prediction["model_id"], "timeframe": prediction["model_timeframe"], "s3_key": prediction["s3_key"],
-            "sha256": prediction["sha256"], "name": prediction["model_name"], "version": prediction["model_version"]}
+class _Models:
+    """Each prediction's model (`verified_model`, which keeps the loaded ones); one that failed to verify or load
+    is remembered (`unusable`, model id → the reason) and not fetched again in the run."""
+
+    def __init__(self) -> None:
+        self.unusable: dict = {}
+
+    def get(self, prediction: dict):
+        row = {"id": prediction["model_id"], "timeframe": prediction["model_timeframe"],
+               "s3_key": prediction["s3_key"], "sha256": prediction["sha256"], "name": prediction["model_name"],
+               "version": prediction["model_version"]}
+        try:
+            return verified_model(row)
+        except Exception as error:
+            self.unusable[row["id"]] = _reason(error)
+            raise
 
 
-def _score_batch(due: list[dict], files: _CandleFiles, report: ScoreReport,
+def _score_batch(due: list[dict], files: _CandleFiles, models: _Models, report: ScoreReport,
                  deadline: float) -> tuple[list[dict], list[dict]]:
     """(the predictions looked at, their score rows): `due` in order, stopping early once the deadline has passed
     (after one prediction at least, so a run always moves on)."""
@@ -187,12 +201,12 @@ def _score_batch(due: list[dict], files: _CandleFiles, report: ScoreReport,
         if not prediction["steps"]:  # looked at before its next step's candle could be stored
             continue
         series = (prediction["ticker"], prediction["timeframe"])
-        if series in files.unreadable:
+        if series in files.unreadable or prediction["model_id"] in models.unusable:
             report.skipped += 1
             continue
         try:
             candles, bad_print = files.get(*series)
-            model = verified_model(_model_row(prediction)) if candles is not None else None
+            model = models.get(prediction) if candles is not None else None
             found, waiting, misprinted = score_prediction(prediction, candles, model, bad_print)
         except Exception as error:  # one unreadable file, model or defect never stops the others; no secrets
             reason = _reason(error)
@@ -200,6 +214,9 @@ def _score_batch(due: list[dict], files: _CandleFiles, report: ScoreReport,
             logger.warning("scoring failed", extra={"prediction": str(prediction["id"]), "error": reason})
             if series in files.unreadable:
                 report.unreadable_files.append(f"{series[0]} {series[1]}: {reason}")
+            elif prediction["model_id"] in models.unusable:
+                report.unusable_models.append(f"{prediction['model_timeframe']} {prediction['model_name']} "
+                                              f"{prediction['model_version']}: {reason}")
             continue
         rows.extend(found)
         report.unmatured += waiting - misprinted
@@ -234,7 +251,7 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     now = now or datetime.now(UTC)
     since = since or now - SCORING_WINDOW
     report = ScoreReport()
-    files = _CandleFiles()
+    files, models = _CandleFiles(), _Models()
     while True:
         if time.monotonic() >= deadline:
             report.continuation = {"after": [after[0], after[1], str(after[2])], "now": now.isoformat(),
@@ -244,7 +261,7 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
             due = score_repository.get_due_predictions(conn, now, after, batch)
         if not due:
             break
-        looked_at, rows = _score_batch(due, files, report, deadline)
+        looked_at, rows = _score_batch(due, files, models, report, deadline)
         with db.connection() as conn:
             report.scored += score_repository.record_scores(conn, rows)
             score_repository.schedule_next(conn, [prediction["id"] for prediction in looked_at], since)
