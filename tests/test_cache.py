@@ -1,5 +1,6 @@
 """The Redis cache against a real server: TTLs per kind, SCAN-based pattern delete, and outage behaviour."""
 
+import json
 import logging
 import threading
 import time
@@ -588,3 +589,37 @@ def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer,
     slow_redis.answer = None
     _wait_until_up()
     assert cache.lookup_candles("X:BTCUSD", "1h").value == b"hourly"
+
+
+def test_invalidate_all_drops_every_kind_and_each_candle_files_candles(server):
+    cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD"))
+    cache.fill_track_record(None, b"{}", cache.lookup_track_record(None))
+    for ticker in ("X:BTCUSD", "X:ETHUSD"):
+        cache.fill_candles(ticker, "1h", b"hourly", cache.lookup_candles(ticker, "1h"))
+    _, request = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    assert cache.set_created_prediction("p1", b"{p1}", ("X:BTCUSD", "1h", "h"), request) is True
+    assert cache.invalidate_all() == 3 + 2
+    assert cache.lookup_symbol("X:BTCUSD").value is None
+    assert cache.lookup_track_record(None).value is None
+    assert [cache.lookup_candles(ticker, "1h").value for ticker in ("X:BTCUSD", "X:ETHUSD")] == [None, None]
+    assert cache.get_prediction_bytes("p1") is None
+    assert cache.get_prediction_for_request("X:BTCUSD", "1h", "h") is None
+
+
+def test_the_cache_invalidate_command_says_what_it_did(server, needs_embedded_redis, capsys):
+    from candlecast import cli
+
+    cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
+    assert cache.set_prediction_bytes("p1", b"{p1}") is True
+    assert cli.main(["cache-invalidate"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"invalidated": ["symbols", "track-record", "predictions"],
+                                                   "candle_files": 1}
+    assert cache.get_prediction_bytes("p1") is None and cache.lookup_candles("X:BTCUSD", "1h").value is None
+    needs_embedded_redis.stop()
+    try:
+        cache.reset_client()
+        assert cli.main(["cache-invalidate"]) == 1
+        assert "Redis did not take it" in capsys.readouterr().err
+    finally:
+        needs_embedded_redis.start()
+    cache.reset_client()

@@ -89,6 +89,10 @@ class keys:
         return f"{_PREFIX}:generation:{kind}"
 
     @staticmethod
+    def all_candle_generations() -> str:
+        return f"{_PREFIX}:generation:candles:*"
+
+    @staticmethod
     def candles(ticker: str, timeframe: str) -> str:
         return f"{_PREFIX}:candles:{ticker}:{timeframe}"
 
@@ -686,3 +690,15 @@ def fill_track_record(timeframe: str | None, body: bytes, lookup: Lookup) -> boo
 def invalidate_track_record() -> bool:
     """After new scores or a new active model: the cached /models answers."""
     return _invalidate(TRACK_RECORD, retry=False)
+
+
+def invalidate_all(retry: bool = False) -> int | None:
+    """After a restore from a backup (the database, Redis or the bucket): a new generation for every kind, each candle
+    file's too (found with SCAN), in one MSET. The generations replaced, or None when the cache did not take it."""
+    candle_generations = _guarded(lambda client: list(client.scan_iter(match=keys.all_candle_generations(),
+                                                                       count=500)),
+                                  timed=False, expected=lambda reply: isinstance(reply, list), even_if_down=retry)
+    if candle_generations is None:
+        return None
+    generation_keys = [keys.generation(kind) for kind in (SYMBOLS, TRACK_RECORD, PREDICTIONS)] + candle_generations
+    return len(generation_keys) if _new_generations(generation_keys, even_if_down=retry) else None
