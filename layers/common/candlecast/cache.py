@@ -59,6 +59,7 @@ TTL_SECONDS = {
     "track_record": 10 * 60,  # dropped whenever a scoring run records new scores
     "upstream_failure": 30,  # a failing upstream is asked again at most this often per symbol and timeframe
 }
+DATABASE_IDENTITY_SECONDS = 90 * 24 * 60 * 60  # renewed by every new connection
 # While Redis is down, a background probe pings it this often; requests skip it until a ping succeeds.
 PROBE_INTERVAL_SECONDS = 0.5
 # This many commands in a row slower than REDIS_SLOW_SECONDS mark the cache down: one slow answer (a pause of
@@ -127,6 +128,11 @@ class keys:
     def track_record(timeframe: str | None) -> str:
         """GET /models (timeframe None) or GET /models/{timeframe}."""
         return f"{_PREFIX}:track-record:{timeframe or 'all'}"
+
+    @staticmethod
+    def database_identity() -> str:
+        """The database's identity when a connection was last opened (`follow_database`)."""
+        return f"{_PREFIX}:database-identity"
 
     @staticmethod
     def health() -> str:
@@ -702,3 +708,23 @@ def invalidate_all(retry: bool = False) -> int | None:
         return None
     generation_keys = [keys.generation(kind) for kind in (SYMBOLS, TRACK_RECORD, PREDICTIONS)] + candle_generations
     return len(generation_keys) if _new_generations(generation_keys, even_if_down=retry) else None
+
+
+def follow_database(identity: str) -> None:
+    """On each new database connection (one SET ... GET): when the database's identity differs from the one recorded,
+    its history changed (a restore, or a restart or failover, which cost one invalidation each) and every kind is
+    invalidated, by the one connection that swapped the identity. When the cache does not take that, the old
+    identity is put back for the next connection to try again. Redis unavailable: nothing."""
+    sealed = _sealed(identity)
+    previous = _opened(_guarded(lambda client: client.set(keys.database_identity(), sealed,
+                                                          ex=DATABASE_IDENTITY_SECONDS, get=True)))
+    if previous is None or previous == identity.encode():
+        return
+    replaced = invalidate_all()
+    if replaced is None:
+        logger.warning("database history changed (a restore, a restart or a failover); caches NOT invalidated: "
+                       "the cache did not take it")
+        set(keys.database_identity(), previous, DATABASE_IDENTITY_SECONDS)
+        return
+    logger.warning("database history changed (a restore, a restart or a failover); caches invalidated",
+                   extra={"generations": replaced})
