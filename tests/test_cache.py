@@ -1,5 +1,6 @@
 """The Redis cache against a real server: TTLs per kind, SCAN-based pattern delete, and outage behaviour."""
 
+import json
 import logging
 import threading
 import time
@@ -38,9 +39,10 @@ def test_domain_helpers_use_each_kinds_ttl(server, store, key, ttl):
 
 @pytest.mark.parametrize("request_hash", ["abc123", None], ids=["unkeyed", "keyed"])
 def test_a_created_prediction_and_its_request_pointer_are_cached_together(server, request_hash):
+    _, looked_up = cache.lookup_candles_and_request("X:BTCUSD", "1h")
     server.config_resetstat()
     request = None if request_hash is None else ("X:BTCUSD", "1h", request_hash)
-    assert cache.set_created_prediction("p2", b'{"id": "p2"}', request) is True
+    assert cache.set_created_prediction("p2", b'{"id": "p2"}', request, looked_up) is True
     assert cache.get_prediction_bytes("p2") == b'{"id": "p2"}'
     assert 895 <= server.ttl(cache.keys.prediction("p2")) <= 900
     if request_hash is None:
@@ -54,16 +56,18 @@ def test_a_created_prediction_and_its_request_pointer_are_cached_together(server
 
 def test_candles_and_the_request_pointer_come_in_one_round_trip_and_the_pointer_needs_its_hash(server):
     cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
-    cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-new", "p9")
+    cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-new", "p9", cache.lookup_candles_and_request(
+        "X:BTCUSD", "1h")[1])
     server.config_resetstat()
-    lookup, pointer = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    lookup, request = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    pointer = request.value
     assert lookup.value == b"hourly"
     assert server.info("commandstats")["cmdstat_mget"]["calls"] == 1 and "cmdstat_get" not in server.info(
         "commandstats")
     assert cache.prediction_for_request(pointer, "hash-new") == "p9"
     assert cache.prediction_for_request(pointer, "hash-older-candle") is None  # the same key, another request
-    lookup, pointer = cache.lookup_candles_and_request("X:ETHUSD", "1h")
-    assert (lookup.value, pointer) == (None, None)
+    lookup, request = cache.lookup_candles_and_request("X:ETHUSD", "1h")
+    assert (lookup.value, request.value) == (None, None)
 
 
 def test_json_round_trip_and_delete(server):
@@ -112,7 +116,8 @@ def test_every_parameter_is_part_of_its_key(server):
     cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
     cache.fill_symbol("X:BTCUSD", b"{btc}", cache.lookup_symbol("X:BTCUSD"))
     cache.set_prediction_bytes("p1", b"{p1}")
-    cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-1", "p1")
+    cache.set_prediction_for_request("X:BTCUSD", "1h", "hash-1", "p1", cache.lookup_candles_and_request(
+        "X:BTCUSD", "1h")[1])
     cache.fill_track_record("1h", b"{1h}", cache.lookup_track_record("1h"))
     cache.fill_track_record(None, b"{all}", cache.lookup_track_record(None))
     assert cache.lookup_top_symbols(10).value == b"[ten]"
@@ -138,8 +143,8 @@ def test_every_parameter_is_part_of_its_key(server):
     ("store", "key", "ttl"),
     [
         (lambda: cache.fill_search("btc", 5, b"[]", cache.lookup_search("btc", 5)), cache.keys.search("btc", 5), 300),
-        (lambda: cache.set_prediction_for_request("X:A", "1h", "h", "p"), cache.keys.prediction_request("X:A", "1h"),
-         900),
+        (lambda: cache.set_prediction_for_request("X:A", "1h", "h", "p", cache.lookup_candles_and_request(
+            "X:A", "1h")[1]), cache.keys.prediction_request("X:A", "1h"), 900),
         (lambda: cache.fill_track_record("1d", b"{}", cache.lookup_track_record("1d")), cache.keys.track_record("1d"),
          600),
         (lambda: cache.set_json(f"{cache.NAMESPACE}:test:ttl", [1], 42), f"{cache.NAMESPACE}:test:ttl", 42),
@@ -222,6 +227,27 @@ def test_entries_a_restart_from_a_snapshot_brings_back_are_never_served(server, 
     assert cache.lookup_candles("X:BTCUSD", "1h").value == b"new candles"
 
 
+def test_predictions_and_request_pointers_a_restart_from_a_snapshot_brings_back_are_never_served(
+        server, needs_embedded_redis):
+    """Retention deleted a prediction after the snapshot; Redis restarted from it brought the body and its request
+    pointer back, and both were served (200 X-Cache: HIT for a row the database no longer had: DR audit, s2)."""
+    assert cache.set_prediction_bytes("p1", b"{p1}") is True
+    assert cache.set_prediction_for_request("X:ETHUSD", "1d", "h", "p1",
+                                            cache.lookup_candles_and_request("X:ETHUSD", "1d")[1]) is True
+    server.save()
+    try:
+        assert cache.forget_predictions(["p1"]) is True
+        needs_embedded_redis.stop()
+        needs_embedded_redis.start()  # from the snapshot
+    finally:
+        (needs_embedded_redis.work_dir / "dump.rdb").unlink(missing_ok=True)
+    assert server.exists(cache.keys.prediction("p1"), cache.keys.prediction_request("X:ETHUSD", "1d")) == 2
+    cache.get_prediction_bytes("p1")  # no reset_client: the connection finds the server restarted
+    _wait_until_up()
+    assert cache.get_prediction_bytes("p1") is None
+    assert cache.get_prediction_for_request("X:ETHUSD", "1d", "h") is None
+
+
 def test_pattern_delete_in_small_batches_deletes_everything(server):
     for index in range(7):
         server.set(cache.keys.search(f"q{index}", 20), b"1")
@@ -297,8 +323,8 @@ def test_every_operation_degrades_while_redis_is_stopped(server, needs_embedded_
     cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
     needs_embedded_redis.stop()
     try:
-        assert cache.lookup_candles_and_request("X:BTCUSD", "1h") == (cache.Lookup(None, None), None)
-        assert cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h")) is False
+        assert cache.lookup_candles_and_request("X:BTCUSD", "1h") == (cache.Lookup(None, None),) * 2
+        assert cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h"), cache.Lookup(None, b"g")) is False
         assert cache.delete(cache.keys.candles("X:BTCUSD", "1h")) == 0
         assert cache.delete_pattern(cache.keys.all_symbol_keys()) == 0
         assert cache.get_json(cache.keys.candles("X:BTCUSD", "1h")) is None
@@ -394,8 +420,8 @@ def test_a_value_this_module_did_not_write_reads_as_a_miss(server, foreign):
         server.set(key, foreign)
         assert read() is None, key
     server.set(cache.keys.prediction_request("X:BTCUSD", "1h"), foreign)
-    lookup, pointer = cache.lookup_candles_and_request("X:BTCUSD", "1h")
-    assert (lookup.value, pointer) == (None, None)
+    lookup, request = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    assert (lookup.value, request.value) == (None, None)
     assert cache.get_prediction_for_request("X:BTCUSD", "1h", "h") is None
 
 
@@ -499,7 +525,7 @@ def test_a_redis_that_answers_slowly_is_skipped_until_it_answers_quickly_again(s
     assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
         "cache too slow; serving without it"]
     reached = time.monotonic()
-    assert slow_redis.commands(slowed, reached) == ["GET"] * cache.SLOW_STRIKES
+    assert slow_redis.commands(slowed, reached) == ["MGET"] * cache.SLOW_STRIKES
     for _ in range(20):  # skipped: misses and skipped writes, none of them sent to Redis
         assert cache.get_prediction_bytes("X:ETHUSD") is None
         assert cache.set_prediction_bytes("X:BTCUSD", b"{btc}") is False
@@ -544,7 +570,7 @@ def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer,
     assert cache.fill_candles("X:BTCUSD", "1h", b"hourly", lookup) is True  # connected, through the proxy
     slow_redis.answer = answer  # on the connection already open: no handshake to fail first
     with caplog.at_level(logging.WARNING):
-        assert cache.lookup_candles_and_request("X:BTCUSD", "1h") == (cache.Lookup(None, None), None)
+        assert cache.lookup_candles_and_request("X:BTCUSD", "1h") == (cache.Lookup(None, None),) * 2
     assert cache.is_down()  # as a reply redis-py cannot read: the cache is skipped until the probe's PING
     assert [r.getMessage() for r in caplog.records if "cache" in r.getMessage()] == [
         "cache unavailable; serving without it"]
@@ -552,7 +578,8 @@ def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer,
                   "set": (lambda: cache.fill_candles("X:BTCUSD", "1h", b"h", lookup), lambda done: done is False),
                   "delete": (lambda: cache.delete(cache.keys.candles("X:BTCUSD", "1h")),
                              lambda count: type(count) is int),  # :42 is a count, of course
-                  "pipeline": (lambda: cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h")),
+                  "pipeline": (lambda: cache.set_created_prediction("p1", b"{}", ("X:BTCUSD", "1h", "h"),
+                                                                    cache.Lookup(None, b"g")),
                                lambda done: done is False)}
     for name, (operation, degraded) in operations.items():
         slow_redis.answer = None
@@ -562,3 +589,37 @@ def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer,
     slow_redis.answer = None
     _wait_until_up()
     assert cache.lookup_candles("X:BTCUSD", "1h").value == b"hourly"
+
+
+def test_invalidate_all_drops_every_kind_and_each_candle_files_candles(server):
+    cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD"))
+    cache.fill_track_record(None, b"{}", cache.lookup_track_record(None))
+    for ticker in ("X:BTCUSD", "X:ETHUSD"):
+        cache.fill_candles(ticker, "1h", b"hourly", cache.lookup_candles(ticker, "1h"))
+    _, request = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    assert cache.set_created_prediction("p1", b"{p1}", ("X:BTCUSD", "1h", "h"), request) is True
+    assert cache.invalidate_all() == 3 + 2
+    assert cache.lookup_symbol("X:BTCUSD").value is None
+    assert cache.lookup_track_record(None).value is None
+    assert [cache.lookup_candles(ticker, "1h").value for ticker in ("X:BTCUSD", "X:ETHUSD")] == [None, None]
+    assert cache.get_prediction_bytes("p1") is None
+    assert cache.get_prediction_for_request("X:BTCUSD", "1h", "h") is None
+
+
+def test_the_cache_invalidate_command_says_what_it_did(server, needs_embedded_redis, capsys):
+    from candlecast import cli
+
+    cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h"))
+    assert cache.set_prediction_bytes("p1", b"{p1}") is True
+    assert cli.main(["cache-invalidate"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"invalidated": ["symbols", "track-record", "predictions"],
+                                                   "candle_files": 1}
+    assert cache.get_prediction_bytes("p1") is None and cache.lookup_candles("X:BTCUSD", "1h").value is None
+    needs_embedded_redis.stop()
+    try:
+        cache.reset_client()
+        assert cli.main(["cache-invalidate"]) == 1
+        assert "Redis did not take it" in capsys.readouterr().err
+    finally:
+        needs_embedded_redis.start()
+    cache.reset_client()

@@ -11,8 +11,9 @@ Every value is sealed (a marker and the CRC-32 of the value) when written and ch
 module did not write whole (a foreign writer, a truncated or corrupted entry) reads as a miss, never as a body
 served to a client nor as an error.
 
-Symbols (one symbol, top lists, searches), track records and each candle file's fresh candles are read through the
-cache and invalidated when they change. Each of those kinds (each candle file) has a generation (a random token at
+Symbols (one symbol, top lists, searches), track records, prediction bodies with their request pointers, and each
+candle file's fresh candles are read through the cache and invalidated when they change (predictions: when the
+database loses rows, a restore). Each of those kinds (each candle file) has a generation (a random token at
 keys.generation) that invalidation replaces; a lookup reads it with the entry (one MGET), an entry counts only under
 the generation it was written with, and a fill is written under the generation looked up before the database (the
 file) was read. A fill that raced an invalidation (read the old row, written after the invalidation) is so never
@@ -58,14 +59,15 @@ TTL_SECONDS = {
     "track_record": 10 * 60,  # dropped whenever a scoring run records new scores
     "upstream_failure": 30,  # a failing upstream is asked again at most this often per symbol and timeframe
 }
+DATABASE_IDENTITY_SECONDS = 90 * 24 * 60 * 60  # renewed by every new connection
 # While Redis is down, a background probe pings it this often; requests skip it until a ping succeeds.
 PROBE_INTERVAL_SECONDS = 0.5
 # This many commands in a row slower than REDIS_SLOW_SECONDS mark the cache down: one slow answer (a pause of
 # this process, a busy moment) is not an outage, a Redis that adds latency to every request is.
 SLOW_STRIKES = 3
-# v2: values are sealed; v3: read-through kinds' values carry their generation. A new prefix each time, so that
-# during a deploy older code never serves a value of the newer format as it is.
-NAMESPACE = "cc:v3"
+# v2: values are sealed; v3: read-through kinds' values carry their generation; v4: predictions' too. A new prefix
+# each time, so that during a deploy older code never serves a value of the newer format as it is.
+NAMESPACE = "cc:v4"
 # Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys.
 _PREFIX = f"{NAMESPACE}:{os.environ.get('STAGE') or 'local'}"
 _SEAL = b"\xcc\x02"
@@ -74,6 +76,7 @@ _SEALED_HEADER = len(_SEAL) + 4
 
 SYMBOLS = "symbols"  # the generation of one symbol, top lists and searches: they all show symbol rows
 TRACK_RECORD = "track-record"
+PREDICTIONS = "predictions"  # prediction bodies and request pointers: a database restore loses rows they name
 
 
 def _candles_kind(ticker: str, timeframe: str) -> str:
@@ -85,6 +88,10 @@ class keys:
     @staticmethod
     def generation(kind: str) -> str:
         return f"{_PREFIX}:generation:{kind}"
+
+    @staticmethod
+    def all_candle_generations() -> str:
+        return f"{_PREFIX}:generation:candles:*"
 
     @staticmethod
     def candles(ticker: str, timeframe: str) -> str:
@@ -121,6 +128,11 @@ class keys:
     def track_record(timeframe: str | None) -> str:
         """GET /models (timeframe None) or GET /models/{timeframe}."""
         return f"{_PREFIX}:track-record:{timeframe or 'all'}"
+
+    @staticmethod
+    def database_identity() -> str:
+        """The database's identity when a connection was last opened (`follow_database`)."""
+        return f"{_PREFIX}:database-identity"
 
     @staticmethod
     def health() -> str:
@@ -465,12 +477,21 @@ def _new_generations(generation_keys: list[str], even_if_down: bool) -> bool:
                     even_if_down=even_if_down) is not None
 
 
+def lookup_prediction(prediction_id: str) -> "Lookup":
+    return _lookup(PREDICTIONS, keys.prediction(prediction_id))
+
+
 def get_prediction_bytes(prediction_id: str) -> bytes | None:
-    return get(keys.prediction(prediction_id))
+    return lookup_prediction(prediction_id).value
+
+
+def fill_prediction(prediction_id: str, body: bytes, lookup: "Lookup") -> bool:
+    return _fill(keys.prediction(prediction_id), body, TTL_SECONDS["prediction"], lookup)
 
 
 def set_prediction_bytes(prediction_id: str, body: bytes) -> bool:
-    return set(keys.prediction(prediction_id), body, TTL_SECONDS["prediction"])
+    """A body under the current generation (two round trips: tools and tests; reads fill after their lookup)."""
+    return fill_prediction(prediction_id, body, lookup_prediction(prediction_id))
 
 
 def forget_predictions(prediction_ids: list[str]) -> bool:
@@ -482,12 +503,13 @@ def forget_predictions(prediction_ids: list[str]) -> bool:
                     expected=_is_count) is not None
 
 
-def lookup_candles_and_request(ticker: str, timeframe: str) -> tuple["Lookup", bytes | None]:
-    """The fresh-candles lookup and the request pointer of a symbol and timeframe, in one round trip (MGET).
-    `prediction_for_request` reads the pointer once the candles have given the request's hash."""
-    lookup, (pointer,) = _lookup_with(_candles_kind(ticker, timeframe), keys.candles(ticker, timeframe),
-                                      [keys.prediction_request(ticker, timeframe)])
-    return lookup, _opened(pointer)
+def lookup_candles_and_request(ticker: str, timeframe: str) -> tuple["Lookup", "Lookup"]:
+    """The fresh-candles lookup and the request pointer's (its value: the pointer; its generation: the predictions'
+    a create writes under) of a symbol and timeframe, in one round trip (MGET). `prediction_for_request` reads the
+    pointer once the candles have given the request's hash."""
+    candles, request = _lookups([(_candles_kind(ticker, timeframe), keys.candles(ticker, timeframe)),
+                                 (PREDICTIONS, keys.prediction_request(ticker, timeframe))])
+    return candles, request
 
 
 def prediction_for_request(pointer: bytes | None, request_hash: str) -> str | None:
@@ -499,25 +521,33 @@ def prediction_for_request(pointer: bytes | None, request_hash: str) -> str | No
 
 
 def get_prediction_for_request(ticker: str, timeframe: str, request_hash: str) -> str | None:
-    return prediction_for_request(get(keys.prediction_request(ticker, timeframe)), request_hash)
+    return prediction_for_request(_lookup(PREDICTIONS, keys.prediction_request(ticker, timeframe)).value,
+                                  request_hash)
 
 
-def set_prediction_for_request(ticker: str, timeframe: str, request_hash: str, prediction_id: str) -> bool:
-    return set(keys.prediction_request(ticker, timeframe), f"{request_hash} {prediction_id}",
-               TTL_SECONDS["prediction"])
+def set_prediction_for_request(ticker: str, timeframe: str, request_hash: str, prediction_id: str,
+                               lookup: "Lookup") -> bool:
+    """The pointer from a request to its prediction, under the predictions' generation `lookup` saw."""
+    return _fill(keys.prediction_request(ticker, timeframe), f"{request_hash} {prediction_id}".encode(),
+                 TTL_SECONDS["prediction"], lookup)
 
 
-def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, str, str] | None) -> bool:
+def set_created_prediction(prediction_id: str, body: bytes, request: tuple[str, str, str] | None,
+                           lookup: "Lookup") -> bool:
     """A new prediction's body and (for a request without Idempotency-Key: `request` is its ticker, timeframe
-    and hash) the pointer from its request to it, in one round trip."""
+    and hash) the pointer from its request to it, in one round trip, under the predictions' generation `lookup`
+    (`lookup_candles_and_request`'s second) saw before the row was written."""
+    if lookup.generation is None:
+        return False
+    tag = lookup.generation + b" "
 
     def write(client: redis.Redis) -> bool:
         pipeline = client.pipeline(transaction=False)
-        pipeline.set(keys.prediction(prediction_id), _sealed(body), ex=TTL_SECONDS["prediction"])
+        pipeline.set(keys.prediction(prediction_id), _sealed(tag + body), ex=TTL_SECONDS["prediction"])
         if request is not None:
             ticker, timeframe, request_hash = request
-            pipeline.set(keys.prediction_request(ticker, timeframe), _sealed(f"{request_hash} {prediction_id}"),
-                         ex=TTL_SECONDS["prediction"])
+            pipeline.set(keys.prediction_request(ticker, timeframe),
+                         _sealed(tag + f"{request_hash} {prediction_id}".encode()), ex=TTL_SECONDS["prediction"])
         return all(pipeline.execute())
 
     return bool(_guarded(write, default=False, expected=_is_flag))
@@ -574,27 +604,29 @@ def _tag(generation: bytes) -> bytes:
     return _history + b"." + generation
 
 
-def _lookup_with(kind: str, key: str, others: list[str]) -> tuple[Lookup, list[bytes | None]]:
-    """`key`'s lookup, and the raw values of `others` read in the same round trip (None each when it failed)."""
-    generation_key = keys.generation(kind)
-    replies = _guarded(lambda client: client.mget([generation_key, key, *others]),
-                       expected=_are_values(2 + len(others)))
+def _lookups(entries: list[tuple[str, str]]) -> list[Lookup]:
+    """The lookup of each (kind, key), with each kind's generation, in one round trip."""
+    names = [name for kind, key in entries for name in (keys.generation(kind), key)]
+    replies = _guarded(lambda client: client.mget(names), expected=_are_values(len(names)))
     if replies is None:
-        return Lookup(None, None), [None] * len(others)
-    generation, raw, *rest = replies
+        return [Lookup(None, None)] * len(entries)
+    return [_entry(names[index], replies[index], replies[index + 1]) for index in range(0, len(names), 2)]
+
+
+def _entry(generation_key: str, generation: bytes | None, raw: bytes | None) -> Lookup:
     if generation is None:
         # Never invalidated, flushed or evicted: start a generation no entry can carry (a counter restarted
         # from nothing could meet an old entry's). Whoever sets it first wins; the others skip this fill.
         generation = _new_generation()
         started = _guarded(lambda client: client.set(generation_key, generation, nx=True), expected=_is_flag)
-        return Lookup(None, _tag(generation) if started else None), rest
+        return Lookup(None, _tag(generation) if started else None)
     tag, _, value = (_opened(raw) or b"").partition(b" ")
     generation = _tag(generation)
-    return Lookup(value if tag == generation else None, generation), rest
+    return Lookup(value if tag == generation else None, generation)
 
 
 def _lookup(kind: str, key: str) -> Lookup:
-    return _lookup_with(kind, key, [])[0]
+    return _lookups([(kind, key)])[0]
 
 
 def _fill(key: str, body: bytes, ttl_seconds: int, lookup: Lookup) -> bool:
@@ -664,3 +696,35 @@ def fill_track_record(timeframe: str | None, body: bytes, lookup: Lookup) -> boo
 def invalidate_track_record() -> bool:
     """After new scores or a new active model: the cached /models answers."""
     return _invalidate(TRACK_RECORD, retry=False)
+
+
+def invalidate_all(retry: bool = False) -> int | None:
+    """After a restore from a backup (the database, Redis or the bucket): a new generation for every kind, each candle
+    file's too (found with SCAN), in one MSET. The generations replaced, or None when the cache did not take it."""
+    candle_generations = _guarded(lambda client: list(client.scan_iter(match=keys.all_candle_generations(),
+                                                                       count=500)),
+                                  timed=False, expected=lambda reply: isinstance(reply, list), even_if_down=retry)
+    if candle_generations is None:
+        return None
+    generation_keys = [keys.generation(kind) for kind in (SYMBOLS, TRACK_RECORD, PREDICTIONS)] + candle_generations
+    return len(generation_keys) if _new_generations(generation_keys, even_if_down=retry) else None
+
+
+def follow_database(identity: str) -> None:
+    """On each new database connection (one SET ... GET): when the database's identity differs from the one recorded,
+    its history changed (a restore, or a restart or failover, which cost one invalidation each) and every kind is
+    invalidated, by the one connection that swapped the identity. When the cache does not take that, the old
+    identity is put back for the next connection to try again. Redis unavailable: nothing."""
+    sealed = _sealed(identity)
+    previous = _opened(_guarded(lambda client: client.set(keys.database_identity(), sealed,
+                                                          ex=DATABASE_IDENTITY_SECONDS, get=True)))
+    if previous is None or previous == identity.encode():
+        return
+    replaced = invalidate_all()
+    if replaced is None:
+        logger.warning("database history changed (a restore, a restart or a failover); caches NOT invalidated: "
+                       "the cache did not take it")
+        set(keys.database_identity(), previous, DATABASE_IDENTITY_SECONDS)
+        return
+    logger.warning("database history changed (a restore, a restart or a failover); caches invalidated",
+                   extra={"generations": replaced})

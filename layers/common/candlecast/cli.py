@@ -95,6 +95,20 @@ def _database_check() -> dict:
                 "message": redaction.redact(str(error).strip())}
 
 
+def _cache_invalidate(_args: argparse.Namespace) -> int:
+    """Every cached kind invalidated: after a restore from a backup (README, "Restoring from a backup")."""
+    from candlecast import cache
+
+    replaced = cache.invalidate_all(retry=True)
+    if replaced is None:
+        print("candlecast cache-invalidate: Redis did not take it (unreachable, or refusing writes and deletes); "
+              "cached answers may be served until their TTLs run out (up to 1 h): run it again", file=sys.stderr)
+        return 1
+    print(json.dumps({"invalidated": [cache.SYMBOLS, cache.TRACK_RECORD, cache.PREDICTIONS],
+                      "candle_files": replaced - 3}))
+    return 0
+
+
 def _address(conninfo: str) -> dict:
     from psycopg.conninfo import conninfo_to_dict
 
@@ -113,6 +127,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     migrate.set_defaults(func=_migrate)
     check = subparsers.add_parser("db-check", help="connect to the database and Redis and report each")
     check.set_defaults(func=_db_check)
+    invalidate = subparsers.add_parser("cache-invalidate", help="invalidate every cached answer (symbols, track "
+                                       "records, predictions, candles): run it after restoring from a backup")
+    invalidate.set_defaults(func=_cache_invalidate)
 
 
 DEBUG_VARIABLE = "CANDLECAST_DEBUG"  # set (non-empty): a mapped failure shows its traceback too

@@ -21,8 +21,10 @@ from aws_lambda_powertools import Logger
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from candlecast import cache
 from candlecast.config import DatabaseSettings, database_conninfo, get_settings
 from candlecast.errors import CandlecastError, DatabaseUnavailable
+from candlecast.repositories import stats
 
 logger = Logger(child=True)
 _pool: ConnectionPool | None = None
@@ -201,6 +203,18 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.prepare_threshold = get_settings().db_prepare_threshold
     # Reads need no BEGIN/COMMIT round trips; writes that span statements use conn.transaction().
     conn.autocommit = True
+    _follow_history(conn)
+
+
+def _follow_history(conn: psycopg.Connection) -> None:
+    """A restored database (or one restarted, or failed over) invalidates the caches once: what they hold may
+    describe rows it no longer has (`cache.follow_database`). One query and one Redis GET per new connection."""
+    try:
+        with _deadline(conn):
+            identity = stats.database_identity(conn)
+    except psycopg.Error:  # the pool's checkout check deals with a connection this broke
+        return
+    cache.follow_database(identity)
 
 
 def _server_options() -> str:

@@ -264,12 +264,12 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     model = verified_model(model_row)
     # The candles' cache entry and the newest request pointer come in one round trip; the pointer counts
     # only when it names this request's hash, which the candles give.
-    lookup, pointer = cache.lookup_candles_and_request(ticker, timeframe)
+    lookup, request_lookup = cache.lookup_candles_and_request(ticker, timeframe)
     candles = _recent_candles(ticker, timeframe, model.lookback, lookup, model.min_candles)
     request_hash = _request_hash(ticker, timeframe, model_row["id"], candles)
 
     if idempotency_key is None:
-        repeat_id = cache.prediction_for_request(pointer, request_hash)
+        repeat_id = cache.prediction_for_request(request_lookup.value, request_hash)
         if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
             return CreateResult(body, created=False)
 
@@ -287,7 +287,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
             steps=steps,
         ).model_dump_json().encode()
         cache.set_created_prediction(str(stored["id"]), body,
-                                     None if idempotency_key else (ticker, timeframe, request_hash))
+                                     None if idempotency_key else (ticker, timeframe, request_hash), request_lookup)
         age = closed_since(prediction.last_candle_at, timeframe, stored["created_at"])
         if age:
             logger.warning("forecast from stale candles", extra={
@@ -296,5 +296,5 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     else:
         body = prediction_reads.get(str(stored["id"]))[0]
         if idempotency_key is None:
-            cache.set_prediction_for_request(ticker, timeframe, request_hash, str(stored["id"]))
+            cache.set_prediction_for_request(ticker, timeframe, request_hash, str(stored["id"]), request_lookup)
     return CreateResult(body, created=stored["created"])

@@ -24,24 +24,24 @@ def serialise(row: dict) -> bytes:
     return PredictionWithSteps.model_validate(row).model_dump_json().encode()
 
 
-def load_and_cache(prediction_id: uuid.UUID) -> bytes | None:
-    """The stored prediction's JSON from the database, put in the 15-minute cache."""
+def load_and_cache(prediction_id: uuid.UUID, lookup: cache.Lookup) -> bytes | None:
+    """The stored prediction's JSON from the database, put in the 15-minute cache under `lookup`'s generation."""
     with db.connection() as conn:
         row = prediction_repository.get_prediction_by_id(conn, prediction_id)
     if row is None:
         return None
     body = serialise(row)
-    cache.set_prediction_bytes(str(prediction_id), body)
+    cache.fill_prediction(str(prediction_id), body, lookup)
     return body
 
 
 def get(raw_id: str) -> tuple[bytes, bool]:
     """(JSON body, served from cache) of one prediction with its steps."""
     prediction_id = parse_prediction_id(raw_id)
-    cached = cache.get_prediction_bytes(str(prediction_id))
-    if cached is not None:
-        return cached, True
-    body = load_and_cache(prediction_id)
+    lookup = cache.lookup_prediction(str(prediction_id))
+    if lookup.value is not None:
+        return lookup.value, True
+    body = load_and_cache(prediction_id, lookup)
     if body is None:
         raise NotFound(f"no prediction with id {prediction_id}", code="prediction_not_found")
     return body, False
