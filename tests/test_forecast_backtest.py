@@ -208,8 +208,8 @@ def test_a_thinned_backtest_computes_garch_states_only_at_the_origins_it_keeps(m
 
     fitted = []
     states = evaluate.series_states
-    monkeypatch.setattr(evaluate, "series_states", lambda log_close, positions, *rest: fitted.append(
-        len(positions)) or states(log_close, positions, *rest))
+    monkeypatch.setattr(evaluate, "series_states", lambda log_close, positions, *rest, **named: fitted.append(
+        len(positions)) or states(log_close, positions, *rest, **named))
     monkeypatch.setattr(backtest, "MAX_ORIGINS", limit)
     model = backtest.load_signed_model(ROOT / "models" / "1h.pkl", LOCAL_MODEL_SIGNING_KEY.encode())
     result = backtest.backtest(model, ROOT / "data", "1h", peers=False)

@@ -143,6 +143,61 @@ def test_a_model_with_a_garch_part_forecasts_at_inference_what_the_walk_forward_
         model.z_quantiles(origins.features[-1:])
 
 
+@pytest.mark.parametrize("timeframe", ["4h", "1m"])
+def test_a_range_garch_forecasts_at_inference_what_the_walk_forward_scores(timeframe):
+    """With `garch_range` the state reads the bars' range variances, a bad print's wick included, the same way in
+    the walk-forward (the whole series) and in predict() (the lookback alone, whose first bars' σ differ)."""
+    from dataclasses import asdict, replace
+
+    from candlecast.candles import Candles
+    from candlecast.forecast.evaluate import build_origins
+    from candlecast.forecast.model import ForecastModel
+
+    shipped = _shipped("4h")
+    config = replace(CONFIGS[timeframe], garch_range=True)
+    lookback = config.lookback
+    part = {"window": lookback - 1, "fit": TRAINING_FIT, "quantiles": shipped.baseline_q, "weight": 0.0,
+            "conformal": np.zeros((len(HORIZONS), 3))}
+    candles = synthetic_candles(900, seed=13)
+    high = candles.high.copy()
+    high[len(candles) - lookback + 3] *= 3.0  # a wick far beyond any σ, early in the forecast's window
+    candles = Candles(candles.open_time, candles.open, high, candles.low, candles.close, candles.volume)
+    model = ForecastModel(shipped.payload | {"garch": part, "config": asdict(config)})
+    assert_predict_is_what_the_walk_forward_scores(model, candles)
+    by_returns = build_origins([(None, candles)], replace(config, garch_range=False)).garch[-1]
+    assert not np.allclose(build_origins([(None, candles)], config).garch[-1], by_returns)
+
+
+def test_a_range_garch_tracks_a_stochastic_volatility_closer_than_squared_returns():
+    """Under stochastic volatility (log variance AR(1), each bar a Brownian path) a bar's range says more about its
+    variance than its close-to-close return: the range GARCH's next-bar variance is nearer the true one."""
+    from dataclasses import replace
+
+    from candlecast.candles import Candles
+    from candlecast.forecast.features import garch_news
+
+    rng = np.random.default_rng(3)
+    count, steps = 1500, 32
+    log_variance = np.zeros(count)
+    for i in range(1, count):
+        log_variance[i] = 0.97 * log_variance[i - 1] + 0.25 * rng.standard_normal()
+    variance = 1e-4 * np.exp(log_variance)
+    paths = np.cumsum(rng.standard_normal((count, steps)) * np.sqrt(variance / steps)[:, None], axis=1)
+    start = np.concatenate([[0.0], np.cumsum(paths[:, -1])[:-1]])
+    high, low = np.exp(start + np.maximum(paths.max(axis=1), 0)), np.exp(start + np.minimum(paths.min(axis=1), 0))
+    candles = Candles(3600 * np.arange(count, dtype=np.int64), np.exp(start), high, low,
+                      np.exp(start + paths[:, -1]), np.ones(count))
+    errors = {}
+    for garch_range in (False, True):
+        config = replace(CONFIGS["1d"], garch_range=garch_range)
+        _, sigma = origin_features(candles, config)
+        origins = np.arange(400, count - 1, 5)
+        states = series_states(np.log(candles.close), origins, config.lookback - 1, sigma[origins],
+                               news=garch_news(candles, config))
+        errors[garch_range] = np.sqrt(np.mean(np.log(states[:, 0] * sigma[origins] ** 2 / variance[origins + 1]) ** 2))
+    assert errors[True] < 0.9 * errors[False], errors
+
+
 def test_a_file_trained_on_the_round_1_grid_fit_keeps_it_at_inference():
     """A GARCH part without "fit" was scored with the grid fit's states; predict() must use that fit."""
     from candlecast.forecast.features import origin_features

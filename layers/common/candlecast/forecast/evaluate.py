@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from candlecast.candles import Candles
-from candlecast.forecast.features import MEDIAN, QUANTILES, TimeframeConfig, origin_features
+from candlecast.forecast.features import MEDIAN, QUANTILES, TimeframeConfig, garch_news, origin_features
 from candlecast.forecast.garch import series_states
 from candlecast.forecast.model import HORIZONS, ForecastModel, raw_confidence
 
@@ -53,7 +53,8 @@ def series_origins(index: int, candles: Candles, config: TimeframeConfig, positi
     log_close = np.log(candles.close)
     log_return = np.where(present, log_close[target] - log_close[origin][:, None], np.nan)
     label_time = np.where(present, candles.open_time[target], _NO_LABEL)
-    states = series_states(log_close, origin, config.lookback - 1, sigma[origin])
+    states = series_states(log_close, origin, config.lookback - 1, sigma[origin],
+                           news=garch_news(candles, config))
     return Origins(
         series=np.full(len(origin), index),
         time=candles.open_time[origin],

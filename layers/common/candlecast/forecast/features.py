@@ -49,6 +49,9 @@ class TimeframeConfig:
     # (`infra.calibration_check --long-window`, training coins; a gain under 0.2 % keeps it) kept 540 at 4h (combined
     # pin5 1.3600; 270: 1.3584, 135: 1.3728) and 365 at 1d (4.3270; 182: 4.3616, 91: 4.3706).
     long_window: int = 0
+    # The ARCH term of the GARCH part: each bar's squared return (False), or its Garman-Klass range variance scaled
+    # to the window's mean squared return (True: a range GARCH; the likelihood stays the returns').
+    garch_range: bool = False
 
     @property
     def lookback(self) -> int:
@@ -62,7 +65,9 @@ CONFIGS = {
     # --halflife 24 12 6 3 2 --per-pass`, `combined`'s pin5); all coins pick 3, the first pass 2 (`train.PASS_CHOICES`)
     "1d": TimeframeConfig(halflife=3, window=96, tolerance=0.02, min_history=24, long_window=365),
     "1w": TimeframeConfig(halflife=8, window=52, tolerance=0.05, min_history=12, long_window=26),
-    "1m": TimeframeConfig(halflife=6, window=36, tolerance=0.10, min_history=6, long_window=48),
+    # garch_range: all coins' combined pin5 1.1 % lower (`infra.calibration_check --halflife 6 --per-pass --set
+    # garch_range=1`, against 0); a month's range holds far more of its variance than its one return
+    "1m": TimeframeConfig(halflife=6, window=36, tolerance=0.10, min_history=6, long_window=48, garch_range=True),
 }
 
 
@@ -89,6 +94,30 @@ def ewma_sigma(log_returns: np.ndarray, halflife: float, window: int) -> np.ndar
     return np.fmax(sigma, _SIGMA_FLOOR)
 
 
+def range_variances(candles: Candles, returns: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Parkinson, Garman-Klass) variance of every bar, at least its unexplained move (RANGELESS_FACTOR) and
+    winsorized at (RANGE_CAP·σ)²; `returns` the close-to-close log returns, `sigma` the EWMA σ (`ewma_sigma`)."""
+    high_low = np.log(candles.high / candles.low)
+    range_cap = np.square(RANGE_CAP * sigma)
+    range_cap[:1] = np.inf  # the first bar has no return, so no σ
+    unexplained = np.square(np.maximum(np.abs(returns) - RANGELESS_FACTOR * high_low, 0.0))
+    parkinson = np.minimum(np.maximum(np.square(high_low) / (4 * np.log(2)), unexplained), range_cap)
+    body = np.log(candles.close / candles.open)
+    garman_klass = np.clip(np.maximum(0.5 * np.square(high_low) - (2 * np.log(2) - 1) * np.square(body), unexplained),
+                           0.0, range_cap)
+    return parkinson, garman_klass
+
+
+def garch_news(candles: Candles, config: TimeframeConfig) -> np.ndarray | None:
+    """The bars' Garman-Klass variances for a range GARCH (`config.garch_range`, `garch.series_states`), else None.
+    Not winsorized by σ here: the GARCH window caps them itself, so a forecast's window reads what the walk-forward's
+    did though its first bars' σ differ."""
+    if not config.garch_range:
+        return None
+    log_close = np.log(candles.close)
+    return range_variances(candles, np.diff(log_close, prepend=log_close[0]), np.full(len(candles), np.inf))[1]
+
+
 def origin_features(candles: Candles, config: TimeframeConfig) -> tuple[np.ndarray, np.ndarray]:
     """(features (n, len(ORIGIN_FEATURES)), σ (n,)) for every candle of the series."""
     log_close = np.log(candles.close)
@@ -101,14 +130,7 @@ def origin_features(candles: Candles, config: TimeframeConfig) -> tuple[np.ndarr
 
     momentum5 = (log_close - lagged(log_close, 5)) / (sigma * np.sqrt(5))
     momentum20 = (log_close - lagged(log_close, 20)) / (sigma * np.sqrt(20))
-    high_low = np.log(candles.high / candles.low)
-    range_cap = np.square(RANGE_CAP * sigma)
-    range_cap[:1] = np.inf  # the first bar has no return, so no σ
-    unexplained = np.square(np.maximum(np.abs(returns) - RANGELESS_FACTOR * high_low, 0.0))
-    parkinson = np.minimum(np.maximum(np.square(high_low) / (4 * np.log(2)), unexplained), range_cap)
-    body = np.log(candles.close / candles.open)
-    garman_klass = np.clip(np.maximum(0.5 * np.square(high_low) - (2 * np.log(2) - 1) * np.square(body), unexplained),
-                           0.0, range_cap)
+    parkinson, garman_klass = range_variances(candles, returns, sigma)
     log_volume = np.log1p(np.maximum(candles.volume, 0))
     volume_mean = _rolling_mean(log_volume, _VOLUME_WINDOW)
     volume_var = np.maximum(_rolling_mean(np.square(log_volume), _VOLUME_WINDOW) - np.square(volume_mean), 0)

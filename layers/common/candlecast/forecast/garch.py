@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from candlecast.forecast.features import RANGE_CAP
 from candlecast.timeframes import FORECAST_STEPS
 
 NU_START = 5.0  # ν of the coarse grid (the refinement then estimates ν)
@@ -59,16 +60,21 @@ def fit_params(returns: np.ndarray, valid: np.ndarray | None = None) -> np.ndarr
     return out
 
 
-def fit_states(returns: np.ndarray, valid: np.ndarray | None = None, fit: str = TRAINING_FIT) -> np.ndarray:
+def fit_states(returns: np.ndarray, valid: np.ndarray | None = None, fit: str = TRAINING_FIT,
+               news: np.ndarray | None = None) -> np.ndarray:
     """(m, 3) GARCH states (STATE) of `fit_params`' fit (or of the round-1 "grid" fit), in the returns' units
-    squared."""
+    squared. `news` (m, W), "grid" only: each bar's variance estimate driving the ARCH term instead of r² (a range
+    GARCH), rescaled to the window's mean r²."""
     returns = np.asarray(returns, dtype=np.float64)
     if valid is None:
         valid = np.isfinite(returns)
     if fit == "grid":
         step = max(1, _CHUNK_CELLS // (len(GRID_ALPHA) * max(returns.shape[1], 1)))
-        return np.concatenate([_grid_chunk(returns[start : start + step], valid[start : start + step])
+        return np.concatenate([_grid_chunk(returns[start : start + step], valid[start : start + step],
+                                           None if news is None else news[start : start + step])
                                for start in range(0, len(returns), step)])
+    if news is not None:
+        raise ValueError("a range GARCH is fitted on the grid only")
     if fit != "mle":
         raise ValueError(f"unknown GARCH fit {fit!r}")
     params = fit_params(returns, valid)
@@ -227,12 +233,19 @@ def _fit_chunk(returns: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return _to_garch(search) * np.column_stack([window.level, np.ones((m, 3))])
 
 
-def _grid_chunk(returns: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The round-1 fit ("grid"): variance targeting from s²_0 = mean r², ν = 5, the best point of the grid."""
+def _grid_chunk(returns: np.ndarray, valid: np.ndarray, news: np.ndarray | None = None) -> np.ndarray:
+    """The round-1 fit ("grid"): variance targeting from s²_0 = mean r², ν = 5, the best point of the grid; the
+    ARCH term driven by r², or by `news` rescaled to mean r²."""
     m, width = returns.shape
     squared = np.where(valid, np.square(np.where(valid, returns, 0.0)), 0.0)
     count = valid.sum(axis=1)
     long_run = np.maximum(squared.sum(axis=1) / np.maximum(count, 1), 1e-12)  # L (m,)
+    if news is not None:
+        # A bar's range variance above (RANGE_CAP)² × the window's mean r² and its own r² is a bad print's wick.
+        news = np.minimum(np.where(valid & np.isfinite(news), news, 0.0),
+                          np.maximum(squared, RANGE_CAP**2 * long_run[:, None]))
+        news_level = news.sum(axis=1) / np.maximum(count, 1)
+        squared = news * np.where(news_level > 0, long_run / np.maximum(news_level, 1e-300), 0.0)[:, None]
     first = width - count  # index of the first present return
     alpha, beta = GRID_ALPHA[:, None], GRID_BETA[:, None]  # (g, 1)
     index = np.arange(width + 1)
@@ -263,19 +276,23 @@ def scale_factor(states: np.ndarray) -> np.ndarray:
 
 
 def series_states(log_close: np.ndarray, positions: np.ndarray, window: int, sigma: np.ndarray,
-                  fit: str = TRAINING_FIT) -> np.ndarray:
+                  fit: str = TRAINING_FIT, news: np.ndarray | None = None) -> np.ndarray:
     """(n, 3) states at origin indices `positions` of one series, each from the ≤ `window` returns up to it, with
-    variances relative to σ² at the origin (`sigma` (n,)); rows with fewer than 3 returns: σ², σ², 0 (plain σ·√h)."""
+    variances relative to σ² at the origin (`sigma` (n,)); rows with fewer than 3 returns: σ², σ², 0 (plain σ·√h).
+    `news` (one per bar, as `log_close`): the bars' range variances for a range GARCH (`fit_states`)."""
     returns = np.concatenate([[np.nan], np.diff(log_close)])
     windows = np.lib.stride_tricks.sliding_window_view(np.concatenate([np.full(window, np.nan), returns]), window)
+    news_windows = None if news is None else np.lib.stride_tricks.sliding_window_view(
+        np.concatenate([np.full(window, np.nan), news]), window)
     positions, sigma = np.asarray(positions), np.asarray(sigma, dtype=np.float64)
     states = np.tile(np.array([1.0, 1.0, 0.0]), (len(positions), 1))
     step = max(1, _CHUNK_CELLS // window)
     for start in range(0, len(positions), step):
-        rows = windows[positions[start : start + step] + 1]  # the window ending at the origin
+        at = positions[start : start + step] + 1  # the window ending at the origin
+        rows = windows[at]
         enough = np.flatnonzero(np.isfinite(rows).sum(axis=1) >= 3)
         if len(enough):
-            fitted = fit_states(rows[enough], fit=fit)
+            fitted = fit_states(rows[enough], fit=fit, news=None if news is None else news_windows[at][enough])
             variance = np.square(sigma[start + enough])
             states[start + enough] = np.column_stack([fitted[:, :2] / variance[:, None], fitted[:, 2]])
     return states

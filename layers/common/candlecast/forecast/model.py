@@ -31,6 +31,7 @@ from candlecast.forecast.features import (
     ORIGIN_FEATURES,
     QUANTILES,
     TimeframeConfig,
+    garch_news,
     origin_features,
 )
 from candlecast.forecast.garch import scale_factor, series_states
@@ -234,7 +235,8 @@ class ForecastModel:
         origin, sigma_now = rows[-1:], sigma[-1:]
         states = None if self.garch is None else series_states(np.log(recent.close), np.array([len(recent) - 1]),
                                                                self.lookback - 1, sigma_now,
-                                                               self.garch.get("fit", "grid"))
+                                                               self.garch.get("fit", "grid"),
+                                                               garch_news(recent, self.config))
         q = self.z_quantiles(origin, states)
         confidence = self.confidence(q, sigma_now)[0]
         last_close = float(recent.close[-1])
