@@ -72,14 +72,19 @@ def test_retention_deletes_expired_predictions_in_batches_and_keeps_the_rest(age
     assert remaining(aged.database_url) == {"pending": 10, "young": 10, "unscored": 10, "steps": 30 * 30}
 
 
-def test_retention_forgets_the_counted_outcomes_no_prediction_left_can_match(aged, monkeypatch):
-    with psycopg.connect(aged.database_url, autocommit=True) as conn:
+def count_first_step_outcomes(database_url: str) -> None:
+    """Score's live_outcomes row for the first step at each distinct time of the aged predictions."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("""
             INSERT INTO live_outcomes (model_id, ticker, timeframe, origin_at, step, ts)
             SELECT DISTINCT ON (s.ts) p.model_id, p.ticker, p.timeframe, p.last_candle_at, s.step, s.ts
             FROM prediction_steps s JOIN predictions p ON p.id = s.prediction_id
             WHERE s.step = 1
         """)
+
+
+def test_retention_forgets_the_counted_outcomes_no_prediction_left_can_match(aged, monkeypatch):
+    count_first_step_outcomes(aged.database_url)
     report = run_retention(monkeypatch, "365", "1000")
     with psycopg.connect(aged.database_url) as conn:
         left = conn.execute("SELECT count(*), min(ts) > now() - interval '365 days' FROM live_outcomes").fetchone()
@@ -87,19 +92,12 @@ def test_retention_forgets_the_counted_outcomes_no_prediction_left_can_match(age
     assert report["outcomes_forgotten"] == 2 and left == (3, True)
 
 
-
 def test_retention_emits_what_it_removed_as_metrics(aged, monkeypatch, capsys):
     """Retention emitted no metric: how many predictions and outcomes a run removed, and how many the cache kept
     serving, were in its log line only. They now go out as EMF metrics, with the dimensions Refresh's carry."""
     from tests.test_observability import emf_blobs
 
-    with psycopg.connect(aged.database_url, autocommit=True) as conn:
-        conn.execute("""
-            INSERT INTO live_outcomes (model_id, ticker, timeframe, origin_at, step, ts)
-            SELECT DISTINCT ON (s.ts) p.model_id, p.ticker, p.timeframe, p.last_candle_at, s.step, s.ts
-            FROM prediction_steps s JOIN predictions p ON p.id = s.prediction_id
-            WHERE s.step = 1
-        """)
+    count_first_step_outcomes(aged.database_url)
     capsys.readouterr()
     report = run_retention(monkeypatch, "365", "4")
     assert (report["deleted"], report["outcomes_forgotten"], report["cache_not_dropped"]) == (20, 2, 0)

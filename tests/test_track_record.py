@@ -413,6 +413,18 @@ def copies_of_one_forecast(count: int) -> list[uuid.UUID]:
     return sorted(uuid.UUID(body["id"]) for body in bodies)
 
 
+def three_copies_and_another_symbols_matured() -> tuple:
+    """(the stored history, three predictions of SYMBOL from one origin, one of X:SOLUSD), their next 3 candles
+    stored."""
+    history = stored_history()
+    storage.write_candles("X:SOLUSD", "1h", history)
+    copies = copies_of_one_forecast(3)
+    other = uuid.UUID(create("X:SOLUSD")["id"])
+    for ticker in (SYMBOL, "X:SOLUSD"):
+        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    return history, copies, other
+
+
 @pytest.mark.parametrize("failure", ["stalled", "damaged", "off the grid"])
 def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions_are_skipped(track, failure):
     """A stalled S3 (StorageUnavailable after the client's timeouts, ~2 s a read) or a corrupt file used to be read
@@ -420,12 +432,7 @@ def test_a_candle_file_that_fails_is_read_once_per_run_and_its_other_predictions
     refuses (audit N: off its grid) skips its series with the reason, and the run goes on."""
     from candlecast.errors import StorageUnavailable
 
-    history = stored_history()
-    storage.write_candles("X:SOLUSD", "1h", history)
-    failing = copies_of_one_forecast(3)
-    other = uuid.UUID(create("X:SOLUSD")["id"])
-    for ticker in (SYMBOL, "X:SOLUSD"):
-        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    history, failing, other = three_copies_and_another_symbols_matured()
     if failure == "damaged":
         storage.put_bytes(storage.candles_key(SYMBOL, "1h"), b"PAR1 not parquet PAR1")
     elif failure == "off the grid":
@@ -464,12 +471,7 @@ def test_a_model_that_fails_to_load_is_fetched_once_per_run_and_its_other_predic
     and scores the predictions of other models."""
     from candlecast.errors import ModelIntegrityError
 
-    history = stored_history()
-    storage.write_candles("X:SOLUSD", "1h", history)
-    failing = copies_of_one_forecast(3)
-    other = uuid.UUID(create("X:SOLUSD")["id"])
-    for ticker in (SYMBOL, "X:SOLUSD"):
-        storage.write_candles(ticker, "1h", with_later(history, [100.0] * 3))
+    _, failing, other = three_copies_and_another_symbols_matured()
     with psycopg.connect(url(), autocommit=True) as conn:  # SYMBOL's predictions were made with another model row
         conn.execute("INSERT INTO models (timeframe, name, version, kind, s3_key, sha256, is_active) SELECT timeframe, "
                      "name, 'replaced', kind, s3_key || '.replaced', sha256, false FROM models WHERE is_active "
