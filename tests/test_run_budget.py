@@ -28,8 +28,9 @@ def test_score_and_retention_stop_starting_work_a_statement_timeout_and_a_report
     from candlecast.services import retention, scoring
 
     budgets = {}
-    monkeypatch.setattr(scoring, "scheduled_run", lambda event, budget: budgets.setdefault("score", budget) and {})
-    monkeypatch.setattr(retention, "run", lambda budget: budgets.setdefault("retention", budget) and {})
+    monkeypatch.setattr(scoring, "scheduled_run",
+                        lambda event, budget: budgets.setdefault("score", budget) and scoring.ScoreReport().as_dict())
+    monkeypatch.setattr(retention, "run", lambda budget: budgets.setdefault("retention", budget) and {"enabled": False})
     for name in ("score", "retention"):
         load_handler(ROOT / "functions" / name)({}, LambdaContext(name, timeout_seconds=TIMEOUT_S))
     for name, budget in budgets.items():
