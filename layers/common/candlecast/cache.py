@@ -77,6 +77,7 @@ _SEALED_HEADER = len(_SEAL) + 4
 SYMBOLS = "symbols"  # the generation of one symbol, top lists and searches: they all show symbol rows
 TRACK_RECORD = "track-record"
 PREDICTIONS = "predictions"  # prediction bodies and request pointers: a database restore loses rows they name
+GLOBAL_KINDS = (SYMBOLS, TRACK_RECORD, PREDICTIONS)  # one generation each; every candle file has its own
 
 
 def _candles_kind(ticker: str, timeframe: str) -> str:
@@ -706,7 +707,7 @@ def invalidate_all(retry: bool = False) -> int | None:
                                   timed=False, expected=lambda reply: isinstance(reply, list), even_if_down=retry)
     if candle_generations is None:
         return None
-    generation_keys = [keys.generation(kind) for kind in (SYMBOLS, TRACK_RECORD, PREDICTIONS)] + candle_generations
+    generation_keys = [keys.generation(kind) for kind in GLOBAL_KINDS] + candle_generations
     return len(generation_keys) if _new_generations(generation_keys, even_if_down=retry) else None
 
 

@@ -104,8 +104,7 @@ def _cache_invalidate(_args: argparse.Namespace) -> int:
         print("candlecast cache-invalidate: Redis did not take it (unreachable, or refusing writes and deletes); "
               "cached answers may be served until their TTLs run out (up to 1 h): run it again", file=sys.stderr)
         return 1
-    print(json.dumps({"invalidated": [cache.SYMBOLS, cache.TRACK_RECORD, cache.PREDICTIONS],
-                      "candle_files": replaced - 3}))
+    print(json.dumps({"invalidated": list(cache.GLOBAL_KINDS), "candle_files": replaced - len(cache.GLOBAL_KINDS)}))
     return 0
 
 
