@@ -15,6 +15,10 @@
 
 Nothing fails silently: a missing or empty migrations folder, a migration that cannot be applied (named),
 and a lock still held when the run must give up each raise MigrationError with a one-line reason.
+
+mark_applied records migrations as applied without running them, under the same lock: the way out when
+_yoyo_migration is older than the schema (restored from another backup), which a re-apply's "already exists"
+error points at.
 """
 
 import hashlib
@@ -259,6 +263,18 @@ def _apply_one(backend, migration, deadline: Deadline) -> None:
         deadline.check(f"migration {migration.id} committed")  # raising here rolls it back
 
 
+def _already_there(error: BaseException) -> str:
+    """For an "already exists" error: the schema may be newer than _yoyo_migration, and the way to record that."""
+    from psycopg import errors
+
+    if not isinstance(error, (errors.DuplicateTable, errors.DuplicateObject, errors.DuplicateColumn,
+                              errors.DuplicateFunction, errors.DuplicateSchema)):
+        return ""
+    return ("; if the schema already holds this migration (_yoyo_migration restored older than the schema), record "
+            "it and those before it as applied, without running them: `candlecast migrate --mark-applied "
+            "<last migration the schema holds>` (README, \"Restoring from a backup\")")
+
+
 def _apply_with_retries(backend, migration, deadline: Deadline, applied: list[str]) -> None:
     """Apply one migration, again while its statements give up waiting for a lock (LockNotAvailable: another
     transaction holds one it needs) and the deadline leaves time; a failure names the migration."""
@@ -270,7 +286,7 @@ def _apply_with_retries(backend, migration, deadline: Deadline, applied: list[st
             error = error.__context__  # a ROLLBACK on a connection the server ended: report why it ended
         return MigrationError(
             f"migration {migration.id} failed: {detail}{type(error).__name__}: {_first_line(error)} "
-            f"(applied before it in this run: {applied or 'none'}; it was rolled back)"
+            f"(applied before it in this run: {applied or 'none'}; it was rolled back){_already_there(error)}"
         )
 
     for attempt in range(1, LOCK_ATTEMPTS + 1):
@@ -380,6 +396,31 @@ def apply(conninfo: str, directory: Path | None = None, *, deadline: Deadline | 
             logger.warning("the database has migrations applied that this release does not know: %s (a newer "
                            "release's, not rolled back before this one was deployed)", ", ".join(unknown))
         return _apply_each(backend, backend.to_apply(migrations), deadline)
+
+
+def mark_applied(conninfo: str, through: str, directory: Path | None = None, *,
+                 deadline: Deadline | None = None) -> list[str]:
+    """Record the migrations up to and including `through` (in the order apply takes them) as applied, without
+    running them, under the run lock: for a schema that already holds them while _yoyo_migration does not (a
+    migrations table restored older than the schema). Returns the ids marked (those not recorded already); an
+    id this folder does not hold marks nothing and raises MigrationError."""
+    from yoyo.migrations import topological_sort
+
+    deadline = deadline or Deadline()
+    with _locked_run(conninfo, directory, deadline) as (backend, migrations):
+        ordered = list(topological_sort(migrations))
+        ids = [migration.id for migration in ordered]
+        if through not in ids:
+            raise MigrationError(f"no migration {through!r} in this release's migrations ({', '.join(ids)}): "
+                                 "nothing marked")
+        if unknown := _unknown_applied(backend, migrations):
+            logger.warning("the database has migrations applied that this release does not know: %s",
+                           ", ".join(unknown))
+        recorded = set(backend.get_applied_migration_hashes())
+        to_mark = [migration for migration in ordered[:ids.index(through) + 1] if migration.hash not in recorded]
+        deadline.check("marking migrations applied")
+        backend.mark_migrations(to_mark)  # one transaction; each row logged in _yoyo_log as "mark"
+        return [migration.id for migration in to_mark]
 
 
 def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> list[str]:
