@@ -336,6 +336,49 @@ def test_only_an_already_exists_failure_points_at_mark_applied(scratch_database,
     assert "mark-applied" not in str(raised.value)
 
 
+def yoyo_tables(conninfo: str) -> set[str]:
+    with psycopg.connect(conninfo) as conn:
+        return {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_yoyo\\_%'")}
+
+
+@pytest.mark.parametrize("dropped", ["_yoyo_migration", "_yoyo_version", "_yoyo_log"])
+def test_yoyo_bookkeeping_left_incomplete_is_refused_naming_what_is_missing(scratch_database, dropped):
+    """Disaster-recovery audit: with _yoyo_migration (or _yoyo_version) gone and _yoyo_log left, migrate and --status
+    raised psycopg's DuplicateTable from yoyo's own set-up; with _yoyo_log gone, a run applied nothing silently and
+    the next migration would fail writing its log. Each is now one MigrationError naming the missing table."""
+    migrate.apply(scratch_database)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {dropped}")
+    left = yoyo_tables(scratch_database)
+    expected = rf"yoyo's bookkeeping is incomplete: {dropped} missing while .*nothing was changed.*--mark-applied"
+    for call in (migrate.apply, migrate.status):
+        with pytest.raises(migrate.MigrationError, match=expected):
+            call(scratch_database)
+    for argv in (["migrate"], ["migrate", "--status"], ["migrate", "--mark-applied", MIGRATIONS[-1]]):
+        result = subprocess.run([sys.executable, "-m", "candlecast.cli", *argv], env=only_database(scratch_database),
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith(f"candlecast migrate: yoyo's bookkeeping is incomplete: {dropped} missing")
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert yoyo_tables(scratch_database) == left == {"_yoyo_migration", "_yoyo_log", "_yoyo_version"} - {dropped}
+
+
+def test_a_schema_without_yoyos_tables_is_recorded_with_mark_applied(scratch_database):
+    """The way out the error above gives, when there is no backup of _yoyo_migration: rename yoyo's other tables
+    away; the run then creates yoyo's tables afresh and fails at the first migration the schema holds, pointing at
+    --mark-applied, which records them."""
+    migrate.apply(scratch_database)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        conn.execute("DROP TABLE _yoyo_migration")
+        conn.execute("ALTER TABLE _yoyo_log RENAME TO _yoyo_log_before_restore")
+        conn.execute("ALTER TABLE _yoyo_version RENAME TO _yoyo_version_before_restore")
+    with pytest.raises(migrate.MigrationError, match=r"migration 0001_symbols failed: DuplicateTable.*--mark-applied"):
+        migrate.apply(scratch_database)
+    assert migrate.mark_applied(scratch_database, MIGRATIONS[-1]) == MIGRATIONS
+    assert migrate.apply(scratch_database) == []
+    assert migrate.status(scratch_database).applied == MIGRATIONS
+
+
 def hold_yoyo_lock(conninfo: str, pid: int, age_seconds: float) -> None:
     """The row yoyo's lock (taken by every run of older releases) leaves behind when its run is killed."""
     with psycopg.connect(conninfo, autocommit=True) as conn:

@@ -13,8 +13,9 @@
   cancels the running statement and lets no further migration start or commit. idle_in_transaction and
   idle_session timeouts end a run whose client was frozen or lost (a Lambda sandbox frozen after answering).
 
-Nothing fails silently: a missing or empty migrations folder, a migration that cannot be applied (named),
-and a lock still held when the run must give up each raise MigrationError with a one-line reason.
+Nothing fails silently: a missing or empty migrations folder, yoyo's own tables found incomplete (a partial
+restore), a migration that cannot be applied (named), and a lock still held when the run must give up each
+raise MigrationError with a one-line reason.
 
 mark_applied records migrations as applied without running them, under the same lock: the way out when
 _yoyo_migration is older than the schema (restored from another backup), which a re-apply's "already exists"
@@ -235,8 +236,34 @@ def _backend(conninfo: str, deadline: Deadline | None = None):
 def connect(conninfo: str, deadline: Deadline | None = None):
     """yoyo's backend, connected and initialised as yoyo.get_backend does."""
     backend = _backend(conninfo, deadline)
-    backend.init_database()
+    try:
+        _check_bookkeeping(backend)
+        backend.init_database()
+    except BaseException:
+        backend.connection.close()
+        raise
     return backend
+
+
+YOYO_TABLES = ("_yoyo_migration", "_yoyo_log", "_yoyo_version")  # yoyo's record of what is applied, and its log
+
+
+def _check_bookkeeping(backend) -> None:
+    """yoyo's tables are all there (a migrated database) or none is (a new one): yoyo creates all three when
+    _yoyo_migration or _yoyo_version is missing, and with some of them left (a partial restore, a dropped table)
+    it failed with psycopg's DuplicateTable, or wrote no log. Raised before anything is changed."""
+    tables = set(backend.list_tables())  # what yoyo reads to decide what to create (the current schema's)
+    present = [name for name in YOYO_TABLES if name in tables]
+    if not present or len(present) == len(YOYO_TABLES):
+        return
+    missing = [name for name in YOYO_TABLES if name not in present]
+    raise MigrationError(
+        f"yoyo's bookkeeping is incomplete: {', '.join(missing)} missing while {', '.join(present)} "
+        f"{'is' if len(present) == 1 else 'are'} there (a partial restore, or a dropped table); nothing was changed. "
+        f"Restore {', '.join(missing)} from the backup the schema came from; without one, rename "
+        f"{', '.join(present)} away (yoyo recreates all three) and record the migrations the schema holds with "
+        "`candlecast migrate --mark-applied <last migration the schema holds>` (README, \"Restoring from a backup\")"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -370,6 +397,7 @@ def _locked_run(conninfo: str, directory: Path | None, deadline: Deadline | None
     try:
         deadline.attach(backend.connection)
         with _run_lock(backend, deadline):
+            _check_bookkeeping(backend)
             backend.init_database()
             # yoyo's own row lock, taken here only by yoyo's internal-schema upgrade, is left only by a run that
             # was killed (older releases took it for every run): nobody else can be migrating now.
