@@ -53,6 +53,15 @@ def test_debug_shows_the_traceback_of_an_expected_failure_redacted(offline_env, 
     assert "Traceback" in err and "candlecast migrate: " in err and PASSWORD not in err
 
 
+@pytest.mark.parametrize("other", [["--status"], ["--rollback", "1"]])
+def test_migrate_does_one_thing_at_a_time(offline_env, capsys, other):
+    """`--status --mark-applied ID` listed and marked nothing: argparse refuses the pair (exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["migrate", *other, "--mark-applied", "0001_symbols"])
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_a_missing_model_file_is_one_line(offline_env, capsys, tmp_path):
     missing = tmp_path / "nonexistent.pkl"
     assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1d", "--model", str(missing)]) == 1

@@ -145,6 +145,22 @@ def test_a_failing_apply_answers_failed_with_the_reason(migrate_app, recorder, u
     assert "secret" not in response["Reason"]  # the password never reaches the stack events
 
 
+def test_yoyo_bookkeeping_left_incomplete_answers_failed_naming_it(migrate_app, recorder, fresh_database):
+    """A database restored without _yoyo_migration (its _yoyo_log kept): FAILED carried psycopg's DuplicateTable
+    for _yoyo_log, raised inside yoyo's set-up; it now names the missing table and the way out."""
+    assert migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())["Status"] == "SUCCESS"
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute("DROP TABLE _yoyo_migration")
+
+    result = migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
+
+    answer = recorder.captured[-1]
+    assert answer["Status"] == result["Status"] == "FAILED"
+    assert answer["Reason"].startswith("MigrationError: yoyo's bookkeeping is incomplete: _yoyo_migration missing "
+                                       "while _yoyo_log, _yoyo_version are there")
+    assert "--mark-applied" in answer["Reason"] and len(recorder.requests[-1]["body"]) < 4096
+
+
 def test_a_hanging_database_answers_failed_before_the_function_times_out(migrate_app, recorder, use_database):
     silent = SilentServer()
     try:

@@ -270,6 +270,115 @@ def test_a_half_applied_schema_names_the_migration_without_a_traceback(scratch_d
     assert migrate.status(scratch_database).applied == []
 
 
+def forget_applied(conninfo: str, *ids: str) -> None:
+    """_yoyo_migration older than the schema: a migrations table restored from an earlier backup."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("DELETE FROM _yoyo_migration WHERE migration_id = ANY(%s)", (list(ids),))
+
+
+def test_a_migrations_table_older_than_the_schema_points_at_mark_applied_which_gets_past_it(scratch_database):
+    """Disaster-recovery audit: re-applying a migration the schema already holds failed, naming it, with no supported
+    way out. The "already exists" failure now points at `--mark-applied`, which records them without running them."""
+    migrate.apply(scratch_database)
+    forget_applied(scratch_database, "0008_live_outcomes", "0009_score_due_series")
+    with pytest.raises(migrate.MigrationError, match=r"migration 0008_live_outcomes failed: DuplicateTable: .*"
+                       r"record it and those before it as applied.*`candlecast migrate --mark-applied "):
+        migrate.apply(scratch_database)
+    command = [sys.executable, "-m", "candlecast.cli", "migrate"]
+    failed = subprocess.run(command, env=only_database(scratch_database), capture_output=True, text=True)
+    assert failed.returncode == 1 and "--mark-applied" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+    marked = subprocess.run([*command, "--mark-applied", "0009_score_due_series"], env=only_database(scratch_database),
+                            capture_output=True, text=True, check=True)
+    assert json.loads(marked.stdout) == {"marked": ["0008_live_outcomes", "0009_score_due_series"]}
+    assert migrate.status(scratch_database).as_dict() == {"applied": MIGRATIONS, "pending": [], "unknown": []}
+    assert migrate.apply(scratch_database) == []
+    assert tables(scratch_database) == TABLES
+    with psycopg.connect(scratch_database) as conn:
+        logged = conn.execute("SELECT migration_id FROM _yoyo_log WHERE operation = 'mark' ORDER BY migration_id")
+        assert [row[0] for row in logged] == ["0008_live_outcomes", "0009_score_due_series"]
+
+
+def test_mark_applied_marks_only_through_its_id_and_refuses_an_unknown_id(scratch_database):
+    with pytest.raises(migrate.MigrationError, match=r"no migration '0010_nope' in this release's migrations "
+                       r"\(0001_symbols, .*0009_score_due_series\): nothing marked"):
+        migrate.mark_applied(scratch_database, "0010_nope")
+    result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--mark-applied", "0010_nope"],
+                            env=only_database(scratch_database), capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("candlecast migrate: no migration '0010_nope'")
+    assert migrate.status(scratch_database).applied == []
+    assert migrate.mark_applied(scratch_database, "0002_models") == ["0001_symbols", "0002_models"]
+    assert migrate.mark_applied(scratch_database, "0002_models") == []  # recorded already
+    assert tables(scratch_database) == set()  # recorded, not run
+    assert migrate.status(scratch_database).pending == MIGRATIONS[2:]
+
+
+def test_mark_applied_waits_for_the_run_lock(scratch_database):
+    with psycopg.connect(scratch_database, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrate.MIGRATION_LOCK_KEY,))
+        with pytest.raises(migrate.MigrationError, match="the migration lock is held by another run"):
+            migrate.mark_applied(scratch_database, "0001_symbols", deadline=migrate.Deadline(0.5))
+        assert migrate.status(scratch_database).applied == []
+        thread, outcome = in_thread(lambda: migrate.mark_applied(scratch_database, "0001_symbols"))
+        time.sleep(0.5)
+        assert thread.is_alive()  # waiting for the lock
+        holder.execute("SELECT pg_advisory_unlock(%s)", (migrate.MIGRATION_LOCK_KEY,))
+        thread.join(10)
+    assert outcome == [["0001_symbols"]]
+
+
+def test_only_an_already_exists_failure_points_at_mark_applied(scratch_database, tmp_path):
+    folder = migrations_with(tmp_path, **{"0010_broken__sql": "-- depends: 0009_score_due_series\n"
+                                          "ALTER TABLE no_such_table ADD COLUMN x int;\n"})
+    with pytest.raises(migrate.MigrationError, match="migration 0010_broken failed: UndefinedTable") as raised:
+        migrate.apply(scratch_database, folder)
+    assert "mark-applied" not in str(raised.value)
+
+
+def yoyo_tables(conninfo: str) -> set[str]:
+    with psycopg.connect(conninfo) as conn:
+        return {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_yoyo\\_%'")}
+
+
+@pytest.mark.parametrize("dropped", ["_yoyo_migration", "_yoyo_version", "_yoyo_log"])
+def test_yoyo_bookkeeping_left_incomplete_is_refused_naming_what_is_missing(scratch_database, dropped):
+    """Disaster-recovery audit: with _yoyo_migration (or _yoyo_version) gone and _yoyo_log left, migrate and --status
+    raised psycopg's DuplicateTable from yoyo's own set-up; with _yoyo_log gone, a run applied nothing silently and
+    the next migration would fail writing its log. Each is now one MigrationError naming the missing table."""
+    migrate.apply(scratch_database)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {dropped}")
+    left = yoyo_tables(scratch_database)
+    expected = rf"yoyo's bookkeeping is incomplete: {dropped} missing while .*nothing was changed.*--mark-applied"
+    for call in (migrate.apply, migrate.status):
+        with pytest.raises(migrate.MigrationError, match=expected):
+            call(scratch_database)
+    for argv in (["migrate"], ["migrate", "--status"], ["migrate", "--mark-applied", MIGRATIONS[-1]]):
+        result = subprocess.run([sys.executable, "-m", "candlecast.cli", *argv], env=only_database(scratch_database),
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith(f"candlecast migrate: yoyo's bookkeeping is incomplete: {dropped} missing")
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert yoyo_tables(scratch_database) == left == {"_yoyo_migration", "_yoyo_log", "_yoyo_version"} - {dropped}
+
+
+def test_a_schema_without_yoyos_tables_is_recorded_with_mark_applied(scratch_database):
+    """The way out the error above gives, when there is no backup of _yoyo_migration: rename yoyo's other tables
+    away; the run then creates yoyo's tables afresh and fails at the first migration the schema holds, pointing at
+    --mark-applied, which records them."""
+    migrate.apply(scratch_database)
+    with psycopg.connect(scratch_database, autocommit=True) as conn:
+        conn.execute("DROP TABLE _yoyo_migration")
+        conn.execute("ALTER TABLE _yoyo_log RENAME TO _yoyo_log_before_restore")
+        conn.execute("ALTER TABLE _yoyo_version RENAME TO _yoyo_version_before_restore")
+    with pytest.raises(migrate.MigrationError, match=r"migration 0001_symbols failed: DuplicateTable.*--mark-applied"):
+        migrate.apply(scratch_database)
+    assert migrate.mark_applied(scratch_database, MIGRATIONS[-1]) == MIGRATIONS
+    assert migrate.apply(scratch_database) == []
+    assert migrate.status(scratch_database).applied == MIGRATIONS
+
+
 def hold_yoyo_lock(conninfo: str, pid: int, age_seconds: float) -> None:
     """The row yoyo's lock (taken by every run of older releases) leaves behind when its run is killed."""
     with psycopg.connect(conninfo, autocommit=True) as conn:

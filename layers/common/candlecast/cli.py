@@ -62,6 +62,8 @@ def _migrate_action(migrate, conninfo: str, args: argparse.Namespace) -> int:
         print(json.dumps(migrate.status(conninfo).as_dict(), indent=2))
     elif args.rollback is not None:
         print(json.dumps({"rolled_back": migrate.rollback(conninfo, args.rollback)}))
+    elif args.mark_applied is not None:
+        print(json.dumps({"marked": migrate.mark_applied(conninfo, args.mark_applied)}))
     else:
         print(json.dumps({"applied": migrate.apply(conninfo)}))
     return 0
@@ -121,8 +123,11 @@ def _address(conninfo: str) -> dict:
 def register(subparsers: argparse._SubParsersAction) -> None:
     migrate = subparsers.add_parser("migrate", help="apply database migrations, one run at a time (a PostgreSQL "
                                     "advisory lock, released by the server when a run's session ends)")
-    migrate.add_argument("--status", action="store_true", help="list applied and pending migrations")
-    migrate.add_argument("--rollback", type=positive_int, metavar="N", help="roll back the last N migrations")
+    what = migrate.add_mutually_exclusive_group()
+    what.add_argument("--status", action="store_true", help="list applied and pending migrations")
+    what.add_argument("--rollback", type=positive_int, metavar="N", help="roll back the last N migrations")
+    what.add_argument("--mark-applied", metavar="ID", help="record the migrations up to and including ID as applied "
+                      "without running them (the schema already holds them: README, \"Restoring from a backup\")")
     migrate.set_defaults(func=_migrate)
     check = subparsers.add_parser("db-check", help="connect to the database and Redis and report each")
     check.set_defaults(func=_db_check)

@@ -13,8 +13,13 @@
   cancels the running statement and lets no further migration start or commit. idle_in_transaction and
   idle_session timeouts end a run whose client was frozen or lost (a Lambda sandbox frozen after answering).
 
-Nothing fails silently: a missing or empty migrations folder, a migration that cannot be applied (named),
-and a lock still held when the run must give up each raise MigrationError with a one-line reason.
+Nothing fails silently: a missing or empty migrations folder, yoyo's own tables found incomplete (a partial
+restore), a migration that cannot be applied (named), and a lock still held when the run must give up each
+raise MigrationError with a one-line reason.
+
+mark_applied records migrations as applied without running them, under the same lock: the way out when
+_yoyo_migration is older than the schema (restored from another backup), which a re-apply's "already exists"
+error points at.
 """
 
 import hashlib
@@ -231,8 +236,34 @@ def _backend(conninfo: str, deadline: Deadline | None = None):
 def connect(conninfo: str, deadline: Deadline | None = None):
     """yoyo's backend, connected and initialised as yoyo.get_backend does."""
     backend = _backend(conninfo, deadline)
-    backend.init_database()
+    try:
+        _check_bookkeeping(backend)
+        backend.init_database()
+    except BaseException:
+        backend.connection.close()
+        raise
     return backend
+
+
+YOYO_TABLES = ("_yoyo_migration", "_yoyo_log", "_yoyo_version")  # yoyo's record of what is applied, and its log
+
+
+def _check_bookkeeping(backend) -> None:
+    """yoyo's tables are all there (a migrated database) or none is (a new one): yoyo creates all three when
+    _yoyo_migration or _yoyo_version is missing, and with some of them left (a partial restore, a dropped table)
+    it failed with psycopg's DuplicateTable, or wrote no log. Raised before anything is changed."""
+    tables = set(backend.list_tables())  # what yoyo reads to decide what to create (the current schema's)
+    present = [name for name in YOYO_TABLES if name in tables]
+    if not present or len(present) == len(YOYO_TABLES):
+        return
+    missing = [name for name in YOYO_TABLES if name not in present]
+    raise MigrationError(
+        f"yoyo's bookkeeping is incomplete: {', '.join(missing)} missing while {', '.join(present)} "
+        f"{'is' if len(present) == 1 else 'are'} there (a partial restore, or a dropped table); nothing was changed. "
+        f"Restore {', '.join(missing)} from the backup the schema came from; without one, rename "
+        f"{', '.join(present)} away (yoyo recreates all three) and record the migrations the schema holds with "
+        "`candlecast migrate --mark-applied <last migration the schema holds>` (README, \"Restoring from a backup\")"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -259,6 +290,18 @@ def _apply_one(backend, migration, deadline: Deadline) -> None:
         deadline.check(f"migration {migration.id} committed")  # raising here rolls it back
 
 
+def _already_there(error: BaseException) -> str:
+    """For an "already exists" error: the schema may be newer than _yoyo_migration, and the way to record that."""
+    from psycopg import errors
+
+    if not isinstance(error, (errors.DuplicateTable, errors.DuplicateObject, errors.DuplicateColumn,
+                              errors.DuplicateFunction, errors.DuplicateSchema)):
+        return ""
+    return ("; if the schema already holds this migration (_yoyo_migration restored older than the schema), record "
+            "it and those before it as applied, without running them: `candlecast migrate --mark-applied "
+            "<last migration the schema holds>` (README, \"Restoring from a backup\")")
+
+
 def _apply_with_retries(backend, migration, deadline: Deadline, applied: list[str]) -> None:
     """Apply one migration, again while its statements give up waiting for a lock (LockNotAvailable: another
     transaction holds one it needs) and the deadline leaves time; a failure names the migration."""
@@ -270,7 +313,7 @@ def _apply_with_retries(backend, migration, deadline: Deadline, applied: list[st
             error = error.__context__  # a ROLLBACK on a connection the server ended: report why it ended
         return MigrationError(
             f"migration {migration.id} failed: {detail}{type(error).__name__}: {_first_line(error)} "
-            f"(applied before it in this run: {applied or 'none'}; it was rolled back)"
+            f"(applied before it in this run: {applied or 'none'}; it was rolled back){_already_there(error)}"
         )
 
     for attempt in range(1, LOCK_ATTEMPTS + 1):
@@ -354,6 +397,7 @@ def _locked_run(conninfo: str, directory: Path | None, deadline: Deadline | None
     try:
         deadline.attach(backend.connection)
         with _run_lock(backend, deadline):
+            _check_bookkeeping(backend)
             backend.init_database()
             # yoyo's own row lock, taken here only by yoyo's internal-schema upgrade, is left only by a run that
             # was killed (older releases took it for every run): nobody else can be migrating now.
@@ -380,6 +424,31 @@ def apply(conninfo: str, directory: Path | None = None, *, deadline: Deadline | 
             logger.warning("the database has migrations applied that this release does not know: %s (a newer "
                            "release's, not rolled back before this one was deployed)", ", ".join(unknown))
         return _apply_each(backend, backend.to_apply(migrations), deadline)
+
+
+def mark_applied(conninfo: str, through: str, directory: Path | None = None, *,
+                 deadline: Deadline | None = None) -> list[str]:
+    """Record the migrations up to and including `through` (in the order apply takes them) as applied, without
+    running them, under the run lock: for a schema that already holds them while _yoyo_migration does not (a
+    migrations table restored older than the schema). Returns the ids marked (those not recorded already); an
+    id this folder does not hold marks nothing and raises MigrationError."""
+    from yoyo.migrations import topological_sort
+
+    deadline = deadline or Deadline()
+    with _locked_run(conninfo, directory, deadline) as (backend, migrations):
+        ordered = list(topological_sort(migrations))
+        ids = [migration.id for migration in ordered]
+        if through not in ids:
+            raise MigrationError(f"no migration {through!r} in this release's migrations ({', '.join(ids)}): "
+                                 "nothing marked")
+        if unknown := _unknown_applied(backend, migrations):
+            logger.warning("the database has migrations applied that this release does not know: %s",
+                           ", ".join(unknown))
+        recorded = set(backend.get_applied_migration_hashes())
+        to_mark = [migration for migration in ordered[:ids.index(through) + 1] if migration.hash not in recorded]
+        deadline.check("marking migrations applied")
+        backend.mark_migrations(to_mark)  # one transaction; each row logged in _yoyo_log as "mark"
+        return [migration.id for migration in to_mark]
 
 
 def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> list[str]:
