@@ -280,6 +280,47 @@ def test_a_signed_file_that_is_no_model_is_refused_without_quoting_it(seeded):
     assert stored_predictions(seeded.database_url) == 0
 
 
+@pytest.mark.parametrize(("damage", "code"), [("deleted", "model_file_missing"), ("flip-byte", "model_integrity"),
+                                              ("drop-signature", "model_integrity"),
+                                              ("other-timeframes-file", "model_integrity")])
+def test_a_refused_model_file_is_logged_once_by_key_and_the_answer_does_not_name_it(seeded, damage, code, caplog):
+    """DR audit: a deleted or replaced model file was a 503 whose log line ('request failed') named neither the file's
+    key nor its signature's, so the operator could not tell what to restore. One line names them (and the model,
+    the timeframe and why); the client's answer names neither key nor bucket."""
+    import json
+    import logging
+
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT name, version, s3_key FROM models WHERE timeframe = '1d' AND is_active").fetchone()
+        if damage == "other-timeframes-file":  # a validly signed file, of another model
+            four_hours = conn.execute("SELECT s3_key, sha256 FROM models WHERE timeframe = '4h' AND is_active"
+                                      ).fetchone()
+            conn.execute("UPDATE models SET s3_key = %s, sha256 = %s WHERE timeframe = '1d' AND is_active",
+                         four_hours)
+            row = (row[0], row[1], four_hours[0])
+    name, version, key = row
+    if damage == "deleted":
+        storage.s3_client().delete_object(Bucket=seeded.bucket, Key=key)
+    elif damage == "flip-byte":
+        data = bytearray(storage.get_bytes(key))
+        data[len(data) // 2] ^= 0xFF
+        storage.put_bytes(key, bytes(data))
+    elif damage == "drop-signature":
+        storage.s3_client().delete_object(Bucket=seeded.bucket, Key=storage.signature_key(key))
+    with caplog.at_level(logging.INFO):
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (503, code)
+    text = json.dumps(body)
+    assert key not in text and seeded.bucket not in text and "models/" not in text
+    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [record.getMessage().split(":")[0] for record in warnings] == ["model file refused"]  # no 'request failed'
+    [record] = warnings
+    assert record.levelno == logging.ERROR
+    assert (record.timeframe, record.model, record.version) == ("1d", name, version)
+    assert (record.s3_key, record.signature_key) == (key, storage.signature_key(key))
+    assert (record.code, record.reason) == (code, body["error"]["message"])
+
+
 @pytest.mark.parametrize(
     ("body", "status", "mentions"),
     [

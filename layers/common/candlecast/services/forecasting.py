@@ -60,14 +60,27 @@ def _bucket_model(row: dict):
                                     row["sha256"], previous_key=previous)
 
 
+_SIGNING_KEY_CODES = frozenset({"model_signing_key_refused", "model_signing_key_missing"})
+
+
+def _log_refused_file(row: dict, error: ModelUnavailable | ModelIntegrityError, source: str) -> None:
+    """One line naming the refused file for the operator who must restore it (the timeframe's model, its S3 key
+    and signature key, the sha256 its row registers, and why), marked logged so the API's handler adds none.
+    The client's answer keeps its message: keys and the bucket stay out of public responses."""
+    key = row["s3_key"]
+    logger.error("model file refused: restore the registered file and its signature, or activate another model",
+                 extra={"timeframe": row["timeframe"], "model": row["name"], "version": row["version"],
+                        "s3_key": key, "signature_key": storage.signature_key(key), "sha256": row["sha256"],
+                        "source": source, "code": error.code, "reason": error.message})
+    error.logged = True
+
+
 def _require_registered(model, row: dict) -> None:
     """The loaded file must be the model its row registers: a row naming another timeframe's (or another
     version's) validly signed file would otherwise forecast 1d from the 4h model, silently."""
     loaded = (str(model.timeframe), str(model.name), str(model.version))
     registered = (str(row["timeframe"]), str(row["name"]), str(row["version"]))
-    if loaded != registered:
-        logger.error("model file is not the registered model",
-                     extra={"registered": " ".join(registered), "file": " ".join(loaded)})
+    if loaded != registered:  # logged by verified_model, with the file's key
         raise ModelIntegrityError(
             f"the {row['timeframe']} model file holds {loaded[1]} {loaded[2]} ({loaded[0]}), not the registered "
             f"{registered[1]} {registered[2]}; refusing to use it")
@@ -85,8 +98,13 @@ def verified_model(row: dict):
             return loaded[1]
         # Shipped in the artifact when it is the registered file (no S3 client on the cold path), else the bucket.
         bundled = storage.bundled_model(timeframe, sha256)
-        model = artifact.load(bundled) if bundled is not None else _bucket_model(row)
-        _require_registered(model, row)
+        try:
+            model = artifact.load(bundled) if bundled is not None else _bucket_model(row)
+            _require_registered(model, row)
+        except (ModelUnavailable, ModelIntegrityError) as error:
+            if error.code not in _SIGNING_KEY_CODES:  # those name the stage's key, not a file
+                _log_refused_file(row, error, "shipped" if bundled is not None else "bucket")
+            raise
         _models[timeframe] = (sha256, model)
         logger.info("model loaded", extra={"timeframe": timeframe, "model": row["name"], "version": row["version"]})
         return model
