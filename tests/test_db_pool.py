@@ -137,6 +137,25 @@ def test_a_pooled_connection_is_renewed_after_its_max_lifetime(one_connection, m
     assert backend_pid() != first
 
 
+def test_a_busy_container_renewing_its_connection_never_holds_a_second(clean_db, monkeypatch):
+    """Back-to-back invocations across many renewals: the one that finds the expired connection's replacement
+    still opening waits for it instead of growing the pool, so a warm container holds one connection (the
+    connection budget's count), with the defaults."""
+    monkeypatch.setattr(db, "MAX_LIFETIME_SECONDS", 0.05, raising=False)
+    reset_clients()
+    sizes, pids = set(), set()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        pids.add(backend_pid())
+        sizes.add(db.get_pool().get_stats().get("pool_size", 0))
+    assert len(pids) > 5  # it was renewed again and again
+    assert sizes <= {0, 1}, sizes
+    with psycopg.connect(clean_db.database_url, autocommit=True) as admin:
+        held = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'candlecast'")
+        assert held.fetchone()[0] <= 1
+    reset_clients()
+
+
 # --- a database that refuses connections: 503 at once, recovery by itself ------------------------
 
 
@@ -217,8 +236,9 @@ def test_an_exhausted_pool_is_a_503_of_its_own_that_does_not_start_an_outage(one
 # --- after a restart, stale idle connections cost no pause --------------------------------------
 
 
-def test_after_the_server_ends_every_idle_connection_the_first_request_does_not_pause(clean_db):
-    reset_clients()  # DB_POOL_MAX_SIZE 2
+def test_after_the_server_ends_every_idle_connection_the_first_request_does_not_pause(clean_db, monkeypatch):
+    monkeypatch.setenv("DB_POOL_MAX_SIZE", "2")
+    reset_clients()
     with db.connection() as one, db.connection() as two:
         pids = [conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"] for conn in (one, two)]
     assert db.get_pool().get_stats()["pool_available"] == 2

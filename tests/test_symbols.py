@@ -453,7 +453,7 @@ def test_two_queries_the_database_folds_apart_never_share_a_cached_page(non_asci
     assert [item["ticker"] for item in search("İzmir")[2]] == ["X:IZMIRUSD"]
 
 
-def test_a_read_that_fills_after_a_refresh_invalidated_never_serves_the_old_row(symbols, monkeypatch):
+def test_a_read_that_fills_after_a_refresh_invalidated_never_serves_the_old_row(clean_db, symbols, monkeypatch):
     """The request reads the row, a refresh commits and invalidates, then the request fills the cache: the old row
     was served for the symbol's whole TTL. The pause inside the read stands for a GC pause or a slow network."""
     import threading
@@ -474,7 +474,8 @@ def test_a_read_that_fills_after_a_refresh_invalidated_never_serves_the_old_row(
     reader = threading.Thread(target=service.get, args=("X:ETHUSDT",))
     reader.start()
     assert read_done.wait(5)
-    with db.connection() as conn:  # the refresh: commit, then invalidate
+    # The refresh, another container with its own connection: commit, then invalidate.
+    with psycopg.connect(clean_db.database_url, autocommit=True) as conn:
         conn.execute("UPDATE symbols SET is_active = false WHERE ticker = 'X:ETHUSDT'")
     cache.invalidate_symbols()
     refresh_done.set()

@@ -32,7 +32,7 @@ class DatabaseSettings(BaseSettings):
     database_url: SecretStr | None = Field(None, description="PostgreSQL URL (local runs and tests)")
     db_secret_arn: str | None = Field(None, description="Secrets Manager secret with the DB credentials")
     db_prepare_threshold: int | None = Field(5, description="psycopg prepare_threshold; empty/None for RDS Proxy")
-    db_pool_max_size: int = Field(2, ge=1, le=64)
+    db_pool_max_size: int = Field(1, ge=1, le=64)
     db_pool_timeout: float = Field(1.0, gt=0, le=10, description="seconds to wait for a pooled connection")
     db_statement_timeout: float = Field(1.0, gt=0, le=120, description="seconds one statement of a request may "
                                         "take (statement_timeout; lock_timeout is half); batch functions set more")
