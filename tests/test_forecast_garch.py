@@ -143,10 +143,11 @@ def test_a_model_with_a_garch_part_forecasts_at_inference_what_the_walk_forward_
         model.z_quantiles(origins.features[-1:])
 
 
-@pytest.mark.parametrize("timeframe", ["4h", "1m"])
-def test_a_range_garch_forecasts_at_inference_what_the_walk_forward_scores(timeframe):
+@pytest.mark.parametrize(("timeframe", "wide"), [("4h", False), ("1m", False), ("1m", True)])
+def test_a_range_garch_forecasts_at_inference_what_the_walk_forward_scores(timeframe, wide):
     """With `garch_range` the state reads the bars' range variances, a bad print's wick included, the same way in
-    the walk-forward (the whole series) and in predict() (the lookback alone, whose first bars' σ differ)."""
+    the walk-forward (the whole series) and in predict() (the lookback alone, whose first bars' σ differ); with
+    `garch_wide` both fit on the wide grid."""
     from dataclasses import asdict, replace
 
     from candlecast.candles import Candles
@@ -154,7 +155,7 @@ def test_a_range_garch_forecasts_at_inference_what_the_walk_forward_scores(timef
     from candlecast.forecast.model import ForecastModel
 
     shipped = _shipped("4h")
-    config = replace(CONFIGS[timeframe], garch_range=True)
+    config = replace(CONFIGS[timeframe], garch_range=True, garch_wide=wide)
     lookback = config.lookback
     part = {"window": lookback - 1, "fit": TRAINING_FIT, "quantiles": shipped.baseline_q, "weight": 0.0,
             "conformal": np.zeros((len(HORIZONS), 3))}
@@ -166,6 +167,26 @@ def test_a_range_garch_forecasts_at_inference_what_the_walk_forward_scores(timef
     assert_predict_is_what_the_walk_forward_scores(model, candles)
     by_returns = build_origins([(None, candles)], replace(config, garch_range=False)).garch[-1]
     assert not np.allclose(build_origins([(None, candles)], config).garch[-1], by_returns)
+    if wide:
+        narrow = build_origins([(None, candles)], replace(config, garch_wide=False)).garch[:, 2]
+        assert (build_origins([(None, candles)], config).garch[:, 2] != narrow).any()
+
+
+def test_the_wide_grid_tracks_a_short_memory_garch_that_the_narrow_grid_cannot_reach():
+    """α 0.45, β 0.50 lies outside the narrow grid (α ≤ 0.28, β ≥ 0.60): fitted on the wide grid, the next-bar
+    variance is nearer the true one."""
+    rng = np.random.default_rng(5)
+    alpha, beta, count = 0.45, 0.50, 4000
+    variance, returns = np.empty(count + 1), np.empty(count)
+    variance[0] = 1e-4
+    for i in range(count):
+        returns[i] = np.sqrt(variance[i]) * rng.standard_t(5) * np.sqrt(3 / 5)
+        variance[i + 1] = 1e-4 * (1 - alpha - beta) + alpha * returns[i] ** 2 + beta * variance[i]
+    ends = np.arange(300, count, 7)
+    windows = np.stack([returns[end - 300 : end] for end in ends])  # the next bar's variance is variance[end]
+    errors = {wide: np.sqrt(np.mean(np.log(fit_states(windows, wide=wide)[:, 0] / variance[ends]) ** 2))
+              for wide in (False, True)}
+    assert errors[True] < 0.9 * errors[False], errors
 
 
 def test_a_range_garch_tracks_a_stochastic_volatility_closer_than_squared_returns():

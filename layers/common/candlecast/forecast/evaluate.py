@@ -54,7 +54,7 @@ def series_origins(index: int, candles: Candles, config: TimeframeConfig, positi
     log_return = np.where(present, log_close[target] - log_close[origin][:, None], np.nan)
     label_time = np.where(present, candles.open_time[target], _NO_LABEL)
     states = series_states(log_close, origin, config.lookback - 1, sigma[origin],
-                           news=garch_news(candles, config))
+                           news=garch_news(candles, config), wide=config.garch_wide)
     return Origins(
         series=np.full(len(origin), index),
         time=candles.open_time[origin],

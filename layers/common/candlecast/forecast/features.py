@@ -52,6 +52,9 @@ class TimeframeConfig:
     # The ARCH term of the GARCH part: each bar's squared return (False), or its Garman-Klass range variance scaled
     # to the window's mean squared return (True: a range GARCH; the likelihood stays the returns').
     garch_range: bool = False
+    # The GARCH part's grid of (α, β): `garch.GRID_ALPHA`/`GRID_BETA` (False), or `garch.WIDE_GRID` (True), which adds
+    # the short-memory corner (β 0.45, α 0.38 and 0.50).
+    garch_wide: bool = False
 
     @property
     def lookback(self) -> int:

@@ -33,8 +33,20 @@ NU_BOUNDS = (2.05, 500.0)  # as `arch`'s Student-t
 OMEGA_BOUNDS = (1e-8, 10.0)  # × mean r², as `arch`'s GARCH
 ALPHAS = np.array([0.02, 0.05, 0.09, 0.14, 0.20, 0.28])
 BETAS = np.array([0.60, 0.75, 0.85, 0.90, 0.94, 0.97, 0.985])
-_PAIRS = np.array([(a, b) for a in ALPHAS for b in BETAS if a + b <= 0.995])
-GRID_ALPHA, GRID_BETA = _PAIRS[:, 0], _PAIRS[:, 1]
+# The wide grid (`TimeframeConfig.garch_wide`) adds the short-memory corner, where grid fits pile up at 1m and of
+# range news (α 0.28 with β 0.60 chosen at 21-30 % of 1m origins, β 0.60 at 77-83 %). β ≥ 0.45 keeps β^−W in
+# float range for every lookback (W ≤ 721).
+WIDE_ALPHAS = np.append(ALPHAS, [0.38, 0.50])
+WIDE_BETAS = np.insert(BETAS, 0, 0.45)
+
+
+def _grid(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pairs = np.array([(a, b) for a in alphas for b in betas if a + b <= 0.995])
+    return pairs[:, 0], pairs[:, 1]
+
+
+GRID_ALPHA, GRID_BETA = _grid(ALPHAS, BETAS)
+WIDE_GRID = _grid(WIDE_ALPHAS, WIDE_BETAS)
 REFINE_STEPS = 20  # at most, BHHH iterations after the grid
 _TOLERANCE = 1e-7  # log-likelihood gain below which a row's fit has converged
 _TRIALS = (1.0, 0.5, 0.2, 0.05)  # step fractions tried in turn along each BHHH direction
@@ -61,20 +73,21 @@ def fit_params(returns: np.ndarray, valid: np.ndarray | None = None) -> np.ndarr
 
 
 def fit_states(returns: np.ndarray, valid: np.ndarray | None = None, fit: str = TRAINING_FIT,
-               news: np.ndarray | None = None) -> np.ndarray:
+               news: np.ndarray | None = None, wide: bool = False) -> np.ndarray:
     """(m, 3) GARCH states (STATE) of `fit_params`' fit (or of the round-1 "grid" fit), in the returns' units
-    squared. `news` (m, W), "grid" only: each bar's variance estimate driving the ARCH term instead of r² (a range
-    GARCH), rescaled to the window's mean r²."""
+    squared. "grid" only: `news` (m, W), each bar's variance estimate driving the ARCH term instead of r² (a range
+    GARCH), rescaled to the window's mean r²; `wide`, the wide grid (WIDE_GRID)."""
     returns = np.asarray(returns, dtype=np.float64)
     if valid is None:
         valid = np.isfinite(returns)
     if fit == "grid":
-        step = max(1, _CHUNK_CELLS // (len(GRID_ALPHA) * max(returns.shape[1], 1)))
+        grid = WIDE_GRID if wide else (GRID_ALPHA, GRID_BETA)
+        step = max(1, _CHUNK_CELLS // (len(grid[0]) * max(returns.shape[1], 1)))
         return np.concatenate([_grid_chunk(returns[start : start + step], valid[start : start + step],
-                                           None if news is None else news[start : start + step])
+                                           None if news is None else news[start : start + step], grid)
                                for start in range(0, len(returns), step)])
-    if news is not None:
-        raise ValueError("a range GARCH is fitted on the grid only")
+    if news is not None or wide:
+        raise ValueError("a range GARCH and the wide grid are fitted on the grid only")
     if fit != "mle":
         raise ValueError(f"unknown GARCH fit {fit!r}")
     params = fit_params(returns, valid)
@@ -233,9 +246,26 @@ def _fit_chunk(returns: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return _to_garch(search) * np.column_stack([window.level, np.ones((m, 3))])
 
 
-def _grid_chunk(returns: np.ndarray, valid: np.ndarray, news: np.ndarray | None = None) -> np.ndarray:
-    """The round-1 fit ("grid"): variance targeting from s²_0 = mean r², ν = 5, the best point of the grid; the
-    ARCH term driven by r², or by `news` rescaled to mean r²."""
+def grid_choices(returns: np.ndarray, news: np.ndarray | None = None, wide: bool = False) -> np.ndarray:
+    """(m, 2) the (α, β) the grid fit ("grid") picks for each window of `returns` (m, W) (`news` and `wide` as in
+    `fit_states`): where on the grid the fits land (`infra.garch_grid_use`)."""
+    returns = np.asarray(returns, dtype=np.float64)
+    grid = WIDE_GRID if wide else (GRID_ALPHA, GRID_BETA)
+    best = _grid_best(returns, np.isfinite(returns), news, grid)[0]
+    return np.column_stack([grid[0][best], grid[1][best]])
+
+
+def _grid_chunk(returns: np.ndarray, valid: np.ndarray, news: np.ndarray | None = None,
+                grid: tuple[np.ndarray, np.ndarray] = (GRID_ALPHA, GRID_BETA)) -> np.ndarray:
+    best, next_variance, long_run = _grid_best(returns, valid, news, grid)
+    return np.column_stack([next_variance, long_run, grid[0][best] + grid[1][best]])
+
+
+def _grid_best(returns: np.ndarray, valid: np.ndarray, news: np.ndarray | None,
+               grid: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The round-1 fit ("grid"): variance targeting from s²_0 = mean r², ν = 5, the best point of `grid` (α, β);
+    the ARCH term driven by r², or by `news` rescaled to mean r². (index of the best point, its next-bar variance,
+    the long-run variance L), each (m,)."""
     m, width = returns.shape
     squared = np.where(valid, np.square(np.where(valid, returns, 0.0)), 0.0)
     count = valid.sum(axis=1)
@@ -247,9 +277,9 @@ def _grid_chunk(returns: np.ndarray, valid: np.ndarray, news: np.ndarray | None 
         news_level = news.sum(axis=1) / np.maximum(count, 1)
         squared = news * np.where(news_level > 0, long_run / np.maximum(news_level, 1e-300), 0.0)[:, None]
     first = width - count  # index of the first present return
-    alpha, beta = GRID_ALPHA[:, None], GRID_BETA[:, None]  # (g, 1)
+    alpha, beta = grid[0][:, None], grid[1][:, None]  # (g, 1)
     index = np.arange(width + 1)
-    # S_i = Σ_{j<i} β^(i−1−j)·r²_j for i = 0..W, as β^(i−1)·cumsum(β^−j·r²_j) (β ≥ 0.6, W ≤ 1000: in range).
+    # S_i = Σ_{j<i} β^(i−1−j)·r²_j for i = 0..W, as β^(i−1)·cumsum(β^−j·r²_j) (β ≥ 0.45, W ≤ 721: in range).
     weighted = squared[:, None, :] * beta[None] ** (-np.arange(width))[None, None, :]  # (m, g, W)
     cumulative = np.concatenate([np.zeros((m, len(beta), 1)), np.cumsum(weighted, axis=2)], axis=2)
     path_sum = cumulative * beta[None] ** (index - 1.0)[None, None, :]  # (m, g, W+1)
@@ -262,8 +292,7 @@ def _grid_chunk(returns: np.ndarray, valid: np.ndarray, news: np.ndarray | None 
     ll = -0.5 * np.log(fitted) - 0.5 * (NU_START + 1) * np.log1p(np.where(valid[:, None, :], ratio, 0.0))
     ll = np.where(valid[:, None, :], ll, 0.0).sum(axis=2)  # (m, g)
     best = np.argmax(ll, axis=1)
-    rows = np.arange(m)
-    return np.column_stack([variance[rows, best, width], long_run, GRID_ALPHA[best] + GRID_BETA[best]])
+    return best, variance[np.arange(m), best, width], long_run
 
 
 def scale_factor(states: np.ndarray) -> np.ndarray:
@@ -276,7 +305,7 @@ def scale_factor(states: np.ndarray) -> np.ndarray:
 
 
 def series_states(log_close: np.ndarray, positions: np.ndarray, window: int, sigma: np.ndarray,
-                  fit: str = TRAINING_FIT, news: np.ndarray | None = None) -> np.ndarray:
+                  fit: str = TRAINING_FIT, news: np.ndarray | None = None, wide: bool = False) -> np.ndarray:
     """(n, 3) states at origin indices `positions` of one series, each from the ≤ `window` returns up to it, with
     variances relative to σ² at the origin (`sigma` (n,)); rows with fewer than 3 returns: σ², σ², 0 (plain σ·√h).
     `news` (one per bar, as `log_close`): the bars' range variances for a range GARCH (`fit_states`)."""
@@ -292,7 +321,8 @@ def series_states(log_close: np.ndarray, positions: np.ndarray, window: int, sig
         rows = windows[at]
         enough = np.flatnonzero(np.isfinite(rows).sum(axis=1) >= 3)
         if len(enough):
-            fitted = fit_states(rows[enough], fit=fit, news=None if news is None else news_windows[at][enough])
+            fitted = fit_states(rows[enough], fit=fit, news=None if news is None else news_windows[at][enough],
+                                wide=wide)
             variance = np.square(sigma[start + enough])
             states[start + enough] = np.column_stack([fitted[:, :2] / variance[:, None], fitted[:, 2]])
     return states

@@ -236,7 +236,8 @@ class ForecastModel:
         states = None if self.garch is None else series_states(np.log(recent.close), np.array([len(recent) - 1]),
                                                                self.lookback - 1, sigma_now,
                                                                self.garch.get("fit", "grid"),
-                                                               garch_news(recent, self.config))
+                                                               garch_news(recent, self.config),
+                                                               self.config.garch_wide)
         q = self.z_quantiles(origin, states)
         confidence = self.confidence(q, sigma_now)[0]
         last_close = float(recent.close[-1])

@@ -208,6 +208,10 @@ PLANS = {
 # pass 1 takes it (1.2740 against 1.2768, 0.22 %), the others and all coins gain 0.15-0.19 %: under the tie. Made
 # under it, pass 1's trees calibrate on the block (summed coverage errors 0.0403 against 0.0423) and its kind is
 # `combined`. At 1d (0.08-0.15 %), 1h (under 0.1 %) and 1w (no gain) every pass keeps squared returns.
+# The wide GARCH grid (`garch_wide`, `--set garch_wide=1` against 0, under each pass's configuration): 1m pass 3
+# takes it (12.4640 against 12.5293; its kind becomes garch-scale), 1w pass 3 (13.7816 against 13.8160, 0.25 %;
+# its kind stays baseline); 1m's range passes and all coins score worse with it, 4h, 1d and 1h gain under 0.2 %
+# anywhere (1d pass 2 4.1935 against 4.1979, 1h pass 1 0.6205 against 0.6208), so the files keep the grid.
 # "kinds": the kind `choose` picks per pass from every kind fitted on each fold's inner training block and scored on
 # the fold's calibration block, that pass's training coins only (`infra.calibration_check --kinds`); a pass with no
 # fold to score gets `choose`'s default, the baseline. The walk-forward reports this nested choice beside the shipped
@@ -223,11 +227,12 @@ PASS_CHOICES: dict[Timeframe, dict] = {
     "1d": {"candles": "ea8cda5e0fb7960c21bc0e5524c66a3e2dbe43e131c7a145b2c11392ee1aa865", "passes": ({}, {}, {}),
            "configs": ({"halflife": 2}, {}, {}), "kinds": ("baseline", "learned", "combined")},
     "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
-           "passes": ({}, {}, {}), "kinds": ("baseline", "combined", "baseline")},
+           "passes": ({}, {}, {}), "configs": ({}, {}, {"garch_wide": True}),
+           "kinds": ("baseline", "combined", "baseline")},
     "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
            "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0}),
-           "configs": ({"halflife": 3}, {}, {"halflife": 12, "garch_range": False}),
-           "kinds": ("baseline", "baseline", "combined")},
+           "configs": ({"halflife": 3}, {}, {"halflife": 12, "garch_range": False, "garch_wide": True}),
+           "kinds": ("baseline", "baseline", "garch-scale")},
 }
 
 
