@@ -226,16 +226,24 @@ def test_no_active_model_is_503(seeded):
     assert "1h" in body["error"]["message"]
 
 
+def damage_model_file(bucket: str, key: str, how: str) -> None:
+    """A model file in the bucket "deleted", with one byte flipped ("flip-byte") or without its .sig."""
+    if how == "deleted":
+        storage.s3_client().delete_object(Bucket=bucket, Key=key)
+    elif how == "flip-byte":
+        data = bytearray(storage.get_bytes(key))
+        data[len(data) // 2] ^= 0xFF
+        storage.put_bytes(key, bytes(data))
+    elif how == "drop-signature":
+        storage.s3_client().delete_object(Bucket=bucket, Key=storage.signature_key(key))
+
+
 @pytest.mark.parametrize("tamper", ["flip-byte", "drop-signature", "garbled-signature", "wrong-sha-row"])
 def test_tampered_or_unsigned_model_is_refused_and_nothing_is_stored(seeded, tamper):
     with psycopg.connect(seeded.database_url) as conn:
         key = conn.execute("SELECT s3_key FROM models WHERE timeframe = '1h' AND is_active").fetchone()[0]
-    if tamper == "flip-byte":
-        data = bytearray(storage.get_bytes(key))
-        data[len(data) // 2] ^= 0xFF
-        storage.put_bytes(key, bytes(data))
-    elif tamper == "drop-signature":
-        storage.s3_client().delete_object(Bucket=seeded.bucket, Key=storage.signature_key(key))
+    if tamper in ("flip-byte", "drop-signature"):
+        damage_model_file(seeded.bucket, key, tamper)
     elif tamper == "garbled-signature":
         storage.put_bytes(storage.signature_key(key), b"\xff\xfe not hex")
     else:
@@ -299,14 +307,8 @@ def test_a_refused_model_file_is_logged_once_by_key_and_the_answer_does_not_name
                          four_hours)
             row = (row[0], row[1], four_hours[0])
     name, version, key = row
-    if damage == "deleted":
-        storage.s3_client().delete_object(Bucket=seeded.bucket, Key=key)
-    elif damage == "flip-byte":
-        data = bytearray(storage.get_bytes(key))
-        data[len(data) // 2] ^= 0xFF
-        storage.put_bytes(key, bytes(data))
-    elif damage == "drop-signature":
-        storage.s3_client().delete_object(Bucket=seeded.bucket, Key=storage.signature_key(key))
+    if damage in ("deleted", "flip-byte", "drop-signature"):
+        damage_model_file(seeded.bucket, key, damage)
     with caplog.at_level(logging.INFO):
         status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
     assert (status, body["error"]["code"]) == (503, code)
