@@ -197,7 +197,8 @@ def _put_candle_file(data: bytes) -> None:
 @pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
 def test_a_damaged_candle_file_is_refused_by_name_not_as_an_outage_and_nothing_is_stored(seeded, damage, caplog):
     """No retry mends such a file: 503 candle_file_invalid with a long Retry-After (an S3 outage is
-    storage_unavailable, Retry-After 2), and a log line naming the file and its problem."""
+    storage_unavailable, Retry-After 2), and one log line, naming the file and its problem (the API's 'request
+    failed' line for the same cause was a second)."""
     from candlecast import storage
     from tests.test_predictions import stored_predictions
 
@@ -209,6 +210,7 @@ def test_a_damaged_candle_file_is_refused_by_name_not_as_an_outage_and_nothing_i
     assert stored_predictions(seeded.database_url) == before
     [record] = [record for record in caplog.records if record.getMessage().startswith("invalid candle file")]
     assert record.key == storage.candles_key("X:ADAUSDT", "1h") and record.problem
+    assert not [record for record in caplog.records if record.getMessage() == "request failed"]
 
 
 def test_an_invalid_candle_file_is_not_read_again_until_it_changes(seeded, monkeypatch):

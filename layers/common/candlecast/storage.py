@@ -565,6 +565,7 @@ def _checked(read: Callable[[], "Candles"], key: str, ticker: str, timeframe: st
         error = CandleFileInvalid(f"the {timeframe} candle file of {ticker} is unreadable or not a {timeframe} "
                                   "candle series; it must be repaired before it is forecast from")
         error.key, error.problem, error.etag = key, damage, etag
+        error.logged = log  # the line above names the file: the API's handler adds no 'request failed'
         raise error
     return candles
 
