@@ -11,14 +11,20 @@ from candlecast.forecast.garch import FITS, HORIZONS, TRAINING_FIT, fit_params, 
 from tests.forecast_checks import assert_predict_is_what_the_walk_forward_scores, shipped_model
 
 
-def garch_returns(count: int, seed: int, alpha: float = 0.1, beta: float = 0.85) -> np.ndarray:
+def garch_path(count: int, seed: int, alpha: float = 0.1, beta: float = 0.85) -> tuple[np.ndarray, np.ndarray]:
+    """(returns (count,), variances (count + 1,)): variances[i] is return i's, variances[count] the next bar's."""
     rng = np.random.default_rng(seed)
     omega = 1e-4 * (1 - alpha - beta)
-    variance, returns = 1e-4, np.empty(count)
+    variances, returns = np.empty(count + 1), np.empty(count)
+    variances[0] = 1e-4
     for i in range(count):
-        returns[i] = np.sqrt(variance) * rng.standard_t(5) * np.sqrt(3 / 5)
-        variance = omega + alpha * returns[i] ** 2 + beta * variance
-    return returns
+        returns[i] = np.sqrt(variances[i]) * rng.standard_t(5) * np.sqrt(3 / 5)
+        variances[i + 1] = omega + alpha * returns[i] ** 2 + beta * variances[i]
+    return returns, variances
+
+
+def garch_returns(count: int, seed: int, alpha: float = 0.1, beta: float = 0.85) -> np.ndarray:
+    return garch_path(count, seed, alpha, beta)[0]
 
 
 @pytest.mark.parametrize("fit", FITS)
@@ -175,13 +181,8 @@ def test_a_range_garch_forecasts_at_inference_what_the_walk_forward_scores(timef
 def test_the_wide_grid_tracks_a_short_memory_garch_that_the_narrow_grid_cannot_reach():
     """α 0.45, β 0.50 lies outside the narrow grid (α ≤ 0.28, β ≥ 0.60): fitted on the wide grid, the next-bar
     variance is nearer the true one."""
-    rng = np.random.default_rng(5)
-    alpha, beta, count = 0.45, 0.50, 4000
-    variance, returns = np.empty(count + 1), np.empty(count)
-    variance[0] = 1e-4
-    for i in range(count):
-        returns[i] = np.sqrt(variance[i]) * rng.standard_t(5) * np.sqrt(3 / 5)
-        variance[i + 1] = 1e-4 * (1 - alpha - beta) + alpha * returns[i] ** 2 + beta * variance[i]
+    count = 4000
+    returns, variance = garch_path(count, 5, alpha=0.45, beta=0.50)
     ends = np.arange(300, count, 7)
     windows = np.stack([returns[end - 300 : end] for end in ends])  # the next bar's variance is variance[end]
     errors = {wide: np.sqrt(np.mean(np.log(fit_states(windows, wide=wide)[:, 0] / variance[ends]) ** 2))

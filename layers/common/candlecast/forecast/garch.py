@@ -47,6 +47,10 @@ def _grid(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 GRID_ALPHA, GRID_BETA = _grid(ALPHAS, BETAS)
 WIDE_GRID = _grid(WIDE_ALPHAS, WIDE_BETAS)
+
+
+def _grid_of(wide: bool) -> tuple[np.ndarray, np.ndarray]:
+    return WIDE_GRID if wide else (GRID_ALPHA, GRID_BETA)
 REFINE_STEPS = 20  # at most, BHHH iterations after the grid
 _TOLERANCE = 1e-7  # log-likelihood gain below which a row's fit has converged
 _TRIALS = (1.0, 0.5, 0.2, 0.05)  # step fractions tried in turn along each BHHH direction
@@ -81,7 +85,7 @@ def fit_states(returns: np.ndarray, valid: np.ndarray | None = None, fit: str = 
     if valid is None:
         valid = np.isfinite(returns)
     if fit == "grid":
-        grid = WIDE_GRID if wide else (GRID_ALPHA, GRID_BETA)
+        grid = _grid_of(wide)
         step = max(1, _CHUNK_CELLS // (len(grid[0]) * max(returns.shape[1], 1)))
         return np.concatenate([_grid_chunk(returns[start : start + step], valid[start : start + step],
                                            None if news is None else news[start : start + step], grid)
@@ -250,7 +254,7 @@ def grid_choices(returns: np.ndarray, news: np.ndarray | None = None, wide: bool
     """(m, 2) the (α, β) the grid fit ("grid") picks for each window of `returns` (m, W) (`news` and `wide` as in
     `fit_states`): where on the grid the fits land (`infra.garch_grid_use`)."""
     returns = np.asarray(returns, dtype=np.float64)
-    grid = WIDE_GRID if wide else (GRID_ALPHA, GRID_BETA)
+    grid = _grid_of(wide)
     best = _grid_best(returns, np.isfinite(returns), news, grid)[0]
     return np.column_stack([grid[0][best], grid[1][best]])
 
