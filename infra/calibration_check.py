@@ -19,6 +19,9 @@ and so the GARCH fit's window and the σ's), the table and tree checks skipped; 
 `--halflife N ...` does the same for the EWMA σ's half-life (`TimeframeConfig.halflife`), the scale of every kind.
 `--set FIELD=VALUE ...` replaces fields of the timeframe's `TimeframeConfig` before any check runs: the checks of a
 pass that `train.PASS_CHOICES` fits with its own configuration (its "configs") run under that configuration.
+`--losses PATH` (with one `--long-window` or `--halflife` value) also saves `combined`'s loss at every scored pair,
+and `--compare BASE CHALLENGER` pairs two such files origin by origin and applies the configuration rule
+(`config_verdict`) per pass and over all coins.
 
 Pooled over passes, this check is not nested in the walk-forward: the three passes hold out different coins, so the
 calibration blocks scored here (a pass's training coins) are the other passes' outer test origins at the same dates
@@ -35,14 +38,18 @@ tree check, and `train.choose` on each pass's scores (`train.PASS_CHOICES`' kind
 
     python -m infra.calibration_check --timeframe 1d [--trees block "history 3" "map 3" | --trees] [--trees-only]
         [--garch] [--long-window 365 182 91] [--halflife 12 6 24] [--per-pass] [--kinds] [--set halflife=2]
+    python -m infra.calibration_check --timeframe 1d --halflife 3 --set garch_wide=1 --losses wide.npz
+    python -m infra.calibration_check --compare grid.npz wide.npz
 """
 
 import argparse
+import sys
 from dataclasses import replace
 
 import numpy as np
 
 from candlecast.forecast import train as T
+from candlecast.forecast.comparison import batch_length, batch_t_delta
 from candlecast.forecast.evaluate import (
     RELIABILITY_MIN_SHARE,
     build_origins,
@@ -60,6 +67,10 @@ from infra.local_stack import SHARED_OHLCV
 WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}  # half-lives
 # The rules the plans' choices were made by: a gain under these keeps the plan's variant.
 COVERAGE_TIE, LOG_LOSS_TIE = 0.001, 0.0005
+# A configuration field's challenger replaces the base value only where its paired gain in `combined`'s pin5 is at
+# least CONFIG_TIE and its 95 % interval (the scorecard's batch t over calendar batches, on the same scored pairs)
+# lies above 0: a gain within its own noise keeps the base value (`config_verdict`).
+CONFIG_TIE = 0.002
 
 
 def weights(times: np.ndarray, variant: str) -> np.ndarray:
@@ -101,7 +112,7 @@ def recent_event_logit(origins, config) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeframe", required=True, choices=list(T.PLANS))
+    parser.add_argument("--timeframe", required="--compare" not in sys.argv, choices=list(T.PLANS))
     parser.add_argument("--data", default=str(SHARED_OHLCV))
     parser.add_argument("--trees", nargs="*", default=["block", "history 3", "history 5", "map 3"],
                         help="calibration variants of the tree check: block, history K, all K, map K, each optionally "
@@ -119,7 +130,14 @@ def main() -> None:
                         help="the same for each half-life of the EWMA σ (`TimeframeConfig.halflife`)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="replace fields of the timeframe's TimeframeConfig first (a pass's own configuration)")
+    parser.add_argument("--losses", metavar="PATH",
+                        help="with one --long-window or --halflife value: save combined's loss at every scored pair")
+    parser.add_argument("--compare", nargs=2, metavar=("BASE", "CHALLENGER"),
+                        help="two --losses files: the configuration rule's verdict, per pass and over all coins")
     args = parser.parse_args()
+    if args.compare:
+        compare(*args.compare)
+        return
     tf, plan = args.timeframe, T.PLANS[args.timeframe]
     CONFIGS[tf] = config = replace(CONFIGS[tf], **dict(config_field(item) for item in args.set))
     if args.set:
@@ -127,6 +145,8 @@ def main() -> None:
     loaded, _ = T.load_before_holdout(args.data, tf)
     varied = [("long_window", bars) for bars in args.long_window or []] + [("halflife", bars)
                                                                             for bars in args.halflife or []]
+    if args.losses and len(varied) != 1:
+        parser.error("--losses needs exactly one --long-window or --halflife value")
     if varied:
         for field, bars in varied:
             CONFIGS[tf] = replace(config, **{field: bars})  # what fit_models writes into its payloads
@@ -134,7 +154,7 @@ def main() -> None:
             origins = build_origins(loaded, CONFIGS[tf])
             groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
             tree_check(tf, plan, origins, groups, T.series_coins(loaded), [plan_variant(plan)], args.per_pass,
-                       names=None)
+                       names=None, losses=args.losses)
         return
     origins = build_origins(loaded, config)
     if args.kinds:
@@ -390,12 +410,16 @@ def kind_check(tf: str, loaded: list, origins, groups: list) -> None:
 
 
 def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndarray, variants: list[str],
-               per_pass: bool = False, names: tuple[str, ...] | None = ("learned", "combined")) -> None:
+               per_pass: bool = False, names: tuple[str, ...] | None = ("learned", "combined"),
+               losses: str | None = None) -> None:
     """Per calibration variant (`tree_plan`), `learned` and `combined` fitted by `train.fit_models` on each fold's
-    training block (its last fifth calibrating), scored on the fold's calibration block: training coins only."""
+    training block (its last fifth calibrating), scored on the fold's calibration block: training coins only.
+    `losses`: a path to save the first variant's `combined` loss at every scored pair to (`save_losses`)."""
     config = CONFIGS[tf]
     scores: dict[tuple[str, str], list] = {}
+    saved, folds_of = [], {}
     for number, train, cal, scored in inner_folds(tf, plan, origins, groups):
+        folds_of[number] = fold = folds_of.get(number, -1) + 1
         for k in variants:  # the same seed: the same volatility weights and trees, calibrated differently
             models = T.fit_models(tf, train, cal, 0.23, tree_plan(plan, k), np.random.default_rng(7), False,
                                   coins=coins)
@@ -404,6 +428,8 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
                 known = np.isfinite(scored.log_return)
                 hit = np.abs(np.expm1(scored.log_return - scored.scale * q[..., MEDIAN])) <= config.tolerance
                 loss = pin5_loss(scored.log_return, scored.scale[..., None] * q)
+                if name == "combined" and k == variants[0]:
+                    saved.append((number, fold, scored.series, scored.time, loss))
                 scores.setdefault((k, name), []).append((number, (*coverage(q, scored.z), confidence[known],
                                                                   hit[known].astype(float), loss[known])))
     for number in [None, *(range(1, len(groups) + 1) if per_pass else [])]:
@@ -411,7 +437,7 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
         fitted = " and ".join(names or ["every kind"])
         print(f"{tf}, {where}: {fitted} fitted on each fold's training block, calibrated on its last fifth (block) or "
               "on the history cross-fitted over K coin groups, scored on the fold's calibration block")
-        sums, losses = {}, {}
+        sums, log_losses = {}, {}
         for (k, name), entries in scores.items():
             folds = [f for n, f in entries if number in (None, n)]
             if not folds:
@@ -420,11 +446,75 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
             pin5 = np.concatenate([f[5] for f in folds]).mean()
             print(f"  {name:11s} {k:16s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
             if name == "combined":
-                sums[k], losses[k] = coverage_sum(folds), log_loss(p, y)
+                sums[k], log_losses[k] = coverage_sum(folds), log_loss(p, y)
         if sums:
             own = plan_variant(plan)
             print(f"  rule picks for combined: offsets by coverage {pick(sums, own, COVERAGE_TIE)}, map by log loss "
-                  f"{pick(losses, own, LOG_LOSS_TIE)} (plan: {own})")
+                  f"{pick(log_losses, own, LOG_LOSS_TIE)} (plan: {own})")
+    if losses:
+        save_losses(losses, tf, CONFIGS[tf], saved)
+
+
+def save_losses(path: str, tf: str, config, saved: list) -> None:
+    """`combined`'s pin5 loss (n, 30; NaN unknown) at every scored origin, keyed by (pass, fold, series, time)."""
+    number, fold, series, time = (np.concatenate([np.full(len(s[2]), s[i]) if i < 2 else s[i] for s in saved])
+                                  for i in range(4))
+    np.savez_compressed(path, timeframe=tf, config=repr(config), key=pair_key(number, fold, series, time),
+                        number=number, time=time, loss=np.concatenate([s[4] for s in saved]))
+    print(f"{tf}: combined's loss at {len(time):,} scored origins saved to {path}")
+
+
+def pair_key(number: np.ndarray, fold: np.ndarray, series: np.ndarray, time: np.ndarray) -> np.ndarray:
+    """One int64 per scored origin: pass (< 8), fold (< 64), series (< 4,096), open time in seconds (< 2³²)."""
+    number, fold, series, time = (np.asarray(a, dtype=np.int64) for a in (number, fold, series, time))
+    if number.max(initial=0) >= 8 or fold.max(initial=0) >= 64 or series.max(initial=0) >= 4096:
+        raise ValueError("too many passes, folds or series for the pair key")
+    return ((number * 64 + fold) * 4096 + series) << 32 | time
+
+
+def compare(base_path: str, challenger_path: str) -> None:
+    """The configuration rule (`config_verdict`) on two `save_losses` files of one timeframe, paired origin by
+    origin: per pass and over all coins."""
+    base, challenger = np.load(base_path), np.load(challenger_path)
+    tf = str(base["timeframe"])
+    if str(challenger["timeframe"]) != tf:
+        raise SystemExit("the two files score different timeframes")
+    _, at_base, at_challenger = np.intersect1d(base["key"], challenger["key"], return_indices=True)
+    sizes = f"base {len(base['key']):,}, challenger {len(challenger['key']):,}"
+    print(f"{tf}: base {base['config']}\n{tf}: challenger {challenger['config']}\n"
+          f"  {len(at_base):,} scored origins in both ({sizes})")
+    number, time = base["number"][at_base], base["time"][at_base]
+    loss_base, loss_challenger = base["loss"][at_base], challenger["loss"][at_challenger]
+    for where in [None, *np.unique(number)]:
+        rows = np.ones(len(number), bool) if where is None else number == where
+        verdict = config_verdict(tf, loss_base[rows], loss_challenger[rows], time[rows])
+        print(f"  {'all coins' if where is None else f'pass {where}':9s} {verdict['text']}")
+
+
+def config_verdict(tf: str, loss_base: np.ndarray, loss_challenger: np.ndarray, times: np.ndarray) -> dict:
+    """Whether a configuration field's challenger replaces its base value: Δ = pin5(base)/pin5(challenger) − 1 on
+    the same scored pairs, with the scorecard's interval (`batch_t_delta`, batches of `batch_length` bars of calendar
+    time: all coins and folds of a batch together). It takes only where Δ ≥ CONFIG_TIE and the interval's lower end
+    is above 0; with too few batches for an interval it keeps the base value."""
+    bar_seconds = nominal_seconds(tf)
+    bars = np.rint((times - times.min()) / bar_seconds).astype(np.int64)
+    known = np.isfinite(loss_base) & np.isfinite(loss_challenger)
+    pin5 = [float(loss[known].mean()) for loss in (loss_base, loss_challenger)]
+    delta = batch_t_delta(loss_challenger, loss_base, bars, batch_length(bar_seconds))
+    interval = delta["ci95"]
+    takes = delta["delta"] >= CONFIG_TIE and interval is not None and interval[0] > 0
+    if takes:
+        reason = "takes the challenger"
+    elif delta["delta"] < CONFIG_TIE:
+        reason = f"keeps the base: gain under {CONFIG_TIE:.1%}"
+    elif interval is None:
+        reason = "keeps the base: too few calendar batches for an interval"
+    else:
+        reason = "keeps the base: the interval reaches 0"
+    span = "no interval" if interval is None else f"[{interval[0]:+.2%}, {interval[1]:+.2%}]"
+    text = (f"pin5 {pin5[0]:.4f} -> {pin5[1]:.4f}  gain {delta['delta']:+.2%} {span} ({delta['blocks']} batches of "
+            f"{delta['block_bars']} bars)  {reason}")
+    return {"takes": takes, "delta": delta["delta"], "ci95": interval, "batches": delta["blocks"], "text": text}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The shipping rule (`train.choose`): the issue's coverage bands hold at every horizon, not only on average."""
 
+import numpy as np
 import pytest
 
 from candlecast.forecast.train import choose, coverage_miss, targets
@@ -53,3 +54,45 @@ def test_the_lowest_loss_ships_among_candidates_no_further_outside_than_the_base
     assert kind == "combined" and reason.startswith("combined: the lowest pinball loss")
     # No gain over the baseline: the baseline ships, however well the other covers.
     assert choose({"baseline": result(0.0, TILTED), "learned": result(-0.001, IN_BAND)}, "4h")[0] == "baseline"
+
+
+def paired_losses(gain: float, noise: float, days: int, seed: int = 3):
+    """Per-pair losses (n, 30) of a base and a challenger scoring `gain` lower on average, one origin a day for
+    `days` days, with day-to-day noise in their difference of relative size `noise` (a common market factor)."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(4.0, 1.0, size=(days, 30))
+    shared = np.repeat(rng.normal(0.0, noise, size=(days // 30 + 1, 1)), 30, axis=0)[:days]
+    challenger = base * (1 - gain + shared)
+    return base, challenger, np.arange(days) * 86400.0
+
+
+def test_the_configuration_rule_takes_a_challenger_only_beyond_its_own_noise():
+    """`calibration_check.config_verdict`: a 1 % gain, steady over four years of calendar batches, takes; the same
+    gain behind noise many times its size keeps the base, and so does a steady gain under the tie (0.2 %)."""
+    from infra.calibration_check import CONFIG_TIE, config_verdict
+
+    steady = config_verdict("1d", *paired_losses(0.01, 0.001, 4 * 365))
+    assert steady["takes"] and steady["ci95"][0] > 0 and steady["batches"] >= 10
+    noisy = config_verdict("1d", *paired_losses(0.01, 0.2, 4 * 365))
+    assert not noisy["takes"] and noisy["delta"] >= CONFIG_TIE and noisy["ci95"][0] <= 0
+    tied = config_verdict("1d", *paired_losses(0.001, 0.0001, 4 * 365))
+    assert not tied["takes"] and tied["ci95"][0] > 0
+
+
+def test_the_configuration_rule_keeps_the_base_without_enough_calendar_batches_for_an_interval():
+    """Two years of monthly origins are one 60-bar batch: however large the gain, there is no interval to pass."""
+    from infra.calibration_check import config_verdict
+
+    base, challenger, _ = paired_losses(0.05, 0.0, 24)
+    verdict = config_verdict("1m", base, challenger, np.arange(24) * 30.44 * 86400)
+    assert verdict["delta"] > 0.04 and verdict["ci95"] is None and not verdict["takes"]
+
+
+def test_the_pair_key_tells_every_pass_fold_series_and_time_apart():
+    from infra.calibration_check import pair_key
+
+    grid = np.array(np.meshgrid([1, 2, 3], [0, 5, 63], [0, 7, 4095], [0, 1_700_000_000, 2**32 - 1])).reshape(4, -1)
+    keys = pair_key(*grid)
+    assert len(np.unique(keys)) == grid.shape[1]
+    with pytest.raises(ValueError, match="too many"):
+        pair_key(np.array([1]), np.array([64]), np.array([0]), np.array([0]))

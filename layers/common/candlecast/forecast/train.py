@@ -197,7 +197,10 @@ PLANS = {
 # origins with them (`pass_origins`); each pass's other choices are made under its own (`calibration_check --set`).
 # The rule for a config field (`--halflife` / `--long-window A B ... --per-pass`): each pass takes the value with
 # the lowest `combined` pin5 on its training coins, a gain under 0.2 % over the shipped value keeping it; the shipped
-# value is the one all coins pick by the same rule. The EWMA σ's half-life: at 1d pass 1 (holding out BAT, BTT,
+# value is the one all coins pick by the same rule. Since session 27 a gain must also clear its own noise
+# (`infra.calibration_check.config_verdict`: the scorecard's batch-t interval over calendar batches, on the same
+# scored pairs, above 0; `--losses` then `--compare BASE CHALLENGER`); the choices below were made without it.
+# The EWMA σ's half-life: at 1d pass 1 (holding out BAT, BTT,
 # DASH, ...) takes 2 days (4.4244 against 4.4327 at 3 and 4.4460 at the 12 shipped before), passes 2 and 3 and all
 # coins 3 (4.1979, 4.2861; all coins 4.3099 against 4.3280 at 12); at 1m pass 1 takes 3 months (+0.26 %), pass 3
 # (BNB, ETH, SOL, ...) 12 (+0.68 %), all coins keep 6 (pass 2 has no fold). At 1w every pass keeps 8 (4 is within
