@@ -68,8 +68,10 @@ def test_upsert_updates_in_place_and_lookup_by_ticker(conn):
 def test_a_refresh_of_some_timeframes_keeps_the_others_stored_through(conn):
     add_symbols(conn, ("X:BTCUSD", "Bitcoin", 10))
     symbol_repository.set_candle_timeframes(conn, "X:BTCUSD", ["1d", "1h"],
-                                            {"1h": "2026-01-01T10:00:00+00:00", "1d": "2025-12-31T00:00:00+00:00"})
-    symbol_repository.set_candle_timeframes(conn, "X:BTCUSD", ["1d", "1h"], {"1h": "2026-01-08T10:00:00+00:00"})
+                                            {"1h": "2026-01-01T10:00:00+00:00", "1d": "2025-12-31T00:00:00+00:00"},
+                                            lock_timeout=1.0)
+    symbol_repository.set_candle_timeframes(conn, "X:BTCUSD", ["1d", "1h"], {"1h": "2026-01-08T10:00:00+00:00"},
+                                            lock_timeout=1.0)
     metadata = conn.execute("SELECT metadata FROM symbols WHERE ticker = 'X:BTCUSD'").fetchone()["metadata"]
     assert metadata["candle_timeframes"] == ["1d", "1h"]
     assert metadata["candles_through"] == {"1h": "2026-01-08T10:00:00+00:00", "1d": "2025-12-31T00:00:00+00:00"}

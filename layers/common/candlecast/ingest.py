@@ -83,6 +83,10 @@ MAX_INACTIVATED_SHARE = 0.10
 MAX_INACTIVATED_ALWAYS = 10
 # Times a source's files are read, merged and written when another writer replaces one of them meanwhile.
 WRITE_ATTEMPTS = 3
+# A symbols row another session holds fails its record (tried again like any other) after this share of
+# DB_POOL_TIMEOUT: the wait holds a pooled connection (Refresh has one), which the other workers wait for no longer
+# than DB_POOL_TIMEOUT; the session's own lock_timeout (half of DB_STATEMENT_TIMEOUT: 30 s in Refresh) is far past it.
+RECORD_LOCK_WAIT_SHARE = 0.25
 
 
 class CandleFileNotRebuilt(CandlecastError):
@@ -618,12 +622,14 @@ def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> boo
     and the track record up to which candle each is stored. Whether the cache took the invalidation: top lists and
     searches show candle_timeframes too."""
     from candlecast import db, storage
+    from candlecast.config import get_settings
     from candlecast.repositories import symbols as symbol_repository
 
     timeframes = storage.stored_timeframes(ticker)
     through = {timeframe: datetime.fromtimestamp(at, UTC).isoformat() for timeframe, at in stored_through.items()}
+    lock_timeout = get_settings().db_pool_timeout * RECORD_LOCK_WAIT_SHARE
     with db.connection() as conn:
-        symbol_repository.set_candle_timeframes(conn, ticker, timeframes, through)
+        symbol_repository.set_candle_timeframes(conn, ticker, timeframes, through, lock_timeout=lock_timeout)
     return cache.invalidate_symbols()
 
 

@@ -129,22 +129,26 @@ def search_symbols(conn: psycopg.Connection, query: str, limit: int,
 
 
 def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Iterable[str],
-                          stored_through: dict[str, str]) -> None:
+                          stored_through: dict[str, str], *, lock_timeout: float) -> None:
     """Record which timeframes have stored candles (metadata.candle_timeframes) and the open time of each one's
     last stored candle (metadata.candles_through, ISO 8601), up to which the track record can score. A run over
-    some timeframes keeps the others' entries."""
-    conn.execute(
-        """
-        UPDATE symbols SET metadata = updated.metadata
-        FROM (SELECT id, metadata || jsonb_build_object(
-                  'candle_timeframes', %(timeframes)s::jsonb,
-                  'candles_through', COALESCE(metadata->'candles_through', '{}'::jsonb) || %(through)s::jsonb)
-                  AS metadata
-              FROM symbols WHERE ticker = %(ticker)s) updated
-        WHERE symbols.id = updated.id AND symbols.metadata IS DISTINCT FROM updated.metadata
-        """,
-        {"timeframes": Jsonb(list(timeframes)), "through": Jsonb(stored_through), "ticker": ticker},
-    )
+    some timeframes keeps the others' entries. Waits at most `lock_timeout` seconds for a row another session
+    holds (psycopg.errors.LockNotAvailable)."""
+    with conn.transaction():
+        # At least 1 ms: a lock_timeout of 0 waits forever.
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(lock_timeout * 1000))}ms",))
+        conn.execute(
+            """
+            UPDATE symbols SET metadata = updated.metadata
+            FROM (SELECT id, metadata || jsonb_build_object(
+                      'candle_timeframes', %(timeframes)s::jsonb,
+                      'candles_through', COALESCE(metadata->'candles_through', '{}'::jsonb) || %(through)s::jsonb)
+                      AS metadata
+                  FROM symbols WHERE ticker = %(ticker)s) updated
+            WHERE symbols.id = updated.id AND symbols.metadata IS DISTINCT FROM updated.metadata
+            """,
+            {"timeframes": Jsonb(list(timeframes)), "through": Jsonb(stored_through), "ticker": ticker},
+        )
 
 
 def upsert_symbol(conn: psycopg.Connection, symbol: SymbolCreate) -> None:
