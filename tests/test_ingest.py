@@ -1443,6 +1443,33 @@ def test_a_refresh_whose_symbols_all_fail_emits_the_metrics_its_alarm_reads(env,
                                                                                                  "candlecast")
 
 
+def test_symbols_whose_metadata_was_not_recorded_count_as_failed_in_the_metrics_once_each(env, clean_db, capsys):
+    """Audit: a symbol in `unrecorded` alone (files written, its row not updated) was counted in neither
+    RefreshSymbolsDone nor RefreshSymbolsFailed, so RefreshFailedShareAlarm never saw it."""
+    import psycopg
+
+    from infra.lambda_loader import load_handler
+    from tests.test_observability import emf_blobs
+
+    env.setenv("REFRESH_CHAIN", "false")
+    handler = load_handler("functions/refresh")
+    market = make_market(4, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    unrecorded, failed_too = tickers[:2]
+    with FakePolygon(market) as fake, psycopg.connect(clean_db.database_url) as holder:
+        point_settings_at(env, fake)
+        ingest.refresh_symbols(client_for(fake))
+        fake.add_fault(f"/v2/aggs/ticker/{failed_too}/range/1/hour/", status=404, times=1_000)
+        holder.execute("SELECT id FROM symbols WHERE ticker = ANY(%s) FOR UPDATE", ([unrecorded, failed_too],))
+        capsys.readouterr()
+        report = handler({"tickers": tickers, "timeframes": ["1h", "1d"]}, RefreshContext(remaining_seconds=900))
+        holder.rollback()
+    assert (report["unrecorded"], report["failed"], report["symbols_done"]) == ([unrecorded, failed_too],
+                                                                                [failed_too], 2)
+    (blob,) = [blob for blob in emf_blobs(capsys.readouterr().out) if "RefreshSymbolsFailed" in blob]
+    assert (blob["RefreshSymbolsFailed"], blob["RefreshSymbolsDone"]) == ([2.0], [2.0])
+
+
 @pytest.mark.parametrize(("event", "field"), [
     ({"concurrency": 0}, "concurrency"), ({"concurrency": ingest.MAX_CONCURRENCY + 1}, "concurrency"),
     ({"concurrency": "many"}, "concurrency"), ({"concurrency": True}, "concurrency"),
