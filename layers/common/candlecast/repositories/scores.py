@@ -12,6 +12,8 @@ from datetime import datetime
 
 import psycopg
 
+from candlecast.repositories import wait_for_locks_at_most
+
 # A step is looked for while its ts is this recent: long enough for a calendar month to close and a weekly
 # refresh (with its chained chunks) to store it. Older steps that never found their candle stay unscored.
 SCORING_WINDOW = "45 days"
@@ -133,7 +135,7 @@ WHERE p.id = next.id AND p.score_next_at IS DISTINCT FROM next.at
 
 # How long the accuracy update may queue behind a lock on models (a migration holds it for tens of seconds); the
 # next run updates it instead.
-ACCURACY_LOCK_TIMEOUT = "2s"
+ACCURACY_LOCK_TIMEOUT = 2.0  # seconds
 
 # models.accuracy is the live 80 % coverage (drift.ACCURACY_DEFINITION) on out-of-sample steps.
 _REFRESH_ACCURACY = """
@@ -198,7 +200,7 @@ def refresh_accuracy(conn: psycopg.Connection) -> int:
     """Set models.accuracy to the live 80 % coverage of each model that has out-of-sample scores. Waits at most
     ACCURACY_LOCK_TIMEOUT for the rows (psycopg.errors.LockNotAvailable): a migration may hold the table."""
     with conn.transaction():
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (ACCURACY_LOCK_TIMEOUT,))
+        wait_for_locks_at_most(conn, ACCURACY_LOCK_TIMEOUT)
         return conn.execute(_REFRESH_ACCURACY).rowcount
 
 

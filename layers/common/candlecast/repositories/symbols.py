@@ -6,6 +6,7 @@ from decimal import Decimal
 import psycopg
 from psycopg.types.json import Jsonb
 
+from candlecast.repositories import wait_for_locks_at_most
 from candlecast.schemas import SymbolCreate
 from candlecast.tickers import ascii_upper
 
@@ -135,8 +136,7 @@ def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Ite
     some timeframes keeps the others' entries. Waits at most `lock_timeout` seconds for a row another session
     holds (psycopg.errors.LockNotAvailable)."""
     with conn.transaction():
-        # At least 1 ms: a lock_timeout of 0 waits forever.
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(lock_timeout * 1000))}ms",))
+        wait_for_locks_at_most(conn, lock_timeout)
         conn.execute(
             """
             UPDATE symbols SET metadata = updated.metadata

@@ -233,7 +233,7 @@ def _refresh_accuracy(report: ScoreReport) -> int:
             try:
                 return score_repository.refresh_accuracy(conn)
             except psycopg.errors.LockNotAvailable:  # the server answered: not an outage of the database
-                report.accuracy_error = (f"models was locked for more than {score_repository.ACCURACY_LOCK_TIMEOUT}"
+                report.accuracy_error = (f"models was locked for more than {score_repository.ACCURACY_LOCK_TIMEOUT:g} s"
                                          " (a migration?)")
     except Exception as error:
         report.accuracy_error = _reason(error)
