@@ -184,37 +184,27 @@ PLANS = {
 # `coin_groups` order, for the candles they were made on (`candles_fingerprint` before the holdout); on other data
 # every pass runs the plan as it is, and the manifest says so. The trees' calibration at 4h and 1d, checked per pass
 # between the plan's ("all 3") and the block (`--trees-only --trees "all 3" block`), is the plan's in every pass.
-# `long_window` (`--long-window A B ... --per-pass`, every kind scored) is one for all passes: at 1w every pass takes
-# 26 bars of {104, 52, 26, 13} by `combined`'s pin5, at 1d every pass keeps 365 against 182; at 4h two passes would
-# take 270 bars by 0.1-0.2 % of pin5 and at 1h two 360 by < 0.1 % (not nested); at 1m it changes nothing (GARCH
-# persistence fitted at 1.0).
 # Where a pass chose otherwise: 1h's third (holding out BNB, EOS, TRX, ...) the block (summed coverage errors 0.0171
 # against 0.0195 with the half-life of 0.5 y); 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0692 against
-# 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); at 1m
-# the second (ADA, BTC, XRP, ...) plain Platt (0.32986 against 0.33148) and the third (BNB, ETH, SOL, ...) a one-year
-# half-life (summed coverage errors 0.3652 against 0.3837 with equal weights).
+# 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); 1w's
+# third plain Platt (0.27956 against 0.28076); at 1m the second (ADA, BTC, XRP, ...) plain Platt (0.32986 against
+# 0.33148) and the third (BNB, ETH, SOL, ...) a one-year half-life (summed coverage errors 0.3652 against 0.3837
+# with equal weights).
 # "configs": field overrides of the timeframe's `TimeframeConfig` per pass, the walk-forward building that pass's
 # origins with them (`pass_origins`); each pass's other choices are made under its own (`calibration_check --set`).
-# The rule for a config field (`--halflife` / `--long-window A B ... --per-pass`): each pass takes the value with
-# the lowest `combined` pin5 on its training coins, a gain under 0.2 % over the shipped value keeping it; the shipped
-# value is the one all coins pick by the same rule. Since session 27 a gain must also clear its own noise
-# (`infra.calibration_check.config_verdict`: the scorecard's batch-t interval over calendar batches, on the same
-# scored pairs, above 0; `--losses` then `--compare BASE CHALLENGER`); the choices below were made without it.
-# The EWMA σ's half-life: at 1d pass 1 (holding out BAT, BTT,
-# DASH, ...) takes 2 days (4.4244 against 4.4327 at 3 and 4.4460 at the 12 shipped before), passes 2 and 3 and all
-# coins 3 (4.1979, 4.2861; all coins 4.3099 against 4.3280 at 12); at 1m pass 1 takes 3 months (+0.26 %), pass 3
-# (BNB, ETH, SOL, ...) 12 (+0.68 %), all coins keep 6 (pass 2 has no fold). At 1w every pass keeps 8 (4 is within
-# 0.17 %), at 4h 16 (4 or 32 within 0.15 %), at 1h 24 (12 within 0.1 %), and the long window is one for all
-# passes everywhere (1w 26, 1d 365; 4h's 270 and 1h's 360 gain under 0.2 %). The range GARCH (`garch_range`,
-# `--set garch_range=1` against 0): at 1m all coins take it (combined 13.6738 against 13.8285) and pass 1 (14.8123
-# against 15.1777, under its 3 months); pass 3 keeps squared returns (12.5588 against 12.5293, under its 12). At 4h
-# pass 1 takes it (1.2740 against 1.2768, 0.22 %), the others and all coins gain 0.15-0.19 %: under the tie. Made
-# under it, pass 1's trees calibrate on the block (summed coverage errors 0.0403 against 0.0423) and its kind is
-# `combined`. At 1d (0.08-0.15 %), 1h (under 0.1 %) and 1w (no gain) every pass keeps squared returns.
-# The wide GARCH grid (`garch_wide`, `--set garch_wide=1` against 0, under each pass's configuration): 1m pass 3
-# takes it (12.4640 against 12.5293; its kind becomes garch-scale), 1w pass 3 (13.7816 against 13.8160, 0.25 %;
-# its kind stays baseline); 1m's range passes and all coins score worse with it, 4h, 1d and 1h gain under 0.2 %
-# anywhere (1d pass 2 4.1935 against 4.1979, 1h pass 1 0.6205 against 0.6208), so the files keep the grid.
+# None is left. The rule for a config field (`--long-window N` / `--halflife N` with `--set`, each run `--per-pass
+# --losses F`, then `--compare BASE CHALLENGER`): a challenger replaces the base value only where its gain in
+# `combined`'s pin5 on the training coins is at least 0.2 % and the scorecard's batch-t interval of that gain over
+# calendar batches, on the same scored pairs, lies above 0 (`infra.calibration_check.config_verdict`); all coins
+# choose the files' value first, and each pass is checked against it. Only 1d's half-life passes: 3 days against
+# 12, +0.42 % [+0.07, +0.77] on all coins (pass 1's 2 days gains 0.19 % over 3). Kept by it: 1w's long window of
+# 104 (26 gains 4.1 % [-4.2, +12.4] over 4 batches); everything at 1m, whose 24 months of scored blocks are one
+# 60-bar batch with no interval (squared returns, 6 months and the narrow grid in every pass); 4h pass 1's squared
+# returns (the range GARCH +0.22 % [-0.14, +0.58]); the narrow grid everywhere. The long windows at 4h (540), 1d
+# (365), 1h (720), the half-lives at 4h, 1h and 1w and squared returns at 1d, 1h and 1w were kept by the older
+# rule (a gain under 0.2 %, no interval), which this one only makes stricter. Before 2026-12-06 the rule had no
+# interval and took 1w's 26 bars, 1m's range GARCH and half-lives 3 / 12, 1d pass 1's 2 days (compared with 12,
+# not with the 3 all coins picked), 4h pass 1's range GARCH and the wide grid in pass 3 of 1m and 1w.
 # "kinds": the kind `choose` picks per pass from every kind fitted on each fold's inner training block and scored on
 # the fold's calibration block, that pass's training coins only (`infra.calibration_check --kinds`); a pass with no
 # fold to score gets `choose`'s default, the baseline. The walk-forward reports this nested choice beside the shipped
@@ -224,17 +214,14 @@ PASS_CHOICES: dict[Timeframe, dict] = {
            "passes": ({}, {}, {"calibrate_on_history": False, "calibration_half_life": None}),
            "kinds": ("combined", "baseline", "combined")},
     "4h": {"candles": "9d35a80be6d8b698f87738a6b114c5a2cd0240a233cfadbdc962971443fc737a",
-           "passes": ({"tree_folds": 0},
-                      {"calibrate_on_history": True, "calibration_half_life": 0.5, "confidence_ln_h": True}, {}),
-           "configs": ({"garch_range": True}, {}, {}), "kinds": ("combined", "learned", "combined")},
+           "passes": ({}, {"calibrate_on_history": True, "calibration_half_life": 0.5, "confidence_ln_h": True}, {}),
+           "kinds": ("baseline", "learned", "combined")},
     "1d": {"candles": "ea8cda5e0fb7960c21bc0e5524c66a3e2dbe43e131c7a145b2c11392ee1aa865", "passes": ({}, {}, {}),
-           "configs": ({"halflife": 2}, {}, {}), "kinds": ("baseline", "learned", "combined")},
+           "kinds": ("baseline", "learned", "combined")},
     "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
-           "passes": ({}, {}, {}), "configs": ({}, {}, {"garch_wide": True}),
-           "kinds": ("baseline", "combined", "baseline")},
+           "passes": ({}, {}, {"confidence_ln_h": False}), "kinds": ("combined", "baseline", "baseline")},
     "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
            "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0}),
-           "configs": ({"halflife": 3}, {}, {"halflife": 12, "garch_range": False, "garch_wide": True}),
            "kinds": ("baseline", "baseline", "garch-scale")},
 }
 
