@@ -15,10 +15,12 @@ from candlecast.forecast.features import QUANTILES
 pytest.importorskip("arch")
 from candlecast.forecast.peers import (
     CONFORMAL_MIN_PAIRS,
+    GARCH_PLANS,
     PEERS,
     RW_WINDOW,
     ConformalPlan,
     GarchPlan,
+    _gaussian_z,
     conformal_rw,
     garch_t,
     gaussian_rw,
@@ -452,3 +454,31 @@ def test_saved_walk_forwards_keep_the_fallback_mask_and_older_ones_use_the_posit
     assert about["fallback_masks"]["garch-t"].tolist() == fell_back.tolist()
     save_walk_forward(path, "1m", loaded, result, "learned", "test", methods)
     assert load_walk_forward(path)[0]["fallback_masks"] == {}
+
+
+def test_the_gaussian_walk_on_a_longer_window_is_the_sample_sd_of_that_many_returns():
+    candles = garch_candles(400)
+    returns = np.diff(np.log(candles.close))
+    positions = np.array([5, 59, 60, 61, 200, 399])
+    sd = rw_sd(candles.close, 60)[positions]
+    for p, value in zip(positions, sd, strict=True):
+        assert value == pytest.approx(np.std(returns[max(0, p - 60) : p], ddof=1), rel=1e-12)
+    assert not np.allclose(sd[-2:], rw_sd(candles.close)[positions[-2:]])  # another window: another sd
+    np.testing.assert_allclose(gaussian_rw(candles.close, positions, 60)[:, 0, -1], sd * _gaussian_z()[-1])
+
+
+def test_peer_strength_settings_at_the_scorecards_own_are_the_scorecards_peers():
+    from infra.peer_strength import EVERY_RETURN, variant_quantiles, variants
+
+    first, second = garch_candles(1300, seed=4), garch_candles(900, seed=5)
+    loaded = [(None, first), (None, second)]
+    series = np.array([0, 1, 0, 1, 0])
+    times = np.array([first.open_time[700], second.open_time[500], first.open_time[1299], second.open_time[899],
+                      first.open_time[400]])
+    stored = peer_quantiles(loaded, series, times, "1h")
+    for peer, setting in (("garch-t", GARCH_PLANS["1h"]), ("gaussian-rw", RW_WINDOW)):
+        np.testing.assert_array_equal(variant_quantiles(loaded, series, times, peer, setting), stored[peer])
+    settings = variants("1d")
+    assert {peer for peer, _ in settings.values()} == {"garch-t", "gaussian-rw"}
+    assert any(peer == "garch-t" and setting.window == EVERY_RETURN for peer, setting in settings.values())
+    assert all(setting.refit_every == 1 for peer, setting in variants("1m").values() if peer == "garch-t")

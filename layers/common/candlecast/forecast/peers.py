@@ -63,19 +63,20 @@ def log_returns(close: np.ndarray) -> np.ndarray:
     return np.concatenate([[np.nan], np.diff(log_close)])
 
 
-def rw_sd(close: np.ndarray) -> np.ndarray:
-    """s[p] = sample sd of the one-bar log returns r[max(1, p−29)..p] (the last 30 up to candle p), for every p.
+def rw_sd(close: np.ndarray, window: int = RW_WINDOW) -> np.ndarray:
+    """s[p] = sample sd of the one-bar log returns r[max(1, p−29)..p] (the last 30, or `window`, up to candle p), for
+    every p.
 
     Where that is undefined or 0 (flat prices), the last earlier positive s; before any, 0.01.
     """
     returns = log_returns(close)
     sd = np.full(len(close), np.nan)
-    for p in range(min(RW_WINDOW, len(close))):  # the first windows are shorter
-        window = returns[1 : p + 1]
-        sd[p] = np.std(window, ddof=1) if len(window) >= 2 else np.nan
-    if len(close) > RW_WINDOW:
-        full = np.lib.stride_tricks.sliding_window_view(returns[1:], RW_WINDOW)
-        sd[RW_WINDOW:] = np.std(full[: len(close) - RW_WINDOW], axis=1, ddof=1)
+    for p in range(min(window, len(close))):  # the first windows are shorter
+        recent = returns[1 : p + 1]
+        sd[p] = np.std(recent, ddof=1) if len(recent) >= 2 else np.nan
+    if len(close) > window:
+        full = np.lib.stride_tricks.sliding_window_view(returns[1:], window)
+        sd[window:] = np.std(full[: len(close) - window], axis=1, ddof=1)
     valid = np.isfinite(sd) & (sd > 0)
     last = np.maximum.accumulate(np.where(valid, np.arange(len(sd)), -1))
     return np.where(last >= 0, sd[np.maximum(last, 0)], 0.01)
@@ -87,9 +88,10 @@ def _gaussian_z() -> np.ndarray:
     return stats.norm.ppf(QUANTILES)
 
 
-def gaussian_rw(close: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """(n, 30, 7) quantiles of the Gaussian random walk at origin indices `positions`."""
-    sd = rw_sd(close)[positions]
+def gaussian_rw(close: np.ndarray, positions: np.ndarray, window: int = RW_WINDOW) -> np.ndarray:
+    """(n, 30, 7) quantiles of the Gaussian random walk (sd of the last `window` returns) at origin indices
+    `positions`."""
+    sd = rw_sd(close, window)[positions]
     return sd[:, None, None] * np.sqrt(HORIZONS)[None, :, None] * _gaussian_z()[None, None, :]
 
 
@@ -244,6 +246,24 @@ def garch_t(close: np.ndarray, positions: np.ndarray, plan: GarchPlan,
 PEERS = ("garch-t", "gaussian-rw", "conformal-rw")
 
 
+def series_origins(loaded: list, series: np.ndarray, times: np.ndarray, progress: str | None = None):
+    """Per series of the origins (`series` index into `loaded`, candle open `times`): (its candles, the origins' rows
+    in time order, their candle indices). `progress`: a progress bar's label."""
+    indices = np.unique(series)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=progress, unit="series", leave=False)
+    for index in indices:
+        candles = loaded[int(index)][1]
+        rows = np.flatnonzero(series == index)
+        rows = rows[np.argsort(times[rows], kind="stable")]
+        positions = np.searchsorted(candles.open_time, times[rows])
+        if not np.array_equal(candles.open_time[np.minimum(positions, len(candles) - 1)], times[rows]):
+            raise ValueError("origin times must be candle open times of their series")
+        yield candles, rows, positions
+
+
 def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timeframe: Timeframe,
                    progress: bool = False, fallback: dict | None = None) -> dict[str, np.ndarray]:
     """{peer: (n, 30, 7) log-return quantiles} at the origins (`series` index into `loaded`, candle open `times`).
@@ -252,18 +272,8 @@ def peer_quantiles(loaded: list, series: np.ndarray, times: np.ndarray, timefram
     out = {name: np.full((len(times), len(HORIZONS), len(QUANTILES)), np.nan) for name in PEERS}
     plan = GARCH_PLANS[timeframe]
     origin_positions = np.zeros(len(times), dtype=np.int64)
-    indices = np.unique(series)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc=f"peers {timeframe} (GARCH-t refits)", unit="series", leave=False)
-    for index in indices:
-        candles = loaded[int(index)][1]
-        rows = np.flatnonzero(series == index)
-        rows = rows[np.argsort(times[rows], kind="stable")]
-        positions = np.searchsorted(candles.open_time, times[rows])
-        if not np.array_equal(candles.open_time[np.minimum(positions, len(candles) - 1)], times[rows]):
-            raise ValueError("origin times must be candle open times of their series")
+    for candles, rows, positions in series_origins(loaded, series, times,
+                                                   f"peers {timeframe} (GARCH-t refits)" if progress else None):
         out["gaussian-rw"][rows] = gaussian_rw(candles.close, positions)
         fell_back = np.zeros(len(rows), dtype=bool)
         out["garch-t"][rows] = garch_t(candles.close, positions, plan, fallback=fell_back)
