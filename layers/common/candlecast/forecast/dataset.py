@@ -219,7 +219,7 @@ def bucket_starts(open_time: np.ndarray, timeframe: Timeframe) -> np.ndarray:
 def bucket_ends(starts: np.ndarray, timeframe: Timeframe) -> np.ndarray:
     if timeframe != "1m":
         return starts + nominal_seconds(timeframe)
-    months = starts.astype("datetime64[s]").astype("datetime64[M]") + 1
+    months = starts.astype("datetime64[s]").astype("datetime64[M]") + np.timedelta64(1, "M")
     return months.astype("datetime64[s]").astype(np.int64)
 
 
