@@ -555,6 +555,24 @@ def offline_imports(build_dir: Path) -> list[str]:
     return found
 
 
+# Run by the runtime's Python: bytecode is read by the version that wrote it.
+_BYTECODE_PATHS = """
+import marshal, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*/python/**/*.pyc")):
+    name = marshal.loads(path.read_bytes()[16:]).co_filename
+    if not name.startswith("/opt/python/"):
+        print(f"{path.relative_to(sys.argv[1])}: {name}")
+"""
+
+
+def build_paths_in_bytecode(build_dir: Path, python: str) -> list[str]:
+    """Layer bytecode whose source path is not under /opt/python, where Lambda mounts layers: it names the build
+    folder, so the layer's bytes differ with the checkout's path (`COMPILE` in layers/platforms.mk)."""
+    result = subprocess.run([python, "-I", "-c", _BYTECODE_PATHS, str(build_dir)], capture_output=True, text=True,
+                            check=True)
+    return result.stdout.splitlines()
+
+
 def layer_report(build_dir: Path) -> None:
     from infra.template_checks import directory_size
 
@@ -599,6 +617,8 @@ def check(build_dir: Path) -> int:
         print("layers as built for this machine:")
         layer_report(build_dir)
         problems.extend(f"offline-only code in a layer: {hit}" for hit in offline_imports(build_dir))
+        if found := build_paths_in_bytecode(build_dir, python):
+            problems.append(f"{len(found)} layer bytecode files name the build folder, e.g. {found[0]}")
         print(f"\nrunning {len(functions)} functions from {build_dir.relative_to(ROOT)} as {who}, "
               f"python3.12 -I, no HOME, secrets by ARN (moto Secrets Manager)\n")
         print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms  boto3 on cold path")

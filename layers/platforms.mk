@@ -7,4 +7,5 @@ CONSTRAINTS := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))/constraints.txt
 PIP_TARGET = $(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-compile \
 	$(PLATFORMS) --implementation cp --python-version 3.12 --only-binary=:all: -c $(CONSTRAINTS) --target
 # /opt is read-only in Lambda: ship bytecode, valid whatever mtimes the zip round trip leaves.
-COMPILE = $(PYTHON) -m compileall -q -j 0 --invalidation-mode unchecked-hash
+# Paths in the bytecode are where Lambda mounts the layer, not the build folder: the same files from any checkout.
+COMPILE = $(PYTHON) -m compileall -q -j 0 --invalidation-mode unchecked-hash -s "$(SITE)" -p /opt/python

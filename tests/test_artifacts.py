@@ -166,3 +166,17 @@ def test_the_database_forwarder_survives_an_upstream_that_is_gone(tmp_path):
         server.close()
     finally:
         proxy.close()
+
+
+def test_layer_bytecode_that_names_its_build_folder_is_found(tmp_path):
+    import sys
+
+    for layer in ("Mounted", "BuildPath"):  # as layers/platforms.mk compiles now, and as it did before
+        site = tmp_path / layer / "python"
+        (site / "pkg").mkdir(parents=True)
+        (site / "pkg" / "mod.py").write_text("VALUE = 1\n")
+        mounted = ["-s", str(site), "-p", "/opt/python"] if layer == "Mounted" else []
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *mounted, str(site)], check=True)
+    found = artifacts.build_paths_in_bytecode(tmp_path, sys.executable)
+    assert len(found) == 1 and found[0].startswith("BuildPath/python/pkg/__pycache__/mod.")
+    assert found[0].endswith(f": {tmp_path}/BuildPath/python/pkg/mod.py")
