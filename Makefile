@@ -1,6 +1,8 @@
 # candlecast — the two set-up commands are `make run` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The dev venv runs the Lambda runtime's Python (3.12, found as PY312_BIN below) with the layers' pins, so the suite
+# tests the numpy and pyarrow that ship; without a 3.12 it falls back to python3 and the newest that fit.
+PYTHON ?= $(if $(PY312_BIN),$(PY312_BIN)/python3.12,python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,10 +11,14 @@ PORT ?= 3000
 
 .PHONY: install run test lint bench bench-scale bench-score-year bench-score-backlog requirements lock-layers clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+VERSION_OF = -c 'import sys; print(*sys.version_info[:2], sep=".")'
+$(STAMP): pyproject.toml layers/constraints.txt
+	[ -x $(BIN)/python ] && [ "$$($(BIN)/python $(VERSION_OF))" = "$$($(PYTHON) $(VERSION_OF))" ] \
+		|| { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	if [ "$$($(BIN)/python $(VERSION_OF))" = 3.12 ]; then pins="-c layers/constraints.txt"; \
+	else pins=; echo "no Python 3.12: the dev venv is not on the layers' pins (layers/constraints.txt)"; fi; \
+	$(BIN)/python -m pip install --quiet $$pins -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
