@@ -84,6 +84,14 @@ def test_what_the_code_does_is_documented():
         assert "X-Next-Cursor" in operation["responses"]["200"]["headers"], path
 
 
+def test_the_create_route_says_what_a_repeat_is_as_the_request_hash_does():
+    """A repeat is the same symbol, timeframe, model and candle content (forecasting._request_hash), not the same
+    last candle: a candle file fixed in place is a new request."""
+    description = _operation(json.loads(openapi.DOCUMENT.read_text()), "post", "/predictions")["description"]
+    assert "same symbol, timeframe, model and candles (their content" in description
+    assert "last candle" not in description
+
+
 @pytest.mark.parametrize("ticker", ["BTCUSD", "X:BTCUSD", "x:btcusd", "btc-usd", "BTC/USD", "eth_usdt", "1INCH-USDT",
                                     "ab", "A" * 24, "X:" + "A" * 12 + "-" + "B" * 12])
 def test_tickers_the_document_allows_are_accepted(ticker):

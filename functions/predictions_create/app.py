@@ -25,8 +25,8 @@ READ_BACK = {"GetPrediction": {"operationId": "get_prediction",
     description=(
         "Returns 30 expected candles (open/high/low/close built from the median path), the 80% and 95% "
         "intervals of each close, and a calibrated per-step confidence. 201 for a new prediction; 200 with "
-        "X-Cache: HIT for a repeat of the same symbol, timeframe and last candle within 15 minutes, or a "
-        "repeated Idempotency-Key."
+        "X-Cache: HIT for a repeat within 15 minutes of the same symbol, timeframe, model and candles (their "
+        "content, not only the last one's time), or a repeated Idempotency-Key."
     ),
     responses=documented(PredictionWithSteps, 400, 404, 409, 413, 415, 422, 503, status=201, links=READ_BACK)
     | {200: described(PredictionWithSteps, "a repeat: the stored prediction", X_CACHE, READ_BACK)},

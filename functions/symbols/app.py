@@ -7,6 +7,7 @@ startup.begin()  # no garbage collection while the function's modules load
 from typing import Annotated
 
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
+from pydantic import WithJsonSchema
 
 from candlecast.api import (
     client_cache,
@@ -30,8 +31,11 @@ FIRST_SYMBOL = {"GetSymbol": {"operationId": "get_symbol", "parameters": {"ticke
                                       "parameters": {"ticker": "$response.body#/0/ticker"}}}
 
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
-Cursor = Annotated[str | None, Query(pattern=CURSOR_PATTERN,
-                                     description="X-Next-Cursor of the previous page")]
+# The cursor's pattern is documented, not validated here (WithJsonSchema): decode_cursor answers every bad cursor with
+# invalid_cursor and a restart hint, where a failed pattern would be a bare invalid_request.
+Cursor = Annotated[Annotated[str, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})] | None, Query(
+    description="X-Next-Cursor of the previous page, as it is; one that is not valid for this list or this release "
+                "is 400 invalid_cursor: start the list again without a cursor")]
 Ticker = Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd", json_schema_extra={
     "pattern": TICKER_PATTERN, "minLength": 2, "maxLength": MAX_TICKER_LENGTH})]
 

@@ -8,7 +8,10 @@ others: each row whose sort values stay put is shown once, in order; a row is sh
 its page is read.
 
 A cursor is opaque (base64url) and tamper-evident: a digest of its list (the route and its parameters) and its
-position. An altered cursor, or one given out for another list, is a 400 `invalid_cursor`. The digest is
+position. Whatever is not a cursor of this list and this release (malformed, an older release's format, altered, too
+long, given out for another list) is a 400 `invalid_cursor` telling the client to start the list again without one:
+the routes document the cursor's pattern but leave its check here, so that no cursor answers the generic
+`invalid_request`. The digest is
 not a secret's MAC, on purpose: a forged cursor can only start a page at a position of the forger's choosing in a
 list the forger may read whole anyway (the routes are public), every position costs one index seek and at most
 `limit` rows, and a value the database could not take is refused. A secret would add a Secrets Manager read to
@@ -28,7 +31,8 @@ from candlecast.errors import BadRequest
 
 # 12 bytes of digest and the position, in base64url without padding; positions are a few strings, the longest a
 # symbol's name (200 characters at most, each up to 6 bytes in JSON).
-CURSOR_PATTERN = r"^[A-Za-z0-9_-]{20,2048}$"
+MIN_CURSOR_LENGTH, MAX_CURSOR_LENGTH = 20, 2048
+CURSOR_PATTERN = rf"^[A-Za-z0-9_-]{{{MIN_CURSOR_LENGTH},{MAX_CURSOR_LENGTH}}}$"
 NEXT_CURSOR_HEADER = {"X-Next-Cursor": {"description": "pass it as `cursor` for the next page; absent on the last",
                                         "schema": {"type": "string", "pattern": CURSOR_PATTERN}}}
 _DIGEST_BYTES = 12
@@ -78,15 +82,19 @@ def encode_cursor(scope: str, position: Sequence[str]) -> str:
 
 
 def invalid_cursor() -> BadRequest:
-    return BadRequest("cursor is not one this API gave out for this list: pass X-Next-Cursor as it is, with the "
-                      "same query, symbol and timeframe", code="invalid_cursor")
+    # One answer for every bad cursor: an older release's cursors (another format, or another digest) are as
+    # unusable as an altered one, and the client's way on is the same.
+    return BadRequest("cursor is not valid for this list or this release of the API: start the list again without a "
+                      "cursor, then pass each X-Next-Cursor as it is, with the same query, symbol and timeframe",
+                      code="invalid_cursor")
 
 
 def decode_cursor(scope: str, cursor: str | None, size: int) -> list[str] | None:
-    """The position (`size` strings) a cursor of this list holds; None without one; else `invalid_cursor`."""
-    if not cursor:
+    """The position (`size` strings) a cursor of this list holds; None without one; else `invalid_cursor` (an empty
+    cursor too: a client that sent one after the last page would otherwise start the list over and over)."""
+    if cursor is None:
         return None
-    if not re.fullmatch(CURSOR_PATTERN, cursor, re.ASCII):
+    if len(cursor) > MAX_CURSOR_LENGTH or not re.fullmatch(CURSOR_PATTERN, cursor, re.ASCII):
         raise invalid_cursor()
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
