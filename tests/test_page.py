@@ -331,3 +331,27 @@ def test_docs_is_powertools_swagger_ui_over_the_whole_api_offline(browser, site)
     assert page.locator(".opblock-summary-path", has_text="/models/{timeframe}").count() == 1
     assert escaped == []
     page.close()
+
+
+# Each chart's drawing (the table Lightweight Charts lays its canvases out in) against its box, and the page's width.
+CHART_WIDTHS = """() => ({
+  charts: ['chart', 'reliability'].map((id) => [document.getElementById(id).clientWidth,
+                                              document.querySelector(`#${id} table`).getBoundingClientRect().width]),
+  page: document.documentElement.scrollWidth, window: window.innerWidth,
+})"""
+
+
+def test_the_charts_follow_the_window_as_it_is_resized(browser, site):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1d")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    for width in (700, 1280):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(300)  # the resize observer redraws on the next frame
+        seen = page.evaluate(CHART_WIDTHS)
+        assert seen["window"] == width
+        for box, drawn in seen["charts"]:
+            assert abs(box - drawn) <= 1, seen
+    assert expected_candles_painted(page) > 200  # still drawn after the resizes
+    page.close()

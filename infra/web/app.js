@@ -8,7 +8,9 @@ window.candlecast = state; // read by the browser test
 // An API Gateway 429 carries no Retry-After: wait a throttled route's refill (1/rate, 5 s at most by default).
 const DEFAULT_RETRY_SECONDS = 5;
 
+// autoSize: each chart follows its box (a ResizeObserver), so a narrowed window narrows the chart with it.
 const priceChart = LWC.createChart($("chart"), {
+  autoSize: true,
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { color: "#f0f2f5" }, horzLines: { color: "#f0f2f5" } },
   timeScale: { timeVisible: true, secondsVisible: false },
@@ -35,6 +37,7 @@ const bands = {
 
 // Reliability: confidence on the horizontal axis (an options chart: numbers, not times), on a 0.01 grid.
 const reliabilityChart = LWC.createOptionsChart($("reliability"), {
+  autoSize: true,
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { visible: false }, horzLines: { color: "#f0f2f5" } },
   localization: { precision: 2, priceFormatter: (value) => value.toFixed(2) },
