@@ -7,6 +7,7 @@ with its track record. A screenshot of the drawn page is kept in .local/test-art
 
 import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import urlopen
@@ -112,6 +113,7 @@ def test_the_page_creates_a_forecast_and_draws_it(browser, site, clean_db):
         after = conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
     assert after == before + 1 and newest[1:] == ("X:BTCUSDT", "1h")
     assert str(newest[0]) in page.text_content("#status")
+    assert re.fullmatch(r"\d{1,3}(,\d{3})+\.\d\d", state["priceLabel"]), state  # thousands grouped, cents
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "forecast-page.png"), full_page=True)
@@ -354,4 +356,20 @@ def test_the_charts_follow_the_window_as_it_is_resized(browser, site):
         for box, drawn in seen["charts"]:
             assert abs(box - drawn) <= 1, seen
     assert expected_candles_painted(page) > 200  # still drawn after the resizes
+    page.close()
+
+
+def test_prices_under_a_cent_keep_their_digits(browser, site):
+    """X:BTTUSDT closes near 0.0036: with the default two decimals every price label read 0.00."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTTUSDT", "1d")
+    state = page.evaluate("window.candlecast")
+    assert state["drawn"] is True, page.text_content("#status")
+    assert 0 < state["lastClose"] < 0.01
+    label = state["priceLabel"]
+    assert abs(float(label) / state["lastClose"] - 1) < 1e-4, label
+    assert len(label.split(".")[1].lstrip("0")) >= 4, label  # 4 significant digits at least
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "forecast-page-under-a-cent.png"), full_page=True)
     page.close()

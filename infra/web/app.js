@@ -53,6 +53,27 @@ const liveDots = dots("#e65100");
 const backtestDots = dots("#455a64");
 diagonal.setData(Array.from({ length: 101 }, (_, i) => ({ time: i / 100, value: i / 100 })));
 
+// Prices from 0.00001 to 100,000: each label keeps up to PRICE_DIGITS significant digits (two decimals at least,
+// no trailing zeros past them, thousands grouped), so 0.0036 is not "0.00"; the axis' step (minMove) follows the last close's magnitude, or a
+// price under a cent gets no ticks at all.
+const PRICE_DIGITS = 5;
+const MAX_DECIMALS = 12;
+const decimalsFor = (price) => (Number.isFinite(price) && price > 0
+  ? Math.min(MAX_DECIMALS, Math.max(2, PRICE_DIGITS - 1 - Math.floor(Math.log10(price)))) : 2);
+const priceFormats = new Map();
+function formatPrice(price) {
+  const decimals = decimalsFor(Math.abs(price));
+  if (!priceFormats.has(decimals)) {
+    priceFormats.set(decimals, new Intl.NumberFormat("en-US",
+      { minimumFractionDigits: 2, maximumFractionDigits: decimals }));
+  }
+  return priceFormats.get(decimals).format(price);
+}
+function priceFormatFor(lastClose) {
+  return { type: "custom", formatter: formatPrice, minMove: 10 ** -decimalsFor(lastClose) };
+}
+const priceSeries = [recentSeries, expectedSeries, ...Object.values(bands)];
+
 const seconds = (iso) => Math.floor(Date.parse(iso) / 1000);
 const escape = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
@@ -226,6 +247,9 @@ async function forecast(event) {
     const candles = await api(
       `/local/candles?symbol=${encodeURIComponent(prediction.ticker)}&timeframe=${timeframe}&limit=120`, { signal });
     signal.throwIfAborted();
+    const lastClose = candles.candles.at(-1)?.close ?? prediction.steps[0]?.close;
+    const priceFormat = priceFormatFor(lastClose);
+    for (const series of priceSeries) series.applyOptions({ priceFormat });
     recentSeries.setData(candles.candles);
     expectedSeries.setData(prediction.steps.map((step) => ({
       time: seconds(step.ts), open: step.open, high: step.high, low: step.low, close: step.close,
@@ -242,6 +266,7 @@ async function forecast(event) {
     Object.assign(state, {
       drawn: true, candles: candles.candles.length, expected: prediction.steps.length,
       priceScaleMode: priceChart.priceScale("right").options().mode,
+      lastClose, priceLabel: recentSeries.priceFormatter().format(lastClose),
     });
     status.textContent = `prediction ${prediction.id}`;
     showBusy(false);
