@@ -373,3 +373,33 @@ def test_prices_under_a_cent_keep_their_digits(browser, site):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "forecast-page-under-a-cent.png"), full_page=True)
     page.close()
+
+
+def test_a_symbols_timeframes_without_candles_are_disabled_and_a_refusal_names_those_it_has(browser, site):
+    """X:ETHUSD has only 1d, 1w and 1m candles in the sample, and the local stack no Polygon key: at the default 1h
+    the page showed the API's developer message (set POLYGON_API_KEY)."""
+    page = browser.new_page()
+    page.goto(f"{site}/")
+    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0")
+    disabled = "[...document.querySelectorAll('#timeframe option')].filter((o) => o.disabled).map((o) => o.value)"
+    page.fill("#symbol", "X:ETHUSD")
+    assert page.evaluate(disabled) == ["1h", "4h"]
+    assert page.input_value("#timeframe") == "1d"  # the 1h chosen before has no candles
+    page.fill("#symbol", "X:BTCUSDT")
+    assert page.evaluate(disabled) == []
+
+    # A request for a timeframe the symbol has no candles at (sent as a script could): the refusal says which
+    # timeframes it has, for a symbol typed in another form too.
+    page.fill("#symbol", "eth-usd")
+    assert page.evaluate(disabled) == ["1h", "4h"]
+    page.evaluate("""() => {
+        const option = document.querySelector('#timeframe option[value="4h"]');
+        option.disabled = false;
+        document.querySelector('#timeframe').value = '4h';
+        document.querySelector('#controls').requestSubmit();
+    }""")
+    page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=30_000)
+    status = page.text_content("#status")
+    assert status.startswith("X:ETHUSD has no 4h candles here; it can be forecast at 1d, 1w, 1m"), status
+    assert "candles_unavailable" in status
+    page.close()

@@ -78,9 +78,9 @@ const seconds = (iso) => Math.floor(Date.parse(iso) / 1000);
 const escape = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 class ApiError extends Error {
-  constructor(message, status, retryAfter) {
+  constructor(message, status, retryAfter, code) {
     super(message);
-    Object.assign(this, { status, retryAfter });
+    Object.assign(this, { status, retryAfter, code });
   }
 }
 
@@ -113,7 +113,7 @@ async function api(path, options) {
       `Try again in ${wait} s.`, 429, wait);
   }
   throw new ApiError(`HTTP ${response.status}${reason ? ` ${reason}` : ` ${response.statusText}`}`.trimEnd(),
-    response.status);
+    response.status, undefined, body?.error?.code);
 }
 
 // A timeframe's model and track record, once per page load (the model changes only on a deploy); a failed
@@ -169,6 +169,51 @@ function showModel(record) {
       "predictions made after it."
     : "";
   $("model-note").textContent = drift + period + sample;
+}
+
+// What GET /symbols/top says of each symbol: the timeframes with stored candles (candle_timeframes), and whether
+// others are fetched from Polygon (fetchable). Without a key, only the stored ones can be forecast.
+const symbolInfo = new Map();
+// The API's own normalisation (candlecast.tickers): x:eth-usd, ETH/USD and ETHUSD all name X:ETHUSD.
+const canonical = (raw) => `X:${raw.trim().toUpperCase().replace(/^X:/, "").replace(/[-/_]/g, "")}`;
+const timeframeSelect = $("timeframe");
+const TIMEFRAME_NAMES = new Map([...timeframeSelect.options].map((option) => [option.value, option.textContent]));
+
+function availableTimeframes(info) {
+  return info && !info.fetchable ? info.candle_timeframes : null; // null: every timeframe may be asked for
+}
+
+function showTimeframes() {
+  // The symbol's timeframes without candles are disabled (and say so); a disabled choice moves to the first one
+  // that has them.
+  const symbol = canonical($("symbol").value);
+  const available = availableTimeframes(symbolInfo.get(symbol));
+  for (const option of timeframeSelect.options) {
+    const missing = available !== null && !available.includes(option.value);
+    option.disabled = missing;
+    option.textContent = TIMEFRAME_NAMES.get(option.value) + (missing ? " (no candles)" : "");
+  }
+  if (timeframeSelect.selectedOptions[0]?.disabled) {
+    const first = [...timeframeSelect.options].find((option) => !option.disabled);
+    if (first) timeframeSelect.value = first.value;
+  }
+}
+
+async function unavailableMessage(symbol, timeframe, error) {
+  // A forecast refused for want of candles names the timeframes this symbol has (asking the API when the symbol
+  // is not in the list).
+  let info = symbolInfo.get(canonical(symbol));
+  if (!info) {
+    try {
+      info = await api(`/symbols/${encodeURIComponent(symbol)}`);
+    } catch {
+      return error.message;
+    }
+  }
+  const stored = info.candle_timeframes || [];
+  return `${info.ticker} has no ${timeframe} candles here` +
+    (stored.length ? `; it can be forecast at ${stored.join(", ")}` : "; it has no stored candles at any timeframe") +
+    ` (${error.message})`;
 }
 
 const CHART_TITLE = $("chart-title").textContent;
@@ -272,9 +317,11 @@ async function forecast(event) {
     showBusy(false);
   } catch (error) {
     if (signal.aborted) return; // a later forecast owns the page
+    const message = error.code === "candles_unavailable"
+      ? await unavailableMessage(symbol, timeframe, error) : String(error.message || error);
+    if (signal.aborted) return;
     clearForecast();
     status.className = "error";
-    const message = String(error.message || error);
     status.textContent = created ? `prediction ${created} was stored but cannot be drawn: ${message}` : message;
     showBusy(false);
     if (error.status === 429) holdOff(error.retryAfter);
@@ -286,6 +333,8 @@ async function forecast(event) {
 async function fillSymbols() {
   try {
     const top = await api("/symbols/top?limit=100");
+    for (const symbol of top) symbolInfo.set(symbol.ticker, symbol);
+    showTimeframes();
     $("symbols").innerHTML = top.map((symbol) => `<option value="${escape(symbol.ticker)}">${escape(symbol.name)}</option>`).join("");
   } catch (error) {
     $("status").textContent = `symbols: ${error.message}`;
@@ -293,4 +342,5 @@ async function fillSymbols() {
 }
 
 $("controls").addEventListener("submit", forecast);
+$("symbol").addEventListener("input", showTimeframes);
 fillSymbols();
