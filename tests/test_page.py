@@ -403,3 +403,30 @@ def test_a_symbols_timeframes_without_candles_are_disabled_and_a_refusal_names_t
     assert status.startswith("X:ETHUSD has no 4h candles here; it can be forecast at 1d, 1w, 1m"), status
     assert "candles_unavailable" in status
     page.close()
+
+
+# While window.shortTimeouts is set, a request's time limit is a hundredth of what the page asks for (30 s: 0.3 s).
+SHORT_TIMEOUTS = """const timeoutNow = AbortSignal.timeout;
+AbortSignal.timeout = (milliseconds) =>
+  timeoutNow.call(AbortSignal, milliseconds / (window.shortTimeouts ? 100 : 1));"""
+
+
+def test_a_hung_request_is_given_up_and_the_page_can_forecast_again(browser, site):
+    page = browser.new_page()
+    page.add_init_script(SHORT_TIMEOUTS)
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1d")  # the model read, which is shared, and the symbols are in
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    held = []
+    page.route("**/predictions", lambda route: held.append(route))  # never answered
+    page.evaluate("window.shortTimeouts = true")
+    forecast(page, "X:BTCUSDT", "1d")
+    status = page.text_content("#status")
+    assert status == "POST /predictions got no answer in 30 s: the API is slow or down. Try again.", status
+    assert "error" in page.get_attribute("#status", "class") and held
+    assert not page.is_disabled("#forecast") and page.get_attribute("#forecast", "aria-busy") == "false"
+    page.unroute("**/predictions")
+    page.evaluate("window.shortTimeouts = false")
+    page.press("#symbol", "Enter")
+    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    page.close()

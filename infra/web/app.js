@@ -7,6 +7,9 @@ const state = { drawn: false, candles: 0, expected: 0, reliability: { live: 0, b
 window.candlecast = state; // read by the browser test
 // An API Gateway 429 carries no Retry-After: wait a throttled route's refill (1/rate, 5 s at most by default).
 const DEFAULT_RETRY_SECONDS = 5;
+// A request unanswered after API Gateway's own integration limit (30 s) will not be answered: it is given up, so
+// a hung API cannot leave the page "forecasting…" for ever.
+const REQUEST_TIMEOUT_SECONDS = 30;
 
 // autoSize: each chart follows its box (a ResizeObserver), so a narrowed window narrows the chart with it.
 const priceChart = LWC.createChart($("chart"), {
@@ -85,10 +88,22 @@ class ApiError extends Error {
 }
 
 async function api(path, options) {
-  const response = await fetch(path, options);
   const route = `${options?.method || "GET"} ${path.split("?")[0]}`;
-  // Any body may be something other than JSON (a proxy's or a captive portal's HTML page).
-  const text = await response.text();
+  const timeout = AbortSignal.timeout(REQUEST_TIMEOUT_SECONDS * 1000);
+  const signal = options?.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
+  let response;
+  let text;
+  try {
+    response = await fetch(path, { ...options, signal });
+    // Any body may be something other than JSON (a proxy's or a captive portal's HTML page).
+    text = await response.text();
+  } catch (error) {
+    if (timeout.aborted && !options?.signal?.aborted) {
+      throw new ApiError(`${route} got no answer in ${REQUEST_TIMEOUT_SECONDS} s: the API is slow or down. ` +
+        "Try again.", undefined);
+    }
+    throw error;
+  }
   let body;
   try {
     body = JSON.parse(text);
