@@ -348,13 +348,16 @@ def test_the_charts_follow_the_window_as_it_is_resized(browser, site):
     page.goto(f"{site}/")
     forecast(page, "X:BTCUSDT", "1d")
     assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
-    for width in (700, 1280):
+    for width in (700, 375, 1000, 1280):  # 375: a phone's
         page.set_viewport_size({"width": width, "height": 900})
         page.wait_for_timeout(300)  # the resize observer redraws on the next frame
         seen = page.evaluate(CHART_WIDTHS)
-        assert seen["window"] == width
+        assert seen["page"] <= seen["window"] == width, seen  # nothing sticks out: no sideways scrolling
         for box, drawn in seen["charts"]:
             assert abs(box - drawn) <= 1, seen
+        if width == 375:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "forecast-page-375.png"), full_page=True)
     assert expected_candles_painted(page) > 200  # still drawn after the resizes
     page.close()
 
