@@ -343,6 +343,12 @@ CHART_WIDTHS = """() => ({
 })"""
 
 
+RECENT_IN_VIEW = """() => {
+  const range = window.candlecast.visibleRange;
+  return range ? Math.round(Math.min(range.to, 119) - Math.max(range.from, 0)) + 1 : 0;
+}"""
+
+
 def test_the_charts_follow_the_window_as_it_is_resized(browser, site):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{site}/")
@@ -355,6 +361,8 @@ def test_the_charts_follow_the_window_as_it_is_resized(browser, site):
         assert seen["page"] <= seen["window"] == width, seen  # nothing sticks out: no sideways scrolling
         for box, drawn in seen["charts"]:
             assert abs(box - drawn) <= 1, seen
+        # Every recent candle stays in view: the visible range is kept, not the bars' spacing.
+        assert page.evaluate(RECENT_IN_VIEW) == 120, width
         if width == 375:
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "forecast-page-375.png"), full_page=True)

@@ -16,11 +16,15 @@ const priceChart = LWC.createChart($("chart"), {
   autoSize: true,
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { color: "#f0f2f5" }, horzLines: { color: "#f0f2f5" } },
-  timeScale: { timeVisible: true, secondsVisible: false },
+  // A resize keeps the times in view (the 120 candles and the 30 expected), squeezing or spreading the bars.
+  timeScale: { timeVisible: true, secondsVisible: false, lockVisibleTimeRangeOnResize: true },
   // Logarithmic, at every timeframe: the bands are ratios of the price (at 1w and 1m the 95 % band reaches
   // 100x to 10,000x it), which a linear axis squeezes the candles under, past zero; on a log axis equal
   // ratios are equal distances, so the candles keep their shape and a band's width reads as a multiple.
   rightPriceScale: { borderVisible: false, mode: LWC.PriceScaleMode.Logarithmic },
+});
+priceChart.timeScale().subscribeVisibleLogicalRangeChange((range) => {
+  state.visibleRange = range && { from: range.from, to: range.to }; // bar indices in view, for the browser test
 });
 const recentSeries = priceChart.addSeries(LWC.CandlestickSeries, {
   upColor: "#26a69a", downColor: "#ef5350", wickUpColor: "#26a69a", wickDownColor: "#ef5350", borderVisible: false,
