@@ -422,7 +422,7 @@ AbortSignal.timeout = (milliseconds) =>
   timeoutNow.call(AbortSignal, milliseconds / (window.shortTimeouts ? 100 : 1));"""
 
 
-def test_a_hung_request_is_given_up_and_the_page_can_forecast_again(browser, site):
+def test_a_hung_or_unreachable_request_is_named_and_the_page_can_forecast_again(browser, site):
     page = browser.new_page()
     page.add_init_script(SHORT_TIMEOUTS)
     page.goto(f"{site}/")
@@ -438,6 +438,12 @@ def test_a_hung_request_is_given_up_and_the_page_can_forecast_again(browser, sit
     assert not page.is_disabled("#forecast") and page.get_attribute("#forecast", "aria-busy") == "false"
     page.unroute("**/predictions")
     page.evaluate("window.shortTimeouts = false")
+    # No answer at all (offline, a refused connection): fetch's bare "Failed to fetch" said nothing of what failed.
+    page.route("**/predictions", lambda route: route.abort("internetdisconnected"))
+    forecast(page, "X:BTCUSDT", "1d")
+    assert page.text_content("#status") == "could not reach the API (POST /predictions)"
+    assert not page.is_disabled("#forecast")
+    page.unroute("**/predictions")
     page.press("#symbol", "Enter")
     page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
     page.close()

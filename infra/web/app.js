@@ -106,6 +106,8 @@ async function api(path, options) {
       throw new ApiError(`${route} got no answer in ${REQUEST_TIMEOUT_SECONDS} s: the API is slow or down. ` +
         "Try again.", undefined);
     }
+    // fetch's TypeError ("Failed to fetch"): no answer at all (offline, DNS, a refused connection, CORS).
+    if (error instanceof TypeError) throw new ApiError(`could not reach the API (${route})`, undefined);
     throw error;
   }
   let body;
