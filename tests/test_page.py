@@ -7,6 +7,7 @@ with its track record. A screenshot of the drawn page is kept in .local/test-art
 
 import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import urlopen
@@ -112,6 +113,7 @@ def test_the_page_creates_a_forecast_and_draws_it(browser, site, clean_db):
         after = conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
     assert after == before + 1 and newest[1:] == ("X:BTCUSDT", "1h")
     assert str(newest[0]) in page.text_content("#status")
+    assert re.fullmatch(r"\d{1,3}(,\d{3})+\.\d\d", state["priceLabel"]), state  # thousands grouped, cents
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "forecast-page.png"), full_page=True)
@@ -330,4 +332,118 @@ def test_docs_is_powertools_swagger_ui_over_the_whole_api_offline(browser, site)
     assert page.locator(".opblock").count() == operations
     assert page.locator(".opblock-summary-path", has_text="/models/{timeframe}").count() == 1
     assert escaped == []
+    page.close()
+
+
+# Each chart's drawing (the table Lightweight Charts lays its canvases out in) against its box, and the page's width.
+CHART_WIDTHS = """() => ({
+  charts: ['chart', 'reliability'].map((id) => [document.getElementById(id).clientWidth,
+                                              document.querySelector(`#${id} table`).getBoundingClientRect().width]),
+  page: document.documentElement.scrollWidth, window: window.innerWidth,
+})"""
+
+
+RECENT_IN_VIEW = """() => {
+  const range = window.candlecast.visibleRange;
+  return range ? Math.round(Math.min(range.to, 119) - Math.max(range.from, 0)) + 1 : 0;
+}"""
+
+
+def test_the_charts_follow_the_window_as_it_is_resized(browser, site):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1d")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    for width in (700, 375, 1000, 1280):  # 375: a phone's
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(300)  # the resize observer redraws on the next frame
+        seen = page.evaluate(CHART_WIDTHS)
+        assert seen["page"] <= seen["window"] == width, seen  # nothing sticks out: no sideways scrolling
+        for box, drawn in seen["charts"]:
+            assert abs(box - drawn) <= 1, seen
+        # Every recent candle stays in view: the visible range is kept, not the bars' spacing.
+        assert page.evaluate(RECENT_IN_VIEW) == 120, width
+        if width == 375:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "forecast-page-375.png"), full_page=True)
+    assert expected_candles_painted(page) > 200  # still drawn after the resizes
+    page.close()
+
+
+def test_prices_under_a_cent_keep_their_digits(browser, site):
+    """X:BTTUSDT closes near 0.0036: with the default two decimals every price label read 0.00."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTTUSDT", "1d")
+    state = page.evaluate("window.candlecast")
+    assert state["drawn"] is True, page.text_content("#status")
+    assert 0 < state["lastClose"] < 0.01
+    label = state["priceLabel"]
+    assert abs(float(label) / state["lastClose"] - 1) < 1e-4, label
+    assert len(label.split(".")[1].lstrip("0")) >= 4, label  # 4 significant digits at least
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "forecast-page-under-a-cent.png"), full_page=True)
+    page.close()
+
+
+def test_a_symbols_timeframes_without_candles_are_disabled_and_a_refusal_names_those_it_has(browser, site):
+    """X:ETHUSD has only 1d, 1w and 1m candles in the sample, and the local stack no Polygon key: at the default 1h
+    the page showed the API's developer message (set POLYGON_API_KEY)."""
+    page = browser.new_page()
+    page.goto(f"{site}/")
+    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0")
+    disabled = "[...document.querySelectorAll('#timeframe option')].filter((o) => o.disabled).map((o) => o.value)"
+    page.fill("#symbol", "X:ETHUSD")
+    assert page.evaluate(disabled) == ["1h", "4h"]
+    assert page.input_value("#timeframe") == "1d"  # the 1h chosen before has no candles
+    page.fill("#symbol", "X:BTCUSDT")
+    assert page.evaluate(disabled) == []
+
+    # A request for a timeframe the symbol has no candles at (sent as a script could): the refusal says which
+    # timeframes it has, for a symbol typed in another form too.
+    page.fill("#symbol", "eth-usd")
+    assert page.evaluate(disabled) == ["1h", "4h"]
+    page.evaluate("""() => {
+        const option = document.querySelector('#timeframe option[value="4h"]');
+        option.disabled = false;
+        document.querySelector('#timeframe').value = '4h';
+        document.querySelector('#controls').requestSubmit();
+    }""")
+    page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=30_000)
+    status = page.text_content("#status")
+    assert status.startswith("X:ETHUSD has no 4h candles here; it can be forecast at 1d, 1w, 1m"), status
+    assert "candles_unavailable" in status
+    page.close()
+
+
+# While window.shortTimeouts is set, a request's time limit is a hundredth of what the page asks for (30 s: 0.3 s).
+SHORT_TIMEOUTS = """const timeoutNow = AbortSignal.timeout;
+AbortSignal.timeout = (milliseconds) =>
+  timeoutNow.call(AbortSignal, milliseconds / (window.shortTimeouts ? 100 : 1));"""
+
+
+def test_a_hung_or_unreachable_request_is_named_and_the_page_can_forecast_again(browser, site):
+    page = browser.new_page()
+    page.add_init_script(SHORT_TIMEOUTS)
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1d")  # the model read, which is shared, and the symbols are in
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    held = []
+    page.route("**/predictions", lambda route: held.append(route))  # never answered
+    page.evaluate("window.shortTimeouts = true")
+    forecast(page, "X:BTCUSDT", "1d")
+    status = page.text_content("#status")
+    assert status == "POST /predictions got no answer in 30 s: the API is slow or down. Try again.", status
+    assert "error" in page.get_attribute("#status", "class") and held
+    assert not page.is_disabled("#forecast") and page.get_attribute("#forecast", "aria-busy") == "false"
+    page.unroute("**/predictions")
+    page.evaluate("window.shortTimeouts = false")
+    # No answer at all (offline, a refused connection): fetch's bare "Failed to fetch" said nothing of what failed.
+    page.route("**/predictions", lambda route: route.abort("internetdisconnected"))
+    forecast(page, "X:BTCUSDT", "1d")
+    assert page.text_content("#status") == "could not reach the API (POST /predictions)"
+    assert not page.is_disabled("#forecast")
+    page.unroute("**/predictions")
+    page.press("#symbol", "Enter")
+    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
     page.close()

@@ -7,15 +7,24 @@ const state = { drawn: false, candles: 0, expected: 0, reliability: { live: 0, b
 window.candlecast = state; // read by the browser test
 // An API Gateway 429 carries no Retry-After: wait a throttled route's refill (1/rate, 5 s at most by default).
 const DEFAULT_RETRY_SECONDS = 5;
+// A request unanswered after API Gateway's own integration limit (30 s) will not be answered: it is given up, so
+// a hung API cannot leave the page "forecasting…" for ever.
+const REQUEST_TIMEOUT_SECONDS = 30;
 
+// autoSize: each chart follows its box (a ResizeObserver), so a narrowed window narrows the chart with it.
 const priceChart = LWC.createChart($("chart"), {
+  autoSize: true,
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { color: "#f0f2f5" }, horzLines: { color: "#f0f2f5" } },
-  timeScale: { timeVisible: true, secondsVisible: false },
+  // A resize keeps the times in view (the 120 candles and the 30 expected), squeezing or spreading the bars.
+  timeScale: { timeVisible: true, secondsVisible: false, lockVisibleTimeRangeOnResize: true },
   // Logarithmic, at every timeframe: the bands are ratios of the price (at 1w and 1m the 95 % band reaches
   // 100x to 10,000x it), which a linear axis squeezes the candles under, past zero; on a log axis equal
   // ratios are equal distances, so the candles keep their shape and a band's width reads as a multiple.
   rightPriceScale: { borderVisible: false, mode: LWC.PriceScaleMode.Logarithmic },
+});
+priceChart.timeScale().subscribeVisibleLogicalRangeChange((range) => {
+  state.visibleRange = range && { from: range.from, to: range.to }; // bar indices in view, for the browser test
 });
 const recentSeries = priceChart.addSeries(LWC.CandlestickSeries, {
   upColor: "#26a69a", downColor: "#ef5350", wickUpColor: "#26a69a", wickDownColor: "#ef5350", borderVisible: false,
@@ -35,6 +44,7 @@ const bands = {
 
 // Reliability: confidence on the horizontal axis (an options chart: numbers, not times), on a 0.01 grid.
 const reliabilityChart = LWC.createOptionsChart($("reliability"), {
+  autoSize: true,
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { visible: false }, horzLines: { color: "#f0f2f5" } },
   localization: { precision: 2, priceFormatter: (value) => value.toFixed(2) },
@@ -50,21 +60,56 @@ const liveDots = dots("#e65100");
 const backtestDots = dots("#455a64");
 diagonal.setData(Array.from({ length: 101 }, (_, i) => ({ time: i / 100, value: i / 100 })));
 
+// Prices from 0.00001 to 100,000: each label keeps up to PRICE_DIGITS significant digits (two decimals at least,
+// no trailing zeros past them, thousands grouped), so 0.0036 is not "0.00"; the axis' step (minMove) follows the last close's magnitude, or a
+// price under a cent gets no ticks at all.
+const PRICE_DIGITS = 5;
+const MAX_DECIMALS = 12;
+const decimalsFor = (price) => (Number.isFinite(price) && price > 0
+  ? Math.min(MAX_DECIMALS, Math.max(2, PRICE_DIGITS - 1 - Math.floor(Math.log10(price)))) : 2);
+const priceFormats = new Map();
+function formatPrice(price) {
+  const decimals = decimalsFor(Math.abs(price));
+  if (!priceFormats.has(decimals)) {
+    priceFormats.set(decimals, new Intl.NumberFormat("en-US",
+      { minimumFractionDigits: 2, maximumFractionDigits: decimals }));
+  }
+  return priceFormats.get(decimals).format(price);
+}
+function priceFormatFor(lastClose) {
+  return { type: "custom", formatter: formatPrice, minMove: 10 ** -decimalsFor(lastClose) };
+}
+const priceSeries = [recentSeries, expectedSeries, ...Object.values(bands)];
+
 const seconds = (iso) => Math.floor(Date.parse(iso) / 1000);
 const escape = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 class ApiError extends Error {
-  constructor(message, status, retryAfter) {
+  constructor(message, status, retryAfter, code) {
     super(message);
-    Object.assign(this, { status, retryAfter });
+    Object.assign(this, { status, retryAfter, code });
   }
 }
 
 async function api(path, options) {
-  const response = await fetch(path, options);
   const route = `${options?.method || "GET"} ${path.split("?")[0]}`;
-  // Any body may be something other than JSON (a proxy's or a captive portal's HTML page).
-  const text = await response.text();
+  const timeout = AbortSignal.timeout(REQUEST_TIMEOUT_SECONDS * 1000);
+  const signal = options?.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
+  let response;
+  let text;
+  try {
+    response = await fetch(path, { ...options, signal });
+    // Any body may be something other than JSON (a proxy's or a captive portal's HTML page).
+    text = await response.text();
+  } catch (error) {
+    if (timeout.aborted && !options?.signal?.aborted) {
+      throw new ApiError(`${route} got no answer in ${REQUEST_TIMEOUT_SECONDS} s: the API is slow or down. ` +
+        "Try again.", undefined);
+    }
+    // fetch's TypeError ("Failed to fetch"): no answer at all (offline, DNS, a refused connection, CORS).
+    if (error instanceof TypeError) throw new ApiError(`could not reach the API (${route})`, undefined);
+    throw error;
+  }
   let body;
   try {
     body = JSON.parse(text);
@@ -89,7 +134,7 @@ async function api(path, options) {
       `Try again in ${wait} s.`, 429, wait);
   }
   throw new ApiError(`HTTP ${response.status}${reason ? ` ${reason}` : ` ${response.statusText}`}`.trimEnd(),
-    response.status);
+    response.status, undefined, body?.error?.code);
 }
 
 // A timeframe's model and track record, once per page load (the model changes only on a deploy); a failed
@@ -145,6 +190,51 @@ function showModel(record) {
       "predictions made after it."
     : "";
   $("model-note").textContent = drift + period + sample;
+}
+
+// What GET /symbols/top says of each symbol: the timeframes with stored candles (candle_timeframes), and whether
+// others are fetched from Polygon (fetchable). Without a key, only the stored ones can be forecast.
+const symbolInfo = new Map();
+// The API's own normalisation (candlecast.tickers): x:eth-usd, ETH/USD and ETHUSD all name X:ETHUSD.
+const canonical = (raw) => `X:${raw.trim().toUpperCase().replace(/^X:/, "").replace(/[-/_]/g, "")}`;
+const timeframeSelect = $("timeframe");
+const TIMEFRAME_NAMES = new Map([...timeframeSelect.options].map((option) => [option.value, option.textContent]));
+
+function availableTimeframes(info) {
+  return info && !info.fetchable ? info.candle_timeframes : null; // null: every timeframe may be asked for
+}
+
+function showTimeframes() {
+  // The symbol's timeframes without candles are disabled (and say so); a disabled choice moves to the first one
+  // that has them.
+  const symbol = canonical($("symbol").value);
+  const available = availableTimeframes(symbolInfo.get(symbol));
+  for (const option of timeframeSelect.options) {
+    const missing = available !== null && !available.includes(option.value);
+    option.disabled = missing;
+    option.textContent = TIMEFRAME_NAMES.get(option.value) + (missing ? " (no candles)" : "");
+  }
+  if (timeframeSelect.selectedOptions[0]?.disabled) {
+    const first = [...timeframeSelect.options].find((option) => !option.disabled);
+    if (first) timeframeSelect.value = first.value;
+  }
+}
+
+async function unavailableMessage(symbol, timeframe, error) {
+  // A forecast refused for want of candles names the timeframes this symbol has (asking the API when the symbol
+  // is not in the list).
+  let info = symbolInfo.get(canonical(symbol));
+  if (!info) {
+    try {
+      info = await api(`/symbols/${encodeURIComponent(symbol)}`);
+    } catch {
+      return error.message;
+    }
+  }
+  const stored = info.candle_timeframes || [];
+  return `${info.ticker} has no ${timeframe} candles here` +
+    (stored.length ? `; it can be forecast at ${stored.join(", ")}` : "; it has no stored candles at any timeframe") +
+    ` (${error.message})`;
 }
 
 const CHART_TITLE = $("chart-title").textContent;
@@ -223,6 +313,9 @@ async function forecast(event) {
     const candles = await api(
       `/local/candles?symbol=${encodeURIComponent(prediction.ticker)}&timeframe=${timeframe}&limit=120`, { signal });
     signal.throwIfAborted();
+    const lastClose = candles.candles.at(-1)?.close ?? prediction.steps[0]?.close;
+    const priceFormat = priceFormatFor(lastClose);
+    for (const series of priceSeries) series.applyOptions({ priceFormat });
     recentSeries.setData(candles.candles);
     expectedSeries.setData(prediction.steps.map((step) => ({
       time: seconds(step.ts), open: step.open, high: step.high, low: step.low, close: step.close,
@@ -239,14 +332,17 @@ async function forecast(event) {
     Object.assign(state, {
       drawn: true, candles: candles.candles.length, expected: prediction.steps.length,
       priceScaleMode: priceChart.priceScale("right").options().mode,
+      lastClose, priceLabel: recentSeries.priceFormatter().format(lastClose),
     });
     status.textContent = `prediction ${prediction.id}`;
     showBusy(false);
   } catch (error) {
     if (signal.aborted) return; // a later forecast owns the page
+    const message = error.code === "candles_unavailable"
+      ? await unavailableMessage(symbol, timeframe, error) : String(error.message || error);
+    if (signal.aborted) return;
     clearForecast();
     status.className = "error";
-    const message = String(error.message || error);
     status.textContent = created ? `prediction ${created} was stored but cannot be drawn: ${message}` : message;
     showBusy(false);
     if (error.status === 429) holdOff(error.retryAfter);
@@ -258,6 +354,8 @@ async function forecast(event) {
 async function fillSymbols() {
   try {
     const top = await api("/symbols/top?limit=100");
+    for (const symbol of top) symbolInfo.set(symbol.ticker, symbol);
+    showTimeframes();
     $("symbols").innerHTML = top.map((symbol) => `<option value="${escape(symbol.ticker)}">${escape(symbol.name)}</option>`).join("");
   } catch (error) {
     $("status").textContent = `symbols: ${error.message}`;
@@ -265,4 +363,5 @@ async function fillSymbols() {
 }
 
 $("controls").addEventListener("submit", forecast);
+$("symbol").addEventListener("input", showTimeframes);
 fillSymbols();
