@@ -1,11 +1,16 @@
 # candlecast — the two set-up commands are `make run` and `make test`.
 SHELL := /bin/bash
-# The dev venv runs the Lambda runtime's Python (3.12, found as PY312_BIN below) with the layers' pins, so the suite
-# tests the numpy and pyarrow that ship; without a 3.12 it falls back to python3 and the newest that fit.
+# The Lambda runtime's Python: the dev venv's, sam build's and the artifact check's.
+PY312_BIN := $(shell for p in "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
+	"$$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$$(command -v python3.12)"; do \
+	"$$p" -c '' 2>/dev/null && { dirname "$$p"; break; }; done)
+# The dev venv runs it with the layers' pins, so the suite tests the numpy and pyarrow that ship; without a 3.12 it
+# falls back to python3 and the newest that fit.
 PYTHON ?= $(if $(PY312_BIN),$(PY312_BIN)/python3.12,python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Named after its Python: a venv installed by another (3.11 before 2026-12-06) is made again.
+STAMP := $(VENV)/.installed-$(notdir $(PYTHON))
 LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
@@ -73,9 +78,6 @@ clean:
 ## Template checks (template.yaml): cfn-lint, sam validate --lint, checkov on the translated template,
 ## sam build for arm64 without Docker, native-code and 250 MB size checks. SAM CLI and checkov pin
 ## boto3 and friends, so each gets its own venv under .local/, from the `sam` / `checkov` extras.
-PY312_BIN := $(shell for p in "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
-	"$$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$$(command -v python3.12)"; do \
-	"$$p" -c '' 2>/dev/null && { dirname "$$p"; break; }; done)
 SAM_VENV := .local/sam-venv
 CHECKOV_VENV := .local/checkov-venv
 QA_VENV := .local/qa-venv
