@@ -36,8 +36,9 @@ Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1..100")]
 Cursor = Annotated[Annotated[str, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})] | None, Query(
     description="X-Next-Cursor of the previous page, as it is; one that is not valid for this list or this release "
                 "is 400 invalid_cursor: start the list again without a cursor")]
-Ticker = Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd", json_schema_extra={
-    "pattern": TICKER_PATTERN, "minLength": 2, "maxLength": MAX_TICKER_LENGTH})]
+Ticker = Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd", examples=["X:BTCUSDT"],
+                             json_schema_extra={"pattern": TICKER_PATTERN, "minLength": 2,
+                                                "maxLength": MAX_TICKER_LENGTH})]
 
 
 @app.get("/symbols", operation_id="search_symbols", summary="Search symbols by ticker prefix or name",

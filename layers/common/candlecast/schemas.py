@@ -160,8 +160,9 @@ class PredictionRequest(Schema):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     symbol: str = Field(..., min_length=1, max_length=MAX_TICKER_LENGTH, json_schema_extra={"pattern": TICKER_PATTERN},
-                        description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd")
-    timeframe: Timeframe = Field(..., description="1h, 4h, 1d, 1w or 1m (1m = one calendar month)")
+                        description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd", examples=["X:BTCUSDT"])
+    timeframe: Timeframe = Field(..., description="1h, 4h, 1d, 1w or 1m (1m = one calendar month)",
+                                 examples=["1d"])
 
     @field_validator("symbol")
     @classmethod
