@@ -230,9 +230,9 @@ def test_only_the_latest_forecast_is_drawn_when_an_earlier_answer_comes_late(bro
     page.wait_for_timeout(300)
     page.select_option("#timeframe", "1d")
     page.evaluate("document.querySelector('#controls').requestSubmit()")
-    page.wait_for_function("document.querySelector('#chart-title').textContent.includes(' 1d:')", timeout=30_000)
+    page.wait_for_function("document.querySelector('#chart-title').textContent.includes(' 1d (UTC):')", timeout=30_000)
     page.wait_for_timeout(4_000)  # past the 1h answer
-    assert " 1d:" in page.text_content("#chart-title"), page.text_content("#chart-title")
+    assert " 1d (UTC):" in page.text_content("#chart-title"), page.text_content("#chart-title")
     assert "1d" in page.text_content("#model-title") and "1h" not in page.text_content("#model-title")
     assert page.evaluate("window.candlecast.drawn") is True and "error" not in (page.get_attribute("#status", "class")
                                                                                 or "")
@@ -457,4 +457,29 @@ def test_a_hung_or_unreachable_request_is_named_and_the_page_can_forecast_again(
     page.unroute("**/predictions")
     page.press("#symbol", "Enter")
     page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    page.close()
+
+
+def test_a_refused_symbol_list_says_so_and_is_asked_for_again(browser, site):
+    """The first GET /symbols/top is turned away as API Gateway's throttle does (429, no Retry-After): the page
+    shows it as an error and asks again after the default wait, and loads without a console error."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    refused: list[str] = []
+
+    def throttle_once(route):
+        if refused:
+            return route.continue_()
+        refused.append(route.request.url)
+        return route.fulfill(status=429, content_type="application/json", body='{"message":"Too Many Requests"}')
+
+    page.route("**/symbols/top*", throttle_once)
+    page.goto(f"{site}/")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('symbols:')", timeout=10_000)
+    assert page.get_attribute("#status", "class") == "error"
+    assert "Asking again in 5 s" in page.text_content("#status")
+    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0", timeout=15_000)
+    assert page.text_content("#status") == "" and len(refused) == 1
+    assert errors == ["Failed to load resource: the server responded with a status of 429 (Too Many Requests)"]
     page.close()

@@ -323,10 +323,12 @@ async function forecast(event) {
     for (const [name, series] of Object.entries(bands)) {
       series.setData(prediction.steps.map((step) => ({ time: seconds(step.ts), value: step[name] })));
     }
+    // Times of day only where bars have them; every time is UTC (the chart's title says so).
+    priceChart.applyOptions({ timeScale: { timeVisible: timeframe === "1h" || timeframe === "4h" } });
     priceChart.timeScale().fitContent();
     showModel(record);
     $("chart-title").textContent =
-      `${prediction.ticker} ${timeframe}: ${candles.candles.length} recent candles and 30 expected from ` +
+      `${prediction.ticker} ${timeframe} (UTC): ${candles.candles.length} recent candles and 30 expected from ` +
       `${prediction.last_candle_at}` +
       (prediction.stale ? ` (stale: ${prediction.data_age_bars} newer candles had closed when it was made)` : "");
     Object.assign(state, {
@@ -351,14 +353,22 @@ async function forecast(event) {
   }
 }
 
+// A failed symbol list (a 429, a 503) is asked for again after the wait it names, or 5 s, with the wait on screen.
 async function fillSymbols() {
+  const status = $("status");
   try {
     const top = await api("/symbols/top?limit=100");
     for (const symbol of top) symbolInfo.set(symbol.ticker, symbol);
     showTimeframes();
     $("symbols").innerHTML = top.map((symbol) => `<option value="${escape(symbol.ticker)}">${escape(symbol.name)}</option>`).join("");
+    if (status.dataset.symbols) Object.assign(status, { className: "", textContent: "" });
+    delete status.dataset.symbols;
   } catch (error) {
-    $("status").textContent = `symbols: ${error.message}`;
+    const wait = error.retryAfter || DEFAULT_RETRY_SECONDS;
+    status.className = "error";
+    status.dataset.symbols = "failed";
+    status.textContent = `symbols: ${error.message} Asking again in ${wait} s.`;
+    setTimeout(fillSymbols, wait * 1000);
   }
 }
 
