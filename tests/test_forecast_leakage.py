@@ -85,7 +85,8 @@ def calendar_walk(seed: int, start: int, timeframe: str, count: int = 108) -> Ca
     from candlecast.timeframes import nominal_seconds
 
     if timeframe == "1m":
-        bars = np.arange(np.datetime64("2012-01"), np.datetime64("2012-01") + count).astype("datetime64[s]")
+        bars = np.arange(np.datetime64("2012-01"), np.datetime64("2012-01") + np.timedelta64(count, "M")).astype(
+            "datetime64[s]")
     else:
         bars = (np.datetime64("2012-01-02T00:00:00")
                 + np.arange(count) * np.timedelta64(int(nominal_seconds(timeframe)), "s"))
