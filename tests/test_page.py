@@ -444,7 +444,8 @@ def test_a_hung_or_unreachable_request_is_named_and_the_page_can_forecast_again(
     page.evaluate("window.shortTimeouts = true")
     forecast(page, "X:BTCUSDT", "1d")
     status = page.text_content("#status")
-    assert status == "POST /predictions got no answer in 30 s: the API is slow or down. Try again.", status
+    assert status == ("POST /predictions got no answer in 30 s: the API is slow or down. It may still have been "
+                      "stored. Try again."), status
     assert "error" in page.get_attribute("#status", "class") and held
     assert not page.is_disabled("#forecast") and page.get_attribute("#forecast", "aria-busy") == "false"
     page.unroute("**/predictions")

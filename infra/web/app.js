@@ -103,8 +103,10 @@ async function api(path, options) {
     text = await response.text();
   } catch (error) {
     if (timeout.aborted && !options?.signal?.aborted) {
-      throw new ApiError(`${route} got no answer in ${REQUEST_TIMEOUT_SECONDS} s: the API is slow or down. ` +
-        "Try again.", undefined);
+      // A POST given up on may still finish on the server: say so, as the answer never told.
+      const maybeStored = options?.method === "POST" ? " It may still have been stored." : "";
+      throw new ApiError(`${route} got no answer in ${REQUEST_TIMEOUT_SECONDS} s: the API is slow or down.` +
+        `${maybeStored} Try again.`, undefined);
     }
     // fetch's TypeError ("Failed to fetch"): no answer at all (offline, DNS, a refused connection, CORS).
     if (error instanceof TypeError) throw new ApiError(`could not reach the API (${route})`, undefined);

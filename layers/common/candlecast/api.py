@@ -39,7 +39,10 @@ metrics = function_metrics()
 MAX_BODY_BYTES = 16 * 1024
 API_DESCRIPTION = (
     "Crypto price forecasts: 30 expected candles with calibrated intervals. "
-    "Timeframes: 1h, 4h, 1d, 1w and 1m, where 1m is one calendar month."
+    "Timeframes: 1h, 4h, 1d, 1w and 1m, where 1m is one calendar month. "
+    "Read answers tolerantly: fields may be added, and enumerated response fields (status, kind, error codes) may "
+    "gain values, which a client should treat as 'other' rather than fail on; page cursors are opaque, and one "
+    "from an older release is 400 invalid_cursor (start the list again)."
 )
 
 
