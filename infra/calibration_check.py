@@ -29,7 +29,8 @@ calibration blocks scored here (a pass's training coins) are the other passes' o
 made on the pooled scores is in-sample for the walk-forward's figures; one made per pass (below) is not.
 
 With `--per-pass`, every score is also printed per coin-group pass, with the variant the plan's rule picks from
-that pass's scores alone and its overrides of the plan: a choice made without the pass's held-out coins, which
+that pass's scores alone (`choice_verdict`: the tie and a noise test over calendar batches) and its overrides of the
+plan: a choice made without the pass's held-out coins, which
 `train.PASS_CHOICES` keeps for the walk-forward to fit that pass with (nested in coins; not in time, as each pass's
 folds here reach the end of the data on its training coins).
 
@@ -49,7 +50,7 @@ from dataclasses import replace
 import numpy as np
 
 from candlecast.forecast import train as T
-from candlecast.forecast.comparison import batch_length, batch_t_delta
+from candlecast.forecast.comparison import batch_jackknife, batch_length, batch_t_delta
 from candlecast.forecast.evaluate import (
     RELIABILITY_MIN_SHARE,
     build_origins,
@@ -65,7 +66,8 @@ from candlecast.timeframes import nominal_seconds
 from infra.local_stack import SHARED_OHLCV
 
 WEIGHTS = {"block": None, "history": np.inf, "decay 2y": 2.0, "decay 1y": 1.0, "decay 0.5y": 0.5}  # half-lives
-# The rules the plans' choices were made by: a gain under these keeps the plan's variant.
+# The table's and the map's rules (`choice_verdict`): a gain under these, or one whose interval reaches 0, keeps the
+# plan's variant. The plans were chosen by the ties alone (pooled, `pick`); the noise test came later (2026-12-06).
 COVERAGE_TIE, LOG_LOSS_TIE = 0.001, 0.0005
 # A configuration field's challenger replaces the base value only where its paired gain in `combined`'s pin5 is at
 # least CONFIG_TIE and its 95 % interval (the scorecard's batch t over calendar batches, on the same scored pairs)
@@ -80,10 +82,82 @@ def weights(times: np.ndarray, variant: str) -> np.ndarray:
 
 
 def coverage(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(known pairs, cov80, cov95) per horizon."""
+    return fold_coverage(batch_coverage(q, z, np.zeros(len(z), dtype=np.int64)))
+
+
+def batch_coverage(q: np.ndarray, z: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(batches, known pairs, hits of the 80 % band, hits of the 95 % band): a row per batch of `batch` (n,), a
+    column per horizon."""
     known = np.isfinite(z)
-    count = np.maximum(known.sum(0), 1)
-    inside = [np.where(known, (q[..., lo] <= z) & (z <= q[..., up]), False).sum(0) / count for lo, up in INTERVALS[:2]]
-    return known.sum(0), inside[1], inside[0]
+    hit95, hit80 = (np.where(known, (q[..., lo] <= z) & (z <= q[..., up]), False) for lo, up in INTERVALS[:2])
+    ids, row = np.unique(batch, return_inverse=True)
+    sums = [np.zeros((len(ids), z.shape[1])) for _ in range(3)]
+    for total, values in zip(sums, (known, hit80, hit95), strict=True):
+        np.add.at(total, row, values)
+    return ids, *sums
+
+
+def fold_coverage(batches: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`coverage` of a fold from its `batch_coverage`."""
+    _, known, hit80, hit95 = (values.sum(0) for values in batches)
+    count = np.maximum(known, 1)
+    return known, hit80 / count, hit95 / count
+
+
+def coverage_by_batch(folds: list) -> list[np.ndarray]:
+    """A variant's folds (`batch_coverage` each) as [known pairs, hits 80, hits 95], arrays (batch, fold, horizon)
+    over the union of their batches."""
+    ids = np.unique(np.concatenate([fold[0] for fold in folds]))
+    arrays = [np.zeros((len(ids), len(folds), folds[0][1].shape[1])) for _ in range(3)]
+    for j, (batches, *sums) in enumerate(folds):
+        for array, values in zip(arrays, sums, strict=True):
+            array[np.searchsorted(ids, batches), j] = values
+    return arrays
+
+
+def coverage_error(totals: list[np.ndarray]) -> float:
+    """`coverage_sum` from [known pairs, hits 80, hits 95] totals (fold, horizon)."""
+    known, hit80, hit95 = totals
+    seen = known > 0
+    return float(sum(np.abs(hits[seen] / known[seen] - level).mean() for hits, level in ((hit80, 0.8), (hit95, 0.95))))
+
+
+def log_loss_by_batch(p: np.ndarray, y: np.ndarray, batch: np.ndarray) -> list[np.ndarray]:
+    """[summed log loss, pairs] per batch of `batch`."""
+    ids, row = np.unique(batch, return_inverse=True)
+    return [np.bincount(row, pair_log_loss(p, y), len(ids)), np.bincount(row, minlength=len(ids)).astype(float)]
+
+
+def mean_log_loss(totals: list[np.ndarray]) -> float:
+    return float(totals[0] / totals[1])
+
+
+def calendar_batch(times: np.ndarray, first: float, tf: str) -> np.ndarray:
+    """Each time's batch of calendar time: consecutive runs of `batch_length` bars from `first` on."""
+    bar_seconds = nominal_seconds(tf)
+    return np.rint((times - first) / bar_seconds).astype(np.int64) // batch_length(bar_seconds)
+
+
+def choice_verdict(per_batch: dict[str, list[np.ndarray]], score, current: str, tie: float) -> tuple[str, str]:
+    """The plan's rule (`pick`) with a noise test: the lowest-`score` variant replaces `current` (the plan's) only
+    where it scores at least `tie` lower and that gain's 95 % interval (`batch_jackknife` over the calendar batches of
+    `per_batch`, every variant's arrays on the same batches) lies above 0. (choice, why)."""
+    scores = {name: score([values.sum(0) for values in arrays]) for name, arrays in per_batch.items()}
+    best = min(scores, key=scores.get)
+    if current not in scores or best == current:
+        return best, "the plan's variant scores lowest" if best == current else "the plan's variant was not scored"
+    parts = len(per_batch[current])
+    gain = batch_jackknife(lambda totals: score(totals[:parts]) - score(totals[parts:]),
+                           [*per_batch[current], *per_batch[best]])
+    interval = gain["ci95"]
+    span = "no interval" if interval is None else f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
+    found = f"{best} scores {gain['value']:.4f} lower {span} over {gain['batches']} calendar batches"
+    if gain["value"] < tie:
+        return current, f"{found}: keeps the plan's, gain under {tie}"
+    if interval is None or interval[0] <= 0:
+        return current, f"{found}: keeps the plan's, the gain is within its noise"
+    return best, f"{found}: takes it"
 
 
 def confidence_design(raw: np.ndarray, h: np.ndarray, kind: str, recent: np.ndarray) -> np.ndarray:
@@ -166,6 +240,7 @@ def main() -> None:
     maps = {(kind, data): [] for kind in ("platt", "platt + ln h", "platt per h", "recent/h", "recent/h + ln h",
                                           "beta") for data in ("history", "block")}
     recent = recent_event_logit(origins, config)
+    first = float(origins.time.min())
     garch_maps = {(kind, data): [] for kind in ("platt", "platt + ln h") for data in ("history", "block")}
     groups = [group[origins.series] for group in T.coin_groups(loaded, plan.coin_groups)]
     if plan.learned and args.trees:
@@ -188,7 +263,7 @@ def main() -> None:
         at_train = np.broadcast_to(table, (len(train), *table.shape))
         for variant in WEIGHTS:
             q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, variant))))
-            cover[variant].append((number, coverage(q[None], z_cal)))
+            cover[variant].append((number, batch_coverage(q[None], z_cal, calendar_batch(cal.time, first, tf))))
         q = T.monotone_spread(widen(table, T.conformal_offsets(at_train, z_train, weights(train.time, "history"))))
         pairs = []
         for block, factor, x in ((train, f_train, recent[in_train]), (cal, f_cal, recent[in_cal])):
@@ -199,7 +274,7 @@ def main() -> None:
                           np.broadcast_to(HORIZONS, known.shape)[known],
                           np.broadcast_to(block.time[:, None], known.shape)[known],
                           np.broadcast_to(x[:, None], known.shape)[known]))
-        (r0, y0, h0, t0, x0), (r1, y1, h1, _, x1) = pairs
+        (r0, y0, h0, t0, x0), (r1, y1, h1, t1, x1) = pairs
         for kind, data in maps:
             p = np.empty(len(r1))
             for fit_at, score_at in per_horizon(h0, h1) if kind == "platt per h" else [(slice(None), slice(None))]:
@@ -208,28 +283,34 @@ def main() -> None:
                                           T.platt_targets(y0[fit_at], weight), weight)
                 p[score_at] = 1 / (1 + np.exp(-confidence_design(r1[score_at], h1[score_at], kind, x1[score_at])
                                               @ theta))
-            maps[kind, data].append((number, (p, y1, h1)))
+            maps[kind, data].append((number, (p, y1, h1, calendar_batch(t1, first, tf))))
         if args.garch:
             garch_map_check(tf, train, cal, q, volatility, garch_maps)
     for number in [None, *(range(1, len(groups) + 1) if args.per_pass else [])]:
         where = "all passes" if number is None else f"pass {number} (its own training coins only)"
         print(f"{tf}, {where}: baseline offsets from the training block, scored on each fold's calibration block")
-        chosen = {}
+        chosen, by_batch = {}, {}
         for variant, folds in cover.items():
-            chosen[variant] = coverage_sum([f for n, f in folds if number in (None, n)])
-            print(f"  {variant:10s} {coverage_scores([f for n, f in folds if number in (None, n)])}")
-        print(f"  rule picks: {pick(chosen, table_variant(plan), COVERAGE_TIE)} (plan: {table_variant(plan)})")
+            here = [f for n, f in folds if number in (None, n)]
+            chosen[variant], by_batch[variant] = coverage_sum(list(map(fold_coverage, here))), coverage_by_batch(here)
+            print(f"  {variant:10s} {coverage_scores(list(map(fold_coverage, here)))}")
+        table, why = choice_verdict(by_batch, coverage_error, table_variant(plan), COVERAGE_TIE)
+        print(f"  rule picks: {table} (plan: {table_variant(plan)}; the tie alone: "
+              f"{pick(chosen, table_variant(plan), COVERAGE_TIE)})  {why}")
         print(f"{tf}, {where}: confidence maps fitted on the training block, scored on each calibration block")
-        losses = {}
+        losses, plain = {}, {}
         for (kind, data), folds in maps.items():
-            p, y, h = (np.concatenate([f[i] for n, f in folds if number in (None, n)]) for i in range(3))
+            p, y, h, batch = (np.concatenate([f[i] for n, f in folds if number in (None, n)]) for i in range(4))
             losses[f"{kind} on {data}"] = log_loss(p, y)
+            if kind in ("platt", "platt + ln h"):
+                plain[f"{kind} on {data}"] = log_loss_by_batch(p, y, batch)
             print(f"  {kind:15s} on {data:8s} {confidence_scores(p, y)}  {horizon_scores(p, y, h)}")
-        plain = {key: value for key, value in losses.items() if key.split(" on ")[0] in ("platt", "platt + ln h")}
-        chosen_map = pick(plain, map_variant(plan), LOG_LOSS_TIE)
-        print(f"  rule picks (Platt, with or without ln h): {chosen_map} (plan: {map_variant(plan)})")
+        chosen_map, why = choice_verdict(plain, mean_log_loss, map_variant(plan), LOG_LOSS_TIE)
+        tie_alone = pick({key: losses[key] for key in plain}, map_variant(plan), LOG_LOSS_TIE)
+        print(f"  rule picks (Platt, with or without ln h): {chosen_map} (plan: {map_variant(plan)}; the tie alone: "
+              f"{tie_alone})  {why}")
         if number is not None:
-            choice = overrides(plan, pick(chosen, table_variant(plan), COVERAGE_TIE), chosen_map)
+            choice = overrides(plan, table, chosen_map)
             print(f"  pass {number}'s overrides of the plan (`train.PASS_CHOICES`): {choice}")
     if args.per_pass:
         print(f"{tf}: candles_fingerprint of the data before the holdout: {T.candles_fingerprint(loaded)}")
@@ -270,8 +351,12 @@ def garch_map_check(tf: str, train, cal, q: np.ndarray, volatility: dict, scores
         scores[kind, data].append((confidence[known], hit[known].astype(float)))
 
 
+def pair_log_loss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return -(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1)))
+
+
 def log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.mean(y * np.log(np.clip(p, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-9, 1))))
+    return float(pair_log_loss(p, y).mean())
 
 
 def confidence_scores(p: np.ndarray, y: np.ndarray) -> str:

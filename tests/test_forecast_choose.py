@@ -88,6 +88,68 @@ def test_the_configuration_rule_keeps_the_base_without_enough_calendar_batches_f
     assert verdict["delta"] > 0.04 and verdict["ci95"] is None and not verdict["takes"]
 
 
+def test_the_batch_jackknife_of_a_mean_of_equal_batches_is_the_t_interval_of_the_batch_means():
+    from scipy import stats
+
+    from candlecast.forecast.comparison import batch_jackknife
+
+    means = np.random.default_rng(3).normal(0.5, 0.1, size=12)
+    result = batch_jackknife(lambda totals: totals[0] / totals[1], [means * 40, np.full(12, 40.0)])
+    half = stats.t.ppf(0.975, 11) * means.std(ddof=1) / np.sqrt(12)
+    assert result["value"] == pytest.approx(means.mean())
+    assert result["ci95"] == pytest.approx([means.mean() - half, means.mean() + half])
+    assert batch_jackknife(lambda totals: totals[0].sum(), [np.ones((1, 3))])["ci95"] is None
+
+
+def log_loss_batches(gain: float, noise: float, batches: int, seed: int = 0) -> dict:
+    """Two confidence maps' [summed log loss, pairs] over `batches` calendar batches: the challenger's loss is `gain`
+    lower on average, with batch-to-batch noise of size `noise` in the difference."""
+    rng = np.random.default_rng(seed)
+    pairs = np.full(batches, 500.0)
+    base = rng.uniform(0.3, 0.5, batches)
+    challenger = base - gain + rng.normal(0, noise, batches)
+    return {"platt + ln h on history": [base * pairs, pairs], "platt on history": [challenger * pairs, pairs]}
+
+
+def test_the_plans_calibration_choice_takes_another_variant_only_beyond_its_own_noise():
+    """`calibration_check.choice_verdict`: a steady gain over the tie takes; the same gain behind batch-to-batch noise
+    many times its size keeps the plan's variant, and so does a steady gain under the tie, or a single batch (no interval)."""
+    from infra.calibration_check import LOG_LOSS_TIE, choice_verdict, mean_log_loss
+
+    plan = "platt + ln h on history"
+    steady, why = choice_verdict(log_loss_batches(0.002, 0.0005, 20), mean_log_loss, plan, LOG_LOSS_TIE)
+    assert steady == "platt on history" and why.endswith("takes it")
+    noisy, why = choice_verdict(log_loss_batches(0.002, 0.02, 20), mean_log_loss, plan, LOG_LOSS_TIE)
+    assert noisy == plan and "within its noise" in why
+    tied, why = choice_verdict(log_loss_batches(0.0002, 0.00001, 20), mean_log_loss, plan, LOG_LOSS_TIE)
+    assert tied == plan and "under" in why
+    assert choice_verdict(log_loss_batches(0.01, 0.0, 1), mean_log_loss, plan, LOG_LOSS_TIE)[0] == plan
+
+
+def test_the_coverage_error_by_batch_is_the_coverage_sum_of_the_folds():
+    """The table's choice scores variants by `coverage_sum` over folds; its per-batch form adds up to the same."""
+    from infra.calibration_check import (
+        batch_coverage,
+        coverage,
+        coverage_by_batch,
+        coverage_error,
+        coverage_sum,
+        fold_coverage,
+    )
+
+    rng = np.random.default_rng(8)
+    folds = []
+    for start in (0, 7):
+        z = rng.standard_normal((90, 30))
+        z[rng.random(z.shape) < 0.1] = np.nan
+        q = np.broadcast_to(np.array([-1.96, -1.28, -0.67, 0, 0.67, 1.28, 1.96]), (90, 30, 7))
+        batches = batch_coverage(q, z, start + np.arange(90) // 30)
+        assert all(np.allclose(a, b) for a, b in zip(fold_coverage(batches), coverage(q, z), strict=True))
+        folds.append(batches)
+    totals = [array.sum(0) for array in coverage_by_batch(folds)]
+    assert coverage_error(totals) == pytest.approx(coverage_sum([fold_coverage(fold) for fold in folds]))
+
+
 def test_the_pair_key_tells_every_pass_fold_series_and_time_apart():
     from infra.calibration_check import pair_key
 

@@ -73,6 +73,25 @@ def batch_t_delta(loss_model: np.ndarray, loss_peer: np.ndarray, bars: np.ndarra
     return result | {"ci95": [delta - half, delta + half]}
 
 
+def batch_jackknife(statistic, per_batch: list[np.ndarray]) -> dict:
+    """`statistic` of the totals of `per_batch` (arrays (q, ...) on the same q batches of calendar time) with a 95 %
+    delete-one-batch jackknife interval, θ ± t(q − 1, 0.975)·√((q − 1)/q·Σ(θ_(g) − θ̄)²) with θ_(g) the statistic
+    without batch g: `batch_t_delta`'s clusters and degrees of freedom for a statistic that is no ratio of sums (a
+    mean |coverage − nominal| over folds and horizons). For a mean of equal batches it is the t interval of the batch
+    means. Below MIN_BATCHES, `ci95` is None."""
+    from scipy import stats
+
+    totals = [values.sum(axis=0) for values in per_batch]
+    value = float(statistic(totals))
+    q = len(per_batch[0])
+    if q < MIN_BATCHES:
+        return {"value": value, "ci95": None, "batches": q}
+    left_out = np.array([statistic([total - values[g] for total, values in zip(totals, per_batch, strict=True)])
+                         for g in range(q)])
+    half = float(stats.t.ppf(0.975, q - 1) * np.sqrt((q - 1) / q * np.sum(np.square(left_out - left_out.mean()))))
+    return {"value": value, "ci95": [value - half, value + half], "batches": q}
+
+
 def _block_sums(per_bar: list[np.ndarray], block_bars: int, reps: int, seed: int) -> tuple[list[np.ndarray], int,
                                                                                              int]:
     """Circular block bootstrap of per-bar sums: (per array its resampled totals (reps, ...), blocks, length).
