@@ -225,6 +225,22 @@ def test_bucket_access_is_limited_to_the_prefixes_each_function_needs(resources)
         assert not granted(fns[name], "s3:ListBucket"), name
 
 
+@pytest.mark.parametrize("parameter", ["DbSecretArn", "ModelSigningKeySecretArn", "PolygonApiKeySecretArn"])
+def test_a_secret_is_given_by_its_full_arn_the_only_form_its_policy_matches(template, parameter):
+    """Each secret parameter is a policy's Resource as given. IAM matches the secret's full ARN (its name and the
+    six characters Secrets Manager appends), while GetSecretValue also takes a partial ARN: a stack given one
+    deployed, and every read of the secret was AccessDenied (503s), in AWS only. CloudFormation now refuses it."""
+    spec = template["Parameters"][parameter]
+    pattern = re.compile(spec["AllowedPattern"])
+    full = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:candlecast/prod/db-AbC12f"
+    assert pattern.fullmatch(full)
+    assert pattern.fullmatch("arn:aws-us-gov:secretsmanager:us-gov-west-1:123456789012:secret:db-x-Zz0099")
+    for partial in ("arn:aws:secretsmanager:eu-west-1:123456789012:secret:candlecast/prod/db",
+                    "arn:aws:secretsmanager:eu-west-1:123456789012:secret:db-AbC12"):
+        assert not pattern.fullmatch(partial), partial
+    assert "full ARN" in spec["ConstraintDescription"]
+
+
 def test_refresh_may_invoke_itself_and_score_and_score_only_itself(template, resources):
     """A chained run invokes `context.invoked_function_arn`: its schedule's target, which SAM points at the
     published alias. IAM matches a qualified ARN only by a qualified resource, so both forms are granted."""
