@@ -8,16 +8,17 @@
 The twin is derived, never kept by hand: template.yaml with this machine's architecture in place of
 arm64 and absolute code paths, built by the same SAM CLI and the same layer Makefiles (PLATFORMS set
 to this machine's wheels). Each function then runs in a fresh `python3.12 -I` (infra/lambda_bootstrap.py):
-sys.path = function folder, its layers' python folders in template order, then a folder with only the
-runtime's boto3 and botocore (.local/lambda-runtime); code folders read-only; an unprivileged user, or
+sys.path = function folder, its layers' python folders in template order, then a folder with what the runtime
+provides (.local/lambda-runtime: an old boto3, so a function that misses the CommonLayer's fails); code folders
+read-only; an unprivileged user, or
 root without capabilities where the interpreter is not reachable by one; no HOME;
 PYTHONDONTWRITEBYTECODE=1; the template's environment with the deployed secrets as Secrets Manager ARNs
 (moto) against the local stack, for a stage that is not "local" with a signing key of its own (the
 committed models re-signed with it, as `seed --resign` does). Events: tests/events/*.json whose routeKey is
 one of the function's HttpApi routes, else files named after the function's folder (`migrate_*.json`); a
 CloudFormation event gets a local ResponseURL that captures the PUT. Fails on an import error, a write outside /tmp, an
-event that errors, a status that differs from the same events run from the dev tree, or garbage collection
-left off after the import.
+event that errors, a status that differs from the same events run from the dev tree, garbage collection
+left off after the import, or boto3/botocore imported (or importable) from anywhere but the function's layers.
 """
 
 import argparse
@@ -505,6 +506,26 @@ def run_bootstrap(python: str, spec: dict, env: dict[str, str], prefix: list[str
     return json.loads(result.stdout.rsplit(MARKER, 1)[1]), result.stderr
 
 
+def sdk_from_layers(report: dict, layers: list[str]) -> tuple[str, list[str]]:
+    """(where botocore came from, for the table; problems): boto3 and botocore must load from one of the function's
+    layer folders, never the runtime's, whose SDK is older than the code needs (PutObject's IfMatch) and changes
+    when AWS updates it. A function that did not import them is judged by where an import would find them."""
+    from infra.lambda_bootstrap import SDK_MODULES
+
+    shown, problems = "not reported", []
+    for name in SDK_MODULES:
+        origin = (report.get("sdk") or {}).get(name) or {"file": None, "loaded": False}
+        found = origin["file"]
+        layer = next((Path(folder) for folder in layers if found and Path(found).is_relative_to(folder)), None)
+        if layer is None:
+            problems.append(f"{name} {'loaded' if origin['loaded'] else 'found'} at {found}, not in the function's "
+                            f"layers: it would run on the runtime's SDK")
+        if name == "botocore":
+            shown = (layer.parent.name if layer else f"NOT A LAYER: {found}") + (" (loaded)" if origin["loaded"]
+                                                                                  else "")
+    return shown, problems
+
+
 def artifact_spec(build_dir: Path, function: Function, events: list[dict]) -> dict:
     return {"task_root": str(build_dir / function.logical_id),
             "layers": [str(build_dir / layer / "python") for layer in function.layers],
@@ -621,7 +642,8 @@ def check(build_dir: Path) -> int:
             problems.append(f"{len(found)} layer bytecode files name the build folder, e.g. {found[0]}")
         print(f"\nrunning {len(functions)} functions from {build_dir.relative_to(ROOT)} as {who}, "
               f"python3.12 -I, no HOME, secrets by ARN (moto Secrets Manager)\n")
-        print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms  boto3 on cold path")
+        print(f"  {'function':<28}{'event':<28}{'dev':>14}{'artifact':>14}  cold ms  boto3 on cold path  "
+              f"botocore from")
         ordered = run_order(functions)
         seeded = False
         for function in ordered:
@@ -667,13 +689,15 @@ def check(build_dir: Path) -> int:
                                 f"loaded (its app.py calls candlecast.startup.begin() without done())")
             if artifact["writes"]:
                 problems.append(f"{function.logical_id}: writes outside /tmp: {artifact['writes'][:5]}")
+            sdk_shown, sdk_problems = sdk_from_layers(artifact, artifact_spec(build_dir, function, [])["layers"])
+            problems.extend(f"{function.logical_id}: {problem}" for problem in sdk_problems)
             if not events:
                 print(f"  {function.logical_id:<28}{'(import only)':<28}{'':>14}{'imported':>14}  "
                       f"{artifact.get('init_ms', 0):.0f}   {NOT_INVOKED.get(function.logical_id, '')[:60]}")
             for index, (name, _) in enumerate(events):
                 dev_status = runs["dev"][1][index] if index < len(runs["dev"][1]) else "none"
                 artifact_status = runs["artifact"][1][index] if index < len(runs["artifact"][1]) else "none"
-                cold = (f"{artifact['cold_ms']:>7.0f}  {'yes' if artifact['cold_boto3'] else 'no'}"
+                cold = (f"{artifact['cold_ms']:>7.0f}  {'yes' if artifact['cold_boto3'] else 'no':<18}  {sdk_shown}"
                         if index == 0 and "cold_ms" in artifact else "")
                 print(f"  {function.logical_id:<28}{name:<28}{dev_status:>14}{artifact_status:>14}  {cold}")
                 if artifact_status != dev_status:

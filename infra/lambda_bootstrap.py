@@ -9,12 +9,13 @@ SPEC as the first JSON line on the socket FD, imports the handler once and answe
 {"ok", "result"} or {"ok": false, "error"}, until the socket closes. No audit hook then (a dev tree
 writes bytecode).
 
-SPEC: {"task_root", "layers": [python folders in template order], "runtime": [the folder holding only boto3
-and botocore], "handler": "app.lambda_handler", "events": [...], "function_name", "memory_mb", "timeout_s",
-"importtime": false}. sys.path becomes exactly task root, layers, runtime, then the standard library
-(no site-packages, no script folder). An audit hook records every write outside /tmp. Prints one JSON
-line: init and first-invoke milliseconds and CPU, whether the garbage collector is on after the import,
-each event's result, the writes and any error.
+SPEC: {"task_root", "layers": [python folders in template order], "runtime": [the folder holding what the
+runtime provides: an old boto3 and botocore, the SnapStart hooks], "handler": "app.lambda_handler", "events": [...],
+"function_name", "memory_mb", "timeout_s", "importtime": false}. sys.path becomes exactly task root, layers,
+runtime, then the standard library (no site-packages, no script folder). An audit hook records every write
+outside /tmp. Prints one JSON line: init and first-invoke milliseconds and CPU, whether the garbage collector is
+on after the import, each event's result, the writes, any error, and where boto3 and botocore were (or would be)
+imported from.
 """
 
 import gc
@@ -121,6 +122,25 @@ def serve(fd: int) -> int:
     return 0
 
 
+SDK_MODULES = ("boto3", "botocore")
+
+
+def sdk_origins() -> dict[str, dict]:
+    """Where each SDK module came from: its file when the function loaded it, else the file an import would load
+    (found, not imported); None when not on the path."""
+    import importlib.util
+
+    origins = {}
+    for name in SDK_MODULES:
+        module = sys.modules.get(name)
+        try:
+            origin = module.__file__ if module is not None else getattr(importlib.util.find_spec(name), "origin", None)
+        except (ImportError, ValueError):
+            origin = None
+        origins[name] = {"file": origin, "loaded": module is not None}
+    return origins
+
+
 def main() -> int:
     if sys.argv[1] == "--serve":
         return serve(int(sys.argv[2]))
@@ -146,6 +166,7 @@ def main() -> int:
     except BaseException as error:  # an import error: the function cannot start
         report["init_error"] = f"{type(error).__name__}: {error}"
         report["traceback"] = traceback.format_exc()[-3000:]
+    report["sdk"] = sdk_origins()
     sys.stdout.flush()
     print("\n@@lambda-bootstrap@@" + json.dumps(report, default=str), flush=True)
     return 0

@@ -58,12 +58,14 @@ def unpinned_requirements() -> list[str]:
 
 
 def lock() -> str:
-    """layers/constraints.txt's text: pip's resolution of both layers' requirements for the Lambda runtime."""
+    """layers/constraints.txt's text: pip's resolution of both layers' requirements for the Lambda runtime. Read
+    from pyproject.toml, not the generated files: `--write` refuses a requirement that is not pinned yet."""
+    requirements = [line for lines in layer_requirements().values() for line in lines]
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--dry-run",
                         "--ignore-installed", "--target", scratch, "--report", report, *LAMBDA_TARGET,
-                        *(arg for path in layer_requirements() for arg in ("-r", path))], check=True)
+                        *requirements], check=True)
         installed = json.loads(report.read_text())["install"]
     pins = sorted(f"{re.sub(r'[-_.]+', '-', item['metadata']['name']).lower()}=={item['metadata']['version']}"
                   for item in installed)

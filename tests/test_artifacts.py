@@ -2,9 +2,11 @@
 is covered, and the bootstrap reports what check-artifacts fails on (import errors, writes outside /tmp)."""
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from infra import artifacts
 from infra.template_checks import load_template
@@ -62,11 +64,12 @@ def test_a_shipped_module_importing_a_training_library_is_found(tmp_path):
     assert found == ["CommonLayer/python/candlecast/forecast/fit.py imports arch, lightgbm"]
 
 
-def _bootstrap(tmp_path: Path, source: str, events: list[dict], layers: tuple[str, ...] = ()) -> dict:
+def _bootstrap(tmp_path: Path, source: str, events: list[dict], layers: tuple[str, ...] = (),
+               runtime: tuple[str, ...] = ()) -> dict:
     task = tmp_path / "task"
-    task.mkdir()
+    task.mkdir(parents=True)
     (task / "app.py").write_text(source)
-    spec = {"task_root": str(task), "layers": list(layers), "runtime": [], "handler": "app.lambda_handler",
+    spec = {"task_root": str(task), "layers": list(layers), "runtime": list(runtime), "handler": "app.lambda_handler",
             "events": events, "function_name": "probe", "memory_mb": 128, "timeout_s": 10}
     environment = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
     report, _ = artifacts.run_bootstrap(artifacts.python312(), spec, environment)
@@ -180,3 +183,79 @@ def test_layer_bytecode_that_names_its_build_folder_is_found(tmp_path):
     found = artifacts.build_paths_in_bytecode(tmp_path, sys.executable)
     assert len(found) == 1 and found[0].startswith("BuildPath/python/pkg/__pycache__/mod.")
     assert found[0].endswith(f": {tmp_path}/BuildPath/python/pkg/mod.py")
+
+
+def _sdk_stub(folder: Path) -> str:
+    for name in ("boto3", "botocore"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(f"WHERE = {str(folder)!r}\n")
+    return str(folder)
+
+
+def test_the_sdk_must_come_from_the_functions_layers_not_the_runtime(tmp_path):
+    layer, runtime = _sdk_stub(tmp_path / "CommonLayer/python"), _sdk_stub(tmp_path / "runtime")
+    app = "import botocore\ndef lambda_handler(event, context):\n    return botocore.WHERE\n"
+    report = _bootstrap(tmp_path / "with-layer", app, [{}], (layer,), (runtime,))
+    assert report["results"][0]["result"] == layer
+    assert report["sdk"]["botocore"] == {"file": f"{layer}/botocore/__init__.py", "loaded": True}
+    assert artifacts.sdk_from_layers(report, [layer]) == ("CommonLayer (loaded)", [])
+    # A function without the layer, that had not imported boto3 yet: where an import would find it is enough
+    report = _bootstrap(tmp_path / "without", "def lambda_handler(event, context):\n    return 1\n", [{}], (),
+                        (runtime,))
+    assert report["sdk"]["boto3"] == {"file": f"{runtime}/boto3/__init__.py", "loaded": False}
+    shown, problems = artifacts.sdk_from_layers(report, [layer])
+    assert shown.startswith("NOT A LAYER") and len(problems) == 2
+    assert "botocore found at" in problems[1] and "runtime's SDK" in problems[1]
+    assert artifacts.sdk_from_layers({}, [layer])[1]  # a report without origins fails too
+
+
+def _pinned(requirements: list[str], name: str):
+    from packaging.requirements import Requirement
+
+    (requirement,) = [Requirement(line) for line in requirements if Requirement(line).name == name]
+    return requirement
+
+
+FIRST_BOTOCORE_WITH_PUT_IF_MATCH = "1.35.69"  # 1.35.68's PutObject has IfNoneMatch (from 1.35.2), not IfMatch
+
+
+def test_the_layer_ships_an_sdk_with_conditional_puts_and_the_runtime_stand_in_does_not():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floor = Version(FIRST_BOTOCORE_WITH_PUT_IF_MATCH)
+    assert _pinned(project["dependencies"], "boto3").specifier.contains(floor)  # the layer's floor
+    assert not _pinned(project["dependencies"], "boto3").specifier.contains("1.35.68")
+    pins = dict(line.split("==") for line in (ROOT / "layers/constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert Version(pins["boto3"]) >= floor and Version(pins["botocore"]) >= floor
+    runtime = project["optional-dependencies"]["lambda-runtime"]
+    for name in ("boto3", "botocore"):  # exact, and older than the code needs
+        (spec,) = _pinned(runtime, name).specifier
+        assert spec.operator == "==" and Version(spec.version) < floor, (name, spec)
+
+
+CONDITIONAL_PUTS = """
+import botocore.session
+from botocore.exceptions import ParamValidationError
+from botocore.validate import validate_parameters
+
+def lambda_handler(event, context):
+    shape = botocore.session.get_session().get_service_model("s3").operation_model("PutObject").input_shape
+    try:
+        validate_parameters({"Bucket": "b", "Key": "k", "Body": b"", **event}, shape)  # what a client checks first
+    except ParamValidationError:
+        return "refused"
+    return "accepted"
+"""
+
+
+@pytest.mark.skipif(not (artifacts.RUNTIME_DIR / "botocore").is_dir(), reason="make check-artifacts builds it")
+def test_a_conditional_put_fails_on_the_runtime_stand_ins_sdk_and_passes_on_the_layers(tmp_path):
+    import botocore  # the dev venv's: layers/constraints.txt's pin, the layer's
+
+    events = [{"IfMatch": '"etag"'}, {"IfNoneMatch": "*"}]
+    old = _bootstrap(tmp_path / "runtime", CONDITIONAL_PUTS, events, (), (str(artifacts.RUNTIME_DIR),))
+    assert [result["result"] for result in old["results"]] == ["refused", "refused"]
+    assert old["sdk"]["botocore"]["file"].startswith(str(artifacts.RUNTIME_DIR))
+    layer = str(Path(botocore.__file__).parent.parent)
+    new = _bootstrap(tmp_path / "layer", CONDITIONAL_PUTS, events, (layer,), (str(artifacts.RUNTIME_DIR),))
+    assert [result["result"] for result in new["results"]] == ["accepted", "accepted"]

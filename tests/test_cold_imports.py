@@ -1,7 +1,7 @@
 """What a function imports inside its first request: functions that do not forecast never import the science layer
 (numpy, pyarrow, joblib) nor boto3, and those that do import it at init.
 
-(Powertools itself imports botocore, which the Lambda runtime provides.)
+(Powertools itself imports botocore, which the CommonLayer ships.)
 """
 
 import json
