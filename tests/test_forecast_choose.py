@@ -113,7 +113,7 @@ def log_loss_batches(gain: float, noise: float, batches: int, seed: int = 0) -> 
 
 def test_the_plans_calibration_choice_takes_another_variant_only_beyond_its_own_noise():
     """`calibration_check.choice_verdict`: a steady gain over the tie takes; the same gain behind batch-to-batch noise
-    many times its size keeps the plan's variant, and so does a steady gain under the tie, or a single batch (no interval)."""
+    many times its size keeps the plan's variant, and so does a steady gain under the tie, or a single batch."""
     from infra.calibration_check import LOG_LOSS_TIE, choice_verdict, mean_log_loss
 
     plan = "platt + ln h on history"
