@@ -200,6 +200,13 @@ def run_order(functions: list[Function]) -> list[Function]:
     return sorted(functions, key=lambda f: (f.folder != "migrate", f.folder == "refresh"))
 
 
+def invoke_order(function: Function) -> tuple[str, str]:
+    """Which run goes first on the shared state. The artifact's, where the first run does the work and the second
+    finds it done: Migrate's on the empty database, and the refresh's, which writes the candles (a second run finds
+    them stored and writes none, so an artifact that cannot write would never be seen failing to)."""
+    return ("artifact", "dev") if function.folder in ("migrate", "refresh") else ("dev", "artifact")
+
+
 def function_events(function: Function) -> list[tuple[str, dict]]:
     """(file name, event) for the function: HTTP events by route, others by the folder's name; CFN first."""
     found = []
@@ -442,6 +449,7 @@ class Deployment:
         return {
             **env,
             "AWS_ENDPOINT_URL_SECRETS_MANAGER": self.stack.s3_endpoint_url,  # moto serves both
+            "AWS_ENDPOINT_URL_LAMBDA": self.stack.s3_endpoint_url,  # moto too: Score, started by the refresh
             "AWS_LAMBDA_FUNCTION_NAME": f"candlecast-local-{function.folder}",
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.memory_mb),
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
@@ -704,7 +712,7 @@ def check(build_dir: Path) -> int:
                 problems.append(f"{function.logical_id}: not in the build output")
                 continue
             runs = {}
-            order = ("artifact", "dev") if function.folder == "migrate" else ("dev", "artifact")
+            order = invoke_order(function)
             for kind in order:
                 reset_state(stack) if seeded else None
                 captured_before = len(deployment.response.captured)

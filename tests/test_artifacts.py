@@ -308,3 +308,19 @@ def test_an_http_answer_is_compared_by_its_error_code_not_its_message():
     assert artifacts.result_problems("create", answer(201, None, "id-1"), answer(201, None, "id-2")) == []
     assert artifacts.result_problems("get", answer(503, "model_unavailable"), answer(503, "storage_unavailable")) == [
         "get: artifact achieved {'code': 'storage_unavailable'} != dev {'code': 'model_unavailable'}"]
+
+
+def test_the_artifact_runs_first_where_the_first_run_does_the_writes_and_never_reaches_aws():
+    from types import SimpleNamespace
+
+    template = load_template(ROOT / "template.yaml")
+    functions = {f.folder: f for f in artifacts.template_functions(template)}
+    # the refresh's second run finds the first one's candles stored: an artifact that cannot write must go first
+    assert artifacts.invoke_order(functions["refresh"]) == ("artifact", "dev")
+    assert artifacts.invoke_order(functions["migrate"]) == ("artifact", "dev")
+    assert artifacts.invoke_order(functions["health"]) == ("dev", "artifact")
+    stack = SimpleNamespace(redis_url="redis://127.0.0.1:7/0", s3_endpoint_url="http://127.0.0.1:9", bucket="b")
+    deployment = artifacts.Deployment(stack=stack, secret_arns={}, response=None)
+    env = deployment.artifact_environment(template, functions["refresh"], ROOT / "functions/refresh")
+    assert env["SCORE_FUNCTION_NAME"]  # it starts Score after adding candles: at moto, not at AWS
+    assert env["AWS_ENDPOINT_URL_LAMBDA"] == stack.s3_endpoint_url
