@@ -17,7 +17,8 @@ PYTHONDONTWRITEBYTECODE=1; the template's environment with the deployed secrets 
 committed models re-signed with it, as `seed --resign` does). Events: tests/events/*.json whose routeKey is
 one of the function's HttpApi routes, else files named after the function's folder (`migrate_*.json`); a
 CloudFormation event gets a local ResponseURL that captures the PUT. Fails on an import error, a write outside /tmp, an
-event that errors, a status that differs from the same events run from the dev tree, garbage collection
+event that errors, a status or what the run achieved (`achieved`: failed symbols, counts, an error's code) that
+differs from the same events run from the dev tree, a failure in either run, garbage collection
 left off after the import, or boto3/botocore imported (or importable) from anywhere but the function's layers.
 """
 
@@ -197,6 +198,13 @@ def run_order(functions: list[Function]) -> list[Function]:
     """Migrate first (the artifact migrates the empty database); the refresh, which rewrites the symbol
     table from Polygon, last."""
     return sorted(functions, key=lambda f: (f.folder != "migrate", f.folder == "refresh"))
+
+
+def invoke_order(function: Function) -> tuple[str, str]:
+    """Which run goes first on the shared state. The artifact's, where the first run does the work and the second
+    finds it done: Migrate's on the empty database, and the refresh's, which writes the candles (a second run finds
+    them stored and writes none, so an artifact that cannot write would never be seen failing to)."""
+    return ("artifact", "dev") if function.folder in ("migrate", "refresh") else ("dev", "artifact")
 
 
 def function_events(function: Function) -> list[tuple[str, dict]]:
@@ -441,6 +449,7 @@ class Deployment:
         return {
             **env,
             "AWS_ENDPOINT_URL_SECRETS_MANAGER": self.stack.s3_endpoint_url,  # moto serves both
+            "AWS_ENDPOINT_URL_LAMBDA": self.stack.s3_endpoint_url,  # moto too: Score, started by the refresh
             "AWS_LAMBDA_FUNCTION_NAME": f"candlecast-local-{function.folder}",
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.memory_mb),
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
@@ -555,6 +564,45 @@ def outcome(result: dict, deployment: Deployment, captured_before: int) -> str:
     return "ok"
 
 
+def achieved(result: dict) -> dict:
+    """What a run achieved beyond its status, in fields two runs of one event share: an HTTP answer's error code; the
+    refresh's failed symbols (failed or unrecorded, as its metrics count them) and symbol counts; score's and
+    retention's counts. Never timings, ids, timestamps or messages, nor what depends on which run came first (the
+    refresh's files_written and candles_added: the second run finds the first one's candles)."""
+    value = result.get("result") if result.get("ok") else None
+    if not isinstance(value, dict):
+        return {}
+    if "statusCode" in value:
+        try:
+            body = json.loads(value.get("body") or "null")
+        except (TypeError, ValueError):
+            return {}
+        error = body.get("error") if isinstance(body, dict) else None
+        return {"code": error.get("code")} if isinstance(error, dict) else {}
+    if "symbols_done" in value:  # the refresh (ingest.IngestSummary)
+        return {"failed": sorted({*value.get("failed", []), *value.get("unrecorded", [])}),
+                **{key: value.get(key) for key in ("symbols_done", "symbols_upserted", "symbols_inactivated")}}
+    if "scored" in value:  # the score run (scoring.ScoreReport): its failed entries name prediction ids, so a count
+        return {"failed": len(value.get("failed", [])), **{key: value.get(key) for key in ("predictions", "scored",
+                                                                                             "skipped")}}
+    if "deleted" in value:  # retention
+        return {key: value.get(key) for key in ("enabled", "examined", "deleted")}
+    return {}
+
+
+def result_problems(label: str, dev: dict, artifact: dict) -> list[str]:
+    """The artifact's run achieved something else than the dev tree's, or either reports failures: no event here
+    means one (the fake Polygon server injects no faults; an HTTP event's intended error is its code, compared)."""
+    dev_achieved, artifact_achieved = achieved(dev), achieved(artifact)
+    problems = []
+    if artifact_achieved != dev_achieved:
+        problems.append(f"{label}: artifact achieved {artifact_achieved} != dev {dev_achieved}")
+    for kind, done in (("dev", dev_achieved), ("artifact", artifact_achieved)):
+        if done.get("failed"):
+            problems.append(f"{label}: the {kind} run failed {done['failed']}")
+    return problems
+
+
 # ---------------------------------------------------------------- what the layers ship
 OFFLINE_LIBRARIES = {"lightgbm", "matplotlib", "arch", "pandas", "scipy", "sklearn"}  # training and reports only
 
@@ -664,7 +712,7 @@ def check(build_dir: Path) -> int:
                 problems.append(f"{function.logical_id}: not in the build output")
                 continue
             runs = {}
-            order = ("artifact", "dev") if function.folder == "migrate" else ("dev", "artifact")
+            order = invoke_order(function)
             for kind in order:
                 reset_state(stack) if seeded else None
                 captured_before = len(deployment.response.captured)
@@ -704,6 +752,9 @@ def check(build_dir: Path) -> int:
                     detail = artifact["results"][index] if index < len(artifact["results"]) else {}
                     problems.append(f"{function.logical_id} {name}: artifact {artifact_status} != dev {dev_status}\n"
                                     f"{json.dumps(detail, default=str)[:2000]}\n{runs['artifact'][2][-2000:]}")
+                if index < len(artifact["results"]) and index < len(dev["results"]):
+                    problems.extend(result_problems(f"{function.logical_id} {name}", dev["results"][index],
+                                                    artifact["results"][index]))
                 if artifact_status.startswith(("error", "cfn FAILED", "cfn no")):
                     problems.append(f"{function.logical_id} {name}: {artifact_status}")
             if "dev" in runs and "init_error" in dev:

@@ -1,6 +1,7 @@
 """infra/artifacts.py and infra/lambda_bootstrap.py: the twin is derived from the template, every function
 is covered, and the bootstrap reports what check-artifacts fails on (import errors, writes outside /tmp)."""
 
+import json
 import subprocess
 import tomllib
 from pathlib import Path
@@ -259,3 +260,67 @@ def test_a_conditional_put_fails_on_the_runtime_stand_ins_sdk_and_passes_on_the_
     layer = str(Path(botocore.__file__).parent.parent)
     new = _bootstrap(tmp_path / "layer", CONDITIONAL_PUTS, events, (layer,), (str(artifacts.RUNTIME_DIR),))
     assert [result["result"] for result in new["results"]] == ["accepted", "accepted"]
+
+
+def _refresh(failed: list[str], seconds: float = 3.5, **counts) -> dict:
+    report = {"symbols_upserted": 3, "symbols_inactivated": 0, "symbols_kept_active": 38, "files_written": 57,
+              "candles_added": 6591, "symbols_done": 41, "remaining": [], "failed": failed, "unrecorded": [],
+              "errors": [], "requests": 84, "seconds": seconds, "continuation": None, "chained": False,
+              "scoring": "inline", **counts}
+    return {"ok": True, "result": report}
+
+
+def test_equal_statuses_with_different_failed_symbols_are_a_problem():
+    dev, artifact = _refresh([]), _refresh(["X:C000USD", "X:C001USD"])
+    assert artifacts.outcome(dev, None, 0) == artifacts.outcome(artifact, None, 0) == "ok"
+    problems = artifacts.result_problems("RefreshFunction refresh_scheduled.json", dev, artifact)
+    assert any("!= dev" in problem and "X:C000USD" in problem for problem in problems)
+    assert any("the artifact run failed ['X:C000USD', 'X:C001USD']" in problem for problem in problems)
+
+
+def test_a_refresh_failure_in_the_dev_run_is_a_problem_even_when_both_agree():
+    unrecorded = _refresh([], unrecorded=["X:C002USD"])  # files written, metadata not: failed too
+    assert artifacts.result_problems("refresh", unrecorded, unrecorded) == ["refresh: the dev run failed ['X:C002USD']",
+                                                                           "refresh: the artifact run failed "
+                                                                           "['X:C002USD']"]
+
+
+def test_what_legitimately_differs_between_the_two_runs_is_not_compared():
+    # the second run finds the first one's candles; timings, request counts and messages vary
+    dev = _refresh([], seconds=3.5, errors=["38 of 38 active symbols are missing"])
+    artifact = _refresh([], seconds=2.8, files_written=0, candles_added=0, requests=90, scoring="off",
+                        errors=["38 of 41 active symbols are missing"])
+    assert artifacts.result_problems("refresh", dev, artifact) == []
+    score = {"predictions": 2, "scored": 60, "skipped": 0, "seconds": 0.02}
+    assert artifacts.result_problems("score", {"ok": True, "result": {**score, "failed": []}},
+                                     {"ok": True, "result": {**score, "failed": [], "seconds": 0.05}}) == []
+    assert artifacts.result_problems("score", {"ok": True, "result": {**score, "failed": []}},
+                                     {"ok": True, "result": {**score, "failed": ["3f0c…: no model"]}})
+
+
+def test_an_http_answer_is_compared_by_its_error_code_not_its_message():
+    def answer(status: int, code: str | None, message: str = "") -> dict:
+        body = json.dumps({"error": {"code": code, "message": message}} if code else {"id": message})
+        return {"ok": True, "result": {"statusCode": status, "body": body}}
+
+    assert artifacts.result_problems("get", answer(404, "prediction_not_found", "no prediction 1"),
+                                     answer(404, "prediction_not_found", "no prediction 2")) == []
+    assert artifacts.result_problems("create", answer(201, None, "id-1"), answer(201, None, "id-2")) == []
+    assert artifacts.result_problems("get", answer(503, "model_unavailable"), answer(503, "storage_unavailable")) == [
+        "get: artifact achieved {'code': 'storage_unavailable'} != dev {'code': 'model_unavailable'}"]
+
+
+def test_the_artifact_runs_first_where_the_first_run_does_the_writes_and_never_reaches_aws():
+    from types import SimpleNamespace
+
+    template = load_template(ROOT / "template.yaml")
+    functions = {f.folder: f for f in artifacts.template_functions(template)}
+    # the refresh's second run finds the first one's candles stored: an artifact that cannot write must go first
+    assert artifacts.invoke_order(functions["refresh"]) == ("artifact", "dev")
+    assert artifacts.invoke_order(functions["migrate"]) == ("artifact", "dev")
+    assert artifacts.invoke_order(functions["health"]) == ("dev", "artifact")
+    stack = SimpleNamespace(redis_url="redis://127.0.0.1:7/0", s3_endpoint_url="http://127.0.0.1:9", bucket="b")
+    deployment = artifacts.Deployment(stack=stack, secret_arns={}, response=None)
+    env = deployment.artifact_environment(template, functions["refresh"], ROOT / "functions/refresh")
+    assert env["SCORE_FUNCTION_NAME"]  # it starts Score after adding candles: at moto, not at AWS
+    assert env["AWS_ENDPOINT_URL_LAMBDA"] == stack.s3_endpoint_url
