@@ -1,4 +1,5 @@
-"""The forecast page at `/` and the Swagger UI at `/docs`, in a real browser.
+"""The forecast page at `/` and the Swagger UI at `/docs`, in a real browser; the page for a keyboard, a screen
+reader and weak eyes too (WCAG 2.1 AA).
 
 Debian's chromium (`make browser` installs it when missing), driven headless by playwright; no browser is
 downloaded. The page runs against the local stack: real PostgreSQL, Redis and moto's S3, the sample seeded
@@ -483,4 +484,66 @@ def test_a_refused_symbol_list_says_so_and_is_asked_for_again(browser, site):
     page.wait_for_function("document.querySelectorAll('#symbols option').length > 0", timeout=15_000)
     assert page.text_content("#status") == "" and len(refused) == 1
     assert errors == ["Failed to load resource: the server responded with a status of 429 (Too Many Requests)"]
+    page.close()
+
+# Every element with text of its own: its colour over the backgrounds under it, and the WCAG contrast ratio.
+CONTRAST = r"""() => {
+  const rgba = (css) => {
+    const parts = css.match(/[\d.]+/g).map(Number);
+    return parts.length > 3 ? parts : [...parts, 1];
+  };
+  const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3]));
+  const luminance = (rgb) => {
+    const [r, g, b] = rgb.map((v) => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const backdrop = (element) => {
+    const layers = [];
+    for (let e = element; e; e = e.parentElement) {
+      const colour = rgba(getComputedStyle(e).backgroundColor);
+      if (colour[3] > 0) layers.push(colour);
+      if (colour[3] === 1) break;
+    }
+    return layers.reverse().reduce((under, top) => over(top, under), [255, 255, 255]);
+  };
+  const seen = [];
+  for (const element of document.querySelectorAll("body *")) {
+    const text = [...element.childNodes].filter((node) => node.nodeType === Node.TEXT_NODE)
+      .map((node) => node.textContent).join("").trim();
+    if (!text || element.tagName === "SCRIPT" || !element.getClientRects().length) continue;
+    const style = getComputedStyle(element);
+    const background = backdrop(element);
+    const [light, dark] = [luminance(over(rgba(style.color), background)), luminance(background)]
+      .sort((a, b) => b - a);
+    const size = parseFloat(style.fontSize);
+    const large = size >= 24 || (Number(style.fontWeight) >= 700 && size >= 18.66);
+    seen.push({ text: text.slice(0, 40), color: style.color, ratio: (light + 0.05) / (dark + 0.05),
+                needs: large ? 3 : 4.5 });
+  }
+  return seen;
+}"""
+
+
+def too_faint(page) -> list[dict]:
+    return [text for text in page.evaluate(CONTRAST) if text["ratio"] < text["needs"]]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_text_on_the_page_has_aa_contrast(browser, site, scheme):
+    """Muted text, the timeframes without candles and a held button's countdown: 4.5:1 at least (3:1 if large)."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1100}, color_scheme=scheme)
+    page.goto(f"{site}/")
+    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0")
+    forecast(page, "X:ETHUSD", "1d")  # X:ETHUSD has no 1h or 4h candles: those options are disabled
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    # As a list box Chromium draws the options with their own colours (a closed select's computed ones are not those
+    # its menu shows).
+    page.evaluate("document.querySelector('#timeframe').size = 5")
+    assert too_faint(page) == []
+    page.evaluate("document.querySelector('#timeframe').size = 0")
+    page.route("**/models/4h", lambda route: route.fulfill(
+        status=429, content_type="application/json", headers={"Retry-After": "30"}, body='{"message":"x"}'))
+    forecast(page, "X:BTCUSDT", "4h")  # an error, and the button held with its countdown
+    assert page.is_disabled("#forecast") and "(" in page.text_content("#forecast")
+    assert too_faint(page) == []
     page.close()
