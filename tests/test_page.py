@@ -547,3 +547,35 @@ def test_every_text_on_the_page_has_aa_contrast(browser, site, scheme):
     assert page.is_disabled("#forecast") and "(" in page.text_content("#forecast")
     assert too_faint(page) == []
     page.close()
+
+
+# Ink (dark pixels) in the outer two columns of the reliability chart's horizontal axis, under its top border: a label
+# cut at an edge leaves some there.
+AXIS_EDGE_INK = """() => {
+  const rows = document.querySelectorAll('#reliability table tr');
+  const axis = [...rows[rows.length - 1].querySelectorAll('canvas')]
+    .reduce((wide, canvas) => (canvas.width > wide.width ? canvas : wide));
+  const { width, height } = axis;
+  const data = axis.getContext('2d').getImageData(0, 0, width, height).data;
+  let ink = 0;
+  for (const x of [0, 1, width - 2, width - 1]) {
+    for (let y = 3; y < height; y++) {
+      const i = (y * width + x) * 4;
+      if (data[i + 3] > 100 && data[i] < 160) ink++;
+    }
+  }
+  return ink;
+}"""
+
+
+def test_the_reliability_axis_labels_are_not_cut_at_its_ends(browser, site):
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1d")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    assert page.evaluate(AXIS_EDGE_INK) == 0
+    for width in (375, 1000):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(300)  # the resize observer redraws on the next frame
+        assert page.evaluate(AXIS_EDGE_INK) == 0, width
+    page.close()

@@ -48,6 +48,7 @@ const reliabilityChart = LWC.createOptionsChart($("reliability"), {
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { visible: false }, horzLines: { color: "#f0f2f5" } },
   localization: { precision: 2, priceFormatter: (value) => value.toFixed(2) },
+  timeScale: { lockVisibleTimeRangeOnResize: true },
 });
 const diagonal = reliabilityChart.addSeries(LWC.LineSeries, {
   color: "#bdbdbd", lineWidth: 1, priceLineVisible: false, lastValueVisible: false, crosshairMarkerVisible: false,
@@ -59,6 +60,9 @@ const dots = (color) => reliabilityChart.addSeries(LWC.LineSeries, {
 const liveDots = dots("#e65100");
 const backtestDots = dots("#455a64");
 diagonal.setData(Array.from({ length: 101 }, (_, i) => ({ time: i / 100, value: i / 100 })));
+// The axis runs a little past 0 and 1 (in 0.01 steps, the diagonal's points): at the edges their labels were cut.
+const showConfidenceAxis = () => reliabilityChart.timeScale().setVisibleLogicalRange({ from: -8, to: 108 });
+showConfidenceAxis();
 
 // Prices from 0.00001 to 100,000: each label keeps up to PRICE_DIGITS significant digits (two decimals at least,
 // no trailing zeros past them, thousands grouped), so 0.0036 is not "0.00"; the axis' step (minMove) follows the last close's magnitude, or a
@@ -173,7 +177,7 @@ function showModel(record) {
   const backtestBins = onGrid(record.backtest.reliability);
   liveDots.setData(liveBins);
   backtestDots.setData(backtestBins);
-  reliabilityChart.timeScale().fitContent();
+  showConfidenceAxis();
   state.reliability = { live: liveBins.length, backtest: backtestBins.length };
   const rows = [
     ["steps scored", live.n_scored, record.backtest.n_pairs, 0],
