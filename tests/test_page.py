@@ -579,3 +579,43 @@ def test_the_reliability_axis_labels_are_not_cut_at_its_ends(browser, site):
         page.wait_for_timeout(300)  # the resize observer redraws on the next frame
         assert page.evaluate(AXIS_EDGE_INK) == 0, width
     page.close()
+
+
+FOCUSED = "document.activeElement.id || document.activeElement.tagName"
+
+
+def test_the_keyboard_focus_stays_with_the_forecast_button_through_a_request(browser, site):
+    """A button that disables itself drops the focus to <body>, where the next Tab starts from the top of the page:
+    while it is disabled the status line (which says why) holds the focus, and gives it back once it is enabled."""
+    page = browser.new_page()
+    page.add_init_script(SLOW_FORECAST % ("1h", 2000))
+    page.goto(f"{site}/")
+    page.fill("#symbol", "X:BTCUSDT")
+    page.select_option("#timeframe", "1h")
+    page.focus("#forecast")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#forecast').disabled", timeout=2_000)
+    assert page.evaluate(FOCUSED) == "status"
+    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    assert page.evaluate(FOCUSED) == "forecast"
+
+    # Held after a 429: the status line holds the focus for the wait, and the button has it back after.
+    page.route("**/models/4h", lambda route: route.fulfill(
+        status=429, content_type="application/json", headers={"Retry-After": "2"}, body='{"message":"x"}'))
+    page.select_option("#timeframe", "4h")
+    page.focus("#forecast")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=10_000)
+    assert page.is_disabled("#forecast") and page.evaluate(FOCUSED) == "status"
+    page.wait_for_function("!document.querySelector('#forecast').disabled", timeout=5_000)
+    assert page.evaluate(FOCUSED) == "forecast"
+
+    # Focus the user moved elsewhere meanwhile stays there.
+    page.unroute("**/models/4h")
+    page.select_option("#timeframe", "1h")
+    page.focus("#forecast")
+    page.keyboard.press("Enter")
+    page.focus("#symbol")
+    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    assert page.evaluate(FOCUSED) == "symbol"
+    page.close()

@@ -265,20 +265,38 @@ const FORECAST_LABEL = button.textContent;
 
 let holdTimer = null;
 
+// A focused button that disables itself drops the focus to <body>, where the next Tab starts from the page's top: the
+// status line, which says why it is disabled, holds the focus meanwhile and gives it back, unless the user moved it.
+let focusLent = false;
+function setDisabled(disabled) {
+  const status = $("status");
+  if (disabled && document.activeElement === button) {
+    focusLent = true;
+    status.focus();
+  }
+  button.disabled = disabled;
+  if (!disabled && focusLent) {
+    focusLent = false;
+    if (document.activeElement === status || document.activeElement === document.body) button.focus();
+  }
+}
+
 function showBusy(busy) {
   clearTimeout(holdTimer);
-  button.disabled = busy;
+  setDisabled(busy);
   button.setAttribute("aria-busy", String(busy));
   button.textContent = busy ? "Forecasting…" : FORECAST_LABEL;
 }
 
 function holdOff(seconds) {
   // After a 429 the button waits out the throttle's refill, counting down.
-  button.disabled = true;
+  clearTimeout(holdTimer);
+  button.setAttribute("aria-busy", "false");
+  setDisabled(true);
   let left = seconds;
   const tick = () => {
     if (left <= 0) {
-      button.disabled = false;
+      setDisabled(false);
       button.textContent = FORECAST_LABEL;
       return;
     }
@@ -352,8 +370,8 @@ async function forecast(event) {
     clearForecast();
     status.className = "error";
     status.textContent = created ? `prediction ${created} was stored but cannot be drawn: ${message}` : message;
-    showBusy(false);
     if (error.status === 429) holdOff(error.retryAfter);
+    else showBusy(false);
   } finally {
     if (inFlight === request) inFlight = null;
   }
