@@ -619,3 +619,34 @@ def test_the_keyboard_focus_stays_with_the_forecast_button_through_a_request(bro
     page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
     assert page.evaluate(FOCUSED) == "symbol"
     page.close()
+
+
+def test_each_chart_says_what_it_shows_in_words_and_numbers(browser, site):
+    """The canvases give a screen reader nothing: each chart is an image whose name states the forecast's numbers
+    (from the answers the page drew) and the reliability points, and says nothing of a forecast no longer drawn."""
+    page = browser.new_page()
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1h")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    prediction_id = page.text_content("#status").removeprefix("prediction ")
+    with urlopen(f"{site}/predictions/{prediction_id}") as response:
+        last = json.load(response)["steps"][-1]
+    price = page.get_by_role("img", name=re.compile(r"^X:BTCUSDT 1h ")).get_attribute("aria-label")
+    state = page.evaluate("window.candlecast")
+    shown = {name: page.evaluate("formatPrice", last[name])
+             for name in ("close", "lower_80", "upper_80", "lower_95", "upper_95")}
+    assert ("120 recent candles" in price and f"last close {state['priceLabel']}" in price
+            and f"30 expected candles to {last['ts']}" in price), price
+    assert (f"median close of {shown['close']}" in price
+            and f"80 % band from {shown['lower_80']} to {shown['upper_80']}" in price
+            and f"95 % band from {shown['lower_95']} to {shown['upper_95']}" in price), price
+    reliability = page.get_by_role("img", name=re.compile(r"^Reliability of candlecast-1h")).get_attribute("aria-label")
+    points = state["reliability"]["live"] + state["reliability"]["backtest"]
+    assert reliability.count(" stated, ") == points > 0, reliability
+
+    forecast(page, "X:BTCUSDT", "1d")  # the names follow the charts
+    assert page.get_by_role("img", name=re.compile(r"^X:BTCUSDT 1d ")).count() == 1
+    forecast(page, "NOPE-USD", "1h")
+    names = [page.get_attribute(chart, "aria-label") for chart in ("#chart", "#reliability")]
+    assert not any("X:BTCUSDT" in name or " stated, " in name for name in names), names
+    page.close()

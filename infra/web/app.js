@@ -189,6 +189,12 @@ function showModel(record) {
   $("figures").querySelector("tbody").innerHTML = rows.map(([name, a, b, digits]) =>
     `<tr><td>${name}</td><td>${format(a, digits)}</td><td>${format(b, digits)}</td></tr>`).join("");
   $("model-title").textContent = `Model: ${record.model.name} ${record.model.version} (${record.model.kind})`;
+  const said = (name, points) => `${name}: ` + (points.length
+    ? points.map((point) => `${point.time.toFixed(2)} stated, ${point.value.toFixed(2)} happened`).join("; ")
+    : "no points");
+  $("reliability").setAttribute("aria-label", `Reliability of ${record.model.name} ${record.model.version}, ` +
+    "stated confidence against how often the event happened (perfect on the diagonal). " +
+    `${said(liveName, liveBins)}. ${said("backtest", backtestBins)}.`);
   const period = live.period_start ? `Scored steps from ${live.period_start} to ${live.period_end}. ` : "";
   const drift = record.drift ? "Drift: live 80 % coverage has left [0.72, 0.88]. " : "";
   const sample = live.in_sample
@@ -245,6 +251,8 @@ async function unavailableMessage(symbol, timeframe, error) {
 
 const CHART_TITLE = $("chart-title").textContent;
 const MODEL_TITLE = $("model-title").textContent;
+// The charts' names for a screen reader (role="img"): what they show, in words and numbers.
+const CHART_NAMES = new Map(["chart", "reliability"].map((id) => [id, $(id).getAttribute("aria-label")]));
 
 function clearForecast() {
   // Nothing of an earlier forecast stays on screen under a failed one's message.
@@ -255,6 +263,7 @@ function clearForecast() {
   backtestDots.setData([]);
   $("chart-title").textContent = CHART_TITLE;
   $("model-title").textContent = MODEL_TITLE;
+  for (const [id, name] of CHART_NAMES) $(id).setAttribute("aria-label", name);
   $("figures").querySelector("tbody").innerHTML = "";
   $("model-note").textContent = "";
   Object.assign(state, { drawn: false, candles: 0, expected: 0, reliability: { live: 0, backtest: 0 } });
@@ -355,6 +364,12 @@ async function forecast(event) {
       `${prediction.ticker} ${timeframe} (UTC): ${candles.candles.length} recent candles and 30 expected from ` +
       `${prediction.last_candle_at}` +
       (prediction.stale ? ` (stale: ${prediction.data_age_bars} newer candles had closed when it was made)` : "");
+    const last = prediction.steps.at(-1);
+    $("chart").setAttribute("aria-label", `${prediction.ticker} ${timeframe} candles, times UTC, on a logarithmic ` +
+      `price axis: ${candles.candles.length} recent candles to ${prediction.last_candle_at}, last close ` +
+      `${formatPrice(lastClose)}; ${prediction.steps.length} expected candles to ${last.ts}, at the last a median ` +
+      `close of ${formatPrice(last.close)}, an 80 % band from ${formatPrice(last.lower_80)} to ` +
+      `${formatPrice(last.upper_80)} and a 95 % band from ${formatPrice(last.lower_95)} to ${formatPrice(last.upper_95)}.`);
     Object.assign(state, {
       drawn: true, candles: candles.candles.length, expected: prediction.steps.length,
       priceScaleMode: priceChart.priceScale("right").options().mode,
