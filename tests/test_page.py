@@ -1,4 +1,5 @@
-"""The forecast page at `/` and the Swagger UI at `/docs`, in a real browser.
+"""The forecast page at `/` and the Swagger UI at `/docs`, in a real browser; the page for a keyboard, a screen
+reader and weak eyes too (WCAG 2.1 AA).
 
 Debian's chromium (`make browser` installs it when missing), driven headless by playwright; no browser is
 downloaded. The page runs against the local stack: real PostgreSQL, Redis and moto's S3, the sample seeded
@@ -483,4 +484,169 @@ def test_a_refused_symbol_list_says_so_and_is_asked_for_again(browser, site):
     page.wait_for_function("document.querySelectorAll('#symbols option').length > 0", timeout=15_000)
     assert page.text_content("#status") == "" and len(refused) == 1
     assert errors == ["Failed to load resource: the server responded with a status of 429 (Too Many Requests)"]
+    page.close()
+
+# Every element with text of its own: its colour over the backgrounds under it, and the WCAG contrast ratio.
+CONTRAST = r"""() => {
+  const rgba = (css) => {
+    const parts = css.match(/[\d.]+/g).map(Number);
+    return parts.length > 3 ? parts : [...parts, 1];
+  };
+  const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3]));
+  const luminance = (rgb) => {
+    const [r, g, b] = rgb.map((v) => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const backdrop = (element) => {
+    const layers = [];
+    for (let e = element; e; e = e.parentElement) {
+      const colour = rgba(getComputedStyle(e).backgroundColor);
+      if (colour[3] > 0) layers.push(colour);
+      if (colour[3] === 1) break;
+    }
+    return layers.reverse().reduce((under, top) => over(top, under), [255, 255, 255]);
+  };
+  const seen = [];
+  for (const element of document.querySelectorAll("body *")) {
+    const text = [...element.childNodes].filter((node) => node.nodeType === Node.TEXT_NODE)
+      .map((node) => node.textContent).join("").trim();
+    if (!text || element.tagName === "SCRIPT" || !element.getClientRects().length) continue;
+    const style = getComputedStyle(element);
+    const background = backdrop(element);
+    const [light, dark] = [luminance(over(rgba(style.color), background)), luminance(background)]
+      .sort((a, b) => b - a);
+    const size = parseFloat(style.fontSize);
+    const large = size >= 24 || (Number(style.fontWeight) >= 700 && size >= 18.66);
+    seen.push({ text: text.slice(0, 40), color: style.color, ratio: (light + 0.05) / (dark + 0.05),
+                needs: large ? 3 : 4.5 });
+  }
+  return seen;
+}"""
+
+
+def too_faint(page) -> list[dict]:
+    return [text for text in page.evaluate(CONTRAST) if text["ratio"] < text["needs"]]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_text_on_the_page_has_aa_contrast(browser, site, scheme):
+    """Muted text, the timeframes without candles and a held button's countdown: 4.5:1 at least (3:1 if large)."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1100}, color_scheme=scheme)
+    page.goto(f"{site}/")
+    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0")
+    forecast(page, "X:ETHUSD", "1d")  # X:ETHUSD has no 1h or 4h candles: those options are disabled
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    # As a list box Chromium draws the options with their own colours (a closed select's computed ones are not those
+    # its menu shows).
+    page.evaluate("document.querySelector('#timeframe').size = 5")
+    assert too_faint(page) == []
+    page.evaluate("document.querySelector('#timeframe').size = 0")
+    page.route("**/models/4h", lambda route: route.fulfill(
+        status=429, content_type="application/json", headers={"Retry-After": "30"}, body='{"message":"x"}'))
+    forecast(page, "X:BTCUSDT", "4h")  # an error, and the button held with its countdown
+    assert page.is_disabled("#forecast") and "(" in page.text_content("#forecast")
+    assert too_faint(page) == []
+    page.close()
+
+
+# Ink (dark pixels) in the outer two columns of the reliability chart's horizontal axis, under its top border: a label
+# cut at an edge leaves some there.
+AXIS_EDGE_INK = """() => {
+  const rows = document.querySelectorAll('#reliability table tr');
+  const axis = [...rows[rows.length - 1].querySelectorAll('canvas')]
+    .reduce((wide, canvas) => (canvas.width > wide.width ? canvas : wide));
+  const { width, height } = axis;
+  const data = axis.getContext('2d').getImageData(0, 0, width, height).data;
+  let ink = 0;
+  for (const x of [0, 1, width - 2, width - 1]) {
+    for (let y = 3; y < height; y++) {
+      const i = (y * width + x) * 4;
+      if (data[i + 3] > 100 && data[i] < 160) ink++;
+    }
+  }
+  return ink;
+}"""
+
+
+def test_the_reliability_axis_labels_are_not_cut_at_its_ends(browser, site):
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1d")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    assert page.evaluate(AXIS_EDGE_INK) == 0
+    for width in (375, 1000):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(300)  # the resize observer redraws on the next frame
+        assert page.evaluate(AXIS_EDGE_INK) == 0, width
+    page.close()
+
+
+FOCUSED = "document.activeElement.id || document.activeElement.tagName"
+
+
+def test_the_keyboard_focus_stays_with_the_forecast_button_through_a_request(browser, site):
+    """A button that disables itself drops the focus to <body>, where the next Tab starts from the top of the page:
+    while it is disabled the status line (which says why) holds the focus, and gives it back once it is enabled."""
+    page = browser.new_page()
+    page.add_init_script(SLOW_FORECAST % ("1h", 2000))
+    page.goto(f"{site}/")
+    page.fill("#symbol", "X:BTCUSDT")
+    page.select_option("#timeframe", "1h")
+    page.focus("#forecast")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#forecast').disabled", timeout=2_000)
+    assert page.evaluate(FOCUSED) == "status"
+    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    assert page.evaluate(FOCUSED) == "forecast"
+
+    # Held after a 429: the status line holds the focus for the wait, and the button has it back after.
+    page.route("**/models/4h", lambda route: route.fulfill(
+        status=429, content_type="application/json", headers={"Retry-After": "2"}, body='{"message":"x"}'))
+    page.select_option("#timeframe", "4h")
+    page.focus("#forecast")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=10_000)
+    assert page.is_disabled("#forecast") and page.evaluate(FOCUSED) == "status"
+    page.wait_for_function("!document.querySelector('#forecast').disabled", timeout=5_000)
+    assert page.evaluate(FOCUSED) == "forecast"
+
+    # Focus the user moved elsewhere meanwhile stays there.
+    page.unroute("**/models/4h")
+    page.select_option("#timeframe", "1h")
+    page.focus("#forecast")
+    page.keyboard.press("Enter")
+    page.focus("#symbol")
+    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    assert page.evaluate(FOCUSED) == "symbol"
+    page.close()
+
+
+def test_each_chart_says_what_it_shows_in_words_and_numbers(browser, site):
+    """The canvases give a screen reader nothing: each chart is an image whose name states the forecast's numbers
+    (from the answers the page drew) and the reliability points, and says nothing of a forecast no longer drawn."""
+    page = browser.new_page()
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1h")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    prediction_id = page.text_content("#status").removeprefix("prediction ")
+    with urlopen(f"{site}/predictions/{prediction_id}") as response:
+        last = json.load(response)["steps"][-1]
+    price = page.get_by_role("img", name=re.compile(r"^X:BTCUSDT 1h ")).get_attribute("aria-label")
+    state = page.evaluate("window.candlecast")
+    shown = {name: page.evaluate("formatPrice", last[name])
+             for name in ("close", "lower_80", "upper_80", "lower_95", "upper_95")}
+    assert ("120 recent candles" in price and f"last close {state['priceLabel']}" in price
+            and f"30 expected candles to {last['ts']}" in price), price
+    assert (f"median close of {shown['close']}" in price
+            and f"80 % band from {shown['lower_80']} to {shown['upper_80']}" in price
+            and f"95 % band from {shown['lower_95']} to {shown['upper_95']}" in price), price
+    reliability = page.get_by_role("img", name=re.compile(r"^Reliability of candlecast-1h")).get_attribute("aria-label")
+    points = state["reliability"]["live"] + state["reliability"]["backtest"]
+    assert reliability.count(" stated, ") == points > 0, reliability
+
+    forecast(page, "X:BTCUSDT", "1d")  # the names follow the charts
+    assert page.get_by_role("img", name=re.compile(r"^X:BTCUSDT 1d ")).count() == 1
+    forecast(page, "NOPE-USD", "1h")
+    names = [page.get_attribute(chart, "aria-label") for chart in ("#chart", "#reliability")]
+    assert not any("X:BTCUSDT" in name or " stated, " in name for name in names), names
     page.close()

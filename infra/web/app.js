@@ -48,6 +48,7 @@ const reliabilityChart = LWC.createOptionsChart($("reliability"), {
   layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
   grid: { vertLines: { visible: false }, horzLines: { color: "#f0f2f5" } },
   localization: { precision: 2, priceFormatter: (value) => value.toFixed(2) },
+  timeScale: { lockVisibleTimeRangeOnResize: true },
 });
 const diagonal = reliabilityChart.addSeries(LWC.LineSeries, {
   color: "#bdbdbd", lineWidth: 1, priceLineVisible: false, lastValueVisible: false, crosshairMarkerVisible: false,
@@ -59,6 +60,9 @@ const dots = (color) => reliabilityChart.addSeries(LWC.LineSeries, {
 const liveDots = dots("#e65100");
 const backtestDots = dots("#455a64");
 diagonal.setData(Array.from({ length: 101 }, (_, i) => ({ time: i / 100, value: i / 100 })));
+// The axis runs a little past 0 and 1 (in 0.01 steps, the diagonal's points): at the edges their labels were cut.
+const showConfidenceAxis = () => reliabilityChart.timeScale().setVisibleLogicalRange({ from: -8, to: 108 });
+showConfidenceAxis();
 
 // Prices from 0.00001 to 100,000: each label keeps up to PRICE_DIGITS significant digits (two decimals at least,
 // no trailing zeros past them, thousands grouped), so 0.0036 is not "0.00"; the axis' step (minMove) follows the last close's magnitude, or a
@@ -173,7 +177,7 @@ function showModel(record) {
   const backtestBins = onGrid(record.backtest.reliability);
   liveDots.setData(liveBins);
   backtestDots.setData(backtestBins);
-  reliabilityChart.timeScale().fitContent();
+  showConfidenceAxis();
   state.reliability = { live: liveBins.length, backtest: backtestBins.length };
   const rows = [
     ["steps scored", live.n_scored, record.backtest.n_pairs, 0],
@@ -185,6 +189,12 @@ function showModel(record) {
   $("figures").querySelector("tbody").innerHTML = rows.map(([name, a, b, digits]) =>
     `<tr><td>${name}</td><td>${format(a, digits)}</td><td>${format(b, digits)}</td></tr>`).join("");
   $("model-title").textContent = `Model: ${record.model.name} ${record.model.version} (${record.model.kind})`;
+  const said = (name, points) => `${name}: ` + (points.length
+    ? points.map((point) => `${point.time.toFixed(2)} stated, ${point.value.toFixed(2)} happened`).join("; ")
+    : "no points");
+  $("reliability").setAttribute("aria-label", `Reliability of ${record.model.name} ${record.model.version}, ` +
+    "stated confidence against how often the event happened (perfect on the diagonal). " +
+    `${said(liveName, liveBins)}. ${said("backtest", backtestBins)}.`);
   const period = live.period_start ? `Scored steps from ${live.period_start} to ${live.period_end}. ` : "";
   const drift = record.drift ? "Drift: live 80 % coverage has left [0.72, 0.88]. " : "";
   const sample = live.in_sample
@@ -241,6 +251,8 @@ async function unavailableMessage(symbol, timeframe, error) {
 
 const CHART_TITLE = $("chart-title").textContent;
 const MODEL_TITLE = $("model-title").textContent;
+// The charts' names for a screen reader (role="img"): what they show, in words and numbers.
+const CHART_NAMES = new Map(["chart", "reliability"].map((id) => [id, $(id).getAttribute("aria-label")]));
 
 function clearForecast() {
   // Nothing of an earlier forecast stays on screen under a failed one's message.
@@ -251,6 +263,7 @@ function clearForecast() {
   backtestDots.setData([]);
   $("chart-title").textContent = CHART_TITLE;
   $("model-title").textContent = MODEL_TITLE;
+  for (const [id, name] of CHART_NAMES) $(id).setAttribute("aria-label", name);
   $("figures").querySelector("tbody").innerHTML = "";
   $("model-note").textContent = "";
   Object.assign(state, { drawn: false, candles: 0, expected: 0, reliability: { live: 0, backtest: 0 } });
@@ -261,20 +274,38 @@ const FORECAST_LABEL = button.textContent;
 
 let holdTimer = null;
 
+// A focused button that disables itself drops the focus to <body>, where the next Tab starts from the page's top: the
+// status line, which says why it is disabled, holds the focus meanwhile and gives it back, unless the user moved it.
+let focusLent = false;
+function setDisabled(disabled) {
+  const status = $("status");
+  if (disabled && document.activeElement === button) {
+    focusLent = true;
+    status.focus();
+  }
+  button.disabled = disabled;
+  if (!disabled && focusLent) {
+    focusLent = false;
+    if (document.activeElement === status || document.activeElement === document.body) button.focus();
+  }
+}
+
 function showBusy(busy) {
   clearTimeout(holdTimer);
-  button.disabled = busy;
+  setDisabled(busy);
   button.setAttribute("aria-busy", String(busy));
   button.textContent = busy ? "Forecasting…" : FORECAST_LABEL;
 }
 
 function holdOff(seconds) {
   // After a 429 the button waits out the throttle's refill, counting down.
-  button.disabled = true;
+  clearTimeout(holdTimer);
+  button.setAttribute("aria-busy", "false");
+  setDisabled(true);
   let left = seconds;
   const tick = () => {
     if (left <= 0) {
-      button.disabled = false;
+      setDisabled(false);
       button.textContent = FORECAST_LABEL;
       return;
     }
@@ -333,6 +364,12 @@ async function forecast(event) {
       `${prediction.ticker} ${timeframe} (UTC): ${candles.candles.length} recent candles and 30 expected from ` +
       `${prediction.last_candle_at}` +
       (prediction.stale ? ` (stale: ${prediction.data_age_bars} newer candles had closed when it was made)` : "");
+    const last = prediction.steps.at(-1);
+    $("chart").setAttribute("aria-label", `${prediction.ticker} ${timeframe} candles, times UTC, on a logarithmic ` +
+      `price axis: ${candles.candles.length} recent candles to ${prediction.last_candle_at}, last close ` +
+      `${formatPrice(lastClose)}; ${prediction.steps.length} expected candles to ${last.ts}, at the last a median ` +
+      `close of ${formatPrice(last.close)}, an 80 % band from ${formatPrice(last.lower_80)} to ` +
+      `${formatPrice(last.upper_80)} and a 95 % band from ${formatPrice(last.lower_95)} to ${formatPrice(last.upper_95)}.`);
     Object.assign(state, {
       drawn: true, candles: candles.candles.length, expected: prediction.steps.length,
       priceScaleMode: priceChart.priceScale("right").options().mode,
@@ -348,8 +385,8 @@ async function forecast(event) {
     clearForecast();
     status.className = "error";
     status.textContent = created ? `prediction ${created} was stored but cannot be drawn: ${message}` : message;
-    showBusy(false);
     if (error.status === 429) holdOff(error.retryAfter);
+    else showBusy(false);
   } finally {
     if (inFlight === request) inFlight = null;
   }
