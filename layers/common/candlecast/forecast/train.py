@@ -184,12 +184,14 @@ PLANS = {
 # `coin_groups` order, for the candles they were made on (`candles_fingerprint` before the holdout); on other data
 # every pass runs the plan as it is, and the manifest says so. The trees' calibration at 4h and 1d, checked per pass
 # between the plan's ("all 3") and the block (`--trees-only --trees "all 3" block`), is the plan's in every pass.
-# Where a pass chose otherwise: 1h's third (holding out BNB, EOS, TRX, ...) the block (summed coverage errors 0.0171
-# against 0.0195 with the half-life of 0.5 y); 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0692 against
-# 0.0727 on the block) and the map with ln h on that history (log loss 0.42061 against 0.42174 on the block); 1w's
-# third plain Platt (0.27956 against 0.28076); at 1m the second (ADA, BTC, XRP, ...) plain Platt (0.32986 against
-# 0.33148) and the third (BNB, ETH, SOL, ...) a one-year half-life (summed coverage errors 0.3652 against 0.3837
-# with equal weights).
+# A pass takes another variant only where it scores at least the tie lower (summed coverage errors 0.001, log loss
+# 0.0005) and that gain's 95 % interval over calendar batches (`calibration_check.choice_verdict`) lies above 0.
+# By it every pass keeps the plan at every timeframe. The tie alone (before 2026-12-06) had taken, each gain within
+# its noise: 1h's third pass (holding out BNB, EOS, TRX, ...) the block (0.0024 [-0.0110, +0.0158], 11 batches);
+# 4h's second (ADA, BTC, ETH, ...) a half-life of 0.5 y (0.0035 [-0.0299, +0.0370], 8) and the map with ln h on that
+# history (0.0011 [-0.0008, +0.0031]); 1w's third plain Platt (0.0012 [-0.0030, +0.0054], 5); at 1m the second
+# (ADA, BTC, XRP, ...) plain Platt (0.0016 [-0.083, +0.086], 2) and the third (BNB, ETH, SOL, ...) a one-year
+# half-life (0.0186 [-0.41, +0.45], 2).
 # "configs": field overrides of the timeframe's `TimeframeConfig` per pass, the walk-forward building that pass's
 # origins with them (`pass_origins`); each pass's other choices are made under its own (`calibration_check --set`).
 # None is left. The rule for a config field (`--long-window N` / `--halflife N` with `--set`, each run `--per-pass
@@ -211,18 +213,17 @@ PLANS = {
 # kind's own figures (`nested_selection`).
 PASS_CHOICES: dict[Timeframe, dict] = {
     "1h": {"candles": "d7823dfb2cbec322c88b4dc04bc71a447823789e22176a735b178056e6675893",
-           "passes": ({}, {}, {"calibrate_on_history": False, "calibration_half_life": None}),
+           "passes": ({}, {}, {}),
            "kinds": ("combined", "baseline", "combined")},
     "4h": {"candles": "9d35a80be6d8b698f87738a6b114c5a2cd0240a233cfadbdc962971443fc737a",
-           "passes": ({}, {"calibrate_on_history": True, "calibration_half_life": 0.5, "confidence_ln_h": True}, {}),
+           "passes": ({}, {}, {}),
            "kinds": ("baseline", "learned", "combined")},
     "1d": {"candles": "ea8cda5e0fb7960c21bc0e5524c66a3e2dbe43e131c7a145b2c11392ee1aa865", "passes": ({}, {}, {}),
            "kinds": ("baseline", "learned", "combined")},
     "1w": {"candles": "a50fc033630715253a109b298b9f1b4edada7277e46ace57335ab9a06a27ee0b",
-           "passes": ({}, {}, {"confidence_ln_h": False}), "kinds": ("combined", "baseline", "baseline")},
+           "passes": ({}, {}, {}), "kinds": ("combined", "baseline", "baseline")},
     "1m": {"candles": "889c53e356401313540b4db75ac2dd7c1a4527816beadc54f1f8f91f300dc5df",
-           "passes": ({}, {"confidence_ln_h": False}, {"calibration_half_life": 1.0}),
-           "kinds": ("baseline", "baseline", "garch-scale")},
+           "passes": ({}, {}, {}), "kinds": ("baseline", "baseline", "baseline")},
 }
 
 
