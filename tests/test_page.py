@@ -134,6 +134,16 @@ def test_the_page_creates_a_forecast_and_draws_it(browser, site, clean_db):
     page.close()
 
 
+def slow_hourly_page(browser, site: str, delay_ms: int):
+    """A new page whose 1h forecasts answer `delay_ms` late, with X:BTCUSDT and 1h chosen."""
+    page = browser.new_page()
+    page.add_init_script(SLOW_FORECAST % ("1h", delay_ms))
+    page.goto(f"{site}/")
+    page.fill("#symbol", "X:BTCUSDT")
+    page.select_option("#timeframe", "1h")
+    return page
+
+
 def forecast(page, symbol: str, timeframe: str) -> None:
     page.fill("#symbol", symbol)
     page.select_option("#timeframe", timeframe)
@@ -142,6 +152,20 @@ def forecast(page, symbol: str, timeframe: str) -> None:
     page.wait_for_function("!['', 'forecasting…'].includes(document.querySelector('#status').textContent)",
                            timeout=30_000)
     page.wait_for_timeout(300)  # the charts paint on the next animation frame
+
+
+def btc_daily_forecast(browser, site: str, width: int, height: int):
+    """A new page of that size with X:BTCUSDT's 1d forecast drawn."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(f"{site}/")
+    forecast(page, "X:BTCUSDT", "1d")
+    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    return page
+
+
+def resize(page, width: int, height: int = 900) -> None:
+    page.set_viewport_size({"width": width, "height": height})
+    page.wait_for_timeout(300)  # the resize observer redraws on the next frame
 
 
 def expected_candles_painted(page) -> int:
@@ -222,11 +246,7 @@ def test_the_forecast_button_is_busy_while_its_request_is_in_flight_and_sends_it
 def test_only_the_latest_forecast_is_drawn_when_an_earlier_answer_comes_late(browser, site):
     """A forecast started while another is in flight (a submit the disabled button does not stop, such as a
     script's) owns the page: the earlier answer, arriving after it, is not drawn over it."""
-    page = browser.new_page()
-    page.add_init_script(SLOW_FORECAST % ("1h", 3000))
-    page.goto(f"{site}/")
-    page.fill("#symbol", "X:BTCUSDT")
-    page.select_option("#timeframe", "1h")
+    page = slow_hourly_page(browser, site, 3000)
     page.click("#forecast")
     page.wait_for_timeout(300)
     page.select_option("#timeframe", "1d")
@@ -362,13 +382,9 @@ RECENT_IN_VIEW = """() => {
 
 
 def test_the_charts_follow_the_window_as_it_is_resized(browser, site):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(f"{site}/")
-    forecast(page, "X:BTCUSDT", "1d")
-    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    page = btc_daily_forecast(browser, site, 1280, 900)
     for width in (700, 375, 1000, 1280):  # 375: a phone's
-        page.set_viewport_size({"width": width, "height": 900})
-        page.wait_for_timeout(300)  # the resize observer redraws on the next frame
+        resize(page, width)
         seen = page.evaluate(CHART_WIDTHS)
         assert seen["page"] <= seen["window"] == width, seen  # nothing sticks out: no sideways scrolling
         for box, drawn in seen["charts"]:
@@ -569,14 +585,10 @@ AXIS_EDGE_INK = """() => {
 
 
 def test_the_reliability_axis_labels_are_not_cut_at_its_ends(browser, site):
-    page = browser.new_page(viewport={"width": 1200, "height": 1100})
-    page.goto(f"{site}/")
-    forecast(page, "X:BTCUSDT", "1d")
-    assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
+    page = btc_daily_forecast(browser, site, 1200, 1100)
     assert page.evaluate(AXIS_EDGE_INK) == 0
     for width in (375, 1000):
-        page.set_viewport_size({"width": width, "height": 900})
-        page.wait_for_timeout(300)  # the resize observer redraws on the next frame
+        resize(page, width)
         assert page.evaluate(AXIS_EDGE_INK) == 0, width
     page.close()
 
@@ -587,11 +599,7 @@ FOCUSED = "document.activeElement.id || document.activeElement.tagName"
 def test_the_keyboard_focus_stays_with_the_forecast_button_through_a_request(browser, site):
     """A button that disables itself drops the focus to <body>, where the next Tab starts from the top of the page:
     while it is disabled the status line (which says why) holds the focus, and gives it back once it is enabled."""
-    page = browser.new_page()
-    page.add_init_script(SLOW_FORECAST % ("1h", 2000))
-    page.goto(f"{site}/")
-    page.fill("#symbol", "X:BTCUSDT")
-    page.select_option("#timeframe", "1h")
+    page = slow_hourly_page(browser, site, 2000)
     page.focus("#forecast")
     page.keyboard.press("Enter")
     page.wait_for_function("document.querySelector('#forecast').disabled", timeout=2_000)
