@@ -155,3 +155,25 @@ def test_every_aws_call_of_the_function_is_allowed_by_its_policy(recorded, stack
     reached = {summary(request, secret_arns, stack.bucket) for call in calls[logical_id]
                for request in iam_requests(call)}
     assert reached == EXERCISED[logical_id]
+
+
+def test_a_statements_string_conditions_are_evaluated():
+    """A statement with a Condition was refused as unevaluable; StringEquals and StringLike are evaluated now, and a
+    key the request does not carry matches no condition on it, as in IAM."""
+    from infra.iam_calls import IamRequest, allowed
+
+    statements = [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::b",
+                   "Condition": {"StringLike": {"s3:prefix": ["models/*", "data/x/*"]}}}]
+
+    def listing(*context) -> IamRequest:
+        return IamRequest("s3:ListBucket", "arn:aws:s3:::b", "s3.ListObjectsV2", tuple(context))
+
+    assert allowed(statements, listing(("s3:prefix", "models/")))
+    assert allowed(statements, listing(("s3:prefix", "data/x/1h.parquet")))
+    assert not allowed(statements, listing(("s3:prefix", "data/")))
+    assert not allowed(statements, listing())
+    exact = [{**statements[0], "Condition": {"StringEquals": {"s3:prefix": "models/"}}}]
+    assert allowed(exact, listing(("s3:prefix", "models/")))
+    assert not allowed(exact, listing(("s3:prefix", "models/1d/")))
+    with pytest.raises(NotImplementedError, match="IpAddress"):
+        allowed([{**statements[0], "Condition": {"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}}], listing())
