@@ -30,6 +30,7 @@ class IamRequest:
     action: str
     resource: str
     why: str  # the call it stands for
+    context: tuple[tuple[str, str], ...] = ()  # the condition keys the request carries: (("s3:prefix", "models/"),)
 
 
 def iam_requests(call: AwsCall) -> list[IamRequest]:
@@ -48,7 +49,7 @@ def iam_requests(call: AwsCall) -> list[IamRequest]:
         if call.operation == "PutObject":
             return [IamRequest("s3:PutObject", f"{bucket}/{params['Key']}", why)]
         if call.operation == "ListObjectsV2":
-            return [IamRequest("s3:ListBucket", bucket, why)]
+            return [IamRequest("s3:ListBucket", bucket, why, (("s3:prefix", params.get("Prefix", "")),))]
     if call.service == "secretsmanager" and call.operation == "GetSecretValue":
         # IAM matches the secret's full ARN (name-XXXXXX), whatever name or partial ARN SecretId gave.
         return [IamRequest("secretsmanager:GetSecretValue", call.arn or params["SecretId"], why)]
@@ -151,16 +152,37 @@ def _matches(patterns: Any, value: str, *, ignore_case: bool) -> bool:
     return False
 
 
+def _conditions_hold(statement: dict, request: IamRequest) -> bool:
+    """A statement's Condition for the request: StringEquals and StringLike only (any value of a key matches; a key
+    the request does not carry matches none, as in IAM); other operators are an error, so none goes unchecked."""
+    context = dict(request.context)
+    for operator, tests in (statement.get("Condition") or {}).items():
+        if operator not in ("StringEquals", "StringLike"):
+            raise NotImplementedError(f"statement {statement.get('Sid')}: condition operator {operator} is not "
+                                      "evaluated here")
+        for key, patterns in tests.items():
+            value = context.get(key)
+            if value is None:
+                return False
+            patterns = patterns if isinstance(patterns, list) else [patterns]
+            if operator == "StringEquals" and value not in patterns:
+                return False
+            if operator == "StringLike" and not _matches(patterns, value, ignore_case=False):
+                return False
+    return True
+
+
 def allowed(statements: list[dict], request: IamRequest) -> bool:
-    """IAM's identity-policy evaluation for one request, without conditions: an explicit Deny wins, else an Allow
-    must match both action (case-insensitive) and resource (wildcards * and ?)."""
+    """IAM's identity-policy evaluation for one request: an explicit Deny wins, else an Allow must match action
+    (case-insensitive), resource (wildcards * and ?) and its conditions (`_conditions_hold`)."""
     verdicts = set()
     for statement in statements:
-        if {"NotAction", "NotResource", "Condition"} & set(statement):
-            raise NotImplementedError(f"statement {statement.get('Sid')}: NotAction, NotResource and Condition are "
-                                      "not evaluated here")
+        if {"NotAction", "NotResource"} & set(statement):
+            raise NotImplementedError(f"statement {statement.get('Sid')}: NotAction and NotResource are not "
+                                      "evaluated here")
         if (_matches(statement["Action"], request.action, ignore_case=True)
-                and _matches(statement["Resource"], request.resource, ignore_case=False)):
+                and _matches(statement["Resource"], request.resource, ignore_case=False)
+                and _conditions_hold(statement, request)):
             verdicts.add(statement["Effect"])
     return verdicts == {"Allow"}
 

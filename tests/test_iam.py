@@ -30,7 +30,8 @@ NO_FILE = "X:C000USD"  # in the fake Polygon's market, and in no candle file of 
 # permission. Derived from the recording, never an input to the policy check.
 EXERCISED = {
     "MigrateFunction": {"secretsmanager:GetSecretValue DbSecretArn"},
-    "HealthFunction": {"secretsmanager:GetSecretValue DbSecretArn"},  # its storage check is an unsigned HEAD
+    # Its storage check is an unsigned HEAD of the bucket, then a LIST of the model files' names.
+    "HealthFunction": {"secretsmanager:GetSecretValue DbSecretArn", "s3:ListBucket bucket"},
     "SymbolsFunction": {"secretsmanager:GetSecretValue DbSecretArn"},
     "PredictionGetFunction": {"secretsmanager:GetSecretValue DbSecretArn"},
     "PredictionCreateFunction": {
@@ -155,3 +156,44 @@ def test_every_aws_call_of_the_function_is_allowed_by_its_policy(recorded, stack
     reached = {summary(request, secret_arns, stack.bucket) for call in calls[logical_id]
                for request in iam_requests(call)}
     assert reached == EXERCISED[logical_id]
+
+
+def test_healths_listing_is_allowed_under_the_models_prefix_only():
+    """Health may list key names under models/ (its model files check) and nowhere else: the statement's
+    s3:prefix condition is evaluated, not skipped."""
+    from infra.iam_calls import AwsCall
+
+    template = load_template(ROOT / "template.yaml")
+    statements = function_statements(
+        template, "HealthFunction",
+        {"Stage": STAGE, "DbSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-AbC12f"},
+        {"DataBucket": "bucket", "DataBucket.Arn": "arn:aws:s3:::bucket"})
+
+    def listing(**params) -> list[AwsCall]:
+        return [AwsCall("s3", "ListObjectsV2", {"Bucket": "bucket", **params})]
+
+    assert not denied(statements, listing(Prefix="models/"))
+    for params in ({"Prefix": "data/"}, {"Prefix": ""}, {}):
+        assert denied(statements, listing(**params)), params
+
+
+def test_a_statements_string_conditions_are_evaluated():
+    """A statement with a Condition was refused as unevaluable; StringEquals and StringLike are evaluated now, and a
+    key the request does not carry matches no condition on it, as in IAM."""
+    from infra.iam_calls import IamRequest, allowed
+
+    statements = [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::b",
+                   "Condition": {"StringLike": {"s3:prefix": ["models/*", "data/x/*"]}}}]
+
+    def listing(*context) -> IamRequest:
+        return IamRequest("s3:ListBucket", "arn:aws:s3:::b", "s3.ListObjectsV2", tuple(context))
+
+    assert allowed(statements, listing(("s3:prefix", "models/")))
+    assert allowed(statements, listing(("s3:prefix", "data/x/1h.parquet")))
+    assert not allowed(statements, listing(("s3:prefix", "data/")))
+    assert not allowed(statements, listing())
+    exact = [{**statements[0], "Condition": {"StringEquals": {"s3:prefix": "models/"}}}]
+    assert allowed(exact, listing(("s3:prefix", "models/")))
+    assert not allowed(exact, listing(("s3:prefix", "models/1d/")))
+    with pytest.raises(NotImplementedError, match="IpAddress"):
+        allowed([{**statements[0], "Condition": {"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}}], listing())

@@ -220,9 +220,13 @@ def test_bucket_access_is_limited_to_the_prefixes_each_function_needs(resources)
     # Readers may list key names, so a missing candle file or model is a 404 (None), not AccessDenied.
     for name in ("PredictionCreateFunction", "RefreshFunction", "ScoreFunction"):
         assert granted(fns[name], "s3:ListBucket") == [{"Fn::GetAtt": ["DataBucket", "Arn"]}], name
-    # Health's storage check is an unsigned HEAD: it needs no S3 permission at all.
-    for name in ("SymbolsFunction", "PredictionGetFunction", "MigrateFunction", "HealthFunction"):
+    for name in ("SymbolsFunction", "PredictionGetFunction", "MigrateFunction"):
         assert not granted(fns[name], "s3:ListBucket"), name
+    # Health lists the model files' names (its bucket check is an unsigned HEAD), and no other prefix.
+    (listing,) = [statement for policy in fns["HealthFunction"]["Policies"] for statement in policy["Statement"]
+                  if statement["Action"] == "s3:ListBucket"]
+    assert listing["Resource"] == {"Fn::GetAtt": ["DataBucket", "Arn"]}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": "models/*"}}
 
 
 @pytest.mark.parametrize("parameter", ["DbSecretArn", "ModelSigningKeySecretArn", "PolygonApiKeySecretArn"])

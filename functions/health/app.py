@@ -15,7 +15,8 @@ health.prepare()
 @app.get("/health", operation_id="get_health", summary="Service health",
          description="200 ok or degraded; 503 when the database is down.",
          responses={200: described(HealthReport,
-                                   "ok, or degraded when the cache or storage is down or the cache refuses writes"),
+                                   "ok, or degraded when the cache or storage is down, the cache refuses writes, "
+                                   "or an active model's file or signature is not in storage"),
                     503: described(HealthReport, "down: the database is unavailable")})
 def get_health():
     status_code, body = health.check()

@@ -258,8 +258,12 @@ class HealthChecks(Schema):
 class ModelStatus(Schema):
     model_config = ConfigDict(protected_namespaces=())
 
-    status: Literal["active", "missing", "unknown"] = Field(
-        description="unknown while the database, which registers the models, cannot be read")
+    status: Literal["active", "file_missing", "missing", "unknown"] = Field(
+        description="active: registered, its file and signature in storage; file_missing: registered, but its file "
+                    "or signature is not in storage (the report is degraded: scoring, and creates unless the function "
+                    "ships that very file, fail for the timeframe); "
+                    "missing: no model registered; unknown while the database, which registers the models, or "
+                    "storage, which holds their files, cannot be read")
     name: str | None = None
     version: str | None = None
     kind: str | None = Field(None, description=KIND_DESCRIPTION)
@@ -272,8 +276,8 @@ class Drift(Schema):
 
 
 class HealthReport(Schema):
-    """GET /health: 200 "ok" or "degraded" (cache or storage down, or the cache refusing writes), 503 "down" (the
-    database is)."""
+    """GET /health: 200 "ok" or "degraded" (cache or storage down, the cache refusing writes, or an active model's
+    file or signature not in storage), 503 "down" (the database is)."""
 
     status: Literal["ok", "degraded", "down"]
     checks: HealthChecks

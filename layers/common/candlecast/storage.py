@@ -63,6 +63,10 @@ def signature_key(model_key: str) -> str:
     return model_key + ".sig"
 
 
+# Where every model file and its signature live (active_model_key's folder): one LIST finds them all.
+MODELS_PREFIX = active_model_key("").rsplit("/", 1)[0] + "/"
+
+
 # --- clients ------------------------------------------------------------------------------------
 
 
@@ -332,6 +336,35 @@ def list_keys(prefix: str) -> list[str]:
         paginator = s3_client().get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=_bucket(), Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def model_keys() -> set[str]:
+    """Every key under MODELS_PREFIX (model files and their signatures): a LIST, one request per 1,000 keys, on
+    the read client (one try of at most a second). Names only: nothing is downloaded. Failures are raised as they
+    are, unlogged: the caller (Health, which HEADs the bucket first) reports them once (`failure_code`)."""
+    pages = read_client().get_paginator("list_objects_v2").paginate(Bucket=_bucket(), Prefix=MODELS_PREFIX)
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def missing_model_files(model_key: str, held: set[str]) -> list[str] | None:
+    """The keys of a model file and its signature (which a load reads, file first) that `held` (`model_keys()`)
+    lacks; None when the file lies outside MODELS_PREFIX, which that listing does not cover."""
+    if not model_key.startswith(MODELS_PREFIX):
+        return None
+    return [key for key in (model_key, signature_key(model_key)) if key not in held]
+
+
+def failure_code(error: Exception) -> str:
+    """What a public answer may say of a failed S3 request: S3's error code, or the error's class (S3's text and
+    the request's URL name the bucket)."""
+    from botocore.exceptions import ClientError
+
+    return _code(error) if isinstance(error, ClientError) else type(error).__name__
+
+
+def prepare_model_listing() -> None:
+    """Build `model_keys`' client (and import boto3) now, during a function's init; it sends no request."""
+    read_client()
 
 
 def _held_keys(client: Any, bucket: str, prefix: str) -> set[str]:

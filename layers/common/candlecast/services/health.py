@@ -1,4 +1,5 @@
-"""Health: the database, the cache and storage, each with its latency; model status per timeframe."""
+"""Health: the database, the cache and storage, each with its latency; model status per timeframe, with whether
+storage holds each active model's file and signature (which POST /predictions reads)."""
 
 import json
 import time
@@ -19,6 +20,9 @@ logger = Logger(child=True)
 # What the database check said when Health last answered 503 (None: it did not): a warning when that starts or its
 # reason changes, one line when it ends, not one per request.
 _down_with: str | None = None
+# The active models whose file or signature storage lacked at the last check that could tell ({timeframe: keys}):
+# a warning when that set starts or changes, one line when it empties, not one per request.
+_files_missing: dict[str, list[str]] = {}
 
 
 class Degraded(Exception):
@@ -62,40 +66,67 @@ def _cache() -> None:
         raise Degraded(problem)
 
 
+def _storage(held: set[str]) -> None:
+    """The bucket answers (an unsigned HEAD), then the keys of the model files it holds (one LIST of the models
+    prefix) into `held`; a bucket that answers but cannot be listed is "degraded", the files then unknown."""
+    storage.check_bucket()
+    try:
+        held.update(storage.model_keys())
+    except Exception as error:
+        raise Degraded(f"model files not listed ({storage.failure_code(error)})") from error
+
+
 def prepare() -> None:
     """At init: what the first check would otherwise build inside the first invoke (see storage)."""
     storage.prepare_bucket_check()
+    storage.prepare_model_listing()
+
+
+def _model(row: dict | None, absent: str, held: set[str] | None, missing: dict[str, list[str]]) -> dict:
+    """A timeframe's model: "active" (registered, its file and signature stored), "file_missing" (registered, but
+    the file or its signature is not in storage: loads from the bucket fail), "unknown" (storage could not be
+    listed),
+    or `absent` when no model is registered."""
+    if row is None:
+        return {"status": absent}
+    gone = storage.missing_model_files(row["s3_key"], held) if held is not None else None
+    if gone:
+        missing[row["timeframe"]] = gone
+    status = "unknown" if gone is None else "file_missing" if gone else "active"
+    return {"status": status, "name": row["name"], "version": row["version"], "kind": row["kind"]}
 
 
 def check() -> tuple[int, bytes]:
     """(HTTP status, JSON body): 200 "ok", 200 "degraded" when cache or storage is down (or the cache refuses
-    writes), 503 when the database is."""
+    writes) or an active model's file or signature is not in storage, 503 when the database is."""
     active_models: dict = {}
+    held: set[str] = set()
 
     def database() -> bool:
         active_models.update(_database())
         return True
 
+    def storage_check() -> None:
+        _storage(held)
+
     # At once: a request (and a cold start, which connects to all three) waits for the slowest, not the sum.
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="health") as pool:
-        work = (("database", database), ("cache", _cache), ("storage", storage.check_bucket))
+        work = (("database", database), ("cache", _cache), ("storage", storage_check))
         futures = {name: pool.submit(_timed, check) for name, check in work}
     checks = {name: future.result() for name, future in futures.items()}
     _log_transition(checks["database"])
+    absent = "unknown" if checks["database"]["status"] == "down" else "missing"
+    listed = held if checks["storage"]["status"] == "up" else None
+    missing: dict[str, list[str]] = {}
+    models = {timeframe: _model(active_models.get(timeframe), absent, listed, missing) for timeframe in TIMEFRAMES}
+    if listed is not None and checks["database"]["status"] == "up":  # both answered: the files are known
+        _log_files_transition(missing)
     if checks["database"]["status"] == "down":
         status, code = "down", 503
-    elif any(item["status"] != "up" for item in checks.values()):
+    elif missing or any(item["status"] != "up" for item in checks.values()):
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
-    absent = "unknown" if checks["database"]["status"] == "down" else "missing"
-    models = {
-        timeframe: (
-            {"status": "active", "name": row["name"], "version": row["version"], "kind": row["kind"]}
-            if (row := active_models.get(timeframe)) else {"status": absent}
-        )
-        for timeframe in TIMEFRAMES
-    }
     drift = {}
     for timeframe, row in active_models.items():
         n, inside_80 = row.get("live", (0, 0))
@@ -118,3 +149,18 @@ def _log_transition(database: dict) -> None:
     elif _down_with is not None:
         logger.info("health answers 200 again: the database check passed", extra={"was": _down_with})
         _down_with = None
+
+
+def _log_files_transition(missing: dict[str, list[str]]) -> None:
+    """Active models whose file or signature is not in storage: what the body says by timeframe, with the keys
+    (logs are private; the body is not), when that starts or changes, and one line when every file is back."""
+    global _files_missing
+    if missing and missing != _files_missing:
+        logger.warning("health answers degraded: active model files are missing from storage; scoring, and "
+                       "POST /predictions unless the function ships that very file, fail for these timeframes: "
+                       "restore the files and signatures or activate other models",
+                       extra={"missing": missing})
+    elif not missing and _files_missing:
+        logger.info("health: every active model's file and signature are in storage again",
+                    extra={"was": _files_missing})
+    _files_missing = missing
