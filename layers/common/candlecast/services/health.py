@@ -85,8 +85,7 @@ def prepare() -> None:
 def _model(row: dict | None, absent: str, held: set[str] | None, missing: dict[str, list[str]]) -> dict:
     """A timeframe's model: "active" (registered, its file and signature stored), "file_missing" (registered, but
     the file or its signature is not in storage: loads from the bucket fail), "unknown" (storage could not be
-    listed),
-    or `absent` when no model is registered."""
+    listed), or `absent` when no model is registered."""
     if row is None:
         return {"status": absent}
     gone = storage.missing_model_files(row["s3_key"], held) if held is not None else None
