@@ -81,11 +81,6 @@ def weights(times: np.ndarray, variant: str) -> np.ndarray:
     return T.decay_weights(times, float(times.max()), WEIGHTS[variant])
 
 
-def coverage(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(known pairs, cov80, cov95) per horizon."""
-    return fold_coverage(batch_coverage(q, z, np.zeros(len(z), dtype=np.int64)))
-
-
 def batch_coverage(q: np.ndarray, z: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, ...]:
     """(batches, known pairs, hits of the 80 % band, hits of the 95 % band): a row per batch of `batch` (n,), a
     column per horizon."""
@@ -500,10 +495,11 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
     """Per calibration variant (`tree_plan`), `learned` and `combined` fitted by `train.fit_models` on each fold's
     training block (its last fifth calibrating), scored on the fold's calibration block: training coins only.
     `losses`: a path to save the first variant's `combined` loss at every scored pair to (`save_losses`)."""
-    config = CONFIGS[tf]
+    config, first = CONFIGS[tf], float(origins.time.min())
     scores: dict[tuple[str, str], list] = {}
     saved, folds_of = [], {}
     for number, train, cal, scored in inner_folds(tf, plan, origins, groups):
+        batch = calendar_batch(scored.time, first, tf)
         folds_of[number] = fold = folds_of.get(number, -1) + 1
         for k in variants:  # the same seed: the same volatility weights and trees, calibrated differently
             models = T.fit_models(tf, train, cal, 0.23, tree_plan(plan, k), np.random.default_rng(7), False,
@@ -515,27 +511,34 @@ def tree_check(tf: str, plan: T.TrainPlan, origins, groups: list, coins: np.ndar
                 loss = pin5_loss(scored.log_return, scored.scale[..., None] * q)
                 if name == "combined" and k == variants[0]:
                     saved.append((number, fold, scored.series, scored.time, loss))
-                scores.setdefault((k, name), []).append((number, (*coverage(q, scored.z), confidence[known],
-                                                                  hit[known].astype(float), loss[known])))
+                pair_batch = np.broadcast_to(batch[:, None], known.shape)[known]
+                scores.setdefault((k, name), []).append((number, (batch_coverage(q, scored.z, batch), confidence[known],
+                                                                  hit[known].astype(float), loss[known], pair_batch)))
     for number in [None, *(range(1, len(groups) + 1) if per_pass else [])]:
         where = "all passes" if number is None else f"pass {number} (its own training coins only)"
         fitted = " and ".join(names or ["every kind"])
         print(f"{tf}, {where}: {fitted} fitted on each fold's training block, calibrated on its last fifth (block) or "
               "on the history cross-fitted over K coin groups, scored on the fold's calibration block")
-        sums, log_losses = {}, {}
+        sums, log_losses, cover_by_batch, loss_by_batch = {}, {}, {}, {}
         for (k, name), entries in scores.items():
-            folds = [f for n, f in entries if number in (None, n)]
-            if not folds:
+            here = [f for n, f in entries if number in (None, n)]
+            if not here:
                 continue
-            p, y = np.concatenate([f[3] for f in folds]), np.concatenate([f[4] for f in folds])
-            pin5 = np.concatenate([f[5] for f in folds]).mean()
-            print(f"  {name:11s} {k:16s}  {coverage_scores(folds)}  pin5 {pin5:.4f}  {confidence_scores(p, y)}")
+            folds = [fold_coverage(f[0]) for f in here]
+            p, y, loss, batch = (np.concatenate([f[i] for f in here]) for i in range(1, 5))
+            print(f"  {name:11s} {k:16s}  {coverage_scores(folds)}  pin5 {loss.mean():.4f}  {confidence_scores(p, y)}")
             if name == "combined":
                 sums[k], log_losses[k] = coverage_sum(folds), log_loss(p, y)
+                cover_by_batch[k] = coverage_by_batch([f[0] for f in here])
+                loss_by_batch[k] = log_loss_by_batch(p, y, batch)
         if sums:
             own = plan_variant(plan)
-            print(f"  rule picks for combined: offsets by coverage {pick(sums, own, COVERAGE_TIE)}, map by log loss "
-                  f"{pick(log_losses, own, LOG_LOSS_TIE)} (plan: {own})")
+            offsets, why_offsets = choice_verdict(cover_by_batch, coverage_error, own, COVERAGE_TIE)
+            confidence_map, why_map = choice_verdict(loss_by_batch, mean_log_loss, own, LOG_LOSS_TIE)
+            print(f"  rule picks for combined (plan: {own}): offsets by coverage {offsets} (the tie alone: "
+                  f"{pick(sums, own, COVERAGE_TIE)})  {why_offsets}")
+            print(f"    map by log loss {confidence_map} (the tie alone: {pick(log_losses, own, LOG_LOSS_TIE)})  "
+                  f"{why_map}")
     if losses:
         save_losses(losses, tf, CONFIGS[tf], saved)
 

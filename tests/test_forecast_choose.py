@@ -130,7 +130,6 @@ def test_the_coverage_error_by_batch_is_the_coverage_sum_of_the_folds():
     """The table's choice scores variants by `coverage_sum` over folds; its per-batch form adds up to the same."""
     from infra.calibration_check import (
         batch_coverage,
-        coverage,
         coverage_by_batch,
         coverage_error,
         coverage_sum,
@@ -144,7 +143,8 @@ def test_the_coverage_error_by_batch_is_the_coverage_sum_of_the_folds():
         z[rng.random(z.shape) < 0.1] = np.nan
         q = np.broadcast_to(np.array([-1.96, -1.28, -0.67, 0, 0.67, 1.28, 1.96]), (90, 30, 7))
         batches = batch_coverage(q, z, start + np.arange(90) // 30)
-        assert all(np.allclose(a, b) for a, b in zip(fold_coverage(batches), coverage(q, z), strict=True))
+        whole = fold_coverage(batch_coverage(q, z, np.zeros(90, dtype=np.int64)))
+        assert all(np.allclose(a, b) for a, b in zip(fold_coverage(batches), whole, strict=True))
         folds.append(batches)
     totals = [array.sum(0) for array in coverage_by_batch(folds)]
     assert coverage_error(totals) == pytest.approx(coverage_sum([fold_coverage(fold) for fold in folds]))
