@@ -760,3 +760,41 @@ def test_every_line_outline_and_point_on_the_charts_has_3_to_1_contrast(browser,
     keys = [graphic for graphic in seen if graphic["where"] == "legend"]
     assert len(keys) == 7 and all(tuple(key["shown"]) in chart_colours for key in keys), (keys, chart_colours)
     page.close()
+
+
+# Where the keyboard's focus is: None on <body> (before the first stop, or past the last).
+FOCUS_STOP = """() => {
+  const element = document.activeElement;
+  if (!element || element === document.body || element === document.documentElement) return null;
+  return { tag: element.tagName, id: element.id, href: element.getAttribute("href"),
+           text: element.textContent.trim().slice(0, 60), title: element.getAttribute("title"),
+           inImage: Boolean(element.parentElement && element.parentElement.closest('[role="img"]')) };
+}"""
+
+
+def test_the_keyboard_never_lands_inside_a_chart_and_the_charts_are_credited_beside_them(browser, site):
+    """A chart is an image (role="img"), whose children a screen reader does not see: the TradingView logo link the
+    library draws in each chart took the keyboard's focus there, and was announced as nothing. The credit its licence
+    asks for (the NOTICE's attribution and a link to https://www.tradingview.com/) is a link outside the charts."""
+    page = btc_daily_forecast(browser, site, 1200, 1100)
+    page.mouse.click(2, 2)  # the page's top corner, outside everything: the next Tab starts from the top
+    stops: list[dict] = []
+    for _ in range(40):  # every stop of one pass through the page, from the top
+        page.keyboard.press("Tab")
+        stop = page.evaluate(FOCUS_STOP)
+        if stop is None or stop in stops[:1]:
+            break
+        stops.append(stop)
+    assert [stop["id"] for stop in stops[:3]] == ["", "symbol", "timeframe"], stops  # "API docs", then the form
+    assert [stop for stop in stops if stop["inImage"]] == [], stops
+    assert page.locator('[role="img"] a, [role="img"] [tabindex]').count() == 0
+
+    credit = page.locator("#chart-credit")
+    assert credit.is_visible() and credit.get_attribute("href") == "https://www.tradingview.com/"
+    assert "TradingView Lightweight Charts" in credit.inner_text()
+    assert credit.evaluate("(link) => link.closest('[role=\"img\"]')") is None
+    assert any(stop["id"] == "chart-credit" for stop in stops), stops
+    notice = (ROOT / "infra" / "web" / "vendor" / "lightweight-charts" / "NOTICE").read_text()
+    credited = " ".join(page.locator("footer").inner_text().split())
+    assert all(" ".join(line.split()) in credited for line in notice.splitlines() if line.strip()), credited
+    page.close()

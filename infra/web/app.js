@@ -21,11 +21,15 @@ const COLOURS = {
   band80: "#2962ff", band95: "#7986cb", diagonal: "#767676", live: "#e65100", backtest: "#455a64", crosshair: "#787b86",
 };
 const crosshair = { vertLine: { color: COLOURS.crosshair }, horzLine: { color: COLOURS.crosshair } };
+// No TradingView logo link inside the charts: a chart is an image (role="img") whose children a screen reader does not
+// see, so the keyboard's Tab would land on a link nothing announces. The page's footer credits TradingView, with the
+// library's NOTICE and a link to https://www.tradingview.com/, which its licence asks for in the logo's stead.
+const layout = { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330", attributionLogo: false };
 
 // autoSize: each chart follows its box (a ResizeObserver), so a narrowed window narrows the chart with it.
 const priceChart = LWC.createChart($("chart"), {
   autoSize: true,
-  layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
+  layout,
   crosshair,
   grid: { vertLines: { color: "#f0f2f5" }, horzLines: { color: "#f0f2f5" } },
   // A resize keeps the times in view (the 120 candles and the 30 expected), squeezing or spreading the bars.
@@ -61,7 +65,7 @@ const bands = {
 // Reliability: confidence on the horizontal axis (an options chart: numbers, not times), on a 0.01 grid.
 const reliabilityChart = LWC.createOptionsChart($("reliability"), {
   autoSize: true,
-  layout: { background: { type: "solid", color: "#ffffff" }, textColor: "#1d2330" },
+  layout,
   grid: { vertLines: { visible: false }, horzLines: { color: "#f0f2f5" } },
   crosshair,
   localization: { precision: 2, priceFormatter: (value) => value.toFixed(2) },
