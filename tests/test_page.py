@@ -121,8 +121,8 @@ def test_the_page_creates_a_forecast_and_draws_it(browser, site, clean_db):
     # The chart drew: the expected candles, both bands and the recent candles are on the canvas.
     assert painted(page, "#chart", (0xFF, 0xB7, 0x4D)) > 200  # expected candles
     assert painted(page, "#chart", (0x29, 0x62, 0xFF)) > 20  # 80 % band (1 px lines)
-    assert painted(page, "#chart", (0x90, 0xA4, 0xF5)) > 20  # 95 % band (dashed)
-    assert painted(page, "#chart", (0x26, 0xA6, 0x9A)) + painted(page, "#chart", (0xEF, 0x53, 0x50)) > 200
+    assert painted(page, "#chart", (0x79, 0x86, 0xCB)) > 20  # 95 % band (dashed)
+    assert painted(page, "#chart", (0x00, 0x89, 0x7B)) + painted(page, "#chart", (0xEF, 0x53, 0x50)) > 200
     assert painted(page, "#reliability", (0xE6, 0x51, 0x00)) > 20  # live (or replay) reliability dots
     assert painted(page, "#reliability", (0x45, 0x5A, 0x64)) > 20  # backtest reliability dots
     # Live figures when the seed found origins after the model's training window, else the labelled replay.
@@ -316,7 +316,7 @@ def test_the_monthly_forecast_is_drawn_on_a_logarithmic_price_axis(browser, site
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "forecast-page-1m.png"), full_page=True)
     # The recent candles' bodies: about 6,000 pixels on the log axis, about 1,400 on a linear one.
-    recent = painted(page, "#chart", (0x26, 0xA6, 0x9A)) + painted(page, "#chart", (0xEF, 0x53, 0x50))
+    recent = painted(page, "#chart", (0x00, 0x89, 0x7B)) + painted(page, "#chart", (0xEF, 0x53, 0x50))
     assert recent > 3000, recent
     assert expected_candles_painted(page) > 300
     page.close()
@@ -657,4 +657,144 @@ def test_each_chart_says_what_it_shows_in_words_and_numbers(browser, site):
     forecast(page, "NOPE-USD", "1h")
     names = [page.get_attribute(chart, "aria-label") for chart in ("#chart", "#reliability")]
     assert not any("X:BTCUSDT" in name or " stated, " in name for name in names), names
+    page.close()
+
+
+# What each chart draws, read from the charts themselves (every series of every pane, the axis lines, the crosshair),
+# and the legend's keys, each with the colour a reader sees and its WCAG contrast ratio against the background there.
+GRAPHICS = r"""() => {
+  const probe = document.createElement("canvas").getContext("2d");
+  const rgba = (css) => {
+    probe.fillStyle = "#000000";
+    probe.fillStyle = css; // any CSS colour, normalised: #rrggbb, or rgba(r, g, b, a) when translucent
+    const value = probe.fillStyle;
+    if (value.startsWith("#")) return [1, 3, 5].map((i) => parseInt(value.slice(i, i + 2), 16)).concat(1);
+    const parts = value.match(/[\d.]+/g).map(Number);
+    return parts.length > 3 ? parts : [...parts, 1];
+  };
+  const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3]));
+  const luminance = (rgb) => {
+    const [r, g, b] = rgb.map((v) => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const ratio = (colour, background) => {
+    const [light, dark] = [luminance(over(rgba(colour), background)), luminance(background)].sort((a, b) => b - a);
+    return (light + 0.05) / (dark + 0.05);
+  };
+  const seen = [];
+  for (const [id, chart] of [["chart", priceChart], ["reliability", reliabilityChart]]) {
+    const options = chart.options();
+    if (options.layout.background.type !== "solid") throw new Error(`${id}: not a solid background`);
+    const background = over(rgba(options.layout.background.color), [255, 255, 255]);
+    const add = (what, colour) => seen.push({ where: id, what, colour, ratio: colour ? ratio(colour, background) : 0 });
+    chart.panes().forEach((pane, p) => pane.getSeries().forEach((series, s) => {
+      const o = series.options();
+      const name = `${series.seriesType()} series ${p}.${s}`;
+      if (!o.visible) return;
+      if (series.seriesType() === "Candlestick") {
+        // A candle's shape is its outline when drawn (a pale body inside may be faint), else its body.
+        const [up, down] = o.borderVisible ? [o.borderUpColor, o.borderDownColor] : [o.upColor, o.downColor];
+        add(`${name} ${o.borderVisible ? "outline" : "body"} up`, up);
+        add(`${name} ${o.borderVisible ? "outline" : "body"} down`, down);
+        if (o.wickVisible) add(`${name} wick up`, o.wickUpColor), add(`${name} wick down`, o.wickDownColor);
+      } else if (series.seriesType() === "Line") {
+        if (o.lineVisible) add(`${name} line`, o.color);
+        if (o.pointMarkersVisible) add(`${name} points`, o.pointMarkersColor || o.color);
+      } else {
+        add(`${name}: a kind this test cannot read yet`, null);
+      }
+      if (o.priceLineVisible && o.priceLineColor) add(`${name} price line`, o.priceLineColor);
+    }));
+    const time = chart.timeScale().options();
+    if (time.visible && time.borderVisible) add("time axis line", time.borderColor);
+    for (const side of ["left", "right"]) {
+      const scale = chart.priceScale(side).options();
+      if (scale.visible && scale.borderVisible) add(`${side} price axis line`, scale.borderColor);
+    }
+    if (options.crosshair.mode !== LightweightCharts.CrosshairMode.Hidden) {
+      for (const line of ["vertLine", "horzLine"]) {
+        if (options.crosshair[line].visible) add(`crosshair ${line}`, options.crosshair[line].color);
+      }
+    }
+  }
+  // The legend's keys against the page: a key drawn as a line or an outline is its border, else its fill.
+  for (const key of document.querySelectorAll(".legend .key")) {
+    const style = getComputedStyle(key);
+    const edged = parseFloat(style.borderTopWidth) > 0 && style.borderTopStyle !== "none";
+    const colour = edged ? style.borderTopColor : style.backgroundColor;
+    seen.push({ where: "legend", what: key.className, colour, ratio: ratio(colour, [255, 255, 255]),
+                shown: rgba(colour).slice(0, 3) });
+  }
+  return seen;
+}"""
+
+BANDS = """() => Object.fromEntries(Object.entries(bands).map(([name, series]) => {
+  const { color, lineStyle, lineWidth } = series.options();
+  return [name, { color, lineStyle, lineWidth }];
+}))"""
+
+
+def test_every_line_outline_and_point_on_the_charts_has_3_to_1_contrast(browser, site):
+    """WCAG 2.1 SC 1.4.11: what a reader needs to read the charts (the candles, the expected candles' outlines, both
+    bands, the reliability points and diagonal, the axis lines, the crosshair, the legend's keys) is 3:1 at least
+    against the background under it. The 95 % band (#90a4f5) was 2.4:1, the diagonal (#bdbdbd) 1.9:1, the
+    expected candles (#ffb74d) 1.7:1. The colours are the ones the page drew with, read from its charts."""
+    page = btc_daily_forecast(browser, site, 1200, 1100)
+    seen = page.evaluate(GRAPHICS)
+    charted = [graphic for graphic in seen if graphic["where"] != "legend"]
+    # Both charts were read: the price chart's two candle series and four band lines, the diagonal and the two
+    # series of reliability points.
+    assert sum("Candlestick" in graphic["what"] for graphic in charted) >= 8, charted
+    assert sum(graphic["what"].endswith(" line") and "Line series" in graphic["what"] for graphic in charted) >= 5
+    assert sum(graphic["what"].endswith(" points") for graphic in charted) == 2, charted
+    faint = [graphic for graphic in seen if graphic["ratio"] < 3]
+    assert faint == [], faint
+    # The 80 % and 95 % bands stay apart: another dash and another colour.
+    drawn = page.evaluate(BANDS)
+    assert drawn["upper_80"] == drawn["lower_80"] and drawn["upper_95"] == drawn["lower_95"]
+    assert drawn["upper_80"]["lineStyle"] != drawn["upper_95"]["lineStyle"], drawn
+    assert drawn["upper_80"]["color"].lower() != drawn["upper_95"]["color"].lower(), drawn
+    # Each legend key is a colour the charts draw with, so the legend describes what is on them.
+    chart_colours = {tuple(int(graphic["colour"][i:i + 2], 16) for i in (1, 3, 5))
+                     for graphic in charted if graphic["colour"].startswith("#") and len(graphic["colour"]) == 7}
+    keys = [graphic for graphic in seen if graphic["where"] == "legend"]
+    assert len(keys) == 7 and all(tuple(key["shown"]) in chart_colours for key in keys), (keys, chart_colours)
+    page.close()
+
+
+# Where the keyboard's focus is: None on <body> (before the first stop, or past the last).
+FOCUS_STOP = """() => {
+  const element = document.activeElement;
+  if (!element || element === document.body || element === document.documentElement) return null;
+  return { tag: element.tagName, id: element.id, href: element.getAttribute("href"),
+           text: element.textContent.trim().slice(0, 60), title: element.getAttribute("title"),
+           inImage: Boolean(element.parentElement && element.parentElement.closest('[role="img"]')) };
+}"""
+
+
+def test_the_keyboard_never_lands_inside_a_chart_and_the_charts_are_credited_beside_them(browser, site):
+    """A chart is an image (role="img"), whose children a screen reader does not see: the TradingView logo link the
+    library draws in each chart took the keyboard's focus there, and was announced as nothing. The credit its licence
+    asks for (the NOTICE's attribution and a link to https://www.tradingview.com/) is a link outside the charts."""
+    page = btc_daily_forecast(browser, site, 1200, 1100)
+    page.mouse.click(2, 2)  # the page's top corner, outside everything: the next Tab starts from the top
+    stops: list[dict] = []
+    for _ in range(40):  # every stop of one pass through the page, from the top
+        page.keyboard.press("Tab")
+        stop = page.evaluate(FOCUS_STOP)
+        if stop is None or stop in stops[:1]:
+            break
+        stops.append(stop)
+    assert [stop["id"] for stop in stops[:3]] == ["", "symbol", "timeframe"], stops  # "API docs", then the form
+    assert [stop for stop in stops if stop["inImage"]] == [], stops
+    assert page.locator('[role="img"] a, [role="img"] [tabindex]').count() == 0
+
+    credit = page.locator("#chart-credit")
+    assert credit.is_visible() and credit.get_attribute("href") == "https://www.tradingview.com/"
+    assert "TradingView Lightweight Charts" in credit.inner_text()
+    assert credit.evaluate("(link) => link.closest('[role=\"img\"]')") is None
+    assert any(stop["id"] == "chart-credit" for stop in stops), stops
+    notice = (ROOT / "infra" / "web" / "vendor" / "lightweight-charts" / "NOTICE").read_text()
+    credited = " ".join(page.locator("footer").inner_text().split())
+    assert all(" ".join(line.split()) in credited for line in notice.splitlines() if line.strip()), credited
     page.close()
