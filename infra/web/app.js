@@ -72,7 +72,8 @@ const reliabilityChart = LWC.createOptionsChart($("reliability"), {
   timeScale: { lockVisibleTimeRangeOnResize: true },
 });
 const diagonal = reliabilityChart.addSeries(LWC.LineSeries, {
-  color: COLOURS.diagonal, lineWidth: 1, lineStyle: LWC.LineStyle.Dashed, priceLineVisible: false, lastValueVisible: false, crosshairMarkerVisible: false,
+  color: COLOURS.diagonal, lineWidth: 1, lineStyle: LWC.LineStyle.Dashed, priceLineVisible: false,
+  lastValueVisible: false, crosshairMarkerVisible: false,
 });
 const dots = (color) => reliabilityChart.addSeries(LWC.LineSeries, {
   color, lineVisible: false, pointMarkersVisible: true, pointMarkersRadius: 4, priceLineVisible: false,
