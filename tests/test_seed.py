@@ -386,6 +386,36 @@ def test_every_bad_model_of_a_release_is_named_at_once(seed_bucket, sample):
     assert _state()["keys"] == []
 
 
+@pytest.mark.parametrize("taken", ["name and version", "versioned key"])
+def test_another_file_under_a_registered_version_is_refused_before_any_upload(seed_bucket, sample, capsys, taken):
+    """Audit: installing another file under a registered name and version wrote it over models/{tf}/{version}.pkl
+    and its sha256 over the row that past predictions name. The same release again is no change; another file is
+    refused up front, as is one whose versioned key is another registered model's file."""
+    from candlecast import cli, storage
+    from candlecast.forecast import artifact
+    from tests.forecast_checks import shipped_model
+
+    _, models = sample
+    install = ["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]
+    assert cli.main(install) == 0
+    before = _state()
+    assert cli.main(install) == 0 and _state() == before  # the same release again
+    capsys.readouterr()
+
+    name = "seed-test-1h" if taken == "name and version" else "other-1h"
+    retrained = artifact.dump({**shipped_model("1h").payload, "name": name, "version": "20260101T000000",
+                               "retrained": True})
+    _add_model(models, "1h", retrained, name=name, version="20260101T000000")
+    assert cli.main(install) == 1
+    err = capsys.readouterr().err
+    if taken == "name and version":
+        assert "\n  1h: version: seed-test-1h 20260101T000000 is registered with another file" in err
+    else:
+        assert "\n  1h: version: models/1h/20260101T000000.pkl is the file of the registered seed-test-1h" in err
+    assert _state() == before
+    assert storage.get_bytes("models/1h/20260101T000000.pkl") == model_bytes()
+
+
 def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket, tmp_path):
     """A model's track record is built once: a second seed, after Refresh lengthened the stored candles, spread its
     past origins over the longer series and added a second set of predictions with the same model."""

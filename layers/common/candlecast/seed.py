@@ -185,10 +185,11 @@ def checked_models(models_dir: Path, resign: bool = False) -> list[CheckedModel]
 
     manifest = read_manifest(models_dir)
     key = model_signing_key(get_settings()) if manifest else b""
+    registered = _registered_files() if manifest else []
     checked, refused = [], []
     for timeframe, entry in manifest.items():
         try:
-            checked.append(_checked_model(models_dir, timeframe, entry, key, resign))
+            checked.append(_checked_model(models_dir, timeframe, entry, key, resign, registered))
         except UnusableInput as error:
             refused.append(f"{timeframe}: {error}")
     if refused:
@@ -197,12 +198,21 @@ def checked_models(models_dir: Path, resign: bool = False) -> list[CheckedModel]
     return checked
 
 
-def _checked_model(models_dir: Path, timeframe: str, entry: Any, key: bytes, resign: bool) -> CheckedModel:
+def _registered_files() -> list[dict]:
+    from candlecast import db
+    from candlecast.repositories.models import get_registered_model_files
+
+    with db.connection() as conn:
+        return get_registered_model_files(conn)
+
+
+def _checked_model(models_dir: Path, timeframe: str, entry: Any, key: bytes, resign: bool,
+                   registered: list[dict]) -> CheckedModel:
     """One manifest entry as the row it registers, or UnusableInput naming what is wrong: a field the models row
     refuses (no version, an unknown kind, a date that is none), a missing file, a sha256 other than the manifest's,
-    a signature that does not verify (`_signature`), or a file holding another model than the entry names (the
-    service's own check, `require_registered`, after the signature and sha256 are verified: nothing unverified is
-    unpickled)."""
+    a name and version (or versioned key) registered with another file (`_taken`), a signature that does not verify
+    (`_signature`), or a file holding another model than the entry names (the service's own check,
+    `require_registered`, after the signature and sha256 are verified: nothing unverified is unpickled)."""
     from candlecast.errors import ModelIntegrityError
     from candlecast.forecast import artifact
     from candlecast.services.forecasting import require_registered
@@ -219,6 +229,8 @@ def _checked_model(models_dir: Path, timeframe: str, entry: Any, key: bytes, res
         problems.append(f"sha256: {model_file}'s is {sha256}, not the manifest's {entry['sha256']}")
     model, invalid = _model_row(timeframe, entry, sha256 or "0" * 64)
     problems += invalid
+    if model is not None and not problems:
+        problems += _taken(model, registered)
     if problems:
         raise UnusableInput("; ".join(problems))
     signature = _signature(model_file, data, key, resign, sha256_checked=bool(entry.get("sha256")))
@@ -266,9 +278,27 @@ def _model_row(timeframe: str, entry: dict[str, Any], sha256: str) -> tuple[Mode
     return (None if problems else model), problems
 
 
+def _taken(model: ModelCreate, registered: list[dict]) -> list[str]:
+    """Why `model` cannot be registered over a row of `registered`: its name and version, or its versioned file's
+    key, held by a row of another file. Predictions name that row and the file it was made with; registering
+    the same file again (a release installed twice) is no change."""
+    for row in registered:
+        if row["sha256"] == model.sha256:
+            continue
+        if (row["name"], row["version"]) == (model.name, model.version):
+            return [f"version: {model.name} {model.version} is registered with another file (sha256 "
+                    f"{row['sha256'][:12]}…); a changed model needs a new version"]
+        if row["s3_key"] == model.s3_key:
+            return [f"version: {model.s3_key} is the file of the registered {row['name']} {row['version']} (another "
+                    "file); give this model a version of its own"]
+    return []
+
+
 def register_models(models: list[CheckedModel], progress: bool = True) -> dict[str, str]:
-    """Upload each checked model to its versioned key, register the row that names that immutable key,
-    then refresh the timeframe's `models/{tf}.pkl` copy. A reader never sees a row whose file is not there."""
+    """Upload each checked model to its versioned key, register the row that names that immutable key (never
+    written over with another file: `_taken`, and `register_model`'s ModelVersionTaken should one be registered
+    since), then refresh the timeframe's `models/{tf}.pkl` copy. A reader never sees a row whose file is not
+    there."""
     from candlecast import db, storage
     from candlecast.repositories.models import register_model
 
