@@ -135,6 +135,18 @@ def test_an_unreachable_extension_falls_back_to_the_secrets_manager_api(fresh_se
     assert "from-the-api" not in str(warning.__dict__)  # the secret is never logged
 
 
+@pytest.mark.s3
+def test_both_keys_of_a_rotating_signing_key_secret_are_redacted(fresh_settings, stack):
+    from candlecast import redaction
+
+    arn = _secret_in_moto(stack, fresh_settings, "candlecast/test-rotation",
+                          json.dumps({"current": "cur-secret-CCCC", "previous": "prev-secret-DDDD"}))
+    settings = Settings(model_signing_key_secret_arn=arn, database_url="postgresql://x", redis_url="redis://h",
+                        data_bucket="bucket")
+    assert config.model_signing_keys(settings) == (b"cur-secret-CCCC", b"prev-secret-DDDD")
+    assert redaction.redact("cur-secret-CCCC prev-secret-DDDD") == "[redacted] [redacted]"
+
+
 def test_the_readme_states_the_pool_defaults_the_code_has():
     import re
 

@@ -258,6 +258,25 @@ def test_the_redis_password_and_the_aws_credentials_are_redacted_too(monkeypatch
     assert "canary" not in record.getMessage(), record.getMessage()
 
 
+def test_the_previous_signing_key_is_redacted_as_the_current_one_is(monkeypatch):
+    """Audit: MODEL_SIGNING_KEY_PREVIOUS (set during a key rotation) was left in log records."""
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "cur-key-AAAA")
+    monkeypatch.setenv("MODEL_SIGNING_KEY_PREVIOUS", "prev-key-BBBB")
+    assert redaction.redact("current=cur-key-AAAA previous=prev-key-BBBB") == "current=[redacted] previous=[redacted]"
+
+
+def test_every_secret_setting_is_redacted():
+    """Each SecretStr setting (and the URLs that carry a password) is one the filter reads from the environment."""
+    from pydantic import SecretStr
+
+    from candlecast.config import Settings
+
+    secret = {name.upper() for name, field in Settings.model_fields.items() if SecretStr in getattr(
+        field.annotation, "__args__", (field.annotation,))}
+    assert secret and secret <= set(redaction.SECRET_VARIABLES) | set(redaction.URL_VARIABLES)
+    assert "REDIS_URL" in redaction.URL_VARIABLES  # a str setting, but its URL may carry a password
+
+
 def test_a_json_secret_redacts_its_password_not_the_names_beside_it():
     from candlecast import config
 

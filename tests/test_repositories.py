@@ -185,7 +185,7 @@ def test_registrations_of_one_timeframe_at_once_both_succeed_in_turn(conn, clean
     assert conn.execute("SELECT count(*) AS n FROM models WHERE timeframe = '1d'").fetchone()["n"] == 3
 
 
-def test_registering_the_same_file_again_keeps_its_live_accuracy_and_another_file_starts_without(conn):
+def test_registering_the_same_file_again_keeps_its_live_accuracy(conn):
     def register(sha256: str, accuracy: float | None = None):
         return model_repository.register_model(conn, ModelCreate(
             timeframe="1d", name="m-1d", version="1", kind="baseline", s3_key="models/1d/1.pkl", sha256=sha256,
@@ -198,7 +198,21 @@ def test_registering_the_same_file_again_keeps_its_live_accuracy_and_another_fil
     conn.execute("UPDATE models SET accuracy = 0.79 WHERE id = %s", (model_id,))  # as scoring sets it
     assert register("a" * 64) == model_id and accuracy() == 0.79
     assert register("a" * 64, accuracy=0.5) == model_id and accuracy() == 0.5  # one given still wins
-    assert register("b" * 64) == model_id and accuracy() is None
+
+
+def test_another_file_under_a_registered_name_and_version_is_refused_and_changes_nothing(conn):
+    """Audit: ON CONFLICT (name, version) wrote the new sha256 over the row its predictions name (and seed the file
+    over its versioned key). A changed model is a new version; the refusal leaves every row as it was."""
+    from candlecast.errors import ModelVersionTaken
+
+    first = add_model(conn, version="1")
+    conn.execute("UPDATE models SET accuracy = 0.79 WHERE id = %s", (first,))
+    add_model(conn, version="2")  # the active one now
+    before = conn.execute("SELECT * FROM models ORDER BY version").fetchall()
+    with pytest.raises(ModelVersionTaken, match="m-1d 1 is registered with another file"):
+        model_repository.register_model(conn, ModelCreate(
+            timeframe="1d", name="m-1d", version="1", kind="baseline", s3_key="models/1d/1.pkl", sha256="b" * 64))
+    assert conn.execute("SELECT * FROM models ORDER BY version").fetchall() == before  # 2 still the active one
 
 
 def test_symbol_and_active_model_in_one_round_trip_and_the_stats(conn):

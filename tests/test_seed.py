@@ -1,6 +1,7 @@
 """`candlecast seed`: symbols upserted, data/ and models/ uploaded, models registered; twice is the same as once."""
 
 import argparse
+import functools
 import hashlib
 import json
 import uuid
@@ -46,6 +47,15 @@ def candle_file(start: int, step: int, rows: int = 50) -> bytes:
                                               volume=np.ones(rows)))
 
 
+@functools.cache
+def model_bytes(timeframe: str = "1h", name: str = "seed-test-1h", version: str = "20260101T000000") -> bytes:
+    """A real model file: the committed `timeframe` model's payload, naming `name` and `version`."""
+    from candlecast.forecast import artifact
+    from tests.forecast_checks import shipped_model
+
+    return artifact.dump({**shipped_model(timeframe).payload, "name": name, "version": version})
+
+
 @pytest.fixture
 def sample(tmp_path):
     data, models = tmp_path / "data", tmp_path / "models"
@@ -53,7 +63,7 @@ def sample(tmp_path):
     (data / "symbols.csv").write_text(SYMBOLS_CSV)
     (data / "ZZSEEDUSDT" / "1h.parquet").write_bytes(candle_file(1_600_000_000 - 1_600_000_000 % 3600, 3600))
     models.mkdir()
-    model = b"model bytes v1"
+    model = model_bytes()
     (models / "1h.pkl").write_bytes(model)
     (models / "1h.pkl.sig").write_text(sign(model, LOCAL_MODEL_SIGNING_KEY.encode()))
     manifest = {"1h": {"name": "seed-test-1h", "version": "20260101T000000", "kind": "learned",
@@ -103,12 +113,12 @@ def test_seed_loads_everything_and_is_idempotent(seed_bucket, sample):
     ]
     from candlecast import storage
 
-    assert storage.get_bytes("models/1h.pkl") == b"model bytes v1"
-    assert storage.get_bytes("models/1h/20260101T000000.pkl") == b"model bytes v1"
+    assert storage.get_bytes("models/1h.pkl") == model_bytes()
+    assert storage.get_bytes("models/1h/20260101T000000.pkl") == model_bytes()
 
     [model] = first["models"]
     assert model["s3_key"] == storage.versioned_model_key("1h", "20260101T000000")
-    assert model["sha256"] == hashlib.sha256(b"model bytes v1").hexdigest()
+    assert model["sha256"] == hashlib.sha256(model_bytes()).hexdigest()
     assert (model["name"], model["version"], model["kind"], model["is_active"]) == (
         "seed-test-1h", "20260101T000000", "learned", True)
     assert model["features"] == ["r1", "r2"] and model["metrics"] == {"coverage_80": 0.8}
@@ -205,21 +215,36 @@ def test_a_manifest_holding_nan_is_refused_before_any_change(seed_bucket, sample
 def test_a_deployment_key_needs_resign_which_signs_with_that_key(seed_bucket, sample, monkeypatch):
     from candlecast import storage
     from candlecast.config import get_settings
-    from candlecast.errors import ModelIntegrityError
     from candlecast.seed import seed
 
     data, models = sample
     monkeypatch.setenv("MODEL_SIGNING_KEY", "the-deployment-key")
     get_settings.cache_clear()
-    with pytest.raises(ModelIntegrityError, match="--resign"):
+    with pytest.raises(ValueError, match=r"1h: signature: .*--resign"):
         seed(data, models, progress=False)
     assert _state()["keys"] == []  # refused before any change
 
     seed(data, models, progress=False, resign=True)
     for key in ("models/1h.pkl", "models/1h/20260101T000000.pkl"):
         uploaded = storage.get_bytes(storage.signature_key(key)).decode()
-        assert uploaded == sign(b"model bytes v1", b"the-deployment-key")
-    assert (models / "1h.pkl.sig").read_text() == sign(b"model bytes v1", LOCAL_MODEL_SIGNING_KEY.encode())
+        assert uploaded == sign(model_bytes(), b"the-deployment-key")
+    assert (models / "1h.pkl.sig").read_text() == sign(model_bytes(), LOCAL_MODEL_SIGNING_KEY.encode())
+
+
+def test_resign_signs_only_a_file_the_manifest_gives_the_sha256_of(seed_bucket, sample, monkeypatch):
+    """Nothing else vouches for the file --resign would sign (and install-models then load)."""
+    from candlecast.config import get_settings
+    from candlecast.seed import install_models
+
+    _, models = sample
+    manifest = json.loads((models / "manifest.json").read_text())
+    del manifest["1h"]["sha256"]
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "the-deployment-key")
+    get_settings.cache_clear()
+    with pytest.raises(ValueError, match=r"1h: signature: .* the manifest gives no sha256"):
+        install_models(models, progress=False, resign=True)
+    assert _state()["keys"] == []
 
 
 def test_a_missing_bucket_or_a_foreign_key_is_one_line_from_the_cli(seed_bucket, sample, monkeypatch, capsys):
@@ -236,7 +261,7 @@ def test_a_missing_bucket_or_a_foreign_key_is_one_line_from_the_cli(seed_bucket,
     get_settings.cache_clear()
     assert cli.main(["seed", "--bucket", seed_bucket, *local]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("candlecast seed: ") and "--resign" in err and "(ModelIntegrityError)" in err
+    assert err.startswith("candlecast seed: ") and "--resign" in err and "(UnusableInput)" in err
     assert "the-deployment-key" not in err and "Traceback" not in err
 
 
@@ -277,6 +302,118 @@ def test_install_models_registers_the_models_and_touches_nothing_else(seed_bucke
     assert cli.main(["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]) == 1
     assert "sha256" in capsys.readouterr().err
     assert _state() == state  # refused before any change
+
+
+def _add_model(models, timeframe: str, data: bytes, **entry) -> dict:
+    """`data` as models/{timeframe}.pkl, signed with the local key, and its manifest entry (`entry` over a good one;
+    None drops a field)."""
+    (models / f"{timeframe}.pkl").write_bytes(data)
+    (models / f"{timeframe}.pkl.sig").write_text(sign(data, LOCAL_MODEL_SIGNING_KEY.encode()))
+    good = {"name": f"seed-test-{timeframe}", "version": "20260201T000000", "kind": "learned",
+            "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest[timeframe] = {name: value for name, value in {**good, **entry}.items() if value is not None}
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    return manifest[timeframe]
+
+
+@pytest.mark.parametrize(("bad", "line"), [
+    ("no version", "1d: version: missing"),
+    ("unknown kind", "1d: kind: Input should be"),
+    ("a date that is none", "1d: train_end: not an ISO time"),
+    ("another version in the file", "1d: file: the 1d model file holds seed-test-1d 20260101T000000 (1d), not the "
+                                    "registered seed-test-1d 20260201T000000"),
+    ("another name in the file", "1d: file: the 1d model file holds other-1d 20260201T000000 (1d), not the registered"),
+    ("another timeframe's file", "1d: file: the 1d model file holds seed-test-1d 20260201T000000 (1h), not the "
+                                 "registered"),
+    ("unsigned", "1d: signature: model file is unsigned"),
+])
+def test_a_release_with_one_bad_model_installs_none_of_it(seed_bucket, sample, capsys, monkeypatch, bad, line):
+    """Audit: install-models checked only each file's presence and sha256 before uploading. A 1d entry without a
+    version (KeyError) or of an unknown kind (pydantic) failed with a traceback after 1h was uploaded and
+    activated, and a file holding another version than its entry was activated with exit 0, every forecast from it
+    then a 503 model_integrity. Every entry is checked (its row, its signature, then the model its file holds)
+    first: a bad one is a line naming its timeframe and field, and nothing is uploaded or changed."""
+    from candlecast import cli
+    from candlecast.forecast import artifact
+
+    _, models = sample
+    assert cli.main(["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]) == 0
+    before = _state()
+    capsys.readouterr()
+    _add_model(models, "1h", model_bytes("1h", "seed-test-1h", "20260201T000000"))  # the release's good model
+    data = model_bytes("1d", "seed-test-1d", "20260201T000000")
+    if bad == "no version":
+        _add_model(models, "1d", data, version=None)
+    elif bad == "unknown kind":
+        _add_model(models, "1d", data, kind="weird")
+    elif bad == "a date that is none":
+        _add_model(models, "1d", data, train_end="last tuesday")
+    elif bad == "another version in the file":
+        _add_model(models, "1d", model_bytes("1d", "seed-test-1d", "20260101T000000"))
+    elif bad == "another name in the file":
+        _add_model(models, "1d", model_bytes("1d", "other-1d", "20260201T000000"))
+    elif bad == "another timeframe's file":
+        _add_model(models, "1d", model_bytes("1h", "seed-test-1d", "20260201T000000"))
+    else:
+        _add_model(models, "1d", data)
+        (models / "1d.pkl.sig").unlink()
+    loaded = []
+    monkeypatch.setattr(artifact, "load", lambda payload, load=artifact.load: loaded.append(payload) or load(payload))
+
+    assert cli.main(["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"candlecast install-models: 1 of the 2 models of {models / 'manifest.json'} refused; "
+                          "nothing uploaded or registered")
+    assert f"\n  {line}" in err and "\n  1h" not in err and "Traceback" not in err
+    assert _state() == before  # 1h's earlier model still active; no file of the release uploaded
+    if bad == "unsigned":
+        assert data not in loaded  # never unpickled
+
+
+def test_every_bad_model_of_a_release_is_named_at_once(seed_bucket, sample):
+    from candlecast.seed import install_models
+
+    _, models = sample
+    _add_model(models, "1h", model_bytes(), version=None)
+    _add_model(models, "1d", model_bytes("1d", "seed-test-1d", "20260201T000000"), kind="weird", train_start="x")
+    with pytest.raises(ValueError) as raised:
+        install_models(models, progress=False)
+    lines = str(raised.value).splitlines()
+    assert lines[0].startswith("2 of the 2 models of") and len(lines) == 3
+    assert lines[1].startswith("  1h: version: missing")
+    assert lines[2].startswith("  1d: train_start: not an ISO time") and "; kind: Input should be" in lines[2]
+    assert _state()["keys"] == []
+
+
+@pytest.mark.parametrize("taken", ["name and version", "versioned key"])
+def test_another_file_under_a_registered_version_is_refused_before_any_upload(seed_bucket, sample, capsys, taken):
+    """Audit: installing another file under a registered name and version wrote it over models/{tf}/{version}.pkl
+    and its sha256 over the row that past predictions name. The same release again is no change; another file is
+    refused up front, as is one whose versioned key is another registered model's file."""
+    from candlecast import cli, storage
+    from candlecast.forecast import artifact
+    from tests.forecast_checks import shipped_model
+
+    _, models = sample
+    install = ["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]
+    assert cli.main(install) == 0
+    before = _state()
+    assert cli.main(install) == 0 and _state() == before  # the same release again
+    capsys.readouterr()
+
+    name = "seed-test-1h" if taken == "name and version" else "other-1h"
+    retrained = artifact.dump({**shipped_model("1h").payload, "name": name, "version": "20260101T000000",
+                               "retrained": True})
+    _add_model(models, "1h", retrained, name=name, version="20260101T000000")
+    assert cli.main(install) == 1
+    err = capsys.readouterr().err
+    if taken == "name and version":
+        assert "\n  1h: version: seed-test-1h 20260101T000000 is registered with another file" in err
+    else:
+        assert "\n  1h: version: models/1h/20260101T000000.pkl is the file of the registered seed-test-1h" in err
+    assert _state() == before
+    assert storage.get_bytes("models/1h/20260101T000000.pkl") == model_bytes()
 
 
 def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket, tmp_path):

@@ -58,6 +58,13 @@ class IdempotencyKeyReused(Conflict):
         super().__init__("Idempotency-Key was already used for another symbol or timeframe")
 
 
+class ModelVersionTaken(Conflict):
+    """A model registered again under its name and version with another file: predictions name the row, so its
+    file never changes; a changed model is a new version."""
+
+    code = "model_version_taken"
+
+
 class PayloadTooLarge(CandlecastError):
     status = 413
     code = "payload_too_large"

@@ -1,9 +1,9 @@
 """A logging filter that removes the configured secrets from every log record.
 
 The secrets: the database and Redis passwords (from DATABASE_URL, REDIS_URL or the Secrets Manager secret), the
-model signing key, the Polygon API key and the function's AWS credentials (botocore's debug log prints the
-session token), plus any value read from Secrets Manager. Message, arguments, extra fields,
-exception text and stack are all checked; a match becomes `[redacted]`.
+model signing keys (the current one and, during a rotation, the previous one), the Polygon API key and the function's
+AWS credentials (botocore's debug log prints the session token), plus any value read from Secrets Manager. Message,
+arguments, extra fields, exception text and stack are all checked; a match becomes `[redacted]`.
 """
 
 import logging
@@ -16,7 +16,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 REDACTED = "[redacted]"
 MIN_SECRET_LENGTH = 4  # shorter values would redact ordinary words
-SECRET_VARIABLES = ("MODEL_SIGNING_KEY", "POLYGON_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SECRET_VARIABLES = ("MODEL_SIGNING_KEY", "MODEL_SIGNING_KEY_PREVIOUS", "POLYGON_API_KEY", "AWS_SECRET_ACCESS_KEY",
+                    "AWS_SESSION_TOKEN")
 URL_VARIABLES = ("DATABASE_URL", "REDIS_URL")  # their passwords
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _registered: set[str] = set()

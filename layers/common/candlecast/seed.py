@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from candlecast.errors import UnusableInput
 from candlecast.forecast.artifact import sha256_hex
 
 if TYPE_CHECKING:
+    from candlecast.schemas import ModelCreate
     from candlecast.storage import WrittenFile
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -142,51 +143,164 @@ def seed_symbols(data_dir: Path) -> int:
     return count
 
 
-def _signature(model_file: Path, resign: bool) -> str:
+def _signature(model_file: Path, data: bytes, key: bytes, resign: bool, sha256_checked: bool) -> str:
     """The file's signature under the configured key: the committed .sig when it verifies, or (with
-    --resign, for a deployment whose key differs from the one the models were trained with) a new one."""
-    from candlecast.config import get_settings, model_signing_key
+    --resign, for a deployment whose key differs from the one the models were trained with) a new one, for a
+    file whose sha256 the manifest gives (checked already): never a blind signature of whatever is there."""
     from candlecast.errors import ModelIntegrityError
     from candlecast.forecast import artifact
 
-    key = model_signing_key(get_settings())
-    data = model_file.read_bytes()
     signature_file = model_file.with_name(model_file.name + ".sig")
     committed = signature_file.read_text().strip() if signature_file.is_file() else None
     try:
         artifact.verify(data, committed, key)
         return committed
     except ModelIntegrityError as error:
-        if resign:
+        if resign and sha256_checked:
             return artifact.sign(data, key)
-        raise ModelIntegrityError(
-            f"{model_file}: {error.message}; its sha256 matches models/manifest.json, so run "
-            "`candlecast seed --resign` to sign it with the configured key"
+        if resign:
+            raise UnusableInput(f"signature: {error.message}; the manifest gives no sha256 to check the file "
+                                "against, so --resign does not sign it") from None
+        raise UnusableInput(
+            f"signature: {error.message}"
+            + ("; its sha256 matches models/manifest.json, so run with --resign to sign it with the configured key"
+               if sha256_checked else "")
         ) from None
 
 
-def checked_models(models_dir: Path, resign: bool = False) -> list[tuple[str, dict[str, Any], Path, str, str]]:
-    """(timeframe, manifest entry, file, sha256, signature) for every manifest model; raises before anything
-    is uploaded when a file is missing, its sha256 differs from the manifest's, or its signature does not
-    verify under the configured key (unless `resign`)."""
-    checked = []
-    for timeframe, entry in read_manifest(models_dir).items():
-        model_file = models_dir / str(entry.get("file") or f"{timeframe}.pkl")
-        if not model_file.is_file():
-            raise FileNotFoundError(f"manifest lists {timeframe} but {model_file} does not exist")
-        sha256 = sha256_hex(model_file.read_bytes())
-        if entry.get("sha256") and entry["sha256"] != sha256:
-            raise UnusableInput(f"{model_file}: sha256 {sha256} does not match the manifest's {entry['sha256']}")
-        checked.append((timeframe, entry, model_file, sha256, _signature(model_file, resign)))
+class CheckedModel(NamedTuple):
+    """A manifest model that passed every check: the row to register, its file and the signature to upload."""
+
+    timeframe: str
+    model: ModelCreate
+    file: Path
+    signature: str
+
+
+def checked_models(models_dir: Path, resign: bool = False) -> list[CheckedModel]:
+    """Every manifest model, checked before anything is uploaded or registered (`_checked_model`). When any is
+    refused, UnusableInput with one line per refused entry (its timeframe and the fields at fault): a release is
+    installed whole or not at all."""
+    from candlecast.config import get_settings, model_signing_key
+
+    manifest = read_manifest(models_dir)
+    key = model_signing_key(get_settings()) if manifest else b""
+    registered = _registered_files() if manifest else []
+    checked, refused = [], []
+    for timeframe, entry in manifest.items():
+        try:
+            checked.append(_checked_model(models_dir, timeframe, entry, key, resign, registered))
+        except UnusableInput as error:
+            refused.append(f"{timeframe}: {error}")
+    if refused:
+        raise UnusableInput(f"{len(refused)} of the {len(manifest)} models of {models_dir / MANIFEST_FILE} refused; "
+                            "nothing uploaded or registered:\n  " + "\n  ".join(refused))
     return checked
 
 
-def register_models(models: list[tuple[str, dict[str, Any], Path, str, str]], progress: bool = True) -> dict[str, str]:
-    """Upload each checked model to its versioned key, register the row that names that immutable key,
-    then refresh the timeframe's `models/{tf}.pkl` copy. A reader never sees a row whose file is not there."""
+def _registered_files() -> list[dict]:
+    from candlecast import db
+    from candlecast.repositories.models import get_registered_model_files
+
+    with db.connection() as conn:
+        return get_registered_model_files(conn)
+
+
+def _checked_model(models_dir: Path, timeframe: str, entry: Any, key: bytes, resign: bool,
+                   registered: list[dict]) -> CheckedModel:
+    """One manifest entry as the row it registers, or UnusableInput naming what is wrong: a field the models row
+    refuses (no version, an unknown kind, a date that is none), a missing file, a sha256 other than the manifest's,
+    a name and version (or versioned key) registered with another file (`_taken`), a signature that does not verify
+    (`_signature`), or a file holding another model than the entry names (the service's own check,
+    `require_registered`, after the signature and sha256 are verified: nothing unverified is unpickled)."""
+    from candlecast.errors import ModelIntegrityError
+    from candlecast.forecast import artifact
+    from candlecast.services.forecasting import require_registered
+
+    if not isinstance(entry, dict):
+        raise UnusableInput(f"not a JSON object: {type(entry).__name__}")
+    model_file = models_dir / str(entry.get("file") or f"{timeframe}.pkl")
+    data = model_file.read_bytes() if model_file.is_file() else None
+    sha256 = sha256_hex(data) if data is not None else None
+    problems = []
+    if data is None:
+        problems.append(f"file: {model_file} does not exist")
+    elif entry.get("sha256") and entry["sha256"] != sha256:
+        problems.append(f"sha256: {model_file}'s is {sha256}, not the manifest's {entry['sha256']}")
+    model, invalid = _model_row(timeframe, entry, sha256 or "0" * 64)
+    problems += invalid
+    if model is not None and not problems:
+        problems += _taken(model, registered)
+    if problems:
+        raise UnusableInput("; ".join(problems))
+    signature = _signature(model_file, data, key, resign, sha256_checked=bool(entry.get("sha256")))
+    try:
+        require_registered(artifact.verify_and_load(data, signature, key, sha256), model.model_dump())
+    except ModelIntegrityError as error:
+        raise UnusableInput(f"file: {error.message}") from None
+    return CheckedModel(timeframe, model, model_file, signature)
+
+
+def _model_row(timeframe: str, entry: dict[str, Any], sha256: str) -> tuple[ModelCreate | None, list[str]]:
+    """(the models row `entry` registers, None when it cannot be built; what is wrong with its fields)."""
+    from pydantic import ValidationError
+
+    from candlecast import storage
+    from candlecast.schemas import ModelCreate
+
+    problems = []
+    version = entry.get("version")
+    if version is None or str(version) == "":
+        problems.append("version: missing")
+    name = str(entry.get("name") or f"{timeframe}-model")
+    dates = {}
+    for field_name in ("train_start", "train_end"):
+        try:
+            dates[field_name] = _timestamp(entry.get(field_name))
+        except (ValueError, TypeError, OverflowError, OSError):
+            problems.append(f"{field_name}: not an ISO time or a Unix time: {entry.get(field_name)!r}"[:200])
+    try:  # the other fields' problems too, on the same line
+        model = ModelCreate(
+            timeframe=timeframe,
+            name=name,
+            version=str(version),
+            kind=entry.get("kind") or ("baseline" if "baseline" in name.lower() else "learned"),
+            s3_key=storage.versioned_model_key(timeframe, str(version)),
+            sha256=sha256,
+            accuracy=None,  # the live 80 % coverage, set by scoring (the backtest's figures stay in metrics)
+            metrics=entry.get("metrics") or {},
+            features=entry.get("features") or [],
+            **dates,
+        )
+    except ValidationError as error:
+        model = None
+        problems += [f"{'.'.join(map(str, item['loc']))}: {item['msg']}"[:200] for item in error.errors()]
+    return (None if problems else model), problems
+
+
+def _taken(model: ModelCreate, registered: list[dict]) -> list[str]:
+    """Why `model` cannot be registered over a row of `registered`: its name and version, or its versioned file's
+    key, held by a row of another file. Predictions name that row and the file it was made with; registering
+    the same file again (a release installed twice) is no change."""
+    for row in registered:
+        if row["sha256"] == model.sha256:
+            continue
+        if (row["name"], row["version"]) == (model.name, model.version):
+            return [f"version: {model.name} {model.version} is registered with another file (sha256 "
+                    f"{row['sha256'][:12]}…); a changed model needs a new version"]
+        if row["s3_key"] == model.s3_key:
+            return [f"version: {model.s3_key} is the file of the registered {row['name']} {row['version']} (another "
+                    "file); give this model a version of its own"]
+    return []
+
+
+def register_models(models: list[CheckedModel], progress: bool = True) -> dict[str, str]:
+    """Upload each checked model to its versioned key, register the row that names that immutable key (never
+    written over with another file: `_taken`, and `register_model`'s ModelVersionTaken should one be registered
+    since), then refresh the timeframe's `models/{tf}.pkl` copy. A reader never sees a row whose file is not
+    there."""
     from candlecast import db, storage
     from candlecast.repositories.models import register_model
-    from candlecast.schemas import ModelCreate
 
     registered = {}
     items: Any = models
@@ -194,28 +308,12 @@ def register_models(models: list[tuple[str, dict[str, Any], Path, str, str]], pr
         from tqdm import tqdm
 
         items = tqdm(models, desc="register models", unit="model")
-    for timeframe, entry, model_file, sha256, signature in items:
-        version = str(entry["version"])
-        name = str(entry.get("name") or f"{timeframe}-model")
-        versioned_key = storage.versioned_model_key(timeframe, version)
-        model = ModelCreate(
-            timeframe=timeframe,
-            name=name,
-            version=version,
-            kind=entry.get("kind") or ("baseline" if "baseline" in name.lower() else "learned"),
-            s3_key=versioned_key,
-            sha256=sha256,
-            accuracy=None,  # the live 80 % coverage, set by scoring (the backtest's figures stay in metrics)
-            metrics=entry.get("metrics") or {},
-            features=list(entry.get("features") or []),
-            train_start=_timestamp(entry.get("train_start")),
-            train_end=_timestamp(entry.get("train_end")),
-        )
-        _put_model(versioned_key, model_file, signature)
+    for timeframe, model, model_file, signature in items:
+        _put_model(model.s3_key, model_file, signature)
         with db.connection() as conn:
             register_model(conn, model, activate=True)
         _put_model(storage.active_model_key(timeframe), model_file, signature)
-        registered[timeframe] = f"{name} {version}"
+        registered[timeframe] = f"{model.name} {model.version}"
     return registered
 
 

@@ -17,9 +17,12 @@ MODEL_COLUMNS = (
 
 def register_model(conn: psycopg.Connection, model: "ModelCreate", *, activate: bool = True) -> uuid.UUID:
     """Insert (or refresh, by name+version) a model; when `activate`, it becomes its timeframe's only active one.
-    The same file registered again keeps its live accuracy unless one is given; another file (sha256) starts
-    without one: scoring sets it. Registrations of one timeframe take turns (a transaction-scoped advisory lock):
+    The same file registered again keeps its live accuracy unless one is given; another file (sha256) under a
+    registered name and version is ModelVersionTaken, nothing changed: predictions name the row, and its file is
+    the one they were made with. Registrations of one timeframe take turns (a transaction-scoped advisory lock):
     two at once would each deactivate the rows they see and both insert an active one."""
+    from candlecast.errors import ModelVersionTaken
+
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                      (f"model-registration:{model.timeframe}",))
@@ -38,18 +41,20 @@ def register_model(conn: psycopg.Connection, model: "ModelCreate", *, activate: 
                     CASE WHEN %(activate)s THEN now() END)
             ON CONFLICT (name, version) DO UPDATE SET
                 timeframe = EXCLUDED.timeframe, kind = EXCLUDED.kind, s3_key = EXCLUDED.s3_key,
-                sha256 = EXCLUDED.sha256,
-                accuracy = CASE WHEN models.sha256 = EXCLUDED.sha256 THEN COALESCE(EXCLUDED.accuracy, models.accuracy)
-                                ELSE EXCLUDED.accuracy END,
+                accuracy = COALESCE(EXCLUDED.accuracy, models.accuracy),
                 metrics = EXCLUDED.metrics,
                 features = EXCLUDED.features, train_start = EXCLUDED.train_start, train_end = EXCLUDED.train_end,
                 is_active = models.is_active OR EXCLUDED.is_active,
                 activated_at = COALESCE(EXCLUDED.activated_at, models.activated_at)
+            WHERE models.sha256 = EXCLUDED.sha256
             RETURNING id
             """,
             {**model.model_dump(), "metrics": Jsonb(model.metrics), "features": Jsonb(model.features),
              "activate": activate},
         ).fetchone()
+        if row is None:  # another file under this name and version: rolled back, the deactivation too
+            raise ModelVersionTaken(f"model {model.name} {model.version} is registered with another file; a changed "
+                                    "model needs a new version")
     return row["id"]
 
 

@@ -75,9 +75,10 @@ def _log_refused_file(row: dict, error: ModelUnavailable | ModelIntegrityError, 
     error.logged = True
 
 
-def _require_registered(model, row: dict) -> None:
+def require_registered(model, row: dict) -> None:
     """The loaded file must be the model its row registers: a row naming another timeframe's (or another
-    version's) validly signed file would otherwise forecast 1d from the 4h model, silently."""
+    version's) validly signed file would otherwise forecast 1d from the 4h model, silently. Installing a model
+    (`seed.checked_models`) makes the same check before the row exists."""
     loaded = (str(model.timeframe), str(model.name), str(model.version))
     registered = (str(row["timeframe"]), str(row["name"]), str(row["version"]))
     if loaded != registered:  # logged by verified_model, with the file's key
@@ -100,7 +101,7 @@ def verified_model(row: dict):
         bundled = storage.bundled_model(timeframe, sha256)
         try:
             model = artifact.load(bundled) if bundled is not None else _bucket_model(row)
-            _require_registered(model, row)
+            require_registered(model, row)
         except (ModelUnavailable, ModelIntegrityError) as error:
             if error.code not in _SIGNING_KEY_CODES:  # those name the stage's key, not a file
                 _log_refused_file(row, error, "shipped" if bundled is not None else "bucket")
