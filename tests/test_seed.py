@@ -212,6 +212,21 @@ def test_a_manifest_holding_nan_is_refused_before_any_change(seed_bucket, sample
     assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
 
 
+@pytest.mark.parametrize("shape", ["1H", "daily", "list without timeframe"])
+def test_a_manifest_model_under_no_timeframe_is_refused_before_any_change(seed_bucket, sample, shape):
+    """A release whose manifest names a model by something other than a timeframe would install without it."""
+    from candlecast.seed import seed
+
+    data, models = sample
+    entry = json.loads((models / "manifest.json").read_text())["1h"]
+    manifest = [entry] if shape.startswith("list") else {"1h": entry, shape: {**entry, "version": "2"}}
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest.json names models by (1H|daily|None), which are no timeframes"):
+        seed(data, models, progress=False)
+    state = _state()
+    assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
+
+
 def test_a_deployment_key_needs_resign_which_signs_with_that_key(seed_bucket, sample, monkeypatch):
     from candlecast import storage
     from candlecast.config import get_settings

@@ -106,13 +106,19 @@ def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     data = json.loads(path.read_text(), parse_constant=lambda name: _not_json(path, name))
+    from candlecast.timeframes import TIMEFRAMES
+
     if isinstance(data, dict) and "models" in data:
         data = data["models"]
     if isinstance(data, list):
-        return {entry["timeframe"]: entry for entry in data}
-    from candlecast.timeframes import TIMEFRAMES
-
-    return {tf: entry for tf, entry in data.items() if tf in TIMEFRAMES}
+        data = {entry.get("timeframe") if isinstance(entry, dict) else None: entry for entry in data}
+    if not isinstance(data, dict):
+        raise UnusableInput(f"{path} is not an object of models by timeframe, nor a list of them")
+    # A model under another name (1H, daily) would be left out, and the release installed without it.
+    if unknown := [str(tf) for tf in data if tf not in TIMEFRAMES]:
+        raise UnusableInput(f"{path} names models by {', '.join(unknown)}, which are no timeframes (the timeframes: "
+                            f"{', '.join(TIMEFRAMES)}); nothing uploaded or registered")
+    return data
 
 
 def _not_json(path: Path, name: str):
