@@ -182,9 +182,9 @@ def forget_secrets() -> None:
 
 def _fetch_secret(arn: str, *, refresh: bool = False) -> str:
     """From the Parameters and Secrets Lambda Extension when it is attached (no boto3 on the cold path),
-    else, or when it fails, from the Secrets Manager API through Powertools (boto3, cached 5 minutes;
-    `refresh` asks again now; the extension keeps its own copy up to its TTL)."""
-    if port := os.environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"):
+    else, or when it fails, from the Secrets Manager API through Powertools (boto3, cached 5 minutes).
+    `refresh` asks the API now: the extension would answer from its own copy, kept up to its TTL."""
+    if not refresh and (port := os.environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT")):
         try:
             return _secret_from_extension(arn, int(port))
         except (OSError, ValueError, KeyError) as error:  # never the secret itself: only what went wrong
