@@ -259,17 +259,22 @@ def model_signing_key(settings: SigningKeySettings) -> bytes:
     return model_signing_keys(settings)[0]
 
 
-def model_signing_keys(settings: SigningKeySettings) -> tuple[bytes, bytes | None]:
+def signing_keys_from_secret(settings: SigningKeySettings) -> bool:
+    """Whether `model_signing_keys` reads a secret (which may have changed since), not the environment."""
+    return settings.model_signing_key is None and bool(settings.model_signing_key_secret_arn)
+
+
+def model_signing_keys(settings: SigningKeySettings, *, refresh: bool = False) -> tuple[bytes, bytes | None]:
     """(current, previous): files are signed with the current key; during a rotation (README, "Rotating the model
     signing key") a file signed with the previous one is accepted too, until it is re-signed. previous is None
     otherwise. From MODEL_SIGNING_KEY and MODEL_SIGNING_KEY_PREVIOUS, or the secret: a plain key, or
-    {"current": NEW, "previous": OLD}."""
+    {"current": NEW, "previous": OLD}; `refresh` reads the secret again now, bypassing the kept value."""
     if settings.model_signing_key is not None:
         key = settings.model_signing_key.get_secret_value()
         previous = (settings.model_signing_key_previous.get_secret_value()
                     if settings.model_signing_key_previous is not None else None)
     elif settings.model_signing_key_secret_arn:
-        key, previous = _rotating_keys(_secret(settings.model_signing_key_secret_arn))
+        key, previous = _rotating_keys(_secret(settings.model_signing_key_secret_arn, refresh=refresh))
     else:
         # No silent fallback: a forgotten key must not turn into the public development key.
         raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set")

@@ -5,14 +5,27 @@ Imports numpy (through the model); only the prediction-create function loads thi
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
-from candlecast.config import ConfigurationError, PublicSigningKeyError, get_settings, model_signing_keys
-from candlecast.errors import IdempotencyKeyReused, ModelIntegrityError, ModelUnavailable, NotFound
+from candlecast.config import (
+    ConfigurationError,
+    PublicSigningKeyError,
+    get_settings,
+    model_signing_keys,
+    signing_keys_from_secret,
+)
+from candlecast.errors import (
+    IdempotencyKeyReused,
+    ModelIntegrityError,
+    ModelSignatureMismatch,
+    ModelUnavailable,
+    NotFound,
+)
 from candlecast.forecast import artifact
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import predictions as prediction_repository
@@ -33,6 +46,10 @@ _STEP_FIELDS = ("step", "ts", *_STEP_ARRAYS)
 _steps_adapter = list_adapter(PredictionStep)
 _models: dict[str, tuple[str, object]] = {}  # timeframe -> (sha256, ForecastModel), kept across warm invocations
 _models_lock = threading.Lock()
+# A signature that fails under the kept keys has the secret read again (a rotation this container has not seen
+# yet), at most this often: a tampered file must not cost a Secrets Manager call per request.
+REREAD_SIGNING_KEY_SECONDS = 30.0
+_keys_reread_at: float | None = None  # time.monotonic() of the last re-read
 
 
 @dataclass(frozen=True)
@@ -49,15 +66,41 @@ def _bucket_model(row: dict):
     if data is None:
         raise ModelUnavailable(f"the {timeframe} model file is missing from storage", code="model_file_missing")
     signature = storage.get_bytes(storage.signature_key(row["s3_key"]))
+    # A garbled signature decodes to something that cannot match, and is refused as tampered.
+    signature_hex = signature.decode("ascii", "replace") if signature else None
+    keys = _signing_keys()
     try:
-        key, previous = model_signing_keys(get_settings())
+        artifact.verify(data, signature_hex, keys[0], row["sha256"], previous_key=keys[1])
+    except ModelSignatureMismatch:
+        keys = _reread_signing_keys(keys)
+        if keys is None:
+            raise
+        artifact.verify(data, signature_hex, keys[0], row["sha256"], previous_key=keys[1])
+    return artifact.load(data)
+
+
+def _signing_keys(*, refresh: bool = False) -> tuple[bytes, bytes | None]:
+    """(current, previous) signing keys; a key this stage cannot use is a 503 naming the problem."""
+    try:
+        return model_signing_keys(get_settings(), refresh=refresh)
     except PublicSigningKeyError as error:
         raise ModelUnavailable(str(error), code="model_signing_key_refused") from None
     except ConfigurationError as error:
         raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
-    # A garbled signature decodes to something that cannot match, and is refused as tampered.
-    return artifact.verify_and_load(data, signature.decode("ascii", "replace") if signature else None, key,
-                                    row["sha256"], previous_key=previous)
+
+
+def _reread_signing_keys(kept: tuple[bytes, bytes | None]) -> tuple[bytes, bytes | None] | None:
+    """The keys read from their secret again, bypassing the kept value, when they differ from `kept`; None when
+    they come from the environment, are unchanged, or were read again less than REREAD_SIGNING_KEY_SECONDS ago."""
+    global _keys_reread_at
+    now = time.monotonic()
+    if not signing_keys_from_secret(get_settings()) or (
+            _keys_reread_at is not None and now - _keys_reread_at < REREAD_SIGNING_KEY_SECONDS):
+        return None
+    _keys_reread_at = now
+    fresh = _signing_keys(refresh=True)
+    logger.info("model signing key read again after a signature mismatch", extra={"changed": fresh != kept})
+    return fresh if fresh != kept else None
 
 
 _SIGNING_KEY_CODES = frozenset({"model_signing_key_refused", "model_signing_key_missing"})
@@ -124,8 +167,10 @@ def prepare() -> None:
 
 
 def forget_models() -> None:
+    global _keys_reread_at
     with _models_lock:
         _models.clear()
+        _keys_reread_at = None
 
 
 def _enough_history(raw, candles, ticker: str, timeframe: str, need: int) -> None:

@@ -1,0 +1,107 @@
+"""Loading the model files on a warm container: the signing key read again on a signature mismatch (a rotation),
+a signing key that cannot be used, the models kept across versions, and a refused file remembered."""
+
+import json
+
+import psycopg
+import pytest
+
+from candlecast import storage
+from candlecast.config import LOCAL_MODEL_SIGNING_KEY
+from tests.test_predictions import create
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+NEW_KEY = "the-rotated-key-of-this-stage"
+
+
+@pytest.fixture
+def warm_container(seeded, monkeypatch):
+    """One container for the whole test, as a warm Lambda: no settings, secrets or models kept from before."""
+    from candlecast.services import forecasting
+    from tests.conftest import reset_clients
+
+    reset_clients()
+    forecasting.forget_models()
+    yield monkeypatch
+    monkeypatch.undo()
+    reset_clients()
+    forecasting.forget_models()
+
+
+def _key_from_secret(stack, monkeypatch, value: str) -> str:
+    """The signing key read from a secret in moto holding `value` (not MODEL_SIGNING_KEY); returns its ARN."""
+    from tests.conftest import moto_secret, reset_clients
+
+    arn = moto_secret(stack, value, "candlecast/signing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", stack.s3_endpoint_url)
+    monkeypatch.delenv("MODEL_SIGNING_KEY")
+    monkeypatch.setenv("MODEL_SIGNING_KEY_SECRET_ARN", arn)
+    reset_clients()
+    return arn
+
+
+def _put_secret(stack, arn: str, value: str) -> None:
+    import boto3
+
+    boto3.client("secretsmanager", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1").put_secret_value(
+        SecretId=arn, SecretString=value)
+
+
+def _active_key(database_url: str, timeframe: str) -> str:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT s3_key FROM models WHERE timeframe = %s AND is_active", (timeframe,)).fetchone()[0]
+
+
+def _sign_in_place(key: str, signing_key: str) -> None:
+    from candlecast.forecast.artifact import sign
+
+    storage.put_bytes(storage.signature_key(key), sign(storage.get_bytes(key), signing_key.encode()).encode())
+
+
+def _secret_reads(monkeypatch) -> list[bool]:
+    """Each Secrets Manager read from now on, as its `refresh`."""
+    from candlecast import config
+
+    reads: list[bool] = []
+    fetch = config._fetch_secret
+
+    def counted(arn: str, *, refresh: bool = False) -> str:
+        reads.append(refresh)
+        return fetch(arn, refresh=refresh)
+
+    monkeypatch.setattr(config, "_fetch_secret", counted)
+    return reads
+
+
+# --- 1. a signature mismatch reads the secret again -----------------------------------------------
+
+
+def test_a_file_signed_with_a_key_the_container_has_not_read_yet_is_verified_after_reading_it_again(
+        warm_container, seeded, caplog):
+    """Audit: a warm container keeping the plain old key (5 minutes) refused every file signed with the new one,
+    503 model_integrity and an ERROR telling the operator to restore a file that was fine."""
+    import logging
+
+    arn = _key_from_secret(seeded, warm_container, LOCAL_MODEL_SIGNING_KEY)
+    assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 201  # the old key, now kept
+    _put_secret(seeded, arn, json.dumps({"current": NEW_KEY, "previous": LOCAL_MODEL_SIGNING_KEY}))
+    _sign_in_place(_active_key(seeded.database_url, "1d"), NEW_KEY)  # the runbook's re-sign, early
+    with caplog.at_level(logging.INFO):
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    assert status == 201, body
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert create({"symbol": "BTCUSDT", "timeframe": "4h"})[0] == 201  # still signed with the old (previous) key
+
+
+def test_a_tampered_file_reads_the_secret_again_at_most_once_per_interval(warm_container, seeded):
+    _key_from_secret(seeded, warm_container, LOCAL_MODEL_SIGNING_KEY)
+    key = _active_key(seeded.database_url, "1h")
+    data = bytearray(storage.get_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    storage.put_bytes(key, bytes(data))
+    reads = _secret_reads(warm_container)
+    for _ in range(5):
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+        assert (status, body["error"]["code"]) == (503, "model_integrity")
+    assert reads.count(True) == 1, reads
