@@ -105,3 +105,61 @@ def test_a_tampered_file_reads_the_secret_again_at_most_once_per_interval(warm_c
         status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
         assert (status, body["error"]["code"]) == (503, "model_integrity")
     assert reads.count(True) == 1, reads
+
+
+# --- 2. a signing key that cannot be used ---------------------------------------------------------
+
+CANARY = "canary-signing-key-Qx81"
+
+
+def _problems(caplog) -> list:
+    """Warnings and errors logged, but for the sample's old candles."""
+    import logging
+
+    return [record for record in caplog.records if record.levelno >= logging.WARNING
+            and record.getMessage() != "forecast from stale candles"]
+
+
+@pytest.mark.parametrize(("secret", "stage", "code"), [
+    (json.dumps({"current": CANARY, "previos": "old-" + CANARY}), "local", "model_signing_key_invalid"),
+    ('{"current": "' + CANARY, "local", "model_signing_key_invalid"),
+    (LOCAL_MODEL_SIGNING_KEY, "prod", "model_signing_key_refused"),
+], ids=["misspelt-previous", "broken-json", "public-key-in-prod"])
+def test_an_unusable_signing_key_is_a_generic_503_logged_once_with_its_reason(
+        warm_container, seeded, secret, stage, code, caplog, capfd):
+    """Audit: a malformed secret answered model_signing_key_missing, and the public development key under
+    STAGE=prod told clients about the configuration; each request logged only a WARNING 'request failed'."""
+    import logging
+
+    from candlecast import config
+
+    warm_container.setenv("STAGE", stage)
+    arn = _key_from_secret(seeded, warm_container, secret)
+    with caplog.at_level(logging.INFO):
+        answers = [create({"symbol": "BTCUSDT", "timeframe": timeframe}) for timeframe in ("1h", "1h", "4h")]
+    for status, headers, body in answers:
+        assert (status, body["error"]["code"]) == (503, code), body
+        assert headers["Retry-After"].isdigit()
+        message = body["error"]["message"]
+        assert not any(word in message for word in ("current", "previous", "STAGE", "development", "{"))
+    [record] = _problems(caplog)  # one line for three requests, no 'request failed'
+    assert record.levelno == logging.ERROR and record.getMessage().startswith("model signing key unusable")
+    assert record.code == code and record.reason
+    logged = capfd.readouterr()
+    assert CANARY not in logged.out + logged.err + str([vars(record) for record in caplog.records])
+
+    caplog.clear()
+    _put_secret(seeded, arn, "a-key-that-verifies-nothing")  # usable again (and then refused as a file's key)
+    config.forget_secrets()
+    with caplog.at_level(logging.INFO):
+        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1d"})
+    assert (status, body["error"]["code"]) == (503, "model_integrity")
+    assert "model signing key usable again" in [record.getMessage() for record in caplog.records]
+
+    caplog.clear()
+    _put_secret(seeded, arn, secret)  # and broken again: logged again
+    config.forget_secrets()
+    with caplog.at_level(logging.INFO):
+        assert create({"symbol": "BTCUSDT", "timeframe": "1w"})[2]["error"]["code"] == code
+    assert [record.getMessage().split(":")[0] for record in _problems(caplog)] == [
+        "model signing key unusable"]

@@ -23,6 +23,10 @@ class PublicSigningKeyError(ConfigurationError):
     """The development signing key, which anyone can read, outside a local stage."""
 
 
+class SigningKeySecretInvalid(ConfigurationError):
+    """A signing key secret that is neither a key nor {"current": …, "previous": …} (a misspelt field, broken JSON)."""
+
+
 class DatabaseSettings(BaseSettings):
     """What reaching the database needs, and nothing else (migrations run with only this)."""
 
@@ -302,7 +306,8 @@ def _rotating_keys(value: str) -> tuple[str, str | None]:
     if (not isinstance(document, dict) or not isinstance(document.get("current"), str) or not document["current"]
             or not isinstance(document.get("previous"), str | None) or set(document) - {"current", "previous"}):
         # Never the value: only what shape it should have.
-        raise ConfigurationError('the model signing key secret must be a key or {"current": "...", "previous": "..."}')
+        raise SigningKeySecretInvalid('the model signing key secret must be a key or {"current": "...", '
+                                      '"previous": "..."}')
     from candlecast import redaction
 
     redaction.register(document["current"], document.get("previous"))

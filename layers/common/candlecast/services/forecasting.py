@@ -15,6 +15,7 @@ from candlecast import cache, db, storage
 from candlecast.config import (
     ConfigurationError,
     PublicSigningKeyError,
+    SigningKeySecretInvalid,
     get_settings,
     model_signing_keys,
     signing_keys_from_secret,
@@ -50,6 +51,7 @@ _models_lock = threading.Lock()
 # yet), at most this often: a tampered file must not cost a Secrets Manager call per request.
 REREAD_SIGNING_KEY_SECONDS = 30.0
 _keys_reread_at: float | None = None  # time.monotonic() of the last re-read
+_key_problem: str | None = None  # the signing key's problem last logged; None while the key is usable
 
 
 @dataclass(frozen=True)
@@ -79,14 +81,33 @@ def _bucket_model(row: dict):
     return artifact.load(data)
 
 
+def _signing_key_code(error: ConfigurationError) -> str:
+    if isinstance(error, PublicSigningKeyError):
+        return "model_signing_key_refused"
+    if isinstance(error, SigningKeySecretInvalid):
+        return "model_signing_key_invalid"
+    return "model_signing_key_missing"
+
+
 def _signing_keys(*, refresh: bool = False) -> tuple[bytes, bytes | None]:
-    """(current, previous) signing keys; a key this stage cannot use is a 503 naming the problem."""
+    """(current, previous) signing keys. A key this stage cannot use is a 503 whose code says why and whose
+    message says nothing of the configuration; the reason is logged once per change, not per request."""
+    global _key_problem
     try:
-        return model_signing_keys(get_settings(), refresh=refresh)
-    except PublicSigningKeyError as error:
-        raise ModelUnavailable(str(error), code="model_signing_key_refused") from None
+        keys = model_signing_keys(get_settings(), refresh=refresh)
     except ConfigurationError as error:
-        raise ModelUnavailable(str(error), code="model_signing_key_missing") from None
+        code = _signing_key_code(error)
+        if f"{code}: {error}" != _key_problem:  # the message names the problem, never the key
+            _key_problem = f"{code}: {error}"
+            logger.error("model signing key unusable: no model file can be verified until it is fixed",
+                         extra={"code": code, "reason": str(error)})
+        unusable = ModelUnavailable("the model signing key is not usable; no model can be verified", code=code)
+        unusable.logged = True
+        raise unusable from None
+    if _key_problem is not None:
+        _key_problem = None
+        logger.info("model signing key usable again")
+    return keys
 
 
 def _reread_signing_keys(kept: tuple[bytes, bytes | None]) -> tuple[bytes, bytes | None] | None:
@@ -103,7 +124,7 @@ def _reread_signing_keys(kept: tuple[bytes, bytes | None]) -> tuple[bytes, bytes
     return fresh if fresh != kept else None
 
 
-_SIGNING_KEY_CODES = frozenset({"model_signing_key_refused", "model_signing_key_missing"})
+_SIGNING_KEY_CODES = frozenset({"model_signing_key_refused", "model_signing_key_missing", "model_signing_key_invalid"})
 
 
 def _log_refused_file(row: dict, error: ModelUnavailable | ModelIntegrityError, source: str) -> None:
@@ -167,10 +188,10 @@ def prepare() -> None:
 
 
 def forget_models() -> None:
-    global _keys_reread_at
+    global _keys_reread_at, _key_problem
     with _models_lock:
         _models.clear()
-        _keys_reread_at = None
+        _keys_reread_at = _key_problem = None
 
 
 def _enough_history(raw, candles, ticker: str, timeframe: str, need: int) -> None:
