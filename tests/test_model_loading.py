@@ -163,3 +163,74 @@ def test_an_unusable_signing_key_is_a_generic_503_logged_once_with_its_reason(
         assert create({"symbol": "BTCUSDT", "timeframe": "1w"})[2]["error"]["code"] == code
     assert [record.getMessage().split(":")[0] for record in _problems(caplog)] == [
         "model signing key unusable"]
+
+
+# --- 3. the models of two versions stay loaded ----------------------------------------------------
+
+
+def _model_rows(database_url: str, timeframe: str, versions: list[str]) -> list[dict]:
+    """The active row of `timeframe`, and one more row per version in `versions`: its file, validly signed, in the
+    bucket, the active model's own payload under that version."""
+    import io
+
+    import joblib
+    from psycopg.rows import dict_row
+
+    from candlecast.forecast.artifact import dump, sha256_hex, sign
+
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        active = conn.execute("SELECT id, timeframe, name, version, s3_key, sha256 FROM models "
+                              "WHERE timeframe = %s AND is_active", (timeframe,)).fetchone()
+    payload = joblib.load(io.BytesIO(storage.get_bytes(active["s3_key"])))
+    rows = [active]
+    for version in versions:
+        data = dump(payload | {"version": version})
+        key = storage.versioned_model_key(timeframe, version)
+        storage.put_bytes(key, data)
+        storage.put_bytes(storage.signature_key(key), sign(data, LOCAL_MODEL_SIGNING_KEY.encode()).encode())
+        rows.append(active | {"version": version, "s3_key": key, "sha256": sha256_hex(data)})
+    return rows
+
+
+def _model_reads(monkeypatch) -> list[str]:
+    """The model files read from the bucket from now on (their keys; not their signatures)."""
+    reads: list[str] = []
+    get_bytes = storage.get_bytes
+
+    def counted(key: str):
+        if key.endswith(".pkl"):
+            reads.append(key)
+        return get_bytes(key)
+
+    monkeypatch.setattr(storage, "get_bytes", counted)
+    return reads
+
+
+def test_predictions_of_two_versions_in_turn_load_each_model_once(warm_container, seeded, caplog):
+    """Audit: one model per timeframe, so Score's due list (two versions interleaved after a rollout) loaded the
+    files in turn: 48 predictions made 27 GETs and loads, each logging 'model loaded'."""
+    import logging
+
+    from candlecast.services import forecasting
+
+    old, new = _model_rows(seeded.database_url, "1h", ["v-next"])
+    reads = _model_reads(warm_container)
+    with caplog.at_level(logging.INFO):
+        models = [forecasting.verified_model(row) for row in [old, new] * 6]
+    assert [model.version for model in models] == [old["version"], "v-next"] * 6
+    assert sorted(reads) == sorted([old["s3_key"], new["s3_key"]])
+    assert [record.getMessage() for record in caplog.records].count("model loaded") == 2
+
+
+def test_the_least_recently_used_version_is_the_one_let_go(warm_container, seeded):
+    from candlecast.services import forecasting
+
+    first, second, third = _model_rows(seeded.database_url, "1h", ["v-2", "v-3"])
+    reads = _model_reads(warm_container)
+    for row in (first, second, first, third):  # the third pushes out the second, used less lately than the first
+        forecasting.verified_model(row)
+    assert len(reads) == 3 and forecasting.MODELS_KEPT_PER_TIMEFRAME == 2
+    forecasting.verified_model(first)
+    assert len(reads) == 3
+    forecasting.verified_model(second)
+    assert reads[-1] == second["s3_key"] and len(reads) == 4

@@ -3,9 +3,11 @@
 Imports numpy (through the model); only the prediction-create function loads this module.
 """
 
+import contextlib
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -45,7 +47,11 @@ logger = Logger(child=True)
 _STEP_ARRAYS = ("open", "high", "low", "close", "lower_80", "upper_80", "lower_95", "upper_95", "confidence")
 _STEP_FIELDS = ("step", "ts", *_STEP_ARRAYS)
 _steps_adapter = list_adapter(PredictionStep)
-_models: dict[str, tuple[str, object]] = {}  # timeframe -> (sha256, ForecastModel), kept across warm invocations
+# Loaded models kept across warm invocations: timeframe -> sha256 -> ForecastModel, least recently used first. Two
+# per timeframe, so Score's predictions of the old and the new version after a rollout do not reload them in
+# turn; a model is about 200 KB in memory.
+MODELS_KEPT_PER_TIMEFRAME = 2
+_models: "dict[str, OrderedDict[str, object]]" = {}
 _models_lock = threading.Lock()
 # A signature that fails under the kept keys has the secret read again (a rotation this container has not seen
 # yet), at most this often: a tampered file must not cost a Secrets Manager call per request.
@@ -150,16 +156,25 @@ def _require_registered(model, row: dict) -> None:
             f"{registered[1]} {registered[2]}; refusing to use it")
 
 
+def _kept_model(timeframe: str, sha256: str):
+    """The loaded model of this file, now its timeframe's most recently used; None when it is not kept."""
+    kept = _models.get(timeframe, {})
+    model = kept.get(sha256)
+    if model is not None:
+        with contextlib.suppress(KeyError):  # another thread's load pushed it out meanwhile
+            kept.move_to_end(sha256)
+    return model
+
+
 def verified_model(row: dict):
-    """The active model, loaded once per container; the file is verified before it is unpickled."""
+    """A row's model, loaded once per container (`MODELS_KEPT_PER_TIMEFRAME`); the file is verified before it is
+    unpickled."""
     timeframe, sha256 = row["timeframe"], row["sha256"]
-    loaded = _models.get(timeframe)
-    if loaded is not None and loaded[0] == sha256:
-        return loaded[1]
+    if (model := _kept_model(timeframe, sha256)) is not None:
+        return model
     with _models_lock:
-        loaded = _models.get(timeframe)
-        if loaded is not None and loaded[0] == sha256:
-            return loaded[1]
+        if (model := _kept_model(timeframe, sha256)) is not None:
+            return model
         # Shipped in the artifact when it is the registered file (no S3 client on the cold path), else the bucket.
         bundled = storage.bundled_model(timeframe, sha256)
         try:
@@ -169,7 +184,10 @@ def verified_model(row: dict):
             if error.code not in _SIGNING_KEY_CODES:  # those name the stage's key, not a file
                 _log_refused_file(row, error, "shipped" if bundled is not None else "bucket")
             raise
-        _models[timeframe] = (sha256, model)
+        kept = _models.setdefault(timeframe, OrderedDict())
+        kept[sha256] = model
+        while len(kept) > MODELS_KEPT_PER_TIMEFRAME:
+            kept.popitem(last=False)
         logger.info("model loaded", extra={"timeframe": timeframe, "model": row["name"], "version": row["version"]})
         return model
 
