@@ -234,3 +234,39 @@ def test_the_least_recently_used_version_is_the_one_let_go(warm_container, seede
     assert len(reads) == 3
     forecasting.verified_model(second)
     assert reads[-1] == second["s3_key"] and len(reads) == 4
+
+
+# --- 4. a refused model file is remembered --------------------------------------------------------
+
+
+def test_a_refused_model_file_is_not_read_nor_logged_again_until_its_retry_after_has_passed(
+        warm_container, seeded, caplog):
+    """Audit: with a tampered active file, 20 requests on one warm container made 20 ERROR lines and ~40 GETs."""
+    import logging
+    import time
+    import types
+
+    from candlecast.services import forecasting
+
+    key = _active_key(seeded.database_url, "1h")
+    good = storage.get_bytes(key)
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    storage.put_bytes(key, bytes(data))
+    reads: list[str] = []
+    get_bytes = storage.get_bytes
+    warm_container.setattr(storage, "get_bytes", lambda name: reads.append(name) or get_bytes(name))
+    with caplog.at_level(logging.INFO):
+        answers = [create({"symbol": "BTCUSDT", "timeframe": "1h"}) for _ in range(20)]
+    assert {(status, body["error"]["code"], headers["Retry-After"]) for status, headers, body in answers} == {
+        (503, "model_integrity", "60")}
+    assert sorted(reads) == sorted([key, storage.signature_key(key)])
+    assert [record.getMessage().split(":")[0] for record in _problems(caplog)] == ["model file refused"]
+    assert create({"symbol": "BTCUSDT", "timeframe": "4h"})[0] == 201  # another file is not refused with it
+
+    storage.put_bytes(key, good)  # restored: refused until the Retry-After has passed, then read again
+    assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 503
+    later = time.monotonic() + 61
+    warm_container.setattr(forecasting, "time", types.SimpleNamespace(monotonic=lambda: later))
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+    assert status == 201, body

@@ -53,6 +53,11 @@ _steps_adapter = list_adapter(PredictionStep)
 MODELS_KEPT_PER_TIMEFRAME = 2
 _models: "dict[str, OrderedDict[str, object]]" = {}
 _models_lock = threading.Lock()
+# A refused model file (`_refusal_identity`: its S3 key and what its row registers) -> (the refusal, time.monotonic()
+# deadline): neither read nor logged again for as long as its answer's Retry-After, as storage does with a candle
+# file it found invalid.
+_refused: "OrderedDict[tuple[str, ...], tuple[ModelUnavailable | ModelIntegrityError, float]]" = OrderedDict()
+REFUSALS_KEPT = 64
 # A signature that fails under the kept keys has the secret read again (a rotation this container has not seen
 # yet), at most this often: a tampered file must not cost a Secrets Manager call per request.
 REREAD_SIGNING_KEY_SECONDS = 30.0
@@ -156,6 +161,28 @@ def _require_registered(model, row: dict) -> None:
             f"{registered[1]} {registered[2]}; refusing to use it")
 
 
+def _refusal_identity(row: dict) -> tuple[str, ...]:
+    """What a refusal depends on: the file, and the row it must match (another timeframe's row may name it)."""
+    return tuple(str(row[field]) for field in ("s3_key", "sha256", "timeframe", "name", "version"))
+
+
+def _refuse_again(row: dict) -> None:
+    """Raise the refusal of the row's file again, unlogged, while it is remembered (`_refused`)."""
+    refused = _refused.get(_refusal_identity(row))
+    if refused is not None and time.monotonic() < refused[1]:
+        error = type(refused[0])(refused[0].message, code=refused[0].code)
+        error.logged = True  # once, when it was refused
+        raise error
+
+
+def _remember_refusal(row: dict, error: ModelUnavailable | ModelIntegrityError) -> None:
+    identity = _refusal_identity(row)
+    _refused[identity] = (error, time.monotonic() + error.retry_after)
+    _refused.move_to_end(identity)
+    while len(_refused) > REFUSALS_KEPT:
+        _refused.popitem(last=False)
+
+
 def _kept_model(timeframe: str, sha256: str):
     """The loaded model of this file, now its timeframe's most recently used; None when it is not kept."""
     kept = _models.get(timeframe, {})
@@ -175,6 +202,7 @@ def verified_model(row: dict):
     with _models_lock:
         if (model := _kept_model(timeframe, sha256)) is not None:
             return model
+        _refuse_again(row)
         # Shipped in the artifact when it is the registered file (no S3 client on the cold path), else the bucket.
         bundled = storage.bundled_model(timeframe, sha256)
         try:
@@ -183,6 +211,7 @@ def verified_model(row: dict):
         except (ModelUnavailable, ModelIntegrityError) as error:
             if error.code not in _SIGNING_KEY_CODES:  # those name the stage's key, not a file
                 _log_refused_file(row, error, "shipped" if bundled is not None else "bucket")
+                _remember_refusal(row, error)
             raise
         kept = _models.setdefault(timeframe, OrderedDict())
         kept[sha256] = model
@@ -209,6 +238,7 @@ def forget_models() -> None:
     global _keys_reread_at, _key_problem
     with _models_lock:
         _models.clear()
+        _refused.clear()
         _keys_reread_at = _key_problem = None
 
 
