@@ -125,6 +125,25 @@ def test_secrets_come_from_the_extension_endpoint_with_the_session_token(fresh_s
         extension.close()
 
 
+def test_a_refresh_asks_secrets_manager_not_the_extensions_copy(fresh_settings, stack):
+    """The extension keeps its own copy up to its TTL: a re-read after a rotation (a model signature that fails,
+    a refused database password) answered from it found the old value again."""
+    from infra.artifacts import SecretsExtension
+
+    config.forget_secrets()
+    arn = _secret_in_moto(stack, fresh_settings, "candlecast/test-refresh", "the-value")
+    extension = SecretsExtension(stack.s3_endpoint_url, session_token="the-session-token")
+    try:
+        fresh_settings.setenv("AWS_SESSION_TOKEN", "the-session-token")
+        fresh_settings.setenv("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", str(extension.port))
+        assert config._secret(arn) == "the-value" and extension.served == [arn]
+        assert config._secret(arn, refresh=True) == "the-value"
+        assert extension.served == [arn]  # the refresh went to the API
+    finally:
+        extension.close()
+        config.forget_secrets()
+
+
 def test_an_unreachable_extension_falls_back_to_the_secrets_manager_api(fresh_settings, stack, caplog):
     arn = _secret_in_moto(stack, fresh_settings, "candlecast/test-fallback", "from-the-api")
     fresh_settings.setenv("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", str(free_port()))  # nothing listens there

@@ -665,7 +665,10 @@ def test_an_unreadable_candle_file_is_503(seeded):
     assert "unreadable" in body["error"]["message"]
 
 
-def test_a_missing_signing_key_is_503_naming_it(seeded, monkeypatch):
+def test_a_missing_signing_key_is_503_naming_it(seeded, monkeypatch, caplog):
+    """Named by the code and the log line; the answer's message says nothing of the configuration."""
+    import logging
+
     from candlecast.config import get_settings
     from candlecast.services import forecasting
 
@@ -673,12 +676,16 @@ def test_a_missing_signing_key_is_503_naming_it(seeded, monkeypatch):
     get_settings.cache_clear()
     forecasting.forget_models()
     try:
-        status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
+        with caplog.at_level(logging.ERROR):
+            status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
-    assert status == 503
-    assert "MODEL_SIGNING_KEY" in body["error"]["message"]
+        forecasting.forget_models()
+    assert (status, body["error"]["code"]) == (503, "model_signing_key_missing")
+    assert "MODEL_SIGNING_KEY" not in body["error"]["message"]
+    [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert "MODEL_SIGNING_KEY" in record.reason
 
 
 @pytest.fixture

@@ -23,6 +23,10 @@ class PublicSigningKeyError(ConfigurationError):
     """The development signing key, which anyone can read, outside a local stage."""
 
 
+class SigningKeySecretInvalid(ConfigurationError):
+    """A signing key secret that is neither a key nor {"current": …, "previous": …} (a misspelt field, broken JSON)."""
+
+
 class DatabaseSettings(BaseSettings):
     """What reaching the database needs, and nothing else (migrations run with only this)."""
 
@@ -182,9 +186,9 @@ def forget_secrets() -> None:
 
 def _fetch_secret(arn: str, *, refresh: bool = False) -> str:
     """From the Parameters and Secrets Lambda Extension when it is attached (no boto3 on the cold path),
-    else, or when it fails, from the Secrets Manager API through Powertools (boto3, cached 5 minutes;
-    `refresh` asks again now; the extension keeps its own copy up to its TTL)."""
-    if port := os.environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT"):
+    else, or when it fails, from the Secrets Manager API through Powertools (boto3, cached 5 minutes).
+    `refresh` asks the API now: the extension would answer from its own copy, kept up to its TTL."""
+    if not refresh and (port := os.environ.get("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT")):
         try:
             return _secret_from_extension(arn, int(port))
         except (OSError, ValueError, KeyError) as error:  # never the secret itself: only what went wrong
@@ -259,17 +263,22 @@ def model_signing_key(settings: SigningKeySettings) -> bytes:
     return model_signing_keys(settings)[0]
 
 
-def model_signing_keys(settings: SigningKeySettings) -> tuple[bytes, bytes | None]:
+def signing_keys_from_secret(settings: SigningKeySettings) -> bool:
+    """Whether `model_signing_keys` reads a secret (which may have changed since), not the environment."""
+    return settings.model_signing_key is None and bool(settings.model_signing_key_secret_arn)
+
+
+def model_signing_keys(settings: SigningKeySettings, *, refresh: bool = False) -> tuple[bytes, bytes | None]:
     """(current, previous): files are signed with the current key; during a rotation (README, "Rotating the model
     signing key") a file signed with the previous one is accepted too, until it is re-signed. previous is None
     otherwise. From MODEL_SIGNING_KEY and MODEL_SIGNING_KEY_PREVIOUS, or the secret: a plain key, or
-    {"current": NEW, "previous": OLD}."""
+    {"current": NEW, "previous": OLD}; `refresh` reads the secret again now, bypassing the kept value."""
     if settings.model_signing_key is not None:
         key = settings.model_signing_key.get_secret_value()
         previous = (settings.model_signing_key_previous.get_secret_value()
                     if settings.model_signing_key_previous is not None else None)
     elif settings.model_signing_key_secret_arn:
-        key, previous = _rotating_keys(_secret(settings.model_signing_key_secret_arn))
+        key, previous = _rotating_keys(_secret(settings.model_signing_key_secret_arn, refresh=refresh))
     else:
         # No silent fallback: a forgotten key must not turn into the public development key.
         raise ConfigurationError("MODEL_SIGNING_KEY or MODEL_SIGNING_KEY_SECRET_ARN must be set")
@@ -297,7 +306,8 @@ def _rotating_keys(value: str) -> tuple[str, str | None]:
     if (not isinstance(document, dict) or not isinstance(document.get("current"), str) or not document["current"]
             or not isinstance(document.get("previous"), str | None) or set(document) - {"current", "previous"}):
         # Never the value: only what shape it should have.
-        raise ConfigurationError('the model signing key secret must be a key or {"current": "...", "previous": "..."}')
+        raise SigningKeySecretInvalid('the model signing key secret must be a key or {"current": "...", '
+                                      '"previous": "..."}')
     from candlecast import redaction
 
     redaction.register(document["current"], document.get("previous"))

@@ -137,6 +137,11 @@ class ModelIntegrityError(CandlecastError):
     retry_after = 60
 
 
+class ModelSignatureMismatch(ModelIntegrityError):
+    """A signature that verifies under none of the keys: a tampered file, or one signed with a key this container
+    has not read yet (a rotation)."""
+
+
 def retry_after(error: CandlecastError) -> int | None:
     """Seconds a client should wait before retrying, for every 503."""
     if error.status != 503:

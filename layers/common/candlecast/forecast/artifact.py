@@ -4,7 +4,7 @@ import hashlib
 import hmac
 import io
 
-from candlecast.errors import ModelIntegrityError
+from candlecast.errors import ModelIntegrityError, ModelSignatureMismatch
 
 
 def sign(data: bytes, key: bytes) -> str:
@@ -40,7 +40,7 @@ def verify(data: bytes, signature_hex: str | None, key: bytes, expected_sha256: 
         raise ModelIntegrityError("model file is unsigned (no .sig); refusing to load it")
     if not _same_hex(sign(data, key), signature_hex) and not (
             previous_key and _same_hex(sign(data, previous_key), signature_hex)):
-        raise ModelIntegrityError(
+        raise ModelSignatureMismatch(
             "model file signature does not match (tampered file or wrong key); refusing to load it"
         )
     if expected_sha256 is not None and not _same_hex(sha256_hex(data), expected_sha256):
