@@ -161,10 +161,10 @@ def seeded(clean_db):
     """The committed sample and models seeded into an emptied bucket (seed keeps a candle file the bucket holds, so
     one an earlier test changed would stay), and no model loaded yet."""
     from candlecast import seed
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     empty_bucket(clean_db.bucket)
-    forecasting.forget_models()
+    model_loading.forget_models()
     seed.seed(progress=False)
     return clean_db
 
@@ -174,10 +174,10 @@ def seeded_track_record(clean_db):
     """The committed sample seeded as a fresh `make run` seeds it (infra.run_local.seed_sample: symbols, candles,
     models, and the track record at past origins, scored), no model loaded before; returns the seed's report.
     About 12 s on 2 cores."""
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
     from infra.run_local import seed_sample
 
-    forecasting.forget_models()
+    model_loading.forget_models()
     return seed_sample(ROOT / "data", ROOT / "models", progress=False)
 
 

@@ -102,14 +102,14 @@ def _secret_from(stack, monkeypatch, endpoint: str | None, variable: str, value:
 
 @pytest.fixture
 def new_container(seeded, monkeypatch):
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
     from tests.conftest import reset_clients
 
-    forecasting.forget_models()
+    model_loading.forget_models()
     yield monkeypatch
     monkeypatch.undo()
     reset_clients()
-    forecasting.forget_models()
+    model_loading.forget_models()
 
 
 CANARY = "canary-secret-value-7f3a"

@@ -133,14 +133,14 @@ def test_untested_horizons_are_null_in_the_models_table_and_the_api(shipped_with
     from candlecast import db
     from candlecast.forecast.train import register
     from candlecast.repositories.models import get_active_model_by_timeframe
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
     from tests.conftest import invoke, path_event
 
     models = shutil.copytree(shipped_with_untested_horizons, tmp_path / "models")
     entry = json.loads((models / "manifest.json").read_text())["1m"]
     shipped = entry["metrics"]["shipped"]
     untested = untested_horizons(entry["metrics"]["comparison"]["methods"][shipped]["per_horizon"]["coverage_80"])
-    forecasting.forget_models()
+    model_loading.forget_models()
     register(entry, models)
     with db.connection() as conn:
         row = get_active_model_by_timeframe(conn, "1m")

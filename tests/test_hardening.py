@@ -107,7 +107,7 @@ def test_the_development_key_works_locally_and_a_real_key_anywhere():
 
 
 def test_a_create_outside_local_with_the_public_key_is_refused_before_unpickling(seeded, monkeypatch):
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     monkeypatch.setenv("STAGE", "dev")
     get_settings.cache_clear()
@@ -117,7 +117,7 @@ def test_a_create_outside_local_with_the_public_key_is_refused_before_unpickling
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
-        forecasting.forget_models()
+        model_loading.forget_models()
     assert (status, body["error"]["code"]) == (503, "model_signing_key_refused"), body
     assert headers["Retry-After"].isdigit()
 

@@ -102,13 +102,13 @@ def test_health_is_degraded_naming_the_timeframe_whose_model_file_or_signature_i
     import logging
 
     from candlecast import storage
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     model_key = _active_model_key(seeded, "1d")
     gone = model_key if which == "file" else storage.signature_key(model_key)
     kept = storage.get_bytes(gone)
     storage.s3_client().delete_object(Bucket=seeded.bucket, Key=gone)
-    forecasting.forget_models()
+    model_loading.forget_models()
     assert _create("1d")[0] == 503 and _create("1d")[1]["error"]["code"] == code  # what /health must foresee
     with caplog.at_level(logging.INFO):
         answers = [health() for _ in range(3)]

@@ -77,7 +77,7 @@ def extra_events(logical_id: str, events: list[dict]) -> list[tuple[dict, float 
 def recorded(stack, migrated_db):
     """{logical id: [AwsCall]} of every function run on its events with its deployed environment."""
     from candlecast import polygon, seed
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     template = load_template(ROOT / "template.yaml")
     functions = {function.logical_id: function for function in template_functions(template)}
@@ -88,7 +88,7 @@ def recorded(stack, migrated_db):
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
             conn.execute("DELETE FROM predictions")
         empty_bucket(stack.bucket)
-        forecasting.forget_models()
+        model_loading.forget_models()
         seed.seed(progress=False)
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
             conn.execute("INSERT INTO symbols (ticker, name, base_currency, quote_currency, market, volume_24h) "
@@ -110,7 +110,7 @@ def recorded(stack, migrated_db):
                     patch.delenv("PARAMETERS_SECRETS_EXTENSION_HTTP_PORT", raising=False)
                     # A new container: no clients, settings, secrets or models from the function before.
                     reset_clients()
-                    forecasting.forget_models()
+                    model_loading.forget_models()
                     polygon.reset_client()
                     forget_functions()
                     recorder.take()

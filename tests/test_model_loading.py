@@ -18,15 +18,15 @@ NEW_KEY = "the-rotated-key-of-this-stage"
 @pytest.fixture
 def warm_container(seeded, monkeypatch):
     """One container for the whole test, as a warm Lambda: no settings, secrets or models kept from before."""
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
     from tests.conftest import reset_clients
 
     reset_clients()
-    forecasting.forget_models()
+    model_loading.forget_models()
     yield monkeypatch
     monkeypatch.undo()
     reset_clients()
-    forecasting.forget_models()
+    model_loading.forget_models()
 
 
 def _key_from_secret(stack, monkeypatch, value: str) -> str:
@@ -211,28 +211,28 @@ def test_predictions_of_two_versions_in_turn_load_each_model_once(warm_container
     files in turn: 48 predictions made 27 GETs and loads, each logging 'model loaded'."""
     import logging
 
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     old, new = _model_rows(seeded.database_url, "1h", ["v-next"])
     reads = _model_reads(warm_container)
     with caplog.at_level(logging.INFO):
-        models = [forecasting.verified_model(row) for row in [old, new] * 6]
+        models = [model_loading.verified_model(row) for row in [old, new] * 6]
     assert [model.version for model in models] == [old["version"], "v-next"] * 6
     assert sorted(reads) == sorted([old["s3_key"], new["s3_key"]])
     assert [record.getMessage() for record in caplog.records].count("model loaded") == 2
 
 
 def test_the_least_recently_used_version_is_the_one_let_go(warm_container, seeded):
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     first, second, third = _model_rows(seeded.database_url, "1h", ["v-2", "v-3"])
     reads = _model_reads(warm_container)
     for row in (first, second, first, third):  # the third pushes out the second, used less lately than the first
-        forecasting.verified_model(row)
-    assert len(reads) == 3 and forecasting.MODELS_KEPT_PER_TIMEFRAME == 2
-    forecasting.verified_model(first)
+        model_loading.verified_model(row)
+    assert len(reads) == 3 and model_loading.MODELS_KEPT_PER_TIMEFRAME == 2
+    model_loading.verified_model(first)
     assert len(reads) == 3
-    forecasting.verified_model(second)
+    model_loading.verified_model(second)
     assert reads[-1] == second["s3_key"] and len(reads) == 4
 
 
@@ -246,7 +246,7 @@ def test_a_refused_model_file_is_not_read_nor_logged_again_until_its_retry_after
     import time
     import types
 
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     key = _active_key(seeded.database_url, "1h")
     good = storage.get_bytes(key)
@@ -267,6 +267,6 @@ def test_a_refused_model_file_is_not_read_nor_logged_again_until_its_retry_after
     storage.put_bytes(key, good)  # restored: refused until the Retry-After has passed, then read again
     assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 503
     later = time.monotonic() + 61
-    warm_container.setattr(forecasting, "time", types.SimpleNamespace(monotonic=lambda: later))
+    warm_container.setattr(model_loading, "time", types.SimpleNamespace(monotonic=lambda: later))
     status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
     assert status == 201, body

@@ -141,13 +141,13 @@ def test_a_retried_key_returns_its_prediction_after_the_candles_moved_on(seeded)
 def test_a_retried_key_needs_neither_the_model_nor_the_candles(seeded, monkeypatch):
     from candlecast import cache
     from candlecast.config import get_settings
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     key = {"idempotency-key": f"client-{uuid.uuid4()}"}
     status, _, first = create({"symbol": "ETHUSDT", "timeframe": "1h"}, key)
     assert status == 201
     cache.delete_pattern(cache.keys.all_keys())
-    forecasting.forget_models()
+    model_loading.forget_models()
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     get_settings.cache_clear()
     storage.reset_clients()
@@ -447,7 +447,7 @@ def test_bodies_that_cannot_be_read_are_4xx(seeded, body, base64_encoded, status
 def test_storage_outage_is_503_not_500(seeded, monkeypatch, model_loaded):
     from candlecast import cache
     from candlecast.config import get_settings
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     if model_loaded:
         assert create({"symbol": "BTCUSDT", "timeframe": "1h"})[0] == 201
@@ -456,7 +456,7 @@ def test_storage_outage_is_503_not_500(seeded, monkeypatch, model_loaded):
     get_settings.cache_clear()
     storage.reset_clients()
     if not model_loaded:
-        forecasting.forget_models()
+        model_loading.forget_models()
     try:
         status, _, body = create({"symbol": "ETHUSDT", "timeframe": "1h"})
     finally:
@@ -670,18 +670,18 @@ def test_a_missing_signing_key_is_503_naming_it(seeded, monkeypatch, caplog):
     import logging
 
     from candlecast.config import get_settings
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     monkeypatch.delenv("MODEL_SIGNING_KEY")
     get_settings.cache_clear()
-    forecasting.forget_models()
+    model_loading.forget_models()
     try:
         with caplog.at_level(logging.ERROR):
             status, _, body = create({"symbol": "BTCUSDT", "timeframe": "1h"})
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
-        forecasting.forget_models()
+        model_loading.forget_models()
     assert (status, body["error"]["code"]) == (503, "model_signing_key_missing")
     assert "MODEL_SIGNING_KEY" not in body["error"]["message"]
     [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
@@ -691,15 +691,15 @@ def test_a_missing_signing_key_is_503_naming_it(seeded, monkeypatch, caplog):
 @pytest.fixture
 def shipped_models(tmp_path, monkeypatch):
     """A function folder holding the committed models, as functions/predictions_create/Makefile ships them."""
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     (tmp_path / "models").mkdir()
     for model in (ROOT / "models").glob("*.pkl"):
         (tmp_path / "models" / model.name).write_bytes(model.read_bytes())
     monkeypatch.setenv("LAMBDA_TASK_ROOT", str(tmp_path))
-    forecasting.forget_models()
+    model_loading.forget_models()
     yield tmp_path / "models"
-    forecasting.forget_models()
+    model_loading.forget_models()
 
 
 def _active_1h_key(database_url: str) -> str:
@@ -770,10 +770,10 @@ def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refr
 
 def _new_container():
     from candlecast.config import get_settings
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     get_settings.cache_clear()
-    forecasting.forget_models()
+    model_loading.forget_models()
 
 
 def _all_signed_with(bucket_keys: list[str], key: bytes) -> bool:

@@ -441,7 +441,7 @@ def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket,
     from candlecast import db, storage
     from candlecast.candles import COLUMNS, Candles
     from candlecast.seed import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, seed
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     data, models = tmp_path / "data", tmp_path / "models"
     for coin in ("BTCUSD", "ETHUSD"):
@@ -456,7 +456,7 @@ def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket,
     manifest = json.loads((DEFAULT_MODELS_DIR / "manifest.json").read_text())
     manifest = manifest.get("models", manifest)
     (models / "manifest.json").write_text(json.dumps({"1w": manifest["1w"]}))
-    forecasting.forget_models()
+    model_loading.forget_models()
 
     first = seed(data, models, progress=False, track_record=True)
     assert first.past_predictions > 0

@@ -37,10 +37,10 @@ def track(clean_db, monkeypatch):
     """The committed models registered (no sample track record), an empty bucket besides them."""
     from candlecast import polygon, seed
     from candlecast.config import get_settings
-    from candlecast.services import forecasting
+    from candlecast.services import model_loading
 
     empty_bucket(clean_db.bucket)
-    forecasting.forget_models()
+    model_loading.forget_models()
     seed.seed(progress=False)
     yield monkeypatch
     polygon.reset_client()
@@ -579,7 +579,7 @@ def pin5_by_hand(outcome: float, quantiles: list[float]) -> float:
 
 def test_live_metrics_match_a_hand_computation(track):
     from candlecast.forecast.evaluate import calibration_error, series_origins
-    from candlecast.services.forecasting import verified_model
+    from candlecast.services.model_loading import verified_model
 
     history = stored_history()
     prediction = create(SYMBOL)

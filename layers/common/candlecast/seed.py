@@ -221,7 +221,7 @@ def _checked_model(models_dir: Path, timeframe: str, entry: Any, key: bytes, res
     `require_registered`, after the signature and sha256 are verified: nothing unverified is unpickled)."""
     from candlecast.errors import ModelIntegrityError
     from candlecast.forecast import artifact
-    from candlecast.services.forecasting import require_registered
+    from candlecast.services.model_loading import require_registered
 
     if not isinstance(entry, dict):
         raise UnusableInput(f"not a JSON object: {type(entry).__name__}")
@@ -422,6 +422,7 @@ def build_track_record(data_dir: Path, as_of: datetime | None = None,
     from candlecast import db, storage
     from candlecast.repositories.models import get_all_active_models
     from candlecast.services import forecasting, scoring
+    from candlecast.services.model_loading import verified_model
     from candlecast.tickers import normalize_ticker
 
     with db.connection() as conn:
@@ -439,7 +440,7 @@ def build_track_record(data_dir: Path, as_of: datetime | None = None,
             if candles is not None:
                 stored.append((ticker, candles))
         if stored:
-            plan = plan_track_record(row, forecasting.verified_model(row), stored, as_of)
+            plan = plan_track_record(row, verified_model(row), stored, as_of)
             print(plan.describe(), flush=True)
             plans.append(plan)
     work = [(plan.timeframe, *origin) for plan in plans for origin in plan.origins]

@@ -36,7 +36,7 @@ from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
 from candlecast.repositories import scores as score_repository
 from candlecast.schemas import InvocationEvent
-from candlecast.services.forecasting import verified_model
+from candlecast.services.model_loading import verified_model
 from candlecast.tickers import MAX_TICKER_LENGTH
 from candlecast.timeframes import Timeframe
 
