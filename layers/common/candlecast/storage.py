@@ -331,19 +331,22 @@ def head_etag(key: str) -> str | None:
         raise
 
 
+def _keys_under(client: Any, bucket: str, prefix: str) -> list[str]:
+    """Every key under `prefix`: a LIST, one request per 1,000 keys; names only."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
 def list_keys(prefix: str) -> list[str]:
     with _unavailable_as_503(prefix):
-        paginator = s3_client().get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=_bucket(), Prefix=prefix)
-        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+        return _keys_under(s3_client(), _bucket(), prefix)
 
 
 def model_keys() -> set[str]:
     """Every key under MODELS_PREFIX (model files and their signatures): a LIST, one request per 1,000 keys, on
     the read client (one try of at most a second). Names only: nothing is downloaded. Failures are raised as they
     are, unlogged: the caller (Health, which HEADs the bucket first) reports them once (`failure_code`)."""
-    pages = read_client().get_paginator("list_objects_v2").paginate(Bucket=_bucket(), Prefix=MODELS_PREFIX)
-    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+    return set(_keys_under(read_client(), _bucket(), MODELS_PREFIX))
 
 
 def missing_model_files(model_key: str, held: set[str]) -> list[str] | None:
@@ -372,8 +375,7 @@ def _held_keys(client: Any, bucket: str, prefix: str) -> set[str]:
     from botocore.exceptions import ClientError
 
     try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return {item["Key"] for page in pages for item in page.get("Contents", [])}
+        return set(_keys_under(client, bucket, prefix))
     except ClientError as error:
         raise StorageUnavailable(f"could not list s3://{bucket}/{prefix}: {_code(error)}") from error
 
