@@ -265,6 +265,19 @@ def test_the_previous_signing_key_is_redacted_as_the_current_one_is(monkeypatch)
     assert redaction.redact("current=cur-key-AAAA previous=prev-key-BBBB") == "current=[redacted] previous=[redacted]"
 
 
+def test_a_secret_set_under_a_lowercase_name_is_redacted_as_the_settings_read_it(monkeypatch):
+    """Audit: the settings read environment names in any case; the filter read only upper-case ones."""
+    from candlecast.config import DatabaseSettings, SigningKeySettings
+
+    monkeypatch.delenv("MODEL_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("model_signing_key", "lower-case-key-CCCC")
+    monkeypatch.setenv("Database_Url", "postgresql://app:lower-case-db-pass@db/candlecast")
+    assert SigningKeySettings().model_signing_key.get_secret_value() == "lower-case-key-CCCC"
+    assert "lower-case-db-pass" in DatabaseSettings().database_url.get_secret_value()
+    assert redaction.redact("key lower-case-key-CCCC db lower-case-db-pass") == "key [redacted] db [redacted]"
+
+
 def test_every_secret_setting_is_redacted():
     """Each SecretStr setting (and the URLs that carry a password) is one the filter reads from the environment."""
     from pydantic import SecretStr

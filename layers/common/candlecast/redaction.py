@@ -47,8 +47,12 @@ def _url_password(url: str) -> str | None:
 
 
 def secrets() -> frozenset[str]:
-    found = {os.environ.get(name) for name in SECRET_VARIABLES}
-    found |= {_url_password(os.environ.get(name, "")) for name in URL_VARIABLES}
+    found = set()
+    for name in os.environ:  # in any letter case, as the settings read them
+        if name.upper() in SECRET_VARIABLES:
+            found.add(os.environ[name])
+        elif name.upper() in URL_VARIABLES:
+            found.add(_url_password(os.environ[name]))
     with _lock:
         found |= _registered
     variants = set()
