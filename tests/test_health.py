@@ -22,7 +22,13 @@ def test_health_reports_each_dependency_with_latency(clean_db):
     assert body["checks"]["database"]["status"] == "up"
     assert body["checks"]["cache"]["status"] == "up"
     assert set(body["models"]) == {"1h", "4h", "1d", "1w", "1m"}
-    assert body["status"] == ("ok" if body["checks"]["storage"]["status"] == "up" else "degraded")
+
+
+def test_health_is_degraded_while_a_timeframe_has_no_model_registered(clean_db):
+    """Audit: with no model for a timeframe its forecasts answer 503 model_unavailable, and health said "ok"."""
+    status, _, body = health()
+    assert (status, body["status"], body["checks"]["database"]["status"]) == (200, "degraded", "up")
+    assert {model["status"] for model in body["models"].values()} == {"missing"}
 
 
 def test_health_is_degraded_when_redis_is_down(clean_db, needs_embedded_redis):

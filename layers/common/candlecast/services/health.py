@@ -97,7 +97,8 @@ def _model(row: dict | None, absent: str, held: set[str] | None, missing: dict[s
 
 def check() -> tuple[int, bytes]:
     """(HTTP status, JSON body): 200 "ok", 200 "degraded" when cache or storage is down (or the cache refuses
-    writes) or an active model's file or signature is not in storage, 503 when the database is."""
+    writes), an active model's file or signature is not in storage, or a timeframe has no model registered (its
+    forecasts answer 503 model_unavailable); 503 when the database is down."""
     active_models: dict = {}
     held: set[str] = set()
 
@@ -120,9 +121,10 @@ def check() -> tuple[int, bytes]:
     models = {timeframe: _model(active_models.get(timeframe), absent, listed, missing) for timeframe in TIMEFRAMES}
     if listed is not None and checks["database"]["status"] == "up":  # both answered: the files are known
         _log_files_transition(missing)
+    unregistered = [timeframe for timeframe, model in models.items() if model["status"] == "missing"]
     if checks["database"]["status"] == "down":
         status, code = "down", 503
-    elif missing or any(item["status"] != "up" for item in checks.values()):
+    elif missing or unregistered or any(item["status"] != "up" for item in checks.values()):
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
