@@ -292,6 +292,57 @@ def test_an_update_with_this_functions_hash_applies_what_is_pending(migrate_app,
     assert recorder.captured[-1]["Data"]["Applied"] == MIGRATION_IDS[-1]
 
 
+def test_an_update_whose_hashes_are_neither_this_functions_applies_its_migrations_and_says_so(
+        migrate_app, recorder, fresh_database):
+    """Audit: a build whose migrations/ held a stray file (a hash neither old nor new) answered SUCCESS having
+    applied nothing, and the new code went live on the old schema."""
+    from candlecast import migrate
+
+    migrate.apply(fresh_database)
+    migrate.rollback(fresh_database, count=1)
+    update = cfn_event("Update", recorder.url, "1" * 64, PhysicalResourceId="DbMigration-schema",
+                       OldResourceProperties={"MigrationsHash": "0" * 64})
+    assert migrate_app.lambda_handler(update, context())["Status"] == "SUCCESS"
+    answer = recorder.captured[-1]
+    assert answer["Data"]["Applied"] == MIGRATION_IDS[-1]
+    assert answer["Reason"].startswith("applied 1 migration(s); MigrationsHash 111111111111… is not the "
+                                       f"migrations built into this function ({repository_hash()[:12]}…)")
+    assert migrate.status(fresh_database).pending == []
+
+
+def test_a_long_non_ascii_reason_keeps_the_answer_within_cloudformations_4_kb(
+        migrate_app, recorder, fresh_database, monkeypatch, tmp_path):
+    """Audit: the reason was cut to 1000 characters, and JSON's \\u escapes made 300 of '₿€ü' 5.8 KB."""
+    folder = migrations_with(tmp_path, "0099_refuses.sql", "-- depends: 0009_score_due_series\n"
+                             "DO $$ BEGIN RAISE EXCEPTION 'names must be ASCII: %', repeat('₿€ü', 300); END $$;\n")
+    monkeypatch.setenv("MIGRATIONS_DIR", str(folder))
+    event = cfn_event("Create", recorder.url, migrations_hash(folder))
+    assert migrate_app.lambda_handler(event, context())["Status"] == "FAILED"
+    body = recorder.requests[-1]["body"]
+    assert len(body) <= 4096, len(body)
+    reason = json.loads(body)["Reason"]
+    assert "0099_refuses" in reason and "names must be ASCII: ₿€ü₿€ü" in reason
+
+
+def test_a_lock_held_past_the_deadline_answers_failed_naming_its_holder(
+        migrate_app, recorder, fresh_database, monkeypatch):
+    """Audit: the lock wait gave up just as the deadline cancelled it, so a catalog query naming the holder that
+    took a moment (here 0.3 s in the server) was cancelled, and the reason said only "canceling statement"."""
+    from candlecast import migrate
+
+    holder_of = migrate._lock_holder
+    monkeypatch.setattr(migrate, "_lock_holder",
+                        lambda connection: connection.execute("SELECT pg_sleep(0.3)") and holder_of(connection))
+    with psycopg.connect(fresh_database, autocommit=True, application_name="other-runner") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrate.MIGRATION_LOCK_KEY,))
+        event = cfn_event("Create", recorder.url)
+        result = migrate_app.lambda_handler(event, context(int((migrate_app.RESPONSE_MARGIN_SECONDS + 4) * 1000)))
+    assert result["Status"] == "FAILED"
+    assert "the migration lock is held by another run" in result["Reason"], result["Reason"]
+    assert "other-runner" in result["Reason"]
+    assert migrate.status(fresh_database).applied == []
+
+
 def running(conninfo: str, text: str) -> list[tuple]:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         return conn.execute("SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "

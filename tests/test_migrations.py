@@ -57,6 +57,15 @@ def test_the_backend_is_the_one_yoyo_registers_for_the_url_scheme(scratch_databa
         backend.connection.close()
 
 
+def test_an_ipv6_host_keeps_its_brackets_in_yoyos_url():
+    """Audit: `::1` went into the URL bare, and yoyo read its port as ':1:5432'."""
+    from yoyo.connections import parse_uri
+
+    for conninfo in ("postgresql://app:pw@[::1]:5433/candlecast", "host=::1 port=5433 dbname=candlecast user=app"):
+        parsed = parse_uri(migrate.yoyo_url(conninfo))
+        assert (parsed.hostname, parsed.port, parsed.database) == ("::1", 5433, "candlecast"), conninfo
+
+
 def test_apply_rollback_apply(scratch_database):
     assert migrate.apply(scratch_database) == MIGRATIONS
     assert tables(scratch_database) == TABLES

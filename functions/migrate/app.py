@@ -1,13 +1,14 @@
 """Migrate: the Custom::DbMigration resource at deploy time, or a direct invoke.
 
-CloudFormation events: Create applies pending migrations. Update applies them when its MigrationsHash is
-the hash of the migrations this function bundles; with another hash it is a stack rollback (the failed
-update's code still deployed, the previous template's properties) or a request from another template
-version, and it applies nothing and answers SUCCESS: migrations are forward-only. Delete is a no-op (the
-schema outlives the stack). CloudFormation always gets an answer on the pre-signed URL, SUCCESS or FAILED
-with the reason. A run still going at the deadline (RESPONSE_MARGIN_SECONDS before the function's timeout)
-is cancelled, and the answer waits (CANCEL_GRACE_SECONDS at most) until it has rolled back, so FAILED never
-goes out for a migration that then commits.
+CloudFormation events: Create and Update apply the pending migrations this function bundles, except an Update
+whose previous MigrationsHash is theirs and whose new one is not: a stack rollback (the failed update's code
+still deployed, the previous template's properties), which applies nothing and answers SUCCESS: migrations are
+forward-only. A MigrationsHash that is neither (the built migrations/ differ from the template's: a stray or
+changed file) still applies the bundled ones, which the deployed code needs, and the Reason says so. Delete is
+a no-op (the schema outlives the stack). CloudFormation always gets an answer on the pre-signed URL, SUCCESS
+or FAILED with the reason. A run still going at the deadline (RESPONSE_MARGIN_SECONDS before the function's
+timeout) is cancelled, and the answer waits (CANCEL_GRACE_SECONDS at most) until it has rolled back, so FAILED
+never goes out for a migration that then commits.
 
 Direct invoke: {"action": "apply"} -> {"applied": [ids]}; {"action": "status"} -> {"applied": [...],
 "pending": [...], "unknown": [applied in the database, not bundled here]}. Failures raise, so `aws lambda invoke`
@@ -43,7 +44,7 @@ CANCEL_GRACE_SECONDS = 3.0  # after cancelling at the deadline, how long to wait
 # attempt at delivering the answer (with the pauses between them), so Lambda never kills a late answer.
 RESPONSE_MARGIN_SECONDS = CANCEL_GRACE_SECONDS + PUT_ATTEMPTS * PUT_TIMEOUT_SECONDS + sum(range(1, PUT_ATTEMPTS)) + 2
 DEFAULT_BUDGET_SECONDS = 280.0  # when there is no Lambda context (local calls)
-MAX_REASON_CHARS = 1000  # the whole response must stay under CloudFormation's 4 KB
+MAX_REASON_BYTES = 1000  # UTF-8: the whole response must stay under CloudFormation's 4 KB
 
 
 def _conninfo() -> str:
@@ -126,14 +127,14 @@ def send_response(event: dict, status: str, reason: str, physical_id: str, data:
         raise ValueError("ResponseURL is not an http(s) URL")
     body = json.dumps({
         "Status": status,
-        "Reason": reason[:MAX_REASON_CHARS],
+        "Reason": _fitted(reason),
         "PhysicalResourceId": physical_id,
         "StackId": event["StackId"],
         "RequestId": event["RequestId"],
         "LogicalResourceId": event["LogicalResourceId"],
         "NoEcho": False,
         "Data": data,
-    }).encode()
+    }, ensure_ascii=False).encode()
     # An empty Content-Type: the pre-signed URL was signed without one.
     request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": ""})  # noqa: S310
     for attempt in range(1, PUT_ATTEMPTS + 1):
@@ -149,25 +150,34 @@ def send_response(event: dict, status: str, reason: str, physical_id: str, data:
     raise ConnectionError("could not deliver the response to CloudFormation")
 
 
-def _other_version(event: dict) -> str | None:
-    """Why an Update applies nothing: its MigrationsHash is not the hash of the migrations bundled here.
-    Raises MigrationError (FAILED) when the bundled folder is missing or empty: its hash means nothing."""
+def _fitted(reason: str) -> str:
+    """`reason` cut to MAX_REASON_BYTES of UTF-8, at a character's boundary."""
+    return reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
+
+
+def _hash_check(event: dict) -> tuple[bool, str]:
+    """(whether to apply the bundled migrations, what the Reason adds). An Update that names this function's
+    migrations only as its previous MigrationsHash is a stack rollback: nothing applied. Any other hash that is
+    not theirs is a build whose migrations/ differ from the template's: they are applied, as the deployed code
+    needs them, and named. Raises MigrationError (FAILED) when the bundled folder is missing or empty."""
     from candlecast import migrate
 
     bundled = migrate.bundled_hash()
     requested = (event.get("ResourceProperties") or {}).get("MigrationsHash")
-    if event.get("RequestType") != "Update" or requested in (None, bundled):
-        if requested not in (None, bundled):
-            logger.warning("Create with a MigrationsHash that is not this function's migrations: applying them",
-                           extra={"requested_hash": requested, "bundled_hash": bundled})
-        return None
+    if requested in (None, bundled):
+        return True, ""
     previous = (event.get("OldResourceProperties") or {}).get("MigrationsHash")
-    kind = "a stack rollback" if previous == bundled else "a request from another template version"
-    logger.warning("applying no migrations: the request's MigrationsHash is not this function's migrations",
-                   extra={"requested_hash": requested, "previous_hash": previous, "bundled_hash": bundled,
-                          "assumed": kind})
-    return (f"applied nothing: MigrationsHash {requested[:12]}… is not this function's migrations "
-            f"({bundled[:12]}…), {kind}; migrations are forward-only, so the schema stays as it is")
+    hashes = {"requested_hash": requested, "previous_hash": previous, "bundled_hash": bundled}
+    if event.get("RequestType") == "Update" and previous == bundled:
+        logger.warning("applying no migrations: a stack rollback to a template with other migrations", extra=hashes)
+        return False, (f"applied nothing: MigrationsHash {requested[:12]}… is not this function's migrations "
+                       f"({bundled[:12]}…) but the previous one was, a stack rollback; migrations are "
+                       "forward-only, so the schema stays as it is")
+    logger.warning("the template's MigrationsHash is not this function's migrations: applying the function's",
+                   extra=hashes)
+    return True, (f"; MigrationsHash {requested[:12]}… is not the migrations built into this function "
+                  f"({bundled[:12]}…): a stray or changed file in migrations/, or a template without "
+                  "`make migrations-hash`")
 
 
 def handle_custom_resource(event: dict, context: Any) -> dict[str, str]:
@@ -178,20 +188,21 @@ def handle_custom_resource(event: dict, context: Any) -> dict[str, str]:
         if request_type == "Delete":
             status, reason = SUCCESS, "Delete is a no-op: the schema and its data outlive the stack"
         elif request_type in ("Create", "Update"):
-            if skipped := _other_version(event):
+            apply, why = _hash_check(event)
+            if not apply:
                 data = {"AppliedCount": "0", "Applied": ""}
-                status, reason = SUCCESS, skipped
+                status, reason = SUCCESS, why
             else:
                 applied = _run_with_deadline(apply_migrations, _budget_seconds(context))["applied"]
                 data = {"AppliedCount": str(len(applied)), "Applied": ",".join(applied)[:500]}
-                status, reason = SUCCESS, f"applied {len(applied)} migration(s)"
+                status, reason = SUCCESS, f"applied {len(applied)} migration(s){why}"
         else:
             raise ValueError(f"unknown RequestType {request_type!r}")
     except Exception as error:
         logger.exception("migration request failed", extra={"request_type": request_type})
         status, reason = FAILED, f"{type(error).__name__}: {error}"
     send_response(event, status, reason, physical_id, data)
-    return {"Status": status, "Reason": reason[:MAX_REASON_CHARS], "PhysicalResourceId": physical_id}
+    return {"Status": status, "Reason": _fitted(reason), "PhysicalResourceId": physical_id}
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 5303853331250992063
 LOCK_WAIT_SECONDS = 300.0  # how long a run without a deadline (the CLI) waits for another run to finish
 LOCK_POLL_SECONDS = 0.25
+LOCK_GIVE_UP_EARLY_SECONDS = 1.0  # a run with a deadline stops waiting for the lock this long before it
 DDL_LOCK_TIMEOUT_SECONDS = 2.0  # lock_timeout: how long one statement may queue for a lock (and readers behind it)
 LOCK_ATTEMPTS = 5  # tries of a migration whose statement gave up waiting for a lock
 LOCK_RETRY_PAUSE_SECONDS = 2.0  # before the second try; the third waits twice as long, and so on
@@ -156,7 +157,7 @@ def yoyo_url(conninfo: str) -> str:
     dbname = quote(str(params.pop("dbname", "")), safe="")
     netloc = user + (f":{password}" if password else "") + ("@" if user else "")
     if host and not host.startswith("/"):
-        netloc += host + (f":{port}" if port else "")
+        netloc += (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")  # an IPv6 literal
     else:
         if host:
             params["host"] = host
@@ -369,7 +370,9 @@ def _run_lock(backend, deadline: Deadline):
     connection = backend.connection
     started = time.monotonic()
     remaining = deadline.remaining()
-    give_up_at = started + (LOCK_WAIT_SECONDS if remaining is None else remaining)
+    # Before the deadline, so the answer names the lock's holder rather than a cancelled wait.
+    give_up_at = started + (LOCK_WAIT_SECONDS if remaining is None else max(remaining - LOCK_GIVE_UP_EARLY_SECONDS,
+                                                                             0.0))
     while True:
         deadline.check("taking the migration lock")
         if connection.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()[0]:
