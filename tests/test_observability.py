@@ -45,6 +45,27 @@ def test_response_metrics_carry_the_stage_and_the_function_as_dimensions(capsys)
     assert (blob["stage"], blob["function"]) == ("local", "health")
 
 
+LAMBDA_LEVELS = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"]
+
+
+def test_the_metric_lines_pass_lambdas_log_level_filter_at_every_allowed_log_level(capsys):
+    """Audit: LogLevel WARNING or ERROR set Lambda's application level filter to WARN or ERROR, and Lambda takes a
+    JSON line without a "level" as INFO: the metric lines, which have none, were dropped, and every custom
+    metric and the alarms on them with them."""
+    from infra import template_checks
+
+    capsys.readouterr()
+    invoke("health", path_event("health.json", "/no-such-route"))
+    blobs = emf_blobs(capsys.readouterr().out)
+    assert blobs
+    line_levels = {str(blob.get("level", "INFO")).upper() for blob in blobs}  # Lambda's reading of them
+    template = template_checks.load_template()
+    for log_level in template["Parameters"]["LogLevel"]["AllowedValues"]:
+        allowed = template["Mappings"]["LambdaLogLevels"][log_level]["Level"]
+        for level in line_levels:
+            assert LAMBDA_LEVELS.index(level) >= LAMBDA_LEVELS.index(allowed), (log_level, level)
+
+
 def test_every_line_a_request_logs_carries_api_gateways_request_id():
     """inject_lambda_context had no correlation_id_path: a request's log lines had no id that its access-log line
     (requestId) also has, so a 5xx in the access log could not be joined with its function's lines."""
