@@ -1470,6 +1470,28 @@ def test_symbols_whose_metadata_was_not_recorded_count_as_failed_in_the_metrics_
     assert (blob["RefreshSymbolsFailed"], blob["RefreshSymbolsDone"]) == ([2.0], [2.0])
 
 
+def test_symbols_a_rate_limited_chain_leaves_undone_count_as_failed_in_the_metrics(env, capsys):
+    """Audit: a 24 h Retry-After stopped the chain with every symbol undone, and both counts were 0: the share
+    alarm had no datapoint, and the weekly refresh did nothing unseen."""
+    from infra.lambda_loader import load_handler
+    from tests.test_observability import emf_blobs
+
+    env.setenv("REFRESH_CHAIN", "false")
+    handler = load_handler("functions/refresh")
+    market = make_market(3, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=1000, headers={"Retry-After": "86400"})
+        first = ingest.scheduled_refresh({"tickers": tickers, "timeframes": ["1h"]}, 300)
+        polygon.reset_client()
+        capsys.readouterr()
+        report = handler(first["continuation"], RefreshContext(remaining_seconds=900))
+    assert report["continuation"] is None and report["remaining"] == tickers and report["failed"] == []
+    (blob,) = [blob for blob in emf_blobs(capsys.readouterr().out) if "RefreshSymbolsFailed" in blob]
+    assert (blob["RefreshSymbolsFailed"], blob["RefreshSymbolsDone"]) == ([3.0], [0.0])
+
+
 @pytest.mark.parametrize(("event", "field"), [
     ({"concurrency": 0}, "concurrency"), ({"concurrency": ingest.MAX_CONCURRENCY + 1}, "concurrency"),
     ({"concurrency": "many"}, "concurrency"), ({"concurrency": True}, "concurrency"),

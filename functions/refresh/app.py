@@ -56,8 +56,10 @@ def lambda_handler(event, context):
     metrics.set_default_dimensions(**metric_dimensions("refresh"))
     report = run_chunk(event, context, ingest.scheduled_refresh, REPORT_SECONDS, LOCAL_BUDGET_SECONDS)
     # A chunk whose symbols all failed still returns: RefreshFailedShareAlarm reads these, not the failed runs. A
-    # symbol whose metadata was not recorded failed too (it may be in both lists).
-    failed = set(report["failed"]) | set(report["unrecorded"])
+    # symbol whose metadata was not recorded failed too (it may be in both lists), as did one this run leaves
+    # undone: not handed on (a chain stopped by a long 429 hold, or past MAX_CHUNKS).
+    left_undone = set() if report["chained"] else set(report["remaining"])
+    failed = set(report["failed"]) | set(report["unrecorded"]) | left_undone
     add_counts(metrics, RefreshSymbolsDone=report["symbols_done"], RefreshSymbolsFailed=len(failed))
     report["scoring"] = _score() if report.get("candles_added") else "off"
     logger.info("refresh chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
