@@ -69,6 +69,8 @@ def _referenced(paths: dict[str, dict], schemas: dict[str, Any]) -> dict[str, An
     pending = [paths]
     while pending:
         for ref in re.findall(r'"\$ref": "([^"]+)"', json.dumps(pending.pop())):
+            if ref.removeprefix(HEADERS_PREFIX) in SHARED_HEADERS:
+                continue
             name = ref.removeprefix(prefix)
             if not ref.startswith(prefix) or name not in schemas:
                 raise OpenApiConflict(f"{ref} refers to no schema")
@@ -107,6 +109,68 @@ def _add_throttle_responses(paths: dict[str, dict], template: dict, schemas: dic
         schemas["GatewayMessage"] = GATEWAY_MESSAGE
 
 
+CACHE_CONTROL = {
+    "description": "How long a client or a shared cache may keep this answer: `public, max-age=N` (or `private` for "
+                   "a prediction) on reads the server caches itself, `no-store` on errors, creates and health.",
+    "schema": {"type": "string", "examples": ["public, max-age=300", "no-store"]},
+}
+RETRY_AFTER = {"description": "Seconds to wait before trying again.", "schema": {"type": "integer", "minimum": 1}}
+HEADERS_PREFIX = "#/components/headers/"
+SHARED_HEADERS = {"Cache-Control": CACHE_CONTROL, "Retry-After": RETRY_AFTER}
+GATEWAY_ERROR = {
+    "description": "API Gateway's own answer when the function failed (an uncaught error, a timeout, or Lambda "
+                   "refusing the invocation): nothing is known to have been done; retry with backoff.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GatewayMessage"}}},
+}
+
+
+def _add_gateway_errors_and_headers(paths: dict[str, dict], schemas: dict[str, Any]) -> None:
+    """What every function answer carries and the resolvers do not declare: Cache-Control on each, Retry-After on
+    a 503; and the 500 API Gateway answers for a function that failed."""
+    for operations in paths.values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, response in responses.items():
+                if status == "429":  # API Gateway's own: no headers of ours
+                    continue
+                headers = response.setdefault("headers", {})
+                headers.setdefault("Cache-Control", {"$ref": f"{HEADERS_PREFIX}Cache-Control"})
+                if status == "503":
+                    headers.setdefault("Retry-After", {"$ref": f"{HEADERS_PREFIX}Retry-After"})
+            responses["500"] = GATEWAY_ERROR
+    schemas["GatewayMessage"] = GATEWAY_MESSAGE
+
+
+def _open_enum(node: Any) -> Any:
+    """`node` with each string enum made open: its known values, or any other string (a value added later)."""
+    if isinstance(node, list):
+        return [_open_enum(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "enum" in node and all(isinstance(value, str) for value in node["enum"]):
+        known = {"type": "string", "enum": node["enum"]}
+        rest = {key: value for key, value in node.items() if key not in ("type", "enum")}
+        return rest | {"anyOf": [known, {"type": "string"}]}
+    return {key: _open_enum(value) for key, value in node.items()}
+
+
+def _open_response_enums(paths: dict[str, dict], schemas: dict[str, Any]) -> None:
+    """Response fields may gain values (API_DESCRIPTION), so their enums are open: a client generated from the
+    document reads a new status as a string rather than failing on the answer. What requests carry (bodies,
+    parameters) stays closed: the server refuses other values."""
+    requests = {"/": [operation.get(part) for operations in paths.values() for operation in operations.values()
+                      for part in ("requestBody", "parameters")]}
+    request_schemas = set(_referenced(requests, schemas))
+    for name in schemas:
+        if name not in request_schemas:
+            schemas[name] = _open_enum(schemas[name])
+    for operations in paths.values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                if "headers" in response:
+                    response["headers"] = _open_enum(response["headers"])
+
+
 def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[str, Any]:
     """One OpenAPI 3.1 document from the resolvers of every function that has HttpApi routes."""
     from candlecast.api import API_DESCRIPTION
@@ -129,7 +193,9 @@ def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[st
         _merge_into(schemas, document.get("components", {}).get("schemas", {}), "schema")
     _drop_default_validation_responses(paths, schemas)
     _add_throttle_responses(paths, template, schemas)
+    _add_gateway_errors_and_headers(paths, schemas)
     schemas = _referenced(paths, schemas)
+    _open_response_enums(paths, schemas)
     merged: dict[str, Any] = {
         "openapi": openapi_version,
         "info": {"title": TITLE, "version": VERSION, "description": API_DESCRIPTION},
@@ -137,6 +203,7 @@ def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[st
     }
     if schemas:
         merged["components"] = {"schemas": dict(sorted(schemas.items()))}
+    merged.setdefault("components", {})["headers"] = SHARED_HEADERS
     return merged
 
 

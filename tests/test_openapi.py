@@ -126,3 +126,49 @@ def test_the_documented_query_pattern_is_what_search_refuses():
 def test_every_field_a_symbol_always_carries_is_required_in_the_schema():
     schema = json.loads(openapi.DOCUMENT.read_text())["components"]["schemas"]["Symbol"]
     assert set(schema["required"]) == set(schema["properties"])
+
+
+def test_every_answer_documents_the_headers_it_carries_and_api_gateways_500():
+    """Audit: a client reading only the document could not learn that a 503 is retryable after Retry-After, how
+    long an answer may be kept, or that API Gateway answers 500 when a function fails."""
+    document = json.loads(openapi.DOCUMENT.read_text())
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert responses["500"]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/GatewayMessage"}, (method, path)
+            for status, response in responses.items():
+                if status in ("429", "500"):  # API Gateway's own answers
+                    continue
+                assert "Cache-Control" in response["headers"], (method, path, status)
+                assert ("Retry-After" in response["headers"]) == (status == "503"), (method, path, status)
+    assert set(document["components"]["headers"]) == {"Cache-Control", "Retry-After"}
+
+
+def _closed_enums(node, where: str = "") -> list[str]:
+    """Where a string enum stands alone (not as one branch of an anyOf with any string)."""
+    if isinstance(node, list):
+        return [found for index, item in enumerate(node) for found in _closed_enums(item, f"{where}[{index}]")]
+    if not isinstance(node, dict):
+        return []
+    branches = node.get("anyOf", [])
+    if any("enum" in branch for branch in branches) and {"type": "string"} in branches:
+        return []
+    found = [where] if "enum" in node else []
+    return found + [hit for key, value in node.items() for hit in _closed_enums(value, f"{where}/{key}")]
+
+
+def test_response_enums_are_open_and_request_enums_closed():
+    """Audit: the description says enumerated response fields may gain values, but they were closed enums, and a
+    client generated from the document failed on a new value (`'read_only' is not a valid DependencyCheckStatus`)."""
+    document = json.loads(openapi.DOCUMENT.read_text())
+    schemas = document["components"]["schemas"]
+    responses = {name: schema for name, schema in schemas.items() if name != "PredictionRequest"}
+    assert _closed_enums(responses) == []
+    assert _closed_enums([response.get("headers") for operations in document["paths"].values()
+                          for operation in operations.values() for response in operation["responses"].values()]) == []
+    assert schemas["ModelStatus"]["properties"]["status"]["anyOf"][0]["enum"] == [
+        "active", "file_missing", "missing", "unknown"]
+    assert schemas["PredictionRequest"]["properties"]["timeframe"]["enum"] == ["1h", "4h", "1d", "1w", "1m"]
+    timeframe = _operation(document, "get", "/models/{timeframe}")["parameters"][0]["schema"]
+    assert timeframe["enum"] == ["1h", "4h", "1d", "1w", "1m"]

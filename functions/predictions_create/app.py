@@ -26,7 +26,9 @@ READ_BACK = {"GetPrediction": {"operationId": "get_prediction",
         "Returns 30 expected candles (open/high/low/close built from the median path), the 80% and 95% "
         "intervals of each close, and a calibrated per-step confidence. 201 for a new prediction; 200 with "
         "X-Cache: HIT for a repeat within 15 minutes of the same symbol, timeframe, model and candles (their "
-        "content, not only the last one's time), or a repeated Idempotency-Key."
+        "content, not only the last one's time) sent without an Idempotency-Key, or for a repeated "
+        "Idempotency-Key. A request with a new Idempotency-Key is always a new prediction (201): the key, not the "
+        "15-minute window, then says what a repeat is."
     ),
     responses=documented(PredictionWithSteps, 400, 404, 409, 413, 415, 422, 503, status=201, links=READ_BACK)
     | {200: described(PredictionWithSteps, "a repeat: the stored prediction", X_CACHE, READ_BACK)},
