@@ -43,6 +43,7 @@ class _BodyTooLarge(Exception):
 class _RequestHandler(BaseHTTPRequestHandler):
     handle_request: Handle
     body_limit: int
+    refuse_too_large: Handle | None = None  # the answer to a request whose body is over the limit (not read)
     protocol_version = "HTTP/1.1"
     server_version = "candlecast-local-api"
     disable_nagle_algorithm = True  # TCP_NODELAY: no 40 ms delayed-ACK stall on keep-alive requests
@@ -52,7 +53,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
         except _BodyTooLarge:
-            response = too_large(self.body_limit)
+            unread = HttpRequest(self.command, self.path, list(self.headers.items()), b"", self.client_address[0],
+                                 self.request_version)
+            response = self.refuse_too_large(unread) if self.refuse_too_large else too_large(self.body_limit)
             self.close_connection = True  # the unread body must not be taken for the next request
         except ValueError as error:
             response = error_response(400, "bad_request", str(error))
@@ -138,13 +141,17 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(handle: Handle, host: str = "127.0.0.1", port: int = 3000, *, body_limit: int,
-                on_close: Callable[[], None] | None = None, bound: socket.socket | None = None) -> LocalHttpServer:
+                on_close: Callable[[], None] | None = None, bound: socket.socket | None = None,
+                refuse_too_large: Handle | None = None) -> LocalHttpServer:
     """`on_close` runs after server_close() (e.g. to stop what `handle` started). With a `bound` socket (bind()),
-    the server listens on it instead of binding `host` and `port`."""
+    the server listens on it instead of binding `host` and `port`. `refuse_too_large` answers a request (its body
+    left unread) over `body_limit`; by default a bare 413."""
     class Handler(_RequestHandler):
         handle_request = staticmethod(handle)
 
     Handler.body_limit = body_limit
+    if refuse_too_large is not None:
+        Handler.refuse_too_large = staticmethod(refuse_too_large)
     if bound is None:
         server = LocalHttpServer((host, port), Handler)
     else:

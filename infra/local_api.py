@@ -199,9 +199,23 @@ class LocalApi:
 
     # ---- serving
 
+    def refuse_too_large(self, request: HttpRequest) -> HttpResponse:
+        """A request whose body is over `body_limit`, refused from its Content-Length without reading it, answered
+        as on AWS: API Gateway's 404 for a path it has no route for, else the function's 413 (no-store); with the
+        CORS headers either way, so a browser sees the answer rather than a network error."""
+        if find_route(self.routes, request.method, urlsplit(request.target).path or "/") is None:
+            response = gateway_response(404, "Not Found")
+        else:
+            response = too_large(self.body_limit)
+            response.headers.append(("cache-control", "no-store"))
+        if self.cors is not None:
+            self.cors.apply(request, response)
+        return response
+
     def server(self, host: str = "127.0.0.1", port: int = 3000, bound: socket.socket | None = None) -> LocalHttpServer:
         """Serving on `host`:`port`, or on a socket already bound (infra.http_server.bind)."""
-        return make_server(self.handle, host, port, body_limit=self.body_limit, on_close=self.close, bound=bound)
+        return make_server(self.handle, host, port, body_limit=self.body_limit, on_close=self.close, bound=bound,
+                           refuse_too_large=self.refuse_too_large)
 
 
 def serve_in_thread(api: LocalApi, host: str = "127.0.0.1", port: int = 0) -> tuple[LocalHttpServer, str]:

@@ -353,6 +353,34 @@ Resources:
 '''
 
 
+def test_a_body_over_the_limit_is_answered_as_on_aws_with_the_cors_headers():
+    """Audit: make run answered a body over 16 KiB with a bare 413 on every path, before routing and CORS: a
+    browser saw a network error, and /nope was a 413, not API Gateway's 404."""
+    server, url = serve_in_thread(LocalApi(TEMPLATE, body_limit=1024))
+    host, port = url.removeprefix("http://").split(":")
+
+    def head_only(path: str) -> tuple[str, dict[str, str], str]:
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example.com\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 2048\r\n\r\n".encode())
+            reply = conn.recv(65536).decode()
+        head, body = reply.split("\r\n\r\n", 1)
+        lines = head.split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        return lines[0], headers, body
+
+    try:
+        status, headers, body = head_only("/predictions")
+        assert status.startswith("HTTP/1.1 413 ") and '"payload_too_large"' in body
+        assert (headers["access-control-allow-origin"], headers["cache-control"]) == ("*", "no-store")
+        status, headers, body = head_only("/nope")
+        assert status.startswith("HTTP/1.1 404 ") and json.loads(body) == {"message": "Not Found"}
+        assert headers["access-control-allow-origin"] == "*"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def echo_api(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
