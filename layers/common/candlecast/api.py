@@ -50,7 +50,7 @@ X_CACHE = {"X-Cache": {"description": "HIT when served from the cache", "schema"
                                                                                  "enum": ["HIT", "MISS"]}}}
 
 _ERROR_MEANINGS = {
-    400: "bad query, path, header or malformed JSON",
+    400: "bad query, path, header or malformed JSON, or a body's symbol that is no ticker (invalid_ticker)",
     404: "not found",
     409: "Idempotency-Key reused for another symbol or timeframe",
     413: "body larger than 16 KiB",
