@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -431,16 +432,11 @@ def test_another_file_under_a_registered_version_is_refused_before_any_upload(se
     assert storage.get_bytes("models/1h/20260101T000000.pkl") == model_bytes()
 
 
-def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket, tmp_path):
-    """A model's track record is built once: a second seed, after Refresh lengthened the stored candles, spread its
-    past origins over the longer series and added a second set of predictions with the same model."""
+def weekly_sample(tmp_path) -> tuple[Path, Path]:
+    """data/ and models/ with the committed 1w model and the BTC and ETH weekly candles."""
     import shutil
 
-    import numpy as np
-
-    from candlecast import db, storage
-    from candlecast.candles import COLUMNS, Candles
-    from candlecast.seed import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, seed
+    from candlecast.seed import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR
     from candlecast.services import model_loading
 
     data, models = tmp_path / "data", tmp_path / "models"
@@ -457,7 +453,19 @@ def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket,
     manifest = manifest.get("models", manifest)
     (models / "manifest.json").write_text(json.dumps({"1w": manifest["1w"]}))
     model_loading.forget_models()
+    return data, models
 
+
+def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket, tmp_path):
+    """A model's track record is built once: a second seed, after Refresh lengthened the stored candles, spread its
+    past origins over the longer series and added a second set of predictions with the same model."""
+    import numpy as np
+
+    from candlecast import db, storage
+    from candlecast.candles import COLUMNS, Candles
+    from candlecast.seed import seed
+
+    data, models = weekly_sample(tmp_path)
     first = seed(data, models, progress=False, track_record=True)
     assert first.past_predictions > 0
     candles = storage.read_all_candles("X:BTCUSD", "1w")
@@ -475,3 +483,37 @@ def test_a_second_seed_after_refresh_makes_no_more_past_predictions(seed_bucket,
         assert conn.execute("SELECT count(*) AS n FROM predictions").fetchone()["n"] == before
     assert second.past_predictions == 0
     assert len(storage.read_all_candles("X:BTCUSD", "1w")) == len(times)
+
+
+def test_a_seed_interrupted_while_building_the_track_record_is_finished_by_the_next(seed_bucket, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Audit: Ctrl-C during make run's first seed left 18 of 4h's 315 past forecasts, and every later start said
+    "kept" over the incomplete track record."""
+    from candlecast import db
+    from candlecast.seed import seed
+    from candlecast.services import forecasting
+
+    data, models = weekly_sample(tmp_path)
+    create_as_of, calls = forecasting.create_as_of, []
+
+    def interrupted_after_five(*args):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(args)
+        return create_as_of(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(forecasting, "create_as_of", interrupted_after_five)
+        with pytest.raises(KeyboardInterrupt):
+            seed(data, models, progress=False, track_record=True)
+    capsys.readouterr()
+    second = seed(data, models, progress=False, track_record=True)
+    assert "an earlier seed was interrupted after 5 of its" in capsys.readouterr().out
+    (plan,) = second.plans
+    with db.connection() as conn:
+        made = conn.execute("SELECT count(*) AS n, count(DISTINCT idempotency_key) AS keys FROM predictions "
+                            "WHERE starts_with(idempotency_key, 'as-of:')").fetchone()
+    assert second.past_predictions == len(plan.origins) > 0
+    assert made["n"] == made["keys"] == 5 + second.past_predictions
+    third = seed(data, models, progress=False, track_record=True)
+    assert third.past_predictions == 0 and "track record 1w: kept:" in capsys.readouterr().out

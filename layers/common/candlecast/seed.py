@@ -1,14 +1,14 @@
 """`candlecast seed`: load the committed sample into a stack.
 
-Upserts every symbol of data/symbols.csv, uploads the files of data/ the bucket does not hold yet (a candle file
-it holds, which Refresh keeps current, is never replaced: `candlecast put-candles` replaces one), uploads models/
-(laid out as the bucket is) and registers each model of models/manifest.json as its timeframe's active model
-(with a versioned copy). Then it builds a track record: predictions at past origins of every sample series, made
-by the forecasting service as a request would make them, scored against the stored candles that followed. The
-origins lie after each model's training window (`train_end`), so the scores are live figures; it says so plainly
-when the stored candles end before that window does. A model whose track record an earlier seed built gets none
-again. `--as-of` (operator only; never an API parameter) sets the first origin instead. Running it twice changes
-nothing the second time.
+Upserts every symbol of data/symbols.csv, uploads the files of data/ the bucket does not hold yet (a candle file it
+holds, which Refresh keeps current, is never replaced: `candlecast put-candles` replaces one), uploads models/
+(laid out as the bucket is) and registers each model of models/manifest.json as its timeframe's active model (with
+a versioned copy). Then it builds a track record: predictions at past origins of every sample series, made by the
+forecasting service as a request would make them, scored against the stored candles that followed. The origins lie
+after each model's training window (`train_end`), so the scores are live figures; it says so plainly when the
+stored candles end before that window does. A model whose track record an earlier seed built gets none again,
+unless that seed was interrupted: then the rest of its past forecasts. `--as-of` (operator only; never an API
+parameter) sets the first origin instead. Running it twice changes nothing the second time.
 
 `candlecast install-models` uploads and registers the models alone: a release's models on a running stack.
 """
@@ -21,7 +21,7 @@ import errno
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -429,20 +429,35 @@ def build_track_record(data_dir: Path, as_of: datetime | None = None,
         models = {row["timeframe"]: row for row in get_all_active_models(conn)}
     plans = []
     for timeframe, row in models.items():
-        if as_of is None and forecasting.has_past_predictions(row["id"]):
-            print(f"track record {timeframe}: kept: {row['name']} {row['version']} has the past predictions an "
-                  "earlier seed made", flush=True)
-            continue
         stored = []
         for path in sorted(data_dir.glob(f"*/{timeframe}.parquet")):
             ticker = normalize_ticker(path.parent.name)
             candles = storage.read_all_candles(ticker, timeframe)
             if candles is not None:
                 stored.append((ticker, candles))
-        if stored:
-            plan = plan_track_record(row, verified_model(row), stored, as_of)
+        if not stored:
+            continue
+        model = verified_model(row)
+        plan = plan_track_record(row, model, stored, as_of)
+        made = forecasting.past_prediction_keys(row["id"]) if as_of is None else set()
+        if made:
+            # An earlier seed's. If all of them are among this plan's, it planned the same origins and was
+            # interrupted: the rest are made. Otherwise the candles have changed since (Refresh lengthened them,
+            # which spreads the origins anew): a second set would count the model twice, so none are.
+            planned = {forecasting.as_of_key(row, model, ticker, timeframe, candles.head(index + 1)):
+                       (ticker, candles, index) for ticker, candles, index in plan.origins}
+            lacking = [origin for key, origin in planned.items() if key not in made]
+            if not lacking or not made <= planned.keys():
+                print(f"track record {timeframe}: kept: {row['name']} {row['version']} has the past predictions an "
+                      "earlier seed made", flush=True)
+                continue
+            print(f"track record {timeframe}: an earlier seed was interrupted after {len(made)} of its "
+                  f"{len(planned)} past forecasts with {row['name']} {row['version']}: making the other "
+                  f"{len(lacking)}", flush=True)
+            plan = replace(plan, origins=lacking)
+        else:
             print(plan.describe(), flush=True)
-            plans.append(plan)
+        plans.append(plan)
     work = [(plan.timeframe, *origin) for plan in plans for origin in plan.origins]
     items: Any = work
     if progress:

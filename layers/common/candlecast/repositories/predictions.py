@@ -105,13 +105,13 @@ def create_prediction(
     return row
 
 
-def model_has_keyed_prediction(conn: psycopg.Connection, model_id: uuid.UUID, key_prefix: str) -> bool:
-    """Whether `model_id` made a prediction whose Idempotency-Key starts with `key_prefix`."""
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM predictions WHERE model_id = %s AND starts_with(idempotency_key, %s)) AS found",
+def model_keys_starting_with(conn: psycopg.Connection, model_id: uuid.UUID, key_prefix: str) -> set[str]:
+    """The Idempotency-Keys starting with `key_prefix` of the predictions `model_id` made."""
+    rows = conn.execute(
+        "SELECT idempotency_key FROM predictions WHERE model_id = %s AND starts_with(idempotency_key, %s)",
         (model_id, key_prefix),
-    ).fetchone()
-    return bool(row["found"])
+    ).fetchall()
+    return {row["idempotency_key"] for row in rows}
 
 
 def get_prediction_by_id(conn: psycopg.Connection, prediction_id: uuid.UUID) -> dict | None:

@@ -154,10 +154,26 @@ def _as_of_key_prefix(model_id) -> str:
     return f"as-of:{model_id}:"
 
 
-def has_past_predictions(model_id) -> bool:
-    """Whether `create_as_of` made a prediction with this model (a seed built its track record)."""
+def past_prediction_keys(model_id) -> set[str]:
+    """The Idempotency-Keys of the predictions `create_as_of` made with this model (a seed's track record)."""
     with db.connection() as conn:
-        return prediction_repository.model_has_keyed_prediction(conn, model_id, _as_of_key_prefix(model_id))
+        return prediction_repository.model_keys_starting_with(conn, model_id, _as_of_key_prefix(model_id))
+
+
+def _as_of_origin(model_row: dict, model, ticker: str, timeframe: str, candles):
+    """(the usable candles a past origin's forecast reads, its Idempotency-Key, which names the model and the
+    origin)."""
+    from candlecast.candles import usable_candles
+
+    raw = candles.tail(model.lookback)
+    usable = usable_candles(raw)
+    _enough_history(raw, usable, ticker, timeframe, model.min_candles)
+    return usable, f"{_as_of_key_prefix(model_row['id'])}{ticker}:{timeframe}:{int(usable.open_time[-1])}"
+
+
+def as_of_key(model_row: dict, model, ticker: str, timeframe: str, candles) -> str:
+    """The Idempotency-Key `create_as_of` gives the prediction from `candles` (a past origin) with this model."""
+    return _as_of_origin(model_row, model, ticker, timeframe, candles)[1]
 
 
 def create_as_of(ticker: str, timeframe: str, candles) -> bool:
@@ -166,18 +182,12 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
 
     The Idempotency-Key names the model and the origin, so a second seed stores nothing twice.
     """
-    from candlecast.candles import usable_candles
-
     with db.connection() as conn:
         symbol, model_row, _ = model_repository.get_symbol_and_active_model(conn, ticker, timeframe)
     if symbol is None or model_row is None:
         raise NotFound(f"{ticker} or an active {timeframe} model is missing", code="symbol_not_found")
     model = verified_model(model_row)  # storage: outside the connection, as in create
-    raw = candles.tail(model.lookback)
-    candles = usable_candles(raw)
-    _enough_history(raw, candles, ticker, timeframe, model.min_candles)
-    last_open = int(candles.open_time[-1])
-    key = f"{_as_of_key_prefix(model_row['id'])}{ticker}:{timeframe}:{last_open}"
+    candles, key = _as_of_origin(model_row, model, ticker, timeframe, candles)
     prediction = _prediction(symbol, model_row, model, candles, key)
     with db.connection() as conn:
         stored = prediction_repository.create_prediction(
