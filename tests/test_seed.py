@@ -213,6 +213,21 @@ def test_a_manifest_holding_nan_is_refused_before_any_change(seed_bucket, sample
     assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
 
 
+@pytest.mark.parametrize("version", ["2026/12", "../1d", ".hidden", "v 2"])
+def test_a_version_that_is_not_one_key_segment_is_refused_before_any_change(seed_bucket, sample, version):
+    """Audit: a version holding `/` was registered, its file nested under another key of models/."""
+    from candlecast.seed import seed
+
+    data, models = sample
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest["1h"]["version"] = version
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"version: String should match pattern"):
+        seed(data, models, progress=False)
+    state = _state()
+    assert (state["models"], state["symbols"], state["keys"]) == ([], [], [])
+
+
 @pytest.mark.parametrize("shape", ["1H", "daily", "list without timeframe"])
 def test_a_manifest_model_under_no_timeframe_is_refused_before_any_change(seed_bucket, sample, shape):
     """A release whose manifest names a model by something other than a timeframe would install without it."""

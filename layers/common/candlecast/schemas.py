@@ -128,7 +128,8 @@ class ModelCreate(Schema):
 
     timeframe: Timeframe
     name: str = Field(..., max_length=100)
-    version: str = Field(..., max_length=64)
+    # in the file's key (storage.versioned_model_key): one path segment
+    version: str = Field(..., max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: ModelKind
     s3_key: str = Field(..., max_length=512)
     sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
