@@ -1606,6 +1606,33 @@ def test_a_refresh_chain_ends_after_max_chunks_whatever_is_left(env, monkeypatch
                                 "the next scheduled run does them"]
 
 
+def test_a_refresh_chain_whose_chunks_settle_no_symbol_ends_after_max_idle_chunks(env, monkeypatch):
+    """Audit: a 429 whose Retry-After outlasts one list's time budget (90 s) but not a chunk: each chunk waited out
+    the hold, asked, was refused, and handed the same symbols on, 672 chunks (days of a running function) before
+    MAX_CHUNKS stopped it. Here time is scaled down: a 1 s list budget, a 2 s Retry-After and 4 s chunks."""
+    market = make_market(2, now=int(time.time()), history_days=30)
+    tickers = [symbol.ticker for symbol in market.symbols]
+    client_init = polygon.PolygonClient.__init__
+    monkeypatch.setattr(polygon.PolygonClient, "__init__",
+                        lambda self, *args, **kwargs: client_init(self, *args, **{**kwargs, "time_budget": 1.0}))
+    chunks = []
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        fake.add_fault("/v2/aggs/ticker/", status=429, times=100_000, headers={"Retry-After": "2"})
+        event: dict | None = {"tickers": tickers, "timeframes": ["1h"]}
+        while event is not None and len(chunks) < 6:
+            polygon.reset_client()  # each chunk may be a new container
+            chunks.append(ingest.scheduled_refresh(event, 4))
+            event = chunks[-1]["continuation"]
+    assert len(chunks) == ingest.MAX_IDLE_CHUNKS
+    assert [chunk["continuation"]["idle_chunks"] for chunk in chunks[:-1]] == [1, 2]
+    assert all(chunk["symbols_done"] == 0 and chunk["failed"] == [] for chunk in chunks)
+    assert sorted(chunks[-1]["remaining"] + chunks[-1]["retry"]) == sorted(tickers)
+    assert chunks[-1]["errors"][-1] == (
+        f"refresh: stopped after {ingest.MAX_IDLE_CHUNKS} chunks in a row that refreshed no symbol "
+        "(ingest.MAX_IDLE_CHUNKS) with 2 symbols not refreshed; the next scheduled run does them")
+
+
 def test_a_score_function_that_cannot_be_started_is_reported_not_raised(env, stack, caplog):
     """Raising after the continuation was handed on would make Lambda's async retry run the chunk, and chain it,
     again. Here the Lambda API (moto's) answers that the Score function does not exist."""

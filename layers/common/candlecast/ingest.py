@@ -869,6 +869,7 @@ class RefreshEvent(InvocationEvent):
     candle_cache_stale: list[str] = Field(default_factory=list)  # "TICKER TF" each
     rate_limited_until: float | None = Field(None, allow_inf_nan=False)  # epoch seconds
     chunk: int = Field(1, ge=1, strict=True)
+    idle_chunks: int = Field(0, ge=0, strict=True)  # chunks in a row before this one that settled no symbol
 
 
 def scheduled_refresh(event: object, budget_seconds: float) -> dict:
@@ -878,7 +879,8 @@ def scheduled_refresh(event: object, budget_seconds: float) -> dict:
     refreshes the symbol table and takes the top N; a continuation passes the `remaining` and `retry` tickers of the
     previous chunk (the latter also as `retried`: their last try), refresh_symbols false and whether the symbols'
     cache is still to be invalidated, and `cut_short`: the symbols a deadline cut short, which fail when cut short
-    again (`run_ingest`); `chunk` counts the chunks (1 for the first; past MAX_CHUNKS nothing is handed on).
+    again (`run_ingest`); `chunk` counts the chunks (1 for the first; past MAX_CHUNKS nothing is handed on), and
+    `idle_chunks` those in a row that settled no symbol (at MAX_IDLE_CHUNKS nothing is handed on).
     A 429's Retry-After is carried as `rate_limited_until` (the next chunk may be a new container): no request is
     sent before it. A chunk that starts already held past its deadline hands nothing on (a Lambda chain of chunks
     that each wait no time would spin until the hold ends): its symbols are left to the next scheduled run, said in
@@ -925,18 +927,25 @@ def scheduled_refresh(event: object, budget_seconds: float) -> dict:
     if left and client.limiter.held():
         report["continuation"]["rate_limited_until"] = round(time.time() + client.limiter.held(), 3)
     chunk = request.chunk
-    if left and chunk >= MAX_CHUNKS:
+    # Settled: refreshed, or failed for good. A chunk that settles none (a key rate-limited throughout: each
+    # symbol waits out the hold, asks, and is refused again) hands on the same symbols.
+    idle = 0 if summary.symbols_done or summary.failed or summary.unrecorded else request.idle_chunks + 1
+    if left and (chunk >= MAX_CHUNKS or idle >= MAX_IDLE_CHUNKS):
         report["continuation"] = None
-        report["errors"].append(f"refresh: stopped after {chunk} chunks (ingest.MAX_CHUNKS) with {len(left)} symbols "
-                                "not refreshed; the next scheduled run does them")
-        logger.warning("refresh chain stopped", extra={"chunks": chunk, "left": len(left)})
+        why = (f"{chunk} chunks (ingest.MAX_CHUNKS)" if chunk >= MAX_CHUNKS else
+               f"{idle} chunks in a row that refreshed no symbol (ingest.MAX_IDLE_CHUNKS)")
+        report["errors"].append(f"refresh: stopped after {why} with {len(left)} symbols not refreshed; the next "
+                                "scheduled run does them")
+        logger.warning("refresh chain stopped", extra={"chunks": chunk, "idle_chunks": idle, "left": len(left)})
     elif left:
-        report["continuation"]["chunk"] = chunk + 1
+        report["continuation"] |= {"chunk": chunk + 1, "idle_chunks": idle}
     return report
 
 
 # A refresh's chain of chunks ends here whatever is left: a week of 15-minute chunks, when the next weekly run starts.
 MAX_CHUNKS = 7 * 24 * 4
+# ... or after this many chunks in a row that settled no symbol.
+MAX_IDLE_CHUNKS = 3
 
 
 # --- any symbol ---------------------------------------------------------------------------------
