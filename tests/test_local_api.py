@@ -760,6 +760,59 @@ def test_a_killed_runs_stale_postgres_handle_does_not_keep_the_next_runs_server_
         postgres.stop()  # when the test fails
 
 
+def _postmaster_pid_file(data_dir: Path, pid: int) -> None:
+    """A postmaster.pid as a server that died without clean-up leaves it, naming `pid`."""
+    (data_dir / "postmaster.pid").write_text(
+        f"{pid}\n{data_dir.resolve()}\n{int(time.time())}\n5432\n/tmp\n\n  5432001   65536\nready   \n")
+
+
+@pytest.mark.integration
+def test_a_stale_postmaster_pid_naming_an_unrelated_process_is_removed_and_that_process_left_alone(tmp_path):
+    """PostgreSQL died without clean-up and its pid was reused: pgserver took that process for the server, psql
+    failed, and it stopped it ("Failed to stop server; killing it instead"): an unrelated process got SIGTERM."""
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    EmbeddedPostgres(data_dir).close()  # a data folder, as a first run leaves it
+    unrelated = subprocess.Popen(["sleep", "120"])
+    try:
+        _postmaster_pid_file(data_dir, unrelated.pid)
+        postgres = EmbeddedPostgres(data_dir)
+        try:
+            assert postgres._server.get_pid() != unrelated.pid
+            assert "(1 row)" in postgres._server.psql("SELECT 1;")
+        finally:
+            postgres.close()
+        assert unrelated.poll() is None, "an unrelated process was stopped"
+        assert not (data_dir / "postmaster.pid").exists(), "PostgreSQL was left running"
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+@pytest.mark.integration
+def test_a_postgres_left_running_by_a_killed_run_is_adopted_by_the_next_run_and_stopped_by_it(tmp_path):
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    start_and_hold = ("import sys, time; from pathlib import Path; from infra.local_stack import EmbeddedPostgres; "
+                      "print(EmbeddedPostgres(Path(sys.argv[1]))._server.get_pid(), flush=True); time.sleep(120)")
+    killed_run = subprocess.Popen([sys.executable, "-c", start_and_hold, str(data_dir)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        left_running = int(killed_run.stdout.readline())
+    finally:
+        killed_run.kill()  # SIGKILL: its PostgreSQL outlives it
+        killed_run.wait()
+        killed_run.stdout.close()
+    postgres = EmbeddedPostgres(data_dir)
+    try:
+        assert postgres._server.get_pid() == left_running  # adopted, not restarted
+    finally:
+        postgres.close()
+    assert not _running(left_running)
+
+
 @pytest.mark.integration
 def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
     from infra.local_stack import EmbeddedRedis
