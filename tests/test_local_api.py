@@ -791,6 +791,43 @@ def test_a_stale_postmaster_pid_naming_an_unrelated_process_is_removed_and_that_
 
 
 @pytest.mark.integration
+def test_a_data_folder_left_by_a_run_killed_during_initdb_is_initialised_again(tmp_path, caplog):
+    """initdb's standalone backend writes its pid negated; killed with its run, it left a postmaster.pid that
+    pgserver cannot parse (an AssertionError on every later start, until --fresh)."""
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    (data_dir / "base" / "1").mkdir(parents=True)  # as far as initdb got
+    (data_dir / "global").mkdir()
+    (data_dir / "PG_VERSION").write_text("18\n")
+    (data_dir / "postmaster.pid").write_text(
+        f"-{_dead_pid()}\n{data_dir.resolve()}\n{int(time.time())}\n5432\n\n\n  0   0\n")
+    with caplog.at_level(logging.WARNING, logger="infra.local_stack"):
+        postgres = EmbeddedPostgres(data_dir)
+    try:
+        assert "(1 row)" in postgres._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';")
+    finally:
+        postgres.close()
+    assert "left half-initialised by a run killed during initdb: deleted, initialising it again" in caplog.text
+
+
+@pytest.mark.integration
+def test_make_run_says_in_one_line_which_folder_postgres_did_not_start_on_and_that_fresh_deletes_it(tmp_path):
+    state = tmp_path / "state"
+    (state / "pg").mkdir(parents=True)
+    (state / "pg" / "PG_VERSION").write_text("18\n")  # and nothing else: pg_ctl start fails
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
+    refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(free_port()), "--state",
+                              str(state)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"PostgreSQL did not start on {state / 'pg'}: "), refused.stderr
+    assert last.endswith(f"`make run ARGS=--fresh` starts again from nothing (it deletes {state}: the database "
+                         f"and the bucket)"), refused.stderr
+
+
+@pytest.mark.integration
 def test_a_postgres_left_running_by_a_killed_run_is_adopted_by_the_next_run_and_stopped_by_it(tmp_path):
     from infra.local_stack import EmbeddedPostgres
 
