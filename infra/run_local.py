@@ -2,7 +2,7 @@
 
 Starts the local stack (embedded PostgreSQL, Redis and moto S3 unless DATABASE_URL / REDIS_URL /
 S3_ENDPOINT_URL are set), applies the migrations, seeds the sample symbols, data and models, and serves
-template.yaml's API on http://127.0.0.1:PORT until Ctrl-C or SIGTERM, then stops everything it started.
+template.yaml's API on http://127.0.0.1:PORT until Ctrl-C, SIGTERM or SIGHUP, then stops everything it started.
 The database and the bucket are kept in .local/state between runs (`--fresh` starts clean).
 """
 
@@ -36,7 +36,7 @@ CLI_ENV = "cli.env"
 
 
 class Stop(Exception):
-    """Raised by the SIGTERM handler so that every `finally` runs, as on Ctrl-C."""
+    """Raised by the SIGTERM and SIGHUP handler so that every `finally` runs, as on Ctrl-C."""
 
 
 def _raise_stop(signum: int, _frame: object) -> None:
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, _raise_stop)  # the terminal closed: stop as on Ctrl-C, the bucket saved
     # Ctrl-C stops us even when started from a shell that ignores SIGINT for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = server = None
@@ -175,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
               f"database and the bucket)", file=sys.stderr, flush=True)
         return 1
     except (KeyboardInterrupt, Stop) as stop:
-        print(f"stopping ({str(stop) or signal.SIGINT.name})…", flush=True)  # a KeyboardInterrupt has no message
+        _say(f"stopping ({str(stop) or signal.SIGINT.name})…")  # a KeyboardInterrupt has no message
     finally:
         # A second signal must not cut the clean-up short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(stop_signal, signal.SIG_IGN)
         if server is not None:
             server.server_close()
         else:
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.close()
         (state / CLI_ENV).unlink(missing_ok=True)  # its ports die with this run
         state_lock.release()
-        print("stopped", flush=True)
+        _say("stopped")
     return 0
 
 
@@ -239,6 +240,12 @@ def _cannot_listen(host: str, port: int, error: OSError) -> str:
         with contextlib.suppress(OSError), bind(host, candidate):
             return f"port {port} is in use; try PORT={candidate} make run"
     return f"port {port} is in use; try another: PORT=N make run"
+
+
+def _say(message: str) -> None:
+    """Print, unless the terminal is gone (after SIGHUP a write to it fails): the clean-up goes on regardless."""
+    with contextlib.suppress(OSError):
+        print(message, flush=True)
 
 
 def _shown(path: Path) -> str:

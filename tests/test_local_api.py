@@ -1016,7 +1016,8 @@ def _processes_mentioning(*needles: str) -> list[str]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["sigterm", "ctrl-c", "hangup"])
 def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
     port = free_port()
     env = {k: v for k, v in os.environ.items()
@@ -1072,6 +1073,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
         time.sleep(0.2)
     assert not left, f"left behind: {left}"
     assert Path(pg_dir).is_relative_to(tmp_path / "state") and Path(pg_dir).is_dir()  # kept for the next run
+    assert any((tmp_path / "state" / "s3" / "candlecast-local").rglob("*.parquet")), "the bucket was not saved"
 
 
 class _MakeRun:
