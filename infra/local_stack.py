@@ -322,21 +322,43 @@ def _s3_client(endpoint_url: str | None):
                         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
+def _beside(folder: Path, suffix: str) -> Path:
+    return folder.with_name(f".{folder.name}.{suffix}")  # a leading dot: no bucket's name
+
+
+def _kept_copy(folder: Path) -> Path:
+    """`folder`, put back from its previous copy when a save was cut short between its two renames."""
+    previous = _beside(folder, "old")
+    if not folder.exists() and previous.is_dir():
+        previous.rename(folder)
+    return folder
+
+
 def save_bucket(endpoint_url: str, bucket: str, folder: Path) -> int:
-    """Every object of the bucket into `folder` (moto's S3 lives in memory); returns how many."""
+    """Every object of the bucket into `folder` (moto's S3 lives in memory); returns how many. The copy is written
+    beside the kept one and swapped in by renames, so a save cut short (kill -9 while it runs) keeps the previous
+    copy whole: deleting it first lost every file the save had not written again yet."""
     s3, saved = _s3_client(endpoint_url), 0
-    shutil.rmtree(folder, ignore_errors=True)
+    new, previous = _beside(folder, "new"), _beside(folder, "old")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", []):
-            target = folder / item["Key"]
+            target = new / item["Key"]
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, item["Key"], str(target))
             saved += 1
+    if _kept_copy(folder).exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    new.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
     return saved
 
 
 def restore_bucket(endpoint_url: str, bucket: str, folder: Path) -> int:
     s3, restored = _s3_client(endpoint_url), 0
+    folder = _kept_copy(folder)
     for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
         if path.is_file():
             s3.upload_file(str(path), bucket, path.relative_to(folder).as_posix())

@@ -914,6 +914,56 @@ def test_embedded_s3_starts_when_the_port_found_free_was_taken_before_it_bound_i
         started[0].close()
 
 
+@pytest.mark.s3
+def test_a_bucket_save_cut_short_keeps_the_previous_copy_whole(tmp_path, monkeypatch):
+    """The save deleted the kept copy before writing the new one: Ctrl-C then kill -9 during the save left 45 of
+    181 files."""
+    import infra.local_stack
+    from infra.local_stack import EmbeddedS3, create_bucket, restore_bucket, save_bucket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    folder = tmp_path / "s3" / "kept"
+    s3 = EmbeddedS3()
+    try:
+        create_bucket(s3.url, "kept")
+        client = infra.local_stack._s3_client(s3.url)
+        for index in range(5):
+            client.put_object(Bucket="kept", Key=f"dir/{index}.txt", Body=b"first")
+        assert save_bucket(s3.url, "kept", folder) == 5
+        for index in range(5):
+            client.put_object(Bucket="kept", Key=f"dir/{index}.txt", Body=b"second")
+
+        class CutShort:  # the run is killed after the save's second file
+            def __init__(self, real):
+                self.real, self.count = real, 0
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+            def download_file(self, *args):
+                self.count += 1
+                if self.count > 2:
+                    raise KeyboardInterrupt
+                return self.real.download_file(*args)
+
+        monkeypatch.setattr("infra.local_stack._s3_client", lambda url: CutShort(client))
+        with pytest.raises(KeyboardInterrupt):
+            save_bucket(s3.url, "kept", folder)
+        assert sorted((path.name, path.read_bytes()) for path in folder.rglob("*.txt")) == [
+            (f"{index}.txt", b"first") for index in range(5)]
+        monkeypatch.setattr("infra.local_stack._s3_client", lambda url: client)
+        assert save_bucket(s3.url, "kept", folder) == 5  # the next save replaces it whole
+        assert {path.read_bytes() for path in folder.rglob("*.txt")} == {b"second"}
+        assert sorted(path.name for path in folder.parent.iterdir()) == ["kept"]
+
+        folder.rename(folder.with_name(".kept.old"))  # cut short between its two renames
+        assert restore_bucket(s3.url, "kept", folder) == 5
+        assert folder.is_dir() and not folder.with_name(".kept.old").exists()
+    finally:
+        s3.close()
+
+
 def test_the_state_dir_lock_is_refused_while_held_and_freed_by_its_holders_death(tmp_path):
     from infra.local_stack import StateDirInUse, lock_state_dir
 
