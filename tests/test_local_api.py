@@ -1205,6 +1205,37 @@ def test_a_second_make_run_on_the_same_state_is_refused_and_leaves_the_first_alo
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_make_run_fresh_stops_the_redis_and_postgres_a_killed_run_left_before_it_deletes_the_state(tmp_path):
+    """--fresh deleted redis-server.pid, the only way a later run finds a killed run's Redis: it ran on for ever."""
+    from infra.local_stack import EmbeddedRedis
+
+    state = tmp_path / "state"
+    state.mkdir()
+    start_and_hold = ("import sys, time; from pathlib import Path; from infra.local_stack import EmbeddedPostgres; "
+                      "print(EmbeddedPostgres(Path(sys.argv[1]))._server.get_pid(), flush=True); time.sleep(120)")
+    killed_run = subprocess.Popen([sys.executable, "-c", start_and_hold, str(state / "pg")], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        postmaster = int(killed_run.stdout.readline())
+    finally:
+        killed_run.kill()
+        killed_run.wait()
+        killed_run.stdout.close()
+    orphan_redis = EmbeddedRedis(state)
+    orphan, orphan_redis._process = orphan_redis._process, None  # its run was killed
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
+    try:
+        with _MakeRun(tmp_path, env, "--state", str(state), "--fresh", "--no-seed"):
+            assert orphan.poll() is not None, "the killed run's Redis was left running"
+            assert not _running(postmaster), "the killed run's PostgreSQL was left running"
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 # Three `make run` starts, each seeding the sample and its track record (30-70 s each at load 9): 209-236 s at
 # load 9-12, too near the suite's 300 s.
 @pytest.mark.timeout(600)
