@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -1169,11 +1170,48 @@ class _MakeRun:
         return self.log_path.read_text()
 
 
-def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path):
+def test_the_port_a_run_takes_at_its_start_cannot_be_taken_by_another_before_it_serves():
+    """The early bind did not listen: with SO_REUSEADDR on both, a second run bound the same port too."""
+    from infra.http_server import bind
+
+    with bind("127.0.0.1", 0) as first:
+        with pytest.raises(OSError) as taken:
+            bind("127.0.0.1", first.getsockname()[1]).close()
+        assert taken.value.errno == errno.EADDRINUSE
+
+
+def test_a_connection_made_while_the_run_starts_is_reset_not_answered_later():
+    """Answered once serving, a request whose client had given up still spent a route's throttle."""
+    from infra.apigateway import HttpResponse
+    from infra.http_server import bind, make_server
+
+    handled = []
+    bound = bind("127.0.0.1", 0)
+    early = socket.create_connection(bound.getsockname()[:2], timeout=5)  # waits in the backlog
+    early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    server = make_server(lambda request: handled.append(request) or HttpResponse(200, [], b"{}"),
+                         body_limit=1024, bound=bound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            assert early.recv(1024) == b""
+        assert httpx.get(f"http://127.0.0.1:{server.server_address[1]}/health", timeout=5).status_code == 200
+        assert len(handled) == 1
+    finally:
+        early.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("holder", ["a server", "a starting make run"])
+def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path, holder):
     """It used to start the stack and seed the database (~20 s) before it bound the port, then end in an
-    OSError traceback."""
+    OSError traceback. A run on another state folder that holds the port but is still starting (it has only bound
+    it, infra.http_server.bind) refuses it too: the second run started its own stack and failed 18 s later."""
+    from infra.http_server import bind
+
     state = tmp_path / "state"
-    with socket.create_server(("127.0.0.1", 0)) as taken:
+    with socket.create_server(("127.0.0.1", 0)) if holder == "a server" else bind("127.0.0.1", 0) as taken:
         port = taken.getsockname()[1]
         refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(port), "--state", str(state)],
                                  cwd=ROOT, capture_output=True, text=True, timeout=90)
