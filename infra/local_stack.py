@@ -72,6 +72,22 @@ def lock_state_dir(state_dir: Path) -> StateLock:
     return StateLock(path, fd)
 
 
+def state_dir_holder(state_dir: Path) -> StateDirInUse | None:
+    """What lock_state_dir would raise now (another run holds the state dir), or None; creates nothing."""
+    try:
+        fd = os.open(state_dir / "run.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        return StateDirInUse(state_dir, int(holder) if holder.isdigit() else None)
+    finally:
+        os.close(fd)
+    return None
+
+
 def empty_state_dir(lock: StateLock) -> None:
     """Delete everything in the locked state dir but the lock file itself (`--fresh`)."""
     for entry in lock.path.parent.iterdir():

@@ -30,6 +30,7 @@ from infra.local_stack import (
     StateDirInUse,
     empty_state_dir,
     lock_state_dir,
+    state_dir_holder,
     stop_leftovers,
 )
 from infra.sam_template import Throttle, load_template, parse_functions
@@ -108,18 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     # brings them back.
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
+    state = Path(args.state)
     try:
         bound = bind(args.host, args.port)  # before anything slow starts
     except OSError as error:
-        print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
+        busy = state_dir_holder(state) if error.errno == errno.EADDRINUSE else None
+        if busy is not None:  # most likely the port's holder too: following the port's advice only met this next
+            beside = _free_port(args.host, args.port)
+            print(f"{_holder(busy)} is using {_shown(state)}, and port {args.port} is in use; stop it, or run "
+                  f"another beside it: {f'PORT={beside} ' if beside else ''}make run ARGS='--state DIR'",
+                  file=sys.stderr, flush=True)
+        else:
+            print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
         return 1
-    state = Path(args.state)
     try:
         state_lock = lock_state_dir(state)  # before --fresh and before any server starts
     except StateDirInUse as busy:
         bound.close()
-        holder = f"another make run (pid {busy.pid})" if busy.pid else "another make run"
-        print(f"{holder} is using {_shown(state)}; stop it, or use --state DIR", file=sys.stderr, flush=True)
+        print(f"{_holder(busy)} is using {_shown(state)}; stop it, or use --state DIR", file=sys.stderr, flush=True)
         return 1
 
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -241,13 +248,23 @@ def write_cli_env(state: Path, environment: dict[str, str]) -> Path:
     return path
 
 
+def _holder(busy: StateDirInUse) -> str:
+    return f"another make run (pid {busy.pid})" if busy.pid else "another make run"
+
+
+def _free_port(host: str, port: int) -> int | None:
+    """A port after `port` that is free now."""
+    for candidate in range(port + 1, port + 20):
+        with contextlib.suppress(OSError), bind(host, candidate):
+            return candidate
+    return None
+
+
 def _cannot_listen(host: str, port: int, error: OSError) -> str:
     if error.errno != errno.EADDRINUSE:
         return f"cannot listen on {host}:{port}: {error.strerror or error}"
-    for candidate in range(port + 1, port + 20):
-        with contextlib.suppress(OSError), bind(host, candidate):
-            return f"port {port} is in use; try PORT={candidate} make run"
-    return f"port {port} is in use; try another: PORT=N make run"
+    candidate = _free_port(host, port)
+    return f"port {port} is in use; try " + (f"PORT={candidate} make run" if candidate else "another: PORT=N make run")
 
 
 def _say(message: str) -> None:

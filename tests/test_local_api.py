@@ -1221,6 +1221,27 @@ def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path, ho
     assert "starting the local stack" not in refused.stdout and not state.exists()
 
 
+def test_make_run_on_a_port_held_by_a_run_on_the_same_state_names_that_run_first(tmp_path):
+    """It said `port N is in use; try PORT=N+1 make run`, and following that met `another make run (pid ...) is
+    using .local/state`."""
+    from infra.local_stack import lock_state_dir
+
+    state = tmp_path / "state"
+    lock = lock_state_dir(state)  # what the first run holds, with its port
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(port), "--state",
+                                      str(state)], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    finally:
+        lock.release()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert re.search(rf"^another make run \(pid {os.getpid()}\) is using {re.escape(str(state))}, and port {port} is "
+                     rf"in use; stop it, or run another beside it: PORT=\d+ make run ARGS='--state DIR'$",
+                     refused.stderr, re.MULTILINE), refused.stderr
+    assert "try PORT" not in refused.stderr and "starting the local stack" not in refused.stdout
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_second_make_run_on_the_same_state_is_refused_and_leaves_the_first_alone(tmp_path):
