@@ -72,7 +72,9 @@ SCORE_BASELINE ?= 0cdba5f
 bench-score-backlog: $(STAMP)
 	$(BIN)/python -m infra.bench_score_year --predictions 1000000 --compare $(SCORE_BASELINE) --budget 90
 
+## First stops the Redis and PostgreSQL that a killed `make run` left running on a state folder under .local.
 clean:
+	if [ -x $(BIN)/python ]; then $(BIN)/python -m infra.local_stack stop-leftovers .local/*/; fi
 	rm -rf $(VENV) .aws-sam .local .pytest_cache .ruff_cache
 
 ## Template checks (template.yaml): cfn-lint, sam validate --lint, checkov on the translated template,

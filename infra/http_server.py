@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -127,17 +128,36 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to `host`:`port` but not listening yet, taken before anything slow starts: OSError (EADDRINUSE
-    when a server listens there) at once. Until make_server() listens on it, connections are refused, not queued
-    (a queued one that its client gave up on would still be answered, and spend a route's throttle)."""
+    """A socket bound to `host`:`port` and listening, taken before anything slow starts: OSError (EADDRINUSE when a
+    server listens there, or another run took it with this) at once. It listens at once because with SO_REUSEADDR
+    two sockets may both be bound to a port while neither listens: a second `make run` on the same port then
+    started its whole stack and failed only when one of the two began to serve. Connections made before
+    make_server() takes it are reset then, as if refused (answered, one whose client gave up would still spend a
+    route's throttle)."""
     bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as LocalHttpServer: TIME_WAIT is no conflict
         bound.bind((host, port))
+        bound.listen(LocalHttpServer.request_queue_size)
     except BaseException:
         bound.close()
         raise
     return bound
+
+
+def _reset_waiting(listening: socket.socket) -> None:
+    """Close the connections waiting in the backlog (made while the caller was starting)."""
+    listening.setblocking(False)
+    try:
+        while True:
+            try:
+                waiting, _ = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            waiting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, at once
+            waiting.close()
+    finally:
+        listening.setblocking(True)
 
 
 def make_server(handle: Handle, host: str = "127.0.0.1", port: int = 3000, *, body_limit: int,
@@ -160,6 +180,7 @@ def make_server(handle: Handle, host: str = "127.0.0.1", port: int = 3000, *, bo
         server.socket = bound
         server.server_address = bound.getsockname()[:2]
         server.server_name, server.server_port = server.server_address  # what server_bind() would set
+        _reset_waiting(bound)
         server.server_activate()
     server.on_close = on_close
     return server

@@ -94,9 +94,11 @@ def serve(fd: int) -> int:
     import signal
     import socket
 
-    # Ctrl-C reaches the terminal's whole process group, these containers too: the local API stops them
-    # itself (it closes their socket), so they ignore it rather than print a KeyboardInterrupt each.
+    # Ctrl-C (and a closed terminal's SIGHUP) reaches the terminal's whole process group, these containers too: the
+    # local API stops them itself (it closes their socket), so they ignore it rather than print a KeyboardInterrupt
+    # each (or die mid-request).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     channel = socket.socket(fileno=fd)
     lines = channel.makefile("rb")
 

