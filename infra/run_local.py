@@ -3,7 +3,8 @@
 Starts the local stack (embedded PostgreSQL, Redis and moto S3 unless DATABASE_URL / REDIS_URL /
 S3_ENDPOINT_URL are set), applies the migrations, seeds the sample symbols, data and models, and serves
 template.yaml's API on http://127.0.0.1:PORT until Ctrl-C, SIGTERM or SIGHUP, then stops everything it started.
-The database and the bucket are kept in .local/state between runs (`--fresh` starts clean).
+The database is kept in .local/state between runs, and the bucket is saved there when a run stops (`--fresh`
+starts clean).
 """
 
 from __future__ import annotations
