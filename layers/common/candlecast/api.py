@@ -259,6 +259,9 @@ def lambda_handler_for(app: APIGatewayHttpResolver, function: str) -> Callable[[
         headers = response.setdefault("headers", {})
         if response["statusCode"] != 200 or "Cache-Control" not in headers:
             headers["Cache-Control"] = NO_STORE  # Powertools gives a cached route's errors "no-cache"
+        else:
+            # API Gateway's CORS answers a listed origin with that origin: a shared cache must not hand it to another.
+            headers["Vary"] = ", ".join(filter(None, (headers.get("Vary"), "Origin")))
         metrics.add_metric(name=f"Responses{response['statusCode'] // 100}xx", unit=MetricUnit.Count, value=1)
         return response
 
