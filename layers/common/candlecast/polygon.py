@@ -104,6 +104,12 @@ class PolygonRateLimited(PolygonDeadline):
 WORKER_SECONDS_PER_REQUEST = 2.0
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After of delay seconds, or None. HTTP dates are not read; headers come decoded as Latin-1, where
+    '²' passes str.isdigit() and fails float()."""
+    return float(value) if value and value.isascii() and value.isdigit() else None
+
+
 class RateLimiter:
     """Spaces requests at least 1/rate seconds apart, across threads, and none before the time a 429's Retry-After
     named (`hold`): Polygon limits the key, not the request."""
@@ -287,18 +293,18 @@ class PolygonClient:
                     raise PolygonRejected(f"Polygon answered HTTP {status} for {what}")
                 if status not in RETRY_STATUSES:
                     raise PolygonError(f"Polygon answered HTTP {status} for {what}")
-                problem, retry_after = f"HTTP {status}", response.headers.get("Retry-After")
+                problem, retry_after = f"HTTP {status}", retry_after_seconds(response.headers.get("Retry-After"))
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            if status == 429 and retry_after and retry_after.isascii() and retry_after.isdigit():
+            if status == 429 and retry_after is not None:
                 # The key's limit: every worker waits, not only this request (audit J: 208 requests in 5 s into a
                 # 24 h limit, each "kept failing after 1 attempts"). A week at most: the next weekly run starts then.
-                seconds = min(float(retry_after), MAX_RETRY_AFTER)
+                seconds = min(retry_after, MAX_RETRY_AFTER)
                 self.limiter.hold(seconds)
                 if seconds > budget.left() or (stop is not None and time.monotonic() + seconds > stop):
                     raise PolygonRateLimited(self.rate_limit_message() + f": {what} not sent again")
                 continue  # its next turn at the limiter is after the hold
-            if retry_after and retry_after.isdigit():
-                delay = max(delay, float(retry_after))
+            if retry_after is not None:
+                delay = max(delay, retry_after)
             if (attempt == self.max_attempts or delay > budget.left()
                     or (stop is not None and time.monotonic() + delay > stop)):
                 break
