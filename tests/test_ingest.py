@@ -424,6 +424,21 @@ def test_rank_is_by_value_in_usd_whatever_the_quote_currency():
     assert problems == []
 
 
+def test_a_pair_is_read_as_the_listing_names_it():
+    """X:DOTUSD is DOT/USD, not DO/TUSD; X:BNBUSD is BNB/USD, not BN/BUSD: read from the ticker alone, these were
+    priced in a currency no bar gave a rate for, and ranked as if they traded nothing."""
+    listed = [("BTCUSD", "BTC", "USD"), ("DOTUSD", "DOT", "USD"), ("BNBUSD", "BNB", "USD"),
+              ("SHIBUSD", "SHIB", "USD"), ("BTCTUSD", "BTC", "TUSD")]
+    reference = [{"ticker": f"X:{pair}", "name": pair, "base_currency_symbol": base.lower(),
+                  "currency_symbol": quote.lower()} for pair, base, quote in listed]
+    grouped = [{"T": f"X:{pair}", "v": 10.0, "vw": 1000.0} for pair, _, _ in listed]
+    symbols, problems = ingest.rank_symbols(reference, grouped)
+    volumes = {symbol.ticker: float(symbol.volume_24h) for symbol in symbols}
+    # BTCTUSD: no TUSD rate but across BTC, whose USD price is 1000 and which trades at 1000 TUSD.
+    assert volumes == dict.fromkeys(volumes, 10_000.0) and len(volumes) == 5
+    assert problems == []
+
+
 def test_an_unusable_ticker_is_a_problem_not_a_failure():
     reference = [{"ticker": "X:SOME.WEIRD", "name": "Odd"}, {"ticker": "X:GOODUSD", "name": "Good"}]
     symbols, problems = ingest.rank_symbols(reference, [{"T": "X:GOODUSD", "v": 1.0, "vw": 2.0}])
@@ -1713,6 +1728,16 @@ def test_a_retry_after_of_a_thousand_digits_holds_the_client_a_week():
         with pytest.raises(PolygonError, match="rate-limited the key"):
             client.get_json("/v9/other", what="other")
     assert fake.count("/v9/") == 1 and 604700 < client.limiter.held() <= 604800
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_after_that_is_no_number_is_ignored(status):
+    """Headers are read as Latin-1, where '²' passes str.isdigit() and fails float(): a 503 with it raised a bare
+    ValueError quoting the header (a 500 on the API path, a failed weekly run, upstream text in the log)."""
+    with FakePolygon() as fake:
+        fake.add_fault("/v3/reference/tickers", status=status, times=2, headers={"Retry-After": "\u00b2"})
+        page = client_for(fake).get_json("/v3/reference/tickers", what="listing")
+    assert fake.count("/v3/reference/tickers") == 3 and "results" in page
 
 
 def test_a_short_retry_after_makes_every_request_wait_then_the_run_goes_on(env):

@@ -50,7 +50,7 @@ from candlecast.polygon import (
     PolygonRejected,
 )
 from candlecast.schemas import InvocationEvent
-from candlecast.tickers import normalize_ticker
+from candlecast.tickers import normalize_ticker, split_pair
 from candlecast.timeframes import TIMEFRAMES, Timeframe, nominal_seconds
 
 if TYPE_CHECKING:
@@ -174,16 +174,33 @@ def quote_volume(bar: dict) -> float | None:
     return None if volume is None or (volume > 0 and price == 0) else volume * price
 
 
-def usd_rates(grouped_rows: Sequence[dict]) -> dict[str, float]:
-    """USD per unit of each currency the day's bars price: from its own <CUR>USD pair, else, for a quote
-    currency without one, across the base traded most against it in USD terms (BTCJPY and BTCUSD give JPY)."""
-    from candlecast.tickers import split_pair
+def listed_pairs(reference_rows: Iterable[dict]) -> dict[str, tuple[str, str]]:
+    """ticker -> (base, quote) as the listing names them (`base_currency_symbol`, `currency_symbol`). A ticker alone
+    is ambiguous: X:DOTUSD reads as DOT/USD or DO/TUSD, X:BNBUSD as BNB/USD or BN/BUSD."""
+    pairs = {}
+    for row in reference_rows:
+        if not isinstance(row, dict):
+            continue
+        ticker, base, quote = row.get("ticker"), row.get("base_currency_symbol"), row.get("currency_symbol")
+        if all(isinstance(text, str) and text for text in (ticker, base, quote)):
+            pairs[ticker] = (base.upper(), quote.upper())
+    return pairs
 
+
+def pair_of(ticker: str, listed: Mapping[str, tuple[str, str]]) -> tuple[str, str]:
+    """(base, quote) of a bar's ticker: the listing's, else read from the ticker (`tickers.split_pair`)."""
+    return listed.get(ticker) or split_pair(ticker)
+
+
+def usd_rates(grouped_rows: Sequence[dict], listed: Mapping[str, tuple[str, str]] | None = None) -> dict[str, float]:
+    """USD per unit of each currency the day's bars price: from its own <CUR>USD pair, else, for a quote
+    currency without one, across the base traded most against it in USD terms (BTCJPY and BTCUSD give JPY).
+    `listed`: each ticker's (base, quote) as the listing names them (`listed_pairs`)."""
     prices: dict[tuple[str, str], tuple[float, float]] = {}  # (base, quote) -> (price, base volume)
     for row in grouped_rows:
         price = bar_price(row)
         if row.get("T") and price > 0:
-            prices[split_pair(row["T"])] = (price, base_volume(row) or 0.0)
+            prices[pair_of(row["T"], listed or {})] = (price, base_volume(row) or 0.0)
     rates = {"USD": 1.0} | {base: price for (base, quote), (price, _) in prices.items() if quote == "USD"}
     crossings: dict[str, tuple[float, float]] = {}  # quote -> (USD value of the base traded, USD per quote unit)
     for (base, quote), (price, volume) in prices.items():
@@ -217,15 +234,15 @@ def rank_symbols(
     without a ticker is left out. One absurd row never costs the other symbols their refresh."""
     from candlecast.pagination import storable
     from candlecast.schemas import MAX_VOLUME_24H, SymbolCreate
-    from candlecast.tickers import split_pair
 
-    grouped_rows = list(grouped_rows)
+    grouped_rows, reference_rows = list(grouped_rows), list(reference_rows)
     bars = [row for row in grouped_rows if isinstance(row, dict) and isinstance(row.get("T"), str) and row["T"]]
-    rates = usd_rates(bars)
+    listed = listed_pairs(reference_rows)
+    rates = usd_rates(bars, listed)
     volumes: dict[str, Decimal | None] = {}  # None: the bar gives no usable traded value
     for row in bars:
         value = quote_volume(row)
-        value = None if value is None else value * rates.get(split_pair(row["T"])[1], 0.0)
+        value = None if value is None else value * rates.get(pair_of(row["T"], listed)[1], 0.0)
         usable = value is not None and math.isfinite(value) and 0 <= value < MAX_VOLUME_24H
         volumes[row["T"]] = Decimal(str(round(value, 8))) if usable else None
     unusable = sorted(ticker for ticker, volume in volumes.items() if volume is None)
