@@ -15,11 +15,28 @@ from infra.apigateway import HttpRequest, HttpResponse, error_response
 LocalHandler = Callable[[HttpRequest, dict[str, str]], HttpResponse]
 
 
+# A page runs only its own files and is framed by no other site (the forecast button creates predictions).
+# Styles inline: the chart library sets its elements' style attributes.
+PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# Swagger UI's page inlines its bundle and configuration: only framing is refused.
+INLINE_PAGE_POLICY = "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+
+
+def security_headers(content_type: str, policy: str = PAGE_POLICY) -> list[tuple[str, str]]:
+    """What every local file answer says besides its content: never sniffed; an HTML page also its policy."""
+    headers = [("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer")]
+    if content_type.startswith("text/html"):
+        headers.append(("content-security-policy", policy))
+    return headers
+
+
 def file_response(path: Path) -> HttpResponse:
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
         content_type += "; charset=utf-8"
-    return HttpResponse(200, [("content-type", content_type), ("cache-control", "no-cache")], path.read_bytes())
+    headers = [("content-type", content_type), ("cache-control", "no-cache"), *security_headers(content_type)]
+    return HttpResponse(200, headers, path.read_bytes())
 
 
 def static_file(path: Path) -> LocalHandler:

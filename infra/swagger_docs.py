@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from infra.apigateway import HttpResponse
-from infra.static_files import LocalHandler
+from infra.static_files import INLINE_PAGE_POLICY, LocalHandler, security_headers
 
 
 def swagger_ui(document: Callable[[], dict]) -> LocalHandler:
@@ -34,6 +34,8 @@ def swagger_ui(document: Callable[[], dict]) -> LocalHandler:
                 swagger_base_url="",
                 oauth2_config=None,
             ).encode()
-        return HttpResponse(200, [("content-type", "text/html; charset=utf-8")], page["html"])
+        content_type = "text/html; charset=utf-8"
+        return HttpResponse(200, [("content-type", content_type), *security_headers(content_type, INLINE_PAGE_POLICY)],
+                            page["html"])
 
     return serve

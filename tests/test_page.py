@@ -9,6 +9,7 @@ with its track record. A screenshot of the drawn page is kept in .local/test-art
 import json
 import os
 import re
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import urlopen
@@ -71,6 +72,17 @@ def local_only(page, url: str) -> list[str]:
     return escaped
 
 
+def wait_until(page, expression: str, timeout: float = 30_000) -> None:
+    """Wait until `expression` is true in the page. Page.wait_for_function evaluates a string inside the page,
+    which the pages' Content-Security-Policy refuses (no 'unsafe-eval'); Page.evaluate goes through the
+    debugging protocol, which it does not."""
+    ends = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > ends:
+            raise TimeoutError(f"not true after {timeout / 1000:g} s: {expression}")
+        page.wait_for_timeout(25)
+
+
 def painted(page, selector: str, rgb: tuple[int, int, int]) -> int:
     """Pixels of colour `rgb` (±12 per channel) on the canvases under `selector`."""
     return page.evaluate(
@@ -94,15 +106,16 @@ def test_the_page_creates_a_forecast_and_draws_it(browser, site, clean_db):
     escaped = local_only(page, site)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    page.add_init_script(RECORD_POLICY_VIOLATIONS)
     page.goto(f"{site}/")
-    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0")
+    wait_until(page, "document.querySelectorAll('#symbols option').length > 0")
     with psycopg.connect(clean_db.database_url) as conn:
         before = conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
 
     page.fill("#symbol", "X:BTCUSDT")
     page.select_option("#timeframe", "1h")
     page.click("#forecast")
-    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    wait_until(page, "window.candlecast.drawn === true", timeout=30_000)
     page.wait_for_timeout(300)  # the charts paint on the next animation frame
 
     state = page.evaluate("window.candlecast")
@@ -130,7 +143,29 @@ def test_the_page_creates_a_forecast_and_draws_it(browser, site, clean_db):
         live = json.load(response)["live"]["n_scored"] > 0
     assert page.text_content("#live-head") == ("live" if live else "replay (in-sample)")
 
-    assert errors == [] and escaped == []
+    assert errors == [] and escaped == [] and page.evaluate("window.policyViolations") == []
+    page.close()
+
+
+# Each Content-Security-Policy violation's directive: a policy that blocked the page's own drawing shows here.
+RECORD_POLICY_VIOLATIONS = """window.policyViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => window.policyViolations.push(event.violatedDirective));
+"""
+
+
+def test_no_other_site_can_frame_the_pages(browser, site):
+    """frame-ancestors 'none': a page elsewhere cannot lay the forecast button or Swagger UI's under its own."""
+    page = browser.new_page()
+    page.goto(f"http://localhost:{urlsplit(site).port}/openapi.json")  # another origin
+    for path in ("/", "/docs"):
+        page.evaluate("""(src) => new Promise((done) => {
+            const frame = document.createElement("iframe");
+            frame.onload = done;
+            frame.src = src;
+            document.body.appendChild(frame);
+        })""", f"{site}{path}")
+    framed = [frame.url for frame in page.frames if frame != page.main_frame]
+    assert len(framed) == 2 and all(url.startswith("chrome-error://") for url in framed), framed
     page.close()
 
 
@@ -149,8 +184,8 @@ def forecast(page, symbol: str, timeframe: str) -> None:
     page.select_option("#timeframe", timeframe)
     page.evaluate("document.querySelector('#status').textContent = ''")
     page.click("#forecast")
-    page.wait_for_function("!['', 'forecasting…'].includes(document.querySelector('#status').textContent)",
-                           timeout=30_000)
+    wait_until(page, "!['', 'forecasting…'].includes(document.querySelector('#status').textContent)",
+               timeout=30_000)
     page.wait_for_timeout(300)  # the charts paint on the next animation frame
 
 
@@ -232,11 +267,11 @@ def test_the_forecast_button_is_busy_while_its_request_is_in_flight_and_sends_it
     page.fill("#symbol", "X:BTCUSDT")
     page.select_option("#timeframe", "1h")
     page.click("#forecast")
-    page.wait_for_function("document.querySelector('#forecast').disabled", timeout=2_000)
+    wait_until(page, "document.querySelector('#forecast').disabled", timeout=2_000)
     assert page.get_attribute("#forecast", "aria-busy") == "true"
     assert page.text_content("#forecast") == "Forecasting…"
     page.click("#forecast", force=True)  # a second press while the first is in flight does nothing
-    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    wait_until(page, "window.candlecast.drawn === true", timeout=30_000)
     assert len(posted) == 1, posted
     assert not page.is_disabled("#forecast") and page.text_content("#forecast") == "Forecast"
     assert page.get_attribute("#forecast", "aria-busy") == "false"
@@ -251,7 +286,7 @@ def test_only_the_latest_forecast_is_drawn_when_an_earlier_answer_comes_late(bro
     page.wait_for_timeout(300)
     page.select_option("#timeframe", "1d")
     page.evaluate("document.querySelector('#controls').requestSubmit()")
-    page.wait_for_function("document.querySelector('#chart-title').textContent.includes(' 1d (UTC):')", timeout=30_000)
+    wait_until(page, "document.querySelector('#chart-title').textContent.includes(' 1d (UTC):')", timeout=30_000)
     page.wait_for_timeout(4_000)  # past the 1h answer
     assert " 1d (UTC):" in page.text_content("#chart-title"), page.text_content("#chart-title")
     assert "1d" in page.text_content("#model-title") and "1h" not in page.text_content("#model-title")
@@ -290,7 +325,7 @@ def test_a_throttled_request_says_how_long_to_wait_and_creates_nothing(browser, 
     assert page.is_disabled("#forecast")
     assert page.evaluate("window.candlecast.drawn") is False and expected_candles_painted(page) == 0
     assert stored_predictions(clean_db.database_url) == before  # the model is read before the create
-    page.wait_for_function("!document.querySelector('#forecast').disabled", timeout=8_000)
+    wait_until(page, "!document.querySelector('#forecast').disabled", timeout=8_000)
 
     page.route("**/models/1d", lambda route: route.fulfill(
         status=429, content_type="application/json", headers={"Retry-After": "2"},
@@ -298,7 +333,7 @@ def test_a_throttled_request_says_how_long_to_wait_and_creates_nothing(browser, 
     forecast(page, "X:BTCUSDT", "1d")
     assert "Try again in 2 s" in page.text_content("#status")
     page.unroute("**/models/4h")
-    page.wait_for_function("!document.querySelector('#forecast').disabled", timeout=4_000)
+    wait_until(page, "!document.querySelector('#forecast').disabled", timeout=4_000)
     forecast(page, "X:BTCUSDT", "4h")  # asked again: a refused read is not kept
     assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
     page.close()
@@ -346,6 +381,7 @@ def test_docs_is_powertools_swagger_ui_over_the_whole_api_offline(browser, site)
 
     page = browser.new_page()
     escaped = local_only(page, site)
+    page.add_init_script(RECORD_POLICY_VIOLATIONS)
     page.goto(f"{site}/docs")
     page.wait_for_selector(".opblock", timeout=30_000)
     document = json.loads((ROOT / "infra" / "openapi.json").read_text())
@@ -363,7 +399,7 @@ def test_docs_is_powertools_swagger_ui_over_the_whole_api_offline(browser, site)
     status = create.locator(".live-responses-table tr.response .response-col_status").first
     status.wait_for(timeout=30_000)
     assert status.inner_text().strip() in ("200", "201")
-    assert escaped == []
+    assert escaped == [] and page.evaluate("window.policyViolations") == []
     page.close()
 
 
@@ -419,7 +455,7 @@ def test_a_symbols_timeframes_without_candles_are_disabled_and_a_refusal_names_t
     the page showed the API's developer message (set POLYGON_API_KEY)."""
     page = browser.new_page()
     page.goto(f"{site}/")
-    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0")
+    wait_until(page, "document.querySelectorAll('#symbols option').length > 0")
     disabled = "[...document.querySelectorAll('#timeframe option')].filter((o) => o.disabled).map((o) => o.value)"
     page.fill("#symbol", "X:ETHUSD")
     assert page.evaluate(disabled) == ["1h", "4h"]
@@ -437,7 +473,7 @@ def test_a_symbols_timeframes_without_candles_are_disabled_and_a_refusal_names_t
         document.querySelector('#timeframe').value = '4h';
         document.querySelector('#controls').requestSubmit();
     }""")
-    page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=30_000)
+    wait_until(page, "document.querySelector('#status').className === 'error'", timeout=30_000)
     status = page.text_content("#status")
     assert status.startswith("X:ETHUSD has no 4h candles here; it can be forecast at 1d, 1w, 1m"), status
     assert "candles_unavailable" in status
@@ -474,7 +510,7 @@ def test_a_hung_or_unreachable_request_is_named_and_the_page_can_forecast_again(
     assert not page.is_disabled("#forecast")
     page.unroute("**/predictions")
     page.press("#symbol", "Enter")
-    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    wait_until(page, "window.candlecast.drawn === true", timeout=30_000)
     page.close()
 
 
@@ -494,10 +530,10 @@ def test_a_refused_symbol_list_says_so_and_is_asked_for_again(browser, site):
 
     page.route("**/symbols/top*", throttle_once)
     page.goto(f"{site}/")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('symbols:')", timeout=10_000)
+    wait_until(page, "document.querySelector('#status').textContent.startsWith('symbols:')", timeout=10_000)
     assert page.get_attribute("#status", "class") == "error"
     assert "Asking again in 5 s" in page.text_content("#status")
-    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0", timeout=15_000)
+    wait_until(page, "document.querySelectorAll('#symbols option').length > 0", timeout=15_000)
     assert page.text_content("#status") == "" and len(refused) == 1
     assert errors == ["Failed to load resource: the server responded with a status of 429 (Too Many Requests)"]
     page.close()
@@ -549,7 +585,7 @@ def test_every_text_on_the_page_has_aa_contrast(browser, site, scheme):
     """Muted text, the timeframes without candles and a held button's countdown: 4.5:1 at least (3:1 if large)."""
     page = browser.new_page(viewport={"width": 1200, "height": 1100}, color_scheme=scheme)
     page.goto(f"{site}/")
-    page.wait_for_function("document.querySelectorAll('#symbols option').length > 0")
+    wait_until(page, "document.querySelectorAll('#symbols option').length > 0")
     forecast(page, "X:ETHUSD", "1d")  # X:ETHUSD has no 1h or 4h candles: those options are disabled
     assert page.evaluate("window.candlecast.drawn") is True, page.text_content("#status")
     # As a list box Chromium draws the options with their own colours (a closed select's computed ones are not those
@@ -602,9 +638,9 @@ def test_the_keyboard_focus_stays_with_the_forecast_button_through_a_request(bro
     page = slow_hourly_page(browser, site, 2000)
     page.focus("#forecast")
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelector('#forecast').disabled", timeout=2_000)
+    wait_until(page, "document.querySelector('#forecast').disabled", timeout=2_000)
     assert page.evaluate(FOCUSED) == "status"
-    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    wait_until(page, "window.candlecast.drawn === true", timeout=30_000)
     assert page.evaluate(FOCUSED) == "forecast"
 
     # Held after a 429: the status line holds the focus for the wait, and the button has it back after.
@@ -613,9 +649,9 @@ def test_the_keyboard_focus_stays_with_the_forecast_button_through_a_request(bro
     page.select_option("#timeframe", "4h")
     page.focus("#forecast")
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=10_000)
+    wait_until(page, "document.querySelector('#status').className === 'error'", timeout=10_000)
     assert page.is_disabled("#forecast") and page.evaluate(FOCUSED) == "status"
-    page.wait_for_function("!document.querySelector('#forecast').disabled", timeout=5_000)
+    wait_until(page, "!document.querySelector('#forecast').disabled", timeout=5_000)
     assert page.evaluate(FOCUSED) == "forecast"
 
     # Focus the user moved elsewhere meanwhile stays there.
@@ -624,7 +660,7 @@ def test_the_keyboard_focus_stays_with_the_forecast_button_through_a_request(bro
     page.focus("#forecast")
     page.keyboard.press("Enter")
     page.focus("#symbol")
-    page.wait_for_function("window.candlecast.drawn === true", timeout=30_000)
+    wait_until(page, "window.candlecast.drawn === true", timeout=30_000)
     assert page.evaluate(FOCUSED) == "symbol"
     page.close()
 

@@ -551,3 +551,4 @@ def test_answers_say_how_long_clients_may_keep_them(symbols):
         vary = None if cache_control == "no-store" else "Origin"
         assert (function, status, headers.get("Cache-Control"), headers.get("Vary")) == (
             function, expected_status, cache_control, vary)
+        assert headers.get("X-Content-Type-Options") == "nosniff"  # JSON holding upstream text is never a page

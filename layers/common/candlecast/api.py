@@ -257,6 +257,7 @@ def lambda_handler_for(app: APIGatewayHttpResolver, function: str) -> Callable[[
         refused = _refused_body(event)
         response = _error_result(refused) if refused else app.resolve(event, context)
         headers = response.setdefault("headers", {})
+        headers["X-Content-Type-Options"] = "nosniff"  # JSON holding upstream text is never read as a page
         if response["statusCode"] != 200 or "Cache-Control" not in headers:
             headers["Cache-Control"] = NO_STORE  # Powertools gives a cached route's errors "no-cache"
         else:
