@@ -82,6 +82,14 @@ def test_backtest_finds_the_repository_model_from_any_directory(offline_env, cap
     assert json.loads(capsys.readouterr().out)["n_origins"] > 0
 
 
+def test_scorecard_reads_the_repository_manifest_from_any_directory(offline_env, capsys, tmp_path):
+    """The offline commands' defaults (the manifest, models/, data/, reports/, ../shared) are the checkout's, not
+    the working directory's: from elsewhere, scorecard failed and train would have written models/ there."""
+    offline_env.chdir(tmp_path)
+    assert cli.main(["scorecard", "--summary"]) == 0
+    assert capsys.readouterr().out.startswith("| tf | shipped |")
+
+
 def test_a_path_under_a_file_is_one_line(offline_env, capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--readme",

@@ -8,22 +8,26 @@ from functools import wraps
 from pathlib import Path
 
 from candlecast.errors import UnusableInput
+from candlecast.seed import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, ROOT
 from candlecast.timeframes import TIMEFRAMES
 
-DEFAULT_SOURCE = "../shared/data/ohlcv"
+# Beside the checkout, whatever folder the command runs in.
+DEFAULT_SOURCE = str(ROOT.parent / "shared" / "data" / "ohlcv")
+DEFAULT_MANIFEST = str(DEFAULT_MODELS_DIR / "manifest.json")
 
 
 def register(subparsers) -> None:
     sample = subparsers.add_parser("build-sample", help="rebuild data/ (sample Parquet + symbols.csv) from CSVs")
     sample.add_argument("--source", default=DEFAULT_SOURCE, help="folder of <BASE>-<QUOTE>_<tf>.csv files")
-    sample.add_argument("--out", default="data", help="output folder (bucket layout)")
+    sample.add_argument("--out", default=str(DEFAULT_DATA_DIR), help="output folder (bucket layout)")
     sample.set_defaults(func=stopping_on_bad_files(build_sample_command))
 
     train = subparsers.add_parser("train", help="walk-forward backtest, fit and sign a model for a timeframe")
     train.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
     train.add_argument("--data", default=DEFAULT_SOURCE, help="folder of OHLCV files (CSV or Parquet)")
-    train.add_argument("--out", default="models", help="folder for {tf}.pkl, {tf}.pkl.sig and manifest.json")
-    train.add_argument("--reports", default="reports", help="folder for the PNG report")
+    train.add_argument("--out", default=str(DEFAULT_MODELS_DIR),
+                       help="folder for {tf}.pkl, {tf}.pkl.sig and manifest.json")
+    train.add_argument("--reports", default=str(ROOT / "reports"), help="folder for the PNG report")
     train.add_argument("--folds", type=int, help="walk-forward test folds (default: the timeframe's plan)")
     train.add_argument("--holdout-bars", type=int, help="newest candles that training never reads (default: the "
                        "timeframe's HOLDOUT_BARS; the manifest's train_end is the last candle before them)")
@@ -38,7 +42,7 @@ def register(subparsers) -> None:
 
     scorecard = subparsers.add_parser("scorecard", help="print the shipped models' walk-forward tables against the "
                                       "peers (from the manifest written by train)")
-    scorecard.add_argument("--manifest", default="models/manifest.json")
+    scorecard.add_argument("--manifest", default=DEFAULT_MANIFEST)
     scorecard.add_argument("--summary", action="store_true", help="one row per timeframe (the README table)")
     scorecard.add_argument("--readme", help="rewrite the summary block of this README file instead of printing")
     scorecard.set_defaults(func=scorecard_command)
@@ -48,7 +52,7 @@ def register(subparsers) -> None:
                                     "the shipped file on its holdout; no model file is written")
     rescore.add_argument("--timeframe", required=True, choices=TIMEFRAMES)
     rescore.add_argument("--walk-forward", required=True, help="the npz train --save-walk-forward wrote")
-    rescore.add_argument("--manifest", default="models/manifest.json", help="its model files sit beside it")
+    rescore.add_argument("--manifest", default=DEFAULT_MANIFEST, help="its model files sit beside it")
     rescore.add_argument("--data", default=DEFAULT_SOURCE, help="folder of OHLCV files, the holdout included")
     rescore.add_argument("--reports", help="folder for {tf}/comparison.png (not the repository's)")
     rescore.set_defaults(func=stopping_on_bad_files(rescore_command))
