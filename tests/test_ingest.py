@@ -439,6 +439,25 @@ def test_a_pair_is_read_as_the_listing_names_it():
     assert problems == []
 
 
+def test_control_and_format_characters_in_listed_names_are_removed_and_named():
+    """Upstream text shown to clients as it came: 'Bitcoin \u202eDSU\u202c' rendered as "Bitcoin USD", a zero-width
+    space told two names apart that look alike, an ANSI escape recoloured a terminal."""
+    reference = [{"ticker": "X:BTCUSD", "name": "Bitcoin \u202eDSU\u202c\u200b", "base_currency_symbol": "BTC",
+                  "currency_symbol": "usd\x1b[31m"},
+                 {"ticker": "X:ETHUSD", "name": "\u200b\u2066", "base_currency_symbol": "eth",
+                  "currency_symbol": "usd"},
+                 {"ticker": "X:LTCUSD", "name": "Litecoin", "base_currency_symbol": "ltc", "currency_symbol": "usd"}]
+    symbols, problems = ingest.rank_symbols(reference, [])
+    named = {symbol.ticker: (symbol.name, symbol.quote_currency) for symbol in symbols}
+    assert named == {"X:BTCUSD": ("Bitcoin DSU", "USD[31M"), "X:ETHUSD": ("X:ETHUSD", "USD"),
+                     "X:LTCUSD": ("Litecoin", "USD")}
+    assert problems == [
+        "'X:BTCUSD': its name and currency_symbol held control or format characters (direction overrides, "
+        "zero-width, terminal escapes): removed",
+        "'X:ETHUSD': its name held control or format characters (direction overrides, zero-width, terminal "
+        "escapes): removed"]
+
+
 def test_an_unusable_ticker_is_a_problem_not_a_failure():
     reference = [{"ticker": "X:SOME.WEIRD", "name": "Odd"}, {"ticker": "X:GOODUSD", "name": "Good"}]
     symbols, problems = ingest.rank_symbols(reference, [{"T": "X:GOODUSD", "v": 1.0, "vw": 2.0}])

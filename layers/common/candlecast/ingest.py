@@ -19,6 +19,7 @@ import argparse
 import math
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -211,6 +212,12 @@ def usd_rates(grouped_rows: Sequence[dict], listed: Mapping[str, tuple[str, str]
     return rates | {quote: rate for quote, (_, rate) in crossings.items()}
 
 
+def visible(text: str) -> str:
+    """`text` without control or format characters (Unicode Cc, Cf): a right-to-left override shows "Bitcoin
+    \u202eDSU" as "Bitcoin USD", and an escape sequence recolours a terminal that prints it."""
+    return "".join(character for character in text if unicodedata.category(character) not in ("Cc", "Cf"))
+
+
 def _named(ticker: str) -> str:
     """A listed ticker as a problem names it: quoted, and cut at a ticker's length."""
     from candlecast.tickers import MAX_TICKER_LENGTH
@@ -260,6 +267,8 @@ def rank_symbols(
         texts = {key: row.get(key) for key in ("name", "base_currency_symbol", "currency_symbol")}
         unstorable = [key for key, value in texts.items() if value is not None and not storable(value)]
         texts.update(dict.fromkeys(unstorable))
+        invisible = [key for key, value in texts.items() if isinstance(value, str) and visible(value) != value]
+        texts.update({key: visible(texts[key]) or None for key in invisible})
         try:
             base, quote = split_pair(ticker)
             symbol = SymbolCreate(
@@ -282,6 +291,9 @@ def rank_symbols(
         if unstorable:
             problems.append(f"{_named(ticker)}: its {' and '.join(unstorable)} is not text the database can store; "
                             "the ticker's own was used")
+        if invisible:
+            problems.append(f"{_named(ticker)}: its {' and '.join(invisible)} held control or format characters "
+                            "(direction overrides, zero-width, terminal escapes): removed")
         candidates.append(symbol)
     if unnamed:
         problems.append(f"listing: {unnamed} rows without a ticker (or one that is not text) were left out")
