@@ -174,6 +174,18 @@ def test_invalidate_symbols_drops_symbols_lists_and_searches_only(server):
     assert cache.lookup_track_record(None).value is None
 
 
+def test_an_invalidation_by_a_release_of_another_namespace_drops_this_ones_entries(server, monkeypatch):
+    """During a deploy the older release's code still runs (a Refresh chunk, an operator's older checkout): its
+    writes invalidated its own namespace only, and this release served the replaced candles and rows for a TTL."""
+    cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD"))
+    cache.fill_candles("X:BTCUSD", "1h", b"packed", cache.lookup_candles("X:BTCUSD", "1h"))
+    with monkeypatch.context() as older:
+        older.setattr(cache, "_PREFIX", cache._PREFIX.replace(cache.NAMESPACE, "cc:v3"))
+        assert cache.invalidate_symbols() is True and cache.forget_candles([("X:BTCUSD", "1h")]) is True
+    assert cache.lookup_symbol("X:BTCUSD").value is None
+    assert cache.lookup_candles("X:BTCUSD", "1h").value is None
+
+
 def test_a_fill_that_raced_an_invalidation_is_never_served(server):
     """A read that looked up, then read the old row from the database, and fills after an invalidation (the
     refresh committed and invalidated in between) used to leave the old row cached for the kind's whole TTL."""

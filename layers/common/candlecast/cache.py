@@ -69,7 +69,12 @@ SLOW_STRIKES = 3
 # each time, so that during a deploy older code never serves a value of the newer format as it is.
 NAMESPACE = "cc:v4"
 # Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys.
-_PREFIX = f"{NAMESPACE}:{os.environ.get('STAGE') or 'local'}"
+_STAGE = os.environ.get("STAGE") or "local"
+_PREFIX = f"{NAMESPACE}:{_STAGE}"
+# A generation is a random token whatever the values' format: outside NAMESPACE, so that an invalidation by either
+# release running during a deploy (a Refresh chunk of the older one, an operator's older checkout) drops both's
+# entries. Under their own namespaces, each release's writes left the other serving replaced rows for a TTL.
+_GENERATIONS = f"cc:{_STAGE}:generation"
 _SEAL = b"\xcc\x02"
 _SEALED_HEADER = len(_SEAL) + 4
 
@@ -88,11 +93,11 @@ def _candles_kind(ticker: str, timeframe: str) -> str:
 class keys:
     @staticmethod
     def generation(kind: str) -> str:
-        return f"{_PREFIX}:generation:{kind}"
+        return f"{_GENERATIONS}:{kind}"
 
     @staticmethod
     def all_candle_generations() -> str:
-        return f"{_PREFIX}:generation:candles:*"
+        return f"{_GENERATIONS}:candles:*"
 
     @staticmethod
     def candles(ticker: str, timeframe: str) -> str:
