@@ -187,6 +187,24 @@ def test_a_chunk_that_dies_logs_one_structured_error_before_it_raises(caplog):
     assert (record.error, record.event) == ("RuntimeError", {"after": "abc"})
 
 
+def test_a_chunks_log_line_shows_twenty_items_of_each_list_and_counts_them_all(monkeypatch, caplog):
+    """The report's lists grow with the data: 1,215 failing predictions made a 62 KB "score chunk done" line, a few
+    thousand one past CloudWatch's 256 KB per event, cut into text that is no longer JSON."""
+    from candlecast.services import scoring
+    from infra.lambda_loader import LambdaContext, load_handler
+    from tests.conftest import ROOT
+
+    failed = [f"{index:08d}-prediction: model file refused" for index in range(5000)]
+    report = scoring.ScoreReport(predictions=5000, failed=failed).as_dict()
+    monkeypatch.setattr(scoring, "scheduled_run", lambda event, budget: dict(report))
+    monkeypatch.setenv("REFRESH_CHAIN", "false")
+    with caplog.at_level(logging.INFO):
+        returned = load_handler(ROOT / "functions" / "score")({}, LambdaContext())
+    (line,) = [record for record in caplog.records if record.getMessage() == "score chunk done"]
+    assert line.failed == [*failed[:20], "… and 4980 more"] and line.predictions == 5000
+    assert returned["failed"] == failed  # the invocation's result keeps every item
+
+
 def test_a_retention_run_that_dies_logs_one_structured_error_before_it_raises(monkeypatch, caplog):
     from infra.lambda_loader import LambdaContext, load_handler
     from tests.conftest import ROOT

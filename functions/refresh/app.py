@@ -18,7 +18,7 @@ from aws_lambda_powertools import Logger
 
 from candlecast import ingest, redaction
 from candlecast.config import get_settings
-from candlecast.invoke import invoke_async, run_chunk
+from candlecast.invoke import invoke_async, loggable, run_chunk
 from candlecast.metrics import add_counts, function_metrics, metric_dimensions
 
 logger = Logger()
@@ -62,7 +62,7 @@ def lambda_handler(event, context):
     failed = set(report["failed"]) | set(report["unrecorded"]) | left_undone
     add_counts(metrics, RefreshSymbolsDone=report["symbols_done"], RefreshSymbolsFailed=len(failed))
     report["scoring"] = _score() if report.get("candles_added") else "off"
-    logger.info("refresh chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
+    logger.info("refresh chunk done", extra=loggable(report))
     return report
 
 startup.done()  # the function is loaded: freeze it and collect again

@@ -12,7 +12,7 @@ startup.begin()  # no garbage collection while the function's modules load
 from aws_lambda_powertools import Logger
 
 from candlecast import redaction
-from candlecast.invoke import run_chunk
+from candlecast.invoke import loggable, run_chunk
 from candlecast.metrics import add_counts, function_metrics, metric_dimensions
 from candlecast.services import scoring
 
@@ -32,7 +32,7 @@ def lambda_handler(event, context):
     # A chunk whose predictions fail still returns: ScoreFailedShareAlarm reads these, not the failed runs.
     add_counts(metrics, ScorePredictions=report["predictions"], ScorePredictionsFailed=len(report["failed"]),
                ScorePredictionsSkipped=report["skipped"], ScoreStepsScored=report["scored"])
-    logger.info("score chunk done", extra={key: value for key, value in report.items() if key != "continuation"})
+    logger.info("score chunk done", extra=loggable(report))
     return report
 
 startup.done()  # the function is loaded: freeze it and collect again

@@ -11,6 +11,11 @@ from candlecast.errors import InvalidEvent
 
 logger = Logger(child=True)
 
+# Items of each list a chunk's log line shows. The report's lists grow with the data (every failed prediction or
+# symbol): 1,215 failing predictions made a 62 KB line, a few thousand one past CloudWatch's 256 KB per event,
+# which it cuts into text that is no longer JSON.
+LOGGED_ITEMS = 20
+
 
 def invoke_async(function_name: str, event: dict) -> None:
     import boto3
@@ -71,3 +76,16 @@ def run_chunk(event, context, work: Callable[[object, float], dict], report_seco
     continuation = report.get("continuation")
     report["chained"] = bool(continuation) and continue_in_new_invocation(context, continuation)
     return report
+
+
+def loggable(report: dict) -> dict:
+    """A chunk's report as its log line shows it: without its continuation, each list cut at LOGGED_ITEMS with the
+    number left out (the counts and the returned report keep every item)."""
+    shown = {}
+    for key, value in report.items():
+        if key == "continuation":
+            continue
+        if isinstance(value, list) and len(value) > LOGGED_ITEMS:
+            value = [*value[:LOGGED_ITEMS], f"… and {len(value) - LOGGED_ITEMS} more"]
+        shown[key] = value
+    return shown
