@@ -240,7 +240,9 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
                                      None if idempotency_key else (ticker, timeframe, request_hash), request_lookup)
         age = closed_since(prediction.last_candle_at, timeframe, stored["created_at"])
         if age:
-            logger.warning("forecast from stale candles", extra={
+            # INFO: one line per create while Polygon fails or lags; the cause is warned once per 30 s and series
+            # ("stale candles served"), and the client reads `stale`.
+            logger.info("forecast from stale candles", extra={
                 "ticker": ticker, "timeframe": timeframe, "last_candle_at": prediction.last_candle_at.isoformat(),
                 "data_age_bars": age})
     else:
