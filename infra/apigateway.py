@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from infra.sam_template import LOCAL_ACCOUNT_ID, Route, Throttle, Unresolvable, resolve
 
@@ -53,6 +53,12 @@ def new_request_id() -> str:
     return base64.b64encode(secrets.token_bytes(10)).decode()
 
 
+def gateway_path(target: str) -> str:
+    """The path as API Gateway routes on it and hands it on (rawPath): percent-decoded, so an encoded %2F is a
+    separator (/symbols/BTC%2FUSD is /symbols/BTC/USD, which no route of one segment matches)."""
+    return unquote(urlsplit(target).path) or "/"
+
+
 def build_event(request: HttpRequest, route: Route | None, path_parameters: Mapping[str, str] | None = None,
                 *, request_id: str | None = None, epoch_ms: int | None = None, stage: str = "$default",
                 api_id: str = LOCAL_API_ID, account_id: str = LOCAL_ACCOUNT_ID) -> dict:
@@ -64,7 +70,7 @@ def build_event(request: HttpRequest, route: Route | None, path_parameters: Mapp
     """
     epoch_ms = int(time.time() * 1000) if epoch_ms is None else epoch_ms
     split = urlsplit(request.target)
-    raw_path = split.path or "/"
+    raw_path = gateway_path(request.target)
     headers: dict[str, str] = {}
     cookies: list[str] = []
     for name, value in request.headers:

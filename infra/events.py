@@ -3,7 +3,6 @@
 import copy
 import json
 from pathlib import Path
-from urllib.parse import quote
 
 EVENTS = Path(__file__).resolve().parent.parent / "tests" / "events"
 
@@ -16,9 +15,9 @@ def load_event(name: str, **changes) -> dict:
 
 
 def path_event(name: str, path: str, **path_parameters: str) -> dict:
-    """A v2 event from tests/events for another path: rawPath is percent-encoded as API Gateway sends it."""
+    """A v2 event from tests/events for another path: rawPath decoded, as API Gateway sends it."""
     event = load_event(name)
-    event["rawPath"] = quote(path, safe="/:")
+    event["rawPath"] = path
     event["requestContext"]["http"]["path"] = event["rawPath"]
     if path_parameters:
         event["pathParameters"] = path_parameters

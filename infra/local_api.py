@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from infra.apigateway import (
     MAX_BODY_BYTES,
@@ -34,6 +33,7 @@ from infra.apigateway import (
     TokenBucket,
     build_event,
     error_response,
+    gateway_path,
     gateway_response,
     invoke_refused,
     throttled_by_route,
@@ -143,7 +143,7 @@ class LocalApi:
         return response
 
     def _handle(self, request: HttpRequest) -> HttpResponse:
-        path = urlsplit(request.target).path or "/"
+        path = gateway_path(request.target)
         for route, handler in self.local_routes:
             params = route.match(request.method, path)
             if params is not None:
@@ -203,7 +203,7 @@ class LocalApi:
         """A request whose body is over `body_limit`, refused from its Content-Length without reading it, answered
         as on AWS: API Gateway's 404 for a path it has no route for, else the function's 413 (no-store); with the
         CORS headers either way, so a browser sees the answer rather than a network error."""
-        if find_route(self.routes, request.method, urlsplit(request.target).path or "/") is None:
+        if find_route(self.routes, request.method, gateway_path(request.target)) is None:
             response = gateway_response(404, "Not Found")
         else:
             response = too_large(self.body_limit)

@@ -355,9 +355,12 @@ def _throttle(settings: Mapping, parameters: Mapping[str, Any], conditions: Mapp
 
 
 def find_route(routes: Iterable[Route], method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-    for route in routes:
-        params = route.match(method, path)
-        if params is not None:
-            return route, params
+    """The route API Gateway sends `path` (decoded: `gateway_path`) to; a trailing slash goes to the route without it
+    (the function then answers for a path it has no route for)."""
+    for candidate in dict.fromkeys((path, path.rstrip("/") or "/")):
+        for route in routes:
+            params = route.match(method, candidate)
+            if params is not None:
+                return route, params
     return None
 

@@ -77,9 +77,12 @@ def test_ordinary_spellings_still_normalise(raw, ticker):
     assert normalize_ticker(raw) == ticker
 
 
-def test_a_trailing_newline_in_the_path_is_a_400_not_another_symbol(clean_db):
-    status, _, body = invoke("symbols", path_event("symbol_get.json", "/symbols/BTCUSDT\n-", ticker="BTCUSDT%0A-"))
-    assert status == 400 and body["error"]["code"] == "invalid_ticker"
+def test_a_newline_in_the_path_is_refused_not_read_as_another_symbol(clean_db):
+    """API Gateway hands the path on decoded: /symbols/BTCUSDT%0A- arrives with its newline, which no route takes."""
+    status, _, body = invoke("symbols", path_event("symbol_get.json", "/symbols/BTCUSDT\n-", ticker="BTCUSDT\n-"))
+    assert status == 404 and body["error"]["code"] == "route_not_found"
+    status, _, body = invoke("symbols", path_event("symbol_get.json", "/symbols/BTCUSDT%0A-", ticker="BTCUSDT%0A-"))
+    assert status == 400 and body["error"]["code"] == "invalid_ticker"  # encoded twice by the client
 
 
 # --- the development signing key ----------------------------------------------------------------

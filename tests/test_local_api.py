@@ -203,7 +203,7 @@ def test_event_joins_repeats_moves_cookies_and_encodes_binary_bodies():
     event = build_event(request, route, {"proxy": "a b/c"}, epoch_ms=1_764_084_000_123)
     assert event["version"] == "2.0"
     assert event["routeKey"] == event["requestContext"]["routeKey"] == "ANY /files/{proxy+}"
-    assert event["rawPath"] == "/files/a%20b/c"  # raw, as sent
+    assert event["rawPath"] == "/files/a b/c"  # decoded, as API Gateway hands it on
     assert event["rawQueryString"] == "tag=x&tag=y&empty=&q=caf%C3%A9"
     assert event["queryStringParameters"] == {"tag": "x,y", "empty": "", "q": "café"}
     assert event["pathParameters"] == {"proxy": "a b/c"}
@@ -218,7 +218,7 @@ def test_event_joins_repeats_moves_cookies_and_encodes_binary_bodies():
     assert event["isBase64Encoded"] is True
     assert base64.b64decode(event["body"]) == b"\x00\xffbinary"
     context = event["requestContext"]
-    assert context["http"] == {"method": "POST", "path": "/files/a%20b/c", "protocol": "HTTP/1.1",
+    assert context["http"] == {"method": "POST", "path": "/files/a b/c", "protocol": "HTTP/1.1",
                                "sourceIp": "10.1.2.3", "userAgent": "pytest"}
     assert context["stage"] == "$default"
     assert context["time"] == "25/Nov/2025:15:20:00 +0000"
@@ -411,7 +411,7 @@ def echo_api(tmp_path_factory):
 
 
 def test_request_reaches_the_handler_as_a_v2_event(echo_api):
-    response = httpx.get(f"{echo_api}/items/a%2Fb?x=1&x=2", headers={"X-Test": "yes"},
+    response = httpx.get(f"{echo_api}/items/a%20b?x=1&x=2", headers={"X-Test": "yes"},
                          cookies={"c1": "v1"})
     assert response.status_code == 200
     assert response.headers["x-function"] == "EchoFunction"
@@ -419,8 +419,8 @@ def test_request_reaches_the_handler_as_a_v2_event(echo_api):
     payload = response.json()
     event = payload["event"]
     assert event["routeKey"] == "GET /items/{id}"
-    assert event["rawPath"] == "/items/a%2Fb"
-    assert event["pathParameters"] == {"id": "a/b"}
+    assert event["rawPath"] == "/items/a b"
+    assert event["pathParameters"] == {"id": "a b"}
     assert event["queryStringParameters"] == {"x": "1,2"}
     assert event["rawQueryString"] == "x=1&x=2"
     assert event["cookies"] == ["c1=v1"]
@@ -1094,6 +1094,19 @@ def test_health_round_trip(local_api):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["status"] in ("ok", "degraded")
+
+
+@pytest.mark.integration
+def test_paths_are_routed_decoded_and_with_a_trailing_slash_as_api_gateway_routes_them(local_api):
+    """API Gateway decodes the path before it routes: BTC%2FUSD is two segments, which no route has (a generated
+    client that encoded the ticker BTC/USD got 200 locally and 404 deployed); a trailing slash goes to the route
+    without it, whose function answers for a path it has no route for."""
+    reached = httpx.get(f"{local_api}/symbols/BTC-USDT", timeout=30)  # the function answers (no symbol stored)
+    assert (reached.status_code, reached.json()["error"]["code"]) == (404, "symbol_not_found")
+    split = httpx.get(f"{local_api}/symbols/BTC%2FUSDT", timeout=30)
+    assert (split.status_code, split.json()) == (404, {"message": "Not Found"})
+    slashed = httpx.get(f"{local_api}/health/", timeout=30)
+    assert (slashed.status_code, slashed.json()["error"]["code"]) == (404, "route_not_found")
 
 
 @pytest.mark.integration

@@ -72,11 +72,11 @@ def test_what_the_code_does_is_documented():
     (prediction_id,) = _operation(document, "get", "/predictions/{id}")["parameters"]
     assert prediction_id["schema"]["format"] == "uuid"
     assert document["components"]["schemas"]["Prediction"]["properties"]["id"]["format"] == "uuid"
-    from candlecast.tickers import TICKER_PATTERN
+    from candlecast.tickers import PATH_TICKER_PATTERN, TICKER_PATTERN
 
     for path in ("/symbols/{ticker}", "/symbols/{ticker}/predictions"):
         ticker = next(p for p in _operation(document, "get", path)["parameters"] if p["name"] == "ticker")
-        assert ticker["schema"]["pattern"] == TICKER_PATTERN
+        assert ticker["schema"]["pattern"] == PATH_TICKER_PATTERN  # no "/": API Gateway decodes %2F before routing
     assert document["components"]["schemas"]["PredictionRequest"]["properties"]["symbol"]["pattern"] == TICKER_PATTERN
     for path in ("/symbols", "/symbols/top", "/symbols/{ticker}/predictions"):
         operation = _operation(document, "get", path)

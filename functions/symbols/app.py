@@ -21,7 +21,7 @@ from candlecast.api import (
 from candlecast.pagination import CURSOR_PATTERN, NEXT_CURSOR_HEADER
 from candlecast.schemas import ModelTrackRecord, Prediction, Symbol
 from candlecast.services import predictions, symbols, track_record
-from candlecast.tickers import MAX_TICKER_LENGTH, TICKER_PATTERN
+from candlecast.tickers import MAX_TICKER_LENGTH, PATH_TICKER_PATTERN
 from candlecast.timeframes import Timeframe
 
 app = create_resolver()
@@ -37,7 +37,7 @@ Cursor = Annotated[Annotated[str, WithJsonSchema({"type": "string", "pattern": C
     description="X-Next-Cursor of the previous page, as it is; one that is not valid for this list or this release "
                 "is 400 invalid_cursor: start the list again without a cursor")]
 Ticker = Annotated[str, Path(description="X:BTCUSD, BTCUSD, BTC-USD or btc-usd", examples=["X:BTCUSDT"],
-                             json_schema_extra={"pattern": TICKER_PATTERN, "minLength": 2,
+                             json_schema_extra={"pattern": PATH_TICKER_PATTERN, "minLength": 2,
                                                 "maxLength": MAX_TICKER_LENGTH})]
 
 

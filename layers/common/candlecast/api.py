@@ -109,7 +109,8 @@ def page_response(page: Page) -> Response:
 
 
 def path_parameter(raw: str) -> str:
-    """A path parameter as the client meant it: the resolver hands it over still percent-encoded."""
+    """A path parameter, percent-decoded: API Gateway hands the path on decoded once, so what is left encoded was
+    encoded twice by the client (X%253ABTCUSD: X:BTCUSD)."""
     return unquote(raw)
 
 

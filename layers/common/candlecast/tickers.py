@@ -10,6 +10,8 @@ MAX_TICKER_LENGTH = 32
 # letters and digits. normalize_ticker accepts every such string (and a few more: surrounding blanks, more
 # separators).
 TICKER_PATTERN = r"^(?:[Xx]:)?[A-Za-z0-9]{1,12}[-/_]?[A-Za-z0-9]{1,12}$"
+# A ticker in a path: no "/", which API Gateway decodes from %2F into a separator (no route has two segments there).
+PATH_TICKER_PATTERN = TICKER_PATTERN.replace("[-/_]", "[-_]")
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _PAIR = re.compile(r"[A-Z0-9]{2,24}")  # always fullmatch: `$` would accept a trailing newline
