@@ -62,6 +62,15 @@ def test_migrate_does_one_thing_at_a_time(offline_env, capsys, other):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("number", ["²", "0", "-1", "1.5", "x"])
+def test_a_count_that_is_no_whole_number_is_refused_by_name(offline_env, capsys, number):
+    """'²' passes str.isdigit(): `--rollback ²` crashed on int() with a traceback."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["migrate", "--rollback", number])
+    assert exited.value.code == 2
+    assert f"must be a whole number of at least 1, not {number!r}" in capsys.readouterr().err
+
+
 def test_a_missing_model_file_is_one_line(offline_env, capsys, tmp_path):
     missing = tmp_path / "nonexistent.pkl"
     assert cli.main(["backtest", "--data", str(ROOT / "data"), "--timeframe", "1d", "--model", str(missing)]) == 1

@@ -18,7 +18,8 @@ COMMAND_MODULES = (
 
 
 def positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    # ASCII digits only: '²' passes str.isdigit() and fails int()
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {value!r}")
     return int(value)
 
