@@ -425,3 +425,26 @@ def test_the_connect_timeout_is_ten_seconds_or_what_is_left_before_the_deadline(
     assert migrate.connect_timeout_seconds(migrate.Deadline(6.5)) == 6
     assert migrate.connect_timeout_seconds(migrate.Deadline(0.5)) == 2  # libpq's least
     assert migrate.connect_timeout_seconds(migrate.Deadline(None)) == 10
+
+
+def test_a_second_stage_pointed_at_the_same_database_is_refused_before_it_changes_anything(
+        migrate_app, recorder, fresh_database, monkeypatch):
+    """Two stages' secrets without dbname both reach "candlecast": dev's deploy migrated prod's schema, and dev's
+    Retention went on deleting prod's predictions. The first stage to migrate a database keeps it."""
+    from candlecast import migrate
+
+    monkeypatch.setenv("STAGE", "prod")
+    migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
+    assert recorder.captured[-1]["Status"] == "SUCCESS"
+    migrate.rollback(fresh_database, 1)  # a release of prod's with a migration still to apply
+    monkeypatch.setenv("STAGE", "dev")
+    migrate_app.lambda_handler(cfn_event("Create", recorder.url), context())
+    answer = recorder.captured[-1]
+    assert answer["Status"] == "FAILED"
+    assert answer["Reason"].startswith("MigrationError: this database is stage 'prod''s")
+    assert "nothing was changed" in answer["Reason"] and "`dbname` in its secret" in answer["Reason"]
+    assert migrate.status(fresh_database).pending == [MIGRATION_IDS[-1]]  # dev applied nothing
+    monkeypatch.setenv("STAGE", "prod")
+    migrate_app.lambda_handler(cfn_event("Update", recorder.url), context())
+    assert recorder.captured[-1]["Status"] == "SUCCESS"
+    assert migrate.status(fresh_database).pending == []

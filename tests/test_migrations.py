@@ -40,7 +40,7 @@ def scratch_database(stack):
 def tables(conninfo: str) -> set[str]:
     with psycopg.connect(conninfo) as conn:
         rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
-    return {row[0] for row in rows} - {"_yoyo_log", "_yoyo_migration", "_yoyo_version", "yoyo_lock"}
+    return {row[0] for row in rows} - {*migrate.YOYO_TABLES, "yoyo_lock", migrate.STAGE_TABLE}  # bookkeeping
 
 
 def test_the_backend_is_the_one_yoyo_registers_for_the_url_scheme(scratch_database):
@@ -674,3 +674,24 @@ def test_the_outcomes_counted_before_live_outcomes_stay_counted(scratch_database
         counted = conn.execute("SELECT ticker, timeframe, step, origin_at > now() - interval '2 days' "
                                "FROM live_outcomes").fetchall()
     assert counted == [("X:BTCUSD", "1h", 1, True)]
+
+
+def test_a_database_restored_from_another_stages_backup_is_taken_over_only_when_asked(scratch_database):
+    """README, "Restoring from a backup": prod's backup restored for staging is refused to staging's runs (apply,
+    mark-applied, rollback) until `candlecast migrate --take-over` records it as staging's."""
+    migrate.apply(scratch_database, stage="prod")
+    assert migrate.apply(scratch_database, stage="prod") == []
+    for run in (lambda: migrate.apply(scratch_database, stage="staging"),
+                lambda: migrate.mark_applied(scratch_database, MIGRATIONS[-1], stage="staging"),
+                lambda: migrate.rollback(scratch_database, 1, stage="staging")):
+        with pytest.raises(migrate.MigrationError, match=r"this database is stage 'prod''s .* not 'staging''s"):
+            run()
+    assert migrate.status(scratch_database).pending == []
+    command = [sys.executable, "-m", "candlecast.cli", "migrate", "--take-over"]
+    taken = subprocess.run(command, env=only_database(scratch_database) | {"STAGE": "staging"},
+                           capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 0, taken.stderr
+    assert "the database was stage 'prod''s; it is now stage 'staging''s" in taken.stderr
+    assert migrate.rollback(scratch_database, 1, stage="staging") == [MIGRATIONS[-1]]
+    with pytest.raises(migrate.MigrationError, match="this database is stage 'staging''s"):
+        migrate.apply(scratch_database, stage="prod")

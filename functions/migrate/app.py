@@ -54,10 +54,12 @@ def _conninfo() -> str:
 
 
 def apply_migrations(deadline: Any = None) -> dict[str, Any]:
-    """Apply under the migration lock (a run in progress elsewhere is waited for, until the deadline)."""
+    """Apply under the migration lock (a run in progress elsewhere is waited for, until the deadline), to this
+    stage's database only (another stage's is refused)."""
     from candlecast import migrate
+    from candlecast.config import get_database_settings
 
-    return {"applied": migrate.apply(_conninfo(), deadline=deadline)}
+    return {"applied": migrate.apply(_conninfo(), deadline=deadline, stage=get_database_settings().stage)}
 
 
 def migration_status() -> dict[str, Any]:

@@ -50,23 +50,23 @@ def _migrate(args: argparse.Namespace) -> int:
     from candlecast import migrate
     from candlecast.config import database_conninfo, get_database_settings
 
-    conninfo = database_conninfo(get_database_settings())  # DATABASE_URL (or DB_SECRET_ARN) is all it needs
+    settings = get_database_settings()  # DATABASE_URL (or DB_SECRET_ARN), and STAGE, are all it needs
     try:
-        return _migrate_action(migrate, conninfo, args)
+        return _migrate_action(migrate, database_conninfo(settings), settings.stage, args)
     except migrate.MigrationError as error:
         print(f"candlecast migrate: {error}", file=sys.stderr)
         return 1
 
 
-def _migrate_action(migrate, conninfo: str, args: argparse.Namespace) -> int:
+def _migrate_action(migrate, conninfo: str, stage: str, args: argparse.Namespace) -> int:
     if args.status:
         print(json.dumps(migrate.status(conninfo).as_dict(), indent=2))
     elif args.rollback is not None:
-        print(json.dumps({"rolled_back": migrate.rollback(conninfo, args.rollback)}))
+        print(json.dumps({"rolled_back": migrate.rollback(conninfo, args.rollback, stage=stage)}))
     elif args.mark_applied is not None:
-        print(json.dumps({"marked": migrate.mark_applied(conninfo, args.mark_applied)}))
+        print(json.dumps({"marked": migrate.mark_applied(conninfo, args.mark_applied, stage=stage)}))
     else:
-        print(json.dumps({"applied": migrate.apply(conninfo)}))
+        print(json.dumps({"applied": migrate.apply(conninfo, stage=stage, take_over=args.take_over)}))
     return 0
 
 
@@ -129,6 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--rollback", type=positive_int, metavar="N", help="roll back the last N migrations")
     what.add_argument("--mark-applied", metavar="ID", help="record the migrations up to and including ID as applied "
                       "without running them (the schema already holds them: README, \"Restoring from a backup\")")
+    what.add_argument("--take-over", action="store_true", help="apply, and record the database as STAGE's although "
+                      "another stage's runs migrated it (restored from that stage's backup for this one)")
     migrate.set_defaults(func=_migrate)
     check = subparsers.add_parser("db-check", help="connect to the database and Redis and report each")
     check.set_defaults(func=_db_check)

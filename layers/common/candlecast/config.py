@@ -27,11 +27,17 @@ class SigningKeySecretInvalid(ConfigurationError):
     """A signing key secret that is neither a key nor {"current": …, "previous": …} (a misspelt field, broken JSON)."""
 
 
-class DatabaseSettings(BaseSettings):
-    """What reaching the database needs, and nothing else (migrations run with only this)."""
+class StageSettings(BaseSettings):
+    """Which deployment this is (template.yaml's Stage); everything else is the subclasses'."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True,
                                       env_parse_none_str="none")
+
+    stage: str = "local"
+
+
+class DatabaseSettings(StageSettings):
+    """What reaching the database needs, and nothing else (migrations run with only this)."""
 
     database_url: SecretStr | None = Field(None, description="PostgreSQL URL (local runs and tests)")
     db_secret_arn: str | None = Field(None, description="Secrets Manager secret with the DB credentials")
@@ -62,18 +68,14 @@ class DatabaseSettings(BaseSettings):
         return settings
 
 
-class SigningKeySettings(BaseSettings):
+class SigningKeySettings(StageSettings):
     """What signing or verifying a model file needs, and nothing else (train and backtest run offline)."""
-
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True,
-                                      env_parse_none_str="none")
 
     model_signing_key: SecretStr | None = Field(None, description="HMAC key that model files are signed with")
     model_signing_key_secret_arn: str | None = Field(None, description="Secrets Manager secret with the key "
                                                      '(or, during a rotation, {"current": NEW, "previous": OLD})')
     model_signing_key_previous: SecretStr | None = Field(
         None, description="with MODEL_SIGNING_KEY, during a rotation: files signed with this key are accepted too")
-    stage: str = "local"
 
 
 class Settings(DatabaseSettings, SigningKeySettings):

@@ -248,6 +248,35 @@ def connect(conninfo: str, deadline: Deadline | None = None):
 
 YOYO_TABLES = ("_yoyo_migration", "_yoyo_log", "_yoyo_version")  # yoyo's record of what is applied, and its log
 
+# Beside yoyo's tables: the stage whose runs migrate this database, recorded by the first run that names one (the
+# Migrate function and `candlecast migrate` do). Two stages' stacks reaching one database (a secret without
+# `dbname` puts every stage in "candlecast") share its tables: one stage's Retention deletes the other's
+# predictions, its deploy migrates the other's schema, its seed changes the other's active models. A run of
+# another stage is refused before it changes anything.
+STAGE_TABLE = "_candlecast_stage"
+
+
+def _claim_stage(connection, stage: str, *, take_over: bool) -> None:
+    """Record `stage` as the database's when none is (or, with `take_over`, instead of another); raise
+    MigrationError when another stage's runs migrate it. Under the run lock, so two first runs cannot both claim."""
+    connection.execute(f"CREATE TABLE IF NOT EXISTS {STAGE_TABLE} (single boolean PRIMARY KEY DEFAULT true "
+                       "CHECK (single), stage text NOT NULL, claimed_at timestamptz NOT NULL DEFAULT now())")
+    row = connection.execute(f"SELECT stage, claimed_at FROM {STAGE_TABLE}").fetchone()
+    if row is not None and row[0] == stage:
+        return
+    if row is not None and not take_over:
+        raise MigrationError(
+            f"this database is stage {row[0]!r}'s (its runs have migrated it since {row[1]:%Y-%m-%d}), not "
+            f"{stage!r}'s: nothing was changed. Two stages sharing one database share its tables (each one's "
+            f"Retention, migrations and seed act on the other's data): give stage {stage!r} a database of its own "
+            "(`dbname` in its secret). If this database was restored from a backup of stage "
+            f"{row[0]!r} for {stage!r} to use, record it as {stage!r}'s with `STAGE={stage} candlecast migrate "
+            "--take-over` (README, \"Restoring from a backup\")")
+    connection.execute(f"INSERT INTO {STAGE_TABLE} (stage) VALUES (%s) ON CONFLICT (single) "
+                       "DO UPDATE SET stage = EXCLUDED.stage, claimed_at = now()", (stage,))
+    if row is not None:
+        logger.warning("the database was stage %r's; it is now stage %r's (--take-over)", row[0], stage)
+
 
 def _check_bookkeeping(backend) -> None:
     """yoyo's tables are all there (a migrated database) or none is (a new one): yoyo creates all three when
@@ -392,8 +421,10 @@ def _run_lock(backend, deadline: Deadline):
 
 
 @contextmanager
-def _locked_run(conninfo: str, directory: Path | None, deadline: Deadline | None):
-    """yoyo's backend and the migrations, under the advisory lock, with yoyo initialised inside it."""
+def _locked_run(conninfo: str, directory: Path | None, deadline: Deadline | None, stage: str | None = None,
+                take_over: bool = False):
+    """yoyo's backend and the migrations, under the advisory lock, with yoyo initialised inside it; with a
+    `stage`, only when the database is that stage's (or no stage's yet: then it becomes `stage`'s)."""
     deadline = deadline or Deadline()
     migrations = read(directory)  # before connecting: a missing folder is the first thing to hear about
     backend = _backend(conninfo, deadline)
@@ -405,6 +436,8 @@ def _locked_run(conninfo: str, directory: Path | None, deadline: Deadline | None
             # yoyo's own row lock, taken here only by yoyo's internal-schema upgrade, is left only by a run that
             # was killed (older releases took it for every run): nobody else can be migrating now.
             backend.connection.execute(f"DELETE FROM {backend.lock_table_quoted}")
+            if stage is not None:
+                _claim_stage(backend.connection, stage, take_over=take_over)
             yield backend, migrations
     finally:
         backend.connection.close()
@@ -419,10 +452,12 @@ def _unknown_applied(backend, migrations) -> list[str]:
     return [row[0] for row in backend.execute(sql).fetchall() if row[0] not in known]
 
 
-def apply(conninfo: str, directory: Path | None = None, *, deadline: Deadline | None = None) -> list[str]:
-    """Apply pending migrations; returns the ids applied by this call (empty if another run did them)."""
+def apply(conninfo: str, directory: Path | None = None, *, deadline: Deadline | None = None, stage: str | None = None,
+          take_over: bool = False) -> list[str]:
+    """Apply pending migrations; returns the ids applied by this call (empty if another run did them). With a
+    `stage`, only to that stage's database (_claim_stage)."""
     deadline = deadline or Deadline()
-    with _locked_run(conninfo, directory, deadline) as (backend, migrations):
+    with _locked_run(conninfo, directory, deadline, stage, take_over) as (backend, migrations):
         if unknown := _unknown_applied(backend, migrations):
             logger.warning("the database has migrations applied that this release does not know: %s (a newer "
                            "release's, not rolled back before this one was deployed)", ", ".join(unknown))
@@ -430,7 +465,7 @@ def apply(conninfo: str, directory: Path | None = None, *, deadline: Deadline | 
 
 
 def mark_applied(conninfo: str, through: str, directory: Path | None = None, *,
-                 deadline: Deadline | None = None) -> list[str]:
+                 deadline: Deadline | None = None, stage: str | None = None) -> list[str]:
     """Record the migrations up to and including `through` (in the order apply takes them) as applied, without
     running them, under the run lock: for a schema that already holds them while _yoyo_migration does not (a
     migrations table restored older than the schema). Returns the ids marked (those not recorded already); an
@@ -438,7 +473,7 @@ def mark_applied(conninfo: str, through: str, directory: Path | None = None, *,
     from yoyo.migrations import topological_sort
 
     deadline = deadline or Deadline()
-    with _locked_run(conninfo, directory, deadline) as (backend, migrations):
+    with _locked_run(conninfo, directory, deadline, stage) as (backend, migrations):
         ordered = list(topological_sort(migrations))
         ids = [migration.id for migration in ordered]
         if through not in ids:
@@ -454,11 +489,11 @@ def mark_applied(conninfo: str, through: str, directory: Path | None = None, *,
         return [migration.id for migration in to_mark]
 
 
-def rollback(conninfo: str, count: int = 1, directory: Path | None = None) -> list[str]:
-    """Roll back the last `count` applied migrations."""
+def rollback(conninfo: str, count: int = 1, directory: Path | None = None, *, stage: str | None = None) -> list[str]:
+    """Roll back the last `count` applied migrations (with a `stage`, only in that stage's database)."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    with _locked_run(conninfo, directory, None) as (backend, migrations):
+    with _locked_run(conninfo, directory, None, stage) as (backend, migrations):
         if unknown := _unknown_applied(backend, migrations):
             raise MigrationError(
                 f"the database has migrations applied that this checkout does not know: {', '.join(unknown)}; "
