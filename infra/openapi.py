@@ -119,7 +119,8 @@ HEADERS_PREFIX = "#/components/headers/"
 SHARED_HEADERS = {"Cache-Control": CACHE_CONTROL, "Retry-After": RETRY_AFTER}
 GATEWAY_ERROR = {
     "description": "API Gateway's own answer when the function failed (an uncaught error, a timeout, or Lambda "
-                   "refusing the invocation): nothing is known to have been done; retry with backoff.",
+                   "refusing the invocation): whether it was done is unknown (a create may have been stored); "
+                   "retry with backoff, a create with its Idempotency-Key.",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GatewayMessage"}}},
 }
 

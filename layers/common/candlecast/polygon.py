@@ -183,6 +183,7 @@ class PolygonClient:
         max_backoff: float = 30.0,
         max_rps: float | None = None,
         pool_size: int = 16,
+        budget_counts_turns: bool = False,
     ):
         api_key = api_key.strip()  # a pasted or `echo`ed key ends in a newline
         if not api_key:
@@ -198,6 +199,9 @@ class PolygonClient:
         self.request_timeout = request_timeout  # wall-clock seconds one request may take, its body included
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_attempts = max_attempts
+        # A request inside an API call has its time budget and no more: its turns at the rate limiter (a 429's
+        # Retry-After) count too. A batch run's budgets stop while it waits its turn (_Budget).
+        self.budget_counts_turns = budget_counts_turns
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.limiter = RateLimiter(max_rps)
@@ -232,10 +236,10 @@ class PolygonClient:
                  budget: _Budget | None = None, stop: float | None = None) -> dict:
         """GET one JSON object, retrying 429/5xx/connection errors with exponential backoff and jitter
         (honouring Retry-After) until max_attempts or the time budget (the list's `budget`, else time_budget;
-        turns waited at the rate limiter not counted) runs out. No attempt starts after `stop` (time.monotonic(),
-        the run's deadline): PolygonDeadline.
-        Each attempt, its body included, takes at most request_timeout seconds and what is left of the budget (a
-        body trickled in is cut there), and its decoded body at most MAX_BODY_BYTES (a bad response).
+        turns waited at the rate limiter not counted unless budget_counts_turns) runs out. No attempt starts
+        after `stop` (time.monotonic(), the run's deadline): PolygonDeadline.
+        Each attempt, from its connect to its body's last byte, takes at most request_timeout seconds and what
+        is left of the budget (a body trickled in is cut there), and its decoded body at most MAX_BODY_BYTES.
         `what` names the request in errors and logs (never its path, which may be the upstream's text)."""
         import urllib3
         from urllib3.exceptions import HTTPError
@@ -255,8 +259,10 @@ class PolygonClient:
             waited = self.limiter.wait(latest=stop)
             if waited is None:
                 raise PolygonDeadline(f"the run's time was up before {what}'s turn")
-            budget.pause(waited)
+            if not self.budget_counts_turns:
+                budget.pause(waited)
             limit = min(self.request_timeout, budget.left())
+            attempt_ends = time.monotonic() + limit  # the headers' wait included, not only the body's
             if limit <= 0:
                 problem = problem or "no time left"
                 break
@@ -264,10 +270,10 @@ class PolygonClient:
             try:
                 response = self._http.request(
                     "GET", url, preload_content=False,
-                    timeout=urllib3.Timeout(connect=min(self.connect_timeout, limit),
+                    timeout=urllib3.Timeout(total=limit, connect=min(self.connect_timeout, limit),
                                             read=min(self.read_timeout, limit)))
                 status = response.status
-                data = _read_body(response, time.monotonic() + limit, what) if status == 200 else _discard(response)
+                data = _read_body(response, attempt_ends, what) if status == 200 else _discard(response)
             except _TooSlow:
                 status, problem, retry_after = None, f"answer took more than {limit:.3g}s", None
             except HTTPError as error:
@@ -498,9 +504,10 @@ def _decode(data: bytes, what: str) -> dict:
     return body
 
 
-# Inside an API request (15 s Lambda timeout) Polygon gets about 6 s; the weekly refresh gets minutes.
+# Inside an API request (15 s Lambda timeout) Polygon gets 6 s, its waits for a 429's Retry-After included; the
+# weekly refresh gets minutes.
 INTERACTIVE_LIMITS = {"connect_timeout": 2.0, "read_timeout": 4.0, "request_timeout": 4.0, "time_budget": 6.0,
-                      "max_attempts": 2}
+                      "max_attempts": 2, "budget_counts_turns": True}
 _clients: dict[bool, PolygonClient] = {}
 _client_lock = threading.Lock()
 
