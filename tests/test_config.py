@@ -197,3 +197,31 @@ def test_a_file_signed_with_the_previous_key_verifies_only_while_it_is_given_and
     monkeypatch.setattr(artifact, "sign", lambda payload, key: signed.append(key) or real_sign(payload, key))
     artifact.verify(data, new, b"new", previous_key=b"old")
     assert signed == [b"new"]  # the hot path: one HMAC while both keys are configured
+
+
+@pytest.mark.parametrize(("variables", "region"), [
+    ({"AWS_DEFAULT_REGION": "cn-north-1"}, "cn-north-1"),  # what the AWS CLI reads: the CLI used us-east-1
+    ({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "cn-north-1"}, "eu-west-1"),  # Lambda's, first
+    ({}, "us-east-1"),
+])
+def test_the_region_is_the_one_the_environment_names(fresh_settings, variables, region):
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        fresh_settings.delenv(name, raising=False)
+    for name, value in {"DATABASE_URL": "postgresql://localhost/x", **variables}.items():
+        fresh_settings.setenv(name, value)
+    assert config.get_database_settings().aws_region == region
+
+
+@pytest.mark.parametrize(("region", "url"), [
+    ("cn-north-1", "https://bucket-1.s3.cn-north-1.amazonaws.com.cn/"),  # was .amazonaws.com: health said "down"
+    ("us-gov-west-1", "https://bucket-1.s3.us-gov-west-1.amazonaws.com/"),
+    ("eu-west-1", "https://bucket-1.s3.eu-west-1.amazonaws.com/"),
+])
+def test_health_reaches_the_bucket_at_its_partitions_domain(fresh_settings, region, url):
+    from candlecast import storage
+
+    for name, value in {"DATABASE_URL": "postgresql://localhost/x", "REDIS_URL": "redis://localhost",
+                        "DATA_BUCKET": "bucket-1", "AWS_REGION": region}.items():
+        fresh_settings.setenv(name, value)
+    fresh_settings.delenv("S3_ENDPOINT_URL", raising=False)
+    assert storage.bucket_url() == url

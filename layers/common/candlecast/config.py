@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from candlecast.errors import SecretsUnavailable
@@ -49,7 +49,8 @@ class DatabaseSettings(StageSettings):
     db_idle_in_transaction_timeout: float = Field(
         5.0, gt=0, le=600, description="seconds a session may sit in an open transaction between statements "
         "(idle_in_transaction_session_timeout): a frozen or killed function cannot hold locks longer")
-    aws_region: str = Field("us-east-1")
+    # Lambda sets AWS_REGION; a shell often only AWS_DEFAULT_REGION, which the AWS CLI reads.
+    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("aws_region", "aws_default_region"))
 
     @model_validator(mode="wrap")
     @classmethod

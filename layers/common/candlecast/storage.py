@@ -745,7 +745,9 @@ def bucket_url() -> str:
     settings = get_settings()
     if settings.s3_endpoint_url:
         return f"{settings.s3_endpoint_url.rstrip('/')}/{settings.data_bucket}"
-    return f"https://{settings.data_bucket}.s3.{settings.aws_region}.amazonaws.com/"
+    # China's regions have a domain of their own; every other region (GovCloud's too) is under amazonaws.com.
+    domain = "amazonaws.com.cn" if settings.aws_region.startswith("cn-") else "amazonaws.com"
+    return f"https://{settings.data_bucket}.s3.{settings.aws_region}.{domain}/"
 
 
 def prepare_bucket_check() -> None:
