@@ -36,7 +36,10 @@ READ_BACK = {"GetPrediction": {"operationId": "get_prediction",
 def create_prediction(
     request: Annotated[PredictionRequest, Body()],
     idempotency_key: Annotated[
-        str | None, Header(alias="idempotency-key", max_length=255, pattern=r"^[\x21-\x7e]+$")
+        str | None, Header(alias="idempotency-key", max_length=255, pattern=r"^[\x21-\x7e]+$",
+                           description="Makes a create safe to retry: a retry with the same key, after a timeout or "
+                           "a 5xx too, gets the prediction the key created (200), never a second one; the key with "
+                           "another symbol or timeframe is a 409. Visible ASCII, at most 255 characters.")
     ] = None,
 ):
     result = forecasting.create(request, idempotency_key)
