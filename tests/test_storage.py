@@ -404,3 +404,50 @@ def test_a_bundled_model_is_used_only_when_it_is_the_registered_file(tmp_path, m
     assert storage.bundled_model("1h", sha256) == b"model bytes"
     assert storage.bundled_model("1h", "0" * 64) is None  # another model is registered: the bucket
     assert storage.bundled_model("4h", sha256) is None  # not shipped
+
+
+class _Answer:
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def stream(self, **_):
+        yield self.body
+
+
+@pytest.mark.parametrize(("attempts", "outcome"), [(1, "storage_unavailable"), (3, "read")])
+def test_a_batch_read_tries_again_after_one_s3_error_and_a_waited_read_does_not(bucket, monkeypatch, attempts,
+                                                                                  outcome):
+    """S3 answers an occasional 500 InternalError or 503 SlowDown that a second try gets past. One try suits a read a
+    request waits on (a 503 with Retry-After at once); Refresh and Score had it too: one such answer failed a symbol
+    after Polygon was asked, or skipped a series' predictions for an hour. Their template sets S3_READ_ATTEMPTS 3."""
+    from botocore.awsrequest import AWSResponse
+
+    from candlecast.config import get_settings
+    from candlecast.errors import StorageUnavailable
+    from infra import template_checks
+
+    candles = make_candles(5)
+    storage.write_candles("X:BTCUSD", "1h", candles)
+    monkeypatch.setenv("S3_READ_ATTEMPTS", str(attempts))
+    get_settings.cache_clear()
+    storage.reset_clients()
+    sent = []
+
+    def one_slowdown(request, **_):
+        sent.append(request.method)
+        if request.method == "GET" and len(sent) == 1:
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            return AWSResponse(request.url, 503, {"Content-Type": "application/xml"}, _Answer(body))
+        return None
+
+    storage.read_client().meta.events.register("before-send.s3.GetObject", one_slowdown)
+    if outcome == "read":
+        assert storage.read_all_candles("X:BTCUSD", "1h").close.tolist() == candles.close.tolist()
+    else:
+        with pytest.raises(StorageUnavailable):
+            storage.read_all_candles("X:BTCUSD", "1h")
+    assert len(sent) == min(attempts, 2)
+    resources = template_checks.load_template()["Resources"]
+    for function in ("RefreshFunction", "ScoreFunction"):
+        assert resources[function]["Properties"]["Environment"]["Variables"]["S3_READ_ATTEMPTS"] == "3"
+    get_settings.cache_clear()

@@ -795,6 +795,44 @@ def test_a_score_chunk_emits_the_counts_its_failed_share_alarm_reads(track, caps
     assert variables["POWERTOOLS_METRICS_NAMESPACE"] == "Candlecast"  # the tests' is CandlecastTest
 
 
+def test_a_score_run_emits_how_old_the_newest_stored_candle_is_for_the_stale_candles_alarm(track, capsys):
+    """Nothing went off when the weekly Refresh stopped storing candles (its schedule disabled, or every run failing
+    before a file was written): no run failed or was queued. Each Score chunk now reports the hours from the newest
+    candle the refresh recorded (any active symbol, any timeframe) to its now, as StaleCandlesAlarm reads it."""
+    from candlecast.config import get_settings
+    from candlecast.repositories import symbols as symbol_repository
+    from infra import template_checks
+    from infra.lambda_loader import load_handler
+    from tests.test_observability import emf_blobs
+
+    handler = load_handler("functions/score")
+    track.setenv("REFRESH_CHAIN", "false")
+    get_settings.cache_clear()
+    now = {"now": "2026-11-30T06:00:00+00:00"}
+    capsys.readouterr()
+    assert handler(now, RefreshContext(remaining_seconds=300))["stored_candles_age_hours"] is None  # only seeded
+    assert not [blob for blob in emf_blobs(capsys.readouterr().out) if "StoredCandlesAgeHours" in blob]
+    with db.connection() as conn:
+        for ticker, through in (("X:ETHUSD", {"1h": "2026-11-20T05:00:00+00:00", "1d": "2026-11-19T00:00:00+00:00"}),
+                                ("X:SOLUSD", {"1d": "2026-11-10T00:00:00+00:00"})):
+            symbol_repository.set_candle_timeframes(conn, ticker, list(through), through, lock_timeout=1.0)
+    report = handler(now, RefreshContext(remaining_seconds=300))
+    assert report["stored_candles_age_hours"] == 241.0  # from X:ETHUSD's 1h, the newest
+    (blob,) = [blob for blob in emf_blobs(capsys.readouterr().out) if "StoredCandlesAgeHours" in blob]
+    assert blob["StoredCandlesAgeHours"] in (241.0, [241.0])
+    (directive,) = blob["_aws"]["CloudWatchMetrics"]
+    assert {metric["Name"]: metric["Unit"] for metric in directive["Metrics"]}["StoredCandlesAgeHours"] == "None"
+
+    alarm = template_checks.load_template()["Resources"]["StaleCandlesAlarm"]["Properties"]
+    dimensions = {item["Name"]: item["Value"] for item in alarm["Dimensions"]}
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"]) == (
+        "Candlecast", "StoredCandlesAgeHours", "Maximum")
+    assert dimensions == {"service": "candlecast", "stage": {"Ref": "Stage"}, "function": blob["function"]}
+    assert {"function", "stage"} <= set(directive["Dimensions"][0])
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (192, "GreaterThanThreshold")
+    assert report["stored_candles_age_hours"] > alarm["Threshold"]  # this run's figure would set it off
+
+
 SCORE_NOW = datetime(2026, 11, 30, 6, tzinfo=UTC)
 
 

@@ -10,6 +10,7 @@ from candlecast import startup
 startup.begin()  # no garbage collection while the function's modules load
 
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.metrics import MetricUnit
 
 from candlecast import redaction
 from candlecast.invoke import loggable, run_chunk
@@ -32,6 +33,9 @@ def lambda_handler(event, context):
     # A chunk whose predictions fail still returns: ScoreFailedShareAlarm reads these, not the failed runs.
     add_counts(metrics, ScorePredictions=report["predictions"], ScorePredictionsFailed=len(report["failed"]),
                ScorePredictionsSkipped=report["skipped"], ScoreStepsScored=report["scored"])
+    if report["stored_candles_age_hours"] is not None:  # StaleCandlesAlarm reads it
+        metrics.add_metric(name="StoredCandlesAgeHours", unit=MetricUnit.NoUnit,
+                           value=report["stored_candles_age_hours"])
     logger.info("score chunk done", extra=loggable(report))
     return report
 

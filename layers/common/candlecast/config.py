@@ -87,6 +87,8 @@ class Settings(DatabaseSettings, SigningKeySettings):
 
     data_bucket: str = Field(..., min_length=3, max_length=63)
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for local runs (moto server)")
+    s3_read_attempts: int = Field(1, ge=1, le=5, description="tries of an S3 read: 1 where a request waits (a stalled "
+                                  "S3 answers 503 at once), more in batch functions (a 500 or SlowDown is retried)")
 
     polygon_api_key: SecretStr | None = None
     polygon_api_key_secret_arn: str | None = None

@@ -117,10 +117,11 @@ def s3_client() -> Any:
 
 
 def read_client() -> Any:
-    """For reads a request waits on (candles, a model): a stalled S3 is answered at once as storage_unavailable
-    with Retry-After, one try of at most a second (two tries of two seconds made a create wait 4.9 s in
-    `make faults`; most candle reads hit the Redis copy)."""
-    return _client("s3-read", lambda: _make_boto3_client(read_timeout=1, attempts=1))
+    """For reads (candles, a model), each try at most a second. Where a request waits, one try
+    (S3_READ_ATTEMPTS): a stalled S3 is answered at once as storage_unavailable with Retry-After (two tries of two
+    seconds made a create wait 4.9 s in `make faults`; most candle reads hit the Redis copy). The batch functions
+    try again: one 500 or SlowDown failed a Refresh's symbol after Polygon was asked, and skipped a Score's series."""
+    return _client("s3-read", lambda: _make_boto3_client(read_timeout=1, attempts=get_settings().s3_read_attempts))
 
 
 def prepare_reads() -> None:

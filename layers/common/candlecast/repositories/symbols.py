@@ -1,6 +1,7 @@
 """Queries on the symbols table."""
 
 from collections.abc import Iterable
+from datetime import datetime
 from decimal import Decimal
 
 import psycopg
@@ -149,6 +150,20 @@ def set_candle_timeframes(conn: psycopg.Connection, ticker: str, timeframes: Ite
             """,
             {"timeframes": Jsonb(list(timeframes)), "through": Jsonb(stored_through), "ticker": ticker},
         )
+
+
+def newest_stored_candle(conn: psycopg.Connection) -> datetime | None:
+    """The open time of the newest candle the refresh recorded storing (metadata.candles_through), over every
+    active symbol and timeframe; None when none is recorded (a stack only seeded)."""
+    return conn.execute(
+        """
+        SELECT max(through.value::timestamptz) AS newest
+        FROM symbols s CROSS JOIN LATERAL jsonb_each_text(
+            CASE WHEN jsonb_typeof(s.metadata->'candles_through') = 'object' THEN s.metadata->'candles_through'
+                 ELSE '{}'::jsonb END) AS through
+        WHERE s.is_active
+        """
+    ).fetchone()["newest"]
 
 
 def upsert_symbol(conn: psycopg.Connection, symbol: SymbolCreate) -> None:

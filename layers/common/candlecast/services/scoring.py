@@ -35,6 +35,7 @@ from candlecast.errors import CandlecastError, Conflict
 from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
 from candlecast.repositories import scores as score_repository
+from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import InvocationEvent
 from candlecast.services.model_loading import verified_model
 from candlecast.tickers import MAX_TICKER_LENGTH
@@ -65,6 +66,9 @@ class ScoreReport:
     seconds: float = 0.0
     continuation: dict | None = None
     accuracy_error: str | None = None  # why models.accuracy was not brought up to date by this run
+    # Hours from the newest candle the refresh stored (any active symbol and timeframe) to the run's now: past a
+    # week, the weekly refresh stored nothing (StaleCandlesAlarm). None: no refresh has recorded one.
+    stored_candles_age_hours: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -251,6 +255,10 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     now = now or datetime.now(UTC)
     since = since or now - SCORING_WINDOW
     report = ScoreReport()
+    with db.connection() as conn:
+        newest = symbol_repository.newest_stored_candle(conn)
+    if newest is not None:
+        report.stored_candles_age_hours = round((now - newest).total_seconds() / 3600, 1)
     files, models = _CandleFiles(), _Models()
     while True:
         if time.monotonic() >= deadline:
