@@ -1352,9 +1352,9 @@ def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for
         recent = caught_up("X:C000USD", "1h", stored, 200, now=NOW)
         assert recent.open_time.tolist() == truth.open_time[-200:].tolist()
         assert np.array_equal(recent.close, truth.close[-200:])
-        # One request, for the bars after the stored ones only.
-        next_open_ms = (int(stored.open_time[-1]) + HOUR) * 1000
-        assert fake.count("/range/1/hour/") == 1 and f"/{next_open_ms}/" in fake.requests[0]
+        # One request, for the last stored bar again (Polygon's later word on it wins) and those after it.
+        last_open_ms = int(stored.open_time[-1]) * 1000
+        assert fake.count("/range/1/hour/") == 1 and f"/{last_open_ms}/" in fake.requests[0]
         cached = storage.cached_candles(cache.lookup_candles("X:C000USD", "1h"), 200)
         assert cached.open_time.tolist() == recent.open_time.tolist()
         # Up to date (the next hour has not closed): no request.
@@ -1968,3 +1968,31 @@ def test_inside_an_api_request_a_retry_after_wait_counts_against_the_time_budget
             timings[counts_turns] = time.monotonic() - started
     assert polygon.INTERACTIVE_LIMITS["budget_counts_turns"] is True
     assert timings[True] < 3.8 < timings[False], timings  # about 3 s (the budget), and 2 s + 3 s
+
+
+def test_a_bar_is_taken_only_once_it_has_settled():
+    """Audit: a bar was taken at the second its period ended, while trades reported late still change Polygon's
+    aggregate of it: a refresh or a create at 22:00:00.3 stored or cached the 21:00 bar's provisional close, which
+    Score then scored for good."""
+    boundary = NOW - NOW % HOUR
+    bar = {"t": (boundary - HOUR) * 1000, "o": 1.0, "h": 2.0, "l": 0.5, "c": 1.5, "v": 10.0}
+    kept = {now - boundary: len(ingest.bars_to_candles([bar], HOUR, now)[0])
+            for now in (boundary, boundary + ingest.SETTLE_SECONDS - 1, boundary + ingest.SETTLE_SECONDS)}
+    assert kept == {0: 0, ingest.SETTLE_SECONDS - 1: 0, ingest.SETTLE_SECONDS: 1}
+
+
+def test_a_catch_up_takes_polygons_later_word_on_the_last_candle_it_had(env):
+    """Audit: each hourly catch-up fetched only the bars after the last one it held, so a close taken before Polygon
+    corrected it (3 % off) stayed in the served candles, re-cached each hour, until the weekly refresh. The last bar
+    is fetched again in the same one request, and Polygon's answer wins, as in the refresh."""
+    market = make_market(1, now=NOW, history_days=30)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        truth = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 20 * DAY, NOW)[0]
+        held = Candles(*(getattr(truth, name)[:-3].copy() for name in COLUMNS))
+        held.close[-1] *= 0.97  # provisional
+        fake.requests.clear()
+        recent = caught_up("X:C000USD", "1h", held, 200, now=NOW)
+        assert recent.open_time.tolist() == truth.open_time[-200:].tolist()
+        assert np.array_equal(recent.close, truth.close[-200:])
+        assert fake.count("/range/1/hour/") == 1 and f"/{int(held.open_time[-1]) * 1000}/" in fake.requests[0]

@@ -404,13 +404,19 @@ EARLIEST_BAR_MS = 1_230_768_000_000
 # Polygon stamps a crypto day's bar at UTC midnight, or (older bars) at US/Eastern midnight: 04:00Z or 05:00Z.
 DAILY_STAMP_OFFSETS = (0, 4 * 3600, 5 * 3600)
 
+# A bar is taken as closed this long after its period ends: trades reported late still change Polygon's aggregate
+# in the moments after. Taken at its end, a bar's provisional close was stored, scored for good, and served from the
+# cache for the hour (audit). A forecast in a bar's first minute is made from the bar before, and says so
+# (data_age_bars 1, stale).
+SETTLE_SECONDS = 60
+
 
 def bars_to_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles", int]:
-    """Candles from Polygon bars (t in ms), keeping only bars that have closed by `now`, and how many bars were
-    dropped as impossible: a time before EARLIEST_BAR_MS or more than one step after `now` (a `t` in seconds or
-    nanoseconds), prices that are not `candles.possible` (zero, negative, a high under the open or close, a low
-    over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them: the candle is
-    missing, as in an exchange gap. Bars all of whose times are out of range are a PolygonBadResponse: the
+    """Candles from Polygon bars (t in ms), keeping only bars closed and settled by `now` (SETTLE_SECONDS), and
+    how many bars were dropped as impossible: a time before EARLIEST_BAR_MS or more than one step after `now` (a
+    `t` in seconds or nanoseconds), prices that are not `candles.possible` (zero, negative, a high under the open or
+    close, a low over them, a negative volume) or a time off the timeframe's grid. Nothing is made up for them: the
+    candle is missing, as in an exchange gap. Bars all of whose times are out of range are a PolygonBadResponse: the
     answer is in another unit, and storing nothing from it without a word would leave the files silently stale."""
     from candlecast.storage import normalize_candles
 
@@ -442,7 +448,7 @@ def _page_candles(bars: Sequence[dict], step: int, now: int) -> tuple["Candles",
         on_grid = offsets == 0
     columns = {name: np.fromiter((bar[key] for bar in bars), dtype=np.float64, count=len(bars))
                for name, key in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("volume", "v"))}
-    closed = times + step <= now
+    closed = times + step + SETTLE_SECONDS <= now
     sound = on_grid & possible(Candles(open_time=times, **columns))
     keep = closed & sound
     candles = Candles(open_time=times[keep], **{name: values[keep] for name, values in columns.items()})
@@ -1024,10 +1030,11 @@ def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last
 
     now = now if now is not None else int(time.time())
     last_open = datetime.fromtimestamp(int(stored.open_time[-1]), UTC)
-    if add_steps(last_open, timeframe, 2).timestamp() > now:
-        return stored  # the candle after the last stored one has not closed yet
-    # Far behind (a refresh that stopped), the last `last_n` candles alone; else only those after the file's.
-    start = max(int(add_steps(last_open, timeframe, 1).timestamp()), _recent_start(timeframe, last_n, now))
+    if add_steps(last_open, timeframe, 2).timestamp() + SETTLE_SECONDS > now:
+        return stored  # the candle after the last stored one has not closed (and settled) yet
+    # Far behind (a refresh that stopped), the last `last_n` candles alone; else the last one again (Polygon's
+    # later word on it wins, as in the refresh) and those after it.
+    start = max(int(last_open.timestamp()), _recent_start(timeframe, last_n, now))
     try:
         client = polygon.get_client(interactive=True)  # its key's secret may be unreadable: served as stale
         if client is None or cache.get_upstream_failure(ticker, timeframe) is not None:
