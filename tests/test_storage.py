@@ -451,3 +451,24 @@ def test_a_batch_read_tries_again_after_one_s3_error_and_a_waited_read_does_not(
     for function in ("RefreshFunction", "ScoreFunction"):
         assert resources[function]["Properties"]["Environment"]["Variables"]["S3_READ_ATTEMPTS"] == "3"
     get_settings.cache_clear()
+
+
+def test_a_seed_keeps_a_file_written_since_it_listed_the_bucket(bucket, tmp_path, monkeypatch):
+    """Audit: seed (replace=False) listed the bucket, then wrote each file it had not seen, unconditionally: a
+    Refresh writing the same file in between had its new candles replaced by the sample's old ones."""
+    key = storage.candles_key("X:BTCUSD", "1h")
+    newer = storage.candles_to_parquet(make_candles(5))
+    (tmp_path / "BTCUSD").mkdir()
+    (tmp_path / "BTCUSD" / "1h.parquet").write_bytes(storage.candles_to_parquet(make_candles(3)))
+    (tmp_path / "symbols.csv").write_text("ticker\nX:BTCUSD\n")
+    listed = storage._held_keys
+
+    def listed_then_written(client, bucket_name, prefix):
+        held = listed(client, bucket_name, prefix)
+        storage.put_bytes(key, newer)  # the Refresh, between the listing and the writes
+        return held
+
+    monkeypatch.setattr(storage, "_held_keys", listed_then_written)
+    assert storage.upload_directory(tmp_path, "data", progress=False, replace=False) == (1, 1)
+    assert storage.get_bytes(key) == newer
+    assert storage.get_bytes("data/symbols.csv") == b"ticker\nX:BTCUSD\n"

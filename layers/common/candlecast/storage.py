@@ -389,7 +389,8 @@ class Uploaded(NamedTuple):
 def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool = True,
                      replace: bool = True) -> Uploaded:
     """Upload every file under `local_dir` to `prefix/<relative path>`; with `replace=False`, only those whose
-    key the bucket does not hold yet."""
+    key the bucket does not hold yet, each written only if it is still absent (If-None-Match): a refresh may have
+    written it since the listing, and a seed then put the sample's old candles over the new file."""
     root = Path(local_dir)
     files = sorted(path for path in root.rglob("*") if path.is_file() and not path.name.startswith("."))
     client, bucket = s3_client(), _bucket()
@@ -408,12 +409,18 @@ def upload_directory(local_dir: str | Path, prefix: str = "", *, progress: bool 
     try:
         for path in items:
             key = key_of(path)
-            client.upload_file(str(path), bucket, key)
+            if replace:
+                client.upload_file(str(path), bucket, key)
+            else:
+                try:
+                    _put_object(key, path.read_bytes(), "application/octet-stream", over="")
+                except FileChanged:
+                    continue  # written by another since the listing: kept
             written.append(key)
     finally:  # the files uploaded before a failure are new too
         if not forget_cached_candles(written):
             warn_cached_candles_stale(len(written))
-    return Uploaded(len(absent), len(files) - len(absent))
+    return Uploaded(len(written), len(files) - len(written))
 
 
 # --- candles ------------------------------------------------------------------------------------
