@@ -1996,3 +1996,19 @@ def test_a_catch_up_takes_polygons_later_word_on_the_last_candle_it_had(env):
         assert recent.open_time.tolist() == truth.open_time[-200:].tolist()
         assert np.array_equal(recent.close, truth.close[-200:])
         assert fake.count("/range/1/hour/") == 1 and f"/{int(held.open_time[-1]) * 1000}/" in fake.requests[0]
+
+
+def test_inside_an_api_request_a_turn_at_the_rate_limiter_past_the_budget_is_not_waited_for():
+    """Audit: at the free tier's rate (a request every 12 s) a container's second catch-up slept for its turn, past
+    its 6 s budget, then failed for want of time: a create 12 s late for nothing. Now it gives up at once."""
+    from candlecast.polygon import PolygonDeadline
+
+    with FakePolygon() as fake:
+        fake.files["/v9/one"] = (200, b'{"status":"OK","results":[]}')
+        client = client_for(fake, max_rps=0.2, time_budget=1.0, budget_counts_turns=True)
+        client.get_json("/v9/one", what="first")
+        started = time.monotonic()
+        with pytest.raises(PolygonDeadline, match="turn at the rate limiter"):
+            client.get_json("/v9/one", what="second")
+        assert time.monotonic() - started < 1.0  # it slept 5 s for its turn
+        assert fake.requests.count("/v9/one") == 1

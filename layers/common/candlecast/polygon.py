@@ -256,9 +256,12 @@ class PolygonClient:
             held = self.limiter.held()
             if held and (held > budget.left() if stop is None else time.monotonic() + held > stop):
                 raise PolygonRateLimited(self.rate_limit_message() + f": {what} not sent")
-            waited = self.limiter.wait(latest=stop)
+            latest = stop
+            if self.budget_counts_turns:  # a turn past the budget is not waited for (at 0.083/s, 12 s)
+                latest = min(stop if stop is not None else math.inf, time.monotonic() + budget.left())
+            waited = self.limiter.wait(latest=latest)
             if waited is None:
-                raise PolygonDeadline(f"the run's time was up before {what}'s turn")
+                raise PolygonDeadline(f"the time was up before {what}'s turn at the rate limiter")
             if not self.budget_counts_turns:
                 budget.pause(waited)
             limit = min(self.request_timeout, budget.left())
