@@ -158,13 +158,18 @@ def test_no_other_site_can_frame_the_pages(browser, site):
     page = browser.new_page()
     page.goto(f"http://localhost:{urlsplit(site).port}/openapi.json")  # another origin
     for path in ("/", "/docs"):
-        page.evaluate("""(src) => new Promise((done) => {
+        page.evaluate("""(src) => {
             const frame = document.createElement("iframe");
-            frame.onload = done;
             frame.src = src;
             document.body.appendChild(frame);
-        })""", f"{site}{path}")
-    framed = [frame.url for frame in page.frames if frame != page.main_frame]
+        }""", f"{site}{path}")
+    # Until both frames have navigated: an iframe's load event can come for its first about:blank, before its src.
+    deadline = time.monotonic() + 15
+    while True:
+        framed = [frame.url for frame in page.frames if frame != page.main_frame]
+        if (len(framed) == 2 and all(url not in ("", "about:blank") for url in framed)) or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(100)
     assert len(framed) == 2 and all(url.startswith("chrome-error://") for url in framed), framed
     page.close()
 
