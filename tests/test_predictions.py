@@ -205,6 +205,22 @@ def test_unknown_symbol_is_404(seeded):
     assert body["error"]["code"] == "symbol_not_found"
 
 
+def test_a_symbol_no_longer_listed_is_not_forecast_but_its_keyed_prediction_is_still_returned(seeded):
+    """A delisted or renamed coin (the refresh marks it inactive) has candles that no longer grow: a 201 would be
+    a forecast of the past. A retry of a prediction made while it was listed still gets that prediction."""
+    keyed = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"Idempotency-Key": "made-while-listed"})
+    assert keyed[0] == 201
+    with psycopg.connect(seeded.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE symbols SET is_active = false WHERE ticker = %s", (SAMPLE_TICKER,))
+
+    status, _, body = create({"symbol": "BTCUSDT", "timeframe": "4h"})
+    assert (status, body["error"]["code"]) == (404, "symbol_inactive")
+    assert SAMPLE_TICKER in body["error"]["message"] and "no longer listed" in body["error"]["message"]
+    assert stored_predictions(seeded.database_url) == 1
+    retried = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"Idempotency-Key": "made-while-listed"})
+    assert (retried[0], retried[2]["id"]) == (200, keyed[2]["id"])
+
+
 def test_symbol_without_candles_for_timeframe_is_404_saying_so(seeded, monkeypatch):
     monkeypatch.delenv("POLYGON_API_KEY", raising=False)
     # Every listed symbol has some candles; a daily-only one has no 1h candles, and says so.

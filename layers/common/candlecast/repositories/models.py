@@ -69,7 +69,8 @@ def get_active_model_by_timeframe(conn: psycopg.Connection, timeframe: str) -> d
 # its symbol, model or keyed half NULL when that is missing. The keyed half is the prediction an
 # Idempotency-Key already names: its retry is answered without the model or candles.
 _FORECAST_INPUTS = """
-SELECT s.id AS symbol_id, s.ticker, m.id AS model_id, m.timeframe, m.name, m.version, m.s3_key, m.sha256,
+SELECT s.id AS symbol_id, s.ticker, s.is_active AS symbol_active,
+       m.id AS model_id, m.timeframe, m.name, m.version, m.s3_key, m.sha256,
        k.id AS keyed_id, k.ticker AS keyed_ticker, k.timeframe AS keyed_timeframe
 FROM (SELECT) one
 LEFT JOIN symbols s ON s.ticker = %(ticker)s
@@ -80,12 +81,13 @@ LEFT JOIN predictions k ON k.idempotency_key = %(idempotency_key)s"""
 def get_symbol_and_active_model(
     conn: psycopg.Connection, ticker: str, timeframe: str, idempotency_key: str | None = None
 ) -> tuple[dict | None, dict | None, dict | None]:
-    """What a forecast starts from, in one statement: the symbol ({id, ticker}), its timeframe's active
+    """What a forecast starts from, in one statement: the symbol ({id, ticker, is_active}), its timeframe's active
     model ({id, timeframe, name, version, s3_key, sha256}) and the prediction `idempotency_key` names
     ({id, ticker, timeframe}), each None when missing."""
     row = conn.execute(_FORECAST_INPUTS, {"ticker": ticker, "timeframe": timeframe,
                                           "idempotency_key": idempotency_key}).fetchone()
-    symbol = None if row["symbol_id"] is None else {"id": row["symbol_id"], "ticker": row["ticker"]}
+    symbol = None if row["symbol_id"] is None else {"id": row["symbol_id"], "ticker": row["ticker"],
+                                                    "is_active": row["symbol_active"]}
     model = None if row["model_id"] is None else {
         "id": row["model_id"], **{name: row[name] for name in ("timeframe", "name", "version", "s3_key", "sha256")}}
     keyed = None if row["keyed_id"] is None else {
