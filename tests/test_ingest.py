@@ -582,6 +582,29 @@ def test_an_operator_retires_a_real_mass_delisting_with_retire_missing(env):
     assert (summary.symbols_inactivated, summary.symbols_kept_active) == (50, 0)
 
 
+def test_a_targeted_refresh_names_the_tickers_the_symbols_table_lacks(env, caplog):
+    """An operator onboarding a coin with a targeted refresh: its candles are stored, but with no symbol row no client
+    can forecast it (404 symbol_not_found), and the run said nothing (audit). Now the summary and a warning name it."""
+    market = make_market(2, now=NOW)
+    listed, new = (symbol.ticker for symbol in market.symbols)
+    everyone = market.symbols
+    with FakePolygon(market) as fake:
+        market.symbols = everyone[:1]  # the coin is not listed yet when the symbols are refreshed
+        ingest.refresh_symbols(client_for(fake))
+        market.symbols = everyone
+        with caplog.at_level("WARNING"):
+            summary = ingest.run_ingest(client_for(fake), tickers=[listed, new], refresh=False, now=NOW,
+                                        history_days=HISTORY)
+        assert summary.unlisted == [new] and summary.files_written > 0 and summary.errors == []
+        assert storage.read_all_candles(new, "1h") is not None
+        assert any(getattr(record, "tickers", None) == [new] for record in caplog.records)
+
+        ingest.run_ingest(client_for(fake), tickers=[], now=NOW)  # a refresh that lists symbols adds it
+        again = ingest.run_ingest(client_for(fake), tickers=[new], refresh=False, now=NOW, history_days=HISTORY)
+    assert again.unlisted == []
+    assert new in active_tickers()
+
+
 def test_a_few_vanished_symbols_are_still_marked_inactive(env):
     market = make_market(150, now=NOW)
     with FakePolygon(market) as fake:

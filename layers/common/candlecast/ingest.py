@@ -128,6 +128,9 @@ class IngestSummary:
     # Candle files written ("TICKER TF") whose cached candles the cache did not drop, even tried again at the chunk's
     # end: their old candles are served up to cache.TTL_SECONDS["candles"] (see errors).
     candle_cache_stale: list[str] = field(default_factory=list)
+    # Named in `tickers` but not in the symbols table: their candles are stored, and clients cannot forecast them
+    # until a refresh that lists symbols (one without `tickers`) adds them.
+    unlisted: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     requests: int = 0
     seconds: float = 0.0
@@ -668,6 +671,25 @@ def record_candle_timeframes(ticker: str, stored_through: dict[str, int]) -> boo
     return cache.invalidate_symbols()
 
 
+def _unlisted(tickers: Sequence[str]) -> list[str]:
+    """Those of `tickers` the symbols table lacks, warned about: a targeted refresh stores their candles only.
+    None are named while the database is down: the files it writes are then reported unrecorded anyway."""
+    from candlecast import db
+    from candlecast.errors import DatabaseUnavailable
+    from candlecast.repositories import symbols as symbol_repository
+
+    try:
+        with db.connection() as conn:
+            listed = symbol_repository.get_listed(conn, tickers)
+    except DatabaseUnavailable:
+        return []
+    unlisted = [ticker for ticker in tickers if ticker not in listed]
+    if unlisted:
+        logger.warning("tickers not in the symbols table: their candles are stored, but clients cannot forecast them "
+                       "until a refresh without tickers lists them", extra={"tickers": unlisted})
+    return unlisted
+
+
 def _same(left: "Candles", right: "Candles") -> bool:
     import numpy as np
 
@@ -736,6 +758,8 @@ def run_ingest(
         if not refreshed.cache_invalidated:
             cache_stale.set()
     todo = list(tickers) if tickers is not None else top_tickers(symbols)
+    if tickers is not None:
+        summary.unlisted = _unlisted(todo)
     last_try = set(retried)
     cut_before = set(cut_short)
     if on_start is not None:

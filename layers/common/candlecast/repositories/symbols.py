@@ -189,6 +189,12 @@ def count_active(conn: psycopg.Connection, tickers: Iterable[str]) -> tuple[int,
     return int(row["active"]), int(row["vanished"])
 
 
+def get_listed(conn: psycopg.Connection, tickers: Iterable[str]) -> set[str]:
+    """Those of `tickers` the table has, active or not."""
+    rows = conn.execute("SELECT ticker FROM symbols WHERE ticker = ANY(%s)", (list(tickers),)).fetchall()
+    return {row["ticker"] for row in rows}
+
+
 def get_volumes(conn: psycopg.Connection, tickers: Iterable[str]) -> dict[str, Decimal]:
     """The stored volume_24h of each of `tickers` that has one."""
     rows = conn.execute("SELECT ticker, volume_24h FROM symbols WHERE ticker = ANY(%s) AND volume_24h IS NOT NULL",
