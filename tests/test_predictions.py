@@ -77,6 +77,26 @@ def test_repeat_within_fifteen_minutes_returns_the_stored_prediction(seeded):
     assert stored_predictions(seeded.database_url) == 1
 
 
+def test_each_create_logs_one_line_naming_the_prediction_and_what_made_it(seeded, caplog):
+    """An operator tracing one forecast a client complains about found no line naming it: a create from fresh
+    candles logged nothing, a stale one no id or model, and a repeat nothing (audit)."""
+    def lines_about(prediction_id: str) -> list:
+        return [record for record in caplog.records if getattr(record, "prediction_id", None) == prediction_id]
+
+    with caplog.at_level("INFO"):
+        status, _, made = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"Idempotency-Key": "traced"})
+        assert status == 201
+        [line] = lines_about(made["id"])
+        assert (line.ticker, line.timeframe, line.model_id, line.model_version, line.data_age_bars) == (
+            made["ticker"], "1h", made["model_id"], made["model_version"], made["data_age_bars"])
+        assert line.last_candle_at == made["last_candle_at"].replace("Z", "+00:00") and len(line.request_hash) == 64
+        assert create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"Idempotency-Key": "traced"})[0] == 200
+        _, _, repeated = create({"symbol": "BTCUSDT", "timeframe": "4h"})
+        assert create({"symbol": "BTCUSDT", "timeframe": "4h"})[0] == 200
+    assert [line.matched_by for line in lines_about(made["id"])[1:]] == ["idempotency_key"]
+    assert [getattr(line, "matched_by", None) for line in lines_about(repeated["id"])] == [None, "repeat"]
+
+
 def test_get_returns_the_stored_prediction_then_from_cache(seeded):
     _, _, created = create({"symbol": "BTCUSDT", "timeframe": "1d"})
     from candlecast import cache

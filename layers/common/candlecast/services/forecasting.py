@@ -195,6 +195,11 @@ def create_as_of(ticker: str, timeframe: str, candles) -> bool:
     return bool(stored["created"])
 
 
+def _served_again(prediction_id, ticker: str, timeframe: str, matched_by: str) -> None:
+    logger.info("prediction served again", extra={"prediction_id": str(prediction_id), "ticker": ticker,
+                                                   "timeframe": timeframe, "matched_by": matched_by})
+
+
 def create(request: PredictionRequest, idempotency_key: str | None = None) -> CreateResult:
     ticker, timeframe = request.symbol, request.timeframe
     # The pooled connection is held only for database work: never across storage or Polygon, so a slow
@@ -206,6 +211,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
         # A retry: the stored prediction, whatever candles or model came since (and without reading them).
         if (keyed["ticker"], keyed["timeframe"]) != (ticker, timeframe):
             raise IdempotencyKeyReused
+        _served_again(keyed["id"], ticker, timeframe, "idempotency_key")
         return CreateResult(prediction_reads.get(str(keyed["id"]))[0], created=False)
     if symbol is None:
         raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
@@ -224,6 +230,7 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
     if idempotency_key is None:
         repeat_id = cache.prediction_for_request(request_lookup.value, request_hash)
         if repeat_id is not None and (body := cache.get_prediction_bytes(repeat_id)) is not None:
+            _served_again(repeat_id, ticker, timeframe, "repeat")
             return CreateResult(body, created=False)
 
     prediction = _prediction(symbol, model_row, model, candles, idempotency_key)
@@ -242,13 +249,15 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
         cache.set_created_prediction(str(stored["id"]), body,
                                      None if idempotency_key else (ticker, timeframe, request_hash), request_lookup)
         age = closed_since(prediction.last_candle_at, timeframe, stored["created_at"])
-        if age:
-            # INFO: one line per create while Polygon fails or lags; the cause is warned once per 30 s and series
-            # ("stale candles served"), and the client reads `stale`.
-            logger.info("forecast from stale candles", extra={
-                "ticker": ticker, "timeframe": timeframe, "last_candle_at": prediction.last_candle_at.isoformat(),
-                "data_age_bars": age})
+        # One line per prediction made, naming what made it, for an operator tracing one. INFO for stale ones too:
+        # the cause is warned once per 30 s and series ("stale candles served"), and the client reads `stale`.
+        logger.info("forecast from stale candles" if age else "prediction created", extra={
+            "prediction_id": str(stored["id"]), "ticker": ticker, "timeframe": timeframe,
+            "model_id": str(model_row["id"]), "model_version": model_row["version"],
+            "last_candle_at": prediction.last_candle_at.isoformat(), "data_age_bars": age,
+            "request_hash": request_hash})
     else:
+        _served_again(stored["id"], ticker, timeframe, "idempotency_key" if idempotency_key else "repeat")
         body = prediction_reads.get(str(stored["id"]))[0]
         if idempotency_key is None:
             cache.set_prediction_for_request(ticker, timeframe, request_hash, str(stored["id"]), request_lookup)
