@@ -348,6 +348,32 @@ def _add_model(models, timeframe: str, data: bytes, **entry) -> dict:
     return manifest[timeframe]
 
 
+def test_the_same_file_with_another_training_window_or_kind_is_refused(seed_bucket, sample, capsys):
+    """Audit: registering a release again overwrote the row's kind and training window with the manifest's, exit 0:
+    a train_end edited to a later date by mistake moves the track record's first origin into the data the model
+    was trained on. The same file registered again may change its metrics only."""
+    from candlecast import cli
+
+    _, models = sample
+    data = model_bytes("1d", "seed-test-1d", "20260201T000000")
+    _add_model(models, "1d", data, train_start="2019-01-01T00:00:00Z", train_end="2021-01-01T00:00:00Z")
+    install = ["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]
+    assert cli.main(install) == 0
+    before = _state()
+    _add_model(models, "1d", data, train_start="2019-01-01T00:00:00Z", train_end="2025-01-01T00:00:00Z",
+               metrics={"pin5": 1.0})
+    capsys.readouterr()
+    assert cli.main(install) == 1
+    err = capsys.readouterr().err
+    assert "1d: train_end: seed-test-1d 20260201T000000 is registered with train_end 2021-01-01 00:00:00+00:00, " \
+           "and the manifest says 2025-01-01 00:00:00+00:00" in err
+    assert _state() == before
+
+    _add_model(models, "1d", data, train_start="2019-01-01T00:00:00Z", train_end="2021-01-01T00:00:00Z",
+               metrics={"pin5": 1.0})
+    assert cli.main(install) == 0  # the same window: a release installed again, its metrics refreshed
+
+
 @pytest.mark.parametrize(("bad", "line"), [
     ("no version", "1d: version: missing"),
     ("unknown kind", "1d: kind: Input should be"),

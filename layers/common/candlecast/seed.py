@@ -287,9 +287,16 @@ def _model_row(timeframe: str, entry: dict[str, Any], sha256: str) -> tuple[Mode
 def _taken(model: ModelCreate, registered: list[dict]) -> list[str]:
     """Why `model` cannot be registered over a row of `registered`: its name and version, or its versioned file's
     key, held by a row of another file. Predictions name that row and the file it was made with; registering
-    the same file again (a release installed twice) is no change."""
+    the same file again (a release installed twice) is no change, but for its metrics; a kind or training window
+    other than the row's is a manifest edited by mistake, which would move the track record's first origin into
+    the data the model was trained on (a row without a date takes the manifest's)."""
     for row in registered:
         if row["sha256"] == model.sha256:
+            if (row["name"], row["version"]) == (model.name, model.version):
+                return [f"{field}: {model.name} {model.version} is registered with {field} {row[field]}, and the "
+                        f"manifest says {getattr(model, field)}; a file's kind and training window do not change"
+                        for field in ("kind", "train_start", "train_end")
+                        if row[field] is not None and row[field] != getattr(model, field)]
             continue
         if (row["name"], row["version"]) == (model.name, model.version):
             return [f"version: {model.name} {model.version} is registered with another file (sha256 "

@@ -100,6 +100,7 @@ def get_all_active_models(conn: psycopg.Connection) -> list[dict]:
 
 
 def get_registered_model_files(conn: psycopg.Connection) -> list[dict]:
-    """Every registered model's file (active or not): timeframe, s3_key, sha256, is_active."""
-    return conn.execute("SELECT timeframe, name, version, s3_key, sha256, is_active FROM models "
-                        "ORDER BY timeframe, version").fetchall()
+    """Every registered model's file (active or not): timeframe, name, version, s3_key, sha256, is_active, and what
+    the file was made as (kind, train_start, train_end)."""
+    return conn.execute("SELECT timeframe, name, version, s3_key, sha256, is_active, kind, train_start, train_end "
+                        "FROM models ORDER BY timeframe, version").fetchall()
