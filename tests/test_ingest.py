@@ -1364,6 +1364,21 @@ def test_any_symbol_is_fetched_from_polygon_and_cached_for_an_hour(env):
             ingest.fetch_recent_candles("X:UNKNOWNUSD", "1h", 10, now=NOW)
 
 
+def test_a_coin_listed_days_ago_is_too_little_history_for_a_month_not_missing_at_polygon(env):
+    """Audit: ten days of daily bars make no whole month, and the answer said Polygon had no recent 1m candles (and
+    that for 30 s), though it had them: the client learnt nothing true about why."""
+    market = make_market(1, now=NOW, history_days=10)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        for _ in range(2):  # and the same from the 30 s memory of the failure
+            with pytest.raises(NotFound) as refused:
+                ingest.fetch_recent_candles("X:C000USD", "1m", 6, now=NOW)
+            assert refused.value.code == "too_little_history"
+            message = refused.value.message
+            assert "X:C000USD has 1" in message and "too few for one whole 1m candle" in message
+        assert fake.count("/range/1/day/") == 1
+
+
 def test_a_stored_file_behind_the_clock_is_caught_up_from_polygon_and_cached_for_an_hour(env):
     """The weekly refresh leaves a file up to a week behind: a 1h forecast from it would end in the past."""
     market = make_market(1, now=NOW, history_days=30)

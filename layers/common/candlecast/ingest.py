@@ -1092,15 +1092,19 @@ def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Ti
 
     source = SOURCE_OF[timeframe]
     try:
-        candles = fetch_candles(client, ticker, source, start, now)[0]
-        candles = resample(candles, source, timeframe) if len(candles) else candles
+        bars = fetch_candles(client, ticker, source, start, now)[0]
+        candles = resample(bars, source, timeframe) if len(bars) else bars
+        if len(bars) and not len(candles):  # a coin listed days ago: no whole week or month yet
+            raise NotFound(f"{ticker} has {len(bars)} {source} candles at Polygon, too few for one whole {timeframe} "
+                           "candle", code="too_little_history")
         if len(candles) == 0:
             raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
     except CandlecastError as error:
         if log:
             logger.warning("upstream fetch failed", extra={"ticker": ticker, "timeframe": timeframe,
                                                             "code": error.code, "error": error.message})
-        message = (f"Polygon has no recent {timeframe} candles for {ticker}" if error.status == 404 else
+        message = (error.message if error.code == "too_little_history" else
+                   f"Polygon has no recent {timeframe} candles for {ticker}" if error.status == 404 else
                    f"{timeframe} candles for {ticker} could not be fetched from Polygon; try again later")
         ttl = cache.set_upstream_failure(ticker, timeframe, error.status, error.code, message)
         failure = _failure_error({"status": error.status, "code": error.code, "message": message,
