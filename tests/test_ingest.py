@@ -1431,6 +1431,30 @@ def test_a_stored_file_is_served_as_it_is_when_polygon_fails_or_no_key_is_config
         assert fake.count("/range/") == asked  # the failure is remembered: no second request
 
 
+def test_a_coin_that_stopped_trading_is_not_forecast_wholly_in_the_past(env):
+    """Audit: a coin still listed whose bars ended 20 days ago got 201s whose 30 steps had all closed already
+    (data_age_bars 484), with bands and a confidence. When Polygon answers that it has nothing newer, a forecast
+    with every step past is a 404; one with steps still to come is served stale, as when Polygon fails."""
+    market = make_market(1, now=NOW, history_days=60)
+    with FakePolygon(market) as fake:
+        point_settings_at(env, fake)
+        stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 40 * DAY, NOW)[0]
+        real_bars = market.bars
+        for behind, refused in ((20 * DAY, True), (10 * HOUR, False)):
+            cache.get_client().flushdb()
+            ended = Candles(*(getattr(stored, name)[stored.open_time < NOW - behind] for name in COLUMNS))
+            market.bars = lambda tk, step, a, b, end=int(ended.open_time[-1]): [
+                bar for bar in real_bars(tk, step, a, b) if bar["t"] // 1000 < end]  # nothing after, not even it
+            for _ in range(2):  # and the same from the 30 s memory of Polygon's answer
+                if refused:
+                    with pytest.raises(NotFound) as raised:
+                        caught_up("X:C000USD", "1h", ended, 100, now=NOW)
+                    assert raised.value.code == "candles_unavailable"
+                    assert "wholly in the past" in raised.value.message
+                else:
+                    assert caught_up("X:C000USD", "1h", ended, 100, now=NOW) is ended
+
+
 def test_any_symbol_without_an_api_key_is_a_404_saying_so(env):
     point_settings_at(env, None, key=None)
     with pytest.raises(NotFound) as raised:

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from infra.served_stack import ServedStack, signal_all
-from tests.fake_polygon import FakePolygon, make_market
+from tests.fake_polygon import FakePolygon, FakeSymbol, make_market
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,6 +43,8 @@ def canary_hits(texts: list[tuple[str, str]], log_lines: list[str]) -> list[str]
 @pytest.fixture(scope="module")
 def upstream():
     market = make_market(6, now=int(time.time()))
+    # The sample's stored candles end in 2021: a catch-up that finds nothing newer would be a 404 (wholly past).
+    market.symbols.append(FakeSymbol("X:BTCUSDT", "BTC", "USDT", "Bitcoin - Tether", price=30_000.0))
     with FakePolygon(market, api_key=CANARIES["Polygon key"]) as fake:
         fake.echo = True
         fake.add_fault("/v2/aggs/ticker/X:C001USD/", status=401, times=100)

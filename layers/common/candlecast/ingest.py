@@ -1061,10 +1061,17 @@ def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last
     start = max(int(last_open.timestamp()), _recent_start(timeframe, last_n, now))
     try:
         client = polygon.get_client(interactive=True)  # its key's secret may be unreadable: served as stale
-        if client is None or cache.get_upstream_failure(ticker, timeframe) is not None:
+        if client is None:
+            return stored
+        remembered = cache.get_upstream_failure(ticker, timeframe)
+        if remembered is not None:
+            if remembered.get("status") == 404:
+                _refuse_wholly_past(ticker, timeframe, last_open, now)
             return stored
         newer = _fetch_remembering_failure(client, ticker, timeframe, start, now, log=False)
     except CandlecastError as error:  # one line for the cause and what was done about it
+        if error.status == 404:
+            _refuse_wholly_past(ticker, timeframe, last_open, now)
         logger.warning("stale candles served", extra={"ticker": ticker, "timeframe": timeframe,
                                                        "last_candle_at": last_open.isoformat(), "code": error.code,
                                                        "error": getattr(error, "upstream_error", error.message)})
@@ -1072,6 +1079,18 @@ def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last
     candles = storage.merge_candles(stored, newer).tail(last_n)
     storage.cache_candles(ticker, timeframe, candles, last_n, lookup)
     return candles
+
+
+def _refuse_wholly_past(ticker: str, timeframe: Timeframe, last_open: datetime, now: int) -> None:
+    """NotFound when Polygon has nothing after the stored candles (a coin that stopped trading, still listed) and a
+    forecast from them would lie wholly in the past: its 30 steps all closed already. A forecast with some steps
+    still to come is served stale (`data_age_bars`); so is any forecast when Polygon fails or no key is set."""
+    from candlecast.timeframes import FORECAST_STEPS, closed_since
+
+    if closed_since(last_open, timeframe, datetime.fromtimestamp(now, UTC)) >= FORECAST_STEPS:
+        raise NotFound(f"Polygon has no {timeframe} candles for {ticker} after its newest stored one, opened "
+                       f"{last_open.isoformat()}: a forecast from it would lie wholly in the past",
+                       code="candles_unavailable")
 
 
 def _recent_start(timeframe: Timeframe, last_n: int, now: int) -> int:
