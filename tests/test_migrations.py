@@ -126,6 +126,31 @@ def test_the_track_record_migrations_roll_back_alone(scratch_database):
                                                "0008_live_outcomes", "0009_score_due_series"]
 
 
+def test_a_rollback_ended_before_its_record_is_removed_leaves_the_migration_whole(scratch_database, monkeypatch):
+    """Audit: yoyo's rollback_one committed a migration's rollback on a second connection, then removed its row
+    apart: a run killed between them left 0008 recorded as applied without live_outcomes, every later rollback
+    failed on the missing table, and so did Retention. Steps and record now go in one transaction."""
+    from yoyo.backends.base import DatabaseBackend
+
+    migrate.apply(scratch_database)
+
+    def killed(self, migration, log=True):
+        raise RuntimeError("the run ended here")
+
+    monkeypatch.setattr(DatabaseBackend, "unmark_one", killed)
+    with pytest.raises(migrate.MigrationError, match="rollback of 0009_score_due_series failed: RuntimeError: the "
+                                                     r"run ended here \(rolled back before it in this run: none; it "
+                                                     r"is still applied, unchanged\)"):
+        migrate.rollback(scratch_database, count=2)
+    monkeypatch.undo()
+    assert migrate.status(scratch_database).pending == []
+    with psycopg.connect(scratch_database) as conn:
+        assert conn.execute("SELECT to_regclass('predictions_score_series_idx')").fetchone()[0] is not None
+    assert migrate.rollback(scratch_database, count=2) == ["0009_score_due_series", "0008_live_outcomes"]
+    assert tables(scratch_database) == TABLES - {"live_outcomes"}
+    assert migrate.apply(scratch_database) == ["0008_live_outcomes", "0009_score_due_series"]
+
+
 def test_the_due_series_index_is_built_whole_and_rolled_back(scratch_database):
     migrate.apply(scratch_database)
     with psycopg.connect(scratch_database) as conn:

@@ -320,6 +320,20 @@ def _apply_one(backend, migration, deadline: Deadline) -> None:
         deadline.check(f"migration {migration.id} committed")  # raising here rolls it back
 
 
+def _rollback_one(backend, migration, deadline: Deadline) -> None:
+    """The migration's rollback steps and the removal of its row in one transaction on the run's connection,
+    under its lock and deadline, where yoyo's rollback_one commits the steps on a second connection and then, apart,
+    the removal: a run ended between them left the migration recorded as applied without its tables."""
+    deadline.check(f"rollback of {migration.id}")
+    migration.load()
+    _set_statement_timeout(backend, deadline)
+    with backend.transaction():
+        migration.process_steps(backend, "rollback")
+        backend.unmark_one(migration, log=False)
+        backend.log_migration(migration, "rollback")
+        deadline.check(f"rollback of {migration.id} committed")  # raising here rolls it back
+
+
 def _already_there(error: BaseException) -> str:
     """For an "already exists" error: the schema may be newer than _yoyo_migration, and the way to record that."""
     from psycopg import errors
@@ -493,15 +507,23 @@ def rollback(conninfo: str, count: int = 1, directory: Path | None = None, *, st
     """Roll back the last `count` applied migrations (with a `stage`, only in that stage's database)."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    with _locked_run(conninfo, directory, None, stage) as (backend, migrations):
+    deadline = Deadline()
+    with _locked_run(conninfo, directory, deadline, stage) as (backend, migrations):
         if unknown := _unknown_applied(backend, migrations):
             raise MigrationError(
                 f"the database has migrations applied that this checkout does not know: {', '.join(unknown)}; "
                 "nothing rolled back. Roll those back first with the release that added them (its "
                 "`candlecast migrate --rollback N`): this checkout's last migration is not the database's last")
-        to_rollback = backend.to_rollback(migrations)[:count]
-        backend.rollback_migrations(to_rollback)
-        return [migration.id for migration in to_rollback]
+        rolled_back: list[str] = []
+        for migration in backend.to_rollback(migrations)[:count]:
+            try:
+                _rollback_one(backend, migration, deadline)
+            except Exception as error:
+                raise MigrationError(
+                    f"rollback of {migration.id} failed: {type(error).__name__}: {_first_line(error)} (rolled back "
+                    f"before it in this run: {rolled_back or 'none'}; it is still applied, unchanged)") from error
+            rolled_back.append(migration.id)
+        return rolled_back
 
 
 def status(conninfo: str, directory: Path | None = None) -> MigrationStatus:
