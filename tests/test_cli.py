@@ -2,6 +2,9 @@
 keeps its traceback."""
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +116,27 @@ def test_an_interrupt_exits_130(offline_env, capsys):
     offline_env.setattr("candlecast.forecast.cli.summary_table", interrupted)
     assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"]) == 130
     assert capsys.readouterr().err == "candlecast scorecard: interrupted\n"
+
+
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_or_hung_up_command_ends_as_an_interrupt_does(offline_env, capsys, ending):
+    """Audit: a dropped SSH session (SIGHUP) killed seed with exit 129, no `interrupted` line and none of its clean-up
+    (the `finally` that drops the cached candles of files already uploaded)."""
+    cleaned = []
+
+    def ended(_manifest):
+        try:
+            os.kill(os.getpid(), ending)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+
+    offline_env.setattr("candlecast.forecast.cli.summary_table", ended)
+    before = signal.getsignal(ending)
+    assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"]) == 128 + ending
+    assert capsys.readouterr().err == f"candlecast scorecard: interrupted ({ending.name})\n"
+    assert cleaned == [True]
+    assert signal.getsignal(ending) == before  # put back as it was
 
 
 def test_a_defect_keeps_its_traceback(offline_env):

@@ -4,9 +4,12 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 # Modules that expose register(subparsers); imported only when the command runs.
 COMMAND_MODULES = (
@@ -172,9 +175,13 @@ def run_command(args: argparse.Namespace, *, debug: bool = False) -> int:
     from candlecast import redaction
 
     try:
-        return args.func(args)
+        with _signals_as_interrupts():
+            return args.func(args)
+    except _Ended as ended:
+        _say(f"candlecast {args.command}: interrupted ({signal.Signals(ended.signum).name})")
+        return 128 + ended.signum
     except KeyboardInterrupt:
-        print(f"candlecast {args.command}: interrupted", file=sys.stderr)
+        _say(f"candlecast {args.command}: interrupted")
         return 130
     except Exception as error:
         from candlecast.config import ConfigurationError
@@ -188,6 +195,35 @@ def run_command(args: argparse.Namespace, *, debug: bool = False) -> int:
             print(redaction.redact("".join(traceback.format_exception(error))), file=sys.stderr, end="")
         print(f"candlecast {args.command}: {redaction.redact(describe_failure(error))}", file=sys.stderr)
         return 1
+
+
+class _Ended(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (an SSH session dropped): ended as Ctrl-C ends a command, its clean-up run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    def end(signum: int, _frame) -> None:
+        raise _Ended(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    kept = {signum: signal.signal(signum, end) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, handler)
+
+
+def _say(line: str) -> None:
+    with suppress(OSError):  # the terminal is gone (a dropped session)
+        print(line, file=sys.stderr)
 
 
 def is_expected_failure(error: Exception) -> bool:
