@@ -335,6 +335,29 @@ def test_install_models_registers_the_models_and_touches_nothing_else(seed_bucke
     assert _state() == state  # refused before any change
 
 
+def test_an_install_that_fails_midway_still_drops_the_cached_model_answers(seed_bucket, sample, capsys, monkeypatch):
+    """Audit: an install-models interrupted after registering 1h and before 1d dropped no cached answer: GET /models
+    named the models before it for 10 minutes while creates used the new one."""
+    from candlecast import cache, cli, seed
+
+    _, models = sample
+    _add_model(models, "1d", model_bytes("1d", "seed-test-1d", "20260201T000000"))
+    real_put, puts, dropped = seed._put_model, [], []
+
+    def put_failing_at_the_second_model(key, model_file, signature):
+        puts.append(key)
+        if len(puts) == 3:  # 1h's versioned file and its active copy went; 1d's versioned file does not
+            raise KeyboardInterrupt
+        real_put(key, model_file, signature)
+
+    monkeypatch.setattr(seed, "_put_model", put_failing_at_the_second_model)
+    monkeypatch.setattr(cache, "invalidate_track_record", lambda real=cache.invalidate_track_record: dropped.append(
+        True) or real())
+    assert cli.main(["install-models", "--bucket", seed_bucket, "--models", str(models), "--quiet"]) == 130
+    assert [model["name"] for model in _state()["models"]] == ["seed-test-1h"]
+    assert dropped == [True]
+
+
 def _add_model(models, timeframe: str, data: bytes, **entry) -> dict:
     """`data` as models/{timeframe}.pkl, signed with the local key, and its manifest entry (`entry` over a good one;
     None drops a field)."""

@@ -311,8 +311,9 @@ def register_models(models: list[CheckedModel], progress: bool = True) -> dict[s
     """Upload each checked model to its versioned key, register the row that names that immutable key (never
     written over with another file: `_taken`, and `register_model`'s ModelVersionTaken should one be registered
     since), then refresh the timeframe's `models/{tf}.pkl` copy. A reader never sees a row whose file is not
-    there."""
-    from candlecast import db, storage
+    there. The cached model answers (GET /models) are dropped once any row changed, even when a later model
+    failed or the run was interrupted: they would name the models before it for 10 minutes."""
+    from candlecast import cache, db, storage
     from candlecast.repositories.models import register_model
 
     registered = {}
@@ -321,12 +322,16 @@ def register_models(models: list[CheckedModel], progress: bool = True) -> dict[s
         from tqdm import tqdm
 
         items = tqdm(models, desc="register models", unit="model")
-    for timeframe, model, model_file, signature in items:
-        _put_model(model.s3_key, model_file, signature)
-        with db.connection() as conn:
-            register_model(conn, model, activate=True)
-        _put_model(storage.active_model_key(timeframe), model_file, signature)
-        registered[timeframe] = f"{model.name} {model.version}"
+    try:
+        for timeframe, model, model_file, signature in items:
+            _put_model(model.s3_key, model_file, signature)
+            with db.connection() as conn:
+                register_model(conn, model, activate=True)
+            registered[timeframe] = f"{model.name} {model.version}"
+            _put_model(storage.active_model_key(timeframe), model_file, signature)
+    finally:
+        if registered:
+            cache.invalidate_track_record()
     return registered
 
 
@@ -481,7 +486,7 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
          as_of: datetime | None = None) -> SeedReport:
     """Symbols into the database, data/ and models/ into the bucket, models registered, and (with
     `track_record`, as the CLI and `make run` do) a track record from past origins. Idempotent."""
-    from candlecast import cache, db, storage
+    from candlecast import db, storage
 
     report = SeedReport()
     _require_directory(data_dir)
@@ -502,7 +507,6 @@ def seed(data_dir: Path = DEFAULT_DATA_DIR, models_dir: Path = DEFAULT_MODELS_DI
         # Each file and its signature land on their keys before the row that names them.
         report.model_files = 2 * len(models)
         report.models = register_models(models, progress=progress)
-        cache.invalidate_track_record()
         if track_record and report.models:
             report.past_predictions, report.scored_steps, report.plans = build_track_record(data_dir, as_of, progress)
             report.no_live = [plan.timeframe for plan in report.plans if plan.mode in ("replay", "none")]
@@ -514,16 +518,14 @@ def install_models(models_dir: Path = DEFAULT_MODELS_DIR, *, progress: bool = Tr
     """Upload each model of models/manifest.json with its signature, checked against the manifest, and register
     it as its timeframe's active model: a release's models on a running stack. No symbols, candles or track
     record. Returns {timeframe: "name version"}."""
-    from candlecast import cache, db
+    from candlecast import db
 
     _require_directory(models_dir)
     models = checked_models(models_dir, resign)
     if not models:
         raise UnusableInput(f"no models in {models_dir / MANIFEST_FILE}; nothing installed")
     with db.batch(BATCH_DB_SECONDS):
-        registered = register_models(models, progress=progress)
-    cache.invalidate_track_record()
-    return registered
+        return register_models(models, progress=progress)
 
 
 def _require_directory(path: Path) -> None:
