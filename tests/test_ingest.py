@@ -605,6 +605,29 @@ def test_a_targeted_refresh_names_the_tickers_the_symbols_table_lacks(env, caplo
     assert new in active_tickers()
 
 
+def test_an_operator_retires_a_symbol_the_listing_still_has_and_every_refresh_keeps_it_retired(env, capsys):
+    """Audit: a symbol set inactive by hand was active again after the next refresh (the upsert took the listing's
+    word), and there was no command for it. `candlecast retire-symbol` stops its forecasts and refreshes for good,
+    until --restore."""
+    from candlecast import cli
+
+    market = make_market(2, now=NOW)
+    kept, retired = (symbol.ticker for symbol in market.symbols)
+    with FakePolygon(market) as fake:
+        ingest.refresh_symbols(client_for(fake))
+        capsys.readouterr()
+        assert cli.main(["retire-symbol", "c001-usd"]) == 0
+        assert capsys.readouterr().out == f'{{"retired": "{retired}"}}\n'
+        ingest.refresh_symbols(client_for(fake))  # the listing still has it
+        assert active_tickers() == [kept] and ingest.top_tickers(10) == [kept]
+
+        assert cli.main(["retire-symbol", "--restore", retired]) == 0
+        ingest.refresh_symbols(client_for(fake))
+        assert sorted(active_tickers()) == sorted([kept, retired])
+    assert cli.main(["retire-symbol", "X:NOPEUSD"]) == 1
+    assert "unknown symbol X:NOPEUSD" in capsys.readouterr().err
+
+
 def test_a_few_vanished_symbols_are_still_marked_inactive(env):
     market = make_market(150, now=NOW)
     with FakePolygon(market) as fake:

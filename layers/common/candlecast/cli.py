@@ -114,6 +114,19 @@ def _cache_invalidate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _retire_symbol(args: argparse.Namespace) -> int:
+    from candlecast import cache
+    from candlecast.services import symbols
+
+    ticker, cache_took_it = symbols.retire(args.ticker, retired=not args.restore)
+    print(json.dumps({"restored" if args.restore else "retired": ticker}))
+    if not cache_took_it:
+        print(f"candlecast retire-symbol: Redis did not take it; searches and top lists may show {ticker} as before "
+              f"for up to {cache.SYMBOLS_STALE_SECONDS} s: run it again", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _address(conninfo: str) -> dict:
     from psycopg.conninfo import conninfo_to_dict
 
@@ -140,6 +153,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     invalidate = subparsers.add_parser("cache-invalidate", help="invalidate every cached answer (symbols, track "
                                        "records, predictions, candles): run it after restoring from a backup")
     invalidate.set_defaults(func=_cache_invalidate)
+    retire = subparsers.add_parser("retire-symbol", help="stop forecasting a symbol (a delisting, a rename, bad data) "
+                                   "and stop refreshing it, whatever the listing says; --restore ends it")
+    retire.add_argument("ticker", help="the symbol, in any form search takes (BTC-USD, X:BTCUSD)")
+    retire.add_argument("--restore", action="store_true", help="forecast and refresh it again")
+    retire.set_defaults(func=_retire_symbol)
 
 
 DEBUG_VARIABLE = "CANDLECAST_DEBUG"  # set (non-empty): a mapped failure shows its traceback too

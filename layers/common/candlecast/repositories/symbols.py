@@ -25,7 +25,7 @@ ON CONFLICT (ticker) DO UPDATE SET
     market = EXCLUDED.market,
     volume_24h = EXCLUDED.volume_24h,
     volume_rank = EXCLUDED.volume_rank,
-    is_active = EXCLUDED.is_active,
+    is_active = EXCLUDED.is_active AND NOT COALESCE((symbols.metadata->>'retired')::boolean, false),
     metadata = symbols.metadata || EXCLUDED.metadata,
     updated_at = now()
 """
@@ -200,6 +200,16 @@ def get_volumes(conn: psycopg.Connection, tickers: Iterable[str]) -> dict[str, D
     rows = conn.execute("SELECT ticker, volume_24h FROM symbols WHERE ticker = ANY(%s) AND volume_24h IS NOT NULL",
                         (list(tickers),)).fetchall()
     return {row["ticker"]: row["volume_24h"] for row in rows}
+
+
+def set_retired(conn: psycopg.Connection, ticker: str, retired: bool) -> bool:
+    """An operator's retirement (metadata.retired, kept by every refresh: it stays inactive though still listed), or
+    its end (active again; the next refresh marks it inactive if the listing lacks it). False: no such symbol."""
+    row = conn.execute(
+        "UPDATE symbols SET metadata = metadata || jsonb_build_object('retired', %(retired)s), is_active = NOT "
+        "%(retired)s, updated_at = now() WHERE ticker = %(ticker)s RETURNING id",
+        {"ticker": ticker, "retired": retired}).fetchone()
+    return row is not None
 
 
 def mark_inactive_except(conn: psycopg.Connection, tickers: Iterable[str]) -> int:

@@ -129,3 +129,14 @@ def get(raw_ticker: str) -> bytes:
     body = Symbol.model_validate(_available([row])[0]).model_dump_json().encode()
     cache.fill_symbol(ticker, body, lookup)
     return body
+
+
+def retire(raw_ticker: str, retired: bool = True) -> tuple[str, bool]:
+    """Retire a symbol (no forecasts: 404 symbol_inactive; hidden from searches and top lists; no refresh), or end its
+    retirement: (its ticker, whether the cache took the change; else searches and top lists show the old state up
+    to cache.SYMBOLS_STALE_SECONDS). NotFound for an unknown one."""
+    ticker = normalize_ticker(raw_ticker)
+    with db.connection() as conn:
+        if not symbol_repository.set_retired(conn, ticker, retired):
+            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+    return ticker, cache.invalidate_symbols(retry=True)
