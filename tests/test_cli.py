@@ -139,6 +139,24 @@ def test_a_terminated_or_hung_up_command_ends_as_an_interrupt_does(offline_env, 
     assert signal.getsignal(ending) == before  # put back as it was
 
 
+def test_a_command_run_under_nohup_goes_on_after_a_hang_up(offline_env, capsys):
+    """Review: the SIGHUP handler replaced the SIG_IGN `nohup` set, so a protected command ended when the session
+    dropped."""
+    def hung_up(_manifest):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return cli_summary
+
+    cli_summary = "| tf | the summary |"
+    offline_env.setattr("candlecast.forecast.cli.summary_table", hung_up)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"]) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert capsys.readouterr().out.startswith(cli_summary)
+
+
 def test_a_defect_keeps_its_traceback(offline_env):
     def broken(_manifest):
         return {}["no such key"]

@@ -231,7 +231,9 @@ def _signals_as_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    kept = {signum: signal.signal(signum, end) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # One ignored (`nohup` ignores SIGHUP) stays ignored: the session may drop and the command goes on.
+    kept = {signum: signal.signal(signum, end) for signum in (signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
