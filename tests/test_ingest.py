@@ -624,6 +624,13 @@ def test_an_operator_retires_a_symbol_the_listing_still_has_and_every_refresh_ke
         assert cli.main(["retire-symbol", "--restore", retired]) == 0
         ingest.refresh_symbols(client_for(fake))
         assert sorted(active_tickers()) == sorted([kept, retired])
+
+        market.symbols = market.symbols[:1]  # delisted: the refresh marks it inactive, and --restore keeps it so
+        ingest.refresh_symbols(client_for(fake), retire_missing=True)
+        capsys.readouterr()
+        assert cli.main(["retire-symbol", "--restore", retired]) == 1
+        assert f"{retired} is not retired; nothing changed" in capsys.readouterr().err
+        assert active_tickers() == [kept]
     assert cli.main(["retire-symbol", "X:NOPEUSD"]) == 1
     assert "unknown symbol X:NOPEUSD" in capsys.readouterr().err
 
@@ -1463,19 +1470,21 @@ def test_a_coin_that_stopped_trading_is_not_forecast_wholly_in_the_past(env):
         point_settings_at(env, fake)
         stored = ingest.fetch_candles(client_for(fake), "X:C000USD", "1h", NOW - 40 * DAY, NOW)[0]
         real_bars = market.bars
-        for behind, refused in ((20 * DAY, True), (10 * HOUR, False)):
+        # A lookback of 100 bars asks from after the last stored candle; one of 721 (the 1h model's) asks for it
+        # again, which Polygon still has (review: the refusal never came then).
+        for behind, last_n, refused in ((20 * DAY, 100, True), (20 * DAY, 721, True), (10 * HOUR, 721, False)):
             cache.get_client().flushdb()
             ended = Candles(*(getattr(stored, name)[stored.open_time < NOW - behind] for name in COLUMNS))
             market.bars = lambda tk, step, a, b, end=int(ended.open_time[-1]): [
-                bar for bar in real_bars(tk, step, a, b) if bar["t"] // 1000 < end]  # nothing after, not even it
+                bar for bar in real_bars(tk, step, a, b) if bar["t"] // 1000 <= end]  # trading stopped after it
             for _ in range(2):  # and the same from the 30 s memory of Polygon's answer
                 if refused:
                     with pytest.raises(NotFound) as raised:
-                        caught_up("X:C000USD", "1h", ended, 100, now=NOW)
-                    assert raised.value.code == "candles_unavailable"
+                        caught_up("X:C000USD", "1h", ended, last_n, now=NOW)
+                    assert raised.value.code == "candles_stopped"
                     assert "wholly in the past" in raised.value.message
                 else:
-                    assert caught_up("X:C000USD", "1h", ended, 100, now=NOW) is ended
+                    assert caught_up("X:C000USD", "1h", ended, last_n, now=NOW) is ended
 
 
 def test_any_symbol_without_an_api_key_is_a_404_saying_so(env):

@@ -235,7 +235,7 @@ def test_a_symbol_no_longer_listed_is_not_forecast_but_its_keyed_prediction_is_s
 
     status, _, body = create({"symbol": "BTCUSDT", "timeframe": "4h"})
     assert (status, body["error"]["code"]) == (404, "symbol_inactive")
-    assert SAMPLE_TICKER in body["error"]["message"] and "no longer listed" in body["error"]["message"]
+    assert SAMPLE_TICKER in body["error"]["message"] and "is inactive" in body["error"]["message"]
     assert stored_predictions(seeded.database_url) == 1
     retried = create({"symbol": "BTCUSDT", "timeframe": "1h"}, {"Idempotency-Key": "made-while-listed"})
     assert (retried[0], retried[2]["id"]) == (200, keyed[2]["id"])

@@ -43,7 +43,7 @@ def canary_hits(texts: list[tuple[str, str]], log_lines: list[str]) -> list[str]
 @pytest.fixture(scope="module")
 def upstream():
     market = make_market(6, now=int(time.time()))
-    # The sample's stored candles end in 2021: a catch-up that finds nothing newer would be a 404 (wholly past).
+    # The sample's stored candles end in 2021: a catch-up that finds nothing newer is a 404 candles_stopped.
     market.symbols.append(FakeSymbol("X:BTCUSDT", "BTC", "USDT", "Bitcoin - Tether", price=30_000.0))
     with FakePolygon(market, api_key=CANARIES["Polygon key"]) as fake:
         fake.echo = True

@@ -1068,7 +1068,8 @@ def caught_up_candles(ticker: str, timeframe: Timeframe, stored: "Candles", last
             if remembered.get("status") == 404:
                 _refuse_wholly_past(ticker, timeframe, last_open, now)
             return stored
-        newer = _fetch_remembering_failure(client, ticker, timeframe, start, now, log=False)
+        newer = _fetch_remembering_failure(client, ticker, timeframe, start, now, log=False,
+                                           newer_than=int(last_open.timestamp()))
     except CandlecastError as error:  # one line for the cause and what was done about it
         if error.status == 404:
             _refuse_wholly_past(ticker, timeframe, last_open, now)
@@ -1090,7 +1091,7 @@ def _refuse_wholly_past(ticker: str, timeframe: Timeframe, last_open: datetime, 
     if closed_since(last_open, timeframe, datetime.fromtimestamp(now, UTC)) >= FORECAST_STEPS:
         raise NotFound(f"Polygon has no {timeframe} candles for {ticker} after its newest stored one, opened "
                        f"{last_open.isoformat()}: a forecast from it would lie wholly in the past",
-                       code="candles_unavailable")
+                       code="candles_stopped")
 
 
 def _recent_start(timeframe: Timeframe, last_n: int, now: int) -> int:
@@ -1100,10 +1101,12 @@ def _recent_start(timeframe: Timeframe, last_n: int, now: int) -> int:
 
 
 def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Timeframe, start: int,
-                               now: int, *, log: bool = True) -> "Candles":
+                               now: int, *, log: bool = True, newer_than: int | None = None) -> "Candles":
     """The closed `timeframe` candles of `ticker` opening at or after `start`, from its Polygon source bars.
 
-    An empty answer is a NotFound; any failure is remembered for 30 s (`cache.set_upstream_failure`), so
+    An empty answer is a NotFound, and so is one with no candle opening after `newer_than` (a catch-up's last
+    stored candle, which it asks for again: a coin that stopped trading still has it); any failure is remembered
+    for 30 s (`cache.set_upstream_failure`), so
     anonymous clients cannot turn one failing symbol into a stream of calls, and raised in our words, with the
     upstream's own message as `upstream_error`. Logged here unless `log` is False (a caller that logs the
     failure with what it did about it: one line per cause)."""
@@ -1116,7 +1119,7 @@ def _fetch_remembering_failure(client: PolygonClient, ticker: str, timeframe: Ti
         if len(bars) and not len(candles):  # a coin listed days ago: no whole week or month yet
             raise NotFound(f"{ticker} has {len(bars)} {source} candles at Polygon, too few for one whole {timeframe} "
                            "candle", code="too_little_history")
-        if len(candles) == 0:
+        if len(candles) == 0 or (newer_than is not None and int(candles.open_time[-1]) <= newer_than):
             raise NotFound(f"Polygon has no recent {timeframe} candles for {ticker}", code="candles_unavailable")
     except CandlecastError as error:
         if log:

@@ -202,14 +202,23 @@ def get_volumes(conn: psycopg.Connection, tickers: Iterable[str]) -> dict[str, D
     return {row["ticker"]: row["volume_24h"] for row in rows}
 
 
-def set_retired(conn: psycopg.Connection, ticker: str, retired: bool) -> bool:
+def set_retired(conn: psycopg.Connection, ticker: str, retired: bool) -> bool | None:
     """An operator's retirement (metadata.retired, kept by every refresh: it stays inactive though still listed), or
-    its end (active again; the next refresh marks it inactive if the listing lacks it). False: no such symbol."""
+    the end of one (active again; the next refresh marks it inactive if the listing lacks it): whether it was retired
+    before, None for no such symbol. Ending the retirement of a symbol that was not retired changes nothing (one the
+    refresh marked inactive stays so)."""
     row = conn.execute(
-        "UPDATE symbols SET metadata = metadata || jsonb_build_object('retired', %(retired)s), is_active = NOT "
-        "%(retired)s, updated_at = now() WHERE ticker = %(ticker)s RETURNING id",
-        {"ticker": ticker, "retired": retired}).fetchone()
-    return row is not None
+        """
+        UPDATE symbols SET metadata = symbols.metadata || jsonb_build_object('retired', %(retired)s),
+                           is_active = NOT %(retired)s, updated_at = now()
+        FROM (SELECT id, COALESCE((metadata->>'retired')::boolean, false) AS retired FROM symbols
+              WHERE ticker = %(ticker)s FOR UPDATE) before
+        WHERE symbols.id = before.id AND (%(retired)s OR before.retired)
+        RETURNING before.retired
+        """, {"ticker": ticker, "retired": retired}).fetchone()
+    if row is not None:
+        return row["retired"]
+    return None if get_symbol_by_ticker(conn, ticker) is None else False
 
 
 def mark_inactive_except(conn: psycopg.Connection, tickers: Iterable[str]) -> int:

@@ -215,9 +215,9 @@ def create(request: PredictionRequest, idempotency_key: str | None = None) -> Cr
         return CreateResult(prediction_reads.get(str(keyed["id"]))[0], created=False)
     if symbol is None:
         raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
-    if not symbol["is_active"]:  # left Polygon's listing: its candles no longer grow (a delisting, a rename)
-        raise NotFound(f"{ticker} is no longer listed, so it is not forecast (GET /symbols/{ticker} shows it with "
-                       "is_active false)", code="symbol_inactive")
+    if not symbol["is_active"]:  # delisted, renamed or retired: its candles no longer grow, or are not to be used
+        raise NotFound(f"{ticker} is inactive (delisted, renamed or retired), so it is not forecast (GET "
+                       f"/symbols/{ticker} shows it with is_active false)", code="symbol_inactive")
     if model_row is None:
         raise ModelUnavailable(f"no active model for timeframe {timeframe}", code="model_unavailable")
     model = verified_model(model_row)

@@ -4,7 +4,7 @@ import re
 from decimal import Decimal, InvalidOperation
 
 from candlecast import cache, db
-from candlecast.errors import BadRequest, NotFound
+from candlecast.errors import BadRequest, Conflict, NotFound
 from candlecast.pagination import Page, decode_cursor, invalid_cursor
 from candlecast.repositories import symbols as symbol_repository
 from candlecast.schemas import Symbol, list_adapter
@@ -134,9 +134,13 @@ def get(raw_ticker: str) -> bytes:
 def retire(raw_ticker: str, retired: bool = True) -> tuple[str, bool]:
     """Retire a symbol (no forecasts: 404 symbol_inactive; hidden from searches and top lists; no refresh), or end its
     retirement: (its ticker, whether the cache took the change; else searches and top lists show the old state up
-    to cache.SYMBOLS_STALE_SECONDS). NotFound for an unknown one."""
+    to cache.SYMBOLS_STALE_SECONDS). NotFound for an unknown one; Conflict to end the retirement of one not retired."""
     ticker = normalize_ticker(raw_ticker)
     with db.connection() as conn:
-        if not symbol_repository.set_retired(conn, ticker, retired):
-            raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+        was_retired = symbol_repository.set_retired(conn, ticker, retired)
+    if was_retired is None:
+        raise NotFound(f"unknown symbol {ticker}", code="symbol_not_found")
+    if not retired and not was_retired:
+        raise Conflict(f"{ticker} is not retired; nothing changed (an inactive one left Polygon's listing, and the "
+                       "refresh makes it active again if it comes back)", code="symbol_not_retired")
     return ticker, cache.invalidate_symbols(retry=True)
