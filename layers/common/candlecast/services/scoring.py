@@ -71,10 +71,8 @@ class ScoreReport:
     # week, the weekly refresh stored nothing (StaleCandlesAlarm). None: no refresh has recorded one.
     stored_candles_age_hours: float | None = None
     # Active models whose 80 % coverage over their recent window's outcomes is outside the band (DriftAlarm):
-    # "timeframe: coverage over n outcomes of the last d days", one each; judged by a run's first chunk, before it
-    # scores (None in a continuation, or when the check failed: drift_error says why).
-    drifting: list[str] | None = None
-    drift_error: str | None = None
+    # "timeframe: coverage over n outcomes of the last d days", one each.
+    drifting: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -265,8 +263,6 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
         newest = symbol_repository.newest_stored_candle(conn)
     if newest is not None:
         report.stored_candles_age_hours = round((now - newest).total_seconds() / 3600, 1)
-    if after == score_repository.NO_PREDICTION:
-        _judge_drift(report, now)
     files, models = _CandleFiles(), _Models()
     while True:
         if time.monotonic() >= deadline:
@@ -291,17 +287,9 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     accuracy_changed = _refresh_accuracy(report)
     if report.scored or accuracy_changed:
         cache.invalidate_track_record()
+    report.drifting = recent_drift(now)
     report.seconds = round(time.monotonic() - started, 3)
     return report
-
-
-def _judge_drift(report: ScoreReport, now: datetime) -> None:
-    """report.drifting, or drift_error: a failed check must not stop the run (nor its chain) from scoring."""
-    try:
-        report.drifting = recent_drift(now)
-    except Exception as error:
-        report.drift_error = _reason(error)
-        logger.warning("drift not judged", extra={"error": report.drift_error})
 
 
 def recent_drift(now: datetime) -> list[str]:
