@@ -8,7 +8,7 @@ before NOW), recorded as the refresh records them (symbols.metadata candle_timef
 (1) the first run over the whole table (every score_next_at NULL: the first run after migration 0006, or any
 backlog) and (2) the next two hourly runs with no new candles, each printing predictions looked at, steps
 scored, batches, run time, per-batch medians (due query / record / schedule), candle files read from S3 and
-peak RSS, then (3) the recent-window drift check that ends each run. Asserts nothing; not part of `make test`.
+peak RSS. Asserts nothing; not part of `make test`.
 
 `--compare REVISION` (`make bench-score-backlog`, on 1M predictions) times the first run's backlog instead:
 REVISION's scoring code on its own schema for --budget seconds, then this checkout's on the same predictions,
@@ -279,19 +279,6 @@ def keep_outcomes(url: str) -> None:
             conn.execute(f"CREATE TABLE bench_old_{table} AS SELECT {columns} FROM {table}")
 
 
-def time_drift_check(now: datetime) -> None:
-    """The recent-window drift check each Score chunk ends with (DriftAlarm), on the year just scored."""
-    from candlecast.services import scoring
-
-    durations = []
-    for _ in range(3):
-        started = time.perf_counter()
-        drifting = scoring.recent_drift(now)
-        durations.append(time.perf_counter() - started)
-    print(f"drift check over the recent windows: median {statistics.median(durations) * 1000:.0f} ms of 3; "
-          f"drifting: {drifting or 'none'}")
-
-
 def compare_outcomes(url: str) -> bool:
     """Prints, per table, the rows the old run left and how many differ in the new run's (either way)."""
     same = True
@@ -400,7 +387,6 @@ def main(argv: list[str] | None = None) -> int:
             timed_run("first run (every prediction's score_next_at NULL)", now)
             timed_run("next hourly run, no new candles", now + timedelta(hours=1))
             timed_run("and the one after", now + timedelta(hours=2))
-            time_drift_check(now)
         db.close_pool()
     return 0
 

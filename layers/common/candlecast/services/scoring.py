@@ -287,14 +287,12 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     accuracy_changed = _refresh_accuracy(report)
     if report.scored or accuracy_changed:
         cache.invalidate_track_record()
-    report.drifting = recent_drift(now)
+    report.drifting = _drifting(now)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
 
-def recent_drift(now: datetime) -> list[str]:
-    """The active models whose 80 % coverage over their recent window's outcomes before `now` is outside the band
-    (drift.RECENT_WINDOW_DAYS, is_drifting), each "timeframe: coverage over n outcomes of the last d days"."""
+def _drifting(now: datetime) -> list[str]:
     with db.connection() as conn:
         rows = score_repository.get_recent_live_coverage(conn, now, RECENT_WINDOW_DAYS)
     drifting = [f"{row['timeframe']}: 80 % coverage {row['inside_80'] / row['n']:.3f} over {row['n']} outcomes of "
