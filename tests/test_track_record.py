@@ -656,9 +656,8 @@ def steps_for(origin: datetime) -> list[dict]:
              "confidence": 0.3} for step in range(1, 31)]
 
 
-def score_predictions(count: int, inside_every: int, origin: datetime, inside_steps: int | None = None) -> None:
-    """`count` stored predictions of the active 1h model, every step scored; 1 in `inside_every` inside 80 % (or,
-    given `inside_steps`, steps 1 to `inside_steps`)."""
+def score_predictions(count: int, inside_every: int, origin: datetime) -> None:
+    """`count` stored predictions of the active 1h model, every step scored; 1 in `inside_every` inside 80 %."""
     from candlecast.repositories.predictions import create_prediction
     from candlecast.schemas import PredictionCreate
 
@@ -672,9 +671,7 @@ def score_predictions(count: int, inside_every: int, origin: datetime, inside_st
             stored = create_prediction(conn, prediction, uuid.uuid4().hex)
             score_repository.record_scores(conn, [
                 {"prediction_id": str(stored["id"]), "step": step["step"], "model_id": str(model_id),
-                 "ts": step["ts"].isoformat(), "realised_close": 100.0,
-                 "inside_80": (step["step"] % inside_every == 0 if inside_steps is None
-                               else step["step"] <= inside_steps),
+                 "ts": step["ts"].isoformat(), "realised_close": 100.0, "inside_80": step["step"] % inside_every == 0,
                  "inside_95": True, "confidence": 0.3, "event": False, "pinball": 1.0, "baseline_pinball": 1.0,
                  "in_sample": False}
                 for step in prediction.model_dump()["steps"]
@@ -694,38 +691,6 @@ def test_drift_appears_past_500_steps_outside_the_band_and_clears(track):
     report = health()
     assert report["drift"] == {} and "drift" not in report["models"]["1h"]
     assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(0.75)
-
-
-def test_a_recent_collapse_sets_off_the_drift_alarm_while_the_whole_life_is_in_the_band(track, capsys):
-    """Audit: drift was judged on a model's whole life, so after a month of good outcomes a collapsed regime took
-    weeks to show, and nothing alarmed. Each Score chunk now judges each timeframe's recent window and emits how many
-    drift, as DriftAlarm reads it."""
-    from infra import template_checks
-    from infra.lambda_loader import load_handler
-    from tests.test_observability import emf_blobs
-
-    handler = load_handler("functions/score")
-    track.setenv("REFRESH_CHAIN", "false")
-    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    score_predictions(200, inside_every=1, origin=now - timedelta(days=60), inside_steps=25)  # 0.833, long ago
-
-    def score_run() -> tuple[list[str], float]:
-        capsys.readouterr()
-        report = handler({"now": now.isoformat()}, RefreshContext(remaining_seconds=300))
-        (blob,) = [blob for blob in emf_blobs(capsys.readouterr().out) if "DriftingModels" in blob]
-        [value] = blob["DriftingModels"] if isinstance(blob["DriftingModels"], list) else [blob["DriftingModels"]]
-        return report["drifting"], value
-
-    assert score_run() == ([], 0.0)
-    score_predictions(20, inside_every=1, origin=now - timedelta(days=3), inside_steps=0)  # 600 outcomes, none inside
-    assert health()["drift"] == {}  # over the whole life: 5,000 of 6,600, 0.758
-    assert score_run() == (["1h: 80 % coverage 0.000 over 600 outcomes of the last 7 days"], 1.0)
-
-    alarm = template_checks.load_template()["Resources"]["DriftAlarm"]["Properties"]
-    dimensions = {item["Name"]: item["Value"] for item in alarm["Dimensions"]}
-    assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"]) == ("Candlecast", "DriftingModels", "Maximum")
-    assert dimensions == {"service": "candlecast", "stage": {"Ref": "Stage"}, "function": "score"}
-    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (0, "GreaterThanThreshold")
 
 
 def test_in_sample_replays_are_reported_apart_and_never_drift(track):
@@ -800,7 +765,7 @@ def test_a_score_chunk_emits_the_counts_its_failed_share_alarm_reads(track, caps
     (directive,) = blob["_aws"]["CloudWatchMetrics"]
     assert {metric["Name"]: metric["Unit"] for metric in directive["Metrics"]} == {
         "ScorePredictions": "Count", "ScorePredictionsFailed": "Count", "ScorePredictionsSkipped": "Count",
-        "ScoreStepsScored": "Count", "DriftingModels": "Count"}
+        "ScoreStepsScored": "Count"}
     assert ([blob["ScorePredictions"], blob["ScorePredictionsFailed"], blob["ScorePredictionsSkipped"],
              blob["ScoreStepsScored"]] == [[4.0], [1.0], [2.0], [3.0]])
     assert (blob["stage"], blob["function"]) == ("local", "score")

@@ -33,7 +33,6 @@ def lambda_handler(event, context):
     # A chunk whose predictions fail still returns: ScoreFailedShareAlarm reads these, not the failed runs.
     add_counts(metrics, ScorePredictions=report["predictions"], ScorePredictionsFailed=len(report["failed"]),
                ScorePredictionsSkipped=report["skipped"], ScoreStepsScored=report["scored"])
-    add_counts(metrics, DriftingModels=len(report["drifting"]))  # DriftAlarm reads it
     if report["stored_candles_age_hours"] is not None:  # StaleCandlesAlarm reads it
         metrics.add_metric(name="StoredCandlesAgeHours", unit=MetricUnit.NoUnit,
                            value=report["stored_candles_age_hours"])

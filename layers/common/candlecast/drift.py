@@ -10,8 +10,3 @@ DRIFT_MIN_STEPS = 500
 def is_drifting(n: int, coverage_80: float | None) -> bool:
     """Live 80 % coverage outside DRIFT_BAND over at least DRIFT_MIN_STEPS matured (out-of-sample) steps."""
     return n >= DRIFT_MIN_STEPS and coverage_80 is not None and not DRIFT_BAND[0] <= coverage_80 <= DRIFT_BAND[1]
-
-
-# The DriftAlarm judges the outcomes of a recent window (by their candle's time), not a model's whole life, whose
-# sums took weeks of a collapsed regime to leave the band after a month of good outcomes (and as long to clear).
-RECENT_WINDOW_DAYS = {"1h": 7, "4h": 14, "1d": 60, "1w": 365, "1m": 3 * 365}

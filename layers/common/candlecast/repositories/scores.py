@@ -160,24 +160,6 @@ WHERE m.is_active
 GROUP BY m.timeframe
 """
 
-# Each active model's out-of-sample outcomes whose candle opened in its timeframe's recent window before `now`,
-# one per origin and step as the live record counts them (the first scored).
-_RECENT_COVERAGE_OF_ACTIVE = """
-SELECT m.timeframe, count(*) AS n, count(*) FILTER (WHERE recent.inside_80) AS inside_80
-FROM models m
-JOIN unnest(%(timeframes)s::text[], %(days)s::int[]) AS window_of(timeframe, days) ON window_of.timeframe = m.timeframe
-CROSS JOIN LATERAL (
-    SELECT DISTINCT ON (p.ticker, p.last_candle_at, s.step) s.inside_80
-    FROM prediction_scores s JOIN predictions p ON p.id = s.prediction_id
-    WHERE s.model_id = m.id AND NOT s.in_sample
-      AND s.ts > %(now)s - make_interval(days => window_of.days) AND s.ts <= %(now)s
-    ORDER BY p.ticker, p.last_candle_at, s.step, s.scored_at, s.prediction_id
-) recent
-WHERE m.is_active
-GROUP BY m.timeframe
-ORDER BY m.timeframe
-"""
-
 # Where a run has got to: the (ticker, timeframe, id) of the last prediction done.
 DueCursor = tuple[str, str, uuid.UUID]
 NO_PREDICTION: DueCursor = ("", "", uuid.UUID(int=0))
@@ -230,13 +212,6 @@ def get_active_model_stats(conn: psycopg.Connection, timeframe: str | None = Non
 def get_active_live_coverage(conn: psycopg.Connection) -> list[dict]:
     """Per timeframe: out-of-sample steps scored for its active model, and how many fell inside the 80 % band."""
     return conn.execute(_LIVE_COVERAGE_OF_ACTIVE).fetchall()
-
-
-def get_recent_live_coverage(conn: psycopg.Connection, now: datetime, window_days: dict[str, int]) -> list[dict]:
-    """{timeframe, n, inside_80} of each active model over the outcomes of its timeframe's last `window_days` days
-    before `now`; a model with none has no row."""
-    return conn.execute(_RECENT_COVERAGE_OF_ACTIVE, {"timeframes": list(window_days), "days": list(
-        window_days.values()), "now": now}).fetchall()
 
 
 def get_settled_prediction_ids(conn: psycopg.Connection, ids: list[uuid.UUID]) -> list[uuid.UUID]:

@@ -31,7 +31,6 @@ from pydantic import AwareDatetime, Field, ValidationInfo, field_validator
 
 from candlecast import cache, db, storage
 from candlecast.candles import bad_prints, usable_candles
-from candlecast.drift import RECENT_WINDOW_DAYS, is_drifting
 from candlecast.errors import CandlecastError, Conflict
 from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
@@ -70,9 +69,6 @@ class ScoreReport:
     # Hours from the newest candle the refresh stored (any active symbol and timeframe) to the run's now: past a
     # week, the weekly refresh stored nothing (StaleCandlesAlarm). None: no refresh has recorded one.
     stored_candles_age_hours: float | None = None
-    # Active models whose 80 % coverage over their recent window's outcomes is outside the band (DriftAlarm):
-    # "timeframe: coverage over n outcomes of the last d days", one each.
-    drifting: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -287,20 +283,8 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
     accuracy_changed = _refresh_accuracy(report)
     if report.scored or accuracy_changed:
         cache.invalidate_track_record()
-    report.drifting = _drifting(now)
     report.seconds = round(time.monotonic() - started, 3)
     return report
-
-
-def _drifting(now: datetime) -> list[str]:
-    with db.connection() as conn:
-        rows = score_repository.get_recent_live_coverage(conn, now, RECENT_WINDOW_DAYS)
-    drifting = [f"{row['timeframe']}: 80 % coverage {row['inside_80'] / row['n']:.3f} over {row['n']} outcomes of "
-                f"the last {RECENT_WINDOW_DAYS[row['timeframe']]} days" for row in rows
-                if is_drifting(row["n"], row["inside_80"] / row["n"])]
-    if drifting:
-        logger.warning("models drifting", extra={"drifting": drifting})
-    return drifting
 
 
 # How far a continuation's `now` may be ahead of this chunk's clock (the clock of the chunk that handed it on).
