@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote, urlencode
 
 logger = logging.getLogger(__name__)
@@ -307,31 +308,23 @@ def _set_statement_timeout(backend, deadline: Deadline) -> None:
                                    (str(deadline.statement_timeout_ms()),))
 
 
-def _apply_one(backend, migration, deadline: Deadline) -> None:
-    """The migration's steps and its row in _yoyo_migration (and _yoyo_log) in one transaction on the run's
-    connection, where yoyo's apply_one commits them separately, on a second connection."""
-    deadline.check(f"migration {migration.id}")
+def _run_one(backend, migration, deadline: Deadline, direction: Literal["apply", "rollback"]) -> None:
+    """The migration's steps (or its rollback's) and the record of it in _yoyo_migration (and _yoyo_log) in one
+    transaction on the run's connection, under its lock and deadline. yoyo's apply_one and rollback_one commit the
+    two apart, the steps on a second connection: a rollback ended between them left the migration recorded as
+    applied without its tables."""
+    what = f"migration {migration.id}" if direction == "apply" else f"rollback of {migration.id}"
+    deadline.check(what)
     migration.load()
     _set_statement_timeout(backend, deadline)
     with backend.transaction():
-        migration.process_steps(backend, "apply")
-        backend.mark_one(migration, log=False)
-        backend.log_migration(migration, "apply")
-        deadline.check(f"migration {migration.id} committed")  # raising here rolls it back
-
-
-def _rollback_one(backend, migration, deadline: Deadline) -> None:
-    """The migration's rollback steps and the removal of its row in one transaction on the run's connection,
-    under its lock and deadline, where yoyo's rollback_one commits the steps on a second connection and then, apart,
-    the removal: a run ended between them left the migration recorded as applied without its tables."""
-    deadline.check(f"rollback of {migration.id}")
-    migration.load()
-    _set_statement_timeout(backend, deadline)
-    with backend.transaction():
-        migration.process_steps(backend, "rollback")
-        backend.unmark_one(migration, log=False)
-        backend.log_migration(migration, "rollback")
-        deadline.check(f"rollback of {migration.id} committed")  # raising here rolls it back
+        migration.process_steps(backend, direction)
+        if direction == "apply":
+            backend.mark_one(migration, log=False)
+        else:
+            backend.unmark_one(migration, log=False)
+        backend.log_migration(migration, direction)
+        deadline.check(f"{what} committed")  # raising here rolls it back
 
 
 def _already_there(error: BaseException) -> str:
@@ -362,7 +355,7 @@ def _apply_with_retries(backend, migration, deadline: Deadline, applied: list[st
 
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
-            _apply_one(backend, migration, deadline)
+            _run_one(backend, migration, deadline, "apply")
             return
         except Cancelled as error:
             raise failed(error) from error
@@ -517,7 +510,7 @@ def rollback(conninfo: str, count: int = 1, directory: Path | None = None, *, st
         rolled_back: list[str] = []
         for migration in backend.to_rollback(migrations)[:count]:
             try:
-                _rollback_one(backend, migration, deadline)
+                _run_one(backend, migration, deadline, "rollback")
             except Exception as error:
                 raise MigrationError(
                     f"rollback of {migration.id} failed: {type(error).__name__}: {_first_line(error)} (rolled back "
