@@ -132,11 +132,15 @@ def test_a_terminated_or_hung_up_command_ends_as_an_interrupt_does(offline_env, 
             cleaned.append(True)
 
     offline_env.setattr("candlecast.forecast.cli.summary_table", ended)
-    before = signal.getsignal(ending)
-    assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"]) == 128 + ending
+    before = signal.signal(ending, signal.SIG_DFL)  # as a terminal session has it (a run under nohup ignores SIGHUP)
+    try:
+        assert cli.main(["scorecard", "--manifest", str(ROOT / "models" / "manifest.json"), "--summary"]) == (
+            128 + ending)
+        assert signal.getsignal(ending) is signal.SIG_DFL  # put back as it was
+    finally:
+        signal.signal(ending, before)
     assert capsys.readouterr().err == f"candlecast scorecard: interrupted ({ending.name})\n"
     assert cleaned == [True]
-    assert signal.getsignal(ending) == before  # put back as it was
 
 
 def test_a_command_run_under_nohup_goes_on_after_a_hang_up(offline_env, capsys):
