@@ -98,6 +98,7 @@ def forget_the_hour(url: str, now: datetime) -> None:
         conn.execute("DELETE FROM live_outcomes WHERE ts >= %s", (now,))
         conn.execute(_NEXT_SQL, {"now": now, "all": False})
         conn.execute("DELETE FROM model_live_stats")
+        conn.execute("DELETE FROM model_live_days")
         conn.execute("UPDATE models SET accuracy = NULL")
 
 

@@ -181,10 +181,11 @@ def load_predictions(url: str, predictions: list[dict]) -> None:
 def reset(url: str) -> None:
     """The database as built, before any scoring: cheaper than a copy of it (two of 6 GB at 1M)."""
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE prediction_scores, live_outcomes, model_live_stats")
+        conn.execute("TRUNCATE prediction_scores, live_outcomes, model_live_stats, model_live_days")
         conn.execute("UPDATE predictions SET score_next_at = NULL WHERE score_next_at IS NOT NULL")
         conn.execute("UPDATE models m SET accuracy = b.accuracy FROM bench_base_accuracy b WHERE b.id = m.id")
-        conn.execute("VACUUM (ANALYZE) predictions, prediction_scores, live_outcomes, model_live_stats")
+        conn.execute("VACUUM (ANALYZE) predictions, prediction_scores, live_outcomes, model_live_stats, "
+                     "model_live_days")
 
 
 def peak_rss_mb() -> float:

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from candlecast.drift import DRIFT_BAND, DRIFT_MIN_STEPS
+from candlecast.drift import (
+    BLOCK_MIN_BARS,
+    BLOCK_MIN_DAYS,
+    CALIBRATED,
+    DRIFT_BAND,
+    DRIFT_NORMAL_QUANTILE,
+    MIN_BLOCKS,
+)
 from candlecast.errors import UnusableInput
 from candlecast.forecast.cli import readme_with_block
 from candlecast.timeframes import TIMEFRAMES
@@ -153,7 +160,7 @@ def _others(figures: Served) -> str:
 
 
 def _drift(figures: Served) -> str:
-    """What GET /health says under `drift`, and which live coverage lies outside the band over too few steps."""
+    """What GET /health says under `drift`, and which live coverage lies outside the band without evidence."""
     periods = {item["timeframe"]: item["live"] for item in figures.models}
     drifting = [tf for tf in TIMEFRAMES if tf in figures.health["drift"]]
     low, high = DRIFT_BAND
@@ -170,9 +177,10 @@ def _drift(figures: Served) -> str:
            and item["live"]["coverage_80"] is not None and not low <= item["live"]["coverage_80"] <= high]
     if few:
         named = _listed([f"{item['timeframe']}'s {_number(item['live']['coverage_80'])}" for item in few])
-        steps = _listed([f"{item['live']['n_scored']:,}" for item in few])
         text += (f" {named} {'lies' if len(few) == 1 else 'lie'} outside [{low}, {high}]{' too' if drifting else ''}"
-                 f", but over {steps} steps, fewer than the {DRIFT_MIN_STEPS:,} `drift` waits for.")
+                 f", but without the evidence `drift` needs ({MIN_BLOCKS} blocks of outcome days, each at least "
+                 f"{BLOCK_MIN_DAYS} days and {BLOCK_MIN_BARS} candles; {DRIFT_NORMAL_QUANTILE:g} standard errors "
+                 f"from {CALIBRATED:.2f}).")
     return text
 
 

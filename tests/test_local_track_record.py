@@ -53,7 +53,8 @@ def test_the_block_says_what_is_not_live_and_when_health_reports_no_drift():
     assert "`replay` holds 120 steps seeded inside the training window, never counted as live." in text
     assert "1w 0.600 (499 steps), against a backtest of 0.800; `GET /health` reports no `drift`." in " ".join(
         text.split())
-    assert "1w's 0.600 lies outside [0.72, 0.88], but over 499 steps, fewer than the 500" in " ".join(text.split())
+    assert ("1w's 0.600 lies outside [0.72, 0.88], but without the evidence `drift` needs (5 blocks of outcome "
+            "days, each at least 7 days and 30 candles; 3 standard errors from 0.80)." in " ".join(text.split()))
 
 
 def test_the_block_names_each_drift_with_its_direction_and_period():
@@ -62,15 +63,15 @@ def test_the_block_names_each_drift_with_its_direction_and_period():
     monthly = _record("1m", _live(0.6, 700))
     seed = SimpleNamespace(past_predictions=1, scored_steps=2, plans=[_plan(tf, "live") for tf in ("1h", "4h", "1d",
                                                                                                     "1w", "1m")])
-    health = {"drift": {"1d": {"live_coverage_80": 0.95, "matured_steps": 800},
-                        "1m": {"live_coverage_80": 0.6, "matured_steps": 700}}}
+    health = {"drift": {"1d": {"live_coverage_80": 0.95, "matured_steps": 800, "standard_error": 0.02},
+                        "1m": {"live_coverage_80": 0.6, "matured_steps": 700, "standard_error": 0.03}}}
     text = " ".join(block(Served(seed=seed, models=[hourly, daily, monthly], table_model=hourly,
                                  health=health)).split())
     assert "prints `live` for every timeframe" in text
     assert ("`GET /health` reports `drift` for 1d (bands too wide over 2021-08-21 → 2021-11-17) and 1m (bands too "
             "narrow over 2021-01-01 → 2021-02-01).") in text
     assert "1d 0.950 (800 steps), 1m 0.600 (700), against backtests of 0.800 and 0.800;" in text
-    assert "fewer than" not in text
+    assert "without the evidence" not in text
 
 
 def test_the_command_stops_before_any_stack_when_the_readme_has_no_block(tmp_path, capsys):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 MIGRATIONS = sorted(path.name.removesuffix(".sql") for path in (ROOT / "migrations").glob("*.sql")
                     if not path.name.endswith(".rollback.sql"))
 TABLES = {"symbols", "models", "predictions", "prediction_steps", "prediction_scores", "model_live_stats",
-          "live_outcomes"}
+          "live_outcomes", "model_live_days"}
 
 
 @pytest.fixture
@@ -91,14 +91,15 @@ def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(s
             insert_model(conn, kind, str(version))
         with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
             insert_model(conn, "ensemble", "9")
-    assert migrate.rollback(scratch_database, count=3) == ["0009_score_due_series", "0008_live_outcomes",
-                                                           "0007_model_kinds"]
+    assert migrate.rollback(scratch_database, count=4) == ["0010_live_days", "0009_score_due_series",
+                                                           "0008_live_outcomes", "0007_model_kinds"]
     with psycopg.connect(scratch_database) as conn:
         kinds = [row[0] for row in conn.execute("SELECT kind FROM models ORDER BY version")]
         assert kinds == ["baseline", "learned", "baseline", "learned"]
         with pytest.raises(psycopg.errors.CheckViolation):
             insert_model(conn, "combined", "9")
-    assert migrate.apply(scratch_database) == ["0007_model_kinds", "0008_live_outcomes", "0009_score_due_series"]
+    assert migrate.apply(scratch_database) == ["0007_model_kinds", "0008_live_outcomes", "0009_score_due_series",
+                                               "0010_live_days"]
     with psycopg.connect(scratch_database) as conn:
         kinds = [row[0] for row in conn.execute("SELECT kind FROM models ORDER BY version")]
     assert kinds == ["baseline", "learned", "garch-scale", "combined"], "re-applying restores what each row shipped"
@@ -106,13 +107,15 @@ def test_a_models_kind_is_the_method_it_ships_and_rolls_back_to_the_old_labels(s
 
 def test_the_track_record_migrations_roll_back_alone(scratch_database):
     migrate.apply(scratch_database)
+    assert migrate.rollback(scratch_database, count=1) == ["0010_live_days"]
+    assert tables(scratch_database) == TABLES - {"model_live_days"}
     assert migrate.rollback(scratch_database, count=1) == ["0009_score_due_series"]
     with psycopg.connect(scratch_database) as conn:
         assert conn.execute("SELECT to_regclass('predictions_score_series_idx')").fetchone()[0] is None
         assert conn.execute("SELECT count(*) FROM pg_statistic_ext WHERE stxname = 'predictions_score_due_stats'"
                             ).fetchone()[0] == 0
     assert migrate.rollback(scratch_database, count=1) == ["0008_live_outcomes"]
-    assert tables(scratch_database) == TABLES - {"live_outcomes"}
+    assert tables(scratch_database) == TABLES - {"live_outcomes", "model_live_days"}
     assert migrate.rollback(scratch_database, count=1) == ["0007_model_kinds"]
     assert migrate.rollback(scratch_database, count=1) == ["0006_score_due"]
     with psycopg.connect(scratch_database) as conn:
@@ -121,9 +124,10 @@ def test_the_track_record_migrations_roll_back_alone(scratch_database):
         assert columns and "score_next_at" not in columns
         assert conn.execute("SELECT to_regclass('predictions_score_due_idx')").fetchone()[0] is None
     assert migrate.rollback(scratch_database, count=1) == ["0005_prediction_scores"]
-    assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats", "live_outcomes"}
+    assert tables(scratch_database) == TABLES - {"prediction_scores", "model_live_stats", "live_outcomes",
+                                                 "model_live_days"}
     assert migrate.apply(scratch_database) == ["0005_prediction_scores", "0006_score_due", "0007_model_kinds",
-                                               "0008_live_outcomes", "0009_score_due_series"]
+                                               "0008_live_outcomes", "0009_score_due_series", "0010_live_days"]
 
 
 def test_a_rollback_ended_before_its_record_is_removed_leaves_the_migration_whole(scratch_database, monkeypatch):
@@ -138,7 +142,7 @@ def test_a_rollback_ended_before_its_record_is_removed_leaves_the_migration_whol
         raise RuntimeError("the run ended here")
 
     monkeypatch.setattr(DatabaseBackend, "unmark_one", killed)
-    with pytest.raises(migrate.MigrationError, match="rollback of 0009_score_due_series failed: RuntimeError: the "
+    with pytest.raises(migrate.MigrationError, match="rollback of 0010_live_days failed: RuntimeError: the "
                                                      r"run ended here \(rolled back before it in this run: none; it "
                                                      r"is still applied, unchanged\)"):
         migrate.rollback(scratch_database, count=2)
@@ -146,9 +150,11 @@ def test_a_rollback_ended_before_its_record_is_removed_leaves_the_migration_whol
     assert migrate.status(scratch_database).pending == []
     with psycopg.connect(scratch_database) as conn:
         assert conn.execute("SELECT to_regclass('predictions_score_series_idx')").fetchone()[0] is not None
-    assert migrate.rollback(scratch_database, count=2) == ["0009_score_due_series", "0008_live_outcomes"]
-    assert tables(scratch_database) == TABLES - {"live_outcomes"}
-    assert migrate.apply(scratch_database) == ["0008_live_outcomes", "0009_score_due_series"]
+    assert tables(scratch_database) == TABLES
+    assert migrate.rollback(scratch_database, count=3) == ["0010_live_days", "0009_score_due_series",
+                                                           "0008_live_outcomes"]
+    assert tables(scratch_database) == TABLES - {"live_outcomes", "model_live_days"}
+    assert migrate.apply(scratch_database) == ["0008_live_outcomes", "0009_score_due_series", "0010_live_days"]
 
 
 def test_the_due_series_index_is_built_whole_and_rolled_back(scratch_database):
@@ -160,7 +166,7 @@ def test_the_due_series_index_is_built_whole_and_rolled_back(scratch_database):
         assert valid and "(ticker, timeframe, id)" in definition and "infinity" in definition
         assert conn.execute("SELECT count(*) FROM pg_statistic_ext "
                             "WHERE stxname = 'predictions_score_due_stats'").fetchone()[0] == 1
-    assert migrate.rollback(scratch_database, count=1) == ["0009_score_due_series"]
+    assert migrate.rollback(scratch_database, count=2) == ["0010_live_days", "0009_score_due_series"]
     with psycopg.connect(scratch_database) as conn:
         assert conn.execute("SELECT to_regclass('predictions_score_series_idx')").fetchone()[0] is None
         assert conn.execute("SELECT count(*) FROM pg_statistic_ext "
@@ -171,9 +177,9 @@ def test_a_migration_outside_the_runs_transaction_is_refused_before_anything_is_
     """yoyo runs a `-- transactional: false` migration on a second connection of its own: outside the run's
     advisory lock (which the first connection's idle_session_timeout then ends during a long build), its deadline's
     cancel and its statement_timeout (audit T)."""
-    folder = migrations_with(tmp_path, **{"0010_concurrent__sql": "-- depends: 0009_score_due_series\n"
+    folder = migrations_with(tmp_path, **{"0011_concurrent__sql": "-- depends: 0010_live_days\n"
                                           "-- transactional: false\nCREATE INDEX CONCURRENTLY x ON symbols (name);\n"})
-    with pytest.raises(migrate.MigrationError, match="migration 0010_concurrent is not transactional"):
+    with pytest.raises(migrate.MigrationError, match="migration 0011_concurrent is not transactional"):
         migrate.apply(scratch_database, directory=folder)
     with psycopg.connect(scratch_database) as conn:
         assert conn.execute("SELECT to_regclass('public.symbols')").fetchone()[0] is None
@@ -231,13 +237,14 @@ def test_an_older_checkout_lists_the_newer_migrations_and_refuses_to_roll_back(s
     older = tmp_path / "migrations"
     older.mkdir()
     for path in (ROOT / "migrations").glob("*.sql"):
-        if not path.name.startswith(("0008_", "0009_")):
+        if not path.name.startswith(("0008_", "0009_", "0010_")):
             shutil.copy(path, older / path.name)
     migrate.apply(scratch_database)
-    newer = ["0008_live_outcomes", "0009_score_due_series"]
-    assert migrate.status(scratch_database, older).as_dict() == {"applied": MIGRATIONS[:-2], "pending": [],
+    newer = ["0008_live_outcomes", "0009_score_due_series", "0010_live_days"]
+    assert migrate.status(scratch_database, older).as_dict() == {"applied": MIGRATIONS[:-3], "pending": [],
                                                                  "unknown": newer}
-    with pytest.raises(migrate.MigrationError, match="0008_live_outcomes, 0009_score_due_series; nothing rolled back"):
+    with pytest.raises(migrate.MigrationError,
+                       match="0008_live_outcomes, 0009_score_due_series, 0010_live_days; nothing rolled back"):
         migrate.rollback(scratch_database, 1, older)
     env = {**only_database(scratch_database), "MIGRATIONS_DIR": str(older)}
     rolled = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--rollback", "1"], env=env,
@@ -247,7 +254,7 @@ def test_an_older_checkout_lists_the_newer_migrations_and_refuses_to_roll_back(s
     assert migrate.status(scratch_database).as_dict() == {"applied": MIGRATIONS, "pending": [], "unknown": []}
     with caplog.at_level("WARNING", logger="candlecast.migrate"):
         assert migrate.apply(scratch_database, older) == []
-    assert "0008_live_outcomes, 0009_score_due_series" in caplog.text
+    assert "0008_live_outcomes, 0009_score_due_series, 0010_live_days" in caplog.text
 
 
 def test_cli_reports_missing_configuration_by_name():
@@ -335,7 +342,7 @@ def test_a_migrations_table_older_than_the_schema_points_at_mark_applied_which_g
 
 def test_mark_applied_marks_only_through_its_id_and_refuses_an_unknown_id(scratch_database):
     with pytest.raises(migrate.MigrationError, match=r"no migration '0010_nope' in this release's migrations "
-                       r"\(0001_symbols, .*0009_score_due_series\): nothing marked"):
+                       r"\(0001_symbols, .*0010_live_days\): nothing marked"):
         migrate.mark_applied(scratch_database, "0010_nope")
     result = subprocess.run([sys.executable, "-m", "candlecast.cli", "migrate", "--mark-applied", "0010_nope"],
                             env=only_database(scratch_database), capture_output=True, text=True)
@@ -363,9 +370,9 @@ def test_mark_applied_waits_for_the_run_lock(scratch_database):
 
 
 def test_only_an_already_exists_failure_points_at_mark_applied(scratch_database, tmp_path):
-    folder = migrations_with(tmp_path, **{"0010_broken__sql": "-- depends: 0009_score_due_series\n"
+    folder = migrations_with(tmp_path, **{"0011_broken__sql": "-- depends: 0010_live_days\n"
                                           "ALTER TABLE no_such_table ADD COLUMN x int;\n"})
-    with pytest.raises(migrate.MigrationError, match="migration 0010_broken failed: UndefinedTable") as raised:
+    with pytest.raises(migrate.MigrationError, match="migration 0011_broken failed: UndefinedTable") as raised:
         migrate.apply(scratch_database, folder)
     assert "mark-applied" not in str(raised.value)
 
@@ -669,14 +676,16 @@ def test_cli_rollback_count_must_be_positive(scratch_database, count):
 
 def test_the_outcomes_counted_before_live_outcomes_stay_counted(scratch_database):
     """0008 records the outcomes already folded into model_live_stats that a copy could still match (inside the
-    scoring window), so a copy scored after the deploy is not counted again."""
+    scoring window), so a copy scored after the deploy is not counted again. 0010 sums the out-of-sample outcomes
+    still stored per outcome day, each origin's once, as the Score function folds them."""
     migrate.apply(scratch_database)
-    assert migrate.rollback(scratch_database, count=2) == ["0009_score_due_series", "0008_live_outcomes"]
+    assert migrate.rollback(scratch_database, count=3) == ["0010_live_days", "0009_score_due_series",
+                                                           "0008_live_outcomes"]
     with psycopg.connect(scratch_database) as conn:
         insert_model(conn, "baseline", "1")
         conn.execute("INSERT INTO symbols (ticker, name, base_currency, quote_currency) "
                      "VALUES ('X:BTCUSD', 'Bitcoin', 'BTC', 'USD')")
-        for age_days in (1, 90):  # a recent origin, and one long out of the window
+        for age_days in (1, 1, 90):  # a recent origin and a copy of its prediction, and one long out of the window
             conn.execute("""
                 WITH p AS (
                     INSERT INTO predictions (symbol_id, ticker, timeframe, model_id, last_candle_at, last_close,
@@ -694,11 +703,13 @@ def test_the_outcomes_counted_before_live_outcomes_stay_counted(scratch_database
                 SELECT steps.prediction_id, steps.step, p.model_id, steps.ts, 100, true, true, 0.5, true, 1, 1, false
                 FROM steps JOIN p ON p.id = steps.prediction_id
             """, {"age": age_days})
-    assert migrate.apply(scratch_database) == ["0008_live_outcomes", "0009_score_due_series"]
+    assert migrate.apply(scratch_database) == ["0008_live_outcomes", "0009_score_due_series", "0010_live_days"]
     with psycopg.connect(scratch_database) as conn:
         counted = conn.execute("SELECT ticker, timeframe, step, origin_at > now() - interval '2 days' "
                                "FROM live_outcomes").fetchall()
+        days = conn.execute("SELECT day > current_date - 3, n, inside_80 FROM model_live_days ORDER BY day").fetchall()
     assert counted == [("X:BTCUSD", "1h", 1, True)]
+    assert days == [(False, 1, 1), (True, 1, 1)]
 
 
 def test_a_database_restored_from_another_stages_backup_is_taken_over_only_when_asked(scratch_database):

@@ -656,8 +656,9 @@ def steps_for(origin: datetime) -> list[dict]:
              "confidence": 0.3} for step in range(1, 31)]
 
 
-def score_predictions(count: int, inside_every: int, origin: datetime) -> None:
-    """`count` stored predictions of the active 1h model, every step scored; 1 in `inside_every` inside 80 %."""
+def score_predictions(count: int, inside_every: int | None, origin: datetime, hours_apart: int = 1) -> None:
+    """`count` stored predictions of the active 1h model, every step scored; 1 in `inside_every` inside the 80 %
+    band (None: none)."""
     from candlecast.repositories.predictions import create_prediction
     from candlecast.schemas import PredictionCreate
 
@@ -665,13 +666,14 @@ def score_predictions(count: int, inside_every: int, origin: datetime) -> None:
         symbol_id = conn.execute("SELECT id FROM symbols WHERE ticker = %s", (SYMBOL,)).fetchone()["id"]
         model_id = conn.execute("SELECT id FROM models WHERE timeframe = '1h' AND is_active").fetchone()["id"]
         for index in range(count):
-            at = origin + timedelta(hours=index)
+            at = origin + timedelta(hours=index * hours_apart)
             prediction = PredictionCreate(symbol_id=symbol_id, ticker=SYMBOL, timeframe="1h", model_id=model_id,
                                           last_candle_at=at, last_close=100.0, steps=steps_for(at))
             stored = create_prediction(conn, prediction, uuid.uuid4().hex)
             score_repository.record_scores(conn, [
                 {"prediction_id": str(stored["id"]), "step": step["step"], "model_id": str(model_id),
-                 "ts": step["ts"].isoformat(), "realised_close": 100.0, "inside_80": step["step"] % inside_every == 0,
+                 "ts": step["ts"].isoformat(), "realised_close": 100.0,
+                 "inside_80": inside_every is not None and step["step"] % inside_every == 0,
                  "inside_95": True, "confidence": 0.3, "event": False, "pinball": 1.0, "baseline_pinball": 1.0,
                  "in_sample": False}
                 for step in prediction.model_dump()["steps"]
@@ -679,18 +681,35 @@ def score_predictions(count: int, inside_every: int, origin: datetime) -> None:
     cache.invalidate_track_record()
 
 
-def test_drift_appears_past_500_steps_outside_the_band_and_clears(track):
+def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count_of_steps(track):
+    """Session 34's replay of the held-out walk-forward: a fixed band over >= 500 steps called drift in 24-84 % of
+    checks with nothing wrong, since 500 steps of a day or two are one window of co-moving outcomes. Drift now
+    needs 5 blocks of outcome days (a week each at 1h) and a coverage outside the band, 3 standard errors (as
+    Student's t) from 0.80, the standard error from the spread between blocks (candlecast.drift.live_coverage)."""
+    from candlecast.drift import student_t_quantile
+
     origin = datetime(2026, 1, 1, tzinfo=UTC)
-    score_predictions(16, inside_every=2, origin=origin)  # 480 steps at 50 %: too few to call it
+    score_predictions(17, inside_every=2, origin=origin)  # 510 steps at 50 % over 46 hours: no evidence
     assert health()["drift"] == {} and get_model("1h")[1]["drift"] is False
-    score_predictions(1, inside_every=2, origin=origin + timedelta(days=1))  # 510 steps at 50 %
+    assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(0.5)
+    # 39 days of hours, 3 steps each, none inside the band
+    score_predictions(90, inside_every=None, origin=origin + timedelta(days=10), hours_apart=10)
     report = health()
-    assert report["drift"] == {"1h": {"live_coverage_80": 0.5, "matured_steps": 510}}
+    assert report["drift"]["1h"]["matured_steps"] == 510 + 2700
+    coverage = report["drift"]["1h"]["live_coverage_80"]
+    assert coverage == pytest.approx(255 / 3210, abs=1e-4)
+    with db.connection() as conn:
+        days = conn.execute("SELECT count(*) AS days FROM model_live_days").fetchone()["days"]
+    blocks = days // 7
+    assert (days, blocks) == (2 + 39, 5)
+    assert 0 < report["drift"]["1h"]["standard_error"] < (0.80 - coverage) / student_t_quantile(3.0, blocks - 1)
     assert report["models"]["1h"]["drift"] is True and get_model("1h")[1]["drift"] is True
-    score_predictions(17, inside_every=1, origin=origin + timedelta(days=2))  # +510 inside: 75 %
+    # as long again, every step inside: 0.5 overall, but its blocks swing from none inside to all, so no evidence
+    score_predictions(90, inside_every=1, origin=origin + timedelta(days=60), hours_apart=10)
     report = health()
     assert report["drift"] == {} and "drift" not in report["models"]["1h"]
-    assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(0.75)
+    assert get_model("1h")[1]["drift"] is False
+    assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(2955 / 5910)
 
 
 def test_in_sample_replays_are_reported_apart_and_never_drift(track):

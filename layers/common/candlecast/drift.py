@@ -1,12 +1,78 @@
-"""80 % coverage: the one figure called `accuracy`, and when its live value says a model has drifted (no imports)."""
+"""80 % coverage: the one figure called `accuracy`, and when its live value says a model has drifted (no numpy)."""
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from candlecast.timeframes import FORECAST_STEPS, Timeframe, nominal_seconds
 
 # The manifest's `accuracy` is this on the walk-forward test (held-out coins); the models row's is this live.
 ACCURACY_DEFINITION = ("80 % coverage: the share of outcomes whose close fell inside the 80 % interval "
                        "(a calibrated model sits near 0.80)")
-DRIFT_BAND = (0.72, 0.88)
-DRIFT_MIN_STEPS = 500
+CALIBRATED = 0.80
+DRIFT_BAND = (0.72, 0.88)  # drift is called only outside it: smaller departures do not matter to a user
+# The standard error comes from the spread between blocks of consecutive outcome days (batch means), long enough
+# to be close to independent. Outcomes at one time share every bar, outcomes up to a horizon apart share some
+# (step 30 of one origin and step 1 of the origin 29 bars later end on a bar both include), and a volatile spell
+# makes every band miss for days: at 1h, blocks of 30 hours were too short (infra.drift_replay: 6 of 179
+# week-long windows of the held-out walk-forward beyond the t quantile, against about 0.5 by chance).
+BLOCK_MIN_BARS = FORECAST_STEPS
+BLOCK_MIN_DAYS = 7
+MIN_BLOCKS = 5  # fewer say too little about the spread; drift is not called
+# Drift is called this normal quantile (3 standard errors) from 0.80, as Student's t with one degree of freedom
+# fewer than there are blocks: health is read often, so a call by chance must be rare.
+DRIFT_NORMAL_QUANTILE = 3.0
 
 
-def is_drifting(n: int, coverage_80: float | None) -> bool:
-    """Live 80 % coverage outside DRIFT_BAND over at least DRIFT_MIN_STEPS matured (out-of-sample) steps."""
-    return n >= DRIFT_MIN_STEPS and coverage_80 is not None and not DRIFT_BAND[0] <= coverage_80 <= DRIFT_BAND[1]
+@dataclass(frozen=True)
+class LiveCoverage:
+    matured_steps: int
+    coverage_80: float | None
+    standard_error: float | None  # None with fewer than MIN_BLOCKS blocks
+    drifting: bool
+
+
+def block_rows(timeframe: Timeframe) -> int:
+    """Rows of model_live_days per block, a row being a day or, from 1d, a candle: BLOCK_MIN_DAYS and at least
+    BLOCK_MIN_BARS candles (7 days at 1h and 4h, 30 candles from 1d)."""
+    bar = nominal_seconds(timeframe)
+    return math.ceil(max(BLOCK_MIN_DAYS * 86400, BLOCK_MIN_BARS * bar) / max(bar, 86400))
+
+
+def live_coverage(timeframe: Timeframe, days: Sequence[tuple[int, int]]) -> LiveCoverage:
+    """The live 80 % coverage over a model's outcome days (in order, each (steps, inside the 80 % band)), its
+    standard error, and whether it has drifted: outside DRIFT_BAND, and further from 0.80 than the t quantile of
+    DRIFT_NORMAL_QUANTILE's tail times the standard error (a calibrated model is called by chance at most 0.3 %
+    of the time).
+
+    Coins move together and a volatile week misses for all of them, so windows of thousands of steps swing far
+    with nothing wrong (README, the 60-hour windows' 0.55-0.95); the spread between blocks measures that, a count
+    of steps does not. `python -m infra.drift_replay` replays this on a held-out walk-forward."""
+    steps = sum(n for n, _ in days)
+    if not steps:
+        return LiveCoverage(0, None, None, False)
+    coverage = sum(inside for _, inside in days) / steps
+    length = block_rows(timeframe)
+    blocks = len(days) // length
+    if blocks < MIN_BLOCKS:
+        return LiveCoverage(steps, coverage, None, False)
+    bounds = [index * length for index in range(blocks)] + [len(days)]  # the last block takes the remainder
+    squares = 0.0
+    for start, end in itertools.pairwise(bounds):
+        block = days[start:end]
+        squares += (sum(inside for _, inside in block) - coverage * sum(n for n, _ in block)) ** 2
+    standard_error = math.sqrt(squares * blocks / (blocks - 1)) / steps
+    significant = abs(coverage - CALIBRATED) > student_t_quantile(DRIFT_NORMAL_QUANTILE, blocks - 1) * standard_error
+    drifting = significant and not DRIFT_BAND[0] <= coverage <= DRIFT_BAND[1]
+    return LiveCoverage(steps, coverage, standard_error, drifting)
+
+
+def student_t_quantile(z: float, degrees: int) -> float:
+    """Student's t quantile of the normal quantile z's tail probability (Cornish-Fisher, Abramowitz and Stegun
+    26.7.5: within 1 % of the exact value from 4 degrees of freedom at z = 3)."""
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / degrees + g2 / degrees**2 + g3 / degrees**3 + g4 / degrees**4

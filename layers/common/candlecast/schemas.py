@@ -274,6 +274,8 @@ class ModelStatus(Schema):
 class Drift(Schema):
     live_coverage_80: float
     matured_steps: int
+    standard_error: float = Field(..., description="of live_coverage_80, from the spread between blocks of "
+                                                   "outcome days (a week, or 30 candles from 1d)")
 
 
 class HealthReport(Schema):
@@ -284,7 +286,8 @@ class HealthReport(Schema):
     checks: HealthChecks
     models: dict[Timeframe, ModelStatus] = Field(..., description="the active model of each timeframe")
     drift: dict[Timeframe, Drift] = Field(
-        default_factory=dict, description="timeframes whose live 80 % coverage left [0.72, 0.88] over >= 500 steps")
+        default_factory=dict, description="timeframes whose live 80 % coverage lies outside [0.72, 0.88] and 3 "
+                                         "standard errors from 0.80, over at least 5 blocks of outcome days")
 
 
 class HorizonCoverage(Schema):
@@ -360,7 +363,8 @@ class ModelTrackRecord(Schema):
     backtest: BacktestFigures
     live: LiveFigures
     replay: LiveFigures | None = Field(None, description="in-sample replay (origins inside the training window)")
-    drift: bool = Field(..., description="live 80 % coverage outside [0.72, 0.88] over at least 500 steps")
+    drift: bool = Field(..., description="live 80 % coverage outside [0.72, 0.88] and 3 standard errors from "
+                                         "0.80 (GET /health's drift)")
 
 
 class ErrorDetail(Schema):

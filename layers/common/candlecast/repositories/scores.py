@@ -1,9 +1,11 @@
-"""Queries on the live track record: prediction_scores (one row per matured step) and model_live_stats (sums).
+"""Queries on the live track record: prediction_scores (one row per matured step), model_live_stats (sums) and
+model_live_days (out-of-sample sums per outcome day, for drift).
 
 A step is scored once: the insert skips steps already scored, and only the rows it inserted are folded into
-model_live_stats, in the same statement (so in the same transaction). Scored therefore always means aggregated.
-An outcome is counted once: of the predictions made by one model from one origin (ticker, timeframe, last
-candle), only the first scored at each step is folded (live_outcomes), so a popular origin counts once.
+model_live_stats and model_live_days, in the same statement (so in the same transaction). Scored therefore
+always means aggregated. An outcome is counted once: of the predictions made by one model from one origin (ticker,
+timeframe, last candle), only the first scored at each step is folded (live_outcomes), so a popular origin counts
+once.
 """
 
 import json
@@ -113,9 +115,20 @@ WITH scored AS (
         last_ts = GREATEST(model_live_stats.last_ts, EXCLUDED.last_ts),
         updated_at = now()
     RETURNING 1
+), daily AS (
+    INSERT INTO model_live_days (model_id, day, n, inside_80)
+    SELECT model_id, (ts AT TIME ZONE 'UTC')::date, count(*), count(*) FILTER (WHERE inside_80)
+    FROM first_of_origin
+    WHERE NOT in_sample
+    GROUP BY 1, 2
+    ORDER BY 1, 2  -- one lock order for concurrent runs
+    ON CONFLICT (model_id, day) DO UPDATE SET
+        n = model_live_days.n + EXCLUDED.n,
+        inside_80 = model_live_days.inside_80 + EXCLUDED.inside_80
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM scored) AS scored, (SELECT count(*) FROM first_of_origin) AS counted,
-       (SELECT count(*) FROM folded) AS cells
+       (SELECT count(*) FROM folded) AS cells, (SELECT count(*) FROM daily) AS days
 """
 
 # After a batch: each prediction's next look is its earliest unscored step inside the window (one whose candle is
@@ -153,10 +166,10 @@ WHERE m.is_active AND (%(timeframe)s::text IS NULL OR m.timeframe = %(timeframe)
 ORDER BY m.timeframe, s.in_sample, s.horizon, s.confidence_bin
 """
 
-_LIVE_COVERAGE_OF_ACTIVE = """
-SELECT m.timeframe, sum(s.n) AS n, sum(s.inside_80) AS inside_80
-FROM models m JOIN model_live_stats s ON s.model_id = m.id AND NOT s.in_sample
-WHERE m.is_active
+_LIVE_TIMES_OF_ACTIVE = """
+SELECT m.timeframe, array_agg(t.n ORDER BY t.day) AS n, array_agg(t.inside_80 ORDER BY t.day) AS inside_80
+FROM models m JOIN model_live_days t ON t.model_id = m.id
+WHERE m.is_active AND (%(timeframe)s::text IS NULL OR m.timeframe = %(timeframe)s)
 GROUP BY m.timeframe
 """
 
@@ -184,7 +197,7 @@ def schedule_next(conn: psycopg.Connection, ids: list[uuid.UUID], since: datetim
 
 def record_scores(conn: psycopg.Connection, rows: list[dict]) -> int:
     """Insert the scores of matured steps and fold the new ones whose outcome is not counted yet into
-    model_live_stats; returns how many steps were newly scored.
+    model_live_stats (and, out of sample, model_live_days); returns how many steps were newly scored.
 
     Steps already scored (by an earlier or a concurrent run) are skipped and not counted again, and so is the
     step of a prediction from an origin whose outcome at that step another prediction already counted.
@@ -209,9 +222,11 @@ def get_active_model_stats(conn: psycopg.Connection, timeframe: str | None = Non
     return conn.execute(_STATS_OF_ACTIVE, {"timeframe": timeframe}).fetchall()
 
 
-def get_active_live_coverage(conn: psycopg.Connection) -> list[dict]:
-    """Per timeframe: out-of-sample steps scored for its active model, and how many fell inside the 80 % band."""
-    return conn.execute(_LIVE_COVERAGE_OF_ACTIVE).fetchall()
+def get_active_live_days(conn: psycopg.Connection, timeframe: str | None = None) -> dict[str, list[tuple[int, int]]]:
+    """Per timeframe (all, or one): its active model's out-of-sample outcomes per outcome day, in day order, as
+    (steps scored, how many fell inside the 80 % band)."""
+    return {row["timeframe"]: list(zip(row["n"], row["inside_80"], strict=True))
+            for row in conn.execute(_LIVE_TIMES_OF_ACTIVE, {"timeframe": timeframe}, binary=True)}
 
 
 def get_settled_prediction_ids(conn: psycopg.Connection, ids: list[uuid.UUID]) -> list[uuid.UUID]:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
-from candlecast.drift import is_drifting
+from candlecast.drift import live_coverage
 from candlecast.errors import CandlecastError, ServiceUnavailable
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import scores as score_repository
@@ -53,9 +53,9 @@ def _database() -> dict:
     with db.connection() as conn:
         stats_repository.test_connection(conn)
         active = {row["timeframe"]: row for row in model_repository.get_all_active_models(conn)}
-        for row in score_repository.get_active_live_coverage(conn):
-            if row["timeframe"] in active:
-                active[row["timeframe"]]["live"] = (int(row["n"]), int(row["inside_80"]))
+        for timeframe, days in score_repository.get_active_live_days(conn).items():
+            if timeframe in active:
+                active[timeframe]["live"] = live_coverage(timeframe, days)
         return active
 
 
@@ -130,9 +130,9 @@ def check() -> tuple[int, bytes]:
         status, code = "ok", 200
     drift = {}
     for timeframe, row in active_models.items():
-        n, inside_80 = row.get("live", (0, 0))
-        if is_drifting(n, inside_80 / n if n else None):
-            drift[timeframe] = {"live_coverage_80": round(inside_80 / n, 4), "matured_steps": n}
+        if (live := row.get("live")) is not None and live.drifting:
+            drift[timeframe] = {"live_coverage_80": round(live.coverage_80, 4), "matured_steps": live.matured_steps,
+                                "standard_error": round(live.standard_error, 4)}
             models[timeframe]["drift"] = True
     return code, json.dumps({"status": status, "checks": checks, "models": models, "drift": drift}).encode()
 

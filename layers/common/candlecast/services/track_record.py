@@ -2,7 +2,8 @@
 
 Every live figure is a sum over model_live_stats cells (model, in-sample flag, horizon, confidence bin), so the
 figures stay exact after retention deletes old predictions. Live figures count out-of-sample steps only: a
-prediction whose origin lies inside its model's training window is a replay and is reported apart.
+prediction whose origin lies inside its model's training window is a replay and is reported apart. Drift is
+judged from the live coverage per outcome day (model_live_days, candlecast.drift.live_coverage).
 """
 
 from collections import defaultdict
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db
-from candlecast.drift import is_drifting
+from candlecast.drift import live_coverage
 from candlecast.errors import NotFound
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import scores as score_repository
@@ -131,7 +132,7 @@ def _registered_figures(model: dict, *, detail: bool) -> BacktestFigures:
         return BacktestFigures()
 
 
-def _record(model: dict, cells: list[dict], *, detail: bool) -> ModelTrackRecord:
+def _record(model: dict, cells: list[dict], days: list[tuple[int, int]], *, detail: bool) -> ModelTrackRecord:
     live = live_figures((c for c in cells if not c["in_sample"]), in_sample=False, detail=detail)
     replay_cells = [c for c in cells if c["in_sample"]]
     return ModelTrackRecord(
@@ -140,7 +141,7 @@ def _record(model: dict, cells: list[dict], *, detail: bool) -> ModelTrackRecord
         backtest=_registered_figures(model, detail=detail),
         live=live,
         replay=live_figures(replay_cells, in_sample=True, detail=detail) if replay_cells else None,
-        drift=is_drifting(live.n_scored, live.coverage_80),
+        drift=live_coverage(model["timeframe"], days).drifting,
     )
 
 
@@ -151,11 +152,13 @@ def _load(timeframe: str | None) -> list[ModelTrackRecord]:
         else:
             models = [row] if (row := model_repository.get_active_model_by_timeframe(conn, timeframe)) else []
         cells = score_repository.get_active_model_stats(conn, timeframe) if models else []
+        days = score_repository.get_active_live_days(conn, timeframe) if models else {}
     by_timeframe: dict[str, list[dict]] = defaultdict(list)
     for cell in cells:
         by_timeframe[cell["timeframe"]].append(cell)
     order = {tf: index for index, tf in enumerate(TIMEFRAMES)}
-    return [_record(model, by_timeframe[model["timeframe"]], detail=timeframe is not None)
+    return [_record(model, by_timeframe[model["timeframe"]], days.get(model["timeframe"], []),
+                    detail=timeframe is not None)
             for model in sorted(models, key=lambda model: order[model["timeframe"]])]
 
 

@@ -1,0 +1,117 @@
+"""`python -m infra.drift_replay --walk-forward WF.npz [--days ...] [--scale S]`: is `drift` called by chance?
+
+Reads a walk-forward saved by `candlecast train --evaluate-only --save-walk-forward` (held-out coins, out of
+sample) and folds the shipped kind's outcomes per outcome day (a candle from 1d), each (coin, origin, step)
+once, as the Score function folds live ones (model_live_days). Then, over every disjoint window of that many
+days (all coins):
+
+- the share of windows `drift` (candlecast.drift.live_coverage) calls, and the share the rule before it
+  (outside the band over at least 500 steps) called;
+- of the windows with enough blocks for a standard error (candlecast.drift.MIN_BLOCKS), how many lie further
+  from 0.80 than the t quantile `drift` uses allows, inside the band or not: with a calibrated model and an
+  honest standard error, about 0.3 % of them.
+
+A window's coverage may truly differ from the whole's (eras), so a call is not always a false alarm. With
+`--scale`, the bands are narrowed (or widened) everywhere: the share called is then how soon real drift shows.
+Prints figures; asserts nothing. A step's time is its origin's plus whole candles (a month counts 30.44 days).
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from candlecast.drift import (
+    CALIBRATED,
+    DRIFT_BAND,
+    DRIFT_NORMAL_QUANTILE,
+    block_rows,
+    live_coverage,
+    student_t_quantile,
+)
+from candlecast.forecast.features import QUANTILES
+from candlecast.forecast.train import load_walk_forward
+from candlecast.timeframes import nominal_seconds
+
+OLD_MIN_STEPS = 500  # the rule before live_coverage: outside DRIFT_BAND over at least this many steps
+LOWER_80, MEDIAN, UPPER_80 = (int(np.searchsorted(QUANTILES, level)) for level in (0.1, 0.5, 0.9))
+
+
+def row_seconds(timeframe: str) -> int:
+    """What one row of model_live_days spans: a day, or from 1d a candle."""
+    return max(nominal_seconds(timeframe), 86400)
+
+
+def outcome_days(path: Path, scale: float = 1.0) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray]:
+    """(timeframe, kind, row index, steps, inside the 80 % band) per row (row_seconds) with any outcome; the band
+    scaled about the median by `scale` (below 1: a model that has drifted too narrow)."""
+    about, log_return, time, _, methods = load_walk_forward(path)
+    timeframe, kind = about["timeframe"], about["kind"]
+    quantiles = methods[kind][0]
+    median = quantiles[..., MEDIAN]
+    lower = median - scale * (median - quantiles[..., LOWER_80])
+    upper = median + scale * (quantiles[..., UPPER_80] - median)
+    scored = np.isfinite(log_return)
+    inside = (lower <= log_return) & (log_return <= upper) & scored
+    step_time = time[:, None] + np.arange(1, log_return.shape[1] + 1)[None, :] * nominal_seconds(timeframe)
+    at = np.floor(step_time / row_seconds(timeframe) + 1e-6).astype(np.int64)
+    first = at[scored].min()
+    steps = np.bincount((at - first)[scored])
+    inside_80 = np.bincount((at - first)[inside], minlength=len(steps))
+    kept = np.flatnonzero(steps)
+    return timeframe, kind, kept + first, steps[kept], inside_80[kept]
+
+
+def windows(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarray, days: float) -> dict:
+    """Every disjoint window of `days`: how many `drift` and the old rule call, and how many of those with enough
+    blocks for a standard error lie beyond the t quantile `drift` uses from 0.80."""
+    length = max(1, round(days * 86400 / row_seconds(timeframe)))
+    calls = old_calls = judged = beyond = 0
+    coverages = []
+    for start in range(int(at[0]), int(at[-1]) + 1, length):
+        chosen = (at >= start) & (at < start + length)
+        if not chosen.any():
+            continue
+        live_days = list(zip(steps[chosen].tolist(), inside[chosen].tolist(), strict=True))
+        live = live_coverage(timeframe, live_days)
+        calls += live.drifting
+        old_calls += live.matured_steps >= OLD_MIN_STEPS and not DRIFT_BAND[0] <= live.coverage_80 <= DRIFT_BAND[1]
+        coverages.append(live.coverage_80)
+        if live.standard_error:  # enough blocks
+            blocks = len(live_days) // block_rows(timeframe)
+            z = (live.coverage_80 - CALIBRATED) / live.standard_error
+            beyond += abs(z) > student_t_quantile(DRIFT_NORMAL_QUANTILE, blocks - 1)
+            judged += 1
+    return {"windows": len(coverages), "judged": judged, "calls": calls, "old_calls": old_calls, "beyond": beyond,
+            "p10": float(np.percentile(coverages, 10)), "p90": float(np.percentile(coverages, 90))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--walk-forward", required=True, type=Path, help="the npz train --save-walk-forward wrote")
+    parser.add_argument("--days", type=float, nargs="+", default=[7, 30, 90, 365])
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="scale the 80 %% bands about the median (0.7: a model drifted narrow; how often "
+                             "drift is called then)")
+    args = parser.parse_args(argv)
+    timeframe, kind, at, steps, inside = outcome_days(args.walk_forward, args.scale)
+    print(f"{timeframe} ({kind}{f', bands scaled by {args.scale:g}' if args.scale != 1 else ''}): "
+          f"{steps.sum():,} outcomes on {len(at):,} days (candles from 1d), "
+          f"80 % coverage {inside.sum() / steps.sum():.3f}")
+    print("| window | windows | coverage p10-p90 | drift called | old rule called | with a standard error "
+          "| beyond the t quantile |")
+    print("|---|---|---|---|---|---|---|")
+    for days in args.days:
+        found = windows(timeframe, at, steps, inside, days)
+        if not found["windows"]:
+            continue
+        share = 100 / found["windows"]
+        print(f"| {days:g} days | {found['windows']} | {found['p10']:.3f}-{found['p90']:.3f} "
+              f"| {found['calls']} ({found['calls'] * share:.0f} %) "
+              f"| {found['old_calls']} ({found['old_calls'] * share:.0f} %) | {found['judged']} "
+              f"| {found['beyond']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
