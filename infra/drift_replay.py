@@ -1,4 +1,4 @@
-"""`python -m infra.drift_replay --walk-forward WF.npz [--days ...] [--scale S]`: is `drift` called by chance?
+"""`python -m infra.drift_replay --walk-forward WF.npz [--scale S] [--plot PNG]`: is `drift` called by chance?
 
 Reads a walk-forward saved by `candlecast train --evaluate-only --save-walk-forward` (held-out coins, out of
 sample) and folds the shipped kind's outcomes per outcome day (a candle from 1d), each (coin, origin, step)
@@ -17,6 +17,8 @@ Prints figures; asserts nothing. A step's time is its origin's plus whole candle
 """
 
 import argparse
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -62,54 +64,105 @@ def outcome_days(path: Path, scale: float = 1.0) -> tuple[str, str, np.ndarray, 
     return timeframe, kind, kept + first, steps[kept], inside_80[kept]
 
 
-def windows(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarray, days: float) -> dict:
-    """Every disjoint window of `days`: how many `drift` and the old rule call, and how many of those with enough
-    blocks for a standard error lie beyond the t quantile `drift` uses from 0.80."""
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    coverage: float
+    margin: float | None  # the t quantile times the standard error; None with too few blocks
+    called: bool  # by `drift`
+    old_called: bool  # by the 500-step rule
+
+
+def windows(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarray, days: float) -> list[Window]:
+    """Every disjoint window of `days` (rows `at`), as `drift` and the old rule judge it."""
     length = max(1, round(days * 86400 / row_seconds(timeframe)))
-    calls = old_calls = judged = beyond = 0
-    coverages = []
+    found = []
     for start in range(int(at[0]), int(at[-1]) + 1, length):
         chosen = (at >= start) & (at < start + length)
         if not chosen.any():
             continue
         live_days = list(zip(steps[chosen].tolist(), inside[chosen].tolist(), strict=True))
         live = live_coverage(timeframe, live_days)
-        calls += live.drifting
-        old_calls += live.matured_steps >= OLD_MIN_STEPS and not DRIFT_BAND[0] <= live.coverage_80 <= DRIFT_BAND[1]
-        coverages.append(live.coverage_80)
-        if live.standard_error:  # enough blocks
+        margin = None
+        if live.standard_error is not None:
             blocks = len(live_days) // block_rows(timeframe)
-            z = (live.coverage_80 - CALIBRATED) / live.standard_error
-            beyond += abs(z) > student_t_quantile(DRIFT_NORMAL_QUANTILE, blocks - 1)
-            judged += 1
-    return {"windows": len(coverages), "judged": judged, "calls": calls, "old_calls": old_calls, "beyond": beyond,
+            margin = student_t_quantile(DRIFT_NORMAL_QUANTILE, blocks - 1) * live.standard_error
+        found.append(Window(
+            start=datetime.fromtimestamp(start * row_seconds(timeframe), UTC), coverage=live.coverage_80,
+            margin=margin, called=live.drifting,
+            old_called=live.matured_steps >= OLD_MIN_STEPS and not DRIFT_BAND[0] <= live.coverage_80 <= DRIFT_BAND[1]))
+    return found
+
+
+def summary(found: list[Window]) -> dict:
+    """How many windows `drift` and the old rule call, and how many of those with enough blocks for a standard
+    error lie beyond the t quantile `drift` uses from 0.80."""
+    judged = [window for window in found if window.margin is not None]
+    coverages = [window.coverage for window in found]
+    return {"windows": len(found), "judged": len(judged), "calls": sum(window.called for window in found),
+            "old_calls": sum(window.old_called for window in found),
+            "beyond": sum(abs(window.coverage - CALIBRATED) > window.margin for window in judged),
             "p10": float(np.percentile(coverages, 10)), "p90": float(np.percentile(coverages, 90))}
+
+
+def plot(by_days: dict[float, list[Window]], title: str, path: Path) -> None:
+    """One panel per window length: each window's coverage at its start, ± the margin `drift` allows, the band,
+    and which windows each rule calls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(by_days), 1, figsize=(11, 2.6 * len(by_days)), sharex=True, squeeze=False)
+    for axis, (days, found) in zip(axes[:, 0], by_days.items(), strict=True):
+        axis.axhspan(*DRIFT_BAND, color="0.92", label="band")
+        axis.axhline(CALIBRATED, color="0.5", linewidth=0.8)
+        judged = [window for window in found if window.margin is not None]
+        axis.errorbar([window.start for window in judged], [window.coverage for window in judged],
+                      yerr=[window.margin for window in judged], fmt="none", ecolor="0.6", linewidth=0.8)
+        for group, style in (([w for w in found if not w.called and not w.old_called], dict(color="0.3", marker=".")),
+                             ([w for w in found if w.old_called], dict(color="tab:orange", marker="o", mfc="none")),
+                             ([w for w in found if w.called], dict(color="tab:red", marker="x"))):
+            axis.plot([w.start for w in group], [w.coverage for w in group], linestyle="none", **style)
+        axis.set_ylabel(f"{days:g}-day cov80")
+    axes[0, 0].plot([], [], "o", color="tab:orange", mfc="none", label="500-step rule calls")
+    axes[0, 0].plot([], [], "x", color="tab:red", label="drift calls")
+    axes[0, 0].legend(loc="lower left", fontsize=8, ncols=3)
+    axes[0, 0].set_title(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--walk-forward", required=True, type=Path, help="the npz train --save-walk-forward wrote")
-    parser.add_argument("--days", type=float, nargs="+", default=[7, 30, 90, 365])
+    parser.add_argument("--days", type=float, nargs="+", default=[7, 35, 90, 365])
     parser.add_argument("--scale", type=float, default=1.0,
                         help="scale the 80 %% bands about the median (0.7: a model drifted narrow; how often "
                              "drift is called then)")
+    parser.add_argument("--plot", type=Path, help="also draw every window's coverage and the calls (PNG)")
     args = parser.parse_args(argv)
     timeframe, kind, at, steps, inside = outcome_days(args.walk_forward, args.scale)
-    print(f"{timeframe} ({kind}{f', bands scaled by {args.scale:g}' if args.scale != 1 else ''}): "
-          f"{steps.sum():,} outcomes on {len(at):,} days (candles from 1d), "
-          f"80 % coverage {inside.sum() / steps.sum():.3f}")
+    title = (f"{timeframe} ({kind}{f', bands scaled by {args.scale:g}' if args.scale != 1 else ''}): "
+             f"{steps.sum():,} outcomes on {len(at):,} days (candles from 1d), "
+             f"80 % coverage {inside.sum() / steps.sum():.3f}")
+    print(title)
     print("| window | windows | coverage p10-p90 | drift called | old rule called | with a standard error "
           "| beyond the t quantile |")
     print("|---|---|---|---|---|---|---|")
-    for days in args.days:
-        found = windows(timeframe, at, steps, inside, days)
-        if not found["windows"]:
-            continue
-        share = 100 / found["windows"]
-        print(f"| {days:g} days | {found['windows']} | {found['p10']:.3f}-{found['p90']:.3f} "
-              f"| {found['calls']} ({found['calls'] * share:.0f} %) "
-              f"| {found['old_calls']} ({found['old_calls'] * share:.0f} %) | {found['judged']} "
-              f"| {found['beyond']} |")
+    by_days = {days: found for days in args.days if (found := windows(timeframe, at, steps, inside, days))}
+    for days, found in by_days.items():
+        figures = summary(found)
+        share = 100 / figures["windows"]
+        print(f"| {days:g} days | {figures['windows']} | {figures['p10']:.3f}-{figures['p90']:.3f} "
+              f"| {figures['calls']} ({figures['calls'] * share:.0f} %) "
+              f"| {figures['old_calls']} ({figures['old_calls'] * share:.0f} %) | {figures['judged']} "
+              f"| {figures['beyond']} |")
+    if args.plot:
+        plot(by_days, title, args.plot)
+        print(f"drew {args.plot}")
     return 0
 
 

@@ -66,7 +66,7 @@ def test_the_replay_folds_a_walk_forward_per_outcome_day_as_score_does(tmp_path)
     coverage is the share inside, and a model whose every band misses is called once it has 5 blocks."""
     import json
 
-    from infra.drift_replay import outcome_days, windows
+    from infra.drift_replay import outcome_days, summary, windows
 
     origins = np.arange(0, 40 * 86400, 6 * 3600)  # every 6 hours for 40 days, one coin
     log_return = np.zeros((len(origins), 30))
@@ -82,5 +82,5 @@ def test_the_replay_folds_a_walk_forward_per_outcome_day_as_score_does(tmp_path)
     assert steps.sum() == len(origins) * 30 and inside.sum() == len(origins) * 15
     assert steps[0] == 23 + 17 + 11 + 5  # day 0: the origins at 0, 6, 12 and 18 h, steps up to 23 h
     assert list(days) == list(range(42))  # the last origin's last step opens at 0 h on day 41
-    assert windows(timeframe, days, steps, inside, days=42)["calls"] == 1  # 0.5 over 42 days: 6 blocks
-    assert windows(timeframe, days, steps, inside, days=20)["calls"] == 0  # 20 days: too few blocks
+    assert summary(windows(timeframe, days, steps, inside, days=42))["calls"] == 1  # 0.5 over 42 days: 6 blocks
+    assert summary(windows(timeframe, days, steps, inside, days=20))["calls"] == 0  # 20 days: too few blocks

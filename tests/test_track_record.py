@@ -692,6 +692,7 @@ def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count
     score_predictions(17, inside_every=2, origin=origin)  # 510 steps at 50 % over 46 hours: no evidence
     assert health()["drift"] == {} and get_model("1h")[1]["drift"] is False
     assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(0.5)
+    assert get_model("1h")[1]["live"]["coverage_80_standard_error"] is None  # 2 days: no blocks of a week
     # 39 days of hours, 3 steps each, none inside the band
     score_predictions(90, inside_every=None, origin=origin + timedelta(days=10), hours_apart=10)
     report = health()
@@ -704,6 +705,8 @@ def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count
     assert (days, blocks) == (2 + 39, 5)
     assert 0 < report["drift"]["1h"]["standard_error"] < (0.80 - coverage) / student_t_quantile(3.0, blocks - 1)
     assert report["models"]["1h"]["drift"] is True and get_model("1h")[1]["drift"] is True
+    served = get_model("1h")[1]["live"]["coverage_80_standard_error"]
+    assert served == pytest.approx(report["drift"]["1h"]["standard_error"], abs=1e-4)
     # as long again, every step inside: 0.5 overall, but its blocks swing from none inside to all, so no evidence
     score_predictions(90, inside_every=1, origin=origin + timedelta(days=60), hours_apart=10)
     report = health()

@@ -313,6 +313,9 @@ class LiveFigures(Schema):
     period_start: datetime | None = Field(None, description="ts of the first scored step")
     period_end: datetime | None = Field(None, description="ts of the last scored step")
     coverage_80: float | None
+    coverage_80_standard_error: float | None = Field(
+        None, description="live figures only: of coverage_80, from the spread between blocks of outcome days (a "
+                          "week, or 30 candles from 1d), as `drift` judges it; null with fewer than 5 blocks")
     coverage_95: float | None
     ece: float | None = Field(None, description="confidence ECE, 10 equal-width bins")
     pinball: float | None = Field(None, description="mean pin5 loss, % log return")

@@ -134,6 +134,8 @@ def _registered_figures(model: dict, *, detail: bool) -> BacktestFigures:
 
 def _record(model: dict, cells: list[dict], days: list[tuple[int, int]], *, detail: bool) -> ModelTrackRecord:
     live = live_figures((c for c in cells if not c["in_sample"]), in_sample=False, detail=detail)
+    evidence = live_coverage(model["timeframe"], days)
+    live.coverage_80_standard_error = evidence.standard_error
     replay_cells = [c for c in cells if c["in_sample"]]
     return ModelTrackRecord(
         timeframe=model["timeframe"],
@@ -141,7 +143,7 @@ def _record(model: dict, cells: list[dict], days: list[tuple[int, int]], *, deta
         backtest=_registered_figures(model, detail=detail),
         live=live,
         replay=live_figures(replay_cells, in_sample=True, detail=detail) if replay_cells else None,
-        drift=live_coverage(model["timeframe"], days).drifting,
+        drift=evidence.drifting,
     )
 
 
