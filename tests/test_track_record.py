@@ -656,9 +656,10 @@ def steps_for(origin: datetime) -> list[dict]:
              "confidence": 0.3} for step in range(1, 31)]
 
 
-def score_predictions(count: int, inside_every: int | None, origin: datetime, hours_apart: int = 1) -> None:
+def score_predictions(count: int, inside_every: int | None, origin: datetime, hours_apart: int = 1,
+                      outside_every: int | None = None) -> None:
     """`count` stored predictions of the active 1h model, every step scored; 1 in `inside_every` inside the 80 %
-    band (None: none)."""
+    band (None: none), or all but 1 in `outside_every`."""
     from candlecast.repositories.predictions import create_prediction
     from candlecast.schemas import PredictionCreate
 
@@ -673,7 +674,8 @@ def score_predictions(count: int, inside_every: int | None, origin: datetime, ho
             score_repository.record_scores(conn, [
                 {"prediction_id": str(stored["id"]), "step": step["step"], "model_id": str(model_id),
                  "ts": step["ts"].isoformat(), "realised_close": 100.0,
-                 "inside_80": inside_every is not None and step["step"] % inside_every == 0,
+                 "inside_80": (step["step"] % outside_every != 0 if outside_every
+                               else inside_every is not None and step["step"] % inside_every == 0),
                  "inside_95": True, "confidence": 0.3, "event": False, "pinball": 1.0, "baseline_pinball": 1.0,
                  "in_sample": False}
                 for step in prediction.model_dump()["steps"]
@@ -693,10 +695,11 @@ def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count
     assert health()["drift"] == {} and get_model("1h")[1]["drift"] is False
     assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(0.5)
     assert get_model("1h")[1]["live"]["coverage_80_standard_error"] is None  # 2 days: no blocks of a week
+    assert get_model("1h")[1]["live"]["recent_coverage_80"] is None  # no longer than the last 12 blocks
     # 39 days of hours, 3 steps each, none inside the band
     score_predictions(90, inside_every=None, origin=origin + timedelta(days=10), hours_apart=10)
     report = health()
-    assert report["drift"]["1h"]["matured_steps"] == 510 + 2700
+    assert report["drift"]["1h"]["matured_steps"] == 510 + 2700 and report["drift"]["1h"]["window"] == "all"
     coverage = report["drift"]["1h"]["live_coverage_80"]
     assert coverage == pytest.approx(255 / 3210, abs=1e-4)
     with db.connection() as conn:
@@ -713,6 +716,27 @@ def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count
     assert report["drift"] == {} and "drift" not in report["models"]["1h"]
     assert get_model("1h")[1]["drift"] is False
     assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(2955 / 5910)
+
+
+def test_a_drift_after_a_long_good_record_is_called_on_the_recent_blocks(track):
+    """300 days at 0.80, then 84 days at 0.50: all of it covers 0.73, inside the band, so judging the whole
+    record alone would not call it; the last 12 blocks (12 weeks at 1h) do."""
+    origin = datetime(2025, 1, 1, tzinfo=UTC)
+    score_predictions(300, inside_every=None, outside_every=5, origin=origin, hours_apart=24)
+    report = health()
+    assert report["drift"] == {}
+    live = get_model("1h")[1]["live"]
+    assert live["coverage_80"] == pytest.approx(0.8) and live["recent_coverage_80"] == pytest.approx(0.8, abs=0.01)
+    assert live["recent_coverage_80_standard_error"] is not None
+    score_predictions(84, inside_every=2, origin=origin + timedelta(days=300), hours_apart=24)
+    report = health()
+    assert report["drift"]["1h"]["window"] == "recent"
+    assert report["drift"]["1h"]["live_coverage_80"] == pytest.approx(0.5, abs=0.01)
+    assert report["drift"]["1h"]["matured_steps"] == pytest.approx(84 * 30, abs=30)
+    model = get_model("1h")[1]
+    assert model["drift"] is True and report["models"]["1h"]["drift"] is True
+    assert 0.72 < model["live"]["coverage_80"] == pytest.approx((7200 + 1260) / 11520)
+    assert model["live"]["recent_coverage_80"] == pytest.approx(report["drift"]["1h"]["live_coverage_80"], abs=1e-4)
 
 
 def test_in_sample_replays_are_reported_apart_and_never_drift(track):

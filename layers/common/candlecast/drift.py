@@ -20,6 +20,9 @@ DRIFT_BAND = (0.72, 0.88)  # drift is called only outside it: smaller departures
 BLOCK_MIN_BARS = FORECAST_STEPS
 BLOCK_MIN_DAYS = 7
 MIN_BLOCKS = 5  # fewer say too little about the spread; drift is not called
+# Drift is judged on the last this many blocks as well as on the whole record: after a year of good outcomes,
+# months of misses move the whole record's coverage little.
+RECENT_BLOCKS = 12
 # Drift is called this normal quantile (3 standard errors) from 0.80, as Student's t with one degree of freedom
 # fewer than there are blocks: health is read often, so a call by chance must be rare.
 DRIFT_NORMAL_QUANTILE = 3.0
@@ -30,7 +33,15 @@ class LiveCoverage:
     matured_steps: int
     coverage_80: float | None
     standard_error: float | None  # None with fewer than MIN_BLOCKS blocks
-    drifting: bool
+    drifting: bool  # called on this window or on `recent`
+    recent: "LiveCoverage | None" = None  # the last RECENT_BLOCKS blocks, when the record is longer
+
+    @property
+    def called_on(self) -> "LiveCoverage | None":
+        """The window drift is called on (the recent one when both are), or None."""
+        if self.recent is not None and self.recent.drifting:
+            return self.recent
+        return self if self.drifting else None
 
 
 def block_rows(timeframe: Timeframe) -> int:
@@ -44,11 +55,21 @@ def live_coverage(timeframe: Timeframe, days: Sequence[tuple[int, int]]) -> Live
     """The live 80 % coverage over a model's outcome days (in order, each (steps, inside the 80 % band)), its
     standard error, and whether it has drifted: outside DRIFT_BAND, and further from 0.80 than the t quantile of
     DRIFT_NORMAL_QUANTILE's tail times the standard error (a calibrated model is called by chance at most 0.3 %
-    of the time).
+    of the time), over the whole record or over its last RECENT_BLOCKS blocks.
 
     Coins move together and a volatile week misses for all of them, so windows of thousands of steps swing far
     with nothing wrong (README, the 60-hour windows' 0.55-0.95); the spread between blocks measures that, a count
     of steps does not. `python -m infra.drift_replay` replays this on a held-out walk-forward."""
+    whole = window_coverage(timeframe, days)
+    if len(days) <= RECENT_BLOCKS * block_rows(timeframe):
+        return whole
+    recent = window_coverage(timeframe, days[-RECENT_BLOCKS * block_rows(timeframe):])
+    return LiveCoverage(whole.matured_steps, whole.coverage_80, whole.standard_error,
+                        whole.drifting or recent.drifting, recent)
+
+
+def window_coverage(timeframe: Timeframe, days: Sequence[tuple[int, int]]) -> LiveCoverage:
+    """live_coverage over all of `days` only."""
     steps = sum(n for n, _ in days)
     if not steps:
         return LiveCoverage(0, None, None, False)

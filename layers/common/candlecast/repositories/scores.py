@@ -166,7 +166,7 @@ WHERE m.is_active AND (%(timeframe)s::text IS NULL OR m.timeframe = %(timeframe)
 ORDER BY m.timeframe, s.in_sample, s.horizon, s.confidence_bin
 """
 
-_LIVE_TIMES_OF_ACTIVE = """
+_LIVE_DAYS_OF_ACTIVE = """
 SELECT m.timeframe, array_agg(t.n ORDER BY t.day) AS n, array_agg(t.inside_80 ORDER BY t.day) AS inside_80
 FROM models m JOIN model_live_days t ON t.model_id = m.id
 WHERE m.is_active AND (%(timeframe)s::text IS NULL OR m.timeframe = %(timeframe)s)
@@ -226,7 +226,7 @@ def get_active_live_days(conn: psycopg.Connection, timeframe: str | None = None)
     """Per timeframe (all, or one): its active model's out-of-sample outcomes per outcome day, in day order, as
     (steps scored, how many fell inside the 80 % band)."""
     return {row["timeframe"]: list(zip(row["n"], row["inside_80"], strict=True))
-            for row in conn.execute(_LIVE_TIMES_OF_ACTIVE, {"timeframe": timeframe}, binary=True)}
+            for row in conn.execute(_LIVE_DAYS_OF_ACTIVE, {"timeframe": timeframe}, binary=True)}
 
 
 def get_settled_prediction_ids(conn: psycopg.Connection, ids: list[uuid.UUID]) -> list[uuid.UUID]:

@@ -130,9 +130,11 @@ def check() -> tuple[int, bytes]:
         status, code = "ok", 200
     drift = {}
     for timeframe, row in active_models.items():
-        if (live := row.get("live")) is not None and live.drifting:
-            drift[timeframe] = {"live_coverage_80": round(live.coverage_80, 4), "matured_steps": live.matured_steps,
-                                "standard_error": round(live.standard_error, 4)}
+        if (live := row.get("live")) is not None and (called := live.called_on) is not None:
+            drift[timeframe] = {"live_coverage_80": round(called.coverage_80, 4),
+                                "matured_steps": called.matured_steps,
+                                "standard_error": round(called.standard_error, 4),
+                                "window": "recent" if called is live.recent else "all"}
             models[timeframe]["drift"] = True
     return code, json.dumps({"status": status, "checks": checks, "models": models, "drift": drift}).encode()
 
