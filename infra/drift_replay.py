@@ -13,8 +13,8 @@ days (all coins):
 
 A window's coverage may truly differ from the whole's (eras), so a call is not always a false alarm. With
 `--scale`, the bands are narrowed (or widened) everywhere: the share called is then how soon real drift shows.
-With `--drifted-days N` as well, only each window's last N days are: a model that drifts after a good record,
-where the call on all of a long window alone is late (the column "on all of it").
+With `--daily-reads`, records of each length, one starting every 30 days, are judged after every day as GET
+/health and ModelDriftAlarm read them: the share of records called at some read is the alarm's chance rate.
 Prints figures; asserts nothing. A step's time is its origin's plus whole candles (a month counts 30.44 days).
 """
 
@@ -32,7 +32,6 @@ from candlecast.drift import (
     block_rows,
     live_coverage,
     student_t_quantile,
-    window_coverage,
 )
 from candlecast.forecast.features import QUANTILES
 from candlecast.forecast.train import load_walk_forward
@@ -73,25 +72,18 @@ class Window:
     coverage: float
     margin: float | None  # the t quantile times the standard error; None with too few blocks
     called: bool  # by `drift`
-    called_on_all: bool  # by `drift` judging all of the window, not its last RECENT_BLOCKS blocks
     old_called: bool  # by the 500-step rule
 
 
-def windows(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarray, days: float,
-            drifted: np.ndarray | None = None, drifted_days: float = 0) -> list[Window]:
-    """Every disjoint window of `days` (rows `at`), as `drift` and the old rule judge it; with `drifted` (inside
-    a scaled band, per row), its last `drifted_days` rows take those."""
+def windows(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarray, days: float) -> list[Window]:
+    """Every disjoint window of `days` (rows `at`), as `drift` and the old rule judge it."""
     length = max(1, round(days * 86400 / row_seconds(timeframe)))
-    tail = round(drifted_days * 86400 / row_seconds(timeframe))
     found = []
     for start in range(int(at[0]), int(at[-1]) + 1, length):
         chosen = (at >= start) & (at < start + length)
         if not chosen.any():
             continue
-        window_inside = inside
-        if drifted is not None:
-            window_inside = np.where(at >= start + length - tail, drifted, inside)
-        live_days = list(zip(steps[chosen].tolist(), window_inside[chosen].tolist(), strict=True))
+        live_days = list(zip(steps[chosen].tolist(), inside[chosen].tolist(), strict=True))
         live = live_coverage(timeframe, live_days)
         margin = None
         if live.standard_error is not None:
@@ -99,9 +91,30 @@ def windows(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarra
             margin = student_t_quantile(DRIFT_NORMAL_QUANTILE, blocks - 1) * live.standard_error
         found.append(Window(
             start=datetime.fromtimestamp(start * row_seconds(timeframe), UTC), coverage=live.coverage_80,
-            margin=margin, called=live.drifting, called_on_all=window_coverage(timeframe, live_days).drifting,
+            margin=margin, called=live.drifting,
             old_called=live.matured_steps >= OLD_MIN_STEPS and not DRIFT_BAND[0] <= live.coverage_80 <= DRIFT_BAND[1]))
     return found
+
+
+def daily_reads(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarray, days: float,
+                every_days: float = 30) -> dict:
+    """Live records of `days` (rows `at`), one starting every `every_days`, each judged by `drift` after every
+    row as GET /health and ModelDriftAlarm read it again and again: how many records are called at some read, and
+    how many reads call. Only whole records (a partial last one would be judged on fewer reads)."""
+    length = max(1, round(days * 86400 / row_seconds(timeframe)))
+    every = max(1, round(every_days * 86400 / row_seconds(timeframe)))
+    pairs = list(zip(steps.tolist(), inside.tolist(), strict=True))
+    records = called_records = reads = called_reads = 0
+    for start in range(int(at[0]), int(at[-1]) + 2 - length, every):
+        first = int(np.searchsorted(at, start))
+        calls = 0
+        for end in range(start + 1, start + length + 1):
+            calls += live_coverage(timeframe, pairs[first:int(np.searchsorted(at, end))]).drifting
+        records += 1
+        called_records += calls > 0
+        reads += length
+        called_reads += calls
+    return {"records": records, "called_records": called_records, "reads": reads, "called_reads": called_reads}
 
 
 def summary(found: list[Window]) -> dict:
@@ -110,7 +123,6 @@ def summary(found: list[Window]) -> dict:
     judged = [window for window in found if window.margin is not None]
     coverages = [window.coverage for window in found]
     return {"windows": len(found), "judged": len(judged), "calls": sum(window.called for window in found),
-            "calls_on_all": sum(window.called_on_all for window in found),
             "old_calls": sum(window.old_called for window in found),
             "beyond": sum(abs(window.coverage - CALIBRATED) > window.margin for window in judged),
             "p10": float(np.percentile(coverages, 10)), "p90": float(np.percentile(coverages, 90))}
@@ -153,32 +165,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="scale the 80 %% bands about the median (0.7: a model drifted narrow; how often "
                              "drift is called then)")
-    parser.add_argument("--drifted-days", type=float,
-                        help="scale only each window's last this many days (a drift after a good record)")
     parser.add_argument("--plot", type=Path, help="also draw every window's coverage and the calls (PNG)")
+    parser.add_argument("--daily-reads", action="store_true",
+                        help="also judge records of each --days length, one starting every 30 days, after every "
+                             "day (candle from 1d), as health and ModelDriftAlarm read drift again and again")
     args = parser.parse_args(argv)
-    timeframe, kind, at, steps, inside = outcome_days(args.walk_forward, 1.0 if args.drifted_days else args.scale)
-    drifted = outcome_days(args.walk_forward, args.scale)[4] if args.drifted_days else None
-    scaled = f", bands scaled by {args.scale:g}" if args.scale != 1 else ""
-    if scaled and args.drifted_days:
-        scaled += f" in each window's last {args.drifted_days:g} days"
-    title = (f"{timeframe} ({kind}{scaled}): "
+    timeframe, kind, at, steps, inside = outcome_days(args.walk_forward, args.scale)
+    title = (f"{timeframe} ({kind}{f', bands scaled by {args.scale:g}' if args.scale != 1 else ''}): "
              f"{steps.sum():,} outcomes on {len(at):,} days (candles from 1d), "
              f"80 % coverage {inside.sum() / steps.sum():.3f}")
     print(title)
-    print("| window | windows | coverage p10-p90 | drift called | on all of it | old rule called "
-          "| with a standard error | beyond the t quantile |")
-    print("|---|---|---|---|---|---|---|---|")
-    by_days = {days: found for days in args.days
-               if (found := windows(timeframe, at, steps, inside, days, drifted, args.drifted_days or 0))}
+    print("| window | windows | coverage p10-p90 | drift called | old rule called | with a standard error "
+          "| beyond the t quantile |")
+    print("|---|---|---|---|---|---|---|")
+    by_days = {days: found for days in args.days if (found := windows(timeframe, at, steps, inside, days))}
     for days, found in by_days.items():
         figures = summary(found)
         share = 100 / figures["windows"]
         print(f"| {days:g} days | {figures['windows']} | {figures['p10']:.3f}-{figures['p90']:.3f} "
               f"| {figures['calls']} ({figures['calls'] * share:.0f} %) "
-              f"| {figures['calls_on_all']} ({figures['calls_on_all'] * share:.0f} %) "
               f"| {figures['old_calls']} ({figures['old_calls'] * share:.0f} %) | {figures['judged']} "
               f"| {figures['beyond']} |")
+    if args.daily_reads:
+        print("\n| record | records (one every 30 days) | called at some read | reads called |")
+        print("|---|---|---|---|")
+        for days in args.days:
+            if (read := daily_reads(timeframe, at, steps, inside, days))["records"]:
+                print(f"| {days:g} days | {read['records']} | {read['called_records']} "
+                      f"| {read['called_reads']} of {read['reads']:,} |")
     if args.plot:
         plot(by_days, title, args.plot)
         print(f"drew {args.plot}")

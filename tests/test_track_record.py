@@ -656,10 +656,9 @@ def steps_for(origin: datetime) -> list[dict]:
              "confidence": 0.3} for step in range(1, 31)]
 
 
-def score_predictions(count: int, inside_every: int | None, origin: datetime, hours_apart: int = 1,
-                      outside_every: int | None = None) -> None:
+def score_predictions(count: int, inside_every: int | None, origin: datetime, hours_apart: int = 1) -> None:
     """`count` stored predictions of the active 1h model, every step scored; 1 in `inside_every` inside the 80 %
-    band (None: none), or all but 1 in `outside_every`."""
+    band (None: none)."""
     from candlecast.repositories.predictions import create_prediction
     from candlecast.schemas import PredictionCreate
 
@@ -674,8 +673,7 @@ def score_predictions(count: int, inside_every: int | None, origin: datetime, ho
             score_repository.record_scores(conn, [
                 {"prediction_id": str(stored["id"]), "step": step["step"], "model_id": str(model_id),
                  "ts": step["ts"].isoformat(), "realised_close": 100.0,
-                 "inside_80": (step["step"] % outside_every != 0 if outside_every
-                               else inside_every is not None and step["step"] % inside_every == 0),
+                 "inside_80": inside_every is not None and step["step"] % inside_every == 0,
                  "inside_95": True, "confidence": 0.3, "event": False, "pinball": 1.0, "baseline_pinball": 1.0,
                  "in_sample": False}
                 for step in prediction.model_dump()["steps"]
@@ -695,11 +693,10 @@ def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count
     assert health()["drift"] == {} and get_model("1h")[1]["drift"] is False
     assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(0.5)
     assert get_model("1h")[1]["live"]["coverage_80_standard_error"] is None  # 2 days: no blocks of a week
-    assert get_model("1h")[1]["live"]["recent_coverage_80"] is None  # no longer than the last 12 blocks
     # 39 days of hours, 3 steps each, none inside the band
     score_predictions(90, inside_every=None, origin=origin + timedelta(days=10), hours_apart=10)
     report = health()
-    assert report["drift"]["1h"]["matured_steps"] == 510 + 2700 and report["drift"]["1h"]["window"] == "all"
+    assert report["drift"]["1h"]["matured_steps"] == 510 + 2700
     coverage = report["drift"]["1h"]["live_coverage_80"]
     assert coverage == pytest.approx(255 / 3210, abs=1e-4)
     with db.connection() as conn:
@@ -716,27 +713,6 @@ def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count
     assert report["drift"] == {} and "drift" not in report["models"]["1h"]
     assert get_model("1h")[1]["drift"] is False
     assert get_model("1h")[1]["live"]["coverage_80"] == pytest.approx(2955 / 5910)
-
-
-def test_a_drift_after_a_long_good_record_is_called_on_the_recent_blocks(track):
-    """300 days at 0.80, then 84 days at 0.50: all of it covers 0.73, inside the band, so judging the whole
-    record alone would not call it; the last 12 blocks (12 weeks at 1h) do."""
-    origin = datetime(2025, 1, 1, tzinfo=UTC)
-    score_predictions(300, inside_every=None, outside_every=5, origin=origin, hours_apart=24)
-    report = health()
-    assert report["drift"] == {}
-    live = get_model("1h")[1]["live"]
-    assert live["coverage_80"] == pytest.approx(0.8) and live["recent_coverage_80"] == pytest.approx(0.8, abs=0.01)
-    assert live["recent_coverage_80_standard_error"] is not None
-    score_predictions(84, inside_every=2, origin=origin + timedelta(days=300), hours_apart=24)
-    report = health()
-    assert report["drift"]["1h"]["window"] == "recent"
-    assert report["drift"]["1h"]["live_coverage_80"] == pytest.approx(0.5, abs=0.01)
-    assert report["drift"]["1h"]["matured_steps"] == pytest.approx(84 * 30, abs=30)
-    model = get_model("1h")[1]
-    assert model["drift"] is True and report["models"]["1h"]["drift"] is True
-    assert 0.72 < model["live"]["coverage_80"] == pytest.approx((7200 + 1260) / 11520)
-    assert model["live"]["recent_coverage_80"] == pytest.approx(report["drift"]["1h"]["live_coverage_80"], abs=1e-4)
 
 
 def test_in_sample_replays_are_reported_apart_and_never_drift(track):
@@ -811,7 +787,7 @@ def test_a_score_chunk_emits_the_counts_its_failed_share_alarm_reads(track, caps
     (directive,) = blob["_aws"]["CloudWatchMetrics"]
     assert {metric["Name"]: metric["Unit"] for metric in directive["Metrics"]} == {
         "ScorePredictions": "Count", "ScorePredictionsFailed": "Count", "ScorePredictionsSkipped": "Count",
-        "ScoreStepsScored": "Count"}
+        "ScoreStepsScored": "Count", "ModelsDrifting": "Count"}
     assert ([blob["ScorePredictions"], blob["ScorePredictionsFailed"], blob["ScorePredictionsSkipped"],
              blob["ScoreStepsScored"]] == [[4.0], [1.0], [2.0], [3.0]])
     assert (blob["stage"], blob["function"]) == ("local", "score")
@@ -877,6 +853,43 @@ def test_a_score_run_emits_how_old_the_newest_stored_candle_is_for_the_stale_can
     assert {"function", "stage"} <= set(directive["Dimensions"][0])
     assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (192, "GreaterThanThreshold")
     assert report["stored_candles_age_hours"] > alarm["Threshold"]  # this run's figure would set it off
+
+
+def test_a_score_run_emits_how_many_models_drift_for_the_model_drift_alarm(track, capsys, caplog):
+    """`drift` was seen only by whoever read GET /health: nothing told an operator. Each Score chunk now judges it
+    after recording its scores, reports and logs the drifted models and emits `ModelsDrifting`, which
+    ModelDriftAlarm reads (two hourly runs in a row above 0)."""
+    from candlecast.config import get_settings
+    from infra import template_checks
+    from infra.lambda_loader import load_handler
+    from tests.test_observability import emf_blobs
+
+    handler = load_handler("functions/score")
+    track.setenv("REFRESH_CHAIN", "false")
+    get_settings.cache_clear()
+    now = {"now": "2026-11-30T06:00:00+00:00"}
+    capsys.readouterr()
+    assert handler(now, RefreshContext(remaining_seconds=300))["drifting"] == {}
+    assert [blob["ModelsDrifting"] for blob in emf_blobs(capsys.readouterr().out) if "ModelsDrifting" in blob] in (
+        [0.0], [[0.0]])
+    score_predictions(90, inside_every=None, origin=datetime(2026, 1, 1, tzinfo=UTC), hours_apart=10)  # 38 days
+    report = handler(now, RefreshContext(remaining_seconds=300))
+    assert report["drifting"] == health()["drift"] and set(report["drifting"]) == {"1h"}
+    assert report["drifting"]["1h"]["live_coverage_80"] == 0.0
+    out = capsys.readouterr().out
+    (blob,) = [blob for blob in emf_blobs(out) if "ModelsDrifting" in blob]
+    assert blob["ModelsDrifting"] in (1.0, [1.0])
+    (line,) = [record for record in caplog.records if record.getMessage().startswith("model drifting")]
+    assert line.levelno == logging.WARNING and line.drift == report["drifting"]
+
+    alarm = template_checks.load_template()["Resources"]["ModelDriftAlarm"]["Properties"]
+    dimensions = {item["Name"]: item["Value"] for item in alarm["Dimensions"]}
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"]) == ("Candlecast", "ModelsDrifting", "Maximum")
+    assert dimensions == {"service": "candlecast", "stage": {"Ref": "Stage"}, "function": blob["function"]}
+    assert (alarm["Threshold"], alarm["ComparisonOperator"], alarm["EvaluationPeriods"]) == (
+        0, "GreaterThanThreshold", 2)
+    notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    assert alarm["AlarmActions"] == alarm["OKActions"] == notify
 
 
 SCORE_NOW = datetime(2026, 11, 30, 6, tzinfo=UTC)

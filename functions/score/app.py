@@ -36,6 +36,8 @@ def lambda_handler(event, context):
     if report["stored_candles_age_hours"] is not None:  # StaleCandlesAlarm reads it
         metrics.add_metric(name="StoredCandlesAgeHours", unit=MetricUnit.NoUnit,
                            value=report["stored_candles_age_hours"])
+    if report["drifting"] is not None:  # ModelDriftAlarm reads it
+        add_counts(metrics, ModelsDrifting=len(report["drifting"]))
     logger.info("score chunk done", extra=loggable(report))
     return report
 

@@ -2,7 +2,7 @@
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from candlecast.timeframes import FORECAST_STEPS, Timeframe, nominal_seconds
@@ -20,9 +20,6 @@ DRIFT_BAND = (0.72, 0.88)  # drift is called only outside it: smaller departures
 BLOCK_MIN_BARS = FORECAST_STEPS
 BLOCK_MIN_DAYS = 7
 MIN_BLOCKS = 5  # fewer say too little about the spread; drift is not called
-# Drift is judged on the last this many blocks as well as on the whole record: after a year of good outcomes,
-# months of misses move the whole record's coverage little.
-RECENT_BLOCKS = 12
 # Drift is called this normal quantile (3 standard errors) from 0.80, as Student's t with one degree of freedom
 # fewer than there are blocks: health is read often, so a call by chance must be rare.
 DRIFT_NORMAL_QUANTILE = 3.0
@@ -33,15 +30,7 @@ class LiveCoverage:
     matured_steps: int
     coverage_80: float | None
     standard_error: float | None  # None with fewer than MIN_BLOCKS blocks
-    drifting: bool  # called on this window or on `recent`
-    recent: "LiveCoverage | None" = None  # the last RECENT_BLOCKS blocks, when the record is longer
-
-    @property
-    def called_on(self) -> "LiveCoverage | None":
-        """The window drift is called on (the recent one when both are), or None."""
-        if self.recent is not None and self.recent.drifting:
-            return self.recent
-        return self if self.drifting else None
+    drifting: bool
 
 
 def block_rows(timeframe: Timeframe) -> int:
@@ -55,21 +44,11 @@ def live_coverage(timeframe: Timeframe, days: Sequence[tuple[int, int]]) -> Live
     """The live 80 % coverage over a model's outcome days (in order, each (steps, inside the 80 % band)), its
     standard error, and whether it has drifted: outside DRIFT_BAND, and further from 0.80 than the t quantile of
     DRIFT_NORMAL_QUANTILE's tail times the standard error (a calibrated model is called by chance at most 0.3 %
-    of the time), over the whole record or over its last RECENT_BLOCKS blocks.
+    of the time).
 
     Coins move together and a volatile week misses for all of them, so windows of thousands of steps swing far
     with nothing wrong (README, the 60-hour windows' 0.55-0.95); the spread between blocks measures that, a count
     of steps does not. `python -m infra.drift_replay` replays this on a held-out walk-forward."""
-    whole = window_coverage(timeframe, days)
-    if len(days) <= RECENT_BLOCKS * block_rows(timeframe):
-        return whole
-    recent = window_coverage(timeframe, days[-RECENT_BLOCKS * block_rows(timeframe):])
-    return LiveCoverage(whole.matured_steps, whole.coverage_80, whole.standard_error,
-                        whole.drifting or recent.drifting, recent)
-
-
-def window_coverage(timeframe: Timeframe, days: Sequence[tuple[int, int]]) -> LiveCoverage:
-    """live_coverage over all of `days` only."""
     steps = sum(n for n, _ in days)
     if not steps:
         return LiveCoverage(0, None, None, False)
@@ -87,6 +66,18 @@ def window_coverage(timeframe: Timeframe, days: Sequence[tuple[int, int]]) -> Li
     significant = abs(coverage - CALIBRATED) > student_t_quantile(DRIFT_NORMAL_QUANTILE, blocks - 1) * standard_error
     drifting = significant and not DRIFT_BAND[0] <= coverage <= DRIFT_BAND[1]
     return LiveCoverage(steps, coverage, standard_error, drifting)
+
+
+def drifting(days_by_timeframe: Mapping[str, Sequence[tuple[int, int]]]) -> dict[str, dict]:
+    """The timeframes whose active model has drifted (live_coverage over its outcome days), with their figures:
+    GET /health's `drift`, and the Score function's report (ModelDriftAlarm)."""
+    found = {}
+    for timeframe, days in days_by_timeframe.items():
+        live = live_coverage(timeframe, days)
+        if live.drifting:
+            found[timeframe] = {"live_coverage_80": round(live.coverage_80, 4), "matured_steps": live.matured_steps,
+                                "standard_error": round(live.standard_error, 4)}
+    return found
 
 
 def student_t_quantile(z: float, degrees: int) -> float:

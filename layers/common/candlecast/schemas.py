@@ -276,10 +276,6 @@ class Drift(Schema):
     matured_steps: int
     standard_error: float = Field(..., description="of live_coverage_80, from the spread between blocks of "
                                                    "outcome days (a week, or 30 candles from 1d)")
-    window: Literal["all", "recent"] = Field(
-        ..., description="the outcomes these figures and the call are on: all of the model's live record, or its "
-                         "last 12 blocks (12 weeks at 1h and 4h, 360 candles from 1d), judged as well so that a "
-                         "long good record does not hide a recent drift")
 
 
 class HealthReport(Schema):
@@ -291,8 +287,7 @@ class HealthReport(Schema):
     models: dict[Timeframe, ModelStatus] = Field(..., description="the active model of each timeframe")
     drift: dict[Timeframe, Drift] = Field(
         default_factory=dict, description="timeframes whose live 80 % coverage lies outside [0.72, 0.88] and 3 "
-                                         "standard errors from 0.80, over at least 5 blocks of outcome days, in "
-                                         "all of the live record or in its last 12 blocks")
+                                         "standard errors from 0.80, over at least 5 blocks of outcome days")
 
 
 class HorizonCoverage(Schema):
@@ -321,12 +316,6 @@ class LiveFigures(Schema):
     coverage_80_standard_error: float | None = Field(
         None, description="live figures only: of coverage_80, from the spread between blocks of outcome days (a "
                           "week, or 30 candles from 1d), as `drift` judges it; null with fewer than 5 blocks")
-    recent_coverage_80: float | None = Field(
-        None, description="live figures only: 80 % coverage over the last 12 blocks of outcome days (12 weeks at "
-                          "1h and 4h, 360 candles from 1d), which `drift` judges as well; null until the record "
-                          "is longer")
-    recent_coverage_80_standard_error: float | None = Field(
-        None, description="of recent_coverage_80, as coverage_80_standard_error")
     coverage_95: float | None
     ece: float | None = Field(None, description="confidence ECE, 10 equal-width bins")
     pinball: float | None = Field(None, description="mean pin5 loss, % log return")
@@ -378,8 +367,7 @@ class ModelTrackRecord(Schema):
     live: LiveFigures
     replay: LiveFigures | None = Field(None, description="in-sample replay (origins inside the training window)")
     drift: bool = Field(..., description="live 80 % coverage outside [0.72, 0.88] and 3 standard errors from "
-                                         "0.80, in all of the live record or its last 12 blocks (GET /health's "
-                                         "drift)")
+                                         "0.80 (GET /health's drift)")
 
 
 class ErrorDetail(Schema):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aws_lambda_powertools import Logger
 
 from candlecast import cache, db, storage
-from candlecast.drift import live_coverage
+from candlecast.drift import drifting
 from candlecast.errors import CandlecastError, ServiceUnavailable
 from candlecast.repositories import models as model_repository
 from candlecast.repositories import scores as score_repository
@@ -53,9 +53,9 @@ def _database() -> dict:
     with db.connection() as conn:
         stats_repository.test_connection(conn)
         active = {row["timeframe"]: row for row in model_repository.get_all_active_models(conn)}
-        for timeframe, days in score_repository.get_active_live_days(conn).items():
+        for timeframe, figures in drifting(score_repository.get_active_live_days(conn)).items():
             if timeframe in active:
-                active[timeframe]["live"] = live_coverage(timeframe, days)
+                active[timeframe]["drift"] = figures
         return active
 
 
@@ -130,11 +130,8 @@ def check() -> tuple[int, bytes]:
         status, code = "ok", 200
     drift = {}
     for timeframe, row in active_models.items():
-        if (live := row.get("live")) is not None and (called := live.called_on) is not None:
-            drift[timeframe] = {"live_coverage_80": round(called.coverage_80, 4),
-                                "matured_steps": called.matured_steps,
-                                "standard_error": round(called.standard_error, 4),
-                                "window": "recent" if called is live.recent else "all"}
+        if "drift" in row:
+            drift[timeframe] = row["drift"]
             models[timeframe]["drift"] = True
     return code, json.dumps({"status": status, "checks": checks, "models": models, "drift": drift}).encode()
 

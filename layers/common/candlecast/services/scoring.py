@@ -31,6 +31,7 @@ from pydantic import AwareDatetime, Field, ValidationInfo, field_validator
 
 from candlecast import cache, db, storage
 from candlecast.candles import bad_prints, usable_candles
+from candlecast.drift import drifting
 from candlecast.errors import CandlecastError, Conflict
 from candlecast.forecast.evaluate import PIN5_LEVELS, pin5_loss
 from candlecast.forecast.features import QUANTILES, origin_features
@@ -69,6 +70,9 @@ class ScoreReport:
     # Hours from the newest candle the refresh stored (any active symbol and timeframe) to the run's now: past a
     # week, the weekly refresh stored nothing (StaleCandlesAlarm). None: no refresh has recorded one.
     stored_candles_age_hours: float | None = None
+    # The timeframes whose active model has drifted (candlecast.drift; GET /health's `drift`), judged after the
+    # run's scores are recorded (ModelDriftAlarm). None: the database could not be read for it.
+    drifting: dict[str, dict] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -245,6 +249,19 @@ def _refresh_accuracy(report: ScoreReport) -> int:
     return 0
 
 
+def _judge_drift(report: ScoreReport) -> None:
+    """report.drifting, and a warning naming each drifted model; a failure is logged, never raised (as accuracy's)."""
+    try:
+        with db.connection() as conn:
+            report.drifting = drifting(score_repository.get_active_live_days(conn))
+    except Exception as error:
+        logger.warning("drift not judged", extra={"error": _reason(error)})
+        return
+    if report.drifting:
+        logger.warning("model drifting: its live 80 % coverage is off (README, Alarms)",
+                       extra={"drift": report.drifting})
+
+
 def run(budget_seconds: float, *, now: datetime | None = None, since: datetime | None = None,
         after: score_repository.DueCursor = score_repository.NO_PREDICTION, batch: int = BATCH_PREDICTIONS,
         on_batch: Callable[[ScoreReport], None] | None = None) -> ScoreReport:
@@ -281,6 +298,7 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
         if len(due) < batch and len(looked_at) == len(due):
             break
     accuracy_changed = _refresh_accuracy(report)
+    _judge_drift(report)
     if report.scored or accuracy_changed:
         cache.invalidate_track_record()
     report.seconds = round(time.monotonic() - started, 3)

@@ -136,9 +136,6 @@ def _record(model: dict, cells: list[dict], days: list[tuple[int, int]], *, deta
     live = live_figures((c for c in cells if not c["in_sample"]), in_sample=False, detail=detail)
     evidence = live_coverage(model["timeframe"], days)
     live.coverage_80_standard_error = evidence.standard_error
-    if evidence.recent is not None:
-        live.recent_coverage_80 = evidence.recent.coverage_80
-        live.recent_coverage_80_standard_error = evidence.recent.standard_error
     replay_cells = [c for c in cells if c["in_sample"]]
     return ModelTrackRecord(
         timeframe=model["timeframe"],
