@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         for days in args.days:
             if (read := daily_reads(timeframe, at, steps, inside, days))["records"]:
                 print(f"| {days:g} days | {read['records']} | {read['called_records']} "
-                      f"| {read['called_reads']} of {read['reads']:,} |")
+                      f"| {read['called_reads']:,} of {read['reads']:,} |")
     if args.plot:
         plot(by_days, title, args.plot)
         print(f"drew {args.plot}")

@@ -879,6 +879,10 @@ def test_a_score_run_emits_how_many_models_drift_for_the_model_drift_alarm(track
     out = capsys.readouterr().out
     (blob,) = [blob for blob in emf_blobs(out) if "ModelsDrifting" in blob]
     assert blob["ModelsDrifting"] in (1.0, [1.0])
+    # a chunk whose time is spent hands on its continuation and says nothing: the alarm keeps its state
+    spent = handler(now, RefreshContext(remaining_seconds=30))
+    assert spent["continuation"] is not None and spent["drifting"] is None
+    assert not [blob for blob in emf_blobs(capsys.readouterr().out) if "ModelsDrifting" in blob]
     (line,) = [record for record in caplog.records if record.getMessage().startswith("model drifting")]
     assert line.levelno == logging.WARNING and line.drift == report["drifting"]
 
@@ -886,8 +890,8 @@ def test_a_score_run_emits_how_many_models_drift_for_the_model_drift_alarm(track
     dimensions = {item["Name"]: item["Value"] for item in alarm["Dimensions"]}
     assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"]) == ("Candlecast", "ModelsDrifting", "Maximum")
     assert dimensions == {"service": "candlecast", "stage": {"Ref": "Stage"}, "function": blob["function"]}
-    assert (alarm["Threshold"], alarm["ComparisonOperator"], alarm["EvaluationPeriods"]) == (
-        0, "GreaterThanThreshold", 2)
+    assert (alarm["Threshold"], alarm["ComparisonOperator"], alarm["EvaluationPeriods"], alarm["TreatMissingData"]) == (
+        0, "GreaterThanThreshold", 2, "ignore")
     notify = {"Fn::If": ["AlarmTopicOn", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
     assert alarm["AlarmActions"] == alarm["OKActions"] == notify
 

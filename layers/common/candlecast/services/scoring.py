@@ -70,8 +70,9 @@ class ScoreReport:
     # Hours from the newest candle the refresh stored (any active symbol and timeframe) to the run's now: past a
     # week, the weekly refresh stored nothing (StaleCandlesAlarm). None: no refresh has recorded one.
     stored_candles_age_hours: float | None = None
-    # The timeframes whose active model has drifted (candlecast.drift; GET /health's `drift`), judged after the
-    # run's scores are recorded (ModelDriftAlarm). None: the database could not be read for it.
+    # The timeframes whose active model has drifted (candlecast.drift; GET /health's `drift`), judged once the run's
+    # scores are recorded (ModelDriftAlarm). None: a chunk that hands on its continuation (its time is spent), or
+    # the database could not be read for it.
     drifting: dict[str, dict] | None = None
 
     def as_dict(self) -> dict:
@@ -298,7 +299,8 @@ def run(budget_seconds: float, *, now: datetime | None = None, since: datetime |
         if len(due) < batch and len(looked_at) == len(due):
             break
     accuracy_changed = _refresh_accuracy(report)
-    _judge_drift(report)
+    if report.continuation is None:
+        _judge_drift(report)
     if report.scored or accuracy_changed:
         cache.invalidate_track_record()
     report.seconds = round(time.monotonic() - started, 3)
