@@ -781,6 +781,7 @@ def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refr
     forecast starts from the last closed candle, so its steps lie ahead of the clock, not in the past."""
     from candlecast import polygon
     from candlecast.config import get_settings
+    from candlecast.ingest import SETTLE_SECONDS
     from tests.fake_polygon import FakeMarket, FakePolygon, FakeSymbol
 
     now = int(time.time())
@@ -797,10 +798,15 @@ def test_a_stored_symbol_is_forecast_from_the_candles_that_closed_since_the_refr
         finally:
             polygon.reset_client()
             get_settings.cache_clear()
+    answered = int(time.time())
     assert status == 201, body
-    last_candle_at = datetime.fromisoformat(body["last_candle_at"]).timestamp()
-    assert now - 2 * 3600 - 60 <= last_candle_at <= now - 3600  # the last hour that has closed
-    assert datetime.fromisoformat(body["steps"][0]["ts"]).timestamp() >= now - 3600
+
+    def last_settled_open(at: int) -> int:  # a bar counts once closed for SETTLE_SECONDS
+        return (at - SETTLE_SECONDS) // 3600 * 3600 - 3600
+
+    last_candle_at = int(datetime.fromisoformat(body["last_candle_at"]).timestamp())
+    assert last_settled_open(now) <= last_candle_at <= last_settled_open(answered)
+    assert int(datetime.fromisoformat(body["steps"][0]["ts"]).timestamp()) == last_candle_at + 3600
     assert fake.count("/range/1/hour/") == 1
 
 

@@ -856,9 +856,9 @@ def test_a_score_run_emits_how_old_the_newest_stored_candle_is_for_the_stale_can
 
 
 def test_a_score_run_emits_how_many_models_drift_for_the_model_drift_alarm(track, capsys, caplog):
-    """`drift` was seen only by whoever read GET /health: nothing told an operator. Each Score chunk now judges it
-    after recording its scores, reports and logs the drifted models and emits `ModelsDrifting`, which
-    ModelDriftAlarm reads (two hourly runs in a row above 0)."""
+    """`drift` was seen only by whoever read GET /health: nothing told an operator. The Score chunk that finishes a
+    run now judges it after recording its scores, reports and logs the drifted models and emits `ModelsDrifting`,
+    which ModelDriftAlarm reads (above 0 in two consecutive hours)."""
     from candlecast.config import get_settings
     from infra import template_checks
     from infra.lambda_loader import load_handler
