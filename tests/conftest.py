@@ -172,11 +172,12 @@ def seeded(clean_db):
 @pytest.fixture
 def seeded_track_record(clean_db):
     """The committed sample seeded as a fresh `make run` seeds it (infra.run_local.seed_sample: symbols, candles,
-    models, and the track record at past origins, scored), no model loaded before; returns the seed's report.
-    About 12 s on 2 cores."""
+    models, and the track record at past origins, scored) into an emptied bucket, no model loaded before; returns
+    the seed's report. About 12 s on 2 cores."""
     from candlecast.services import model_loading
     from infra.run_local import seed_sample
 
+    empty_bucket(clean_db.bucket)
     model_loading.forget_models()
     return seed_sample(ROOT / "data", ROOT / "models", progress=False)
 

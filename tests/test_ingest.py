@@ -671,10 +671,13 @@ def expected_hours(symbol: FakeSymbol, first_run: int, now: int, history_days: i
     return np.arange(first, now - now % HOUR, HOUR)
 
 
-def assert_complete(ticker: str, market: FakeMarket, first_run: int = NOW, history_days: int = HISTORY["1h"]) -> None:
+def assert_complete(ticker: str, market: FakeMarket, first_run: int = NOW, history_days: int = HISTORY["1h"],
+                    ran_at: int | None = None) -> None:
+    """`ran_at`: the last run's clock, when a bar that closed before market.now had not yet settled by it."""
     symbol = market.by_ticker()[ticker]
     hourly = storage.read_all_candles(ticker, "1h")
-    assert hourly.open_time.tolist() == expected_hours(symbol, first_run, market.now, history_days).tolist()
+    settled = market.now if ran_at is None else min(market.now, ran_at - ingest.SETTLE_SECONDS)
+    assert hourly.open_time.tolist() == expected_hours(symbol, first_run, settled, history_days).tolist()
     assert hourly.close.tolist() == [market.bar(symbol, int(t), HOUR)["c"] for t in hourly.open_time]
     daily = storage.read_all_candles(ticker, "1d")
     assert np.all(np.diff(daily.open_time) == DAY) and daily.open_time[-1] + DAY <= market.now
@@ -1159,10 +1162,12 @@ def test_a_cli_run_killed_with_sigkill_is_completed_by_the_next(env):
         written = [key for key in storage.list_keys("data/") if key.endswith(".parquet")]
         assert 0 < len(written) < 30  # killed halfway
 
-        summary = ingest.run_ingest(client_for(fake), symbols=6, now=int(time.time()), concurrency=3)
+        ran_at = int(time.time())
+        summary = ingest.run_ingest(client_for(fake), symbols=6, now=ran_at, concurrency=3)
     assert summary.errors == [] and summary.symbols_done == 6
     for ticker in ingest.top_tickers(6):
-        assert_complete(ticker, market, first_run=market.now, history_days=ingest.DEFAULT_HISTORY_DAYS["1h"])
+        assert_complete(ticker, market, first_run=market.now, history_days=ingest.DEFAULT_HISTORY_DAYS["1h"],
+                        ran_at=ran_at)
 
 
 def test_deadline_reports_what_is_left(env):

@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 
 from candlecast import cache, db, storage
 from candlecast.candles import Candles
+from candlecast.ingest import SETTLE_SECONDS
 from candlecast.repositories import scores as score_repository
 from candlecast.services import scoring
 from candlecast.timeframes import add_steps
@@ -85,7 +86,7 @@ def one_symbol_refreshed(track):
     from infra.lambda_loader import load_handler
 
     handler = load_handler("functions/refresh")
-    now = int(time.time())
+    now = int(time.time()) - SETTLE_SECONDS  # the refresh takes a bar only once it has settled
     market = make_market(1, now=now - now % HOUR - 12 * HOUR, history_days=20)
     ticker = market.symbols[0].ticker
 
