@@ -91,10 +91,8 @@ def test_a_next_url_pointing_back_at_its_page_stops_at_the_repeat():
     # Listed 2 days ago: the repeated page's bars stay under what the 10 days hold (a cap of its own, below).
     with FakePolygon(make_market(1, now=NOW, history_days=2)) as fake:
         fake.looping.append("/v2/aggs/ticker/X:C000USD/")
-        started = time.monotonic()
         with pytest.raises(PolygonBadResponse, match="next_url for aggregates X:C000USD 1h repeats an earlier page"):
             client_for(fake).aggregates("X:C000USD", 1, "hour", (NOW - 10 * DAY) * 1000, NOW * 1000)
-        assert time.monotonic() - started < 1
     assert fake.count("/v2/aggs/ticker/X:C000USD/") == 2  # the first page, then cursor=0 pointing at cursor=0
 
 

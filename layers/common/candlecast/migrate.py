@@ -385,14 +385,21 @@ def _apply_each(backend, pending, deadline: Deadline) -> list[str]:
 
 
 def _lock_holder(connection) -> str:
-    row = connection.execute(
-        """
-        SELECT a.pid, a.application_name, round(extract(epoch FROM now() - a.backend_start))
-        FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND l.classid::bigint = %s AND l.objid::bigint = %s
-        """, (MIGRATION_LOCK_KEY >> 32, MIGRATION_LOCK_KEY & 0xFFFFFFFF)).fetchone()
+    """Who holds the migration lock, as far as the catalog says in the time left; else "another run"."""
+    from psycopg import Error
+
+    try:
+        row = connection.execute(
+            """
+            SELECT a.pid, a.application_name, round(extract(epoch FROM now() - a.backend_start))
+            FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND l.classid::bigint = %s AND l.objid::bigint = %s
+            """, (MIGRATION_LOCK_KEY >> 32, MIGRATION_LOCK_KEY & 0xFFFFFFFF)).fetchone()
+    except Error as error:  # e.g. the deadline's statement timeout: the error still says the lock is held
+        logger.warning("could not read who holds the migration lock: %s", _first_line(error))
+        return "another run"
     if row is None:
         return "another run"
     return f"another run (pid {row[0]}, {row[1] or 'no application_name'}, connected {row[2]} s ago)"
