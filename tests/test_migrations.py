@@ -723,6 +723,23 @@ def test_the_outcomes_counted_before_live_outcomes_stay_counted(scratch_database
     assert days == [(False, 1, 1), (True, 1, 1)]
 
 
+
+def test_a_run_is_in_utc_whatever_the_servers_zone(scratch_database):
+    """An embedded PostgreSQL takes the laptop's zone; RDS is in UTC. The stage claim's date is UTC's."""
+    with psycopg.connect(scratch_database, autocommit=True) as admin:
+        admin.execute("ALTER DATABASE migrations_test SET timezone = 'Pacific/Chatham'")  # +13:45
+    migrate.apply(scratch_database, stage="prod")
+    with psycopg.connect(scratch_database, autocommit=True) as admin:
+        admin.execute(f"UPDATE {migrate.STAGE_TABLE} SET claimed_at = '2026-12-07 20:00Z'")  # Chatham's 8th
+    backend = migrate.connect(scratch_database)
+    try:
+        zone = backend.connection.execute("SELECT current_setting('TimeZone')").fetchone()[0]
+    finally:
+        backend.connection.close()
+    assert zone == "UTC"
+    with pytest.raises(migrate.MigrationError, match=r"have migrated it since 2026-12-07\)"):
+        migrate.apply(scratch_database, stage="staging")
+
 def test_a_database_restored_from_another_stages_backup_is_taken_over_only_when_asked(scratch_database):
     """README, "Restoring from a backup": prod's backup restored for staging is refused to staging's runs (apply,
     mark-applied, rollback) until `candlecast migrate --take-over` records it as staging's."""

@@ -196,11 +196,12 @@ def read(directory: Path | None = None):
 
 def server_options(deadline: Deadline | None = None) -> str:
     """As db.py's pool does: the server itself ends a statement past the deadline, a lock wait, and a
-    transaction or session left idle by a client that was frozen or lost."""
+    transaction or session left idle by a client that was frozen or lost; the session is in UTC, as RDS is,
+    whatever an embedded server's zone (a migration's `now() - interval '45 days'`, the dates its errors name)."""
     statement_ms = (deadline or Deadline()).statement_timeout_ms()
     return (f"-c statement_timeout={statement_ms} -c lock_timeout={int(DDL_LOCK_TIMEOUT_SECONDS * 1000)} "
             f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_SECONDS * 1000)} "
-            f"-c idle_session_timeout={int(IDLE_SESSION_SECONDS * 1000)}")
+            f"-c idle_session_timeout={int(IDLE_SESSION_SECONDS * 1000)} -c TimeZone=UTC")
 
 
 # libpq waits this long for a connection, its handshake and authentication. Without it a server that accepts
