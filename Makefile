@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(notdir $(PYTHON))
 LAMBDA_RUNTIME := .local/lambda-runtime
 PORT ?= 3000
 
-.PHONY: install run test lint bench bench-scale bench-score-year bench-score-backlog requirements lock-layers clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
+.PHONY: install run test test-clock lint bench bench-scale bench-score-year bench-score-backlog requirements lock-layers clean tools qa-tools browser mutation check-template check-artifacts migrations-hash openapi
 
 VERSION_OF = -c 'import sys; print(*sys.version_info[:2], sep=".")'
 $(STAMP): pyproject.toml layers/constraints.txt
@@ -45,6 +45,20 @@ lint: $(STAMP)
 
 test: lint check-template check-artifacts qa-tools browser
 	$(BIN)/python -m pytest
+
+## The time-dependent tests with each one started a few seconds from an hour boundary (tests/clock_boundaries.py).
+## tests/clock_shift.c, preloaded, moves the wall clock of pytest, PostgreSQL, Redis and moto; it needs a C compiler.
+CLOCK_TESTS ?= tests/test_ingest.py tests/test_predictions.py tests/test_track_record.py tests/test_cache.py \
+	tests/test_seed.py tests/test_retention.py tests/test_timeframes.py tests/test_drift.py tests/test_bad_state.py
+CLOCK_SHIFT := .local/clock/clock_shift.so
+CLOCK_OFFSET := .local/clock/offset
+$(CLOCK_SHIFT): tests/clock_shift.c
+	mkdir -p $(@D) && $(CC) -O2 -Wall -Wextra -shared -fPIC -o $@ $< -ldl
+
+test-clock: $(STAMP) $(CLOCK_SHIFT)
+	head -c 8 /dev/zero > $(CLOCK_OFFSET)
+	LD_PRELOAD=$(CURDIR)/$(CLOCK_SHIFT) CLOCK_SHIFT_FILE=$(CURDIR)/$(CLOCK_OFFSET) \
+		$(BIN)/python -m pytest -p tests.clock_boundaries $(CLOCK_TESTS) $(ARGS)
 
 ## The fault suite (issue 10): Redis, PostgreSQL and S3 frozen and killed under load; prints a table.
 .PHONY: faults
