@@ -49,7 +49,8 @@ test: lint check-template check-artifacts qa-tools browser
 ## The time-dependent tests with each one started a few seconds from an hour boundary (tests/clock_boundaries.py).
 ## tests/clock_shift.c, preloaded, moves the wall clock of pytest, PostgreSQL, Redis and moto; it needs a C compiler.
 CLOCK_TESTS ?= tests/test_ingest.py tests/test_predictions.py tests/test_track_record.py tests/test_cache.py \
-	tests/test_seed.py tests/test_retention.py tests/test_timeframes.py tests/test_drift.py tests/test_bad_state.py
+	tests/test_seed.py tests/test_retention.py tests/test_timeframes.py tests/test_drift.py tests/test_bad_state.py \
+	tests/test_local_track_record.py tests/test_hardening.py tests/test_secrets.py
 CLOCK_SHIFT := .local/clock/clock_shift.so
 CLOCK_OFFSET := .local/clock/offset
 $(CLOCK_SHIFT): tests/clock_shift.c
