@@ -498,6 +498,24 @@ def test_a_model_that_fails_to_load_is_fetched_once_per_run_and_its_other_predic
     assert {row[0] for row in rows(url(), "SELECT prediction_id FROM prediction_scores")} == {other}
 
 
+def test_a_retired_models_lost_file_is_logged_as_unscored_predictions_not_as_a_model_to_activate(track, caplog):
+    """A killed local run lost the files of models it had already retired; Score's one line for each told the
+    operator to 'activate another model', which the active one made no sense of."""
+    _, failing, _ = three_copies_and_another_symbols_matured()
+    with psycopg.connect(url(), autocommit=True) as conn:
+        conn.execute("INSERT INTO models (timeframe, name, version, kind, s3_key, sha256, is_active) SELECT timeframe, "
+                     "name, 'retired', kind, s3_key || '.lost', repeat('0', 64), false FROM models WHERE is_active "
+                     "AND timeframe = '1h'")
+        conn.execute("UPDATE predictions SET model_id = (SELECT id FROM models WHERE version = 'retired') "
+                     "WHERE id = ANY(%s)", [failing])
+    with caplog.at_level("ERROR"):
+        report = scoring.run(60)
+    assert report.skipped == 2 and [entry.split(" ")[2] for entry in report.unusable_models] == ["retired:"]
+    refused = [record.getMessage() for record in caplog.records if record.getMessage().startswith("model file")]
+    assert refused == ["model file refused: the predictions it made are not scored until the registered file and "
+                       "its signature are restored"]
+
+
 def test_a_run_stops_at_its_deadline_inside_a_batch_and_records_what_it_did(track):
     """The deadline used to be looked at between batches only, and scores were written at a batch's end: a batch
     slower than the margin (a stalled S3) was cut off by Lambda's timeout, and lost with its continuation."""

@@ -61,7 +61,7 @@ WITH due AS (
 )
 SELECT p.id, p.ticker, p.timeframe, p.model_id, p.last_candle_at, p.last_close,
        m.name AS model_name, m.version AS model_version, m.timeframe AS model_timeframe, m.s3_key, m.sha256,
-       m.train_end,
+       m.train_end, m.is_active AS model_active,
        (SELECT json_agg(json_build_object('step', ps.step, 'ts', ps.ts, 'close', ps.close,
                                           'lower_80', ps.lower_80, 'upper_80', ps.upper_80,
                                           'lower_95', ps.lower_95, 'upper_95', ps.upper_95,

@@ -113,7 +113,10 @@ def _log_refused_file(row: dict, error: ModelUnavailable | ModelIntegrityError, 
     and signature key, the sha256 its row registers, and why), marked logged so the API's handler adds none.
     The client's answer keeps its message: keys and the bucket stay out of public responses."""
     key = row["s3_key"]
-    logger.error("model file refused: restore the registered file and its signature, or activate another model",
+    advice = ("restore the registered file and its signature, or activate another model"
+              if row.get("is_active", True) else  # only Score loads inactive models
+              "the predictions it made are not scored until the registered file and its signature are restored")
+    logger.error(f"model file refused: {advice}",
                  extra={"timeframe": row["timeframe"], "model": row["name"], "version": row["version"],
                         "s3_key": key, "signature_key": storage.signature_key(key), "sha256": row["sha256"],
                         "source": source, "code": error.code, "reason": error.message})

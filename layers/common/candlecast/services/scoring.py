@@ -191,7 +191,7 @@ class _Models:
     def get(self, prediction: dict):
         row = {"id": prediction["model_id"], "timeframe": prediction["model_timeframe"],
                "s3_key": prediction["s3_key"], "sha256": prediction["sha256"], "name": prediction["model_name"],
-               "version": prediction["model_version"]}
+               "version": prediction["model_version"], "is_active": prediction["model_active"]}
         try:
             return verified_model(row)
         except Exception as error:
