@@ -14,16 +14,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from candlecast.timeframes import Timeframe  # noqa: E402
 from infra.lambda_loader import load_function_module  # noqa: E402
 from infra.sam_template import load_template, parameter_values, parse_functions, parse_routes  # noqa: E402
 
 DOCUMENT = ROOT / "infra/openapi.json"
+SCHEMAS_PREFIX = "#/components/schemas/"
 TITLE = "candlecast"
 VERSION = "1.0.0"
 # Importing a handler validates configuration; these stand-ins let it import without the stack (here, and tests).
@@ -64,7 +66,7 @@ def _drop_default_validation_responses(paths: dict[str, dict], schemas: dict[str
 def _referenced(paths: dict[str, dict], schemas: dict[str, Any]) -> dict[str, Any]:
     """The schemas that the paths reach, directly or through other schemas (Powertools adds some that
     nothing uses, such as ResponseValidationError, whose own reference we dropped above)."""
-    prefix = "#/components/schemas/"
+    prefix = SCHEMAS_PREFIX
     reached: dict[str, Any] = {}
     pending = [paths]
     while pending:
@@ -117,19 +119,28 @@ CACHE_CONTROL = {
 RETRY_AFTER = {"description": "Seconds to wait before trying again.", "schema": {"type": "integer", "minimum": 1}}
 HEADERS_PREFIX = "#/components/headers/"
 SHARED_HEADERS = {"Cache-Control": CACHE_CONTROL, "Retry-After": RETRY_AFTER}
-GATEWAY_ERROR = {
-    "description": "API Gateway's own answer when the function failed (an uncaught error, a timeout, or Lambda "
-                   "refusing the invocation): whether it was done is unknown (a create may have been stored); "
-                   "retry with backoff, a create with its Idempotency-Key.",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GatewayMessage"}}},
+OURS_OR_GATEWAYS = {"anyOf": [{"$ref": f"{SCHEMAS_PREFIX}ErrorResponse"}, {"$ref": f"{SCHEMAS_PREFIX}GatewayMessage"}]}
+FAILED_FUNCTION = {
+    "description": "The function failed: candlecast's own `internal_error` answer to an error it did not expect, or "
+                   "API Gateway's (`message`) when the function crashed, timed out or Lambda refused the invocation. "
+                   "Whether it was done is unknown (a create may have been stored); retry with backoff, a create "
+                   "with its Idempotency-Key.",
+    "content": {"application/json": {"schema": OURS_OR_GATEWAYS}},
 }
+NO_ROUTE = ("; or API Gateway's own `Not Found` (`message`) when the path matches no route, as it does when a path "
+            "parameter is empty or holds an encoded slash")
 
 
 def _add_gateway_errors_and_headers(paths: dict[str, dict], schemas: dict[str, Any]) -> None:
     """What every function answer carries and the resolvers do not declare: Cache-Control on each, Retry-After on
-    a 503; and the 500 API Gateway answers for a function that failed."""
+    a 503; the 500 of a function that failed, and API Gateway's 404 where a path parameter can match no route."""
     for operations in paths.values():
         for operation in operations.values():
+            if any(parameter.get("in") == "path" for parameter in operation.get("parameters", [])):
+                not_found = operation.setdefault("responses", {}).setdefault("404", {"description": "Not found"})
+                not_found["description"] = not_found["description"].rstrip(".") + NO_ROUTE
+                json_content = not_found.setdefault("content", {}).setdefault("application/json", {})
+                json_content["schema"] = OURS_OR_GATEWAYS
             responses = operation.setdefault("responses", {})
             for status, response in responses.items():
                 if status == "429":  # API Gateway's own: no headers of ours
@@ -138,7 +149,7 @@ def _add_gateway_errors_and_headers(paths: dict[str, dict], schemas: dict[str, A
                 headers.setdefault("Cache-Control", {"$ref": f"{HEADERS_PREFIX}Cache-Control"})
                 if status == "503":
                     headers.setdefault("Retry-After", {"$ref": f"{HEADERS_PREFIX}Retry-After"})
-            responses["500"] = GATEWAY_ERROR
+            responses["500"] = FAILED_FUNCTION
     schemas["GatewayMessage"] = GATEWAY_MESSAGE
 
 
@@ -172,6 +183,28 @@ def _open_response_enums(paths: dict[str, dict], schemas: dict[str, Any]) -> Non
                     response["headers"] = _open_enum(response["headers"])
 
 
+TIMEFRAME = {
+    "title": "Timeframe",
+    "description": "1h, 4h, 1d, 1w or 1m (1m = one calendar month)",
+    "type": "string",
+    "enum": list(get_args(Timeframe)),
+    "x-enum-varnames": ["ONE_HOUR", "FOUR_HOURS", "ONE_DAY", "ONE_WEEK", "ONE_MONTH"],  # names in generated clients
+}
+
+
+def _shared_timeframe(node: Any) -> Any:
+    """`node` with each enum of the timeframes a reference to one Timeframe schema: a generated client gets one
+    type, which a response's value can be passed back in, instead of one per field with members VALUE_0..4."""
+    if isinstance(node, list):
+        return [_shared_timeframe(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("enum") == TIMEFRAME["enum"]:
+        rest = {key: value for key, value in node.items() if key not in ("type", "enum", "title")}
+        return {"$ref": f"{SCHEMAS_PREFIX}Timeframe"} | rest
+    return {key: _shared_timeframe(value) for key, value in node.items()}
+
+
 def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[str, Any]:
     """One OpenAPI 3.1 document from the resolvers of every function that has HttpApi routes."""
     from candlecast.api import API_DESCRIPTION
@@ -197,6 +230,7 @@ def build_openapi(template_path: Path | str = ROOT / "template.yaml") -> dict[st
     _add_gateway_errors_and_headers(paths, schemas)
     schemas = _referenced(paths, schemas)
     _open_response_enums(paths, schemas)
+    paths, schemas = _shared_timeframe(paths), _shared_timeframe(schemas) | {"Timeframe": TIMEFRAME}
     merged: dict[str, Any] = {
         "openapi": openapi_version,
         "info": {"title": TITLE, "version": VERSION, "description": API_DESCRIPTION},

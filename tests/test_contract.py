@@ -98,13 +98,13 @@ def test_a_generated_client_calls_every_route_and_gets_typed_bodies(served, clie
     )
     from candlecast_client.models import (
         ErrorResponse,
-        GetModelTimeframe,
+        GatewayMessage,
         HealthReport,
         ModelTrackRecord,
         PredictionRequest,
-        PredictionRequestTimeframe,
         PredictionWithSteps,
         Symbol,
+        Timeframe,
     )
     from candlecast_client.models import Prediction as PredictionSummary
 
@@ -123,8 +123,10 @@ def test_a_generated_client_calls_every_route_and_gets_typed_bodies(served, clie
     assert isinstance(one, Symbol) and one.ticker == "X:BTCUSDT"
     missing = get_symbol.sync(client=client, ticker="NOPEUSD")
     assert isinstance(missing, ErrorResponse) and missing.error.code == "symbol_not_found"
+    slashed = get_symbol.sync(client=client, ticker="BTC/USD")  # %2F: no route matches, API Gateway's own 404
+    assert isinstance(slashed, GatewayMessage) and slashed.message == "Not Found"
 
-    body = PredictionRequest(symbol="BTC-USDT", timeframe=PredictionRequestTimeframe("1d"))
+    body = PredictionRequest(symbol="BTC-USDT", timeframe=Timeframe.ONE_DAY)
     created = create_prediction.sync_detailed(client=client, body=body)
     assert created.status_code == 201 and isinstance(created.parsed, PredictionWithSteps)
     assert len(created.parsed.steps) == 30
@@ -143,7 +145,7 @@ def test_a_generated_client_calls_every_route_and_gets_typed_bodies(served, clie
 
     models = list_models.sync(client=client)
     assert models and all(isinstance(item, ModelTrackRecord) for item in models)
-    one_model = get_model.sync(client=client, timeframe=GetModelTimeframe("1d"))
+    one_model = get_model.sync(client=client, timeframe=Timeframe(fetched.timeframe))  # an answer's, passed back
     assert isinstance(one_model, ModelTrackRecord)
     called = {name for name in dir(sys.modules["candlecast_client.api.default"]) if not name.startswith("_")}
     assert called == {operation["operationId"] for item in json.loads(DOCUMENT.read_text())["paths"].values()

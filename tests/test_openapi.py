@@ -128,6 +128,31 @@ def test_every_field_a_symbol_always_carries_is_required_in_the_schema():
     assert set(schema["required"]) == set(schema["properties"])
 
 
+OURS_OR_GATEWAYS = {"anyOf": [{"$ref": "#/components/schemas/ErrorResponse"},
+                              {"$ref": "#/components/schemas/GatewayMessage"}]}
+
+
+def _body_schema(document: dict, path: str, status: str) -> dict:
+    """The JSON schema of a GET's answer with this status, its references resolved in the document."""
+    schema = document["paths"][path]["get"]["responses"][status]["content"]["application/json"]["schema"]
+    return {**schema, "components": document["components"]}
+
+
+@pytest.mark.parametrize(("path", "status", "body"), [
+    ("/health", "500", {"error": {"code": "internal_error", "message": "an unexpected error occurred"}}),
+    ("/health", "500", {"message": "Internal Server Error"}),
+    ("/symbols/{ticker}", "404", {"error": {"code": "symbol_not_found", "message": "no symbol BTCUSD"}}),
+    ("/symbols/{ticker}", "404", {"message": "Not Found"}),
+])
+def test_both_bodies_a_500_or_a_404_can_have_are_declared(path, status, body):
+    """Audit (a generated client): the 500 was declared as API Gateway's body only, so our own `internal_error`
+    answer crashed the generated parser (KeyError 'message'); a 404 for a path no route matches (a ticker holding
+    an encoded slash) crashed it the other way (KeyError 'error')."""
+    import jsonschema
+
+    jsonschema.validate(body, _body_schema(json.loads(openapi.DOCUMENT.read_text()), path, status))
+
+
 def test_every_answer_documents_the_headers_it_carries_and_api_gateways_500():
     """Audit: a client reading only the document could not learn that a 503 is retryable after Retry-After, how
     long an answer may be kept, or that API Gateway answers 500 when a function fails."""
@@ -135,8 +160,9 @@ def test_every_answer_documents_the_headers_it_carries_and_api_gateways_500():
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             responses = operation["responses"]
-            assert responses["500"]["content"]["application/json"]["schema"] == {
-                "$ref": "#/components/schemas/GatewayMessage"}, (method, path)
+            assert responses["500"]["content"]["application/json"]["schema"] == OURS_OR_GATEWAYS, (method, path)
+            if "{" in path:
+                assert responses["404"]["content"]["application/json"]["schema"] == OURS_OR_GATEWAYS, (method, path)
             for status, response in responses.items():
                 if status in ("429", "500"):  # API Gateway's own answers
                     continue
@@ -163,12 +189,27 @@ def test_response_enums_are_open_and_request_enums_closed():
     client generated from the document failed on a new value (`'read_only' is not a valid DependencyCheckStatus`)."""
     document = json.loads(openapi.DOCUMENT.read_text())
     schemas = document["components"]["schemas"]
-    responses = {name: schema for name, schema in schemas.items() if name != "PredictionRequest"}
+    responses = {name: schema for name, schema in schemas.items() if name not in ("PredictionRequest", "Timeframe")}
     assert _closed_enums(responses) == []
+    text = json.dumps(responses)  # the shared Timeframe is closed for requests, and opened where answers use it
+    assert text.count('"anyOf": [{"$ref": "#/components/schemas/Timeframe"}, {"type": "string"}]') == text.count(
+        '"#/components/schemas/Timeframe"') > 0
     assert _closed_enums([response.get("headers") for operations in document["paths"].values()
                           for operation in operations.values() for response in operation["responses"].values()]) == []
     assert schemas["ModelStatus"]["properties"]["status"]["anyOf"][0]["enum"] == [
         "active", "file_missing", "missing", "unknown"]
-    assert schemas["PredictionRequest"]["properties"]["timeframe"]["enum"] == ["1h", "4h", "1d", "1w", "1m"]
+    assert schemas["Timeframe"]["enum"] == ["1h", "4h", "1d", "1w", "1m"]
+    assert schemas["PredictionRequest"]["properties"]["timeframe"]["$ref"] == "#/components/schemas/Timeframe"
     timeframe = _operation(document, "get", "/models/{timeframe}")["parameters"][0]["schema"]
-    assert timeframe["enum"] == ["1h", "4h", "1d", "1w", "1m"]
+    assert timeframe["$ref"] == "#/components/schemas/Timeframe"
+
+
+def test_the_timeframes_are_one_named_schema_that_every_field_and_parameter_refers_to():
+    """Audit (a generated client): each use was its own anonymous enum, so a client got seven timeframe classes
+    with members VALUE_0..VALUE_4, and a response's timeframe could not be passed back in a request."""
+    document = json.loads(openapi.DOCUMENT.read_text())
+    text = json.dumps(document)
+    assert text.count('["1h", "4h", "1d", "1w", "1m"]') == 1
+    assert text.count('"#/components/schemas/Timeframe"') >= 7
+    assert document["components"]["schemas"]["Timeframe"]["x-enum-varnames"] == [
+        "ONE_HOUR", "FOUR_HOURS", "ONE_DAY", "ONE_WEEK", "ONE_MONTH"]
