@@ -28,6 +28,19 @@ def test_the_next_instant_is_the_first_one_after_now_that_far_from_an_hour(now, 
     assert next_instant(at(now), start) == at(expected)
 
 
+@pytest.mark.parametrize(("now", "start", "turn", "expected"), [
+    ("2026-12-07 17:30:00", 1.0, "day", "2026-12-08 00:00:01"),
+    ("2026-12-07 17:30:00", -2.0, "week", "2026-12-13 23:59:58"),  # the 14th is a Monday
+    ("2026-12-14 00:00:00.5", 1.0, "week", "2026-12-14 00:00:01"),
+    ("2026-12-07 17:30:00", -2.0, "month", "2026-12-31 23:59:58"),
+    ("2026-12-31 23:59:59", -2.0, "month", "2027-01-31 23:59:58"),
+    ("2026-12-31 23:59:59", 1.0, "month", "2027-01-01 00:00:01"),
+    ("2028-02-03 10:00:00", 1.0, "month", "2028-03-01 00:00:01"),
+])
+def test_the_next_instant_that_far_from_a_day_week_or_month_turn(now, start, turn, expected):
+    assert next_instant(at(now), start, turn) == at(expected)
+
+
 @pytest.fixture(scope="module")
 def clock_shift(tmp_path_factory):
     compiler = shutil.which(os.environ.get("CC", "cc"))

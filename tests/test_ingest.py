@@ -932,7 +932,8 @@ def test_a_file_every_read_refuses_is_rebuilt_from_polygon_by_the_next_ingest(en
         ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)
         daily, hourly = storage.read_all_candles(ticker, "1d"), storage.read_all_candles(ticker, "1h")
         storage.write_candles(ticker, "1d", shifted(daily, 4 * HOUR))  # 04:00Z: off the 1d grid
-        storage.write_candles(ticker, "1h", shifted(hourly, 365 * DAY))  # a year after NOW: after the clock too
+        ahead = 365 * DAY + max(0, int(time.time()) - NOW) // DAY * DAY  # a year after NOW and after the clock
+        storage.write_candles(ticker, "1h", shifted(hourly, ahead))
         storage.put_bytes(storage.candles_key(ticker, "1m"), b"PAR1 not parquet PAR1")
         with caplog.at_level("WARNING"):
             summary = ingest.run_ingest(client, tickers=[ticker], refresh=False, now=NOW, history_days=HISTORY)

@@ -920,7 +920,7 @@ SCORE_NOW = datetime(2026, 11, 30, 6, tzinfo=UTC)
 
 @pytest.mark.parametrize(("event", "field"), [
     ({"now": "yesterday"}, "now"), ({"now": "2026-11-30T06:00:00"}, "now"),  # no timezone: which 06:00?
-    ({"now": (datetime.now(UTC) + timedelta(days=30)).isoformat()}, "now"),  # would give up a month of steps
+    ({"now": "in 30 days"}, "now"),  # would give up a month of steps (made when the test runs, below)
     ({"now": "0001-01-01T00:00:00+00:00"}, "now"),  # an OverflowError's traceback
     ({"now": SCORE_NOW.isoformat(), "since": (SCORE_NOW + timedelta(hours=1)).isoformat()}, "since"),
     ({"since": "1969-12-31T00:00:00+00:00"}, "since"),
@@ -935,6 +935,8 @@ def test_a_score_event_out_of_bounds_is_refused_naming_the_field_before_anything
     from candlecast.errors import InvalidEvent
 
     monkeypatch.setattr(scoring, "run", lambda *args, **kwargs: pytest.fail("a refused event ran"))
+    if event.get("now") == "in 30 days":  # from the clock at the test, not at collection (make test-clock moves it)
+        event = {"now": (datetime.now(UTC) + timedelta(days=30)).isoformat()}
     with pytest.raises(InvalidEvent, match=f"^score event refused, nothing was run: {re.escape(field)}: "):
         scoring.scheduled_run(event, 300)
 
