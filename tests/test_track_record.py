@@ -130,6 +130,35 @@ def test_steps_are_scored_when_their_candles_arrive_through_the_refresh(track):
     assert body["model"]["accuracy"] == pytest.approx(sum(row[3] for row in scored) / len(scored))
 
 
+def test_a_forecast_of_a_symbol_outside_the_top_list_is_scored_after_the_next_refresh(track):
+    """Audit (a year fast-forwarded): a symbol outside the refresh's top N is forecast from Polygon's candles on
+    demand, which are not stored, and Score reads stored files only: 360 forecasts of one, every one a 201, and
+    not one step scored. The refresh now keeps the files of symbols whose forecasts wait for candles."""
+    from infra.lambda_loader import load_handler
+
+    handler = load_handler("functions/refresh")
+    now = int(time.time()) - SETTLE_SECONDS
+    market = make_market(1, now=now - now % HOUR - 12 * HOUR, history_days=20)
+    ticker = market.symbols[0].ticker
+    with FakePolygon(market) as fake:
+        point_settings_at(track, fake)
+        listed = handler({"tickers": [], "refresh_symbols": True, "timeframes": ["1h"]},
+                         RefreshContext(remaining_seconds=900))
+        assert listed["symbols_upserted"] >= 1 and listed["files_written"] == 0
+        from candlecast import ingest
+
+        assert ticker not in ingest.top_tickers(1)
+        prediction = create(ticker)  # from Polygon's candles: no file is stored for it
+        assert storage.list_keys(storage.candles_key(ticker, "1h")) == []
+        market.now += 12 * HOUR
+        report = handler({"symbols": 1, "refresh_symbols": False, "timeframes": ["1h"]},
+                         RefreshContext(remaining_seconds=900))
+    assert report["awaiting_scores"] == [ticker] and report["scoring"] == "inline"
+    scored = rows(url(), "SELECT count(*) FROM prediction_scores WHERE prediction_id = %s",
+                  uuid.UUID(prediction["id"]))
+    assert scored[0][0] >= 11
+
+
 # --- idempotence, missing candles, retention's predicate ---------------------------------------------
 
 

@@ -131,6 +131,8 @@ class IngestSummary:
     # Named in `tickers` but not in the symbols table: their candles are stored, and clients cannot forecast them
     # until a refresh that lists symbols (one without `tickers`) adds them.
     unlisted: list[str] = field(default_factory=list)
+    # Outside the top N, refreshed because forecasts of them wait for candles to be scored (refreshed_tickers).
+    awaiting_scores: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     requests: int = 0
     seconds: float = 0.0
@@ -382,6 +384,18 @@ def top_tickers(limit: int) -> list[str]:
 
     with db.connection() as conn:
         return [row["ticker"] for row in symbol_repository.get_top_symbols_by_volume(conn, limit)]
+
+
+def refreshed_tickers(limit: int) -> tuple[list[str], list[str]]:
+    """The top `limit` by volume, and up to `limit` others whose forecasts wait for candles to be scored with:
+    a forecast of a symbol outside the top list is made from Polygon's candles on demand, which are not stored,
+    and Score reads stored files only."""
+    from candlecast import db
+    from candlecast.repositories import scores as score_repository
+
+    top = top_tickers(limit)
+    with db.connection() as conn:
+        return top, score_repository.get_tickers_awaiting_candles(conn, top, limit)
 
 
 # --- candles ------------------------------------------------------------------------------------
@@ -757,9 +771,12 @@ def run_ingest(
         summary.errors += [f"symbol {problem}" for problem in refreshed.problems]
         if not refreshed.cache_invalidated:
             cache_stale.set()
-    todo = list(tickers) if tickers is not None else top_tickers(symbols)
     if tickers is not None:
+        todo = list(tickers)
         summary.unlisted = _unlisted(todo)
+    else:
+        top, summary.awaiting_scores = refreshed_tickers(symbols)
+        todo = top + summary.awaiting_scores
     last_try = set(retried)
     cut_before = set(cut_short)
     if on_start is not None:

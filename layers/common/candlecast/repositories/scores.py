@@ -178,6 +178,23 @@ DueCursor = tuple[str, str, uuid.UUID]
 NO_PREDICTION: DueCursor = ("", "", uuid.UUID(int=0))
 
 
+# Active symbols outside `top` with a prediction whose next step to score is still within the window: the refresh
+# keeps their candle files too, or Score, which reads only stored files, would never score them. Most liquid first.
+_AWAITING_CANDLES = f"""
+SELECT s.ticker FROM symbols s
+WHERE s.is_active AND NOT s.ticker = ANY(%(top)s)
+  AND EXISTS (SELECT 1 FROM predictions p
+              WHERE p.symbol_id = s.id AND p.score_next_at IS DISTINCT FROM 'infinity'::timestamptz
+                AND COALESCE(p.score_next_at, p.last_candle_at) > now() - interval '{SCORING_WINDOW}')
+ORDER BY s.volume_24h DESC NULLS LAST, s.ticker
+LIMIT %(limit)s
+"""
+
+
+def get_tickers_awaiting_candles(conn: psycopg.Connection, top: list[str], limit: int) -> list[str]:
+    return [row["ticker"] for row in conn.execute(_AWAITING_CANDLES, {"top": top, "limit": limit}).fetchall()]
+
+
 def due_cursor(prediction: dict) -> DueCursor:
     return prediction["ticker"], prediction["timeframe"], prediction["id"]
 
