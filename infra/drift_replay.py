@@ -15,15 +15,20 @@ A window's coverage may truly differ from the whole's (eras), so a call is not a
 `--scale`, the bands are narrowed (or widened) everywhere: the share called is then how soon real drift shows.
 With `--daily-reads`, records of each length, one starting every 30 days, are judged after every day as GET
 /health and ModelDriftAlarm read them: the share of records called at some read is the alarm's chance rate.
+With `--turn-after D`, such records are the unchanged model's for D days and `--scale`'s from then on: how often
+`drift` and its whole-record test alone call before the turn, and how soon after it. With `--resampled N`, those
+records are N made of random 4-block pieces of the walk-forward (a block bootstrap) instead.
 Prints figures; asserts nothing. A step's time is its origin's plus whole candles (a month counts 30.44 days).
 """
 
 import argparse
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from candlecast.drift import (
     CALIBRATED,
@@ -97,24 +102,105 @@ def windows(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarra
 
 
 def daily_reads(timeframe: str, at: np.ndarray, steps: np.ndarray, inside: np.ndarray, days: float,
-                every_days: float = 30) -> dict:
+                every_days: float = 30, turned: np.ndarray | None = None, good_days: float = 0) -> dict:
     """Live records of `days` (rows `at`), one starting every `every_days`, each judged by `drift` after every
     row as GET /health and ModelDriftAlarm read it again and again: how many records are called at some read, and
-    how many reads call. Only whole records (a partial last one would be judged on fewer reads)."""
+    how many reads call, by `drift` and by its whole-record test alone. Only whole records (a partial last one
+    would be judged on fewer reads).
+
+    With `turned` (inside the band per row of a drifted model), each record is the unchanged one for its first
+    `good_days` and `turned` from then on: also how many records either rule called before the turn, and the days
+    from the turn to each rule's first call after it (None: not called by the end)."""
     length = max(1, round(days * 86400 / row_seconds(timeframe)))
     every = max(1, round(every_days * 86400 / row_seconds(timeframe)))
-    pairs = list(zip(steps.tolist(), inside.tolist(), strict=True))
-    records = called_records = reads = called_reads = 0
+    good = round(good_days * 86400 / row_seconds(timeframe))
+    found = _Reads()
     for start in range(int(at[0]), int(at[-1]) + 2 - length, every):
         first = int(np.searchsorted(at, start))
-        calls = 0
-        for end in range(start + 1, start + length + 1):
-            calls += live_coverage(timeframe, pairs[first:int(np.searchsorted(at, end))]).drifting
-        records += 1
-        called_records += calls > 0
-        reads += length
-        called_reads += calls
-    return {"records": records, "called_records": called_records, "reads": reads, "called_reads": called_reads}
+        turn = int(np.searchsorted(at, start + good))
+        chosen = inside[first:] if turned is None else np.concatenate([inside[first:turn], turned[turn:]])
+        pairs = list(zip(steps[first:].tolist(), chosen.tolist(), strict=True))
+        ends = np.searchsorted(at, np.arange(start + 1, start + length + 1)) - first
+        found.judge(timeframe, pairs, ends.tolist(), good if turned is not None else None)
+    return found.figures()
+
+
+def resampled_reads(timeframe: str, steps: np.ndarray, inside: np.ndarray, days: float, records: int,
+                    turned: np.ndarray | None = None, good_days: float = 0, seed: int = 0) -> dict:
+    """As daily_reads, over `records` records each made of pieces of 4 blocks of consecutive rows (4 weeks at 1h
+    and 4h, 120 candles from 1d) drawn at random from the walk-forward: a block bootstrap. A piece keeps the days'
+    dependence, and the walk-forward's few years give many records that are not mostly the same days. After the
+    turn, the pieces are `turned`'s at the same rows."""
+    rng = np.random.default_rng(seed)
+    length = max(1, round(days * 86400 / row_seconds(timeframe)))
+    piece = 4 * block_rows(timeframe)
+    good = round(good_days * 86400 / row_seconds(timeframe))
+    found = _Reads()
+    for _ in tqdm(range(records), desc=f"{days:g}-day records", unit="record", leave=False):
+        rows = np.concatenate([np.arange(first, first + piece)
+                               for first in rng.integers(0, len(steps) - piece, -(-length // piece))])[:length]
+        chosen = inside[rows] if turned is None else np.where(np.arange(length) < good, inside[rows], turned[rows])
+        found.judge(timeframe, list(zip(steps[rows].tolist(), chosen.tolist(), strict=True)),
+                    list(range(1, length + 1)), good if turned is not None else None)
+    return found.figures()
+
+
+class _Reads:
+    """Tallies of records judged by `drift` and by its whole-record test alone after each read."""
+
+    def __init__(self) -> None:
+        self.found = {"records": 0, "called_records": 0, "record_called_records": 0, "reads": 0, "called_reads": 0,
+                      "record_called_reads": 0, "called_before_turn": 0, "record_called_before_turn": 0,
+                      "delays": [], "record_delays": []}
+
+    def judge(self, timeframe: str, pairs: list[tuple[int, int]], ends: list[int], turn: int | None) -> None:
+        """Read the record's first `ends[i]` rows for each read i; reads after the `turn`-th are after the turn."""
+        calls = record_calls = 0
+        delay = record_delay = None
+        before = record_before = False
+        for read, end in enumerate(ends, start=1):
+            live = live_coverage(timeframe, pairs[:end])
+            calls += live.drifting
+            record_calls += live.record_drifting
+            if turn is not None:
+                if read <= turn:
+                    before |= live.drifting
+                    record_before |= live.record_drifting
+                else:
+                    since = (read - turn) * row_seconds(timeframe) / 86400
+                    delay = since if delay is None and live.drifting else delay
+                    record_delay = since if record_delay is None and live.record_drifting else record_delay
+        found = self.found
+        found["records"] += 1
+        found["called_records"] += calls > 0
+        found["record_called_records"] += record_calls > 0
+        found["reads"] += len(ends)
+        found["called_reads"] += calls
+        found["record_called_reads"] += record_calls
+        found["called_before_turn"] += before
+        found["record_called_before_turn"] += record_before
+        found["delays"].append(delay)
+        found["record_delays"].append(record_delay)
+
+    def figures(self) -> dict:
+        return self.found
+
+
+def _called(delays: list[float | None]) -> int:
+    return sum(delay is not None for delay in delays)
+
+
+def _spread(delays: list[float | None]) -> str:
+    """Median (p10-p90) days, a record never called counting as later than any."""
+    if not _called(delays):
+        return "never"
+    ordered = sorted(delays, key=lambda delay: math.inf if delay is None else delay)
+    median, low, high = (ordered[min(len(ordered) - 1, int(share * len(ordered)))] for share in (0.5, 0.1, 0.9))
+    return f"{_days(median)} ({_days(low)}-{_days(high)})"
+
+
+def _days(delay: float | None) -> str:
+    return "never" if delay is None else f"{delay:.0f}"
 
 
 def summary(found: list[Window]) -> dict:
@@ -169,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daily-reads", action="store_true",
                         help="also judge records of each --days length, one starting every 30 days, after every "
                              "day (candle from 1d), as health and ModelDriftAlarm read drift again and again")
+    parser.add_argument("--turn-after", type=float,
+                        help="records (each --days long, one every 30 days, read daily) unchanged for this many "
+                             "days, then scaled by --scale: how soon each rule calls the turn")
+    parser.add_argument("--resampled", type=int, metavar="N",
+                        help="with --daily-reads or --turn-after: N records of pieces of 4 blocks drawn at random "
+                             "from the walk-forward (a block bootstrap) instead of the records starting every 30 "
+                             "days, which share most of their days")
     args = parser.parse_args(argv)
     timeframe, kind, at, steps, inside = outcome_days(args.walk_forward, args.scale)
     title = (f"{timeframe} ({kind}{f', bands scaled by {args.scale:g}' if args.scale != 1 else ''}): "
@@ -186,13 +279,36 @@ def main(argv: list[str] | None = None) -> int:
               f"| {figures['calls']} ({figures['calls'] * share:.0f} %) "
               f"| {figures['old_calls']} ({figures['old_calls'] * share:.0f} %) | {figures['judged']} "
               f"| {figures['beyond']} |")
-    if args.daily_reads:
-        print("\n| record | records (one every 30 days) | called at some read | reads called |")
+    label = f"records ({args.resampled} resampled)" if args.resampled else "records (one every 30 days)"
+
+    def reads(days: float, unchanged: np.ndarray, **turn) -> dict:
+        if args.resampled:
+            return resampled_reads(timeframe, steps, unchanged, days, args.resampled, **turn)
+        return daily_reads(timeframe, at, steps, unchanged, days, **turn)
+
+    if args.daily_reads and args.turn_after is None:
+        print(f"\n| record | {label} | called at some read: drift; the whole record alone "
+              "| reads called: drift; the whole record alone |")
         print("|---|---|---|---|")
         for days in args.days:
-            if (read := daily_reads(timeframe, at, steps, inside, days))["records"]:
-                print(f"| {days:g} days | {read['records']} | {read['called_records']} "
-                      f"| {read['called_reads']:,} of {read['reads']:,} |")
+            if (read := reads(days, inside))["records"]:
+                print(f"| {days:g} days | {read['records']} | {read['called_records']}; "
+                      f"{read['record_called_records']} | {read['called_reads']:,}; "
+                      f"{read['record_called_reads']:,} of {read['reads']:,} |")
+    if args.turn_after is not None:
+        _, _, _, _, unchanged = outcome_days(args.walk_forward)
+        print(f"\nrecords unchanged for {args.turn_after:g} days, then bands scaled by {args.scale:g}, read daily")
+        print(f"| record | {label} | called before the turn: drift; the whole record alone "
+              "| called after it: drift; the whole record alone | days to the first call after the turn, "
+              "median (p10-p90): drift; the whole record alone |")
+        print("|---|---|---|---|---|")
+        for days in args.days:
+            read = reads(days, unchanged, turned=inside, good_days=args.turn_after)
+            if read["records"]:
+                print(f"| {days:g} days | {read['records']} | {read['called_before_turn']}; "
+                      f"{read['record_called_before_turn']} | {_called(read['delays'])}; "
+                      f"{_called(read['record_delays'])} | {_spread(read['delays'])}; "
+                      f"{_spread(read['record_delays'])} |")
     if args.plot:
         plot(by_days, title, args.plot)
         print(f"drew {args.plot}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from candlecast.drift import MIN_BLOCKS, block_rows, live_coverage, student_t_quantile
+from candlecast.drift import MIN_BLOCKS, block_rows, cusum_limit, live_coverage, student_t_quantile
 
 
 @pytest.mark.parametrize("degrees", [4, 6, 10, 30, 120])
@@ -36,7 +36,7 @@ def test_steady_blocks_outside_the_band_are_drift_and_blocks_that_swing_as_far_a
     steady = live_coverage("1d", blocks_of(0.55, 0.5, 0.45, 0.5, 0.55, 0.45))
     assert steady.coverage_80 == pytest.approx(0.5) and steady.drifting
     swinging = live_coverage("1d", blocks_of(1.0, 0.0, 1.0, 0.0, 1.0, 0.0))
-    assert swinging.coverage_80 == pytest.approx(0.5) and not swinging.drifting
+    assert swinging.coverage_80 == pytest.approx(0.5) and not swinging.drifting and swinging.shift is None
     assert swinging.standard_error > 5 * steady.standard_error
 
 
@@ -85,6 +85,66 @@ def test_the_replay_folds_a_walk_forward_per_outcome_day_as_score_does(tmp_path)
     assert summary(windows(timeframe, days, steps, inside, days=42))["calls"] == 1  # 0.5 over 42 days: 6 blocks
     assert summary(windows(timeframe, days, steps, inside, days=20))["calls"] == 0  # 20 days: too few blocks
     # read after every day: the one whole 42-day record is called from its 35th day (5 blocks) on, not before
-    assert daily_reads(timeframe, days, steps, inside, days=42) == {
+    read = daily_reads(timeframe, days, steps, inside, days=42)
+    assert {key: read[key] for key in ("records", "called_records", "reads", "called_reads")} == {
         "records": 1, "called_records": 1, "reads": 42, "called_reads": 42 - 34}
+    assert read["record_called_reads"] == 42 - 34
     assert daily_reads(timeframe, days, steps, inside, days=20, every_days=10)["called_records"] == 0
+    # every band inside until the turn, then the walk-forward's (half inside): from the start, called after 35 days
+    turned = daily_reads(timeframe, days, steps, steps, days=42, turned=inside, good_days=0)
+    assert turned["delays"] == turned["record_delays"] == [35]
+    turned = daily_reads(timeframe, days, steps, steps, days=42, turned=inside, good_days=21)
+    assert (turned["called_before_turn"], turned["record_called_before_turn"]) == (0, 0)
+
+
+def a_good_year_then(coverage: float, blocks: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """A year of 1h outcome days whose weekly blocks cover 0.80 give or take 0.05 (coins that move together), then
+    `blocks` weeks around `coverage`, 700 outcomes a day."""
+    shares = np.concatenate([np.repeat(0.80 + rng.normal(0, 0.05, 52), 7),
+                             np.repeat(coverage + rng.normal(0, 0.05, blocks), 7)])
+    return [(700, int(inside)) for inside in rng.binomial(700, np.clip(shares, 0, 1))]
+
+
+def test_a_drop_after_a_good_year_is_called_within_weeks_where_the_whole_record_waits_months():
+    rng = np.random.default_rng(11)
+    for coverage in (0.50, 0.62):
+        called = next(weeks for weeks in range(1, 60)
+                      if live_coverage("1h", a_good_year_then(coverage, weeks, np.random.default_rng(3))).drifting)
+        live = live_coverage("1h", a_good_year_then(coverage, called, np.random.default_rng(3)))
+        assert called <= 4 and not live.record_drifting and live.coverage_80 > 0.72
+        assert live.shift.coverage_80 < 0.72 and live.shift.rows % 7 == 0 and live.shift.rows >= 7 * called
+        assert live.shift.matured_steps == 700 * live.shift.rows
+    # the whole record alone needs 19 weeks of 0.50 to fall below 0.72
+    assert not live_coverage("1h", a_good_year_then(0.50, 16, rng)).record_drifting
+    # a run that is off but inside the band is not drift, however long
+    assert not live_coverage("1h", a_good_year_then(0.75, 52, rng)).drifting
+    assert live_coverage("1h", a_good_year_then(0.95, 8, rng)).shift.coverage_80 > 0.88  # too wide is drift too
+
+
+def test_blocks_that_barely_differ_give_a_limit_and_no_call():
+    steady = [(700, 560)] * (7 * 20 - 1) + [(700, 561)]  # 20 weeks at 0.80, one outcome more in the last
+    assert live_coverage("1h", steady).shift is None and not live_coverage("1h", steady).drifting
+    assert cusum_limit(1e6) == pytest.approx(0, abs=1e-9)
+    assert cusum_limit(0.5) == pytest.approx(7.35, abs=0.01)  # 5.0 for 465 blocks, as Montgomery's table has
+
+
+def test_the_recent_runs_test_moves_only_when_a_block_of_days_completes():
+    days = a_good_year_then(0.40, 4, np.random.default_rng(5))
+    shifts = [live_coverage("1h", days[:end]).shift for end in range(len(days) - 28, len(days) + 1)]
+    assert shifts[0] is None and shifts[-1] is not None
+    for index, shift in enumerate(shifts):
+        if (len(days) - 28 + index) % 7:  # inside a block: as at the block before
+            assert shift == shifts[index - 1]
+    assert live_coverage("1h", [*days[:-2], (700, 0)]).shift == live_coverage("1h", days[:-1]).shift  # rows wait
+
+
+def test_a_calibrated_model_read_for_years_is_rarely_called_by_the_recent_runs_test():
+    """Two years of weekly blocks around 0.80 with the spread of the held-out 1h walk-forward's weeks (0.05):
+    the CUSUM's chance calls need a run outside [0.72, 0.88] as well, so few records are called at any week."""
+    rng = np.random.default_rng(13)
+    called = 0
+    for _ in range(100):
+        shares = np.repeat(np.clip(0.80 + rng.normal(0, 0.05, 104), 0, 1), 7)
+        days = [(700, int(inside)) for inside in rng.binomial(700, shares)]
+        called += any(live_coverage("1h", days[:end]).drifting for end in range(35, len(days) + 1, 7))
+    assert called <= 5

@@ -276,6 +276,11 @@ class Drift(Schema):
     matured_steps: int
     standard_error: float = Field(..., description="of live_coverage_80, from the spread between blocks of "
                                                    "outcome days (a week, or 30 candles from 1d)")
+    recent_coverage_80: float | None = Field(
+        None, description="the 80 % coverage of the recent run of blocks whose CUSUM calls drift after a record "
+                          "that was good before it; null when only the whole record is off")
+    recent_steps: int | None = Field(None, description="outcomes in that run")
+    recent_days: int | None = Field(None, description="outcome days (candles from 1d) in that run")
 
 
 class HealthReport(Schema):
@@ -287,7 +292,9 @@ class HealthReport(Schema):
     models: dict[Timeframe, ModelStatus] = Field(..., description="the active model of each timeframe")
     drift: dict[Timeframe, Drift] = Field(
         default_factory=dict, description="timeframes whose live 80 % coverage lies outside [0.72, 0.88] and 3 "
-                                         "standard errors from 0.80, over at least 5 blocks of outcome days")
+                                         "standard errors from 0.80, over at least 5 blocks of outcome days, or "
+                                         "whose recent blocks' CUSUM passes its limit over a run outside [0.72, "
+                                         "0.88]")
 
 
 class HorizonCoverage(Schema):
@@ -367,7 +374,7 @@ class ModelTrackRecord(Schema):
     live: LiveFigures
     replay: LiveFigures | None = Field(None, description="in-sample replay (origins inside the training window)")
     drift: bool = Field(..., description="live 80 % coverage outside [0.72, 0.88] and 3 standard errors from "
-                                         "0.80 (GET /health's drift)")
+                                         "0.80, or a recent run of blocks off (GET /health's drift)")
 
 
 class ErrorDetail(Schema):
