@@ -764,19 +764,21 @@ def test_drift_is_called_on_evidence_from_blocks_of_outcome_times_not_on_a_count
 
 
 def test_a_drop_after_a_good_year_is_drift_with_the_run_that_dropped(track):
-    """A year whose weekly blocks cover 0.75 and 0.85 in turn, then four weeks at 0.45: the whole record still
-    covers 0.77 (inside the band), and the CUSUM over the blocks names the four weeks (candlecast.drift)."""
+    """A year whose weekly blocks cover 0.75 and 0.85 in turn, then six weeks at 0.45, then today's first hours: the
+    whole record still covers 0.76 (inside the band), and the CUSUM over the blocks names the six weeks
+    (candlecast.drift)."""
     with db.connection() as conn:
         model_id = conn.execute("SELECT id FROM models WHERE timeframe = '1h' AND is_active").fetchone()["id"]
-        shares = [0.75, 0.85] * 26 + [0.45] * 4
+        shares = [0.75, 0.85] * 26 + [0.45] * 6
         first = date.today() - timedelta(days=7 * len(shares))
-        conn.cursor().executemany(
-            "INSERT INTO model_live_days (model_id, day, n, inside_80) VALUES (%s, %s, 700, %s)",
-            [(model_id, first + timedelta(days=day), round(700 * shares[day // 7])) for day in range(7 * len(shares))])
+        rows = [(first + timedelta(days=day), 700, round(700 * shares[day // 7])) for day in range(7 * len(shares))]
+        rows.append((date.today(), 30, 24))
+        conn.cursor().executemany("INSERT INTO model_live_days (model_id, day, n, inside_80) VALUES (%s, %s, %s, %s)",
+                                  [(model_id, *row) for row in rows])
     cache.invalidate_track_record()
     drift = health()["drift"]["1h"]
-    assert 0.72 < drift["live_coverage_80"] == pytest.approx((26 * 0.8 * 2 + 4 * 0.45) / 56, abs=1e-3)
-    assert (drift["recent_coverage_80"], drift["recent_days"], drift["recent_steps"]) == (0.45, 28, 28 * 700)
+    assert 0.72 < drift["live_coverage_80"] == pytest.approx((26 * 0.8 * 2 + 6 * 0.45) / 58, abs=1e-3)
+    assert (drift["recent_coverage_80"], drift["recent_days"], drift["recent_steps"]) == (0.45, 42, 42 * 700)
     assert get_model("1h")[1]["drift"] is True
 
 

@@ -29,7 +29,8 @@ DRIFT_NORMAL_QUANTILE = 3.0
 # deviations of the blocks' coverages. Its reference values lie halfway from 0.80 to DRIFT_BAND's edges (the
 # smallest shift that matters), and its limit gives this many blocks between calls by chance for independent
 # normal blocks (Siegmund's approximation: at weekly blocks, 1 % a year). It moves once a block, so reading it
-# every hour adds no chances. A run it calls must also cover outside DRIFT_BAND, as the whole record must.
+# every hour adds no chances. A run it calls must also cover outside DRIFT_BAND, as the whole record must. Its
+# increments and sums are capped (recent_shift), which makes chance calls rarer than this, not more frequent.
 CUSUM_BLOCKS_BETWEEN_CHANCE_CALLS = 5000
 # The spread is estimated from the record's own blocks; from this many it is within about 20 % (1 / sqrt(2 (n-1))).
 # From 5, simulated calibrated records with weekly blocks spread 0.13 were called at the fifth in 8 of 200. A record
@@ -95,18 +96,22 @@ def live_coverage(timeframe: Timeframe, days: Sequence[tuple[int, int]]) -> Live
 
 
 def recent_shift(days: Sequence[tuple[int, int]], length: int) -> Shift | None:
-    """The run of whole blocks of `length` rows (from the first row; the rows after the last whole block wait)
-    over which a two-sided CUSUM of the blocks' coverages has passed its limit (cusum_limit), if it covers outside
-    DRIFT_BAND. The run starts after the last block at which that side's sum was zero."""
-    whole = len(days) // length
+    """The run of whole blocks of `length` rows over which a two-sided CUSUM of the blocks' coverages has passed its
+    limit (cusum_limit), if it covers outside DRIFT_BAND. The run starts after the last block at which that side's
+    sum was zero.
+
+    Blocks start at the first row, and a block counts once a row after it exists: the last row may be today's,
+    still filling hour by hour. No block adds more than half the limit, so one week (a crash) cannot call drift
+    alone; and a sum holds at most half a limit past it, so once the model covers 0.80 again the call clears after
+    about half a limit of blocks, not after as many as the drift lasted."""
+    whole = (len(days) - 1) // length
     if whole < CUSUM_MIN_BLOCKS:
         return None
     blocks = [(sum(n for n, _ in days[start:start + length]), sum(inside for _, inside in days[start:start + length]))
               for start in range(0, whole * length, length)]
     blocks = [(n, inside) for n, inside in blocks if n]
     coverages = [inside / n for n, inside in blocks]
-    spread = statistics.stdev(coverages)
-    if not spread:
+    if len(coverages) < 2 or not (spread := statistics.stdev(coverages)):
         return None  # every block alike: the whole record's test judges it
     allowance = (CALIBRATED - DRIFT_BAND[0]) / 2 / spread
     limit = cusum_limit(allowance)
@@ -114,8 +119,8 @@ def recent_shift(days: Sequence[tuple[int, int]], length: int) -> Shift | None:
     above_from = below_from = 0
     for index, coverage in enumerate(coverages):
         standardized = (coverage - CALIBRATED) / spread
-        above = max(0.0, above + standardized - allowance)
-        below = max(0.0, below - standardized - allowance)
+        above = min(1.5 * limit, max(0.0, above + min(standardized - allowance, limit / 2)))
+        below = min(1.5 * limit, max(0.0, below + min(-standardized - allowance, limit / 2)))
         above_from = index + 1 if not above else above_from
         below_from = index + 1 if not below else below_from
     for total, first in ((above, above_from), (below, below_from)):
